@@ -1,0 +1,46 @@
+# tumorseg: `make run` builds everything, `make test` runs the suite. Both create .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+# Prefect's local ephemeral server and settings stay inside the project.
+export PREFECT_HOME ?= $(abspath .prefect)
+export PREFECT_SERVER_ALLOW_EPHEMERAL_MODE ?= true
+export MPLBACKEND ?= Agg
+
+.PHONY: venv run test test-fast bench lint format clean
+
+venv: $(VENV)/.installed
+
+# torch first, pinned: an unpinned torch (also pulled by lightning/monai) downloads GBs of CUDA.
+# Everything else through constraints.txt, the tested set.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24" setuptools wheel
+	$(BIN)/python -m pip install -q torch==2.13.0 -c constraints.txt
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+run: venv
+	$(BIN)/dvc repro
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: venv
+	$(BIN)/python -m tumorseg.bench --out bench/results.json
+
+lint: venv
+	$(BIN)/ruff check src tests pipelines
+	$(BIN)/ruff format --check src tests pipelines
+
+format: venv
+	$(BIN)/ruff format src tests pipelines
+	$(BIN)/ruff check --fix src tests pipelines
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

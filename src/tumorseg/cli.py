@@ -1,0 +1,172 @@
+"""The ``tumorseg`` command line.
+
+Every sub-command parses its arguments, reads params.yaml (``--params``), and calls
+one function of the package: the same function the DVC stage and the Prefect task
+call. Heavy libraries (torch, MONAI, MLflow, GX) are imported inside the handlers so
+``tumorseg --help`` stays instant.
+
+Errors the user can cause (:class:`~tumorseg.errors.TumorsegError`) are printed as one
+line on stderr with exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tumorseg.errors import TumorsegError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    from tumorseg.config import apply_overrides, parse_override, read_params
+
+    overrides = dict(parse_override(o) for o in getattr(args, "set", None) or [])
+    return apply_overrides(read_params(args.params), overrides)
+
+
+# ---------------------------------------------------------------- data (issue: foundation)
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from tumorseg.config import section
+    from tumorseg.data.synth import synthesize_dataset
+
+    params = _params(args)
+    cfg = section("synth", params, source=args.params)
+    updates = {
+        k: v
+        for k, v in {
+            "layout": args.layout,
+            "cases": args.cases,
+            "seed": args.seed,
+            "spacing_mm": args.spacing,
+        }.items()
+        if v is not None
+    }
+    cfg = cfg.model_copy(update=updates)
+    out = Path(args.out or section("paths", params, source=args.params).raw)
+    written = synthesize_dataset(out, cfg)
+    print(f"wrote {len(written)} {cfg.layout} cases to {out}")
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from tumorseg.config import section
+    from tumorseg.data.ingest import ingest
+
+    params = _params(args)
+    cfg = section("ingest", params, source=args.params)
+    if args.layout:
+        cfg = cfg.model_copy(update={"layout": args.layout})
+    paths = section("paths", params, source=args.params)
+    summary = ingest(Path(args.src or paths.raw), Path(args.out or paths.ingested), cfg)
+    print(summary.one_line())
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from tumorseg.config import section
+    from tumorseg.validation.suite import validate_dataset
+
+    params = _params(args)
+    cfg = section("validate", params, source=args.params)
+    if args.max_invalid_fraction is not None:
+        cfg = cfg.model_copy(update={"max_invalid_fraction": args.max_invalid_fraction})
+    paths = section("paths", params, source=args.params)
+    src = Path(args.dir or paths.ingested)
+    result = validate_dataset(src, Path(args.out) if args.out else src, cfg)
+    print(result.one_line())
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from tumorseg.config import section
+    from tumorseg.data.preprocess import preprocess_dataset
+
+    params = _params(args)
+    cfg = section("preprocess", params, source=args.params)
+    paths = section("paths", params, source=args.params)
+    summary = preprocess_dataset(Path(args.src or paths.validated), Path(args.out or paths.preprocessed), cfg)
+    print(summary.one_line())
+    return 0
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from tumorseg.config import section
+    from tumorseg.data.split import make_split
+
+    params = _params(args)
+    cfg = section("split", params, source=args.params)
+    paths = section("paths", params, source=args.params)
+    split = make_split(Path(args.src or paths.preprocessed), Path(args.out or paths.split), cfg)
+    print(split.one_line())
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tumorseg", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+        p.add_argument(
+            "-S", "--set", action="append", metavar="KEY=VALUE", help="override a params.yaml key (repeatable)"
+        )
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("synth", _cmd_synth, "Generate realistic synthetic multi-modal brain MRI with gliomas.")
+    p.add_argument("--layout", choices=["brats2021", "brats2023", "msd"], help="dataset layout to write")
+    p.add_argument("--cases", type=int, help="number of cases")
+    p.add_argument("--seed", type=int, help="random seed (output is deterministic for a seed)")
+    p.add_argument("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)")
+    p.add_argument("--out", help="output folder (default: paths.raw)")
+
+    p = add("ingest", _cmd_ingest, "Index a BraTS 2020/21, BraTS 2023+ or MSD folder into a manifest.")
+    p.add_argument("src", nargs="?", help="dataset folder (default: paths.raw)")
+    p.add_argument("--out", help="output folder for manifest.csv (default: paths.ingested)")
+    p.add_argument("--layout", choices=["auto", "brats2021", "brats2023", "msd"], help="skip detection")
+
+    p = add("validate", _cmd_validate, "Validate an ingested dataset with Great Expectations; quarantine bad cases.")
+    p.add_argument("dir", nargs="?", help="ingested folder holding manifest.csv (default: paths.ingested)")
+    p.add_argument("--out", help="write the validated manifest and reports here (default: in place)")
+    p.add_argument("--max-invalid-fraction", type=float, metavar="F", help="fail above this share of bad cases")
+
+    p = add("preprocess", _cmd_preprocess, "Reorient, resample, crop and normalise valid cases.")
+    p.add_argument("src", nargs="?", help="validated folder holding manifest.csv (default: paths.validated)")
+    p.add_argument("--out", help="output folder (default: paths.preprocessed)")
+
+    p = add("split", _cmd_split, "Patient-level stratified train/val/test split.")
+    p.add_argument("src", nargs="?", help="preprocessed folder (default: paths.preprocessed)")
+    p.add_argument("--out", help="split JSON file (default: paths.split)")
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except TumorsegError as exc:
+        print(f"tumorseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tumorseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""params.yaml, loaded once into typed config objects.
+
+params.yaml is the single source of truth for every DVC stage and Prefect flow.
+Each top-level section has a pydantic model here; unknown or ill-typed keys are
+rejected with a one-line :class:`~tumorseg.errors.ConfigError` naming the key
+(``params.yaml: train.lr: Input should be a valid number``).
+
+Overrides (from Prefect flows, tests or ``-S``-style CLI options) are given as
+dotted keys, ``{"train.max_epochs": 1}``, and applied before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tumorseg.errors import ConfigError
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    """Base of every params.yaml section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(Section):
+    """Where each stage reads and writes, relative to the project root."""
+
+    raw: str = "data/raw"
+    ingested: str = "data/ingested"
+    validated: str = "data/validated"
+    preprocessed: str = "data/preprocessed"
+    split: str = "data/split.json"
+    reports: str = "reports"
+    mlruns: str = "mlruns"
+
+
+class SynthConfig(Section):
+    """The embedded default dataset (``tumorseg synth``), built on the MNI152 template nilearn ships."""
+
+    layout: Literal["brats2021", "brats2023", "msd"] = "brats2021"
+    cases: int = Field(36, ge=1)
+    seed: int = 42
+    spacing_mm: float = Field(2.0, gt=0.2, le=4.0)
+    tumour_free_fraction: float = Field(0.15, ge=0.0, le=1.0)
+    no_necrosis_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    anisotropic_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    reoriented_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    noise_level: float = Field(0.03, ge=0.0, le=0.5)
+    bias_field_strength: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class IngestConfig(Section):
+    """``tumorseg ingest``: layout detection and the manifest."""
+
+    layout: Literal["auto", "brats2021", "brats2023", "msd"] = "auto"
+    hash_chunk_mb: int = Field(8, ge=1)
+
+
+class ValidateConfig(Section):
+    """``tumorseg validate``: Great Expectations suites on the manifest and volume statistics."""
+
+    max_invalid_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    spacing_min_mm: float = Field(0.3, gt=0.0)
+    spacing_max_mm: float = Field(7.0, gt=0.0)
+    min_brain_voxels: int = Field(1000, ge=1)
+    affine_tolerance_mm: float = Field(1e-3, gt=0.0)
+
+    @model_validator(mode="after")
+    def _spacing_order(self) -> ValidateConfig:
+        if self.spacing_min_mm >= self.spacing_max_mm:
+            raise ValueError("spacing_min_mm must be below spacing_max_mm")
+        return self
+
+
+class PreprocessConfig(Section):
+    """Reorient to RAS, resample, crop to the brain, z-score per channel."""
+
+    target_spacing_mm: tuple[float, float, float] = (2.0, 2.0, 2.0)
+    crop_margin_vox: int = Field(2, ge=0)
+    storage_dtype: Literal["float16", "float32"] = "float16"
+    image_interpolation_order: int = Field(1, ge=0, le=3)
+
+
+class SplitConfig(Section):
+    """Patient-level, stratified train/val/test split."""
+
+    seed: int = 42
+    train: float = Field(0.7, gt=0.0, lt=1.0)
+    val: float = Field(0.15, gt=0.0, lt=1.0)
+    test: float = Field(0.15, gt=0.0, lt=1.0)
+    size_bins: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0 (got {total:g})")
+        return self
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "paths": PathsConfig,
+    "synth": SynthConfig,
+    "ingest": IngestConfig,
+    "validate": ValidateConfig,
+    "preprocess": PreprocessConfig,
+    "split": SplitConfig,
+}
+"""Section name -> its model. Later layers register theirs with :func:`register_section`."""
+
+
+def register_section(name: str, model: type[Section]) -> None:
+    """Add a params.yaml section model (called by modules that own a section)."""
+    SECTIONS[name] = model
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
+    """Read params.yaml as a plain dict (a missing or malformed file is a ConfigError)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the project root or pass --params") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML; fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def apply_overrides(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Return a copy of ``params`` with dotted-key overrides applied (``{"train.lr": 1e-3}``)."""
+    result = copy.deepcopy(params)
+    for dotted, value in (overrides or {}).items():
+        node = result
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[leaf] = value
+    return result
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value`` (value read as YAML: numbers, lists, booleans)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=0.001")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def section(
+    name: str,
+    params: dict[str, Any] | None = None,
+    *,
+    path: str | Path = DEFAULT_PARAMS_FILE,
+    source: str | Path | None = None,
+) -> Any:
+    """Validate one section of params into its typed model.
+
+    Args:
+        name: section name, e.g. ``"synth"``.
+        params: already-read params dict; read from ``path`` when None.
+        path: params.yaml to read when ``params`` is None.
+        source: file name used in error messages (defaults to ``path``).
+
+    Raises:
+        ConfigError: naming the offending key, e.g. ``params.yaml: split.train: ...``.
+    """
+    if params is None:
+        params = read_params(path)
+    label = str(source or path)
+    model = SECTIONS.get(name)
+    if model is None:
+        raise ConfigError(f"{label}: no section model registered for {name!r}")
+    raw = params.get(name, {}) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: {name}: expected a mapping")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in (name, *err["loc"]) if p != "__root__")
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{label}: {loc}: {msg}") from None

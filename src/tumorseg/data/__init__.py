@@ -1,0 +1,1 @@
+"""Formats, layouts, manifest, synthetic data, preprocessing and the datamodule."""

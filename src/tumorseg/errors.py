@@ -1,0 +1,20 @@
+"""Errors a user can cause.
+
+Every problem that comes from the user's data, files or parameters is raised as
+:class:`TumorsegError`. The CLI prints its message as one line on stderr and
+exits with status 2; anything else escaping is a bug in tumorseg.
+"""
+
+from __future__ import annotations
+
+
+class TumorsegError(Exception):
+    """A user-facing error: the message names the file or key and what to do."""
+
+
+class ConfigError(TumorsegError):
+    """A bad value in params.yaml (or an override of it)."""
+
+
+class DataError(TumorsegError):
+    """Input data that cannot be used as it is."""
