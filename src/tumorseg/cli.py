@@ -23,10 +23,16 @@ from tumorseg.errors import TumorsegError
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def _params(args: argparse.Namespace) -> dict[str, Any]:
+def _params(args: argparse.Namespace, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """params.yaml with ``-S KEY=VALUE`` overrides, then the command's own options on top.
+
+    Command options (``--cases 8``) are applied as overrides of their params.yaml key,
+    so they go through the same typed validation and error messages.
+    """
     from tumorseg.config import apply_overrides, parse_override, read_params
 
     overrides = dict(parse_override(o) for o in getattr(args, "set", None) or [])
+    overrides.update({k: v for k, v in (options or {}).items() if v is not None})
     return apply_overrides(read_params(args.params), overrides)
 
 
@@ -35,22 +41,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from tumorseg.config import section
     from tumorseg.data.synth import synthesize_dataset
 
-    params = _params(args)
+    params = _params(
+        args,
+        {"synth.layout": args.layout, "synth.cases": args.cases, "synth.seed": args.seed, "synth.spacing_mm": args.spacing},
+    )
     cfg = section("synth", params, source=args.params)
-    updates = {
-        k: v
-        for k, v in {
-            "layout": args.layout,
-            "cases": args.cases,
-            "seed": args.seed,
-            "spacing_mm": args.spacing,
-        }.items()
-        if v is not None
-    }
-    cfg = cfg.model_copy(update=updates)
     out = Path(args.out or section("paths", params, source=args.params).raw)
     written = synthesize_dataset(out, cfg)
     print(f"wrote {len(written)} {cfg.layout} cases to {out}")
+    return 0
+
+
+def _cmd_figure_cases(args: argparse.Namespace) -> int:
+    from tumorseg.data.figures import plot_synthetic_cases
+
+    out = plot_synthetic_cases(Path(args.src), Path(args.out), n_cases=args.cases, layout=args.layout)
+    print(f"wrote {out}")
     return 0
 
 
@@ -58,10 +64,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from tumorseg.config import section
     from tumorseg.data.ingest import ingest
 
-    params = _params(args)
+    params = _params(args, {"ingest.layout": args.layout})
     cfg = section("ingest", params, source=args.params)
-    if args.layout:
-        cfg = cfg.model_copy(update={"layout": args.layout})
     paths = section("paths", params, source=args.params)
     summary = ingest(Path(args.src or paths.raw), Path(args.out or paths.ingested), cfg)
     print(summary.one_line())
@@ -72,10 +76,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from tumorseg.config import section
     from tumorseg.validation.suite import validate_dataset
 
-    params = _params(args)
+    params = _params(args, {"validate.max_invalid_fraction": args.max_invalid_fraction})
     cfg = section("validate", params, source=args.params)
-    if args.max_invalid_fraction is not None:
-        cfg = cfg.model_copy(update={"max_invalid_fraction": args.max_invalid_fraction})
     paths = section("paths", params, source=args.params)
     src = Path(args.dir or paths.ingested)
     result = validate_dataset(src, Path(args.out) if args.out else src, cfg)
@@ -107,6 +109,37 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- evaluation
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from tumorseg.config import section
+    from tumorseg.evaluation.evaluate import evaluate_folders
+
+    params = _params(args)
+    cfg = section("evaluate", params, source=args.params)
+    result = evaluate_folders(
+        Path(args.pred),
+        Path(args.ref),
+        Path(args.out),
+        labels=args.labels,
+        cfg=cfg,
+        summary_path=args.summary,
+        case_info=args.case_info,
+        images_dir=args.images,
+        make_plots=False if args.no_plots else None,
+    )
+    print(result.one_line())
+    return 0
+
+
+# ---------------------------------------------------------------- training
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tumorseg.training.train import train
+
+    result = train(_params(args), resume=args.resume, source=args.params)
+    print(result.one_line())
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tumorseg", description=__doc__.splitlines()[0])
@@ -129,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)")
     p.add_argument("--out", help="output folder (default: paths.raw)")
 
+    p = add("figure-cases", _cmd_figure_cases, "Plot a few cases: 4 modalities and the label overlay (PNG).")
+    p.add_argument("src", help="a brats2021 or brats2023 folder, e.g. from `tumorseg synth`")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--cases", type=int, default=4, help="number of tumour cases to show (default: %(default)s)")
+    p.add_argument("--layout", choices=["brats2021", "brats2023"], default="brats2021")
+
     p = add("ingest", _cmd_ingest, "Index a BraTS 2020/21, BraTS 2023+ or MSD folder into a manifest.")
     p.add_argument("src", nargs="?", help="dataset folder (default: paths.raw)")
     p.add_argument("--out", help="output folder for manifest.csv (default: paths.ingested)")
@@ -146,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("split", _cmd_split, "Patient-level stratified train/val/test split.")
     p.add_argument("src", nargs="?", help="preprocessed folder (default: paths.preprocessed)")
     p.add_argument("--out", help="split JSON file (default: paths.split)")
+
+    p = add("evaluate", _cmd_evaluate, "Score predictions against references with the BraTS 2023 metrics.")
+    p.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz predictions")
+    p.add_argument("--ref", required=True, help="folder of <case_id>.nii.gz reference segmentations")
+    p.add_argument("--out", required=True, help="per-case CSV to write (summary JSON and plots go beside it)")
+    p.add_argument(
+        "--labels",
+        choices=["auto", "brats2021", "brats2023", "msd"],
+        help="label convention (default: evaluate.labels)",
+    )
+    p.add_argument("--summary", help="summary JSON path (default: <out>.summary.json)")
+    p.add_argument("--case-info", help="CSV with case_id,tumour_type for per-type statistics")
+    p.add_argument("--images", help="folder of images (any layout) to draw overlays on")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+
+    p = add("train", _cmd_train, "Train a segmentation network (Lightning + MONAI), tracked in MLflow.")
+    p.add_argument("--resume", action="store_true", help="continue from train.out_dir/checkpoints/last.ckpt")
 
     return parser
 

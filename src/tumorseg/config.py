@@ -11,6 +11,7 @@ dotted keys, ``{"train.max_epochs": 1}``, and applied before validation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any, Literal
@@ -45,7 +46,7 @@ class SynthConfig(Section):
     """The embedded default dataset (``tumorseg synth``), built on the MNI152 template nilearn ships."""
 
     layout: Literal["brats2021", "brats2023", "msd"] = "brats2021"
-    cases: int = Field(36, ge=1)
+    cases: int = Field(48, ge=1)
     seed: int = 42
     spacing_mm: float = Field(2.0, gt=0.2, le=4.0)
     tumour_free_fraction: float = Field(0.15, ge=0.0, le=1.0)
@@ -61,6 +62,7 @@ class IngestConfig(Section):
 
     layout: Literal["auto", "brats2021", "brats2023", "msd"] = "auto"
     hash_chunk_mb: int = Field(8, ge=1)
+    workers: int = Field(1, ge=1)
 
 
 class ValidateConfig(Section):
@@ -86,6 +88,9 @@ class PreprocessConfig(Section):
     crop_margin_vox: int = Field(2, ge=0)
     storage_dtype: Literal["float16", "float32"] = "float16"
     image_interpolation_order: int = Field(1, ge=0, le=3)
+    label_resampling: Literal["onehot_linear", "nearest"] = "onehot_linear"
+    compress_npz: bool = False
+    workers: int = Field(1, ge=1)
 
 
 class SplitConfig(Section):
@@ -105,6 +110,23 @@ class SplitConfig(Section):
         return self
 
 
+class EvaluateConfig(Section):
+    """``tumorseg evaluate``: BraTS 2023 metrics (docs/evaluation.md has the rules and their sources)."""
+
+    labels: Literal["auto", "brats2021", "brats2023", "msd"] = "auto"
+    hd95_penalty_mm: float = Field(374.0, gt=0.0)  # official BraTS 2023 code: inf -> 374
+    lesion_dilation_iterations: int = Field(3, ge=0)  # official: 3 (GLI, SSA, PED), 1 (MEN, MET)
+    lesion_dilation_connectivity: Literal[6, 18, 26] = 18  # generate_binary_structure(3, 2)
+    lesion_connectivity: Literal[6, 18, 26] = 26  # cc3d connectivity=26
+    lesion_min_volume_mm3: float = Field(50.0, ge=0.0)  # lesions <= this are ignored
+    detection_min_volume_ml: float = Field(0.0, ge=0.0)  # "tumour present" = predicted WT volume > this
+    bootstrap_resamples: int = Field(2000, ge=1)
+    ci_level: float = Field(0.95, gt=0.0, lt=1.0)
+    seed: int = 42
+    affine_tolerance_mm: float = Field(1e-3, gt=0.0)
+    plots: bool = True
+
+
 SECTIONS: dict[str, type[Section]] = {
     "paths": PathsConfig,
     "synth": SynthConfig,
@@ -112,6 +134,7 @@ SECTIONS: dict[str, type[Section]] = {
     "validate": ValidateConfig,
     "preprocess": PreprocessConfig,
     "split": SplitConfig,
+    "evaluate": EvaluateConfig,
 }
 """Section name -> its model. Later layers register theirs with :func:`register_section`."""
 
@@ -156,7 +179,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=0.001")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-3" as text; users mean a number.
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    return key.strip(), value
 
 
 def section(

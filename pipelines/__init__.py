@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only. Each task calls the same tumorseg function as the DVC stage."""

@@ -1,0 +1,150 @@
+"""Prefect flows for the data stages: synth -> ingest -> validate -> preprocess -> split.
+
+One implementation, two drivers: each task below calls the very function that the
+matching ``tumorseg`` command (and so the DVC stage in ``dvc.yaml``) calls. Flows
+read params.yaml and only carry overrides (dotted keys, e.g. ``{"synth.cases": 8}``).
+
+File-system steps retry on transient I/O errors (``OSError``); a user error
+(:class:`~tumorseg.errors.TumorsegError`) is never retried, since it will not go away.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tumorseg.config import apply_overrides, read_params, section
+from tumorseg.errors import DataError, TumorsegError
+
+
+def _retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry OSErrors (flaky disks, NFS), never user errors."""
+    try:
+        state.result()
+    except TumorsegError:
+        return False
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _retry_io_only}
+
+
+def load_params(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
+    """params.yaml with the flow's overrides applied (the flow's only configuration)."""
+    return apply_overrides(read_params(params_path), overrides)
+
+
+@task(name="synth", **IO_RETRIES)
+def synth_task(params: dict) -> list[str]:
+    from tumorseg.data.synth import synthesize_dataset
+
+    return synthesize_dataset(Path(section("paths", params).raw), section("synth", params))
+
+
+@task(name="ingest", **IO_RETRIES)
+def ingest_task(params: dict) -> str:
+    from tumorseg.data.ingest import ingest
+
+    paths = section("paths", params)
+    summary = ingest(Path(paths.raw), Path(paths.ingested), section("ingest", params))
+    return summary.one_line()
+
+
+@task(name="validate", **IO_RETRIES)
+def validate_task(params: dict) -> str:
+    from tumorseg.validation.suite import validate_dataset, validation_markdown
+
+    paths = section("paths", params)
+    result = validate_dataset(
+        Path(paths.ingested), Path(paths.validated), section("validate", params), raise_on_failure=False
+    )
+    # Publish the report before failing, so a rejected dataset is explained in the UI too.
+    create_markdown_artifact(
+        markdown=validation_markdown(result),
+        key="data-validation",
+        description="Great Expectations validation of the ingested dataset",
+    )
+    if not result.passed:
+        raise DataError(result.failure_message())
+    return result.one_line()
+
+
+@task(name="preprocess", **IO_RETRIES)
+def preprocess_task(params: dict) -> str:
+    from tumorseg.data.preprocess import preprocess_dataset
+
+    paths = section("paths", params)
+    summary = preprocess_dataset(Path(paths.validated), Path(paths.preprocessed), section("preprocess", params))
+    return summary.one_line()
+
+
+@task(name="split", **IO_RETRIES)
+def split_task(params: dict) -> dict[str, int]:
+    from tumorseg.data.split import make_split
+
+    paths = section("paths", params)
+    split = make_split(Path(paths.preprocessed), Path(paths.split), section("split", params))
+    counts = {name: len(split.cases(name)) for name in ("train", "val", "test")}
+    create_table_artifact(
+        table=[{"split": k, "cases": v} for k, v in counts.items()],
+        key="data-split",
+        description="Patient-level stratified split",
+    )
+    return counts
+
+
+@flow(name="synth")
+def synth_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> list[str]:
+    return synth_task(load_params(params_path, overrides))
+
+
+@flow(name="ingest")
+def ingest_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
+    return ingest_task(load_params(params_path, overrides))
+
+
+@flow(name="validate")
+def validate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
+    return validate_task(load_params(params_path, overrides))
+
+
+@flow(name="preprocess")
+def preprocess_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
+    return preprocess_task(load_params(params_path, overrides))
+
+
+@flow(name="split")
+def split_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, int]:
+    return split_task(load_params(params_path, overrides))
+
+
+@flow(name="data-pipeline")
+def data_pipeline_flow(
+    params_path: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    *,
+    generate: bool = True,
+) -> dict[str, Any]:
+    """The data stages in order, as ``dvc repro split`` runs them.
+
+    Args:
+        params_path: params.yaml to read.
+        overrides: dotted-key overrides, e.g. ``{"paths.raw": "/data/BraTS2021"}``.
+        generate: run ``synth`` first (the embedded dataset); False for a user's own data.
+    """
+    params = load_params(params_path, overrides)
+    summary: dict[str, Any] = {}
+    if generate:
+        summary["synth"] = len(synth_task(params))
+    summary["ingest"] = ingest_task(params)
+    summary["validate"] = validate_task(params)
+    summary["preprocess"] = preprocess_task(params)
+    summary["split"] = split_task(params)
+    return summary

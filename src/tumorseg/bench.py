@@ -1,0 +1,187 @@
+"""``make bench``: performance figures, each a ratio against a baseline measured in the same run.
+
+Machines here are shared and noisy, so absolute times drift; every figure is paired
+with a baseline timed in the same process run (and, for memory, the same kind of
+subprocess), and the README quotes the ratios.
+
+Each benchmark runs in its own subprocess (``python -m tumorseg.bench --only NAME``
+internally) so that peak memory (``ru_maxrss``) belongs to that benchmark alone.
+
+Usage::
+
+    python -m tumorseg.bench --out bench/results.json            # all benchmarks
+    python -m tumorseg.bench --only data --out /tmp/data.json     # one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB.
+
+    Read from ``VmHWM`` in /proc/self/status: unlike ``ru_maxrss``, it is reset by exec,
+    so a benchmark subprocess does not inherit its parent's high-water mark.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _in_subprocess(target: str, *args: str) -> dict[str, Any]:
+    """Run ``python -m tumorseg.bench --worker TARGET ARGS`` and return its JSON result."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        out = fh.name
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "tumorseg.bench", "--worker", target, "--worker-out", out, *args],
+            check=True,
+        )
+        return json.loads(Path(out).read_text())
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- data
+def _worker_nibabel_load(dataset: str) -> dict[str, Any]:
+    """Baseline: read every NIfTI file of the dataset into float32 arrays with plain nibabel."""
+    import nibabel as nib
+    import numpy as np
+
+    files = sorted(Path(dataset).rglob("*.nii.gz"))
+    base_mb = _peak_rss_mb()
+    start = time.perf_counter()
+    voxels = 0
+    for f in files:
+        arr = np.asarray(nib.load(f).dataobj, dtype=np.float32)
+        voxels += arr.size
+    return {
+        "seconds": time.perf_counter() - start,
+        "files": len(files),
+        "voxels": voxels,
+        "peak_rss_mb": _peak_rss_mb(),
+        "imports_rss_mb": base_mb,
+    }
+
+
+def _worker_ingest_preprocess(dataset: str, workdir: str) -> dict[str, Any]:
+    """Ours: ``ingest`` (read + hash + statistics) then ``preprocess`` (RAS, resample, crop, z-score, store)."""
+    t0 = time.perf_counter()
+    from tumorseg.config import section
+    from tumorseg.data.ingest import ingest
+    from tumorseg.data.preprocess import preprocess_dataset
+
+    import_seconds = time.perf_counter() - t0
+    base_mb = _peak_rss_mb()
+    work = Path(workdir)
+    params: dict[str, Any] = {}
+    start = time.perf_counter()
+    ingest(Path(dataset), work / "ingested", section("ingest", params))
+    t_ingest = time.perf_counter() - start
+    preprocess_dataset(work / "ingested", work / "preprocessed", section("preprocess", params))
+    total = time.perf_counter() - start
+    return {
+        "seconds": total,
+        "ingest_seconds": t_ingest,
+        "preprocess_seconds": total - t_ingest,
+        "import_seconds": import_seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "imports_rss_mb": base_mb,
+    }
+
+
+def bench_data(cases: int = 4, seed: int = 7) -> dict[str, Any]:
+    """Ingest + preprocess throughput on BraTS-size cases (240x240x155 x 4 modalities, 1 mm).
+
+    Baseline: a plain nibabel load of the same files in the same run. The figure is the
+    ratio of throughputs (ours / plain load): ingest + preprocess necessarily reads every
+    file, so 1.0 would mean all the extra work (hashing, statistics, reorientation,
+    resampling, cropping, normalisation, storage) were free. Both sides are timed after
+    their imports (reported separately: torch's import is a one-off per process), and the
+    peak memory of each is that of its own fresh subprocess.
+    """
+    from tumorseg.config import section
+    from tumorseg.data.synth import synthesize_dataset
+
+    with tempfile.TemporaryDirectory(prefix="tumorseg-bench-") as tmp:
+        dataset = Path(tmp) / "raw"
+        cfg = section("synth", {}).model_copy(
+            update={"cases": cases, "seed": seed, "spacing_mm": 1.0, "tumour_free_fraction": 0.0, "reoriented_fraction": 0.0}
+        )
+        synthesize_dataset(dataset, cfg)
+        baseline = _in_subprocess("nibabel_load", str(dataset))
+        ours = _in_subprocess("ingest_preprocess", str(dataset), str(Path(tmp) / "work"))
+    return {
+        "cases": cases,
+        "case_shape": "240x240x155x4 (+seg), 1 mm",
+        "baseline_nibabel_load": {**baseline, "cases_per_s": cases / baseline["seconds"]},
+        "ingest_preprocess": {**ours, "cases_per_s": cases / ours["seconds"]},
+        "throughput_ratio": (cases / ours["seconds"]) / (cases / baseline["seconds"]),
+        "peak_memory_ratio": ours["peak_rss_mb"] / baseline["peak_rss_mb"],
+    }
+
+
+BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {"data": bench_data}
+WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "nibabel_load": _worker_nibabel_load,
+    "ingest_preprocess": _worker_ingest_preprocess,
+}
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results.json")
+    parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only these")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    if args.worker:
+        result = WORKERS[args.worker](*rest)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return 0
+    names = args.only or list(BENCHMARKS)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["environment"] = _environment()
+    for name in names:
+        print(f"[bench] {name} ...", flush=True)
+        start = time.perf_counter()
+        results[name] = BENCHMARKS[name]()
+        results[name]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        print(f"[bench] {name} done in {time.perf_counter() - start:.0f} s: {json.dumps(results[name], indent=1)[:800]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

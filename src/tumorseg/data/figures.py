@@ -1,0 +1,165 @@
+"""Figures of a dataset on disk: one axial slice per case, four sequences and the labels.
+
+Used for ``docs/synthetic_cases.png`` (``tumorseg figure-cases``) and to eyeball any
+BraTS-style folder: cases are reoriented to RAS with nibabel first, so a case stored as LPS
+or LAS is drawn the same way as a RAS one (neurological convention: the patient's right on
+the right of each panel, anterior at the top).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tumorseg.data.conventions import CANONICAL_MODALITIES, LAYOUTS, get_convention
+from tumorseg.errors import DataError
+
+_COLUMN_TITLES: dict[str, str] = {"t1": "T1", "t1ce": "T1ce", "t2": "T2", "flair": "FLAIR"}
+_LABEL_COLOURS: dict[int, tuple[str, str]] = {
+    1: ("NCR (necrotic core)", "#e8373b"),
+    2: ("ED (oedema)", "#3cc84b"),
+    3: ("ET (enhancing)", "#f5d226"),
+}
+"""Canonical label -> legend text and colour."""
+
+
+def _case_dirs(src_dir: Path, layout: str) -> list[Path]:
+    spec = LAYOUTS[layout]
+    return sorted(
+        d for d in src_dir.iterdir() if d.is_dir() and (d / f"{d.name}{spec.seg_suffix}.nii.gz").is_file()
+    )
+
+
+def _load_ras(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Volume reoriented to RAS (nibabel), as float32, and its voxel size."""
+    import nibabel as nib
+
+    try:
+        img = nib.as_closest_canonical(nib.load(path))
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise DataError(f"{path}: cannot read as NIfTI ({exc}); regenerate or remove the case") from None
+    return np.asarray(img.dataobj, dtype=np.float32), tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def plot_synthetic_cases(
+    src_dir: str | Path, out_png: str | Path, n_cases: int = 3, layout: str = "brats2021"
+) -> Path:
+    """Grid of cases: one row per case; T1, T1ce, T2, FLAIR and FLAIR with the label overlay.
+
+    Each row shows the axial slice through the tumour's centre of mass (the middle slice for a
+    tumour-free case). Cases with a tumour are preferred; tumour-free ones fill up the grid only
+    when there are not enough. Each image is windowed from 0 to the 99.5th percentile of its
+    brain voxels, so that a single hot voxel cannot darken the panel.
+
+    Args:
+        src_dir: dataset folder in a BraTS layout (``BraTS2021_00001/BraTS2021_00001_t1.nii.gz``...).
+        out_png: PNG to write (parent folders are created; written atomically).
+        n_cases: number of rows.
+        layout: ``brats2021`` or ``brats2023`` (file suffixes and label convention).
+
+    Returns:
+        ``out_png``.
+
+    Raises:
+        DataError: no case in ``src_dir`` or a file that cannot be read.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    src_dir, out_png = Path(src_dir), Path(out_png)
+    if n_cases < 1:
+        raise ValueError(f"n_cases must be at least 1 (got {n_cases})")
+    if layout not in ("brats2021", "brats2023"):
+        raise DataError(f"figure: layout {layout!r} is not a BraTS folder layout; use brats2021 or brats2023")
+    if not src_dir.is_dir():
+        raise DataError(f"{src_dir}: not a folder; generate one with `tumorseg synth --out {src_dir}`")
+    spec = LAYOUTS[layout]
+    convention = get_convention(spec.label_convention)
+    cases = _case_dirs(src_dir, layout)
+    if not cases:
+        raise DataError(f"{src_dir}: no {layout} case folders (expected e.g. */*{spec.seg_suffix}.nii.gz)")
+
+    chosen: list[tuple[Path, np.ndarray]] = []
+    spare: list[tuple[Path, np.ndarray]] = []
+    for case in cases:
+        seg_path = case / f"{case.name}{spec.seg_suffix}.nii.gz"
+        seg, _ = _load_ras(seg_path)
+        try:
+            labels = convention.encode(seg)
+        except ValueError as exc:
+            raise DataError(f"{seg_path}: {exc}") from None
+        (chosen if labels.any() else spare).append((case, labels))
+        if len(chosen) == n_cases:
+            break
+    rows = (chosen + spare)[:n_cases]
+
+    columns = [*CANONICAL_MODALITIES, "overlay"]
+    fig, axes = plt.subplots(
+        len(rows), len(columns), figsize=(2.3 * len(columns), 2.6 * len(rows) + 0.5), squeeze=False
+    )
+    fig.patch.set_facecolor("black")
+    overlay_cmap = ListedColormap([_LABEL_COLOURS[k][1] for k in sorted(_LABEL_COLOURS)])
+    for r, (case, labels) in enumerate(rows):
+        volumes = {}
+        spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
+        for m in CANONICAL_MODALITIES:
+            volumes[m], spacing = _load_ras(case / f"{case.name}{spec.modality_suffixes[m]}.nii.gz")
+        z = int(round(np.argwhere(labels > 0)[:, 2].mean())) if labels.any() else labels.shape[2] // 2
+        brain = np.any([v > 0 for v in volumes.values()], axis=0)
+        aspect = spacing[1] / spacing[0]
+        # Crop the panels to the brain's in-plane bounding box (the BraTS box is mostly empty).
+        xy = np.argwhere(brain.any(axis=2))
+        (x0, y0), (x1, y1) = (xy.min(axis=0), xy.max(axis=0) + 1) if xy.size else ((0, 0), brain.shape[:2])
+        pad = 3
+        crop = (slice(max(x0 - pad, 0), x1 + pad), slice(max(y0 - pad, 0), y1 + pad), z)
+        for c, col in enumerate(columns):
+            ax = axes[r, c]
+            ax.set_facecolor("black")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            m = "flair" if col == "overlay" else col
+            vol = volumes[m]
+            inside = vol[brain]
+            hi = float(np.percentile(inside, 99.5)) if inside.size else 1.0
+            # Transposed with origin "lower": x runs left-right, y (anterior) points up.
+            ax.imshow(vol[crop].T, cmap="gray", origin="lower", vmin=0.0, vmax=hi, aspect=aspect)
+            if col == "overlay":
+                lab = np.ma.masked_equal(labels[crop].T, 0)
+                ax.imshow(
+                    lab,
+                    cmap=overlay_cmap,
+                    vmin=0.5,
+                    vmax=3.5,
+                    origin="lower",
+                    alpha=0.55,
+                    aspect=aspect,
+                    interpolation="nearest",
+                )
+            title = "FLAIR + labels" if col == "overlay" else _COLUMN_TITLES[col]
+            if r == 0:
+                ax.set_title(title, color="white", fontsize=11)
+            if c == 0:
+                ax.set_ylabel(f"{case.name}\nz={z}", color="white", fontsize=8)
+    handles = [
+        Patch(facecolor=colour, label=text)
+        for text, colour in (_LABEL_COLOURS[k] for k in sorted(_LABEL_COLOURS))
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, labelcolor="white", fontsize=10)
+    fig.tight_layout(rect=(0, 0.5 / (2.6 * len(rows) + 0.5), 1, 1), pad=0.4)
+
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110, facecolor=fig.get_facecolor())
+        tmp.replace(out_png)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out_png

@@ -1,0 +1,359 @@
+"""``tumorseg ingest``: index a dataset folder into ``manifest.csv``, one row per case.
+
+Ingest reads every file of every case once (hashing the bytes as they are read, see
+:func:`~tumorseg.data.layouts.read_nifti`) and records what it finds; it never modifies, moves or
+deletes anything under the source folder, and refuses to write its manifest inside it.
+
+What ingest decides, and what it leaves to validation
+-----------------------------------------------------
+Ingest quarantines (``status=quarantined`` with a ``reason``) only the cases it cannot turn into a
+consistent four-channel volume, because nothing downstream could even look at them:
+
+- a modality file is missing (``missing modality file BraTS2021_00003_t1ce.nii.gz``);
+- a file (modality or segmentation) cannot be decoded: truncated gzip, corrupt gzip, not NIfTI,
+  unreadable header;
+- a file has the wrong dimensionality (3-D per BraTS file, 4-D with 4 channels for MSD);
+- the shapes of the modalities and segmentation differ (``shapes differ: t1 240x240x155 vs flair ...``).
+
+Everything else is *measured*, not judged, and written as statistics that the Great Expectations
+suite (``tumorseg validate``) turns into quarantine decisions with its own, configurable limits:
+non-finite voxels (``<key>_finite``), empty modalities (``<key>_nonzero_voxels``), label values
+outside the convention (``label_values``), voxel spacing (``spacing``), affine disagreement between
+files (``<key>_affine_max_diff_mm``) and too little brain (``brain_voxels``). A case without a
+segmentation is not an error here: it is an unlabelled case (``path_seg`` empty).
+
+Statistics of a file are filled as far as it could be read: a missing file leaves its columns empty,
+an undecodable one has ``<key>_readable=False`` (and its sha256), a decoded one has all of them.
+
+Incremental runs
+----------------
+The previous ``manifest.csv`` in the output folder is the cache: a case whose ``fingerprint`` (size
+and modification time of every file) and file paths are unchanged keeps its row without a single
+byte being read; new or changed cases are read; cases no longer in the source are dropped. The
+manifest is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import pandas as pd
+
+from tumorseg.config import IngestConfig
+from tumorseg.data.conventions import CANONICAL_MODALITIES
+from tumorseg.data.layouts import (
+    FILE_KEYS,
+    CaseFiles,
+    LoadedCase,
+    discover_cases,
+    label_counts,
+    load_case,
+    orientation_code,
+    shape_text,
+    spacing_from_affine,
+)
+from tumorseg.data.manifest import (
+    MANIFEST_COLUMNS,
+    MANIFEST_NAME,
+    STATUS_OK,
+    STATUS_QUARANTINED,
+    read_manifest,
+    write_manifest,
+)
+from tumorseg.errors import DataError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+INGEST_STATUS_COLUMN = "ingest_status"
+INGEST_REASON_COLUMN = "ingest_reason"
+"""Columns validation adds to keep ingest's own verdict; preferred when a validated manifest is reused."""
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    """What one ingest run did.
+
+    Attributes:
+        manifest: the written ``manifest.csv``.
+        layout: detected (or forced) layout.
+        cases: rows in the manifest.
+        ok: rows with status ``ok``.
+        quarantined: rows ingest quarantined.
+        new: cases not in the previous manifest (read now).
+        changed: cases whose files changed since the previous manifest (read again).
+        reused: rows kept from the previous manifest without reading any file.
+        removed: rows of the previous manifest whose case is gone from the source.
+        seconds: wall time of the run.
+    """
+
+    manifest: Path
+    layout: str
+    cases: int
+    ok: int
+    quarantined: int
+    new: int
+    changed: int
+    reused: int
+    removed: int
+    seconds: float
+
+    def one_line(self) -> str:
+        return (
+            f"ingested {self.cases} {self.layout} cases -> {self.manifest}: {self.ok} ok, "
+            f"{self.quarantined} quarantined ({self.new} new, {self.changed} changed, {self.reused} reused, "
+            f"{self.removed} removed) in {self.seconds:.1f} s"
+        )
+
+
+def ingest(src: Path, out_dir: Path, cfg: IngestConfig) -> IngestSummary:
+    """Index the dataset under ``src`` into ``out_dir/manifest.csv``.
+
+    Args:
+        src: dataset folder (any supported layout, see :mod:`tumorseg.data.layouts`).
+        out_dir: where ``manifest.csv`` goes; must not be inside ``src``.
+        cfg: the ``ingest`` section of params.yaml.
+
+    Returns:
+        Counts of what was read, reused, quarantined and dropped.
+
+    Raises:
+        DataError: ``src`` matches no layout / is empty / mixes layouts, or ``out_dir`` is inside ``src``.
+    """
+    start = time.perf_counter()
+    src = Path(src).absolute()
+    out_dir = Path(out_dir).absolute()
+    if out_dir == src or src in out_dir.parents:
+        raise DataError(f"--out {out_dir} is inside the source dataset {src}; write the manifest elsewhere")
+
+    cases = discover_cases(src, None if cfg.layout == "auto" else cfg.layout)
+    layout = cases[0].layout
+    previous = _previous_rows(out_dir)
+    chunk_bytes = cfg.hash_chunk_mb << 20
+
+    rows: dict[str, dict[str, str]] = {}
+    to_read: list[tuple[CaseFiles, str]] = []
+    new = changed = 0
+    for case in cases:
+        fingerprint = case_fingerprint(case)
+        old = previous.get(case.case_id)
+        if old is not None and _reusable(old, case, fingerprint):
+            rows[case.case_id] = old
+        else:
+            to_read.append((case, fingerprint))
+            new += old is None
+            changed += old is not None
+    reused = len(rows)
+
+    def read_one(item: tuple[CaseFiles, str]) -> dict[str, str]:
+        case, fingerprint = item
+        return manifest_row(load_case(case, chunk_bytes=chunk_bytes), fingerprint)
+
+    for row in map_in_threads(read_one, to_read, cfg.workers):
+        if row["status"] == STATUS_QUARANTINED:
+            log.warning("quarantined %s: %s", row["case_id"], row["reason"])
+        rows[row["case_id"]] = row
+
+    current = {case.case_id for case in cases}
+    removed = sum(1 for case_id in previous if case_id not in current)
+    manifest = write_manifest(pd.DataFrame(list(rows.values()), columns=MANIFEST_COLUMNS), out_dir)
+    quarantined = sum(1 for row in rows.values() if row["status"] == STATUS_QUARANTINED)
+    summary = IngestSummary(
+        manifest=manifest,
+        layout=layout,
+        cases=len(rows),
+        ok=len(rows) - quarantined,
+        quarantined=quarantined,
+        new=new,
+        changed=changed,
+        reused=reused,
+        removed=removed,
+        seconds=time.perf_counter() - start,
+    )
+    log.debug(summary.one_line())
+    return summary
+
+
+def map_in_threads(function: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """``map`` over a thread pool, results in input order; the first exception cancels the rest.
+
+    Threads, not processes: the heavy parts (zlib inflate, sha256, numpy reductions, torch
+    interpolation) release the GIL, and threads share the read-only inputs without pickling.
+    """
+    if workers <= 1 or len(items) <= 1:
+        yield from map(function, items)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="tumorseg")
+    try:
+        yield from pool.map(function, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------- incremental reuse
+def case_fingerprint(case: CaseFiles) -> str:
+    """Size and modification time (ns) of every file of a case: ``t1=SIZE@MTIME;...;seg=-``.
+
+    Cheap (one ``stat`` per file) and changes whenever a file is rewritten, replaced, added or
+    removed; the paths themselves are compared separately (:func:`_reusable`).
+    """
+    parts = []
+    for key in FILE_KEYS:
+        path = case.paths.get(key)
+        try:
+            stat = path.stat() if path is not None else None
+        except OSError:
+            stat = None
+        parts.append(f"{key}={stat.st_size}@{stat.st_mtime_ns}" if stat is not None else f"{key}=-")
+    return ";".join(parts)
+
+
+def _previous_rows(out_dir: Path) -> dict[str, dict[str, str]]:
+    """Rows of the previous manifest by case id; empty when there is none or it is from another schema."""
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return {}
+    try:
+        df = read_manifest(out_dir)
+    except (DataError, ValueError, OSError) as exc:
+        log.warning("ignoring the previous manifest in %s (%s); reading every case", out_dir, exc)
+        return {}
+    if any(column not in df.columns for column in MANIFEST_COLUMNS):
+        log.info("previous manifest in %s has another schema; reading every case", out_dir)
+        return {}
+    rows: dict[str, dict[str, str]] = {}
+    for record in df.to_dict(orient="records"):
+        row = {column: str(record[column]) for column in MANIFEST_COLUMNS}
+        # A manifest validated in place carries validation's verdict in status/reason; ingest's own
+        # verdict is kept in ingest_status/ingest_reason, and only that may be reused.
+        if record.get(INGEST_STATUS_COLUMN):
+            row["status"] = str(record[INGEST_STATUS_COLUMN])
+            row["reason"] = str(record.get(INGEST_REASON_COLUMN, ""))
+        rows[row["case_id"]] = row
+    return rows
+
+
+def _reusable(row: dict[str, str], case: CaseFiles, fingerprint: str) -> bool:
+    if row["fingerprint"] != fingerprint or row["layout"] != case.layout:
+        return False
+    return all(row[f"path_{key}"] == _path_text(case.paths.get(key)) for key in FILE_KEYS)
+
+
+# ---------------------------------------------------------------------------- one row
+def _path_text(path: Path | None) -> str:
+    return str(Path(path).absolute()) if path is not None else ""
+
+
+def _bool_text(value: bool) -> str:
+    return "True" if value else "False"
+
+
+def _number_text(value: float) -> str:
+    """Integers without a decimal point, other values with 6 significant digits."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.6g}"
+
+
+def manifest_row(loaded: LoadedCase, fingerprint: str) -> dict[str, str]:
+    """One manifest row (all text) from a case decoded by :func:`~tumorseg.data.layouts.load_case`.
+
+    See :mod:`tumorseg.data.manifest` for the columns and this module's docstring for what
+    makes ``status`` quarantined here.
+    """
+    case = loaded.case
+    row = dict.fromkeys(MANIFEST_COLUMNS, "")
+    row.update(
+        case_id=case.case_id,
+        patient_id=case.patient_id,
+        layout=case.layout,
+        label_convention=case.label_convention,
+        status=STATUS_QUARANTINED if loaded.problems else STATUS_OK,
+        reason="; ".join(loaded.problems),
+        case_dir=_path_text(case.case_dir),
+        modalities=";".join(key for key in CANONICAL_MODALITIES if case.paths.get(key) is not None),
+        fingerprint=fingerprint,
+    )
+    for key in FILE_KEYS:
+        row[f"path_{key}"] = _path_text(case.paths.get(key))
+        row[f"sha256_{key}"] = loaded.sha256.get(key, "")
+
+    reference_key = loaded.reference_key
+    reference = loaded.files[reference_key] if reference_key is not None else None
+    if reference is not None and reference_key is not None:
+        row["shape"] = shape_text(loaded.volumes[reference_key].shape)
+        row["spacing"] = "x".join(_number_text(round(s, 6)) for s in spacing_from_affine(reference.affine))
+        row["orientation"] = orientation_code(reference.affine)
+
+    for key in FILE_KEYS:
+        if case.paths.get(key) is None:
+            continue
+        row[f"{key}_readable"] = _bool_text(key in loaded.files)
+        if key not in loaded.files:
+            continue
+        nifti = loaded.files[key]
+        volume = loaded.volumes.get(key, nifti.data)
+        row[f"{key}_finite"] = _bool_text(_all_finite(volume))
+        row[f"{key}_nonzero_voxels"] = str(int(np.count_nonzero(volume)))
+        row[f"{key}_shape"] = shape_text(volume.shape)
+        if reference is not None:
+            row[f"{key}_affine_max_diff_mm"] = _number_text(
+                affine_max_diff_mm(nifti.affine, reference.affine, volume.shape[:3])
+            )
+
+    if all(key in loaded.volumes for key in CANONICAL_MODALITIES) and not _shapes_differ(loaded):
+        brain = np.zeros(loaded.volumes["t1"].shape, dtype=bool)
+        for key in CANONICAL_MODALITIES:
+            brain |= loaded.volumes[key] != 0
+        row["brain_voxels"] = str(int(np.count_nonzero(brain)))
+
+    if "seg" in loaded.volumes:
+        row.update(_label_statistics(loaded.volumes["seg"], loaded.files["seg"].affine))
+    return row
+
+
+def _shapes_differ(loaded: LoadedCase) -> bool:
+    return len({volume.shape for volume in loaded.volumes.values()}) > 1
+
+
+def _all_finite(volume: np.ndarray) -> bool:
+    if volume.dtype.kind not in "fc":
+        return True
+    return bool(np.isfinite(volume).all())
+
+
+def affine_max_diff_mm(affine: np.ndarray, reference: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Largest distance (mm) between where two affines put the same voxel.
+
+    Both affines are applied to the 8 corner voxels of ``shape``; affines are linear, so the largest
+    displacement over the whole volume is at a corner. 0 means the files share one voxel grid.
+    """
+    extent = [max(int(n) - 1, 0) for n in shape[:3]]
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, extent[0]) for j in (0, extent[1]) for k in (0, extent[2])]
+    ).T
+    return float(np.max(np.linalg.norm((affine @ corners - reference @ corners)[:3], axis=0)))
+
+
+def _label_statistics(seg: np.ndarray, affine: np.ndarray) -> dict[str, str]:
+    """``label_values``, ``voxels_per_label``, ``tumour_voxels``, ``tumour_volume_ml`` (source codes)."""
+    values, counts = label_counts(seg)
+    background = int(sum(c for v, c in zip(values, counts, strict=True) if v == 0))
+    tumour_voxels = int(seg.size) - background
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    return {
+        "label_values": ";".join(_number_text(v) for v in values),
+        "voxels_per_label": ";".join(
+            f"{_number_text(v)}:{int(c)}" for v, c in zip(values, counts, strict=True)
+        ),
+        "tumour_voxels": str(tumour_voxels),
+        "tumour_volume_ml": _number_text(round(tumour_voxels * voxel_ml, 4)),
+    }

@@ -1,0 +1,533 @@
+"""``tumorseg preprocess``: reorient to RAS, resample, crop to the brain, z-score; and the exact inverse.
+
+Forward (:func:`preprocess_case`), for a case read by :func:`~tumorseg.data.layouts.read_case`
+(image ``(4, X, Y, Z)`` in t1, t1ce, t2, flair order, canonical labels ``(X, Y, Z)``):
+
+1. **Reorient** to the closest RAS axis order with nibabel's orientation tools (axis flips and
+   permutations only: no interpolation, exactly invertible).
+2. **Resample** to ``target_spacing_mm``: the new shape is ``round(shape * spacing / target)`` and the
+   grids share their outer voxel edges (``align_corners=False``, as nnU-Net does), so the field of
+   view is kept and the actual spacing differs from the target by less than half a voxel over the
+   whole extent. Images: trilinear (torch) or spline order 2/3 (scipy); labels: each label's
+   indicator trilinearly then the largest (``label_resampling: onehot_linear``), or nearest neighbour.
+   When the shape does not change the grid is the identity and nothing is interpolated, so the
+   round trip is exact at equal spacing.
+3. **Crop** to the bounding box of the brain (voxels non-zero in any modality) plus
+   ``crop_margin_vox``.
+4. **Z-score** every channel with the mean and standard deviation of the brain voxels; the
+   background stays exactly 0.
+
+Every number needed to undo this is stored in a geometry dict (JSON), and
+:func:`restore_to_source` maps a label or probability map on the preprocessed grid back to the
+source file's exact shape, orientation and affine.
+
+Why not MONAI's ``Orientationd``/``Spacingd``/``CropForegroundd`` + ``Invertd``: their inverse lives in
+a MetaTensor's in-memory ``applied_operations``; here the inverse must be applied in another process
+(``tumorseg predict``, the serving API) from a small JSON file, and be exact.
+
+Output of :func:`preprocess_dataset` (the contract with training)::
+
+    OUT/cases/<case_id>.npz   image (4, X, Y, Z) storage_dtype, label (X, Y, Z) uint8 canonical,
+                              brain (X, Y, Z) bool
+    OUT/cases/<case_id>.json  geometry (see :func:`preprocess_case`)
+    OUT/index.csv             case_id, patient_id, label_convention, layout, npz, shape, tumour_voxels,
+                              tumour_volume_ml, has_tumour, has_label
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+from tumorseg.config import PreprocessConfig
+from tumorseg.data.conventions import CANONICAL_MODALITIES
+from tumorseg.data.ingest import map_in_threads
+from tumorseg.data.layouts import (
+    FILE_KEYS,
+    CaseVolumes,
+    case_from_manifest_row,
+    label_counts,
+    read_case,
+    spacing_from_affine,
+)
+from tumorseg.data.manifest import STATUS_OK, atomic_write_text, read_manifest
+from tumorseg.errors import DataError
+
+log = logging.getLogger(__name__)
+
+GEOMETRY_FORMAT = 1
+"""Version of the geometry JSON; bump when its keys change so old outputs are rebuilt."""
+
+INDEX_NAME = "index.csv"
+CASES_FOLDER = "cases"
+INDEX_COLUMNS: list[str] = [
+    "case_id",
+    "patient_id",
+    "label_convention",
+    "layout",
+    "npz",
+    "shape",
+    "tumour_voxels",
+    "tumour_volume_ml",
+    "has_tumour",
+    "has_label",
+]
+
+_RAS = axcodes2ornt(("R", "A", "S"))
+
+
+@dataclass
+class PreprocessedCase:
+    """One case on the preprocessed grid.
+
+    Attributes:
+        image: ``(4, X, Y, Z)`` z-scored channels (t1, t1ce, t2, flair), ``storage_dtype``, 0 outside the brain.
+        label: ``(X, Y, Z)`` uint8 canonical labels (zeros when the case has no segmentation).
+        brain: ``(X, Y, Z)`` bool, voxels non-zero in any modality.
+        geometry: JSON-ready dict with everything :func:`restore_to_source` needs.
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    brain: np.ndarray
+    geometry: dict[str, Any]
+
+    @property
+    def has_label(self) -> bool:
+        return bool(self.geometry["has_label"])
+
+
+@dataclass(frozen=True)
+class PreprocessSummary:
+    """What one preprocess run did.
+
+    Attributes:
+        out_dir: the output folder.
+        cases: cases in ``index.csv``.
+        processed: cases computed in this run.
+        skipped: cases whose outputs were already up to date.
+        removed: stale cases removed from ``cases/`` (no longer ok in the manifest).
+        seconds: wall time.
+    """
+
+    out_dir: Path
+    cases: int
+    processed: int
+    skipped: int
+    removed: int
+    seconds: float
+
+    def one_line(self) -> str:
+        return (
+            f"preprocessed {self.cases} cases -> {self.out_dir / INDEX_NAME}: {self.processed} computed, "
+            f"{self.skipped} up to date, {self.removed} stale removed in {self.seconds:.1f} s"
+        )
+
+
+# ---------------------------------------------------------------------------- grid operations
+def _reorient(volume: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """Apply a nibabel orientation transform to the spatial axes of ``(X, Y, Z)`` or ``(C, X, Y, Z)``."""
+    if volume.ndim == 3:
+        return np.ascontiguousarray(apply_orientation(volume, transform))
+    moved = apply_orientation(np.moveaxis(volume, 0, -1), transform)
+    return np.ascontiguousarray(np.moveaxis(moved, -1, 0))
+
+
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source voxel of each output voxel when both grids share their outer edges (``nearest-exact``)."""
+    return np.minimum(np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp), n_in - 1)
+
+
+def resize(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
+    """Resample the spatial axes of ``(X, Y, Z)`` or ``(C, X, Y, Z)`` to ``shape``, edges aligned.
+
+    Output voxel ``j`` samples input position ``(j + 0.5) * n_in / n_out - 0.5`` (torch's
+    ``align_corners=False``, scipy's ``grid_mode=True``); edges are extended, not zero-padded.
+
+    Args:
+        volume: array with the spatial axes last.
+        shape: output spatial shape.
+        order: 0 nearest (any dtype, values kept), 1 trilinear, 2-3 spline (float32 result).
+
+    Returns:
+        The resampled array; the input itself when the shape is unchanged (identity grid).
+    """
+    shape = tuple(int(n) for n in shape)
+    spatial = volume.shape[-3:]
+    if spatial == shape:
+        return volume
+    if order == 0:
+        index = np.ix_(*(_nearest_indices(n_in, n_out) for n_in, n_out in zip(spatial, shape, strict=True)))
+        return volume[(Ellipsis, *index)]
+    if order == 1:
+        import torch
+
+        batch = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).reshape(1, -1, *spatial)
+        out = torch.nn.functional.interpolate(batch, size=shape, mode="trilinear", align_corners=False)
+        return out.reshape(*volume.shape[:-3], *shape).numpy()
+    from scipy import ndimage
+
+    zoom = [n_out / n_in for n_in, n_out in zip(spatial, shape, strict=True)]
+    channels = volume.reshape(-1, *spatial).astype(np.float32, copy=False)
+    out = np.stack(
+        [
+            ndimage.zoom(c, zoom, output=np.float32, order=order, mode="nearest", grid_mode=True)
+            for c in channels
+        ]
+    )
+    return out.reshape(*volume.shape[:-3], *shape)
+
+
+def resize_labels(labels: np.ndarray, shape: tuple[int, ...], method: str) -> np.ndarray:
+    """Resample a label map ``(X, Y, Z)`` to ``shape``; values stay within those present.
+
+    ``onehot_linear`` interpolates each label's indicator trilinearly and keeps the largest (ties go
+    to the lower label), as nnU-Net does: at 2x downsampling it is the majority of the 2x2x2 source
+    block, centred like the image grid. ``nearest`` picks one source voxel, which at even ratios
+    lies half a source voxel off the image grid's sample centre.
+    """
+    shape = tuple(int(n) for n in shape)
+    if labels.shape == shape:
+        return labels
+    if method == "nearest":
+        return resize(labels, shape, order=0)
+    # Indicators sum to 1 and interpolation is linear, so background's score is 1 - the others':
+    # one interpolation fewer, and background (the lowest label) wins its ties.
+    best_label = np.zeros(shape, dtype=labels.dtype)
+    best_score = np.zeros(shape, dtype=np.float32)
+    foreground = np.zeros(shape, dtype=np.float32)
+    for value in label_counts(labels)[0].tolist():
+        if value == 0:
+            continue
+        score = resize((labels == value).astype(np.float32), shape, order=1)
+        foreground += score
+        better = score > best_score
+        best_label[better] = value
+        best_score[better] = score[better]
+    best_label[1.0 - foreground >= best_score] = 0
+    return best_label
+
+
+def _grid_affine(affine: np.ndarray, shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> np.ndarray:
+    """Affine of the grid :func:`resize` produces from a grid with ``affine``."""
+    scale = np.array([n_in / n_out for n_in, n_out in zip(shape_in, shape_out, strict=True)])
+    voxel_map = np.eye(4)
+    voxel_map[:3, :3] = np.diag(scale)
+    voxel_map[:3, 3] = 0.5 * scale - 0.5
+    return affine @ voxel_map
+
+
+def _shift_affine(affine: np.ndarray, start: tuple[int, ...]) -> np.ndarray:
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    return affine @ shift
+
+
+def _as_list(array: np.ndarray) -> list[Any]:
+    return np.asarray(array, dtype=np.float64).tolist()
+
+
+# ---------------------------------------------------------------------------- one case
+def preprocess_case(volumes: CaseVolumes, cfg: PreprocessConfig) -> PreprocessedCase:
+    """Reorient, resample, crop and z-score one case (see the module docstring).
+
+    Args:
+        volumes: the case in its source geometry; image ``(4, X, Y, Z)`` float32, labels canonical or None.
+        cfg: the ``preprocess`` section of params.yaml.
+
+    Returns:
+        Image ``(4, x, y, z)``, label and brain ``(x, y, z)`` on the preprocessed grid, and the geometry
+        (``source_shape``, ``source_affine``, ``source_orientation``, ``ras_shape``, ``ras_affine``,
+        ``target_spacing_mm``, ``resampled_shape``, ``resampled_spacing_mm``, ``crop_bbox`` {start, stop},
+        ``preprocessed_shape``, ``preprocessed_affine``, ``normalization``, tumour size, ids).
+
+    Raises:
+        DataError: non-finite voxels, or no brain (every modality zero everywhere).
+    """
+    image = volumes.image
+    case_id = volumes.case_id
+    for channel, modality in enumerate(CANONICAL_MODALITIES):
+        if not np.isfinite(image[channel]).all():
+            bad = int(np.count_nonzero(~np.isfinite(image[channel])))
+            raise DataError(f"{case_id}: {modality} has {bad} NaN/inf voxels; fix or exclude the case")
+    source_shape = tuple(int(n) for n in image.shape[1:])
+    source_affine = np.asarray(volumes.affine, dtype=np.float64)
+
+    # 1. RAS: flips and permutations only.
+    to_ras = ornt_transform(io_orientation(source_affine), _RAS)
+    ras_image = _reorient(image, to_ras)
+    ras_affine = source_affine @ inv_ornt_aff(to_ras, source_shape)
+    ras_shape = tuple(int(n) for n in ras_image.shape[1:])
+    ras_spacing = spacing_from_affine(ras_affine)
+
+    # 2. Target spacing (field of view kept; identity when the shape does not change).
+    target = tuple(float(t) for t in cfg.target_spacing_mm)
+    resampled_shape = tuple(
+        max(1, int(np.floor(n * s / t + 0.5))) for n, s, t in zip(ras_shape, ras_spacing, target, strict=True)
+    )
+    resampled = resize(ras_image, resampled_shape, cfg.image_interpolation_order)
+    resampled_affine = _grid_affine(ras_affine, ras_shape, resampled_shape)
+
+    # 3. Brain bounding box + margin.
+    brain = np.any(resampled != 0, axis=0)
+    if not brain.any():
+        raise DataError(f"{case_id}: every modality is zero everywhere; there is no brain to crop")
+    start, stop = [], []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(brain.any(axis=other))
+        start.append(max(0, int(hits[0]) - cfg.crop_margin_vox))
+        stop.append(min(resampled_shape[axis], int(hits[-1]) + 1 + cfg.crop_margin_vox))
+    crop = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    brain = brain[crop]
+    cropped = resampled[(slice(None), *crop)]
+
+    # 4. Z-score on brain voxels; background stays exactly 0.
+    out_dtype = np.dtype(cfg.storage_dtype)
+    normalised = np.zeros(cropped.shape, dtype=out_dtype)
+    means, stds = [], []
+    for channel, modality in enumerate(CANONICAL_MODALITIES):
+        values = cropped[channel][brain]
+        mean = float(values.mean(dtype=np.float64))
+        std = float(values.std(dtype=np.float64))
+        means.append(mean)
+        stds.append(std)
+        if std <= 1e-6 * max(abs(mean), 1.0):
+            log.warning("%s: %s is constant inside the brain; its channel is left at 0", case_id, modality)
+            continue
+        scored = (cropped[channel] - np.float32(mean)) * np.float32(1.0 / std)
+        if out_dtype == np.float16:
+            limit = float(np.finfo(np.float16).max)
+            np.clip(scored, -limit, limit, out=scored)
+        normalised[channel] = np.where(brain, scored, 0.0)
+
+    has_label = volumes.labels is not None
+    if has_label:
+        ras_labels = _reorient(np.asarray(volumes.labels, dtype=np.uint8), to_ras)
+        label = np.ascontiguousarray(resize_labels(ras_labels, resampled_shape, cfg.label_resampling)[crop])
+        tumour_voxels = int(np.count_nonzero(volumes.labels))
+    else:
+        label = np.zeros(brain.shape, dtype=np.uint8)
+        tumour_voxels = 0
+    voxel_ml = abs(float(np.linalg.det(source_affine[:3, :3]))) / 1000.0
+
+    geometry: dict[str, Any] = {
+        "format": GEOMETRY_FORMAT,
+        "case_id": case_id,
+        "patient_id": volumes.patient_id,
+        "layout": volumes.layout,
+        "label_convention": volumes.label_convention,
+        "has_label": has_label,
+        "source_shape": list(source_shape),
+        "source_affine": _as_list(source_affine),
+        "source_orientation": volumes.orientation,
+        "source_spacing_mm": [float(s) for s in volumes.spacing],
+        "ras_shape": list(ras_shape),
+        "ras_affine": _as_list(ras_affine),
+        "target_spacing_mm": list(target),
+        "resampled_shape": list(resampled_shape),
+        "resampled_spacing_mm": list(spacing_from_affine(resampled_affine)),
+        "resampled_affine": _as_list(resampled_affine),
+        "crop_bbox": {"start": start, "stop": stop},
+        "preprocessed_shape": list(brain.shape),
+        "preprocessed_affine": _as_list(_shift_affine(resampled_affine, tuple(start))),
+        "normalization": {"channels": list(CANONICAL_MODALITIES), "mean": means, "std": stds},
+        "image_interpolation_order": cfg.image_interpolation_order,
+        "tumour_voxels": tumour_voxels,
+        "tumour_volume_ml": round(tumour_voxels * voxel_ml, 4),
+        "source_sha256": dict(volumes.sha256),
+        "preprocess": _content_parameters(cfg),
+    }
+    return PreprocessedCase(
+        image=normalised, label=label, brain=np.ascontiguousarray(brain), geometry=geometry
+    )
+
+
+def restore_to_source(volume: np.ndarray, geometry: dict[str, Any], *, is_label: bool) -> np.ndarray:
+    """Map a volume on the preprocessed grid back onto the source file's voxel grid.
+
+    Uncrops with zeros, resamples back to the RAS source grid (nearest for labels, trilinear for
+    probabilities), then undoes the reorientation. The result lines up voxel for voxel with the
+    source NIfTI, so it can be saved with ``geometry["source_affine"]``.
+
+    Args:
+        volume: label map ``(X, Y, Z)`` (any integer dtype, kept) or probability/score map
+            ``(C, X, Y, Z)`` (or ``(X, Y, Z)``), with ``(X, Y, Z) == geometry["preprocessed_shape"]``.
+        geometry: the dict from :func:`preprocess_case` (or its JSON file).
+        is_label: nearest-neighbour resampling and dtype kept; else trilinear in float32.
+
+    Returns:
+        Array of spatial shape ``geometry["source_shape"]`` in the source orientation, with the
+        leading channel axis kept.
+
+    Raises:
+        ValueError: the volume's spatial shape is not the preprocessed shape.
+    """
+    volume = np.asarray(volume)
+    expected = tuple(geometry["preprocessed_shape"])
+    if volume.ndim not in (3, 4) or tuple(volume.shape[-3:]) != expected:
+        raise ValueError(f"volume has shape {volume.shape}; expected (..., {', '.join(map(str, expected))})")
+    if not is_label:
+        volume = volume.astype(np.float32, copy=False)
+    start, stop = geometry["crop_bbox"]["start"], geometry["crop_bbox"]["stop"]
+    full = np.zeros((*volume.shape[:-3], *geometry["resampled_shape"]), dtype=volume.dtype)
+    full[(Ellipsis, *(slice(a, b) for a, b in zip(start, stop, strict=True)))] = volume
+    ras = resize(full, tuple(geometry["ras_shape"]), order=0 if is_label else 1)
+    from_ras = ornt_transform(_RAS, io_orientation(np.asarray(geometry["source_affine"], dtype=np.float64)))
+    restored = _reorient(ras, from_ras)
+    if tuple(restored.shape[-3:]) != tuple(geometry["source_shape"]):
+        raise ValueError(
+            f"restored shape {restored.shape[-3:]} is not the source shape {geometry['source_shape']}"
+        )
+    return restored
+
+
+# ---------------------------------------------------------------------------- dataset
+def _atomic_write_npz(path: Path, compress: bool, **arrays: np.ndarray) -> None:
+    """``np.savez[_compressed]`` to a temp file in the same folder, then rename: never half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            (np.savez_compressed if compress else np.savez)(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _content_parameters(cfg: PreprocessConfig) -> dict[str, Any]:
+    """The parameters that change the outputs' content (not ``workers`` or the npz compression)."""
+    return cfg.model_dump(mode="json", exclude={"workers", "compress_npz"})
+
+
+def _expected_sha256(row: dict[str, str]) -> dict[str, str]:
+    return {key: row[f"sha256_{key}"] for key in FILE_KEYS if row.get(f"path_{key}")}
+
+
+def _up_to_date(
+    json_path: Path, npz_path: Path, sha256: dict[str, str], cfg: PreprocessConfig
+) -> dict | None:
+    """The stored geometry when outputs exist for the same source files and parameters, else None."""
+    if not (json_path.is_file() and npz_path.is_file()):
+        return None
+    try:
+        geometry = json.loads(json_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if (
+        geometry.get("format") != GEOMETRY_FORMAT
+        or geometry.get("source_sha256") != sha256
+        or geometry.get("preprocess") != _content_parameters(cfg)
+    ):
+        return None
+    return geometry
+
+
+def _index_row(geometry: dict[str, Any]) -> dict[str, str]:
+    return {
+        "case_id": geometry["case_id"],
+        "patient_id": geometry["patient_id"],
+        "label_convention": geometry["label_convention"],
+        "layout": geometry["layout"],
+        "npz": f"{CASES_FOLDER}/{geometry['case_id']}.npz",
+        "shape": "x".join(str(n) for n in geometry["preprocessed_shape"]),
+        "tumour_voxels": str(geometry["tumour_voxels"]),
+        "tumour_volume_ml": f"{geometry['tumour_volume_ml']:g}",
+        "has_tumour": str(geometry["has_label"] and geometry["tumour_voxels"] > 0),
+        "has_label": str(geometry["has_label"]),
+    }
+
+
+def preprocess_dataset(src_dir: Path, out_dir: Path, cfg: PreprocessConfig) -> PreprocessSummary:
+    """Preprocess every case with status ``ok`` in ``src_dir/manifest.csv`` into ``out_dir``.
+
+    A case is skipped when its npz and JSON exist and the JSON records the same source sha256 values
+    and parameters. Files of cases that are no longer ok are removed from ``out_dir/cases``. Every
+    file is written to a temporary name and renamed, so an interrupted run leaves no half file.
+
+    Args:
+        src_dir: folder with the validated ``manifest.csv``.
+        out_dir: output folder (``cases/``, ``index.csv``).
+        cfg: the ``preprocess`` section of params.yaml.
+
+    Raises:
+        DataError: no ok case; a source file changed since ingest; a case that cannot be read.
+    """
+    begin = time.perf_counter()
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    manifest = read_manifest(src_dir)
+    needed = ["case_dir", *(f"{kind}_{key}" for kind in ("path", "sha256") for key in FILE_KEYS)]
+    missing = [column for column in needed if column not in manifest.columns]
+    if missing:
+        raise DataError(f"{src_dir}/manifest.csv lacks columns {missing[:3]}; run `tumorseg ingest` again")
+    rows = [r for r in manifest.to_dict(orient="records") if r["status"] == STATUS_OK]
+    if not rows:
+        raise DataError(f"{src_dir}: no case has status ok in manifest.csv; read its reason column")
+    cases_dir = out_dir / CASES_FOLDER
+    cases_dir.mkdir(parents=True, exist_ok=True)
+
+    def process_one(row: dict[str, str]) -> tuple[dict[str, Any], bool]:
+        """Geometry of one case, and whether it was computed (False: outputs were up to date)."""
+        case_id = row["case_id"]
+        npz_path, json_path = cases_dir / f"{case_id}.npz", cases_dir / f"{case_id}.json"
+        expected = _expected_sha256(row)
+        geometry = _up_to_date(json_path, npz_path, expected, cfg)
+        if geometry is not None:
+            return geometry, False
+        volumes = read_case(case_from_manifest_row(row))
+        changed = [key for key, digest in expected.items() if volumes.sha256.get(key) != digest]
+        if changed:
+            path = row[f"path_{changed[0]}"]
+            raise DataError(
+                f"{path}: changed since ingest (sha256 differs); run `tumorseg ingest` and validate again"
+            )
+        case = preprocess_case(volumes, cfg)
+        del volumes
+        _atomic_write_npz(npz_path, cfg.compress_npz, image=case.image, label=case.label, brain=case.brain)
+        atomic_write_text(json_path, json.dumps(case.geometry, indent=1))
+        log.debug("%s: %s -> %s", case_id, case.geometry["source_shape"], case.geometry["preprocessed_shape"])
+        return case.geometry, True
+
+    index: list[dict[str, str]] = []
+    processed = skipped = 0
+    for geometry, computed in map_in_threads(
+        process_one, sorted(rows, key=lambda r: r["case_id"]), cfg.workers
+    ):
+        index.append(_index_row(geometry))
+        processed += computed
+        skipped += not computed
+
+    removed = _remove_stale(cases_dir, {row["case_id"] for row in index})
+    atomic_write_text(out_dir / INDEX_NAME, pd.DataFrame(index, columns=INDEX_COLUMNS).to_csv(index=False))
+    summary = PreprocessSummary(
+        out_dir=out_dir,
+        cases=len(index),
+        processed=processed,
+        skipped=skipped,
+        removed=removed,
+        seconds=time.perf_counter() - begin,
+    )
+    log.debug(summary.one_line())
+    return summary
+
+
+def _remove_stale(cases_dir: Path, keep: set[str]) -> int:
+    """Delete outputs of cases not in ``keep`` and temp files of interrupted runs; count removed cases."""
+    removed: set[str] = set()
+    for path in cases_dir.iterdir():
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+        elif path.suffix in (".npz", ".json") and path.stem not in keep:
+            path.unlink(missing_ok=True)
+            removed.add(path.stem)
+    return len(removed)

@@ -1,0 +1,955 @@
+"""Synthetic multi-modal brain MRI with gliomas: the embedded default dataset (``tumorseg synth``).
+
+Why synthetic data built on a real template: the pipeline has to run end to end on a laptop
+without a data-use agreement, yet every stage (ingest, validation, preprocessing, training)
+must meet the same difficulties as on BraTS: real cortical folding and ventricles, four
+co-registered sequences with their true tissue contrasts, irregular tumours with three
+sub-regions, scanner bias and noise, odd orientations and voxel sizes.
+
+How a case is made:
+
+1. **Anatomy.** nilearn ships the MNI152 (ICBM 2009a) T1 template, its grey- and white-matter
+   probability maps and a brain mask. CSF (ventricles and sulci) is derived as brain mask minus
+   GM minus WM plus the low-T1 voxels of the template. The three maps are resampled once per
+   voxel spacing (cached), then each case pulls them through its own small affine (scale,
+   rotation, shift) and a random low-frequency deformation, so no two brains are alike.
+2. **Glioma.** A centre is drawn in cerebral white matter. The tumour core is a lobulated,
+   randomly rotated ellipsoid (noise-perturbed distance field) that pushes the surrounding
+   anatomy outwards (mass effect); a noisy inner region is necrotic (NCR), the rest of the core
+   is the enhancing rim (ET); a share of tumours has no necrosis (solid enhancing). Peritumoural
+   oedema (ED) spreads along white matter: its distance from the core is divided by a speed that
+   is high in WM and low in GM, is perturbed by noise, never enters CSF, and only components
+   connected to the core are kept. A share of cases is tumour-free.
+3. **Contrast.** Each sequence is a mixture of per-tissue intensities (relative to white matter)
+   following the real sequences: T1 WM > GM > CSF; T1ce as T1 with a bright enhancing rim and a
+   dark necrotic core; T2 CSF > GM > WM with bright oedema and necrosis; FLAIR with CSF
+   suppressed, GM slightly above WM and bright oedema. Tissue texture and tumour heterogeneity
+   are smooth multiplicative noise; partial volume comes from soft (sigmoid) region boundaries.
+4. **Scanner.** Per sequence: a smooth multiplicative bias field, Rician noise (magnitude of a
+   complex Gaussian), an intensity scale and offset; skull-stripped (background exactly 0).
+   Optionally a thick-slice axis and storage in LPS/LAS with the affine to match. Files hold
+   int16 scanner units (as BraTS distributes them) and uint8 labels in the layout's convention.
+
+Geometry follows BraTS: a 240 x 240 x 155 mm field of view, ``round(240/s) x round(240/s) x
+round(155/s)`` voxels at spacing ``s`` (exactly 240 x 240 x 155 at 1 mm), world box placed as in
+BraTS (voxel centres x -239..0, y 0..239, z 0..154 mm at 1 mm). Output is deterministic: case
+``k`` depends only on ``(seed, k)``, not on how many cases are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from tumorseg.config import SynthConfig
+from tumorseg.data.conventions import (
+    CANONICAL_MODALITIES,
+    LAYOUTS,
+    MSD_CHANNEL_ORDER,
+    MSD_LABEL_NAMES,
+    MSD_MODALITY_NAMES,
+    get_convention,
+)
+from tumorseg.data.manifest import atomic_write_text
+from tumorseg.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+BRATS_FOV_MM: tuple[float, float, float] = (240.0, 240.0, 155.0)
+"""Field of view of a BraTS volume (240 x 240 x 155 voxels of 1 mm)."""
+
+BRATS_WORLD_CENTRE_MM: tuple[float, float, float] = (-119.5, 119.5, 77.0)
+"""RAS world position of the centre of the BraTS box (LPS-stored, voxel 0 at x=0, y=239, z=0)."""
+
+MNI_BOX_CENTRE_MM: tuple[float, float, float] = (0.0, -17.0, 14.0)
+"""MNI point placed at the box centre: the brain's centre in x/y; in z the 155 mm box keeps about
+9 mm above the vertex and cuts the lowest brainstem, as BraTS volumes do."""
+
+SYNTH_META_NAME = "synth_meta.json"
+TUMOUR_TYPE = "glioma"
+ORIENTATIONS_REORIENTED: tuple[str, ...] = ("LPS", "LAS")
+"""Storage orientations of re-oriented cases (LPS is how BraTS itself stores its volumes)."""
+
+TISSUES: tuple[str, ...] = ("gm", "wm", "csf")
+
+# Mean intensity of each tissue / tumour sub-region per sequence, relative to white matter (= 1).
+# Values follow the usual appearance of gliomas on clinical 1.5/3 T protocols (BraTS-like):
+# T1 WM > GM > CSF; T2 CSF > GM > WM; FLAIR suppresses free water (CSF dark) but not oedema.
+_CONTRAST: dict[str, dict[str, float]] = {
+    "t1": {"gm": 0.70, "wm": 1.0, "csf": 0.28, "ncr": 0.38, "et": 0.62, "ed": 0.66},
+    "t1ce": {"gm": 0.73, "wm": 1.0, "csf": 0.30, "ncr": 0.36, "et": 1.75, "ed": 0.68},
+    "t2": {"gm": 1.40, "wm": 1.0, "csf": 2.60, "ncr": 2.30, "et": 1.60, "ed": 1.95},
+    "flair": {"gm": 1.25, "wm": 1.0, "csf": 0.28, "ncr": 0.95, "et": 1.40, "ed": 1.75},
+}
+_BASE_SCALE: dict[str, float] = {"t1": 520.0, "t1ce": 680.0, "t2": 340.0, "flair": 420.0}
+"""Typical raw intensity of white matter per sequence (arbitrary scanner units)."""
+
+_QUANTISE_MAX = 32767.0
+_ED_NOISE_FLOOR = 0.65
+"""Smallest factor the noise may apply to the oedema's effective distance (keeps it positive)."""
+
+
+@dataclass(frozen=True)
+class SyntheticCase:
+    """One generated case, in RAS voxel order (stored orientation applied by :func:`write_case`).
+
+    Attributes:
+        index: case number (1-based), the same in every layout.
+        images: modality (``t1``, ``t1ce``, ``t2``, ``flair``) -> float32 volume ``(X, Y, Z)``.
+        labels: canonical uint8 labels ``(X, Y, Z)``: 0 background, 1 NCR, 2 ED, 3 ET.
+        affine: 4x4 voxel-to-world (RAS mm) matrix of the RAS arrays.
+        spacing: voxel size in mm ``(sx, sy, sz)``.
+        tumour_free: True when the case has no tumour (labels all 0).
+        brain_mask: bool ``(X, Y, Z)``, the skull-stripped brain (images are 0 outside).
+        tissue: ``gm``/``wm``/``csf`` -> float32 probability ``(X, Y, Z)`` of the deformed anatomy
+            (after the mass effect, before the tumour replaced tissue), kept so that tests and
+            benchmarks can check contrasts against the ground truth.
+        orientation: axis codes the case is stored in (``RAS``, ``LPS`` or ``LAS``).
+        info: JSON-able description (tumour centre, radii, necrosis, volumes).
+    """
+
+    index: int
+    images: dict[str, np.ndarray]
+    labels: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    tumour_free: bool
+    brain_mask: np.ndarray
+    tissue: dict[str, np.ndarray]
+    orientation: str = "RAS"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.labels.shape)  # type: ignore[return-value]
+
+    @property
+    def has_necrosis(self) -> bool:
+        return bool((self.labels == 1).any())
+
+
+# ---------------------------------------------------------------- template anatomy
+@dataclass(frozen=True)
+class _Template:
+    """Tissue maps of the MNI152 template on a grid of a given spacing (read-only, cached).
+
+    Attributes:
+        tissue: float32 ``(3, I, J, K)``: GM, WM, CSF probabilities (sum 1 in the brain, 0 outside).
+        origin_mm: MNI position of voxel ``(0, 0, 0)``.
+        spacing: grid spacing in mm.
+        centres_mm: ``(N, 3)`` MNI positions allowed as tumour centres (cerebral white matter).
+        depth_mm: ``(N,)`` distance of each centre to the brain surface.
+        brain_lo_mm: lowest MNI corner of the brain's bounding box (``brain_hi_mm`` the highest).
+    """
+
+    tissue: np.ndarray
+    origin_mm: np.ndarray
+    spacing: np.ndarray
+    centres_mm: np.ndarray
+    depth_mm: np.ndarray
+    brain_lo_mm: np.ndarray
+    brain_hi_mm: np.ndarray
+
+
+@functools.lru_cache(maxsize=1)
+def _mni_anatomy() -> _Template:
+    """The 1 mm MNI152 template as GM/WM/CSF maps ``(3, 197, 233, 189)``, with tumour centres.
+
+    Loaded once per process (about 2 s, most of it importing nilearn); arrays are read-only
+    because the cache shares them.
+    """
+    from nilearn import datasets  # heavy import (scikit-learn), only when a dataset is generated
+
+    t1_img = datasets.load_mni152_template(resolution=1)
+    affine = np.asarray(t1_img.affine, dtype=np.float64)
+    t1 = np.asarray(t1_img.dataobj, dtype=np.float32)
+    gm = np.asarray(datasets.load_mni152_gm_template(resolution=1).dataobj, dtype=np.float32)
+    wm = np.asarray(datasets.load_mni152_wm_template(resolution=1).dataobj, dtype=np.float32)
+    mask = np.asarray(datasets.load_mni152_brain_mask(resolution=1).dataobj) > 0
+    gm = np.clip(gm, 0.0, 1.0) * mask
+    wm = np.clip(wm, 0.0, 1.0) * mask
+    # CSF is what the brain mask holds beyond GM and WM, plus voxels dark on T1 (ventricles,
+    # sulci), whose GM/WM maps are blurred by the template's averaging.
+    residual = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    dark_t1 = np.clip((0.50 - t1) / 0.22, 0.0, 1.0)
+    csf = np.maximum(residual, dark_t1) * mask
+    total = gm + wm + csf
+    inside = total > 1e-6
+    tissue = np.zeros((3, *t1.shape), dtype=np.float32)
+    for k, prob in enumerate((gm, wm, csf)):
+        tissue[k][inside] = prob[inside] / total[inside]
+    tissue.flags.writeable = False
+
+    # Tumour centres: cerebral white matter, away from the surface, not in the cerebellum or
+    # brainstem (adult gliomas are mostly supratentorial), off the midline. Depth from a 2 mm
+    # distance transform (8x cheaper than at 1 mm; centres only need it to within a voxel).
+    depth = ndi.distance_transform_edt(mask[::2, ::2, ::2], sampling=2.0)
+    ijk = np.argwhere(tissue[1][::2, ::2, ::2] > 0.75)
+    centre_depth = depth[tuple(ijk.T)]
+    mni = ijk * 2.0 + affine[:3, 3]
+    x, y, z = mni.T
+    supratentorial = (z > -22.0) & ~((y < -38.0) & (z < 2.0)) & ~((np.abs(x) < 18.0) & (z < 2.0))
+    keep = supratentorial & (np.abs(x) > 6.0) & (centre_depth > 14.0)
+    brain_ijk = np.argwhere(mask)
+    return _Template(
+        tissue=tissue,
+        origin_mm=affine[:3, 3].copy(),
+        spacing=np.ones(3),
+        centres_mm=mni[keep].astype(np.float32),
+        depth_mm=centre_depth[keep].astype(np.float32),
+        brain_lo_mm=brain_ijk.min(axis=0) + affine[:3, 3],
+        brain_hi_mm=brain_ijk.max(axis=0) + affine[:3, 3],
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _template(spacing: tuple[float, float, float]) -> _Template:
+    """The template's tissue maps resampled to ``spacing`` (anti-aliased), cached per spacing."""
+    base = _mni_anatomy()
+    spacing_arr = np.asarray(spacing, dtype=np.float64)
+    if np.allclose(spacing_arr, base.spacing):
+        return base
+    # Gaussian pre-filter so that a coarse grid sees the partial-volume average of a real
+    # acquisition at that voxel size, not aliased 1 mm detail (FWHM ~ voxel size).
+    sigma = np.sqrt(np.maximum(spacing_arr**2 - 1.0, 0.0)) / 2.355
+    extent = np.asarray(base.tissue.shape[1:]) - 1.0
+    out_shape = np.floor(extent / spacing_arr).astype(int) + 1
+    grids = [
+        np.arange(n, dtype=np.float32) * np.float32(s) for n, s in zip(out_shape, spacing_arr, strict=True)
+    ]
+    coords = np.stack(np.meshgrid(*grids, indexing="ij"))
+    resampled = np.empty((3, *out_shape), dtype=np.float32)
+    for k in range(3):
+        smooth = ndi.gaussian_filter(base.tissue[k], sigma)
+        resampled[k] = ndi.map_coordinates(smooth, coords, order=1, output=np.float32)
+    resampled.flags.writeable = False
+    return dataclasses.replace(base, tissue=resampled, spacing=spacing_arr)
+
+
+# ---------------------------------------------------------------- geometry
+def brats_grid(spacing: Sequence[float]) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Shape and RAS affine of the BraTS field of view sampled at ``spacing``.
+
+    Args:
+        spacing: voxel size in mm ``(sx, sy, sz)``.
+
+    Returns:
+        ``(shape, affine)``: ``round(240/sx) x round(240/sy) x round(155/sz)`` voxels and the 4x4
+        affine whose grid is centred on the BraTS box (exactly the BraTS grid at 1 mm).
+    """
+    sp = np.asarray(spacing, dtype=np.float64)
+    shape = tuple(int(round(f / s)) for f, s in zip(BRATS_FOV_MM, sp, strict=True))
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(sp)
+    affine[:3, 3] = np.asarray(BRATS_WORLD_CENTRE_MM) - (np.asarray(shape) - 1) / 2.0 * sp
+    return shape, affine  # type: ignore[return-value]
+
+
+def _gaussian_basis(n: int, n_ctrl: int) -> np.ndarray:
+    """``(n, n_ctrl)`` smooth interpolation weights of ``n_ctrl`` evenly spread control points."""
+    pos = np.linspace(0.0, 1.0, n, dtype=np.float32)[:, None]
+    centres = np.linspace(-0.15, 1.15, n_ctrl, dtype=np.float32)[None, :]
+    width = 1.3 / max(n_ctrl - 1, 1)
+    return np.exp(-0.5 * ((pos - centres) / width) ** 2).astype(np.float32)
+
+
+def smooth_random_field(
+    rng: np.random.Generator,
+    shape: Sequence[int],
+    n_ctrl: Sequence[int],
+    region: Sequence[slice] | None = None,
+) -> np.ndarray:
+    """Low-frequency random field of unit peak over a grid of ``shape``.
+
+    A tensor product of per-axis Gaussian bases weighted by random coefficients on a coarse
+    control grid. Written by hand (instead of up-sampling a coarse grid with
+    ``scipy.ndimage.zoom``) because the separable product costs one multiply-add per voxel and
+    control point, about 10x faster at 240 x 240 x 155, and is smooth by construction.
+
+    Args:
+        rng: random generator (consumed deterministically).
+        shape: output shape ``(X, Y, Z)``.
+        n_ctrl: control points per axis (more = higher frequency).
+        region: evaluate only this box of the grid (the field is the same as the full one there).
+
+    Returns:
+        float32 array ``(X, Y, Z)`` (or the region's shape) with ``|field| <= 1``.
+    """
+    coeffs = rng.standard_normal(tuple(n_ctrl)).astype(np.float32)
+    bases = [_gaussian_basis(n, k) for n, k in zip(shape, n_ctrl, strict=True)]
+    # Mean and peak from the full grid sampled every 4th voxel (the field is far smoother than
+    # that), so a region gets exactly the values the full field has there.
+    coarse = np.einsum("ia,jb,kc,abc->ijk", *(b[::4] for b in bases), coeffs, optimize=True)
+    mean = float(coarse.mean())
+    peak = float(np.abs(coarse - mean).max())
+    if region is not None:
+        bases = [b[sl] for b, sl in zip(bases, region, strict=True)]
+    out = np.einsum("ia,jb,kc,abc->ijk", *bases, coeffs, optimize=True).astype(np.float32)
+    out -= np.float32(mean)
+    return out / np.float32(peak) if peak > 0 else out
+
+
+def _local_noise(rng: np.random.Generator, shape: Sequence[int], sigma_vox: Sequence[float]) -> np.ndarray:
+    """Gaussian-filtered white noise normalised to unit standard deviation, float32 ``shape``."""
+    noise = ndi.gaussian_filter(
+        rng.standard_normal(tuple(shape), dtype=np.float32), sigma_vox, mode="reflect"
+    )
+    std = float(noise.std())
+    return noise / std if std > 0 else noise
+
+
+def _random_rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    """Rotation matrix with Euler angles uniform in ``[-max_deg, max_deg]`` about each axis."""
+    a, b, c = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _uniform_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random 3-D rotation (QR of a Gaussian matrix, sign-fixed)."""
+    q, r = np.linalg.qr(rng.standard_normal((3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 6-connected component of a boolean mask (empty stays empty)."""
+    components, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == int(sizes.argmax())
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+
+
+# ---------------------------------------------------------------- case-level choices
+# Additive recurrence with the generalised golden ratio (Roberts' R-sequence): flag k of a stream
+# is ``frac(offset + k * alpha) < fraction``. It depends only on (seed, k), like the rest of a case,
+# yet honours a fraction closely for any number of cases (a Bernoulli draw would not: 15 % of 36
+# cases could easily come out as 2 or 10).
+_PHI4 = 1.1673039782614187  # root of x**5 = x + 1
+_STREAM_ALPHA: dict[str, float] = {
+    name: math.fmod(1.0 / _PHI4 ** (k + 1), 1.0)
+    for k, name in enumerate(("tumour_free", "no_necrosis", "anisotropic", "reoriented"))
+}
+
+
+def _case_flag(seed: int, index: int, stream: str, fraction: float) -> bool:
+    """Deterministic low-discrepancy Bernoulli flag of case ``index`` for one attribute."""
+    offset = np.random.default_rng([_seed_word(seed), 0x5EED, list(_STREAM_ALPHA).index(stream)]).random()
+    return math.fmod(offset + index * _STREAM_ALPHA[stream], 1.0) < fraction
+
+
+def _seed_word(seed: int) -> int:
+    """The seed as a non-negative integer (NumPy seed sequences reject negative entropy)."""
+    return int(seed) % 2**64
+
+
+def case_rng(seed: int, index: int) -> np.random.Generator:
+    """The random generator of case ``index``: seeded from ``(seed, index)`` only."""
+    return np.random.default_rng([_seed_word(seed), int(index)])
+
+
+# ---------------------------------------------------------------- one case
+def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
+    """Generate case ``index`` (1-based) of the dataset described by ``cfg``.
+
+    Deterministic: the same ``(cfg, index)`` gives identical arrays, whatever the number of
+    cases in the dataset.
+
+    Args:
+        index: case number, from 1.
+        cfg: the ``synth`` section of params.yaml.
+
+    Returns:
+        The case in RAS voxel order, images float32 ``(X, Y, Z)`` and canonical labels.
+    """
+    if index < 1:
+        raise ValueError(f"case index starts at 1 (got {index})")
+    rng = case_rng(cfg.seed, index)
+    tumour_free = _case_flag(cfg.seed, index, "tumour_free", cfg.tumour_free_fraction)
+    necrotic = not _case_flag(cfg.seed, index, "no_necrosis", cfg.no_necrosis_fraction)
+    anisotropic = _case_flag(cfg.seed, index, "anisotropic", cfg.anisotropic_fraction)
+    reoriented = _case_flag(cfg.seed, index, "reoriented", cfg.reoriented_fraction)
+
+    s = float(cfg.spacing_mm)
+    slice_factor = float(rng.choice([2.0, 2.5, 3.0])) if anisotropic else 1.0
+    spacing = (s, s, round(min(s * slice_factor, 6.0), 3))
+    orientation = str(rng.choice(ORIENTATIONS_REORIENTED)) if reoriented else "RAS"
+    shape, affine = brats_grid(spacing)
+    tpl = _template(spacing)
+
+    # --- per-case anatomy: world (output) mm -> MNI mm through affine + smooth deformation.
+    # The MNI152 template is larger than a typical native-space brain (it was built by affine
+    # registration to the enlarged MNI305 target), so cases are mostly shrunk a little.
+    scale = np.diag(rng.uniform([0.87, 0.86, 0.9], [1.0, 1.01, 1.02]))
+    rotation = _random_rotation(rng, 6.0)
+    shift = rng.uniform(-4.0, 4.0, 3)
+    pull = rotation @ np.linalg.inv(scale)  # offset from the box centre (mm) -> MNI offset
+    mni_centre = np.asarray(MNI_BOX_CENTRE_MM) + shift
+    displacement_mm = float(rng.uniform(2.0, 4.5))
+    # Work only on the part of the box the brain can occupy (about half of it): faster at 1 mm.
+    region = _brain_region(tpl, pull, mni_centre, affine, shape, margin_mm=displacement_mm + 10.0)
+    axes = [
+        (
+            affine[k, 3]
+            + affine[k, k] * np.arange(region[k].start, region[k].stop)
+            - BRATS_WORLD_CENTRE_MM[k]
+        ).astype(np.float32)
+        for k in range(3)
+    ]
+    ctrl = tuple(max(3, min(6, int(round(f / 45.0)))) for f in BRATS_FOV_MM)
+    mni = []
+    pull32 = pull.astype(np.float32)
+    for row in range(3):
+        comp = (
+            pull32[row, 0] * axes[0][:, None, None]
+            + pull32[row, 1] * axes[1][None, :, None]
+            + pull32[row, 2] * axes[2][None, None, :]
+        )
+        comp = comp + np.float32(mni_centre[row])
+        comp += np.float32(displacement_mm) * smooth_random_field(rng, shape, ctrl, region)
+        mni.append(comp.astype(np.float32, copy=False))
+
+    # --- tumour geometry (in MNI mm, so it deforms with the anatomy).
+    tumour: dict[str, Any] = {}
+    if not tumour_free:
+        pick = int(rng.integers(len(tpl.centres_mm)))
+        centre = tpl.centres_mm[pick].astype(np.float64) + rng.uniform(-1.0, 1.0, 3)
+        depth = float(tpl.depth_mm[pick])
+        r_core = float(min(rng.uniform(8.0, 25.0), 0.85 * depth))
+        tumour = {
+            "centre_mni": centre,
+            "r_core": r_core,
+            "axes": rng.uniform(0.75, 1.3, 3),
+            "rotation": _uniform_rotation(rng),
+            "lobulation": float(rng.uniform(0.12, 0.3)),
+            "necrosis_ratio": float(rng.uniform(0.45, 0.8)) if necrotic else 0.0,
+            "oedema_reach": float(rng.uniform(5.0, 24.0)),
+            "mass_effect": float(rng.uniform(0.25, 0.5)),
+        }
+        _apply_mass_effect(mni, tumour)
+
+    # --- sample the template through the pull-back field.
+    idx = np.stack([(mni[k] - np.float32(tpl.origin_mm[k])) / np.float32(tpl.spacing[k]) for k in range(3)])
+    del mni
+    tissue_crop = {
+        name: ndi.map_coordinates(tpl.tissue[k], idx, order=1, output=np.float32, mode="constant", cval=0.0)
+        for k, name in enumerate(TISSUES)
+    }
+    brain_crop = (tissue_crop["gm"] + tissue_crop["wm"] + tissue_crop["csf"]) > 0.5
+
+    # --- tumour sub-regions (labels + soft fractions for partial volume), only near the tumour.
+    labels_crop = np.zeros(brain_crop.shape, dtype=np.uint8)
+    fractions: dict[str, np.ndarray] = {}
+    box: tuple[slice, ...] = ()
+    if tumour:
+        box, labels_box, fractions = _grow_tumour(rng, idx, tpl, tumour, tissue_crop, brain_crop, spacing)
+        labels_crop[box] = labels_box
+    del idx
+
+    images_crop = _render(
+        rng, tissue_crop, brain_crop, labels_crop, fractions, box, cfg, tumour, spacing, shape, region
+    )
+
+    def full(crop: np.ndarray) -> np.ndarray:
+        out = np.zeros(shape, dtype=crop.dtype)
+        out[region] = crop
+        return out
+
+    images = {m: full(v) for m, v in images_crop.items()}
+    tissue = {t: full(v) for t, v in tissue_crop.items()}
+    labels = full(labels_crop)
+    brain = full(brain_crop)
+
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    info: dict[str, Any] = {
+        "case_index": index,
+        "tumour_type": None if tumour_free else TUMOUR_TYPE,
+        "necrosis": bool((labels == 1).any()),
+        "orientation": orientation,
+        "spacing_mm": list(spacing),
+        "shape": list(shape),
+        "volume_ml": {
+            name: round(float((labels == code).sum()) * voxel_ml, 3)
+            for code, name in ((1, "NCR"), (2, "ED"), (3, "ET"))
+        },
+    }
+    if tumour:
+        info["centre_mni_mm"] = [round(float(v), 1) for v in tumour["centre_mni"]]
+        info["core_radius_mm"] = round(tumour["r_core"], 1)
+    return SyntheticCase(
+        index=index,
+        images=images,
+        labels=labels,
+        affine=affine,
+        spacing=spacing,
+        tumour_free=tumour_free,
+        orientation=orientation,
+        tissue=tissue,
+        brain_mask=brain,
+        info=info,
+    )
+
+
+def _brain_region(
+    tpl: _Template,
+    pull: np.ndarray,
+    mni_centre: np.ndarray,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    margin_mm: float,
+) -> tuple[slice, slice, slice]:
+    """Voxel box of the output grid that can receive brain, given the case's affine pull-back.
+
+    The template's brain bounding box (grown by ``margin_mm`` for the smooth deformation and the
+    mass effect) is mapped back through the inverse of the affine part; everything outside is
+    background and needs no computation.
+    """
+    lo = tpl.brain_lo_mm - margin_mm
+    hi = tpl.brain_hi_mm + margin_mm
+    corners = np.array([[(lo, hi)[b][k] for k, b in enumerate(bits)] for bits in np.ndindex(2, 2, 2)])
+    world = (np.linalg.inv(pull) @ (corners - mni_centre).T).T + np.asarray(BRATS_WORLD_CENTRE_MM)
+    vox = (world - affine[:3, 3]) / np.diag(affine)[:3]
+    start = np.clip(np.floor(vox.min(axis=0)).astype(int) - 1, 0, np.asarray(shape))
+    stop = np.clip(np.ceil(vox.max(axis=0)).astype(int) + 2, 0, np.asarray(shape))
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))  # type: ignore[return-value]
+
+
+def _apply_mass_effect(mni: list[np.ndarray], tumour: dict[str, Any]) -> None:
+    """Push the anatomy away from the tumour centre, in place on the pull-back field.
+
+    Each output point at distance ``r`` from the centre samples the template at
+    ``r * (1 - a * exp(-r^2 / 2 sigma^2))``: the neighbourhood is magnified (tissue displaced
+    outwards, ventricles compressed), smoothly fading to no displacement far away. With
+    ``a <= 0.5`` the map stays monotonic in ``r`` (no folding).
+    """
+    centre = tumour["centre_mni"]
+    sigma = 1.2 * tumour["r_core"]
+    strength = tumour["mass_effect"]
+    d = [mni[k] - np.float32(centre[k]) for k in range(3)]
+    r2 = d[0] ** 2 + d[1] ** 2 + d[2] ** 2
+    factor = 1.0 - np.float32(strength) * np.exp(-r2 / np.float32(2.0 * sigma * sigma))
+    for k in range(3):
+        mni[k] = np.float32(centre[k]) + d[k] * factor
+
+
+def _grow_tumour(
+    rng: np.random.Generator,
+    idx: np.ndarray,
+    tpl: _Template,
+    tumour: dict[str, Any],
+    tissue: dict[str, np.ndarray],
+    brain: np.ndarray,
+    spacing: tuple[float, float, float],
+) -> tuple[tuple[slice, ...], np.ndarray, dict[str, np.ndarray]]:
+    """Tumour core, necrosis, enhancing rim and oedema inside the tumour's bounding box.
+
+    Args:
+        idx: ``(3, X, Y, Z)`` template voxel coordinates of each output voxel (after mass effect).
+
+    Returns:
+        ``(box, labels, fractions)``: the bounding box (slices of the output volume), canonical
+        labels in it, and soft fractions ``ncr``, ``et``, ``ed`` (float32, same shape) for the
+        intensity model.
+    """
+    sp = np.asarray(spacing)
+    centre_idx = (tumour["centre_mni"] - tpl.origin_mm) / tpl.spacing
+    # Distance to the centre in template mm (the pull-back is smooth: template mm ~ output mm).
+    offset = [(idx[k] - np.float32(centre_idx[k])) * np.float32(tpl.spacing[k]) for k in range(3)]
+    # The box holds everything the oedema can reach: its effective distance is at least
+    # ``_ED_NOISE_FLOOR`` times the Euclidean one (speed <= 1).
+    core_reach = tumour["r_core"] * float(tumour["axes"].max()) / (1.0 - tumour["lobulation"])
+    reach = core_reach + tumour["oedema_reach"] * 1.5 / _ED_NOISE_FLOOR + 4.0
+    near = (offset[0] ** 2 + offset[1] ** 2 + offset[2] ** 2) < reach**2
+    nz = (
+        np.nonzero(near.any(axis=(1, 2)))[0],
+        np.nonzero(near.any(axis=(0, 2)))[0],
+        np.nonzero(near.any(axis=(0, 1)))[0],
+    )
+    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in nz)
+    shape = tuple(sl.stop - sl.start for sl in box)
+
+    # Lobulated ellipsoid: distance measured in the tumour's own (rotated, stretched) frame and
+    # perturbed by smooth noise; the noise scales set lobe size (~ a third of the radius).
+    rel = np.stack([o[box] for o in offset])  # (3, x, y, z) mm
+    local = np.einsum("ij,jxyz->ixyz", tumour["rotation"].T.astype(np.float32), rel)
+    local /= tumour["axes"].astype(np.float32)[:, None, None, None]
+    dist = np.sqrt((local**2).sum(axis=0))
+    lobe_sigma = np.maximum(0.3 * tumour["r_core"] / sp, 0.8)
+    # tanh bounds the perturbation to +-lobulation: the core never reaches beyond its box.
+    core_dist = dist * (
+        1.0 + np.float32(tumour["lobulation"]) * np.tanh(_local_noise(rng, shape, lobe_sigma))
+    )
+    pv_mm = np.float32(0.7)  # partial-volume width of region boundaries
+    brain_box = brain[box]
+    s_core = _sigmoid((np.float32(tumour["r_core"]) - core_dist) / pv_mm) * brain_box
+    core = _largest_component(s_core > 0.5)
+    s_core *= ndi.binary_dilation(core, iterations=2)
+
+    if tumour["necrosis_ratio"] > 0:
+        # Necrosis: a noisier, off-centre inner region; the rim left around it varies in thickness.
+        shift = rng.uniform(-0.2, 0.2, 3).astype(np.float32) * np.float32(tumour["r_core"])
+        nec_dist = np.sqrt(((local - shift[:, None, None, None]) ** 2).sum(axis=0))
+        nec_dist *= 1.0 + np.float32(0.25) * np.tanh(_local_noise(rng, shape, lobe_sigma * 0.8))
+        r_nec = np.float32(tumour["necrosis_ratio"] * tumour["r_core"])
+        s_nec = _sigmoid((r_nec - nec_dist) / pv_mm)
+        # Keep at least a thin enhancing rim: necrosis only well inside the core.
+        s_nec *= _sigmoid((np.float32(tumour["r_core"]) - np.float32(1.5) - core_dist) / pv_mm)
+    else:
+        s_nec = np.zeros(shape, dtype=np.float32)
+    ncr = core & (s_nec > 0.5)
+    et = core & ~ncr
+
+    # Oedema: distance from the core divided by a spread speed that is high in white matter
+    # (vasogenic oedema tracks along fibres, sparing cortex), perturbed by noise -> finger-like.
+    wm_box = tissue["wm"][box]
+    csf_box = tissue["csf"][box]
+    speed = 0.12 + 0.88 * ndi.gaussian_filter(wm_box, np.maximum(1.5 / sp, 0.5))
+    from_core = ndi.distance_transform_edt(~core, sampling=sp).astype(np.float32)
+    ed_noise = _local_noise(rng, shape, np.maximum(5.0 / sp, 0.8))
+    effective = from_core / speed * (1.0 + np.float32(1.0 - _ED_NOISE_FLOOR) * np.tanh(ed_noise))
+    reach_ed = np.float32(tumour["oedema_reach"])
+    s_ed = _sigmoid((reach_ed - effective) / (np.float32(0.12) * reach_ed + pv_mm))
+    s_ed *= np.clip(1.0 - 1.5 * csf_box, 0.0, 1.0) * brain_box  # free water is not oedema
+    ed = (s_ed > 0.5) & ~core
+    # Only oedema connected to the tumour (no islands across sulci).
+    components, _ = ndi.label(ed | core)
+    touching = np.unique(components[core])
+    ed &= np.isin(components, touching[touching > 0])
+
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[ed] = 2
+    labels[ncr] = 1
+    labels[et] = 3
+    grown = ndi.binary_dilation(ed | core)
+    s_nec_in_core = s_core * s_nec
+    fractions = {
+        "ncr": s_nec_in_core,
+        "et": s_core - s_nec_in_core,
+        "ed": (1.0 - s_core) * s_ed * grown,
+        "from_core": from_core,
+    }
+    return box, labels, fractions
+
+
+def _render(
+    rng: np.random.Generator,
+    tissue: dict[str, np.ndarray],
+    brain: np.ndarray,
+    labels: np.ndarray,
+    fractions: dict[str, np.ndarray],
+    box: tuple[slice, ...],
+    cfg: SynthConfig,
+    tumour: dict[str, Any],
+    spacing: tuple[float, float, float],
+    grid_shape: Sequence[int],
+    region: Sequence[slice],
+) -> dict[str, np.ndarray]:
+    """Four co-registered skull-stripped sequences from tissue and tumour fractions.
+
+    Args:
+        tissue, brain, labels: maps of the working region of the grid, ``(x, y, z)``.
+        fractions: soft NCR/ET/ED fractions in the tumour ``box`` (see :func:`_grow_tumour`).
+        grid_shape, region: the full grid and where the working region lies in it (the bias
+            field is defined on the full grid).
+
+    Returns:
+        modality -> float32 ``(x, y, z)``, 0 outside the brain, scanner units.
+    """
+    shape = labels.shape
+    # Everything below runs on the brain voxels only (flat C-order indices), ~1/5 of the box.
+    flat = np.flatnonzero(brain)
+    voxels = {t: tissue[t].ravel()[flat] for t in TISSUES}
+    # Tissue texture shared by all sequences (it is the same tissue): ~3 % smooth variation.
+    coarse = tuple(max(4, n // 4) for n in shape)
+    texture = ndi.zoom(_local_noise(rng, coarse, 1.0), np.asarray(shape) / np.asarray(coarse), order=1)
+    texture = np.pad(
+        texture[: shape[0], : shape[1], : shape[2]],
+        [(0, max(0, n - t)) for n, t in zip(shape, texture.shape, strict=True)],
+        mode="edge",
+    )
+    texture_v = 1.0 + np.float32(0.03) * texture.ravel()[flat]
+    if tumour:
+        in_box = np.zeros(shape, dtype=bool)
+        in_box[box] = True
+        # Positions (in the flat brain vector) of the brain voxels of the tumour box; C order
+        # inside the box matches C order in the region, so boolean selection lines them up.
+        pos = np.flatnonzero(in_box.ravel()[flat])
+        sel = brain[box]
+        f = {k: v[sel] for k, v in fractions.items()}
+        sp_vox = np.maximum(2.0 / np.asarray(spacing), 0.7)
+        tumour_noise = {k: _local_noise(rng, sel.shape, sp_vox)[sel] for k in ("ncr", "et", "ed")}
+        # Oedema is strongest next to the tumour and fades outwards.
+        fade = 0.6 + 0.4 * np.exp(-f["from_core"] / np.float32(3.0 * tumour["oedema_reach"] + 1.0))
+        rest = 1.0 - f["ncr"] - f["et"] - f["ed"]
+    jitter = {m: rng.uniform(0.97, 1.03, 6) for m in CANONICAL_MODALITIES}  # per-case contrast
+    images: dict[str, np.ndarray] = {}
+    for m in CANONICAL_MODALITIES:
+        c = {k: np.float32(v * j) for (k, v), j in zip(_CONTRAST[m].items(), jitter[m], strict=True)}
+        values = (c["gm"] * voxels["gm"] + c["wm"] * voxels["wm"] + c["csf"] * voxels["csf"]) * texture_v
+        if tumour:
+            healthy = values[pos]
+            ed_level = c["ed"] * (1.0 + np.float32(0.06) * tumour_noise["ed"])
+            ed_level = healthy + (ed_level - healthy) * fade
+            ncr_level = c["ncr"] * (1.0 + np.float32(0.10) * tumour_noise["ncr"])
+            et_level = c["et"] * (1.0 + np.float32(0.08) * tumour_noise["et"])
+            values[pos] = healthy * rest + ed_level * f["ed"] + ncr_level * f["ncr"] + et_level * f["et"]
+        # Scanner: smooth multiplicative bias, Rician noise, scale and offset; skull-stripped.
+        bias = smooth_random_field(rng, grid_shape, (3, 3, 3), region).ravel()[flat]
+        values *= np.exp(np.float32(cfg.bias_field_strength) * bias)
+        sigma = np.float32(cfg.noise_level * rng.uniform(0.8, 1.2))
+        if sigma > 0:
+            n_re = rng.standard_normal(values.shape, dtype=np.float32) * sigma
+            n_im = rng.standard_normal(values.shape, dtype=np.float32) * sigma
+            values = np.sqrt((values + n_re) ** 2 + n_im**2)
+        scale = np.float32(_BASE_SCALE[m] * math.exp(rng.uniform(-0.4, 0.4)))
+        offset = np.float32(rng.uniform(0.0, 0.06))
+        out = np.zeros(shape, dtype=np.float32)
+        out.ravel()[flat] = (values + offset) * scale
+        images[m] = out
+    return images
+
+
+# ---------------------------------------------------------------- writing
+def case_id(layout: str, index: int) -> str:
+    """Case identifier as the real dataset spells it (``BraTS2021_00001``, ``BraTS-GLI-00001-000``,
+    ``BRATS_001``)."""
+    if layout == "brats2021":
+        return f"BraTS2021_{index:05d}"
+    if layout == "brats2023":
+        return f"BraTS-GLI-{index:05d}-000"
+    if layout == "msd":
+        return f"BRATS_{index:03d}"
+    raise ValueError(f"unknown layout {layout!r}; use one of {sorted(LAYOUTS)}")
+
+
+def _quantise(volume: np.ndarray) -> np.ndarray:
+    """Round scanner-unit intensities to int16, as BraTS distributes its images."""
+    return np.clip(np.rint(volume), 0, _QUANTISE_MAX).astype(np.int16)
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray, orientation: str) -> Any:
+    """A NIfTI-1 image of RAS-ordered ``data`` stored in ``orientation`` (affine adjusted)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    if orientation != "RAS":
+        transform = nib.orientations.ornt_transform(
+            nib.orientations.axcodes2ornt("RAS"), nib.orientations.axcodes2ornt(tuple(orientation))
+        )
+        img = img.as_reoriented(transform)
+        img = nib.Nifti1Image(np.ascontiguousarray(img.dataobj), img.affine)
+    img.header.set_qform(img.affine, code=1)
+    img.header.set_sform(img.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    return img
+
+
+def write_case(
+    case: SyntheticCase,
+    out_dir: str | Path,
+    layout: str,
+    index: int | None = None,
+    orientation: str | None = None,
+) -> Path:
+    """Write one case in ``layout`` under ``out_dir``, atomically.
+
+    The files are written into a temporary folder inside ``out_dir`` and renamed into place, so a
+    reader never sees a half-written case. An existing case folder is updated file by file
+    (identical files are left untouched; other files in it are never removed).
+
+    Args:
+        case: the generated case.
+        out_dir: dataset root.
+        layout: ``brats2021``, ``brats2023`` or ``msd``.
+        index: case number in the file names (default ``case.index``).
+        orientation: storage axis codes (default ``case.orientation``); ``RAS`` stores as is.
+
+    Returns:
+        The case folder (BraTS layouts) or the image file (MSD).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {sorted(LAYOUTS)}")
+    import nibabel as nib
+
+    out_dir = Path(out_dir)
+    index = case.index if index is None else index
+    orientation = orientation or case.orientation
+    cid = case_id(layout, index)
+    convention = get_convention(LAYOUTS[layout].label_convention)
+    seg = convention.decode(case.labels).astype(np.uint8)
+
+    if layout == "msd":
+        stacked = np.stack([_quantise(case.images[m]) for m in MSD_CHANNEL_ORDER], axis=-1)
+        files = {
+            out_dir / "imagesTr" / f"{cid}.nii.gz": _nifti(stacked, case.affine, orientation),
+            out_dir / "labelsTr" / f"{cid}.nii.gz": _nifti(seg, case.affine, orientation),
+        }
+        # Label first, image last: a case is listed by its image, which only appears complete.
+        for target in sorted(files, key=lambda p: p.parent.name != "labelsTr"):
+            _publish_files(target.parent, {target.name: files[target]}, nib)
+        return out_dir / "imagesTr" / f"{cid}.nii.gz"
+
+    spec = LAYOUTS[layout]
+    named = {
+        f"{cid}{spec.modality_suffixes[m]}.nii.gz": _nifti(
+            _quantise(case.images[m]), case.affine, orientation
+        )
+        for m in CANONICAL_MODALITIES
+    }
+    named[f"{cid}{spec.seg_suffix}.nii.gz"] = _nifti(seg, case.affine, orientation)
+    _publish_files(out_dir / cid, named, nib, whole_folder=True)
+    return out_dir / cid
+
+
+def _publish_files(target_dir: Path, images: dict[str, Any], nib: Any, whole_folder: bool = False) -> None:
+    """Save ``name -> image`` into ``target_dir`` through a temporary sibling folder.
+
+    With ``whole_folder`` and no existing ``target_dir``, the temporary folder itself is renamed
+    into place (one atomic step for the whole case). Otherwise each file is moved with
+    ``os.replace`` (atomic per file), skipping files whose bytes are already identical.
+    """
+    parent = target_dir.parent if whole_folder else target_dir
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.", suffix=".tmp", dir=parent))
+    try:
+        for name, img in images.items():
+            nib.save(img, tmp / name)  # final basename: the gzip header is identical after rename
+        if whole_folder and not target_dir.exists():
+            os.chmod(tmp, _mode(0o777))  # mkdtemp makes it private; a dataset is shared
+            os.rename(tmp, target_dir)
+            return
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for name in images:
+            src, dst = tmp / name, target_dir / name
+            if dst.is_file() and _same_bytes(src, dst):
+                continue
+            os.replace(src, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _mode(requested: int) -> int:
+    """``requested`` permission bits less the process umask (what ``open``/``mkdir`` would give)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return requested & ~umask
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomic JSON write with ordinary (umask) permissions, not the temp file's private ones."""
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    os.chmod(path, _mode(0o666))
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    return a.read_bytes() == b.read_bytes()
+
+
+def _write_msd_dataset_json(out: Path) -> None:
+    """``dataset.json`` of MSD Task01, listing every complete image/label pair in the folder."""
+    images = sorted(p.name for p in (out / "imagesTr").glob("BRATS_*.nii.gz"))
+    pairs = [n for n in images if (out / "labelsTr" / n).is_file()]
+    meta = {
+        "name": "BRATS",
+        "description": "Gliomas segmentation tumour and oedema in on brain images "
+        "(synthetic, generated by tumorseg synth from the MNI152 template)",
+        # Same keys as the real file; the values say what this data really is.
+        "reference": "tumorseg synth: MNI152 ICBM 2009a template (nilearn) with simulated gliomas",
+        "licence": "synthetic; derived from the MNI ICBM152 template (see its copyright notice)",
+        "release": "tumorseg synth",
+        "tensorImageSize": "4D",
+        "modality": dict(MSD_MODALITY_NAMES),
+        "labels": dict(MSD_LABEL_NAMES),
+        "numTraining": len(pairs),
+        "numTest": 0,
+        "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in pairs],
+        "test": [],
+    }
+    _write_json(out / "dataset.json", meta)
+
+
+def synthesize_dataset(out: str | Path, cfg: SynthConfig) -> list[str]:
+    """Generate ``cfg.cases`` cases in ``cfg.layout`` under ``out`` (the ``synth`` stage).
+
+    Cases are written one by one, each atomically; files in ``out`` that tumorseg did not
+    write are never touched. ``synth_meta.json`` records the parameters and per-case facts
+    (tumour type, necrosis, orientation, spacing, sub-region volumes).
+
+    Args:
+        out: dataset root (created if missing).
+        cfg: the ``synth`` section of params.yaml (CLI options already applied).
+
+    Returns:
+        The case identifiers written, in order.
+
+    Raises:
+        ConfigError: a value of ``cfg`` out of range (CLI overrides are re-checked here).
+        DataError: ``out`` exists and is not a folder, or cannot be written.
+    """
+    cfg = _revalidate(cfg)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; pass another --out")
+    written: list[str] = []
+    cases_meta: list[dict[str, Any]] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for index in range(1, cfg.cases + 1):
+            case = synthesize_case(index, cfg)
+            write_case(case, out, cfg.layout, index)
+            cid = case_id(cfg.layout, index)
+            written.append(cid)
+            cases_meta.append({"case_id": cid, "tumour_free": case.tumour_free, **case.info})
+            log.debug("synth: wrote %s", cid)
+        if cfg.layout == "msd":
+            _write_msd_dataset_json(out)
+        meta = {
+            "generator": "tumorseg synth",
+            "template": "MNI152 ICBM 2009a nonlinear symmetric (nilearn)",
+            "params": cfg.model_dump(),
+            "cases": cases_meta,
+        }
+        _write_json(out / SYNTH_META_NAME, meta)
+    except OSError as exc:
+        where = exc.filename or out
+        raise DataError(f"{where}: cannot write ({exc.strerror}); choose a writable --out") from None
+    log.info("synth: %d %s cases in %s", len(written), cfg.layout, out)
+    return written
+
+
+def _revalidate(cfg: SynthConfig) -> SynthConfig:
+    """Validate again: ``model_copy(update=...)`` (how the CLI applies options) skips validation."""
+    from pydantic import ValidationError
+
+    try:
+        return SynthConfig.model_validate(cfg.model_dump())
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in ("synth", *err["loc"]))
+        raise ConfigError(f"{key}: {err['msg']}") from None

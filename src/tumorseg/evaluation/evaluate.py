@@ -1,0 +1,567 @@
+"""Score predicted segmentations against references, like the official BraTS 2023 evaluator.
+
+Two entry points:
+
+- :func:`evaluate_case` scores canonical label arrays (``(H, W, D)``, codes 0 bg, 1 NCR, 2 ED,
+  3 ET) held in memory, so training and inference code can score without writing NIfTI.
+- :func:`evaluate_folders` pairs two folders of ``<case_id>.nii.gz`` files, converts both to
+  canonical labels, writes the long per-case CSV (:data:`EVALUATION_COLUMNS`, one row per case and
+  region), a JSON summary (:mod:`.summary`) and figures (:mod:`.plots`). ``tumorseg evaluate`` and
+  the pipeline's evaluate stage both call it.
+
+Folder rules:
+
+- Files are matched by case id, the file name without ``.nii.gz`` / ``.nii``. A reference case
+  without a prediction is scored as an empty prediction and listed (``prediction_missing`` in the
+  CSV, ``missing_predictions`` in the summary); predictions without a reference are ignored with a
+  warning and listed as ``extra_predictions``. No match at all is an error.
+- A prediction must have the reference's shape and affine (within ``affine_tolerance_mm``).
+- Distances use the reference header's zooms (mm); volumes are voxels x voxel volume, in ml.
+
+Label convention (``--labels``, default ``evaluate.labels``):
+
+- ``brats2021`` / ``brats2023`` / ``msd``: used as given for references and predictions alike.
+- ``auto``: a ``dataset.json`` beside the references (in the folder or its parent, as in an MSD
+  task folder) whose label 1 is oedema means ``msd``; otherwise ``brats2023``. Then, per case, a
+  label value 4 in the reference or prediction means ``brats2021`` (BraTS 2021 and 2023 agree on
+  labels 0, 1 and 2, so cases without 3 or 4 read the same either way). A folder whose cases mix
+  4 and 3 is an error: pass ``--labels``. Values 1, 2, 3 alone cannot tell BraTS 2023 from MSD,
+  hence the ``dataset.json`` rule and the brats2023 default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tumorseg.config import EvaluateConfig
+from tumorseg.data.conventions import REGION_NAMES, get_convention, regions_from_canonical
+from tumorseg.data.manifest import atomic_write_text
+from tumorseg.errors import DataError
+from tumorseg.evaluation.lesionwise import lesion_wise_scores
+from tumorseg.evaluation.metrics import bounding_box, confusion_counts, distance_metrics, overlap_metrics
+
+logger = logging.getLogger(__name__)
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "dice",
+    "iou",
+    "precision",
+    "sensitivity",
+    "specificity",
+    "hd95",
+    "assd",
+    "lesion_dice",
+    "lesion_hd95",
+    "volume_ref_ml",
+    "volume_pred_ml",
+)
+EVALUATION_COLUMNS: tuple[str, ...] = (
+    "case_id",
+    "region",
+    *METRIC_COLUMNS,
+    "lesions_ref",
+    "lesions_tp",
+    "lesions_fn",
+    "lesions_fp",
+    "prediction_missing",
+)
+"""Columns of the per-case CSV, in order (lesion counts as in the official Num_TP / Num_FN / Num_FP)."""
+
+NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+AUTO_DEFAULT_CONVENTION = "brats2023"
+TUMOUR_FREE_TYPE = "tumour-free"
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate_folders` computed and wrote.
+
+    Attributes:
+        per_case: the long table (:data:`EVALUATION_COLUMNS`), one row per case and region.
+        summary: the JSON summary as a dict.
+        csv_path: the CSV written.
+        summary_path: the JSON written.
+        plot_paths: PNGs written (empty when plots are off).
+    """
+
+    per_case: pd.DataFrame
+    summary: dict[str, Any]
+    csv_path: Path
+    summary_path: Path
+    plot_paths: list[Path] = field(default_factory=list)
+
+    def one_line(self) -> str:
+        """``evaluated 12 cases (brats2021): Dice WT 0.912 TC 0.851 ET 0.803; ... -> out.csv``."""
+        regions = self.summary["regions"]
+        dice = " ".join(f"{r} {regions[r]['dice']['mean']:.3f}" for r in REGION_NAMES if r in regions)
+        lesion = " ".join(
+            f"{r} {regions[r]['lesion_dice']['mean']:.3f}" for r in REGION_NAMES if r in regions
+        )
+        missing = len(self.summary["missing_predictions"])
+        note = f"; {missing} missing predictions scored empty" if missing else ""
+        return (
+            f"evaluated {self.summary['n_cases']} cases ({self.summary['label_convention']}): "
+            f"Dice {dice}; lesion-wise Dice {lesion}{note} -> {self.csv_path}"
+        )
+
+
+# ---------------------------------------------------------------- scoring arrays
+def evaluate_case(
+    pred_canonical: np.ndarray,
+    ref_canonical: np.ndarray,
+    spacing: tuple[float, float, float] | list[float],
+    cfg: EvaluateConfig,
+    *,
+    case_id: str = "",
+    prediction_missing: bool = False,
+) -> list[dict[str, Any]]:
+    """Every metric of every region of one case, from canonical label arrays.
+
+    Args:
+        pred_canonical: predicted canonical labels (0 bg, 1 NCR, 2 ED, 3 ET), ``(H, W, D)``.
+        ref_canonical: reference canonical labels, ``(H, W, D)``.
+        spacing: voxel size in mm along the three axes.
+        cfg: the ``evaluate`` params section.
+        case_id: written into each row.
+        prediction_missing: written into each row (the prediction file did not exist).
+
+    Returns:
+        Three dicts (WT, TC, ET) with the keys of :data:`EVALUATION_COLUMNS`.
+    """
+    pred = np.asarray(pred_canonical)
+    ref = np.asarray(ref_canonical)
+    if pred.shape != ref.shape or ref.ndim != 3:
+        raise ValueError(f"expected two 3-D label arrays of one shape, got {pred.shape} and {ref.shape}")
+    spacing = tuple(float(s) for s in spacing)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    total_voxels = ref.size
+    # Everything happens inside the tumour union box, grown by the lesion dilation reach; outside
+    # voxels are true negatives of every region.
+    box = bounding_box((pred > 0) | (ref > 0), margin=cfg.lesion_dilation_iterations + 1)
+    if box is not None:
+        pred, ref = pred[box], ref[box]
+    pred_regions = regions_from_canonical(pred)
+    ref_regions = regions_from_canonical(ref)
+    counts = confusion_counts(pred_regions, ref_regions)
+    counts[:, 2] += total_voxels - ref.size
+    overlaps = overlap_metrics(counts)
+
+    rows: list[dict[str, Any]] = []
+    for index, region in enumerate(REGION_NAMES):
+        distances = distance_metrics(ref_regions[index], pred_regions[index], spacing, cfg.hd95_penalty_mm)
+        lesions = lesion_wise_scores(
+            pred_regions[index],
+            ref_regions[index],
+            spacing,
+            dilation_iterations=cfg.lesion_dilation_iterations,
+            dilation_connectivity=cfg.lesion_dilation_connectivity,
+            connectivity=cfg.lesion_connectivity,
+            min_volume_mm3=cfg.lesion_min_volume_mm3,
+            penalty_mm=cfg.hd95_penalty_mm,
+        )
+        tp, fp, _tn, fn = (int(v) for v in counts[index])
+        rows.append(
+            {
+                "case_id": case_id,
+                "region": region,
+                **overlaps[index],
+                **distances,
+                "lesion_dice": lesions.dice,
+                "lesion_hd95": lesions.hd95,
+                "volume_ref_ml": (tp + fn) * voxel_ml,
+                "volume_pred_ml": (tp + fp) * voxel_ml,
+                "lesions_ref": lesions.n_ref,
+                "lesions_tp": lesions.n_tp,
+                "lesions_fn": lesions.n_fn,
+                "lesions_fp": lesions.n_fp,
+                "prediction_missing": prediction_missing,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------- reading folders
+def case_id_of(path: Path) -> str | None:
+    """``BraTS-GLI-00001-000.nii.gz`` -> ``BraTS-GLI-00001-000``; None for a non-NIfTI or hidden file."""
+    if path.name.startswith("."):
+        return None
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def list_cases(folder: Path, what: str) -> dict[str, Path]:
+    """Case id -> file for every ``<case_id>.nii.gz`` / ``.nii`` directly in ``folder``.
+
+    Raises:
+        DataError: the folder is missing, or one case id has both a ``.nii`` and a ``.nii.gz``.
+    """
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {what} folder not found")
+    cases: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        case_id = case_id_of(path)
+        if case_id is None or not path.is_file():
+            continue
+        if case_id in cases:
+            raise DataError(
+                f"{path}: case {case_id!r} also exists as {cases[case_id].name}; keep one file per case"
+            )
+        cases[case_id] = path
+    return cases
+
+
+def read_label_volume(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Label array ``(H, W, D)``, affine ``(4, 4)`` and zooms (mm) of a segmentation NIfTI.
+
+    Raises:
+        DataError: unreadable or not a 3-D volume (a trailing singleton 4th axis is accepted).
+    """
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        image = nib.load(path)
+        data = np.asanyarray(image.dataobj)
+    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise DataError(
+            f"{path}: cannot read as NIfTI ({type(exc).__name__}); is the file complete?"
+        ) from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D label volume, got shape {data.shape}")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    return data, np.asarray(image.affine, dtype=np.float64), zooms  # type: ignore[return-value]
+
+
+def _label_values(labels: np.ndarray) -> set[int]:
+    """Distinct (rounded) label values; non-integer values are rejected later by ``encode``."""
+    if labels.dtype.kind in "ui" and labels.size and labels.min() >= 0 and labels.max() < 1024:
+        return set(np.flatnonzero(np.bincount(labels.ravel())).tolist())  # far faster than np.unique
+    return set(np.unique(np.rint(labels)).astype(np.int64).tolist())
+
+
+def convention_from_dataset_json(path: Path) -> str | None:
+    """Label convention named by a ``dataset.json`` (MSD ``{"1": "edema"}`` or nnU-Net v2 ``{"edema": 1}``).
+
+    Returns:
+        ``msd`` when label 1 is oedema, ``brats2021`` when a label 4 exists, ``brats2023`` when
+        label 1 is necrosis / non-enhancing core, None when the file does not say.
+
+    Raises:
+        DataError: the file is not valid JSON.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(
+            f"{path}: not valid JSON ({type(exc).__name__}); fix or remove it, or pass --labels"
+        ) from None
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(labels, dict):
+        return None
+    names: dict[int, str] = {}
+    for key, value in labels.items():
+        if str(key).lstrip("-").isdigit():  # MSD: {"1": "edema"}
+            names[int(key)] = str(value).lower()
+        elif isinstance(value, int):  # nnU-Net v2: {"edema": 1}
+            names[value] = str(key).lower()
+    label_one = names.get(1, "")
+    if "edema" in label_one or "oedema" in label_one:
+        return "msd"
+    if 4 in names:
+        return "brats2021"
+    if any(token in label_one for token in ("necro", "ncr", "non-enhancing", "core")):
+        return "brats2023"
+    return None
+
+
+def resolve_base_convention(ref_dir: Path, labels: str) -> tuple[str, bool]:
+    """The convention before the per-case label-4 rule, and whether it was given explicitly."""
+    if labels != "auto":
+        get_convention(labels)  # validates the name
+        return labels, True
+    for candidate in (ref_dir / "dataset.json", ref_dir.parent / "dataset.json"):
+        if candidate.is_file():
+            verdict = convention_from_dataset_json(candidate)
+            if verdict is not None:
+                logger.info("label convention %s from %s", verdict, candidate)
+                return verdict, False
+    return AUTO_DEFAULT_CONVENTION, False
+
+
+def read_tumour_types(case_info: Path | None, ref_dir: Path) -> dict[str, str] | None:
+    """Case id -> tumour type from ``--case-info`` (CSV ``case_id,tumour_type``) or ``synth_meta.json``.
+
+    ``synth_meta.json`` beside the references may be a list of case records, ``{"cases": [...]}``
+    (what ``tumorseg synth`` writes) or a mapping ``case_id -> record``; records name the type
+    ``tumour_type`` (or ``tumor_type``); a null type with ``tumour_free: true`` is
+    :data:`TUMOUR_FREE_TYPE`.
+
+    Raises:
+        DataError: ``--case-info`` missing, unreadable or without the two columns.
+    """
+    if case_info is not None:
+        if not case_info.is_file():
+            raise DataError(f"{case_info}: case-info CSV not found")
+        try:
+            table = pd.read_csv(case_info, dtype=str, keep_default_na=False)
+        except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise DataError(f"{case_info}: cannot read as CSV ({type(exc).__name__})") from None
+        missing = [c for c in ("case_id", "tumour_type") if c not in table.columns]
+        if missing:
+            raise DataError(f"{case_info}: needs columns case_id,tumour_type (missing {missing})")
+        return dict(zip(table["case_id"], table["tumour_type"], strict=True))
+    meta = ref_dir / "synth_meta.json"
+    if not meta.is_file():
+        return None
+    try:
+        data = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        logger.warning("%s: not valid JSON; no per-tumour-type summary", meta)
+        return None
+    records: Any = data.get("cases", data) if isinstance(data, dict) else data
+    if isinstance(records, dict):
+        records = [{"case_id": k, **v} for k, v in records.items() if isinstance(v, dict)]
+    types: dict[str, str] = {}
+    for record in records if isinstance(records, list) else []:
+        if isinstance(record, dict) and "case_id" in record:
+            kind = record.get("tumour_type", record.get("tumor_type"))
+            if kind is None and record.get("tumour_free"):
+                kind = TUMOUR_FREE_TYPE  # tumorseg synth writes tumour_type null for these
+            if kind is not None:
+                types[str(record["case_id"])] = str(kind)
+    if not types:
+        logger.warning("%s: no case_id/tumour_type records; no per-tumour-type summary", meta)
+    return types or None
+
+
+def find_background_image(images_dir: Path, case_id: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A FLAIR-like image of a case from a folder in any layout, for overlays; None when not found.
+
+    Looks for NIfTI files named ``<case_id>`` / ``<case_id>_*`` / ``<case_id>-*`` or inside a
+    ``<case_id>/`` folder, skipping segmentations; prefers FLAIR (``flair``, ``t2f``), then T2,
+    then anything. A 4-D image gives its first channel (FLAIR in MSD Task01). Wrong shapes are skipped.
+    """
+    import nibabel as nib
+
+    def belongs(path: Path) -> bool:
+        cid = case_id_of(path)
+        if cid is None or "seg" in cid.lower() or "label" in cid.lower():
+            return False
+        return (
+            path.parent.name == case_id
+            or cid == case_id
+            or cid[len(case_id) : len(case_id) + 1] in {"_", "-", "."}
+        )
+
+    def rank(path: Path) -> int:
+        name = path.name.lower()
+        if "flair" in name or "t2f" in name:
+            return 0
+        return 1 if "t2" in name else 2
+
+    candidates = sorted((p for p in images_dir.rglob(f"*{case_id}*") if p.is_file() and belongs(p)), key=rank)
+    for path in candidates:
+        try:
+            data = np.asanyarray(nib.load(path).dataobj)
+        except Exception as exc:  # a background is optional: any unreadable file is skipped, not fatal
+            logger.warning("%s: skipped as overlay background (%s)", path, type(exc).__name__)
+            continue
+        if data.ndim == 4:
+            data = data[..., 0]
+        if data.shape == tuple(shape):
+            return data
+    return None
+
+
+# ---------------------------------------------------------------- folders
+@dataclass
+class _CaseSource:
+    ref_path: Path
+    pred_path: Path | None
+    convention: str
+
+
+def _load_case(source: _CaseSource) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical (pred, ref) of a case, already validated during scoring."""
+    ref, _, _ = read_label_volume(source.ref_path)
+    pred = read_label_volume(source.pred_path)[0] if source.pred_path else np.zeros_like(ref)
+    convention = get_convention(source.convention)
+    return convention.encode(pred), convention.encode(ref)
+
+
+def evaluate_folders(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    out_csv: str | Path,
+    *,
+    labels: str | None = None,
+    cfg: EvaluateConfig | None = None,
+    summary_path: str | Path | None = None,
+    case_info: str | Path | None = None,
+    images_dir: str | Path | None = None,
+    make_plots: bool | None = None,
+) -> EvaluationResult:
+    """Evaluate a folder of predictions against a folder of references (module docstring rules).
+
+    Args:
+        pred_dir: folder of ``<case_id>.nii.gz`` predictions.
+        ref_dir: folder of ``<case_id>.nii.gz`` references (may hold ``dataset.json`` and
+            ``synth_meta.json``).
+        out_csv: per-case CSV to write.
+        labels: ``auto`` | ``brats2021`` | ``brats2023`` | ``msd``; None means ``cfg.labels``.
+        cfg: the ``evaluate`` params section (defaults when None).
+        summary_path: JSON summary path; default ``<out_csv without .csv>.summary.json``.
+        case_info: optional CSV ``case_id,tumour_type`` for per-type statistics.
+        images_dir: optional images (any layout) to draw overlays on.
+        make_plots: None means ``cfg.plots``; plots go to ``<out_csv stem>_plots/``.
+
+    Returns:
+        The table, the summary and the paths written.
+
+    Raises:
+        DataError: missing folders, no matching case, unreadable NIfTI, shape or affine mismatch,
+            labels outside the convention (one line naming the file).
+    """
+    cfg = cfg or EvaluateConfig()
+    pred_dir, ref_dir, out_csv = Path(pred_dir), Path(ref_dir), Path(out_csv)
+    summary_path = Path(summary_path) if summary_path else out_csv.with_name(f"{out_csv.stem}.summary.json")
+    labels = labels or cfg.labels
+
+    ref_cases = list_cases(ref_dir, "reference")
+    pred_cases = list_cases(pred_dir, "prediction")
+    if not ref_cases:
+        raise DataError(f"{ref_dir}: no reference <case_id>.nii.gz files")
+    matched = sorted(set(ref_cases) & set(pred_cases))
+    if not matched:
+        example = next(iter(ref_cases))
+        raise DataError(
+            f"{pred_dir}: no prediction matches a reference case of {ref_dir} (expected e.g. {example}.nii.gz)"
+        )
+    missing = sorted(set(ref_cases) - set(pred_cases))
+    extra = sorted(set(pred_cases) - set(ref_cases))
+    if missing:
+        logger.warning(
+            "%d reference cases have no prediction, scored as empty: %s", len(missing), ", ".join(missing)
+        )
+    if extra:
+        logger.warning("%d predictions have no reference and are ignored: %s", len(extra), ", ".join(extra))
+    tumour_types = read_tumour_types(Path(case_info) if case_info else None, ref_dir)
+    base, explicit = resolve_base_convention(ref_dir, labels)
+
+    rows: list[dict[str, Any]] = []
+    sources: dict[str, _CaseSource] = {}
+    case_with_3: Path | None = None
+    case_with_4: Path | None = None
+    for number, case_id in enumerate(sorted(ref_cases), start=1):
+        ref_path, pred_path = ref_cases[case_id], pred_cases.get(case_id)
+        ref, ref_affine, spacing = read_label_volume(ref_path)
+        if pred_path is not None:
+            pred, pred_affine, _ = read_label_volume(pred_path)
+            if pred.shape != ref.shape:
+                raise DataError(
+                    f"{pred_path}: shape {pred.shape} differs from the reference {ref_path} {ref.shape}"
+                )
+            deviation = float(np.max(np.abs(pred_affine - ref_affine)))
+            if deviation > cfg.affine_tolerance_mm:
+                raise DataError(
+                    f"{pred_path}: affine differs from the reference {ref_path} by {deviation:.3g} mm; "
+                    "predictions must be on the reference grid"
+                )
+        else:
+            pred = np.zeros_like(ref)
+
+        convention_name = base
+        if not explicit:
+            values = _label_values(ref) | _label_values(pred)
+            if 4 in values and base != "msd":
+                convention_name = "brats2021"
+                case_with_4 = case_with_4 or ref_path
+            if 3 in values:
+                case_with_3 = case_with_3 or ref_path
+            if case_with_3 is not None and case_with_4 is not None and case_with_3 != case_with_4:
+                raise DataError(
+                    f"{ref_path}: label 3 in {case_with_3.name} but label 4 (BraTS 2021 ET) in "
+                    f"{case_with_4.name}; the folder mixes conventions: pass --labels"
+                )
+        convention = get_convention(convention_name)
+        canonical: dict[str, np.ndarray] = {}
+        for key, volume, path in (("ref", ref, ref_path), ("pred", pred, pred_path or ref_path)):
+            try:
+                canonical[key] = convention.encode(volume)
+            except ValueError as exc:
+                raise DataError(
+                    f"{path}: {exc}; pass --labels if the folder uses another convention"
+                ) from None
+        rows.extend(
+            evaluate_case(
+                canonical["pred"],
+                canonical["ref"],
+                spacing,
+                cfg,
+                case_id=case_id,
+                prediction_missing=pred_path is None,
+            )
+        )
+        sources[case_id] = _CaseSource(ref_path, pred_path, convention_name)
+        logger.debug("evaluated %s (%d/%d)", case_id, number, len(ref_cases))
+
+    per_case = pd.DataFrame(rows, columns=list(EVALUATION_COLUMNS))
+    from tumorseg.evaluation.summary import build_summary
+
+    summary = build_summary(
+        per_case,
+        resamples=cfg.bootstrap_resamples,
+        ci_level=cfg.ci_level,
+        seed=cfg.seed,
+        detection_min_volume_ml=cfg.detection_min_volume_ml,
+        tumour_types=tumour_types,
+    )
+    resolved = "brats2021" if case_with_4 is not None and not explicit else base
+    summary = {
+        "label_convention": resolved,
+        "pred_dir": str(pred_dir),
+        "ref_dir": str(ref_dir),
+        "missing_predictions": missing,
+        "extra_predictions": extra,
+        "params": cfg.model_dump(),
+        **summary,
+    }
+    atomic_write_text(out_csv, per_case.to_csv(index=False))
+    atomic_write_text(summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+
+    plot_paths: list[Path] = []
+    if cfg.plots if make_plots is None else make_plots:
+        plot_paths = _write_plots(per_case, sources, out_csv, Path(images_dir) if images_dir else None)
+    return EvaluationResult(per_case, summary, out_csv, summary_path, plot_paths)
+
+
+def _write_plots(
+    per_case: pd.DataFrame, sources: dict[str, _CaseSource], out_csv: Path, images_dir: Path | None
+) -> list[Path]:
+    from tumorseg.evaluation.plots import plot_boxplots, plot_overlay, showcase_cases
+
+    folder = out_csv.with_name(f"{out_csv.stem}_plots")
+    written = [plot_boxplots(per_case, folder / "boxplots.png")]
+    for tag, case_id in showcase_cases(per_case).items():
+        pred, ref = _load_case(sources[case_id])
+        background = find_background_image(images_dir, case_id, ref.shape) if images_dir else None
+        scores = per_case[per_case["case_id"] == case_id].set_index("region")["dice"]
+        title = f"{tag}: {case_id}  Dice " + " ".join(f"{r} {scores[r]:.2f}" for r in REGION_NAMES)
+        written.append(
+            plot_overlay(
+                folder / f"overlay_{tag}.png", ref=ref, pred=pred, title=title, background=background
+            )
+        )
+    return written

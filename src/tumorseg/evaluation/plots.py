@@ -1,0 +1,147 @@
+"""Evaluation figures: metric box plots and best / median / worst case overlays (PNG).
+
+Figures are drawn on a :class:`matplotlib.figure.Figure` with an explicit Agg canvas, never through
+``pyplot``: no global backend is switched, nothing opens a window, and it works in a headless
+DVC stage or a Prefect worker thread. Every PNG is written to a temporary file in the target
+folder and then renamed, so a crash never leaves half a picture behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from tumorseg.data.conventions import REGION_NAMES, regions_from_canonical
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+REGION_COLOURS: dict[str, str] = {"WT": "#2ca02c", "TC": "#ffbf00", "ET": "#d62728"}
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write a figure as PNG atomically (temp file in the same folder, then ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def showcase_cases(per_case: pd.DataFrame) -> dict[str, str]:
+    """Best, median and worst case by Dice averaged over the regions.
+
+    Args:
+        per_case: long table with ``case_id``, ``region`` and ``dice``.
+
+    Returns:
+        ``{"best": case_id, "median": case_id, "worst": case_id}`` (ties broken by case id;
+        the median is the lower-middle case of the sorted list); empty without cases.
+    """
+    mean_dice = per_case.groupby("case_id")["dice"].mean()
+    if mean_dice.empty:
+        return {}
+    ranked = sorted(mean_dice.items(), key=lambda item: (-item[1], item[0]))
+    return {"best": ranked[0][0], "median": ranked[(len(ranked) - 1) // 2][0], "worst": ranked[-1][0]}
+
+
+def plot_boxplots(per_case: pd.DataFrame, path: Path) -> Path:
+    """Box plots of Dice and HD95 per region (one box per region, one point per case)."""
+    figure = _new_figure(9.0, 4.0)
+    axes = figure.subplots(1, 2)
+    for ax, metric, label in zip(axes, ("dice", "hd95"), ("Dice", "HD95 (mm)"), strict=True):
+        data = [per_case.loc[per_case["region"] == r, metric].to_numpy(dtype=float) for r in REGION_NAMES]
+        boxes = ax.boxplot(data, tick_labels=list(REGION_NAMES), patch_artist=True, showmeans=True)
+        for patch, region in zip(boxes["boxes"], REGION_NAMES, strict=True):
+            patch.set_facecolor(REGION_COLOURS[region])
+            patch.set_alpha(0.5)
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per region (n = {per_case['case_id'].nunique()} cases)")
+        ax.grid(axis="y", alpha=0.3)
+    return save_figure(figure, path)
+
+
+def _best_slice(ref_wt: np.ndarray, pred_wt: np.ndarray) -> int:
+    # Axial (last-axis) slice with the most reference tumour; else the most predicted; else the middle.
+    for mask in (ref_wt, pred_wt):
+        per_slice = mask.sum(axis=(0, 1))
+        if per_slice.any():
+            return int(np.argmax(per_slice))
+    return ref_wt.shape[2] // 2
+
+
+def plot_overlay(
+    path: Path,
+    *,
+    ref: np.ndarray,
+    pred: np.ndarray,
+    title: str,
+    background: np.ndarray | None = None,
+) -> Path:
+    """Reference (solid) and predicted (dashed) WT / TC / ET outlines on one axial slice.
+
+    Args:
+        path: PNG to write.
+        ref: canonical reference labels ``(H, W, D)``.
+        pred: canonical predicted labels ``(H, W, D)``.
+        title: figure title (case id and scores).
+        background: optional image ``(H, W, D)`` of the same grid (e.g. FLAIR); without it the
+            slice is drawn on a grey reference-tumour silhouette.
+    """
+    from matplotlib.lines import Line2D
+
+    ref_regions = regions_from_canonical(ref)
+    pred_regions = regions_from_canonical(pred)
+    k = _best_slice(ref_regions[0], pred_regions[0])
+    figure = _new_figure(5.5, 5.5)
+    ax = figure.subplots()
+    if background is not None:
+        image = np.asarray(background[:, :, k], dtype=np.float64)
+        low, high = np.percentile(image, [1, 99]) if image.any() else (0.0, 1.0)
+        ax.imshow(image.T, cmap="gray", origin="lower", vmin=low, vmax=max(high, low + 1e-6))
+    else:
+        ax.imshow(ref_regions[0][:, :, k].T, cmap="Greys", origin="lower", vmin=0, vmax=4, alpha=1.0)
+    handles = []
+    for index, region in enumerate(REGION_NAMES):
+        colour = REGION_COLOURS[region]
+        for masks, style in ((ref_regions, "solid"), (pred_regions, "dashed")):
+            plane = masks[index][:, :, k]
+            if plane.any() and not plane.all():
+                ax.contour(
+                    plane.T.astype(float), levels=[0.5], colors=[colour], linestyles=style, linewidths=1.2
+                )
+        handles.append(Line2D([], [], color=colour, label=region))
+    handles += [
+        Line2D([], [], color="black", linestyle="solid", label="reference"),
+        Line2D([], [], color="black", linestyle="dashed", label="prediction"),
+    ]
+    tumour = ref_regions[0][:, :, k] | pred_regions[0][:, :, k]
+    if tumour.any():  # zoom on the tumour, keeping some context around it
+        xs, ys = np.nonzero(tumour)
+        half = max(np.ptp(xs), np.ptp(ys), 20) * 0.75 + 10
+        cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+        ax.set_xlim(cx - half, cx + half)
+        ax.set_ylim(cy - half, cy + half)
+    ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.7)
+    ax.set_title(f"{title}\naxial slice {k}", fontsize=9)
+    ax.set_axis_off()
+    return save_figure(figure, path)

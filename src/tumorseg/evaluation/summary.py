@@ -1,0 +1,185 @@
+"""Dataset-level summary of a per-case evaluation table: statistics, bootstrap CIs and tumour detection.
+
+Input is the long table of :func:`tumorseg.evaluation.evaluate.evaluate_folders` (one row per case
+and region). For every region and metric the summary gives mean, median, sample standard deviation
+and a percentile-bootstrap confidence interval of the mean: cases are resampled with replacement
+(``bootstrap_resamples`` times, numpy ``default_rng(seed)``), the same resampled case sets for every
+metric and region, and the CI is the ``(1 - ci_level) / 2`` and ``(1 + ci_level) / 2`` quantiles of
+the resampled means.
+
+Case-level detection treats "the reference has a whole tumour" as the positive class: a case is
+predicted positive when its predicted WT volume exceeds ``detection_min_volume_ml``. Sensitivity
+and specificity are given where their class exists, the ROC AUC of the predicted WT volume
+(scikit-learn ``roc_auc_score``) only when both classes do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tumorseg.data.conventions import REGION_NAMES
+
+SUMMARY_METRICS: tuple[str, ...] = (
+    "dice",
+    "iou",
+    "precision",
+    "sensitivity",
+    "specificity",
+    "hd95",
+    "assd",
+    "lesion_dice",
+    "lesion_hd95",
+    "volume_ref_ml",
+    "volume_pred_ml",
+)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray, indices: np.ndarray, ci_level: float
+) -> tuple[float | None, float | None]:
+    """Percentile-bootstrap CI of the mean.
+
+    Args:
+        values: ``(N,)`` one value per case.
+        indices: ``(B, N)`` resampled case indices (shared across metrics so CIs are paired).
+        ci_level: e.g. 0.95.
+
+    Returns:
+        (low, high), or (None, None) without cases.
+    """
+    if values.size == 0:
+        return None, None
+    means = values[indices].mean(axis=1)
+    alpha = (1.0 - ci_level) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
+def describe(values: np.ndarray, indices: np.ndarray, ci_level: float) -> dict[str, Any]:
+    """Mean, median, sample std and bootstrap CI of one metric over cases (None where undefined)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {"n": 0, "mean": None, "median": None, "std": None, "ci_low": None, "ci_high": None}
+    low, high = bootstrap_mean_ci(values, indices, ci_level)
+    return {
+        "n": int(values.size),
+        "mean": _finite_or_none(values.mean()),
+        "median": _finite_or_none(np.median(values)),
+        "std": _finite_or_none(values.std(ddof=1)) if values.size > 1 else 0.0,
+        "ci_low": low,
+        "ci_high": high,
+    }
+
+
+def region_statistics(
+    per_case: pd.DataFrame, *, resamples: int, ci_level: float, seed: int
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Statistics per region and metric: ``{region: {metric: {mean, median, std, ci_low, ci_high, n}}}``.
+
+    Args:
+        per_case: the long table (columns ``case_id``, ``region`` and :data:`SUMMARY_METRICS`).
+        resamples: bootstrap resamples.
+        ci_level: confidence level.
+        seed: bootstrap seed (one resampling of the cases, shared by every region and metric).
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for region in REGION_NAMES:
+        rows = per_case[per_case["region"] == region].sort_values("case_id")
+        if rows.empty:
+            continue
+        # Same seed and case count -> the same resampled case sets for every region and metric.
+        n = len(rows)
+        indices = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+        out[region] = {
+            metric: describe(rows[metric].to_numpy(dtype=np.float64), indices, ci_level)
+            for metric in SUMMARY_METRICS
+            if metric in rows.columns
+        }
+    return out
+
+
+def detection_summary(per_case: pd.DataFrame, min_volume_ml: float) -> dict[str, Any]:
+    """Case-level "tumour present" detection from whole-tumour volumes.
+
+    Args:
+        per_case: the long table; its WT rows give ``volume_ref_ml`` and ``volume_pred_ml``.
+        min_volume_ml: a case is called positive when the predicted WT volume exceeds this.
+
+    Returns:
+        Counts, sensitivity and specificity (None without positives / negatives) and ``roc_auc``
+        over the predicted WT volume (None unless both classes are present).
+    """
+    wt = per_case[per_case["region"] == "WT"]
+    truth = wt["volume_ref_ml"].to_numpy(dtype=np.float64) > 0
+    score = wt["volume_pred_ml"].to_numpy(dtype=np.float64)
+    called = score > min_volume_ml
+    tp = int(np.sum(truth & called))
+    fn = int(np.sum(truth & ~called))
+    fp = int(np.sum(~truth & called))
+    tn = int(np.sum(~truth & ~called))
+    roc_auc = None
+    if truth.any() and (~truth).any():
+        from sklearn.metrics import roc_auc_score
+
+        roc_auc = float(roc_auc_score(truth, score))
+    return {
+        "threshold_ml": float(min_volume_ml),
+        "positives": int(truth.sum()),
+        "negatives": int((~truth).sum()),
+        "tp": tp,
+        "fn": fn,
+        "fp": fp,
+        "tn": tn,
+        "sensitivity": tp / (tp + fn) if tp + fn else None,
+        "specificity": tn / (tn + fp) if tn + fp else None,
+        "roc_auc": roc_auc,
+    }
+
+
+def build_summary(
+    per_case: pd.DataFrame,
+    *,
+    resamples: int,
+    ci_level: float,
+    seed: int,
+    detection_min_volume_ml: float,
+    tumour_types: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The summary dict written as JSON next to the CSV.
+
+    Args:
+        per_case: the long per-case table.
+        resamples: bootstrap resamples.
+        ci_level: CI level.
+        seed: bootstrap seed.
+        detection_min_volume_ml: predicted WT volume above which a case counts as "tumour present".
+        tumour_types: case_id -> tumour type; adds ``per_tumour_type`` statistics for the cases it names.
+
+    Returns:
+        ``{"n_cases", "regions", "detection", "per_tumour_type"?}``.
+    """
+    stats_kwargs = {"resamples": resamples, "ci_level": ci_level, "seed": seed}
+    summary: dict[str, Any] = {
+        "n_cases": int(per_case["case_id"].nunique()),
+        "bootstrap": {"resamples": resamples, "ci_level": ci_level, "seed": seed, "statistic": "mean"},
+        "regions": region_statistics(per_case, **stats_kwargs),
+        "detection": detection_summary(per_case, detection_min_volume_ml),
+    }
+    if tumour_types:
+        types = per_case["case_id"].map(tumour_types)
+        summary["per_tumour_type"] = {
+            str(kind): {
+                "n_cases": int(group["case_id"].nunique()),
+                "regions": region_statistics(group, **stats_kwargs),
+            }
+            for kind, group in per_case[types.notna()].groupby(types[types.notna()], sort=True)
+        }
+    return summary

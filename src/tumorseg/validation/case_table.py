@@ -1,0 +1,221 @@
+"""The per-case table that the Great Expectations suite checks.
+
+``manifest.csv`` is all text (``"True"``, ``"240x240x155"``, ``"0;1;2;4"``); expectations
+need typed columns. :func:`derive_case_table` turns each manifest row into one row of
+typed values, plus a few helper columns where no built-in expectation can look across
+fields. The derivation is deliberately plain so the checks stay readable in Data Docs:
+
+- ``manifest_row``: 0-based row of the case in the manifest. It is the exact key that maps
+  GX's unexpected rows back to manifest rows (``case_id`` may be duplicated or empty).
+- ``ingest_status`` / ``ingest_reason``: what ingest said about the case. A validated
+  manifest keeps these columns, so validating it again starts from the ingest verdict and
+  not from an earlier validation's (which could have used other parameters).
+- ``path_<key>``: ``None`` when the file is missing (for ``seg``: an unlabelled case).
+- ``<key>_readable``: ``None`` when the file is missing, else bool.
+- ``<key>_finite``, ``<key>_nonzero_voxels``, ``<key>_shape``, ``<key>_affine_max_diff_mm``:
+  only for volumes that could be read, ``None`` otherwise, so that an unreadable file is
+  reported once (as unreadable) and not again as "not finite" or "shape differs".
+- ``spacing_min_mm`` / ``spacing_max_mm``: smallest / largest voxel side of ``spacing``
+  (``"1x1x1.5"`` -> 1.0, 1.5); ``None`` unless T1 (the reference volume) is readable.
+- ``labels_in_convention``: bool, whether every value of ``label_values`` is allowed by the
+  case's ``label_convention``; ``None`` when there is no readable segmentation or the
+  convention is unknown (the convention check reports that).
+- ``brain_voxels``: float; ``None`` unless all four modalities are readable.
+- ``manifest_problems``: text naming fields a case that ingest accepted has no usable
+  value for (``"flair_finite='maybe'"``); ``None`` when all parsed. For cases ingest already
+  quarantined, missing statistics are expected and not reported again.
+
+Missing values are ``None``/NaN, which GX column-map expectations skip, so each check
+only sees the cases it applies to.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+
+import pandas as pd
+
+from tumorseg.data.conventions import CANONICAL_MODALITIES, LABEL_CONVENTIONS
+from tumorseg.data.manifest import FILE_KEYS, IDENTITY_COLUMNS, STATUS_OK
+from tumorseg.errors import DataError
+
+REFERENCE_KEY = "t1"
+"""Volume the others are compared with: ingest's reference (and affine origin) whenever T1 is
+readable; a case whose T1 is not is quarantined by ingest, and its comparisons are skipped here."""
+
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    *IDENTITY_COLUMNS,
+    *(f"path_{k}" for k in FILE_KEYS),
+    "spacing",
+    "label_values",
+    "brain_voxels",
+    *(
+        f"{k}_{stat}"
+        for k in FILE_KEYS
+        for stat in ("readable", "finite", "nonzero_voxels", "shape", "affine_max_diff_mm")
+    ),
+)
+"""Manifest columns validation reads; a manifest without them is from an older ingest."""
+
+INGEST_STATUS_COLUMN = "ingest_status"
+INGEST_REASON_COLUMN = "ingest_reason"
+
+_TRUE = {"true", "1", "yes"}
+_FALSE = {"false", "0", "no"}
+_DIMS = re.compile(r"^\s*\d+(\s*x\s*\d+)*\s*$")
+
+
+def parse_bool(text: str) -> bool | None:
+    """``"True"``/``"1"``/``"yes"`` -> True, ``"False"``/``"0"``/``"no"`` -> False, else None."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    return None
+
+
+def parse_float(text: str) -> float | None:
+    """A finite float, or None for empty, non-numeric, NaN or infinite text."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def parse_shape(text: str) -> str | None:
+    """Normalise ``"240 x 240 x155"`` to ``"240x240x155"``; None if not a ``x``-joined list of ints."""
+    if not _DIMS.match(text):
+        return None
+    return "x".join(part.strip() for part in text.split("x"))
+
+
+def parse_spacing(text: str) -> tuple[float, ...] | None:
+    """``"1x1x1.5"`` -> ``(1.0, 1.0, 1.5)``; None when any side is not a finite number."""
+    parts = [parse_float(p) for p in text.split("x")] if text.strip() else []
+    if not parts or any(p is None for p in parts):
+        return None
+    return tuple(p for p in parts if p is not None)
+
+
+def parse_label_values(text: str) -> list[float] | None:
+    """``"0;1;2;4"`` -> ``[0, 1, 2, 4]``; None when empty or not ``;``-separated finite numbers.
+
+    Integer-valued labels come back as ``int``; a fractional label (a float segmentation
+    resampled with interpolation) stays a float, which no convention allows.
+    """
+    values = [parse_float(p) for p in text.split(";")] if text.strip() else []
+    if not values or any(v is None for v in values):
+        return None
+    return sorted({int(v) if float(v).is_integer() else v for v in values if v is not None})
+
+
+def labels_outside_convention(label_values: str, convention: str) -> list[float]:
+    """Label values of a case that its convention does not allow (empty when all allowed)."""
+    values = parse_label_values(label_values) or []
+    allowed = LABEL_CONVENTIONS[convention].allowed_values
+    return [v for v in values if v not in allowed]
+
+
+def check_manifest_columns(manifest: pd.DataFrame, source: str) -> None:
+    """Fail with one line when the manifest lacks columns validation reads."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise DataError(f"{source}: manifest lacks columns {shown}; re-run `tumorseg ingest` to rebuild it")
+
+
+def _text(value: object) -> str:
+    """A manifest cell as stripped text ('' for missing), whatever dtype pandas chose."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def derive_case_row(raw: dict[str, str], manifest_row: int) -> dict[str, object]:
+    """One typed case-table row from one manifest row (all text). See the module docstring."""
+    if raw.get(INGEST_STATUS_COLUMN):
+        ingest_status, ingest_reason = raw[INGEST_STATUS_COLUMN], raw.get(INGEST_REASON_COLUMN, "")
+    else:
+        ingest_status, ingest_reason = raw["status"], raw["reason"]
+    accepted_by_ingest = ingest_status == STATUS_OK
+    problems: list[str] = []
+
+    def typed(column: str, parser: Callable[[str], object]) -> object:
+        """Parse a statistic the case needs; record it as a problem when it has no usable value."""
+        value = parser(raw[column]) if raw[column] else None
+        if value is None and accepted_by_ingest:
+            problems.append(f"{column}={raw[column]!r}")
+        return value
+
+    row: dict[str, object] = {
+        "manifest_row": manifest_row,
+        "case_id": raw["case_id"] or None,
+        "patient_id": raw["patient_id"] or None,
+        "layout": raw["layout"] or None,
+        "label_convention": raw["label_convention"] or None,
+        INGEST_STATUS_COLUMN: ingest_status,
+        INGEST_REASON_COLUMN: ingest_reason,
+        "spacing": raw["spacing"],
+        "label_values": raw["label_values"],
+    }
+    readable: dict[str, bool] = {}
+    for key in FILE_KEYS:
+        present = bool(raw[f"path_{key}"])
+        row[f"path_{key}"] = raw[f"path_{key}"] or None
+        is_readable = typed(f"{key}_readable", parse_bool) if present else None
+        row[f"{key}_readable"] = is_readable
+        readable[key] = is_readable is True
+    for key in FILE_KEYS:
+        usable = readable[key]
+        row[f"{key}_finite"] = typed(f"{key}_finite", parse_bool) if usable else None
+        row[f"{key}_nonzero_voxels"] = typed(f"{key}_nonzero_voxels", parse_float) if usable else None
+        row[f"{key}_shape"] = typed(f"{key}_shape", parse_shape) if usable else None
+        compared = usable and readable[REFERENCE_KEY] and key != REFERENCE_KEY
+        row[f"{key}_affine_max_diff_mm"] = (
+            typed(f"{key}_affine_max_diff_mm", parse_float) if compared else None
+        )
+
+    spacing = typed("spacing", parse_spacing) if readable[REFERENCE_KEY] else None
+    row["spacing_min_mm"] = min(spacing) if spacing else None
+    row["spacing_max_mm"] = max(spacing) if spacing else None
+
+    convention = raw["label_convention"]
+    labels = typed("label_values", parse_label_values) if readable["seg"] else None
+    row["labels_in_convention"] = (
+        not labels_outside_convention(raw["label_values"], convention)
+        if labels is not None and convention in LABEL_CONVENTIONS
+        else None
+    )
+    all_modalities = all(readable[m] for m in CANONICAL_MODALITIES)
+    row["brain_voxels"] = typed("brain_voxels", parse_float) if all_modalities else None
+    row["manifest_problems"] = "; ".join(problems) or None
+    return row
+
+
+def derive_case_table(manifest: pd.DataFrame, source: str = "manifest.csv") -> pd.DataFrame:
+    """Typed per-case table (one row per manifest row, same order) for the GX suite.
+
+    Args:
+        manifest: the manifest as read by :func:`~tumorseg.data.manifest.read_manifest`
+            (text columns; other dtypes are converted to text first).
+        source: file name used in error messages.
+
+    Returns:
+        One row per case with the columns described in the module docstring.
+
+    Raises:
+        DataError: when columns validation reads are missing.
+    """
+    check_manifest_columns(manifest, source)
+    records = manifest.to_dict(orient="records")
+    rows = [
+        derive_case_row({str(k): _text(v) for k, v in record.items()}, index)
+        for index, record in enumerate(records)
+    ]
+    if not rows:
+        return pd.DataFrame(columns=list(derive_case_row(dict.fromkeys(REQUIRED_COLUMNS, ""), 0)))
+    return pd.DataFrame(rows)

@@ -1,0 +1,235 @@
+"""What ``tumorseg validate`` reports: the result object, ``report.json`` and a markdown summary.
+
+``report.json`` is written next to the Data Docs (``<out>/validation/report.json``) for
+machines and CI; :func:`validation_markdown` is the same content for people (a Prefect
+markdown artifact, a PR comment). Neither contains timestamps or absolute paths, so the
+report is byte-identical when the manifest and ``validate`` parameters are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tumorseg.data.manifest import MANIFEST_NAME, STATUS_OK
+
+REPORT_DIR = "validation"
+"""Folder under the output folder holding report.json, the GX project and Data Docs."""
+REPORT_NAME = "report.json"
+DATA_DOCS_DIR = "data_docs"
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """How one expectation fared on the case table.
+
+    Attributes:
+        check_id: the :class:`~tumorseg.validation.expectations.CaseCheck` id.
+        expectation: GX expectation type (``expect_column_values_to_be_in_set``).
+        kwargs: its arguments, as given to GX.
+        success: GX's verdict.
+        evaluated: rows the expectation looked at (rows with a missing value are skipped).
+        unexpected_case_ids: cases it failed on, in manifest order.
+    """
+
+    check_id: str
+    expectation: str
+    kwargs: dict[str, Any]
+    success: bool
+    evaluated: int
+    unexpected_case_ids: list[str]
+
+
+@dataclass(frozen=True)
+class CaseVerdict:
+    """The validated status of one case.
+
+    Attributes:
+        case_id: the case id (``"row N"`` when the manifest row has none).
+        status: ``ok`` or ``quarantined``.
+        reason: human-readable, ingest's reason first; empty when ok.
+        failed_checks: ids of the checks the case failed.
+    """
+
+    case_id: str
+    status: str
+    reason: str
+    failed_checks: list[str]
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """Outcome of :func:`~tumorseg.validation.suite.validate_dataset`.
+
+    Attributes:
+        out_dir: folder holding the validated ``manifest.csv`` and ``validation/``.
+        cases: one verdict per manifest row, in manifest order.
+        checks: one outcome per expectation, in suite order.
+        max_invalid_fraction: the threshold the run was held to.
+        params: the ``validate`` parameters used.
+        gx_version: Great Expectations version that ran the suite.
+    """
+
+    out_dir: Path
+    cases: list[CaseVerdict]
+    checks: list[CheckOutcome]
+    max_invalid_fraction: float
+    params: dict[str, Any] = field(default_factory=dict)
+    gx_version: str = ""
+
+    @property
+    def n_cases(self) -> int:
+        return len(self.cases)
+
+    @property
+    def n_valid(self) -> int:
+        return sum(c.status == STATUS_OK for c in self.cases)
+
+    @property
+    def n_quarantined(self) -> int:
+        return self.n_cases - self.n_valid
+
+    @property
+    def invalid_fraction(self) -> float:
+        return self.n_quarantined / self.n_cases if self.cases else 1.0
+
+    @property
+    def passed(self) -> bool:
+        """True when some case is valid and the invalid share does not exceed the threshold."""
+        return self.n_valid > 0 and self.invalid_fraction <= self.max_invalid_fraction
+
+    @property
+    def quarantined(self) -> dict[str, str]:
+        """Quarantined case id -> reason, in manifest order."""
+        return {c.case_id: c.reason for c in self.cases if c.status != STATUS_OK}
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / MANIFEST_NAME
+
+    @property
+    def report_path(self) -> Path:
+        return self.out_dir / REPORT_DIR / REPORT_NAME
+
+    @property
+    def data_docs_index(self) -> Path:
+        return self.out_dir / REPORT_DIR / DATA_DOCS_DIR / "index.html"
+
+    def one_line(self) -> str:
+        """``validated 36 cases: 34 ok, 2 quarantined (5.6%, limit 25%); report: ...``."""
+        return (
+            f"validated {self.n_cases} cases: {self.n_valid} ok, {self.n_quarantined} quarantined "
+            f"({self.invalid_fraction:.1%}, limit {self.max_invalid_fraction:.0%}); "
+            f"report: {self.data_docs_index}"
+        )
+
+    def failure_message(self) -> str:
+        """The one-line error for a run that did not pass (empty when it passed)."""
+        if self.passed:
+            return ""
+        where = f"see {self.report_path} and {self.data_docs_index}"
+        if self.n_valid == 0:
+            return f"no valid case left: all {self.n_cases} cases in {self.manifest_path} are quarantined; {where}"
+        return (
+            f"{self.n_quarantined} of {self.n_cases} cases ({self.invalid_fraction:.1%}) failed validation, "
+            f"above validate.max_invalid_fraction = {self.max_invalid_fraction:g}; fix the data or raise "
+            f"the threshold (--max-invalid-fraction); {where}"
+        )
+
+    def to_report(self) -> dict[str, Any]:
+        """The content of ``report.json`` (paths relative to ``out_dir``, no timestamps)."""
+        by_ingest = sum("ingest.accepted" in c.failed_checks for c in self.cases)
+        return {
+            "tool": "tumorseg validate",
+            "great_expectations_version": self.gx_version,
+            "manifest": MANIFEST_NAME,
+            "data_docs": f"{REPORT_DIR}/{DATA_DOCS_DIR}/index.html",
+            "params": self.params,
+            "passed": self.passed,
+            "counts": {
+                "cases": self.n_cases,
+                "valid": self.n_valid,
+                "quarantined": self.n_quarantined,
+                "quarantined_by_ingest": by_ingest,
+                "invalid_fraction": round(self.invalid_fraction, 6),
+                "max_invalid_fraction": self.max_invalid_fraction,
+            },
+            "expectations": [
+                {
+                    "check": c.check_id,
+                    "expectation": c.expectation,
+                    "kwargs": c.kwargs,
+                    "success": c.success,
+                    "evaluated": c.evaluated,
+                    "unexpected_count": len(c.unexpected_case_ids),
+                    "unexpected_case_ids": c.unexpected_case_ids,
+                }
+                for c in self.checks
+            ],
+            "cases": [
+                {
+                    "case_id": c.case_id,
+                    "status": c.status,
+                    "reason": c.reason,
+                    "failed_checks": c.failed_checks,
+                }
+                for c in self.cases
+            ],
+        }
+
+    def report_json(self) -> str:
+        return json.dumps(self.to_report(), indent=2, sort_keys=False) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    """Escape a value for a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def validation_markdown(result: ValidationResult, max_cases: int = 50) -> str:
+    """A markdown summary of a validation run (for a Prefect artifact or a PR comment).
+
+    Args:
+        result: the run to summarise.
+        max_cases: list at most this many quarantined cases (the rest are counted).
+
+    Returns:
+        Markdown with the verdict, counts, failed expectations and quarantined cases.
+    """
+    verdict = "passed" if result.passed else "FAILED"
+    lines = [
+        f"## Data validation {verdict}",
+        "",
+        f"{result.n_cases} cases: **{result.n_valid} ok**, **{result.n_quarantined} quarantined** "
+        f"({result.invalid_fraction:.1%}; the run fails above {result.max_invalid_fraction:.0%} "
+        "or when no case is left).",
+        "",
+    ]
+    if not result.passed:
+        lines += [f"> {result.failure_message()}", ""]
+    failed = [c for c in result.checks if not c.success]
+    lines += [
+        f"### Expectations: {len(result.checks) - len(failed)} of {len(result.checks)} met",
+        "",
+    ]
+    if failed:
+        lines += ["| check | expectation | failing cases |", "|---|---|---|"]
+        for c in failed:
+            shown = ", ".join(c.unexpected_case_ids[:10])
+            more = f" (+{len(c.unexpected_case_ids) - 10} more)" if len(c.unexpected_case_ids) > 10 else ""
+            lines.append(f"| `{c.check_id}` | `{c.expectation}` | {_md_cell(shown + more)} |")
+        lines.append("")
+    quarantined = list(result.quarantined.items())
+    if quarantined:
+        lines += ["### Quarantined cases", "", "| case | reason |", "|---|---|"]
+        lines += [f"| {_md_cell(case)} | {_md_cell(reason)} |" for case, reason in quarantined[:max_cases]]
+        if len(quarantined) > max_cases:
+            lines.append(f"| ... | {len(quarantined) - max_cases} more in report.json |")
+        lines.append("")
+    lines += [
+        f"Reports: `{result.report_path}`, Data Docs `{result.data_docs_index}`.",
+        "",
+    ]
+    return "\n".join(lines)

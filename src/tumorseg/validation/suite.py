@@ -1,0 +1,349 @@
+"""``tumorseg validate``: run the Great Expectations suite on a manifest and quarantine bad cases.
+
+The flow, for ``validate_dataset(src, out, cfg)``:
+
+1. read ``src/manifest.csv`` and derive the typed :mod:`case table <tumorseg.validation.case_table>`;
+2. build a file-mode GX project in a staging folder: a pandas data source on the case
+   table, the suite from :func:`~tumorseg.validation.expectations.build_case_checks`, a
+   validation definition and a checkpoint whose ``UpdateDataDocsAction`` renders Data Docs;
+3. run the checkpoint with ``result_format="COMPLETE"`` keyed by ``case_id`` and
+   ``manifest_row``, and map every failed expectation's unexpected rows back to cases;
+4. replace ``out/validation/`` with the staging folder in one rename (``report.json``,
+   ``gx/`` and ``data_docs/index.html``, every path inside relative), then write
+   ``out/manifest.csv`` atomically with each failing case ``quarantined`` and its reason;
+5. raise :class:`~tumorseg.errors.DataError` (one line, exit 2) when more than
+   ``validate.max_invalid_fraction`` of the cases are quarantined or none is left.
+
+``out`` may be ``src`` (validation in place). GX output is deterministic except for
+what GX itself stamps: the Data Docs validation page sits in a folder named after the
+run time and shows it, and the GX project files carry random ids. ``manifest.csv`` and
+``report.json`` carry neither, so stages downstream should depend on those.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from tumorseg.config import ValidateConfig
+from tumorseg.data.manifest import MANIFEST_NAME, STATUS_OK, STATUS_QUARANTINED, read_manifest, write_manifest
+from tumorseg.errors import DataError
+from tumorseg.validation.case_table import INGEST_REASON_COLUMN, INGEST_STATUS_COLUMN, derive_case_table
+from tumorseg.validation.expectations import CaseCheck, build_case_checks, join_reasons
+from tumorseg.validation.report import (
+    DATA_DOCS_DIR,
+    REPORT_DIR,
+    REPORT_NAME,
+    CaseVerdict,
+    CheckOutcome,
+    ValidationResult,
+    validation_markdown,
+)
+
+if TYPE_CHECKING:
+    from great_expectations.data_context import AbstractDataContext
+
+log = logging.getLogger(__name__)
+
+SUITE_NAME = "tumorseg_cases"
+DATASOURCE_NAME = "manifest"
+ASSET_NAME = "cases"
+DOCS_SITE_NAME = "tumorseg"
+RUN_NAME = "tumorseg-validate"
+INDEX_COLUMNS = ["case_id", "manifest_row"]
+"""Columns GX lists for each unexpected row; ``manifest_row`` is the exact key back to the manifest."""
+CHECK_META_KEY = "tumorseg_check"
+
+
+@contextmanager
+def quiet_great_expectations() -> Iterator[None]:
+    """Import GX and keep its INFO chatter and warnings out of CLI output inside the block.
+
+    GX logs dozens of INFO lines on import and on every store write, and the CLI configures
+    the root logger at INFO. Muting the ``great_expectations`` logger is not enough: some GX
+    modules pin their own logger to INFO (``data_context.types.base``), so every GX logger
+    with its own level below WARNING is raised too. Levels are restored on exit.
+    """
+    saved: dict[logging.Logger, int] = {}
+
+    def mute(logger: logging.Logger) -> None:
+        if logger not in saved:
+            saved[logger] = logger.level
+            logger.setLevel(logging.WARNING)
+
+    mute(logging.getLogger("great_expectations"))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"great_expectations(\.|$)")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            import great_expectations  # noqa: F401  (registers the module loggers muted below)
+
+            for name, logger in list(logging.root.manager.loggerDict.items()):
+                pinned = (
+                    isinstance(logger, logging.Logger) and logging.NOTSET < logger.level < logging.WARNING
+                )
+                if pinned and name.startswith("great_expectations."):
+                    mute(logger)
+            yield
+    finally:
+        for logger, level in saved.items():
+            logger.setLevel(level)
+
+
+def _case_label(row: pd.Series) -> str:
+    return (
+        str(row["case_id"])
+        if isinstance(row["case_id"], str) and row["case_id"]
+        else f"row {row['manifest_row']}"
+    )
+
+
+def _new_file_context(project_dir: Path) -> AbstractDataContext:
+    """A fresh file-mode GX project in ``project_dir/gx`` with Data Docs in ``project_dir/data_docs``.
+
+    The default ``local_site`` (under ``gx/uncommitted``) is replaced by one site whose
+    base directory is relative to the project, so the whole folder can be moved.
+    Progress bars are switched off: they would be printed for every metric batch.
+    """
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="file", project_root_dir=project_dir)
+    for site in list(context.variables.data_docs_sites or {}):
+        context.delete_data_docs_site(site)
+    context.add_data_docs_site(
+        DOCS_SITE_NAME,
+        {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": f"../{DATA_DOCS_DIR}/",
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    context.variables.save()
+    return context
+
+
+def _unexpected_rows(result: Any) -> list[int]:
+    """Manifest rows a failed expectation flagged (from ``unexpected_index_list``)."""
+    entries = (result.result or {}).get("unexpected_index_list") or []
+    return sorted({int(entry["manifest_row"]) for entry in entries})
+
+
+def run_case_suite(
+    table: pd.DataFrame, checks: list[CaseCheck], project_dir: Path
+) -> tuple[dict[str, list[int]], dict[str, dict[str, Any]], str]:
+    """Run the checks as a GX checkpoint on the case table; build Data Docs.
+
+    Args:
+        table: the case table (:func:`~tumorseg.validation.case_table.derive_case_table`).
+        checks: the checks (:func:`~tumorseg.validation.expectations.build_case_checks`).
+        project_dir: empty folder for the GX project (``gx/``) and Data Docs (``data_docs/``).
+
+    Returns:
+        ``(failed_rows, summaries, gx_version)``: check id -> manifest rows it failed on;
+        check id -> ``{"success", "evaluated", "expectation"}``; the GX version.
+
+    Raises:
+        RuntimeError: when an expectation raised inside GX (a bug in the suite, not bad data).
+    """
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    started = time.perf_counter()
+    context = _new_file_context(project_dir)
+    batch = (
+        context.data_sources.add_pandas(DATASOURCE_NAME)
+        .add_dataframe_asset(ASSET_NAME)
+        .add_batch_definition_whole_dataframe("whole_manifest")
+    )
+    suite = gx.ExpectationSuite(name=SUITE_NAME)
+    for check in checks:
+        expectation_cls = getattr(gx.expectations, check.expectation)
+        suite.add_expectation(
+            expectation_cls(**check.kwargs, meta={CHECK_META_KEY: check.check_id}, notes=check.note)
+        )
+    suite = context.suites.add(suite)
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="cases", data=batch, suite=suite)
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="validate",
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE_NAME])],
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": INDEX_COLUMNS},
+        )
+    )
+    set_up = time.perf_counter()
+    outcome = checkpoint.run(batch_parameters={"dataframe": table}, run_id=RunIdentifier(run_name=RUN_NAME))
+    log.debug(
+        "GX project set up in %.2f s, checkpoint + Data Docs in %.2f s",
+        set_up - started,
+        time.perf_counter() - set_up,
+    )
+
+    failed_rows: dict[str, list[int]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for validation in outcome.run_results.values():
+        for result in validation.results:
+            check_id = (result.expectation_config.meta or {}).get(CHECK_META_KEY)
+            if check_id is None:
+                continue
+            if result.exception_info and result.exception_info.get("raised_exception"):
+                message = result.exception_info.get("exception_message")
+                raise RuntimeError(f"GX expectation for check {check_id} raised: {message}")
+            failed_rows[check_id] = _unexpected_rows(result) if not result.success else []
+            counts = result.result or {}
+            summaries[check_id] = {
+                "success": bool(result.success),
+                # Map expectations skip missing values: those rows were not evaluated.
+                "evaluated": int(counts.get("element_count", len(table)))
+                - int(counts.get("missing_count") or 0),
+                "expectation": result.expectation_config.type,
+            }
+    missing = [c.check_id for c in checks if c.check_id not in summaries]
+    if missing:
+        raise RuntimeError(f"GX returned no result for checks {missing}")
+    return failed_rows, summaries, gx.__version__
+
+
+def _verdicts(
+    table: pd.DataFrame, checks: list[CaseCheck], failed_rows: dict[str, list[int]]
+) -> tuple[list[CaseVerdict], dict[str, list[str]]]:
+    """Per-case status and reason from the failed rows of each check (ingest's reason first).
+
+    Returns:
+        ``(verdicts, unexpected_ids)``: one verdict per case-table row; check id -> case ids.
+    """
+    failed_by_row: dict[int, list[CaseCheck]] = {}
+    for check in checks:
+        for row in failed_rows.get(check.check_id, []):
+            failed_by_row.setdefault(row, []).append(check)
+    verdicts: list[CaseVerdict] = []
+    labels: dict[int, str] = {}
+    for _, row in table.iterrows():
+        index = int(row["manifest_row"])
+        labels[index] = _case_label(row)
+        failed = failed_by_row.get(index, [])
+        quarantined_by_ingest = row[INGEST_STATUS_COLUMN] != STATUS_OK
+        reason = join_reasons(
+            *(check.explain(row) for check in failed if not (check.ingest_decides and quarantined_by_ingest))
+        )
+        status = STATUS_QUARANTINED if failed else STATUS_OK
+        verdicts.append(CaseVerdict(labels[index], status, reason, [c.check_id for c in failed]))
+    unexpected_ids = {check_id: [labels[r] for r in rows] for check_id, rows in failed_rows.items()}
+    return verdicts, unexpected_ids
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Put ``staging`` at ``target`` so readers see the old or the new folder, never a mix."""
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _validated_manifest(
+    manifest: pd.DataFrame, table: pd.DataFrame, verdicts: list[CaseVerdict]
+) -> pd.DataFrame:
+    """The input manifest with status/reason set and ingest's own verdict kept alongside."""
+    out = manifest.copy()
+    out[INGEST_STATUS_COLUMN] = table[INGEST_STATUS_COLUMN].astype(str).to_numpy()
+    out[INGEST_REASON_COLUMN] = table[INGEST_REASON_COLUMN].astype(str).to_numpy()
+    out["status"] = [v.status for v in verdicts]
+    out["reason"] = [v.reason for v in verdicts]
+    return out
+
+
+def validate_dataset(
+    src_dir: Path, out_dir: Path, cfg: ValidateConfig, *, raise_on_failure: bool = True
+) -> ValidationResult:
+    """Validate an ingested dataset; quarantine failing cases; write reports and the manifest.
+
+    Args:
+        src_dir: folder holding ``manifest.csv`` from ``tumorseg ingest``.
+        out_dir: where the validated ``manifest.csv`` and ``validation/`` go (may be ``src_dir``).
+        cfg: the ``validate`` section of params.yaml.
+        raise_on_failure: raise when the run did not pass (the CLI, DVC). A caller that wants
+            to publish the result first (a Prefect markdown artifact) passes False, then
+            raises ``DataError(result.failure_message())`` itself when ``not result.passed``.
+
+    Returns:
+        The result (counts, per-check outcomes, per-case reasons, report paths).
+
+    Raises:
+        DataError: no or malformed manifest; more than ``cfg.max_invalid_fraction`` of the
+            cases quarantined or no valid case left (unless ``raise_on_failure`` is False).
+            The reports and the manifest are written before, so the reasons can be read.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    started = time.perf_counter()
+    manifest = read_manifest(src_dir)
+    source = str(src_dir / MANIFEST_NAME)
+    table = derive_case_table(manifest, source=source)
+    if table.empty:
+        raise DataError(
+            f"{source}: the manifest lists no cases; check the dataset folder given to `tumorseg ingest`"
+        )
+    checks = build_case_checks(cfg)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}.", dir=out_dir))
+    try:
+        with quiet_great_expectations():
+            failed_rows, summaries, gx_version = run_case_suite(table, checks, staging)
+        verdicts, unexpected_ids = _verdicts(table, checks, failed_rows)
+        outcomes = [
+            CheckOutcome(
+                check_id=c.check_id,
+                expectation=summaries[c.check_id]["expectation"],
+                kwargs=c.kwargs,
+                success=summaries[c.check_id]["success"],
+                evaluated=summaries[c.check_id]["evaluated"],
+                unexpected_case_ids=unexpected_ids.get(c.check_id, []),
+            )
+            for c in checks
+        ]
+        result = ValidationResult(
+            out_dir=out_dir,
+            cases=verdicts,
+            checks=outcomes,
+            max_invalid_fraction=cfg.max_invalid_fraction,
+            params=cfg.model_dump(),
+            gx_version=gx_version,
+        )
+        (staging / REPORT_NAME).write_text(result.report_json())
+        _replace_dir(staging, out_dir / REPORT_DIR)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_manifest(_validated_manifest(manifest, table, verdicts), out_dir)
+    log.debug("validated %d cases in %.2f s", result.n_cases, time.perf_counter() - started)
+    if raise_on_failure and not result.passed:
+        raise DataError(result.failure_message())
+    return result
+
+
+__all__ = [
+    "ValidationResult",
+    "quiet_great_expectations",
+    "run_case_suite",
+    "validate_dataset",
+    "validation_markdown",
+]

@@ -1,0 +1,323 @@
+"""Preprocessing (RAS, resampling, brain crop, z-score), its exact inverse, and the dataset stage."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tumorseg.config import IngestConfig, PreprocessConfig
+from tumorseg.data.conventions import CANONICAL_MODALITIES
+from tumorseg.data.ingest import ingest
+from tumorseg.data.layouts import CaseVolumes, orientation_code, spacing_from_affine
+from tumorseg.data.manifest import read_manifest, write_manifest
+from tumorseg.data.preprocess import (
+    INDEX_COLUMNS,
+    preprocess_case,
+    preprocess_dataset,
+    resize,
+    resize_labels,
+    restore_to_source,
+)
+from tumorseg.errors import DataError
+
+
+def _load_fixtures():
+    path = Path(__file__).resolve().parents[1] / "fixtures_nifti.py"
+    spec = importlib.util.spec_from_file_location("fixtures_nifti", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fx = _load_fixtures()
+
+
+def _volumes(
+    shape: tuple[int, int, int] = (30, 34, 26),
+    spacing: tuple[float, float, float] = (2.0, 2.0, 2.0),
+    orientation: str = "RAS",
+    tumour_radius: float = 4.0,
+    with_labels: bool = True,
+) -> CaseVolumes:
+    """A phantom case in memory, stored in ``orientation`` (as read_case would return it)."""
+    images, labels = fx.phantom(shape, tumour_radius=tumour_radius)
+    stored = [fx.oriented(images[m], spacing, orientation) for m in CANONICAL_MODALITIES]
+    stored_labels, affine = fx.oriented(labels, spacing, orientation)
+    return CaseVolumes(
+        case_id="case",
+        patient_id="patient",
+        layout="brats2021",
+        image=np.stack([s for s, _ in stored]).astype(np.float32),
+        labels=stored_labels if with_labels else None,
+        affine=affine,
+        spacing=spacing_from_affine(affine),
+        orientation=orientation_code(affine),
+        label_convention="brats2021",
+    )
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def _roundtrip(geometry: dict) -> dict:
+    return json.loads(json.dumps(geometry))  # what predict reads back from the JSON file
+
+
+# ---------------------------------------------------------------------------- one case
+def test_output_arrays_brain_crop_and_zscore() -> None:
+    volumes = _volumes()
+    case = preprocess_case(volumes, PreprocessConfig(target_spacing_mm=(2.0, 2.0, 2.0), crop_margin_vox=2))
+    assert case.image.dtype == np.float16 and case.image.shape[0] == 4
+    assert case.label.dtype == np.uint8 and case.brain.dtype == bool
+    assert case.image.shape[1:] == case.label.shape == case.brain.shape
+    assert case.has_label
+    # Cropped to the brain bounding box + 2 voxels: the margin planes hold no brain.
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        profile = case.brain.any(axis=other)
+        assert not profile[:2].any() and not profile[-2:].any() and profile[2] and profile[-3]
+    image = case.image.astype(np.float32)
+    for channel in range(4):
+        inside = image[channel][case.brain]
+        assert inside.mean() == pytest.approx(0.0, abs=1e-2)
+        assert inside.std() == pytest.approx(1.0, abs=1e-2)
+        assert not image[channel][~case.brain].any()  # background exactly 0
+    assert case.geometry["tumour_voxels"] == int(np.count_nonzero(volumes.labels))
+    assert case.geometry["tumour_volume_ml"] == pytest.approx(
+        np.count_nonzero(volumes.labels) * 8 / 1000, abs=1e-3
+    )
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "LAS", "PIR"])
+def test_round_trip_is_exact_at_equal_spacing(orientation: str) -> None:
+    volumes = _volumes(orientation=orientation)
+    case = preprocess_case(volumes, PreprocessConfig(target_spacing_mm=(2.0, 2.0, 2.0)))
+    geometry = _roundtrip(case.geometry)
+    assert geometry["source_orientation"] == orientation
+    restored = restore_to_source(case.label, geometry, is_label=True)
+    assert restored.shape == volumes.labels.shape and restored.dtype == np.uint8
+    np.testing.assert_array_equal(restored, volumes.labels)
+    np.testing.assert_allclose(np.array(geometry["source_affine"]), volumes.affine)
+    # The image round trip is exact too, up to the z-score (inside the brain) and storage precision.
+    image = restore_to_source(case.image.astype(np.float32), geometry, is_label=False)
+    mean, std = geometry["normalization"]["mean"][0], geometry["normalization"]["std"][0]
+    brain = volumes.image[0] != 0
+    np.testing.assert_allclose((image[0] * std + mean)[brain], volumes.image[0][brain], rtol=2e-3, atol=0.5)
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS"])
+def test_round_trip_1mm_2mm_1mm_keeps_the_tumour(orientation: str) -> None:
+    volumes = _volumes(
+        shape=(96, 100, 84), spacing=(1.0, 1.0, 1.0), orientation=orientation, tumour_radius=15
+    )
+    case = preprocess_case(volumes, PreprocessConfig(target_spacing_mm=(2.0, 2.0, 2.0)))
+    geometry = _roundtrip(case.geometry)
+    assert geometry["resampled_shape"] == [48, 50, 42]
+    assert geometry["resampled_spacing_mm"] == pytest.approx([2.0, 2.0, 2.0])
+    restored = restore_to_source(case.label, geometry, is_label=True)
+    assert restored.shape == volumes.labels.shape
+    for codes in ((1, 2, 3), (1, 3)):  # whole tumour, tumour core
+        assert _dice(np.isin(restored, codes), np.isin(volumes.labels, codes)) > 0.95
+    probabilities = np.stack([case.label == k for k in range(4)]).astype(np.float32)
+    restored_prob = restore_to_source(probabilities, geometry, is_label=False)
+    assert restored_prob.shape == (4, *volumes.labels.shape) and restored_prob.dtype == np.float32
+    assert _dice(restored_prob.argmax(0) > 0, volumes.labels > 0) > 0.95
+
+
+def test_preprocessed_affine_keeps_world_positions() -> None:
+    volumes = _volumes(spacing=(1.2, 0.9, 2.5), orientation="PIR")
+    case = preprocess_case(volumes, PreprocessConfig(target_spacing_mm=(2.0, 2.0, 2.0)))
+    affine = np.array(case.geometry["preprocessed_affine"])
+    assert orientation_code(affine) == "RAS"
+
+    def centroid(mask: np.ndarray, aff: np.ndarray) -> np.ndarray:
+        return (aff @ np.r_[np.argwhere(mask).mean(axis=0), 1.0])[:3]
+
+    np.testing.assert_allclose(
+        centroid(case.label == 3, affine), centroid(volumes.labels == 3, volumes.affine), atol=0.5
+    )
+    np.testing.assert_allclose(case.geometry["resampled_spacing_mm"], [2.0, 2.0, 2.0], atol=0.15)
+
+
+def test_unlabelled_case_gets_zero_labels() -> None:
+    case = preprocess_case(_volumes(with_labels=False), PreprocessConfig())
+    assert not case.has_label and not case.label.any() and case.geometry["tumour_voxels"] == 0
+
+
+def test_nan_and_empty_images_are_one_line_errors() -> None:
+    volumes = _volumes()
+    volumes.image[1, 3, 3, 3] = np.nan
+    with pytest.raises(DataError, match=r"case: t1ce has 1 NaN/inf voxels"):
+        preprocess_case(volumes, PreprocessConfig())
+    volumes.image[:] = 0
+    with pytest.raises(DataError, match="no brain"):
+        preprocess_case(volumes, PreprocessConfig())
+
+
+def test_restore_rejects_a_volume_of_the_wrong_shape() -> None:
+    case = preprocess_case(_volumes(), PreprocessConfig())
+    with pytest.raises(ValueError, match="expected"):
+        restore_to_source(case.label[:-1], case.geometry, is_label=True)
+
+
+def test_resize_matches_scipy_grid_mode_and_labels_keep_their_values() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(2, 11, 9, 7)).astype(np.float32)
+    ours = resize(volume, (6, 13, 4), order=1)
+    zoom = [6 / 11, 13 / 9, 4 / 7]
+    reference = np.stack([ndimage.zoom(c, zoom, order=1, mode="nearest", grid_mode=True) for c in volume])
+    np.testing.assert_allclose(ours, reference, atol=1e-5)
+    labels = rng.choice([0, 1, 2, 3], size=(11, 9, 7)).astype(np.uint8)
+    for method in ("onehot_linear", "nearest"):
+        out = resize_labels(labels, (6, 13, 4), method)
+        assert out.dtype == np.uint8 and set(np.unique(out)) <= {0, 1, 2, 3}
+    # 2x majority: a 2x2x2 block of label 2 with one voxel of 1 stays 2.
+    block = np.full((2, 2, 2), 2, np.uint8)
+    block[0, 0, 0] = 1
+    assert resize_labels(block, (1, 1, 1), "onehot_linear")[0, 0, 0] == 2
+
+
+# ---------------------------------------------------------------------------- dataset stage
+@pytest.fixture
+def ingested(tmp_path: Path) -> tuple[Path, Path]:
+    """An ingested dataset: 3 good cases (one LPS at 1 mm, one unlabelled) and one quarantined case."""
+    raw = tmp_path / "raw"
+    fx.write_brats_case(raw, "BraTS2021_00001")
+    fx.write_brats_case(
+        raw, "BraTS2021_00002", orientation="LPS", spacing=(1.0, 1.0, 1.0), shape=(40, 44, 36)
+    )
+    fx.write_brats_case(raw, "BraTS2021_00003", with_seg=False)
+    broken = fx.write_brats_case(raw, "BraTS2021_00004")
+    (broken / "BraTS2021_00004_t2.nii.gz").unlink()
+    ingest(raw, tmp_path / "ingested", IngestConfig())
+    return raw, tmp_path / "ingested"
+
+
+def test_dataset_outputs_follow_the_contract(ingested: tuple[Path, Path], tmp_path: Path) -> None:
+    raw, manifest_dir = ingested
+    before = fx.snapshot(raw)
+    out = tmp_path / "pre"
+    summary = preprocess_dataset(manifest_dir, out, PreprocessConfig(workers=2))
+    assert (summary.cases, summary.processed, summary.skipped) == (3, 3, 0)
+    assert fx.snapshot(raw) == before
+
+    index = pd.read_csv(out / "index.csv", dtype=str, keep_default_na=False)
+    assert list(index.columns) == INDEX_COLUMNS
+    assert list(index["case_id"]) == ["BraTS2021_00001", "BraTS2021_00002", "BraTS2021_00003"]
+    assert list(index["has_label"]) == ["True", "True", "False"]
+    assert list(index["has_tumour"]) == ["True", "True", "False"]
+    for row in index.to_dict(orient="records"):
+        with np.load(out / row["npz"]) as npz:
+            assert set(npz.files) == {"image", "label", "brain"}
+            image, label, brain = npz["image"], npz["label"], npz["brain"]
+        assert image.dtype == np.float16 and label.dtype == np.uint8 and brain.dtype == bool
+        assert image.shape == (4, *label.shape) and label.shape == brain.shape
+        assert row["shape"] == "x".join(map(str, label.shape))
+        geometry = json.loads((out / "cases" / f"{row['case_id']}.json").read_text())
+        for key in (
+            "source_shape",
+            "source_affine",
+            "source_orientation",
+            "ras_shape",
+            "resampled_shape",
+            "target_spacing_mm",
+            "crop_bbox",
+            "label_convention",
+            "layout",
+            "case_id",
+            "patient_id",
+        ):
+            assert key in geometry
+        if geometry["source_spacing_mm"] == [2.0, 2.0, 2.0]:  # same grid: the crop keeps every tumour voxel
+            assert int(row["tumour_voxels"]) == int(np.count_nonzero(label))
+    lps = json.loads((out / "cases" / "BraTS2021_00002.json").read_text())
+    assert lps["source_orientation"] == "LPS" and lps["source_shape"] == [40, 44, 36]
+    manifest = read_manifest(manifest_dir).set_index("case_id")
+    assert float(index.set_index("case_id").loc["BraTS2021_00002", "tumour_volume_ml"]) == pytest.approx(
+        float(manifest.loc["BraTS2021_00002", "tumour_volume_ml"])
+    )
+    assert not list((out / "cases").glob(".*"))  # no temp files
+
+
+def test_rerun_skips_up_to_date_cases_and_redoes_changed_ones(
+    ingested: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, manifest_dir = ingested
+    out = tmp_path / "pre"
+    preprocess_dataset(manifest_dir, out, PreprocessConfig())
+    stamp = (out / "cases" / "BraTS2021_00001.npz").stat().st_mtime_ns
+    again = preprocess_dataset(manifest_dir, out, PreprocessConfig())
+    assert (again.processed, again.skipped) == (0, 3)
+    assert (out / "cases" / "BraTS2021_00001.npz").stat().st_mtime_ns == stamp
+    # Threads and npz compression do not change the content: still up to date.
+    assert (
+        preprocess_dataset(manifest_dir, out, PreprocessConfig(workers=1, compress_npz=True)).processed == 0
+    )
+
+    changed = preprocess_dataset(manifest_dir, out, PreprocessConfig(crop_margin_vox=3))
+    assert changed.processed == 3
+
+    # A case that validation quarantines afterwards disappears from the outputs.
+    manifest = read_manifest(manifest_dir)
+    manifest.loc[manifest["case_id"] == "BraTS2021_00003", "status"] = "quarantined"
+    write_manifest(manifest, manifest_dir)
+    pruned = preprocess_dataset(manifest_dir, out, PreprocessConfig(crop_margin_vox=3))
+    assert (pruned.cases, pruned.processed, pruned.removed) == (2, 0, 1)
+    assert not (out / "cases" / "BraTS2021_00003.npz").exists()
+
+
+def test_a_source_file_changed_after_ingest_is_an_error(ingested: tuple[Path, Path], tmp_path: Path) -> None:
+    raw, manifest_dir = ingested
+    images, _ = fx.phantom(seed=5)
+    fx.save(
+        images["t1"],
+        fx.ras_affine(),
+        raw / "BraTS2021_00001" / "BraTS2021_00001_t1.nii.gz",
+        np.int16,
+    )
+    with pytest.raises(DataError, match=r"BraTS2021_00001_t1.nii.gz: changed since ingest"):
+        preprocess_dataset(manifest_dir, tmp_path / "pre", PreprocessConfig(workers=1))
+
+
+def test_an_interrupted_write_leaves_no_half_file(
+    ingested: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, manifest_dir = ingested
+    out = tmp_path / "pre"
+
+    def dies_half_way(fh, **arrays) -> None:
+        fh.write(b"PK\x03\x04 half an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_dataset(manifest_dir, out, PreprocessConfig(workers=1))
+    monkeypatch.undo()
+    assert list((out / "cases").iterdir()) == []
+    assert not (out / "index.csv").exists()
+    assert preprocess_dataset(manifest_dir, out, PreprocessConfig()).processed == 3
+
+
+def test_a_manifest_from_elsewhere_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "manifest.csv").write_text(
+        "case_id,patient_id,layout,label_convention,status,reason\na,a,msd,msd,ok,\n"
+    )
+    with pytest.raises(DataError, match="lacks columns"):
+        preprocess_dataset(tmp_path, tmp_path / "pre", PreprocessConfig())
+
+
+def test_no_ok_case_is_an_error(ingested: tuple[Path, Path], tmp_path: Path) -> None:
+    _, manifest_dir = ingested
+    manifest = read_manifest(manifest_dir)
+    manifest["status"] = "quarantined"
+    write_manifest(manifest, manifest_dir)
+    with pytest.raises(DataError, match="no case has status ok"):
+        preprocess_dataset(manifest_dir, tmp_path / "pre", PreprocessConfig())
