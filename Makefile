@@ -31,7 +31,8 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: venv
+# Benchmarks need the trained champion: `dvc repro` first (a no-op when up to date).
+bench: run
 	$(BIN)/python -m tumorseg.bench --out bench/results.json
 
 lint: venv

@@ -81,7 +81,9 @@ def preprocess_task(params: dict) -> str:
     from tumorseg.data.preprocess import preprocess_dataset
 
     paths = section("paths", params)
-    summary = preprocess_dataset(Path(paths.validated), Path(paths.preprocessed), section("preprocess", params))
+    summary = preprocess_dataset(
+        Path(paths.validated), Path(paths.preprocessed), section("preprocess", params)
+    )
     return summary.one_line()
 
 

@@ -121,12 +121,35 @@ def bench_data(cases: int = 4, seed: int = 7) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="tumorseg-bench-") as tmp:
         dataset = Path(tmp) / "raw"
         cfg = section("synth", {}).model_copy(
-            update={"cases": cases, "seed": seed, "spacing_mm": 1.0, "tumour_free_fraction": 0.0, "reoriented_fraction": 0.0}
+            update={
+                "cases": cases,
+                "seed": seed,
+                "spacing_mm": 1.0,
+                "tumour_free_fraction": 0.0,
+                "reoriented_fraction": 0.0,
+            }
         )
         synthesize_dataset(dataset, cfg)
         baseline = _in_subprocess("nibabel_load", str(dataset))
         ours = _in_subprocess("ingest_preprocess", str(dataset), str(Path(tmp) / "work"))
+    ours_cps = cases / ours["seconds"]
+    base_cps = cases / baseline["seconds"]
+    rows = [
+        [
+            "ingest + preprocess throughput, 240x240x155x4 cases (1 mm -> 2 mm)",
+            f"{ours_cps:.2f} cases/s",
+            f"plain nibabel load: {base_cps:.2f} cases/s",
+            f"{ours_cps / base_cps:.2f}",
+        ],
+        [
+            "ingest + preprocess peak memory",
+            f"{ours['peak_rss_mb']:.0f} MiB",
+            f"plain nibabel load: {baseline['peak_rss_mb']:.0f} MiB",
+            f"{ours['peak_rss_mb'] / baseline['peak_rss_mb']:.2f}",
+        ],
+    ]
     return {
+        "rows": rows,
         "cases": cases,
         "case_shape": "240x240x155x4 (+seg), 1 mm",
         "baseline_nibabel_load": {**baseline, "cases_per_s": cases / baseline["seconds"]},
@@ -136,7 +159,116 @@ def bench_data(cases: int = 4, seed: int = 7) -> dict[str, Any]:
     }
 
 
-BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {"data": bench_data}
+# ----------------------------------------------------------------------------- the other layers
+def _project_params() -> dict[str, Any]:
+    from tumorseg.config import read_params
+
+    return read_params("params.yaml")
+
+
+def bench_training() -> dict[str, Any]:
+    """Training throughput: our DataModule + LightningModule vs a minimal plain PyTorch/MONAI loop."""
+    from tumorseg.bench_training import benchmark_training
+
+    result = benchmark_training(_project_params())
+    result["rows"] = [
+        [
+            f"training throughput ({result['network']}, patch {'x'.join(map(str, result['patch_size']))}, "
+            f"batch {result['batch_size']}, {result['precision']})",
+            f"{result['lightning_patches_per_s']:.2f} patches/s",
+            f"plain PyTorch/MONAI loop: {result['plain_patches_per_s']:.2f} patches/s",
+            f"{result['ratio']:.2f} (target >= 0.9)",
+        ]
+    ]
+    return result
+
+
+def bench_predict() -> dict[str, Any]:
+    """``predict`` on a 240x240x155 case vs MONAI's sliding_window_inference on the same network and volume."""
+    from tumorseg.bench_predict import benchmark_predict
+
+    result = benchmark_predict(_project_params())
+    result["rows"] = [
+        [
+            "`predict` wall time per 240x240x155 case (read, preprocess, sliding window, restore, write)",
+            f"{result['predict_s']:.2f} s",
+            f"sliding_window_inference alone: {result['baseline_s']:.2f} s",
+            f"{result['predict_s'] / result['baseline_s']:.2f} (target < 1.15)",
+        ]
+    ]
+    return result
+
+
+def bench_compress() -> dict[str, Any]:
+    """The ``edge`` variant vs the fp32 champion: whole-predict speed, file size, Dice."""
+    from tumorseg.bench_compress import bench_compress as run
+
+    result = run(_project_params())
+    fp32 = result["variants"].get("fp32", {})
+    edge = result["variants"].get(result["edge"] or "", {})
+    result["rows"] = [
+        [
+            f"edge model ({result['edge']}) `predict` latency per 240x240x155 case, CPU",
+            f"{edge.get('latency_s', float('nan')):.2f} s",
+            f"fp32 champion: {fp32.get('latency_s', float('nan')):.2f} s",
+            f"speed-up {result['speedup']:.2f}x (target >= 2)",
+        ],
+        [
+            "edge model file size",
+            f"{edge.get('file_mb', float('nan')):.2f} MiB",
+            f"fp32 champion: {fp32.get('file_mb', float('nan')):.2f} MiB",
+            f"{result['size_ratio']:.1f}x smaller (target >= 3)",
+        ],
+        [
+            "edge model mean Dice (test split)",
+            f"{edge.get('dice_mean', float('nan')):.4f}",
+            f"fp32 champion: {fp32.get('dice_mean', float('nan')):.4f}",
+            f"drop {result['dice_drop']:+.4f} (target <= 0.01)",
+        ],
+    ]
+    return result
+
+
+def bench_flow() -> dict[str, Any]:
+    """Prefect orchestration overhead of the smoke pipeline vs calling the same functions directly."""
+    from tumorseg.bench_flow import bench_flow_overhead
+
+    result = bench_flow_overhead("params.yaml")
+    result["rows"] = [
+        [
+            "smoke pipeline through Prefect (ephemeral server, tasks, artifacts, cache)",
+            f"{result['flow_s']:.1f} s",
+            f"same functions called directly: {result['direct_s']:.1f} s",
+            f"{result['ratio']:.2f}",
+        ]
+    ]
+    return result
+
+
+def bench_tuning() -> dict[str, Any]:
+    """Optuna: wall time of N tiny trials with 2 worker processes vs 1 on the same SQLite study."""
+    from tumorseg.bench_flow import bench_tuning_workers
+
+    result = bench_tuning_workers("params.yaml")
+    result["rows"] = [
+        [
+            f"Optuna, {result['n_trials']} tiny trials on one SQLite study",
+            f"2 workers: {result['two_workers_s']:.1f} s",
+            f"1 worker: {result['one_worker_s']:.1f} s",
+            f"speed-up {result['speedup']:.2f}x on {result['cpu_count']} cores",
+        ]
+    ]
+    return result
+
+
+BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
+    "data": bench_data,
+    "training": bench_training,
+    "predict": bench_predict,
+    "compress": bench_compress,
+    "flow": bench_flow,
+    "tuning": bench_tuning,
+}
 WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "nibabel_load": _worker_nibabel_load,
     "ingest_preprocess": _worker_ingest_preprocess,
@@ -154,6 +286,22 @@ def _environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The README's performance table: one row per figure, ratio against the same-run baseline."""
+    env = results.get("environment", {})
+    lines = [
+        f"Measured by `make bench` on {env.get('cpu_count')} CPU cores ({env.get('platform', '?')}, "
+        f"torch {env.get('torch', '?')}); absolute times drift on shared machines, the ratios are the figures.",
+        "",
+        "| benchmark | ours | baseline (same run) | ratio |",
+        "|---|---|---|---|",
+    ]
+    for result in results.values():
+        if isinstance(result, dict) and "rows" in result:
+            lines += [f"| {' | '.join(str(c) for c in row)} |" for row in result["rows"]]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,10 +324,14 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         results[name] = BENCHMARKS[name]()
         results[name]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        print(f"[bench] {name} done in {time.perf_counter() - start:.0f} s: {json.dumps(results[name], indent=1)[:800]}")
+        print(
+            f"[bench] {name} done in {time.perf_counter() - start:.0f} s: {json.dumps(results[name], indent=1)[:800]}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    table = out.with_suffix(".md")
+    table.write_text(results_table(results))
+    print(f"wrote {out} and {table}")
     return 0
 
 

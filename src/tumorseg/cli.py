@@ -43,7 +43,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     params = _params(
         args,
-        {"synth.layout": args.layout, "synth.cases": args.cases, "synth.seed": args.seed, "synth.spacing_mm": args.spacing},
+        {
+            "synth.layout": args.layout,
+            "synth.cases": args.cases,
+            "synth.seed": args.seed,
+            "synth.spacing_mm": args.spacing,
+        },
     )
     cfg = section("synth", params, source=args.params)
     out = Path(args.out or section("paths", params, source=args.params).raw)
@@ -133,11 +138,163 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- training
 def _cmd_train(args: argparse.Namespace) -> int:
+    from tumorseg.config import parse_override
     from tumorseg.training.train import train
+    from tumorseg.tuning.best import with_best_params
 
-    result = train(_params(args), resume=args.resume, source=args.params)
+    # params.yaml < tune.best_params_file (when tune.apply_best) < -S overrides
+    explicit = dict(parse_override(o) for o in args.set or [])
+    params = with_best_params(_params(args), explicit=explicit, source=args.params)
+    result = train(params, resume=args.resume, source=args.params)
     print(result.one_line())
     return 0
+
+
+# ---------------------------------------------------------------- prediction and registry
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from tumorseg.config import apply_overrides, parse_override
+    from tumorseg.registry.predict import predict_folder
+
+    options = {
+        "predict.tta": args.tta,
+        "predict.min_component_mm3": args.min_component_mm3,
+        "predict.probabilities": True if args.probabilities else None,
+        "predict.uncertainty": True if args.uncertainty else None,
+        "predict.device": args.device,
+    }
+    if Path(args.params).is_file() or args.params != "params.yaml":
+        params = _params(args, options)
+    else:  # outside the project: every section at its defaults (a checkpoint or MLflow URI still works)
+        overrides = dict(parse_override(o) for o in args.set or [])
+        overrides.update({k: v for k, v in options.items() if v is not None})
+        params = apply_overrides({}, overrides)
+    volumes: list[dict[str, Any]] = []
+
+    def show(prediction: Any, files: list[Path]) -> None:
+        print(f"{prediction.case_id}: {prediction.volumes_text()} -> {files[0]}", flush=True)
+        volumes.append(
+            {
+                "case_id": prediction.case_id,
+                **{f"{r}_ml": round(v, 3) for r, v in prediction.volumes_ml.items()},
+            }
+        )
+
+    run = predict_folder(
+        args.input,
+        args.out,
+        params,
+        model_uri=args.model,
+        layout=args.layout,
+        source=args.params,
+        on_case=show,
+    )
+    if args.volumes:
+        import pandas as pd
+
+        from tumorseg.data.manifest import atomic_write_text
+
+        atomic_write_text(args.volumes, pd.DataFrame(volumes).to_csv(index=False))
+    print(run.one_line())
+    return 0
+
+
+def _cmd_evaluate_model(args: argparse.Namespace) -> int:
+    from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
+
+    result = run_evaluate_stage(
+        _params(args),
+        checkpoint=args.checkpoint,
+        source=args.params,
+        register=False if args.no_register else None,
+    )
+    print(result.one_line())
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from tumorseg.registry.promote import promote
+
+    result = promote(_params(args), rollback=args.rollback, source=args.params)
+    print("\n".join(result.lines()))
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from tumorseg.compression.stage import run_compress_stage
+
+    variants = args.variants.split(",") if args.variants else None
+    params = _params(
+        args,
+        {
+            "compress.model": args.model,
+            "compress.variants": variants,
+            "compress.register_edge": False if args.no_register else None,
+        },
+    )
+    result = run_compress_stage(params, source=args.params)
+    print(result.one_line())
+    return 0
+
+
+# ---------------------------------------------------------------- orchestration and tuning
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from tumorseg.tuning.study import run_study
+
+    params = _params(args, {"tune.study_name": args.study})
+    result = run_study(
+        params,
+        source=args.params,
+        n_trials=args.n_trials,
+        n_jobs=args.n_jobs,
+        storage=args.storage,
+        timeout_s=args.timeout,
+    )
+    print(result.one_line())
+    return 0
+
+
+def _cmd_flow(args: argparse.Namespace) -> int:
+    import os
+
+    # A local (ephemeral) Prefect server sends no usage analytics: nothing leaves the machine.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.name == "data":
+        from pipelines.data_flows import data_pipeline_flow
+
+        summary = data_pipeline_flow(params_path=args.params, overrides=_overrides(args))
+        print("; ".join(f"{k}: {v}" for k, v in summary.items()))
+        return 0
+    from pipelines.training_flow import run_smoke, training_flow
+
+    if args.smoke:
+        summary = run_smoke(args.params, workspace=args.workspace)
+        print(f"smoke workspace: {summary['workspace']}")
+    else:
+        summary = training_flow(
+            params_path=args.params,
+            overrides=_overrides(args),
+            only_if_new_data=args.only_if_new_data,
+            tune=args.tune,
+        )
+    if summary["status"] == "no_new_data":
+        print(summary["decision"]["reason"])
+    else:
+        print("\n".join(summary["promote"]["lines"]))
+    return 0
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines.schedule import serve_training
+
+    serve_training(args.params, overrides=_overrides(args), dry_run=args.dry_run)
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``-S KEY=VALUE`` overrides alone (flows read params.yaml themselves and carry only these)."""
+    from tumorseg.config import parse_override
+
+    return dict(parse_override(o) for o in args.set or [])
 
 
 # ---------------------------------------------------------------- parser
@@ -150,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
         p.add_argument(
-            "-S", "--set", action="append", metavar="KEY=VALUE", help="override a params.yaml key (repeatable)"
+            "-S",
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a params.yaml key (repeatable)",
         )
         p.set_defaults(handler=handler)
         return p
@@ -165,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("figure-cases", _cmd_figure_cases, "Plot a few cases: 4 modalities and the label overlay (PNG).")
     p.add_argument("src", help="a brats2021 or brats2023 folder, e.g. from `tumorseg synth`")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--cases", type=int, default=4, help="number of tumour cases to show (default: %(default)s)")
+    p.add_argument(
+        "--cases", type=int, default=4, help="number of tumour cases to show (default: %(default)s)"
+    )
     p.add_argument("--layout", choices=["brats2021", "brats2023"], default="brats2021")
 
     p = add("ingest", _cmd_ingest, "Index a BraTS 2020/21, BraTS 2023+ or MSD folder into a manifest.")
@@ -173,10 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder for manifest.csv (default: paths.ingested)")
     p.add_argument("--layout", choices=["auto", "brats2021", "brats2023", "msd"], help="skip detection")
 
-    p = add("validate", _cmd_validate, "Validate an ingested dataset with Great Expectations; quarantine bad cases.")
+    p = add(
+        "validate",
+        _cmd_validate,
+        "Validate an ingested dataset with Great Expectations; quarantine bad cases.",
+    )
     p.add_argument("dir", nargs="?", help="ingested folder holding manifest.csv (default: paths.ingested)")
     p.add_argument("--out", help="write the validated manifest and reports here (default: in place)")
-    p.add_argument("--max-invalid-fraction", type=float, metavar="F", help="fail above this share of bad cases")
+    p.add_argument(
+        "--max-invalid-fraction", type=float, metavar="F", help="fail above this share of bad cases"
+    )
 
     p = add("preprocess", _cmd_preprocess, "Reorient, resample, crop and normalise valid cases.")
     p.add_argument("src", nargs="?", help="validated folder holding manifest.csv (default: paths.validated)")
@@ -202,6 +371,101 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", _cmd_train, "Train a segmentation network (Lightning + MONAI), tracked in MLflow.")
     p.add_argument("--resume", action="store_true", help="continue from train.out_dir/checkpoints/last.ckpt")
+
+    p = add(
+        "predict",
+        _cmd_predict,
+        "Segment cases in any layout; writes <case_id>.nii.gz in each input's geometry and label convention.",
+    )
+    p.add_argument("input", help="a dataset folder (BraTS 2021, BraTS 2023+, MSD) or one case folder")
+    p.add_argument("--out", required=True, help="output folder for <case_id>.nii.gz")
+    p.add_argument(
+        "--model",
+        help="checkpoint path or MLflow model URI: models:/tumorseg@champion (default: predict.model), "
+        "models:/tumorseg/3, runs:/<run_id>/model",
+    )
+    p.add_argument(
+        "--layout", choices=["auto", "brats2021", "brats2023", "msd"], help="skip layout detection"
+    )
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation")
+    p.add_argument("--min-component-mm3", type=float, metavar="MM3", help="drop smaller tumour components")
+    p.add_argument("--probabilities", action="store_true", help="also write probabilities/<case_id>.nii.gz")
+    p.add_argument(
+        "--uncertainty", action="store_true", help="also write uncertainty/<case_id>.nii.gz (needs --tta)"
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="where inference runs (default: predict.device)"
+    )
+    p.add_argument("--volumes", metavar="CSV", help="also write the per-case region volumes (ml) to this CSV")
+
+    p = add(
+        "evaluate-model",
+        _cmd_evaluate_model,
+        "Evaluate the trained model on the test split in the source geometry; log it and register a challenger.",
+    )
+    p.add_argument(
+        "--checkpoint", help="checkpoint to evaluate (default: <train.out_dir>/checkpoints/best.ckpt)"
+    )
+    p.add_argument("--no-register", action="store_true", help="write the reports only; register no version")
+
+    p = add(
+        "promote",
+        _cmd_promote,
+        "Promote the challenger to champion if it beats it on the same test cases (registry.* gate).",
+    )
+    p.add_argument("--rollback", action="store_true", help="restore the previous champion instead")
+
+    p = add(
+        "compress",
+        _cmd_compress,
+        "Prune, quantize (INT8) and export (ONNX) the model; gate on test Dice; register the best as @edge.",
+    )
+    p.add_argument("--model", help="fp32 model: MLflow URI or checkpoint (default: compress.model)")
+    p.add_argument("--variants", metavar="A,B", help="comma-separated variants (default: compress.variants)")
+    p.add_argument("--no-register", action="store_true", help="write the reports only; register no version")
+
+    p = add(
+        "tune",
+        _cmd_tune,
+        "Optuna hyper-parameter search (tune.space); trials nested in MLflow; best params -> tune.best_params_file.",
+    )
+    p.add_argument(
+        "--n-trials", type=int, help="finished trials wanted in the study (default: tune.n_trials)"
+    )
+    p.add_argument("--n-jobs", type=int, help="worker processes on this machine (default: tune.n_jobs)")
+    p.add_argument(
+        "--storage", help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: tune.storage)"
+    )
+    p.add_argument("--study", help="study name (default: tune.study_name)")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
+
+    p = add("flow", _cmd_flow, "Run a Prefect flow: the training pipeline end to end, or the data stages.")
+    p.add_argument("name", choices=["training", "data"], help="which flow")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="training: tiny generated data in a temporary workspace (minutes)",
+    )
+    p.add_argument("--workspace", help="--smoke: work here instead of a new temporary folder")
+    p.add_argument(
+        "--only-if-new-data",
+        action="store_true",
+        help="training: stop early if the raw data is what the champion was trained on",
+    )
+    p.add_argument(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        help="training: Optuna search first (default: flow.tune)",
+    )
+
+    p = add(
+        "schedule",
+        _cmd_schedule,
+        "Serve the training flow on the flow.schedule cron (retrains when the raw data changed).",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the deployment and its next runs; do not serve"
+    )
 
     return parser
 

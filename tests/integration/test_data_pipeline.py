@@ -84,10 +84,9 @@ def test_cli_chain_ingest_validate_preprocess_split(tmp_path: Path) -> None:
 
 
 def test_prefect_data_flow_matches_cli_outputs(tmp_path: Path) -> None:
+    from pipelines.data_flows import data_pipeline_flow
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
-
-    from pipelines.data_flows import data_pipeline_flow
 
     params = _tiny_params(tmp_path)
     with prefect_test_harness():
@@ -120,7 +119,9 @@ def test_prefect_data_flow_matches_cli_outputs(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(cli_index, flow_index_df)
 
 
-def test_validation_failure_is_one_line_and_keeps_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_validation_failure_is_one_line_and_keeps_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     params = _tiny_params(tmp_path, cases=4, tumour_free_fraction=0.0)
     p = ["--params", str(params)]
     assert main(["synth", *p]) == 0

@@ -40,7 +40,10 @@ def test_overrides_are_dotted_and_do_not_mutate() -> None:
 
 def test_parse_override_reads_yaml_values() -> None:
     assert parse_override("train.lr=1e-3") == ("train.lr", 1e-3)
-    assert parse_override("preprocess.target_spacing_mm=[1, 1, 2]") == ("preprocess.target_spacing_mm", [1, 1, 2])
+    assert parse_override("preprocess.target_spacing_mm=[1, 1, 2]") == (
+        "preprocess.target_spacing_mm",
+        [1, 1, 2],
+    )
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("train.lr")
 

@@ -1,0 +1,410 @@
+"""The training pipeline as one Prefect flow.
+
+``synth`` (embedded data) -> ``ingest`` -> [new data?] -> ``validate`` -> ``preprocess`` -> ``split``
+-> (``tune``) -> ``train`` -> ``compress`` -> ``evaluate`` -> ``register`` -> ``promote``
+
+One implementation, two drivers: every task calls the function its ``tumorseg`` command (the
+DVC stage in ``dvc.yaml``) calls, with the same params, so ``dvc repro`` and this flow write the
+same artefacts. The flow itself holds orchestration only:
+
+- **Caching**: a stage's cache key hashes the params keys it reads, the content of its
+  dependency files and the source of its code (:mod:`pipelines.stage_cache`), like DVC; a rerun
+  with nothing changed skips every finished stage, and a stage whose outputs are missing reruns.
+  ``register`` and ``promote`` act on the registry's current state and always run.
+- **Retries**: file-system steps retry on ``OSError`` only (flaky disks, NFS); a user error
+  (:class:`~tumorseg.errors.TumorsegError`) or a training bug is never retried.
+- **Artifacts**: the validation report, the split, the training summary, the test metrics table,
+  the registered version and the promotion decision are published as Prefect artifacts.
+- **New data only** (scheduled runs): after ``ingest``, the raw data's hash is compared with the
+  one recorded on the champion (:mod:`tumorseg.retrain`); unchanged -> "no new data", stop.
+- **A failed run never moves champion**: ``promote`` is the only step that moves the alias and
+  runs only when every earlier step succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pipelines.data_flows import (
+    IO_RETRIES,
+    ingest_task,
+    load_params,
+    preprocess_task,
+    split_task,
+    synth_task,
+    validate_task,
+)
+from pipelines.stage_cache import StageSpec, stage_policy
+from tumorseg.config import apply_overrides, section
+
+log = logging.getLogger(__name__)
+
+TRAINING_PARAMS = (
+    "paths.preprocessed",
+    "paths.split",
+    "preprocess.target_spacing_mm",
+    "data_loader",
+    "augment",
+    "model",
+    "loss",
+    "sliding_window",
+    "train",
+    "trainer",
+)
+
+
+def _path(key: str) -> Any:
+    """Deps/outs helper: the path at ``paths.<key>``."""
+    return lambda p: [Path(p["paths"][key])]
+
+
+def _reports(*names: str) -> Any:
+    return lambda p: [Path(p["paths"]["reports"]) / n for n in names]
+
+
+STAGES: dict[str, StageSpec] = {
+    "synth": StageSpec("synth", ("synth",), lambda p: [], ("tumorseg.data.synth",), _path("raw")),
+    "ingest": StageSpec(
+        "ingest",
+        ("ingest.layout", "ingest.hash_chunk_mb", "paths.ingested"),
+        _path("raw"),
+        ("tumorseg.data.ingest", "tumorseg.data.layouts"),
+        lambda p: [Path(p["paths"]["ingested"]) / "manifest.csv"],
+    ),
+    "validate": StageSpec(
+        "validate",
+        ("validate", "paths.validated"),
+        lambda p: [Path(p["paths"]["ingested"]) / "manifest.csv"],
+        ("tumorseg.validation",),
+        lambda p: [Path(p["paths"]["validated"]) / "manifest.csv"],
+    ),
+    "preprocess": StageSpec(
+        "preprocess",
+        (
+            "preprocess.target_spacing_mm",
+            "preprocess.crop_margin_vox",
+            "preprocess.storage_dtype",
+            "preprocess.image_interpolation_order",
+            "preprocess.label_resampling",
+            "paths.preprocessed",
+        ),
+        lambda p: [Path(p["paths"]["validated"]) / "manifest.csv"],
+        ("tumorseg.data.preprocess", "tumorseg.data.layouts"),
+        lambda p: [Path(p["paths"]["preprocessed"]) / "index.csv"],
+    ),
+    "split": StageSpec(
+        "split",
+        ("split", "paths.split"),
+        lambda p: [Path(p["paths"]["preprocessed"]) / "index.csv"],
+        ("tumorseg.data.split",),
+        _path("split"),
+    ),
+    "tune": StageSpec(
+        "tune",
+        ("tune", *TRAINING_PARAMS),
+        lambda p: [Path(p["paths"]["preprocessed"]), Path(p["paths"]["split"])],
+        ("tumorseg.tuning", "tumorseg.training", "tumorseg.models", "tumorseg.data.datamodule"),
+        lambda p: [Path(section("tune", p).best_params_file)],
+    ),
+    "train": StageSpec(
+        "train",
+        (*TRAINING_PARAMS, "train.out_dir", "paths.reports"),
+        lambda p: [Path(p["paths"]["preprocessed"]), Path(p["paths"]["split"])],
+        ("tumorseg.training", "tumorseg.models", "tumorseg.data.datamodule", "tumorseg.data.transforms"),
+        lambda p: [
+            Path(p["train"]["out_dir"]) / "checkpoints" / "best.ckpt",
+            *_reports("train_metrics.json")(p),
+        ],
+    ),
+    "compress": StageSpec(
+        "compress",
+        ("compress",),
+        lambda p: [Path(p["train"]["out_dir"]) / "checkpoints" / "best.ckpt"],
+        ("tumorseg.compression",),
+        lambda p: [Path((p.get("compress") or {}).get("out_dir", "models/compressed"))],
+    ),
+    "evaluate": StageSpec(
+        "evaluate",
+        ("evaluate", "predict", "registry", "paths.reports", "mlflow.experiment"),
+        lambda p: [
+            Path(p["train"]["out_dir"]) / "checkpoints" / "best.ckpt",
+            Path(p["paths"]["validated"]) / "manifest.csv",
+            Path(p["paths"]["split"]),
+        ],
+        ("tumorseg.evaluation", "tumorseg.registry", "tumorseg.models.predictor"),
+        _reports("metrics.json", "test_per_case.csv"),
+    ),
+}
+"""Each stage's params keys, dependencies, code and outputs: the ``dvc.yaml`` entries, for the cache."""
+
+
+def _tracking_uri(params: dict[str, Any]) -> str:
+    import tumorseg.training.config  # noqa: F401  (registers mlflow:)
+    from tumorseg.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(section("mlflow", params).tracking_uri, section("paths", params).mlruns)
+
+
+def _cached(task_fn: Any, stage: str, params: dict[str, Any]) -> Any:
+    """The task with its stage's cache policy; forced to run when an output is missing."""
+    import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
+
+    cfg = section("flow", params)
+    spec = STAGES[stage]
+    return task_fn.with_options(
+        cache_policy=stage_policy(spec, Path(cfg.cache_dir).resolve()),
+        cache_expiration=timedelta(days=cfg.cache_days) if cfg.cache_days else None,
+        refresh_cache=not spec.outputs_exist(params),
+        persist_result=True,
+    )
+
+
+# ---------------------------------------------------------------------------- tasks
+@task(name="check-new-data", cache_policy=NO_CACHE)
+def check_new_data_task(params: dict) -> dict[str, Any]:
+    """Compare the ingested raw data with the champion's (:func:`tumorseg.retrain.decide_retrain`)."""
+    from tumorseg.retrain import decide_retrain
+
+    decision = decide_retrain(params, tracking_uri=_tracking_uri(params))
+    create_markdown_artifact(
+        key="retrain-decision",
+        markdown=f"**{'retrain' if decision.retrain else 'no new data'}**: {decision.reason}",
+        description="Data-triggered retraining: raw data hash vs. the champion's",
+    )
+    return decision.to_dict()
+
+
+@task(name="tune", cache_policy=NO_CACHE)
+def tune_task(params: dict) -> dict[str, Any]:
+    from tumorseg.tuning.study import run_study
+
+    result = run_study(params, tracking_uri=_tracking_uri(params))
+    create_markdown_artifact(
+        key="tuning",
+        markdown=f"{result.one_line()}\n\nBest overrides:\n\n```yaml\n{yaml.safe_dump(result.best_overrides)}```",
+        description="Optuna search: best trial",
+    )
+    return {"best_value": result.best_value, "best_overrides": result.best_overrides}
+
+
+@task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=IO_RETRIES["retry_condition_fn"])
+def train_task(params: dict) -> dict[str, Any]:
+    """``tumorseg train`` (params already merged with the best-params file)."""
+    from tumorseg.training.train import train
+
+    result = train(params, tracking_uri=_tracking_uri(params))
+    create_table_artifact(
+        key="training",
+        table=[
+            {"region": region, "best_val_dice": round(value, 4)}
+            for region, value in result.best_val_dice.items()
+        ],
+        description=result.one_line(),
+    )
+    return {
+        "best_val_dice": result.best_val_dice,
+        "epochs": result.epochs,
+        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+        "mlflow_run_id": result.mlflow_run_id,
+    }
+
+
+@task(name="compress", **IO_RETRIES)
+def compress_task(params: dict) -> str:
+    """``tumorseg compress`` when the compression stage is installed (it is optional in this flow)."""
+    try:
+        from tumorseg.compression.stage import run_compress_stage
+    except ImportError:
+        log.warning("tumorseg.compression.stage is not available; compression skipped")
+        return "skipped: tumorseg.compression.stage not available"
+    import tumorseg.training.config  # noqa: F401  (registers train:, also when the train task was cached)
+
+    checkpoint = Path(section("train", params).out_dir) / "checkpoints" / "best.ckpt"
+    # the model this run just trained, not the served champion (compress.model's default)
+    result = run_compress_stage(params, tracking_uri=_tracking_uri(params), model_uri=str(checkpoint))
+    text = result.one_line() if hasattr(result, "one_line") else str(result)
+    create_markdown_artifact(key="compression", markdown=text, description="Model compression")
+    return text
+
+
+@task(name="evaluate", **IO_RETRIES)
+def evaluate_task(params: dict) -> dict[str, Any]:
+    """``tumorseg evaluate-model``: test split in the source geometry, registered as ``challenger``."""
+    from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
+
+    result = run_evaluate_stage(params, tracking_uri=_tracking_uri(params))
+    m = result.evaluation.metrics
+    create_table_artifact(
+        key="test-metrics",
+        table=[
+            {
+                "region": region,
+                "dice": m.get(f"dice_{region}"),
+                "dice_ci": f"[{m.get(f'dice_{region}_ci_low')}, {m.get(f'dice_{region}_ci_high')}]",
+                "hd95_mm": m.get(f"hd95_{region}"),
+            }
+            for region in ("WT", "TC", "ET")
+        ]
+        + [{"region": "mean", "dice": m.get("dice_mean"), "dice_ci": "", "hd95_mm": None}],
+        description=result.one_line(),
+    )
+    registered = result.registered.to_dict() if result.registered is not None else None
+    return {"metrics": m, "registered": registered, "one_line": result.one_line()}
+
+
+@task(name="register", cache_policy=NO_CACHE, **IO_RETRIES)
+def register_task(params: dict, evaluation: dict[str, Any], raw_md5: str) -> dict[str, Any] | None:
+    """Record on the registered version what the flow knows: the raw data it was trained on."""
+    from tumorseg.retrain import record_raw_data_hash
+
+    registered = evaluation.get("registered")
+    if registered is None:
+        create_markdown_artifact(key="registered-model", markdown="registry off: no version registered")
+        return None
+    record_raw_data_hash(params, registered["version"], raw_md5, tracking_uri=_tracking_uri(params))
+    create_markdown_artifact(
+        key="registered-model",
+        markdown=(
+            f"Registered **{registered['name']} version {registered['version']}** as `challenger` "
+            f"(run `{registered['run_id']}`, raw data `{raw_md5}`).\n\n{evaluation['one_line']}"
+        ),
+        description="Model registry",
+    )
+    return registered
+
+
+@task(name="promote", cache_policy=NO_CACHE, **IO_RETRIES)
+def promote_task(params: dict) -> dict[str, Any]:
+    """``tumorseg promote``: the champion/challenger gate."""
+    from tumorseg.registry.promote import promote
+
+    result = promote(params, tracking_uri=_tracking_uri(params))
+    lines = result.lines()
+    create_markdown_artifact(
+        key="promotion-decision",
+        markdown=f"**{result.action}**\n\n" + "\n".join(f"- {line.strip()}" for line in lines),
+        description="Champion/challenger promotion decision",
+    )
+    return {
+        "action": result.action,
+        "champion": result.champion,
+        "challenger": result.challenger,
+        "lines": lines,
+    }
+
+
+# ---------------------------------------------------------------------------- the flow
+@flow(name="training-pipeline", log_prints=True)
+def training_flow(
+    params_path: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    *,
+    only_if_new_data: bool = False,
+    tune: bool | None = None,
+) -> dict[str, Any]:
+    """ingest -> validate -> preprocess -> split -> (tune) -> train -> compress -> evaluate -> register -> promote.
+
+    Args:
+        params_path: params.yaml to read.
+        overrides: dotted-key overrides (``{"train.max_epochs": 2}``).
+        only_if_new_data: stop early, recording "no new data", when the raw data is what the
+            champion was trained on (scheduled runs).
+        tune: run the Optuna search first (None: ``flow.tune``).
+
+    Returns:
+        ``{"status": "no_new_data" | "completed", "decision": ..., <stage>: <summary>}``; a failed
+        step fails the flow run (and ``champion`` stays where it was).
+    """
+    import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
+    from tumorseg.retrain import raw_data_hash
+
+    params = load_params(params_path, overrides)
+    cfg = section("flow", params, source=params_path)
+    summary: dict[str, Any] = {"status": "completed"}
+    if cfg.generate_data:
+        summary["synth"] = len(_cached(synth_task, "synth", params)(params))
+    summary["ingest"] = _cached(ingest_task, "ingest", params)(params)
+    raw_md5 = raw_data_hash(section("paths", params).ingested)
+    if only_if_new_data:
+        decision = check_new_data_task(params)
+        summary["decision"] = decision
+        if not decision["retrain"]:
+            summary["status"] = "no_new_data"
+            print(decision["reason"])
+            return summary
+    summary["validate"] = _cached(validate_task, "validate", params)(params)
+    summary["preprocess"] = _cached(preprocess_task, "preprocess", params)(params)
+    summary["split"] = _cached(split_task, "split", params)(params)
+    if cfg.tune if tune is None else tune:
+        summary["tune"] = _cached(tune_task, "tune", params)(params)
+    from tumorseg.tuning.best import with_best_params
+
+    trained_params = with_best_params(params, explicit=overrides, source=params_path)
+    summary["train"] = _cached(train_task, "train", trained_params)(trained_params)
+    if cfg.compress:
+        summary["compress"] = _cached(compress_task, "compress", trained_params)(trained_params)
+    evaluation = _cached(evaluate_task, "evaluate", trained_params)(trained_params)
+    summary["evaluate"] = evaluation["one_line"]
+    summary["register"] = register_task(trained_params, evaluation, raw_md5)
+    summary["promote"] = promote_task(trained_params)
+    for line in summary["promote"]["lines"]:
+        print(line)
+    return summary
+
+
+# ---------------------------------------------------------------------------- smoke run
+def smoke_params(workspace: str | Path, params_path: str | Path = "params.yaml") -> Path:
+    """Write a params.yaml for the smoke run: the project's params, every path inside ``workspace``,
+    and ``flow.smoke.overrides`` (tiny data and network). Returns its path.
+    """
+    import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
+
+    workspace = Path(workspace).resolve()
+    params = load_params(params_path)
+    smoke = section("flow", params, source=str(params_path)).smoke.overrides
+    paths = {
+        key: str(workspace / key)
+        for key in ("raw", "ingested", "validated", "preprocessed", "reports", "mlruns")
+    }
+    overrides = {
+        **{f"paths.{key}": value for key, value in paths.items()},
+        "paths.split": str(workspace / "split.json"),
+        "train.out_dir": str(workspace / "models"),
+        "mlflow.tracking_uri": f"sqlite:///{workspace / 'mlruns' / 'mlflow.db'}",
+        "flow.cache_dir": str(workspace / ".prefect-cache"),
+        "flow.generate_data": True,
+        "tune.best_params_file": str(workspace / "reports" / "best_params.yaml"),
+        "tune.storage": f"sqlite:///{workspace / 'mlruns' / 'optuna.db'}",
+        "compress.out_dir": str(workspace / "models" / "compressed"),
+        **smoke,
+    }
+    params = apply_overrides(params, overrides)
+    workspace.mkdir(parents=True, exist_ok=True)
+    out = workspace / "params.yaml"
+    out.write_text(yaml.safe_dump(params, sort_keys=False))
+    return out
+
+
+def run_smoke(params_path: str | Path = "params.yaml", workspace: str | Path | None = None) -> dict[str, Any]:
+    """The smoke run: the whole flow on tiny generated data in a temporary workspace.
+
+    Args:
+        params_path: the project's params.yaml (its settings, then ``flow.smoke.overrides``).
+        workspace: where to work (default: a new temporary folder, kept for inspection).
+    """
+    folder = Path(workspace) if workspace else Path(tempfile.mkdtemp(prefix="tumorseg-smoke-"))
+    smoke = smoke_params(folder, params_path)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    summary = training_flow(params_path=str(smoke))
+    summary["workspace"] = str(folder)
+    return summary

@@ -1,0 +1,231 @@
+"""Benchmark: ``tumorseg predict`` on one BraTS-size case against MONAI's bare sliding window.
+
+Both sides run the same network (the ``model:`` section of params.yaml, seeded random weights:
+speed does not depend on the weights) with the same window, overlap, blending and batch settings,
+in the same process, on the same 240x240x155 1-mm case (``tumorseg synth --spacing 1``):
+
+- **baseline**: ``monai.inferers.sliding_window_inference`` on the already preprocessed volume
+  ``(1, 4, x, y, z)`` (the model's grid), nothing else;
+- **predict**: what ``tumorseg predict`` does per case: read the four NIfTI files, preprocess
+  (reorient, resample to the training spacing, crop, z-score), sliding-window inference,
+  thresholding, restoration to the 1-mm source grid, label decoding and writing the NIfTI.
+
+The measurements alternate (baseline, predict, baseline, ...) after an untimed warm-up of each, and
+medians are reported (and ``overhead_min`` from the fastest run of each side), because the machines
+are shared and noisy. The figure of merit is
+``overhead = predict_s / baseline_s - 1`` for one case on its own (target: under 0.15);
+``breakdown_s`` says where the non-inference time goes. ``folder_overhead`` is the same ratio per
+case for a folder of ``folder_cases`` cases through :func:`~tumorseg.models.predictor.predict_dataset`
+(what ``tumorseg predict DIR`` runs), where the next case is read while the current one is inferred.
+
+Usage::
+
+    python -m tumorseg.bench_predict --out bench/predict.json [--repeats 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TARGET_OVERHEAD = 0.15
+
+
+def _trained_network(params: dict[str, Any], seed: int) -> Any:
+    """The params.yaml network with seeded random weights, as a TrainedNetwork."""
+    import torch
+
+    from tumorseg.models.checkpoint import TrainedNetwork
+    from tumorseg.models.networks import build_network
+    from tumorseg.training.config import load_training_config
+
+    cfg = load_training_config(params)
+    torch.manual_seed(seed)
+    network = build_network(
+        cfg.model,
+        spatial_dims=cfg.data_loader.spatial_dims,
+        patch_size=cfg.data_loader.network_patch,
+        spacing=cfg.preprocess.target_spacing_mm,
+    ).eval()
+    return TrainedNetwork(network, cfg.model, cfg.data_loader, cfg.sliding_window, cfg.to_dict())
+
+
+def _copies(case: Any, folder: Path, n: int) -> Path:
+    """``n`` BraTS 2021 case folders with the files of ``case`` under new case ids (real reads, no synthesis)."""
+    import shutil
+
+    for k in range(n):
+        case_id = f"BraTS2021_{90001 + k:05d}"
+        target = folder / case_id
+        target.mkdir(parents=True, exist_ok=True)
+        for path in case.case_dir.iterdir():
+            shutil.copyfile(path, target / path.name.replace(case.case_id, case_id))
+    return folder
+
+
+def benchmark_predict(
+    params: dict[str, Any] | None = None,
+    *,
+    repeats: int = 3,
+    folder_cases: int = 3,
+    device: str = "cpu",
+    seed: int = 0,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Time ``predict`` and the bare MONAI sliding window on one 240x240x155 case (module docstring).
+
+    Args:
+        params: params.yaml dict (read from ./params.yaml when None): ``model``, ``data_loader``,
+            ``sliding_window`` and ``preprocess`` define the network and the settings.
+        repeats: timed (baseline, predict) pairs; medians are reported.
+        folder_cases: cases (copies of the synthetic case under other ids) in the folder measurement;
+            0 skips it.
+        device: ``cpu`` or ``cuda``.
+        seed: seeds the synthetic case and the weights.
+        workdir: where the case and the prediction are written (a temporary folder when None).
+
+    Returns:
+        ``{"baseline_s", "predict_s", "overhead", "target_overhead", "meets_target", "breakdown_s",
+        "folder_predict_s_per_case", "folder_overhead", "case_shape", "model_grid_shape", "device",
+        "threads", ...}``.
+    """
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from tumorseg.config import SynthConfig, read_params
+    from tumorseg.data.layouts import discover_cases, read_case
+    from tumorseg.data.preprocess import preprocess_case
+    from tumorseg.data.synth import synthesize_dataset
+    from tumorseg.models.predictor import (
+        PredictConfig,
+        SegmentationPredictor,
+        predict_dataset,
+        reference_header,
+        write_prediction,
+    )
+
+    params = read_params() if params is None else params
+    trained = _trained_network(params, seed)
+    predictor = SegmentationPredictor(trained, PredictConfig(device=device))
+    window = predictor.sliding_window
+    with tempfile.TemporaryDirectory(prefix="tumorseg-bench-predict-") as tmp:
+        root = Path(workdir) if workdir is not None else Path(tmp)
+        synth = SynthConfig(
+            cases=1, spacing_mm=1.0, seed=seed, tumour_free_fraction=0.0, reoriented_fraction=0.0
+        )
+        synthesize_dataset(root / "raw", synth)
+        case = discover_cases(root / "raw")[0]
+        volumes = read_case(case)
+        image = preprocess_case(volumes, predictor.preprocess_cfg).image.astype("float32")
+        x = torch.from_numpy(image)[None].to(predictor.device)
+
+        def baseline() -> float:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                sliding_window_inference(
+                    x,
+                    roi_size=trained.roi_size,
+                    sw_batch_size=window.sw_batch_size,
+                    predictor=predictor.network,
+                    overlap=window.overlap,
+                    mode=window.blend_mode,
+                    padding_mode="constant",
+                )
+            if predictor.device.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        breakdowns: list[dict[str, float]] = []
+
+        def predict() -> float:
+            start = time.perf_counter()
+            prediction = predictor.predict_case(case)
+            written = time.perf_counter()
+            write_prediction(prediction, root / "pred", reference_header(case))
+            prediction.seconds["write"] = time.perf_counter() - written
+            breakdowns.append(prediction.seconds)
+            return time.perf_counter() - start
+
+        baseline()
+        predict()  # warm-up: allocator, thread pools, first-call kernels
+        breakdowns.clear()
+        base_times, predict_times = [], []
+        for _ in range(repeats):
+            base_times.append(baseline())
+            predict_times.append(predict())
+
+        folder_per_case = folder_baseline = None
+        if folder_cases > 0:
+            # Paired in time: the folder run against the baselines just before and just after it.
+            folder = _copies(case, root / "folder", folder_cases)
+            before = baseline()
+            start = time.perf_counter()
+            predict_dataset(folder, root / "pred_folder", predictor)
+            folder_per_case = (time.perf_counter() - start) / folder_cases
+            folder_baseline = (before + baseline()) / 2.0
+
+    baseline_s = statistics.median(base_times)
+    predict_s = statistics.median(predict_times)
+    overhead = predict_s / baseline_s - 1.0
+    return {
+        "device": str(predictor.device),
+        "threads": torch.get_num_threads(),
+        "network": trained.model.name,
+        "parameters": sum(p.numel() for p in trained.network.parameters()),
+        "case_shape": list(volumes.image.shape[1:]),
+        "model_grid_shape": list(image.shape[1:]),
+        "training_spacing_mm": list(predictor.preprocess_cfg.target_spacing_mm),
+        "roi_size": list(trained.roi_size),
+        "overlap": window.overlap,
+        "sw_batch_size": window.sw_batch_size,
+        "blend_mode": window.blend_mode,
+        "repeats": repeats,
+        "baseline_s": round(baseline_s, 3),
+        "predict_s": round(predict_s, 3),
+        "baseline_runs_s": [round(t, 3) for t in base_times],
+        "predict_runs_s": [round(t, 3) for t in predict_times],
+        "overhead": round(overhead, 4),
+        # Contention only ever adds time: the fastest run of each side is the least disturbed pair.
+        "overhead_min": round(min(predict_times) / min(base_times) - 1.0, 4),
+        "target_overhead": TARGET_OVERHEAD,
+        "meets_target": overhead < TARGET_OVERHEAD,
+        "folder_cases": folder_cases,
+        "folder_predict_s_per_case": None if folder_per_case is None else round(folder_per_case, 3),
+        "folder_baseline_s": None if folder_baseline is None else round(folder_baseline, 3),
+        "folder_overhead": None
+        if folder_per_case is None
+        else round(folder_per_case / folder_baseline - 1.0, 4),
+        "breakdown_s": {
+            step: round(statistics.median(b[step] for b in breakdowns), 3) for step in breakdowns[0]
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--folder-cases", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", help="write the result JSON here (printed otherwise)")
+    args = parser.parse_args(argv)
+    from tumorseg.config import read_params
+
+    result = benchmark_predict(
+        read_params(args.params), repeats=args.repeats, folder_cases=args.folder_cases, device=args.device
+    )
+    text = json.dumps(result, indent=2) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""Training throughput: our DataModule + LightningModule against a minimal PyTorch/MONAI loop.
+
+Both sides train the same network (same factory, same seed, so the same initial weights),
+on the same cached cases with the same MONAI transforms, batch size, loss, optimiser,
+LR schedule and precision. The plain loop is what one would write by hand: a MONAI
+``CacheDataset`` + ``DataLoader`` and ``zero_grad / forward / backward / step``.
+
+Timing starts after ``bench_training.warmup_steps`` steps (first-call allocations, cache
+fill and worker start-up are excluded) and covers ``bench_training.steps`` steps, data
+loading included. Measurements alternate (plain, Lightning, plain, ...) ``repeats`` times
+and medians are reported, because the machines are shared and noisy.
+
+Returns ``{"plain_patches_per_s", "lightning_patches_per_s", "ratio", ...}``; the target is
+``ratio >= 0.9`` (Lightning overhead under 10 %).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import statistics
+import time
+from typing import Any
+
+from tumorseg.config import apply_overrides
+from tumorseg.training.config import TrainingConfig, load_bench_config, load_training_config
+
+log = logging.getLogger(__name__)
+
+
+def _autocast(precision: str) -> Any:
+    import contextlib
+
+    import torch
+
+    if precision.startswith("bf16"):
+        return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16)
+    if precision.startswith("16"):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _build(cfg: TrainingConfig) -> tuple[Any, Any]:
+    """Network and loss, seeded so both sides start from identical weights."""
+    import lightning as L
+
+    from tumorseg.models.losses import build_loss
+    from tumorseg.models.networks import build_network
+
+    L.seed_everything(cfg.train.seed, verbose=False)
+    network = build_network(
+        cfg.model,
+        spatial_dims=cfg.data_loader.spatial_dims,
+        patch_size=cfg.data_loader.network_patch,
+        spacing=cfg.preprocess.target_spacing_mm,
+    )
+    return network, build_loss(cfg.loss, cfg.model.output)
+
+
+def plain_loop_throughput(
+    cfg: TrainingConfig, records: list[dict[str, Any]], steps: int, warmup: int
+) -> float:
+    """Patches/s of a hand-written loop (MONAI CacheDataset + DataLoader, torch optimiser)."""
+    from monai.data import CacheDataset, DataLoader
+    from monai.transforms import Compose
+
+    from tumorseg.data.transforms import cache_transforms, train_transforms
+    from tumorseg.models.inference import labels_to_regions
+    from tumorseg.training.optim import make_optimizer, make_scheduler
+
+    loader_cfg = cfg.data_loader
+    network, loss_fn = _build(cfg)
+    random_part = train_transforms(loader_cfg, cfg.augment)
+    random_part.set_random_state(seed=cfg.train.seed)
+    dataset = CacheDataset(
+        records,
+        Compose([*cache_transforms(loader_cfg, train=True).transforms, *random_part.transforms]),
+        cache_rate=1.0,
+        progress=False,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=loader_cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=loader_cfg.num_workers,
+        persistent_workers=loader_cfg.num_workers > 0,
+    )
+    optimizer = make_optimizer(network.parameters(), cfg.train)
+    total = warmup + steps
+    schedule = make_scheduler(optimizer, total, cfg.train)
+    scheduler = schedule["scheduler"] if schedule and schedule.get("interval") == "step" else None
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    network.train()
+    started = 0.0
+    for step in range(total):
+        batch = next(batches)
+        image, label = batch["image"], batch["label"]
+        target = labels_to_regions(label) if cfg.model.output == "regions" else label
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(cfg.trainer.precision):
+            logits = network(image)
+        loss = loss_fn(logits.float(), target)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if step == warmup - 1 or (warmup == 0 and step == 0):
+            started = time.perf_counter()
+    timed = steps if warmup > 0 else steps - 1
+    return timed * loader_cfg.batch_size / (time.perf_counter() - started)
+
+
+def lightning_throughput(
+    cfg: TrainingConfig,
+    train_records: list[dict[str, Any]],
+    val_records: list[dict[str, Any]],
+    steps: int,
+    warmup: int,
+) -> float:
+    """Patches/s of :class:`SegmentationModule` + :class:`SegmentationDataModule` under ``lightning.Trainer``."""
+    import lightning as L
+
+    from tumorseg.data.datamodule import SegmentationDataModule
+    from tumorseg.models.lightning_module import SegmentationModule
+    from tumorseg.training.optim import optimizer_factory, scheduler_factory
+
+    class StepClock(L.Callback):
+        def __init__(self) -> None:
+            self.started = 0.0
+            self.ended = 0.0
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step == max(warmup, 1):
+                self.started = time.perf_counter()
+            self.ended = time.perf_counter()
+
+    network, loss_fn = _build(cfg)
+    module = SegmentationModule(
+        network,
+        loss_fn,
+        output=cfg.model.output,
+        roi_size=cfg.data_loader.network_patch,
+        sliding_window=cfg.sliding_window,
+        optimizer_factory=optimizer_factory(cfg.train),
+        scheduler_factory=scheduler_factory(cfg.train),
+        config=cfg.to_dict(),
+    )
+    total = warmup + steps
+    datamodule = SegmentationDataModule(
+        train_records,
+        val_records,
+        cfg.data_loader,
+        cfg.augment,
+        patches_per_epoch=total * cfg.data_loader.batch_size,
+        seed=cfg.train.seed,
+    )
+    clock = StepClock()
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=cfg.trainer.precision,
+        max_steps=total,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[clock],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    timed = steps if warmup > 0 else steps - 1
+    return timed * cfg.data_loader.batch_size / (clock.ended - clock.started)
+
+
+def benchmark_training(
+    params: dict[str, Any], *, overrides: dict[str, Any] | None = None, source: str = "params.yaml"
+) -> dict[str, Any]:
+    """Measure both loops in this process and return their throughputs and ratio.
+
+    Args:
+        params: params.yaml dict (the ``data_loader``, ``model``, ``loss``, ``train``, ``trainer``
+            and ``bench_training`` sections are used; training data from ``paths``).
+        overrides: dotted-key overrides.
+        source: params file name for error messages.
+
+    Returns:
+        ``{"plain_patches_per_s", "lightning_patches_per_s", "ratio", "plain_runs", "lightning_runs",
+        "steps", "warmup_steps", "batch_size", "patch_size", "network", "precision"}``.
+    """
+    from tumorseg.training.train import split_records
+
+    params = apply_overrides(params, overrides)
+    cfg = load_training_config(params, source=source)
+    bench = load_bench_config(params, source=source)
+    train_records, val_records = split_records(cfg, source)
+    plain_runs: list[float] = []
+    lightning_runs: list[float] = []
+    for repeat in range(bench.repeats):
+        plain_runs.append(plain_loop_throughput(cfg, train_records, bench.steps, bench.warmup_steps))
+        lightning_runs.append(
+            lightning_throughput(cfg, train_records, val_records, bench.steps, bench.warmup_steps)
+        )
+        log.info(
+            "bench repeat %d: plain %.2f, lightning %.2f patches/s",
+            repeat,
+            plain_runs[-1],
+            lightning_runs[-1],
+        )
+    plain = statistics.median(plain_runs)
+    ours = statistics.median(lightning_runs)
+    return {
+        "plain_patches_per_s": round(plain, 3),
+        "lightning_patches_per_s": round(ours, 3),
+        "ratio": round(ours / plain, 4),
+        "plain_runs": [round(v, 3) for v in plain_runs],
+        "lightning_runs": [round(v, 3) for v in lightning_runs],
+        "steps": bench.steps,
+        "warmup_steps": bench.warmup_steps,
+        "batch_size": cfg.data_loader.batch_size,
+        "patch_size": list(cfg.data_loader.network_patch),
+        "network": cfg.model.name,
+        "precision": cfg.trainer.precision,
+    }

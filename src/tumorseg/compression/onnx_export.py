@@ -1,0 +1,124 @@
+"""Export a network to ONNX with dynamic batch and spatial axes, and check ONNX Runtime against PyTorch.
+
+The exported graph maps ``image`` ``(B, 4, X, Y, Z)`` float32 to ``logits`` ``(B, C, X, Y, Z)``
+float32, with B, X, Y and Z dynamic: the sliding-window inferer sends batches of training-patch
+windows (the last batch may be smaller), and other window sizes work too. ``dynamo`` (torch's
+default exporter: ``torch.export`` + onnxscript) is used unless ``compress.exporter`` picks the
+legacy TorchScript tracer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tumorseg.errors import DataError
+from tumorseg.models.onnx_network import INPUT_NAME, OUTPUT_NAME, OnnxRuntimeNetwork
+
+log = logging.getLogger(__name__)
+
+
+class HalfPrecision(nn.Module):
+    """``network`` in float16 with float32 input and output (the casts are exported in the graph).
+
+    Why: callers (the sliding-window inferer, the served model) stay float32 everywhere; only the
+    FP16 variant's weights and activations are half precision.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network.half()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.network(image.half()).float()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def export_onnx(
+    network: nn.Module,
+    path: str | Path,
+    example: torch.Tensor,
+    *,
+    opset: int = 18,
+    exporter: str = "dynamo",
+    what: str = "network",
+) -> Path:
+    """Write ``network`` as ONNX to ``path`` (a temporary name in the same folder, then renamed).
+
+    Args:
+        network: in eval mode, mapping ``(B, 4, *patch)`` to ``(B, C, *patch)``.
+        path: the ``.onnx`` file to write.
+        example: ``(B, 4, *patch)`` input traced by the exporter.
+        opset: ONNX opset.
+        exporter: ``dynamo`` or ``torchscript``.
+        what: the variant's name, for messages.
+
+    Raises:
+        DataError: the exporter failed (one line naming the variant and the exporter's reason).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    network.eval()
+    spatial = range(2, example.dim())
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                dim = torch.export.Dim.DYNAMIC
+                program = torch.onnx.export(
+                    network,
+                    (example,),
+                    dynamo=True,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_shapes=({0: dim, **{axis: dim for axis in spatial}},),
+                    opset_version=opset,
+                    external_data=False,
+                    verbose=False,
+                )
+                program.save(tmp, external_data=False)
+            else:
+                axes = {0: "batch", **{axis: f"spatial_{axis - 2}" for axis in spatial}}
+                torch.onnx.export(
+                    network,
+                    (example,),
+                    tmp,
+                    dynamo=False,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
+                    opset_version=opset,
+                )
+        os.replace(tmp, path)
+    except Exception as exc:  # the exporters raise many types; the user needs the first line of it
+        Path(tmp).unlink(missing_ok=True)
+        raise DataError(
+            f"ONNX export of the {what} failed with the {exporter} exporter ({type(exc).__name__}: "
+            f"{_first_line(exc)}); try compress.exporter: "
+            f"{'torchscript' if exporter == 'dynamo' else 'dynamo'} or leave the variant out"
+        ) from None
+    return path
+
+
+def max_abs_difference(network: nn.Module, onnx_file: str | Path, example: torch.Tensor) -> float:
+    """Largest |ONNX Runtime logits - PyTorch logits| on ``example`` ``(B, 4, *patch)``."""
+    network.eval()
+    with torch.no_grad():
+        expected = network(example).float().numpy()
+    got = OnnxRuntimeNetwork(onnx_file)(example).numpy()
+    if got.shape != expected.shape:
+        raise DataError(f"{onnx_file}: ONNX output shape {got.shape} differs from PyTorch's {expected.shape}")
+    return float(np.max(np.abs(got - expected)))

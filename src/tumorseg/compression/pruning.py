@@ -1,0 +1,312 @@
+"""Pruning a trained network: global magnitude (unstructured) and channel (structured), then a fine-tune.
+
+- **Unstructured**: :func:`torch.nn.utils.prune.global_unstructured` zeroes the smallest-magnitude
+  weights across all conv layers at once (layers that matter more keep more weights). The mask stays
+  attached while the network is fine-tuned, so pruned weights stay zero; :func:`make_permanent` then
+  folds it into the weights (``prune.remove``). Dense kernels do not skip zeros: this shrinks a
+  compressed file, not the latency.
+- **Structured**: `Torch-Pruning <https://github.com/VainF/Torch-Pruning>`_ (DepGraph) removes whole
+  channels, with every layer that depends on them (norms, activations, the skip connections' concats)
+  adjusted together, ranked by the L2 norm of their weights (``MagnitudeImportance``). The network
+  really gets smaller and faster.
+
+Both are followed by :func:`fine_tune`: a few optimiser steps of the project's own training (the
+same :class:`~tumorseg.models.lightning_module.SegmentationModule`, loss, DataModule and
+augmentation, run by a Lightning ``Trainer``) on the training split.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tumorseg.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CONV_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
+
+
+@dataclass
+class PruneStats:
+    """What pruning did to a network.
+
+    Attributes:
+        method: ``unstructured`` or ``structured``.
+        parameters_before: parameters of the network before pruning.
+        parameters_after: parameters after (structured pruning removes them; unstructured keeps the count).
+        nonzero_after: parameters that are not exactly zero after pruning.
+        conv_sparsity: share of zero conv weights after pruning.
+        gmacs_before: multiply-accumulates (10^9) of one ``(1, 4, *patch)`` window before pruning.
+        gmacs_after: the same after pruning (dense count: zeros still cost time).
+        fine_tune_steps: optimiser steps of the fine-tune.
+        fine_tune_loss: mean training loss over the fine-tune (None without one).
+    """
+
+    method: str
+    parameters_before: int
+    parameters_after: int
+    nonzero_after: int
+    conv_sparsity: float
+    gmacs_before: float
+    gmacs_after: float
+    fine_tune_steps: int = 0
+    fine_tune_loss: float | None = None
+
+
+def count_parameters(network: nn.Module) -> int:
+    """All parameters (pruning masks are buffers, not counted)."""
+    return sum(p.numel() for p in network.parameters())
+
+
+def count_nonzero(network: nn.Module) -> int:
+    """Parameters that are not exactly zero (after :func:`make_permanent`)."""
+    return int(sum(int(torch.count_nonzero(p.detach())) for p in network.parameters()))
+
+
+def conv_sparsity(network: nn.Module) -> float:
+    """Share of exactly-zero weights over every conv and transposed-conv layer."""
+    total = zeros = 0
+    for module in network.modules():
+        if isinstance(module, CONV_TYPES):
+            weight = module.weight.detach()
+            total += weight.numel()
+            zeros += int((weight == 0).sum())
+    return zeros / total if total else 0.0
+
+
+def gmacs(network: nn.Module, example: torch.Tensor) -> float:
+    """Multiply-accumulates of one forward pass, in units of 10^9 (Torch-Pruning's counter)."""
+    import torch_pruning as tp
+
+    was_training = network.training
+    network.eval()
+    macs, _ = tp.utils.count_ops_and_params(network, example)
+    network.train(was_training)
+    return float(macs) / 1e9
+
+
+def _conv_weights(network: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(module, "weight") for module in network.modules() if isinstance(module, CONV_TYPES)]
+
+
+def prune_unstructured(network: nn.Module, amount: float) -> None:
+    """Zero the ``amount`` smallest-|w| share of all conv weights, globally; the mask stays attached.
+
+    Args:
+        network: modified in place (``weight`` becomes ``weight_orig * weight_mask``).
+        amount: share of weights to remove, in (0, 1).
+
+    Raises:
+        DataError: the network has no conv layer to prune.
+    """
+    from torch.nn.utils import prune
+
+    targets = _conv_weights(network)
+    if not targets:
+        raise DataError(f"unstructured pruning: {type(network).__name__} has no conv layer to prune")
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+
+
+def make_permanent(network: nn.Module) -> None:
+    """Fold every pruning mask into its weight (``prune.remove``): plain tensors, zeros kept."""
+    from torch.nn.utils import prune
+
+    for module in network.modules():
+        for name in [
+            hook._tensor_name for hook in module._forward_pre_hooks.values() if hasattr(hook, "_tensor_name")
+        ]:
+            prune.remove(module, name)
+
+
+def expand_shared_prelu(network: nn.Module, example: torch.Tensor) -> int:
+    """Replace each single-slope ``PReLU`` by a per-channel one with that slope everywhere.
+
+    Why: MONAI's blocks use ``PReLU()`` (one slope shared by all channels). Torch-Pruning 1.6 cannot
+    infer the channel count through it (its dependency graph follows the slope's reshape instead of
+    the feature map and fails on the skip connections' concatenation). A per-channel PReLU whose
+    slopes are all equal computes exactly the same function and is prunable like a norm layer.
+
+    Args:
+        network: modified in place.
+        example: ``(1, 4, *patch)`` input, to find each PReLU's channel count.
+
+    Returns:
+        The number of PReLU layers replaced.
+    """
+    channels: dict[nn.Module, int] = {}
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        channels[module] = int(inputs[0].shape[1])
+
+    hooks = [
+        module.register_forward_hook(record)
+        for module in network.modules()
+        if isinstance(module, nn.PReLU) and module.num_parameters == 1
+    ]
+    try:
+        with torch.no_grad():
+            network(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    replaced = 0
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            if child in channels:
+                wide = nn.PReLU(channels[child])
+                with torch.no_grad():
+                    wide.weight.fill_(float(child.weight.reshape(-1)[0]))
+                setattr(parent, name, wide)
+                replaced += 1
+    return replaced
+
+
+def output_layers(network: nn.Module, out_channels: int) -> list[nn.Module]:
+    """Conv layers producing ``out_channels`` maps: the head, which must keep its channels."""
+    return [m for m in network.modules() if isinstance(m, CONV_TYPES) and m.out_channels == out_channels]
+
+
+def prune_channels(network: nn.Module, ratio: float, example: torch.Tensor, out_channels: int) -> None:
+    """Remove ``ratio`` of the channels of every prunable layer (Torch-Pruning ``MetaPruner``).
+
+    Args:
+        network: modified in place; its input and output channels are kept.
+        ratio: share of channels removed per layer group, in (0, 1).
+        example: ``(1, 4, *patch)`` input used to trace the dependency graph.
+        out_channels: the network's output channels (3 regions or 4 labels).
+
+    Raises:
+        DataError: Torch-Pruning cannot trace the network, or pruning changed its output shape.
+    """
+    import torch_pruning as tp
+
+    network.eval()
+    with torch.no_grad():
+        expected = tuple(network(example).shape)
+    expand_shared_prelu(network, example)
+    try:
+        pruner = tp.pruner.MetaPruner(
+            network,
+            example,
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=output_layers(network, out_channels),
+        )
+        pruner.step()
+    except Exception as exc:  # Torch-Pruning raises plain Python errors on graphs it cannot follow
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DataError(
+            f"structured pruning: Torch-Pruning cannot prune {type(network).__name__} "
+            f"({type(exc).__name__}: {first}); leave pruned_structured out of compress.variants"
+        ) from None
+    with torch.no_grad():
+        got = tuple(network(example).shape)
+    if got != expected:
+        raise DataError(
+            f"structured pruning changed the output shape of {type(network).__name__} from {expected} to {got}"
+        )
+
+
+def fine_tune(
+    network: nn.Module,
+    trained: Any,
+    params: dict[str, Any],
+    *,
+    steps: int,
+    lr: float,
+    source: str = "params.yaml",
+) -> float | None:
+    """Train ``network`` for ``steps`` optimiser steps with the model's own training recipe.
+
+    The loss, augmentation, patch sampling and optimiser come from the sections stored with the
+    model (``trained.config``: what it was trained with); the learning rate is ``lr``, constant;
+    the data (``paths.preprocessed`` training split) from ``params``. No validation, checkpoint or
+    logger: only the weights change, in place.
+
+    Args:
+        network: the pruned network (pruning masks, if any, stay applied while training).
+        trained: the source :class:`~tumorseg.models.checkpoint.TrainedNetwork` (settings only).
+        params: params dict (``paths``, ``trainer.accelerator``).
+        steps: optimiser steps; 0 returns at once.
+        lr: learning rate.
+        source: params file name for error messages.
+
+    Returns:
+        The mean training loss of the fine-tune (None when ``steps`` is 0).
+
+    Raises:
+        DataError: no training cases to fine-tune on.
+    """
+    if steps <= 0:
+        return None
+    import lightning as L
+
+    import tumorseg.training.config  # noqa: F401  (registers the training sections)
+    from tumorseg.config import section
+    from tumorseg.data.datamodule import SegmentationDataModule, case_records, read_split
+    from tumorseg.models.lightning_module import SegmentationModule
+    from tumorseg.models.losses import build_loss, with_deep_supervision
+    from tumorseg.training.optim import optimizer_factory
+
+    stored = trained.config
+    paths = section("paths", params, source=source)
+    trainer_cfg = section("trainer", params, source=source)
+    train_cfg = section("train", stored).model_copy(update={"lr": lr})
+    split = read_split(paths.split)
+    if not split.get("train"):
+        raise DataError(f"{paths.split}: no 'train' cases to fine-tune the pruned network on")
+    records = case_records(paths.preprocessed, split["train"])
+    loss = build_loss(section("loss", stored), trained.model.output)
+    if trained.model.name == "dynunet" and trained.model.dynunet.deep_supervision:
+        loss = with_deep_supervision(loss, section("loss", stored).deep_supervision_weights)
+    module = SegmentationModule(
+        network,
+        loss,
+        output=trained.model.output,
+        roi_size=trained.roi_size,
+        sliding_window=trained.sliding_window,
+        optimizer_factory=optimizer_factory(train_cfg),
+        scheduler_factory=None,
+        config=stored,
+    )
+    datamodule = SegmentationDataModule(
+        records,
+        [],
+        trained.data_loader,
+        section("augment", stored),
+        patches_per_epoch=steps * trained.data_loader.batch_size,
+        seed=train_cfg.seed,
+    )
+    L.seed_everything(train_cfg.seed, workers=True, verbose=False)
+    with tempfile.TemporaryDirectory(prefix="tumorseg-finetune-") as tmp:
+        trainer = L.Trainer(
+            accelerator=trainer_cfg.accelerator,
+            devices=1,
+            max_steps=steps,
+            max_epochs=1,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp,
+        )
+        network.train()  # Lightning keeps the mode it is given; a pruned copy arrives in eval mode
+        trainer.fit(module, datamodule=datamodule)
+    network.cpu().eval()
+    value = trainer.callback_metrics.get("train_loss")
+    return float(value) if value is not None else None

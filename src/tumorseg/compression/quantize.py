@@ -1,0 +1,241 @@
+"""INT8 post-training static quantization with ONNX Runtime (QDQ format), calibrated on validation windows.
+
+Static quantization fixes each activation's INT8 range ahead of time from calibration data. The
+data are what the network sees at inference: training-patch-sized windows of preprocessed
+**validation** volumes (never test cases), placed at random inside each case's brain bounding box
+with a fixed seed. ONNX Runtime's calibrator records the ranges; ``quantize_static`` inserts
+QuantizeLinear/DequantizeLinear pairs around the chosen layers (``compress.quantization.op_types``;
+convolutions by default, per output channel), which ONNX Runtime fuses into INT8 kernels on load.
+Normalisation and activations stay float between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tumorseg.compression.config import QuantizationConfig
+from tumorseg.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizationStats:
+    """What quantization changed.
+
+    Attributes:
+        quantized_nodes: layers quantized to INT8, by ONNX operator type.
+        float_nodes: layers left in float, by operator type (no INT8 kernel asked for or available).
+        calibration_windows: windows the activation ranges were calibrated on.
+        calibration_cases: the cases they came from.
+    """
+
+    quantized_nodes: dict[str, int]
+    float_nodes: dict[str, int]
+    calibration_windows: int
+    calibration_cases: list[str]
+
+
+def supported_op_types() -> list[str]:
+    """ONNX operator types ONNX Runtime can quantize in QDQ format."""
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    return sorted(QDQRegistry)
+
+
+def check_op_types(cfg: QuantizationConfig, source: str = "params.yaml") -> None:
+    """Every ``compress.quantization.op_types`` entry must be an operator ONNX Runtime can quantize.
+
+    Raises:
+        ConfigError: naming the first unsupported operator and listing the supported ones.
+    """
+    supported = supported_op_types()
+    for op_type in cfg.op_types:
+        if op_type not in supported:
+            raise ConfigError(
+                f"{source}: compress.quantization.op_types: {op_type} has no INT8 (QDQ) kernel in ONNX Runtime; "
+                f"use some of {', '.join(supported)}"
+            )
+
+
+def calibration_windows(
+    preprocessed_dir: str | Path,
+    case_ids: list[str],
+    roi_size: tuple[int, ...],
+    cfg: QuantizationConfig,
+    *,
+    split_file: str | Path = "split.json",
+) -> tuple[list[np.ndarray], list[str]]:
+    """Random training-patch windows ``(1, 4, *roi)`` float32 from preprocessed cases.
+
+    Volumes smaller than the window are zero-padded (as the sliding-window inferer pads them).
+
+    Args:
+        preprocessed_dir: ``paths.preprocessed``.
+        case_ids: the calibration split's cases; the first ``cfg.calibration_cases`` are used.
+        roi_size: the model's 3-D window (a 2-D model gets ``(1, 4, X, Y)`` axial slices).
+        cfg: ``compress.quantization``.
+        split_file: named in the error message.
+
+    Raises:
+        DataError: no calibration case (a model cannot be quantized without them).
+    """
+    from tumorseg.data.datamodule import case_records
+
+    if not case_ids:
+        raise DataError(
+            f"{split_file}: no {cfg.calibration_split!r} cases to calibrate INT8 quantization on; "
+            f"rerun `tumorseg split` with a {cfg.calibration_split} share or drop the int8 variants"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    windows: list[np.ndarray] = []
+    used: list[str] = []
+    for record in case_records(preprocessed_dir, case_ids[: cfg.calibration_cases]):
+        with np.load(record["path"]) as npz:
+            image = np.asarray(npz["image"], dtype=np.float32)
+            brain = np.asarray(npz["brain"], dtype=bool) if "brain" in npz.files else image.any(0)
+        used.append(record["case_id"])
+        for _ in range(cfg.patches_per_case):
+            windows.append(_random_window(image, brain, roi_size, rng))
+    return windows, used
+
+
+def _random_window(
+    image: np.ndarray, brain: np.ndarray, roi_size: tuple[int, ...], rng: np.random.Generator
+) -> np.ndarray:
+    """One ``(1, 4, *roi)`` window centred on a random brain voxel (zero padding past the edges)."""
+    if len(roi_size) == 2:  # 2-D network: a random axial slice, windowed in-plane
+        z = int(rng.integers(image.shape[3]))
+        return _random_window(image[..., z], brain[..., z], roi_size, rng)
+    voxels = np.argwhere(brain)
+    centre = voxels[rng.integers(len(voxels))] if len(voxels) else np.array(image.shape[1:]) // 2
+    window = np.zeros((4, *roi_size), dtype=np.float32)
+    src, dst = [], []
+    for axis, size in enumerate(roi_size):
+        start = int(centre[axis]) - size // 2
+        lo, hi = max(start, 0), min(start + size, image.shape[axis + 1])
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    window[(slice(None), *dst)] = image[(slice(None), *src)]
+    return window[None]
+
+
+class WindowCalibrationReader:
+    """ONNX Runtime ``CalibrationDataReader`` over a list of ``(1, 4, *roi)`` windows."""
+
+    def __init__(self, input_name: str, windows: list[np.ndarray]) -> None:
+        self.input_name = input_name
+        self.windows = windows
+        self._next = iter(windows)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        window = next(self._next, None)
+        return None if window is None else {self.input_name: window}
+
+    def rewind(self) -> None:
+        self._next = iter(self.windows)
+
+
+def _calibration_reader(input_name: str, windows: list[np.ndarray]) -> Any:
+    """The reader, as a subclass of ONNX Runtime's abstract base (imported lazily)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(WindowCalibrationReader, CalibrationDataReader):
+        pass
+
+    return Reader(input_name, windows)
+
+
+def quantize_int8(
+    fp32_onnx: str | Path,
+    out_path: str | Path,
+    windows: list[np.ndarray],
+    cfg: QuantizationConfig,
+    *,
+    calibration_cases: list[str] | None = None,
+    what: str = "network",
+) -> QuantizationStats:
+    """Write the INT8 (QDQ) version of ``fp32_onnx`` to ``out_path``.
+
+    Args:
+        fp32_onnx: exported float32 model.
+        out_path: the quantized model (written to a temporary name, then renamed).
+        windows: calibration inputs ``(1, 4, *roi)`` float32 (:func:`calibration_windows`).
+        cfg: ``compress.quantization``.
+        calibration_cases: case ids the windows came from (reported).
+        what: the variant's name, for messages.
+
+    Raises:
+        DataError: no calibration windows; no layer of the model is of a quantizable type; or ONNX
+            Runtime failed (one line naming the variant and its reason).
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not windows:
+        raise DataError(f"INT8 quantization of the {what}: no calibration windows; it needs validation cases")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    graph = onnx.load(str(fp32_onnx))
+    present = Counter(node.op_type for node in graph.graph.node)
+    targets = [op for op in cfg.op_types if present.get(op)]
+    if not targets:
+        raise DataError(
+            f"INT8 quantization of the {what}: none of its layers ({', '.join(sorted(present))}) is one of "
+            f"compress.quantization.op_types ({', '.join(cfg.op_types)})"
+        )
+    input_name = graph.graph.input[0].name
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[cfg.calibrate_method]
+    with tempfile.TemporaryDirectory(prefix="tumorseg-int8-", dir=out_path.parent) as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        staged = Path(tmp) / out_path.name
+        try:
+            # Shape inference + graph optimisation first, as ONNX Runtime recommends; the symbolic
+            # pass cannot resolve the dynamic spatial axes through every layer, so it is skipped.
+            quant_pre_process(str(fp32_onnx), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared),
+                str(staged),
+                _calibration_reader(input_name, windows),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(targets),
+                per_channel=cfg.per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=method,
+            )
+        except Exception as exc:  # ONNX Runtime's quantizer raises plain exceptions
+            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                f"INT8 quantization of the {what} failed ({type(exc).__name__}: {text})"
+            ) from None
+        os.replace(staged, out_path)
+    quantized = onnx.load(str(out_path))
+    dequantized_inputs = {
+        node.output[0] for node in quantized.graph.node if node.op_type == "DequantizeLinear"
+    }
+    done: Counter[str] = Counter()
+    left: Counter[str] = Counter()
+    for node in quantized.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if node.op_type in targets and any(name in dequantized_inputs for name in node.input):
+            done[node.op_type] += 1
+        else:
+            left[node.op_type] += 1
+    if not done:
+        raise DataError(f"INT8 quantization of the {what}: ONNX Runtime quantized none of its layers")
+    return QuantizationStats(dict(done), dict(left), len(windows), list(calibration_cases or []))

@@ -1,0 +1,200 @@
+"""The compression report: one row per variant, the accuracy gate, and the choice of the edge model.
+
+Gate: a variant is accepted only if its mean Dice (over the test cases of each case's mean over
+WT, TC and ET, the statistic the promotion gate uses) is at most ``compress.dice_tolerance`` below
+the fp32 model's on the same cases. Among accepted variants that run in ONNX Runtime, the edge
+model is the fastest (median latency of the whole ``predict`` path), then the smallest file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tumorseg.data.conventions import REGION_NAMES
+
+BASELINE = "fp32"
+
+
+@dataclass
+class VariantResult:
+    """One deployment variant, measured.
+
+    Attributes:
+        name: variant name (``fp32``, ``pruned_structured_int8``...).
+        runtime: ``pytorch`` or ``onnxruntime``.
+        file: the model file (``weights.pt`` state_dict for fp32, the ``.onnx`` otherwise).
+        file_mb: its size in MiB.
+        parameters: parameters of the network (after structured pruning: fewer).
+        nonzero_parameters: parameters that are not zero (after unstructured pruning: fewer).
+        sparsity: share of zero conv weights.
+        gmacs_per_window: multiply-accumulates (10^9) of one ``(1, 4, *patch)`` window.
+        onnx_max_abs_diff: max |ONNX Runtime - PyTorch| logits of the exported float graph (the
+            quantized graphs are compared with the float graph they came from).
+        latency_s: median wall time of the whole ``predict`` of one latency case (read,
+            preprocess, sliding window, restore), averaged over the latency cases.
+        latency_runs_s: every timed run.
+        inference_s: median sliding-window part of that time.
+        dice: mean Dice per region and ``mean`` over the test cases (source geometry).
+        case_dice_mean: each test case's mean Dice over WT/TC/ET.
+        dice_drop: fp32 mean Dice minus this variant's (positive = worse).
+        accepted: passed the gate (None until gated; fp32 is the reference).
+        reason: why it was accepted or rejected, or why it was not measured.
+        details: pruning / quantization facts.
+    """
+
+    name: str
+    runtime: str
+    file: str | None = None
+    file_mb: float | None = None
+    parameters: int | None = None
+    nonzero_parameters: int | None = None
+    sparsity: float | None = None
+    gmacs_per_window: float | None = None
+    onnx_max_abs_diff: float | None = None
+    latency_s: float | None = None
+    latency_runs_s: list[float] = field(default_factory=list)
+    inference_s: float | None = None
+    dice: dict[str, float] = field(default_factory=dict)
+    case_dice_mean: dict[str, float] = field(default_factory=dict)
+    dice_drop: float | None = None
+    accepted: bool | None = None
+    reason: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def measured(self) -> bool:
+        return self.latency_s is not None and "mean" in self.dice
+
+
+def apply_gate(results: list[VariantResult], tolerance: float) -> None:
+    """Set ``dice_drop``, ``accepted`` and ``reason`` of every variant against the fp32 baseline.
+
+    The drop is computed on the cases both were scored on (the same test split).
+
+    Raises:
+        ValueError: no measured fp32 baseline in ``results``.
+    """
+    baseline = next((r for r in results if r.name == BASELINE), None)
+    if baseline is None or "mean" not in baseline.dice:
+        raise ValueError("the gate needs the measured fp32 baseline")
+    for result in results:
+        if result.name == BASELINE:
+            result.dice_drop = 0.0
+            result.accepted = None
+            result.reason = "baseline"
+            continue
+        if not result.measured:
+            result.accepted = False
+            result.reason = result.reason or "not measured"
+            continue
+        common = sorted(set(result.case_dice_mean) & set(baseline.case_dice_mean))
+        if common:
+            ours = sum(result.case_dice_mean[c] for c in common) / len(common)
+            theirs = sum(baseline.case_dice_mean[c] for c in common) / len(common)
+        else:
+            ours, theirs = result.dice["mean"], baseline.dice["mean"]
+        result.dice_drop = theirs - ours
+        # A hair of slack for float noise: a drop of exactly the tolerance passes.
+        result.accepted = result.dice_drop <= tolerance + 1e-9
+        result.reason = (
+            f"Dice drop {result.dice_drop:+.4f} {'<=' if result.accepted else '>'} tolerance {tolerance:g}"
+        )
+
+
+def choose_edge(results: list[VariantResult]) -> VariantResult | None:
+    """The accepted ONNX Runtime variant with the lowest latency, then the smallest file (None if none)."""
+    candidates = [r for r in results if r.accepted and r.runtime == "onnxruntime" and r.measured]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda r: (r.latency_s, r.file_mb if r.file_mb is not None else math.inf))
+
+
+def ratios(edge: VariantResult | None, results: list[VariantResult]) -> dict[str, float | None]:
+    """Speed-up (fp32 latency / edge latency) and size ratio (fp32 file / edge file) of the edge model."""
+    baseline = next((r for r in results if r.name == BASELINE), None)
+    if edge is None or baseline is None or not edge.latency_s or not edge.file_mb:
+        return {"speedup": None, "size_ratio": None, "dice_drop": None}
+    return {
+        "speedup": baseline.latency_s / edge.latency_s if baseline.latency_s else None,
+        "size_ratio": baseline.file_mb / edge.file_mb if baseline.file_mb else None,
+        "dice_drop": edge.dice_drop,
+    }
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else round(value, 6)
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def report_dict(
+    results: list[VariantResult],
+    edge: VariantResult | None,
+    *,
+    tolerance: float,
+    context: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON report: context (source model, cases, machine), variants, edge and its ratios."""
+    return _clean(
+        {
+            **context,
+            "dice_tolerance": tolerance,
+            "edge": edge.name if edge is not None else None,
+            "edge_vs_fp32": ratios(edge, results),
+            "variants": [asdict(r) for r in results],
+        }
+    )
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "—" if value is None else format(value, pattern)
+
+
+def report_markdown(
+    results: list[VariantResult], edge: VariantResult | None, *, context: dict[str, Any]
+) -> str:
+    """A markdown table of every variant, with the edge choice and its ratios underneath."""
+    lines = [
+        "# Model compression",
+        "",
+        f"Source model: {context.get('source_model', '?')}. Latency: whole `predict` of "
+        f"{context.get('latency_case_shape', '?')} case(s) on CPU ({context.get('threads', '?')} threads), "
+        f"median of {context.get('repeats', '?')} runs. Dice: {context.get('test_cases', '?')} test cases "
+        f"in the source geometry. Gate: mean Dice drop <= {context.get('dice_tolerance', '?')}.",
+        "",
+        "| variant | runtime | file MiB | parameters | sparsity | GMAC/window | latency s | inference s "
+        "| Dice WT | Dice TC | Dice ET | Dice mean | drop | ONNX max abs diff | gate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        gate = "baseline" if r.accepted is None else ("accepted" if r.accepted else "rejected")
+        if not r.measured and r.name != BASELINE:
+            gate = f"not measured: {r.reason}"
+        dice = [_fmt(r.dice.get(region), ".4f") for region in (*REGION_NAMES, "mean")]
+        lines.append(
+            f"| {r.name}{' **(edge)**' if edge is not None and r.name == edge.name else ''} | {r.runtime} "
+            f"| {_fmt(r.file_mb, '.2f')} | {_fmt(r.parameters, ',d')} | {_fmt(r.sparsity, '.2f')} "
+            f"| {_fmt(r.gmacs_per_window, '.2f')} | {_fmt(r.latency_s, '.2f')} | {_fmt(r.inference_s, '.2f')} "
+            f"| {' | '.join(dice)} | {_fmt(r.dice_drop, '+.4f')} | {_fmt(r.onnx_max_abs_diff, '.2e')} | {gate} |"
+        )
+    lines.append("")
+    if edge is None:
+        lines.append("No variant passed the gate: nothing registered as edge; the fp32 model is unchanged.")
+    else:
+        ratio = ratios(edge, results)
+        lines.append(
+            f"Edge: **{edge.name}**: {_fmt(ratio['speedup'], '.2f')}x faster than fp32, "
+            f"{_fmt(ratio['size_ratio'], '.2f')}x smaller file, mean Dice drop {_fmt(ratio['dice_drop'], '+.4f')}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report_json(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"

@@ -1,0 +1,321 @@
+"""MONAI dictionary transforms for training and validation on preprocessed cases.
+
+A preprocessed case (``data/preprocessed/cases/<case_id>.npz``) holds ``image`` float16
+``(4, X, Y, Z)`` (t1, t1ce, t2, flair; z-scored on brain voxels, 0 outside), ``label`` uint8
+``(X, Y, Z)`` in canonical codes and ``brain`` bool ``(X, Y, Z)``.
+
+The pipelines have two parts:
+
+- a deterministic *cache* part (load, cast to float32, pre-compute the voxel indices the
+  foreground-oversampling crop draws from). :class:`monai.data.CacheDataset` runs it once
+  per case and keeps the result in memory, so an epoch never touches the disk.
+- a random part run on every draw: one patch per draw, a share of them centred on tumour,
+  then flips, rotation/scaling, optional elastic deformation, intensity scale/shift,
+  gamma and noise. Spatial augmentation runs on the patch, not the volume, which keeps the
+  CPU cost per patch small.
+
+In 2-D mode the crop is an axial slab ``(px, py, 1)`` whose last axis is squeezed away, so
+2-D training sees ``(4, px, py)`` slices with the same sampling and augmentation.
+
+Labels stay canonical codes ``(1, *spatial)`` here; the LightningModule turns them into
+WT/TC/ET region channels or one-hot labels, so one data pipeline serves both output modes.
+
+The section models :class:`DataLoaderConfig` (``data_loader:``) and :class:`AugmentConfig`
+(``augment:``) live here, next to the code that reads them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from tumorseg.config import Section, register_section
+
+if TYPE_CHECKING:
+    from monai.transforms import Compose
+
+
+class DataLoaderConfig(Section):
+    """``data_loader:`` patch sampling, batching and loader workers.
+
+    Attributes:
+        mode: ``3d`` patches or ``2d`` axial slices.
+        patch_size: 3-D training patch (voxels); also the sliding-window ROI at validation.
+        patch_size_2d: in-plane size of 2-D slice patches.
+        batch_size: patches per optimiser step (per device).
+        sampler: ``pos_neg`` (foreground vs. brain background) or ``label_classes``
+            (per-label shares, oversamples rare NCR/ET).
+        foreground_fraction: share of patches centred on a tumour voxel (``pos_neg``).
+        class_ratios: relative shares of patch centres on bg/NCR/ED/ET (``label_classes``).
+        num_workers: DataLoader worker processes for the random augmentation.
+        cache_num_workers: threads that fill the in-memory cache.
+        pin_memory: pin host memory (useful on GPU only).
+    """
+
+    mode: Literal["3d", "2d"] = "3d"
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    patch_size_2d: tuple[int, int] = (64, 64)
+    batch_size: int = Field(2, ge=1)
+    sampler: Literal["pos_neg", "label_classes"] = "pos_neg"
+    foreground_fraction: float = Field(0.67, ge=0.0, le=1.0)
+    class_ratios: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    num_workers: int = Field(0, ge=0)
+    cache_num_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
+
+    @model_validator(mode="after")
+    def _positive_sizes(self) -> DataLoaderConfig:
+        if min(self.patch_size) < 1:
+            raise ValueError("patch_size values must be positive")
+        if min(self.patch_size_2d) < 1:
+            raise ValueError("patch_size_2d values must be positive")
+        if min(self.class_ratios) < 0 or self.class_ratios[0] <= 0:
+            # tumour-free cases offer only background centres; a zero share there leaves nothing to draw
+            raise ValueError("class_ratios must be non-negative with a positive background (first) share")
+        return self
+
+    @property
+    def spatial_dims(self) -> int:
+        return 3 if self.mode == "3d" else 2
+
+    @property
+    def network_patch(self) -> tuple[int, ...]:
+        """The patch the network sees: ``(px, py, pz)`` in 3-D, ``(px, py)`` in 2-D."""
+        return tuple(self.patch_size) if self.mode == "3d" else tuple(self.patch_size_2d)
+
+    @property
+    def crop_size(self) -> tuple[int, int, int]:
+        """The crop taken from a ``(X, Y, Z)`` volume: a 2-D patch is a one-voxel-thick axial slab."""
+        return tuple(self.patch_size) if self.mode == "3d" else (*self.patch_size_2d, 1)
+
+    def patch_key(self) -> str:
+        """The params.yaml key holding the active patch size (for error messages)."""
+        return "data_loader.patch_size" if self.mode == "3d" else "data_loader.patch_size_2d"
+
+
+class AugmentConfig(Section):
+    """``augment:`` random augmentation of training patches (probabilities are per patch).
+
+    Rotation and scaling share one affine resampling (:class:`monai.transforms.RandAffined`),
+    which halves the interpolation cost on CPU compared with separate transforms.
+    Elastic deformation is off by default: on a 2-core CPU it costs more than a training step.
+    """
+
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    affine_prob: float = Field(0.2, ge=0.0, le=1.0)
+    rotate_deg: float = Field(15.0, ge=0.0, le=180.0)
+    scale_range: float = Field(0.1, ge=0.0, lt=1.0)
+    elastic_prob: float = Field(0.0, ge=0.0, le=1.0)
+    elastic_sigma: tuple[float, float] = (5.0, 8.0)
+    elastic_magnitude: tuple[float, float] = (50.0, 150.0)
+    intensity_scale_prob: float = Field(0.3, ge=0.0, le=1.0)
+    intensity_scale: float = Field(0.1, ge=0.0, lt=1.0)
+    intensity_shift_prob: float = Field(0.3, ge=0.0, le=1.0)
+    intensity_shift: float = Field(0.1, ge=0.0)
+    gamma_prob: float = Field(0.15, ge=0.0, le=1.0)
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    noise_prob: float = Field(0.1, ge=0.0, le=1.0)
+    noise_std: float = Field(0.05, ge=0.0)
+
+    @model_validator(mode="after")
+    def _ordered_ranges(self) -> AugmentConfig:
+        for name in ("elastic_sigma", "elastic_magnitude", "gamma_range"):
+            low, high = getattr(self, name)
+            if low <= 0 or high < low:
+                raise ValueError(f"{name} must be (low, high) with 0 < low <= high")
+        return self
+
+
+register_section("data_loader", DataLoaderConfig)
+register_section("augment", AugmentConfig)
+
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
+BRAIN_KEY = "brain"
+CASE_INDEX_KEY = "case_index"
+"""Position of the case in its split; validation uses it to drop DDP padding duplicates."""
+
+
+def load_preprocessed_case(path: str | Path) -> dict[str, np.ndarray]:
+    """Read one preprocessed ``.npz`` case.
+
+    Returns:
+        ``image`` float32 ``(4, X, Y, Z)``, ``label`` uint8 ``(1, X, Y, Z)``, ``brain`` bool
+        ``(1, X, Y, Z)`` (channel-first, as MONAI dictionary transforms expect).
+    """
+    with np.load(path) as npz:
+        return {
+            IMAGE_KEY: npz["image"].astype(np.float32),
+            LABEL_KEY: npz["label"].astype(np.uint8)[None],
+            BRAIN_KEY: npz["brain"].astype(bool)[None],
+        }
+
+
+class LoadPreprocessedCased:
+    """Dictionary transform: ``{"path": npz}`` -> ``{"image", "label", "brain"}`` arrays.
+
+    Hand-written instead of ``LoadImaged(reader="NumpyReader")``: that reader opens the zip
+    once per key and wraps each array in a MetaTensor whose affine we do not need (geometry
+    lives in the case's JSON); this opens each case once and returns plain arrays.
+    """
+
+    def __init__(self, path_key: str = "path") -> None:
+        self.path_key = path_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        out.update(load_preprocessed_case(out.pop(self.path_key)))
+        return out
+
+
+def cache_transforms(loader: DataLoaderConfig, *, train: bool) -> Compose:
+    """Deterministic transforms whose output :class:`monai.data.CacheDataset` keeps in memory.
+
+    For training this adds the voxel indices the foreground-oversampling crop draws from, so
+    each draw skips a full-volume ``np.where``. Background indices are restricted to the brain
+    mask: a patch centred in the air around the head teaches nothing.
+    """
+    from monai.transforms import ClassesToIndicesd, Compose, DeleteItemsd, EnsureTyped, FgBgToIndicesd
+
+    steps: list[Any] = [LoadPreprocessedCased()]
+    if train:
+        if loader.sampler == "pos_neg":
+            steps.append(FgBgToIndicesd(keys=LABEL_KEY, image_key=BRAIN_KEY, image_threshold=0.5))
+        else:
+            steps.append(
+                ClassesToIndicesd(keys=LABEL_KEY, num_classes=4, image_key=BRAIN_KEY, image_threshold=0.5)
+            )
+    steps.append(DeleteItemsd(keys=BRAIN_KEY))
+    # Plain tensors from here on: MetaTensor bookkeeping costs time and is not needed.
+    steps.append(EnsureTyped(keys=[IMAGE_KEY, LABEL_KEY], data_type="tensor", track_meta=False))
+    return Compose(steps)
+
+
+def _patch_sampler(loader: DataLoaderConfig) -> Any:
+    from monai.transforms import RandCropByLabelClassesd, RandCropByPosNegLabeld
+
+    keys = [IMAGE_KEY, LABEL_KEY]
+    if loader.sampler == "pos_neg":
+        return RandCropByPosNegLabeld(
+            keys=keys,
+            label_key=LABEL_KEY,
+            spatial_size=loader.crop_size,
+            pos=loader.foreground_fraction,
+            neg=1.0 - loader.foreground_fraction,
+            num_samples=1,
+            fg_indices_key=f"{LABEL_KEY}_fg_indices",
+            bg_indices_key=f"{LABEL_KEY}_bg_indices",
+        )
+    return RandCropByLabelClassesd(
+        keys=keys,
+        label_key=LABEL_KEY,
+        spatial_size=loader.crop_size,
+        ratios=list(loader.class_ratios),
+        num_classes=4,
+        num_samples=1,
+        indices_key=f"{LABEL_KEY}_cls_indices",
+        warn=False,  # tumour-free and NCR-free cases are expected; MONAI zeroes those ratios
+    )
+
+
+def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[Any]:
+    """The random augmentations applied to each patch ``(C, *patch)`` after cropping."""
+    from monai.transforms import (
+        Rand2DElasticd,
+        Rand3DElasticd,
+        RandAdjustContrastd,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
+    keys = [IMAGE_KEY, LABEL_KEY]
+    modes = ("bilinear", "nearest")
+    steps: list[Any] = []
+    if augment.flip_prob > 0:
+        steps += [
+            RandFlipd(keys=keys, prob=augment.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)
+        ]
+    if augment.affine_prob > 0 and (augment.rotate_deg > 0 or augment.scale_range > 0):
+        angle = math.radians(augment.rotate_deg)
+        steps.append(
+            RandAffined(
+                keys=keys,
+                prob=augment.affine_prob,
+                rotate_range=(angle,) * (3 if spatial_dims == 3 else 1),
+                scale_range=(augment.scale_range,) * spatial_dims,
+                mode=modes,
+                padding_mode="zeros",
+            )
+        )
+    if augment.elastic_prob > 0:
+        if spatial_dims == 3:
+            elastic = Rand3DElasticd(
+                keys=keys,
+                sigma_range=augment.elastic_sigma,
+                magnitude_range=augment.elastic_magnitude,
+                prob=augment.elastic_prob,
+                mode=modes,
+                padding_mode="zeros",
+            )
+        else:
+            # The 2-D variant deforms a control-point grid; its spacing plays the role of sigma.
+            elastic = Rand2DElasticd(
+                keys=keys,
+                spacing=augment.elastic_sigma,
+                magnitude_range=augment.elastic_magnitude,
+                prob=augment.elastic_prob,
+                mode=modes,
+                padding_mode="zeros",
+            )
+        steps.append(elastic)
+    if augment.intensity_scale_prob > 0:
+        steps.append(
+            RandScaleIntensityd(
+                keys=IMAGE_KEY,
+                factors=augment.intensity_scale,
+                prob=augment.intensity_scale_prob,
+                channel_wise=True,
+            )
+        )
+    if augment.intensity_shift_prob > 0:
+        steps.append(
+            RandShiftIntensityd(
+                keys=IMAGE_KEY,
+                offsets=augment.intensity_shift,
+                prob=augment.intensity_shift_prob,
+                channel_wise=True,
+            )
+        )
+    if augment.gamma_prob > 0:
+        steps.append(RandAdjustContrastd(keys=IMAGE_KEY, prob=augment.gamma_prob, gamma=augment.gamma_range))
+    if augment.noise_prob > 0:
+        steps.append(RandGaussianNoised(keys=IMAGE_KEY, prob=augment.noise_prob, std=augment.noise_std))
+    return steps
+
+
+def train_transforms(loader: DataLoaderConfig, augment: AugmentConfig) -> Compose:
+    """Random part of the training pipeline: one patch per draw, then augmentation.
+
+    Output per draw: a one-element list holding ``image`` float32 ``(4, *patch)`` and ``label``
+    ``(1, *patch)`` (MONAI's ``list_data_collate`` flattens the lists into a batch).
+    """
+    from monai.transforms import CastToTyped, Compose, DeleteItemsd, EnsureTyped, SqueezeDimd
+
+    index_keys = [f"{LABEL_KEY}_fg_indices", f"{LABEL_KEY}_bg_indices", f"{LABEL_KEY}_cls_indices"]
+    steps: list[Any] = [_patch_sampler(loader), DeleteItemsd(keys=index_keys)]
+    if loader.mode == "2d":
+        steps.append(SqueezeDimd(keys=[IMAGE_KEY, LABEL_KEY], dim=-1))
+    steps += augmentation_transforms(augment, loader.spatial_dims)
+    steps.append(CastToTyped(keys=[IMAGE_KEY, LABEL_KEY], dtype=(np.float32, np.uint8)))
+    # MONAI transforms re-wrap outputs in MetaTensors; plain tensors keep the network's forward
+    # free of MetaTensor's per-operation overhead (and checkpoints free of MONAI types).
+    steps.append(EnsureTyped(keys=[IMAGE_KEY, LABEL_KEY], data_type="tensor", track_meta=False))
+    return Compose(steps)

@@ -1,0 +1,181 @@
+"""The LightningModule: loss, whole-volume validation with MONAI metrics, optimiser hooks.
+
+The network, the loss and the optimiser/scheduler factories are built elsewhere
+(:mod:`tumorseg.models.networks`, :mod:`tumorseg.models.losses`, :mod:`tumorseg.training.optim`)
+and passed in, so this module holds only what happens in a step.
+
+Validation predicts each whole volume with sliding windows, turns the prediction into a
+canonical label map (regions nested as BraTS does) and scores WT, TC and ET with MONAI's
+:class:`~monai.metrics.DiceMetric`. The metric buffers are all-gathered across DDP ranks
+(MONAI syncs :class:`~monai.metrics.Cumulative` buffers through ``torch.distributed``), and
+cases that Lightning's ``DistributedSampler`` padded in twice are dropped by case index, so
+every rank logs the same validation Dice as a single-process run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from tumorseg.data.conventions import REGION_NAMES
+from tumorseg.data.transforms import CASE_INDEX_KEY, IMAGE_KEY, LABEL_KEY
+from tumorseg.models.inference import SlidingWindowConfig, labels_to_regions, make_inferer, predict_labels
+
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+"""``params -> optimizer``."""
+SchedulerFactory = Callable[[torch.optim.Optimizer, int], dict[str, Any] | None]
+"""``(optimizer, total training steps) -> Lightning lr_scheduler config`` (or None)."""
+
+CONFIG_CHECKPOINT_KEY = "tumorseg_config"
+"""Checkpoint entry holding the resolved params sections needed to rebuild the network."""
+
+RUN_ID_CHECKPOINT_KEY = "tumorseg_mlflow_run_id"
+"""Checkpoint entry holding the MLflow run id, so a resumed run keeps logging to the same run."""
+
+VAL_DICE_MEAN = "val_dice_mean"
+
+
+class SegmentationModule(L.LightningModule):
+    """Brain-tumour segmentation training and validation.
+
+    Args:
+        network: maps ``(B, 4, *patch)`` to logits ``(B, C, *patch)``; C = 3 regions or 4 labels.
+            DynUNet with deep supervision returns ``(B, heads, C, *patch)`` while training.
+        loss: ``loss(logits, target)``; target is ``(B, 3, *patch)`` regions or ``(B, 1, *patch)``
+            labels (a :class:`~monai.losses.DeepSupervisionLoss` for deep supervision).
+        output: ``regions`` or ``labels``.
+        roi_size: training patch, used as the validation sliding window.
+        sliding_window: overlap/blending/threshold of whole-volume inference.
+        optimizer_factory: builds the optimiser from the network parameters.
+        scheduler_factory: builds the LR scheduler config given the total number of steps.
+        config: resolved params sections stored in every checkpoint.
+        dice_ignore_empty: MONAI ``ignore_empty``; False scores an empty region predicted empty
+            as 1 and any false positive on it as 0 (the BraTS convention).
+        spacing_mm: voxel spacing of the volumes (measures ``sliding_window.min_component_mm3``).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        loss: nn.Module,
+        *,
+        output: str,
+        roi_size: tuple[int, ...],
+        sliding_window: SlidingWindowConfig,
+        optimizer_factory: OptimizerFactory,
+        scheduler_factory: SchedulerFactory | None = None,
+        config: dict[str, Any] | None = None,
+        dice_ignore_empty: bool = False,
+        spacing_mm: tuple[float, ...] = (1.0, 1.0, 1.0),
+    ) -> None:
+        super().__init__()
+        from monai.metrics import Cumulative, DiceMetric
+
+        self.network = network
+        self.loss = loss
+        self.output = output
+        self.roi_size = tuple(roi_size)
+        self.sliding_window = sliding_window
+        self.optimizer_factory = optimizer_factory
+        self.scheduler_factory = scheduler_factory
+        self.config = config or {}
+        self.spacing_mm = tuple(spacing_mm)
+        self.inferer = make_inferer(sliding_window, self.roi_size)
+        self.dice_metric = DiceMetric(
+            include_background=True, reduction="none", ignore_empty=dice_ignore_empty
+        )
+        self.val_case_index = Cumulative()
+        self.mlflow_run_id: str | None = None
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, C, *spatial)`` for a batch of patches or slices."""
+        return self.network(image)
+
+    def _target(self, label: torch.Tensor) -> torch.Tensor:
+        """Canonical labels ``(B, 1, *spatial)`` -> the loss target for this output mode."""
+        return labels_to_regions(label) if self.output == "regions" else label
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        image, label = batch[IMAGE_KEY], batch[LABEL_KEY]
+        logits = self.network(image).float()  # loss in float32 under bf16/16-mixed autocast too
+        if logits.dim() == image.dim() + 1:  # deep supervision: (B, heads, C, *spatial)
+            logits = list(torch.unbind(logits, dim=1))
+        loss = self.loss(logits, self._target(label))
+        self.log(
+            "train_loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=image.shape[0],
+        )
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        image, label = batch[IMAGE_KEY], batch[LABEL_KEY]
+        logits, pred = predict_labels(
+            self.network,
+            image,
+            self.inferer,
+            self.output,
+            self.sliding_window.threshold,
+            min_component_mm3=self.sliding_window.min_component_mm3,
+            spacing_mm=self.spacing_mm,
+        )
+        loss = self.loss(logits.float(), self._target(label))
+        self.log("val_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=image.shape[0])
+        self.dice_metric(y_pred=labels_to_regions(pred), y=labels_to_regions(label))
+        self.val_case_index.extend(batch[CASE_INDEX_KEY].reshape(-1, 1).to(torch.float32))
+
+    def on_validation_epoch_end(self) -> None:
+        dice = self.dice_metric.get_buffer()  # (N_all_ranks, 3), synced across ranks
+        index = self.val_case_index.get_buffer()
+        self.dice_metric.reset()
+        self.val_case_index.reset()
+        if dice is None:
+            return
+        per_region = aggregate_case_dice(dice, index)
+        for name, value in per_region.items():
+            # Already identical on every rank (synced buffers), so no sync_dist reduction.
+            self.log(f"val_dice_{name}", value, on_epoch=True, prog_bar=name == "mean", sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.network.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
+        scheduler = self.scheduler_factory(optimizer, max(total_steps, 1))
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_CHECKPOINT_KEY] = self.config
+        checkpoint[RUN_ID_CHECKPOINT_KEY] = self.mlflow_run_id
+
+
+def aggregate_case_dice(dice: torch.Tensor, case_index: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean Dice per region over cases, plus their mean.
+
+    Args:
+        dice: ``(N, 3)`` per-case Dice for WT, TC, ET (NaN where MONAI ignored an empty region).
+        case_index: ``(N, 1)`` case positions; repeated cases (DDP padding) count once.
+
+    Returns:
+        ``{"WT": ..., "TC": ..., "ET": ..., "mean": ...}``; NaN means skipped, not zero.
+    """
+    dice = dice.detach().float().cpu().reshape(-1, len(REGION_NAMES))
+    if case_index is not None:
+        index = case_index.detach().cpu().reshape(-1).long()
+        keep = [int(torch.nonzero(index == i)[0]) for i in torch.unique(index)]
+        dice = dice[keep]
+    per_region = {name: float(torch.nanmean(dice[:, i])) for i, name in enumerate(REGION_NAMES)}
+    finite = [v for v in per_region.values() if not math.isnan(v)]
+    per_region["mean"] = float(sum(finite) / len(finite)) if finite else float("nan")
+    return per_region

@@ -1,0 +1,137 @@
+"""Segmentation losses built by name from params.yaml's ``loss:`` section.
+
+Inputs are logits ``(B, C, *spatial)``; targets are ``(B, 3, *spatial)`` 0/1 region masks
+(``model.output: regions``: WT, TC, ET overlap, so each channel is an independent sigmoid)
+or ``(B, 1, *spatial)`` canonical labels (``model.output: labels``: softmax over 4 classes).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from tumorseg.config import Section, register_section
+from tumorseg.errors import ConfigError
+
+LossName = Literal["dice", "dice_ce", "dice_focal", "bce", "ce"]
+
+
+class LossConfig(Section):
+    """``loss:`` which loss and its weights.
+
+    Attributes:
+        name: ``dice``, ``dice_ce`` (Dice + BCE for regions, Dice + CE for labels), ``dice_focal``,
+            ``bce`` (regions only) or ``ce`` (labels only).
+        batch: Dice summed over the whole batch before the ratio (stabler when a patch holds no
+            ET, which is common for small tumours).
+        include_background: labels mode only; regions have no background channel.
+        squared_pred: squared denominators (V-Net Dice).
+        smooth_nr, smooth_dr: Dice smoothing terms.
+        lambda_dice, lambda_ce: weights of the Dice and the (B)CE / focal terms.
+        focal_gamma: focal-loss focusing parameter.
+        deep_supervision_weights: ``exp`` / ``same`` / ``two`` head weighting (DynUNet).
+    """
+
+    name: LossName = "dice_ce"
+    batch: bool = True
+    include_background: bool = False
+    squared_pred: bool = False
+    smooth_nr: float = Field(1e-5, ge=0.0)
+    smooth_dr: float = Field(1e-5, gt=0.0)
+    lambda_dice: float = Field(1.0, ge=0.0)
+    lambda_ce: float = Field(1.0, ge=0.0)
+    focal_gamma: float = Field(2.0, ge=0.0)
+    deep_supervision_weights: Literal["exp", "same", "two"] = "exp"
+
+
+register_section("loss", LossConfig)
+
+
+class DiceBCELoss(nn.Module):
+    """Dice + binary cross-entropy over independent sigmoid channels.
+
+    Hand-written composition because MONAI's ``DiceCELoss`` applies *softmax* cross-entropy
+    whenever there is more than one channel, which is wrong for overlapping WT/TC/ET regions.
+    """
+
+    def __init__(self, dice: nn.Module, lambda_dice: float, lambda_bce: float) -> None:
+        super().__init__()
+        self.dice = dice
+        self.bce = nn.BCEWithLogitsLoss()
+        self.lambda_dice = lambda_dice
+        self.lambda_bce = lambda_bce
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(logits.dtype)
+        return self.lambda_dice * self.dice(logits, target) + self.lambda_bce * self.bce(logits, target)
+
+
+class BCEOnRegions(nn.Module):
+    """Binary cross-entropy on 0/1 region masks ``(B, 3, *spatial)`` of any dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.bce(logits, target.to(logits.dtype))
+
+
+class CrossEntropyOnLabels(nn.Module):
+    """Cross-entropy on ``(B, 1, *spatial)`` labels (torch wants ``(B, *spatial)`` longs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ce = nn.CrossEntropyLoss()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.ce(logits, target[:, 0].long())
+
+
+def build_loss(cfg: LossConfig, output: Literal["regions", "labels"]) -> nn.Module:
+    """The loss for ``cfg.name`` in the given output mode.
+
+    Raises:
+        ConfigError: ``bce`` with labels or ``ce`` with regions.
+    """
+    from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
+
+    regions = output == "regions"
+    if cfg.name == "bce" and not regions:
+        raise ConfigError("loss.name: bce needs model.output: regions; use ce (or dice_ce) for labels")
+    if cfg.name == "ce" and regions:
+        raise ConfigError("loss.name: ce needs model.output: labels; use bce (or dice_ce) for regions")
+    act = {"sigmoid": True} if regions else {"softmax": True, "to_onehot_y": True}
+    include_background = True if regions else cfg.include_background
+    dice_kwargs = dict(
+        include_background=include_background,
+        squared_pred=cfg.squared_pred,
+        smooth_nr=cfg.smooth_nr,
+        smooth_dr=cfg.smooth_dr,
+        batch=cfg.batch,
+        **act,
+    )
+    if cfg.name == "dice":
+        return DiceLoss(**dice_kwargs)
+    if cfg.name == "dice_focal":
+        return DiceFocalLoss(
+            **dice_kwargs, gamma=cfg.focal_gamma, lambda_dice=cfg.lambda_dice, lambda_focal=cfg.lambda_ce
+        )
+    if cfg.name == "bce":
+        return BCEOnRegions()
+    if cfg.name == "ce":
+        return CrossEntropyOnLabels()
+    # dice_ce
+    if regions:
+        return DiceBCELoss(DiceLoss(**dice_kwargs), cfg.lambda_dice, cfg.lambda_ce)
+    return DiceCELoss(**dice_kwargs, lambda_dice=cfg.lambda_dice, lambda_ce=cfg.lambda_ce)
+
+
+def with_deep_supervision(loss: nn.Module, weight_mode: str) -> nn.Module:
+    """Wrap ``loss`` for DynUNet deep-supervision outputs ``(B, heads, C, *spatial)``."""
+    from monai.losses import DeepSupervisionLoss
+
+    return DeepSupervisionLoss(loss, weight_mode=weight_mode)

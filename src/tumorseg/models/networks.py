@@ -1,0 +1,321 @@
+"""Segmentation networks built by name from params.yaml's ``model:`` section.
+
+Every network is a plain :class:`torch.nn.Module` mapping ``(B, 4, H, W, D)`` (or ``(B, 4, H, W)``
+in 2-D mode) to logits of the same spatial size with 3 channels (WT, TC, ET regions,
+``model.output: regions``) or 4 channels (bg, NCR, ED, ET, ``model.output: labels``).
+It is built here, outside the LightningModule, and passed in: the same factory rebuilds it
+for evaluation, export and serving from a checkpoint's stored config.
+
+Networks (all from :mod:`monai.networks.nets`):
+
+- ``unet``: residual U-Net; the default channels 32-64-128-256 are the classic 3-D U-Net.
+- ``attention_unet``: U-Net with attention gates on the skips (uses batch norm internally).
+- ``segresnet``: the BraTS 2018 winner's encoder-decoder (Myronenko).
+- ``dynunet``: nnU-Net-style, kernels and strides derived from the patch size and spacing.
+- ``swinunetr``: Swin-transformer encoder; patches must be multiples of 32.
+- ``flexible_unet``: U-Net decoder on an EfficientNet encoder, randomly initialised
+  (``pretrained`` is always False: nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from tumorseg.config import Section, register_section
+from tumorseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+NetworkName = Literal["unet", "attention_unet", "segresnet", "dynunet", "swinunetr", "flexible_unet"]
+OutputMode = Literal["regions", "labels"]
+
+IN_CHANNELS = 4
+"""t1, t1ce, t2, flair (see :data:`tumorseg.data.conventions.CANONICAL_MODALITIES`)."""
+
+
+class UNetConfig(Section):
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _levels(self) -> UNetConfig:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError("strides needs one entry fewer than channels")
+        return self
+
+
+class AttentionUNetConfig(Section):
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+
+    @model_validator(mode="after")
+    def _levels(self) -> AttentionUNetConfig:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError("strides needs one entry fewer than channels")
+        return self
+
+
+class SegResNetConfig(Section):
+    init_filters: int = Field(16, ge=1)
+    blocks_down: tuple[int, ...] = (1, 2, 2, 4)
+    blocks_up: tuple[int, ...] = (1, 1, 1)
+
+    @model_validator(mode="after")
+    def _levels(self) -> SegResNetConfig:
+        if len(self.blocks_up) != len(self.blocks_down) - 1:
+            raise ValueError("blocks_up needs one entry fewer than blocks_down")
+        return self
+
+
+class DynUNetConfig(Section):
+    base_filters: int = Field(32, ge=1)
+    max_filters: int = Field(320, ge=1)
+    max_levels: int = Field(5, ge=1, description="most stride-2 stages")
+    min_feature_size: int = Field(4, ge=1, description="smallest bottleneck size along an axis")
+    deep_supervision: bool = False
+    deep_supervision_heads: int = Field(2, ge=1)
+    res_block: bool = True
+
+
+class SwinUNETRConfig(Section):
+    feature_size: int = Field(24, ge=12, multiple_of=12)
+    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
+    num_heads: tuple[int, int, int, int] = (3, 6, 12, 24)
+
+
+class FlexibleUNetConfig(Section):
+    backbone: Literal[
+        "efficientnet-b0",
+        "efficientnet-b1",
+        "efficientnet-b2",
+        "efficientnet-b3",
+        "efficientnet-b4",
+        "efficientnet-b5",
+        "efficientnet-b6",
+        "efficientnet-b7",
+    ] = "efficientnet-b0"
+    decoder_channels: tuple[int, int, int, int, int] = (256, 128, 64, 32, 16)
+
+
+class ModelConfig(Section):
+    """``model:`` which network, its output mode and its shape.
+
+    Attributes:
+        name: network (see the module docstring).
+        output: ``regions`` (WT/TC/ET sigmoid channels, as BraTS scores) or ``labels``
+            (softmax over bg/NCR/ED/ET).
+        norm: normalisation layer (``instance`` suits batch sizes of 2).
+        dropout: dropout probability where the network has one.
+        unet, attention_unet, segresnet, dynunet, swinunetr, flexible_unet: per-network shape.
+    """
+
+    name: NetworkName = "unet"
+    output: OutputMode = "regions"
+    norm: Literal["instance", "batch"] = "instance"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    unet: UNetConfig = UNetConfig()
+    attention_unet: AttentionUNetConfig = AttentionUNetConfig()
+    segresnet: SegResNetConfig = SegResNetConfig()
+    dynunet: DynUNetConfig = DynUNetConfig()
+    swinunetr: SwinUNETRConfig = SwinUNETRConfig()
+    flexible_unet: FlexibleUNetConfig = FlexibleUNetConfig()
+
+    @property
+    def out_channels(self) -> int:
+        return 3 if self.output == "regions" else 4
+
+
+register_section("model", ModelConfig)
+
+
+def dynunet_kernels_strides(
+    patch_size: Sequence[int],
+    spacing: Sequence[float],
+    *,
+    max_levels: int = 5,
+    min_feature_size: int = 4,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """nnU-Net's rule for DynUNet kernels and strides from the patch size and voxel spacing.
+
+    An axis is halved at a stage while its feature map stays at least ``2 * min_feature_size``
+    voxels and its spacing is within 2x of the finest axis (coarse, anisotropic axes wait
+    until the others catch up); its kernel is 3 where the spacing allows, 1 otherwise.
+
+    Returns:
+        ``(kernels, strides)``, one ``[k_x, k_y(, k_z)]`` entry per level; the first stride
+        is all ones (the input block keeps full resolution).
+    """
+    sizes = [float(s) for s in patch_size]
+    spacings = [float(s) for s in spacing][: len(sizes)]
+    kernels: list[list[int]] = []
+    strides: list[list[int]] = [[1] * len(sizes)]
+    while len(strides) <= max_levels:
+        finest = min(spacings)
+        ratios = [sp / finest for sp in spacings]
+        stride = [
+            2 if r <= 2 and size >= 2 * min_feature_size else 1 for r, size in zip(ratios, sizes, strict=True)
+        ]
+        if all(s == 1 for s in stride):
+            break
+        kernels.append([3 if r <= 2 else 1 for r in ratios])
+        sizes = [size / s for size, s in zip(sizes, stride, strict=True)]
+        spacings = [sp * s for sp, s in zip(spacings, stride, strict=True)]
+        strides.append(stride)
+    kernels.append([3] * len(sizes))
+    return kernels, strides
+
+
+def downsampling_factors(
+    cfg: ModelConfig, patch_size: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> tuple[int, ...]:
+    """Per-axis factor the patch size must be divisible by for ``cfg.name``."""
+    dims = len(patch_size)
+    if cfg.name == "unet":
+        factor = math.prod(cfg.unet.strides)
+    elif cfg.name == "attention_unet":
+        factor = math.prod(cfg.attention_unet.strides)
+    elif cfg.name == "segresnet":
+        factor = 2 ** (len(cfg.segresnet.blocks_down) - 1)
+    elif cfg.name in ("swinunetr", "flexible_unet"):
+        factor = 32
+    else:
+        _, strides = dynunet_kernels_strides(
+            patch_size,
+            spacing,
+            max_levels=cfg.dynunet.max_levels,
+            min_feature_size=cfg.dynunet.min_feature_size,
+        )
+        return tuple(math.prod(s[axis] for s in strides) for axis in range(dims))
+    return (factor,) * dims
+
+
+def check_patch_size(
+    cfg: ModelConfig, patch_size: Sequence[int], *, key: str, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> None:
+    """Raise a one-line ConfigError (naming ``key``) if the network cannot take this patch.
+
+    Raises:
+        ConfigError: a patch axis is not a multiple of the network's downsampling factor (or is
+            below SwinUNETR's minimum of 64).
+    """
+    factors = downsampling_factors(cfg, patch_size, spacing)
+    # SwinUNETR's bottleneck is patch/32 and instance-normalised, which needs more than one voxel.
+    smallest = 64 if cfg.name == "swinunetr" else 1
+    if min(patch_size) < smallest:
+        raise ConfigError(
+            f"{key}: {list(patch_size)} is smaller than {smallest}, the smallest patch model.name={cfg.name} accepts"
+        )
+    bad = [(p, f) for p, f in zip(patch_size, factors, strict=True) if p % f != 0]
+    if bad:
+        suggestion = [max(f, round(p / f) * f) for p, f in zip(patch_size, factors, strict=True)]
+        raise ConfigError(
+            f"{key}: {list(patch_size)} is not divisible by {list(factors)}, the downsampling factor of "
+            f"model.name={cfg.name}; use e.g. {suggestion}"
+        )
+
+
+def build_network(
+    cfg: ModelConfig,
+    *,
+    spatial_dims: int,
+    patch_size: Sequence[int],
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    in_channels: int = IN_CHANNELS,
+) -> nn.Module:
+    """Build the network named by ``cfg.name``.
+
+    Args:
+        cfg: ``model:`` section.
+        spatial_dims: 3 for patches ``(B, C, H, W, D)``, 2 for slices ``(B, C, H, W)``.
+        patch_size: training patch; only DynUNet's shape depends on it.
+        spacing: voxel spacing in mm (DynUNet keeps coarse axes at full size longer).
+        in_channels: input modalities.
+
+    Returns:
+        A randomly initialised network giving ``(B, cfg.out_channels, *spatial)`` logits
+        (DynUNet with deep supervision returns ``(B, heads + 1, C, *spatial)`` in training mode).
+    """
+    from monai.networks import nets
+
+    out = cfg.out_channels
+    norm = cfg.norm
+    if cfg.name == "unet":
+        return nets.UNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out,
+            channels=cfg.unet.channels,
+            strides=cfg.unet.strides,
+            num_res_units=cfg.unet.num_res_units,
+            norm=norm,
+            dropout=cfg.dropout,
+        )
+    if cfg.name == "attention_unet":
+        return nets.AttentionUnet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out,
+            channels=cfg.attention_unet.channels,
+            strides=cfg.attention_unet.strides,
+            dropout=cfg.dropout,
+        )
+    if cfg.name == "segresnet":
+        return nets.SegResNet(
+            spatial_dims=spatial_dims,
+            init_filters=cfg.segresnet.init_filters,
+            in_channels=in_channels,
+            out_channels=out,
+            dropout_prob=cfg.dropout or None,
+            norm=norm,
+            blocks_down=cfg.segresnet.blocks_down,
+            blocks_up=cfg.segresnet.blocks_up,
+        )
+    if cfg.name == "dynunet":
+        d = cfg.dynunet
+        kernels, strides = dynunet_kernels_strides(
+            patch_size, spacing, max_levels=d.max_levels, min_feature_size=d.min_feature_size
+        )
+        filters = [min(d.base_filters * 2**i, d.max_filters) for i in range(len(strides))]
+        return nets.DynUNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out,
+            kernel_size=kernels,
+            strides=strides,
+            upsample_kernel_size=strides[1:],
+            filters=filters,
+            dropout=cfg.dropout or None,
+            norm_name=norm,
+            deep_supervision=d.deep_supervision,
+            deep_supr_num=min(d.deep_supervision_heads, len(strides) - 2) if d.deep_supervision else 1,
+            res_block=d.res_block,
+        )
+    if cfg.name == "swinunetr":
+        s = cfg.swinunetr
+        return nets.SwinUNETR(
+            in_channels=in_channels,
+            out_channels=out,
+            depths=s.depths,
+            num_heads=s.num_heads,
+            feature_size=s.feature_size,
+            norm_name=norm,
+            drop_rate=cfg.dropout,
+            spatial_dims=spatial_dims,
+        )
+    f = cfg.flexible_unet
+    return nets.FlexibleUNet(
+        in_channels=in_channels,
+        out_channels=out,
+        backbone=f.backbone,
+        pretrained=False,
+        decoder_channels=f.decoder_channels,
+        spatial_dims=spatial_dims,
+        norm=norm,
+        dropout=cfg.dropout,
+    )

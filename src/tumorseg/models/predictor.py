@@ -1,0 +1,522 @@
+"""Whole-case prediction in the source geometry: what ``tumorseg predict``, evaluation and serving share.
+
+For one case read from any supported layout (image ``(4, X, Y, Z)`` in its own orientation and
+spacing), :class:`SegmentationPredictor`:
+
+1. preprocesses it exactly as training did (:func:`~tumorseg.data.preprocess.preprocess_case` with
+   the ``preprocess`` section stored with the model: reorient to RAS, resample to the model's
+   training spacing, crop to the brain, z-score), whatever the input's spacing;
+2. runs MONAI's sliding-window inferer (the training patch as window, overlap and Gaussian
+   blending from the model's ``sliding_window`` settings) on ``(1, 4, x, y, z)``;
+3. optionally averages the probabilities over mirrored copies (test-time augmentation: every
+   combination of flips along ``predict.tta_axes``, 8 passes for 3 axes, as nnU-Net does); the
+   per-voxel variance over those passes is the uncertainty map;
+4. thresholds (region sigmoids, nested WT ⊇ TC ⊇ ET) or takes the argmax (label softmax), and
+   optionally removes tumour components smaller than ``predict.min_component_mm3``;
+5. maps labels (nearest) and probabilities (trilinear) back onto the source voxel grid
+   (:func:`~tumorseg.data.preprocess.restore_to_source`) and writes labels in the input's own
+   convention (BraTS 2021 1/2/4, BraTS 2023 1/2/3, MSD 1 oedema / 2 non-enhancing / 3 enhancing).
+
+:func:`write_prediction` saves ``<case_id>.nii.gz`` with the reference modality's header (so the
+shape, affine, qform/sform codes and units are the input's), each file written to a temporary name
+and renamed. :func:`predict_dataset` does this for every case of a folder and never leaves a
+partial file behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from tumorseg.config import PreprocessConfig, Section, register_section
+from tumorseg.data.conventions import REGION_NAMES, get_convention
+from tumorseg.data.layouts import CaseFiles, CaseVolumes, discover_cases, read_case
+from tumorseg.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PROBABILITIES_DIR = "probabilities"
+UNCERTAINTY_DIR = "uncertainty"
+LABEL_CHANNELS: tuple[str, ...] = ("background", "NCR", "ED", "ET")
+
+
+class PredictConfig(Section):
+    """``predict:`` whole-case inference (``tumorseg predict``, the evaluate stage, the served model).
+
+    Attributes:
+        model: model to use when ``--model`` is not given: an MLflow model URI
+            (``models:/tumorseg@champion``, ``models:/tumorseg/3``, ``runs:/<id>/model``) or a
+            ``best.ckpt`` path.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        tta: mirror test-time augmentation: average over every combination of flips along ``tta_axes``.
+        tta_axes: axes of the RAS preprocessed grid to mirror (0 left-right, 1 posterior-anterior,
+            2 inferior-superior).
+        min_component_mm3: remove connected tumour components (26-connected, whole tumour) smaller
+            than this volume; 0 keeps everything.
+        probabilities: also write per-channel probability maps (``probabilities/<case_id>.nii.gz``).
+        uncertainty: also write the TTA variance of the probabilities (``uncertainty/<case_id>.nii.gz``);
+            needs ``tta: true``.
+        overlap: sliding-window overlap; null keeps the model's ``sliding_window.overlap``.
+        sw_batch_size: windows per forward pass; null keeps the model's setting.
+    """
+
+    model: str = "models:/tumorseg@champion"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tta: bool = False
+    tta_axes: tuple[int, ...] = (0, 1, 2)
+    min_component_mm3: float = Field(0.0, ge=0.0)
+    probabilities: bool = False
+    uncertainty: bool = False
+    overlap: float | None = Field(None, ge=0.0, lt=1.0)
+    sw_batch_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PredictConfig:
+        if (
+            not self.tta_axes
+            or len(set(self.tta_axes)) != len(self.tta_axes)
+            or not set(self.tta_axes) <= {0, 1, 2}
+        ):
+            raise ValueError("tta_axes must be distinct axes among 0, 1, 2")
+        if self.uncertainty and not self.tta:
+            raise ValueError("uncertainty is the variance over TTA passes; set predict.tta: true")
+        return self
+
+
+register_section("predict", PredictConfig)
+
+
+@dataclass
+class CasePrediction:
+    """The prediction of one case on its source grid.
+
+    Attributes:
+        case_id: the case.
+        label_convention: convention of ``labels`` (the input's).
+        labels: uint8 ``(X, Y, Z)`` in ``label_convention``.
+        canonical: uint8 ``(X, Y, Z)`` canonical codes (0 bg, 1 NCR, 2 ED, 3 ET).
+        affine: 4x4 voxel-to-world of the source reference modality.
+        volumes_ml: predicted ``WT``, ``TC``, ``ET`` volumes in ml.
+        probabilities: float32 ``(C, X, Y, Z)`` (WT/TC/ET sigmoids or bg/NCR/ED/ET softmax), or None.
+        uncertainty: float32 ``(C, X, Y, Z)`` TTA variance of the probabilities, or None.
+        channels: names of the probability channels.
+        seconds: wall time per step (``read``, ``preprocess``, ``inference``, ``restore``).
+    """
+
+    case_id: str
+    label_convention: str
+    labels: np.ndarray
+    canonical: np.ndarray
+    affine: np.ndarray
+    volumes_ml: dict[str, float]
+    probabilities: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
+    channels: tuple[str, ...] = REGION_NAMES
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def volumes_text(self) -> str:
+        """``WT 45.21 ml  TC 20.10 ml  ET 10.30 ml``."""
+        return "  ".join(f"{region} {self.volumes_ml[region]:.2f} ml" for region in REGION_NAMES)
+
+
+def resolve_device(name: str) -> Any:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a one-line error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("predict.device: cuda requested but no CUDA device is available; use cpu or auto")
+    return torch.device(name)
+
+
+def mirror_sets(axes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Every combination of the spatial ``axes`` (identity first): 2**len(axes) flip sets."""
+    return [subset for size in range(len(axes) + 1) for subset in combinations(sorted(axes), size)]
+
+
+def region_volumes_ml(canonical: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+    """WT, TC and ET volumes (ml) of a canonical label volume with voxel size from ``affine``."""
+    from tumorseg.data.conventions import REGIONS
+
+    # One comparison per tumour code: far cheaper than np.bincount's int64 copy of every voxel.
+    counts = {code: int(np.count_nonzero(canonical == code)) for code in (1, 2, 3)}
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    return {region: sum(counts[code] for code in codes) * voxel_ml for region, codes in REGIONS.items()}
+
+
+def decode_labels(canonical: np.ndarray, convention_name: str) -> np.ndarray:
+    """Canonical codes (0-3, as the predictor produces them) -> the convention's codes.
+
+    ``LabelConvention.decode`` validates arbitrary input with ``np.unique`` (a sort of every voxel);
+    our own predictions only hold 0-3, so only the codes that change are rewritten.
+    """
+    changes = {c: s for c, s in get_convention(convention_name).from_canonical.items() if c != s}
+    if not changes:
+        return canonical
+    out = canonical.copy()
+    for canonical_code, source_code in changes.items():
+        out[canonical == canonical_code] = source_code
+    return out
+
+
+class SegmentationPredictor:
+    """A trained network ready to segment whole cases (see the module docstring for the steps).
+
+    Args:
+        trained: network and the settings it was trained with (``config["preprocess"]`` gives the
+            preprocessing, ``sliding_window`` the window settings).
+        cfg: the ``predict`` section (TTA, component removal, extra outputs, device).
+    """
+
+    def __init__(self, trained: Any, cfg: PredictConfig | None = None) -> None:
+        from tumorseg.models.inference import make_inferer
+
+        self.trained = trained
+        self.cfg = cfg or PredictConfig()
+        self.device = resolve_device(self.cfg.device)
+        self.network = trained.network.to(self.device).eval()
+        updates = {
+            key: value
+            for key, value in (("overlap", self.cfg.overlap), ("sw_batch_size", self.cfg.sw_batch_size))
+            if value is not None
+        }
+        self.sliding_window = trained.sliding_window.model_copy(update=updates)
+        self.inferer = make_inferer(self.sliding_window, trained.roi_size)
+        self.preprocess_cfg = PreprocessConfig.model_validate(trained.config["preprocess"])
+        self.output: str = trained.model.output
+        self.channels = REGION_NAMES if self.output == "regions" else LABEL_CHANNELS
+
+    # ------------------------------------------------------------------ preprocessed grid
+    def infer(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities of a preprocessed image, averaged over the TTA mirrorings.
+
+        Args:
+            image: ``(4, x, y, z)`` z-scored channels on the model's grid.
+
+        Returns:
+            ``(probabilities (C, x, y, z) float32, variance (C, x, y, z) float32 or None)``; the
+            variance over TTA passes when ``predict.uncertainty`` is on.
+        """
+        import torch
+
+        flips = mirror_sets(self.cfg.tta_axes) if self.cfg.tta else [()]
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device, torch.float32)[None]
+            total: torch.Tensor | None = None
+            total_sq: torch.Tensor | None = None
+            for axes in flips:
+                dims = [axis + 2 for axis in axes]  # (B, C, X, Y, Z): spatial axes start at 2
+                logits = self.inferer(torch.flip(x, dims) if dims else x, self.network)
+                if dims:
+                    logits = torch.flip(logits, dims)
+                prob = (
+                    torch.sigmoid(logits.float())
+                    if self.output == "regions"
+                    else torch.softmax(logits.float(), 1)
+                )
+                total = prob if total is None else total.add_(prob)
+                if self.cfg.uncertainty:
+                    total_sq = prob * prob if total_sq is None else total_sq.add_(prob * prob)
+            mean = total[0] / len(flips)
+            variance = None
+            if total_sq is not None:
+                variance = (total_sq[0] / len(flips) - mean * mean).clamp_min_(0.0).cpu().numpy()
+            return mean.cpu().numpy(), variance
+
+    def labels_from_probabilities(
+        self, probabilities: np.ndarray, spacing_mm: tuple[float, ...]
+    ) -> np.ndarray:
+        """Canonical uint8 labels ``(x, y, z)`` from ``(C, x, y, z)`` probabilities, small components removed."""
+        import torch
+
+        from tumorseg.models.inference import regions_to_labels
+
+        prob = torch.from_numpy(probabilities)[None]
+        if self.output == "regions":
+            labels = regions_to_labels(prob > self.sliding_window.threshold)[0, 0].numpy()
+        else:
+            labels = prob.argmax(dim=1)[0].to(torch.uint8).numpy()
+        if self.cfg.min_component_mm3 > 0 and labels.any():
+            from monai.transforms import RemoveSmallObjects
+
+            # MONAI wraps skimage's remove_small_objects; by_measure converts mm^3 to voxels.
+            remove = RemoveSmallObjects(
+                min_size=self.cfg.min_component_mm3, connectivity=3, by_measure=True, pixdim=tuple(spacing_mm)
+            )
+            with warnings.catch_warnings():
+                # skimage 0.26 deprecates the min_size argument MONAI passes; same semantics (< min_size).
+                warnings.filterwarnings("ignore", message=".*min_size.*", category=FutureWarning)
+                kept = np.asarray(remove((labels > 0)[None]))[0].astype(bool)
+            labels = np.where(kept, labels, 0).astype(np.uint8)
+        return labels
+
+    # ------------------------------------------------------------------ source grid
+    def predict_volumes(self, volumes: CaseVolumes) -> CasePrediction:
+        """Segment a case held in memory (source geometry) and map the result back onto it."""
+        from tumorseg.data.preprocess import preprocess_case, restore_to_source
+
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        case = preprocess_case(dataclasses.replace(volumes, labels=None), self.preprocess_cfg)
+        seconds["preprocess"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        probabilities, variance = self.infer(case.image)
+        seconds["inference"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        geometry = case.geometry
+        labels = self.labels_from_probabilities(probabilities, tuple(geometry["resampled_spacing_mm"]))
+        canonical = restore_to_source(labels, geometry, is_label=True)
+        restored_prob = restored_var = None
+        if self.cfg.probabilities:
+            restored_prob = self._restore_probabilities(probabilities, geometry)
+        if variance is not None:
+            restored_var = restore_to_source(variance, geometry, is_label=False)
+        prediction = CasePrediction(
+            case_id=volumes.case_id,
+            label_convention=volumes.label_convention,
+            labels=decode_labels(canonical, volumes.label_convention),
+            canonical=canonical,
+            affine=np.asarray(volumes.affine, dtype=np.float64),
+            volumes_ml=region_volumes_ml(canonical, volumes.affine),
+            probabilities=restored_prob,
+            uncertainty=restored_var,
+            channels=self.channels,
+        )
+        seconds["restore"] = time.perf_counter() - start
+        prediction.seconds = seconds
+        return prediction
+
+    def _restore_probabilities(self, probabilities: np.ndarray, geometry: dict[str, Any]) -> np.ndarray:
+        """Probabilities on the source grid; outside the brain crop the background class is certain."""
+        from tumorseg.data.preprocess import restore_to_source
+
+        if self.output == "regions":
+            return restore_to_source(probabilities, geometry, is_label=False)
+        # restore_to_source pads with 0: carry 1 - p(background) so the padding means "background".
+        flipped = probabilities.copy()
+        flipped[0] = 1.0 - flipped[0]
+        restored = restore_to_source(flipped, geometry, is_label=False)
+        restored[0] = 1.0 - restored[0]
+        return restored
+
+    def predict_case(self, case: CaseFiles) -> CasePrediction:
+        """Read a case from disk (its segmentation, if any, is not read) and segment it.
+
+        Raises:
+            DataError: a missing modality (naming the file), an unreadable file, wrong dimensionality.
+        """
+        volumes, read_s = read_volumes(case)
+        prediction = self.predict_volumes(volumes)
+        prediction.seconds = {"read": read_s, **prediction.seconds}
+        return prediction
+
+
+def read_volumes(case: CaseFiles) -> tuple[CaseVolumes, float]:
+    """The four modalities of a case in its source geometry (not its segmentation), and the read time.
+
+    Raises:
+        DataError: a missing modality (naming the file), an unreadable file, wrong dimensionality.
+    """
+    if case.missing:
+        raise DataError(f"{case.case_id}: missing modality file {case.missing[0]} in {case.case_dir}")
+    start = time.perf_counter()
+    volumes = read_case(dataclasses.replace(case, paths={**case.paths, "seg": None}))
+    return volumes, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------- writing
+def _atomic_save(image: Any, path: Path) -> None:
+    """``nib.save`` to a hidden temp name in the same folder, then rename: never half a file."""
+    import nibabel as nib
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def nifti_like(data: np.ndarray, affine: np.ndarray, reference_header: Any, dtype: Any) -> Any:
+    """A NIfTI image carrying the reference header (shape, zooms, qform/sform and units updated)."""
+    import nibabel as nib
+
+    header = reference_header.copy()
+    header.set_data_dtype(dtype)
+    header.set_intent("none")
+    header["descrip"] = b"tumorseg prediction"
+    image = nib.Nifti1Image(data.astype(dtype, copy=False), affine, header=header)
+    if data.ndim == 4:
+        image.header.set_zooms((*image.header.get_zooms()[:3], 1.0))
+    image.header["cal_min"] = 0
+    image.header["cal_max"] = float(data.max()) if data.size else 0
+    return image
+
+
+def reference_header(case: CaseFiles) -> Any:
+    """Header of the case's reference modality (T1, or the MSD 4-D image): the output's template."""
+    import nibabel as nib
+
+    path = case.paths["t1"]
+    try:
+        header = nib.load(str(path)).header
+    except Exception as exc:  # any reading failure names the file; the case was read just before
+        raise DataError(f"{path}: cannot read the NIfTI header ({type(exc).__name__})") from None
+    if not isinstance(header, nib.Nifti1Header):
+        header = nib.Nifti1Header.from_header(header)
+    return header
+
+
+def write_prediction(prediction: CasePrediction, out_dir: str | Path, header: Any) -> list[Path]:
+    """Write ``<case_id>.nii.gz`` (and the optional probability / uncertainty maps) atomically.
+
+    Args:
+        prediction: from :meth:`SegmentationPredictor.predict_case`.
+        out_dir: output folder (created if needed).
+        header: the reference modality's NIfTI header (:func:`reference_header`).
+
+    Returns:
+        Files written: the label map first, then ``probabilities/<case_id>.nii.gz`` (float32
+        ``(X, Y, Z, C)``) and ``uncertainty/<case_id>.nii.gz`` when present.
+    """
+    out_dir = Path(out_dir)
+    name = f"{prediction.case_id}.nii.gz"
+    jobs: list[tuple[Path, np.ndarray, Any]] = [(out_dir / name, prediction.labels, np.uint8)]
+    for folder, maps in (
+        (PROBABILITIES_DIR, prediction.probabilities),
+        (UNCERTAINTY_DIR, prediction.uncertainty),
+    ):
+        if maps is not None:
+            jobs.append((out_dir / folder / name, np.moveaxis(maps, 0, -1), np.float32))
+    written: list[Path] = []
+    try:
+        for path, data, dtype in jobs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_save(nifti_like(data, prediction.affine, header, dtype), path)
+            written.append(path)
+    except BaseException:
+        for path in written:  # a case is written whole or not at all
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+# ---------------------------------------------------------------------------- folders
+@dataclass
+class PredictSummary:
+    """What :func:`predict_dataset` wrote.
+
+    Attributes:
+        out_dir: the output folder.
+        cases: case id -> predicted volumes (ml) per region.
+        files: case id -> files written for it.
+        seconds: wall time.
+    """
+
+    out_dir: Path
+    cases: dict[str, dict[str, float]] = field(default_factory=dict)
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def one_line(self) -> str:
+        return f"predicted {len(self.cases)} cases -> {self.out_dir} in {self.seconds:.1f} s"
+
+
+def plan_cases(input_path: str | Path, layout: str | None = None) -> list[CaseFiles]:
+    """The cases of a folder in any layout (or one case folder), checked for missing modalities.
+
+    Raises:
+        DataError: no known layout, or a case without one of its four modality files (named).
+    """
+    cases = discover_cases(Path(input_path), layout)
+    for case in cases:
+        if case.missing:
+            raise DataError(f"{case.case_id}: missing modality file {case.missing[0]} in {case.case_dir}")
+    return cases
+
+
+def predict_dataset(
+    input_path: str | Path | None,
+    out_dir: str | Path,
+    predictor: SegmentationPredictor,
+    *,
+    layout: str | None = None,
+    cases: list[CaseFiles] | None = None,
+    on_case: Callable[[CasePrediction, list[Path]], None] | None = None,
+) -> PredictSummary:
+    """Segment every case of ``input_path`` into ``out_dir/<case_id>.nii.gz``.
+
+    Every case is checked for missing modalities before any work starts. Each file is written to a
+    temporary name and renamed; if a case fails, whatever this run wrote for it is removed, cases
+    finished before it stay (they are complete), and the error says how many there are. Other files
+    in ``out_dir`` are never touched.
+
+    Args:
+        input_path: a dataset folder in any supported layout, or one case folder (None when
+            ``cases`` is given).
+        out_dir: output folder (created when the first case is written).
+        predictor: the loaded model.
+        layout: force a layout (None: detect).
+        cases: already planned cases (:func:`plan_cases`); planned here when None.
+        on_case: called with each prediction and its files (the CLI prints volumes there).
+
+    Raises:
+        DataError: bad input (one line naming the case and file).
+    """
+    begin = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder; pass a folder for --out")
+    if cases is None:
+        if input_path is None:
+            raise ValueError("predict_dataset needs input_path or cases")
+        cases = plan_cases(input_path, layout)
+    summary = PredictSummary(out_dir=out_dir)
+    # While a case is inferred, a thread reads the next one (decompression releases the GIL).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tumorseg-read") as reader:
+        pending = reader.submit(read_volumes, cases[0]) if cases else None
+        for position, case in enumerate(cases):
+            try:
+                volumes, read_s = pending.result()
+                if position + 1 < len(cases):
+                    pending = reader.submit(read_volumes, cases[position + 1])
+                prediction = predictor.predict_volumes(volumes)
+                prediction.seconds = {"read": read_s, **prediction.seconds}
+                del volumes
+                out_dir.mkdir(parents=True, exist_ok=True)
+                files = write_prediction(prediction, out_dir, reference_header(case))
+            except DataError as exc:
+                kept = (
+                    f"; {position} of {len(cases)} cases were written to {out_dir} before it"
+                    if position
+                    else ""
+                )
+                raise DataError(f"{exc}{kept}") from None
+            summary.cases[case.case_id] = prediction.volumes_ml
+            summary.files[case.case_id] = files
+            log.debug("%s: %s (%s)", case.case_id, prediction.volumes_text(), prediction.seconds)
+            if on_case is not None:
+                on_case(prediction, files)
+    summary.seconds = time.perf_counter() - begin
+    return summary

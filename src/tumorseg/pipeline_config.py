@@ -1,0 +1,105 @@
+"""``flow:`` the Prefect training pipeline (params.yaml): steps, caching, schedule and smoke run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from tumorseg.config import Section, register_section
+
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "synth.cases": 8,
+    "synth.spacing_mm": 4.0,
+    "synth.tumour_free_fraction": 0.125,
+    "preprocess.target_spacing_mm": [4.0, 4.0, 4.0],
+    "data_loader.patch_size": [32, 32, 32],
+    "data_loader.batch_size": 2,
+    "model.name": "unet",
+    "model.unet.channels": [8, 16, 32],
+    "model.unet.strides": [2, 2],
+    "model.unet.num_res_units": 1,
+    "train.max_epochs": 1,
+    "train.steps_per_epoch": 4,
+    "train.warmup_epochs": 0.0,
+    "mlflow.overlays": 0,
+    "evaluate.bootstrap_resamples": 200,
+    "evaluate.plots": False,
+    "registry.bootstrap_resamples": 200,
+    "compress.pruning.fine_tune_steps": 2,
+    "compress.quantization.calibration_cases": 1,
+    "compress.latency.synth_spacing_mm": 4.0,
+    "compress.latency.warmup": 0,
+    "compress.latency.repeats": 1,
+}
+"""Default smoke settings: 8 cases at 4 mm, a 3-level U-Net of 8-32 channels, one 4-step epoch."""
+
+
+class ScheduleConfig(Section):
+    """``flow.schedule:`` what ``tumorseg schedule`` serves.
+
+    Attributes:
+        cron: cron expression of the retraining runs (``0 3 * * 1``: Mondays 03:00).
+        timezone: time zone of ``cron`` (IANA name).
+        deployment: Prefect deployment name.
+        only_if_new_data: a scheduled run stops early, recording "no new data", when the raw data
+            is what the champion was trained on.
+        tune: scheduled runs search hyper-parameters before training.
+    """
+
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+    deployment: str = Field("tumorseg-retrain", min_length=1)
+    only_if_new_data: bool = True
+    tune: bool = False
+
+    @model_validator(mode="after")
+    def _valid_schedule(self) -> ScheduleConfig:
+        # Prefect's own schedule model: the cron dialect and time zones the server will accept.
+        from prefect.client.schemas.schedules import CronSchedule
+        from pydantic import ValidationError
+
+        try:
+            CronSchedule(cron=self.cron, timezone=self.timezone)
+        except ValidationError as exc:
+            raise ValueError(
+                f"cron {self.cron!r} / timezone {self.timezone!r}: {exc.errors()[0]['msg']} "
+                "(cron: minute hour day month weekday; timezone: an IANA name such as Europe/Paris)"
+            ) from None
+        return self
+
+
+class SmokeConfig(Section):
+    """``flow.smoke:`` the tiny end-to-end run (``tumorseg flow training --smoke``).
+
+    Attributes:
+        overrides: dotted params overrides applied in the temporary workspace.
+    """
+
+    overrides: dict[str, Any] = Field(default_factory=lambda: dict(SMOKE_OVERRIDES))
+
+
+class FlowConfig(Section):
+    """``flow:`` the training pipeline flow (``tumorseg flow training``).
+
+    Attributes:
+        generate_data: run ``synth`` first (the embedded dataset); false for a user's own raw data.
+        tune: run the Optuna search (``tune:``) before training; training merges its best params.
+        compress: run the compression step after training.
+        cache_dir: where Prefect keeps the stage cache records and results (relative to the
+            working directory); a rerun with unchanged inputs skips finished stages.
+        cache_days: cache records expire after this many days (None: never).
+        schedule: what ``tumorseg schedule`` serves.
+        smoke: the smoke run's settings.
+    """
+
+    generate_data: bool = True
+    tune: bool = False
+    compress: bool = True
+    cache_dir: str = ".prefect-cache"
+    cache_days: float | None = Field(None, gt=0.0)
+    schedule: ScheduleConfig = ScheduleConfig()
+    smoke: SmokeConfig = SmokeConfig()
+
+
+register_section("flow", FlowConfig)

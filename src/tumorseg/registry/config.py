@@ -1,0 +1,41 @@
+"""``registry:`` the MLflow model registry and the champion/challenger gate (params.yaml)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from tumorseg.config import Section, register_section
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+class RegistryConfig(Section):
+    """``registry:`` where models are registered and when a challenger replaces the champion.
+
+    Attributes:
+        enabled: the evaluate stage registers the evaluated model as a new version (``challenger``).
+        model_name: registered model name (``models:/<model_name>@champion``).
+        promotion_margin: the challenger's mean Dice (over cases and WT/TC/ET) must beat the
+            champion's, on the same test cases, by at least this much.
+        region_tolerance: and no region's mean Dice may drop by more than this.
+        require_significance: also require the bootstrap CI of the paired mean difference to lie
+            above 0 (off by default: small test sets give wide intervals).
+        bootstrap_resamples: resamples of the paired-difference bootstrap.
+        ci_level: level of that interval.
+        seed: seed of the bootstrap.
+        history_length: champion versions remembered for ``tumorseg promote --rollback``.
+    """
+
+    enabled: bool = True
+    model_name: str = Field("tumorseg", min_length=1, max_length=256)
+    promotion_margin: float = Field(0.005, ge=0.0, le=1.0)
+    region_tolerance: float = Field(0.01, ge=0.0, le=1.0)
+    require_significance: bool = False
+    bootstrap_resamples: int = Field(2000, ge=100)
+    ci_level: float = Field(0.95, gt=0.0, lt=1.0)
+    seed: int = 42
+    history_length: int = Field(20, ge=1, le=500)
+
+
+register_section("registry", RegistryConfig)

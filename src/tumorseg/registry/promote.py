@@ -1,0 +1,582 @@
+"""``tumorseg promote``: the champion/challenger gate, and ``--rollback``.
+
+The challenger (alias ``challenger``, set by the evaluate stage) replaces the champion (alias
+``champion``, what ``tumorseg predict`` and serving load by default) only when, on the **same test
+cases** (paired per case):
+
+- the mean Dice over cases and regions improves by at least ``registry.promotion_margin``, and
+- no region's (WT, TC, ET) mean Dice drops by more than ``registry.region_tolerance``, and
+- with ``registry.require_significance``, the bootstrap CI of the paired mean difference is above 0.
+
+Evidence comes from each version's own ``evaluation.json`` (per-case Dice and the sha256 of every
+reference segmentation). Cases pair when both versions scored the same reference file; when the
+champion was scored on other cases (the data or split changed), the champion is re-evaluated on
+the challenger's test cases from the current validated manifest, with the predict settings it was
+registered with. Extra evidence: per-region means, every paired difference, a percentile-bootstrap
+CI of the mean difference and a Wilcoxon signed-rank p-value (scipy).
+
+Rules: the first valid model becomes champion; a challenger whose evaluation is missing or not
+finite never moves the champion; a promoted challenger loses the ``challenger`` alias. Every
+champion is appended to the registered model's ``champion_history`` tag (a JSON list of versions),
+which ``--rollback`` walks back. The decision is printed, written to ``reports/promotion.json``,
+logged as an MLflow run (tags, metrics, the JSON as artifact) and tagged on the challenger version.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tumorseg.config import section
+from tumorseg.data.conventions import REGION_NAMES
+from tumorseg.data.manifest import atomic_write_text
+from tumorseg.errors import DataError
+from tumorseg.registry.config import CHALLENGER, CHAMPION, RegistryConfig
+
+log = logging.getLogger(__name__)
+
+PROMOTION_FILE = "promotion.json"
+HISTORY_TAG = "champion_history"
+EPSILON = 1e-12
+"""Slack for floating-point ties at the margin and tolerance boundaries."""
+
+
+# ---------------------------------------------------------------------------- the decision
+@dataclass
+class Comparison:
+    """Paired comparison of two versions on the same test cases.
+
+    Attributes:
+        promote: the gate's verdict.
+        reasons: why, one sentence per rule.
+        n_cases: paired cases.
+        mean_dice: ``{"challenger", "champion"}`` mean Dice over cases and regions.
+        mean_improvement: challenger minus champion (mean of the paired per-case differences).
+        region_means: ``{"challenger": {WT, TC, ET}, "champion": {...}}``.
+        region_change: per-region mean difference (challenger - champion).
+        ci_low, ci_high, ci_level: percentile-bootstrap CI of ``mean_improvement``.
+        wilcoxon_p: two-sided Wilcoxon signed-rank p-value of the per-case mean differences (None
+            with fewer than 2 cases or all differences zero).
+        paired_differences: ``{case_id: {WT, TC, ET, mean}}``.
+    """
+
+    promote: bool
+    reasons: list[str]
+    n_cases: int
+    mean_dice: dict[str, float]
+    mean_improvement: float
+    region_means: dict[str, dict[str, float]]
+    region_change: dict[str, float]
+    ci_low: float
+    ci_high: float
+    ci_level: float
+    wilcoxon_p: float | None
+    paired_differences: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def _wilcoxon(differences: np.ndarray) -> float | None:
+    if differences.size < 2 or not np.any(np.abs(differences) > EPSILON):
+        return None
+    from scipy.stats import wilcoxon
+
+    return float(wilcoxon(differences, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def compare_versions(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: RegistryConfig) -> Comparison:
+    """Apply the promotion rules to paired per-case Dice.
+
+    Args:
+        challenger: Dice per case (index ``case_id``) and region (columns WT, TC, ET).
+        champion: the same for the champion; only the challenger's cases are used.
+        cfg: margin, tolerance, significance requirement and bootstrap settings.
+
+    Raises:
+        ValueError: the champion lacks some of the challenger's cases, or there are none.
+    """
+    regions = list(REGION_NAMES)
+    cases = sorted(challenger.index)
+    if not cases:
+        raise ValueError("no test cases to compare")
+    missing = sorted(set(cases) - set(champion.index))
+    if missing:
+        raise ValueError(f"champion has no score for cases {missing[:3]}")
+    ours = challenger.loc[cases, regions].astype(np.float64)
+    theirs = champion.loc[cases, regions].astype(np.float64)
+    diff = ours - theirs
+    per_case = diff.mean(axis=1).to_numpy()
+    improvement = float(per_case.mean())
+    n = len(cases)
+    indices = np.random.default_rng(cfg.seed).integers(0, n, size=(cfg.bootstrap_resamples, n))
+    alpha = (1.0 - cfg.ci_level) / 2.0
+    ci_low, ci_high = (float(q) for q in np.quantile(per_case[indices].mean(axis=1), [alpha, 1.0 - alpha]))
+    region_change = {r: float(diff[r].mean()) for r in regions}
+
+    reasons: list[str] = []
+    promote = True
+    if improvement + EPSILON >= cfg.promotion_margin:
+        reasons.append(f"mean Dice improves by {improvement:+.4f} (>= margin {cfg.promotion_margin:g})")
+    else:
+        promote = False
+        reasons.append(
+            f"mean Dice changes by {improvement:+.4f}, less than the margin {cfg.promotion_margin:g}"
+        )
+    dropped = {r: c for r, c in region_change.items() if c + EPSILON < -cfg.region_tolerance}
+    if dropped:
+        promote = False
+        text = ", ".join(f"{r} {c:+.4f}" for r, c in dropped.items())
+        reasons.append(f"regions drop by more than the tolerance {cfg.region_tolerance:g}: {text}")
+    else:
+        reasons.append(f"no region drops by more than {cfg.region_tolerance:g}")
+    if cfg.require_significance:
+        if ci_low > 0:
+            reasons.append(
+                f"the {cfg.ci_level:.0%} CI of the improvement [{ci_low:+.4f}, {ci_high:+.4f}] is above 0"
+            )
+        else:
+            promote = False
+            reasons.append(
+                f"the {cfg.ci_level:.0%} CI of the improvement [{ci_low:+.4f}, {ci_high:+.4f}] includes 0 or less"
+            )
+    paired = {
+        case_id: {**{r: float(diff.loc[case_id, r]) for r in regions}, "mean": float(per_case[i])}
+        for i, case_id in enumerate(cases)
+    }
+    return Comparison(
+        promote=promote,
+        reasons=reasons,
+        n_cases=n,
+        mean_dice={"challenger": float(ours.to_numpy().mean()), "champion": float(theirs.to_numpy().mean())},
+        mean_improvement=improvement,
+        region_means={
+            "challenger": {r: float(ours[r].mean()) for r in regions},
+            "champion": {r: float(theirs[r].mean()) for r in regions},
+        },
+        region_change=region_change,
+        ci_low=ci_low,
+        ci_high=ci_high,
+        ci_level=cfg.ci_level,
+        wilcoxon_p=_wilcoxon(per_case),
+        paired_differences=paired,
+    )
+
+
+# ---------------------------------------------------------------------------- evidence of a version
+@dataclass
+class VersionEvidence:
+    """A version's own test evaluation.
+
+    Attributes:
+        version: version number.
+        run_id: its training run.
+        case_dice: Dice per case (index) and region (columns), or None when unusable.
+        reference_sha256: case id -> sha256 of the reference it was scored against.
+        problem: why the evaluation cannot be used (None when it can).
+    """
+
+    version: str
+    run_id: str | None
+    case_dice: pd.DataFrame | None
+    reference_sha256: dict[str, str]
+    problem: str | None = None
+
+
+def read_evidence(client: Any, name: str, version: str, tracking_uri: str) -> VersionEvidence:
+    """Download and check ``evaluation.json`` of a version (a missing or broken one is a ``problem``)."""
+    import mlflow
+
+    from tumorseg.registry.register import EVALUATION_ARTIFACT
+
+    found = client.get_model_version(name, version)
+    evidence = VersionEvidence(str(version), found.run_id, None, {})
+    base = client.get_model_version_download_uri(name, version).rstrip("/")
+    try:
+        with tempfile.TemporaryDirectory(prefix="tumorseg-evidence-") as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{base}/artifacts/{EVALUATION_ARTIFACT}",
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
+            )
+            record = json.loads(Path(local).read_text())
+    except Exception as exc:  # any download/parse failure means "no usable evidence"; say what failed
+        evidence.problem = f"version {version} has no readable {EVALUATION_ARTIFACT} ({type(exc).__name__})"
+        return evidence
+    case_dice = record.get("case_dice") or {}
+    if not case_dice:
+        evidence.problem = f"version {version}: {EVALUATION_ARTIFACT} lists no test cases"
+        return evidence
+    frame = pd.DataFrame.from_dict(case_dice, orient="index")
+    if list(frame.columns) != list(REGION_NAMES) and not set(REGION_NAMES) <= set(frame.columns):
+        evidence.problem = f"version {version}: {EVALUATION_ARTIFACT} lacks Dice for {list(REGION_NAMES)}"
+        return evidence
+    values = frame[list(REGION_NAMES)].to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
+        evidence.problem = f"version {version}: its test Dice values are not finite numbers in [0, 1]"
+        return evidence
+    evidence.case_dice = frame[list(REGION_NAMES)].astype(np.float64)
+    evidence.reference_sha256 = dict(record.get("reference_sha256") or {})
+    return evidence
+
+
+def pairable(challenger: VersionEvidence, champion: VersionEvidence) -> bool:
+    """The champion scored every challenger case against the same reference file."""
+    if champion.case_dice is None or challenger.case_dice is None:
+        return False
+    for case_id in challenger.case_dice.index:
+        if case_id not in champion.case_dice.index:
+            return False
+        ours, theirs = challenger.reference_sha256.get(case_id), champion.reference_sha256.get(case_id)
+        if ours is None or ours != theirs:
+            return False
+    return True
+
+
+def rescore_champion(
+    name: str,
+    version: str,
+    challenger: VersionEvidence,
+    params: dict[str, Any],
+    *,
+    tracking_uri: str,
+    source: str,
+) -> pd.DataFrame:
+    """Evaluate the champion on the challenger's test cases (current manifest), as it is served.
+
+    Raises:
+        DataError: the current test split is not the challenger's (the evidence cannot be paired).
+    """
+    from tumorseg.evaluation.pipeline_stage import evaluate_cases, reference_digest, split_cases
+    from tumorseg.models.predictor import PredictConfig, SegmentationPredictor
+    from tumorseg.registry.loading import load_model
+
+    wanted = set(challenger.case_dice.index)
+    cases = [case for case in split_cases(params, source=source) if case.case_id in wanted]
+    same = {c.case_id for c in cases} == wanted and all(
+        challenger.reference_sha256.get(c.case_id) == reference_digest(c) for c in cases
+    )
+    if not same:
+        raise DataError(
+            f"cannot pair the champion (version {version}) with challenger version {challenger.version}: the "
+            "challenger's test cases are no longer those of the current split and manifest; rerun `dvc repro` "
+            "to evaluate a challenger on the current data"
+        )
+    loaded = load_model(f"models:/{name}/{version}", tracking_uri=tracking_uri)
+    settings = PredictConfig.model_validate(loaded.predict_settings or {})
+    predictor = SegmentationPredictor(
+        loaded.trained, settings.model_copy(update={"probabilities": False, "uncertainty": False})
+    )
+    cfg = section("evaluate", params, source=source)
+    with tempfile.TemporaryDirectory(prefix="tumorseg-rescore-") as tmp:
+        result = evaluate_cases(
+            predictor,
+            cases,
+            Path(tmp) / "champion.csv",
+            cfg=cfg,
+            summary_path=Path(tmp) / "s.json",
+            make_plots=False,
+        )
+    return result.per_case.pivot(index="case_id", columns="region", values="dice")[list(REGION_NAMES)]
+
+
+# ---------------------------------------------------------------------------- actions
+@dataclass
+class PromotionResult:
+    """What ``tumorseg promote`` decided and did.
+
+    Attributes:
+        action: ``promoted`` | ``rejected`` | ``kept`` (nothing to decide) | ``rolled_back``.
+        model_name: registered model.
+        champion: champion version after the action (None when there is none).
+        previous_champion: champion version before it.
+        challenger: the challenger version considered (None when there was none).
+        reasons: why, in words.
+        comparison: the paired evidence (None without a comparison).
+        evidence_source: ``stored evaluations`` or ``champion re-evaluated on the challenger's cases``.
+        mlflow_run_id: the run the decision was logged to.
+    """
+
+    action: str
+    model_name: str
+    champion: str | None
+    previous_champion: str | None
+    challenger: str | None
+    reasons: list[str]
+    comparison: Comparison | None = None
+    evidence_source: str | None = None
+    mlflow_run_id: str | None = None
+    decided_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if data["comparison"] is not None:
+            data["comparison"] = {k: _json_safe(v) for k, v in data["comparison"].items()}
+        return data
+
+    def lines(self) -> list[str]:
+        """Printable report: the decision, then the evidence."""
+        head = {
+            "promoted": f"promoted {self.model_name} version {self.challenger} to champion",
+            "rejected": f"kept champion version {self.champion}; challenger version {self.challenger} rejected",
+            "kept": f"champion unchanged (version {self.champion or 'none'})",
+            "rolled_back": f"rolled back champion from version {self.previous_champion} to version {self.champion}",
+        }[self.action]
+        out = [f"{head}: " + "; ".join(self.reasons)]
+        c = self.comparison
+        if c is not None:
+            means = "  ".join(
+                f"{r} {c.region_means['challenger'][r]:.4f} vs {c.region_means['champion'][r]:.4f} "
+                f"({c.region_change[r]:+.4f})"
+                for r in REGION_NAMES
+            )
+            p = "n/a" if c.wilcoxon_p is None else f"{c.wilcoxon_p:.3g}"
+            out.append(
+                f"  {c.n_cases} paired cases ({self.evidence_source}): mean Dice {c.mean_dice['challenger']:.4f} vs "
+                f"{c.mean_dice['champion']:.4f}, difference {c.mean_improvement:+.4f} "
+                f"[{c.ci_level:.0%} CI {c.ci_low:+.4f}, {c.ci_high:+.4f}], Wilcoxon p {p}"
+            )
+            out.append(f"  per region (challenger vs champion): {means}")
+        return out
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else round(value, 6)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _alias_version(client: Any, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _history(client: Any, name: str) -> list[str]:
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG, "[]")
+    try:
+        return [str(v) for v in json.loads(raw)]
+    except (json.JSONDecodeError, TypeError):
+        log.warning(
+            "registered model %s: unreadable %s tag %r; starting a new history", name, HISTORY_TAG, raw
+        )
+        return []
+
+
+def _set_champion(
+    client: Any, name: str, version: str, previous: str | None, history: list[str], keep: int
+) -> None:
+    client.set_registered_model_alias(name, CHAMPION, version)
+    history = [*history, version][-keep:]
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    client.set_model_version_tag(name, version, "previous_champion", previous or "none")
+    client.set_model_version_tag(name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def _open_client(
+    params: dict[str, Any], source: str, tracking_uri: str | None
+) -> tuple[Any, str, RegistryConfig]:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tumorseg.registry.loading import FIRST_STEPS, prepare_mlflow
+    from tumorseg.tracking import resolve_tracking_uri, sqlite_path
+    from tumorseg.training.config import MlflowConfig
+
+    prepare_mlflow()
+    paths = section("paths", params, source=source)
+    mlflow_cfg: MlflowConfig = section("mlflow", params, source=source)
+    cfg: RegistryConfig = section("registry", params, source=source)
+    uri = resolve_tracking_uri(tracking_uri or mlflow_cfg.tracking_uri, paths.mlruns)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise DataError(f"no MLflow store at {db}; {FIRST_STEPS}")
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    try:
+        client.get_registered_model(cfg.model_name)
+    except MlflowException:
+        raise DataError(
+            f"no registered model {cfg.model_name!r} in {db or uri}; run `dvc repro` (the evaluate stage registers "
+            "a challenger) first"
+        ) from None
+    return client, uri, cfg
+
+
+def promote(
+    params: dict[str, Any],
+    *,
+    rollback: bool = False,
+    source: str = "params.yaml",
+    tracking_uri: str | None = None,
+) -> PromotionResult:
+    """Run the gate (or the rollback), apply it to the registry, log it and write ``reports/promotion.json``.
+
+    Raises:
+        DataError: no store / registered model; ``--rollback`` without a previous champion; evidence
+            that cannot be paired on the same test cases.
+    """
+    from tumorseg.training.config import MlflowConfig
+
+    cfg: RegistryConfig = section("registry", params, source=source)
+    mlflow_cfg: MlflowConfig = section("mlflow", params, source=source)
+    reports = Path(section("paths", params, source=source).reports)
+    if not (cfg.enabled and mlflow_cfg.enabled):
+        off = "registry.enabled" if not cfg.enabled else "mlflow.enabled"
+        result = PromotionResult(
+            "kept", cfg.model_name, None, None, None, [f"{off} is false: no registry to act on"]
+        )
+    else:
+        client, uri, cfg = _open_client(params, source, tracking_uri)
+        name = cfg.model_name
+        result = _rollback(client, name) if rollback else _decide_and_apply(client, uri, cfg, params, source)
+        result.mlflow_run_id = _log_decision(client, uri, result, params, source)
+    atomic_write_text(
+        reports / PROMOTION_FILE, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
+    )
+    return result
+
+
+def _decide_and_apply(
+    client: Any, uri: str, cfg: RegistryConfig, params: dict[str, Any], source: str
+) -> PromotionResult:
+    name = cfg.model_name
+    champion = _alias_version(client, name, CHAMPION)
+    challenger = _alias_version(client, name, CHALLENGER)
+    if challenger is None:
+        why = "no challenger to compare (the evaluate stage registers one)"
+        return PromotionResult("kept", name, champion, champion, None, [why])
+    if challenger == champion:
+        return PromotionResult(
+            "kept", name, champion, champion, challenger, [f"version {challenger} is already champion"]
+        )
+
+    ours = read_evidence(client, name, challenger, uri)
+    if ours.problem is not None:
+        client.set_model_version_tag(name, challenger, "promotion_decision", "rejected")
+        client.set_model_version_tag(name, challenger, "promotion_reason", ours.problem)
+        return PromotionResult(
+            "rejected",
+            name,
+            champion,
+            champion,
+            challenger,
+            [f"challenger evaluation failed: {ours.problem}"],
+        )
+
+    history = _history(client, name)
+    if champion is None:
+        _set_champion(client, name, challenger, None, history, cfg.history_length)
+        client.delete_registered_model_alias(name, CHALLENGER)
+        client.set_model_version_tag(name, challenger, "promotion_decision", "promoted")
+        client.set_model_version_tag(name, challenger, "promotion_reason", "first model")
+        return PromotionResult(
+            "promoted", name, challenger, None, challenger, ["first registered model with a valid evaluation"]
+        )
+
+    theirs = read_evidence(client, name, champion, uri)
+    if pairable(ours, theirs):
+        champion_dice = theirs.case_dice
+        evidence_source = "stored evaluations"
+    else:
+        log.info(
+            "champion %s was scored on other cases; re-evaluating it on the challenger's test cases", champion
+        )
+        champion_dice = rescore_champion(name, champion, ours, params, tracking_uri=uri, source=source)
+        evidence_source = "champion re-evaluated on the challenger's test cases"
+    comparison = compare_versions(ours.case_dice, champion_dice, cfg)
+    decision = "promoted" if comparison.promote else "rejected"
+    client.set_model_version_tag(name, challenger, "promotion_decision", decision)
+    client.set_model_version_tag(name, challenger, "promotion_reason", "; ".join(comparison.reasons))
+    client.set_model_version_tag(
+        name, challenger, "promotion_mean_improvement", f"{comparison.mean_improvement:.6f}"
+    )
+    if comparison.promote:
+        _set_champion(client, name, challenger, champion, history, cfg.history_length)
+        client.delete_registered_model_alias(name, CHALLENGER)
+        new_champion = challenger
+    else:
+        new_champion = champion
+    return PromotionResult(
+        decision, name, new_champion, champion, challenger, comparison.reasons, comparison, evidence_source
+    )
+
+
+def _rollback(client: Any, name: str) -> PromotionResult:
+    current = _alias_version(client, name, CHAMPION)
+    if current is None:
+        raise DataError(f"registered model {name!r} has no champion to roll back")
+    history = _history(client, name)
+    if current in history:
+        position = len(history) - 1 - history[::-1].index(current)
+        earlier = history[:position]
+    else:  # the alias was moved by hand: everything recorded came before it
+        earlier = history
+    if not earlier:
+        raise DataError(f"champion version {current} of {name!r} has no previous champion to roll back to")
+    previous = earlier[-1]
+    client.get_model_version(name, previous)  # fails loudly if that version was deleted
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(earlier))
+    client.set_model_version_tag(name, current, "rolled_back", "true")
+    client.set_model_version_tag(name, current, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return PromotionResult(
+        "rolled_back", name, previous, current, None, [f"version {current} withdrawn by --rollback"]
+    )
+
+
+def _log_decision(client: Any, uri: str, result: PromotionResult, params: dict[str, Any], source: str) -> str:
+    """One MLflow run per decision: tags, the comparison's numbers, and the decision JSON as artifact."""
+    from mlflow.entities import Metric, RunTag
+
+    from tumorseg.tracking import ensure_experiment
+    from tumorseg.training.config import MlflowConfig
+
+    mlflow_cfg: MlflowConfig = section("mlflow", params, source=source)
+    experiment_id = ensure_experiment(uri, mlflow_cfg.experiment)
+    title = f"promote {result.model_name}" + (f" v{result.challenger}" if result.challenger else "")
+    run = client.create_run(experiment_id, run_name="rollback" if result.action == "rolled_back" else title)
+    run_id = run.info.run_id
+    tags = {
+        "tumorseg.stage": "promote",
+        "decision": result.action,
+        "model_name": result.model_name,
+        "champion_version": result.champion or "none",
+        "previous_champion_version": result.previous_champion or "none",
+        "challenger_version": result.challenger or "none",
+        "reasons": "; ".join(result.reasons)[:5000],
+    }
+    now = int(time.time() * 1000)
+    metrics: list[Any] = []
+    c = result.comparison
+    if c is not None:
+        values = {
+            "mean_improvement": c.mean_improvement,
+            "mean_improvement_ci_low": c.ci_low,
+            "mean_improvement_ci_high": c.ci_high,
+            "n_cases": c.n_cases,
+            **({"wilcoxon_p": c.wilcoxon_p} if c.wilcoxon_p is not None else {}),
+            **{f"region_change_{r}": v for r, v in c.region_change.items()},
+        }
+        metrics = [Metric(k, float(v), now, 0) for k, v in values.items()]
+    client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+    with tempfile.TemporaryDirectory(prefix="tumorseg-promote-") as tmp:
+        path = Path(tmp) / PROMOTION_FILE
+        path.write_text(
+            json.dumps({**result.to_dict(), "mlflow_run_id": run_id}, indent=2, allow_nan=False) + "\n"
+        )
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    return run_id

@@ -1,0 +1,192 @@
+"""MLflow set-up shared by training, evaluation and the model registry.
+
+Tracking store, in order of precedence:
+
+1. an explicit URI (``mlflow.tracking_uri`` in params.yaml, or an argument);
+2. the ``MLFLOW_TRACKING_URI`` environment variable;
+3. a local store needing no server: SQLite at ``<paths.mlruns>/mlflow.db`` with artifacts
+   under ``<paths.mlruns>/artifacts/<experiment>``. Open it with
+   ``mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db``.
+
+For any SQLite store the experiment's artifact location is set next to the database, so
+runs never scatter ``./mlruns`` folders into the working directory. Nothing here runs at
+import time; the entry point (``train()``) resolves the URI and creates the experiment.
+
+Also here: the provenance every run records — system info, git commit, and the DVC hash
+of the training data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+
+MODEL_REQUIREMENTS: tuple[str, ...] = ("torch", "monai", "numpy", "mlflow")
+"""Packages a logged PyTorch model needs to load (pinned to the installed versions)."""
+
+
+def disable_telemetry() -> None:
+    """Turn MLflow's usage telemetry off (nothing leaves the machine) unless the user chose otherwise.
+
+    Called by entry points before MLflow is imported: MLflow starts its telemetry client at import.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def default_tracking_uri(mlruns_dir: str | Path = "mlruns") -> str:
+    """``sqlite:///<absolute mlruns>/mlflow.db``."""
+    return f"sqlite:///{Path(mlruns_dir).resolve() / DB_NAME}"
+
+
+def resolve_tracking_uri(explicit: str | None = None, mlruns_dir: str | Path = "mlruns") -> str:
+    """The tracking URI to use: explicit, else ``$MLFLOW_TRACKING_URI``, else the local SQLite store."""
+    return explicit or os.environ.get(TRACKING_URI_ENV) or default_tracking_uri(mlruns_dir)
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """Database file of a ``sqlite:///`` URI (None for other stores)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///"))
+
+
+def experiment_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifact root for a new experiment: next to a SQLite database; the store's default otherwise."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", experiment).strip("-") or "default"
+    return (db.resolve().parent / ARTIFACTS_DIR / slug).as_uri()
+
+
+def ensure_experiment(tracking_uri: str, experiment: str) -> str:
+    """Create the store (for SQLite, its folder) and the experiment if needed; return its id."""
+    from mlflow.tracking import MlflowClient
+
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    return client.create_experiment(
+        experiment, artifact_location=experiment_artifact_location(tracking_uri, experiment)
+    )
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (lists kept as values)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def system_info() -> dict[str, str]:
+    """Platform, library versions, CPU count and GPU name of this process's machine."""
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }
+    for package in ("torch", "monai", "lightning", "mlflow", "numpy"):
+        info[f"{package}_version"] = _version(package) or "not installed"
+    return info
+
+
+def git_commit(cwd: str | Path = ".") -> str | None:
+    """HEAD commit of the repository holding ``cwd`` (``+dirty`` with uncommitted changes); None outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if status else head
+
+
+def data_version(preprocessed_dir: str | Path, dvc_lock: str | Path = "dvc.lock") -> dict[str, str]:
+    """The DVC hash of the training data.
+
+    Taken from ``dvc.lock`` (the ``md5`` DVC recorded for the stage output at
+    ``preprocessed_dir``, e.g. ``3f2a...e1.dir``) when the data came from ``dvc repro``;
+    otherwise (data built by hand) an md5 over ``index.csv`` and every case ``.npz``
+    (relative path and bytes, in sorted order).
+
+    Returns:
+        ``{"data_md5": ..., "data_md5_source": "dvc.lock" | "content"}``.
+    """
+    target = Path(preprocessed_dir)
+    lock = Path(dvc_lock)
+    if lock.is_file():
+        md5 = _md5_from_lock(lock, target)
+        if md5:
+            return {"data_md5": md5, "data_md5_source": "dvc.lock"}
+    files = [target / "index.csv", *sorted((target / "cases").glob("*.npz"))]
+    digest = hashlib.md5()
+    for path in files:
+        if not path.is_file():
+            continue
+        digest.update(path.relative_to(target).as_posix().encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return {"data_md5": digest.hexdigest(), "data_md5_source": "content"}
+
+
+def _md5_from_lock(lock: Path, target: Path) -> str | None:
+    try:
+        data = yaml.safe_load(lock.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    root = lock.resolve().parent
+    wanted = target.resolve()  # our paths are relative to the cwd; dvc.lock's to its own folder
+    for stage in (data.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if isinstance(out, dict) and (root / str(out.get("path", ""))).resolve() == wanted:
+                return str(out.get("md5", "")) or None
+    return None
+
+
+def model_pip_requirements(packages: Iterable[str] = MODEL_REQUIREMENTS) -> list[str]:
+    """``name==version`` of the installed packages (the constraints.txt pins); no resolver, no network."""
+    return [f"{name}=={version}" for name in packages if (version := _version(name))]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None

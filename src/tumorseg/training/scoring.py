@@ -1,0 +1,154 @@
+"""Score a trained network on a split: sliding-window inference + MONAI Dice on WT, TC, ET.
+
+This is the test-set scoring the training stage runs after fitting (``train.score_test``)
+until a dedicated evaluation stage takes it over; it is kept separate from training so that
+stage can call it as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tumorseg.config import read_params, section
+from tumorseg.data.conventions import REGION_NAMES
+from tumorseg.data.datamodule import case_records, read_split
+from tumorseg.data.manifest import atomic_write_text
+from tumorseg.data.transforms import load_preprocessed_case
+from tumorseg.errors import ConfigError
+from tumorseg.models.checkpoint import TrainedNetwork, load_trained_network
+from tumorseg.models.inference import SlidingWindowConfig, labels_to_regions, predict_labels
+from tumorseg.models.lightning_module import aggregate_case_dice
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+
+
+def resolve_trained(
+    model_or_ckpt: TrainedNetwork | nn.Module | str | Path, params: dict[str, Any]
+) -> TrainedNetwork:
+    """Accept a checkpoint path, a :class:`TrainedNetwork`, or a bare network (settings from params)."""
+    if isinstance(model_or_ckpt, TrainedNetwork):
+        return model_or_ckpt
+    if isinstance(model_or_ckpt, (str, Path)):
+        return load_trained_network(model_or_ckpt)
+    from tumorseg.training.config import load_training_config
+
+    cfg = load_training_config(params)
+    model_or_ckpt.eval()
+    return TrainedNetwork(model_or_ckpt, cfg.model, cfg.data_loader, cfg.sliding_window, cfg.to_dict())
+
+
+def predict_cases(
+    trained: TrainedNetwork, records: list[dict[str, Any]], *, device: str | torch.device = "cpu"
+) -> Iterator[tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]]:
+    """Yield ``(record, case arrays, predicted canonical labels (X, Y, Z))`` for each case."""
+    network = trained.network.to(device).eval()
+    inferer = trained.inferer()
+    for record in records:
+        case = load_preprocessed_case(record["path"])
+        image = torch.from_numpy(case["image"])[None].to(device)
+        _, labels = predict_labels(
+            network,
+            image,
+            inferer,
+            trained.model.output,
+            trained.sliding_window.threshold,
+            min_component_mm3=trained.sliding_window.min_component_mm3,
+            spacing_mm=trained.spacing_mm,
+        )
+        yield record, case, labels[0, 0].cpu().numpy()
+
+
+def score_split(
+    model_or_ckpt: TrainedNetwork | nn.Module | str | Path,
+    split: str = "test",
+    *,
+    params: dict[str, Any] | None = None,
+    source: str = "params.yaml",
+    ignore_empty: bool | None = None,
+    sliding_window: SlidingWindowConfig | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Mean Dice per region of a trained network on one split of ``paths.split``.
+
+    Args:
+        model_or_ckpt: a ``best.ckpt`` path, a :class:`TrainedNetwork`, or a network whose
+            settings (output mode, patch, sliding window) are read from ``params``.
+        split: split name in ``split.json``.
+        params: params dict (read from ``source`` when None) giving the data paths.
+        source: params file name, for error messages.
+        ignore_empty: MONAI DiceMetric ``ignore_empty``; default from ``train.dice_ignore_empty``
+            (False, the BraTS convention: an empty region predicted empty scores 1).
+        sliding_window: inference settings replacing the ones stored with the model.
+        device: where inference runs.
+
+    Returns:
+        ``{"dice_WT", "dice_TC", "dice_ET", "dice_mean", "n_cases", "cases": {case_id: {...}}}``.
+
+    Raises:
+        ConfigError: the split is missing or empty.
+    """
+    from monai.metrics import DiceMetric
+
+    params = read_params(source) if params is None else params
+    paths = section("paths", params, source=source)
+    trained = resolve_trained(model_or_ckpt, params)
+    if sliding_window is not None:
+        trained = dataclasses.replace(trained, sliding_window=sliding_window)
+    if ignore_empty is None:
+        ignore_empty = bool(trained.config.get("train", {}).get("dice_ignore_empty", False))
+    case_ids = read_split(paths.split).get(split, [])
+    if not case_ids:
+        raise ConfigError(
+            f"{source}: paths.split: {paths.split} has no {split!r} cases; rerun `tumorseg split`"
+        )
+    records = case_records(paths.preprocessed, case_ids)
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=ignore_empty)
+    per_case: dict[str, dict[str, float]] = {}
+    for record, case, labels in predict_cases(trained, records, device=device):
+        truth = labels_to_regions(torch.from_numpy(case["label"])[None])
+        pred = labels_to_regions(torch.from_numpy(labels)[None, None])
+        dice = metric(y_pred=pred, y=truth)[0]
+        per_case[record["case_id"]] = {name: float(dice[i]) for i, name in enumerate(REGION_NAMES)}
+    summary = aggregate_case_dice(metric.get_buffer())
+    result: dict[str, Any] = {f"dice_{name}": value for name, value in summary.items()}
+    result["n_cases"] = len(records)
+    result["cases"] = per_case
+    return result
+
+
+def write_split_metrics(scores: dict[str, Any], reports_dir: str | Path, split: str = "test") -> Path:
+    """Merge ``{split: {dice_WT, dice_TC, dice_ET, dice_mean, n_cases}}`` into ``reports/metrics.json``.
+
+    Written atomically (temp file + rename); other top-level keys already there are kept.
+    """
+    path = Path(reports_dir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            current = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            current = {}
+    current[split] = {k: _json_number(v) for k, v in scores.items() if k != "cases"}
+    atomic_write_text(path, json.dumps(current, indent=2) + "\n")
+    return path
+
+
+def _json_number(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, float):
+        return round(value, 6)
+    return value

@@ -1,0 +1,69 @@
+"""The best trial's params: written by ``tumorseg tune``, merged by ``tumorseg train`` and the flows.
+
+The file (``tune.best_params_file``, default ``reports/best_params.yaml``) is a DVC-tracked stage
+output holding nested params.yaml sections, only the keys the search chose::
+
+    # tumorseg tune: study tumorseg, trial 7, val_dice_mean 0.6123 (12 trials finished)
+    train:
+      lr: 0.0013
+    loss:
+      name: dice_ce
+
+Precedence when training: params.yaml < best params file < explicit ``-S`` overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tumorseg.config import apply_overrides, section
+from tumorseg.data.manifest import atomic_write_text
+from tumorseg.errors import ConfigError
+
+
+def nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1e-3}`` -> ``{"train": {"lr": 1e-3}}``."""
+    return apply_overrides({}, dotted)
+
+
+def write_best_params(path: str | Path, overrides: dict[str, Any], header: str) -> Path:
+    """Write the best overrides (dotted keys) as nested YAML, atomically, with a one-line header."""
+    path = Path(path)
+    text = f"# {header}\n" + yaml.safe_dump(nest(overrides), sort_keys=True, default_flow_style=None)
+    atomic_write_text(path, text)
+    return path
+
+
+def read_best_params(path: str | Path) -> dict[str, Any]:
+    """The best overrides as dotted keys ({} when the file does not exist)."""
+    from tumorseg.tracking import flatten
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: not valid YAML; rerun `tumorseg tune` or delete the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected params sections at the top level; rerun `tumorseg tune`")
+    return flatten(data)
+
+
+def best_params_overrides(params: dict[str, Any], *, source: str = "params.yaml") -> dict[str, Any]:
+    """Overrides from the best-params file when ``tune.apply_best`` is on and the file exists."""
+    import tumorseg.tuning.config  # noqa: F401  (registers the tune section)
+
+    cfg = section("tune", params, source=source)
+    return read_best_params(cfg.best_params_file) if cfg.apply_best else {}
+
+
+def with_best_params(
+    params: dict[str, Any], *, explicit: dict[str, Any] | None = None, source: str = "params.yaml"
+) -> dict[str, Any]:
+    """params.yaml, then the best-params file, then ``explicit`` overrides (``-S``) on top."""
+    best = best_params_overrides(params, source=source)
+    return apply_overrides(apply_overrides(params, best), explicit)

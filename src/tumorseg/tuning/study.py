@@ -1,0 +1,617 @@
+"""``tumorseg tune``: an Optuna study over params.yaml, tracked in MLflow.
+
+- **Search space** from ``tune.space`` (:mod:`tumorseg.tuning.space`), **TPE** sampler
+  (multivariate, constant liar for parallel workers), **median pruning** on the per-epoch
+  validation Dice reported by Optuna's Lightning callback.
+- **Storage**: an Optuna RDB storage, SQLite file by default (``<paths.mlruns>/optuna.db``), any
+  SQLAlchemy URL such as ``postgresql://user@host/db`` for workers on several machines.
+- **Workers**: ``n_jobs`` processes on this machine split the remaining trial budget; more
+  processes (``tumorseg tune`` on other machines, same ``--storage``) join the same study by name.
+  Processes, not Optuna's threads: a trial is a Lightning run with process-wide state (torch
+  threads, RNG seeding), and CPU training needs the cores, not the GIL.
+- **Resume**: the study is loaded if it exists (``load_if_exists``) and only the missing trials
+  run; a trial whose worker died is failed after ``tune.grace_s`` without heartbeat and retried once
+  (:class:`optuna.storages.RetryHeartbeatStaleTrialCallback`).
+- **MLflow**: one parent run per study (experiment ``tune.mlflow_experiment``), each trial a nested
+  run (``train()``'s own run, tagged ``mlflow.parentRunId``); the parent gets the best value and
+  params, the trials table, and Optuna's history and parameter-importance plots (matplotlib).
+- **Output**: the best trial's overrides in ``tune.best_params_file`` (:mod:`tumorseg.tuning.best`).
+
+A trial never sees the test split: it trains with ``train.score_test: false`` and is scored on
+the validation split only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tumorseg.config import apply_overrides, section
+from tumorseg.errors import ConfigError, TumorsegError
+from tumorseg.tuning.config import TuneConfig
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "optuna.db"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+ROLE_TAG = "tumorseg.role"
+FINISHED_STATES = ("COMPLETE", "PRUNED")
+
+
+@dataclass
+class TuneResult:
+    """What a study run produced.
+
+    Attributes:
+        study_name: the study.
+        storage: its storage URL, password hidden.
+        best_value: best validation mean Dice (None when no trial completed).
+        best_trial: its number.
+        best_overrides: the best trial's params overrides (dotted keys).
+        best_params_file: where they were written (None when no trial completed).
+        counts: trials by state (``COMPLETE``, ``PRUNED``, ``FAIL``, ...), whole study.
+        trials_run: trials this call ran (all workers).
+        parent_run_id: the MLflow parent run.
+        wall_time_s: wall time of the optimisation.
+        plots: plot files logged to the parent run.
+    """
+
+    study_name: str
+    storage: str
+    best_value: float | None
+    best_trial: int | None
+    best_overrides: dict[str, Any]
+    best_params_file: Path | None
+    counts: dict[str, int]
+    trials_run: int
+    parent_run_id: str | None
+    wall_time_s: float
+    plots: list[Path] = field(default_factory=list)
+
+    def one_line(self) -> str:
+        counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(self.counts.items()))
+        if self.best_value is None:
+            return f"study {self.study_name}: no completed trial ({counts}); best params not written"
+        return (
+            f"study {self.study_name}: best val Dice {self.best_value:.4f} (trial {self.best_trial}; "
+            f"{counts}; {self.trials_run} run now in {self.wall_time_s:.0f} s) -> {self.best_params_file}"
+        )
+
+
+# ---------------------------------------------------------------------------- storage and study
+def storage_url(params: dict[str, Any], cfg: TuneConfig, *, source: str = "params.yaml") -> str:
+    """``tune.storage``, else SQLite next to the MLflow store (``<paths.mlruns>/optuna.db``)."""
+    if cfg.storage:
+        return cfg.storage
+    mlruns = Path(section("paths", params, source=source).mlruns)
+    return f"sqlite:///{(mlruns / DB_NAME).resolve()}"
+
+
+def hide_password(url: str) -> str:
+    """A storage URL safe to print and log (``postgresql://user:***@host/db``)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a SQLAlchemy URL: nothing we can parse, show only its scheme
+        return url.split(":", 1)[0] + "://..."
+
+
+def open_storage(url: str, cfg: TuneConfig) -> Any:
+    """An Optuna RDB storage with heartbeats, so trials of a killed worker are failed and retried.
+
+    SQLite: the folder is created and writers wait up to 60 s for the file lock instead of failing
+    with "database is locked" when several processes write at once.
+    """
+    import warnings
+
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=cfg.heartbeat_s,
+                grace_period=cfg.grace_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+    except (optuna.exceptions.StorageInternalError, ImportError, ValueError) as exc:
+        raise ConfigError(
+            f"tune.storage: cannot open {hide_password(url)} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "check the URL, the server and its driver (psycopg2 for postgresql://)"
+        ) from None
+
+
+def open_study(storage: Any, cfg: TuneConfig, *, worker_index: int = 0) -> Any:
+    """Create or load (``load_if_exists``) the study with the TPE sampler and the median pruner.
+
+    Each worker seeds its sampler with ``seed + worker_index`` so parallel workers do not draw the
+    same random start-up trials.
+    """
+    import optuna
+
+    seed = None if cfg.sampler.seed is None else cfg.sampler.seed + worker_index
+    sampler = optuna.samplers.TPESampler(
+        seed=seed,
+        n_startup_trials=cfg.sampler.n_startup_trials,
+        multivariate=cfg.sampler.multivariate,
+        constant_liar=cfg.sampler.constant_liar,
+    )
+    pruner: Any = (
+        optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.pruner.n_startup_trials,
+            n_warmup_steps=cfg.pruner.n_warmup_steps,
+            interval_steps=cfg.pruner.interval_steps,
+        )
+        if cfg.pruner.enabled
+        else optuna.pruners.NopPruner()
+    )
+    return optuna.create_study(
+        study_name=cfg.study_name,
+        storage=storage,
+        sampler=sampler,
+        pruner=pruner,
+        direction="maximize",
+        load_if_exists=True,
+    )
+
+
+def state_counts(study: Any) -> dict[str, int]:
+    """Trials of the study by state name."""
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def finished_trials(study: Any) -> int:
+    counts = state_counts(study)
+    return sum(counts.get(s, 0) for s in FINISHED_STATES)
+
+
+# ---------------------------------------------------------------------------- MLflow parent run
+def _tune_experiment(params: dict[str, Any], cfg: TuneConfig, source: str) -> str:
+    from tumorseg.training.config import MlflowConfig
+
+    mlflow_cfg: MlflowConfig = section("mlflow", params, source=source)
+    return cfg.mlflow_experiment or f"{mlflow_cfg.experiment}-tune"
+
+
+def ensure_parent_run(study: Any, tracking_uri: str, experiment: str, storage: str) -> str:
+    """The study's MLflow parent run: reused when the study already has one (resume, other workers).
+
+    Workers on several machines may start at once; each creates a parent only if the study names
+    none, then all agree on the oldest parent run of the study (start time, then id) and a worker
+    whose own parent lost deletes it, so the trials of one study always share one parent.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tumorseg.tracking import ensure_experiment
+
+    client = MlflowClient(tracking_uri)
+    known = study.user_attrs.get(PARENT_RUN_ATTR)
+    if known:
+        try:
+            if client.get_run(known).info.lifecycle_stage == "active":
+                return str(known)
+        except MlflowException:
+            log.warning(
+                "parent run %s of study %s is not in %s; starting another",
+                known,
+                study.study_name,
+                tracking_uri,
+            )
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    mine = client.create_run(
+        experiment_id,
+        run_name=f"tune {study.study_name}",
+        tags={ROLE_TAG: "tune", "optuna.study_name": study.study_name, "optuna.storage": storage},
+    ).info.run_id
+    candidates = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{ROLE_TAG}` = 'tune' and tags.`optuna.study_name` = '{study.study_name}'",
+    )
+    winner = min(candidates, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+    if winner != mine:
+        client.delete_run(mine)
+    study.set_user_attr(PARENT_RUN_ATTR, winner)
+    return winner
+
+
+# ---------------------------------------------------------------------------- one trial
+class TrialObjective:
+    """The objective: train with the trial's overrides, return the best validation mean Dice.
+
+    Args:
+        params: the params.yaml dict (with ``-S`` overrides).
+        cfg: the ``tune`` section.
+        source: params file name for error messages.
+        tracking_uri: MLflow store of the trial runs.
+        parent_run_id: the study's parent run.
+        threads: torch CPU threads per trial (cores / workers), when ``trainer.num_threads`` is 0.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, Any],
+        cfg: TuneConfig,
+        *,
+        source: str,
+        tracking_uri: str,
+        parent_run_id: str,
+        experiment: str,
+        threads: int,
+    ) -> None:
+        self.params = params
+        self.cfg = cfg
+        self.source = source
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+        self.experiment = experiment
+        self.threads = threads
+
+    def trial_params(self, trial: Any, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the trial's full params, its sampled overrides)."""
+        from tumorseg.tuning.space import sample_overrides
+
+        base = apply_overrides(self.params, self.cfg.trial_overrides)
+        sampled = sample_overrides(trial, self.cfg.space, base, self.source)
+        fixed = {
+            # a trial is a scratch run: own folder, no test scoring, no model in the registry
+            "train.out_dir": str(out_dir / "model"),
+            "paths.reports": str(out_dir / "reports"),
+            "train.score_test": False,
+            "mlflow.enabled": True,
+            "mlflow.log_model": False,
+            "mlflow.overlays": 0,
+            "mlflow.experiment": self.experiment,
+            "mlflow.run_name": f"trial {trial.number}",
+        }
+        if not (base.get("trainer") or {}).get("num_threads"):
+            fixed["trainer.num_threads"] = self.threads
+        return apply_overrides(base, {**sampled, **fixed}), sampled
+
+    def __call__(self, trial: Any) -> float:
+        import optuna
+        from mlflow import MlflowClient
+        from optuna_integration import PyTorchLightningPruningCallback
+
+        from tumorseg.models.lightning_module import VAL_DICE_MEAN
+        from tumorseg.training.train import train
+        from tumorseg.tuning.callbacks import TrialRunLink
+
+        out_dir = Path(tempfile.mkdtemp(prefix=f"tumorseg-trial{trial.number}-"))
+        try:
+            params, sampled = self.trial_params(trial, out_dir)
+            trial.set_user_attr("overrides", sampled)
+            link = TrialRunLink(trial, self.parent_run_id, self.cfg.study_name)
+            pruning = PyTorchLightningPruningCallback(trial, monitor=VAL_DICE_MEAN)
+            try:
+                result = train(
+                    params, callbacks=[pruning, link], source=self.source, tracking_uri=self.tracking_uri
+                )
+            except optuna.TrialPruned:
+                if link.run_id is not None:
+                    client = MlflowClient(self.tracking_uri)
+                    client.set_tag(link.run_id, "optuna.state", "PRUNED")
+                    client.set_terminated(link.run_id, status="KILLED")
+                raise
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        value = result.best_val_dice.get("mean", math.nan)
+        if link.run_id is not None:
+            MlflowClient(self.tracking_uri).set_tag(link.run_id, "optuna.state", "COMPLETE")
+        if math.isnan(value):
+            log.warning("trial %d: no validation Dice (did validation run?); the trial fails", trial.number)
+        return float(value)
+
+
+# ---------------------------------------------------------------------------- workers
+def run_worker(
+    params: dict[str, Any],
+    *,
+    source: str,
+    storage: str,
+    tracking_uri: str,
+    parent_run_id: str,
+    n_trials: int,
+    wanted: int,
+    worker_index: int,
+    threads: int,
+    timeout_s: float | None,
+) -> int:
+    """One worker: join the study and run up to ``n_trials`` trials, stopping early once the study
+    has ``wanted`` finished trials; returns the trials it ran.
+
+    Runs in a worker process for ``n_jobs > 1`` (hence plain, JSON-able arguments).
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    import tumorseg.training.config  # noqa: F401  (registers the training sections)
+    from tumorseg.tracking import disable_telemetry
+
+    disable_telemetry()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cfg: TuneConfig = section("tune", params, source=source)
+    study = open_study(open_storage(storage, cfg), cfg, worker_index=worker_index)
+    objective = TrialObjective(
+        params,
+        cfg,
+        source=source,
+        tracking_uri=tracking_uri,
+        parent_run_id=parent_run_id,
+        experiment=_tune_experiment(params, cfg, source),
+        threads=threads,
+    )
+    before = len(study.get_trials(deepcopy=False))
+    # Workers started by hand on other machines each aim at the same study total: stop once it is reached.
+    enough = optuna.study.MaxTrialsCallback(wanted, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    study.optimize(
+        objective,
+        n_trials=n_trials,
+        timeout=timeout_s,
+        # a sampled combination the config rejects (e.g. a patch larger than a volume) fails that
+        # trial only; the study goes on
+        catch=(ConfigError,),
+        callbacks=[enough],
+        gc_after_trial=True,
+    )
+    return len(study.get_trials(deepcopy=False)) - before
+
+
+def _worker_main(job_file: str) -> int:
+    """Entry point of a worker process: ``python -m tumorseg.tuning.study JOB.json``."""
+    import json
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_worker(**json.loads(Path(job_file).read_text()))
+    return 0
+
+
+def split_budget(total: int, workers: int) -> list[int]:
+    """Trials per worker: ``total`` spread as evenly as possible (no worker gets 0 when total >= workers)."""
+    base, extra = divmod(total, workers)
+    return [base + (1 if i < extra else 0) for i in range(workers) if base + (1 if i < extra else 0) > 0]
+
+
+def _run_processes(jobs: list[dict[str, Any]]) -> None:
+    """Start one worker process per job (fresh interpreters: no fork of torch state) and wait.
+
+    Subprocesses of ``python -m tumorseg.tuning.study`` rather than ``multiprocessing``: they do
+    not re-import the caller's ``__main__`` and behave exactly like workers started by hand.
+    """
+    import json
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="tumorseg-tune-jobs-") as tmp:
+        processes = []
+        for index, job in enumerate(jobs):
+            job_file = Path(tmp) / f"worker{index}.json"
+            job_file.write_text(json.dumps(job))
+            command = [sys.executable, "-m", "tumorseg.tuning.study", str(job_file)]
+            processes.append(subprocess.Popen(command))
+        codes = [process.wait() for process in processes]
+    failed = [index for index, code in enumerate(codes) if code != 0]
+    if failed:
+        raise TumorsegError(
+            f"tune: worker process(es) {failed} exited with an error (see the log above); "
+            "rerun `tumorseg tune` to resume the study"
+        )
+
+
+# ---------------------------------------------------------------------------- the study run
+def run_study(
+    params: dict[str, Any],
+    *,
+    source: str = "params.yaml",
+    n_trials: int | None = None,
+    n_jobs: int | None = None,
+    storage: str | None = None,
+    timeout_s: float | None = None,
+    tracking_uri: str | None = None,
+) -> TuneResult:
+    """Run (or resume) the study until it has ``n_trials`` finished trials; write the best params.
+
+    Args:
+        params: the params.yaml dict.
+        source: params file name for error messages.
+        n_trials: finished trials wanted in the study (default ``tune.n_trials``); a resumed study
+            runs only the missing ones.
+        n_jobs: worker processes (default ``tune.n_jobs``).
+        storage: Optuna storage URL (default :func:`storage_url`).
+        timeout_s: stop starting trials after this long (default ``tune.timeout_s``).
+        tracking_uri: MLflow store (default ``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``, SQLite).
+
+    Raises:
+        ConfigError: bad ``tune:`` section or unreachable storage.
+    """
+    import tumorseg.training.config  # noqa: F401  (registers the training sections)
+    from tumorseg.tracking import disable_telemetry, resolve_tracking_uri
+    from tumorseg.training.config import load_training_config
+
+    disable_telemetry()
+    cfg: TuneConfig = section("tune", params, source=source)
+    if not cfg.space:
+        raise ConfigError(f"{source}: tune.space: empty; declare at least one dimension to search")
+    load_training_config(apply_overrides(params, cfg.trial_overrides), source=source)  # fail fast
+    wanted = n_trials or cfg.n_trials
+    workers = n_jobs or cfg.n_jobs
+    url = storage or storage_url(params, cfg, source=source)
+    mlflow_cfg = section("mlflow", params, source=source)
+    uri = resolve_tracking_uri(
+        tracking_uri or mlflow_cfg.tracking_uri, section("paths", params, source=source).mlruns
+    )
+
+    study = open_study(open_storage(url, cfg), cfg)
+    parent = ensure_parent_run(study, uri, _tune_experiment(params, cfg, source), hide_password(url))
+    remaining = max(wanted - finished_trials(study), 0)
+    budgets = split_budget(remaining, workers)
+    threads = max(1, (os.cpu_count() or 1) // max(len(budgets), 1))
+    log.info(
+        "study %s on %s: %d finished, running %d more trial(s) in %d worker(s)",
+        cfg.study_name,
+        hide_password(url),
+        finished_trials(study),
+        remaining,
+        len(budgets),
+    )
+    jobs = [
+        {
+            "params": params,
+            "source": source,
+            "storage": url,
+            "tracking_uri": uri,
+            "parent_run_id": parent,
+            "n_trials": budget,
+            "wanted": wanted,
+            "worker_index": index,
+            "threads": threads,
+            "timeout_s": timeout_s or cfg.timeout_s,
+        }
+        for index, budget in enumerate(budgets)
+    ]
+    before = len(study.get_trials(deepcopy=False))
+    started = time.perf_counter()
+    if len(jobs) == 1:
+        run_worker(**jobs[0])
+    elif jobs:
+        _run_processes(jobs)
+    elapsed = time.perf_counter() - started
+    study = open_study(open_storage(url, cfg), cfg)
+    result = summarise(study, params, cfg, source=source, parent_run_id=parent, storage=hide_password(url))
+    result.trials_run = len(study.get_trials(deepcopy=False)) - before
+    result.wall_time_s = elapsed
+    log_study(study, result, uri)
+    return result
+
+
+def summarise(
+    study: Any,
+    params: dict[str, Any],
+    cfg: TuneConfig,
+    *,
+    source: str,
+    parent_run_id: str | None,
+    storage: str,
+) -> TuneResult:
+    """Best trial -> overrides, written to ``tune.best_params_file`` (nothing written without one)."""
+    from tumorseg.tuning.best import write_best_params
+    from tumorseg.tuning.space import decode_trial_params, to_overrides
+
+    counts = state_counts(study)
+    result = TuneResult(
+        study_name=cfg.study_name,
+        storage=storage,
+        best_value=None,
+        best_trial=None,
+        best_overrides={},
+        best_params_file=None,
+        counts=counts,
+        trials_run=0,
+        parent_run_id=parent_run_id,
+        wall_time_s=0.0,
+    )
+    if counts.get("COMPLETE", 0) == 0:
+        return result
+    best = study.best_trial
+    base = apply_overrides(params, cfg.trial_overrides)
+    overrides = to_overrides(decode_trial_params(best.params, cfg.space), cfg.space, base, source)
+    result.best_value = float(best.value)
+    result.best_trial = best.number
+    result.best_overrides = overrides
+    header = (
+        f"tumorseg tune: study {cfg.study_name}, trial {best.number}, {cfg.metric} {best.value:.4f} "
+        f"({finished_trials(study)} trials finished); merged by `tumorseg train` (tune.apply_best)"
+    )
+    result.best_params_file = write_best_params(cfg.best_params_file, overrides, header)
+    return result
+
+
+def study_plots(study: Any, folder: Path) -> list[Path]:
+    """Optuna's optimisation history and parameter-importance plots (matplotlib backend), as PNGs.
+
+    Importances need two completed trials and a dimension that varied; without them only the
+    history is drawn (and the reason logged).
+    """
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.visualization import matplotlib as optuna_plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, draw in (
+        ("optimization_history", optuna_plots.plot_optimization_history),
+        ("param_importances", optuna_plots.plot_param_importances),
+    ):
+        try:
+            with warnings.catch_warnings():  # the matplotlib backend is "experimental" in Optuna 5
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                axes = draw(study)
+        except (ValueError, RuntimeError) as exc:
+            log.info("no %s plot: %s", name, exc)
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes
+        path = folder / f"{name}.png"
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def log_study(study: Any, result: TuneResult, tracking_uri: str) -> None:
+    """Best value/params, the trials table and the plots, on the parent run."""
+    from mlflow import MlflowClient
+
+    if result.parent_run_id is None:
+        return
+    client = MlflowClient(tracking_uri)
+    run_id = result.parent_run_id
+    for state, n in result.counts.items():
+        client.log_metric(run_id, f"trials_{state.lower()}", n)
+    if result.best_value is not None:
+        client.log_metric(run_id, "best_val_dice_mean", result.best_value)
+        client.set_tag(run_id, "optuna.best_trial", str(result.best_trial))
+        # tags, not params: a resumed study updates its best values, and MLflow params are write-once
+        for key, value in result.best_overrides.items():
+            client.set_tag(run_id, f"best.{key}", str(value))
+    with tempfile.TemporaryDirectory(prefix="tumorseg-tune-") as tmp:
+        folder = Path(tmp)
+        table = folder / "trials.csv"
+        study.trials_dataframe().to_csv(table, index=False)
+        client.log_artifact(run_id, str(table))
+        for path in study_plots(study, folder / "plots"):
+            client.log_artifact(run_id, str(path), artifact_path="plots")
+            result.plots.append(Path("plots") / path.name)
+        if result.best_params_file is not None:
+            client.log_artifact(run_id, str(result.best_params_file))
+    client.set_terminated(run_id)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_worker_main(sys.argv[1]))

@@ -1,0 +1,206 @@
+"""``tumorseg compress`` end to end on a tiny synthetic dataset, with a temporary MLflow store.
+
+The data go through the real chain (synth -> ingest -> validate -> preprocess -> split), a 4-8-16
+U-Net is trained for a few steps and registered as the fp32 champion; compression then builds,
+measures and gates the variants, registers ``@edge``, and ``tumorseg predict --model
+models:/tumorseg@edge`` runs it through ONNX Runtime. A failing compression leaves the registry
+as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import yaml
+
+from tumorseg.cli import main
+from tumorseg.config import apply_overrides, read_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def _overrides(root: Path) -> dict[str, Any]:
+    return {
+        **{
+            f"paths.{key}": str(root / key)
+            for key in ("raw", "ingested", "validated", "preprocessed", "reports")
+        },
+        "paths.split": str(root / "split.json"),
+        "paths.mlruns": str(root / "mlruns"),
+        "synth.cases": 8,
+        "synth.spacing_mm": 4.0,
+        "synth.tumour_free_fraction": 0.0,
+        "preprocess.target_spacing_mm": [4.0, 4.0, 4.0],
+        "train.out_dir": str(root / "models"),
+        "train.max_epochs": 1,
+        "train.steps_per_epoch": 3,
+        "train.warmup_epochs": 0,
+        "train.score_test": False,
+        "data_loader.patch_size": [16, 16, 16],
+        "model.unet.channels": [4, 8, 16],
+        "model.unet.strides": [2, 2],
+        "model.unet.num_res_units": 1,
+        "sliding_window.sw_batch_size": 2,
+        "trainer.accelerator": "cpu",
+        "mlflow.enabled": False,
+        "mlflow.overlays": 0,
+        "evaluate.bootstrap_resamples": 100,
+        "evaluate.plots": False,
+        "compress.out_dir": str(root / "models" / "compressed"),
+        "compress.variants": ["fp32", "onnx_fp32", "pruned_structured", "int8"],
+        "compress.exporter": "torchscript",
+        "compress.pruning.fine_tune_steps": 2,
+        "compress.quantization.calibration_cases": 1,
+        "compress.latency.case_dir": str(root / "latency"),
+        "compress.latency.warmup": 0,
+        "compress.latency.repeats": 1,
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Tiny data, a trained checkpoint, and an fp32 champion registered in a temporary store."""
+    from tumorseg.models.checkpoint import load_trained_network
+    from tumorseg.registry.pyfunc import log_segmentation_model
+
+    root = tmp_path_factory.mktemp("compress")
+    params = apply_overrides(read_params(ROOT / "params.yaml"), _overrides(root))
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    p = ["--params", str(params_file)]
+    validate = ["validate", str(root / "ingested"), "--out", str(root / "validated")]
+    for command in (["synth"], ["ingest"], validate, ["preprocess"], ["split"], ["train"]):
+        assert main([*command, *p]) == 0, command
+    (root / "latency").mkdir()
+    first = sorted((root / "raw").glob("BraTS2021_*"))[0]
+    (root / "latency" / first.name).symlink_to(first)  # one case to time
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    from tumorseg.tracking import ensure_experiment
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = ensure_experiment(uri, "tumorseg-segmentation")
+    trained = load_trained_network(root / "models" / "checkpoints" / "best.ckpt")
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_segmentation_model(trained, {"tta": False})
+    version = mlflow.register_model(info.model_uri, "tumorseg")
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    client.set_registered_model_alias("tumorseg", "champion", version.version)
+    return {
+        "root": root,
+        "params": params,
+        "params_file": params_file,
+        "uri": uri,
+        "champion": version.version,
+    }
+
+
+def _registry_state(uri: str) -> dict[str, Any]:
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    versions = client.search_model_versions("name='tumorseg'")
+    model = client.get_registered_model("tumorseg")
+    return {
+        "versions": sorted((v.version, v.source, tuple(sorted(v.tags.items()))) for v in versions),
+        "aliases": dict(model.aliases),
+    }
+
+
+def test_missing_calibration_set_is_one_line_and_leaves_the_registry_untouched(
+    project: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = project["root"]
+    split = json.loads((root / "split.json").read_text())
+    no_val = root / "split_no_val.json"
+    no_val.write_text(json.dumps({**split, "val": []}))
+    before = _registry_state(project["uri"])
+    code = main(
+        [
+            "compress",
+            "--params",
+            str(project["params_file"]),
+            "-S",
+            f"paths.split={no_val}",
+            "-S",
+            f"mlflow.tracking_uri={project['uri']}",
+            "-S",
+            f"paths.reports={root / 'reports_failed'}",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("tumorseg compress: error: ") and "no 'val' cases to calibrate INT8" in err
+    assert len(err.splitlines()) == 1
+    assert _registry_state(project["uri"]) == before
+    assert not (root / "reports_failed" / "compression.json").exists()
+
+
+def test_compress_gates_registers_edge_and_predict_runs_it_in_onnx_runtime(
+    project: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tumorseg.compression.stage import run_compress_stage
+    from tumorseg.models.onnx_network import OnnxRuntimeNetwork
+    from tumorseg.registry.loading import load_model
+
+    root, uri = project["root"], project["uri"]
+    before = _registry_state(uri)
+    params = apply_overrides(
+        project["params"],
+        {
+            "compress.dice_tolerance": 1.0,
+            "compress.model": "models:/tumorseg@champion",
+            "mlflow.enabled": True,
+        },
+    )
+    result = run_compress_stage(params, tracking_uri=uri)
+
+    names = [r.name for r in result.variants]
+    assert names == ["fp32", "onnx_fp32", "pruned_structured", "int8"]
+    by_name = {r.name: r for r in result.variants}
+    assert by_name["onnx_fp32"].onnx_max_abs_diff < 1e-4
+    assert by_name["onnx_fp32"].dice_drop == pytest.approx(0.0, abs=1e-6)  # same network, same cases
+    assert by_name["pruned_structured"].parameters < by_name["fp32"].parameters
+    assert by_name["int8"].details["quantization"]["quantized_nodes"]["Conv"] > 0
+    assert all(r.latency_s > 0 and set(r.dice) == {"WT", "TC", "ET", "mean"} for r in result.variants)
+    assert result.edge is not None and result.edge.accepted
+
+    report = json.loads((root / "reports" / "compression.json").read_text())
+    assert report["edge"] == result.edge.name and len(report["variants"]) == 4
+    assert (root / "reports" / "compression.md").read_text().count("| onnxruntime |") == 3
+    assert sorted(p.name for p in (root / "models" / "compressed").glob("*.onnx")) == [
+        "int8.onnx",
+        "onnx_fp32.onnx",
+        "pruned_structured.onnx",
+    ]
+
+    after = _registry_state(uri)
+    assert set(before["versions"]) < set(after["versions"])  # the fp32 versions are all still there
+    assert after["aliases"]["champion"] == before["aliases"]["champion"]
+    edge_version = after["aliases"]["edge"]
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    assert client.get_model_version("tumorseg", edge_version).tags["compression.variant"] == result.edge.name
+
+    loaded = load_model("models:/tumorseg@edge", tracking_uri=uri)
+    assert isinstance(loaded.trained.network, OnnxRuntimeNetwork)
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    out = root / "pred_edge"
+    code = main(
+        [
+            "predict",
+            str(root / "raw"),
+            "--out",
+            str(out),
+            "--model",
+            "models:/tumorseg@edge",
+            "--params",
+            str(project["params_file"]),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert len(list(out.glob("*.nii.gz"))) == len(list((root / "raw").glob("BraTS2021_*")))

@@ -1,0 +1,487 @@
+"""Evaluate stage, model registry, promotion gate, rollback, and loading the champion everywhere.
+
+One real pipeline per module: ``tumorseg synth --spacing 4`` -> ingest -> validate -> preprocess ->
+split -> ``train()`` (1 tiny epoch, MLflow on) -> the evaluate stage (source-geometry test metrics,
+logged to the training run, registered as ``tumorseg`` version 1, alias ``challenger``), all in
+``tmp_path`` with a SQLite MLflow store there. Promotion tests register further versions with
+their evaluation shifted, on their own registered model names, so each test stands alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from tumorseg.cli import main
+from tumorseg.config import apply_overrides, read_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass
+class Project:
+    root: Path
+    params: dict[str, Any]
+    params_file: Path
+    uri: str
+    train: Any
+    stage: Any
+
+    def with_model_name(self, name: str) -> tuple[dict[str, Any], Path]:
+        params = apply_overrides(self.params, {"registry.model_name": name})
+        path = self.root / f"params-{name}.yaml"
+        path.write_text(yaml.safe_dump(params))
+        return params, path
+
+    def client(self) -> Any:
+        import mlflow
+
+        return mlflow.MlflowClient(self.uri, registry_uri=self.uri)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
+    from tumorseg.training.train import train
+
+    root = tmp_path_factory.mktemp("project")
+    uri = f"sqlite:///{root}/mlruns/mlflow.db"
+    overrides: dict[str, Any] = {
+        **{
+            f"paths.{key}": str(root / key)
+            for key in ("raw", "ingested", "validated", "preprocessed", "reports")
+        },
+        "paths.mlruns": str(root / "mlruns"),
+        "paths.split": str(root / "split.json"),
+        "synth.cases": 10,
+        "synth.spacing_mm": 4.0,
+        "synth.reoriented_fraction": 0.3,
+        "preprocess.target_spacing_mm": [4.0, 4.0, 4.0],
+        "train.out_dir": str(root / "models"),
+        "train.max_epochs": 1,
+        "train.steps_per_epoch": 3,
+        "train.checkpoint_every_n_steps": 3,
+        "train.warmup_epochs": 0,
+        "data_loader.patch_size": [16, 16, 16],
+        "model.unet.channels": [4, 8, 16],
+        "model.unet.strides": [2, 2],
+        "model.unet.num_res_units": 1,
+        "sliding_window.sw_batch_size": 2,
+        "sliding_window.overlap": 0.25,
+        "trainer.accelerator": "cpu",
+        "mlflow.tracking_uri": uri,
+        "mlflow.overlays": 0,
+        "evaluate.bootstrap_resamples": 200,
+        "evaluate.plots": False,
+        "registry.bootstrap_resamples": 200,
+    }
+    params = apply_overrides(read_params(ROOT / "params.yaml"), overrides)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    p = ["--params", str(params_file)]
+    assert main(["synth", *p]) == 0
+    assert main(["ingest", *p]) == 0
+    assert main(["validate", str(root / "ingested"), "--out", str(root / "validated"), *p]) == 0
+    assert main(["preprocess", *p]) == 0
+    assert main(["split", *p]) == 0
+    trained = train(params, source=str(params_file))
+    stage = run_evaluate_stage(params, source=str(params_file))
+    return Project(root, params, params_file, uri, trained, stage)
+
+
+def shifted(evaluation: Any, delta: float, **changes: Any) -> Any:
+    """The evaluation with every per-case Dice moved by ``delta`` (clipped to [0, 1])."""
+    case_dice = {
+        c: {r: float(np.clip(v + delta, 0, 1)) for r, v in d.items()} for c, d in evaluation.case_dice.items()
+    }
+    metrics = dict(evaluation.metrics)
+    for region in ("WT", "TC", "ET"):
+        metrics[f"dice_{region}"] = float(np.mean([d[region] for d in case_dice.values()]))
+    metrics["dice_mean"] = float(np.mean([np.mean(list(d.values())) for d in case_dice.values()]))
+    return dataclasses.replace(evaluation, case_dice=case_dice, metrics=metrics, **changes)
+
+
+def register(project: Project, evaluation: Any, model_name: str) -> str:
+    from tumorseg.models.checkpoint import load_trained_network
+    from tumorseg.registry.config import RegistryConfig
+    from tumorseg.registry.register import register_model
+
+    version = register_model(
+        load_trained_network(project.train.best_checkpoint),
+        evaluation,
+        run_id=project.train.mlflow_run_id,
+        tracking_uri=project.uri,
+        cfg=RegistryConfig(model_name=model_name),
+        predict_settings={"tta": False, "min_component_mm3": 0.0},
+        params=project.params,
+    )
+    return version.version
+
+
+def promote_cli(params_file: Path, capsys: pytest.CaptureFixture, *extra: str) -> tuple[int, str, dict]:
+    rc = main(["promote", "--params", str(params_file), *extra])
+    out = capsys.readouterr().out
+    decision_file = yaml.safe_load(params_file.read_text())["paths"]["reports"] + "/promotion.json"
+    return rc, out, json.loads(Path(decision_file).read_text()) if rc == 0 else {}
+
+
+def aliases(project: Project, name: str) -> dict[str, str]:
+    return {alias: str(v) for alias, v in project.client().get_registered_model(name).aliases.items()}
+
+
+# ---------------------------------------------------------------------------- evaluate stage
+def test_evaluate_stage_writes_metrics_logs_them_and_registers_a_challenger(project: Project) -> None:
+    reports = project.root / "reports"
+    metrics = json.loads((reports / "metrics.json").read_text())["test"]
+    split = json.loads((project.root / "split.json").read_text())
+    assert metrics["n_cases"] == len(split["test"]) >= 2
+    for region in ("WT", "TC", "ET"):
+        for metric in ("dice", "hd95", "lesion_dice"):
+            assert (
+                metrics[f"{metric}_{region}_ci_low"]
+                <= metrics[f"{metric}_{region}"]
+                <= metrics[f"{metric}_{region}_ci_high"]
+            )
+    per_case = pd.read_csv(reports / "test_per_case.csv")
+    assert metrics["dice_WT"] == pytest.approx(per_case[per_case.region == "WT"].dice.mean(), abs=1e-6)
+    plot = pd.read_csv(reports / "plots" / "test_dice.csv")
+    assert list(plot.columns) == [
+        "case_id",
+        "dice_WT",
+        "dice_TC",
+        "dice_ET",
+        "hd95_WT",
+        "hd95_TC",
+        "hd95_ET",
+        "dice_mean",
+    ]
+    assert sorted(plot.case_id) == sorted(split["test"])
+    volumes = pd.read_csv(reports / "plots" / "test_volumes.csv")
+    assert {"ref_ml_WT", "pred_ml_WT"} <= set(volumes.columns)
+
+    # Same network, same preprocessing: the source-geometry Dice equals training's on its own grid.
+    for case_id, dice in project.train.test_dice["cases"].items():
+        for region, value in dice.items():
+            assert project.stage.evaluation.case_dice[case_id][region] == pytest.approx(value, abs=1e-4)
+
+    client = project.client()
+    run = client.get_run(project.train.mlflow_run_id)
+    assert run.data.metrics["test_eval/dice_WT"] == pytest.approx(metrics["dice_WT"])
+    assert run.data.metrics["test_eval/dice_mean_ci_high"] == pytest.approx(metrics["dice_mean_ci_high"])
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
+        "evaluation/test_per_case.csv",
+        "evaluation/test_summary.json",
+        "evaluation/metrics.json",
+    }
+    assert "model_card.md" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    version_file = json.loads((reports / "model_version.json").read_text())
+    assert version_file == {
+        "name": "tumorseg",
+        "version": "1",
+        "run_id": run.info.run_id,
+        "model_uri": "models:/tumorseg/1",
+        "alias": "challenger",
+    }
+    assert aliases(project, "tumorseg") == {"challenger": "1"}
+    version = client.get_model_version("tumorseg", "1")
+    assert version.run_id == run.info.run_id
+    assert version.tags["data_md5"] == run.data.tags["data.data_md5"]
+    assert len(version.tags["params_md5"]) == 32 and version.tags["git_commit"] not in ("", "unknown")
+    from tumorseg.models.checkpoint import load_trained_network
+    from tumorseg.registry.register import params_md5
+
+    assert version.tags["params_md5"] == params_md5(
+        load_trained_network(project.train.best_checkpoint).config
+    )
+    assert float(version.tags["test_dice_mean"]) == pytest.approx(metrics["dice_mean"], abs=1e-6)
+    card = version.description
+    assert card.startswith("# Model card: tumorseg version 1")
+    for text in (
+        "Not for clinical use",
+        "synthetic",
+        "| Dice |",
+        version.tags["data_md5"],
+        version.tags["params_md5"],
+    ):
+        assert text in card
+
+
+def test_evaluate_model_cli_without_registering(project: Project, capsys: pytest.CaptureFixture) -> None:
+    params = apply_overrides(project.params, {"paths.reports": str(project.root / "reports-no-register")})
+    params_file = project.root / "params-no-register.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    assert main(["evaluate-model", "--params", str(params_file), "--no-register"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("test (") and "registered" not in out
+    reports = project.root / "reports-no-register"
+    record = json.loads((reports / "model_version.json").read_text())
+    assert record["version"] is None and record["reason"] == "registration turned off (--no-register)"
+    assert json.loads((reports / "metrics.json").read_text())["test"] == project.stage.evaluation.metrics
+    assert [str(v.version) for v in project.client().search_model_versions("name='tumorseg'")] == ["1"]
+
+
+def test_the_registered_artifact_is_small_declared_and_pickle_free(project: Project, tmp_path: Path) -> None:
+    import mlflow
+    from mlflow.models import Model
+
+    client = project.client()
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri("tumorseg", "1"),
+            dst_path=str(tmp_path),
+            tracking_uri=project.uri,
+        )
+    )
+    files = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()}
+    assert {"MLmodel", "model_code.py", "artifacts/weights.pt", "artifacts/config.json", "artifacts/predict.json",
+            "artifacts/evaluation.json", "artifacts/model_card.md", "requirements.txt"} <= set(files)  # fmt: skip
+    assert not [name for name in files if name.endswith((".pkl", ".pickle", ".cloudpickle"))]
+    assert sum(files.values()) < 2_000_000
+    meta = Model.load(str(local / "MLmodel"))
+    assert meta.signature.inputs.input_names() == ["case_dir", "out_dir"]
+    assert "segmentation" in meta.signature.outputs.input_names()
+    assert {p.name for p in meta.signature.params} == {"tta", "min_component_mm3", "return_segmentation"}
+    evaluation = json.loads((local / "artifacts" / "evaluation.json").read_text())
+    assert sorted(evaluation["case_dice"]) == sorted(project.stage.evaluation.case_dice)
+    assert len(evaluation["reference_sha256"]) == len(evaluation["case_dice"])
+
+
+# ---------------------------------------------------------------------------- promotion
+def test_first_model_becomes_champion_a_worse_one_does_not_a_better_one_does_and_rollback(
+    project: Project, capsys: pytest.CaptureFixture
+) -> None:
+    name = "tumorseg-gate"
+    _, params_file = project.with_model_name(name)
+    evaluation = project.stage.evaluation
+    assert register(project, evaluation, name) == "1"
+    assert aliases(project, name) == {"challenger": "1"}
+
+    rc, out, decision = promote_cli(params_file, capsys)
+    assert rc == 0 and out.startswith(f"promoted {name} version 1 to champion")
+    assert decision["action"] == "promoted" and decision["previous_champion"] is None
+    assert aliases(project, name) == {"champion": "1"}
+
+    assert register(project, shifted(evaluation, -0.2), name) == "2"
+    rc, out, decision = promote_cli(params_file, capsys)
+    assert rc == 0 and out.startswith("kept champion version 1; challenger version 2 rejected")
+    assert decision["action"] == "rejected" and decision["champion"] == "1"
+    comparison = decision["comparison"]
+    assert comparison["n_cases"] == len(evaluation.case_dice)
+    assert comparison["mean_improvement"] < 0 and comparison["ci_high"] <= 0
+    assert set(comparison["paired_differences"]) == set(evaluation.case_dice)
+    assert "less than the margin" in " ".join(decision["reasons"])
+    assert aliases(project, name) == {"champion": "1", "challenger": "2"}
+    client = project.client()
+    assert client.get_model_version(name, "2").tags["promotion_decision"] == "rejected"
+    logged = client.get_run(decision["mlflow_run_id"])
+    assert logged.data.tags["decision"] == "rejected" and logged.data.metrics["mean_improvement"] < 0
+
+    assert register(project, shifted(evaluation, +0.1), name) == "3"
+    rc, out, decision = promote_cli(params_file, capsys)
+    assert rc == 0 and out.startswith(f"promoted {name} version 3 to champion")
+    assert decision["comparison"]["mean_improvement"] >= 0.005
+    assert decision["evidence_source"] == "stored evaluations"
+    assert aliases(project, name) == {"champion": "3"}
+    assert json.loads(client.get_registered_model(name).tags["champion_history"]) == ["1", "3"]
+    assert client.get_model_version(name, "3").tags["previous_champion"] == "1"
+
+    rc, out, decision = promote_cli(params_file, capsys, "--rollback")
+    assert rc == 0 and out.startswith("rolled back champion from version 3 to version 1")
+    assert decision["action"] == "rolled_back" and decision["champion"] == "1"
+    assert aliases(project, name) == {"champion": "1"}
+    assert client.get_model_version(name, "3").tags["rolled_back"] == "true"
+
+    rc = main(["promote", "--params", str(params_file), "--rollback"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no previous champion" in err and "\n" not in err
+    rc, out, _ = promote_cli(params_file, capsys)
+    assert rc == 0 and "no challenger" in out and aliases(project, name) == {"champion": "1"}
+
+
+def test_a_challenger_without_an_evaluation_never_becomes_champion(
+    project: Project, capsys: pytest.CaptureFixture
+) -> None:
+    import mlflow
+
+    name = "tumorseg-failed"
+    _, params_file = project.with_model_name(name)
+    mlflow.set_tracking_uri(project.uri)
+    version = mlflow.register_model(
+        f"runs:/{project.train.mlflow_run_id}/model", name
+    )  # training's PyTorch model
+    project.client().set_registered_model_alias(name, "challenger", version.version)
+    rc, out, decision = promote_cli(params_file, capsys)
+    assert rc == 0 and decision["action"] == "rejected"
+    assert "evaluation.json" in out and "champion" not in aliases(project, name)
+
+
+def test_the_champion_is_re_evaluated_when_it_was_scored_on_other_data(
+    project: Project, capsys: pytest.CaptureFixture
+) -> None:
+    name = "tumorseg-rescore"
+    _, params_file = project.with_model_name(name)
+    evaluation = project.stage.evaluation
+    stale = {case_id: "0" * 64 for case_id in evaluation.reference_sha256}  # "scored on other references"
+    register(project, dataclasses.replace(evaluation, reference_sha256=stale), name)
+    assert promote_cli(params_file, capsys)[2]["action"] == "promoted"
+    register(project, shifted(evaluation, +0.05), name)
+    rc, _, decision = promote_cli(params_file, capsys)
+    assert rc == 0 and decision["evidence_source"] == "champion re-evaluated on the challenger's test cases"
+    assert decision["action"] == "promoted" and decision["champion"] == "2"
+    # The re-evaluated champion (same weights) scores what the evaluate stage measured.
+    expected = np.mean(
+        [np.clip(v + 0.05, 0, 1) - v for d in evaluation.case_dice.values() for v in d.values()]
+    )
+    assert decision["comparison"]["mean_improvement"] == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- loading the champion
+def test_predict_loads_the_champion_by_default_and_any_other_uri(
+    project: Project, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    project.client().set_registered_model_alias("tumorseg", "champion", "1")
+    case_id = sorted(project.stage.evaluation.case_dice)[0]
+    case_dir = project.root / "raw" / case_id
+    base = ["predict", str(case_dir), "--params", str(project.params_file)]
+    models = {
+        "default": [],
+        "version": ["--model", "models:/tumorseg/1"],
+        "run": ["--model", f"runs:/{project.train.mlflow_run_id}/model"],
+        "checkpoint": ["--model", str(project.train.best_checkpoint)],
+    }
+    labels = {}
+    for key, extra in models.items():
+        assert main([*base, "--out", str(tmp_path / key), *extra]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{case_id}: WT ")
+        if key == "default":
+            assert "with models:/tumorseg@champion (version 1" in out
+        labels[key] = np.asarray(nib.load(tmp_path / key / f"{case_id}.nii.gz").dataobj)
+    source = nib.load(case_dir / f"{case_id}_t1.nii.gz")
+    assert labels["default"].shape == source.shape
+    for key in models:
+        assert np.array_equal(labels[key], labels["default"]), key
+
+
+def test_the_pyfunc_loads_and_predicts_in_a_fresh_process(project: Project, tmp_path: Path) -> None:
+    from tumorseg.models.checkpoint import load_trained_network
+    from tumorseg.models.predictor import SegmentationPredictor, predict_dataset
+
+    project.client().set_registered_model_alias("tumorseg", "champion", "1")
+    case_id = sorted(project.stage.evaluation.case_dice)[-1]
+    case_dir = project.root / "raw" / case_id
+    code = f"""
+import json, mlflow, pandas as pd
+from tumorseg.registry.pyfunc import decode_segmentation
+model = mlflow.pyfunc.load_model("models:/tumorseg@champion")
+frame = model.predict(pd.DataFrame({{"case_dir": [{str(case_dir)!r}], "out_dir": [{str(tmp_path / "served")!r}]}}))
+decode_segmentation(frame.segmentation[0]).to_filename({str(tmp_path / "decoded.nii.gz")!r})
+print(json.dumps(frame.drop(columns="segmentation").to_dict(orient="records")))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": project.uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 1 and rows[0]["case_id"] == case_id and rows[0]["label_convention"] == "brats2021"
+
+    predictor = SegmentationPredictor(load_trained_network(project.train.best_checkpoint))
+    summary = predict_dataset(case_dir, tmp_path / "local", predictor)
+    expected = np.asarray(nib.load(tmp_path / "local" / f"{case_id}.nii.gz").dataobj)
+    for path in (tmp_path / "decoded.nii.gz", Path(rows[0]["output_path"])):
+        served = nib.load(path)
+        assert np.array_equal(np.asarray(served.dataobj), expected)
+        assert np.array_equal(served.affine, nib.load(case_dir / f"{case_id}_t1.nii.gz").affine)
+    assert rows[0]["volume_wt_ml"] == pytest.approx(summary.cases[case_id]["WT"])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.slow  # starts `mlflow models serve` (a uvicorn server) in a subprocess
+def test_mlflow_models_serve_answers_with_segmentations(project: Project, tmp_path: Path) -> None:
+    from tumorseg.registry.pyfunc import decode_segmentation
+
+    project.client().set_registered_model_alias("tumorseg", "champion", "1")
+    port = _free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # mlflow execs `uvicorn` from PATH
+        "MLFLOW_TRACKING_URI": project.uri,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/tumorseg@champion",
+               "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]  # fmt: skip
+    log_file = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 50
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "server did not start in 50 s"
+            time.sleep(0.5)
+        case_id = sorted(project.stage.evaluation.case_dice)[0]
+        case_dir = project.root / "raw" / case_id
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_records": [{"case_dir": str(case_dir)}], "params": {"tta": False}},
+        )
+        assert status == 200, body
+        row = body["predictions"][0]
+        assert row["case_id"] == case_id and row["output_path"] == ""
+        segmentation = decode_segmentation(row["segmentation"])
+        source = nib.load(case_dir / f"{case_id}_t1.nii.gz")
+        assert segmentation.shape == source.shape and np.array_equal(segmentation.affine, source.affine)
+        status, body = _post(
+            f"http://127.0.0.1:{port}/invocations", {"dataframe_records": [{"case_dir": "/no/such"}]}
+        )
+        assert status == 400 and "/no/such" in body["message"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=15)
+        log_file.close()

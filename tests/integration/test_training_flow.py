@@ -1,0 +1,155 @@
+"""The training pipeline flow end to end on Prefect's local test server (``prefect_test_harness``).
+
+One workspace goes through the life of a deployment: the smoke run trains and promotes the first
+champion; a rerun skips every finished stage (cache keyed on data, params and code); a run in
+"new data only" mode on unchanged data records "no new data" and stops; new raw data triggers
+retraining, and when that run fails, ``champion`` does not move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # nothing leaves the machine
+
+from tumorseg.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHED_STAGES = {"synth", "ingest", "validate", "preprocess", "split", "train", "compress", "evaluate"}
+
+
+@pytest.fixture(scope="module")
+def prefect_server() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_states(flow_run_id: Any) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> dict[str, str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+    return asyncio.run(read())
+
+
+def _artifacts() -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+
+    async def read() -> dict[str, str]:
+        async with get_client() as client:
+            return {a.key: str(a.data) for a in await client.read_artifacts() if a.key}
+
+    return asyncio.run(read())
+
+
+def _champion(params: dict[str, Any]) -> tuple[str, int]:
+    """(champion version, number of registered versions)."""
+    from mlflow import MlflowClient
+
+    uri = params["mlflow"]["tracking_uri"]
+    client = MlflowClient(uri, registry_uri=uri)
+    versions = client.search_model_versions("name = 'tumorseg'")
+    return str(client.get_model_version_by_alias("tumorseg", "champion").version), len(versions)
+
+
+@pytest.mark.slow
+def test_pipeline_smoke_cache_no_new_data_and_failed_run(
+    prefect_server: None, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pipelines.training_flow import training_flow
+
+    from tumorseg.config import read_params
+
+    # 1. `tumorseg flow training --smoke`: the whole chain, the decision printed.
+    assert (
+        main(
+            [
+                "flow",
+                "training",
+                "--smoke",
+                "--workspace",
+                str(tmp_path),
+                "--params",
+                str(ROOT / "params.yaml"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "promoted tumorseg version" in out and "first registered model" in out
+    params_path = tmp_path / "params.yaml"
+    params = read_params(params_path)
+    champion, versions = _champion(params)
+    artifacts = _artifacts()
+    assert {
+        "data-validation",
+        "data-split",
+        "training",
+        "test-metrics",
+        "registered-model",
+        "promotion-decision",
+    } <= set(artifacts)
+    assert "promoted" in artifacts["promotion-decision"]
+    assert (tmp_path / "reports" / "metrics.json").is_file() and (
+        tmp_path / "reports" / "promotion.json"
+    ).is_file()
+
+    # 2. A rerun with nothing changed skips every finished stage; the registry is left as it was.
+    state = training_flow(params_path=str(params_path), return_state=True)
+    summary = state.result()
+    states = _task_states(state.state_details.flow_run_id)
+    assert {name for name, s in states.items() if s == "Cached"} == CACHED_STAGES, states
+    assert states["promote"] == "Completed" and summary["promote"]["action"] == "kept"
+    assert _champion(params) == (champion, versions)
+
+    # 3. Scheduled mode, same raw data: "no new data", stop before validation.
+    state = training_flow(params_path=str(params_path), only_if_new_data=True, return_state=True)
+    summary = state.result()
+    assert summary["status"] == "no_new_data" and "no new data" in summary["decision"]["reason"]
+    states = _task_states(state.state_details.flow_run_id)
+    assert "check-new-data" in states and "validate" not in states and "train" not in states
+    assert "no new data" in _artifacts()["retrain-decision"]
+
+    # 4. New raw data triggers retraining; the run then fails (bad evaluate setting): champion stays.
+    overrides = {"synth.seed": 7, "flow.compress": False, "evaluate.hd95_penalty_mm": -1.0}
+    state = training_flow(
+        params_path=str(params_path), overrides=overrides, only_if_new_data=True, return_state=True
+    )
+    assert state.is_failed()
+    states = _task_states(state.state_details.flow_run_id)
+    assert (
+        states["synth"] == "Completed" and states["train"] == "Completed" and states["evaluate"] == "Failed"
+    )
+    assert "promote" not in states
+    assert "new data" in _artifacts()["retrain-decision"]
+    assert _champion(params) == (champion, versions)
+
+
+def test_stage_specs_agree_with_dvc_yaml() -> None:
+    """The flow's cache keys read the same params as the DVC stages (for the stages dvc.yaml has)."""
+    import yaml
+    from pipelines.training_flow import STAGES
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, spec in STAGES.items():
+        if name not in stages:
+            continue
+        for key in stages[name].get("params", []):
+            key = next(iter(key)) if isinstance(key, dict) else key
+            assert any(key == p or key.startswith(f"{p}.") for p in spec.params), (
+                f"{name}: {key} not in the cache key"
+            )

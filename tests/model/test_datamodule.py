@@ -1,0 +1,121 @@
+"""The DataModule: cached cases, foreground-oversampled patches, 2-D slices, whole-volume validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_overrides
+
+from tumorseg.config import apply_overrides
+from tumorseg.data.datamodule import SegmentationDataModule, case_records, read_split, smallest_shape
+from tumorseg.errors import DataError
+from tumorseg.training.config import load_training_config
+
+
+def _datamodule(
+    root: Path, params: dict[str, Any], patches: int = 16, **extra: Any
+) -> SegmentationDataModule:
+    cfg = load_training_config(apply_overrides(params, tiny_overrides(root, **extra)))
+    split = read_split(root / "split.json")
+    dm = SegmentationDataModule(
+        case_records(root / "preprocessed", split["train"]),
+        case_records(root / "preprocessed", split["val"]),
+        cfg.data_loader,
+        cfg.augment,
+        patches_per_epoch=patches,
+        seed=0,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def test_train_batches_are_plain_float_patches_with_canonical_labels(
+    tiny_dataset: Path, real_params: dict
+) -> None:
+    dm = _datamodule(tiny_dataset, real_params)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 16 // 2  # patches_per_epoch / batch_size: fixed-length epochs
+    batch = batches[0]
+    assert batch["image"].shape == (2, 4, 16, 16, 16) and batch["image"].dtype == torch.float32
+    assert batch["label"].shape == (2, 1, 16, 16, 16) and batch["label"].dtype == torch.uint8
+    assert type(batch["image"]) is torch.Tensor  # no MetaTensor overhead in the network
+    assert set(torch.unique(torch.cat([b["label"] for b in batches])).tolist()) <= {0, 1, 2, 3}
+
+
+def test_foreground_fraction_controls_tumour_centred_patches(tiny_dataset: Path, real_params: dict) -> None:
+    no_aug = {"augment.flip_prob": 0.0, "augment.affine_prob": 0.0}
+
+    def tumour_share(fraction: float) -> float:
+        dm = _datamodule(
+            tiny_dataset, real_params, patches=60, **{"data_loader.foreground_fraction": fraction}, **no_aug
+        )
+        labels = torch.cat([b["label"] for b in dm.train_dataloader()])
+        centre = labels[:, 0, 8, 8, 8]  # patch centre (16^3 patch, even size: one of the middle voxels)
+        near_centre = labels[:, 0, 7:10, 7:10, 7:10].flatten(1)
+        return float(((centre > 0) | (near_centre > 0).any(1)).float().mean())
+
+    # 5 of 6 training cases have a tumour: with fraction 1 nearly every patch is centred on one
+    assert tumour_share(1.0) > 0.75
+    assert tumour_share(0.0) < 0.5
+
+
+def test_label_classes_sampler_reaches_the_rare_labels(tiny_dataset: Path, real_params: dict) -> None:
+    dm = _datamodule(
+        tiny_dataset,
+        real_params,
+        patches=40,
+        **{"data_loader.sampler": "label_classes", "data_loader.class_ratios": [0.1, 0, 0, 1]},
+    )
+    labels = torch.cat([b["label"] for b in dm.train_dataloader()])
+    # 5 of 6 cases have ET and ~91 % of their patches are centred on it (ET is ~6 % of the brain)
+    assert (labels == 3).flatten(1).any(1).float().mean() > 0.6
+
+
+def test_2d_mode_yields_axial_slices(tiny_dataset: Path, real_params: dict) -> None:
+    dm = _datamodule(tiny_dataset, real_params, **{"data_loader.mode": "2d", "data_loader.batch_size": 4})
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 4, 16, 16)
+    assert batch["label"].shape == (4, 1, 16, 16)
+
+
+def test_validation_yields_whole_volumes_with_their_index(tiny_dataset: Path, real_params: dict) -> None:
+    dm = _datamodule(tiny_dataset, real_params)
+    batches = list(dm.val_dataloader())
+    assert [int(b["case_index"]) for b in batches] == [0, 1]
+    for batch, record in zip(batches, dm.val_records, strict=True):
+        with np.load(record["path"]) as npz:
+            assert batch["image"].shape == (1, *npz["image"].shape)
+            assert torch.equal(batch["label"][0, 0], torch.from_numpy(npz["label"]))
+
+
+def test_augmentation_changes_patches_but_is_seeded(tiny_dataset: Path, real_params: dict) -> None:
+    def first_images() -> torch.Tensor:
+        torch.manual_seed(0)
+        return next(iter(_datamodule(tiny_dataset, real_params).train_dataloader()))["image"]
+
+    assert torch.equal(first_images(), first_images())
+
+
+def test_missing_case_and_split_files_are_data_errors(tiny_dataset: Path) -> None:
+    with pytest.raises(DataError, match="no split file"):
+        read_split(tiny_dataset / "nope.json")
+    with pytest.raises(DataError, match=r"Ghost\.npz: missing preprocessed case"):
+        case_records(tiny_dataset / "preprocessed", ["Ghost"])
+    split = json.loads((tiny_dataset / "split.json").read_text())
+    shapes = smallest_shape(case_records(tiny_dataset / "preprocessed", split["train"]))
+    assert all(32 <= s <= 34 for s in shapes)
+
+
+def test_worker_processes_draw_different_patches(tiny_dataset: Path, real_params: dict) -> None:
+    dm = _datamodule(tiny_dataset, real_params, patches=8, **{"data_loader.num_workers": 2})
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 4
+    images = torch.cat([b["image"] for b in batches])
+    # MONAI's worker_init_fn reseeds each worker's transforms: no two patches are identical
+    flat = images.flatten(1)
+    assert len({tuple(row[:64].tolist()) for row in flat}) == len(flat)

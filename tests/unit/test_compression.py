@@ -1,0 +1,245 @@
+"""Compression building blocks on a tiny U-Net: pruning, ONNX parity, INT8 quantization, the gate, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.nets import UNet
+from torch import nn
+
+from tumorseg.compression import pruning
+from tumorseg.compression.config import CompressConfig, QuantizationConfig
+from tumorseg.compression.onnx_export import export_onnx, max_abs_difference
+from tumorseg.compression.quantize import calibration_windows, check_op_types, quantize_int8
+from tumorseg.compression.report import VariantResult, apply_gate, choose_edge, report_markdown
+from tumorseg.config import read_params, section
+from tumorseg.errors import ConfigError, DataError
+from tumorseg.models.onnx_network import OnnxRuntimeNetwork
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PATCH = (16, 16, 16)
+
+
+def tiny_unet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return UNet(3, 4, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm="instance").eval()
+
+
+def example(batch: int = 2, shape: tuple[int, ...] = PATCH) -> torch.Tensor:
+    return torch.randn((batch, 4, *shape), generator=torch.Generator().manual_seed(1))
+
+
+def _tiny_npz(root: Path, case_ids: list[str], shape: tuple[int, int, int] = (20, 18, 22)) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "cases").mkdir(parents=True)
+    for case_id in case_ids:
+        brain = np.zeros(shape, dtype=bool)
+        brain[3:-3, 3:-3, 3:-3] = True
+        image = (rng.normal(size=(4, *shape)) * brain).astype(np.float16)
+        np.savez(root / "cases" / f"{case_id}.npz", image=image, label=np.zeros(shape, np.uint8), brain=brain)
+    return root
+
+
+# ---------------------------------------------------------------------------- config
+def test_params_yaml_compress_section_validates_with_the_documented_defaults() -> None:
+    cfg = section("compress", read_params(REPO_ROOT / "params.yaml"))
+    assert cfg.dice_tolerance == 0.01 and cfg.alias == "edge" and cfg.variants[0] == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"variants": ["fp32", "int4"]}, "compress.variants"),
+        ({"alias": "champion"}, "compress"),
+        ({"pruning": {"structured_ratio": 1.0}}, "compress.pruning.structured_ratio"),
+        ({"quantization": {"calibration_split": "test"}}, "compress.quantization.calibration_split"),
+    ],
+)
+def test_bad_compress_params_name_the_key(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"params.yaml: {key}"):
+        section("compress", {"compress": raw})
+
+
+# ---------------------------------------------------------------------------- pruning
+def test_global_unstructured_pruning_reaches_the_sparsity_and_is_made_permanent() -> None:
+    network = tiny_unet()
+    before = pruning.count_parameters(network)
+    pruning.prune_unstructured(network, 0.6)
+    pruning.make_permanent(network)
+    assert not any(name.endswith(("_orig", "_mask")) for name, _ in network.named_parameters())
+    assert not any(name.endswith("_mask") for name, _ in network.named_buffers())
+    assert pruning.conv_sparsity(network) == pytest.approx(0.6, abs=0.01)
+    assert pruning.count_parameters(network) == before
+    assert pruning.count_nonzero(network) < 0.5 * before
+    assert network(example()).shape == (2, 3, *PATCH)
+
+
+def test_shared_prelu_expansion_keeps_the_function() -> None:
+    network = tiny_unet()
+    x = example()
+    with torch.no_grad():
+        expected = network(x)
+        replaced = pruning.expand_shared_prelu(network, x[:1])
+        got = network(x)
+    assert replaced > 0
+    assert all(m.num_parameters > 1 for m in network.modules() if isinstance(m, nn.PReLU))
+    torch.testing.assert_close(got, expected)
+
+
+def test_structured_channel_pruning_removes_parameters_and_keeps_the_interface() -> None:
+    network = tiny_unet()
+    before = pruning.count_parameters(network)
+    macs_before = pruning.gmacs(network, example(1))
+    pruning.prune_channels(network, 0.5, example(1), out_channels=3)
+    after = pruning.count_parameters(network)
+    assert after < 0.5 * before
+    assert pruning.gmacs(network, example(1)) < 0.6 * macs_before
+    first = next(m for m in network.modules() if isinstance(m, nn.Conv3d))
+    assert first.in_channels == 4  # the input channels are kept
+    with torch.no_grad():
+        assert network(example(1, (24, 16, 32))).shape == (1, 3, 24, 16, 32)
+
+
+# ---------------------------------------------------------------------------- ONNX
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "torchscript"])
+def test_onnx_export_matches_pytorch_with_dynamic_batch_and_spatial_axes(
+    tmp_path: Path, exporter: str
+) -> None:
+    network = tiny_unet()
+    path = export_onnx(network, tmp_path / "m.onnx", example(), opset=18, exporter=exporter)
+    assert max_abs_difference(network, path, example()) < 1e-4
+    other = example(3, (24, 16, 32))  # batch and window size never seen by the exporter
+    session = OnnxRuntimeNetwork(path)
+    with torch.no_grad():
+        expected = network(other)
+    got = session(other)
+    assert got.shape == expected.shape
+    assert float((got - expected).abs().max()) < 1e-4
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+class _NumpyRoundTrip(nn.Module):
+    """A forward pass leaving the tensor world: ``torch.export`` cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.numpy().mean()) > 1e9:
+            return x[:, :3]
+        return self.conv(x)
+
+
+def test_onnx_export_failure_is_one_line_naming_the_variant(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        export_onnx(
+            _NumpyRoundTrip().eval(), tmp_path / "m.onnx", example(), exporter="dynamo", what="int8 network"
+        )
+    message = str(info.value)
+    assert message.startswith("ONNX export of the int8 network failed with the dynamo exporter")
+    assert "\n" not in message
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+# ---------------------------------------------------------------------------- INT8
+def test_int8_quantization_calibrates_on_validation_windows_and_stays_close(tmp_path: Path) -> None:
+    network = tiny_unet()
+    fp32 = export_onnx(network, tmp_path / "fp32.onnx", example(), exporter="torchscript")
+    pre = _tiny_npz(tmp_path / "pre", ["V1", "V2"])
+    cfg = QuantizationConfig(calibration_cases=2, patches_per_case=3)
+    windows, cases = calibration_windows(pre, ["V1", "V2"], PATCH, cfg)
+    assert cases == ["V1", "V2"] and len(windows) == 6
+    assert all(w.shape == (1, 4, *PATCH) and w.dtype == np.float32 for w in windows)
+    stats = quantize_int8(fp32, tmp_path / "int8.onnx", windows, cfg, calibration_cases=cases)
+    assert stats.quantized_nodes.get("Conv", 0) > 0
+    assert (tmp_path / "int8.onnx").stat().st_size < (tmp_path / "fp32.onnx").stat().st_size
+    x = torch.from_numpy(np.concatenate(windows[:2]))
+    float_probs = torch.sigmoid(OnnxRuntimeNetwork(fp32)(x))
+    int8_probs = torch.sigmoid(OnnxRuntimeNetwork(tmp_path / "int8.onnx")(x))
+    assert float((float_probs - int8_probs).abs().mean()) < 0.02
+    assert float((float_probs - int8_probs).abs().max()) > 0  # really quantized, not a copy
+
+
+def test_no_calibration_cases_is_a_data_error_naming_the_split(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"split.json: no 'val' cases to calibrate INT8"):
+        calibration_windows(tmp_path, [], PATCH, QuantizationConfig(), split_file=tmp_path / "split.json")
+
+
+def test_unsupported_quantization_layer_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"compress.quantization.op_types: LSTM has no INT8"):
+        check_op_types(QuantizationConfig(op_types=("Conv", "LSTM")))
+
+
+def test_model_without_quantizable_layers_is_a_data_error(tmp_path: Path) -> None:
+    class Scale(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :3] * 2.0
+
+    path = export_onnx(Scale(), tmp_path / "s.onnx", example(), exporter="torchscript")
+    windows = [example(1).numpy()]
+    with pytest.raises(DataError, match=r"none of its layers .* is one of compress.quantization.op_types"):
+        quantize_int8(path, tmp_path / "q.onnx", windows, QuantizationConfig())
+    assert not (tmp_path / "q.onnx").exists()
+
+
+# ---------------------------------------------------------------------------- the gate
+def _result(
+    name: str, runtime: str, latency: float, size: float, case_means: dict[str, float]
+) -> VariantResult:
+    mean = sum(case_means.values()) / len(case_means)
+    return VariantResult(
+        name=name,
+        runtime=runtime,
+        file_mb=size,
+        latency_s=latency,
+        dice={"WT": mean, "TC": mean, "ET": mean, "mean": mean},
+        case_dice_mean=case_means,
+    )
+
+
+def test_gate_rejects_a_variant_over_the_tolerance_and_edge_is_the_fastest_accepted() -> None:
+    results = [
+        _result("fp32", "pytorch", 10.0, 18.0, {"a": 0.80, "b": 0.70}),
+        _result("int8", "onnxruntime", 2.0, 4.5, {"a": 0.78, "b": 0.69}),  # drop 0.015: rejected
+        _result("pruned_structured", "onnxruntime", 3.0, 4.7, {"a": 0.80, "b": 0.69}),  # drop 0.005
+        _result("onnx_fp32", "onnxruntime", 3.0, 18.2, {"a": 0.80, "b": 0.70}),  # same speed, bigger
+        _result("pruned_unstructured", "onnxruntime", 1.0, 18.2, {"a": 0.79, "b": 0.69}),  # drop exactly 0.01
+        VariantResult(name="fp16", runtime="onnxruntime", file_mb=9.0, reason="no GPU"),
+    ]
+    apply_gate(results, tolerance=0.01)
+    by_name = {r.name: r for r in results}
+    assert by_name["int8"].accepted is False and by_name["int8"].dice_drop == pytest.approx(0.015)
+    assert by_name["pruned_structured"].accepted is True
+    assert by_name["pruned_unstructured"].accepted is True  # a drop equal to the tolerance passes
+    assert by_name["fp16"].accepted is False and by_name["fp16"].reason == "no GPU"
+    assert by_name["fp32"].accepted is None
+    assert choose_edge(results).name == "pruned_unstructured"
+    by_name["pruned_unstructured"].accepted = False
+    assert choose_edge(results).name == "pruned_structured"  # ties on latency go to the smaller file
+    table = report_markdown(results, choose_edge(results), context={})
+    assert "| int8 | onnxruntime |" in table and "rejected" in table and "**(edge)**" in table
+
+
+def test_gate_with_nothing_accepted_chooses_no_edge() -> None:
+    results = [
+        _result("fp32", "pytorch", 10.0, 18.0, {"a": 0.8}),
+        _result("int8", "onnxruntime", 2.0, 4.5, {"a": 0.5}),
+    ]
+    apply_gate(results, tolerance=0.01)
+    assert choose_edge(results) is None
+    assert "No variant passed the gate" in report_markdown(results, None, context={})
+
+
+def test_config_defaults_build_every_default_variant() -> None:
+    cfg = CompressConfig()
+    assert set(cfg.variants) >= {
+        "fp32",
+        "pruned_unstructured",
+        "pruned_structured",
+        "int8",
+        "pruned_structured_int8",
+    }
