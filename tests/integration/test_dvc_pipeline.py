@@ -57,5 +57,5 @@ def test_dvc_repro_is_reproducible_and_incremental(tmp_path: Path) -> None:
     _run([str(BIN / "dvc"), "push"], repo)
     shutil.rmtree(repo / ".dvc" / "cache")
     shutil.rmtree(repo / "data")
-    _run([str(BIN / "dvc"), "pull"], repo)
+    _run([str(BIN / "dvc"), "pull", "split"], repo)
     assert (repo / "data" / "split.json").is_file()

@@ -48,6 +48,7 @@ def _args(root: Path, *sets: str) -> list[str]:
         "model.unet.channels=[4,8,16]",
         "model.unet.strides=[2,2]",
         "mlflow.enabled=false",
+        "train.score_test=true",
         "trainer.accelerator=cpu",
     ]
     out = ["train", "--params", PARAMS]

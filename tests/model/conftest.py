@@ -106,6 +106,7 @@ def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
         "train.steps_per_epoch": 4,
         "train.checkpoint_every_n_steps": 2,
         "train.warmup_epochs": 0,
+        "train.score_test": True,
         "data_loader.mode": "3d",
         "data_loader.patch_size": [16, 16, 16],
         "data_loader.patch_size_2d": [16, 16],

@@ -47,22 +47,10 @@ from tumorseg.data.manifest import atomic_write_text
 from tumorseg.errors import DataError
 from tumorseg.evaluation.lesionwise import lesion_wise_scores
 from tumorseg.evaluation.metrics import bounding_box, confusion_counts, distance_metrics, overlap_metrics
+from tumorseg.evaluation.summary import SUMMARY_METRICS as METRIC_COLUMNS
 
 logger = logging.getLogger(__name__)
 
-METRIC_COLUMNS: tuple[str, ...] = (
-    "dice",
-    "iou",
-    "precision",
-    "sensitivity",
-    "specificity",
-    "hd95",
-    "assd",
-    "lesion_dice",
-    "lesion_hd95",
-    "volume_ref_ml",
-    "volume_pred_ml",
-)
 EVALUATION_COLUMNS: tuple[str, ...] = (
     "case_id",
     "region",

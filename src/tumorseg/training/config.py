@@ -51,13 +51,13 @@ class TrainConfig(Section):
         checkpoint_every_n_steps: how often ``last.ckpt`` is refreshed (resume granularity).
         dice_ignore_empty: MONAI DiceMetric ``ignore_empty``; False is the BraTS convention
             (empty region predicted empty scores 1, a false positive on it scores 0).
-        score_test: score the test split with the best checkpoint after training and write
-            ``reports/metrics.json`` (until the evaluation stage takes this over).
+        score_test: also score the test split with the best checkpoint and write
+            ``reports/metrics.json`` (off in the pipeline, where the evaluate stage owns that file).
     """
 
     seed: int = 42
     out_dir: str = "models"
-    max_epochs: int = Field(40, ge=1)
+    max_epochs: int = Field(24, ge=1)
     steps_per_epoch: int = Field(50, ge=1)
     optimizer: Literal["adam", "adamw", "sgd", "novograd"] = "adamw"
     lr: float = Field(2e-3, gt=0.0)
@@ -75,7 +75,7 @@ class TrainConfig(Section):
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
     checkpoint_every_n_steps: int = Field(50, ge=1)
     dice_ignore_empty: bool = False
-    score_test: bool = True
+    score_test: bool = False
 
 
 class TrainerConfig(Section):
