@@ -118,7 +118,7 @@ STAGES: dict[str, StageSpec] = {
     ),
     "train": StageSpec(
         "train",
-        (*TRAINING_PARAMS, "train.out_dir", "paths.reports"),
+        (*TRAINING_PARAMS, "mlflow", "train.out_dir", "paths.reports"),
         lambda p: [Path(p["paths"]["preprocessed"]), Path(p["paths"]["split"])],
         ("tumorseg.training", "tumorseg.models", "tumorseg.data.datamodule", "tumorseg.data.transforms"),
         lambda p: [

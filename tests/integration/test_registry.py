@@ -78,6 +78,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
         "train.steps_per_epoch": 3,
         "train.checkpoint_every_n_steps": 3,
         "train.warmup_epochs": 0,
+        "train.score_test": True,  # the test compares the evaluate stage with training's own test scores
         "data_loader.patch_size": [16, 16, 16],
         "model.unet.channels": [4, 8, 16],
         "model.unet.strides": [2, 2],

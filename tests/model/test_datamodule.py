@@ -118,4 +118,5 @@ def test_worker_processes_draw_different_patches(tiny_dataset: Path, real_params
     images = torch.cat([b["image"] for b in batches])
     # MONAI's worker_init_fn reseeds each worker's transforms: no two patches are identical
     flat = images.flatten(1)
-    assert len({tuple(row[:64].tolist()) for row in flat}) == len(flat)
+    # (whole patches: a corner of a background-centred patch can be all zeros in two workers)
+    assert len({row.numpy().tobytes() for row in flat}) == len(flat)

@@ -48,7 +48,7 @@ def _module(network: nn.Module, output: str = "regions", **kwargs: object) -> Se
         build_loss(LossConfig(), output),
         output=output,
         roi_size=(16, 16, 16),
-        sliding_window=SlidingWindowConfig(overlap=0.25, sw_batch_size=2),
+        sliding_window=SlidingWindowConfig(overlap=0.25, sw_batch_size=2, min_component_mm3=0.0),
         optimizer_factory=partial(make_optimizer, cfg=TrainConfig(lr=0.01)),
         **kwargs,
     )

@@ -142,7 +142,7 @@ class SegmentationModule(L.LightningModule):
             return
         per_region = aggregate_case_dice(dice, index)
         for name, value in per_region.items():
-            # Already identical on every rank (synced buffers), so no sync_dist reduction.
+            # Identical on every rank already (synced buffers); sync_dist averages equal values.
             self.log(f"val_dice_{name}", value, on_epoch=True, prog_bar=name == "mean", sync_dist=True)
 
     def configure_optimizers(self) -> Any:
