@@ -119,7 +119,12 @@ STAGES: dict[str, StageSpec] = {
     "train": StageSpec(
         "train",
         (*TRAINING_PARAMS, "mlflow", "train.out_dir", "paths.reports"),
-        lambda p: [Path(p["paths"]["preprocessed"]), Path(p["paths"]["split"])],
+        # the tuned params file is a DVC params file of `train`: its content is part of the key
+        lambda p: [
+            Path(p["paths"]["preprocessed"]),
+            Path(p["paths"]["split"]),
+            Path((p.get("tune") or {}).get("best_params_file", "reports/best_params.yaml")),
+        ],
         ("tumorseg.training", "tumorseg.models", "tumorseg.data.datamodule", "tumorseg.data.transforms"),
         lambda p: [
             Path(p["train"]["out_dir"]) / "checkpoints" / "best.ckpt",
@@ -128,14 +133,14 @@ STAGES: dict[str, StageSpec] = {
     ),
     "compress": StageSpec(
         "compress",
-        ("compress",),
+        ("compress", "predict", "evaluate", "registry.model_name", "mlflow"),
         lambda p: [Path(p["train"]["out_dir"]) / "checkpoints" / "best.ckpt"],
         ("tumorseg.compression",),
         lambda p: [Path((p.get("compress") or {}).get("out_dir", "models/compressed"))],
     ),
     "evaluate": StageSpec(
         "evaluate",
-        ("evaluate", "predict", "registry", "paths.reports", "mlflow.experiment"),
+        ("evaluate", "predict", "registry", "paths.reports", "mlflow"),
         lambda p: [
             Path(p["train"]["out_dir"]) / "checkpoints" / "best.ckpt",
             Path(p["paths"]["validated"]) / "manifest.csv",

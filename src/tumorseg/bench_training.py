@@ -7,7 +7,7 @@ LR schedule and precision. The plain loop is what one would write by hand: a MON
 
 Timing starts after ``bench_training.warmup_steps`` steps (first-call allocations, cache
 fill and worker start-up are excluded) and covers ``bench_training.steps`` steps, data
-loading included. Measurements alternate (plain, Lightning, plain, ...) ``repeats`` times
+loading included. Measurements come in ``repeats`` pairs, alternating which loop goes first,
 and medians are reported, because the machines are shared and noisy.
 
 Returns ``{"plain_patches_per_s", "lightning_patches_per_s", "ratio", ...}``; the target is
@@ -200,13 +200,23 @@ def benchmark_training(
     cfg = load_training_config(params, source=source)
     bench = load_bench_config(params, source=source)
     train_records, val_records = split_records(cfg, source)
+    threads = bench.num_threads or cfg.trainer.num_threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     plain_runs: list[tuple[float, float]] = []
     lightning_runs: list[tuple[float, float]] = []
     for repeat in range(bench.repeats):
-        plain_runs.append(plain_loop_throughput(cfg, train_records, bench.steps, bench.warmup_steps))
+        # alternate which loop goes first, so neither always inherits the other's warm caches
+        plain_first = repeat % 2 == 0
+        if plain_first:
+            plain_runs.append(plain_loop_throughput(cfg, train_records, bench.steps, bench.warmup_steps))
         lightning_runs.append(
             lightning_throughput(cfg, train_records, val_records, bench.steps, bench.warmup_steps)
         )
+        if not plain_first:
+            plain_runs.append(plain_loop_throughput(cfg, train_records, bench.steps, bench.warmup_steps))
         log.info(
             "bench repeat %d: plain %.2f, lightning %.2f patches/s (per CPU second: %.2f, %.2f)",
             repeat,
@@ -235,4 +245,5 @@ def benchmark_training(
         "patch_size": list(cfg.data_loader.network_patch),
         "network": cfg.model.name,
         "precision": cfg.trainer.precision,
+        "threads": threads or None,
     }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +137,22 @@ def test_bad_hardware_settings_fail_before_training(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f": {key}: " in err
     assert not (tmp_path / "models" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_cli_ddp_two_processes(tmp_path: Path) -> None:
+    """``strategy: ddp`` relaunches the ``tumorseg`` command once per device (what torchrun/SLURM do)."""
+    shapes = {c: (24, 26, 24) for c in "ABCDEF"}
+    _write_cases(tmp_path, shapes, {"train": ["A", "B", "C"], "val": ["D", "E", "F"], "test": ["F"]})
+    script = Path(sys.executable).parent / "tumorseg"
+    args = _args(
+        tmp_path, "trainer.strategy=ddp", "trainer.devices=2", "train.max_epochs=2", "train.steps_per_epoch=4"
+    )
+    done = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert "rank 1 finished; rank 0 reports the results" in lines
+    assert any(line.startswith("trained 2 epochs (4 steps") for line in lines)  # 8 patches/epoch over 2 ranks
+    metrics = json.loads((tmp_path / "reports" / "train_metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["global_step"] == 4
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["test"]["n_cases"] == 1

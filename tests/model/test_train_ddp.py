@@ -1,6 +1,6 @@
 """DDP with two CPU processes (gloo): it trains, and validation Dice is synced across ranks.
 
-``ddp_fork`` keeps this test fast (no re-import in the workers); the ``ddp`` strategy the CLI
+``ddp_spawn`` starts fresh workers (``ddp_fork`` crashed once torch and the other tests had started threads); the ``ddp`` strategy the CLI
 uses launches the same LightningModule through Lightning's subprocess launcher.
 """
 
@@ -28,13 +28,12 @@ class RecordValidation(L.Callback):
         out.write_text(json.dumps(metrics))
 
 
-@pytest.mark.slow
 def test_ddp_two_cpu_processes_sync_validation_dice(tmp_path: Path, real_params: dict) -> None:
     # 3 validation cases on 2 ranks: the DistributedSampler pads one case in twice.
     write_tiny_dataset(tmp_path, n_val=3)
     records = tmp_path / "records"
     records.mkdir()
-    ddp = {"trainer.strategy": "ddp_fork", "trainer.devices": 2, "train.max_epochs": 2}
+    ddp = {"trainer.strategy": "ddp_spawn", "trainer.devices": 2, "train.max_epochs": 2}
     result = train(
         real_params, overrides=tiny_overrides(tmp_path, **ddp), callbacks=[RecordValidation(records)]
     )

@@ -27,7 +27,6 @@ class KillAtStep(L.Callback):
             raise Killed(f"killed after step {self.step}")
 
 
-@pytest.mark.slow
 def test_killed_run_resumes_mid_epoch_and_finishes_the_same(tiny_dataset: Path, real_params: dict) -> None:
     import mlflow
 

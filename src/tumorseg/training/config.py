@@ -140,12 +140,16 @@ class BenchTrainingConfig(Section):
     Attributes:
         steps: timed optimiser steps per measurement.
         warmup_steps: untimed steps before each measurement.
-        repeats: alternating (plain, Lightning) measurement pairs; medians are reported.
+        repeats: measurement pairs (which loop goes first alternates); medians are reported.
+        num_threads: torch CPU threads for both loops (0: ``trainer.num_threads``). One thread keeps
+            the comparison stable on a machine shared with other jobs, where two OpenMP threads
+            stall whenever either is descheduled.
     """
 
     steps: int = Field(30, ge=1)
     warmup_steps: int = Field(5, ge=0)
-    repeats: int = Field(2, ge=1)
+    repeats: int = Field(4, ge=1)
+    num_threads: int = Field(1, ge=0)
 
 
 register_section("train", TrainConfig)

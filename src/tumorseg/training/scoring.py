@@ -116,12 +116,16 @@ def score_split(
     records = case_records(paths.preprocessed, case_ids)
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=ignore_empty)
     per_case: dict[str, dict[str, float]] = {}
+    case_dice: list[torch.Tensor] = []
     for record, case, labels in predict_cases(trained, records, device=device):
         truth = labels_to_regions(torch.from_numpy(case["label"])[None])
         pred = labels_to_regions(torch.from_numpy(labels)[None, None])
         dice = metric(y_pred=pred, y=truth)[0]
+        case_dice.append(dice)
         per_case[record["case_id"]] = {name: float(dice[i]) for i, name in enumerate(REGION_NAMES)}
-    summary = aggregate_case_dice(metric.get_buffer())
+    # Aggregated here, not with metric.aggregate(): after a DDP fit the process group is still up
+    # and MONAI would try to all-gather with ranks that have already finished.
+    summary = aggregate_case_dice(torch.stack(case_dice))
     result: dict[str, Any] = {f"dice_{name}": value for name, value in summary.items()}
     result["n_cases"] = len(records)
     result["cases"] = per_case

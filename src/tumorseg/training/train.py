@@ -58,6 +58,7 @@ class TrainResult:
         patches_per_s: training patches per second (training phase only, all ranks together).
         mlflow_run_id: the MLflow run (None when tracking is off).
         test_dice: :func:`~tumorseg.training.scoring.score_split` summary of the test split, if scored.
+        global_rank: this process's DDP rank; only rank 0 fills in the results.
     """
 
     out_dir: Path
@@ -71,9 +72,13 @@ class TrainResult:
     patches_per_s: float = 0.0
     mlflow_run_id: str | None = None
     test_dice: dict[str, Any] | None = None
+    global_rank: int = 0
 
     def one_line(self) -> str:
         from tumorseg.training.reporting import format_dice
+
+        if self.global_rank != 0:
+            return f"rank {self.global_rank} finished; rank 0 reports the results"
 
         text = (
             f"trained {self.epochs} epochs ({self.global_step} steps, {self.train_time_s:.0f} s, "
@@ -227,6 +232,7 @@ def train(
         global_step=int(trainer.global_step),
         train_time_s=elapsed,
         mlflow_run_id=mlflow_logger.run_id if mlflow_logger is not None else None,
+        global_rank=int(trainer.global_rank),
     )
     if not trainer.is_global_zero:
         return result
