@@ -6,6 +6,10 @@ read params.yaml and only carry overrides (dotted keys, e.g. ``{"synth.cases": 8
 
 File-system steps retry on transient I/O errors (``OSError``); a user error
 (:class:`~tumorseg.errors.TumorsegError`) is never retried, since it will not go away.
+
+The helpers the other flows share live here too: :data:`IO_RETRIES`, :func:`load_params`,
+:func:`tracking_uri`, and the validate/split bodies (:func:`validate_and_publish`,
+:func:`split_and_publish`) that the 3-D and 2-D tasks both run.
 """
 
 from __future__ import annotations
@@ -41,6 +45,75 @@ def load_params(params_path: str | Path = "params.yaml", overrides: dict[str, An
     return apply_overrides(read_params(params_path), overrides)
 
 
+def tracking_uri(params: dict[str, Any]) -> str:
+    """The MLflow tracking URI the flows' tasks pass on (``mlflow.tracking_uri`` or ``paths.mlruns``)."""
+    import tumorseg.training.config  # noqa: F401  (registers mlflow:)
+    from tumorseg.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(section("mlflow", params).tracking_uri, section("paths", params).mlruns)
+
+
+def validate_and_publish(
+    ingested: Path,
+    validated: Path,
+    params: dict[str, Any],
+    *,
+    artifact_key: str,
+    description: str,
+    planar_cfg: Any = None,
+) -> str:
+    """Run ``tumorseg validate`` and publish its report as a Prefect artifact, then fail if it failed.
+
+    The report is published before failing, so a rejected dataset is explained in the UI too. The
+    3-D task (:func:`validate_task`) and the 2-D one (:mod:`pipelines.planar_flow`) differ only in
+    their folders, artifact and the 2-D limits (``planar_cfg``, params.yaml ``validate_2d:``).
+
+    Raises:
+        DataError: the share of quarantined cases is above ``validate.max_invalid_fraction``.
+    """
+    from tumorseg.validation.suite import validate_dataset, validation_markdown
+
+    result = validate_dataset(
+        ingested, validated, section("validate", params), planar_cfg=planar_cfg, raise_on_failure=False
+    )
+    create_markdown_artifact(markdown=validation_markdown(result), key=artifact_key, description=description)
+    if not result.passed:
+        raise DataError(result.failure_message())
+    return result.one_line()
+
+
+def split_and_publish(
+    preprocessed: Path,
+    split_file: Path,
+    params: dict[str, Any],
+    *,
+    unit: str,
+    artifact_key: str,
+    description: str,
+) -> dict[str, int]:
+    """Run ``tumorseg split`` and publish the train/val/test counts as a Prefect table artifact.
+
+    Args:
+        preprocessed: folder holding the preprocessed ``index.csv`` / ``manifest.csv``.
+        split_file: the ``split.json`` to write.
+        params: params.yaml with the flow's overrides (``split:`` is read).
+        unit: what the counts count, the table's column name (``"cases"``, ``"images"``).
+        artifact_key: the Prefect artifact key.
+        description: the artifact's description.
+
+    Returns:
+        ``{"train": n, "val": n, "test": n}``.
+    """
+    from tumorseg.data.split import make_split
+
+    split = make_split(preprocessed, split_file, section("split", params))
+    counts = {name: len(split.cases(name)) for name in ("train", "val", "test")}
+    create_table_artifact(
+        table=[{"split": k, unit: v} for k, v in counts.items()], key=artifact_key, description=description
+    )
+    return counts
+
+
 @task(name="synth", **IO_RETRIES)
 def synth_task(params: dict) -> list[str]:
     from tumorseg.data.synth import synthesize_dataset
@@ -59,21 +132,14 @@ def ingest_task(params: dict) -> str:
 
 @task(name="validate", **IO_RETRIES)
 def validate_task(params: dict) -> str:
-    from tumorseg.validation.suite import validate_dataset, validation_markdown
-
     paths = section("paths", params)
-    result = validate_dataset(
-        Path(paths.ingested), Path(paths.validated), section("validate", params), raise_on_failure=False
-    )
-    # Publish the report before failing, so a rejected dataset is explained in the UI too.
-    create_markdown_artifact(
-        markdown=validation_markdown(result),
-        key="data-validation",
+    return validate_and_publish(
+        Path(paths.ingested),
+        Path(paths.validated),
+        params,
+        artifact_key="data-validation",
         description="Great Expectations validation of the ingested dataset",
     )
-    if not result.passed:
-        raise DataError(result.failure_message())
-    return result.one_line()
 
 
 @task(name="preprocess", **IO_RETRIES)
@@ -89,17 +155,15 @@ def preprocess_task(params: dict) -> str:
 
 @task(name="split", **IO_RETRIES)
 def split_task(params: dict) -> dict[str, int]:
-    from tumorseg.data.split import make_split
-
     paths = section("paths", params)
-    split = make_split(Path(paths.preprocessed), Path(paths.split), section("split", params))
-    counts = {name: len(split.cases(name)) for name in ("train", "val", "test")}
-    create_table_artifact(
-        table=[{"split": k, "cases": v} for k, v in counts.items()],
-        key="data-split",
+    return split_and_publish(
+        Path(paths.preprocessed),
+        Path(paths.split),
+        params,
+        unit="cases",
+        artifact_key="data-split",
         description="Patient-level stratified split",
     )
-    return counts
 
 
 @flow(name="synth")

@@ -19,6 +19,7 @@ import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +132,29 @@ class StageCachePolicy(CachePolicy):
 def stage_policy(stage: StageSpec, key_storage: Path) -> CachePolicy:
     """The stage's key plus the task function's source, with records kept in ``key_storage``."""
     return (StageCachePolicy(stage=stage) + TASK_SOURCE).configure(key_storage=key_storage)
+
+
+def cached_task(task_fn: Any, spec: StageSpec, params: dict[str, Any]) -> Any:
+    """The task with its stage's cache policy; forced to run when an output is missing.
+
+    Every flow caches its stages the same way (``flow.cache_dir`` and ``flow.cache_days`` from
+    params.yaml, results persisted so a later run can skip the stage), so they all call this.
+
+    Args:
+        task_fn: the Prefect task; it must take the params dict as its ``params`` argument.
+        spec: the stage it runs (its ``dvc.yaml`` entry).
+        params: params.yaml with the flow's overrides applied.
+
+    Returns:
+        ``task_fn`` with the cache options set, ready to be called with ``params``.
+    """
+    import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
+    from tumorseg.config import section
+
+    cfg = section("flow", params)
+    return task_fn.with_options(
+        cache_policy=stage_policy(spec, Path(cfg.cache_dir).resolve()),
+        cache_expiration=timedelta(days=cfg.cache_days) if cfg.cache_days else None,
+        refresh_cache=not spec.outputs_exist(params),
+        persist_result=True,
+    )

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,10 @@ from pipelines.data_flows import (
     preprocess_task,
     split_task,
     synth_task,
+    tracking_uri,
     validate_task,
 )
-from pipelines.stage_cache import StageSpec, stage_policy
+from pipelines.stage_cache import StageSpec, cached_task
 from tumorseg.config import apply_overrides, section
 
 log = logging.getLogger(__name__)
@@ -153,25 +153,9 @@ STAGES: dict[str, StageSpec] = {
 """Each stage's params keys, dependencies, code and outputs: the ``dvc.yaml`` entries, for the cache."""
 
 
-def _tracking_uri(params: dict[str, Any]) -> str:
-    import tumorseg.training.config  # noqa: F401  (registers mlflow:)
-    from tumorseg.tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(section("mlflow", params).tracking_uri, section("paths", params).mlruns)
-
-
 def _cached(task_fn: Any, stage: str, params: dict[str, Any]) -> Any:
-    """The task with its stage's cache policy; forced to run when an output is missing."""
-    import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
-
-    cfg = section("flow", params)
-    spec = STAGES[stage]
-    return task_fn.with_options(
-        cache_policy=stage_policy(spec, Path(cfg.cache_dir).resolve()),
-        cache_expiration=timedelta(days=cfg.cache_days) if cfg.cache_days else None,
-        refresh_cache=not spec.outputs_exist(params),
-        persist_result=True,
-    )
+    """The task with its stage's cache policy (:func:`pipelines.stage_cache.cached_task`)."""
+    return cached_task(task_fn, STAGES[stage], params)
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -180,7 +164,7 @@ def check_new_data_task(params: dict) -> dict[str, Any]:
     """Compare the ingested raw data with the champion's (:func:`tumorseg.retrain.decide_retrain`)."""
     from tumorseg.retrain import decide_retrain
 
-    decision = decide_retrain(params, tracking_uri=_tracking_uri(params))
+    decision = decide_retrain(params, tracking_uri=tracking_uri(params))
     create_markdown_artifact(
         key="retrain-decision",
         markdown=f"**{'retrain' if decision.retrain else 'no new data'}**: {decision.reason}",
@@ -193,7 +177,7 @@ def check_new_data_task(params: dict) -> dict[str, Any]:
 def tune_task(params: dict) -> dict[str, Any]:
     from tumorseg.tuning.study import run_study
 
-    result = run_study(params, tracking_uri=_tracking_uri(params))
+    result = run_study(params, tracking_uri=tracking_uri(params))
     create_markdown_artifact(
         key="tuning",
         markdown=f"{result.one_line()}\n\nBest overrides:\n\n```yaml\n{yaml.safe_dump(result.best_overrides)}```",
@@ -207,7 +191,7 @@ def train_task(params: dict) -> dict[str, Any]:
     """``tumorseg train`` (params already merged with the best-params file)."""
     from tumorseg.training.train import train
 
-    result = train(params, tracking_uri=_tracking_uri(params))
+    result = train(params, tracking_uri=tracking_uri(params))
     create_table_artifact(
         key="training",
         table=[
@@ -236,7 +220,7 @@ def compress_task(params: dict) -> str:
 
     checkpoint = Path(section("train", params).out_dir) / "checkpoints" / "best.ckpt"
     # the model this run just trained, not the served champion (compress.model's default)
-    result = run_compress_stage(params, tracking_uri=_tracking_uri(params), model_uri=str(checkpoint))
+    result = run_compress_stage(params, tracking_uri=tracking_uri(params), model_uri=str(checkpoint))
     text = result.one_line() if hasattr(result, "one_line") else str(result)
     create_markdown_artifact(key="compression", markdown=text, description="Model compression")
     return text
@@ -247,7 +231,7 @@ def evaluate_task(params: dict) -> dict[str, Any]:
     """``tumorseg evaluate-model``: test split in the source geometry, registered as ``challenger``."""
     from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
 
-    result = run_evaluate_stage(params, tracking_uri=_tracking_uri(params))
+    result = run_evaluate_stage(params, tracking_uri=tracking_uri(params))
     m = result.evaluation.metrics
     create_table_artifact(
         key="test-metrics",
@@ -276,7 +260,7 @@ def register_task(params: dict, evaluation: dict[str, Any], raw_md5: str) -> dic
     if registered is None:
         create_markdown_artifact(key="registered-model", markdown="registry off: no version registered")
         return None
-    record_raw_data_hash(params, registered["version"], raw_md5, tracking_uri=_tracking_uri(params))
+    record_raw_data_hash(params, registered["version"], raw_md5, tracking_uri=tracking_uri(params))
     create_markdown_artifact(
         key="registered-model",
         markdown=(
@@ -293,7 +277,7 @@ def promote_task(params: dict) -> dict[str, Any]:
     """``tumorseg promote``: the champion/challenger gate."""
     from tumorseg.registry.promote import promote
 
-    result = promote(params, tracking_uri=_tracking_uri(params))
+    result = promote(params, tracking_uri=tracking_uri(params))
     lines = result.lines()
     create_markdown_artifact(
         key="promotion-decision",

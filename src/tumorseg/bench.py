@@ -196,6 +196,15 @@ def bench_predict() -> dict[str, Any]:
             f"{result['predict_s'] / result['baseline_s']:.2f} (target < 1.15)",
         ]
     ]
+    if result.get("folder_predict_s_per_case"):
+        result["rows"].append(
+            [
+                f"`predict` on a folder of {result['folder_cases']} such cases, wall time per case",
+                f"{result['folder_predict_s_per_case']:.2f} s",
+                f"sliding_window_inference alone: {result['folder_baseline_s']:.2f} s",
+                f"{result['folder_predict_s_per_case'] / result['folder_baseline_s']:.2f} (target < 1.15)",
+            ]
+        )
     return result
 
 
@@ -261,6 +270,13 @@ def bench_tuning() -> dict[str, Any]:
     return result
 
 
+def bench_serve() -> dict[str, Any]:
+    """``POST /predict`` latency (p50/p95, 1 and 4 clients) and server memory vs the in-process predictor."""
+    from tumorseg.bench_serve import bench_serve as run
+
+    return run(_project_params())
+
+
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "data": bench_data,
     "training": bench_training,
@@ -268,6 +284,7 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "compress": bench_compress,
     "flow": bench_flow,
     "tuning": bench_tuning,
+    "serve": bench_serve,
 }
 WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "nibabel_load": _worker_nibabel_load,
@@ -304,6 +321,15 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write_results(results: dict[str, Any], out: Path) -> None:
+    """``results.json`` and its table ``results.md``, each written whole (temp file, then rename)."""
+    from tumorseg.data.manifest import atomic_write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), results_table(results))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results.json")
@@ -327,11 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"[bench] {name} done in {time.perf_counter() - start:.0f} s: {json.dumps(results[name], indent=1)[:800]}"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    table = out.with_suffix(".md")
-    table.write_text(results_table(results))
-    print(f"wrote {out} and {table}")
+        _write_results(results, out)  # after each benchmark: a later failure keeps the earlier figures
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

@@ -41,6 +41,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from tumorseg.config import section
     from tumorseg.data.synth import synthesize_dataset
 
+    if args.layout in ("figshare", "kaggle"):
+        return _synth_planar(args)
     params = _params(
         args,
         {
@@ -54,6 +56,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     out = Path(args.out or section("paths", params, source=args.params).raw)
     written = synthesize_dataset(out, cfg)
     print(f"wrote {len(written)} {cfg.layout} cases to {out}")
+    return 0
+
+
+def _synth_planar(args: argparse.Namespace) -> int:
+    """``synth --layout figshare|kaggle``: 2-D slices (``--cases``: Figshare patients or Kaggle images)."""
+    from tumorseg.config import section
+    from tumorseg.data.planar_synth import synthesize_planar_dataset
+
+    count_key = "synth_2d.figshare_patients" if args.layout == "figshare" else "synth_2d.kaggle_images"
+    params = _params(
+        args, {count_key: args.cases, "synth_2d.seed": args.seed, "synth_2d.spacing_mm": args.spacing}
+    )
+    cfg = section("synth_2d", params, source=args.params)
+    out = Path(args.out or Path(section("paths", params, source=args.params).raw_2d) / args.layout)
+    written = synthesize_planar_dataset(out, args.layout, cfg)
+    print(f"wrote {len(written)} {args.layout} files to {out}")
     return 0
 
 
@@ -79,25 +97,31 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from tumorseg.config import section
+    from tumorseg.validation.planar_checks import PlanarValidateConfig  # registers validate_2d
     from tumorseg.validation.suite import validate_dataset
 
     params = _params(args, {"validate.max_invalid_fraction": args.max_invalid_fraction})
     cfg = section("validate", params, source=args.params)
+    planar_cfg: PlanarValidateConfig = section("validate_2d", params, source=args.params)
     paths = section("paths", params, source=args.params)
     src = Path(args.dir or paths.ingested)
-    result = validate_dataset(src, Path(args.out) if args.out else src, cfg)
+    result = validate_dataset(src, Path(args.out) if args.out else src, cfg, planar_cfg=planar_cfg)
     print(result.one_line())
     return 0
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from tumorseg.config import section
+    from tumorseg.data.planar import PlanarPreprocessConfig  # registers preprocess_2d
     from tumorseg.data.preprocess import preprocess_dataset
 
     params = _params(args)
     cfg = section("preprocess", params, source=args.params)
+    planar_cfg: PlanarPreprocessConfig = section("preprocess_2d", params, source=args.params)
     paths = section("paths", params, source=args.params)
-    summary = preprocess_dataset(Path(args.src or paths.validated), Path(args.out or paths.preprocessed), cfg)
+    summary = preprocess_dataset(
+        Path(args.src or paths.validated), Path(args.out or paths.preprocessed), cfg, planar_cfg
+    )
     print(summary.one_line())
     return 0
 
@@ -153,8 +177,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- prediction and registry
 def _cmd_predict(args: argparse.Namespace) -> int:
     from tumorseg.config import apply_overrides, parse_override
+    from tumorseg.planar.predict import is_planar_input
     from tumorseg.registry.predict import predict_folder
 
+    if is_planar_input(args.input):  # .mat / image files: the 2-D models
+        return _predict_planar(args)
     options = {
         "predict.tta": args.tta,
         "predict.min_component_mm3": args.min_component_mm3,
@@ -214,8 +241,81 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
 def _cmd_promote(args: argparse.Namespace) -> int:
     from tumorseg.registry.promote import promote
 
-    result = promote(_params(args), rollback=args.rollback, source=args.params)
+    params = _params(args, {"registry.model_name": args.name})
+    result = promote(params, rollback=args.rollback, source=args.params, report_file=args.out)
     print("\n".join(result.lines()))
+    return 0
+
+
+# ---------------------------------------------------------------- 2-D models (src/tumorseg/planar)
+def _planar_params(args: argparse.Namespace) -> dict[str, Any]:
+    """params.yaml (+ -S) inside a project; outside one, every section at its defaults."""
+    from tumorseg.config import apply_overrides
+
+    if Path(args.params).is_file() or args.params != "params.yaml":
+        return _params(args)
+    return apply_overrides({}, _overrides(args))
+
+
+def _load_planar(args: argparse.Namespace, params: dict[str, Any], default_key: str) -> Any:
+    from tumorseg.config import section
+    from tumorseg.planar.config import PredictPlanarConfig
+    from tumorseg.planar.package import load_planar_model
+    from tumorseg.tracking import resolve_tracking_uri
+    from tumorseg.training.config import MlflowConfig
+
+    predict_cfg: PredictPlanarConfig = section("predict_2d", params, source=args.params)
+    mlflow_cfg: MlflowConfig = section("mlflow", params, source=args.params)
+    uri = resolve_tracking_uri(mlflow_cfg.tracking_uri, section("paths", params, source=args.params).mlruns)
+    return load_planar_model(args.model or getattr(predict_cfg, default_key), tracking_uri=uri)
+
+
+def _predict_planar(args: argparse.Namespace) -> int:
+    from tumorseg.planar.predict import planar_inputs, predict_images
+
+    planar_inputs(args.input)  # a missing input is reported before any model is loaded
+    params = _planar_params(args)
+    model = _load_planar(args, params, "model")
+
+    def show(prediction: Any, path: Path) -> None:
+        kind = f", {prediction.tumour_type}" if prediction.tumour_type else ""
+        print(f"{prediction.case_id}: tumour p={prediction.probability:.3f}{kind} -> {path}", flush=True)
+
+    results = predict_images(args.input, args.out, model, on_image=show)
+    print(f"segmented {len(results)} 2-D images with {model.description} -> {args.out}")
+    return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from tumorseg.planar.predict import detect_images, planar_inputs
+
+    planar_inputs(args.input)  # a missing input is reported before any model is loaded
+    params = _planar_params(args)
+    model = _load_planar(args, params, "detect_model")
+    results = detect_images(args.input, args.out, model)
+    positives = sum(r.label for r in results)
+    print(f"{len(results)} images, {positives} with tumour ({model.description}) -> {args.out}")
+    return 0
+
+
+def _cmd_train_2d(args: argparse.Namespace) -> int:
+    from tumorseg.planar.train import train_planar
+
+    result = train_planar(_params(args), source=args.params)
+    print(result.one_line())
+    return 0
+
+
+def _cmd_evaluate_2d(args: argparse.Namespace) -> int:
+    from tumorseg.planar.evaluate import evaluate_planar
+
+    result = evaluate_planar(
+        _params(args),
+        checkpoint=args.checkpoint,
+        source=args.params,
+        register=False if args.no_register else None,
+    )
+    print(result.one_line())
     return 0
 
 
@@ -264,6 +364,11 @@ def _cmd_flow(args: argparse.Namespace) -> int:
         summary = data_pipeline_flow(params_path=args.params, overrides=_overrides(args))
         print("; ".join(f"{k}: {v}" for k, v in summary.items()))
         return 0
+    if args.name == "planar":  # the 2-D branch (pipelines/planar_flow.py)
+        from pipelines.planar_flow import planar_flow
+
+        planar_flow(params_path=args.params, overrides=_overrides(args))
+        return 0
     from pipelines.training_flow import run_smoke, training_flow
 
     if args.smoke:
@@ -297,6 +402,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return dict(parse_override(o) for o in args.set or [])
 
 
+# ---------------------------------------------------------------- serving
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tumorseg.serving.app import ServeSettings, serve
+
+    params = _params(
+        args,
+        {
+            "serve.host": args.host,
+            "serve.port": args.port,
+            "serve.model": args.model,
+            "serve.model_2d": args.model_2d,
+        },
+    )
+    serve(ServeSettings.from_params(params, source=args.params))
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tumorseg", description=__doc__.splitlines()[0])
@@ -317,11 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("synth", _cmd_synth, "Generate realistic synthetic multi-modal brain MRI with gliomas.")
-    p.add_argument("--layout", choices=["brats2021", "brats2023", "msd"], help="dataset layout to write")
-    p.add_argument("--cases", type=int, help="number of cases")
+    p.add_argument(
+        "--layout",
+        choices=["brats2021", "brats2023", "msd", "figshare", "kaggle"],
+        help="dataset layout to write (figshare, kaggle: 2-D slices, params.yaml synth_2d)",
+    )
+    p.add_argument("--cases", type=int, help="number of cases (figshare: patients; kaggle: images)")
     p.add_argument("--seed", type=int, help="random seed (output is deterministic for a seed)")
     p.add_argument("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)")
-    p.add_argument("--out", help="output folder (default: paths.raw)")
+    p.add_argument("--out", help="output folder (default: paths.raw; 2-D: paths.raw_2d/<layout>)")
 
     p = add("figure-cases", _cmd_figure_cases, "Plot a few cases: 4 modalities and the label overlay (PNG).")
     p.add_argument("src", help="a brats2021 or brats2023 folder, e.g. from `tumorseg synth`")
@@ -331,7 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--layout", choices=["brats2021", "brats2023"], default="brats2021")
 
-    p = add("ingest", _cmd_ingest, "Index a BraTS 2020/21, BraTS 2023+ or MSD folder into a manifest.")
+    p = add(
+        "ingest",
+        _cmd_ingest,
+        "Index a BraTS 2020/21, BraTS 2023+, MSD, Figshare (.mat) or Kaggle (yes/, no/) folder into a manifest.",
+    )
     p.add_argument("src", nargs="?", help="dataset folder (default: paths.raw)")
     p.add_argument("--out", help="output folder for manifest.csv (default: paths.ingested)")
     p.add_argument("--layout", choices=["auto", "brats2021", "brats2023", "msd"], help="skip detection")
@@ -377,12 +507,16 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_predict,
         "Segment cases in any layout; writes <case_id>.nii.gz in each input's geometry and label convention.",
     )
-    p.add_argument("input", help="a dataset folder (BraTS 2021, BraTS 2023+, MSD) or one case folder")
+    p.add_argument(
+        "input",
+        help="a dataset folder (BraTS 2021, BraTS 2023+, MSD) or one case folder; or 2-D .mat/image files "
+        "(a file or a folder of them: writes <case_id>_mask.png, 0/255, at each input's size)",
+    )
     p.add_argument("--out", required=True, help="output folder for <case_id>.nii.gz")
     p.add_argument(
         "--model",
         help="checkpoint path or MLflow model URI: models:/tumorseg@champion (default: predict.model), "
-        "models:/tumorseg/3, runs:/<run_id>/model",
+        "models:/tumorseg/3, runs:/<run_id>/model; 2-D input: models:/tumorseg-2d@champion (predict_2d.model)",
     )
     p.add_argument(
         "--layout", choices=["auto", "brats2021", "brats2023", "msd"], help="skip layout detection"
@@ -414,6 +548,30 @@ def build_parser() -> argparse.ArgumentParser:
         "Promote the challenger to champion if it beats it on the same test cases (registry.* gate).",
     )
     p.add_argument("--rollback", action="store_true", help="restore the previous champion instead")
+    p.add_argument(
+        "--name", help="registered model (default: registry.model_name), e.g. tumorseg-2d, tumorseg-detect"
+    )
+    p.add_argument("--out", help="decision JSON to write (default: <paths.reports>/promotion.json)")
+
+    p = add("train-2d", _cmd_train_2d, "Train the 2-D segmentation + tumour classifier (train_2d, model_2d).")
+
+    p = add(
+        "evaluate-2d",
+        _cmd_evaluate_2d,
+        "Choose the 2-D detector on validation, score the test split (CIs), register tumorseg-2d/-detect challengers.",
+    )
+    p.add_argument("--checkpoint", help="2-D checkpoint (default: <train_2d.out_dir>/checkpoints/best.ckpt)")
+    p.add_argument("--no-register", action="store_true", help="write the reports only; register no version")
+
+    p = add(
+        "detect", _cmd_detect, "Tumour / no tumour for .mat or image files: CSV case_id, probability, label."
+    )
+    p.add_argument("input", help="a .mat/image file or a folder of them")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument(
+        "--model",
+        help="2-D model: MLflow URI, model folder or train-2d checkpoint (default: predict_2d.detect_model)",
+    )
 
     p = add(
         "compress",
@@ -440,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
 
     p = add("flow", _cmd_flow, "Run a Prefect flow: the training pipeline end to end, or the data stages.")
-    p.add_argument("name", choices=["training", "data"], help="which flow")
+    p.add_argument("name", choices=["training", "data", "planar"], help="which flow (planar: the 2-D branch)")
     p.add_argument(
         "--smoke",
         action="store_true",
@@ -466,6 +624,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="print the deployment and its next runs; do not serve"
     )
+
+    p = add(
+        "serve",
+        _cmd_serve,
+        "Serve the model over HTTP: POST /predict, a browser viewer at /, OpenAPI docs at /docs.",
+    )
+    p.add_argument(
+        "--model",
+        help="MLflow model URI, MLflow model folder or checkpoint (default: serve.model, else predict.model)",
+    )
+    p.add_argument(
+        "--model-2d",
+        help="2-D model for .mat/.png/.jpg uploads: MLflow URI, 2-D package or MLflow model folder, or a "
+        "train-2d best.ckpt (default: serve.model_2d; optional, without it 2-D uploads get 503)",
+    )
+    p.add_argument("--host", help="interface to bind (default: serve.host; 0.0.0.0 in a container)")
+    p.add_argument("--port", type=int, help="TCP port (default: serve.port)")
 
     return parser
 

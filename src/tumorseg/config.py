@@ -38,6 +38,11 @@ class PathsConfig(Section):
     validated: str = "data/validated"
     preprocessed: str = "data/preprocessed"
     split: str = "data/split.json"
+    raw_2d: str = "data/raw_2d"  # 2-D data: figshare/ (.mat slices) and kaggle/ (yes/, no/)
+    ingested_2d: str = "data/ingested_2d"
+    validated_2d: str = "data/validated_2d"
+    preprocessed_2d: str = "data/preprocessed_2d"
+    split_2d: str = "data/split_2d.json"
     reports: str = "reports"
     mlruns: str = "mlruns"
 

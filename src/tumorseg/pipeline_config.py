@@ -27,6 +27,7 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "evaluate.plots": False,
     "registry.bootstrap_resamples": 200,
     "compress.pruning.fine_tune_steps": 2,
+    "compress.pruning.unstructured_fine_tune_steps": 2,
     "compress.quantization.calibration_cases": 1,
     "compress.latency.synth_spacing_mm": 4.0,
     "compress.latency.warmup": 0,

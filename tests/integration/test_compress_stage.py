@@ -56,6 +56,7 @@ def _overrides(root: Path) -> dict[str, Any]:
         "compress.variants": ["fp32", "onnx_fp32", "pruned_structured", "int8"],
         "compress.exporter": "torchscript",
         "compress.pruning.fine_tune_steps": 2,
+        "compress.pruning.val_every": 1,
         "compress.quantization.calibration_cases": 1,
         "compress.latency.case_dir": str(root / "latency"),
         "compress.latency.warmup": 0,
@@ -165,6 +166,9 @@ def test_compress_gates_registers_edge_and_predict_runs_it_in_onnx_runtime(
     assert by_name["onnx_fp32"].onnx_max_abs_diff < 1e-4
     assert by_name["onnx_fp32"].dice_drop == pytest.approx(0.0, abs=1e-6)  # same network, same cases
     assert by_name["pruned_structured"].parameters < by_name["fp32"].parameters
+    tune = by_name["pruned_structured"].details["pruning"]["fine_tune"][0]
+    assert [step for step, _ in tune["curve"]] == [0, 1, 2]  # validated before the fine-tune and every step
+    assert tune["best_val_dice"] == pytest.approx(max(dice for _, dice in tune["curve"]), abs=1e-6)
     assert by_name["int8"].details["quantization"]["quantized_nodes"]["Conv"] > 0
     assert all(r.latency_s > 0 and set(r.dice) == {"WT", "TC", "ET", "mean"} for r in result.variants)
     assert result.edge is not None and result.edge.accepted

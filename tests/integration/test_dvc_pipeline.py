@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def _run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr
+_SPEC = importlib.util.spec_from_file_location("dvc_support", Path(__file__).parents[1] / "dvc_support.py")
+dvc_support = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(dvc_support)
+ROOT, BIN, _run, dvc_repo = dvc_support.ROOT, dvc_support.BIN, dvc_support.run, dvc_support.dvc_repo
 
 
 @pytest.mark.slow
 def test_dvc_repro_is_reproducible_and_incremental(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    (repo / "src").symlink_to(ROOT / "src")  # stage deps name the code they run
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["synth"].update({"cases": 6, "spacing_mm": 4.0})
     params["preprocess"]["target_spacing_mm"] = [4.0, 4.0, 4.0]
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], repo)
-    _run([str(BIN / "dvc"), "init", "-q"], repo)
+    repo = dvc_repo(tmp_path, params)
 
     first = _run([str(BIN / "dvc"), "repro", "split"], repo)
     for stage in ("synth", "ingest", "validate", "preprocess", "split"):
@@ -45,7 +32,7 @@ def test_dvc_repro_is_reproducible_and_incremental(tmp_path: Path) -> None:
     assert "up to date" in _run([str(BIN / "dvc"), "status", "split"], repo).lower()
 
     params["split"]["seed"] = 7
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_support.write_params(repo, params)
     third = _run([str(BIN / "dvc"), "repro", "split"], repo)
     assert "Running stage 'split'" in third
     for stage in ("synth", "ingest", "validate", "preprocess"):

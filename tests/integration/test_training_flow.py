@@ -32,18 +32,32 @@ def prefect_server() -> Iterator[None]:
         yield
 
 
-def _task_states(flow_run_id: Any) -> dict[str, str]:
+def _task_states(flow_run_id: Any, expect: set[str] = frozenset(), timeout_s: float = 60.0) -> dict[str, str]:
+    """Task name -> final state name of a flow run's task runs.
+
+    Prefect 3 records task-run states from events, asynchronously: right after a flow returns, the
+    server may not have them all yet (seen on a loaded machine). Poll until every task run is in a
+    final state and the ``expect``-ed tasks are there, or ``timeout_s`` passes.
+    """
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    async def read() -> dict[str, str]:
+    async def read() -> dict[str, tuple[str, bool]]:
         async with get_client() as client:
             runs = await client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             )
-            return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+            return {run.name.rsplit("-", 1)[0]: (run.state.name, run.state.is_final()) for run in runs}
 
-    return asyncio.run(read())
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = asyncio.run(read())
+        settled = all(final for _, final in runs.values()) and expect <= set(runs)
+        if settled or time.monotonic() > deadline:
+            return {name: state for name, (state, _) in runs.items()}
+        time.sleep(0.5)
 
 
 def _artifacts() -> dict[str, str]:
@@ -111,7 +125,7 @@ def test_pipeline_smoke_cache_no_new_data_and_failed_run(
     # 2. A rerun with nothing changed skips every finished stage; the registry is left as it was.
     state = training_flow(params_path=str(params_path), return_state=True)
     summary = state.result()
-    states = _task_states(state.state_details.flow_run_id)
+    states = _task_states(state.state_details.flow_run_id, expect={*CACHED_STAGES, "promote"})
     assert {name for name, s in states.items() if s == "Cached"} == CACHED_STAGES, states
     assert states["promote"] == "Completed" and summary["promote"]["action"] == "kept"
     assert _champion(params) == (champion, versions)
@@ -120,7 +134,7 @@ def test_pipeline_smoke_cache_no_new_data_and_failed_run(
     state = training_flow(params_path=str(params_path), only_if_new_data=True, return_state=True)
     summary = state.result()
     assert summary["status"] == "no_new_data" and "no new data" in summary["decision"]["reason"]
-    states = _task_states(state.state_details.flow_run_id)
+    states = _task_states(state.state_details.flow_run_id, expect={"check-new-data"})
     assert "check-new-data" in states and "validate" not in states and "train" not in states
     assert "no new data" in _artifacts()["retrain-decision"]
 
@@ -130,7 +144,7 @@ def test_pipeline_smoke_cache_no_new_data_and_failed_run(
         params_path=str(params_path), overrides=overrides, only_if_new_data=True, return_state=True
     )
     assert state.is_failed()
-    states = _task_states(state.state_details.flow_run_id)
+    states = _task_states(state.state_details.flow_run_id, expect={"synth", "train", "evaluate"})
     assert (
         states["synth"] == "Completed" and states["train"] == "Completed" and states["evaluate"] == "Failed"
     )

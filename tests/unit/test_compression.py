@@ -12,9 +12,11 @@ from torch import nn
 
 from tumorseg.compression import pruning
 from tumorseg.compression.config import CompressConfig, QuantizationConfig
+from tumorseg.compression.fine_tune import FineTuneResult, best_weights_callback, distillation_loss
 from tumorseg.compression.onnx_export import export_onnx, max_abs_difference
 from tumorseg.compression.quantize import calibration_windows, check_op_types, quantize_int8
 from tumorseg.compression.report import VariantResult, apply_gate, choose_edge, report_markdown
+from tumorseg.compression.stage import _split_steps, measure_latencies
 from tumorseg.config import read_params, section
 from tumorseg.errors import ConfigError, DataError
 from tumorseg.models.onnx_network import OnnxRuntimeNetwork
@@ -47,6 +49,8 @@ def _tiny_npz(root: Path, case_ids: list[str], shape: tuple[int, int, int] = (20
 def test_params_yaml_compress_section_validates_with_the_documented_defaults() -> None:
     cfg = section("compress", read_params(REPO_ROOT / "params.yaml"))
     assert cfg.dice_tolerance == 0.01 and cfg.alias == "edge" and cfg.variants[0] == "fp32"
+    assert (cfg.target_speedup, cfg.target_size_ratio) == (2.0, 3.0)
+    assert cfg.pruning.val_every > 0  # the fine-tuned weights are chosen on the validation split
 
 
 @pytest.mark.parametrize(
@@ -55,6 +59,8 @@ def test_params_yaml_compress_section_validates_with_the_documented_defaults() -
         ({"variants": ["fp32", "int4"]}, "compress.variants"),
         ({"alias": "champion"}, "compress"),
         ({"pruning": {"structured_ratio": 1.0}}, "compress.pruning.structured_ratio"),
+        ({"pruning": {"distill_loss": "l1"}}, "compress.pruning.distill_loss"),
+        ({"pruning": {"structured_rounds": 0}}, "compress.pruning.structured_rounds"),
         ({"quantization": {"calibration_split": "test"}}, "compress.quantization.calibration_split"),
     ],
 )
@@ -101,6 +107,76 @@ def test_structured_channel_pruning_removes_parameters_and_keeps_the_interface()
     assert first.in_channels == 4  # the input channels are kept
     with torch.no_grad():
         assert network(example(1, (24, 16, 32))).shape == (1, 3, 24, 16, 32)
+
+
+def test_channel_pruning_in_rounds_removes_the_ratio_step_by_step() -> None:
+    one_shot = tiny_unet()
+    pruning.prune_channels(one_shot, 0.5, example(1), out_channels=3)
+    network = tiny_unet()
+    before = pruning.count_parameters(network)
+    sizes = []
+    for number in pruning.prune_channels_in_rounds(network, 0.5, example(1), out_channels=3, rounds=2):
+        sizes.append((number, pruning.count_parameters(network)))
+    assert [n for n, _ in sizes] == [1, 2]
+    assert before > sizes[0][1] > sizes[1][1]  # half the cut after round 1, the rest after round 2
+    assert sizes[1][1] == pruning.count_parameters(one_shot)  # the same architecture as one shot
+    with torch.no_grad():
+        assert network(example(1)).shape == (1, 3, *PATCH)
+
+
+@pytest.mark.parametrize(("total", "rounds", "shares"), [(300, 1, [300]), (10, 3, [4, 3, 3]), (0, 2, [0, 0])])
+def test_fine_tune_steps_are_shared_over_the_rounds(total: int, rounds: int, shares: list[int]) -> None:
+    assert _split_steps(total, rounds) == shares
+
+
+# ---------------------------------------------------------------------------- distillation and fine-tune
+@pytest.mark.parametrize(("kind", "output"), [("mse", "regions"), ("kl", "regions"), ("kl", "labels")])
+def test_distillation_loss_is_zero_at_agreement_and_training_on_it_reduces_it(kind: str, output: str) -> None:
+    channels = 3 if output == "regions" else 4
+    torch.manual_seed(0)
+    teacher = nn.Conv3d(4, channels, 3, padding=1)
+    student = nn.Conv3d(4, channels, 1)  # a smaller student: cannot copy the teacher exactly
+    x = example(2, (8, 8, 8))
+    with torch.no_grad():
+        soft = teacher(x)
+    zero = distillation_loss(soft, soft, kind=kind, output=output, temperature=2.0)
+    assert float(zero) == pytest.approx(0.0, abs=1e-6)
+    optimizer = torch.optim.Adam(student.parameters(), lr=0.05)
+    losses = []
+    for _ in range(30):
+        loss = distillation_loss(student(x), soft, kind=kind, output=output, temperature=2.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[0] > 0
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_unknown_distillation_loss_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown distillation loss 'l1'"):
+        distillation_loss(torch.zeros(1, 3, 2, 2, 2), torch.zeros(1, 3, 2, 2, 2), kind="l1", output="regions")
+
+
+def test_fine_tune_keeps_the_weights_of_the_best_validation_step() -> None:
+    from types import SimpleNamespace
+
+    network = nn.Conv3d(4, 3, 1)
+    result = FineTuneResult(steps=4, best_step=4, best_val_dice=None)
+    callback = best_weights_callback(network, result)
+    snapshots = {}
+    for step, dice in [(0, 0.50), (2, 0.80), (4, 0.60)]:  # the fine-tune peaks at step 2, then overfits
+        with torch.no_grad():
+            network.weight.add_(1.0)
+        snapshots[step] = network.weight.detach().clone()
+        trainer = SimpleNamespace(
+            sanity_checking=False, global_step=step, callback_metrics={"val_dice_mean": torch.tensor(dice)}
+        )
+        callback.on_validation_end(trainer, None)
+    assert result.curve == [[0, 0.5], [2, 0.8], [4, 0.6]]
+    assert (result.best_step, result.best_val_dice) == (2, pytest.approx(0.8))
+    network.load_state_dict(callback.best)
+    torch.testing.assert_close(network.weight.detach(), snapshots[2])
 
 
 # ---------------------------------------------------------------------------- ONNX
@@ -222,6 +298,61 @@ def test_gate_rejects_a_variant_over_the_tolerance_and_edge_is_the_fastest_accep
     assert choose_edge(results).name == "pruned_structured"  # ties on latency go to the smaller file
     table = report_markdown(results, choose_edge(results), context={})
     assert "| int8 | onnxruntime |" in table and "rejected" in table and "**(edge)**" in table
+    assert "- int8 rejected: largest per-case drop on a (mean Dice 0.8000 fp32 -> 0.7800)." in table
+
+
+def test_edge_prefers_an_accepted_variant_meeting_the_speed_and_size_targets() -> None:
+    results = [
+        _result("fp32", "pytorch", 1.2, 18.0, {"a": 0.97, "b": 0.96}),
+        _result("onnx_fp32", "onnxruntime", 0.5, 18.2, {"a": 0.97, "b": 0.96}),  # fastest, not smaller
+        _result("pruned_structured", "onnxruntime", 0.55, 4.7, {"a": 0.965, "b": 0.96}),  # 2.2x, 3.8x
+        _result("pruned_structured_int8", "onnxruntime", 1.4, 1.3, {"a": 0.965, "b": 0.96}),  # small, slow
+        _result("pruned_wide", "onnxruntime", 0.4, 4.0, {"a": 0.90, "b": 0.90}),  # meets both, over tolerance
+    ]
+    curve = {"curve": [[0, 0.83], [50, 0.96]], "best_step": 50, "seconds": 80.0}
+    results[2].details = {"pruning": {"rounds": 1, "fine_tune": [curve]}}
+    apply_gate(results, tolerance=0.01)
+    assert {r.name for r in results if r.accepted} == {
+        "onnx_fp32",
+        "pruned_structured",
+        "pruned_structured_int8",
+    }
+    assert choose_edge(results, speedup=2.0, size_ratio=3.0).name == "pruned_structured"
+    assert choose_edge(results).name == "onnx_fp32"  # without targets: the fastest accepted variant
+    # nothing meets the targets: the fastest accepted variant, as before
+    assert choose_edge(results, speedup=5.0, size_ratio=3.0).name == "onnx_fp32"
+    table = report_markdown(
+        results,
+        choose_edge(results, speedup=2.0, size_ratio=3.0),
+        context={"targets": {"speedup": 2.0, "size_ratio": 3.0}},
+    )
+    assert "**pruned_structured**" in table and "Targets met: yes." in table
+    assert (
+        "pruned_structured fine-tune, validation Dice mean by step: 0: 0.8300, 50: 0.9600; kept step 50"
+        in table
+    )
+
+
+def test_latencies_are_timed_round_robin_so_load_drift_hits_every_variant_alike() -> None:
+    from types import SimpleNamespace
+
+    calls: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str, inference: float) -> None:
+            self.name, self.inference = name, inference
+
+        def predict_case(self, case: str) -> SimpleNamespace:
+            calls.append(f"{self.name}:{case}")
+            return SimpleNamespace(seconds={"inference": self.inference})
+
+    predictors = {"fp32": Recorder("fp32", 0.3), "pruned_structured": Recorder("pruned_structured", 0.1)}
+    timings = measure_latencies(predictors, ["c1", "c2"], warmup=1, repeats=2)
+    timed = calls[4:]  # after one warm-up per variant and case
+    assert timed == ["fp32:c1", "fp32:c2", "pruned_structured:c1", "pruned_structured:c2"] * 2
+    assert set(timings) == set(predictors)
+    latency, inference, runs = timings["pruned_structured"]
+    assert inference == pytest.approx(0.1) and len(runs) == 4 and latency >= 0
 
 
 def test_gate_with_nothing_accepted_chooses_no_edge() -> None:

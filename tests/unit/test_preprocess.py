@@ -185,6 +185,30 @@ def test_resize_matches_scipy_grid_mode_and_labels_keep_their_values() -> None:
     assert resize_labels(block, (1, 1, 1), "onehot_linear")[0, 0, 0] == 2
 
 
+def test_resize_and_preprocess_give_the_same_result_for_nifti_ordered_channels() -> None:
+    """read_case hands over Fortran-ordered channels (NIfTI's layout); the result must not depend on it."""
+    rng = np.random.default_rng(1)
+    volume = rng.normal(size=(4, 11, 9, 7)).astype(np.float32)
+    fortran = np.moveaxis(np.asfortranarray(np.moveaxis(volume, 0, -1)), -1, 0)
+    assert not fortran.flags.c_contiguous and np.array_equal(fortran, volume)
+    resized = resize(fortran, (6, 13, 4), order=1)
+    assert resized.flags.c_contiguous
+    np.testing.assert_allclose(resized, resize(volume, (6, 13, 4), order=1), atol=1e-6)
+
+    case = _volumes(spacing=(1.0, 1.0, 1.0))
+    fortran_case = CaseVolumes(
+        **{**case.__dict__, "image": np.moveaxis(np.asfortranarray(np.moveaxis(case.image, 0, -1)), -1, 0)}
+    )
+    cfg = PreprocessConfig(target_spacing_mm=(2.0, 2.0, 2.0))
+    a, b = preprocess_case(case, cfg), preprocess_case(fortran_case, cfg)
+    np.testing.assert_allclose(b.image, a.image, atol=1e-5)
+    norm_a, norm_b = a.geometry.pop("normalization"), b.geometry.pop("normalization")
+    assert a.geometry == b.geometry
+    # float32 sums in another memory order differ in the last bits only
+    np.testing.assert_allclose(norm_b["mean"], norm_a["mean"], rtol=1e-6)
+    np.testing.assert_allclose(norm_b["std"], norm_a["std"], rtol=1e-6)
+
+
 # ---------------------------------------------------------------------------- dataset stage
 @pytest.fixture
 def ingested(tmp_path: Path) -> tuple[Path, Path]:

@@ -10,16 +10,17 @@
   adjusted together, ranked by the L2 norm of their weights (``MagnitudeImportance``). The network
   really gets smaller and faster.
 
-Both are followed by :func:`fine_tune`: a few optimiser steps of the project's own training (the
-same :class:`~tumorseg.models.lightning_module.SegmentationModule`, loss, DataModule and
-augmentation, run by a Lightning ``Trainer``) on the training split.
+Both are followed by a fine-tune (:func:`tumorseg.compression.fine_tune.fine_tune`: the project's own
+training, distilled from the fp32 network, weights chosen on the validation split). Channel pruning
+can also run in rounds (:func:`prune_channels_in_rounds`), with a share of the fine-tune after each,
+so the network adapts to a moderate cut before the next one.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,8 +52,11 @@ class PruneStats:
         conv_sparsity: share of zero conv weights after pruning.
         gmacs_before: multiply-accumulates (10^9) of one ``(1, 4, *patch)`` window before pruning.
         gmacs_after: the same after pruning (dense count: zeros still cost time).
-        fine_tune_steps: optimiser steps of the fine-tune.
-        fine_tune_loss: mean training loss over the fine-tune (None without one).
+        rounds: pruning rounds (structured; 1: one shot).
+        fine_tune_steps: optimiser steps of the fine-tune(s), in all.
+        fine_tune_loss: mean training loss over the (last) fine-tune (None without one).
+        fine_tune: per round, what the fine-tune did (:class:`~tumorseg.compression.fine_tune.FineTuneResult`
+            as a dict: the validation Dice-vs-steps curve and the step whose weights were kept).
     """
 
     method: str
@@ -62,8 +66,10 @@ class PruneStats:
     conv_sparsity: float
     gmacs_before: float
     gmacs_after: float
+    rounds: int = 1
     fine_tune_steps: int = 0
     fine_tune_loss: float | None = None
+    fine_tune: list[dict[str, Any]] = field(default_factory=list)
 
 
 def count_parameters(network: nn.Module) -> int:
@@ -180,7 +186,7 @@ def output_layers(network: nn.Module, out_channels: int) -> list[nn.Module]:
 
 
 def prune_channels(network: nn.Module, ratio: float, example: torch.Tensor, out_channels: int) -> None:
-    """Remove ``ratio`` of the channels of every prunable layer (Torch-Pruning ``MetaPruner``).
+    """Remove ``ratio`` of the channels of every prunable layer in one shot (Torch-Pruning ``MetaPruner``).
 
     Args:
         network: modified in place; its input and output channels are kept.
@@ -191,122 +197,62 @@ def prune_channels(network: nn.Module, ratio: float, example: torch.Tensor, out_
     Raises:
         DataError: Torch-Pruning cannot trace the network, or pruning changed its output shape.
     """
+    for _ in prune_channels_in_rounds(network, ratio, example, out_channels, rounds=1):
+        pass
+
+
+def prune_channels_in_rounds(
+    network: nn.Module, ratio: float, example: torch.Tensor, out_channels: int, *, rounds: int = 1
+) -> Iterator[int]:
+    """Remove ``ratio`` of the channels in ``rounds`` equal steps; yields the round number after each.
+
+    The caller fine-tunes between rounds (iterative pruning): channel importance is re-ranked on
+    the adapted weights each time. Torch-Pruning's ``iterative_steps`` spreads the ratio linearly,
+    so after round ``k`` of ``n`` a share ``ratio * k / n`` of the channels is gone.
+
+    Args:
+        network: modified in place; its input and output channels are kept.
+        ratio: final share of channels removed per layer group, in (0, 1).
+        example: ``(1, 4, *patch)`` input used to trace the dependency graph.
+        out_channels: the network's output channels (3 regions or 4 labels).
+        rounds: pruning steps (1: one shot).
+
+    Yields:
+        1, 2, ..., ``rounds``, each after that round's channels are removed.
+
+    Raises:
+        DataError: Torch-Pruning cannot trace the network, or pruning changed its output shape.
+    """
     import torch_pruning as tp
 
     network.eval()
     with torch.no_grad():
         expected = tuple(network(example).shape)
     expand_shared_prelu(network, example)
-    try:
-        pruner = tp.pruner.MetaPruner(
-            network,
-            example,
-            importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=ratio,
-            ignored_layers=output_layers(network, out_channels),
-        )
-        pruner.step()
-    except Exception as exc:  # Torch-Pruning raises plain Python errors on graphs it cannot follow
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DataError(
-            f"structured pruning: Torch-Pruning cannot prune {type(network).__name__} "
-            f"({type(exc).__name__}: {first}); leave pruned_structured out of compress.variants"
-        ) from None
-    with torch.no_grad():
-        got = tuple(network(example).shape)
-    if got != expected:
-        raise DataError(
-            f"structured pruning changed the output shape of {type(network).__name__} from {expected} to {got}"
-        )
-
-
-def fine_tune(
-    network: nn.Module,
-    trained: Any,
-    params: dict[str, Any],
-    *,
-    steps: int,
-    lr: float,
-    source: str = "params.yaml",
-) -> float | None:
-    """Train ``network`` for ``steps`` optimiser steps with the model's own training recipe.
-
-    The loss, augmentation, patch sampling and optimiser come from the sections stored with the
-    model (``trained.config``: what it was trained with); the learning rate is ``lr``, constant;
-    the data (``paths.preprocessed`` training split) from ``params``. No validation, checkpoint or
-    logger: only the weights change, in place.
-
-    Args:
-        network: the pruned network (pruning masks, if any, stay applied while training).
-        trained: the source :class:`~tumorseg.models.checkpoint.TrainedNetwork` (settings only).
-        params: params dict (``paths``, ``trainer.accelerator``).
-        steps: optimiser steps; 0 returns at once.
-        lr: learning rate.
-        source: params file name for error messages.
-
-    Returns:
-        The mean training loss of the fine-tune (None when ``steps`` is 0).
-
-    Raises:
-        DataError: no training cases to fine-tune on.
-    """
-    if steps <= 0:
-        return None
-    import lightning as L
-
-    import tumorseg.training.config  # noqa: F401  (registers the training sections)
-    from tumorseg.config import section
-    from tumorseg.data.datamodule import SegmentationDataModule, case_records, read_split
-    from tumorseg.models.lightning_module import SegmentationModule
-    from tumorseg.models.losses import build_loss, with_deep_supervision
-    from tumorseg.training.optim import optimizer_factory
-
-    stored = trained.config
-    paths = section("paths", params, source=source)
-    trainer_cfg = section("trainer", params, source=source)
-    train_cfg = section("train", stored).model_copy(update={"lr": lr})
-    split = read_split(paths.split)
-    if not split.get("train"):
-        raise DataError(f"{paths.split}: no 'train' cases to fine-tune the pruned network on")
-    records = case_records(paths.preprocessed, split["train"])
-    loss = build_loss(section("loss", stored), trained.model.output)
-    if trained.model.name == "dynunet" and trained.model.dynunet.deep_supervision:
-        loss = with_deep_supervision(loss, section("loss", stored).deep_supervision_weights)
-    module = SegmentationModule(
-        network,
-        loss,
-        output=trained.model.output,
-        roi_size=trained.roi_size,
-        sliding_window=trained.sliding_window,
-        optimizer_factory=optimizer_factory(train_cfg),
-        scheduler_factory=None,
-        config=stored,
-    )
-    datamodule = SegmentationDataModule(
-        records,
-        [],
-        trained.data_loader,
-        section("augment", stored),
-        patches_per_epoch=steps * trained.data_loader.batch_size,
-        seed=train_cfg.seed,
-    )
-    L.seed_everything(train_cfg.seed, workers=True, verbose=False)
-    with tempfile.TemporaryDirectory(prefix="tumorseg-finetune-") as tmp:
-        trainer = L.Trainer(
-            accelerator=trainer_cfg.accelerator,
-            devices=1,
-            max_steps=steps,
-            max_epochs=1,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp,
-        )
-        network.train()  # Lightning keeps the mode it is given; a pruned copy arrives in eval mode
-        trainer.fit(module, datamodule=datamodule)
-    network.cpu().eval()
-    value = trainer.callback_metrics.get("train_loss")
-    return float(value) if value is not None else None
+    for number in range(1, rounds + 1):
+        network.eval()
+        try:
+            if number == 1:
+                pruner = tp.pruner.MetaPruner(
+                    network,
+                    example,
+                    importance=tp.importance.MagnitudeImportance(p=2),
+                    pruning_ratio=ratio,
+                    iterative_steps=rounds,
+                    ignored_layers=output_layers(network, out_channels),
+                )
+            pruner.step()
+        except Exception as exc:  # Torch-Pruning raises plain Python errors on graphs it cannot follow
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise DataError(
+                f"structured pruning: Torch-Pruning cannot prune {type(network).__name__} "
+                f"({type(exc).__name__}: {first}); leave pruned_structured out of compress.variants"
+            ) from None
+        with torch.no_grad():
+            got = tuple(network(example).shape)
+        if got != expected:
+            raise DataError(
+                f"structured pruning changed the output shape of {type(network).__name__} "
+                f"from {expected} to {got}"
+            )
+        yield number

@@ -3,7 +3,10 @@
 Gate: a variant is accepted only if its mean Dice (over the test cases of each case's mean over
 WT, TC and ET, the statistic the promotion gate uses) is at most ``compress.dice_tolerance`` below
 the fp32 model's on the same cases. Among accepted variants that run in ONNX Runtime, the edge
-model is the fastest (median latency of the whole ``predict`` path), then the smallest file.
+model is chosen by :func:`choose_edge`: variants meeting both deployment targets
+(``compress.target_speedup`` x faster and ``compress.target_size_ratio`` x smaller than fp32) come
+first; within a group, the fastest (median latency of the whole ``predict`` path), then the
+smallest file.
 """
 
 from __future__ import annotations
@@ -104,12 +107,41 @@ def apply_gate(results: list[VariantResult], tolerance: float) -> None:
         )
 
 
-def choose_edge(results: list[VariantResult]) -> VariantResult | None:
-    """The accepted ONNX Runtime variant with the lowest latency, then the smallest file (None if none)."""
+def meets_targets(
+    result: VariantResult, baseline: VariantResult | None, speedup: float, size_ratio: float
+) -> bool:
+    """Whether ``result`` is at least ``speedup`` x faster and ``size_ratio`` x smaller than ``baseline``."""
+    if baseline is None or not (result.latency_s and result.file_mb):
+        return False
+    if not (baseline.latency_s and baseline.file_mb):
+        return False
+    return (
+        baseline.latency_s / result.latency_s >= speedup and baseline.file_mb / result.file_mb >= size_ratio
+    )
+
+
+def choose_edge(
+    results: list[VariantResult], *, speedup: float = 0.0, size_ratio: float = 0.0
+) -> VariantResult | None:
+    """The edge model: the best accepted ONNX Runtime variant (None if none was accepted).
+
+    Order: variants meeting both targets (``speedup`` x faster and ``size_ratio`` x smaller than
+    fp32) before those that do not; then the lowest latency; then the smallest file. Without
+    targets (0) this is simply the fastest accepted variant. Accuracy is already settled by the
+    gate (every candidate is within the Dice tolerance).
+    """
+    baseline = next((r for r in results if r.name == BASELINE), None)
     candidates = [r for r in results if r.accepted and r.runtime == "onnxruntime" and r.measured]
     if not candidates:
         return None
-    return min(candidates, key=lambda r: (r.latency_s, r.file_mb if r.file_mb is not None else math.inf))
+    return min(
+        candidates,
+        key=lambda r: (
+            not meets_targets(r, baseline, speedup, size_ratio),
+            r.latency_s,
+            r.file_mb if r.file_mb is not None else math.inf,
+        ),
+    )
 
 
 def ratios(edge: VariantResult | None, results: list[VariantResult]) -> dict[str, float | None]:
@@ -157,6 +189,43 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "—" if value is None else format(value, pattern)
 
 
+def _worst_case_lines(results: list[VariantResult]) -> list[str]:
+    """One line per rejected variant: the test case whose mean Dice fell most against fp32 (why it failed)."""
+    baseline = next((r for r in results if r.name == BASELINE), None)
+    if baseline is None:
+        return []
+    lines = []
+    for r in results:
+        common = set(r.case_dice_mean) & set(baseline.case_dice_mean)
+        if r.accepted is not False or not common:
+            continue
+        case = max(sorted(common), key=lambda c: baseline.case_dice_mean[c] - r.case_dice_mean[c])
+        lines.append(
+            f"- {r.name} rejected: largest per-case drop on {case} "
+            f"(mean Dice {baseline.case_dice_mean[case]:.4f} fp32 -> {r.case_dice_mean[case]:.4f})."
+        )
+    return [*lines, ""] if lines else []
+
+
+def _fine_tune_lines(results: list[VariantResult]) -> list[str]:
+    """One line per pruned variant: validation Dice by fine-tune step, and the step whose weights were kept."""
+    lines = []
+    for r in results:
+        pruning = r.details.get("pruning")
+        if not pruning or r.details.get("quantized_from"):
+            continue  # the INT8 variants reuse their float source's fine-tune
+        for number, tune in enumerate(pruning.get("fine_tune", []), start=1):
+            if not tune.get("curve"):
+                continue
+            curve = ", ".join(f"{int(step)}: {dice:.4f}" for step, dice in tune["curve"])
+            rounds = f" round {number}" if pruning.get("rounds", 1) > 1 else ""
+            lines.append(
+                f"- {r.name}{rounds} fine-tune, validation Dice mean by step: {curve}; "
+                f"kept step {tune['best_step']} ({tune['seconds']:.0f} s)."
+            )
+    return [*lines, ""] if lines else []
+
+
 def report_markdown(
     results: list[VariantResult], edge: VariantResult | None, *, context: dict[str, Any]
 ) -> str:
@@ -185,6 +254,16 @@ def report_markdown(
             f"| {' | '.join(dice)} | {_fmt(r.dice_drop, '+.4f')} | {_fmt(r.onnx_max_abs_diff, '.2e')} | {gate} |"
         )
     lines.append("")
+    lines += _worst_case_lines(results)
+    lines += _fine_tune_lines(results)
+    targets = context.get("targets")
+    if targets:
+        lines += [
+            f"Targets: at least {targets['speedup']:g}x faster and {targets['size_ratio']:g}x smaller than fp32 "
+            "within the Dice tolerance; the edge model is the accepted variant meeting both, fastest then "
+            "smallest (if none meets them: the fastest accepted variant).",
+            "",
+        ]
     if edge is None:
         lines.append("No variant passed the gate: nothing registered as edge; the fp32 model is unchanged.")
     else:
@@ -193,6 +272,16 @@ def report_markdown(
             f"Edge: **{edge.name}**: {_fmt(ratio['speedup'], '.2f')}x faster than fp32, "
             f"{_fmt(ratio['size_ratio'], '.2f')}x smaller file, mean Dice drop {_fmt(ratio['dice_drop'], '+.4f')}."
         )
+        if targets:
+            met = meets_targets(
+                edge,
+                next((r for r in results if r.name == BASELINE), None),
+                targets["speedup"],
+                targets["size_ratio"],
+            )
+            lines.append(f"Targets met: {'yes' if met else 'no'}.")
+    if context.get("build_and_measure_s") is not None:
+        lines.append(f"Build and measure time: {context['build_and_measure_s']:.0f} s.")
     return "\n".join(lines) + "\n"
 
 

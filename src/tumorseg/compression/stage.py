@@ -7,12 +7,17 @@ Prefect task call. Steps:
    every input before any work: the test split (Dice), the calibration split (INT8), the
    quantizable operator types;
 2. build each variant of ``compress.variants`` (:mod:`~tumorseg.compression.config`): pruning
-   with a short fine-tune, ONNX export checked against PyTorch, INT8 quantization;
+   followed by a fine-tune (the training recipe, optionally distilled from the fp32 network,
+   weights chosen on the validation split: :mod:`~tumorseg.compression.fine_tune`), ONNX export
+   checked against PyTorch, INT8 quantization;
 3. measure every variant with the same code, cases and threads: the whole ``predict`` path
-   (:class:`~tumorseg.models.predictor.SegmentationPredictor`) timed on BraTS-size cases on CPU,
+   (:class:`~tumorseg.models.predictor.SegmentationPredictor`) timed on BraTS-size cases on CPU
+   (every variant in each round, so drifting machine load affects them alike),
    and Dice WT/TC/ET on the test split in the source geometry
    (:func:`~tumorseg.evaluation.pipeline_stage.evaluate_cases`);
-4. gate (mean Dice drop <= ``compress.dice_tolerance``), choose the edge model, write
+4. gate (mean Dice drop <= ``compress.dice_tolerance``), choose the edge model (the accepted
+   variant meeting ``compress.target_speedup`` and ``compress.target_size_ratio``, fastest then
+   smallest; else the fastest accepted one), write
    ``<out_dir>/<variant>.onnx``, ``reports/compression.json`` and ``reports/compression.md``;
 5. log the report to MLflow and register the edge model as a new version of ``registry.model_name``
    with alias ``compress.alias`` and a ``compression.variant`` tag. Existing versions and aliases
@@ -31,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tumorseg.compression.config import CompressConfig
 from tumorseg.compression.report import (
@@ -46,6 +51,9 @@ from tumorseg.compression.report import (
 from tumorseg.config import section
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.errors import DataError
+
+if TYPE_CHECKING:  # torch-heavy; imported where the fine-tune runs
+    from tumorseg.compression.fine_tune import FineTuneResult
 
 log = logging.getLogger(__name__)
 
@@ -247,19 +255,19 @@ class VariantBuilder:
         before = pruning.count_parameters(network)
         gmacs_before = pruning.gmacs(network, self.window)
         p = self.cfg.pruning
+        start = time.perf_counter()
+        tunes: list[FineTuneResult] = []
         if name == "pruned_unstructured":
             pruning.prune_unstructured(network, p.unstructured_amount)
+            tunes.append(self._fine_tune(network, p.unstructured_fine_tune_steps))
+            rounds = 1
         else:
-            pruning.prune_channels(network, p.structured_ratio, self.window, self.trained.model.out_channels)
-        start = time.perf_counter()
-        loss = pruning.fine_tune(
-            network,
-            self.trained,
-            self.params,
-            steps=p.fine_tune_steps,
-            lr=p.fine_tune_lr,
-            source=self.source,
-        )
+            rounds = p.structured_rounds
+            shares = _split_steps(p.fine_tune_steps, rounds)
+            for number in pruning.prune_channels_in_rounds(
+                network, p.structured_ratio, self.window, self.trained.model.out_channels, rounds=rounds
+            ):
+                tunes.append(self._fine_tune(network, shares[number - 1]))
         tune_s = time.perf_counter() - start
         pruning.make_permanent(network)
         network.eval()
@@ -271,11 +279,39 @@ class VariantBuilder:
             conv_sparsity=pruning.conv_sparsity(network),
             gmacs_before=gmacs_before,
             gmacs_after=pruning.gmacs(network, self.window),
-            fine_tune_steps=p.fine_tune_steps,
-            fine_tune_loss=loss,
+            rounds=rounds,
+            fine_tune_steps=sum(t.steps for t in tunes),
+            fine_tune_loss=tunes[-1].train_loss,
+            fine_tune=[asdict(t) for t in tunes],
         )
         self.torch_networks[name] = network
         return network, {"pruning": {**asdict(stats), "fine_tune_s": round(tune_s, 2)}}
+
+    def _fine_tune(self, network: Any, steps: int) -> FineTuneResult:
+        """``compress.pruning``'s fine-tune of ``network`` in place (the fp32 network as distillation teacher)."""
+        from tumorseg.compression.fine_tune import fine_tune
+
+        p = self.cfg.pruning
+        return fine_tune(
+            network,
+            self.trained,
+            self.params,
+            steps=steps,
+            lr=p.fine_tune_lr,
+            schedule=p.fine_tune_schedule,
+            val_every=p.val_every,
+            val_cases=p.val_cases,
+            teacher=self.trained.network,
+            distill_weight=p.distill_weight,
+            distill_loss=p.distill_loss,
+            distill_temperature=p.distill_temperature,
+            source=self.source,
+        )
+
+
+def _split_steps(total: int, rounds: int) -> list[int]:
+    """``total`` fine-tune steps shared out over ``rounds`` (the first rounds take the remainder)."""
+    return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
 
 
 def _kind(name: str) -> str:
@@ -304,24 +340,40 @@ def trained_variant(builder: VariantBuilder, result: VariantResult, threads: int
     return dataclasses.replace(builder.trained, network=OnnxRuntimeNetwork(result.file, threads=threads))
 
 
-def measure_latency(
-    predictor: Any, cases: list[Any], warmup: int, repeats: int
-) -> tuple[float, float, list[float]]:
-    """Median whole-``predict`` and sliding-window seconds per case (mean over cases), and every run."""
-    totals, inference, runs = [], [], []
-    for case in cases:
-        for _ in range(warmup):
-            predictor.predict_case(case)
-        case_runs, case_inference = [], []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            prediction = predictor.predict_case(case)
-            case_runs.append(time.perf_counter() - start)
-            case_inference.append(prediction.seconds.get("inference", float("nan")))
-        totals.append(statistics.median(case_runs))
-        inference.append(statistics.median(case_inference))
-        runs += case_runs
-    return statistics.fmean(totals), statistics.fmean(inference), runs
+def measure_latencies(
+    predictors: dict[str, Any], cases: list[Any], warmup: int, repeats: int
+) -> dict[str, tuple[float, float, list[float]]]:
+    """Median whole-``predict`` CPU time per case of several variants, their runs interleaved (round-robin).
+
+    Why: on a shared machine the load drifts over minutes; timing every variant in each round
+    exposes them all to the same conditions, so their ratios to fp32 stay meaningful even when the
+    absolute times move. Each round predicts every case once with every variant.
+
+    Returns:
+        ``{name: (median whole-predict s, median sliding-window s, every run)}`` (medians per case,
+        averaged over cases).
+    """
+    for predictor in predictors.values():
+        for case in cases:
+            for _ in range(warmup):
+                predictor.predict_case(case)
+    runs: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name in predictors}
+    for _ in range(repeats):
+        for name, predictor in predictors.items():
+            for index, case in enumerate(cases):
+                start = time.perf_counter()
+                prediction = predictor.predict_case(case)
+                elapsed = time.perf_counter() - start
+                runs[name].setdefault(index, []).append(
+                    (elapsed, prediction.seconds.get("inference", float("nan")))
+                )
+    timings = {}
+    for name, by_case in runs.items():
+        totals = [statistics.median(t for t, _ in case_runs) for case_runs in by_case.values()]
+        inference = [statistics.median(i for _, i in case_runs) for case_runs in by_case.values()]
+        every = [t for case_runs in by_case.values() for t, _ in case_runs]
+        timings[name] = (statistics.fmean(totals), statistics.fmean(inference), every)
+    return timings
 
 
 def measure_dice(predictor: Any, cases: list[Any], eval_cfg: Any, work: Path, name: str) -> tuple[dict, dict]:
@@ -400,6 +452,7 @@ def run_compress_stage(
     from tumorseg.registry.loading import load_model
     from tumorseg.tracking import resolve_tracking_uri
 
+    stage_start = time.perf_counter()
     cfg: CompressConfig = section("compress", params, source=source)
     predict_cfg: PredictConfig = section("predict", params, source=source)
     eval_cfg: EvaluateConfig = section("evaluate", params, source=source)
@@ -438,6 +491,7 @@ def run_compress_stage(
         timed_cases, shape = latency_cases(cfg, work)
         results: list[VariantResult] = []
         names = [BASELINE, *(n for n in cfg.variants if n != BASELINE)]
+        predictors: dict[str, Any] = {}
         for name in names:
             log.info("compress: building %s", name)
             result = builder.build(name)
@@ -447,17 +501,20 @@ def run_compress_stage(
                     "FP16 runs on GPU (CUDAExecutionProvider); no GPU here, built but not measured"
                 )
                 continue
-            log.info("compress: measuring %s", name)
-            predictor = SegmentationPredictor(trained_variant(builder, result, threads), run_cfg)
-            result.latency_s, result.inference_s, result.latency_runs_s = measure_latency(
-                predictor, timed_cases, cfg.latency.warmup, cfg.latency.repeats
+            log.info("compress: scoring %s", name)
+            predictors[name] = SegmentationPredictor(trained_variant(builder, result, threads), run_cfg)
+            result.dice, result.case_dice_mean = measure_dice(
+                predictors[name], test_cases, eval_cfg, work, name
             )
-            result.dice, result.case_dice_mean = measure_dice(predictor, test_cases, eval_cfg, work, name)
-            log.info(
-                "compress: %s latency %.2f s, Dice mean %.4f", name, result.latency_s, result.dice["mean"]
-            )
+            log.info("compress: %s Dice mean %.4f", name, result.dice["mean"])
+        log.info("compress: timing %s, interleaved", ", ".join(predictors))
+        timings = measure_latencies(predictors, timed_cases, cfg.latency.warmup, cfg.latency.repeats)
+        for result in results:
+            if result.name in timings:
+                result.latency_s, result.inference_s, result.latency_runs_s = timings[result.name]
+                log.info("compress: %s latency %.2f s", result.name, result.latency_s)
         apply_gate(results, cfg.dice_tolerance)
-        edge = choose_edge(results)
+        edge = choose_edge(results, speedup=cfg.target_speedup, size_ratio=cfg.target_size_ratio)
         context = {
             "source_model": loaded.description,
             "source_version": loaded.version,
@@ -469,6 +526,8 @@ def run_compress_stage(
             "exporter": cfg.exporter,
             "onnx_opset": cfg.onnx_opset,
             "torch_version": torch.__version__,
+            "targets": {"speedup": cfg.target_speedup, "size_ratio": cfg.target_size_ratio},
+            "build_and_measure_s": round(time.perf_counter() - stage_start, 1),
         }
         report = report_dict(results, edge, tolerance=cfg.dice_tolerance, context=context)
         files = _publish(

@@ -92,7 +92,9 @@ def get_convention(name: str) -> LabelConvention:
     try:
         return LABEL_CONVENTIONS[name]
     except KeyError:
-        raise ValueError(f"unknown label convention {name!r}; use one of {sorted(LABEL_CONVENTIONS)}") from None
+        raise ValueError(
+            f"unknown label convention {name!r}; use one of {sorted(LABEL_CONVENTIONS)}"
+        ) from None
 
 
 def regions_from_canonical(labels: np.ndarray) -> np.ndarray:

@@ -134,38 +134,88 @@ def ingest(src: Path, out_dir: Path, cfg: IngestConfig) -> IngestSummary:
     out_dir = Path(out_dir).absolute()
     if out_dir == src or src in out_dir.parents:
         raise DataError(f"--out {out_dir} is inside the source dataset {src}; write the manifest elsewhere")
+    if cfg.layout == "auto":
+        # 2-D data (Figshare .mat slices, Kaggle yes/no folders) has its own reader and manifest.
+        from tumorseg.data.planar_ingest import find_planar_files, ingest_planar
+
+        planar_files = find_planar_files(src)
+        if planar_files:
+            return ingest_planar(src, out_dir, cfg, planar_files)
 
     cases = discover_cases(src, None if cfg.layout == "auto" else cfg.layout)
     layout = cases[0].layout
-    previous = _previous_rows(out_dir)
     chunk_bytes = cfg.hash_chunk_mb << 20
+    return write_incrementally(
+        cases,
+        _previous_rows(out_dir),
+        out_dir,
+        fingerprint=case_fingerprint,
+        reusable=_reusable,
+        read=lambda case, fingerprint: manifest_row(load_case(case, chunk_bytes=chunk_bytes), fingerprint),
+        columns=MANIFEST_COLUMNS,
+        layout=layout,
+        workers=cfg.workers,
+        start=start,
+    )
 
+
+def write_incrementally(
+    items: Sequence[T],
+    previous: dict[str, dict[str, str]],
+    out_dir: Path,
+    *,
+    fingerprint: Callable[[T], str],
+    reusable: Callable[[dict[str, str], T, str], bool],
+    read: Callable[[T, str], dict[str, str]],
+    columns: Sequence[str],
+    layout: str,
+    workers: int,
+    start: float,
+) -> IngestSummary:
+    """Reuse unchanged rows of the previous manifest, read the rest, write ``out_dir/manifest.csv``.
+
+    The incremental part the 3-D ingest (cases of several files) and the 2-D ingest
+    (:func:`~tumorseg.data.planar_ingest.ingest_planar`, one file a case) share: an item keeps its
+    previous row when ``reusable`` says its fingerprint and paths are unchanged, and is read (in
+    ``workers`` threads) otherwise; previous rows whose item is gone are dropped.
+
+    Args:
+        items: the cases found in the source, each with a ``case_id`` attribute.
+        previous: the previous manifest's rows by case id, with ingest's own verdict.
+        out_dir: where ``manifest.csv`` is written (atomically).
+        fingerprint: cheap change marker of an item (sizes and modification times).
+        reusable: whether a previous row still describes an item with this fingerprint.
+        read: reads an item once and returns its manifest row (all text).
+        columns: the manifest's columns, in order.
+        layout: the layout name the summary reports.
+        workers: threads reading items.
+        start: ``time.perf_counter()`` when the run began (for the summary's seconds).
+
+    Returns:
+        Counts of what was read, reused, quarantined and dropped.
+    """
     rows: dict[str, dict[str, str]] = {}
-    to_read: list[tuple[CaseFiles, str]] = []
+    to_read: list[tuple[T, str]] = []
     new = changed = 0
-    for case in cases:
-        fingerprint = case_fingerprint(case)
-        old = previous.get(case.case_id)
-        if old is not None and _reusable(old, case, fingerprint):
-            rows[case.case_id] = old
+    for item in items:
+        item_fingerprint = fingerprint(item)
+        old = previous.get(item.case_id)  # type: ignore[attr-defined]
+        if old is not None and reusable(old, item, item_fingerprint):
+            rows[item.case_id] = old  # type: ignore[attr-defined]
         else:
-            to_read.append((case, fingerprint))
+            to_read.append((item, item_fingerprint))
             new += old is None
             changed += old is not None
     reused = len(rows)
 
-    def read_one(item: tuple[CaseFiles, str]) -> dict[str, str]:
-        case, fingerprint = item
-        return manifest_row(load_case(case, chunk_bytes=chunk_bytes), fingerprint)
-
-    for row in map_in_threads(read_one, to_read, cfg.workers):
+    for row in map_in_threads(lambda pair: read(*pair), to_read, workers):
         if row["status"] == STATUS_QUARANTINED:
             log.warning("quarantined %s: %s", row["case_id"], row["reason"])
         rows[row["case_id"]] = row
 
-    current = {case.case_id for case in cases}
+    current = {item.case_id for item in items}  # type: ignore[attr-defined]
     removed = sum(1 for case_id in previous if case_id not in current)
-    manifest = write_manifest(pd.DataFrame(list(rows.values()), columns=MANIFEST_COLUMNS), out_dir)
+    manifest = write_manifest(pd.DataFrame(list(rows.values()), columns=list(columns)), out_dir)
     quarantined = sum(1 for row in rows.values() if row["status"] == STATUS_QUARANTINED)
     summary = IngestSummary(
         manifest=manifest,
@@ -229,11 +279,19 @@ def _previous_rows(out_dir: Path) -> dict[str, dict[str, str]]:
     if any(column not in df.columns for column in MANIFEST_COLUMNS):
         log.info("previous manifest in %s has another schema; reading every case", out_dir)
         return {}
+    return rows_with_ingest_verdict(df, MANIFEST_COLUMNS)
+
+
+def rows_with_ingest_verdict(df: pd.DataFrame, columns: Sequence[str]) -> dict[str, dict[str, str]]:
+    """A previous manifest's rows (all text, ``columns`` only) by case id, as ingest wrote them.
+
+    A manifest validated in place carries validation's verdict in ``status``/``reason``; ingest's
+    own verdict is kept in ``ingest_status``/``ingest_reason``, and only that may be reused, so it is
+    put back. Used by the 3-D and the 2-D ingest (:mod:`tumorseg.data.planar_ingest`).
+    """
     rows: dict[str, dict[str, str]] = {}
     for record in df.to_dict(orient="records"):
-        row = {column: str(record[column]) for column in MANIFEST_COLUMNS}
-        # A manifest validated in place carries validation's verdict in status/reason; ingest's own
-        # verdict is kept in ingest_status/ingest_reason, and only that may be reused.
+        row = {column: str(record[column]) for column in columns}
         if record.get(INGEST_STATUS_COLUMN):
             row["status"] = str(record[INGEST_STATUS_COLUMN])
             row["reason"] = str(record.get(INGEST_REASON_COLUMN, ""))
@@ -256,8 +314,8 @@ def _bool_text(value: bool) -> str:
     return "True" if value else "False"
 
 
-def _number_text(value: float) -> str:
-    """Integers without a decimal point, other values with 6 significant digits."""
+def number_text(value: float) -> str:
+    """Integers without a decimal point, other values with 6 significant digits (3-D and 2-D manifests)."""
     if float(value).is_integer():
         return str(int(value))
     return f"{value:.6g}"
@@ -290,7 +348,7 @@ def manifest_row(loaded: LoadedCase, fingerprint: str) -> dict[str, str]:
     reference = loaded.files[reference_key] if reference_key is not None else None
     if reference is not None and reference_key is not None:
         row["shape"] = shape_text(loaded.volumes[reference_key].shape)
-        row["spacing"] = "x".join(_number_text(round(s, 6)) for s in spacing_from_affine(reference.affine))
+        row["spacing"] = "x".join(number_text(round(s, 6)) for s in spacing_from_affine(reference.affine))
         row["orientation"] = orientation_code(reference.affine)
 
     for key in FILE_KEYS:
@@ -305,7 +363,7 @@ def manifest_row(loaded: LoadedCase, fingerprint: str) -> dict[str, str]:
         row[f"{key}_nonzero_voxels"] = str(int(np.count_nonzero(volume)))
         row[f"{key}_shape"] = shape_text(volume.shape)
         if reference is not None:
-            row[f"{key}_affine_max_diff_mm"] = _number_text(
+            row[f"{key}_affine_max_diff_mm"] = number_text(
                 affine_max_diff_mm(nifti.affine, reference.affine, volume.shape[:3])
             )
 
@@ -350,10 +408,10 @@ def _label_statistics(seg: np.ndarray, affine: np.ndarray) -> dict[str, str]:
     tumour_voxels = int(seg.size) - background
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     return {
-        "label_values": ";".join(_number_text(v) for v in values),
+        "label_values": ";".join(number_text(v) for v in values),
         "voxels_per_label": ";".join(
-            f"{_number_text(v)}:{int(c)}" for v, c in zip(values, counts, strict=True)
+            f"{number_text(v)}:{int(c)}" for v, c in zip(values, counts, strict=True)
         ),
         "tumour_voxels": str(tumour_voxels),
-        "tumour_volume_ml": _number_text(round(tumour_voxels * voxel_ml, 4)),
+        "tumour_volume_ml": number_text(round(tumour_voxels * voxel_ml, 4)),
     }

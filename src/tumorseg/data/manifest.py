@@ -57,7 +57,13 @@ STAT_COLUMNS = [
     for k in FILE_KEYS
     for stat in ("readable", "finite", "nonzero_voxels", "shape", "affine_max_diff_mm")
 ]
-MANIFEST_COLUMNS: list[str] = [*IDENTITY_COLUMNS, *FILE_COLUMNS, *CONTENT_COLUMNS, *STAT_COLUMNS, "fingerprint"]
+MANIFEST_COLUMNS: list[str] = [
+    *IDENTITY_COLUMNS,
+    *FILE_COLUMNS,
+    *CONTENT_COLUMNS,
+    *STAT_COLUMNS,
+    "fingerprint",
+]
 
 MANIFEST_NAME = "manifest.csv"
 
@@ -82,7 +88,9 @@ def write_manifest(df: pd.DataFrame, folder: str | Path) -> Path:
     """Write ``folder/manifest.csv`` atomically (temp file + rename), columns in canonical order."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ordered = [c for c in MANIFEST_COLUMNS if c in df.columns] + [c for c in df.columns if c not in MANIFEST_COLUMNS]
+    ordered = [c for c in MANIFEST_COLUMNS if c in df.columns] + [
+        c for c in df.columns if c not in MANIFEST_COLUMNS
+    ]
     target = folder / MANIFEST_NAME
     atomic_write_text(target, df[ordered].sort_values("case_id").to_csv(index=False))
     return target

@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -61,7 +61,12 @@ from tumorseg.data.layouts import (
     spacing_from_affine,
 )
 from tumorseg.data.manifest import STATUS_OK, atomic_write_text, read_manifest
+from tumorseg.data.planar_ingest import is_planar_manifest
 from tumorseg.errors import DataError
+
+if TYPE_CHECKING:
+    from tumorseg.data.planar import PlanarPreprocessConfig
+    from tumorseg.data.planar_dataset import PlanarPreprocessSummary
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +141,32 @@ class PreprocessSummary:
 
 # ---------------------------------------------------------------------------- grid operations
 def _reorient(volume: np.ndarray, transform: np.ndarray) -> np.ndarray:
-    """Apply a nibabel orientation transform to the spatial axes of ``(X, Y, Z)`` or ``(C, X, Y, Z)``."""
+    """Apply a nibabel orientation transform to the spatial axes of ``(X, Y, Z)`` or ``(C, X, Y, Z)``.
+
+    Already-RAS volumes come back as they are (no copy, memory layout kept); flips and
+    permutations are copied into a contiguous array.
+    """
+    if np.array_equal(transform, _RAS):
+        return volume
     if volume.ndim == 3:
         return np.ascontiguousarray(apply_orientation(volume, transform))
     moved = apply_orientation(np.moveaxis(volume, 0, -1), transform)
     return np.ascontiguousarray(np.moveaxis(moved, -1, 0))
+
+
+def _reversed_axes(ndim: int) -> tuple[int, ...]:
+    """Axis order that reverses the last three (spatial) axes and keeps any leading ones."""
+    return (*range(ndim - 3), ndim - 1, ndim - 2, ndim - 3)
+
+
+def _reversed_contiguous(volume: np.ndarray) -> np.ndarray | None:
+    """``volume`` with its spatial axes reversed, when that view is C-contiguous (a NIfTI's own layout).
+
+    ``(C, X, Y, Z)`` with Fortran-ordered channels is ``(C, Z, Y, X)`` in C order: resampling that view
+    avoids a transposing copy of the full-resolution volume.
+    """
+    view = np.transpose(volume, _reversed_axes(volume.ndim))
+    return view if view.flags.c_contiguous and not volume.flags.c_contiguous else None
 
 
 def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
@@ -172,6 +198,14 @@ def resize(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray
     if order == 1:
         import torch
 
+        reversed_view = _reversed_contiguous(volume) if volume.dtype == np.float32 else None
+        if reversed_view is not None:  # resample (C, Z, Y, X), then view it as (C, X, Y, Z) again
+            batch = torch.from_numpy(reversed_view).reshape(1, -1, *spatial[::-1])
+            out = torch.nn.functional.interpolate(
+                batch, size=shape[::-1], mode="trilinear", align_corners=False
+            )
+            reversed_out = out.reshape(*volume.shape[:-3], *shape[::-1]).numpy()
+            return np.ascontiguousarray(np.transpose(reversed_out, np.argsort(_reversed_axes(volume.ndim))))
         batch = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).reshape(1, -1, *spatial)
         out = torch.nn.functional.interpolate(batch, size=shape, mode="trilinear", align_corners=False)
         return out.reshape(*volume.shape[:-3], *shape).numpy()
@@ -448,7 +482,9 @@ def _index_row(geometry: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def preprocess_dataset(src_dir: Path, out_dir: Path, cfg: PreprocessConfig) -> PreprocessSummary:
+def preprocess_dataset(
+    src_dir: Path, out_dir: Path, cfg: PreprocessConfig, planar_cfg: PlanarPreprocessConfig | None = None
+) -> PreprocessSummary | PlanarPreprocessSummary:
     """Preprocess every case with status ``ok`` in ``src_dir/manifest.csv`` into ``out_dir``.
 
     A case is skipped when its npz and JSON exist and the JSON records the same source sha256 values
@@ -459,6 +495,8 @@ def preprocess_dataset(src_dir: Path, out_dir: Path, cfg: PreprocessConfig) -> P
         src_dir: folder with the validated ``manifest.csv``.
         out_dir: output folder (``cases/``, ``index.csv``).
         cfg: the ``preprocess`` section of params.yaml.
+        planar_cfg: the ``preprocess_2d`` section (defaults when None), used instead of ``cfg`` when the
+            manifest is a 2-D one (Figshare/Kaggle): see :mod:`tumorseg.data.planar_dataset`.
 
     Raises:
         DataError: no ok case; a source file changed since ingest; a case that cannot be read.
@@ -466,6 +504,11 @@ def preprocess_dataset(src_dir: Path, out_dir: Path, cfg: PreprocessConfig) -> P
     begin = time.perf_counter()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest = read_manifest(src_dir)
+    if is_planar_manifest(manifest):
+        from tumorseg.data.planar import PlanarPreprocessConfig
+        from tumorseg.data.planar_dataset import preprocess_planar_dataset
+
+        return preprocess_planar_dataset(src_dir, out_dir, planar_cfg or PlanarPreprocessConfig())
     needed = ["case_dir", *(f"{kind}_{key}" for kind in ("path", "sha256") for key in FILE_KEYS)]
     missing = [column for column in needed if column not in manifest.columns]
     if missing:

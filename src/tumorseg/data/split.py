@@ -134,6 +134,10 @@ def make_split(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Spli
     """
     index_file = Path(preprocessed_dir) / INDEX_NAME
     if not index_file.is_file():
+        from tumorseg.data.planar_dataset import is_planar_preprocessed, split_planar
+
+        if is_planar_preprocessed(Path(preprocessed_dir)):  # 2-D data: manifest.csv + <case_id>.npz
+            return split_planar(Path(preprocessed_dir), Path(out_file), cfg)
         raise DataError(f"{index_file}: not found; run `tumorseg preprocess` first")
     index = pd.read_csv(index_file, dtype=str, keep_default_na=False)
     missing = [c for c in _REQUIRED_INDEX_COLUMNS if c not in index.columns]
@@ -171,18 +175,37 @@ def split_cases(index: pd.DataFrame, cfg: SplitConfig) -> Split:
         raise DataError(f"index.csv: case {dup} appears twice")
 
     patient_volume = volumes.groupby(table["patient_id"]).max().sort_index()
-    n = len(patient_volume)
+    return split_by_patient(table, _patient_strata(patient_volume, cfg.size_bins), cfg, unlabelled)
+
+
+def split_by_patient(
+    table: pd.DataFrame, strata: dict[str, str], cfg: SplitConfig, unlabelled: list[str]
+) -> Split:
+    """The split of labelled cases, given each patient's stratum.
+
+    Shared by the 3-D split (:func:`split_cases`) and the 2-D one
+    (:func:`tumorseg.data.planar_dataset.split_planar_cases`): only how the strata are chosen differs.
+
+    Args:
+        table: labelled cases, ``case_id`` (unique) and ``patient_id`` columns as text.
+        strata: patient id -> stratum, one entry per patient of ``table``.
+        cfg: the ``split`` section (fractions, seed).
+        unlabelled: case ids left out of the split, recorded in it.
+
+    Raises:
+        DataError: fewer patients than splits (each split needs one).
+    """
+    n = len(strata)
     if n < len(SPLITS):
         raise DataError(
             f"split.train/split.val/split.test: {n} labelled patient(s) cannot fill train, val and test "
             "(each needs one); add cases"
         )
-    strata = _patient_strata(patient_volume, cfg.size_bins)
     fractions = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
-    assignment = _assign(strata, fractions, cfg.seed)
+    assignment = assign_patients(strata, fractions, cfg.seed)
 
     case_strata = {c: strata[p] for c, p in zip(table["case_id"], table["patient_id"], strict=True)}
-    cases = {name: [] for name in SPLITS}
+    cases: dict[str, list[str]] = {name: [] for name in SPLITS}
     for case_id, patient_id in zip(table["case_id"], table["patient_id"], strict=True):
         cases[assignment[patient_id]].append(case_id)
     patients = {name: sorted(p for p, s in assignment.items() if s == name) for name in SPLITS}
@@ -218,8 +241,22 @@ def _targets(n: int, fractions: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def _assign(strata: dict[str, str], fractions: dict[str, float], seed: int) -> dict[str, str]:
-    """Patient id -> split name (see the module docstring for the rules)."""
+def assign_patients(strata: dict[str, str], fractions: dict[str, float], seed: int) -> dict[str, str]:
+    """Which split each patient goes to, stratified, deterministic for a given ``seed``.
+
+    The split rules of the module docstring, independent of what the strata mean: the 3-D split
+    stratifies by tumour size (:func:`split_cases`), the 2-D split by source and tumour type
+    (:func:`tumorseg.data.planar_dataset.split_planar_cases`).
+
+    Args:
+        strata: patient id -> stratum name (at least one patient per split, see :data:`SPLITS`).
+        fractions: ``train``/``val``/``test`` -> requested share of patients.
+        seed: shuffling seed within each stratum (patients are sorted first, so input order does
+            not matter).
+
+    Returns:
+        Patient id -> ``"train"``, ``"val"`` or ``"test"``.
+    """
     rng = np.random.default_rng(seed)
     members: dict[str, list[str]] = {}
     for patient in sorted(strata):

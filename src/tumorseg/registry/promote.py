@@ -95,14 +95,15 @@ def compare_versions(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: Regi
     """Apply the promotion rules to paired per-case Dice.
 
     Args:
-        challenger: Dice per case (index ``case_id``) and region (columns WT, TC, ET).
+        challenger: Dice per case (index ``case_id``) and region (columns WT, TC, ET; a 2-D model's
+            evidence has its own score columns, e.g. ``tumour``, and they are compared the same way).
         champion: the same for the champion; only the challenger's cases are used.
         cfg: margin, tolerance, significance requirement and bootstrap settings.
 
     Raises:
         ValueError: the champion lacks some of the challenger's cases, or there are none.
     """
-    regions = list(REGION_NAMES)
+    regions = [str(c) for c in challenger.columns]
     cases = sorted(challenger.index)
     if not cases:
         raise ValueError("no test cases to compare")
@@ -214,14 +215,15 @@ def read_evidence(client: Any, name: str, version: str, tracking_uri: str) -> Ve
         evidence.problem = f"version {version}: {EVALUATION_ARTIFACT} lists no test cases"
         return evidence
     frame = pd.DataFrame.from_dict(case_dice, orient="index")
-    if list(frame.columns) != list(REGION_NAMES) and not set(REGION_NAMES) <= set(frame.columns):
-        evidence.problem = f"version {version}: {EVALUATION_ARTIFACT} lacks Dice for {list(REGION_NAMES)}"
+    regions = [str(r) for r in record.get("regions") or REGION_NAMES]  # 2-D models name their own scores
+    if not set(regions) <= set(frame.columns):
+        evidence.problem = f"version {version}: {EVALUATION_ARTIFACT} lacks Dice for {regions}"
         return evidence
-    values = frame[list(REGION_NAMES)].to_numpy(dtype=np.float64)
+    values = frame[regions].to_numpy(dtype=np.float64)
     if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
         evidence.problem = f"version {version}: its test Dice values are not finite numbers in [0, 1]"
         return evidence
-    evidence.case_dice = frame[list(REGION_NAMES)].astype(np.float64)
+    evidence.case_dice = frame[regions].astype(np.float64)
     evidence.reference_sha256 = dict(record.get("reference_sha256") or {})
     return evidence
 
@@ -257,6 +259,11 @@ def rescore_champion(
     from tumorseg.models.predictor import PredictConfig, SegmentationPredictor
     from tumorseg.registry.loading import load_model
 
+    if list(challenger.case_dice.columns) != list(REGION_NAMES):
+        raise DataError(
+            f"cannot pair the champion (version {version}) of {name!r} with challenger version {challenger.version}: "
+            "they were scored on different test images; rerun the evaluation of both on the current split"
+        )
     wanted = set(challenger.case_dice.index)
     cases = [case for case in split_cases(params, source=source) if case.case_id in wanted]
     same = {c.case_id for c in cases} == wanted and all(
@@ -334,7 +341,7 @@ class PromotionResult:
             means = "  ".join(
                 f"{r} {c.region_means['challenger'][r]:.4f} vs {c.region_means['champion'][r]:.4f} "
                 f"({c.region_change[r]:+.4f})"
-                for r in REGION_NAMES
+                for r in c.region_means["challenger"]
             )
             p = "n/a" if c.wilcoxon_p is None else f"{c.wilcoxon_p:.3g}"
             out.append(
@@ -421,8 +428,11 @@ def promote(
     rollback: bool = False,
     source: str = "params.yaml",
     tracking_uri: str | None = None,
+    report_file: str | Path | None = None,
 ) -> PromotionResult:
     """Run the gate (or the rollback), apply it to the registry, log it and write ``reports/promotion.json``.
+
+    ``report_file`` writes the decision elsewhere (the 2-D models' promotions keep their own files).
 
     Raises:
         DataError: no store / registered model; ``--rollback`` without a previous champion; evidence
@@ -444,7 +454,8 @@ def promote(
         result = _rollback(client, name) if rollback else _decide_and_apply(client, uri, cfg, params, source)
         result.mlflow_run_id = _log_decision(client, uri, result, params, source)
     atomic_write_text(
-        reports / PROMOTION_FILE, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n"
+        Path(report_file) if report_file else reports / PROMOTION_FILE,
+        json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n",
     )
     return result
 

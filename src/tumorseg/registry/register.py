@@ -79,6 +79,52 @@ def cases_fingerprint(reference_sha256: dict[str, str]) -> str:
     return hashlib.md5(text.encode()).hexdigest()
 
 
+def checkpoint_or_new_run(
+    client: Any,
+    checkpoint: str | Path,
+    *,
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """The training run a checkpoint came from, or a new, finished run when there is none.
+
+    Test results belong on the run that trained the weights, so the 3-D (:func:`log_test_evaluation`)
+    and the 2-D evaluation (:mod:`tumorseg.planar.evaluate`) log there. When training ran without
+    MLflow, or the store does not know the run (another store, deleted), a run named ``run_name``
+    is created in ``experiment`` and marked finished, so evaluation results are never lost.
+
+    Args:
+        client: an ``mlflow.MlflowClient`` on ``tracking_uri``.
+        checkpoint: the Lightning checkpoint (its run id is read from it).
+        tracking_uri: the store, for messages and the new run's experiment.
+        experiment: experiment of a new run.
+        run_name: name of a new run.
+        tags: tags of a new run.
+
+    Returns:
+        The run id.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from tumorseg.tracking import ensure_experiment
+
+    run_id = checkpoint_run_id(checkpoint)
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            log.warning("run %s of %s is not in %s; logging to a new run", run_id, checkpoint, tracking_uri)
+            run_id = None
+    if run_id is None:
+        experiment_id = ensure_experiment(tracking_uri, experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run_id = run.info.run_id
+        client.set_terminated(run_id)
+    return run_id
+
+
 def log_test_evaluation(
     evaluation: Any, *, checkpoint: str | Path, tracking_uri: str, experiment: str
 ) -> str:
@@ -89,25 +135,16 @@ def log_test_evaluation(
     """
     from mlflow import MlflowClient
     from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-
-    from tumorseg.tracking import ensure_experiment
 
     client = MlflowClient(tracking_uri)
-    run_id = checkpoint_run_id(checkpoint)
-    if run_id is not None:
-        try:
-            client.get_run(run_id)
-        except MlflowException:
-            log.warning("run %s of %s is not in %s; logging to a new run", run_id, checkpoint, tracking_uri)
-            run_id = None
-    if run_id is None:
-        experiment_id = ensure_experiment(tracking_uri, experiment)
-        run = client.create_run(
-            experiment_id, run_name="evaluate", tags={"tumorseg.checkpoint": str(checkpoint)}
-        )
-        run_id = run.info.run_id
-        client.set_terminated(run_id)
+    run_id = checkpoint_or_new_run(
+        client,
+        checkpoint,
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        run_name="evaluate",
+        tags={"tumorseg.checkpoint": str(checkpoint)},
+    )
     now = int(time.time() * 1000)
     metrics = [
         Metric(f"{METRIC_PREFIX}{key}", float(value), now, 0)

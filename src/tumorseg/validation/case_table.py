@@ -128,19 +128,36 @@ def check_manifest_columns(manifest: pd.DataFrame, source: str) -> None:
         raise DataError(f"{source}: manifest lacks columns {shown}; re-run `tumorseg ingest` to rebuild it")
 
 
-def _text(value: object) -> str:
-    """A manifest cell as stripped text ('' for missing), whatever dtype pandas chose."""
+def cell_text(value: object) -> str:
+    """A manifest cell as stripped text ('' for missing), whatever dtype pandas chose.
+
+    Shared by the 3-D case table and the 2-D one
+    (:func:`tumorseg.validation.planar_checks.derive_planar_case_table`), which both type their
+    rows from all-text manifest cells.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     return str(value).strip()
 
 
+def ingest_outcome(raw: dict[str, str]) -> tuple[str, str]:
+    """The ingest status and reason of one manifest row (all text).
+
+    Manifests re-written by validation carry ``ingest_status``/``ingest_reason`` (their
+    ``status``/``reason`` then hold validation's verdict); a manifest straight from ingest has
+    only ``status``/``reason``. Either way the case table reports what ingest decided.
+
+    Returns:
+        ``(status, reason)`` as ingest wrote them.
+    """
+    if raw.get(INGEST_STATUS_COLUMN):
+        return raw[INGEST_STATUS_COLUMN], raw.get(INGEST_REASON_COLUMN, "")
+    return raw["status"], raw["reason"]
+
+
 def derive_case_row(raw: dict[str, str], manifest_row: int) -> dict[str, object]:
     """One typed case-table row from one manifest row (all text). See the module docstring."""
-    if raw.get(INGEST_STATUS_COLUMN):
-        ingest_status, ingest_reason = raw[INGEST_STATUS_COLUMN], raw.get(INGEST_REASON_COLUMN, "")
-    else:
-        ingest_status, ingest_reason = raw["status"], raw["reason"]
+    ingest_status, ingest_reason = ingest_outcome(raw)
     accepted_by_ingest = ingest_status == STATUS_OK
     problems: list[str] = []
 
@@ -213,7 +230,7 @@ def derive_case_table(manifest: pd.DataFrame, source: str = "manifest.csv") -> p
     check_manifest_columns(manifest, source)
     records = manifest.to_dict(orient="records")
     rows = [
-        derive_case_row({str(k): _text(v) for k, v in record.items()}, index)
+        derive_case_row({str(k): cell_text(v) for k, v in record.items()}, index)
         for index, record in enumerate(records)
     ]
     if not rows:

@@ -159,23 +159,22 @@ def _volume_checks(key: str, cfg: ValidateConfig) -> list[CaseCheck]:
     return checks
 
 
-def build_case_checks(cfg: ValidateConfig) -> list[CaseCheck]:
-    """All checks for the case table, thresholds taken from ``cfg`` (params.yaml ``validate:``).
+def identity_checks(ingest_note: str) -> list[CaseCheck]:
+    """The checks every case table starts with, whatever its layout (3-D volumes or 2-D slices).
+
+    The 3-D suite (:func:`build_case_checks`) and the 2-D suite
+    (:func:`tumorseg.validation.planar_checks.build_planar_checks`) read the same ingest columns,
+    ``manifest_problems`` and ``case_id``, so both list these first and word their failures alike.
 
     Args:
-        cfg: the ``validate`` section.
+        ingest_note: the Data Docs note of ``ingest.accepted``, saying what ingest rejects for
+            this kind of case (3-D: cases it could not index; 2-D: files it could not decode).
 
     Returns:
-        The checks in reporting order (see the module docstring).
+        ``ingest.accepted``, ``manifest.complete``, ``case_id.present``, ``case_id.unique`` and
+        ``case_id.safe_name``, in that reporting order.
     """
-    lo, hi = cfg.spacing_min_mm, cfg.spacing_max_mm
-
-    def spacing_reason(row: CaseRow) -> str:
-        return (
-            f"spacing {row['spacing']} mm outside {lo:g}..{hi:g} mm (validate.spacing_min_mm/spacing_max_mm)"
-        )
-
-    checks = [
+    return [
         CaseCheck(
             "ingest.accepted",
             "ExpectColumnValuesToBeInSet",
@@ -213,6 +212,27 @@ def build_case_checks(cfg: ValidateConfig) -> list[CaseCheck]:
                 f"case id {row['case_id']!r} has characters other than letters, digits, '.', '_', '-'"
             ),
         ),
+    ]
+
+
+def build_case_checks(cfg: ValidateConfig) -> list[CaseCheck]:
+    """All checks for the case table, thresholds taken from ``cfg`` (params.yaml ``validate:``).
+
+    Args:
+        cfg: the ``validate`` section.
+
+    Returns:
+        The checks in reporting order (see the module docstring).
+    """
+    lo, hi = cfg.spacing_min_mm, cfg.spacing_max_mm
+
+    def spacing_reason(row: CaseRow) -> str:
+        return (
+            f"spacing {row['spacing']} mm outside {lo:g}..{hi:g} mm (validate.spacing_min_mm/spacing_max_mm)"
+        )
+
+    checks = [
+        *identity_checks("Cases ingest could not index stay quarantined with ingest's reason."),
         CaseCheck(
             "patient_id.present",
             "ExpectColumnValuesToNotBeNull",

@@ -38,6 +38,7 @@ import pandas as pd
 
 from tumorseg.config import ValidateConfig
 from tumorseg.data.manifest import MANIFEST_NAME, STATUS_OK, STATUS_QUARANTINED, read_manifest, write_manifest
+from tumorseg.data.planar_ingest import is_planar_manifest
 from tumorseg.errors import DataError
 from tumorseg.validation.case_table import INGEST_REASON_COLUMN, INGEST_STATUS_COLUMN, derive_case_table
 from tumorseg.validation.expectations import CaseCheck, build_case_checks, join_reasons
@@ -53,6 +54,8 @@ from tumorseg.validation.report import (
 
 if TYPE_CHECKING:
     from great_expectations.data_context import AbstractDataContext
+
+    from tumorseg.validation.planar_checks import PlanarValidateConfig
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +276,12 @@ def _validated_manifest(
 
 
 def validate_dataset(
-    src_dir: Path, out_dir: Path, cfg: ValidateConfig, *, raise_on_failure: bool = True
+    src_dir: Path,
+    out_dir: Path,
+    cfg: ValidateConfig,
+    *,
+    raise_on_failure: bool = True,
+    planar_cfg: PlanarValidateConfig | None = None,
 ) -> ValidationResult:
     """Validate an ingested dataset; quarantine failing cases; write reports and the manifest.
 
@@ -284,6 +292,8 @@ def validate_dataset(
         raise_on_failure: raise when the run did not pass (the CLI, DVC). A caller that wants
             to publish the result first (a Prefect markdown artifact) passes False, then
             raises ``DataError(result.failure_message())`` itself when ``not result.passed``.
+        planar_cfg: limits of the 2-D checks (params.yaml ``validate_2d``; defaults when None),
+            used when the manifest is a 2-D one (Figshare/Kaggle, :mod:`tumorseg.validation.planar_checks`).
 
     Returns:
         The result (counts, per-check outcomes, per-case reasons, report paths).
@@ -297,12 +307,25 @@ def validate_dataset(
     started = time.perf_counter()
     manifest = read_manifest(src_dir)
     source = str(src_dir / MANIFEST_NAME)
-    table = derive_case_table(manifest, source=source)
+    params = cfg.model_dump()
+    if is_planar_manifest(manifest):
+        from tumorseg.validation.planar_checks import (
+            PlanarValidateConfig,
+            build_planar_checks,
+            derive_planar_case_table,
+        )
+
+        planar_cfg = planar_cfg or PlanarValidateConfig()
+        table = derive_planar_case_table(manifest, source=source)
+        checks = build_planar_checks(planar_cfg)
+        params["validate_2d"] = planar_cfg.model_dump()
+    else:
+        table = derive_case_table(manifest, source=source)
+        checks = build_case_checks(cfg)
     if table.empty:
         raise DataError(
             f"{source}: the manifest lists no cases; check the dataset folder given to `tumorseg ingest`"
         )
-    checks = build_case_checks(cfg)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}.", dir=out_dir))
@@ -326,7 +349,7 @@ def validate_dataset(
             cases=verdicts,
             checks=outcomes,
             max_invalid_fraction=cfg.max_invalid_fraction,
-            params=cfg.model_dump(),
+            params=params,
             gx_version=gx_version,
         )
         (staging / REPORT_NAME).write_text(result.report_json())

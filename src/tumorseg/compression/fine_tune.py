@@ -1,0 +1,333 @@
+"""Fine-tuning a pruned network back to accuracy: the training recipe, distillation, validation-chosen weights.
+
+Pruning removes capacity the trained network used; a fine-tune lets the remaining weights take
+over. It runs the project's own training (the same
+:class:`~tumorseg.models.lightning_module.SegmentationModule`, loss, DataModule, augmentation and
+optimiser, run by a Lightning ``Trainer``) on the training split, with three additions:
+
+- **Knowledge distillation** (Hinton et al. 2015, "Distilling the knowledge in a neural network"):
+  the unpruned fp32 network is the teacher, and the loss is ``task loss + weight * D(student,
+  teacher)`` on the same augmented patch. ``D`` is the mean squared difference of the logits
+  (``mse``, logit matching as in Ba & Caruana 2014) or the temperature-softened KL divergence
+  (``kl``: per-voxel binary KL for sigmoid region outputs, softmax KL over classes for label
+  outputs), scaled by ``T^2`` so its gradients keep their size across temperatures. The teacher's
+  soft outputs carry more information per voxel than the hard labels, so a small student
+  recovers in fewer steps.
+- **A cosine learning-rate schedule** (MONAI's ``WarmupCosineSchedule``, no warm-up): large
+  corrections first, fine ones at the end.
+- **Validation-based weight selection**: the validation split's whole-volume Dice (the same
+  metric training monitors, ``val_dice_mean``) is measured before the fine-tune and every
+  ``val_every`` steps; the weights of the best validation score are kept. The test split is never
+  looked at: it scores the result afterwards, in the compression report.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tumorseg.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DISTILLATION_LOSSES = ("mse", "kl")
+
+
+@dataclass
+class FineTuneResult:
+    """What a fine-tune did.
+
+    Attributes:
+        steps: optimiser steps run.
+        best_step: step whose weights were kept (0: the pruned weights before any step).
+        best_val_dice: validation mean Dice of those weights (None without validation).
+        curve: ``[step, validation mean Dice]`` at every validation, in order.
+        train_loss: mean training loss (task + distillation) over the fine-tune.
+        seconds: wall time of the fine-tune, validations included.
+    """
+
+    steps: int
+    best_step: int
+    best_val_dice: float | None
+    curve: list[list[float]] = field(default_factory=list)
+    train_loss: float | None = None
+    seconds: float = 0.0
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, *, kind: str, output: str, temperature: float = 1.0
+) -> torch.Tensor:
+    """How far the student's logits are from the teacher's (a scalar, 0 when they agree).
+
+    Written here because neither MONAI nor torch has a distillation loss for sigmoid region
+    outputs; the terms are torch's own (``mse_loss``, ``binary_cross_entropy_with_logits``,
+    ``kl_div``).
+
+    Args:
+        student: logits ``(B, C, *spatial)``.
+        teacher: logits of the same shape (no gradient needed).
+        kind: ``mse`` (logit matching) or ``kl`` (softened-probability KL divergence, x ``T^2``).
+        output: ``regions`` (independent sigmoids) or ``labels`` (softmax over C).
+        temperature: softening temperature ``T`` of ``kl``.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    import torch.nn.functional as F
+
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    if kind != "kl":
+        raise ValueError(f"unknown distillation loss {kind!r}; use one of {DISTILLATION_LOSSES}")
+    t = temperature
+    if output == "regions":
+        # Binary KL(p_t || p_s) per voxel = BCE(s, p_t) - H(p_t); the entropy term makes it 0 at agreement.
+        target = torch.sigmoid(teacher / t)
+        cross = F.binary_cross_entropy_with_logits(student / t, target)
+        entropy = F.binary_cross_entropy_with_logits(teacher / t, target)
+        return (cross - entropy) * t * t
+    log_student = F.log_softmax(student / t, dim=1)
+    log_teacher = F.log_softmax(teacher / t, dim=1)
+    voxels = student.numel() // student.shape[1]
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="sum") / voxels * t * t
+
+
+def _distilling_module_class() -> type:
+    """:class:`SegmentationModule` with a distillation term (built lazily: Lightning is a heavy import)."""
+    from tumorseg.data.transforms import IMAGE_KEY, LABEL_KEY
+    from tumorseg.models.lightning_module import SegmentationModule
+
+    class DistillingSegmentationModule(SegmentationModule):
+        """Training step ``loss = task loss + weight * distillation(student, teacher)``.
+
+        Args:
+            teacher: the frozen fp32 network; ``None`` or ``weight`` 0 trains on the task loss alone.
+            weight: weight of the distillation term.
+            kind: ``mse`` or ``kl`` (:func:`distillation_loss`).
+            temperature: temperature of ``kl``.
+            **kwargs: :class:`SegmentationModule`'s arguments.
+        """
+
+        def __init__(
+            self,
+            *args: Any,
+            teacher: nn.Module | None = None,
+            weight: float = 0.0,
+            kind: str = "mse",
+            temperature: float = 1.0,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.requires_grad_(False) if teacher is not None and weight > 0 else None
+            self.distill_weight = weight
+            self.distill_kind = kind
+            self.temperature = temperature
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            if self.teacher is None:
+                return super().training_step(batch, batch_idx)
+            image, label = batch[IMAGE_KEY], batch[LABEL_KEY]
+            logits = self.network(image).float()
+            self.teacher.eval()  # Lightning puts every submodule in train mode
+            with torch.no_grad():
+                soft = self.teacher(image).float()
+            if (
+                logits.dim() == image.dim() + 1
+            ):  # deep supervision (B, heads, C, *spatial): distil the main head
+                heads = list(torch.unbind(logits, dim=1))
+                task, main = self.loss(heads, self._target(label)), heads[0]
+            else:
+                task, main = self.loss(logits, self._target(label)), logits
+            distill = distillation_loss(
+                main, soft, kind=self.distill_kind, output=self.output, temperature=self.temperature
+            )
+            loss = task + self.distill_weight * distill
+            size = image.shape[0]
+            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
+            self.log("train_task_loss", task, on_step=False, on_epoch=True, batch_size=size)
+            self.log("train_distill_loss", distill, on_step=False, on_epoch=True, batch_size=size)
+            return loss
+
+    return DistillingSegmentationModule
+
+
+def best_weights_callback(network: nn.Module, result: FineTuneResult) -> Any:
+    """Lightning callback recording the validation curve and keeping the best-scoring weights in memory.
+
+    Hand-written rather than Lightning's ``ModelCheckpoint``: the candidate set includes the weights
+    before the first step (scored by ``trainer.validate``, where ``ModelCheckpoint`` never saves),
+    and keeping a state_dict in memory avoids a round trip of the whole module through disk.
+    """
+    import lightning as L
+
+    class BestValidationWeights(L.Callback):
+        def __init__(self) -> None:
+            self.best: dict[str, torch.Tensor] | None = None
+
+        def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            if trainer.sanity_checking:
+                return
+            value = trainer.callback_metrics.get("val_dice_mean")
+            if value is None or math.isnan(float(value)):
+                return
+            step = int(trainer.global_step)
+            score = float(value)
+            result.curve.append([step, round(score, 6)])
+            log.info("fine-tune: step %d validation Dice mean %.4f", step, score)
+            if result.best_val_dice is None or score > result.best_val_dice:
+                result.best_val_dice, result.best_step = score, step
+                self.best = copy.deepcopy(network.state_dict())
+
+    return BestValidationWeights()
+
+
+def fine_tune(
+    network: nn.Module,
+    trained: Any,
+    params: dict[str, Any],
+    *,
+    steps: int,
+    lr: float,
+    schedule: str = "cosine",
+    val_every: int = 0,
+    val_cases: int = 0,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.0,
+    distill_loss: str = "mse",
+    distill_temperature: float = 1.0,
+    source: str = "params.yaml",
+) -> FineTuneResult:
+    """Train ``network`` for ``steps`` optimiser steps with the model's own training recipe.
+
+    The loss, augmentation, patch sampling and optimiser come from the sections stored with the
+    model (``trained.config``: what it was trained with); the learning rate is ``lr`` (constant or
+    cosine-decayed); the data (``paths.preprocessed`` training and validation splits) from
+    ``params``. Only the weights change, in place; no checkpoint or logger is written.
+
+    Args:
+        network: the pruned network (pruning masks, if any, stay applied while training).
+        trained: the source :class:`~tumorseg.models.checkpoint.TrainedNetwork` (settings only).
+        params: params dict (``paths``, ``trainer.accelerator``).
+        steps: optimiser steps; 0 returns at once.
+        lr: (peak) learning rate.
+        schedule: ``cosine`` (decays to 0 over ``steps``) or ``constant``.
+        val_every: validate every this many steps (and before the first) and keep the best weights;
+            0 keeps the last weights, unvalidated.
+        val_cases: validation cases used (the first ones of the split); 0 uses them all.
+        teacher: the fp32 network to distil from (left unchanged: a frozen copy is used).
+        distill_weight: weight of the distillation term; 0 trains on the task loss alone.
+        distill_loss: ``mse`` or ``kl`` (:func:`distillation_loss`).
+        distill_temperature: temperature of ``kl``.
+        source: params file name for error messages.
+
+    Returns:
+        :class:`FineTuneResult` (``steps`` 0: nothing run).
+
+    Raises:
+        DataError: no training cases, or validation asked for without validation cases.
+    """
+    import time
+
+    if steps <= 0:
+        return FineTuneResult(steps=0, best_step=0, best_val_dice=None)
+    import lightning as L
+
+    import tumorseg.training.config  # noqa: F401  (registers the training sections)
+    from tumorseg.config import section
+    from tumorseg.data.datamodule import SegmentationDataModule, case_records, read_split
+    from tumorseg.models.losses import build_loss, with_deep_supervision
+    from tumorseg.training.optim import optimizer_factory, scheduler_factory
+
+    start = time.perf_counter()
+    stored = trained.config
+    paths = section("paths", params, source=source)
+    trainer_cfg = section("trainer", params, source=source)
+    train_cfg = section("train", stored).model_copy(
+        update={
+            "lr": lr,
+            "scheduler": "cosine" if schedule == "cosine" else "none",
+            "warmup_epochs": 0.0,
+            "min_lr": 0.0,
+        }
+    )
+    split = read_split(paths.split)
+    if not split.get("train"):
+        raise DataError(f"{paths.split}: no 'train' cases to fine-tune the pruned network on")
+    val_ids = list(split.get("val", []))
+    if val_every > 0 and not val_ids:
+        raise DataError(
+            f"{paths.split}: no 'val' cases to choose the fine-tuned weights on; "
+            "set compress.pruning.val_every: 0 or rerun `tumorseg split` with a val share"
+        )
+    if val_cases > 0:
+        val_ids = val_ids[:val_cases]
+    records = case_records(paths.preprocessed, split["train"])
+    val_records = case_records(paths.preprocessed, val_ids) if val_every > 0 else []
+    loss = build_loss(section("loss", stored), trained.model.output)
+    if trained.model.name == "dynunet" and trained.model.dynunet.deep_supervision:
+        loss = with_deep_supervision(loss, section("loss", stored).deep_supervision_weights)
+    frozen = copy.deepcopy(teacher).eval() if teacher is not None and distill_weight > 0 else None
+    module = _distilling_module_class()(
+        network,
+        loss,
+        output=trained.model.output,
+        roi_size=trained.roi_size,
+        sliding_window=trained.sliding_window,
+        optimizer_factory=optimizer_factory(train_cfg),
+        scheduler_factory=scheduler_factory(train_cfg) if schedule == "cosine" else None,
+        config=stored,
+        dice_ignore_empty=section("train", stored).dice_ignore_empty,
+        spacing_mm=trained.spacing_mm,
+        teacher=frozen,
+        weight=distill_weight,
+        kind=distill_loss,
+        temperature=distill_temperature,
+    )
+    datamodule = SegmentationDataModule(
+        records,
+        val_records,
+        trained.data_loader,
+        section("augment", stored),
+        patches_per_epoch=steps * trained.data_loader.batch_size,
+        seed=train_cfg.seed,
+    )
+    result = FineTuneResult(steps=steps, best_step=steps, best_val_dice=None)
+    callbacks = [best_weights_callback(network, result)] if val_every > 0 else []
+    L.seed_everything(train_cfg.seed, workers=True, verbose=False)
+    with tempfile.TemporaryDirectory(prefix="tumorseg-finetune-") as tmp:
+        trainer = L.Trainer(
+            accelerator=trainer_cfg.accelerator,
+            devices=1,
+            max_steps=steps,
+            max_epochs=1,
+            limit_val_batches=1.0 if val_every > 0 else 0,
+            val_check_interval=min(val_every, steps) if val_every > 0 else None,
+            check_val_every_n_epoch=1,
+            num_sanity_val_steps=0,
+            logger=False,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp,
+        )
+        if val_every > 0:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # step 0: the pruned weights
+        network.train()  # Lightning keeps the mode it is given; a pruned copy arrives in eval mode
+        trainer.fit(module, datamodule=datamodule)
+        value = trainer.callback_metrics.get("train_loss")
+        result.train_loss = float(value) if value is not None else None
+        if val_every > 0 and result.curve and result.curve[-1][0] < steps:
+            trainer.validate(module, datamodule=datamodule, verbose=False)  # the last step, if not yet
+    network.cpu().eval()
+    if callbacks and callbacks[0].best is not None:
+        network.load_state_dict(callbacks[0].best)
+    result.seconds = time.perf_counter() - start
+    return result

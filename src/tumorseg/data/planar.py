@@ -1,0 +1,599 @@
+"""2-D (planar) MRI slices: reading Figshare ``.mat`` files and plain images, preprocessing and its inverse.
+
+Two public 2-D brain-tumour datasets are read as they are distributed:
+
+- **Figshare** (Cheng et al., 3064 T1-weighted contrast-enhanced slices of 233 patients): one MATLAB
+  file per slice holding a struct ``cjdata`` with ``image`` (512 x 512 int16), ``tumorMask``
+  (logical), ``label`` (1 meningioma, 2 glioma, 3 pituitary), ``PID`` (patient id, char) and
+  ``tumorBorder`` (outline coordinates). The files are MATLAB v7.3, i.e. HDF5 behind a 512-byte
+  MATLAB header, read with h5py; MATLAB stores arrays column-major, so every array comes back
+  transposed and is transposed again here. Older v5 files (``save -v7`` or scipy) are read with
+  :func:`scipy.io.loadmat`.
+- **Kaggle** "brain MRI images for brain tumor detection": JPEG/PNG files of any size, grayscale or
+  RGB, in folders ``yes/`` (tumour) and ``no/`` (no tumour). There are no masks and no patient ids,
+  so each image is its own patient.
+
+:func:`read_planar` turns either into a :class:`PlanarImage`: a float32 ``(H, W)`` grayscale image,
+the mask when there is one, and the labels the file carries. Every failure to decode is a
+:class:`~tumorseg.errors.DataError` naming the file; the file is only ever read.
+
+Preprocessing (:func:`preprocess_planar`, params.yaml ``preprocess_2d:``) follows the steps common in
+the 2-D literature: grayscale, optional denoising (median or Gaussian), an Otsu-threshold crop to the
+head, padding to a square, resizing to ``size x size`` and intensity normalisation. The returned
+:class:`PlanarGeometry` holds every number needed to map a mask on the ``(S, S)`` grid back onto the
+input's own ``(H, W)`` pixels (:func:`restore_planar_mask`), and forward (:func:`apply_planar_geometry`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from tumorseg.config import Section, register_section
+from tumorseg.errors import DataError
+
+FIGSHARE_LABELS: dict[int, str] = {1: "meningioma", 2: "glioma", 3: "pituitary"}
+"""Figshare ``cjdata.label`` -> tumour type."""
+
+TUMOUR_TYPES: tuple[str, ...] = tuple(FIGSHARE_LABELS.values())
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+MAT_SUFFIX = ".mat"
+KAGGLE_CLASS_FOLDERS: dict[str, bool] = {"yes": True, "no": False}
+"""Kaggle class folder (lower case) -> has_tumour."""
+
+SOURCES: tuple[str, ...] = ("figshare", "kaggle", "image")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# ---------------------------------------------------------------------------- params
+class PlanarPreprocessConfig(Section):
+    """``preprocess_2d:``: how a 2-D image becomes the ``(size, size)`` network input.
+
+    Images are always reduced to one grayscale channel first (RGB by ITU-R 601 luma).
+
+    Attributes:
+        otsu_crop: crop to the bounding box of the largest Otsu-foreground component (the head).
+        crop_margin_px: margin kept around that box, in input pixels.
+        denoise: ``none``, ``median`` (``median_size`` px) or ``gaussian`` (``gaussian_sigma`` px),
+            applied at the input's resolution before cropping.
+        size: side of the square output.
+        normalise: ``zscore`` (mean 0, sd 1 over the output), ``minmax`` (to 0..1) or
+            ``percentile`` (clip to ``percentile_low``..``percentile_high``, then 0..1).
+    """
+
+    otsu_crop: bool = True
+    crop_margin_px: int = Field(8, ge=0)
+    denoise: Literal["none", "median", "gaussian"] = "none"
+    median_size: int = Field(3, ge=1, le=15)
+    gaussian_sigma: float = Field(1.0, gt=0.0, le=10.0)
+    size: int = Field(256, ge=16, le=2048)
+    normalise: Literal["zscore", "minmax", "percentile"] = "zscore"
+    percentile_low: float = Field(0.5, ge=0.0, lt=50.0)
+    percentile_high: float = Field(99.5, gt=50.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _percentiles_ordered(self) -> PlanarPreprocessConfig:
+        if self.percentile_low >= self.percentile_high:
+            raise ValueError("percentile_low must be below percentile_high")
+        return self
+
+
+register_section("preprocess_2d", PlanarPreprocessConfig)
+
+
+# ---------------------------------------------------------------------------- reading
+@dataclass
+class PlanarImage:
+    """One 2-D slice as read from its file.
+
+    Attributes:
+        image: float32 ``(H, W)`` grayscale, in the file's own intensity units.
+        mask: uint8 ``(H, W)`` 0/1 tumour mask, or None when the source has none (Kaggle, plain image).
+        tumour_type: ``meningioma``, ``glioma``, ``pituitary`` or None when unknown.
+        has_tumour: True/False from the label or class folder; None for a bare image.
+        patient_id: Figshare ``PID``; otherwise the case id (one image = one patient).
+        case_id: file-name-safe id, prefixed by the source (``figshare-12``, ``kaggle-yes-Y1``).
+        source: ``figshare``, ``kaggle`` or ``image``.
+        label_code: Figshare ``label`` as stored (1, 2, 3; other values are kept for validation).
+        border: Figshare ``tumorBorder`` as stored (flat float64), empty when absent.
+        fmt: ``mat-v7.3``, ``mat-v5``, or the image format (``jpeg``, ``png``...).
+        channels: colour channels of the stored image (1 grayscale, 3 RGB, 4 RGBA).
+        sha256: hex digest of the file's bytes.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    tumour_type: str | None
+    has_tumour: bool | None
+    patient_id: str
+    case_id: str
+    source: str
+    label_code: int | None = None
+    border: np.ndarray | None = None
+    fmt: str = ""
+    channels: int = 1
+    sha256: str = ""
+
+
+@dataclass
+class RawPlanar:
+    """What a file holds, decoded but not judged (ingest measures it; :func:`read_planar` checks it).
+
+    Attributes:
+        image: the stored image array in its own dtype and layout (``(H, W)`` or ``(H, W, C)``).
+        mask: the stored mask array (any dtype/shape) or None.
+        label: the stored label value or None.
+        pid: the stored patient id text, or None.
+        border: the stored border as a flat float64 array, or None.
+        fmt: ``mat-v7.3``, ``mat-v5`` or the image format.
+        sha256: hex digest of the file's bytes.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    label: float | None
+    pid: str | None
+    border: np.ndarray | None
+    fmt: str
+    sha256: str
+
+
+def safe_id(text: str) -> str:
+    """``text`` with runs of characters other than letters, digits, ``.``, ``_``, ``-`` replaced by ``_``."""
+    cleaned = _UNSAFE.sub("_", text).strip("_.-")
+    return cleaned or "x"
+
+
+def source_of(path: Path) -> str:
+    """``figshare`` for a ``.mat`` file, ``kaggle`` for an image in a ``yes``/``no`` folder, else ``image``."""
+    path = Path(path)
+    if path.suffix.lower() == MAT_SUFFIX:
+        return "figshare"
+    if path.parent.name.lower() in KAGGLE_CLASS_FOLDERS:
+        return "kaggle"
+    return "image"
+
+
+def default_case_id(path: Path) -> str:
+    """Case id of a file: ``figshare-<stem>``, ``kaggle-<yes|no>-<stem>`` or ``<stem>`` (made safe)."""
+    path = Path(path)
+    source = source_of(path)
+    if source == "figshare":
+        return f"figshare-{safe_id(path.stem)}"
+    if source == "kaggle":
+        return f"kaggle-{path.parent.name.lower()}-{safe_id(path.stem)}"
+    return safe_id(path.stem)
+
+
+def load_planar_raw(path: Path) -> RawPlanar:
+    """Read and decode a ``.mat`` or image file once (hashing the bytes as read), without judging it.
+
+    Raises:
+        DataError: the file cannot be read or decoded (one line naming the file).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc}); check the file") from None
+    digest = hashlib.sha256(data).hexdigest()
+    suffix = path.suffix.lower()
+    if suffix == MAT_SUFFIX:
+        return _decode_mat(path, data, digest)
+    if suffix in IMAGE_SUFFIXES:
+        return _decode_image(path, data, digest)
+    raise DataError(
+        f"{path}: not a supported 2-D file (use .mat or {', '.join(IMAGE_SUFFIXES)}); remove or convert it"
+    )
+
+
+def _decode_mat(path: Path, data: bytes, digest: str) -> RawPlanar:
+    """Figshare ``cjdata`` from a v7.3 (HDF5) or v5 MAT file held in ``data``."""
+    hdf5_signature = b"\x89HDF\r\n\x1a\n"  # at offset 0 or after a user block of 512 * 2**k bytes
+    at_block = any(data[offset : offset + 8] == hdf5_signature for offset in (0, 512, 1024, 2048))
+    if at_block or data.startswith(b"MATLAB 7.3 MAT-file"):
+        fields, fmt = _read_mat_v73(path, data), "mat-v7.3"
+    else:
+        fields, fmt = _read_mat_v5(path, data), "mat-v5"
+    if "image" not in fields:
+        raise DataError(f"{path}: MATLAB struct cjdata has no 'image' field; not a Figshare slice")
+    label = fields.get("label")
+    label_value: float | None = None
+    if label is not None and np.asarray(label).size == 1:
+        label_value = float(np.asarray(label, dtype=np.float64).ravel()[0])
+    border = fields.get("tumorBorder")
+    return RawPlanar(
+        image=np.asarray(fields["image"]),
+        mask=None if fields.get("tumorMask") is None else np.asarray(fields["tumorMask"]),
+        label=label_value,
+        pid=fields.get("PID"),
+        border=None if border is None else np.asarray(border, dtype=np.float64).ravel(),
+        fmt=fmt,
+        sha256=digest,
+    )
+
+
+def _mat_char(values: np.ndarray) -> str:
+    """A MATLAB char array (uint16 code units) as text.
+
+    h5py sees MATLAB's column-major ``(m, n)`` as ``(n, m)``, whose C order is MATLAB's own order.
+    """
+    return "".join(chr(int(c)) for c in np.asarray(values).ravel() if int(c) != 0)
+
+
+def _read_mat_v73(path: Path, data: bytes) -> dict[str, Any]:
+    """``cjdata`` fields of a MATLAB v7.3 file, arrays transposed back to MATLAB's row/column order."""
+    import h5py
+
+    try:
+        with h5py.File(io.BytesIO(data), "r") as fh:
+            group = fh.get("cjdata")
+            if not isinstance(group, h5py.Group):
+                raise DataError(f"{path}: MATLAB file has no struct 'cjdata'; not a Figshare slice")
+            fields: dict[str, Any] = {}
+            for name, item in group.items():
+                if not isinstance(item, h5py.Dataset):
+                    continue
+                value = item[()]
+                matlab_class = item.attrs.get("MATLAB_class", b"")
+                matlab_class = matlab_class.decode() if isinstance(matlab_class, bytes) else str(matlab_class)
+                if item.attrs.get("MATLAB_empty", 0):
+                    fields[name] = None if name != "PID" else ""
+                elif matlab_class == "char":
+                    fields[name] = _mat_char(value)
+                else:
+                    # MATLAB writes column-major: an (H, W) array is stored as (W, H).
+                    fields[name] = np.asarray(value).T
+            return fields
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise DataError(f"{path}: corrupt MATLAB v7.3 (HDF5) file ({type(exc).__name__}: {exc})") from None
+
+
+def _read_mat_v5(path: Path, data: bytes) -> dict[str, Any]:
+    """``cjdata`` fields of a MATLAB v5 file (scipy returns arrays in MATLAB's own order)."""
+    import scipy.io
+
+    try:
+        content = scipy.io.loadmat(io.BytesIO(data), simplify_cells=True)
+    except NotImplementedError:  # a v7.3 header without an HDF5 body
+        raise DataError(f"{path}: MATLAB v7.3 header but no HDF5 content; the file is corrupt") from None
+    except Exception as exc:  # scipy raises ValueError, TypeError, struct.error, zlib.error... on bad bytes
+        raise DataError(f"{path}: not a readable MATLAB file ({type(exc).__name__}: {exc})") from None
+    cjdata = content.get("cjdata")
+    if not isinstance(cjdata, dict):
+        raise DataError(f"{path}: MATLAB file has no struct 'cjdata'; not a Figshare slice")
+    fields = dict(cjdata)
+    pid = fields.get("PID")
+    if pid is not None and not isinstance(pid, str):
+        fields["PID"] = str(pid)
+    return fields
+
+
+def _decode_image(path: Path, data: bytes, digest: str) -> RawPlanar:
+    """A JPEG/PNG/TIFF/BMP as an array: ``(H, W)`` for grayscale, ``(H, W, C)`` for colour."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = (img.format or path.suffix.lstrip(".")).lower()
+            img.load()  # decodes every byte: a truncated file fails here, not later
+            # Phones and some viewers store the rotation in EXIF; the displayed image is the truth.
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+                img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+            array = np.asarray(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(
+            f"{path}: cannot decode the image ({type(exc).__name__}: {exc}); re-export it"
+        ) from None
+    return RawPlanar(image=array, mask=None, label=None, pid=None, border=None, fmt=fmt, sha256=digest)
+
+
+def to_grayscale(image: np.ndarray) -> np.ndarray:
+    """float32 ``(H, W)`` from ``(H, W)``, ``(H, W, 1)``, RGB or RGBA ``(H, W, 3|4)`` (ITU-R 601 luma)."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        return array.astype(np.float32, copy=False)
+    if array.ndim == 3 and array.shape[-1] in (1, 2):  # gray, gray + alpha
+        return array[..., 0].astype(np.float32)
+    if array.ndim == 3 and array.shape[-1] in (3, 4):
+        weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return (array[..., :3].astype(np.float32) @ weights).astype(np.float32)
+    raise ValueError(f"image of shape {array.shape} is neither grayscale nor RGB(A)")
+
+
+def channels_of(image: np.ndarray) -> int:
+    """Colour channels of a stored image array (1 for ``(H, W)``)."""
+    return 1 if np.asarray(image).ndim == 2 else int(np.asarray(image).shape[-1])
+
+
+def read_planar(path: Path) -> PlanarImage:
+    """Read a Figshare ``.mat`` (v7.3 or v5) or an image file as a :class:`PlanarImage`.
+
+    Args:
+        path: ``.mat``, ``.jpg``/``.jpeg``, ``.png``, ``.tif``/``.tiff`` or ``.bmp``. An image inside a
+            ``yes``/``no`` folder is a Kaggle image (``has_tumour`` from the folder); elsewhere it is a
+            bare image (``has_tumour`` None).
+
+    Returns:
+        The image as float32 ``(H, W)`` grayscale with its mask (uint8 ``(H, W)``, Figshare only) and labels.
+
+    Raises:
+        DataError: unreadable or undecodable file, no 2-D image, a mask whose shape differs from the
+            image's or that is not binary, or a Figshare label outside 1..3 (one line naming the file).
+    """
+    path = Path(path)
+    raw = load_planar_raw(path)
+    source = source_of(path)
+    case_id = default_case_id(path)
+    try:
+        image = to_grayscale(raw.image)
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}; expected one 2-D slice") from None
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise DataError(f"{path}: image of shape {raw.image.shape} is not one 2-D slice")
+
+    mask: np.ndarray | None = None
+    tumour_type: str | None = None
+    has_tumour: bool | None = None
+    label_code: int | None = None
+    patient_id = case_id
+    if source == "figshare":
+        if raw.mask is not None:
+            if raw.mask.shape != image.shape:
+                raise DataError(
+                    f"{path}: tumorMask shape {'x'.join(map(str, raw.mask.shape))} differs from image "
+                    f"{'x'.join(map(str, image.shape))}"
+                )
+            values = set(np.unique(raw.mask).tolist())
+            if not values <= {0, 1}:
+                raise DataError(f"{path}: tumorMask is not binary (values {sorted(values)[:5]})")
+            mask = raw.mask.astype(np.uint8)
+        if raw.label is not None:
+            if raw.label not in FIGSHARE_LABELS:
+                raise DataError(
+                    f"{path}: label {raw.label:g} is not 1, 2 or 3 (meningioma, glioma, pituitary)"
+                )
+            label_code = int(raw.label)
+            tumour_type = FIGSHARE_LABELS[label_code]
+            has_tumour = True
+        if raw.pid:
+            patient_id = raw.pid.strip() or case_id
+    elif source == "kaggle":
+        has_tumour = KAGGLE_CLASS_FOLDERS[path.parent.name.lower()]
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}: image has NaN or infinite pixels")
+    return PlanarImage(
+        image=image,
+        mask=mask,
+        tumour_type=tumour_type,
+        has_tumour=has_tumour,
+        patient_id=patient_id,
+        case_id=case_id,
+        source=source,
+        label_code=label_code,
+        border=raw.border,
+        fmt=raw.fmt,
+        channels=channels_of(raw.image),
+        sha256=raw.sha256,
+    )
+
+
+# ---------------------------------------------------------------------------- preprocessing
+@dataclass(frozen=True)
+class PlanarGeometry:
+    """Where the ``(size, size)`` output lies on the input's pixels.
+
+    The forward mapping is: crop rows ``top:bottom`` and columns ``left:right`` of the ``(height,
+    width)`` input, pad that crop with ``pad_top``/``pad_bottom``/``pad_left``/``pad_right`` pixels to a
+    square of side ``side``, and resize the square to ``size x size``.
+
+    Attributes:
+        height, width: input size in pixels.
+        top, bottom, left, right: crop box (half-open, input pixels).
+        pad_top, pad_bottom, pad_left, pad_right: zero padding added around the crop.
+        size: side of the output.
+    """
+
+    height: int
+    width: int
+    top: int
+    bottom: int
+    left: int
+    right: int
+    pad_top: int
+    pad_bottom: int
+    pad_left: int
+    pad_right: int
+    size: int
+
+    @property
+    def side(self) -> int:
+        """Side of the padded square crop (input pixels)."""
+        return self.bottom - self.top + self.pad_top + self.pad_bottom
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlanarGeometry:
+        return cls(**{key: int(data[key]) for key in cls.__dataclass_fields__})
+
+    @classmethod
+    def from_json(cls, text: str) -> PlanarGeometry:
+        return cls.from_dict(json.loads(text))
+
+
+def otsu_crop_box(image: np.ndarray, margin: int) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` of the head: the largest Otsu-foreground component plus ``margin``.
+
+    A morphological opening first removes isolated bright specks (text labels, noise) so they do not
+    stretch the box. A constant image gives the whole image.
+    """
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    height, width = image.shape
+    if float(image.max()) <= float(image.min()):
+        return 0, height, 0, width
+    foreground = image > threshold_otsu(image)
+    opened = ndi.binary_opening(foreground, structure=np.ones((3, 3), dtype=bool))
+    if opened.any():
+        foreground = opened
+    components, n = ndi.label(foreground)
+    if n > 1:
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        foreground = components == int(sizes.argmax())
+    rows = np.flatnonzero(foreground.any(axis=1))
+    cols = np.flatnonzero(foreground.any(axis=0))
+    if rows.size == 0:
+        return 0, height, 0, width
+    top = max(int(rows[0]) - margin, 0)
+    bottom = min(int(rows[-1]) + 1 + margin, height)
+    left = max(int(cols[0]) - margin, 0)
+    right = min(int(cols[-1]) + 1 + margin, width)
+    return top, bottom, left, right
+
+
+def _geometry(shape: tuple[int, int], box: tuple[int, int, int, int], size: int) -> PlanarGeometry:
+    top, bottom, left, right = box
+    h, w = bottom - top, right - left
+    side = max(h, w)
+    pad_h, pad_w = side - h, side - w
+    return PlanarGeometry(
+        height=int(shape[0]),
+        width=int(shape[1]),
+        top=top,
+        bottom=bottom,
+        left=left,
+        right=right,
+        pad_top=pad_h // 2,
+        pad_bottom=pad_h - pad_h // 2,
+        pad_left=pad_w // 2,
+        pad_right=pad_w - pad_w // 2,
+        size=int(size),
+    )
+
+
+def _to_square(array: np.ndarray, geometry: PlanarGeometry, fill: float) -> np.ndarray:
+    crop = array[geometry.top : geometry.bottom, geometry.left : geometry.right]
+    return np.pad(
+        crop,
+        ((geometry.pad_top, geometry.pad_bottom), (geometry.pad_left, geometry.pad_right)),
+        mode="constant",
+        constant_values=fill,
+    )
+
+
+def _normalise(image: np.ndarray, cfg: PlanarPreprocessConfig) -> np.ndarray:
+    if cfg.normalise == "zscore":
+        std = float(image.std())
+        return ((image - image.mean()) / std if std > 0 else image - image.mean()).astype(np.float32)
+    if cfg.normalise == "percentile":
+        low, high = np.percentile(image, [cfg.percentile_low, cfg.percentile_high])
+        image = np.clip(image, low, high)
+    else:
+        low, high = float(image.min()), float(image.max())
+    span = float(high - low)
+    return ((image - low) / span if span > 0 else np.zeros_like(image)).astype(np.float32)
+
+
+def preprocess_planar(image: np.ndarray, cfg: PlanarPreprocessConfig) -> tuple[np.ndarray, PlanarGeometry]:
+    """The network input of one slice: grayscale, denoise, Otsu crop, pad square, resize, normalise.
+
+    Args:
+        image: ``(H, W)`` grayscale or ``(H, W, 3|4)`` RGB(A), any numeric dtype.
+        cfg: the ``preprocess_2d`` section.
+
+    Returns:
+        ``(out, geometry)``: float32 ``(size, size)`` and the :class:`PlanarGeometry` to map masks
+        forward (:func:`apply_planar_geometry`) and back (:func:`restore_planar_mask`).
+    """
+    from scipy import ndimage as ndi
+    from skimage.transform import resize
+
+    gray = to_grayscale(image)
+    if cfg.denoise == "median":
+        gray = ndi.median_filter(gray, size=cfg.median_size)
+    elif cfg.denoise == "gaussian":
+        gray = ndi.gaussian_filter(gray, sigma=cfg.gaussian_sigma)
+    box = otsu_crop_box(gray, cfg.crop_margin_px) if cfg.otsu_crop else (0, gray.shape[0], 0, gray.shape[1])
+    geometry = _geometry(gray.shape, box, cfg.size)
+    square = _to_square(gray, geometry, fill=float(gray.min()))
+    if square.shape != (cfg.size, cfg.size):
+        # Anti-aliased when shrinking (a Gaussian of the scale factor first), bilinear.
+        square = resize(square, (cfg.size, cfg.size), order=1, anti_aliasing=True, preserve_range=True)
+    return _normalise(square.astype(np.float32), cfg), geometry
+
+
+def apply_planar_geometry(mask: np.ndarray, geometry: PlanarGeometry) -> np.ndarray:
+    """A mask on the input's ``(H, W)`` pixels carried to the ``(size, size)`` output grid.
+
+    The mask is resized as a 0/1 float with bilinear interpolation and thresholded at 0.5 (smoother
+    than nearest neighbour when shrinking; identical when the size does not change).
+
+    Returns:
+        uint8 ``(size, size)`` 0/1.
+    """
+    from skimage.transform import resize
+
+    mask = np.asarray(mask)
+    if mask.shape != (geometry.height, geometry.width):
+        raise ValueError(
+            f"mask shape {mask.shape} is not the geometry's input {geometry.height}x{geometry.width}"
+        )
+    square = _to_square((mask > 0).astype(np.float32), geometry, fill=0.0)
+    if square.shape != (geometry.size, geometry.size):
+        square = resize(
+            square, (geometry.size, geometry.size), order=1, anti_aliasing=False, preserve_range=True
+        )
+    return (square >= 0.5).astype(np.uint8)
+
+
+def restore_planar_mask(mask: np.ndarray, geometry: PlanarGeometry) -> np.ndarray:
+    """A mask on the ``(size, size)`` output grid mapped back onto the input's ``(H, W)`` pixels.
+
+    Undoes the resize (nearest neighbour, pixel centres aligned as in the forward resize), removes the
+    padding and places the crop at its box; pixels outside the crop box are 0.
+
+    Args:
+        mask: ``(size, size)`` 0/1 (or any integer labels; non-zero is kept as is).
+        geometry: from :func:`preprocess_planar` of the same input.
+
+    Returns:
+        uint8 ``(H, W)``.
+    """
+    from skimage.transform import resize
+
+    mask = np.asarray(mask)
+    if mask.shape != (geometry.size, geometry.size):
+        raise ValueError(f"mask shape {mask.shape} is not the preprocessed {geometry.size}x{geometry.size}")
+    side = geometry.side
+    square = mask.astype(np.uint8)
+    if side != geometry.size:
+        square = resize(square, (side, side), order=0, anti_aliasing=False, preserve_range=True).astype(
+            np.uint8
+        )
+    crop = square[
+        geometry.pad_top : side - geometry.pad_bottom,
+        geometry.pad_left : side - geometry.pad_right,
+    ]
+    out = np.zeros((geometry.height, geometry.width), dtype=np.uint8)
+    out[geometry.top : geometry.bottom, geometry.left : geometry.right] = crop
+    return out

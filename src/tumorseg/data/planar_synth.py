@@ -1,0 +1,501 @@
+"""Generated 2-D datasets in the Figshare and Kaggle layouts (``tumorseg synth --layout figshare|kaggle``).
+
+The slices are axial cuts through cases of the 3-D generator (:func:`tumorseg.data.synth.synthesize_case`,
+built on the MNI152 template), so they carry real anatomy, tissue contrast, bias field and noise:
+
+- **Figshare** (``<out>/<n>.mat``, MATLAB v7.3 as the real files): one 3-D case per patient, tumour
+  type drawn per patient (meningioma, glioma, pituitary in the real dataset's proportions),
+  ``slices_per_patient`` T1ce slices through the tumour sharing the patient's ``PID``, each resampled
+  to 512 x 512 int16 with the tumour mask (the tumour core ``TC`` = NCR + ET by default, which is what
+  the Figshare masks outline on T1ce; ``WT`` adds the oedema). Type changes the appearance a little:
+  gliomas keep their necrotic core, meningiomas and pituitary tumours are solid and brighter, and
+  pituitary slices are taken towards the tumour's edge (smaller cross-sections).
+- **Kaggle** (``<out>/yes/``, ``<out>/no/``): one 3-D case per image, a T1ce slice through the tumour
+  (``yes``) or through a tumour-free brain (``no``), windowed to 8 bits and placed on a black canvas
+  of random size (``kaggle_min_side_px``..``kaggle_max_side_px``, random aspect) with a random border;
+  a share stored as RGB, a share as PNG (others JPEG), with file names in the real set's styles
+  (``Y12.jpg``, ``no 7.jpg``, ``N8.png``).
+
+Output is deterministic for a seed: image ``k`` depends only on ``(seed, k)``. Every file is written
+to a temporary name in its folder and renamed. ``synth_meta.json`` records the parameters and, per
+file, its tumour type, patient id and tumour area.
+
+MATLAB v7.3 files are written as MATLAB writes them: an HDF5 file with a 512-byte user block whose
+first 128 bytes are the MAT-file header (116 bytes of text, 8 bytes of subsystem offset, version
+``0x0200`` and the endian indicator ``IM``), a group ``cjdata`` with ``MATLAB_class`` ``struct``,
+and one dataset per field, transposed (MATLAB is column-major) and tagged with its ``MATLAB_class``
+(``int16``, ``logical``, ``double``, ``char``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from tumorseg.config import Section, SynthConfig, register_section
+from tumorseg.data.conventions import REGIONS
+from tumorseg.data.manifest import atomic_write_text
+from tumorseg.data.planar import FIGSHARE_LABELS, TUMOUR_TYPES
+from tumorseg.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PLANAR_LAYOUTS: tuple[str, ...] = ("figshare", "kaggle")
+FIGSHARE_SIZE = 512
+SYNTH_META_NAME = "synth_meta.json"
+MAT_HEADER_TEXT = "MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: tumorseg synth HDF5 schema 1.00 ."
+"""Header text of the generated v7.3 files (no date, so the bytes depend only on the content)."""
+
+_KAGGLE_OFFSET = 100_000
+"""3-D case numbers of Kaggle images start here, so their brains differ from the Figshare patients'."""
+
+
+class SynthPlanarConfig(Section):
+    """``synth_2d:``: the embedded 2-D datasets (``tumorseg synth --layout figshare|kaggle``).
+
+    Attributes:
+        figshare_patients: patients (3-D cases) of the Figshare-layout set.
+        slices_per_patient: slices per patient (all share its PID).
+        figshare_mask_region: ``TC`` (tumour core, as Figshare masks) or ``WT`` (with oedema).
+        type_fractions: share of patients per tumour type (Figshare: 708 meningioma, 1426 glioma,
+            930 pituitary slices).
+        kaggle_images: images of the Kaggle-layout set (each from its own 3-D case).
+        kaggle_tumour_fraction: share of them in ``yes/``.
+        kaggle_min_side_px, kaggle_max_side_px: range of the image sides.
+        kaggle_rgb_fraction: share stored as 3-channel RGB (the rest 8-bit grayscale).
+        kaggle_png_fraction: share stored as PNG (the rest JPEG).
+        spacing_mm: voxel size of the 3-D cases the slices are cut from (2 mm: 120 x 120 slices).
+        noise_level: Rician noise added at the output resolution, relative to white matter.
+        seed: random seed.
+    """
+
+    figshare_patients: int = Field(12, ge=1)
+    slices_per_patient: int = Field(4, ge=1, le=40)
+    figshare_mask_region: Literal["TC", "WT"] = "TC"
+    type_fractions: dict[Literal["meningioma", "glioma", "pituitary"], float] = Field(
+        default_factory=lambda: {"meningioma": 0.23, "glioma": 0.47, "pituitary": 0.30}
+    )
+    kaggle_images: int = Field(24, ge=1)
+    kaggle_tumour_fraction: float = Field(0.6, ge=0.0, le=1.0)
+    kaggle_min_side_px: int = Field(200, ge=32)
+    kaggle_max_side_px: int = Field(700, ge=32, le=4096)
+    kaggle_rgb_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    kaggle_png_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    spacing_mm: float = Field(2.0, ge=1.0, le=4.0)
+    noise_level: float = Field(0.02, ge=0.0, le=0.3)
+    seed: int = 42
+
+
+register_section("synth_2d", SynthPlanarConfig)
+
+
+# ---------------------------------------------------------------------------- MATLAB files
+def mat_v73_header(text: str = MAT_HEADER_TEXT) -> bytes:
+    """The 128-byte MAT-file header of a v7.3 file: text, subsystem offset, version 0x0200, ``IM``."""
+    raw = text.encode("ascii")[:116]
+    return raw + b" " * (116 - len(raw)) + b"\x00" * 8 + b"\x00\x02" + b"IM"
+
+
+def write_figshare_mat(
+    path: Path,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    label: float | None,
+    pid: str | None,
+    border: np.ndarray | None = None,
+    *,
+    version: Literal["7.3", "5"] = "7.3",
+) -> Path:
+    """Write one Figshare slice (``cjdata`` struct) as a MATLAB v7.3 or v5 file, atomically.
+
+    Args:
+        path: target ``.mat`` file.
+        image: ``(H, W)`` image (written with its own dtype; Figshare uses int16).
+        mask: ``(H, W)`` 0/1 tumour mask (written as MATLAB ``logical``), or None to leave it out.
+        label: 1 meningioma, 2 glioma, 3 pituitary (MATLAB ``double``), or None to leave it out.
+        pid: patient id (MATLAB ``char``), or None to leave it out.
+        border: flat tumour border coordinates (MATLAB ``double`` row vector); None writes an empty one.
+        version: ``"7.3"`` (HDF5, as the real files) or ``"5"`` (:func:`scipy.io.savemat`).
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    border_row = np.zeros((1, 0)) if border is None else np.asarray(border, dtype=np.float64).reshape(1, -1)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if version == "5":
+            import scipy.io
+
+            fields: dict[str, Any] = {"image": np.asarray(image), "tumorBorder": border_row}
+            if mask is not None:
+                fields["tumorMask"] = np.asarray(mask, dtype=np.uint8)
+            if label is not None:
+                fields["label"] = float(label)
+            if pid is not None:
+                fields["PID"] = pid
+            scipy.io.savemat(tmp, {"cjdata": fields}, format="5", do_compression=True)
+        else:
+            _write_mat_v73(tmp, image, mask, label, pid, border_row)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_MATLAB_CLASS: dict[str, str] = {"float64": "double", "float32": "single", "bool": "logical"}
+"""numpy dtype name -> MATLAB class where they differ (integer classes share their names)."""
+
+
+def _write_mat_v73(
+    path: Path,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    label: float | None,
+    pid: str | None,
+    border_row: np.ndarray,
+) -> None:
+    import h5py
+
+    with h5py.File(path, "w", userblock_size=512) as fh:
+        group = fh.create_group("cjdata")
+        group.attrs["MATLAB_class"] = np.bytes_("struct")
+
+        def put(name: str, array: np.ndarray, matlab_class: str, int_decode: int | None = None) -> None:
+            # MATLAB is column-major: its (m, n) array is the HDF5 dataset (n, m).
+            if array.size == 0:
+                # MATLAB stores an empty array as its dimensions (uint64) flagged MATLAB_empty.
+                dataset = group.create_dataset(name, data=np.array(array.shape[::-1], dtype=np.uint64))
+                dataset.attrs["MATLAB_empty"] = np.uint8(1)
+            else:
+                # MATLAB's -v7.3 deflates variables (gzip level 3, chunked), as here for the big ones.
+                big = array.size >= 1024
+                dataset = group.create_dataset(
+                    name,
+                    data=np.ascontiguousarray(array.T),
+                    compression="gzip" if big else None,
+                    compression_opts=3 if big else None,
+                )
+            dataset.attrs["MATLAB_class"] = np.bytes_(matlab_class)
+            if int_decode is not None:
+                dataset.attrs["MATLAB_int_decode"] = np.int32(int_decode)
+
+        if pid is not None:
+            put("PID", np.array([[ord(c) for c in pid]], dtype=np.uint16).reshape(1, -1), "char", 2)
+        image = np.asarray(image)
+        put("image", image, _MATLAB_CLASS.get(image.dtype.name, image.dtype.name))
+        if label is not None:
+            put("label", np.array([[float(label)]]), "double")
+        put("tumorBorder", border_row, "double")
+        if mask is not None:
+            put("tumorMask", np.asarray(mask, dtype=np.uint8), "logical", 1)
+    with open(path, "r+b") as fh:
+        fh.write(mat_v73_header())
+
+
+def tumour_border(mask: np.ndarray, step: int = 4) -> np.ndarray:
+    """Figshare-style ``tumorBorder``: ``[r1, c1, r2, c2, ...]`` (1-based) along the largest outline."""
+    from skimage.measure import find_contours
+
+    if not np.asarray(mask).any():
+        return np.zeros(0)
+    contours = find_contours(np.pad(np.asarray(mask, dtype=np.float32), 1), 0.5)
+    # The one-pixel pad shifts every coordinate by +1, which is exactly MATLAB's 1-based indexing.
+    longest = max(contours, key=len)[::step]
+    return np.round(longest, 2).ravel()
+
+
+# ---------------------------------------------------------------------------- slices
+def _display(plane: np.ndarray) -> np.ndarray:
+    """An axial RAS plane ``(X, Y)`` in radiological display: anterior up, patient right on the left."""
+    return np.ascontiguousarray(plane[::-1, ::-1].T)
+
+
+def _resample(plane: np.ndarray, shape: tuple[int, int], *, is_mask: bool) -> np.ndarray:
+    from skimage.transform import resize
+
+    out = resize(plane.astype(np.float32), shape, order=1, anti_aliasing=not is_mask, preserve_range=True)
+    return (out >= 0.5).astype(np.uint8) if is_mask else out.astype(np.float32)
+
+
+def _add_noise(image: np.ndarray, level: float, reference: float, rng: np.random.Generator) -> np.ndarray:
+    """Rician noise (magnitude of complex Gaussian) at the output resolution, ``level`` x ``reference``."""
+    if level <= 0:
+        return image
+    sigma = np.float32(level * reference)
+    real = image + rng.standard_normal(image.shape, dtype=np.float32) * sigma
+    imag = rng.standard_normal(image.shape, dtype=np.float32) * sigma
+    return np.sqrt(real**2 + imag**2)
+
+
+def _region_mask(labels: np.ndarray, region: str) -> np.ndarray:
+    return np.isin(labels, REGIONS[region])
+
+
+def _tumour_type(seed: int, patient: int, fractions: dict[str, float]) -> str:
+    """Tumour type of a patient: a low-discrepancy draw so small sets still honour the fractions."""
+    names = [t for t in TUMOUR_TYPES if fractions.get(t, 0.0) > 0]
+    if not names:
+        raise DataError("synth_2d.type_fractions: every tumour type has share 0; give one a positive share")
+    weights = np.array([fractions[t] for t in names], dtype=np.float64)
+    cumulative = np.cumsum(weights / weights.sum())
+    offset = np.random.default_rng([int(seed) % 2**64, 0x2D]).random()
+    position = (offset + patient * 0.6180339887498949) % 1.0  # golden-ratio (Weyl) sequence
+    return names[int(np.searchsorted(cumulative, position, side="right").clip(0, len(names) - 1))]
+
+
+def _volume_cfg(cfg: SynthPlanarConfig, *, tumour: bool, necrosis: bool) -> SynthConfig:
+    return SynthConfig(
+        cases=1,
+        seed=cfg.seed,
+        spacing_mm=cfg.spacing_mm,
+        tumour_free_fraction=0.0 if tumour else 1.0,
+        no_necrosis_fraction=0.25 if necrosis else 1.0,
+        anisotropic_fraction=0.0,
+        reoriented_fraction=0.0,
+    )
+
+
+_TYPE_ENHANCEMENT: dict[str, float] = {"meningioma": 1.18, "glioma": 1.0, "pituitary": 1.10}
+"""Extra brightness of the tumour on T1ce per type (meningiomas enhance avidly and homogeneously)."""
+
+
+def figshare_patient_slices(patient: int, cfg: SynthPlanarConfig) -> list[dict[str, Any]]:
+    """The slices of one generated Figshare patient.
+
+    Returns:
+        One dict per slice: ``image`` int16 ``(512, 512)``, ``mask`` uint8 ``(512, 512)``, ``label``
+        (1..3), ``tumour_type``, ``pid``, ``z`` (slice index in the 3-D case), ``tumour_pixels``.
+    """
+    from scipy import ndimage as ndi
+
+    from tumorseg.data.synth import synthesize_case
+
+    kind = _tumour_type(cfg.seed, patient, cfg.type_fractions)
+    case = synthesize_case(patient, _volume_cfg(cfg, tumour=True, necrosis=kind == "glioma"))
+    region = _region_mask(case.labels, cfg.figshare_mask_region)
+    areas = region.sum(axis=(0, 1))
+    candidates = np.flatnonzero(areas >= max(1, 0.15 * areas.max()))
+    order = candidates[np.argsort(areas[candidates])]  # smallest cross-section first
+    n = min(cfg.slices_per_patient, len(order))
+    # Pituitary: the smaller cross-sections (towards the tumour's edge); others: the larger ones.
+    picked = order[:n] if kind == "pituitary" else order[len(order) - n :]
+    rng = np.random.default_rng([int(cfg.seed) % 2**64, 0xF16, patient])
+    pid = f"{100000 + patient * 37 % 900000}"
+    label = next(code for code, name in FIGSHARE_LABELS.items() if name == kind)
+    white_matter = (
+        float(np.median(case.images["t1ce"][case.tissue["wm"] > 0.9])) if case.brain_mask.any() else 1.0
+    )
+    slices = []
+    for z in sorted(int(v) for v in picked):
+        plane = _display(case.images["t1ce"][:, :, z])
+        mask_plane = _display(region[:, :, z].astype(np.uint8))
+        image = _resample(plane, (FIGSHARE_SIZE, FIGSHARE_SIZE), is_mask=False)
+        mask = _resample(mask_plane, (FIGSHARE_SIZE, FIGSHARE_SIZE), is_mask=True)
+        soft = ndi.gaussian_filter(mask.astype(np.float32), 2.0)
+        image *= 1.0 + np.float32(_TYPE_ENHANCEMENT[kind] - 1.0) * soft
+        image = _add_noise(image, cfg.noise_level, white_matter, rng) * (image > 0)
+        slices.append(
+            {
+                "image": np.clip(np.rint(image), 0, 32767).astype(np.int16),
+                "mask": mask,
+                "label": label,
+                "tumour_type": kind,
+                "pid": pid,
+                "z": z,
+                "tumour_pixels": int(mask.sum()),
+            }
+        )
+    return slices
+
+
+def kaggle_image(index: int, tumour: bool, cfg: SynthPlanarConfig) -> dict[str, Any]:
+    """Generated Kaggle image ``index`` (1-based): uint8 ``(H, W)`` or ``(H, W, 3)`` plus facts.
+
+    Returns:
+        ``{"pixels", "tumour", "rgb", "png", "tumour_pixels", "shape"}``.
+    """
+    from tumorseg.data.synth import synthesize_case
+
+    rng = np.random.default_rng([int(cfg.seed) % 2**64, 0xCA6, index])
+    case = synthesize_case(_KAGGLE_OFFSET + index, _volume_cfg(cfg, tumour=tumour, necrosis=True))
+    brain_area = case.brain_mask.sum(axis=(0, 1))
+    if tumour:
+        areas = (case.labels > 0).sum(axis=(0, 1))
+        candidates = np.flatnonzero(areas >= 0.4 * areas.max())
+    else:
+        candidates = np.flatnonzero(brain_area >= 0.6 * brain_area.max())
+    z = int(rng.choice(candidates))
+    plane = _display(case.images["t1ce"][:, :, z])
+    tumour_plane = _display((case.labels[:, :, z] > 0).astype(np.uint8))
+
+    low, high = (
+        min(cfg.kaggle_min_side_px, cfg.kaggle_max_side_px),
+        max(cfg.kaggle_min_side_px, cfg.kaggle_max_side_px),
+    )
+    height = int(rng.integers(low, high + 1))
+    width = int(np.clip(round(height * rng.uniform(0.8, 1.25)), low, high))
+    side = int(min(height, width) * rng.uniform(0.7, 0.95))  # the rest is black border
+    brain = _resample(plane, (side, side), is_mask=False)
+    brain = _add_noise(brain, cfg.noise_level, float(np.percentile(plane[plane > 0], 60)), rng) * (brain > 0)
+    window = float(np.percentile(brain[brain > 0], 99.5)) * rng.uniform(0.9, 1.2)
+    gamma = rng.uniform(0.8, 1.25)
+    pixels8 = np.clip(np.clip(brain / window, 0.0, 1.0) ** gamma * 255.0, 0, 255)
+    canvas = np.zeros((height, width), dtype=np.float32)
+    top = int(rng.integers(0, height - side + 1))
+    left = int(rng.integers(0, width - side + 1))
+    canvas[top : top + side, left : left + side] = pixels8
+    pixels = np.rint(canvas).astype(np.uint8)
+    rgb = bool(rng.random() < cfg.kaggle_rgb_fraction)
+    if rgb:  # grayscale scans saved as RGB, as many Kaggle files are; a slight tint now and then
+        tint = rng.uniform(0.96, 1.04, 3)
+        pixels = np.clip(np.rint(canvas[..., None] * tint), 0, 255).astype(np.uint8)
+    tumour_pixels = int(_resample(tumour_plane, (side, side), is_mask=True).sum()) if tumour else 0
+    return {
+        "pixels": pixels,
+        "tumour": tumour,
+        "rgb": rgb,
+        "png": bool(rng.random() < cfg.kaggle_png_fraction),
+        "tumour_pixels": tumour_pixels,
+        "shape": [height, width],
+        "z": z,
+    }
+
+
+def kaggle_file_name(index: int, tumour: bool, png: bool) -> str:
+    """File name in the real set's styles: ``Y12.jpg`` / ``Y12.png``; ``no 7.jpg`` / ``N8.png``."""
+    if tumour:
+        return f"Y{index}.{'png' if png else 'jpg'}"
+    return f"N{index}.png" if png else f"no {index}.jpg"
+
+
+def _save_image(path: Path, pixels: np.ndarray, png: bool, quality: int) -> None:
+    """Save atomically (temp file in the same folder, then rename)."""
+    from PIL import Image
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            Image.fromarray(pixels).save(fh, format="PNG" if png else "JPEG", quality=quality)
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- datasets
+def synthesize_figshare(out: Path, cfg: SynthPlanarConfig) -> list[str]:
+    """Write ``figshare_patients x slices_per_patient`` v7.3 slices ``1.mat``, ``2.mat``... to ``out``.
+
+    Returns:
+        The file names written, in order.
+    """
+    out = Path(out)
+    written: list[str] = []
+    facts: list[dict[str, Any]] = []
+    number = 0
+    for patient in range(1, cfg.figshare_patients + 1):
+        for item in figshare_patient_slices(patient, cfg):
+            number += 1
+            name = f"{number}.mat"
+            write_figshare_mat(
+                out / name,
+                item["image"],
+                item["mask"],
+                item["label"],
+                item["pid"],
+                tumour_border(item["mask"]),
+            )
+            written.append(name)
+            facts.append(
+                {k: item[k] for k in ("label", "tumour_type", "pid", "z", "tumour_pixels")} | {"file": name}
+            )
+    _write_meta(out, "figshare", cfg, facts)
+    return written
+
+
+def synthesize_kaggle(out: Path, cfg: SynthPlanarConfig) -> list[str]:
+    """Write ``kaggle_images`` images into ``out/yes`` and ``out/no`` (the first ``round(n * fraction)`` are yes).
+
+    Returns:
+        The written paths relative to ``out`` (``yes/Y1.jpg``...), in order.
+    """
+    out = Path(out)
+    n_yes = int(round(cfg.kaggle_images * cfg.kaggle_tumour_fraction))
+    written: list[str] = []
+    facts: list[dict[str, Any]] = []
+    for index in range(1, cfg.kaggle_images + 1):
+        tumour = index <= n_yes
+        item = kaggle_image(index, tumour, cfg)
+        folder = out / ("yes" if tumour else "no")
+        folder.mkdir(parents=True, exist_ok=True)
+        name = kaggle_file_name(index, tumour, item["png"])
+        _save_image(folder / name, item["pixels"], item["png"], quality=int(85 + index % 11))
+        relative = f"{folder.name}/{name}"
+        written.append(relative)
+        facts.append(
+            {
+                "file": relative,
+                **{k: item[k] for k in ("tumour", "rgb", "png", "tumour_pixels", "shape", "z")},
+            }
+        )
+    _write_meta(out, "kaggle", cfg, facts)
+    return written
+
+
+def _write_meta(out: Path, layout: str, cfg: SynthPlanarConfig, facts: list[dict[str, Any]]) -> None:
+    import json
+
+    meta = {
+        "generator": "tumorseg synth",
+        "layout": layout,
+        "template": "axial T1ce slices of MNI152-based synthetic cases (tumorseg.data.synth)",
+        "params": cfg.model_dump(mode="json"),
+        "files": facts,
+    }
+    atomic_write_text(out / SYNTH_META_NAME, json.dumps(meta, indent=1) + "\n")
+
+
+def synthesize_planar_dataset(out: Path, layout: str, cfg: SynthPlanarConfig) -> list[str]:
+    """The ``synth`` stage for a 2-D layout: Figshare ``.mat`` slices or the Kaggle yes/no folders.
+
+    Raises:
+        DataError: ``out`` exists and is not a folder, or cannot be written.
+    """
+    writers: dict[str, Callable[[Path, SynthPlanarConfig], list[str]]] = {
+        "figshare": synthesize_figshare,
+        "kaggle": synthesize_kaggle,
+    }
+    if layout not in writers:
+        raise DataError(f"unknown 2-D layout {layout!r}; use figshare or kaggle")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; pass another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written = writers[layout](out, cfg)
+    except OSError as exc:
+        raise DataError(
+            f"{exc.filename or out}: cannot write ({exc.strerror}); choose a writable --out"
+        ) from None
+    log.info("synth: %d %s files in %s", len(written), layout, out)
+    return written

@@ -1,0 +1,90 @@
+"""The 2-D networks: a segmentation U-Net and a small classification CNN, run together.
+
+The segmentation network comes from the same factory as the 3-D one
+(:func:`tumorseg.models.networks.build_network` with ``spatial_dims=2`` and one input channel), so
+every ``model_2d.name`` the 3-D branch knows works here too. The classifier is MONAI's
+:class:`~monai.networks.nets.Classifier` with ``1 + len(TUMOUR_TYPES)`` outputs: a tumour-present
+logit (sigmoid) and the tumour-type logits (softmax over meningioma, glioma, pituitary).
+
+Both run at ``model_2d.input_size``: :class:`PlanarNetwork` resizes ``(B, 1, S, S)`` preprocessed
+images to that size (area averaging) and resizes the segmentation logits back to ``S`` (bilinear),
+so callers always see the preprocessed grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tumorseg.data.planar import TUMOUR_TYPES
+from tumorseg.planar.config import PlanarModelConfig
+
+CLASSIFIER_OUTPUTS = 1 + len(TUMOUR_TYPES)
+
+
+class PlanarNetwork(nn.Module):
+    """Segmenter + classifier on one image batch.
+
+    Args:
+        segmenter: ``(B, 1, n, n)`` -> ``(B, 1, n, n)`` tumour logits.
+        classifier: ``(B, 1, n, n)`` -> ``(B, 4)`` logits (tumour present, then the three types).
+        input_size: ``n``, the side both networks run at.
+    """
+
+    def __init__(self, segmenter: nn.Module, classifier: nn.Module, input_size: int) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+        self.classifier = classifier
+        self.input_size = int(input_size)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, 1, S, S)`` -> (segmentation logits ``(B, 1, S, S)``, class logits ``(B, 4)``)."""
+        size = image.shape[-2:]
+        small = image
+        if tuple(size) != (self.input_size, self.input_size):
+            small = F.interpolate(image, size=(self.input_size, self.input_size), mode="area")
+        seg = self.segmenter(small)
+        if seg.shape[-2:] != size:
+            seg = F.interpolate(seg, size=tuple(size), mode="bilinear", align_corners=False)
+        return seg, self.classifier(small)
+
+
+def build_planar_network(cfg: PlanarModelConfig) -> PlanarNetwork:
+    """Randomly initialised :class:`PlanarNetwork` for ``model_2d``."""
+    from monai.networks.nets import Classifier
+
+    from tumorseg.models.networks import build_network
+
+    size = cfg.input_size
+    segmenter = build_network(cfg, spatial_dims=2, patch_size=(size, size), spacing=(1.0, 1.0), in_channels=1)
+    c = cfg.classifier
+    classifier = Classifier(
+        in_shape=(1, size, size),
+        classes=CLASSIFIER_OUTPUTS,
+        channels=c.channels,
+        strides=c.strides,
+        num_res_units=c.num_res_units,
+        dropout=c.dropout or None,
+    )
+    init_output_bias(segmenter, cfg.foreground_prior, cfg.out_channels)
+    return PlanarNetwork(segmenter, classifier, size)
+
+
+def init_output_bias(network: nn.Module, prior: float, out_channels: int) -> None:
+    """Set the bias of the network's output convolution to ``log(prior / (1 - prior))``.
+
+    The output convolution is the last (in module order) 2-D convolution producing
+    ``out_channels`` channels; every MONAI segmentation network built here ends with one, and its
+    output is added unchanged into the logits, so this shifts the initial logits by that amount.
+    """
+    import math
+
+    last = None
+    for module in network.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.out_channels == out_channels:
+            last = module
+    if last is None or last.bias is None:
+        return
+    with torch.no_grad():
+        last.bias.fill_(math.log(prior / (1.0 - prior)))

@@ -1,0 +1,229 @@
+"""A trained 2-D model as a self-contained folder, and loading it from any ``--model`` form.
+
+Package files (no pickled code; ``weights.pt`` is read with ``torch.load(weights_only=True)``)::
+
+    weights.pt      state_dict of the PlanarNetwork (segmenter + classifier)
+    config.json     resolved sections: preprocess_2d, model_2d, train_2d, ...
+    detector.json   the chosen DetectorRule and the predict_2d settings
+
+``--model`` accepts: this folder; a ``train-2d`` checkpoint (``best.ckpt``; no detector rule yet, so
+the classifier at probability 0.5); a folder with an ``MLmodel`` file (a downloaded registered
+model); or an MLflow URI (``models:/tumorseg-2d@champion``, ``models:/tumorseg-detect/2``,
+``runs:/<id>/planar_model``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tumorseg.errors import DataError
+from tumorseg.planar.detection import DetectorRule
+
+WEIGHTS_FILE = "weights.pt"
+CONFIG_FILE = "config.json"
+DETECTOR_FILE = "detector.json"
+ARTIFACT_KEYS = {"weights": WEIGHTS_FILE, "config": CONFIG_FILE, "detector": DETECTOR_FILE}
+FIRST_STEPS_2D = "run `tumorseg train-2d`, `tumorseg evaluate-2d` and `tumorseg promote --name <model>` first"
+
+
+@dataclass
+class PlanarModel:
+    """A trained 2-D network with everything prediction needs.
+
+    Attributes:
+        network: :class:`~tumorseg.planar.networks.PlanarNetwork` in eval mode on CPU.
+        config: resolved training sections (``preprocess_2d`` tells how to prepare an image).
+        detector: the detection rule.
+        predict_settings: the ``predict_2d`` settings (mask threshold, small-component removal).
+        description: where it came from (for messages).
+    """
+
+    network: Any
+    config: dict[str, Any]
+    detector: DetectorRule = field(default_factory=lambda: DetectorRule("classifier", 0.5))
+    predict_settings: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def preprocess(self) -> Any:
+        """The ``preprocess_2d`` section the network was trained on."""
+        from tumorseg.data.planar import PlanarPreprocessConfig
+
+        return PlanarPreprocessConfig.model_validate(self.config.get("preprocess_2d", {}))
+
+    @property
+    def settings(self) -> Any:
+        from tumorseg.planar.config import PredictPlanarConfig
+
+        return PredictPlanarConfig.model_validate(self.predict_settings)
+
+
+def network_from_state(config: dict[str, Any], state: dict[str, Any]) -> Any:
+    """Rebuild the PlanarNetwork of ``config`` and load ``state`` into it.
+
+    Raises:
+        DataError: the config lacks ``model_2d`` or the weights do not fit it.
+    """
+    from tumorseg.planar.config import PlanarModelConfig
+    from tumorseg.planar.networks import build_planar_network
+
+    if "model_2d" not in config:
+        raise DataError("model config lacks the model_2d section; it was not written by tumorseg train-2d")
+    network = build_planar_network(PlanarModelConfig.model_validate(config["model_2d"]))
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DataError(
+            f"weights do not fit the 2-D network of the config ({str(exc).splitlines()[0]})"
+        ) from None
+    return network.eval()
+
+
+def load_planar_checkpoint(checkpoint: str | Path) -> PlanarModel:
+    """The network of a ``tumorseg train-2d`` checkpoint (classifier detector at 0.5 until evaluated)."""
+    import torch
+
+    from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
+
+    path = Path(checkpoint)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    config = state.get(CONFIG_CHECKPOINT_KEY) or {}
+    weights = {
+        k.removeprefix("network."): v for k, v in state["state_dict"].items() if k.startswith("network.")
+    }
+    return PlanarModel(network_from_state(config, weights), config, description=f"checkpoint {path}")
+
+
+def save_planar_package(model: PlanarModel, folder: str | Path) -> dict[str, Path]:
+    """Write ``weights.pt``, ``config.json`` and ``detector.json`` into ``folder``; return them by artifact key."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {key: folder / name for key, name in ARTIFACT_KEYS.items()}
+    torch.save(
+        {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}, paths["weights"]
+    )
+    paths["config"].write_text(json.dumps(model.config, indent=1, sort_keys=True) + "\n")
+    detector = {"detector": model.detector.to_dict(), "predict_2d": model.predict_settings}
+    paths["detector"].write_text(json.dumps(detector, indent=1, sort_keys=True) + "\n")
+    return paths
+
+
+def load_planar_package(
+    weights: str | Path, config: str | Path, detector: str | Path, description: str = ""
+) -> PlanarModel:
+    """Load what :func:`save_planar_package` wrote.
+
+    Raises:
+        DataError: a missing or unreadable file, or weights that do not fit the config.
+    """
+    import pickle
+
+    import torch
+
+    for path in (Path(weights), Path(config), Path(detector)):
+        if not path.is_file():
+            raise DataError(f"{path}: missing from the 2-D model package")
+    try:
+        cfg = json.loads(Path(config).read_text())
+        extra = json.loads(Path(detector).read_text())
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, json.JSONDecodeError) as exc:
+        raise DataError(
+            f"{Path(weights).parent}: not a readable 2-D model package ({type(exc).__name__})"
+        ) from None
+    return PlanarModel(
+        network_from_state(cfg, state),
+        cfg,
+        DetectorRule.from_dict(extra.get("detector") or {"method": "classifier", "threshold": 0.5}),
+        dict(extra.get("predict_2d") or {}),
+        description,
+    )
+
+
+def _from_folder(folder: Path, description: str) -> PlanarModel:
+    """A package folder, or an MLflow model folder whose pyfunc artifacts are a package."""
+    if (folder / "MLmodel").is_file():
+        from mlflow.models import Model
+
+        artifacts = (Model.load(str(folder / "MLmodel")).flavors.get("python_function", {}) or {}).get(
+            "artifacts"
+        ) or {}
+        if not set(ARTIFACT_KEYS) <= set(artifacts):
+            raise DataError(
+                f"{description}: not a tumorseg 2-D model (its MLmodel lacks {sorted(ARTIFACT_KEYS)})"
+            )
+        paths = [folder / artifacts[key]["path"] for key in ("weights", "config", "detector")]
+        return load_planar_package(*paths, description=description)
+    if (folder / WEIGHTS_FILE).is_file():
+        return load_planar_package(
+            *(folder / ARTIFACT_KEYS[k] for k in ("weights", "config", "detector")), description
+        )
+    raise DataError(
+        f"{description}: neither a 2-D model package ({WEIGHTS_FILE}...) nor an MLflow model folder"
+    )
+
+
+def load_planar_model(uri: str, *, tracking_uri: str) -> PlanarModel:
+    """Load the 2-D model ``uri`` names (see the module docstring).
+
+    Raises:
+        DataError: one line: no such file, no such registered model / alias / version (and what to
+            run first), or not a tumorseg 2-D model.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tumorseg.registry.loading import MODELS_URI, is_mlflow_uri, prepare_mlflow
+    from tumorseg.tracking import sqlite_path
+
+    prepare_mlflow()
+    if not is_mlflow_uri(uri):
+        path = Path(uri).expanduser()
+        if path.is_file():
+            return load_planar_checkpoint(path)
+        if path.is_dir():
+            return _from_folder(path, f"model folder {path}")
+        raise DataError(
+            f"{uri}: no such 2-D model; pass a train-2d best.ckpt, a model folder, or a URI such as "
+            "models:/tumorseg-2d@champion"
+        )
+    db = sqlite_path(tracking_uri)
+    store = str(db) if db is not None else tracking_uri
+    if db is not None and not db.is_file():
+        raise DataError(f"{uri}: no MLflow store at {db}; {FIRST_STEPS_2D}")
+    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    match = MODELS_URI.match(uri)
+    description = uri
+    try:
+        if match:
+            name, alias, number = match["name"], match["alias"], match["version"]
+            found = (
+                client.get_model_version_by_alias(name, alias)
+                if alias
+                else client.get_model_version(name, number)
+            )
+            description = f"{uri} (version {found.version})"
+            artifact_uri = client.get_model_version_download_uri(name, str(found.version))
+        else:
+            artifact_uri = uri
+        with tempfile.TemporaryDirectory(prefix="tumorseg-load-2d-") as tmp:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=tracking_uri
+                )
+            )
+            return _from_folder(local, description)
+    except MlflowException as exc:
+        message = str(exc.message).strip().splitlines()[0]
+        raise DataError(
+            f"{uri}: not found in the MLflow store {store} ({message}); {FIRST_STEPS_2D}"
+        ) from None

@@ -1,0 +1,237 @@
+"""2-D prediction: ``predict_planar()`` for one image, and the ``tumorseg predict`` / ``tumorseg detect`` writers.
+
+One path for every caller (CLI, evaluation, the registered pyfunc, the serving API): read the file
+(:func:`tumorseg.data.planar.read_planar`), preprocess it exactly as in training
+(:func:`~tumorseg.data.planar.preprocess_planar` with the model's stored ``preprocess_2d``), run the
+segmenter and classifier, threshold the tumour probability and drop small components on the
+preprocessed grid, then map the mask back onto the input's own ``(H, W)`` pixels
+(:func:`~tumorseg.data.planar.restore_planar_mask`). The detection probability follows the model's
+:class:`~tumorseg.planar.detection.DetectorRule` (classifier or segmentation area).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tumorseg.data.planar import TUMOUR_TYPES
+from tumorseg.errors import DataError
+from tumorseg.planar.package import PlanarModel
+
+PLANAR_SUFFIXES: tuple[str, ...] = (".mat", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DETECT_COLUMNS: tuple[str, ...] = ("case_id", "probability", "label")
+
+
+@dataclass
+class PlanarPrediction:
+    """The 2-D model's answer for one image.
+
+    Attributes:
+        case_id: from the file (or given).
+        mask: uint8 ``(H, W)`` 0/1 tumour mask at the input's own size.
+        probability: tumour probability of the model's detector.
+        label: ``probability >= detector threshold``.
+        tumour_type: most likely type when ``label`` (None otherwise).
+        type_probabilities: softmax over :data:`TUMOUR_TYPES`.
+        area_px: predicted tumour pixels on the preprocessed grid (what the area rule reads).
+    """
+
+    case_id: str
+    mask: np.ndarray
+    probability: float
+    label: bool
+    tumour_type: str | None
+    type_probabilities: dict[str, float] = field(default_factory=dict)
+    area_px: int = 0
+
+
+def is_planar_input(path: str | Path) -> bool:
+    """True for a ``.mat``/image file (existing or not), or a folder holding such files and no NIfTI."""
+    path = Path(path)
+    if path.is_file() or not path.exists():
+        return path.suffix.lower() in PLANAR_SUFFIXES
+    if not path.is_dir():
+        return False
+    files = [p for p in path.rglob("*") if p.is_file()]
+    if any(p.name.endswith((".nii", ".nii.gz")) for p in files):
+        return False
+    return any(p.suffix.lower() in PLANAR_SUFFIXES for p in files)
+
+
+def planar_inputs(path: str | Path) -> list[Path]:
+    """The ``.mat``/image files ``path`` names (itself, or every one under a folder, sorted).
+
+    Raises:
+        DataError: a missing path, or a folder without any.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() not in PLANAR_SUFFIXES:
+            raise DataError(f"{path}: not a .mat or image file ({', '.join(PLANAR_SUFFIXES)})")
+        return [path]
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PLANAR_SUFFIXES)
+    if not found:
+        raise DataError(f"{path}: no .mat or image files in this folder")
+    return found
+
+
+def score_preprocessed(
+    model: PlanarModel, images: np.ndarray, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the networks on preprocessed images.
+
+    Args:
+        model: the loaded 2-D model.
+        images: float32 ``(N, S, S)`` from :func:`~tumorseg.data.planar.preprocess_planar`.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``(tumour_probability (N, S, S), class_probability (N, 4))``: column 0 the classifier's tumour
+        probability (sigmoid), columns 1-3 the type probabilities (softmax).
+    """
+    import torch
+
+    maps, classes = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.as_tensor(np.asarray(images[start : start + batch_size], dtype=np.float32))[:, None]
+            seg, logits = model.network(batch)
+            maps.append(torch.sigmoid(seg[:, 0]).numpy())
+            classes.append(
+                torch.cat([torch.sigmoid(logits[:, :1]), torch.softmax(logits[:, 1:], dim=1)], dim=1).numpy()
+            )
+    size = images.shape[-1] if len(images) else 0
+    return (
+        np.concatenate(maps) if maps else np.zeros((0, size, size), np.float32),
+        np.concatenate(classes) if classes else np.zeros((0, 4), np.float32),
+    )
+
+
+def binary_mask(probability: np.ndarray, threshold: float, min_component_px: int) -> np.ndarray:
+    """uint8 ``(S, S)`` 0/1: pixels above ``threshold``, without 8-connected components under ``min_component_px``."""
+    mask = probability > threshold
+    if min_component_px > 0 and mask.any():
+        from scipy import ndimage as ndi
+
+        labels, n = ndi.label(mask, structure=np.ones((3, 3), dtype=bool))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = sizes >= min_component_px
+        keep[0] = False
+        mask = keep[labels]
+    return mask.astype(np.uint8)
+
+
+def predict_planar(
+    image: str | Path | np.ndarray, model: PlanarModel, *, case_id: str | None = None
+) -> PlanarPrediction:
+    """Segment and classify one 2-D image.
+
+    Args:
+        image: a ``.mat``/image file, or an array ``(H, W)`` grayscale / ``(H, W, 3|4)`` colour.
+        model: from :func:`~tumorseg.planar.package.load_planar_model`.
+        case_id: name of the result (default: the file's case id, or ``image``).
+
+    Returns:
+        :class:`PlanarPrediction`, mask at the input's own ``(H, W)``.
+
+    Raises:
+        DataError: an unreadable file or an array that is not a 2-D image.
+    """
+    from tumorseg.data.planar import preprocess_planar, read_planar, restore_planar_mask
+
+    if isinstance(image, (str, Path)):
+        read = read_planar(Path(image))
+        pixels, case_id = read.image, case_id or read.case_id
+    else:
+        pixels = np.asarray(image)
+        if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) < 2:
+            raise DataError(f"image array of shape {pixels.shape}: expected (H, W) or (H, W, channels)")
+        case_id = case_id or "image"
+    prepared, geometry = preprocess_planar(pixels, model.preprocess)
+    tumour_map, classes = score_preprocessed(model, prepared[None])
+    settings = model.settings
+    small = binary_mask(tumour_map[0], settings.mask_threshold, settings.min_component_px)
+    area = int(small.sum())
+    probability = float(model.detector.probability(classes[:, 0], np.array([area]))[0])
+    label = probability >= model.detector.threshold
+    types = {name: float(p) for name, p in zip(TUMOUR_TYPES, classes[0, 1:], strict=True)}
+    return PlanarPrediction(
+        case_id=str(case_id),
+        mask=restore_planar_mask(small, geometry),
+        probability=probability,
+        label=bool(label),
+        tumour_type=max(types, key=types.get) if label else None,
+        type_probabilities=types,
+        area_px=area,
+    )
+
+
+def mask_png_bytes(mask: np.ndarray) -> bytes:
+    """A 0/1 mask as an 8-bit grayscale PNG with values 0 and 255."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def predict_images(
+    source: str | Path,
+    out_dir: str | Path,
+    model: PlanarModel,
+    *,
+    on_image: Callable[[PlanarPrediction, Path], None] | None = None,
+) -> list[PlanarPrediction]:
+    """``tumorseg predict`` for 2-D input: write ``<out_dir>/<case_id>_mask.png`` (0/255, input size) per image.
+
+    Raises:
+        DataError: no input files, or one that cannot be read (nothing half-written for it).
+    """
+    out = Path(out_dir)
+    results = []
+    for path in planar_inputs(source):
+        prediction = predict_planar(path, model)
+        target = out / f"{prediction.case_id}_mask.png"
+        _atomic_write_bytes(target, mask_png_bytes(prediction.mask))
+        results.append(prediction)
+        if on_image is not None:
+            on_image(prediction, target)
+    return results
+
+
+def detect_images(source: str | Path, out_csv: str | Path, model: PlanarModel) -> list[PlanarPrediction]:
+    """``tumorseg detect``: one CSV row per image, columns ``case_id, probability, label`` (``yes``/``no``)."""
+    import pandas as pd
+
+    from tumorseg.data.manifest import atomic_write_text
+
+    results = [predict_planar(path, model) for path in planar_inputs(source)]
+    table = pd.DataFrame(
+        [
+            {
+                "case_id": r.case_id,
+                "probability": round(r.probability, 6),
+                "label": "yes" if r.label else "no",
+            }
+            for r in results
+        ],
+        columns=list(DETECT_COLUMNS),
+    )
+    out = Path(out_csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, table.to_csv(index=False))
+    return results

@@ -1,0 +1,308 @@
+// tumorseg viewer: uploads a case to POST /predict?format=viewer (or runs a demo case), then draws
+// slices the server sends as base64 uint8 arrays (GET /cases/{id}/slice): no NIfTI decoding and no
+// network access beyond this server. A 2-D image (summary.kind === "2d") is one slice with one
+// region ("tumour") and a detection result instead of three planes, three regions and volumes.
+"use strict";
+
+const PLANES = ["axial", "coronal", "sagittal"];
+const REGIONS = ["WT", "TC", "ET"];
+// Nested regions, drawn innermost first: ET (label 3) in TC (labels 1, 3) in WT (labels 1, 2, 3).
+const COLOURS = { WT: [46, 204, 64], TC: [255, 65, 54], ET: [255, 220, 0], tumour: [255, 65, 54] };
+const IN_REGION = {
+  WT: (label) => label > 0,
+  TC: (label) => label === 1 || label === 3,
+  ET: (label) => label === 3,
+  tumour: (label) => label > 0,
+};
+
+const state = { caseId: null, summary: null, kind: "3d", cache: new Map(), drawing: 0 };
+
+const planes = () => (state.kind === "2d" ? ["axial"] : PLANES);
+const overlayRegions = () => (state.kind === "2d" ? ["tumour"] : ["ET", "TC", "WT"]);
+
+const $ = (selector) => document.querySelector(selector);
+
+function setStatus(text, kind = "info") {
+  const status = $("#status");
+  status.textContent = text;
+  status.dataset.kind = kind;
+}
+
+async function readJson(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (_) {
+    body = null;
+  }
+  if (!response.ok) {
+    const message = body && body.error ? body.error : `HTTP ${response.status}`;
+    throw new Error(message);
+  }
+  return body;
+}
+
+function decode(base64) {
+  const raw = atob(base64);
+  const out = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i += 1) out[i] = raw.charCodeAt(i);
+  return out;
+}
+
+async function fetchSlice(plane, index) {
+  const modality = $("#modality").value;
+  const key = `${state.caseId}/${plane}/${index}/${modality}`;
+  if (!state.cache.has(key)) {
+    const url = `/cases/${encodeURIComponent(state.caseId)}/slice?plane=${plane}&index=${index}&modality=${modality}`;
+    const body = await readJson(await fetch(url));
+    state.cache.set(key, {
+      width: body.width,
+      height: body.height,
+      pixelMm: body.pixel_mm,
+      image: decode(body.image),
+      labels: decode(body.labels),
+      reference: body.reference ? decode(body.reference) : null,
+    });
+    if (state.cache.size > 300) state.cache.delete(state.cache.keys().next().value);
+  }
+  return state.cache.get(key);
+}
+
+function enabledRegions() {
+  return new Set([...document.querySelectorAll(".region")].filter((box) => box.checked).map((box) => box.value));
+}
+
+function overlayColour(label, enabled) {
+  for (const region of overlayRegions()) {
+    if (enabled.has(region) && IN_REGION[region](label)) return COLOURS[region];
+  }
+  return null;
+}
+
+function isEdge(mask, width, height, x, y) {
+  const at = (xx, yy) => (xx < 0 || yy < 0 || xx >= width || yy >= height ? 0 : mask[yy * width + xx]);
+  return at(x - 1, y) === 0 || at(x + 1, y) === 0 || at(x, y - 1) === 0 || at(x, y + 1) === 0;
+}
+
+async function drawPlane(plane) {
+  const slider = document.querySelector(`.slice[data-plane="${plane}"]`);
+  const index = Number(slider.value);
+  slider.parentElement.querySelector("output").textContent = `${index + 1} / ${Number(slider.max) + 1}`;
+  const slice = await fetchSlice(plane, index);
+  const canvas = document.getElementById(`canvas-${plane}`);
+  canvas.width = slice.width;
+  canvas.height = slice.height;
+  // true aspect ratio for anisotropic voxels
+  canvas.style.aspectRatio = `${slice.width * slice.pixelMm[0]} / ${slice.height * slice.pixelMm[1]}`;
+  const context = canvas.getContext("2d");
+  const pixels = context.createImageData(slice.width, slice.height);
+  const alpha = Number($("#opacity").value) / 100;
+  const enabled = enabledRegions();
+  const showReference = slice.reference && $("#show-reference").checked;
+  let overlaid = 0;
+  for (let i = 0; i < slice.image.length; i += 1) {
+    const grey = slice.image[i];
+    let rgb = [grey, grey, grey];
+    const colour = overlayColour(slice.labels[i], enabled);
+    if (colour) {
+      rgb = rgb.map((value, c) => Math.round((1 - alpha) * value + alpha * colour[c]));
+      overlaid += 1;
+    }
+    if (showReference && slice.reference[i] > 0) {
+      const x = i % slice.width;
+      const y = Math.floor(i / slice.width);
+      if (isEdge(slice.reference, slice.width, slice.height, x, y)) rgb = [0, 200, 255];
+    }
+    pixels.data.set([rgb[0], rgb[1], rgb[2], 255], i * 4);
+  }
+  context.putImageData(pixels, 0, 0);
+  canvas.dataset.overlayPixels = String(overlaid);
+  return overlaid;
+}
+
+async function drawAll() {
+  const ticket = (state.drawing += 1);
+  const viewer = $("#viewer");
+  viewer.dataset.state = "drawing";
+  try {
+    const counts = await Promise.all(planes().map(drawPlane));
+    if (ticket === state.drawing) {
+      viewer.dataset.overlayPixels = String(counts.reduce((a, b) => a + b, 0));
+      viewer.dataset.state = "ready";
+    }
+  } catch (error) {
+    setStatus(error.message, "error");
+    viewer.dataset.state = "error";
+  }
+}
+
+function percent(value) {
+  return `${(100 * value).toFixed(1)} %`;
+}
+
+function showDetection(summary) {
+  $("#detection-label").textContent = summary.label;
+  $("#detection-probability").textContent = percent(summary.probability);
+  const types = summary.type_probabilities || {};
+  $("#detection-type").textContent = summary.tumour_type
+    ? `${summary.tumour_type} (${percent(types[summary.tumour_type])})`
+    : "-";
+  const mm2 = summary.tumour_area_mm2 === null ? "" : `, ${summary.tumour_area_mm2.toFixed(1)} mm²`;
+  $("#detection-area").textContent = `${summary.tumour_area_px} pixels${mm2}`;
+  $("#detection-dice").textContent = summary.dice ? summary.dice.tumour.toFixed(3) : "-";
+  $("#reference-toggle").hidden = !summary.dice;
+  const seconds = Object.values(summary.seconds || {}).reduce((a, b) => a + b, 0);
+  $("#case-info").textContent =
+    `${summary.case_id}: ${summary.shape.join(" x ")} pixels, ${summary.file_format}; ${seconds.toFixed(1)} s`;
+}
+
+function showSummary(summary) {
+  if (summary.kind === "2d") {
+    showDetection(summary);
+    return;
+  }
+  const body = $("#volumes tbody");
+  body.replaceChildren();
+  for (const region of REGIONS) {
+    const row = document.createElement("tr");
+    row.dataset.region = region;
+    const dice = summary.dice ? summary.dice[region] : null;
+    for (const text of [region, summary.volumes_ml[region].toFixed(2), dice === null || dice === undefined ? "-" : dice.toFixed(3)]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.append(cell);
+    }
+    body.append(row);
+  }
+  $("#reference-toggle").hidden = !summary.dice;
+  const seconds = Object.values(summary.seconds || {}).reduce((a, b) => a + b, 0);
+  $("#case-info").textContent =
+    `${summary.case_id}: ${summary.shape.join(" x ")} voxels, ${summary.spacing_mm.join(" x ")} mm, ` +
+    `${summary.layout} labels; ${seconds.toFixed(1)} s`;
+}
+
+async function showCase(summary) {
+  state.caseId = summary.result_id;
+  state.summary = summary;
+  state.kind = summary.kind === "2d" ? "2d" : "3d";
+  state.cache.clear();
+  $("#viewer").dataset.kind = state.kind;
+  $("#axial-name").textContent = state.kind === "2d" ? "Image" : "Axial";
+  for (const plane of planes()) {
+    const slider = document.querySelector(`.slice[data-plane="${plane}"]`);
+    slider.max = String(summary.slices[plane] - 1);
+    slider.value = String(summary.focus[plane]);
+  }
+  $("#download").href = summary.segmentation_url;
+  $("#download").setAttribute("download", summary.file_name);
+  $("#download").textContent =
+    state.kind === "2d" ? "Download tumour mask (.png)" : "Download segmentation (.nii.gz)";
+  showSummary(summary);
+  $("#viewer").hidden = false;
+  await drawAll();
+  const detected = state.kind === "2d" ? ` Tumour: ${summary.label}.` : "";
+  setStatus(`Segmented ${summary.case_id}.${detected}`);
+}
+
+async function run(label, request) {
+  setStatus(`${label}: segmenting...`);
+  for (const button of document.querySelectorAll("#inputs button")) button.disabled = true;
+  try {
+    const summary = await readJson(await request());
+    await showCase(summary);
+  } catch (error) {
+    setStatus(error.message, "error");
+  } finally {
+    $("#upload-button").disabled = false;
+    $("#demo-button").disabled = $("#demo-select").options.length === 0 || $("#demo-select").disabled;
+  }
+}
+
+$("#upload-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const files = $("#files").files;
+  if (!files.length) {
+    setStatus("Choose the case's files first.", "error");
+    return;
+  }
+  const form = new FormData();
+  for (const file of files) form.append("files", file, file.name);
+  run(files.length === 1 ? files[0].name : `${files.length} files`, () =>
+    fetch("/predict?format=viewer", { method: "POST", body: form }),
+  );
+});
+
+$("#demo-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const caseId = $("#demo-select").value;
+  run(caseId, () => fetch(`/demo/${encodeURIComponent(caseId)}?format=viewer`, { method: "POST" }));
+});
+
+$("#reference-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const file = $("#reference-file").files[0];
+  if (!file || !state.caseId) return;
+  const form = new FormData();
+  form.append("file", file, file.name);
+  try {
+    const body = await readJson(
+      await fetch(`/cases/${encodeURIComponent(state.caseId)}/ground-truth`, { method: "POST", body: form }),
+    );
+    state.summary.dice = body.dice;
+    state.cache.clear();
+    showSummary(state.summary);
+    await drawAll();
+    setStatus("Scored against the ground truth.");
+  } catch (error) {
+    setStatus(error.message, "error");
+  }
+});
+
+for (const control of document.querySelectorAll(".region, #opacity, #show-reference")) {
+  control.addEventListener("input", () => state.caseId && drawAll());
+}
+$("#modality").addEventListener("change", () => state.caseId && drawAll());
+for (const slider of document.querySelectorAll(".slice")) {
+  slider.addEventListener("input", () => state.caseId && drawPlane(slider.dataset.plane));
+}
+
+async function loadModel() {
+  try {
+    const health = await readJson(await fetch("/health"));
+    const describe = (model) =>
+      [model.name, model.version ? `version ${model.version}` : null, model.alias ? `@${model.alias}` : null]
+        .filter(Boolean)
+        .join(" ");
+    const planar = health.model_2d && health.model_2d.available ? describe(health.model_2d) : "unavailable";
+    $("#model").textContent = `model: ${describe(health.model)}; 2-D model: ${planar}`;
+  } catch (error) {
+    $("#model").textContent = `model: unavailable (${error.message})`;
+  }
+}
+
+async function loadDemos(attempt = 0) {
+  const select = $("#demo-select");
+  try {
+    const demo = await readJson(await fetch("/demo"));
+    if (!demo.ready && attempt < 60) {
+      setTimeout(() => loadDemos(attempt + 1), 1000);
+      return;
+    }
+    select.replaceChildren(
+      ...demo.cases.map((caseId) => {
+        const option = document.createElement("option");
+        option.value = caseId;
+        option.textContent = caseId;
+        return option;
+      }),
+    );
+    select.disabled = demo.cases.length === 0;
+    $("#demo-button").disabled = demo.cases.length === 0;
+    if (!demo.cases.length) select.replaceChildren(new Option(demo.error ? "demo unavailable" : "no demo cases"));
+  } catch (error) {
+    select.replaceChildren(new Option("demo unavailable"));
+  }
+}
+
+loadModel();
+loadDemos();

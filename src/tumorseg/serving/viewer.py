@@ -1,0 +1,323 @@
+"""What the browser viewer needs from a prediction: display volumes, slices, Dice, and a bounded store.
+
+The browser never decodes NIfTI. After a prediction the server keeps a *display case*: the four
+modalities windowed to uint8 and the canonical labels, all reoriented to the closest RAS grid (an
+axis permutation and flips only, no resampling, so voxels stay the model's output voxels). Slices
+are then plain array views:
+
+- axial ``[:, :, k]``, coronal ``[:, k, :]``, sagittal ``[k, :, :]`` of the ``(X, Y, Z)`` RAS grid;
+- drawn in radiological convention (patient right on the viewer's left, anterior / superior up),
+  with the in-plane voxel sizes so the page can draw anisotropic voxels at their true aspect.
+
+A 2-D prediction is kept as a :class:`PlanarDisplay` (one image, its mask and the detection
+result) and served through the same endpoints, as a single slice.
+
+Display cases live in :class:`ResultStore`: at most ``serve.max_results`` of them, each dropped
+``serve.result_ttl_s`` after its last use, so the server's memory stays bounded however many
+predictions the viewer asks for.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from tumorseg.data.conventions import CANONICAL_MODALITIES, REGIONS
+
+Plane = Literal["axial", "coronal", "sagittal"]
+PLANE_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Reorient the last three axes of ``volume`` to the closest RAS grid (no resampling).
+
+    Args:
+        volume: ``(..., X, Y, Z)`` in the source voxel order.
+        affine: the source voxel-to-world affine.
+
+    Returns:
+        The reoriented array (a view where possible) and its voxel sizes in mm along the new axes.
+    """
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    leading = volume.ndim - 3
+    # apply_orientation works on the first axes: move the spatial axes to the front and back.
+    spatial_first = np.moveaxis(volume, tuple(range(leading, volume.ndim)), (0, 1, 2))
+    reoriented = nib.orientations.apply_orientation(spatial_first, ornt)
+    reoriented = np.moveaxis(reoriented, (0, 1, 2), tuple(range(leading, volume.ndim)))
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    # ornt[i, 0] is the output axis source axis i lands on: voxel sizes follow the output order.
+    spacing = [0.0, 0.0, 0.0]
+    for source_axis, (output_axis, _) in enumerate(ornt):
+        spacing[int(output_axis)] = float(zooms[source_axis])
+    return reoriented, (spacing[0], spacing[1], spacing[2])
+
+
+def window_uint8(volume: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
+    """One modality ``(X, Y, Z)`` -> uint8, windowed on percentiles of its non-zero voxels.
+
+    Percentiles come from a strided sample (every 7th voxel): exact enough for display, and a
+    240 x 240 x 155 volume is not sorted on every request.
+    """
+    sample = volume.reshape(-1)[::7]
+    sample = sample[np.isfinite(sample) & (sample != 0)]
+    if sample.size == 0:
+        return np.zeros(volume.shape, dtype=np.uint8)
+    low, high = np.percentile(sample, [low_pct, high_pct])
+    scale = 255.0 / max(float(high - low), 1e-6)
+    out = np.nan_to_num((volume - low) * scale, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def dice_per_region(prediction: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Dice of WT, TC and ET between two canonical label volumes of the same shape.
+
+    Both empty counts as 1.0 (the BraTS convention: an absent region correctly predicted absent).
+    """
+    scores: dict[str, float] = {}
+    for region, codes in REGIONS.items():
+        pred = np.isin(prediction, codes)
+        ref = np.isin(reference, codes)
+        total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
+        scores[region] = 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
+    return scores
+
+
+@dataclass
+class DisplayCase:
+    """A prediction kept for the viewer.
+
+    Attributes:
+        case_id: the case's id.
+        images: uint8 ``(4, X, Y, Z)`` windowed modalities on the RAS grid (t1, t1ce, t2, flair).
+        labels: uint8 ``(X, Y, Z)`` canonical predicted labels on the RAS grid.
+        spacing: voxel sizes (mm) along X, Y, Z.
+        summary: the JSON the prediction returned (volumes, model, timings).
+        segmentation: the ``.nii.gz`` bytes in the input's geometry and label convention.
+        file_name: the download name (``<case_id>.nii.gz``).
+        source_shape: shape of the input grid (a ground-truth mask must have it).
+        source_affine: affine of the input grid (to reorient a ground-truth mask the same way).
+        label_convention: the input's label convention (a ground truth is read in it).
+        reference: canonical ground-truth labels on the RAS grid, once given.
+        dice: Dice per region against ``reference``.
+    """
+
+    case_id: str
+    images: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+    summary: dict[str, Any]
+    segmentation: bytes
+    file_name: str
+    source_shape: tuple[int, ...]
+    source_affine: np.ndarray
+    label_convention: str
+    reference: np.ndarray | None = None
+    dice: dict[str, float] | None = None
+    touched: float = field(default_factory=time.monotonic)
+
+    media_type = "application/gzip"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.labels.shape)  # type: ignore[return-value]
+
+    def slices(self) -> dict[str, int]:
+        """Number of slices per plane."""
+        return {plane: self.shape[axis] for plane, axis in PLANE_AXIS.items()}
+
+    def set_reference(self, canonical_source: np.ndarray) -> dict[str, float]:
+        """Store a ground truth given on the source grid (canonical codes) and score the prediction."""
+        reference, _ = to_ras(canonical_source, self.source_affine)
+        self.reference = np.ascontiguousarray(reference, dtype=np.uint8)
+        self.dice = dice_per_region(self.labels, self.reference)
+        return self.dice
+
+    def slice_payload(self, plane: str, index: int, modality: str) -> dict[str, Any]:
+        """One slice as base64 uint8 rows (radiological orientation) for the page to draw.
+
+        Returns:
+            ``width``, ``height``, ``pixel_mm`` (column, row), ``image``, ``labels`` and, when a
+            ground truth was given, ``reference`` (base64 of ``height x width`` bytes each).
+        """
+        axis = PLANE_AXIS[plane]
+        channel = CANONICAL_MODALITIES.index(modality)
+        layers = {"image": self.images[channel], "labels": self.labels}
+        if self.reference is not None:
+            layers["reference"] = self.reference
+        payload: dict[str, Any] = {"plane": plane, "index": index, "modality": modality}
+        for name, volume in layers.items():
+            rows = _radiological(np.take(volume, index, axis=axis), plane)
+            payload[name] = base64.b64encode(np.ascontiguousarray(rows).tobytes()).decode("ascii")
+            payload["height"], payload["width"] = (int(n) for n in rows.shape)
+        in_plane = [self.spacing[a] for a in range(3) if a != axis]
+        payload["pixel_mm"] = [in_plane[0], in_plane[1]]
+        return payload
+
+
+def _radiological(section: np.ndarray, plane: str) -> np.ndarray:
+    """A 2-D section of the RAS grid -> rows top to bottom, columns left to right as displayed.
+
+    axial ``(X, Y)``: rows anterior -> posterior, columns patient right -> left;
+    coronal ``(X, Z)``: rows superior -> inferior, columns right -> left;
+    sagittal ``(Y, Z)``: rows superior -> inferior, columns anterior -> posterior.
+    """
+    return section[::-1, ::-1].T
+
+
+def build_display_case(
+    case_id: str,
+    image: np.ndarray,
+    canonical: np.ndarray,
+    affine: np.ndarray,
+    label_convention: str,
+    summary: dict[str, Any],
+    segmentation: bytes,
+) -> DisplayCase:
+    """A :class:`DisplayCase` from a prediction on the source grid.
+
+    Args:
+        case_id: the case.
+        image: float32 ``(4, X, Y, Z)`` modalities on the source grid.
+        canonical: uint8 ``(X, Y, Z)`` canonical predicted labels on the source grid.
+        affine: source voxel-to-world.
+        label_convention: the input's label convention.
+        summary: the prediction's JSON summary.
+        segmentation: the written ``.nii.gz`` bytes.
+    """
+    images, spacing = to_ras(image, affine)
+    labels, _ = to_ras(canonical, affine)
+    windowed = np.stack([window_uint8(channel) for channel in images])
+    return DisplayCase(
+        case_id=case_id,
+        images=windowed,
+        labels=np.ascontiguousarray(labels, dtype=np.uint8),
+        spacing=spacing,
+        summary=summary,
+        segmentation=segmentation,
+        file_name=f"{case_id}.nii.gz",
+        source_shape=tuple(int(n) for n in canonical.shape),
+        source_affine=np.asarray(affine, dtype=np.float64),
+        label_convention=label_convention,
+    )
+
+
+@dataclass
+class PlanarDisplay:
+    """A 2-D prediction kept for the viewer: one image, its mask, the detection result.
+
+    The image is shown as stored (rows top to bottom, columns left to right): a 2-D file carries no
+    orientation. The viewer's three planes collapse to one (``axial``, index 0), its regions to one
+    (``tumour``).
+
+    Attributes:
+        case_id: the image's case id.
+        image: uint8 ``(H, W)``, windowed for display.
+        labels: uint8 ``(H, W)`` 0/1 predicted tumour mask at the input's own size.
+        pixel_mm: in-plane pixel side (1.0 when unknown: square pixels).
+        summary: the JSON the prediction returned (probability, label, type, area, model).
+        segmentation: the mask PNG (0/255) bytes.
+        file_name: the download name (``<case_id>_mask.png``).
+        reference: the file's own tumour mask (Figshare ``tumorMask``), uint8 ``(H, W)``, or None.
+    """
+
+    case_id: str
+    image: np.ndarray
+    labels: np.ndarray
+    pixel_mm: float
+    summary: dict[str, Any]
+    segmentation: bytes
+    file_name: str
+    reference: np.ndarray | None = None
+    touched: float = field(default_factory=time.monotonic)
+
+    media_type = "image/png"
+
+    def slices(self) -> dict[str, int]:
+        """One plane of one slice."""
+        return {"axial": 1}
+
+    def focus(self) -> dict[str, int]:
+        return {"axial": 0}
+
+    def slice_payload(self, plane: str, index: int, modality: str) -> dict[str, Any]:
+        """The image as :meth:`DisplayCase.slice_payload` sends a slice (``modality`` is ignored)."""
+        layers = {"image": self.image, "labels": self.labels}
+        if self.reference is not None:
+            layers["reference"] = self.reference
+        payload: dict[str, Any] = {"plane": "axial", "index": 0, "modality": "image"}
+        for name, rows in layers.items():
+            payload[name] = base64.b64encode(np.ascontiguousarray(rows, dtype=np.uint8).tobytes()).decode(
+                "ascii"
+            )
+        payload["height"], payload["width"] = (int(n) for n in self.labels.shape)
+        payload["pixel_mm"] = [self.pixel_mm, self.pixel_mm]
+        return payload
+
+
+def build_planar_display(result: dict[str, Any]) -> PlanarDisplay:
+    """A :class:`PlanarDisplay` from :func:`tumorseg.serving.planar.predict_planar_file`'s result."""
+    reference = result["reference"]
+    summary = result["summary"]
+    return PlanarDisplay(
+        case_id=summary["case_id"],
+        image=window_uint8(np.asarray(result["image"], dtype=np.float32)),
+        labels=np.ascontiguousarray(result["mask"] > 0, dtype=np.uint8),
+        pixel_mm=float(summary["pixel_size_mm"] or 1.0),
+        summary=summary,
+        segmentation=result["mask_png"],
+        file_name=result["file_name"],
+        reference=None if reference is None else np.ascontiguousarray(reference > 0, dtype=np.uint8),
+    )
+
+
+class ResultStore:
+    """Display cases by random id: at most ``max_items``, each expiring ``ttl_s`` after its last use.
+
+    Thread-safe: predictions are stored from worker threads and read from the event loop.
+    """
+
+    def __init__(self, max_items: int, ttl_s: float) -> None:
+        self.max_items = max_items
+        self.ttl_s = ttl_s
+        self._items: OrderedDict[str, DisplayCase | PlanarDisplay] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, item in self._items.items() if now - item.touched > self.ttl_s]:
+            del self._items[key]
+
+    def add(self, item: DisplayCase | PlanarDisplay) -> str:
+        """Store ``item`` (dropping expired and least recently used ones) and return its new id."""
+        key = secrets.token_urlsafe(12)
+        with self._lock:
+            now = time.monotonic()
+            self._expire(now)
+            while len(self._items) >= self.max_items:
+                self._items.popitem(last=False)
+            item.touched = now
+            self._items[key] = item
+        return key
+
+    def get(self, key: str) -> DisplayCase | PlanarDisplay | None:
+        with self._lock:
+            now = time.monotonic()
+            self._expire(now)
+            item = self._items.get(key)
+            if item is not None:
+                item.touched = now
+                self._items.move_to_end(key)
+            return item
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire(time.monotonic())
+            return len(self._items)

@@ -1,0 +1,47 @@
+"""A throw-away DVC repository holding the project's real ``dvc.yaml``, for the ``dvc repro`` tests.
+
+Shared by tests/integration/test_dvc_pipeline.py (3-D branch) and tests/planar/test_planar_dvc.py
+(2-D branch); test modules load this file by path (the tests folders are not packages).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+"""The venv's bin folder: ``dvc`` and the ``tumorseg`` console script the stages call."""
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 600) -> str:
+    """Run ``cmd`` in ``cwd`` with the venv first on PATH; fail the test with its output if it fails."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def write_params(repo: Path, params: dict[str, Any]) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def dvc_repo(tmp_path: Path, params: dict[str, Any]) -> Path:
+    """``tmp_path/repo``: git + DVC initialised, the real ``dvc.yaml``, ``params`` as params.yaml.
+
+    ``src`` links to the project's sources, since stage deps name the code they run.
+    """
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    (repo / "src").symlink_to(ROOT / "src")
+    write_params(repo, params)
+    run(["git", "init", "-q"], repo)
+    run([str(BIN / "dvc"), "init", "-q"], repo)
+    return repo

@@ -1,0 +1,51 @@
+"""The real dvc.yaml's 2-D branch on tiny generated data: repro to promote_2d, then nothing to redo."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tumorseg.config import apply_overrides
+
+
+def _load(name: str, path: Path):  # noqa: ANN202  (a module)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+dvc_support = _load("dvc_support", Path(__file__).parents[1] / "dvc_support.py")
+fixtures = _load("planar_fixtures", Path(__file__).with_name("planar_fixtures.py"))
+ROOT, BIN = dvc_support.ROOT, dvc_support.BIN
+PLANAR_STAGES = (*fixtures.PLANAR_STAGES, "promote_2d")
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    return dvc_support.run(cmd, cwd, timeout=900)
+
+
+@pytest.mark.slow
+def test_dvc_repro_planar_branch(tmp_path: Path) -> None:
+    params = apply_overrides(
+        yaml.safe_load((ROOT / "params.yaml").read_text()),
+        {**fixtures.TINY_2D_DATA_OVERRIDES, **fixtures.TINY_2D_OVERRIDES},
+    )
+    repo = dvc_support.dvc_repo(tmp_path, params)
+
+    first = _run([str(BIN / "dvc"), "repro", "promote_2d"], repo)
+    for stage in PLANAR_STAGES:
+        assert f"Running stage '{stage}'" in first, stage
+    for stage in ("synth", "train", "evaluate"):  # the 3-D branch is not pulled in
+        assert f"Running stage '{stage}'" not in first
+    metrics = json.loads((repo / "reports" / "metrics_2d.json").read_text())
+    assert metrics["detection"]["method"] in ("classifier", "area_rule")
+    for name in ("promotion_2d.json", "promotion_detect.json"):
+        assert json.loads((repo / "reports" / name).read_text())["action"] == "promoted"
+
+    second = _run([str(BIN / "dvc"), "repro", "promote_2d"], repo)
+    assert "Running stage" not in second

@@ -1,0 +1,93 @@
+"""The 2-D Prefect flow: cache keys mirror dvc.yaml, and the whole branch runs on Prefect's test server."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # nothing leaves the machine
+
+ROOT = Path(__file__).resolve().parents[2]
+_SPEC = importlib.util.spec_from_file_location(
+    "planar_fixtures", Path(__file__).with_name("planar_fixtures.py")
+)
+fixtures = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(fixtures)
+PLANAR_STAGES = fixtures.PLANAR_STAGES
+
+
+def test_stage_specs_agree_with_dvc_yaml() -> None:
+    """Every params key a 2-D DVC stage lists is part of the flow's cache key for that stage."""
+    from pipelines.planar_flow import STAGES
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(PLANAR_STAGES) <= set(stages) and "promote_2d" in stages
+    for name in PLANAR_STAGES:
+        spec = STAGES[name]
+        for key in stages[name].get("params", []):
+            assert any(key == p or key.startswith(f"{p}.") for p in spec.params), (
+                f"{name}: {key} not in the cache key"
+            )
+
+
+@pytest.fixture(scope="module")
+def prefect_server() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _flow_params(tmp: Path) -> Path:
+    from tumorseg.config import apply_overrides, read_params
+
+    overrides: dict[str, Any] = {
+        **{f"paths.{k}_2d": str(tmp / f"{k}_2d") for k in ("raw", "ingested", "validated", "preprocessed")},
+        "paths.split_2d": str(tmp / "split_2d.json"),
+        "paths.reports": str(tmp / "reports"),
+        "paths.mlruns": str(tmp / "mlruns"),
+        "mlflow.tracking_uri": f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
+        "flow.cache_dir": str(tmp / ".prefect-cache"),
+        **fixtures.TINY_2D_DATA_OVERRIDES,
+        **fixtures.TINY_2D_OVERRIDES,
+        "train_2d.out_dir": str(tmp / "models" / "planar"),
+        "trainer.accelerator": "cpu",
+    }
+    path = tmp / "params.yaml"
+    path.write_text(
+        yaml.safe_dump(apply_overrides(read_params(ROOT / "params.yaml"), overrides), sort_keys=False)
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_planar_flow_end_to_end_then_cached(prefect_server: None, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from pipelines.planar_flow import planar_flow
+
+    params_file = _flow_params(tmp_path)
+    first = planar_flow(params_path=str(params_file))
+    assert first["split_2d"]["test"] > 0
+    assert {d["action"] for d in first["promote_2d"].values()} == {"promoted"}
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    for name in ("tumorseg-2d", "tumorseg-detect"):
+        assert client.get_model_version_by_alias(name, "champion").version is not None
+    assert (tmp_path / "reports" / "metrics_2d.json").is_file()
+    per_case = pd.read_csv(tmp_path / "reports" / "test_2d_per_case.csv")
+    # masks are scored on the original images (restored from the preprocessing geometry)
+    assert set(per_case.loc[per_case["has_mask"], "scored_on"]) == {"source"}
+    assert (tmp_path / "reports" / "promotion_detect.json").is_file()
+
+    # unchanged data, params and code: every stage is a cache hit, no new version, champion kept
+    second = planar_flow(params_path=str(params_file))
+    assert second["evaluate_2d"]["registered"] == first["evaluate_2d"]["registered"]
+    assert {d["action"] for d in second["promote_2d"].values()} == {"kept"}
+    assert len(client.search_model_versions("name = 'tumorseg-2d'")) == 1

@@ -1,0 +1,95 @@
+"""Simultaneous requests: a bounded pool, a bounded queue (503 beyond it), and the request timeout.
+
+The network waits on a gate the test opens, so "four requests at once" really overlap, whatever
+the machine's speed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from serving_support import GatedNetwork, case_files, fx, leftover_request_dirs, oracle_model, service_of
+
+
+@pytest.fixture(scope="module")
+def small_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fx.write_brats_case(tmp_path_factory.mktemp("cases"), "BraTS2021_00001", seed=2)
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)
+
+
+def gated_service(make_client, **options: object) -> tuple[threading.Event, GatedNetwork, object, object]:
+    """A client whose oracle network blocks every forward pass until the returned gate is set.
+
+    Returns:
+        ``(gate, network, client, service)``: the network counts how many passes run at once.
+    """
+    gate = threading.Event()
+    network = GatedNetwork(oracle_model().trained.network, gate)
+    client = make_client(loaded_model=oracle_model(network), **options)
+    return gate, network, client, service_of(client)
+
+
+def test_several_simultaneous_requests_run_at_most_workers_at_a_time(make_client, small_case: Path) -> None:
+    gate, network, client, service = gated_service(make_client, workers=2, queue_size=4)
+    with ThreadPoolExecutor(max_workers=5) as clients:
+        futures = [
+            clients.submit(client.post, "/predict?format=json", files=case_files(small_case))
+            for _ in range(5)
+        ]
+        wait_until(lambda: service.pool.pending == 5)
+        time.sleep(0.2)
+        assert network.active <= 2
+        gate.set()
+        responses = [future.result(timeout=60) for future in futures]
+    assert [r.status_code for r in responses] == [200] * 5
+    assert network.max_active == 2  # two workers, never more
+    assert len({r.json()["volumes_ml"]["WT"] for r in responses}) == 1
+    assert service.pool.pending == 0
+    assert leftover_request_dirs(client) == []
+
+
+def test_requests_beyond_the_queue_get_503_with_retry_after(make_client, small_case: Path) -> None:
+    gate, network, client, service = gated_service(make_client, workers=1, queue_size=1)
+    with ThreadPoolExecutor(max_workers=2) as clients:
+        held = [clients.submit(client.post, "/predict", files=case_files(small_case)) for _ in range(2)]
+        wait_until(lambda: service.pool.pending == 2)
+        refused = client.post("/predict", files=case_files(small_case))
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "5"
+        assert "server busy" in refused.json()["error"]
+        assert client.get("/health").json()["pending"] == 2  # health still answers while busy
+        gate.set()
+        assert [f.result(timeout=60).status_code for f in held] == [200, 200]
+    assert leftover_request_dirs(client) == []
+
+
+def test_a_request_over_the_time_limit_gets_504_and_its_files_are_removed(
+    make_client, small_case: Path
+) -> None:
+    gate, network, client, service = gated_service(
+        make_client, workers=1, queue_size=2, request_timeout_s=1.0
+    )
+    with ThreadPoolExecutor(max_workers=2) as clients:
+        running = clients.submit(client.post, "/predict", files=case_files(small_case))
+        wait_until(lambda: network.active == 1)
+        queued = clients.submit(client.post, "/predict", files=case_files(small_case))
+        first, second = running.result(timeout=30), queued.result(timeout=30)
+    for response in (first, second):
+        assert response.status_code == 504
+        assert "serve.request_timeout_s" in response.json()["error"]
+    # the queued job was cancelled before it started; the running one finishes and cleans up
+    gate.set()
+    wait_until(lambda: service.pool.pending == 0)
+    assert leftover_request_dirs(client) == []
+    assert network.max_active == 1

@@ -1,0 +1,258 @@
+"""The viewer page end to end in a real headless Chromium (Debian's, driven by Playwright).
+
+A uvicorn server runs the app in a thread on a free port; the browser loads the page, uploads a
+generated case through the file input, waits for the overlay, checks the volumes it shows against
+the API's JSON, scores a ground-truth mask, toggles a region, and saves a screenshot
+(``<tmp>/viewer.png``; also copied to ``$TUMORSEG_VIEWER_PNG`` when set, e.g. ``docs/viewer.png``).
+
+The 2-D test uploads a generated Figshare slice (``tumorseg.data.planar_synth``), checks the
+detection the page shows against the API's JSON, the single-region toggle and the opacity control,
+and saves ``<tmp>/viewer_2d.png`` (copied to ``$TUMORSEG_VIEWER_2D_PNG`` when set, e.g.
+``docs/viewer_2d.png``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from serving_support import oracle_model, planar_oracle_slot, serve_params
+
+from tumorseg.serving.app import ServeSettings, create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium)"
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server_url(tmp_path: Path) -> Iterator[str]:
+    """The app (oracle model, one demo case) served by uvicorn in a thread."""
+    settings = ServeSettings.from_params(
+        serve_params(tmp_path, demo_cases=1, demo_spacing_mm=4.0), model_uri="oracle"
+    )
+    yield from serve_in_thread(create_app(settings, loaded_model=oracle_model()))
+
+
+@pytest.fixture
+def planar_server_url(tmp_path: Path) -> Iterator[str]:
+    """The app with the 2-D oracle too (no demo cases) served by uvicorn in a thread."""
+    settings = ServeSettings.from_params(serve_params(tmp_path), model_uri="oracle")
+    yield from serve_in_thread(create_app(settings, loaded_model=oracle_model(), planar=planar_oracle_slot()))
+
+
+def serve_in_thread(app: object) -> Iterator[str]:
+    """Run ``app`` with uvicorn on a free port in a daemon thread; yield its URL, then stop it."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise AssertionError("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=15)
+
+
+def launch_chromium(playwright: object) -> object:
+    return playwright.chromium.launch(
+        executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+    )
+
+
+def test_upload_a_case_see_the_overlay_volumes_and_dice(
+    server_url: str, synth_case: Path, tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    modalities = sorted(str(p) for p in synth_case.glob("*.nii.gz") if "_seg" not in p.name)
+    expected = httpx.post(
+        f"{server_url}/predict?format=json",
+        files=[("files", (Path(p).name, Path(p).read_bytes())) for p in modalities],
+        timeout=60,
+    ).json()["volumes_ml"]
+
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+            page.goto(server_url + "/")
+            page.wait_for_function("document.querySelector('#model').textContent.includes('oracle')")
+
+            page.set_input_files("#files", modalities)
+            page.click("#upload-button")
+            page.wait_for_selector('#viewer[data-state="ready"]', timeout=60_000)
+            assert int(page.get_attribute("#viewer", "data-overlay-pixels")) > 0
+            shown = {
+                row.get_attribute("data-region"): float(row.query_selector_all("td")[1].inner_text())
+                for row in page.query_selector_all("#volumes tbody tr")
+            }
+            assert shown == pytest.approx({k: round(v, 2) for k, v in expected.items()}, abs=0.006)
+            assert "BraTS2021_00001" in page.inner_text("#case-info")
+
+            # ground truth -> Dice per region in the table, and its outline drawn
+            page.set_input_files("#reference-file", str(synth_case / f"{synth_case.name}_seg.nii.gz"))
+            page.click("#reference-form button")
+            page.wait_for_function("document.querySelector('#status').textContent.includes('ground truth')")
+            page.wait_for_selector('#viewer[data-state="ready"]')
+            dice = [
+                row.query_selector_all("td")[2].inner_text()
+                for row in page.query_selector_all("#volumes tbody tr")
+            ]
+            assert all(0.0 <= float(value) <= 1.0 for value in dice), dice
+            assert not page.is_hidden("#reference-toggle")
+
+            # switching a region off redraws with fewer overlay pixels
+            before = int(page.get_attribute("#viewer", "data-overlay-pixels"))
+            page.uncheck('.region[value="WT"]')
+            page.wait_for_function(
+                f"document.querySelector('#viewer').dataset.state === 'ready' && "
+                f"Number(document.querySelector('#viewer').dataset.overlayPixels) < {before}"
+            )
+            page.check('.region[value="WT"]')
+            page.wait_for_selector('#viewer[data-state="ready"]')
+
+            # the download link serves the segmentation
+            href = page.get_attribute("#download", "href")
+            assert httpx.get(server_url + href, timeout=30).headers["content-type"] == "application/gzip"
+
+            screenshot = tmp_path / "viewer.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            assert screenshot.stat().st_size > 10_000
+
+            # a bad upload shows the server's one-line error instead of breaking the page
+            page.set_input_files("#files", str(synth_case / f"{synth_case.name}_t1.nii.gz"))
+            page.click("#upload-button")
+            page.wait_for_selector('#status[data-kind="error"]')
+            assert "missing modality file" in page.inner_text("#status")
+
+            # the demo list fills once the demo case is generated, and segments on click
+            page.wait_for_selector("#demo-button:not([disabled])", timeout=60_000)
+            page.click("#demo-button")
+            page.wait_for_function("document.querySelector('#status').textContent.startsWith('Segmented')")
+        finally:
+            browser.close()
+    # the only console error is the browser's own log line for the deliberate 422 above
+    assert [p for p in problems if "status of 422" not in p] == [], problems
+    if target := os.environ.get("TUMORSEG_VIEWER_PNG"):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(screenshot, target)
+
+
+OVERLAY_RED = """() => {
+  const canvas = document.getElementById("canvas-axial");
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let red = 0;
+  for (let i = 0; i < data.length; i += 4) red += Math.max(0, data[i] - data[i + 1]);
+  return red;
+}"""
+
+
+def test_upload_a_2d_slice_see_the_mask_detection_and_download_it(
+    planar_server_url: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from tumorseg.data.planar_synth import SynthPlanarConfig, figshare_patient_slices, write_figshare_mat
+
+    (generated,) = figshare_patient_slices(1, SynthPlanarConfig(spacing_mm=4.0, slices_per_patient=1))
+    mat = write_figshare_mat(
+        tmp_path / "12.mat", generated["image"], generated["mask"], generated["label"], generated["pid"]
+    )
+    expected = httpx.post(
+        f"{planar_server_url}/predict?format=json",
+        files=[("files", (mat.name, mat.read_bytes()))],
+        timeout=60,
+    ).json()
+    assert expected["tumour_area_px"] > 0
+
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+            page.goto(planar_server_url + "/")
+            page.wait_for_function("document.querySelector('#model').textContent.includes('oracle-2d')")
+
+            page.set_input_files("#files", str(mat))
+            page.click("#upload-button")
+            page.wait_for_selector('#viewer[data-state="ready"]', timeout=60_000)
+            assert page.get_attribute("#viewer", "data-kind") == "2d"
+            overlay = int(page.get_attribute("#viewer", "data-overlay-pixels"))
+            assert overlay == expected["tumour_area_px"]  # the whole mask, at the image's own size
+
+            # the detection shown is the API's
+            assert page.inner_text("#detection-label") == expected["label"]
+            assert page.inner_text("#detection-probability") == f"{100 * expected['probability']:.1f} %"
+            assert expected["tumour_type"] and expected["tumour_type"] in page.inner_text("#detection-type")
+            assert page.inner_text("#detection-area").startswith(f"{expected['tumour_area_px']} pixels")
+            assert page.inner_text("#detection-dice") == f"{expected['dice']['tumour']:.3f}"
+            assert f"Tumour: {expected['label']}" in page.inner_text("#status")
+
+            # one slice, one region: the 3-D planes, regions, modality and volumes are hidden
+            for hidden in ('figure[data-plane="coronal"]', '.region[value="WT"]', "#modality", "#volumes"):
+                assert page.is_hidden(hidden), hidden
+            assert page.is_visible('.region[value="tumour"]') and page.is_visible("#detection")
+
+            # opacity: a stronger overlay is redder; the tumour toggle removes it
+            before = page.evaluate(OVERLAY_RED)
+            page.eval_on_selector(
+                "#opacity", "el => { el.value = 100; el.dispatchEvent(new Event('input')); }"
+            )
+            page.wait_for_function(f"({OVERLAY_RED})() > {before}")
+            page.uncheck('.region[value="tumour"]')
+            page.wait_for_function(
+                "document.querySelector('#viewer').dataset.state === 'ready' && "
+                "Number(document.querySelector('#viewer').dataset.overlayPixels) === 0"
+            )
+            page.check('.region[value="tumour"]')
+            page.eval_on_selector(
+                "#opacity", "el => { el.value = 45; el.dispatchEvent(new Event('input')); }"
+            )
+            page.wait_for_function(
+                f"Number(document.querySelector('#viewer').dataset.overlayPixels) === {overlay}"
+            )
+
+            # the download link serves the mask PNG at the slice's size
+            href = page.get_attribute("#download", "href")
+            assert page.get_attribute("#download", "download") == "figshare-12_mask.png"
+            download = httpx.get(planar_server_url + href, timeout=30)
+            assert download.headers["content-type"] == "image/png"
+
+            screenshot = tmp_path / "viewer_2d.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            assert screenshot.stat().st_size > 10_000
+        finally:
+            browser.close()
+    assert problems == [], problems
+    if target := os.environ.get("TUMORSEG_VIEWER_2D_PNG"):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(screenshot, target)
