@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from tiny_data import tiny_overrides
 
 from tumorseg.bench_training import benchmark_training
 

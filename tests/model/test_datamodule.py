@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_overrides
+from tiny_data import tiny_overrides
 
 from tumorseg.config import apply_overrides
 from tumorseg.data.datamodule import SegmentationDataModule, case_records, read_split, smallest_shape

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from conftest import tiny_overrides, write_tiny_dataset
+from tiny_data import tiny_overrides, write_tiny_dataset
 
 from tumorseg.training.train import train
 

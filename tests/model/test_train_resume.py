@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_overrides
+from tiny_data import tiny_overrides
 
 from tumorseg.training.train import train
 

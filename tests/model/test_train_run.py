@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from tiny_data import tiny_overrides
 
 from tumorseg.models.checkpoint import load_trained_network
 from tumorseg.training.scoring import score_split
