@@ -261,7 +261,7 @@ def bench_tuning() -> dict[str, Any]:
     result = bench_tuning_workers("params.yaml")
     result["rows"] = [
         [
-            f"Optuna, {result['n_trials']} tiny trials on one SQLite study",
+            f"Optuna, {result['n_trials']} small trials (2 epochs x 16 steps) on one SQLite study",
             f"2 workers: {result['two_workers_s']:.1f} s",
             f"1 worker: {result['one_worker_s']:.1f} s",
             f"speed-up {result['speedup']:.2f}x on {result['cpu_count']} cores",

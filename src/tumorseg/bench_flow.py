@@ -117,11 +117,14 @@ def bench_flow_overhead(params_path: str | Path = "params.yaml", *, compress: bo
     }
 
 
-def bench_tuning_workers(params_path: str | Path = "params.yaml", *, n_trials: int = 4) -> dict[str, Any]:
-    """Wall time of ``n_trials`` tiny trials: 1 worker vs. 2 worker processes on one SQLite study.
+def bench_tuning_workers(params_path: str | Path = "params.yaml", *, n_trials: int = 6) -> dict[str, Any]:
+    """Wall time of ``n_trials`` small trials: 1 worker vs. 2 worker processes on one SQLite study.
 
     Pruning is off and the search space is a single learning-rate dimension, so both sides train
-    the same number of equally sized networks.
+    the same number of equally sized networks. One worker runs in the calling process (what
+    ``tumorseg tune --n-jobs 1`` does); two workers are new processes, so their start-up (imports)
+    is part of their time: trials must be long enough (tens of optimiser steps) for the figure to
+    say something about parallel trials rather than about Python start-up.
     """
     from tumorseg.cli import main
     from tumorseg.tuning.study import run_study
@@ -136,7 +139,7 @@ def bench_tuning_workers(params_path: str | Path = "params.yaml", *, n_trials: i
             main([command, *extra, *p])
         params["tune"].update(
             {
-                "trial_overrides": {"train.max_epochs": 2, "train.steps_per_epoch": 4},
+                "trial_overrides": {"train.max_epochs": 2, "train.steps_per_epoch": 16},
                 "pruner": {"enabled": False},
                 "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
             }

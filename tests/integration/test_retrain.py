@@ -28,8 +28,12 @@ def _register_champion(params: dict, uri: str) -> str:
     """A registered version with alias champion (an empty logged model: the registry only needs the alias)."""
     import mlflow
 
+    from tumorseg.tracking import ensure_experiment
+
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
+    # An experiment whose artifacts live beside the test's database: the default experiment of a
+    # new SQLite store would put them under ./mlruns of the working directory (the checkout).
+    with mlflow.start_run(experiment_id=ensure_experiment(uri, "retrain-test")) as run:
         mlflow.log_text("weights", "model/weights.txt")
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     client.create_registered_model("tumorseg")
