@@ -47,10 +47,9 @@ def load_params(params_path: str | Path = "params.yaml", overrides: dict[str, An
 
 def tracking_uri(params: dict[str, Any]) -> str:
     """The MLflow tracking URI the flows' tasks pass on (``mlflow.tracking_uri`` or ``paths.mlruns``)."""
-    import tumorseg.training.config  # noqa: F401  (registers mlflow:)
-    from tumorseg.tracking import resolve_tracking_uri
+    from tumorseg.tracking import params_tracking_uri
 
-    return resolve_tracking_uri(section("mlflow", params).tracking_uri, section("paths", params).mlruns)
+    return params_tracking_uri(params)
 
 
 def validate_and_publish(

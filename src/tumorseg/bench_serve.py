@@ -64,12 +64,10 @@ def _model_uri(params: dict[str, Any], workdir: Path) -> tuple[str, str]:
     from tumorseg.config import section
     from tumorseg.errors import DataError
     from tumorseg.registry.loading import load_model
-    from tumorseg.tracking import resolve_tracking_uri
+    from tumorseg.tracking import params_tracking_uri
 
     uri = section("predict", params).model
-    tracking = resolve_tracking_uri(
-        params.get("mlflow", {}).get("tracking_uri"), section("paths", params).mlruns
-    )
+    tracking = params_tracking_uri(params)
     try:
         loaded = load_model(uri, tracking_uri=tracking)
         return uri, loaded.description
@@ -170,7 +168,7 @@ def bench_serve(
     )
     from tumorseg.registry.loading import load_model
     from tumorseg.serving.config import ServeConfig
-    from tumorseg.tracking import resolve_tracking_uri
+    from tumorseg.tracking import params_tracking_uri
 
     params = params if params is not None else read_params(params_file)
     with tempfile.TemporaryDirectory(prefix="tumorseg-bench-serve-", dir=workdir) as tmp:
@@ -232,9 +230,7 @@ def bench_serve(
 
             # baseline: the same predictor in this process
             predict_cfg = section("predict", params).model_copy(update={"device": "cpu"})
-            tracking = resolve_tracking_uri(
-                params.get("mlflow", {}).get("tracking_uri"), section("paths", params).mlruns
-            )
+            tracking = params_tracking_uri(params)
             predictor = SegmentationPredictor(
                 load_model(model_uri, tracking_uri=tracking).trained, predict_cfg
             )

@@ -36,6 +36,20 @@ def _params(args: argparse.Namespace, options: dict[str, Any] | None = None) -> 
     return apply_overrides(read_params(args.params), overrides)
 
 
+def _project_or_default_params(
+    args: argparse.Namespace, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """:func:`_params` inside a project; outside one (no ./params.yaml, none given), every section
+    at its defaults plus ``-S`` and the command's options: a checkpoint or MLflow URI still works."""
+    from tumorseg.config import apply_overrides
+
+    if Path(args.params).is_file() or args.params != "params.yaml":
+        return _params(args, options)
+    overrides = _overrides(args)
+    overrides.update({k: v for k, v in (options or {}).items() if v is not None})
+    return apply_overrides({}, overrides)
+
+
 # ---------------------------------------------------------------- data (issue: foundation)
 def _cmd_synth(args: argparse.Namespace) -> int:
     from tumorseg.config import section
@@ -176,7 +190,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- prediction and registry
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from tumorseg.config import apply_overrides, parse_override
     from tumorseg.planar.predict import is_planar_input
     from tumorseg.registry.predict import predict_folder
 
@@ -189,12 +202,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         "predict.uncertainty": True if args.uncertainty else None,
         "predict.device": args.device,
     }
-    if Path(args.params).is_file() or args.params != "params.yaml":
-        params = _params(args, options)
-    else:  # outside the project: every section at its defaults (a checkpoint or MLflow URI still works)
-        overrides = dict(parse_override(o) for o in args.set or [])
-        overrides.update({k: v for k, v in options.items() if v is not None})
-        params = apply_overrides({}, overrides)
+    params = _project_or_default_params(args, options)
     volumes: list[dict[str, Any]] = []
 
     def show(prediction: Any, files: list[Path]) -> None:
@@ -248,25 +256,16 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- 2-D models (src/tumorseg/planar)
-def _planar_params(args: argparse.Namespace) -> dict[str, Any]:
-    """params.yaml (+ -S) inside a project; outside one, every section at its defaults."""
-    from tumorseg.config import apply_overrides
-
-    if Path(args.params).is_file() or args.params != "params.yaml":
-        return _params(args)
-    return apply_overrides({}, _overrides(args))
 
 
 def _load_planar(args: argparse.Namespace, params: dict[str, Any], default_key: str) -> Any:
     from tumorseg.config import section
     from tumorseg.planar.config import PredictPlanarConfig
     from tumorseg.planar.package import load_planar_model
-    from tumorseg.tracking import resolve_tracking_uri
-    from tumorseg.training.config import MlflowConfig
+    from tumorseg.tracking import params_tracking_uri
 
     predict_cfg: PredictPlanarConfig = section("predict_2d", params, source=args.params)
-    mlflow_cfg: MlflowConfig = section("mlflow", params, source=args.params)
-    uri = resolve_tracking_uri(mlflow_cfg.tracking_uri, section("paths", params, source=args.params).mlruns)
+    uri = params_tracking_uri(params, source=args.params)
     return load_planar_model(args.model or getattr(predict_cfg, default_key), tracking_uri=uri)
 
 
@@ -274,7 +273,7 @@ def _predict_planar(args: argparse.Namespace) -> int:
     from tumorseg.planar.predict import planar_inputs, predict_images
 
     planar_inputs(args.input)  # a missing input is reported before any model is loaded
-    params = _planar_params(args)
+    params = _project_or_default_params(args)
     model = _load_planar(args, params, "model")
 
     def show(prediction: Any, path: Path) -> None:
@@ -290,7 +289,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from tumorseg.planar.predict import detect_images, planar_inputs
 
     planar_inputs(args.input)  # a missing input is reported before any model is loaded
-    params = _planar_params(args)
+    params = _project_or_default_params(args)
     model = _load_planar(args, params, "detect_model")
     results = detect_images(args.input, args.out, model)
     positives = sum(r.label for r in results)

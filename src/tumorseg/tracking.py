@@ -56,6 +56,20 @@ def resolve_tracking_uri(explicit: str | None = None, mlruns_dir: str | Path = "
     return explicit or os.environ.get(TRACKING_URI_ENV) or default_tracking_uri(mlruns_dir)
 
 
+def params_tracking_uri(
+    params: dict[str, Any], explicit: str | None = None, *, source: str = "params.yaml"
+) -> str:
+    """The store of a params dict: ``explicit``, else ``mlflow.tracking_uri``, else
+    ``$MLFLOW_TRACKING_URI``, else ``<paths.mlruns>/mlflow.db`` (:func:`resolve_tracking_uri`)."""
+    import tumorseg.training.config  # noqa: F401  (registers the mlflow: section)
+    from tumorseg.config import section
+
+    mlflow_cfg = section("mlflow", params, source=source)
+    return resolve_tracking_uri(
+        explicit or mlflow_cfg.tracking_uri, section("paths", params, source=source).mlruns
+    )
+
+
 def sqlite_path(tracking_uri: str) -> Path | None:
     """Database file of a ``sqlite:///`` URI (None for other stores)."""
     if not tracking_uri.startswith("sqlite:///"):

@@ -450,7 +450,7 @@ def run_compress_stage(
     from tumorseg.evaluation.pipeline_stage import split_cases
     from tumorseg.models.predictor import PredictConfig, SegmentationPredictor
     from tumorseg.registry.loading import load_model
-    from tumorseg.tracking import resolve_tracking_uri
+    from tumorseg.tracking import params_tracking_uri
 
     stage_start = time.perf_counter()
     cfg: CompressConfig = section("compress", params, source=source)
@@ -458,7 +458,7 @@ def run_compress_stage(
     eval_cfg: EvaluateConfig = section("evaluate", params, source=source)
     paths = section("paths", params, source=source)
     mlflow_cfg = section("mlflow", params, source=source)
-    uri = resolve_tracking_uri(tracking_uri or mlflow_cfg.tracking_uri, paths.mlruns)
+    uri = params_tracking_uri(params, tracking_uri, source=source)
 
     # 1. every input checked before any work
     needs_int8 = any(name in ONNX_SOURCES for name in cfg.variants)

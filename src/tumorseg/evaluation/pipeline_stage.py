@@ -402,10 +402,10 @@ def run_evaluate_stage(
 
     from tumorseg.registry.loading import prepare_mlflow
     from tumorseg.registry.register import log_test_evaluation, register_model
-    from tumorseg.tracking import resolve_tracking_uri
+    from tumorseg.tracking import params_tracking_uri
 
     prepare_mlflow()
-    uri = resolve_tracking_uri(tracking_uri or mlflow_cfg.tracking_uri, paths.mlruns)
+    uri = params_tracking_uri(params, tracking_uri, source=source)
     result.run_id = log_test_evaluation(
         evaluation, checkpoint=checkpoint, tracking_uri=uri, experiment=mlflow_cfg.experiment
     )

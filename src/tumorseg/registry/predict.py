@@ -63,14 +63,11 @@ def predict_folder(
     """
     from tumorseg.models.predictor import PredictConfig, SegmentationPredictor, plan_cases, predict_dataset
     from tumorseg.registry.loading import load_model
-    from tumorseg.tracking import resolve_tracking_uri
-    from tumorseg.training.config import MlflowConfig
+    from tumorseg.tracking import params_tracking_uri
 
     cfg: PredictConfig = section("predict", params, source=source)
-    paths = section("paths", params, source=source)
-    mlflow_cfg: MlflowConfig = section("mlflow", params, source=source)
     cases = plan_cases(input_path, layout)
-    uri = resolve_tracking_uri(tracking_uri or mlflow_cfg.tracking_uri, paths.mlruns)
+    uri = params_tracking_uri(params, tracking_uri, source=source)
     loaded = load_model(model_uri or cfg.model, tracking_uri=uri)
     predictor = SegmentationPredictor(loaded.trained, cfg)
     summary = predict_dataset(input_path, out_dir, predictor, cases=cases, on_case=on_case)

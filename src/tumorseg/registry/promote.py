@@ -400,14 +400,11 @@ def _open_client(
     from mlflow.exceptions import MlflowException
 
     from tumorseg.registry.loading import FIRST_STEPS, prepare_mlflow
-    from tumorseg.tracking import resolve_tracking_uri, sqlite_path
-    from tumorseg.training.config import MlflowConfig
+    from tumorseg.tracking import params_tracking_uri, sqlite_path
 
     prepare_mlflow()
-    paths = section("paths", params, source=source)
-    mlflow_cfg: MlflowConfig = section("mlflow", params, source=source)
     cfg: RegistryConfig = section("registry", params, source=source)
-    uri = resolve_tracking_uri(tracking_uri or mlflow_cfg.tracking_uri, paths.mlruns)
+    uri = params_tracking_uri(params, tracking_uri, source=source)
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
         raise DataError(f"no MLflow store at {db}; {FIRST_STEPS}")

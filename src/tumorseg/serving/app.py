@@ -144,15 +144,12 @@ class ServeSettings:
         """
         from tumorseg.config import section
         from tumorseg.models.predictor import PredictConfig
-        from tumorseg.tracking import resolve_tracking_uri
-        from tumorseg.training.config import MlflowConfig
+        from tumorseg.tracking import params_tracking_uri
 
         serve: ServeConfig = section("serve", params, source=source)
         predict: PredictConfig = section("predict", params, source=source)
-        paths = section("paths", params, source=source)
-        mlflow_cfg: MlflowConfig = section("mlflow", params, source=source)
         uri = model_uri or serve.model or predict.model
-        tracking = resolve_tracking_uri(mlflow_cfg.tracking_uri, paths.mlruns)
+        tracking = params_tracking_uri(params, source=source)
         return cls(
             serve=serve,
             predict=predict,

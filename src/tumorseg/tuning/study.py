@@ -445,7 +445,7 @@ def run_study(
         ConfigError: bad ``tune:`` section or unreachable storage.
     """
     import tumorseg.training.config  # noqa: F401  (registers the training sections)
-    from tumorseg.tracking import disable_telemetry, resolve_tracking_uri
+    from tumorseg.tracking import disable_telemetry, params_tracking_uri
     from tumorseg.training.config import load_training_config
 
     disable_telemetry()
@@ -456,10 +456,7 @@ def run_study(
     wanted = n_trials or cfg.n_trials
     workers = n_jobs or cfg.n_jobs
     url = storage or storage_url(params, cfg, source=source)
-    mlflow_cfg = section("mlflow", params, source=source)
-    uri = resolve_tracking_uri(
-        tracking_uri or mlflow_cfg.tracking_uri, section("paths", params, source=source).mlruns
-    )
+    uri = params_tracking_uri(params, tracking_uri, source=source)
 
     study = open_study(open_storage(url, cfg), cfg)
     parent = ensure_parent_run(study, uri, _tune_experiment(params, cfg, source), hide_password(url))
