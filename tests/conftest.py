@@ -1,7 +1,7 @@
 """Suite-wide isolation.
 
 ``mlflow.set_tracking_uri`` sets a process-global URI *and* ``$MLFLOW_TRACKING_URI`` (for
-subprocesses), so one test pointing MLflow at its temporary store would leak that store into every
+subprocesses; ``set_registry_uri`` likewise with ``$MLFLOW_REGISTRY_URI``), so one test pointing MLflow at its temporary store would leak that store into every
 later test that resolves its store from the environment (and, once the folder is gone, into
 MLflow's default ``./mlruns``). Each test gets the URI and the variable it started with back.
 """
@@ -16,17 +16,23 @@ import pytest
 
 
 def _tracking_uri_restored() -> Iterator[None]:
-    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    env_before = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
     global_before = getattr(utils, "_tracking_uri", None)
+    registry_before = getattr(registry, "_registry_uri", None)
     yield
     utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
     if utils is not None and utils._tracking_uri != global_before:
         utils.set_tracking_uri(global_before)  # None unsets the variable too
-    if env_before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = env_before
+    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
+    if registry is not None:
+        registry._registry_uri = registry_before
+    for name, value in env_before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 # Autouse fixtures run first within their scope, so the module-scoped one also undoes what

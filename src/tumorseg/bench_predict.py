@@ -6,9 +6,10 @@ in the same process, on the same 240x240x155 1-mm case (``tumorseg synth --spaci
 
 - **baseline**: ``monai.inferers.sliding_window_inference`` on the already preprocessed volume
   ``(1, 4, x, y, z)`` (the model's grid), nothing else;
-- **predict**: what ``tumorseg predict`` does per case: read the four NIfTI files, preprocess
-  (reorient, resample to the training spacing, crop, z-score), sliding-window inference,
-  thresholding, restoration to the 1-mm source grid, label decoding and writing the NIfTI.
+- **predict**: what ``tumorseg predict`` does per case: read the four NIfTI files and preprocess
+  them (each file decoded, reoriented and resampled to the training spacing in its own thread, then
+  crop and z-score), sliding-window inference, thresholding, label decoding, restoration to the
+  1-mm source grid and writing the NIfTI.
 
 The measurements alternate (baseline, predict, baseline, ...) after an untimed warm-up of each, and
 medians are reported (and ``overhead_min`` from the fastest run of each side), because the machines

@@ -57,8 +57,13 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def _model_uri(params: dict[str, Any], workdir: Path) -> tuple[str, str]:
-    """The champion when the project's store has one; else a seeded random checkpoint. Returns (uri, what)."""
+def _model(params: dict[str, Any], workdir: Path) -> tuple[str, str, Any]:
+    """The champion when the project's store has one; else a seeded random checkpoint.
+
+    Returns:
+        ``(uri, what it is, the loaded TrainedNetwork)``: the server loads the URI itself, the
+        in-process baseline uses the network loaded here (once).
+    """
     import torch
 
     from tumorseg.config import section
@@ -70,7 +75,7 @@ def _model_uri(params: dict[str, Any], workdir: Path) -> tuple[str, str]:
     tracking = params_tracking_uri(params)
     try:
         loaded = load_model(uri, tracking_uri=tracking)
-        return uri, loaded.description
+        return uri, loaded.description, loaded.trained
     except DataError:
         pass
     from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
@@ -88,7 +93,8 @@ def _model_uri(params: dict[str, Any], workdir: Path) -> tuple[str, str]:
     path = workdir / "random.ckpt"
     state = {f"network.{k}": v for k, v in network.state_dict().items()}
     torch.save({"state_dict": state, CONFIG_CHECKPOINT_KEY: cfg.to_dict()}, path)
-    return str(path), "params.yaml network with seeded random weights (no champion in the store)"
+    what = "params.yaml network with seeded random weights (no champion in the store)"
+    return str(path), what, load_model(str(path), tracking_uri=tracking).trained
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
@@ -166,14 +172,12 @@ def bench_serve(
         reference_header,
         write_prediction,
     )
-    from tumorseg.registry.loading import load_model
     from tumorseg.serving.config import ServeConfig
-    from tumorseg.tracking import params_tracking_uri
 
     params = params if params is not None else read_params(params_file)
     with tempfile.TemporaryDirectory(prefix="tumorseg-bench-serve-", dir=workdir) as tmp:
         root = Path(tmp)
-        model_uri, model_text = _model_uri(params, root)
+        model_uri, model_text, trained = _model(params, root)
         (case_id,) = synthesize_dataset(
             root / "case",
             SynthConfig(
@@ -230,10 +234,7 @@ def bench_serve(
 
             # baseline: the same predictor in this process
             predict_cfg = section("predict", params).model_copy(update={"device": "cpu"})
-            tracking = params_tracking_uri(params)
-            predictor = SegmentationPredictor(
-                load_model(model_uri, tracking_uri=tracking).trained, predict_cfg
-            )
+            predictor = SegmentationPredictor(trained, predict_cfg)
             (case,) = plan_cases(case_dir)
 
             baseline_steps: list[dict[str, float]] = []

@@ -24,7 +24,8 @@ import os
 import platform
 import re
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,36 @@ def params_tracking_uri(
     return resolve_tracking_uri(
         explicit or mlflow_cfg.tracking_uri, section("paths", params, source=source).mlruns
     )
+
+
+@contextmanager
+def fluent_store(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (``mlflow.start_run``, ``mlflow.<flavor>.log_model``) at ``uri`` for a block.
+
+    Those functions have no store argument: they read a process-global URI, which
+    ``mlflow.set_tracking_uri`` also copies into ``$MLFLOW_TRACKING_URI`` (and the registry URI into
+    ``$MLFLOW_REGISTRY_URI``) for subprocesses. Library code must not leave that behind for the
+    caller, so the previous URIs and variables come back when the block ends, however it ends.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env_before = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    tracking_before = tracking_utils._tracking_uri  # the unresolved setting (None: unset)
+    registry_before = registry_utils._registry_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils.set_tracking_uri(tracking_before)
+        registry_utils._registry_uri = registry_before
+        for name, value in env_before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:

@@ -53,7 +53,7 @@ def _overrides(root: Path) -> dict[str, Any]:
         "evaluate.bootstrap_resamples": 100,
         "evaluate.plots": False,
         "compress.out_dir": str(root / "models" / "compressed"),
-        "compress.variants": ["fp32", "onnx_fp32", "pruned_structured", "int8"],
+        "compress.variants": ["fp32", "onnx_fp32", "pruned_structured", "int8", "pruned_structured_wint8"],
         "compress.exporter": "torchscript",
         "compress.pruning.fine_tune_steps": 2,
         "compress.pruning.val_every": 1,
@@ -161,7 +161,7 @@ def test_compress_gates_registers_edge_and_predict_runs_it_in_onnx_runtime(
     result = run_compress_stage(params, tracking_uri=uri)
 
     names = [r.name for r in result.variants]
-    assert names == ["fp32", "onnx_fp32", "pruned_structured", "int8"]
+    assert names == ["fp32", "onnx_fp32", "pruned_structured", "int8", "pruned_structured_wint8"]
     by_name = {r.name: r for r in result.variants}
     assert by_name["onnx_fp32"].onnx_max_abs_diff < 1e-4
     assert by_name["onnx_fp32"].dice_drop == pytest.approx(0.0, abs=1e-6)  # same network, same cases
@@ -170,16 +170,21 @@ def test_compress_gates_registers_edge_and_predict_runs_it_in_onnx_runtime(
     assert [step for step, _ in tune["curve"]] == [0, 1, 2]  # validated before the fine-tune and every step
     assert tune["best_val_dice"] == pytest.approx(max(dice for _, dice in tune["curve"]), abs=1e-6)
     assert by_name["int8"].details["quantization"]["quantized_nodes"]["Conv"] > 0
+    wint8 = by_name["pruned_structured_wint8"]
+    assert wint8.details["weight_only_int8"]["quantized_nodes"]["Conv"] > 0
+    assert wint8.parameters == by_name["pruned_structured"].parameters
+    assert wint8.file_mb < by_name["pruned_structured"].file_mb
     assert all(r.latency_s > 0 and set(r.dice) == {"WT", "TC", "ET", "mean"} for r in result.variants)
     assert result.edge is not None and result.edge.accepted
 
     report = json.loads((root / "reports" / "compression.json").read_text())
-    assert report["edge"] == result.edge.name and len(report["variants"]) == 4
-    assert (root / "reports" / "compression.md").read_text().count("| onnxruntime |") == 3
+    assert report["edge"] == result.edge.name and len(report["variants"]) == 5
+    assert (root / "reports" / "compression.md").read_text().count("| onnxruntime |") == 4
     assert sorted(p.name for p in (root / "models" / "compressed").glob("*.onnx")) == [
         "int8.onnx",
         "onnx_fp32.onnx",
         "pruned_structured.onnx",
+        "pruned_structured_wint8.onnx",
     ]
 
     after = _registry_state(uri)

@@ -323,10 +323,10 @@ def test_a_challenger_without_an_evaluation_never_becomes_champion(
 
     name = "tumorseg-failed"
     _, params_file = project.with_model_name(name)
-    mlflow.set_tracking_uri(project.uri)
-    version = mlflow.register_model(
-        f"runs:/{project.train.mlflow_run_id}/model", name
-    )  # training's PyTorch model
+    from tumorseg.tracking import fluent_store
+
+    with fluent_store(project.uri):  # training's PyTorch model
+        version = mlflow.register_model(f"runs:/{project.train.mlflow_run_id}/model", name)
     project.client().set_registered_model_alias(name, "challenger", version.version)
     rc, out, decision = promote_cli(params_file, capsys)
     assert rc == 0 and decision["action"] == "rejected"

@@ -275,3 +275,23 @@ def test_decode_and_volumes_helpers() -> None:
     assert decode_labels(canonical, "msd").tolist() == [[[0, 2], [1, 3]]]
     volumes = region_volumes_ml(canonical, np.diag([2.0, 2.0, 2.0, 1.0]))
     assert volumes == pytest.approx({"WT": 0.024, "TC": 0.016, "ET": 0.008})
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_written_nifti_holds_exactly_what_nibabel_writes(tmp_path: Path, order: str) -> None:
+    """The streamed ISA-L writer produces nibabel's own bytes (header and voxels), gzip-compressed."""
+    import gzip
+
+    from tumorseg.models.predictor import _atomic_save, nifti_like
+
+    rng = np.random.default_rng(0)
+    labels = np.asarray(rng.integers(0, 5, size=(9, 11, 7)).astype(np.uint8), order=order)
+    affine = np.diag([-1.0, -1.0, 1.2, 1.0])
+    image = nifti_like(labels, affine, nib.Nifti1Header(), np.uint8)
+    path = tmp_path / "case.nii.gz"
+    _atomic_save(image, path)
+    assert gzip.decompress(path.read_bytes()) == image.to_bytes()
+    loaded = nib.load(path)
+    assert np.array_equal(np.asanyarray(loaded.dataobj), labels)
+    assert np.allclose(loaded.affine, affine)
+    assert [p.name for p in tmp_path.iterdir()] == ["case.nii.gz"]

@@ -13,12 +13,19 @@ import pytest
 from tumorseg.config import IngestConfig, PreprocessConfig
 from tumorseg.data.conventions import CANONICAL_MODALITIES
 from tumorseg.data.ingest import ingest
-from tumorseg.data.layouts import CaseVolumes, orientation_code, spacing_from_affine
+from tumorseg.data.layouts import (
+    CaseVolumes,
+    discover_cases,
+    orientation_code,
+    read_case,
+    spacing_from_affine,
+)
 from tumorseg.data.manifest import read_manifest, write_manifest
 from tumorseg.data.preprocess import (
     INDEX_COLUMNS,
     preprocess_case,
     preprocess_dataset,
+    read_preprocessed,
     resize,
     resize_labels,
     restore_to_source,
@@ -207,6 +214,93 @@ def test_resize_and_preprocess_give_the_same_result_for_nifti_ordered_channels()
     # float32 sums in another memory order differ in the last bits only
     np.testing.assert_allclose(norm_b["mean"], norm_a["mean"], rtol=1e-6)
     np.testing.assert_allclose(norm_b["std"], norm_a["std"], rtol=1e-6)
+
+
+def test_nearest_resize_equals_one_fancy_index_in_either_memory_order() -> None:
+    """The per-axis gathers pick exactly the voxels of the textbook np.ix_ index (nearest-exact)."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, size=(13, 17, 11)).astype(np.uint8)
+    for shape in ((26, 34, 22), (7, 9, 30), (13, 5, 11)):
+        index = np.ix_(
+            *(
+                np.minimum(np.floor((np.arange(o) + 0.5) * i / o).astype(int), i - 1)
+                for i, o in zip(labels.shape, shape, strict=True)
+            )
+        )
+        expected = labels[index]
+        assert np.array_equal(resize(labels, shape, order=0), expected)
+        assert np.array_equal(resize(np.asfortranarray(labels), shape, order=0), expected)
+        channels = np.stack([labels, labels[::-1]])
+        assert np.array_equal(resize(channels, shape, order=0)[1], labels[::-1][index])
+
+
+@pytest.mark.parametrize(
+    ("layout", "orientation", "image_dtype", "order"),
+    [
+        ("brats2021", "RAS", np.int16, 1),
+        ("brats2021", "LPS", np.int16, 1),
+        ("brats2023", "LIA", np.float32, 1),
+        ("brats2021", "LPS", np.int16, 0),
+        ("brats2021", "RAS", np.float32, 3),
+    ],
+)
+def test_reading_and_preprocessing_per_modality_gives_the_same_bits(
+    tmp_path: Path, layout: str, orientation: str, image_dtype: type, order: int
+) -> None:
+    """read_preprocessed (a thread per file, no full-resolution float image) == preprocess_case(read_case)."""
+    fx.write_brats_case(
+        tmp_path,
+        "BraTS2021_00001" if layout == "brats2021" else "BraTS-GLI-00001-000",
+        layout=layout,
+        orientation=orientation,
+        spacing=(1.0, 1.2, 1.0),
+        shape=(31, 27, 23),
+        image_dtype=image_dtype,
+    )
+    (case,) = discover_cases(tmp_path)
+    cfg = PreprocessConfig(target_spacing_mm=(2.0, 2.0, 2.0), image_interpolation_order=order)
+    for labels in (True, False):
+        expected = preprocess_case(read_case(case) if labels else read_case(_without_seg(case)), cfg)
+        fused = read_preprocessed(case, cfg, labels=labels)
+        assert np.array_equal(fused.image, expected.image)
+        assert np.array_equal(fused.label, expected.label) and np.array_equal(fused.brain, expected.brain)
+        assert fused.geometry == expected.geometry
+        assert fused.has_label is labels
+
+
+def _without_seg(case):
+    return case.__class__(**{**case.__dict__, "paths": {**case.paths, "seg": None}})
+
+
+def test_reading_and_preprocessing_reports_bad_files_as_read_case_does(tmp_path: Path) -> None:
+    good = fx.write_brats_case(tmp_path / "a", "BraTS2021_00001")
+    cfg = PreprocessConfig()
+    (good / "BraTS2021_00001_t2.nii.gz").write_bytes(b"\x1f\x8b broken")
+    (case,) = discover_cases(tmp_path / "a")
+    with pytest.raises(DataError, match="BraTS2021_00001_t2.nii.gz") as fused:
+        read_preprocessed(case, cfg)
+    with pytest.raises(DataError) as plain:
+        read_case(case)
+    assert str(fused.value) == str(plain.value)
+
+    other = fx.write_brats_case(tmp_path / "b", "BraTS2021_00002")
+    fx.write_brats_case(tmp_path / "c", "BraTS2021_00002", shape=(20, 28, 20))
+    (tmp_path / "c" / "BraTS2021_00002" / "BraTS2021_00002_flair.nii.gz").replace(
+        other / "BraTS2021_00002_flair.nii.gz"
+    )
+    (case,) = discover_cases(tmp_path / "b")
+    with pytest.raises(DataError, match="shapes differ"):
+        read_preprocessed(case, cfg)
+
+
+def test_msd_images_take_the_read_case_path_with_the_same_result(tmp_path: Path) -> None:
+    """One 4-D file holds the four modalities: nothing to overlap, read_case reads it."""
+    fx.write_msd_dataset(tmp_path / "Task01_BrainTumour", ["BRATS_001"], orientation="LPS")
+    cfg = PreprocessConfig()
+    for case in discover_cases(tmp_path / "Task01_BrainTumour"):
+        a, b = read_preprocessed(case, cfg), preprocess_case(read_case(case), cfg)
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
+        assert a.geometry == b.geometry
 
 
 # ---------------------------------------------------------------------------- dataset stage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,25 @@ def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
     assert tracking.resolve_tracking_uri(None, tmp_path / "mlruns") == "sqlite:////elsewhere/x.db"
     assert tracking.resolve_tracking_uri("http://server:5000", tmp_path) == "http://server:5000"
+
+
+def test_fluent_store_gives_the_callers_mlflow_settings_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Library code points mlflow.start_run/log_model at its store; nothing leaks to the caller."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////caller/x.db")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    inner = f"sqlite:///{tmp_path}/store.db"
+    with pytest.raises(RuntimeError, match="inside"), tracking.fluent_store(inner):
+        assert mlflow.get_tracking_uri() == inner and mlflow.get_registry_uri() == inner
+        assert os.environ["MLFLOW_TRACKING_URI"] == inner
+        raise RuntimeError("inside")
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:////caller/x.db"
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
 
 
 def test_sqlite_experiments_keep_artifacts_next_to_the_database(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ VariantName = Literal[
     "int8",
     "pruned_unstructured_int8",
     "pruned_structured_int8",
+    "onnx_fp32_wint8",
+    "pruned_structured_wint8",
     "fp16",
 ]
 """Variants ``tumorseg compress`` can build.
@@ -28,6 +30,9 @@ VariantName = Literal[
   fine-tuned, ONNX.
 - ``int8``, ``pruned_*_int8``: INT8 post-training static quantization (ONNX Runtime QDQ) of the
   fp32 or pruned ONNX model, calibrated on validation patches.
+- ``onnx_fp32_wint8``, ``pruned_structured_wint8``: weight-only INT8 of the fp32 or channel-pruned
+  ONNX model: int8 conv weights in the file (about 4x smaller), dequantized once when ONNX Runtime
+  loads it, float32 compute (float speed, no calibration, weight rounding as the only error).
 - ``fp16``: half-precision ONNX for GPUs (float32 in and out); measured only where CUDA is available.
 """
 

@@ -65,6 +65,11 @@ ONNX_SOURCES: dict[str, str] = {
     "pruned_structured_int8": "pruned_structured",
 }
 """INT8 variant -> the float ONNX variant it quantizes."""
+WEIGHT_ONLY_SOURCES: dict[str, str] = {
+    "onnx_fp32_wint8": "onnx_fp32",
+    "pruned_structured_wint8": "pruned_structured",
+}
+"""Weight-only INT8 variant -> the float ONNX variant whose weights it stores in int8."""
 
 
 @dataclass
@@ -192,9 +197,7 @@ class VariantBuilder:
         )
 
     def _build_int8(self, name: str) -> VariantResult:
-        from tumorseg.compression.onnx_export import max_abs_difference
         from tumorseg.compression.quantize import quantize_int8
-        from tumorseg.models.onnx_network import OnnxRuntimeNetwork
 
         float_name = ONNX_SOURCES[name]
         base = self.build(float_name)
@@ -204,6 +207,28 @@ class VariantBuilder:
         stats = quantize_int8(
             base.file, path, windows, self.cfg.quantization, calibration_cases=cases, what=f"{name} network"
         )
+        return self._requantized(
+            name, base, path, {"quantization": stats.__dict__, "quantized_from": float_name}
+        )
+
+    def _build_wint8(self, name: str) -> VariantResult:
+        from tumorseg.compression.quantize import quantize_weights_int8
+
+        float_name = WEIGHT_ONLY_SOURCES[name]
+        base = self.build(float_name)
+        path = self.work / f"{name}.onnx"
+        stats = quantize_weights_int8(base.file, path, what=f"{name} network")
+        return self._requantized(
+            name, base, path, {"weight_only_int8": stats.__dict__, "quantized_from": float_name}
+        )
+
+    def _requantized(
+        self, name: str, base: VariantResult, path: Path, details: dict[str, Any]
+    ) -> VariantResult:
+        """The variant stored at ``path``: ``base``'s network in another number format."""
+        from tumorseg.compression.onnx_export import max_abs_difference
+        from tumorseg.models.onnx_network import OnnxRuntimeNetwork
+
         # Quantization error, measured against the float ONNX graph it came from.
         diff = max_abs_difference(OnnxRuntimeNetwork(base.file), path, self.example)
         return VariantResult(
@@ -216,7 +241,7 @@ class VariantBuilder:
             sparsity=base.sparsity,
             gmacs_per_window=base.gmacs_per_window,
             onnx_max_abs_diff=diff,
-            details={**base.details, "quantization": stats.__dict__, "quantized_from": float_name},
+            details={**base.details, **details},
         )
 
     def _build_fp16(self, name: str) -> VariantResult:
@@ -321,6 +346,8 @@ def _kind(name: str) -> str:
         return "fp16"
     if name in ONNX_SOURCES:
         return "int8"
+    if name in WEIGHT_ONLY_SOURCES:
+        return "wint8"
     return "float_onnx"
 
 
@@ -643,15 +670,13 @@ def _register_edge(
 
     from tumorseg.registry.config import RegistryConfig
     from tumorseg.registry.pyfunc import MODEL_CODE, PREDICT_SETTINGS_FILE, RUNTIME_PACKAGES, model_signature
-    from tumorseg.tracking import model_pip_requirements
+    from tumorseg.tracking import fluent_store, model_pip_requirements
 
     edge = outcome.edge
     assert edge is not None
     registry: RegistryConfig = section("registry", params, source=source)
     settings = run_cfg.model_dump(mode="json")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    with tempfile.TemporaryDirectory(prefix="tumorseg-edge-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tumorseg-edge-") as tmp, fluent_store(uri):
         config_file = Path(tmp) / "config.json"
         config_file.write_text(json.dumps(trained.config, indent=1, sort_keys=True) + "\n")
         predict_file = Path(tmp) / PREDICT_SETTINGS_FILE
@@ -687,7 +712,8 @@ def _register_edge(
         "runtime": "onnxruntime",
         "test_dice_mean": f"{edge.dice['mean']:.6f}",
     }
-    version = mlflow.register_model(info.model_uri, registry.model_name, tags=tags)
+    with fluent_store(uri):
+        version = mlflow.register_model(info.model_uri, registry.model_name, tags=tags)
     number = str(version.version)
     client.update_model_version(
         registry.model_name,

@@ -36,6 +36,7 @@ Output of :func:`preprocess_dataset` (the contract with training)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
@@ -54,9 +56,11 @@ from tumorseg.data.conventions import CANONICAL_MODALITIES
 from tumorseg.data.ingest import map_in_threads
 from tumorseg.data.layouts import (
     FILE_KEYS,
+    CaseFiles,
     CaseVolumes,
     case_from_manifest_row,
     label_counts,
+    orientation_code,
     read_case,
     spacing_from_affine,
 )
@@ -140,18 +144,21 @@ class PreprocessSummary:
 
 
 # ---------------------------------------------------------------------------- grid operations
-def _reorient(volume: np.ndarray, transform: np.ndarray) -> np.ndarray:
+def _reorient(volume: np.ndarray, transform: np.ndarray, dtype: Any = None, order: str = "C") -> np.ndarray:
     """Apply a nibabel orientation transform to the spatial axes of ``(X, Y, Z)`` or ``(C, X, Y, Z)``.
 
-    Already-RAS volumes come back as they are (no copy, memory layout kept); flips and
-    permutations are copied into a contiguous array.
+    Already-RAS volumes come back as they are (no copy, memory layout kept; converted when ``dtype``
+    asks for it). Flips and permutations are copied, converted to ``dtype`` in the same pass, into a
+    C-contiguous array, or with ``order="K"`` one that keeps the source's memory order (for label
+    maps, whose values do not depend on it; trilinear resampling sums in memory order, so images
+    stay C-ordered here to give the same bits whatever the source's layout).
     """
     if np.array_equal(transform, _RAS):
-        return volume
+        return volume if dtype is None else volume.astype(dtype, copy=False)
     if volume.ndim == 3:
-        return np.ascontiguousarray(apply_orientation(volume, transform))
+        return np.array(apply_orientation(volume, transform), dtype=dtype, order=order)
     moved = apply_orientation(np.moveaxis(volume, 0, -1), transform)
-    return np.ascontiguousarray(np.moveaxis(moved, -1, 0))
+    return np.array(np.moveaxis(moved, -1, 0), dtype=dtype, order=order)
 
 
 def _reversed_axes(ndim: int) -> tuple[int, ...]:
@@ -193,8 +200,13 @@ def resize(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray
     if spatial == shape:
         return volume
     if order == 0:
-        index = np.ix_(*(_nearest_indices(n_in, n_out) for n_in, n_out in zip(spatial, shape, strict=True)))
-        return volume[(Ellipsis, *index)]
+        # One gather per axis, the last (fastest-varying) axis first: the final, largest gather then
+        # copies whole slabs. Ten times faster than one fancy index over np.ix_ at 240x240x155.
+        out = volume
+        for axis in (2, 1, 0):
+            if spatial[axis] != shape[axis]:
+                out = np.take(out, _nearest_indices(spatial[axis], shape[axis]), axis=volume.ndim - 3 + axis)
+        return out
     if order == 1:
         import torch
 
@@ -272,6 +284,91 @@ def _as_list(array: np.ndarray) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------- one case
+@dataclass(frozen=True)
+class SourceGrid:
+    """Steps 1-2 for a source grid: how it turns to RAS and the target-spacing grid it is resampled to.
+
+    It depends only on the reference modality's affine and shape, so every modality can be
+    resampled with it on its own (:func:`resample_modality`), as soon as its file is decoded.
+
+    Attributes:
+        shape, affine: the source voxel grid ``(X, Y, Z)`` and its voxel-to-world matrix.
+        to_ras: nibabel orientation transform from the source axes to RAS.
+        ras_shape, ras_affine: the grid after reorientation.
+        target: ``target_spacing_mm``.
+        resampled_shape, resampled_affine: the grid at the target spacing (same field of view).
+    """
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    to_ras: np.ndarray
+    ras_shape: tuple[int, ...]
+    ras_affine: np.ndarray
+    target: tuple[float, ...]
+    resampled_shape: tuple[int, ...]
+    resampled_affine: np.ndarray
+
+    @classmethod
+    def of(cls, affine: np.ndarray, shape: tuple[int, ...], cfg: PreprocessConfig) -> SourceGrid:
+        source_shape = tuple(int(n) for n in shape)
+        source_affine = np.asarray(affine, dtype=np.float64)
+        to_ras = ornt_transform(io_orientation(source_affine), _RAS)
+        ras_shape = tuple(source_shape[int(axis)] for axis in np.argsort(to_ras[:, 0]))
+        ras_affine = source_affine @ inv_ornt_aff(to_ras, source_shape)
+        ras_spacing = spacing_from_affine(ras_affine)
+        target = tuple(float(t) for t in cfg.target_spacing_mm)
+        resampled_shape = tuple(
+            max(1, int(np.floor(n * s / t + 0.5)))
+            for n, s, t in zip(ras_shape, ras_spacing, target, strict=True)
+        )
+        return cls(
+            shape=source_shape,
+            affine=source_affine,
+            to_ras=to_ras,
+            ras_shape=ras_shape,
+            ras_affine=ras_affine,
+            target=target,
+            resampled_shape=resampled_shape,
+            resampled_affine=_grid_affine(ras_affine, ras_shape, resampled_shape),
+        )
+
+
+def ras_float32(volume: np.ndarray, grid: SourceGrid, *, case_id: str, modality: str) -> np.ndarray:
+    """Step 1 for one modality: finite check, then reorientation to RAS as float32 (one pass).
+
+    An RAS volume keeps its memory order: a NIfTI's column-major volume is then resampled through
+    its reversed, C-contiguous view without a copy (:func:`resize`).
+
+    Raises:
+        DataError: NaN/inf voxels.
+    """
+    if volume.dtype.kind == "f" and not np.isfinite(volume).all():
+        bad = int(np.count_nonzero(~np.isfinite(volume)))
+        raise DataError(f"{case_id}: {modality} has {bad} NaN/inf voxels; fix or exclude the case")
+    return _reorient(volume, grid.to_ras, np.float32)
+
+
+def resample_modality(
+    volume: np.ndarray, grid: SourceGrid, cfg: PreprocessConfig, *, case_id: str, modality: str
+) -> np.ndarray:
+    """Steps 1-2 for one modality: finite check, reorientation to RAS, resampling to the target spacing.
+
+    Args:
+        volume: ``(X, Y, Z)`` on ``grid``'s source grid, any numeric dtype, either memory order.
+        grid: from :meth:`SourceGrid.of` (the reference modality's affine and shape).
+        cfg: the ``preprocess`` section (``image_interpolation_order``).
+        case_id, modality: for the error message.
+
+    Returns:
+        float32 ``grid.resampled_shape`` (the RAS volume itself, as float32, when the grid is unchanged).
+
+    Raises:
+        DataError: NaN/inf voxels.
+    """
+    ras = ras_float32(volume, grid, case_id=case_id, modality=modality)
+    return resize(ras, grid.resampled_shape, cfg.image_interpolation_order)
+
+
 def preprocess_case(volumes: CaseVolumes, cfg: PreprocessConfig) -> PreprocessedCase:
     """Reorient, resample, crop and z-score one case (see the module docstring).
 
@@ -288,32 +385,56 @@ def preprocess_case(volumes: CaseVolumes, cfg: PreprocessConfig) -> Preprocessed
     Raises:
         DataError: non-finite voxels, or no brain (every modality zero everywhere).
     """
-    image = volumes.image
-    case_id = volumes.case_id
-    for channel, modality in enumerate(CANONICAL_MODALITIES):
-        if not np.isfinite(image[channel]).all():
-            bad = int(np.count_nonzero(~np.isfinite(image[channel])))
-            raise DataError(f"{case_id}: {modality} has {bad} NaN/inf voxels; fix or exclude the case")
-    source_shape = tuple(int(n) for n in image.shape[1:])
-    source_affine = np.asarray(volumes.affine, dtype=np.float64)
-
-    # 1. RAS: flips and permutations only.
-    to_ras = ornt_transform(io_orientation(source_affine), _RAS)
-    ras_image = _reorient(image, to_ras)
-    ras_affine = source_affine @ inv_ornt_aff(to_ras, source_shape)
-    ras_shape = tuple(int(n) for n in ras_image.shape[1:])
-    ras_spacing = spacing_from_affine(ras_affine)
-
-    # 2. Target spacing (field of view kept; identity when the shape does not change).
-    target = tuple(float(t) for t in cfg.target_spacing_mm)
-    resampled_shape = tuple(
-        max(1, int(np.floor(n * s / t + 0.5))) for n, s, t in zip(ras_shape, ras_spacing, target, strict=True)
+    grid = SourceGrid.of(volumes.affine, volumes.image.shape[1:], cfg)
+    resampled = np.stack(
+        [
+            resample_modality(volumes.image[channel], grid, cfg, case_id=volumes.case_id, modality=modality)
+            for channel, modality in enumerate(CANONICAL_MODALITIES)
+        ]
     )
-    resampled = resize(ras_image, resampled_shape, cfg.image_interpolation_order)
-    resampled_affine = _grid_affine(ras_affine, ras_shape, resampled_shape)
+    return crop_and_normalise(resampled, grid, _source_fields(volumes), volumes.labels, cfg)
+
+
+def _source_fields(volumes: CaseVolumes) -> dict[str, Any]:
+    """The geometry entries that describe where a case came from (ids, convention, orientation, hashes)."""
+    return {
+        "case_id": volumes.case_id,
+        "patient_id": volumes.patient_id,
+        "layout": volumes.layout,
+        "label_convention": volumes.label_convention,
+        "source_orientation": volumes.orientation,
+        "source_spacing_mm": [float(s) for s in volumes.spacing],
+        "source_sha256": dict(volumes.sha256),
+    }
+
+
+def crop_and_normalise(
+    resampled: np.ndarray,
+    grid: SourceGrid,
+    source: dict[str, Any],
+    labels: np.ndarray | None,
+    cfg: PreprocessConfig,
+) -> PreprocessedCase:
+    """Steps 3-4 on the resampled image, and the label map taken through steps 1-3; the geometry.
+
+    Args:
+        resampled: float32 ``(4, x, y, z)`` on ``grid.resampled_shape`` (:func:`resample_modality`).
+        grid: the source grid.
+        source: ``case_id``, ``patient_id``, ``layout``, ``label_convention``, ``source_orientation``,
+            ``source_spacing_mm``, ``source_sha256``.
+        labels: canonical uint8 ``(X, Y, Z)`` on the source grid, or None.
+        cfg: the ``preprocess`` section.
+
+    Raises:
+        DataError: no brain (every modality zero everywhere).
+    """
+    case_id = source["case_id"]
+    resampled_shape = grid.resampled_shape
 
     # 3. Brain bounding box + margin.
-    brain = np.any(resampled != 0, axis=0)
+    brain = resampled[0] != 0
+    for channel in resampled[1:]:
+        brain |= channel != 0
     if not brain.any():
         raise DataError(f"{case_id}: every modality is zero everywhere; there is no brain to crop")
     start, stop = [], []
@@ -345,46 +466,132 @@ def preprocess_case(volumes: CaseVolumes, cfg: PreprocessConfig) -> Preprocessed
             np.clip(scored, -limit, limit, out=scored)
         normalised[channel] = np.where(brain, scored, 0.0)
 
-    has_label = volumes.labels is not None
+    has_label = labels is not None
     if has_label:
-        ras_labels = _reorient(np.asarray(volumes.labels, dtype=np.uint8), to_ras)
+        ras_labels = _reorient(np.asarray(labels, dtype=np.uint8), grid.to_ras)
         label = np.ascontiguousarray(resize_labels(ras_labels, resampled_shape, cfg.label_resampling)[crop])
-        tumour_voxels = int(np.count_nonzero(volumes.labels))
+        tumour_voxels = int(np.count_nonzero(labels))
     else:
         label = np.zeros(brain.shape, dtype=np.uint8)
         tumour_voxels = 0
-    voxel_ml = abs(float(np.linalg.det(source_affine[:3, :3]))) / 1000.0
+    voxel_ml = abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
 
     geometry: dict[str, Any] = {
         "format": GEOMETRY_FORMAT,
         "case_id": case_id,
-        "patient_id": volumes.patient_id,
-        "layout": volumes.layout,
-        "label_convention": volumes.label_convention,
+        "patient_id": source["patient_id"],
+        "layout": source["layout"],
+        "label_convention": source["label_convention"],
         "has_label": has_label,
-        "source_shape": list(source_shape),
-        "source_affine": _as_list(source_affine),
-        "source_orientation": volumes.orientation,
-        "source_spacing_mm": [float(s) for s in volumes.spacing],
-        "ras_shape": list(ras_shape),
-        "ras_affine": _as_list(ras_affine),
-        "target_spacing_mm": list(target),
+        "source_shape": list(grid.shape),
+        "source_affine": _as_list(grid.affine),
+        "source_orientation": source["source_orientation"],
+        "source_spacing_mm": list(source["source_spacing_mm"]),
+        "ras_shape": list(grid.ras_shape),
+        "ras_affine": _as_list(grid.ras_affine),
+        "target_spacing_mm": list(grid.target),
         "resampled_shape": list(resampled_shape),
-        "resampled_spacing_mm": list(spacing_from_affine(resampled_affine)),
-        "resampled_affine": _as_list(resampled_affine),
+        "resampled_spacing_mm": list(spacing_from_affine(grid.resampled_affine)),
+        "resampled_affine": _as_list(grid.resampled_affine),
         "crop_bbox": {"start": start, "stop": stop},
         "preprocessed_shape": list(brain.shape),
-        "preprocessed_affine": _as_list(_shift_affine(resampled_affine, tuple(start))),
+        "preprocessed_affine": _as_list(_shift_affine(grid.resampled_affine, tuple(start))),
         "normalization": {"channels": list(CANONICAL_MODALITIES), "mean": means, "std": stds},
         "image_interpolation_order": cfg.image_interpolation_order,
         "tumour_voxels": tumour_voxels,
         "tumour_volume_ml": round(tumour_voxels * voxel_ml, 4),
-        "source_sha256": dict(volumes.sha256),
+        "source_sha256": dict(source["source_sha256"]),
         "preprocess": _content_parameters(cfg),
     }
     return PreprocessedCase(
         image=normalised, label=label, brain=np.ascontiguousarray(brain), geometry=geometry
     )
+
+
+def read_preprocessed(
+    case: CaseFiles, cfg: PreprocessConfig, *, labels: bool = True, sha256: bool = True
+) -> PreprocessedCase:
+    """Read a case from disk and preprocess it, never holding its full-resolution float image.
+
+    Same result as ``preprocess_case(read_case(case), cfg)``, from the same functions: each modality
+    file is inflated, decoded, reoriented and converted to float32 in its own thread
+    (:func:`ras_float32`, with the grid of the T1 header; none of it holds the GIL for long), then
+    this thread resamples the channels (:func:`resize`) one by one, releasing each full-resolution
+    volume as soon as it is resampled. Torch runs in its own thread pool only: torch called from
+    the reading threads would start an OpenMP team per thread, and those teams slow down the
+    inference that follows, or, while other threads still inflate, the resampling itself.
+
+    Cases this path does not take (an MSD 4-D image, a file that does not decode, a wrong
+    dimensionality, shapes that differ) go through :func:`read_case`, which raises its one-line
+    :class:`DataError` naming the file, or reads what this path declined.
+
+    Args:
+        case: the files.
+        cfg: the ``preprocess`` section.
+        labels: also read ``seg`` when the case has one (False: prediction, the image alone).
+        sha256: hash the files (``source_sha256`` in the geometry; False leaves it empty: prediction
+            keeps no provenance of its input).
+
+    Raises:
+        DataError: missing/unreadable file, wrong dimensionality, differing shapes, label values
+            outside the convention, NaN/inf voxels, no brain.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tumorseg.data.layouts import encode_labels, read_nifti, squeeze_trailing
+
+    if not labels and case.has_seg:
+        case = dataclasses.replace(case, paths={**case.paths, "seg": None})
+    files = case.unique_files()
+    if case.missing or case.layout == "msd" or any(len(keys) != 1 for keys in files.values()):
+        return preprocess_case(read_case(case), cfg)
+    try:
+        header = nib.load(str(case.paths["t1"])).header
+        grid = SourceGrid.of(header.get_best_affine(), header.get_data_shape(), cfg)
+    except Exception:  # noqa: BLE001 - read_case names the file and the problem
+        return preprocess_case(read_case(case), cfg)
+
+    def decode(key: str) -> tuple[str, np.ndarray, str] | None:
+        """``(key, RAS float32 channel or source labels, sha256)``; None when read_case must decide."""
+        try:
+            nifti = read_nifti(case.paths[key], sha256=sha256)
+        except DataError:
+            return None
+        data = squeeze_trailing(nifti.data, 3)
+        if data.shape != grid.shape or (key == "t1" and not np.array_equal(nifti.affine, grid.affine)):
+            return None
+        if key == "seg":
+            return key, data, nifti.sha256
+        return key, ras_float32(data, grid, case_id=case.case_id, modality=key), nifti.sha256
+
+    keys = [keys[0] for keys in files.values()]
+    with ThreadPoolExecutor(max_workers=len(keys), thread_name_prefix="tumorseg-read") as pool:
+        results = list(pool.map(decode, keys))
+    declined = any(result is None for result in results)
+    decoded = {} if declined else {key: (array, digest) for key, array, digest in results}
+    del results
+    if declined:
+        return preprocess_case(read_case(case), cfg)
+    source_labels = None
+    if "seg" in decoded:
+        try:
+            source_labels = encode_labels(decoded["seg"][0], case.label_convention)
+        except ValueError as exc:
+            raise DataError(f"{case.case_id}: {case.paths['seg'].name}: {exc}") from None
+    source = {
+        "case_id": case.case_id,
+        "patient_id": case.patient_id,
+        "layout": case.layout,
+        "label_convention": case.label_convention,
+        "source_orientation": orientation_code(grid.affine),
+        "source_spacing_mm": [float(s) for s in spacing_from_affine(grid.affine)],
+        "source_sha256": {key: digest for key, (_, digest) in decoded.items()},
+    }
+    channels = []
+    for modality in CANONICAL_MODALITIES:
+        channels.append(resize(decoded.pop(modality)[0], grid.resampled_shape, cfg.image_interpolation_order))
+    resampled = np.stack(channels)
+    return crop_and_normalise(resampled, grid, source, source_labels, cfg)
 
 
 def restore_to_source(volume: np.ndarray, geometry: dict[str, Any], *, is_label: bool) -> np.ndarray:
@@ -416,9 +623,14 @@ def restore_to_source(volume: np.ndarray, geometry: dict[str, Any], *, is_label:
     start, stop = geometry["crop_bbox"]["start"], geometry["crop_bbox"]["stop"]
     full = np.zeros((*volume.shape[:-3], *geometry["resampled_shape"]), dtype=volume.dtype)
     full[(Ellipsis, *(slice(a, b) for a, b in zip(start, stop, strict=True)))] = volume
-    ras = resize(full, tuple(geometry["ras_shape"]), order=0 if is_label else 1)
+    if is_label:
+        # Labels are restored in NIfTI's column-major order (through the reversed view), so writing
+        # them needs no transposing copy; nearest-neighbour values do not depend on the order.
+        ras = resize(full.T, tuple(geometry["ras_shape"])[::-1], order=0).T
+    else:
+        ras = resize(full, tuple(geometry["ras_shape"]), order=1)
     from_ras = ornt_transform(_RAS, io_orientation(np.asarray(geometry["source_affine"], dtype=np.float64)))
-    restored = _reorient(ras, from_ras)
+    restored = _reorient(ras, from_ras, order="K" if is_label else "C")
     if tuple(restored.shape[-3:]) != tuple(geometry["source_shape"]):
         raise ValueError(
             f"restored shape {restored.shape[-3:]} is not the source shape {geometry['source_shape']}"
@@ -527,15 +739,14 @@ def preprocess_dataset(
         geometry = _up_to_date(json_path, npz_path, expected, cfg)
         if geometry is not None:
             return geometry, False
-        volumes = read_case(case_from_manifest_row(row))
-        changed = [key for key, digest in expected.items() if volumes.sha256.get(key) != digest]
+        case = read_preprocessed(case_from_manifest_row(row), cfg)
+        read = case.geometry["source_sha256"]
+        changed = [key for key, digest in expected.items() if read.get(key) != digest]
         if changed:
             path = row[f"path_{changed[0]}"]
             raise DataError(
                 f"{path}: changed since ingest (sha256 differs); run `tumorseg ingest` and validate again"
             )
-        case = preprocess_case(volumes, cfg)
-        del volumes
         _atomic_write_npz(npz_path, cfg.compress_npz, image=case.image, label=case.label, brain=case.brain)
         atomic_write_text(json_path, json.dumps(case.geometry, indent=1))
         log.debug("%s: %s -> %s", case_id, case.geometry["source_shape"], case.geometry["preprocessed_shape"])

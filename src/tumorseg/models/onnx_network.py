@@ -64,6 +64,10 @@ class OnnxRuntimeNetwork(nn.Module):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3  # warnings about unused initialisers are noise for users
+        # Idle worker threads sleep instead of spin-waiting for the next run: between two window
+        # batches MONAI blends in torch threads, and the rest of predict (reading, restoring) runs
+        # too; spinning threads would take those cores (and distort latency measured in turns).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(self.path), sess_options=options, providers=session_providers(device)

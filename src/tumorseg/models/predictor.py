@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -45,6 +45,9 @@ from tumorseg.config import PreprocessConfig, Section, register_section
 from tumorseg.data.conventions import REGION_NAMES, get_convention
 from tumorseg.data.layouts import CaseFiles, CaseVolumes, discover_cases, read_case
 from tumorseg.errors import DataError
+
+if TYPE_CHECKING:
+    from tumorseg.data.preprocess import PreprocessedCase
 
 log = logging.getLogger(__name__)
 
@@ -267,33 +270,80 @@ class SegmentationPredictor:
     # ------------------------------------------------------------------ source grid
     def predict_volumes(self, volumes: CaseVolumes) -> CasePrediction:
         """Segment a case held in memory (source geometry) and map the result back onto it."""
-        from tumorseg.data.preprocess import preprocess_case, restore_to_source
+        from tumorseg.data.preprocess import preprocess_case
 
-        seconds: dict[str, float] = {}
         start = time.perf_counter()
         case = preprocess_case(dataclasses.replace(volumes, labels=None), self.preprocess_cfg)
-        seconds["preprocess"] = time.perf_counter() - start
+        return self.predict_preprocessed(case, {"preprocess": time.perf_counter() - start})
 
+    def predict_case(self, case: CaseFiles) -> CasePrediction:
+        """Read a case from disk (its segmentation, if any, is not read) and segment it.
+
+        Raises:
+            DataError: a missing modality (naming the file), an unreadable file, wrong dimensionality.
+        """
+        preprocessed, seconds = self.read_preprocessed(case)
+        return self.predict_preprocessed(preprocessed, seconds)
+
+    def read_preprocessed(self, case: CaseFiles) -> tuple[PreprocessedCase, dict[str, float]]:
+        """The case's modalities read and preprocessed as the model was trained (its segmentation unread).
+
+        :func:`~tumorseg.data.preprocess.read_preprocessed` decodes and resamples each modality in its
+        own thread; the result is exactly ``preprocess_case(read_case(case))``.
+
+        Returns:
+            The preprocessed case and ``{"read_preprocess": seconds}``.
+
+        Raises:
+            DataError: a missing modality (naming the file), an unreadable file, wrong dimensionality.
+        """
+        from tumorseg.data.preprocess import read_preprocessed
+
+        if case.missing:
+            raise DataError(f"{case.case_id}: missing modality file {case.missing[0]} in {case.case_dir}")
+        start = time.perf_counter()
+        preprocessed = read_preprocessed(case, self.preprocess_cfg, labels=False, sha256=False)
+        return preprocessed, {"read_preprocess": time.perf_counter() - start}
+
+    def predict_preprocessed(self, case: PreprocessedCase, seconds: dict[str, float]) -> CasePrediction:
+        """Segment a preprocessed case and map the result back onto its source grid.
+
+        Args:
+            case: from :func:`~tumorseg.data.preprocess.preprocess_case` (its geometry says where
+                the source grid is and which label convention to write).
+            seconds: time already spent on this case, by step; the steps below are added.
+        """
+        from tumorseg.data.preprocess import restore_to_source
+
+        seconds = dict(seconds)
         start = time.perf_counter()
         probabilities, variance = self.infer(case.image)
         seconds["inference"] = time.perf_counter() - start
 
         start = time.perf_counter()
         geometry = case.geometry
+        convention = geometry["label_convention"]
         labels = self.labels_from_probabilities(probabilities, tuple(geometry["resampled_spacing_mm"]))
+        # Nearest-neighbour restoration copies values, so decoding the small grid before restoring it
+        # gives the same voxels as decoding the full-resolution map, at a tenth of the work.
         canonical = restore_to_source(labels, geometry, is_label=True)
+        decoded = decode_labels(labels, convention)
+        source_labels = (
+            canonical if decoded is labels else restore_to_source(decoded, geometry, is_label=True)
+        )
+        affine = np.asarray(geometry["source_affine"], dtype=np.float64)
         restored_prob = restored_var = None
         if self.cfg.probabilities:
             restored_prob = self._restore_probabilities(probabilities, geometry)
         if variance is not None:
             restored_var = restore_to_source(variance, geometry, is_label=False)
         prediction = CasePrediction(
-            case_id=volumes.case_id,
-            label_convention=volumes.label_convention,
-            labels=decode_labels(canonical, volumes.label_convention),
+            case_id=geometry["case_id"],
+            label_convention=convention,
+            labels=source_labels,
             canonical=canonical,
-            affine=np.asarray(volumes.affine, dtype=np.float64),
-            volumes_ml=region_volumes_ml(canonical, volumes.affine),
+            affine=affine,
+            volumes_ml=region_volumes_ml(canonical, affine),
             probabilities=restored_prob,
             uncertainty=restored_var,
             channels=self.channels,
@@ -315,17 +365,6 @@ class SegmentationPredictor:
         restored[0] = 1.0 - restored[0]
         return restored
 
-    def predict_case(self, case: CaseFiles) -> CasePrediction:
-        """Read a case from disk (its segmentation, if any, is not read) and segment it.
-
-        Raises:
-            DataError: a missing modality (naming the file), an unreadable file, wrong dimensionality.
-        """
-        volumes, read_s = read_volumes(case)
-        prediction = self.predict_volumes(volumes)
-        prediction.seconds = {"read": read_s, **prediction.seconds}
-        return prediction
-
 
 def read_volumes(case: CaseFiles) -> tuple[CaseVolumes, float]:
     """The four modalities of a case in its source geometry (not its segmentation), and the read time.
@@ -344,15 +383,18 @@ def read_volumes(case: CaseFiles) -> tuple[CaseVolumes, float]:
 def _atomic_save(image: Any, path: Path) -> None:
     """Write a ``.nii.gz`` to a hidden temp name in the same folder, then rename: never half a file.
 
-    The NIfTI is serialised in memory and gzipped with python-isal (ISA-L, level 1): a standard gzip
-    stream any reader opens, several times faster to produce than nibabel's zlib-based writer.
+    nibabel's own writer (header, scaling, column-major voxel order) streams into python-isal's
+    gzip file (ISA-L, level 1): a standard gzip stream any reader opens. Streaming avoids
+    ``to_bytes``' growing in-memory copy, and ISA-L deflates several times faster than zlib.
     """
     from isal import igzip
+    from nibabel.fileholders import FileHolder
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.nii.gz", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(igzip.compress(image.to_bytes(), compresslevel=1))
+        with os.fdopen(fd, "wb") as fh, igzip.IGzipFile(fileobj=fh, mode="wb", compresslevel=1) as gz:
+            holder = FileHolder(fileobj=gz)
+            image.to_file_map({"image": holder, "header": holder})
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -497,17 +539,17 @@ def predict_dataset(
             raise ValueError("predict_dataset needs input_path or cases")
         cases = plan_cases(input_path, layout)
     summary = PredictSummary(out_dir=out_dir)
-    # While a case is inferred, a thread reads the next one (decompression releases the GIL).
+    # While a case is inferred, a thread reads and preprocesses the next one (decompression and
+    # resampling release the GIL).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tumorseg-read") as reader:
-        pending = reader.submit(read_volumes, cases[0]) if cases else None
+        pending = reader.submit(predictor.read_preprocessed, cases[0]) if cases else None
         for position, case in enumerate(cases):
             try:
-                volumes, read_s = pending.result()
+                preprocessed, seconds = pending.result()
                 if position + 1 < len(cases):
-                    pending = reader.submit(read_volumes, cases[position + 1])
-                prediction = predictor.predict_volumes(volumes)
-                prediction.seconds = {"read": read_s, **prediction.seconds}
-                del volumes
+                    pending = reader.submit(predictor.read_preprocessed, cases[position + 1])
+                prediction = predictor.predict_preprocessed(preprocessed, seconds)
+                del preprocessed
                 out_dir.mkdir(parents=True, exist_ok=True)
                 files = write_prediction(prediction, out_dir, reference_header(case))
             except DataError as exc:

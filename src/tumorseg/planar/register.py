@@ -119,55 +119,54 @@ def register_planar_models(
     from mlflow.exceptions import MlflowException
 
     from tumorseg.registry.model_card import registry_description
-    from tumorseg.tracking import git_commit
+    from tumorseg.tracking import fluent_store, git_commit
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    commit = git_commit(Path(__file__).resolve().parent)
-    facts = {
-        "run_id": run_id,
-        "git_commit": commit,
-        "data_md5": data_md5,
-        "params_md5": params_md5(config),
-        "synthetic": synthetic,
-    }
-    metrics = evaluation["metrics"]
-    registered: dict[str, RegisteredVersion] = {}
-    for kind, name in names.items():
-        evidence = evaluation["evidence"][kind]
-        cases_md5 = cases_fingerprint(evidence["reference_sha256"])
-        record = {**evidence, "metrics": metrics, "test_cases_md5": cases_md5, **facts}
-        with tempfile.TemporaryDirectory(prefix="tumorseg-register-2d-") as tmp:
-            evaluation_file = Path(tmp) / "evaluation.json"
-            evaluation_file.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-            card_file = Path(tmp) / "model_card.md"
-            card_file.write_text(render_planar_card(kind, name, metrics, config, facts))
-            with mlflow.start_run(run_id=run_id):
-                info = log_model(package, kind, {"evaluation": evaluation_file, "model_card": card_file})
-                mlflow.log_artifact(str(card_file), artifact_path=f"model_card_{kind}")
-        try:
-            client.get_registered_model(name)
-        except MlflowException:
-            client.create_registered_model(name, description=DESCRIPTIONS[kind])
-        headline = _headline(kind, metrics)
-        tags = {
-            "git_commit": commit or "unknown",
+    with fluent_store(tracking_uri):
+        client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        commit = git_commit(Path(__file__).resolve().parent)
+        facts = {
+            "run_id": run_id,
+            "git_commit": commit,
             "data_md5": data_md5,
-            "params_md5": facts["params_md5"],
-            "network": str(config.get("model_2d", {}).get("name")),
-            "branch": "2d",
-            "test_n_cases": str(len(evidence["case_dice"])),
-            "test_cases_md5": cases_md5,
-            **{k: f"{v:.6f}" for k, v in headline.items() if v is not None},
+            "params_md5": params_md5(config),
+            "synthetic": synthetic,
         }
-        version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
-        card = render_planar_card(kind, name, metrics, config, {**facts, "version": version})
-        client.update_model_version(name, version, description=registry_description(card))
-        client.set_registered_model_alias(name, CHALLENGER, version)
-        log.info("registered %s version %s (run %s) as %s", name, version, run_id, CHALLENGER)
-        registered[kind] = RegisteredVersion(name, version, run_id, f"models:/{name}/{version}")
-    return registered
+        metrics = evaluation["metrics"]
+        registered: dict[str, RegisteredVersion] = {}
+        for kind, name in names.items():
+            evidence = evaluation["evidence"][kind]
+            cases_md5 = cases_fingerprint(evidence["reference_sha256"])
+            record = {**evidence, "metrics": metrics, "test_cases_md5": cases_md5, **facts}
+            with tempfile.TemporaryDirectory(prefix="tumorseg-register-2d-") as tmp:
+                evaluation_file = Path(tmp) / "evaluation.json"
+                evaluation_file.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+                card_file = Path(tmp) / "model_card.md"
+                card_file.write_text(render_planar_card(kind, name, metrics, config, facts))
+                with mlflow.start_run(run_id=run_id):
+                    info = log_model(package, kind, {"evaluation": evaluation_file, "model_card": card_file})
+                    mlflow.log_artifact(str(card_file), artifact_path=f"model_card_{kind}")
+            try:
+                client.get_registered_model(name)
+            except MlflowException:
+                client.create_registered_model(name, description=DESCRIPTIONS[kind])
+            headline = _headline(kind, metrics)
+            tags = {
+                "git_commit": commit or "unknown",
+                "data_md5": data_md5,
+                "params_md5": facts["params_md5"],
+                "network": str(config.get("model_2d", {}).get("name")),
+                "branch": "2d",
+                "test_n_cases": str(len(evidence["case_dice"])),
+                "test_cases_md5": cases_md5,
+                **{k: f"{v:.6f}" for k, v in headline.items() if v is not None},
+            }
+            version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+            card = render_planar_card(kind, name, metrics, config, {**facts, "version": version})
+            client.update_model_version(name, version, description=registry_description(card))
+            client.set_registered_model_alias(name, CHALLENGER, version)
+            log.info("registered %s version %s (run %s) as %s", name, version, run_id, CHALLENGER)
+            registered[kind] = RegisteredVersion(name, version, run_id, f"models:/{name}/{version}")
+        return registered
 
 
 def log_model(package: dict[str, Path], kind: str, extra: dict[str, Path]) -> Any:

@@ -211,69 +211,70 @@ def register_model(
 
     from tumorseg.registry.model_card import ModelCardFacts, registry_description, render_model_card
     from tumorseg.registry.pyfunc import log_segmentation_model
-    from tumorseg.tracking import git_commit
+    from tumorseg.tracking import fluent_store, git_commit
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    paths = section("paths", params, source=source)
-    data_md5, data_source = _data_hash(client, run_id, params, source)
-    commit = git_commit(Path(__file__).resolve().parent)  # the code's repository, wherever the stage runs
-    facts = ModelCardFacts(
-        model_name=cfg.model_name,
-        run_id=run_id,
-        config=trained.config,
-        predict_settings=predict_settings,
-        metrics=evaluation.metrics,
-        n_parameters=sum(p.numel() for p in trained.network.parameters()),
-        git_commit=commit,
-        data_md5=data_md5,
-        data_md5_source=data_source,
-        params_md5=params_md5(trained.config),
-        synthetic_data=(Path(paths.raw) / "synth_meta.json").is_file(),
-        test_cases=int(evaluation.metrics["n_cases"]),
-        label_convention=evaluation.label_convention,
-    )
-    cases_md5 = cases_fingerprint(evaluation.reference_sha256)
-    record = {
-        **evaluation.to_record(),
-        "test_cases_md5": cases_md5,
-        "data_md5": data_md5,
-        "params_md5": facts.params_md5,
-        "git_commit": commit,
-    }
-    with tempfile.TemporaryDirectory(prefix="tumorseg-register-") as tmp:
-        evaluation_file = Path(tmp) / EVALUATION_ARTIFACT
-        evaluation_file.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-        card_file = Path(tmp) / MODEL_CARD_ARTIFACT
-        card_file.write_text(render_model_card(facts))
-        with mlflow.start_run(run_id=run_id):
-            info = log_segmentation_model(
-                trained,
-                predict_settings,
-                name=LOGGED_MODEL_NAME,
-                extra_artifacts={"evaluation": evaluation_file, "model_card": card_file},
-            )
-            mlflow.log_artifact(str(card_file))
+    with fluent_store(tracking_uri):
+        client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        paths = section("paths", params, source=source)
+        data_md5, data_source = _data_hash(client, run_id, params, source)
+        commit = git_commit(Path(__file__).resolve().parent)  # the code's repository, wherever the stage runs
+        facts = ModelCardFacts(
+            model_name=cfg.model_name,
+            run_id=run_id,
+            config=trained.config,
+            predict_settings=predict_settings,
+            metrics=evaluation.metrics,
+            n_parameters=sum(p.numel() for p in trained.network.parameters()),
+            git_commit=commit,
+            data_md5=data_md5,
+            data_md5_source=data_source,
+            params_md5=params_md5(trained.config),
+            synthetic_data=(Path(paths.raw) / "synth_meta.json").is_file(),
+            test_cases=int(evaluation.metrics["n_cases"]),
+            label_convention=evaluation.label_convention,
+        )
+        cases_md5 = cases_fingerprint(evaluation.reference_sha256)
+        record = {
+            **evaluation.to_record(),
+            "test_cases_md5": cases_md5,
+            "data_md5": data_md5,
+            "params_md5": facts.params_md5,
+            "git_commit": commit,
+        }
+        with tempfile.TemporaryDirectory(prefix="tumorseg-register-") as tmp:
+            evaluation_file = Path(tmp) / EVALUATION_ARTIFACT
+            evaluation_file.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+            card_file = Path(tmp) / MODEL_CARD_ARTIFACT
+            card_file.write_text(render_model_card(facts))
+            with mlflow.start_run(run_id=run_id):
+                info = log_segmentation_model(
+                    trained,
+                    predict_settings,
+                    name=LOGGED_MODEL_NAME,
+                    extra_artifacts={"evaluation": evaluation_file, "model_card": card_file},
+                )
+                mlflow.log_artifact(str(card_file))
 
-    _ensure_registered_model(client, cfg.model_name)
-    tags = {
-        "git_commit": commit or "unknown",
-        "data_md5": data_md5,
-        "data_md5_source": data_source,
-        "params_md5": facts.params_md5,
-        "network": str(trained.config.get("model", {}).get("name")),
-        "test_n_cases": str(evaluation.metrics["n_cases"]),
-        "test_cases_md5": cases_md5,
-        "test_dice_mean": f"{evaluation.metrics['dice_mean']:.6f}",
-        **{f"test_dice_{r}": f"{evaluation.metrics[f'dice_{r}']:.6f}" for r in REGION_NAMES},
-    }
-    registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
-    version = str(registered.version)
-    client.update_model_version(
-        cfg.model_name, version, description=registry_description(render_model_card(facts, version=version))
-    )
-    client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-    client.set_tag(run_id, "tumorseg.registered_version", f"{cfg.model_name}/{version}")
-    log.info("registered %s version %s (run %s) as %s", cfg.model_name, version, run_id, CHALLENGER)
-    return RegisteredVersion(cfg.model_name, version, run_id, f"models:/{cfg.model_name}/{version}")
+        _ensure_registered_model(client, cfg.model_name)
+        tags = {
+            "git_commit": commit or "unknown",
+            "data_md5": data_md5,
+            "data_md5_source": data_source,
+            "params_md5": facts.params_md5,
+            "network": str(trained.config.get("model", {}).get("name")),
+            "test_n_cases": str(evaluation.metrics["n_cases"]),
+            "test_cases_md5": cases_md5,
+            "test_dice_mean": f"{evaluation.metrics['dice_mean']:.6f}",
+            **{f"test_dice_{r}": f"{evaluation.metrics[f'dice_{r}']:.6f}" for r in REGION_NAMES},
+        }
+        registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
+        version = str(registered.version)
+        client.update_model_version(
+            cfg.model_name,
+            version,
+            description=registry_description(render_model_card(facts, version=version)),
+        )
+        client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+        client.set_tag(run_id, "tumorseg.registered_version", f"{cfg.model_name}/{version}")
+        log.info("registered %s version %s (run %s) as %s", cfg.model_name, version, run_id, CHALLENGER)
+        return RegisteredVersion(cfg.model_name, version, run_id, f"models:/{cfg.model_name}/{version}")

@@ -291,10 +291,15 @@ class Service:
                 "upload one case per request"
             )
         case = cases[0]
-        volumes, read_s = read_volumes(case)
-        self._check_grid(case.case_id, volumes)
-        prediction = self.predictor.predict_volumes(volumes)
-        prediction.seconds = {"read": read_s, **prediction.seconds}
+        shape, spacing = _header_grid(case)
+        self._check_grid(case.case_id, shape, spacing)
+        volumes = None
+        if keep:  # the viewer shows the modalities: read them whole
+            volumes, read_s = read_volumes(case)
+            prediction = self.predictor.predict_volumes(volumes)
+            prediction.seconds = {"read": read_s, **prediction.seconds}
+        else:  # each file read and resampled in its own thread, no full-resolution float image
+            prediction = self.predictor.predict_case(case)
         out_dir = workdir / "prediction"
         written = write_prediction(prediction, out_dir, reference_header(case))
         segmentation = written[0].read_bytes()
@@ -304,7 +309,7 @@ class Service:
             "layout": case.layout,
             "label_convention": case.label_convention,
             "shape": [int(n) for n in prediction.labels.shape],
-            "spacing_mm": [round(float(s), 4) for s in volumes.spacing],
+            "spacing_mm": [round(float(s), 4) for s in spacing],
             "volumes_ml": {region: round(value, 3) for region, value in prediction.volumes_ml.items()},
             "seconds": {step: round(value, 3) for step, value in prediction.seconds.items()},
             "model": self.model_info,
@@ -337,21 +342,24 @@ class Service:
             result["display"] = display
         return result
 
-    def _check_grid(self, case_id: str, volumes: Any) -> None:
-        """Refuse a case whose grid would be absurdly large on the model's grid (voxel sizes in the header)."""
+    def _check_grid(self, case_id: str, shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+        """Refuse a case whose grid would be absurdly large on the model's grid (voxel sizes in the header).
+
+        Checked on the reference header, before any volume is inflated or resampled.
+        """
         target = self.predictor.preprocess_cfg.target_spacing_mm
-        physical_mm3 = float(np.prod(np.asarray(volumes.image.shape[1:]) * np.asarray(volumes.spacing)))
+        physical_mm3 = float(np.prod(np.asarray(shape, dtype=np.float64) * np.asarray(spacing)))
         model_voxels = physical_mm3 / float(np.prod(target))
         limit = self.settings.serve.max_model_voxels
         if not np.isfinite(model_voxels) or model_voxels > limit:
             raise DataError(
-                f"{case_id}: voxel sizes {tuple(round(s, 3) for s in volumes.spacing)} mm x shape "
-                f"{volumes.image.shape[1:]} make {model_voxels:.3g} voxels at the model's spacing, more than "
+                f"{case_id}: voxel sizes {tuple(round(s, 3) for s in spacing)} mm x shape "
+                f"{tuple(shape)} make {model_voxels:.3g} voxels at the model's spacing, more than "
                 f"{limit} (serve.max_model_voxels); check the NIfTI header's pixdim"
             )
-        if min(volumes.image.shape[1:]) < 2:
+        if min(shape) < 2:
             raise DataError(
-                f"{case_id}: volume shape {volumes.image.shape[1:]} is a single slice; upload the 3-D volumes"
+                f"{case_id}: volume shape {tuple(shape)} is a single slice; upload the 3-D volumes"
             )
 
     def run_job(self, folder: Path, workdir: Path, keep: bool, remove_workdir: bool) -> dict[str, Any]:
@@ -392,6 +400,20 @@ class Service:
             return result
         finally:
             remove_tree(workdir)
+
+
+def _header_grid(case: Any) -> tuple[tuple[int, ...], tuple[float, float, float]]:
+    """Shape and voxel sizes (mm) of a case's reference file from its header alone (nothing inflated).
+
+    Raises:
+        DataError: the header cannot be read (naming the file).
+    """
+    from tumorseg.data.layouts import spacing_from_affine
+    from tumorseg.models.predictor import reference_header
+
+    header = reference_header(case)
+    shape = tuple(int(n) for n in header.get_data_shape()[:3])
+    return shape, spacing_from_affine(header.get_best_affine())
 
 
 def _check_same_shape(reference: tuple[int, ...], expected: tuple[int, ...], name: str) -> None:

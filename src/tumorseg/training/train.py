@@ -505,8 +505,7 @@ def _log_run_artefacts(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4, *dims), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, trained.model.out_channels, *dims), "logits")]),
     )
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with tracking.fluent_store(uri), mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
             trained.network,
             name="model",
