@@ -15,7 +15,6 @@ model); or an MLflow URI (``models:/tumorseg-2d@champion``, ``models:/tumorseg-d
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,11 +178,7 @@ def load_planar_model(uri: str, *, tracking_uri: str) -> PlanarModel:
         DataError: one line: no such file, no such registered model / alias / version (and what to
             run first), or not a tumorseg 2-D model.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from tumorseg.registry.loading import MODELS_URI, is_mlflow_uri, prepare_mlflow
-    from tumorseg.tracking import sqlite_path
+    from tumorseg.registry.loading import downloaded_model, is_mlflow_uri, prepare_mlflow
 
     prepare_mlflow()
     if not is_mlflow_uri(uri):
@@ -196,34 +191,5 @@ def load_planar_model(uri: str, *, tracking_uri: str) -> PlanarModel:
             f"{uri}: no such 2-D model; pass a train-2d best.ckpt, a model folder, or a URI such as "
             "models:/tumorseg-2d@champion"
         )
-    db = sqlite_path(tracking_uri)
-    store = str(db) if db is not None else tracking_uri
-    if db is not None and not db.is_file():
-        raise DataError(f"{uri}: no MLflow store at {db}; {FIRST_STEPS_2D}")
-    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    match = MODELS_URI.match(uri)
-    description = uri
-    try:
-        if match:
-            name, alias, number = match["name"], match["alias"], match["version"]
-            found = (
-                client.get_model_version_by_alias(name, alias)
-                if alias
-                else client.get_model_version(name, number)
-            )
-            description = f"{uri} (version {found.version})"
-            artifact_uri = client.get_model_version_download_uri(name, str(found.version))
-        else:
-            artifact_uri = uri
-        with tempfile.TemporaryDirectory(prefix="tumorseg-load-2d-") as tmp:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=tracking_uri
-                )
-            )
-            return _from_folder(local, description)
-    except MlflowException as exc:
-        message = str(exc.message).strip().splitlines()[0]
-        raise DataError(
-            f"{uri}: not found in the MLflow store {store} ({message}); {FIRST_STEPS_2D}"
-        ) from None
+    with downloaded_model(uri, tracking_uri, first_steps=FIRST_STEPS_2D) as model:
+        return _from_folder(model.folder, model.description)

@@ -240,14 +240,11 @@ def train_planar(
 
 def best_planar_validation(metrics_csv: Path) -> tuple[dict[str, float], int | None]:
     """Validation metrics at the epoch with the best ``val_dice_mean``, from the CSV log."""
-    from tumorseg.training.reporting import epoch_metrics
+    from tumorseg.training.train import best_validation_row
 
-    if not metrics_csv.is_file():
+    row = best_validation_row(metrics_csv)
+    if row is None:
         return {}, None
-    frame = epoch_metrics(metrics_csv)
-    if "val_dice_mean" not in frame or frame["val_dice_mean"].dropna().empty:
-        return {}, None
-    row = frame.loc[frame["val_dice_mean"].idxmax()]
     keys = ("val_dice_mean", "val_detect_auc", "val_type_accuracy")
     best = {k: float(row[k]) for k in keys if k in row and not math.isnan(float(row[k]))}
     return best, int(row["epoch"])

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +102,40 @@ def _store_text(tracking_uri: str) -> str:
     return str(db) if db is not None else tracking_uri
 
 
-def _from_mlflow(uri: str, tracking_uri: str) -> LoadedModel:
+@dataclass
+class DownloadedModel:
+    """An MLflow model copied to a local folder.
+
+    Attributes:
+        folder: the model's files (removed when :func:`downloaded_model`'s block ends).
+        client: an ``MlflowClient`` on the store it came from.
+        description: ``uri`` plus the version and run a ``models:/`` URI resolved to.
+        version: the registered version (None for ``runs:/`` and other artifact URIs).
+    """
+
+    folder: Path
+    client: Any
+    description: str
+    version: str | None = None
+
+
+@contextmanager
+def downloaded_model(
+    uri: str, tracking_uri: str, *, first_steps: str = FIRST_STEPS
+) -> Iterator[DownloadedModel]:
+    """Resolve an MLflow model URI (``models:/name@alias``, ``models:/name/3``, ``runs:/...``) and download it.
+
+    Shared by the 3-D and 2-D loaders; each reads the folder its own way inside the block. MLflow
+    errors, there or in the block, become one-line :class:`DataError` naming the URI and the store.
+
+    Args:
+        uri: the model URI.
+        tracking_uri: the MLflow store (tracking and registry).
+        first_steps: what to run when the model is not there (appended to the message).
+
+    Raises:
+        DataError: no store at a SQLite path, no such model/version/alias, or a download failure.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -109,7 +144,7 @@ def _from_mlflow(uri: str, tracking_uri: str) -> LoadedModel:
     db = sqlite_path(tracking_uri)
     if uri.startswith(("models:/", "runs:/")) and db is not None and not db.is_file():
         # MLflow would silently create an empty store here; there is nothing to load from it.
-        raise DataError(f"{uri}: no MLflow store at {db}; {FIRST_STEPS}")
+        raise DataError(f"{uri}: no MLflow store at {db}; {first_steps}")
     client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
     version = None
     description = uri
@@ -133,17 +168,22 @@ def _from_mlflow(uri: str, tracking_uri: str) -> LoadedModel:
                     artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=tracking_uri
                 )
             )
-            if not (local / "MLmodel").is_file():
-                raise DataError(f"{uri}: not an MLflow model (no MLmodel file)")
-            trained, settings = _from_model_dir(local, uri, client=client)
+            yield DownloadedModel(local, client, description, version)
     except MlflowException as exc:
         message = str(exc.message).strip().splitlines()[0]
         if match:
             raise DataError(
-                f"{uri}: not found in the MLflow store {_store_text(tracking_uri)} ({message}); {FIRST_STEPS}"
+                f"{uri}: not found in the MLflow store {_store_text(tracking_uri)} ({message}); {first_steps}"
             ) from None
         raise DataError(f"{uri}: cannot be loaded from {_store_text(tracking_uri)} ({message})") from None
-    return LoadedModel(trained, uri, description, version=version, predict_settings=settings)
+
+
+def _from_mlflow(uri: str, tracking_uri: str) -> LoadedModel:
+    with downloaded_model(uri, tracking_uri) as model:
+        if not (model.folder / "MLmodel").is_file():
+            raise DataError(f"{uri}: not an MLflow model (no MLmodel file)")
+        trained, settings = _from_model_dir(model.folder, uri, client=model.client)
+    return LoadedModel(trained, uri, model.description, version=model.version, predict_settings=settings)
 
 
 def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any, dict[str, Any] | None]:

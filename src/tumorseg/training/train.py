@@ -294,17 +294,25 @@ def check_patch_fits(cfg: TrainingConfig, records: list[dict[str, Any]], source:
         )
 
 
-def best_validation(metrics_csv: Path) -> tuple[dict[str, float], int | None]:
-    """Per-region validation Dice at the epoch with the best mean, from the CSV log."""
-    from tumorseg.data.conventions import REGION_NAMES
+def best_validation_row(metrics_csv: Path) -> Any | None:
+    """The CSV log's per-epoch row (a pandas Series) with the best ``val_dice_mean``; None before any validation."""
     from tumorseg.training.reporting import epoch_metrics
 
     if not metrics_csv.is_file():
-        return {}, None
+        return None
     frame = epoch_metrics(metrics_csv)
     if "val_dice_mean" not in frame or frame["val_dice_mean"].dropna().empty:
+        return None
+    return frame.loc[frame["val_dice_mean"].idxmax()]
+
+
+def best_validation(metrics_csv: Path) -> tuple[dict[str, float], int | None]:
+    """Per-region validation Dice at the epoch with the best mean, from the CSV log."""
+    from tumorseg.data.conventions import REGION_NAMES
+
+    row = best_validation_row(metrics_csv)
+    if row is None:
         return {}, None
-    row = frame.loc[frame["val_dice_mean"].idxmax()]
     dice = {name: float(row[f"val_dice_{name}"]) for name in (*REGION_NAMES, "mean")}
     return dice, int(row["epoch"])
 
