@@ -18,3 +18,9 @@ class ConfigError(TumorsegError):
 
 class DataError(TumorsegError):
     """Input data that cannot be used as it is."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

@@ -3,7 +3,7 @@
 The data go through the real chain (synth -> ingest -> validate -> preprocess -> split), a 4-8-16
 U-Net is trained for a few steps and registered as the fp32 champion; compression then builds,
 measures and gates the variants, registers ``@edge``, and ``tumorseg predict --model
-models:/tumorseg@edge`` runs it through ONNX Runtime. A failing compression leaves the registry
+models:/tumorseg@edge`` runs it (ONNX Runtime or a torch.export program). A failing compression leaves the registry
 as it was.
 """
 
@@ -53,7 +53,14 @@ def _overrides(root: Path) -> dict[str, Any]:
         "evaluate.bootstrap_resamples": 100,
         "evaluate.plots": False,
         "compress.out_dir": str(root / "models" / "compressed"),
-        "compress.variants": ["fp32", "onnx_fp32", "pruned_structured", "int8", "pruned_structured_wint8"],
+        "compress.variants": [
+            "fp32",
+            "onnx_fp32",
+            "pruned_structured",
+            "int8",
+            "pruned_structured_wint8",
+            "pruned_structured_bf16",
+        ],
         "compress.exporter": "torchscript",
         "compress.pruning.fine_tune_steps": 2,
         "compress.pruning.val_every": 1,
@@ -141,11 +148,12 @@ def test_missing_calibration_set_is_one_line_and_leaves_the_registry_untouched(
     assert not (root / "reports_failed" / "compression.json").exists()
 
 
-def test_compress_gates_registers_edge_and_predict_runs_it_in_onnx_runtime(
+def test_compress_gates_registers_edge_and_predict_runs_it_in_its_runtime(
     project: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from tumorseg.compression.stage import run_compress_stage
     from tumorseg.models.onnx_network import OnnxRuntimeNetwork
+    from tumorseg.models.program_network import ExportedProgramNetwork
     from tumorseg.registry.loading import load_model
 
     root, uri = project["root"], project["uri"]
@@ -161,7 +169,14 @@ def test_compress_gates_registers_edge_and_predict_runs_it_in_onnx_runtime(
     result = run_compress_stage(params, tracking_uri=uri)
 
     names = [r.name for r in result.variants]
-    assert names == ["fp32", "onnx_fp32", "pruned_structured", "int8", "pruned_structured_wint8"]
+    assert names == [
+        "fp32",
+        "onnx_fp32",
+        "pruned_structured",
+        "int8",
+        "pruned_structured_wint8",
+        "pruned_structured_bf16",
+    ]
     by_name = {r.name: r for r in result.variants}
     assert by_name["onnx_fp32"].onnx_max_abs_diff < 1e-4
     assert by_name["onnx_fp32"].dice_drop == pytest.approx(0.0, abs=1e-6)  # same network, same cases
@@ -174,16 +189,21 @@ def test_compress_gates_registers_edge_and_predict_runs_it_in_onnx_runtime(
     assert wint8.details["weight_only_int8"]["quantized_nodes"]["Conv"] > 0
     assert wint8.parameters == by_name["pruned_structured"].parameters
     assert wint8.file_mb < by_name["pruned_structured"].file_mb
+    bf16 = by_name["pruned_structured_bf16"]
+    assert bf16.runtime == "torch.export" and bf16.parameters == by_name["pruned_structured"].parameters
+    assert bf16.details["converted_from"] == "pruned_structured" and 0 < bf16.onnx_max_abs_diff < 1.0
     assert all(r.latency_s > 0 and set(r.dice) == {"WT", "TC", "ET", "mean"} for r in result.variants)
     assert result.edge is not None and result.edge.accepted
 
     report = json.loads((root / "reports" / "compression.json").read_text())
-    assert report["edge"] == result.edge.name and len(report["variants"]) == 5
-    assert (root / "reports" / "compression.md").read_text().count("| onnxruntime |") == 4
-    assert sorted(p.name for p in (root / "models" / "compressed").glob("*.onnx")) == [
+    assert report["edge"] == result.edge.name and len(report["variants"]) == 6
+    markdown = (root / "reports" / "compression.md").read_text()
+    assert markdown.count("| onnxruntime |") == 4 and markdown.count("| torch.export |") == 1
+    assert sorted(p.name for p in (root / "models" / "compressed").iterdir()) == [
         "int8.onnx",
         "onnx_fp32.onnx",
         "pruned_structured.onnx",
+        "pruned_structured_bf16.pt2",
         "pruned_structured_wint8.onnx",
     ]
 
@@ -195,7 +215,9 @@ def test_compress_gates_registers_edge_and_predict_runs_it_in_onnx_runtime(
     assert client.get_model_version("tumorseg", edge_version).tags["compression.variant"] == result.edge.name
 
     loaded = load_model("models:/tumorseg@edge", tracking_uri=uri)
-    assert isinstance(loaded.trained.network, OnnxRuntimeNetwork)
+    runtime = {"onnxruntime": OnnxRuntimeNetwork, "torch.export": ExportedProgramNetwork}[result.edge.runtime]
+    assert isinstance(loaded.trained.network, runtime)
+    assert client.get_model_version("tumorseg", edge_version).tags["runtime"] == result.edge.runtime
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = root / "pred_edge"
@@ -213,3 +235,57 @@ def test_compress_gates_registers_edge_and_predict_runs_it_in_onnx_runtime(
     )
     assert code == 0, capsys.readouterr().err
     assert len(list(out.glob("*.nii.gz"))) == len(list((root / "raw").glob("BraTS2021_*")))
+
+
+def test_a_bfloat16_edge_is_registered_as_a_program_and_served_by_the_pyfunc(
+    project: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pandas as pd
+
+    from tumorseg.compression.stage import run_compress_stage
+    from tumorseg.models.program_network import ExportedProgramNetwork
+    from tumorseg.registry.loading import load_model
+
+    root, uri = project["root"], project["uri"]
+    params = apply_overrides(
+        project["params"],
+        {
+            "compress.variants": ["fp32", "bf16"],
+            "compress.dice_tolerance": 1.0,
+            "compress.model": "models:/tumorseg@champion",
+            "compress.out_dir": str(root / "models" / "compressed_bf16"),
+            "paths.reports": str(root / "reports_bf16"),
+            "mlflow.enabled": True,
+        },
+    )
+    result = run_compress_stage(params, tracking_uri=uri)
+    assert result.edge is not None and result.edge.name == "bf16" and result.registered is not None
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    version = client.get_model_version("tumorseg", result.registered["version"])
+    assert version.tags["compression.variant"] == "bf16" and version.tags["runtime"] == "torch.export"
+    assert "(PyTorch, torch.export program)" in version.description
+    assert isinstance(
+        load_model("models:/tumorseg@edge", tracking_uri=uri).trained.network, ExportedProgramNetwork
+    )
+
+    # The MLflow pyfunc (what `mlflow models serve` runs) loads the program and segments a case.
+    model = mlflow.pyfunc.load_model(f"models:/tumorseg/{result.registered['version']}")
+    case = sorted((root / "raw").glob("BraTS2021_*"))[0]
+    out = model.predict(pd.DataFrame({"case_dir": [str(case)]}))
+    assert list(out["case_id"]) == [case.name]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = main(
+        [
+            "predict",
+            str(case),
+            "--out",
+            str(root / "pred_bf16"),
+            "--model",
+            "models:/tumorseg@edge",
+            "--params",
+            str(project["params_file"]),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert (root / "pred_bf16" / f"{case.name}.nii.gz").is_file()

@@ -9,6 +9,7 @@ geometry or convention bug shows up as a low Dice against the reference written 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -295,3 +296,31 @@ def test_written_nifti_holds_exactly_what_nibabel_writes(tmp_path: Path, order: 
     assert np.array_equal(np.asanyarray(loaded.dataobj), labels)
     assert np.allclose(loaded.affine, affine)
     assert [p.name for p in tmp_path.iterdir()] == ["case.nii.gz"]
+
+
+def test_reading_the_next_case_ahead_only_with_a_spare_core_gives_the_same_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tumorseg.models import predictor as predictor_module
+
+    for number, orientation in enumerate(("RAS", "LPS", "PIL"), start=1):
+        fx.write_brats_case(tmp_path / "in", f"BraTS2021_0000{number}", orientation=orientation, seed=number)
+    predictor = SegmentationPredictor(trained_oracle(), PredictConfig(device="cpu"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core busy inferring: read in turn
+        assert not predictor_module.spare_core(predictor.device)
+        in_turn = predict_dataset(tmp_path / "in", tmp_path / "in_turn", predictor)
+        if len(os.sched_getaffinity(0)) > 1:
+            torch.set_num_threads(1)
+            assert predictor_module.spare_core(predictor.device)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(predictor_module, "spare_core", lambda device: True)
+    ahead = predict_dataset(tmp_path / "in", tmp_path / "ahead", predictor)
+    assert in_turn.cases == ahead.cases
+    for name in sorted(p.name for p in (tmp_path / "in_turn").iterdir()):
+        a, b = nib.load(tmp_path / "in_turn" / name), nib.load(tmp_path / "ahead" / name)
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)) and np.array_equal(
+            a.affine, b.affine
+        )

@@ -18,6 +18,8 @@ VariantName = Literal[
     "pruned_structured_int8",
     "onnx_fp32_wint8",
     "pruned_structured_wint8",
+    "bf16",
+    "pruned_structured_bf16",
     "fp16",
 ]
 """Variants ``tumorseg compress`` can build.
@@ -33,6 +35,11 @@ VariantName = Literal[
 - ``onnx_fp32_wint8``, ``pruned_structured_wint8``: weight-only INT8 of the fp32 or channel-pruned
   ONNX model: int8 conv weights in the file (about 4x smaller), dequantized once when ONNX Runtime
   loads it, float32 compute (float speed, no calibration, weight rounding as the only error).
+- ``bf16``, ``pruned_structured_bf16``: the fp32 or channel-pruned network in bfloat16 (weights
+  and activations; float32 in and out), saved as a ``torch.export`` program (half the float32
+  file) and run by PyTorch: ONNX Runtime has no bfloat16 convolution on CPU, while oneDNN runs
+  them natively on CPUs with AVX512-BF16, AMX or Arm BF16 (about twice float32's speed there;
+  emulated, slowly, elsewhere: the report says so).
 - ``fp16``: half-precision ONNX for GPUs (float32 in and out); measured only where CUDA is available.
 """
 

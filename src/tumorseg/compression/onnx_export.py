@@ -10,8 +10,6 @@ legacy TorchScript tracer.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,30 +17,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from tumorseg.errors import DataError
+from tumorseg.data.manifest import atomic_output
+from tumorseg.errors import DataError, first_line
 from tumorseg.models.onnx_network import INPUT_NAME, OUTPUT_NAME, OnnxRuntimeNetwork
 
 log = logging.getLogger(__name__)
 
 
-class HalfPrecision(nn.Module):
-    """``network`` in float16 with float32 input and output (the casts are exported in the graph).
+class ReducedPrecision(nn.Module):
+    """``network`` in float16 or bfloat16 with float32 input and output (the casts are exported in the graph).
 
     Why: callers (the sliding-window inferer, the served model) stay float32 everywhere; only the
-    FP16 variant's weights and activations are half precision.
+    variant's weights and activations are in the reduced precision.
     """
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
-        self.network = network.half()
+        self.dtype = dtype
+        self.network = network.to(dtype)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.network(image.half()).float()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+        return self.network(image.to(self.dtype)).float()
 
 
 def export_onnx(
@@ -68,13 +63,10 @@ def export_onnx(
         DataError: the exporter failed (one line naming the variant and the exporter's reason).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     network.eval()
     spatial = range(2, example.dim())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".onnx", dir=path.parent)
-    os.close(fd)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with atomic_output(path, ".onnx") as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 dim = torch.export.Dim.DYNAMIC
@@ -89,25 +81,23 @@ def export_onnx(
                     external_data=False,
                     verbose=False,
                 )
-                program.save(tmp, external_data=False)
+                program.save(str(tmp), external_data=False)
             else:
                 axes = {0: "batch", **{axis: f"spatial_{axis - 2}" for axis in spatial}}
                 torch.onnx.export(
                     network,
                     (example,),
-                    tmp,
+                    str(tmp),
                     dynamo=False,
                     input_names=[INPUT_NAME],
                     output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
                     opset_version=opset,
                 )
-        os.replace(tmp, path)
     except Exception as exc:  # the exporters raise many types; the user needs the first line of it
-        Path(tmp).unlink(missing_ok=True)
         raise DataError(
             f"ONNX export of the {what} failed with the {exporter} exporter ({type(exc).__name__}: "
-            f"{_first_line(exc)}); try compress.exporter: "
+            f"{first_line(exc)}); try compress.exporter: "
             f"{'torchscript' if exporter == 'dynamo' else 'dynamo'} or leave the variant out"
         ) from None
     return path

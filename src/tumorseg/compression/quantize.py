@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tumorseg.compression.config import QuantizationConfig
+from tumorseg.data.manifest import atomic_output
 from tumorseg.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -326,14 +327,6 @@ def quantize_weights_int8(
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.checker.check_model(model)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(out_path, ".onnx") as tmp:
+        onnx.save(model, str(tmp))
     return QuantizationStats(dict(done), dict(left), 0, [])

@@ -2,7 +2,8 @@
 
 Gate: a variant is accepted only if its mean Dice (over the test cases of each case's mean over
 WT, TC and ET, the statistic the promotion gate uses) is at most ``compress.dice_tolerance`` below
-the fp32 model's on the same cases. Among accepted variants that run in ONNX Runtime, the edge
+the fp32 model's on the same cases. Among accepted variants stored as a deployable file (ONNX
+for ONNX Runtime, or a bfloat16 ``torch.export`` program), the edge
 model is chosen by :func:`choose_edge`: variants meeting both deployment targets
 (``compress.target_speedup`` x faster and ``compress.target_size_ratio`` x smaller than fp32) come
 first; within a group, the fastest (median latency of the whole ``predict`` path), then the
@@ -19,6 +20,8 @@ from typing import Any
 from tumorseg.data.conventions import REGION_NAMES
 
 BASELINE = "fp32"
+EDGE_RUNTIMES = ("onnxruntime", "torch.export")
+"""Runtimes of deployable variant files: ONNX models, and torch.export programs (the bfloat16 variants)."""
 
 
 @dataclass
@@ -27,15 +30,16 @@ class VariantResult:
 
     Attributes:
         name: variant name (``fp32``, ``pruned_structured_int8``...).
-        runtime: ``pytorch`` or ``onnxruntime``.
-        file: the model file (``weights.pt`` state_dict for fp32, the ``.onnx`` otherwise).
+        runtime: ``pytorch`` (the fp32 source), ``onnxruntime`` or ``torch.export`` (bfloat16 programs).
+        file: the model file (``weights.pt`` state_dict for fp32, the ``.onnx`` or ``.pt2`` otherwise).
         file_mb: its size in MiB.
         parameters: parameters of the network (after structured pruning: fewer).
         nonzero_parameters: parameters that are not zero (after unstructured pruning: fewer).
         sparsity: share of zero conv weights.
         gmacs_per_window: multiply-accumulates (10^9) of one ``(1, 4, *patch)`` window.
-        onnx_max_abs_diff: max |ONNX Runtime - PyTorch| logits of the exported float graph (the
-            quantized graphs are compared with the float graph they came from).
+        onnx_max_abs_diff: max |exported - PyTorch| logits: the float ONNX graph against the PyTorch
+            network; the quantized graphs against the float graph they came from; the bfloat16
+            programs against the float32 network they came from.
         latency_s: median wall time of the whole ``predict`` of one latency case (read,
             preprocess, sliding window, restore), averaged over the latency cases.
         latency_runs_s: every timed run.
@@ -123,7 +127,7 @@ def meets_targets(
 def choose_edge(
     results: list[VariantResult], *, speedup: float = 0.0, size_ratio: float = 0.0
 ) -> VariantResult | None:
-    """The edge model: the best accepted ONNX Runtime variant (None if none was accepted).
+    """The edge model: the best accepted variant with a deployable file (None if none was accepted).
 
     Order: variants meeting both targets (``speedup`` x faster and ``size_ratio`` x smaller than
     fp32) before those that do not; then the lowest latency; then the smallest file. Without
@@ -131,7 +135,7 @@ def choose_edge(
     gate (every candidate is within the Dice tolerance).
     """
     baseline = next((r for r in results if r.name == BASELINE), None)
-    candidates = [r for r in results if r.accepted and r.runtime == "onnxruntime" and r.measured]
+    candidates = [r for r in results if r.accepted and r.runtime in EDGE_RUNTIMES and r.measured]
     if not candidates:
         return None
     return min(
@@ -207,13 +211,24 @@ def _worst_case_lines(results: list[VariantResult]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
+def _precision_lines(results: list[VariantResult]) -> list[str]:
+    """A warning per bfloat16 variant timed on a CPU that only emulates bfloat16."""
+    lines = [
+        f"- {r.name}: this CPU has no native bfloat16 (AVX512-BF16, AMX or Arm BF16); PyTorch emulated it, "
+        "so its latency here says nothing about a CPU that has it."
+        for r in results
+        if r.details.get("native_bfloat16") is False
+    ]
+    return [*lines, ""] if lines else []
+
+
 def _fine_tune_lines(results: list[VariantResult]) -> list[str]:
     """One line per pruned variant: validation Dice by fine-tune step, and the step whose weights were kept."""
     lines = []
     for r in results:
         pruning = r.details.get("pruning")
-        if not pruning or r.details.get("quantized_from"):
-            continue  # the INT8 variants reuse their float source's fine-tune
+        if not pruning or r.details.get("quantized_from") or r.details.get("converted_from"):
+            continue  # the INT8 and bfloat16 variants reuse their float source's fine-tune
         for number, tune in enumerate(pruning.get("fine_tune", []), start=1):
             if not tune.get("curve"):
                 continue
@@ -239,7 +254,7 @@ def report_markdown(
         f"in the source geometry. Gate: mean Dice drop <= {context.get('dice_tolerance', '?')}.",
         "",
         "| variant | runtime | file MiB | parameters | sparsity | GMAC/window | latency s | inference s "
-        "| Dice WT | Dice TC | Dice ET | Dice mean | drop | ONNX max abs diff | gate |",
+        "| Dice WT | Dice TC | Dice ET | Dice mean | drop | max abs logit diff | gate |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
@@ -255,6 +270,7 @@ def report_markdown(
         )
     lines.append("")
     lines += _worst_case_lines(results)
+    lines += _precision_lines(results)
     lines += _fine_tune_lines(results)
     targets = context.get("targets")
     if targets:

@@ -9,7 +9,7 @@ Prefect task call. Steps:
 2. build each variant of ``compress.variants`` (:mod:`~tumorseg.compression.config`): pruning
    followed by a fine-tune (the training recipe, optionally distilled from the fp32 network,
    weights chosen on the validation split: :mod:`~tumorseg.compression.fine_tune`), ONNX export
-   checked against PyTorch, INT8 quantization;
+   checked against PyTorch, INT8 quantization, bfloat16 ``torch.export`` programs;
 3. measure every variant with the same code, cases and threads: the whole ``predict`` path
    (:class:`~tumorseg.models.predictor.SegmentationPredictor`) timed on BraTS-size cases on CPU
    (every variant in each round, so drifting machine load affects them alike),
@@ -18,7 +18,7 @@ Prefect task call. Steps:
 4. gate (mean Dice drop <= ``compress.dice_tolerance``), choose the edge model (the accepted
    variant meeting ``compress.target_speedup`` and ``compress.target_size_ratio``, fastest then
    smallest; else the fastest accepted one), write
-   ``<out_dir>/<variant>.onnx``, ``reports/compression.json`` and ``reports/compression.md``;
+   ``<out_dir>/<variant>.onnx`` (or ``.pt2``), ``reports/compression.json`` and ``reports/compression.md``;
 5. log the report to MLflow and register the edge model as a new version of ``registry.model_name``
    with alias ``compress.alias`` and a ``compression.variant`` tag. Existing versions and aliases
    (the fp32 champion) are never modified; any failure before this step leaves the registry as it was.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
 import statistics
 import tempfile
@@ -41,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from tumorseg.compression.config import CompressConfig
 from tumorseg.compression.report import (
     BASELINE,
+    EDGE_RUNTIMES,
     VariantResult,
     apply_gate,
     choose_edge,
@@ -49,7 +49,7 @@ from tumorseg.compression.report import (
     report_markdown,
 )
 from tumorseg.config import section
-from tumorseg.data.manifest import atomic_write_text
+from tumorseg.data.manifest import atomic_output, atomic_write_text
 from tumorseg.errors import DataError
 
 if TYPE_CHECKING:  # torch-heavy; imported where the fine-tune runs
@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 
 REPORT_JSON = "compression.json"
 REPORT_MD = "compression.md"
+VARIANT_SUFFIXES = (".onnx", ".pt2")
+"""Files ``tumorseg compress`` keeps in ``compress.out_dir``: ONNX models and torch.export programs."""
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch.export": "PyTorch, torch.export program"}
 ONNX_SOURCES: dict[str, str] = {
     "int8": "onnx_fp32",
     "pruned_unstructured_int8": "pruned_unstructured",
@@ -70,6 +73,11 @@ WEIGHT_ONLY_SOURCES: dict[str, str] = {
     "pruned_structured_wint8": "pruned_structured",
 }
 """Weight-only INT8 variant -> the float ONNX variant whose weights it stores in int8."""
+BFLOAT16_SOURCES: dict[str, str] = {
+    "bf16": BASELINE,
+    "pruned_structured_bf16": "pruned_structured",
+}
+"""bfloat16 variant -> the float variant whose PyTorch network it stores in bfloat16 (torch.export)."""
 
 
 @dataclass
@@ -231,24 +239,15 @@ class VariantBuilder:
 
         # Quantization error, measured against the float ONNX graph it came from.
         diff = max_abs_difference(OnnxRuntimeNetwork(base.file), path, self.example)
-        return VariantResult(
-            name=name,
-            runtime="onnxruntime",
-            file=str(path),
-            file_mb=_mib(path),
-            parameters=base.parameters,
-            nonzero_parameters=base.nonzero_parameters,
-            sparsity=base.sparsity,
-            gmacs_per_window=base.gmacs_per_window,
-            onnx_max_abs_diff=diff,
-            details={**base.details, **details},
-        )
+        return _converted(name, base, path, "onnxruntime", diff, details)
 
     def _build_fp16(self, name: str) -> VariantResult:
-        from tumorseg.compression.onnx_export import HalfPrecision, export_onnx
+        import torch
+
+        from tumorseg.compression.onnx_export import ReducedPrecision, export_onnx
         from tumorseg.compression.pruning import count_parameters
 
-        network = HalfPrecision(copy.deepcopy(self.trained.network)).eval()
+        network = ReducedPrecision(copy.deepcopy(self.trained.network), torch.float16).eval()
         path = export_onnx(
             network,
             self.work / f"{name}.onnx",
@@ -265,6 +264,31 @@ class VariantBuilder:
             parameters=count_parameters(network),
             details={"precision": "float16 weights and activations, float32 input/output"},
         )
+
+    def _build_bf16(self, name: str) -> VariantResult:
+        import torch
+
+        from tumorseg.compression.onnx_export import ReducedPrecision
+        from tumorseg.compression.program_export import export_program
+        from tumorseg.models.program_network import ExportedProgramNetwork, native_bfloat16
+
+        float_name = BFLOAT16_SOURCES[name]
+        base = self.build(float_name)
+        network = self.torch_networks[float_name] if float_name != BASELINE else self.trained.network
+        path = export_program(
+            ReducedPrecision(copy.deepcopy(network), torch.bfloat16).eval(),
+            self.work / f"{name}.pt2",
+            self.example,
+            what=f"{name} network",
+        )
+        with torch.no_grad():  # rounding error of bfloat16, against the float32 network it came from
+            diff = float((ExportedProgramNetwork(path)(self.example) - network(self.example)).abs().max())
+        details = {
+            "precision": "bfloat16 weights and activations, float32 input/output (torch.export program)",
+            "native_bfloat16": native_bfloat16(),
+            "converted_from": float_name,
+        }
+        return _converted(name, base, path, "torch.export", diff, details)
 
     def _torch_network(self, name: str) -> tuple[Any, dict[str, Any]]:
         """The PyTorch network behind a float variant: the original, or a pruned and fine-tuned copy."""
@@ -334,6 +358,24 @@ class VariantBuilder:
         )
 
 
+def _converted(
+    name: str, base: VariantResult, path: Path, runtime: str, diff: float, details: dict[str, Any]
+) -> VariantResult:
+    """The variant stored at ``path``: ``base``'s network in another number format (same parameters)."""
+    return VariantResult(
+        name=name,
+        runtime=runtime,
+        file=str(path),
+        file_mb=_mib(path),
+        parameters=base.parameters,
+        nonzero_parameters=base.nonzero_parameters,
+        sparsity=base.sparsity,
+        gmacs_per_window=base.gmacs_per_window,
+        onnx_max_abs_diff=diff,
+        details={**base.details, **details},
+    )
+
+
 def _split_steps(total: int, rounds: int) -> list[int]:
     """``total`` fine-tune steps shared out over ``rounds`` (the first rounds take the remainder)."""
     return [total // rounds + (1 if i < total % rounds else 0) for i in range(rounds)]
@@ -348,6 +390,8 @@ def _kind(name: str) -> str:
         return "int8"
     if name in WEIGHT_ONLY_SOURCES:
         return "wint8"
+    if name in BFLOAT16_SOURCES:
+        return "bf16"
     return "float_onnx"
 
 
@@ -361,9 +405,12 @@ def trained_variant(builder: VariantBuilder, result: VariantResult, threads: int
     import dataclasses
 
     from tumorseg.models.onnx_network import OnnxRuntimeNetwork
+    from tumorseg.models.program_network import ExportedProgramNetwork
 
     if result.runtime == "pytorch":
         return builder.trained
+    if result.runtime == "torch.export":  # loaded from its file, as a deployment loads it
+        return dataclasses.replace(builder.trained, network=ExportedProgramNetwork(result.file))
     return dataclasses.replace(builder.trained, network=OnnxRuntimeNetwork(result.file, threads=threads))
 
 
@@ -583,19 +630,18 @@ def _publish(
     context: dict[str, Any],
     edge: VariantResult | None,
 ) -> dict[str, Path]:
-    """Move the ONNX files into ``out_dir`` (replacing the previous run's) and write both reports."""
+    """Move the variants' files (``.onnx``, ``.pt2``) into ``out_dir`` (replacing the previous run's); write both reports."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.onnx"):
-        stale.unlink()
+    for suffix in VARIANT_SUFFIXES:
+        for stale in out_dir.glob(f"*{suffix}"):
+            stale.unlink()
     files: dict[str, Path] = {}
     for result in results:
-        if result.runtime != "onnxruntime" or result.file is None:
+        if result.runtime not in EDGE_RUNTIMES or result.file is None:
             continue
-        target = out_dir / f"{result.name}.onnx"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=out_dir)
-        os.close(fd)
-        shutil.copyfile(result.file, tmp)
-        os.replace(tmp, target)
+        target = out_dir / f"{result.name}{Path(result.file).suffix}"
+        with atomic_output(target) as tmp:
+            shutil.copyfile(result.file, tmp)
         files[result.name] = target
     reports.mkdir(parents=True, exist_ok=True)
     for variant in report["variants"]:  # the report names the kept files, not the temporary ones
@@ -664,7 +710,7 @@ def _register_edge(
     run_id: str,
     source: str,
 ) -> dict[str, str]:
-    """Log the edge ONNX model as the tumorseg pyfunc and register it: a new version, alias, tags."""
+    """Log the edge model (ONNX or torch.export file) as the tumorseg pyfunc and register it: a new version, alias, tags."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -682,7 +728,7 @@ def _register_edge(
         predict_file = Path(tmp) / PREDICT_SETTINGS_FILE
         predict_file.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
         artifacts = {
-            "onnx": str(outcome.files[edge.name]),
+            ("program" if edge.runtime == "torch.export" else "onnx"): str(outcome.files[edge.name]),
             "config": str(config_file),
             "predict": str(predict_file),
             "compression": str(outcome.files["report_json"]),
@@ -695,7 +741,9 @@ def _register_edge(
                 signature=model_signature(
                     bool(settings.get("tta")), float(settings.get("min_component_mm3", 0))
                 ),
-                pip_requirements=model_pip_requirements((*RUNTIME_PACKAGES, "onnxruntime")),
+                pip_requirements=model_pip_requirements(
+                    (*RUNTIME_PACKAGES, "onnxruntime") if edge.runtime == "onnxruntime" else RUNTIME_PACKAGES
+                ),
             )
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     try:
@@ -709,7 +757,7 @@ def _register_edge(
         "compression.speedup": f"{ratio['speedup']:.3f}",
         "compression.size_ratio": f"{ratio['size_ratio']:.3f}",
         "compression.dice_drop": f"{ratio['dice_drop']:.6f}",
-        "runtime": "onnxruntime",
+        "runtime": edge.runtime,
         "test_dice_mean": f"{edge.dice['mean']:.6f}",
     }
     with fluent_store(uri):
@@ -719,7 +767,8 @@ def _register_edge(
         registry.model_name,
         number,
         description=(
-            f"Edge deployment of {outcome.report.get('source_model')}: variant {edge.name} (ONNX Runtime), "
+            f"Edge deployment of {outcome.report.get('source_model')}: variant {edge.name} "
+            f"({RUNTIME_NAMES[edge.runtime]}), "
             f"{ratio['speedup']:.2f}x faster and {ratio['size_ratio']:.2f}x smaller on CPU, mean Dice drop "
             f"{ratio['dice_drop']:+.4f} on the test split. Not for clinical use."
         ),

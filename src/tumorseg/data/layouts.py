@@ -49,7 +49,7 @@ from tumorseg.data.conventions import (
     get_convention,
 )
 from tumorseg.data.manifest import FILE_KEYS
-from tumorseg.errors import DataError
+from tumorseg.errors import DataError, first_line
 
 NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
 
@@ -263,7 +263,7 @@ def decode_nifti(buffer: bytes | bytearray, path: Path, sha256: str = "") -> Nif
     except DataError:
         raise
     except (ImageFileError, HeaderDataError, ValueError, TypeError, EOFError, OSError, struct.error) as exc:
-        raise DataError(f"{name} is not a readable NIfTI file ({_first_line(exc)}): {path}") from None
+        raise DataError(f"{name} is not a readable NIfTI file ({first_line(exc, 10_000)}): {path}") from None
     if not np.all(np.isfinite(affine)):
         raise DataError(f"{name} has a non-finite affine (sform/qform); fix its header: {path}")
     return NiftiFile(path=path, data=data, affine=affine, sha256=sha256, size=len(buffer))
@@ -308,7 +308,9 @@ def _inflate(buffer: bytearray, name: str) -> bytes | bytearray:
             f"{name} is truncated (gzip stream ended early); re-download or re-export it"
         ) from None
     except (gzip.BadGzipFile, zlib.error, isal_zlib.error, OSError) as exc:
-        raise DataError(f"{name} is a corrupt gzip file ({_first_line(exc)}); re-download it") from None
+        raise DataError(
+            f"{name} is a corrupt gzip file ({first_line(exc, 10_000)}); re-download it"
+        ) from None
 
 
 def _nifti_class(raw: bytes | bytearray, name: str) -> type[nib.Nifti1Image] | type[nib.Nifti2Image]:
@@ -321,11 +323,6 @@ def _nifti_class(raw: bytes | bytearray, name: str) -> type[nib.Nifti1Image] | t
             if sizeof_hdr == 540 and len(raw) >= 540 and bytes(raw[4:7]) in (b"n+2", b"ni2"):
                 return nib.Nifti2Image
     raise DataError(f"{name} is not a NIfTI file (no NIfTI-1/2 header); replace it with the real volume")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def squeeze_trailing(data: np.ndarray, ndim: int) -> np.ndarray:
@@ -549,7 +546,7 @@ def msd_channel_order(task_dir: Path) -> tuple[str, ...]:
     try:
         modality = json.loads(meta.read_text()).get("modality")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise DataError(f"{meta}: not a readable dataset.json ({_first_line(exc)})") from None
+        raise DataError(f"{meta}: not a readable dataset.json ({first_line(exc, 10_000)})") from None
     if not modality:
         return MSD_CHANNEL_ORDER
     try:

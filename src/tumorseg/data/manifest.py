@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -94,6 +96,26 @@ def write_manifest(df: pd.DataFrame, folder: str | Path) -> Path:
     target = folder / MANIFEST_NAME
     atomic_write_text(target, df[ordered].sort_values("case_id").to_csv(index=False))
     return target
+
+
+@contextmanager
+def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary file beside ``path`` to write; renamed onto ``path`` when the block ends without error.
+
+    Readers see either the old file or the whole new one, never half; on any error the temporary
+    file is removed and ``path`` is left as it was. The parent folder is created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

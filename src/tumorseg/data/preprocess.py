@@ -508,33 +508,60 @@ def crop_and_normalise(
     )
 
 
-def read_preprocessed(
+@dataclass
+class DecodedCase:
+    """A case read from disk and reoriented, not yet resampled: what :func:`decode_case` returns.
+
+    Decoding uses no torch, so it may run in any thread (e.g. reading the next case of a folder
+    while the current one is inferred); :meth:`preprocess` resamples with torch and belongs in the
+    thread that runs torch.
+
+    Attributes:
+        grid: the source grid (T1 header), or None when the case went through :func:`read_case`.
+        channels: modality -> RAS float32 volume at full resolution.
+        source: the geometry entries describing where the case came from.
+        labels: canonical source labels, or None.
+        volumes: the :func:`read_case` result for the cases the threaded path declines (else None).
+    """
+
+    grid: SourceGrid | None
+    channels: dict[str, np.ndarray]
+    source: dict[str, Any]
+    labels: np.ndarray | None = None
+    volumes: CaseVolumes | None = None
+
+    def preprocess(self, cfg: PreprocessConfig) -> PreprocessedCase:
+        """Resample the channels one by one (each full-resolution volume released once done), crop, z-score.
+
+        Raises:
+            DataError: NaN/inf voxels, or no brain.
+        """
+        if self.volumes is not None:
+            return preprocess_case(self.volumes, cfg)
+        assert self.grid is not None
+        channels = []
+        for modality in CANONICAL_MODALITIES:
+            channels.append(
+                resize(self.channels.pop(modality), self.grid.resampled_shape, cfg.image_interpolation_order)
+            )
+        return crop_and_normalise(np.stack(channels), self.grid, self.source, self.labels, cfg)
+
+
+def decode_case(
     case: CaseFiles, cfg: PreprocessConfig, *, labels: bool = True, sha256: bool = True
-) -> PreprocessedCase:
-    """Read a case from disk and preprocess it, never holding its full-resolution float image.
+) -> DecodedCase:
+    """Read a case's files, each inflated, decoded, reoriented and converted to float32 in its own thread.
 
-    Same result as ``preprocess_case(read_case(case), cfg)``, from the same functions: each modality
-    file is inflated, decoded, reoriented and converted to float32 in its own thread
-    (:func:`ras_float32`, with the grid of the T1 header; none of it holds the GIL for long), then
-    this thread resamples the channels (:func:`resize`) one by one, releasing each full-resolution
-    volume as soon as it is resampled. Torch runs in its own thread pool only: torch called from
-    the reading threads would start an OpenMP team per thread, and those teams slow down the
-    inference that follows, or, while other threads still inflate, the resampling itself.
+    No torch runs here (see :func:`read_preprocessed`). Cases this path does not take (an MSD 4-D
+    image, a file that does not decode, a wrong dimensionality, shapes that differ) go through
+    :func:`read_case`, which raises its one-line :class:`DataError` naming the file, or reads what
+    this path declined.
 
-    Cases this path does not take (an MSD 4-D image, a file that does not decode, a wrong
-    dimensionality, shapes that differ) go through :func:`read_case`, which raises its one-line
-    :class:`DataError` naming the file, or reads what this path declined.
-
-    Args:
-        case: the files.
-        cfg: the ``preprocess`` section.
-        labels: also read ``seg`` when the case has one (False: prediction, the image alone).
-        sha256: hash the files (``source_sha256`` in the geometry; False leaves it empty: prediction
-            keeps no provenance of its input).
+    Args: as :func:`read_preprocessed`.
 
     Raises:
         DataError: missing/unreadable file, wrong dimensionality, differing shapes, label values
-            outside the convention, NaN/inf voxels, no brain.
+            outside the convention, NaN/inf voxels.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -543,13 +570,17 @@ def read_preprocessed(
     if not labels and case.has_seg:
         case = dataclasses.replace(case, paths={**case.paths, "seg": None})
     files = case.unique_files()
+
+    def fallback() -> DecodedCase:
+        return DecodedCase(None, {}, {}, volumes=read_case(case))
+
     if case.missing or case.layout == "msd" or any(len(keys) != 1 for keys in files.values()):
-        return preprocess_case(read_case(case), cfg)
+        return fallback()
     try:
         header = nib.load(str(case.paths["t1"])).header
         grid = SourceGrid.of(header.get_best_affine(), header.get_data_shape(), cfg)
     except Exception:  # noqa: BLE001 - read_case names the file and the problem
-        return preprocess_case(read_case(case), cfg)
+        return fallback()
 
     def decode(key: str) -> tuple[str, np.ndarray, str] | None:
         """``(key, RAS float32 channel or source labels, sha256)``; None when read_case must decide."""
@@ -567,15 +598,15 @@ def read_preprocessed(
     keys = [keys[0] for keys in files.values()]
     with ThreadPoolExecutor(max_workers=len(keys), thread_name_prefix="tumorseg-read") as pool:
         results = list(pool.map(decode, keys))
-    declined = any(result is None for result in results)
-    decoded = {} if declined else {key: (array, digest) for key, array, digest in results}
+    if any(result is None for result in results):
+        return fallback()
+    decoded = {key: array for key, array, _ in results}  # type: ignore[misc]
+    digests = {key: digest for key, _, digest in results}  # type: ignore[misc]
     del results
-    if declined:
-        return preprocess_case(read_case(case), cfg)
     source_labels = None
     if "seg" in decoded:
         try:
-            source_labels = encode_labels(decoded["seg"][0], case.label_convention)
+            source_labels = encode_labels(decoded.pop("seg"), case.label_convention)
         except ValueError as exc:
             raise DataError(f"{case.case_id}: {case.paths['seg'].name}: {exc}") from None
     source = {
@@ -585,13 +616,37 @@ def read_preprocessed(
         "label_convention": case.label_convention,
         "source_orientation": orientation_code(grid.affine),
         "source_spacing_mm": [float(s) for s in spacing_from_affine(grid.affine)],
-        "source_sha256": {key: digest for key, (_, digest) in decoded.items()},
+        "source_sha256": digests,
     }
-    channels = []
-    for modality in CANONICAL_MODALITIES:
-        channels.append(resize(decoded.pop(modality)[0], grid.resampled_shape, cfg.image_interpolation_order))
-    resampled = np.stack(channels)
-    return crop_and_normalise(resampled, grid, source, source_labels, cfg)
+    return DecodedCase(grid, decoded, source, source_labels)
+
+
+def read_preprocessed(
+    case: CaseFiles, cfg: PreprocessConfig, *, labels: bool = True, sha256: bool = True
+) -> PreprocessedCase:
+    """Read a case from disk and preprocess it, never holding its full-resolution float image.
+
+    Same result as ``preprocess_case(read_case(case), cfg)``, from the same functions: each modality
+    file is inflated, decoded, reoriented and converted to float32 in its own thread
+    (:func:`decode_case`, with the grid of the T1 header; none of it holds the GIL for long), then
+    this thread resamples the channels (:func:`resize`) one by one, releasing each full-resolution
+    volume as soon as it is resampled (:meth:`DecodedCase.preprocess`). Torch runs in its own thread
+    pool only: torch called from the reading threads would start an OpenMP team per thread, and
+    those teams slow down the inference that follows, or, while other threads still inflate, the
+    resampling itself.
+
+    Args:
+        case: the files.
+        cfg: the ``preprocess`` section.
+        labels: also read ``seg`` when the case has one (False: prediction, the image alone).
+        sha256: hash the files (``source_sha256`` in the geometry; False leaves it empty: prediction
+            keeps no provenance of its input).
+
+    Raises:
+        DataError: missing/unreadable file, wrong dimensionality, differing shapes, label values
+            outside the convention, NaN/inf voxels, no brain.
+    """
+    return decode_case(case, cfg, labels=labels, sha256=sha256).preprocess(cfg)
 
 
 def restore_to_source(volume: np.ndarray, geometry: dict[str, Any], *, is_label: bool) -> np.ndarray:

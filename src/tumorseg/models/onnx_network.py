@@ -14,14 +14,13 @@ preprocessing, the patch size and the output mode).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tumorseg.errors import DataError
+from tumorseg.errors import DataError, first_line
 
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "image"
@@ -73,8 +72,7 @@ class OnnxRuntimeNetwork(nn.Module):
                 str(self.path), sess_options=options, providers=session_providers(device)
             )
         except Exception as exc:  # onnxruntime raises its own exception types per failure
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DataError(f"{self.path}: ONNX Runtime cannot load it ({first})") from None
+            raise DataError(f"{self.path}: ONNX Runtime cannot load it ({first_line(exc, 10_000)})") from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
@@ -96,26 +94,8 @@ def load_onnx_package(onnx_file: str | Path, config: str | Path, *, threads: int
     Raises:
         DataError: a missing or unreadable file, or a config without the needed sections.
     """
-    from tumorseg.data.transforms import DataLoaderConfig
-    from tumorseg.models.checkpoint import TrainedNetwork
-    from tumorseg.models.inference import SlidingWindowConfig
-    from tumorseg.models.networks import ModelConfig
+    from tumorseg.models.package import read_package_config, trained_with_network
 
-    config = Path(config)
-    if not config.is_file():
-        raise DataError(f"{config}: missing from the model package")
-    try:
-        cfg = json.loads(config.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{config}: not a readable model config ({type(exc).__name__})") from None
-    missing = [key for key in ("model", "data_loader", "preprocess") if key not in cfg]
-    if missing:
-        raise DataError(f"{config}: lacks the sections {missing}; it was not written by tumorseg")
-    network = OnnxRuntimeNetwork(onnx_file, threads=threads)
-    return TrainedNetwork(
-        network,
-        ModelConfig.model_validate(cfg["model"]),
-        DataLoaderConfig.model_validate(cfg["data_loader"]),
-        SlidingWindowConfig.model_validate(cfg.get("sliding_window", {})),
-        cfg,
-    )
+    trained = trained_with_network(None, read_package_config(config))  # config checked first
+    trained.network = OnnxRuntimeNetwork(onnx_file, threads=threads)
+    return trained

@@ -11,6 +11,7 @@ same factory as in training, so the two forms give identical outputs.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +33,89 @@ def trained_from_state(config: dict[str, Any], state_dict: dict[str, Any]) -> Tr
     Raises:
         DataError: the config lacks a section or the weights do not fit the network it describes.
     """
-    from tumorseg.data.transforms import DataLoaderConfig
-    from tumorseg.models.inference import SlidingWindowConfig
-    from tumorseg.models.networks import ModelConfig, build_network
+    from tumorseg.models.networks import build_network
 
-    missing = [key for key in ("model", "data_loader", "preprocess") if key not in config]
-    if missing:
-        raise DataError(f"model config lacks the sections {missing}; it was not written by tumorseg")
-    model = ModelConfig.model_validate(config["model"])
-    loader = DataLoaderConfig.model_validate(config["data_loader"])
-    sliding = SlidingWindowConfig.model_validate(config.get("sliding_window", {}))
-    spacing = tuple(config["preprocess"].get("target_spacing_mm", (1.0, 1.0, 1.0)))
+    shell = trained_with_network(None, config)
     network = build_network(
-        model, spatial_dims=loader.spatial_dims, patch_size=loader.network_patch, spacing=spacing
+        shell.model,
+        spatial_dims=shell.data_loader.spatial_dims,
+        patch_size=shell.data_loader.network_patch,
+        spacing=shell.spacing_mm,
     )
     try:
         network.load_state_dict(state_dict)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
-        raise DataError(f"weights do not fit the {model.name} network of the config ({first})") from None
+        raise DataError(
+            f"weights do not fit the {shell.model.name} network of the config ({first})"
+        ) from None
     network.eval()
-    return TrainedNetwork(network, model, loader, sliding, config)
+    shell.network = network
+    return shell
+
+
+def trained_with_network(network: Any, config: dict[str, Any]) -> TrainedNetwork:
+    """A :class:`TrainedNetwork` of ``network`` (any module mapping windows to logits) and its run's config.
+
+    Raises:
+        DataError: the config lacks the ``model``, ``data_loader`` or ``preprocess`` section.
+    """
+    from tumorseg.data.transforms import DataLoaderConfig
+    from tumorseg.models.inference import SlidingWindowConfig
+    from tumorseg.models.networks import ModelConfig
+
+    missing = [key for key in ("model", "data_loader", "preprocess") if key not in config]
+    if missing:
+        raise DataError(f"model config lacks the sections {missing}; it was not written by tumorseg")
+    return TrainedNetwork(
+        network,
+        ModelConfig.model_validate(config["model"]),
+        DataLoaderConfig.model_validate(config["data_loader"]),
+        SlidingWindowConfig.model_validate(config.get("sliding_window", {})),
+        config,
+    )
+
+
+def read_package_config(config: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a model package.
+
+    Raises:
+        DataError: the file is missing or is not JSON.
+    """
+    config = Path(config)
+    if not config.is_file():
+        raise DataError(f"{config}: missing from the model package")
+    try:
+        return json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{config}: not a readable model config ({type(exc).__name__})") from None
+
+
+def load_artifacts(artifacts: Mapping[str, str | Path]) -> TrainedNetwork:
+    """The network of a registered model from its pyfunc artifacts, in the runtime its file needs.
+
+    ``weights`` (``weights.pt``: the fp32 model, rebuilt and run in PyTorch), ``onnx`` (a compressed
+    variant run by ONNX Runtime) or ``program`` (a ``torch.export`` program, e.g. the bfloat16
+    variants), each with ``config``.
+
+    Raises:
+        DataError: none of those files, or one that is missing or unreadable.
+    """
+    if "config" in artifacts:
+        if "onnx" in artifacts:
+            from tumorseg.models.onnx_network import load_onnx_package
+
+            return load_onnx_package(artifacts["onnx"], artifacts["config"])
+        if "program" in artifacts:
+            from tumorseg.models.program_network import load_program_package
+
+            return load_program_package(artifacts["program"], artifacts["config"])
+        if "weights" in artifacts:
+            return load_package(artifacts["weights"], artifacts["config"])
+    raise DataError(
+        f"model artifacts {sorted(artifacts)}: expected config with weights, onnx or program; "
+        "not a tumorseg model"
+    )
 
 
 def save_package(trained: TrainedNetwork, folder: str | Path) -> dict[str, Path]:
@@ -83,14 +146,10 @@ def load_package(weights: str | Path, config: str | Path) -> TrainedNetwork:
 
     import torch
 
-    weights, config = Path(weights), Path(config)
-    for path in (weights, config):
-        if not path.is_file():
-            raise DataError(f"{path}: missing from the model package")
-    try:
-        cfg = json.loads(config.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{config}: not a readable model config ({type(exc).__name__})") from None
+    weights = Path(weights)
+    if not weights.is_file():
+        raise DataError(f"{weights}: missing from the model package")
+    cfg = read_package_config(config)
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:

@@ -187,26 +187,17 @@ def _from_mlflow(uri: str, tracking_uri: str) -> LoadedModel:
 
 
 def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any, dict[str, Any] | None]:
-    """A tumorseg pyfunc (weights.pt + config.json) or a training run's PyTorch model, from its folder."""
+    """A tumorseg pyfunc (weights.pt, model.onnx or model.pt2 + config.json) or a training run's PyTorch model."""
     import yaml
     from mlflow.models import Model
 
-    from tumorseg.models.package import load_package
+    from tumorseg.models.package import load_artifacts
 
     meta = Model.load(str(folder / "MLmodel"))
     pyfunc = meta.flavors.get("python_function", {})
     artifacts = pyfunc.get("artifacts") or {}
-    if {"onnx", "config"} <= set(artifacts) or {"weights", "config"} <= set(artifacts):
-        if "onnx" in artifacts:  # a compressed variant (tumorseg compress), run by ONNX Runtime
-            from tumorseg.models.onnx_network import load_onnx_package
-
-            trained = load_onnx_package(
-                folder / artifacts["onnx"]["path"], folder / artifacts["config"]["path"]
-            )
-        else:
-            trained = load_package(
-                folder / artifacts["weights"]["path"], folder / artifacts["config"]["path"]
-            )
+    if "config" in artifacts and {"onnx", "program", "weights"} & set(artifacts):
+        trained = load_artifacts({key: folder / entry["path"] for key, entry in artifacts.items()})
         settings = None
         if "predict" in artifacts:
             settings = json.loads((folder / artifacts["predict"]["path"]).read_text())

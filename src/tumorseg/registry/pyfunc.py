@@ -8,7 +8,8 @@ path as ``tumorseg predict`` (:class:`~tumorseg.models.predictor.SegmentationPre
 
 Stored as an MLflow "model from code" (``model_code.py`` calls ``mlflow.models.set_model``), with
 small artifacts: ``weights.pt`` (state_dict, loaded with ``weights_only=True``; a compressed
-variant stores ``model.onnx`` instead, run by ONNX Runtime), ``config.json`` (the resolved training
+variant stores ``model.onnx`` instead, run by ONNX Runtime, or a bfloat16 ``model.pt2`` program run
+by PyTorch), ``config.json`` (the resolved training
 sections) and ``predict.json`` (the ``predict`` settings the model was evaluated with), plus, for
 versions the evaluate stage registers, ``evaluation.json`` and ``model_card.md``
 (:mod:`tumorseg.registry.register`). Nothing is pickled. Loading needs the tumorseg package
@@ -122,16 +123,11 @@ class TumorsegSegmentationModel(mlflow.pyfunc.PythonModel):
     """Preprocessing + sliding-window inference + restoration to the source geometry, as a pyfunc."""
 
     def load_context(self, context: Any) -> None:
-        """Rebuild the network (``weights.pt`` or ``model.onnx``, + ``config.json``); read the predict settings."""
-        from tumorseg.models.package import load_package
+        """Rebuild the network (``weights.pt``, ``model.onnx`` or ``model.pt2``, + ``config.json``); read the predict settings."""
+        from tumorseg.models.package import load_artifacts
         from tumorseg.models.predictor import PredictConfig
 
-        if "onnx" in context.artifacts:  # a compressed variant (tumorseg compress): ONNX Runtime
-            from tumorseg.models.onnx_network import load_onnx_package
-
-            self._trained = load_onnx_package(context.artifacts["onnx"], context.artifacts["config"])
-        else:
-            self._trained = load_package(context.artifacts["weights"], context.artifacts["config"])
+        self._trained = load_artifacts(context.artifacts)
         settings = json.loads(Path(context.artifacts["predict"]).read_text())
         self._settings = PredictConfig.model_validate(settings)
 

@@ -41,7 +41,7 @@ from isal import igzip, isal_zlib
 
 from tumorseg.data.conventions import LAYOUTS
 from tumorseg.data.layouts import MSD_IMAGE_FOLDERS
-from tumorseg.errors import DataError
+from tumorseg.errors import DataError, first_line
 
 CHUNK_BYTES = 1 << 20
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -176,14 +176,9 @@ def copy_inflated(stream: BinaryIO, folder: Path, name: str, budget: ByteBudget)
     except (EOFError, gzip.BadGzipFile, zlib.error, isal_zlib.error, zipfile.BadZipFile, OSError) as exc:
         target.unlink(missing_ok=True)
         raise UploadRejected(
-            f"{name}: corrupt or truncated ({_first_line(exc)}); re-export the file and upload it again"
+            f"{name}: corrupt or truncated ({first_line(exc, 160)}); re-export the file and upload it again"
         ) from None
     return target
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:160]
 
 
 # ---------------------------------------------------------------------------- zip archives
@@ -225,7 +220,7 @@ def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits
         zf = zipfile.ZipFile(stream)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
         raise UploadRejected(
-            f"{archive}: not a readable .zip archive ({_first_line(exc)}); zip the case folder again"
+            f"{archive}: not a readable .zip archive ({first_line(exc, 160)}); zip the case folder again"
         ) from None
     with zf:
         infos = zf.infolist()
@@ -275,7 +270,7 @@ def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits
                         copy_inflated(member, folder, parts[-1], budget)
             except (NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
                 raise UploadRejected(
-                    f"{archive}: member {info.filename[:80]!r} cannot be extracted ({_first_line(exc)}); "
+                    f"{archive}: member {info.filename[:80]!r} cannot be extracted ({first_line(exc, 160)}); "
                     "zip the case again with standard deflate compression"
                 ) from None
 
