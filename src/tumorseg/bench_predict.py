@@ -78,6 +78,7 @@ def benchmark_predict(
     repeats: int = 9,
     folder_cases: int = 3,
     device: str = "cpu",
+    keep_freed_memory: bool = True,
     seed: int = 0,
     workdir: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -90,6 +91,8 @@ def benchmark_predict(
         folder_cases: cases (copies of the synthetic case under other ids) in the folder measurement;
             0 skips it.
         device: ``cpu`` or ``cuda``.
+        keep_freed_memory: ``predict.keep_freed_memory`` (:mod:`tumorseg.runtime`); it applies to the
+            whole process, so to both sides (False: glibc's default, for comparison in a new process).
         seed: seeds the synthetic case and the weights.
         workdir: where the case and the prediction are written (a temporary folder when None).
 
@@ -115,7 +118,9 @@ def benchmark_predict(
 
     params = read_params() if params is None else params
     trained = _trained_network(params, seed)
-    predictor = SegmentationPredictor(trained, PredictConfig(device=device))
+    predictor = SegmentationPredictor(
+        trained, PredictConfig(device=device, keep_freed_memory=keep_freed_memory)
+    )
     window = predictor.sliding_window
     with tempfile.TemporaryDirectory(prefix="tumorseg-bench-predict-") as tmp:
         root = Path(workdir) if workdir is not None else Path(tmp)
@@ -192,6 +197,7 @@ def benchmark_predict(
         "overlap": window.overlap,
         "sw_batch_size": window.sw_batch_size,
         "blend_mode": window.blend_mode,
+        "keep_freed_memory": keep_freed_memory,
         "repeats": repeats,
         "baseline_s": round(baseline_s, 3),
         "predict_s": round(predict_s, 3),
@@ -223,12 +229,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--folder-cases", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--glibc-default-memory",
+        action="store_true",
+        help="leave glibc's allocator as it is (predict.keep_freed_memory: false), to compare",
+    )
     parser.add_argument("--out", help="write the result JSON here (printed otherwise)")
     args = parser.parse_args(argv)
     from tumorseg.config import read_params
 
     result = benchmark_predict(
-        read_params(args.params), repeats=args.repeats, folder_cases=args.folder_cases, device=args.device
+        read_params(args.params),
+        repeats=args.repeats,
+        folder_cases=args.folder_cases,
+        device=args.device,
+        keep_freed_memory=not args.glibc_default_memory,
     )
     text = json.dumps(result, indent=2) + "\n"
     if args.out:

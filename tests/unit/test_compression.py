@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,22 @@ def test_structured_channel_pruning_removes_parameters_and_keeps_the_interface()
     assert first.in_channels == 4  # the input channels are kept
     with torch.no_grad():
         assert network(example(1, (24, 16, 32))).shape == (1, 3, 24, 16, 32)
+
+
+def test_channel_pruning_can_keep_channel_counts_in_multiples_for_reduced_precision_kernels() -> None:
+    torch.manual_seed(0)
+    network = UNet(3, 4, 3, channels=(32, 64), strides=(2,), num_res_units=1, norm="instance").eval()
+    plain = copy.deepcopy(network)
+    pruning.prune_channels(plain, 0.3, example(1), out_channels=3)
+    pruning.prune_channels(network, 0.3, example(1), out_channels=3, channel_multiple=8)
+
+    def widths(net: nn.Module) -> set[int]:
+        return {m.out_channels for m in net.modules() if isinstance(m, nn.Conv3d)} - {3}
+
+    assert widths(plain) == {22, 44}  # 30 % off 32 and 64 (rounded by the pruner), not multiples of 8
+    assert widths(network) == {16, 40}  # rounded down to multiples of 8
+    with torch.no_grad():
+        assert network(example(1)).shape == (1, 3, *PATCH)
 
 
 def test_channel_pruning_in_rounds_removes_the_ratio_step_by_step() -> None:

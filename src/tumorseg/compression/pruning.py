@@ -185,7 +185,9 @@ def output_layers(network: nn.Module, out_channels: int) -> list[nn.Module]:
     return [m for m in network.modules() if isinstance(m, CONV_TYPES) and m.out_channels == out_channels]
 
 
-def prune_channels(network: nn.Module, ratio: float, example: torch.Tensor, out_channels: int) -> None:
+def prune_channels(
+    network: nn.Module, ratio: float, example: torch.Tensor, out_channels: int, *, channel_multiple: int = 1
+) -> None:
     """Remove ``ratio`` of the channels of every prunable layer in one shot (Torch-Pruning ``MetaPruner``).
 
     Args:
@@ -193,16 +195,25 @@ def prune_channels(network: nn.Module, ratio: float, example: torch.Tensor, out_
         ratio: share of channels removed per layer group, in (0, 1).
         example: ``(1, 4, *patch)`` input used to trace the dependency graph.
         out_channels: the network's output channels (3 regions or 4 labels).
+        channel_multiple: channels kept per layer are rounded down to a multiple of this.
 
     Raises:
         DataError: Torch-Pruning cannot trace the network, or pruning changed its output shape.
     """
-    for _ in prune_channels_in_rounds(network, ratio, example, out_channels, rounds=1):
+    for _ in prune_channels_in_rounds(
+        network, ratio, example, out_channels, rounds=1, channel_multiple=channel_multiple
+    ):
         pass
 
 
 def prune_channels_in_rounds(
-    network: nn.Module, ratio: float, example: torch.Tensor, out_channels: int, *, rounds: int = 1
+    network: nn.Module,
+    ratio: float,
+    example: torch.Tensor,
+    out_channels: int,
+    *,
+    rounds: int = 1,
+    channel_multiple: int = 1,
 ) -> Iterator[int]:
     """Remove ``ratio`` of the channels in ``rounds`` equal steps; yields the round number after each.
 
@@ -216,6 +227,8 @@ def prune_channels_in_rounds(
         example: ``(1, 4, *patch)`` input used to trace the dependency graph.
         out_channels: the network's output channels (3 regions or 4 labels).
         rounds: pruning steps (1: one shot).
+        channel_multiple: channels kept per layer are rounded down to a multiple of this
+            (Torch-Pruning's ``round_to``; 1: no rounding).
 
     Yields:
         1, 2, ..., ``rounds``, each after that round's channels are removed.
@@ -239,6 +252,7 @@ def prune_channels_in_rounds(
                     importance=tp.importance.MagnitudeImportance(p=2),
                     pruning_ratio=ratio,
                     iterative_steps=rounds,
+                    round_to=channel_multiple if channel_multiple > 1 else None,
                     ignored_layers=output_layers(network, out_channels),
                 )
             pruner.step()

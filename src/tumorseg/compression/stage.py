@@ -314,7 +314,12 @@ class VariantBuilder:
             rounds = p.structured_rounds
             shares = _split_steps(p.fine_tune_steps, rounds)
             for number in pruning.prune_channels_in_rounds(
-                network, p.structured_ratio, self.window, self.trained.model.out_channels, rounds=rounds
+                network,
+                p.structured_ratio,
+                self.window,
+                self.trained.model.out_channels,
+                rounds=rounds,
+                channel_multiple=p.channel_multiple,
             ):
                 tunes.append(self._fine_tune(network, shares[number - 1]))
         tune_s = time.perf_counter() - start
