@@ -391,3 +391,14 @@ def test_config_defaults_build_every_default_variant() -> None:
         "int8",
         "pruned_structured_int8",
     }
+
+
+def test_fine_tune_can_draw_tumour_free_cases_more_often(tmp_path: Path) -> None:
+    from tumorseg.compression.fine_tune import _with_repeated_tumour_free
+
+    (tmp_path / "index.csv").write_text("case_id,has_tumour\na,True\nb,False\nc,True\n")
+    records = [{"case_id": c, "path": f"{c}.npz"} for c in ("a", "b", "c")]
+    repeated = _with_repeated_tumour_free(records, str(tmp_path), 3)
+    assert [r["case_id"] for r in repeated] == ["a", "b", "c", "b", "b"]
+    with pytest.raises(DataError, match=r"index.csv: missing; rerun `tumorseg preprocess`"):
+        _with_repeated_tumour_free(records, str(tmp_path / "nowhere"), 3)

@@ -68,6 +68,9 @@ class PruningConfig(Section):
         val_every: score the validation split every this many steps (and before the first) and keep
             the best-scoring weights; 0 keeps the last weights without validating.
         val_cases: validation cases scored (the first ones of the split); 0: all of them.
+        tumour_free_repeat: tumour-free training cases are drawn this many times as often in the
+            fine-tune (hard negatives: pruned networks tend to see tumour in healthy brains); 1: as in
+            training.
         distill_weight: weight of the knowledge-distillation term (the fp32 model is the teacher);
             0 fine-tunes on the task loss alone. Off by default: on the embedded data, logit-MSE
             distillation (weight 1) recovered more slowly per step than the task loss alone (validation
@@ -86,6 +89,7 @@ class PruningConfig(Section):
     fine_tune_schedule: Literal["cosine", "constant"] = "cosine"
     val_every: int = Field(50, ge=0)
     val_cases: int = Field(0, ge=0)
+    tumour_free_repeat: int = Field(1, ge=1, le=100)
     distill_weight: float = Field(0.0, ge=0.0)
     distill_loss: Literal["mse", "kl"] = "mse"
     distill_temperature: float = Field(1.0, gt=0.0)

@@ -28,6 +28,7 @@ import logging
 import math
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -188,6 +189,28 @@ def best_weights_callback(network: nn.Module, result: FineTuneResult) -> Any:
     return BestValidationWeights()
 
 
+def _with_repeated_tumour_free(
+    records: list[dict[str, Any]], preprocessed_dir: str, repeat: int
+) -> list[dict[str, Any]]:
+    """``records`` with each tumour-free case (``has_tumour`` in ``index.csv``) listed ``repeat`` times."""
+    import pandas as pd
+
+    from tumorseg.data.preprocess import INDEX_NAME
+
+    index_file = Path(preprocessed_dir) / INDEX_NAME
+    if not index_file.is_file():
+        raise DataError(f"{index_file}: missing; rerun `tumorseg preprocess` (needed by tumour_free_repeat)")
+    index = pd.read_csv(index_file, dtype=str, keep_default_na=False)
+    free = set(index.loc[index["has_tumour"] == "False", "case_id"])
+    extra = [dict(record) for record in records if record["case_id"] in free for _ in range(repeat - 1)]
+    log.info(
+        "fine-tune: %d tumour-free training cases drawn %dx as often",
+        len({r["case_id"] for r in extra}),
+        repeat,
+    )
+    return records + extra
+
+
 def fine_tune(
     network: nn.Module,
     trained: Any,
@@ -202,6 +225,7 @@ def fine_tune(
     distill_weight: float = 0.0,
     distill_loss: str = "mse",
     distill_temperature: float = 1.0,
+    tumour_free_repeat: int = 1,
     source: str = "params.yaml",
 ) -> FineTuneResult:
     """Train ``network`` for ``steps`` optimiser steps with the model's own training recipe.
@@ -225,6 +249,9 @@ def fine_tune(
         distill_weight: weight of the distillation term; 0 trains on the task loss alone.
         distill_loss: ``mse`` or ``kl`` (:func:`distillation_loss`).
         distill_temperature: temperature of ``kl``.
+        tumour_free_repeat: tumour-free training cases are drawn this many times as often as the
+            others (their patches are all healthy tissue: hard negatives for a pruned network that
+            starts to see tumour where there is none).
         source: params file name for error messages.
 
     Returns:
@@ -269,6 +296,8 @@ def fine_tune(
     if val_cases > 0:
         val_ids = val_ids[:val_cases]
     records = case_records(paths.preprocessed, split["train"])
+    if tumour_free_repeat > 1:
+        records = _with_repeated_tumour_free(records, paths.preprocessed, tumour_free_repeat)
     val_records = case_records(paths.preprocessed, val_ids) if val_every > 0 else []
     loss = build_loss(section("loss", stored), trained.model.output)
     if trained.model.name == "dynunet" and trained.model.dynunet.deep_supervision:

@@ -359,6 +359,7 @@ class VariantBuilder:
             distill_weight=p.distill_weight,
             distill_loss=p.distill_loss,
             distill_temperature=p.distill_temperature,
+            tumour_free_repeat=p.tumour_free_repeat,
             source=self.source,
         )
 
