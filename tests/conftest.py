@@ -8,7 +8,6 @@ MLflow's default ``./mlruns``). Each test gets the URI and the variable it start
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 
@@ -16,23 +15,20 @@ import pytest
 
 
 def _tracking_uri_restored() -> Iterator[None]:
-    env_before = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    from tumorseg.tracking import MLFLOW_URI_VARIABLES, environ_restored
+
     utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
     registry = sys.modules.get("mlflow.tracking._model_registry.utils")
     global_before = getattr(utils, "_tracking_uri", None)
     registry_before = getattr(registry, "_registry_uri", None)
-    yield
-    utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
-    if utils is not None and utils._tracking_uri != global_before:
-        utils.set_tracking_uri(global_before)  # None unsets the variable too
-    registry = sys.modules.get("mlflow.tracking._model_registry.utils")
-    if registry is not None:
-        registry._registry_uri = registry_before
-    for name, value in env_before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with environ_restored(MLFLOW_URI_VARIABLES):
+        yield
+        utils = sys.modules.get("mlflow.tracking._tracking_service.utils")
+        if utils is not None and utils._tracking_uri != global_before:
+            utils.set_tracking_uri(global_before)  # None unsets the variable too
+        registry = sys.modules.get("mlflow.tracking._model_registry.utils")
+        if registry is not None:
+            registry._registry_uri = registry_before
 
 
 # Autouse fixtures run first within their scope, so the module-scoped one also undoes what

@@ -84,17 +84,30 @@ def fluent_store(uri: str) -> Iterator[None]:
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    env_before = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     tracking_before = tracking_utils._tracking_uri  # the unresolved setting (None: unset)
     registry_before = registry_utils._registry_uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    with environ_restored(MLFLOW_URI_VARIABLES):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            tracking_utils.set_tracking_uri(tracking_before)
+            registry_utils._registry_uri = registry_before
+
+
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+"""Environment variables ``mlflow.set_tracking_uri`` / ``set_registry_uri`` write for subprocesses."""
+
+
+@contextmanager
+def environ_restored(names: Iterable[str]) -> Iterator[None]:
+    """Put the environment variables ``names`` back as they were when the block ends (unset if unset)."""
+    saved = {name: os.environ.get(name) for name in names}
     try:
         yield
     finally:
-        tracking_utils.set_tracking_uri(tracking_before)
-        registry_utils._registry_uri = registry_before
-        for name, value in env_before.items():
+        for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:

@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
+VARIANTS = (
+    "fp32",
+    "onnx_fp32",
+    "pruned_structured",
+    "int8",
+    "pruned_structured_wint8",
+    "pruned_structured_bf16",
+)
+"""Built by the tiny project's compress run, in this order."""
+
 
 def _overrides(root: Path) -> dict[str, Any]:
     return {
@@ -53,14 +63,7 @@ def _overrides(root: Path) -> dict[str, Any]:
         "evaluate.bootstrap_resamples": 100,
         "evaluate.plots": False,
         "compress.out_dir": str(root / "models" / "compressed"),
-        "compress.variants": [
-            "fp32",
-            "onnx_fp32",
-            "pruned_structured",
-            "int8",
-            "pruned_structured_wint8",
-            "pruned_structured_bf16",
-        ],
+        "compress.variants": list(VARIANTS),
         "compress.exporter": "torchscript",
         "compress.pruning.fine_tune_steps": 2,
         "compress.pruning.val_every": 1,
@@ -169,14 +172,7 @@ def test_compress_gates_registers_edge_and_predict_runs_it_in_its_runtime(
     result = run_compress_stage(params, tracking_uri=uri)
 
     names = [r.name for r in result.variants]
-    assert names == [
-        "fp32",
-        "onnx_fp32",
-        "pruned_structured",
-        "int8",
-        "pruned_structured_wint8",
-        "pruned_structured_bf16",
-    ]
+    assert names == list(VARIANTS)  # fp32 first, then in the order asked for
     by_name = {r.name: r for r in result.variants}
     assert by_name["onnx_fp32"].onnx_max_abs_diff < 1e-4
     assert by_name["onnx_fp32"].dice_drop == pytest.approx(0.0, abs=1e-6)  # same network, same cases

@@ -28,7 +28,7 @@ import numpy as np
 
 from tumorseg.compression.config import QuantizationConfig
 from tumorseg.data.manifest import atomic_output
-from tumorseg.errors import ConfigError, DataError
+from tumorseg.errors import ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +224,8 @@ def quantize_int8(
                 calibrate_method=method,
             )
         except Exception as exc:  # ONNX Runtime's quantizer raises plain exceptions
-            text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise DataError(
-                f"INT8 quantization of the {what} failed ({type(exc).__name__}: {text})"
+                f"INT8 quantization of the {what} failed ({type(exc).__name__}: {first_line(exc)})"
             ) from None
         os.replace(staged, out_path)
     quantized = onnx.load(str(out_path))

@@ -62,6 +62,8 @@ REPORT_MD = "compression.md"
 VARIANT_SUFFIXES = (".onnx", ".pt2")
 """Files ``tumorseg compress`` keeps in ``compress.out_dir``: ONNX models and torch.export programs."""
 RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch.export": "PyTorch, torch.export program"}
+RUNTIME_ARTIFACTS = {"onnxruntime": "onnx", "torch.export": "program"}
+"""The pyfunc artifact key of each deployable runtime's file (what ``models.package.load_artifacts`` reads)."""
 ONNX_SOURCES: dict[str, str] = {
     "int8": "onnx_fp32",
     "pruned_unstructured_int8": "pruned_unstructured",
@@ -734,7 +736,7 @@ def _register_edge(
         predict_file = Path(tmp) / PREDICT_SETTINGS_FILE
         predict_file.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
         artifacts = {
-            ("program" if edge.runtime == "torch.export" else "onnx"): str(outcome.files[edge.name]),
+            RUNTIME_ARTIFACTS[edge.runtime]: str(outcome.files[edge.name]),
             "config": str(config_file),
             "predict": str(predict_file),
             "compression": str(outcome.files["report_json"]),

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tumorseg.errors import DataError
+from tumorseg.errors import DataError, first_line
 from tumorseg.models.checkpoint import TrainedNetwork
 
 WEIGHTS_FILE = "weights.pt"
@@ -45,9 +45,8 @@ def trained_from_state(config: dict[str, Any], state_dict: dict[str, Any]) -> Tr
     try:
         network.load_state_dict(state_dict)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
         raise DataError(
-            f"weights do not fit the {shell.model.name} network of the config ({first})"
+            f"weights do not fit the {shell.model.name} network of the config ({first_line(exc, 10_000)})"
         ) from None
     network.eval()
     shell.network = network

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tumorseg.errors import DataError
+from tumorseg.errors import DataError, first_line
 from tumorseg.planar.detection import DetectorRule
 
 WEIGHTS_FILE = "weights.pt"
@@ -77,7 +77,7 @@ def network_from_state(config: dict[str, Any], state: dict[str, Any]) -> Any:
         network.load_state_dict(state)
     except RuntimeError as exc:
         raise DataError(
-            f"weights do not fit the 2-D network of the config ({str(exc).splitlines()[0]})"
+            f"weights do not fit the 2-D network of the config ({first_line(exc, 10_000)})"
         ) from None
     return network.eval()
 

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from tumorseg.errors import DataError, TumorsegError
+from tumorseg.errors import DataError, TumorsegError, first_line
 from tumorseg.serving.uploads import (
     ByteBudget,
     UploadRejected,
@@ -131,7 +131,7 @@ def load_planar_slot(uri: str | None, tracking_uri: str) -> PlanarSlot:
     try:
         model = load_planar_model(uri, tracking_uri=tracking_uri)
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc, 10_000)
         if not isinstance(exc, TumorsegError):
             message = f"{type(exc).__name__}: {message}"
         log.warning("no 2-D model: %s; 2-D uploads get 503 (set serve.model_2d or --model-2d)", message)

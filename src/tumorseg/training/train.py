@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from tumorseg.config import apply_overrides
-from tumorseg.errors import ConfigError
+from tumorseg.errors import ConfigError, first_line
 from tumorseg.training.config import TrainingConfig, load_training_config
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def _make_trainer(source: str, **kwargs: Any) -> Any:
     try:
         return L.Trainer(**kwargs)
     except (MisconfigurationException, ValueError, TypeError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = first_line(exc, 10_000)
         key = next(
             (k for k in ("strategy", "accelerator", "devices", "precision", "num_nodes") if k in message), ""
         )

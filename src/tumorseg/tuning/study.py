@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tumorseg.config import apply_overrides, section
-from tumorseg.errors import ConfigError, TumorsegError
+from tumorseg.errors import ConfigError, TumorsegError, first_line
 from tumorseg.tuning.config import TuneConfig
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def open_storage(url: str, cfg: TuneConfig) -> Any:
             )
     except (optuna.exceptions.StorageInternalError, ImportError, ValueError) as exc:
         raise ConfigError(
-            f"tune.storage: cannot open {hide_password(url)} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"tune.storage: cannot open {hide_password(url)} ({type(exc).__name__}: {first_line(exc, 10_000)}); "
             "check the URL, the server and its driver (psycopg2 for postgresql://)"
         ) from None
 
