@@ -1,8 +1,12 @@
 """Benchmark: ``tumorseg predict`` on one BraTS-size case against MONAI's bare sliding window.
 
-Both sides run the same network (the ``model:`` section of params.yaml, seeded random weights:
-speed does not depend on the weights) with the same window, overlap, blending and batch settings,
-in the same process, on the same 240x240x155 1-mm case (``tumorseg synth --spacing 1``):
+Both sides run the same network with the same window, overlap, blending and batch settings, in
+the same process, on the same 240x240x155 1-mm case (``tumorseg synth --spacing 1``). The network
+is the model ``predict`` runs by default (``predict.model``: the registered champion), so the
+label map that is cleaned, restored and written looks like a real prediction; without one (before
+``make run``), the ``model:`` section of params.yaml with seeded random weights, which labels about
+a third of the volume as tumour and so makes those steps slower (``weights`` in the result says
+which ran):
 
 - **baseline**: ``monai.inferers.sliding_window_inference`` on the already preprocessed volume
   ``(1, 4, x, y, z)`` (the model's grid), nothing else;
@@ -18,13 +22,13 @@ before it (target: under 0.15). ``overhead_of_medians`` and ``overhead_min`` (fa
 side) are the other ways to read the same runs; ``breakdown_s`` says where predict's time goes and
 ``outside_inference_share`` is its steps other than the sliding window over the baseline (the
 overhead without the inference's own noise). ``folder_overhead`` is the ratio per case for a folder
-of ``folder_cases`` cases through :func:`~tumorseg.models.predictor.predict_dataset` (what
+of ``folder_cases`` cases (median of ``folder_repeats`` runs) through :func:`~tumorseg.models.predictor.predict_dataset` (what
 ``tumorseg predict DIR`` runs; with a core to spare, the next case is read while the current one
 is inferred).
 
 Usage::
 
-    python -m tumorseg.bench_predict --out bench/predict.json [--repeats 9] [--device cpu]
+    python -m tumorseg.bench_predict --out bench/predict.json [--repeats 9] [--device cpu] [--model URI|random]
 """
 
 from __future__ import annotations
@@ -59,6 +63,29 @@ def _trained_network(params: dict[str, Any], seed: int) -> Any:
     return TrainedNetwork(network, cfg.model, cfg.data_loader, cfg.sliding_window, cfg.to_dict())
 
 
+def _bench_network(params: dict[str, Any], model: str | None, seed: int) -> tuple[Any, str]:
+    """``(TrainedNetwork, what it is)``: ``model`` (None: ``predict.model``), else seeded random weights.
+
+    ``model="random"`` asks for the random weights; a model that does not load (none registered
+    yet) falls back to them, and the description says why.
+    """
+    from tumorseg.config import section
+    from tumorseg.errors import DataError
+    from tumorseg.models.predictor import PredictConfig
+    from tumorseg.registry.loading import load_model
+    from tumorseg.tracking import params_tracking_uri
+
+    if model != "random":
+        predict_cfg: PredictConfig = section("predict", params)
+        uri = model or predict_cfg.model
+        try:
+            loaded = load_model(uri, tracking_uri=params_tracking_uri(params))
+        except DataError as exc:
+            return _trained_network(params, seed), f"random weights ({uri} did not load: {exc})"
+        return loaded.trained, loaded.description
+    return _trained_network(params, seed), "random weights (--model random)"
+
+
 def _copies(case: Any, folder: Path, n: int) -> Path:
     """``n`` BraTS 2021 case folders with the files of ``case`` under new case ids (real reads, no synthesis)."""
     import shutil
@@ -77,8 +104,10 @@ def benchmark_predict(
     *,
     repeats: int = 9,
     folder_cases: int = 3,
+    folder_repeats: int = 3,
     device: str = "cpu",
     keep_freed_memory: bool = True,
+    model: str | None = None,
     seed: int = 0,
     workdir: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -90,10 +119,13 @@ def benchmark_predict(
         repeats: timed (baseline, predict) pairs; medians are reported.
         folder_cases: cases (copies of the synthetic case under other ids) in the folder measurement;
             0 skips it.
+        folder_repeats: folder runs, each paired with the baselines around it; the median is reported.
         device: ``cpu`` or ``cuda``.
         keep_freed_memory: ``predict.keep_freed_memory`` (:mod:`tumorseg.runtime`); it applies to the
             whole process, so to both sides (False: glibc's default, for comparison in a new process).
-        seed: seeds the synthetic case and the weights.
+        model: the network: MLflow URI or checkpoint; None: ``predict.model`` (the champion);
+            ``"random"``: the params.yaml network with seeded random weights (also the fallback).
+        seed: seeds the synthetic case and the random weights.
         workdir: where the case and the prediction are written (a temporary folder when None).
 
     Returns:
@@ -117,7 +149,7 @@ def benchmark_predict(
     )
 
     params = read_params() if params is None else params
-    trained = _trained_network(params, seed)
+    trained, weights = _bench_network(params, model, seed)
     predictor = SegmentationPredictor(
         trained, PredictConfig(device=device, keep_freed_memory=keep_freed_memory)
     )
@@ -168,15 +200,23 @@ def benchmark_predict(
             base_times.append(baseline())
             predict_times.append(predict())
 
-        folder_per_case = folder_baseline = None
+        folder_per_case = folder_baseline = folder_overhead = None
         if folder_cases > 0:
-            # Paired in time: the folder run against the baselines just before and just after it.
+            # Paired in time: each folder run against the mean of the baselines just before and just
+            # after it; the median over folder_repeats such pairs.
             folder = _copies(case, root / "folder", folder_cases)
-            before = baseline()
-            start = time.perf_counter()
-            predict_dataset(folder, root / "pred_folder", predictor)
-            folder_per_case = (time.perf_counter() - start) / folder_cases
-            folder_baseline = (before + baseline()) / 2.0
+            folder_runs, folder_bases = [], []
+            for _ in range(folder_repeats):
+                before = baseline()
+                start = time.perf_counter()
+                predict_dataset(folder, root / "pred_folder", predictor)
+                folder_runs.append((time.perf_counter() - start) / folder_cases)
+                folder_bases.append((before + baseline()) / 2.0)
+            folder_per_case = statistics.median(folder_runs)
+            folder_baseline = statistics.median(folder_bases)
+            folder_overhead = (
+                statistics.median(r / b for r, b in zip(folder_runs, folder_bases, strict=True)) - 1.0
+            )
 
     baseline_s = statistics.median(base_times)
     predict_s = statistics.median(predict_times)
@@ -189,6 +229,7 @@ def benchmark_predict(
         "device": str(predictor.device),
         "threads": torch.get_num_threads(),
         "network": trained.model.name,
+        "weights": weights,
         "parameters": sum(p.numel() for p in trained.network.parameters()),
         "case_shape": list(volumes.image.shape[1:]),
         "model_grid_shape": list(image.shape[1:]),
@@ -216,9 +257,8 @@ def benchmark_predict(
         "folder_cases": folder_cases,
         "folder_predict_s_per_case": None if folder_per_case is None else round(folder_per_case, 3),
         "folder_baseline_s": None if folder_baseline is None else round(folder_baseline, 3),
-        "folder_overhead": None
-        if folder_per_case is None
-        else round(folder_per_case / folder_baseline - 1.0, 4),
+        "folder_repeats": folder_repeats if folder_cases > 0 else 0,
+        "folder_overhead": None if folder_overhead is None else round(folder_overhead, 4),
         "breakdown_s": {step: round(seconds, 3) for step, seconds in breakdown.items()},
     }
 
@@ -228,11 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--folder-cases", type=int, default=3)
+    parser.add_argument("--folder-repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
         "--glibc-default-memory",
         action="store_true",
         help="leave glibc's allocator as it is (predict.keep_freed_memory: false), to compare",
+    )
+    parser.add_argument(
+        "--model",
+        help="network: MLflow URI or checkpoint (default: predict.model, the champion); 'random': seeded random weights",
     )
     parser.add_argument("--out", help="write the result JSON here (printed otherwise)")
     args = parser.parse_args(argv)
@@ -242,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         read_params(args.params),
         repeats=args.repeats,
         folder_cases=args.folder_cases,
+        folder_repeats=args.folder_repeats,
         device=args.device,
         keep_freed_memory=not args.glibc_default_memory,
+        model=args.model,
     )
     text = json.dumps(result, indent=2) + "\n"
     if args.out:

@@ -101,6 +101,23 @@ def test_output_arrays_brain_crop_and_zscore() -> None:
     )
 
 
+def test_float16_storage_is_numpys_cast_of_the_float32_scores_bit_for_bit() -> None:
+    """The float16 image is a torch copy of the float32 z-scores: the same bits as numpy's cast."""
+    volumes = _volumes()
+    rng = np.random.default_rng(0)
+    # Wide-ranging values (tiny ones round to float16 subnormals; large ones are clipped first).
+    volumes.image[volumes.image != 0] *= rng.lognormal(0.0, 4.0, np.count_nonzero(volumes.image))
+    volumes.image[0, 15, 17, 13] = 1e9
+    as16 = preprocess_case(volumes, PreprocessConfig(storage_dtype="float16"))
+    as32 = preprocess_case(volumes, PreprocessConfig(storage_dtype="float32"))
+    assert as32.image.dtype == np.float32 and as16.image.dtype == np.float16
+    limit = np.finfo(np.float16).max
+    expected = np.clip(as32.image, -limit, limit).astype(np.float16)
+    assert np.array_equal(as16.image.view(np.uint16), expected.view(np.uint16))
+    assert not (as16.image.view(np.uint16)[:, ~as16.brain]).any()  # background is +0.0, never -0.0
+    assert as16.geometry["normalization"] == as32.geometry["normalization"]
+
+
 @pytest.mark.parametrize("orientation", ["RAS", "LPS", "LAS", "PIR"])
 def test_round_trip_is_exact_at_equal_spacing(orientation: str) -> None:
     volumes = _volumes(orientation=orientation)

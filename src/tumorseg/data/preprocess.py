@@ -447,9 +447,14 @@ def crop_and_normalise(
     brain = brain[crop]
     cropped = resampled[(slice(None), *crop)]
 
-    # 4. Z-score on brain voxels; background stays exactly 0.
+    # 4. Z-score on brain voxels; background stays exactly 0. Each channel's float32 scores are
+    # zeroed outside the brain in place; storing them as float16 is a torch copy: the same
+    # round-to-nearest-even as numpy's cast, bit for bit, without its slow scalar loop.
+    import torch
+
     out_dtype = np.dtype(cfg.storage_dtype)
-    normalised = np.zeros(cropped.shape, dtype=out_dtype)
+    normalised = np.empty(cropped.shape, dtype=out_dtype)
+    outside = ~brain
     means, stds = [], []
     for channel, modality in enumerate(CANONICAL_MODALITIES):
         values = cropped[channel][brain]
@@ -459,12 +464,14 @@ def crop_and_normalise(
         stds.append(std)
         if std <= 1e-6 * max(abs(mean), 1.0):
             log.warning("%s: %s is constant inside the brain; its channel is left at 0", case_id, modality)
+            normalised[channel] = 0
             continue
         scored = (cropped[channel] - np.float32(mean)) * np.float32(1.0 / std)
         if out_dtype == np.float16:
             limit = float(np.finfo(np.float16).max)
             np.clip(scored, -limit, limit, out=scored)
-        normalised[channel] = np.where(brain, scored, 0.0)
+        np.copyto(scored, np.float32(0.0), where=outside)
+        torch.from_numpy(normalised[channel]).copy_(torch.from_numpy(scored))
 
     has_label = labels is not None
     if has_label:

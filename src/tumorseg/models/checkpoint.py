@@ -18,7 +18,7 @@ from tumorseg.data.transforms import DataLoaderConfig
 from tumorseg.errors import DataError
 from tumorseg.models.inference import SlidingWindowConfig, make_inferer
 from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
-from tumorseg.models.networks import ModelConfig, build_network
+from tumorseg.models.networks import ModelConfig
 
 NETWORK_PREFIX = "network."
 """Prefix of the network's weights in the LightningModule's state_dict."""
@@ -71,18 +71,14 @@ def load_trained_network(checkpoint: str | Path) -> TrainedNetwork:
     config = state.get(CONFIG_CHECKPOINT_KEY)
     if not isinstance(config, dict) or "model" not in config:
         raise DataError(f"{path}: not a tumorseg training checkpoint (no {CONFIG_CHECKPOINT_KEY})")
-    model = ModelConfig.model_validate(config["model"])
-    loader = DataLoaderConfig.model_validate(config["data_loader"])
-    sliding = SlidingWindowConfig.model_validate(config.get("sliding_window", {}))
-    spacing = tuple(config.get("preprocess", {}).get("target_spacing_mm", (1.0, 1.0, 1.0)))
-    network = build_network(
-        model, spatial_dims=loader.spatial_dims, patch_size=loader.network_patch, spacing=spacing
-    )
     weights = {
         k.removeprefix(NETWORK_PREFIX): v
         for k, v in state["state_dict"].items()
         if k.startswith(NETWORK_PREFIX)
     }
-    network.load_state_dict(weights)
-    network.eval()
-    return TrainedNetwork(network, model, loader, sliding, config)
+    from tumorseg.models.package import trained_from_state  # the package form: same rebuild
+
+    try:
+        return trained_from_state(config, weights)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
