@@ -65,6 +65,7 @@ def bench_compress(
                 for key in (
                     "runtime",
                     "latency_s",
+                    "baseline_latency_s",
                     "inference_s",
                     "file_mb",
                     "parameters",

@@ -16,7 +16,14 @@ from tumorseg.compression.config import CompressConfig, QuantizationConfig
 from tumorseg.compression.fine_tune import FineTuneResult, best_weights_callback, distillation_loss
 from tumorseg.compression.onnx_export import export_onnx, max_abs_difference
 from tumorseg.compression.quantize import calibration_windows, check_op_types, quantize_int8
-from tumorseg.compression.report import VariantResult, apply_gate, choose_edge, report_markdown
+from tumorseg.compression.report import (
+    VariantResult,
+    apply_gate,
+    choose_edge,
+    meets_targets,
+    ratios,
+    report_markdown,
+)
 from tumorseg.compression.stage import _split_steps, measure_latencies
 from tumorseg.config import read_params, section
 from tumorseg.errors import ConfigError, DataError
@@ -350,7 +357,7 @@ def test_edge_prefers_an_accepted_variant_meeting_the_speed_and_size_targets() -
     )
 
 
-def test_latencies_are_timed_round_robin_so_load_drift_hits_every_variant_alike() -> None:
+def test_each_variant_is_timed_alternating_with_fp32_so_load_drift_hits_both_alike() -> None:
     from types import SimpleNamespace
 
     calls: list[str] = []
@@ -363,13 +370,32 @@ def test_latencies_are_timed_round_robin_so_load_drift_hits_every_variant_alike(
             calls.append(f"{self.name}:{case}")
             return SimpleNamespace(seconds={"inference": self.inference})
 
-    predictors = {"fp32": Recorder("fp32", 0.3), "pruned_structured": Recorder("pruned_structured", 0.1)}
+    predictors = {
+        "fp32": Recorder("fp32", 0.3),
+        "pruned_structured": Recorder("pruned_structured", 0.1),
+        "int8": Recorder("int8", 0.2),
+    }
     timings = measure_latencies(predictors, ["c1", "c2"], warmup=1, repeats=2)
-    timed = calls[4:]  # after one warm-up per variant and case
-    assert timed == ["fp32:c1", "fp32:c2", "pruned_structured:c1", "pruned_structured:c2"] * 2
+    timed = calls[6:]  # after one warm-up per variant and case
+    pruned_block = ["fp32:c1", "pruned_structured:c1", "fp32:c2", "pruned_structured:c2"] * 2
+    int8_block = ["fp32:c1", "int8:c1", "fp32:c2", "int8:c2"] * 2
+    assert timed == pruned_block + int8_block
     assert set(timings) == set(predictors)
-    latency, inference, runs = timings["pruned_structured"]
-    assert inference == pytest.approx(0.1) and len(runs) == 4 and latency >= 0
+    latency, inference, runs, alongside = timings["pruned_structured"]
+    assert inference == pytest.approx(0.1) and len(runs) == 4 and latency >= 0 and alongside is not None
+    fp32_latency, fp32_inference, fp32_runs, fp32_alongside = timings["fp32"]
+    assert fp32_inference == pytest.approx(0.3) and len(fp32_runs) == 8 and fp32_alongside is None
+
+
+def test_speedup_is_against_fp32_timed_alongside_the_variant() -> None:
+    fp32 = _result("fp32", "pytorch", 10.0, 18.0, {"a": 0.8})
+    edge = _result("pruned_structured_bf16", "torch.export", 4.0, 4.0, {"a": 0.8})
+    assert ratios(edge, [fp32, edge])["speedup"] == pytest.approx(2.5)  # no alongside time: fp32's own
+    edge.baseline_latency_s = 7.0
+    assert ratios(edge, [fp32, edge])["speedup"] == pytest.approx(1.75)
+    assert not meets_targets(edge, fp32, 2.0, 3.0)
+    edge.baseline_latency_s = 9.0
+    assert meets_targets(edge, fp32, 2.0, 3.0)
 
 
 def test_gate_with_nothing_accepted_chooses_no_edge() -> None:

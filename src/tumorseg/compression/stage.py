@@ -423,38 +423,57 @@ def trained_variant(builder: VariantBuilder, result: VariantResult, threads: int
 
 
 def measure_latencies(
-    predictors: dict[str, Any], cases: list[Any], warmup: int, repeats: int
-) -> dict[str, tuple[float, float, list[float]]]:
-    """Median whole-``predict`` CPU time per case of several variants, their runs interleaved (round-robin).
+    predictors: dict[str, Any], cases: list[Any], warmup: int, repeats: int, *, baseline: str = "fp32"
+) -> dict[str, tuple[float, float, list[float], float | None]]:
+    """Median whole-``predict`` CPU time per case of each variant, timed in alternation with the baseline.
 
-    Why: on a shared machine the load drifts over minutes; timing every variant in each round
-    exposes them all to the same conditions, so their ratios to fp32 stay meaningful even when the
-    absolute times move. Each round predicts every case once with every variant.
+    Why: on a shared machine the load drifts over minutes, so each variant is timed in its own
+    block of ``repeats`` rounds that alternate the baseline (fp32) and the variant on every case:
+    both meet the same conditions, and the speed-up is the ratio within the block. Blocks, not one
+    round-robin over every variant, because a variant's run then also depends on which other
+    runtime ran just before it (ONNX Runtime's arenas, another model's freed memory): the same
+    edge model measured 1.7x in a ten-variant round-robin and 2.0-2.3x alternating with fp32 alone.
 
     Returns:
-        ``{name: (median whole-predict s, median sliding-window s, every run)}`` (medians per case,
-        averaged over cases).
+        ``{name: (median whole-predict s, median sliding-window s, every run, baseline s)}``
+        (medians per case, averaged over cases); ``baseline s`` is the baseline's time within the
+        variant's block (None for the baseline itself, whose times pool every block; and for every
+        variant when there is no baseline, each then timed alone).
     """
     for predictor in predictors.values():
         for case in cases:
             for _ in range(warmup):
                 predictor.predict_case(case)
-    runs: dict[str, dict[int, list[tuple[float, float]]]] = {name: {} for name in predictors}
-    for _ in range(repeats):
-        for name, predictor in predictors.items():
-            for index, case in enumerate(cases):
-                start = time.perf_counter()
-                prediction = predictor.predict_case(case)
-                elapsed = time.perf_counter() - start
-                runs[name].setdefault(index, []).append(
-                    (elapsed, prediction.seconds.get("inference", float("nan")))
-                )
-    timings = {}
-    for name, by_case in runs.items():
+
+    def timed(predictor: Any, case: Any) -> tuple[float, float]:
+        start = time.perf_counter()
+        prediction = predictor.predict_case(case)
+        return time.perf_counter() - start, prediction.seconds.get("inference", float("nan"))
+
+    def summary(by_case: dict[int, list[tuple[float, float]]]) -> tuple[float, float, list[float]]:
         totals = [statistics.median(t for t, _ in case_runs) for case_runs in by_case.values()]
         inference = [statistics.median(i for _, i in case_runs) for case_runs in by_case.values()]
         every = [t for case_runs in by_case.values() for t, _ in case_runs]
-        timings[name] = (statistics.fmean(totals), statistics.fmean(inference), every)
+        return statistics.fmean(totals), statistics.fmean(inference), every
+
+    reference = predictors.get(baseline)
+    pooled: dict[int, list[tuple[float, float]]] = {}
+    timings: dict[str, tuple[float, float, list[float], float | None]] = {}
+    for name, predictor in predictors.items():
+        if name == baseline and len(predictors) > 1:
+            continue
+        runs: dict[int, list[tuple[float, float]]] = {}
+        alongside: dict[int, list[tuple[float, float]]] = {}
+        for _ in range(repeats):
+            for index, case in enumerate(cases):
+                if reference is not None and name != baseline:
+                    alongside.setdefault(index, []).append(timed(reference, case))
+                runs.setdefault(index, []).append(timed(predictor, case))
+        for index, case_runs in alongside.items():
+            pooled.setdefault(index, []).extend(case_runs)
+        timings[name] = (*summary(runs), summary(alongside)[0] if alongside else None)
+    if reference is not None and pooled:
+        timings[baseline] = (*summary(pooled), None)
     return timings
 
 
@@ -589,11 +608,15 @@ def run_compress_stage(
                 predictors[name], test_cases, eval_cfg, work, name
             )
             log.info("compress: %s Dice mean %.4f", name, result.dice["mean"])
-        log.info("compress: timing %s, interleaved", ", ".join(predictors))
-        timings = measure_latencies(predictors, timed_cases, cfg.latency.warmup, cfg.latency.repeats)
+        log.info("compress: timing %s, each alternating with %s", ", ".join(predictors), BASELINE)
+        timings = measure_latencies(
+            predictors, timed_cases, cfg.latency.warmup, cfg.latency.repeats, baseline=BASELINE
+        )
         for result in results:
             if result.name in timings:
-                result.latency_s, result.inference_s, result.latency_runs_s = timings[result.name]
+                (result.latency_s, result.inference_s, result.latency_runs_s, result.baseline_latency_s) = (
+                    timings[result.name]
+                )
                 log.info("compress: %s latency %.2f s", result.name, result.latency_s)
         apply_gate(results, cfg.dice_tolerance)
         edge = choose_edge(results, speedup=cfg.target_speedup, size_ratio=cfg.target_size_ratio)
@@ -687,6 +710,7 @@ def _track(
     for result in outcome.variants:
         for metric, value in (
             ("latency_s", result.latency_s),
+            ("fp32_alongside_latency_s", result.baseline_latency_s),
             ("inference_s", result.inference_s),
             ("file_mb", result.file_mb),
             ("parameters", result.parameters),
