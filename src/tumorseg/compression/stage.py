@@ -12,7 +12,7 @@ Prefect task call. Steps:
    checked against PyTorch, INT8 quantization, bfloat16 ``torch.export`` programs;
 3. measure every variant with the same code, cases and threads: the whole ``predict`` path
    (:class:`~tumorseg.models.predictor.SegmentationPredictor`) timed on BraTS-size cases on CPU
-   (every variant in each round, so drifting machine load affects them alike),
+   (each variant alternating case by case with fp32, so drifting machine load affects both alike),
    and Dice WT/TC/ET on the test split in the source geometry
    (:func:`~tumorseg.evaluation.pipeline_stage.evaluate_cases`);
 4. gate (mean Dice drop <= ``compress.dice_tolerance``), choose the edge model (the accepted
@@ -423,7 +423,7 @@ def trained_variant(builder: VariantBuilder, result: VariantResult, threads: int
 
 
 def measure_latencies(
-    predictors: dict[str, Any], cases: list[Any], warmup: int, repeats: int, *, baseline: str = "fp32"
+    predictors: dict[str, Any], cases: list[Any], warmup: int, repeats: int, *, baseline: str = BASELINE
 ) -> dict[str, tuple[float, float, list[float], float | None]]:
     """Median whole-``predict`` CPU time per case of each variant, timed in alternation with the baseline.
 
@@ -431,8 +431,8 @@ def measure_latencies(
     block of ``repeats`` rounds that alternate the baseline (fp32) and the variant on every case:
     both meet the same conditions, and the speed-up is the ratio within the block. Blocks, not one
     round-robin over every variant, because a variant's run then also depends on which other
-    runtime ran just before it (ONNX Runtime's arenas, another model's freed memory): the same
-    edge model measured 1.7x in a ten-variant round-robin and 2.0-2.3x alternating with fp32 alone.
+    runtime ran just before it (ONNX Runtime's arenas, another model's freed memory), which a
+    deployment (one model per process) never sees.
 
     Returns:
         ``{name: (median whole-predict s, median sliding-window s, every run, baseline s)}``
@@ -609,9 +609,7 @@ def run_compress_stage(
             )
             log.info("compress: %s Dice mean %.4f", name, result.dice["mean"])
         log.info("compress: timing %s, each alternating with %s", ", ".join(predictors), BASELINE)
-        timings = measure_latencies(
-            predictors, timed_cases, cfg.latency.warmup, cfg.latency.repeats, baseline=BASELINE
-        )
+        timings = measure_latencies(predictors, timed_cases, cfg.latency.warmup, cfg.latency.repeats)
         for result in results:
             if result.name in timings:
                 (result.latency_s, result.inference_s, result.latency_runs_s, result.baseline_latency_s) = (
