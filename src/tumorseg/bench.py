@@ -191,7 +191,8 @@ def bench_predict() -> dict[str, Any]:
     network = "champion" if str(result["weights"]).startswith("models:/") else "random weights"
     result["rows"] = [
         [
-            f"`predict` wall time per 240x240x155 case (read, preprocess, sliding window, restore, write; {network})",
+            f"`predict` wall time per 240x240x155 case stored {result['case_orientation']} as BraTS stores it "
+            f"(read, preprocess, sliding window, restore, write; {network})",
             f"{result['predict_s']:.2f} s",
             f"sliding_window_inference alone: {result['baseline_s']:.2f} s",
             f"{1.0 + result['overhead']:.3f} (target < 1.15; median of {result['repeats']} paired runs)",

@@ -1,7 +1,9 @@
 """Benchmark: ``tumorseg predict`` on one BraTS-size case against MONAI's bare sliding window.
 
 Both sides run the same network with the same window, overlap, blending and batch settings, in
-the same process, on the same 240x240x155 1-mm case (``tumorseg synth --spacing 1``). The network
+the same process, on the same 240x240x155 1-mm case (``tumorseg synth --spacing 1``), stored in
+LPS voxel order as BraTS stores its volumes (``--orientation``; RAS files skip the reorienting
+copy and read faster, so they understate what a BraTS user sees). The network
 is the model ``predict`` runs by default (``predict.model``: the registered champion), so the
 label map that is cleaned, restored and written looks like a real prediction; without one (before
 ``make run``), the ``model:`` section of params.yaml with seeded random weights, which labels about
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 TARGET_OVERHEAD = 0.15
+BRATS_ORIENTATION = "LPS"  # voxel order of the BraTS challenge files
 
 
 def _trained_network(params: dict[str, Any], seed: int) -> Any:
@@ -108,6 +111,7 @@ def benchmark_predict(
     device: str = "cpu",
     keep_freed_memory: bool = True,
     model: str | None = None,
+    orientation: str = BRATS_ORIENTATION,
     seed: int = 0,
     workdir: str | Path | None = None,
 ) -> dict[str, Any]:
@@ -125,6 +129,7 @@ def benchmark_predict(
             whole process, so to both sides (False: glibc's default, for comparison in a new process).
         model: the network: MLflow URI or checkpoint; None: ``predict.model`` (the champion);
             ``"random"``: the params.yaml network with seeded random weights (also the fallback).
+        orientation: voxel order the case's files are stored in (``LPS``: BraTS's own).
         seed: seeds the synthetic case and the random weights.
         workdir: where the case and the prediction are written (a temporary folder when None).
 
@@ -139,7 +144,7 @@ def benchmark_predict(
     from tumorseg.config import SynthConfig, read_params
     from tumorseg.data.layouts import discover_cases, read_case
     from tumorseg.data.preprocess import preprocess_case
-    from tumorseg.data.synth import synthesize_dataset
+    from tumorseg.data.synth import synthesize_case, write_case
     from tumorseg.models.predictor import (
         PredictConfig,
         SegmentationPredictor,
@@ -159,7 +164,7 @@ def benchmark_predict(
         synth = SynthConfig(
             cases=1, spacing_mm=1.0, seed=seed, tumour_free_fraction=0.0, reoriented_fraction=0.0
         )
-        synthesize_dataset(root / "raw", synth)
+        write_case(synthesize_case(1, synth), root / "raw", "brats2021", orientation=orientation)
         case = discover_cases(root / "raw")[0]
         volumes = read_case(case)
         image = preprocess_case(volumes, predictor.preprocess_cfg).image.astype("float32")
@@ -232,6 +237,7 @@ def benchmark_predict(
         "weights": weights,
         "parameters": sum(p.numel() for p in trained.network.parameters()),
         "case_shape": list(volumes.image.shape[1:]),
+        "case_orientation": orientation,
         "model_grid_shape": list(image.shape[1:]),
         "training_spacing_mm": list(predictor.preprocess_cfg.target_spacing_mm),
         "roi_size": list(trained.roi_size),
@@ -279,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         "--model",
         help="network: MLflow URI or checkpoint (default: predict.model, the champion); 'random': seeded random weights",
     )
+    parser.add_argument(
+        "--orientation",
+        choices=["RAS", "LPS", "LAS"],
+        default=BRATS_ORIENTATION,
+        help="voxel order of the case's files (default LPS, as BraTS stores them; RAS reads faster)",
+    )
     parser.add_argument("--out", help="write the result JSON here (printed otherwise)")
     args = parser.parse_args(argv)
     from tumorseg.config import read_params
@@ -291,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         keep_freed_memory=not args.glibc_default_memory,
         model=args.model,
+        orientation=args.orientation,
     )
     text = json.dumps(result, indent=2) + "\n"
     if args.out:

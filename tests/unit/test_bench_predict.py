@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from tumorseg.bench_predict import _bench_network, _trained_network
@@ -40,3 +41,22 @@ def test_a_given_checkpoint_is_the_network_timed(tmp_path: Path) -> None:
     loaded = trained.network.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in random_net.network.state_dict().items())
     assert _bench_network(params, "random", seed=0)[1] == "random weights (--model random)"
+
+
+def test_the_case_is_stored_as_brats_stores_it_and_every_step_is_timed(tmp_path: Path) -> None:
+    """The benchmark reads a 240x240x155 case in LPS voxel order (BraTS's own) and writes it back so."""
+    import nibabel as nib
+
+    from tumorseg.bench_predict import benchmark_predict
+
+    result = benchmark_predict(
+        _params(tmp_path), repeats=1, folder_cases=0, model="random", workdir=tmp_path / "work"
+    )
+    t1 = next((tmp_path / "work" / "raw").glob("*/*_t1.nii.gz"))
+    prediction = next((tmp_path / "work" / "pred").glob("*.nii.gz"))
+    assert nib.aff2axcodes(nib.load(t1).affine) == ("L", "P", "S") and result["case_orientation"] == "LPS"
+    assert nib.load(prediction).shape == nib.load(t1).shape == (240, 240, 155)
+    assert (nib.load(prediction).affine == nib.load(t1).affine).all()
+    assert set(result["breakdown_s"]) == {"read", "preprocess", "inference", "restore", "write"}
+    outside = sum(seconds for step, seconds in result["breakdown_s"].items() if step != "inference")
+    assert result["outside_inference_s"] == pytest.approx(outside, abs=0.003)  # rounded separately

@@ -156,6 +156,14 @@ def test_a_fine_input_is_predicted_at_the_models_spacing_and_restored(tmp_path: 
     pred = check_geometry(tmp_path / "out" / "BraTS2021_00002.nii.gz", case_dir / "BraTS2021_00002_t1.nii.gz")
     truth = reference_canonical(case_dir / "BraTS2021_00002_seg.nii.gz", "brats2021") > 0
     assert dice(np.asarray(pred.dataobj) > 0, truth) > 0.8  # 4 mm voxels blur the boundary a little
+    # The volumes (counted on the 4-mm grid) and the canonical map are those of the written labels.
+    prediction = predictor.predict_case(discover_cases(case_dir)[0])
+    written = np.asarray(pred.dataobj)
+    np.testing.assert_array_equal(prediction.labels, written)
+    canonical = get_convention("brats2021").encode(written)
+    np.testing.assert_array_equal(prediction.canonical, canonical)
+    assert prediction.volumes_ml == region_volumes_ml(canonical, pred.affine)
+    assert prediction.volumes_ml["ET"] > 0
 
 
 def test_mirror_tta_undoes_each_flip(tmp_path: Path) -> None:

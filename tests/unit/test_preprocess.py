@@ -23,12 +23,14 @@ from tumorseg.data.layouts import (
 from tumorseg.data.manifest import read_manifest, write_manifest
 from tumorseg.data.preprocess import (
     INDEX_COLUMNS,
+    _reorient,
     preprocess_case,
     preprocess_dataset,
     read_preprocessed,
     resize,
     resize_labels,
     restore_to_source,
+    restored_label_counts,
 )
 from tumorseg.errors import DataError
 
@@ -152,6 +154,30 @@ def test_round_trip_1mm_2mm_1mm_keeps_the_tumour(orientation: str) -> None:
     restored_prob = restore_to_source(probabilities, geometry, is_label=False)
     assert restored_prob.shape == (4, *volumes.labels.shape) and restored_prob.dtype == np.float32
     assert _dice(restored_prob.argmax(0) > 0, volumes.labels > 0) > 0.95
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "orientation"),
+    [
+        ((96, 100, 84), (1.0, 1.0, 1.0), "LPS"),
+        ((61, 47, 39), (1.2, 0.9, 2.5), "PIR"),
+        ((40, 40, 40), (2.0, 2.0, 2.0), "RAS"),
+    ],
+)
+def test_restored_label_counts_equal_counting_the_restored_map(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], orientation: str
+) -> None:
+    """Counting on the small grid, weighted by each voxel's copies, gives the restored map's counts."""
+    volumes = _volumes(shape=shape, spacing=spacing, orientation=orientation, tumour_radius=12)
+    case = preprocess_case(volumes, PreprocessConfig(target_spacing_mm=(2.0, 2.0, 2.0)))
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, case.label.shape, dtype=np.uint8)  # every code everywhere, edges too
+    restored = restore_to_source(labels, case.geometry, is_label=True)
+    expected = {code: int(np.count_nonzero(restored == code)) for code in (0, 1, 2, 3)}
+    counts = restored_label_counts(labels, case.geometry, (1, 2, 3))
+    assert counts == {code: expected[code] for code in (1, 2, 3)}
+    # Background outside the crop is added by restoration, never counted as a code.
+    assert sum(counts.values()) + expected[0] == restored.size
 
 
 def test_preprocessed_affine_keeps_world_positions() -> None:
@@ -456,3 +482,19 @@ def test_no_ok_case_is_an_error(ingested: tuple[Path, Path], tmp_path: Path) -> 
     write_manifest(manifest, manifest_dir)
     with pytest.raises(DataError, match="no case has status ok"):
         preprocess_dataset(manifest_dir, tmp_path / "pre", PreprocessConfig())
+
+
+@pytest.mark.parametrize("codes", ["LPS", "LAS", "PIR", "SLP", "IPL", "ARS"])
+@pytest.mark.parametrize("memory_order", ["F", "C"])
+def test_reorientation_copies_the_same_values_into_c_order(codes: str, memory_order: str) -> None:
+    """The plane-by-plane copy of a reoriented volume is numpy's C-ordered copy, value for value."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, ornt_transform
+
+    volume = np.random.default_rng(0).integers(-3000, 3000, (24, 20, 15)).astype(np.int16)
+    volume = np.asarray(volume, order=memory_order)
+    transform = ornt_transform(axcodes2ornt(tuple(codes)), axcodes2ornt(("R", "A", "S")))
+    expected = np.array(apply_orientation(volume, transform), dtype=np.float32, order="C")
+    reoriented = _reorient(volume, transform, np.float32)
+    assert reoriented.flags.c_contiguous and reoriented.dtype == np.float32
+    assert np.array_equal(reoriented, expected)
+    assert np.array_equal(_reorient(volume, transform), expected.astype(np.int16))

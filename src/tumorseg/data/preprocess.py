@@ -156,9 +156,32 @@ def _reorient(volume: np.ndarray, transform: np.ndarray, dtype: Any = None, orde
     if np.array_equal(transform, _RAS):
         return volume if dtype is None else volume.astype(dtype, copy=False)
     if volume.ndim == 3:
-        return np.array(apply_orientation(volume, transform), dtype=dtype, order=order)
+        oriented = apply_orientation(volume, transform)
+        return (
+            _c_order_copy(oriented, dtype) if order == "C" else np.array(oriented, dtype=dtype, order=order)
+        )
     moved = apply_orientation(np.moveaxis(volume, 0, -1), transform)
     return np.array(np.moveaxis(moved, -1, 0), dtype=dtype, order=order)
+
+
+def _c_order_copy(view: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """``np.array(view, dtype, order="C")`` of a 3-D view, twice as fast when it is a transpose.
+
+    A NIfTI volume stored as BraTS does (LPS, column-major) is, once flipped to RAS, contiguous
+    along axis 0 while the C-ordered copy is contiguous along axis 2: one copy of the whole volume
+    strides through memory for every voxel. Copying it one plane at a time along the third axis
+    (two-dimensional transposes that stay in cache) takes half the time, same values.
+    """
+    contiguous_axis = int(np.argmin([abs(stride) for stride in view.strides]))
+    if view.ndim != 3 or contiguous_axis == 2 or view.flags.c_contiguous:
+        return np.array(view, dtype=dtype, order="C")
+    plane_axis = ({0, 1} - {contiguous_axis}).pop()
+    out = np.empty(view.shape, dtype=view.dtype if dtype is None else dtype)
+    index: list[Any] = [slice(None)] * 3
+    for position in range(view.shape[plane_axis]):
+        index[plane_axis] = position
+        out[tuple(index)] = view[tuple(index)]
+    return out
 
 
 def _reversed_axes(ndim: int) -> tuple[int, ...]:
@@ -698,6 +721,32 @@ def restore_to_source(volume: np.ndarray, geometry: dict[str, Any], *, is_label:
             f"restored shape {restored.shape[-3:]} is not the source shape {geometry['source_shape']}"
         )
     return restored
+
+
+def restored_label_counts(
+    labels: np.ndarray, geometry: dict[str, Any], codes: tuple[int, ...]
+) -> dict[int, int]:
+    """Voxels of each code in ``restore_to_source(labels, geometry, is_label=True)``, without restoring.
+
+    Nearest-neighbour restoration copies preprocessed voxel ``(i, j, k)`` to
+    ``copies_x[i] * copies_y[j] * copies_z[k]`` source voxels (each axis's count of source voxels
+    that pick it), uncropping adds only background and reorientation moves voxels without adding
+    any: so the counts are exact, from the small grid (a tenth of the voxels at 2 mm).
+
+    Args:
+        labels: integer map ``(X, Y, Z)`` on ``geometry["preprocessed_shape"]``.
+        geometry: the dict from :func:`preprocess_case`.
+        codes: the label values to count.
+    """
+    start, stop = geometry["crop_bbox"]["start"], geometry["crop_bbox"]["stop"]
+    copies = [
+        np.bincount(_nearest_indices(n_in, n_out), minlength=n_in)[a:b]
+        for n_in, n_out, a, b in zip(
+            geometry["resampled_shape"], geometry["ras_shape"], start, stop, strict=True
+        )
+    ]
+    weights = copies[0][:, None, None] * copies[1][None, :, None] * copies[2][None, None, :]
+    return {code: int(weights[labels == code].sum()) for code in codes}
 
 
 # ---------------------------------------------------------------------------- dataset

@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -114,7 +115,8 @@ class CasePrediction:
         case_id: the case.
         label_convention: convention of ``labels`` (the input's).
         labels: uint8 ``(X, Y, Z)`` in ``label_convention``.
-        canonical: uint8 ``(X, Y, Z)`` canonical codes (0 bg, 1 NCR, 2 ED, 3 ET).
+        canonical: uint8 ``(X, Y, Z)`` canonical codes (0 bg, 1 NCR, 2 ED, 3 ET), recoded from
+            ``labels`` when first asked for (prediction itself does not need it).
         affine: 4x4 voxel-to-world of the source reference modality.
         volumes_ml: predicted ``WT``, ``TC``, ``ET`` volumes in ml.
         probabilities: float32 ``(C, X, Y, Z)`` (WT/TC/ET sigmoids or bg/NCR/ED/ET softmax), or None.
@@ -126,13 +128,17 @@ class CasePrediction:
     case_id: str
     label_convention: str
     labels: np.ndarray
-    canonical: np.ndarray
     affine: np.ndarray
     volumes_ml: dict[str, float]
     probabilities: np.ndarray | None = None
     uncertainty: np.ndarray | None = None
     channels: tuple[str, ...] = REGION_NAMES
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def canonical(self) -> np.ndarray:
+        """``labels`` in canonical codes (the same array when the convention uses them)."""
+        return recode_labels(self.labels, get_convention(self.label_convention).to_canonical)
 
     def volumes_text(self) -> str:
         """``WT 45.21 ml  TC 20.10 ml  ET 10.30 ml``."""
@@ -155,29 +161,38 @@ def mirror_sets(axes: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [subset for size in range(len(axes) + 1) for subset in combinations(sorted(axes), size)]
 
 
-def region_volumes_ml(canonical: np.ndarray, affine: np.ndarray) -> dict[str, float]:
-    """WT, TC and ET volumes (ml) of a canonical label volume with voxel size from ``affine``."""
+def _volumes_ml(counts: dict[int, int], affine: np.ndarray) -> dict[str, float]:
+    """WT, TC and ET volumes (ml) from voxel counts per canonical tumour code (1, 2, 3)."""
     from tumorseg.data.conventions import REGIONS
 
-    # One comparison per tumour code: far cheaper than np.bincount's int64 copy of every voxel.
-    counts = {code: int(np.count_nonzero(canonical == code)) for code in (1, 2, 3)}
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
     return {region: sum(counts[code] for code in codes) * voxel_ml for region, codes in REGIONS.items()}
 
 
-def decode_labels(canonical: np.ndarray, convention_name: str) -> np.ndarray:
-    """Canonical codes (0-3, as the predictor produces them) -> the convention's codes.
+def region_volumes_ml(canonical: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+    """WT, TC and ET volumes (ml) of a canonical label volume with voxel size from ``affine``."""
+    # One comparison per tumour code: far cheaper than np.bincount's int64 copy of every voxel.
+    return _volumes_ml({code: int(np.count_nonzero(canonical == code)) for code in (1, 2, 3)}, affine)
 
-    ``LabelConvention.decode`` validates arbitrary input with ``np.unique`` (a sort of every voxel);
-    our own predictions only hold 0-3, so only the codes that change are rewritten.
+
+def recode_labels(labels: np.ndarray, table: dict[int, int]) -> np.ndarray:
+    """Rewrite the codes that ``table`` changes; ``labels`` itself when it changes none.
+
+    ``LabelConvention.encode``/``decode`` validate arbitrary input with ``np.unique`` (a sort of
+    every voxel); a prediction only holds the table's codes, so only the changing ones are rewritten.
     """
-    changes = {c: s for c, s in get_convention(convention_name).from_canonical.items() if c != s}
+    changes = {old: new for old, new in table.items() if old != new}
     if not changes:
-        return canonical
-    out = canonical.copy()
-    for canonical_code, source_code in changes.items():
-        out[canonical == canonical_code] = source_code
+        return labels
+    out = labels.copy()
+    for old, new in changes.items():
+        out[labels == old] = new
     return out
+
+
+def decode_labels(canonical: np.ndarray, convention_name: str) -> np.ndarray:
+    """Canonical codes (0-3, as the predictor produces them) -> the convention's codes."""
+    return recode_labels(canonical, get_convention(convention_name).from_canonical)
 
 
 class SegmentationPredictor:
@@ -344,7 +359,7 @@ class SegmentationPredictor:
                 the source grid is and which label convention to write).
             seconds: time already spent on this case, by step; the steps below are added.
         """
-        from tumorseg.data.preprocess import restore_to_source
+        from tumorseg.data.preprocess import restore_to_source, restored_label_counts
 
         seconds = dict(seconds)
         start = time.perf_counter()
@@ -355,14 +370,12 @@ class SegmentationPredictor:
         geometry = case.geometry
         convention = geometry["label_convention"]
         labels = self.labels_from_probabilities(probabilities, tuple(geometry["resampled_spacing_mm"]))
-        # Nearest-neighbour restoration copies values, so decoding the small grid before restoring it
-        # gives the same voxels as decoding the full-resolution map, at a tenth of the work.
-        canonical = restore_to_source(labels, geometry, is_label=True)
-        decoded = decode_labels(labels, convention)
-        source_labels = (
-            canonical if decoded is labels else restore_to_source(decoded, geometry, is_label=True)
-        )
+        # Nearest-neighbour restoration copies values: decoding the small grid before restoring it
+        # gives the same voxels as decoding the full-resolution map, and the volumes are counted on
+        # the small grid (each voxel weighted by its copies), at a tenth of the work.
+        source_labels = restore_to_source(decode_labels(labels, convention), geometry, is_label=True)
         affine = np.asarray(geometry["source_affine"], dtype=np.float64)
+        counts = restored_label_counts(labels, geometry, (1, 2, 3))
         restored_prob = restored_var = None
         if self.cfg.probabilities:
             restored_prob = self._restore_probabilities(probabilities, geometry)
@@ -372,9 +385,8 @@ class SegmentationPredictor:
             case_id=geometry["case_id"],
             label_convention=convention,
             labels=source_labels,
-            canonical=canonical,
             affine=affine,
-            volumes_ml=region_volumes_ml(canonical, affine),
+            volumes_ml=_volumes_ml(counts, affine),
             probabilities=restored_prob,
             uncertainty=restored_var,
             channels=self.channels,
