@@ -169,11 +169,12 @@ def _c_order_copy(view: np.ndarray, dtype: Any = None) -> np.ndarray:
 
     A NIfTI volume stored as BraTS does (LPS, column-major) is, once flipped to RAS, contiguous
     along axis 0 while the C-ordered copy is contiguous along axis 2: one copy of the whole volume
-    strides through memory for every voxel. Copying it one plane at a time along the third axis
-    (two-dimensional transposes that stay in cache) takes half the time, same values.
+    strides through memory for every voxel. Copying it one plane at a time along the axis that is
+    contiguous in neither (axis 1 for BraTS), each plane a two-dimensional transpose that stays in
+    cache, takes half the time, same values.
     """
     contiguous_axis = int(np.argmin([abs(stride) for stride in view.strides]))
-    if view.ndim != 3 or contiguous_axis == 2 or view.flags.c_contiguous:
+    if contiguous_axis == 2 or view.flags.c_contiguous:
         return np.array(view, dtype=dtype, order="C")
     plane_axis = ({0, 1} - {contiguous_axis}).pop()
     out = np.empty(view.shape, dtype=view.dtype if dtype is None else dtype)
