@@ -1,4 +1,4 @@
-"""Prefect flows for the data stages: synth -> ingest -> validate -> preprocess -> split.
+"""Prefect flows for the data stages: source -> ingest -> validate -> preprocess -> split.
 
 One implementation, two drivers: each task below calls the very function that the
 matching ``tumorseg`` command (and so the DVC stage in ``dvc.yaml``) calls. Flows
@@ -113,19 +113,21 @@ def split_and_publish(
     return counts
 
 
-@task(name="synth", **IO_RETRIES)
-def synth_task(params: dict) -> list[str]:
-    from tumorseg.data.synth import synthesize_dataset
+@task(name="source", **IO_RETRIES)
+def source_task(params: dict, params_path: str = "params.yaml") -> str:
+    """``data.source``: generate the embedded data (``synth``) or check the user's folder (read only)."""
+    from tumorseg.data.source import prepare_source
 
-    return synthesize_dataset(Path(section("paths", params).raw), section("synth", params))
+    return prepare_source(params, params_path).one_line()
 
 
 @task(name="ingest", **IO_RETRIES)
-def ingest_task(params: dict) -> str:
+def ingest_task(params: dict, source: str) -> str:
+    """Ingest the dataset folder ``source`` (:func:`tumorseg.data.source.source_folder`)."""
     from tumorseg.data.ingest import ingest
 
     paths = section("paths", params)
-    summary = ingest(Path(paths.raw), Path(paths.ingested), section("ingest", params))
+    summary = ingest(Path(source), Path(paths.ingested), section("ingest", params))
     return summary.one_line()
 
 
@@ -165,14 +167,17 @@ def split_task(params: dict) -> dict[str, int]:
     )
 
 
-@flow(name="synth")
-def synth_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> list[str]:
-    return synth_task(load_params(params_path, overrides))
+@flow(name="source")
+def source_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
+    return source_task(load_params(params_path, overrides), params_path)
 
 
 @flow(name="ingest")
 def ingest_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
-    return ingest_task(load_params(params_path, overrides))
+    from tumorseg.data.source import source_folder
+
+    params = load_params(params_path, overrides)
+    return ingest_task(params, str(source_folder(params, params_path)))
 
 
 @flow(name="validate")
@@ -194,21 +199,19 @@ def split_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | Non
 def data_pipeline_flow(
     params_path: str = "params.yaml",
     overrides: dict[str, Any] | None = None,
-    *,
-    generate: bool = True,
 ) -> dict[str, Any]:
     """The data stages in order, as ``dvc repro split`` runs them.
 
     Args:
         params_path: params.yaml to read.
-        overrides: dotted-key overrides, e.g. ``{"paths.raw": "/data/BraTS2021"}``.
-        generate: run ``synth`` first (the embedded dataset); False for a user's own data.
+        overrides: dotted-key overrides, e.g. ``{"data.source": "/data/BraTS2021"}``.
     """
+    from tumorseg.data.source import source_folder
+
     params = load_params(params_path, overrides)
     summary: dict[str, Any] = {}
-    if generate:
-        summary["synth"] = len(synth_task(params))
-    summary["ingest"] = ingest_task(params)
+    summary["source"] = source_task(params, params_path)
+    summary["ingest"] = ingest_task(params, str(source_folder(params, params_path)))
     summary["validate"] = validate_task(params)
     summary["preprocess"] = preprocess_task(params)
     summary["split"] = split_task(params)

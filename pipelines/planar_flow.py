@@ -234,15 +234,14 @@ def planar_flow(
     params_path: str = "params.yaml",
     overrides: dict[str, Any] | None = None,
     *,
-    generate_data: bool | None = None,
+    generate_data: bool = True,
 ) -> dict[str, Any]:
     """synth_2d -> ingest_2d -> validate_2d -> preprocess_2d -> split_2d -> train_2d -> evaluate_2d -> promote_2d.
 
     Args:
         params_path: params.yaml to read.
         overrides: dotted-key overrides (``{"train_2d.max_epochs": 2}``).
-        generate_data: run ``synth_2d`` first (None: ``flow.generate_data``); False for real data in
-            ``paths.raw_2d``.
+        generate_data: run ``synth_2d`` first; False for real data in ``paths.raw_2d``.
 
     Returns:
         ``{<stage>: <summary>}``; a failed step fails the run and no champion moves.
@@ -251,11 +250,8 @@ def planar_flow(
     import tumorseg.planar.config  # noqa: F401  (registers the 2-D sections)
 
     params = load_params(params_path, overrides)
-    generate = (
-        section("flow", params, source=params_path).generate_data if generate_data is None else generate_data
-    )
     summary: dict[str, Any] = {}
-    if generate:
+    if generate_data:
         summary["synth_2d"] = _cached(synth_2d_task, "synth_2d", params)(params)
     summary["ingest_2d"] = _cached(ingest_2d_task, "ingest_2d", params)(params)
     summary["validate_2d"] = _cached(validate_2d_task, "validate_2d", params)(params)

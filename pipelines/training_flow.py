@@ -1,6 +1,6 @@
 """The training pipeline as one Prefect flow.
 
-``synth`` (embedded data) -> ``ingest`` -> [new data?] -> ``validate`` -> ``preprocess`` -> ``split``
+``source`` (generate the embedded data, or check ``data.source``'s folder) -> ``ingest`` -> [new data?] -> ``validate`` -> ``preprocess`` -> ``split``
 -> (``tune``) -> ``train`` -> ``compress`` -> ``evaluate`` -> ``register`` -> ``promote``
 
 One implementation, two drivers: every task calls the function its ``tumorseg`` command (the
@@ -23,6 +23,7 @@ same artefacts. The flow itself holds orchestration only:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -39,8 +40,8 @@ from pipelines.data_flows import (
     ingest_task,
     load_params,
     preprocess_task,
+    source_task,
     split_task,
-    synth_task,
     tracking_uri,
     validate_task,
 )
@@ -73,11 +74,18 @@ def _reports(*names: str) -> Any:
 
 
 STAGES: dict[str, StageSpec] = {
-    "synth": StageSpec("synth", ("synth",), lambda p: [], ("tumorseg.data.synth",), _path("raw")),
+    # source and ingest read data.source's folder: the flow fills it in (with_source_folder)
+    "source": StageSpec(
+        "source",
+        ("data.source", "synth"),
+        lambda p: [],
+        ("tumorseg.data.synth", "tumorseg.data.source"),
+        lambda p: [],
+    ),
     "ingest": StageSpec(
         "ingest",
         ("ingest.layout", "ingest.hash_chunk_mb", "paths.ingested"),
-        _path("raw"),
+        lambda p: [],
         ("tumorseg.data.ingest", "tumorseg.data.layouts"),
         lambda p: [Path(p["paths"]["ingested"]) / "manifest.csv"],
     ),
@@ -153,9 +161,17 @@ STAGES: dict[str, StageSpec] = {
 """Each stage's params keys, dependencies, code and outputs: the ``dvc.yaml`` entries, for the cache."""
 
 
-def _cached(task_fn: Any, stage: str, params: dict[str, Any]) -> Any:
-    """The task with its stage's cache policy (:func:`pipelines.stage_cache.cached_task`)."""
-    return cached_task(task_fn, STAGES[stage], params)
+def _cached(task_fn: Any, stage: str, params: dict[str, Any], source: Path | None = None) -> Any:
+    """The task with its stage's cache policy (:func:`pipelines.stage_cache.cached_task`).
+
+    ``source`` (the data.source folder) is the output of ``source`` and a dependency of ``ingest``.
+    """
+    spec = STAGES[stage]
+    if source is not None and stage == "source":
+        spec = dataclasses.replace(spec, outs=lambda p: [source])
+    elif source is not None and stage == "ingest":
+        spec = dataclasses.replace(spec, deps=lambda p: [source])
+    return cached_task(task_fn, spec, params)
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -315,14 +331,15 @@ def training_flow(
         step fails the flow run (and ``champion`` stays where it was).
     """
     import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
+    from tumorseg.data.source import source_folder
     from tumorseg.retrain import raw_data_hash
 
     params = load_params(params_path, overrides)
     cfg = section("flow", params, source=params_path)
     summary: dict[str, Any] = {"status": "completed"}
-    if cfg.generate_data:
-        summary["synth"] = len(_cached(synth_task, "synth", params)(params))
-    summary["ingest"] = _cached(ingest_task, "ingest", params)(params)
+    folder = source_folder(params, params_path)
+    summary["source"] = _cached(source_task, "source", params, folder)(params, params_path)
+    summary["ingest"] = _cached(ingest_task, "ingest", params, folder)(params, str(folder))
     raw_md5 = raw_data_hash(section("paths", params).ingested)
     if only_if_new_data:
         decision = check_new_data_task(params)
@@ -362,8 +379,7 @@ def smoke_params(workspace: str | Path, params_path: str | Path = "params.yaml")
     params = load_params(params_path)
     smoke = section("flow", params, source=str(params_path)).smoke.overrides
     paths = {
-        key: str(workspace / key)
-        for key in ("raw", "ingested", "validated", "preprocessed", "reports", "mlruns")
+        key: str(workspace / key) for key in ("ingested", "validated", "preprocessed", "reports", "mlruns")
     }
     overrides = {
         **{f"paths.{key}": value for key, value in paths.items()},
@@ -371,7 +387,7 @@ def smoke_params(workspace: str | Path, params_path: str | Path = "params.yaml")
         "train.out_dir": str(workspace / "models"),
         "mlflow.tracking_uri": f"sqlite:///{workspace / 'mlruns' / 'mlflow.db'}",
         "flow.cache_dir": str(workspace / ".prefect-cache"),
-        "flow.generate_data": True,
+        "data.source": "synth",  # generated into <workspace>/data/synth
         "tune.best_params_file": str(workspace / "reports" / "best_params.yaml"),
         "tune.storage": f"sqlite:///{workspace / 'mlruns' / 'optuna.db'}",
         "compress.out_dir": str(workspace / "models" / "compressed"),

@@ -34,7 +34,10 @@ def _prepare(workspace: Path, params_path: str | Path) -> Path:
 
     path = smoke_params(workspace, params_path)
     params = read_params(path)
-    synthesize_dataset(Path(section("paths", params).raw), section("synth", params))
+    folder = Path(workspace) / "dataset"
+    synthesize_dataset(folder, section("synth", params))
+    params["data"] = {"source": str(folder.resolve())}  # both sides read the same folder, neither generates
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
 
 
@@ -45,6 +48,7 @@ def run_direct(params_path: str | Path) -> str:
     from tumorseg.config import section
     from tumorseg.data.ingest import ingest
     from tumorseg.data.preprocess import preprocess_dataset
+    from tumorseg.data.source import source_folder
     from tumorseg.data.split import make_split
     from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
     from tumorseg.registry.promote import promote
@@ -54,7 +58,7 @@ def run_direct(params_path: str | Path) -> str:
 
     params = read_params(params_path)
     paths = section("paths", params)
-    ingest(Path(paths.raw), Path(paths.ingested), section("ingest", params))
+    ingest(source_folder(params, params_path), Path(paths.ingested), section("ingest", params))
     validate_dataset(Path(paths.ingested), Path(paths.validated), section("validate", params))
     preprocess_dataset(Path(paths.validated), Path(paths.preprocessed), section("preprocess", params))
     make_split(Path(paths.preprocessed), Path(paths.split), section("split", params))
@@ -84,7 +88,7 @@ def bench_flow_overhead(params_path: str | Path = "params.yaml", *, compress: bo
         for name in ("direct", "flow"):
             path = _prepare(root / name, params_path)
             params = yaml.safe_load(path.read_text())
-            params["flow"].update({"generate_data": False, "compress": compress})
+            params["flow"].update({"compress": compress})
             path.write_text(yaml.safe_dump(params))
             spaces[name] = path
         # Import the heavy libraries once before either clock starts: first imports (torch, MONAI,

@@ -52,7 +52,8 @@ def _project_or_default_params(
 
 # ---------------------------------------------------------------- data (issue: foundation)
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from tumorseg.config import section
+    from tumorseg.config import SYNTH_SOURCE, DataConfig, section
+    from tumorseg.data.source import project_root
     from tumorseg.data.synth import synthesize_dataset
 
     if args.layout in ("figshare", "kaggle"):
@@ -67,9 +68,16 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         },
     )
     cfg = section("synth", params, source=args.params)
-    out = Path(args.out or section("paths", params, source=args.params).raw)
+    out = Path(args.out) if args.out else DataConfig.folder_for(SYNTH_SOURCE, project_root(args.params))
     written = synthesize_dataset(out, cfg)
     print(f"wrote {len(written)} {cfg.layout} cases to {out}")
+    return 0
+
+
+def _cmd_source(args: argparse.Namespace) -> int:
+    from tumorseg.data.source import prepare_source
+
+    print(prepare_source(_params(args), args.params).one_line())
     return 0
 
 
@@ -100,11 +108,15 @@ def _cmd_figure_cases(args: argparse.Namespace) -> int:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from tumorseg.config import section
     from tumorseg.data.ingest import ingest
+    from tumorseg.data.source import inspect_source, source_folder
 
     params = _params(args, {"ingest.layout": args.layout})
     cfg = section("ingest", params, source=args.params)
     paths = section("paths", params, source=args.params)
-    summary = ingest(Path(args.src or paths.raw), Path(args.out or paths.ingested), cfg)
+    src = Path(args.src) if args.src else source_folder(params, args.params)
+    if not args.src:
+        inspect_source(src)  # a wrong data.source: one line naming it, before anything is written
+    summary = ingest(src, Path(args.out or paths.ingested), cfg)
     print(summary.one_line())
     return 0
 
@@ -446,7 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, help="number of cases (figshare: patients; kaggle: images)")
     p.add_argument("--seed", type=int, help="random seed (output is deterministic for a seed)")
     p.add_argument("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)")
-    p.add_argument("--out", help="output folder (default: paths.raw; 2-D: paths.raw_2d/<layout>)")
+    p.add_argument("--out", help="output folder (default: data/synth; 2-D: paths.raw_2d/<layout>)")
+
+    add(
+        "source",
+        _cmd_source,
+        "Make data.source ready: generate the embedded dataset (synth) into data/synth, or check a "
+        "dataset folder (read only) before any stage writes.",
+    )
 
     p = add("figure-cases", _cmd_figure_cases, "Plot a few cases: 4 modalities and the label overlay (PNG).")
     p.add_argument("src", help="a brats2021 or brats2023 folder, e.g. from `tumorseg synth`")
@@ -461,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_ingest,
         "Index a BraTS 2020/21, BraTS 2023+, MSD, Figshare (.mat) or Kaggle (yes/, no/) folder into a manifest.",
     )
-    p.add_argument("src", nargs="?", help="dataset folder (default: paths.raw)")
+    p.add_argument("src", nargs="?", help="dataset folder (default: data.source)")
     p.add_argument("--out", help="output folder for manifest.csv (default: paths.ingested)")
     p.add_argument("--layout", choices=["auto", "brats2021", "brats2023", "msd"], help="skip detection")
 

@@ -30,10 +30,41 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SYNTH_SOURCE = "synth"
+"""``data.source`` value that selects the embedded generator (its cases go to ``data/synth``)."""
+DATA_FOLDER = "data"
+"""Relative ``data.source`` paths are relative to this folder of the project (the DVC stages' ``wdir``)."""
+
+
+class DataConfig(Section):
+    """``data:`` which dataset the pipeline trains on.
+
+    Attributes:
+        source: ``synth`` (the embedded generator, ``tumorseg synth``) or the path of a dataset
+            folder in any supported layout, absolute or relative to the project's ``data/`` folder
+            (``mydata`` is ``data/mydata``). A folder is only ever read: DVC tracks it as a
+            dependency of ``ingest``, never as an output.
+    """
+
+    source: str = Field(SYNTH_SOURCE, min_length=1)
+
+    @property
+    def is_synth(self) -> bool:
+        return self.source == SYNTH_SOURCE
+
+    def folder(self, project_root: str | Path = ".") -> Path:
+        """The dataset folder: ``<root>/data/synth`` for the generator, else ``source`` resolved."""
+        return self.folder_for(self.source, project_root)
+
+    @staticmethod
+    def folder_for(source: str, project_root: str | Path = ".") -> Path:
+        path = Path(source).expanduser()
+        return path if path.is_absolute() else Path(project_root) / DATA_FOLDER / path
+
+
 class PathsConfig(Section):
     """Where each stage reads and writes, relative to the project root."""
 
-    raw: str = "data/raw"
     ingested: str = "data/ingested"
     validated: str = "data/validated"
     preprocessed: str = "data/preprocessed"
@@ -67,7 +98,7 @@ class IngestConfig(Section):
 
     layout: Literal["auto", "brats2021", "brats2023", "msd"] = "auto"
     hash_chunk_mb: int = Field(8, ge=1)
-    workers: int = Field(1, ge=1)
+    workers: int = Field(2, ge=0)
 
 
 class ValidateConfig(Section):
@@ -95,7 +126,8 @@ class PreprocessConfig(Section):
     image_interpolation_order: int = Field(1, ge=0, le=3)
     label_resampling: Literal["onehot_linear", "nearest"] = "onehot_linear"
     compress_npz: bool = False
-    workers: int = Field(1, ge=1)
+    sample_locations: int = Field(10000, ge=1)
+    workers: int = Field(2, ge=0)
 
 
 class SplitConfig(Section):
@@ -133,6 +165,7 @@ class EvaluateConfig(Section):
 
 
 SECTIONS: dict[str, type[Section]] = {
+    "data": DataConfig,
     "paths": PathsConfig,
     "synth": SynthConfig,
     "ingest": IngestConfig,

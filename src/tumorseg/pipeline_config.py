@@ -84,7 +84,6 @@ class FlowConfig(Section):
     """``flow:`` the training pipeline flow (``tumorseg flow training``).
 
     Attributes:
-        generate_data: run ``synth`` first (the embedded dataset); false for a user's own raw data.
         tune: run the Optuna search (``tune:``) before training; training merges its best params.
         compress: run the compression step after training.
         cache_dir: where Prefect keeps the stage cache records and results (relative to the
@@ -94,7 +93,6 @@ class FlowConfig(Section):
         smoke: the smoke run's settings.
     """
 
-    generate_data: bool = True
     tune: bool = False
     compress: bool = True
     cache_dir: str = ".prefect-cache"

@@ -37,10 +37,8 @@ VARIANTS = (
 
 def _overrides(root: Path) -> dict[str, Any]:
     return {
-        **{
-            f"paths.{key}": str(root / key)
-            for key in ("raw", "ingested", "validated", "preprocessed", "reports")
-        },
+        **{f"paths.{key}": str(root / key) for key in ("ingested", "validated", "preprocessed", "reports")},
+        "data.source": str(root / "raw"),
         "paths.split": str(root / "split.json"),
         "paths.mlruns": str(root / "mlruns"),
         "synth.cases": 8,
@@ -86,7 +84,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     params_file.write_text(yaml.safe_dump(params))
     p = ["--params", str(params_file)]
     validate = ["validate", str(root / "ingested"), "--out", str(root / "validated")]
-    for command in (["synth"], ["ingest"], validate, ["preprocess"], ["split"], ["train"]):
+    synth = ["synth", "--out", str(root / "raw")]
+    for command in (synth, ["ingest"], validate, ["preprocess"], ["split"], ["train"]):
         assert main([*command, *p]) == 0, command
     (root / "latency").mkdir()
     first = sorted((root / "raw").glob("BraTS2021_*"))[0]

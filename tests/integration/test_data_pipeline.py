@@ -21,11 +21,15 @@ from tumorseg.data.manifest import read_manifest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _tiny_params(tmp_path: Path, **synth: object) -> Path:
-    """The project's params.yaml with paths moved into tmp_path and a tiny synthetic dataset."""
+def _tiny_params(tmp_path: Path, source: str | None = None, **synth: object) -> Path:
+    """The project's params.yaml with paths moved into tmp_path and a tiny synthetic dataset.
+
+    ``data.source`` is ``source``, by default the folder ``tmp_path/raw`` (a user's own folder).
+    """
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for key in ("raw", "ingested", "validated", "preprocessed", "reports"):
+    for key in ("ingested", "validated", "preprocessed", "reports"):
         params["paths"][key] = str(tmp_path / key)
+    params["data"]["source"] = source or str(tmp_path / "raw")
     params["paths"]["split"] = str(tmp_path / "split.json")
     params["synth"].update({"cases": 8, "spacing_mm": 4.0, "tumour_free_fraction": 0.25, **synth})
     params["preprocess"]["target_spacing_mm"] = [4.0, 4.0, 4.0]
@@ -41,7 +45,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 def test_cli_chain_ingest_validate_preprocess_split(tmp_path: Path) -> None:
     params = _tiny_params(tmp_path, reoriented_fraction=0.5)
     p = ["--params", str(params)]
-    assert main(["synth", *p]) == 0
+    assert main(["synth", "--out", str(tmp_path / "raw"), *p]) == 0
     raw_before = _snapshot(tmp_path / "raw")
 
     # One bad case: a truncated FLAIR must be quarantined, not crash the chain.
@@ -88,7 +92,7 @@ def test_prefect_data_flow_matches_cli_outputs(tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.testing.utilities import prefect_test_harness
 
-    params = _tiny_params(tmp_path)
+    params = _tiny_params(tmp_path, source="synth")  # the flow generates into tmp_path/data/synth
     with prefect_test_harness():
         summary = data_pipeline_flow(params_path=str(params))
 
@@ -100,7 +104,7 @@ def test_prefect_data_flow_matches_cli_outputs(tmp_path: Path) -> None:
 
         keys = asyncio.run(artifact_keys())
     assert {"data-validation", "data-split"} <= keys
-    assert summary["synth"] == 8
+    assert "(generated, brats2021, 8 cases)" in summary["source"]
     flow_index = (tmp_path / "preprocessed" / "index.csv").read_text()
     flow_split = (tmp_path / "split.json").read_text()
 
@@ -108,7 +112,7 @@ def test_prefect_data_flow_matches_cli_outputs(tmp_path: Path) -> None:
     cli_root = tmp_path / "cli"
     cli_root.mkdir()
     cli_params = _tiny_params(cli_root)
-    shutil.copytree(tmp_path / "raw", cli_root / "raw", dirs_exist_ok=True)
+    shutil.copytree(tmp_path / "data" / "synth", cli_root / "raw", dirs_exist_ok=True)
     p = ["--params", str(cli_params)]
     for cmd in (["ingest"], ["validate", str(cli_root / "ingested"), "--out", str(cli_root / "validated")]):
         assert main([*cmd, *p]) == 0
@@ -124,7 +128,7 @@ def test_validation_failure_is_one_line_and_keeps_reports(
 ) -> None:
     params = _tiny_params(tmp_path, cases=4, tumour_free_fraction=0.0)
     p = ["--params", str(params)]
-    assert main(["synth", *p]) == 0
+    assert main(["synth", "--out", str(tmp_path / "raw"), *p]) == 0
     for case in sorted((tmp_path / "raw").glob("BraTS2021_*"))[:2]:
         (next(case.glob("*_t1ce.nii.gz"))).unlink()
     assert main(["ingest", *p]) == 0

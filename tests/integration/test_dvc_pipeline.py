@@ -23,7 +23,7 @@ def test_dvc_repro_is_reproducible_and_incremental(tmp_path: Path) -> None:
     repo = dvc_repo(tmp_path, params)
 
     first = _run([str(BIN / "dvc"), "repro", "split"], repo)
-    for stage in ("synth", "ingest", "validate", "preprocess", "split"):
+    for stage in ("source", "ingest", "validate", "preprocess", "split"):
         assert f"Running stage '{stage}'" in first
     assert (repo / "data" / "split.json").is_file()
 
@@ -35,7 +35,7 @@ def test_dvc_repro_is_reproducible_and_incremental(tmp_path: Path) -> None:
     dvc_support.write_params(repo, params)
     third = _run([str(BIN / "dvc"), "repro", "split"], repo)
     assert "Running stage 'split'" in third
-    for stage in ("synth", "ingest", "validate", "preprocess"):
+    for stage in ("source", "ingest", "validate", "preprocess"):
         assert f"Running stage '{stage}'" not in third
 
     # A local remote works offline: push the cache, drop it, pull it back.

@@ -63,10 +63,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     root = tmp_path_factory.mktemp("project")
     uri = f"sqlite:///{root}/mlruns/mlflow.db"
     overrides: dict[str, Any] = {
-        **{
-            f"paths.{key}": str(root / key)
-            for key in ("raw", "ingested", "validated", "preprocessed", "reports")
-        },
+        **{f"paths.{key}": str(root / key) for key in ("ingested", "validated", "preprocessed", "reports")},
+        "data.source": str(root / "raw"),
         "paths.mlruns": str(root / "mlruns"),
         "paths.split": str(root / "split.json"),
         "synth.cases": 10,
@@ -96,7 +94,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
     params_file = root / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     p = ["--params", str(params_file)]
-    assert main(["synth", *p]) == 0
+    assert main(["synth", "--out", str(root / "raw"), *p]) == 0
     assert main(["ingest", *p]) == 0
     assert main(["validate", str(root / "ingested"), "--out", str(root / "validated"), *p]) == 0
     assert main(["preprocess", *p]) == 0

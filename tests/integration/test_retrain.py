@@ -14,12 +14,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _ingested(tmp_path: Path) -> tuple[Path, dict]:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for key in ("raw", "ingested", "mlruns"):
+    for key in ("ingested", "mlruns"):
         params["paths"][key] = str(tmp_path / key)
+    params["data"]["source"] = str(tmp_path / "raw")
     params["synth"].update({"cases": 3, "spacing_mm": 4.0})
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    assert main(["synth", "--params", str(path)]) == 0
+    assert main(["synth", "--out", str(tmp_path / "raw"), "--params", str(path)]) == 0
     assert main(["ingest", "--params", str(path)]) == 0
     return path, params
 
@@ -66,7 +67,10 @@ def test_retrain_only_when_raw_data_changed(tmp_path: Path) -> None:
     flair.touch()
     assert main(["ingest", "--params", str(path)]) == 0
     assert raw_data_hash(tmp_path / "ingested") == first
-    assert main(["synth", "--params", str(path), "--seed", "3", "--cases", "4"]) == 0
+    assert (
+        main(["synth", "--out", str(tmp_path / "raw"), "--params", str(path), "--seed", "3", "--cases", "4"])
+        == 0
+    )
     assert main(["ingest", "--params", str(path)]) == 0
     decision = decide_retrain(params, tracking_uri=uri)
     assert decision.retrain and decision.reason.startswith("new data") and decision.raw_data_md5 != first

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tumorseg.cli import main
+from tumorseg.data.case_store import save_case
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARAMS = str(REPO_ROOT / "params.yaml")
@@ -28,7 +29,7 @@ def _write_cases(root: Path, shapes: dict[str, tuple[int, int, int]], split: dic
         label[r < 4] = 3
         image = rng.normal(0, 0.3, (4, *shape)) + np.stack([label == 0, label == 3, label > 0, label == 2])
         image[:, ~brain] = 0
-        np.savez(
+        save_case(
             root / "pre" / "cases" / f"{case_id}.npz",
             image=image.astype(np.float16),
             label=label,

@@ -21,7 +21,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # nothing le
 from tumorseg.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-CACHED_STAGES = {"synth", "ingest", "validate", "preprocess", "split", "train", "compress", "evaluate"}
+CACHED_STAGES = {"source", "ingest", "validate", "preprocess", "split", "train", "compress", "evaluate"}
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +144,9 @@ def test_pipeline_smoke_cache_no_new_data_and_failed_run(
         params_path=str(params_path), overrides=overrides, only_if_new_data=True, return_state=True
     )
     assert state.is_failed()
-    states = _task_states(state.state_details.flow_run_id, expect={"synth", "train", "evaluate"})
+    states = _task_states(state.state_details.flow_run_id, expect={"source", "train", "evaluate"})
     assert (
-        states["synth"] == "Completed" and states["train"] == "Completed" and states["evaluate"] == "Failed"
+        states["source"] == "Completed" and states["train"] == "Completed" and states["evaluate"] == "Failed"
     )
     assert "promote" not in states
     assert "new data" in _artifacts()["retrain-decision"]

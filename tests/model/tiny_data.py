@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tumorseg.data.case_store import save_case
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -76,7 +78,7 @@ def write_tiny_dataset(
             case_shape = tuple(int(n + rng.integers(0, 3)) for n in shape)
             tumour = not (name == "train" and k == count - 1)
             arrays = _tiny_case(rng, case_shape, tumour)
-            np.savez(pre / "cases" / f"{case_id}.npz", **arrays)
+            save_case(pre / "cases" / f"{case_id}.npz", **arrays)
             split[name].append(case_id)
             rows.append(
                 {

@@ -377,9 +377,21 @@ def test_dataset_outputs_follow_the_contract(ingested: tuple[Path, Path], tmp_pa
     assert list(index["has_tumour"]) == ["True", "True", "False"]
     for row in index.to_dict(orient="records"):
         with np.load(out / row["npz"]) as npz:
-            assert set(npz.files) == {"image", "label", "brain"}
+            codes = {f"loc_{c}" for c in np.unique(npz["label"])}
+            assert set(npz.files) == {"image", "label", "brain", "loc_fg", "loc_0"} | codes
             image, label, brain = npz["image"], npz["label"], npz["brain"]
+            locations = {key: npz[key] for key in npz.files if key.startswith("loc_")}
         assert image.dtype == np.float16 and label.dtype == np.uint8 and brain.dtype == bool
+        # patch-centre samples: voxels of their label (loc_0: brain background), at most sample_locations
+        for key, coords in locations.items():
+            assert coords.dtype == np.uint16 and coords.shape[1] == 3 and len(coords) <= 10000
+            values = label[tuple(coords.T)]
+            if key == "loc_fg":
+                assert len(coords) == min(np.count_nonzero(label), 10000) and (values > 0).all()
+            elif key == "loc_0":
+                assert (values == 0).all() and brain[tuple(coords.T)].all()
+            else:
+                assert (values == int(key[4:])).all()
         assert image.shape == (4, *label.shape) and label.shape == brain.shape
         assert row["shape"] == "x".join(map(str, label.shape))
         geometry = json.loads((out / "cases" / f"{row['case_id']}.json").read_text())
@@ -418,7 +430,7 @@ def test_rerun_skips_up_to_date_cases_and_redoes_changed_ones(
     again = preprocess_dataset(manifest_dir, out, PreprocessConfig())
     assert (again.processed, again.skipped) == (0, 3)
     assert (out / "cases" / "BraTS2021_00001.npz").stat().st_mtime_ns == stamp
-    # Threads and npz compression do not change the content: still up to date.
+    # Workers and npz compression do not change the content: still up to date.
     assert (
         preprocess_dataset(manifest_dir, out, PreprocessConfig(workers=1, compress_npz=True)).processed == 0
     )

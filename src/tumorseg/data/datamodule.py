@@ -1,4 +1,4 @@
-"""LightningDataModule over preprocessed cases: cached volumes, random patches, whole-volume validation.
+"""LightningDataModule over preprocessed cases: patches read out of core, whole-volume validation.
 
 Which cases belong to which split comes from ``data/split.json`` (``{"train": [...], "val":
 [...], "test": [...]}``); each case is ``<preprocessed>/cases/<case_id>.npz`` (see
@@ -6,28 +6,32 @@ Which cases belong to which split comes from ``data/split.json`` (``{"train": [.
 
 Training epochs have a fixed length (``patches_per_epoch`` draws, nnU-Net style) rather than
 "one patch per case": with ~25 training volumes an epoch of 25 patches would make
-validation, checkpointing and logging dominate the run. Each draw picks a case and a fresh
-random patch from the in-memory cache.
+validation, checkpointing and logging dominate the run. Each draw picks a case and reads a fresh
+random patch from it (:mod:`tumorseg.data.case_store`): memory does not grow with the dataset.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+from monai.transforms import Randomizable
+from monai.utils import MAX_SEED
 from torch.utils.data import Dataset
 
+from tumorseg.data.case_store import CaseReader, cached_bytes, choose_centre, crop_start, open_cases
 from tumorseg.data.transforms import (
     CASE_INDEX_KEY,
+    IMAGE_KEY,
+    LABEL_KEY,
     AugmentConfig,
     DataLoaderConfig,
-    cache_transforms,
+    load_preprocessed_case,
     train_transforms,
 )
 from tumorseg.errors import DataError
@@ -82,9 +86,8 @@ def case_records(preprocessed_dir: str | Path, case_ids: Sequence[str]) -> list[
 
 
 def volume_shape(record: dict[str, Any]) -> tuple[int, int, int]:
-    """Spatial shape ``(X, Y, Z)`` of a case (reads only its small label array)."""
-    with np.load(record["path"]) as npz:
-        return tuple(int(s) for s in npz["label"].shape)
+    """Spatial shape ``(X, Y, Z)`` of a case (from the ``.npz`` headers; no voxel is read)."""
+    return CaseReader(record["path"]).shape
 
 
 def smallest_shape(records: Sequence[dict[str, Any]]) -> tuple[int, int, int]:
@@ -93,23 +96,106 @@ def smallest_shape(records: Sequence[dict[str, Any]]) -> tuple[int, int, int]:
     return tuple(int(s) for s in shapes.min(axis=0))
 
 
-class RepeatedDraws(Dataset):
-    """Index ``i`` draws from case ``i % n``: a fixed-length epoch of random patches.
+class PatchDataset(Dataset, Randomizable):
+    """A fixed-length epoch of random training patches, each read out of core.
 
-    Hand-written because neither torch nor MONAI has a "virtual length" wrapper that keeps
-    a :class:`~monai.data.CacheDataset`'s random transforms (``ConcatDataset`` would need a
-    whole number of repeats; a sampler with replacement would be replaced under DDP).
+    Index ``i`` draws a random patch from case ``i % n``: a centre from the case's sample
+    locations (:func:`~tumorseg.data.case_store.choose_centre`), the patch's voxels copied out of the
+    memory-mapped case (:meth:`~tumorseg.data.case_store.CaseReader.patch`), then the random
+    augmentation. Cases within ``cache_bytes`` are held in memory instead
+    (:func:`~tumorseg.data.case_store.open_cases`).
+
+    Hand-written because MONAI's croppers take whole volumes (a memory map would be read whole)
+    and its datasets cache whole cases (module docstring of :mod:`tumorseg.data.case_store`).
+
+    Args:
+        paths: the cases' ``.npz`` files (this rank's shard under DDP).
+        loader: ``data_loader:`` section (sampler, crop size).
+        transform: the random part, applied to ``{"image": (C, *crop), "label": (1, *crop)}``.
+        length: draws per epoch.
+        cache_bytes: in-memory budget (0: everything out of core).
     """
 
-    def __init__(self, base: Dataset, length: int) -> None:
-        self.base = base
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        loader: DataLoaderConfig,
+        transform: Any,
+        *,
+        length: int,
+        cache_bytes: int = 0,
+    ) -> None:
+        self.readers = open_cases(paths, cache_bytes=cache_bytes)
+        self.loader = loader
+        self.transform = transform
         self.length = length
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> Any:
-        return self.base[index % len(self.base)]
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> PatchDataset:
+        """Seed the centre draws and, from them, the augmentation (MONAI's worker_init_fn calls this)."""
+        super().set_random_state(seed=seed, state=state)
+        self.transform.set_random_state(seed=int(self.R.randint(MAX_SEED)))
+        return self
+
+    def randomize(
+        self, data: Any = None
+    ) -> None:  # Randomizable's abstract method; draws happen in __getitem__
+        pass
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        reader = self.readers[index % len(self.readers)]
+        centre = choose_centre(
+            reader,
+            self.R,
+            sampler=self.loader.sampler,
+            foreground_fraction=self.loader.foreground_fraction,
+            class_ratios=self.loader.class_ratios,
+        )
+        crop = self.loader.crop_size
+        image, label = reader.patch(crop_start(centre, crop, reader.shape), crop)
+        return self.transform({IMAGE_KEY: image, LABEL_KEY: label})
+
+
+class WholeCases(Dataset):
+    """Whole volumes, read one case per item and not kept (validation streams case by case).
+
+    Items: ``image`` float32 ``(4, X, Y, Z)``, ``label`` uint8 ``(1, X, Y, Z)``, ``case_index``.
+    """
+
+    def __init__(self, records: Sequence[dict[str, Any]]) -> None:
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        record = self.records[index]
+        case = load_preprocessed_case(record["path"])
+        return {
+            IMAGE_KEY: torch.from_numpy(case[IMAGE_KEY]),
+            LABEL_KEY: torch.from_numpy(case[LABEL_KEY]),
+            CASE_INDEX_KEY: record[CASE_INDEX_KEY],
+        }
+
+
+def rank_shard(records: Sequence[dict[str, Any]], rank: int, world_size: int) -> list[dict[str, Any]]:
+    """This rank's training cases under DDP: every ``world_size``-th case from ``rank``.
+
+    Raises:
+        DataError: fewer training cases than ranks.
+    """
+    if len(records) < world_size:
+        raise DataError(
+            f"{len(records)} training cases for {world_size} DDP ranks; each rank needs at least one case "
+            "(lower trainer.devices/num_nodes or add cases)"
+        )
+    return list(records)[rank::world_size]
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -120,13 +206,17 @@ class SegmentationDataModule(L.LightningDataModule):
         val: ``image`` ``(1, 4, X, Y, Z)``, ``label`` ``(1, 1, X, Y, Z)``, ``case_index`` ``(1,)``
         (whole volumes differ in shape, so one per batch; no random work, so no workers).
 
+    Under DDP each rank draws from its own shard of the training cases (:func:`rank_shard`), so a
+    rank reads and caches only those, and runs ``patches_per_epoch`` draws per epoch (the
+    distributed sampler splits a dataset ``world_size`` times as long).
+
     Args:
         train_records: :func:`case_records` of the training split.
         val_records: :func:`case_records` of the validation split.
         loader: ``data_loader:`` section.
         augment: ``augment:`` section.
-        patches_per_epoch: draws per training epoch (steps per epoch x batch size).
-        seed: base seed of the augmentation streams (offset by the DDP rank).
+        patches_per_epoch: draws per training epoch per device (steps per epoch x batch size).
+        seed: base seed of the patch draws and augmentation (offset by the DDP rank).
     """
 
     def __init__(
@@ -146,37 +236,38 @@ class SegmentationDataModule(L.LightningDataModule):
         self.augment = augment
         self.patches_per_epoch = patches_per_epoch
         self.seed = seed
-        self.train_set: Dataset | None = None
+        self.train_set: PatchDataset | None = None
         self.val_set: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Fill the in-memory caches once per process (Lightning may call this repeatedly)."""
-        from monai.data import CacheDataset
-        from monai.transforms import Compose
-
-        # Tumour-free cases have no foreground to centre patches on; MONAI warns once per case.
-        warnings.filterwarnings("ignore", message="Num foregrounds 0", category=UserWarning)
+        """Open this rank's training cases (and fill the bounded cache) once per process."""
         if self.train_set is None and stage in (None, "fit"):
-            random_part = train_transforms(self.loader, self.augment)
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            random_part.set_random_state(seed=self.seed + rank)
-            cached = CacheDataset(
-                self.train_records,
-                Compose([*cache_transforms(self.loader, train=True).transforms, *random_part.transforms]),
-                cache_rate=1.0,
-                num_workers=self.loader.cache_num_workers or None,
-                progress=False,
+            rank, world = (
+                (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
             )
-            self.train_set = RepeatedDraws(cached, self.patches_per_epoch)
-            log.info("cached %d training cases", len(self.train_records))
+            shard = rank_shard(self.train_records, rank, world)
+            self.train_set = PatchDataset(
+                [record["path"] for record in shard],
+                self.loader,
+                train_transforms(self.loader, self.augment),
+                length=self.patches_per_epoch * world,
+                cache_bytes=self.loader.cache_mb << 20,
+            )
+            self.train_set.set_random_state(seed=self.seed + rank)
+            in_memory = sum(reader.cached for reader in self.train_set.readers)
+            log.info(
+                "training on %d cases (rank %d of %d): %d held in memory (%.0f MiB of data_loader.cache_mb %d), "
+                "%d read out of core",
+                len(shard),
+                rank,
+                world,
+                in_memory,
+                cached_bytes(self.train_set.readers) / 2**20,
+                self.loader.cache_mb,
+                len(shard) - in_memory,
+            )
         if self.val_set is None and stage in (None, "fit", "validate"):
-            self.val_set = CacheDataset(
-                self.val_records,
-                cache_transforms(self.loader, train=False),
-                cache_rate=1.0,
-                num_workers=self.loader.cache_num_workers or None,
-                progress=False,
-            )
+            self.val_set = WholeCases(self.val_records)
 
     def train_dataloader(self) -> Any:
         from monai.data import DataLoader

@@ -37,9 +37,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -67,6 +67,7 @@ from tumorseg.data.manifest import (
     read_manifest,
     write_manifest,
 )
+from tumorseg.data.parallel import map_cases
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def ingest(src: Path, out_dir: Path, cfg: IngestConfig) -> IngestSummary:
         out_dir,
         fingerprint=case_fingerprint,
         reusable=_reusable,
-        read=lambda case, fingerprint: manifest_row(load_case(case, chunk_bytes=chunk_bytes), fingerprint),
+        read=partial(read_manifest_row, chunk_bytes=chunk_bytes),
         columns=MANIFEST_COLUMNS,
         layout=layout,
         workers=cfg.workers,
@@ -177,7 +178,7 @@ def write_incrementally(
     The incremental part the 3-D ingest (cases of several files) and the 2-D ingest
     (:func:`~tumorseg.data.planar_ingest.ingest_planar`, one file a case) share: an item keeps its
     previous row when ``reusable`` says its fingerprint and paths are unchanged, and is read (in
-    ``workers`` threads) otherwise; previous rows whose item is gone are dropped.
+    ``workers`` processes, see :func:`~tumorseg.data.parallel.map_cases`) otherwise; previous rows whose item is gone are dropped.
 
     Args:
         items: the cases found in the source, each with a ``case_id`` attribute.
@@ -185,7 +186,8 @@ def write_incrementally(
         out_dir: where ``manifest.csv`` is written (atomically).
         fingerprint: cheap change marker of an item (sizes and modification times).
         reusable: whether a previous row still describes an item with this fingerprint.
-        read: reads an item once and returns its manifest row (all text).
+        read: reads an item once and returns its manifest row (all text); a module-level function
+            (or a partial of one), since it runs in worker processes.
         columns: the manifest's columns, in order.
         layout: the layout name the summary reports.
         workers: threads reading items.
@@ -208,7 +210,7 @@ def write_incrementally(
             changed += old is not None
     reused = len(rows)
 
-    for row in map_in_threads(lambda pair: read(*pair), to_read, workers):
+    for row in map_cases(partial(_read_pair, read), to_read, workers=workers, what="ingest"):
         if row["status"] == STATUS_QUARANTINED:
             log.warning("quarantined %s: %s", row["case_id"], row["reason"])
         rows[row["case_id"]] = row
@@ -233,20 +235,13 @@ def write_incrementally(
     return summary
 
 
-def map_in_threads(function: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
-    """``map`` over a thread pool, results in input order; the first exception cancels the rest.
+def _read_pair(read: Callable[[T, str], dict[str, str]], pair: tuple[T, str]) -> dict[str, str]:
+    return read(*pair)
 
-    Threads, not processes: the heavy parts (zlib inflate, sha256, numpy reductions, torch
-    interpolation) release the GIL, and threads share the read-only inputs without pickling.
-    """
-    if workers <= 1 or len(items) <= 1:
-        yield from map(function, items)
-        return
-    pool = ThreadPoolExecutor(max_workers=min(workers, len(items)), thread_name_prefix="tumorseg")
-    try:
-        yield from pool.map(function, items)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+
+def read_manifest_row(case: CaseFiles, fingerprint: str, *, chunk_bytes: int) -> dict[str, str]:
+    """Read every file of one case once and return its manifest row (runs in a worker process)."""
+    return manifest_row(load_case(case, chunk_bytes=chunk_bytes), fingerprint)
 
 
 # ---------------------------------------------------------------------------- incremental reuse

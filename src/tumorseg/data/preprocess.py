@@ -28,7 +28,9 @@ a MetaTensor's in-memory ``applied_operations``; here the inverse must be applie
 Output of :func:`preprocess_dataset` (the contract with training)::
 
     OUT/cases/<case_id>.npz   image (4, X, Y, Z) storage_dtype, label (X, Y, Z) uint8 canonical,
-                              brain (X, Y, Z) bool
+                              brain (X, Y, Z) bool, loc_fg / loc_<code> (N, 3) uint16 patch-centre
+                              samples (:func:`~tumorseg.data.case_store.sample_locations`);
+                              uncompressed by default, so training memory-maps it
     OUT/cases/<case_id>.json  geometry (see :func:`preprocess_case`)
     OUT/index.csv             case_id, patient_id, label_convention, layout, npz, shape, tumour_voxels,
                               tumour_volume_ml, has_tumour, has_label
@@ -39,10 +41,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,8 +53,8 @@ import pandas as pd
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from tumorseg.config import PreprocessConfig
+from tumorseg.data.case_store import save_case
 from tumorseg.data.conventions import CANONICAL_MODALITIES
-from tumorseg.data.ingest import map_in_threads
 from tumorseg.data.layouts import (
     FILE_KEYS,
     CaseFiles,
@@ -65,6 +66,7 @@ from tumorseg.data.layouts import (
     spacing_from_affine,
 )
 from tumorseg.data.manifest import STATUS_OK, atomic_write_text, read_manifest
+from tumorseg.data.parallel import map_cases
 from tumorseg.data.planar_ingest import is_planar_manifest
 from tumorseg.errors import DataError
 
@@ -127,6 +129,7 @@ class PreprocessSummary:
         skipped: cases whose outputs were already up to date.
         removed: stale cases removed from ``cases/`` (no longer ok in the manifest).
         seconds: wall time.
+        stored_bytes: size of the cases' ``.npz`` files (what training reads).
     """
 
     out_dir: Path
@@ -135,11 +138,14 @@ class PreprocessSummary:
     skipped: int
     removed: int
     seconds: float
+    stored_bytes: int = 0
 
     def one_line(self) -> str:
+        per_case = self.stored_bytes / max(self.cases, 1) / 2**20
         return (
             f"preprocessed {self.cases} cases -> {self.out_dir / INDEX_NAME}: {self.processed} computed, "
-            f"{self.skipped} up to date, {self.removed} stale removed in {self.seconds:.1f} s"
+            f"{self.skipped} up to date, {self.removed} stale removed in {self.seconds:.1f} s; "
+            f"{self.stored_bytes / 2**20:.1f} MiB stored ({per_case:.2f} MiB per case)"
         )
 
 
@@ -751,18 +757,6 @@ def restored_label_counts(
 
 
 # ---------------------------------------------------------------------------- dataset
-def _atomic_write_npz(path: Path, compress: bool, **arrays: np.ndarray) -> None:
-    """``np.savez[_compressed]`` to a temp file in the same folder, then rename: never half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            (np.savez_compressed if compress else np.savez)(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _content_parameters(cfg: PreprocessConfig) -> dict[str, Any]:
     """The parameters that change the outputs' content (not ``workers`` or the npz compression)."""
     return cfg.model_dump(mode="json", exclude={"workers", "compress_npz"})
@@ -814,6 +808,8 @@ def preprocess_dataset(
     A case is skipped when its npz and JSON exist and the JSON records the same source sha256 values
     and parameters. Files of cases that are no longer ok are removed from ``out_dir/cases``. Every
     file is written to a temporary name and renamed, so an interrupted run leaves no half file.
+    Cases run in ``cfg.workers`` processes (:func:`~tumorseg.data.parallel.map_cases`), with
+    progress on long runs; the outputs do not depend on the worker count.
 
     Args:
         src_dir: folder with the validated ``manifest.csv``.
@@ -843,35 +839,16 @@ def preprocess_dataset(
     cases_dir = out_dir / CASES_FOLDER
     cases_dir.mkdir(parents=True, exist_ok=True)
 
-    def process_one(row: dict[str, str]) -> tuple[dict[str, Any], bool]:
-        """Geometry of one case, and whether it was computed (False: outputs were up to date)."""
-        case_id = row["case_id"]
-        npz_path, json_path = cases_dir / f"{case_id}.npz", cases_dir / f"{case_id}.json"
-        expected = _expected_sha256(row)
-        geometry = _up_to_date(json_path, npz_path, expected, cfg)
-        if geometry is not None:
-            return geometry, False
-        case = read_preprocessed(case_from_manifest_row(row), cfg)
-        read = case.geometry["source_sha256"]
-        changed = [key for key, digest in expected.items() if read.get(key) != digest]
-        if changed:
-            path = row[f"path_{changed[0]}"]
-            raise DataError(
-                f"{path}: changed since ingest (sha256 differs); run `tumorseg ingest` and validate again"
-            )
-        _atomic_write_npz(npz_path, cfg.compress_npz, image=case.image, label=case.label, brain=case.brain)
-        atomic_write_text(json_path, json.dumps(case.geometry, indent=1))
-        log.debug("%s: %s -> %s", case_id, case.geometry["source_shape"], case.geometry["preprocessed_shape"])
-        return case.geometry, True
-
     index: list[dict[str, str]] = []
     processed = skipped = 0
-    for geometry, computed in map_in_threads(
-        process_one, sorted(rows, key=lambda r: r["case_id"]), cfg.workers
-    ):
+    stored_bytes = 0
+    work = partial(preprocess_one, cases_dir=cases_dir, cfg=cfg)
+    ordered = sorted(rows, key=lambda r: r["case_id"])
+    for geometry, computed in map_cases(work, ordered, workers=cfg.workers, what="preprocess"):
         index.append(_index_row(geometry))
         processed += computed
         skipped += not computed
+        stored_bytes += (cases_dir / f"{geometry['case_id']}.npz").stat().st_size
 
     removed = _remove_stale(cases_dir, {row["case_id"] for row in index})
     atomic_write_text(out_dir / INDEX_NAME, pd.DataFrame(index, columns=INDEX_COLUMNS).to_csv(index=False))
@@ -882,9 +859,45 @@ def preprocess_dataset(
         skipped=skipped,
         removed=removed,
         seconds=time.perf_counter() - begin,
+        stored_bytes=stored_bytes,
     )
     log.debug(summary.one_line())
     return summary
+
+
+def preprocess_one(
+    row: dict[str, str], *, cases_dir: Path, cfg: PreprocessConfig
+) -> tuple[dict[str, Any], bool]:
+    """Preprocess one manifest row into ``cases_dir`` (runs in a worker process).
+
+    Returns:
+        The case's geometry, and whether it was computed (False: its outputs were up to date).
+    """
+    case_id = row["case_id"]
+    npz_path, json_path = cases_dir / f"{case_id}.npz", cases_dir / f"{case_id}.json"
+    expected = _expected_sha256(row)
+    geometry = _up_to_date(json_path, npz_path, expected, cfg)
+    if geometry is not None:
+        return geometry, False
+    case = read_preprocessed(case_from_manifest_row(row), cfg)
+    read = case.geometry["source_sha256"]
+    changed = [key for key, digest in expected.items() if read.get(key) != digest]
+    if changed:
+        path = row[f"path_{changed[0]}"]
+        raise DataError(
+            f"{path}: changed since ingest (sha256 differs); run `tumorseg ingest` and validate again"
+        )
+    save_case(
+        npz_path,
+        image=case.image,
+        label=case.label,
+        brain=case.brain,
+        max_locations=cfg.sample_locations,
+        compress=cfg.compress_npz,
+    )
+    atomic_write_text(json_path, json.dumps(case.geometry, indent=1))
+    log.debug("%s: %s -> %s", case_id, case.geometry["source_shape"], case.geometry["preprocessed_shape"])
+    return case.geometry, True
 
 
 def _remove_stale(cases_dir: Path, keep: set[str]) -> int:

@@ -4,15 +4,10 @@ A preprocessed case (``data/preprocessed/cases/<case_id>.npz``) holds ``image`` 
 ``(4, X, Y, Z)`` (t1, t1ce, t2, flair; z-scored on brain voxels, 0 outside), ``label`` uint8
 ``(X, Y, Z)`` in canonical codes and ``brain`` bool ``(X, Y, Z)``.
 
-The pipelines have two parts:
-
-- a deterministic *cache* part (load, cast to float32, pre-compute the voxel indices the
-  foreground-oversampling crop draws from). :class:`monai.data.CacheDataset` runs it once
-  per case and keeps the result in memory, so an epoch never touches the disk.
-- a random part run on every draw: one patch per draw, a share of them centred on tumour,
-  then flips, rotation/scaling, optional elastic deformation, intensity scale/shift,
-  gamma and noise. Spatial augmentation runs on the patch, not the volume, which keeps the
-  CPU cost per patch small.
+A training draw reads one patch out of core (:mod:`tumorseg.data.case_store`: a share of the
+patches centred on tumour, the rest on brain), then runs the random part here on the patch:
+flips, rotation/scaling, optional elastic deformation, intensity scale/shift, gamma and noise.
+Spatial augmentation runs on the patch, not the volume, which keeps the CPU cost per patch small.
 
 In 2-D mode the crop is an axial slab ``(px, py, 1)`` whose last axis is squeezed away, so
 2-D training sees ``(4, px, py)`` slices with the same sampling and augmentation.
@@ -27,7 +22,6 @@ The section models :class:`DataLoaderConfig` (``data_loader:``) and :class:`Augm
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,8 +46,8 @@ class DataLoaderConfig(Section):
             (per-label shares, oversamples rare NCR/ET).
         foreground_fraction: share of patches centred on a tumour voxel (``pos_neg``).
         class_ratios: relative shares of patch centres on bg/NCR/ED/ET (``label_classes``).
-        num_workers: DataLoader worker processes for the random augmentation.
-        cache_num_workers: threads that fill the in-memory cache.
+        num_workers: DataLoader worker processes for patch reading and augmentation.
+        cache_mb: in-memory case cache budget (MiB, per process); 0 reads every patch out of core.
         pin_memory: pin host memory (useful on GPU only).
     """
 
@@ -65,7 +59,7 @@ class DataLoaderConfig(Section):
     foreground_fraction: float = Field(0.5, ge=0.0, le=1.0)
     class_ratios: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     num_workers: int = Field(0, ge=0)
-    cache_num_workers: int = Field(0, ge=0)
+    cache_mb: int = Field(0, ge=0)
     pin_memory: bool = False
 
     @model_validator(mode="after")
@@ -156,73 +150,6 @@ def load_preprocessed_case(path: str | Path) -> dict[str, np.ndarray]:
         }
 
 
-class LoadPreprocessedCased:
-    """Dictionary transform: ``{"path": npz}`` -> ``{"image", "label", "brain"}`` arrays.
-
-    Hand-written instead of ``LoadImaged(reader="NumpyReader")``: that reader opens the zip
-    once per key and wraps each array in a MetaTensor whose affine we do not need (geometry
-    lives in the case's JSON); this opens each case once and returns plain arrays.
-    """
-
-    def __init__(self, path_key: str = "path") -> None:
-        self.path_key = path_key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = dict(data)
-        out.update(load_preprocessed_case(out.pop(self.path_key)))
-        return out
-
-
-def cache_transforms(loader: DataLoaderConfig, *, train: bool) -> Compose:
-    """Deterministic transforms whose output :class:`monai.data.CacheDataset` keeps in memory.
-
-    For training this adds the voxel indices the foreground-oversampling crop draws from, so
-    each draw skips a full-volume ``np.where``. Background indices are restricted to the brain
-    mask: a patch centred in the air around the head teaches nothing.
-    """
-    from monai.transforms import ClassesToIndicesd, Compose, DeleteItemsd, EnsureTyped, FgBgToIndicesd
-
-    steps: list[Any] = [LoadPreprocessedCased()]
-    if train:
-        if loader.sampler == "pos_neg":
-            steps.append(FgBgToIndicesd(keys=LABEL_KEY, image_key=BRAIN_KEY, image_threshold=0.5))
-        else:
-            steps.append(
-                ClassesToIndicesd(keys=LABEL_KEY, num_classes=4, image_key=BRAIN_KEY, image_threshold=0.5)
-            )
-    steps.append(DeleteItemsd(keys=BRAIN_KEY))
-    # Plain tensors from here on: MetaTensor bookkeeping costs time and is not needed.
-    steps.append(EnsureTyped(keys=[IMAGE_KEY, LABEL_KEY], data_type="tensor", track_meta=False))
-    return Compose(steps)
-
-
-def _patch_sampler(loader: DataLoaderConfig) -> Any:
-    from monai.transforms import RandCropByLabelClassesd, RandCropByPosNegLabeld
-
-    keys = [IMAGE_KEY, LABEL_KEY]
-    if loader.sampler == "pos_neg":
-        return RandCropByPosNegLabeld(
-            keys=keys,
-            label_key=LABEL_KEY,
-            spatial_size=loader.crop_size,
-            pos=loader.foreground_fraction,
-            neg=1.0 - loader.foreground_fraction,
-            num_samples=1,
-            fg_indices_key=f"{LABEL_KEY}_fg_indices",
-            bg_indices_key=f"{LABEL_KEY}_bg_indices",
-        )
-    return RandCropByLabelClassesd(
-        keys=keys,
-        label_key=LABEL_KEY,
-        spatial_size=loader.crop_size,
-        ratios=list(loader.class_ratios),
-        num_classes=4,
-        num_samples=1,
-        indices_key=f"{LABEL_KEY}_cls_indices",
-        warn=False,  # tumour-free and NCR-free cases are expected; MONAI zeroes those ratios
-    )
-
-
 def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[Any]:
     """The random augmentations applied to each patch ``(C, *patch)`` after cropping."""
     from monai.transforms import (
@@ -302,15 +229,14 @@ def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[A
 
 
 def train_transforms(loader: DataLoaderConfig, augment: AugmentConfig) -> Compose:
-    """Random part of the training pipeline: one patch per draw, then augmentation.
+    """Augmentation of one drawn patch (:class:`~tumorseg.data.datamodule.PatchDataset` crops it).
 
-    Output per draw: a one-element list holding ``image`` float32 ``(4, *patch)`` and ``label``
-    ``(1, *patch)`` (MONAI's ``list_data_collate`` flattens the lists into a batch).
+    Input: ``image`` float32 ``(4, *crop)``, ``label`` uint8 ``(1, *crop)``; output: the same keys
+    as plain tensors, ``(4, *patch)`` and ``(1, *patch)`` (the 2-D slab's last axis squeezed away).
     """
-    from monai.transforms import CastToTyped, Compose, DeleteItemsd, EnsureTyped, SqueezeDimd
+    from monai.transforms import CastToTyped, Compose, EnsureTyped, SqueezeDimd
 
-    index_keys = [f"{LABEL_KEY}_fg_indices", f"{LABEL_KEY}_bg_indices", f"{LABEL_KEY}_cls_indices"]
-    steps: list[Any] = [_patch_sampler(loader), DeleteItemsd(keys=index_keys)]
+    steps: list[Any] = []
     if loader.mode == "2d":
         steps.append(SqueezeDimd(keys=[IMAGE_KEY, LABEL_KEY], dim=-1))
     steps += augmentation_transforms(augment, loader.spatial_dims)

@@ -41,6 +41,7 @@ from tumorseg.config import EvaluateConfig, section
 from tumorseg.data.conventions import REGION_NAMES
 from tumorseg.data.layouts import CaseFiles
 from tumorseg.data.manifest import atomic_write_text
+from tumorseg.data.source import source_folder
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ def evaluate_test_split(
     cases = split_cases(params, split, source=source)
     reports = Path(paths.reports)
     reports.mkdir(parents=True, exist_ok=True)
-    raw = Path(paths.raw)
+    raw = source_folder(params, source)
     result = evaluate_cases(
         predictor,
         cases,

@@ -209,13 +209,13 @@ def register_model(
     """
     import mlflow
 
+    from tumorseg.data.source import source_folder
     from tumorseg.registry.model_card import ModelCardFacts, registry_description, render_model_card
     from tumorseg.registry.pyfunc import log_segmentation_model
     from tumorseg.tracking import fluent_store, git_commit
 
     with fluent_store(tracking_uri):
         client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        paths = section("paths", params, source=source)
         data_md5, data_source = _data_hash(client, run_id, params, source)
         commit = git_commit(Path(__file__).resolve().parent)  # the code's repository, wherever the stage runs
         facts = ModelCardFacts(
@@ -229,7 +229,7 @@ def register_model(
             data_md5=data_md5,
             data_md5_source=data_source,
             params_md5=params_md5(trained.config),
-            synthetic_data=(Path(paths.raw) / "synth_meta.json").is_file(),
+            synthetic_data=(source_folder(params, source) / "synth_meta.json").is_file(),
             test_cases=int(evaluation.metrics["n_cases"]),
             label_convention=evaluation.label_convention,
         )

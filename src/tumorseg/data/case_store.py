@@ -1,0 +1,297 @@
+"""Preprocessed cases read out of core: one patch per draw from a memory-mapped ``.npz``.
+
+Training memory must not grow with the dataset (1,251 BraTS cases at 1 mm are ~30 GB as float16).
+A preprocessed case is an *uncompressed* ``.npz`` (``np.savez``: a zip whose members are stored,
+not deflated), so each member is a plain ``.npy`` at a fixed byte offset of the file.
+:class:`NpzLayout` finds those offsets once per case (zip directory + ``.npy`` headers, a few
+hundred bytes) and :meth:`CaseReader.patch` maps the file and copies out only the voxels of one
+patch: a patch draw reads about ``patch bytes`` from the page cache or the disk, never the case.
+
+Patch centres come from the case's *sample locations* (``loc_fg``: tumour voxels, ``loc_<code>``:
+voxels of each label, ``loc_0`` restricted to the brain), a fixed-size random sample written by
+preprocessing (as nnU-Net keeps ``class_locations``), so no draw scans a volume for foreground and
+nothing per-case stays in memory. The crop is MONAI's: a centre drawn with probability
+``foreground_fraction`` from the tumour (else from the brain), the patch shifted inside the volume.
+
+An in-memory cache is opt-in and bounded: ``data_loader.cache_mb`` MiB of cases (stored dtype),
+taken in case order until the budget is full; the rest stay on disk.
+
+Why not MONAI's datasets: ``CacheDataset`` keeps every case in RAM (and, with a plain-class loader,
+caches nothing at all), ``PersistentDataset`` stores each case as one pickled file that every draw
+loads whole, ``SmartCacheDataset`` keeps a rotating share of whole cases in RAM (memory grows with
+the share, and replacement reloads whole cases). ``docs/decisions/0001-out-of-core-patches.md``
+has the measurements.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tumorseg.errors import DataError
+
+FOREGROUND_LOCATIONS = "loc_fg"
+"""Sample of tumour voxel coordinates ``(N, 3)`` (any non-zero label)."""
+LOCATION_PREFIX = "loc_"
+"""``loc_<code>``: sample of the voxels of one label code; ``loc_0`` holds brain background only."""
+
+_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # zip local file header, 30 bytes
+_LOCAL_SIGNATURE = b"PK\x03\x04"
+
+
+def location_key(code: int) -> str:
+    return f"{LOCATION_PREFIX}{int(code)}"
+
+
+def sample_locations(
+    label: np.ndarray, brain: np.ndarray, *, max_per_class: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Random voxel coordinates to centre training patches on, at most ``max_per_class`` each.
+
+    Args:
+        label: ``(X, Y, Z)`` label codes.
+        brain: ``(X, Y, Z)`` bool brain mask; background centres are drawn inside it only.
+        max_per_class: sample size per array (all voxels when fewer).
+        seed: the sample's seed (the same case gives the same sample).
+
+    Returns:
+        ``loc_fg`` (tumour voxels) and ``loc_<code>`` for every code present (``loc_0``: brain
+        voxels that are not tumour), each ``(N, 3)`` uint16, sorted in C order.
+    """
+    rng = np.random.default_rng(seed)
+    flat_label = label.reshape(-1)
+    groups: dict[str, np.ndarray] = {FOREGROUND_LOCATIONS: np.flatnonzero(flat_label)}
+    for code in np.unique(flat_label):
+        if code == 0:
+            groups[location_key(0)] = np.flatnonzero((flat_label == 0) & brain.reshape(-1))
+        else:
+            groups[location_key(code)] = np.flatnonzero(flat_label == code)
+    out: dict[str, np.ndarray] = {}
+    for key, indices in groups.items():
+        if indices.size > max_per_class:
+            indices = np.sort(rng.choice(indices, size=max_per_class, replace=False))
+        out[key] = np.stack(np.unravel_index(indices, label.shape), axis=1).astype(np.uint16)
+    return out
+
+
+def save_case(
+    path: str | Path,
+    *,
+    image: np.ndarray,
+    label: np.ndarray,
+    brain: np.ndarray,
+    max_locations: int = 10000,
+    compress: bool = False,
+) -> None:
+    """Write one preprocessed case (arrays + sample locations) atomically: temp file, then rename.
+
+    The sample is seeded by the file name, so the same case always gets the same locations.
+    """
+    path = Path(path)
+    locations = sample_locations(
+        label, brain, max_per_class=max_locations, seed=zlib.crc32(path.stem.encode())
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            (np.savez_compressed if compress else np.savez)(
+                fh, image=image, label=label, brain=brain, **locations
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class MemberLayout:
+    """Where one stored ``.npy`` member of an ``.npz`` lies: byte offset, shape, dtype, order."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class NpzLayout:
+    """The members of an uncompressed ``.npz`` as memory-mappable arrays.
+
+    Raises:
+        DataError: the file is not a zip, or a member is compressed (``preprocess.compress_npz:
+            true``): compressed cases cannot be read out of core.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.members: dict[str, MemberLayout] = {}
+        try:
+            with zipfile.ZipFile(self.path) as archive, open(self.path, "rb") as fh:
+                for info in archive.infolist():
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        raise DataError(
+                            f"{self.path}: compressed .npz members cannot be read out of core; set "
+                            "preprocess.compress_npz: false and rerun `tumorseg preprocess`"
+                        )
+                    self.members[info.filename.removesuffix(".npy")] = _member_layout(fh, info)
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise DataError(
+                f"{self.path}: not a readable preprocessed case ({exc}); rerun preprocess"
+            ) from None
+
+    def map(self, name: str) -> np.memmap:
+        """The member ``name`` as a read-only memory map (nothing is read until indexed)."""
+        member = self.members[name]
+        return np.memmap(
+            self.path,
+            dtype=member.dtype,
+            mode="r",
+            offset=member.offset,
+            shape=member.shape,
+            order="F" if member.fortran else "C",
+        )
+
+
+def _member_layout(fh: Any, info: zipfile.ZipInfo) -> MemberLayout:
+    fh.seek(info.header_offset)
+    header = _LOCAL_HEADER.unpack(fh.read(_LOCAL_HEADER.size))
+    if header[0] != _LOCAL_SIGNATURE:
+        raise ValueError(f"bad zip local header for {info.filename}")
+    name_length, extra_length = header[-2], header[-1]
+    fh.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    return MemberLayout(fh.tell(), tuple(int(n) for n in shape), np.dtype(dtype), bool(fortran))
+
+
+class CaseReader:
+    """One preprocessed case: patches out of core, or from memory once :meth:`load` was called.
+
+    Args:
+        path: the case's uncompressed ``.npz`` (``image (C, X, Y, Z)``, ``label (X, Y, Z)``,
+            ``loc_*`` sample locations).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.layout = NpzLayout(path)
+        missing = [key for key in ("image", "label", FOREGROUND_LOCATIONS) if key not in self.layout.members]
+        if missing:
+            raise DataError(
+                f"{path}: lacks {missing[0]!r}; the case was preprocessed by an older tumorseg, "
+                "rerun `tumorseg preprocess`"
+            )
+        self.shape: tuple[int, int, int] = self.layout.members["label"].shape  # type: ignore[assignment]
+        self._memory: dict[str, np.ndarray] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.layout.path
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes :meth:`load` keeps in memory (image, label and sample locations, as stored)."""
+        return sum(m.nbytes for k, m in self.layout.members.items() if k != "brain")
+
+    @property
+    def cached(self) -> bool:
+        return self._memory is not None
+
+    def load(self) -> None:
+        """Keep the case in memory (as stored); later draws read no file."""
+        self._memory = {key: np.array(self.layout.map(key)) for key in self.layout.members if key != "brain"}
+
+    def array(self, key: str) -> np.ndarray:
+        """A member: the in-memory copy when cached, else a memory map."""
+        if self._memory is not None:
+            return self._memory[key]
+        return self.layout.map(key)
+
+    def locations(self, key: str) -> np.ndarray:
+        """Sample locations ``(N, 3)`` of ``key`` (empty when the case has none)."""
+        if key not in self.layout.members:
+            return np.empty((0, 3), dtype=np.uint16)
+        return self.array(key)
+
+    def patch(self, start: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Copy one patch: ``image`` float32 ``(C, *size)`` and ``label`` uint8 ``(1, *size)``.
+
+        Only the patch's voxels are read (a memory map is indexed, then dropped).
+        """
+        window = tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, size, strict=True))
+        image = np.asarray(self.array("image")[(slice(None), *window)], dtype=np.float32)
+        label = np.asarray(self.array("label")[window], dtype=np.uint8)[None]
+        return image, label
+
+
+def crop_start(centre: Sequence[int], size: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+    """First voxel of a ``size`` patch centred on ``centre``, shifted to lie inside ``shape``.
+
+    The same rule as MONAI's ``correct_crop_centers`` + ``SpatialCrop`` (the centre is at
+    ``size // 2`` in the patch).
+    """
+    return tuple(
+        int(min(max(int(c) - int(n) // 2, 0), int(s) - int(n)))
+        for c, n, s in zip(centre, size, shape, strict=True)
+    )
+
+
+def choose_centre(
+    reader: CaseReader,
+    rng: np.random.RandomState,
+    *,
+    sampler: str,
+    foreground_fraction: float,
+    class_ratios: Sequence[float],
+) -> tuple[int, int, int]:
+    """Draw a patch centre as MONAI's ``RandCropByPosNegLabeld`` / ``RandCropByLabelClassesd`` do.
+
+    ``pos_neg``: a tumour voxel with probability ``foreground_fraction`` (a brain voxel when the
+    case has no tumour), else a brain voxel. ``label_classes``: a label drawn with ``class_ratios``
+    (labels absent from the case get ratio 0), then one of its voxels.
+    """
+    if sampler == "pos_neg":
+        foreground = reader.locations(FOREGROUND_LOCATIONS)
+        background = reader.locations(location_key(0))
+        use_fg = len(foreground) > 0 and (len(background) == 0 or rng.rand() < foreground_fraction)
+        pool = foreground if use_fg else background
+    else:
+        pools = [reader.locations(location_key(code)) for code in range(len(class_ratios))]
+        weights = np.array([r if len(p) else 0.0 for r, p in zip(class_ratios, pools, strict=True)])
+        if weights.sum() <= 0:
+            raise DataError(f"{reader.path}: no voxel of any sampled label; check data_loader.class_ratios")
+        pool = pools[int(rng.choice(len(pools), p=weights / weights.sum()))]
+    if len(pool) == 0:
+        # no brain and no tumour voxel: the volume's centre (validation rejects brainless cases)
+        return tuple(int(n) // 2 for n in reader.shape)  # type: ignore[return-value]
+    return tuple(int(v) for v in pool[rng.randint(len(pool))])  # type: ignore[return-value]
+
+
+def open_cases(paths: Sequence[str | Path], *, cache_bytes: int) -> list[CaseReader]:
+    """Readers for ``paths``; cases are loaded into memory in order while they fit ``cache_bytes``."""
+    readers = [CaseReader(path) for path in paths]
+    budget = int(cache_bytes)
+    for reader in readers:
+        if reader.nbytes > budget:
+            break
+        reader.load()
+        budget -= reader.nbytes
+    return readers
+
+
+def cached_bytes(readers: Sequence[CaseReader]) -> int:
+    return sum(reader.nbytes for reader in readers if reader.cached)

@@ -1,0 +1,165 @@
+"""Case-parallel work for the data stages: worker processes, bounded memory, progress on screen.
+
+Ingest, preprocess and the generator handle one case at a time and cases are independent, so a
+dataset is spread over ``workers`` processes (:func:`map_cases`). Processes, not threads: reading a
+NIfTI case is partly Python (nibabel's header parsing, the manifest statistics) and threads of one
+process serialise on it.
+
+Memory is bounded by the worker count: at most ``2 x workers`` cases are submitted at once (one
+running per worker and one queued), and each returns a small summary (a manifest row, a geometry
+dict), never the volumes. Results come back in input order, so outputs do not depend on ``workers``.
+
+Workers start from a fork server (``forkserver``): a clean process that has not started torch's or
+OpenMP's threads, which a plain ``fork`` of the stage process could copy in a locked state. Each
+worker gets ``cpu_count // workers`` compute threads, so ``workers`` processes never oversubscribe
+the cores.
+
+Progress (:class:`Progress`) is a ``tqdm`` bar on a terminal and a log line every
+:data:`LOG_EVERY_S` seconds otherwise (DVC and Prefect capture the output): cases done of total,
+rate and time left.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+LOG_EVERY_S = 10.0
+"""Seconds between progress log lines when the output is not a terminal."""
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def worker_count(requested: int) -> int:
+    """``requested`` workers, where 0 means one per available core."""
+    if requested > 0:
+        return requested
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class Progress:
+    """Cases done of total, rate and time left: a bar on a terminal, log lines elsewhere.
+
+    Args:
+        total: cases to do.
+        what: the stage's name (``preprocess``), printed before the counts.
+        unit: what is counted (``cases``).
+        stream: where the bar goes (default stderr); log lines go through :mod:`logging`.
+    """
+
+    def __init__(self, total: int, what: str, *, unit: str = "cases", stream=None) -> None:
+        self.total = total
+        self.what = what
+        self.unit = unit
+        self.done = 0
+        self.start = time.perf_counter()
+        self._last_log = self.start
+        stream = stream if stream is not None else sys.stderr
+        self._bar = None
+        if total > 0 and getattr(stream, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=what, unit=f" {unit}", file=stream, dynamic_ncols=True)
+
+    def line(self) -> str:
+        """``preprocess: 40/100 cases (40%), 2.1 cases/s, 28 s left``."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        share = 100.0 * self.done / self.total if self.total else 100.0
+        left_text = f"{left:.0f} s left" if left == left else "time left unknown"
+        return (
+            f"{self.what}: {self.done}/{self.total} {self.unit} ({share:.0f}%), "
+            f"{rate:.2f} {self.unit}/s, {left_text}"
+        )
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self._last_log >= LOG_EVERY_S and self.done < self.total:
+            self._last_log = now
+            log.info(self.line())
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.total > 0:
+            log.info(self.line())
+
+
+def _limit_threads(threads: int) -> None:
+    """Worker initializer: ``threads`` compute threads for numpy/OpenMP and torch."""
+    for name in _THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def map_cases(
+    function: Callable[[T], R],
+    items: Sequence[T],
+    *,
+    workers: int,
+    what: str,
+    unit: str = "cases",
+) -> Iterator[R]:
+    """``map(function, items)`` over ``workers`` processes, in input order, with progress.
+
+    Args:
+        function: a module-level function (or :func:`functools.partial` of one): it is pickled
+            to the workers. Its result must be small (a row, a summary), not volumes.
+        items: the cases (picklable).
+        workers: processes; 1 runs everything in this process (no start-up cost), 0 one per core.
+        what: the stage's name, for progress lines.
+        unit: what ``items`` are, for progress lines.
+
+    Yields:
+        ``function(item)`` for each item, in order. The first exception stops the work: queued
+        cases are cancelled, running ones finish, and the exception is raised here.
+    """
+    progress = Progress(len(items), what, unit=unit)
+    workers = min(worker_count(workers), len(items))
+    try:
+        if workers <= 1:
+            for item in items:
+                result = function(item)
+                progress.advance()
+                yield result
+            return
+        threads = max(1, worker_count(0) // workers)
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_limit_threads, initargs=(threads,)
+        ) as pool:
+            pending: deque[Future[R]] = deque()
+            queue = iter(items)
+            try:
+                for item in queue:
+                    pending.append(pool.submit(function, item))
+                    if len(pending) >= 2 * workers:
+                        yield pending.popleft().result()
+                        progress.advance()
+                while pending:
+                    yield pending.popleft().result()
+                    progress.advance()
+            except BaseException:
+                for future in pending:
+                    future.cancel()
+                raise
+    finally:
+        progress.close()
