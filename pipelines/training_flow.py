@@ -74,7 +74,7 @@ def _reports(*names: str) -> Any:
 
 
 STAGES: dict[str, StageSpec] = {
-    # source and ingest read data.source's folder: the flow fills it in (with_source_folder)
+    # source and ingest read data.source's folder: the flow fills it in (_cached)
     "source": StageSpec(
         "source",
         ("data.source", "synth"),
@@ -84,7 +84,7 @@ STAGES: dict[str, StageSpec] = {
     ),
     "ingest": StageSpec(
         "ingest",
-        ("ingest.layout", "ingest.hash_chunk_mb", "paths.ingested"),
+        ("data.source", "ingest.layout", "ingest.hash_chunk_mb", "paths.ingested"),
         lambda p: [],
         ("tumorseg.data.ingest", "tumorseg.data.layouts"),
         lambda p: [Path(p["paths"]["ingested"]) / "manifest.csv"],
@@ -104,6 +104,7 @@ STAGES: dict[str, StageSpec] = {
             "preprocess.storage_dtype",
             "preprocess.image_interpolation_order",
             "preprocess.label_resampling",
+            "preprocess.sample_locations",
             "paths.preprocessed",
         ),
         lambda p: [Path(p["paths"]["validated"]) / "manifest.csv"],

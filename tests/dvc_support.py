@@ -41,6 +41,8 @@ def dvc_repo(tmp_path: Path, params: dict[str, Any]) -> Path:
     repo.mkdir()
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     (repo / "src").symlink_to(ROOT / "src")
+    (repo / "data").mkdir()  # the data stages' working directory, in git as data/.gitkeep
+    (repo / "data" / ".gitkeep").touch()
     write_params(repo, params)
     run(["git", "init", "-q"], repo)
     run([str(BIN / "dvc"), "init", "-q"], repo)

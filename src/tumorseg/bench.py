@@ -280,6 +280,13 @@ def bench_tuning() -> dict[str, Any]:
     return result
 
 
+def bench_scale() -> dict[str, Any]:
+    """BraTS-size data at 1 mm: data-stage workers, training memory vs dataset size, out-of-core reads."""
+    from tumorseg.bench_scale import bench_scale as run
+
+    return run()
+
+
 def bench_serve() -> dict[str, Any]:
     """``POST /predict`` latency (p50/p95, 1 and 4 clients) and server memory vs the in-process predictor."""
     from tumorseg.bench_serve import bench_serve as run
@@ -289,6 +296,7 @@ def bench_serve() -> dict[str, Any]:
 
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "data": bench_data,
+    "scale": bench_scale,
     "training": bench_training,
     "predict": bench_predict,
     "compress": bench_compress,
@@ -296,10 +304,33 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "tuning": bench_tuning,
     "serve": bench_serve,
 }
+
+
+def _worker_reader_throughput(params_file: str) -> dict[str, Any]:
+    from tumorseg.bench_scale import reader_throughput
+
+    return reader_throughput(Path(params_file))
+
+
 WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "nibabel_load": _worker_nibabel_load,
     "ingest_preprocess": _worker_ingest_preprocess,
+    "reader_throughput": _worker_reader_throughput,
 }
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU model and the instruction-set flags that decide kernel speed (AVX2, AVX-512, AMX, BF16)."""
+    model, flags = platform.processor() or "?", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and model in ("?", "", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
 
 
 def _environment() -> dict[str, Any]:
@@ -309,6 +340,7 @@ def _environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        **cpu_description(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -319,7 +351,8 @@ def results_table(results: dict[str, Any]) -> str:
     """The README's performance table: one row per figure, ratio against the same-run baseline."""
     env = results.get("environment", {})
     lines = [
-        f"Measured by `make bench` on {env.get('cpu_count')} CPU cores ({env.get('platform', '?')}, "
+        f"Measured by `make bench` on {env.get('cpu_count')} CPU cores of a {env.get('cpu_model', '?')} "
+        f"(flags: {', '.join(env.get('cpu_flags', [])) or '?'}; {env.get('platform', '?')}, "
         f"torch {env.get('torch', '?')}); absolute times drift on shared machines, the ratios are the figures.",
         "",
         "| benchmark | ours | baseline (same run) | ratio |",

@@ -64,25 +64,26 @@ def plain_loop_throughput(
 ) -> tuple[float, float]:
     """Patches per wall-clock second and per CPU second of a hand-written loop.
 
-    The loop is a MONAI CacheDataset + DataLoader feeding ``zero_grad / forward / backward / step``.
+    The loop is the same patch dataset (:class:`~tumorseg.data.datamodule.PatchDataset`) + a MONAI
+    DataLoader feeding ``zero_grad / forward / backward / step``: only the Lightning machinery differs.
     """
-    from monai.data import CacheDataset, DataLoader
-    from monai.transforms import Compose
+    from monai.data import DataLoader
 
-    from tumorseg.data.transforms import cache_transforms, train_transforms
+    from tumorseg.data.datamodule import PatchDataset
+    from tumorseg.data.transforms import train_transforms
     from tumorseg.models.inference import labels_to_regions
     from tumorseg.training.optim import make_optimizer, make_scheduler
 
     loader_cfg = cfg.data_loader
     network, loss_fn = _build(cfg)
-    random_part = train_transforms(loader_cfg, cfg.augment)
-    random_part.set_random_state(seed=cfg.train.seed)
-    dataset = CacheDataset(
-        records,
-        Compose([*cache_transforms(loader_cfg, train=True).transforms, *random_part.transforms]),
-        cache_rate=1.0,
-        progress=False,
+    dataset = PatchDataset(
+        [record["path"] for record in records],
+        loader_cfg,
+        train_transforms(loader_cfg, cfg.augment),
+        length=len(records),
+        cache_bytes=loader_cfg.cache_mb << 20,
     )
+    dataset.set_random_state(seed=cfg.train.seed)
     loader = DataLoader(
         dataset,
         batch_size=loader_cfg.batch_size,

@@ -430,6 +430,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preset(args: argparse.Namespace) -> int:
+    from tumorseg.errors import ConfigError
+    from tumorseg.presets import apply_preset, get_preset, list_lines, load_presets, show_lines
+
+    if args.set:
+        raise ConfigError("preset: -S overrides do not apply here; a preset sets its own keys")
+    presets = load_presets()
+    if args.action == "list":
+        print("\n".join(list_lines(presets)))
+        return 0
+    if args.name is None:
+        raise ConfigError(f"preset {args.action}: name a preset; known presets: {', '.join(sorted(presets))}")
+    preset = get_preset(args.name, presets)
+    if args.action == "show":
+        print("\n".join(show_lines(preset, args.params)))
+        return 0
+    for change in apply_preset(preset, args.params):
+        print(change)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tumorseg", description=__doc__.splitlines()[0])
@@ -659,6 +680,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", help="interface to bind (default: serve.host; 0.0.0.0 in a container)")
     p.add_argument("--port", type=int, help="TCP port (default: serve.port)")
+
+    p = add(
+        "preset",
+        _cmd_preset,
+        "Switch the training recipe: list the presets, show one, or apply one to params.yaml in place.",
+    )
+    p.add_argument("action", choices=["list", "show", "apply"], help="what to do")
+    p.add_argument("name", nargs="?", help="preset (show, apply), e.g. brats-gpu; `list` names them all")
 
     return parser
 

@@ -1,4 +1,4 @@
-"""The DataModule: cached cases, foreground-oversampled patches, 2-D slices, whole-volume validation."""
+"""The DataModule: out-of-core patches, foreground oversampling, 2-D slices, DDP shards, whole-volume validation."""
 
 from __future__ import annotations
 
@@ -120,3 +120,37 @@ def test_worker_processes_draw_different_patches(tiny_dataset: Path, real_params
     flat = images.flatten(1)
     # (whole patches: a corner of a background-centred patch can be all zeros in two workers)
     assert len({row.numpy().tobytes() for row in flat}) == len(flat)
+
+
+def test_a_ddp_rank_opens_only_its_shard_of_the_training_cases(tiny_dataset: Path, real_params: dict) -> None:
+    from types import SimpleNamespace
+
+    cfg = load_training_config(apply_overrides(real_params, tiny_overrides(tiny_dataset)))
+    split = read_split(tiny_dataset / "split.json")
+    train = case_records(tiny_dataset / "preprocessed", split["train"])
+    dm = SegmentationDataModule(
+        train,
+        case_records(tiny_dataset / "preprocessed", split["val"]),
+        cfg.data_loader,
+        cfg.augment,
+        patches_per_epoch=8,
+    )
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    for record in train[0::2]:  # rank 0's shard: rank 1 must never open these files
+        Path(record["path"]).unlink()
+    dm.setup("fit")
+    assert [str(r.path) for r in dm.train_set.readers] == [r["path"] for r in train[1::2]]
+    assert len(dm.train_set) == 8  # the distributed sampler hands each rank half of the epoch
+    assert dm.train_set[0]["image"].shape == (4, 16, 16, 16)
+
+
+def test_cache_budget_holds_what_it_says_and_nothing_more(tiny_dataset: Path, real_params: dict) -> None:
+    everything = _datamodule(tiny_dataset, real_params, **{"data_loader.cache_mb": 1024})
+    assert all(reader.cached for reader in everything.train_set.readers)
+    nothing = _datamodule(tiny_dataset, real_params)
+    assert not any(reader.cached for reader in nothing.train_set.readers)
+    # validation streams: a case is read when asked for, nothing was kept from setup
+    Path(nothing.val_records[1]["path"]).unlink()
+    assert nothing.val_set[0]["image"].shape[0] == 4
+    with pytest.raises(FileNotFoundError):
+        nothing.val_set[1]

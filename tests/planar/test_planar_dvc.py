@@ -40,7 +40,7 @@ def test_dvc_repro_planar_branch(tmp_path: Path) -> None:
     first = _run([str(BIN / "dvc"), "repro", "promote_2d"], repo)
     for stage in PLANAR_STAGES:
         assert f"Running stage '{stage}'" in first, stage
-    for stage in ("synth", "train", "evaluate"):  # the 3-D branch is not pulled in
+    for stage in ("source", "train", "evaluate"):  # the 3-D branch is not pulled in
         assert f"Running stage '{stage}'" not in first
     metrics = json.loads((repo / "reports" / "metrics_2d.json").read_text())
     assert metrics["detection"]["method"] in ("classifier", "area_rule")

@@ -207,15 +207,16 @@ class SegmentationDataModule(L.LightningDataModule):
         (whole volumes differ in shape, so one per batch; no random work, so no workers).
 
     Under DDP each rank draws from its own shard of the training cases (:func:`rank_shard`), so a
-    rank reads and caches only those, and runs ``patches_per_epoch`` draws per epoch (the
-    distributed sampler splits a dataset ``world_size`` times as long).
+    rank reads and caches only those; the distributed sampler gives each rank
+    ``patches_per_epoch / world_size`` of the epoch's draws.
 
     Args:
         train_records: :func:`case_records` of the training split.
         val_records: :func:`case_records` of the validation split.
         loader: ``data_loader:`` section.
         augment: ``augment:`` section.
-        patches_per_epoch: draws per training epoch per device (steps per epoch x batch size).
+        patches_per_epoch: draws per training epoch (steps per epoch x batch size), split between the
+            DDP ranks by the distributed sampler.
         seed: base seed of the patch draws and augmentation (offset by the DDP rank).
     """
 
@@ -250,7 +251,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 [record["path"] for record in shard],
                 self.loader,
                 train_transforms(self.loader, self.augment),
-                length=self.patches_per_epoch * world,
+                length=self.patches_per_epoch,
                 cache_bytes=self.loader.cache_mb << 20,
             )
             self.train_set.set_random_state(seed=self.seed + rank)

@@ -463,9 +463,20 @@ def detect_layout(src: Path) -> str:
             raise DataError(f"{src}: folder is empty; put a dataset there or run `tumorseg synth`")
         raise DataError(f"{src}: no known dataset layout found; {_NO_LAYOUT_HINT}")
     if len(found) > 1:
-        counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(found.items()))
-        raise DataError(f"{src}: mixes dataset layouts ({counts}); keep one per folder or pass --layout")
+        counts = ", ".join(f"{k} ({len(v)}, first {_first_file(v)})" for k, v in sorted(found.items()))
+        raise DataError(
+            f"{src}: mixes dataset layouts: {counts}; keep one layout per folder or pass --layout"
+        )
     return next(iter(found))
+
+
+def _first_file(folders: list[Path]) -> Path:
+    """The first image file of a layout's folders (for error messages)."""
+    for folder in sorted(folders):
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if files:
+            return files[0]
+    return sorted(folders)[0]
 
 
 # ---------------------------------------------------------------------------- discovery

@@ -23,6 +23,11 @@ from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
 
+LAYOUTS_LOOKED_FOR = (
+    "BraTS 2020/21 case folders (BraTS2021_00001/BraTS2021_00001_t1.nii.gz), BraTS 2023+ case folders "
+    "(BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1n.nii.gz), an MSD Task01 folder (imagesTr/BRATS_001.nii.gz), "
+    "Figshare .mat slices or Kaggle yes/ + no/ images"
+)
 SOURCE_HINT = "set data.source to `synth` or to a dataset folder (absolute, or relative to data/)"
 
 
@@ -69,13 +74,18 @@ def inspect_source(folder: Path, *, synthetic: bool = False) -> SourceInfo:
     from tumorseg.data.planar_ingest import find_planar_files
 
     if not folder.exists():
-        raise DataError(f"data.source: {folder} does not exist; {SOURCE_HINT}")
+        raise DataError(f"data.source: {folder} does not exist; {SOURCE_HINT} holding {LAYOUTS_LOOKED_FOR}")
     if not folder.is_dir():
         raise DataError(f"data.source: {folder} is a file, not a folder; {SOURCE_HINT}")
+    if not any(not p.name.startswith(".") for p in folder.iterdir()):
+        raise DataError(f"data.source: {folder} is empty; put {LAYOUTS_LOOKED_FOR} there, or {SOURCE_HINT}")
     planar = find_planar_files(folder)
     if planar:
         return SourceInfo(folder, synthetic, "2-D", len(planar))
-    cases = discover_cases(folder)
+    try:
+        cases = discover_cases(folder)
+    except DataError as exc:
+        raise DataError(f"data.source: {exc}") from None
     return SourceInfo(folder, synthetic, cases[0].layout, len(cases))
 
 

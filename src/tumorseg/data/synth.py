@@ -64,6 +64,7 @@ from tumorseg.data.conventions import (
     get_convention,
 )
 from tumorseg.data.manifest import atomic_write_text
+from tumorseg.data.parallel import map_cases
 from tumorseg.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -894,7 +895,18 @@ def _write_msd_dataset_json(out: Path) -> None:
     _write_json(out / "dataset.json", meta)
 
 
-def synthesize_dataset(out: str | Path, cfg: SynthConfig) -> list[str]:
+def _write_one(index: int, *, out: Path, cfg: SynthConfig) -> tuple[str, dict[str, Any]]:
+    """Generate and write case ``index`` (runs in a worker process); its id and facts."""
+    case = synthesize_case(index, cfg)
+    write_case(case, out, cfg.layout, index)
+    return case_id(cfg.layout, index), {
+        "case_id": case_id(cfg.layout, index),
+        "tumour_free": case.tumour_free,
+        **case.info,
+    }
+
+
+def synthesize_dataset(out: str | Path, cfg: SynthConfig, *, workers: int = 2) -> list[str]:
     """Generate ``cfg.cases`` cases in ``cfg.layout`` under ``out`` (the ``synth`` stage).
 
     Cases are written one by one, each atomically; files in ``out`` that tumorseg did not
@@ -904,6 +916,8 @@ def synthesize_dataset(out: str | Path, cfg: SynthConfig) -> list[str]:
     Args:
         out: dataset root (created if missing).
         cfg: the ``synth`` section of params.yaml (CLI options already applied).
+        workers: processes generating cases (0: one per core); each case depends only on its
+            index and the seed, so the output does not depend on it.
 
     Returns:
         The case identifiers written, in order.
@@ -920,12 +934,10 @@ def synthesize_dataset(out: str | Path, cfg: SynthConfig) -> list[str]:
     cases_meta: list[dict[str, Any]] = []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for index in range(1, cfg.cases + 1):
-            case = synthesize_case(index, cfg)
-            write_case(case, out, cfg.layout, index)
-            cid = case_id(cfg.layout, index)
+        work = functools.partial(_write_one, out=out, cfg=cfg)
+        for cid, meta in map_cases(work, range(1, cfg.cases + 1), workers=workers, what="synth"):
             written.append(cid)
-            cases_meta.append({"case_id": cid, "tumour_free": case.tumour_free, **case.info})
+            cases_meta.append(meta)
             log.debug("synth: wrote %s", cid)
         if cfg.layout == "msd":
             _write_msd_dataset_json(out)
