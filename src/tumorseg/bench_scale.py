@@ -32,6 +32,8 @@ from typing import Any
 import yaml
 
 SMALL, LARGE = 16, 64
+TUMORSEG = str(Path(sys.executable).parent / "tumorseg")
+"""The console script of this environment (the benchmark may run without the venv on PATH)."""
 SPACING = [1.0, 1.0, 1.0]
 
 
@@ -92,7 +94,7 @@ def _params(root: Path, source: Path, **overrides: Any) -> Path:
 
 
 def _stage(name: str, params: Path, *args: str) -> dict[str, float]:
-    return run_measured(["tumorseg", name, "--params", str(params), *args], params.parent)
+    return run_measured([TUMORSEG, name, "--params", str(params), *args], params.parent)
 
 
 def data_stages(source: Path, root: Path, workers: int) -> dict[str, Any]:
@@ -134,7 +136,7 @@ def train_short(params: Path) -> dict[str, float]:
     ]
     args = [a for o in overrides for a in ("-S", o)]
     subprocess.run(
-        ["tumorseg", "split", "--params", str(params)], cwd=params.parent, check=True, capture_output=True
+        [TUMORSEG, "split", "--params", str(params)], cwd=params.parent, check=True, capture_output=True
     )
     return _stage("train", params, *args)
 

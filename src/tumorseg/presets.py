@@ -8,8 +8,8 @@ keys, so the recipe in force never depends on which presets were applied before.
 ``tumorseg preset apply NAME`` rewrites those keys of params.yaml in place with ruamel.yaml's
 round-trip mode: comments, key order and every untouched line stay byte for byte, and a value
 keeps the style of the one it replaces (a flow list stays a flow list). Values are copied as the
-preset file spells them (``1.0e-5`` stays ``1.0e-5``), so applying one preset and then another
-gives back the second one's file exactly. The result is validated with the typed sections before
+preset file spells them (``1.0e-5`` stays ``1.0e-5``), so applying ``brats-gpu`` and then ``demo-cpu``
+gives back the committed params.yaml byte for byte. The result is validated with the typed sections before
 the file is replaced atomically; a preset that would make params.yaml invalid leaves it untouched.
 """
 
@@ -143,7 +143,7 @@ def compare(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) -> li
     Raises:
         ConfigError: params.yaml is missing or malformed, or lacks a key the preset sets.
     """
-    document = _read_document(Path(params_path))
+    document = _read_document(Path(params_path), for_rewrite=False)
     changes = []
     for key, new in preset.values.items():
         parent, leaf = _leaf(document, key, preset.name, params_path)
@@ -164,7 +164,7 @@ def apply_preset(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) 
     from tumorseg.data.manifest import atomic_write_text
 
     params_path = Path(params_path)
-    document = _read_document(params_path)
+    document = _read_document(params_path, for_rewrite=True)
     changes = []
     for key, new in preset.values.items():
         parent, leaf = _leaf(document, key, preset.name, params_path)
@@ -180,8 +180,12 @@ def apply_preset(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) 
     return changes
 
 
-def _read_document(path: Path) -> Any:
-    """params.yaml as a ruamel round-trip document, refused if dumping it would not reproduce the file."""
+def _read_document(path: Path, *, for_rewrite: bool) -> Any:
+    """params.yaml as a ruamel round-trip document.
+
+    With ``for_rewrite``, a file that dumping would not reproduce byte for byte (hand-made spellings
+    such as ``[1,2]``) is refused rather than reformatted.
+    """
     from ruamel.yaml.error import YAMLError
 
     try:
@@ -194,7 +198,7 @@ def _read_document(path: Path) -> Any:
         raise ConfigError(f"{path}: is not valid YAML; fix the syntax") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    dumped = _dump(document)
+    dumped = _dump(document) if for_rewrite else text
     if dumped != text:
         lines = itertools.zip_longest(text.splitlines(), dumped.splitlines())
         line = next((number for number, (a, b) in enumerate(lines, 1) if a != b), len(text.splitlines()))
@@ -229,8 +233,8 @@ def _styled_like(new: Any, old: Any) -> Any:
     """``new`` as a ruamel node in ``old``'s collection style (flow or block); scalars keep their spelling."""
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-    def flow(node: Any) -> bool:
-        return node.fa.flow_style() if isinstance(node, (CommentedSeq, CommentedMap)) else True
+    def flow(collection: Any) -> bool:
+        return collection.fa.flow_style() if isinstance(collection, (CommentedSeq, CommentedMap)) else True
 
     if isinstance(new, (list, tuple)):
         node = CommentedSeq(_styled_like(item, None) for item in new)
