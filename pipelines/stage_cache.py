@@ -82,7 +82,7 @@ class StageSpec:
     Attributes:
         name: stage name (``dvc.yaml`` key, Prefect task name).
         params: params keys it reads (dotted keys or whole sections).
-        deps: its dependency files and folders, from params (``lambda p: [Path(p["paths"]["raw"])]``).
+        deps: its dependency files and folders, from params (``lambda p: [Path(p["paths"]["ingested"])]``).
         code: tumorseg modules or packages that implement it.
         outs: its outputs, from params; a missing one forces the stage to run.
     """

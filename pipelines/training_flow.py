@@ -105,6 +105,7 @@ STAGES: dict[str, StageSpec] = {
             "preprocess.image_interpolation_order",
             "preprocess.label_resampling",
             "preprocess.sample_locations",
+            "preprocess.compress_npz",
             "paths.preprocessed",
         ),
         lambda p: [Path(p["paths"]["validated"]) / "manifest.csv"],
@@ -244,11 +245,14 @@ def compress_task(params: dict) -> str:
 
 
 @task(name="evaluate", **IO_RETRIES)
-def evaluate_task(params: dict) -> dict[str, Any]:
-    """``tumorseg evaluate-model``: test split in the source geometry, registered as ``challenger``."""
+def evaluate_task(params: dict, params_path: str = "params.yaml") -> dict[str, Any]:
+    """``tumorseg evaluate-model``: test split in the source geometry, registered as ``challenger``.
+
+    ``params_path``: where ``params`` came from; ``data.source`` resolves against its folder.
+    """
     from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
 
-    result = run_evaluate_stage(params, tracking_uri=tracking_uri(params))
+    result = run_evaluate_stage(params, tracking_uri=tracking_uri(params), source=params_path)
     m = result.evaluation.metrics
     create_table_artifact(
         key="test-metrics",
@@ -360,7 +364,7 @@ def training_flow(
     summary["train"] = _cached(train_task, "train", trained_params)(trained_params)
     if cfg.compress:
         summary["compress"] = _cached(compress_task, "compress", trained_params)(trained_params)
-    evaluation = _cached(evaluate_task, "evaluate", trained_params)(trained_params)
+    evaluation = _cached(evaluate_task, "evaluate", trained_params)(trained_params, params_path)
     summary["evaluate"] = evaluation["one_line"]
     summary["register"] = register_task(trained_params, evaluation, raw_md5)
     summary["promote"] = promote_task(trained_params)

@@ -1,12 +1,12 @@
 """Training throughput: our DataModule + LightningModule against a minimal PyTorch/MONAI loop.
 
 Both sides train the same network (same factory, same seed, so the same initial weights),
-on the same cached cases with the same MONAI transforms, batch size, loss, optimiser,
-LR schedule and precision. The plain loop is what one would write by hand: a MONAI
-``CacheDataset`` + ``DataLoader`` and ``zero_grad / forward / backward / step``.
+on the same cases through the same patch reader and MONAI transforms, batch size, loss,
+optimiser, LR schedule and precision. The plain loop is what one would write by hand: a
+``DataLoader`` over the patch dataset and ``zero_grad / forward / backward / step``.
 
-Timing starts after ``bench_training.warmup_steps`` steps (first-call allocations, cache
-fill and worker start-up are excluded) and covers ``bench_training.steps`` steps, data
+Timing starts after ``bench_training.warmup_steps`` steps (first-call allocations and
+worker start-up are excluded) and covers ``bench_training.steps`` steps, data
 loading included. Measurements come in ``repeats`` pairs, alternating which loop goes first,
 and medians are reported, because the machines are shared and noisy.
 

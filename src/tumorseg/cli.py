@@ -378,7 +378,7 @@ def _cmd_flow(args: argparse.Namespace) -> int:
     if args.name == "planar":  # the 2-D branch (pipelines/planar_flow.py)
         from pipelines.planar_flow import planar_flow
 
-        planar_flow(params_path=args.params, overrides=_overrides(args))
+        planar_flow(params_path=args.params, overrides=_overrides(args), generate_data=args.generate)
         return 0
     from pipelines.training_flow import run_smoke, training_flow
 
@@ -653,6 +653,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune",
         action=argparse.BooleanOptionalAction,
         help="training: Optuna search first (default: flow.tune)",
+    )
+    p.add_argument(
+        "--generate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="planar: generate the synthetic 2-D data into paths.raw_2d first (default); --no-generate "
+        "uses the Figshare/Kaggle files already there, read only",
     )
 
     p = add(

@@ -48,6 +48,13 @@ class DataConfig(Section):
 
     source: str = Field(SYNTH_SOURCE, min_length=1)
 
+    @model_validator(mode="after")
+    def _no_home_shorthand(self) -> DataConfig:
+        if self.source.startswith("~"):
+            # DVC would read the dependency path literally; tumorseg would expand it: they must agree
+            raise ValueError(f"{self.source!r}: write the absolute path (DVC does not expand ~)")
+        return self
+
     @property
     def is_synth(self) -> bool:
         return self.source == SYNTH_SOURCE
@@ -177,6 +184,19 @@ SECTIONS: dict[str, type[Section]] = {
 """Section name -> its model. Later layers register theirs with :func:`register_section`."""
 
 
+RETIRED_KEYS: dict[str, str] = {
+    "paths.raw": "the dataset is data.source now (synth, or your folder)",
+    "flow.generate_data": "data.source: synth generates the data; a folder is only read",
+    "data_loader.cache_num_workers": "patches are read out of core now; data_loader.cache_mb sets an in-memory budget",
+}
+"""Keys earlier versions of params.yaml had, and what replaced them."""
+
+
+def without_retired(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A stored section (a registered model's config) without the keys :data:`RETIRED_KEYS` lists."""
+    return {k: v for k, v in values.items() if f"{name}.{k}" not in RETIRED_KEYS}
+
+
 def register_section(name: str, model: type[Section]) -> None:
     """Add a params.yaml section model (called by modules that own a section)."""
     SECTIONS[name] = model
@@ -252,6 +272,11 @@ def section(
     raw = params.get(name, {}) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: {name}: expected a mapping")
+    for key in raw:
+        if f"{name}.{key}" in RETIRED_KEYS:
+            raise ConfigError(
+                f"{label}: {name}.{key}: retired; {RETIRED_KEYS[f'{name}.{key}']}; remove the key"
+            )
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

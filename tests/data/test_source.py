@@ -113,3 +113,29 @@ def test_a_folder_mixing_layouts_names_them_and_their_first_files(
     assert len(err.splitlines()) == 1 and "mixes dataset layouts" in err
     assert "brats2021 (1, first" in err and "BraTS2021_00001_flair.nii.gz" in err
     assert "brats2023 (1, first" in err and "BraTS-GLI-00001-000" in err
+
+
+def test_home_shorthand_and_2d_folders_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    params = _project(tmp_path, "~/BraTS2021")
+    assert main(["source", "--params", str(params)]) == 2
+    assert "write the absolute path (DVC does not expand ~)" in capsys.readouterr().err
+    planar = tmp_path / "slices"
+    assert main(["synth", "--layout", "kaggle", "--cases", "4", "--spacing", "4", "--out", str(planar)]) == 0
+    capsys.readouterr()
+    assert main(["source", "--params", str(_project(tmp_path, str(planar)))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds 2-D data" in err and "paths.raw_2d" in err
+
+
+def test_retired_keys_name_their_replacement(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tumorseg.config import without_retired
+
+    params = yaml.safe_load(_project(tmp_path, "synth").read_text())
+    params["paths"]["raw"] = "data/raw"
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert main(["ingest", "--params", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "paths.raw: retired" in err and "data.source" in err
+    # a model registered before the key was retired still validates
+    assert without_retired("data_loader", {"cache_num_workers": 0, "batch_size": 2}) == {"batch_size": 2}

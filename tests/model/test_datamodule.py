@@ -154,3 +154,21 @@ def test_cache_budget_holds_what_it_says_and_nothing_more(tiny_dataset: Path, re
     assert nothing.val_set[0]["image"].shape[0] == 4
     with pytest.raises(FileNotFoundError):
         nothing.val_set[1]
+
+
+def test_ddp_ranks_draw_different_patches(tiny_dataset: Path, real_params: dict) -> None:
+    from types import SimpleNamespace
+
+    cfg = load_training_config(apply_overrides(real_params, tiny_overrides(tiny_dataset)))
+    split = read_split(tiny_dataset / "split.json")
+    train = case_records(tiny_dataset / "preprocessed", split["train"])
+    first: dict[int, torch.Tensor] = {}
+    for rank in (0, 1):
+        dm = SegmentationDataModule(
+            [train[0]] * 2, [], cfg.data_loader, cfg.augment, patches_per_epoch=8, seed=0
+        )  # both ranks' shards hold the same case: only the seed can tell their draws apart
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        dm.setup("fit")
+        torch.manual_seed(0)  # what seed_everything does on every rank
+        first[rank] = next(iter(dm.train_dataloader()))["image"]
+    assert not torch.equal(first[0], first[1])

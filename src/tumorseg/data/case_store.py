@@ -19,7 +19,7 @@ taken in case order until the budget is full; the rest stay on disk.
 Why not MONAI's datasets: ``CacheDataset`` keeps every case in RAM (and, with a plain-class loader,
 caches nothing at all), ``PersistentDataset`` stores each case as one pickled file that every draw
 loads whole, ``SmartCacheDataset`` keeps a rotating share of whole cases in RAM (memory grows with
-the share, and replacement reloads whole cases). ``docs/decisions/0001-out-of-core-patches.md``
+the share, and replacement reloads whole cases). ``docs/decisions/0002-out-of-core-patches.md``
 has the measurements.
 """
 
@@ -233,8 +233,9 @@ class CaseReader:
         Only the patch's voxels are read (a memory map is indexed, then dropped).
         """
         window = tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, size, strict=True))
-        image = np.asarray(self.array("image")[(slice(None), *window)], dtype=np.float32)
-        label = np.asarray(self.array("label")[window], dtype=np.uint8)[None]
+        # copies, never views: a view of a memory map is read-only, a view of the cache would alias it
+        image = np.array(self.array("image")[(slice(None), *window)], dtype=np.float32, copy=True)
+        label = np.array(self.array("label")[window], dtype=np.uint8, copy=True)[None]
         return image, label
 
 
@@ -282,16 +283,23 @@ def choose_centre(
 
 
 def open_cases(paths: Sequence[str | Path], *, cache_bytes: int) -> list[CaseReader]:
-    """Readers for ``paths``; cases are loaded into memory in order while they fit ``cache_bytes``."""
-    readers = [CaseReader(path) for path in paths]
+    """Readers for ``paths``; cases are loaded into memory in order while they fit ``cache_bytes``.
+
+    A path listed twice (a case drawn more often) shares one reader, so it is cached once.
+    """
+    unique: dict[str, CaseReader] = {}
+    for path in paths:
+        if str(path) not in unique:
+            unique[str(path)] = CaseReader(path)
     budget = int(cache_bytes)
-    for reader in readers:
+    for reader in unique.values():
         if reader.nbytes > budget:
             break
         reader.load()
         budget -= reader.nbytes
-    return readers
+    return [unique[str(path)] for path in paths]
 
 
 def cached_bytes(readers: Sequence[CaseReader]) -> int:
-    return sum(reader.nbytes for reader in readers if reader.cached)
+    """Bytes held in memory by ``readers`` (a shared reader counted once)."""
+    return sum(reader.nbytes for reader in {id(r): r for r in readers}.values() if reader.cached)

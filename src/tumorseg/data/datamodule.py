@@ -271,11 +271,16 @@ class SegmentationDataModule(L.LightningDataModule):
             self.val_set = WholeCases(self.val_records)
 
     def train_dataloader(self) -> Any:
+        import torch
         from monai.data import DataLoader
 
         workers = self.loader.num_workers
+        # MONAI's DataLoader reseeds the dataset (and its workers) from this generator: seeded per
+        # rank, or every DDP rank would draw the same centres and augmentations.
+        rank = self.trainer.global_rank if self.trainer is not None else 0
         return DataLoader(
             self.train_set,
+            generator=torch.Generator().manual_seed(self.seed + rank),
             batch_size=self.loader.batch_size,
             shuffle=True,
             drop_last=True,

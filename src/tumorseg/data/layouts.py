@@ -404,7 +404,7 @@ def _scan(src: Path) -> dict[str, list[Path]]:
         for MSD. Only layouts that were found are keys.
     """
     if not src.exists():
-        raise DataError(f"{src}: no such folder; pass the dataset folder (e.g. data/raw)")
+        raise DataError(f"{src}: no such folder; pass the dataset folder (e.g. data/synth)")
     if not src.is_dir():
         raise DataError(f"{src}: is a file; pass the folder that holds the cases")
 
@@ -460,7 +460,7 @@ def detect_layout(src: Path) -> str:
     found = _scan(src)
     if not found:
         if not any(p for p in src.iterdir() if not p.name.startswith(".")):
-            raise DataError(f"{src}: folder is empty; put a dataset there or run `tumorseg synth`")
+            raise DataError(f"{src}: folder is empty; put a dataset there (or set data.source: synth)")
         raise DataError(f"{src}: no known dataset layout found; {_NO_LAYOUT_HINT}")
     if len(found) > 1:
         counts = ", ".join(f"{k} ({len(v)}, first {_first_file(v)})" for k, v in sorted(found.items()))

@@ -29,7 +29,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
+
+from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +105,15 @@ class Progress:
             log.info(self.line())
 
 
-def _limit_threads(threads: int) -> None:
-    """Worker initializer: ``threads`` compute threads for numpy/OpenMP and torch."""
+def _start_worker(threads: int, log_level: int) -> None:
+    """Worker initializer: ``threads`` compute threads for numpy/OpenMP and torch, the caller's log level."""
     for name in _THREAD_VARIABLES:
         os.environ[name] = str(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
+    logging.basicConfig(
+        level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def map_cases(
@@ -143,8 +149,9 @@ def map_cases(
             return
         threads = max(1, worker_count(0) // workers)
         context = multiprocessing.get_context("forkserver")
+        level = logging.getLogger("tumorseg").getEffectiveLevel()
         with ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_limit_threads, initargs=(threads,)
+            max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(threads, level)
         ) as pool:
             pending: deque[Future[R]] = deque()
             queue = iter(items)
@@ -157,6 +164,13 @@ def map_cases(
                 while pending:
                     yield pending.popleft().result()
                     progress.advance()
+            except BrokenProcessPool:
+                for future in pending:
+                    future.cancel()
+                raise DataError(
+                    f"{what}: a worker process died (killed, out of memory?); use fewer workers "
+                    f"({what}.workers in params.yaml) or free memory, then run again"
+                ) from None
             except BaseException:
                 for future in pending:
                     future.cancel()

@@ -42,6 +42,7 @@ import dataclasses
 import json
 import logging
 import time
+import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -758,7 +759,7 @@ def restored_label_counts(
 
 # ---------------------------------------------------------------------------- dataset
 def _content_parameters(cfg: PreprocessConfig) -> dict[str, Any]:
-    """The parameters that change the outputs' content (not ``workers`` or the npz compression)."""
+    """The parameters that change the arrays' values (not ``workers``; the npz compression is checked apart)."""
     return cfg.model_dump(mode="json", exclude={"workers", "compress_npz"})
 
 
@@ -780,9 +781,19 @@ def _up_to_date(
         geometry.get("format") != GEOMETRY_FORMAT
         or geometry.get("source_sha256") != sha256
         or geometry.get("preprocess") != _content_parameters(cfg)
+        or _is_compressed(npz_path) != cfg.compress_npz  # training memory-maps only stored members
     ):
         return None
     return geometry
+
+
+def _is_compressed(npz_path: Path) -> bool | None:
+    """Whether the ``.npz``'s members are deflated (None: not a readable zip, so not up to date)."""
+    try:
+        with zipfile.ZipFile(npz_path) as archive:
+            return any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return None
 
 
 def _index_row(geometry: dict[str, Any]) -> dict[str, str]:

@@ -38,7 +38,7 @@ class SourceInfo:
     Attributes:
         folder: the dataset folder.
         synthetic: the folder is the embedded generator's output.
-        layout: its layout (``brats2021``, ``brats2023``, ``msd``, or ``figshare``/``kaggle`` for 2-D).
+        layout: its layout (``brats2021``, ``brats2023`` or ``msd``).
         cases: cases found (without reading any image).
     """
 
@@ -79,9 +79,11 @@ def inspect_source(folder: Path, *, synthetic: bool = False) -> SourceInfo:
         raise DataError(f"data.source: {folder} is a file, not a folder; {SOURCE_HINT}")
     if not any(not p.name.startswith(".") for p in folder.iterdir()):
         raise DataError(f"data.source: {folder} is empty; put {LAYOUTS_LOOKED_FOR} there, or {SOURCE_HINT}")
-    planar = find_planar_files(folder)
-    if planar:
-        return SourceInfo(folder, synthetic, "2-D", len(planar))
+    if find_planar_files(folder):
+        raise DataError(
+            f"data.source: {folder} holds 2-D data (Figshare .mat / Kaggle images); the 3-D pipeline "
+            "reads BraTS or MSD volumes: put 2-D data in paths.raw_2d (the *_2d stages)"
+        )
     try:
         cases = discover_cases(folder)
     except DataError as exc:

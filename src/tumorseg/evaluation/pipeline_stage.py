@@ -369,7 +369,8 @@ def run_evaluate_stage(
     Args:
         params: the params.yaml dict.
         checkpoint: trained checkpoint; default ``<train.out_dir>/checkpoints/best.ckpt``.
-        source: params file name for error messages.
+        source: the params file: named in error messages, and ``data.source`` resolves against its
+            folder (:func:`tumorseg.data.source.source_folder`).
         tracking_uri: MLflow store; default ``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``, then
             the SQLite store under ``paths.mlruns``.
         register: register the model as a new ``challenger`` version; None follows ``registry.enabled``.

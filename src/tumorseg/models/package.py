@@ -59,6 +59,7 @@ def trained_with_network(network: Any, config: dict[str, Any]) -> TrainedNetwork
     Raises:
         DataError: the config lacks the ``model``, ``data_loader`` or ``preprocess`` section.
     """
+    from tumorseg.config import without_retired
     from tumorseg.data.transforms import DataLoaderConfig
     from tumorseg.models.inference import SlidingWindowConfig
     from tumorseg.models.networks import ModelConfig
@@ -69,7 +70,8 @@ def trained_with_network(network: Any, config: dict[str, Any]) -> TrainedNetwork
     return TrainedNetwork(
         network,
         ModelConfig.model_validate(config["model"]),
-        DataLoaderConfig.model_validate(config["data_loader"]),
+        # models registered before a key was retired still load
+        DataLoaderConfig.model_validate(without_retired("data_loader", config["data_loader"])),
         SlidingWindowConfig.model_validate(config.get("sliding_window", {})),
         config,
     )

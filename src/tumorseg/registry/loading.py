@@ -205,6 +205,7 @@ def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any,
     if "pytorch" in meta.flavors and meta.run_id:
         import mlflow
 
+        from tumorseg.config import without_retired
         from tumorseg.models.checkpoint import TrainedNetwork
         from tumorseg.training.config import load_training_config
 
@@ -218,6 +219,8 @@ def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any,
                 ) from None
             config = yaml.safe_load(Path(config_file).read_text())
         network = mlflow.pytorch.load_model(str(folder), map_location="cpu").eval()
+        # a model registered before a key was retired still loads
+        config = {k: without_retired(k, v) if isinstance(v, dict) else v for k, v in config.items()}
         cfg = load_training_config(config, source=f"{uri} config.yaml")
         return TrainedNetwork(network, cfg.model, cfg.data_loader, cfg.sliding_window, cfg.to_dict()), None
     raise DataError(
