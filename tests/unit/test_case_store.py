@@ -69,11 +69,10 @@ def test_draws_never_load_a_whole_case(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(np, "load", no_whole_loads)
     rng = np.random.RandomState(0)
     for _ in range(20):
-        centre = choose_centre(
-            reader, rng, sampler="pos_neg", foreground_fraction=0.5, class_ratios=(1, 1, 1, 1)
+        image, label = reader.draw(
+            rng, (8, 8, 8), sampler="pos_neg", foreground_fraction=0.5, class_ratios=(1, 1, 1, 1)
         )
-        image, _ = reader.patch(crop_start(centre, (8, 8, 8), reader.shape), (8, 8, 8))
-        assert image.shape == (4, 8, 8, 8)
+        assert image.shape == (4, 8, 8, 8) and image.flags.writeable and label.flags.writeable
     assert not reader.cached
 
 
@@ -104,22 +103,15 @@ def test_centres_follow_the_sampler_and_patches_stay_inside(tmp_path: Path) -> N
     rng = np.random.RandomState(1)
     with np.load(reader.path) as npz:
         label, brain = npz["label"], npz["brain"]
-    tumour_centres = [
-        choose_centre(reader, rng, sampler="pos_neg", foreground_fraction=1.0, class_ratios=(1, 1, 1, 1))
-        for _ in range(30)
-    ]
+
+    def centres(n: int, **how: object) -> list[tuple[int, int, int]]:
+        return [choose_centre(reader.arrays(), reader.shape, rng, **how) for _ in range(n)]
+
+    tumour_centres = centres(30, sampler="pos_neg", foreground_fraction=1.0, class_ratios=(1, 1, 1, 1))
     assert all(label[c] > 0 for c in tumour_centres)
-    brain_centres = [
-        choose_centre(reader, rng, sampler="pos_neg", foreground_fraction=0.0, class_ratios=(1, 1, 1, 1))
-        for _ in range(30)
-    ]
+    brain_centres = centres(30, sampler="pos_neg", foreground_fraction=0.0, class_ratios=(1, 1, 1, 1))
     assert all(label[c] == 0 and brain[c] for c in brain_centres)
-    et_centres = [
-        choose_centre(
-            reader, rng, sampler="label_classes", foreground_fraction=0.5, class_ratios=(0, 0, 0, 1)
-        )
-        for _ in range(10)
-    ]
+    et_centres = centres(10, sampler="label_classes", foreground_fraction=0.5, class_ratios=(0, 0, 0, 1))
     assert all(label[c] == 3 for c in et_centres)
     for centre in tumour_centres + brain_centres:
         start = crop_start(centre, (16, 16, 16), reader.shape)
@@ -129,7 +121,14 @@ def test_centres_follow_the_sampler_and_patches_stay_inside(tmp_path: Path) -> N
 def test_a_tumour_free_case_centres_on_brain(tmp_path: Path) -> None:
     reader = CaseReader(_case(tmp_path / "A.npz", tumour=False))
     rng = np.random.RandomState(0)
-    centre = choose_centre(reader, rng, sampler="pos_neg", foreground_fraction=1.0, class_ratios=(1, 1, 1, 1))
+    centre = choose_centre(
+        reader.arrays(),
+        reader.shape,
+        rng,
+        sampler="pos_neg",
+        foreground_fraction=1.0,
+        class_ratios=(1, 1, 1, 1),
+    )
     with np.load(reader.path) as npz:
         assert npz["brain"][centre]
 

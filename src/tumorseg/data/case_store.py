@@ -25,12 +25,13 @@ has the measurements.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,20 @@ class NpzLayout:
             order="F" if member.fortran else "C",
         )
 
+    def map_all(self) -> dict[str, np.ndarray]:
+        """Every member as a read-only array over one memory map of the file (one ``mmap`` call).
+
+        The mapping is released when the last array of it is dropped.
+        """
+        with open(self.path, "rb") as fh:
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return {
+            name: np.ndarray(
+                m.shape, m.dtype, buffer=mapping, offset=m.offset, order="F" if m.fortran else "C"
+            )
+            for name, m in self.members.items()
+        }
+
 
 def _member_layout(fh: Any, info: zipfile.ZipInfo) -> MemberLayout:
     fh.seek(info.header_offset)
@@ -213,30 +228,55 @@ class CaseReader:
 
     def load(self) -> None:
         """Keep the case in memory (as stored); later draws read no file."""
-        self._memory = {key: np.array(self.layout.map(key)) for key in self.layout.members if key != "brain"}
+        mapped = self.layout.map_all()
+        self._memory = {key: np.array(value) for key, value in mapped.items() if key != "brain"}
 
-    def array(self, key: str) -> np.ndarray:
-        """A member: the in-memory copy when cached, else a memory map."""
-        if self._memory is not None:
-            return self._memory[key]
-        return self.layout.map(key)
-
-    def locations(self, key: str) -> np.ndarray:
-        """Sample locations ``(N, 3)`` of ``key`` (empty when the case has none)."""
-        if key not in self.layout.members:
-            return np.empty((0, 3), dtype=np.uint16)
-        return self.array(key)
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The members: the in-memory copies when cached, else views of one fresh memory map."""
+        return self._memory if self._memory is not None else self.layout.map_all()
 
     def patch(self, start: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Copy one patch: ``image`` float32 ``(C, *size)`` and ``label`` uint8 ``(1, *size)``.
 
-        Only the patch's voxels are read (a memory map is indexed, then dropped).
+        Only the patch's voxels are read (the file is mapped, indexed, and the mapping dropped).
         """
-        window = tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, size, strict=True))
-        # copies, never views: a view of a memory map is read-only, a view of the cache would alias it
-        image = np.array(self.array("image")[(slice(None), *window)], dtype=np.float32, copy=True)
-        label = np.array(self.array("label")[window], dtype=np.uint8, copy=True)[None]
-        return image, label
+        return cut_patch(self.arrays(), start, size)
+
+    def draw(
+        self,
+        rng: np.random.RandomState,
+        size: Sequence[int],
+        *,
+        sampler: str,
+        foreground_fraction: float,
+        class_ratios: Sequence[float],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One random training patch through a single mapping of the file: a centre
+        (:func:`choose_centre`), the patch around it (:func:`crop_start`, :func:`cut_patch`)."""
+        arrays = self.arrays()
+        centre = choose_centre(
+            arrays,
+            self.shape,
+            rng,
+            sampler=sampler,
+            foreground_fraction=foreground_fraction,
+            class_ratios=class_ratios,
+            where=self.path,
+        )
+        return cut_patch(arrays, crop_start(centre, size, self.shape), size)
+
+
+def cut_patch(
+    arrays: Mapping[str, np.ndarray], start: Sequence[int], size: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` float32 ``(C, *size)`` and ``label`` uint8 ``(1, *size)`` at ``start``, as copies.
+
+    Copies, never views: a view of a memory map is read-only, a view of the cache would alias it.
+    """
+    window = tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, size, strict=True))
+    image = np.array(arrays["image"][(slice(None), *window)], dtype=np.float32, copy=True)
+    label = np.array(arrays["label"][window], dtype=np.uint8, copy=True)[None]
+    return image, label
 
 
 def crop_start(centre: Sequence[int], size: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
@@ -252,33 +292,45 @@ def crop_start(centre: Sequence[int], size: Sequence[int], shape: Sequence[int])
 
 
 def choose_centre(
-    reader: CaseReader,
+    arrays: Mapping[str, np.ndarray],
+    shape: Sequence[int],
     rng: np.random.RandomState,
     *,
     sampler: str,
     foreground_fraction: float,
     class_ratios: Sequence[float],
+    where: str | Path = "case",
 ) -> tuple[int, int, int]:
     """Draw a patch centre as MONAI's ``RandCropByPosNegLabeld`` / ``RandCropByLabelClassesd`` do.
 
     ``pos_neg``: a tumour voxel with probability ``foreground_fraction`` (a brain voxel when the
     case has no tumour), else a brain voxel. ``label_classes``: a label drawn with ``class_ratios``
     (labels absent from the case get ratio 0), then one of its voxels.
+
+    Args:
+        arrays: the case's members (``loc_*`` sample locations are read; a missing one is empty).
+        shape: the volume's ``(X, Y, Z)``.
+        where: the case, for error messages.
     """
+    empty = np.empty((0, 3), dtype=np.uint16)
+
+    def locations(key: str) -> np.ndarray:
+        return arrays.get(key, empty)
+
     if sampler == "pos_neg":
-        foreground = reader.locations(FOREGROUND_LOCATIONS)
-        background = reader.locations(location_key(0))
+        foreground = locations(FOREGROUND_LOCATIONS)
+        background = locations(location_key(0))
         use_fg = len(foreground) > 0 and (len(background) == 0 or rng.rand() < foreground_fraction)
         pool = foreground if use_fg else background
     else:
-        pools = [reader.locations(location_key(code)) for code in range(len(class_ratios))]
+        pools = [locations(location_key(code)) for code in range(len(class_ratios))]
         weights = np.array([r if len(p) else 0.0 for r, p in zip(class_ratios, pools, strict=True)])
         if weights.sum() <= 0:
-            raise DataError(f"{reader.path}: no voxel of any sampled label; check data_loader.class_ratios")
+            raise DataError(f"{where}: no voxel of any sampled label; check data_loader.class_ratios")
         pool = pools[int(rng.choice(len(pools), p=weights / weights.sum()))]
     if len(pool) == 0:
         # no brain and no tumour voxel: the volume's centre (validation rejects brainless cases)
-        return tuple(int(n) // 2 for n in reader.shape)  # type: ignore[return-value]
+        return tuple(int(n) // 2 for n in shape)  # type: ignore[return-value]
     return tuple(int(v) for v in pool[rng.randint(len(pool))])  # type: ignore[return-value]
 
 

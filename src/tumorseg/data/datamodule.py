@@ -24,7 +24,7 @@ from monai.transforms import Randomizable
 from monai.utils import MAX_SEED
 from torch.utils.data import Dataset
 
-from tumorseg.data.case_store import CaseReader, cached_bytes, choose_centre, crop_start, open_cases
+from tumorseg.data.case_store import CaseReader, cached_bytes, open_cases
 from tumorseg.data.transforms import (
     CASE_INDEX_KEY,
     IMAGE_KEY,
@@ -100,9 +100,8 @@ class PatchDataset(Dataset, Randomizable):
     """A fixed-length epoch of random training patches, each read out of core.
 
     Index ``i`` draws a random patch from case ``i % n``: a centre from the case's sample
-    locations (:func:`~tumorseg.data.case_store.choose_centre`), the patch's voxels copied out of the
-    memory-mapped case (:meth:`~tumorseg.data.case_store.CaseReader.patch`), then the random
-    augmentation. Cases within ``cache_bytes`` are held in memory instead
+    locations, the patch's voxels copied out of the memory-mapped case
+    (:meth:`~tumorseg.data.case_store.CaseReader.draw`), then the random augmentation. Cases within ``cache_bytes`` are held in memory instead
     (:func:`~tumorseg.data.case_store.open_cases`).
 
     Hand-written because MONAI's croppers take whole volumes (a memory map would be read whole)
@@ -147,16 +146,13 @@ class PatchDataset(Dataset, Randomizable):
         pass
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        reader = self.readers[index % len(self.readers)]
-        centre = choose_centre(
-            reader,
+        image, label = self.readers[index % len(self.readers)].draw(
             self.R,
+            self.loader.crop_size,
             sampler=self.loader.sampler,
             foreground_fraction=self.loader.foreground_fraction,
             class_ratios=self.loader.class_ratios,
         )
-        crop = self.loader.crop_size
-        image, label = reader.patch(crop_start(centre, crop, reader.shape), crop)
         return self.transform({IMAGE_KEY: image, LABEL_KEY: label})
 
 
