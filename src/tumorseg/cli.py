@@ -699,14 +699,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+class _DropAdverts(logging.Filter):
+    """Lightning's tips to install other products are not progress: drop them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+def configure_logging(verbose: bool) -> None:
+    """One line per message on stderr, timestamped; dependency noise that is known harmless filtered.
+
+    Lightning puts its own console handler on the ``lightning`` logger when it is imported and lets
+    records propagate to the root handler too, so every line came out twice: its records stay with
+    its handler alone. Done before any heavy import, so ``tumorseg --help`` stays instant.
+    """
+    import warnings
+
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("lightning").propagate = False
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+    # torch's own pytree deprecation, raised inside Lightning on every fit (lightning/pytorch/utilities/_pytree.py)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)
     except TumorsegError as exc:

@@ -139,3 +139,23 @@ def test_validation_failure_is_one_line_and_keeps_reports(
     assert len(err.splitlines()) == 1 and "50.0%" in err and "max_invalid_fraction" in err
     assert "Traceback" not in err
     assert (tmp_path / "validated" / "validation" / "report.json").is_file()
+
+
+def test_prefect_data_flow_reads_a_users_folder_without_generating(tmp_path: Path) -> None:
+    from pipelines.data_flows import data_pipeline_flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    folder = tmp_path / "mine"
+    assert (
+        main(["synth", "--out", str(folder), "--cases", "5", "--spacing", "4", "--layout", "brats2023"]) == 0
+    )
+    before = _snapshot(folder)
+    params = _tiny_params(tmp_path, source=str(folder))
+    with prefect_test_harness():
+        summary = data_pipeline_flow(params_path=str(params))
+    assert summary["source"] == f"data.source: {folder} (read-only, brats2023, 5 cases)"
+    assert sorted(read_manifest(tmp_path / "ingested").case_id) == sorted(
+        p.name for p in folder.iterdir() if p.is_dir()
+    )
+    assert _snapshot(folder) == before
+    assert not any((tmp_path / "data" / "synth").glob("*"))  # the generator never ran

@@ -14,6 +14,7 @@ directory, so the DVC stages (which run in ``data/``), the Prefect flows and the
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,11 @@ class SourceInfo:
 
 
 def project_root(params_path: str | Path) -> Path:
-    """The folder relative paths of params.yaml resolve against: the file's own folder."""
-    return Path(params_path).absolute().parent
+    """The folder relative paths of params.yaml resolve against: the file's own folder.
+
+    Normalised (``data/..`` -> the project), symbolic links kept.
+    """
+    return Path(os.path.normpath(Path(params_path).absolute().parent))
 
 
 def source_folder(params: dict[str, Any], params_path: str | Path = "params.yaml") -> Path:
