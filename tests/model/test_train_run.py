@@ -101,3 +101,31 @@ def test_other_modes_train_and_score(tiny_dataset: Path, real_params: dict, extr
     trained = load_trained_network(result.best_checkpoint)
     assert trained.data_loader.mode == extra.get("data_loader.mode", "3d")
     assert 0.0 <= result.test_dice["dice_WT"] <= 1.0
+
+
+def test_progress_lines_report_and_do_not_change_training(
+    tiny_dataset: Path, real_params: dict, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from tumorseg.training import callbacks
+
+    overrides = tiny_overrides(tiny_dataset, **{"train.max_epochs": 2, "mlflow.enabled": False})
+    monkeypatch.setattr(callbacks, "PROGRESS_EVERY_S", 0.0)  # a line after every step: the run lasts seconds
+    with caplog.at_level(logging.INFO, logger="tumorseg.training.callbacks"):
+        with_lines = train(real_params, overrides=overrides)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: step")]
+    assert lines and "epoch 2/2" in lines[-1] and "val Dice" in lines[-1] and "min left" in lines[-1]
+    assert lines[0].startswith("train: step 1/") and "loss" in lines[0]
+    first = torch.load(with_lines.best_checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+
+    build = callbacks.build_callbacks  # train() imports it from the module when it runs
+    monkeypatch.setattr(
+        callbacks, "build_callbacks", lambda *a, **k: build(*a, **{**k, "progress_lines": False})
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tumorseg.training.callbacks"):
+        without = train(real_params, overrides=overrides)
+    assert not [r for r in caplog.records if r.getMessage().startswith("train: step")]
+    again = torch.load(without.best_checkpoint, map_location="cpu", weights_only=False)
+    assert all(torch.equal(first[k], again["state_dict"][k]) for k in first)  # logging only: same weights

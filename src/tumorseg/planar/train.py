@@ -170,7 +170,7 @@ def train_planar(
         num_workers=train_cfg.num_workers,
         seed=train_cfg.seed,
     )
-    roles = build_callbacks(train_cfg, checkpoint_dir)
+    roles = build_callbacks(train_cfg, checkpoint_dir, progress_lines=not cfg.trainer.enable_progress_bar)
     roles.pop("throughput")  # counts 3-D patches; the 2-D result reports wall time instead
     loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name=LOG_DIR, version="")]
     mlflow_logger = None

@@ -1,4 +1,4 @@
-"""Training callbacks: Lightning's own (checkpoints, early stopping, LR monitor) plus throughput.
+"""Training callbacks: Lightning's own (checkpoints, early stopping, LR monitor) plus throughput and progress.
 
 Two :class:`~lightning.pytorch.callbacks.ModelCheckpoint` instances with distinct jobs:
 
@@ -10,6 +10,7 @@ Two :class:`~lightning.pytorch.callbacks.ModelCheckpoint` instances with distinc
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMon
 
 from tumorseg.models.lightning_module import VAL_DICE_MEAN
 from tumorseg.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0
+"""Seconds between training progress lines (one more after each validation)."""
 
 BEST_NAME = "best"
 LAST_NAME = "last"
@@ -64,8 +70,66 @@ class PatchThroughput(Callback):
         pl_module.log("train_patches_per_s", self.patches_per_s, on_epoch=True, sync_dist=True)
 
 
-def build_callbacks(cfg: TrainConfig, checkpoint_dir: Path) -> dict[str, Callback]:
-    """The run's callbacks by role: ``best``, ``last``, ``lr``, ``throughput`` and maybe ``early_stop``."""
+class TrainingProgress(Callback):
+    """Progress as log lines: steps done of total, epoch, loss, validation Dice, time per step, time left.
+
+    For runs without Lightning's progress bar (``trainer.enable_progress_bar: false``, the default:
+    DVC and Prefect capture the console). A line every ``every_s`` seconds and after each
+    validation, from rank 0 only; the loss is the mean over the steps since the previous line.
+    """
+
+    def __init__(self, every_s: float | None = None) -> None:
+        self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self._start = self._last = 0.0
+        self._start_step = 0
+        self._losses: list[float] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last = time.perf_counter()
+        self._start_step = trainer.global_step  # a resumed run counts its rate from here
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._losses.append(float(loss))
+        if time.perf_counter() - self._last >= self.every_s:
+            self._report(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.global_step > 0:
+            self._report(trainer)
+
+    def line(self, trainer: L.Trainer) -> str:
+        total = trainer.estimated_stepping_batches
+        done = trainer.global_step
+        elapsed = time.perf_counter() - self._start
+        rate = elapsed / max(done - self._start_step, 1)
+        parts = [
+            f"train: step {done}/{total} ({100.0 * done / max(total, 1):.0f}%)",
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}",
+        ]
+        if self._losses:
+            parts.append(f"loss {sum(self._losses) / len(self._losses):.3f}")
+        dice = trainer.callback_metrics.get(VAL_DICE_MEAN)
+        if dice is not None:
+            parts.append(f"val Dice {float(dice):.3f}")
+        parts.append(f"{rate:.2f} s/step, {max(total - done, 0) * rate / 60:.1f} min left")
+        return ", ".join(parts)
+
+    def _report(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            log.info(self.line(trainer))
+        self._last = time.perf_counter()
+        self._losses.clear()
+
+
+def build_callbacks(
+    cfg: TrainConfig, checkpoint_dir: Path, *, progress_lines: bool = True
+) -> dict[str, Callback]:
+    """The run's callbacks by role: ``best``, ``last``, ``lr``, ``throughput``, maybe ``progress``
+    (log lines, when Lightning's bar is off) and ``early_stop``."""
     callbacks: dict[str, Callback] = {
         "best": ModelCheckpoint(
             dirpath=checkpoint_dir,
@@ -86,6 +150,8 @@ def build_callbacks(cfg: TrainConfig, checkpoint_dir: Path) -> dict[str, Callbac
         "lr": LearningRateMonitor(logging_interval="epoch"),
         "throughput": PatchThroughput(),
     }
+    if progress_lines:
+        callbacks["progress"] = TrainingProgress()
     if cfg.early_stopping_patience > 0:
         callbacks["early_stop"] = EarlyStopping(
             monitor=VAL_DICE_MEAN,

@@ -185,7 +185,7 @@ def train(
         seed=cfg.train.seed,
     )
 
-    roles = build_callbacks(cfg.train, checkpoint_dir)
+    roles = build_callbacks(cfg.train, checkpoint_dir, progress_lines=not cfg.trainer.enable_progress_bar)
     loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name=LOG_DIR, version="")]
     mlflow_logger = None
     if cfg.mlflow.enabled:
