@@ -4,8 +4,8 @@ Training memory must not grow with the dataset (1,251 BraTS cases at 1 mm are ~3
 A preprocessed case is an *uncompressed* ``.npz`` (``np.savez``: a zip whose members are stored,
 not deflated), so each member is a plain ``.npy`` at a fixed byte offset of the file.
 :class:`NpzLayout` finds those offsets once per case (zip directory + ``.npy`` headers, a few
-hundred bytes) and :meth:`CaseReader.patch` maps the file and copies out only the voxels of one
-patch: a patch draw reads about ``patch bytes`` from the page cache or the disk, never the case.
+hundred bytes) and :meth:`CaseReader.draw` maps the file once and copies out only the voxels of
+one patch: a patch draw reads about ``patch bytes`` from the page cache or the disk, never the case.
 
 Patch centres come from the case's *sample locations* (``loc_fg``: tumour voxels, ``loc_<code>``:
 voxels of each label, ``loc_0`` restricted to the brain), a fixed-size random sample written by
@@ -26,9 +26,7 @@ has the measurements.
 from __future__ import annotations
 
 import mmap
-import os
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
@@ -38,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from tumorseg.data.manifest import atomic_output
 from tumorseg.errors import DataError
 
 FOREGROUND_LOCATIONS = "loc_fg"
@@ -101,16 +100,11 @@ def save_case(
     locations = sample_locations(
         label, brain, max_per_class=max_locations, seed=zlib.crc32(path.stem.encode())
     )
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            (np.savez_compressed if compress else np.savez)(
-                fh, image=image, label=label, brain=brain, **locations
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # a file handle, not the temp path: np.savez appends ".npz" to a name without it
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        (np.savez_compressed if compress else np.savez)(
+            fh, image=image, label=label, brain=brain, **locations
+        )
 
 
 @dataclass(frozen=True)
@@ -151,18 +145,6 @@ class NpzLayout:
             raise DataError(
                 f"{self.path}: not a readable preprocessed case ({exc}); rerun preprocess"
             ) from None
-
-    def map(self, name: str) -> np.memmap:
-        """The member ``name`` as a read-only memory map (nothing is read until indexed)."""
-        member = self.members[name]
-        return np.memmap(
-            self.path,
-            dtype=member.dtype,
-            mode="r",
-            offset=member.offset,
-            shape=member.shape,
-            order="F" if member.fortran else "C",
-        )
 
     def map_all(self) -> dict[str, np.ndarray]:
         """Every member as a read-only array over one memory map of the file (one ``mmap`` call).

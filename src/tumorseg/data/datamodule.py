@@ -101,8 +101,8 @@ class PatchDataset(Dataset, Randomizable):
 
     Index ``i`` draws a random patch from case ``i % n``: a centre from the case's sample
     locations, the patch's voxels copied out of the memory-mapped case
-    (:meth:`~tumorseg.data.case_store.CaseReader.draw`), then the random augmentation. Cases within ``cache_bytes`` are held in memory instead
-    (:func:`~tumorseg.data.case_store.open_cases`).
+    (:meth:`~tumorseg.data.case_store.CaseReader.draw`), then the random augmentation. Cases
+    within ``cache_bytes`` are held in memory instead (:func:`~tumorseg.data.case_store.open_cases`).
 
     Hand-written because MONAI's croppers take whole volumes (a memory map would be read whole)
     and its datasets cache whole cases (module docstring of :mod:`tumorseg.data.case_store`).
