@@ -22,13 +22,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
+# The tests also run nnU-Net's own dataset check on `tumorseg export`. nnunetv2 2.5.2 pulls unittest2,
+# which pulls PyPI's `argparse` 1.4.0, a Python 2 era copy that shadows the standard library's in
+# subprocesses (Prefect's server): it is removed again (unittest2 works with the standard one).
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,interop]"
+	$(BIN)/python -m pip uninstall -q -y argparse
+	touch $@
+
 run: venv
 	$(BIN)/dvc repro
 
-test: venv
+test: venv $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q
 
-test-fast: venv
+test-fast: venv $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Benchmarks need the trained champion: `dvc repro` first (a no-op when up to date).

@@ -35,6 +35,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+import tumorseg.data
 from pipelines.data_flows import (
     IO_RETRIES,
     ingest_task,
@@ -73,20 +74,23 @@ def _reports(*names: str) -> Any:
     return lambda p: [Path(p["paths"]["reports"]) / n for n in names]
 
 
+LABEL_TABLE = Path(tumorseg.data.__file__).parent / "label_sets.yaml"
+"""The label conventions (codes, regions) ingest reads cases through: part of its cache key."""
+
 STAGES: dict[str, StageSpec] = {
     # source and ingest read data.source's folder: the flow fills it in (_cached)
     "source": StageSpec(
         "source",
-        ("data.source", "synth"),
+        ("data.source", "synth", "ingest.layout", "ingest.labels"),
         lambda p: [],
         ("tumorseg.data.synth", "tumorseg.data.source"),
         lambda p: [],
     ),
     "ingest": StageSpec(
         "ingest",
-        ("data.source", "ingest.layout", "ingest.hash_chunk_mb", "paths.ingested"),
-        lambda p: [],
-        ("tumorseg.data.ingest", "tumorseg.data.layouts"),
+        ("data.source", "ingest.layout", "ingest.labels", "ingest.hash_chunk_mb", "paths.ingested"),
+        lambda p: [LABEL_TABLE],
+        ("tumorseg.data.ingest", "tumorseg.data.layouts", "tumorseg.data.conventions"),
         lambda p: [Path(p["paths"]["ingested"]) / "manifest.csv"],
     ),
     "validate": StageSpec(
@@ -172,7 +176,7 @@ def _cached(task_fn: Any, stage: str, params: dict[str, Any], source: Path | Non
     if source is not None and stage == "source":
         spec = dataclasses.replace(spec, outs=lambda p: [source])
     elif source is not None and stage == "ingest":
-        spec = dataclasses.replace(spec, deps=lambda p: [source])
+        spec = dataclasses.replace(spec, deps=lambda p: [source, LABEL_TABLE])
     return cached_task(task_fn, spec, params)
 
 

@@ -18,7 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tumorseg.config import DATASET_LAYOUTS as LAYOUT_NAMES
+from tumorseg.data.conventions import LABEL_CONVENTIONS
 from tumorseg.errors import TumorsegError
+
+LABEL_CONVENTION_NAMES: tuple[str, ...] = tuple(LABEL_CONVENTIONS)
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -62,6 +66,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         args,
         {
             "synth.layout": args.layout,
+            "synth.labels": args.labels,
             "synth.cases": args.cases,
             "synth.seed": args.seed,
             "synth.spacing_mm": args.spacing,
@@ -71,6 +76,22 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else DataConfig.folder_for(SYNTH_SOURCE, project_root(args.params))
     written = synthesize_dataset(out, cfg)
     print(f"wrote {len(written)} {cfg.layout} cases to {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tumorseg.data.export import export_from_params
+
+    target = export_from_params(
+        _params(args),
+        Path(args.out),
+        args.format,
+        source=args.params,
+        dataset_id=args.dataset_id,
+        name=args.name,
+        force=args.force,
+    )
+    print(f"exported ({args.format}) -> {target}")
     return 0
 
 
@@ -110,12 +131,13 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from tumorseg.data.ingest import ingest
     from tumorseg.data.source import inspect_source, source_folder
 
-    params = _params(args, {"ingest.layout": args.layout})
+    params = _params(args, {"ingest.layout": args.layout, "ingest.labels": args.labels})
     cfg = section("ingest", params, source=args.params)
     paths = section("paths", params, source=args.params)
     src = Path(args.src) if args.src else source_folder(params, args.params)
     if not args.src:
-        inspect_source(src)  # a wrong data.source: one line naming it, before anything is written
+        # a wrong data.source: one line naming it, before anything is written
+        inspect_source(src, layout=cfg.layout, labels=cfg.labels)
     summary = ingest(src, Path(args.out or paths.ingested), cfg)
     print(summary.one_line())
     return 0
@@ -232,6 +254,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         params,
         model_uri=args.model,
         layout=args.layout,
+        labels=None if args.labels in (None, "auto") else args.labels,
         source=args.params,
         on_case=show,
     )
@@ -473,8 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("synth", _cmd_synth, "Generate realistic synthetic multi-modal brain MRI with gliomas.")
     p.add_argument(
         "--layout",
-        choices=["brats2021", "brats2023", "msd", "figshare", "kaggle"],
+        choices=["brats2021", "brats2023", "msd", "nnunet", "monai", "figshare", "kaggle"],
         help="dataset layout to write (figshare, kaggle: 2-D slices, params.yaml synth_2d)",
+    )
+    p.add_argument(
+        "--labels",
+        choices=["auto", *LABEL_CONVENTION_NAMES],
+        help="label convention of the seg files (default: synth.labels; auto: the layout's own)",
     )
     p.add_argument("--cases", type=int, help="number of cases (figshare: patients; kaggle: images)")
     p.add_argument("--seed", type=int, help="random seed (output is deterministic for a seed)")
@@ -503,7 +531,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", nargs="?", help="dataset folder (default: data.source)")
     p.add_argument("--out", help="output folder for manifest.csv (default: paths.ingested)")
-    p.add_argument("--layout", choices=["auto", "brats2021", "brats2023", "msd"], help="skip detection")
+    p.add_argument(
+        "--layout", choices=["auto", *LAYOUT_NAMES], help="skip detection (default: ingest.layout)"
+    )
+    p.add_argument(
+        "--labels",
+        choices=["auto", *LABEL_CONVENTION_NAMES],
+        help="label convention of the seg files (default: ingest.labels; auto: layout, BraTS prefix, dataset.json)",
+    )
+
+    p = add(
+        "export",
+        _cmd_export,
+        "Write the ingested cases as an nnU-Net raw dataset or a MONAI datalist (with the split).",
+    )
+    p.add_argument("--format", required=True, choices=["nnunet", "monai"], help="what to write")
+    p.add_argument("--out", required=True, help="folder to write DatasetXXX_Name/ or datalist.json into")
+    p.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default: %(default)s)")
+    p.add_argument("--name", default="Tumorseg", help="nnU-Net dataset name (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing export")
 
     p = add(
         "validate",
@@ -524,14 +570,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", nargs="?", help="preprocessed folder (default: paths.preprocessed)")
     p.add_argument("--out", help="split JSON file (default: paths.split)")
 
-    p = add("evaluate", _cmd_evaluate, "Score predictions against references with the BraTS 2023 metrics.")
+    p = add(
+        "evaluate", _cmd_evaluate, "Score predictions against references with each BraTS challenge's metrics."
+    )
     p.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz predictions")
     p.add_argument("--ref", required=True, help="folder of <case_id>.nii.gz reference segmentations")
     p.add_argument("--out", required=True, help="per-case CSV to write (summary JSON and plots go beside it)")
     p.add_argument(
         "--labels",
-        choices=["auto", "brats2021", "brats2023", "msd"],
-        help="label convention (default: evaluate.labels)",
+        choices=["auto", *LABEL_CONVENTION_NAMES],
+        help="label convention: its regions, lesion-wise rules and HD95 penalty (default: evaluate.labels)",
     )
     p.add_argument("--summary", help="summary JSON path (default: <out>.summary.json)")
     p.add_argument("--case-info", help="CSV with case_id,tumour_type for per-type statistics")
@@ -548,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "input",
-        help="a dataset folder (BraTS 2021, BraTS 2023+, MSD) or one case folder; or 2-D .mat/image files "
+        help="a dataset folder (BraTS 2021, BraTS 2023+, MSD, nnU-Net raw, MONAI datalist) or one case folder; or 2-D .mat/image files "
         "(a file or a folder of them: writes <case_id>_mask.png, 0/255, at each input's size)",
     )
     p.add_argument("--out", required=True, help="output folder for <case_id>.nii.gz")
@@ -557,8 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint path or MLflow model URI: models:/tumorseg@champion (default: predict.model), "
         "models:/tumorseg/3, runs:/<run_id>/model; 2-D input: models:/tumorseg-2d@champion (predict_2d.model)",
     )
+    p.add_argument("--layout", choices=["auto", *LAYOUT_NAMES], help="skip layout detection")
     p.add_argument(
-        "--layout", choices=["auto", "brats2021", "brats2023", "msd"], help="skip layout detection"
+        "--labels",
+        choices=["auto", *LABEL_CONVENTION_NAMES],
+        help="the input's label convention, which the predictions are written in (default: detected)",
     )
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation")
     p.add_argument("--min-component-mm3", type=float, metavar="MM3", help="drop smaller tumour components")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tumorseg.errors import ConfigError
 
@@ -85,10 +85,29 @@ class PathsConfig(Section):
     mlruns: str = "mlruns"
 
 
-class SynthConfig(Section):
-    """The embedded default dataset (``tumorseg synth``), built on the MNI152 template nilearn ships."""
+def _known_convention(value: str) -> str:
+    """``auto`` or a convention of :file:`tumorseg/data/label_sets.yaml`."""
+    from tumorseg.data.conventions import LABEL_CONVENTIONS
 
-    layout: Literal["brats2021", "brats2023", "msd"] = "brats2021"
+    if value == "auto" or value in LABEL_CONVENTIONS:
+        return value
+    raise ValueError(f"unknown label convention {value!r}; use one of auto, {', '.join(LABEL_CONVENTIONS)}")
+
+
+DATASET_LAYOUTS = ("brats2021", "brats2023", "msd", "nnunet", "monai")
+"""Layouts tumorseg reads and ``tumorseg synth`` writes (:mod:`tumorseg.data.layouts`)."""
+
+
+class SynthConfig(Section):
+    """The embedded default dataset (``tumorseg synth``), built on the MNI152 template nilearn ships.
+
+    ``labels`` is the convention written (``auto``: the layout's own, brats2021 / brats2023 / msd;
+    nnunet and monai write brats2023 codes); ``brats2024-gli`` adds resection cavities,
+    ``brats2024-ped`` cysts.
+    """
+
+    layout: Literal["brats2021", "brats2023", "msd", "nnunet", "monai"] = "brats2021"
+    labels: str = "auto"
     cases: int = Field(48, ge=1)
     seed: int = 42
     spacing_mm: float = Field(2.0, gt=0.2, le=4.0)
@@ -99,13 +118,28 @@ class SynthConfig(Section):
     noise_level: float = Field(0.03, ge=0.0, le=0.5)
     bias_field_strength: float = Field(0.2, ge=0.0, le=1.0)
 
+    @field_validator("labels")
+    @classmethod
+    def _labels_known(cls, value: str) -> str:
+        return _known_convention(value)
+
 
 class IngestConfig(Section):
-    """``tumorseg ingest``: layout detection and the manifest."""
+    """``tumorseg ingest``: layout detection, label convention and the manifest.
 
-    layout: Literal["auto", "brats2021", "brats2023", "msd"] = "auto"
+    ``labels`` names the convention of the ``seg`` files (``auto``: from the layout, the BraTS
+    case prefix or ``dataset.json``; where that is ambiguous, ingest stops and asks for it).
+    """
+
+    layout: Literal["auto", "brats2021", "brats2023", "msd", "nnunet", "monai"] = "auto"
+    labels: str = "auto"
     hash_chunk_mb: int = Field(8, ge=1)
     workers: int = Field(2, ge=0)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_known(cls, value: str) -> str:
+        return _known_convention(value)
 
 
 class ValidateConfig(Section):
@@ -138,13 +172,23 @@ class PreprocessConfig(Section):
 
 
 class SplitConfig(Section):
-    """Patient-level, stratified train/val/test split."""
+    """Train/val/test split; its unit is a patient with every scan duplicated under another case id.
+
+    ``method`` (rules in :mod:`tumorseg.data.split`): ``stratified`` (by tumour size, ``seed``,
+    fractions, ``size_bins``); ``datalist`` (a MONAI datalist's ``validation``/``testing`` lists, or
+    its fold ``val_fold`` as validation; a missing test or val part is held out stratified);
+    ``file`` (a split of your own: ``file``, a JSON ``{"train": [...], "val": [...], "test": [...]}``
+    or a CSV ``case_id,split``, relative to the project folder).
+    """
 
     seed: int = 42
     train: float = Field(0.7, gt=0.0, lt=1.0)
     val: float = Field(0.15, gt=0.0, lt=1.0)
     test: float = Field(0.15, gt=0.0, lt=1.0)
     size_bins: int = Field(3, ge=1)
+    method: Literal["stratified", "datalist", "file"] = "stratified"
+    val_fold: int = Field(0, ge=0)
+    file: str = ""
 
     @model_validator(mode="after")
     def _fractions_sum_to_one(self) -> SplitConfig:
@@ -153,22 +197,37 @@ class SplitConfig(Section):
             raise ValueError(f"train + val + test must be 1.0 (got {total:g})")
         return self
 
+    @model_validator(mode="after")
+    def _file_with_method_file(self) -> SplitConfig:
+        if self.method == "file" and not self.file.strip():
+            raise ValueError(
+                "method: file needs file: the JSON or CSV split to use (relative to the project)"
+            )
+        if self.method != "file" and self.file.strip():
+            raise ValueError(f"file: {self.file!r} is read only with method: file (method is {self.method})")
+        return self
+
 
 class EvaluateConfig(Section):
-    """``tumorseg evaluate``: BraTS 2023 metrics (docs/evaluation.md has the rules and their sources)."""
+    """``tumorseg evaluate``: each challenge's own metrics (docs/evaluation.md has the rules and their sources)."""
 
-    labels: Literal["auto", "brats2021", "brats2023", "msd"] = "auto"
-    hd95_penalty_mm: float = Field(374.0, gt=0.0)  # official BraTS 2023 code: inf -> 374
-    lesion_dilation_iterations: int = Field(3, ge=0)  # official: 3 (GLI, SSA, PED), 1 (MEN, MET)
+    labels: str = "auto"  # a convention of tumorseg/data/label_sets.yaml: regions, lesion rules, HD95 penalty
+    hd95_penalty_mm: float | None = Field(
+        None, gt=0.0
+    )  # None: the convention's (374; 337 for BraTS 2024 GLI)
     lesion_dilation_connectivity: Literal[6, 18, 26] = 18  # generate_binary_structure(3, 2)
     lesion_connectivity: Literal[6, 18, 26] = 26  # cc3d connectivity=26
-    lesion_min_volume_mm3: float = Field(50.0, ge=0.0)  # lesions <= this are ignored
     detection_min_volume_ml: float = Field(0.0, ge=0.0)  # "tumour present" = predicted WT volume > this
     bootstrap_resamples: int = Field(2000, ge=1)
     ci_level: float = Field(0.95, gt=0.0, lt=1.0)
     seed: int = 42
     affine_tolerance_mm: float = Field(1e-3, gt=0.0)
     plots: bool = True
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_known(cls, value: str) -> str:
+        return _known_convention(value)
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -188,6 +247,8 @@ RETIRED_KEYS: dict[str, str] = {
     "paths.raw": "the dataset is data.source now (synth, or your folder)",
     "flow.generate_data": "data.source: synth generates the data; a folder is only read",
     "data_loader.cache_num_workers": "patches are read out of core now; data_loader.cache_mb sets an in-memory budget",
+    "evaluate.lesion_dilation_iterations": "per region in tumorseg/data/label_sets.yaml, as each challenge's metrics code",
+    "evaluate.lesion_min_volume_mm3": "per region in tumorseg/data/label_sets.yaml, as each challenge's metrics code",
 }
 """Keys earlier versions of params.yaml had, and what replaced them."""
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import importlib.util
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
 from tumorseg.cli import main
 from tumorseg.config import IngestConfig
 from tumorseg.data import ingest as ingest_module
-from tumorseg.data.ingest import affine_max_diff_mm, ingest
+from tumorseg.data.ingest import INGEST_COLUMNS, affine_max_diff_mm, content_digest, ingest
 from tumorseg.data.manifest import MANIFEST_COLUMNS, read_manifest
 from tumorseg.errors import DataError
 
@@ -72,7 +74,8 @@ def test_manifest_has_every_column_and_the_right_values(dataset: Path, tmp_path:
     out = tmp_path / "ingested"
     summary = ingest(dataset, out, IngestConfig(workers=2))  # threads give the same rows
     manifest = read_manifest(out)
-    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert list(manifest.columns) == INGEST_COLUMNS
+    assert INGEST_COLUMNS[: len(MANIFEST_COLUMNS)] == MANIFEST_COLUMNS
     assert summary.cases == 10 and summary.new == 10 and summary.reused == 0
     assert "10 brats2021 cases" in summary.one_line() and "\n" not in summary.one_line()
 
@@ -99,6 +102,9 @@ def test_manifest_has_every_column_and_the_right_values(dataset: Path, tmp_path:
         assert row[f"sha256_{key}"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert row[f"{key}_readable"] == "True" and row[f"{key}_finite"] == "True"
         assert row[f"{key}_shape"] == "24x28x20" and row[f"{key}_affine_max_diff_mm"] == "0"
+        if key != "seg":
+            assert row[f"content_sha256_{key}"] == content_digest(np.asarray(nib.load(path).dataobj))
+    assert row["subset"] == "" and row["fold"] == ""  # not a MONAI datalist
     assert row["seg_nonzero_voxels"] == str(tumour)
     assert row["t1_nonzero_voxels"] == str(int(np.count_nonzero(images["t1"])))
 
@@ -268,3 +274,151 @@ def test_cli_prints_one_line_and_exits_2_for_unusable_folders(
     assert err.count("\n") == 1 and "Traceback" not in err
     assert ("folder is empty" if kind == "empty" else "no known dataset layout") in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- content fingerprint, datalist
+def test_content_digest_depends_on_values_and_shape_not_on_storage() -> None:
+    images, _ = fx.phantom(seed=3)
+    values = np.round(images["t1"])
+    reference = content_digest(np.asfortranarray(values.astype(np.int16)))
+    for stored in (
+        values.astype(np.float32),  # C order
+        np.asfortranarray(values.astype(np.float32)),
+        np.asfortranarray(values.astype(np.float64)),
+        values.astype(np.int32),
+        np.where(values == 0, -0.0, values),  # -0.0 is 0
+    ):
+        assert content_digest(stored) == reference
+    assert content_digest(np.asfortranarray(images["t1"])) != reference  # fractional values differ
+    changed = values.copy()
+    changed[5, 5, 5] += 1
+    assert content_digest(changed) != reference
+    assert content_digest(values.reshape(28, 24, 20)) != reference  # same voxels, other shape
+    with_nan = images["t1"].copy()
+    with_nan[1, 1, 1] = np.nan
+    assert content_digest(with_nan) == content_digest(with_nan.astype(np.float64))
+    assert len(reference) == 64 and content_digest(np.zeros((3, 4, 2), np.uint8)) != content_digest(
+        np.zeros((3, 4, 3), np.uint8)
+    )
+
+
+def test_the_same_volume_stored_differently_has_one_content_digest(tmp_path: Path) -> None:
+    """.nii vs .nii.gz, another gzip level, another header and dtype: other sha256, same content digest."""
+    import gzip as gz
+
+    root = tmp_path / "raw"
+    original = fx.write_brats_case(root, "BraTS2021_00001")
+    fx.write_brats_case(root, "BraTS2021_00002", seed=5)
+    copy = root / "BraTS2021_00003"
+    copy.mkdir()
+    for key in ("t1ce", "t2", "seg"):
+        src = original / f"BraTS2021_00001_{key}.nii.gz"
+        (copy / f"BraTS2021_00003_{key}.nii.gz").write_bytes(src.read_bytes())  # identical files
+    t1 = nib.load(original / "BraTS2021_00001_t1.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj), t1.affine), copy / "BraTS2021_00003_t1.nii")  # .nii
+    flair = nib.load(original / "BraTS2021_00001_flair.nii.gz")
+    header = flair.header.copy()
+    header["descrip"] = b"re-exported"
+    image = nib.Nifti1Image(np.asarray(flair.dataobj).astype(np.float32), flair.affine, header)
+    image.set_data_dtype(np.float32)
+    (copy / "BraTS2021_00003_flair.nii.gz").write_bytes(gz.compress(image.to_bytes(), compresslevel=1))
+
+    ingest(root, tmp_path / "out", IngestConfig(workers=1))
+    rows = _rows(tmp_path / "out")
+    first, third, second = rows["BraTS2021_00001"], rows["BraTS2021_00003"], rows["BraTS2021_00002"]
+    assert third["status"] == "ok" and third["path_t1"].endswith("_t1.nii")
+    for key in ("t1", "flair"):
+        assert third[f"sha256_{key}"] != first[f"sha256_{key}"]
+        assert third[f"content_sha256_{key}"] == first[f"content_sha256_{key}"]
+    for key in ("t1ce", "t2"):
+        assert third[f"sha256_{key}"] == first[f"sha256_{key}"]
+        assert third[f"content_sha256_{key}"] == first[f"content_sha256_{key}"]
+    for key in ("t1", "t1ce", "t2", "flair"):
+        assert second[f"content_sha256_{key}"] != first[f"content_sha256_{key}"]
+    assert len({first[f"content_sha256_{key}"] for key in ("t1", "t1ce", "t2", "flair")}) == 4
+
+
+def test_undecodable_volumes_have_no_content_digest(dataset: Path, tmp_path: Path) -> None:
+    ingest(dataset, tmp_path / "out", IngestConfig(workers=1))
+    rows = _rows(tmp_path / "out")
+    assert rows["BraTS2021_00004"]["content_sha256_flair"] == ""  # truncated
+    assert rows["BraTS2021_00003"]["content_sha256_t1ce"] == ""  # missing
+    assert len(rows["BraTS2021_00004"]["content_sha256_t1"]) == 64
+    msd = fx.write_msd_dataset(tmp_path / "msd", ["BRATS_001"])
+    ingest(msd, tmp_path / "out_msd", IngestConfig(workers=1))
+    row = _rows(tmp_path / "out_msd")["BRATS_001"]
+    digests = [row[f"content_sha256_{key}"] for key in ("t1", "t1ce", "t2", "flair")]
+    assert len(set(digests)) == 4, "each MSD channel has its own digest"
+
+
+def _with_datalist(assignments: dict[str, tuple[str, int | None]], convention: str = "brats2021"):
+    """A discover_cases that gives cases a MONAI datalist subset and fold (as a datalist would)."""
+    real = ingest_module.discover_cases
+
+    def discover(src, layout=None, labels=None):
+        cases = real(src, layout, labels=labels)
+        return [
+            dataclasses.replace(
+                case,
+                subset=assignments.get(case.case_id, ("", None))[0],
+                fold=assignments.get(case.case_id, ("", None))[1],
+                label_convention=convention,
+            )
+            for case in cases
+        ]
+
+    return discover
+
+
+def test_datalist_subset_fold_and_convention_are_recorded_and_refreshed_without_reading(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    monkeypatch.setattr(
+        ingest_module,
+        "discover_cases",
+        _with_datalist({"BraTS2021_00001": ("training", 0), "BraTS2021_00002": ("validation", None)}),
+    )
+    ingest(dataset, out, IngestConfig(workers=1))
+    rows = _rows(out)
+    assert (rows["BraTS2021_00001"]["subset"], rows["BraTS2021_00001"]["fold"]) == ("training", "0")
+    assert (rows["BraTS2021_00002"]["subset"], rows["BraTS2021_00002"]["fold"]) == ("validation", "")
+    assert (rows["BraTS2021_00010"]["subset"], rows["BraTS2021_00010"]["fold"]) == ("", "")
+
+    # Editing the datalist (or the label convention) changes no image: rows are reused, with what
+    # discovery says now.
+    monkeypatch.setattr(
+        ingest_module,
+        "discover_cases",
+        _with_datalist({"BraTS2021_00001": ("training", 3)}, convention="brats2024-gli"),
+    )
+    monkeypatch.setattr(ingest_module, "load_case", lambda *a, **k: pytest.fail("a case was read again"))
+    summary = ingest(dataset, out, IngestConfig(workers=1))
+    assert summary.reused == 10
+    rows = _rows(out)
+    assert rows["BraTS2021_00001"]["fold"] == "3" and rows["BraTS2021_00002"]["subset"] == ""
+    assert {row["label_convention"] for row in rows.values()} == {"brats2024-gli"}
+
+
+def test_labels_setting_reaches_case_discovery(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    real = ingest_module.discover_cases
+
+    def discover(src, layout=None, labels=None):
+        seen.append(labels)
+        return real(src, layout, labels=labels)
+
+    monkeypatch.setattr(ingest_module, "discover_cases", discover)
+    ingest(dataset, tmp_path / "out", IngestConfig(labels="brats2021", workers=1))
+    assert seen == ["brats2021"]
+
+
+def test_a_manifest_from_an_older_ingest_is_read_again(dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    ingest(dataset, out, IngestConfig(workers=1))
+    read_manifest(out)[MANIFEST_COLUMNS].to_csv(out / "manifest.csv", index=False)  # no digests
+    summary = ingest(dataset, out, IngestConfig(workers=1))
+    assert summary.reused == 0 and summary.new == 10  # another schema: nothing reused
+    assert all(len(r["content_sha256_t1"]) == 64 for r in _rows(out).values() if r["t1_readable"] == "True")

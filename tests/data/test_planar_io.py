@@ -77,6 +77,34 @@ def test_v5_file_is_read_with_scipy(tmp_path: Path) -> None:
     assert (slice_.tumour_type, slice_.patient_id, slice_.fmt) == ("meningioma", "42", "mat-v5")
 
 
+@pytest.mark.parametrize("userblock", [False, True], ids=["bare-hdf5", "matlab-header"])
+def test_v73_file_without_matlab_attributes_reads_as_the_tagged_one(tmp_path: Path, userblock: bool) -> None:
+    """h5py (or another tool) writing cjdata without MATLAB_class: read_planar reads it by content."""
+    image, mask, border = _asymmetric(), _mask(), np.array([1.5, 2.0, 3.5, 4.0])
+    tagged = write_figshare_mat(tmp_path / "tagged" / "1.mat", image, mask, 3, "MR040237", border)
+    plain = tmp_path / "plain" / "1.mat"
+    plain.parent.mkdir()
+    with h5py.File(plain, "w", userblock_size=512 if userblock else 0) as fh:
+        cjdata = fh.create_group("cjdata")
+        cjdata["image"], cjdata["tumorMask"] = image.T, mask.T
+        cjdata["label"], cjdata["tumorBorder"] = np.array([[3.0]]), border.reshape(-1, 1)
+        cjdata["PID"] = np.array([[ord(c)] for c in "MR040237"], dtype=np.uint16)
+
+    expected, got = read_planar(tagged), read_planar(plain)
+    for name in ("image", "mask", "border"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
+    keys = ("patient_id", "case_id", "tumour_type", "label_code", "has_tumour", "fmt", "channels")
+    assert [getattr(got, k) for k in keys] == [getattr(expected, k) for k in keys]
+    assert (got.patient_id, got.label_code, got.fmt) == ("MR040237", 3, "mat-v7.3")
+
+
+def test_v5_file_with_a_text_image_is_a_data_error_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "text.mat"
+    scipy.io.savemat(path, {"cjdata": {"image": "pixels", "label": 1.0, "PID": "7"}})
+    with pytest.raises(DataError, match=r"text\.mat: cjdata\.image is text .*, not numbers; store "):
+        read_planar(path)
+
+
 @pytest.mark.parametrize(
     ("name", "mode", "size"),
     [("odd.jpg", "RGB", (371, 293)), ("gray.png", "L", (200, 317)), ("alpha.png", "RGBA", (64, 80))],

@@ -24,6 +24,12 @@ from tumorseg.validation.split_check import validate_split
 from tumorseg.validation.suite import validate_dataset, validation_markdown
 
 
+def _fake_digest(case_id: str, key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{case_id}/{key}".encode()).hexdigest()
+
+
 def good_row(case_id: str, patient_id: str | None = None, **overrides: str) -> dict[str, str]:
     """A manifest row as ingest writes it for a healthy 96x96x64, 2 mm BraTS 2021 case."""
     row = dict.fromkeys(MANIFEST_COLUMNS, "")
@@ -46,7 +52,7 @@ def good_row(case_id: str, patient_id: str | None = None, **overrides: str) -> d
     )
     for key in FILE_KEYS:
         row[f"path_{key}"] = f"/data/raw/{case_id}/{case_id}_{key}.nii.gz"
-        row[f"sha256_{key}"] = "0" * 64
+        row[f"sha256_{key}"] = _fake_digest(case_id, key)  # distinct scans: no duplicate flagged
         row[f"{key}_readable"] = "True"
         row[f"{key}_finite"] = "True"
         row[f"{key}_nonzero_voxels"] = "9200" if key == "seg" else "230000"
@@ -473,3 +479,198 @@ def test_ingest_then_validate_on_real_nifti_files(tmp_path: Path) -> None:
     assert "BraTS2021_00013_t2.nii.gz" in status.loc["BraTS2021_00013", "reason"]
     assert result.n_quarantined == 3 and result.passed
     assert not list(raw.rglob("*validation*")), "the source dataset is untouched"
+
+
+# ---------------------------------------------------------------- duplicated scans
+def _digest_overrides(case_id: str, **shared: str) -> dict[str, str]:
+    """Content digests for a row (distinct per case) with ``shared`` ones replacing them."""
+    row = {
+        f"content_sha256_{k}": _fake_digest(case_id, f"content-{k}") for k in ("t1", "t1ce", "t2", "flair")
+    }
+    return {**row, **shared}
+
+
+@pytest.fixture(scope="module")
+def duplicates_run(tmp_path_factory: pytest.TempPathFactory):
+    """Cases linked by an identical file, by a decoded volume only, transitively, and look-alikes that are not."""
+    same_t1 = _fake_digest("shared", "t1-file")
+    rows = [
+        # A = B: the same t1 file (any modality is enough).
+        good_row("A", sha256_t1=same_t1, **_digest_overrides("A")),
+        good_row("B", sha256_t1=same_t1, **_digest_overrides("B")),
+        # C = D: re-saved flair (other file, same decoded volume), D's filed as t2.
+        good_row("C", **_digest_overrides("C", content_sha256_flair="f" * 64)),
+        good_row("D", **_digest_overrides("D", content_sha256_t2="f" * 64)),
+        # I = J = K: I-J by a t1ce file, J-K by a t2 volume.
+        good_row("I", sha256_t1ce="1" * 64, **_digest_overrides("I")),
+        good_row("J", sha256_t1ce="1" * 64, **_digest_overrides("J", content_sha256_t2="2" * 64)),
+        good_row("K", **_digest_overrides("K", content_sha256_t2="2" * 64)),
+        # Not duplicates: the same segmentation, the same empty t2, the same unreadable file.
+        good_row("S1", sha256_seg="3" * 64, **_digest_overrides("S1")),
+        good_row("S2", sha256_seg="3" * 64, **_digest_overrides("S2")),
+        good_row(
+            "Z1",
+            sha256_t2="4" * 64,
+            t2_nonzero_voxels="0",
+            **_digest_overrides("Z1", content_sha256_t2="5" * 64),
+        ),
+        good_row(
+            "Z2",
+            sha256_t2="4" * 64,
+            t2_nonzero_voxels="0",
+            **_digest_overrides("Z2", content_sha256_t2="5" * 64),
+        ),
+        good_row(
+            "U1",
+            **unreadable("flair", sha256_flair="6" * 64),
+            **_digest_overrides("U1", content_sha256_flair=""),
+        ),
+        good_row(
+            "U2",
+            **unreadable("flair", sha256_flair="6" * 64),
+            **_digest_overrides("U2", content_sha256_flair=""),
+        ),
+        *(good_row(f"ok{i}", **_digest_overrides(f"ok{i}")) for i in range(4)),
+    ]
+    src = write_cases(tmp_path_factory.mktemp("dup_ingested"), rows)
+    out = tmp_path_factory.mktemp("dup_validated")
+    return out, validate_dataset(src, out, ValidateConfig(max_invalid_fraction=0.5)), read_manifest(out)
+
+
+def test_duplicated_scans_are_flagged_not_quarantined(duplicates_run) -> None:
+    _, result, manifest = duplicates_run
+    rows = manifest.set_index("case_id")
+    expected = {"A": "A", "B": "A", "C": "C", "D": "C", "I": "I", "J": "I", "K": "I"}
+    assert rows["duplicate_of"].to_dict() == {c: expected.get(c, "") for c in rows.index}
+    assert set(rows.loc[list(expected), "status"]) == {"ok"} and set(rows.loc[list(expected), "reason"]) == {
+        ""
+    }
+    assert set(rows.loc[["Z1", "Z2", "U1", "U2"], "status"]) == {"quarantined"}  # for their own faults
+    assert result.passed
+    verdicts = {c.case_id: c for c in result.cases}
+    assert verdicts["B"].flagged_checks == ["scan.not_duplicated"] and verdicts["B"].failed_checks == []
+    assert verdicts["ok0"].flagged_checks == []
+
+
+def test_duplicates_are_a_warning_expectation_in_the_report_and_data_docs(duplicates_run) -> None:
+    out, result, _ = duplicates_run
+    report = json.loads(result.report_path.read_text())
+    entry = next(e for e in report["expectations"] if e["check"] == "scan.not_duplicated")
+    assert entry["severity"] == "warning" and entry["success"] is False
+    assert entry["expectation"] == "expect_column_values_to_be_null"
+    assert entry["unexpected_case_ids"] == ["A", "B", "C", "D", "I", "J", "K"]
+    assert [g["case_ids"] for g in report["duplicates"]] == [["A", "B"], ["C", "D"], ["I", "J", "K"]]
+    by_first = {g["first"]: g["evidence"] for g in report["duplicates"]}
+    assert by_first["A"] == ["identical t1 file: A, B"]
+    assert by_first["C"] == ["same decoded t2/flair volume: C flair, D t2"]
+    assert by_first["I"] == ["identical t1ce file: I, J", "same decoded t2 volume: J, K"]
+    critical = [e for e in report["expectations"] if e["check"] != "scan.not_duplicated"]
+    assert all(e["severity"] == "critical" for e in critical)
+    suite = json.loads(next((out / "validation" / "gx" / "expectations").glob("*.json")).read_text())
+    severities = {e["meta"]["tumorseg_check"]: e.get("severity", "critical") for e in suite["expectations"]}
+    assert severities["scan.not_duplicated"] == "warning" and severities["t1.readable"] == "critical"
+    text = validation_markdown(result)
+    assert "`scan.not_duplicated` (warning)" in text
+    assert "### Duplicate scans" in text and "| I, J, K |" in text
+
+
+def test_duplicates_are_one_log_warning_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [
+        good_row("A", sha256_t2="7" * 64),
+        good_row("B", sha256_t2="7" * 64),
+        good_row("C"),
+        good_row("D"),
+    ]
+    write_cases(tmp_path, rows)
+    with caplog.at_level("WARNING", logger="tumorseg.validation.suite"):
+        validate_dataset(tmp_path, tmp_path, ValidateConfig())
+    lines = [r.getMessage() for r in caplog.records if r.name == "tumorseg.validation.suite"]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "2 cases hold 1 scan stored under several case ids" in lines[0] and "A = B" in lines[0]
+    # Validating again in place gives the same column (recomputed, not accumulated).
+    once = (tmp_path / "manifest.csv").read_text()
+    validate_dataset(tmp_path, tmp_path, ValidateConfig())
+    assert (tmp_path / "manifest.csv").read_text() == once
+    assert read_manifest(tmp_path)["duplicate_of"].tolist() == ["A", "A", "", ""]
+
+
+def test_no_duplicates_no_warning_and_an_empty_column(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_cases(tmp_path, [good_row(c) for c in GOOD_CASES[:4]])
+    with caplog.at_level("WARNING"):
+        result = validate_dataset(tmp_path, tmp_path / "out", ValidateConfig())
+    assert not [r for r in caplog.records if "several case ids" in r.getMessage()]
+    assert set(read_manifest(tmp_path / "out")["duplicate_of"]) == {""}
+    assert all(c.success for c in result.checks) and result.duplicates == []
+
+
+def test_duplicates_on_real_files_copied_and_resaved(tmp_path: Path) -> None:
+    """An identical copy and an uncompressed re-save under new case ids are flagged; other scans are not."""
+    import importlib.util
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from tumorseg.config import IngestConfig
+    from tumorseg.data.ingest import ingest
+
+    spec = importlib.util.spec_from_file_location(
+        "fx", Path(__file__).resolve().parents[1] / "fixtures_nifti.py"
+    )
+    fx = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fx)
+    raw = tmp_path / "raw"
+    for i in range(1, 5):
+        fx.write_brats_case(raw, f"BraTS2021_0000{i}", seed=i)
+    original = raw / "BraTS2021_00001"
+    copy = raw / "BraTS2021_00101"  # the same files under another id
+    copy.mkdir()
+    for path in original.iterdir():
+        shutil.copyfile(path, copy / path.name.replace("00001", "00101"))
+    resaved = raw / "BraTS2021_00102"  # every file re-saved as .nii (no gzip, float32)
+    resaved.mkdir()
+    for path in (raw / "BraTS2021_00002").iterdir():
+        image = nib.load(path)
+        data = np.asarray(image.dataobj)
+        name = path.name.replace("00002", "00102").removesuffix(".gz")
+        nib.save(
+            nib.Nifti1Image(data if "seg" in name else data.astype(np.float32), image.affine), resaved / name
+        )
+
+    ingest(raw, tmp_path / "ingested", IngestConfig(workers=1))
+    result = validate_dataset(tmp_path / "ingested", tmp_path / "validated", ValidateConfig())
+    rows = read_manifest(tmp_path / "validated").set_index("case_id")
+    assert set(rows["status"]) == {"ok"}
+    assert rows["duplicate_of"].to_dict() == {
+        "BraTS2021_00001": "BraTS2021_00001",
+        "BraTS2021_00002": "BraTS2021_00002",
+        "BraTS2021_00003": "",
+        "BraTS2021_00004": "",
+        "BraTS2021_00101": "BraTS2021_00001",
+        "BraTS2021_00102": "BraTS2021_00002",
+    }
+    evidence = {g["first"]: g["evidence"] for g in result.duplicates}
+    assert evidence["BraTS2021_00001"] == [
+        "identical t1/t1ce/t2/flair files: BraTS2021_00001, BraTS2021_00101"
+    ]
+    assert evidence["BraTS2021_00002"] == [
+        "same decoded t1/t1ce/t2/flair volumes: BraTS2021_00002, BraTS2021_00102"
+    ]
+
+
+def test_split_check_keeps_duplicated_scans_on_one_side(
+    tmp_path: Path, validated_manifest: pd.DataFrame
+) -> None:
+    manifest = validated_manifest.assign(duplicate_of="")
+    manifest.loc[manifest.case_id.isin(["c2", "c4"]), "duplicate_of"] = "c2"  # patients p1 and p2: one scan
+    ok = _split(tmp_path, {"train": ["c0", "c1", "c2", "c3", "c4", "c5"], "test": ["c6"]})
+    assert validate_split(ok, manifest).cases == {"train": 6, "test": 1}
+    leaky = _split(tmp_path, {"train": ["c0", "c1", "c2", "c3"], "test": ["c4", "c5"]}, name="leaky.json")
+    with pytest.raises(
+        DataError,
+        match=r"duplicated scans \(duplicate_of\) in more than one split: "
+        r"c2 \(train\), c3 \(train\), c4 \(test\), c5 \(test\)",
+    ):
+        validate_split(leaky, manifest)

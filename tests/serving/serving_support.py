@@ -197,3 +197,59 @@ def planar_png(image: Any) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(scaled.astype(np.uint8), mode="L").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------- other label sets
+POST_RC_FLAIR = 3.0
+"""Z-scored FLAIR above which the post-treatment oracle predicts RC (the brightest enhancing voxels
+of the phantoms: not anatomy, just a non-empty fourth region to report and draw)."""
+
+
+def post_treatment_network() -> nn.Module:
+    """The oracle with a fourth output channel, for label set ``glioma_post`` (WT, TC, ET, RC).
+
+    WT, TC and ET are the 3-D oracle's channels (FLAIR thresholds); RC is FLAIR above
+    :data:`POST_RC_FLAIR`. Painted in order, RC overwrites the brightest ET voxels.
+    """
+    base = predictor_tests.oracle("regions")
+    conv = nn.Conv3d(4, 4, 1)
+    gain = predictor_tests.GAIN
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:3] = base.weight
+        conv.bias[:3] = base.bias
+        conv.weight[3, 3] = gain
+        conv.bias[3] = -gain * POST_RC_FLAIR
+    return conv.eval()
+
+
+def post_treatment_model() -> LoadedModel:
+    """A tiny ``glioma_post`` model (``ModelConfig(label_set="glioma_post")``: 4 output channels)."""
+    from tumorseg.models.networks import ModelConfig
+
+    loaded = oracle_model(post_treatment_network())
+    loaded.trained.model = ModelConfig(output="regions", label_set="glioma_post")
+    assert loaded.trained.model.out_channels == 4
+    loaded.description = "post-treatment oracle network (tests)"
+    return loaded
+
+
+def write_post_treatment_case(root: Path, case_id: str = "BraTS-GLI-02001-100", seed: int = 4) -> Path:
+    """A BraTS 2024 GLI case (brats2023 layout, 2024 codes 1 NETC, 2 SNFH, 3 ET, 4 RC) of the phantom.
+
+    The phantom's tumour is written as NETC/SNFH/ET (same codes as 2023) and a resection cavity
+    (code 4) is added as a small ball beside it, inside the brain.
+    """
+    import nibabel as nib
+    import numpy as np
+
+    folder = fx.write_brats_case(root, case_id, layout="brats2023", seed=seed)
+    seg_path = folder / f"{case_id}-seg.nii.gz"
+    seg = nib.load(seg_path)
+    labels = np.asarray(seg.dataobj).astype(np.uint8)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in labels.shape], indexing="ij"))
+    centre = np.array([n * 0.3 for n in labels.shape]).reshape(3, 1, 1, 1)
+    cavity = (((grid - centre) ** 2).sum(axis=0) <= 4.0) & (labels == 0)
+    labels[cavity] = 4
+    nib.save(nib.Nifti1Image(labels, seg.affine), str(seg_path))
+    return folder

@@ -86,8 +86,20 @@ def docker_args() -> dict[str, str]:
 
 
 def makefile_installs() -> list[dict]:
-    lines = [line.strip() for line in (ROOT / "Makefile").read_text().splitlines() if "pip install" in line]
-    return pip_installs(lines, {"BIN": "bin"})
+    """The installs of the ``venv`` recipe (``$(VENV)/.installed``): what ``make run`` needs.
+
+    ``make test`` installs the test-only ``interop`` extra on top; the image does not need it.
+    """
+    recipe: list[str] = []
+    inside = False
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line.startswith("$(VENV)/.installed:"):
+            inside = True
+        elif inside and not line.startswith("\t"):
+            break
+        elif inside and "pip install" in line:
+            recipe.append(line.strip())
+    return pip_installs(recipe, {"BIN": "bin"})
 
 
 def docker_installs() -> list[dict]:

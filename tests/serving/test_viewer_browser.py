@@ -5,6 +5,9 @@ generated case through the file input, waits for the overlay, checks the volumes
 the API's JSON, scores a ground-truth mask, toggles a region, and saves a screenshot
 (``<tmp>/viewer.png``; also copied to ``$TUMORSEG_VIEWER_PNG`` when set, e.g. ``docs/viewer.png``).
 
+The post-treatment test serves a ``glioma_post`` model (WT, TC, ET, RC): the page builds its region
+toggles, legend and volume table from the label set the server sends, and draws the RC overlay.
+
 The 2-D test uploads a generated Figshare slice (``tumorseg.data.planar_synth``), checks the
 detection the page shows against the API's JSON, the single-region toggle and the opacity control,
 and saves ``<tmp>/viewer_2d.png`` (copied to ``$TUMORSEG_VIEWER_2D_PNG`` when set, e.g.
@@ -23,7 +26,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serving_support import oracle_model, planar_oracle_slot, serve_params
+from serving_support import (
+    oracle_model,
+    planar_oracle_slot,
+    post_treatment_model,
+    serve_params,
+    write_post_treatment_case,
+)
 
 from tumorseg.serving.app import ServeSettings, create_app
 
@@ -57,6 +66,20 @@ def planar_server_url(tmp_path: Path) -> Iterator[str]:
     """The app with the 2-D oracle too (no demo cases) served by uvicorn in a thread."""
     settings = ServeSettings.from_params(serve_params(tmp_path), model_uri="oracle")
     yield from serve_in_thread(create_app(settings, loaded_model=oracle_model(), planar=planar_oracle_slot()))
+
+
+@pytest.fixture
+def post_server_url(tmp_path: Path) -> Iterator[str]:
+    """The app with a post-treatment (glioma_post) model, no demo cases, served by uvicorn in a thread."""
+    settings = ServeSettings.from_params(serve_params(tmp_path), model_uri="oracle")
+    yield from serve_in_thread(create_app(settings, loaded_model=post_treatment_model()))
+
+
+REGION_LEGEND = """() => [...document.querySelectorAll('#region-controls label')].map((label) => ({
+  value: label.querySelector('.region').value,
+  text: label.textContent.trim(),
+  colour: getComputedStyle(label.querySelector('.swatch')).backgroundColor,
+}))"""
 
 
 def serve_in_thread(app: object) -> Iterator[str]:
@@ -109,6 +132,12 @@ def test_upload_a_case_see_the_overlay_volumes_and_dice(
             page.click("#upload-button")
             page.wait_for_selector('#viewer[data-state="ready"]', timeout=60_000)
             assert int(page.get_attribute("#viewer", "data-overlay-pixels")) > 0
+            # the glioma toggles and legend, built from the label set the server sends, as they always were
+            assert page.evaluate(REGION_LEGEND) == [
+                {"value": "WT", "text": "WT (oedema)", "colour": "rgb(46, 204, 64)"},
+                {"value": "TC", "text": "TC (necrosis)", "colour": "rgb(255, 65, 54)"},
+                {"value": "ET", "text": "ET (enhancing)", "colour": "rgb(255, 220, 0)"},
+            ]
             shown = {
                 row.get_attribute("data-region"): float(row.query_selector_all("td")[1].inner_text())
                 for row in page.query_selector_all("#volumes tbody tr")
@@ -256,3 +285,66 @@ def test_upload_a_2d_slice_see_the_mask_detection_and_download_it(
     if target := os.environ.get("TUMORSEG_VIEWER_2D_PNG"):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(screenshot, target)
+
+
+RC_PIXELS = """() => ["axial", "coronal", "sagittal"].reduce((count, plane) => {
+  const canvas = document.getElementById(`canvas-${plane}`);
+  const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  // the RC colour (177, 13, 201) blended over grey: blue well above green, red above green
+  for (let i = 0; i < data.length; i += 4) {
+    if (data[i + 2] > data[i + 1] + 40 && data[i] > data[i + 1] + 20) count += 1;
+  }
+  return count;
+}, 0)"""
+
+
+def test_a_post_treatment_model_shows_its_four_regions(post_server_url: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    case = write_post_treatment_case(tmp_path / "case")
+    modalities = sorted(str(p) for p in case.glob("*.nii.gz") if "-seg" not in p.name)
+    expected = httpx.post(
+        f"{post_server_url}/predict?format=json",
+        files=[("files", (Path(p).name, Path(p).read_bytes())) for p in modalities],
+        timeout=60,
+    ).json()["volumes_ml"]
+    assert list(expected) == ["WT", "TC", "ET", "RC"] and expected["RC"] > 0
+
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+            page.goto(post_server_url + "/")
+            page.wait_for_function("document.querySelector('#model').textContent.includes('glioma_post')")
+
+            page.set_input_files("#files", modalities)
+            page.click("#upload-button")
+            page.wait_for_selector('#viewer[data-state="ready"]', timeout=60_000)
+            legend = page.evaluate(REGION_LEGEND)
+            assert [entry["value"] for entry in legend] == ["WT", "TC", "ET", "RC"]
+            rc = {"value": "RC", "text": "RC (resection cavity)", "colour": "rgb(177, 13, 201)"}
+            assert legend[3] == rc
+            shown = {
+                row.get_attribute("data-region"): float(row.query_selector_all("td")[1].inner_text())
+                for row in page.query_selector_all("#volumes tbody tr")
+            }
+            assert list(shown) == ["WT", "TC", "ET", "RC"]
+            assert shown == pytest.approx({k: round(v, 2) for k, v in expected.items()}, abs=0.006)
+
+            # RC is drawn in its colour; switching it off removes those pixels
+            before = int(page.get_attribute("#viewer", "data-overlay-pixels"))
+            assert page.evaluate(RC_PIXELS) > 0
+            page.uncheck('.region[value="RC"]')
+            page.wait_for_function(
+                f"document.querySelector('#viewer').dataset.state === 'ready' && "
+                f"Number(document.querySelector('#viewer').dataset.overlayPixels) < {before}"
+            )
+            assert page.evaluate(RC_PIXELS) == 0
+            screenshot = tmp_path / "viewer_post.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert problems == [], problems

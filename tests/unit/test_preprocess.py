@@ -375,6 +375,7 @@ def test_dataset_outputs_follow_the_contract(ingested: tuple[Path, Path], tmp_pa
     assert list(index["case_id"]) == ["BraTS2021_00001", "BraTS2021_00002", "BraTS2021_00003"]
     assert list(index["has_label"]) == ["True", "True", "False"]
     assert list(index["has_tumour"]) == ["True", "True", "False"]
+    assert set(index["subset"]) == set(index["fold"]) == set(index["duplicate_of"]) == {""}
     for row in index.to_dict(orient="records"):
         with np.load(out / row["npz"]) as npz:
             codes = {f"loc_{c}" for c in np.unique(npz["label"])}
@@ -513,3 +514,32 @@ def test_reorientation_copies_the_same_values_into_c_order(codes: str, memory_or
     assert reoriented.flags.c_contiguous and reoriented.dtype == np.float32
     assert np.array_equal(reoriented, expected)
     assert np.array_equal(_reorient(volume, transform), expected.astype(np.int16))
+
+
+def test_index_carries_the_datalist_and_duplicate_columns_of_the_manifest(
+    ingested: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """subset/fold (ingest) and duplicate_of (validate) reach index.csv for `tumorseg split`."""
+    _, manifest_dir = ingested
+    manifest = read_manifest(manifest_dir)
+    manifest["subset"] = ["training", "validation", "testing", "training"]
+    manifest["fold"] = ["1", "", "", "0"]
+    manifest["duplicate_of"] = ["BraTS2021_00001", "BraTS2021_00001", "", ""]
+    manifest.to_csv(manifest_dir / "manifest.csv", index=False)
+    preprocess_dataset(manifest_dir, tmp_path / "pre", PreprocessConfig(workers=1))
+    index = pd.read_csv(tmp_path / "pre" / "index.csv", dtype=str, keep_default_na=False).set_index("case_id")
+    assert index["subset"].to_dict() == {
+        "BraTS2021_00001": "training",
+        "BraTS2021_00002": "validation",
+        "BraTS2021_00003": "testing",
+    }
+    assert index["fold"].tolist() == ["1", "", ""]
+    assert index["duplicate_of"].tolist() == ["BraTS2021_00001", "BraTS2021_00001", ""]
+
+    # A manifest without the columns (an older ingest, a 2-D-style table) leaves them empty.
+    manifest.drop(columns=["subset", "fold", "duplicate_of"]).to_csv(
+        manifest_dir / "manifest.csv", index=False
+    )
+    preprocess_dataset(manifest_dir, tmp_path / "pre", PreprocessConfig(workers=1))
+    index = pd.read_csv(tmp_path / "pre" / "index.csv", dtype=str, keep_default_na=False)
+    assert set(index["subset"]) == set(index["fold"]) == set(index["duplicate_of"]) == {""}

@@ -17,8 +17,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tumorseg.data.conventions import REGION_NAMES
-
 BASELINE = "fp32"
 EDGE_RUNTIMES = ("onnxruntime", "torch.export")
 """Runtimes of deployable variant files: ONNX models, and torch.export programs (the bfloat16 variants)."""
@@ -254,6 +252,11 @@ def report_markdown(
     results: list[VariantResult], edge: VariantResult | None, *, context: dict[str, Any]
 ) -> str:
     """A markdown table of every variant, with the edge choice and its ratios underneath."""
+    regions = list(dict.fromkeys(k for r in results for k in (r.dice or {}) if k != "mean")) or [
+        "WT",
+        "TC",
+        "ET",
+    ]
     lines = [
         "# Model compression",
         "",
@@ -263,16 +266,17 @@ def report_markdown(
         f"in the source geometry. Gate: mean Dice drop <= {context.get('dice_tolerance', '?')}.",
         "",
         "| variant | runtime | file MiB | parameters | sparsity | GMAC/window | latency s | inference s "
-        "| fp32 alongside s | x fp32 speed | Dice WT | Dice TC | Dice ET | Dice mean | drop | max abs logit diff "
-        "| gate |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| fp32 alongside s | x fp32 speed | "
+        + "".join(f"Dice {region} | " for region in regions)
+        + "Dice mean | drop | max abs logit diff | gate |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(regions) + "---:|---:|---:|---|",
     ]
     baseline = next((r for r in results if r.name == BASELINE), None)
     for r in results:
         gate = "baseline" if r.accepted is None else ("accepted" if r.accepted else "rejected")
         if not r.measured and r.name != BASELINE:
             gate = f"not measured: {r.reason}"
-        dice = [_fmt(r.dice.get(region), ".4f") for region in (*REGION_NAMES, "mean")]
+        dice = [_fmt(r.dice.get(region), ".4f") for region in (*regions, "mean")]
         lines.append(
             f"| {r.name}{' **(edge)**' if edge is not None and r.name == edge.name else ''} | {r.runtime} "
             f"| {_fmt(r.file_mb, '.2f')} | {_fmt(r.parameters, ',d')} | {_fmt(r.sparsity, '.2f')} "

@@ -478,9 +478,9 @@ def measure_latencies(
 
 
 def measure_dice(predictor: Any, cases: list[Any], eval_cfg: Any, work: Path, name: str) -> tuple[dict, dict]:
-    """Mean Dice per region (+ ``mean``) and each case's mean over WT/TC/ET, on ``cases`` (source geometry)."""
-    from tumorseg.data.conventions import REGION_NAMES
+    """Mean Dice per scored region (+ ``mean``) and each case's mean over them, on ``cases`` (source geometry)."""
     from tumorseg.evaluation.pipeline_stage import evaluate_cases
+    from tumorseg.evaluation.summary import region_order
 
     folder = work / f"eval_{name}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -492,9 +492,10 @@ def measure_dice(predictor: Any, cases: list[Any], eval_cfg: Any, work: Path, na
         summary_path=folder / "summary.json",
         make_plots=False,
     )
-    wide = result.per_case.pivot(index="case_id", columns="region", values="dice")[list(REGION_NAMES)]
+    regions = region_order(result.per_case)
+    wide = result.per_case.pivot(index="case_id", columns="region", values="dice")[regions]
     per_case = wide.mean(axis=1)
-    dice = {region: float(wide[region].mean()) for region in REGION_NAMES}
+    dice = {region: float(wide[region].mean()) for region in regions}
     dice["mean"] = float(per_case.mean())
     return dice, {str(k): float(v) for k, v in per_case.items()}
 

@@ -1,50 +1,174 @@
-"""Label conventions, modality names and dataset layouts.
+"""Label sets, label conventions, modality names and dataset layouts.
 
-tumorseg keeps one *canonical* convention internally (the BraTS 2023+ one):
+Labels are data, not code: :file:`label_sets.yaml` (next to this module) holds one table per
+**label set** (the label space tumorseg trains in: internal codes, names, the network's output
+regions and how they are painted back) and one per **convention** (how a dataset family writes its
+``seg`` files: source code -> label, the regions its challenge scores, the lesion-wise parameters
+of each region and the lesion-wise rules). The built-in sets:
 
-====  =========================================  ==================
-code  meaning                                    BraTS region(s)
-====  =========================================  ==================
-0     background
-1     NCR: necrotic / non-enhancing tumour core  WT, TC
-2     ED: peritumoural oedema                    WT
-3     ET: enhancing tumour                       WT, TC, ET
-====  =========================================  ==================
+===========  ==================================  ===============================================
+label set    internal codes                      conventions
+===========  ==================================  ===============================================
+glioma       1 NCR, 2 ED, 3 ET                   brats2021, brats2023 (GLI), brats2023-ssa/-men/
+                                                 -met/-ped/-goat, msd
+glioma_post  1 NETC, 2 SNFH, 3 ET, 4 RC          brats2024-gli (post-treatment, resection cavity)
+pediatric    1 ET, 2 NETC, 3 CC, 4 ED            brats2024-ped
+===========  ==================================  ===============================================
 
-Channels are always stacked in :data:`CANONICAL_MODALITIES` order
-(T1, T1ce, T2, FLAIR). Each source convention maps to and from the canonical
-codes through a lookup table, so predictions are written back in the user's own
-convention.
+A case is read through its convention into the internal codes of its label set; a dataset has
+one label set (cases of several conventions mix when they share it: BraTS 2021 with 2023 GLI); the
+network's output channels are the set's ``train_regions``; predictions are painted back into
+internal codes and written in the input's own convention.
+
+Channels are always stacked in :data:`CANONICAL_MODALITIES` order (T1, T1ce, T2, FLAIR).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
 
 import numpy as np
 
 CANONICAL_MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 """Channel order of every preprocessed image tensor (C = 4)."""
 
-CANONICAL_LABELS: dict[int, str] = {0: "background", 1: "NCR", 2: "ED", 3: "ET"}
+LESION_RULES: tuple[str, ...] = ("brats2023", "brats2024")
+"""Lesion-wise algorithms (:mod:`tumorseg.evaluation.lesionwise`)."""
 
-REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
-"""BraTS evaluation regions as sets of canonical labels."""
+DEFAULT_LABEL_SET = "glioma"
+"""The label set of models saved before label sets existed (they all trained on it)."""
 
-REGION_NAMES: tuple[str, ...] = tuple(REGIONS)
+
+@dataclass(frozen=True)
+class TrainRegion:
+    """One output channel of a region-trained network.
+
+    Attributes:
+        name: ``WT``, ``TC``, ...
+        codes: internal codes inside the region.
+        paint: internal code the region is painted as (nnU-Net's ``regions_class_order``).
+        parent: index of the smallest earlier region that contains it (its prediction is kept
+            inside the parent's, as BraTS post-processing keeps TC inside WT), or -1.
+    """
+
+    name: str
+    codes: tuple[int, ...]
+    paint: int
+    parent: int = -1
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A label space: internal codes and the network's output regions.
+
+    Attributes:
+        name: ``glioma``, ``glioma_post``, ``pediatric``.
+        description: what data it is for.
+        labels: internal code -> name, background (0) included.
+        train_regions: the output channels of a region-trained network, in order.
+    """
+
+    name: str
+    description: str
+    labels: dict[int, str]
+    train_regions: tuple[TrainRegion, ...]
+
+    @property
+    def codes(self) -> tuple[int, ...]:
+        """Tumour codes (background excluded), ascending."""
+        return tuple(sorted(c for c in self.labels if c))
+
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.train_regions)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """Names of every label channel of a label-trained network (background first)."""
+        return tuple(self.labels[c] for c in sorted(self.labels))
+
+    def out_channels(self, output: str) -> int:
+        """Network output channels: one per train region, or one per label with background."""
+        return len(self.train_regions) if output == "regions" else len(self.labels)
+
+    def code(self, name: str) -> int:
+        for code, label in self.labels.items():
+            if label == name:
+                return code
+        raise KeyError(
+            f"label set {self.name} has no label {name!r}; it has {', '.join(self.labels.values())}"
+        )
+
+    def regions(self, labels: np.ndarray) -> np.ndarray:
+        """Binary train-region masks ``(R, *spatial)`` of an internal label volume."""
+        return np.stack([np.isin(labels, r.codes) for r in self.train_regions])
+
+    def paint(self, regions: np.ndarray) -> np.ndarray:
+        """Internal labels from region masks ``(R, *spatial)``: nested, then painted in order."""
+        kept: list[np.ndarray] = []
+        out = np.zeros(np.asarray(regions[0]).shape, dtype=np.uint8)
+        for index, region in enumerate(self.train_regions):
+            mask = np.asarray(regions[index], dtype=bool)
+            if region.parent >= 0:
+                mask = mask & kept[region.parent]
+            kept.append(mask)
+            out[mask] = region.paint
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The table as ``label_sets.yaml`` writes it (for model cards and exports)."""
+        return {
+            "description": self.description,
+            "labels": {int(c): n for c, n in self.labels.items() if c},
+            "train_regions": [
+                {"name": r.name, "labels": [self.labels[c] for c in r.codes], "paint": self.labels[r.paint]}
+                for r in self.train_regions
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class RegionRule:
+    """One scored region of a convention and its lesion-wise parameters.
+
+    Attributes:
+        name: ``WT``, ``RC``, ...
+        codes: internal codes inside the region.
+        dilation: reference dilation iterations that merge and match lesions.
+        min_volume_mm3: reference lesions at or below this volume are not counted.
+    """
+
+    name: str
+    codes: tuple[int, ...]
+    dilation: int
+    min_volume_mm3: float
 
 
 @dataclass(frozen=True)
 class LabelConvention:
-    """A source label convention and its mapping to canonical codes.
+    """How one dataset family codes its ``seg`` files, and how its challenge scores them.
 
     Attributes:
-        name: ``brats2021``, ``brats2023`` or ``msd``.
-        to_canonical: source label value -> canonical label value.
+        name: ``brats2021``, ``brats2023``, ``brats2024-gli``, ``msd``, ...
+        title: the dataset family in words.
+        label_set: the internal label space.
+        to_canonical: source value -> internal code (0 -> 0 included).
+        scored: the regions its challenge scores, in its order, with lesion-wise parameters.
+        rules: lesion-wise algorithm, ``brats2023`` or ``brats2024``.
+        hd95_penalty_mm: HD95 of a missed or false-positive lesion (and of an empty mask).
     """
 
     name: str
+    title: str
+    label_set: LabelSet
     to_canonical: dict[int, int]
+    scored: tuple[RegionRule, ...]
+    rules: str
+    hd95_penalty_mm: float = 374.0
 
     @property
     def from_canonical(self) -> dict[int, int]:
@@ -54,12 +178,24 @@ class LabelConvention:
     def allowed_values(self) -> frozenset[int]:
         return frozenset(self.to_canonical)
 
+    @property
+    def region_names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.scored)
+
+    def region_masks(self, internal: np.ndarray) -> np.ndarray:
+        """Binary masks ``(len(scored), *spatial)`` of the scored regions of an internal label volume."""
+        return np.stack([np.isin(internal, r.codes) for r in self.scored])
+
+    def source_codes(self) -> dict[str, int]:
+        """Label name -> the value this convention writes for it."""
+        return {self.label_set.labels[c]: s for s, c in self.to_canonical.items() if c}
+
     def encode(self, source_labels: np.ndarray) -> np.ndarray:
-        """Map a source label volume to canonical codes (unknown values raise ValueError)."""
+        """Map a source label volume to internal codes (unknown values raise ValueError)."""
         return _remap(source_labels, self.to_canonical, self.name)
 
     def decode(self, canonical_labels: np.ndarray) -> np.ndarray:
-        """Map a canonical label volume back to this convention's codes."""
+        """Map an internal label volume back to this convention's codes."""
         return _remap(canonical_labels, self.from_canonical, self.name)
 
 
@@ -80,12 +216,108 @@ def _remap(labels: np.ndarray, table: dict[int, int], name: str) -> np.ndarray:
     return lut[values]
 
 
-LABEL_CONVENTIONS: dict[str, LabelConvention] = {
-    "brats2021": LabelConvention("brats2021", {0: 0, 1: 1, 2: 2, 4: 3}),
-    "brats2023": LabelConvention("brats2023", {0: 0, 1: 1, 2: 2, 3: 3}),
-    # MSD Task01_BrainTumour: 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour.
-    "msd": LabelConvention("msd", {0: 0, 1: 2, 2: 1, 3: 3}),
+# ---------------------------------------------------------------------------- the tables
+TABLE_FILE = "label_sets.yaml"
+
+
+class LabelTableError(ValueError):
+    """``label_sets.yaml`` breaks its own rules (a packaging bug, or a user's edited copy)."""
+
+
+def _codes_of(names: Iterable[str], labels: dict[int, str], where: str) -> tuple[int, ...]:
+    by_name = {n: c for c, n in labels.items()}
+    try:
+        return tuple(sorted(by_name[str(n)] for n in names))
+    except KeyError as exc:
+        raise LabelTableError(f"{where}: label {exc.args[0]!r} is not one of {sorted(by_name)}") from None
+
+
+def build_label_set(name: str, table: dict[str, Any]) -> LabelSet:
+    """A :class:`LabelSet` from its ``label_sets.yaml`` entry (see the file's header)."""
+    where = f"{TABLE_FILE}: label_sets.{name}"
+    labels = {0: "background", **{int(c): str(n) for c, n in dict(table["labels"]).items()}}
+    if sorted(labels) != list(range(len(labels))):
+        raise LabelTableError(f"{where}: internal codes must be 1..N without gaps, got {sorted(labels)}")
+    regions: list[TrainRegion] = []
+    for entry in table["train_regions"]:
+        codes = _codes_of(entry["labels"], labels, f"{where}.{entry['name']}")
+        paint = _codes_of([entry["paint"]], labels, f"{where}.{entry['name']}.paint")[0]
+        if paint not in codes:
+            raise LabelTableError(f"{where}.{entry['name']}: paint {entry['paint']} is not inside the region")
+        parents = [i for i, r in enumerate(regions) if set(codes) < set(r.codes)]
+        parent = min(parents, key=lambda i: len(regions[i].codes)) if parents else -1
+        regions.append(TrainRegion(str(entry["name"]), codes, paint, parent))
+    painted = {r.paint for r in regions}
+    if painted != set(labels) - {0}:
+        raise LabelTableError(
+            f"{where}: train_regions must paint every label once, they paint {sorted(painted)}"
+        )
+    return LabelSet(name, str(table.get("description", "")), labels, tuple(regions))
+
+
+def build_convention(name: str, table: dict[str, Any], label_sets: dict[str, LabelSet]) -> LabelConvention:
+    """A :class:`LabelConvention` from its ``label_sets.yaml`` entry."""
+    where = f"{TABLE_FILE}: conventions.{name}"
+    try:
+        label_set = label_sets[str(table["label_set"])]
+    except KeyError:
+        raise LabelTableError(f"{where}: unknown label_set {table.get('label_set')!r}") from None
+    to_canonical = {0: 0}
+    for value, label in dict(table["codes"]).items():
+        to_canonical[int(value)] = _codes_of([label], label_set.labels, f"{where}.codes")[0]
+    if sorted(to_canonical.values()) != sorted(label_set.labels):
+        raise LabelTableError(f"{where}: codes must name every label of {label_set.name} once")
+    rules = str(table.get("rules", "brats2023"))
+    if rules not in LESION_RULES:
+        raise LabelTableError(f"{where}: rules {rules!r} is not one of {', '.join(LESION_RULES)}")
+    scored = tuple(
+        RegionRule(
+            str(region),
+            _codes_of(spec["labels"], label_set.labels, f"{where}.regions.{region}"),
+            int(spec.get("dilation", 0)),
+            float(spec.get("min_volume_mm3", 0.0)),
+        )
+        for region, spec in dict(table["regions"]).items()
+    )
+    penalty = float(table.get("hd95_penalty_mm", 374.0))
+    return LabelConvention(
+        name, str(table.get("title", name)), label_set, to_canonical, scored, rules, penalty
+    )
+
+
+@cache
+def _tables() -> tuple[dict[str, LabelSet], dict[str, LabelConvention]]:
+    import yaml
+
+    text = resources.files("tumorseg.data").joinpath(TABLE_FILE).read_text()
+    data = yaml.safe_load(text)
+    sets = {name: build_label_set(name, spec) for name, spec in data["label_sets"].items()}
+    conventions = {name: build_convention(name, spec, sets) for name, spec in data["conventions"].items()}
+    return sets, conventions
+
+
+LABEL_SETS: dict[str, LabelSet] = _tables()[0]
+LABEL_CONVENTIONS: dict[str, LabelConvention] = _tables()[1]
+
+GLIOMA: LabelSet = LABEL_SETS[DEFAULT_LABEL_SET]
+
+# The glioma set's names, for code that predates label sets (2-D branch, old models).
+CANONICAL_LABELS: dict[int, str] = dict(GLIOMA.labels)
+REGIONS: dict[str, tuple[int, ...]] = {r.name: r.codes for r in GLIOMA.train_regions}
+REGION_NAMES: tuple[str, ...] = GLIOMA.region_names
+
+
+BRATS_PREFIX_CONVENTIONS: dict[str, str] = {
+    "GLI": "brats2023",
+    "SSA": "brats2023-ssa",
+    "MEN": "brats2023-men",
+    "MET": "brats2023-met",
+    "GOAT": "brats2023-goat",
 }
+"""BraTS 2023+ case-id prefix (``BraTS-MEN-00004-000``, upper-cased) -> its convention when unambiguous."""
+
+AMBIGUOUS_BRATS_PREFIXES: dict[str, tuple[str, ...]] = {"PED": ("brats2023-ped", "brats2024-ped")}
+"""Prefixes whose codes changed between challenges (PED 2023 codes as GLI, PED 2024 1 ET 2 NETC 3 CC 4 ED)."""
 
 
 def get_convention(name: str) -> LabelConvention:
@@ -93,40 +325,46 @@ def get_convention(name: str) -> LabelConvention:
         return LABEL_CONVENTIONS[name]
     except KeyError:
         raise ValueError(
-            f"unknown label convention {name!r}; use one of {sorted(LABEL_CONVENTIONS)}"
+            f"unknown label convention {name!r}; use one of {', '.join(LABEL_CONVENTIONS)}"
         ) from None
 
 
-def regions_from_canonical(labels: np.ndarray) -> np.ndarray:
-    """Binary region masks from a canonical label volume.
+def get_label_set(name: str | None) -> LabelSet:
+    """A label set by name; ``None`` or ``""`` (a model saved before label sets) is ``glioma``."""
+    if not name:
+        return GLIOMA
+    try:
+        return LABEL_SETS[name]
+    except KeyError:
+        raise ValueError(f"unknown label set {name!r}; use one of {', '.join(LABEL_SETS)}") from None
 
-    Args:
-        labels: integer volume, shape ``(H, W, D)`` (or any spatial shape).
 
-    Returns:
-        bool array of shape ``(3, H, W, D)`` in :data:`REGION_NAMES` order (WT, TC, ET).
+def label_set_of(conventions: Iterable[str], *, where: str = "the dataset") -> LabelSet:
+    """The one label set shared by cases of these conventions.
+
+    Raises:
+        ValueError: the conventions belong to different label sets (they code different
+            tumour parts and cannot be trained or scored together).
     """
-    return np.stack([np.isin(labels, codes) for codes in REGIONS.values()])
+    names = sorted({str(c) for c in conventions if c and str(c) != "nan"})
+    sets = sorted({get_convention(c).label_set.name for c in names})
+    if len(sets) > 1:
+        raise ValueError(
+            f"{where} mixes label sets {', '.join(sets)} (conventions {', '.join(names)}); "
+            "train one label set at a time: keep one dataset family per data.source"
+        )
+    return get_label_set(sets[0] if sets else None)
 
 
-def canonical_from_regions(regions: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`regions_from_canonical` for nested region masks.
+def regions_from_canonical(labels: np.ndarray, label_set: LabelSet = GLIOMA) -> np.ndarray:
+    """Binary train-region masks ``(R, *spatial)`` of an internal label volume (WT, TC, ET for glioma)."""
+    return label_set.regions(labels)
 
-    Args:
-        regions: bool/0-1 array ``(3, H, W, D)`` for WT, TC, ET. TC is taken inside
-            WT and ET inside TC, as BraTS post-processing does.
 
-    Returns:
-        uint8 canonical labels ``(H, W, D)``: WT-only -> ED (2), TC-only -> NCR (1), ET -> ET (3).
-    """
-    wt, tc, et = (np.asarray(r, dtype=bool) for r in regions)
-    tc = tc & wt
-    et = et & tc
-    out = np.zeros(wt.shape, dtype=np.uint8)
-    out[wt] = 2
-    out[tc] = 1
-    out[et] = 3
-    return out
+def canonical_from_regions(regions: np.ndarray, label_set: LabelSet = GLIOMA) -> np.ndarray:
+    """Inverse of :func:`regions_from_canonical` for nested masks: each region kept inside its
+    parent (TC in WT, ET in TC), then painted in order (WT -> ED, TC -> NCR, ET -> ET for glioma)."""
+    return label_set.paint(regions)
 
 
 @dataclass(frozen=True)

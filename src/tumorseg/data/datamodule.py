@@ -25,6 +25,7 @@ from monai.utils import MAX_SEED
 from torch.utils.data import Dataset
 
 from tumorseg.data.case_store import CaseReader, cached_bytes, open_cases
+from tumorseg.data.conventions import LabelSet
 from tumorseg.data.transforms import (
     CASE_INDEX_KEY,
     IMAGE_KEY,
@@ -83,6 +84,29 @@ def case_records(preprocessed_dir: str | Path, case_ids: Sequence[str]) -> list[
             )
         records.append({"case_id": case_id, CASE_INDEX_KEY: position, "path": str(path)})
     return records
+
+
+def dataset_label_set(preprocessed_dir: str | Path) -> LabelSet:
+    """The label set of a preprocessed dataset, from ``index.csv``'s ``label_convention`` column.
+
+    No index (cases listed by the split alone, as :func:`case_records` allows) or an index without
+    the column (written before label sets existed) is ``glioma``.
+
+    Raises:
+        DataError: the cases mix label sets (their conventions code different tumour parts).
+    """
+    import pandas as pd
+
+    from tumorseg.data.conventions import GLIOMA, label_set_of
+
+    index_file = Path(preprocessed_dir) / INDEX_NAME
+    if not index_file.is_file():
+        return GLIOMA
+    index = pd.read_csv(index_file, dtype=str, keep_default_na=False)
+    try:
+        return label_set_of(index.get("label_convention", []), where=str(index_file))
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
 
 
 def volume_shape(record: dict[str, Any]) -> tuple[int, int, int]:

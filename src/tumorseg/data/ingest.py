@@ -25,16 +25,39 @@ segmentation is not an error here: it is an unlabelled case (``path_seg`` empty)
 Statistics of a file are filled as far as it could be read: a missing file leaves its columns empty,
 an undecodable one has ``<key>_readable=False`` (and its sha256), a decoded one has all of them.
 
+Columns ingest adds to the manifest
+-----------------------------------
+Besides :data:`~tumorseg.data.manifest.MANIFEST_COLUMNS` ingest writes (:data:`INGEST_COLUMNS`):
+
+- ``subset``, ``fold``: where a MONAI datalist puts the case (``training``/``validation``/``testing``
+  and the fold number, from :class:`~tumorseg.data.layouts.CaseFiles`); empty for other layouts and
+  for cases the datalist gives no subset/fold. ``tumorseg split`` with ``split.method: datalist``
+  reads them.
+- ``content_sha256_<mod>`` (t1, t1ce, t2, flair): sha256 of the *decoded* volume
+  (:func:`content_digest`): its shape and its voxel values (scaling ``scl_slope``/``scl_inter``
+  applied) in NIfTI order, as int16 where the values are integers that fit, else as float32. The
+  same scan saved as ``.nii`` or ``.nii.gz``, with another gzip level, another header (description,
+  affine, qform/sform codes) or another on-disk dtype holding the same values has the same digest,
+  where the file ``sha256_<mod>`` differs. Empty when the volume could not be decoded.
+  ``tumorseg validate`` uses both digests to flag one scan stored under several case ids
+  (``duplicate_of``). It is computed from the arrays ingest decodes anyway (no second read): about
+  10 ms per 240x240x155 int16 volume and 20 ms per float32 one (sha256 with SHA-NI), so some 40 ms
+  (int16) to 85 ms (float32) per case, next to about 300 ms to read and decode it.
+
 Incremental runs
 ----------------
 The previous ``manifest.csv`` in the output folder is the cache: a case whose ``fingerprint`` (size
 and modification time of every file) and file paths are unchanged keeps its row without a single
 byte being read; new or changed cases are read; cases no longer in the source are dropped. The
-manifest is replaced atomically.
+manifest is replaced atomically. What discovery decides without reading an image (``patient_id``,
+``label_convention``, ``subset``, ``fold``) is taken afresh for reused rows too: editing a datalist or
+``ingest.labels`` changes no file. A previous manifest without every column of
+:data:`INGEST_COLUMNS` is from an older ingest: every case is read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -74,6 +97,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+DATALIST_COLUMNS: list[str] = ["subset", "fold"]
+"""MONAI datalist membership of a case (empty when the layout has no datalist)."""
+CONTENT_DIGEST_COLUMNS: list[str] = [f"content_sha256_{key}" for key in CANONICAL_MODALITIES]
+"""sha256 of each decoded modality (:func:`content_digest`), whatever file format stores it."""
+INGEST_COLUMNS: list[str] = [*MANIFEST_COLUMNS, *DATALIST_COLUMNS, *CONTENT_DIGEST_COLUMNS]
+"""Columns of the 3-D manifest ingest writes: the shared ones, then the datalist and content digests."""
 
 INGEST_STATUS_COLUMN = "ingest_status"
 INGEST_REASON_COLUMN = "ingest_reason"
@@ -143,7 +173,7 @@ def ingest(src: Path, out_dir: Path, cfg: IngestConfig) -> IngestSummary:
         if planar_files:
             return ingest_planar(src, out_dir, cfg, planar_files)
 
-    cases = discover_cases(src, None if cfg.layout == "auto" else cfg.layout)
+    cases = _discover(src, cfg)
     layout = cases[0].layout
     chunk_bytes = cfg.hash_chunk_mb << 20
     return write_incrementally(
@@ -153,11 +183,17 @@ def ingest(src: Path, out_dir: Path, cfg: IngestConfig) -> IngestSummary:
         fingerprint=case_fingerprint,
         reusable=_reusable,
         read=partial(read_manifest_row, chunk_bytes=chunk_bytes),
-        columns=MANIFEST_COLUMNS,
+        columns=INGEST_COLUMNS,
         layout=layout,
         workers=cfg.workers,
         start=start,
+        refresh=_refresh_discovery,
     )
+
+
+def _discover(src: Path, cfg: IngestConfig) -> list[CaseFiles]:
+    """:func:`~tumorseg.data.layouts.discover_cases` with the configured layout and label convention."""
+    return discover_cases(src, None if cfg.layout == "auto" else cfg.layout, labels=cfg.labels)
 
 
 def write_incrementally(
@@ -172,6 +208,7 @@ def write_incrementally(
     layout: str,
     workers: int,
     start: float,
+    refresh: Callable[[dict[str, str], T], dict[str, str]] | None = None,
 ) -> IngestSummary:
     """Reuse unchanged rows of the previous manifest, read the rest, write ``out_dir/manifest.csv``.
 
@@ -192,6 +229,8 @@ def write_incrementally(
         layout: the layout name the summary reports.
         workers: threads reading items.
         start: ``time.perf_counter()`` when the run began (for the summary's seconds).
+        refresh: updates a reused row with what may change without any file changing (the 3-D
+            ingest: a case's datalist subset and fold); None keeps reused rows as they were.
 
     Returns:
         Counts of what was read, reused, quarantined and dropped.
@@ -203,7 +242,7 @@ def write_incrementally(
         item_fingerprint = fingerprint(item)
         old = previous.get(item.case_id)  # type: ignore[attr-defined]
         if old is not None and reusable(old, item, item_fingerprint):
-            rows[item.case_id] = old  # type: ignore[attr-defined]
+            rows[item.case_id] = refresh(old, item) if refresh is not None else old  # type: ignore[attr-defined]
         else:
             to_read.append((item, item_fingerprint))
             new += old is None
@@ -271,10 +310,10 @@ def _previous_rows(out_dir: Path) -> dict[str, dict[str, str]]:
     except (DataError, ValueError, OSError) as exc:
         log.warning("ignoring the previous manifest in %s (%s); reading every case", out_dir, exc)
         return {}
-    if any(column not in df.columns for column in MANIFEST_COLUMNS):
+    if any(column not in df.columns for column in INGEST_COLUMNS):
         log.info("previous manifest in %s has another schema; reading every case", out_dir)
         return {}
-    return rows_with_ingest_verdict(df, MANIFEST_COLUMNS)
+    return rows_with_ingest_verdict(df, INGEST_COLUMNS)
 
 
 def rows_with_ingest_verdict(df: pd.DataFrame, columns: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -300,6 +339,24 @@ def _reusable(row: dict[str, str], case: CaseFiles, fingerprint: str) -> bool:
     return all(row[f"path_{key}"] == _path_text(case.paths.get(key)) for key in FILE_KEYS)
 
 
+def _discovery_fields(case: CaseFiles) -> dict[str, str]:
+    """What case discovery decides without reading an image, as manifest text: the patient, the label
+    convention (``ingest.labels``, ``dataset.json``) and the datalist ``subset``/``fold`` (empty
+    when the layout has no datalist)."""
+    return {
+        "patient_id": case.patient_id,
+        "label_convention": case.label_convention,
+        "subset": case.subset or "",
+        "fold": "" if case.fold is None else str(int(case.fold)),
+    }
+
+
+def _refresh_discovery(row: dict[str, str], case: CaseFiles) -> dict[str, str]:
+    """A reused row with what discovery says now: editing the datalist or ``ingest.labels`` changes
+    no image, and none of the statistics depend on it (label values are in source codes)."""
+    return {**row, **_discovery_fields(case)}
+
+
 # ---------------------------------------------------------------------------- one row
 def _path_text(path: Path | None) -> str:
     return str(Path(path).absolute()) if path is not None else ""
@@ -323,7 +380,8 @@ def manifest_row(loaded: LoadedCase, fingerprint: str) -> dict[str, str]:
     makes ``status`` quarantined here.
     """
     case = loaded.case
-    row = dict.fromkeys(MANIFEST_COLUMNS, "")
+    row = dict.fromkeys(INGEST_COLUMNS, "")
+    row.update(_discovery_fields(case))
     row.update(
         case_id=case.case_id,
         patient_id=case.patient_id,
@@ -370,7 +428,69 @@ def manifest_row(loaded: LoadedCase, fingerprint: str) -> dict[str, str]:
 
     if "seg" in loaded.volumes:
         row.update(_label_statistics(loaded.volumes["seg"], loaded.files["seg"].affine))
+    row.update(_content_digests(loaded))
     return row
+
+
+_DIGEST_INT = np.dtype("<i2")
+_DIGEST_FLOAT = np.dtype("<f4")
+_DIGEST_BLOCK_BYTES = 4 << 20
+
+
+def content_digest(volume: np.ndarray) -> str:
+    """sha256 of a decoded volume's shape and voxel values, independent of how the file stores them.
+
+    Hashed: ``"<shape>;"`` (``"240x240x155;"``), then the volume in blocks of whole slices along its
+    last axis (as many as fill 4 MiB as float32; the blocks depend on the shape only), each block as
+    ``b"i2"`` + its values as little-endian int16 when every value is an integer in int16 range,
+    else ``b"f4"`` + its values as little-endian float32; voxels in NIfTI order (first axis fastest).
+
+    Which form a block takes depends on its values only, so the same values give the same digest
+    whatever the file: ``.nii`` or ``.nii.gz``, gzip level, header, or an on-disk dtype (int16,
+    uint8, float32, float64, scaled) that holds them. Integer data (most scanner exports) hashes
+    half the bytes of float32 and needs no conversion; blocks are small, so no full-size copy is made.
+    """
+    digest = hashlib.sha256(f"{shape_text(volume.shape)};".encode())
+    if volume.ndim == 0:
+        volume = volume.reshape(1)
+    slice_voxels = int(np.prod(volume.shape[:-1]))
+    per_block = max(1, _DIGEST_BLOCK_BYTES // max(1, _DIGEST_FLOAT.itemsize * slice_voxels))
+    dtype = volume.dtype
+    exact_int16 = dtype == _DIGEST_INT or dtype.kind == "b" or (dtype.kind in "iu" and dtype.itemsize == 1)
+    for start in range(0, volume.shape[-1], per_block):
+        block = volume[..., start : start + per_block]
+        if exact_int16:
+            small: np.ndarray | None = np.asarray(block, dtype=_DIGEST_INT, order="F")
+        elif not _fits_int16(block[..., :1]):  # one slice that does not fit decides the block cheaply
+            small = None
+        else:
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN, inf, out of range: not equal below
+                small = block.astype(_DIGEST_INT, order="F")
+            if not np.array_equal(small, block):
+                small = None
+        if small is not None:
+            digest.update(b"i2")
+            digest.update(small.T)  # the transpose of a Fortran-ordered block is C-contiguous: no copy
+        else:
+            digest.update(b"f4")
+            digest.update(np.asarray(block, dtype=_DIGEST_FLOAT, order="F").T)
+    return digest.hexdigest()
+
+
+def _fits_int16(values: np.ndarray) -> bool:
+    """Whether every value is an integer in int16 range (NaN and infinities are not)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return bool(np.array_equal(values.astype(_DIGEST_INT), values))
+
+
+def _content_digests(loaded: LoadedCase) -> dict[str, str]:
+    """``content_sha256_<mod>`` of every decoded modality (in this process: ingest runs cases in
+    ``ingest.workers`` processes already, so threads here would only compete with them)."""
+    return {
+        f"content_sha256_{key}": content_digest(loaded.volumes[key])
+        for key in CANONICAL_MODALITIES
+        if key in loaded.volumes
+    }
 
 
 def _shapes_differ(loaded: LoadedCase) -> bool:

@@ -1,22 +1,40 @@
-"""Detect and read the public BraTS / MSD dataset layouts.
+"""Detect and read the public BraTS / MSD / nnU-Net / MONAI dataset layouts.
 
-Three layouts are understood (see :data:`~tumorseg.data.conventions.LAYOUTS`):
+Five layouts are understood (:data:`LAYOUT_NAMES`; the file naming of the first three is in
+:data:`~tumorseg.data.conventions.LAYOUTS`):
 
 - ``brats2021`` (BraTS 2020 and 2021): one folder per case, the folder name is the case id and
   every file is ``<case_id>_{t1,t1ce,t2,flair,seg}.nii.gz``: ``BraTS2021_00001/BraTS2021_00001_t1.nii.gz``
   or ``BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz``. Labels 0/1/2/4.
-- ``brats2023`` (BraTS 2023+, any sub-challenge prefix: GLI, MEN, PED, SSA, MET...):
-  ``BraTS-GLI-00001-000/BraTS-GLI-00001-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``. Labels 0/1/2/3. The last
-  number is the time point, so ``BraTS-GLI-00001-000`` and ``BraTS-GLI-00001-001`` share the patient
+- ``brats2023`` (BraTS 2023+, any sub-challenge prefix: GLI, MEN, PED, SSA, MET, GoAT...):
+  ``BraTS-GLI-00001-000/BraTS-GLI-00001-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``. The last number is the
+  time point, so ``BraTS-GLI-00001-000`` and ``BraTS-GLI-00001-001`` share the patient
   ``BraTS-GLI-00001``.
 - ``msd`` (Medical Segmentation Decathlon Task01_BrainTumour): ``imagesTr/BRATS_001.nii.gz`` holds
   the four modalities as one 4-D volume (channels FLAIR, T1w, T1gd, T2w, or as ``dataset.json``
   names them), ``labelsTr/BRATS_001.nii.gz`` the labels (1 oedema, 2 non-enhancing, 3 enhancing);
   ``imagesTs/`` holds unlabelled cases.
+- ``nnunet`` (nnU-Net v2 raw, ``DatasetXXX_Name``): ``dataset.json`` (``channel_names``, ``labels``,
+  ``file_ending``), ``imagesTr/CASE_0000.nii.gz`` ... ``CASE_0003.nii.gz`` (one file per channel),
+  ``labelsTr/CASE.nii.gz``, optional ``imagesTs/``. Told from MSD by the 4-digit channel index of
+  every image file (nnU-Net v1 ``Task`` folders with ``modality`` and ``_0000`` files count too).
+- ``monai`` (a MONAI datalist): a ``*.json`` whose ``training`` / ``validation`` / ``testing`` lists
+  hold ``{"image": [...4 files...] or "one_4d.nii.gz", "label": "...", "fold": 0}`` entries, paths
+  relative to the JSON's folder or absolute. A datalist in the folder describes its cases, so it
+  wins over BraTS folders beside it (``--layout`` reads those instead).
+
+Label conventions (:func:`~tumorseg.data.conventions.get_convention`): ``labels`` given to
+:func:`discover_cases` (``ingest.labels``) wins for every case. Otherwise: ``brats2021`` ->
+``brats2021``; ``msd`` -> ``msd``; BraTS 2023+ case ids by their challenge prefix (GLI ->
+``brats2023``, SSA/MEN/MET/GoAT -> ``brats2023-ssa``/``-men``/``-met``/``-goat``, any other prefix ->
+``brats2023``; PED is coded differently in 2023 and 2024 and must be named); nnU-Net and MONAI by
+the ``labels`` their JSON declares (:func:`conventions_matching_labels`), narrowed by the BraTS
+prefix of each case; a MONAI datalist without ``labels`` only by BraTS case names.
 
 ``src`` may be a whole dataset (cases directly inside it or one folder further down, e.g.
-``MICCAI_BraTS2020_TrainingData/BraTS20_Training_001``), a single case folder, or for MSD the task
-folder or its ``imagesTr``/``imagesTs`` folder, so ``tumorseg predict`` can point at any of them.
+``MICCAI_BraTS2020_TrainingData/BraTS20_Training_001``), a single case folder, for MSD / nnU-Net the
+task folder, its parent or its ``imagesTr``/``imagesTs`` folder, and for MONAI the datalist's folder
+or the datalist itself, so ``tumorseg predict`` can point at any of them.
 
 Files are read once: the compressed bytes are hashed (sha256) as they are read and decompressed in
 memory, which is faster than ``nibabel.load`` on a ``.nii.gz`` and gives ingest the checksum for free.
@@ -34,8 +52,9 @@ import struct
 import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -44,8 +63,10 @@ from nibabel.spatialimages import HeaderDataError
 
 from tumorseg.data.conventions import (
     CANONICAL_MODALITIES,
+    LABEL_CONVENTIONS,
     LAYOUTS,
     MSD_CHANNEL_ORDER,
+    LabelConvention,
     get_convention,
 )
 from tumorseg.data.manifest import FILE_KEYS
@@ -53,28 +74,98 @@ from tumorseg.errors import DataError, first_line
 
 NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
 
+LAYOUT_NAMES: tuple[str, ...] = ("brats2021", "brats2023", "msd", "nnunet", "monai")
+"""Every layout :func:`discover_cases` reads (``ingest.layout`` besides ``auto``)."""
+
 BRATS2021_CASE_NAME = re.compile(r"^BraTS\d{2}(?:\d{2})?_(?:[A-Za-z]+_)?\d+$")
 """``BraTS2021_00001``, ``BraTS20_Training_001``, ``BraTS20_Validation_001``."""
 
 BRATS2023_CASE_NAME = re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-(?P<timepoint>\d+)$")
 """``BraTS-GLI-00001-000`` (patient ``BraTS-GLI-00001``, time point ``000``)."""
 
+BRATS_CHALLENGE = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d+(?:-\d+)?$", re.IGNORECASE)
+"""A BraTS 2023+ case id and its sub-challenge: ``BraTS-GoAT-00001-000`` -> ``GoAT``."""
+
+BRATS_CHALLENGE_CONVENTIONS: dict[str, str] = {
+    "gli": "brats2023",
+    "ssa": "brats2023-ssa",
+    "men": "brats2023-men",
+    "met": "brats2023-met",
+    "goat": "brats2023-goat",
+}
+"""BraTS 2023+ sub-challenge (lower case) -> its convention; any other prefix but PED -> ``brats2023``."""
+
+BRATS_PED_CONVENTIONS: tuple[str, ...] = ("brats2023-ped", "brats2024-ped")
+"""BraTS-PED cases are coded one way in 2023 (GLI codes) and another in 2024: they must be named."""
+
 MSD_IMAGE_FOLDERS: tuple[str, ...] = ("imagesTr", "imagesTs")
 MSD_LABEL_FOLDER = "labelsTr"
 
-_MSD_NAME_TO_MODALITY: dict[str, str] = {
-    "flair": "flair",
-    "t2f": "flair",
-    "t1": "t1",
-    "t1w": "t1",
-    "t1n": "t1",
-    "t1gd": "t1ce",
-    "t1ce": "t1ce",
-    "t1c": "t1ce",
-    "t2": "t2",
-    "t2w": "t2",
+NNUNET_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+"""An nnU-Net image file name without its ending: ``BraTS2021_00001_0003`` -> case, channel 3."""
+
+DATALIST_SUBSETS: dict[str, str] = {
+    "training": "training",
+    "validation": "validation",
+    "testing": "testing",
+    "test": "testing",
 }
-"""``dataset.json`` modality names (lower-cased) -> canonical modality."""
+"""MONAI datalist keys -> :attr:`CaseFiles.subset` (MSD's ``dataset.json`` says ``test``)."""
+
+_CHANNEL_NAME_TO_MODALITY: dict[str, str] = {
+    **dict.fromkeys(("t1", "t1n", "t1w", "t1native"), "t1"),
+    **dict.fromkeys(("t1ce", "t1c", "t1gd", "t1post", "t1contrast"), "t1ce"),
+    **dict.fromkeys(("t2", "t2w"), "t2"),
+    **dict.fromkeys(("flair", "t2f", "t2flair"), "flair"),
+}
+"""``dataset.json`` channel names (lower case, without ``-``, ``_``, blanks) -> canonical modality."""
+
+_MSD_NAME_TO_MODALITY = _CHANNEL_NAME_TO_MODALITY  # the name older code imports
+
+_MODALITY_TOKEN = re.compile(
+    r"(?:^|(?<=[_\-. ]))(t1native|t1post|t1ce|t1gd|t1n|t1w|t1c|t2flair|t2w|t2f|flair|t1|t2)(?=$|[_\-. ])",
+    re.IGNORECASE,
+)
+"""A modality token in a file name (``_t1ce``, ``-t2f``, ``_FLAIR``), longest spellings first."""
+
+_LABEL_MEANINGS: dict[str, tuple[str, ...]] = {
+    "core": (
+        "ncr",
+        "netc",
+        "net",
+        "ncr net",
+        "necrosis",
+        "necrotic",
+        "necrotic core",
+        "necrotic tumor core",
+        "necrotic tumor",
+        "non enhancing tumor core",
+        "non enhancing tumor",
+        "non enhancing core",
+        "necrotic and non enhancing tumor core",
+        "necrotic non enhancing tumor core",
+    ),
+    "edema": (
+        "ed",
+        "snfh",
+        "edema",
+        "peritumoral edema",
+        "surrounding non enhancing flair hyperintensity",
+        "non enhancing flair hyperintensity",
+        "flair hyperintensity",
+    ),
+    "enhancing": ("et", "enhancing tumor", "enhancing", "enhancing tissue"),
+    "cavity": ("rc", "resection cavity", "cavity"),
+    "cyst": ("cc", "cyst", "cystic component", "cystic"),
+    "WT": ("wt", "whole tumor", "whole", "complete tumor"),
+    "TC": ("tc", "tumor core"),
+}
+"""What a label or region name in a ``dataset.json`` means (names normalised by :func:`_label_key`):
+a tumour part (every label set's NCR/NETC are ``core``, ED/SNFH ``edema``) or a nested region."""
+
+_LABEL_MEANING: dict[str, str] = {
+    name: meaning for meaning, names in _LABEL_MEANINGS.items() for name in names
+}
 
 
 # ---------------------------------------------------------------------------- data classes
@@ -83,16 +174,22 @@ class CaseFiles:
     """The files of one case, before anything is read.
 
     Attributes:
-        case_id: folder name (BraTS) or file name without extension (MSD).
-        patient_id: BraTS 2023+: the case id without its time point; otherwise the case id.
-        layout: ``brats2021``, ``brats2023`` or ``msd``.
+        case_id: folder name (BraTS), file name without extension (MSD), without ``_XXXX`` channel
+            index (nnU-Net), or BraTS case id / label file name (MONAI).
+        patient_id: BraTS 2023+ case ids: the case id without its time point; otherwise the case id.
+        layout: one of :data:`LAYOUT_NAMES`.
         label_convention: name of the source label convention of ``seg``.
-        case_dir: the case folder (BraTS) or the ``imagesTr``/``imagesTs`` folder (MSD).
+        case_dir: the case folder (BraTS), the ``imagesTr``/``imagesTs`` folder (MSD, nnU-Net) or the
+            datalist's folder (MONAI).
         paths: ``t1``, ``t1ce``, ``t2``, ``flair``, ``seg`` -> file, or None when absent. For MSD
-            every modality names the same 4-D file.
-        missing: names of expected modality files that do not exist. A missing ``seg`` is not listed:
-            a case without segmentation is an unlabelled case (inference, MSD ``imagesTs``).
-        channel_order: MSD only: canonical modality of each channel of the 4-D image.
+            (and a MONAI 4-D image) every modality names the same 4-D file.
+        missing: expected files that do not exist (names, or for MONAI ``key: path does not exist``).
+            A missing ``seg`` is not listed, except where a MONAI datalist names it: a case without
+            segmentation is an unlabelled case (inference, MSD ``imagesTs``).
+        channel_order: 4-D images (MSD, MONAI): canonical modality of each channel.
+        subset: MONAI: the datalist list the case is in (``training``, ``validation``, ``testing``);
+            ``""`` for the other layouts.
+        fold: MONAI: the entry's ``fold``, or None.
     """
 
     case_id: str
@@ -103,6 +200,8 @@ class CaseFiles:
     paths: dict[str, Path | None]
     missing: list[str] = field(default_factory=list)
     channel_order: tuple[str, ...] = ()
+    subset: str = ""
+    fold: int | None = None
 
     @property
     def has_seg(self) -> bool:
@@ -386,61 +485,187 @@ def _is_msd_root(folder: Path) -> bool:
 
 def _msd_images(folder: Path) -> list[Path]:
     """NIfTI files of an MSD images folder, skipping hidden/AppleDouble ``._BRATS_001.nii.gz``."""
+    return _visible_files(folder, NIFTI_EXTENSIONS)
+
+
+def _visible_files(folder: Path, endings: tuple[str, ...]) -> list[Path]:
     try:
         return sorted(
             p
             for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.name.endswith(NIFTI_EXTENSIONS)
+            if p.is_file() and not p.name.startswith(".") and p.name.endswith(endings)
         )
     except OSError as exc:
         raise DataError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
 
 
-def _scan(src: Path) -> dict[str, list[Path]]:
+def _read_json(path: Path) -> Any:
+    """A JSON file's content; one-line DataError naming the file when it is not readable JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); fix the file"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot be read ({first_line(exc)}); fix or remove the file") from None
+
+
+def _image_folders(root: Path) -> list[Path]:
+    return [root / sub for sub in MSD_IMAGE_FOLDERS if (root / sub).is_dir()]
+
+
+def _root_layout(root: Path) -> str:
+    """``nnunet`` or ``msd`` for a folder holding ``imagesTr``/``imagesTs`` (see the module docstring)."""
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        return "msd"
+    meta = _read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: must be a JSON object (with modality/channel_names and labels)")
+    ending = meta.get("file_ending", ".nii.gz")
+    names = meta.get("channel_names") if "channel_names" in meta else meta.get("modality")
+    if not isinstance(ending, str) or not isinstance(names, dict) or not names:
+        return "msd"
+    if "channel_names" in meta and ending not in NIFTI_EXTENSIONS:
+        raise DataError(
+            f"{meta_path}: file_ending {ending!r} is not NIfTI; tumorseg reads .nii.gz and .nii, "
+            "convert the images (nnUNetv2 can export NIfTI)"
+        )
+    files = [f for folder in _image_folders(root) for f in _visible_files(folder, (ending,))]
+    stems = [NNUNET_CHANNEL_FILE.match(f.name[: -len(ending)]) for f in files]
+    if not files or not all(stems):
+        return "msd"
+    if "channel_names" in meta:
+        return "nnunet"
+    # nnU-Net v1 (modality, _0000 files): the channel indices are exactly 0..N-1 of N > 1 modalities.
+    channels = {int(m["channel"]) for m in stems if m}
+    return "nnunet" if len(names) > 1 and channels == set(range(len(names))) else "msd"
+
+
+def _image_root_scan(src: Path) -> dict[str, list[Path]]:
+    """MSD / nnU-Net: ``src`` is the task/dataset folder or its ``imagesTr``/``imagesTs`` folder."""
+    if _is_msd_root(src):
+        return {_root_layout(src): _image_folders(src)}
+    if src.name in MSD_IMAGE_FOLDERS and _msd_images(src):
+        return {_root_layout(src.parent): [src]}
+    return {}
+
+
+def _child_image_roots(children: list[Path]) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {}
+    for child in children:
+        if _is_msd_root(child):
+            found.setdefault(_root_layout(child), []).extend(_image_folders(child))
+    return found
+
+
+def is_datalist(data: Any) -> bool:
+    """Whether parsed JSON is a MONAI datalist: a ``training`` (or validation/testing) list of
+    ``{"image": ...}`` entries."""
+    if not isinstance(data, dict):
+        return False
+    return any(
+        isinstance(data.get(key), list) and any(isinstance(e, dict) and "image" in e for e in data[key])
+        for key in DATALIST_SUBSETS
+    )
+
+
+def _datalists(folder: Path) -> tuple[list[Path], list[DataError]]:
+    """The MONAI datalists among a folder's ``*.json`` files, and the JSON files that do not parse."""
+    found: list[Path] = []
+    broken: list[DataError] = []
+    for path in _visible_files(folder, (".json", ".JSON")):
+        try:
+            data = _read_json(path)
+        except DataError as exc:
+            broken.append(exc)
+            continue
+        if is_datalist(data):
+            found.append(path)
+    return found, broken
+
+
+def _brats_scan(src: Path, children: list[Path], *, depth: int) -> dict[str, list[Path]]:
+    """BraTS case folders: ``src`` itself and its children (depth 1), or its grandchildren (depth 2)."""
+    found: dict[str, list[Path]] = {}
+    if depth == 1:
+        own = _brats_case_layout(src)
+        if own is not None:
+            return {own: [src]}
+        folders = children
+    else:
+        folders = [grandchild for child in children for grandchild in _subfolders(child)]
+    for folder in folders:
+        layout = _brats_case_layout(folder)
+        if layout is not None:
+            found.setdefault(layout, []).append(folder)
+    return found
+
+
+def _scan(src: Path, layout: str | None = None) -> dict[str, list[Path]]:
     """Where the cases of each layout are.
+
+    Detection order (``layout`` None): ``src`` is an MSD/nnU-Net folder or its images folder; ``src``
+    holds a MONAI datalist (or is one); BraTS case folders in ``src`` or its children; MSD/nnU-Net
+    folders among its children; BraTS case folders one level further down. With ``layout`` only
+    that layout is looked for (in the same places).
 
     Returns:
         layout -> folders: case folders for BraTS layouts, image folders (``imagesTr``/``imagesTs``)
-        for MSD. Only layouts that were found are keys.
+        for MSD and nnU-Net, datalist files for MONAI. Only layouts that were found are keys.
     """
     if not src.exists():
         raise DataError(f"{src}: no such folder; pass the dataset folder (e.g. data/synth)")
-    if not src.is_dir():
+    if src.is_file():
+        if src.name.lower().endswith(".json") and layout in (None, "monai"):
+            if is_datalist(_read_json(src)):
+                return {"monai": [src]}
+            raise DataError(
+                f"{src}: not a MONAI datalist (no 'training' list of {{'image': ..., 'label': ...}} "
+                "entries); pass the dataset folder or the datalist"
+            )
         raise DataError(f"{src}: is a file; pass the folder that holds the cases")
 
-    # MSD: the task folder, its parent, or an imagesTr/imagesTs folder itself.
-    if _is_msd_root(src):
-        return {"msd": [src / sub for sub in MSD_IMAGE_FOLDERS if (src / sub).is_dir()]}
-    if src.name in MSD_IMAGE_FOLDERS and _msd_images(src):
-        return {"msd": [src]}
+    if layout in ("msd", "nnunet"):
+        own = _image_root_scan(src)
+        folders = next(iter(own.values())) if own else []
+        if not folders:
+            for found_folders in _child_image_roots(_subfolders(src)).values():
+                folders.extend(found_folders)
+        return {layout: folders} if folders else {}
+    if layout == "monai":
+        lists, broken = _datalists(src)
+        if broken:
+            raise broken[0]
+        return {"monai": lists} if lists else {}
+    if layout is not None:
+        children = _subfolders(src)
+        found = _brats_scan(src, children, depth=1) or _brats_scan(src, children, depth=2)
+        return {layout: found[layout]} if layout in found else {}
 
-    # BraTS: src is one case folder, or holds case folders, or holds a folder that holds them.
-    own = _brats_case_layout(src)
-    if own is not None:
-        return {own: [src]}
+    own = _image_root_scan(src)
+    if own:
+        return own
+    lists, broken = _datalists(src)
+    if lists:
+        if broken:
+            raise broken[0]
+        return {"monai": lists}
     children = _subfolders(src)
-    found: dict[str, list[Path]] = {}
-    for child in children:
-        layout = _brats_case_layout(child)
-        if layout is not None:
-            found.setdefault(layout, []).append(child)
-    if found:
-        return found
-    msd_roots = [child for child in children if _is_msd_root(child)]
-    if msd_roots:
-        return {"msd": [r / sub for r in msd_roots for sub in MSD_IMAGE_FOLDERS if (r / sub).is_dir()]}
-    for child in children:
-        for grandchild in _subfolders(child):
-            layout = _brats_case_layout(grandchild)
-            if layout is not None:
-                found.setdefault(layout, []).append(grandchild)
+    found = _brats_scan(src, children, depth=1) or _child_image_roots(children)
+    found = found or _brats_scan(src, children, depth=2)
+    if not found and broken:
+        raise broken[0]
     return found
 
 
 _NO_LAYOUT_HINT = (
     "expected BraTS 2020/2021 case folders (BraTS2021_00001/BraTS2021_00001_t1.nii.gz), "
-    "BraTS 2023+ case folders (BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1n.nii.gz) "
-    "or an MSD Task01 folder (imagesTr/BRATS_001.nii.gz)"
+    "BraTS 2023+ case folders (BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1n.nii.gz), "
+    "an MSD Task01 folder (imagesTr/BRATS_001.nii.gz), "
+    "an nnU-Net dataset (dataset.json, imagesTr/CASE_0000.nii.gz ... CASE_0003.nii.gz) "
+    "or a MONAI datalist (a .json with a 'training' list of image/label entries)"
 )
 
 
@@ -448,10 +673,11 @@ def detect_layout(src: Path) -> str:
     """Name the layout of a dataset folder or of one case folder.
 
     Args:
-        src: dataset folder, one case folder, or an MSD task/images folder.
+        src: dataset folder, one case folder, an MSD/nnU-Net task/images folder, or a MONAI datalist
+            (or its folder).
 
     Returns:
-        ``"brats2021"``, ``"brats2023"`` or ``"msd"``.
+        One of :data:`LAYOUT_NAMES`.
 
     Raises:
         DataError: the folder does not exist, is empty, matches no layout, or mixes layouts.
@@ -473,37 +699,253 @@ def detect_layout(src: Path) -> str:
 def _first_file(folders: list[Path]) -> Path:
     """The first image file of a layout's folders (for error messages)."""
     for folder in sorted(folders):
+        if folder.is_file():
+            return folder
         files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         if files:
             return files[0]
     return sorted(folders)[0]
 
 
+# ---------------------------------------------------------------------------- label conventions
+def _explicit_convention(labels: str | None) -> str | None:
+    """``labels`` validated (None for ``None``/``""``/``"auto"``)."""
+    if labels in (None, "", "auto"):
+        return None
+    try:
+        return get_convention(str(labels)).name
+    except ValueError as exc:
+        raise DataError(f"ingest.labels (--labels): {exc}") from None
+
+
+def brats_name_convention(case_id: str) -> str | None:
+    """The convention a BraTS case id implies: ``brats2021`` for 2020/2021 names, the sub-challenge's
+    for BraTS 2023+ names (any unknown prefix: ``brats2023``), None for other names.
+
+    Raises:
+        DataError: a BraTS-PED case id (2023 and 2024 code PED differently); names ``case_id``.
+    """
+    if BRATS2021_CASE_NAME.match(case_id):
+        return "brats2021"
+    match = BRATS_CHALLENGE.match(case_id)
+    if not match:
+        return None
+    challenge = match["challenge"].lower()
+    if challenge == "ped":
+        raise DataError(
+            f"{case_id}: BraTS-PED cases use different codes in 2023 and 2024; "
+            "set ingest.labels (or --labels) to brats2023-ped or brats2024-ped"
+        )
+    return BRATS_CHALLENGE_CONVENTIONS.get(challenge, "brats2023")
+
+
+def _pick_convention(group: list[str], case_id: str) -> str:
+    """The member of a group of twin conventions (same codes) a case's BraTS prefix names, else the first."""
+    match = BRATS_CHALLENGE.match(case_id)
+    if match:
+        challenge = match["challenge"].lower()
+        named = BRATS_PED_CONVENTIONS if challenge == "ped" else (BRATS_CHALLENGE_CONVENTIONS.get(challenge),)
+        for name in named:
+            if name in group:
+                return name
+    return group[0]
+
+
+def _label_key(name: str) -> list[str]:
+    """Normalised spellings of a label name to look up: whole, inside and outside parentheses."""
+    text = str(name).lower().replace("tumour", "tumor").replace("oedema", "edema")
+    text = text.replace("nonenhancing", "non enhancing").replace("non-enhancing", "non enhancing")
+    spellings = [text]
+    inner = re.search(r"\(([^)]*)\)", text)
+    if inner:
+        spellings += [inner.group(1), text[: inner.start()] + text[inner.end() :]]
+    return [" ".join(re.split(r"[\s_\-/,+&()]+", s)).strip() for s in spellings]
+
+
+def label_meaning(name: str) -> str | None:
+    """What a label or region name means: ``core``, ``edema``, ``enhancing``, ``cavity``, ``cyst``,
+    ``WT``, ``TC``, or None when unknown (``"NETC"`` -> ``core``, ``"whole tumour"`` -> ``WT``)."""
+    for key in _label_key(name):
+        if key in _LABEL_MEANING:
+            return _LABEL_MEANING[key]
+    return None
+
+
+def _convention_meanings(convention: LabelConvention) -> dict[str, frozenset[int]]:
+    """Meaning -> the file values it covers in a convention (labels, then its scored regions)."""
+    out: dict[str, frozenset[int]] = {}
+    for name, value in convention.source_codes().items():
+        meaning = label_meaning(name)
+        if meaning is not None:
+            out[meaning] = frozenset({value})
+    for region in convention.scored:
+        meaning = label_meaning(region.name)
+        if meaning is not None and meaning not in out:
+            out[meaning] = frozenset(s for s, c in convention.to_canonical.items() if s and c in region.codes)
+    return out
+
+
+def declared_labels(raw: Any, where: str) -> dict[str, frozenset[int]]:
+    """A ``labels`` entry of a ``dataset.json``/datalist as name -> file values, background dropped.
+
+    Accepts nnU-Net v2 ``{"edema": 1}``, its regions ``{"whole tumor": [1, 2, 3]}`` and MSD/v1
+    ``{"1": "edema"}``.
+
+    Raises:
+        DataError: not a mapping of names to values (``where`` names the file and key).
+    """
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f'{where} must map label names to values, e.g. {{"background": 0, "NCR": 1}}')
+    if all(str(k).strip().isdigit() for k in raw) and all(isinstance(v, str) for v in raw.values()):
+        raw = {v: int(k) for k, v in raw.items()}  # MSD / nnU-Net v1: {"1": "edema"}
+    out: dict[str, frozenset[int]] = {}
+    for name, value in raw.items():
+        values = value if isinstance(value, list | tuple) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise DataError(
+                f"{where}[{name!r}] must be a label value or a list of them (a region), got {value!r}"
+            )
+        if set(values) != {0}:
+            out[str(name)] = frozenset(values)
+    return out
+
+
+def conventions_matching_labels(declared: dict[str, frozenset[int]]) -> list[list[str]]:
+    """The conventions whose codes agree with declared labels, as groups of twins (same codes).
+
+    Every declared name must mean a label or region of the convention with the same file values
+    (plain labels or nnU-Net regions, e.g. Dataset137's WT [1,2,3], TC [2,3], ET [3] -> ``msd``).
+    Conventions whose values are exactly the declared ones come first; only without one, those
+    with more values. Twins (BraTS 2023 GLI/SSA/MEN/MET/PED/GoAT share codes) form one group,
+    ``brats2023`` first.
+
+    Returns:
+        Groups of convention names (empty: none matches).
+    """
+    meanings = {name: label_meaning(name) for name in declared}
+    if not declared or None in meanings.values():
+        return []
+    values = frozenset().union(*declared.values())
+    exact: list[str] = []
+    wider: list[str] = []
+    for convention in LABEL_CONVENTIONS.values():
+        have = _convention_meanings(convention)
+        if all(have.get(meanings[name]) == codes for name, codes in declared.items()):
+            nonzero = convention.allowed_values - {0}
+            if values == nonzero:
+                exact.append(convention.name)
+            elif values < nonzero:
+                wider.append(convention.name)
+    groups: dict[tuple[str, tuple[tuple[int, int], ...]], list[str]] = {}
+    for name in exact or wider:
+        convention = LABEL_CONVENTIONS[name]
+        groups.setdefault(
+            (convention.label_set.name, tuple(sorted(convention.to_canonical.items()))), []
+        ).append(name)
+    return [sorted(group, key=lambda n: n != "brats2023") for group in groups.values()]
+
+
+def _labels_group(raw: Any, path: Path, key: str, explicit: str | None) -> list[str]:
+    """The conventions a JSON's ``labels`` allows (an explicit one: checked against it).
+
+    Raises:
+        DataError: naming the file and ``key``: no convention or several match, or the explicit
+            convention lacks a declared value.
+    """
+    declared = declared_labels(raw, f"{path}: {key}")
+    shown = first_line(json.dumps(raw), 160)
+    if explicit is not None:
+        allowed = get_convention(explicit).allowed_values
+        extra = sorted(frozenset().union(*declared.values()) - allowed) if declared else []
+        if extra:
+            raise DataError(
+                f"{path}: {key} {shown} declare values {extra} that convention {explicit} (ingest.labels) "
+                f"does not have ({sorted(allowed)}); set ingest.labels to the dataset's convention"
+            )
+        return [explicit]
+    groups = conventions_matching_labels(declared)
+    if len(groups) == 1:
+        return groups[0]
+    unknown = [name for name in declared if label_meaning(name) is None]
+    if not groups:
+        why = f" (unknown name {unknown[0]!r})" if unknown else ""
+        raise DataError(
+            f"{path}: {key} {shown} match no known convention{why}; set ingest.labels (or --labels) "
+            f"to one of {', '.join(LABEL_CONVENTIONS)}"
+        )
+    several = ", ".join(group[0] for group in groups)
+    raise DataError(
+        f"{path}: {key} {shown} match several conventions ({several}); "
+        "set ingest.labels (or --labels) to one of them"
+    )
+
+
+def _channel_order(names: Any, path: Path, key: str) -> tuple[str, ...]:
+    """Canonical modality of channels ``0..3`` from a ``{"0": "FLAIR", ...}`` mapping.
+
+    Raises:
+        DataError: naming the file and key: not a mapping of channel numbers, or not T1, T1ce, T2
+            and FLAIR one each.
+    """
+    try:
+        ordered = [str(names[k]) for k in sorted(names, key=int)]
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise DataError(
+            f'{path}: \'{key}\' must map channel numbers to names, e.g. {{"0": "FLAIR", "1": "T1w"}}'
+        ) from None
+    order = tuple(_CHANNEL_NAME_TO_MODALITY.get(re.sub(r"[\s_\-]+", "", n.lower()), "") for n in ordered)
+    if sorted(order) != sorted(CANONICAL_MODALITIES):
+        unknown = [n for n, m in zip(ordered, order, strict=True) if not m]
+        why = f" ({unknown[0]!r} is not a known name)" if unknown else ""
+        raise DataError(
+            f"{path}: {key} {ordered} are not T1, T1ce (T1gd), T2 and FLAIR, one each{why}; "
+            "tumorseg needs exactly those four channels: rename them in the file"
+        )
+    return order
+
+
 # ---------------------------------------------------------------------------- discovery
-def discover_cases(src: Path, layout: str | None = None) -> list[CaseFiles]:
+def discover_cases(src: Path, layout: str | None = None, labels: str | None = None) -> list[CaseFiles]:
     """List the cases under ``src`` without reading any image.
 
     Args:
-        src: dataset folder, one case folder, or an MSD task/images folder.
+        src: dataset folder, one case folder, an MSD/nnU-Net task/images folder, or a MONAI datalist
+            (or its folder).
         layout: force a layout (``None`` or ``"auto"`` detects it). In a folder that mixes layouts,
             only the cases of this layout are listed.
+        labels: the label convention of every case (``ingest.labels``); ``None``/``"auto"``
+            resolves it per case (module docstring).
 
     Returns:
-        Cases sorted by case id; cases with missing modality files are included (see ``missing``).
+        Cases sorted by case id; cases with missing files are included (see ``missing``).
 
     Raises:
-        DataError: no cases of the layout, or the same case id twice.
+        DataError: unknown layout or convention, no cases of the layout, the same case id twice, a
+            convention that cannot be told (BraTS-PED, unmatched labels), a malformed JSON.
     """
     src = Path(src)
+    explicit = _explicit_convention(labels)
     if layout in (None, "auto"):
         layout = detect_layout(src)
-    elif layout not in LAYOUTS:
-        raise DataError(f"unknown layout {layout!r}; use one of auto, {', '.join(LAYOUTS)}")
-    found = _scan(src).get(layout, [])
+    elif layout not in LAYOUT_NAMES:
+        raise DataError(f"unknown layout {layout!r}; use one of auto, {', '.join(LAYOUT_NAMES)}")
+    found = _scan(src, layout).get(layout, [])
     if not found:
         raise DataError(f"{src}: no {layout} cases found; {_NO_LAYOUT_HINT}")
 
-    cases = _msd_cases(found) if layout == "msd" else [_brats_case(folder, layout) for folder in found]
+    if layout == "msd":
+        cases = _msd_cases(found, explicit)
+    elif layout == "nnunet":
+        cases = _nnunet_cases(found, explicit)
+    elif layout == "monai":
+        if len(found) > 1:
+            raise DataError(
+                f"{src}: holds several MONAI datalists ({', '.join(p.name for p in found)}); "
+                "keep one in the folder (or pass the one to use)"
+            )
+        cases = _monai_cases(found[0], explicit)
+    else:
+        cases = [_brats_case(folder, layout, explicit) for folder in found]
     if not cases:
         raise DataError(f"{src}: no {layout} cases found; {_NO_LAYOUT_HINT}")
     seen: dict[str, CaseFiles] = {}
@@ -517,7 +959,12 @@ def discover_cases(src: Path, layout: str | None = None) -> list[CaseFiles]:
     return sorted(cases, key=lambda c: c.case_id)
 
 
-def _brats_case(folder: Path, layout: str) -> CaseFiles:
+def _patient_id(case_id: str) -> str:
+    match = BRATS2023_CASE_NAME.match(case_id)
+    return match["patient"] if match else case_id
+
+
+def _brats_case(folder: Path, layout: str, explicit: str | None = None) -> CaseFiles:
     case_id = folder.name
     paths: dict[str, Path | None] = {}
     missing: list[str] = []
@@ -526,16 +973,20 @@ def _brats_case(folder: Path, layout: str) -> CaseFiles:
         paths[key] = path
         if path is None and key != "seg":
             missing.append(f"{case_id}{suffix}.nii.gz")
-    patient_id = case_id
-    if layout == "brats2023":
-        match = BRATS2023_CASE_NAME.match(case_id)
-        if match:
-            patient_id = match["patient"]
+    convention = explicit or LAYOUTS[layout].label_convention
+    if explicit is None and layout == "brats2023":
+        try:
+            convention = brats_name_convention(case_id) or convention
+        except DataError:
+            raise DataError(
+                f"{folder}: BraTS-PED cases use different codes in 2023 and 2024; "
+                "set ingest.labels (or --labels) to brats2023-ped or brats2024-ped"
+            ) from None
     return CaseFiles(
         case_id=case_id,
-        patient_id=patient_id,
+        patient_id=_patient_id(case_id) if layout == "brats2023" else case_id,
         layout=layout,
-        label_convention=LAYOUTS[layout].label_convention,
+        label_convention=convention,
         case_dir=folder,
         paths={key: paths[key] for key in FILE_KEYS},
         missing=missing,
@@ -544,6 +995,8 @@ def _brats_case(folder: Path, layout: str) -> CaseFiles:
 
 def msd_channel_order(task_dir: Path) -> tuple[str, ...]:
     """Canonical modality of each channel of the MSD 4-D images, from ``dataset.json`` if present.
+
+    ``modality`` (MSD) or ``channel_names`` (nnU-Net v2 spelling) names the channels.
 
     Args:
         task_dir: the folder holding ``dataset.json`` and ``imagesTr``.
@@ -554,28 +1007,16 @@ def msd_channel_order(task_dir: Path) -> tuple[str, ...]:
     meta = task_dir / "dataset.json"
     if not meta.is_file():
         return MSD_CHANNEL_ORDER
-    try:
-        modality = json.loads(meta.read_text()).get("modality")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise DataError(f"{meta}: not a readable dataset.json ({first_line(exc, 10_000)})") from None
-    if not modality:
+    data = _read_json(meta)
+    if not isinstance(data, dict):
+        raise DataError(f"{meta}: not a readable dataset.json (not a JSON object)")
+    key = "modality" if data.get("modality") else "channel_names"
+    if not data.get(key):
         return MSD_CHANNEL_ORDER
-    try:
-        names = [str(modality[k]) for k in sorted(modality, key=int)]
-    except (TypeError, ValueError, KeyError):
-        raise DataError(
-            f'{meta}: \'modality\' must map channel numbers to names, e.g. {{"0": "FLAIR"}}'
-        ) from None
-    order = tuple(_MSD_NAME_TO_MODALITY.get(n.strip().lower(), "") for n in names)
-    if sorted(order) != sorted(CANONICAL_MODALITIES):
-        raise DataError(
-            f"{meta}: modalities {names} are not T1, T1ce (T1gd), T2 and FLAIR, one each; "
-            "tumorseg needs exactly those four channels"
-        )
-    return order
+    return _channel_order(data[key], meta, key)
 
 
-def _msd_cases(image_folders: list[Path]) -> list[CaseFiles]:
+def _msd_cases(image_folders: list[Path], explicit: str | None = None) -> list[CaseFiles]:
     cases: list[CaseFiles] = []
     for folder in image_folders:
         labels = folder.parent / MSD_LABEL_FOLDER if folder.name == "imagesTr" else None
@@ -590,7 +1031,7 @@ def _msd_cases(image_folders: list[Path]) -> list[CaseFiles]:
                     case_id=case_id,
                     patient_id=case_id,
                     layout="msd",
-                    label_convention=LAYOUTS["msd"].label_convention,
+                    label_convention=explicit or LAYOUTS["msd"].label_convention,
                     case_dir=folder,
                     paths=paths,
                     missing=[],
@@ -600,24 +1041,317 @@ def _msd_cases(image_folders: list[Path]) -> list[CaseFiles]:
     return cases
 
 
+def _nnunet_cases(image_folders: list[Path], explicit: str | None = None) -> list[CaseFiles]:
+    """The cases of one nnU-Net dataset (``imagesTr``/``imagesTs`` of one ``DatasetXXX`` folder)."""
+    roots = sorted({folder.parent for folder in image_folders})
+    if len(roots) > 1:
+        raise DataError(
+            f"{roots[0].parent}: holds several nnU-Net datasets ({', '.join(r.name for r in roots)}); "
+            "pass one DatasetXXX folder"
+        )
+    root = roots[0]
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        raise DataError(
+            f"{meta_path}: missing; an nnU-Net dataset needs dataset.json (channel_names, labels)"
+        )
+    meta = _read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: must be a JSON object with channel_names and labels")
+    ending = meta.get("file_ending", ".nii.gz")
+    if ending not in NIFTI_EXTENSIONS:
+        raise DataError(
+            f"{meta_path}: file_ending {ending!r} is not NIfTI; tumorseg reads .nii.gz and .nii, convert the images"
+        )
+    key = "channel_names" if "channel_names" in meta or "modality" not in meta else "modality"
+    if not meta.get(key):
+        raise DataError(
+            f'{meta_path}: no channel_names; add e.g. "channel_names": {{"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}}'
+        )
+    order = _channel_order(meta[key], meta_path, key)
+    if "labels" in meta or explicit is None:
+        group = _labels_group(meta.get("labels"), meta_path, "labels", explicit)
+    else:
+        group = [explicit]
+
+    cases: list[CaseFiles] = []
+    for folder in image_folders:
+        label_dir = root / ("labelsTr" if folder.name == "imagesTr" else "labelsTs")
+        case_ids = sorted(
+            {
+                match["case"]
+                for f in _visible_files(folder, (ending,))
+                if (match := NNUNET_CHANNEL_FILE.match(f.name[: -len(ending)]))
+            }
+        )
+        for case_id in case_ids:
+            paths: dict[str, Path | None] = {}
+            missing: list[str] = []
+            for channel, modality in enumerate(order):
+                path = folder / f"{case_id}_{channel:04d}{ending}"
+                paths[modality] = path if path.is_file() else None
+                if paths[modality] is None:
+                    missing.append(path.name)
+            seg = label_dir / f"{case_id}{ending}"
+            paths["seg"] = seg if seg.is_file() else None
+            cases.append(
+                CaseFiles(
+                    case_id=case_id,
+                    patient_id=_patient_id(case_id),
+                    layout="nnunet",
+                    label_convention=_pick_convention(group, case_id),
+                    case_dir=folder,
+                    paths={k: paths[k] for k in FILE_KEYS},
+                    missing=missing,
+                )
+            )
+    return cases
+
+
+# ---------------------------------------------------------------------------- MONAI datalists
+def _file_modality(path: str) -> tuple[str, str]:
+    """``(canonical modality or "", name without it)`` from the last modality token of a file name."""
+    stem = _file_stem(Path(path).name)
+    tokens = list(_MODALITY_TOKEN.finditer(stem))
+    if not tokens:
+        return "", stem
+    last = tokens[-1]
+    return _CHANNEL_NAME_TO_MODALITY[last.group(1).lower()], stem[: last.start()].rstrip("_-. ")
+
+
+def _file_stem(name: str) -> str:
+    for ext in (*NIFTI_EXTENSIONS, ".gz"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _is_brats_name(name: str) -> bool:
+    return bool(BRATS2021_CASE_NAME.match(name) or BRATS_CHALLENGE.match(name))
+
+
+def datalist_channel_order(data: Mapping[str, Any], path: Path) -> tuple[str, ...] | None:
+    """Channel order of a datalist's 4-D images from its ``modality``/``channel_names``, or None."""
+    for key in ("modality", "channel_names"):
+        if data.get(key):
+            return _channel_order(data[key], path, key)
+    return None
+
+
+def _datalist_path(value: Any, base: Path, where: str) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where} must be a file path (text), got {value!r}")
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def _existing(path: Path, key: str, missing: list[str]) -> Path | None:
+    if path.is_file():
+        return path
+    missing.append(f"{key}: {path} {'is not a file' if path.exists() else 'does not exist'}")
+    return None
+
+
+def _monai_cases(datalist: Path, explicit: str | None = None) -> list[CaseFiles]:
+    """The cases of a MONAI datalist (module docstring); missing files are listed in ``missing``."""
+    data = _read_json(datalist)
+    if not is_datalist(data):
+        raise DataError(f"{datalist}: not a MONAI datalist (no 'training' list of image/label entries)")
+    base = datalist.parent
+    group = _labels_group(data["labels"], datalist, "labels", explicit) if data.get("labels") else None
+    order_4d = datalist_channel_order(data, datalist)
+    cases: list[CaseFiles] = []
+    where_of: dict[str, str] = {}
+    for list_key, subset in DATALIST_SUBSETS.items():
+        if list_key not in data:
+            continue
+        entries = data[list_key]
+        if not isinstance(entries, list):
+            raise DataError(
+                f"{datalist}: {list_key} must be a list of {{'image': ..., 'label': ...}} entries"
+            )
+        for index, entry in enumerate(entries):
+            key = f"{list_key}[{index}]"
+            case = _monai_case(entry, key, subset, datalist, base, order_4d)
+            if case.case_id in where_of:
+                raise DataError(
+                    f"{datalist}: case id {case.case_id} appears twice ({where_of[case.case_id]} and {key}); "
+                    "remove one entry"
+                )
+            where_of[case.case_id] = key
+            convention = explicit
+            if convention is None and group is not None:
+                convention = _pick_convention(group, case.case_id)
+            if convention is None:
+                try:
+                    convention = brats_name_convention(case.case_id)
+                except DataError as exc:
+                    raise DataError(f"{datalist}: {key}: {exc}") from None
+            if convention is None:
+                raise DataError(
+                    f"{datalist}: {key}: case {case.case_id} is not BraTS-named and the datalist has no "
+                    "'labels', so its label codes are unknown; set ingest.labels (or --labels) to one of "
+                    f"{', '.join(LABEL_CONVENTIONS)}"
+                )
+            cases.append(replace(case, label_convention=convention))
+    return cases
+
+
+def _monai_case(
+    entry: Any, key: str, subset: str, datalist: Path, base: Path, order_4d: tuple[str, ...] | None
+) -> CaseFiles:
+    """One datalist entry (``label_convention`` left empty for the caller)."""
+    if isinstance(entry, str) and subset == "testing":
+        entry = {"image": entry}  # MSD's dataset.json: "test": ["./imagesTs/BRATS_485.nii.gz"]
+    if not isinstance(entry, dict) or "image" not in entry:
+        raise DataError(
+            f"{datalist}: {key} must be an object with 'image' (and 'label'), got {first_line(json.dumps(entry), 80)}"
+        )
+    images = entry["image"]
+    if isinstance(images, list) and len(images) == 1:
+        images = images[0]
+    missing: list[str] = []
+    paths: dict[str, Path | None] = {}
+    order: tuple[str, ...] = ()
+    names: list[str]
+    if isinstance(images, str):
+        if order_4d is None:
+            raise DataError(
+                f"{datalist}: {key}.image is one 4-D file but the datalist has no 'modality' (or "
+                "'channel_names') naming its channels; add e.g. "
+                '"modality": {"0": "FLAIR", "1": "T1w", "2": "T1gd", "3": "T2w"}'
+            )
+        image = _existing(_datalist_path(images, base, f"{datalist}: {key}.image"), f"{key}.image", missing)
+        paths = dict.fromkeys(CANONICAL_MODALITIES, image)
+        order = order_4d
+        names = [images]
+    elif isinstance(images, list) and len(images) == len(CANONICAL_MODALITIES):
+        files = [_datalist_path(v, base, f"{datalist}: {key}.image[{i}]") for i, v in enumerate(images)]
+        modalities = [_file_modality(str(f))[0] for f in files]
+        if sorted(modalities) != sorted(CANONICAL_MODALITIES):
+            raise DataError(
+                f"{datalist}: {key}.image: cannot tell t1, t1ce, t2 and flair apart in "
+                f"{[f.name for f in files]}; name each file with a modality token (_t1, _t1ce, _t2, _flair)"
+            )
+        for i, (file, modality) in enumerate(zip(files, modalities, strict=True)):
+            paths[modality] = _existing(file, f"{key}.image[{i}]", missing)
+        names = [str(v) for v in images]
+    else:
+        count = len(images) if isinstance(images, list) else type(images).__name__
+        raise DataError(
+            f"{datalist}: {key}.image must be 4 files (t1, t1ce, t2, flair) or one 4-D file, got {count}"
+        )
+
+    label = entry.get("label")
+    if label is None and subset != "testing":
+        raise DataError(
+            f"{datalist}: {key} has no 'label'; {subset} entries need one (put unlabelled cases under 'testing')"
+        )
+    label_path = _datalist_path(label, base, f"{datalist}: {key}.label") if label is not None else None
+    paths["seg"] = _existing(label_path, f"{key}.label", missing) if label_path is not None else None
+
+    fold = entry.get("fold")
+    if fold is not None:
+        if isinstance(fold, str) and fold.strip().isdigit():
+            fold = int(fold)
+        if not isinstance(fold, int) or isinstance(fold, bool):
+            raise DataError(f"{datalist}: {key}.fold must be a whole number, got {fold!r}")
+
+    case_id = _monai_case_id(names, label_path)
+    return CaseFiles(
+        case_id=case_id,
+        patient_id=_patient_id(case_id),
+        layout="monai",
+        label_convention="",
+        case_dir=base,
+        paths={k: paths[k] for k in FILE_KEYS},
+        missing=missing,
+        channel_order=order,
+        subset=subset,
+        fold=fold,
+    )
+
+
+def _monai_case_id(images: list[str], label: Path | None) -> str:
+    """BraTS case id from an image name or its folder; else the label's (or the image's) file stem."""
+    for image in images:
+        base = _file_modality(image)[1]
+        if _is_brats_name(base):
+            return base
+    folder = Path(images[0]).parent.name
+    if _is_brats_name(folder):
+        return folder
+    if label is not None:
+        stem = _file_stem(label.name)
+        generic = stem.lower() in ("seg", "label", "labels", "mask", "segmentation")
+        return label.parent.name if generic and label.parent.name else stem
+    name = _file_modality(images[0])[1] if len(images) > 1 else _file_stem(Path(images[0]).name)
+    return name or _file_stem(Path(images[0]).name)
+
+
+# ---------------------------------------------------------------------------- manifest rows
+def _fold_of(text: Any) -> int | None:
+    value = str(text if text is not None else "").strip()
+    if value.lower() in ("", "nan", "none"):
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        raise DataError(f"manifest.csv: fold {value!r} is not a whole number; run ingest again") from None
+
+
 def case_from_manifest_row(row: Mapping[str, str]) -> CaseFiles:
-    """Rebuild the :class:`CaseFiles` of a manifest row (absolute paths; empty path = absent)."""
+    """Rebuild the :class:`CaseFiles` of a manifest row (absolute paths; empty path = absent).
+
+    ``subset``/``fold`` columns are optional (absent: ``""``/None); the channel order of a 4-D
+    image comes from a ``channel_order`` column (``flair;t1;t1ce;t2``) when there is one, else from
+    the ``dataset.json`` (MSD) or the datalist (MONAI) beside the case.
+    """
     paths: dict[str, Path | None] = {
         key: Path(row[f"path_{key}"]) if row.get(f"path_{key}") else None for key in FILE_KEYS
     }
     missing = [f"{key} (no path in manifest.csv)" for key in CANONICAL_MODALITIES if paths[key] is None]
     case_dir = Path(row["case_dir"])
-    order = msd_channel_order(case_dir.parent) if row["layout"] == "msd" else ()
+    layout = row["layout"]
+    order: tuple[str, ...] = ()
+    shared = len({paths[key] for key in CANONICAL_MODALITIES if paths[key] is not None}) == 1
+    stored = str(row.get("channel_order") or "").strip()
+    if stored and stored.lower() != "nan" and shared:
+        order = tuple(stored.split(";"))
+    elif layout == "msd":
+        order = msd_channel_order(case_dir.parent)
+    elif layout == "monai" and shared and not missing:
+        order = _monai_channel_order_of(case_dir)
+    subset = str(row.get("subset") or "")
     return CaseFiles(
         case_id=row["case_id"],
         patient_id=row["patient_id"],
-        layout=row["layout"],
+        layout=layout,
         label_convention=row["label_convention"],
         case_dir=case_dir,
         paths=paths,
         missing=missing,
         channel_order=order,
+        subset="" if subset.lower() == "nan" else subset,
+        fold=_fold_of(row.get("fold")),
     )
+
+
+def _monai_channel_order_of(folder: Path) -> tuple[str, ...]:
+    """Channel order of the 4-D images of the one datalist in ``folder`` (manifest rows)."""
+    lists, _ = _datalists(folder) if folder.is_dir() else ([], [])
+    if len(lists) != 1:
+        raise DataError(
+            f"{folder}: the MONAI datalist naming this case's 4-D image is gone (or there are several); "
+            "run ingest again"
+        )
+    data = _read_json(lists[0])
+    order = datalist_channel_order(data, lists[0])
+    if order is None:
+        raise DataError(
+            f"{lists[0]}: no 'modality' naming the channels of its 4-D images; add it and run ingest again"
+        )
+    return order
 
 
 # ---------------------------------------------------------------------------- reading a case
@@ -638,7 +1372,9 @@ def load_case(case: CaseFiles, *, chunk_bytes: int = 8 << 20) -> LoadedCase:
     """
     loaded = LoadedCase(case=case)
     for name in case.missing:
-        loaded.problems.append(f"missing modality file {name}")
+        # MONAI entries already say what is missing ("training[3].image[1]: /x_t2.nii.gz does not exist").
+        said = name.endswith((" does not exist", " is not a file"))
+        loaded.problems.append(name if said else f"missing modality file {name}")
     files = case.unique_files()
     # The files decode in threads: gzip inflation and hashing release the GIL, so the four
     # modalities of a case overlap on a multi-core machine (a third of predict's wall time otherwise).
@@ -655,7 +1391,7 @@ def load_case(case: CaseFiles, *, chunk_bytes: int = 8 << 20) -> LoadedCase:
             continue
         for key in keys:
             loaded.files[key] = nifti
-        if case.layout == "msd" and keys != ["seg"]:
+        if (case.layout == "msd" or len(keys) > 1) and "seg" not in keys:
             _split_msd_channels(loaded, nifti, keys)
         else:
             data = squeeze_trailing(nifti.data, 3)
@@ -691,8 +1427,9 @@ def _split_msd_channels(loaded: LoadedCase, nifti: NiftiFile, keys: list[str]) -
     data = squeeze_trailing(nifti.data, 4)
     order = loaded.case.channel_order or MSD_CHANNEL_ORDER
     if data.ndim != 4 or data.shape[3] != len(order):
+        kind = "MSD image" if loaded.case.layout == "msd" else "image"
         loaded.problems.append(
-            f"{nifti.path.name} is {shape_text(data.shape)}; expected a 4-D MSD image with "
+            f"{nifti.path.name} is {shape_text(data.shape)}; expected a 4-D {kind} with "
             f"{len(order)} channels ({', '.join(order)})"
         )
         return

@@ -7,8 +7,13 @@ Two public 2-D brain-tumour datasets are read as they are distributed:
   (logical), ``label`` (1 meningioma, 2 glioma, 3 pituitary), ``PID`` (patient id, char) and
   ``tumorBorder`` (outline coordinates). The files are MATLAB v7.3, i.e. HDF5 behind a 512-byte
   MATLAB header, read with h5py; MATLAB stores arrays column-major, so every array comes back
-  transposed and is transposed again here. Older v5 files (``save -v7`` or scipy) are read with
-  :func:`scipy.io.loadmat`.
+  transposed and is transposed again here. They are read by content: MATLAB tags each variable with
+  a ``MATLAB_class`` attribute, but files written by h5py or other tools carry none, so each field's
+  type is taken from its dataset where the attribute is missing (``image``, ``tumorMask``: numeric
+  arrays; ``label``: one number, or text that is one; ``PID``: a uint16 char array, byte or text
+  strings, or one number; ``tumorBorder``: numbers). A field that cannot be read as such is a
+  :class:`~tumorseg.errors.DataError` naming the field and what to do. Older v5 files (``save -v7``
+  or scipy) are read with :func:`scipy.io.loadmat`.
 - **Kaggle** "brain MRI images for brain tumor detection": JPEG/PNG files of any size, grayscale or
   RGB, in folders ``yes/`` (tumour) and ``no/`` (no tumour). There are no masks and no patient ids,
   so each image is its own patient.
@@ -38,7 +43,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from tumorseg.config import Section, register_section
-from tumorseg.errors import DataError
+from tumorseg.errors import DataError, first_line
 
 FIGSHARE_LABELS: dict[int, str] = {1: "meningioma", 2: "glioma", 3: "pituitary"}
 """Figshare ``cjdata.label`` -> tumour type."""
@@ -178,8 +183,15 @@ def default_case_id(path: Path) -> str:
 def load_planar_raw(path: Path) -> RawPlanar:
     """Read and decode a ``.mat`` or image file once (hashing the bytes as read), without judging it.
 
+    The one reader of 2-D files (ingest, preprocess, predict and serving all use it). A ``.mat`` file
+    holding HDF5 (MATLAB v7.3) is read by content: the type of each ``cjdata`` field comes from its
+    ``MATLAB_class`` attribute where there is one, else from the dataset's dtype and shape, so files
+    written without MATLAB's attributes (h5py, other tools) read as MATLAB's own (see the module
+    docstring). Other ``.mat`` files are MATLAB v5, read with :func:`scipy.io.loadmat`.
+
     Raises:
-        DataError: the file cannot be read or decoded (one line naming the file).
+        DataError: the file cannot be read or decoded, or a ``cjdata`` field cannot be read as what it
+            should hold (one line naming the file, the field where there is one, and what to do).
     """
     path = Path(path)
     try:
@@ -197,42 +209,61 @@ def load_planar_raw(path: Path) -> RawPlanar:
     )
 
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+"""At offset 0, or after a user block of 512 * 2**k bytes (MATLAB's v7.3 header is 512)."""
+
+_FIX: dict[str, str] = {
+    "image": "store the slice's pixels as a 2-D numeric array (Figshare: int16)",
+    "tumorMask": "store the mask as a 2-D 0/1 array (logical or uint8) of the image's size",
+    "label": "store the tumour type as one number: 1 meningioma, 2 glioma or 3 pituitary",
+    "PID": "store the patient id as text (a MATLAB char array, uint16) or as one number",
+    "tumorBorder": "store the outline as a numeric vector, or leave the field out",
+}
+"""The Figshare ``cjdata`` fields, and what to do about one that cannot be read as what it should hold."""
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """One ``cjdata`` dataset as h5py reads it (MATLAB's column-major order, i.e. transposed).
+
+    Attributes:
+        value: the dataset's value as an array (a byte string becomes a 0-d ``S`` array).
+        matlab_class: the ``MATLAB_class`` attribute, ``""`` when absent (h5py and other writers).
+        empty: flagged ``MATLAB_empty``, or holding no element.
+    """
+
+    value: np.ndarray
+    matlab_class: str
+    empty: bool
+
+
 def _decode_mat(path: Path, data: bytes, digest: str) -> RawPlanar:
     """Figshare ``cjdata`` from a v7.3 (HDF5) or v5 MAT file held in ``data``."""
-    hdf5_signature = b"\x89HDF\r\n\x1a\n"  # at offset 0 or after a user block of 512 * 2**k bytes
-    at_block = any(data[offset : offset + 8] == hdf5_signature for offset in (0, 512, 1024, 2048))
-    if at_block or data.startswith(b"MATLAB 7.3 MAT-file"):
-        fields, fmt = _read_mat_v73(path, data), "mat-v7.3"
+    if _holds_hdf5(data):
+        fields, fmt = _interpret_fields(path, _read_cjdata(path, data)), "mat-v7.3"
     else:
         fields, fmt = _read_mat_v5(path, data), "mat-v5"
-    if "image" not in fields:
+    if fields.get("image") is None:
         raise DataError(f"{path}: MATLAB struct cjdata has no 'image' field; not a Figshare slice")
-    label = fields.get("label")
-    label_value: float | None = None
-    if label is not None and np.asarray(label).size == 1:
-        label_value = float(np.asarray(label, dtype=np.float64).ravel()[0])
-    border = fields.get("tumorBorder")
     return RawPlanar(
-        image=np.asarray(fields["image"]),
-        mask=None if fields.get("tumorMask") is None else np.asarray(fields["tumorMask"]),
-        label=label_value,
+        image=fields["image"],
+        mask=fields.get("tumorMask"),
+        label=fields.get("label"),
         pid=fields.get("PID"),
-        border=None if border is None else np.asarray(border, dtype=np.float64).ravel(),
+        border=fields.get("tumorBorder"),
         fmt=fmt,
         sha256=digest,
     )
 
 
-def _mat_char(values: np.ndarray) -> str:
-    """A MATLAB char array (uint16 code units) as text.
-
-    h5py sees MATLAB's column-major ``(m, n)`` as ``(n, m)``, whose C order is MATLAB's own order.
-    """
-    return "".join(chr(int(c)) for c in np.asarray(values).ravel() if int(c) != 0)
+def _holds_hdf5(data: bytes) -> bool:
+    """True for a v7.3 MAT header or the HDF5 signature at offset 0, 512, 1024 or 2048."""
+    at_block = any(data[offset : offset + 8] == _HDF5_SIGNATURE for offset in (0, 512, 1024, 2048))
+    return at_block or data.startswith(b"MATLAB 7.3 MAT-file")
 
 
-def _read_mat_v73(path: Path, data: bytes) -> dict[str, Any]:
-    """``cjdata`` fields of a MATLAB v7.3 file, arrays transposed back to MATLAB's row/column order."""
+def _read_cjdata(path: Path, data: bytes) -> dict[str, _Stored]:
+    """The Figshare fields of the ``cjdata`` group of an HDF5 file held in ``data``, as stored."""
     import h5py
 
     try:
@@ -240,29 +271,152 @@ def _read_mat_v73(path: Path, data: bytes) -> dict[str, Any]:
             group = fh.get("cjdata")
             if not isinstance(group, h5py.Group):
                 raise DataError(f"{path}: MATLAB file has no struct 'cjdata'; not a Figshare slice")
-            fields: dict[str, Any] = {}
-            for name, item in group.items():
-                if not isinstance(item, h5py.Dataset):
+            stored: dict[str, _Stored] = {}
+            for name in _FIX:
+                if name not in group:
                     continue
-                value = item[()]
-                matlab_class = item.attrs.get("MATLAB_class", b"")
-                matlab_class = matlab_class.decode() if isinstance(matlab_class, bytes) else str(matlab_class)
-                if item.attrs.get("MATLAB_empty", 0):
-                    fields[name] = None if name != "PID" else ""
-                elif matlab_class == "char":
-                    fields[name] = _mat_char(value)
-                else:
-                    # MATLAB writes column-major: an (H, W) array is stored as (W, H).
-                    fields[name] = np.asarray(value).T
-            return fields
+                item = group.get(name)
+                if not isinstance(item, h5py.Dataset):
+                    what = "an HDF5 group" if isinstance(item, h5py.Group) else "not an HDF5 dataset"
+                    raise DataError(f"{path}: cjdata.{name} is {what}, not an array; {_FIX[name]}")
+                stored[name] = _read_dataset(path, name, item)
+            return stored
     except DataError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise DataError(f"{path}: corrupt MATLAB v7.3 (HDF5) file ({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"{path}: corrupt MATLAB v7.3 (HDF5) file ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
+
+
+def _read_dataset(path: Path, name: str, item: Any) -> _Stored:
+    """One dataset's value and MATLAB attributes; a value h5py cannot read names the field."""
+    import h5py
+
+    try:
+        value = item[()]
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise DataError(
+            f"{path}: cjdata.{name} cannot be read ({type(exc).__name__}: {first_line(exc)}); {_FIX[name]}"
+        ) from None
+    array = np.zeros((0,)) if isinstance(value, h5py.Empty) else np.asarray(value)
+    matlab_class = _attribute_text(item.attrs.get("MATLAB_class", b""))
+    try:
+        flagged_empty = bool(np.asarray(item.attrs.get("MATLAB_empty", 0)).astype(bool).any())
+    except (ValueError, TypeError):
+        flagged_empty = False
+    return _Stored(value=array, matlab_class=matlab_class, empty=flagged_empty or array.size == 0)
+
+
+def _attribute_text(value: Any) -> str:
+    """An HDF5 text attribute (bytes, str or a one-element array of either) as str; else ``""``."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.ravel()[0]
+    if isinstance(value, bytes):
+        return value.decode("ascii", errors="replace")
+    return value if isinstance(value, str) else ""
+
+
+def _interpret_fields(path: Path, stored: dict[str, _Stored]) -> dict[str, Any]:
+    """``cjdata`` fields as :class:`RawPlanar` holds them, each read by content.
+
+    Numeric arrays are transposed back to MATLAB's row/column order; an empty field is absent (an
+    empty ``PID`` is ``""``).
+
+    Raises:
+        DataError: a field that is not what it should hold (naming the field and what to do).
+    """
+    fields: dict[str, Any] = {}
+    for name, item in stored.items():
+        if item.empty:
+            if name == "image":
+                raise DataError(f"{path}: cjdata.image is empty; {_FIX['image']}")
+            fields[name] = "" if name == "PID" else None
+            continue
+        array, char = item.value, item.matlab_class == "char"
+        if name == "PID":
+            pid = _text(array, char or (array.dtype.kind == "u" and array.dtype.itemsize == 2))
+            if pid is None:
+                raise DataError(f"{path}: cjdata.PID is {_describe(array)}, not a patient id; {_FIX['PID']}")
+            fields[name] = pid
+        elif name == "label":
+            fields[name] = _one_number(array, char)
+            if fields[name] is None:
+                raise DataError(
+                    f"{path}: cjdata.label is {_describe(array)}, not one number; {_FIX['label']}"
+                )
+        elif array.dtype.kind not in "biuf" or char:
+            what = "numbers" if name != "tumorMask" else "a 0/1 mask"
+            raise DataError(f"{path}: cjdata.{name} is {_describe(array)}, not {what}; {_FIX[name]}")
+        elif name == "tumorBorder":
+            fields[name] = np.asarray(array.T, dtype=np.float64).ravel()
+        else:
+            # MATLAB writes column-major: an (H, W) array is stored as (W, H).
+            fields[name] = array.T
+    return fields
+
+
+def _text(array: np.ndarray, char_codes: bool) -> str | None:
+    """Text stored as char codes (UTF-16 units), byte or text strings, uint8 bytes, or one number.
+
+    Char codes are read in the stored (C) order, which is MATLAB's own column-major order. A number
+    gives its exact text (``100360``, ``1.5``). Returns None for anything else (several numbers,
+    non-finite numbers, undecodable bytes).
+    """
+    kind = array.dtype.kind
+    try:
+        if char_codes and kind in "iu":
+            codes = array.ravel()
+            if codes.size and (int(codes.min()) < 0 or int(codes.max()) > 0xFFFF):
+                return None
+            return codes[codes != 0].astype("<u2").tobytes().decode("utf-16-le")
+        if kind in "SUO":
+            parts = [p.decode("utf-8") if isinstance(p, bytes) else p for p in array.ravel().tolist()]
+            if not all(isinstance(p, str) for p in parts):
+                return None
+            return "".join(parts).replace("\x00", "")
+        if kind == "u" and array.dtype.itemsize == 1 and array.size > 1:
+            return array.ravel().tobytes().decode("utf-8").replace("\x00", "")
+    except UnicodeDecodeError:
+        return None
+    value = _one_number(array, char=False)
+    if value is None or not np.isfinite(value):
+        return None
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _one_number(array: np.ndarray, char: bool) -> float | None:
+    """The value of a one-element numeric array, or of text that is a number; else None."""
+    if char or array.dtype.kind in "SUO":
+        text = _text(array, char_codes=True)
+        try:
+            return None if text is None else float(text.strip())
+        except ValueError:
+            return None
+    if array.dtype.kind in "iuf" and array.size == 1:
+        return float(array.ravel()[0])
+    return None
+
+
+def _describe(array: np.ndarray) -> str:
+    """``text (dtype S6)``, ``a float64 array of shape 2x3`` or ``a uint8 scalar`` (MATLAB's order)."""
+    if array.dtype.kind in "SUO":
+        return f"text or objects (dtype {array.dtype.str.lstrip('<>|=')})"
+    if array.ndim == 0:
+        return f"a {array.dtype.name} scalar"
+    return f"a {array.dtype.name} array of shape {'x'.join(map(str, array.shape[::-1]))}"
 
 
 def _read_mat_v5(path: Path, data: bytes) -> dict[str, Any]:
-    """``cjdata`` fields of a MATLAB v5 file (scipy returns arrays in MATLAB's own order)."""
+    """``cjdata`` fields of a MATLAB v5 file (scipy returns arrays in MATLAB's own order), checked.
+
+    ``label`` becomes one float (None unless it holds one element), ``tumorBorder`` a flat float64
+    array and a non-text ``PID`` its ``str``.
+
+    Raises:
+        DataError: not a readable MAT file, no ``cjdata`` struct, a label or border that is not
+            numeric, or an image or mask that is not numbers.
+    """
     import scipy.io
 
     try:
@@ -270,11 +424,32 @@ def _read_mat_v5(path: Path, data: bytes) -> dict[str, Any]:
     except NotImplementedError:  # a v7.3 header without an HDF5 body
         raise DataError(f"{path}: MATLAB v7.3 header but no HDF5 content; the file is corrupt") from None
     except Exception as exc:  # scipy raises ValueError, TypeError, struct.error, zlib.error... on bad bytes
-        raise DataError(f"{path}: not a readable MATLAB file ({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"{path}: not a readable MATLAB file ({type(exc).__name__}: {first_line(exc)})"
+        ) from None
     cjdata = content.get("cjdata")
     if not isinstance(cjdata, dict):
         raise DataError(f"{path}: MATLAB file has no struct 'cjdata'; not a Figshare slice")
     fields = dict(cjdata)
+    try:
+        label = fields.get("label")
+        if label is not None:
+            label = np.asarray(label, dtype=np.float64)
+            fields["label"] = float(label.ravel()[0]) if label.size == 1 else None
+        if fields.get("tumorBorder") is not None:
+            fields["tumorBorder"] = np.asarray(fields["tumorBorder"], dtype=np.float64).ravel()
+    except (ValueError, TypeError) as exc:  # a label or border that numpy cannot turn into numbers
+        raise DataError(
+            f"{path}: cjdata.label or cjdata.tumorBorder is not numeric ({type(exc).__name__}: "
+            f"{first_line(exc)}); store label as 1, 2 or 3 and tumorBorder as a numeric vector"
+        ) from None
+    for name in ("image", "tumorMask"):
+        if fields.get(name) is not None:
+            fields[name] = np.asarray(fields[name])
+            if fields[name].dtype.kind not in "biuf":
+                raise DataError(
+                    f"{path}: cjdata.{name} is {_describe(fields[name].T)}, not numbers; {_FIX[name]}"
+                )
     pid = fields.get("PID")
     if pid is not None and not isinstance(pid, str):
         fields["PID"] = str(pid)

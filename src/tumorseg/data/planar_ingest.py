@@ -11,6 +11,11 @@ So a folder of ``.mat`` files is Figshare, a folder with ``yes/`` and ``no/`` is
 holding both (the embedded default: ``data/raw_2d/figshare`` + ``data/raw_2d/kaggle``) is ingested
 into one manifest. Hidden files (``.name``, e.g. half-written temp files) are ignored.
 
+Files are read by :func:`~tumorseg.data.planar.load_planar_raw`, the reader preprocess, predict and
+serving use too. It reads Figshare v7.3 (HDF5) files by content, so files written by h5py or other tools
+without MATLAB's ``MATLAB_class`` attributes ingest as MATLAB's own; a ``cjdata`` field that cannot be
+read as what it should hold quarantines the file with a one-line reason naming the field.
+
 One row per file (columns :data:`PLANAR_MANIFEST_COLUMNS`). As for 3-D data, ingest quarantines only
 what it cannot decode (with the reason); everything else is measured and left to the Great
 Expectations suite of ``tumorseg validate`` (mask shape, binary mask, label in 1..3, size, constant

@@ -33,7 +33,9 @@ Output of :func:`preprocess_dataset` (the contract with training)::
                               uncompressed by default, so training memory-maps it
     OUT/cases/<case_id>.json  geometry (see :func:`preprocess_case`)
     OUT/index.csv             case_id, patient_id, label_convention, layout, npz, shape, tumour_voxels,
-                              tumour_volume_ml, has_tumour, has_label
+                              tumour_volume_ml, has_tumour, has_label, then, carried from the validated
+                              manifest for ``tumorseg split`` (empty when it has none): subset, fold
+                              (MONAI datalist) and duplicate_of (the case's duplicate group)
 """
 
 from __future__ import annotations
@@ -93,7 +95,13 @@ INDEX_COLUMNS: list[str] = [
     "tumour_volume_ml",
     "has_tumour",
     "has_label",
+    "subset",
+    "fold",
+    "duplicate_of",
 ]
+MANIFEST_CARRIED_COLUMNS: tuple[str, ...] = ("subset", "fold", "duplicate_of")
+"""Manifest columns copied into ``index.csv`` as they are ("" when the manifest lacks them): the
+datalist subset/fold (ingest) and the duplicate group (validate) that ``tumorseg split`` reads."""
 
 _RAS = axcodes2ornt(("R", "A", "S"))
 
@@ -796,7 +804,8 @@ def _is_compressed(npz_path: Path) -> bool | None:
         return None
 
 
-def _index_row(geometry: dict[str, Any]) -> dict[str, str]:
+def _index_row(geometry: dict[str, Any], manifest_row: dict[str, Any]) -> dict[str, str]:
+    carried = {column: str(manifest_row.get(column) or "") for column in MANIFEST_CARRIED_COLUMNS}
     return {
         "case_id": geometry["case_id"],
         "patient_id": geometry["patient_id"],
@@ -808,6 +817,7 @@ def _index_row(geometry: dict[str, Any]) -> dict[str, str]:
         "tumour_volume_ml": f"{geometry['tumour_volume_ml']:g}",
         "has_tumour": str(geometry["has_label"] and geometry["tumour_voxels"] > 0),
         "has_label": str(geometry["has_label"]),
+        **carried,
     }
 
 
@@ -855,8 +865,9 @@ def preprocess_dataset(
     stored_bytes = 0
     work = partial(preprocess_one, cases_dir=cases_dir, cfg=cfg)
     ordered = sorted(rows, key=lambda r: r["case_id"])
-    for geometry, computed in map_cases(work, ordered, workers=cfg.workers, what="preprocess"):
-        index.append(_index_row(geometry))
+    results = map_cases(work, ordered, workers=cfg.workers, what="preprocess")
+    for row, (geometry, computed) in zip(ordered, results, strict=True):
+        index.append(_index_row(geometry, row))
         processed += computed
         skipped += not computed
         stored_bytes += (cases_dir / f"{geometry['case_id']}.npz").stat().st_size

@@ -67,7 +67,9 @@ def source_folder(params: dict[str, Any], params_path: str | Path = "params.yaml
     return cfg.folder(project_root(params_path))
 
 
-def inspect_source(folder: Path, *, synthetic: bool = False) -> SourceInfo:
+def inspect_source(
+    folder: Path, *, synthetic: bool = False, layout: str | None = None, labels: str | None = None
+) -> SourceInfo:
     """Check a dataset folder without reading any image.
 
     Raises:
@@ -89,7 +91,7 @@ def inspect_source(folder: Path, *, synthetic: bool = False) -> SourceInfo:
             "reads BraTS or MSD volumes: put 2-D data in paths.raw_2d (the *_2d stages)"
         )
     try:
-        cases = discover_cases(folder)
+        cases = discover_cases(folder, None if layout == "auto" else layout, labels)
     except DataError as exc:
         raise DataError(f"data.source: {exc}") from None
     return SourceInfo(folder, synthetic, cases[0].layout, len(cases))
@@ -111,7 +113,8 @@ def prepare_source(params: dict[str, Any], params_path: str | Path = "params.yam
 
         written = synthesize_dataset(folder, section("synth", params, source=params_path))
         return SourceInfo(folder, True, section("synth", params).layout, len(written))
-    info = inspect_source(folder)
+    ingest_cfg = section("ingest", params, source=params_path)
+    info = inspect_source(folder, layout=ingest_cfg.layout, labels=ingest_cfg.labels)
     # The DVC stage's output is the generator's folder; with a folder of one's own it stays empty.
     generated = cfg.folder_for(SYNTH_SOURCE, project_root(params_path))
     if generated != folder:

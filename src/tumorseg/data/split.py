@@ -1,16 +1,58 @@
-"""``tumorseg split``: patient-level train/val/test split, stratified by tumour size.
+"""``tumorseg split``: group-level train/val/test split: stratified, from a datalist, or your own.
 
-All time points of a patient (BraTS 2023+ ``BraTS-GLI-00001-000``, ``-001``, ...) go to the same
-split, so no patient's anatomy leaks from training into evaluation.
+The unit
+--------
+No unit of the split may be on two sides. A unit (a *group*) joins:
 
-Strata are per patient: ``tumour-free`` (no tumour voxel in any of its labelled cases) and
-``size_bins`` quantile bins of the patient's largest ``tumour_volume_ml`` (``q1`` smallest). The
-number of val and test patients is fixed globally (``round(n * fraction)``, at least 1 each, train
-keeps at least 1) and shared out between strata by largest remainder; a stratum with 3 or more
-patients gets at least one val and one test patient whenever the totals allow. Within a stratum,
-patients are shuffled by ``seed`` (after sorting, so the result does not depend on file order).
+- every case of one patient (BraTS 2023+ time points ``BraTS-GLI-00001-000``, ``-001``, ... share
+  the patient ``BraTS-GLI-00001``), and
+- every case whose scan ``tumorseg validate`` found under another case id too (``duplicate_of`` in
+  the validated manifest, carried into ``index.csv``), with all cases of *their* patients,
+
+transitively (union-find over ``patient_id`` and ``duplicate_of``, over every row of
+``index.csv``, unlabelled ones included, since they can link two labelled cases). A group is named
+by the smallest patient id among its labelled cases; without duplicates, groups are patients and
+everything below reads "patient".
 
 Only labelled cases (``has_label``) are split; unlabelled ones cannot be trained or scored.
+
+``split.method: stratified`` (default)
+--------------------------------------
+Strata are per group: ``tumour-free`` (no tumour voxel in any of its labelled cases) and
+``size_bins`` quantile bins of the group's largest ``tumour_volume_ml`` (``q1`` smallest). The
+number of val and test groups is fixed globally (``round(n * fraction)``, at least 1 each, train
+keeps at least 1) and shared out between strata by largest remainder; a stratum with 3 or more
+groups gets at least one val and one test group whenever the totals allow. Within a stratum,
+groups are shuffled by ``seed`` (after sorting, so the result does not depend on file order).
+
+``split.method: datalist`` (a MONAI datalist, ``index.csv`` columns ``subset`` and ``fold``)
+-------------------------------------------------------------------------------------------
+1. a case of the datalist's ``validation`` list goes to val; of its ``testing`` list (labelled: an
+   unlabelled test case is left out like any unlabelled case) to test;
+2. when the datalist has no ``validation`` list but its training cases have folds, the training
+   cases of fold ``split.val_fold`` go to val (an error when no case has that fold);
+3. every other case (``training``, or no subset) is a training case;
+4. a group whose cases the datalist puts on different sides is moved whole to the most held-out of
+   them (test before val before train), with one warning naming its cases: the datalist may be
+   published, so it is not an error, but nothing evaluated may have been trained on;
+5. a part the datalist does not give is held out of the training groups by the stratified rule
+   (``seed``, ``size_bins``): no ``testing`` list -> ``max(1, round(N * test))`` test groups,
+   no ``validation`` list and no folds -> ``max(1, round(N * val))`` val groups, ``N`` being all
+   labelled groups; at least one group stays in train.
+
+It is an error when no labelled case has a ``subset`` (not a datalist), when a ``subset`` is not
+``training``/``validation``/``testing``, or when train, val or test ends up empty.
+
+``split.method: file`` (``split.file``, relative to the project folder, the working directory)
+----------------------------------------------------------------------------------------------
+A JSON object ``{"train": [case_id, ...], "val": [...], "test": [...]}`` (a split JSON written by
+this command is accepted too: its other keys are ignored) or a CSV with a header and the columns
+``case_id`` and ``split`` (``train``/``val``/``test``; other columns ignored). One-line errors,
+naming the file and the key or line: not readable, another key or split name, a case on two sides,
+a case id that is not in ``index.csv`` (unknown, or quarantined by validation), an empty side, and a
+group on two sides (naming its cases and why they are one group). Labelled cases of ``index.csv``
+the file does not list are left out with a warning (and listed under ``left_out``); unlabelled
+cases it lists are left out with a warning.
 
 Output JSON (written atomically)::
 
@@ -18,6 +60,11 @@ Output JSON (written atomically)::
      "train": [case_id, ...], "val": [...], "test": [...],
      "patients": {"train": [patient_id, ...], "val": [...], "test": [...]},
      "strata": {case_id: "tumour-free" | "q1" | ...}}
+
+followed, only when they say something (so a default split of data without duplicates is the
+same file as before these keys existed), by ``"method"`` (``datalist`` with ``"val_fold"``, or
+``file`` with ``"file"``), ``"groups"`` (group -> its patient ids, for each group that joins more
+than one patient) and ``"left_out"`` (labelled cases a user's split file does not list).
 """
 
 from __future__ import annotations
@@ -26,8 +73,10 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,20 +91,43 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 TUMOUR_FREE = "tumour-free"
 INDEX_NAME = "index.csv"
 _REQUIRED_INDEX_COLUMNS = ("case_id", "patient_id", "tumour_volume_ml", "has_label")
+GROUPING_COLUMNS: tuple[str, ...] = ("duplicate_of", "subset", "fold")
+"""Optional ``index.csv`` columns (empty when absent): duplicate group, datalist subset and fold."""
+STRATIFIED, DATALIST, FILE = "stratified", "datalist", "file"
+DATALIST_SUBSETS: dict[str, str] = {"validation": "val", "testing": "test", "training": "", "": ""}
+"""Datalist subset -> the side it fixes ("" = a training case: train unless held out)."""
+_HELD_OUT_ORDER: dict[str, int] = {"test": 0, "val": 1, "": 2}
+_SPLIT_FILE_METADATA = {
+    "seed",
+    "fractions",
+    "patients",
+    "strata",
+    "method",
+    "val_fold",
+    "file",
+    "groups",
+    "left_out",
+}
+"""Keys of a split JSON written by this command, ignored when it is given back as ``split.file``."""
 
 
 @dataclass(frozen=True)
 class Split:
-    """A patient-level split.
+    """A group-level split.
 
     Attributes:
         seed: shuffling seed.
-        fractions: ``train``/``val``/``test`` -> requested share of patients.
+        fractions: ``train``/``val``/``test`` -> requested share of groups.
         train, val, test: case ids (sorted).
         patients: split name -> patient ids (sorted).
-        strata: case id -> stratum of its patient.
+        strata: case id -> stratum of its group.
         out_file: where it was written (None when not written).
         unlabelled: case ids left out because they have no segmentation.
+        method: ``stratified``, ``datalist`` or ``file`` (``split.method``).
+        val_fold: the datalist fold used as val (datalist method with folds only).
+        file: the user's split file (file method only), as given in ``split.file``.
+        groups: group -> patient ids, for each group that joins several patients (duplicates).
+        left_out: labelled cases a user's split file does not list.
     """
 
     seed: int
@@ -67,6 +139,11 @@ class Split:
     strata: dict[str, str]
     out_file: Path | None = None
     unlabelled: list[str] = field(default_factory=list)
+    method: str = STRATIFIED
+    val_fold: int | None = None
+    file: str = ""
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)
 
     def cases(self, name: str) -> list[str]:
         """Case ids of ``train``, ``val`` or ``test``."""
@@ -75,7 +152,7 @@ class Split:
         return list(getattr(self, name))
 
     def to_dict(self) -> dict:
-        return {
+        data: dict[str, Any] = {
             "seed": self.seed,
             "fractions": dict(self.fractions),
             "train": self.train,
@@ -84,6 +161,17 @@ class Split:
             "patients": {name: self.patients[name] for name in SPLITS},
             "strata": dict(sorted(self.strata.items())),
         }
+        if self.method != STRATIFIED:
+            data["method"] = self.method
+            if self.method == DATALIST and self.val_fold is not None:
+                data["val_fold"] = self.val_fold
+            if self.method == FILE:
+                data["file"] = self.file
+        if self.groups:
+            data["groups"] = {group: list(p) for group, p in sorted(self.groups.items())}
+        if self.left_out:
+            data["left_out"] = list(self.left_out)
+        return data
 
     def one_line(self) -> str:
         counts = {name: len(self.patients[name]) for name in SPLITS}
@@ -92,8 +180,11 @@ class Split:
             for name in SPLITS
         )
         where = f" -> {self.out_file}" if self.out_file is not None else ""
+        how = f", {self.method}" if self.method != STRATIFIED else ""
         skipped = f"; {len(self.unlabelled)} unlabelled cases left out" if self.unlabelled else ""
-        return f"split {len(self.strata)} cases (seed {self.seed}){where}: {parts}{skipped}"
+        unlisted = f"; {len(self.left_out)} cases not in {self.file} left out" if self.left_out else ""
+        joined = f"; {len(self.groups)} groups join several patients" if self.groups else ""
+        return f"split {len(self.strata)} cases (seed {self.seed}{how}){where}: {parts}{skipped}{unlisted}{joined}"
 
 
 def read_split(path: Path) -> Split:
@@ -114,6 +205,11 @@ def read_split(path: Path) -> Split:
             patients={name: list(data["patients"][name]) for name in SPLITS},
             strata=dict(data["strata"]),
             out_file=path,
+            method=str(data.get("method", STRATIFIED)),
+            val_fold=int(data["val_fold"]) if data.get("val_fold") is not None else None,
+            file=str(data.get("file", "")),
+            groups={str(g): list(p) for g, p in dict(data.get("groups", {})).items()},
+            left_out=list(data.get("left_out", [])),
         )
     except FileNotFoundError:
         raise DataError(f"{path}: no split file; run `tumorseg split` first") from None
@@ -127,23 +223,31 @@ def make_split(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Spli
     Args:
         preprocessed_dir: output folder of ``tumorseg preprocess``.
         out_file: split JSON to write.
-        cfg: the ``split`` section of params.yaml.
+        cfg: the ``split`` section of params.yaml (``file`` is relative to the working directory,
+            the project folder where ``tumorseg``/DVC run).
 
     Raises:
-        DataError: no index, or fewer than 3 labelled patients.
+        DataError: no index, fewer than 3 labelled groups, or a datalist / split file that cannot be
+            used (see the module docstring).
     """
     index_file = Path(preprocessed_dir) / INDEX_NAME
     if not index_file.is_file():
         from tumorseg.data.planar_dataset import is_planar_preprocessed, split_planar
 
         if is_planar_preprocessed(Path(preprocessed_dir)):  # 2-D data: manifest.csv + <case_id>.npz
+            if cfg.method != STRATIFIED:
+                raise DataError(
+                    f"split.method: {cfg.method} is for 3-D datasets; 2-D data ({preprocessed_dir}) is "
+                    "split stratified: set split.method: stratified"
+                )
             return split_planar(Path(preprocessed_dir), Path(out_file), cfg)
         raise DataError(f"{index_file}: not found; run `tumorseg preprocess` first")
     index = pd.read_csv(index_file, dtype=str, keep_default_na=False)
     missing = [c for c in _REQUIRED_INDEX_COLUMNS if c not in index.columns]
     if missing:
         raise DataError(f"{index_file}: lacks columns {missing}; run `tumorseg preprocess` again")
-    split = split_cases(index, cfg)
+    user_split = read_user_split(Path(cfg.file)) if cfg.method == FILE else None
+    split = split_cases(index, cfg, user_split=user_split, index_name=str(index_file))
     out_file = Path(out_file)
     atomic_write_text(out_file, json.dumps(split.to_dict(), indent=1) + "\n")
     split = dataclasses.replace(split, out_file=out_file)
@@ -151,40 +255,185 @@ def make_split(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Spli
     return split
 
 
-def split_cases(index: pd.DataFrame, cfg: SplitConfig) -> Split:
-    """The split of an index table (``case_id``, ``patient_id``, ``tumour_volume_ml``, ``has_label``).
+# ---------------------------------------------------------------------------- groups
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
 
-    Deterministic for a given table content and ``cfg.seed`` (row order does not matter).
+    def find(self, item: str) -> str:
+        self.parent.setdefault(item, item)
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:
+            self.parent[item], item = root, self.parent[item]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def case_groups(table: pd.DataFrame, named_by: pd.Series | None = None) -> dict[str, str]:
+    """Case id -> its group: patient ∪ duplicate group, transitively (see the module docstring).
+
+    Args:
+        table: ``case_id`` and ``patient_id`` columns, optionally ``duplicate_of`` (text; an empty
+            or absent patient id counts as the case's own id).
+        named_by: a boolean mask of ``table``'s rows whose patient ids may name groups (the
+            labelled cases); all rows when None. A group none of whose rows qualify is named by
+            the smallest patient id of all its rows.
+
+    Returns:
+        Every case id of ``table`` -> the smallest qualifying patient id of its group.
+    """
+    links = _UnionFind()
+    cases = table["case_id"].astype(str).tolist()
+    patients = [p or c for p, c in zip(table["patient_id"].astype(str), cases, strict=True)]
+    duplicates = (
+        table["duplicate_of"].astype(str).tolist() if "duplicate_of" in table.columns else [""] * len(cases)
+    )
+    for patient, duplicate in zip(patients, duplicates, strict=True):
+        links.find(f"p:{patient}")
+        if duplicate.strip():
+            links.union(f"p:{patient}", f"d:{duplicate.strip()}")
+    qualifies = [True] * len(cases) if named_by is None else [bool(v) for v in named_by]
+    names: dict[str, str] = {}
+    fallback: dict[str, str] = {}
+    for patient, ok in zip(patients, qualifies, strict=True):
+        root = links.find(f"p:{patient}")
+        fallback[root] = min(fallback.get(root, patient), patient)
+        if ok:
+            names[root] = min(names.get(root, patient), patient)
+    return {
+        case: names.get(links.find(f"p:{patient}"), fallback[links.find(f"p:{patient}")])
+        for case, patient in zip(cases, patients, strict=True)
+    }
+
+
+# ---------------------------------------------------------------------------- splitting
+def split_cases(
+    index: pd.DataFrame,
+    cfg: SplitConfig,
+    *,
+    user_split: UserSplit | None = None,
+    index_name: str = INDEX_NAME,
+) -> Split:
+    """The split of an index table (``case_id``, ``patient_id``, ``tumour_volume_ml``, ``has_label``,
+    optionally ``duplicate_of``, ``subset``, ``fold``), by ``cfg.method``.
+
+    Deterministic for a given table content and ``cfg`` (row order does not matter).
+
+    Args:
+        index: preprocess's ``index.csv`` (text columns).
+        cfg: the ``split`` section.
+        user_split: the parsed ``split.file`` (method ``file``; :func:`read_user_split`).
+        index_name: the index file, for messages.
 
     Raises:
-        DataError: fewer than 3 labelled patients, or a tumour volume that is not a number.
+        DataError: fewer than 3 labelled groups, a tumour volume that is not a number, a case id twice,
+            or a datalist / user split that cannot be used (see the module docstring).
     """
-    labelled_mask = index["has_label"].astype(str).str.strip().str.lower() == "true"
-    unlabelled = sorted(index.loc[~labelled_mask, "case_id"].astype(str))
+    index = index.astype(str)
+    for column in GROUPING_COLUMNS:
+        if column not in index.columns:
+            index = index.assign(**{column: ""})
+    labelled_mask = index["has_label"].str.strip().str.lower() == "true"
+    unlabelled = sorted(index.loc[~labelled_mask, "case_id"])
     if unlabelled:
         log.warning("%d unlabelled cases are left out of the split", len(unlabelled))
-    table = index.loc[labelled_mask, ["case_id", "patient_id", "tumour_volume_ml"]].astype(str)
+    if index["case_id"].duplicated().any():
+        dup = index.loc[index["case_id"].duplicated(), "case_id"].iloc[0]
+        raise DataError(f"index.csv: case {dup} appears twice")
+    group_of_all = case_groups(index, named_by=labelled_mask)
+    table = index.loc[labelled_mask, ["case_id", "patient_id", "tumour_volume_ml", *GROUPING_COLUMNS]]
     try:
         volumes = table["tumour_volume_ml"].astype(float)
     except ValueError:
         raise DataError(
             "index.csv: tumour_volume_ml must be numbers; run `tumorseg preprocess` again"
         ) from None
-    if table["case_id"].duplicated().any():
-        dup = table.loc[table["case_id"].duplicated(), "case_id"].iloc[0]
-        raise DataError(f"index.csv: case {dup} appears twice")
+    group_of = {case: group_of_all[case] for case in table["case_id"]}
+    table = table.assign(group=[group_of[c] for c in table["case_id"]])
+    group_volume = volumes.groupby(table["group"]).max().sort_index()
+    strata = _patient_strata(group_volume, cfg.size_bins)
 
-    patient_volume = volumes.groupby(table["patient_id"]).max().sort_index()
-    return split_by_patient(table, _patient_strata(patient_volume, cfg.size_bins), cfg, unlabelled)
+    left_out: list[str] = []
+    if cfg.method == STRATIFIED:
+        _enough_groups(len(strata))
+        assignment = assign_patients(strata, _fractions(cfg), cfg.seed)
+    elif cfg.method == DATALIST:
+        assignment = _datalist_assignment(table, strata, cfg, index_name)
+    else:
+        if user_split is None:
+            raise DataError(f"split.method: file needs split.file ({cfg.file!r}) read; use make_split")
+        assignment, kept = _file_assignment(table, index, user_split, index_name)
+        left_out = sorted(set(table["case_id"]) - kept)
+        table = table[table["case_id"].isin(kept)]
+        strata = {g: strata[g] for g in sorted(set(table["group"]))}
+    split = _build_split(table, strata, assignment, cfg, unlabelled)
+    patients_per_group: dict[str, set[str]] = {}
+    for group, patient in zip(table["group"], table["patient_id"], strict=True):
+        patients_per_group.setdefault(group, set()).add(patient)
+    groups = {g: sorted(p) for g, p in patients_per_group.items() if len(p) > 1}
+    fold_is_val = cfg.method == DATALIST and _has_folds(table) and not _has_subset(table, "validation")
+    return dataclasses.replace(
+        split,
+        method=cfg.method,
+        val_fold=cfg.val_fold if fold_is_val else None,
+        file=cfg.file if cfg.method == FILE else "",
+        groups=groups,
+        left_out=left_out,
+    )
+
+
+def _fractions(cfg: SplitConfig) -> dict[str, float]:
+    return {"train": cfg.train, "val": cfg.val, "test": cfg.test}
+
+
+def _enough_groups(n: int) -> None:
+    if n < len(SPLITS):
+        raise DataError(
+            f"split.train/split.val/split.test: {n} labelled patient(s) cannot fill train, val and test "
+            "(each needs one); add cases"
+        )
+
+
+def _build_split(
+    table: pd.DataFrame,
+    strata: dict[str, str],
+    assignment: Mapping[str, str],
+    cfg: SplitConfig,
+    unlabelled: list[str],
+    unit: str = "group",
+) -> Split:
+    """The :class:`Split` of ``table``'s cases, given each unit's stratum and side."""
+    case_strata = {c: strata[u] for c, u in zip(table["case_id"], table[unit], strict=True)}
+    cases: dict[str, list[str]] = {name: [] for name in SPLITS}
+    patients: dict[str, set[str]] = {name: set() for name in SPLITS}
+    for case_id, patient_id, group in zip(table["case_id"], table["patient_id"], table[unit], strict=True):
+        cases[assignment[group]].append(case_id)
+        patients[assignment[group]].add(patient_id)
+    return Split(
+        seed=cfg.seed,
+        fractions=_fractions(cfg),
+        train=sorted(cases["train"]),
+        val=sorted(cases["val"]),
+        test=sorted(cases["test"]),
+        patients={name: sorted(patients[name]) for name in SPLITS},
+        strata=case_strata,
+        unlabelled=unlabelled,
+    )
 
 
 def split_by_patient(
     table: pd.DataFrame, strata: dict[str, str], cfg: SplitConfig, unlabelled: list[str]
 ) -> Split:
-    """The split of labelled cases, given each patient's stratum.
+    """The stratified split of labelled cases, given each patient's stratum.
 
-    Shared by the 3-D split (:func:`split_cases`) and the 2-D one
-    (:func:`tumorseg.data.planar_dataset.split_planar_cases`): only how the strata are chosen differs.
+    Used by the 2-D split (:func:`tumorseg.data.planar_dataset.split_planar_cases`), whose unit is
+    the patient and whose strata are source and tumour type.
 
     Args:
         table: labelled cases, ``case_id`` (unique) and ``patient_id`` columns as text.
@@ -195,30 +444,249 @@ def split_by_patient(
     Raises:
         DataError: fewer patients than splits (each split needs one).
     """
-    n = len(strata)
-    if n < len(SPLITS):
-        raise DataError(
-            f"split.train/split.val/split.test: {n} labelled patient(s) cannot fill train, val and test "
-            "(each needs one); add cases"
-        )
-    fractions = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
-    assignment = assign_patients(strata, fractions, cfg.seed)
+    _enough_groups(len(strata))
+    assignment = assign_patients(strata, _fractions(cfg), cfg.seed)
+    return _build_split(table, strata, assignment, cfg, unlabelled, unit="patient_id")
 
-    case_strata = {c: strata[p] for c, p in zip(table["case_id"], table["patient_id"], strict=True)}
-    cases: dict[str, list[str]] = {name: [] for name in SPLITS}
-    for case_id, patient_id in zip(table["case_id"], table["patient_id"], strict=True):
-        cases[assignment[patient_id]].append(case_id)
-    patients = {name: sorted(p for p, s in assignment.items() if s == name) for name in SPLITS}
-    return Split(
-        seed=cfg.seed,
-        fractions=fractions,
-        train=sorted(cases["train"]),
-        val=sorted(cases["val"]),
-        test=sorted(cases["test"]),
-        patients=patients,
-        strata=case_strata,
-        unlabelled=unlabelled,
-    )
+
+# ---------------------------------------------------------------------------- datalist
+def _has_subset(table: pd.DataFrame, subset: str) -> bool:
+    return bool((table["subset"].str.strip().str.lower() == subset).any())
+
+
+def _has_folds(table: pd.DataFrame) -> bool:
+    training = table["subset"].str.strip().str.lower().isin(["training", ""])
+    return bool((table.loc[training, "fold"].str.strip() != "").any())
+
+
+def _datalist_assignment(
+    table: pd.DataFrame, strata: dict[str, str], cfg: SplitConfig, index_name: str
+) -> dict[str, str]:
+    """Group -> side from the datalist's subsets and folds (rules 1-5 of the module docstring)."""
+    subsets = table["subset"].str.strip().str.lower()
+    unknown = sorted(set(subsets) - set(DATALIST_SUBSETS))
+    if unknown:
+        case = table.loc[subsets == unknown[0], "case_id"].iloc[0]
+        raise DataError(
+            f"{index_name}: case {case} has datalist subset {unknown[0]!r}; expected training, validation or testing"
+        )
+    if not (subsets != "").any():
+        raise DataError(
+            f"split.method: datalist, but no labelled case of {index_name} has a datalist subset (its "
+            "subset column is empty: the dataset has no MONAI datalist); use split.method: stratified or file"
+        )
+    wanted = {case: DATALIST_SUBSETS[subset] for case, subset in zip(table["case_id"], subsets, strict=True)}
+    has_validation, has_test = "val" in wanted.values(), "test" in wanted.values()
+    has_folds = _has_folds(table)
+    if not has_validation and has_folds:
+        folds = table["fold"].str.strip()
+        training = subsets.isin(["training", ""])
+        present = sorted({int(f) for f in folds[training] if f})
+        if cfg.val_fold not in present:
+            raise DataError(
+                f"split.val_fold: {cfg.val_fold} is not a fold of the datalist in {index_name} "
+                f"(folds {', '.join(map(str, present))})"
+            )
+        for case, fold, is_training in zip(table["case_id"], folds, training, strict=True):
+            if is_training and fold and int(fold) == cfg.val_fold:
+                wanted[case] = "val"
+
+    sides: dict[str, str] = {}
+    members: dict[str, list[str]] = {}
+    for case, group in zip(table["case_id"], table["group"], strict=True):
+        members.setdefault(group, []).append(case)
+    for group, cases in sorted(members.items()):
+        found = sorted({wanted[c] for c in cases}, key=_HELD_OUT_ORDER.__getitem__)
+        sides[group] = found[0]
+        if len(found) > 1:
+            where = ", ".join(f"{c} ({wanted[c] or 'train'})" for c in sorted(cases))
+            log.warning(
+                "datalist puts one group (%s) on several sides: %s; all of it goes to %s",
+                group,
+                where,
+                found[0],
+            )
+
+    n = len(strata)
+    need_test = not has_test
+    need_val = not has_validation and not has_folds
+    if need_test or need_val:
+        pool = {g: strata[g] for g, side in sides.items() if side == ""}
+        targets = {
+            "test": max(1, math.floor(n * cfg.test + 0.5)) if need_test else 0,
+            "val": max(1, math.floor(n * cfg.val + 0.5)) if need_val else 0,
+        }
+        while 0 < targets["test"] + targets["val"] > len(pool) - 1:  # one training group stays
+            larger = max(("val", "test"), key=lambda name: (targets[name], name))
+            targets[larger] -= 1
+        held = {}
+        if pool:
+            held = assign_patients(pool, _pool_fractions(targets, len(pool)), cfg.seed, targets=targets)
+        for group, side in held.items():
+            sides[group] = "" if side == "train" else side
+    assignment = {group: side or "train" for group, side in sides.items()}
+    empty = [name for name in SPLITS if name not in assignment.values()]
+    if empty:
+        raise DataError(
+            f"split.method: datalist leaves {' and '.join(empty)} empty ({n} labelled groups in {index_name}); "
+            "check the datalist's lists and folds, or use split.method: stratified"
+        )
+    return assignment
+
+
+def _pool_fractions(targets: dict[str, int], n: int) -> dict[str, float]:
+    """The shares of a pool of ``n`` groups that hold ``targets`` out (per-stratum ideals)."""
+    test, val = targets["test"] / n, targets["val"] / n
+    return {"train": 1.0 - test - val, "val": val, "test": test}
+
+
+# ---------------------------------------------------------------------------- a user's split file
+@dataclass(frozen=True)
+class UserSplit:
+    """A user's split file, parsed: case id -> side, and where each case was named (for messages).
+
+    Attributes:
+        path: the file as given in ``split.file``.
+        sides: case id -> ``train``/``val``/``test``, in file order.
+        where: case id -> ``key 'test'`` (JSON) or ``line 7`` (CSV).
+    """
+
+    path: str
+    sides: dict[str, str]
+    where: dict[str, str]
+
+
+def read_user_split(path: Path) -> UserSplit:
+    """Parse ``split.file``: JSON ``{"train": [...], "val": [...], "test": [...]}`` or CSV ``case_id,split``.
+
+    Raises:
+        DataError: one line naming the file (and key or line): unreadable, malformed, another key or
+            split name, a case on two sides.
+    """
+    name = str(path)
+    if not path.is_file():
+        raise DataError(f"split.file: {name} does not exist (paths are relative to the project folder)")
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".csv"):
+        raise DataError(f"split.file: {name} must be a .json or .csv file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"split.file: {name} cannot be read ({exc})") from None
+    entries = _json_entries(text, name) if suffix == ".json" else _csv_entries(path, name)
+    sides: dict[str, str] = {}
+    where: dict[str, str] = {}
+    for case, side, place in entries:
+        if case in sides and sides[case] != side:
+            raise DataError(f"{name}: case {case} is in {sides[case]} ({where[case]}) and {side} ({place})")
+        sides.setdefault(case, side)
+        where.setdefault(case, place)
+    for side in SPLITS:
+        if side not in sides.values():
+            raise DataError(f"{name}: no {side} case; train, val and test each need at least one")
+    return UserSplit(path=name, sides=sides, where=where)
+
+
+def _json_entries(text: str, name: str) -> list[tuple[str, str, str]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{name}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DataError(f'{name}: expected an object {{"train": [...], "val": [...], "test": [...]}}')
+    other = sorted(set(data) - set(SPLITS) - _SPLIT_FILE_METADATA)
+    if other:
+        raise DataError(f"{name}: unknown key {other[0]!r}; use train, val and test (lists of case ids)")
+    entries = []
+    for side in SPLITS:
+        if side not in data:
+            raise DataError(f"{name}: no key {side!r}; train, val and test each need a list of case ids")
+        cases = data[side]
+        if not isinstance(cases, list) or not all(isinstance(c, str) and c.strip() for c in cases):
+            raise DataError(f"{name}: key {side!r} must be a list of case ids (non-empty strings)")
+        entries += [(c.strip(), side, f"key {side!r}") for c in cases]
+    return entries
+
+
+def _csv_entries(path: Path, name: str) -> list[tuple[str, str, str]]:
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"{name}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    if "case_id" not in table.columns or "split" not in table.columns:
+        raise DataError(f"{name}: needs a header with the columns case_id and split (train, val or test)")
+    entries = []
+    for line, (case, side) in enumerate(zip(table["case_id"], table["split"], strict=True), start=2):
+        case, side = case.strip(), side.strip().lower()
+        if not case:
+            raise DataError(f"{name}: line {line} has no case_id")
+        if side not in SPLITS:
+            raise DataError(f"{name}: line {line} ({case}) has split {side!r}; use train, val or test")
+        entries.append((case, side, f"line {line}"))
+    return entries
+
+
+def _file_assignment(
+    table: pd.DataFrame, index: pd.DataFrame, user: UserSplit, index_name: str
+) -> tuple[dict[str, str], set[str]]:
+    """Group -> side from a user's split; and the labelled cases it lists.
+
+    Raises:
+        DataError: a case id not in the index, a group on two sides, an empty side.
+    """
+    known = set(index["case_id"])
+    unknown = [c for c in user.sides if c not in known]
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise DataError(
+            f"{user.path}: case {unknown[0]} ({user.where[unknown[0]]}) is not in {index_name}{more}: "
+            "an unknown id, or a case validation quarantined"
+        )
+    labelled = set(table["case_id"])
+    unlabelled = sorted(c for c in user.sides if c not in labelled)
+    if unlabelled:
+        log.warning(
+            "%s lists %d unlabelled case(s), left out (no segmentation to train or score): %s",
+            user.path,
+            len(unlabelled),
+            ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else ""),
+        )
+    unlisted = sorted(labelled - set(user.sides))
+    if unlisted:
+        log.warning(
+            "%d labelled case(s) of %s are not in %s and are left out of the split: %s",
+            len(unlisted),
+            index_name,
+            user.path,
+            ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""),
+        )
+    listed = table[table["case_id"].isin(user.sides)]
+    assignment: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for case, group in sorted(zip(listed["case_id"], listed["group"], strict=True)):
+        side = user.sides[case]
+        if assignment.setdefault(group, side) != side:
+            other = first[group]
+            why = _why_one_group(listed, other, case)
+            raise DataError(
+                f"{user.path}: cases {other} ({assignment[group]}, {user.where[other]}) and {case} ({side}, "
+                f"{user.where[case]}) are one group ({why}); put the whole group on one side"
+            )
+        first.setdefault(group, case)
+    empty = [name for name in SPLITS if name not in assignment.values()]
+    if empty:
+        raise DataError(f"{user.path}: no labelled {' or '.join(empty)} case; each side needs one")
+    return assignment, set(listed["case_id"])
+
+
+def _why_one_group(table: pd.DataFrame, a: str, b: str) -> str:
+    rows = table.set_index("case_id")
+    if rows.loc[a, "patient_id"] == rows.loc[b, "patient_id"]:
+        return f"patient {rows.loc[a, 'patient_id']}"
+    if rows.loc[a, "duplicate_of"] and rows.loc[a, "duplicate_of"] == rows.loc[b, "duplicate_of"]:
+        return f"the same scan, duplicate_of {rows.loc[a, 'duplicate_of']}"
+    return f"linked through patients and duplicated scans, group {rows.loc[a, 'group']}"
 
 
 def _patient_strata(patient_volume: pd.Series, size_bins: int) -> dict[str, str]:
@@ -241,7 +709,13 @@ def _targets(n: int, fractions: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def assign_patients(strata: dict[str, str], fractions: dict[str, float], seed: int) -> dict[str, str]:
+def assign_patients(
+    strata: dict[str, str],
+    fractions: dict[str, float],
+    seed: int,
+    *,
+    targets: dict[str, int] | None = None,
+) -> dict[str, str]:
     """Which split each patient goes to, stratified, deterministic for a given ``seed``.
 
     The split rules of the module docstring, independent of what the strata mean: the 3-D split
@@ -253,6 +727,8 @@ def assign_patients(strata: dict[str, str], fractions: dict[str, float], seed: i
         fractions: ``train``/``val``/``test`` -> requested share of patients.
         seed: shuffling seed within each stratum (patients are sorted first, so input order does
             not matter).
+        targets: ``test``/``val`` -> how many patients (groups) to hold out, 0 allowed (the datalist
+            method holds out only the part its datalist lacks); default :func:`_targets`.
 
     Returns:
         Patient id -> ``"train"``, ``"val"`` or ``"test"``.
@@ -269,7 +745,8 @@ def assign_patients(strata: dict[str, str], fractions: dict[str, float], seed: i
 
     # Apportion cumulatively (test, then test + val) so that every stratum's train share is also
     # within one patient of its ideal, not only its val and test shares.
-    targets = _targets(len(strata), fractions)
+    if targets is None:
+        targets = _targets(len(strata), fractions)
     size = {name: len(members[name]) for name in names}
     taken = dict.fromkeys(names, 0)
     quota: dict[str, dict[str, int]] = {name: {} for name in names}

@@ -34,6 +34,59 @@ Geometry follows BraTS: a 240 x 240 x 155 mm field of view, ``round(240/s) x rou
 round(155/s)`` voxels at spacing ``s`` (exactly 240 x 240 x 155 at 1 mm), world box placed as in
 BraTS (voxel centres x -239..0, y 0..239, z 0..154 mm at 1 mm). Output is deterministic: case
 ``k`` depends only on ``(seed, k)``, not on how many cases are written.
+
+Label conventions (``synth.labels``)
+------------------------------------
+The ``seg`` files are written in one convention of :file:`label_sets.yaml` (``auto``: the layout's
+own, ``brats2021`` / ``brats2023`` / ``msd``; ``nnunet`` and ``monai`` write ``brats2023`` codes).
+A case's arrays hold the internal codes of the convention's label set:
+
+- **glioma** conventions (brats2021, brats2023, brats2023-ssa/-men/-met/-ped/-goat, msd): the
+  tumours above, only the codes (and for BraTS 2023+ names the case-id prefix) change.
+- **brats2024-gli** (post-treatment, label set glioma_post): necrosis is NETC, oedema SNFH, and
+  :data:`RESECTION_FRACTION` of the cases (chosen like the tumour-free ones, from ``(seed, k)``)
+  have a **resection cavity** (RC): a fluid-filled, lobulated cavity off the tumour centre that
+  replaces most of the core and reaches beyond it, leaving residual ET/NETC on one side and SNFH
+  around. Free-water contrast: dark on T1 and T1ce (no enhancing rim), bright on T2, suppressed on
+  FLAIR, so it is distinct from NETC (FLAIR-bright) and from the tumour. RC never overlaps a
+  tumour label.
+- **brats2024-ped** (label set pediatric): necrosis is NETC, and :data:`CYST_FRACTION` of the
+  cases have 1-3 round **cysts** (CC) inside the tumour core: dark on T1, not enhancing, very
+  bright on T2, intermediate on FLAIR (proteinaceous fluid: brighter than CSF, darker than NETC).
+
+A cavity or cysts draw from their own random stream: the rest of the case (anatomy, tumour, bias
+and noise) is the same as without them. ``synth_meta.json`` records per case the tumour type,
+``tumour_free``, ``necrosis`` (NCR/NETC present), the volume of every label of the set and, for
+these two conventions, ``resection_cavity`` / ``cysts``; ``label_convention`` and ``label_set``
+are recorded at the top, except for brats2021/brats2023/msd with ``labels: auto`` (their layout
+names the convention), whose output is byte-identical to what tumorseg wrote before conventions
+existed. One time point per patient (``-000``) is written.
+
+Layouts and case ids
+--------------------
+- ``brats2021``: ``BraTS2021_00001/BraTS2021_00001_{t1,t1ce,t2,flair,seg}.nii.gz``.
+- ``brats2023``: ``BraTS-GLI-00001-000/BraTS-GLI-00001-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``; the
+  prefix follows the convention (:data:`BRATS_PREFIXES`: MEN, MET, SSA, GoAT, PED, GLI).
+- ``msd``: ``imagesTr/BRATS_001.nii.gz`` (4-D: FLAIR, T1, T1ce, T2), ``labelsTr/``, ``dataset.json``.
+- ``nnunet``: :data:`NNUNET_DATASET` ``/imagesTr/<case>_0000..0003.nii.gz`` (T1, T1ce, T2, FLAIR as
+  ``channel_names`` says), ``labelsTr/<case>.nii.gz`` and ``dataset.json`` with plain ``labels``
+  named by the convention (``{"background": 0, "NCR": 1, "ED": 2, "ET": 3}``: the convention's own
+  codes, which nnU-Net needs consecutive, so brats2021's 0/1/2/4 is refused) and, outside
+  nnU-Net's keys, ``label_convention``.
+- ``monai``: BraTS 2023-style case folders (``<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz``; BraTS
+  2021 names for the brats2021 convention) and ``datalist.json``: ``training`` entries
+  ``{"case_id", "image": [t1, t1ce, t2, flair], "label", "fold"}`` (paths relative to the JSON, 5
+  folds round-robin), ``testing`` (empty), ``channel_names``, ``labels`` (code -> name) and
+  ``label_convention``.
+
+nnU-Net and MONAI case ids are the convention's own ids (``BraTS-PED-00001-000``, ``BRATS_001``),
+as a dataset converted from that challenge would have them: the prefix tells a reader the
+sub-challenge, which the label names alone cannot (MEN and GLI code the same labels).
+
+Any layout takes any convention (except brats2021's non-consecutive codes in nnU-Net), but only
+where :func:`labels_implied` holds does a reader find the convention by itself: BraTS 2021 and MSD
+folders are read in their own codes, BraTS 2023+ folders by prefix (PED and GLI 2024 must be
+named). Otherwise ``synthesize_dataset`` logs that ``ingest.labels`` must name the convention.
 """
 
 from __future__ import annotations
@@ -54,13 +107,16 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from tumorseg.config import SynthConfig
+from tumorseg.config import DATASET_LAYOUTS, SynthConfig
 from tumorseg.data.conventions import (
+    BRATS_PREFIX_CONVENTIONS,
     CANONICAL_MODALITIES,
     LAYOUTS,
     MSD_CHANNEL_ORDER,
     MSD_LABEL_NAMES,
     MSD_MODALITY_NAMES,
+    LabelConvention,
+    LabelSet,
     get_convention,
 )
 from tumorseg.data.manifest import atomic_write_text
@@ -98,6 +154,64 @@ _CONTRAST: dict[str, dict[str, float]] = {
 _BASE_SCALE: dict[str, float] = {"t1": 520.0, "t1ce": 680.0, "t2": 340.0, "flair": 420.0}
 """Typical raw intensity of white matter per sequence (arbitrary scanner units)."""
 
+# Fluid-filled parts of the post-treatment and paediatric label sets, same scale as _CONTRAST.
+# rc: resection cavity, free water like CSF (FLAIR slightly above CSF: blood products, protein);
+# cc: tumour cyst, proteinaceous fluid: T2 brighter than necrosis, FLAIR between CSF and necrosis.
+_CONTRAST_FLUID: dict[str, dict[str, float]] = {
+    "t1": {"rc": 0.26, "cc": 0.33},
+    "t1ce": {"rc": 0.28, "cc": 0.32},
+    "t2": {"rc": 2.65, "cc": 2.85},
+    "flair": {"rc": 0.34, "cc": 0.58},
+}
+_FLUID_PARTS: tuple[str, ...] = ("rc", "cc")
+
+# Parts the generator draws (codes of its own working label map) and the label each part is in
+# each label set it can write. A part a set lacks is never drawn for it.
+_PART_CODES: dict[str, int] = {"NCR": 1, "ED": 2, "ET": 3, "RC": 4, "CC": 5}
+_PART_LABELS: dict[str, dict[str, str]] = {
+    "glioma": {"NCR": "NCR", "ED": "ED", "ET": "ET"},
+    "glioma_post": {"NCR": "NETC", "ED": "SNFH", "ET": "ET", "RC": "RC"},
+    "pediatric": {"NCR": "NETC", "ED": "ED", "ET": "ET", "CC": "CC"},
+}
+
+RESECTION_FRACTION = 0.5
+"""Share of the cases given a resection cavity (brats2024-gli; tumour-free cases get none)."""
+CYST_FRACTION = 0.5
+"""Share of the cases given cysts (brats2024-ped; tumour-free cases get none)."""
+_CAVITY_STREAM = 0x2CA7
+_CYST_STREAM = 0xC157
+
+SYNTH_LAYOUTS: tuple[str, ...] = DATASET_LAYOUTS
+"""Layouts ``tumorseg synth`` writes."""
+_AUTO_CONVENTION: dict[str, str] = {
+    "brats2021": "brats2021",
+    "brats2023": "brats2023",
+    "msd": "msd",
+    "nnunet": "brats2023",
+    "monai": "brats2023",
+}
+"""Convention of ``labels: auto`` per layout."""
+_NATIVE_LAYOUTS: tuple[str, ...] = ("brats2021", "brats2023", "msd")
+
+BRATS_PREFIXES: dict[str, str] = {
+    "brats2023": "GLI",
+    "brats2023-ssa": "SSA",
+    "brats2023-men": "MEN",
+    "brats2023-met": "MET",
+    "brats2023-goat": "GoAT",
+    "brats2023-ped": "PED",
+    "brats2024-ped": "PED",
+    "brats2024-gli": "GLI",
+}
+"""Case-id prefix of BraTS 2023+ names per convention (``BraTS-MEN-00001-000``); others: GLI."""
+
+NNUNET_DATASET = "Dataset500_TumorsegSynth"
+"""Folder of the ``nnunet`` layout inside the output (nnU-Net v2 raw dataset name)."""
+NNUNET_CHANNEL_NAMES: dict[str, str] = {"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}
+"""``channel_names`` of the nnU-Net and MONAI layouts (:data:`CANONICAL_MODALITIES` order)."""
+MONAI_DATALIST = "datalist.json"
+MONAI_FOLDS = 5
+
 _QUANTISE_MAX = 32767.0
 _ED_NOISE_FLOOR = 0.65
 """Smallest factor the noise may apply to the oedema's effective distance (keeps it positive)."""
@@ -110,7 +224,8 @@ class SyntheticCase:
     Attributes:
         index: case number (1-based), the same in every layout.
         images: modality (``t1``, ``t1ce``, ``t2``, ``flair``) -> float32 volume ``(X, Y, Z)``.
-        labels: canonical uint8 labels ``(X, Y, Z)``: 0 background, 1 NCR, 2 ED, 3 ET.
+        labels: uint8 labels ``(X, Y, Z)`` in the internal codes of the label set of
+            ``convention`` (glioma: 0 background, 1 NCR, 2 ED, 3 ET).
         affine: 4x4 voxel-to-world (RAS mm) matrix of the RAS arrays.
         spacing: voxel size in mm ``(sx, sy, sz)``.
         tumour_free: True when the case has no tumour (labels all 0).
@@ -120,6 +235,8 @@ class SyntheticCase:
             benchmarks can check contrasts against the ground truth.
         orientation: axis codes the case is stored in (``RAS``, ``LPS`` or ``LAS``).
         info: JSON-able description (tumour centre, radii, necrosis, volumes).
+        convention: the label convention the case was generated for (its label set is that of
+            ``labels``; :func:`write_case` writes it, or another convention of the same set).
     """
 
     index: int
@@ -132,14 +249,23 @@ class SyntheticCase:
     tissue: dict[str, np.ndarray]
     orientation: str = "RAS"
     info: dict[str, Any] = field(default_factory=dict)
+    convention: str = "brats2021"
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(n) for n in self.labels.shape)  # type: ignore[return-value]
 
     @property
+    def label_set(self) -> LabelSet:
+        return get_convention(self.convention).label_set
+
+    def code(self, part: str) -> int:
+        """Internal code of a generated part (``NCR``, ``ED``, ``ET``, ``RC``, ``CC``) in the case's set."""
+        return self.label_set.code(_PART_LABELS[self.label_set.name][part])
+
+    @property
     def has_necrosis(self) -> bool:
-        return bool((self.labels == 1).any())
+        return bool((self.labels == self.code("NCR")).any())
 
 
 # ---------------------------------------------------------------- template anatomy
@@ -350,9 +476,10 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # yet honours a fraction closely for any number of cases (a Bernoulli draw would not: 15 % of 36
 # cases could easily come out as 2 or 10).
 _PHI4 = 1.1673039782614187  # root of x**5 = x + 1
+_STREAMS: tuple[str, ...] = ("tumour_free", "no_necrosis", "anisotropic", "reoriented", "resection", "cystic")
+"""Per-case flags; new ones go last (a flag's stream depends on its position)."""
 _STREAM_ALPHA: dict[str, float] = {
-    name: math.fmod(1.0 / _PHI4 ** (k + 1), 1.0)
-    for k, name in enumerate(("tumour_free", "no_necrosis", "anisotropic", "reoriented"))
+    name: math.fmod(1.0 / _PHI4 ** (k + 1), 1.0) for k, name in enumerate(_STREAMS)
 }
 
 
@@ -384,15 +511,26 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
         cfg: the ``synth`` section of params.yaml.
 
     Returns:
-        The case in RAS voxel order, images float32 ``(X, Y, Z)`` and canonical labels.
+        The case in RAS voxel order, images float32 ``(X, Y, Z)`` and labels in the internal
+        codes of the label set of ``cfg.labels`` (see :func:`synth_convention`).
+
+    Raises:
+        ValueError: ``cfg.labels`` names a convention whose label set the generator cannot draw.
     """
     if index < 1:
         raise ValueError(f"case index starts at 1 (got {index})")
+    convention = get_convention(synth_convention(cfg.layout, cfg.labels))
+    label_set = _drawable(convention)
     rng = case_rng(cfg.seed, index)
     tumour_free = _case_flag(cfg.seed, index, "tumour_free", cfg.tumour_free_fraction)
     necrotic = not _case_flag(cfg.seed, index, "no_necrosis", cfg.no_necrosis_fraction)
     anisotropic = _case_flag(cfg.seed, index, "anisotropic", cfg.anisotropic_fraction)
     reoriented = _case_flag(cfg.seed, index, "reoriented", cfg.reoriented_fraction)
+    parts = _PART_LABELS[label_set.name]
+    resected = (
+        "RC" in parts and not tumour_free and _case_flag(cfg.seed, index, "resection", RESECTION_FRACTION)
+    )
+    cystic = "CC" in parts and not tumour_free and _case_flag(cfg.seed, index, "cystic", CYST_FRACTION)
 
     s = float(cfg.spacing_mm)
     slice_factor = float(rng.choice([2.0, 2.5, 3.0])) if anisotropic else 1.0
@@ -465,14 +603,29 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
     labels_crop = np.zeros(brain_crop.shape, dtype=np.uint8)
     fractions: dict[str, np.ndarray] = {}
     box: tuple[slice, ...] = ()
+    fluid_rng: np.random.Generator | None = None
     if tumour:
         box, labels_box, fractions = _grow_tumour(rng, idx, tpl, tumour, tissue_crop, brain_crop, spacing)
+        if resected or cystic:
+            # Own stream: the anatomy, tumour, bias and noise stay those of the case without them.
+            stream = _CAVITY_STREAM if resected else _CYST_STREAM
+            fluid_rng = np.random.default_rng([_seed_word(cfg.seed), int(index), stream])
+            centre_idx = (tumour["centre_mni"] - tpl.origin_mm) / tpl.spacing
+            offset = np.stack(
+                [(idx[k][box] - np.float32(centre_idx[k])) * np.float32(tpl.spacing[k]) for k in range(3)]
+            )
+            if resected:
+                _add_cavity(fluid_rng, offset, tumour, labels_box, fractions, brain_crop[box], spacing)
+            else:
+                _add_cysts(fluid_rng, offset, tumour, labels_box, fractions, spacing)
+            del offset
         labels_crop[box] = labels_box
     del idx
 
     images_crop = _render(
-        rng, tissue_crop, brain_crop, labels_crop, fractions, box, cfg, tumour, spacing, shape, region
-    )
+        rng, tissue_crop, brain_crop, labels_crop, fractions, box, cfg, tumour, spacing, shape, region,
+        fluid_rng=fluid_rng,
+    )  # fmt: skip
 
     def full(crop: np.ndarray) -> np.ndarray:
         out = np.zeros(shape, dtype=crop.dtype)
@@ -483,20 +636,28 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
     tissue = {t: full(v) for t, v in tissue_crop.items()}
     labels = full(labels_crop)
     brain = full(brain_crop)
+    if label_set.name != "glioma":  # parts -> the set's internal codes (glioma's are the parts')
+        labels = _part_lut(label_set)[labels]
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
+    necrosis_code = label_set.code(parts["NCR"])
     info: dict[str, Any] = {
         "case_index": index,
         "tumour_type": None if tumour_free else TUMOUR_TYPE,
-        "necrosis": bool((labels == 1).any()),
+        "necrosis": bool((labels == necrosis_code).any()),
         "orientation": orientation,
         "spacing_mm": list(spacing),
         "shape": list(shape),
         "volume_ml": {
             name: round(float((labels == code).sum()) * voxel_ml, 3)
-            for code, name in ((1, "NCR"), (2, "ED"), (3, "ET"))
+            for code, name in sorted(label_set.labels.items())
+            if code
         },
     }
+    if "RC" in parts:
+        info["resection_cavity"] = bool((labels == label_set.code("RC")).any())
+    if "CC" in parts:
+        info["cysts"] = int(ndi.label(labels == label_set.code("CC"))[1])
     if tumour:
         info["centre_mni_mm"] = [round(float(v), 1) for v in tumour["centre_mni"]]
         info["core_radius_mm"] = round(tumour["r_core"], 1)
@@ -511,7 +672,73 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
         tissue=tissue,
         brain_mask=brain,
         info=info,
+        convention=convention.name,
     )
+
+
+def synth_convention(layout: str, labels: str = "auto") -> str:
+    """The convention the ``seg`` files of ``layout`` are written in (``auto``: the layout's own;
+    ``nnunet`` and ``monai`` write ``brats2023`` codes)."""
+    if labels not in (None, "", "auto"):
+        get_convention(labels)  # ValueError naming the known ones
+        return labels
+    try:
+        return _AUTO_CONVENTION[layout]
+    except KeyError:
+        raise ValueError(f"unknown layout {layout!r}; use one of {', '.join(SYNTH_LAYOUTS)}") from None
+
+
+def _drawable(convention: LabelConvention) -> LabelSet:
+    """The convention's label set, if the generator can draw its labels."""
+    label_set = convention.label_set
+    if label_set.name not in _PART_LABELS:
+        raise ValueError(
+            f"tumorseg synth cannot draw label set {label_set.name} (convention {convention.name}); "
+            f"it draws {', '.join(_PART_LABELS)}"
+        )
+    return label_set
+
+
+def check_layout_labels(layout: str, labels: str = "auto") -> str:
+    """The convention of ``layout`` + ``labels`` when the generator can write that pair.
+
+    Raises:
+        ValueError: unknown layout or convention, a label set the generator cannot draw, or
+            non-consecutive codes for nnU-Net (brats2021's ET is 4; nnU-Net needs 0..N).
+    """
+    name = synth_convention(layout, labels)
+    convention = get_convention(name)
+    _drawable(convention)
+    values = sorted(convention.allowed_values)
+    if layout == "nnunet" and values != list(range(len(values))):
+        raise ValueError(
+            f"nnU-Net needs consecutive label values 0..N; {name} writes {values} "
+            "(use brats2023: the same labels coded 1, 2, 3)"
+        )
+    return name
+
+
+def labels_implied(layout: str, convention: str) -> bool:
+    """Whether a reader finds ``convention`` from ``layout`` alone (no ``ingest.labels`` needed).
+
+    BraTS 2021 and MSD folders are read in their own codes, BraTS 2023+ folders by the case-id
+    prefix (PED is coded differently in 2023 and 2024, GLI 2024 adds RC to GLI 2023's codes);
+    nnU-Net and MONAI datasets declare their labels (and ``label_convention``) in their JSON.
+    """
+    if layout in ("brats2021", "msd"):
+        return convention == layout
+    if layout == "brats2023":
+        prefix = BRATS_PREFIXES.get(convention, "GLI").upper()
+        return BRATS_PREFIX_CONVENTIONS.get(prefix) == convention
+    return True
+
+
+def _part_lut(label_set: LabelSet) -> np.ndarray:
+    """Lookup table: generator part code -> internal code of ``label_set`` (0 for parts it lacks)."""
+    lut = np.zeros(max(_PART_CODES.values()) + 1, dtype=np.uint8)
+    for part, name in _PART_LABELS[label_set.name].items():
+        lut[_PART_CODES[part]] = label_set.code(name)
+    return lut
 
 
 def _brain_region(
@@ -655,6 +882,87 @@ def _grow_tumour(
     return box, labels, fractions
 
 
+def _add_cavity(
+    rng: np.random.Generator,
+    offset: np.ndarray,
+    tumour: dict[str, Any],
+    labels: np.ndarray,
+    fractions: dict[str, np.ndarray],
+    brain: np.ndarray,
+    spacing: tuple[float, float, float],
+) -> None:
+    """Resect the tumour: a fluid cavity (part ``RC``) replacing most of the core, in place.
+
+    The cavity is the tumour's own (rotated, stretched) shape at 0.7-1.0 of the core radius, its
+    centre moved 0.25-0.6 radii off the tumour centre and its outline lobulated: it takes the
+    core on one side and reaches past it into the oedema and brain on the other, leaving residual
+    enhancing / non-enhancing tumour in a crescent. The soft fraction ``rc`` replaces tumour and
+    tissue in the intensity model (partial volume at its edge like the other parts).
+
+    Args:
+        offset: ``(3, x, y, z)`` template-mm offset of each voxel of the tumour box from its centre.
+        labels, fractions: the tumour box's part labels and soft fractions (:func:`_grow_tumour`).
+        brain: the brain mask of the box (the cavity stays inside the brain).
+    """
+    sp = np.asarray(spacing)
+    r_core = float(tumour["r_core"])
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    centre = (direction * rng.uniform(0.25, 0.6) * r_core).astype(np.float32)
+    r_cav = np.float32(rng.uniform(0.7, 1.0) * r_core)
+    rel = offset - centre[:, None, None, None]
+    local = np.einsum("ij,jxyz->ixyz", tumour["rotation"].T.astype(np.float32), rel)
+    local /= tumour["axes"].astype(np.float32)[:, None, None, None]
+    dist = np.sqrt((local**2).sum(axis=0))
+    dist *= 1.0 + np.float32(0.12) * np.tanh(_local_noise(rng, dist.shape, np.maximum(0.3 * r_cav / sp, 0.8)))
+    s_rc = _sigmoid((r_cav - dist) / np.float32(0.7)) * brain
+    cavity = _largest_component(s_rc > 0.5)
+    if not cavity.any():
+        return
+    s_rc *= ndi.binary_dilation(cavity, iterations=2)
+    labels[cavity] = _PART_CODES["RC"]
+    for part in ("ncr", "et", "ed"):
+        fractions[part] = fractions[part] * (1.0 - s_rc)
+    fractions["rc"] = s_rc.astype(np.float32)
+
+
+def _add_cysts(
+    rng: np.random.Generator,
+    offset: np.ndarray,
+    tumour: dict[str, Any],
+    labels: np.ndarray,
+    fractions: dict[str, np.ndarray],
+    spacing: tuple[float, float, float],
+) -> None:
+    """Put 1-3 round cysts (part ``CC``) inside the tumour core, in place.
+
+    Each cyst is a sphere of 0.25-0.5 core radii (at least 1.25 voxels) centred deep enough in
+    the core to be mostly inside it; cyst voxels outside the core are not cyst (CC is part of the
+    tumour core). The soft fraction ``cc`` takes the place of necrosis and enhancing tumour.
+    """
+    core = (labels == _PART_CODES["NCR"]) | (labels == _PART_CODES["ET"])
+    if not core.any():
+        return
+    sp = np.asarray(spacing, dtype=np.float64)
+    depth = ndi.distance_transform_edt(core, sampling=sp)
+    s_cc = np.zeros(core.shape, dtype=np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        radius = max(float(rng.uniform(0.25, 0.5)) * float(tumour["r_core"]), 1.25 * float(sp.max()))
+        candidates = np.argwhere(depth >= min(0.6 * radius, 0.8 * float(depth.max())))
+        at = tuple(candidates[int(rng.integers(len(candidates)))])
+        centre = offset[(slice(None), *at)]
+        dist = np.sqrt(((offset - centre[:, None, None, None]) ** 2).sum(axis=0))
+        s_cc = np.maximum(s_cc, _sigmoid((np.float32(radius) - dist) / np.float32(0.7)))
+    cysts = (s_cc > 0.5) & core
+    if not cysts.any():
+        return
+    labels[cysts] = _PART_CODES["CC"]
+    s_core = fractions["ncr"] + fractions["et"]
+    fractions["cc"] = (s_cc * s_core).astype(np.float32)
+    for part in ("ncr", "et"):
+        fractions[part] = fractions[part] * (1.0 - s_cc)
+
+
 def _render(
     rng: np.random.Generator,
     tissue: dict[str, np.ndarray],
@@ -667,14 +975,18 @@ def _render(
     spacing: tuple[float, float, float],
     grid_shape: Sequence[int],
     region: Sequence[slice],
+    fluid_rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     """Four co-registered skull-stripped sequences from tissue and tumour fractions.
 
     Args:
         tissue, brain, labels: maps of the working region of the grid, ``(x, y, z)``.
-        fractions: soft NCR/ET/ED fractions in the tumour ``box`` (see :func:`_grow_tumour`).
+        fractions: soft NCR/ET/ED fractions in the tumour ``box`` (see :func:`_grow_tumour`), and
+            RC / CC where a cavity or cysts were added.
         grid_shape, region: the full grid and where the working region lies in it (the bias
             field is defined on the full grid).
+        fluid_rng: the random stream of the cavity or cysts (their texture and contrast jitter),
+            so that ``rng`` is consumed exactly as without them.
 
     Returns:
         modality -> float32 ``(x, y, z)``, 0 outside the brain, scanner units.
@@ -692,6 +1004,7 @@ def _render(
         mode="edge",
     )
     texture_v = 1.0 + np.float32(0.03) * texture.ravel()[flat]
+    fluids = [k for k in _FLUID_PARTS if k in fractions]
     if tumour:
         in_box = np.zeros(shape, dtype=bool)
         in_box[box] = True
@@ -705,7 +1018,14 @@ def _render(
         # Oedema is strongest next to the tumour and fades outwards.
         fade = 0.6 + 0.4 * np.exp(-f["from_core"] / np.float32(3.0 * tumour["oedema_reach"] + 1.0))
         rest = 1.0 - f["ncr"] - f["et"] - f["ed"]
+        for k in fluids:
+            assert fluid_rng is not None
+            rest = rest - f[k]
+            tumour_noise[k] = _local_noise(fluid_rng, sel.shape, sp_vox)[sel]
     jitter = {m: rng.uniform(0.97, 1.03, 6) for m in CANONICAL_MODALITIES}  # per-case contrast
+    fluid_jitter = (
+        {m: fluid_rng.uniform(0.97, 1.03, len(fluids)) for m in CANONICAL_MODALITIES} if fluids else {}
+    )
     images: dict[str, np.ndarray] = {}
     for m in CANONICAL_MODALITIES:
         c = {k: np.float32(v * j) for (k, v), j in zip(_CONTRAST[m].items(), jitter[m], strict=True)}
@@ -717,6 +1037,9 @@ def _render(
             ncr_level = c["ncr"] * (1.0 + np.float32(0.10) * tumour_noise["ncr"])
             et_level = c["et"] * (1.0 + np.float32(0.08) * tumour_noise["et"])
             values[pos] = healthy * rest + ed_level * f["ed"] + ncr_level * f["ncr"] + et_level * f["et"]
+            for k, j in zip(fluids, fluid_jitter.get(m, ()), strict=True):
+                level = np.float32(_CONTRAST_FLUID[m][k] * j) * (1.0 + np.float32(0.04) * tumour_noise[k])
+                values[pos] += level * f[k]
         # Scanner: smooth multiplicative bias, Rician noise, scale and offset; skull-stripped.
         bias = smooth_random_field(rng, grid_shape, (3, 3, 3), region).ravel()[flat]
         values *= np.exp(np.float32(cfg.bias_field_strength) * bias)
@@ -734,16 +1057,33 @@ def _render(
 
 
 # ---------------------------------------------------------------- writing
-def case_id(layout: str, index: int) -> str:
+def case_id(layout: str, index: int, labels: str = "auto") -> str:
     """Case identifier as the real dataset spells it (``BraTS2021_00001``, ``BraTS-GLI-00001-000``,
-    ``BRATS_001``)."""
-    if layout == "brats2021":
+    ``BRATS_001``).
+
+    BraTS 2023+ names take the prefix of the convention (``BraTS-MEN-00001-000`` for
+    brats2023-men, :data:`BRATS_PREFIXES`). ``nnunet`` and ``monai`` cases are named as in the
+    convention's own dataset: BraTS 2021 names for brats2021, MSD names for msd, BraTS 2023+ names
+    otherwise.
+    """
+    if layout not in SYNTH_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {sorted(SYNTH_LAYOUTS)}")
+    convention = synth_convention(layout, labels)
+    if layout in _NATIVE_LAYOUTS:
+        family = layout
+    else:
+        family = convention if convention in ("brats2021", "msd") else "brats2023"
+    if family == "brats2021":
         return f"BraTS2021_{index:05d}"
-    if layout == "brats2023":
-        return f"BraTS-GLI-{index:05d}-000"
-    if layout == "msd":
+    if family == "msd":
         return f"BRATS_{index:03d}"
-    raise ValueError(f"unknown layout {layout!r}; use one of {sorted(LAYOUTS)}")
+    return f"BraTS-{BRATS_PREFIXES.get(convention, 'GLI')}-{index:05d}-000"
+
+
+def _monai_suffixes(convention: str) -> tuple[dict[str, str], str]:
+    """File suffixes of a ``monai`` case: BraTS 2021 names for brats2021, BraTS 2023 ones otherwise."""
+    spec = LAYOUTS["brats2021" if convention == "brats2021" else "brats2023"]
+    return spec.modality_suffixes, spec.seg_suffix
 
 
 def _quantise(volume: np.ndarray) -> np.ndarray:
@@ -774,6 +1114,7 @@ def write_case(
     layout: str,
     index: int | None = None,
     orientation: str | None = None,
+    labels: str = "auto",
 ) -> Path:
     """Write one case in ``layout`` under ``out_dir``, atomically.
 
@@ -783,23 +1124,38 @@ def write_case(
 
     Args:
         case: the generated case.
-        out_dir: dataset root.
-        layout: ``brats2021``, ``brats2023`` or ``msd``.
+        out_dir: dataset root (``nnunet``: the folder holding :data:`NNUNET_DATASET`).
+        layout: ``brats2021``, ``brats2023``, ``msd``, ``nnunet`` or ``monai``.
         index: case number in the file names (default ``case.index``).
         orientation: storage axis codes (default ``case.orientation``); ``RAS`` stores as is.
+        labels: convention of the ``seg`` file; ``auto``: the layout's own for a glioma case
+            (:func:`synth_convention`), the case's own convention for other label sets.
 
     Returns:
-        The case folder (BraTS layouts) or the image file (MSD).
+        The case folder (BraTS layouts, ``monai``) or the (first) image file (``msd``, ``nnunet``).
+
+    Raises:
+        ValueError: unknown layout, a convention of another label set than the case's, or one
+            the layout cannot hold (:func:`check_layout_labels`).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; use one of {sorted(LAYOUTS)}")
+    if layout not in SYNTH_LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; use one of {sorted(SYNTH_LAYOUTS)}")
     import nibabel as nib
 
     out_dir = Path(out_dir)
     index = case.index if index is None else index
     orientation = orientation or case.orientation
-    cid = case_id(layout, index)
-    convention = get_convention(LAYOUTS[layout].label_convention)
+    if labels in (None, "", "auto"):
+        native = synth_convention(layout)
+        same_set = get_convention(native).label_set.name == case.label_set.name
+        labels = native if same_set else case.convention
+    convention = get_convention(check_layout_labels(layout, labels))
+    if convention.label_set.name != case.label_set.name:
+        raise ValueError(
+            f"case {case.index} has {case.label_set.name} labels; {convention.name} codes "
+            f"{convention.label_set.name} (generate it with synth.labels: {convention.name})"
+        )
+    cid = case_id(layout, index, convention.name)
     seg = convention.decode(case.labels).astype(np.uint8)
 
     if layout == "msd":
@@ -813,14 +1169,25 @@ def write_case(
             _publish_files(target.parent, {target.name: files[target]}, nib)
         return out_dir / "imagesTr" / f"{cid}.nii.gz"
 
-    spec = LAYOUTS[layout]
+    if layout == "nnunet":
+        root = out_dir / NNUNET_DATASET
+        _publish_files(root / "labelsTr", {f"{cid}.nii.gz": _nifti(seg, case.affine, orientation)}, nib)
+        channels = {
+            f"{cid}_{channel:04d}.nii.gz": _nifti(_quantise(case.images[m]), case.affine, orientation)
+            for channel, m in enumerate(CANONICAL_MODALITIES)
+        }
+        _publish_files(root / "imagesTr", channels, nib)
+        return root / "imagesTr" / f"{cid}_0000.nii.gz"
+
+    if layout == "monai":
+        suffixes, seg_suffix = _monai_suffixes(convention.name)
+    else:
+        suffixes, seg_suffix = LAYOUTS[layout].modality_suffixes, LAYOUTS[layout].seg_suffix
     named = {
-        f"{cid}{spec.modality_suffixes[m]}.nii.gz": _nifti(
-            _quantise(case.images[m]), case.affine, orientation
-        )
+        f"{cid}{suffixes[m]}.nii.gz": _nifti(_quantise(case.images[m]), case.affine, orientation)
         for m in CANONICAL_MODALITIES
     }
-    named[f"{cid}{spec.seg_suffix}.nii.gz"] = _nifti(seg, case.affine, orientation)
+    named[f"{cid}{seg_suffix}.nii.gz"] = _nifti(seg, case.affine, orientation)
     _publish_files(out_dir / cid, named, nib, whole_folder=True)
     return out_dir / cid
 
@@ -872,10 +1239,15 @@ def _same_bytes(a: Path, b: Path) -> bool:
     return a.read_bytes() == b.read_bytes()
 
 
-def _write_msd_dataset_json(out: Path) -> None:
-    """``dataset.json`` of MSD Task01, listing every complete image/label pair in the folder."""
+def _write_msd_dataset_json(out: Path, convention: str = "msd") -> None:
+    """``dataset.json`` of MSD Task01, listing every complete image/label pair in the folder.
+
+    ``labels`` is MSD's own table for the msd convention; for another convention it names that
+    convention's codes (``{"0": "background", "1": "NETC", ...}``) and ``label_convention`` says which.
+    """
     images = sorted(p.name for p in (out / "imagesTr").glob("BRATS_*.nii.gz"))
     pairs = [n for n in images if (out / "labelsTr" / n).is_file()]
+    labels = dict(MSD_LABEL_NAMES) if convention == "msd" else {"0": "background", **_code_names(convention)}
     meta = {
         "name": "BRATS",
         "description": "Gliomas segmentation tumour and oedema in on brain images "
@@ -886,24 +1258,78 @@ def _write_msd_dataset_json(out: Path) -> None:
         "release": "tumorseg synth",
         "tensorImageSize": "4D",
         "modality": dict(MSD_MODALITY_NAMES),
-        "labels": dict(MSD_LABEL_NAMES),
+        "labels": labels,
         "numTraining": len(pairs),
         "numTest": 0,
         "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in pairs],
         "test": [],
     }
+    if convention != "msd":
+        meta["label_convention"] = convention
     _write_json(out / "dataset.json", meta)
 
 
-def _write_one(index: int, *, out: Path, cfg: SynthConfig) -> tuple[str, dict[str, Any]]:
+def _code_names(convention: str) -> dict[str, str]:
+    """``{"1": "NCR", "2": "ED", ...}``: the convention's codes (background left out), ascending."""
+    codes = get_convention(convention).source_codes()
+    return {str(code): name for name, code in sorted(codes.items(), key=lambda item: item[1])}
+
+
+def _description(convention: str) -> str:
+    conv = get_convention(convention)
+    return (
+        f"synthetic brain MRI ({conv.title} labels: "
+        + ", ".join(f"{code} {name}" for code, name in _code_names(convention).items())
+        + "), generated by tumorseg synth from the MNI152 template"
+    )
+
+
+def nnunet_dataset_json(case_ids: Sequence[str], convention: str) -> dict[str, Any]:
+    """nnU-Net v2 ``dataset.json`` of the ``nnunet`` layout: plain labels in the convention's codes."""
+    return {
+        "channel_names": dict(NNUNET_CHANNEL_NAMES),
+        "labels": {"background": 0, **{name: int(code) for code, name in _code_names(convention).items()}},
+        "numTraining": len(case_ids),
+        "file_ending": ".nii.gz",
+        "name": NNUNET_DATASET.split("_", 1)[1],
+        "description": _description(convention),
+        "reference": "tumorseg synth: MNI152 ICBM 2009a template (nilearn) with simulated tumours",
+        "licence": "synthetic; derived from the MNI ICBM152 template (see its copyright notice)",
+        "release": "tumorseg synth",
+        "label_convention": convention,
+    }
+
+
+def monai_datalist(case_ids: Sequence[str], convention: str) -> dict[str, Any]:
+    """MONAI datalist of the ``monai`` layout (paths relative to the JSON, folds round-robin)."""
+    suffixes, seg_suffix = _monai_suffixes(convention)
+    training = [
+        {
+            "case_id": cid,
+            "image": [f"{cid}/{cid}{suffixes[m]}.nii.gz" for m in CANONICAL_MODALITIES],
+            "label": f"{cid}/{cid}{seg_suffix}.nii.gz",
+            "fold": k % MONAI_FOLDS,
+        }
+        for k, cid in enumerate(case_ids)
+    ]
+    return {
+        "name": "tumorseg synth",
+        "description": _description(convention),
+        "channel_names": dict(NNUNET_CHANNEL_NAMES),
+        "label_convention": convention,
+        "labels": _code_names(convention),
+        "numTraining": len(training),
+        "training": training,
+        "testing": [],
+    }
+
+
+def _write_one(index: int, *, out: Path, cfg: SynthConfig, convention: str) -> tuple[str, dict[str, Any]]:
     """Generate and write case ``index`` (runs in a worker process); its id and facts."""
     case = synthesize_case(index, cfg)
-    write_case(case, out, cfg.layout, index)
-    return case_id(cfg.layout, index), {
-        "case_id": case_id(cfg.layout, index),
-        "tumour_free": case.tumour_free,
-        **case.info,
-    }
+    write_case(case, out, cfg.layout, index, labels=convention)
+    cid = case_id(cfg.layout, index, convention)
+    return cid, {"case_id": cid, "tumour_free": case.tumour_free, **case.info}
 
 
 def synthesize_dataset(out: str | Path, cfg: SynthConfig, *, workers: int = 2) -> list[str]:
@@ -911,7 +1337,9 @@ def synthesize_dataset(out: str | Path, cfg: SynthConfig, *, workers: int = 2) -
 
     Cases are written one by one, each atomically; files in ``out`` that tumorseg did not
     write are never touched. ``synth_meta.json`` records the parameters and per-case facts
-    (tumour type, necrosis, orientation, spacing, sub-region volumes).
+    (tumour type, necrosis, orientation, spacing, label volumes). ``msd`` and ``nnunet`` get a
+    ``dataset.json``, ``monai`` a ``datalist.json``: MSD's lists every complete case in the folder
+    (as before), nnU-Net's and MONAI's the cases of this run.
 
     Args:
         out: dataset root (created if missing).
@@ -923,10 +1351,19 @@ def synthesize_dataset(out: str | Path, cfg: SynthConfig, *, workers: int = 2) -
         The case identifiers written, in order.
 
     Raises:
-        ConfigError: a value of ``cfg`` out of range (CLI overrides are re-checked here).
+        ConfigError: a value of ``cfg`` out of range (CLI overrides are re-checked here), or a
+            layout and convention that do not go together.
         DataError: ``out`` exists and is not a folder, or cannot be written.
     """
     cfg = _revalidate(cfg)
+    convention = synth_convention(cfg.layout, cfg.labels)
+    if not labels_implied(cfg.layout, convention):
+        log.warning(
+            "synth: %s cases in %s codes: a reader takes them for %s codes unless told; "
+            "set ingest.labels: %s (or --labels %s) to read them",
+            cfg.layout, convention, "the layout's own" if cfg.layout != "brats2023" else "their prefix's",
+            convention, convention,
+        )  # fmt: skip
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; pass another --out")
@@ -934,24 +1371,36 @@ def synthesize_dataset(out: str | Path, cfg: SynthConfig, *, workers: int = 2) -
     cases_meta: list[dict[str, Any]] = []
     try:
         out.mkdir(parents=True, exist_ok=True)
-        work = functools.partial(_write_one, out=out, cfg=cfg)
+        work = functools.partial(_write_one, out=out, cfg=cfg, convention=convention)
         for cid, meta in map_cases(work, range(1, cfg.cases + 1), workers=workers, what="synth"):
             written.append(cid)
             cases_meta.append(meta)
             log.debug("synth: wrote %s", cid)
         if cfg.layout == "msd":
-            _write_msd_dataset_json(out)
+            _write_msd_dataset_json(out, convention)
+        elif cfg.layout == "nnunet":
+            _write_json(out / NNUNET_DATASET / "dataset.json", nnunet_dataset_json(written, convention))
+        elif cfg.layout == "monai":
+            _write_json(out / MONAI_DATALIST, monai_datalist(written, convention))
+        params = cfg.model_dump()
+        native = cfg.labels == "auto" and cfg.layout in _NATIVE_LAYOUTS
+        if native:
+            # The layout names the convention: the same file as before synth.labels existed.
+            params.pop("labels", None)
         meta = {
             "generator": "tumorseg synth",
             "template": "MNI152 ICBM 2009a nonlinear symmetric (nilearn)",
-            "params": cfg.model_dump(),
-            "cases": cases_meta,
+            "params": params,
         }
+        if not native:
+            meta["label_convention"] = convention
+            meta["label_set"] = get_convention(convention).label_set.name
+        meta["cases"] = cases_meta
         _write_json(out / SYNTH_META_NAME, meta)
     except OSError as exc:
         where = exc.filename or out
         raise DataError(f"{where}: cannot write ({exc.strerror}); choose a writable --out") from None
-    log.info("synth: %d %s cases in %s", len(written), cfg.layout, out)
+    log.info("synth: %d %s cases (%s labels) in %s", len(written), cfg.layout, convention, out)
     return written
 
 
@@ -960,8 +1409,13 @@ def _revalidate(cfg: SynthConfig) -> SynthConfig:
     from pydantic import ValidationError
 
     try:
-        return SynthConfig.model_validate(cfg.model_dump())
+        cfg = SynthConfig.model_validate(cfg.model_dump())
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in ("synth", *err["loc"]))
         raise ConfigError(f"{key}: {err['msg']}") from None
+    try:
+        check_layout_labels(cfg.layout, cfg.labels)
+    except ValueError as exc:
+        raise ConfigError(f"synth.labels: {exc} (layout {cfg.layout})") from None
+    return cfg

@@ -57,7 +57,7 @@ class DataLoaderConfig(Section):
     batch_size: int = Field(2, ge=1)
     sampler: Literal["pos_neg", "label_classes"] = "pos_neg"
     foreground_fraction: float = Field(0.5, ge=0.0, le=1.0)
-    class_ratios: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    class_ratios: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     num_workers: int = Field(0, ge=0)
     cache_mb: int = Field(0, ge=0)
     pin_memory: bool = False

@@ -1,13 +1,13 @@
-"""Score predicted segmentations against references, like the official BraTS 2023 evaluator.
+"""Score predicted segmentations against references, like each BraTS challenge's official evaluator.
 
 Two entry points:
 
-- :func:`evaluate_case` scores canonical label arrays (``(H, W, D)``, codes 0 bg, 1 NCR, 2 ED,
-  3 ET) held in memory, so training and inference code can score without writing NIfTI.
-- :func:`evaluate_folders` pairs two folders of ``<case_id>.nii.gz`` files, converts both to
-  canonical labels, writes the long per-case CSV (:data:`EVALUATION_COLUMNS`, one row per case and
-  region), a JSON summary (:mod:`.summary`) and figures (:mod:`.plots`). ``tumorseg evaluate`` and
-  the pipeline's evaluate stage both call it.
+- :func:`evaluate_case` scores internal label arrays (``(H, W, D)``, the codes of the convention's
+  label set) held in memory, so training and inference code can score without writing NIfTI.
+- :func:`evaluate_folders` pairs two folders of ``<case_id>.nii.gz`` files, reads both through
+  their convention, writes the long per-case CSV (:data:`EVALUATION_COLUMNS`, one row per case and
+  scored region), a JSON summary (:mod:`.summary`) and figures (:mod:`.plots`). ``tumorseg evaluate``
+  and the pipeline's evaluate stage both call it.
 
 Folder rules:
 
@@ -18,21 +18,31 @@ Folder rules:
 - A prediction must have the reference's shape and affine (within ``affine_tolerance_mm``).
 - Distances use the reference header's zooms (mm); volumes are voxels x voxel volume, in ml.
 
-Label convention (``--labels``, default ``evaluate.labels``):
+Label convention (``--labels``, default ``evaluate.labels``): any convention of
+:file:`tumorseg/data/label_sets.yaml`. It decides the codes, the scored regions (WT, TC, ET for
+BraTS 2021/2023; WT, TC, NETC, SNFH, ET, RC for BraTS 2024 GLI; ...), each region's lesion-wise
+dilation and minimum lesion volume, the lesion-wise rules (2023 or 2024) and the HD95 penalty.
 
-- ``brats2021`` / ``brats2023`` / ``msd``: used as given for references and predictions alike.
-- ``auto``: a ``dataset.json`` beside the references (in the folder or its parent, as in an MSD
-  task folder) whose label 1 is oedema means ``msd``; otherwise ``brats2023``. Then, per case, a
-  label value 4 in the reference or prediction means ``brats2021`` (BraTS 2021 and 2023 agree on
-  labels 0, 1 and 2, so cases without 3 or 4 read the same either way). A folder whose cases mix
-  4 and 3 is an error: pass ``--labels``. Values 1, 2, 3 alone cannot tell BraTS 2023 from MSD,
-  hence the ``dataset.json`` rule and the brats2023 default.
+``auto``:
+
+1. a ``dataset.json`` beside the references (in the folder or its parent) that names its labels
+   decides for every case (label 1 oedema: ``msd``; a resection cavity: ``brats2024-gli``; ...);
+2. else a BraTS 2023+ case id names its sub-challenge: ``BraTS-GLI`` -> ``brats2023``,
+   ``-SSA``/``-MEN``/``-MET``/``-GoAT`` -> their 2023 conventions. ``BraTS-PED`` (2023 and 2024 code
+   it differently) and a label 4 in a ``BraTS-GLI`` case (a 2024 resection cavity, or 2021 codes)
+   are errors asking for ``--labels``;
+3. else a label value 4 means ``brats2021`` and anything else ``brats2023`` (values 1, 2, 3 alone
+   cannot tell BraTS 2023 from MSD, hence rule 1).
+
+Cases whose conventions score different regions cannot be summarised together: an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +52,10 @@ import numpy as np
 import pandas as pd
 
 from tumorseg.config import EvaluateConfig
-from tumorseg.data.conventions import REGION_NAMES, get_convention, regions_from_canonical
+from tumorseg.data.conventions import LabelConvention, get_convention
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.errors import DataError
-from tumorseg.evaluation.lesionwise import lesion_wise_scores
+from tumorseg.evaluation.lesionwise import case_lesion_wise
 from tumorseg.evaluation.metrics import bounding_box, confusion_counts, distance_metrics, overlap_metrics
 from tumorseg.evaluation.summary import SUMMARY_METRICS as METRIC_COLUMNS
 
@@ -89,10 +99,8 @@ class EvaluationResult:
     def one_line(self) -> str:
         """``evaluated 12 cases (brats2021): Dice WT 0.912 TC 0.851 ET 0.803; ... -> out.csv``."""
         regions = self.summary["regions"]
-        dice = " ".join(f"{r} {regions[r]['dice']['mean']:.3f}" for r in REGION_NAMES if r in regions)
-        lesion = " ".join(
-            f"{r} {regions[r]['lesion_dice']['mean']:.3f}" for r in REGION_NAMES if r in regions
-        )
+        dice = " ".join(f"{r} {regions[r]['dice']['mean']:.3f}" for r in regions)
+        lesion = " ".join(f"{r} {regions[r]['lesion_dice']['mean']:.3f}" for r in regions)
         missing = len(self.summary["missing_predictions"])
         note = f"; {missing} missing predictions scored empty" if missing else ""
         return (
@@ -108,22 +116,28 @@ def evaluate_case(
     spacing: tuple[float, float, float] | list[float],
     cfg: EvaluateConfig,
     *,
+    convention: LabelConvention | str = AUTO_DEFAULT_CONVENTION,
     case_id: str = "",
     prediction_missing: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every metric of every region of one case, from canonical label arrays.
+    """Every metric of every scored region of one case, from internal label arrays.
 
     Args:
-        pred_canonical: predicted canonical labels (0 bg, 1 NCR, 2 ED, 3 ET), ``(H, W, D)``.
-        ref_canonical: reference canonical labels, ``(H, W, D)``.
+        pred_canonical: predicted labels in the internal codes of the convention's label set
+            (glioma: 0 bg, 1 NCR, 2 ED, 3 ET), ``(H, W, D)``.
+        ref_canonical: reference labels, same codes, ``(H, W, D)``.
         spacing: voxel size in mm along the three axes.
-        cfg: the ``evaluate`` params section.
+        cfg: the ``evaluate`` params section (connectivities).
+        convention: whose regions, lesion-wise parameters, rules and HD95 penalty apply.
         case_id: written into each row.
         prediction_missing: written into each row (the prediction file did not exist).
 
     Returns:
-        Three dicts (WT, TC, ET) with the keys of :data:`EVALUATION_COLUMNS`.
+        One dict per scored region (WT, TC, ET for BraTS 2021/2023), keys of :data:`EVALUATION_COLUMNS`.
     """
+    convention = get_convention(convention) if isinstance(convention, str) else convention
+    if cfg.hd95_penalty_mm is not None:  # a user's override (e.g. nnU-Net's 373.13 diagonal)
+        convention = dataclasses.replace(convention, hd95_penalty_mm=float(cfg.hd95_penalty_mm))
     pred = np.asarray(pred_canonical)
     ref = np.asarray(ref_canonical)
     if pred.shape != ref.shape or ref.ndim != 3:
@@ -131,30 +145,32 @@ def evaluate_case(
     spacing = tuple(float(s) for s in spacing)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     total_voxels = ref.size
-    # Everything happens inside the tumour union box, grown by the lesion dilation reach; outside
-    # voxels are true negatives of every region.
-    box = bounding_box((pred > 0) | (ref > 0), margin=cfg.lesion_dilation_iterations + 1)
+    # Everything happens inside the labelled union box, grown by the largest lesion dilation
+    # reach; outside voxels are true negatives of every region.
+    reach = max((rule.dilation for rule in convention.scored), default=0)
+    box = bounding_box((pred > 0) | (ref > 0), margin=reach + 1)
     if box is not None:
         pred, ref = pred[box], ref[box]
-    pred_regions = regions_from_canonical(pred)
-    ref_regions = regions_from_canonical(ref)
+    pred_regions = convention.region_masks(pred)
+    ref_regions = convention.region_masks(ref)
     counts = confusion_counts(pred_regions, ref_regions)
     counts[:, 2] += total_voxels - ref.size
     overlaps = overlap_metrics(counts)
+    lesion_scores = case_lesion_wise(
+        pred,
+        ref,
+        spacing,
+        convention,
+        dilation_connectivity=cfg.lesion_dilation_connectivity,
+        connectivity=cfg.lesion_connectivity,
+    )
 
     rows: list[dict[str, Any]] = []
-    for index, region in enumerate(REGION_NAMES):
-        distances = distance_metrics(ref_regions[index], pred_regions[index], spacing, cfg.hd95_penalty_mm)
-        lesions = lesion_wise_scores(
-            pred_regions[index],
-            ref_regions[index],
-            spacing,
-            dilation_iterations=cfg.lesion_dilation_iterations,
-            dilation_connectivity=cfg.lesion_dilation_connectivity,
-            connectivity=cfg.lesion_connectivity,
-            min_volume_mm3=cfg.lesion_min_volume_mm3,
-            penalty_mm=cfg.hd95_penalty_mm,
+    for index, region in enumerate(convention.region_names):
+        distances = distance_metrics(
+            ref_regions[index], pred_regions[index], spacing, convention.hd95_penalty_mm
         )
+        lesions = lesion_scores[region]
         tp, fp, _tn, fn = (int(v) for v in counts[index])
         rows.append(
             {
@@ -243,7 +259,8 @@ def convention_from_dataset_json(path: Path) -> str | None:
     """Label convention named by a ``dataset.json`` (MSD ``{"1": "edema"}`` or nnU-Net v2 ``{"edema": 1}``).
 
     Returns:
-        ``msd`` when label 1 is oedema, ``brats2021`` when a label 4 exists, ``brats2023`` when
+        ``msd`` when label 1 is oedema, ``brats2024-gli`` when a resection cavity is declared,
+        ``brats2024-ped`` when a cyst is, ``brats2021`` when a label 4 exists, ``brats2023`` when
         label 1 is necrosis / non-enhancing core, None when the file does not say.
 
     Raises:
@@ -265,17 +282,26 @@ def convention_from_dataset_json(path: Path) -> str | None:
         elif isinstance(value, int):  # nnU-Net v2: {"edema": 1}
             names[value] = str(key).lower()
     label_one = names.get(1, "")
+    every = " ".join(names.values())
     if "edema" in label_one or "oedema" in label_one:
         return "msd"
+    if names.get(4, "") in ("rc", "resection cavity") or "resection" in every:
+        return "brats2024-gli"
+    if names.get(3, "") in ("cc", "cyst", "cystic component") or "cyst" in every:
+        return "brats2024-ped"
     if 4 in names:
         return "brats2021"
-    if any(token in label_one for token in ("necro", "ncr", "non-enhancing", "core")):
+    if any(token in label_one for token in ("necro", "ncr", "netc", "non-enhancing", "core")):
         return "brats2023"
     return None
 
 
+BRATS_CHALLENGE_PREFIX = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d+", re.IGNORECASE)
+"""``BraTS-MEN-00004-000`` -> ``MEN``: the BraTS 2023+ sub-challenge of a case id."""
+
+
 def resolve_base_convention(ref_dir: Path, labels: str) -> tuple[str, bool]:
-    """The convention before the per-case label-4 rule, and whether it was given explicitly."""
+    """The folder's convention before the per-case rules, and whether it was given (or read from ``dataset.json``)."""
     if labels != "auto":
         get_convention(labels)  # validates the name
         return labels, True
@@ -284,8 +310,37 @@ def resolve_base_convention(ref_dir: Path, labels: str) -> tuple[str, bool]:
             verdict = convention_from_dataset_json(candidate)
             if verdict is not None:
                 logger.info("label convention %s from %s", verdict, candidate)
-                return verdict, False
+                return verdict, True
     return AUTO_DEFAULT_CONVENTION, False
+
+
+def case_convention(case_id: str, values: set[int], base: str, explicit: bool, path: Path) -> str:
+    """The convention of one case under ``--labels auto`` (module docstring rules).
+
+    Raises:
+        DataError: a ``BraTS-PED`` case (2023 and 2024 code it differently), or a label 4 in a
+            ``BraTS-GLI`` case (a 2024 post-treatment resection cavity?): pass ``--labels``.
+    """
+    from tumorseg.data.conventions import AMBIGUOUS_BRATS_PREFIXES, BRATS_PREFIX_CONVENTIONS
+
+    if explicit:
+        return base
+    match = BRATS_CHALLENGE_PREFIX.match(case_id)
+    if match:
+        challenge = match["challenge"].upper()
+        if challenge in AMBIGUOUS_BRATS_PREFIXES:
+            choices = " or ".join(AMBIGUOUS_BRATS_PREFIXES[challenge])
+            raise DataError(
+                f"{path}: BraTS-{challenge} cases are coded differently in 2023 and 2024; pass --labels {choices}"
+            )
+        convention = BRATS_PREFIX_CONVENTIONS.get(challenge, AUTO_DEFAULT_CONVENTION)
+        if 4 in values:
+            raise DataError(
+                f"{path}: label 4 in a BraTS-{match['challenge']} case (a BraTS 2024 resection cavity?); "
+                "pass --labels brats2024-gli, or brats2021 if 4 is enhancing tumour"
+            )
+        return convention
+    return "brats2021" if 4 in values else base
 
 
 def read_tumour_types(case_info: Path | None, ref_dir: Path) -> dict[str, str] | None:
@@ -400,6 +455,7 @@ def evaluate_folders(
     case_info: str | Path | None = None,
     images_dir: str | Path | None = None,
     make_plots: bool | None = None,
+    case_conventions: dict[str, str] | None = None,
 ) -> EvaluationResult:
     """Evaluate a folder of predictions against a folder of references (module docstring rules).
 
@@ -414,6 +470,7 @@ def evaluate_folders(
         case_info: optional CSV ``case_id,tumour_type`` for per-type statistics.
         images_dir: optional images (any layout) to draw overlays on.
         make_plots: None means ``cfg.plots``; plots go to ``<out_csv stem>_plots/``.
+        case_conventions: case id -> convention, known from ingest; these cases skip the auto rules.
 
     Returns:
         The table, the summary and the paths written.
@@ -450,8 +507,9 @@ def evaluate_folders(
 
     rows: list[dict[str, Any]] = []
     sources: dict[str, _CaseSource] = {}
-    case_with_3: Path | None = None
-    case_with_4: Path | None = None
+    first_of: dict[tuple[str, ...], tuple[str, Path]] = {}
+    with_3: list[Path] = []
+    with_4: list[Path] = []
     for number, case_id in enumerate(sorted(ref_cases), start=1):
         ref_path, pred_path = ref_cases[case_id], pred_cases.get(case_id)
         ref, ref_affine, spacing = read_label_volume(ref_path)
@@ -470,20 +528,29 @@ def evaluate_folders(
         else:
             pred = np.zeros_like(ref)
 
-        convention_name = base
-        if not explicit:
-            values = _label_values(ref) | _label_values(pred)
-            if 4 in values and base != "msd":
-                convention_name = "brats2021"
-                case_with_4 = case_with_4 or ref_path
-            if 3 in values:
-                case_with_3 = case_with_3 or ref_path
-            if case_with_3 is not None and case_with_4 is not None and case_with_3 != case_with_4:
-                raise DataError(
-                    f"{ref_path}: label 3 in {case_with_3.name} but label 4 (BraTS 2021 ET) in "
-                    f"{case_with_4.name}; the folder mixes conventions: pass --labels"
-                )
+        if case_conventions and case_id in case_conventions:
+            convention_name = case_conventions[case_id]
+        else:
+            values = set() if explicit else _label_values(ref) | _label_values(pred)
+            convention_name = case_convention(case_id, values, base, explicit, ref_path)
+            if not explicit and not BRATS_CHALLENGE_PREFIX.match(case_id):
+                # BraTS 2021 and 2023 agree on 0, 1, 2: a folder is one or the other as a whole
+                for value, seen in ((3, with_3), (4, with_4)):
+                    if value in values:
+                        seen.append(ref_path)
+                if with_3 and with_4:
+                    raise DataError(
+                        f"{ref_path}: label 3 in {with_3[0].name} but label 4 (BraTS 2021 ET) in "
+                        f"{with_4[0].name}; the folder mixes conventions: pass --labels"
+                    )
         convention = get_convention(convention_name)
+        first_of.setdefault(convention.region_names, (convention_name, ref_path))
+        if len(first_of) > 1:
+            (name_a, path_a), (name_b, path_b) = list(first_of.values())[:2]
+            raise DataError(
+                f"{path_b}: read as {name_b} but {path_a.name} as {name_a}, which score other regions; "
+                "the folder mixes conventions: pass --labels"
+            )
         canonical: dict[str, np.ndarray] = {}
         for key, volume, path in (("ref", ref, ref_path), ("pred", pred, pred_path or ref_path)):
             try:
@@ -498,6 +565,7 @@ def evaluate_folders(
                 canonical["ref"],
                 spacing,
                 cfg,
+                convention=convention,
                 case_id=case_id,
                 prediction_missing=pred_path is None,
             )
@@ -516,9 +584,13 @@ def evaluate_folders(
         detection_min_volume_ml=cfg.detection_min_volume_ml,
         tumour_types=tumour_types,
     )
-    resolved = "brats2021" if case_with_4 is not None and not explicit else base
+    if with_4:  # cases without 3 or 4 read the same under both: the folder is BraTS 2021
+        for source in sources.values():
+            if source.convention == AUTO_DEFAULT_CONVENTION:
+                source.convention = "brats2021"
+    used = sorted({source.convention for source in sources.values()})
     summary = {
-        "label_convention": resolved,
+        "label_convention": used[0] if len(used) == 1 else "+".join(used),
         "pred_dir": str(pred_dir),
         "ref_dir": str(ref_dir),
         "missing_predictions": missing,
@@ -546,10 +618,15 @@ def _write_plots(
         pred, ref = _load_case(sources[case_id])
         background = find_background_image(images_dir, case_id, ref.shape) if images_dir else None
         scores = per_case[per_case["case_id"] == case_id].set_index("region")["dice"]
-        title = f"{tag}: {case_id}  Dice " + " ".join(f"{r} {scores[r]:.2f}" for r in REGION_NAMES)
+        title = f"{tag}: {case_id}  Dice " + " ".join(f"{r} {v:.2f}" for r, v in scores.items())
         written.append(
             plot_overlay(
-                folder / f"overlay_{tag}.png", ref=ref, pred=pred, title=title, background=background
+                folder / f"overlay_{tag}.png",
+                ref=ref,
+                pred=pred,
+                title=title,
+                background=background,
+                convention=get_convention(sources[case_id].convention),
             )
         )
     return written

@@ -27,7 +27,7 @@ hd95           0 (as official)             penalty (official: 374 mm)  penalty
 assd           0                           penalty                     penalty
 =============  ==========================  ==========================  ============================
 
-The penalty is ``evaluate.hd95_penalty_mm`` in params.yaml. The official code writes ``inf`` and
+The penalty is the convention's ``hd95_penalty_mm`` (tumorseg/data/label_sets.yaml). The official code writes ``inf`` and
 then replaces it with 374 (``results_df.replace(np.inf, 374)``); 373.13 mm, the diagonal of a
 240x240x155 1-mm BraTS volume, is the value nnU-Net's BraTS helpers use instead.
 """

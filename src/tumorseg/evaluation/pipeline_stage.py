@@ -38,7 +38,6 @@ import numpy as np
 import pandas as pd
 
 from tumorseg.config import EvaluateConfig, section
-from tumorseg.data.conventions import REGION_NAMES
 from tumorseg.data.layouts import CaseFiles
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.data.source import source_folder
@@ -92,6 +91,7 @@ class TestEvaluation:
         return {
             "label_convention": self.label_convention,
             "case_ids": sorted(self.case_dice),
+            "regions": list(self.summary.get("regions", {})),
             "case_dice": self.case_dice,
             "reference_sha256": self.reference_sha256,
             "metrics": self.metrics,
@@ -197,6 +197,7 @@ def evaluate_cases(
             summary_path=summary_path,
             images_dir=images_dir,
             make_plots=make_plots,
+            case_conventions={case.case_id: case.label_convention for case in cases},
         )
     # The temporary folders are gone: record where the cases really came from.
     result.summary["pred_dir"] = "test-split predictions in the source geometry (temporary)"
@@ -212,15 +213,17 @@ def _finite(value: Any) -> float | None:
 def flat_metrics(per_case: pd.DataFrame, summary: dict[str, Any], cfg: EvaluateConfig) -> dict[str, Any]:
     """The ``metrics.json`` entry: per-region means and CIs, the mean Dice over regions, detection.
 
-    ``dice_mean`` is the mean over cases of each case's mean over WT, TC and ET (the promotion gate's
-    statistic); its CI is a percentile bootstrap with the same resampled case sets as the summary.
+    ``dice_mean`` is the mean over cases of each case's mean over the scored regions (WT, TC and ET
+    for BraTS 2021/2023; the promotion gate's statistic); its CI is a percentile bootstrap with the
+    same resampled case sets as the summary.
     """
-    from tumorseg.evaluation.summary import describe
+    from tumorseg.evaluation.summary import describe, region_order
 
     metrics: dict[str, Any] = {}
     regions = summary["regions"]
+    names = region_order(per_case)
     for metric in FLAT_METRICS:
-        for region in REGION_NAMES:
+        for region in names:
             stats = regions.get(region, {}).get(metric)
             if stats is None:
                 continue
@@ -228,7 +231,7 @@ def flat_metrics(per_case: pd.DataFrame, summary: dict[str, Any], cfg: EvaluateC
             metrics[f"{metric}_{region}_ci_low"] = _finite(stats["ci_low"])
             metrics[f"{metric}_{region}_ci_high"] = _finite(stats["ci_high"])
     wide = per_case.pivot(index="case_id", columns="region", values="dice").sort_index()
-    per_case_mean = wide[list(REGION_NAMES)].mean(axis=1).to_numpy(dtype=np.float64)
+    per_case_mean = wide[names].mean(axis=1).to_numpy(dtype=np.float64)
     n = per_case_mean.size
     indices = np.random.default_rng(cfg.seed).integers(0, n, size=(cfg.bootstrap_resamples, n))
     stats = describe(per_case_mean, indices, cfg.ci_level)
@@ -245,15 +248,16 @@ def flat_metrics(per_case: pd.DataFrame, summary: dict[str, Any], cfg: EvaluateC
 
 def write_plot_data(per_case: pd.DataFrame, folder: Path) -> dict[str, Path]:
     """``test_dice.csv`` (case_id, dice_/hd95_ per region, dice_mean) and ``test_volumes.csv`` for DVC plots."""
-    dice = per_case.pivot(index="case_id", columns="region", values="dice")[list(REGION_NAMES)]
-    hd95 = per_case.pivot(index="case_id", columns="region", values="hd95")[list(REGION_NAMES)]
+    from tumorseg.evaluation.summary import region_order
+
+    names = region_order(per_case)
+    dice = per_case.pivot(index="case_id", columns="region", values="dice")[names]
+    hd95 = per_case.pivot(index="case_id", columns="region", values="hd95")[names]
     table = pd.concat([dice.add_prefix("dice_"), hd95.add_prefix("hd95_")], axis=1)
     table["dice_mean"] = dice.mean(axis=1)
     volumes = pd.concat(
         [
-            per_case.pivot(index="case_id", columns="region", values=column)[list(REGION_NAMES)].add_prefix(
-                prefix
-            )
+            per_case.pivot(index="case_id", columns="region", values=column)[names].add_prefix(prefix)
             for column, prefix in (("volume_ref_ml", "ref_ml_"), ("volume_pred_ml", "pred_ml_"))
         ],
         axis=1,
@@ -303,13 +307,12 @@ def evaluate_test_split(
     files.update(write_plot_data(per_case, reports / PLOTS_DIR))
     for path in result.plot_paths:
         files[f"plot_{path.stem}"] = path
+    from tumorseg.evaluation.summary import region_order
+
+    wide = per_case.pivot(index="case_id", columns="region", values="dice")[region_order(per_case)]
     case_dice = {
         case_id: {region: float(value) for region, value in row.items()}
-        for case_id, row in per_case.pivot(index="case_id", columns="region", values="dice")[
-            list(REGION_NAMES)
-        ]
-        .to_dict(orient="index")
-        .items()
+        for case_id, row in wide.to_dict(orient="index").items()
     }
     return TestEvaluation(
         per_case=per_case,

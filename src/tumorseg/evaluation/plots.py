@@ -16,12 +16,27 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from tumorseg.data.conventions import REGION_NAMES, regions_from_canonical
+from tumorseg.data.conventions import LabelConvention, get_convention
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-REGION_COLOURS: dict[str, str] = {"WT": "#2ca02c", "TC": "#ffbf00", "ET": "#d62728"}
+REGION_COLOURS: dict[str, str] = {
+    "WT": "#2ca02c",
+    "TC": "#ffbf00",
+    "ET": "#d62728",
+    "RC": "#9467bd",
+    "CC": "#17becf",
+    "NETC": "#8c564b",
+    "SNFH": "#1f77b4",
+    "ED": "#1f77b4",
+}
+FALLBACK_COLOURS: tuple[str, ...] = ("#e377c2", "#7f7f7f", "#bcbd22", "#ff7f0e")
+
+
+def region_colour(region: str, index: int = 0) -> str:
+    """The colour of a region in the evaluation figures."""
+    return REGION_COLOURS.get(region, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)])
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -66,13 +81,16 @@ def showcase_cases(per_case: pd.DataFrame) -> dict[str, str]:
 
 def plot_boxplots(per_case: pd.DataFrame, path: Path) -> Path:
     """Box plots of Dice and HD95 per region (one box per region, one point per case)."""
-    figure = _new_figure(9.0, 4.0)
+    from tumorseg.evaluation.summary import region_order
+
+    regions = region_order(per_case)
+    figure = _new_figure(max(9.0, 1.5 * len(regions) + 4.5), 4.0)
     axes = figure.subplots(1, 2)
     for ax, metric, label in zip(axes, ("dice", "hd95"), ("Dice", "HD95 (mm)"), strict=True):
-        data = [per_case.loc[per_case["region"] == r, metric].to_numpy(dtype=float) for r in REGION_NAMES]
-        boxes = ax.boxplot(data, tick_labels=list(REGION_NAMES), patch_artist=True, showmeans=True)
-        for patch, region in zip(boxes["boxes"], REGION_NAMES, strict=True):
-            patch.set_facecolor(REGION_COLOURS[region])
+        data = [per_case.loc[per_case["region"] == r, metric].to_numpy(dtype=float) for r in regions]
+        boxes = ax.boxplot(data, tick_labels=regions, patch_artist=True, showmeans=True)
+        for index, (patch, region) in enumerate(zip(boxes["boxes"], regions, strict=True)):
+            patch.set_facecolor(region_colour(region, index))
             patch.set_alpha(0.5)
         ax.set_ylabel(label)
         ax.set_title(f"{label} per region (n = {per_case['case_id'].nunique()} cases)")
@@ -96,21 +114,25 @@ def plot_overlay(
     pred: np.ndarray,
     title: str,
     background: np.ndarray | None = None,
+    convention: LabelConvention | None = None,
 ) -> Path:
-    """Reference (solid) and predicted (dashed) WT / TC / ET outlines on one axial slice.
+    """Reference (solid) and predicted (dashed) outlines of every scored region on one axial slice.
 
     Args:
         path: PNG to write.
-        ref: canonical reference labels ``(H, W, D)``.
-        pred: canonical predicted labels ``(H, W, D)``.
+        ref: internal reference labels ``(H, W, D)``.
+        pred: internal predicted labels ``(H, W, D)``.
+        convention: whose scored regions are drawn (default brats2023: WT, TC, ET); its first
+            region (WT) chooses the slice.
         title: figure title (case id and scores).
         background: optional image ``(H, W, D)`` of the same grid (e.g. FLAIR); without it the
             slice is drawn on a grey reference-tumour silhouette.
     """
     from matplotlib.lines import Line2D
 
-    ref_regions = regions_from_canonical(ref)
-    pred_regions = regions_from_canonical(pred)
+    convention = convention or get_convention("brats2023")
+    ref_regions = convention.region_masks(ref)
+    pred_regions = convention.region_masks(pred)
     k = _best_slice(ref_regions[0], pred_regions[0])
     figure = _new_figure(5.5, 5.5)
     ax = figure.subplots()
@@ -121,8 +143,8 @@ def plot_overlay(
     else:
         ax.imshow(ref_regions[0][:, :, k].T, cmap="Greys", origin="lower", vmin=0, vmax=4, alpha=1.0)
     handles = []
-    for index, region in enumerate(REGION_NAMES):
-        colour = REGION_COLOURS[region]
+    for index, region in enumerate(convention.region_names):
+        colour = region_colour(region, index)
         for masks, style in ((ref_regions, "solid"), (pred_regions, "dashed")):
             plane = masks[index][:, :, k]
             if plane.any() and not plane.all():

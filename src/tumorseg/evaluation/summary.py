@@ -7,8 +7,12 @@ and a percentile-bootstrap confidence interval of the mean: cases are resampled 
 metric and region, and the CI is the ``(1 - ci_level) / 2`` and ``(1 + ci_level) / 2`` quantiles of
 the resampled means.
 
+The regions are whatever the table holds, in its order (each convention scores its own: WT, TC, ET
+for BraTS 2021/2023; WT, TC, NETC, SNFH, ET, RC for BraTS 2024 GLI ...).
+
 Case-level detection treats "the reference has a whole tumour" as the positive class: a case is
-predicted positive when its predicted WT volume exceeds ``detection_min_volume_ml``. Sensitivity
+predicted positive when its predicted WT volume (every convention scores a WT) exceeds
+``detection_min_volume_ml``. Sensitivity
 and specificity are given where their class exists, the ROC AUC of the predicted WT volume
 (scikit-learn ``roc_auc_score``) only when both classes do.
 """
@@ -20,8 +24,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from tumorseg.data.conventions import REGION_NAMES
 
 SUMMARY_METRICS: tuple[str, ...] = (
     "dice",
@@ -79,6 +81,11 @@ def describe(values: np.ndarray, indices: np.ndarray, ci_level: float) -> dict[s
     }
 
 
+def region_order(per_case: pd.DataFrame) -> list[str]:
+    """The regions of a long table in the order they first appear (the convention's own order)."""
+    return list(dict.fromkeys(per_case["region"].astype(str))) if "region" in per_case else []
+
+
 def region_statistics(
     per_case: pd.DataFrame, *, resamples: int, ci_level: float, seed: int
 ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -91,7 +98,7 @@ def region_statistics(
         seed: bootstrap seed (one resampling of the cases, shared by every region and metric).
     """
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for region in REGION_NAMES:
+    for region in region_order(per_case):
         rows = per_case[per_case["region"] == region].sort_values("case_id")
         if rows.empty:
             continue

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tumorseg.data.conventions import LabelSet, get_label_set
 from tumorseg.data.transforms import DataLoaderConfig
 from tumorseg.errors import DataError
 from tumorseg.models.inference import SlidingWindowConfig, make_inferer
@@ -50,6 +51,11 @@ class TrainedNetwork:
     @property
     def roi_size(self) -> tuple[int, ...]:
         return self.data_loader.network_patch
+
+    @property
+    def label_set(self) -> LabelSet:
+        """The label space it was trained in (``glioma`` for models saved before label sets)."""
+        return get_label_set(self.model.label_set)
 
     def inferer(self, sliding_window: SlidingWindowConfig | None = None) -> Any:
         """MONAI inferer for whole volumes (the stored sliding-window settings unless overridden)."""

@@ -5,9 +5,9 @@ predicted with MONAI's :class:`~monai.inferers.SlidingWindowInferer` (3-D) or
 :class:`~monai.inferers.SliceInferer` (2-D networks run slice by slice along Z), with the
 training patch as the window and the settings of params.yaml's ``sliding_window:`` section.
 
-Predictions become a canonical label map ``(B, 1, X, Y, Z)`` (0 bg, 1 NCR, 2 ED, 3 ET):
-region outputs are thresholded and nested (TC inside WT, ET inside TC) as BraTS
-post-processing does, and tumour components below ``sliding_window.min_component_mm3`` are dropped,
+Predictions become an internal label map ``(B, 1, X, Y, Z)`` of the model's label set (glioma:
+0 bg, 1 NCR, 2 ED, 3 ET): region outputs are thresholded, nested (TC inside WT, ET inside TC) and
+painted back as BraTS post-processing does, and tumour components below ``sliding_window.min_component_mm3`` are dropped,
 so validation and test scoring score the same map.
 """
 
@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 
 from tumorseg.config import Section, register_section
-from tumorseg.data.conventions import REGIONS
+from tumorseg.data.conventions import GLIOMA, LabelSet
 
 
 class SlidingWindowConfig(Section):
@@ -65,25 +65,30 @@ def make_inferer(cfg: SlidingWindowConfig, roi_size: Sequence[int]) -> Any:
     return SlidingWindowInferer(**kwargs)
 
 
-def labels_to_regions(labels: torch.Tensor) -> torch.Tensor:
-    """Canonical labels ``(B, 1, *spatial)`` -> float 0/1 region masks ``(B, 3, *spatial)`` (WT, TC, ET)."""
+def labels_to_regions(labels: torch.Tensor, label_set: LabelSet = GLIOMA) -> torch.Tensor:
+    """Internal labels ``(B, 1, *spatial)`` -> float 0/1 train-region masks ``(B, R, *spatial)``."""
     codes = labels[:, 0].long()
-    masks = [torch.isin(codes, torch.tensor(values, device=codes.device)) for values in REGIONS.values()]
+    masks = [
+        torch.isin(codes, torch.tensor(region.codes, device=codes.device))
+        for region in label_set.train_regions
+    ]
     return torch.stack(masks, dim=1).to(torch.float32)
 
 
-def regions_to_labels(regions: torch.Tensor) -> torch.Tensor:
-    """Nested 0/1 regions ``(B, 3, *spatial)`` -> canonical labels ``(B, 1, *spatial)`` uint8.
+def regions_to_labels(regions: torch.Tensor, label_set: LabelSet = GLIOMA) -> torch.Tensor:
+    """0/1 train regions ``(B, R, *spatial)`` -> internal labels ``(B, 1, *spatial)`` uint8.
 
-    TC is taken inside WT and ET inside TC (as :func:`tumorseg.data.conventions.canonical_from_regions`).
+    Each region is kept inside its parent (TC inside WT, ET inside TC) and painted in order, as
+    :meth:`tumorseg.data.conventions.LabelSet.paint` does.
     """
-    wt, tc, et = (regions[:, i].bool() for i in range(3))
-    tc = tc & wt
-    et = et & tc
-    out = torch.zeros_like(wt, dtype=torch.uint8)
-    out[wt] = 2
-    out[tc] = 1
-    out[et] = 3
+    out = torch.zeros_like(regions[:, 0], dtype=torch.uint8)
+    kept: list[torch.Tensor] = []
+    for index, region in enumerate(label_set.train_regions):
+        mask = regions[:, index].bool()
+        if region.parent >= 0:
+            mask = mask & kept[region.parent]
+        kept.append(mask)
+        out[mask] = region.paint
     return out[:, None]
 
 
@@ -112,16 +117,19 @@ def remove_small_components(
     return labels * keep.to(labels.device, labels.dtype)
 
 
-def logits_to_labels(logits: torch.Tensor, output: str, threshold: float = 0.5) -> torch.Tensor:
-    """Network logits ``(B, C, *spatial)`` -> canonical labels ``(B, 1, *spatial)`` uint8.
+def logits_to_labels(
+    logits: torch.Tensor, output: str, threshold: float = 0.5, label_set: LabelSet = GLIOMA
+) -> torch.Tensor:
+    """Network logits ``(B, C, *spatial)`` -> internal labels ``(B, 1, *spatial)`` uint8.
 
     Args:
-        logits: 3 region channels (``output="regions"``) or 4 label channels (``"labels"``).
+        logits: one channel per train region (``output="regions"``) or per label (``"labels"``).
         output: the network's output mode.
         threshold: sigmoid probability threshold for regions.
+        label_set: the label space the network was trained in.
     """
     if output == "regions":
-        return regions_to_labels(torch.sigmoid(logits.float()) > threshold)
+        return regions_to_labels(torch.sigmoid(logits.float()) > threshold, label_set)
     return logits.argmax(dim=1, keepdim=True).to(torch.uint8)
 
 
@@ -135,6 +143,7 @@ def predict_labels(
     *,
     min_component_mm3: float = 0.0,
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    label_set: LabelSet = GLIOMA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-volume prediction.
 
@@ -146,10 +155,11 @@ def predict_labels(
         threshold: sigmoid threshold (regions).
         min_component_mm3: drop tumour components smaller than this (:func:`remove_small_components`).
         spacing_mm: voxel spacing of ``image``.
+        label_set: the label space the network was trained in.
 
     Returns:
         ``(logits (B, C, X, Y, Z), labels (B, 1, X, Y, Z) uint8)``.
     """
     logits = inferer(image, network)
-    labels = logits_to_labels(logits, output, threshold)
+    labels = logits_to_labels(logits, output, threshold, label_set)
     return logits, remove_small_components(labels, min_component_mm3, spacing_mm)

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from tumorseg.data.conventions import REGION_NAMES
+from tumorseg.data.conventions import GLIOMA, LabelSet
 from tumorseg.data.transforms import CASE_INDEX_KEY, IMAGE_KEY, LABEL_KEY
 from tumorseg.models.inference import SlidingWindowConfig, labels_to_regions, make_inferer, predict_labels
 
@@ -44,7 +44,7 @@ class SegmentationModule(L.LightningModule):
     """Brain-tumour segmentation training and validation.
 
     Args:
-        network: maps ``(B, 4, *patch)`` to logits ``(B, C, *patch)``; C = 3 regions or 4 labels.
+        network: maps ``(B, 4, *patch)`` to logits ``(B, C, *patch)``; C = train regions or labels of ``label_set``.
             DynUNet with deep supervision returns ``(B, heads, C, *patch)`` while training.
         loss: ``loss(logits, target)``; target is ``(B, 3, *patch)`` regions or ``(B, 1, *patch)``
             labels (a :class:`~monai.losses.DeepSupervisionLoss` for deep supervision).
@@ -57,6 +57,8 @@ class SegmentationModule(L.LightningModule):
         dice_ignore_empty: MONAI ``ignore_empty``; False scores an empty region predicted empty
             as 1 and any false positive on it as 0 (the BraTS convention).
         spacing_mm: voxel spacing of the volumes (measures ``sliding_window.min_component_mm3``).
+        label_set: the label space of the data (its train regions are the output channels and
+            the regions of the validation Dice).
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class SegmentationModule(L.LightningModule):
         config: dict[str, Any] | None = None,
         dice_ignore_empty: bool = False,
         spacing_mm: tuple[float, ...] = (1.0, 1.0, 1.0),
+        label_set: LabelSet = GLIOMA,
     ) -> None:
         super().__init__()
         from monai.metrics import Cumulative, DiceMetric
@@ -85,6 +88,7 @@ class SegmentationModule(L.LightningModule):
         self.scheduler_factory = scheduler_factory
         self.config = config or {}
         self.spacing_mm = tuple(spacing_mm)
+        self.label_set = label_set
         self.inferer = make_inferer(sliding_window, self.roi_size)
         self.dice_metric = DiceMetric(
             include_background=True, reduction="none", ignore_empty=dice_ignore_empty
@@ -97,8 +101,8 @@ class SegmentationModule(L.LightningModule):
         return self.network(image)
 
     def _target(self, label: torch.Tensor) -> torch.Tensor:
-        """Canonical labels ``(B, 1, *spatial)`` -> the loss target for this output mode."""
-        return labels_to_regions(label) if self.output == "regions" else label
+        """Internal labels ``(B, 1, *spatial)`` -> the loss target for this output mode."""
+        return labels_to_regions(label, self.label_set) if self.output == "regions" else label
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         image, label = batch[IMAGE_KEY], batch[LABEL_KEY]
@@ -127,10 +131,13 @@ class SegmentationModule(L.LightningModule):
             self.sliding_window.threshold,
             min_component_mm3=self.sliding_window.min_component_mm3,
             spacing_mm=self.spacing_mm,
+            label_set=self.label_set,
         )
         loss = self.loss(logits.float(), self._target(label))
         self.log("val_loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=image.shape[0])
-        self.dice_metric(y_pred=labels_to_regions(pred), y=labels_to_regions(label))
+        self.dice_metric(
+            y_pred=labels_to_regions(pred, self.label_set), y=labels_to_regions(label, self.label_set)
+        )
         self.val_case_index.extend(batch[CASE_INDEX_KEY].reshape(-1, 1).to(torch.float32))
 
     def on_validation_epoch_end(self) -> None:
@@ -140,7 +147,7 @@ class SegmentationModule(L.LightningModule):
         self.val_case_index.reset()
         if dice is None:
             return
-        per_region = aggregate_case_dice(dice, index)
+        per_region = aggregate_case_dice(dice, index, self.label_set.region_names)
         for name, value in per_region.items():
             # Identical on every rank already (synced buffers); sync_dist averages equal values.
             self.log(f"val_dice_{name}", value, on_epoch=True, prog_bar=name == "mean", sync_dist=True)
@@ -160,22 +167,25 @@ class SegmentationModule(L.LightningModule):
         checkpoint[RUN_ID_CHECKPOINT_KEY] = self.mlflow_run_id
 
 
-def aggregate_case_dice(dice: torch.Tensor, case_index: torch.Tensor | None = None) -> dict[str, float]:
+def aggregate_case_dice(
+    dice: torch.Tensor, case_index: torch.Tensor | None = None, names: tuple[str, ...] = GLIOMA.region_names
+) -> dict[str, float]:
     """Mean Dice per region over cases, plus their mean.
 
     Args:
-        dice: ``(N, 3)`` per-case Dice for WT, TC, ET (NaN where MONAI ignored an empty region).
+        dice: ``(N, R)`` per-case Dice of each train region (NaN where MONAI ignored an empty region).
         case_index: ``(N, 1)`` case positions; repeated cases (DDP padding) count once.
+        names: the region names (the label set's train regions; WT, TC, ET for glioma).
 
     Returns:
         ``{"WT": ..., "TC": ..., "ET": ..., "mean": ...}``; NaN means skipped, not zero.
     """
-    dice = dice.detach().float().cpu().reshape(-1, len(REGION_NAMES))
+    dice = dice.detach().float().cpu().reshape(-1, len(names))
     if case_index is not None:
         index = case_index.detach().cpu().reshape(-1).long()
         keep = [int(torch.nonzero(index == i)[0]) for i in torch.unique(index)]
         dice = dice[keep]
-    per_region = {name: float(torch.nanmean(dice[:, i])) for i, name in enumerate(REGION_NAMES)}
+    per_region = {name: float(torch.nanmean(dice[:, i])) for i, name in enumerate(names)}
     finite = [v for v in per_region.values() if not math.isnan(v)]
     per_region["mean"] = float(sum(finite) / len(finite)) if finite else float("nan")
     return per_region

@@ -23,7 +23,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tumorseg.config import Section, register_section
 from tumorseg.errors import ConfigError
@@ -108,8 +108,10 @@ class ModelConfig(Section):
 
     Attributes:
         name: network (see the module docstring).
-        output: ``regions`` (WT/TC/ET sigmoid channels, as BraTS scores) or ``labels``
-            (softmax over bg/NCR/ED/ET).
+        output: ``regions`` (one sigmoid channel per train region of the label set, as BraTS
+            scores: WT/TC/ET for glioma) or ``labels`` (softmax over background and every label).
+        label_set: the label space (``glioma``, ``glioma_post``, ``pediatric``; see
+            :mod:`tumorseg.data.conventions`). Training sets it from the data; params.yaml leaves it out.
         norm: normalisation layer (``instance`` suits batch sizes of 2).
         dropout: dropout probability where the network has one.
         unet, attention_unet, segresnet, dynunet, swinunetr, flexible_unet: per-network shape.
@@ -117,6 +119,7 @@ class ModelConfig(Section):
 
     name: NetworkName = "unet"
     output: OutputMode = "regions"
+    label_set: str = "glioma"
     norm: Literal["instance", "batch"] = "instance"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     unet: UNetConfig = UNetConfig()
@@ -126,9 +129,20 @@ class ModelConfig(Section):
     swinunetr: SwinUNETRConfig = SwinUNETRConfig()
     flexible_unet: FlexibleUNetConfig = FlexibleUNetConfig()
 
+    @field_validator("label_set")
+    @classmethod
+    def _known_label_set(cls, value: str) -> str:
+        from tumorseg.data.conventions import LABEL_SETS
+
+        if value not in LABEL_SETS:
+            raise ValueError(f"unknown label set {value!r}; use one of {', '.join(LABEL_SETS)}")
+        return value
+
     @property
     def out_channels(self) -> int:
-        return 3 if self.output == "regions" else 4
+        from tumorseg.data.conventions import get_label_set
+
+        return get_label_set(self.label_set).out_channels(self.output)
 
 
 register_section("model", ModelConfig)

@@ -43,7 +43,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from tumorseg.config import PreprocessConfig, Section, register_section
-from tumorseg.data.conventions import REGION_NAMES, get_convention
+from tumorseg.data.conventions import GLIOMA, LABEL_CONVENTIONS, REGION_NAMES, LabelSet, get_convention
 from tumorseg.data.layouts import CaseFiles, CaseVolumes, discover_cases, read_case
 from tumorseg.errors import DataError
 
@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 PROBABILITIES_DIR = "probabilities"
 UNCERTAINTY_DIR = "uncertainty"
-LABEL_CHANNELS: tuple[str, ...] = ("background", "NCR", "ED", "ET")
+LABEL_CHANNELS: tuple[str, ...] = GLIOMA.label_names
+"""Probability channels of a label-trained glioma network (other label sets name their own)."""
 
 
 class PredictConfig(Section):
@@ -113,13 +114,13 @@ class CasePrediction:
 
     Attributes:
         case_id: the case.
-        label_convention: convention of ``labels`` (the input's).
+        label_convention: convention of ``labels`` (the input's, when it codes the model's label set).
         labels: uint8 ``(X, Y, Z)`` in ``label_convention``.
-        canonical: uint8 ``(X, Y, Z)`` canonical codes (0 bg, 1 NCR, 2 ED, 3 ET), recoded from
-            ``labels`` when first asked for (prediction itself does not need it).
+        canonical: uint8 ``(X, Y, Z)`` internal codes of the model's label set (glioma: 0 bg, 1 NCR,
+            2 ED, 3 ET), recoded from ``labels`` when first asked for.
         affine: 4x4 voxel-to-world of the source reference modality.
-        volumes_ml: predicted ``WT``, ``TC``, ``ET`` volumes in ml.
-        probabilities: float32 ``(C, X, Y, Z)`` (WT/TC/ET sigmoids or bg/NCR/ED/ET softmax), or None.
+        volumes_ml: predicted volume in ml of each train region of the label set (WT, TC, ET, ...).
+        probabilities: float32 ``(C, X, Y, Z)`` (train-region sigmoids or label softmax), or None.
         uncertainty: float32 ``(C, X, Y, Z)`` TTA variance of the probabilities, or None.
         channels: names of the probability channels.
         seconds: wall time per step (``read``, ``preprocess``, ``inference``, ``restore``).
@@ -141,8 +142,8 @@ class CasePrediction:
         return recode_labels(self.labels, get_convention(self.label_convention).to_canonical)
 
     def volumes_text(self) -> str:
-        """``WT 45.21 ml  TC 20.10 ml  ET 10.30 ml``."""
-        return "  ".join(f"{region} {self.volumes_ml[region]:.2f} ml" for region in REGION_NAMES)
+        """``WT 45.21 ml  TC 20.10 ml  ET 10.30 ml`` (every train region of the model's label set)."""
+        return "  ".join(f"{region} {ml:.2f} ml" for region, ml in self.volumes_ml.items())
 
 
 def resolve_device(name: str) -> Any:
@@ -161,18 +162,42 @@ def mirror_sets(axes: tuple[int, ...]) -> list[tuple[int, ...]]:
     return [subset for size in range(len(axes) + 1) for subset in combinations(sorted(axes), size)]
 
 
-def _volumes_ml(counts: dict[int, int], affine: np.ndarray) -> dict[str, float]:
-    """WT, TC and ET volumes (ml) from voxel counts per canonical tumour code (1, 2, 3)."""
-    from tumorseg.data.conventions import REGIONS
-
+def _volumes_ml(counts: dict[int, int], affine: np.ndarray, label_set: LabelSet = GLIOMA) -> dict[str, float]:
+    """Train-region volumes (ml; WT, TC, ET for glioma) from voxel counts per internal tumour code."""
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    return {region: sum(counts[code] for code in codes) * voxel_ml for region, codes in REGIONS.items()}
+    return {
+        region.name: sum(counts.get(code, 0) for code in region.codes) * voxel_ml
+        for region in label_set.train_regions
+    }
 
 
-def region_volumes_ml(canonical: np.ndarray, affine: np.ndarray) -> dict[str, float]:
-    """WT, TC and ET volumes (ml) of a canonical label volume with voxel size from ``affine``."""
+def region_volumes_ml(
+    canonical: np.ndarray, affine: np.ndarray, label_set: LabelSet = GLIOMA
+) -> dict[str, float]:
+    """Train-region volumes (ml) of an internal label volume with voxel size from ``affine``."""
     # One comparison per tumour code: far cheaper than np.bincount's int64 copy of every voxel.
-    return _volumes_ml({code: int(np.count_nonzero(canonical == code)) for code in (1, 2, 3)}, affine)
+    counts = {code: int(np.count_nonzero(canonical == code)) for code in label_set.codes}
+    return _volumes_ml(counts, affine, label_set)
+
+
+def output_convention(case_convention: str, label_set: LabelSet) -> str:
+    """The convention a prediction is written in: the input's, when it codes the model's label set.
+
+    A case whose folder names another label set (a post-treatment model on a ``BraTS-GLI`` folder
+    read as 2023 GLI) is written in the one convention of the model's label set.
+
+    Raises:
+        DataError: the model's label set has several conventions and the case's is not one of them.
+    """
+    if get_convention(case_convention).label_set.name == label_set.name:
+        return case_convention
+    candidates = [c.name for c in LABEL_CONVENTIONS.values() if c.label_set.name == label_set.name]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise DataError(
+        f"the model predicts {label_set.name} labels but the input is read as {case_convention}; "
+        f"pass --labels with one of {', '.join(candidates)}"
+    )
 
 
 def recode_labels(labels: np.ndarray, table: dict[int, int]) -> np.ndarray:
@@ -224,7 +249,10 @@ class SegmentationPredictor:
         self.inferer = make_inferer(self.sliding_window, trained.roi_size)
         self.preprocess_cfg = PreprocessConfig.model_validate(trained.config["preprocess"])
         self.output: str = trained.model.output
-        self.channels = REGION_NAMES if self.output == "regions" else LABEL_CHANNELS
+        self.label_set: LabelSet = trained.label_set
+        self.channels = (
+            self.label_set.region_names if self.output == "regions" else self.label_set.label_names
+        )
 
     # ------------------------------------------------------------------ preprocessed grid
     def infer(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -266,14 +294,14 @@ class SegmentationPredictor:
     def labels_from_probabilities(
         self, probabilities: np.ndarray, spacing_mm: tuple[float, ...]
     ) -> np.ndarray:
-        """Canonical uint8 labels ``(x, y, z)`` from ``(C, x, y, z)`` probabilities, small components removed."""
+        """Internal uint8 labels ``(x, y, z)`` from ``(C, x, y, z)`` probabilities, small components removed."""
         import torch
 
         from tumorseg.models.inference import regions_to_labels
 
         prob = torch.from_numpy(probabilities)[None]
         if self.output == "regions":
-            labels = regions_to_labels(prob > self.sliding_window.threshold)[0, 0].numpy()
+            labels = regions_to_labels(prob > self.sliding_window.threshold, self.label_set)[0, 0].numpy()
         else:
             labels = prob.argmax(dim=1)[0].to(torch.uint8).numpy()
         if self.cfg.min_component_mm3 > 0 and labels.any():
@@ -368,14 +396,14 @@ class SegmentationPredictor:
 
         start = time.perf_counter()
         geometry = case.geometry
-        convention = geometry["label_convention"]
+        convention = output_convention(geometry["label_convention"], self.label_set)
         labels = self.labels_from_probabilities(probabilities, tuple(geometry["resampled_spacing_mm"]))
         # Nearest-neighbour restoration copies values: decoding the small grid before restoring it
         # gives the same voxels as decoding the full-resolution map, and the volumes are counted on
         # the small grid (each voxel weighted by its copies), at a tenth of the work.
         source_labels = restore_to_source(decode_labels(labels, convention), geometry, is_label=True)
         affine = np.asarray(geometry["source_affine"], dtype=np.float64)
-        counts = restored_label_counts(labels, geometry, (1, 2, 3))
+        counts = restored_label_counts(labels, geometry, self.label_set.codes)
         restored_prob = restored_var = None
         if self.cfg.probabilities:
             restored_prob = self._restore_probabilities(probabilities, geometry)
@@ -386,7 +414,7 @@ class SegmentationPredictor:
             label_convention=convention,
             labels=source_labels,
             affine=affine,
-            volumes_ml=_volumes_ml(counts, affine),
+            volumes_ml=_volumes_ml(counts, affine, self.label_set),
             probabilities=restored_prob,
             uncertainty=restored_var,
             channels=self.channels,
@@ -532,13 +560,20 @@ class PredictSummary:
         return f"predicted {len(self.cases)} cases -> {self.out_dir} in {self.seconds:.1f} s"
 
 
-def plan_cases(input_path: str | Path, layout: str | None = None) -> list[CaseFiles]:
+def plan_cases(
+    input_path: str | Path, layout: str | None = None, labels: str | None = None
+) -> list[CaseFiles]:
     """The cases of a folder in any layout (or one case folder), checked for missing modalities.
+
+    Args:
+        input_path: dataset folder or one case folder.
+        layout: force a layout (None: detect).
+        labels: the input's label convention (None: from the layout, BraTS prefix or dataset.json).
 
     Raises:
         DataError: no known layout, or a case without one of its four modality files (named).
     """
-    cases = discover_cases(Path(input_path), layout)
+    cases = discover_cases(Path(input_path), layout, labels)
     for case in cases:
         if case.missing:
             raise DataError(f"{case.case_id}: missing modality file {case.missing[0]} in {case.case_dir}")

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tumorseg.data.conventions import REGION_NAMES
-
 DESCRIPTION_LIMIT = 5000
 """Characters of a model version description in MLflow's SQL stores (``String(5000)``)."""
 
@@ -53,9 +51,18 @@ def _number(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{float(value):.{digits}f}"
 
 
+def scored_regions(metrics: dict[str, Any]) -> list[str]:
+    """The regions a flat metrics dict scores (``dice_WT``, ``dice_RC``, ...), in their order."""
+    return [
+        key.removeprefix("dice_")
+        for key in metrics
+        if key.startswith("dice_") and key != "dice_mean" and not key.endswith(("_ci_low", "_ci_high"))
+    ]
+
+
 def _metric_row(metrics: dict[str, Any], metric: str, label: str, digits: int) -> str:
     cells = []
-    for region in REGION_NAMES:
+    for region in scored_regions(metrics):
         key = f"{metric}_{region}"
         cells.append(
             f"{_number(metrics.get(key), digits)} [{_number(metrics.get(f'{key}_ci_low'), digits)}, "
@@ -107,11 +114,11 @@ def render_model_card(facts: ModelCardFacts, *, version: str | None = None) -> s
         f"- Params hash (resolved training sections): `{facts.params_md5}`",
         "",
         f"## Test metrics ({facts.test_cases} cases, {facts.label_convention} labels, source geometry)",
-        "Mean over cases [95% percentile-bootstrap CI]. HD95 in mm (374 mm when a region is missed or "
-        "predicted where there is none).",
+        "Mean over cases [95% percentile-bootstrap CI]. HD95 in mm (the convention's penalty, 374 mm for "
+        "BraTS 2021/2023, when a region is missed or predicted where there is none).",
         "",
-        "| metric | " + " | ".join(REGION_NAMES) + " |",
-        "| --- | --- | --- | --- |",
+        "| metric | " + " | ".join(scored_regions(metrics)) + " |",
+        "| --- |" + " --- |" * len(scored_regions(metrics)),
         _metric_row(metrics, "dice", "Dice", 3),
         _metric_row(metrics, "hd95", "HD95 (mm)", 1),
         _metric_row(metrics, "lesion_dice", "lesion-wise Dice", 3),

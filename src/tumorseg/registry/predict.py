@@ -39,6 +39,7 @@ def predict_folder(
     *,
     model_uri: str | None = None,
     layout: str | None = None,
+    labels: str | None = None,
     source: str = "params.yaml",
     tracking_uri: str | None = None,
     on_case: Callable[[Any, list[Path]], None] | None = None,
@@ -54,6 +55,7 @@ def predict_folder(
         params: params dict (``predict``, ``paths``, ``mlflow`` sections).
         model_uri: checkpoint path or MLflow model URI; default ``predict.model``.
         layout: force a layout (None: detect).
+        labels: the input's label convention, which the predictions are written in (None: detect).
         source: params file name for error messages.
         tracking_uri: MLflow store; see the module docstring for the default.
         on_case: called after each case is written (the CLI prints its volumes).
@@ -66,7 +68,7 @@ def predict_folder(
     from tumorseg.tracking import params_tracking_uri
 
     cfg: PredictConfig = section("predict", params, source=source)
-    cases = plan_cases(input_path, layout)
+    cases = plan_cases(input_path, layout, labels)
     uri = params_tracking_uri(params, tracking_uri, source=source)
     loaded = load_model(model_uri or cfg.model, tracking_uri=uri)
     predictor = SegmentationPredictor(loaded.trained, cfg)

@@ -259,11 +259,7 @@ def rescore_champion(
     from tumorseg.models.predictor import PredictConfig, SegmentationPredictor
     from tumorseg.registry.loading import load_model
 
-    if list(challenger.case_dice.columns) != list(REGION_NAMES):
-        raise DataError(
-            f"cannot pair the champion (version {version}) of {name!r} with challenger version {challenger.version}: "
-            "they were scored on different test images; rerun the evaluation of both on the current split"
-        )
+    regions = [str(r) for r in challenger.case_dice.columns]
     wanted = set(challenger.case_dice.index)
     cases = [case for case in split_cases(params, source=source) if case.case_id in wanted]
     same = {c.case_id for c in cases} == wanted and all(
@@ -290,7 +286,14 @@ def rescore_champion(
             summary_path=Path(tmp) / "s.json",
             make_plots=False,
         )
-    return result.per_case.pivot(index="case_id", columns="region", values="dice")[list(REGION_NAMES)]
+    wide = result.per_case.pivot(index="case_id", columns="region", values="dice")
+    if set(wide.columns) != set(regions):
+        raise DataError(
+            f"cannot pair the champion (version {version}) of {name!r} with challenger version {challenger.version}: "
+            f"the champion is scored on {', '.join(map(str, wide.columns))}, the challenger on {', '.join(regions)} "
+            "(different label sets); register a model of another label set under its own registry.model_name"
+        )
+    return wide[regions]
 
 
 # ---------------------------------------------------------------------------- actions

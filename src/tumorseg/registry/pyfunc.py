@@ -23,10 +23,23 @@ Input (signature, DataFrame columns):
 
 Inference params: ``tta`` (bool), ``min_component_mm3`` (float), ``return_segmentation`` (bool).
 
-Output (one row per case): ``case_id``, ``label_convention``, ``shape`` (``240x240x155``),
-``volume_wt_ml``, ``volume_tc_ml``, ``volume_et_ml``, ``output_path`` (empty without ``out_dir``) and
-``segmentation``: the label map as a gzip-compressed NIfTI-1 file, base64-encoded (decode it with
-:func:`decode_segmentation`; empty when ``return_segmentation`` is false).
+Output (one row per case): ``case_id``, ``label_convention`` (the convention the segmentation is
+written in), ``shape`` (``240x240x155``), ``volume_wt_ml``, ``volume_tc_ml``, ``volume_et_ml``,
+``output_path`` (empty without ``out_dir``), ``segmentation``: the label map as a gzip-compressed
+NIfTI-1 file, base64-encoded (decode it with :func:`decode_segmentation`; empty when
+``return_segmentation`` is false), then ``label_set`` and ``volumes_ml``.
+
+Label sets (:mod:`tumorseg.data.conventions`) and backward compatibility: every label set has WT, TC
+and ET train regions, so the three fixed ``volume_*_ml`` columns keep their names, types, order and
+meaning for any model. A label set with more regions (``glioma_post``: RC, the resection cavity;
+``pediatric``: CC, the cyst) reports *all* its regions in the two columns appended after
+``segmentation`` (optional in the signature, so a client that reads the first eight columns by name or
+position sees nothing new):
+
+- ``label_set`` (string): ``glioma``, ``glioma_post`` or ``pediatric``;
+- ``volumes_ml`` (string): a JSON object of every train region's volume in ml, in the network's
+  order, e.g. ``{"WT": 45.2, "TC": 20.1, "ET": 10.3, "RC": 3.4}`` (``json.loads`` it). One string
+  column rather than a column per extra region keeps the output schema the same for every label set.
 
 REST (``mlflow models serve -m models:/tumorseg@champion --env-manager local``)::
 
@@ -59,6 +72,8 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "volume_et_ml",
     "output_path",
     "segmentation",
+    "label_set",
+    "volumes_ml",
 )
 PREDICT_SETTINGS_FILE = "predict.json"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
@@ -95,6 +110,9 @@ def model_signature(tta: bool, min_component_mm3: float) -> Any:
             ColSpec("double", "volume_et_ml"),
             ColSpec("string", "output_path"),
             ColSpec("string", "segmentation"),
+            # Added with label sets; optional, after the original columns (see the module docstring).
+            ColSpec("string", "label_set", required=False),
+            ColSpec("string", "volumes_ml", required=False),
         ]
     )
     params = ParamSchema(
@@ -189,6 +207,10 @@ class TumorsegSegmentationModel(mlflow.pyfunc.PythonModel):
                         "volume_et_ml": prediction.volumes_ml["ET"],
                         "output_path": output_path,
                         "segmentation": segmentation,
+                        "label_set": predictor.label_set.name,
+                        "volumes_ml": json.dumps(
+                            {region: float(ml) for region, ml in prediction.volumes_ml.items()}
+                        ),
                     }
                 )
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))

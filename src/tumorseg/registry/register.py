@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tumorseg.config import section
-from tumorseg.data.conventions import REGION_NAMES
 from tumorseg.registry.config import CHALLENGER, RegistryConfig
+from tumorseg.registry.model_card import scored_regions
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,10 @@ def register_model(
             "test_n_cases": str(evaluation.metrics["n_cases"]),
             "test_cases_md5": cases_md5,
             "test_dice_mean": f"{evaluation.metrics['dice_mean']:.6f}",
-            **{f"test_dice_{r}": f"{evaluation.metrics[f'dice_{r}']:.6f}" for r in REGION_NAMES},
+            **{
+                f"test_dice_{r}": f"{evaluation.metrics[f'dice_{r}']:.6f}"
+                for r in scored_regions(evaluation.metrics)
+            },
         }
         registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
         version = str(registered.version)

@@ -13,10 +13,12 @@ when it can be; without it the service runs for 3-D cases and 2-D uploads get 50
 
 Endpoints:
 
-- ``GET /health``: the models (name, version, alias, origin; ``model_2d`` says why it is missing)
-  and the queue.
+- ``GET /health``: the models (name, version, alias, origin, and the 3-D model's ``label_set``: its
+  train regions with internal codes, caption and overlay colour, which the viewer draws; ``model_2d``
+  says why it is missing) and the queue.
 - ``POST /predict``: multipart field ``files``: the modality files of one 3-D case or one ``.zip``;
-  ``?format=nifti`` (default) returns ``<case_id>.nii.gz``; ``json`` the tumour volumes per region;
+  ``?format=nifti`` (default) returns ``<case_id>.nii.gz``; ``json`` the tumour volumes per train
+  region of the model's label set (WT, TC, ET for glioma; RC or CC too for the 2024 label sets);
   ``viewer`` also keeps the case for the viewer and returns its id. Or one 2-D image (``.mat``,
   ``.png``, ``.jpg``/``.jpeg``, ``.tif``, ``.bmp``): ``?format=png`` (default) returns
   ``<case_id>_mask.png`` (0/255, the input's size); ``json`` the tumour probability, yes/no, type
@@ -88,6 +90,7 @@ from tumorseg.serving.viewer import (
     ResultStore,
     build_display_case,
     build_planar_display,
+    label_set_info,
 )
 
 log = logging.getLogger(__name__)
@@ -160,7 +163,12 @@ class ServeSettings:
 
 
 def describe_model(loaded: Any) -> dict[str, Any]:
-    """Name, version, alias and origin of a :class:`~tumorseg.registry.loading.LoadedModel`."""
+    """Name, version, alias, origin and label set of a :class:`~tumorseg.registry.loading.LoadedModel`.
+
+    ``label_set`` is :func:`~tumorseg.serving.viewer.label_set_info` of the model's label set: the
+    regions the volumes and Dice are reported for, and what the viewer draws.
+    """
+    from tumorseg.data.conventions import get_label_set
     from tumorseg.registry.loading import MODELS_URI
 
     match = MODELS_URI.match(loaded.uri)
@@ -179,6 +187,7 @@ def describe_model(loaded: Any) -> dict[str, Any]:
         "uri": loaded.uri,
         "description": loaded.description,
         "output": loaded.trained.model.output,
+        "label_set": label_set_info(get_label_set(loaded.trained.model.label_set)),
     }
 
 
@@ -303,24 +312,29 @@ class Service:
         out_dir = workdir / "prediction"
         written = write_prediction(prediction, out_dir, reference_header(case))
         segmentation = written[0].read_bytes()
+        # The convention the segmentation is written in: the input's, or the one convention of the
+        # model's label set (a post-treatment model on a folder read as 2023 GLI writes 2024 GLI codes).
+        # A ground truth of the case is read in it, so its codes are the model's label set's.
+        convention = prediction.label_convention
         summary: dict[str, Any] = {
             "kind": "3d",
             "case_id": case.case_id,
             "layout": case.layout,
-            "label_convention": case.label_convention,
+            "label_convention": convention,
             "shape": [int(n) for n in prediction.labels.shape],
             "spacing_mm": [round(float(s), 4) for s in spacing],
             "volumes_ml": {region: round(value, 3) for region, value in prediction.volumes_ml.items()},
             "seconds": {step: round(value, 3) for step, value in prediction.seconds.items()},
             "model": self.model_info,
         }
-        reference = _read_reference(case) if case.has_seg else None
+        reference = _read_reference(case, convention) if case.has_seg else None
         if reference is not None:
             from tumorseg.serving.viewer import dice_per_region
 
             _check_same_shape(reference.shape, prediction.canonical.shape, case.paths["seg"].name)
             summary["dice"] = {
-                k: round(v, 4) for k, v in dice_per_region(prediction.canonical, reference).items()
+                k: round(v, 4)
+                for k, v in dice_per_region(prediction.canonical, reference, self.predictor.label_set).items()
             }
         result: dict[str, Any] = {
             "summary": summary,
@@ -333,9 +347,10 @@ class Service:
                 volumes.image,
                 prediction.canonical,
                 volumes.affine,
-                case.label_convention,
+                convention,
                 summary,
                 segmentation,
+                self.predictor.label_set,
             )
             if reference is not None:
                 display.set_reference(reference)
@@ -424,11 +439,12 @@ def _check_same_shape(reference: tuple[int, ...], expected: tuple[int, ...], nam
         )
 
 
-def _read_reference(case: Any) -> np.ndarray:
-    """The case's own segmentation as canonical labels (for Dice), in its label convention."""
+def _read_reference(case: Any, convention: str) -> np.ndarray:
+    """The case's own segmentation as internal labels (for Dice), read in ``convention`` (the
+    prediction's: the case's own unless the model's label set needed another)."""
     from tumorseg.data.layouts import read_nifti
 
-    return _canonical_mask(read_nifti(case.paths["seg"]), case.label_convention)
+    return _canonical_mask(read_nifti(case.paths["seg"]), convention)
 
 
 def _canonical_mask(nifti: Any, convention: str) -> np.ndarray:
@@ -724,7 +740,7 @@ def create_app(settings: ServeSettings, *, loaded_model: Any = None, planar: Pla
         result_id: str,
         file: Annotated[UploadFile, File(description="the case's ground-truth mask (.nii or .nii.gz)")],
     ) -> dict[str, Any]:
-        """Dice per region (WT, TC, ET) against a mask in the case's geometry and label convention."""
+        """Dice per train region (WT, TC, ET for glioma) against a mask in the case's geometry and label convention."""
         service = service_of(request)
         display = display_of(request, result_id)
         if isinstance(display, PlanarDisplay):

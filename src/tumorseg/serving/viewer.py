@@ -12,6 +12,11 @@ are then plain array views:
 A 2-D prediction is kept as a :class:`PlanarDisplay` (one image, its mask and the detection
 result) and served through the same endpoints, as a single slice.
 
+The overlay's regions are the train regions of the model's label set (:func:`label_set_info`: WT, TC,
+ET for glioma; WT, TC, ET, RC for post-treatment glioma; WT, TC, CC, ET for paediatric tumours),
+each with a colour and a caption; the page builds its region toggles, legend and volume table from
+that table, so a new label set needs no change to the page.
+
 Display cases live in :class:`ResultStore`: at most ``serve.max_results`` of them, each dropped
 ``serve.result_ttl_s`` after its last use, so the server's memory stays bounded however many
 predictions the viewer asks for.
@@ -29,7 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tumorseg.data.conventions import CANONICAL_MODALITIES, REGIONS
+from tumorseg.data.conventions import CANONICAL_MODALITIES, GLIOMA, LabelSet
 
 Plane = Literal["axial", "coronal", "sagittal"]
 PLANE_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -77,17 +82,81 @@ def window_uint8(volume: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def dice_per_region(prediction: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Dice of WT, TC and ET between two canonical label volumes of the same shape.
+REGION_COLOURS: dict[str, tuple[int, int, int]] = {
+    "WT": (46, 204, 64),
+    "TC": (255, 65, 54),
+    "ET": (255, 220, 0),
+    "RC": (177, 13, 201),
+    "CC": (255, 133, 27),
+}
+"""Overlay colour of each train region by name (the glioma colours are the viewer's historical ones)."""
+
+FALLBACK_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (0, 116, 217),
+    (240, 18, 190),
+    (61, 153, 112),
+    (133, 20, 75),
+)
+"""Colours of regions not in :data:`REGION_COLOURS` (a user-defined label set), by region index."""
+
+LABEL_CAPTIONS: dict[str, str] = {
+    "ED": "oedema",
+    "NCR": "necrosis",
+    "ET": "enhancing",
+    "SNFH": "FLAIR hyperintensity",
+    "NETC": "non-enhancing core",
+    "RC": "resection cavity",
+    "CC": "cyst",
+}
+"""What a region shows on the overlay, by the label it is painted as (WT -> ED -> ``oedema``)."""
+
+
+def label_set_info(label_set: LabelSet) -> dict[str, Any]:
+    """The label set as the viewer (and API clients) need it, JSON-ready.
+
+    Returns:
+        ``name``, ``description``, ``labels`` (internal code as a string -> name), ``regions``: one
+        entry per train region in the network's order (``name``, ``codes``: the internal codes inside
+        it, ``paint``: the label it is painted as, ``caption``: what it shows, e.g. ``oedema``,
+        ``colour``: ``[r, g, b]``), and ``overlay_order``: the region names innermost first (the
+        reverse of the paint order: a voxel takes the colour of the first enabled region holding
+        its label, ET before TC before WT for glioma).
+    """
+    regions = []
+    for index, region in enumerate(label_set.train_regions):
+        paint = label_set.labels[region.paint]
+        colour = REGION_COLOURS.get(region.name, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)])
+        regions.append(
+            {
+                "name": region.name,
+                "codes": [int(c) for c in region.codes],
+                "paint": paint,
+                "caption": LABEL_CAPTIONS.get(paint, paint),
+                "colour": list(colour),
+            }
+        )
+    return {
+        "name": label_set.name,
+        "description": label_set.description,
+        "labels": {str(code): name for code, name in sorted(label_set.labels.items()) if code},
+        "regions": regions,
+        "overlay_order": [r.name for r in reversed(label_set.train_regions)],
+    }
+
+
+def dice_per_region(
+    prediction: np.ndarray, reference: np.ndarray, label_set: LabelSet = GLIOMA
+) -> dict[str, float]:
+    """Dice of each train region (WT, TC, ET for glioma) between two internal label volumes of one shape.
 
     Both empty counts as 1.0 (the BraTS convention: an absent region correctly predicted absent).
     """
     scores: dict[str, float] = {}
-    for region, codes in REGIONS.items():
-        pred = np.isin(prediction, codes)
-        ref = np.isin(reference, codes)
+    for region in label_set.train_regions:
+        pred = np.isin(prediction, region.codes)
+        ref = np.isin(reference, region.codes)
         total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
-        scores[region] = 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
+        scores[region.name] = 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
     return scores
 
 
@@ -98,16 +167,19 @@ class DisplayCase:
     Attributes:
         case_id: the case's id.
         images: uint8 ``(4, X, Y, Z)`` windowed modalities on the RAS grid (t1, t1ce, t2, flair).
-        labels: uint8 ``(X, Y, Z)`` canonical predicted labels on the RAS grid.
+        labels: uint8 ``(X, Y, Z)`` internal predicted labels on the RAS grid.
         spacing: voxel sizes (mm) along X, Y, Z.
         summary: the JSON the prediction returned (volumes, model, timings).
         segmentation: the ``.nii.gz`` bytes in the input's geometry and label convention.
         file_name: the download name (``<case_id>.nii.gz``).
         source_shape: shape of the input grid (a ground-truth mask must have it).
         source_affine: affine of the input grid (to reorient a ground-truth mask the same way).
-        label_convention: the input's label convention (a ground truth is read in it).
-        reference: canonical ground-truth labels on the RAS grid, once given.
-        dice: Dice per region against ``reference``.
+        label_convention: the convention the segmentation is written in (the input's, or the one
+            convention of the model's label set when the input was read as another set's); a
+            ground truth is read in it.
+        label_set: the model's label set (the regions scored and drawn).
+        reference: internal ground-truth labels on the RAS grid, once given.
+        dice: Dice per train region of ``label_set`` against ``reference``.
     """
 
     case_id: str
@@ -120,6 +192,7 @@ class DisplayCase:
     source_shape: tuple[int, ...]
     source_affine: np.ndarray
     label_convention: str
+    label_set: LabelSet = GLIOMA
     reference: np.ndarray | None = None
     dice: dict[str, float] | None = None
     touched: float = field(default_factory=time.monotonic)
@@ -135,10 +208,11 @@ class DisplayCase:
         return {plane: self.shape[axis] for plane, axis in PLANE_AXIS.items()}
 
     def set_reference(self, canonical_source: np.ndarray) -> dict[str, float]:
-        """Store a ground truth given on the source grid (canonical codes) and score the prediction."""
+        """Store a ground truth given on the source grid (internal codes of ``label_set``) and score
+        the prediction on every train region of the label set."""
         reference, _ = to_ras(canonical_source, self.source_affine)
         self.reference = np.ascontiguousarray(reference, dtype=np.uint8)
-        self.dice = dice_per_region(self.labels, self.reference)
+        self.dice = dice_per_region(self.labels, self.reference, self.label_set)
         return self.dice
 
     def slice_payload(self, plane: str, index: int, modality: str) -> dict[str, Any]:
@@ -181,17 +255,19 @@ def build_display_case(
     label_convention: str,
     summary: dict[str, Any],
     segmentation: bytes,
+    label_set: LabelSet = GLIOMA,
 ) -> DisplayCase:
     """A :class:`DisplayCase` from a prediction on the source grid.
 
     Args:
         case_id: the case.
         image: float32 ``(4, X, Y, Z)`` modalities on the source grid.
-        canonical: uint8 ``(X, Y, Z)`` canonical predicted labels on the source grid.
+        canonical: uint8 ``(X, Y, Z)`` internal predicted labels on the source grid.
         affine: source voxel-to-world.
-        label_convention: the input's label convention.
+        label_convention: the convention the segmentation is written in.
         summary: the prediction's JSON summary.
         segmentation: the written ``.nii.gz`` bytes.
+        label_set: the model's label set.
     """
     images, spacing = to_ras(image, affine)
     labels, _ = to_ras(canonical, affine)
@@ -207,6 +283,7 @@ def build_display_case(
         source_shape=tuple(int(n) for n in canonical.shape),
         source_affine=np.asarray(affine, dtype=np.float64),
         label_convention=label_convention,
+        label_set=label_set,
     )
 
 

@@ -12,9 +12,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tumorseg.data.conventions import REGION_NAMES
+from tumorseg.data.conventions import GLIOMA, LabelSet
 
-REGION_COLOURS = {"WT": "#f1c40f", "TC": "#e74c3c", "ET": "#3498db"}
+REGION_COLOURS = {"WT": "#f1c40f", "TC": "#e74c3c", "ET": "#3498db", "RC": "#9b59b6", "CC": "#1abc9c"}
+FALLBACK_COLOURS = ("#e67e22", "#2ecc71", "#34495e", "#e84393")
+
+
+def region_colour(name: str, index: int = 0) -> str:
+    """The colour of a region in the training figures (a fixed one for the common names)."""
+    return REGION_COLOURS.get(name, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)])
 
 
 def _save(fig: object, path: Path) -> Path:
@@ -51,11 +57,12 @@ def plot_learning_curves(metrics_csv: str | Path, out: str | Path) -> Path:
             loss_ax.plot(rows["epoch"], rows[column], style, label=column)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
     loss_ax.legend()
-    for name in (*REGION_NAMES, "mean"):
+    names = [str(c).removeprefix("val_dice_") for c in frame.columns if str(c).startswith("val_dice_")]
+    for index, name in enumerate([n for n in names if n != "mean"] + ["mean"] * ("mean" in names)):
         column = f"val_dice_{name}"
         if column in frame:
             rows = frame[["epoch", column]].dropna()
-            colour = REGION_COLOURS.get(name, "black")
+            colour = "black" if name == "mean" else region_colour(name, index)
             dice_ax.plot(rows["epoch"], rows[column], color=colour, label=name, lw=2 if name == "mean" else 1)
     dice_ax.set(xlabel="epoch", ylabel="Dice", title="Validation Dice", ylim=(0, 1))
     dice_ax.legend()
@@ -69,22 +76,22 @@ def plot_overlay(
     out: str | Path,
     *,
     title: str = "",
+    label_set: LabelSet = GLIOMA,
 ) -> Path:
     """FLAIR and T1ce slices with ground-truth and predicted region contours side by side.
 
     Args:
         image: ``(4, X, Y, Z)`` preprocessed channels (t1, t1ce, t2, flair).
-        truth: canonical labels ``(X, Y, Z)``.
-        prediction: canonical labels ``(X, Y, Z)``.
+        truth: internal labels ``(X, Y, Z)``.
+        prediction: internal labels ``(X, Y, Z)``.
         out: PNG path.
         title: figure title (case id, Dice).
+        label_set: the label space (its train regions are drawn).
 
     The axial slice shown is the one with the most ground-truth tumour (the middle slice
     for tumour-free cases).
     """
     from matplotlib.figure import Figure
-
-    from tumorseg.data.conventions import regions_from_canonical
 
     tumour_per_slice = (truth > 0).sum(axis=(0, 1))
     z = int(tumour_per_slice.argmax()) if tumour_per_slice.any() else truth.shape[2] // 2
@@ -93,10 +100,12 @@ def plot_overlay(
     panels = (("FLAIR + truth", 3, truth), ("T1ce + truth", 1, truth), ("FLAIR + prediction", 3, prediction))
     for ax, (label, channel, labels) in zip(axes, panels, strict=True):
         ax.imshow(image[channel, :, :, z].T, cmap="gray", origin="lower")
-        masks = regions_from_canonical(labels[:, :, z])
-        for name, mask in zip(REGION_NAMES, masks, strict=True):
+        masks = label_set.regions(labels[:, :, z])
+        for index, (name, mask) in enumerate(zip(label_set.region_names, masks, strict=True)):
             if mask.any():
-                ax.contour(mask.T.astype(float), levels=[0.5], colors=REGION_COLOURS[name], linewidths=1.2)
+                ax.contour(
+                    mask.T.astype(float), levels=[0.5], colors=region_colour(name, index), linewidths=1.2
+                )
         ax.set_title(label)
         ax.axis("off")
     fig.suptitle(f"{title}  (axial slice z={z})".strip())

@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from tumorseg.config import read_params, section
-from tumorseg.data.conventions import REGION_NAMES
 from tumorseg.data.datamodule import case_records, read_split
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.data.transforms import load_preprocessed_case
@@ -66,6 +65,7 @@ def predict_cases(
             trained.sliding_window.threshold,
             min_component_mm3=trained.sliding_window.min_component_mm3,
             spacing_mm=trained.spacing_mm,
+            label_set=trained.label_set,
         )
         yield record, case, labels[0, 0].cpu().numpy()
 
@@ -118,14 +118,15 @@ def score_split(
     per_case: dict[str, dict[str, float]] = {}
     case_dice: list[torch.Tensor] = []
     for record, case, labels in predict_cases(trained, records, device=device):
-        truth = labels_to_regions(torch.from_numpy(case["label"])[None])
-        pred = labels_to_regions(torch.from_numpy(labels)[None, None])
+        truth = labels_to_regions(torch.from_numpy(case["label"])[None], trained.label_set)
+        pred = labels_to_regions(torch.from_numpy(labels)[None, None], trained.label_set)
         dice = metric(y_pred=pred, y=truth)[0]
         case_dice.append(dice)
-        per_case[record["case_id"]] = {name: float(dice[i]) for i, name in enumerate(REGION_NAMES)}
+        names = trained.label_set.region_names
+        per_case[record["case_id"]] = {name: float(dice[i]) for i, name in enumerate(names)}
     # Aggregated here, not with metric.aggregate(): after a DDP fit the process group is still up
     # and MONAI would try to all-gather with ranks that have already finished.
-    summary = aggregate_case_dice(torch.stack(case_dice))
+    summary = aggregate_case_dice(torch.stack(case_dice), names=trained.label_set.region_names)
     result: dict[str, Any] = {f"dice_{name}": value for name, value in summary.items()}
     result["n_cases"] = len(records)
     result["cases"] = per_case

@@ -21,6 +21,7 @@ Outputs (under ``train.out_dir``, default ``models/``)::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -32,6 +33,7 @@ from typing import Any
 import yaml
 
 from tumorseg.config import apply_overrides
+from tumorseg.data.conventions import get_label_set
 from tumorseg.errors import ConfigError, first_line
 from tumorseg.training.config import TrainingConfig, load_training_config
 
@@ -122,6 +124,7 @@ def train(
     cfg = load_training_config(params, source=source)
     train_records, val_records = split_records(cfg, source)
     check_patch_fits(cfg, train_records, source)
+    cfg = with_data_label_set(cfg)
 
     if cfg.mlflow.enabled:
         from tumorseg.tracking import disable_telemetry
@@ -175,6 +178,7 @@ def train(
         config=cfg.to_dict(),
         dice_ignore_empty=cfg.train.dice_ignore_empty,
         spacing_mm=cfg.preprocess.target_spacing_mm,
+        label_set=get_label_set(cfg.model.label_set),
     )
     datamodule = SegmentationDataModule(
         train_records,
@@ -247,6 +251,21 @@ def train(
     return result
 
 
+def with_data_label_set(cfg: TrainingConfig) -> TrainingConfig:
+    """``cfg`` with ``model.label_set`` taken from the preprocessed data (its output channels follow it)."""
+    from tumorseg.data.datamodule import dataset_label_set
+
+    label_set = dataset_label_set(cfg.paths.preprocessed)
+    if label_set.name != cfg.model.label_set:
+        log.info(
+            "label set %s (from %s): output channels %s",
+            label_set.name,
+            cfg.paths.preprocessed,
+            ", ".join(label_set.region_names if cfg.model.output == "regions" else label_set.label_names),
+        )
+    return dataclasses.replace(cfg, model=cfg.model.model_copy(update={"label_set": label_set.name}))
+
+
 def _make_trainer(source: str, **kwargs: Any) -> Any:
     """``lightning.Trainer(**kwargs)``; a hardware setting Lightning rejects is a ConfigError naming the key."""
     import lightning as L
@@ -308,12 +327,12 @@ def best_validation_row(metrics_csv: Path) -> Any | None:
 
 def best_validation(metrics_csv: Path) -> tuple[dict[str, float], int | None]:
     """Per-region validation Dice at the epoch with the best mean, from the CSV log."""
-    from tumorseg.data.conventions import REGION_NAMES
-
     row = best_validation_row(metrics_csv)
     if row is None:
         return {}, None
-    dice = {name: float(row[f"val_dice_{name}"]) for name in (*REGION_NAMES, "mean")}
+    names = [str(k).removeprefix("val_dice_") for k in row.index if str(k).startswith("val_dice_")]
+    names = [n for n in names if n != "mean"] + ["mean"]
+    dice = {name: float(row[f"val_dice_{name}"]) for name in names}
     return dice, int(row["epoch"])
 
 
@@ -450,7 +469,16 @@ def _finish_run(
         records = case_records(cfg.paths.preprocessed, split["val"])[: cfg.mlflow.overlays]
         for record, case, pred in predict_cases(trained, records):
             out = out_dir / "overlays" / f"{record['case_id']}.png"
-            overlays.append(plot_overlay(case["image"], case["label"][0], pred, out, title=record["case_id"]))
+            overlays.append(
+                plot_overlay(
+                    case["image"],
+                    case["label"][0],
+                    pred,
+                    out,
+                    title=record["case_id"],
+                    label_set=trained.label_set,
+                )
+            )
     if trained is not None and cfg.train.score_test:
         split = read_split(cfg.paths.split)
         if split.get("test"):

@@ -24,6 +24,10 @@ fields. The derivation is deliberately plain so the checks stay readable in Data
 - ``manifest_problems``: text naming fields a case that ingest accepted has no usable
   value for (``"flair_finite='maybe'"``); ``None`` when all parsed. For cases ingest already
   quarantined, missing statistics are expected and not reported again.
+- ``duplicate_of``: the first case id of the case's duplicate group (one scan under several case
+  ids, :mod:`tumorseg.validation.duplicates`), ``None`` when the scan is not duplicated;
+  ``duplicate_evidence``: why (``"same scan as B (identical t1 file: A, B)"``), for the report.
+  The only columns that look across rows.
 
 Missing values are ``None``/NaN, which GX column-map expectations skip, so each check
 only sees the cases it applies to.
@@ -227,6 +231,13 @@ def derive_case_table(manifest: pd.DataFrame, source: str = "manifest.csv") -> p
     Raises:
         DataError: when columns validation reads are missing.
     """
+    # duplicates.py builds on this module's parsers, so it is imported here, not at the top.
+    from tumorseg.validation.duplicates import (
+        DUPLICATE_COLUMN,
+        duplicate_explanation,
+        find_duplicate_groups,
+    )
+
     check_manifest_columns(manifest, source)
     records = manifest.to_dict(orient="records")
     rows = [
@@ -234,5 +245,16 @@ def derive_case_table(manifest: pd.DataFrame, source: str = "manifest.csv") -> p
         for index, record in enumerate(records)
     ]
     if not rows:
-        return pd.DataFrame(columns=list(derive_case_row(dict.fromkeys(REQUIRED_COLUMNS, ""), 0)))
+        columns = [
+            *derive_case_row(dict.fromkeys(REQUIRED_COLUMNS, ""), 0),
+            DUPLICATE_COLUMN,
+            "duplicate_evidence",
+        ]
+        return pd.DataFrame(columns=columns)
+    groups = find_duplicate_groups(manifest)
+    first = {case_id: group.first for group in groups for case_id in group.case_ids}
+    for row in rows:
+        case_id = row["case_id"]
+        row[DUPLICATE_COLUMN] = first.get(case_id) if isinstance(case_id, str) else None
+        row["duplicate_evidence"] = duplicate_explanation(case_id, groups) if row[DUPLICATE_COLUMN] else None
     return pd.DataFrame(rows)

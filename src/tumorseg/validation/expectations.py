@@ -20,6 +20,11 @@ Checks, in the order their reasons are listed:
   ``validate.spacing_min_mm`` .. ``validate.spacing_max_mm``;
 - content: label values allowed by the convention; at least ``validate.min_brain_voxels``
   voxels non-zero in some modality.
+- duplicates (severity ``warning``: reported, never quarantined): the scan is not also stored
+  under another case id (:mod:`tumorseg.validation.duplicates`).
+
+A check of severity ``critical`` (all but the last) quarantines the cases it fails on; a
+``warning`` check only flags them in ``report.json`` and Data Docs (GX's own expectation severity).
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ from tumorseg.validation.case_table import labels_outside_convention as _labels_
 
 CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 """Case ids become file names downstream: letters, digits, ``.``, ``_`` and ``-`` only."""
+
+SEVERITY_CRITICAL = "critical"
+SEVERITY_WARNING = "warning"
+"""GX expectation severities (``great_expectations.expectations.FailureSeverity`` values)."""
 
 CaseRow = Mapping[str, Any]
 """One row of the case table (column -> value)."""
@@ -55,6 +64,8 @@ class CaseCheck:
         ingest_decides: ingest itself quarantines cases failing this check (missing or
             undecodable files, shapes that differ) and its reason already says why, so for
             cases ingest quarantined the failure is recorded but not worded a second time.
+        severity: the GX expectation's severity: ``critical`` quarantines the failing cases,
+            ``warning`` only flags them (duplicated scans are valid cases).
     """
 
     check_id: str
@@ -63,6 +74,12 @@ class CaseCheck:
     note: str
     explain: Callable[[CaseRow], str] = field(compare=False)
     ingest_decides: bool = False
+    severity: str = SEVERITY_CRITICAL
+
+    @property
+    def quarantines(self) -> bool:
+        """Whether failing this check quarantines a case (else it is only flagged)."""
+        return self.severity == SEVERITY_CRITICAL
 
 
 def _format_set(values: frozenset[int] | set[int]) -> str:
@@ -79,7 +96,25 @@ def _label_reason(row: CaseRow) -> str:
     convention = str(row["label_convention"])
     outside = _labels_outside(str(row["label_values"]), convention)
     allowed = _format_set(LABEL_CONVENTIONS[convention].allowed_values)
-    return f"label values {outside} outside {convention} {allowed}"
+    reason = f"label values {outside} outside {convention} {allowed}"
+    hint = _convention_hint(convention, outside)
+    return f"{reason}; {hint}" if hint else reason
+
+
+def _convention_hint(convention: str, outside: object) -> str:
+    """What to set when the values fit another convention of the same files (a 2024 cavity, ...)."""
+    found = list(outside) if isinstance(outside, list) else []
+    if not found or any(float(v) != int(v) for v in found):
+        return ""
+    values = {int(v) for v in found} | set(LABEL_CONVENTIONS[convention].allowed_values)
+    fits = [
+        name
+        for name, other in LABEL_CONVENTIONS.items()
+        if name != convention and values <= other.allowed_values
+    ]
+    if convention.startswith("brats2023") and "brats2024-gli" in fits and 4 in values:
+        return "a BraTS 2024 post-treatment resection cavity? set ingest.labels: brats2024-gli"
+    return f"set ingest.labels to the files' convention ({', '.join(fits)})" if fits else ""
 
 
 def _volume_checks(key: str, cfg: ValidateConfig) -> list[CaseCheck]:
@@ -281,6 +316,15 @@ def build_case_checks(cfg: ValidateConfig) -> list[CaseCheck]:
                 f"only {float(row['brain_voxels']):.0f} brain voxels "
                 f"(validate.min_brain_voxels = {cfg.min_brain_voxels})"
             ),
+        ),
+        CaseCheck(
+            "scan.not_duplicated",
+            "ExpectColumnValuesToBeNull",
+            {"column": "duplicate_of"},
+            "Warning only: one scan stored under several case ids (identical file, or the same decoded "
+            "volume re-saved) stays valid, is flagged in duplicate_of, and the split keeps its group on one side.",
+            lambda row: str(row.get("duplicate_evidence") or f"duplicate of {row['duplicate_of']}"),
+            severity=SEVERITY_WARNING,
         ),
     ]
     return checks

@@ -32,6 +32,7 @@ class CheckOutcome:
         success: GX's verdict.
         evaluated: rows the expectation looked at (rows with a missing value are skipped).
         unexpected_case_ids: cases it failed on, in manifest order.
+        severity: ``critical`` (its failures are quarantined) or ``warning`` (only flagged).
     """
 
     check_id: str
@@ -40,6 +41,7 @@ class CheckOutcome:
     success: bool
     evaluated: int
     unexpected_case_ids: list[str]
+    severity: str = "critical"
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,15 @@ class CaseVerdict:
         case_id: the case id (``"row N"`` when the manifest row has none).
         status: ``ok`` or ``quarantined``.
         reason: human-readable, ingest's reason first; empty when ok.
-        failed_checks: ids of the checks the case failed.
+        failed_checks: ids of the checks the case failed that quarantine it.
+        flagged_checks: ids of the warning checks it failed (a duplicated scan): reported only.
     """
 
     case_id: str
     status: str
     reason: str
     failed_checks: list[str]
+    flagged_checks: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ class ValidationResult:
         max_invalid_fraction: the threshold the run was held to.
         params: the ``validate`` parameters used.
         gx_version: Great Expectations version that ran the suite.
+        duplicates: groups of case ids holding one scan
+            (:meth:`~tumorseg.validation.duplicates.DuplicateGroup.to_dict`: first, case_ids, evidence).
     """
 
     out_dir: Path
@@ -78,6 +84,7 @@ class ValidationResult:
     max_invalid_fraction: float
     params: dict[str, Any] = field(default_factory=dict)
     gx_version: str = ""
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def n_cases(self) -> int:
@@ -161,6 +168,7 @@ class ValidationResult:
                     "check": c.check_id,
                     "expectation": c.expectation,
                     "kwargs": c.kwargs,
+                    "severity": c.severity,
                     "success": c.success,
                     "evaluated": c.evaluated,
                     "unexpected_count": len(c.unexpected_case_ids),
@@ -174,9 +182,11 @@ class ValidationResult:
                     "status": c.status,
                     "reason": c.reason,
                     "failed_checks": c.failed_checks,
+                    "flagged_checks": c.flagged_checks,
                 }
                 for c in self.cases
             ],
+            "duplicates": self.duplicates,
         }
 
     def report_json(self) -> str:
@@ -214,12 +224,15 @@ def validation_markdown(result: ValidationResult, max_cases: int = 50) -> str:
         f"### Expectations: {len(result.checks) - len(failed)} of {len(result.checks)} met",
         "",
     ]
+    if any(c.severity != "critical" for c in failed):
+        lines += ["Warning-severity expectations flag cases without quarantining them.", ""]
     if failed:
         lines += ["| check | expectation | failing cases |", "|---|---|---|"]
         for c in failed:
             shown = ", ".join(c.unexpected_case_ids[:10])
             more = f" (+{len(c.unexpected_case_ids) - 10} more)" if len(c.unexpected_case_ids) > 10 else ""
-            lines.append(f"| `{c.check_id}` | `{c.expectation}` | {_md_cell(shown + more)} |")
+            warning = " (warning)" if c.severity != "critical" else ""
+            lines.append(f"| `{c.check_id}`{warning} | `{c.expectation}` | {_md_cell(shown + more)} |")
         lines.append("")
     quarantined = list(result.quarantined.items())
     if quarantined:
@@ -227,6 +240,20 @@ def validation_markdown(result: ValidationResult, max_cases: int = 50) -> str:
         lines += [f"| {_md_cell(case)} | {_md_cell(reason)} |" for case, reason in quarantined[:max_cases]]
         if len(quarantined) > max_cases:
             lines.append(f"| ... | {len(quarantined) - max_cases} more in report.json |")
+        lines.append("")
+    if result.duplicates:
+        lines += [
+            "### Duplicate scans (valid; the split keeps each group on one side)",
+            "",
+            "| cases | evidence |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {_md_cell(', '.join(g['case_ids']))} | {_md_cell('; '.join(g['evidence']))} |"
+            for g in result.duplicates[:max_cases]
+        ]
+        if len(result.duplicates) > max_cases:
+            lines.append(f"| ... | {len(result.duplicates) - max_cases} more in report.json |")
         lines.append("")
     lines += [
         f"Reports: `{result.report_path}`, Data Docs `{result.data_docs_index}`.",

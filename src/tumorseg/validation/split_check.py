@@ -1,8 +1,11 @@
-"""Check a train/val/test split against the manifest: no patient in two splits.
+"""Check a train/val/test split against the manifest: no patient, no duplicated scan in two splits.
 
 A patient's scans are strongly correlated; one patient in train and test leaks test data
-into training and inflates every reported metric. Unlike a bad case, a bad split cannot be
-quarantined away, so :func:`validate_split` raises :class:`~tumorseg.errors.DataError`.
+into training and inflates every reported metric. The same holds for one scan stored under two
+case ids (``duplicate_of`` in the validated manifest, :mod:`tumorseg.validation.duplicates`): its
+group (with every case of the patients it joins, :func:`tumorseg.data.split.case_groups`) must be
+on one side. Unlike a bad case, a bad split cannot be quarantined away, so
+:func:`validate_split` raises :class:`~tumorseg.errors.DataError`.
 
 The split file is read with :func:`tumorseg.data.split.read_split` (one parser of the format
 ``tumorseg split`` writes). Patients are taken from the manifest, not from the split file's
@@ -41,8 +44,14 @@ class SplitCheck:
         return f"split ok (no patient in two splits): {parts}"
 
 
-def _split_tables(splits: dict[str, list[str]], manifest: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(assignments, patient_splits)``: one row per listed case; one row per (patient, split) pair."""
+def _split_tables(
+    splits: dict[str, list[str]], manifest: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(assignments, patient_splits, group_splits)``: one row per listed case; one row per
+    (patient, split) pair; one row per (group, split) pair, a group being patient ∪ duplicated scan."""
+    from tumorseg.data.split import case_groups
+
+    group_of = case_groups(manifest.drop_duplicates("case_id").astype(str))
     cases = manifest.drop_duplicates("case_id").set_index("case_id")
     has_status = "status" in cases.columns
     rows = [
@@ -61,7 +70,11 @@ def _split_tables(splits: dict[str, list[str]], manifest: pd.DataFrame) -> tuple
     assignments = pd.DataFrame(rows, columns=["split", "case_id", "patient_id", "status"])
     assignments["patient_id"] = assignments["patient_id"].fillna(assignments["case_id"])
     patient_splits = assignments[["patient_id", "split"]].drop_duplicates().reset_index(drop=True)
-    return assignments, patient_splits
+    assignments["group"] = [
+        group_of.get(c, p) for c, p in zip(assignments["case_id"], assignments["patient_id"], strict=True)
+    ]
+    group_splits = assignments[["group", "split"]].drop_duplicates().reset_index(drop=True)
+    return assignments, patient_splits, group_splits
 
 
 def _unexpected(result: Any, column: str) -> list[str]:
@@ -100,7 +113,7 @@ def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> Spli
         manifest = read_manifest(manifest)
     split = read_split_file(path)
     splits = {name: split.cases(name) for name in SPLITS}
-    assignments, patient_splits = _split_tables(splits, manifest)
+    assignments, patient_splits, group_splits = _split_tables(splits, manifest)
     known = sorted(manifest["case_id"].astype(str).unique())
 
     with quiet_great_expectations():
@@ -128,6 +141,11 @@ def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> Spli
             .add_batch_definition_whole_dataframe("all")
             .get_batch(batch_parameters={"dataframe": patient_splits})
         )
+        group_batch = (
+            source.add_dataframe_asset("group_splits")
+            .add_batch_definition_whole_dataframe("all")
+            .get_batch(batch_parameters={"dataframe": group_splits})
+        )
         by_case = {"result_format": "COMPLETE", "unexpected_index_column_names": ["case_id"]}
         by_patient = {"result_format": "COMPLETE", "unexpected_index_column_names": ["patient_id"]}
         leaked = _unexpected(
@@ -135,6 +153,13 @@ def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> Spli
                 gx.expectations.ExpectColumnValuesToBeUnique(column="patient_id"), result_format=by_patient
             ),
             "patient_id",
+        )
+        by_group = {"result_format": "COMPLETE", "unexpected_index_column_names": ["group"]}
+        split_groups = _unexpected(
+            group_batch.validate(
+                gx.expectations.ExpectColumnValuesToBeUnique(column="group"), result_format=by_group
+            ),
+            "group",
         )
         case_problems = {
             "listed in more than one split": gx.expectations.ExpectColumnValuesToBeUnique(column="case_id"),
@@ -155,6 +180,19 @@ def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> Spli
         where = {p: sorted(patient_splits.loc[patient_splits["patient_id"] == p, "split"]) for p in leaked}
         shown = ", ".join(f"{p} in {' and '.join(s)}" for p, s in list(where.items())[:5])
         problems.append(f"patient{'s' if len(leaked) > 1 else ''} in more than one split: {shown}")
+    # A group that is not one patient's leaked through a scan stored under two case ids.
+    duplicated = [
+        g for g in split_groups if assignments.loc[assignments["group"] == g, "patient_id"].nunique() > 1
+    ]
+    if duplicated:
+        shown = "; ".join(
+            ", ".join(
+                f"{r.case_id} ({r.split})"
+                for r in assignments[assignments["group"] == g].sort_values("case_id").itertuples()
+            )
+            for g in duplicated[:5]
+        )
+        problems.append(f"duplicated scans (duplicate_of) in more than one split: {shown}")
     for label, bad in bad_cases.items():
         if bad:
             problems.append(f"case{'s' if len(bad) > 1 else ''} {label}: {', '.join(bad[:5])}")

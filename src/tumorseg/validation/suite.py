@@ -7,10 +7,14 @@ The flow, for ``validate_dataset(src, out, cfg)``:
    table, the suite from :func:`~tumorseg.validation.expectations.build_case_checks`, a
    validation definition and a checkpoint whose ``UpdateDataDocsAction`` renders Data Docs;
 3. run the checkpoint with ``result_format="COMPLETE"`` keyed by ``case_id`` and
-   ``manifest_row``, and map every failed expectation's unexpected rows back to cases;
+   ``manifest_row``, and map every failed expectation's unexpected rows back to cases
+   (a ``critical`` expectation quarantines them, a ``warning`` one only flags them);
 4. replace ``out/validation/`` with the staging folder in one rename (``report.json``,
    ``gx/`` and ``data_docs/index.html``, every path inside relative), then write
-   ``out/manifest.csv`` atomically with each failing case ``quarantined`` and its reason;
+   ``out/manifest.csv`` atomically with each failing case ``quarantined`` and its reason, and
+   (3-D manifests) ``duplicate_of``: the first case id of the case's duplicate group, empty when
+   its scan is under no other case id (:mod:`~tumorseg.validation.duplicates`; logged as one
+   warning line, listed in ``report.json`` under ``duplicates``, never quarantined);
 5. raise :class:`~tumorseg.errors.DataError` (one line, exit 2) when more than
    ``validate.max_invalid_fraction`` of the cases are quarantined or none is left.
 
@@ -41,6 +45,7 @@ from tumorseg.data.manifest import MANIFEST_NAME, STATUS_OK, STATUS_QUARANTINED,
 from tumorseg.data.planar_ingest import is_planar_manifest
 from tumorseg.errors import DataError
 from tumorseg.validation.case_table import INGEST_REASON_COLUMN, INGEST_STATUS_COLUMN, derive_case_table
+from tumorseg.validation.duplicates import DUPLICATE_COLUMN, DuplicateGroup, find_duplicate_groups
 from tumorseg.validation.expectations import CaseCheck, build_case_checks, join_reasons
 from tumorseg.validation.report import (
     DATA_DOCS_DIR,
@@ -178,8 +183,12 @@ def run_case_suite(
     suite = gx.ExpectationSuite(name=SUITE_NAME)
     for check in checks:
         expectation_cls = getattr(gx.expectations, check.expectation)
+        # GX's default severity is critical; only the others are spelled out (suite JSON unchanged).
+        severity = {} if check.quarantines else {"severity": check.severity}
         suite.add_expectation(
-            expectation_cls(**check.kwargs, meta={CHECK_META_KEY: check.check_id}, notes=check.note)
+            expectation_cls(
+                **check.kwargs, meta={CHECK_META_KEY: check.check_id}, notes=check.note, **severity
+            )
         )
     suite = context.suites.add(suite)
     definition = context.validation_definitions.add(
@@ -231,6 +240,9 @@ def _verdicts(
 ) -> tuple[list[CaseVerdict], dict[str, list[str]]]:
     """Per-case status and reason from the failed rows of each check (ingest's reason first).
 
+    Only checks that quarantine (severity ``critical``) make a case quarantined and word its
+    reason; the others (``warning``) are listed in the verdict's ``flagged_checks``.
+
     Returns:
         ``(verdicts, unexpected_ids)``: one verdict per case-table row; check id -> case ids.
     """
@@ -243,13 +255,18 @@ def _verdicts(
     for _, row in table.iterrows():
         index = int(row["manifest_row"])
         labels[index] = _case_label(row)
-        failed = failed_by_row.get(index, [])
+        flagged = [check for check in failed_by_row.get(index, []) if not check.quarantines]
+        failed = [check for check in failed_by_row.get(index, []) if check.quarantines]
         quarantined_by_ingest = row[INGEST_STATUS_COLUMN] != STATUS_OK
         reason = join_reasons(
             *(check.explain(row) for check in failed if not (check.ingest_decides and quarantined_by_ingest))
         )
         status = STATUS_QUARANTINED if failed else STATUS_OK
-        verdicts.append(CaseVerdict(labels[index], status, reason, [c.check_id for c in failed]))
+        verdicts.append(
+            CaseVerdict(
+                labels[index], status, reason, [c.check_id for c in failed], [c.check_id for c in flagged]
+            )
+        )
     unexpected_ids = {check_id: [labels[r] for r in rows] for check_id, rows in failed_rows.items()}
     return verdicts, unexpected_ids
 
@@ -266,13 +283,35 @@ def _replace_dir(staging: Path, target: Path) -> None:
 def _validated_manifest(
     manifest: pd.DataFrame, table: pd.DataFrame, verdicts: list[CaseVerdict]
 ) -> pd.DataFrame:
-    """The input manifest with status/reason set and ingest's own verdict kept alongside."""
+    """The input manifest with status/reason set, ingest's own verdict kept alongside, and
+    (3-D) ``duplicate_of`` from the case table (replacing an earlier validation's)."""
     out = manifest.copy()
     out[INGEST_STATUS_COLUMN] = table[INGEST_STATUS_COLUMN].astype(str).to_numpy()
     out[INGEST_REASON_COLUMN] = table[INGEST_REASON_COLUMN].astype(str).to_numpy()
     out["status"] = [v.status for v in verdicts]
     out["reason"] = [v.reason for v in verdicts]
+    if DUPLICATE_COLUMN in table.columns:
+        out[DUPLICATE_COLUMN] = [v if isinstance(v, str) else "" for v in table[DUPLICATE_COLUMN]]
     return out
+
+
+def _warn_duplicates(groups: list[DuplicateGroup], source: str) -> None:
+    """One log line naming every duplicate group (valid cases, so a warning, not a quarantine)."""
+    if not groups:
+        return
+    cases = sum(len(g.case_ids) for g in groups)
+    shown = "; ".join(g.one_line() for g in groups[:10]) + (
+        f"; {len(groups) - 10} more" if len(groups) > 10 else ""
+    )
+    log.warning(
+        "%s: %d cases hold %d scan%s stored under several case ids (not quarantined; duplicate_of names "
+        "each group, which the split keeps on one side): %s",
+        source,
+        cases,
+        len(groups),
+        "" if len(groups) == 1 else "s",
+        shown,
+    )
 
 
 def validate_dataset(
@@ -308,6 +347,7 @@ def validate_dataset(
     manifest = read_manifest(src_dir)
     source = str(src_dir / MANIFEST_NAME)
     params = cfg.model_dump()
+    duplicates: list[DuplicateGroup] = []
     if is_planar_manifest(manifest):
         from tumorseg.validation.planar_checks import (
             PlanarValidateConfig,
@@ -322,6 +362,7 @@ def validate_dataset(
     else:
         table = derive_case_table(manifest, source=source)
         checks = build_case_checks(cfg)
+        duplicates = find_duplicate_groups(manifest)
     if table.empty:
         raise DataError(
             f"{source}: the manifest lists no cases; check the dataset folder given to `tumorseg ingest`"
@@ -341,6 +382,7 @@ def validate_dataset(
                 success=summaries[c.check_id]["success"],
                 evaluated=summaries[c.check_id]["evaluated"],
                 unexpected_case_ids=unexpected_ids.get(c.check_id, []),
+                severity=c.severity,
             )
             for c in checks
         ]
@@ -351,12 +393,14 @@ def validate_dataset(
             max_invalid_fraction=cfg.max_invalid_fraction,
             params=params,
             gx_version=gx_version,
+            duplicates=[group.to_dict() for group in duplicates],
         )
         (staging / REPORT_NAME).write_text(result.report_json())
         _replace_dir(staging, out_dir / REPORT_DIR)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_manifest(_validated_manifest(manifest, table, verdicts), out_dir)
+    _warn_duplicates(duplicates, source)
     log.debug("validated %d cases in %.2f s", result.n_cases, time.perf_counter() - started)
     if raise_on_failure and not result.passed:
         raise DataError(result.failure_message())

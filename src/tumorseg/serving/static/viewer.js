@@ -1,24 +1,31 @@
 // tumorseg viewer: uploads a case to POST /predict?format=viewer (or runs a demo case), then draws
 // slices the server sends as base64 uint8 arrays (GET /cases/{id}/slice): no NIfTI decoding and no
 // network access beyond this server. A 2-D image (summary.kind === "2d") is one slice with one
-// region ("tumour") and a detection result instead of three planes, three regions and volumes.
+// region ("tumour") and a detection result instead of three planes, the label set's regions and volumes.
+//
+// The 3-D regions come from the server: the model's label set (GET /health and every case summary,
+// `model.label_set`) lists its train regions with their internal codes, caption and colour, and the
+// page builds the region toggles, legend, overlay and volume table from it (WT/TC/ET for glioma,
+// WT/TC/ET/RC for post-treatment glioma, WT/TC/CC/ET for paediatric tumours).
 "use strict";
 
 const PLANES = ["axial", "coronal", "sagittal"];
-const REGIONS = ["WT", "TC", "ET"];
-// Nested regions, drawn innermost first: ET (label 3) in TC (labels 1, 3) in WT (labels 1, 2, 3).
-const COLOURS = { WT: [46, 204, 64], TC: [255, 65, 54], ET: [255, 220, 0], tumour: [255, 65, 54] };
-const IN_REGION = {
-  WT: (label) => label > 0,
-  TC: (label) => label === 1 || label === 3,
-  ET: (label) => label === 3,
-  tumour: (label) => label > 0,
+// The 2-D mask's one region; the 3-D regions are the label set's (setLabelSet).
+const TUMOUR = { name: "tumour", colour: [255, 65, 54], has: (label) => label > 0 };
+
+const state = {
+  caseId: null,
+  summary: null,
+  kind: "3d",
+  cache: new Map(),
+  drawing: 0,
+  labelSet: null, // name of the label set the region controls were built for
+  regions: [], // train regions in the network's order: { name, colour, has(label) }
+  overlay: [], // the same regions innermost first (a voxel takes the first enabled one holding its label)
 };
 
-const state = { caseId: null, summary: null, kind: "3d", cache: new Map(), drawing: 0 };
-
 const planes = () => (state.kind === "2d" ? ["axial"] : PLANES);
-const overlayRegions = () => (state.kind === "2d" ? ["tumour"] : ["ET", "TC", "WT"]);
+const overlayRegions = () => (state.kind === "2d" ? [TUMOUR] : state.overlay);
 
 const $ = (selector) => document.querySelector(selector);
 
@@ -68,13 +75,47 @@ async function fetchSlice(plane, index) {
   return state.cache.get(key);
 }
 
+// Build the region toggles and legend of a label set (label_set_info on the server); a no-op when
+// they are already built for it, so a region switched off stays off from one case to the next.
+function setLabelSet(labelSet) {
+  if (!labelSet || labelSet.name === state.labelSet) return;
+  state.labelSet = labelSet.name;
+  state.regions = labelSet.regions.map((region) => {
+    const codes = new Set(region.codes);
+    return { name: region.name, colour: region.colour, has: (label) => codes.has(label) };
+  });
+  const byName = new Map(state.regions.map((region) => [region.name, region]));
+  state.overlay = (labelSet.overlay_order || labelSet.regions.map((r) => r.name).reverse())
+    .map((name) => byName.get(name))
+    .filter(Boolean);
+  const controls = $("#region-controls");
+  controls.dataset.labelSet = labelSet.name;
+  controls.replaceChildren(
+    ...labelSet.regions.map((region) => {
+      const label = document.createElement("label");
+      label.className = "only-3d";
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.className = "region";
+      box.value = region.name;
+      box.checked = true;
+      box.addEventListener("input", () => state.caseId && drawAll());
+      const swatch = document.createElement("span");
+      swatch.className = `swatch ${region.name.toLowerCase()}`;
+      swatch.style.background = `rgb(${region.colour.join(", ")})`;
+      label.append(box, " ", swatch, `${region.name} (${region.caption})`);
+      return label;
+    }),
+  );
+}
+
 function enabledRegions() {
   return new Set([...document.querySelectorAll(".region")].filter((box) => box.checked).map((box) => box.value));
 }
 
 function overlayColour(label, enabled) {
   for (const region of overlayRegions()) {
-    if (enabled.has(region) && IN_REGION[region](label)) return COLOURS[region];
+    if (enabled.has(region.name) && region.has(label)) return region.colour;
   }
   return null;
 }
@@ -163,11 +204,17 @@ function showSummary(summary) {
   }
   const body = $("#volumes tbody");
   body.replaceChildren();
-  for (const region of REGIONS) {
+  const names = state.regions.length ? state.regions.map((r) => r.name) : Object.keys(summary.volumes_ml);
+  for (const region of names) {
     const row = document.createElement("tr");
     row.dataset.region = region;
     const dice = summary.dice ? summary.dice[region] : null;
-    for (const text of [region, summary.volumes_ml[region].toFixed(2), dice === null || dice === undefined ? "-" : dice.toFixed(3)]) {
+    const volume = summary.volumes_ml[region];
+    for (const text of [
+      region,
+      volume === null || volume === undefined ? "-" : volume.toFixed(2),
+      dice === null || dice === undefined ? "-" : dice.toFixed(3),
+    ]) {
       const cell = document.createElement("td");
       cell.textContent = text;
       row.append(cell);
@@ -178,13 +225,14 @@ function showSummary(summary) {
   const seconds = Object.values(summary.seconds || {}).reduce((a, b) => a + b, 0);
   $("#case-info").textContent =
     `${summary.case_id}: ${summary.shape.join(" x ")} voxels, ${summary.spacing_mm.join(" x ")} mm, ` +
-    `${summary.layout} labels; ${seconds.toFixed(1)} s`;
+    `${summary.label_convention || summary.layout} labels; ${seconds.toFixed(1)} s`;
 }
 
 async function showCase(summary) {
   state.caseId = summary.result_id;
   state.summary = summary;
   state.kind = summary.kind === "2d" ? "2d" : "3d";
+  if (state.kind === "3d") setLabelSet(summary.model && summary.model.label_set);
   state.cache.clear();
   $("#viewer").dataset.kind = state.kind;
   $("#axial-name").textContent = state.kind === "2d" ? "Image" : "Axial";
@@ -258,6 +306,7 @@ $("#reference-form").addEventListener("submit", async (event) => {
   }
 });
 
+// The region toggles get theirs when they are built (setLabelSet).
 for (const control of document.querySelectorAll(".region, #opacity, #show-reference")) {
   control.addEventListener("input", () => state.caseId && drawAll());
 }
@@ -274,7 +323,10 @@ async function loadModel() {
         .filter(Boolean)
         .join(" ");
     const planar = health.model_2d && health.model_2d.available ? describe(health.model_2d) : "unavailable";
-    $("#model").textContent = `model: ${describe(health.model)}; 2-D model: ${planar}`;
+    const labelSet = health.model.label_set;
+    setLabelSet(labelSet);
+    const labels = labelSet ? ` (${labelSet.name}: ${labelSet.regions.map((r) => r.name).join(", ")})` : "";
+    $("#model").textContent = `model: ${describe(health.model)}${labels}; 2-D model: ${planar}`;
   } catch (error) {
     $("#model").textContent = `model: unavailable (${error.message})`;
   }
