@@ -41,15 +41,15 @@ test-fast: venv $(VENV)/.test-installed
 
 # Benchmarks need the trained champion: `dvc repro` first (a no-op when up to date).
 bench: run
-	$(BIN)/python -m tumorseg.bench --out bench/results.json
+	$(BIN)/python -m benchmarks --out benchmarks/results.json
 
 lint: venv
-	$(BIN)/ruff check src tests pipelines
-	$(BIN)/ruff format --check src tests pipelines
+	$(BIN)/ruff check src tests pipelines benchmarks
+	$(BIN)/ruff format --check src tests pipelines benchmarks
 
 format: venv
-	$(BIN)/ruff format src tests pipelines
-	$(BIN)/ruff check --fix src tests pipelines
+	$(BIN)/ruff format src tests pipelines benchmarks
+	$(BIN)/ruff check --fix src tests pipelines benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -28,76 +28,13 @@ from pipelines.data_flows import (
     tracking_uri,
     validate_and_publish,
 )
-from pipelines.stage_cache import StageSpec, cached_task
+from pipelines.stage_cache import cached_task, dvc_stage_specs
 from tumorseg.config import section
-
-
-def _paths(*keys: str) -> Any:
-    return lambda p: [Path(p["paths"][k]) for k in keys]
-
-
-def _out_dir(p: dict[str, Any]) -> Path:
-    return Path((p.get("train_2d") or {}).get("out_dir", "models/planar"))
-
-
-STAGES: dict[str, StageSpec] = {
-    "synth_2d": StageSpec(
-        "synth_2d",
-        ("synth_2d", "paths.raw_2d"),
-        lambda p: [],
-        ("tumorseg.data.planar_synth",),
-        _paths("raw_2d"),
-    ),
-    "ingest_2d": StageSpec(
-        "ingest_2d",
-        ("ingest.layout", "ingest.hash_chunk_mb", "paths.ingested_2d"),
-        _paths("raw_2d"),
-        ("tumorseg.data.planar", "tumorseg.data.planar_ingest", "tumorseg.data.ingest"),
-        lambda p: [Path(p["paths"]["ingested_2d"]) / "manifest.csv"],
-    ),
-    "validate_2d": StageSpec(
-        "validate_2d",
-        ("validate.max_invalid_fraction", "validate_2d", "paths.validated_2d"),
-        lambda p: [Path(p["paths"]["ingested_2d"]) / "manifest.csv"],
-        ("tumorseg.validation",),
-        lambda p: [Path(p["paths"]["validated_2d"]) / "manifest.csv"],
-    ),
-    "preprocess_2d": StageSpec(
-        "preprocess_2d",
-        ("preprocess_2d", "paths.preprocessed_2d"),
-        # the images are re-read from the source, as in dvc.yaml
-        lambda p: [Path(p["paths"]["raw_2d"]), Path(p["paths"]["validated_2d"]) / "manifest.csv"],
-        ("tumorseg.data.planar", "tumorseg.data.planar_dataset", "tumorseg.data.preprocess"),
-        lambda p: [Path(p["paths"]["preprocessed_2d"]) / "manifest.csv"],
-    ),
-    "split_2d": StageSpec(
-        "split_2d",
-        ("split", "paths.split_2d"),
-        lambda p: [Path(p["paths"]["preprocessed_2d"]) / "manifest.csv"],
-        ("tumorseg.data.split",),
-        _paths("split_2d"),
-    ),
-    "train_2d": StageSpec(
-        "train_2d",
-        ("preprocess_2d", "model_2d", "train_2d", "trainer", "mlflow", "paths.reports"),
-        _paths("preprocessed_2d", "split_2d"),
-        ("tumorseg.planar", "tumorseg.models.networks", "tumorseg.models.losses"),
-        lambda p: [_out_dir(p) / "checkpoints" / "best.ckpt"],
-    ),
-    "evaluate_2d": StageSpec(
-        "evaluate_2d",
-        ("predict_2d", "detect", "evaluate_2d", "mlflow", "paths.reports"),
-        lambda p: [_out_dir(p) / "checkpoints" / "best.ckpt", *_paths("preprocessed_2d", "split_2d")(p)],
-        ("tumorseg.planar", "tumorseg.registry.register"),
-        lambda p: [_out_dir(p) / "package", Path(p["paths"]["reports"]) / "metrics_2d.json"],
-    ),
-}
-"""Each cached stage's params keys, dependencies, code and outputs: its ``dvc.yaml`` entry."""
 
 
 def _cached(task_fn: Any, stage: str, params: dict[str, Any]) -> Any:
     """The task with its stage's cache policy (:func:`pipelines.stage_cache.cached_task`)."""
-    return cached_task(task_fn, STAGES[stage], params)
+    return cached_task(task_fn, dvc_stage_specs()[stage], params)
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -204,7 +141,6 @@ def evaluate_2d_task(params: dict) -> dict[str, Any]:
 def promote_2d_task(params: dict) -> dict[str, Any]:
     """``tumorseg promote --name`` for both 2-D models (the same gate as the 3-D model)."""
     from tumorseg.config import apply_overrides
-    from tumorseg.planar import config as planar_config  # noqa: F401  (registers evaluate_2d:, detect:)
     from tumorseg.registry.promote import promote
 
     reports = Path(section("paths", params).reports)
@@ -246,8 +182,6 @@ def planar_flow(
     Returns:
         ``{<stage>: <summary>}``; a failed step fails the run and no champion moves.
     """
-    import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
-    import tumorseg.planar.config  # noqa: F401  (registers the 2-D sections)
 
     params = load_params(params_path, overrides)
     summary: dict[str, Any] = {}

@@ -22,7 +22,6 @@ def schedule_settings(
     params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
 ) -> Any:
     """The ``flow.schedule`` section (validated: the cron and time zone Prefect accepts)."""
-    import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
     from pipelines.data_flows import load_params
 
     params = load_params(params_path, overrides)

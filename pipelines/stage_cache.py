@@ -1,7 +1,8 @@
 """Prefect cache keys for pipeline stages, computed the way DVC decides a stage is up to date.
 
-A stage's key hashes what its ``dvc.yaml`` entry lists: the params keys it reads, the **content**
-of its dependency files and folders, and the source of the tumorseg modules that implement it.
+A stage's key hashes what its ``dvc.yaml`` entry lists, read from ``dvc.yaml`` itself (the stage
+specs are not written a second time): the params keys it reads and the **content** of its
+dependency files and folders, the ``src/`` code it names among them.
 Combined with Prefect's ``TASK_SOURCE`` (the task function's own code), a rerun with nothing
 changed skips the stage, and any change to data, params or code reruns it, unlike Prefect's
 ``INPUTS`` policy, which sees only the params dict and would miss a changed file.
@@ -14,19 +15,22 @@ Hashing a file reads it once per process: digests are memoised on (path, size, m
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import importlib.util
 import json
-from collections.abc import Callable, Sequence
+import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 
-PathsFn = Callable[[dict[str, Any]], Sequence[Path]]
+import tumorseg
+from tumorseg.errors import ConfigError
 
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 
@@ -56,16 +60,6 @@ def path_digest(path: Path) -> str:
     return "missing"
 
 
-def module_paths(module: str) -> list[Path]:
-    """Source files of a module or package (``tumorseg.validation`` -> every ``.py`` in it)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None:
-        raise ValueError(f"no module {module!r}")
-    if spec.submodule_search_locations:
-        return sorted(p for folder in spec.submodule_search_locations for p in Path(folder).rglob("*.py"))
-    return [Path(spec.origin)] if spec.origin else []
-
-
 def dotted_value(params: dict[str, Any], dotted: str) -> Any:
     node: Any = params
     for part in dotted.split("."):
@@ -75,37 +69,134 @@ def dotted_value(params: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+ROOT = Path(__file__).resolve().parents[1]
+"""The project folder of a source checkout (``pipelines/`` beside ``dvc.yaml``)."""
+PACKAGE_PARENT = Path(tumorseg.__file__).resolve().parents[1]
+"""Where the ``tumorseg`` package sits (``src/`` in a checkout, site-packages when installed):
+``dvc.yaml``'s ``src/tumorseg/...`` code dependencies are read there."""
+PARAMS_FILES = {"params.yaml", "../params.yaml"}
+"""How a ``dvc.yaml`` stage names the project's params file (``../`` from a stage run in ``data/``)."""
+_TEMPLATE = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
+
+
+def interpolate(text: str, params: dict[str, Any]) -> str:
+    """``${paths.ingested}/manifest.csv`` with params' values (the overrides a flow run applies)."""
+
+    def value(match: re.Match[str]) -> str:
+        found = dotted_value(params, match.group(1))
+        if found is None:
+            raise ConfigError(f"dvc.yaml: ${{{match.group(1)}}}: not set in params.yaml; add the key")
+        return str(found)
+
+    return _TEMPLATE.sub(value, text)
+
+
 @dataclass(frozen=True)
 class StageSpec:
-    """What a stage reads and writes (mirrors its ``dvc.yaml`` entry).
+    """What a stage reads and writes: its ``dvc.yaml`` entry, read by :func:`dvc_stage_specs`.
+
+    Paths are kept as ``dvc.yaml`` writes them (``${paths.ingested}``, relative to ``wdir``) and
+    resolved against the params of each run, so a flow run with other paths keys on its own files.
 
     Attributes:
         name: stage name (``dvc.yaml`` key, Prefect task name).
         params: params keys it reads (dotted keys or whole sections).
-        deps: its dependency files and folders, from params (``lambda p: [Path(p["paths"]["ingested"])]``).
-        code: tumorseg modules or packages that implement it.
-        outs: its outputs, from params; a missing one forces the stage to run.
+        deps: its dependencies: data files and folders, params files other than params.yaml
+            (tune's best params), and code under ``src/`` (resolved against the project root).
+        outs: its outputs (outs, metrics and plots); a missing one forces the stage to run.
+        wdir: the stage's working folder, relative to the project root.
     """
 
     name: str
     params: tuple[str, ...]
-    deps: PathsFn
-    code: tuple[str, ...]
-    outs: PathsFn
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+    wdir: str = "."
+
+    def _resolve(self, template: str, params: dict[str, Any]) -> Path:
+        first = _TEMPLATE.search(template)
+        if first and Path(interpolate(first.group(0), params)).is_absolute():
+            template = template[first.start() :]  # `../${paths.ingested}` with an absolute path is that path
+        path = Path(interpolate(template, params))
+        if path.is_absolute():
+            return path
+        relative = Path(os.path.normpath(Path(self.wdir) / path))
+        # code is the installed package's; data paths are relative to the working folder, as the stages'
+        return PACKAGE_PARENT / relative.relative_to("src") if relative.parts[:1] == ("src",) else relative
+
+    def dep_paths(self, params: dict[str, Any]) -> list[Path]:
+        return [self._resolve(t, params) for t in self.deps]
+
+    def out_paths(self, params: dict[str, Any]) -> list[Path]:
+        return [self._resolve(t, params) for t in self.outs]
 
     def key(self, params: dict[str, Any]) -> str:
-        """The stage's cache key for these params (hash of params values, deps and code)."""
+        """The stage's cache key for these params (hash of params values and dependency contents)."""
         payload = {
             "stage": self.name,
             "params": {k: dotted_value(params, k) for k in self.params},
-            "deps": {str(p): path_digest(p) for p in self.deps(params)},
-            "code": {str(p.name): file_digest(p) for m in self.code for p in module_paths(m)},
+            "deps": {str(p): path_digest(p) for p in self.dep_paths(params)},
         }
         text = json.dumps(payload, sort_keys=True, default=str)
         return f"{self.name}-{hashlib.md5(text.encode()).hexdigest()}"
 
     def outputs_exist(self, params: dict[str, Any]) -> bool:
-        return all(p.exists() for p in self.outs(params))
+        return all(p.exists() for p in self.out_paths(params))
+
+
+def _entries(items: list[Any]) -> list[str]:
+    """Paths of a ``deps``/``outs`` list, whose entries are a path or ``{path: options}``."""
+    return [item if isinstance(item, str) else next(iter(item)) for item in items or []]
+
+
+def stage_spec(name: str, entry: dict[str, Any]) -> StageSpec:
+    """One ``dvc.yaml`` stage as a :class:`StageSpec`."""
+    keys: list[str] = []
+    param_files: list[str] = []
+    for item in entry.get("params") or []:
+        if isinstance(item, str):
+            keys.append(item)
+            continue
+        ((file, listed),) = item.items()
+        if file in PARAMS_FILES:
+            keys += listed or []
+        else:  # another params file (tune's best params): its whole content counts
+            param_files.append(file)
+    outs = [p for kind in ("outs", "metrics", "plots") for p in _entries(entry.get(kind))]
+    return StageSpec(
+        name=name,
+        params=tuple(keys),
+        deps=(*_entries(entry.get("deps")), *param_files),
+        outs=tuple(outs),
+        wdir=entry.get("wdir", "."),
+    )
+
+
+def find_dvc_yaml() -> Path:
+    """The project's ``dvc.yaml``: in the working folder (flows run in the project), else the checkout's.
+
+    Raises:
+        ConfigError: neither exists.
+    """
+    for candidate in (Path.cwd() / "dvc.yaml", ROOT / "dvc.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"dvc.yaml: not found in {Path.cwd()}; run the flow from the project folder")
+
+
+@functools.cache
+def _read_stage_specs(dvc_yaml: Path, mtime_ns: int) -> dict[str, StageSpec]:
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    return {name: stage_spec(name, entry) for name, entry in stages.items()}
+
+
+def dvc_stage_specs(dvc_yaml: Path | None = None) -> dict[str, StageSpec]:
+    """Every stage of ``dvc.yaml``: the flows cache on exactly what DVC decides a stage on.
+
+    Read when a flow runs, not at import (re-read when the file changes).
+    """
+    path = (dvc_yaml or find_dvc_yaml()).resolve()
+    return _read_stage_specs(path, path.stat().st_mtime_ns)
 
 
 @dataclass
@@ -148,7 +239,6 @@ def cached_task(task_fn: Any, spec: StageSpec, params: dict[str, Any]) -> Any:
     Returns:
         ``task_fn`` with the cache options set, ready to be called with ``params``.
     """
-    import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
     from tumorseg.config import section
 
     cfg = section("flow", params)

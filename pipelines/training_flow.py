@@ -35,7 +35,6 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-import tumorseg.data
 from pipelines.data_flows import (
     IO_RETRIES,
     ingest_task,
@@ -46,137 +45,52 @@ from pipelines.data_flows import (
     tracking_uri,
     validate_task,
 )
-from pipelines.stage_cache import StageSpec, cached_task
+from pipelines.stage_cache import StageSpec, cached_task, dvc_stage_specs
 from tumorseg.config import apply_overrides, section
 
 log = logging.getLogger(__name__)
 
-TRAINING_PARAMS = (
-    "paths.preprocessed",
-    "paths.split",
-    "preprocess.target_spacing_mm",
-    "data_loader",
-    "augment",
-    "model",
-    "loss",
-    "sliding_window",
-    "train",
-    "trainer",
+TUNE_STAGE = StageSpec(
+    "tune",
+    ("tune", "data_loader", "augment", "model", "loss", "sliding_window", "train", "trainer"),
+    (
+        "${paths.preprocessed}",
+        "${paths.split}",
+        "src/tumorseg/tuning",
+        "src/tumorseg/training",
+        "src/tumorseg/models",
+        "src/tumorseg/data/datamodule.py",
+    ),
+    ("${tune.best_params_file}",),
 )
+"""The one stage ``dvc.yaml`` does not run (``dvc repro`` trains with what tune last wrote)."""
 
 
-def _path(key: str) -> Any:
-    """Deps/outs helper: the path at ``paths.<key>``."""
-    return lambda p: [Path(p["paths"][key])]
+def stage_specs() -> dict[str, StageSpec]:
+    """Each stage's params keys, dependencies and outputs, read from ``dvc.yaml``, plus ``tune``."""
+    return {**dvc_stage_specs(), "tune": TUNE_STAGE}
 
 
-def _reports(*names: str) -> Any:
-    return lambda p: [Path(p["paths"]["reports"]) / n for n in names]
-
-
-LABEL_TABLE = Path(tumorseg.data.__file__).parent / "label_sets.yaml"
-"""The label conventions (codes, regions) ingest reads cases through: part of its cache key."""
-
-STAGES: dict[str, StageSpec] = {
-    # source and ingest read data.source's folder: the flow fills it in (_cached)
-    "source": StageSpec(
-        "source",
-        ("data.source", "synth", "ingest.layout", "ingest.labels"),
-        lambda p: [],
-        ("tumorseg.data.synth", "tumorseg.data.source"),
-        lambda p: [],
-    ),
-    "ingest": StageSpec(
-        "ingest",
-        ("data.source", "ingest.layout", "ingest.labels", "ingest.hash_chunk_mb", "paths.ingested"),
-        lambda p: [LABEL_TABLE],
-        ("tumorseg.data.ingest", "tumorseg.data.layouts", "tumorseg.data.conventions"),
-        lambda p: [Path(p["paths"]["ingested"]) / "manifest.csv"],
-    ),
-    "validate": StageSpec(
-        "validate",
-        ("validate", "paths.validated"),
-        lambda p: [Path(p["paths"]["ingested"]) / "manifest.csv"],
-        ("tumorseg.validation",),
-        lambda p: [Path(p["paths"]["validated"]) / "manifest.csv"],
-    ),
-    "preprocess": StageSpec(
-        "preprocess",
-        (
-            "preprocess.target_spacing_mm",
-            "preprocess.crop_margin_vox",
-            "preprocess.storage_dtype",
-            "preprocess.image_interpolation_order",
-            "preprocess.label_resampling",
-            "preprocess.sample_locations",
-            "preprocess.compress_npz",
-            "paths.preprocessed",
-        ),
-        lambda p: [Path(p["paths"]["validated"]) / "manifest.csv"],
-        ("tumorseg.data.preprocess", "tumorseg.data.layouts"),
-        lambda p: [Path(p["paths"]["preprocessed"]) / "index.csv"],
-    ),
-    "split": StageSpec(
-        "split",
-        ("split", "paths.split"),
-        lambda p: [Path(p["paths"]["preprocessed"]) / "index.csv"],
-        ("tumorseg.data.split",),
-        _path("split"),
-    ),
-    "tune": StageSpec(
-        "tune",
-        ("tune", *TRAINING_PARAMS),
-        lambda p: [Path(p["paths"]["preprocessed"]), Path(p["paths"]["split"])],
-        ("tumorseg.tuning", "tumorseg.training", "tumorseg.models", "tumorseg.data.datamodule"),
-        lambda p: [Path(section("tune", p).best_params_file)],
-    ),
-    "train": StageSpec(
-        "train",
-        (*TRAINING_PARAMS, "mlflow", "train.out_dir", "paths.reports"),
-        # the tuned params file is a DVC params file of `train`: its content is part of the key
-        lambda p: [
-            Path(p["paths"]["preprocessed"]),
-            Path(p["paths"]["split"]),
-            Path((p.get("tune") or {}).get("best_params_file", "reports/best_params.yaml")),
-        ],
-        ("tumorseg.training", "tumorseg.models", "tumorseg.data.datamodule", "tumorseg.data.transforms"),
-        lambda p: [
-            Path(p["train"]["out_dir"]) / "checkpoints" / "best.ckpt",
-            *_reports("train_metrics.json")(p),
-        ],
-    ),
-    "compress": StageSpec(
-        "compress",
-        ("compress", "predict", "evaluate", "registry.model_name", "mlflow"),
-        lambda p: [Path(p["train"]["out_dir"]) / "checkpoints" / "best.ckpt"],
-        ("tumorseg.compression",),
-        lambda p: [Path((p.get("compress") or {}).get("out_dir", "models/compressed"))],
-    ),
-    "evaluate": StageSpec(
-        "evaluate",
-        ("evaluate", "predict", "registry", "paths.reports", "mlflow"),
-        lambda p: [
-            Path(p["train"]["out_dir"]) / "checkpoints" / "best.ckpt",
-            Path(p["paths"]["validated"]) / "manifest.csv",
-            Path(p["paths"]["split"]),
-        ],
-        ("tumorseg.evaluation", "tumorseg.registry", "tumorseg.models.predictor"),
-        _reports("metrics.json", "test_per_case.csv"),
-    ),
-}
-"""Each stage's params keys, dependencies, code and outputs: the ``dvc.yaml`` entries, for the cache."""
+FLOW_COMPRESS_INPUT = {"${paths.reports}/promotion.json": "${train.out_dir}/checkpoints/best.ckpt"}
+"""``dvc repro`` compresses the champion ``promote`` settled on; the flow compresses the checkpoint it
+just trained (before evaluation), so that checkpoint takes the promotion record's place in the key."""
 
 
 def _cached(task_fn: Any, stage: str, params: dict[str, Any], source: Path | None = None) -> Any:
     """The task with its stage's cache policy (:func:`pipelines.stage_cache.cached_task`).
 
-    ``source`` (the data.source folder) is the output of ``source`` and a dependency of ``ingest``.
+    ``source`` (the data.source folder, resolved against the params file's folder rather than
+    the working directory) is the output of ``source`` and a dependency of ``ingest``; ``compress``
+    reads the trained checkpoint (:data:`FLOW_COMPRESS_INPUT`).
     """
-    spec = STAGES[stage]
+    spec = stage_specs()[stage]
     if source is not None and stage == "source":
-        spec = dataclasses.replace(spec, outs=lambda p: [source])
+        spec = dataclasses.replace(spec, outs=(str(source),))
     elif source is not None and stage == "ingest":
-        spec = dataclasses.replace(spec, deps=lambda p: [source, LABEL_TABLE])
+        deps = tuple(str(source) if d == "${data.source}" else d for d in spec.deps)
+        spec = dataclasses.replace(spec, deps=deps)
+    elif stage == "compress":
+        spec = dataclasses.replace(spec, deps=tuple(FLOW_COMPRESS_INPUT.get(d, d) for d in spec.deps))
     return cached_task(task_fn, spec, params)
 
 
@@ -238,7 +152,6 @@ def compress_task(params: dict) -> str:
     except ImportError:
         log.warning("tumorseg.compression.stage is not available; compression skipped")
         return "skipped: tumorseg.compression.stage not available"
-    import tumorseg.training.config  # noqa: F401  (registers train:, also when the train task was cached)
 
     checkpoint = Path(section("train", params).out_dir) / "checkpoints" / "best.ckpt"
     # the model this run just trained, not the served champion (compress.model's default)
@@ -339,7 +252,6 @@ def training_flow(
         ``{"status": "no_new_data" | "completed", "decision": ..., <stage>: <summary>}``; a failed
         step fails the flow run (and ``champion`` stays where it was).
     """
-    import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
     from tumorseg.data.source import source_folder
     from tumorseg.retrain import raw_data_hash
 
@@ -382,7 +294,6 @@ def smoke_params(workspace: str | Path, params_path: str | Path = "params.yaml")
     """Write a params.yaml for the smoke run: the project's params, every path inside ``workspace``,
     and ``flow.smoke.overrides`` (tiny data and network). Returns its path.
     """
-    import tumorseg.pipeline_config  # noqa: F401  (registers flow:)
 
     workspace = Path(workspace).resolve()
     params = load_params(params_path)

@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +146,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from tumorseg.config import section
-    from tumorseg.validation.planar_checks import PlanarValidateConfig  # registers validate_2d
+    from tumorseg.validation.planar_checks import PlanarValidateConfig
     from tumorseg.validation.suite import validate_dataset
 
     params = _params(args, {"validate.max_invalid_fraction": args.max_invalid_fraction})
@@ -160,7 +161,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
     from tumorseg.config import section
-    from tumorseg.data.planar import PlanarPreprocessConfig  # registers preprocess_2d
+    from tumorseg.data.planar import PlanarPreprocessConfig
     from tumorseg.data.preprocess import preprocess_dataset
 
     params = _params(args)
@@ -475,278 +476,362 @@ def _cmd_preset(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tumorseg", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+@dataclass(frozen=True)
+class Arg:
+    """One ``add_argument`` call, kept as data: its flags (or positional name) and keyword options.
 
-    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
-        p.add_argument(
-            "-S",
-            "--set",
-            action="append",
-            metavar="KEY=VALUE",
-            help="override a params.yaml key (repeatable)",
-        )
-        p.set_defaults(handler=handler)
-        return p
+    The parser is a table of these rather than a long run of calls, so a command's arguments
+    read as one block and :func:`build_parser` stays a short loop.
+    """
 
-    p = add("synth", _cmd_synth, "Generate realistic synthetic multi-modal brain MRI with gliomas.")
-    p.add_argument(
-        "--layout",
-        choices=["brats2021", "brats2023", "msd", "nnunet", "monai", "figshare", "kaggle"],
-        help="dataset layout to write (figshare, kaggle: 2-D slices, params.yaml synth_2d)",
-    )
-    p.add_argument(
-        "--labels",
-        choices=["auto", *LABEL_CONVENTION_NAMES],
-        help="label convention of the seg files (default: synth.labels; auto: the layout's own)",
-    )
-    p.add_argument("--cases", type=int, help="number of cases (figshare: patients; kaggle: images)")
-    p.add_argument("--seed", type=int, help="random seed (output is deterministic for a seed)")
-    p.add_argument("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)")
-    p.add_argument("--out", help="output folder (default: data/synth; 2-D: paths.raw_2d/<layout>)")
+    flags: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
 
-    add(
+
+def _arg(*flags: str, **options: Any) -> Arg:
+    """An :class:`Arg` written like the ``add_argument`` call it stands for."""
+    return Arg(flags, options)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: its name, handler, one-line help (also its ``--help`` description), arguments."""
+
+    name: str
+    handler: Handler
+    help: str
+    args: tuple[Arg, ...] = ()
+
+
+COMMON_ARGS: tuple[Arg, ...] = (
+    _arg("--params", default="params.yaml", help="params file (default: %(default)s)"),
+    _arg("-S", "--set", action="append", metavar="KEY=VALUE", help="override a params.yaml key (repeatable)"),
+)
+"""The options every sub-command takes first: the params file and ``-S KEY=VALUE`` overrides."""
+
+_NO_REGISTER = _arg("--no-register", action="store_true", help="write the reports only; register no version")
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "synth",
+        _cmd_synth,
+        "Generate realistic synthetic multi-modal brain MRI with gliomas.",
+        (
+            _arg(
+                "--layout",
+                choices=["brats2021", "brats2023", "msd", "nnunet", "monai", "figshare", "kaggle"],
+                help="dataset layout to write (figshare, kaggle: 2-D slices, params.yaml synth_2d)",
+            ),
+            _arg(
+                "--labels",
+                choices=["auto", *LABEL_CONVENTION_NAMES],
+                help="label convention of the seg files (default: synth.labels; auto: the layout's own)",
+            ),
+            _arg("--cases", type=int, help="number of cases (figshare: patients; kaggle: images)"),
+            _arg("--seed", type=int, help="random seed (output is deterministic for a seed)"),
+            _arg("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)"),
+            _arg("--out", help="output folder (default: data/synth; 2-D: paths.raw_2d/<layout>)"),
+        ),
+    ),
+    Command(
         "source",
         _cmd_source,
         "Make data.source ready: generate the embedded dataset (synth) into data/synth, or check a "
         "dataset folder (read only) before any stage writes.",
-    )
-
-    p = add("figure-cases", _cmd_figure_cases, "Plot a few cases: 4 modalities and the label overlay (PNG).")
-    p.add_argument("src", help="a brats2021 or brats2023 folder, e.g. from `tumorseg synth`")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument(
-        "--cases", type=int, default=4, help="number of tumour cases to show (default: %(default)s)"
-    )
-    p.add_argument("--layout", choices=["brats2021", "brats2023"], default="brats2021")
-
-    p = add(
+    ),
+    Command(
+        "figure-cases",
+        _cmd_figure_cases,
+        "Plot a few cases: 4 modalities and the label overlay (PNG).",
+        (
+            _arg("src", help="a brats2021 or brats2023 folder, e.g. from `tumorseg synth`"),
+            _arg("--out", required=True, help="PNG file to write"),
+            _arg(
+                "--cases", type=int, default=4, help="number of tumour cases to show (default: %(default)s)"
+            ),
+            _arg("--layout", choices=["brats2021", "brats2023"], default="brats2021"),
+        ),
+    ),
+    Command(
         "ingest",
         _cmd_ingest,
         "Index a BraTS 2020/21, BraTS 2023+, MSD, Figshare (.mat) or Kaggle (yes/, no/) folder into a manifest.",
-    )
-    p.add_argument("src", nargs="?", help="dataset folder (default: data.source)")
-    p.add_argument("--out", help="output folder for manifest.csv (default: paths.ingested)")
-    p.add_argument(
-        "--layout", choices=["auto", *LAYOUT_NAMES], help="skip detection (default: ingest.layout)"
-    )
-    p.add_argument(
-        "--labels",
-        choices=["auto", *LABEL_CONVENTION_NAMES],
-        help="label convention of the seg files (default: ingest.labels; auto: layout, BraTS prefix, dataset.json)",
-    )
-
-    p = add(
+        (
+            _arg("src", nargs="?", help="dataset folder (default: data.source)"),
+            _arg("--out", help="output folder for manifest.csv (default: paths.ingested)"),
+            _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip detection (default: ingest.layout)"),
+            _arg(
+                "--labels",
+                choices=["auto", *LABEL_CONVENTION_NAMES],
+                help="label convention of the seg files (default: ingest.labels; auto: layout, BraTS prefix, dataset.json)",
+            ),
+        ),
+    ),
+    Command(
         "export",
         _cmd_export,
         "Write the ingested cases as an nnU-Net raw dataset or a MONAI datalist (with the split).",
-    )
-    p.add_argument("--format", required=True, choices=["nnunet", "monai"], help="what to write")
-    p.add_argument("--out", required=True, help="folder to write DatasetXXX_Name/ or datalist.json into")
-    p.add_argument("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default: %(default)s)")
-    p.add_argument("--name", default="Tumorseg", help="nnU-Net dataset name (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="replace an existing export")
-
-    p = add(
+        (
+            _arg("--format", required=True, choices=["nnunet", "monai"], help="what to write"),
+            _arg("--out", required=True, help="folder to write DatasetXXX_Name/ or datalist.json into"),
+            _arg("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default: %(default)s)"),
+            _arg("--name", default="Tumorseg", help="nnU-Net dataset name (default: %(default)s)"),
+            _arg("--force", action="store_true", help="replace an existing export"),
+        ),
+    ),
+    Command(
         "validate",
         _cmd_validate,
         "Validate an ingested dataset with Great Expectations; quarantine bad cases.",
-    )
-    p.add_argument("dir", nargs="?", help="ingested folder holding manifest.csv (default: paths.ingested)")
-    p.add_argument("--out", help="write the validated manifest and reports here (default: in place)")
-    p.add_argument(
-        "--max-invalid-fraction", type=float, metavar="F", help="fail above this share of bad cases"
-    )
-
-    p = add("preprocess", _cmd_preprocess, "Reorient, resample, crop and normalise valid cases.")
-    p.add_argument("src", nargs="?", help="validated folder holding manifest.csv (default: paths.validated)")
-    p.add_argument("--out", help="output folder (default: paths.preprocessed)")
-
-    p = add("split", _cmd_split, "Patient-level stratified train/val/test split.")
-    p.add_argument("src", nargs="?", help="preprocessed folder (default: paths.preprocessed)")
-    p.add_argument("--out", help="split JSON file (default: paths.split)")
-
-    p = add(
-        "evaluate", _cmd_evaluate, "Score predictions against references with each BraTS challenge's metrics."
-    )
-    p.add_argument("--pred", required=True, help="folder of <case_id>.nii.gz predictions")
-    p.add_argument("--ref", required=True, help="folder of <case_id>.nii.gz reference segmentations")
-    p.add_argument("--out", required=True, help="per-case CSV to write (summary JSON and plots go beside it)")
-    p.add_argument(
-        "--labels",
-        choices=["auto", *LABEL_CONVENTION_NAMES],
-        help="label convention: its regions, lesion-wise rules and HD95 penalty (default: evaluate.labels)",
-    )
-    p.add_argument("--summary", help="summary JSON path (default: <out>.summary.json)")
-    p.add_argument("--case-info", help="CSV with case_id,tumour_type for per-type statistics")
-    p.add_argument("--images", help="folder of images (any layout) to draw overlays on")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
-
-    p = add("train", _cmd_train, "Train a segmentation network (Lightning + MONAI), tracked in MLflow.")
-    p.add_argument("--resume", action="store_true", help="continue from train.out_dir/checkpoints/last.ckpt")
-
-    p = add(
+        (
+            _arg("dir", nargs="?", help="ingested folder holding manifest.csv (default: paths.ingested)"),
+            _arg("--out", help="write the validated manifest and reports here (default: in place)"),
+            _arg(
+                "--max-invalid-fraction", type=float, metavar="F", help="fail above this share of bad cases"
+            ),
+        ),
+    ),
+    Command(
+        "preprocess",
+        _cmd_preprocess,
+        "Reorient, resample, crop and normalise valid cases.",
+        (
+            _arg("src", nargs="?", help="validated folder holding manifest.csv (default: paths.validated)"),
+            _arg("--out", help="output folder (default: paths.preprocessed)"),
+        ),
+    ),
+    Command(
+        "split",
+        _cmd_split,
+        "Patient-level stratified train/val/test split.",
+        (
+            _arg("src", nargs="?", help="preprocessed folder (default: paths.preprocessed)"),
+            _arg("--out", help="split JSON file (default: paths.split)"),
+        ),
+    ),
+    Command(
+        "evaluate",
+        _cmd_evaluate,
+        "Score predictions against references with each BraTS challenge's metrics.",
+        (
+            _arg("--pred", required=True, help="folder of <case_id>.nii.gz predictions"),
+            _arg("--ref", required=True, help="folder of <case_id>.nii.gz reference segmentations"),
+            _arg("--out", required=True, help="per-case CSV to write (summary JSON and plots go beside it)"),
+            _arg(
+                "--labels",
+                choices=["auto", *LABEL_CONVENTION_NAMES],
+                help="label convention: its regions, lesion-wise rules and HD95 penalty (default: evaluate.labels)",
+            ),
+            _arg("--summary", help="summary JSON path (default: <out>.summary.json)"),
+            _arg("--case-info", help="CSV with case_id,tumour_type for per-type statistics"),
+            _arg("--images", help="folder of images (any layout) to draw overlays on"),
+            _arg("--no-plots", action="store_true", help="skip the PNG figures"),
+        ),
+    ),
+    Command(
+        "train",
+        _cmd_train,
+        "Train a segmentation network (Lightning + MONAI), tracked in MLflow.",
+        (_arg("--resume", action="store_true", help="continue from train.out_dir/checkpoints/last.ckpt"),),
+    ),
+    Command(
         "predict",
         _cmd_predict,
         "Segment cases in any layout; writes <case_id>.nii.gz in each input's geometry and label convention.",
-    )
-    p.add_argument(
-        "input",
-        help="a dataset folder (BraTS 2021, BraTS 2023+, MSD, nnU-Net raw, MONAI datalist) or one case folder; or 2-D .mat/image files "
-        "(a file or a folder of them: writes <case_id>_mask.png, 0/255, at each input's size)",
-    )
-    p.add_argument("--out", required=True, help="output folder for <case_id>.nii.gz")
-    p.add_argument(
-        "--model",
-        help="checkpoint path or MLflow model URI: models:/tumorseg@champion (default: predict.model), "
-        "models:/tumorseg/3, runs:/<run_id>/model; 2-D input: models:/tumorseg-2d@champion (predict_2d.model)",
-    )
-    p.add_argument("--layout", choices=["auto", *LAYOUT_NAMES], help="skip layout detection")
-    p.add_argument(
-        "--labels",
-        choices=["auto", *LABEL_CONVENTION_NAMES],
-        help="the input's label convention, which the predictions are written in (default: detected)",
-    )
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation")
-    p.add_argument("--min-component-mm3", type=float, metavar="MM3", help="drop smaller tumour components")
-    p.add_argument("--probabilities", action="store_true", help="also write probabilities/<case_id>.nii.gz")
-    p.add_argument(
-        "--uncertainty", action="store_true", help="also write uncertainty/<case_id>.nii.gz (needs --tta)"
-    )
-    p.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], help="where inference runs (default: predict.device)"
-    )
-    p.add_argument("--volumes", metavar="CSV", help="also write the per-case region volumes (ml) to this CSV")
-
-    p = add(
+        (
+            _arg(
+                "input",
+                help="a dataset folder (BraTS 2021, BraTS 2023+, MSD, nnU-Net raw, MONAI datalist) or one case folder; or 2-D .mat/image files "
+                "(a file or a folder of them: writes <case_id>_mask.png, 0/255, at each input's size)",
+            ),
+            _arg("--out", required=True, help="output folder for <case_id>.nii.gz"),
+            _arg(
+                "--model",
+                help="checkpoint path or MLflow model URI: models:/tumorseg@champion (default: predict.model), "
+                "models:/tumorseg/3, runs:/<run_id>/model; 2-D input: models:/tumorseg-2d@champion (predict_2d.model)",
+            ),
+            _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip layout detection"),
+            _arg(
+                "--labels",
+                choices=["auto", *LABEL_CONVENTION_NAMES],
+                help="the input's label convention, which the predictions are written in (default: detected)",
+            ),
+            _arg("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation"),
+            _arg("--min-component-mm3", type=float, metavar="MM3", help="drop smaller tumour components"),
+            _arg("--probabilities", action="store_true", help="also write probabilities/<case_id>.nii.gz"),
+            _arg(
+                "--uncertainty",
+                action="store_true",
+                help="also write uncertainty/<case_id>.nii.gz (needs --tta)",
+            ),
+            _arg(
+                "--device",
+                choices=["auto", "cpu", "cuda"],
+                help="where inference runs (default: predict.device)",
+            ),
+            _arg("--volumes", metavar="CSV", help="also write the per-case region volumes (ml) to this CSV"),
+        ),
+    ),
+    Command(
         "evaluate-model",
         _cmd_evaluate_model,
         "Evaluate the trained model on the test split in the source geometry; log it and register a challenger.",
-    )
-    p.add_argument(
-        "--checkpoint", help="checkpoint to evaluate (default: <train.out_dir>/checkpoints/best.ckpt)"
-    )
-    p.add_argument("--no-register", action="store_true", help="write the reports only; register no version")
-
-    p = add(
+        (
+            _arg(
+                "--checkpoint", help="checkpoint to evaluate (default: <train.out_dir>/checkpoints/best.ckpt)"
+            ),
+            _NO_REGISTER,
+        ),
+    ),
+    Command(
         "promote",
         _cmd_promote,
         "Promote the challenger to champion if it beats it on the same test cases (registry.* gate).",
-    )
-    p.add_argument("--rollback", action="store_true", help="restore the previous champion instead")
-    p.add_argument(
-        "--name", help="registered model (default: registry.model_name), e.g. tumorseg-2d, tumorseg-detect"
-    )
-    p.add_argument("--out", help="decision JSON to write (default: <paths.reports>/promotion.json)")
-
-    p = add("train-2d", _cmd_train_2d, "Train the 2-D segmentation + tumour classifier (train_2d, model_2d).")
-
-    p = add(
+        (
+            _arg("--rollback", action="store_true", help="restore the previous champion instead"),
+            _arg(
+                "--name",
+                help="registered model (default: registry.model_name), e.g. tumorseg-2d, tumorseg-detect",
+            ),
+            _arg("--out", help="decision JSON to write (default: <paths.reports>/promotion.json)"),
+        ),
+    ),
+    Command(
+        "train-2d", _cmd_train_2d, "Train the 2-D segmentation + tumour classifier (train_2d, model_2d)."
+    ),
+    Command(
         "evaluate-2d",
         _cmd_evaluate_2d,
         "Choose the 2-D detector on validation, score the test split (CIs), register tumorseg-2d/-detect challengers.",
-    )
-    p.add_argument("--checkpoint", help="2-D checkpoint (default: <train_2d.out_dir>/checkpoints/best.ckpt)")
-    p.add_argument("--no-register", action="store_true", help="write the reports only; register no version")
-
-    p = add(
-        "detect", _cmd_detect, "Tumour / no tumour for .mat or image files: CSV case_id, probability, label."
-    )
-    p.add_argument("input", help="a .mat/image file or a folder of them")
-    p.add_argument("--out", required=True, help="CSV file to write")
-    p.add_argument(
-        "--model",
-        help="2-D model: MLflow URI, model folder or train-2d checkpoint (default: predict_2d.detect_model)",
-    )
-
-    p = add(
+        (
+            _arg("--checkpoint", help="2-D checkpoint (default: <train_2d.out_dir>/checkpoints/best.ckpt)"),
+            _NO_REGISTER,
+        ),
+    ),
+    Command(
+        "detect",
+        _cmd_detect,
+        "Tumour / no tumour for .mat or image files: CSV case_id, probability, label.",
+        (
+            _arg("input", help="a .mat/image file or a folder of them"),
+            _arg("--out", required=True, help="CSV file to write"),
+            _arg(
+                "--model",
+                help="2-D model: MLflow URI, model folder or train-2d checkpoint (default: predict_2d.detect_model)",
+            ),
+        ),
+    ),
+    Command(
         "compress",
         _cmd_compress,
         "Prune, quantize (INT8) and export (ONNX) the model; gate on test Dice; register the best as @edge.",
-    )
-    p.add_argument("--model", help="fp32 model: MLflow URI or checkpoint (default: compress.model)")
-    p.add_argument("--variants", metavar="A,B", help="comma-separated variants (default: compress.variants)")
-    p.add_argument("--no-register", action="store_true", help="write the reports only; register no version")
-
-    p = add(
+        (
+            _arg("--model", help="fp32 model: MLflow URI or checkpoint (default: compress.model)"),
+            _arg("--variants", metavar="A,B", help="comma-separated variants (default: compress.variants)"),
+            _NO_REGISTER,
+        ),
+    ),
+    Command(
         "tune",
         _cmd_tune,
         "Optuna hyper-parameter search (tune.space); trials nested in MLflow; best params -> tune.best_params_file.",
-    )
-    p.add_argument(
-        "--n-trials", type=int, help="finished trials wanted in the study (default: tune.n_trials)"
-    )
-    p.add_argument("--n-jobs", type=int, help="worker processes on this machine (default: tune.n_jobs)")
-    p.add_argument(
-        "--storage", help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: tune.storage)"
-    )
-    p.add_argument("--study", help="study name (default: tune.study_name)")
-    p.add_argument("--timeout", type=float, metavar="S", help="stop starting trials after S seconds")
-
-    p = add("flow", _cmd_flow, "Run a Prefect flow: the training pipeline end to end, or the data stages.")
-    p.add_argument("name", choices=["training", "data", "planar"], help="which flow (planar: the 2-D branch)")
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="training: tiny generated data in a temporary workspace (minutes)",
-    )
-    p.add_argument("--workspace", help="--smoke: work here instead of a new temporary folder")
-    p.add_argument(
-        "--only-if-new-data",
-        action="store_true",
-        help="training: stop early if the raw data is what the champion was trained on",
-    )
-    p.add_argument(
-        "--tune",
-        action=argparse.BooleanOptionalAction,
-        help="training: Optuna search first (default: flow.tune)",
-    )
-    p.add_argument(
-        "--generate",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="planar: generate the synthetic 2-D data into paths.raw_2d first (default); --no-generate "
-        "uses the Figshare/Kaggle files already there, read only",
-    )
-
-    p = add(
+        (
+            _arg("--n-trials", type=int, help="finished trials wanted in the study (default: tune.n_trials)"),
+            _arg("--n-jobs", type=int, help="worker processes on this machine (default: tune.n_jobs)"),
+            _arg(
+                "--storage",
+                help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: tune.storage)",
+            ),
+            _arg("--study", help="study name (default: tune.study_name)"),
+            _arg("--timeout", type=float, metavar="S", help="stop starting trials after S seconds"),
+        ),
+    ),
+    Command(
+        "flow",
+        _cmd_flow,
+        "Run a Prefect flow: the training pipeline end to end, or the data stages.",
+        (
+            _arg("name", choices=["training", "data", "planar"], help="which flow (planar: the 2-D branch)"),
+            _arg(
+                "--smoke",
+                action="store_true",
+                help="training: tiny generated data in a temporary workspace (minutes)",
+            ),
+            _arg("--workspace", help="--smoke: work here instead of a new temporary folder"),
+            _arg(
+                "--only-if-new-data",
+                action="store_true",
+                help="training: stop early if the raw data is what the champion was trained on",
+            ),
+            _arg(
+                "--tune",
+                action=argparse.BooleanOptionalAction,
+                help="training: Optuna search first (default: flow.tune)",
+            ),
+            _arg(
+                "--generate",
+                action=argparse.BooleanOptionalAction,
+                default=True,
+                help="planar: generate the synthetic 2-D data into paths.raw_2d first (default); --no-generate "
+                "uses the Figshare/Kaggle files already there, read only",
+            ),
+        ),
+    ),
+    Command(
         "schedule",
         _cmd_schedule,
         "Serve the training flow on the flow.schedule cron (retrains when the raw data changed).",
-    )
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the deployment and its next runs; do not serve"
-    )
-
-    p = add(
+        (
+            _arg(
+                "--dry-run", action="store_true", help="print the deployment and its next runs; do not serve"
+            ),
+        ),
+    ),
+    Command(
         "serve",
         _cmd_serve,
         "Serve the model over HTTP: POST /predict, a browser viewer at /, OpenAPI docs at /docs.",
-    )
-    p.add_argument(
-        "--model",
-        help="MLflow model URI, MLflow model folder or checkpoint (default: serve.model, else predict.model)",
-    )
-    p.add_argument(
-        "--model-2d",
-        help="2-D model for .mat/.png/.jpg uploads: MLflow URI, 2-D package or MLflow model folder, or a "
-        "train-2d best.ckpt (default: serve.model_2d; optional, without it 2-D uploads get 503)",
-    )
-    p.add_argument("--host", help="interface to bind (default: serve.host; 0.0.0.0 in a container)")
-    p.add_argument("--port", type=int, help="TCP port (default: serve.port)")
-
-    p = add(
+        (
+            _arg(
+                "--model",
+                help="MLflow model URI, MLflow model folder or checkpoint (default: serve.model, else predict.model)",
+            ),
+            _arg(
+                "--model-2d",
+                help="2-D model for .mat/.png/.jpg uploads: MLflow URI, 2-D package or MLflow model folder, or a "
+                "train-2d best.ckpt (default: serve.model_2d; optional, without it 2-D uploads get 503)",
+            ),
+            _arg("--host", help="interface to bind (default: serve.host; 0.0.0.0 in a container)"),
+            _arg("--port", type=int, help="TCP port (default: serve.port)"),
+        ),
+    ),
+    Command(
         "preset",
         _cmd_preset,
         "Switch the training recipe: list the presets, show one, or apply one to params.yaml in place.",
-    )
-    p.add_argument("action", choices=["list", "show", "apply"], help="what to do")
-    p.add_argument("name", nargs="?", help="preset (show, apply), e.g. brats-gpu; `list` names them all")
+        (
+            _arg("action", choices=["list", "show", "apply"], help="what to do"),
+            _arg("name", nargs="?", help="preset (show, apply), e.g. brats-gpu; `list` names them all"),
+        ),
+    ),
+)
+"""Every sub-command in ``tumorseg --help`` order, with its arguments after :data:`COMMON_ARGS`."""
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tumorseg`` parser: ``-v``, then one sub-parser per :data:`COMMANDS` entry, in order.
+
+    Each sub-parser takes :data:`COMMON_ARGS` first and stores its handler as ``args.handler``,
+    which :func:`main` calls.
+    """
+    parser = argparse.ArgumentParser(prog="tumorseg", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        for arg in (*COMMON_ARGS, *command.args):
+            p.add_argument(*arg.flags, **arg.options)
+        p.set_defaults(handler=command.handler)
     return parser
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 
 SMOKE_OVERRIDES: dict[str, Any] = {
     "synth.cases": 8,
@@ -99,6 +99,3 @@ class FlowConfig(Section):
     cache_days: float | None = Field(None, gt=0.0)
     schedule: ScheduleConfig = ScheduleConfig()
     smoke: SmokeConfig = SmokeConfig()
-
-
-register_section("flow", FlowConfig)

@@ -258,7 +258,7 @@ def _validate(text: str, preset: Preset, params_path: Path) -> None:
     """
     import yaml
 
-    import tumorseg.training.config as training  # registers the training sections
+    import tumorseg.training.config as training
 
     params = yaml.safe_load(text)
     try:

@@ -89,7 +89,6 @@ def decide_retrain(
     params: dict[str, Any], *, tracking_uri: str, source: str = "params.yaml"
 ) -> RetrainDecision:
     """Compare the ingested raw data with the data the champion was trained on."""
-    import tumorseg.registry.config  # noqa: F401  (registers the registry section)
 
     current = raw_data_hash(section("paths", params, source=source).ingested)
     version, recorded = champion_raw_data_hash(params, tracking_uri=tracking_uri)
@@ -124,8 +123,6 @@ def record_raw_data_hash(
 ) -> None:
     """Tag a registered model version (and its training run) with the raw data it was trained on."""
     from mlflow import MlflowClient
-
-    import tumorseg.registry.config  # noqa: F401  (registers the registry section)
 
     name = section("registry", params, source=source).model_name
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)

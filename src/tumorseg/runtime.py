@@ -4,7 +4,7 @@ Why: predicting one 240x240x155 case allocates and frees arrays of tens to hundr
 decoded modalities, the network's activations for a batch of windows, MONAI's blending buffers).
 glibc serves blocks above its mmap threshold with fresh ``mmap`` calls and returns freed memory to
 the system, so every case pays the page faults of touching that memory anew: on a 2-core VM a
-quarter of ``predict``'s wall time (``python -m tumorseg.bench_predict --glibc-default-memory``
+quarter of ``predict``'s wall time (``python -m benchmarks.predict --glibc-default-memory``
 against the default). Keeping freed memory in the heap makes the next case reuse
 the same pages; the price is that the process keeps its peak memory until it exits, which is what
 a serving process or a batch of cases needs anyway.

@@ -62,7 +62,6 @@ def params_tracking_uri(
 ) -> str:
     """The store of a params dict: ``explicit``, else ``mlflow.tracking_uri``, else
     ``$MLFLOW_TRACKING_URI``, else ``<paths.mlruns>/mlflow.db`` (:func:`resolve_tracking_uri`)."""
-    import tumorseg.training.config  # noqa: F401  (registers the mlflow: section)
     from tumorseg.config import section
 
     mlflow_cfg = section("mlflow", params, source=source)

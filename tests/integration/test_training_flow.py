@@ -151,30 +151,3 @@ def test_pipeline_smoke_cache_no_new_data_and_failed_run(
     assert "promote" not in states
     assert "new data" in _artifacts()["retrain-decision"]
     assert _champion(params) == (champion, versions)
-
-
-def test_stage_specs_agree_with_dvc_yaml() -> None:
-    """The flow's cache keys read the same params as the DVC stages (for the stages dvc.yaml has)."""
-    import yaml
-    from pipelines.training_flow import STAGES
-
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, spec in STAGES.items():
-        if name not in stages:
-            continue
-        keys: list = []
-        for key in stages[name].get("params", []):
-            if isinstance(key, dict) and next(iter(key)) == "../params.yaml":  # a stage run in data/ (wdir)
-                keys += key["../params.yaml"]
-            else:
-                keys.append(key)
-        for key in keys:
-            if isinstance(key, dict):  # a params *file* (tune's best params): must be a dep of the key
-                params_file = Path(next(iter(key)))
-                assert params_file in spec.deps(yaml.safe_load((ROOT / "params.yaml").read_text())), (
-                    f"{name}: {params_file} not in the cache key"
-                )
-                continue
-            assert any(key == p or key.startswith(f"{p}.") for p in spec.params), (
-                f"{name}: {key} not in the cache key"
-            )

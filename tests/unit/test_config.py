@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tumorseg.config import apply_overrides, parse_override, read_params, section
+from tumorseg.config import SECTION_MODELS, apply_overrides, parse_override, read_params, section
 from tumorseg.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,6 +16,31 @@ def test_project_params_validate_for_every_section() -> None:
     params = read_params(ROOT / "params.yaml")
     for name in ("paths", "synth", "ingest", "validate", "preprocess", "split"):
         section(name, params)
+
+
+def test_every_params_section_has_a_model_and_validates() -> None:
+    """The one table names every section params.yaml has, in its order, and each validates."""
+    params = read_params(ROOT / "params.yaml")
+    sections = [name for name in params if name != "seed"]
+    assert sections == [name for name in SECTION_MODELS if name in params]
+    assert set(SECTION_MODELS) == set(sections)
+    for name in sections:
+        assert section(name, params).model_dump() is not None
+
+
+def test_a_section_validates_whatever_was_imported_first() -> None:
+    """Nothing registers at import time: a fresh interpreter reads a 2-D section straight away."""
+    code = (
+        "from tumorseg.config import section; "
+        "print(section('validate_2d', {}).__class__.__name__, section('train', {}).lr)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "PlanarValidateConfig"
+
+
+def test_an_unknown_section_is_a_one_line_error() -> None:
+    with pytest.raises(ConfigError, match=r"params.yaml: trian: not a params.yaml section; known: data, "):
+        section("trian", {})
 
 
 def test_unknown_key_is_named() -> None:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 
 VariantName = Literal[
     "fp32",
@@ -186,6 +186,3 @@ class CompressConfig(Section):
         if self.alias in ("champion", "challenger"):
             raise ValueError("alias must differ from champion/challenger (those belong to promotion)")
         return self
-
-
-register_section("compress", CompressConfig)

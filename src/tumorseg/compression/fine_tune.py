@@ -27,6 +27,7 @@ import copy
 import logging
 import math
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tumorseg.config import section
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -260,23 +262,52 @@ def fine_tune(
     Raises:
         DataError: no training cases, or validation asked for without validation cases.
     """
-    import time
-
     if steps <= 0:
         return FineTuneResult(steps=0, best_step=0, best_val_dice=None)
     import lightning as L
 
-    import tumorseg.training.config  # noqa: F401  (registers the training sections)
-    from tumorseg.config import section
-    from tumorseg.data.datamodule import SegmentationDataModule, case_records, read_split
-    from tumorseg.models.losses import build_loss, with_deep_supervision
-    from tumorseg.training.optim import optimizer_factory, scheduler_factory
+    from tumorseg.data.datamodule import SegmentationDataModule
 
     start = time.perf_counter()
     stored = trained.config
     paths = section("paths", params, source=source)
     trainer_cfg = section("trainer", params, source=source)
-    train_cfg = section("train", stored).model_copy(
+    train_cfg = _fine_tune_train_config(stored, lr, schedule)
+    records, val_records = _fine_tune_records(paths, val_every, val_cases, tumour_free_repeat)
+    module = _fine_tune_module(
+        network,
+        trained,
+        train_cfg,
+        scheduled=schedule == "cosine",
+        teacher=teacher,
+        distill_weight=distill_weight,
+        distill_loss=distill_loss,
+        distill_temperature=distill_temperature,
+    )
+    datamodule = SegmentationDataModule(
+        records,
+        val_records,
+        trained.data_loader,
+        section("augment", stored),
+        patches_per_epoch=steps * trained.data_loader.batch_size,
+        seed=train_cfg.seed,
+    )
+    result = FineTuneResult(steps=steps, best_step=steps, best_val_dice=None)
+    callbacks = [best_weights_callback(network, result)] if val_every > 0 else []
+    L.seed_everything(train_cfg.seed, workers=True, verbose=False)
+    with tempfile.TemporaryDirectory(prefix="tumorseg-finetune-") as tmp:
+        trainer = _fine_tune_trainer(trainer_cfg.accelerator, steps, val_every, callbacks, tmp)
+        _fit(trainer, module, datamodule, network, result, val_every)
+    network.cpu().eval()
+    if callbacks and callbacks[0].best is not None:
+        network.load_state_dict(callbacks[0].best)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _fine_tune_train_config(stored: dict[str, Any], lr: float, schedule: str) -> Any:
+    """The model's own ``train`` section with the fine-tune's learning rate and schedule (no warm-up)."""
+    return section("train", stored).model_copy(
         update={
             "lr": lr,
             "scheduler": "cosine" if schedule == "cosine" else "none",
@@ -284,6 +315,18 @@ def fine_tune(
             "min_lr": 0.0,
         }
     )
+
+
+def _fine_tune_records(
+    paths: Any, val_every: int, val_cases: int, tumour_free_repeat: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training and validation case records of the fine-tune (``paths.split``'s ``train`` and ``val``).
+
+    Raises:
+        DataError: no training cases, or validation asked for without validation cases.
+    """
+    from tumorseg.data.datamodule import case_records, read_split
+
     split = read_split(paths.split)
     if not split.get("train"):
         raise DataError(f"{paths.split}: no 'train' cases to fine-tune the pruned network on")
@@ -299,18 +342,37 @@ def fine_tune(
     if tumour_free_repeat > 1:
         records = _with_repeated_tumour_free(records, paths.preprocessed, tumour_free_repeat)
     val_records = case_records(paths.preprocessed, val_ids) if val_every > 0 else []
+    return records, val_records
+
+
+def _fine_tune_module(
+    network: nn.Module,
+    trained: Any,
+    train_cfg: Any,
+    *,
+    scheduled: bool,
+    teacher: nn.Module | None,
+    distill_weight: float,
+    distill_loss: str,
+    distill_temperature: float,
+) -> Any:
+    """The model's own LightningModule (its stored loss and settings) around ``network``, distilling from ``teacher``."""
+    from tumorseg.models.losses import build_loss, with_deep_supervision
+    from tumorseg.training.optim import optimizer_factory, scheduler_factory
+
+    stored = trained.config
     loss = build_loss(section("loss", stored), trained.model.output)
     if trained.model.name == "dynunet" and trained.model.dynunet.deep_supervision:
         loss = with_deep_supervision(loss, section("loss", stored).deep_supervision_weights)
     frozen = copy.deepcopy(teacher).eval() if teacher is not None and distill_weight > 0 else None
-    module = _distilling_module_class()(
+    return _distilling_module_class()(
         network,
         loss,
         output=trained.model.output,
         roi_size=trained.roi_size,
         sliding_window=trained.sliding_window,
         optimizer_factory=optimizer_factory(train_cfg),
-        scheduler_factory=scheduler_factory(train_cfg) if schedule == "cosine" else None,
+        scheduler_factory=scheduler_factory(train_cfg) if scheduled else None,
         config=stored,
         dice_ignore_empty=section("train", stored).dice_ignore_empty,
         spacing_mm=trained.spacing_mm,
@@ -319,44 +381,43 @@ def fine_tune(
         kind=distill_loss,
         temperature=distill_temperature,
     )
-    datamodule = SegmentationDataModule(
-        records,
-        val_records,
-        trained.data_loader,
-        section("augment", stored),
-        patches_per_epoch=steps * trained.data_loader.batch_size,
-        seed=train_cfg.seed,
+
+
+def _fine_tune_trainer(accelerator: str, steps: int, val_every: int, callbacks: list[Any], root: str) -> Any:
+    """A Lightning ``Trainer`` for exactly ``steps`` optimiser steps, validating every ``val_every``.
+
+    No logger, checkpoint, progress bar or sanity validation: the fine-tune is a step inside the
+    compress stage, whose only output is the network's weights.
+    """
+    import lightning as L
+
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_steps=steps,
+        max_epochs=1,
+        limit_val_batches=1.0 if val_every > 0 else 0,
+        val_check_interval=min(val_every, steps) if val_every > 0 else None,
+        check_val_every_n_epoch=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
     )
-    result = FineTuneResult(steps=steps, best_step=steps, best_val_dice=None)
-    callbacks = [best_weights_callback(network, result)] if val_every > 0 else []
-    L.seed_everything(train_cfg.seed, workers=True, verbose=False)
-    with tempfile.TemporaryDirectory(prefix="tumorseg-finetune-") as tmp:
-        trainer = L.Trainer(
-            accelerator=trainer_cfg.accelerator,
-            devices=1,
-            max_steps=steps,
-            max_epochs=1,
-            limit_val_batches=1.0 if val_every > 0 else 0,
-            val_check_interval=min(val_every, steps) if val_every > 0 else None,
-            check_val_every_n_epoch=1,
-            num_sanity_val_steps=0,
-            logger=False,
-            callbacks=callbacks,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp,
-        )
-        if val_every > 0:
-            trainer.validate(module, datamodule=datamodule, verbose=False)  # step 0: the pruned weights
-        network.train()  # Lightning keeps the mode it is given; a pruned copy arrives in eval mode
-        trainer.fit(module, datamodule=datamodule)
-        value = trainer.callback_metrics.get("train_loss")
-        result.train_loss = float(value) if value is not None else None
-        if val_every > 0 and result.curve and result.curve[-1][0] < steps:
-            trainer.validate(module, datamodule=datamodule, verbose=False)  # the last step, if not yet
-    network.cpu().eval()
-    if callbacks and callbacks[0].best is not None:
-        network.load_state_dict(callbacks[0].best)
-    result.seconds = time.perf_counter() - start
-    return result
+
+
+def _fit(
+    trainer: Any, module: Any, datamodule: Any, network: nn.Module, result: FineTuneResult, val_every: int
+) -> None:
+    """Validate the pruned weights (step 0), train, validate the last step; record the mean training loss."""
+    if val_every > 0:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # step 0: the pruned weights
+    network.train()  # Lightning keeps the mode it is given; a pruned copy arrives in eval mode
+    trainer.fit(module, datamodule=datamodule)
+    value = trainer.callback_metrics.get("train_loss")
+    result.train_loss = float(value) if value is not None else None
+    if val_every > 0 and result.curve and result.curve[-1][0] < result.steps:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the last step, if not yet

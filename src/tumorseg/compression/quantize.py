@@ -228,7 +228,19 @@ def quantize_int8(
                 f"INT8 quantization of the {what} failed ({type(exc).__name__}: {first_line(exc)})"
             ) from None
         os.replace(staged, out_path)
-    quantized = onnx.load(str(out_path))
+    done, left = _quantized_layers(onnx.load(str(out_path)), targets)
+    if not done:
+        raise DataError(f"INT8 quantization of the {what}: ONNX Runtime quantized none of its layers")
+    return QuantizationStats(dict(done), dict(left), len(windows), list(calibration_cases or []))
+
+
+def _quantized_layers(quantized: Any, targets: list[str]) -> tuple[Counter[str], Counter[str]]:
+    """Layers of a QDQ graph by type: ``(quantized, left in float)``.
+
+    A layer counts as quantized when one of its inputs comes out of a ``DequantizeLinear``: that
+    is what ONNX Runtime's QDQ format puts in front of every layer it quantized, so the count is
+    read from the written graph rather than trusted from the request.
+    """
     dequantized_inputs = {
         node.output[0] for node in quantized.graph.node if node.op_type == "DequantizeLinear"
     }
@@ -241,9 +253,7 @@ def quantize_int8(
             done[node.op_type] += 1
         else:
             left[node.op_type] += 1
-    if not done:
-        raise DataError(f"INT8 quantization of the {what}: ONNX Runtime quantized none of its layers")
-    return QuantizationStats(dict(done), dict(left), len(windows), list(calibration_cases or []))
+    return done, left
 
 
 WEIGHT_ONLY_OP_AXES: dict[str, int] = {"Conv": 0, "ConvTranspose": 1}

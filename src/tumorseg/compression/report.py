@@ -8,18 +8,29 @@ model is chosen by :func:`choose_edge`: variants meeting both deployment targets
 (``compress.target_speedup`` x faster and ``compress.target_size_ratio`` x smaller than fp32) come
 first; within a group, the fastest (median latency of the whole ``predict`` path), then the
 smallest file.
+
+:func:`publish` writes the stage's outputs: the deployable variant files in ``compress.out_dir``
+and both reports (``reports/compression.json``, ``reports/compression.md``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from tumorseg.data.manifest import atomic_output, atomic_write_text
 
 BASELINE = "fp32"
 EDGE_RUNTIMES = ("onnxruntime", "torch.export")
 """Runtimes of deployable variant files: ONNX models, and torch.export programs (the bfloat16 variants)."""
+REPORT_JSON = "compression.json"
+REPORT_MD = "compression.md"
+VARIANT_SUFFIXES = (".onnx", ".pt2")
+"""Files ``tumorseg compress`` keeps in ``compress.out_dir``: ONNX models and torch.export programs."""
 
 
 @dataclass
@@ -41,7 +52,7 @@ class VariantResult:
         latency_s: median wall time of the whole ``predict`` of one latency case (read,
             preprocess, sliding window, restore), averaged over the latency cases.
         baseline_latency_s: the fp32 model's ``latency_s`` in the runs alternating with this
-            variant's (:func:`~tumorseg.compression.stage.measure_latencies`): the speed-up is
+            variant's (:func:`~tumorseg.compression.measure.measure_latencies`): the speed-up is
             ``baseline_latency_s / latency_s``.
         latency_runs_s: every timed run.
         inference_s: median sliding-window part of that time.
@@ -257,7 +268,22 @@ def report_markdown(
         "TC",
         "ET",
     ]
-    lines = [
+    lines = _table_head(regions, context)
+    baseline = next((r for r in results if r.name == BASELINE), None)
+    lines += [_table_row(r, edge, baseline, regions) for r in results]
+    lines.append("")
+    lines += _worst_case_lines(results)
+    lines += _precision_lines(results)
+    lines += _fine_tune_lines(results)
+    lines += _edge_lines(results, edge, context.get("targets"))
+    if context.get("build_and_measure_s") is not None:
+        lines.append(f"Build and measure time: {context['build_and_measure_s']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def _table_head(regions: list[str], context: dict[str, Any]) -> list[str]:
+    """Title, the measurement conditions, and the variant table's header (one Dice column per region)."""
+    return [
         "# Model compression",
         "",
         f"Source model: {context.get('source_model', '?')}. Latency: whole `predict` of "
@@ -271,24 +297,30 @@ def report_markdown(
         + "Dice mean | drop | max abs logit diff | gate |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(regions) + "---:|---:|---:|---|",
     ]
-    baseline = next((r for r in results if r.name == BASELINE), None)
-    for r in results:
-        gate = "baseline" if r.accepted is None else ("accepted" if r.accepted else "rejected")
-        if not r.measured and r.name != BASELINE:
-            gate = f"not measured: {r.reason}"
-        dice = [_fmt(r.dice.get(region), ".4f") for region in (*regions, "mean")]
-        lines.append(
-            f"| {r.name}{' **(edge)**' if edge is not None and r.name == edge.name else ''} | {r.runtime} "
-            f"| {_fmt(r.file_mb, '.2f')} | {_fmt(r.parameters, ',d')} | {_fmt(r.sparsity, '.2f')} "
-            f"| {_fmt(r.gmacs_per_window, '.2f')} | {_fmt(r.latency_s, '.2f')} | {_fmt(r.inference_s, '.2f')} "
-            f"| {_fmt(r.baseline_latency_s, '.2f')} | {_fmt(speedup_over(r, baseline), '.2f')} "
-            f"| {' | '.join(dice)} | {_fmt(r.dice_drop, '+.4f')} | {_fmt(r.onnx_max_abs_diff, '.2e')} | {gate} |"
-        )
-    lines.append("")
-    lines += _worst_case_lines(results)
-    lines += _precision_lines(results)
-    lines += _fine_tune_lines(results)
-    targets = context.get("targets")
+
+
+def _table_row(
+    r: VariantResult, edge: VariantResult | None, baseline: VariantResult | None, regions: list[str]
+) -> str:
+    """One variant's row of the table."""
+    gate = "baseline" if r.accepted is None else ("accepted" if r.accepted else "rejected")
+    if not r.measured and r.name != BASELINE:
+        gate = f"not measured: {r.reason}"
+    dice = [_fmt(r.dice.get(region), ".4f") for region in (*regions, "mean")]
+    return (
+        f"| {r.name}{' **(edge)**' if edge is not None and r.name == edge.name else ''} | {r.runtime} "
+        f"| {_fmt(r.file_mb, '.2f')} | {_fmt(r.parameters, ',d')} | {_fmt(r.sparsity, '.2f')} "
+        f"| {_fmt(r.gmacs_per_window, '.2f')} | {_fmt(r.latency_s, '.2f')} | {_fmt(r.inference_s, '.2f')} "
+        f"| {_fmt(r.baseline_latency_s, '.2f')} | {_fmt(speedup_over(r, baseline), '.2f')} "
+        f"| {' | '.join(dice)} | {_fmt(r.dice_drop, '+.4f')} | {_fmt(r.onnx_max_abs_diff, '.2e')} | {gate} |"
+    )
+
+
+def _edge_lines(
+    results: list[VariantResult], edge: VariantResult | None, targets: dict[str, float] | None
+) -> list[str]:
+    """The deployment targets, and which variant was chosen as edge with its ratios to fp32."""
+    lines: list[str] = []
     if targets:
         lines += [
             f"Targets: at least {targets['speedup']:g}x faster and {targets['size_ratio']:g}x smaller than fp32 "
@@ -298,24 +330,87 @@ def report_markdown(
         ]
     if edge is None:
         lines.append("No variant passed the gate: nothing registered as edge; the fp32 model is unchanged.")
-    else:
-        ratio = ratios(edge, results)
-        lines.append(
-            f"Edge: **{edge.name}**: {_fmt(ratio['speedup'], '.2f')}x faster than fp32, "
-            f"{_fmt(ratio['size_ratio'], '.2f')}x smaller file, mean Dice drop {_fmt(ratio['dice_drop'], '+.4f')}."
+        return lines
+    ratio = ratios(edge, results)
+    lines.append(
+        f"Edge: **{edge.name}**: {_fmt(ratio['speedup'], '.2f')}x faster than fp32, "
+        f"{_fmt(ratio['size_ratio'], '.2f')}x smaller file, mean Dice drop {_fmt(ratio['dice_drop'], '+.4f')}."
+    )
+    if targets:
+        met = meets_targets(
+            edge,
+            next((r for r in results if r.name == BASELINE), None),
+            targets["speedup"],
+            targets["size_ratio"],
         )
-        if targets:
-            met = meets_targets(
-                edge,
-                next((r for r in results if r.name == BASELINE), None),
-                targets["speedup"],
-                targets["size_ratio"],
-            )
-            lines.append(f"Targets met: {'yes' if met else 'no'}.")
-    if context.get("build_and_measure_s") is not None:
-        lines.append(f"Build and measure time: {context['build_and_measure_s']:.0f} s.")
-    return "\n".join(lines) + "\n"
+        lines.append(f"Targets met: {'yes' if met else 'no'}.")
+    return lines
 
 
 def report_json(report: dict[str, Any]) -> str:
     return json.dumps(report, indent=2, allow_nan=False) + "\n"
+
+
+@dataclass
+class CompressionResult:
+    """What ``tumorseg compress`` did.
+
+    Attributes:
+        variants: every variant, measured and gated (fp32 first).
+        edge: the chosen variant (None: none passed the gate).
+        report: the JSON report.
+        files: files written (reports, ONNX models), by name.
+        registered: ``{"name", "version", "alias", "uri"}`` of the registered edge version, or None.
+        run_id: MLflow run holding the report (None without MLflow).
+    """
+
+    variants: list[VariantResult]
+    edge: VariantResult | None
+    report: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+    registered: dict[str, str] | None = None
+    run_id: str | None = None
+
+    def one_line(self) -> str:
+        if self.edge is None:
+            return "compress: no variant passed the Dice gate; nothing registered (fp32 unchanged)"
+        r = self.report["edge_vs_fp32"]
+        text = (
+            f"compress: edge = {self.edge.name}: {r['speedup']:.2f}x faster, {r['size_ratio']:.2f}x smaller, "
+            f"mean Dice drop {r['dice_drop']:+.4f} (report {self.files.get('report_md')})"
+        )
+        if self.registered:
+            text += f"; registered {self.registered['uri']} as @{self.registered['alias']}"
+        return text
+
+
+def publish(
+    results: list[VariantResult],
+    report: dict[str, Any],
+    out_dir: Path,
+    reports: Path,
+    context: dict[str, Any],
+    edge: VariantResult | None,
+) -> dict[str, Path]:
+    """Move the variants' files (``.onnx``, ``.pt2``) into ``out_dir`` (replacing the previous run's); write both reports."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for suffix in VARIANT_SUFFIXES:
+        for stale in out_dir.glob(f"*{suffix}"):
+            stale.unlink()
+    files: dict[str, Path] = {}
+    for result in results:
+        if result.runtime not in EDGE_RUNTIMES or result.file is None:
+            continue
+        target = out_dir / f"{result.name}{Path(result.file).suffix}"
+        with atomic_output(target) as tmp:
+            shutil.copyfile(result.file, tmp)
+        files[result.name] = target
+    reports.mkdir(parents=True, exist_ok=True)
+    for variant in report["variants"]:  # the report names the kept files, not the temporary ones
+        if variant["name"] in files:
+            variant["file"] = str(files[variant["name"]])
+    files["report_json"] = reports / REPORT_JSON
+    files["report_md"] = reports / REPORT_MD
+    atomic_write_text(files["report_json"], report_json(report))
+    atomic_write_text(files["report_md"], report_markdown(results, edge, context=context))
+    return files

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 from tumorseg.errors import DataError, first_line
 
 FIGSHARE_LABELS: dict[int, str] = {1: "meningioma", 2: "glioma", 3: "pituitary"}
@@ -91,9 +91,6 @@ class PlanarPreprocessConfig(Section):
         if self.percentile_low >= self.percentile_high:
             raise ValueError("percentile_low must be below percentile_high")
         return self
-
-
-register_section("preprocess_2d", PlanarPreprocessConfig)
 
 
 # ---------------------------------------------------------------------------- reading

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from tumorseg.config import Section, SynthConfig, register_section
+from tumorseg.config import Section, SynthConfig
 from tumorseg.data.conventions import REGIONS
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.data.planar import FIGSHARE_LABELS, TUMOUR_TYPES
@@ -91,9 +91,6 @@ class SynthPlanarConfig(Section):
     spacing_mm: float = Field(2.0, ge=1.0, le=4.0)
     noise_level: float = Field(0.02, ge=0.0, le=0.3)
     seed: int = 42
-
-
-register_section("synth_2d", SynthPlanarConfig)
 
 
 # ---------------------------------------------------------------------------- MATLAB files

@@ -215,6 +215,8 @@ MONAI_FOLDS = 5
 _QUANTISE_MAX = 32767.0
 _ED_NOISE_FLOOR = 0.65
 """Smallest factor the noise may apply to the oedema's effective distance (keeps it positive)."""
+_PV_MM = np.float32(0.7)
+"""Partial-volume width (mm) of the tumour's region boundaries."""
 
 
 @dataclass(frozen=True)
@@ -500,11 +502,49 @@ def case_rng(seed: int, index: int) -> np.random.Generator:
 
 
 # ---------------------------------------------------------------- one case
+@dataclass(frozen=True)
+class _CaseFlags:
+    """The case-level choices of one case, each from its own low-discrepancy stream (no case draw).
+
+    Attributes:
+        tumour_free: no tumour at all.
+        necrotic: the tumour has a necrotic core (NCR/NETC).
+        anisotropic: thick slices along z.
+        reoriented: stored in LPS or LAS instead of RAS.
+        resected: a resection cavity (label sets with ``RC`` only).
+        cystic: cysts in the tumour core (label sets with ``CC`` only).
+    """
+
+    tumour_free: bool
+    necrotic: bool
+    anisotropic: bool
+    reoriented: bool
+    resected: bool
+    cystic: bool
+
+    @classmethod
+    def of(cls, cfg: SynthConfig, index: int, parts: dict[str, str]) -> _CaseFlags:
+        """The flags of case ``index``; ``parts`` are the generated parts the label set has."""
+        tumour_free = _case_flag(cfg.seed, index, "tumour_free", cfg.tumour_free_fraction)
+        return cls(
+            tumour_free=tumour_free,
+            necrotic=not _case_flag(cfg.seed, index, "no_necrosis", cfg.no_necrosis_fraction),
+            anisotropic=_case_flag(cfg.seed, index, "anisotropic", cfg.anisotropic_fraction),
+            reoriented=_case_flag(cfg.seed, index, "reoriented", cfg.reoriented_fraction),
+            resected="RC" in parts
+            and not tumour_free
+            and _case_flag(cfg.seed, index, "resection", RESECTION_FRACTION),
+            cystic="CC" in parts and not tumour_free and _case_flag(cfg.seed, index, "cystic", CYST_FRACTION),
+        )
+
+
 def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
     """Generate case ``index`` (1-based) of the dataset described by ``cfg``.
 
     Deterministic: the same ``(cfg, index)`` gives identical arrays, whatever the number of
-    cases in the dataset.
+    cases in the dataset. Each step below draws from the case's generator in turn (grid, anatomy,
+    tumour, tumour regions, rendering), so their order is part of the output: a new draw goes
+    last, or into a stream of its own as the cavity and cysts do.
 
     Args:
         index: case number, from 1.
@@ -522,33 +562,73 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
     convention = get_convention(synth_convention(cfg.layout, cfg.labels))
     label_set = _drawable(convention)
     rng = case_rng(cfg.seed, index)
-    tumour_free = _case_flag(cfg.seed, index, "tumour_free", cfg.tumour_free_fraction)
-    necrotic = not _case_flag(cfg.seed, index, "no_necrosis", cfg.no_necrosis_fraction)
-    anisotropic = _case_flag(cfg.seed, index, "anisotropic", cfg.anisotropic_fraction)
-    reoriented = _case_flag(cfg.seed, index, "reoriented", cfg.reoriented_fraction)
-    parts = _PART_LABELS[label_set.name]
-    resected = (
-        "RC" in parts and not tumour_free and _case_flag(cfg.seed, index, "resection", RESECTION_FRACTION)
-    )
-    cystic = "CC" in parts and not tumour_free and _case_flag(cfg.seed, index, "cystic", CYST_FRACTION)
-
-    s = float(cfg.spacing_mm)
-    slice_factor = float(rng.choice([2.0, 2.5, 3.0])) if anisotropic else 1.0
-    spacing = (s, s, round(min(s * slice_factor, 6.0), 3))
-    orientation = str(rng.choice(ORIENTATIONS_REORIENTED)) if reoriented else "RAS"
+    flags = _CaseFlags.of(cfg, index, _PART_LABELS[label_set.name])
+    spacing, orientation = _case_grid(rng, float(cfg.spacing_mm), flags)
     shape, affine = brats_grid(spacing)
     tpl = _template(spacing)
+    mni, region = _pull_back_field(rng, tpl, affine, shape)
+    tumour = {} if flags.tumour_free else _draw_tumour(rng, tpl, flags.necrotic)
+    if tumour:
+        _apply_mass_effect(mni, tumour)
+    idx, tissue_crop, brain_crop = _sample_template(mni, tpl)
+    del mni
+    labels_crop, fractions, box, fluid_rng = _tumour_regions(
+        rng, idx, tpl, tumour, tissue_crop, brain_crop, spacing, flags, _fluid_rng(cfg.seed, index, flags)
+    )
+    del idx
+    images_crop = _render(
+        rng, tissue_crop, brain_crop, labels_crop, fractions, box, cfg, tumour, spacing, shape, region,
+        fluid_rng=fluid_rng,
+    )  # fmt: skip
+    labels = _uncrop(labels_crop, shape, region)
+    if label_set.name != "glioma":  # parts -> the set's internal codes (glioma's are the parts')
+        labels = _part_lut(label_set)[labels]
+    return SyntheticCase(
+        index=index,
+        images={m: _uncrop(v, shape, region) for m, v in images_crop.items()},
+        labels=labels,
+        affine=affine,
+        spacing=spacing,
+        tumour_free=flags.tumour_free,
+        orientation=orientation,
+        tissue={t: _uncrop(v, shape, region) for t, v in tissue_crop.items()},
+        brain_mask=_uncrop(brain_crop, shape, region),
+        info=_case_info(index, label_set, labels, tumour, flags.tumour_free, orientation, spacing, shape),
+        convention=convention.name,
+    )
 
-    # --- per-case anatomy: world (output) mm -> MNI mm through affine + smooth deformation.
-    # The MNI152 template is larger than a typical native-space brain (it was built by affine
-    # registration to the enlarged MNI305 target), so cases are mostly shrunk a little.
+
+def _case_grid(
+    rng: np.random.Generator, s: float, flags: _CaseFlags
+) -> tuple[tuple[float, float, float], str]:
+    """Voxel spacing (thick z slices for an anisotropic case) and storage orientation of a case."""
+    slice_factor = float(rng.choice([2.0, 2.5, 3.0])) if flags.anisotropic else 1.0
+    spacing = (s, s, round(min(s * slice_factor, 6.0), 3))
+    orientation = str(rng.choice(ORIENTATIONS_REORIENTED)) if flags.reoriented else "RAS"
+    return spacing, orientation
+
+
+def _pull_back_field(
+    rng: np.random.Generator, tpl: _Template, affine: np.ndarray, shape: tuple[int, int, int]
+) -> tuple[list[np.ndarray], tuple[slice, slice, slice]]:
+    """Per-case anatomy: the MNI mm position each voxel samples, over the box the brain can occupy.
+
+    World (output) mm map to MNI mm through a small affine (scale, rotation, shift) plus a smooth
+    random deformation. The MNI152 template is larger than a typical native-space brain (it was
+    built by affine registration to the enlarged MNI305 target), so cases are mostly shrunk a
+    little. Only the part of the box the brain can occupy (about half of it) is computed: faster
+    at 1 mm.
+
+    Returns:
+        ``(mni, region)``: three float32 ``(x, y, z)`` coordinate maps (MNI x, y, z) over
+        ``region``, the slices of the output grid they cover.
+    """
     scale = np.diag(rng.uniform([0.87, 0.86, 0.9], [1.0, 1.01, 1.02]))
     rotation = _random_rotation(rng, 6.0)
     shift = rng.uniform(-4.0, 4.0, 3)
     pull = rotation @ np.linalg.inv(scale)  # offset from the box centre (mm) -> MNI offset
     mni_centre = np.asarray(MNI_BOX_CENTRE_MM) + shift
     displacement_mm = float(rng.uniform(2.0, 4.5))
-    # Work only on the part of the box the brain can occupy (about half of it): faster at 1 mm.
     region = _brain_region(tpl, pull, mni_centre, affine, shape, margin_mm=displacement_mm + 10.0)
     axes = [
         (
@@ -570,81 +650,115 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
         comp = comp + np.float32(mni_centre[row])
         comp += np.float32(displacement_mm) * smooth_random_field(rng, shape, ctrl, region)
         mni.append(comp.astype(np.float32, copy=False))
+    return mni, region
 
-    # --- tumour geometry (in MNI mm, so it deforms with the anatomy).
-    tumour: dict[str, Any] = {}
-    if not tumour_free:
-        pick = int(rng.integers(len(tpl.centres_mm)))
-        centre = tpl.centres_mm[pick].astype(np.float64) + rng.uniform(-1.0, 1.0, 3)
-        depth = float(tpl.depth_mm[pick])
-        r_core = float(min(rng.uniform(8.0, 25.0), 0.85 * depth))
-        tumour = {
-            "centre_mni": centre,
-            "r_core": r_core,
-            "axes": rng.uniform(0.75, 1.3, 3),
-            "rotation": _uniform_rotation(rng),
-            "lobulation": float(rng.uniform(0.12, 0.3)),
-            "necrosis_ratio": float(rng.uniform(0.45, 0.8)) if necrotic else 0.0,
-            "oedema_reach": float(rng.uniform(5.0, 24.0)),
-            "mass_effect": float(rng.uniform(0.25, 0.5)),
-        }
-        _apply_mass_effect(mni, tumour)
 
-    # --- sample the template through the pull-back field.
+def _draw_tumour(rng: np.random.Generator, tpl: _Template, necrotic: bool) -> dict[str, Any]:
+    """Tumour geometry in MNI mm (so that it deforms with the anatomy), centred in cerebral white matter.
+
+    The dict's entries are drawn in the order they are written, which the output depends on.
+    """
+    pick = int(rng.integers(len(tpl.centres_mm)))
+    centre = tpl.centres_mm[pick].astype(np.float64) + rng.uniform(-1.0, 1.0, 3)
+    depth = float(tpl.depth_mm[pick])
+    r_core = float(min(rng.uniform(8.0, 25.0), 0.85 * depth))
+    return {
+        "centre_mni": centre,
+        "r_core": r_core,
+        "axes": rng.uniform(0.75, 1.3, 3),
+        "rotation": _uniform_rotation(rng),
+        "lobulation": float(rng.uniform(0.12, 0.3)),
+        "necrosis_ratio": float(rng.uniform(0.45, 0.8)) if necrotic else 0.0,
+        "oedema_reach": float(rng.uniform(5.0, 24.0)),
+        "mass_effect": float(rng.uniform(0.25, 0.5)),
+    }
+
+
+def _sample_template(
+    mni: list[np.ndarray], tpl: _Template
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """The template pulled through the field: ``(idx, tissue, brain)`` over the working region.
+
+    ``idx`` is the ``(3, x, y, z)`` template voxel position of each voxel, ``tissue`` the GM/WM/CSF
+    probabilities there (trilinear, 0 outside the template) and ``brain`` where they sum above 0.5.
+    """
     idx = np.stack([(mni[k] - np.float32(tpl.origin_mm[k])) / np.float32(tpl.spacing[k]) for k in range(3)])
-    del mni
-    tissue_crop = {
+    tissue = {
         name: ndi.map_coordinates(tpl.tissue[k], idx, order=1, output=np.float32, mode="constant", cval=0.0)
         for k, name in enumerate(TISSUES)
     }
-    brain_crop = (tissue_crop["gm"] + tissue_crop["wm"] + tissue_crop["csf"]) > 0.5
+    brain = (tissue["gm"] + tissue["wm"] + tissue["csf"]) > 0.5
+    return idx, tissue, brain
 
-    # --- tumour sub-regions (labels + soft fractions for partial volume), only near the tumour.
-    labels_crop = np.zeros(brain_crop.shape, dtype=np.uint8)
-    fractions: dict[str, np.ndarray] = {}
-    box: tuple[slice, ...] = ()
-    fluid_rng: np.random.Generator | None = None
-    if tumour:
-        box, labels_box, fractions = _grow_tumour(rng, idx, tpl, tumour, tissue_crop, brain_crop, spacing)
-        if resected or cystic:
-            # Own stream: the anatomy, tumour, bias and noise stay those of the case without them.
-            stream = _CAVITY_STREAM if resected else _CYST_STREAM
-            fluid_rng = np.random.default_rng([_seed_word(cfg.seed), int(index), stream])
-            centre_idx = (tumour["centre_mni"] - tpl.origin_mm) / tpl.spacing
-            offset = np.stack(
-                [(idx[k][box] - np.float32(centre_idx[k])) * np.float32(tpl.spacing[k]) for k in range(3)]
-            )
-            if resected:
-                _add_cavity(fluid_rng, offset, tumour, labels_box, fractions, brain_crop[box], spacing)
-            else:
-                _add_cysts(fluid_rng, offset, tumour, labels_box, fractions, spacing)
-            del offset
-        labels_crop[box] = labels_box
-    del idx
 
-    images_crop = _render(
-        rng, tissue_crop, brain_crop, labels_crop, fractions, box, cfg, tumour, spacing, shape, region,
-        fluid_rng=fluid_rng,
-    )  # fmt: skip
+def _fluid_rng(seed: int, index: int, flags: _CaseFlags) -> np.random.Generator | None:
+    """The own stream of a cavity or cysts, so the anatomy, tumour, bias and noise stay those of the
+    case without them (None when the case has neither)."""
+    if not (flags.resected or flags.cystic):
+        return None
+    stream = _CAVITY_STREAM if flags.resected else _CYST_STREAM
+    return np.random.default_rng([_seed_word(seed), int(index), stream])
 
-    def full(crop: np.ndarray) -> np.ndarray:
-        out = np.zeros(shape, dtype=crop.dtype)
-        out[region] = crop
-        return out
 
-    images = {m: full(v) for m, v in images_crop.items()}
-    tissue = {t: full(v) for t, v in tissue_crop.items()}
-    labels = full(labels_crop)
-    brain = full(brain_crop)
-    if label_set.name != "glioma":  # parts -> the set's internal codes (glioma's are the parts')
-        labels = _part_lut(label_set)[labels]
+def _tumour_regions(
+    rng: np.random.Generator,
+    idx: np.ndarray,
+    tpl: _Template,
+    tumour: dict[str, Any],
+    tissue: dict[str, np.ndarray],
+    brain: np.ndarray,
+    spacing: tuple[float, float, float],
+    flags: _CaseFlags,
+    fluid_rng: np.random.Generator | None,
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[slice, ...], np.random.Generator | None]:
+    """Tumour sub-regions (labels + soft fractions for partial volume), computed only near the tumour.
 
+    Returns:
+        ``(labels, fractions, box, fluid_rng)``: part labels over the working region, the soft
+        fractions in the tumour ``box`` (:func:`_grow_tumour`, plus ``rc`` / ``cc``), and the
+        cavity's or cysts' stream for the rendering (None without a tumour, a cavity or cysts).
+    """
+    labels = np.zeros(brain.shape, dtype=np.uint8)
+    if not tumour:
+        return labels, {}, (), None
+    box, labels_box, fractions = _grow_tumour(rng, idx, tpl, tumour, tissue, brain, spacing)
+    if fluid_rng is not None:
+        centre_idx = (tumour["centre_mni"] - tpl.origin_mm) / tpl.spacing
+        offset = np.stack(
+            [(idx[k][box] - np.float32(centre_idx[k])) * np.float32(tpl.spacing[k]) for k in range(3)]
+        )
+        if flags.resected:
+            _add_cavity(fluid_rng, offset, tumour, labels_box, fractions, brain[box], spacing)
+        else:
+            _add_cysts(fluid_rng, offset, tumour, labels_box, fractions, spacing)
+    labels[box] = labels_box
+    return labels, fractions, box, fluid_rng
+
+
+def _uncrop(crop: np.ndarray, shape: tuple[int, int, int], region: tuple[slice, ...]) -> np.ndarray:
+    """A working-region map placed on the full grid, zeros (background) elsewhere."""
+    out = np.zeros(shape, dtype=crop.dtype)
+    out[region] = crop
+    return out
+
+
+def _case_info(
+    index: int,
+    label_set: LabelSet,
+    labels: np.ndarray,
+    tumour: dict[str, Any],
+    tumour_free: bool,
+    orientation: str,
+    spacing: tuple[float, float, float],
+    shape: tuple[int, int, int],
+) -> dict[str, Any]:
+    """The JSON-able record of a case in ``synth_meta.json`` (``labels`` in the set's internal codes)."""
+    parts = _PART_LABELS[label_set.name]
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    necrosis_code = label_set.code(parts["NCR"])
     info: dict[str, Any] = {
         "case_index": index,
         "tumour_type": None if tumour_free else TUMOUR_TYPE,
-        "necrosis": bool((labels == necrosis_code).any()),
+        "necrosis": bool((labels == label_set.code(parts["NCR"])).any()),
         "orientation": orientation,
         "spacing_mm": list(spacing),
         "shape": list(shape),
@@ -661,19 +775,7 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
     if tumour:
         info["centre_mni_mm"] = [round(float(v), 1) for v in tumour["centre_mni"]]
         info["core_radius_mm"] = round(tumour["r_core"], 1)
-    return SyntheticCase(
-        index=index,
-        images=images,
-        labels=labels,
-        affine=affine,
-        spacing=spacing,
-        tumour_free=tumour_free,
-        orientation=orientation,
-        tissue=tissue,
-        brain_mask=brain,
-        info=info,
-        convention=convention.name,
-    )
+    return info
 
 
 def synth_convention(layout: str, labels: str = "auto") -> str:
@@ -794,6 +896,8 @@ def _grow_tumour(
 ) -> tuple[tuple[slice, ...], np.ndarray, dict[str, np.ndarray]]:
     """Tumour core, necrosis, enhancing rim and oedema inside the tumour's bounding box.
 
+    Draws from ``rng`` in this order: core outline, necrosis (when the tumour has one), oedema.
+
     Args:
         idx: ``(3, X, Y, Z)`` template voxel coordinates of each output voxel (after mass effect).
 
@@ -803,25 +907,11 @@ def _grow_tumour(
         intensity model.
     """
     sp = np.asarray(spacing)
-    centre_idx = (tumour["centre_mni"] - tpl.origin_mm) / tpl.spacing
-    # Distance to the centre in template mm (the pull-back is smooth: template mm ~ output mm).
-    offset = [(idx[k] - np.float32(centre_idx[k])) * np.float32(tpl.spacing[k]) for k in range(3)]
-    # The box holds everything the oedema can reach: its effective distance is at least
-    # ``_ED_NOISE_FLOOR`` times the Euclidean one (speed <= 1).
-    core_reach = tumour["r_core"] * float(tumour["axes"].max()) / (1.0 - tumour["lobulation"])
-    reach = core_reach + tumour["oedema_reach"] * 1.5 / _ED_NOISE_FLOOR + 4.0
-    near = (offset[0] ** 2 + offset[1] ** 2 + offset[2] ** 2) < reach**2
-    nz = (
-        np.nonzero(near.any(axis=(1, 2)))[0],
-        np.nonzero(near.any(axis=(0, 2)))[0],
-        np.nonzero(near.any(axis=(0, 1)))[0],
-    )
-    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in nz)
+    box, rel = _tumour_box(idx, tpl, tumour)
     shape = tuple(sl.stop - sl.start for sl in box)
-
+    brain_box = brain[box]
     # Lobulated ellipsoid: distance measured in the tumour's own (rotated, stretched) frame and
     # perturbed by smooth noise; the noise scales set lobe size (~ a third of the radius).
-    rel = np.stack([o[box] for o in offset])  # (3, x, y, z) mm
     local = np.einsum("ij,jxyz->ixyz", tumour["rotation"].T.astype(np.float32), rel)
     local /= tumour["axes"].astype(np.float32)[:, None, None, None]
     dist = np.sqrt((local**2).sum(axis=0))
@@ -830,42 +920,16 @@ def _grow_tumour(
     core_dist = dist * (
         1.0 + np.float32(tumour["lobulation"]) * np.tanh(_local_noise(rng, shape, lobe_sigma))
     )
-    pv_mm = np.float32(0.7)  # partial-volume width of region boundaries
-    brain_box = brain[box]
-    s_core = _sigmoid((np.float32(tumour["r_core"]) - core_dist) / pv_mm) * brain_box
+    s_core = _sigmoid((np.float32(tumour["r_core"]) - core_dist) / _PV_MM) * brain_box
     core = _largest_component(s_core > 0.5)
     s_core *= ndi.binary_dilation(core, iterations=2)
-
     if tumour["necrosis_ratio"] > 0:
-        # Necrosis: a noisier, off-centre inner region; the rim left around it varies in thickness.
-        shift = rng.uniform(-0.2, 0.2, 3).astype(np.float32) * np.float32(tumour["r_core"])
-        nec_dist = np.sqrt(((local - shift[:, None, None, None]) ** 2).sum(axis=0))
-        nec_dist *= 1.0 + np.float32(0.25) * np.tanh(_local_noise(rng, shape, lobe_sigma * 0.8))
-        r_nec = np.float32(tumour["necrosis_ratio"] * tumour["r_core"])
-        s_nec = _sigmoid((r_nec - nec_dist) / pv_mm)
-        # Keep at least a thin enhancing rim: necrosis only well inside the core.
-        s_nec *= _sigmoid((np.float32(tumour["r_core"]) - np.float32(1.5) - core_dist) / pv_mm)
+        s_nec = _necrosis(rng, local, core_dist, tumour, lobe_sigma)
     else:
         s_nec = np.zeros(shape, dtype=np.float32)
     ncr = core & (s_nec > 0.5)
     et = core & ~ncr
-
-    # Oedema: distance from the core divided by a spread speed that is high in white matter
-    # (vasogenic oedema tracks along fibres, sparing cortex), perturbed by noise -> finger-like.
-    wm_box = tissue["wm"][box]
-    csf_box = tissue["csf"][box]
-    speed = 0.12 + 0.88 * ndi.gaussian_filter(wm_box, np.maximum(1.5 / sp, 0.5))
-    from_core = ndi.distance_transform_edt(~core, sampling=sp).astype(np.float32)
-    ed_noise = _local_noise(rng, shape, np.maximum(5.0 / sp, 0.8))
-    effective = from_core / speed * (1.0 + np.float32(1.0 - _ED_NOISE_FLOOR) * np.tanh(ed_noise))
-    reach_ed = np.float32(tumour["oedema_reach"])
-    s_ed = _sigmoid((reach_ed - effective) / (np.float32(0.12) * reach_ed + pv_mm))
-    s_ed *= np.clip(1.0 - 1.5 * csf_box, 0.0, 1.0) * brain_box  # free water is not oedema
-    ed = (s_ed > 0.5) & ~core
-    # Only oedema connected to the tumour (no islands across sulci).
-    components, _ = ndi.label(ed | core)
-    touching = np.unique(components[core])
-    ed &= np.isin(components, touching[touching > 0])
+    ed, s_ed, from_core = _oedema(rng, core, tissue, brain_box, box, tumour, sp)
 
     labels = np.zeros(shape, dtype=np.uint8)
     labels[ed] = 2
@@ -880,6 +944,85 @@ def _grow_tumour(
         "from_core": from_core,
     }
     return box, labels, fractions
+
+
+def _tumour_box(
+    idx: np.ndarray, tpl: _Template, tumour: dict[str, Any]
+) -> tuple[tuple[slice, ...], np.ndarray]:
+    """The box of the working region the tumour and its oedema can reach, and ``(3, x, y, z)`` offsets
+    (template mm) of its voxels from the tumour centre.
+
+    The box holds everything the oedema can reach: its effective distance is at least
+    ``_ED_NOISE_FLOOR`` times the Euclidean one (speed <= 1).
+    """
+    centre_idx = (tumour["centre_mni"] - tpl.origin_mm) / tpl.spacing
+    # Distance to the centre in template mm (the pull-back is smooth: template mm ~ output mm).
+    offset = [(idx[k] - np.float32(centre_idx[k])) * np.float32(tpl.spacing[k]) for k in range(3)]
+    core_reach = tumour["r_core"] * float(tumour["axes"].max()) / (1.0 - tumour["lobulation"])
+    reach = core_reach + tumour["oedema_reach"] * 1.5 / _ED_NOISE_FLOOR + 4.0
+    near = (offset[0] ** 2 + offset[1] ** 2 + offset[2] ** 2) < reach**2
+    nz = (
+        np.nonzero(near.any(axis=(1, 2)))[0],
+        np.nonzero(near.any(axis=(0, 2)))[0],
+        np.nonzero(near.any(axis=(0, 1)))[0],
+    )
+    box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in nz)
+    return box, np.stack([o[box] for o in offset])
+
+
+def _necrosis(
+    rng: np.random.Generator,
+    local: np.ndarray,
+    core_dist: np.ndarray,
+    tumour: dict[str, Any],
+    lobe_sigma: np.ndarray,
+) -> np.ndarray:
+    """Soft necrosis: a noisier, off-centre inner region; the rim left around it varies in thickness.
+
+    Args:
+        local: ``(3, x, y, z)`` offsets in the tumour's own (rotated, stretched) frame.
+        core_dist: the core's perturbed distance field.
+    """
+    shift = rng.uniform(-0.2, 0.2, 3).astype(np.float32) * np.float32(tumour["r_core"])
+    nec_dist = np.sqrt(((local - shift[:, None, None, None]) ** 2).sum(axis=0))
+    nec_dist *= 1.0 + np.float32(0.25) * np.tanh(_local_noise(rng, core_dist.shape, lobe_sigma * 0.8))
+    r_nec = np.float32(tumour["necrosis_ratio"] * tumour["r_core"])
+    s_nec = _sigmoid((r_nec - nec_dist) / _PV_MM)
+    # Keep at least a thin enhancing rim: necrosis only well inside the core.
+    s_nec *= _sigmoid((np.float32(tumour["r_core"]) - np.float32(1.5) - core_dist) / _PV_MM)
+    return s_nec
+
+
+def _oedema(
+    rng: np.random.Generator,
+    core: np.ndarray,
+    tissue: dict[str, np.ndarray],
+    brain_box: np.ndarray,
+    box: tuple[slice, ...],
+    tumour: dict[str, Any],
+    sp: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Oedema around the ``core``: ``(mask, soft fraction, distance from the core in mm)``.
+
+    Its distance from the core is divided by a spread speed that is high in white matter
+    (vasogenic oedema tracks along fibres, sparing cortex) and perturbed by noise, so it grows
+    finger-like; free water is not oedema, and only components connected to the tumour count
+    (no islands across sulci).
+    """
+    wm_box = tissue["wm"][box]
+    csf_box = tissue["csf"][box]
+    speed = 0.12 + 0.88 * ndi.gaussian_filter(wm_box, np.maximum(1.5 / sp, 0.5))
+    from_core = ndi.distance_transform_edt(~core, sampling=sp).astype(np.float32)
+    ed_noise = _local_noise(rng, core.shape, np.maximum(5.0 / sp, 0.8))
+    effective = from_core / speed * (1.0 + np.float32(1.0 - _ED_NOISE_FLOOR) * np.tanh(ed_noise))
+    reach_ed = np.float32(tumour["oedema_reach"])
+    s_ed = _sigmoid((reach_ed - effective) / (np.float32(0.12) * reach_ed + _PV_MM))
+    s_ed *= np.clip(1.0 - 1.5 * csf_box, 0.0, 1.0) * brain_box
+    ed = (s_ed > 0.5) & ~core
+    components, _ = ndi.label(ed | core)
+    touching = np.unique(components[core])
+    ed &= np.isin(components, touching[touching > 0])
+    return ed, s_ed, from_core
 
 
 def _add_cavity(
@@ -979,6 +1122,9 @@ def _render(
 ) -> dict[str, np.ndarray]:
     """Four co-registered skull-stripped sequences from tissue and tumour fractions.
 
+    Draws from ``rng`` in this order: tissue texture, tumour texture, per-case contrast jitter,
+    then per sequence its bias field, noise and scanner scale.
+
     Args:
         tissue, brain, labels: maps of the working region of the grid, ``(x, y, z)``.
         fractions: soft NCR/ET/ED fractions in the tumour ``box`` (see :func:`_grow_tumour`), and
@@ -995,34 +1141,10 @@ def _render(
     # Everything below runs on the brain voxels only (flat C-order indices), ~1/5 of the box.
     flat = np.flatnonzero(brain)
     voxels = {t: tissue[t].ravel()[flat] for t in TISSUES}
-    # Tissue texture shared by all sequences (it is the same tissue): ~3 % smooth variation.
-    coarse = tuple(max(4, n // 4) for n in shape)
-    texture = ndi.zoom(_local_noise(rng, coarse, 1.0), np.asarray(shape) / np.asarray(coarse), order=1)
-    texture = np.pad(
-        texture[: shape[0], : shape[1], : shape[2]],
-        [(0, max(0, n - t)) for n, t in zip(shape, texture.shape, strict=True)],
-        mode="edge",
-    )
-    texture_v = 1.0 + np.float32(0.03) * texture.ravel()[flat]
-    fluids = [k for k in _FLUID_PARTS if k in fractions]
-    if tumour:
-        in_box = np.zeros(shape, dtype=bool)
-        in_box[box] = True
-        # Positions (in the flat brain vector) of the brain voxels of the tumour box; C order
-        # inside the box matches C order in the region, so boolean selection lines them up.
-        pos = np.flatnonzero(in_box.ravel()[flat])
-        sel = brain[box]
-        f = {k: v[sel] for k, v in fractions.items()}
-        sp_vox = np.maximum(2.0 / np.asarray(spacing), 0.7)
-        tumour_noise = {k: _local_noise(rng, sel.shape, sp_vox)[sel] for k in ("ncr", "et", "ed")}
-        # Oedema is strongest next to the tumour and fades outwards.
-        fade = 0.6 + 0.4 * np.exp(-f["from_core"] / np.float32(3.0 * tumour["oedema_reach"] + 1.0))
-        rest = 1.0 - f["ncr"] - f["et"] - f["ed"]
-        for k in fluids:
-            assert fluid_rng is not None
-            rest = rest - f[k]
-            tumour_noise[k] = _local_noise(fluid_rng, sel.shape, sp_vox)[sel]
+    texture_v = _tissue_texture(rng, shape, flat)
+    mix = _TumourMix.of(rng, fluid_rng, brain, box, fractions, tumour, spacing, flat) if tumour else None
     jitter = {m: rng.uniform(0.97, 1.03, 6) for m in CANONICAL_MODALITIES}  # per-case contrast
+    fluids = [k for k in _FLUID_PARTS if k in fractions]
     fluid_jitter = (
         {m: fluid_rng.uniform(0.97, 1.03, len(fluids)) for m in CANONICAL_MODALITIES} if fluids else {}
     )
@@ -1030,30 +1152,119 @@ def _render(
     for m in CANONICAL_MODALITIES:
         c = {k: np.float32(v * j) for (k, v), j in zip(_CONTRAST[m].items(), jitter[m], strict=True)}
         values = (c["gm"] * voxels["gm"] + c["wm"] * voxels["wm"] + c["csf"] * voxels["csf"]) * texture_v
-        if tumour:
-            healthy = values[pos]
-            ed_level = c["ed"] * (1.0 + np.float32(0.06) * tumour_noise["ed"])
-            ed_level = healthy + (ed_level - healthy) * fade
-            ncr_level = c["ncr"] * (1.0 + np.float32(0.10) * tumour_noise["ncr"])
-            et_level = c["et"] * (1.0 + np.float32(0.08) * tumour_noise["et"])
-            values[pos] = healthy * rest + ed_level * f["ed"] + ncr_level * f["ncr"] + et_level * f["et"]
-            for k, j in zip(fluids, fluid_jitter.get(m, ()), strict=True):
-                level = np.float32(_CONTRAST_FLUID[m][k] * j) * (1.0 + np.float32(0.04) * tumour_noise[k])
-                values[pos] += level * f[k]
-        # Scanner: smooth multiplicative bias, Rician noise, scale and offset; skull-stripped.
-        bias = smooth_random_field(rng, grid_shape, (3, 3, 3), region).ravel()[flat]
-        values *= np.exp(np.float32(cfg.bias_field_strength) * bias)
-        sigma = np.float32(cfg.noise_level * rng.uniform(0.8, 1.2))
-        if sigma > 0:
-            n_re = rng.standard_normal(values.shape, dtype=np.float32) * sigma
-            n_im = rng.standard_normal(values.shape, dtype=np.float32) * sigma
-            values = np.sqrt((values + n_re) ** 2 + n_im**2)
-        scale = np.float32(_BASE_SCALE[m] * math.exp(rng.uniform(-0.4, 0.4)))
-        offset = np.float32(rng.uniform(0.0, 0.06))
+        if mix is not None:
+            mix.apply(values, c, m, fluid_jitter.get(m, ()))
         out = np.zeros(shape, dtype=np.float32)
-        out.ravel()[flat] = (values + offset) * scale
+        out.ravel()[flat] = _scanner(rng, values, m, cfg, grid_shape, region, flat)
         images[m] = out
     return images
+
+
+def _tissue_texture(rng: np.random.Generator, shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
+    """Tissue texture shared by all sequences (it is the same tissue): ~3 % smooth variation, as a
+    factor on the brain voxels ``flat``."""
+    coarse = tuple(max(4, n // 4) for n in shape)
+    texture = ndi.zoom(_local_noise(rng, coarse, 1.0), np.asarray(shape) / np.asarray(coarse), order=1)
+    texture = np.pad(
+        texture[: shape[0], : shape[1], : shape[2]],
+        [(0, max(0, n - t)) for n, t in zip(shape, texture.shape, strict=True)],
+        mode="edge",
+    )
+    return 1.0 + np.float32(0.03) * texture.ravel()[flat]
+
+
+@dataclass
+class _TumourMix:
+    """How the tumour's parts replace healthy tissue in the brain voxels of the tumour box.
+
+    Attributes:
+        pos: positions (in the flat brain vector) of the brain voxels of the tumour box.
+        f: part -> soft fraction at those voxels (``ncr``, ``et``, ``ed``, fluids, ``from_core``).
+        noise: part -> unit texture of the part at those voxels.
+        fade: oedema contrast weight, strongest next to the tumour.
+        rest: the healthy tissue's share.
+        fluids: the fluid parts present (``rc``, ``cc``).
+    """
+
+    pos: np.ndarray
+    f: dict[str, np.ndarray]
+    noise: dict[str, np.ndarray]
+    fade: np.ndarray
+    rest: np.ndarray
+    fluids: list[str]
+
+    @classmethod
+    def of(
+        cls,
+        rng: np.random.Generator,
+        fluid_rng: np.random.Generator | None,
+        brain: np.ndarray,
+        box: tuple[slice, ...],
+        fractions: dict[str, np.ndarray],
+        tumour: dict[str, Any],
+        spacing: tuple[float, float, float],
+        flat: np.ndarray,
+    ) -> _TumourMix:
+        """Draw the parts' textures (tumour parts from ``rng``, fluids from ``fluid_rng``)."""
+        in_box = np.zeros(brain.shape, dtype=bool)
+        in_box[box] = True
+        # C order inside the box matches C order in the region, so boolean selection lines them up.
+        pos = np.flatnonzero(in_box.ravel()[flat])
+        sel = brain[box]
+        f = {k: v[sel] for k, v in fractions.items()}
+        sp_vox = np.maximum(2.0 / np.asarray(spacing), 0.7)
+        noise = {k: _local_noise(rng, sel.shape, sp_vox)[sel] for k in ("ncr", "et", "ed")}
+        # Oedema is strongest next to the tumour and fades outwards.
+        fade = 0.6 + 0.4 * np.exp(-f["from_core"] / np.float32(3.0 * tumour["oedema_reach"] + 1.0))
+        rest = 1.0 - f["ncr"] - f["et"] - f["ed"]
+        fluids = [k for k in _FLUID_PARTS if k in fractions]
+        for k in fluids:
+            assert fluid_rng is not None
+            rest = rest - f[k]
+            noise[k] = _local_noise(fluid_rng, sel.shape, sp_vox)[sel]
+        return cls(pos=pos, f=f, noise=noise, fade=fade, rest=rest, fluids=fluids)
+
+    def apply(
+        self, values: np.ndarray, c: dict[str, np.float32], modality: str, fluid_jitter: Sequence[float]
+    ) -> None:
+        """Mix the parts into one sequence's healthy ``values``, in place (contrasts ``c``)."""
+        f, noise = self.f, self.noise
+        healthy = values[self.pos]
+        ed_level = c["ed"] * (1.0 + np.float32(0.06) * noise["ed"])
+        ed_level = healthy + (ed_level - healthy) * self.fade
+        ncr_level = c["ncr"] * (1.0 + np.float32(0.10) * noise["ncr"])
+        et_level = c["et"] * (1.0 + np.float32(0.08) * noise["et"])
+        values[self.pos] = (
+            healthy * self.rest + ed_level * f["ed"] + ncr_level * f["ncr"] + et_level * f["et"]
+        )
+        for k, j in zip(self.fluids, fluid_jitter, strict=True):
+            level = np.float32(_CONTRAST_FLUID[modality][k] * j) * (1.0 + np.float32(0.04) * noise[k])
+            values[self.pos] += level * f[k]
+
+
+def _scanner(
+    rng: np.random.Generator,
+    values: np.ndarray,
+    modality: str,
+    cfg: SynthConfig,
+    grid_shape: Sequence[int],
+    region: Sequence[slice],
+    flat: np.ndarray,
+) -> np.ndarray:
+    """One sequence through the scanner: smooth multiplicative bias, Rician noise, scale and offset.
+
+    ``values`` (the brain voxels ``flat``) is changed in place by the bias; the result is new.
+    """
+    bias = smooth_random_field(rng, grid_shape, (3, 3, 3), region).ravel()[flat]
+    values *= np.exp(np.float32(cfg.bias_field_strength) * bias)
+    sigma = np.float32(cfg.noise_level * rng.uniform(0.8, 1.2))
+    if sigma > 0:
+        n_re = rng.standard_normal(values.shape, dtype=np.float32) * sigma
+        n_im = rng.standard_normal(values.shape, dtype=np.float32) * sigma
+        values = np.sqrt((values + n_re) ** 2 + n_im**2)
+    scale = np.float32(_BASE_SCALE[modality] * math.exp(rng.uniform(-0.4, 0.4)))
+    offset = np.float32(rng.uniform(0.0, 0.06))
+    return (values + offset) * scale
 
 
 # ---------------------------------------------------------------- writing

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 
 if TYPE_CHECKING:
     from monai.transforms import Compose
@@ -124,9 +124,6 @@ class AugmentConfig(Section):
                 raise ValueError(f"{name} must be (low, high) with 0 < low <= high")
         return self
 
-
-register_section("data_loader", DataLoaderConfig)
-register_section("augment", AugmentConfig)
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"

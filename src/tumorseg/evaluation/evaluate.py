@@ -58,6 +58,7 @@ from tumorseg.errors import DataError
 from tumorseg.evaluation.lesionwise import case_lesion_wise
 from tumorseg.evaluation.metrics import bounding_box, confusion_counts, distance_metrics, overlap_metrics
 from tumorseg.evaluation.summary import SUMMARY_METRICS as METRIC_COLUMNS
+from tumorseg.evaluation.summary import build_summary
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +146,7 @@ def evaluate_case(
     spacing = tuple(float(s) for s in spacing)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     total_voxels = ref.size
-    # Everything happens inside the labelled union box, grown by the largest lesion dilation
-    # reach; outside voxels are true negatives of every region.
-    reach = max((rule.dilation for rule in convention.scored), default=0)
-    box = bounding_box((pred > 0) | (ref > 0), margin=reach + 1)
-    if box is not None:
-        pred, ref = pred[box], ref[box]
+    pred, ref = _labelled_box(pred, ref, convention)
     pred_regions = convention.region_masks(pred)
     ref_regions = convention.region_masks(ref)
     counts = confusion_counts(pred_regions, ref_regions)
@@ -190,6 +186,21 @@ def evaluate_case(
             }
         )
     return rows
+
+
+def _labelled_box(
+    pred: np.ndarray, ref: np.ndarray, convention: LabelConvention
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both maps cut to the box of their labelled union, grown by the largest lesion dilation reach.
+
+    Everything is scored inside it: the voxels outside are true negatives of every region (counted
+    back from the full size), and no lesion's dilation reaches past its edge.
+    """
+    reach = max((rule.dilation for rule in convention.scored), default=0)
+    box = bounding_box((pred > 0) | (ref > 0), margin=reach + 1)
+    if box is None:
+        return pred, ref
+    return pred[box], ref[box]
 
 
 # ---------------------------------------------------------------- reading folders
@@ -482,83 +493,19 @@ def evaluate_folders(
     cfg = cfg or EvaluateConfig()
     pred_dir, ref_dir, out_csv = Path(pred_dir), Path(ref_dir), Path(out_csv)
     summary_path = Path(summary_path) if summary_path else out_csv.with_name(f"{out_csv.stem}.summary.json")
-    labels = labels or cfg.labels
-
-    ref_cases = list_cases(ref_dir, "reference")
-    pred_cases = list_cases(pred_dir, "prediction")
-    if not ref_cases:
-        raise DataError(f"{ref_dir}: no reference <case_id>.nii.gz files")
-    matched = sorted(set(ref_cases) & set(pred_cases))
-    if not matched:
-        example = next(iter(ref_cases))
-        raise DataError(
-            f"{pred_dir}: no prediction matches a reference case of {ref_dir} (expected e.g. {example}.nii.gz)"
-        )
-    missing = sorted(set(ref_cases) - set(pred_cases))
-    extra = sorted(set(pred_cases) - set(ref_cases))
-    if missing:
-        logger.warning(
-            "%d reference cases have no prediction, scored as empty: %s", len(missing), ", ".join(missing)
-        )
-    if extra:
-        logger.warning("%d predictions have no reference and are ignored: %s", len(extra), ", ".join(extra))
+    pairs = _FolderPairs.of(pred_dir, ref_dir)
     tumour_types = read_tumour_types(Path(case_info) if case_info else None, ref_dir)
-    base, explicit = resolve_base_convention(ref_dir, labels)
+    conventions = _FolderConventions(
+        *resolve_base_convention(ref_dir, labels or cfg.labels), case_conventions
+    )
 
     rows: list[dict[str, Any]] = []
     sources: dict[str, _CaseSource] = {}
-    first_of: dict[tuple[str, ...], tuple[str, Path]] = {}
-    with_3: list[Path] = []
-    with_4: list[Path] = []
-    for number, case_id in enumerate(sorted(ref_cases), start=1):
-        ref_path, pred_path = ref_cases[case_id], pred_cases.get(case_id)
-        ref, ref_affine, spacing = read_label_volume(ref_path)
-        if pred_path is not None:
-            pred, pred_affine, _ = read_label_volume(pred_path)
-            if pred.shape != ref.shape:
-                raise DataError(
-                    f"{pred_path}: shape {pred.shape} differs from the reference {ref_path} {ref.shape}"
-                )
-            deviation = float(np.max(np.abs(pred_affine - ref_affine)))
-            if deviation > cfg.affine_tolerance_mm:
-                raise DataError(
-                    f"{pred_path}: affine differs from the reference {ref_path} by {deviation:.3g} mm; "
-                    "predictions must be on the reference grid"
-                )
-        else:
-            pred = np.zeros_like(ref)
-
-        if case_conventions and case_id in case_conventions:
-            convention_name = case_conventions[case_id]
-        else:
-            values = set() if explicit else _label_values(ref) | _label_values(pred)
-            convention_name = case_convention(case_id, values, base, explicit, ref_path)
-            if not explicit and not BRATS_CHALLENGE_PREFIX.match(case_id):
-                # BraTS 2021 and 2023 agree on 0, 1, 2: a folder is one or the other as a whole
-                for value, seen in ((3, with_3), (4, with_4)):
-                    if value in values:
-                        seen.append(ref_path)
-                if with_3 and with_4:
-                    raise DataError(
-                        f"{ref_path}: label 3 in {with_3[0].name} but label 4 (BraTS 2021 ET) in "
-                        f"{with_4[0].name}; the folder mixes conventions: pass --labels"
-                    )
-        convention = get_convention(convention_name)
-        first_of.setdefault(convention.region_names, (convention_name, ref_path))
-        if len(first_of) > 1:
-            (name_a, path_a), (name_b, path_b) = list(first_of.values())[:2]
-            raise DataError(
-                f"{path_b}: read as {name_b} but {path_a.name} as {name_a}, which score other regions; "
-                "the folder mixes conventions: pass --labels"
-            )
-        canonical: dict[str, np.ndarray] = {}
-        for key, volume, path in (("ref", ref, ref_path), ("pred", pred, pred_path or ref_path)):
-            try:
-                canonical[key] = convention.encode(volume)
-            except ValueError as exc:
-                raise DataError(
-                    f"{path}: {exc}; pass --labels if the folder uses another convention"
-                ) from None
+    for number, case_id in enumerate(sorted(pairs.ref), start=1):
+        ref_path, pred_path = pairs.ref[case_id], pairs.pred.get(case_id)
+        ref, pred, spacing = _read_pair(ref_path, pred_path, cfg)
+        convention_name, convention = conventions.resolve(case_id, ref, pred, ref_path)
+        canonical = _encode_pair(convention, ref, pred, ref_path, pred_path)
         rows.extend(
             evaluate_case(
                 canonical["pred"],
@@ -571,11 +518,183 @@ def evaluate_folders(
             )
         )
         sources[case_id] = _CaseSource(ref_path, pred_path, convention_name)
-        logger.debug("evaluated %s (%d/%d)", case_id, number, len(ref_cases))
+        logger.debug("evaluated %s (%d/%d)", case_id, number, len(pairs.ref))
 
     per_case = pd.DataFrame(rows, columns=list(EVALUATION_COLUMNS))
-    from tumorseg.evaluation.summary import build_summary
+    conventions.settle(sources)
+    summary = _folder_summary(per_case, cfg, tumour_types, sources, pairs, pred_dir, ref_dir)
+    atomic_write_text(out_csv, per_case.to_csv(index=False))
+    atomic_write_text(summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
+    plot_paths: list[Path] = []
+    if cfg.plots if make_plots is None else make_plots:
+        plot_paths = _write_plots(per_case, sources, out_csv, Path(images_dir) if images_dir else None)
+    return EvaluationResult(per_case, summary, out_csv, summary_path, plot_paths)
+
+
+@dataclass(frozen=True)
+class _FolderPairs:
+    """The cases of a prediction and a reference folder, matched by case id.
+
+    Attributes:
+        ref, pred: case id -> file, per folder.
+        missing: reference cases without a prediction (scored as empty predictions).
+        extra: predictions without a reference (ignored).
+    """
+
+    ref: dict[str, Path]
+    pred: dict[str, Path]
+    missing: list[str]
+    extra: list[str]
+
+    @classmethod
+    def of(cls, pred_dir: Path, ref_dir: Path) -> _FolderPairs:
+        """List and match both folders, warning about unmatched cases on either side.
+
+        Raises:
+            DataError: a folder is missing, has no reference, or no prediction matches a reference.
+        """
+        ref_cases = list_cases(ref_dir, "reference")
+        pred_cases = list_cases(pred_dir, "prediction")
+        if not ref_cases:
+            raise DataError(f"{ref_dir}: no reference <case_id>.nii.gz files")
+        if not set(ref_cases) & set(pred_cases):
+            example = next(iter(ref_cases))
+            raise DataError(
+                f"{pred_dir}: no prediction matches a reference case of {ref_dir} (expected e.g. {example}.nii.gz)"
+            )
+        missing = sorted(set(ref_cases) - set(pred_cases))
+        extra = sorted(set(pred_cases) - set(ref_cases))
+        if missing:
+            logger.warning(
+                "%d reference cases have no prediction, scored as empty: %s", len(missing), ", ".join(missing)
+            )
+        if extra:
+            logger.warning(
+                "%d predictions have no reference and are ignored: %s", len(extra), ", ".join(extra)
+            )
+        return cls(ref_cases, pred_cases, missing, extra)
+
+
+def _read_pair(
+    ref_path: Path, pred_path: Path | None, cfg: EvaluateConfig
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """``(ref, pred, spacing)`` of a case as stored; an empty prediction where the file is missing.
+
+    Raises:
+        DataError: unreadable file, or a prediction off the reference's grid (shape, or affine
+            beyond ``cfg.affine_tolerance_mm``).
+    """
+    ref, ref_affine, spacing = read_label_volume(ref_path)
+    if pred_path is None:
+        return ref, np.zeros_like(ref), spacing
+    pred, pred_affine, _ = read_label_volume(pred_path)
+    if pred.shape != ref.shape:
+        raise DataError(f"{pred_path}: shape {pred.shape} differs from the reference {ref_path} {ref.shape}")
+    deviation = float(np.max(np.abs(pred_affine - ref_affine)))
+    if deviation > cfg.affine_tolerance_mm:
+        raise DataError(
+            f"{pred_path}: affine differs from the reference {ref_path} by {deviation:.3g} mm; "
+            "predictions must be on the reference grid"
+        )
+    return ref, pred, spacing
+
+
+@dataclass
+class _FolderConventions:
+    """The label convention of each case of a folder, and the checks that the folder is read as one.
+
+    Attributes:
+        base, explicit: from :func:`resolve_base_convention`.
+        known: case id -> convention known from ingest (skips the auto rules), or None.
+        first_of: scored regions -> the first case read with them (convention, reference file).
+        with_3, with_4: references without a BraTS prefix holding label 3 / 4 (auto rules only).
+    """
+
+    base: str
+    explicit: bool
+    known: dict[str, str] | None = None
+    first_of: dict[tuple[str, ...], tuple[str, Path]] = field(default_factory=dict)
+    with_3: list[Path] = field(default_factory=list)
+    with_4: list[Path] = field(default_factory=list)
+
+    def resolve(
+        self, case_id: str, ref: np.ndarray, pred: np.ndarray, ref_path: Path
+    ) -> tuple[str, LabelConvention]:
+        """The name and the convention of one case.
+
+        Raises:
+            DataError: an ambiguous case (:func:`case_convention`), or a folder that mixes
+                conventions (labels 3 and 4 without a BraTS prefix; conventions scoring other regions).
+        """
+        if self.known and case_id in self.known:
+            name = self.known[case_id]
+        else:
+            name = self._auto(case_id, ref, pred, ref_path)
+        convention = get_convention(name)
+        self.first_of.setdefault(convention.region_names, (name, ref_path))
+        if len(self.first_of) > 1:
+            (name_a, path_a), (name_b, path_b) = list(self.first_of.values())[:2]
+            raise DataError(
+                f"{path_b}: read as {name_b} but {path_a.name} as {name_a}, which score other regions; "
+                "the folder mixes conventions: pass --labels"
+            )
+        return name, convention
+
+    def _auto(self, case_id: str, ref: np.ndarray, pred: np.ndarray, ref_path: Path) -> str:
+        """The convention by the ``--labels auto`` rules, recording labels 3 and 4 of unprefixed cases."""
+        values = set() if self.explicit else _label_values(ref) | _label_values(pred)
+        name = case_convention(case_id, values, self.base, self.explicit, ref_path)
+        if not self.explicit and not BRATS_CHALLENGE_PREFIX.match(case_id):
+            # BraTS 2021 and 2023 agree on 0, 1, 2: a folder is one or the other as a whole
+            for value, seen in ((3, self.with_3), (4, self.with_4)):
+                if value in values:
+                    seen.append(ref_path)
+            if self.with_3 and self.with_4:
+                raise DataError(
+                    f"{ref_path}: label 3 in {self.with_3[0].name} but label 4 (BraTS 2021 ET) in "
+                    f"{self.with_4[0].name}; the folder mixes conventions: pass --labels"
+                )
+        return name
+
+    def settle(self, sources: dict[str, _CaseSource]) -> None:
+        """Once every case is read: with a label 4 somewhere, the folder is BraTS 2021 as a whole.
+
+        Cases without 3 or 4 read the same under both, so only their recorded name changes.
+        """
+        if self.with_4:
+            for source in sources.values():
+                if source.convention == AUTO_DEFAULT_CONVENTION:
+                    source.convention = "brats2021"
+
+
+def _encode_pair(
+    convention: LabelConvention, ref: np.ndarray, pred: np.ndarray, ref_path: Path, pred_path: Path | None
+) -> dict[str, np.ndarray]:
+    """``{"ref", "pred"}`` in the convention's internal codes (reference first).
+
+    Raises:
+        DataError: values outside the convention, naming the file (the reference for a missing prediction).
+    """
+    canonical: dict[str, np.ndarray] = {}
+    for key, volume, path in (("ref", ref, ref_path), ("pred", pred, pred_path or ref_path)):
+        try:
+            canonical[key] = convention.encode(volume)
+        except ValueError as exc:
+            raise DataError(f"{path}: {exc}; pass --labels if the folder uses another convention") from None
+    return canonical
+
+
+def _folder_summary(
+    per_case: pd.DataFrame,
+    cfg: EvaluateConfig,
+    tumour_types: dict[str, str] | None,
+    sources: dict[str, _CaseSource],
+    pairs: _FolderPairs,
+    pred_dir: Path,
+    ref_dir: Path,
+) -> dict[str, Any]:
+    """The JSON summary: what was compared and with which parameters, then the statistics."""
     summary = build_summary(
         per_case,
         resamples=cfg.bootstrap_resamples,
@@ -584,27 +703,16 @@ def evaluate_folders(
         detection_min_volume_ml=cfg.detection_min_volume_ml,
         tumour_types=tumour_types,
     )
-    if with_4:  # cases without 3 or 4 read the same under both: the folder is BraTS 2021
-        for source in sources.values():
-            if source.convention == AUTO_DEFAULT_CONVENTION:
-                source.convention = "brats2021"
     used = sorted({source.convention for source in sources.values()})
-    summary = {
+    return {
         "label_convention": used[0] if len(used) == 1 else "+".join(used),
         "pred_dir": str(pred_dir),
         "ref_dir": str(ref_dir),
-        "missing_predictions": missing,
-        "extra_predictions": extra,
+        "missing_predictions": pairs.missing,
+        "extra_predictions": pairs.extra,
         "params": cfg.model_dump(),
         **summary,
     }
-    atomic_write_text(out_csv, per_case.to_csv(index=False))
-    atomic_write_text(summary_path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
-
-    plot_paths: list[Path] = []
-    if cfg.plots if make_plots is None else make_plots:
-        plot_paths = _write_plots(per_case, sources, out_csv, Path(images_dir) if images_dir else None)
-    return EvaluationResult(per_case, summary, out_csv, summary_path, plot_paths)
 
 
 def _write_plots(

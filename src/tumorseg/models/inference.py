@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 from tumorseg.data.conventions import GLIOMA, LabelSet
 
 
@@ -41,9 +41,6 @@ class SlidingWindowConfig(Section):
     sw_batch_size: int = Field(4, ge=1)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
     min_component_mm3: float = Field(1000.0, ge=0.0)
-
-
-register_section("sliding_window", SlidingWindowConfig)
 
 
 def make_inferer(cfg: SlidingWindowConfig, roi_size: Sequence[int]) -> Any:

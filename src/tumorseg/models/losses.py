@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 from tumorseg.errors import ConfigError
 
 LossName = Literal["dice", "dice_ce", "dice_focal", "bce", "ce"]
@@ -45,9 +45,6 @@ class LossConfig(Section):
     lambda_ce: float = Field(1.0, ge=0.0)
     focal_gamma: float = Field(2.0, ge=0.0)
     deep_supervision_weights: Literal["exp", "same", "two"] = "exp"
-
-
-register_section("loss", LossConfig)
 
 
 class DiceBCELoss(nn.Module):

@@ -20,12 +20,13 @@ Networks (all from :mod:`monai.networks.nets`):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 from tumorseg.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -145,9 +146,6 @@ class ModelConfig(Section):
         return get_label_set(self.label_set).out_channels(self.output)
 
 
-register_section("model", ModelConfig)
-
-
 def dynunet_kernels_strides(
     patch_size: Sequence[int],
     spacing: Sequence[float],
@@ -234,6 +232,125 @@ def check_patch_size(
         )
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """What a network's arguments need besides ``model:``: the data's dimensions and channels.
+
+    Attributes:
+        spatial_dims: 3 for patches ``(B, C, H, W, D)``, 2 for slices ``(B, C, H, W)``.
+        in_channels: input modalities.
+        out_channels: output channels (``cfg.out_channels``).
+        patch_size: training patch (DynUNet's shape depends on it).
+        spacing: voxel spacing in mm (DynUNet keeps coarse axes at full size longer).
+    """
+
+    spatial_dims: int
+    in_channels: int
+    out_channels: int
+    patch_size: Sequence[int]
+    spacing: Sequence[float]
+
+
+def _unet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
+    return {
+        "spatial_dims": shape.spatial_dims,
+        "in_channels": shape.in_channels,
+        "out_channels": shape.out_channels,
+        "channels": cfg.unet.channels,
+        "strides": cfg.unet.strides,
+        "num_res_units": cfg.unet.num_res_units,
+        "norm": cfg.norm,
+        "dropout": cfg.dropout,
+    }
+
+
+def _attention_unet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
+    # No norm argument: MONAI's AttentionUnet always uses batch norm.
+    return {
+        "spatial_dims": shape.spatial_dims,
+        "in_channels": shape.in_channels,
+        "out_channels": shape.out_channels,
+        "channels": cfg.attention_unet.channels,
+        "strides": cfg.attention_unet.strides,
+        "dropout": cfg.dropout,
+    }
+
+
+def _segresnet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
+    return {
+        "spatial_dims": shape.spatial_dims,
+        "init_filters": cfg.segresnet.init_filters,
+        "in_channels": shape.in_channels,
+        "out_channels": shape.out_channels,
+        "dropout_prob": cfg.dropout or None,
+        "norm": cfg.norm,
+        "blocks_down": cfg.segresnet.blocks_down,
+        "blocks_up": cfg.segresnet.blocks_up,
+    }
+
+
+def _dynunet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
+    d = cfg.dynunet
+    kernels, strides = dynunet_kernels_strides(
+        shape.patch_size, shape.spacing, max_levels=d.max_levels, min_feature_size=d.min_feature_size
+    )
+    return {
+        "spatial_dims": shape.spatial_dims,
+        "in_channels": shape.in_channels,
+        "out_channels": shape.out_channels,
+        "kernel_size": kernels,
+        "strides": strides,
+        "upsample_kernel_size": strides[1:],
+        "filters": [min(d.base_filters * 2**i, d.max_filters) for i in range(len(strides))],
+        "dropout": cfg.dropout or None,
+        "norm_name": cfg.norm,
+        "deep_supervision": d.deep_supervision,
+        "deep_supr_num": min(d.deep_supervision_heads, len(strides) - 2) if d.deep_supervision else 1,
+        "res_block": d.res_block,
+    }
+
+
+def _swinunetr(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
+    s = cfg.swinunetr
+    return {
+        "in_channels": shape.in_channels,
+        "out_channels": shape.out_channels,
+        "depths": s.depths,
+        "num_heads": s.num_heads,
+        "feature_size": s.feature_size,
+        "norm_name": cfg.norm,
+        "drop_rate": cfg.dropout,
+        "spatial_dims": shape.spatial_dims,
+    }
+
+
+def _flexible_unet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
+    f = cfg.flexible_unet
+    return {
+        "in_channels": shape.in_channels,
+        "out_channels": shape.out_channels,
+        "backbone": f.backbone,
+        "pretrained": False,  # nothing is downloaded
+        "decoder_channels": f.decoder_channels,
+        "spatial_dims": shape.spatial_dims,
+        "norm": cfg.norm,
+        "dropout": cfg.dropout,
+    }
+
+
+_NETWORKS: dict[str, tuple[str, Callable[[ModelConfig, _Shape], dict[str, Any]]]] = {
+    "unet": ("UNet", _unet),
+    "attention_unet": ("AttentionUnet", _attention_unet),
+    "segresnet": ("SegResNet", _segresnet),
+    "dynunet": ("DynUNet", _dynunet),
+    "swinunetr": ("SwinUNETR", _swinunetr),
+    "flexible_unet": ("FlexibleUNet", _flexible_unet),
+}
+"""Network name -> (class in :mod:`monai.networks.nets`, its keyword arguments from ``model:``).
+
+Names, not classes: MONAI is imported only when a network is built (it is slow to import)."""
+
+
 def build_network(
     cfg: ModelConfig,
     *,
@@ -242,7 +359,7 @@ def build_network(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     in_channels: int = IN_CHANNELS,
 ) -> nn.Module:
-    """Build the network named by ``cfg.name``.
+    """Build the network named by ``cfg.name`` (its arguments: :data:`_NETWORKS`).
 
     Args:
         cfg: ``model:`` section.
@@ -257,79 +374,6 @@ def build_network(
     """
     from monai.networks import nets
 
-    out = cfg.out_channels
-    norm = cfg.norm
-    if cfg.name == "unet":
-        return nets.UNet(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out,
-            channels=cfg.unet.channels,
-            strides=cfg.unet.strides,
-            num_res_units=cfg.unet.num_res_units,
-            norm=norm,
-            dropout=cfg.dropout,
-        )
-    if cfg.name == "attention_unet":
-        return nets.AttentionUnet(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out,
-            channels=cfg.attention_unet.channels,
-            strides=cfg.attention_unet.strides,
-            dropout=cfg.dropout,
-        )
-    if cfg.name == "segresnet":
-        return nets.SegResNet(
-            spatial_dims=spatial_dims,
-            init_filters=cfg.segresnet.init_filters,
-            in_channels=in_channels,
-            out_channels=out,
-            dropout_prob=cfg.dropout or None,
-            norm=norm,
-            blocks_down=cfg.segresnet.blocks_down,
-            blocks_up=cfg.segresnet.blocks_up,
-        )
-    if cfg.name == "dynunet":
-        d = cfg.dynunet
-        kernels, strides = dynunet_kernels_strides(
-            patch_size, spacing, max_levels=d.max_levels, min_feature_size=d.min_feature_size
-        )
-        filters = [min(d.base_filters * 2**i, d.max_filters) for i in range(len(strides))]
-        return nets.DynUNet(
-            spatial_dims=spatial_dims,
-            in_channels=in_channels,
-            out_channels=out,
-            kernel_size=kernels,
-            strides=strides,
-            upsample_kernel_size=strides[1:],
-            filters=filters,
-            dropout=cfg.dropout or None,
-            norm_name=norm,
-            deep_supervision=d.deep_supervision,
-            deep_supr_num=min(d.deep_supervision_heads, len(strides) - 2) if d.deep_supervision else 1,
-            res_block=d.res_block,
-        )
-    if cfg.name == "swinunetr":
-        s = cfg.swinunetr
-        return nets.SwinUNETR(
-            in_channels=in_channels,
-            out_channels=out,
-            depths=s.depths,
-            num_heads=s.num_heads,
-            feature_size=s.feature_size,
-            norm_name=norm,
-            drop_rate=cfg.dropout,
-            spatial_dims=spatial_dims,
-        )
-    f = cfg.flexible_unet
-    return nets.FlexibleUNet(
-        in_channels=in_channels,
-        out_channels=out,
-        backbone=f.backbone,
-        pretrained=False,
-        decoder_channels=f.decoder_channels,
-        spatial_dims=spatial_dims,
-        norm=norm,
-        dropout=cfg.dropout,
-    )
+    class_name, arguments = _NETWORKS[cfg.name]
+    shape = _Shape(spatial_dims, in_channels, cfg.out_channels, patch_size, spacing)
+    return getattr(nets, class_name)(**arguments(cfg, shape))

@@ -94,7 +94,7 @@ def load_onnx_package(onnx_file: str | Path, config: str | Path, *, threads: int
     Raises:
         DataError: a missing or unreadable file, or a config without the needed sections.
     """
-    from tumorseg.models.package import read_package_config, trained_with_network
+    from tumorseg.models.checkpoint import read_package_config, trained_with_network
 
     trained = trained_with_network(None, read_package_config(config))  # config checked first
     trained.network = OnnxRuntimeNetwork(onnx_file, threads=threads)

@@ -13,83 +13,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from tumorseg.errors import DataError, first_line
-from tumorseg.models.checkpoint import TrainedNetwork
+from tumorseg.errors import DataError
+from tumorseg.models.checkpoint import TrainedNetwork, read_package_config, trained_from_state
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
-
-
-def trained_from_state(config: dict[str, Any], state_dict: dict[str, Any]) -> TrainedNetwork:
-    """Rebuild a :class:`TrainedNetwork` from resolved params sections and the network's weights.
-
-    Args:
-        config: the training run's resolved sections (``model``, ``data_loader``, ``sliding_window``,
-            ``preprocess`` at least).
-        state_dict: the network's ``state_dict`` (keys without Lightning's ``network.`` prefix).
-
-    Raises:
-        DataError: the config lacks a section or the weights do not fit the network it describes.
-    """
-    from tumorseg.models.networks import build_network
-
-    shell = trained_with_network(None, config)
-    network = build_network(
-        shell.model,
-        spatial_dims=shell.data_loader.spatial_dims,
-        patch_size=shell.data_loader.network_patch,
-        spacing=shell.spacing_mm,
-    )
-    try:
-        network.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise DataError(
-            f"weights do not fit the {shell.model.name} network of the config ({first_line(exc, 10_000)})"
-        ) from None
-    network.eval()
-    shell.network = network
-    return shell
-
-
-def trained_with_network(network: Any, config: dict[str, Any]) -> TrainedNetwork:
-    """A :class:`TrainedNetwork` of ``network`` (any module mapping windows to logits) and its run's config.
-
-    Raises:
-        DataError: the config lacks the ``model``, ``data_loader`` or ``preprocess`` section.
-    """
-    from tumorseg.config import without_retired
-    from tumorseg.data.transforms import DataLoaderConfig
-    from tumorseg.models.inference import SlidingWindowConfig
-    from tumorseg.models.networks import ModelConfig
-
-    missing = [key for key in ("model", "data_loader", "preprocess") if key not in config]
-    if missing:
-        raise DataError(f"model config lacks the sections {missing}; it was not written by tumorseg")
-    return TrainedNetwork(
-        network,
-        ModelConfig.model_validate(config["model"]),
-        # models registered before a key was retired still load
-        DataLoaderConfig.model_validate(without_retired("data_loader", config["data_loader"])),
-        SlidingWindowConfig.model_validate(config.get("sliding_window", {})),
-        config,
-    )
-
-
-def read_package_config(config: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of a model package.
-
-    Raises:
-        DataError: the file is missing or is not JSON.
-    """
-    config = Path(config)
-    if not config.is_file():
-        raise DataError(f"{config}: missing from the model package")
-    try:
-        return json.loads(config.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{config}: not a readable model config ({type(exc).__name__})") from None
 
 
 def load_artifacts(artifacts: Mapping[str, str | Path]) -> TrainedNetwork:

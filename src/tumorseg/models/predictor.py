@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from tumorseg.config import PreprocessConfig, Section, register_section
+from tumorseg.config import PreprocessConfig, Section
 from tumorseg.data.conventions import GLIOMA, LABEL_CONVENTIONS, REGION_NAMES, LabelSet, get_convention
 from tumorseg.data.layouts import CaseFiles, CaseVolumes, discover_cases, read_case
 from tumorseg.errors import DataError
@@ -103,9 +103,6 @@ class PredictConfig(Section):
         if self.uncertainty and not self.tta:
             raise ValueError("uncertainty is the variance over TTA passes; set predict.tta: true")
         return self
-
-
-register_section("predict", PredictConfig)
 
 
 @dataclass

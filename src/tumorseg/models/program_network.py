@@ -65,7 +65,7 @@ def load_program_package(program_file: str | Path, config: str | Path) -> Any:
     Raises:
         DataError: a missing or unreadable file, or a config without the needed sections.
     """
-    from tumorseg.models.package import read_package_config, trained_with_network
+    from tumorseg.models.checkpoint import read_package_config, trained_with_network
 
     trained = trained_with_network(None, read_package_config(config))  # config checked first
     trained.network = ExportedProgramNetwork(program_file)

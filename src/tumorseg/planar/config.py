@@ -6,8 +6,6 @@ segmentation network is a :class:`~tumorseg.models.networks.ModelConfig` with on
 :class:`~tumorseg.training.config.TrainConfig` (same optimisers, schedules and checkpoint rules)
 plus the 2-D batch, loss, augmentation and multi-task weights. Hardware comes from the shared
 ``trainer:`` section and tracking from ``mlflow:``, so one machine setting serves both branches.
-
-Importing this module registers every section with :func:`tumorseg.config.register_section`.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tumorseg.config import Section, register_section, section
+from tumorseg.config import Section, section
 from tumorseg.errors import ConfigError
 from tumorseg.models.losses import LossConfig
 from tumorseg.models.networks import ModelConfig, UNetConfig, check_patch_size
@@ -181,13 +179,6 @@ class EvaluatePlanarConfig(Section):
     model_name: str = Field("tumorseg-2d", min_length=1, max_length=256)
 
 
-register_section("model_2d", PlanarModelConfig)
-register_section("train_2d", PlanarTrainConfig)
-register_section("predict_2d", PredictPlanarConfig)
-register_section("detect", DetectConfig)
-register_section("evaluate_2d", EvaluatePlanarConfig)
-
-
 PLANAR_TRAINING_SECTIONS: tuple[str, ...] = ("preprocess_2d", "model_2d", "train_2d", "trainer", "mlflow")
 """Sections a 2-D training run reads and stores with its model."""
 
@@ -244,7 +235,6 @@ def planar_paths(params: dict[str, Any], *, source: str = "params.yaml") -> Plan
 
 def load_preprocess_config(params: dict[str, Any], *, source: str = "params.yaml") -> Any:
     """The ``preprocess_2d:`` section (:class:`tumorseg.data.planar.PlanarPreprocessConfig`)."""
-    import tumorseg.data.planar  # noqa: F401  (registers preprocess_2d:)
 
     return section("preprocess_2d", params, source=source)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -36,6 +36,3 @@ class RegistryConfig(Section):
     ci_level: float = Field(0.95, gt=0.0, lt=1.0)
     seed: int = 42
     history_length: int = Field(20, ge=1, le=500)
-
-
-register_section("registry", RegistryConfig)

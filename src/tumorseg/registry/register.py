@@ -24,7 +24,12 @@ from typing import Any
 
 from tumorseg.config import section
 from tumorseg.registry.config import CHALLENGER, RegistryConfig
-from tumorseg.registry.model_card import scored_regions
+from tumorseg.registry.model_card import (
+    ModelCardFacts,
+    registry_description,
+    render_model_card,
+    scored_regions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,68 +214,24 @@ def register_model(
     """
     import mlflow
 
-    from tumorseg.data.source import source_folder
-    from tumorseg.registry.model_card import ModelCardFacts, registry_description, render_model_card
-    from tumorseg.registry.pyfunc import log_segmentation_model
-    from tumorseg.tracking import fluent_store, git_commit
+    from tumorseg.tracking import fluent_store
 
     with fluent_store(tracking_uri):
         client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        data_md5, data_source = _data_hash(client, run_id, params, source)
-        commit = git_commit(Path(__file__).resolve().parent)  # the code's repository, wherever the stage runs
-        facts = ModelCardFacts(
-            model_name=cfg.model_name,
-            run_id=run_id,
-            config=trained.config,
-            predict_settings=predict_settings,
-            metrics=evaluation.metrics,
-            n_parameters=sum(p.numel() for p in trained.network.parameters()),
-            git_commit=commit,
-            data_md5=data_md5,
-            data_md5_source=data_source,
-            params_md5=params_md5(trained.config),
-            synthetic_data=(source_folder(params, source) / "synth_meta.json").is_file(),
-            test_cases=int(evaluation.metrics["n_cases"]),
-            label_convention=evaluation.label_convention,
-        )
+        facts = _model_card_facts(client, trained, evaluation, run_id, cfg, predict_settings, params, source)
         cases_md5 = cases_fingerprint(evaluation.reference_sha256)
         record = {
             **evaluation.to_record(),
             "test_cases_md5": cases_md5,
-            "data_md5": data_md5,
+            "data_md5": facts.data_md5,
             "params_md5": facts.params_md5,
-            "git_commit": commit,
+            "git_commit": facts.git_commit,
         }
-        with tempfile.TemporaryDirectory(prefix="tumorseg-register-") as tmp:
-            evaluation_file = Path(tmp) / EVALUATION_ARTIFACT
-            evaluation_file.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-            card_file = Path(tmp) / MODEL_CARD_ARTIFACT
-            card_file.write_text(render_model_card(facts))
-            with mlflow.start_run(run_id=run_id):
-                info = log_segmentation_model(
-                    trained,
-                    predict_settings,
-                    name=LOGGED_MODEL_NAME,
-                    extra_artifacts={"evaluation": evaluation_file, "model_card": card_file},
-                )
-                mlflow.log_artifact(str(card_file))
+        model_uri = _log_version_model(trained, predict_settings, record, render_model_card(facts), run_id)
 
         _ensure_registered_model(client, cfg.model_name)
-        tags = {
-            "git_commit": commit or "unknown",
-            "data_md5": data_md5,
-            "data_md5_source": data_source,
-            "params_md5": facts.params_md5,
-            "network": str(trained.config.get("model", {}).get("name")),
-            "test_n_cases": str(evaluation.metrics["n_cases"]),
-            "test_cases_md5": cases_md5,
-            "test_dice_mean": f"{evaluation.metrics['dice_mean']:.6f}",
-            **{
-                f"test_dice_{r}": f"{evaluation.metrics[f'dice_{r}']:.6f}"
-                for r in scored_regions(evaluation.metrics)
-            },
-        }
-        registered = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
+        tags = _version_tags(trained, evaluation, facts, cases_md5)
+        registered = mlflow.register_model(model_uri, cfg.model_name, tags=tags)
         version = str(registered.version)
         client.update_model_version(
             cfg.model_name,
@@ -281,3 +242,82 @@ def register_model(
         client.set_tag(run_id, "tumorseg.registered_version", f"{cfg.model_name}/{version}")
         log.info("registered %s version %s (run %s) as %s", cfg.model_name, version, run_id, CHALLENGER)
         return RegisteredVersion(cfg.model_name, version, run_id, f"models:/{cfg.model_name}/{version}")
+
+
+def _model_card_facts(
+    client: Any,
+    trained: Any,
+    evaluation: Any,
+    run_id: str,
+    cfg: RegistryConfig,
+    predict_settings: dict[str, Any],
+    params: dict[str, Any],
+    source: str,
+) -> ModelCardFacts:
+    """What the model card states, and the provenance the version's tags and evidence record."""
+    from tumorseg.data.source import source_folder
+    from tumorseg.tracking import git_commit
+
+    data_md5, data_source = _data_hash(client, run_id, params, source)
+    commit = git_commit(Path(__file__).resolve().parent)  # the code's repository, wherever the stage runs
+    return ModelCardFacts(
+        model_name=cfg.model_name,
+        run_id=run_id,
+        config=trained.config,
+        predict_settings=predict_settings,
+        metrics=evaluation.metrics,
+        n_parameters=sum(p.numel() for p in trained.network.parameters()),
+        git_commit=commit,
+        data_md5=data_md5,
+        data_md5_source=data_source,
+        params_md5=params_md5(trained.config),
+        synthetic_data=(source_folder(params, source) / "synth_meta.json").is_file(),
+        test_cases=int(evaluation.metrics["n_cases"]),
+        label_convention=evaluation.label_convention,
+    )
+
+
+def _log_version_model(
+    trained: Any, predict_settings: dict[str, Any], record: dict[str, Any], card: str, run_id: str
+) -> str:
+    """Log the pyfunc, with its evaluation record and model card, to ``run_id``; return the model URI.
+
+    The evidence travels with the model (``evaluation.json``, ``model_card.md``), so a version
+    still explains itself when the run is gone; the card is also logged to the run itself.
+    """
+    import mlflow
+
+    from tumorseg.registry.pyfunc import log_segmentation_model
+
+    with tempfile.TemporaryDirectory(prefix="tumorseg-register-") as tmp:
+        evaluation_file = Path(tmp) / EVALUATION_ARTIFACT
+        evaluation_file.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
+        card_file = Path(tmp) / MODEL_CARD_ARTIFACT
+        card_file.write_text(card)
+        with mlflow.start_run(run_id=run_id):
+            info = log_segmentation_model(
+                trained,
+                predict_settings,
+                name=LOGGED_MODEL_NAME,
+                extra_artifacts={"evaluation": evaluation_file, "model_card": card_file},
+            )
+            mlflow.log_artifact(str(card_file))
+    return info.model_uri
+
+
+def _version_tags(trained: Any, evaluation: Any, facts: ModelCardFacts, cases_md5: str) -> dict[str, str]:
+    """The version's provenance and test scores as tags (what ``tumorseg promote`` and searches read)."""
+    return {
+        "git_commit": facts.git_commit or "unknown",
+        "data_md5": facts.data_md5,
+        "data_md5_source": facts.data_md5_source,
+        "params_md5": facts.params_md5,
+        "network": str(trained.config.get("model", {}).get("name")),
+        "test_n_cases": str(evaluation.metrics["n_cases"]),
+        "test_cases_md5": cases_md5,
+        "test_dice_mean": f"{evaluation.metrics['dice_mean']:.6f}",
+        **{
+            f"test_dice_{r}": f"{evaluation.metrics[f'dice_{r}']:.6f}"
+            for r in scored_regions(evaluation.metrics)
+        },
+    }

@@ -1,13 +1,10 @@
-"""``serve:`` section of params.yaml: the HTTP service (``tumorseg serve``).
-
-Importing this module registers the section with :func:`tumorseg.config.register_section`.
-"""
+"""``serve:`` section of params.yaml: the HTTP service (``tumorseg serve``)."""
 
 from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 
 
 class ServeConfig(Section):
@@ -70,6 +67,3 @@ class ServeConfig(Section):
     @property
     def max_uncompressed_bytes(self) -> int:
         return int(self.max_uncompressed_mb * 1024 * 1024)
-
-
-register_section("serve", ServeConfig)

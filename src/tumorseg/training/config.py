@@ -6,11 +6,10 @@ Sections (each a pydantic model, unknown keys rejected with a one-line error nam
 - ``model:`` — :mod:`tumorseg.models.networks`
 - ``loss:`` — :mod:`tumorseg.models.losses`
 - ``sliding_window:`` — :mod:`tumorseg.models.inference`
-- ``train:``, ``trainer:``, ``mlflow:``, ``bench_training:`` — here
+- ``train:``, ``trainer:``, ``mlflow:`` — here
 
-Each section model lives next to the code that reads it and registers itself with
-:func:`tumorseg.config.register_section` when imported; importing this module registers
-them all, so ``tumorseg.config.section("train", params)`` works afterwards.
+Each section model lives next to the code that reads it; :data:`tumorseg.config.SECTION_MODELS`
+names them all, so ``tumorseg.config.section("train", params)`` works whatever was imported.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tumorseg.config import PathsConfig, PreprocessConfig, Section, register_section, section
+from tumorseg.config import PathsConfig, PreprocessConfig, Section, section
 from tumorseg.data.transforms import AugmentConfig, DataLoaderConfig
 from tumorseg.errors import ConfigError
 from tumorseg.models.inference import SlidingWindowConfig
@@ -134,29 +133,6 @@ class MlflowConfig(Section):
     overlays: int = Field(3, ge=0)
 
 
-class BenchTrainingConfig(Section):
-    """``bench_training:`` Lightning vs. plain-loop throughput benchmark.
-
-    Attributes:
-        steps: timed optimiser steps per measurement.
-        warmup_steps: untimed steps before each measurement.
-        repeats: measurement pairs (which loop goes first alternates); medians are reported.
-        num_threads: torch CPU threads for both loops (0: ``trainer.num_threads``). One thread keeps
-            the comparison stable on a machine shared with other jobs, where two OpenMP threads
-            stall whenever either is descheduled.
-    """
-
-    steps: int = Field(30, ge=1)
-    warmup_steps: int = Field(5, ge=0)
-    repeats: int = Field(4, ge=1)
-    num_threads: int = Field(1, ge=0)
-
-
-register_section("train", TrainConfig)
-register_section("trainer", TrainerConfig)
-register_section("mlflow", MlflowConfig)
-register_section("bench_training", BenchTrainingConfig)
-
 TRAINING_SECTIONS: tuple[str, ...] = (
     "paths",
     "preprocess",
@@ -169,7 +145,7 @@ TRAINING_SECTIONS: tuple[str, ...] = (
     "trainer",
     "mlflow",
 )
-"""Sections a training run reads (the DVC stage's ``params:`` list, minus bench_training)."""
+"""Sections a training run reads (the DVC stage's ``params:`` list)."""
 
 
 @dataclass(frozen=True)
@@ -215,8 +191,3 @@ def load_training_config(params: dict[str, Any], *, source: str = "params.yaml")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg
-
-
-def load_bench_config(params: dict[str, Any], *, source: str = "params.yaml") -> BenchTrainingConfig:
-    """Validate the ``bench_training:`` section."""
-    return section("bench_training", params, source=source)

@@ -132,23 +132,11 @@ def train(
         disable_telemetry()
     import lightning as L
     import torch
-    from lightning.pytorch.loggers import CSVLogger
 
-    from tumorseg.data.datamodule import SegmentationDataModule
-    from tumorseg.models.lightning_module import SegmentationModule
-    from tumorseg.models.losses import build_loss, with_deep_supervision
-    from tumorseg.models.networks import build_network
     from tumorseg.training.callbacks import build_callbacks
-    from tumorseg.training.optim import optimizer_factory, scheduler_factory
 
     out_dir = Path(cfg.train.out_dir)
-    checkpoint_dir = out_dir / CHECKPOINT_DIR
-    last = checkpoint_dir / "last.ckpt"
-    ckpt_path = str(last) if resume and last.is_file() else None
-    if resume and ckpt_path is None:
-        log.info("no %s to resume from; starting a new run", last)
-    if ckpt_path is None:
-        _clear_previous_run(out_dir)
+    ckpt_path = _resume_checkpoint(out_dir, resume)
     metrics_csv = out_dir / LOG_DIR / "metrics.csv"
     # Lightning's CSVLogger starts a new file; keep the rows logged before the interruption.
     earlier_log = _log_before_checkpoint(metrics_csv, ckpt_path) if ckpt_path else None
@@ -156,6 +144,51 @@ def train(
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    module = _build_module(cfg)
+    datamodule = _build_datamodule(cfg, train_records, val_records)
+
+    roles = build_callbacks(
+        cfg.train, out_dir / CHECKPOINT_DIR, progress_lines=not cfg.trainer.enable_progress_bar
+    )
+    loggers, mlflow_logger, tracking_uri = _loggers(cfg, out_dir, tracking_uri, ckpt_path, module)
+    trainer = _configured_trainer(cfg, source, [*roles.values(), *callbacks], loggers, out_dir)
+    if mlflow_logger is not None and ckpt_path is None and _is_rank_zero():
+        _log_run_provenance(mlflow_logger, cfg)
+
+    result = _fit(trainer, module, datamodule, ckpt_path, out_dir, mlflow_logger)
+    if not trainer.is_global_zero:
+        return result
+    if earlier_log is not None:
+        _prepend_log(metrics_csv, earlier_log)
+    result.best_val_dice, result.best_epoch = best_validation(metrics_csv)
+    if result.global_step == 0:  # ddp_spawn/ddp_fork: the loops ran in worker processes
+        result.epochs, result.global_step = progress_from_log(metrics_csv)
+    result.patches_per_s = float(trainer.callback_metrics.get("train_patches_per_s", math.nan))
+    _finish_run(cfg, result, metrics_csv, params, source, tracking_uri)
+    log.info(result.one_line())
+    return result
+
+
+def _resume_checkpoint(out_dir: Path, resume: bool) -> str | None:
+    """``last.ckpt`` when resuming from one; otherwise None, and the previous run's files are cleared."""
+    last = out_dir / CHECKPOINT_DIR / "last.ckpt"
+    ckpt_path = str(last) if resume and last.is_file() else None
+    if resume and ckpt_path is None:
+        log.info("no %s to resume from; starting a new run", last)
+    if ckpt_path is None:
+        _clear_previous_run(out_dir)
+    return ckpt_path
+
+
+def _build_module(cfg: TrainingConfig) -> Any:
+    """The network by name, its loss (deep supervision for DynUNet) and the LightningModule around them.
+
+    Called right after seeding: the network's initial weights are the run's first random draws.
+    """
+    from tumorseg.models.lightning_module import SegmentationModule
+    from tumorseg.models.losses import build_loss, with_deep_supervision
+    from tumorseg.models.networks import build_network
+    from tumorseg.training.optim import optimizer_factory, scheduler_factory
 
     loader = cfg.data_loader
     network = build_network(
@@ -167,7 +200,7 @@ def train(
     loss = build_loss(cfg.loss, cfg.model.output)
     if cfg.model.name == "dynunet" and cfg.model.dynunet.deep_supervision:
         loss = with_deep_supervision(loss, cfg.loss.deep_supervision_weights)
-    module = SegmentationModule(
+    return SegmentationModule(
         network,
         loss,
         output=cfg.model.output,
@@ -180,7 +213,16 @@ def train(
         spacing_mm=cfg.preprocess.target_spacing_mm,
         label_set=get_label_set(cfg.model.label_set),
     )
-    datamodule = SegmentationDataModule(
+
+
+def _build_datamodule(
+    cfg: TrainingConfig, train_records: list[dict[str, Any]], val_records: list[dict[str, Any]]
+) -> Any:
+    """Patches from the training cases (``train.steps_per_epoch`` batches an epoch), whole validation volumes."""
+    from tumorseg.data.datamodule import SegmentationDataModule
+
+    loader = cfg.data_loader
+    return SegmentationDataModule(
         train_records,
         val_records,
         loader,
@@ -189,7 +231,18 @@ def train(
         seed=cfg.train.seed,
     )
 
-    roles = build_callbacks(cfg.train, checkpoint_dir, progress_lines=not cfg.trainer.enable_progress_bar)
+
+def _loggers(
+    cfg: TrainingConfig, out_dir: Path, tracking_uri: str | None, ckpt_path: str | None, module: Any
+) -> tuple[list[Any], Any, str | None]:
+    """The CSV log, plus the MLflow logger when tracking is on (its run created here, before any DDP spawn).
+
+    Returns:
+        ``(loggers, the MLflow logger or None, the tracking URI)``: the URI resolved when tracking
+        is on, else ``tracking_uri`` as given.
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
     loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name=LOG_DIR, version="")]
     mlflow_logger = None
     if cfg.mlflow.enabled:
@@ -199,8 +252,14 @@ def train(
         mlflow_logger = _mlflow_logger(cfg, tracking_uri, ckpt_path)
         loggers.append(mlflow_logger)
         module.mlflow_run_id = mlflow_logger.run_id  # creates the run here, before any DDP spawn
+    return loggers, mlflow_logger, tracking_uri
 
-    trainer = _make_trainer(
+
+def _configured_trainer(
+    cfg: TrainingConfig, source: str, callbacks: list[Any], loggers: list[Any], out_dir: Path
+) -> Any:
+    """The Lightning ``Trainer`` the ``trainer:`` and ``train:`` sections describe."""
+    return _make_trainer(
         source,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -209,7 +268,7 @@ def train(
         precision=cfg.trainer.precision,
         max_epochs=cfg.train.max_epochs,
         check_val_every_n_epoch=cfg.train.val_every_n_epochs,
-        callbacks=[*roles.values(), *callbacks],
+        callbacks=callbacks,
         logger=loggers,
         deterministic=cfg.trainer.deterministic,
         benchmark=cfg.trainer.benchmark,
@@ -221,34 +280,26 @@ def train(
         num_sanity_val_steps=0,
         default_root_dir=str(out_dir),
     )
-    if mlflow_logger is not None and ckpt_path is None and _is_rank_zero():
-        _log_run_provenance(mlflow_logger, cfg)
 
+
+def _fit(
+    trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None, out_dir: Path, mlflow_logger: Any
+) -> TrainResult:
+    """Run ``Trainer.fit`` (resuming from ``ckpt_path``) and report what this process saw of it."""
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     elapsed = time.perf_counter() - started
-
-    result = TrainResult(
+    checkpoint_dir = out_dir / CHECKPOINT_DIR
+    return TrainResult(
         out_dir=out_dir,
         best_checkpoint=_existing(checkpoint_dir / "best.ckpt"),
-        last_checkpoint=_existing(last),
+        last_checkpoint=_existing(checkpoint_dir / "last.ckpt"),
         epochs=int(trainer.current_epoch),
         global_step=int(trainer.global_step),
         train_time_s=elapsed,
         mlflow_run_id=mlflow_logger.run_id if mlflow_logger is not None else None,
         global_rank=int(trainer.global_rank),
     )
-    if not trainer.is_global_zero:
-        return result
-    if earlier_log is not None:
-        _prepend_log(metrics_csv, earlier_log)
-    result.best_val_dice, result.best_epoch = best_validation(metrics_csv)
-    if result.global_step == 0:  # ddp_spawn/ddp_fork: the loops ran in worker processes
-        result.epochs, result.global_step = progress_from_log(metrics_csv)
-    result.patches_per_s = float(trainer.callback_metrics.get("train_patches_per_s", math.nan))
-    _finish_run(cfg, result, metrics_csv, params, source, tracking_uri)
-    log.info(result.one_line())
-    return result
 
 
 def with_data_label_set(cfg: TrainingConfig) -> TrainingConfig:

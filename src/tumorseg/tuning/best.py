@@ -55,7 +55,6 @@ def read_best_params(path: str | Path) -> dict[str, Any]:
 
 def best_params_overrides(params: dict[str, Any], *, source: str = "params.yaml") -> dict[str, Any]:
     """Overrides from the best-params file when ``tune.apply_best`` is on and the file exists."""
-    import tumorseg.tuning.config  # noqa: F401  (registers the tune section)
 
     cfg = section("tune", params, source=source)
     return read_best_params(cfg.best_params_file) if cfg.apply_best else {}

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 
 
 class SearchDimension(Section):
@@ -122,6 +122,3 @@ class TuneConfig(Section):
         if self.grace_s <= self.heartbeat_s:
             raise ValueError("grace_s must exceed heartbeat_s")
         return self
-
-
-register_section("tune", TuneConfig)

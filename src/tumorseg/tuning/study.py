@@ -345,7 +345,6 @@ def run_worker(
     import optuna
     from optuna.trial import TrialState
 
-    import tumorseg.training.config  # noqa: F401  (registers the training sections)
     from tumorseg.tracking import disable_telemetry
 
     disable_telemetry()
@@ -444,7 +443,6 @@ def run_study(
     Raises:
         ConfigError: bad ``tune:`` section or unreachable storage.
     """
-    import tumorseg.training.config  # noqa: F401  (registers the training sections)
     from tumorseg.tracking import disable_telemetry, params_tracking_uri
     from tumorseg.training.config import load_training_config
 

@@ -35,7 +35,6 @@ only sees the cases it applies to.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 
@@ -44,6 +43,8 @@ import pandas as pd
 from tumorseg.data.conventions import CANONICAL_MODALITIES, LABEL_CONVENTIONS
 from tumorseg.data.manifest import FILE_KEYS, IDENTITY_COLUMNS, STATUS_OK
 from tumorseg.errors import DataError
+from tumorseg.validation.cells import cell_text, parse_bool, parse_float
+from tumorseg.validation.duplicates import DUPLICATE_COLUMN, duplicate_explanation, find_duplicate_groups
 
 REFERENCE_KEY = "t1"
 """Volume the others are compared with: ingest's reference (and affine origin) whenever T1 is
@@ -66,28 +67,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 INGEST_STATUS_COLUMN = "ingest_status"
 INGEST_REASON_COLUMN = "ingest_reason"
 
-_TRUE = {"true", "1", "yes"}
-_FALSE = {"false", "0", "no"}
 _DIMS = re.compile(r"^\s*\d+(\s*x\s*\d+)*\s*$")
-
-
-def parse_bool(text: str) -> bool | None:
-    """``"True"``/``"1"``/``"yes"`` -> True, ``"False"``/``"0"``/``"no"`` -> False, else None."""
-    value = text.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    return None
-
-
-def parse_float(text: str) -> float | None:
-    """A finite float, or None for empty, non-numeric, NaN or infinite text."""
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 def parse_shape(text: str) -> str | None:
@@ -130,18 +110,6 @@ def check_manifest_columns(manifest: pd.DataFrame, source: str) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise DataError(f"{source}: manifest lacks columns {shown}; re-run `tumorseg ingest` to rebuild it")
-
-
-def cell_text(value: object) -> str:
-    """A manifest cell as stripped text ('' for missing), whatever dtype pandas chose.
-
-    Shared by the 3-D case table and the 2-D one
-    (:func:`tumorseg.validation.planar_checks.derive_planar_case_table`), which both type their
-    rows from all-text manifest cells.
-    """
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value).strip()
 
 
 def ingest_outcome(raw: dict[str, str]) -> tuple[str, str]:
@@ -231,13 +199,6 @@ def derive_case_table(manifest: pd.DataFrame, source: str = "manifest.csv") -> p
     Raises:
         DataError: when columns validation reads are missing.
     """
-    # duplicates.py builds on this module's parsers, so it is imported here, not at the top.
-    from tumorseg.validation.duplicates import (
-        DUPLICATE_COLUMN,
-        duplicate_explanation,
-        find_duplicate_groups,
-    )
-
     check_manifest_columns(manifest, source)
     records = manifest.to_dict(orient="records")
     rows = [

@@ -34,7 +34,7 @@ from typing import Any
 import pandas as pd
 
 from tumorseg.data.conventions import CANONICAL_MODALITIES
-from tumorseg.validation.case_table import cell_text, parse_bool, parse_float
+from tumorseg.validation.cells import cell_text, parse_bool, parse_float
 
 DUPLICATE_COLUMN = "duplicate_of"
 """Manifest / index column: the first case id of the case's duplicate group, empty otherwise."""

@@ -28,7 +28,7 @@ from __future__ import annotations
 import pandas as pd
 from pydantic import Field, model_validator
 
-from tumorseg.config import Section, register_section
+from tumorseg.config import Section
 from tumorseg.data.manifest import STATUS_OK
 from tumorseg.data.planar import FIGSHARE_LABELS
 from tumorseg.data.planar_ingest import PLANAR_LAYOUTS, PLANAR_MANIFEST_COLUMNS
@@ -62,9 +62,6 @@ class PlanarValidateConfig(Section):
         if self.min_side_px > self.max_side_px:
             raise ValueError("min_side_px must not exceed max_side_px")
         return self
-
-
-register_section("validate_2d", PlanarValidateConfig)
 
 
 def derive_planar_row(raw: dict[str, str], manifest_row: int) -> dict[str, object]:

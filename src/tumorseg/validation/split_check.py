@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from tumorseg.data.manifest import STATUS_OK, read_manifest
+from tumorseg.data.split import SPLITS, case_groups, read_split
 from tumorseg.errors import DataError
 from tumorseg.validation.suite import quiet_great_expectations
 
@@ -49,8 +50,6 @@ def _split_tables(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """``(assignments, patient_splits, group_splits)``: one row per listed case; one row per
     (patient, split) pair; one row per (group, split) pair, a group being patient ∪ duplicated scan."""
-    from tumorseg.data.split import case_groups
-
     group_of = case_groups(manifest.drop_duplicates("case_id").astype(str))
     cases = manifest.drop_duplicates("case_id").set_index("case_id")
     has_status = "status" in cases.columns
@@ -85,12 +84,13 @@ def _unexpected(result: Any, column: str) -> list[str]:
 def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> SplitCheck:
     """Check that every patient is in one split only and every listed case is valid.
 
-    Runs Great Expectations expectations on two tables derived from the split and the
-    manifest (ephemeral GX context, nothing written):
+    Runs Great Expectations expectations on tables derived from the split and the manifest
+    (ephemeral GX context, nothing written):
 
     - per listed case: ``case_id`` unique (a case in one split only), in the manifest, and
       with status ``ok`` (quarantined cases must not be trained or tested on);
-    - per distinct (patient, split) pair: ``patient_id`` unique, i.e. no patient in two splits.
+    - per distinct (patient, split) pair: ``patient_id`` unique, i.e. no patient in two splits;
+    - per distinct (group, split) pair: ``group`` unique, i.e. no duplicated scan in two splits.
 
     Args:
         split_json_path: the split file written by ``tumorseg split``.
@@ -104,60 +104,63 @@ def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> Spli
     Raises:
         DataError: naming the split file and the offending patients or cases.
     """
-    # Imported here: the split stage may import this module, and must be able to at its top.
-    from tumorseg.data.split import SPLITS
-    from tumorseg.data.split import read_split as read_split_file
-
     path = Path(split_json_path)
     if not isinstance(manifest, pd.DataFrame):
         manifest = read_manifest(manifest)
-    split = read_split_file(path)
+    split = read_split(path)
     splits = {name: split.cases(name) for name in SPLITS}
     assignments, patient_splits, group_splits = _split_tables(splits, manifest)
     known = sorted(manifest["case_id"].astype(str).unique())
+    findings = _expectation_findings(assignments, patient_splits, group_splits, known)
+    problems = _problems(findings, assignments, patient_splits)
+    if problems:
+        raise DataError(f"{path}: {'; '.join(problems)}; rebuild the split with `tumorseg split`")
 
+    counts = assignments.groupby("split", sort=False)
+    return SplitCheck(
+        cases={name: int(n) for name, n in counts.size().items()},
+        patients={name: int(n) for name, n in counts["patient_id"].nunique().items()},
+    )
+
+
+@dataclass(frozen=True)
+class _Findings:
+    """What the expectations found unexpected.
+
+    Attributes:
+        leaked: patients in more than one split.
+        split_groups: groups (patient ∪ duplicated scan) in more than one split.
+        bad_cases: problem (``listed in more than one split``, ``not in the manifest``,
+            ``quarantined in the manifest``) -> the case ids that have it.
+    """
+
+    leaked: list[str]
+    split_groups: list[str]
+    bad_cases: dict[str, list[str]]
+
+
+def _expectation_findings(
+    assignments: pd.DataFrame, patient_splits: pd.DataFrame, group_splits: pd.DataFrame, known: list[str]
+) -> _Findings:
+    """Run the expectations on the three tables of :func:`_split_tables` (``known``: the manifest's case ids)."""
     with quiet_great_expectations():
+        # Imported inside the quiet block: GX is slow to import and logs INFO chatter as it loads.
         import great_expectations as gx
-        from great_expectations.data_context.types.base import (
-            DataContextConfig,
-            InMemoryStoreBackendDefaults,
-            ProgressBarsConfig,
-        )
 
-        # In-memory stores and no Data Docs site: nothing of this check is written anywhere.
-        config = DataContextConfig(
-            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-            progress_bars=ProgressBarsConfig(globally=False),
-        )
-        context = gx.get_context(project_config=config, mode="ephemeral")
-        source = context.data_sources.add_pandas("split")
-        case_batch = (
-            source.add_dataframe_asset("assignments")
-            .add_batch_definition_whole_dataframe("all")
-            .get_batch(batch_parameters={"dataframe": assignments})
-        )
-        patient_batch = (
-            source.add_dataframe_asset("patient_splits")
-            .add_batch_definition_whole_dataframe("all")
-            .get_batch(batch_parameters={"dataframe": patient_splits})
-        )
-        group_batch = (
-            source.add_dataframe_asset("group_splits")
-            .add_batch_definition_whole_dataframe("all")
-            .get_batch(batch_parameters={"dataframe": group_splits})
-        )
-        by_case = {"result_format": "COMPLETE", "unexpected_index_column_names": ["case_id"]}
-        by_patient = {"result_format": "COMPLETE", "unexpected_index_column_names": ["patient_id"]}
+        source = _ephemeral_context().data_sources.add_pandas("split")
+        case_batch = _whole_frame_batch(source, "assignments", assignments)
+        patient_batch = _whole_frame_batch(source, "patient_splits", patient_splits)
+        group_batch = _whole_frame_batch(source, "group_splits", group_splits)
         leaked = _unexpected(
             patient_batch.validate(
-                gx.expectations.ExpectColumnValuesToBeUnique(column="patient_id"), result_format=by_patient
+                gx.expectations.ExpectColumnValuesToBeUnique(column="patient_id"),
+                result_format=_complete("patient_id"),
             ),
             "patient_id",
         )
-        by_group = {"result_format": "COMPLETE", "unexpected_index_column_names": ["group"]}
         split_groups = _unexpected(
             group_batch.validate(
-                gx.expectations.ExpectColumnValuesToBeUnique(column="group"), result_format=by_group
+                gx.expectations.ExpectColumnValuesToBeUnique(column="group"), result_format=_complete("group")
             ),
             "group",
         )
@@ -171,18 +174,60 @@ def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> Spli
             ),
         }
         bad_cases = {
-            label: _unexpected(case_batch.validate(expectation, result_format=by_case), "case_id")
+            label: _unexpected(
+                case_batch.validate(expectation, result_format=_complete("case_id")), "case_id"
+            )
             for label, expectation in case_problems.items()
         }
+    return _Findings(leaked, split_groups, bad_cases)
 
+
+def _ephemeral_context() -> Any:
+    """A GX context with in-memory stores and no Data Docs site: nothing of the check is written anywhere.
+
+    Call it inside :func:`~tumorseg.validation.suite.quiet_great_expectations` (GX logs as it starts).
+    """
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    return gx.get_context(project_config=config, mode="ephemeral")
+
+
+def _whole_frame_batch(source: Any, name: str, frame: pd.DataFrame) -> Any:
+    """A GX batch of the whole of ``frame``, as asset ``name`` of a pandas data source."""
+    return (
+        source.add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": frame})
+    )
+
+
+def _complete(column: str) -> dict[str, Any]:
+    """A result format listing every unexpected row by ``column``."""
+    return {"result_format": "COMPLETE", "unexpected_index_column_names": [column]}
+
+
+def _problems(findings: _Findings, assignments: pd.DataFrame, patient_splits: pd.DataFrame) -> list[str]:
+    """One message per kind of problem found, each naming at most five offenders."""
     problems: list[str] = []
+    leaked = findings.leaked
     if leaked:
         where = {p: sorted(patient_splits.loc[patient_splits["patient_id"] == p, "split"]) for p in leaked}
         shown = ", ".join(f"{p} in {' and '.join(s)}" for p, s in list(where.items())[:5])
         problems.append(f"patient{'s' if len(leaked) > 1 else ''} in more than one split: {shown}")
     # A group that is not one patient's leaked through a scan stored under two case ids.
     duplicated = [
-        g for g in split_groups if assignments.loc[assignments["group"] == g, "patient_id"].nunique() > 1
+        g
+        for g in findings.split_groups
+        if assignments.loc[assignments["group"] == g, "patient_id"].nunique() > 1
     ]
     if duplicated:
         shown = "; ".join(
@@ -193,14 +238,7 @@ def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> Spli
             for g in duplicated[:5]
         )
         problems.append(f"duplicated scans (duplicate_of) in more than one split: {shown}")
-    for label, bad in bad_cases.items():
+    for label, bad in findings.bad_cases.items():
         if bad:
             problems.append(f"case{'s' if len(bad) > 1 else ''} {label}: {', '.join(bad[:5])}")
-    if problems:
-        raise DataError(f"{path}: {'; '.join(problems)}; rebuild the split with `tumorseg split`")
-
-    counts = assignments.groupby("split", sort=False)
-    return SplitCheck(
-        cases={name: int(n) for name, n in counts.size().items()},
-        patients={name: int(n) for name, n in counts["patient_id"].nunique().items()},
-    )
+    return problems

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import torch
+from benchmarks.predict import bench_network, trained_network
 
-from tumorseg.bench_predict import _bench_network, _trained_network
 from tumorseg.config import read_params
 from tumorseg.models.checkpoint import NETWORK_PREFIX
 from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
@@ -23,31 +23,30 @@ def _params(tmp_path: Path) -> dict[str, Any]:
 
 
 def test_without_a_champion_the_random_weights_run_and_the_result_says_why(tmp_path: Path) -> None:
-    trained, weights = _bench_network(_params(tmp_path), None, seed=0)
+    trained, weights = bench_network(_params(tmp_path), None, seed=0)
     assert weights.startswith("random weights (models:/tumorseg@champion did not load")
     assert trained.model.name == "unet"
-    reference = _trained_network(_params(tmp_path), 0).network.state_dict()
+    reference = trained_network(_params(tmp_path), 0).network.state_dict()
     assert all(torch.equal(reference[k], v) for k, v in trained.network.state_dict().items())
 
 
 def test_a_given_checkpoint_is_the_network_timed(tmp_path: Path) -> None:
     params = _params(tmp_path)
-    random_net = _trained_network(params, 3)
+    random_net = trained_network(params, 3)
     checkpoint = tmp_path / "best.ckpt"
     state = {f"{NETWORK_PREFIX}{k}": v for k, v in random_net.network.state_dict().items()}
     torch.save({"state_dict": state, CONFIG_CHECKPOINT_KEY: random_net.config}, checkpoint)
-    trained, weights = _bench_network(params, str(checkpoint), seed=0)
+    trained, weights = bench_network(params, str(checkpoint), seed=0)
     assert weights == f"checkpoint {checkpoint}"
     loaded = trained.network.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in random_net.network.state_dict().items())
-    assert _bench_network(params, "random", seed=0)[1] == "random weights (--model random)"
+    assert bench_network(params, "random", seed=0)[1] == "random weights (--model random)"
 
 
 def test_the_case_is_stored_as_brats_stores_it_and_every_step_is_timed(tmp_path: Path) -> None:
     """The benchmark reads a 240x240x155 case in LPS voxel order (BraTS's own) and writes it back so."""
     import nibabel as nib
-
-    from tumorseg.bench_predict import benchmark_predict
+    from benchmarks.predict import benchmark_predict
 
     result = benchmark_predict(
         _params(tmp_path), repeats=1, folder_cases=0, model="random", workdir=tmp_path / "work"

@@ -233,7 +233,7 @@ def reader_throughput(params_file: Path, draws: int = 48, rounds: int = 3, steps
 
 def bench_scale(small: int = SMALL, large: int = LARGE, seed: int = 11) -> dict[str, Any]:
     """All three measurements on one generated 1 mm dataset (see the module docstring)."""
-    from tumorseg.bench import _in_subprocess
+    from benchmarks.common import in_subprocess
     from tumorseg.config import section
     from tumorseg.data.synth import synthesize_dataset
 
@@ -254,7 +254,7 @@ def bench_scale(small: int = SMALL, large: int = LARGE, seed: int = 11) -> dict[
         big = data_stages(full, root / "w2_large", workers=2)
         train_small = train_short(Path(two["params"]))
         train_large = train_short(Path(big["params"]))
-        throughput = _in_subprocess("reader_throughput", two["params"])
+        throughput = in_subprocess("reader_throughput", two["params"])
 
     per_case = {name: s["seconds"] / large for name, s in big["stages"].items()}
     result: dict[str, Any] = {
@@ -328,7 +328,7 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
             f"{reader['training_out_of_core_vs_in_memory']:.2f} (target >= 0.9)",
         ],
         [
-            "patch draws/s, out-of-core reader vs reloading the whole case per draw (the earlier data path)",
+            "patch draws/s, out-of-core reader vs reloading the whole case per draw (decision 0002)",
             f"{reader['patches_per_s']['out_of_core']:.1f} patches/s",
             f"whole-case reload: {reader['patches_per_s']['whole_case_reload']:.1f} patches/s",
             f"{reader['out_of_core_vs_whole_case_reload']:.1f}x",
@@ -336,5 +336,5 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
     ]
 
 
-if __name__ == "__main__":  # python -m tumorseg.bench_scale: print the figures
+if __name__ == "__main__":  # python -m benchmarks.scale: print the figures
     print(json.dumps(bench_scale(), indent=1))

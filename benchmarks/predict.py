@@ -30,7 +30,7 @@ is inferred).
 
 Usage::
 
-    python -m tumorseg.bench_predict --out bench/predict.json [--repeats 9] [--device cpu] [--model URI|random]
+    python -m benchmarks.predict --out benchmarks/predict.json [--repeats 9] [--device cpu] [--model URI|random]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ TARGET_OVERHEAD = 0.15
 BRATS_ORIENTATION = "LPS"  # voxel order of the BraTS challenge files
 
 
-def _trained_network(params: dict[str, Any], seed: int) -> Any:
+def trained_network(params: dict[str, Any], seed: int) -> Any:
     """The params.yaml network with seeded random weights, as a TrainedNetwork."""
     import torch
 
@@ -66,7 +66,7 @@ def _trained_network(params: dict[str, Any], seed: int) -> Any:
     return TrainedNetwork(network, cfg.model, cfg.data_loader, cfg.sliding_window, cfg.to_dict())
 
 
-def _bench_network(params: dict[str, Any], model: str | None, seed: int) -> tuple[Any, str]:
+def bench_network(params: dict[str, Any], model: str | None, seed: int) -> tuple[Any, str]:
     """``(TrainedNetwork, what it is)``: ``model`` (None: ``predict.model``), else seeded random weights.
 
     ``model="random"`` asks for the random weights; a model that does not load (none registered
@@ -84,9 +84,9 @@ def _bench_network(params: dict[str, Any], model: str | None, seed: int) -> tupl
         try:
             loaded = load_model(uri, tracking_uri=params_tracking_uri(params))
         except DataError as exc:
-            return _trained_network(params, seed), f"random weights ({uri} did not load: {exc})"
+            return trained_network(params, seed), f"random weights ({uri} did not load: {exc})"
         return loaded.trained, loaded.description
-    return _trained_network(params, seed), "random weights (--model random)"
+    return trained_network(params, seed), "random weights (--model random)"
 
 
 def _copies(case: Any, folder: Path, n: int) -> Path:
@@ -154,7 +154,7 @@ def benchmark_predict(
     )
 
     params = read_params() if params is None else params
-    trained, weights = _bench_network(params, model, seed)
+    trained, weights = bench_network(params, model, seed)
     predictor = SegmentationPredictor(
         trained, PredictConfig(device=device, keep_freed_memory=keep_freed_memory)
     )

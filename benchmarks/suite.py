@@ -4,13 +4,13 @@ Machines here are shared and noisy, so absolute times drift; every figure is pai
 with a baseline timed in the same process run (and, for memory, the same kind of
 subprocess), and the README quotes the ratios.
 
-Each benchmark runs in its own subprocess (``python -m tumorseg.bench --only NAME``
+Each benchmark runs in its own subprocess (``python -m benchmarks --worker NAME``
 internally) so that peak memory (``ru_maxrss``) belongs to that benchmark alone.
 
 Usage::
 
-    python -m tumorseg.bench --out bench/results.json            # all benchmarks
-    python -m tumorseg.bench --only data --out /tmp/data.json     # one
+    python -m benchmarks --out benchmarks/results.json            # all benchmarks
+    python -m benchmarks --only data --out /tmp/data.json     # one
 """
 
 from __future__ import annotations
@@ -19,42 +19,13 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB.
-
-    Read from ``VmHWM`` in /proc/self/status: unlike ``ru_maxrss``, it is reset by exec,
-    so a benchmark subprocess does not inherit its parent's high-water mark.
-    """
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _in_subprocess(target: str, *args: str) -> dict[str, Any]:
-    """Run ``python -m tumorseg.bench --worker TARGET ARGS`` and return its JSON result."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
-        out = fh.name
-    try:
-        subprocess.run(
-            [sys.executable, "-m", "tumorseg.bench", "--worker", target, "--worker-out", out, *args],
-            check=True,
-        )
-        return json.loads(Path(out).read_text())
-    finally:
-        Path(out).unlink(missing_ok=True)
+from benchmarks.common import cpu_description, in_subprocess, peak_rss_mb
 
 
 # ----------------------------------------------------------------------------- data
@@ -64,7 +35,7 @@ def _worker_nibabel_load(dataset: str) -> dict[str, Any]:
     import numpy as np
 
     files = sorted(Path(dataset).rglob("*.nii.gz"))
-    base_mb = _peak_rss_mb()
+    base_mb = peak_rss_mb()
     start = time.perf_counter()
     voxels = 0
     for f in files:
@@ -74,7 +45,7 @@ def _worker_nibabel_load(dataset: str) -> dict[str, Any]:
         "seconds": time.perf_counter() - start,
         "files": len(files),
         "voxels": voxels,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "imports_rss_mb": base_mb,
     }
 
@@ -87,7 +58,7 @@ def _worker_ingest_preprocess(dataset: str, workdir: str) -> dict[str, Any]:
     from tumorseg.data.preprocess import preprocess_dataset
 
     import_seconds = time.perf_counter() - t0
-    base_mb = _peak_rss_mb()
+    base_mb = peak_rss_mb()
     work = Path(workdir)
     # In this process (workers 1), so that its peak memory is all of it; `scale` measures workers.
     params: dict[str, Any] = {"ingest": {"workers": 1}, "preprocess": {"workers": 1}}
@@ -101,7 +72,7 @@ def _worker_ingest_preprocess(dataset: str, workdir: str) -> dict[str, Any]:
         "ingest_seconds": t_ingest,
         "preprocess_seconds": total - t_ingest,
         "import_seconds": import_seconds,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "imports_rss_mb": base_mb,
     }
 
@@ -131,8 +102,8 @@ def bench_data(cases: int = 4, seed: int = 7) -> dict[str, Any]:
             }
         )
         synthesize_dataset(dataset, cfg)
-        baseline = _in_subprocess("nibabel_load", str(dataset))
-        ours = _in_subprocess("ingest_preprocess", str(dataset), str(Path(tmp) / "work"))
+        baseline = in_subprocess("nibabel_load", str(dataset))
+        ours = in_subprocess("ingest_preprocess", str(dataset), str(Path(tmp) / "work"))
     ours_cps = cases / ours["seconds"]
     base_cps = cases / baseline["seconds"]
     rows = [
@@ -169,7 +140,7 @@ def _project_params() -> dict[str, Any]:
 
 def bench_training() -> dict[str, Any]:
     """Training throughput: our DataModule + LightningModule vs a minimal plain PyTorch/MONAI loop."""
-    from tumorseg.bench_training import benchmark_training
+    from benchmarks.training import benchmark_training
 
     result = benchmark_training(_project_params())
     result["rows"] = [
@@ -186,7 +157,7 @@ def bench_training() -> dict[str, Any]:
 
 def bench_predict() -> dict[str, Any]:
     """``predict`` on a 240x240x155 case vs MONAI's sliding_window_inference on the same network and volume."""
-    from tumorseg.bench_predict import benchmark_predict
+    from benchmarks.predict import benchmark_predict
 
     result = benchmark_predict(_project_params())
     network = "champion" if str(result["weights"]).startswith("models:/") else "random weights"
@@ -219,7 +190,7 @@ def bench_predict() -> dict[str, Any]:
 
 def bench_compress() -> dict[str, Any]:
     """The ``edge`` variant vs the fp32 champion: whole-predict speed, file size, Dice."""
-    from tumorseg.bench_compress import bench_compress as run
+    from benchmarks.compress import bench_compress as run
 
     result = run(_project_params())
     fp32 = result["variants"].get("fp32", {})
@@ -251,7 +222,7 @@ def bench_compress() -> dict[str, Any]:
 
 def bench_flow() -> dict[str, Any]:
     """Prefect orchestration overhead of the smoke pipeline vs calling the same functions directly."""
-    from tumorseg.bench_flow import bench_flow_overhead
+    from benchmarks.flow import bench_flow_overhead
 
     result = bench_flow_overhead("params.yaml")
     result["rows"] = [
@@ -267,7 +238,7 @@ def bench_flow() -> dict[str, Any]:
 
 def bench_tuning() -> dict[str, Any]:
     """Optuna: wall time of N tiny trials with 2 worker processes vs 1 on the same SQLite study."""
-    from tumorseg.bench_flow import bench_tuning_workers
+    from benchmarks.flow import bench_tuning_workers
 
     result = bench_tuning_workers("params.yaml")
     result["rows"] = [
@@ -283,14 +254,14 @@ def bench_tuning() -> dict[str, Any]:
 
 def bench_scale() -> dict[str, Any]:
     """BraTS-size data at 1 mm: data-stage workers, training memory vs dataset size, out-of-core reads."""
-    from tumorseg.bench_scale import bench_scale as run
+    from benchmarks.scale import bench_scale as run
 
     return run()
 
 
 def bench_serve() -> dict[str, Any]:
     """``POST /predict`` latency (p50/p95, 1 and 4 clients) and server memory vs the in-process predictor."""
-    from tumorseg.bench_serve import bench_serve as run
+    from benchmarks.serve import bench_serve as run
 
     return run(_project_params())
 
@@ -308,7 +279,7 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
 
 
 def _worker_reader_throughput(params_file: str) -> dict[str, Any]:
-    from tumorseg.bench_scale import reader_throughput
+    from benchmarks.scale import reader_throughput
 
     return reader_throughput(Path(params_file))
 
@@ -318,20 +289,6 @@ WORKERS: dict[str, Callable[..., dict[str, Any]]] = {
     "ingest_preprocess": _worker_ingest_preprocess,
     "reader_throughput": _worker_reader_throughput,
 }
-
-
-def cpu_description() -> dict[str, Any]:
-    """The CPU model and the instruction-set flags that decide kernel speed (AVX2, AVX-512, AMX, BF16)."""
-    model, flags = platform.processor() or "?", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and model in ("?", "", platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
 
 
 def _environment() -> dict[str, Any]:
@@ -375,8 +332,8 @@ def _write_results(results: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="bench/results.json")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results.json")
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only these")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -400,7 +357,3 @@ def main(argv: list[str] | None = None) -> int:
         _write_results(results, out)  # after each benchmark: a later failure keeps the earlier figures
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,7 @@ Every request is counted as an error unless it returns 200 with a NIfTI body.
 
 Usage::
 
-    python -m tumorseg.bench_serve --out bench/serve.json
+    python -m benchmarks.serve --out benchmarks/serve.json
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ on the same cases through the same patch reader and MONAI transforms, batch size
 optimiser, LR schedule and precision. The plain loop is what one would write by hand: a
 ``DataLoader`` over the patch dataset and ``zero_grad / forward / backward / step``.
 
-Timing starts after ``bench_training.warmup_steps`` steps (first-call allocations and
-worker start-up are excluded) and covers ``bench_training.steps`` steps, data
+Timing starts after ``BenchTrainingSettings.warmup_steps`` steps (first-call allocations and
+worker start-up are excluded) and covers ``BenchTrainingSettings.steps`` steps, data
 loading included. Measurements come in ``repeats`` pairs, alternating which loop goes first,
 and medians are reported, because the machines are shared and noisy.
 
@@ -24,10 +24,32 @@ import statistics
 import time
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from tumorseg.config import apply_overrides
-from tumorseg.training.config import TrainingConfig, load_bench_config, load_training_config
+from tumorseg.training.config import TrainingConfig, load_training_config
 
 log = logging.getLogger(__name__)
+
+
+class BenchTrainingSettings(BaseModel):
+    """How the two loops are timed (the benchmark's own settings, not the project's params).
+
+    Attributes:
+        steps: timed optimiser steps per measurement.
+        warmup_steps: untimed steps before each measurement.
+        repeats: measurement pairs (which loop goes first alternates); medians are reported.
+        num_threads: torch CPU threads for both loops (0: ``trainer.num_threads``). One thread keeps
+            the comparison stable on a machine shared with other jobs, where two OpenMP threads
+            stall whenever either is descheduled.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(30, ge=1)
+    warmup_steps: int = Field(5, ge=0)
+    repeats: int = Field(4, ge=1)
+    num_threads: int = Field(1, ge=0)
 
 
 def _autocast(precision: str) -> Any:
@@ -180,14 +202,19 @@ def lightning_throughput(
 
 
 def benchmark_training(
-    params: dict[str, Any], *, overrides: dict[str, Any] | None = None, source: str = "params.yaml"
+    params: dict[str, Any],
+    *,
+    settings: BenchTrainingSettings | None = None,
+    overrides: dict[str, Any] | None = None,
+    source: str = "params.yaml",
 ) -> dict[str, Any]:
     """Measure both loops in this process and return their throughputs and ratio.
 
     Args:
-        params: params.yaml dict (the ``data_loader``, ``model``, ``loss``, ``train``, ``trainer``
-            and ``bench_training`` sections are used; training data from ``paths``).
-        overrides: dotted-key overrides.
+        params: params.yaml dict (the ``data_loader``, ``model``, ``loss``, ``train`` and ``trainer``
+            sections are used; training data from ``paths``).
+        settings: steps, warm-up, repeats and threads of the measurement (defaults when None).
+        overrides: dotted-key overrides of ``params``.
         source: params file name for error messages.
 
     Returns:
@@ -199,7 +226,7 @@ def benchmark_training(
 
     params = apply_overrides(params, overrides)
     cfg = load_training_config(params, source=source)
-    bench = load_bench_config(params, source=source)
+    bench = settings or BenchTrainingSettings()
     train_records, val_records = split_records(cfg, source)
     threads = bench.num_threads or cfg.trainer.num_threads
     if threads:

@@ -5,17 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from benchmarks.training import BenchTrainingSettings, benchmark_training
 from tiny_data import tiny_overrides
-
-from tumorseg.bench_training import benchmark_training
 
 
 def test_benchmark_reports_both_loops_and_their_ratio(tiny_dataset: Path, real_params: dict) -> None:
-    overrides = tiny_overrides(
-        tiny_dataset,
-        **{"bench_training.steps": 3, "bench_training.warmup_steps": 1, "bench_training.repeats": 1},
-    )
-    result = benchmark_training(real_params, overrides=overrides)
+    settings = BenchTrainingSettings(steps=3, warmup_steps=1, repeats=1)
+    result = benchmark_training(real_params, settings=settings, overrides=tiny_overrides(tiny_dataset))
     assert result["plain_patches_per_s"] > 0 and result["lightning_patches_per_s"] > 0
     assert result["ratio"] == pytest.approx(
         result["lightning_patches_per_s"] / result["plain_patches_per_s"], rel=1e-2

@@ -9,7 +9,7 @@ model predicts a case at least 2x faster on CPU (whole ``predict``, same cases),
 
 Usage::
 
-    python -m tumorseg.bench_compress --out bench/compress.json [--model models/checkpoints/best.ckpt]
+    python -m benchmarks.compress --out benchmarks/compress.json [--model models/checkpoints/best.ckpt]
 """
 
 from __future__ import annotations

@@ -1,0 +1,63 @@
+"""What every benchmark shares: peak memory, a fresh subprocess per measurement, the CPU's description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The project root: ``benchmarks`` is a top-level folder, not part of the installed package."""
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB.
+
+    Read from ``VmHWM`` in /proc/self/status: unlike ``ru_maxrss``, it is reset by exec,
+    so a benchmark subprocess does not inherit its parent's high-water mark.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def in_subprocess(target: str, *args: str) -> dict[str, Any]:
+    """Run ``python -m benchmarks --worker TARGET ARGS`` and return its JSON result."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        out = fh.name
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks", "--worker", target, "--worker-out", out, *args],
+            check=True,
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            },
+        )
+        return json.loads(Path(out).read_text())
+    finally:
+        Path(out).unlink(missing_ok=True)
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU model and the instruction-set flags that decide kernel speed (AVX2, AVX-512, AMX, BF16)."""
+    model, flags = platform.processor() or "?", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and model in ("?", "", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}

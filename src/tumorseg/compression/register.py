@@ -1,0 +1,188 @@
+"""Logging the compression report to MLflow and registering the edge model.
+
+The report goes to a ``compress`` run of its own; the edge model (an ONNX model or a
+``torch.export`` program) is logged there as the tumorseg pyfunc
+(:mod:`tumorseg.registry.pyfunc`) and registered as a *new* version of ``registry.model_name``
+with alias ``compress.alias`` and ``compression.*`` tags. Existing versions and aliases (the fp32
+champion) are never modified.
+
+Here, in the compression package, rather than in :mod:`tumorseg.registry`: the registry package
+is upstream of compression (compression reads the champion through it), and the DVC ``compress``
+stage depends on ``src/tumorseg/compression``, so a change to this code reruns it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tumorseg.compression.config import CompressConfig
+from tumorseg.compression.report import CompressionResult, VariantResult
+from tumorseg.config import section
+from tumorseg.registry.config import RegistryConfig
+
+RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch.export": "PyTorch, torch.export program"}
+RUNTIME_ARTIFACTS = {"onnxruntime": "onnx", "torch.export": "program"}
+"""The pyfunc artifact key of each deployable runtime's file (what ``models.package.load_artifacts`` reads)."""
+
+
+def log_compress_run(
+    outcome: CompressionResult,
+    trained: Any,
+    run_cfg: Any,
+    params: dict[str, Any],
+    cfg: CompressConfig,
+    uri: str,
+    experiment: str,
+    source: str,
+) -> tuple[str, dict[str, str] | None]:
+    """Log the report to a ``compress`` MLflow run; register the edge model (new version + alias)."""
+    import mlflow
+
+    from tumorseg import tracking
+
+    tracking.disable_telemetry()
+    experiment_id = tracking.ensure_experiment(uri, experiment)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    run = client.create_run(experiment_id, run_name="compress", tags={"tumorseg.stage": "compress"})
+    run_id = run.info.run_id
+    for key, value in tracking.flatten(cfg.model_dump(mode="json"), "compress.").items():
+        client.log_param(run_id, key, str(value)[:500])
+    _log_metrics(client, run_id, outcome)
+    client.log_artifact(run_id, str(outcome.files["report_json"]))
+    client.log_artifact(run_id, str(outcome.files["report_md"]))
+    registered = None
+    if cfg.register_edge and outcome.edge is not None:
+        registered = register_edge(outcome, trained, run_cfg, params, cfg, uri, run_id, source)
+    client.set_terminated(run_id)
+    return run_id, registered
+
+
+def _log_metrics(client: Any, run_id: str, outcome: CompressionResult) -> None:
+    """Each variant's measurements (``<variant>.<metric>``) and the edge's ratios to fp32 (``edge.*``)."""
+    for result in outcome.variants:
+        for metric, value in (
+            ("latency_s", result.latency_s),
+            ("fp32_alongside_latency_s", result.baseline_latency_s),
+            ("inference_s", result.inference_s),
+            ("file_mb", result.file_mb),
+            ("parameters", result.parameters),
+            ("dice_mean", result.dice.get("mean")),
+            ("dice_drop", result.dice_drop),
+            ("onnx_max_abs_diff", result.onnx_max_abs_diff),
+        ):
+            if value is not None:
+                client.log_metric(run_id, f"{result.name}.{metric}", float(value))
+    for key, value in outcome.report["edge_vs_fp32"].items():
+        if value is not None:
+            client.log_metric(run_id, f"edge.{key}", float(value))
+
+
+def register_edge(
+    outcome: CompressionResult,
+    trained: Any,
+    run_cfg: Any,
+    params: dict[str, Any],
+    cfg: CompressConfig,
+    uri: str,
+    run_id: str,
+    source: str,
+) -> dict[str, str]:
+    """Log the edge model (ONNX or torch.export file) as the tumorseg pyfunc and register it: a new version, alias, tags."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tumorseg.tracking import fluent_store
+
+    edge = outcome.edge
+    assert edge is not None
+    registry: RegistryConfig = section("registry", params, source=source)
+    model_uri = _log_edge_model(outcome, edge, trained, run_cfg.model_dump(mode="json"), uri, run_id)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    try:
+        client.get_registered_model(registry.model_name)
+    except MlflowException:
+        client.create_registered_model(registry.model_name)
+    with fluent_store(uri):
+        version = mlflow.register_model(model_uri, registry.model_name, tags=_edge_tags(outcome, edge))
+    number = str(version.version)
+    client.update_model_version(registry.model_name, number, description=_edge_description(outcome, edge))
+    client.set_registered_model_alias(registry.model_name, cfg.alias, number)
+    client.set_tag(run_id, "tumorseg.registered_version", f"{registry.model_name}/{number}")
+    return {
+        "name": registry.model_name,
+        "version": number,
+        "alias": cfg.alias,
+        "uri": f"models:/{registry.model_name}/{number}",
+    }
+
+
+def _log_edge_model(
+    outcome: CompressionResult,
+    edge: VariantResult,
+    trained: Any,
+    settings: dict[str, Any],
+    uri: str,
+    run_id: str,
+) -> str:
+    """Log the edge file with the network's config and the predict settings to ``run_id``; its model URI.
+
+    The same pyfunc as the fp32 versions (:mod:`tumorseg.registry.pyfunc`), so a client loads an
+    edge version exactly as it loads the champion; the compression report travels with it.
+    """
+    import mlflow
+
+    from tumorseg.registry.pyfunc import MODEL_CODE, PREDICT_SETTINGS_FILE, RUNTIME_PACKAGES, model_signature
+    from tumorseg.tracking import fluent_store, model_pip_requirements
+
+    with tempfile.TemporaryDirectory(prefix="tumorseg-edge-") as tmp, fluent_store(uri):
+        config_file = Path(tmp) / "config.json"
+        config_file.write_text(json.dumps(trained.config, indent=1, sort_keys=True) + "\n")
+        predict_file = Path(tmp) / PREDICT_SETTINGS_FILE
+        predict_file.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        artifacts = {
+            RUNTIME_ARTIFACTS[edge.runtime]: str(outcome.files[edge.name]),
+            "config": str(config_file),
+            "predict": str(predict_file),
+            "compression": str(outcome.files["report_json"]),
+        }
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts=artifacts,
+                signature=model_signature(
+                    bool(settings.get("tta")), float(settings.get("min_component_mm3", 0))
+                ),
+                pip_requirements=model_pip_requirements(
+                    (*RUNTIME_PACKAGES, "onnxruntime") if edge.runtime == "onnxruntime" else RUNTIME_PACKAGES
+                ),
+            )
+    return info.model_uri
+
+
+def _edge_tags(outcome: CompressionResult, edge: VariantResult) -> dict[str, str]:
+    """Version tags: which variant of which source model, and how it compares with fp32."""
+    ratio = outcome.report["edge_vs_fp32"]
+    return {
+        "compression.variant": edge.name,
+        "compression.source": str(outcome.report.get("source_model")),
+        "compression.speedup": f"{ratio['speedup']:.3f}",
+        "compression.size_ratio": f"{ratio['size_ratio']:.3f}",
+        "compression.dice_drop": f"{ratio['dice_drop']:.6f}",
+        "runtime": edge.runtime,
+        "test_dice_mean": f"{edge.dice['mean']:.6f}",
+    }
+
+
+def _edge_description(outcome: CompressionResult, edge: VariantResult) -> str:
+    """The version's description: what it was made from and what it costs in accuracy."""
+    ratio = outcome.report["edge_vs_fp32"]
+    return (
+        f"Edge deployment of {outcome.report.get('source_model')}: variant {edge.name} "
+        f"({RUNTIME_NAMES[edge.runtime]}), "
+        f"{ratio['speedup']:.2f}x faster and {ratio['size_ratio']:.2f}x smaller on CPU, mean Dice drop "
+        f"{ratio['dice_drop']:+.4f} on the test split. Not for clinical use."
+    )

@@ -1,0 +1,177 @@
+"""The threaded case reader of ``tumorseg predict``: decode every file in its own thread, then preprocess.
+
+:func:`read_preprocessed` gives the same bits as ``preprocess_case(read_case(case), cfg)``
+(:mod:`tumorseg.data.preprocessed_case`) without ever holding a case's full-resolution float
+image: each modality file is inflated, decoded and reoriented in its own thread
+(:func:`decode_case`, no torch), and the torch thread resamples the channels one by one
+(:meth:`DecodedCase.preprocess`). Prediction decodes the next case while the current one is
+inferred; the dataset stage (:mod:`tumorseg.data.preprocess`) reads every case through it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from tumorseg.config import PreprocessConfig
+from tumorseg.data.conventions import CANONICAL_MODALITIES
+from tumorseg.data.grid import SourceGrid, resize
+from tumorseg.data.layouts import (
+    CaseFiles,
+    CaseVolumes,
+    encode_labels,
+    orientation_code,
+    read_case,
+    read_nifti,
+    spacing_from_affine,
+    squeeze_trailing,
+)
+from tumorseg.data.preprocessed_case import (
+    PreprocessedCase,
+    crop_and_normalise,
+    preprocess_case,
+    ras_float32,
+)
+from tumorseg.errors import DataError
+
+
+@dataclass
+class DecodedCase:
+    """A case read from disk and reoriented, not yet resampled: what :func:`decode_case` returns.
+
+    Decoding uses no torch, so it may run in any thread (e.g. reading the next case of a folder
+    while the current one is inferred); :meth:`preprocess` resamples with torch and belongs in the
+    thread that runs torch.
+
+    Attributes:
+        grid: the source grid (T1 header), or None when the case went through :func:`read_case`.
+        channels: modality -> RAS float32 volume at full resolution.
+        source: the geometry entries describing where the case came from.
+        labels: canonical source labels, or None.
+        volumes: the :func:`read_case` result for the cases the threaded path declines (else None).
+    """
+
+    grid: SourceGrid | None
+    channels: dict[str, np.ndarray]
+    source: dict[str, Any]
+    labels: np.ndarray | None = None
+    volumes: CaseVolumes | None = None
+
+    def preprocess(self, cfg: PreprocessConfig) -> PreprocessedCase:
+        """Resample the channels one by one (each full-resolution volume released once done), crop, z-score.
+
+        Raises:
+            DataError: NaN/inf voxels, or no brain.
+        """
+        if self.volumes is not None:
+            return preprocess_case(self.volumes, cfg)
+        assert self.grid is not None
+        channels = []
+        for modality in CANONICAL_MODALITIES:
+            channels.append(
+                resize(self.channels.pop(modality), self.grid.resampled_shape, cfg.image_interpolation_order)
+            )
+        return crop_and_normalise(np.stack(channels), self.grid, self.source, self.labels, cfg)
+
+
+def decode_case(
+    case: CaseFiles, cfg: PreprocessConfig, *, labels: bool = True, sha256: bool = True
+) -> DecodedCase:
+    """Read a case's files, each inflated, decoded, reoriented and converted to float32 in its own thread.
+
+    No torch runs here (see :func:`read_preprocessed`). Cases this path does not take (an MSD 4-D
+    image, a file that does not decode, a wrong dimensionality, shapes that differ) go through
+    :func:`read_case`, which raises its one-line :class:`DataError` naming the file, or reads what
+    this path declined.
+
+    Args: as :func:`read_preprocessed`.
+
+    Raises:
+        DataError: missing/unreadable file, wrong dimensionality, differing shapes, label values
+            outside the convention, NaN/inf voxels.
+    """
+    if not labels and case.has_seg:
+        case = dataclasses.replace(case, paths={**case.paths, "seg": None})
+    files = case.unique_files()
+
+    def fallback() -> DecodedCase:
+        return DecodedCase(None, {}, {}, volumes=read_case(case))
+
+    if case.missing or case.layout == "msd" or any(len(keys) != 1 for keys in files.values()):
+        return fallback()
+    try:
+        header = nib.load(str(case.paths["t1"])).header
+        grid = SourceGrid.of(header.get_best_affine(), header.get_data_shape(), cfg)
+    except Exception:  # noqa: BLE001 - read_case names the file and the problem
+        return fallback()
+
+    def decode(key: str) -> tuple[str, np.ndarray, str] | None:
+        """``(key, RAS float32 channel or source labels, sha256)``; None when read_case must decide."""
+        try:
+            nifti = read_nifti(case.paths[key], sha256=sha256)
+        except DataError:
+            return None
+        data = squeeze_trailing(nifti.data, 3)
+        if data.shape != grid.shape or (key == "t1" and not np.array_equal(nifti.affine, grid.affine)):
+            return None
+        if key == "seg":
+            return key, data, nifti.sha256
+        return key, ras_float32(data, grid, case_id=case.case_id, modality=key), nifti.sha256
+
+    keys = [keys[0] for keys in files.values()]
+    with ThreadPoolExecutor(max_workers=len(keys), thread_name_prefix="tumorseg-read") as pool:
+        results = list(pool.map(decode, keys))
+    if any(result is None for result in results):
+        return fallback()
+    decoded = {key: array for key, array, _ in results}  # type: ignore[misc]
+    digests = {key: digest for key, _, digest in results}  # type: ignore[misc]
+    del results
+    source_labels = None
+    if "seg" in decoded:
+        try:
+            source_labels = encode_labels(decoded.pop("seg"), case.label_convention)
+        except ValueError as exc:
+            raise DataError(f"{case.case_id}: {case.paths['seg'].name}: {exc}") from None
+    source = {
+        "case_id": case.case_id,
+        "patient_id": case.patient_id,
+        "layout": case.layout,
+        "label_convention": case.label_convention,
+        "source_orientation": orientation_code(grid.affine),
+        "source_spacing_mm": [float(s) for s in spacing_from_affine(grid.affine)],
+        "source_sha256": digests,
+    }
+    return DecodedCase(grid, decoded, source, source_labels)
+
+
+def read_preprocessed(
+    case: CaseFiles, cfg: PreprocessConfig, *, labels: bool = True, sha256: bool = True
+) -> PreprocessedCase:
+    """Read a case from disk and preprocess it, never holding its full-resolution float image.
+
+    Same result as ``preprocess_case(read_case(case), cfg)``, from the same functions: each modality
+    file is inflated, decoded, reoriented and converted to float32 in its own thread
+    (:func:`decode_case`, with the grid of the T1 header; none of it holds the GIL for long), then
+    this thread resamples the channels (:func:`~tumorseg.data.grid.resize`) one by one, releasing each full-resolution
+    volume as soon as it is resampled (:meth:`DecodedCase.preprocess`). Torch runs in its own thread
+    pool only: torch called from the reading threads would start an OpenMP team per thread, and
+    those teams slow down the inference that follows, or, while other threads still inflate, the
+    resampling itself.
+
+    Args:
+        case: the files.
+        cfg: the ``preprocess`` section.
+        labels: also read ``seg`` when the case has one (False: prediction, the image alone).
+        sha256: hash the files (``source_sha256`` in the geometry; False leaves it empty: prediction
+            keeps no provenance of its input).
+
+    Raises:
+        DataError: missing/unreadable file, wrong dimensionality, differing shapes, label values
+            outside the convention, NaN/inf voxels, no brain.
+    """
+    return decode_case(case, cfg, labels=labels, sha256=sha256).preprocess(cfg)

@@ -1,0 +1,146 @@
+"""The viewer's endpoints on kept predictions: ``GET /cases/{id}``, its slices and segmentation, and
+``POST /cases/{id}/ground-truth``.
+
+A prediction asked for with ``?format=viewer`` is kept in the service's bounded
+:class:`~tumorseg.serving.viewer.ResultStore`; these routes read it back for the page at ``/``
+(:func:`viewer_summary` is also what ``POST /predict`` answers). A result the store no longer holds
+is 404 (:class:`CaseNotFound`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import numpy as np
+
+# FastAPI resolves endpoint annotations from this module's globals, so its names are imported here.
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from tumorseg.serving.service import score_mask, service_of
+from tumorseg.serving.uploads import UploadRejected, is_nifti_name, remove_tree, safe_file_name
+from tumorseg.serving.viewer import DisplayCase, PlanarDisplay
+
+Modality = Literal["t1", "t1ce", "t2", "flair"]
+PlaneName = Literal["axial", "coronal", "sagittal"]
+
+
+class CaseNotFound(UploadRejected):
+    """A viewer request for a prediction the store no longer holds (HTTP 404)."""
+
+    status_code = 404
+
+
+def viewer_summary(result_id: str, display: DisplayCase | PlanarDisplay) -> dict[str, Any]:
+    """What the viewer page needs of a kept prediction: its summary, slice counts, focus and download URL."""
+    if isinstance(display, PlanarDisplay):
+        return {
+            **display.summary,
+            "result_id": result_id,
+            "slices": display.slices(),
+            "focus": display.focus(),
+            "display_spacing_mm": [display.pixel_mm, display.pixel_mm],
+            "segmentation_url": f"/cases/{result_id}/segmentation",
+            "file_name": display.file_name,
+        }
+    focus = _focus_slices(display.labels)
+    return {
+        **display.summary,
+        "dice": {k: round(v, 4) for k, v in display.dice.items()} if display.dice else None,
+        "result_id": result_id,
+        "slices": display.slices(),
+        "focus": focus,
+        "display_spacing_mm": list(display.spacing),
+        "segmentation_url": f"/cases/{result_id}/segmentation",
+        "file_name": display.file_name,
+    }
+
+
+def display_of(request: Request, result_id: str) -> DisplayCase | PlanarDisplay:
+    """The kept prediction ``result_id``.
+
+    Raises:
+        CaseNotFound: unknown, or expired from the store (404).
+    """
+    display = service_of(request).store.get(result_id)
+    if display is None:
+        raise CaseNotFound(
+            f"case {result_id!r}: unknown or expired (kept serve.result_ttl_s); predict it again"
+        )
+    return display
+
+
+def add_case_routes(app: FastAPI) -> None:
+    """``GET /cases/{id}``, ``/cases/{id}/slice`` and ``/cases/{id}/segmentation``: what the page draws."""
+
+    @app.get("/cases/{result_id}", summary="A kept prediction")
+    async def case_summary(request: Request, result_id: str) -> dict[str, Any]:
+        display = display_of(request, result_id)
+        return viewer_summary(result_id, display)
+
+    @app.get("/cases/{result_id}/slice", summary="One slice of a kept prediction, for the viewer")
+    async def case_slice(
+        request: Request,
+        result_id: str,
+        index: Annotated[int, Query(ge=0, description="slice number along the plane's axis")],
+        plane: PlaneName = "axial",
+        modality: Modality = "flair",
+    ) -> dict[str, Any]:
+        display = display_of(request, result_id)
+        count = display.slices().get(plane, 0)
+        if count == 0:
+            raise UploadRejected(f"plane: case {result_id!r} is a 2-D image; it has only the axial plane")
+        if index >= count:
+            raise UploadRejected(f"index: {index} is past the last {plane} slice ({count - 1})")
+        return display.slice_payload(plane, index, modality)
+
+    @app.get("/cases/{result_id}/segmentation", summary="Download a kept segmentation")
+    async def case_segmentation(request: Request, result_id: str) -> Response:
+        display = display_of(request, result_id)
+        return Response(
+            display.segmentation,
+            media_type=display.media_type,
+            headers={"Content-Disposition": f'attachment; filename="{display.file_name}"'},
+        )
+
+
+def add_ground_truth_route(app: FastAPI) -> None:
+    """``POST /cases/{id}/ground-truth``: score a kept 3-D prediction against an uploaded mask."""
+
+    @app.post("/cases/{result_id}/ground-truth", summary="Score a kept prediction against a mask")
+    async def case_ground_truth(
+        request: Request,
+        result_id: str,
+        file: Annotated[UploadFile, File(description="the case's ground-truth mask (.nii or .nii.gz)")],
+    ) -> dict[str, Any]:
+        """Dice per train region (WT, TC, ET for glioma) against a mask in the case's geometry and label convention."""
+        service = service_of(request)
+        display = display_of(request, result_id)
+        if isinstance(display, PlanarDisplay):
+            raise UploadRejected(
+                f"case {result_id!r} is a 2-D image: upload its Figshare .mat to /predict instead; "
+                "the tumorMask it holds is scored automatically"
+            )
+        name = safe_file_name(file.filename, "file")
+        if not is_nifti_name(name):
+            raise UploadRejected(
+                f"{name}: not a NIfTI file (.nii, .nii.gz); upload the case's segmentation mask"
+            )
+        workdir = service.request_dir()
+        try:
+            dice = await run_in_threadpool(score_mask, service, display, file.file, name, workdir)
+        finally:
+            remove_tree(workdir)
+        return {"result_id": result_id, "dice": dice}
+
+
+def _focus_slices(labels: np.ndarray) -> dict[str, int]:
+    """Per plane, the slice with the most tumour (the middle slice when there is none)."""
+    tumour = labels > 0
+    focus: dict[str, int] = {}
+    for plane, axis in (("sagittal", 0), ("coronal", 1), ("axial", 2)):
+        others = tuple(a for a in range(3) if a != axis)
+        counts = tumour.sum(axis=others)
+        focus[plane] = int(np.argmax(counts)) if counts.any() else labels.shape[axis] // 2
+    return focus
