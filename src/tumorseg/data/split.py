@@ -256,7 +256,9 @@ def make_split(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Spli
 
 
 # ---------------------------------------------------------------------------- groups
-class _UnionFind:
+class UnionFind:
+    """Disjoint sets of strings; a set's root is its smallest member (patient and duplicate groups)."""
+
     def __init__(self) -> None:
         self.parent: dict[str, str] = {}
 
@@ -265,7 +267,7 @@ class _UnionFind:
         root = item
         while self.parent[root] != root:
             root = self.parent[root]
-        while self.parent[item] != root:
+        while self.parent[item] != root:  # path compression
             self.parent[item], item = root, self.parent[item]
         return root
 
@@ -288,7 +290,7 @@ def case_groups(table: pd.DataFrame, named_by: pd.Series | None = None) -> dict[
     Returns:
         Every case id of ``table`` -> the smallest qualifying patient id of its group.
     """
-    links = _UnionFind()
+    links = UnionFind()
     cases = table["case_id"].astype(str).tolist()
     patients = [p or c for p, c in zip(table["patient_id"].astype(str), cases, strict=True)]
     duplicates = (

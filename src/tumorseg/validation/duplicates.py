@@ -34,6 +34,7 @@ from typing import Any
 import pandas as pd
 
 from tumorseg.data.conventions import CANONICAL_MODALITIES
+from tumorseg.data.split import UnionFind
 from tumorseg.validation.cells import cell_text, parse_bool, parse_float
 
 DUPLICATE_COLUMN = "duplicate_of"
@@ -87,25 +88,6 @@ def _digests(raw: dict[str, str]) -> list[tuple[str, str, str]]:
     return found
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-
-    def find(self, item: str) -> str:
-        self.parent.setdefault(item, item)
-        root = item
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[item] != root:  # path compression
-            self.parent[item], item = root, self.parent[item]
-        return root
-
-    def union(self, a: str, b: str) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-
-
 def find_duplicate_groups(manifest: pd.DataFrame) -> list[DuplicateGroup]:
     """The groups of case ids that hold one scan (see the module docstring), sorted by first case.
 
@@ -124,7 +106,7 @@ def find_duplicate_groups(manifest: pd.DataFrame) -> list[DuplicateGroup]:
             if key not in keys:
                 keys.append(key)
 
-    links = _UnionFind()
+    links = UnionFind()
     shared = [(kind, cases) for (kind, _), cases in holders.items() if len(cases) > 1]
     for _, cases in shared:
         ids = sorted(cases)
