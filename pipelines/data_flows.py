@@ -200,7 +200,7 @@ def data_pipeline_flow(
     params_path: str = "params.yaml",
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The data stages in order, as ``dvc repro split`` runs them.
+    """The data stages in order, as ``dvc repro split@3d`` runs them.
 
     Args:
         params_path: params.yaml to read.

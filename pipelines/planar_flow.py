@@ -1,19 +1,20 @@
-"""The 2-D pipeline as one Prefect flow.
+"""The ``@2d`` stages of ``dvc.yaml`` as one Prefect flow.
 
-``synth_2d`` (embedded Figshare-style and Kaggle-style data) -> ``ingest_2d`` -> ``validate_2d`` ->
-``preprocess_2d`` -> ``split_2d`` -> ``train_2d`` -> ``evaluate_2d`` (detector choice, test metrics,
-``tumorseg-2d`` and ``tumorseg-detect`` challengers) -> ``promote_2d`` (the champion/challenger gate
-for both names).
+``source@2d`` (``data.source_2d``: generated Figshare-style and Kaggle-style data, or your folder) ->
+``ingest@2d`` -> ``validate@2d`` -> ``preprocess@2d`` -> ``split@2d`` -> ``train@2d`` -> ``evaluate@2d``
+(detector choice, test metrics, ``tumorseg-2d`` and ``tumorseg-detect`` challengers) -> ``promote@2d``
+(the champion/challenger gate for both names).
 
 One implementation, two drivers: every task calls the function its ``tumorseg`` command (the DVC
 stage of the same name in ``dvc.yaml``) calls. Caching follows :mod:`pipelines.training_flow`: a
 stage's key hashes the params keys its DVC stage lists, its dependency contents and its code
-(:mod:`pipelines.stage_cache`), so a rerun with nothing changed skips finished stages; ``promote_2d``
+(:mod:`pipelines.stage_cache`), so a rerun with nothing changed skips finished stages; ``promote@2d``
 acts on the registry's current state and always runs. File-system steps retry on ``OSError`` only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -32,31 +33,38 @@ from pipelines.stage_cache import cached_task, dvc_stage_specs
 from tumorseg.config import section
 
 
-def _cached(task_fn: Any, stage: str, params: dict[str, Any]) -> Any:
-    """The task with its stage's cache policy (:func:`pipelines.stage_cache.cached_task`)."""
-    return cached_task(task_fn, dvc_stage_specs()[stage], params)
+def _cached(task_fn: Any, stage: str, params: dict[str, Any], source: Path | None = None) -> Any:
+    """The task with its ``<stage>@2d`` cache policy (:func:`pipelines.stage_cache.cached_task`);
+    ``source``, resolved against the params file's folder, replaces ``${data.source_2d}``."""
+    spec = dvc_stage_specs()[f"{stage}@2d"]
+    if source is not None and stage == "source":
+        spec = dataclasses.replace(spec, outs=(str(source),))
+    elif source is not None and stage == "ingest":
+        spec = dataclasses.replace(
+            spec, deps=tuple(str(source) if d == "${data.source_2d}" else d for d in spec.deps)
+        )
+    return cached_task(task_fn, spec, params)
 
 
 # ---------------------------------------------------------------------------- tasks
-@task(name="synth_2d", **IO_RETRIES)
-def synth_2d_task(params: dict) -> int:
-    """``tumorseg synth --layout figshare`` and ``--layout kaggle`` into ``paths.raw_2d``."""
-    from tumorseg.data.planar_synth import synthesize_planar_dataset
+@task(name="source@2d", **IO_RETRIES)
+def source_2d_task(params: dict, params_path: str) -> str:
+    """``tumorseg source --dims 2``: generate the images (``data.source_2d: synth_2d``) or check the folder."""
+    from tumorseg.data.source import prepare_source
 
-    raw = Path(section("paths", params).raw_2d)
-    cfg = section("synth_2d", params)
-    return sum(len(synthesize_planar_dataset(raw / layout, layout, cfg)) for layout in ("figshare", "kaggle"))
+    return prepare_source(params, params_path, 2).one_line()
 
 
-@task(name="ingest_2d", **IO_RETRIES)
-def ingest_2d_task(params: dict) -> str:
+@task(name="ingest@2d", **IO_RETRIES)
+def ingest_2d_task(params: dict, source: str) -> str:
     from tumorseg.data.ingest import ingest
 
-    paths = section("paths", params)
-    return ingest(Path(paths.raw_2d), Path(paths.ingested_2d), section("ingest", params)).one_line()
+    return ingest(
+        Path(source), Path(section("paths", params).ingested_2d), section("ingest", params)
+    ).one_line()
 
 
-@task(name="validate_2d", **IO_RETRIES)
+@task(name="validate@2d", **IO_RETRIES)
 def validate_2d_task(params: dict) -> str:
     from tumorseg.validation.planar_checks import PlanarValidateConfig
 
@@ -72,7 +80,7 @@ def validate_2d_task(params: dict) -> str:
     )
 
 
-@task(name="preprocess_2d", **IO_RETRIES)
+@task(name="preprocess@2d", **IO_RETRIES)
 def preprocess_2d_task(params: dict) -> str:
     from tumorseg.data.preprocess import preprocess_dataset
 
@@ -85,7 +93,7 @@ def preprocess_2d_task(params: dict) -> str:
     ).one_line()
 
 
-@task(name="split_2d", **IO_RETRIES)
+@task(name="split@2d", **IO_RETRIES)
 def split_2d_task(params: dict) -> dict[str, int]:
     paths = section("paths", params)
     return split_and_publish(
@@ -98,20 +106,20 @@ def split_2d_task(params: dict) -> dict[str, int]:
     )
 
 
-@task(name="train_2d", **IO_RETRIES)
+@task(name="train@2d", **IO_RETRIES)
 def train_2d_task(params: dict) -> dict[str, Any]:
-    """``tumorseg train-2d``."""
-    from tumorseg.planar.train import train_planar
+    """``tumorseg train --dims 2``."""
+    from tumorseg.training.planar_train import train_planar
 
     result = train_planar(params, tracking_uri=tracking_uri(params))
     create_markdown_artifact(key="training-2d", markdown=result.one_line(), description="2-D training")
     return {"best_val": result.best_val, "epochs": result.epochs, "mlflow_run_id": result.mlflow_run_id}
 
 
-@task(name="evaluate_2d", **IO_RETRIES)
+@task(name="evaluate@2d", **IO_RETRIES)
 def evaluate_2d_task(params: dict) -> dict[str, Any]:
-    """``tumorseg evaluate-2d``: detector choice, test metrics with CIs, challengers registered."""
-    from tumorseg.planar.evaluate import evaluate_planar
+    """``tumorseg evaluate-model --dims 2``: detector choice, test metrics with CIs, challengers registered."""
+    from tumorseg.evaluation.planar_evaluate import evaluate_planar
 
     result = evaluate_planar(params, tracking_uri=tracking_uri(params))
     det = result.metrics["detection"]
@@ -137,25 +145,18 @@ def evaluate_2d_task(params: dict) -> dict[str, Any]:
     }
 
 
-@task(name="promote_2d", cache_policy=NO_CACHE, **IO_RETRIES)
+@task(name="promote@2d", cache_policy=NO_CACHE, **IO_RETRIES)
 def promote_2d_task(params: dict) -> dict[str, Any]:
-    """``tumorseg promote --name`` for both 2-D models (the same gate as the 3-D model)."""
-    from tumorseg.config import apply_overrides
-    from tumorseg.registry.promote import promote
+    """``tumorseg promote --dims 2``: both 2-D models through the 3-D model's gate, one report."""
+    from tumorseg.registry.promote import promote_models
 
-    reports = Path(section("paths", params).reports)
-    names = {
-        "promotion_2d.json": section("evaluate_2d", params).model_name,
-        "promotion_detect.json": section("detect", params).model_name,
+    names = [section("evaluate_2d", params).model_name, section("detect", params).model_name]
+    results = promote_models(
+        params, names, report_file=Path(section("paths", params).reports_2d) / "promotion.json"
+    )
+    decisions = {
+        r.model_name: {"action": r.action, "champion": r.champion, "lines": r.lines()} for r in results
     }
-    decisions: dict[str, Any] = {}
-    for report, name in names.items():
-        result = promote(
-            apply_overrides(params, {"registry.model_name": name}),
-            tracking_uri=tracking_uri(params),
-            report_file=reports / report,
-        )
-        decisions[name] = {"action": result.action, "champion": result.champion, "lines": result.lines()}
     create_markdown_artifact(
         key="promotion-2d",
         markdown="\n".join(f"- **{n}**: {d['lines'][0]}" for n, d in decisions.items()),
@@ -166,35 +167,30 @@ def promote_2d_task(params: dict) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- the flow
 @flow(name="planar-pipeline", log_prints=True)
-def planar_flow(
-    params_path: str = "params.yaml",
-    overrides: dict[str, Any] | None = None,
-    *,
-    generate_data: bool = True,
-) -> dict[str, Any]:
-    """synth_2d -> ingest_2d -> validate_2d -> preprocess_2d -> split_2d -> train_2d -> evaluate_2d -> promote_2d.
+def planar_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """source -> ingest -> validate -> preprocess -> split -> train -> evaluate -> promote, ``@2d``.
 
     Args:
         params_path: params.yaml to read.
         overrides: dotted-key overrides (``{"train_2d.max_epochs": 2}``).
-        generate_data: run ``synth_2d`` first; False for real data in ``paths.raw_2d``.
 
     Returns:
         ``{<stage>: <summary>}``; a failed step fails the run and no champion moves.
     """
+    from tumorseg.data.source import source_folder
 
     params = load_params(params_path, overrides)
+    folder = source_folder(params, params_path, 2)
     summary: dict[str, Any] = {}
-    if generate_data:
-        summary["synth_2d"] = _cached(synth_2d_task, "synth_2d", params)(params)
-    summary["ingest_2d"] = _cached(ingest_2d_task, "ingest_2d", params)(params)
-    summary["validate_2d"] = _cached(validate_2d_task, "validate_2d", params)(params)
-    summary["preprocess_2d"] = _cached(preprocess_2d_task, "preprocess_2d", params)(params)
-    summary["split_2d"] = _cached(split_2d_task, "split_2d", params)(params)
-    summary["train_2d"] = _cached(train_2d_task, "train_2d", params)(params)
-    summary["evaluate_2d"] = _cached(evaluate_2d_task, "evaluate_2d", params)(params)
-    summary["promote_2d"] = promote_2d_task(params)
-    print(summary["evaluate_2d"]["one_line"])
-    for name, decision in summary["promote_2d"].items():
+    summary["source"] = _cached(source_2d_task, "source", params, folder)(params, params_path)
+    summary["ingest"] = _cached(ingest_2d_task, "ingest", params, folder)(params, str(folder))
+    summary["validate"] = _cached(validate_2d_task, "validate", params)(params)
+    summary["preprocess"] = _cached(preprocess_2d_task, "preprocess", params)(params)
+    summary["split"] = _cached(split_2d_task, "split", params)(params)
+    summary["train"] = _cached(train_2d_task, "train", params)(params)
+    summary["evaluate"] = _cached(evaluate_2d_task, "evaluate", params)(params)
+    summary["promote"] = promote_2d_task(params)
+    print(summary["evaluate"]["one_line"])
+    for name, decision in summary["promote"].items():
         print(f"{name}: {decision['lines'][0]}")
     return summary

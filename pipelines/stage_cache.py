@@ -184,10 +184,37 @@ def find_dvc_yaml() -> Path:
     raise ConfigError(f"dvc.yaml: not found in {Path.cwd()}; run the flow from the project folder")
 
 
+_ITEM = re.compile(r"\$\{(item\.[A-Za-z0-9_]+|key)\}")
+
+
+def expand_item(node: Any, key: str, item: dict[str, Any]) -> Any:
+    """A ``foreach`` stage's ``do`` body for one entry: ``${key}`` and ``${item.x}`` replaced, the
+    other ``${...}`` left for :func:`interpolate` (an item's values may hold them, as DVC allows)."""
+    if isinstance(node, dict):
+        return {expand_item(k, key, item): expand_item(v, key, item) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_item(v, key, item) for v in node]
+    if not isinstance(node, str):
+        return node
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return key if name == "key" else str(item[name.removeprefix("item.")])
+
+    return _ITEM.sub(value, node)
+
+
 @functools.cache
 def _read_stage_specs(dvc_yaml: Path, mtime_ns: int) -> dict[str, StageSpec]:
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    return {name: stage_spec(name, entry) for name, entry in stages.items()}
+    specs: dict[str, StageSpec] = {}
+    for name, entry in stages.items():
+        if "foreach" not in entry:
+            specs[name] = stage_spec(name, entry)
+            continue
+        for key, item in entry["foreach"].items():  # `train@3d`, `train@2d`: DVC's names
+            specs[f"{name}@{key}"] = stage_spec(f"{name}@{key}", expand_item(entry["do"], key, item))
+    return specs
 
 
 def dvc_stage_specs(dvc_yaml: Path | None = None) -> dict[str, StageSpec]:

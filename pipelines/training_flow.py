@@ -83,7 +83,8 @@ def _cached(task_fn: Any, stage: str, params: dict[str, Any], source: Path | Non
     the working directory) is the output of ``source`` and a dependency of ``ingest``; ``compress``
     reads the trained checkpoint (:data:`FLOW_COMPRESS_INPUT`).
     """
-    spec = stage_specs()[stage]
+    specs = stage_specs()
+    spec = specs[stage] if stage in specs else specs[f"{stage}@3d"]  # dvc.yaml's foreach: the volumes
     if source is not None and stage == "source":
         spec = dataclasses.replace(spec, outs=(str(source),))
     elif source is not None and stage == "ingest":

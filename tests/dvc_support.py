@@ -1,6 +1,6 @@
 """A throw-away DVC repository holding the project's real ``dvc.yaml``, for the ``dvc repro`` tests.
 
-Shared by tests/integration/test_dvc_pipeline.py (3-D branch) and tests/planar/test_planar_dvc.py
+Shared by tests/integration/test_dvc_pipeline.py (3-D branch) and tests/integration/test_planar_dvc.py
 (2-D branch); test modules load this file by path (the tests folders are not packages).
 """
 
@@ -35,7 +35,8 @@ def write_params(repo: Path, params: dict[str, Any]) -> None:
 def dvc_repo(tmp_path: Path, params: dict[str, Any]) -> Path:
     """``tmp_path/repo``: git + DVC initialised, the real ``dvc.yaml``, ``params`` as params.yaml.
 
-    ``src`` links to the project's sources, since stage deps name the code they run.
+    ``src`` links to the project's sources, since stage deps name the code they run; ``reports/``
+    holds an empty ``best_params.yaml``, as the project does.
     """
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -43,6 +44,8 @@ def dvc_repo(tmp_path: Path, params: dict[str, Any]) -> Path:
     (repo / "src").symlink_to(ROOT / "src")
     (repo / "data").mkdir()  # the data stages' working directory, in git as data/.gitkeep
     (repo / "data" / ".gitkeep").touch()
+    (repo / "reports").mkdir()  # as in the project: tune's best params, none yet (a dependency of train)
+    (repo / "reports" / "best_params.yaml").write_text("{}\n")
     write_params(repo, params)
     run(["git", "init", "-q"], repo)
     run([str(BIN / "dvc"), "init", "-q"], repo)

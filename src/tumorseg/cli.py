@@ -55,7 +55,16 @@ def _project_or_default_params(
     return apply_overrides({}, overrides)
 
 
-# ---------------------------------------------------------------- data (issue: foundation)
+def _dims_paths(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, str]:
+    """The folders of ``--dims``' dataset: ``paths.ingested`` ... or their ``_2d`` twins."""
+    from tumorseg.config import section
+
+    paths = section("paths", params, source=args.params)
+    suffix = "_2d" if getattr(args, "dims", 3) == 2 else ""
+    return {key: getattr(paths, key + suffix) for key in ("ingested", "validated", "preprocessed", "split")}
+
+
+# ---------------------------------------------------------------- data
 def _cmd_synth(args: argparse.Namespace) -> int:
     from tumorseg.config import SYNTH_SOURCE, DataConfig, section
     from tumorseg.data.source import project_root
@@ -99,21 +108,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_source(args: argparse.Namespace) -> int:
     from tumorseg.data.source import prepare_source
 
-    print(prepare_source(_params(args), args.params).one_line())
+    print(prepare_source(_params(args), args.params, args.dims).one_line())
     return 0
 
 
 def _synth_planar(args: argparse.Namespace) -> int:
     """``synth --layout figshare|kaggle``: 2-D slices (``--cases``: Figshare patients or Kaggle images)."""
-    from tumorseg.config import section
+    from tumorseg.config import GENERATED_FOLDERS, DataConfig, section
     from tumorseg.data.planar_synth import synthesize_planar_dataset
+    from tumorseg.data.source import project_root
 
     count_key = "synth_2d.figshare_patients" if args.layout == "figshare" else "synth_2d.kaggle_images"
     params = _params(
         args, {count_key: args.cases, "synth_2d.seed": args.seed, "synth_2d.spacing_mm": args.spacing}
     )
     cfg = section("synth_2d", params, source=args.params)
-    out = Path(args.out or Path(section("paths", params, source=args.params).raw_2d) / args.layout)
+    out = Path(
+        args.out or DataConfig.folder_for(GENERATED_FOLDERS[2], project_root(args.params)) / args.layout
+    )
     written = synthesize_planar_dataset(out, args.layout, cfg)
     print(f"wrote {len(written)} {args.layout} files to {out}")
     return 0
@@ -134,12 +146,12 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
     params = _params(args, {"ingest.layout": args.layout, "ingest.labels": args.labels})
     cfg = section("ingest", params, source=args.params)
-    paths = section("paths", params, source=args.params)
-    src = Path(args.src) if args.src else source_folder(params, args.params)
+    out = Path(args.out or _dims_paths(args, params)["ingested"])
+    src = Path(args.src) if args.src else source_folder(params, args.params, args.dims)
     if not args.src:
         # a wrong data.source: one line naming it, before anything is written
-        inspect_source(src, layout=cfg.layout, labels=cfg.labels)
-    summary = ingest(src, Path(args.out or paths.ingested), cfg)
+        inspect_source(src, layout=cfg.layout, labels=cfg.labels, dims=args.dims)
+    summary = ingest(src, out, cfg)
     print(summary.one_line())
     return 0
 
@@ -152,8 +164,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     params = _params(args, {"validate.max_invalid_fraction": args.max_invalid_fraction})
     cfg = section("validate", params, source=args.params)
     planar_cfg: PlanarValidateConfig = section("validate_2d", params, source=args.params)
-    paths = section("paths", params, source=args.params)
-    src = Path(args.dir or paths.ingested)
+    src = Path(args.dir or _dims_paths(args, params)["ingested"])
     result = validate_dataset(src, Path(args.out) if args.out else src, cfg, planar_cfg=planar_cfg)
     print(result.one_line())
     return 0
@@ -167,9 +178,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     params = _params(args)
     cfg = section("preprocess", params, source=args.params)
     planar_cfg: PlanarPreprocessConfig = section("preprocess_2d", params, source=args.params)
-    paths = section("paths", params, source=args.params)
+    paths = _dims_paths(args, params)
     summary = preprocess_dataset(
-        Path(args.src or paths.validated), Path(args.out or paths.preprocessed), cfg, planar_cfg
+        Path(args.src or paths["validated"]), Path(args.out or paths["preprocessed"]), cfg, planar_cfg
     )
     print(summary.one_line())
     return 0
@@ -181,8 +192,8 @@ def _cmd_split(args: argparse.Namespace) -> int:
 
     params = _params(args)
     cfg = section("split", params, source=args.params)
-    paths = section("paths", params, source=args.params)
-    split = make_split(Path(args.src or paths.preprocessed), Path(args.out or paths.split), cfg)
+    paths = _dims_paths(args, params)
+    split = make_split(Path(args.src or paths["preprocessed"]), Path(args.out or paths["split"]), cfg)
     print(split.one_line())
     return 0
 
@@ -212,6 +223,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- training
 def _cmd_train(args: argparse.Namespace) -> int:
     from tumorseg.config import parse_override
+
+    if args.dims == 2:  # images: the segmenter + classifier of training/planar_train.py
+        from tumorseg.training.planar_train import train_planar
+
+        print(train_planar(_params(args), source=args.params).one_line())
+        return 0
     from tumorseg.training.train import train
     from tumorseg.tuning.best import with_best_params
 
@@ -225,10 +242,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- prediction and registry
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from tumorseg.planar.predict import is_planar_input
+    from tumorseg.data.readers import IMAGE, input_dims
     from tumorseg.registry.predict import predict_folder
 
-    if is_planar_input(args.input):  # .mat / image files: the 2-D models
+    if input_dims(args.input) == IMAGE:  # .mat / image files: the 2-D models
         return _predict_planar(args)
     options = {
         "predict.tta": args.tta,
@@ -271,8 +288,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate_model(args: argparse.Namespace) -> int:
     from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
+    from tumorseg.evaluation.planar_evaluate import evaluate_planar
 
-    result = run_evaluate_stage(
+    run = evaluate_planar if args.dims == 2 else run_evaluate_stage
+    result = run(
         _params(args),
         checkpoint=args.checkpoint,
         source=args.params,
@@ -283,21 +302,30 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from tumorseg.registry.promote import promote
+    from tumorseg.config import section
+    from tumorseg.registry.promote import promote, promote_models
 
+    if args.dims == 2 and not args.name:  # images: the segmenter, then the detector, in one report
+        params = _params(args)
+        names = [section("evaluate_2d", params).model_name, section("detect", params).model_name]
+        out = args.out or str(Path(section("paths", params).reports_2d) / "promotion.json")
+        for result in promote_models(
+            params, names, rollback=args.rollback, source=args.params, report_file=out
+        ):
+            print("\n".join(result.lines()))
+        return 0
     params = _params(args, {"registry.model_name": args.name})
     result = promote(params, rollback=args.rollback, source=args.params, report_file=args.out)
     print("\n".join(result.lines()))
     return 0
 
 
-# ---------------------------------------------------------------- 2-D models (src/tumorseg/planar)
+# ---------------------------------------------------------------- 2-D models (models/planar_*, training/planar_train, evaluation/planar_evaluate)
 
 
 def _load_planar(args: argparse.Namespace, params: dict[str, Any], default_key: str) -> Any:
     from tumorseg.config import section
-    from tumorseg.planar.config import PredictPlanarConfig
-    from tumorseg.planar.package import load_planar_model
+    from tumorseg.models.planar_package import PredictPlanarConfig, load_planar_model
     from tumorseg.tracking import params_tracking_uri
 
     predict_cfg: PredictPlanarConfig = section("predict_2d", params, source=args.params)
@@ -306,9 +334,10 @@ def _load_planar(args: argparse.Namespace, params: dict[str, Any], default_key: 
 
 
 def _predict_planar(args: argparse.Namespace) -> int:
-    from tumorseg.planar.predict import planar_inputs, predict_images
+    from tumorseg.data.readers import image_inputs
+    from tumorseg.models.planar_predictor import predict_images
 
-    planar_inputs(args.input)  # a missing input is reported before any model is loaded
+    image_inputs(args.input)  # a missing input is reported before any model is loaded
     params = _project_or_default_params(args)
     model = _load_planar(args, params, "model")
 
@@ -322,35 +351,15 @@ def _predict_planar(args: argparse.Namespace) -> int:
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from tumorseg.planar.predict import detect_images, planar_inputs
+    from tumorseg.data.readers import image_inputs
+    from tumorseg.models.planar_predictor import detect_images
 
-    planar_inputs(args.input)  # a missing input is reported before any model is loaded
+    image_inputs(args.input)  # a missing input is reported before any model is loaded
     params = _project_or_default_params(args)
     model = _load_planar(args, params, "detect_model")
     results = detect_images(args.input, args.out, model)
     positives = sum(r.label for r in results)
     print(f"{len(results)} images, {positives} with tumour ({model.description}) -> {args.out}")
-    return 0
-
-
-def _cmd_train_2d(args: argparse.Namespace) -> int:
-    from tumorseg.planar.train import train_planar
-
-    result = train_planar(_params(args), source=args.params)
-    print(result.one_line())
-    return 0
-
-
-def _cmd_evaluate_2d(args: argparse.Namespace) -> int:
-    from tumorseg.planar.evaluate import evaluate_planar
-
-    result = evaluate_planar(
-        _params(args),
-        checkpoint=args.checkpoint,
-        source=args.params,
-        register=False if args.no_register else None,
-    )
-    print(result.one_line())
     return 0
 
 
@@ -402,7 +411,7 @@ def _cmd_flow(args: argparse.Namespace) -> int:
     if args.name == "planar":  # the 2-D branch (pipelines/planar_flow.py)
         from pipelines.planar_flow import planar_flow
 
-        planar_flow(params_path=args.params, overrides=_overrides(args), generate_data=args.generate)
+        planar_flow(params_path=args.params, overrides=_overrides(args))
         return 0
     from pipelines.training_flow import run_smoke, training_flow
 
@@ -510,6 +519,13 @@ COMMON_ARGS: tuple[Arg, ...] = (
 """The options every sub-command takes first: the params file and ``-S KEY=VALUE`` overrides."""
 
 _NO_REGISTER = _arg("--no-register", action="store_true", help="write the reports only; register no version")
+_DIMS = _arg(
+    "--dims",
+    type=int,
+    choices=[2, 3],
+    default=3,
+    help="the dataset: 3 volumes (data.source, paths.*), 2 images (data.source_2d, paths.*_2d) (default: 3)",
+)
 
 COMMANDS: tuple[Command, ...] = (
     Command(
@@ -530,14 +546,15 @@ COMMANDS: tuple[Command, ...] = (
             _arg("--cases", type=int, help="number of cases (figshare: patients; kaggle: images)"),
             _arg("--seed", type=int, help="random seed (output is deterministic for a seed)"),
             _arg("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)"),
-            _arg("--out", help="output folder (default: data/synth; 2-D: paths.raw_2d/<layout>)"),
+            _arg("--out", help="output folder (default: data/synth; 2-D: data/synth_2d/<layout>)"),
         ),
     ),
     Command(
         "source",
         _cmd_source,
-        "Make data.source ready: generate the embedded dataset (synth) into data/synth, or check a "
-        "dataset folder (read only) before any stage writes.",
+        "Make data.source (--dims 2: data.source_2d) ready: generate the embedded dataset (synth) into "
+        "data/synth (data/synth_2d), or check a dataset folder (read only) before any stage writes.",
+        (_DIMS,),
     ),
     Command(
         "figure-cases",
@@ -557,8 +574,9 @@ COMMANDS: tuple[Command, ...] = (
         _cmd_ingest,
         "Index a BraTS 2020/21, BraTS 2023+, MSD, Figshare (.mat) or Kaggle (yes/, no/) folder into a manifest.",
         (
-            _arg("src", nargs="?", help="dataset folder (default: data.source)"),
+            _arg("src", nargs="?", help="dataset folder (default: data.source; --dims 2: data.source_2d)"),
             _arg("--out", help="output folder for manifest.csv (default: paths.ingested)"),
+            _DIMS,
             _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip detection (default: ingest.layout)"),
             _arg(
                 "--labels",
@@ -589,6 +607,7 @@ COMMANDS: tuple[Command, ...] = (
             _arg(
                 "--max-invalid-fraction", type=float, metavar="F", help="fail above this share of bad cases"
             ),
+            _DIMS,
         ),
     ),
     Command(
@@ -598,6 +617,7 @@ COMMANDS: tuple[Command, ...] = (
         (
             _arg("src", nargs="?", help="validated folder holding manifest.csv (default: paths.validated)"),
             _arg("--out", help="output folder (default: paths.preprocessed)"),
+            _DIMS,
         ),
     ),
     Command(
@@ -607,6 +627,7 @@ COMMANDS: tuple[Command, ...] = (
         (
             _arg("src", nargs="?", help="preprocessed folder (default: paths.preprocessed)"),
             _arg("--out", help="split JSON file (default: paths.split)"),
+            _DIMS,
         ),
     ),
     Command(
@@ -631,8 +652,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "train",
         _cmd_train,
-        "Train a segmentation network (Lightning + MONAI), tracked in MLflow.",
-        (_arg("--resume", action="store_true", help="continue from train.out_dir/checkpoints/last.ckpt"),),
+        "Train a segmentation network (Lightning + MONAI), tracked in MLflow; --dims 2: the 2-D "
+        "segmenter + tumour classifier (model_2d, train_2d).",
+        (
+            _arg("--resume", action="store_true", help="continue from train.out_dir/checkpoints/last.ckpt"),
+            _DIMS,
+        ),
     ),
     Command(
         "predict",
@@ -675,12 +700,14 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "evaluate-model",
         _cmd_evaluate_model,
-        "Evaluate the trained model on the test split in the source geometry; log it and register a challenger.",
+        "Evaluate the trained model on the test split in the source geometry; log it and register a "
+        "challenger (--dims 2: choose the detector on validation, register tumorseg-2d and tumorseg-detect).",
         (
             _arg(
                 "--checkpoint", help="checkpoint to evaluate (default: <train.out_dir>/checkpoints/best.ckpt)"
             ),
             _NO_REGISTER,
+            _DIMS,
         ),
     ),
     Command(
@@ -694,18 +721,7 @@ COMMANDS: tuple[Command, ...] = (
                 help="registered model (default: registry.model_name), e.g. tumorseg-2d, tumorseg-detect",
             ),
             _arg("--out", help="decision JSON to write (default: <paths.reports>/promotion.json)"),
-        ),
-    ),
-    Command(
-        "train-2d", _cmd_train_2d, "Train the 2-D segmentation + tumour classifier (train_2d, model_2d)."
-    ),
-    Command(
-        "evaluate-2d",
-        _cmd_evaluate_2d,
-        "Choose the 2-D detector on validation, score the test split (CIs), register tumorseg-2d/-detect challengers.",
-        (
-            _arg("--checkpoint", help="2-D checkpoint (default: <train_2d.out_dir>/checkpoints/best.ckpt)"),
-            _NO_REGISTER,
+            _DIMS,
         ),
     ),
     Command(
@@ -717,7 +733,7 @@ COMMANDS: tuple[Command, ...] = (
             _arg("--out", required=True, help="CSV file to write"),
             _arg(
                 "--model",
-                help="2-D model: MLflow URI, model folder or train-2d checkpoint (default: predict_2d.detect_model)",
+                help="2-D model: MLflow URI, model folder or 2-D checkpoint (default: predict_2d.detect_model)",
             ),
         ),
     ),
@@ -751,7 +767,7 @@ COMMANDS: tuple[Command, ...] = (
         _cmd_flow,
         "Run a Prefect flow: the training pipeline end to end, or the data stages.",
         (
-            _arg("name", choices=["training", "data", "planar"], help="which flow (planar: the 2-D branch)"),
+            _arg("name", choices=["training", "data", "planar"], help="which flow (planar: the @2d stages)"),
             _arg(
                 "--smoke",
                 action="store_true",
@@ -767,13 +783,6 @@ COMMANDS: tuple[Command, ...] = (
                 "--tune",
                 action=argparse.BooleanOptionalAction,
                 help="training: Optuna search first (default: flow.tune)",
-            ),
-            _arg(
-                "--generate",
-                action=argparse.BooleanOptionalAction,
-                default=True,
-                help="planar: generate the synthetic 2-D data into paths.raw_2d first (default); --no-generate "
-                "uses the Figshare/Kaggle files already there, read only",
             ),
         ),
     ),
@@ -799,7 +808,7 @@ COMMANDS: tuple[Command, ...] = (
             _arg(
                 "--model-2d",
                 help="2-D model for .mat/.png/.jpg uploads: MLflow URI, 2-D package or MLflow model folder, or a "
-                "train-2d best.ckpt (default: serve.model_2d; optional, without it 2-D uploads get 503)",
+                "2-D best.ckpt (default: serve.model_2d; optional, without it 2-D uploads get 503)",
             ),
             _arg("--host", help="interface to bind (default: serve.host; 0.0.0.0 in a container)"),
             _arg("--port", type=int, help="TCP port (default: serve.port)"),

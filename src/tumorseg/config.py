@@ -35,6 +35,9 @@ SYNTH_SOURCE = "synth"
 """``data.source`` value that selects the embedded generator (its cases go to ``data/synth``)."""
 DATA_FOLDER = "data"
 """Relative ``data.source`` paths are relative to this folder of the project (the DVC stages' ``wdir``)."""
+GENERATED_FOLDERS: dict[int, str] = {3: SYNTH_SOURCE, 2: "synth_2d"}
+"""The ``data.source`` / ``data.source_2d`` values that select the generator, and the folder under
+``data/`` it writes to, for volumes (3) and images (2)."""
 
 
 class DataConfig(Section):
@@ -45,24 +48,35 @@ class DataConfig(Section):
             folder in any supported layout, absolute or relative to the project's ``data/`` folder
             (``mydata`` is ``data/mydata``). A folder is only ever read: DVC tracks it as a
             dependency of ``ingest``, never as an output.
+        source_2d: the same for the 2-D dataset (the ``@2d`` stages): ``synth_2d`` (generated Figshare
+            and Kaggle layouts in ``data/synth_2d``) or a folder of ``.mat`` slices and/or Kaggle
+            ``yes/`` + ``no/`` image folders.
     """
 
     source: str = Field(SYNTH_SOURCE, min_length=1)
+    source_2d: str = Field(GENERATED_FOLDERS[2], min_length=1)
 
     @model_validator(mode="after")
     def _no_home_shorthand(self) -> DataConfig:
-        if self.source.startswith("~"):
-            # DVC would read the dependency path literally; tumorseg would expand it: they must agree
-            raise ValueError(f"{self.source!r}: write the absolute path (DVC does not expand ~)")
+        for key in ("source", "source_2d"):
+            if getattr(self, key).startswith("~"):
+                # DVC would read the dependency path literally; tumorseg would expand it: they must agree
+                raise ValueError(
+                    f"{key}: {getattr(self, key)!r}: write the absolute path (DVC does not expand ~)"
+                )
         return self
 
-    @property
-    def is_synth(self) -> bool:
-        return self.source == SYNTH_SOURCE
+    def source_of(self, dims: int) -> str:
+        """``source`` (volumes, ``dims`` 3) or ``source_2d`` (images, 2)."""
+        return self.source if dims == 3 else self.source_2d
 
-    def folder(self, project_root: str | Path = ".") -> Path:
-        """The dataset folder: ``<root>/data/synth`` for the generator, else ``source`` resolved."""
-        return self.folder_for(self.source, project_root)
+    def is_synth(self, dims: int = 3) -> bool:
+        """True when the generator makes the dataset: ``synth`` (``synth_2d`` for images)."""
+        return self.source_of(dims) == GENERATED_FOLDERS[dims]
+
+    def folder(self, project_root: str | Path = ".", dims: int = 3) -> Path:
+        """The dataset folder: ``<root>/data/synth`` (``synth_2d``) for the generator, else the source resolved."""
+        return self.folder_for(self.source_of(dims), project_root)
 
     @staticmethod
     def folder_for(source: str, project_root: str | Path = ".") -> Path:
@@ -77,12 +91,12 @@ class PathsConfig(Section):
     validated: str = "data/validated"
     preprocessed: str = "data/preprocessed"
     split: str = "data/split.json"
-    raw_2d: str = "data/raw_2d"  # 2-D data: figshare/ (.mat slices) and kaggle/ (yes/, no/)
     ingested_2d: str = "data/ingested_2d"
     validated_2d: str = "data/validated_2d"
     preprocessed_2d: str = "data/preprocessed_2d"
     split_2d: str = "data/split_2d.json"
     reports: str = "reports"
+    reports_2d: str = "reports/2d"
     mlruns: str = "mlruns"
 
 
@@ -259,11 +273,11 @@ SECTION_MODELS: dict[str, str] = {
     "synth_2d": "tumorseg.data.planar_synth:SynthPlanarConfig",
     "validate_2d": "tumorseg.validation.planar_checks:PlanarValidateConfig",
     "preprocess_2d": "tumorseg.data.planar:PlanarPreprocessConfig",
-    "model_2d": "tumorseg.planar.config:PlanarModelConfig",
-    "train_2d": "tumorseg.planar.config:PlanarTrainConfig",
-    "predict_2d": "tumorseg.planar.config:PredictPlanarConfig",
-    "detect": "tumorseg.planar.config:DetectConfig",
-    "evaluate_2d": "tumorseg.planar.config:EvaluatePlanarConfig",
+    "model_2d": "tumorseg.models.planar_network:PlanarModelConfig",
+    "train_2d": "tumorseg.training.planar_train:PlanarTrainConfig",
+    "predict_2d": "tumorseg.models.planar_package:PredictPlanarConfig",
+    "detect": "tumorseg.evaluation.planar_evaluate:DetectConfig",
+    "evaluate_2d": "tumorseg.evaluation.planar_evaluate:EvaluatePlanarConfig",
 }
 """Every params.yaml section and its model, as ``module:Class``, in params.yaml's order.
 
@@ -283,6 +297,7 @@ def section_model(name: str, *, source: str = str(DEFAULT_PARAMS_FILE)) -> type[
 
 RETIRED_KEYS: dict[str, str] = {
     "paths.raw": "the dataset is data.source now (synth, or your folder)",
+    "paths.raw_2d": "the 2-D dataset is data.source_2d now (synth, or your folder)",
     "flow.generate_data": "data.source: synth generates the data; a folder is only read",
     "data_loader.cache_num_workers": "patches are read out of core now; data_loader.cache_mb sets an in-memory budget",
     "evaluate.lesion_dilation_iterations": "per region in tumorseg/data/label_sets.yaml, as each challenge's metrics code",

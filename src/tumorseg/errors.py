@@ -1,9 +1,5 @@
-"""Errors a user can cause.
-
-Every problem that comes from the user's data, files or parameters is raised as
-:class:`TumorsegError`. The CLI prints its message as one line on stderr and
-exits with status 2; anything else escaping is a bug in tumorseg.
-"""
+"""Errors a user can cause: the CLI prints a :class:`TumorsegError` as one line and exits 2; anything
+else escaping is a bug in tumorseg."""
 
 from __future__ import annotations
 

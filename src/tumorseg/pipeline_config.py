@@ -33,19 +33,16 @@ SMOKE_OVERRIDES: dict[str, Any] = {
     "compress.latency.warmup": 0,
     "compress.latency.repeats": 1,
 }
-"""Default smoke settings: 8 cases at 4 mm, a 3-level U-Net of 8-32 channels, one 4-step epoch."""
+"""Default smoke run: 8 cases at 4 mm, a 3-level U-Net of 8-32 channels, one 4-step epoch."""
 
 
 class ScheduleConfig(Section):
     """``flow.schedule:`` what ``tumorseg schedule`` serves.
 
     Attributes:
-        cron: cron expression of the retraining runs (``0 3 * * 1``: Mondays 03:00).
-        timezone: time zone of ``cron`` (IANA name).
-        deployment: Prefect deployment name.
-        only_if_new_data: a scheduled run stops early, recording "no new data", when the raw data
-            is what the champion was trained on.
-        tune: scheduled runs search hyper-parameters before training.
+        cron: when retraining runs (``0 3 * * 1``: Mondays 03:00), in ``timezone`` (IANA name).
+        only_if_new_data: stop early, recording "no new data", when the raw data is the champion's.
+        tune: search hyper-parameters before training.
     """
 
     cron: str = "0 3 * * 1"
@@ -71,11 +68,7 @@ class ScheduleConfig(Section):
 
 
 class SmokeConfig(Section):
-    """``flow.smoke:`` the tiny end-to-end run (``tumorseg flow training --smoke``).
-
-    Attributes:
-        overrides: dotted params overrides applied in the temporary workspace.
-    """
+    """``flow.smoke:`` dotted params overrides of the tiny run (``tumorseg flow training --smoke``)."""
 
     overrides: dict[str, Any] = Field(default_factory=lambda: dict(SMOKE_OVERRIDES))
 
@@ -85,12 +78,8 @@ class FlowConfig(Section):
 
     Attributes:
         tune: run the Optuna search (``tune:``) before training; training merges its best params.
-        compress: run the compression step after training.
-        cache_dir: where Prefect keeps the stage cache records and results (relative to the
-            working directory); a rerun with unchanged inputs skips finished stages.
-        cache_days: cache records expire after this many days (None: never).
-        schedule: what ``tumorseg schedule`` serves.
-        smoke: the smoke run's settings.
+        cache_dir: Prefect's stage cache (relative to the working directory): a rerun with
+            unchanged inputs skips finished stages; records expire after ``cache_days`` (None: never).
     """
 
     tune: bool = False

@@ -1,16 +1,10 @@
 """Training recipes: named sets of params.yaml values, switched with one command.
 
-``presets.yaml`` (beside this module) holds each recipe: a one-line ``summary``, the ``expected``
-time and memory (with the hardware and whether measured or taken from the literature), the
-``sources`` and ``set:``, dotted params.yaml keys mapped to values. Every preset sets the same
-keys, so the recipe in force never depends on which presets were applied before.
-
-``tumorseg preset apply NAME`` rewrites those keys of params.yaml in place with ruamel.yaml's
-round-trip mode: comments, key order and every untouched line stay byte for byte, and a value
-keeps the style of the one it replaces (a flow list stays a flow list). Values are copied as the
-preset file spells them (``1.0e-5`` stays ``1.0e-5``), so applying ``brats-gpu`` and then ``demo-cpu``
-gives back the committed params.yaml byte for byte. The result is validated with the typed sections before
-the file is replaced atomically; a preset that would make params.yaml invalid leaves it untouched.
+``presets.yaml`` (beside this module) maps each name to a ``summary``, the ``expected`` cost, its
+``sources`` and ``set:`` (dotted params.yaml keys -> values); every preset sets the same keys.
+``tumorseg preset apply NAME`` rewrites those keys with ruamel.yaml's round-trip mode: every other
+line, comment and value spelling stays byte for byte (``brats-gpu`` then ``demo-cpu`` gives back the
+committed file), and the result is validated before params.yaml is replaced atomically.
 """
 
 from __future__ import annotations
@@ -29,8 +23,7 @@ from tumorseg.errors import ConfigError
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
 CROSS_SECTION_INPUTS = ("preprocess", "data_loader", "model", "loss")
-"""Sections the cross-section rules of ``load_training_config`` read (patch size against the
-network's downsampling at the target spacing, loss against output mode)."""
+"""Sections the cross-section rules of ``load_training_config`` read (patch size, loss vs. output)."""
 
 
 class _Strict(BaseModel):
@@ -100,12 +93,7 @@ def round_trip_yaml() -> Any:
 
 
 def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:
-    """Read and check presets.yaml.
-
-    Raises:
-        ConfigError: a missing or malformed file, or an entry that does not match
-            :class:`PresetSpec`, named by preset and field.
-    """
+    """Read and check presets.yaml; :class:`ConfigError` names a bad entry by preset and field."""
     from ruamel.yaml.error import YAMLError
 
     path = Path(path)
@@ -138,11 +126,8 @@ def get_preset(name: str, presets: dict[str, Preset] | None = None) -> Preset:
 
 
 def compare(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) -> list[KeyChange]:
-    """Every key the preset sets, with its value in ``params_path`` (unchanged keys included).
-
-    Raises:
-        ConfigError: params.yaml is missing or malformed, or lacks a key the preset sets.
-    """
+    """Every key the preset sets, with its value in ``params_path`` (unchanged keys included);
+    :class:`ConfigError` when params.yaml is missing, malformed or lacks one of the keys."""
     document = _read_document(Path(params_path), for_rewrite=False)
     changes = []
     for key, new in preset.values.items():
@@ -152,14 +137,11 @@ def compare(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) -> li
 
 
 def apply_preset(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) -> list[KeyChange]:
-    """Write the preset's values into ``params_path``; return the keys whose value changed.
-
-    Nothing is written when no value changes, so applying a preset twice is a no-op.
+    """Write the preset's values into ``params_path`` (nothing when none changes); return the changes.
 
     Raises:
-        ConfigError: a key the preset sets is missing from the file, the file cannot be rewritten
-            without reformatting lines the preset does not touch, or the result would not validate
-            (the message is the typed config's, naming the key). The file is then left untouched.
+        ConfigError: a key the preset sets is missing, the rewrite would reformat lines the preset
+            does not touch, or the result would not validate; the file is then left untouched.
     """
     from tumorseg.data.manifest import atomic_write_text
 
@@ -181,11 +163,8 @@ def apply_preset(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) 
 
 
 def _read_document(path: Path, *, for_rewrite: bool) -> Any:
-    """params.yaml as a ruamel round-trip document.
-
-    With ``for_rewrite``, a file that dumping would not reproduce byte for byte (hand-made spellings
-    such as ``[1,2]``) is refused rather than reformatted.
-    """
+    """params.yaml as a ruamel round-trip document; with ``for_rewrite``, a file that dumping would
+    not reproduce byte for byte (hand-made spellings such as ``[1,2]``) is refused."""
     from ruamel.yaml.error import YAMLError
 
     try:
@@ -233,16 +212,13 @@ def _styled_like(new: Any, old: Any) -> Any:
     """``new`` as a ruamel node in ``old``'s collection style (flow or block); scalars keep their spelling."""
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-    def flow(collection: Any) -> bool:
-        return collection.fa.flow_style() if isinstance(collection, (CommentedSeq, CommentedMap)) else True
-
     if isinstance(new, (list, tuple)):
         node = CommentedSeq(_styled_like(item, None) for item in new)
     elif isinstance(new, dict):
         node = CommentedMap((k, _styled_like(v, None)) for k, v in new.items())
     else:
         return new
-    if flow(old):
+    if not isinstance(old, (CommentedSeq, CommentedMap)) or old.fa.flow_style():
         node.fa.set_flow_style()
     else:
         node.fa.set_block_style()
@@ -250,12 +226,8 @@ def _styled_like(new: Any, old: Any) -> Any:
 
 
 def _validate(text: str, preset: Preset, params_path: Path) -> None:
-    """Validate the rewritten params as the stages will read them (PyYAML, typed sections).
-
-    Only the sections the preset touches are validated, plus the inputs of the training config's
-    cross-section rules when it touches a training section: a problem elsewhere in params.yaml is
-    for the stage that reads it to report.
-    """
+    """Validate the sections the preset touches as the stages read them (PyYAML, typed sections), with
+    the training config's cross-section inputs; problems elsewhere are for their stage to report."""
     import yaml
 
     import tumorseg.training.config as training
@@ -332,8 +304,6 @@ def show_lines(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) ->
         f"sets ({differ} of {len(changes)} differ from {params_path}, marked *, current value after '<-'):"
     )
     for change in changes:
-        if change.changed:
-            lines.append(f"* {change.key}: {format_value(change.new)}  <- {format_value(change.old)}")
-        else:
-            lines.append(f"  {change.key}: {format_value(change.new)}")
+        mark, current = ("*", f"  <- {format_value(change.old)}") if change.changed else (" ", "")
+        lines.append(f"{mark} {change.key}: {format_value(change.new)}{current}")
     return lines

@@ -1,16 +1,9 @@
 """Data-triggered retraining: retrain only when the raw data changed since the champion was trained.
 
-The raw data's hash is an md5 over the ingested manifest's per-file sha256 (every case id and
-the sha256 of its four modalities and segmentation). ``ingest`` is incremental (unchanged files
-are not re-read), so after it the hash costs nothing, and it changes exactly when a case is added,
-removed or has a file whose bytes changed; renaming the folder or touching mtimes does not count.
-
-Each model version registered by the training flow carries that hash as the tag
-``raw_data_md5`` (:func:`record_raw_data_hash`). A run in "new data only" mode compares the
-current hash with the champion's and stops early, recording "no new data", when they are equal.
-
-A failed run never moves ``champion``: the flow's last step, ``promote``, only runs after every
-earlier step succeeded, and only ``promote`` touches the alias.
+The raw data's hash is an md5 over the ingested manifest's case ids and per-file sha256: it changes
+exactly when a case is added, removed or has different bytes (not on renames or touched mtimes).
+Registered versions carry it as the tag ``raw_data_md5``; only the flow's last step, ``promote``,
+moves ``champion``, so a failed run never does.
 """
 
 from __future__ import annotations
@@ -32,8 +25,7 @@ RAW_DATA_TAG = "raw_data_md5"
 def raw_data_hash(ingested_dir: str | Path) -> str:
     """md5 over ``case_id`` and ``sha256_<file>`` of every manifest row, in case-id order.
 
-    Raises:
-        DataError: no manifest in ``ingested_dir`` (run ``tumorseg ingest``).
+    Raises DataError without a manifest in ``ingested_dir`` (run ``tumorseg ingest``).
     """
     manifest = read_manifest(ingested_dir)
     columns = ["case_id", *[f"sha256_{key}" for key in FILE_KEYS if f"sha256_{key}" in manifest.columns]]
@@ -45,15 +37,7 @@ def raw_data_hash(ingested_dir: str | Path) -> str:
 
 @dataclass
 class RetrainDecision:
-    """Whether a run retrains, and why.
-
-    Attributes:
-        retrain: train a new model.
-        reason: one sentence for the log, the Prefect artifact and the flow result.
-        raw_data_md5: hash of the current raw data.
-        champion_version: the champion's version (None without one).
-        champion_raw_data_md5: the hash recorded on it (None when not recorded).
-    """
+    """Whether a run retrains, and why (``reason``: one sentence for the log, artifact and result)."""
 
     retrain: bool
     reason: str
@@ -89,33 +73,19 @@ def decide_retrain(
     params: dict[str, Any], *, tracking_uri: str, source: str = "params.yaml"
 ) -> RetrainDecision:
     """Compare the ingested raw data with the data the champion was trained on."""
-
     current = raw_data_hash(section("paths", params, source=source).ingested)
     version, recorded = champion_raw_data_hash(params, tracking_uri=tracking_uri)
     if version is None:
         return RetrainDecision(True, "no champion yet: training the first model", current)
     if recorded is None:
-        return RetrainDecision(
-            True,
-            f"champion version {version} has no {RAW_DATA_TAG} tag (not trained by the flow): retraining",
-            current,
-            version,
-        )
+        reason = f"champion version {version} has no {RAW_DATA_TAG} tag (not trained by the flow): retraining"
+        return RetrainDecision(True, reason, current, version)
+    short = current[:12]
     if recorded == current:
-        return RetrainDecision(
-            False,
-            f"no new data: the raw data ({current[:12]}) is what champion version {version} was trained on",
-            current,
-            version,
-            recorded,
-        )
-    return RetrainDecision(
-        True,
-        f"new data: raw data {current[:12]} differs from champion version {version}'s {recorded[:12]}",
-        current,
-        version,
-        recorded,
-    )
+        reason = f"no new data: the raw data ({short}) is what champion version {version} was trained on"
+    else:
+        reason = f"new data: raw data {short} differs from champion version {version}'s {recorded[:12]}"
+    return RetrainDecision(recorded != current, reason, current, version, recorded)
 
 
 def record_raw_data_hash(

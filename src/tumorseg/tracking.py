@@ -1,19 +1,9 @@
-"""MLflow set-up shared by training, evaluation and the model registry.
+"""MLflow set-up shared by training, evaluation and the model registry, and run provenance.
 
-Tracking store, in order of precedence:
-
-1. an explicit URI (``mlflow.tracking_uri`` in params.yaml, or an argument);
-2. the ``MLFLOW_TRACKING_URI`` environment variable;
-3. a local store needing no server: SQLite at ``<paths.mlruns>/mlflow.db`` with artifacts
-   under ``<paths.mlruns>/artifacts/<experiment>``. Open it with
-   ``mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db``.
-
-For any SQLite store the experiment's artifact location is set next to the database, so
-runs never scatter ``./mlruns`` folders into the working directory. Nothing here runs at
-import time; the entry point (``train()``) resolves the URI and creates the experiment.
-
-Also here: the provenance every run records — system info, git commit, and the DVC hash
-of the training data.
+Tracking store, by precedence: an explicit URI (``mlflow.tracking_uri`` or an argument),
+``$MLFLOW_TRACKING_URI``, else a local SQLite store ``<paths.mlruns>/mlflow.db`` whose artifacts
+sit beside it (``mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db``), so runs never
+scatter ``./mlruns`` folders. Nothing runs at import time; entry points resolve the URI.
 """
 
 from __future__ import annotations
@@ -35,15 +25,11 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 
-MODEL_REQUIREMENTS: tuple[str, ...] = ("torch", "monai", "numpy", "mlflow")
-"""Packages a logged PyTorch model needs to load (pinned to the installed versions)."""
+MODEL_REQUIREMENTS: tuple[str, ...] = ("torch", "monai", "numpy", "mlflow")  # to load a logged model
 
 
 def disable_telemetry() -> None:
-    """Turn MLflow's usage telemetry off (nothing leaves the machine) unless the user chose otherwise.
-
-    Called by entry points before MLflow is imported: MLflow starts its telemetry client at import.
-    """
+    """Turn MLflow's usage telemetry off unless the user chose otherwise; call before importing MLflow."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
@@ -60,24 +46,19 @@ def resolve_tracking_uri(explicit: str | None = None, mlruns_dir: str | Path = "
 def params_tracking_uri(
     params: dict[str, Any], explicit: str | None = None, *, source: str = "params.yaml"
 ) -> str:
-    """The store of a params dict: ``explicit``, else ``mlflow.tracking_uri``, else
-    ``$MLFLOW_TRACKING_URI``, else ``<paths.mlruns>/mlflow.db`` (:func:`resolve_tracking_uri`)."""
+    """:func:`resolve_tracking_uri` with ``mlflow.tracking_uri`` and ``paths.mlruns`` of ``params``."""
     from tumorseg.config import section
 
-    mlflow_cfg = section("mlflow", params, source=source)
-    return resolve_tracking_uri(
-        explicit or mlflow_cfg.tracking_uri, section("paths", params, source=source).mlruns
-    )
+    mlflow_uri = section("mlflow", params, source=source).tracking_uri
+    return resolve_tracking_uri(explicit or mlflow_uri, section("paths", params, source=source).mlruns)
 
 
 @contextmanager
 def fluent_store(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (``mlflow.start_run``, ``mlflow.<flavor>.log_model``) at ``uri`` for a block.
+    """Point MLflow's fluent API (``mlflow.start_run``, ``log_model``) at ``uri`` for a block.
 
-    Those functions have no store argument: they read a process-global URI, which
-    ``mlflow.set_tracking_uri`` also copies into ``$MLFLOW_TRACKING_URI`` (and the registry URI into
-    ``$MLFLOW_REGISTRY_URI``) for subprocesses. Library code must not leave that behind for the
-    caller, so the previous URIs and variables come back when the block ends, however it ends.
+    The fluent API reads process-global URIs (also copied into environment variables); library code
+    must not leave them behind, so the previous URIs and variables come back however the block ends.
     """
     import mlflow
     from mlflow.tracking._model_registry import utils as registry_utils
@@ -95,8 +76,7 @@ def fluent_store(uri: str) -> Iterator[None]:
             registry_utils._registry_uri = registry_before
 
 
-MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-"""Environment variables ``mlflow.set_tracking_uri`` / ``set_registry_uri`` write for subprocesses."""
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # set by mlflow.set_*_uri
 
 
 @contextmanager
@@ -115,9 +95,7 @@ def environ_restored(names: Iterable[str]) -> Iterator[None]:
 
 def sqlite_path(tracking_uri: str) -> Path | None:
     """Database file of a ``sqlite:///`` URI (None for other stores)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri.removeprefix("sqlite:///"))
+    return Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
 
 
 def experiment_artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -177,34 +155,24 @@ def system_info() -> dict[str, str]:
 
 def git_commit(cwd: str | Path = ".") -> str | None:
     """HEAD commit of the repository holding ``cwd`` (``+dirty`` with uncommitted changes); None outside git."""
+
+    def git(*args: str, timeout: int) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=True
+        ).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
+        head = git("rev-parse", "HEAD", timeout=10)
+        status = git("status", "--porcelain", "--untracked-files=no", timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}+dirty" if status else head
 
 
 def data_version(preprocessed_dir: str | Path, dvc_lock: str | Path = "dvc.lock") -> dict[str, str]:
-    """The DVC hash of the training data.
-
-    Taken from ``dvc.lock`` (the ``md5`` DVC recorded for the stage output at
-    ``preprocessed_dir``, e.g. ``3f2a...e1.dir``) when the data came from ``dvc repro``;
-    otherwise (data built by hand) an md5 over ``index.csv`` and every case ``.npz``
-    (relative path and bytes, in sorted order).
-
-    Returns:
-        ``{"data_md5": ..., "data_md5_source": "dvc.lock" | "content"}``.
-    """
+    """``{"data_md5": ..., "data_md5_source": "dvc.lock" | "content"}``: the training data's ``md5`` in
+    ``dvc.lock`` (``3f2a...e1.dir``), else (data built by hand) an md5 over ``index.csv`` and every
+    case ``.npz`` (relative path and bytes, sorted)."""
     target = Path(preprocessed_dir)
     lock = Path(dvc_lock)
     if lock.is_file():

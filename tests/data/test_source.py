@@ -124,7 +124,7 @@ def test_home_shorthand_and_2d_folders_are_refused(tmp_path: Path, capsys: pytes
     capsys.readouterr()
     assert main(["source", "--params", str(_project(tmp_path, str(planar)))]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "holds 2-D data" in err and "paths.raw_2d" in err
+    assert len(err.splitlines()) == 1 and "holds 2-D data" in err and "data.source_2d" in err
 
 
 def test_retired_keys_name_their_replacement(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -22,21 +22,21 @@ def test_dvc_repro_is_reproducible_and_incremental(tmp_path: Path) -> None:
     params["preprocess"]["target_spacing_mm"] = [4.0, 4.0, 4.0]
     repo = dvc_repo(tmp_path, params)
 
-    first = _run([str(BIN / "dvc"), "repro", "split"], repo)
+    first = _run([str(BIN / "dvc"), "repro", "split@3d"], repo)
     for stage in ("source", "ingest", "validate", "preprocess", "split"):
-        assert f"Running stage '{stage}'" in first
+        assert f"Running stage '{stage}@3d'" in first
     assert (repo / "data" / "split.json").is_file()
 
-    second = _run([str(BIN / "dvc"), "repro", "split"], repo)
+    second = _run([str(BIN / "dvc"), "repro", "split@3d"], repo)
     assert "Running stage" not in second
-    assert "up to date" in _run([str(BIN / "dvc"), "status", "split"], repo).lower()
+    assert "up to date" in _run([str(BIN / "dvc"), "status", "split@3d"], repo).lower()
 
     params["split"]["seed"] = 7
     dvc_support.write_params(repo, params)
-    third = _run([str(BIN / "dvc"), "repro", "split"], repo)
-    assert "Running stage 'split'" in third
+    third = _run([str(BIN / "dvc"), "repro", "split@3d"], repo)
+    assert "Running stage 'split@3d'" in third
     for stage in ("source", "ingest", "validate", "preprocess"):
-        assert f"Running stage '{stage}'" not in third
+        assert f"Running stage '{stage}@3d'" not in third
 
     # A local remote works offline: push the cache, drop it, pull it back.
     remote = tmp_path / "remote"
@@ -44,5 +44,5 @@ def test_dvc_repro_is_reproducible_and_incremental(tmp_path: Path) -> None:
     _run([str(BIN / "dvc"), "push"], repo)
     shutil.rmtree(repo / ".dvc" / "cache")
     shutil.rmtree(repo / "data")
-    _run([str(BIN / "dvc"), "pull", "split"], repo)
+    _run([str(BIN / "dvc"), "pull", "split@3d"], repo)
     assert (repo / "data" / "split.json").is_file()

@@ -70,8 +70,6 @@ def _users_folder(tmp_path: Path, layout: str, cases: int = 8) -> Path:
 def _repo(tmp_path: Path) -> Path:
     params = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     repo = dvc_support.dvc_repo(tmp_path, params)
-    (repo / "reports").mkdir()
-    (repo / "reports" / "best_params.yaml").write_text("{}\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     _run([*git, "add", "-A"], repo)
     _run([*git, "commit", "-qm", "project"], repo)
@@ -85,16 +83,16 @@ def test_exp_run_trains_and_registers_from_the_users_folder_only(tmp_path: Path,
     before = _tree_digest(folder)
     repo = _repo(tmp_path)
 
-    out = _run([str(BIN / "dvc"), "exp", "run", "-S", f"data.source={folder}", "promote"], repo)
+    out = _run([str(BIN / "dvc"), "exp", "run", "-S", f"data.source={folder}", "promote@3d"], repo)
     for stage in STAGES:
-        assert f"Running stage '{stage}'" in out, stage
+        assert f"Running stage '{stage}@3d'" in out, stage
     # the generator's stage is not upstream of a folder of one's own: it never ran
-    assert "Running stage 'source'" not in out and not (repo / "data" / "synth").exists()
+    assert "Running stage 'source@3d'" not in out and not (repo / "data" / "synth").exists()
     assert "compress" not in out
     assert _tree_digest(folder) == before  # never written, moved or deleted
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert str(folder) in [dep["path"] for dep in lock["stages"]["ingest"]["deps"]]
+    assert str(folder) in [dep["path"] for dep in lock["stages"]["ingest@3d"]["deps"]]
     assert all(
         out_["path"] != str(folder) for stage in lock["stages"].values() for out_ in stage.get("outs", [])
     )
@@ -105,7 +103,7 @@ def test_exp_run_trains_and_registers_from_the_users_folder_only(tmp_path: Path,
     assert json.loads((repo / "reports" / "promotion.json").read_text())["action"] == "promoted"
     assert int(version["version"]) == 1
 
-    again = _run([str(BIN / "dvc"), "repro", "promote"], repo)
+    again = _run([str(BIN / "dvc"), "repro", "promote@3d"], repo)
     assert "Running stage" not in again
     assert _tree_digest(folder) == before
 
@@ -120,30 +118,30 @@ def test_added_and_removed_cases_are_picked_up_and_force_reproduces(tmp_path: Pa
     dvc_support.write_params(repo, params)
     dvc = str(BIN / "dvc")
 
-    _run([dvc, "repro", "split"], repo)
+    _run([dvc, "repro", "split@3d"], repo)
     manifest = repo / "data" / "validated" / "manifest.csv"
     assert len(pd.read_csv(manifest)) == 6
 
     shutil.copytree(spare / "BraTS2021_00007", folder / "BraTS2021_00007")  # a new case lands
     before = _tree_digest(folder)
-    added = _run([dvc, "repro", "split"], repo)
-    assert "Running stage 'ingest'" in added
+    added = _run([dvc, "repro", "split@3d"], repo)
+    assert "Running stage 'ingest@3d'" in added
     assert "1 new" in added and "6 reused" in added
     assert sorted(pd.read_csv(manifest)["case_id"])[-1] == "BraTS2021_00007"
     assert len(list((repo / "data" / "preprocessed" / "cases").glob("*.npz"))) == 7
 
     shutil.rmtree(folder / "BraTS2021_00002")  # a case is withdrawn
     before = _tree_digest(folder)
-    removed = _run([dvc, "repro", "split"], repo)
+    removed = _run([dvc, "repro", "split@3d"], repo)
     assert "1 removed" in removed
     assert "BraTS2021_00002" not in set(pd.read_csv(manifest)["case_id"])
     assert not (repo / "data" / "preprocessed" / "cases" / "BraTS2021_00002.npz").exists()
     split = (repo / "data" / "split.json").read_text()
     index = (repo / "data" / "preprocessed" / "index.csv").read_text()
 
-    forced = _run([dvc, "repro", "--force", "split"], repo)
+    forced = _run([dvc, "repro", "--force", "split@3d"], repo)
     for stage in ("ingest", "validate", "preprocess", "split"):
-        assert f"Running stage '{stage}'" in forced, stage
+        assert f"Running stage '{stage}@3d'" in forced, stage
     assert (repo / "data" / "split.json").read_text() == split
     assert (repo / "data" / "preprocessed" / "index.csv").read_text() == index
     assert _tree_digest(folder) == before

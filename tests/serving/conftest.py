@@ -1,7 +1,7 @@
 """Fixtures for the HTTP service: apps on small models and a generated case (helpers: serving_support.py).
 
 2-D models come from serving_support.py too: the untrained ``PlanarOracle`` and a tiny random 2-D
-package built with tests/planar/planar_fixtures.py's ``tiny_params``.
+package built with tests/planar_fixtures.py's ``tiny_params``.
 
 Cases are the project's synthetic data at 2 mm (``synthesize_dataset``, 120 x 120 x 78) and the
 tiny phantoms of tests/fixtures_nifti.py for the layout and junk-input variants.

@@ -124,8 +124,8 @@ def leftover_request_dirs(client: Any) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- 2-D models
-planar_fx = load_test_module("planar/planar_fixtures.py", "serving_planar_fixtures")
-"""tests/planar/planar_fixtures.py: ``head_image`` (a 2-D head with one bright tumour disc) and
+planar_fx = load_test_module("planar_fixtures.py", "serving_planar_fixtures")
+"""tests/planar_fixtures.py: ``head_image`` (a 2-D head with one bright tumour disc) and
 ``tiny_params`` (the project's params with a tiny 2-D network), shared with the 2-D model tests."""
 
 PLANAR_ORACLE_SIZE = 64
@@ -153,8 +153,8 @@ class PlanarOracle(nn.Module):
 
 def planar_oracle_model() -> Any:
     """The :class:`PlanarOracle` as a loaded 2-D model (classifier detector at 0.5, no size filter)."""
-    from tumorseg.planar.detection import DetectorRule
-    from tumorseg.planar.package import PlanarModel
+    from tumorseg.models.planar_detection import DetectorRule
+    from tumorseg.models.planar_package import PlanarModel
 
     return PlanarModel(
         PlanarOracle().eval(),
@@ -174,9 +174,9 @@ def planar_oracle_slot() -> Any:
 def write_tiny_planar_package(folder: Path) -> Path:
     """A randomly initialised tiny 2-D network saved as a 2-D model package (what evaluate-2d writes)."""
     from tumorseg.config import section
-    from tumorseg.planar.detection import DetectorRule
-    from tumorseg.planar.networks import build_planar_network
-    from tumorseg.planar.package import PlanarModel, save_planar_package
+    from tumorseg.models.planar_detection import DetectorRule
+    from tumorseg.models.planar_network import build_planar_network
+    from tumorseg.models.planar_package import PlanarModel, save_planar_package
 
     params = planar_fx.tiny_params(folder, folder / "preprocessed_2d", folder / "split_2d.json")
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """``POST /predict`` with one 2-D image: mask PNG, detection JSON, the viewer, the optional 2-D model, junk.
 
-Images are tests/planar/planar_fixtures.py's ``head_image`` (a head with one bright tumour disc),
+Images are tests/planar_fixtures.py's ``head_image`` (a head with one bright tumour disc),
 written as PNG/JPEG/TIFF/BMP and as Figshare MATLAB v7.3 and v5 slices
 (:func:`tumorseg.data.planar_synth.write_figshare_mat`). The served model is the untrained
 ``PlanarOracle`` of serving_support.py, or a tiny random 2-D package loaded at start-up.

@@ -2,56 +2,64 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-import yaml
 from pipelines.stage_cache import PACKAGE_PARENT, ROOT, StageSpec, dvc_stage_specs, interpolate, stage_spec
 
 from tumorseg.config import apply_overrides, read_params
 from tumorseg.errors import ConfigError
 
 
-def _listed_params(entry: dict) -> list[str]:
-    keys: list[str] = []
-    for item in entry.get("params", []):
-        if isinstance(item, str):
-            keys.append(item)
-        elif next(iter(item)) == "../params.yaml":  # a stage run in data/ (wdir)
-            keys += item["../params.yaml"]
-    return keys
-
-
-def test_every_dvc_stage_is_a_flow_stage_with_its_params_deps_and_outs() -> None:
+def test_every_dvc_stage_is_a_flow_stage_with_the_params_deps_and_outs_dvc_resolves() -> None:
+    """The flows' specs (``foreach`` expanded by stage_cache) against DVC's own resolution of dvc.yaml."""
+    from dvc.repo import Repo
     from pipelines.training_flow import stage_specs
 
     specs = stage_specs()
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert set(stages) <= set(specs) and set(specs) - set(stages) == {"tune"}
     params = read_params(ROOT / "params.yaml")
-    for name, entry in stages.items():
+    resolved = {stage.name: stage for stage in Repo(str(ROOT)).index.stages}
+    assert set(resolved) <= set(specs) and set(specs) - set(resolved) == {"tune"}
+    assert {"train@3d", "train@2d", "ingest@2d", "compress"} <= set(resolved)
+    for name, stage in resolved.items():
         spec = specs[name]
-        assert list(spec.params) == _listed_params(entry), name
+        wdir = Path(stage.wdir).relative_to(ROOT)
+        listed = [k for d in stage.deps if type(d).__name__ == "ParamsDependency" for k in d.params]
+        assert list(spec.params) == listed, name
+        files = [d.def_path for d in stage.deps if type(d).__name__ != "ParamsDependency"]
+        files += [
+            d.def_path
+            for d in stage.deps
+            if type(d).__name__ == "ParamsDependency"
+            and d.def_path != str(Path(os.path.relpath(ROOT / "params.yaml", stage.wdir)))
+        ]
+        expected = [os.path.normpath(wdir / f) for f in files]
+        got = [
+            str(p.relative_to(PACKAGE_PARENT.parent)) if PACKAGE_PARENT in p.parents else str(p)
+            for p in spec.dep_paths(params)
+        ]
+        assert sorted(got) == sorted(expected), name
+        assert [str(p) for p in spec.out_paths(params)] == [
+            os.path.normpath(wdir / o.def_path) for o in stage.outs
+        ], name
         for dep in spec.dep_paths(params):
             if PACKAGE_PARENT in dep.parents:
                 assert dep.exists(), f"{name}: code dependency {dep} does not exist"
-        assert len(spec.out_paths(params)) == sum(
-            len(entry.get(k) or []) for k in ("outs", "metrics", "plots")
-        )
     # tune's best-params file is a params *file* of train: its content is part of the key
-    assert Path("reports/best_params.yaml") in specs["train"].dep_paths(params)
+    assert Path("reports/best_params.yaml") in specs["train@3d"].dep_paths(params)
 
 
 def test_paths_follow_the_run_params_and_wdir() -> None:
     specs = dvc_stage_specs()
     params = apply_overrides(read_params(ROOT / "params.yaml"), {"paths.ingested": "/tmp/elsewhere/ingested"})
-    assert Path("/tmp/elsewhere/ingested") in specs["validate"].dep_paths(params)
+    assert Path("/tmp/elsewhere/ingested") in specs["validate@3d"].dep_paths(params)
     # ingest runs in data/: `../${paths.ingested}` is the same folder; `${data.source}` is data/<source>
-    assert specs["ingest"].out_paths(params) == [Path("/tmp/elsewhere/ingested")]
+    assert specs["ingest@3d"].out_paths(params) == [Path("/tmp/elsewhere/ingested")]
     mine = apply_overrides(params, {"data.source": "mydata", "paths.ingested": "data/ingested"})
-    assert Path("data/mydata") in specs["ingest"].dep_paths(mine)
-    assert specs["ingest"].out_paths(mine) == [Path("data/ingested")]
-    assert PACKAGE_PARENT / "tumorseg/data/ingest.py" in specs["ingest"].dep_paths(mine)
+    assert Path("data/mydata") in specs["ingest@3d"].dep_paths(mine)
+    assert specs["ingest@3d"].out_paths(mine) == [Path("data/ingested")]
+    assert PACKAGE_PARENT / "tumorseg/data/ingest.py" in specs["ingest@3d"].dep_paths(mine)
     with pytest.raises(ConfigError, match=r"dvc.yaml: \$\{paths.nowhere\}: not set in params.yaml"):
         interpolate("${paths.nowhere}/x", params)
 

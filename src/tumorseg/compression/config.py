@@ -24,23 +24,15 @@ VariantName = Literal[
 ]
 """Variants ``tumorseg compress`` can build.
 
-- ``fp32``: the source model in PyTorch, unchanged: the baseline every other variant is compared with.
-- ``onnx_fp32``: the same weights exported to ONNX (ONNX Runtime's speed, no compression).
-- ``pruned_unstructured``: global magnitude pruning (zeroed weights; dense kernels, so the file is
-  only smaller once compressed, and inference is not faster), fine-tuned, ONNX.
-- ``pruned_structured``: channel pruning (channels physically removed: fewer parameters and FLOPs),
-  fine-tuned, ONNX.
-- ``int8``, ``pruned_*_int8``: INT8 post-training static quantization (ONNX Runtime QDQ) of the
-  fp32 or pruned ONNX model, calibrated on validation patches.
-- ``onnx_fp32_wint8``, ``pruned_structured_wint8``: weight-only INT8 of the fp32 or channel-pruned
-  ONNX model: int8 conv weights in the file (about 4x smaller), dequantized once when ONNX Runtime
-  loads it, float32 compute (float speed, no calibration, weight rounding as the only error).
-- ``bf16``, ``pruned_structured_bf16``: the fp32 or channel-pruned network in bfloat16 (weights
-  and activations; float32 in and out), saved as a ``torch.export`` program (half the float32
-  file) and run by PyTorch: ONNX Runtime has no bfloat16 convolution on CPU, while oneDNN runs
-  them natively on CPUs with AVX512-BF16, AMX or Arm BF16 (about twice float32's speed there;
-  emulated, slowly, elsewhere: the report says so).
-- ``fp16``: half-precision ONNX for GPUs (float32 in and out); measured only where CUDA is available.
+- ``fp32``: the source PyTorch model, the baseline; ``onnx_fp32``: the same weights in ONNX.
+- ``pruned_unstructured``: global magnitude pruning (zeros in dense kernels: smaller once
+  compressed, not faster); ``pruned_structured``: channels removed (fewer parameters and FLOPs).
+  Both fine-tuned, ONNX.
+- ``int8``, ``pruned_*_int8``: static INT8 (ONNX Runtime QDQ), calibrated on validation patches.
+- ``*_wint8``: weight-only INT8 (about 4x smaller file, float32 compute, no calibration).
+- ``bf16``, ``pruned_structured_bf16``: bfloat16 ``torch.export`` programs run by PyTorch (ONNX
+  Runtime has no bfloat16 convolution on CPU; oneDNN runs them natively on AVX512-BF16/AMX/Arm BF16).
+- ``fp16``: half-precision ONNX for GPUs, measured only where CUDA is available.
 """
 
 QDQ_OP_TYPES: tuple[str, ...] = ("Conv", "ConvTranspose")
@@ -50,33 +42,8 @@ QDQ_OP_TYPES: tuple[str, ...] = ("Conv", "ConvTranspose")
 class PruningConfig(Section):
     """``compress.pruning``: the two pruning methods and the fine-tune that recovers accuracy after them.
 
-    Attributes:
-        unstructured_amount: share of all conv weights zeroed by global L1 magnitude pruning.
-        structured_ratio: share of channels removed from every prunable conv layer (the network's
-            input and output layers keep theirs).
-        channel_multiple: channels each pruned layer keeps are rounded down to a multiple of this
-            (Torch-Pruning's ``round_to``; 1: no rounding). Reduced-precision kernels (oneDNN's
-            bfloat16) work on channel blocks: 22 channels cost as much as 32, 16 half as much.
-        structured_rounds: prune the channels in this many equal rounds (Torch-Pruning's
-            ``iterative_steps``), each followed by its share of the fine-tune; 1 prunes in one shot.
-        unstructured_fine_tune_steps: optimiser steps of training after magnitude pruning (0: none);
-            zeroing half the weights costs little accuracy, so a short fine-tune suffices.
-        fine_tune_steps: optimiser steps after channel pruning, over all rounds (0: none);
-            removing half the channels costs much more, and the recovery takes hundreds of steps.
-        fine_tune_lr: peak learning rate of that fine-tune.
-        fine_tune_schedule: ``cosine`` (decays to 0 over the fine-tune) or ``constant``.
-        val_every: score the validation split every this many steps (and before the first) and keep
-            the best-scoring weights; 0 keeps the last weights without validating.
-        val_cases: validation cases scored (the first ones of the split); 0: all of them.
-        tumour_free_repeat: tumour-free training cases are drawn this many times as often in the
-            fine-tune (hard negatives: pruned networks tend to see tumour in healthy brains); 1: as in
-            training.
-        distill_weight: weight of the knowledge-distillation term (the fp32 model is the teacher);
-            0 fine-tunes on the task loss alone. Off by default: on the embedded data, logit-MSE
-            distillation (weight 1) recovered more slowly per step than the task loss alone (validation
-            Dice 0.958 vs 0.965 after 150 steps at ratio 0.5) and costs a teacher forward pass per step.
-        distill_loss: ``mse`` (logit matching) or ``kl`` (temperature-softened KL divergence).
-        distill_temperature: temperature of ``kl``.
+    Each knob is explained beside its value in params.yaml. ``channel_multiple`` rounds the channels
+    kept down to a multiple (oneDNN's bfloat16 kernels work on channel blocks).
     """
 
     unstructured_amount: float = Field(0.5, gt=0.0, lt=1.0)
@@ -96,17 +63,7 @@ class PruningConfig(Section):
 
 
 class QuantizationConfig(Section):
-    """``compress.quantization``: ONNX Runtime static INT8 quantization (QDQ format).
-
-    Attributes:
-        calibration_split: split whose preprocessed cases calibrate the activation ranges.
-        calibration_cases: cases used (the first ones of the split).
-        patches_per_case: windows (training patch size) drawn per case.
-        calibrate_method: ONNX Runtime calibration: ``minmax``, ``entropy`` or ``percentile``.
-        per_channel: one weight scale per output channel (more accurate for conv layers).
-        op_types: ONNX operator types to quantize.
-        seed: seed of the window positions.
-    """
+    """``compress.quantization``: ONNX Runtime static INT8 (QDQ), calibrated on training-patch windows."""
 
     calibration_split: Literal["train", "val"] = "val"
     calibration_cases: int = Field(4, ge=1)
@@ -120,13 +77,8 @@ class QuantizationConfig(Section):
 class LatencyConfig(Section):
     """``compress.latency``: CPU latency of the whole ``predict`` path.
 
-    Attributes:
-        case_dir: folder of cases (any layout) to time; null synthesizes one BraTS-size case
-            (``synth_spacing_mm`` 1.0 gives 240x240x155) in a temporary folder.
-        synth_spacing_mm: spacing of that synthetic case.
-        warmup: untimed predictions per variant (session and allocator start-up).
-        repeats: timed predictions per variant and case, interleaved across variants; the median is reported.
-        threads: CPU threads for PyTorch and ONNX Runtime alike (0: one per core).
+    ``case_dir`` null times one synthetic case at ``synth_spacing_mm`` (1.0: BraTS size, 240x240x155);
+    ``threads`` applies to PyTorch and ONNX Runtime alike (0: one per core).
     """
 
     case_dir: str | None = None
@@ -137,24 +89,14 @@ class LatencyConfig(Section):
 
 
 class CompressConfig(Section):
-    """``compress:`` build, measure and gate the deployment variants of a trained model.
+    """``compress:`` build, measure and gate the deployment variants of a trained model (see params.yaml).
 
     Attributes:
-        model: the fp32 model to compress (MLflow URI or checkpoint); null: ``predict.model``.
-        variants: which variants to build and measure (``fp32`` is always measured: the baseline).
         dice_tolerance: a variant is accepted only if its mean Dice (cases x WT/TC/ET) is at most
             this much below fp32's, on the same test cases.
-        onnx_opset: ONNX opset of the exports.
-        exporter: ``dynamo`` (torch.export based, torch's default) or ``torchscript`` (legacy tracer).
-        out_dir: where the variants' ONNX files are kept.
-        target_speedup: deployment target: whole-``predict`` CPU latency of fp32 / the edge model's.
-        target_size_ratio: deployment target: fp32 model file size / the edge model's.
-            The edge model is the accepted variant meeting both targets, fastest first, then
-            smallest; when none meets them, the fastest accepted variant (then smallest).
-        register_edge: register the edge model as a new version with alias ``alias``.
-        alias: registry alias of that version.
+        target_speedup, target_size_ratio: deployment targets (fp32 whole-``predict`` CPU latency,
+            and file size, over the edge model's).
         parity_tolerance: largest ONNX Runtime vs PyTorch logit difference accepted for an export.
-        pruning, quantization, latency: see their sections.
     """
 
     model: str | None = None

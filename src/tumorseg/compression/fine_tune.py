@@ -1,24 +1,9 @@
-"""Fine-tuning a pruned network back to accuracy: the training recipe, distillation, validation-chosen weights.
+"""Fine-tuning a pruned network back to accuracy with the project's own training recipe.
 
-Pruning removes capacity the trained network used; a fine-tune lets the remaining weights take
-over. It runs the project's own training (the same
-:class:`~tumorseg.models.lightning_module.SegmentationModule`, loss, DataModule, augmentation and
-optimiser, run by a Lightning ``Trainer``) on the training split, with three additions:
-
-- **Knowledge distillation** (Hinton et al. 2015, "Distilling the knowledge in a neural network"):
-  the unpruned fp32 network is the teacher, and the loss is ``task loss + weight * D(student,
-  teacher)`` on the same augmented patch. ``D`` is the mean squared difference of the logits
-  (``mse``, logit matching as in Ba & Caruana 2014) or the temperature-softened KL divergence
-  (``kl``: per-voxel binary KL for sigmoid region outputs, softmax KL over classes for label
-  outputs), scaled by ``T^2`` so its gradients keep their size across temperatures. The teacher's
-  soft outputs carry more information per voxel than the hard labels, so a small student
-  recovers in fewer steps.
-- **A cosine learning-rate schedule** (MONAI's ``WarmupCosineSchedule``, no warm-up): large
-  corrections first, fine ones at the end.
-- **Validation-based weight selection**: the validation split's whole-volume Dice (the same
-  metric training monitors, ``val_dice_mean``) is measured before the fine-tune and every
-  ``val_every`` steps; the weights of the best validation score are kept. The test split is never
-  looked at: it scores the result afterwards, in the compression report.
+The same LightningModule, loss, DataModule, augmentation and optimiser as training, plus: knowledge
+distillation from the fp32 network (Hinton et al. 2015; ``task loss + weight * D(student, teacher)``),
+a cosine learning-rate schedule without warm-up, and the weights of the best validation
+``val_dice_mean`` kept (the test split only scores the result, in the compression report).
 """
 
 from __future__ import annotations
@@ -48,12 +33,10 @@ class FineTuneResult:
     """What a fine-tune did.
 
     Attributes:
-        steps: optimiser steps run.
         best_step: step whose weights were kept (0: the pruned weights before any step).
         best_val_dice: validation mean Dice of those weights (None without validation).
         curve: ``[step, validation mean Dice]`` at every validation, in order.
-        train_loss: mean training loss (task + distillation) over the fine-tune.
-        seconds: wall time of the fine-tune, validations included.
+        train_loss: mean training loss (task + distillation).
     """
 
     steps: int
@@ -67,21 +50,12 @@ class FineTuneResult:
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, *, kind: str, output: str, temperature: float = 1.0
 ) -> torch.Tensor:
-    """How far the student's logits are from the teacher's (a scalar, 0 when they agree).
+    """How far the student's logits ``(B, C, *spatial)`` are from the teacher's (a scalar, 0 when equal).
 
-    Written here because neither MONAI nor torch has a distillation loss for sigmoid region
-    outputs; the terms are torch's own (``mse_loss``, ``binary_cross_entropy_with_logits``,
-    ``kl_div``).
-
-    Args:
-        student: logits ``(B, C, *spatial)``.
-        teacher: logits of the same shape (no gradient needed).
-        kind: ``mse`` (logit matching) or ``kl`` (softened-probability KL divergence, x ``T^2``).
-        output: ``regions`` (independent sigmoids) or ``labels`` (softmax over C).
-        temperature: softening temperature ``T`` of ``kl``.
-
-    Raises:
-        ValueError: an unknown ``kind``.
+    Written here because neither MONAI nor torch has a distillation loss for sigmoid region outputs.
+    ``kind`` is ``mse`` (logit matching, Ba & Caruana 2014) or ``kl``: the KL divergence of the
+    probabilities softened by ``temperature`` T (binary per voxel for ``regions``, softmax over C for
+    ``labels``), times T^2 so gradients keep their size across temperatures.
     """
     import torch.nn.functional as F
 
@@ -108,14 +82,9 @@ def _distilling_module_class() -> type:
     from tumorseg.models.lightning_module import SegmentationModule
 
     class DistillingSegmentationModule(SegmentationModule):
-        """Training step ``loss = task loss + weight * distillation(student, teacher)``.
+        """Training step ``loss = task loss + weight * distillation_loss(student, teacher)``.
 
-        Args:
-            teacher: the frozen fp32 network; ``None`` or ``weight`` 0 trains on the task loss alone.
-            weight: weight of the distillation term.
-            kind: ``mse`` or ``kl`` (:func:`distillation_loss`).
-            temperature: temperature of ``kl``.
-            **kwargs: :class:`SegmentationModule`'s arguments.
+        ``teacher`` None or ``weight`` 0 trains on the task loss alone.
         """
 
         def __init__(
@@ -141,9 +110,8 @@ def _distilling_module_class() -> type:
             self.teacher.eval()  # Lightning puts every submodule in train mode
             with torch.no_grad():
                 soft = self.teacher(image).float()
-            if (
-                logits.dim() == image.dim() + 1
-            ):  # deep supervision (B, heads, C, *spatial): distil the main head
+            # deep supervision (B, heads, C, *spatial): distil the main head
+            if logits.dim() == image.dim() + 1:
                 heads = list(torch.unbind(logits, dim=1))
                 task, main = self.loss(heads, self._target(label)), heads[0]
             else:
@@ -162,11 +130,10 @@ def _distilling_module_class() -> type:
 
 
 def best_weights_callback(network: nn.Module, result: FineTuneResult) -> Any:
-    """Lightning callback recording the validation curve and keeping the best-scoring weights in memory.
+    """Lightning callback recording the validation curve and keeping the best weights in memory.
 
-    Hand-written rather than Lightning's ``ModelCheckpoint``: the candidate set includes the weights
-    before the first step (scored by ``trainer.validate``, where ``ModelCheckpoint`` never saves),
-    and keeping a state_dict in memory avoids a round trip of the whole module through disk.
+    Not ``ModelCheckpoint``: the weights before the first step (scored by ``trainer.validate``) are
+    candidates too, and a state_dict in memory avoids a round trip through disk.
     """
     import lightning as L
 
@@ -205,11 +172,8 @@ def _with_repeated_tumour_free(
     index = pd.read_csv(index_file, dtype=str, keep_default_na=False)
     free = set(index.loc[index["has_tumour"] == "False", "case_id"])
     extra = [dict(record) for record in records if record["case_id"] in free for _ in range(repeat - 1)]
-    log.info(
-        "fine-tune: %d tumour-free training cases drawn %dx as often",
-        len({r["case_id"] for r in extra}),
-        repeat,
-    )
+    cases = len({r["case_id"] for r in extra})
+    log.info("fine-tune: %d tumour-free training cases drawn %dx as often", cases, repeat)
     return records + extra
 
 
@@ -230,34 +194,11 @@ def fine_tune(
     tumour_free_repeat: int = 1,
     source: str = "params.yaml",
 ) -> FineTuneResult:
-    """Train ``network`` for ``steps`` optimiser steps with the model's own training recipe.
+    """Train the pruned ``network`` in place for ``steps`` optimiser steps with the model's own recipe.
 
-    The loss, augmentation, patch sampling and optimiser come from the sections stored with the
-    model (``trained.config``: what it was trained with); the learning rate is ``lr`` (constant or
-    cosine-decayed); the data (``paths.preprocessed`` training and validation splits) from
-    ``params``. Only the weights change, in place; no checkpoint or logger is written.
-
-    Args:
-        network: the pruned network (pruning masks, if any, stay applied while training).
-        trained: the source :class:`~tumorseg.models.checkpoint.TrainedNetwork` (settings only).
-        params: params dict (``paths``, ``trainer.accelerator``).
-        steps: optimiser steps; 0 returns at once.
-        lr: (peak) learning rate.
-        schedule: ``cosine`` (decays to 0 over ``steps``) or ``constant``.
-        val_every: validate every this many steps (and before the first) and keep the best weights;
-            0 keeps the last weights, unvalidated.
-        val_cases: validation cases used (the first ones of the split); 0 uses them all.
-        teacher: the fp32 network to distil from (left unchanged: a frozen copy is used).
-        distill_weight: weight of the distillation term; 0 trains on the task loss alone.
-        distill_loss: ``mse`` or ``kl`` (:func:`distillation_loss`).
-        distill_temperature: temperature of ``kl``.
-        tumour_free_repeat: tumour-free training cases are drawn this many times as often as the
-            others (their patches are all healthy tissue: hard negatives for a pruned network that
-            starts to see tumour where there is none).
-        source: params file name for error messages.
-
-    Returns:
-        :class:`FineTuneResult` (``steps`` 0: nothing run).
+    Loss, augmentation, patch sampling and optimiser come from the sections stored with ``trained``,
+    the data from ``params``, the options from ``compress.pruning``. Pruning masks stay applied; the
+    ``teacher`` is copied and frozen; no checkpoint or logger is written.
 
     Raises:
         DataError: no training cases, or validation asked for without validation cases.
@@ -274,16 +215,8 @@ def fine_tune(
     trainer_cfg = section("trainer", params, source=source)
     train_cfg = _fine_tune_train_config(stored, lr, schedule)
     records, val_records = _fine_tune_records(paths, val_every, val_cases, tumour_free_repeat)
-    module = _fine_tune_module(
-        network,
-        trained,
-        train_cfg,
-        scheduled=schedule == "cosine",
-        teacher=teacher,
-        distill_weight=distill_weight,
-        distill_loss=distill_loss,
-        distill_temperature=distill_temperature,
-    )
+    distill = dict(weight=distill_weight, kind=distill_loss, temperature=distill_temperature)
+    module = _fine_tune_module(network, trained, train_cfg, schedule == "cosine", teacher, distill)
     datamodule = SegmentationDataModule(
         records,
         val_records,
@@ -320,11 +253,7 @@ def _fine_tune_train_config(stored: dict[str, Any], lr: float, schedule: str) ->
 def _fine_tune_records(
     paths: Any, val_every: int, val_cases: int, tumour_free_repeat: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Training and validation case records of the fine-tune (``paths.split``'s ``train`` and ``val``).
-
-    Raises:
-        DataError: no training cases, or validation asked for without validation cases.
-    """
+    """Training and validation case records of the fine-tune (``paths.split``'s ``train`` and ``val``)."""
     from tumorseg.data.datamodule import case_records, read_split
 
     split = read_split(paths.split)
@@ -349,14 +278,11 @@ def _fine_tune_module(
     network: nn.Module,
     trained: Any,
     train_cfg: Any,
-    *,
     scheduled: bool,
     teacher: nn.Module | None,
-    distill_weight: float,
-    distill_loss: str,
-    distill_temperature: float,
+    distill: dict[str, Any],
 ) -> Any:
-    """The model's own LightningModule (its stored loss and settings) around ``network``, distilling from ``teacher``."""
+    """The model's own LightningModule around ``network``, distilling from ``teacher``."""
     from tumorseg.models.losses import build_loss, with_deep_supervision
     from tumorseg.training.optim import optimizer_factory, scheduler_factory
 
@@ -364,7 +290,7 @@ def _fine_tune_module(
     loss = build_loss(section("loss", stored), trained.model.output)
     if trained.model.name == "dynunet" and trained.model.dynunet.deep_supervision:
         loss = with_deep_supervision(loss, section("loss", stored).deep_supervision_weights)
-    frozen = copy.deepcopy(teacher).eval() if teacher is not None and distill_weight > 0 else None
+    frozen = copy.deepcopy(teacher).eval() if teacher is not None and distill["weight"] > 0 else None
     return _distilling_module_class()(
         network,
         loss,
@@ -377,18 +303,12 @@ def _fine_tune_module(
         dice_ignore_empty=section("train", stored).dice_ignore_empty,
         spacing_mm=trained.spacing_mm,
         teacher=frozen,
-        weight=distill_weight,
-        kind=distill_loss,
-        temperature=distill_temperature,
+        **distill,
     )
 
 
 def _fine_tune_trainer(accelerator: str, steps: int, val_every: int, callbacks: list[Any], root: str) -> Any:
-    """A Lightning ``Trainer`` for exactly ``steps`` optimiser steps, validating every ``val_every``.
-
-    No logger, checkpoint, progress bar or sanity validation: the fine-tune is a step inside the
-    compress stage, whose only output is the network's weights.
-    """
+    """A ``Trainer`` for exactly ``steps`` steps, validating every ``val_every``; no logger or checkpoint."""
     import lightning as L
 
     return L.Trainer(

@@ -1,11 +1,7 @@
 """Measuring the variants with the same code, cases and threads: Dice on the test split, CPU latency.
 
 Every variant runs through the whole ``predict`` path
-(:class:`~tumorseg.models.predictor.SegmentationPredictor`), so what is measured is what a
-deployment runs: Dice WT/TC/ET on the test split in the source geometry
-(:func:`~tumorseg.evaluation.pipeline_stage.evaluate_cases`), and the wall time of one
-BraTS-size case on CPU, each variant alternating case by case with fp32 so that drifting machine
-load affects both alike (:func:`measure_latencies`).
+(:class:`~tumorseg.models.predictor.SegmentationPredictor`): what is measured is what a deployment runs.
 """
 
 from __future__ import annotations
@@ -39,18 +35,15 @@ def measure_latencies(
 ) -> dict[str, tuple[float, float, list[float], float | None]]:
     """Median whole-``predict`` CPU time per case of each variant, timed in alternation with the baseline.
 
-    Why: on a shared machine the load drifts over minutes, so each variant is timed in its own
-    block of ``repeats`` rounds that alternate the baseline (fp32) and the variant on every case:
-    both meet the same conditions, and the speed-up is the ratio within the block. Blocks, not one
-    round-robin over every variant, because a variant's run then also depends on which other
-    runtime ran just before it (ONNX Runtime's arenas, another model's freed memory), which a
-    deployment (one model per process) never sees.
+    Machine load drifts over minutes, so each variant gets its own block of ``repeats`` rounds that
+    alternate the baseline and the variant on every case: the speed-up is the ratio within the block.
+    Not one round-robin over all variants: a run would then depend on the runtime run just before
+    it (ONNX Runtime's arenas, freed memory), which a deployment (one model per process) never sees.
 
     Returns:
-        ``{name: (median whole-predict s, median sliding-window s, every run, baseline s)}``
-        (medians per case, averaged over cases); ``baseline s`` is the baseline's time within the
-        variant's block (None for the baseline itself, whose times pool every block; and for every
-        variant when there is no baseline, each then timed alone).
+        ``{name: (median whole-predict s, median sliding-window s, every run, baseline s)}`` (medians
+        per case, averaged over cases); ``baseline s`` is the baseline's time in the variant's block
+        (None for the baseline, which pools every block, and for all when there is no baseline).
     """
     for predictor in predictors.values():
         for case in cases:
@@ -90,7 +83,7 @@ def measure_latencies(
 
 
 def measure_dice(predictor: Any, cases: list[Any], eval_cfg: Any, work: Path, name: str) -> tuple[dict, dict]:
-    """Mean Dice per scored region (+ ``mean``) and each case's mean over them, on ``cases`` (source geometry)."""
+    """Mean Dice per scored region (+ ``mean``), and each case's mean over them (source geometry)."""
     from tumorseg.evaluation.pipeline_stage import evaluate_cases
     from tumorseg.evaluation.summary import region_order
 

@@ -1,10 +1,7 @@
 """Export a network to ONNX with dynamic batch and spatial axes, and check ONNX Runtime against PyTorch.
 
-The exported graph maps ``image`` ``(B, 4, X, Y, Z)`` float32 to ``logits`` ``(B, C, X, Y, Z)``
-float32, with B, X, Y and Z dynamic: the sliding-window inferer sends batches of training-patch
-windows (the last batch may be smaller), and other window sizes work too. ``dynamo`` (torch's
-default exporter: ``torch.export`` + onnxscript) is used unless ``compress.exporter`` picks the
-legacy TorchScript tracer.
+The graph maps ``image`` ``(B, 4, X, Y, Z)`` float32 to ``logits`` ``(B, C, X, Y, Z)`` float32; B, X,
+Y, Z are dynamic because the sliding window's last batch may be smaller.
 """
 
 from __future__ import annotations
@@ -25,10 +22,9 @@ log = logging.getLogger(__name__)
 
 
 class ReducedPrecision(nn.Module):
-    """``network`` in float16 or bfloat16 with float32 input and output (the casts are exported in the graph).
+    """``network`` in float16 or bfloat16 with float32 input and output, so callers stay float32.
 
-    Why: callers (the sliding-window inferer, the served model) stay float32 everywhere; only the
-    variant's weights and activations are in the reduced precision.
+    The casts are part of the exported graph.
     """
 
     def __init__(self, network: nn.Module, dtype: torch.dtype) -> None:
@@ -49,22 +45,15 @@ def export_onnx(
     exporter: str = "dynamo",
     what: str = "network",
 ) -> Path:
-    """Write ``network`` as ONNX to ``path`` (a temporary name in the same folder, then renamed).
+    """Write ``network`` as ONNX to ``path`` (via a temporary name); DataError naming ``what`` if it fails.
 
-    Args:
-        network: in eval mode, mapping ``(B, 4, *patch)`` to ``(B, C, *patch)``.
-        path: the ``.onnx`` file to write.
-        example: ``(B, 4, *patch)`` input traced by the exporter.
-        opset: ONNX opset.
-        exporter: ``dynamo`` or ``torchscript``.
-        what: the variant's name, for messages.
-
-    Raises:
-        DataError: the exporter failed (one line naming the variant and the exporter's reason).
+    ``example`` is the ``(B, 4, *patch)`` input traced by ``exporter``: ``dynamo`` (torch.export +
+    onnxscript) or ``torchscript`` (legacy tracer).
     """
     path = Path(path)
     network.eval()
     spatial = range(2, example.dim())
+    names = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset)
     try:
         with atomic_output(path, ".onnx") as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -74,12 +63,10 @@ def export_onnx(
                     network,
                     (example,),
                     dynamo=True,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
                     dynamic_shapes=({0: dim, **{axis: dim for axis in spatial}},),
-                    opset_version=opset,
                     external_data=False,
                     verbose=False,
+                    **names,
                 )
                 program.save(str(tmp), external_data=False)
             else:
@@ -89,10 +76,8 @@ def export_onnx(
                     (example,),
                     str(tmp),
                     dynamo=False,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: axes},
-                    opset_version=opset,
+                    **names,
                 )
     except Exception as exc:  # the exporters raise many types; the user needs the first line of it
         raise DataError(

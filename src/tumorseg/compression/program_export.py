@@ -1,9 +1,7 @@
 """Export a network as a ``torch.export`` program (``.pt2``) with dynamic batch and spatial axes.
 
-Used for the bfloat16 variants: ONNX Runtime has no bfloat16 convolution on CPU, whereas PyTorch
-(oneDNN) runs bfloat16 convolutions natively on CPUs with AVX512-BF16 or AMX. The program holds the
-graph and the weights (bfloat16: half the float32 file) and is loaded by
-:class:`~tumorseg.models.program_network.ExportedProgramNetwork` without MONAI's classes.
+For the bfloat16 variants: ONNX Runtime has no bfloat16 convolution on CPU, PyTorch (oneDNN) has.
+Loaded by :class:`~tumorseg.models.program_network.ExportedProgramNetwork`.
 """
 
 from __future__ import annotations
@@ -21,16 +19,9 @@ from tumorseg.errors import DataError, first_line
 def export_program(
     network: nn.Module, path: str | Path, example: torch.Tensor, *, what: str = "network"
 ) -> Path:
-    """Write ``network`` to ``path`` with ``torch.export.save`` (a temporary name in the same folder, then renamed).
+    """Write ``network`` to ``path`` with ``torch.export.save``; DataError naming ``what`` if it fails.
 
-    Args:
-        network: in eval mode, mapping ``(B, 4, *patch)`` float32 to ``(B, C, *patch)`` float32.
-        path: the ``.pt2`` file to write.
-        example: ``(B, 4, *patch)`` input traced by the exporter (B >= 2; any batch >= 1 runs later).
-        what: the variant's name, for messages.
-
-    Raises:
-        DataError: the export failed (one line naming the variant and the exporter's reason).
+    ``example`` is the ``(B, 4, *patch)`` input traced (B >= 2; any batch >= 1 runs later).
     """
     path = Path(path)
     network.eval()

@@ -1,19 +1,9 @@
-"""Pruning a trained network: global magnitude (unstructured) and channel (structured), then a fine-tune.
+"""Pruning a trained network: global magnitude (unstructured) and channel (structured).
 
-- **Unstructured**: :func:`torch.nn.utils.prune.global_unstructured` zeroes the smallest-magnitude
-  weights across all conv layers at once (layers that matter more keep more weights). The mask stays
-  attached while the network is fine-tuned, so pruned weights stay zero; :func:`make_permanent` then
-  folds it into the weights (``prune.remove``). Dense kernels do not skip zeros: this shrinks a
-  compressed file, not the latency.
-- **Structured**: `Torch-Pruning <https://github.com/VainF/Torch-Pruning>`_ (DepGraph) removes whole
-  channels, with every layer that depends on them (norms, activations, the skip connections' concats)
-  adjusted together, ranked by the L2 norm of their weights (``MagnitudeImportance``). The network
-  really gets smaller and faster.
-
-Both are followed by a fine-tune (:func:`tumorseg.compression.fine_tune.fine_tune`: the project's own
-training, distilled from the fp32 network, weights chosen on the validation split). Channel pruning
-can also run in rounds (:func:`prune_channels_in_rounds`), with a share of the fine-tune after each,
-so the network adapts to a moderate cut before the next one.
+Unstructured pruning (``torch.nn.utils.prune``) zeroes the smallest conv weights across all layers;
+the mask stays attached through the fine-tune and :func:`make_permanent` folds it in. Dense kernels
+do not skip zeros: only a compressed file shrinks. Structured pruning (Torch-Pruning's DepGraph)
+removes whole channels with every layer depending on them: the network gets smaller and faster.
 """
 
 from __future__ import annotations
@@ -45,18 +35,10 @@ class PruneStats:
     """What pruning did to a network.
 
     Attributes:
-        method: ``unstructured`` or ``structured``.
-        parameters_before: parameters of the network before pruning.
-        parameters_after: parameters after (structured pruning removes them; unstructured keeps the count).
-        nonzero_after: parameters that are not exactly zero after pruning.
-        conv_sparsity: share of zero conv weights after pruning.
         gmacs_before: multiply-accumulates (10^9) of one ``(1, 4, *patch)`` window before pruning.
         gmacs_after: the same after pruning (dense count: zeros still cost time).
-        rounds: pruning rounds (structured; 1: one shot).
-        fine_tune_steps: optimiser steps of the fine-tune(s), in all.
         fine_tune_loss: mean training loss over the (last) fine-tune (None without one).
-        fine_tune: per round, what the fine-tune did (:class:`~tumorseg.compression.fine_tune.FineTuneResult`
-            as a dict: the validation Dice-vs-steps curve and the step whose weights were kept).
+        fine_tune: per round, the :class:`~tumorseg.compression.fine_tune.FineTuneResult` as a dict.
     """
 
     method: str
@@ -109,14 +91,10 @@ def _conv_weights(network: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def prune_unstructured(network: nn.Module, amount: float) -> None:
-    """Zero the ``amount`` smallest-|w| share of all conv weights, globally; the mask stays attached.
+    """Zero the ``amount`` smallest-|w| share of all conv weights, globally, in place.
 
-    Args:
-        network: modified in place (``weight`` becomes ``weight_orig * weight_mask``).
-        amount: share of weights to remove, in (0, 1).
-
-    Raises:
-        DataError: the network has no conv layer to prune.
+    The mask stays attached (``weight`` becomes ``weight_orig * weight_mask``); DataError without
+    a conv layer.
     """
     from torch.nn.utils import prune
 
@@ -138,16 +116,11 @@ def make_permanent(network: nn.Module) -> None:
 
 
 def expand_shared_prelu(network: nn.Module, example: torch.Tensor) -> int:
-    """Replace each single-slope ``PReLU`` by a per-channel one with that slope everywhere.
+    """Replace each single-slope ``PReLU`` in place by a per-channel one with that slope everywhere.
 
-    Why: MONAI's blocks use ``PReLU()`` (one slope shared by all channels). Torch-Pruning 1.6 cannot
-    infer the channel count through it (its dependency graph follows the slope's reshape instead of
-    the feature map and fails on the skip connections' concatenation). A per-channel PReLU whose
-    slopes are all equal computes exactly the same function and is prunable like a norm layer.
-
-    Args:
-        network: modified in place.
-        example: ``(1, 4, *patch)`` input, to find each PReLU's channel count.
+    Torch-Pruning 1.6 cannot follow MONAI's shared-slope ``PReLU()`` (its graph follows the slope's
+    reshape and fails on the skip concatenations); equal per-channel slopes compute the same function
+    and prune like a norm layer. ``example`` ``(1, 4, *patch)`` gives the channel counts.
 
     Returns:
         The number of PReLU layers replaced.
@@ -188,18 +161,7 @@ def output_layers(network: nn.Module, out_channels: int) -> list[nn.Module]:
 def prune_channels(
     network: nn.Module, ratio: float, example: torch.Tensor, out_channels: int, *, channel_multiple: int = 1
 ) -> None:
-    """Remove ``ratio`` of the channels of every prunable layer in one shot (Torch-Pruning ``MetaPruner``).
-
-    Args:
-        network: modified in place; its input and output channels are kept.
-        ratio: share of channels removed per layer group, in (0, 1).
-        example: ``(1, 4, *patch)`` input used to trace the dependency graph.
-        out_channels: the network's output channels (3 regions or 4 labels).
-        channel_multiple: channels kept per layer are rounded down to a multiple of this.
-
-    Raises:
-        DataError: Torch-Pruning cannot trace the network, or pruning changed its output shape.
-    """
+    """Remove ``ratio`` of the channels of every prunable layer in one shot (see the rounds version)."""
     for _ in prune_channels_in_rounds(
         network, ratio, example, out_channels, rounds=1, channel_multiple=channel_multiple
     ):
@@ -217,21 +179,9 @@ def prune_channels_in_rounds(
 ) -> Iterator[int]:
     """Remove ``ratio`` of the channels in ``rounds`` equal steps; yields the round number after each.
 
-    The caller fine-tunes between rounds (iterative pruning): channel importance is re-ranked on
-    the adapted weights each time. Torch-Pruning's ``iterative_steps`` spreads the ratio linearly,
-    so after round ``k`` of ``n`` a share ``ratio * k / n`` of the channels is gone.
-
-    Args:
-        network: modified in place; its input and output channels are kept.
-        ratio: final share of channels removed per layer group, in (0, 1).
-        example: ``(1, 4, *patch)`` input used to trace the dependency graph.
-        out_channels: the network's output channels (3 regions or 4 labels).
-        rounds: pruning steps (1: one shot).
-        channel_multiple: channels kept per layer are rounded down to a multiple of this
-            (Torch-Pruning's ``round_to``; 1: no rounding).
-
-    Yields:
-        1, 2, ..., ``rounds``, each after that round's channels are removed.
+    The caller fine-tunes between rounds, so channel importance (L2 norm of the weights) is re-ranked
+    on adapted weights. ``example`` ``(1, 4, *patch)`` traces the dependency graph; the input and the
+    ``out_channels`` of the head are kept.
 
     Raises:
         DataError: Torch-Pruning cannot trace the network, or pruning changed its output shape.

@@ -1,17 +1,9 @@
-"""INT8 post-training static quantization with ONNX Runtime (QDQ format), calibrated on validation windows.
+"""INT8 quantization of ONNX models: static (ONNX Runtime QDQ) and weight-only.
 
-Static quantization fixes each activation's INT8 range ahead of time from calibration data. The
-data are what the network sees at inference: training-patch-sized windows of preprocessed
-**validation** volumes (never test cases), placed at random inside each case's brain bounding box
-with a fixed seed. ONNX Runtime's calibrator records the ranges; ``quantize_static`` inserts
-QuantizeLinear/DequantizeLinear pairs around the chosen layers (``compress.quantization.op_types``;
-convolutions by default, per output channel), which ONNX Runtime fuses into INT8 kernels on load.
-Normalisation and activations stay float between them.
-
-:func:`quantize_weights_int8` is the weight-only alternative: int8 conv weights in the file (about
-4x smaller), float32 compute once ONNX Runtime has folded them back at load, so it runs at float
-speed with no calibration (static INT8 convolutions are slower than float ones on CPUs without
-fast 3-D INT8 kernels, as the compression report shows).
+Static quantization fixes each activation's range from calibration windows: training-patch-sized
+windows of preprocessed validation volumes (never test cases) at seeded random brain positions.
+:func:`quantize_weights_int8` stores int8 conv weights only (about 4x smaller) and computes in
+float32, for CPUs without fast 3-D INT8 kernels.
 """
 
 from __future__ import annotations
@@ -35,14 +27,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuantizationStats:
-    """What quantization changed.
-
-    Attributes:
-        quantized_nodes: layers quantized to INT8, by ONNX operator type.
-        float_nodes: layers left in float, by operator type (no INT8 kernel asked for or available).
-        calibration_windows: windows the activation ranges were calibrated on.
-        calibration_cases: the cases they came from.
-    """
+    """What quantization changed: layers quantized / left in float by ONNX operator type; calibration data."""
 
     quantized_nodes: dict[str, int]
     float_nodes: dict[str, int]
@@ -58,11 +43,7 @@ def supported_op_types() -> list[str]:
 
 
 def check_op_types(cfg: QuantizationConfig, source: str = "params.yaml") -> None:
-    """Every ``compress.quantization.op_types`` entry must be an operator ONNX Runtime can quantize.
-
-    Raises:
-        ConfigError: naming the first unsupported operator and listing the supported ones.
-    """
+    """ConfigError unless ONNX Runtime can quantize every ``compress.quantization.op_types`` entry."""
     supported = supported_op_types()
     for op_type in cfg.op_types:
         if op_type not in supported:
@@ -80,19 +61,10 @@ def calibration_windows(
     *,
     split_file: str | Path = "split.json",
 ) -> tuple[list[np.ndarray], list[str]]:
-    """Random training-patch windows ``(1, 4, *roi)`` float32 from preprocessed cases.
+    """Random training-patch windows ``(1, 4, *roi)`` float32, zero-padded, from preprocessed cases.
 
-    Volumes smaller than the window are zero-padded (as the sliding-window inferer pads them).
-
-    Args:
-        preprocessed_dir: ``paths.preprocessed``.
-        case_ids: the calibration split's cases; the first ``cfg.calibration_cases`` are used.
-        roi_size: the model's 3-D window (a 2-D model gets ``(1, 4, X, Y)`` axial slices).
-        cfg: ``compress.quantization``.
-        split_file: named in the error message.
-
-    Raises:
-        DataError: no calibration case (a model cannot be quantized without them).
+    The first ``cfg.calibration_cases`` of ``case_ids`` are used (DataError, naming ``split_file``,
+    if there are none); a 2-D model's ``roi_size`` gives ``(1, 4, X, Y)`` axial slices.
     """
     from tumorseg.data.datamodule import case_records
 
@@ -134,30 +106,22 @@ def _random_window(
     return window[None]
 
 
-class WindowCalibrationReader:
-    """ONNX Runtime ``CalibrationDataReader`` over a list of ``(1, 4, *roi)`` windows."""
-
-    def __init__(self, input_name: str, windows: list[np.ndarray]) -> None:
-        self.input_name = input_name
-        self.windows = windows
-        self._next = iter(windows)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        window = next(self._next, None)
-        return None if window is None else {self.input_name: window}
-
-    def rewind(self) -> None:
-        self._next = iter(self.windows)
-
-
 def _calibration_reader(input_name: str, windows: list[np.ndarray]) -> Any:
-    """The reader, as a subclass of ONNX Runtime's abstract base (imported lazily)."""
+    """An ONNX Runtime ``CalibrationDataReader`` (imported lazily) over ``(1, 4, *roi)`` windows."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    class Reader(WindowCalibrationReader, CalibrationDataReader):
-        pass
+    class WindowCalibrationReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._next = iter(windows)
 
-    return Reader(input_name, windows)
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            window = next(self._next, None)
+            return None if window is None else {input_name: window}
+
+        def rewind(self) -> None:
+            self._next = iter(windows)
+
+    return WindowCalibrationReader()
 
 
 def quantize_int8(
@@ -169,19 +133,13 @@ def quantize_int8(
     calibration_cases: list[str] | None = None,
     what: str = "network",
 ) -> QuantizationStats:
-    """Write the INT8 (QDQ) version of ``fp32_onnx`` to ``out_path``.
+    """Write the INT8 (QDQ) version of ``fp32_onnx`` to ``out_path``, calibrated on ``windows``.
 
-    Args:
-        fp32_onnx: exported float32 model.
-        out_path: the quantized model (written to a temporary name, then renamed).
-        windows: calibration inputs ``(1, 4, *roi)`` float32 (:func:`calibration_windows`).
-        cfg: ``compress.quantization``.
-        calibration_cases: case ids the windows came from (reported).
-        what: the variant's name, for messages.
+    ``quantize_static`` puts Quantize/DequantizeLinear pairs around the ``cfg.op_types`` layers,
+    which ONNX Runtime fuses into INT8 kernels on load; normalisation and activations stay float.
 
     Raises:
-        DataError: no calibration windows; no layer of the model is of a quantizable type; or ONNX
-            Runtime failed (one line naming the variant and its reason).
+        DataError: no calibration windows, no layer of a quantizable type, or ONNX Runtime failed.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -237,9 +195,8 @@ def quantize_int8(
 def _quantized_layers(quantized: Any, targets: list[str]) -> tuple[Counter[str], Counter[str]]:
     """Layers of a QDQ graph by type: ``(quantized, left in float)``.
 
-    A layer counts as quantized when one of its inputs comes out of a ``DequantizeLinear``: that
-    is what ONNX Runtime's QDQ format puts in front of every layer it quantized, so the count is
-    read from the written graph rather than trusted from the request.
+    Read from the written graph, not trusted from the request: a quantized layer has an input that
+    comes out of a ``DequantizeLinear``.
     """
     dequantized_inputs = {
         node.output[0] for node in quantized.graph.node if node.op_type == "DequantizeLinear"
@@ -257,7 +214,7 @@ def _quantized_layers(quantized: Any, targets: list[str]) -> tuple[Counter[str],
 
 
 WEIGHT_ONLY_OP_AXES: dict[str, int] = {"Conv": 0, "ConvTranspose": 1}
-"""Operator -> axis of its weight's output channels (ONNX: Conv ``(O, I/g, *k)``, ConvTranspose ``(I, O/g, *k)``)."""
+"""Operator -> output-channel axis of its weight (Conv ``(O, I/g, *k)``, ConvTranspose ``(I, O/g, *k)``)."""
 
 
 def quantize_weights_int8(
@@ -265,29 +222,11 @@ def quantize_weights_int8(
 ) -> QuantizationStats:
     """Write a weight-only INT8 version of ``float_onnx``: INT8 conv weights in the file, float32 compute.
 
-    Each conv and transposed-conv weight ``W`` is stored as ``round(W / s)`` in int8 with one
-    symmetric scale ``s = max|W| / 127`` per output channel, followed by ``Cast`` to float and
-    ``Mul`` by ``s``. Activations are not quantized, so no calibration is needed and the error is
-    the weight rounding alone (at most ``s / 2`` per weight).
-
-    Why ``Cast`` + ``Mul`` rather than ``DequantizeLinear``: both are constant subgraphs, but ONNX
-    Runtime's constant folding skips ``DequantizeLinear`` by default (it keeps QDQ pairs for its INT8
-    kernel fusion), so the weights would be dequantized on every run and not pre-packed for the
-    convolution. ``Cast`` and ``Mul`` of initializers are folded when the session is created: the
-    running graph is the float32 one (ONNX Runtime's float speed) while the file holds 1 byte per
-    weight. Hand-written because ONNX Runtime's weight-only quantizers (``MatMulNBits``) cover
-    MatMul and Gather, not convolutions.
-
-    Args:
-        float_onnx: exported float32 model.
-        out_path: the weight-only INT8 model (written to a temporary name in its folder, then renamed).
-        what: the variant's name, for messages.
-
-    Returns:
-        :class:`QuantizationStats` (no calibration windows).
-
-    Raises:
-        DataError: the model has no conv layer with a constant weight to quantize.
+    Each conv weight ``W`` becomes ``round(W / s)`` in int8, one symmetric scale ``s = max|W| / 127``
+    per output channel, then ``Cast`` and ``Mul`` by ``s``: no calibration, error at most ``s / 2``.
+    Not ``DequantizeLinear``: ONNX Runtime's constant folding skips it (keeping QDQ pairs for INT8
+    fusion), whereas ``Cast`` + ``Mul`` of initializers fold at session creation into the float32
+    graph. Hand-written: ONNX Runtime's weight-only quantizers cover MatMul and Gather only.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper

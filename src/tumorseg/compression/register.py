@@ -1,14 +1,8 @@
-"""Logging the compression report to MLflow and registering the edge model.
+"""Logging the compression report to a ``compress`` MLflow run and registering the edge model.
 
-The report goes to a ``compress`` run of its own; the edge model (an ONNX model or a
-``torch.export`` program) is logged there as the tumorseg pyfunc
-(:mod:`tumorseg.registry.pyfunc`) and registered as a *new* version of ``registry.model_name``
-with alias ``compress.alias`` and ``compression.*`` tags. Existing versions and aliases (the fp32
-champion) are never modified.
-
-Here, in the compression package, rather than in :mod:`tumorseg.registry`: the registry package
-is upstream of compression (compression reads the champion through it), and the DVC ``compress``
-stage depends on ``src/tumorseg/compression``, so a change to this code reruns it.
+The edge model is registered as a *new* version with alias ``compress.alias``; existing versions and
+aliases are never modified. Here, not in :mod:`tumorseg.registry`: that package is upstream of
+compression, and the DVC ``compress`` stage depends on ``src/tumorseg/compression``.
 """
 
 from __future__ import annotations
@@ -25,7 +19,7 @@ from tumorseg.registry.config import RegistryConfig
 
 RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch.export": "PyTorch, torch.export program"}
 RUNTIME_ARTIFACTS = {"onnxruntime": "onnx", "torch.export": "program"}
-"""The pyfunc artifact key of each deployable runtime's file (what ``models.package.load_artifacts`` reads)."""
+"""Pyfunc artifact key of each runtime's file (what ``models.package.load_artifacts`` reads)."""
 
 
 def log_compress_run(
@@ -90,7 +84,7 @@ def register_edge(
     run_id: str,
     source: str,
 ) -> dict[str, str]:
-    """Log the edge model (ONNX or torch.export file) as the tumorseg pyfunc and register it: a new version, alias, tags."""
+    """Log the edge model's file as the tumorseg pyfunc; register it as a new version with alias and tags."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -127,10 +121,9 @@ def _log_edge_model(
     uri: str,
     run_id: str,
 ) -> str:
-    """Log the edge file with the network's config and the predict settings to ``run_id``; its model URI.
+    """Log the edge file, config, predict settings and report to ``run_id``; return its model URI.
 
-    The same pyfunc as the fp32 versions (:mod:`tumorseg.registry.pyfunc`), so a client loads an
-    edge version exactly as it loads the champion; the compression report travels with it.
+    The same pyfunc as the fp32 versions, so a client loads an edge version as it loads the champion.
     """
     import mlflow
 

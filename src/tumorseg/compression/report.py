@@ -1,16 +1,8 @@
 """The compression report: one row per variant, the accuracy gate, and the choice of the edge model.
 
-Gate: a variant is accepted only if its mean Dice (over the test cases of each case's mean over
-WT, TC and ET, the statistic the promotion gate uses) is at most ``compress.dice_tolerance`` below
-the fp32 model's on the same cases. Among accepted variants stored as a deployable file (ONNX
-for ONNX Runtime, or a bfloat16 ``torch.export`` program), the edge
-model is chosen by :func:`choose_edge`: variants meeting both deployment targets
-(``compress.target_speedup`` x faster and ``compress.target_size_ratio`` x smaller than fp32) come
-first; within a group, the fastest (median latency of the whole ``predict`` path), then the
-smallest file.
-
-:func:`publish` writes the stage's outputs: the deployable variant files in ``compress.out_dir``
-and both reports (``reports/compression.json``, ``reports/compression.md``).
+Gate: a variant is accepted only if its mean Dice (over test cases of each case's mean over WT, TC,
+ET: the promotion gate's statistic) is at most ``compress.dice_tolerance`` below fp32's on the same
+cases. :func:`publish` writes the variant files to ``compress.out_dir`` and both reports.
 """
 
 from __future__ import annotations
@@ -26,11 +18,11 @@ from tumorseg.data.manifest import atomic_output, atomic_write_text
 
 BASELINE = "fp32"
 EDGE_RUNTIMES = ("onnxruntime", "torch.export")
-"""Runtimes of deployable variant files: ONNX models, and torch.export programs (the bfloat16 variants)."""
+"""Runtimes of deployable variant files: ONNX models and torch.export programs (bfloat16)."""
 REPORT_JSON = "compression.json"
 REPORT_MD = "compression.md"
 VARIANT_SUFFIXES = (".onnx", ".pt2")
-"""Files ``tumorseg compress`` keeps in ``compress.out_dir``: ONNX models and torch.export programs."""
+"""Files ``tumorseg compress`` keeps in ``compress.out_dir``."""
 
 
 @dataclass
@@ -38,30 +30,15 @@ class VariantResult:
     """One deployment variant, measured.
 
     Attributes:
-        name: variant name (``fp32``, ``pruned_structured_int8``...).
         runtime: ``pytorch`` (the fp32 source), ``onnxruntime`` or ``torch.export`` (bfloat16 programs).
         file: the model file (``weights.pt`` state_dict for fp32, the ``.onnx`` or ``.pt2`` otherwise).
-        file_mb: its size in MiB.
-        parameters: parameters of the network (after structured pruning: fewer).
-        nonzero_parameters: parameters that are not zero (after unstructured pruning: fewer).
-        sparsity: share of zero conv weights.
-        gmacs_per_window: multiply-accumulates (10^9) of one ``(1, 4, *patch)`` window.
-        onnx_max_abs_diff: max |exported - PyTorch| logits: the float ONNX graph against the PyTorch
-            network; the quantized graphs against the float graph they came from; the bfloat16
-            programs against the float32 network they came from.
-        latency_s: median wall time of the whole ``predict`` of one latency case (read,
-            preprocess, sliding window, restore), averaged over the latency cases.
-        baseline_latency_s: the fp32 model's ``latency_s`` in the runs alternating with this
-            variant's (:func:`~tumorseg.compression.measure.measure_latencies`): the speed-up is
-            ``baseline_latency_s / latency_s``.
-        latency_runs_s: every timed run.
+        onnx_max_abs_diff: max |logit difference| from the network or graph it was made from.
+        latency_s: median wall time of the whole ``predict`` of a latency case, averaged over cases;
+            the speed-up is ``baseline_latency_s`` (fp32's, in the runs alternating with it) over it.
         inference_s: median sliding-window part of that time.
-        dice: mean Dice per region and ``mean`` over the test cases (source geometry).
         case_dice_mean: each test case's mean Dice over WT/TC/ET.
         dice_drop: fp32 mean Dice minus this variant's (positive = worse).
-        accepted: passed the gate (None until gated; fp32 is the reference).
-        reason: why it was accepted or rejected, or why it was not measured.
-        details: pruning / quantization facts.
+        accepted: passed the gate (None until gated, and for fp32, the reference).
     """
 
     name: str
@@ -89,15 +66,13 @@ class VariantResult:
         return self.latency_s is not None and "mean" in self.dice
 
 
+def _baseline(results: list[VariantResult]) -> VariantResult | None:
+    return next((r for r in results if r.name == BASELINE), None)
+
+
 def apply_gate(results: list[VariantResult], tolerance: float) -> None:
-    """Set ``dice_drop``, ``accepted`` and ``reason`` of every variant against the fp32 baseline.
-
-    The drop is computed on the cases both were scored on (the same test split).
-
-    Raises:
-        ValueError: no measured fp32 baseline in ``results``.
-    """
-    baseline = next((r for r in results if r.name == BASELINE), None)
+    """Set ``dice_drop`` (on the cases both were scored on), ``accepted`` and ``reason`` of every variant."""
+    baseline = _baseline(results)
     if baseline is None or "mean" not in baseline.dice:
         raise ValueError("the gate needs the measured fp32 baseline")
     for result in results:
@@ -147,12 +122,10 @@ def choose_edge(
 ) -> VariantResult | None:
     """The edge model: the best accepted variant with a deployable file (None if none was accepted).
 
-    Order: variants meeting both targets (``speedup`` x faster and ``size_ratio`` x smaller than
-    fp32) before those that do not; then the lowest latency; then the smallest file. Without
-    targets (0) this is simply the fastest accepted variant. Accuracy is already settled by the
-    gate (every candidate is within the Dice tolerance).
+    Variants meeting both targets (:func:`meets_targets`) first, then the fastest, then the smallest
+    file; accuracy is already settled by the gate.
     """
-    baseline = next((r for r in results if r.name == BASELINE), None)
+    baseline = _baseline(results)
     candidates = [r for r in results if r.accepted and r.runtime in EDGE_RUNTIMES and r.measured]
     if not candidates:
         return None
@@ -168,7 +141,7 @@ def choose_edge(
 
 def ratios(edge: VariantResult | None, results: list[VariantResult]) -> dict[str, float | None]:
     """Speed-up (:func:`speedup_over`) and size ratio (fp32 file / edge file) of the edge model."""
-    baseline = next((r for r in results if r.name == BASELINE), None)
+    baseline = _baseline(results)
     if edge is None or baseline is None or not edge.latency_s or not edge.file_mb:
         return {"speedup": None, "size_ratio": None, "dice_drop": None}
     return {
@@ -212,8 +185,8 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 
 def _worst_case_lines(results: list[VariantResult]) -> list[str]:
-    """One line per rejected variant: the test case whose mean Dice fell most against fp32 (why it failed)."""
-    baseline = next((r for r in results if r.name == BASELINE), None)
+    """One line per rejected variant: the test case whose mean Dice fell most against fp32."""
+    baseline = _baseline(results)
     if baseline is None:
         return []
     lines = []
@@ -230,7 +203,7 @@ def _worst_case_lines(results: list[VariantResult]) -> list[str]:
 
 
 def _precision_lines(results: list[VariantResult]) -> list[str]:
-    """A warning per bfloat16 variant timed on a CPU that only emulates bfloat16."""
+    """A warning per bfloat16 variant timed on a CPU that emulates bfloat16."""
     lines = [
         f"- {r.name}: this CPU has no native bfloat16 (AVX512-BF16, AMX or Arm BF16); PyTorch emulated it, "
         "so its latency here says nothing about a CPU that has it."
@@ -241,7 +214,7 @@ def _precision_lines(results: list[VariantResult]) -> list[str]:
 
 
 def _fine_tune_lines(results: list[VariantResult]) -> list[str]:
-    """One line per pruned variant: validation Dice by fine-tune step, and the step whose weights were kept."""
+    """One line per pruned variant: validation Dice by fine-tune step, and the step kept."""
     lines = []
     for r in results:
         pruning = r.details.get("pruning")
@@ -263,13 +236,10 @@ def report_markdown(
     results: list[VariantResult], edge: VariantResult | None, *, context: dict[str, Any]
 ) -> str:
     """A markdown table of every variant, with the edge choice and its ratios underneath."""
-    regions = list(dict.fromkeys(k for r in results for k in (r.dice or {}) if k != "mean")) or [
-        "WT",
-        "TC",
-        "ET",
-    ]
+    found = dict.fromkeys(k for r in results for k in (r.dice or {}) if k != "mean")
+    regions = list(found) or ["WT", "TC", "ET"]
     lines = _table_head(regions, context)
-    baseline = next((r for r in results if r.name == BASELINE), None)
+    baseline = _baseline(results)
     lines += [_table_row(r, edge, baseline, regions) for r in results]
     lines.append("")
     lines += _worst_case_lines(results)
@@ -337,12 +307,7 @@ def _edge_lines(
         f"{_fmt(ratio['size_ratio'], '.2f')}x smaller file, mean Dice drop {_fmt(ratio['dice_drop'], '+.4f')}."
     )
     if targets:
-        met = meets_targets(
-            edge,
-            next((r for r in results if r.name == BASELINE), None),
-            targets["speedup"],
-            targets["size_ratio"],
-        )
+        met = meets_targets(edge, _baseline(results), targets["speedup"], targets["size_ratio"])
         lines.append(f"Targets met: {'yes' if met else 'no'}.")
     return lines
 
@@ -353,15 +318,9 @@ def report_json(report: dict[str, Any]) -> str:
 
 @dataclass
 class CompressionResult:
-    """What ``tumorseg compress`` did.
+    """What ``tumorseg compress`` did: every variant (fp32 first), the edge (None: none passed), files.
 
-    Attributes:
-        variants: every variant, measured and gated (fp32 first).
-        edge: the chosen variant (None: none passed the gate).
-        report: the JSON report.
-        files: files written (reports, ONNX models), by name.
-        registered: ``{"name", "version", "alias", "uri"}`` of the registered edge version, or None.
-        run_id: MLflow run holding the report (None without MLflow).
+    ``registered`` is ``{"name", "version", "alias", "uri"}`` of the registered edge version, or None.
     """
 
     variants: list[VariantResult]
@@ -392,7 +351,7 @@ def publish(
     context: dict[str, Any],
     edge: VariantResult | None,
 ) -> dict[str, Path]:
-    """Move the variants' files (``.onnx``, ``.pt2``) into ``out_dir`` (replacing the previous run's); write both reports."""
+    """Copy the variants' files into ``out_dir`` (replacing the previous run's); write both reports."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for suffix in VARIANT_SUFFIXES:
         for stale in out_dir.glob(f"*{suffix}"):

@@ -1,33 +1,10 @@
 """``tumorseg compress``: build the deployment variants, measure them side by side, gate, register ``edge``.
 
-One function, :func:`run_compress_stage`, is what the CLI, the DVC ``compress`` stage and the
-Prefect task call. Steps:
-
-1. load the fp32 model (``compress.model``, default ``predict.model``: the champion) and check
-   every input before any work: the test split (Dice), the calibration split (INT8), the
-   quantizable operator types;
-2. build each variant of ``compress.variants`` (:mod:`~tumorseg.compression.config`): pruning
-   followed by a fine-tune (the training recipe, optionally distilled from the fp32 network,
-   weights chosen on the validation split: :mod:`~tumorseg.compression.fine_tune`), ONNX export
-   checked against PyTorch, INT8 quantization, bfloat16 ``torch.export`` programs;
-3. measure every variant with the same code, cases and threads: the whole ``predict`` path
-   (:class:`~tumorseg.models.predictor.SegmentationPredictor`) timed on BraTS-size cases on CPU
-   (each variant alternating case by case with fp32, so drifting machine load affects both alike),
-   and Dice WT/TC/ET on the test split in the source geometry
-   (:func:`~tumorseg.evaluation.pipeline_stage.evaluate_cases`);
-4. gate (mean Dice drop <= ``compress.dice_tolerance``), choose the edge model (the accepted
-   variant meeting ``compress.target_speedup`` and ``compress.target_size_ratio``, fastest then
-   smallest; else the fastest accepted one), write
-   ``<out_dir>/<variant>.onnx`` (or ``.pt2``), ``reports/compression.json`` and ``reports/compression.md``;
-5. log the report to MLflow and register the edge model as a new version of ``registry.model_name``
-   with alias ``compress.alias`` and a ``compression.variant`` tag. Existing versions and aliases
-   (the fp32 champion) are never modified; any failure before this step leaves the registry as it was.
-
-The stage is assembled from one module per concept: :mod:`~tumorseg.compression.variants`
-(building), :mod:`~tumorseg.compression.measure` (Dice and latency),
-:mod:`~tumorseg.compression.report` (gate, edge choice, report files) and
-:mod:`~tumorseg.compression.register` (MLflow run and registration). The names they define are
-importable from here too, where they were before the split.
+:func:`run_compress_stage` (called by the CLI, the DVC stage and the Prefect task) checks every input
+first, builds the variants (:mod:`~tumorseg.compression.variants`), measures Dice and CPU latency
+(:mod:`~tumorseg.compression.measure`), gates them and picks the edge model
+(:mod:`~tumorseg.compression.report`), then registers it (:mod:`~tumorseg.compression.register`).
+Any failure before registration leaves the registry as it was.
 """
 
 from __future__ import annotations
@@ -47,59 +24,21 @@ from tumorseg.compression.measure import (
     measure_latencies,
     trained_variant,
 )
-from tumorseg.compression.register import RUNTIME_ARTIFACTS, RUNTIME_NAMES, log_compress_run
+from tumorseg.compression.register import log_compress_run
 from tumorseg.compression.report import (
     BASELINE,
-    EDGE_RUNTIMES,
-    REPORT_JSON,
-    REPORT_MD,
-    VARIANT_SUFFIXES,
     CompressionResult,
     VariantResult,
     apply_gate,
     choose_edge,
     publish,
     report_dict,
-    report_json,
-    report_markdown,
 )
-from tumorseg.compression.variants import (
-    BFLOAT16_SOURCES,
-    ONNX_SOURCES,
-    WEIGHT_ONLY_SOURCES,
-    VariantBuilder,
-    _kind,
-    _split_steps,
-)
+from tumorseg.compression.variants import BFLOAT16_SOURCES, ONNX_SOURCES, VariantBuilder, _kind, _split_steps
 from tumorseg.config import EvaluateConfig, section
 
-__all__ = [
-    "BASELINE",
-    "BFLOAT16_SOURCES",
-    "EDGE_RUNTIMES",
-    "ONNX_SOURCES",
-    "REPORT_JSON",
-    "REPORT_MD",
-    "RUNTIME_ARTIFACTS",
-    "RUNTIME_NAMES",
-    "VARIANT_SUFFIXES",
-    "WEIGHT_ONLY_SOURCES",
-    "CompressionResult",
-    "VariantBuilder",
-    "VariantResult",
-    "_kind",
-    "_split_steps",
-    "apply_gate",
-    "choose_edge",
-    "latency_cases",
-    "measure_dice",
-    "measure_latencies",
-    "report_dict",
-    "report_json",
-    "report_markdown",
-    "run_compress_stage",
-    "trained_variant",
-]
+# Names the tests import from here.
+__all__ = ["BFLOAT16_SOURCES", "_kind", "_split_steps", "measure_latencies", "run_compress_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +50,8 @@ FP16_NOT_MEASURED = "FP16 runs on GPU (CUDAExecutionProvider); no GPU here, buil
 class _StageInputs:
     """Everything the stage reads, loaded and checked before any variant is built.
 
-    Attributes:
-        cfg: ``compress`` section.
-        eval_cfg: ``evaluate`` section (how Dice is scored).
-        run_cfg: ``predict`` settings every variant runs with (CPU, labels only).
-        reports: ``paths.reports``.
-        mlflow_cfg: ``mlflow`` section.
-        uri: MLflow store.
-        test_cases: the test split's cases (Dice).
-        loaded: the fp32 model, as :func:`~tumorseg.registry.loading.load_model` returns it.
-        calibration: ``(windows, case ids)`` for INT8, or None when no INT8 variant is built.
-        threads: ``compress.latency.threads`` (0: torch's default).
-        started: ``time.perf_counter()`` when the stage began (the reports state its duration).
+    ``run_cfg`` is the ``predict`` settings every variant runs with (CPU, labels only); ``calibration``
+    is ``(windows, case ids)`` for INT8, or None.
     """
 
     cfg: CompressConfig
@@ -147,20 +76,9 @@ def run_compress_stage(
 ) -> CompressionResult:
     """Build, measure and gate the variants; write the reports; register the edge model.
 
-    Args:
-        params: the params.yaml dict (``compress``, ``predict``, ``evaluate``, ``paths``, ``mlflow``,
-            ``registry`` sections).
-        source: params file name for error messages.
-        tracking_uri: MLflow store; default ``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``, then the
-            SQLite store under ``paths.mlruns``.
-        model_uri: overrides ``compress.model``.
-
-    Returns:
-        :class:`CompressionResult`.
-
-    Raises:
-        ConfigError / DataError: one line naming the cause (no test or calibration cases, an operator
-            that cannot be quantized, a failed export or pruning); the registry is then untouched.
+    ``tracking_uri`` defaults to ``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``, then the SQLite
+    store under ``paths.mlruns``; ``model_uri`` overrides ``compress.model``. ConfigError or DataError
+    (one line naming the cause) leave the registry untouched.
     """
     inputs = _load_inputs(params, source, tracking_uri, model_uri)
     cfg = inputs.cfg
@@ -198,11 +116,7 @@ def run_compress_stage(
 def _load_inputs(
     params: dict[str, Any], source: str, tracking_uri: str | None, model_uri: str | None
 ) -> _StageInputs:
-    """Read the sections, the test cases, the fp32 model and the INT8 calibration windows.
-
-    Everything that can be wrong with the inputs fails here, before minutes of building, and
-    before the registry is touched.
-    """
+    """Read the sections, test cases, fp32 model and INT8 calibration windows: bad inputs fail here, early."""
     import torch
 
     from tumorseg.compression.quantize import check_op_types
@@ -266,8 +180,8 @@ def _build_and_score(
     """Build every variant (fp32 first) and score each one that can run here on the test split.
 
     Returns:
-        ``(results, predictors)``: a row per variant, and the predictor of each scored one (the
-        same predictors are timed next, so Dice and latency measure the same objects).
+        ``(results, predictors)``: a row per variant, and the predictor of each scored one (timed next,
+        so Dice and latency measure the same objects).
     """
     from tumorseg.models.predictor import SegmentationPredictor
 

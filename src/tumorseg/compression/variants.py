@@ -1,16 +1,7 @@
 """Building the deployment variants of ``compress.variants`` from the fp32 model.
 
-Each variant is a file plus its static facts (size, parameters, sparsity, GMACs, the numerical
-difference from the network it came from), as a :class:`~tumorseg.compression.report.VariantResult`
-not yet measured. Variants share work: the float ONNX export feeds ``int8`` and ``onnx_fp32_wint8``,
-a pruned and fine-tuned PyTorch network feeds its ONNX export and its bfloat16 program, so
-:class:`VariantBuilder` builds on demand and keeps what it built.
-
-Kinds (:func:`_kind`): ``fp32`` (the source, saved as a package), float ONNX (the original or a
-pruned and fine-tuned copy, :mod:`~tumorseg.compression.fine_tune`), ``fp16`` ONNX, static INT8
-and weight-only INT8 ONNX (:mod:`~tumorseg.compression.quantize`), bfloat16 ``torch.export``
-programs (:mod:`~tumorseg.compression.program_export`). Measuring is
-:mod:`~tumorseg.compression.measure`'s.
+Each variant is a file plus its static facts (size, parameters, sparsity, GMACs, numerical difference
+from its source), as a :class:`~tumorseg.compression.report.VariantResult` not yet measured.
 """
 
 from __future__ import annotations
@@ -46,15 +37,9 @@ BFLOAT16_SOURCES: dict[str, str] = {
 
 
 class VariantBuilder:
-    """Builds variants on demand, reusing what they share (the fp32 export feeds ``int8``...).
+    """Builds variants on demand in ``work`` from the fp32 ``trained`` network, reusing what they share.
 
-    Args:
-        trained: the fp32 :class:`~tumorseg.models.checkpoint.TrainedNetwork`.
-        cfg: ``compress`` section.
-        params: params dict (data paths for fine-tuning).
-        work: temporary folder for the files.
-        calibration: ``(windows, case ids)`` for INT8, or None when no INT8 variant is built.
-        source: params file name for messages.
+    ``calibration`` is ``(windows, case ids)`` for INT8, or None when no INT8 variant is built.
     """
 
     def __init__(
@@ -86,29 +71,32 @@ class VariantBuilder:
             self.results[name] = getattr(self, f"_build_{_kind(name)}")(name)
         return self.results[name]
 
-    def _build_fp32(self, name: str) -> VariantResult:
+    def _row(self, name: str, runtime: str, path: Path, network: Any, **extra: Any) -> VariantResult:
+        """The result row of ``network`` stored at ``path``, with its static facts."""
         from tumorseg.compression.pruning import conv_sparsity, count_nonzero, count_parameters, gmacs
-        from tumorseg.models.package import save_package
 
-        files = save_package(self.trained, self.work / name)
-        network = self.trained.network
         return VariantResult(
             name=name,
-            runtime="pytorch",
-            file=str(files["weights"]),
-            file_mb=_mib(files["weights"]),
+            runtime=runtime,
+            file=str(path),
+            file_mb=_mib(path),
             parameters=count_parameters(network),
             nonzero_parameters=count_nonzero(network),
             sparsity=conv_sparsity(network),
             gmacs_per_window=gmacs(network, self.window),
+            **extra,
         )
 
-    def _build_float_onnx(self, name: str) -> VariantResult:
-        from tumorseg.compression.onnx_export import export_onnx, max_abs_difference
-        from tumorseg.compression.pruning import conv_sparsity, count_nonzero, count_parameters, gmacs
+    def _build_fp32(self, name: str) -> VariantResult:
+        from tumorseg.models.package import save_package
 
-        network, details = self._torch_network(name)
-        path = export_onnx(
+        files = save_package(self.trained, self.work / name)
+        return self._row(name, "pytorch", files["weights"], self.trained.network)
+
+    def _export_onnx(self, network: Any, name: str) -> Path:
+        from tumorseg.compression.onnx_export import export_onnx
+
+        return export_onnx(
             network,
             self.work / f"{name}.onnx",
             self.example,
@@ -116,24 +104,19 @@ class VariantBuilder:
             exporter=self.cfg.exporter,
             what=f"{name} network",
         )
+
+    def _build_float_onnx(self, name: str) -> VariantResult:
+        from tumorseg.compression.onnx_export import max_abs_difference
+
+        network, details = self._torch_network(name)
+        path = self._export_onnx(network, name)
         diff = max_abs_difference(network, path, self.example)
         if diff > self.cfg.parity_tolerance:
             raise DataError(
                 f"{name}: ONNX Runtime output differs from PyTorch by {diff:.2e} (> compress.parity_tolerance "
                 f"{self.cfg.parity_tolerance:g}); try compress.exporter: torchscript"
             )
-        return VariantResult(
-            name=name,
-            runtime="onnxruntime",
-            file=str(path),
-            file_mb=_mib(path),
-            parameters=count_parameters(network),
-            nonzero_parameters=count_nonzero(network),
-            sparsity=conv_sparsity(network),
-            gmacs_per_window=gmacs(network, self.window),
-            onnx_max_abs_diff=diff,
-            details=details,
-        )
+        return self._row(name, "onnxruntime", path, network, onnx_max_abs_diff=diff, details=details)
 
     def _build_int8(self, name: str) -> VariantResult:
         from tumorseg.compression.quantize import quantize_int8
@@ -175,18 +158,11 @@ class VariantBuilder:
     def _build_fp16(self, name: str) -> VariantResult:
         import torch
 
-        from tumorseg.compression.onnx_export import ReducedPrecision, export_onnx
+        from tumorseg.compression.onnx_export import ReducedPrecision
         from tumorseg.compression.pruning import count_parameters
 
         network = ReducedPrecision(copy.deepcopy(self.trained.network), torch.float16).eval()
-        path = export_onnx(
-            network,
-            self.work / f"{name}.onnx",
-            self.example,
-            opset=self.cfg.onnx_opset,
-            exporter=self.cfg.exporter,
-            what=f"{name} network",
-        )
+        path = self._export_onnx(network, name)
         return VariantResult(
             name=name,
             runtime="onnxruntime",
@@ -273,7 +249,7 @@ class VariantBuilder:
         return network, {"pruning": {**asdict(stats), "fine_tune_s": round(tune_s, 2)}}
 
     def _fine_tune(self, network: Any, steps: int) -> FineTuneResult:
-        """``compress.pruning``'s fine-tune of ``network`` in place (the fp32 network as distillation teacher)."""
+        """``compress.pruning``'s fine-tune of ``network``, the fp32 network as teacher."""
         from tumorseg.compression.fine_tune import fine_tune
 
         p = self.cfg.pruning

@@ -1,26 +1,12 @@
 """Preprocessed cases read out of core: one patch per draw from a memory-mapped ``.npz``.
 
 Training memory must not grow with the dataset (1,251 BraTS cases at 1 mm are ~30 GB as float16).
-A preprocessed case is an *uncompressed* ``.npz`` (``np.savez``: a zip whose members are stored,
-not deflated), so each member is a plain ``.npy`` at a fixed byte offset of the file.
-:class:`NpzLayout` finds those offsets once per case (zip directory + ``.npy`` headers, a few
-hundred bytes) and :meth:`CaseReader.draw` maps the file once and copies out only the voxels of
-one patch: a patch draw reads about ``patch bytes`` from the page cache or the disk, never the case.
-
-Patch centres come from the case's *sample locations* (``loc_fg``: tumour voxels, ``loc_<code>``:
-voxels of each label, ``loc_0`` restricted to the brain), a fixed-size random sample written by
-preprocessing (as nnU-Net keeps ``class_locations``), so no draw scans a volume for foreground and
-nothing per-case stays in memory. The crop is MONAI's: a centre drawn with probability
-``foreground_fraction`` from the tumour (else from the brain), the patch shifted inside the volume.
-
-An in-memory cache is opt-in and bounded: ``data_loader.cache_mb`` MiB of cases (stored dtype),
-taken in case order until the budget is full; the rest stay on disk.
-
-Why not MONAI's datasets: ``CacheDataset`` keeps every case in RAM (and, with a plain-class loader,
-caches nothing at all), ``PersistentDataset`` stores each case as one pickled file that every draw
-loads whole, ``SmartCacheDataset`` keeps a rotating share of whole cases in RAM (memory grows with
-the share, and replacement reloads whole cases). ``docs/decisions/0002-out-of-core-patches.md``
-has the measurements.
+A preprocessed case is an *uncompressed* ``.npz``, so each member is a plain ``.npy`` at a fixed byte
+offset: :class:`NpzLayout` finds the offsets once and a patch draw copies out only its own voxels.
+Patch centres come from *sample locations* written by preprocessing (``loc_fg``: tumour voxels,
+``loc_<code>``: voxels of each label, ``loc_0`` within the brain; as nnU-Net's ``class_locations``),
+so no draw scans a volume. The optional cache keeps ``data_loader.cache_mb`` MiB of cases in memory.
+``docs/decisions/0002-out-of-core-patches.md`` says why not MONAI's Cache/Persistent/SmartCache datasets.
 """
 
 from __future__ import annotations
@@ -60,8 +46,6 @@ def sample_locations(
     Args:
         label: ``(X, Y, Z)`` label codes.
         brain: ``(X, Y, Z)`` bool brain mask; background centres are drawn inside it only.
-        max_per_class: sample size per array (all voxels when fewer).
-        seed: the sample's seed (the same case gives the same sample).
 
     Returns:
         ``loc_fg`` (tumour voxels) and ``loc_<code>`` for every code present (``loc_0``: brain
@@ -92,10 +76,7 @@ def save_case(
     max_locations: int = 10000,
     compress: bool = False,
 ) -> None:
-    """Write one preprocessed case (arrays + sample locations) atomically: temp file, then rename.
-
-    The sample is seeded by the file name, so the same case always gets the same locations.
-    """
+    """Write one preprocessed case (arrays + sample locations seeded by the file name) atomically."""
     path = Path(path)
     locations = sample_locations(
         label, brain, max_per_class=max_locations, seed=zlib.crc32(path.stem.encode())
@@ -122,12 +103,8 @@ class MemberLayout:
 
 
 class NpzLayout:
-    """The members of an uncompressed ``.npz`` as memory-mappable arrays.
-
-    Raises:
-        DataError: the file is not a zip, or a member is compressed (``preprocess.compress_npz:
-            true``): compressed cases cannot be read out of core.
-    """
+    """The members of an uncompressed ``.npz`` as memory-mappable arrays (a DataError for anything
+    else: compressed members, ``preprocess.compress_npz: true``, cannot be read out of core)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -147,10 +124,7 @@ class NpzLayout:
             ) from None
 
     def map_all(self) -> dict[str, np.ndarray]:
-        """Every member as a read-only array over one memory map of the file (one ``mmap`` call).
-
-        The mapping is released when the last array of it is dropped.
-        """
+        """Every member as a read-only array over one memory map, released with the last array."""
         with open(self.path, "rb") as fh:
             mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         return {
@@ -177,12 +151,8 @@ def _member_layout(fh: Any, info: zipfile.ZipInfo) -> MemberLayout:
 
 
 class CaseReader:
-    """One preprocessed case: patches out of core, or from memory once :meth:`load` was called.
-
-    Args:
-        path: the case's uncompressed ``.npz`` (``image (C, X, Y, Z)``, ``label (X, Y, Z)``,
-            ``loc_*`` sample locations).
-    """
+    """One preprocessed case (``image (C, X, Y, Z)``, ``label (X, Y, Z)``, ``loc_*``): patches out of
+    core, or from memory once :meth:`load` was called."""
 
     def __init__(self, path: str | Path) -> None:
         self.layout = NpzLayout(path)
@@ -218,10 +188,7 @@ class CaseReader:
         return self._memory if self._memory is not None else self.layout.map_all()
 
     def patch(self, start: Sequence[int], size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Copy one patch: ``image`` float32 ``(C, *size)`` and ``label`` uint8 ``(1, *size)``.
-
-        Only the patch's voxels are read (the file is mapped, indexed, and the mapping dropped).
-        """
+        """Copy one patch (:func:`cut_patch`); only its voxels are read."""
         return cut_patch(self.arrays(), start, size)
 
     def draw(
@@ -262,11 +229,8 @@ def cut_patch(
 
 
 def crop_start(centre: Sequence[int], size: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
-    """First voxel of a ``size`` patch centred on ``centre``, shifted to lie inside ``shape``.
-
-    The same rule as MONAI's ``correct_crop_centers`` + ``SpatialCrop`` (the centre is at
-    ``size // 2`` in the patch).
-    """
+    """First voxel of a ``size`` patch centred on ``centre`` (at ``size // 2``), shifted to lie inside
+    ``shape``: MONAI's ``correct_crop_centers`` + ``SpatialCrop`` rule."""
     return tuple(
         int(min(max(int(c) - int(n) // 2, 0), int(s) - int(n)))
         for c, n, s in zip(centre, size, shape, strict=True)
@@ -287,25 +251,16 @@ def choose_centre(
 
     ``pos_neg``: a tumour voxel with probability ``foreground_fraction`` (a brain voxel when the
     case has no tumour), else a brain voxel. ``label_classes``: a label drawn with ``class_ratios``
-    (labels absent from the case get ratio 0), then one of its voxels.
-
-    Args:
-        arrays: the case's members (``loc_*`` sample locations are read; a missing one is empty).
-        shape: the volume's ``(X, Y, Z)``.
-        where: the case, for error messages.
+    (labels absent from the case get ratio 0), then one of its voxels. A missing ``loc_*`` is empty.
     """
     empty = np.empty((0, 3), dtype=np.uint16)
-
-    def locations(key: str) -> np.ndarray:
-        return arrays.get(key, empty)
-
     if sampler == "pos_neg":
-        foreground = locations(FOREGROUND_LOCATIONS)
-        background = locations(location_key(0))
+        foreground = arrays.get(FOREGROUND_LOCATIONS, empty)
+        background = arrays.get(location_key(0), empty)
         use_fg = len(foreground) > 0 and (len(background) == 0 or rng.rand() < foreground_fraction)
         pool = foreground if use_fg else background
     else:
-        pools = [locations(location_key(code)) for code in range(len(class_ratios))]
+        pools = [arrays.get(location_key(code), empty) for code in range(len(class_ratios))]
         weights = np.array([r if len(p) else 0.0 for r, p in zip(class_ratios, pools, strict=True)])
         if weights.sum() <= 0:
             raise DataError(f"{where}: no voxel of any sampled label; check data_loader.class_ratios")
@@ -317,14 +272,9 @@ def choose_centre(
 
 
 def open_cases(paths: Sequence[str | Path], *, cache_bytes: int) -> list[CaseReader]:
-    """Readers for ``paths``; cases are loaded into memory in order while they fit ``cache_bytes``.
-
-    A path listed twice (a case drawn more often) shares one reader, so it is cached once.
-    """
-    unique: dict[str, CaseReader] = {}
-    for path in paths:
-        if str(path) not in unique:
-            unique[str(path)] = CaseReader(path)
+    """Readers for ``paths``, loaded into memory in order while they fit ``cache_bytes``; a path listed
+    twice (a case drawn more often) shares one reader, cached once."""
+    unique = {key: CaseReader(key) for key in dict.fromkeys(str(path) for path in paths)}
     budget = int(cache_bytes)
     for reader in unique.values():
         if reader.nbytes > budget:

@@ -1,26 +1,11 @@
 """Label sets, label conventions, modality names and dataset layouts.
 
-Labels are data, not code: :file:`label_sets.yaml` (next to this module) holds one table per
-**label set** (the label space tumorseg trains in: internal codes, names, the network's output
-regions and how they are painted back) and one per **convention** (how a dataset family writes its
-``seg`` files: source code -> label, the regions its challenge scores, the lesion-wise parameters
-of each region and the lesion-wise rules). The built-in sets:
-
-===========  ==================================  ===============================================
-label set    internal codes                      conventions
-===========  ==================================  ===============================================
-glioma       1 NCR, 2 ED, 3 ET                   brats2021, brats2023 (GLI), brats2023-ssa/-men/
-                                                 -met/-ped/-goat, msd
-glioma_post  1 NETC, 2 SNFH, 3 ET, 4 RC          brats2024-gli (post-treatment, resection cavity)
-pediatric    1 ET, 2 NETC, 3 CC, 4 ED            brats2024-ped
-===========  ==================================  ===============================================
-
-A case is read through its convention into the internal codes of its label set; a dataset has
-one label set (cases of several conventions mix when they share it: BraTS 2021 with 2023 GLI); the
-network's output channels are the set's ``train_regions``; predictions are painted back into
-internal codes and written in the input's own convention.
-
-Channels are always stacked in :data:`CANONICAL_MODALITIES` order (T1, T1ce, T2, FLAIR).
+Labels are data, not code: :file:`label_sets.yaml` (next to this module, documented in its header)
+holds one table per **label set** (the label space tumorseg trains in: internal codes, the network's
+output regions and how they are painted back; ``glioma``, ``glioma_post``, ``pediatric``) and one per
+**convention** (how a dataset family codes its ``seg`` files and how its challenge scores them). A case
+is read through its convention into the internal codes of its label set; predictions are written back
+in the input's own convention. Channels are stacked in :data:`CANONICAL_MODALITIES` order.
 """
 
 from __future__ import annotations
@@ -40,7 +25,7 @@ LESION_RULES: tuple[str, ...] = ("brats2023", "brats2024")
 """Lesion-wise algorithms (:mod:`tumorseg.evaluation.lesionwise`)."""
 
 DEFAULT_LABEL_SET = "glioma"
-"""The label set of models saved before label sets existed (they all trained on it)."""
+"""The label set of a model that names none."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +33,6 @@ class TrainRegion:
     """One output channel of a region-trained network.
 
     Attributes:
-        name: ``WT``, ``TC``, ...
         codes: internal codes inside the region.
         paint: internal code the region is painted as (nnU-Net's ``regions_class_order``).
         parent: index of the smallest earlier region that contains it (its prediction is kept
@@ -63,14 +47,8 @@ class TrainRegion:
 
 @dataclass(frozen=True)
 class LabelSet:
-    """A label space: internal codes and the network's output regions.
-
-    Attributes:
-        name: ``glioma``, ``glioma_post``, ``pediatric``.
-        description: what data it is for.
-        labels: internal code -> name, background (0) included.
-        train_regions: the output channels of a region-trained network, in order.
-    """
+    """A label space: ``labels`` (internal code -> name, background 0 included) and ``train_regions``
+    (the output channels of a region-trained network, in order)."""
 
     name: str
     description: str
@@ -133,14 +111,9 @@ class LabelSet:
 
 @dataclass(frozen=True)
 class RegionRule:
-    """One scored region of a convention and its lesion-wise parameters.
-
-    Attributes:
-        name: ``WT``, ``RC``, ...
-        codes: internal codes inside the region.
-        dilation: reference dilation iterations that merge and match lesions.
-        min_volume_mm3: reference lesions at or below this volume are not counted.
-    """
+    """One scored region of a convention (internal ``codes``) and its lesion-wise parameters: reference
+    ``dilation`` iterations that merge and match lesions; reference lesions at or below
+    ``min_volume_mm3`` are not counted."""
 
     name: str
     codes: tuple[int, ...]
@@ -153,12 +126,9 @@ class LabelConvention:
     """How one dataset family codes its ``seg`` files, and how its challenge scores them.
 
     Attributes:
-        name: ``brats2021``, ``brats2023``, ``brats2024-gli``, ``msd``, ...
-        title: the dataset family in words.
-        label_set: the internal label space.
         to_canonical: source value -> internal code (0 -> 0 included).
         scored: the regions its challenge scores, in its order, with lesion-wise parameters.
-        rules: lesion-wise algorithm, ``brats2023`` or ``brats2024``.
+        rules: lesion-wise algorithm, one of :data:`LESION_RULES`.
         hd95_penalty_mm: HD95 of a missed or false-positive lesion (and of an empty mask).
     """
 
@@ -301,8 +271,7 @@ LABEL_CONVENTIONS: dict[str, LabelConvention] = _tables()[1]
 
 GLIOMA: LabelSet = LABEL_SETS[DEFAULT_LABEL_SET]
 
-# The glioma set's names, for code that predates label sets (2-D branch, old models).
-CANONICAL_LABELS: dict[int, str] = dict(GLIOMA.labels)
+# The glioma set's regions: the 2-D branch's, and the default of models that name no label set.
 REGIONS: dict[str, tuple[int, ...]] = {r.name: r.codes for r in GLIOMA.train_regions}
 REGION_NAMES: tuple[str, ...] = GLIOMA.region_names
 
@@ -340,12 +309,8 @@ def get_label_set(name: str | None) -> LabelSet:
 
 
 def label_set_of(conventions: Iterable[str], *, where: str = "the dataset") -> LabelSet:
-    """The one label set shared by cases of these conventions.
-
-    Raises:
-        ValueError: the conventions belong to different label sets (they code different
-            tumour parts and cannot be trained or scored together).
-    """
+    """The one label set shared by cases of these conventions; a ValueError when they belong to
+    several (those code different tumour parts and cannot be trained or scored together)."""
     names = sorted({str(c) for c in conventions if c and str(c) != "nan"})
     sets = sorted({get_convention(c).label_set.name for c in names})
     if len(sets) > 1:
@@ -362,21 +327,14 @@ def regions_from_canonical(labels: np.ndarray, label_set: LabelSet = GLIOMA) -> 
 
 
 def canonical_from_regions(regions: np.ndarray, label_set: LabelSet = GLIOMA) -> np.ndarray:
-    """Inverse of :func:`regions_from_canonical` for nested masks: each region kept inside its
-    parent (TC in WT, ET in TC), then painted in order (WT -> ED, TC -> NCR, ET -> ET for glioma)."""
+    """Inverse of :func:`regions_from_canonical` for nested masks (see :meth:`LabelSet.paint`)."""
     return label_set.paint(regions)
 
 
 @dataclass(frozen=True)
 class LayoutSpec:
-    """File naming of one public dataset layout.
-
-    Attributes:
-        name: layout id used on the command line.
-        label_convention: name of the :class:`LabelConvention` its ``seg`` files use.
-        modality_suffixes: canonical modality -> file suffix (BraTS-style layouts only).
-        seg_suffix: suffix of the segmentation file.
-    """
+    """File naming of one public dataset layout: ``modality_suffixes`` (BraTS-style layouts only) and
+    ``seg_suffix`` after the case id, and the ``label_convention`` of its ``seg`` files."""
 
     name: str
     label_convention: str

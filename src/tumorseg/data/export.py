@@ -1,31 +1,15 @@
-"""``tumorseg export``: the ingested cases as an nnU-Net raw dataset or a MONAI datalist.
+"""``tumorseg export``: the ingested cases as an nnU-Net raw dataset or a MONAI datalist, same split.
 
-So a user can run nnU-Net (or a MONAI bundle) on exactly the data tumorseg trained on, with the
-same split.
+``--format nnunet`` writes ``OUT/DatasetXXX_Name/`` in nnU-Net v2's raw format (its
+``documentation/dataset_format.md``): float32 ``imagesTr/<case>_0000.nii.gz`` ... ``_0003`` (T1, T1ce,
+T2, FLAIR) in the source geometry, uint8 ``labelsTr/<case>.nii.gz`` in the label set's internal codes
+(consecutive, as nnU-Net requires), unlabelled cases in ``imagesTs/``, and a ``dataset.json`` whose
+``labels`` are the set's train regions; its ``tumorseg`` key lists the split (test cases stay in
+``imagesTr`` so they can be held out). ``--format monai`` writes ``OUT/datalist.json`` naming the
+source files themselves (absolute paths, source label codes), lists from ``paths.split``.
 
-``--format nnunet`` writes ``OUT/DatasetXXX_Name/`` as nnU-Net v2's raw format documents it
-(``documentation/dataset_format.md``):
-
-- ``imagesTr/<case>_0000.nii.gz`` ... ``_0003`` (T1, T1ce, T2, FLAIR: ``channel_names``), one 3-D
-  file per channel in the case's source geometry (the source header's affine), float32;
-- ``labelsTr/<case>.nii.gz``: uint8, the internal codes of the label set (consecutive 0..N, which
-  nnU-Net requires; BraTS 2021's 4 becomes 3);
-- ``imagesTs/``: cases without a segmentation;
-- ``dataset.json``: ``channel_names``, ``labels`` as nnU-Net regions (the label set's train
-  regions, ``{"background": 0, "WT": [1, 2, 3], ...}``) with ``regions_class_order`` (the label
-  each region is painted as), ``numTraining``, ``file_ending`` and, outside nnU-Net's keys,
-  ``tumorseg`` (label set, source conventions, the split: train + val are nnU-Net's training
-  cases, test cases stay in ``imagesTr`` and are listed so they can be held out).
-
-``--format monai`` writes ``OUT/datalist.json``: ``training`` / ``validation`` / ``testing`` lists
-from ``paths.split`` (everything in ``training`` without a split), each entry
-``{"image": [t1, t1ce, t2, flair], "label": seg}`` naming the source files themselves (absolute
-paths; nothing is copied, labels stay in the source's own codes) plus ``channel_names`` and
-``label_convention``. An MSD case names its 4-D image once.
-
-Writes go to a temporary folder beside the output, renamed into place at the end: an interrupted
-export leaves no half dataset that looks complete, and an existing output is refused unless it is
-replaced on purpose (``--force``).
+Output is written beside the target and renamed into place: an interrupted export leaves no half
+dataset that looks complete; an existing output is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -65,8 +49,8 @@ def export_cases(
     """Export ``cases`` (module docstring) and return the dataset folder or datalist written.
 
     Raises:
-        DataError: an unknown format, no cases, cases of several label sets, an existing output
-            without ``force``, a case that cannot be read.
+        DataError: bad options, no cases, several label sets, an existing output without ``force``,
+            a case that cannot be read.
     """
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
@@ -92,11 +76,10 @@ def export_cases(
             _write_nnunet(cases, staging, split)
         else:
             staging.write_text(json.dumps(monai_datalist(cases, split), indent=2) + "\n")
-        if target.exists():
-            if target.is_dir():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
         staging.rename(target)
     except BaseException:
         if staging.is_dir():
@@ -168,15 +151,12 @@ def monai_datalist(cases: Sequence[CaseFiles], split: dict[str, list[str]] | Non
     by_id = {c.case_id: c for c in cases}
     lists: dict[str, list[dict[str, Any]]] = {"training": [], "validation": [], "testing": []}
     placed: set[str] = set()
-    if split:
-        for key, name in (("train", "training"), ("val", "validation"), ("test", "testing")):
-            for case_id in sorted(split.get(key, [])):
-                if case_id in by_id:
-                    lists[name].append(_entry(by_id[case_id]))
-                    placed.add(case_id)
-    for case in cases:
-        if case.case_id in placed:
-            continue
+    for key, name in (("train", "training"), ("val", "validation"), ("test", "testing")):
+        for case_id in sorted((split or {}).get(key, [])):
+            if case_id in by_id:
+                lists[name].append(_entry(by_id[case_id]))
+                placed.add(case_id)
+    for case in (c for c in cases if c.case_id not in placed):
         lists["training" if case.has_seg else "testing"].append(_entry(case))
     conventions = sorted({c.label_convention for c in cases})
     return {

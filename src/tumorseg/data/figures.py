@@ -1,9 +1,7 @@
-"""Figures of a dataset on disk: one axial slice per case, four sequences and the labels.
+"""Figures of a dataset on disk (``tumorseg figure-cases``): one axial slice per case, four sequences, labels.
 
-Used for ``docs/synthetic_cases.png`` (``tumorseg figure-cases``) and to eyeball any
-BraTS-style folder: cases are reoriented to RAS with nibabel first, so a case stored as LPS
-or LAS is drawn the same way as a RAS one (neurological convention: the patient's right on
-the right of each panel, anterior at the top).
+Cases are reoriented to RAS first, so LPS or LAS cases are drawn like RAS ones (neurological convention:
+the patient's right on the right of each panel, anterior at the top).
 """
 
 from __future__ import annotations
@@ -48,21 +46,11 @@ def _load_ras(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
 def plot_synthetic_cases(
     src_dir: str | Path, out_png: str | Path, n_cases: int = 3, layout: str = "brats2021"
 ) -> Path:
-    """Grid of cases: one row per case; T1, T1ce, T2, FLAIR and FLAIR with the label overlay.
+    """Write a PNG grid of ``n_cases`` cases of a BraTS-layout folder: T1, T1ce, T2, FLAIR, FLAIR + labels.
 
     Each row shows the axial slice through the tumour's centre of mass (the middle slice for a
-    tumour-free case). Cases with a tumour are preferred; tumour-free ones fill up the grid only
-    when there are not enough. Each image is windowed from 0 to the 99.5th percentile of its
-    brain voxels, so that a single hot voxel cannot darken the panel.
-
-    Args:
-        src_dir: dataset folder in a BraTS layout (``BraTS2021_00001/BraTS2021_00001_t1.nii.gz``...).
-        out_png: PNG to write (parent folders are created; written atomically).
-        n_cases: number of rows.
-        layout: ``brats2021`` or ``brats2023`` (file suffixes and label convention).
-
-    Returns:
-        ``out_png``.
+    tumour-free case); cases with a tumour come first. Each image is windowed from 0 to the 99.5th
+    percentile of its brain voxels, so that a single hot voxel cannot darken the panel.
 
     Raises:
         DataError: no case in ``src_dir`` or a file that cannot be read.
@@ -84,10 +72,7 @@ def plot_synthetic_cases(
 
 
 def _pyplot() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed).
-
-    Imported on first use: matplotlib is slow to import and only this figure needs it.
-    """
+    """``matplotlib.pyplot`` on the file-only Agg backend, imported on first use (it is slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,12 +82,7 @@ def _pyplot() -> Any:
 
 
 def _checked_cases(src_dir: Path, n_cases: int, layout: str) -> list[Path]:
-    """The case folders of ``src_dir``, after checking the request.
-
-    Raises:
-        ValueError: ``n_cases`` below 1.
-        DataError: not a BraTS layout, no folder, or no case in it.
-    """
+    """The case folders of ``src_dir``, after checking the request."""
     if n_cases < 1:
         raise ValueError(f"n_cases must be at least 1 (got {n_cases})")
     if layout not in ("brats2021", "brats2023"):
@@ -117,13 +97,7 @@ def _checked_cases(src_dir: Path, n_cases: int, layout: str) -> list[Path]:
 
 
 def _pick_rows(cases: list[Path], layout: str, n_cases: int) -> list[tuple[Path, np.ndarray]]:
-    """``n_cases`` cases and their canonical RAS labels, those with a tumour first (in folder order).
-
-    Labels are read only until enough tumours are found.
-
-    Raises:
-        DataError: a label file that cannot be read or holds values outside the layout's convention.
-    """
+    """``n_cases`` cases and their canonical RAS labels, tumours first (labels read only until enough)."""
     spec = LAYOUTS[layout]
     convention = get_convention(spec.label_convention)
     chosen: list[tuple[Path, np.ndarray]] = []

@@ -1,13 +1,9 @@
-"""Grid operations of preprocessing: reorientation, resampling, cropping, and their exact inverse.
+"""Grid geometry of preprocessing: reorientation, resampling, cropping, and their exact inverse.
 
-Everything here is geometry on voxel grids, with no notion of a case, a label convention or a
-file: :class:`SourceGrid` says how a source grid turns to RAS (axis flips and permutations only,
-exactly invertible) and which grid at the target spacing it is resampled to (outer voxel edges
-shared, ``align_corners=False`` as nnU-Net does); :func:`resize` / :func:`resize_labels` resample;
-:func:`crop_box` finds the cropping box; :func:`restore_to_source` and
-:func:`restored_label_counts` undo all of it from the geometry dict that
-:func:`~tumorseg.data.preprocessed_case.crop_and_normalise` stores. One-case preprocessing
-(:mod:`tumorseg.data.preprocessed_case`) composes these steps.
+No notion of a case, a label convention or a file: :class:`SourceGrid` turns a source grid to RAS
+(flips and permutations only, exactly invertible) and picks its grid at the target spacing (outer
+voxel edges shared, ``align_corners=False`` as nnU-Net does); :func:`restore_to_source` undoes it all
+from the geometry dict :mod:`tumorseg.data.preprocessed_case` stores.
 """
 
 from __future__ import annotations
@@ -21,19 +17,16 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from tumorseg.config import PreprocessConfig
 from tumorseg.data.layouts import label_counts, spacing_from_affine
 
-RAS = axcodes2ornt(("R", "A", "S"))
-"""nibabel orientation of the RAS axis order every preprocessed grid has."""
+RAS = axcodes2ornt(("R", "A", "S"))  # the axis order of every preprocessed grid
 
 
 # ---------------------------------------------------------------------------- reorientation
 def reorient(volume: np.ndarray, transform: np.ndarray, dtype: Any = None, order: str = "C") -> np.ndarray:
     """Apply a nibabel orientation transform to the spatial axes of ``(X, Y, Z)`` or ``(C, X, Y, Z)``.
 
-    Already-RAS volumes come back as they are (no copy, memory layout kept; converted when ``dtype``
-    asks for it). Flips and permutations are copied, converted to ``dtype`` in the same pass, into a
-    C-contiguous array, or with ``order="K"`` one that keeps the source's memory order (for label
-    maps, whose values do not depend on it; trilinear resampling sums in memory order, so images
-    stay C-ordered here to give the same bits whatever the source's layout).
+    An identity transform returns the volume itself (converted to ``dtype`` if given). Otherwise the
+    copy is C-ordered, or with ``order="K"`` keeps the source's memory order: only for label maps, as
+    trilinear resampling sums in memory order and images must give the same bits whatever the layout.
     """
     if np.array_equal(transform, RAS):
         return volume if dtype is None else volume.astype(dtype, copy=False)
@@ -49,11 +42,9 @@ def reorient(volume: np.ndarray, transform: np.ndarray, dtype: Any = None, order
 def _c_order_copy(view: np.ndarray, dtype: Any = None) -> np.ndarray:
     """``np.array(view, dtype, order="C")`` of a 3-D view, twice as fast when it is a transpose.
 
-    A NIfTI volume stored as BraTS does (LPS, column-major) is, once flipped to RAS, contiguous
-    along axis 0 while the C-ordered copy is contiguous along axis 2: one copy of the whole volume
-    strides through memory for every voxel. Copying it one plane at a time along the axis that is
-    contiguous in neither (axis 1 for BraTS), each plane a two-dimensional transpose that stays in
-    cache, takes half the time, same values.
+    A BraTS volume (LPS, column-major) flipped to RAS is contiguous along axis 0, its C-ordered copy
+    along axis 2; copying plane by plane along the axis contiguous in neither keeps each 2-D
+    transpose in cache.
     """
     contiguous_axis = int(np.argmin([abs(stride) for stride in view.strides]))
     if contiguous_axis == 2 or view.flags.c_contiguous:
@@ -73,16 +64,6 @@ def _reversed_axes(ndim: int) -> tuple[int, ...]:
     return (*range(ndim - 3), ndim - 1, ndim - 2, ndim - 3)
 
 
-def _reversed_contiguous(volume: np.ndarray) -> np.ndarray | None:
-    """``volume`` with its spatial axes reversed, when that view is C-contiguous (a NIfTI's own layout).
-
-    ``(C, X, Y, Z)`` with Fortran-ordered channels is ``(C, Z, Y, X)`` in C order: resampling that view
-    avoids a transposing copy of the full-resolution volume.
-    """
-    view = np.transpose(volume, _reversed_axes(volume.ndim))
-    return view if view.flags.c_contiguous and not volume.flags.c_contiguous else None
-
-
 def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     """Source voxel of each output voxel when both grids share their outer edges (``nearest-exact``)."""
     return np.minimum(np.floor((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.intp), n_in - 1)
@@ -93,14 +74,8 @@ def resize(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray
 
     Output voxel ``j`` samples input position ``(j + 0.5) * n_in / n_out - 0.5`` (torch's
     ``align_corners=False``, scipy's ``grid_mode=True``); edges are extended, not zero-padded.
-
-    Args:
-        volume: array with the spatial axes last.
-        shape: output spatial shape.
-        order: 0 nearest (any dtype, values kept), 1 trilinear, 2-3 spline (float32 result).
-
-    Returns:
-        The resampled array; the input itself when the shape is unchanged (identity grid).
+    ``order``: 0 nearest (dtype kept), 1 trilinear, 2-3 spline (float32). An unchanged shape returns
+    the input itself.
     """
     shape = tuple(int(n) for n in shape)
     if volume.shape[-3:] == shape:
@@ -113,11 +88,8 @@ def resize(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray
 
 
 def _resize_nearest(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour :func:`resize`: values and dtype kept.
-
-    One gather per axis, the last (fastest-varying) axis first: the final, largest gather then
-    copies whole slabs. Ten times faster than one fancy index over ``np.ix_`` at 240x240x155.
-    """
+    """Nearest-neighbour :func:`resize`: one gather per axis, the fastest-varying first, so the
+    largest gather copies whole slabs (10x faster than one ``np.ix_`` index at 240x240x155)."""
     spatial = volume.shape[-3:]
     out = volume
     for axis in (2, 1, 0):
@@ -127,15 +99,16 @@ def _resize_nearest(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _resize_trilinear(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Trilinear :func:`resize` with torch, float32; a NIfTI's column-major volume through its reversed view.
+    """Trilinear :func:`resize` with torch (imported on first use), float32.
 
-    Torch is imported on first use: it is slow to import.
+    A NIfTI's column-major ``(C, X, Y, Z)`` is a C-contiguous ``(C, Z, Y, X)``: resampling that view
+    avoids a transposing copy of the full-resolution volume.
     """
     import torch
 
     spatial = volume.shape[-3:]
-    reversed_view = _reversed_contiguous(volume) if volume.dtype == np.float32 else None
-    if reversed_view is not None:  # resample (C, Z, Y, X), then view it as (C, X, Y, Z) again
+    reversed_view = np.transpose(volume, _reversed_axes(volume.ndim))
+    if volume.dtype == np.float32 and reversed_view.flags.c_contiguous and not volume.flags.c_contiguous:
         batch = torch.from_numpy(reversed_view).reshape(1, -1, *spatial[::-1])
         out = torch.nn.functional.interpolate(batch, size=shape[::-1], mode="trilinear", align_corners=False)
         reversed_out = out.reshape(*volume.shape[:-3], *shape[::-1]).numpy()
@@ -153,10 +126,7 @@ def _resize_spline(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np
     zoom = [n_out / n_in for n_in, n_out in zip(spatial, shape, strict=True)]
     channels = volume.reshape(-1, *spatial).astype(np.float32, copy=False)
     out = np.stack(
-        [
-            ndimage.zoom(c, zoom, output=np.float32, order=order, mode="nearest", grid_mode=True)
-            for c in channels
-        ]
+        [ndimage.zoom(c, zoom, np.float32, order, mode="nearest", grid_mode=True) for c in channels]
     )
     return out.reshape(*volume.shape[:-3], *shape)
 
@@ -164,10 +134,9 @@ def _resize_spline(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np
 def resize_labels(labels: np.ndarray, shape: tuple[int, ...], method: str) -> np.ndarray:
     """Resample a label map ``(X, Y, Z)`` to ``shape``; values stay within those present.
 
-    ``onehot_linear`` interpolates each label's indicator trilinearly and keeps the largest (ties go
-    to the lower label), as nnU-Net does: at 2x downsampling it is the majority of the 2x2x2 source
-    block, centred like the image grid. ``nearest`` picks one source voxel, which at even ratios
-    lies half a source voxel off the image grid's sample centre.
+    ``onehot_linear`` (as nnU-Net) interpolates each label's indicator trilinearly and keeps the
+    largest, ties to the lower label: the majority of a 2x2x2 block at 2x, centred like the image
+    grid. ``nearest`` picks one source voxel, half a voxel off that centre at even ratios.
     """
     shape = tuple(int(n) for n in shape)
     if labels.shape == shape:
@@ -209,10 +178,8 @@ def shift_affine(affine: np.ndarray, start: tuple[int, ...]) -> np.ndarray:
 
 
 def crop_box(mask: np.ndarray, margin: int) -> tuple[list[int], list[int]]:
-    """``(start, stop)`` of the bounding box of a non-empty 3-D ``mask``, grown by ``margin`` voxels.
-
-    The box is clipped to the grid, so a mask touching an edge gets no margin on that side.
-    """
+    """``(start, stop)`` of the bounding box of a non-empty 3-D ``mask``, grown by ``margin`` voxels
+    and clipped to the grid."""
     start, stop = [], []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
@@ -224,18 +191,9 @@ def crop_box(mask: np.ndarray, margin: int) -> tuple[list[int], list[int]]:
 
 @dataclass(frozen=True)
 class SourceGrid:
-    """Steps 1-2 for a source grid: how it turns to RAS and the target-spacing grid it is resampled to.
-
-    It depends only on the reference modality's affine and shape, so every modality can be
-    resampled with it on its own (:func:`~tumorseg.data.preprocessed_case.resample_modality`), as
-    soon as its file is decoded.
-
-    Attributes:
-        shape, affine: the source voxel grid ``(X, Y, Z)`` and its voxel-to-world matrix.
-        to_ras: nibabel orientation transform from the source axes to RAS.
-        ras_shape, ras_affine: the grid after reorientation.
-        target: ``target_spacing_mm``.
-        resampled_shape, resampled_affine: the grid at the target spacing (same field of view).
+    """Steps 1-2 for a source grid: its turn to RAS (``to_ras``, a nibabel orientation transform) and
+    the grid at the ``target`` spacing (same field of view). It depends only on the reference
+    modality's header, so each modality can be resampled on its own as soon as it is decoded.
     """
 
     shape: tuple[int, ...]
@@ -249,46 +207,32 @@ class SourceGrid:
 
     @classmethod
     def of(cls, affine: np.ndarray, shape: tuple[int, ...], cfg: PreprocessConfig) -> SourceGrid:
-        source_shape = tuple(int(n) for n in shape)
-        source_affine = np.asarray(affine, dtype=np.float64)
-        to_ras = ornt_transform(io_orientation(source_affine), RAS)
-        ras_shape = tuple(source_shape[int(axis)] for axis in np.argsort(to_ras[:, 0]))
-        ras_affine = source_affine @ inv_ornt_aff(to_ras, source_shape)
+        shape = tuple(int(n) for n in shape)
+        affine = np.asarray(affine, dtype=np.float64)
+        to_ras = ornt_transform(io_orientation(affine), RAS)
+        ras_shape = tuple(shape[int(axis)] for axis in np.argsort(to_ras[:, 0]))
+        ras_affine = affine @ inv_ornt_aff(to_ras, shape)
         ras_spacing = spacing_from_affine(ras_affine)
         target = tuple(float(t) for t in cfg.target_spacing_mm)
-        resampled_shape = tuple(
+        resampled = tuple(
             max(1, int(np.floor(n * s / t + 0.5)))
             for n, s, t in zip(ras_shape, ras_spacing, target, strict=True)
         )
-        return cls(
-            shape=source_shape,
-            affine=source_affine,
-            to_ras=to_ras,
-            ras_shape=ras_shape,
-            ras_affine=ras_affine,
-            target=target,
-            resampled_shape=resampled_shape,
-            resampled_affine=grid_affine(ras_affine, ras_shape, resampled_shape),
-        )
+        resampled_affine = grid_affine(ras_affine, ras_shape, resampled)
+        return cls(shape, affine, to_ras, ras_shape, ras_affine, target, resampled, resampled_affine)
 
 
 # ---------------------------------------------------------------------------- the inverse
 def restore_to_source(volume: np.ndarray, geometry: dict[str, Any], *, is_label: bool) -> np.ndarray:
     """Map a volume on the preprocessed grid back onto the source file's voxel grid.
 
-    Uncrops with zeros, resamples back to the RAS source grid (nearest for labels, trilinear for
-    probabilities), then undoes the reorientation. The result lines up voxel for voxel with the
-    source NIfTI, so it can be saved with ``geometry["source_affine"]``.
+    Uncrops with zeros, resamples to the RAS source grid and undoes the reorientation: the result
+    lines up with the source NIfTI (save it with ``geometry["source_affine"]``).
 
     Args:
-        volume: label map ``(X, Y, Z)`` (any integer dtype, kept) or probability/score map
-            ``(C, X, Y, Z)`` (or ``(X, Y, Z)``), with ``(X, Y, Z) == geometry["preprocessed_shape"]``.
-        geometry: the dict from :func:`~tumorseg.data.preprocessed_case.preprocess_case` (or its JSON file).
-        is_label: nearest-neighbour resampling and dtype kept; else trilinear in float32.
-
-    Returns:
-        Array of spatial shape ``geometry["source_shape"]`` in the source orientation, with the
-        leading channel axis kept.
+        volume: label map ``(X, Y, Z)`` (``is_label``: nearest, dtype kept) or score map ``(C, X, Y, Z)``
+            or ``(X, Y, Z)`` (trilinear, float32), spatially ``geometry["preprocessed_shape"]``.
+        geometry: the dict from :func:`~tumorseg.data.preprocessed_case.preprocess_case` (or its JSON).
 
     Raises:
         ValueError: the volume's spatial shape is not the preprocessed shape.
@@ -322,15 +266,9 @@ def restored_label_counts(
 ) -> dict[int, int]:
     """Voxels of each code in ``restore_to_source(labels, geometry, is_label=True)``, without restoring.
 
-    Nearest-neighbour restoration copies preprocessed voxel ``(i, j, k)`` to
-    ``copies_x[i] * copies_y[j] * copies_z[k]`` source voxels (each axis's count of source voxels
-    that pick it), uncropping adds only background and reorientation moves voxels without adding
-    any: so the counts are exact, from the small grid (a tenth of the voxels at 2 mm).
-
-    Args:
-        labels: integer map ``(X, Y, Z)`` on ``geometry["preprocessed_shape"]``.
-        geometry: the dict from :func:`~tumorseg.data.preprocessed_case.preprocess_case`.
-        codes: the label values to count.
+    Nearest-neighbour restoration copies voxel ``(i, j, k)`` to ``copies_x[i] * copies_y[j] *
+    copies_z[k]`` source voxels, uncropping adds only background and reorientation adds nothing: the
+    counts are exact, from the small grid.
     """
     start, stop = geometry["crop_bbox"]["start"], geometry["crop_bbox"]["stop"]
     copies = [

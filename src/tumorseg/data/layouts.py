@@ -1,44 +1,19 @@
-"""Detect and read the public BraTS / MSD / nnU-Net / MONAI dataset layouts.
+"""Detect and read the public BraTS / MSD / nnU-Net / MONAI dataset layouts (:data:`LAYOUT_NAMES`).
 
-Five layouts are understood (:data:`LAYOUT_NAMES`; the file naming of the first three is in
-:data:`~tumorseg.data.conventions.LAYOUTS`):
+- ``brats2021`` (BraTS 2020/21): ``BraTS2021_00001/BraTS2021_00001_{t1,t1ce,t2,flair,seg}.nii.gz``.
+- ``brats2023`` (BraTS 2023+, any challenge prefix): ``BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1n.nii.gz``
+  (``t1n``, ``t1c``, ``t2w``, ``t2f``, ``seg``); the last number is the time point of the patient.
+- ``msd`` (Task01_BrainTumour): 4-D ``imagesTr/BRATS_001.nii.gz`` (channels as ``dataset.json`` names them),
+  ``labelsTr/BRATS_001.nii.gz``; ``imagesTs/`` holds unlabelled cases.
+- ``nnunet`` (v2 raw, or a v1 ``Task`` folder): ``dataset.json``, ``imagesTr/CASE_0000.nii.gz`` ... ``_0003``,
+  ``labelsTr/CASE.nii.gz``; told from MSD by the 4-digit channel index of every image file.
+- ``monai``: a datalist ``*.json`` whose ``training``/``validation``/``testing`` lists hold ``image``,
+  ``label``, ``fold`` entries (paths relative to the JSON); it wins over BraTS folders beside it.
 
-- ``brats2021`` (BraTS 2020 and 2021): one folder per case, the folder name is the case id and
-  every file is ``<case_id>_{t1,t1ce,t2,flair,seg}.nii.gz``: ``BraTS2021_00001/BraTS2021_00001_t1.nii.gz``
-  or ``BraTS20_Training_001/BraTS20_Training_001_t1.nii.gz``. Labels 0/1/2/4.
-- ``brats2023`` (BraTS 2023+, any sub-challenge prefix: GLI, MEN, PED, SSA, MET, GoAT...):
-  ``BraTS-GLI-00001-000/BraTS-GLI-00001-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``. The last number is the
-  time point, so ``BraTS-GLI-00001-000`` and ``BraTS-GLI-00001-001`` share the patient
-  ``BraTS-GLI-00001``.
-- ``msd`` (Medical Segmentation Decathlon Task01_BrainTumour): ``imagesTr/BRATS_001.nii.gz`` holds
-  the four modalities as one 4-D volume (channels FLAIR, T1w, T1gd, T2w, or as ``dataset.json``
-  names them), ``labelsTr/BRATS_001.nii.gz`` the labels (1 oedema, 2 non-enhancing, 3 enhancing);
-  ``imagesTs/`` holds unlabelled cases.
-- ``nnunet`` (nnU-Net v2 raw, ``DatasetXXX_Name``): ``dataset.json`` (``channel_names``, ``labels``,
-  ``file_ending``), ``imagesTr/CASE_0000.nii.gz`` ... ``CASE_0003.nii.gz`` (one file per channel),
-  ``labelsTr/CASE.nii.gz``, optional ``imagesTs/``. Told from MSD by the 4-digit channel index of
-  every image file (nnU-Net v1 ``Task`` folders with ``modality`` and ``_0000`` files count too).
-- ``monai`` (a MONAI datalist): a ``*.json`` whose ``training`` / ``validation`` / ``testing`` lists
-  hold ``{"image": [...4 files...] or "one_4d.nii.gz", "label": "...", "fold": 0}`` entries, paths
-  relative to the JSON's folder or absolute. A datalist in the folder describes its cases, so it
-  wins over BraTS folders beside it (``--layout`` reads those instead).
-
-Label conventions (:func:`~tumorseg.data.conventions.get_convention`): ``labels`` given to
-:func:`discover_cases` (``ingest.labels``) wins for every case. Otherwise: ``brats2021`` ->
-``brats2021``; ``msd`` -> ``msd``; BraTS 2023+ case ids by their challenge prefix (GLI ->
-``brats2023``, SSA/MEN/MET/GoAT -> ``brats2023-ssa``/``-men``/``-met``/``-goat``, any other prefix ->
-``brats2023``; PED is coded differently in 2023 and 2024 and must be named); nnU-Net and MONAI by
-the ``labels`` their JSON declares (:func:`conventions_matching_labels`), narrowed by the BraTS
-prefix of each case; a MONAI datalist without ``labels`` only by BraTS case names.
-
-``src`` may be a whole dataset (cases directly inside it or one folder further down, e.g.
-``MICCAI_BraTS2020_TrainingData/BraTS20_Training_001``), a single case folder, for MSD / nnU-Net the
-task folder, its parent or its ``imagesTr``/``imagesTs`` folder, and for MONAI the datalist's folder
-or the datalist itself, so ``tumorseg predict`` can point at any of them.
-
-Files are read once: the compressed bytes are hashed (sha256) as they are read and decompressed in
-memory, which is faster than ``nibabel.load`` on a ``.nii.gz`` and gives ingest the checksum for free.
-Every problem with a file is raised (or, for ingest, collected) as a one-line message naming the file.
+Label conventions: ``labels`` (``ingest.labels``) wins; otherwise by layout, by the BraTS 2023+ challenge
+prefix of the case id (PED must be named), or by the ``labels`` a ``dataset.json``/datalist declares.
+Files are read once: hashed (sha256) while read and inflated in memory, faster than ``nibabel.load``.
+Every problem with a file is a one-line :class:`DataError` naming the file (ingest collects them).
 """
 
 from __future__ import annotations
@@ -50,7 +25,7 @@ import os
 import re
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,6 +37,8 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
 from tumorseg.data.conventions import (
+    AMBIGUOUS_BRATS_PREFIXES,
+    BRATS_PREFIX_CONVENTIONS,
     CANONICAL_MODALITIES,
     LABEL_CONVENTIONS,
     LAYOUTS,
@@ -86,17 +63,8 @@ BRATS2023_CASE_NAME = re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-(?P<timepoi
 BRATS_CHALLENGE = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d+(?:-\d+)?$", re.IGNORECASE)
 """A BraTS 2023+ case id and its sub-challenge: ``BraTS-GoAT-00001-000`` -> ``GoAT``."""
 
-BRATS_CHALLENGE_CONVENTIONS: dict[str, str] = {
-    "gli": "brats2023",
-    "ssa": "brats2023-ssa",
-    "men": "brats2023-men",
-    "met": "brats2023-met",
-    "goat": "brats2023-goat",
-}
+_CHALLENGE_CONVENTIONS: dict[str, str] = {k.lower(): v for k, v in BRATS_PREFIX_CONVENTIONS.items()}
 """BraTS 2023+ sub-challenge (lower case) -> its convention; any other prefix but PED -> ``brats2023``."""
-
-BRATS_PED_CONVENTIONS: tuple[str, ...] = ("brats2023-ped", "brats2024-ped")
-"""BraTS-PED cases are coded one way in 2023 (GLI codes) and another in 2024: they must be named."""
 
 MSD_IMAGE_FOLDERS: tuple[str, ...] = ("imagesTr", "imagesTs")
 MSD_LABEL_FOLDER = "labelsTr"
@@ -120,51 +88,29 @@ _CHANNEL_NAME_TO_MODALITY: dict[str, str] = {
 }
 """``dataset.json`` channel names (lower case, without ``-``, ``_``, blanks) -> canonical modality."""
 
-_MSD_NAME_TO_MODALITY = _CHANNEL_NAME_TO_MODALITY  # the name older code imports
-
 _MODALITY_TOKEN = re.compile(
     r"(?:^|(?<=[_\-. ]))(t1native|t1post|t1ce|t1gd|t1n|t1w|t1c|t2flair|t2w|t2f|flair|t1|t2)(?=$|[_\-. ])",
     re.IGNORECASE,
 )
 """A modality token in a file name (``_t1ce``, ``-t2f``, ``_FLAIR``), longest spellings first."""
 
-_LABEL_MEANINGS: dict[str, tuple[str, ...]] = {
-    "core": (
-        "ncr",
-        "netc",
-        "net",
-        "ncr net",
-        "necrosis",
-        "necrotic",
-        "necrotic core",
-        "necrotic tumor core",
-        "necrotic tumor",
-        "non enhancing tumor core",
-        "non enhancing tumor",
-        "non enhancing core",
-        "necrotic and non enhancing tumor core",
-        "necrotic non enhancing tumor core",
-    ),
-    "edema": (
-        "ed",
-        "snfh",
-        "edema",
-        "peritumoral edema",
-        "surrounding non enhancing flair hyperintensity",
-        "non enhancing flair hyperintensity",
-        "flair hyperintensity",
-    ),
-    "enhancing": ("et", "enhancing tumor", "enhancing", "enhancing tissue"),
-    "cavity": ("rc", "resection cavity", "cavity"),
-    "cyst": ("cc", "cyst", "cystic component", "cystic"),
-    "WT": ("wt", "whole tumor", "whole", "complete tumor"),
-    "TC": ("tc", "tumor core"),
+_LABEL_MEANINGS: dict[str, str] = {
+    "core": "ncr|netc|net|ncr net|necrosis|necrotic|necrotic core|necrotic tumor core|necrotic tumor|"
+    "non enhancing tumor core|non enhancing tumor|non enhancing core|necrotic and non enhancing tumor core|"
+    "necrotic non enhancing tumor core",
+    "edema": "ed|snfh|edema|peritumoral edema|surrounding non enhancing flair hyperintensity|"
+    "non enhancing flair hyperintensity|flair hyperintensity",
+    "enhancing": "et|enhancing tumor|enhancing|enhancing tissue",
+    "cavity": "rc|resection cavity|cavity",
+    "cyst": "cc|cyst|cystic component|cystic",
+    "WT": "wt|whole tumor|whole|complete tumor",
+    "TC": "tc|tumor core",
 }
-"""What a label or region name in a ``dataset.json`` means (names normalised by :func:`_label_key`):
+"""Meaning -> the ``|``-separated names a ``dataset.json`` may give it (normalised by :func:`_label_key`):
 a tumour part (every label set's NCR/NETC are ``core``, ED/SNFH ``edema``) or a nested region."""
 
 _LABEL_MEANING: dict[str, str] = {
-    name: meaning for meaning, names in _LABEL_MEANINGS.items() for name in names
+    name: meaning for meaning, names in _LABEL_MEANINGS.items() for name in names.split("|")
 }
 
 
@@ -174,22 +120,14 @@ class CaseFiles:
     """The files of one case, before anything is read.
 
     Attributes:
-        case_id: folder name (BraTS), file name without extension (MSD), without ``_XXXX`` channel
-            index (nnU-Net), or BraTS case id / label file name (MONAI).
-        patient_id: BraTS 2023+ case ids: the case id without its time point; otherwise the case id.
-        layout: one of :data:`LAYOUT_NAMES`.
-        label_convention: name of the source label convention of ``seg``.
-        case_dir: the case folder (BraTS), the ``imagesTr``/``imagesTs`` folder (MSD, nnU-Net) or the
-            datalist's folder (MONAI).
-        paths: ``t1``, ``t1ce``, ``t2``, ``flair``, ``seg`` -> file, or None when absent. For MSD
-            (and a MONAI 4-D image) every modality names the same 4-D file.
-        missing: expected files that do not exist (names, or for MONAI ``key: path does not exist``).
-            A missing ``seg`` is not listed, except where a MONAI datalist names it: a case without
-            segmentation is an unlabelled case (inference, MSD ``imagesTs``).
+        patient_id: BraTS 2023+: the case id without its time point; otherwise the case id.
+        case_dir: the case folder (BraTS), ``imagesTr``/``imagesTs`` (MSD, nnU-Net) or the datalist's
+            folder (MONAI).
+        paths: file key -> file, or None when absent; a 4-D image (MSD, MONAI) is named by every modality.
+        missing: expected files that do not exist. A missing ``seg`` is listed only where a MONAI
+            datalist names it: a case without segmentation is an unlabelled case.
         channel_order: 4-D images (MSD, MONAI): canonical modality of each channel.
-        subset: MONAI: the datalist list the case is in (``training``, ``validation``, ``testing``);
-            ``""`` for the other layouts.
-        fold: MONAI: the entry's ``fold``, or None.
+        subset, fold: MONAI: the datalist list the case is in and the entry's ``fold``.
     """
 
     case_id: str
@@ -222,13 +160,10 @@ class CaseVolumes:
     """One case in memory, in its source geometry.
 
     Attributes:
-        case_id, patient_id, layout: as in :class:`CaseFiles`.
         image: float32 ``(4, X, Y, Z)``, channels in canonical order (t1, t1ce, t2, flair).
         labels: canonical uint8 ``(X, Y, Z)`` (0 bg, 1 NCR, 2 ED, 3 ET), or None without ``seg``.
-        affine: 4x4 voxel-to-world (mm) of the reference modality (T1).
-        spacing: voxel size in mm along the three array axes.
-        orientation: nibabel axis codes of the affine, e.g. ``("R", "A", "S")`` -> ``"RAS"``.
-        label_convention: convention the source ``seg`` used (needed to write predictions back).
+        affine: 4x4 voxel-to-world (mm) of T1; ``spacing`` in mm, ``orientation`` e.g. ``"RAS"``.
+        label_convention: convention of the source ``seg`` (needed to write predictions back).
         sha256: file key -> sha256 of the file as read (MSD modalities share one digest).
     """
 
@@ -246,15 +181,7 @@ class CaseVolumes:
 
 @dataclass
 class NiftiFile:
-    """One decoded NIfTI file.
-
-    Attributes:
-        path: the file.
-        data: voxel array with scaling applied, dtype as stored (or float when scaled), any ndim.
-        affine: 4x4 voxel-to-world in mm.
-        sha256: hex digest of the bytes on disk.
-        size: bytes on disk.
-    """
+    """One decoded file: ``data`` as stored (float when scaled), 4x4 ``affine`` in mm, ``size`` on disk."""
 
     path: Path
     data: np.ndarray
@@ -268,14 +195,10 @@ class LoadedCase:
     """All files of a case decoded as far as possible; the common ground of ingest and :func:`read_case`.
 
     Attributes:
-        case: the files.
-        files: file key -> decoded file (MSD modalities share one object).
-        volumes: file key -> 3-D array of that key (an MSD channel is a view of the 4-D array); only
-            keys whose file decoded with the expected dimensionality.
+        volumes: file key -> 3-D array (an MSD channel is a view of the 4-D array), for the keys whose
+            file decoded with the expected dimensionality.
         sha256: file key -> digest of every file that could be read from disk (decoded or not).
-        unreadable: file key -> why the file did not decode (truncated, not NIfTI, ...).
-        problems: one-line reasons why the case cannot be used, in the order found: missing files,
-            unreadable files, wrong dimensionality, shapes that differ. Empty when the case reads.
+        problems: one-line reasons why the case cannot be used, in the order found; empty when it reads.
     """
 
     case: CaseFiles
@@ -296,14 +219,8 @@ class LoadedCase:
 
 # ---------------------------------------------------------------------------- file reading
 def read_bytes(path: Path, *, chunk_bytes: int = 8 << 20, sha256: bool = True) -> tuple[bytearray, str]:
-    """Read a file into one buffer, hashing each chunk as it arrives.
-
-    Returns:
-        The bytes and their sha256 hex digest ("" with ``sha256=False``: prediction needs no provenance).
-
-    Raises:
-        DataError: naming the file when it is missing or cannot be read.
-    """
+    """Read a file into one buffer, hashing each chunk as it arrives: the bytes and their sha256 hex
+    digest ("" with ``sha256=False``: prediction needs no provenance)."""
     digest = hashlib.sha256()
     try:
         size = path.stat().st_size
@@ -333,16 +250,7 @@ def read_bytes(path: Path, *, chunk_bytes: int = 8 << 20, sha256: bool = True) -
 def decode_nifti(buffer: bytes | bytearray, path: Path, sha256: str = "") -> NiftiFile:
     """Decode the bytes of a ``.nii`` or ``.nii.gz`` file (gzip is recognised by its magic bytes).
 
-    Args:
-        buffer: the file's bytes, as on disk.
-        path: the file, for messages.
-        sha256: digest of ``buffer`` (stored on the result).
-
-    Returns:
-        The decoded file; ``data`` keeps the stored dtype (scaled to float when the header says so).
-
-    Raises:
-        DataError: naming the file: truncated, corrupt gzip, not NIfTI, unreadable header.
+    A truncated, corrupt or non-NIfTI file raises a DataError naming it.
     """
     name = path.name
     raw = _inflate(buffer, name)
@@ -371,13 +279,8 @@ def decode_nifti(buffer: bytes | bytearray, path: Path, sha256: str = "") -> Nif
 def read_nifti(path: Path, *, chunk_bytes: int = 8 << 20, sha256: bool = True) -> NiftiFile:
     """Read one ``.nii``/``.nii.gz`` file once: hash the bytes while reading, decode in memory.
 
-    Why not ``nibabel.load``: it streams the gzip through Python file objects, and we would read
-    the file a second time to hash it. Here the compressed bytes are read once into one buffer
-    (``chunk_bytes`` at a time, each chunk hashed as it arrives), inflated by zlib in one call and
-    parsed by nibabel's own header/array code, so the format rules stay nibabel's.
-
-    Raises:
-        DataError: naming the file: missing, unreadable, truncated, corrupt gzip, not NIfTI.
+    ``nibabel.load`` streams the gzip through Python file objects and would need a second read to
+    hash; here the bytes are inflated in one call and parsed by nibabel's own header/array code.
     """
     buffer, digest = read_bytes(path, chunk_bytes=chunk_bytes, sha256=sha256)
     return decode_nifti(buffer, path, digest)
@@ -386,17 +289,15 @@ def read_nifti(path: Path, *, chunk_bytes: int = 8 << 20, sha256: bool = True) -
 def _inflate(buffer: bytearray, name: str) -> bytes | bytearray:
     """Decompress a gzip stream (any number of members); pass plain ``.nii`` bytes through.
 
-    python-isal's ``igzip`` (Intel ISA-L) is a drop-in for :func:`gzip.decompress` that inflates
-    about 2-3x faster; gzip decoding is most of the time it takes to read a BraTS volume.
+    python-isal (Intel ISA-L) inflates 2-3x faster than :mod:`gzip`; inflating is most of a read.
     """
     from isal import igzip, isal_zlib
 
     if buffer[:2] != b"\x1f\x8b":
         return buffer
     try:
-        # One gzip member (what every NIfTI writer produces) inflates in a single call, ~20 % faster
-        # than igzip.decompress's member loop; anything else (several members, a truncated
-        # stream) goes through igzip, which reads every member and reports truncation.
+        # One gzip member (what every NIfTI writer produces) inflates in a single call; several
+        # members or a truncated stream go through igzip, which reads them all and reports truncation.
         inflater = isal_zlib.decompressobj(wbits=31)
         raw = inflater.decompress(buffer)
         if inflater.eof and not inflater.unused_data:
@@ -472,31 +373,20 @@ def _brats_case_layout(folder: Path) -> str | None:
     return None
 
 
+def _listing(folder: Path, keep: Callable[[Path], bool]) -> list[Path]:
+    """Sorted entries of ``folder`` that ``keep`` accepts, skipping hidden ones (``._BRATS_001.nii.gz``)."""
+    try:
+        return sorted(p for p in folder.iterdir() if keep(p) and not p.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+
+
 def _subfolders(folder: Path) -> list[Path]:
-    try:
-        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except OSError as exc:
-        raise DataError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+    return _listing(folder, Path.is_dir)
 
 
-def _is_msd_root(folder: Path) -> bool:
-    return any((folder / sub).is_dir() for sub in MSD_IMAGE_FOLDERS)
-
-
-def _msd_images(folder: Path) -> list[Path]:
-    """NIfTI files of an MSD images folder, skipping hidden/AppleDouble ``._BRATS_001.nii.gz``."""
-    return _visible_files(folder, NIFTI_EXTENSIONS)
-
-
-def _visible_files(folder: Path, endings: tuple[str, ...]) -> list[Path]:
-    try:
-        return sorted(
-            p
-            for p in folder.iterdir()
-            if p.is_file() and not p.name.startswith(".") and p.name.endswith(endings)
-        )
-    except OSError as exc:
-        raise DataError(f"{folder}: cannot list the folder ({exc.strerror or exc})") from None
+def _visible_files(folder: Path, endings: tuple[str, ...] = NIFTI_EXTENSIONS) -> list[Path]:
+    return _listing(folder, lambda p: p.is_file() and p.name.endswith(endings))
 
 
 def _read_json(path: Path) -> Any:
@@ -512,6 +402,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _image_folders(root: Path) -> list[Path]:
+    """``imagesTr``/``imagesTs`` of an MSD or nnU-Net folder (none: not such a folder)."""
     return [root / sub for sub in MSD_IMAGE_FOLDERS if (root / sub).is_dir()]
 
 
@@ -545,9 +436,9 @@ def _root_layout(root: Path) -> str:
 
 def _image_root_scan(src: Path) -> dict[str, list[Path]]:
     """MSD / nnU-Net: ``src`` is the task/dataset folder or its ``imagesTr``/``imagesTs`` folder."""
-    if _is_msd_root(src):
-        return {_root_layout(src): _image_folders(src)}
-    if src.name in MSD_IMAGE_FOLDERS and _msd_images(src):
+    if folders := _image_folders(src):
+        return {_root_layout(src): folders}
+    if src.name in MSD_IMAGE_FOLDERS and _visible_files(src):
         return {_root_layout(src.parent): [src]}
     return {}
 
@@ -555,17 +446,14 @@ def _image_root_scan(src: Path) -> dict[str, list[Path]]:
 def _child_image_roots(children: list[Path]) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {}
     for child in children:
-        if _is_msd_root(child):
-            found.setdefault(_root_layout(child), []).extend(_image_folders(child))
+        if folders := _image_folders(child):
+            found.setdefault(_root_layout(child), []).extend(folders)
     return found
 
 
 def is_datalist(data: Any) -> bool:
-    """Whether parsed JSON is a MONAI datalist: a ``training`` (or validation/testing) list of
-    ``{"image": ...}`` entries."""
-    if not isinstance(data, dict):
-        return False
-    return any(
+    """Whether parsed JSON is a MONAI datalist: a ``training`` (or other) list of ``{"image": ...}``."""
+    return isinstance(data, dict) and any(
         isinstance(data.get(key), list) and any(isinstance(e, dict) and "image" in e for e in data[key])
         for key in DATALIST_SUBSETS
     )
@@ -604,16 +492,11 @@ def _brats_scan(src: Path, children: list[Path], *, depth: int) -> dict[str, lis
 
 
 def _scan(src: Path, layout: str | None = None) -> dict[str, list[Path]]:
-    """Where the cases of each layout are.
+    """Where the cases of each layout are: case folders (BraTS), image folders (MSD, nnU-Net), datalists.
 
     Detection order (``layout`` None): ``src`` is an MSD/nnU-Net folder or its images folder; ``src``
     holds a MONAI datalist (or is one); BraTS case folders in ``src`` or its children; MSD/nnU-Net
-    folders among its children; BraTS case folders one level further down. With ``layout`` only
-    that layout is looked for (in the same places).
-
-    Returns:
-        layout -> folders: case folders for BraTS layouts, image folders (``imagesTr``/``imagesTs``)
-        for MSD and nnU-Net, datalist files for MONAI. Only layouts that were found are keys.
+    folders among its children; BraTS case folders one level further down. Only found layouts are keys.
     """
     if not src.exists():
         raise DataError(f"{src}: no such folder; pass the dataset folder (e.g. data/synth)")
@@ -628,11 +511,8 @@ def _scan(src: Path, layout: str | None = None) -> dict[str, list[Path]]:
         raise DataError(f"{src}: is a file; pass the folder that holds the cases")
 
     if layout in ("msd", "nnunet"):
-        own = _image_root_scan(src)
-        folders = next(iter(own.values())) if own else []
-        if not folders:
-            for found_folders in _child_image_roots(_subfolders(src)).values():
-                folders.extend(found_folders)
+        roots = _image_root_scan(src) or _child_image_roots(_subfolders(src))
+        folders = [folder for found in roots.values() for folder in found]
         return {layout: folders} if folders else {}
     if layout == "monai":
         lists, broken = _datalists(src)
@@ -670,14 +550,8 @@ _NO_LAYOUT_HINT = (
 
 
 def detect_layout(src: Path) -> str:
-    """Name the layout of a dataset folder or of one case folder.
-
-    Args:
-        src: dataset folder, one case folder, an MSD/nnU-Net task/images folder, or a MONAI datalist
-            (or its folder).
-
-    Returns:
-        One of :data:`LAYOUT_NAMES`.
+    """One of :data:`LAYOUT_NAMES` for a dataset folder, one case folder, an MSD/nnU-Net task or images
+    folder, or a MONAI datalist (or its folder).
 
     Raises:
         DataError: the folder does not exist, is empty, matches no layout, or mixes layouts.
@@ -720,11 +594,8 @@ def _explicit_convention(labels: str | None) -> str | None:
 
 def brats_name_convention(case_id: str) -> str | None:
     """The convention a BraTS case id implies: ``brats2021`` for 2020/2021 names, the sub-challenge's
-    for BraTS 2023+ names (any unknown prefix: ``brats2023``), None for other names.
-
-    Raises:
-        DataError: a BraTS-PED case id (2023 and 2024 code PED differently); names ``case_id``.
-    """
+    for BraTS 2023+ names (any unknown prefix: ``brats2023``; PED raises DataError, as 2023 and 2024
+    code it differently), None for other names."""
     if BRATS2021_CASE_NAME.match(case_id):
         return "brats2021"
     match = BRATS_CHALLENGE.match(case_id)
@@ -736,7 +607,7 @@ def brats_name_convention(case_id: str) -> str | None:
             f"{case_id}: BraTS-PED cases use different codes in 2023 and 2024; "
             "set ingest.labels (or --labels) to brats2023-ped or brats2024-ped"
         )
-    return BRATS_CHALLENGE_CONVENTIONS.get(challenge, "brats2023")
+    return _CHALLENGE_CONVENTIONS.get(challenge, "brats2023")
 
 
 def _pick_convention(group: list[str], case_id: str) -> str:
@@ -744,7 +615,8 @@ def _pick_convention(group: list[str], case_id: str) -> str:
     match = BRATS_CHALLENGE.match(case_id)
     if match:
         challenge = match["challenge"].lower()
-        named = BRATS_PED_CONVENTIONS if challenge == "ped" else (BRATS_CHALLENGE_CONVENTIONS.get(challenge),)
+        ped = challenge == "ped"
+        named = AMBIGUOUS_BRATS_PREFIXES["PED"] if ped else (_CHALLENGE_CONVENTIONS.get(challenge),)
         for name in named:
             if name in group:
                 return name
@@ -789,10 +661,7 @@ def declared_labels(raw: Any, where: str) -> dict[str, frozenset[int]]:
     """A ``labels`` entry of a ``dataset.json``/datalist as name -> file values, background dropped.
 
     Accepts nnU-Net v2 ``{"edema": 1}``, its regions ``{"whole tumor": [1, 2, 3]}`` and MSD/v1
-    ``{"1": "edema"}``.
-
-    Raises:
-        DataError: not a mapping of names to values (``where`` names the file and key).
+    ``{"1": "edema"}``; anything else raises a DataError naming ``where``.
     """
     if not isinstance(raw, dict) or not raw:
         raise DataError(f'{where} must map label names to values, e.g. {{"background": 0, "NCR": 1}}')
@@ -815,12 +684,8 @@ def conventions_matching_labels(declared: dict[str, frozenset[int]]) -> list[lis
 
     Every declared name must mean a label or region of the convention with the same file values
     (plain labels or nnU-Net regions, e.g. Dataset137's WT [1,2,3], TC [2,3], ET [3] -> ``msd``).
-    Conventions whose values are exactly the declared ones come first; only without one, those
-    with more values. Twins (BraTS 2023 GLI/SSA/MEN/MET/PED/GoAT share codes) form one group,
-    ``brats2023`` first.
-
-    Returns:
-        Groups of convention names (empty: none matches).
+    Conventions with exactly the declared values win over those with more. Twins (BraTS 2023
+    GLI/SSA/MEN/MET/PED/GoAT share codes) form one group, ``brats2023`` first; empty: none matches.
     """
     meanings = {name: label_meaning(name) for name in declared}
     if not declared or None in meanings.values():
@@ -846,12 +711,8 @@ def conventions_matching_labels(declared: dict[str, frozenset[int]]) -> list[lis
 
 
 def _labels_group(raw: Any, path: Path, key: str, explicit: str | None) -> list[str]:
-    """The conventions a JSON's ``labels`` allows (an explicit one: checked against it).
-
-    Raises:
-        DataError: naming the file and ``key``: no convention or several match, or the explicit
-            convention lacks a declared value.
-    """
+    """The conventions a JSON's ``labels`` allows (an explicit one: checked against it); a DataError
+    when none or several match, or the explicit one lacks a declared value."""
     declared = declared_labels(raw, f"{path}: {key}")
     shown = first_line(json.dumps(raw), 160)
     if explicit is not None:
@@ -881,12 +742,8 @@ def _labels_group(raw: Any, path: Path, key: str, explicit: str | None) -> list[
 
 
 def _channel_order(names: Any, path: Path, key: str) -> tuple[str, ...]:
-    """Canonical modality of channels ``0..3`` from a ``{"0": "FLAIR", ...}`` mapping.
-
-    Raises:
-        DataError: naming the file and key: not a mapping of channel numbers, or not T1, T1ce, T2
-            and FLAIR one each.
-    """
+    """Canonical modality of channels ``0..3`` from a ``{"0": "FLAIR", ...}`` mapping (a DataError
+    unless it names T1, T1ce, T2 and FLAIR once each)."""
     try:
         ordered = [str(names[k]) for k in sorted(names, key=int)]
     except (TypeError, ValueError, KeyError, AttributeError):
@@ -906,22 +763,20 @@ def _channel_order(names: Any, path: Path, key: str) -> tuple[str, ...]:
 
 # ---------------------------------------------------------------------------- discovery
 def discover_cases(src: Path, layout: str | None = None, labels: str | None = None) -> list[CaseFiles]:
-    """List the cases under ``src`` without reading any image.
+    """List the cases under ``src`` (as for :func:`detect_layout`) without reading any image.
 
     Args:
-        src: dataset folder, one case folder, an MSD/nnU-Net task/images folder, or a MONAI datalist
-            (or its folder).
-        layout: force a layout (``None`` or ``"auto"`` detects it). In a folder that mixes layouts,
+        layout: force a layout (``None``/``"auto"`` detects it); in a folder that mixes layouts,
             only the cases of this layout are listed.
         labels: the label convention of every case (``ingest.labels``); ``None``/``"auto"``
             resolves it per case (module docstring).
 
     Returns:
-        Cases sorted by case id; cases with missing files are included (see ``missing``).
+        Cases sorted by case id, those with missing files included (see ``missing``).
 
     Raises:
-        DataError: unknown layout or convention, no cases of the layout, the same case id twice, a
-            convention that cannot be told (BraTS-PED, unmatched labels), a malformed JSON.
+        DataError: unknown layout or convention, no cases, the same case id twice, a convention that
+            cannot be told (BraTS-PED, unmatched labels), a malformed JSON.
     """
     src = Path(src)
     explicit = _explicit_convention(labels)
@@ -994,15 +849,10 @@ def _brats_case(folder: Path, layout: str, explicit: str | None = None) -> CaseF
 
 
 def msd_channel_order(task_dir: Path) -> tuple[str, ...]:
-    """Canonical modality of each channel of the MSD 4-D images, from ``dataset.json`` if present.
+    """Canonical modality of each channel of the MSD 4-D images in ``task_dir``.
 
-    ``modality`` (MSD) or ``channel_names`` (nnU-Net v2 spelling) names the channels.
-
-    Args:
-        task_dir: the folder holding ``dataset.json`` and ``imagesTr``.
-
-    Raises:
-        DataError: ``dataset.json`` is unreadable or names modalities other than T1, T1ce, T2, FLAIR.
+    From ``dataset.json``'s ``modality`` (or nnU-Net v2 ``channel_names``) when present; a DataError
+    when it is unreadable or names modalities other than T1, T1ce, T2, FLAIR.
     """
     meta = task_dir / "dataset.json"
     if not meta.is_file():
@@ -1010,10 +860,7 @@ def msd_channel_order(task_dir: Path) -> tuple[str, ...]:
     data = _read_json(meta)
     if not isinstance(data, dict):
         raise DataError(f"{meta}: not a readable dataset.json (not a JSON object)")
-    key = "modality" if data.get("modality") else "channel_names"
-    if not data.get(key):
-        return MSD_CHANNEL_ORDER
-    return _channel_order(data[key], meta, key)
+    return datalist_channel_order(data, meta) or MSD_CHANNEL_ORDER
 
 
 def _msd_cases(image_folders: list[Path], explicit: str | None = None) -> list[CaseFiles]:
@@ -1021,11 +868,9 @@ def _msd_cases(image_folders: list[Path], explicit: str | None = None) -> list[C
     for folder in image_folders:
         labels = folder.parent / MSD_LABEL_FOLDER if folder.name == "imagesTr" else None
         order = msd_channel_order(folder.parent)
-        for image in _msd_images(folder):
+        for image in _visible_files(folder):
             case_id = image.name.removesuffix(".gz").removesuffix(".nii")
             seg = _nifti_file(labels, case_id) if labels is not None else None
-            paths: dict[str, Path | None] = {key: image for key in CANONICAL_MODALITIES}
-            paths["seg"] = seg
             cases.append(
                 CaseFiles(
                     case_id=case_id,
@@ -1033,8 +878,7 @@ def _msd_cases(image_folders: list[Path], explicit: str | None = None) -> list[C
                     layout="msd",
                     label_convention=explicit or LAYOUTS["msd"].label_convention,
                     case_dir=folder,
-                    paths=paths,
-                    missing=[],
+                    paths={**dict.fromkeys(CANONICAL_MODALITIES, image), "seg": seg},
                     channel_order=order,
                 )
             )
@@ -1077,13 +921,8 @@ def _nnunet_cases(image_folders: list[Path], explicit: str | None = None) -> lis
     cases: list[CaseFiles] = []
     for folder in image_folders:
         label_dir = root / ("labelsTr" if folder.name == "imagesTr" else "labelsTs")
-        case_ids = sorted(
-            {
-                match["case"]
-                for f in _visible_files(folder, (ending,))
-                if (match := NNUNET_CHANNEL_FILE.match(f.name[: -len(ending)]))
-            }
-        )
+        stems = [NNUNET_CHANNEL_FILE.match(f.name[: -len(ending)]) for f in _visible_files(folder, (ending,))]
+        case_ids = sorted({match["case"] for match in stems if match})
         for case_id in case_ids:
             paths: dict[str, Path | None] = {}
             missing: list[str] = []
@@ -1303,9 +1142,8 @@ def _fold_of(text: Any) -> int | None:
 def case_from_manifest_row(row: Mapping[str, str]) -> CaseFiles:
     """Rebuild the :class:`CaseFiles` of a manifest row (absolute paths; empty path = absent).
 
-    ``subset``/``fold`` columns are optional (absent: ``""``/None); the channel order of a 4-D
-    image comes from a ``channel_order`` column (``flair;t1;t1ce;t2``) when there is one, else from
-    the ``dataset.json`` (MSD) or the datalist (MONAI) beside the case.
+    ``subset``/``fold`` columns are optional; a 4-D image's channel order comes from a ``channel_order``
+    column (``flair;t1;t1ce;t2``) if any, else from the ``dataset.json`` (MSD) or datalist (MONAI).
     """
     paths: dict[str, Path | None] = {
         key: Path(row[f"path_{key}"]) if row.get(f"path_{key}") else None for key in FILE_KEYS
@@ -1358,17 +1196,9 @@ def _monai_channel_order_of(folder: Path) -> tuple[str, ...]:
 def load_case(case: CaseFiles, *, chunk_bytes: int = 8 << 20) -> LoadedCase:
     """Decode every file of a case once and collect, rather than raise, what is wrong with it.
 
-    This is where a case is judged *readable*: missing modality files, files that do not decode
-    (truncated, corrupt, not NIfTI), wrong dimensionality (3-D per BraTS file, 4-D with 4 channels
-    for MSD) and shapes that differ between the files. Content checks (NaN, empty modality, label
-    values, spacing) are not made here; they belong to validation.
-
-    Args:
-        case: the files.
-        chunk_bytes: read/hash block size.
-
-    Returns:
-        The decoded volumes and the problems found (empty when the case can be used).
+    This is where a case is judged *readable*: missing or undecodable files, wrong dimensionality
+    (3-D per BraTS file, 4-D with 4 channels for MSD), shapes that differ. Content checks (NaN,
+    empty modality, label values, spacing) belong to validation.
     """
     loaded = LoadedCase(case=case)
     for name in case.missing:
@@ -1376,21 +1206,17 @@ def load_case(case: CaseFiles, *, chunk_bytes: int = 8 << 20) -> LoadedCase:
         said = name.endswith((" does not exist", " is not a file"))
         loaded.problems.append(name if said else f"missing modality file {name}")
     files = case.unique_files()
-    # The files decode in threads: gzip inflation and hashing release the GIL, so the four
-    # modalities of a case overlap on a multi-core machine (a third of predict's wall time otherwise).
+    # Threads: gzip inflation and hashing release the GIL, so the modalities decode in parallel.
     with ThreadPoolExecutor(max_workers=max(1, min(len(files), os.cpu_count() or 1))) as pool:
         results = list(pool.map(lambda path: _read_and_decode(path, chunk_bytes), files))
     for (path, keys), (nifti, digest, error) in zip(files.items(), results, strict=True):
         if digest:
-            for key in keys:
-                loaded.sha256[key] = digest
+            loaded.sha256.update(dict.fromkeys(keys, digest))
         if nifti is None:
-            for key in keys:
-                loaded.unreadable[key] = error
+            loaded.unreadable.update(dict.fromkeys(keys, error))
             loaded.problems.append(error)
             continue
-        for key in keys:
-            loaded.files[key] = nifti
+        loaded.files.update(dict.fromkeys(keys, nifti))
         if (case.layout == "msd" or len(keys) > 1) and "seg" not in keys:
             _split_msd_channels(loaded, nifti, keys)
         else:
@@ -1440,9 +1266,8 @@ def _split_msd_channels(loaded: LoadedCase, nifti: NiftiFile, keys: list[str]) -
 def label_counts(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values of a label volume and their voxel counts.
 
-    Label maps hold a handful of small integers, so one comparison per value in ``[min, max]``
-    (memory-order friendly, no int64 copy) beats ``np.unique``'s sort of millions of voxels by an
-    order of magnitude; anything else (floats, wide ranges) falls back to ``np.unique``.
+    One comparison per value in ``[min, max]`` of a small-integer label map (no int64 copy) beats
+    ``np.unique``'s sort of millions of voxels; floats and wide ranges fall back to ``np.unique``.
     """
     if seg.dtype.kind in "iub" and seg.size:
         low, high = int(seg.min()), int(seg.max())
@@ -1456,11 +1281,8 @@ def label_counts(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def encode_labels(seg: np.ndarray, convention_name: str) -> np.ndarray:
     """Source label volume -> canonical uint8 codes, keeping the array's memory order.
 
-    Same rules and messages as :meth:`LabelConvention.encode`, which handles the unusual inputs
-    (float-typed segmentations); integer volumes take a lookup table directly.
-
-    Raises:
-        ValueError: values outside the convention.
+    Same rules and messages as :meth:`LabelConvention.encode`, which handles float-typed volumes;
+    integer volumes take a lookup table directly. Values outside the convention raise ValueError.
     """
     convention = get_convention(convention_name)
     if seg.dtype.kind not in "iub":
@@ -1478,29 +1300,18 @@ def encode_labels(seg: np.ndarray, convention_name: str) -> np.ndarray:
 
 
 def read_case(case: CaseFiles, *, chunk_bytes: int = 8 << 20) -> CaseVolumes:
-    """Read a case into canonical arrays in its source geometry.
-
-    Args:
-        case: the files (from :func:`discover_cases` or :func:`case_from_manifest_row`).
-        chunk_bytes: read/hash block size.
-
-    Returns:
-        float32 image ``(4, X, Y, Z)`` in t1, t1ce, t2, flair order (each channel Fortran-ordered,
-        as NIfTI stores it); canonical uint8 labels
-        ``(X, Y, Z)`` or None; the T1 affine, spacing and orientation.
+    """Read a case into canonical arrays (:class:`CaseVolumes`), channels Fortran-ordered as in NIfTI.
 
     Raises:
-        DataError: the first problem found (missing/unreadable file, wrong dimensionality,
-            shapes that differ, label values outside the case's convention), naming the file.
+        DataError: the first problem :func:`load_case` found, or label values outside the convention.
     """
     loaded = load_case(case, chunk_bytes=chunk_bytes)
     if loaded.problems:
         raise DataError(f"{case.case_id}: {loaded.problems[0]}")
     reference = loaded.files["t1"]
     shape = loaded.volumes["t1"].shape
-    # NIfTI stores voxels column-major, so each decoded volume is Fortran-ordered. Giving every
-    # channel the same layout makes this a streaming copy instead of a transposing one (4x faster
-    # on a 240x240x155 case); preprocessing resamples in that layout and returns C-ordered arrays.
+    # Decoded volumes are Fortran-ordered; channels of the same layout make this a streaming copy,
+    # not a transposing one (preprocessing resamples in that layout and returns C-ordered arrays).
     image = np.moveaxis(np.empty((*shape, len(CANONICAL_MODALITIES)), dtype=np.float32, order="F"), -1, 0)
     for channel, key in enumerate(CANONICAL_MODALITIES):
         image[channel] = loaded.volumes[key]

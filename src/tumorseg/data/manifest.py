@@ -1,26 +1,16 @@
-"""The dataset manifest: one row per case, written by ``ingest`` and updated by ``validate``.
+"""The dataset manifest ``manifest.csv``: one row per case, written by ``ingest``, updated by ``validate``.
 
-``manifest.csv`` is the contract between ingest, validation and preprocessing. Paths are
-absolute, as the source dataset stays where the user keeps it (it is never copied,
-modified, moved or deleted). Multi-valued fields are ``;``-separated text so the
-file stays readable in a spreadsheet and checkable by Great Expectations.
+It is the contract between ingest, validation and preprocessing. Paths are absolute: the source
+dataset stays where the user keeps it, never copied or modified. Multi-valued fields are ``;``-separated
+text, readable in a spreadsheet and checkable by Great Expectations. Columns (:data:`MANIFEST_COLUMNS`):
 
-Columns (see :data:`MANIFEST_COLUMNS`):
-
-- identity: ``case_id``, ``patient_id``, ``layout``, ``label_convention``
-- status: ``status`` (``ok`` | ``quarantined``), ``reason`` (human-readable, empty when ok)
-- files: ``case_dir``, ``path_<mod>`` / ``sha256_<mod>`` for t1, t1ce, t2, flair and seg.
-  For MSD the four modality paths name the same 4-D file (channels in
-  :data:`~tumorseg.data.conventions.MSD_CHANNEL_ORDER`).
-- geometry (of the reference modality, T1): ``shape`` (``240x240x155``), ``spacing``
-  (``1x1x1``, mm), ``orientation`` (nibabel axis codes, ``RAS``/``LPS``/...)
-- content: ``modalities`` (present ones, ``t1;t1ce;t2;flair``), ``label_values`` (``0;1;2;4``,
-  source convention), ``voxels_per_label`` (``0:8900000;1:2100;...``, source convention),
-  ``tumour_voxels`` (non-zero labels), ``tumour_volume_ml``
-- per-volume statistics used by validation: ``<mod>_readable``, ``<mod>_finite``,
-  ``<mod>_nonzero_voxels``, ``<mod>_shape``, ``<mod>_affine_max_diff_mm`` (vs. T1)
-  for each modality and seg; ``brain_voxels`` (voxels non-zero in any modality)
-- incremental ingest: ``fingerprint`` (size and mtime of every file; unchanged -> row reused)
+- identity and ``status`` (``ok`` | ``quarantined``) with its ``reason``;
+- ``case_dir``, ``path_<key>`` / ``sha256_<key>`` per :data:`FILE_KEYS` (MSD: one 4-D file for all four);
+- T1 geometry: ``shape`` (``240x240x155``), ``spacing`` (``1x1x1``, mm), ``orientation`` (``RAS``...);
+- content: ``modalities``, ``label_values`` (``0;1;2;4``) and ``voxels_per_label`` (``0:8900000;1:2100``)
+  in the source convention, ``tumour_voxels``, ``tumour_volume_ml``, ``brain_voxels``;
+- per-file statistics for validation (``<key>_readable``, ``_finite``, ``_nonzero_voxels``, ``_shape``,
+  ``_affine_max_diff_mm`` vs. T1); ``fingerprint`` (size and mtime of each file: unchanged, row reused).
 """
 
 from __future__ import annotations
@@ -59,13 +49,7 @@ STAT_COLUMNS = [
     for k in FILE_KEYS
     for stat in ("readable", "finite", "nonzero_voxels", "shape", "affine_max_diff_mm")
 ]
-MANIFEST_COLUMNS: list[str] = [
-    *IDENTITY_COLUMNS,
-    *FILE_COLUMNS,
-    *CONTENT_COLUMNS,
-    *STAT_COLUMNS,
-    "fingerprint",
-]
+MANIFEST_COLUMNS = [*IDENTITY_COLUMNS, *FILE_COLUMNS, *CONTENT_COLUMNS, *STAT_COLUMNS, "fingerprint"]
 
 MANIFEST_NAME = "manifest.csv"
 
@@ -103,7 +87,7 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary file beside ``path`` to write; renamed onto ``path`` when the block ends without error.
 
     Readers see either the old file or the whole new one, never half; on any error the temporary
-    file is removed and ``path`` is left as it was. The parent folder is created.
+    file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,17 +104,9 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text so that readers see either the old file or the whole new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    with atomic_output(path) as tmp:
         # mkstemp creates 0600; give the file the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp.write_text(text)

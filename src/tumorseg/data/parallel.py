@@ -1,22 +1,11 @@
 """Case-parallel work for the data stages: worker processes, bounded memory, progress on screen.
 
-Ingest, preprocess and the generator handle one case at a time and cases are independent, so a
-dataset is spread over ``workers`` processes (:func:`map_cases`). Processes, not threads: reading a
-NIfTI case is partly Python (nibabel's header parsing, the manifest statistics) and threads of one
-process serialise on it.
-
-Memory is bounded by the worker count: at most ``2 x workers`` cases are submitted at once (one
-running per worker and one queued), and each returns a small summary (a manifest row, a geometry
-dict), never the volumes. Results come back in input order, so outputs do not depend on ``workers``.
-
-Workers start from a fork server (``forkserver``): a clean process that has not started torch's or
-OpenMP's threads, which a plain ``fork`` of the stage process could copy in a locked state. Each
-worker gets ``cpu_count // workers`` compute threads, so ``workers`` processes never oversubscribe
-the cores.
-
-Progress (:class:`Progress`) is a ``tqdm`` bar on a terminal and a log line every
-:data:`LOG_EVERY_S` seconds otherwise (DVC and Prefect capture the output): cases done of total,
-rate and time left.
+Cases are independent, so a dataset is spread over ``workers`` processes (:func:`map_cases`);
+processes, not threads, because reading a case is partly Python (nibabel headers, manifest
+statistics). At most ``2 x workers`` cases are in flight and each returns a small summary, never
+volumes; results come back in input order, so outputs do not depend on ``workers``. Workers start
+from a ``forkserver`` (a plain ``fork`` could copy torch's or OpenMP's threads in a locked state),
+each with ``cpu_count // workers`` compute threads, so the cores are never oversubscribed.
 """
 
 from __future__ import annotations
@@ -53,14 +42,8 @@ def worker_count(requested: int) -> int:
 
 
 class Progress:
-    """Cases done of total, rate and time left: a bar on a terminal, log lines elsewhere.
-
-    Args:
-        total: cases to do.
-        what: the stage's name (``preprocess``), printed before the counts.
-        unit: what is counted (``cases``).
-        stream: where the bar goes (default stderr); log lines go through :mod:`logging`.
-    """
+    """Cases done of total, rate and time left: a ``tqdm`` bar on a terminal ``stream`` (default
+    stderr), else a log line every :data:`LOG_EVERY_S` seconds (DVC and Prefect capture the output)."""
 
     def __init__(self, total: int, what: str, *, unit: str = "cases", stream=None) -> None:
         self.total = total
@@ -127,12 +110,10 @@ def map_cases(
     """``map(function, items)`` over ``workers`` processes, in input order, with progress.
 
     Args:
-        function: a module-level function (or :func:`functools.partial` of one): it is pickled
-            to the workers. Its result must be small (a row, a summary), not volumes.
-        items: the cases (picklable).
+        function: a picklable module-level function (or a :func:`functools.partial` of one) whose
+            result is small (a row, a summary), not volumes.
         workers: processes; 1 runs everything in this process (no start-up cost), 0 one per core.
-        what: the stage's name, for progress lines.
-        unit: what ``items`` are, for progress lines.
+        what, unit: the stage's name and what ``items`` are, for progress lines.
 
     Yields:
         ``function(item)`` for each item, in order. The first exception stops the work: queued
@@ -164,16 +145,14 @@ def map_cases(
                 while pending:
                     yield pending.popleft().result()
                     progress.advance()
-            except BrokenProcessPool:
+            except BaseException as exc:
                 for future in pending:
                     future.cancel()
-                raise DataError(
-                    f"{what}: a worker process died (killed, out of memory?); use fewer workers "
-                    f"({what}.workers in params.yaml) or free memory, then run again"
-                ) from None
-            except BaseException:
-                for future in pending:
-                    future.cancel()
+                if isinstance(exc, BrokenProcessPool):
+                    raise DataError(
+                        f"{what}: a worker process died (killed, out of memory?); use fewer workers "
+                        f"({what}.workers in params.yaml) or free memory, then run again"
+                    ) from None
                 raise
     finally:
         progress.close()

@@ -50,8 +50,10 @@ FIGSHARE_LABELS: dict[int, str] = {1: "meningioma", 2: "glioma", 3: "pituitary"}
 
 TUMOUR_TYPES: tuple[str, ...] = tuple(FIGSHARE_LABELS.values())
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 MAT_SUFFIX = ".mat"
+BITMAP_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_LAYOUTS: tuple[str, ...] = ("figshare", "kaggle")
+"""The image formats: Figshare ``.mat`` slices and Kaggle ``yes/`` + ``no/`` bitmap folders."""
 KAGGLE_CLASS_FOLDERS: dict[str, bool] = {"yes": True, "no": False}
 """Kaggle class folder (lower case) -> has_tumour."""
 
@@ -199,10 +201,10 @@ def load_planar_raw(path: Path) -> RawPlanar:
     suffix = path.suffix.lower()
     if suffix == MAT_SUFFIX:
         return _decode_mat(path, data, digest)
-    if suffix in IMAGE_SUFFIXES:
+    if suffix in BITMAP_SUFFIXES:
         return _decode_image(path, data, digest)
     raise DataError(
-        f"{path}: not a supported 2-D file (use .mat or {', '.join(IMAGE_SUFFIXES)}); remove or convert it"
+        f"{path}: not a supported 2-D file (use .mat or {', '.join(BITMAP_SUFFIXES)}); remove or convert it"
     )
 
 

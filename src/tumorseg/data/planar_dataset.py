@@ -15,29 +15,24 @@ Preprocessing (:func:`preprocess_planar_dataset`) writes, for every case with st
 a temporary name and renamed; npz files of cases a previous run wrote that are no longer ok are
 removed. A source file whose sha256 differs from the manifest's is an error (re-ingest).
 
-The split (:func:`split_planar`) has the 3-D split's JSON format (:mod:`tumorseg.data.split`): whole
+The split (:func:`tumorseg.data.split.split_planar`) has the 3-D split's JSON format (:mod:`tumorseg.data.split`): whole
 patients go to one split (Figshare: all slices of a ``PID``; Kaggle: one image = one patient),
 stratified by ``source/tumour|tumour-free/tumour_type`` of each patient.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tumorseg.config import SplitConfig
 from tumorseg.data.manifest import MANIFEST_NAME, STATUS_OK, atomic_write_text, read_manifest
 from tumorseg.data.planar import PlanarPreprocessConfig, apply_planar_geometry, preprocess_planar, read_planar
-from tumorseg.data.planar_ingest import is_planar_manifest
-from tumorseg.data.split import Split, split_by_patient
+from tumorseg.data.readers import IMAGE, manifest_dims
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -122,7 +117,7 @@ def preprocess_planar_dataset(
     if src_dir.absolute() == out_dir.absolute():
         raise DataError(f"--out {out_dir} is the validated folder itself; preprocess into another folder")
     manifest = read_manifest(src_dir)
-    if not is_planar_manifest(manifest):
+    if manifest_dims(manifest) != IMAGE:
         raise DataError(f"{src_dir / MANIFEST_NAME}: not a 2-D (figshare/kaggle) manifest")
     rows = [r for r in manifest.to_dict(orient="records") if r["status"] == STATUS_OK]
     if not rows:
@@ -198,52 +193,3 @@ def _previous_cases(out_dir: Path) -> set[str]:
     except (OSError, ValueError):
         return set()
     return set(previous["case_id"]) if {"case_id", "npz"} <= set(previous.columns) else set()
-
-
-def is_planar_preprocessed(folder: Path) -> bool:
-    """True when ``folder`` holds a preprocessed 2-D dataset (``manifest.csv`` with ``npz`` and ``geometry``)."""
-    path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
-        return False
-    header = pd.read_csv(path, dtype=str, nrows=0).columns
-    return {"case_id", "npz", "geometry", "has_tumour"} <= set(header)
-
-
-def _patient_stratum(cases: pd.DataFrame) -> str:
-    """``<source>/tumour/<type>``, ``<source>/tumour`` (type unknown) or ``<source>/tumour-free``."""
-    source = Counter(cases["source"]).most_common(1)[0][0]
-    if not (cases["has_tumour"] == "True").any():
-        return f"{source}/tumour-free"
-    types = [t for t in cases["tumour_type"] if t]
-    return f"{source}/tumour/{Counter(types).most_common(1)[0][0]}" if types else f"{source}/tumour"
-
-
-def split_planar_cases(table: pd.DataFrame, cfg: SplitConfig) -> Split:
-    """Patient-level stratified split of a preprocessed 2-D manifest table.
-
-    Cases whose tumour status is unknown (``has_tumour`` empty) are left out as unlabelled.
-
-    Raises:
-        DataError: fewer than 3 labelled patients, or a case id twice.
-    """
-    table = table.astype(str)
-    labelled = table["has_tumour"].isin(["True", "False"])
-    unlabelled = sorted(table.loc[~labelled, "case_id"])
-    table = table.loc[labelled]
-    if table["case_id"].duplicated().any():
-        raise DataError(
-            f"manifest.csv: case {table.loc[table['case_id'].duplicated(), 'case_id'].iloc[0]} appears twice"
-        )
-    strata = {str(p): _patient_stratum(cases) for p, cases in table.groupby("patient_id", sort=True)}
-    return split_by_patient(table, strata, cfg, unlabelled)
-
-
-def split_planar(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Split:
-    """Split ``preprocessed_dir/manifest.csv`` (2-D) and write the split JSON to ``out_file`` atomically."""
-    path = Path(preprocessed_dir) / MANIFEST_NAME
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    table = table[table["status"] == STATUS_OK] if "status" in table.columns else table
-    split = split_planar_cases(table, cfg)
-    out_file = Path(out_file)
-    atomic_write_text(out_file, json.dumps(split.to_dict(), indent=1) + "\n")
-    return dataclasses.replace(split, out_file=out_file)

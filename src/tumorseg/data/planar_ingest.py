@@ -34,10 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from tumorseg.config import IngestConfig
-from tumorseg.data.ingest import IngestSummary, number_text, rows_with_ingest_verdict, write_incrementally
+from tumorseg.data.incremental import (
+    IngestSummary,
+    number_text,
+    rows_with_ingest_verdict,
+    write_incrementally,
+)
 from tumorseg.data.layouts import shape_text
 from tumorseg.data.manifest import (
     IDENTITY_COLUMNS,
@@ -47,8 +51,9 @@ from tumorseg.data.manifest import (
     read_manifest,
 )
 from tumorseg.data.planar import (
+    BITMAP_SUFFIXES,
     FIGSHARE_LABELS,
-    IMAGE_SUFFIXES,
+    IMAGE_LAYOUTS,
     KAGGLE_CLASS_FOLDERS,
     MAT_SUFFIX,
     channels_of,
@@ -58,7 +63,6 @@ from tumorseg.data.planar import (
 )
 from tumorseg.errors import DataError
 
-PLANAR_LAYOUTS: tuple[str, ...] = ("figshare", "kaggle")
 LABEL_CONVENTION_2D: dict[str, str] = {"figshare": "tumour-mask", "kaggle": "yes-no"}
 """What a 2-D layout's labels are: a binary tumour mask (+ type label), or a yes/no class folder."""
 
@@ -105,13 +109,6 @@ class PlanarFile:
     case_id: str
 
 
-def is_planar_manifest(manifest: pd.DataFrame) -> bool:
-    """True when every row of a manifest is a 2-D layout (``figshare``/``kaggle``)."""
-    if manifest.empty or "layout" not in manifest.columns:
-        return False
-    return bool(manifest["layout"].astype(str).isin(PLANAR_LAYOUTS).all())
-
-
 def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
@@ -138,7 +135,7 @@ def find_planar_files(src: Path) -> list[PlanarFile]:
             found += [
                 (p, "kaggle")
                 for p in sorted(class_dir.iterdir())
-                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in BITMAP_SUFFIXES
             ]
     kaggle_dirs = [
         d for root in kaggle_roots for d in root.iterdir() if d.name.lower() in KAGGLE_CLASS_FOLDERS
@@ -260,7 +257,7 @@ def ingest_planar(
     files = find_planar_files(src) if files is None else files
     if not files:
         raise DataError(f"{src}: no Figshare .mat file and no Kaggle yes/ + no/ image folder found")
-    layouts = sorted({item.layout for item in files}, key=PLANAR_LAYOUTS.index)
+    layouts = sorted({item.layout for item in files}, key=IMAGE_LAYOUTS.index)
     return write_incrementally(
         files,
         _previous_rows(out_dir),
@@ -285,6 +282,10 @@ def _previous_rows(out_dir: Path) -> dict[str, dict[str, str]]:
         df = read_manifest(out_dir)
     except (DataError, ValueError, OSError):
         return {}
-    if not is_planar_manifest(df) or any(c not in df.columns for c in PLANAR_MANIFEST_COLUMNS):
+    if (
+        any(c not in df.columns for c in PLANAR_MANIFEST_COLUMNS)
+        or df.empty
+        or not df["layout"].isin(IMAGE_LAYOUTS).all()
+    ):
         return {}
     return rows_with_ingest_verdict(df, PLANAR_MANIFEST_COLUMNS)

@@ -47,7 +47,6 @@ from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
 
-PLANAR_LAYOUTS: tuple[str, ...] = ("figshare", "kaggle")
 FIGSHARE_SIZE = 512
 SYNTH_META_NAME = "synth_meta.json"
 MAT_HEADER_TEXT = "MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: tumorseg synth HDF5 schema 1.00 ."

@@ -69,7 +69,6 @@ from tumorseg.data.grid import reorient as _reorient
 from tumorseg.data.layouts import FILE_KEYS, case_from_manifest_row
 from tumorseg.data.manifest import STATUS_OK, atomic_write_text, read_manifest
 from tumorseg.data.parallel import map_cases
-from tumorseg.data.planar_ingest import is_planar_manifest
 from tumorseg.data.preprocessed_case import (
     GEOMETRY_FORMAT,
     PreprocessedCase,
@@ -79,6 +78,7 @@ from tumorseg.data.preprocessed_case import (
     ras_float32,
     resample_modality,
 )
+from tumorseg.data.readers import IMAGE, manifest_dims
 from tumorseg.data.threaded_reader import DecodedCase, decode_case, read_preprocessed
 from tumorseg.errors import DataError
 
@@ -243,7 +243,7 @@ def preprocess_dataset(
     begin = time.perf_counter()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest = read_manifest(src_dir)
-    if is_planar_manifest(manifest):
+    if manifest_dims(manifest) == IMAGE:  # the image strategy: one square npz per image
         from tumorseg.data.planar import PlanarPreprocessConfig
         from tumorseg.data.planar_dataset import preprocess_planar_dataset
 

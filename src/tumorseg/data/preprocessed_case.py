@@ -1,15 +1,14 @@
 """One case through preprocessing: RAS, target spacing, brain crop, z-score, and its geometry.
 
-:func:`preprocess_case` takes a case read by :func:`~tumorseg.data.layouts.read_case` through the
-four steps of :mod:`tumorseg.data.preprocess` with the grid operations of
-:mod:`tumorseg.data.grid`; :func:`crop_and_normalise` (steps 3-4 and the geometry dict) is shared
-with the threaded reader (:mod:`tumorseg.data.threaded_reader`), which resamples each modality as
-soon as its file is decoded, so both paths give the same bits.
+:func:`crop_and_normalise` (steps 3-4 and the geometry dict) is shared with the threaded reader
+(:mod:`tumorseg.data.threaded_reader`), which resamples each modality as soon as it is decoded, so
+both paths give the same bits.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +17,12 @@ import numpy as np
 from tumorseg.config import PreprocessConfig
 from tumorseg.data.conventions import CANONICAL_MODALITIES
 from tumorseg.data.grid import SourceGrid, crop_box, reorient, resize, resize_labels, shift_affine
-from tumorseg.data.layouts import CaseVolumes, spacing_from_affine
+from tumorseg.data.layouts import CaseFiles, CaseVolumes, spacing_from_affine
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
 
-GEOMETRY_FORMAT = 1
-"""Version of the geometry JSON; bump when its keys change so old outputs are rebuilt."""
+GEOMETRY_FORMAT = 1  # version of the geometry JSON; bump when its keys change so old outputs are rebuilt
 
 
 @dataclass
@@ -32,8 +30,8 @@ class PreprocessedCase:
     """One case on the preprocessed grid.
 
     Attributes:
-        image: ``(4, X, Y, Z)`` z-scored channels (t1, t1ce, t2, flair), ``storage_dtype``, 0 outside the brain.
-        label: ``(X, Y, Z)`` uint8 canonical labels (zeros when the case has no segmentation).
+        image: ``(4, X, Y, Z)`` z-scored t1, t1ce, t2, flair (``storage_dtype``), 0 outside the brain.
+        label: ``(X, Y, Z)`` uint8 canonical labels (zeros without a segmentation).
         brain: ``(X, Y, Z)`` bool, voxels non-zero in any modality.
         geometry: JSON-ready dict with everything :func:`~tumorseg.data.grid.restore_to_source` needs.
     """
@@ -54,13 +52,9 @@ def content_parameters(cfg: PreprocessConfig) -> dict[str, Any]:
 
 
 def ras_float32(volume: np.ndarray, grid: SourceGrid, *, case_id: str, modality: str) -> np.ndarray:
-    """Step 1 for one modality: finite check, then reorientation to RAS as float32 (one pass).
+    """Step 1 for one modality: finite check (else :class:`DataError`), reorientation to RAS as float32.
 
-    An RAS volume keeps its memory order: a NIfTI's column-major volume is then resampled through
-    its reversed, C-contiguous view without a copy (:func:`~tumorseg.data.grid.resize`).
-
-    Raises:
-        DataError: NaN/inf voxels.
+    An RAS volume keeps its memory order, so a NIfTI's column-major volume is resampled without a copy.
     """
     if volume.dtype.kind == "f" and not np.isfinite(volume).all():
         bad = int(np.count_nonzero(~np.isfinite(volume)))
@@ -71,40 +65,15 @@ def ras_float32(volume: np.ndarray, grid: SourceGrid, *, case_id: str, modality:
 def resample_modality(
     volume: np.ndarray, grid: SourceGrid, cfg: PreprocessConfig, *, case_id: str, modality: str
 ) -> np.ndarray:
-    """Steps 1-2 for one modality: finite check, reorientation to RAS, resampling to the target spacing.
-
-    Args:
-        volume: ``(X, Y, Z)`` on ``grid``'s source grid, any numeric dtype, either memory order.
-        grid: from :meth:`SourceGrid.of` (the reference modality's affine and shape).
-        cfg: the ``preprocess`` section (``image_interpolation_order``).
-        case_id, modality: for the error message.
-
-    Returns:
-        float32 ``grid.resampled_shape`` (the RAS volume itself, as float32, when the grid is unchanged).
-
-    Raises:
-        DataError: NaN/inf voxels.
-    """
+    """Steps 1-2 for one modality ``(X, Y, Z)`` on ``grid``'s source grid (any dtype and memory order):
+    float32 on ``grid.resampled_shape``; :class:`DataError` on NaN/inf voxels."""
     ras = ras_float32(volume, grid, case_id=case_id, modality=modality)
     return resize(ras, grid.resampled_shape, cfg.image_interpolation_order)
 
 
 def preprocess_case(volumes: CaseVolumes, cfg: PreprocessConfig) -> PreprocessedCase:
-    """Reorient, resample, crop and z-score one case (see :mod:`tumorseg.data.preprocess`).
-
-    Args:
-        volumes: the case in its source geometry; image ``(4, X, Y, Z)`` float32, labels canonical or None.
-        cfg: the ``preprocess`` section of params.yaml.
-
-    Returns:
-        Image ``(4, x, y, z)``, label and brain ``(x, y, z)`` on the preprocessed grid, and the geometry
-        (``source_shape``, ``source_affine``, ``source_orientation``, ``ras_shape``, ``ras_affine``,
-        ``target_spacing_mm``, ``resampled_shape``, ``resampled_spacing_mm``, ``crop_bbox`` {start, stop},
-        ``preprocessed_shape``, ``preprocessed_affine``, ``normalization``, tumour size, ids).
-
-    Raises:
-        DataError: non-finite voxels, or no brain (every modality zero everywhere).
-    """
+    """Reorient, resample, crop and z-score one case read by :func:`~tumorseg.data.layouts.read_case`
+    (see :mod:`tumorseg.data.preprocess`); :class:`DataError` on non-finite voxels or no brain."""
     grid = SourceGrid.of(volumes.affine, volumes.image.shape[1:], cfg)
     resampled = np.stack(
         [
@@ -112,19 +81,22 @@ def preprocess_case(volumes: CaseVolumes, cfg: PreprocessConfig) -> Preprocessed
             for channel, modality in enumerate(CANONICAL_MODALITIES)
         ]
     )
-    return crop_and_normalise(resampled, grid, _source_fields(volumes), volumes.labels, cfg)
+    source = source_fields(volumes, volumes.orientation, volumes.spacing, volumes.sha256)
+    return crop_and_normalise(resampled, grid, source, volumes.labels, cfg)
 
 
-def _source_fields(volumes: CaseVolumes) -> dict[str, Any]:
+def source_fields(
+    case: CaseFiles | CaseVolumes, orientation: str, spacing: Iterable[float], sha256: dict[str, str]
+) -> dict[str, Any]:
     """The geometry entries that describe where a case came from (ids, convention, orientation, hashes)."""
     return {
-        "case_id": volumes.case_id,
-        "patient_id": volumes.patient_id,
-        "layout": volumes.layout,
-        "label_convention": volumes.label_convention,
-        "source_orientation": volumes.orientation,
-        "source_spacing_mm": [float(s) for s in volumes.spacing],
-        "source_sha256": dict(volumes.sha256),
+        "case_id": case.case_id,
+        "patient_id": case.patient_id,
+        "layout": case.layout,
+        "label_convention": case.label_convention,
+        "source_orientation": orientation,
+        "source_spacing_mm": [float(s) for s in spacing],
+        "source_sha256": dict(sha256),
     }
 
 
@@ -139,11 +111,8 @@ def crop_and_normalise(
 
     Args:
         resampled: float32 ``(4, x, y, z)`` on ``grid.resampled_shape`` (:func:`resample_modality`).
-        grid: the source grid.
-        source: ``case_id``, ``patient_id``, ``layout``, ``label_convention``, ``source_orientation``,
-            ``source_spacing_mm``, ``source_sha256``.
+        source: the geometry entries of where the case came from (:func:`source_fields`).
         labels: canonical uint8 ``(X, Y, Z)`` on the source grid, or None.
-        cfg: the ``preprocess`` section.
 
     Raises:
         DataError: no brain (every modality zero everywhere).
@@ -157,6 +126,7 @@ def crop_and_normalise(
         resampled[(slice(None), *crop)], brain, np.dtype(cfg.storage_dtype), case_id
     )
     label, tumour_voxels = _cropped_labels(labels, grid, crop, brain.shape, cfg)
+    voxel_ml = abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000.0  # one source voxel
     geometry = {
         "format": GEOMETRY_FORMAT,
         "case_id": case_id,
@@ -168,21 +138,15 @@ def crop_and_normalise(
         "normalization": {"channels": list(CANONICAL_MODALITIES), "mean": means, "std": stds},
         "image_interpolation_order": cfg.image_interpolation_order,
         "tumour_voxels": tumour_voxels,
-        "tumour_volume_ml": round(tumour_voxels * _voxel_ml(grid), 4),
+        "tumour_volume_ml": round(tumour_voxels * voxel_ml, 4),
         "source_sha256": dict(source["source_sha256"]),
         "preprocess": content_parameters(cfg),
     }
-    return PreprocessedCase(
-        image=normalised, label=label, brain=np.ascontiguousarray(brain), geometry=geometry
-    )
+    return PreprocessedCase(normalised, label, np.ascontiguousarray(brain), geometry)
 
 
 def _brain_mask(resampled: np.ndarray, case_id: str) -> np.ndarray:
-    """Step 3's mask: voxels non-zero in any channel of ``(C, x, y, z)``.
-
-    Raises:
-        DataError: no brain (every modality zero everywhere).
-    """
+    """Step 3's mask: voxels non-zero in any channel of ``(C, x, y, z)``; :class:`DataError` if none."""
     brain = resampled[0] != 0
     for channel in resampled[1:]:
         brain |= channel != 0
@@ -196,9 +160,8 @@ def _zscore(
 ) -> tuple[np.ndarray, list[float], list[float]]:
     """Step 4: each channel z-scored on the brain voxels, the background exactly 0; means and stds.
 
-    Each channel's float32 scores are zeroed outside the brain in place; storing them as float16
-    is a torch copy: the same round-to-nearest-even as numpy's cast, bit for bit, without its slow
-    scalar loop. Torch is imported on first use: it is slow to import.
+    The float16 cast is a torch copy (imported on first use): numpy's round-to-nearest-even bit for
+    bit, without its slow scalar loop.
     """
     import torch
 
@@ -231,20 +194,13 @@ def _cropped_labels(
     shape: tuple[int, ...],
     cfg: PreprocessConfig,
 ) -> tuple[np.ndarray, int]:
-    """The source labels through steps 1-3 (zeros of ``shape`` without labels), and the tumour voxels.
-
-    The tumour is counted on the source grid, so its volume does not depend on the resampling.
-    """
+    """The source labels through steps 1-3 (zeros of ``shape`` without labels), and the tumour voxels
+    counted on the source grid (so its volume does not depend on the resampling)."""
     if labels is None:
         return np.zeros(shape, dtype=np.uint8), 0
     ras_labels = reorient(np.asarray(labels, dtype=np.uint8), grid.to_ras)
     resampled = resize_labels(ras_labels, grid.resampled_shape, cfg.label_resampling)
     return np.ascontiguousarray(resampled[crop]), int(np.count_nonzero(labels))
-
-
-def _voxel_ml(grid: SourceGrid) -> float:
-    """Volume of one source voxel in ml."""
-    return abs(float(np.linalg.det(grid.affine[:3, :3]))) / 1000.0
 
 
 def _grid_fields(

@@ -1,14 +1,10 @@
 """``data.source``: which dataset the pipeline reads, checked before any stage writes.
 
-``data.source: synth`` (the default) is the embedded generator: ``tumorseg source`` (the first
-DVC stage) writes its cases to ``data/synth``. Any other value is the path of a dataset folder
-in a supported layout, absolute or relative to the project's ``data/`` folder. Such a folder is
-only read, never written, moved or deleted: in ``dvc.yaml`` it is a dependency of ``ingest``, and
-``tumorseg source`` only checks it (exists, not empty, one supported layout) so that a wrong path
-fails with one line before any stage writes anything.
-
-Relative paths resolve against the folder holding params.yaml (the project root), not the working
-directory, so the DVC stages (which run in ``data/``), the Prefect flows and the CLI agree.
+``synth`` (the default): ``tumorseg source``, the first DVC stage, generates cases into ``data/synth``.
+Any other value is a dataset folder in a supported layout, only ever read (in ``dvc.yaml`` it is a
+dependency of ``ingest``); ``tumorseg source`` checks it so that a wrong path fails with one line.
+Relative paths resolve against the folder of params.yaml, not the working directory, so DVC stages
+(run in ``data/``), Prefect flows and the CLI agree.
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tumorseg.config import SYNTH_SOURCE, DataConfig, section
+from tumorseg.config import GENERATED_FOLDERS, DataConfig, section
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -34,14 +30,7 @@ SOURCE_HINT = "set data.source to `synth` or to a dataset folder (absolute, or r
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """What ``data.source`` points at.
-
-    Attributes:
-        folder: the dataset folder.
-        synthetic: the folder is the embedded generator's output.
-        layout: its layout (``brats2021``, ``brats2023`` or ``msd``).
-        cases: cases found (without reading any image).
-    """
+    """What ``data.source`` points at: the folder, whether the generator wrote it, its layout and cases."""
 
     folder: Path
     synthetic: bool
@@ -54,21 +43,23 @@ class SourceInfo:
 
 
 def project_root(params_path: str | Path) -> Path:
-    """The folder relative paths of params.yaml resolve against: the file's own folder.
-
-    Normalised (``data/..`` -> the project), symbolic links kept.
-    """
+    """The folder of params.yaml, against which its relative paths resolve (normalised, links kept)."""
     return Path(os.path.normpath(Path(params_path).absolute().parent))
 
 
-def source_folder(params: dict[str, Any], params_path: str | Path = "params.yaml") -> Path:
-    """The dataset folder ``data.source`` selects (``<root>/data/synth`` for the generator)."""
+def source_folder(params: dict[str, Any], params_path: str | Path = "params.yaml", dims: int = 3) -> Path:
+    """The dataset folder ``data.source`` (``data.source_2d`` for ``dims`` 2) selects."""
     cfg: DataConfig = section("data", params, source=params_path)
-    return cfg.folder(project_root(params_path))
+    return cfg.folder(project_root(params_path), dims)
 
 
 def inspect_source(
-    folder: Path, *, synthetic: bool = False, layout: str | None = None, labels: str | None = None
+    folder: Path,
+    *,
+    synthetic: bool = False,
+    layout: str | None = None,
+    labels: str | None = None,
+    dims: int = 3,
 ) -> SourceInfo:
     """Check a dataset folder without reading any image.
 
@@ -77,19 +68,30 @@ def inspect_source(
             mixes layouts (naming the layouts and the first file of each).
     """
     from tumorseg.data.layouts import discover_cases
-    from tumorseg.data.planar_ingest import find_planar_files
+    from tumorseg.data.readers import IMAGE, VOLUME, folder_dims
 
+    key = "data.source" if dims == VOLUME else "data.source_2d"
     if not folder.exists():
-        raise DataError(f"data.source: {folder} does not exist; {SOURCE_HINT} holding {LAYOUTS_LOOKED_FOR}")
+        raise DataError(f"{key}: {folder} does not exist; {SOURCE_HINT} holding {LAYOUTS_LOOKED_FOR}")
     if not folder.is_dir():
-        raise DataError(f"data.source: {folder} is a file, not a folder; {SOURCE_HINT}")
+        raise DataError(f"{key}: {folder} is a file, not a folder; {SOURCE_HINT}")
     if not any(not p.name.startswith(".") for p in folder.iterdir()):
-        raise DataError(f"data.source: {folder} is empty; put {LAYOUTS_LOOKED_FOR} there, or {SOURCE_HINT}")
-    if find_planar_files(folder):
+        raise DataError(f"{key}: {folder} is empty; put {LAYOUTS_LOOKED_FOR} there, or {SOURCE_HINT}")
+    found = folder_dims(folder)
+    if found != dims:
         raise DataError(
-            f"data.source: {folder} holds 2-D data (Figshare .mat / Kaggle images); the 3-D pipeline "
-            "reads BraTS or MSD volumes: put 2-D data in paths.raw_2d (the *_2d stages)"
+            f"data.source: {folder} holds 2-D data (Figshare .mat / Kaggle images); set data.source_2d "
+            "to it (the @2d stages) and data.source to BraTS or MSD volumes"
+            if found == IMAGE
+            else f"data.source_2d: {folder} holds no Figshare .mat files and no Kaggle yes/ + no/ image "
+            "folders; set it to such a folder, or to synth"
         )
+    if dims == IMAGE:
+        from tumorseg.data.planar_ingest import find_planar_files
+
+        files = find_planar_files(folder)
+        layouts = "+".join(sorted({f.layout for f in files}))
+        return SourceInfo(folder, synthetic, layouts, len(files))
     try:
         cases = discover_cases(folder, None if layout == "auto" else layout, labels)
     except DataError as exc:
@@ -97,26 +99,39 @@ def inspect_source(
     return SourceInfo(folder, synthetic, cases[0].layout, len(cases))
 
 
-def prepare_source(params: dict[str, Any], params_path: str | Path = "params.yaml") -> SourceInfo:
-    """Make ``data.source`` ready for ``ingest``: generate the embedded data, or check the folder.
-
-    With ``data.source: synth`` the generator writes ``synth:`` cases into ``data/synth``; with a
-    folder nothing is written anywhere, the folder is only listed.
+def prepare_source(
+    params: dict[str, Any], params_path: str | Path = "params.yaml", dims: int = 3
+) -> SourceInfo:
+    """Make ``data.source`` (``data.source_2d`` for ``dims`` 2) ready for ``ingest``: generate the
+    embedded data, or check the folder.
 
     Raises:
         DataError: the folder is missing, empty, of no supported layout or of several.
     """
     cfg: DataConfig = section("data", params, source=params_path)
-    folder = cfg.folder(project_root(params_path))
-    if cfg.is_synth:
-        from tumorseg.data.synth import synthesize_dataset
-
-        written = synthesize_dataset(folder, section("synth", params, source=params_path))
-        return SourceInfo(folder, True, section("synth", params).layout, len(written))
+    root = project_root(params_path)
+    folder = cfg.folder(root, dims)
+    if cfg.is_synth(dims):
+        return _generate(folder, params, params_path, dims)
     ingest_cfg = section("ingest", params, source=params_path)
-    info = inspect_source(folder, layout=ingest_cfg.layout, labels=ingest_cfg.labels)
+    info = inspect_source(folder, layout=ingest_cfg.layout, labels=ingest_cfg.labels, dims=dims)
     # The DVC stage's output is the generator's folder; with a folder of one's own it stays empty.
-    generated = cfg.folder_for(SYNTH_SOURCE, project_root(params_path))
+    generated = cfg.folder_for(GENERATED_FOLDERS[dims], root)
     if generated != folder:
         generated.mkdir(parents=True, exist_ok=True)
     return info
+
+
+def _generate(folder: Path, params: dict[str, Any], params_path: str | Path, dims: int) -> SourceInfo:
+    """The embedded data: ``synth:`` volumes, or ``synth_2d:`` Figshare and Kaggle images."""
+    if dims == 3:
+        from tumorseg.data.synth import synthesize_dataset
+
+        cfg = section("synth", params, source=params_path)
+        return SourceInfo(folder, True, cfg.layout, len(synthesize_dataset(folder, cfg)))
+    from tumorseg.data.planar_synth import synthesize_planar_dataset
+    from tumorseg.data.readers import IMAGE_LAYOUTS
+
+    cfg = section("synth_2d", params, source=params_path)
+    written = [synthesize_planar_dataset(folder / layout, layout, cfg) for layout in IMAGE_LAYOUTS]
+    return SourceInfo(folder, True, "+".join(IMAGE_LAYOUTS), sum(len(w) for w in written))

@@ -73,6 +73,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ import numpy as np
 import pandas as pd
 
 from tumorseg.config import SplitConfig
-from tumorseg.data.manifest import atomic_write_text
+from tumorseg.data.manifest import MANIFEST_NAME, STATUS_OK, atomic_write_text
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -232,9 +233,9 @@ def make_split(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Spli
     """
     index_file = Path(preprocessed_dir) / INDEX_NAME
     if not index_file.is_file():
-        from tumorseg.data.planar_dataset import is_planar_preprocessed, split_planar
+        from tumorseg.data.readers import IMAGE, preprocessed_dims
 
-        if is_planar_preprocessed(Path(preprocessed_dir)):  # 2-D data: manifest.csv + <case_id>.npz
+        if preprocessed_dims(Path(preprocessed_dir)) == IMAGE:  # images: manifest.csv + <case_id>.npz
             if cfg.method != STRATIFIED:
                 raise DataError(
                     f"split.method: {cfg.method} is for 3-D datasets; 2-D data ({preprocessed_dir}) is "
@@ -790,3 +791,44 @@ def assign_patients(
         for i, patient in enumerate(patients):
             assignment[patient] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return assignment
+
+
+# ---------------------------------------------------------------- images (Figshare, Kaggle)
+def _patient_stratum(cases: pd.DataFrame) -> str:
+    """``<source>/tumour/<type>``, ``<source>/tumour`` (type unknown) or ``<source>/tumour-free``."""
+    source = Counter(cases["source"]).most_common(1)[0][0]
+    if not (cases["has_tumour"] == "True").any():
+        return f"{source}/tumour-free"
+    types = [t for t in cases["tumour_type"] if t]
+    return f"{source}/tumour/{Counter(types).most_common(1)[0][0]}" if types else f"{source}/tumour"
+
+
+def split_planar_cases(table: pd.DataFrame, cfg: SplitConfig) -> Split:
+    """Patient-level stratified split of a preprocessed 2-D manifest table.
+
+    Cases whose tumour status is unknown (``has_tumour`` empty) are left out as unlabelled.
+
+    Raises:
+        DataError: fewer than 3 labelled patients, or a case id twice.
+    """
+    table = table.astype(str)
+    labelled = table["has_tumour"].isin(["True", "False"])
+    unlabelled = sorted(table.loc[~labelled, "case_id"])
+    table = table.loc[labelled]
+    if table["case_id"].duplicated().any():
+        raise DataError(
+            f"manifest.csv: case {table.loc[table['case_id'].duplicated(), 'case_id'].iloc[0]} appears twice"
+        )
+    strata = {str(p): _patient_stratum(cases) for p, cases in table.groupby("patient_id", sort=True)}
+    return split_by_patient(table, strata, cfg, unlabelled)
+
+
+def split_planar(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Split:
+    """Split ``preprocessed_dir/manifest.csv`` (2-D) and write the split JSON to ``out_file`` atomically."""
+    path = Path(preprocessed_dir) / MANIFEST_NAME
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    table = table[table["status"] == STATUS_OK] if "status" in table.columns else table
+    split = split_planar_cases(table, cfg)
+    out_file = Path(out_file)
+    atomic_write_text(out_file, json.dumps(split.to_dict(), indent=1) + "\n")
+    return dataclasses.replace(split, out_file=out_file)

@@ -1,11 +1,8 @@
-"""The threaded case reader of ``tumorseg predict``: decode every file in its own thread, then preprocess.
+"""The threaded case reader of ``predict`` and ``preprocess``: decode each file in its own thread.
 
-:func:`read_preprocessed` gives the same bits as ``preprocess_case(read_case(case), cfg)``
-(:mod:`tumorseg.data.preprocessed_case`) without ever holding a case's full-resolution float
-image: each modality file is inflated, decoded and reoriented in its own thread
-(:func:`decode_case`, no torch), and the torch thread resamples the channels one by one
-(:meth:`DecodedCase.preprocess`). Prediction decodes the next case while the current one is
-inferred; the dataset stage (:mod:`tumorseg.data.preprocess`) reads every case through it too.
+Same bits as ``preprocess_case(read_case(case), cfg)`` without ever holding a case's full-resolution
+float image: each modality is inflated, decoded and reoriented in its own thread (no torch), then the
+torch thread resamples the channels one by one. Prediction decodes the next case meanwhile.
 """
 
 from __future__ import annotations
@@ -36,23 +33,19 @@ from tumorseg.data.preprocessed_case import (
     crop_and_normalise,
     preprocess_case,
     ras_float32,
+    source_fields,
 )
 from tumorseg.errors import DataError
 
 
 @dataclass
 class DecodedCase:
-    """A case read from disk and reoriented, not yet resampled: what :func:`decode_case` returns.
-
-    Decoding uses no torch, so it may run in any thread (e.g. reading the next case of a folder
-    while the current one is inferred); :meth:`preprocess` resamples with torch and belongs in the
-    thread that runs torch.
+    """A case read from disk and reoriented, not yet resampled (no torch, so any thread may decode it).
 
     Attributes:
         grid: the source grid (T1 header), or None when the case went through :func:`read_case`.
         channels: modality -> RAS float32 volume at full resolution.
         source: the geometry entries describing where the case came from.
-        labels: canonical source labels, or None.
         volumes: the :func:`read_case` result for the cases the threaded path declines (else None).
     """
 
@@ -63,19 +56,13 @@ class DecodedCase:
     volumes: CaseVolumes | None = None
 
     def preprocess(self, cfg: PreprocessConfig) -> PreprocessedCase:
-        """Resample the channels one by one (each full-resolution volume released once done), crop, z-score.
-
-        Raises:
-            DataError: NaN/inf voxels, or no brain.
-        """
+        """Resample (torch: call it from the torch thread; each full-resolution channel is released once
+        resampled), crop and z-score; :class:`DataError` on NaN/inf voxels or no brain."""
         if self.volumes is not None:
             return preprocess_case(self.volumes, cfg)
         assert self.grid is not None
-        channels = []
-        for modality in CANONICAL_MODALITIES:
-            channels.append(
-                resize(self.channels.pop(modality), self.grid.resampled_shape, cfg.image_interpolation_order)
-            )
+        shape, order = self.grid.resampled_shape, cfg.image_interpolation_order
+        channels = [resize(self.channels.pop(modality), shape, order) for modality in CANONICAL_MODALITIES]
         return crop_and_normalise(np.stack(channels), self.grid, self.source, self.labels, cfg)
 
 
@@ -84,16 +71,9 @@ def decode_case(
 ) -> DecodedCase:
     """Read a case's files, each inflated, decoded, reoriented and converted to float32 in its own thread.
 
-    No torch runs here (see :func:`read_preprocessed`). Cases this path does not take (an MSD 4-D
-    image, a file that does not decode, a wrong dimensionality, shapes that differ) go through
-    :func:`read_case`, which raises its one-line :class:`DataError` naming the file, or reads what
-    this path declined.
-
-    Args: as :func:`read_preprocessed`.
-
-    Raises:
-        DataError: missing/unreadable file, wrong dimensionality, differing shapes, label values
-            outside the convention, NaN/inf voxels.
+    Cases this path does not take (an MSD 4-D image, a file that does not decode, a wrong
+    dimensionality, differing shapes) go through :func:`read_case`, which reads them or raises its
+    one-line :class:`DataError`. Arguments and errors as :func:`read_preprocessed`.
     """
     if not labels and case.has_seg:
         case = dataclasses.replace(case, paths={**case.paths, "seg": None})
@@ -137,15 +117,7 @@ def decode_case(
             source_labels = encode_labels(decoded.pop("seg"), case.label_convention)
         except ValueError as exc:
             raise DataError(f"{case.case_id}: {case.paths['seg'].name}: {exc}") from None
-    source = {
-        "case_id": case.case_id,
-        "patient_id": case.patient_id,
-        "layout": case.layout,
-        "label_convention": case.label_convention,
-        "source_orientation": orientation_code(grid.affine),
-        "source_spacing_mm": [float(s) for s in spacing_from_affine(grid.affine)],
-        "source_sha256": digests,
-    }
+    source = source_fields(case, orientation_code(grid.affine), spacing_from_affine(grid.affine), digests)
     return DecodedCase(grid, decoded, source, source_labels)
 
 
@@ -154,21 +126,13 @@ def read_preprocessed(
 ) -> PreprocessedCase:
     """Read a case from disk and preprocess it, never holding its full-resolution float image.
 
-    Same result as ``preprocess_case(read_case(case), cfg)``, from the same functions: each modality
-    file is inflated, decoded, reoriented and converted to float32 in its own thread
-    (:func:`decode_case`, with the grid of the T1 header; none of it holds the GIL for long), then
-    this thread resamples the channels (:func:`~tumorseg.data.grid.resize`) one by one, releasing each full-resolution
-    volume as soon as it is resampled (:meth:`DecodedCase.preprocess`). Torch runs in its own thread
-    pool only: torch called from the reading threads would start an OpenMP team per thread, and
-    those teams slow down the inference that follows, or, while other threads still inflate, the
-    resampling itself.
+    Decoding (:func:`decode_case`, none of it holds the GIL for long) and torch's resampling
+    (:meth:`DecodedCase.preprocess`) stay in separate threads: torch called from the reading threads
+    would start an OpenMP team per thread, which slows down the resampling and the inference after it.
 
     Args:
-        case: the files.
-        cfg: the ``preprocess`` section.
         labels: also read ``seg`` when the case has one (False: prediction, the image alone).
-        sha256: hash the files (``source_sha256`` in the geometry; False leaves it empty: prediction
-            keeps no provenance of its input).
+        sha256: hash the files into ``source_sha256`` (False leaves it empty, as prediction does).
 
     Raises:
         DataError: missing/unreadable file, wrong dimensionality, differing shapes, label values

@@ -1,22 +1,9 @@
-"""MONAI dictionary transforms for training and validation on preprocessed cases.
+"""MONAI dictionary transforms for training patches, and the ``data_loader:`` / ``augment:`` sections.
 
-A preprocessed case (``data/preprocessed/cases/<case_id>.npz``) holds ``image`` float16
-``(4, X, Y, Z)`` (t1, t1ce, t2, flair; z-scored on brain voxels, 0 outside), ``label`` uint8
-``(X, Y, Z)`` in canonical codes and ``brain`` bool ``(X, Y, Z)``.
-
-A training draw reads one patch out of core (:mod:`tumorseg.data.case_store`: a share of the
-patches centred on tumour, the rest on brain), then runs the random part here on the patch:
-flips, rotation/scaling, optional elastic deformation, intensity scale/shift, gamma and noise.
-Spatial augmentation runs on the patch, not the volume, which keeps the CPU cost per patch small.
-
-In 2-D mode the crop is an axial slab ``(px, py, 1)`` whose last axis is squeezed away, so
-2-D training sees ``(4, px, py)`` slices with the same sampling and augmentation.
-
-Labels stay canonical codes ``(1, *spatial)`` here; the LightningModule turns them into
-WT/TC/ET region channels or one-hot labels, so one data pipeline serves both output modes.
-
-The section models :class:`DataLoaderConfig` (``data_loader:``) and :class:`AugmentConfig`
-(``augment:``) live here, next to the code that reads them.
+A training draw reads one patch out of core (:mod:`tumorseg.data.case_store`), then runs the random
+part here on the patch, not the volume, which keeps the CPU cost per patch small. In 2-D mode the
+crop is an axial slab ``(px, py, 1)`` whose last axis is squeezed away. Labels stay canonical codes
+``(1, *spatial)``; the LightningModule turns them into region channels or one-hot labels.
 """
 
 from __future__ import annotations
@@ -38,17 +25,12 @@ class DataLoaderConfig(Section):
     """``data_loader:`` patch sampling, batching and loader workers.
 
     Attributes:
-        mode: ``3d`` patches or ``2d`` axial slices.
         patch_size: 3-D training patch (voxels); also the sliding-window ROI at validation.
-        patch_size_2d: in-plane size of 2-D slice patches.
         batch_size: patches per optimiser step (per device).
-        sampler: ``pos_neg`` (foreground vs. brain background) or ``label_classes``
-            (per-label shares, oversamples rare NCR/ET).
-        foreground_fraction: share of patches centred on a tumour voxel (``pos_neg``).
-        class_ratios: relative shares of patch centres on bg/NCR/ED/ET (``label_classes``).
-        num_workers: DataLoader worker processes for patch reading and augmentation.
+        sampler: ``pos_neg`` (``foreground_fraction`` of the patches centred on tumour, the rest on
+            brain) or ``label_classes`` (``class_ratios`` of centres on bg/NCR/ED/ET: rare NCR/ET
+            oversampled).
         cache_mb: in-memory case cache budget (MiB, per process); 0 reads every patch out of core.
-        pin_memory: pin host memory (useful on GPU only).
     """
 
     mode: Literal["3d", "2d"] = "3d"
@@ -68,8 +50,7 @@ class DataLoaderConfig(Section):
             raise ValueError("patch_size values must be positive")
         if min(self.patch_size_2d) < 1:
             raise ValueError("patch_size_2d values must be positive")
-        if min(self.class_ratios) < 0 or self.class_ratios[0] <= 0:
-            # tumour-free cases offer only background centres; a zero share there leaves nothing to draw
+        if min(self.class_ratios) < 0 or self.class_ratios[0] <= 0:  # tumour-free cases have only bg
             raise ValueError("class_ratios must be non-negative with a positive background (first) share")
         return self
 
@@ -95,8 +76,7 @@ class DataLoaderConfig(Section):
 class AugmentConfig(Section):
     """``augment:`` random augmentation of training patches (probabilities are per patch).
 
-    Rotation and scaling share one affine resampling (:class:`monai.transforms.RandAffined`),
-    which halves the interpolation cost on CPU compared with separate transforms.
+    Rotation and scaling share one affine resampling (half the CPU cost of separate transforms).
     Elastic deformation is off by default: on a 2-core CPU it costs more than a training step.
     """
 
@@ -128,17 +108,12 @@ class AugmentConfig(Section):
 IMAGE_KEY = "image"
 LABEL_KEY = "label"
 BRAIN_KEY = "brain"
-CASE_INDEX_KEY = "case_index"
-"""Position of the case in its split; validation uses it to drop DDP padding duplicates."""
+CASE_INDEX_KEY = "case_index"  # position in the split; validation drops DDP padding duplicates by it
 
 
 def load_preprocessed_case(path: str | Path) -> dict[str, np.ndarray]:
-    """Read one preprocessed ``.npz`` case.
-
-    Returns:
-        ``image`` float32 ``(4, X, Y, Z)``, ``label`` uint8 ``(1, X, Y, Z)``, ``brain`` bool
-        ``(1, X, Y, Z)`` (channel-first, as MONAI dictionary transforms expect).
-    """
+    """Read one preprocessed ``.npz`` case, channel-first as MONAI dictionary transforms expect:
+    ``image`` float32 ``(4, X, Y, Z)``, ``label`` uint8 and ``brain`` bool ``(1, X, Y, Z)``."""
     with np.load(path) as npz:
         return {
             IMAGE_KEY: npz["image"].astype(np.float32),
@@ -161,7 +136,7 @@ def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[A
     )
 
     keys = [IMAGE_KEY, LABEL_KEY]
-    modes = ("bilinear", "nearest")
+    spatial = {"keys": keys, "mode": ("bilinear", "nearest"), "padding_mode": "zeros"}
     steps: list[Any] = []
     if augment.flip_prob > 0:
         steps += [
@@ -171,35 +146,18 @@ def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[A
         angle = math.radians(augment.rotate_deg)
         steps.append(
             RandAffined(
-                keys=keys,
                 prob=augment.affine_prob,
                 rotate_range=(angle,) * (3 if spatial_dims == 3 else 1),
                 scale_range=(augment.scale_range,) * spatial_dims,
-                mode=modes,
-                padding_mode="zeros",
+                **spatial,
             )
         )
     if augment.elastic_prob > 0:
+        elastic = {"magnitude_range": augment.elastic_magnitude, "prob": augment.elastic_prob, **spatial}
         if spatial_dims == 3:
-            elastic = Rand3DElasticd(
-                keys=keys,
-                sigma_range=augment.elastic_sigma,
-                magnitude_range=augment.elastic_magnitude,
-                prob=augment.elastic_prob,
-                mode=modes,
-                padding_mode="zeros",
-            )
-        else:
-            # The 2-D variant deforms a control-point grid; its spacing plays the role of sigma.
-            elastic = Rand2DElasticd(
-                keys=keys,
-                spacing=augment.elastic_sigma,
-                magnitude_range=augment.elastic_magnitude,
-                prob=augment.elastic_prob,
-                mode=modes,
-                padding_mode="zeros",
-            )
-        steps.append(elastic)
+            steps.append(Rand3DElasticd(sigma_range=augment.elastic_sigma, **elastic))
+        else:  # the 2-D variant deforms a control-point grid whose spacing plays the role of sigma
+            steps.append(Rand2DElasticd(spacing=augment.elastic_sigma, **elastic))
     if augment.intensity_scale_prob > 0:
         steps.append(
             RandScaleIntensityd(

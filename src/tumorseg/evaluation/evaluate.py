@@ -1,40 +1,11 @@
 """Score predicted segmentations against references, like each BraTS challenge's official evaluator.
 
-Two entry points:
-
-- :func:`evaluate_case` scores internal label arrays (``(H, W, D)``, the codes of the convention's
-  label set) held in memory, so training and inference code can score without writing NIfTI.
-- :func:`evaluate_folders` pairs two folders of ``<case_id>.nii.gz`` files, reads both through
-  their convention, writes the long per-case CSV (:data:`EVALUATION_COLUMNS`, one row per case and
-  scored region), a JSON summary (:mod:`.summary`) and figures (:mod:`.plots`). ``tumorseg evaluate``
-  and the pipeline's evaluate stage both call it.
-
-Folder rules:
-
-- Files are matched by case id, the file name without ``.nii.gz`` / ``.nii``. A reference case
-  without a prediction is scored as an empty prediction and listed (``prediction_missing`` in the
-  CSV, ``missing_predictions`` in the summary); predictions without a reference are ignored with a
-  warning and listed as ``extra_predictions``. No match at all is an error.
-- A prediction must have the reference's shape and affine (within ``affine_tolerance_mm``).
-- Distances use the reference header's zooms (mm); volumes are voxels x voxel volume, in ml.
-
-Label convention (``--labels``, default ``evaluate.labels``): any convention of
-:file:`tumorseg/data/label_sets.yaml`. It decides the codes, the scored regions (WT, TC, ET for
-BraTS 2021/2023; WT, TC, NETC, SNFH, ET, RC for BraTS 2024 GLI; ...), each region's lesion-wise
-dilation and minimum lesion volume, the lesion-wise rules (2023 or 2024) and the HD95 penalty.
-
-``auto``:
-
-1. a ``dataset.json`` beside the references (in the folder or its parent) that names its labels
-   decides for every case (label 1 oedema: ``msd``; a resection cavity: ``brats2024-gli``; ...);
-2. else a BraTS 2023+ case id names its sub-challenge: ``BraTS-GLI`` -> ``brats2023``,
-   ``-SSA``/``-MEN``/``-MET``/``-GoAT`` -> their 2023 conventions. ``BraTS-PED`` (2023 and 2024 code
-   it differently) and a label 4 in a ``BraTS-GLI`` case (a 2024 resection cavity, or 2021 codes)
-   are errors asking for ``--labels``;
-3. else a label value 4 means ``brats2021`` and anything else ``brats2023`` (values 1, 2, 3 alone
-   cannot tell BraTS 2023 from MSD, hence rule 1).
-
-Cases whose conventions score different regions cannot be summarised together: an error.
+:func:`evaluate_case` scores internal label arrays ``(H, W, D)`` held in memory;
+:func:`evaluate_folders` pairs two folders of ``<case_id>.nii.gz`` by case id and writes the long
+per-case CSV (:data:`EVALUATION_COLUMNS`), a JSON summary (:mod:`.summary`) and figures
+(:mod:`.plots`). A reference without a prediction is scored as an empty prediction; predictions
+must lie on the reference's grid. Distances use the reference zooms (mm), volumes are in ml. The
+label conventions, the ``--labels auto`` rules and every metric rule are in ``docs/evaluation.md``.
 """
 
 from __future__ import annotations
@@ -72,7 +43,7 @@ EVALUATION_COLUMNS: tuple[str, ...] = (
     "lesions_fp",
     "prediction_missing",
 )
-"""Columns of the per-case CSV, in order (lesion counts as in the official Num_TP / Num_FN / Num_FP)."""
+"""Per-case CSV columns (lesion counts as the official Num_TP / Num_FN / Num_FP)."""
 
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 AUTO_DEFAULT_CONVENTION = "brats2023"
@@ -81,15 +52,7 @@ TUMOUR_FREE_TYPE = "tumour-free"
 
 @dataclass
 class EvaluationResult:
-    """What :func:`evaluate_folders` computed and wrote.
-
-    Attributes:
-        per_case: the long table (:data:`EVALUATION_COLUMNS`), one row per case and region.
-        summary: the JSON summary as a dict.
-        csv_path: the CSV written.
-        summary_path: the JSON written.
-        plot_paths: PNGs written (empty when plots are off).
-    """
+    """What :func:`evaluate_folders` computed (``per_case``: one row per case and region) and wrote."""
 
     per_case: pd.DataFrame
     summary: dict[str, Any]
@@ -121,34 +84,22 @@ def evaluate_case(
     case_id: str = "",
     prediction_missing: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every metric of every scored region of one case, from internal label arrays.
+    """Every metric of every scored region of one case: one dict per region (:data:`EVALUATION_COLUMNS`).
 
-    Args:
-        pred_canonical: predicted labels in the internal codes of the convention's label set
-            (glioma: 0 bg, 1 NCR, 2 ED, 3 ET), ``(H, W, D)``.
-        ref_canonical: reference labels, same codes, ``(H, W, D)``.
-        spacing: voxel size in mm along the three axes.
-        cfg: the ``evaluate`` params section (connectivities).
-        convention: whose regions, lesion-wise parameters, rules and HD95 penalty apply.
-        case_id: written into each row.
-        prediction_missing: written into each row (the prediction file did not exist).
-
-    Returns:
-        One dict per scored region (WT, TC, ET for BraTS 2021/2023), keys of :data:`EVALUATION_COLUMNS`.
+    ``pred_canonical`` and ``ref_canonical`` are ``(H, W, D)`` in the internal codes of the
+    convention's label set (glioma: 0 bg, 1 NCR, 2 ED, 3 ET); spacing in mm.
     """
     convention = get_convention(convention) if isinstance(convention, str) else convention
     if cfg.hd95_penalty_mm is not None:  # a user's override (e.g. nnU-Net's 373.13 diagonal)
         convention = dataclasses.replace(convention, hd95_penalty_mm=float(cfg.hd95_penalty_mm))
-    pred = np.asarray(pred_canonical)
-    ref = np.asarray(ref_canonical)
+    pred, ref = np.asarray(pred_canonical), np.asarray(ref_canonical)
     if pred.shape != ref.shape or ref.ndim != 3:
         raise ValueError(f"expected two 3-D label arrays of one shape, got {pred.shape} and {ref.shape}")
     spacing = tuple(float(s) for s in spacing)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     total_voxels = ref.size
     pred, ref = _labelled_box(pred, ref, convention)
-    pred_regions = convention.region_masks(pred)
-    ref_regions = convention.region_masks(ref)
+    pred_regions, ref_regions = convention.region_masks(pred), convention.region_masks(ref)
     counts = confusion_counts(pred_regions, ref_regions)
     counts[:, 2] += total_voxels - ref.size
     overlaps = overlap_metrics(counts)
@@ -191,16 +142,10 @@ def evaluate_case(
 def _labelled_box(
     pred: np.ndarray, ref: np.ndarray, convention: LabelConvention
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Both maps cut to the box of their labelled union, grown by the largest lesion dilation reach.
-
-    Everything is scored inside it: the voxels outside are true negatives of every region (counted
-    back from the full size), and no lesion's dilation reaches past its edge.
-    """
+    """Both maps cut to their labelled union box grown by the largest dilation reach (outside: all TN)."""
     reach = max((rule.dilation for rule in convention.scored), default=0)
     box = bounding_box((pred > 0) | (ref > 0), margin=reach + 1)
-    if box is None:
-        return pred, ref
-    return pred[box], ref[box]
+    return (pred, ref) if box is None else (pred[box], ref[box])
 
 
 # ---------------------------------------------------------------- reading folders
@@ -215,11 +160,7 @@ def case_id_of(path: Path) -> str | None:
 
 
 def list_cases(folder: Path, what: str) -> dict[str, Path]:
-    """Case id -> file for every ``<case_id>.nii.gz`` / ``.nii`` directly in ``folder``.
-
-    Raises:
-        DataError: the folder is missing, or one case id has both a ``.nii`` and a ``.nii.gz``.
-    """
+    """Case id -> file for every ``<case_id>.nii.gz`` / ``.nii`` directly in ``folder``."""
     if not folder.is_dir():
         raise DataError(f"{folder}: {what} folder not found")
     cases: dict[str, Path] = {}
@@ -236,11 +177,7 @@ def list_cases(folder: Path, what: str) -> dict[str, Path]:
 
 
 def read_label_volume(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """Label array ``(H, W, D)``, affine ``(4, 4)`` and zooms (mm) of a segmentation NIfTI.
-
-    Raises:
-        DataError: unreadable or not a 3-D volume (a trailing singleton 4th axis is accepted).
-    """
+    """Label array ``(H, W, D)``, affine ``(4, 4)`` and zooms (mm); a singleton 4th axis is dropped."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
 
@@ -267,16 +204,7 @@ def _label_values(labels: np.ndarray) -> set[int]:
 
 
 def convention_from_dataset_json(path: Path) -> str | None:
-    """Label convention named by a ``dataset.json`` (MSD ``{"1": "edema"}`` or nnU-Net v2 ``{"edema": 1}``).
-
-    Returns:
-        ``msd`` when label 1 is oedema, ``brats2024-gli`` when a resection cavity is declared,
-        ``brats2024-ped`` when a cyst is, ``brats2021`` when a label 4 exists, ``brats2023`` when
-        label 1 is necrosis / non-enhancing core, None when the file does not say.
-
-    Raises:
-        DataError: the file is not valid JSON.
-    """
+    """Convention a ``dataset.json`` names (MSD ``{"1": "edema"}``, nnU-Net v2 ``{"edema": 1}``), or None."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -312,7 +240,7 @@ BRATS_CHALLENGE_PREFIX = re.compile(r"^BraTS-(?P<challenge>[A-Za-z]+)-\d+", re.I
 
 
 def resolve_base_convention(ref_dir: Path, labels: str) -> tuple[str, bool]:
-    """The folder's convention before the per-case rules, and whether it was given (or read from ``dataset.json``)."""
+    """The convention before per-case rules, and whether it was given or read from ``dataset.json``."""
     if labels != "auto":
         get_convention(labels)  # validates the name
         return labels, True
@@ -326,11 +254,10 @@ def resolve_base_convention(ref_dir: Path, labels: str) -> tuple[str, bool]:
 
 
 def case_convention(case_id: str, values: set[int], base: str, explicit: bool, path: Path) -> str:
-    """The convention of one case under ``--labels auto`` (module docstring rules).
+    """The convention of one case under ``--labels auto``: explicit base, BraTS prefix, then label 4.
 
     Raises:
-        DataError: a ``BraTS-PED`` case (2023 and 2024 code it differently), or a label 4 in a
-            ``BraTS-GLI`` case (a 2024 post-treatment resection cavity?): pass ``--labels``.
+        DataError: an ambiguous prefix (``BraTS-PED``), or a label 4 in a prefixed case.
     """
     from tumorseg.data.conventions import AMBIGUOUS_BRATS_PREFIXES, BRATS_PREFIX_CONVENTIONS
 
@@ -344,26 +271,20 @@ def case_convention(case_id: str, values: set[int], base: str, explicit: bool, p
             raise DataError(
                 f"{path}: BraTS-{challenge} cases are coded differently in 2023 and 2024; pass --labels {choices}"
             )
-        convention = BRATS_PREFIX_CONVENTIONS.get(challenge, AUTO_DEFAULT_CONVENTION)
         if 4 in values:
             raise DataError(
                 f"{path}: label 4 in a BraTS-{match['challenge']} case (a BraTS 2024 resection cavity?); "
                 "pass --labels brats2024-gli, or brats2021 if 4 is enhancing tumour"
             )
-        return convention
+        return BRATS_PREFIX_CONVENTIONS.get(challenge, AUTO_DEFAULT_CONVENTION)
     return "brats2021" if 4 in values else base
 
 
 def read_tumour_types(case_info: Path | None, ref_dir: Path) -> dict[str, str] | None:
     """Case id -> tumour type from ``--case-info`` (CSV ``case_id,tumour_type``) or ``synth_meta.json``.
 
-    ``synth_meta.json`` beside the references may be a list of case records, ``{"cases": [...]}``
-    (what ``tumorseg synth`` writes) or a mapping ``case_id -> record``; records name the type
-    ``tumour_type`` (or ``tumor_type``); a null type with ``tumour_free: true`` is
-    :data:`TUMOUR_FREE_TYPE`.
-
-    Raises:
-        DataError: ``--case-info`` missing, unreadable or without the two columns.
+    ``synth_meta.json`` beside the references: a list of records, ``{"cases": [...]}`` (``tumorseg
+    synth``) or ``{case_id: record}``; a null type with ``tumour_free: true`` is :data:`TUMOUR_FREE_TYPE`.
     """
     if case_info is not None:
         if not case_info.is_file():
@@ -401,11 +322,10 @@ def read_tumour_types(case_info: Path | None, ref_dir: Path) -> dict[str, str] |
 
 
 def find_background_image(images_dir: Path, case_id: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A FLAIR-like image of a case from a folder in any layout, for overlays; None when not found.
+    """A FLAIR-like image of a case, for overlays, from a folder in any layout; None when not found.
 
-    Looks for NIfTI files named ``<case_id>`` / ``<case_id>_*`` / ``<case_id>-*`` or inside a
-    ``<case_id>/`` folder, skipping segmentations; prefers FLAIR (``flair``, ``t2f``), then T2,
-    then anything. A 4-D image gives its first channel (FLAIR in MSD Task01). Wrong shapes are skipped.
+    Prefers FLAIR (``flair``, ``t2f``), then T2, then anything; a 4-D image gives its first channel
+    (FLAIR in MSD Task01); segmentations and wrong shapes are skipped.
     """
     import nibabel as nib
 
@@ -413,17 +333,11 @@ def find_background_image(images_dir: Path, case_id: str, shape: tuple[int, ...]
         cid = case_id_of(path)
         if cid is None or "seg" in cid.lower() or "label" in cid.lower():
             return False
-        return (
-            path.parent.name == case_id
-            or cid == case_id
-            or cid[len(case_id) : len(case_id) + 1] in {"_", "-", "."}
-        )
+        return path.parent.name == case_id or cid == case_id or cid[len(case_id) :][:1] in {"_", "-", "."}
 
     def rank(path: Path) -> int:
         name = path.name.lower()
-        if "flair" in name or "t2f" in name:
-            return 0
-        return 1 if "t2" in name else 2
+        return 0 if "flair" in name or "t2f" in name else 1 if "t2" in name else 2
 
     candidates = sorted((p for p in images_dir.rglob(f"*{case_id}*") if p.is_file() and belongs(p)), key=rank)
     for path in candidates:
@@ -446,13 +360,12 @@ class _CaseSource:
     pred_path: Path | None
     convention: str
 
-
-def _load_case(source: _CaseSource) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical (pred, ref) of a case, already validated during scoring."""
-    ref, _, _ = read_label_volume(source.ref_path)
-    pred = read_label_volume(source.pred_path)[0] if source.pred_path else np.zeros_like(ref)
-    convention = get_convention(source.convention)
-    return convention.encode(pred), convention.encode(ref)
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """Canonical (pred, ref), already validated during scoring."""
+        ref, _, _ = read_label_volume(self.ref_path)
+        pred = read_label_volume(self.pred_path)[0] if self.pred_path else np.zeros_like(ref)
+        convention = get_convention(self.convention)
+        return convention.encode(pred), convention.encode(ref)
 
 
 def evaluate_folders(
@@ -468,27 +381,14 @@ def evaluate_folders(
     make_plots: bool | None = None,
     case_conventions: dict[str, str] | None = None,
 ) -> EvaluationResult:
-    """Evaluate a folder of predictions against a folder of references (module docstring rules).
+    """Evaluate a folder of predictions against a folder of references.
 
     Args:
-        pred_dir: folder of ``<case_id>.nii.gz`` predictions.
-        ref_dir: folder of ``<case_id>.nii.gz`` references (may hold ``dataset.json`` and
-            ``synth_meta.json``).
-        out_csv: per-case CSV to write.
-        labels: ``auto`` | ``brats2021`` | ``brats2023`` | ``msd``; None means ``cfg.labels``.
-        cfg: the ``evaluate`` params section (defaults when None).
-        summary_path: JSON summary path; default ``<out_csv without .csv>.summary.json``.
-        case_info: optional CSV ``case_id,tumour_type`` for per-type statistics.
-        images_dir: optional images (any layout) to draw overlays on.
-        make_plots: None means ``cfg.plots``; plots go to ``<out_csv stem>_plots/``.
-        case_conventions: case id -> convention, known from ingest; these cases skip the auto rules.
-
-    Returns:
-        The table, the summary and the paths written.
-
-    Raises:
-        DataError: missing folders, no matching case, unreadable NIfTI, shape or affine mismatch,
-            labels outside the convention (one line naming the file).
+        labels: ``auto`` or a convention name; None means ``cfg.labels`` (as ``make_plots``: ``cfg.plots``).
+        summary_path: default ``<out_csv stem>.summary.json``; plots go to ``<out_csv stem>_plots/``.
+        case_info: CSV ``case_id,tumour_type`` for per-type statistics (else ``synth_meta.json``).
+        images_dir: images (any layout) to draw overlays on.
+        case_conventions: case id -> convention known from ingest; these cases skip the auto rules.
     """
     cfg = cfg or EvaluateConfig()
     pred_dir, ref_dir, out_csv = Path(pred_dir), Path(ref_dir), Path(out_csv)
@@ -505,17 +405,10 @@ def evaluate_folders(
         ref_path, pred_path = pairs.ref[case_id], pairs.pred.get(case_id)
         ref, pred, spacing = _read_pair(ref_path, pred_path, cfg)
         convention_name, convention = conventions.resolve(case_id, ref, pred, ref_path)
-        canonical = _encode_pair(convention, ref, pred, ref_path, pred_path)
-        rows.extend(
-            evaluate_case(
-                canonical["pred"],
-                canonical["ref"],
-                spacing,
-                cfg,
-                convention=convention,
-                case_id=case_id,
-                prediction_missing=pred_path is None,
-            )
+        pred, ref = _encode_pair(convention, ref, pred, ref_path, pred_path)
+        missing = pred_path is None
+        rows += evaluate_case(
+            pred, ref, spacing, cfg, convention=convention, case_id=case_id, prediction_missing=missing
         )
         sources[case_id] = _CaseSource(ref_path, pred_path, convention_name)
         logger.debug("evaluated %s (%d/%d)", case_id, number, len(pairs.ref))
@@ -534,13 +427,7 @@ def evaluate_folders(
 
 @dataclass(frozen=True)
 class _FolderPairs:
-    """The cases of a prediction and a reference folder, matched by case id.
-
-    Attributes:
-        ref, pred: case id -> file, per folder.
-        missing: reference cases without a prediction (scored as empty predictions).
-        extra: predictions without a reference (ignored).
-    """
+    """Case id -> file of both folders; ``missing``: references without prediction, ``extra``: the reverse."""
 
     ref: dict[str, Path]
     pred: dict[str, Path]
@@ -549,11 +436,7 @@ class _FolderPairs:
 
     @classmethod
     def of(cls, pred_dir: Path, ref_dir: Path) -> _FolderPairs:
-        """List and match both folders, warning about unmatched cases on either side.
-
-        Raises:
-            DataError: a folder is missing, has no reference, or no prediction matches a reference.
-        """
+        """List and match both folders, warning about unmatched cases on either side."""
         ref_cases = list_cases(ref_dir, "reference")
         pred_cases = list_cases(pred_dir, "prediction")
         if not ref_cases:
@@ -579,12 +462,7 @@ class _FolderPairs:
 def _read_pair(
     ref_path: Path, pred_path: Path | None, cfg: EvaluateConfig
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    """``(ref, pred, spacing)`` of a case as stored; an empty prediction where the file is missing.
-
-    Raises:
-        DataError: unreadable file, or a prediction off the reference's grid (shape, or affine
-            beyond ``cfg.affine_tolerance_mm``).
-    """
+    """``(ref, pred, spacing)`` as stored (empty prediction when missing), the prediction checked on-grid."""
     ref, ref_affine, spacing = read_label_volume(ref_path)
     if pred_path is None:
         return ref, np.zeros_like(ref), spacing
@@ -605,7 +483,6 @@ class _FolderConventions:
     """The label convention of each case of a folder, and the checks that the folder is read as one.
 
     Attributes:
-        base, explicit: from :func:`resolve_base_convention`.
         known: case id -> convention known from ingest (skips the auto rules), or None.
         first_of: scored regions -> the first case read with them (convention, reference file).
         with_3, with_4: references without a BraTS prefix holding label 3 / 4 (auto rules only).
@@ -621,12 +498,7 @@ class _FolderConventions:
     def resolve(
         self, case_id: str, ref: np.ndarray, pred: np.ndarray, ref_path: Path
     ) -> tuple[str, LabelConvention]:
-        """The name and the convention of one case.
-
-        Raises:
-            DataError: an ambiguous case (:func:`case_convention`), or a folder that mixes
-                conventions (labels 3 and 4 without a BraTS prefix; conventions scoring other regions).
-        """
+        """The name and the convention of one case; DataError when the folder mixes conventions."""
         if self.known and case_id in self.known:
             name = self.known[case_id]
         else:
@@ -658,10 +530,7 @@ class _FolderConventions:
         return name
 
     def settle(self, sources: dict[str, _CaseSource]) -> None:
-        """Once every case is read: with a label 4 somewhere, the folder is BraTS 2021 as a whole.
-
-        Cases without 3 or 4 read the same under both, so only their recorded name changes.
-        """
+        """With a label 4 anywhere the folder is BraTS 2021; cases without 3 or 4 only change name."""
         if self.with_4:
             for source in sources.values():
                 if source.convention == AUTO_DEFAULT_CONVENTION:
@@ -670,19 +539,15 @@ class _FolderConventions:
 
 def _encode_pair(
     convention: LabelConvention, ref: np.ndarray, pred: np.ndarray, ref_path: Path, pred_path: Path | None
-) -> dict[str, np.ndarray]:
-    """``{"ref", "pred"}`` in the convention's internal codes (reference first).
-
-    Raises:
-        DataError: values outside the convention, naming the file (the reference for a missing prediction).
-    """
-    canonical: dict[str, np.ndarray] = {}
-    for key, volume, path in (("ref", ref, ref_path), ("pred", pred, pred_path or ref_path)):
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(pred, ref)`` in internal codes, the reference checked first; DataError names the bad file."""
+    encoded: list[np.ndarray] = []
+    for volume, path in ((ref, ref_path), (pred, pred_path or ref_path)):
         try:
-            canonical[key] = convention.encode(volume)
+            encoded.append(convention.encode(volume))
         except ValueError as exc:
             raise DataError(f"{path}: {exc}; pass --labels if the folder uses another convention") from None
-    return canonical
+    return encoded[1], encoded[0]
 
 
 def _folder_summary(
@@ -723,7 +588,7 @@ def _write_plots(
     folder = out_csv.with_name(f"{out_csv.stem}_plots")
     written = [plot_boxplots(per_case, folder / "boxplots.png")]
     for tag, case_id in showcase_cases(per_case).items():
-        pred, ref = _load_case(sources[case_id])
+        pred, ref = sources[case_id].load()
         background = find_background_image(images_dir, case_id, ref.shape) if images_dir else None
         scores = per_case[per_case["case_id"] == case_id].set_index("region")["dice"]
         title = f"{tag}: {case_id}  Dice " + " ".join(f"{r} {v:.2f}" for r, v in scores.items())

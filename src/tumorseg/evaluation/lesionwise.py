@@ -1,75 +1,12 @@
 """Lesion-wise Dice and HD95, the ranking metrics of BraTS 2023 and BraTS 2024.
 
-Two rule sets, chosen by a convention's ``rules`` (:mod:`tumorseg.data.conventions`);
-:func:`case_lesion_wise` scores every region of a case by its convention,
-:func:`lesion_wise_scores` scores one binary region by the 2023 rules.
-
-**BraTS 2023** (``rachitsaluja/BraTS-2023-Metrics``,
-``brats_2023_metrics/surface_distance/brats_metrics.py``: ``get_lesion_wise_score`` and
-``get_lesion_wise_results``; ``eval.py`` in older commits), for one region of one case:
-
-1. Connected components of the reference and of the prediction, 26-connected
-   (``cc3d.connected_components(..., connectivity=26)``).
-2. The reference mask is dilated ``dilation_iterations`` times (official: 3 for BraTS-GLI, SSA and
-   PED, 1 for MEN and MET) with ``scipy.ndimage.generate_binary_structure(3, 2)``, the 18-neighbour
-   3x3x3 cross-and-edges element; reference components whose dilations touch are merged into one
-   lesion (``get_gt_seg_combined_by_dilation``). The reference voxels themselves are not changed.
-3. A predicted component is matched to a reference lesion when it overlaps that lesion's dilated
-   extent. It may match several lesions; all components matched to a lesion are scored together
-   against it (Dice, and HD95 from the area-weighted surface distances of :mod:`.metrics`).
-4. A reference lesion with no matched component scores Dice 0 and HD95 = penalty (``inf``
-   replaced by 374 in the official code).
-5. Predicted components matched to no lesion (including lesions too small to count) are false
-   positives: each adds a 0 to the Dice sum and the penalty to the HD95 sum.
-6. Reference lesions of volume <= ``min_volume_mm3`` (official: 50 mm³; ``gt_lesion_vol`` is
-   voxels x the product of the zooms) are left out of the sums and counts; predictions matched to
-   them are not false positives either.
-7. Lesion-wise score = sum over counted lesions / (counted lesions + false positives); with
-   nothing to count (0 / 0) Dice is 1 and HD95 is 0, as the official ``isnan`` fallbacks.
-
-**BraTS 2024** (``rachitsaluja/BraTS-2024-Metrics`` at ``9a0ab9c``, the commit the 2024 scorer
-pins: ``metrics_GLI.py`` and ``metrics_PED.py``), per region, with the region's own dilation and
-threshold (``label_sets.yaml``; GLI: dilation 5 for NETC and RC, 3 otherwise, the code's "SFNH"
-spelling leaving SNFH at 3; threshold 10 for ET, 20 otherwise; PED: 5 and 10 everywhere):
-
-1. ``save_tmp_files``: reference *and* prediction are merged by dilation alike (2023 step 2;
-   ``get_GTseg_combinedByDilation``, ``get_Predseg_combinedByDilation``): a lesion is the set of
-   mask voxels inside one 26-connected component of the dilated mask, numbered as cc3d numbers
-   that component: by its first voxel in memory order, which is C order (scipy's dilation
-   returns a C-ordered array) of the NIfTI data array. Only step 3 depends on the numbering.
-2. Merged prediction lesions of ``voxel count <= threshold`` are deleted
-   (``np.unique(..., return_counts=True)``; the count is in voxels, the reference threshold
-   (2023 step 6) in mm³: the same number, the same test at BraTS's 1 mm isotropic spacing).
-3. GLI only, NETC, SNFH, ET and RC (WT and TC skip it; PED has no such step): lesions of one tissue
-   are grouped through the lesions of other tissues they touch (``combine_lesions_tissues`` ->
-   ``combine_lesions_NETC`` / ``_ET`` / ``_RC`` / ``_SNFH``, then ``reorder_labels_nifti``).
-   For each partner tissue in turn (NETC: ET, RC; ET: NETC, RC; RC: ET, NETC; SNFH: ET, RC,
-   NETC), ``get_touching_labels`` lists the (lesion, partner lesion) pairs that touch (one
-   18-neighbour dilation of either meets the other) and ``relabel_nifti_image`` gives every lesion
-   the new label of the *lowest-numbered* partner lesion it touches, so lesions sharing that
-   partner lesion become one (no transitive closure: A touching partners 1 and 2 and B touching
-   only 2 stay apart). Partners are always the step-2 maps of the other tissues (the merged files
-   are never read back as partners), so the official second pass of the loop repeats the first
-   exactly and is done once here; the official ``len(touching_labels) > 1`` guard changes no
-   grouping (one pair renames one lesion). Reference and prediction are grouped separately, each
-   with its own maps.
-4. Scoring as 2023 steps 3-7 on these lesions (``get_LesionWiseScores``,
-   ``get_LesionWiseResults``): a reference lesion's dilated extent (the region's dilation) finds
-   the prediction lesions it overlaps; false positives are counted per prediction lesion (after
-   steps 1-3), not per component; reference lesions of volume <= threshold mm³ are not counted;
-   the penalty is 337 mm for GLI (``replace(np.inf, 337)``) and 374 for PED.
-
-The official 2024 table's ``Legacy_Dice`` / ``Legacy_HD95`` are computed on these filtered maps;
-tumorseg's plain Dice and HD95 (:mod:`.metrics`) stay on the raw masks, only the lesion-wise
-scores and counts follow 2024.
-
-Shortcuts, exact by construction: the official code dilates each merged lesion again to find
-its predicted matches; that dilation equals the lesion's connected component of the dilated
-reference (dilation distributes over union, and each merged lesion is by definition one such
-component; a 2024 group is a union of them), so the dilated components are reused. Everything is
-computed inside bounding boxes grown by the dilation reach; a mask's components whose grown boxes
-are far apart are dilated each inside its own box (:func:`_dilated_components`), so scattered
-false positives do not make every dilation span the whole volume.
+A convention's ``rules`` choose the algorithm (:func:`case_lesion_wise`); the step-by-step rules
+are in ``docs/evaluation.md``. Copies ``rachitsaluja/BraTS-2023-Metrics`` (``brats_metrics.py``:
+``get_lesion_wise_score``) and ``rachitsaluja/BraTS-2024-Metrics`` @9a0ab9c (``metrics_GLI.py``,
+``metrics_PED.py``). Exact shortcuts: the official code dilates each merged lesion again to find
+its matches, which equals the lesion's component of the dilated mask, so those components are
+reused; everything runs inside boxes grown by the dilation reach, and far-apart components are
+dilated each in its own box (:func:`_dilated_components`).
 """
 
 from __future__ import annotations
@@ -98,22 +35,13 @@ CROSS_TISSUE_MERGES: dict[str, dict[str, tuple[str, ...]]] = {
         "SNFH": ("ET", "RC", "NETC"),  # combine_lesions_SNFH
     },
 }
-"""BraTS 2024 cross-tissue lesion grouping, by label set; region names of the convention's
-``scored``. Label sets not listed (PED's ``pediatric``) have none."""
+"""BraTS 2024 cross-tissue grouping by label set (PED's ``pediatric`` has none)."""
 
 
 @dataclass(frozen=True)
 class Lesion:
-    """One (merged) reference lesion and its score.
-
-    Attributes:
-        volume_mm3: reference lesion volume.
-        counted: False when the lesion is at or below the minimum volume and left out.
-        matched: labels of the predicted components (2024: prediction lesions) matched to it
-            (empty: missed).
-        dice: Dice of the lesion against its matched components.
-        hd95: HD95 in mm (the penalty when missed).
-    """
+    """One (merged) reference lesion: ``counted`` unless at or below the minimum volume, ``matched``
+    the labels of the predicted components (2024: lesions) matched to it, ``hd95`` in mm."""
 
     volume_mm3: float
     counted: bool
@@ -124,17 +52,9 @@ class Lesion:
 
 @dataclass(frozen=True)
 class LesionWiseResult:
-    """Lesion-wise scores of one region of one case.
+    """Lesion-wise scores of one region of one case (BraTS ``Lesion_Wise_Score_*``, ``Num_TP/FN/FP``).
 
-    Attributes:
-        dice: lesion-wise Dice (BraTS ``Lesion_Wise_Score_Dice``).
-        hd95: lesion-wise HD95 in mm (``Lesion_Wise_Score_HD95``).
-        n_ref: counted reference lesions.
-        n_tp: counted reference lesions with at least one matched component (``Num_TP``).
-        n_fn: counted reference lesions without one (``Num_FN``).
-        n_fp: predicted components (2024: prediction lesions) matched to no reference lesion
-            (``Num_FP``).
-        lesions: every reference lesion, counted or not.
+    ``n_ref``, ``n_tp`` and ``n_fn`` count only counted lesions; ``lesions`` holds every one.
     """
 
     dice: float
@@ -172,20 +92,12 @@ def _score(
 ) -> LesionWiseResult:
     """Match, score and sum (2023 steps 3-7) on labelled arrays of one shape.
 
-    Args:
-        pred_cc: prediction components / lesions, labelled ``1..n_pred`` (0 background).
-        n_pred: their number.
-        lesion_cc: reference lesion voxels, labelled ``1..n_lesions``.
-        extent_cc: each lesion's dilated extent, same labels (extents are disjoint).
-        n_lesions: their number.
-        spacing: voxel size in mm.
-        min_volume_mm3: reference lesions at or below it are not counted.
-        penalty_mm: HD95 of a missed lesion or a false positive.
+    ``pred_cc`` labels prediction components ``1..n_pred``, ``lesion_cc`` reference lesions
+    ``1..n_lesions`` and ``extent_cc`` their (disjoint) dilated extents with the same labels.
     """
     if n_pred == 0 and n_lesions == 0:
         return EMPTY_RESULT
     voxel_mm3 = float(np.prod([float(s) for s in spacing]))
-    # Which predicted lesions touch which lesion's dilated extent, in one pass.
     touching = (extent_cc > 0) & (pred_cc > 0)
     pairs = np.unique(extent_cc[touching].astype(np.int64) * (n_pred + 1) + pred_cc[touching])
     matched_by_lesion: dict[int, list[int]] = {k: [] for k in range(1, n_lesions + 1)}
@@ -207,15 +119,8 @@ def _score(
         pred_k = np.isin(pred_cc[sub], matched) if matched else np.zeros_like(gt_k)
         dice = 2.0 * np.count_nonzero(gt_k & pred_k) / (np.count_nonzero(gt_k) + np.count_nonzero(pred_k))
         hd95 = robust_hausdorff(surface_distances(gt_k, pred_k, spacing)) if matched else float("inf")
-        lesions.append(
-            Lesion(
-                volume_mm3=volume,
-                counted=volume > min_volume_mm3,
-                matched=matched,
-                dice=float(dice),
-                hd95=penalty_mm if np.isinf(hd95) else float(hd95),
-            )
-        )
+        hd95 = penalty_mm if np.isinf(hd95) else float(hd95)
+        lesions.append(Lesion(volume, volume > min_volume_mm3, matched, float(dice), hd95))
 
     counted = [lesion for lesion in lesions if lesion.counted]
     denominator = len(counted) + n_fp
@@ -225,14 +130,9 @@ def _score(
         dice_score = sum(lesion.dice for lesion in counted) / denominator
         hd95_score = (sum(lesion.hd95 for lesion in counted) + n_fp * penalty_mm) / denominator
     n_tp = sum(1 for lesion in counted if lesion.matched)
+    n_ref = len(counted)
     return LesionWiseResult(
-        dice=float(dice_score),
-        hd95=float(hd95_score),
-        n_ref=len(counted),
-        n_tp=n_tp,
-        n_fn=len(counted) - n_tp,
-        n_fp=n_fp,
-        lesions=tuple(lesions),
+        float(dice_score), float(hd95_score), n_ref, n_tp, n_ref - n_tp, n_fp, tuple(lesions)
     )
 
 
@@ -247,35 +147,25 @@ def lesion_wise_scores(
     min_volume_mm3: float = 50.0,
     penalty_mm: float = 374.0,
 ) -> LesionWiseResult:
-    """Lesion-wise Dice and HD95 of one region, by the BraTS 2023 rules (module docstring).
+    """Lesion-wise Dice and HD95 of one region by the BraTS 2023 rules; masks bool ``(H, W, D)``.
 
     Args:
-        pred: predicted mask, bool ``(H, W, D)``.
-        ref: reference mask, bool ``(H, W, D)``.
-        spacing: voxel size in mm.
-        dilation_iterations: reference dilation used to merge nearby lesions and to match
-            predictions (official: 3 for gliomas; 0 disables it).
-        dilation_connectivity: neighbourhood of the dilation element (official: 18).
-        connectivity: neighbourhood of the connected components (official: 26).
+        dilation_iterations: reference dilation that merges nearby lesions and matches predictions
+            (official: 3 for gliomas; 0 disables it).
         min_volume_mm3: reference lesions at or below this volume are ignored (official: 50).
         penalty_mm: HD95 of a missed lesion or a false positive (official: 374).
-
-    Returns:
-        The scores, counts and per-lesion details.
     """
-    pred = np.asarray(pred, dtype=bool)
-    ref = np.asarray(ref, dtype=bool)
+    pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
     if pred.shape != ref.shape:
         raise ValueError(f"mask shapes differ: {pred.shape} vs {ref.shape}")
-    # Work inside the union box grown by the dilation reach (+1 so a dilation that reaches the
-    # box edge is still one clipped only where the image itself ends, as in the official code).
+    # +1: a dilation reaching the box edge is clipped only where the image ends, as officially
     box = bounding_box(pred | ref, margin=dilation_iterations + 1)
     if box is None:
         return EMPTY_RESULT
     pred, ref = pred[box], ref[box]
     pred_cc, n_pred = ndimage.label(pred, structure=_structure(connectivity))
     merged = _MergedLesions.of(ref, dilation_iterations, dilation_connectivity, connectivity)
-    lesion_cc, extent_cc = merged.paste(ref.shape, tuple(slice(0, n) for n in ref.shape))
+    lesion_cc, extent_cc = merged.paste(tuple(slice(0, n) for n in ref.shape))
     return _score(pred_cc, n_pred, lesion_cc, extent_cc, merged.n, spacing, min_volume_mm3, penalty_mm)
 
 
@@ -289,19 +179,22 @@ def _dilated_components(
 ) -> tuple[np.ndarray, int]:
     """Components of the mask's dilation, labelled ``1..n`` in no particular order.
 
-    Components of the mask whose boxes, grown by the dilation reach, come within one voxel of each
-    other are clustered, and each cluster is dilated and labelled inside its own box: dilations of
-    different clusters can neither overlap nor touch, so the result is that of dilating the whole
-    mask, at a cost that follows the clusters, not the box of a mask with scattered components.
+    Components whose grown boxes come within a voxel are clustered and each cluster is dilated in
+    its own box: dilations of different clusters cannot touch, so the result equals dilating the
+    whole mask at a cost that follows the clusters, not the box of scattered components.
     """
     label_structure = _structure(connectivity)
     if dilation == 0:
         return ndimage.label(mask, structure=label_structure)
     dilation_structure = _structure(dilation_connectivity)
+
+    def dilated_labels(piece: np.ndarray) -> tuple[np.ndarray, int]:
+        dilated = ndimage.binary_dilation(piece, structure=dilation_structure, iterations=dilation)
+        return ndimage.label(dilated, structure=label_structure)
+
     pieces, n_pieces = ndimage.label(mask, structure=label_structure)
     if n_pieces <= 1 or n_pieces > MAX_PIECES:
-        whole = ndimage.binary_dilation(mask, structure=dilation_structure, iterations=dilation)
-        return ndimage.label(whole, structure=label_structure)
+        return dilated_labels(mask)
     boxes = ndimage.find_objects(pieces)
     lo = np.array([[s.start for s in b] for b in boxes])
     hi = np.array([[s.stop for s in b] for b in boxes])
@@ -309,8 +202,7 @@ def _dilated_components(
     near = np.all((lo[:, None] - hi[None] <= reach) & (lo[None] - hi[:, None] <= reach), axis=2)
     n_clusters, cluster_of = connected_components(csr_matrix(near), directed=False)
     if n_clusters == 1:
-        whole = ndimage.binary_dilation(mask, structure=dilation_structure, iterations=dilation)
-        return ndimage.label(whole, structure=label_structure)
+        return dilated_labels(mask)
     out = np.zeros(mask.shape, dtype=np.int32)
     total = 0
     shape = np.array(mask.shape)
@@ -319,11 +211,7 @@ def _dilated_components(
         c_lo = np.maximum(lo[members].min(axis=0) - dilation - 1, 0)
         c_hi = np.minimum(hi[members].max(axis=0) + dilation + 1, shape)
         box = tuple(slice(a, b) for a, b in zip(c_lo, c_hi, strict=True))
-        piece = np.isin(pieces[box], members + 1)
-        labels, k = ndimage.label(
-            ndimage.binary_dilation(piece, structure=dilation_structure, iterations=dilation),
-            structure=label_structure,
-        )
+        labels, k = dilated_labels(np.isin(pieces[box], members + 1))
         found = labels > 0
         out[box][found] = labels[found] + total
         total += k
@@ -335,10 +223,9 @@ class _MergedLesions:
     """Lesions of one mask merged by dilation, stored inside the mask's box grown by the reach.
 
     Attributes:
-        box: the box, in the coordinates of the array the mask came from (None: empty mask).
-        lesions: mask voxels labelled ``1..n`` by merged lesion (0 elsewhere), inside ``box``.
-        extents: each lesion's dilated extent, same labels, inside ``box`` (None when not kept).
-        n: number of lesions.
+        box: the box in the source array's coordinates (None: empty mask).
+        lesions: mask voxels labelled ``1..n`` by merged lesion, inside ``box``.
+        extents: each lesion's dilated extent, same labels (None when not kept).
     """
 
     box: tuple[slice, ...] | None
@@ -392,9 +279,9 @@ class _MergedLesions:
         extents = None if self.extents is None else table[self.extents]
         return _MergedLesions(self.box, table[self.lesions], extents, int(table.max(initial=0)))
 
-    def paste(self, shape: tuple[int, ...], box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """(lesions, extents) as arrays of ``shape``, the sub-array ``box`` of the source (extents
-        all 0 when not kept)."""
+    def paste(self, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(lesions, extents) as arrays covering ``box`` of the source (extents all 0 when not kept)."""
+        shape = tuple(s.stop - s.start for s in box)
         lesions = np.zeros(shape, dtype=np.int32)
         extents = np.zeros(shape, dtype=np.int32)
         if self.box is not None and self.n > 0:
@@ -429,9 +316,8 @@ def _offsets(connectivity: int) -> np.ndarray:
 def _touching_pairs(x: _MergedLesions, y: _MergedLesions, connectivity: int) -> np.ndarray:
     """``(m, 2)`` distinct (x lesion, y lesion) pairs with a voxel of one a neighbour of a voxel of
     the other (``get_touching_labels``: one dilation of either meets the other)."""
-    none = np.zeros((0, 2), dtype=np.int64)
     if x.box is None or y.box is None or x.n == 0 or y.n == 0:
-        return none
+        return np.zeros((0, 2), dtype=np.int64)
     y_lo = np.array([s.start for s in y.box])
     y_shape = np.array(y.lesions.shape)
     coords, x_labels = x.voxels()
@@ -452,7 +338,11 @@ def _group_across_tissues(
     tissue: _MergedLesions, partners: Sequence[_MergedLesions], connectivity: int
 ) -> _MergedLesions:
     """``combine_lesions_*`` + ``reorder_labels_nifti``: for each partner in turn, the groups of
-    ``tissue`` whose lowest-numbered touching partner lesion is the same become one."""
+    ``tissue`` whose lowest-numbered touching partner lesion is the same become one.
+
+    No transitive closure, as officially. Partners are always the unmerged maps, so the official
+    second pass repeats the first and is done once.
+    """
     group = np.arange(tissue.n + 1)  # current group of each lesion
     for partner in partners:
         pairs = _touching_pairs(tissue, partner, connectivity)
@@ -465,7 +355,7 @@ def _group_across_tissues(
         leader: dict[int, int] = {}  # partner lesion -> the group its touching groups join
         joined = {g: leader.setdefault(other, g) for g, other in sorted(lowest.items())}
         group = np.array([joined.get(int(g), int(g)) for g in group])
-    # Renumber the groups 1..n (the order does not change any score).
+    # renumber 1..n (the order changes no score)
     _, compact = np.unique(group, return_inverse=True)
     return tissue.relabel(compact.astype(np.int32))
 
@@ -503,32 +393,27 @@ def _brats2024(
         for side, labels in (("pred", pred), ("ref", ref))
         for rule in convention.scored
     }
+
+    def grouped(side: str, rule: RegionRule) -> _MergedLesions:
+        lesions = base[(side, rule.name)]
+        if rule.name not in merges:
+            return lesions
+        partners = [base[(side, name)] for name in merges[rule.name]]
+        return _group_across_tissues(lesions, partners, dilation_connectivity)
+
+    penalty = convention.hd95_penalty_mm
     results: dict[str, LesionWiseResult] = {}
     for rule in convention.scored:
-        final = {}
-        for side in ("pred", "ref"):
-            lesions = base[(side, rule.name)]
-            if rule.name in merges:
-                partners = [base[(side, name)] for name in merges[rule.name]]
-                lesions = _group_across_tissues(lesions, partners, dilation_connectivity)
-            final[side] = lesions
-        boxes = [m.box for m in final.values() if m.box is not None and m.n > 0]
+        pred_lesions, ref_lesions = grouped("pred", rule), grouped("ref", rule)
+        boxes = [m.box for m in (pred_lesions, ref_lesions) if m.box is not None and m.n > 0]
         if not boxes:
             results[rule.name] = EMPTY_RESULT
             continue
-        box = _union_box(boxes)
-        shape = tuple(s.stop - s.start for s in box)
-        pred_cc, _ = final["pred"].paste(shape, box)
-        lesion_cc, extent_cc = final["ref"].paste(shape, box)
+        pred_cc, _ = pred_lesions.paste(_union_box(boxes))
+        lesion_cc, extent_cc = ref_lesions.paste(_union_box(boxes))
+        min_volume = rule.min_volume_mm3
         results[rule.name] = _score(
-            pred_cc,
-            final["pred"].n,
-            lesion_cc,
-            extent_cc,
-            final["ref"].n,
-            spacing,
-            rule.min_volume_mm3,
-            convention.hd95_penalty_mm,
+            pred_cc, pred_lesions.n, lesion_cc, extent_cc, ref_lesions.n, spacing, min_volume, penalty
         )
     return results
 
@@ -542,28 +427,13 @@ def case_lesion_wise(
     dilation_connectivity: int = 18,
     connectivity: int = 26,
 ) -> dict[str, LesionWiseResult]:
-    """Lesion-wise scores of every scored region of one case, by the convention's rules.
+    """Region name -> lesion-wise scores of every scored region of one case, by the convention's rules.
 
-    Args:
-        pred: predicted internal label volume, integer ``(H, W, D)`` in the convention's
-            label-set codes, in the NIfTI data array's own axis order (as nibabel reads it): the
-            2024 grouping can depend on how lesions are numbered, which follows the C scan order
-            of that array as in the official code.
-        ref: reference internal label volume, same shape and codes.
-        spacing: voxel size in mm.
-        convention: its ``scored`` regions (codes, dilation, threshold), ``rules`` (``brats2023``:
-            :func:`lesion_wise_scores` on each region's mask; ``brats2024``: the 2024 algorithm of
-            the module docstring, cross-tissue grouping per :data:`CROSS_TISSUE_MERGES`) and
-            ``hd95_penalty_mm``.
-        dilation_connectivity: neighbourhood of the dilation element, also the one that decides
-            whether two lesions touch in 2024 (official: 18 for both).
-        connectivity: neighbourhood of the connected components (official: 26).
-
-    Returns:
-        Region name -> result, in ``convention.scored`` order.
+    ``pred`` and ``ref`` are internal labels ``(H, W, D)`` in the NIfTI data array's own axis order:
+    the 2024 grouping depends on lesion numbering, which follows its C scan order.
+    ``dilation_connectivity`` also decides what "touching" is in 2024 (official: 18 for both).
     """
-    pred = np.asarray(pred)
-    ref = np.asarray(ref)
+    pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape or ref.ndim != 3:
         raise ValueError(f"expected two 3-D label arrays of one shape, got {pred.shape} and {ref.shape}")
     if convention.rules == "brats2023":
@@ -581,8 +451,7 @@ def case_lesion_wise(
             for rule in convention.scored
         }
     if convention.rules == "brats2024":
-        # Crop to the labelled union box grown by the largest reach; C scan order, and so the
-        # lesion numbering the grouping depends on, is the same in any box.
+        # C scan order, and so the lesion numbering, is the same in any box
         reach = max((rule.dilation for rule in convention.scored), default=0)
         codes = sorted({c for rule in convention.scored for c in rule.codes})
         box = bounding_box(np.isin(pred, codes) | np.isin(ref, codes), margin=reach + 1)

@@ -1,9 +1,7 @@
 """Evaluation figures: metric box plots and best / median / worst case overlays (PNG).
 
-Figures are drawn on a :class:`matplotlib.figure.Figure` with an explicit Agg canvas, never through
-``pyplot``: no global backend is switched, nothing opens a window, and it works in a headless
-DVC stage or a Prefect worker thread. Every PNG is written to a temporary file in the target
-folder and then renamed, so a crash never leaves half a picture behind.
+Drawn on a Figure with an explicit Agg canvas, never ``pyplot``: no global backend, no window, safe
+in a headless DVC stage or a Prefect worker thread. PNGs are written atomically.
 """
 
 from __future__ import annotations
@@ -63,15 +61,7 @@ def save_figure(figure: Figure, path: Path) -> Path:
 
 
 def showcase_cases(per_case: pd.DataFrame) -> dict[str, str]:
-    """Best, median and worst case by Dice averaged over the regions.
-
-    Args:
-        per_case: long table with ``case_id``, ``region`` and ``dice``.
-
-    Returns:
-        ``{"best": case_id, "median": case_id, "worst": case_id}`` (ties broken by case id;
-        the median is the lower-middle case of the sorted list); empty without cases.
-    """
+    """``{"best", "median", "worst"}`` case ids by mean Dice over regions (ties by id, lower median)."""
     mean_dice = per_case.groupby("case_id")["dice"].mean()
     if mean_dice.empty:
         return {}
@@ -119,14 +109,10 @@ def plot_overlay(
     """Reference (solid) and predicted (dashed) outlines of every scored region on one axial slice.
 
     Args:
-        path: PNG to write.
-        ref: internal reference labels ``(H, W, D)``.
-        pred: internal predicted labels ``(H, W, D)``.
-        convention: whose scored regions are drawn (default brats2023: WT, TC, ET); its first
-            region (WT) chooses the slice.
-        title: figure title (case id and scores).
-        background: optional image ``(H, W, D)`` of the same grid (e.g. FLAIR); without it the
-            slice is drawn on a grey reference-tumour silhouette.
+        ref: internal reference labels ``(H, W, D)``; ``pred`` likewise.
+        background: optional image ``(H, W, D)`` on the same grid (e.g. FLAIR); else a grey
+            reference-tumour silhouette.
+        convention: whose regions are drawn (default brats2023); its first (WT) picks the slice.
     """
     from matplotlib.lines import Line2D
 

@@ -1,20 +1,9 @@
 """Dataset-level summary of a per-case evaluation table: statistics, bootstrap CIs and tumour detection.
 
-Input is the long table of :func:`tumorseg.evaluation.evaluate.evaluate_folders` (one row per case
-and region). For every region and metric the summary gives mean, median, sample standard deviation
-and a percentile-bootstrap confidence interval of the mean: cases are resampled with replacement
-(``bootstrap_resamples`` times, numpy ``default_rng(seed)``), the same resampled case sets for every
-metric and region, and the CI is the ``(1 - ci_level) / 2`` and ``(1 + ci_level) / 2`` quantiles of
-the resampled means.
-
-The regions are whatever the table holds, in its order (each convention scores its own: WT, TC, ET
-for BraTS 2021/2023; WT, TC, NETC, SNFH, ET, RC for BraTS 2024 GLI ...).
-
-Case-level detection treats "the reference has a whole tumour" as the positive class: a case is
-predicted positive when its predicted WT volume (every convention scores a WT) exceeds
-``detection_min_volume_ml``. Sensitivity
-and specificity are given where their class exists, the ROC AUC of the predicted WT volume
-(scikit-learn ``roc_auc_score``) only when both classes do.
+Per region (whatever the table holds, in its order) and metric: mean, median, sample std and a
+percentile-bootstrap CI of the mean (``default_rng(seed)``, the same resampled case sets for every
+metric and region). Detection treats "the reference has a whole tumour" as positive; sensitivity
+and specificity where their class exists, ROC AUC of the predicted WT volume when both do.
 """
 
 from __future__ import annotations
@@ -47,15 +36,9 @@ def _finite_or_none(value: float) -> float | None:
 def bootstrap_mean_ci(
     values: np.ndarray, indices: np.ndarray, ci_level: float
 ) -> tuple[float | None, float | None]:
-    """Percentile-bootstrap CI of the mean.
+    """Percentile-bootstrap CI ``(low, high)`` of the mean of ``(N,)`` values; (None, None) without cases.
 
-    Args:
-        values: ``(N,)`` one value per case.
-        indices: ``(B, N)`` resampled case indices (shared across metrics so CIs are paired).
-        ci_level: e.g. 0.95.
-
-    Returns:
-        (low, high), or (None, None) without cases.
+    ``indices`` is ``(B, N)`` resampled case indices, shared across metrics so CIs are paired.
     """
     if values.size == 0:
         return None, None
@@ -89,20 +72,13 @@ def region_order(per_case: pd.DataFrame) -> list[str]:
 def region_statistics(
     per_case: pd.DataFrame, *, resamples: int, ci_level: float, seed: int
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Statistics per region and metric: ``{region: {metric: {mean, median, std, ci_low, ci_high, n}}}``.
-
-    Args:
-        per_case: the long table (columns ``case_id``, ``region`` and :data:`SUMMARY_METRICS`).
-        resamples: bootstrap resamples.
-        ci_level: confidence level.
-        seed: bootstrap seed (one resampling of the cases, shared by every region and metric).
-    """
+    """``{region: {metric: describe(...)}}`` over the long table's :data:`SUMMARY_METRICS` columns."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for region in region_order(per_case):
         rows = per_case[per_case["region"] == region].sort_values("case_id")
         if rows.empty:
             continue
-        # Same seed and case count -> the same resampled case sets for every region and metric.
+        # same seed and case count: the same resampled case sets for every region and metric
         n = len(rows)
         indices = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
         out[region] = {
@@ -114,16 +90,7 @@ def region_statistics(
 
 
 def detection_summary(per_case: pd.DataFrame, min_volume_ml: float) -> dict[str, Any]:
-    """Case-level "tumour present" detection from whole-tumour volumes.
-
-    Args:
-        per_case: the long table; its WT rows give ``volume_ref_ml`` and ``volume_pred_ml``.
-        min_volume_ml: a case is called positive when the predicted WT volume exceeds this.
-
-    Returns:
-        Counts, sensitivity and specificity (None without positives / negatives) and ``roc_auc``
-        over the predicted WT volume (None unless both classes are present).
-    """
+    """Case-level "tumour present" detection: positive when predicted WT volume > ``min_volume_ml``."""
     wt = per_case[per_case["region"] == "WT"]
     truth = wt["volume_ref_ml"].to_numpy(dtype=np.float64) > 0
     score = wt["volume_pred_ml"].to_numpy(dtype=np.float64)
@@ -160,18 +127,9 @@ def build_summary(
     detection_min_volume_ml: float,
     tumour_types: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The summary dict written as JSON next to the CSV.
+    """``{"n_cases", "bootstrap", "regions", "detection", "per_tumour_type"?}``, written as JSON.
 
-    Args:
-        per_case: the long per-case table.
-        resamples: bootstrap resamples.
-        ci_level: CI level.
-        seed: bootstrap seed.
-        detection_min_volume_ml: predicted WT volume above which a case counts as "tumour present".
-        tumour_types: case_id -> tumour type; adds ``per_tumour_type`` statistics for the cases it names.
-
-    Returns:
-        ``{"n_cases", "regions", "detection", "per_tumour_type"?}``.
+    ``tumour_types`` (case id -> type) adds ``per_tumour_type`` statistics for the cases it names.
     """
     stats_kwargs = {"resamples": resamples, "ci_level": ci_level, "seed": seed}
     summary: dict[str, Any] = {

@@ -1,10 +1,8 @@
 """Rebuild a trained network from a training checkpoint or a package's config, without Lightning.
 
-Every checkpoint written by ``tumorseg train`` stores the resolved params sections under
-``tumorseg_config`` next to the LightningModule's ``state_dict``; a model package stores the same
-sections as ``config.json``. Evaluation, export, compression and serving rebuild the network with
-the same factory and load the weights (:func:`trained_from_state`), or wrap another runtime's
-network in the same settings (:func:`trained_with_network`).
+Checkpoints store the resolved params sections under ``tumorseg_config`` beside the ``state_dict``;
+packages store them as ``config.json``. The network is rebuilt with the training factory
+(:func:`trained_from_state`), or another runtime's network is wrapped (:func:`trained_with_network`).
 """
 
 from __future__ import annotations
@@ -33,12 +31,8 @@ NETWORK_PREFIX = "network."
 class TrainedNetwork:
     """A trained network with the settings needed to run it on whole volumes.
 
-    Attributes:
-        network: in eval mode, on CPU; maps ``(B, 4, *patch)`` to ``(B, C, *patch)`` logits.
-        model: the ``model:`` section it was built from (``output`` tells regions vs labels).
-        data_loader: the ``data_loader:`` section (patch size, 2-D or 3-D).
-        sliding_window: the ``sliding_window:`` section used for validation.
-        config: all resolved sections stored in the checkpoint.
+    ``network`` is in eval mode, on CPU, mapping ``(B, 4, *patch)`` to ``(B, C, *patch)`` logits;
+    ``config`` holds all resolved sections stored with it.
     """
 
     network: nn.Module
@@ -67,11 +61,7 @@ class TrainedNetwork:
 
 
 def load_trained_network(checkpoint: str | Path) -> TrainedNetwork:
-    """Load ``best.ckpt`` / ``last.ckpt`` written by ``tumorseg train``.
-
-    Raises:
-        DataError: the file is missing or was not written by ``tumorseg train``.
-    """
+    """Load ``best.ckpt`` / ``last.ckpt`` written by ``tumorseg train`` (DataError if missing or foreign)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise DataError(f"{path}: no checkpoint; run `tumorseg train` first")
@@ -93,15 +83,10 @@ def load_trained_network(checkpoint: str | Path) -> TrainedNetwork:
 
 
 def trained_from_state(config: dict[str, Any], state_dict: dict[str, Any]) -> TrainedNetwork:
-    """Rebuild a :class:`TrainedNetwork` from resolved params sections and the network's weights.
+    """Rebuild a :class:`TrainedNetwork` from resolved params sections and the network's ``state_dict``.
 
-    Args:
-        config: the training run's resolved sections (``model``, ``data_loader``, ``sliding_window``,
-            ``preprocess`` at least).
-        state_dict: the network's ``state_dict`` (keys without Lightning's ``network.`` prefix).
-
-    Raises:
-        DataError: the config lacks a section or the weights do not fit the network it describes.
+    ``state_dict`` keys lack Lightning's ``network.`` prefix. DataError if the config lacks a section
+    or the weights do not fit the network it describes.
     """
     shell = trained_with_network(None, config)
     network = build_network(
@@ -122,11 +107,7 @@ def trained_from_state(config: dict[str, Any], state_dict: dict[str, Any]) -> Tr
 
 
 def trained_with_network(network: Any, config: dict[str, Any]) -> TrainedNetwork:
-    """A :class:`TrainedNetwork` of ``network`` (any module mapping windows to logits) and its run's config.
-
-    Raises:
-        DataError: the config lacks the ``model``, ``data_loader`` or ``preprocess`` section.
-    """
+    """A :class:`TrainedNetwork` of ``network`` (any module mapping windows to logits) and its config."""
     missing = [key for key in ("model", "data_loader", "preprocess") if key not in config]
     if missing:
         raise DataError(f"model config lacks the sections {missing}; it was not written by tumorseg")
@@ -141,11 +122,7 @@ def trained_with_network(network: Any, config: dict[str, Any]) -> TrainedNetwork
 
 
 def read_package_config(config: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of a model package.
-
-    Raises:
-        DataError: the file is missing or is not JSON.
-    """
+    """The ``config.json`` of a model package (DataError if missing or not JSON)."""
     config = Path(config)
     if not config.is_file():
         raise DataError(f"{config}: missing from the model package")

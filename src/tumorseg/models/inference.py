@@ -1,14 +1,9 @@
 """Whole-volume inference and the label <-> region conversions shared by validation and scoring.
 
-Networks are trained on patches (or axial slices); whole volumes ``(B, 4, X, Y, Z)`` are
-predicted with MONAI's :class:`~monai.inferers.SlidingWindowInferer` (3-D) or
-:class:`~monai.inferers.SliceInferer` (2-D networks run slice by slice along Z), with the
-training patch as the window and the settings of params.yaml's ``sliding_window:`` section.
-
-Predictions become an internal label map ``(B, 1, X, Y, Z)`` of the model's label set (glioma:
-0 bg, 1 NCR, 2 ED, 3 ET): region outputs are thresholded, nested (TC inside WT, ET inside TC) and
-painted back as BraTS post-processing does, and tumour components below ``sliding_window.min_component_mm3`` are dropped,
-so validation and test scoring score the same map.
+Volumes ``(B, 4, X, Y, Z)`` go through MONAI's sliding-window (3-D) or slice (2-D) inferer with the
+training patch as window. Predictions become internal labels ``(B, 1, X, Y, Z)`` (glioma: 0 bg,
+1 NCR, 2 ED, 3 ET): regions are thresholded and nested as BraTS post-processing does, and small
+tumour components are dropped, so validation and test scoring score the same map.
 """
 
 from __future__ import annotations
@@ -26,14 +21,8 @@ from tumorseg.data.conventions import GLIOMA, LabelSet
 class SlidingWindowConfig(Section):
     """``sliding_window:`` whole-volume inference (validation, test scoring, serving).
 
-    Attributes:
-        overlap: fraction of the window shared by neighbouring windows.
-        blend_mode: ``gaussian`` weights window centres over borders; ``constant`` averages.
-        sw_batch_size: windows per forward pass.
-        threshold: sigmoid probability above which a region voxel is foreground.
-        min_component_mm3: connected tumour components (26-connected whole tumour) smaller than
-            this are removed, as BraTS post-processing does; 0 keeps everything. One stray voxel
-            on a tumour-free scan scores Dice 0 for every region under the BraTS convention.
+    ``min_component_mm3`` removes small 26-connected whole-tumour components (0 keeps all): one stray
+    voxel on a tumour-free scan scores Dice 0 for every region under the BraTS convention.
     """
 
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
@@ -92,12 +81,9 @@ def regions_to_labels(regions: torch.Tensor, label_set: LabelSet = GLIOMA) -> to
 def remove_small_components(
     labels: torch.Tensor, min_volume_mm3: float, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> torch.Tensor:
-    """Zero the tumour components (26-connected, whole tumour) smaller than ``min_volume_mm3``.
+    """Zero the whole-tumour components of canonical ``labels`` ``(B, 1, X, Y, Z)`` below ``min_volume_mm3``.
 
-    Args:
-        labels: canonical labels ``(B, 1, X, Y, Z)``.
-        min_volume_mm3: smallest component kept; 0 returns ``labels`` unchanged.
-        spacing_mm: voxel spacing, to measure components in mm^3 (MONAI ``RemoveSmallObjects``).
+    ``min_volume_mm3`` 0 returns ``labels`` unchanged; ``spacing_mm`` measures components in mm^3.
     """
     if min_volume_mm3 <= 0 or not labels.any():
         return labels
@@ -117,14 +103,7 @@ def remove_small_components(
 def logits_to_labels(
     logits: torch.Tensor, output: str, threshold: float = 0.5, label_set: LabelSet = GLIOMA
 ) -> torch.Tensor:
-    """Network logits ``(B, C, *spatial)`` -> internal labels ``(B, 1, *spatial)`` uint8.
-
-    Args:
-        logits: one channel per train region (``output="regions"``) or per label (``"labels"``).
-        output: the network's output mode.
-        threshold: sigmoid probability threshold for regions.
-        label_set: the label space the network was trained in.
-    """
+    """Logits ``(B, C, *spatial)`` (regions or labels: ``output``) -> uint8 labels ``(B, 1, *spatial)``."""
     if output == "regions":
         return regions_to_labels(torch.sigmoid(logits.float()) > threshold, label_set)
     return logits.argmax(dim=1, keepdim=True).to(torch.uint8)
@@ -142,20 +121,11 @@ def predict_labels(
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     label_set: LabelSet = GLIOMA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole-volume prediction.
-
-    Args:
-        network: a trained network in eval mode.
-        image: ``(B, 4, X, Y, Z)`` preprocessed volumes.
-        inferer: from :func:`make_inferer`.
-        output: ``regions`` or ``labels``.
-        threshold: sigmoid threshold (regions).
-        min_component_mm3: drop tumour components smaller than this (:func:`remove_small_components`).
-        spacing_mm: voxel spacing of ``image``.
-        label_set: the label space the network was trained in.
+    """Whole-volume prediction of ``image`` ``(B, 4, X, Y, Z)`` with ``inferer`` (:func:`make_inferer`).
 
     Returns:
-        ``(logits (B, C, X, Y, Z), labels (B, 1, X, Y, Z) uint8)``.
+        ``(logits (B, C, X, Y, Z), labels (B, 1, X, Y, Z) uint8)``, components below
+        ``min_component_mm3`` removed (:func:`remove_small_components`).
     """
     logits = inferer(image, network)
     labels = logits_to_labels(logits, output, threshold, label_set)

@@ -20,19 +20,10 @@ LossName = Literal["dice", "dice_ce", "dice_focal", "bce", "ce"]
 
 
 class LossConfig(Section):
-    """``loss:`` which loss and its weights.
+    """``loss:`` which loss and its weights (see params.yaml).
 
-    Attributes:
-        name: ``dice``, ``dice_ce`` (Dice + BCE for regions, Dice + CE for labels), ``dice_focal``,
-            ``bce`` (regions only) or ``ce`` (labels only).
-        batch: Dice summed over the whole batch before the ratio (stabler when a patch holds no
-            ET, which is common for small tumours).
-        include_background: labels mode only; regions have no background channel.
-        squared_pred: squared denominators (V-Net Dice).
-        smooth_nr, smooth_dr: Dice smoothing terms.
-        lambda_dice, lambda_ce: weights of the Dice and the (B)CE / focal terms.
-        focal_gamma: focal-loss focusing parameter.
-        deep_supervision_weights: ``exp`` / ``same`` / ``two`` head weighting (DynUNet).
+    ``dice_ce`` is Dice + BCE for regions, Dice + CE for labels; ``bce`` needs regions, ``ce`` labels.
+    ``batch`` sums Dice over the batch before the ratio (stabler when a patch holds no ET).
     """
 
     name: LossName = "dice_ce"
@@ -50,8 +41,8 @@ class LossConfig(Section):
 class DiceBCELoss(nn.Module):
     """Dice + binary cross-entropy over independent sigmoid channels.
 
-    Hand-written composition because MONAI's ``DiceCELoss`` applies *softmax* cross-entropy
-    whenever there is more than one channel, which is wrong for overlapping WT/TC/ET regions.
+    Hand-written: MONAI's ``DiceCELoss`` applies *softmax* cross-entropy to several channels, which is
+    wrong for overlapping WT/TC/ET regions.
     """
 
     def __init__(self, dice: nn.Module, lambda_dice: float, lambda_bce: float) -> None:
@@ -89,11 +80,7 @@ class CrossEntropyOnLabels(nn.Module):
 
 
 def build_loss(cfg: LossConfig, output: Literal["regions", "labels"]) -> nn.Module:
-    """The loss for ``cfg.name`` in the given output mode.
-
-    Raises:
-        ConfigError: ``bce`` with labels or ``ce`` with regions.
-    """
+    """The loss for ``cfg.name`` and ``output`` (ConfigError for ``bce`` with labels, ``ce`` with regions)."""
     from monai.losses import DiceCELoss, DiceFocalLoss, DiceLoss
 
     regions = output == "regions"

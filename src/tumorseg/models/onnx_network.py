@@ -1,15 +1,8 @@
-"""A network exported to ONNX, run by ONNX Runtime behind the ``nn.Module`` interface.
+"""A network exported to ONNX (the compressed variants), run by ONNX Runtime behind ``nn.Module``.
 
-The compressed deployment variants (:mod:`tumorseg.compression`: pruned, INT8, FP16) are ONNX
-files. Wrapping an ONNX Runtime session as a module mapping ``(B, 4, X, Y, Z)`` to logits
-``(B, C, X, Y, Z)`` lets every consumer of a :class:`~tumorseg.models.checkpoint.TrainedNetwork`
-(MONAI's sliding-window inferer, :class:`~tumorseg.models.predictor.SegmentationPredictor`, the
-registered pyfunc) run it unchanged: they only ever call ``network(x)``, ``.to(device)`` and
-``.eval()``.
-
-A packaged ONNX model is two files, like the PyTorch package (:mod:`tumorseg.models.package`):
-``model.onnx`` and ``config.json`` (the training run's resolved sections, which give the
-preprocessing, the patch size and the output mode).
+Every consumer of a :class:`~tumorseg.models.checkpoint.TrainedNetwork` (the sliding-window
+inferer, the predictor, the pyfunc) runs it unchanged: they only call ``network(x)``,
+``.to(device)`` and ``.eval()``. A package is ``model.onnx`` plus the run's ``config.json``.
 """
 
 from __future__ import annotations
@@ -22,7 +15,6 @@ from torch import nn
 
 from tumorseg.errors import DataError, first_line
 
-ONNX_FILE = "model.onnx"
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 
@@ -40,17 +32,9 @@ def session_providers(device: str = "cpu") -> list[str]:
 class OnnxRuntimeNetwork(nn.Module):
     """An ONNX model as a module: ``(B, 4, X, Y, Z)`` float tensor -> ``(B, C, X, Y, Z)`` float32 logits.
 
-    The session is created once; inputs are handed over as float32 NumPy arrays (CPU) and the
-    output comes back on the input's device. FP16 models take and return float32 too: the cast
-    is part of the exported graph.
-
-    Args:
-        path: the ``.onnx`` file.
-        threads: intra-op threads (0: ONNX Runtime's default, one per physical core).
-        device: ``cpu`` or ``cuda`` (CUDA needs onnxruntime-gpu; CPU is used otherwise).
-
-    Raises:
-        DataError: the file is missing or is not a model ONNX Runtime can load.
+    Inputs go to ONNX Runtime as float32 NumPy arrays; the output comes back on the input's device
+    (FP16 models too: their casts are in the graph). DataError if ONNX Runtime cannot load ``path``.
+    ``threads`` 0 is ONNX Runtime's default; ``cuda`` needs onnxruntime-gpu (else CPU is used).
     """
 
     def __init__(self, path: str | Path, *, threads: int = 0, device: str = "cpu") -> None:
@@ -63,9 +47,8 @@ class OnnxRuntimeNetwork(nn.Module):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3  # warnings about unused initialisers are noise for users
-        # Idle worker threads sleep instead of spin-waiting for the next run: between two window
-        # batches MONAI blends in torch threads, and the rest of predict (reading, restoring) runs
-        # too; spinning threads would take those cores (and distort latency measured in turns).
+        # Idle workers sleep instead of spinning: between window batches MONAI blends in torch
+        # threads and predict reads and restores; spinning threads would take those cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
@@ -84,16 +67,7 @@ class OnnxRuntimeNetwork(nn.Module):
 
 
 def load_onnx_package(onnx_file: str | Path, config: str | Path, *, threads: int = 0) -> Any:
-    """A :class:`~tumorseg.models.checkpoint.TrainedNetwork` whose network runs in ONNX Runtime.
-
-    Args:
-        onnx_file: the exported model.
-        config: the ``config.json`` of the training run it came from.
-        threads: ONNX Runtime intra-op threads (0: its default).
-
-    Raises:
-        DataError: a missing or unreadable file, or a config without the needed sections.
-    """
+    """A :class:`~tumorseg.models.checkpoint.TrainedNetwork` of ``onnx_file`` and its ``config.json``."""
     from tumorseg.models.checkpoint import read_package_config, trained_with_network
 
     trained = trained_with_network(None, read_package_config(config))  # config checked first

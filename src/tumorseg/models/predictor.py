@@ -1,26 +1,8 @@
 """Whole-case prediction in the source geometry: what ``tumorseg predict``, evaluation and serving share.
 
-For one case read from any supported layout (image ``(4, X, Y, Z)`` in its own orientation and
-spacing), :class:`SegmentationPredictor`:
-
-1. preprocesses it exactly as training did (:func:`~tumorseg.data.preprocess.preprocess_case` with
-   the ``preprocess`` section stored with the model: reorient to RAS, resample to the model's
-   training spacing, crop to the brain, z-score), whatever the input's spacing;
-2. runs MONAI's sliding-window inferer (the training patch as window, overlap and Gaussian
-   blending from the model's ``sliding_window`` settings) on ``(1, 4, x, y, z)``;
-3. optionally averages the probabilities over mirrored copies (test-time augmentation: every
-   combination of flips along ``predict.tta_axes``, 8 passes for 3 axes, as nnU-Net does); the
-   per-voxel variance over those passes is the uncertainty map;
-4. thresholds (region sigmoids, nested WT ⊇ TC ⊇ ET) or takes the argmax (label softmax), and
-   optionally removes tumour components smaller than ``predict.min_component_mm3``;
-5. maps labels (nearest) and probabilities (trilinear) back onto the source voxel grid
-   (:func:`~tumorseg.data.preprocess.restore_to_source`) and writes labels in the input's own
-   convention (BraTS 2021 1/2/4, BraTS 2023 1/2/3, MSD 1 oedema / 2 non-enhancing / 3 enhancing).
-
-:func:`write_prediction` saves ``<case_id>.nii.gz`` with the reference modality's header (so the
-shape, affine, qform/sform codes and units are the input's), each file written to a temporary name
-and renamed. :func:`predict_dataset` does this for every case of a folder and never leaves a
-partial file behind.
+A case ``(4, X, Y, Z)`` is preprocessed as in training, run through the sliding-window inferer
+(optionally averaged over mirrored copies, nnU-Net's TTA, whose variance is the uncertainty map),
+post-processed, and mapped back onto the source grid in the input's label convention.
 """
 
 from __future__ import annotations
@@ -54,31 +36,13 @@ log = logging.getLogger(__name__)
 
 PROBABILITIES_DIR = "probabilities"
 UNCERTAINTY_DIR = "uncertainty"
-LABEL_CHANNELS: tuple[str, ...] = GLIOMA.label_names
-"""Probability channels of a label-trained glioma network (other label sets name their own)."""
 
 
 class PredictConfig(Section):
     """``predict:`` whole-case inference (``tumorseg predict``, the evaluate stage, the served model).
 
-    Attributes:
-        model: model to use when ``--model`` is not given: an MLflow model URI
-            (``models:/tumorseg@champion``, ``models:/tumorseg/3``, ``runs:/<id>/model``) or a
-            ``best.ckpt`` path.
-        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        tta: mirror test-time augmentation: average over every combination of flips along ``tta_axes``.
-        tta_axes: axes of the RAS preprocessed grid to mirror (0 left-right, 1 posterior-anterior,
-            2 inferior-superior).
-        min_component_mm3: remove connected tumour components (26-connected, whole tumour) smaller
-            than this volume; 0 keeps everything.
-        probabilities: also write per-channel probability maps (``probabilities/<case_id>.nii.gz``).
-        uncertainty: also write the TTA variance of the probabilities (``uncertainty/<case_id>.nii.gz``);
-            needs ``tta: true``.
-        overlap: sliding-window overlap; null keeps the model's ``sliding_window.overlap``.
-        sw_batch_size: windows per forward pass; null keeps the model's setting.
-        keep_freed_memory: keep freed memory in the process for the next case instead of returning
-            it to the system (glibc; :mod:`tumorseg.runtime`): no page faults on reused arrays,
-            and the process keeps its peak memory.
+    Each knob is explained beside its value in params.yaml; ``uncertainty`` (the TTA variance) needs
+    ``tta``, and null ``overlap`` / ``sw_batch_size`` keep the model's ``sliding_window`` settings.
     """
 
     model: str = "models:/tumorseg@champion"
@@ -94,11 +58,8 @@ class PredictConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> PredictConfig:
-        if (
-            not self.tta_axes
-            or len(set(self.tta_axes)) != len(self.tta_axes)
-            or not set(self.tta_axes) <= {0, 1, 2}
-        ):
+        axes = self.tta_axes
+        if not axes or len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
             raise ValueError("tta_axes must be distinct axes among 0, 1, 2")
         if self.uncertainty and not self.tta:
             raise ValueError("uncertainty is the variance over TTA passes; set predict.tta: true")
@@ -110,16 +71,11 @@ class CasePrediction:
     """The prediction of one case on its source grid.
 
     Attributes:
-        case_id: the case.
         label_convention: convention of ``labels`` (the input's, when it codes the model's label set).
-        labels: uint8 ``(X, Y, Z)`` in ``label_convention``.
-        canonical: uint8 ``(X, Y, Z)`` internal codes of the model's label set (glioma: 0 bg, 1 NCR,
-            2 ED, 3 ET), recoded from ``labels`` when first asked for.
-        affine: 4x4 voxel-to-world of the source reference modality.
-        volumes_ml: predicted volume in ml of each train region of the label set (WT, TC, ET, ...).
-        probabilities: float32 ``(C, X, Y, Z)`` (train-region sigmoids or label softmax), or None.
+        labels: uint8 ``(X, Y, Z)`` in ``label_convention``; ``affine`` is the source reference's.
+        volumes_ml: predicted volume (ml) of each train region of the label set.
+        probabilities: float32 ``(C, X, Y, Z)`` (region sigmoids or label softmax), or None.
         uncertainty: float32 ``(C, X, Y, Z)`` TTA variance of the probabilities, or None.
-        channels: names of the probability channels.
         seconds: wall time per step (``read``, ``preprocess``, ``inference``, ``restore``).
     """
 
@@ -135,11 +91,11 @@ class CasePrediction:
 
     @cached_property
     def canonical(self) -> np.ndarray:
-        """``labels`` in canonical codes (the same array when the convention uses them)."""
+        """``labels`` in the label set's internal codes (glioma: 0 bg, 1 NCR, 2 ED, 3 ET)."""
         return recode_labels(self.labels, get_convention(self.label_convention).to_canonical)
 
     def volumes_text(self) -> str:
-        """``WT 45.21 ml  TC 20.10 ml  ET 10.30 ml`` (every train region of the model's label set)."""
+        """``WT 45.21 ml  TC 20.10 ml  ET 10.30 ml``."""
         return "  ".join(f"{region} {ml:.2f} ml" for region, ml in self.volumes_ml.items())
 
 
@@ -160,7 +116,7 @@ def mirror_sets(axes: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 def _volumes_ml(counts: dict[int, int], affine: np.ndarray, label_set: LabelSet = GLIOMA) -> dict[str, float]:
-    """Train-region volumes (ml; WT, TC, ET for glioma) from voxel counts per internal tumour code."""
+    """Train-region volumes (ml) from voxel counts per internal tumour code."""
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
     return {
         region.name: sum(counts.get(code, 0) for code in region.codes) * voxel_ml
@@ -180,11 +136,8 @@ def region_volumes_ml(
 def output_convention(case_convention: str, label_set: LabelSet) -> str:
     """The convention a prediction is written in: the input's, when it codes the model's label set.
 
-    A case whose folder names another label set (a post-treatment model on a ``BraTS-GLI`` folder
-    read as 2023 GLI) is written in the one convention of the model's label set.
-
-    Raises:
-        DataError: the model's label set has several conventions and the case's is not one of them.
+    Otherwise (a post-treatment model on a folder read as 2023 GLI) the label set's only convention;
+    DataError when it has several.
     """
     if get_convention(case_convention).label_set.name == label_set.name:
         return case_convention
@@ -200,8 +153,8 @@ def output_convention(case_convention: str, label_set: LabelSet) -> str:
 def recode_labels(labels: np.ndarray, table: dict[int, int]) -> np.ndarray:
     """Rewrite the codes that ``table`` changes; ``labels`` itself when it changes none.
 
-    ``LabelConvention.encode``/``decode`` validate arbitrary input with ``np.unique`` (a sort of
-    every voxel); a prediction only holds the table's codes, so only the changing ones are rewritten.
+    Unlike ``LabelConvention.encode``/``decode`` this skips validation (``np.unique`` sorts every
+    voxel): a prediction only holds the table's codes.
     """
     changes = {old: new for old, new in table.items() if old != new}
     if not changes:
@@ -217,13 +170,16 @@ def decode_labels(canonical: np.ndarray, convention_name: str) -> np.ndarray:
     return recode_labels(canonical, get_convention(convention_name).from_canonical)
 
 
-class SegmentationPredictor:
-    """A trained network ready to segment whole cases (see the module docstring for the steps).
+def _check_modalities(case: CaseFiles) -> None:
+    if case.missing:
+        raise DataError(f"{case.case_id}: missing modality file {case.missing[0]} in {case.case_dir}")
 
-    Args:
-        trained: network and the settings it was trained with (``config["preprocess"]`` gives the
-            preprocessing, ``sliding_window`` the window settings).
-        cfg: the ``predict`` section (TTA, component removal, extra outputs, device).
+
+class SegmentationPredictor:
+    """A :class:`~tumorseg.models.checkpoint.TrainedNetwork` ready to segment whole cases with ``cfg``.
+
+    Reading a case raises DataError for a missing modality (naming the file), an unreadable file or
+    a wrong dimensionality.
     """
 
     def __init__(self, trained: Any, cfg: PredictConfig | None = None) -> None:
@@ -251,12 +207,8 @@ class SegmentationPredictor:
             self.label_set.region_names if self.output == "regions" else self.label_set.label_names
         )
 
-    # ------------------------------------------------------------------ preprocessed grid
     def infer(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities of a preprocessed image, averaged over the TTA mirrorings.
-
-        Args:
-            image: ``(4, x, y, z)`` z-scored channels on the model's grid.
+        """Probabilities of a preprocessed image ``(4, x, y, z)``, averaged over the TTA mirrorings.
 
         Returns:
             ``(probabilities (C, x, y, z) float32, variance (C, x, y, z) float32 or None)``; the
@@ -274,11 +226,8 @@ class SegmentationPredictor:
                 logits = self.inferer(torch.flip(x, dims) if dims else x, self.network)
                 if dims:
                     logits = torch.flip(logits, dims)
-                prob = (
-                    torch.sigmoid(logits.float())
-                    if self.output == "regions"
-                    else torch.softmax(logits.float(), 1)
-                )
+                logits = logits.float()
+                prob = torch.sigmoid(logits) if self.output == "regions" else torch.softmax(logits, 1)
                 total = prob if total is None else total.add_(prob)
                 if self.cfg.uncertainty:
                     total_sq = prob * prob if total_sq is None else total_sq.add_(prob * prob)
@@ -291,7 +240,7 @@ class SegmentationPredictor:
     def labels_from_probabilities(
         self, probabilities: np.ndarray, spacing_mm: tuple[float, ...]
     ) -> np.ndarray:
-        """Internal uint8 labels ``(x, y, z)`` from ``(C, x, y, z)`` probabilities, small components removed."""
+        """uint8 internal labels ``(x, y, z)`` of probabilities ``(C, x, y, z)``, small components dropped."""
         import torch
 
         from tumorseg.models.inference import regions_to_labels
@@ -315,7 +264,6 @@ class SegmentationPredictor:
             labels = np.where(kept, labels, 0).astype(np.uint8)
         return labels
 
-    # ------------------------------------------------------------------ source grid
     def predict_volumes(self, volumes: CaseVolumes) -> CasePrediction:
         """Segment a case held in memory (source geometry) and map the result back onto it."""
         from tumorseg.data.preprocess import preprocess_case
@@ -325,30 +273,17 @@ class SegmentationPredictor:
         return self.predict_preprocessed(case, {"preprocess": time.perf_counter() - start})
 
     def predict_case(self, case: CaseFiles) -> CasePrediction:
-        """Read a case from disk (its segmentation, if any, is not read) and segment it.
-
-        Raises:
-            DataError: a missing modality (naming the file), an unreadable file, wrong dimensionality.
-        """
-        preprocessed, seconds = self.read_preprocessed(case)
-        return self.predict_preprocessed(preprocessed, seconds)
+        """Read a case from disk (not its segmentation) and segment it."""
+        return self.predict_preprocessed(*self.read_preprocessed(case))
 
     def decode(self, case: CaseFiles) -> tuple[DecodedCase, dict[str, float]]:
-        """The case's modalities read and reoriented, not yet resampled (its segmentation unread).
+        """The case's modalities read and reoriented, not yet resampled, and ``{"read": seconds}``.
 
-        :func:`~tumorseg.data.preprocess.decode_case` decodes each file in its own thread and runs no
-        torch, so this may run in a reading thread while another case is inferred.
-
-        Returns:
-            The decoded case and ``{"read": seconds}``.
-
-        Raises:
-            DataError: a missing modality (naming the file), an unreadable file, wrong dimensionality.
+        Runs no torch, so it may run in a reading thread while another case is inferred.
         """
         from tumorseg.data.preprocess import decode_case
 
-        if case.missing:
-            raise DataError(f"{case.case_id}: missing modality file {case.missing[0]} in {case.case_dir}")
+        _check_modalities(case)
         start = time.perf_counter()
         decoded = decode_case(case, self.preprocess_cfg, labels=False, sha256=False)
         return decoded, {"read": time.perf_counter() - start}
@@ -356,33 +291,22 @@ class SegmentationPredictor:
     def preprocess(
         self, decoded: DecodedCase, seconds: dict[str, float]
     ) -> tuple[PreprocessedCase, dict[str, float]]:
-        """Resample, crop and z-score a decoded case as the model was trained (torch: call it where inference runs).
-
-        Returns:
-            The preprocessed case and ``seconds`` plus ``{"preprocess": seconds}``.
-        """
+        """Resample, crop and z-score as in training; torch, so call it where inference runs."""
         start = time.perf_counter()
         preprocessed = decoded.preprocess(self.preprocess_cfg)
         return preprocessed, {**seconds, "preprocess": time.perf_counter() - start}
 
     def read_preprocessed(self, case: CaseFiles) -> tuple[PreprocessedCase, dict[str, float]]:
-        """:meth:`decode` then :meth:`preprocess`: exactly ``preprocess_case(read_case(case))``.
-
-        Returns:
-            The preprocessed case and ``{"read": seconds, "preprocess": seconds}``.
-
-        Raises:
-            DataError: a missing modality (naming the file), an unreadable file, wrong dimensionality.
-        """
+        """:meth:`decode` then :meth:`preprocess`: exactly ``preprocess_case(read_case(case))``."""
         return self.preprocess(*self.decode(case))
 
     def predict_preprocessed(self, case: PreprocessedCase, seconds: dict[str, float]) -> CasePrediction:
         """Segment a preprocessed case and map the result back onto its source grid.
 
         Args:
-            case: from :func:`~tumorseg.data.preprocess.preprocess_case` (its geometry says where
-                the source grid is and which label convention to write).
-            seconds: time already spent on this case, by step; the steps below are added.
+            case: from :func:`~tumorseg.data.preprocess.preprocess_case` (its geometry gives the
+                source grid and the label convention to write).
+            seconds: time already spent on this case, by step; ``inference`` and ``restore`` are added.
         """
         from tumorseg.data.preprocess import restore_to_source, restored_label_counts
 
@@ -435,25 +359,18 @@ class SegmentationPredictor:
 
 
 def read_volumes(case: CaseFiles) -> tuple[CaseVolumes, float]:
-    """The four modalities of a case in its source geometry (not its segmentation), and the read time.
-
-    Raises:
-        DataError: a missing modality (naming the file), an unreadable file, wrong dimensionality.
-    """
-    if case.missing:
-        raise DataError(f"{case.case_id}: missing modality file {case.missing[0]} in {case.case_dir}")
+    """The four modalities of a case in its source geometry (not its segmentation), and the read time."""
+    _check_modalities(case)
     start = time.perf_counter()
     volumes = read_case(dataclasses.replace(case, paths={**case.paths, "seg": None}))
     return volumes, time.perf_counter() - start
 
 
-# ---------------------------------------------------------------------------- writing
 def _atomic_save(image: Any, path: Path) -> None:
     """Write a ``.nii.gz`` to a hidden temp name in the same folder, then rename: never half a file.
 
-    nibabel's own writer (header, scaling, column-major voxel order) streams into python-isal's
-    gzip file (ISA-L, level 1): a standard gzip stream any reader opens. Streaming avoids
-    ``to_bytes``' growing in-memory copy, and ISA-L deflates several times faster than zlib.
+    nibabel streams into python-isal's gzip writer (ISA-L, level 1; a standard gzip stream): no
+    in-memory copy as with ``to_bytes``, and several times faster than zlib.
     """
     from isal import igzip
     from nibabel.fileholders import FileHolder
@@ -503,12 +420,7 @@ def reference_header(case: CaseFiles) -> Any:
 
 
 def write_prediction(prediction: CasePrediction, out_dir: str | Path, header: Any) -> list[Path]:
-    """Write ``<case_id>.nii.gz`` (and the optional probability / uncertainty maps) atomically.
-
-    Args:
-        prediction: from :meth:`SegmentationPredictor.predict_case`.
-        out_dir: output folder (created if needed).
-        header: the reference modality's NIfTI header (:func:`reference_header`).
+    """Write ``<case_id>.nii.gz`` and the optional maps atomically, with the reference ``header``.
 
     Returns:
         Files written: the label map first, then ``probabilities/<case_id>.nii.gz`` (float32
@@ -536,17 +448,9 @@ def write_prediction(prediction: CasePrediction, out_dir: str | Path, header: An
     return written
 
 
-# ---------------------------------------------------------------------------- folders
 @dataclass
 class PredictSummary:
-    """What :func:`predict_dataset` wrote.
-
-    Attributes:
-        out_dir: the output folder.
-        cases: case id -> predicted volumes (ml) per region.
-        files: case id -> files written for it.
-        seconds: wall time.
-    """
+    """What :func:`predict_dataset` wrote: volumes (ml) per region and files, by case id; wall time."""
 
     out_dir: Path
     cases: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -560,31 +464,23 @@ class PredictSummary:
 def plan_cases(
     input_path: str | Path, layout: str | None = None, labels: str | None = None
 ) -> list[CaseFiles]:
-    """The cases of a folder in any layout (or one case folder), checked for missing modalities.
+    """The cases of a dataset folder in any layout (or one case folder), checked for missing modalities.
 
-    Args:
-        input_path: dataset folder or one case folder.
-        layout: force a layout (None: detect).
-        labels: the input's label convention (None: from the layout, BraTS prefix or dataset.json).
-
-    Raises:
-        DataError: no known layout, or a case without one of its four modality files (named).
+    ``layout`` and ``labels`` (the input's label convention) are detected when None; DataError
+    names an unknown layout or a missing modality file.
     """
     cases = discover_cases(Path(input_path), layout, labels)
     for case in cases:
-        if case.missing:
-            raise DataError(f"{case.case_id}: missing modality file {case.missing[0]} in {case.case_dir}")
+        _check_modalities(case)
     return cases
 
 
 def spare_core(device: Any) -> bool:
     """Whether a reading thread can run beside the inference without taking one of its cores.
 
-    True on GPU (the CPU is idle while the GPU computes) and when this process may use more cores
-    than torch's intra-op threads.
+    True on GPU (the CPU is idle meanwhile) and when this process may use more cores than torch's
+    intra-op threads.
     """
-    import os
-
     import torch
 
     if getattr(device, "type", str(device)) == "cuda":
@@ -602,24 +498,11 @@ def predict_dataset(
     cases: list[CaseFiles] | None = None,
     on_case: Callable[[CasePrediction, list[Path]], None] | None = None,
 ) -> PredictSummary:
-    """Segment every case of ``input_path`` into ``out_dir/<case_id>.nii.gz``.
+    """Segment every case of ``input_path`` (or the planned ``cases``) into ``out_dir/<case_id>.nii.gz``.
 
-    Every case is checked for missing modalities before any work starts. Each file is written to a
-    temporary name and renamed; if a case fails, whatever this run wrote for it is removed, cases
-    finished before it stay (they are complete), and the error says how many there are. Other files
-    in ``out_dir`` are never touched.
-
-    Args:
-        input_path: a dataset folder in any supported layout, or one case folder (None when
-            ``cases`` is given).
-        out_dir: output folder (created when the first case is written).
-        predictor: the loaded model.
-        layout: force a layout (None: detect).
-        cases: already planned cases (:func:`plan_cases`); planned here when None.
-        on_case: called with each prediction and its files (the CLI prints volumes there).
-
-    Raises:
-        DataError: bad input (one line naming the case and file).
+    All cases are checked before any work starts. If a case fails, whatever was written for it is
+    removed; cases finished before it stay, and the error says how many. Other files in ``out_dir``
+    are never touched. ``on_case`` gets each prediction and its files (the CLI prints volumes).
     """
     begin = time.perf_counter()
     out_dir = Path(out_dir)
@@ -630,11 +513,10 @@ def predict_dataset(
             raise ValueError("predict_dataset needs input_path or cases")
         cases = plan_cases(input_path, layout)
     summary = PredictSummary(out_dir=out_dir)
-    # With a core to spare, a thread reads and decodes the next case while this one is inferred
-    # (decompression releases the GIL). Resampling uses torch and stays in this thread: torch called
-    # from the reading thread would start a second OpenMP team competing with the inference's.
-    # Without a spare core the reader would take one from the inference's threads, and every
-    # parallel region would wait for it (measured on 2 cores: 4 % slower per case than in turn).
+    # With a core to spare, a thread decodes the next case while this one is inferred (decompression
+    # releases the GIL). Resampling uses torch and stays here: torch in the reading thread would start
+    # a second OpenMP team competing with the inference's. Without a spare core the reader would
+    # slow every parallel region of the inference.
     prefetch = spare_core(predictor.device)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tumorseg-read") as reader:
         pending = reader.submit(predictor.decode, cases[0]) if cases and prefetch else None

@@ -15,15 +15,10 @@ class RegistryConfig(Section):
 
     Attributes:
         enabled: the evaluate stage registers the evaluated model as a new version (``challenger``).
-        model_name: registered model name (``models:/<model_name>@champion``).
-        promotion_margin: the challenger's mean Dice (over cases and WT/TC/ET) must beat the
-            champion's, on the same test cases, by at least this much.
-        region_tolerance: and no region's mean Dice may drop by more than this.
-        require_significance: also require the bootstrap CI of the paired mean difference to lie
-            above 0 (off by default: small test sets give wide intervals).
-        bootstrap_resamples: resamples of the paired-difference bootstrap.
-        ci_level: level of that interval.
-        seed: seed of the bootstrap.
+        promotion_margin: least gain of the challenger's mean Dice (cases x regions) over the
+            champion's on the same test cases; region_tolerance: most any region's mean may drop.
+        require_significance: also require the paired bootstrap CI to lie above 0 (off by default:
+            small test sets give wide intervals).
         history_length: champion versions remembered for ``tumorseg promote --rollback``.
     """
 

@@ -1,8 +1,6 @@
 """The model card of a registered version: what it is, what it was trained and tested on, what not to do with it.
 
-Rendered as Markdown; stored with the model (``model_card.md`` artifact), logged to the training
-run and used as the version's description in the MLflow registry (whose description field holds
-5,000 characters; :func:`registry_description` shortens the card to fit).
+Markdown, stored as the ``model_card.md`` artifact and used as the registry version's description.
 """
 
 from __future__ import annotations
@@ -10,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-DESCRIPTION_LIMIT = 5000
-"""Characters of a model version description in MLflow's SQL stores (``String(5000)``)."""
+DESCRIPTION_LIMIT = 5000  # characters of a version description in MLflow's SQL stores (String(5000))
 
 
 @dataclass
@@ -19,17 +16,11 @@ class ModelCardFacts:
     """Everything the card states.
 
     Attributes:
-        model_name: registered model name.
-        run_id: training run.
         config: resolved training sections (``model``, ``data_loader``, ``preprocess``, ``train`` ...).
         predict_settings: the ``predict`` settings the model was evaluated (and is served) with.
         metrics: flat test metrics (``dice_WT``, ``dice_WT_ci_low`` ...).
-        n_parameters: trainable parameters of the network.
         git_commit: code version (``+dirty`` with uncommitted changes), or None outside git.
-        data_md5: DVC hash (or content md5) of the training data, and how it was obtained.
-        params_md5: md5 of the resolved training sections.
-        synthetic_data: the training data came from ``tumorseg synth``.
-        test_cases: number of test cases; label_convention: their convention.
+        data_md5: DVC hash (or content md5) of the training data; data_md5_source: how it was obtained.
     """
 
     model_name: str
@@ -60,14 +51,14 @@ def scored_regions(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
+def _with_ci(metrics: dict[str, Any], key: str, digits: int = 3) -> str:
+    """``0.812 [0.790, 0.830]``: a metric and its CI bounds (``<key>_ci_low``, ``<key>_ci_high``)."""
+    low, high = (_number(metrics.get(f"{key}_ci_{end}"), digits) for end in ("low", "high"))
+    return f"{_number(metrics.get(key), digits)} [{low}, {high}]"
+
+
 def _metric_row(metrics: dict[str, Any], metric: str, label: str, digits: int) -> str:
-    cells = []
-    for region in scored_regions(metrics):
-        key = f"{metric}_{region}"
-        cells.append(
-            f"{_number(metrics.get(key), digits)} [{_number(metrics.get(f'{key}_ci_low'), digits)}, "
-            f"{_number(metrics.get(f'{key}_ci_high'), digits)}]"
-        )
+    cells = [_with_ci(metrics, f"{metric}_{region}", digits) for region in scored_regions(metrics)]
     return f"| {label} | " + " | ".join(cells) + " |"
 
 
@@ -123,8 +114,7 @@ def render_model_card(facts: ModelCardFacts, *, version: str | None = None) -> s
         _metric_row(metrics, "hd95", "HD95 (mm)", 1),
         _metric_row(metrics, "lesion_dice", "lesion-wise Dice", 3),
         "",
-        f"Mean Dice over regions: {_number(metrics.get('dice_mean'))} "
-        f"[{_number(metrics.get('dice_mean_ci_low'))}, {_number(metrics.get('dice_mean_ci_high'))}]. "
+        f"Mean Dice over regions: {_with_ci(metrics, 'dice_mean')}. "
         f"Tumour detection: sensitivity {_number(metrics.get('detection_sensitivity'))}, "
         f"specificity {_number(metrics.get('detection_specificity'))}.",
         "",

@@ -1,10 +1,5 @@
-"""MLflow "model from code" entry point of the registered tumorseg model.
-
-MLflow copies this file into every logged model and executes it when the model is loaded
-(``mlflow.pyfunc.load_model``, ``mlflow models serve``); it is never imported by tumorseg itself.
-The model's logic lives in the installed package (:mod:`tumorseg.registry.pyfunc`), so the
-stored model holds no pickled code.
-"""
+"""MLflow "model from code" entry point: copied into every logged model and run when it is loaded, so the
+stored model holds no pickled code (the logic lives in :mod:`tumorseg.registry.pyfunc`)."""
 
 from mlflow.models import set_model
 

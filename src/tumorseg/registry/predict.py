@@ -1,10 +1,4 @@
-"""``tumorseg predict`` as a function: resolve the model, then segment a folder in its source geometry.
-
-The model defaults to ``predict.model`` (``models:/tumorseg@champion``) in the project's MLflow store
-(``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``, else ``<paths.mlruns>/mlflow.db``); any checkpoint
-path or MLflow model URI is accepted (:mod:`tumorseg.registry.loading`). Inference settings come from
-params.yaml's ``predict:`` section.
-"""
+"""``tumorseg predict`` as a function: resolve the model, then segment a folder in its source geometry."""
 
 from __future__ import annotations
 
@@ -18,12 +12,8 @@ from tumorseg.config import section
 
 @dataclass
 class PredictRun:
-    """A finished ``tumorseg predict``.
-
-    Attributes:
-        summary: the :class:`~tumorseg.models.predictor.PredictSummary` (cases, files, time).
-        model: where the model came from (``models:/tumorseg@champion (version 3, run ...)``).
-    """
+    """A finished ``tumorseg predict``: its :class:`~tumorseg.models.predictor.PredictSummary` and where
+    the model came from (``models:/tumorseg@champion (version 3, run ...)``)."""
 
     summary: Any
     model: str
@@ -44,24 +34,12 @@ def predict_folder(
     tracking_uri: str | None = None,
     on_case: Callable[[Any, list[Path]], None] | None = None,
 ) -> PredictRun:
-    """Segment every case of ``input_path`` into ``out_dir/<case_id>.nii.gz``.
+    """Segment every case of ``input_path`` (a dataset or one case folder) into ``out_dir/<case_id>.nii.gz``.
 
-    Input problems are found before the model is loaded (a missing modality costs no model load),
-    and ``out_dir`` is only created once a case is ready to be written.
-
-    Args:
-        input_path: dataset folder in any supported layout, or one case folder.
-        out_dir: output folder.
-        params: params dict (``predict``, ``paths``, ``mlflow`` sections).
-        model_uri: checkpoint path or MLflow model URI; default ``predict.model``.
-        layout: force a layout (None: detect).
-        labels: the input's label convention, which the predictions are written in (None: detect).
-        source: params file name for error messages.
-        tracking_uri: MLflow store; see the module docstring for the default.
-        on_case: called after each case is written (the CLI prints its volumes).
-
-    Raises:
-        DataError: bad input or unknown model (one line).
+    Input problems are found before the model is loaded (a missing modality costs no model load).
+    ``model_uri`` defaults to ``predict.model``; ``layout`` and ``labels`` force the input's layout and
+    label convention, which the predictions are written in (None: detect); ``on_case`` is called after
+    each case is written.
     """
     from tumorseg.models.predictor import PredictConfig, SegmentationPredictor, plan_cases, predict_dataset
     from tumorseg.registry.loading import load_model

@@ -1,25 +1,14 @@
 """``tumorseg promote``: the champion/challenger gate, and ``--rollback``.
 
-The challenger (alias ``challenger``, set by the evaluate stage) replaces the champion (alias
-``champion``, what ``tumorseg predict`` and serving load by default) only when, on the **same test
-cases** (paired per case):
-
-- the mean Dice over cases and regions improves by at least ``registry.promotion_margin``, and
-- no region's (WT, TC, ET) mean Dice drops by more than ``registry.region_tolerance``, and
-- with ``registry.require_significance``, the bootstrap CI of the paired mean difference is above 0.
-
-Evidence comes from each version's own ``evaluation.json`` (per-case Dice and the sha256 of every
-reference segmentation). Cases pair when both versions scored the same reference file; when the
-champion was scored on other cases (the data or split changed), the champion is re-evaluated on
-the challenger's test cases from the current validated manifest, with the predict settings it was
-registered with. Extra evidence: per-region means, every paired difference, a percentile-bootstrap
-CI of the mean difference and a Wilcoxon signed-rank p-value (scipy).
-
-Rules: the first valid model becomes champion; a challenger whose evaluation is missing or not
-finite never moves the champion; a promoted challenger loses the ``challenger`` alias. Every
-champion is appended to the registered model's ``champion_history`` tag (a JSON list of versions),
-which ``--rollback`` walks back. The decision is printed, written to ``reports/promotion.json``,
-logged as an MLflow run (tags, metrics, the JSON as artifact) and tagged on the challenger version.
+The challenger (alias set by the evaluate stage) replaces the champion (what ``tumorseg predict`` and
+serving load) only when, paired per case on the same test cases, the mean Dice over cases and regions
+improves by ``registry.promotion_margin``, no region's mean drops by more than
+``registry.region_tolerance`` and, with ``registry.require_significance``, the bootstrap CI of the
+paired mean difference is above 0. Evidence is each version's ``evaluation.json`` (per-case Dice and
+the sha256 of every reference); when the champion was scored on other references it is re-evaluated
+on the challenger's cases. The first valid model becomes champion; a challenger without a usable
+evaluation never moves it. Every champion is appended to the ``champion_history`` tag (a JSON list of
+versions) that ``--rollback`` walks back.
 """
 
 from __future__ import annotations
@@ -46,27 +35,20 @@ log = logging.getLogger(__name__)
 
 PROMOTION_FILE = "promotion.json"
 HISTORY_TAG = "champion_history"
-EPSILON = 1e-12
-"""Slack for floating-point ties at the margin and tolerance boundaries."""
+EPSILON = 1e-12  # slack for floating-point ties at the margin and tolerance boundaries
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 # ---------------------------------------------------------------------------- the decision
 @dataclass
 class Comparison:
-    """Paired comparison of two versions on the same test cases.
+    """Paired comparison of two versions on the same test cases (differences are challenger - champion).
 
-    Attributes:
-        promote: the gate's verdict.
-        reasons: why, one sentence per rule.
-        n_cases: paired cases.
-        mean_dice: ``{"challenger", "champion"}`` mean Dice over cases and regions.
-        mean_improvement: challenger minus champion (mean of the paired per-case differences).
-        region_means: ``{"challenger": {WT, TC, ET}, "champion": {...}}``.
-        region_change: per-region mean difference (challenger - champion).
-        ci_low, ci_high, ci_level: percentile-bootstrap CI of ``mean_improvement``.
-        wilcoxon_p: two-sided Wilcoxon signed-rank p-value of the per-case mean differences (None
-            with fewer than 2 cases or all differences zero).
-        paired_differences: ``{case_id: {WT, TC, ET, mean}}``.
+    ``ci_low``/``ci_high`` bound a percentile-bootstrap CI of ``mean_improvement``; ``wilcoxon_p`` is the
+    two-sided signed-rank p-value of the per-case differences (None with fewer than 2 cases or all zero).
     """
 
     promote: bool
@@ -92,13 +74,8 @@ def _wilcoxon(differences: np.ndarray) -> float | None:
 
 
 def compare_versions(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: RegistryConfig) -> Comparison:
-    """Apply the promotion rules to paired per-case Dice.
-
-    Args:
-        challenger: Dice per case (index ``case_id``) and region (columns WT, TC, ET; a 2-D model's
-            evidence has its own score columns, e.g. ``tumour``, and they are compared the same way).
-        champion: the same for the champion; only the challenger's cases are used.
-        cfg: margin, tolerance, significance requirement and bootstrap settings.
+    """Apply the promotion rules to paired per-case Dice: frames indexed by ``case_id`` with a column per
+    region (WT, TC, ET, or a 2-D model's own, e.g. ``tumour``); only the challenger's cases are used.
 
     Raises:
         ValueError: the champion lacks some of the challenger's cases, or there are none.
@@ -121,15 +98,12 @@ def compare_versions(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: Regi
     ci_low, ci_high = (float(q) for q in np.quantile(per_case[indices].mean(axis=1), [alpha, 1.0 - alpha]))
     region_change = {r: float(diff[r].mean()) for r in regions}
 
-    reasons: list[str] = []
-    promote = True
-    if improvement + EPSILON >= cfg.promotion_margin:
-        reasons.append(f"mean Dice improves by {improvement:+.4f} (>= margin {cfg.promotion_margin:g})")
-    else:
-        promote = False
-        reasons.append(
-            f"mean Dice changes by {improvement:+.4f}, less than the margin {cfg.promotion_margin:g}"
-        )
+    promote = improvement + EPSILON >= cfg.promotion_margin
+    reasons = [
+        f"mean Dice improves by {improvement:+.4f} (>= margin {cfg.promotion_margin:g})"
+        if promote
+        else f"mean Dice changes by {improvement:+.4f}, less than the margin {cfg.promotion_margin:g}"
+    ]
     dropped = {r: c for r, c in region_change.items() if c + EPSILON < -cfg.region_tolerance}
     if dropped:
         promote = False
@@ -138,15 +112,9 @@ def compare_versions(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: Regi
     else:
         reasons.append(f"no region drops by more than {cfg.region_tolerance:g}")
     if cfg.require_significance:
-        if ci_low > 0:
-            reasons.append(
-                f"the {cfg.ci_level:.0%} CI of the improvement [{ci_low:+.4f}, {ci_high:+.4f}] is above 0"
-            )
-        else:
-            promote = False
-            reasons.append(
-                f"the {cfg.ci_level:.0%} CI of the improvement [{ci_low:+.4f}, {ci_high:+.4f}] includes 0 or less"
-            )
+        ci = f"the {cfg.ci_level:.0%} CI of the improvement [{ci_low:+.4f}, {ci_high:+.4f}]"
+        reasons.append(f"{ci} is above 0" if ci_low > 0 else f"{ci} includes 0 or less")
+        promote = promote and ci_low > 0
     paired = {
         case_id: {**{r: float(diff.loc[case_id, r]) for r in regions}, "mean": float(per_case[i])}
         for i, case_id in enumerate(cases)
@@ -173,15 +141,8 @@ def compare_versions(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: Regi
 # ---------------------------------------------------------------------------- evidence of a version
 @dataclass
 class VersionEvidence:
-    """A version's own test evaluation.
-
-    Attributes:
-        version: version number.
-        run_id: its training run.
-        case_dice: Dice per case (index) and region (columns), or None when unusable.
-        reference_sha256: case id -> sha256 of the reference it was scored against.
-        problem: why the evaluation cannot be used (None when it can).
-    """
+    """A version's own test evaluation: Dice per case (index) and region (columns), None when unusable
+    (``problem`` says why), and the sha256 of the reference each case was scored against."""
 
     version: str
     run_id: str | None
@@ -211,34 +172,34 @@ def read_evidence(client: Any, name: str, version: str, tracking_uri: str) -> Ve
         evidence.problem = f"version {version} has no readable {EVALUATION_ARTIFACT} ({type(exc).__name__})"
         return evidence
     case_dice = record.get("case_dice") or {}
-    if not case_dice:
-        evidence.problem = f"version {version}: {EVALUATION_ARTIFACT} lists no test cases"
-        return evidence
     frame = pd.DataFrame.from_dict(case_dice, orient="index")
     regions = [str(r) for r in record.get("regions") or REGION_NAMES]  # 2-D models name their own scores
-    if not set(regions) <= set(frame.columns):
+    if not case_dice:
+        evidence.problem = f"version {version}: {EVALUATION_ARTIFACT} lists no test cases"
+    elif not set(regions) <= set(frame.columns):
         evidence.problem = f"version {version}: {EVALUATION_ARTIFACT} lacks Dice for {regions}"
-        return evidence
-    values = frame[regions].to_numpy(dtype=np.float64)
-    if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 1:
+    elif not _dice_in_range(frame[regions].to_numpy(dtype=np.float64)):
         evidence.problem = f"version {version}: its test Dice values are not finite numbers in [0, 1]"
-        return evidence
-    evidence.case_dice = frame[regions].astype(np.float64)
-    evidence.reference_sha256 = dict(record.get("reference_sha256") or {})
+    else:
+        evidence.case_dice = frame[regions].astype(np.float64)
+        evidence.reference_sha256 = dict(record.get("reference_sha256") or {})
     return evidence
+
+
+def _dice_in_range(values: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(values))) and values.min() >= 0 and values.max() <= 1
 
 
 def pairable(challenger: VersionEvidence, champion: VersionEvidence) -> bool:
     """The champion scored every challenger case against the same reference file."""
     if champion.case_dice is None or challenger.case_dice is None:
         return False
-    for case_id in challenger.case_dice.index:
-        if case_id not in champion.case_dice.index:
-            return False
-        ours, theirs = challenger.reference_sha256.get(case_id), champion.reference_sha256.get(case_id)
-        if ours is None or ours != theirs:
-            return False
-    return True
+    return all(
+        case_id in champion.case_dice.index
+        and challenger.reference_sha256.get(case_id) is not None
+        and challenger.reference_sha256.get(case_id) == champion.reference_sha256.get(case_id)
+        for case_id in challenger.case_dice.index
+    )
 
 
 def rescore_champion(
@@ -278,13 +239,9 @@ def rescore_champion(
     )
     cfg = section("evaluate", params, source=source)
     with tempfile.TemporaryDirectory(prefix="tumorseg-rescore-") as tmp:
+        out = Path(tmp)
         result = evaluate_cases(
-            predictor,
-            cases,
-            Path(tmp) / "champion.csv",
-            cfg=cfg,
-            summary_path=Path(tmp) / "s.json",
-            make_plots=False,
+            predictor, cases, out / "champion.csv", cfg=cfg, summary_path=out / "s.json", make_plots=False
         )
     wide = result.per_case.pivot(index="case_id", columns="region", values="dice")
     if set(wide.columns) != set(regions):
@@ -299,19 +256,8 @@ def rescore_champion(
 # ---------------------------------------------------------------------------- actions
 @dataclass
 class PromotionResult:
-    """What ``tumorseg promote`` decided and did.
-
-    Attributes:
-        action: ``promoted`` | ``rejected`` | ``kept`` (nothing to decide) | ``rolled_back``.
-        model_name: registered model.
-        champion: champion version after the action (None when there is none).
-        previous_champion: champion version before it.
-        challenger: the challenger version considered (None when there was none).
-        reasons: why, in words.
-        comparison: the paired evidence (None without a comparison).
-        evidence_source: ``stored evaluations`` or ``champion re-evaluated on the challenger's cases``.
-        mlflow_run_id: the run the decision was logged to.
-    """
+    """What ``tumorseg promote`` decided (``promoted``, ``rejected``, ``kept``: nothing to decide, or
+    ``rolled_back``) and did; ``champion``/``previous_champion``: versions after and before it."""
 
     action: str
     model_name: str
@@ -322,7 +268,7 @@ class PromotionResult:
     comparison: Comparison | None = None
     evidence_source: str | None = None
     mlflow_run_id: str | None = None
-    decided_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    decided_at: str = field(default_factory=_now)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -386,14 +332,17 @@ def _history(client: Any, name: str) -> list[str]:
         return []
 
 
+def _tag(client: Any, name: str, version: str, **tags: str) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
 def _set_champion(
     client: Any, name: str, version: str, previous: str | None, history: list[str], keep: int
 ) -> None:
     client.set_registered_model_alias(name, CHAMPION, version)
-    history = [*history, version][-keep:]
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    client.set_model_version_tag(name, version, "previous_champion", previous or "none")
-    client.set_model_version_tag(name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, version][-keep:]))
+    _tag(client, name, version, previous_champion=previous or "none", promoted_at=_now())
 
 
 def _open_client(
@@ -429,10 +378,10 @@ def promote(
     source: str = "params.yaml",
     tracking_uri: str | None = None,
     report_file: str | Path | None = None,
+    write: bool = True,
 ) -> PromotionResult:
-    """Run the gate (or the rollback), apply it to the registry, log it and write ``reports/promotion.json``.
-
-    ``report_file`` writes the decision elsewhere (the 2-D models' promotions keep their own files).
+    """Run the gate (or the rollback), apply it to the registry, log it as an MLflow run and write
+    ``reports/promotion.json`` (or ``report_file``; nothing with ``write`` False).
 
     Raises:
         DataError: no store / registered model; ``--rollback`` without a previous champion; evidence
@@ -453,11 +402,38 @@ def promote(
         name = cfg.model_name
         result = _rollback(client, name) if rollback else _decide_and_apply(client, uri, cfg, params, source)
         result.mlflow_run_id = _log_decision(client, uri, result, params, source)
-    atomic_write_text(
-        Path(report_file) if report_file else reports / PROMOTION_FILE,
-        json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n",
-    )
+    if write:
+        atomic_write_text(
+            Path(report_file) if report_file else reports / PROMOTION_FILE,
+            json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n",
+        )
     return result
+
+
+def promote_models(
+    params: dict[str, Any],
+    names: list[str],
+    *,
+    report_file: str | Path,
+    rollback: bool = False,
+    source: str = "params.yaml",
+) -> list[PromotionResult]:
+    """:func:`promote` each registered model of ``names`` (the 2-D segmenter, then its detector) and
+    write one report: the first model's decision, the others' under ``also``."""
+    from tumorseg.config import apply_overrides
+
+    results = [
+        promote(
+            apply_overrides(params, {"registry.model_name": name}),
+            rollback=rollback,
+            source=source,
+            write=False,
+        )
+        for name in names
+    ]
+    report = {**results[0].to_dict(), "also": [r.to_dict() for r in results[1:]]}
+    atomic_write_text(Path(report_file), json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return results
 
 
 def _decide_and_apply(
@@ -476,23 +452,15 @@ def _decide_and_apply(
 
     ours = read_evidence(client, name, challenger, uri)
     if ours.problem is not None:
-        client.set_model_version_tag(name, challenger, "promotion_decision", "rejected")
-        client.set_model_version_tag(name, challenger, "promotion_reason", ours.problem)
-        return PromotionResult(
-            "rejected",
-            name,
-            champion,
-            champion,
-            challenger,
-            [f"challenger evaluation failed: {ours.problem}"],
-        )
+        _tag(client, name, challenger, promotion_decision="rejected", promotion_reason=ours.problem)
+        why = f"challenger evaluation failed: {ours.problem}"
+        return PromotionResult("rejected", name, champion, champion, challenger, [why])
 
     history = _history(client, name)
     if champion is None:
         _set_champion(client, name, challenger, None, history, cfg.history_length)
         client.delete_registered_model_alias(name, CHALLENGER)
-        client.set_model_version_tag(name, challenger, "promotion_decision", "promoted")
-        client.set_model_version_tag(name, challenger, "promotion_reason", "first model")
+        _tag(client, name, challenger, promotion_decision="promoted", promotion_reason="first model")
         return PromotionResult(
             "promoted", name, challenger, None, challenger, ["first registered model with a valid evaluation"]
         )
@@ -509,17 +477,18 @@ def _decide_and_apply(
         evidence_source = "champion re-evaluated on the challenger's test cases"
     comparison = compare_versions(ours.case_dice, champion_dice, cfg)
     decision = "promoted" if comparison.promote else "rejected"
-    client.set_model_version_tag(name, challenger, "promotion_decision", decision)
-    client.set_model_version_tag(name, challenger, "promotion_reason", "; ".join(comparison.reasons))
-    client.set_model_version_tag(
-        name, challenger, "promotion_mean_improvement", f"{comparison.mean_improvement:.6f}"
+    _tag(
+        client,
+        name,
+        challenger,
+        promotion_decision=decision,
+        promotion_reason="; ".join(comparison.reasons),
+        promotion_mean_improvement=f"{comparison.mean_improvement:.6f}",
     )
     if comparison.promote:
         _set_champion(client, name, challenger, champion, history, cfg.history_length)
         client.delete_registered_model_alias(name, CHALLENGER)
-        new_champion = challenger
-    else:
-        new_champion = champion
+    new_champion = challenger if comparison.promote else champion
     return PromotionResult(
         decision, name, new_champion, champion, challenger, comparison.reasons, comparison, evidence_source
     )
@@ -541,8 +510,7 @@ def _rollback(client: Any, name: str) -> PromotionResult:
     client.get_model_version(name, previous)  # fails loudly if that version was deleted
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(earlier))
-    client.set_model_version_tag(name, current, "rolled_back", "true")
-    client.set_model_version_tag(name, current, "rolled_back_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    _tag(client, name, current, rolled_back="true", rolled_back_at=_now())
     return PromotionResult(
         "rolled_back", name, previous, current, None, [f"version {current} withdrawn by --rollback"]
     )

@@ -96,7 +96,7 @@ def checkpoint_or_new_run(
     """The training run a checkpoint came from, or a new, finished run when there is none.
 
     Test results belong on the run that trained the weights, so the 3-D (:func:`log_test_evaluation`)
-    and the 2-D evaluation (:mod:`tumorseg.planar.evaluate`) log there. When training ran without
+    and the 2-D evaluation (:mod:`tumorseg.evaluation.planar_evaluate`) log there. When training ran without
     MLflow, or the store does not know the run (another store, deleted), a run named ``run_name``
     is created in ``experiment`` and marked finished, so evaluation results are never lost.
 

@@ -1,44 +1,13 @@
 """The HTTP service: ``POST /predict`` for one case, a browser viewer, health and OpenAPI docs.
 
-``create_app(settings)`` builds the FastAPI application; nothing happens at import time. The model
-is loaded once, when the application starts (FastAPI lifespan), with
-:func:`tumorseg.registry.loading.load_model` (checkpoint, MLflow model folder, ``models:/`` or
-``runs:/`` URI, ONNX edge variants alike), and wrapped in the same
+``create_app(settings)`` builds the FastAPI application; the models load when it starts, through
+:func:`tumorseg.registry.loading.load_model` and the same
 :class:`~tumorseg.models.predictor.SegmentationPredictor` ``tumorseg predict`` uses, so a served
-segmentation is byte-for-byte the CLI's: same preprocessing, sliding window, post-processing, the
-input's geometry and label convention.
-
-A 2-D model (``serve.model_2d``, ``--model-2d``; :mod:`tumorseg.serving.planar`) is loaded too
-when it can be; without it the service runs for 3-D cases and 2-D uploads get 503.
-
-Endpoints:
-
-- ``GET /health``: the models (name, version, alias, origin, and the 3-D model's ``label_set``: its
-  train regions with internal codes, caption and overlay colour, which the viewer draws; ``model_2d``
-  says why it is missing) and the queue.
-- ``POST /predict``: multipart field ``files``: the modality files of one 3-D case or one ``.zip``;
-  ``?format=nifti`` (default) returns ``<case_id>.nii.gz``; ``json`` the tumour volumes per train
-  region of the model's label set (WT, TC, ET for glioma; RC or CC too for the 2024 label sets);
-  ``viewer`` also keeps the case for the viewer and returns its id. Or one 2-D image (``.mat``,
-  ``.png``, ``.jpg``/``.jpeg``, ``.tif``, ``.bmp``): ``?format=png`` (default) returns
-  ``<case_id>_mask.png`` (0/255, the input's size); ``json`` the tumour probability, yes/no, type
-  and area (``?pixel_size_mm=`` adds mm²); ``viewer`` keeps it for the viewer.
-- ``GET /demo``, ``POST /demo/{case_id}``: synthetic demo cases generated at start-up.
-- ``GET /cases/{id}``, ``GET /cases/{id}/slice``, ``GET /cases/{id}/segmentation``,
-  ``POST /cases/{id}/ground-truth``: what the viewer page (``GET /``) draws.
-- ``/docs``: OpenAPI.
-
-Every error is JSON ``{"error": "<one line naming the file or field and what to do>"}``: upload
-problems are 400 or 413, unreadable cases 422, a full queue 503, a request over the time limit
-504, a 2-D upload without a 2-D model 503. Uploads go into a private per-request folder (mode 0700)
-that is removed when the request ends, and only NIfTI, ``dataset.json``, zip archives, MATLAB
-slices and images are read (nothing is unpickled).
-
-This module assembles the application; the pieces live beside it, one concern each:
-:mod:`~tumorseg.serving.service` (settings, the :class:`Service` state and its pool-thread jobs),
-:mod:`~tumorseg.serving.error_handlers` (exceptions to one-line JSON),
-:mod:`~tumorseg.serving.predict_routes` (``/predict``, ``/demo``) and
-:mod:`~tumorseg.serving.viewer_routes` (``/cases``). Their public names are importable from here too.
+segmentation is byte-for-byte the CLI's. Without a 2-D model (``serve.model_2d``) 2-D uploads get 503.
+Every error is JSON ``{"error": "<one line>"}`` (:mod:`~tumorseg.serving.error_handlers`); uploads go
+into a private per-request folder, and nothing is unpickled. The routes live in
+:mod:`~tumorseg.serving.predict_routes` and :mod:`~tumorseg.serving.viewer_routes`, the state in
+:mod:`~tumorseg.serving.service`.
 """
 
 from __future__ import annotations
@@ -52,8 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-# FastAPI resolves endpoint annotations from this module's globals, so its names are imported here;
-# this module is only imported by ``tumorseg serve`` and the tests, never at CLI parse time.
+# FastAPI resolves endpoint annotations from this module's globals, so its names are imported here.
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -62,60 +30,21 @@ from starlette.concurrency import run_in_threadpool
 from tumorseg.serving.error_handlers import add_error_handlers
 from tumorseg.serving.limits import RequestLimits
 from tumorseg.serving.planar import PlanarSlot, load_planar_slot
-from tumorseg.serving.predict_routes import (
-    FILES_HELP,
-    FORMAT_HELP,
-    PIXEL_SIZE_HELP,
-    OutputFormat,
-    add_demo_routes,
-    add_predict_route,
-)
-from tumorseg.serving.service import DEMO_SEED, DemoCases, ServeSettings, Service, describe_model, service_of
-from tumorseg.serving.viewer_routes import (
-    CaseNotFound,
-    Modality,
-    PlaneName,
-    add_case_routes,
-    add_ground_truth_route,
-)
+from tumorseg.serving.predict_routes import add_demo_routes, add_predict_route
+from tumorseg.serving.service import ServeSettings, Service, describe_model, service_of
+from tumorseg.serving.viewer_routes import add_case_routes, add_ground_truth_route
 
-# The names this module has always offered, wherever they are defined now.
-__all__ = [
-    "DEMO_SEED",
-    "FILES_HELP",
-    "FORMAT_HELP",
-    "PIXEL_SIZE_HELP",
-    "CaseNotFound",
-    "DemoCases",
-    "Modality",
-    "OutputFormat",
-    "PlaneName",
-    "ServeSettings",
-    "Service",
-    "create_app",
-    "describe_model",
-    "serve",
-]
+__all__ = ["ServeSettings", "Service", "create_app", "describe_model", "serve"]
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- application
 def create_app(settings: ServeSettings, *, loaded_model: Any = None, planar: PlanarSlot | None = None) -> Any:
-    """Build the FastAPI application (the models load when it starts, not here).
+    """Build the ASGI application, wrapped in :class:`~tumorseg.serving.limits.RequestLimits`.
 
-    The routes are registered group by group (errors, prediction, demo, viewer, health and page),
-    in the order ``/docs`` lists them.
-
-    Args:
-        settings: from :meth:`ServeSettings.from_params`.
-        loaded_model: an already loaded :class:`~tumorseg.registry.loading.LoadedModel` to serve
-            instead of loading ``settings.model_uri`` (tests serve small in-memory networks).
-        planar: the 2-D model slot to serve instead of loading ``settings.model_2d`` (``serve()``
-            loads it before binding; tests pass small networks or an empty slot).
-
-    Returns:
-        The ASGI application, wrapped in :class:`~tumorseg.serving.limits.RequestLimits`.
+    ``loaded_model`` (a :class:`~tumorseg.registry.loading.LoadedModel`) and ``planar`` are served
+    instead of loading ``settings.model_uri`` / ``settings.model_2d`` (``serve()`` loads them first).
     """
     static_dir = Path(str(resources.files("tumorseg.serving") / "static"))
     app = FastAPI(
@@ -139,11 +68,8 @@ def create_app(settings: ServeSettings, *, loaded_model: Any = None, planar: Pla
 def _lifespan(
     settings: ServeSettings, loaded_model: Any, planar: PlanarSlot | None
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """The app's lifespan: load the models and build the :class:`Service` at start, close it at stop.
-
-    The 3-D model is ``loaded_model`` when given, else loaded from ``settings.model_uri``; the 2-D
-    slot likewise (loaded on a threadpool thread, as it may download from the registry).
-    """
+    """Load the models (the 2-D one on a threadpool thread: it may download) and build the
+    :class:`Service` at start; close it at stop."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -196,13 +122,8 @@ def _package_version() -> str:
 def serve(settings: ServeSettings, *, host: str | None = None, port: int | None = None) -> None:
     """Run the service with uvicorn until interrupted (``tumorseg serve``).
 
-    The model is loaded here, before the server binds its port, so a wrong ``--model`` is the CLI's
-    one-line error (exit 2) rather than a failed ASGI start-up; the app's lifespan then builds the
-    predictor around it once. The 2-D model (``serve.model_2d``) is optional: when it cannot be
-    loaded one warning is logged and the service starts for 3-D cases.
-
-    Raises:
-        DataError: the model cannot be loaded (no such file, alias or store).
+    The models load before the server binds its port, so a wrong ``--model`` is the CLI's one-line
+    :class:`~tumorseg.errors.DataError` rather than a failed ASGI start-up.
     """
     import uvicorn
 

@@ -11,29 +11,20 @@ class ServeConfig(Section):
     """``serve:`` where the service listens, which model it loads, and the limits that keep it safe.
 
     Attributes:
-        host: interface to bind; ``0.0.0.0`` in a container.
-        port: TCP port.
         model: model to load at start-up (MLflow URI, MLflow model folder or ``best.ckpt``); null
             keeps ``predict.model``.
-        model_2d: 2-D model loaded at start-up too (``models:/`` or ``runs:/`` URI, a 2-D package or
-            MLflow model folder, or a ``train-2d`` ``best.ckpt``); optional: when it cannot be loaded
-            the service starts for 3-D cases and answers 2-D uploads with 503; null: no 2-D model.
-        max_upload_mb: largest request body accepted (HTTP 413 beyond it).
-        max_files: most files in one ``POST /predict`` form.
-        max_members: most entries in an uploaded ``.zip``.
+        model_2d: optional 2-D model (URI, 2-D package, MLflow folder or ``train --dims 2`` ``best.ckpt``):
+            when it cannot be loaded the service starts for 3-D cases and answers 2-D uploads 503.
         max_uncompressed_mb: most bytes one request may expand to on disk (zip members and
             ``.nii.gz`` inflated together): the zip-bomb and gzip-bomb cap.
-        max_model_voxels: largest case on the model's grid (voxels after resampling to the training
-            spacing); a header with absurd voxel sizes would otherwise ask for gigabytes.
-        max_image_pixels: largest 2-D image (height x width), checked from the file's header before
-            its pixels are decoded: the decompression-bomb cap (a few-kB PNG can declare 10^9 pixels).
+        max_model_voxels: largest case on the model's grid, after resampling (absurd voxel sizes in
+            a header would otherwise ask for gigabytes).
+        max_image_pixels: largest 2-D image, checked from its header before decoding (a few-kB PNG
+            can declare 10^9 pixels).
         request_timeout_s: wall time for one request (upload, queue and prediction); HTTP 504 beyond.
-        workers: cases segmented at the same time (each holds one case and the network's activations).
-        queue_size: requests allowed to wait for a worker; more get HTTP 503 with ``Retry-After``.
-        result_ttl_s: how long the viewer can fetch slices of a prediction.
-        max_results: predictions kept for the viewer (least recently used dropped first).
+        workers: cases segmented at once; queue_size: requests waiting for a worker (503 beyond).
+        result_ttl_s, max_results: how long and how many predictions the viewer keeps (LRU).
         demo_cases: synthetic cases generated at start-up for the viewer's demo list (0: none).
-        demo_spacing_mm: voxel size of the demo cases (2 mm: 120 x 120 x 78, fast).
     """
 
     host: str = "127.0.0.1"

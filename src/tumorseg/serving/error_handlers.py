@@ -1,9 +1,7 @@
 """Every error the service answers, as one line of JSON: ``{"error": "<what went wrong, what to do>"}``.
 
-User errors (:class:`~tumorseg.errors.TumorsegError`, upload problems among them) carry their own
-status (400, 404, 413; 422 by default) and have the server's temp folders scrubbed from their
-message; a full pool is 503 with ``Retry-After``; FastAPI's request validation and Starlette's HTTP
-errors are reworded into the same shape; anything else is a logged 500 that names only the
+User errors keep their own status (422 by default) with the server's temp folders scrubbed from the
+message; a full pool is 503 with ``Retry-After``; anything unexpected is a logged 500 naming only the
 exception type.
 """
 
@@ -21,7 +19,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.serving.limits import PoolBusy
 from tumorseg.serving.service import service_of
 
-# The service's log lines keep the logger name they had before the service was split into modules.
+# One logger name for the whole service, whichever module logs.
 log = logging.getLogger("tumorseg.serving.app")
 
 

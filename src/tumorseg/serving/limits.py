@@ -1,17 +1,11 @@
 """Request limits that hold before any endpoint code runs, and the bounded inference pool.
 
-:class:`RequestLimits` is a plain ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which
-buffers and cannot abort an upload half-way):
-
-- a body over ``serve.max_upload_mb`` is refused with 413: at once when ``Content-Length`` says so,
-  otherwise as soon as the streamed bytes cross the cap (the multipart parser never sees more);
-- a request running longer than ``serve.request_timeout_s`` (upload, queue and prediction together)
-  is answered with 504; its queued job is cancelled, a job already running finishes in its worker
-  thread and cleans up after itself (Python threads cannot be killed).
-
-:class:`InferencePool` runs predictions on ``serve.workers`` threads and lets at most
-``serve.queue_size`` more wait; beyond that a request gets 503 with ``Retry-After`` instead of
-piling uploads up, so memory stays bounded by ``workers`` cases in flight.
+:class:`RequestLimits` is a plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` buffers and
+cannot abort an upload half-way): a body over ``serve.max_upload_mb`` is 413 as soon as
+``Content-Length`` or the streamed bytes cross the cap; a request over ``serve.request_timeout_s`` is
+504 (a job already running finishes in its thread: Python threads cannot be killed).
+:class:`InferencePool` runs ``serve.workers`` threads with at most ``serve.queue_size`` jobs waiting,
+so memory stays bounded by ``workers`` cases in flight.
 """
 
 from __future__ import annotations
@@ -50,13 +44,7 @@ async def send_json(
 
 
 class RequestLimits:
-    """ASGI middleware: body size cap and wall-time cap per HTTP request (see the module docstring).
-
-    Args:
-        app: the wrapped application.
-        max_body_bytes: largest request body.
-        timeout_s: wall time per request.
-    """
+    """ASGI middleware: body size cap and wall-time cap per HTTP request (see the module docstring)."""
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, timeout_s: float) -> None:
         self.app = app
@@ -103,14 +91,11 @@ class RequestLimits:
             pass
         except asyncio.TimeoutError:
             if not state["started"]:
-                await send_json(
-                    send,
-                    504,
-                    {
-                        "error": f"request: not finished within {self.timeout_s:g} s (serve.request_timeout_s); "
-                        "retry later, or raise the limit for large cases on CPU"
-                    },
+                message = (
+                    f"request: not finished within {self.timeout_s:g} s (serve.request_timeout_s); "
+                    "retry later, or raise the limit for large cases on CPU"
                 )
+                await send_json(send, 504, {"error": message})
             return
         if state["exceeded"] and not state["started"]:
             await send_json(send, 413, self._too_large())
@@ -133,11 +118,7 @@ class InferencePool:
             return self._pending
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        """Queue ``fn(*args)``.
-
-        Raises:
-            PoolBusy: ``workers + queue_size`` jobs are already running or waiting.
-        """
+        """Queue ``fn(*args)``; :class:`PoolBusy` when ``workers + queue_size`` jobs are already in."""
         with self._lock:
             if self._pending >= self.capacity:
                 raise PoolBusy

@@ -13,7 +13,7 @@ against the same byte budget as a 3-D case, then checked *before* its pixels are
   before :func:`scipy.io.loadmat` (which inflates in one go) sees the file.
 
 Then :func:`tumorseg.data.planar.read_planar` decodes it and
-:func:`tumorseg.planar.predict.predict_planar` runs the model, so the service answers exactly what
+:func:`tumorseg.models.planar_predictor.predict_planar` runs the model, so the service answers exactly what
 ``tumorseg predict`` / ``tumorseg detect`` write. Nothing is unpickled (``scipy.io.loadmat`` of v5
 files does not unpickle; ``.npy`` and ``.pkl`` are refused by name).
 
@@ -44,8 +44,7 @@ from tumorseg.serving.uploads import (
 
 log = logging.getLogger(__name__)
 
-PLANAR_SUFFIXES: tuple[str, ...] = (".mat", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-"""The 2-D inputs the service reads (those of :mod:`tumorseg.planar.predict`)."""
+"""The 2-D inputs the service reads (those of :mod:`tumorseg.models.planar_predictor`)."""
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAT_V5_HEADER_BYTES = 128
 MI_COMPRESSED = 15
@@ -58,11 +57,6 @@ class PlanarModelMissing(TumorsegError):
     status_code = 503
 
 
-def is_planar_name(name: str) -> bool:
-    """True for a file name the 2-D branch reads (by extension, case-insensitive)."""
-    return name.lower().endswith(PLANAR_SUFFIXES)
-
-
 # ---------------------------------------------------------------------------- the optional model
 @dataclass(frozen=True)
 class PlanarSlot:
@@ -70,7 +64,7 @@ class PlanarSlot:
 
     Attributes:
         uri: what was asked for (``serve.model_2d`` / ``--model-2d``); None when disabled.
-        model: the loaded :class:`~tumorseg.planar.package.PlanarModel`, or None.
+        model: the loaded :class:`~tumorseg.models.planar_package.PlanarModel`, or None.
         error: one line saying why it could not be loaded.
     """
 
@@ -87,7 +81,7 @@ class PlanarSlot:
                 why = self.error if self.error and self.uri in self.error else f"{self.uri}: {self.error}"
             raise PlanarModelMissing(
                 f"no 2-D model is available ({why}); restart `tumorseg serve` with --model-2d <a 2-D "
-                "model folder, a train-2d best.ckpt or models:/tumorseg-2d@champion>, or set "
+                "model folder, a 2-D best.ckpt or models:/tumorseg-2d@champion>, or set "
                 "serve.model_2d in params.yaml"
             )
         return self.model
@@ -126,7 +120,7 @@ def load_planar_slot(uri: str | None, tracking_uri: str) -> PlanarSlot:
     """
     if not uri:
         return PlanarSlot(None)
-    from tumorseg.planar.package import load_planar_model
+    from tumorseg.models.planar_package import load_planar_model
 
     try:
         model = load_planar_model(uri, tracking_uri=tracking_uri)
@@ -282,7 +276,7 @@ def predict_planar_file(
 
     Args:
         path: the staged upload.
-        model: a :class:`~tumorseg.planar.package.PlanarModel`.
+        model: a :class:`~tumorseg.models.planar_package.PlanarModel`.
         max_pixels: ``serve.max_image_pixels`` (checked again on the decoded array).
         pixel_size_mm: in-plane pixel side in mm, when the client knows it (the supported formats do
             not store one: Figshare ``cjdata`` has no spacing field, and the DPI of a PNG or JPEG is
@@ -297,7 +291,7 @@ def predict_planar_file(
         DataError: an unreadable file, or a decoded image over the pixel cap.
     """
     from tumorseg.data.planar import read_planar
-    from tumorseg.planar.predict import mask_png_bytes, predict_planar
+    from tumorseg.models.planar_predictor import mask_png_bytes, predict_planar
 
     start = time.perf_counter()
     read = read_planar(path)

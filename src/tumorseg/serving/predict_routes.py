@@ -19,8 +19,8 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from tumorseg.data.readers import IMAGE, name_dims
 from tumorseg.serving.error_handlers import error_response
-from tumorseg.serving.planar import is_planar_name
 from tumorseg.serving.service import Service, service_of
 from tumorseg.serving.uploads import UploadRejected, remove_tree, safe_file_name, stage_upload
 from tumorseg.serving.viewer import DisplayCase, PlanarDisplay
@@ -135,7 +135,7 @@ def add_predict_route(app: FastAPI) -> None:
         """
         service = service_of(request)
         names = [safe_file_name(upload.filename) for upload in files]
-        planar = [name for name in names if is_planar_name(name)]
+        planar = [name for name in names if name_dims(name) == IMAGE]
         if planar:
             if len(files) != 1:
                 raise UploadRejected(

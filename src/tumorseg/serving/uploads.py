@@ -1,27 +1,13 @@
 """Uploaded files -> one case folder on disk, checked before anything is extracted or decoded.
 
-``POST /predict`` accepts either the modality files of one case, named as in any supported layout
-(``BraTS2021_00001_t1.nii.gz`` ..., ``BraTS-GLI-00001-000-t1n.nii.gz`` ..., or one 4-D MSD image,
-optionally with its ``dataset.json``), or one ``.zip`` holding such a case (its folder, or the files
-at the top). Whatever arrives is written into a private per-request folder and then discovered
-with :func:`tumorseg.models.predictor.plan_cases`, so the server accepts exactly what
-``tumorseg predict`` accepts.
-
-Safety, in the order the checks run:
-
-- only NIfTI (``.nii``, ``.nii.gz``), ``dataset.json`` and ``.zip`` are accepted; nothing is ever
-  unpickled or executed, and names are reduced to a plain file name from a short safe alphabet;
-- a zip's directory is read first: too many members, a declared total size over the cap, absolute
-  paths, drive letters, ``..`` components, symbolic links and encrypted members are refused before
-  one byte is written;
-- every stream (zip member or upload, and the gzip inside a ``.nii.gz``) is inflated in bounded
-  chunks against one byte budget per request, so neither a zip bomb nor a gzip bomb (or a zip
-  directory that lies about sizes) can fill the disk or memory. ``.nii.gz`` files are stored
-  inflated as ``.nii``: the reader then skips a second decompression.
-
-Why hand-written rather than ``ZipFile.extractall``: extractall sanitises names silently (it drops
-``..`` and leading ``/`` rather than refusing them) and trusts the sizes in the zip directory; the
-service must refuse such archives with a message, and count the bytes it actually inflates.
+``POST /predict`` takes the modality files of one case, named as in any supported layout, or one
+``.zip`` of such a case; they are staged in a private per-request folder and discovered with
+:func:`tumorseg.models.predictor.plan_cases`, so the server accepts exactly what ``tumorseg predict``
+does. Only NIfTI, ``dataset.json`` and ``.zip`` are accepted, names are reduced to a short safe
+alphabet, and every stream (zip member, upload, the gzip in a ``.nii.gz``) is inflated in bounded
+chunks against one byte budget per request (zip and gzip bombs). Hand-written rather than
+``ZipFile.extractall``, which silently sanitises ``..`` and absolute names instead of refusing them
+and trusts the sizes in the zip directory.
 """
 
 from __future__ import annotations
@@ -47,8 +33,9 @@ CHUNK_BYTES = 1 << 20
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 MSD_METADATA = "dataset.json"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+# macOS resource forks, hidden files and Windows thumbnails zip tools add: skipped, not refused.
 IGNORED_MEMBERS = re.compile(r"(^|/)(__MACOSX|\.[^/]*)(/|$)|(^|/)(Thumbs\.db|desktop\.ini)$")
-"""macOS resource forks, hidden files and Windows thumbnails zip tools add: skipped, not refused."""
+UNSAFE_CHARACTERS = "has characters other than letters, digits, '.', '_' and '-'; rename it"
 NAMING_HINT = (
     "name the files as in BraTS 2021 (<case>_t1.nii.gz, _t1ce, _t2, _flair), BraTS 2023+ "
     "(<case>-t1n.nii.gz, -t1c, -t2w, -t2f), or upload one 4-D MSD image"
@@ -69,13 +56,7 @@ class UploadTooLarge(UploadRejected):
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """Caps for one request (from the ``serve`` section).
-
-    Attributes:
-        max_files: files in the form.
-        max_members: entries in a zip.
-        max_uncompressed_bytes: bytes written to disk for the request, after inflating.
-    """
+    """Caps for one request (``serve.max_files``, ``max_members``, ``max_uncompressed_mb`` in bytes)."""
 
     max_files: int
     max_members: int
@@ -99,22 +80,13 @@ class ByteBudget:
 
 
 def safe_file_name(raw: str | None, field_name: str = "files") -> str:
-    """The plain file name of an upload: directories dropped, odd characters refused.
-
-    Browsers send a bare name; other clients may send ``../x`` or ``C:\\data\\x``: only the last
-    component is kept, and it must be a short name from ``A-Z a-z 0-9 . _ -``.
-
-    Raises:
-        UploadRejected: empty name, or characters outside that alphabet.
-    """
+    """The last component of an upload's name (clients may send ``../x`` or ``C:\\data\\x``), which must
+    be a short name from ``A-Z a-z 0-9 . _ -`` (else :class:`UploadRejected`)."""
     name = re.split(r"[/\\]", raw or "")[-1].strip()
     if not name:
         raise UploadRejected(f"{field_name}: an uploaded file has no name; send each file with its file name")
     if not SAFE_NAME.match(name):
-        raise UploadRejected(
-            f"{field_name}: file name {name[:80]!r} has characters other than letters, digits, '.', '_' "
-            "and '-'; rename it"
-        )
+        raise UploadRejected(f"{field_name}: file name {name[:80]!r} {UNSAFE_CHARACTERS}")
     return name
 
 
@@ -131,43 +103,39 @@ def nifti_stem(name: str) -> str:
     return name
 
 
-def _is_zip(name: str, stream: BinaryIO) -> bool:
-    if name.lower().endswith(".zip"):
-        return True
+def _peek(stream: BinaryIO, count: int) -> bytes:
     position = stream.tell()
-    head = stream.read(4)
+    head = stream.read(count)
     stream.seek(position)
-    return head == b"PK\x03\x04"
+    return head
+
+
+def _is_zip(name: str, stream: BinaryIO) -> bool:
+    return name.lower().endswith(".zip") or _peek(stream, 4) == b"PK\x03\x04"
 
 
 # ---------------------------------------------------------------------------- streams
+def _write_chunks(reader: BinaryIO, target: Path, budget: ByteBudget, label: str) -> None:
+    """Copy ``reader`` to a new file, charging each chunk before it is written."""
+    with target.open("xb") as out:
+        while block := reader.read(CHUNK_BYTES):  # GzipFile.read(n) inflates at most n bytes
+            budget.charge(len(block), label)
+            out.write(block)
+
+
 def copy_inflated(stream: BinaryIO, folder: Path, name: str, budget: ByteBudget) -> Path:
-    """Write one NIfTI stream into ``folder``, inflating gzip in bounded chunks against ``budget``.
-
-    Args:
-        stream: seekable binary stream positioned at the file's start.
-        folder: destination folder (exists).
-        name: the file's safe name (``.nii`` or ``.nii.gz``; a gzip stream is stored as ``.nii``).
-        budget: the request's byte budget.
-
-    Returns:
-        The file written.
+    """Write one NIfTI stream (seekable, at its start) into ``folder``, a gzip one inflated as ``.nii``.
 
     Raises:
         UploadTooLarge: the budget ran out (the partial file is removed).
         UploadRejected: a corrupt or truncated gzip stream, or a name given twice.
     """
-    position = stream.tell()
-    gzipped = stream.read(2) == b"\x1f\x8b"
-    stream.seek(position)
+    gzipped = _peek(stream, 2) == b"\x1f\x8b"
     target = folder / (f"{nifti_stem(name)}.nii" if gzipped or is_nifti_name(name) else name)
-    # python-isal's GzipFile is gzip's API on Intel ISA-L (twice as fast); read(n) also returns <= n bytes.
+    # python-isal's GzipFile is gzip's API on Intel ISA-L (twice as fast).
     reader: BinaryIO = igzip.GzipFile(fileobj=stream, mode="rb") if gzipped else stream  # type: ignore[assignment]
     try:
-        with target.open("xb") as out:
-            while block := reader.read(CHUNK_BYTES):  # GzipFile.read(n) inflates at most n bytes
-                budget.charge(len(block), name)
-                out.write(block)
+        _write_chunks(reader, target, budget, name)
     except FileExistsError:
         raise UploadRejected(f"{name}: uploaded twice (or as both .nii and .nii.gz); send it once") from None
     except UploadTooLarge:
@@ -183,39 +151,50 @@ def copy_inflated(stream: BinaryIO, folder: Path, name: str, budget: ByteBudget)
 
 # ---------------------------------------------------------------------------- zip archives
 def member_parts(raw_name: str, archive: str) -> tuple[str, ...]:
-    """Path components of a zip member, refusing anything that could land outside the folder.
-
-    Raises:
-        UploadRejected: absolute path, drive letter, ``..`` component or a component that is not a
-            safe name.
-    """
+    """Path components of a zip member; :class:`UploadRejected` for an absolute path, a drive letter,
+    ``..`` or a component that is not a safe name."""
     name = raw_name.replace("\\", "/")
+    member = f"{archive}: member {raw_name[:80]!r}"
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise UploadRejected(
-            f"{archive}: member {raw_name[:80]!r} has an absolute path; zip the case folder itself"
-        )
+        raise UploadRejected(f"{member} has an absolute path; zip the case folder itself")
     parts = tuple(part for part in PurePosixPath(name).parts if part not in ("", "."))
     if ".." in parts:
-        raise UploadRejected(
-            f"{archive}: member {raw_name[:80]!r} points outside the archive ('..'); refused"
-        )
-    for part in parts:
-        if not SAFE_NAME.match(part):
-            raise UploadRejected(
-                f"{archive}: member {raw_name[:80]!r} has characters other than letters, digits, '.', '_' "
-                "and '-'; rename it"
-            )
+        raise UploadRejected(f"{member} points outside the archive ('..'); refused")
+    if not all(SAFE_NAME.match(part) for part in parts):
+        raise UploadRejected(f"{member} {UNSAFE_CHARACTERS}")
     return parts
 
 
-def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits, budget: ByteBudget) -> None:
-    """Extract a case zip into ``dest`` after checking its directory (see the module docstring).
+def _checked_members(
+    infos: list[zipfile.ZipInfo], archive: str
+) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+    """The members to extract with their path parts (zip-tool clutter skipped, folders left out)."""
+    members = []
+    for info in infos:
+        if IGNORED_MEMBERS.search(info.filename.replace("\\", "/")):
+            continue
+        parts = member_parts(info.filename, archive)
+        member = f"{archive}: member {info.filename[:80]!r}"
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise UploadRejected(f"{member} is a symbolic link; refused")
+        if info.flag_bits & 0x1:
+            raise UploadRejected(f"{member} is encrypted; zip it without a password")
+        if info.is_dir() or not parts:
+            continue
+        if not (is_nifti_name(parts[-1]) or parts[-1] == MSD_METADATA):
+            raise UploadRejected(
+                f"{member} is not a NIfTI file (.nii, .nii.gz) or {MSD_METADATA}; zip only the case's images"
+            )
+        members.append((info, parts))
+    if not members:
+        raise UploadRejected(f"{archive}: holds no NIfTI file; zip the case folder with its modality files")
+    return members
 
-    Raises:
-        UploadTooLarge: too many members, or more bytes than the budget (declared or actual).
-        UploadRejected: not a zip, unsafe member names, links, encryption, corrupt data, or a member
-            that is neither NIfTI nor ``dataset.json``.
-    """
+
+def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits, budget: ByteBudget) -> None:
+    """Extract a case zip into ``dest``, refusing too many members, a declared size over the budget,
+    unsafe names, links and encryption before one byte is written (:class:`UploadTooLarge`,
+    :class:`UploadRejected`)."""
     try:
         zf = zipfile.ZipFile(stream)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
@@ -235,31 +214,7 @@ def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits
                 f"{archive}: expands to {declared / 2**20:.0f} MB, more than "
                 f"{budget.limit / 2**20:.0f} MB (serve.max_uncompressed_mb); zip one case folder"
             )
-        members: list[tuple[zipfile.ZipInfo, tuple[str, ...]]] = []
-        for info in infos:
-            if IGNORED_MEMBERS.search(info.filename.replace("\\", "/")):
-                continue
-            parts = member_parts(info.filename, archive)
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                raise UploadRejected(f"{archive}: member {info.filename[:80]!r} is a symbolic link; refused")
-            if info.flag_bits & 0x1:
-                raise UploadRejected(
-                    f"{archive}: member {info.filename[:80]!r} is encrypted; zip it without a password"
-                )
-            if info.is_dir() or not parts:
-                continue
-            if not (is_nifti_name(parts[-1]) or parts[-1] == MSD_METADATA):
-                raise UploadRejected(
-                    f"{archive}: member {info.filename[:80]!r} is not a NIfTI file (.nii, .nii.gz) or "
-                    f"{MSD_METADATA}; zip only the case's images"
-                )
-            members.append((info, parts))
-        if not members:
-            raise UploadRejected(
-                f"{archive}: holds no NIfTI file; zip the case folder with its modality files"
-            )
-        for info, parts in members:
+        for info, parts in _checked_members(infos, archive):
             folder = dest.joinpath(*parts[:-1])
             folder.mkdir(parents=True, exist_ok=True)
             try:
@@ -276,17 +231,9 @@ def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits
 
 
 def copy_plain(stream: BinaryIO, target: Path, budget: ByteBudget, label: str) -> None:
-    """Copy ``stream`` to a new file ``target`` as is, charging every chunk to ``budget``.
-
-    Raises:
-        UploadRejected: ``target`` exists (the same name uploaded twice).
-        UploadTooLarge: the budget ran out.
-    """
+    """Copy ``stream`` to a new file ``target`` as is, charging every chunk to ``budget``."""
     try:
-        with target.open("xb") as out:
-            while block := stream.read(CHUNK_BYTES):
-                budget.charge(len(block), label)
-                out.write(block)
+        _write_chunks(stream, target, budget, label)
     except FileExistsError:
         raise UploadRejected(f"{label}: uploaded twice; send it once") from None
 
@@ -314,27 +261,19 @@ def _match_brats(stems: Sequence[str]) -> tuple[str, str] | None:
 
 
 def arrange_case(loose: Path, dest: Path) -> Path:
-    """Move the NIfTI files of ``loose`` (one level, no sub-folders) into a layout ``plan_cases`` reads.
+    """Move the NIfTI files of ``loose`` into ``dest`` in a layout ``plan_cases`` reads, and return ``dest``.
 
     BraTS files go to ``dest/<case_id>/``; one other NIfTI file is taken as a 4-D MSD image and goes
-    to ``dest/imagesTs/`` (with ``dataset.json`` beside ``imagesTs`` when given).
-
-    Returns:
-        The folder to discover the case in (``dest``).
-
-    Raises:
-        UploadRejected: names from several cases, or several files that follow no layout.
+    to ``dest/imagesTs/`` (with ``dataset.json`` beside it when given).
     """
     images = sorted(p for p in loose.iterdir() if p.is_file() and is_nifti_name(p.name))
     metadata = loose / MSD_METADATA
     if not images:
         raise UploadRejected(f"no NIfTI file (.nii, .nii.gz) in the upload; {NAMING_HINT}")
-    stems = [nifti_stem(p.name) for p in images]
-    found = _match_brats(stems)
+    found = _match_brats([nifti_stem(p.name) for p in images])
     dest.mkdir(parents=True, exist_ok=True)
     if found is not None:
-        _, case_id = found
-        case_dir = dest / case_id
+        case_dir = dest / found[1]
         case_dir.mkdir()
         for path in images:
             path.rename(case_dir / path.name)
@@ -352,29 +291,17 @@ def arrange_case(loose: Path, dest: Path) -> Path:
 
 def _content_root(folder: Path) -> Path:
     """Descend through folders that hold exactly one folder and nothing else (``case.zip/case/...``)."""
-    while True:
+    entries = list(folder.iterdir())
+    while len(entries) == 1 and entries[0].is_dir() and entries[0].name not in MSD_IMAGE_FOLDERS:
+        folder = entries[0]
         entries = list(folder.iterdir())
-        if len(entries) == 1 and entries[0].is_dir() and entries[0].name not in MSD_IMAGE_FOLDERS:
-            folder = entries[0]
-            continue
-        return folder
+    return folder
 
 
 # ---------------------------------------------------------------------------- entry point
 def stage_upload(uploads: Sequence[tuple[str | None, BinaryIO]], workdir: Path, limits: UploadLimits) -> Path:
-    """Write an upload into ``workdir`` as a folder that holds one case in a supported layout.
-
-    Args:
-        uploads: ``(client file name, seekable binary stream)`` per form file.
-        workdir: private, empty, per-request folder (removed by the caller).
-        limits: the ``serve`` caps.
-
-    Returns:
-        A folder for :func:`~tumorseg.models.predictor.plan_cases`.
-
-    Raises:
-        UploadRejected / UploadTooLarge: see the module docstring; messages name the file.
-    """
+    """Write ``(client file name, seekable stream)`` uploads into ``workdir`` (private, empty, removed by
+    the caller) and return a folder holding one case for :func:`~tumorseg.models.predictor.plan_cases`."""
     if not uploads:
         raise UploadRejected(
             f"files: no file uploaded; send the case's modality files or one .zip ({NAMING_HINT})"

@@ -1,25 +1,12 @@
 """What the browser viewer needs from a prediction: display volumes, slices, Dice, and a bounded store.
 
-The browser never decodes NIfTI. After a prediction the server keeps a *display case*: the four
-modalities windowed to uint8 and the canonical labels, all reoriented to the closest RAS grid (an
-axis permutation and flips only, no resampling, so voxels stay the model's output voxels). Slices
-are then plain array views:
-
-- axial ``[:, :, k]``, coronal ``[:, k, :]``, sagittal ``[k, :, :]`` of the ``(X, Y, Z)`` RAS grid;
-- drawn in radiological convention (patient right on the viewer's left, anterior / superior up),
-  with the in-plane voxel sizes so the page can draw anisotropic voxels at their true aspect.
-
-A 2-D prediction is kept as a :class:`PlanarDisplay` (one image, its mask and the detection
-result) and served through the same endpoints, as a single slice.
-
-The overlay's regions are the train regions of the model's label set (:func:`label_set_info`: WT, TC,
-ET for glioma; WT, TC, ET, RC for post-treatment glioma; WT, TC, CC, ET for paediatric tumours),
-each with a colour and a caption; the page builds its region toggles, legend and volume table from
-that table, so a new label set needs no change to the page.
-
-Display cases live in :class:`ResultStore`: at most ``serve.max_results`` of them, each dropped
-``serve.result_ttl_s`` after its last use, so the server's memory stays bounded however many
-predictions the viewer asks for.
+The browser never decodes NIfTI: a kept *display case* holds the modalities windowed to uint8 and the
+labels, reoriented to the closest RAS grid (axis permutation and flips only, so voxels stay the model's
+output voxels); slices are array views drawn in radiological convention with their in-plane voxel
+sizes. A 2-D prediction is a :class:`PlanarDisplay` served as a single slice. The overlay's regions,
+colours and captions come from the model's label set (:func:`label_set_info`), so a new label set
+needs no change to the page. :class:`ResultStore` keeps at most ``serve.max_results`` of them, each
+dropped ``serve.result_ttl_s`` after its last use.
 """
 
 from __future__ import annotations
@@ -30,25 +17,19 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from tumorseg.data.conventions import CANONICAL_MODALITIES, GLIOMA, LabelSet
 
-Plane = Literal["axial", "coronal", "sagittal"]
 PLANE_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 
 def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Reorient the last three axes of ``volume`` to the closest RAS grid (no resampling).
+    """Reorient the last three axes of ``(..., X, Y, Z)`` ``volume`` to the closest RAS grid (no resampling).
 
-    Args:
-        volume: ``(..., X, Y, Z)`` in the source voxel order.
-        affine: the source voxel-to-world affine.
-
-    Returns:
-        The reoriented array (a view where possible) and its voxel sizes in mm along the new axes.
+    Returns the reoriented array (a view where possible) and its voxel sizes in mm along the new axes.
     """
     import nibabel as nib
 
@@ -89,7 +70,7 @@ REGION_COLOURS: dict[str, tuple[int, int, int]] = {
     "RC": (177, 13, 201),
     "CC": (255, 133, 27),
 }
-"""Overlay colour of each train region by name (the glioma colours are the viewer's historical ones)."""
+"""Overlay colour of each train region by name."""
 
 FALLBACK_COLOURS: tuple[tuple[int, int, int], ...] = (
     (0, 116, 217),
@@ -115,12 +96,10 @@ def label_set_info(label_set: LabelSet) -> dict[str, Any]:
     """The label set as the viewer (and API clients) need it, JSON-ready.
 
     Returns:
-        ``name``, ``description``, ``labels`` (internal code as a string -> name), ``regions``: one
-        entry per train region in the network's order (``name``, ``codes``: the internal codes inside
-        it, ``paint``: the label it is painted as, ``caption``: what it shows, e.g. ``oedema``,
-        ``colour``: ``[r, g, b]``), and ``overlay_order``: the region names innermost first (the
-        reverse of the paint order: a voxel takes the colour of the first enabled region holding
-        its label, ET before TC before WT for glioma).
+        ``name``, ``description``, ``labels`` (internal code as a string -> name), ``regions`` in the
+        network's order (``name``, internal ``codes``, ``paint`` label, ``caption``, ``colour``
+        ``[r, g, b]``), and ``overlay_order``: region names innermost first (a voxel takes the colour
+        of the first enabled region holding its label: ET before TC before WT for glioma).
     """
     regions = []
     for index, region in enumerate(label_set.train_regions):
@@ -147,10 +126,7 @@ def label_set_info(label_set: LabelSet) -> dict[str, Any]:
 def dice_per_region(
     prediction: np.ndarray, reference: np.ndarray, label_set: LabelSet = GLIOMA
 ) -> dict[str, float]:
-    """Dice of each train region (WT, TC, ET for glioma) between two internal label volumes of one shape.
-
-    Both empty counts as 1.0 (the BraTS convention: an absent region correctly predicted absent).
-    """
+    """Dice of each train region between two internal label volumes of one shape (both empty: 1.0, as BraTS)."""
     scores: dict[str, float] = {}
     for region in label_set.train_regions:
         pred = np.isin(prediction, region.codes)
@@ -162,25 +138,10 @@ def dice_per_region(
 
 @dataclass
 class DisplayCase:
-    """A prediction kept for the viewer.
-
-    Attributes:
-        case_id: the case's id.
-        images: uint8 ``(4, X, Y, Z)`` windowed modalities on the RAS grid (t1, t1ce, t2, flair).
-        labels: uint8 ``(X, Y, Z)`` internal predicted labels on the RAS grid.
-        spacing: voxel sizes (mm) along X, Y, Z.
-        summary: the JSON the prediction returned (volumes, model, timings).
-        segmentation: the ``.nii.gz`` bytes in the input's geometry and label convention.
-        file_name: the download name (``<case_id>.nii.gz``).
-        source_shape: shape of the input grid (a ground-truth mask must have it).
-        source_affine: affine of the input grid (to reorient a ground-truth mask the same way).
-        label_convention: the convention the segmentation is written in (the input's, or the one
-            convention of the model's label set when the input was read as another set's); a
-            ground truth is read in it.
-        label_set: the model's label set (the regions scored and drawn).
-        reference: internal ground-truth labels on the RAS grid, once given.
-        dice: Dice per train region of ``label_set`` against ``reference``.
-    """
+    """A prediction kept for the viewer: uint8 ``(4, X, Y, Z)`` windowed modalities (t1, t1ce, t2, flair)
+    and ``(X, Y, Z)`` internal labels on the RAS grid, the ``.nii.gz`` bytes in the input's geometry and
+    ``label_convention`` (a ground truth is read in it, on the ``source_shape`` grid), and once given the
+    ground truth on the RAS grid with its Dice."""
 
     case_id: str
     images: np.ndarray
@@ -207,34 +168,47 @@ class DisplayCase:
         """Number of slices per plane."""
         return {plane: self.shape[axis] for plane, axis in PLANE_AXIS.items()}
 
+    def focus(self) -> dict[str, int]:
+        """Per plane, the slice with the most tumour (the middle slice when there is none)."""
+        tumour = self.labels > 0
+        focus: dict[str, int] = {}
+        for plane, axis in PLANE_AXIS.items():
+            counts = tumour.sum(axis=tuple(a for a in range(3) if a != axis))
+            focus[plane] = int(np.argmax(counts)) if counts.any() else self.labels.shape[axis] // 2
+        return focus
+
     def set_reference(self, canonical_source: np.ndarray) -> dict[str, float]:
-        """Store a ground truth given on the source grid (internal codes of ``label_set``) and score
-        the prediction on every train region of the label set."""
+        """Store a ground truth given on the source grid (internal codes) and score the prediction."""
         reference, _ = to_ras(canonical_source, self.source_affine)
         self.reference = np.ascontiguousarray(reference, dtype=np.uint8)
         self.dice = dice_per_region(self.labels, self.reference, self.label_set)
         return self.dice
 
     def slice_payload(self, plane: str, index: int, modality: str) -> dict[str, Any]:
-        """One slice as base64 uint8 rows (radiological orientation) for the page to draw.
-
-        Returns:
-            ``width``, ``height``, ``pixel_mm`` (column, row), ``image``, ``labels`` and, when a
-            ground truth was given, ``reference`` (base64 of ``height x width`` bytes each).
-        """
+        """One slice in radiological orientation: ``image``, ``labels`` and, once given, ``reference``,
+        with ``pixel_mm`` (column, row)."""
         axis = PLANE_AXIS[plane]
         channel = CANONICAL_MODALITIES.index(modality)
-        layers = {"image": self.images[channel], "labels": self.labels}
-        if self.reference is not None:
-            layers["reference"] = self.reference
-        payload: dict[str, Any] = {"plane": plane, "index": index, "modality": modality}
-        for name, volume in layers.items():
-            rows = _radiological(np.take(volume, index, axis=axis), plane)
-            payload[name] = base64.b64encode(np.ascontiguousarray(rows).tobytes()).decode("ascii")
-            payload["height"], payload["width"] = (int(n) for n in rows.shape)
+        layers = {"image": self.images[channel], "labels": self.labels, "reference": self.reference}
+        rows = {
+            name: _radiological(np.take(volume, index, axis=axis), plane)
+            for name, volume in layers.items()
+            if volume is not None
+        }
         in_plane = [self.spacing[a] for a in range(3) if a != axis]
-        payload["pixel_mm"] = [in_plane[0], in_plane[1]]
-        return payload
+        return _payload(plane, index, modality, rows, in_plane)
+
+
+def _payload(
+    plane: str, index: int, modality: str, layers: dict[str, np.ndarray], pixel_mm: list[float]
+) -> dict[str, Any]:
+    """A slice's JSON: each ``(height, width)`` uint8 layer as base64 of its bytes, rows top to bottom."""
+    payload: dict[str, Any] = {"plane": plane, "index": index, "modality": modality}
+    for name, rows in layers.items():
+        payload[name] = base64.b64encode(np.ascontiguousarray(rows, dtype=np.uint8).tobytes()).decode("ascii")
+    payload["height"], payload["width"] = (int(n) for n in layers["labels"].shape)
+    payload["pixel_mm"] = pixel_mm
+    return payload
 
 
 def _radiological(section: np.ndarray, plane: str) -> np.ndarray:
@@ -257,18 +231,8 @@ def build_display_case(
     segmentation: bytes,
     label_set: LabelSet = GLIOMA,
 ) -> DisplayCase:
-    """A :class:`DisplayCase` from a prediction on the source grid.
-
-    Args:
-        case_id: the case.
-        image: float32 ``(4, X, Y, Z)`` modalities on the source grid.
-        canonical: uint8 ``(X, Y, Z)`` internal predicted labels on the source grid.
-        affine: source voxel-to-world.
-        label_convention: the convention the segmentation is written in.
-        summary: the prediction's JSON summary.
-        segmentation: the written ``.nii.gz`` bytes.
-        label_set: the model's label set.
-    """
+    """A :class:`DisplayCase` from float32 ``(4, X, Y, Z)`` modalities and uint8 ``(X, Y, Z)`` internal
+    predicted labels on the source grid (``affine``: its voxel-to-world)."""
     images, spacing = to_ras(image, affine)
     labels, _ = to_ras(canonical, affine)
     windowed = np.stack([window_uint8(channel) for channel in images])
@@ -289,22 +253,9 @@ def build_display_case(
 
 @dataclass
 class PlanarDisplay:
-    """A 2-D prediction kept for the viewer: one image, its mask, the detection result.
-
-    The image is shown as stored (rows top to bottom, columns left to right): a 2-D file carries no
-    orientation. The viewer's three planes collapse to one (``axial``, index 0), its regions to one
-    (``tumour``).
-
-    Attributes:
-        case_id: the image's case id.
-        image: uint8 ``(H, W)``, windowed for display.
-        labels: uint8 ``(H, W)`` 0/1 predicted tumour mask at the input's own size.
-        pixel_mm: in-plane pixel side (1.0 when unknown: square pixels).
-        summary: the JSON the prediction returned (probability, label, type, area, model).
-        segmentation: the mask PNG (0/255) bytes.
-        file_name: the download name (``<case_id>_mask.png``).
-        reference: the file's own tumour mask (Figshare ``tumorMask``), uint8 ``(H, W)``, or None.
-    """
+    """A 2-D prediction kept for the viewer as the one ``axial`` slice, shown as stored (a 2-D file has no
+    orientation): uint8 ``(H, W)`` windowed image, 0/1 mask and the file's own ``tumorMask`` (or None),
+    and the mask PNG (0/255) bytes."""
 
     case_id: str
     image: np.ndarray
@@ -319,7 +270,6 @@ class PlanarDisplay:
     media_type = "image/png"
 
     def slices(self) -> dict[str, int]:
-        """One plane of one slice."""
         return {"axial": 1}
 
     def focus(self) -> dict[str, int]:
@@ -327,17 +277,9 @@ class PlanarDisplay:
 
     def slice_payload(self, plane: str, index: int, modality: str) -> dict[str, Any]:
         """The image as :meth:`DisplayCase.slice_payload` sends a slice (``modality`` is ignored)."""
-        layers = {"image": self.image, "labels": self.labels}
-        if self.reference is not None:
-            layers["reference"] = self.reference
-        payload: dict[str, Any] = {"plane": "axial", "index": 0, "modality": "image"}
-        for name, rows in layers.items():
-            payload[name] = base64.b64encode(np.ascontiguousarray(rows, dtype=np.uint8).tobytes()).decode(
-                "ascii"
-            )
-        payload["height"], payload["width"] = (int(n) for n in self.labels.shape)
-        payload["pixel_mm"] = [self.pixel_mm, self.pixel_mm]
-        return payload
+        layers = {"image": self.image, "labels": self.labels, "reference": self.reference}
+        rows = {name: layer for name, layer in layers.items() if layer is not None}
+        return _payload("axial", 0, "image", rows, [self.pixel_mm, self.pixel_mm])
 
 
 def build_planar_display(result: dict[str, Any]) -> PlanarDisplay:
@@ -368,16 +310,18 @@ class ResultStore:
         self._items: OrderedDict[str, DisplayCase | PlanarDisplay] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _expire(self, now: float) -> None:
+    def _expire(self) -> float:
+        """Drop the expired items (call with the lock held); returns the time it used."""
+        now = time.monotonic()
         for key in [k for k, item in self._items.items() if now - item.touched > self.ttl_s]:
             del self._items[key]
+        return now
 
     def add(self, item: DisplayCase | PlanarDisplay) -> str:
         """Store ``item`` (dropping expired and least recently used ones) and return its new id."""
         key = secrets.token_urlsafe(12)
         with self._lock:
-            now = time.monotonic()
-            self._expire(now)
+            now = self._expire()
             while len(self._items) >= self.max_items:
                 self._items.popitem(last=False)
             item.touched = now
@@ -386,8 +330,7 @@ class ResultStore:
 
     def get(self, key: str) -> DisplayCase | PlanarDisplay | None:
         with self._lock:
-            now = time.monotonic()
-            self._expire(now)
+            now = self._expire()
             item = self._items.get(key)
             if item is not None:
                 item.touched = now
@@ -396,5 +339,5 @@ class ResultStore:
 
     def __len__(self) -> int:
         with self._lock:
-            self._expire(time.monotonic())
+            self._expire()
             return len(self._items)

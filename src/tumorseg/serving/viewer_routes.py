@@ -1,17 +1,9 @@
 """The viewer's endpoints on kept predictions: ``GET /cases/{id}``, its slices and segmentation, and
-``POST /cases/{id}/ground-truth``.
-
-A prediction asked for with ``?format=viewer`` is kept in the service's bounded
-:class:`~tumorseg.serving.viewer.ResultStore`; these routes read it back for the page at ``/``
-(:func:`viewer_summary` is also what ``POST /predict`` answers). A result the store no longer holds
-is 404 (:class:`CaseNotFound`).
-"""
+``POST /cases/{id}/ground-truth``; a result the store no longer holds is 404 (:class:`CaseNotFound`)."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
-
-import numpy as np
 
 # FastAPI resolves endpoint annotations from this module's globals, so its names are imported here.
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -34,35 +26,25 @@ class CaseNotFound(UploadRejected):
 
 def viewer_summary(result_id: str, display: DisplayCase | PlanarDisplay) -> dict[str, Any]:
     """What the viewer page needs of a kept prediction: its summary, slice counts, focus and download URL."""
-    if isinstance(display, PlanarDisplay):
-        return {
-            **display.summary,
-            "result_id": result_id,
-            "slices": display.slices(),
-            "focus": display.focus(),
-            "display_spacing_mm": [display.pixel_mm, display.pixel_mm],
-            "segmentation_url": f"/cases/{result_id}/segmentation",
-            "file_name": display.file_name,
-        }
-    focus = _focus_slices(display.labels)
+    summary = dict(display.summary)
+    if isinstance(display, DisplayCase):
+        summary["dice"] = {k: round(v, 4) for k, v in display.dice.items()} if display.dice else None
+        spacing = list(display.spacing)
+    else:
+        spacing = [display.pixel_mm, display.pixel_mm]
     return {
-        **display.summary,
-        "dice": {k: round(v, 4) for k, v in display.dice.items()} if display.dice else None,
+        **summary,
         "result_id": result_id,
         "slices": display.slices(),
-        "focus": focus,
-        "display_spacing_mm": list(display.spacing),
+        "focus": display.focus(),
+        "display_spacing_mm": spacing,
         "segmentation_url": f"/cases/{result_id}/segmentation",
         "file_name": display.file_name,
     }
 
 
 def display_of(request: Request, result_id: str) -> DisplayCase | PlanarDisplay:
-    """The kept prediction ``result_id``.
-
-    Raises:
-        CaseNotFound: unknown, or expired from the store (404).
-    """
+    """The kept prediction ``result_id``; :class:`CaseNotFound` when unknown or expired."""
     display = service_of(request).store.get(result_id)
     if display is None:
         raise CaseNotFound(
@@ -76,8 +58,7 @@ def add_case_routes(app: FastAPI) -> None:
 
     @app.get("/cases/{result_id}", summary="A kept prediction")
     async def case_summary(request: Request, result_id: str) -> dict[str, Any]:
-        display = display_of(request, result_id)
-        return viewer_summary(result_id, display)
+        return viewer_summary(result_id, display_of(request, result_id))
 
     @app.get("/cases/{result_id}/slice", summary="One slice of a kept prediction, for the viewer")
     async def case_slice(
@@ -133,14 +114,3 @@ def add_ground_truth_route(app: FastAPI) -> None:
         finally:
             remove_tree(workdir)
         return {"result_id": result_id, "dice": dice}
-
-
-def _focus_slices(labels: np.ndarray) -> dict[str, int]:
-    """Per plane, the slice with the most tumour (the middle slice when there is none)."""
-    tumour = labels > 0
-    focus: dict[str, int] = {}
-    for plane, axis in (("sagittal", 0), ("coronal", 1), ("axial", 2)):
-        others = tuple(a for a in range(3) if a != axis)
-        counts = tumour.sum(axis=others)
-        focus[plane] = int(np.argmax(counts)) if counts.any() else labels.shape[axis] // 2
-    return focus

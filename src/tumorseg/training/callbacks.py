@@ -1,11 +1,8 @@
 """Training callbacks: Lightning's own (checkpoints, early stopping, LR monitor) plus throughput and progress.
 
-Two :class:`~lightning.pytorch.callbacks.ModelCheckpoint` instances with distinct jobs:
-
-- ``best.ckpt``: the best validation mean Dice (``val_dice_mean``), the model downstream
-  stages use;
-- ``last.ckpt``: refreshed every ``train.checkpoint_every_n_steps`` optimiser steps, mid-epoch
-  included, so a killed run resumes close to where it stopped.
+``best.ckpt`` keeps the best ``val_dice_mean`` (the model downstream stages use); ``last.ckpt`` is
+refreshed every ``train.checkpoint_every_n_steps`` steps, so a killed run resumes close to where
+it stopped.
 """
 
 from __future__ import annotations
@@ -31,15 +28,10 @@ LAST_NAME = "last"
 
 
 class PatchThroughput(Callback):
-    """Training patches per second, counting only the training phase of each epoch.
+    """Training patches per second (global: per-rank batch x world size), training phase only.
 
-    The clock runs from one training batch end to the next (so data loading and the
-    optimiser step are in, validation and checkpointing at epoch end are out) and the
-    count is global (per-rank batch size x world size).
-
-    Attributes:
-        patches: patches trained on so far in this process's run.
-        seconds: wall time of the training phase so far.
+    The clock runs from one batch end to the next: data loading and the optimiser step are in,
+    validation and epoch-end checkpointing are out.
     """
 
     def __init__(self) -> None:
@@ -71,12 +63,9 @@ class PatchThroughput(Callback):
 
 
 class TrainingProgress(Callback):
-    """Progress as log lines: steps done of total, epoch, loss, validation Dice, time per step, time left.
-
-    For runs without Lightning's progress bar (``trainer.enable_progress_bar: false``, the default:
-    DVC and Prefect capture the console). A line every ``every_s`` seconds and after each
-    validation, from rank 0 only; the loss is the mean over the steps since the previous line.
-    """
+    """Progress log lines (steps, epoch, mean loss since the last line, val Dice, time left) for runs
+    without Lightning's bar (DVC and Prefect capture the console): every ``every_s`` s and after
+    each validation, from rank 0."""
 
     def __init__(self, every_s: float | None = None) -> None:
         self.every_s = PROGRESS_EVERY_S if every_s is None else every_s

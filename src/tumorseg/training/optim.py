@@ -34,8 +34,8 @@ def make_scheduler(
 ) -> dict[str, Any] | None:
     """Lightning ``lr_scheduler`` config for ``train.scheduler`` (None: constant LR).
 
-    ``cosine`` and ``poly`` step every optimiser step over ``total_steps``, after a linear
-    warm-up of ``warmup_epochs``; ``plateau`` steps after each validation on the mean Dice.
+    ``cosine`` and ``poly`` step per optimiser step after a linear warm-up of ``warmup_epochs``;
+    ``plateau`` steps after each validation on the mean Dice.
     """
     from torch.optim.lr_scheduler import LinearLR, PolynomialLR, ReduceLROnPlateau, SequentialLR
 

@@ -1,8 +1,5 @@
-"""Run artefacts for humans: learning curves and validation overlays (PNG).
-
-Matplotlib is used through :class:`matplotlib.figure.Figure` with the Agg canvas, so no
-global backend is switched and nothing needs a display.
-"""
+"""Run artefacts for humans: learning curves and validation overlays (PNG), drawn on an Agg
+canvas so no global backend is switched and nothing needs a display."""
 
 from __future__ import annotations
 
@@ -39,9 +36,7 @@ def epoch_metrics(metrics_csv: str | Path) -> pd.DataFrame:
     frame = pd.read_csv(metrics_csv)
     if "epoch" not in frame.columns:
         return pd.DataFrame()
-    return (
-        frame.drop(columns=[c for c in ("step",) if c in frame.columns]).groupby("epoch").last().reset_index()
-    )
+    return frame.drop(columns=["step"], errors="ignore").groupby("epoch").last().reset_index()
 
 
 def plot_learning_curves(metrics_csv: str | Path, out: str | Path) -> Path:
@@ -78,19 +73,9 @@ def plot_overlay(
     title: str = "",
     label_set: LabelSet = GLIOMA,
 ) -> Path:
-    """FLAIR and T1ce slices with ground-truth and predicted region contours side by side.
-
-    Args:
-        image: ``(4, X, Y, Z)`` preprocessed channels (t1, t1ce, t2, flair).
-        truth: internal labels ``(X, Y, Z)``.
-        prediction: internal labels ``(X, Y, Z)``.
-        out: PNG path.
-        title: figure title (case id, Dice).
-        label_set: the label space (its train regions are drawn).
-
-    The axial slice shown is the one with the most ground-truth tumour (the middle slice
-    for tumour-free cases).
-    """
+    """FLAIR and T1ce slices with truth and predicted region contours, on the axial slice with most
+    truth tumour (the middle one without); ``image`` ``(4, X, Y, Z)`` (t1, t1ce, t2, flair),
+    ``truth`` and ``prediction`` internal labels ``(X, Y, Z)``."""
     from matplotlib.figure import Figure
 
     tumour_per_slice = (truth > 0).sum(axis=(0, 1))

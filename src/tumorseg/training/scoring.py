@@ -1,8 +1,7 @@
-"""Score a trained network on a split: sliding-window inference + MONAI Dice on WT, TC, ET.
+"""Score a trained network on a split: sliding-window inference + MONAI Dice per region.
 
-This is the test-set scoring the training stage runs after fitting (``train.score_test``)
-until a dedicated evaluation stage takes it over; it is kept separate from training so that
-stage can call it as it is.
+The test-set scoring the training stage runs after fitting (``train.score_test``), kept apart from
+training so an evaluation stage can call it as it is.
 """
 
 from __future__ import annotations
@@ -80,24 +79,11 @@ def score_split(
     sliding_window: SlidingWindowConfig | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Mean Dice per region of a trained network on one split of ``paths.split``.
+    """``{"dice_<region>", "dice_mean", "n_cases", "cases"}`` of a trained network on one split.
 
-    Args:
-        model_or_ckpt: a ``best.ckpt`` path, a :class:`TrainedNetwork`, or a network whose
-            settings (output mode, patch, sliding window) are read from ``params``.
-        split: split name in ``split.json``.
-        params: params dict (read from ``source`` when None) giving the data paths.
-        source: params file name, for error messages.
-        ignore_empty: MONAI DiceMetric ``ignore_empty``; default from ``train.dice_ignore_empty``
-            (False, the BraTS convention: an empty region predicted empty scores 1).
-        sliding_window: inference settings replacing the ones stored with the model.
-        device: where inference runs.
-
-    Returns:
-        ``{"dice_WT", "dice_TC", "dice_ET", "dice_mean", "n_cases", "cases": {case_id: {...}}}``.
-
-    Raises:
-        ConfigError: the split is missing or empty.
+    ``params`` (read from ``source`` when None) gives the data paths, and the settings of a bare
+    network. ``ignore_empty`` defaults to ``train.dice_ignore_empty`` (False, as BraTS: an empty
+    region predicted empty scores 1); ``sliding_window`` replaces the settings stored with the model.
     """
     from monai.metrics import DiceMetric
 
@@ -134,10 +120,7 @@ def score_split(
 
 
 def write_split_metrics(scores: dict[str, Any], reports_dir: str | Path, split: str = "test") -> Path:
-    """Merge ``{split: {dice_WT, dice_TC, dice_ET, dice_mean, n_cases}}`` into ``reports/metrics.json``.
-
-    Written atomically (temp file + rename); other top-level keys already there are kept.
-    """
+    """Merge ``{split: scores less "cases"}`` into ``reports/metrics.json`` atomically, keeping other keys."""
     path = Path(reports_dir) / METRICS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     current: dict[str, Any] = {}
@@ -152,8 +135,6 @@ def write_split_metrics(scores: dict[str, Any], reports_dir: str | Path, split: 
 
 
 def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
     if isinstance(value, float):
-        return round(value, 6)
+        return None if math.isnan(value) else round(value, 6)
     return value

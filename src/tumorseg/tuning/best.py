@@ -1,15 +1,7 @@
 """The best trial's params: written by ``tumorseg tune``, merged by ``tumorseg train`` and the flows.
 
-The file (``tune.best_params_file``, default ``reports/best_params.yaml``) is a DVC-tracked stage
-output holding nested params.yaml sections, only the keys the search chose::
-
-    # tumorseg tune: study tumorseg, trial 7, val_dice_mean 0.6123 (12 trials finished)
-    train:
-      lr: 0.0013
-    loss:
-      name: dice_ce
-
-Precedence when training: params.yaml < best params file < explicit ``-S`` overrides.
+The file (``tune.best_params_file``) is a DVC-tracked YAML of nested params.yaml sections holding
+only the keys the search chose. Precedence: params.yaml < best params file < explicit ``-S``.
 """
 
 from __future__ import annotations
@@ -55,7 +47,6 @@ def read_best_params(path: str | Path) -> dict[str, Any]:
 
 def best_params_overrides(params: dict[str, Any], *, source: str = "params.yaml") -> dict[str, Any]:
     """Overrides from the best-params file when ``tune.apply_best`` is on and the file exists."""
-
     cfg = section("tune", params, source=source)
     return read_best_params(cfg.best_params_file) if cfg.apply_best else {}
 

@@ -1,10 +1,5 @@
-"""Lightning callbacks a tuning trial adds to ``train()``.
-
-Pruning itself uses Optuna's maintained :class:`optuna_integration.PyTorchLightningPruningCallback`
-(it imports ``lightning.pytorch`` and works with Lightning 2.6): after every validation it
-reports ``val_dice_mean`` for the epoch and raises :class:`optuna.TrialPruned` when the median
-pruner says the trial is worse than the others at that epoch.
-"""
+"""Lightning callbacks a tuning trial adds to ``train()``; pruning is Optuna's own
+:class:`optuna_integration.PyTorchLightningPruningCallback` on ``val_dice_mean``."""
 
 from __future__ import annotations
 
@@ -17,12 +12,8 @@ from lightning.pytorch.callbacks import Callback
 class TrialRunLink(Callback):
     """Make the trial's MLflow run (created by ``train()``) a child of the study's parent run.
 
-    MLflow nests runs through the ``mlflow.parentRunId`` tag; ``train()`` creates its own run, so the
-    tag is set here once the logger's run exists, together with the trial number. The run id is also
-    stored on the Optuna trial, which links the two stores both ways.
-
-    Attributes:
-        run_id: the trial's MLflow run, once fitting started (None before, or without MLflow).
+    ``train()`` creates its own run, so the ``mlflow.parentRunId`` tag is set once the logger's run
+    exists; the run id (``run_id``, None without MLflow) is also stored on the Optuna trial.
     """
 
     def __init__(self, trial: Any, parent_run_id: str, study_name: str) -> None:

@@ -1,18 +1,9 @@
 """``tune:`` the Optuna search (params.yaml), validated like every other section.
 
-The search space is declared in params.yaml, one entry per dotted params key::
-
-    tune:
-      space:
-        train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
-        loss.name: {type: categorical, choices: [dice, dice_ce]}
-        model.unet.channels: {type: categorical, choices: [[16, 32, 64], [32, 64, 128]]}
-        augment_strength:                 # one knob scaling several probabilities
-          {type: float, low: 0.0, high: 1.5, scales: [augment.affine_prob, augment.noise_prob]}
-
-A ``scales`` entry is not a params key itself: its sampled value multiplies the params.yaml
-value of every key listed (clipped to 1 for probabilities), so "augmentation strength" is one
-dimension of the search instead of five correlated ones.
+One ``space`` entry per dotted params key, e.g.
+``train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}``. An entry with ``scales`` is a
+strength knob, not a params key: its value multiplies every listed key (probabilities clipped
+to 1), one dimension instead of several correlated ones.
 """
 
 from __future__ import annotations
@@ -25,16 +16,8 @@ from tumorseg.config import Section
 
 
 class SearchDimension(Section):
-    """One dimension of the search space.
-
-    Attributes:
-        type: ``float``, ``int`` or ``categorical``.
-        low, high: range of ``float``/``int`` dimensions (inclusive).
-        log: sample on a log scale (learning rates, weight decay).
-        step: grid step of ``float``/``int`` dimensions (None: continuous / 1).
-        choices: values of a ``categorical`` dimension (lists allowed: channel widths, patch sizes).
-        scales: for a strength knob, the params keys whose values the sampled factor multiplies.
-    """
+    """One dimension of the search space: inclusive ``low``/``high`` and ``step`` (None: continuous / 1)
+    for numbers, ``choices`` (lists allowed) for categoricals, ``scales`` for a strength knob."""
 
     type: Literal["float", "int", "categorical"]
     low: float | None = None
@@ -85,20 +68,14 @@ class TuneConfig(Section):
     """``tune:`` the Optuna study (``tumorseg tune``, the tuning flow).
 
     Attributes:
-        study_name: the study; workers and resumed runs join it by name.
-        storage: Optuna storage URL. None: ``sqlite:///<paths.mlruns>/optuna.db``. Use an RDB
-            server (``postgresql://user:pass@host/db``) for workers on several machines.
+        storage: Optuna storage URL (None: ``sqlite:///<paths.mlruns>/optuna.db``); an RDB server
+            (``postgresql://...``) for workers on several machines.
         n_trials: trials to finish (complete or pruned) in this study, counting earlier runs.
-        n_jobs: worker processes on this machine, sharing the study through the storage.
-        timeout_s: stop starting trials after this long (None: no limit).
-        metric: what a trial maximises (the best per-epoch validation mean Dice).
         trial_overrides: params applied to every trial (shorter runs than a final training).
-        best_params_file: the best trial's params (nested YAML) that ``train`` merges.
         apply_best: ``tumorseg train`` and the training flow merge ``best_params_file`` if present.
-        mlflow_experiment: experiment of the parent and trial runs (None: ``<mlflow.experiment>-tune``).
-        heartbeat_s, grace_s: a running trial whose worker was killed is failed after ``grace_s``
-            without heartbeat and retried once (RDB storages only).
-        space: the search space (module docstring).
+        mlflow_experiment: of the parent and trial runs (None: ``<mlflow.experiment>-tune``).
+        heartbeat_s, grace_s: a trial of a killed worker is failed after ``grace_s`` without
+            heartbeat and retried once.
     """
 
     study_name: str = Field("tumorseg", min_length=1)

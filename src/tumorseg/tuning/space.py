@@ -1,8 +1,7 @@
 """The search space: sample one trial's params overrides from ``tune.space``.
 
-Optuna's categorical distributions only hold scalars; list-valued choices (channel widths,
-patch sizes) are offered to Optuna as their JSON text and decoded back, so the study's
-history stays readable (``"[16, 32, 64]"``) and TPE still treats them as categories.
+Optuna's categoricals hold only scalars: list-valued choices are offered as JSON text and decoded
+back, so the study's history stays readable and TPE still treats them as categories.
 """
 
 from __future__ import annotations
@@ -57,11 +56,8 @@ def suggest(trial: Any, name: str, dim: SearchDimension) -> Any:
 def to_overrides(
     values: dict[str, Any], space: dict[str, SearchDimension], params: dict[str, Any], source: str
 ) -> dict[str, Any]:
-    """Turn sampled values (by dimension name) into dotted params overrides.
-
-    Strength knobs expand into one override per scaled key: ``base * factor``, clipped to
-    ``[0, 1]`` for keys ending in ``_prob``.
-    """
+    """Sampled values (by dimension) as dotted overrides; a strength knob sets each scaled key to
+    ``base * factor``, clipped to ``[0, 1]`` for ``*_prob`` keys."""
     overrides: dict[str, Any] = {}
     for name, value in values.items():
         dim = space.get(name)

@@ -1,24 +1,11 @@
 """``tumorseg tune``: an Optuna study over params.yaml, tracked in MLflow.
 
-- **Search space** from ``tune.space`` (:mod:`tumorseg.tuning.space`), **TPE** sampler
-  (multivariate, constant liar for parallel workers), **median pruning** on the per-epoch
-  validation Dice reported by Optuna's Lightning callback.
-- **Storage**: an Optuna RDB storage, SQLite file by default (``<paths.mlruns>/optuna.db``), any
-  SQLAlchemy URL such as ``postgresql://user@host/db`` for workers on several machines.
-- **Workers**: ``n_jobs`` processes on this machine split the remaining trial budget; more
-  processes (``tumorseg tune`` on other machines, same ``--storage``) join the same study by name.
-  Processes, not Optuna's threads: a trial is a Lightning run with process-wide state (torch
-  threads, RNG seeding), and CPU training needs the cores, not the GIL.
-- **Resume**: the study is loaded if it exists (``load_if_exists``) and only the missing trials
-  run; a trial whose worker died is failed after ``tune.grace_s`` without heartbeat and retried once
-  (:class:`optuna.storages.RetryHeartbeatStaleTrialCallback`).
-- **MLflow**: one parent run per study (experiment ``tune.mlflow_experiment``), each trial a nested
-  run (``train()``'s own run, tagged ``mlflow.parentRunId``); the parent gets the best value and
-  params, the trials table, and Optuna's history and parameter-importance plots (matplotlib).
-- **Output**: the best trial's overrides in ``tune.best_params_file`` (:mod:`tumorseg.tuning.best`).
-
-A trial never sees the test split: it trains with ``train.score_test: false`` and is scored on
-the validation split only.
+TPE sampler and median pruning on the per-epoch validation Dice, over ``tune.space``. The study
+lives in an Optuna RDB storage (SQLite ``<paths.mlruns>/optuna.db`` by default, any SQLAlchemy URL
+for workers on several machines) and resumes by name. ``n_jobs`` worker processes split the
+remaining budget: processes, not threads, as a trial is a Lightning run with process-wide state.
+Each trial is a nested MLflow run under one parent run per study. A trial never sees the test
+split. The best trial's overrides go to ``tune.best_params_file`` (:mod:`tumorseg.tuning.best`).
 """
 
 from __future__ import annotations
@@ -29,7 +16,8 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,32 +35,19 @@ FINISHED_STATES = ("COMPLETE", "PRUNED")
 
 @dataclass
 class TuneResult:
-    """What a study run produced.
-
-    Attributes:
-        study_name: the study.
-        storage: its storage URL, password hidden.
-        best_value: best validation mean Dice (None when no trial completed).
-        best_trial: its number.
-        best_overrides: the best trial's params overrides (dotted keys).
-        best_params_file: where they were written (None when no trial completed).
-        counts: trials by state (``COMPLETE``, ``PRUNED``, ``FAIL``, ...), whole study.
-        trials_run: trials this call ran (all workers).
-        parent_run_id: the MLflow parent run.
-        wall_time_s: wall time of the optimisation.
-        plots: plot files logged to the parent run.
-    """
+    """What a study run produced: ``storage`` with its password hidden, ``best_*`` None without a
+    completed trial, ``counts`` by state over the whole study, ``trials_run`` by this call."""
 
     study_name: str
     storage: str
-    best_value: float | None
-    best_trial: int | None
-    best_overrides: dict[str, Any]
-    best_params_file: Path | None
-    counts: dict[str, int]
-    trials_run: int
-    parent_run_id: str | None
-    wall_time_s: float
+    best_value: float | None = None
+    best_trial: int | None = None
+    best_overrides: dict[str, Any] = field(default_factory=dict)
+    best_params_file: Path | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    trials_run: int = 0
+    parent_run_id: str | None = None
+    wall_time_s: float = 0.0
     plots: list[Path] = field(default_factory=list)
 
     def one_line(self) -> str:
@@ -107,8 +82,7 @@ def hide_password(url: str) -> str:
 def open_storage(url: str, cfg: TuneConfig) -> Any:
     """An Optuna RDB storage with heartbeats, so trials of a killed worker are failed and retried.
 
-    SQLite: the folder is created and writers wait up to 60 s for the file lock instead of failing
-    with "database is locked" when several processes write at once.
+    SQLite writers wait up to 60 s for the lock rather than fail with "database is locked".
     """
     import warnings
 
@@ -139,11 +113,8 @@ def open_storage(url: str, cfg: TuneConfig) -> Any:
 
 
 def open_study(storage: Any, cfg: TuneConfig, *, worker_index: int = 0) -> Any:
-    """Create or load (``load_if_exists``) the study with the TPE sampler and the median pruner.
-
-    Each worker seeds its sampler with ``seed + worker_index`` so parallel workers do not draw the
-    same random start-up trials.
-    """
+    """Create or load the study (TPE, median pruner); the sampler seed is ``seed + worker_index``
+    so parallel workers do not draw the same start-up trials."""
     import optuna
 
     seed = None if cfg.sampler.seed is None else cfg.sampler.seed + worker_index
@@ -174,10 +145,7 @@ def open_study(storage: Any, cfg: TuneConfig, *, worker_index: int = 0) -> Any:
 
 def state_counts(study: Any) -> dict[str, int]:
     """Trials of the study by state name."""
-    counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
-    return counts
+    return dict(Counter(trial.state.name for trial in study.get_trials(deepcopy=False)))
 
 
 def finished_trials(study: Any) -> int:
@@ -196,9 +164,8 @@ def _tune_experiment(params: dict[str, Any], cfg: TuneConfig, source: str) -> st
 def ensure_parent_run(study: Any, tracking_uri: str, experiment: str, storage: str) -> str:
     """The study's MLflow parent run: reused when the study already has one (resume, other workers).
 
-    Workers on several machines may start at once; each creates a parent only if the study names
-    none, then all agree on the oldest parent run of the study (start time, then id) and a worker
-    whose own parent lost deletes it, so the trials of one study always share one parent.
+    Workers starting at once may each create one; all agree on the oldest (start time, then id)
+    and the losers delete theirs, so the trials of one study always share one parent.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -236,36 +203,21 @@ def ensure_parent_run(study: Any, tracking_uri: str, experiment: str, storage: s
 
 
 # ---------------------------------------------------------------------------- one trial
+@dataclass(eq=False)
 class TrialObjective:
     """The objective: train with the trial's overrides, return the best validation mean Dice.
 
-    Args:
-        params: the params.yaml dict (with ``-S`` overrides).
-        cfg: the ``tune`` section.
-        source: params file name for error messages.
-        tracking_uri: MLflow store of the trial runs.
-        parent_run_id: the study's parent run.
-        threads: torch CPU threads per trial (cores / workers), when ``trainer.num_threads`` is 0.
+    ``threads``: torch CPU threads per trial (cores / workers), used when ``trainer.num_threads`` is 0.
     """
 
-    def __init__(
-        self,
-        params: dict[str, Any],
-        cfg: TuneConfig,
-        *,
-        source: str,
-        tracking_uri: str,
-        parent_run_id: str,
-        experiment: str,
-        threads: int,
-    ) -> None:
-        self.params = params
-        self.cfg = cfg
-        self.source = source
-        self.tracking_uri = tracking_uri
-        self.parent_run_id = parent_run_id
-        self.experiment = experiment
-        self.threads = threads
+    params: dict[str, Any]
+    cfg: TuneConfig
+    _: KW_ONLY
+    source: str
+    tracking_uri: str
+    parent_run_id: str
+    experiment: str
+    threads: int
 
     def trial_params(self, trial: Any, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the trial's full params, its sampled overrides)."""
@@ -337,11 +289,8 @@ def run_worker(
     threads: int,
     timeout_s: float | None,
 ) -> int:
-    """One worker: join the study and run up to ``n_trials`` trials, stopping early once the study
-    has ``wanted`` finished trials; returns the trials it ran.
-
-    Runs in a worker process for ``n_jobs > 1`` (hence plain, JSON-able arguments).
-    """
+    """Join the study and run up to ``n_trials`` trials, stopping once it has ``wanted`` finished;
+    returns the trials run. Arguments are JSON-able: it runs in a worker process for ``n_jobs > 1``."""
     import optuna
     from optuna.trial import TrialState
 
@@ -392,11 +341,8 @@ def split_budget(total: int, workers: int) -> list[int]:
 
 
 def _run_processes(jobs: list[dict[str, Any]]) -> None:
-    """Start one worker process per job (fresh interpreters: no fork of torch state) and wait.
-
-    Subprocesses of ``python -m tumorseg.tuning.study`` rather than ``multiprocessing``: they do
-    not re-import the caller's ``__main__`` and behave exactly like workers started by hand.
-    """
+    """One ``python -m tumorseg.tuning.study`` process per job, and wait: fresh interpreters (no fork
+    of torch state, no re-import of the caller's ``__main__``), exactly like workers started by hand."""
     import json
     import subprocess
     import sys
@@ -430,18 +376,8 @@ def run_study(
 ) -> TuneResult:
     """Run (or resume) the study until it has ``n_trials`` finished trials; write the best params.
 
-    Args:
-        params: the params.yaml dict.
-        source: params file name for error messages.
-        n_trials: finished trials wanted in the study (default ``tune.n_trials``); a resumed study
-            runs only the missing ones.
-        n_jobs: worker processes (default ``tune.n_jobs``).
-        storage: Optuna storage URL (default :func:`storage_url`).
-        timeout_s: stop starting trials after this long (default ``tune.timeout_s``).
-        tracking_uri: MLflow store (default ``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``, SQLite).
-
-    Raises:
-        ConfigError: bad ``tune:`` section or unreachable storage.
+    ``n_trials``, ``n_jobs``, ``storage`` and ``timeout_s`` default to the ``tune:`` section, and
+    ``tracking_uri`` to ``mlflow.tracking_uri``; a resumed study runs only the missing trials.
     """
     from tumorseg.tracking import disable_telemetry, params_tracking_uri
     from tumorseg.training.config import load_training_config
@@ -513,18 +449,7 @@ def summarise(
     from tumorseg.tuning.space import decode_trial_params, to_overrides
 
     counts = state_counts(study)
-    result = TuneResult(
-        study_name=cfg.study_name,
-        storage=storage,
-        best_value=None,
-        best_trial=None,
-        best_overrides={},
-        best_params_file=None,
-        counts=counts,
-        trials_run=0,
-        parent_run_id=parent_run_id,
-        wall_time_s=0.0,
-    )
+    result = TuneResult(cfg.study_name, storage, counts=counts, parent_run_id=parent_run_id)
     if counts.get("COMPLETE", 0) == 0:
         return result
     best = study.best_trial
@@ -542,11 +467,8 @@ def summarise(
 
 
 def study_plots(study: Any, folder: Path) -> list[Path]:
-    """Optuna's optimisation history and parameter-importance plots (matplotlib backend), as PNGs.
-
-    Importances need two completed trials and a dimension that varied; without them only the
-    history is drawn (and the reason logged).
-    """
+    """Optuna's optimisation history and parameter-importance plots as PNGs (a plot Optuna cannot draw,
+    e.g. importances before two completed trials, is skipped and logged)."""
     import warnings
 
     import matplotlib

@@ -1,36 +1,15 @@
 """The per-case table that the Great Expectations suite checks.
 
-``manifest.csv`` is all text (``"True"``, ``"240x240x155"``, ``"0;1;2;4"``); expectations
-need typed columns. :func:`derive_case_table` turns each manifest row into one row of
-typed values, plus a few helper columns where no built-in expectation can look across
-fields. The derivation is deliberately plain so the checks stay readable in Data Docs:
+``manifest.csv`` is all text (``"True"``, ``"240x240x155"``, ``"0;1;2;4"``); :func:`derive_case_table`
+turns each row into typed values plus helper columns where no built-in expectation can look across
+fields. A missing value is ``None``, which GX column-map expectations skip, so each check only sees
+the cases it applies to: statistics of an unreadable volume are ``None`` (reported once, as
+unreadable), and so are comparisons with an unreadable T1. Helper columns:
 
-- ``manifest_row``: 0-based row of the case in the manifest. It is the exact key that maps
-  GX's unexpected rows back to manifest rows (``case_id`` may be duplicated or empty).
-- ``ingest_status`` / ``ingest_reason``: what ingest said about the case. A validated
-  manifest keeps these columns, so validating it again starts from the ingest verdict and
-  not from an earlier validation's (which could have used other parameters).
-- ``path_<key>``: ``None`` when the file is missing (for ``seg``: an unlabelled case).
-- ``<key>_readable``: ``None`` when the file is missing, else bool.
-- ``<key>_finite``, ``<key>_nonzero_voxels``, ``<key>_shape``, ``<key>_affine_max_diff_mm``:
-  only for volumes that could be read, ``None`` otherwise, so that an unreadable file is
-  reported once (as unreadable) and not again as "not finite" or "shape differs".
-- ``spacing_min_mm`` / ``spacing_max_mm``: smallest / largest voxel side of ``spacing``
-  (``"1x1x1.5"`` -> 1.0, 1.5); ``None`` unless T1 (the reference volume) is readable.
-- ``labels_in_convention``: bool, whether every value of ``label_values`` is allowed by the
-  case's ``label_convention``; ``None`` when there is no readable segmentation or the
-  convention is unknown (the convention check reports that).
-- ``brain_voxels``: float; ``None`` unless all four modalities are readable.
-- ``manifest_problems``: text naming fields a case that ingest accepted has no usable
-  value for (``"flair_finite='maybe'"``); ``None`` when all parsed. For cases ingest already
-  quarantined, missing statistics are expected and not reported again.
-- ``duplicate_of``: the first case id of the case's duplicate group (one scan under several case
-  ids, :mod:`tumorseg.validation.duplicates`), ``None`` when the scan is not duplicated;
-  ``duplicate_evidence``: why (``"same scan as B (identical t1 file: A, B)"``), for the report.
-  The only columns that look across rows.
-
-Missing values are ``None``/NaN, which GX column-map expectations skip, so each check
-only sees the cases it applies to.
+``manifest_row`` (the key from GX's unexpected rows back to the manifest: ``case_id`` may be
+duplicated or empty), ``ingest_status``/``ingest_reason`` (so validating a validated manifest starts
+from ingest's verdict), ``manifest_problems`` (``"flair_finite='maybe'"``) and ``duplicate_of`` /
+``duplicate_evidence`` (:mod:`tumorseg.validation.duplicates`, the only columns across rows).
 """
 
 from __future__ import annotations
@@ -47,8 +26,8 @@ from tumorseg.validation.cells import cell_text, parse_bool, parse_float
 from tumorseg.validation.duplicates import DUPLICATE_COLUMN, duplicate_explanation, find_duplicate_groups
 
 REFERENCE_KEY = "t1"
-"""Volume the others are compared with: ingest's reference (and affine origin) whenever T1 is
-readable; a case whose T1 is not is quarantined by ingest, and its comparisons are skipped here."""
+"""Volume the others are compared with: ingest's reference (a case whose T1 is unreadable is
+quarantined by ingest, and its comparisons are skipped)."""
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     *IDENTITY_COLUMNS,
@@ -62,7 +41,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
         for stat in ("readable", "finite", "nonzero_voxels", "shape", "affine_max_diff_mm")
     ),
 )
-"""Manifest columns validation reads; a manifest without them is from an older ingest."""
+"""Manifest columns validation reads (a manifest without them is from an older ingest)."""
 
 INGEST_STATUS_COLUMN = "ingest_status"
 INGEST_REASON_COLUMN = "ingest_reason"
@@ -77,24 +56,28 @@ def parse_shape(text: str) -> str | None:
     return "x".join(part.strip() for part in text.split("x"))
 
 
+def _finite_numbers(text: str, separator: str) -> list[float] | None:
+    """The ``separator``-joined finite numbers of ``text``; None when empty or any is not one."""
+    values = [parse_float(p) for p in text.split(separator)] if text.strip() else []
+    if not values or any(v is None for v in values):
+        return None
+    return [v for v in values if v is not None]
+
+
 def parse_spacing(text: str) -> tuple[float, ...] | None:
     """``"1x1x1.5"`` -> ``(1.0, 1.0, 1.5)``; None when any side is not a finite number."""
-    parts = [parse_float(p) for p in text.split("x")] if text.strip() else []
-    if not parts or any(p is None for p in parts):
-        return None
-    return tuple(p for p in parts if p is not None)
+    values = _finite_numbers(text, "x")
+    return None if values is None else tuple(values)
 
 
 def parse_label_values(text: str) -> list[float] | None:
     """``"0;1;2;4"`` -> ``[0, 1, 2, 4]``; None when empty or not ``;``-separated finite numbers.
 
-    Integer-valued labels come back as ``int``; a fractional label (a float segmentation
-    resampled with interpolation) stays a float, which no convention allows.
+    A fractional label (a float segmentation resampled with interpolation) stays a float, which no
+    convention allows.
     """
-    values = [parse_float(p) for p in text.split(";")] if text.strip() else []
-    if not values or any(v is None for v in values):
-        return None
-    return sorted({int(v) if float(v).is_integer() else v for v in values if v is not None})
+    values = _finite_numbers(text, ";")
+    return None if values is None else sorted({int(v) if float(v).is_integer() else v for v in values})
 
 
 def labels_outside_convention(label_values: str, convention: str) -> list[float]:
@@ -113,15 +96,8 @@ def check_manifest_columns(manifest: pd.DataFrame, source: str) -> None:
 
 
 def ingest_outcome(raw: dict[str, str]) -> tuple[str, str]:
-    """The ingest status and reason of one manifest row (all text).
-
-    Manifests re-written by validation carry ``ingest_status``/``ingest_reason`` (their
-    ``status``/``reason`` then hold validation's verdict); a manifest straight from ingest has
-    only ``status``/``reason``. Either way the case table reports what ingest decided.
-
-    Returns:
-        ``(status, reason)`` as ingest wrote them.
-    """
+    """``(status, reason)`` as ingest wrote them: a validated manifest keeps them in
+    ``ingest_status``/``ingest_reason`` (its ``status``/``reason`` are validation's verdict)."""
     if raw.get(INGEST_STATUS_COLUMN):
         return raw[INGEST_STATUS_COLUMN], raw.get(INGEST_REASON_COLUMN, "")
     return raw["status"], raw["reason"]
@@ -186,32 +162,16 @@ def derive_case_row(raw: dict[str, str], manifest_row: int) -> dict[str, object]
 
 
 def derive_case_table(manifest: pd.DataFrame, source: str = "manifest.csv") -> pd.DataFrame:
-    """Typed per-case table (one row per manifest row, same order) for the GX suite.
-
-    Args:
-        manifest: the manifest as read by :func:`~tumorseg.data.manifest.read_manifest`
-            (text columns; other dtypes are converted to text first).
-        source: file name used in error messages.
-
-    Returns:
-        One row per case with the columns described in the module docstring.
-
-    Raises:
-        DataError: when columns validation reads are missing.
-    """
+    """Typed per-case table (one row per manifest row, same order) for the GX suite; :class:`DataError`
+    naming ``source`` when columns validation reads are missing."""
     check_manifest_columns(manifest, source)
-    records = manifest.to_dict(orient="records")
     rows = [
         derive_case_row({str(k): cell_text(v) for k, v in record.items()}, index)
-        for index, record in enumerate(records)
+        for index, record in enumerate(manifest.to_dict(orient="records"))
     ]
     if not rows:
-        columns = [
-            *derive_case_row(dict.fromkeys(REQUIRED_COLUMNS, ""), 0),
-            DUPLICATE_COLUMN,
-            "duplicate_evidence",
-        ]
-        return pd.DataFrame(columns=columns)
+        empty = dict.fromkeys(REQUIRED_COLUMNS, "")
+        return pd.DataFrame(columns=[*derive_case_row(empty, 0), DUPLICATE_COLUMN, "duplicate_evidence"])
     groups = find_duplicate_groups(manifest)
     first = {case_id: group.first for group in groups for case_id in group.case_ids}
     for row in rows:

@@ -1,8 +1,4 @@
-"""Manifest cells as typed values: every manifest column is text, typed when validation reads it.
-
-Shared by the 3-D case table, the 2-D one and duplicate detection, which all read rows of
-all-text manifest cells.
-"""
+"""Manifest cells (all text) as typed values, for the 3-D and 2-D case tables and duplicate detection."""
 
 from __future__ import annotations
 

@@ -1,29 +1,12 @@
 """One scan under several case ids: find the groups, name their first case, say why.
 
-A dataset assembled from several sources (or a BraTS release and its re-release) can hold the
-same scan under two case ids. Each copy is a valid case, so validation does not quarantine it;
-but a copy in train and another in test leaks the test case into training, so the copies are
-flagged (``duplicate_of`` in the validated manifest) and ``tumorseg split`` keeps every group
-on one side, together with every time point of its patients.
-
-Two cases are *the same scan* when, for any modality of each (t1, t1ce, t2, flair):
-
-- their files are identical: equal ``sha256_<mod>`` (the bytes on disk), or
-- their decoded volumes are identical: equal ``content_sha256_<mod>``
-  (:func:`~tumorseg.data.ingest.content_digest`: shape and voxel values, whatever the file format,
-  gzip level, header or on-disk dtype), so a ``.nii.gz`` re-saved as ``.nii`` is recognised.
-
-The modality does not have to match (a T1 filed as the other case's T2 is still one scan). Only
-volumes with content count: a file ingest could not read and a volume with no non-zero voxel
-(an empty export, which validation quarantines anyway) do not link cases, since unrelated cases
-can share those. The segmentation is not compared either: tumour-free cases of one size share an
-all-zero label map. Links are transitive (A = B and B = C make one group A, B, C); a group's
-*first* case is its smallest case id, and every member, the first included, gets it in
-``duplicate_of`` (empty for cases that are not duplicated). Rows without a case id are ignored;
-rows that repeat a case id are one case here (``case_id.unique`` quarantines them).
-
-Pure pandas, no GX: the suite (:mod:`tumorseg.validation.suite`) puts ``duplicate_of`` in the case
-table and a warning-severity GX expectation reports it in Data Docs and ``report.json``.
+A copy in train and another in test leaks the test case into training, so copies are flagged
+(``duplicate_of``, never quarantined: each copy is a valid case) and ``tumorseg split`` keeps every
+group on one side. Two cases are the same scan when any modality of each (in any modality slot) has
+an equal ``sha256_<mod>`` (identical file) or ``content_sha256_<mod>`` (identical decoded volume,
+whatever the format, gzip level, header or dtype). Unreadable or all-zero volumes and segmentations
+(tumour-free cases share an all-zero map) do not link cases. Links are transitive; a group's *first*
+case is its smallest case id, and every member gets it in ``duplicate_of``.
 """
 
 from __future__ import annotations
@@ -37,8 +20,7 @@ from tumorseg.data.conventions import CANONICAL_MODALITIES
 from tumorseg.data.split import UnionFind
 from tumorseg.validation.cells import cell_text, parse_bool, parse_float
 
-DUPLICATE_COLUMN = "duplicate_of"
-"""Manifest / index column: the first case id of the case's duplicate group, empty otherwise."""
+DUPLICATE_COLUMN = "duplicate_of"  # manifest / index column: the group's first case id, else empty
 
 FILE_DIGEST = "file"
 CONTENT_DIGEST = "volume"
@@ -47,13 +29,8 @@ _DIGEST_COLUMNS: dict[str, str] = {FILE_DIGEST: "sha256_{key}", CONTENT_DIGEST: 
 
 @dataclass(frozen=True)
 class DuplicateGroup:
-    """Cases that hold one scan.
-
-    Attributes:
-        first: the smallest case id of the group (what ``duplicate_of`` says for each member).
-        case_ids: every member, sorted (at least two).
-        evidence: what links them, one entry per shared digest, e.g.
-            ``"identical t1/t1ce/t2/flair files: A, B"`` or ``"same decoded t2/flair volume: A flair, B t2"``.
+    """Cases that hold one scan: the smallest case id, every member sorted (at least two), and what
+    links them (``"identical t1/t1ce/t2/flair files: A, B"``, ``"same decoded t2/flair volume: A flair, B t2"``).
     """
 
     first: str
@@ -89,12 +66,8 @@ def _digests(raw: dict[str, str]) -> list[tuple[str, str, str]]:
 
 
 def find_duplicate_groups(manifest: pd.DataFrame) -> list[DuplicateGroup]:
-    """The groups of case ids that hold one scan (see the module docstring), sorted by first case.
-
-    Args:
-        manifest: a 3-D manifest (text columns); ``content_sha256_<mod>`` may be absent (a manifest
-            from an older ingest: only identical files are found then).
-    """
+    """The groups of case ids that hold one scan in a 3-D manifest, sorted by first case (without
+    ``content_sha256_<mod>`` columns only identical files are found)."""
     holders: dict[tuple[str, str], dict[str, list[str]]] = {}  # (kind, digest) -> case id -> modalities
     for record in manifest.to_dict(orient="records"):
         raw = {str(k): cell_text(v) for k, v in record.items()}
@@ -128,12 +101,10 @@ def find_duplicate_groups(manifest: pd.DataFrame) -> list[DuplicateGroup]:
 
 
 def _evidence(shared: list[tuple[str, dict[str, list[str]]]]) -> list[tuple[str, str]]:
-    """What links the cases: ``(a linked case id, text)``, one per kind of digest and set of cases.
+    """What links the cases: ``(a linked case id, text)``, files first, then volumes, in modality order.
 
-    Digests shared by the same cases under the same modality are merged
-    (``"identical t1/t1ce/t2/flair files: A, B"``); otherwise each case's modality is named
-    (``"same decoded t2/flair volume: A flair, B t2"``). A decoded-volume match that identical files
-    already explain is left out. Files come first, then volumes, each in modality order.
+    Digests shared by the same cases under the same modality are merged into one text; otherwise each
+    case's modality is named. A decoded-volume match that identical files already explain is left out.
     """
     order = {key: i for i, key in enumerate(CANONICAL_MODALITIES)}
     files = {
@@ -158,13 +129,8 @@ def _evidence(shared: list[tuple[str, dict[str, list[str]]]]) -> list[tuple[str,
         keys = sorted(set(keys), key=order.__getitem__)
         noun = ("file" if kind == FILE_DIGEST else "volume") + ("s" if len(keys) > 1 else "")
         what = "identical" if kind == FILE_DIGEST else "same decoded"
-        lines.append(
-            (
-                (kind != FILE_DIGEST, order[keys[0]]),
-                ids[0],
-                f"{what} {'/'.join(keys)} {noun}: {', '.join(ids)}",
-            )
-        )
+        text = f"{what} {'/'.join(keys)} {noun}: {', '.join(ids)}"
+        lines.append(((kind != FILE_DIGEST, order[keys[0]]), ids[0], text))
     for kind, pairs in mixed:
         keys = sorted({k for _, ks in pairs for k in ks}, key=order.__getitem__)
         what = "identical {} file" if kind == FILE_DIGEST else "same decoded {} volume"

@@ -1,30 +1,12 @@
 """The expectations a usable case must meet, and how each failure is told to a human.
 
-Each :class:`CaseCheck` names one built-in Great Expectations expectation (by class name,
-so this module imports no GX and the rules can be unit-tested in milliseconds) with its
-arguments on the :mod:`case table <tumorseg.validation.case_table>`, a note rendered in
-Data Docs, and a function that words the failure for one case
-(``"NaN or infinite voxels in flair"``). The suite runner turns a failed expectation's
-unexpected rows into these per-case reasons.
-
-Checks, in the order their reasons are listed:
-
-- ingest: the case was not quarantined by ingest (its reason is carried over);
-- manifest: every statistic the case needs has a usable value;
-- identity: ``case_id`` present, unique and safe as a file name; ``patient_id`` present;
-  ``label_convention`` known;
-- per volume (t1, t1ce, t2, flair, seg): the four modality files present (a case without
-  a segmentation is an unlabelled case, not an error); readable; finite voxels; modalities
-  not all zero; shape equal to T1's; affine within ``validate.affine_tolerance_mm`` of T1's;
-- geometry: smallest and largest voxel side within
-  ``validate.spacing_min_mm`` .. ``validate.spacing_max_mm``;
-- content: label values allowed by the convention; at least ``validate.min_brain_voxels``
-  voxels non-zero in some modality.
-- duplicates (severity ``warning``: reported, never quarantined): the scan is not also stored
-  under another case id (:mod:`tumorseg.validation.duplicates`).
-
-A check of severity ``critical`` (all but the last) quarantines the cases it fails on; a
-``warning`` check only flags them in ``report.json`` and Data Docs (GX's own expectation severity).
+Each :class:`CaseCheck` names a built-in Great Expectations expectation by class name (so this module
+imports no GX and the rules unit-test in milliseconds) with its arguments on the :mod:`case table
+<tumorseg.validation.case_table>`, a Data Docs note, and a function wording the failure for one case
+(``"NaN or infinite voxels in flair"``). :func:`build_case_checks` lists them in the order their
+reasons are reported: ingest, manifest, identity, per volume, geometry, content, duplicates. A
+``critical`` check quarantines the cases it fails on; a ``warning`` one (duplicated scans) only flags
+them.
 """
 
 from __future__ import annotations
@@ -42,12 +24,11 @@ from tumorseg.validation.case_table import labels_outside_convention as _labels_
 CASE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 """Case ids become file names downstream: letters, digits, ``.``, ``_`` and ``-`` only."""
 
+# GX expectation severities (``great_expectations.expectations.FailureSeverity`` values).
 SEVERITY_CRITICAL = "critical"
 SEVERITY_WARNING = "warning"
-"""GX expectation severities (``great_expectations.expectations.FailureSeverity`` values)."""
 
-CaseRow = Mapping[str, Any]
-"""One row of the case table (column -> value)."""
+CaseRow = Mapping[str, Any]  # one row of the case table (column -> value)
 
 
 @dataclass(frozen=True)
@@ -55,17 +36,12 @@ class CaseCheck:
     """One expectation on the case table and how to explain its failure for one case.
 
     Attributes:
-        check_id: stable id (``"flair.finite"``); stored in the expectation's ``meta`` so
-            results map back to the check, and used in ``report.json``.
+        check_id: stable id (``"flair.finite"``), stored in the expectation's ``meta`` so results map
+            back to the check; used in ``report.json``.
         expectation: class name in ``great_expectations.expectations``.
-        kwargs: the expectation's arguments (column names, bounds, value sets).
         note: why the check exists, shown under the expectation in Data Docs.
-        explain: words the failure for one failing case-table row.
-        ingest_decides: ingest itself quarantines cases failing this check (missing or
-            undecodable files, shapes that differ) and its reason already says why, so for
-            cases ingest quarantined the failure is recorded but not worded a second time.
-        severity: the GX expectation's severity: ``critical`` quarantines the failing cases,
-            ``warning`` only flags them (duplicated scans are valid cases).
+        ingest_decides: ingest itself quarantines cases failing this check, with a reason that already
+            says why, so for those cases the failure is recorded but not worded a second time.
     """
 
     check_id: str
@@ -78,12 +54,7 @@ class CaseCheck:
 
     @property
     def quarantines(self) -> bool:
-        """Whether failing this check quarantines a case (else it is only flagged)."""
         return self.severity == SEVERITY_CRITICAL
-
-
-def _format_set(values: frozenset[int] | set[int]) -> str:
-    return "{" + ",".join(str(v) for v in sorted(values)) + "}"
 
 
 def _ingest_reason(row: CaseRow) -> str:
@@ -95,7 +66,7 @@ def _ingest_reason(row: CaseRow) -> str:
 def _label_reason(row: CaseRow) -> str:
     convention = str(row["label_convention"])
     outside = _labels_outside(str(row["label_values"]), convention)
-    allowed = _format_set(LABEL_CONVENTIONS[convention].allowed_values)
+    allowed = "{" + ",".join(str(v) for v in sorted(LABEL_CONVENTIONS[convention].allowed_values)) + "}"
     reason = f"label values {outside} outside {convention} {allowed}"
     hint = _convention_hint(convention, outside)
     return f"{reason}; {hint}" if hint else reason
@@ -195,26 +166,14 @@ def _volume_checks(key: str, cfg: ValidateConfig) -> list[CaseCheck]:
 
 
 def identity_checks(ingest_note: str) -> list[CaseCheck]:
-    """The checks every case table starts with, whatever its layout (3-D volumes or 2-D slices).
-
-    The 3-D suite (:func:`build_case_checks`) and the 2-D suite
-    (:func:`tumorseg.validation.planar_checks.build_planar_checks`) read the same ingest columns,
-    ``manifest_problems`` and ``case_id``, so both list these first and word their failures alike.
-
-    Args:
-        ingest_note: the Data Docs note of ``ingest.accepted``, saying what ingest rejects for
-            this kind of case (3-D: cases it could not index; 2-D: files it could not decode).
-
-    Returns:
-        ``ingest.accepted``, ``manifest.complete``, ``case_id.present``, ``case_id.unique`` and
-        ``case_id.safe_name``, in that reporting order.
-    """
+    """The checks the 3-D and the 2-D case tables both start with (ingest verdict, manifest values,
+    ``case_id``), worded alike; ``ingest_note`` is the Data Docs note of ``ingest.accepted``."""
     return [
         CaseCheck(
             "ingest.accepted",
             "ExpectColumnValuesToBeInSet",
             {"column": INGEST_STATUS_COLUMN, "value_set": [STATUS_OK]},
-            "Cases ingest could not index stay quarantined with ingest's reason.",
+            ingest_note,
             _ingest_reason,
         ),
         CaseCheck(
@@ -251,14 +210,7 @@ def identity_checks(ingest_note: str) -> list[CaseCheck]:
 
 
 def build_case_checks(cfg: ValidateConfig) -> list[CaseCheck]:
-    """All checks for the case table, thresholds taken from ``cfg`` (params.yaml ``validate:``).
-
-    Args:
-        cfg: the ``validate`` section.
-
-    Returns:
-        The checks in reporting order (see the module docstring).
-    """
+    """All checks for the case table in reporting order, thresholds from params.yaml ``validate:``."""
     lo, hi = cfg.spacing_min_mm, cfg.spacing_max_mm
 
     def spacing_reason(row: CaseRow) -> str:
@@ -287,19 +239,15 @@ def build_case_checks(cfg: ValidateConfig) -> list[CaseCheck]:
         checks += _volume_checks(key, cfg)
     checks += [
         CaseCheck(
-            "spacing.min_in_range",
+            f"spacing.{end}_in_range",
             "ExpectColumnValuesToBeBetween",
-            {"column": "spacing_min_mm", "min_value": lo, "max_value": hi},
-            "Smallest voxel side (mm) in the sane range (params.yaml validate.spacing_min_mm/spacing_max_mm).",
+            {"column": f"spacing_{end}_mm", "min_value": lo, "max_value": hi},
+            f"{side} voxel side (mm) in the sane range (params.yaml validate.spacing_min_mm/spacing_max_mm).",
             spacing_reason,
-        ),
-        CaseCheck(
-            "spacing.max_in_range",
-            "ExpectColumnValuesToBeBetween",
-            {"column": "spacing_max_mm", "min_value": lo, "max_value": hi},
-            "Largest voxel side (mm) in the sane range (params.yaml validate.spacing_min_mm/spacing_max_mm).",
-            spacing_reason,
-        ),
+        )
+        for end, side in (("min", "Smallest"), ("max", "Largest"))
+    ]
+    checks += [
         CaseCheck(
             "labels.in_convention",
             "ExpectColumnValuesToBeInSet",

@@ -1,7 +1,7 @@
 """The Great Expectations checks of a 2-D manifest (Figshare ``.mat`` slices, Kaggle images).
 
 ``tumorseg validate`` runs these instead of the 3-D checks when every row of the manifest has a 2-D
-layout (:func:`~tumorseg.data.planar_ingest.is_planar_manifest`); the runner, quarantine, Data Docs
+layout (:func:`~tumorseg.data.readers.manifest_dims`); the runner, quarantine, Data Docs
 and ``report.json`` are the same (:func:`tumorseg.validation.suite.validate_dataset`).
 
 The typed table (:func:`derive_planar_case_table`) has, per manifest row: ``manifest_row``,
@@ -31,7 +31,8 @@ from pydantic import Field, model_validator
 from tumorseg.config import Section
 from tumorseg.data.manifest import STATUS_OK
 from tumorseg.data.planar import FIGSHARE_LABELS
-from tumorseg.data.planar_ingest import PLANAR_LAYOUTS, PLANAR_MANIFEST_COLUMNS
+from tumorseg.data.planar_ingest import PLANAR_MANIFEST_COLUMNS
+from tumorseg.data.readers import IMAGE_LAYOUTS
 from tumorseg.errors import DataError
 from tumorseg.validation.case_table import (
     INGEST_REASON_COLUMN,
@@ -157,7 +158,7 @@ def build_planar_checks(cfg: PlanarValidateConfig) -> list[CaseCheck]:
         CaseCheck(
             "layout.known",
             "ExpectColumnValuesToBeInSet",
-            {"column": "layout", "value_set": list(PLANAR_LAYOUTS)},
+            {"column": "layout", "value_set": list(IMAGE_LAYOUTS)},
             "2-D layouts: figshare (.mat slices) and kaggle (yes/no image folders).",
             lambda row: f"unknown 2-D layout {row['layout']!r}",
         ),

@@ -1,9 +1,6 @@
-"""What ``tumorseg validate`` reports: the result object, ``report.json`` and a markdown summary.
-
-``report.json`` is written next to the Data Docs (``<out>/validation/report.json``) for
-machines and CI; :func:`validation_markdown` is the same content for people (a Prefect
-markdown artifact, a PR comment). Neither contains timestamps or absolute paths, so the
-report is byte-identical when the manifest and ``validate`` parameters are unchanged.
+"""What ``tumorseg validate`` reports: the result, ``<out>/validation/report.json`` for machines and CI,
+and :func:`validation_markdown` for people. Neither holds timestamps or absolute paths, so the report is
+byte-identical while the manifest and ``validate`` parameters are unchanged.
 """
 
 from __future__ import annotations
@@ -15,21 +12,16 @@ from typing import Any
 
 from tumorseg.data.manifest import MANIFEST_NAME, STATUS_OK
 
-REPORT_DIR = "validation"
-"""Folder under the output folder holding report.json, the GX project and Data Docs."""
+REPORT_DIR = "validation"  # under the output folder: report.json, the GX project and Data Docs
 REPORT_NAME = "report.json"
 DATA_DOCS_DIR = "data_docs"
 
 
 @dataclass(frozen=True)
 class CheckOutcome:
-    """How one expectation fared on the case table.
+    """How one expectation (a :class:`~tumorseg.validation.expectations.CaseCheck`) fared on the case table.
 
     Attributes:
-        check_id: the :class:`~tumorseg.validation.expectations.CaseCheck` id.
-        expectation: GX expectation type (``expect_column_values_to_be_in_set``).
-        kwargs: its arguments, as given to GX.
-        success: GX's verdict.
         evaluated: rows the expectation looked at (rows with a missing value are skipped).
         unexpected_case_ids: cases it failed on, in manifest order.
         severity: ``critical`` (its failures are quarantined) or ``warning`` (only flagged).
@@ -46,11 +38,9 @@ class CheckOutcome:
 
 @dataclass(frozen=True)
 class CaseVerdict:
-    """The validated status of one case.
+    """The validated status of one case (``case_id`` ``"row N"`` when the manifest row has none).
 
     Attributes:
-        case_id: the case id (``"row N"`` when the manifest row has none).
-        status: ``ok`` or ``quarantined``.
         reason: human-readable, ingest's reason first; empty when ok.
         failed_checks: ids of the checks the case failed that quarantine it.
         flagged_checks: ids of the warning checks it failed (a duplicated scan): reported only.
@@ -69,13 +59,9 @@ class ValidationResult:
 
     Attributes:
         out_dir: folder holding the validated ``manifest.csv`` and ``validation/``.
-        cases: one verdict per manifest row, in manifest order.
-        checks: one outcome per expectation, in suite order.
-        max_invalid_fraction: the threshold the run was held to.
-        params: the ``validate`` parameters used.
-        gx_version: Great Expectations version that ran the suite.
-        duplicates: groups of case ids holding one scan
-            (:meth:`~tumorseg.validation.duplicates.DuplicateGroup.to_dict`: first, case_ids, evidence).
+        cases: one verdict per manifest row, in manifest order; checks: one outcome per expectation.
+        duplicates: groups of case ids holding one scan (:meth:`DuplicateGroup.to_dict
+            <tumorseg.validation.duplicates.DuplicateGroup.to_dict>`).
     """
 
     out_dir: Path
@@ -199,15 +185,8 @@ def _md_cell(text: str) -> str:
 
 
 def validation_markdown(result: ValidationResult, max_cases: int = 50) -> str:
-    """A markdown summary of a validation run (for a Prefect artifact or a PR comment).
-
-    Args:
-        result: the run to summarise.
-        max_cases: list at most this many quarantined cases (the rest are counted).
-
-    Returns:
-        Markdown with the verdict, counts, failed expectations and quarantined cases.
-    """
+    """The verdict, counts, failed expectations and quarantined cases (at most ``max_cases``, the rest
+    counted) as Markdown, for a Prefect artifact or a PR comment."""
     verdict = "passed" if result.passed else "FAILED"
     lines = [
         f"## Data validation {verdict}",
@@ -220,10 +199,7 @@ def validation_markdown(result: ValidationResult, max_cases: int = 50) -> str:
     if not result.passed:
         lines += [f"> {result.failure_message()}", ""]
     failed = [c for c in result.checks if not c.success]
-    lines += [
-        f"### Expectations: {len(result.checks) - len(failed)} of {len(result.checks)} met",
-        "",
-    ]
+    lines += [f"### Expectations: {len(result.checks) - len(failed)} of {len(result.checks)} met", ""]
     if any(c.severity != "critical" for c in failed):
         lines += ["Warning-severity expectations flag cases without quarantining them.", ""]
     if failed:
@@ -236,27 +212,19 @@ def validation_markdown(result: ValidationResult, max_cases: int = 50) -> str:
         lines.append("")
     quarantined = list(result.quarantined.items())
     if quarantined:
-        lines += ["### Quarantined cases", "", "| case | reason |", "|---|---|"]
-        lines += [f"| {_md_cell(case)} | {_md_cell(reason)} |" for case, reason in quarantined[:max_cases]]
-        if len(quarantined) > max_cases:
-            lines.append(f"| ... | {len(quarantined) - max_cases} more in report.json |")
-        lines.append("")
+        lines += _md_table("### Quarantined cases", "| case | reason |", quarantined, max_cases)
     if result.duplicates:
-        lines += [
-            "### Duplicate scans (valid; the split keeps each group on one side)",
-            "",
-            "| cases | evidence |",
-            "|---|---|",
-        ]
-        lines += [
-            f"| {_md_cell(', '.join(g['case_ids']))} | {_md_cell('; '.join(g['evidence']))} |"
-            for g in result.duplicates[:max_cases]
-        ]
-        if len(result.duplicates) > max_cases:
-            lines.append(f"| ... | {len(result.duplicates) - max_cases} more in report.json |")
-        lines.append("")
-    lines += [
-        f"Reports: `{result.report_path}`, Data Docs `{result.data_docs_index}`.",
-        "",
-    ]
+        groups = [(", ".join(g["case_ids"]), "; ".join(g["evidence"])) for g in result.duplicates]
+        title = "### Duplicate scans (valid; the split keeps each group on one side)"
+        lines += _md_table(title, "| cases | evidence |", groups, max_cases)
+    lines += [f"Reports: `{result.report_path}`, Data Docs `{result.data_docs_index}`.", ""]
     return "\n".join(lines)
+
+
+def _md_table(title: str, header: str, rows: list[tuple[str, str]], max_rows: int) -> list[str]:
+    """A two-column table section of at most ``max_rows`` rows, the rest counted."""
+    lines = [title, "", header, "|---|---|"]
+    lines += [f"| {_md_cell(a)} | {_md_cell(b)} |" for a, b in rows[:max_rows]]
+    if len(rows) > max_rows:
+        lines.append(f"| ... | {len(rows) - max_rows} more in report.json |")
+    return [*lines, ""]

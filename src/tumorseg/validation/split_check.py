@@ -1,14 +1,8 @@
 """Check a train/val/test split against the manifest: no patient, no duplicated scan in two splits.
 
-A patient's scans are strongly correlated; one patient in train and test leaks test data
-into training and inflates every reported metric. The same holds for one scan stored under two
-case ids (``duplicate_of`` in the validated manifest, :mod:`tumorseg.validation.duplicates`): its
-group (with every case of the patients it joins, :func:`tumorseg.data.split.case_groups`) must be
-on one side. Unlike a bad case, a bad split cannot be quarantined away, so
-:func:`validate_split` raises :class:`~tumorseg.errors.DataError`.
-
-The split file is read with :func:`tumorseg.data.split.read_split` (one parser of the format
-``tumorseg split`` writes). Patients are taken from the manifest, not from the split file's
+One patient (or one scan under two case ids, ``duplicate_of``) in train and test leaks test data into
+training and inflates every metric. A bad split cannot be quarantined away, so :func:`validate_split`
+raises :class:`~tumorseg.errors.DataError`. Patients come from the manifest, not from the split file's
 own ``patients`` lists, so a split that disagrees with the data is caught too.
 """
 
@@ -28,12 +22,7 @@ from tumorseg.validation.suite import quiet_great_expectations
 
 @dataclass(frozen=True)
 class SplitCheck:
-    """A split that passed :func:`validate_split`.
-
-    Attributes:
-        cases: split name -> number of cases.
-        patients: split name -> number of distinct patients.
-    """
+    """A split that passed :func:`validate_split`: split name -> number of cases, of distinct patients."""
 
     cases: dict[str, int]
     patients: dict[str, int]
@@ -76,33 +65,20 @@ def _split_tables(
     return assignments, patient_splits, group_splits
 
 
-def _unexpected(result: Any, column: str) -> list[str]:
+def _unexpected(batch: Any, expectation: Any, column: str) -> list[str]:
+    """The ``column`` values of every row of ``batch`` that ``expectation`` fails on, sorted."""
+    complete = {"result_format": "COMPLETE", "unexpected_index_column_names": [column]}
+    result = batch.validate(expectation, result_format=complete)
     entries = (result.result or {}).get("unexpected_index_list") or []
     return sorted({str(entry[column]) for entry in entries})
 
 
 def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> SplitCheck:
-    """Check that every patient is in one split only and every listed case is valid.
+    """Check with GX (ephemeral, nothing written) that every patient and duplicate group is in one split
+    and every listed case is unique, in the manifest and ``ok``; else :class:`DataError`.
 
-    Runs Great Expectations expectations on tables derived from the split and the manifest
-    (ephemeral GX context, nothing written):
-
-    - per listed case: ``case_id`` unique (a case in one split only), in the manifest, and
-      with status ``ok`` (quarantined cases must not be trained or tested on);
-    - per distinct (patient, split) pair: ``patient_id`` unique, i.e. no patient in two splits;
-    - per distinct (group, split) pair: ``group`` unique, i.e. no duplicated scan in two splits.
-
-    Args:
-        split_json_path: the split file written by ``tumorseg split``.
-        manifest: the validated manifest (or the folder / file to read it from), or any
-            table with ``case_id`` and ``patient_id`` (and optionally ``status``), e.g.
-            preprocess's ``index.csv``.
-
-    Returns:
-        Case and patient counts per split.
-
-    Raises:
-        DataError: naming the split file and the offending patients or cases.
+    ``manifest``: the validated manifest (or the folder / file to read it from), or any table with
+    ``case_id``, ``patient_id`` and optionally ``status`` (preprocess's ``index.csv``).
     """
     path = Path(split_json_path)
     if not isinstance(manifest, pd.DataFrame):
@@ -125,14 +101,8 @@ def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> Spli
 
 @dataclass(frozen=True)
 class _Findings:
-    """What the expectations found unexpected.
-
-    Attributes:
-        leaked: patients in more than one split.
-        split_groups: groups (patient ∪ duplicated scan) in more than one split.
-        bad_cases: problem (``listed in more than one split``, ``not in the manifest``,
-            ``quarantined in the manifest``) -> the case ids that have it.
-    """
+    """Patients, and groups (patient ∪ duplicated scan), in more than one split, and problem
+    (``not in the manifest`` ...) -> the case ids that have it."""
 
     leaked: list[str]
     split_groups: list[str]
@@ -151,21 +121,11 @@ def _expectation_findings(
         case_batch = _whole_frame_batch(source, "assignments", assignments)
         patient_batch = _whole_frame_batch(source, "patient_splits", patient_splits)
         group_batch = _whole_frame_batch(source, "group_splits", group_splits)
-        leaked = _unexpected(
-            patient_batch.validate(
-                gx.expectations.ExpectColumnValuesToBeUnique(column="patient_id"),
-                result_format=_complete("patient_id"),
-            ),
-            "patient_id",
-        )
-        split_groups = _unexpected(
-            group_batch.validate(
-                gx.expectations.ExpectColumnValuesToBeUnique(column="group"), result_format=_complete("group")
-            ),
-            "group",
-        )
+        unique = gx.expectations.ExpectColumnValuesToBeUnique
+        leaked = _unexpected(patient_batch, unique(column="patient_id"), "patient_id")
+        split_groups = _unexpected(group_batch, unique(column="group"), "group")
         case_problems = {
-            "listed in more than one split": gx.expectations.ExpectColumnValuesToBeUnique(column="case_id"),
+            "listed in more than one split": unique(column="case_id"),
             "not in the manifest": gx.expectations.ExpectColumnValuesToBeInSet(
                 column="case_id", value_set=known
             ),
@@ -174,19 +134,14 @@ def _expectation_findings(
             ),
         }
         bad_cases = {
-            label: _unexpected(
-                case_batch.validate(expectation, result_format=_complete("case_id")), "case_id"
-            )
+            label: _unexpected(case_batch, expectation, "case_id")
             for label, expectation in case_problems.items()
         }
     return _Findings(leaked, split_groups, bad_cases)
 
 
 def _ephemeral_context() -> Any:
-    """A GX context with in-memory stores and no Data Docs site: nothing of the check is written anywhere.
-
-    Call it inside :func:`~tumorseg.validation.suite.quiet_great_expectations` (GX logs as it starts).
-    """
+    """A GX context with in-memory stores and no Data Docs site (call it inside ``quiet_great_expectations``)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -208,11 +163,6 @@ def _whole_frame_batch(source: Any, name: str, frame: pd.DataFrame) -> Any:
         .add_batch_definition_whole_dataframe("all")
         .get_batch(batch_parameters={"dataframe": frame})
     )
-
-
-def _complete(column: str) -> dict[str, Any]:
-    """A result format listing every unexpected row by ``column``."""
-    return {"result_format": "COMPLETE", "unexpected_index_column_names": [column]}
 
 
 def _problems(findings: _Findings, assignments: pd.DataFrame, patient_splits: pd.DataFrame) -> list[str]:

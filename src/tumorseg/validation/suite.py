@@ -42,7 +42,7 @@ import pandas as pd
 
 from tumorseg.config import ValidateConfig
 from tumorseg.data.manifest import MANIFEST_NAME, STATUS_OK, STATUS_QUARANTINED, read_manifest, write_manifest
-from tumorseg.data.planar_ingest import is_planar_manifest
+from tumorseg.data.readers import IMAGE, manifest_dims
 from tumorseg.errors import DataError
 from tumorseg.validation.case_table import INGEST_REASON_COLUMN, INGEST_STATUS_COLUMN, derive_case_table
 from tumorseg.validation.duplicates import DUPLICATE_COLUMN, DuplicateGroup, find_duplicate_groups
@@ -348,7 +348,7 @@ def validate_dataset(
     source = str(src_dir / MANIFEST_NAME)
     params = cfg.model_dump()
     duplicates: list[DuplicateGroup] = []
-    if is_planar_manifest(manifest):
+    if manifest_dims(manifest) == IMAGE:  # the image strategy: its own columns and checks
         from tumorseg.validation.planar_checks import (
             PlanarValidateConfig,
             build_planar_checks,

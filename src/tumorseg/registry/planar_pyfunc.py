@@ -1,9 +1,9 @@
 """The registered 2-D model: an MLflow pyfunc that segments, classifies and detects from image files.
 
 Both registered names (``tumorseg-2d`` and ``tumorseg-detect``) store the same package
-(:mod:`tumorseg.planar.package`: ``weights.pt``, ``config.json``, ``detector.json``) with their own
+(:mod:`tumorseg.models.planar_package`: ``weights.pt``, ``config.json``, ``detector.json``) with their own
 evidence (``evaluation.json``, ``model_card.md``); prediction goes through
-:func:`tumorseg.planar.predict.predict_planar`, the path ``tumorseg predict``/``detect`` take.
+:func:`tumorseg.models.planar_predictor.predict_planar`, the path ``tumorseg predict``/``detect`` take.
 
 Input (DataFrame): ``image_path`` (string): a ``.mat`` or image file readable where the model runs.
 Params: ``return_mask`` (bool, default true).
@@ -33,7 +33,7 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "width",
     "mask_png",
 )
-MODEL_CODE = Path(__file__).with_name("model_code.py")
+MODEL_CODE = Path(__file__).with_name("planar_model_code.py")
 RUNTIME_PACKAGES: tuple[str, ...] = (
     "torch",
     "monai",
@@ -74,7 +74,7 @@ class PlanarPyfuncModel(mlflow.pyfunc.PythonModel):
     """Preprocess, segment, classify and restore to the input size, as a pyfunc."""
 
     def load_context(self, context: Any) -> None:
-        from tumorseg.planar.package import load_planar_package
+        from tumorseg.models.planar_package import load_planar_package
 
         a = context.artifacts
         self._model = load_planar_package(a["weights"], a["config"], a["detector"], "registered 2-D model")
@@ -87,7 +87,7 @@ class PlanarPyfuncModel(mlflow.pyfunc.PythonModel):
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         from tumorseg.errors import DataError
-        from tumorseg.planar.predict import mask_png_bytes, predict_planar
+        from tumorseg.models.planar_predictor import mask_png_bytes, predict_planar
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         with_mask = bool((params or {}).get("return_mask", True))

@@ -1,7 +1,7 @@
-"""``tumorseg evaluate-2d``: choose the detector on validation, score the held-out test split, register.
+"""``tumorseg evaluate-model --dims 2``: choose the detector on validation, score the held-out test split, register.
 
 1. Load the best 2-D checkpoint and run it on the validation and test images (preprocessed grid).
-2. On **validation**: fit and choose the detector (:func:`~tumorseg.planar.detection.choose_detector`).
+2. On **validation**: fit and choose the detector (:func:`~tumorseg.models.planar_detection.choose_detector`).
 3. On **test** (patient-level held out; never used to choose anything):
 
    - segmentation, images with a reference mask: Dice and HD95 per image **in the source image's own
@@ -13,9 +13,10 @@
    - detection: accuracy, sensitivity, specificity and ROC AUC with patient-level CIs;
    - tumour type: accuracy of the classifier's type on tumour images with a known type.
 
-4. Write ``reports/metrics_2d.json`` (DVC metrics), ``reports/test_2d_per_case.csv``, the model package
-   (``<train_2d.out_dir>/package``), log the metrics to the training run, and register both models as
-   challengers (``reports/model_version_2d.json``).
+4. Write, in ``paths.reports_2d`` and under the 3-D evaluation's names, ``metrics.json`` (DVC metrics:
+   the flat headline), ``test_summary.json`` (every figure with its CI), ``test_per_case.csv`` and
+   ``plots/test_dice.csv``, ``plots/test_volumes.csv`` (tumour areas in pixels); log the metrics to the
+   training run, and register both models, packaged, as challengers (``model_version.json``).
 
 Rules for empty masks, as in the 3-D evaluation: both empty -> Dice 1, HD95 0; exactly one empty ->
 Dice 0, HD95 the image diagonal (the largest distance possible in it).
@@ -27,41 +28,82 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
-from tumorseg.config import section
+from tumorseg.config import Section, section
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.data.planar import TUMOUR_TYPES
-from tumorseg.planar.config import load_planar_training_config
+from tumorseg.training.planar_train import load_planar_training_config
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics_2d.json"
-PER_CASE_FILE = "test_2d_per_case.csv"
-VERSION_FILE = "model_version_2d.json"
-PACKAGE_DIR = "package"
+
+class DetectConfig(Section):
+    """``detect:`` how the tumour / no-tumour detector is chosen on the validation split.
+
+    Attributes:
+        method: ``auto`` (the better of the two on validation), ``classifier`` (the CNN's tumour
+            probability) or ``area_rule`` (the segmentation's predicted tumour area).
+        selection_metric: what ``auto`` compares on validation: ``auc`` (ties: accuracy) or ``accuracy``.
+        threshold: ``youden`` (the validation threshold maximising sensitivity + specificity) or
+            ``fixed`` (``fixed_threshold`` on the probability).
+        fixed_threshold: probability threshold with ``threshold: fixed``.
+        model_name: registered model name of the detector.
+    """
+
+    method: Literal["auto", "classifier", "area_rule"] = "auto"
+    selection_metric: Literal["auc", "accuracy"] = "auc"
+    threshold: Literal["youden", "fixed"] = "youden"
+    fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    model_name: str = Field("tumorseg-detect", min_length=1, max_length=256)
+
+
+class EvaluatePlanarConfig(Section):
+    """``evaluate_2d:`` held-out test metrics of the 2-D models and their registration.
+
+    Attributes:
+        bootstrap_resamples: patient-level percentile-bootstrap resamples for every CI.
+        ci_level: CI level.
+        seed: bootstrap seed.
+        register_models: register both models as ``challenger`` versions.
+        model_name: registered model name of the segmentation model.
+    """
+
+    bootstrap_resamples: int = Field(2000, ge=100)
+    ci_level: float = Field(0.95, gt=0.0, lt=1.0)
+    seed: int = 42
+    register_models: bool = True
+    model_name: str = Field("tumorseg-2d", min_length=1, max_length=256)
+
+
+METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "test_summary.json"
+PER_CASE_FILE = "test_per_case.csv"
+VERSION_FILE = "model_version.json"
+DICE_PLOT_FILE = "plots/test_dice.csv"
+SIZE_PLOT_FILE = "plots/test_volumes.csv"
 
 
 @dataclass
 class PlanarEvaluation:
-    """What ``evaluate-2d`` measured and wrote.
+    """What the 2-D evaluation measured and wrote.
 
     Attributes:
-        metrics: the nested metrics written to ``metrics_2d.json``.
+        metrics: the nested metrics written to ``test_summary.json``.
         per_case: one row per test image.
-        package_dir: the saved model package.
         registered: ``{"segmentation": RegisteredVersion, "detection": ...}`` (empty when not registered).
         files: the reports written.
     """
 
     metrics: dict[str, Any]
     per_case: pd.DataFrame
-    package_dir: Path
     registered: dict[str, Any] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -113,7 +155,7 @@ def patient_mean_ci(
     values: np.ndarray, patient_ids: np.ndarray, *, resamples: int, ci_level: float, seed: int
 ) -> dict[str, Any]:
     """Mean with a patient-level percentile-bootstrap CI (``{"value", "ci_low", "ci_high", "n_images", "n_patients"}``)."""
-    from tumorseg.planar.detection import patient_bootstrap_indices
+    from tumorseg.models.planar_detection import patient_bootstrap_indices
 
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
@@ -132,8 +174,8 @@ def patient_mean_ci(
 
 def _run_split(model: Any, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Network outputs of a split's images: tumour maps, classifier outputs, binary masks, areas."""
-    from tumorseg.planar.datamodule import load_sample
-    from tumorseg.planar.predict import binary_mask, score_preprocessed
+    from tumorseg.data.planar_datamodule import load_sample
+    from tumorseg.models.planar_predictor import binary_mask, score_preprocessed
 
     samples = [load_sample(r) for r in records]
     images = np.stack([s["image"][0] for s in samples]) if samples else np.zeros((0, 1, 1), np.float32)
@@ -212,9 +254,9 @@ def evaluate_planar(
         DataError: no checkpoint, no split, or a test split without images.
     """
     from tumorseg.errors import DataError
-    from tumorseg.planar.detection import binary_detection_metrics, choose_detector
-    from tumorseg.planar.package import load_planar_checkpoint, save_planar_package
-    from tumorseg.planar.train import planar_split_records
+    from tumorseg.models.planar_detection import choose_detector
+    from tumorseg.models.planar_package import load_planar_checkpoint, save_planar_package
+    from tumorseg.training.planar_train import planar_split_records
 
     cfg = load_planar_training_config(params, source=source)
     ev = section("evaluate_2d", params, source=source)
@@ -222,7 +264,7 @@ def evaluate_planar(
     predict_cfg = section("predict_2d", params, source=source)
     ckpt = Path(checkpoint) if checkpoint else Path(cfg.train.out_dir) / "checkpoints" / "best.ckpt"
     if not ckpt.is_file():
-        raise DataError(f"{ckpt}: no 2-D checkpoint; run `tumorseg train-2d` first")
+        raise DataError(f"{ckpt}: no 2-D checkpoint; run `tumorseg train --dims 2` first")
     model = load_planar_checkpoint(ckpt)
     model.predict_settings = predict_cfg.model_dump(mode="json")
     records = planar_split_records(cfg, source)
@@ -244,8 +286,58 @@ def evaluate_planar(
     called = probability >= model.detector.threshold
     stats = {"resamples": ev.bootstrap_resamples, "ci_level": ev.ci_level, "seed": ev.seed}
 
+    per_case = _per_case_table(records["test"], test, probability, called)
+
+    metrics = _test_metrics(per_case, probability, model.detector, stats)
+    masked = per_case[per_case["has_mask"]]
+    result = PlanarEvaluation(
+        _clean(metrics), per_case, files=_write_reports(Path(cfg.paths.reports), metrics, per_case)
+    )
+
+    run_id = _log_to_run(cfg, ckpt, result, tracking_uri)
+    if (ev.register_models if register is None else register) and cfg.mlflow.enabled and run_id is not None:
+        from tumorseg.registry.planar_register import register_planar_models
+        from tumorseg.tracking import data_version, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
+        digests = {r["case_id"]: reference_digest(r) for r in records["test"]}
+        evidence = {
+            "segmentation": {
+                "regions": ["tumour"],
+                "case_dice": {r.case_id: {"tumour": float(r.dice)} for r in masked.itertuples()},
+                "reference_sha256": {c: digests[c] for c in masked["case_id"]},
+            },
+            "detection": {
+                "regions": ["correct"],
+                "case_dice": {r.case_id: {"correct": float(r.correct)} for r in per_case.itertuples()},
+                "reference_sha256": digests,
+            },
+        }
+        with tempfile.TemporaryDirectory(prefix="tumorseg-2d-package-") as folder:
+            result.registered = register_planar_models(
+                save_planar_package(model, folder),
+                {"metrics": result.metrics, "evidence": evidence},
+                run_id=run_id,
+                tracking_uri=uri,
+                names={"segmentation": ev.model_name, "detection": det_cfg.model_name},
+                config=model.config,
+                data_md5=data_version(cfg.paths.preprocessed)["data_md5"],
+                synthetic=section("data", params, source=source).is_synth(2),
+            )
+    versions = {kind: r.to_dict() for kind, r in result.registered.items()}
+    result.files["versions"] = Path(cfg.paths.reports) / VERSION_FILE
+    atomic_write_text(result.files["versions"], json.dumps(versions, indent=2) + "\n")
+    log.info(result.one_line())
+    return result
+
+
+def _per_case_table(
+    records: list[dict[str, Any]], test: dict[str, np.ndarray], probability: np.ndarray, called: np.ndarray
+) -> pd.DataFrame:
+    """One row per test image: the detector's call, the type, and Dice/HD95 and tumour areas where a
+    reference mask exists (scored on the source image where it can be read)."""
     rows = []
-    for i, record in enumerate(records["test"]):
+    for i, record in enumerate(records):
         type_probs = test["classes"][i, 1:]
         row = {
             "case_id": record["case_id"],
@@ -263,12 +355,22 @@ def evaluate_planar(
             "dice": math.nan,
             "hd95_px": math.nan,
             "scored_on": "",
+            "ref_px": math.nan,
+            "pred_px": math.nan,
         }
         if record["has_mask"]:
             pred, ref, row["scored_on"] = source_masks(record, test["masks"][i], test["refs"][i])
             row["dice"], row["hd95_px"] = segmentation_scores(pred, ref)
+            row["ref_px"], row["pred_px"] = float(np.count_nonzero(ref)), float(np.count_nonzero(pred))
         rows.append(row)
-    per_case = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def _test_metrics(
+    per_case: pd.DataFrame, probability: np.ndarray, detector: Any, stats: dict[str, Any]
+) -> dict[str, Any]:
+    """Segmentation, detection and tumour-type figures of the test split, each with a patient-level CI."""
+    from tumorseg.models.planar_detection import binary_detection_metrics
 
     masked = per_case[per_case["has_mask"]]
     tumour = masked[masked["has_tumour"]]
@@ -288,12 +390,12 @@ def evaluate_planar(
         },
     }
     detection = {
-        "method": model.detector.method,
-        "validation": model.detector.validation,
+        "method": detector.method,
+        "validation": detector.validation,
         **binary_detection_metrics(
             per_case["has_tumour"].to_numpy(),
             probability,
-            model.detector.threshold,
+            detector.threshold,
             per_case["patient_id"].to_numpy(),
             **stats,
         ),
@@ -315,49 +417,26 @@ def evaluate_planar(
         "bootstrap": {**stats, "unit": "patient"},
     }
 
-    reports = Path(cfg.paths.reports)
-    files = {"metrics": reports / METRICS_FILE, "per_case": reports / PER_CASE_FILE}
-    atomic_write_text(files["metrics"], json.dumps(_clean(metrics), indent=2) + "\n")
+    return metrics
+
+
+def _write_reports(reports: Path, metrics: dict[str, Any], per_case: pd.DataFrame) -> dict[str, Path]:
+    """The evaluation's files, named as the 3-D evaluation's, so one DVC stage declares both."""
+    files = {
+        "metrics": reports / METRICS_FILE,
+        "summary": reports / SUMMARY_FILE,
+        "per_case": reports / PER_CASE_FILE,
+        "dice_plot": reports / DICE_PLOT_FILE,
+        "size_plot": reports / SIZE_PLOT_FILE,
+    }
+    files["dice_plot"].parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(files["metrics"], json.dumps({"test": flat_metrics(_clean(metrics))}, indent=2) + "\n")
+    atomic_write_text(files["summary"], json.dumps(_clean(metrics), indent=2) + "\n")
     atomic_write_text(files["per_case"], per_case.to_csv(index=False))
-    package_dir = Path(cfg.train.out_dir) / PACKAGE_DIR
-    package = save_planar_package(model, package_dir)
-    result = PlanarEvaluation(_clean(metrics), per_case, package_dir, files=files)
-
-    run_id = _log_to_run(cfg, ckpt, result, tracking_uri)
-    if (ev.register_models if register is None else register) and cfg.mlflow.enabled and run_id is not None:
-        from tumorseg.planar.register import register_planar_models
-        from tumorseg.tracking import data_version, resolve_tracking_uri
-
-        uri = resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
-        digests = {r["case_id"]: reference_digest(r) for r in records["test"]}
-        evidence = {
-            "segmentation": {
-                "regions": ["tumour"],
-                "case_dice": {r.case_id: {"tumour": float(r.dice)} for r in masked.itertuples()},
-                "reference_sha256": {c: digests[c] for c in masked["case_id"]},
-            },
-            "detection": {
-                "regions": ["correct"],
-                "case_dice": {r.case_id: {"correct": float(r.correct)} for r in per_case.itertuples()},
-                "reference_sha256": digests,
-            },
-        }
-        raw_2d = Path(getattr(section("paths", params, source=source), "raw_2d", "data/raw_2d"))
-        result.registered = register_planar_models(
-            package,
-            {"metrics": result.metrics, "evidence": evidence},
-            run_id=run_id,
-            tracking_uri=uri,
-            names={"segmentation": ev.model_name, "detection": det_cfg.model_name},
-            config=model.config,
-            data_md5=data_version(cfg.paths.preprocessed)["data_md5"],
-            synthetic=any(raw_2d.glob("**/synth_meta.json")),
-        )
-    versions = {kind: r.to_dict() for kind, r in result.registered.items()}
-    files["versions"] = reports / VERSION_FILE
-    atomic_write_text(files["versions"], json.dumps(versions, indent=2) + "\n")
-    log.info(result.one_line())
-    return result
+    masked = per_case[per_case["has_mask"]]
+    atomic_write_text(files["dice_plot"], masked[["case_id", "dice", "hd95_px"]].to_csv(index=False))
+    atomic_write_text(files["size_plot"], masked[["case_id", "ref_px", "pred_px"]].to_csv(index=False))
+    return files
 
 
 def _log_to_run(cfg: Any, checkpoint: Path, result: PlanarEvaluation, tracking_uri: str | None) -> str | None:

@@ -6,7 +6,7 @@ One path for every caller (CLI, evaluation, the registered pyfunc, the serving A
 segmenter and classifier, threshold the tumour probability and drop small components on the
 preprocessed grid, then map the mask back onto the input's own ``(H, W)`` pixels
 (:func:`~tumorseg.data.planar.restore_planar_mask`). The detection probability follows the model's
-:class:`~tumorseg.planar.detection.DetectorRule` (classifier or segmentation area).
+:class:`~tumorseg.models.planar_detection.DetectorRule` (classifier or segmentation area).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.data.planar import TUMOUR_TYPES
+from tumorseg.data.readers import image_inputs
 from tumorseg.errors import DataError
-from tumorseg.planar.package import PlanarModel
+from tumorseg.models.planar_package import PlanarModel
 
-PLANAR_SUFFIXES: tuple[str, ...] = (".mat", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DETECT_COLUMNS: tuple[str, ...] = ("case_id", "probability", "label")
 
 
@@ -48,38 +48,6 @@ class PlanarPrediction:
     tumour_type: str | None
     type_probabilities: dict[str, float] = field(default_factory=dict)
     area_px: int = 0
-
-
-def is_planar_input(path: str | Path) -> bool:
-    """True for a ``.mat``/image file (existing or not), or a folder holding such files and no NIfTI."""
-    path = Path(path)
-    if path.is_file() or not path.exists():
-        return path.suffix.lower() in PLANAR_SUFFIXES
-    if not path.is_dir():
-        return False
-    files = [p for p in path.rglob("*") if p.is_file()]
-    if any(p.name.endswith((".nii", ".nii.gz")) for p in files):
-        return False
-    return any(p.suffix.lower() in PLANAR_SUFFIXES for p in files)
-
-
-def planar_inputs(path: str | Path) -> list[Path]:
-    """The ``.mat``/image files ``path`` names (itself, or every one under a folder, sorted).
-
-    Raises:
-        DataError: a missing path, or a folder without any.
-    """
-    path = Path(path)
-    if path.is_file():
-        if path.suffix.lower() not in PLANAR_SUFFIXES:
-            raise DataError(f"{path}: not a .mat or image file ({', '.join(PLANAR_SUFFIXES)})")
-        return [path]
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PLANAR_SUFFIXES)
-    if not found:
-        raise DataError(f"{path}: no .mat or image files in this folder")
-    return found
 
 
 def score_preprocessed(
@@ -135,7 +103,7 @@ def predict_planar(
 
     Args:
         image: a ``.mat``/image file, or an array ``(H, W)`` grayscale / ``(H, W, 3|4)`` colour.
-        model: from :func:`~tumorseg.planar.package.load_planar_model`.
+        model: from :func:`~tumorseg.models.planar_package.load_planar_model`.
         case_id: name of the result (default: the file's case id, or ``image``).
 
     Returns:
@@ -203,7 +171,7 @@ def predict_images(
     """
     out = Path(out_dir)
     results = []
-    for path in planar_inputs(source):
+    for path in image_inputs(source):
         prediction = predict_planar(path, model)
         target = out / f"{prediction.case_id}_mask.png"
         _atomic_write_bytes(target, mask_png_bytes(prediction.mask))
@@ -219,7 +187,7 @@ def detect_images(source: str | Path, out_csv: str | Path, model: PlanarModel) -
 
     from tumorseg.data.manifest import atomic_write_text
 
-    results = [predict_planar(path, model) for path in planar_inputs(source)]
+    results = [predict_planar(path, model) for path in image_inputs(source)]
     table = pd.DataFrame(
         [
             {

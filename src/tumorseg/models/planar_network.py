@@ -13,12 +13,67 @@ so callers always see the preprocessed grid.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from tumorseg.config import Section
 from tumorseg.data.planar import TUMOUR_TYPES
-from tumorseg.planar.config import PlanarModelConfig
+from tumorseg.models.networks import ModelConfig, UNetConfig
+
+
+class ClassifierConfig(Section):
+    """``model_2d.classifier:`` the small CNN that predicts tumour presence and tumour type.
+
+    A :class:`monai.networks.nets.Classifier` (strided residual conv units, then one linear layer)
+    with ``1 + len(TUMOUR_TYPES)`` outputs: a tumour-present logit and the type logits.
+
+    Attributes:
+        channels: widths of the conv stages.
+        strides: stride of each stage (one per channel entry).
+        num_res_units: residual units per stage.
+        dropout: dropout before the linear layer.
+    """
+
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    strides: tuple[int, ...] = (2, 2, 2, 2)
+    num_res_units: int = Field(1, ge=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+
+class PlanarModelConfig(ModelConfig):
+    """``model_2d:`` the 2-D segmentation network by name, and the classifier.
+
+    Same networks and keys as ``model:`` (``unet``, ``attention_unet``, ``flexible_unet``...), built
+    with ``spatial_dims=2`` and one input channel; ``output`` is fixed to ``binary``: one sigmoid
+    channel, tumour vs. background.
+
+    ``input_size``: the networks run on ``(input_size, input_size)`` images, resized (area
+    averaging) from the preprocessed ``preprocess_2d.size``; probabilities are resized back
+    (bilinear) before thresholding. 128 keeps a CPU training run within minutes; set it to
+    ``preprocess_2d.size`` to train at full resolution on a GPU.
+
+    ``foreground_prior``: the segmenter's output bias starts at ``log(p / (1 - p))`` (the prior
+    initialisation of Lin et al., RetinaNet), so training starts from "little tumour everywhere"
+    instead of a probability of 0.5 per pixel, which Adam's per-step moves of about ``lr`` take
+    thousands of steps to unlearn.
+    """
+
+    output: Literal["binary"] = "binary"  # type: ignore[assignment]
+    input_size: int = Field(
+        128, ge=16, description="network input side; images are resized from preprocess_2d.size"
+    )
+    foreground_prior: float = Field(0.02, gt=0.0, lt=0.5, description="initial tumour probability of a pixel")
+    unet: UNetConfig = UNetConfig(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+    classifier: ClassifierConfig = ClassifierConfig()
+
+    @property
+    def out_channels(self) -> int:
+        return 1
+
 
 CLASSIFIER_OUTPUTS = 1 + len(TUMOUR_TYPES)
 

@@ -6,7 +6,7 @@ Package files (no pickled code; ``weights.pt`` is read with ``torch.load(weights
     config.json     resolved sections: preprocess_2d, model_2d, train_2d, ...
     detector.json   the chosen DetectorRule and the predict_2d settings
 
-``--model`` accepts: this folder; a ``train-2d`` checkpoint (``best.ckpt``; no detector rule yet, so
+``--model`` accepts: this folder; a ``train --dims 2`` checkpoint (``best.ckpt``; no detector rule yet, so
 the classifier at probability 0.5); a folder with an ``MLmodel`` file (a downloaded registered
 model); or an MLflow URI (``models:/tumorseg-2d@champion``, ``models:/tumorseg-detect/2``,
 ``runs:/<id>/planar_model``).
@@ -19,14 +19,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
+from tumorseg.config import Section
 from tumorseg.errors import DataError, first_line
-from tumorseg.planar.detection import DetectorRule
+from tumorseg.models.planar_detection import DetectorRule
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
 DETECTOR_FILE = "detector.json"
 ARTIFACT_KEYS = {"weights": WEIGHTS_FILE, "config": CONFIG_FILE, "detector": DETECTOR_FILE}
-FIRST_STEPS_2D = "run `tumorseg train-2d`, `tumorseg evaluate-2d` and `tumorseg promote --name <model>` first"
+FIRST_STEPS_2D = (
+    "run `tumorseg train --dims 2`, `tumorseg evaluate-model --dims 2` and `tumorseg promote --dims 2` first"
+)
+
+
+class PredictPlanarConfig(Section):
+    """``predict_2d:`` inference settings, stored with the registered models.
+
+    Attributes:
+        model: default ``--model`` of ``tumorseg predict`` for 2-D input.
+        detect_model: default ``--model`` of ``tumorseg detect``.
+        mask_threshold: sigmoid probability of a tumour pixel.
+        min_component_px: drop predicted tumour components smaller than this (preprocessed grid);
+            0 keeps all.
+    """
+
+    model: str = "models:/tumorseg-2d@champion"
+    detect_model: str = "models:/tumorseg-detect@champion"
+    mask_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    min_component_px: int = Field(20, ge=0)
 
 
 @dataclass
@@ -34,7 +56,7 @@ class PlanarModel:
     """A trained 2-D network with everything prediction needs.
 
     Attributes:
-        network: :class:`~tumorseg.planar.networks.PlanarNetwork` in eval mode on CPU.
+        network: :class:`~tumorseg.models.planar_network.PlanarNetwork` in eval mode on CPU.
         config: resolved training sections (``preprocess_2d`` tells how to prepare an image).
         detector: the detection rule.
         predict_settings: the ``predict_2d`` settings (mask threshold, small-component removal).
@@ -56,7 +78,6 @@ class PlanarModel:
 
     @property
     def settings(self) -> Any:
-        from tumorseg.planar.config import PredictPlanarConfig
 
         return PredictPlanarConfig.model_validate(self.predict_settings)
 
@@ -67,11 +88,12 @@ def network_from_state(config: dict[str, Any], state: dict[str, Any]) -> Any:
     Raises:
         DataError: the config lacks ``model_2d`` or the weights do not fit it.
     """
-    from tumorseg.planar.config import PlanarModelConfig
-    from tumorseg.planar.networks import build_planar_network
+    from tumorseg.models.planar_network import PlanarModelConfig, build_planar_network
 
     if "model_2d" not in config:
-        raise DataError("model config lacks the model_2d section; it was not written by tumorseg train-2d")
+        raise DataError(
+            "model config lacks the model_2d section; it was not written by tumorseg train --dims 2"
+        )
     network = build_planar_network(PlanarModelConfig.model_validate(config["model_2d"]))
     try:
         network.load_state_dict(state)
@@ -83,7 +105,7 @@ def network_from_state(config: dict[str, Any], state: dict[str, Any]) -> Any:
 
 
 def load_planar_checkpoint(checkpoint: str | Path) -> PlanarModel:
-    """The network of a ``tumorseg train-2d`` checkpoint (classifier detector at 0.5 until evaluated)."""
+    """The network of a ``tumorseg train --dims 2`` checkpoint (classifier detector at 0.5 until evaluated)."""
     import torch
 
     from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
@@ -188,7 +210,7 @@ def load_planar_model(uri: str, *, tracking_uri: str) -> PlanarModel:
         if path.is_dir():
             return _from_folder(path, f"model folder {path}")
         raise DataError(
-            f"{uri}: no such 2-D model; pass a train-2d best.ckpt, a model folder, or a URI such as "
+            f"{uri}: no such 2-D model; pass a 2-D best.ckpt, a model folder, or a URI such as "
             "models:/tumorseg-2d@champion"
         )
     with downloaded_model(uri, tracking_uri, first_steps=FIRST_STEPS_2D) as model:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # nothing le
 
 ROOT = Path(__file__).resolve().parents[2]
 _SPEC = importlib.util.spec_from_file_location(
-    "planar_fixtures", Path(__file__).with_name("planar_fixtures.py")
+    "planar_fixtures", Path(__file__).parents[1] / "planar_fixtures.py"
 )
 fixtures = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(fixtures)
@@ -35,9 +36,10 @@ def _flow_params(tmp: Path) -> Path:
     from tumorseg.config import apply_overrides, read_params
 
     overrides: dict[str, Any] = {
-        **{f"paths.{k}_2d": str(tmp / f"{k}_2d") for k in ("raw", "ingested", "validated", "preprocessed")},
+        **{f"paths.{k}_2d": str(tmp / f"{k}_2d") for k in ("ingested", "validated", "preprocessed")},
         "paths.split_2d": str(tmp / "split_2d.json"),
         "paths.reports": str(tmp / "reports"),
+        "paths.reports_2d": str(tmp / "reports" / "2d"),
         "paths.mlruns": str(tmp / "mlruns"),
         "mlflow.tracking_uri": f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
         "flow.cache_dir": str(tmp / ".prefect-cache"),
@@ -60,20 +62,24 @@ def test_planar_flow_end_to_end_then_cached(prefect_server: None, tmp_path: Path
 
     params_file = _flow_params(tmp_path)
     first = planar_flow(params_path=str(params_file))
-    assert first["split_2d"]["test"] > 0
-    assert {d["action"] for d in first["promote_2d"].values()} == {"promoted"}
+    assert first["split"]["test"] > 0
+    assert (tmp_path / "data" / "synth_2d" / "figshare").is_dir()  # data.source_2d: synth_2d, beside params
+    assert {d["action"] for d in first["promote"].values()} == {"promoted"}
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     for name in ("tumorseg-2d", "tumorseg-detect"):
         assert client.get_model_version_by_alias(name, "champion").version is not None
-    assert (tmp_path / "reports" / "metrics_2d.json").is_file()
-    per_case = pd.read_csv(tmp_path / "reports" / "test_2d_per_case.csv")
+    assert (tmp_path / "reports" / "2d" / "metrics.json").is_file()
+    per_case = pd.read_csv(tmp_path / "reports" / "2d" / "test_per_case.csv")
     # masks are scored on the original images (restored from the preprocessing geometry)
     assert set(per_case.loc[per_case["has_mask"], "scored_on"]) == {"source"}
-    assert (tmp_path / "reports" / "promotion_detect.json").is_file()
+    promotion = json.loads((tmp_path / "reports" / "2d" / "promotion.json").read_text())
+    assert (
+        promotion["model_name"] == "tumorseg-2d" and promotion["also"][0]["model_name"] == "tumorseg-detect"
+    )
 
     # unchanged data, params and code: every stage is a cache hit, no new version, champion kept
     second = planar_flow(params_path=str(params_file))
-    assert second["evaluate_2d"]["registered"] == first["evaluate_2d"]["registered"]
-    assert {d["action"] for d in second["promote_2d"].values()} == {"kept"}
+    assert second["evaluate"]["registered"] == first["evaluate"]["registered"]
+    assert {d["action"] for d in second["promote"].values()} == {"kept"}
     assert len(client.search_model_versions("name = 'tumorseg-2d'")) == 1

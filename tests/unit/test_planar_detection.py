@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tumorseg.planar.detection import (
+from tumorseg.evaluation.planar_evaluate import patient_mean_ci, segmentation_scores
+from tumorseg.models.planar_detection import (
     binary_detection_metrics,
     choose_detector,
     patient_bootstrap_indices,
     point_metrics,
     youden_threshold,
 )
-from tumorseg.planar.evaluate import patient_mean_ci, segmentation_scores
 
 
 def _validation(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from tumorseg.errors import ConfigError
-from tumorseg.planar.config import PlanarModelConfig
-from tumorseg.planar.networks import CLASSIFIER_OUTPUTS, build_planar_network
+from tumorseg.models.planar_network import CLASSIFIER_OUTPUTS, PlanarModelConfig, build_planar_network
 
 SMALL = {
     "input_size": 32,
@@ -50,7 +49,7 @@ def test_output_mode_is_fixed_to_binary() -> None:
 
 def test_input_size_the_network_cannot_halve_is_a_config_error() -> None:
     from tumorseg.config import apply_overrides, read_params
-    from tumorseg.planar.config import load_planar_training_config
+    from tumorseg.training.planar_train import load_planar_training_config
 
     root = Path(__file__).resolve().parents[2]
     params = apply_overrides(read_params(root / "params.yaml"), {"model_2d.input_size": 100})

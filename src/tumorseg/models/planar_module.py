@@ -1,6 +1,6 @@
 """The 2-D LightningModule: one optimiser over segmentation, detection and tumour-type heads.
 
-Loss per batch (tensors as in :mod:`tumorseg.planar.datamodule`)::
+Loss per batch (tensors as in :mod:`tumorseg.data.planar_datamodule`)::
 
     seg_loss(seg_logits[has_mask], mask[has_mask])          images with a reference mask
     + detection_weight * BCE(class_logits[:, 0], tumour)    every image
@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tumorseg.data.planar_datamodule import IMAGE_KEY, MASK_KEY
 from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY, RUN_ID_CHECKPOINT_KEY, VAL_DICE_MEAN
-from tumorseg.planar.datamodule import IMAGE_KEY, MASK_KEY
-from tumorseg.planar.networks import PlanarNetwork
+from tumorseg.models.planar_network import PlanarNetwork
 
 
 class PlanarModule(L.LightningModule):

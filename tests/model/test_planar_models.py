@@ -20,7 +20,7 @@ from PIL import Image
 from tumorseg.cli import main
 
 _SPEC = importlib.util.spec_from_file_location(
-    "planar_fixtures", Path(__file__).with_name("planar_fixtures.py")
+    "planar_fixtures", Path(__file__).parents[1] / "planar_fixtures.py"
 )
 fixtures = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(fixtures)
@@ -36,9 +36,9 @@ SIZE, head_image, tiny_params, write_preprocessed = (
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Train, evaluate (registering both challengers) and promote both 2-D models in one workspace."""
     from tumorseg.config import apply_overrides
-    from tumorseg.planar.evaluate import evaluate_planar
-    from tumorseg.planar.train import train_planar
+    from tumorseg.evaluation.planar_evaluate import evaluate_planar
     from tumorseg.registry.promote import promote
+    from tumorseg.training.planar_train import train_planar
 
     tmp = tmp_path_factory.mktemp("planar")
     preprocessed, split = write_preprocessed(tmp / "preprocessed_2d")
@@ -70,7 +70,7 @@ def test_training_writes_checkpoint_metrics_and_mlflow_run(trained: dict[str, An
     assert result.best_checkpoint is not None and result.best_checkpoint.is_file()
     assert result.global_step == 2 and result.epochs == 1
     assert "val_dice_mean" in result.best_val
-    summary = json.loads((trained["tmp"] / "reports" / "train_metrics_2d.json").read_text())
+    summary = json.loads((trained["tmp"] / "reports" / "2d" / "train_metrics.json").read_text())
     assert summary["global_step"] == 2 and summary["n_train"] == result.n_train
     run = MlflowClient(trained["params"]["mlflow"]["tracking_uri"]).get_run(result.mlflow_run_id)
     assert run.data.tags["tumorseg.branch"] == "2d"
@@ -78,8 +78,9 @@ def test_training_writes_checkpoint_metrics_and_mlflow_run(trained: dict[str, An
 
 
 def test_evaluation_reports_test_metrics_with_cis(trained: dict[str, Any]) -> None:
-    metrics = json.loads((trained["tmp"] / "reports" / "metrics_2d.json").read_text())
-    per_case = pd.read_csv(trained["tmp"] / "reports" / "test_2d_per_case.csv")
+    reports = trained["tmp"] / "reports" / "2d"
+    metrics = json.loads((reports / "test_summary.json").read_text())
+    per_case = pd.read_csv(reports / "test_per_case.csv")
     split = json.loads(Path(trained["params"]["paths"]["split_2d"]).read_text())
     # test images only: nothing from training or validation is scored
     assert sorted(per_case["case_id"]) == sorted(split["test"])
@@ -95,9 +96,22 @@ def test_evaluation_reports_test_metrics_with_cis(trained: dict[str, Any]) -> No
     masked = per_case[per_case["has_mask"] & per_case["has_tumour"]]
     assert set(seg["per_tumour_type"]) == set(masked["tumour_type"])
     assert seg["dice_tumour"]["value"] == pytest.approx(masked["dice"].mean(), abs=1e-6)
-    # the package the evaluation saved holds the chosen detector
-    detector = json.loads((trained["evaluation"].package_dir / "detector.json").read_text())
-    assert detector["detector"]["method"] == det["method"]
+    # DVC's metrics file is the flat headline of the same figures; the plots come from the per-case table
+    flat = json.loads((reports / "metrics.json").read_text())["test"]
+    assert flat["detection.accuracy.value"] == det["accuracy"]["value"]
+    dice_plot = pd.read_csv(reports / "plots" / "test_dice.csv")
+    assert list(dice_plot.columns) == ["case_id", "dice", "hd95_px"] and len(dice_plot) == int(
+        per_case["has_mask"].sum()
+    )
+    sizes = pd.read_csv(reports / "plots" / "test_volumes.csv")
+    assert (sizes["ref_px"] >= 0).all() and sizes["case_id"].tolist() == dice_plot["case_id"].tolist()
+    # the registered package holds the chosen detector
+    from tumorseg.models.planar_package import load_planar_model
+
+    uri = trained["params"]["mlflow"]["tracking_uri"]
+    assert (
+        load_planar_model("models:/tumorseg-2d@champion", tracking_uri=uri).detector.method == det["method"]
+    )
 
 
 def test_both_models_registered_and_promoted(trained: dict[str, Any]) -> None:
@@ -112,7 +126,7 @@ def test_both_models_registered_and_promoted(trained: dict[str, Any]) -> None:
         assert "Not for clinical use" in (champion.description or "") or "not for clinical use" in (
             champion.description or ""
         )
-    versions = json.loads((trained["tmp"] / "reports" / "model_version_2d.json").read_text())
+    versions = json.loads((trained["tmp"] / "reports" / "2d" / "model_version.json").read_text())
     assert {v["name"] for v in versions.values()} == {"tumorseg-2d", "tumorseg-detect"}
 
 
@@ -122,7 +136,7 @@ def test_second_challenger_goes_through_the_same_gate(trained: dict[str, Any]) -
     from mlflow import MlflowClient
 
     from tumorseg.config import apply_overrides
-    from tumorseg.planar.evaluate import evaluate_planar
+    from tumorseg.evaluation.planar_evaluate import evaluate_planar
     from tumorseg.registry.promote import promote
 
     params = trained["params"]
@@ -165,8 +179,8 @@ def test_predict_writes_masks_at_each_input_size(trained: dict[str, Any], tmp_pa
 
 
 def test_predict_planar_function_takes_arrays(trained: dict[str, Any]) -> None:
-    from tumorseg.planar.package import load_planar_model
-    from tumorseg.planar.predict import predict_planar
+    from tumorseg.models.planar_package import load_planar_model
+    from tumorseg.models.planar_predictor import predict_planar
 
     model = load_planar_model(
         "models:/tumorseg-2d@champion", tracking_uri=trained["params"]["mlflow"]["tracking_uri"]
@@ -243,7 +257,9 @@ def test_bad_input_is_one_line_exit_2(
 def test_bad_config_is_one_line_naming_the_key(
     trained: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["train-2d", "--params", str(trained["params_file"]), "-S", "model_2d.input_size=30"])
+    code = main(
+        ["train", "--dims", "2", "--params", str(trained["params_file"]), "-S", "model_2d.input_size=30"]
+    )
     assert code == 2
     assert "model_2d.input_size" in capsys.readouterr().err
 

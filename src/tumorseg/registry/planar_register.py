@@ -1,7 +1,7 @@
 """Register the evaluated 2-D model as ``tumorseg-2d`` and ``tumorseg-detect`` challengers.
 
-Each name gets a new version of the same package (:mod:`tumorseg.planar.package`) logged as the 2-D
-pyfunc (:mod:`tumorseg.planar.pyfunc`) to the training run, with its own evidence for the
+Each name gets a new version of the same package (:mod:`tumorseg.models.planar_package`) logged as the 2-D
+pyfunc (:mod:`tumorseg.registry.planar_pyfunc`) to the training run, with its own evidence for the
 champion/challenger gate of :mod:`tumorseg.registry.promote` (``tumorseg promote --name ...``):
 
 - ``evaluation.json``: ``regions`` (the per-case score columns: ``tumour`` Dice for the segmentation,
@@ -170,7 +170,7 @@ def register_planar_models(
 
 
 def log_model(package: dict[str, Path], kind: str, extra: dict[str, Path]) -> Any:
-    from tumorseg.planar.pyfunc import log_planar_model
+    from tumorseg.registry.planar_pyfunc import log_planar_model
 
     return log_planar_model(package, name=f"planar_{kind}", extra_artifacts=extra)
 

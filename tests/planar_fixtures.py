@@ -22,21 +22,13 @@ import pandas as pd
 
 from tumorseg.config import apply_overrides, read_params
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 TYPES = ("meningioma", "glioma", "pituitary")
 CENTRES = {"meningioma": (0.25, 0.3), "glioma": (0.45, 0.62), "pituitary": (0.7, 0.5)}
 
-PLANAR_STAGES: tuple[str, ...] = (
-    "synth_2d",
-    "ingest_2d",
-    "validate_2d",
-    "preprocess_2d",
-    "split_2d",
-    "train_2d",
-    "evaluate_2d",
-)
-"""The cached 2-D stages in pipeline order (``promote_2d`` follows them and always runs)."""
+PLANAR_STAGES: tuple[str, ...] = ("source", "ingest", "validate", "preprocess", "split", "train", "evaluate")
+"""The cached stages in pipeline order (``promote`` follows them and always runs); ``@2d`` in dvc.yaml."""
 
 TINY_2D_OVERRIDES: dict[str, Any] = {
     "model_2d.input_size": 32,
@@ -156,6 +148,7 @@ def tiny_params(tmp_path: Path, preprocessed: Path, split_file: Path, **extra: A
         "paths.preprocessed_2d": str(preprocessed),
         "paths.split_2d": str(split_file),
         "paths.reports": str(tmp_path / "reports"),
+        "paths.reports_2d": str(tmp_path / "reports" / "2d"),
         "paths.mlruns": str(tmp_path / "mlruns"),
         "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
         "preprocess_2d.size": SIZE,
