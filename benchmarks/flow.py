@@ -50,7 +50,7 @@ def run_direct(params_path: str | Path) -> str:
     from tumorseg.data.preprocess import preprocess_dataset
     from tumorseg.data.source import source_folder
     from tumorseg.data.split import make_split
-    from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
+    from tumorseg.registry.evaluate_stage import run_evaluate_stage
     from tumorseg.registry.promote import promote
     from tumorseg.training.train import train
     from tumorseg.tuning.best import with_best_params

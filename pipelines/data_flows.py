@@ -1,15 +1,8 @@
 """Prefect flows for the data stages: source -> ingest -> validate -> preprocess -> split.
 
-One implementation, two drivers: each task below calls the very function that the
-matching ``tumorseg`` command (and so the DVC stage in ``dvc.yaml``) calls. Flows
-read params.yaml and only carry overrides (dotted keys, e.g. ``{"synth.cases": 8}``).
-
-File-system steps retry on transient I/O errors (``OSError``); a user error
-(:class:`~tumorseg.errors.TumorsegError`) is never retried, since it will not go away.
-
-The helpers the other flows share live here too: :data:`IO_RETRIES`, :func:`load_params`,
-:func:`tracking_uri`, and the validate/split bodies (:func:`validate_and_publish`,
-:func:`split_and_publish`) that the 3-D and 2-D tasks both run.
+Each task calls the function its ``tumorseg`` command (and DVC stage) calls; flows read params.yaml
+and only carry dotted-key overrides (``{"synth.cases": 8}``). Also the helpers the other flows share:
+:data:`IO_RETRIES`, :func:`load_params`, :func:`tracking_uri` and the validate/split bodies.
 """
 
 from __future__ import annotations
@@ -25,15 +18,11 @@ from tumorseg.errors import DataError, TumorsegError
 
 
 def _retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect retry condition: retry OSErrors (flaky disks, NFS), never user errors."""
+    """Prefect retry condition: retry OSErrors (flaky disks, NFS), never user errors (they stay)."""
     try:
         state.result()
-    except TumorsegError:
-        return False
-    except OSError:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:
+        return isinstance(exc, OSError) and not isinstance(exc, TumorsegError)
     return False
 
 
@@ -61,11 +50,8 @@ def validate_and_publish(
     description: str,
     planar_cfg: Any = None,
 ) -> str:
-    """Run ``tumorseg validate`` and publish its report as a Prefect artifact, then fail if it failed.
-
-    The report is published before failing, so a rejected dataset is explained in the UI too. The
-    3-D task (:func:`validate_task`) and the 2-D one (:mod:`pipelines.planar_flow`) differ only in
-    their folders, artifact and the 2-D limits (``planar_cfg``, params.yaml ``validate_2d:``).
+    """Run ``tumorseg validate``, publish its report as a Prefect artifact, then fail if it failed
+    (so a rejected dataset is explained in the UI too). ``planar_cfg``: the 2-D limits, if any.
 
     Raises:
         DataError: the share of quarantined cases is above ``validate.max_invalid_fraction``.
@@ -90,19 +76,7 @@ def split_and_publish(
     artifact_key: str,
     description: str,
 ) -> dict[str, int]:
-    """Run ``tumorseg split`` and publish the train/val/test counts as a Prefect table artifact.
-
-    Args:
-        preprocessed: folder holding the preprocessed ``index.csv`` / ``manifest.csv``.
-        split_file: the ``split.json`` to write.
-        params: params.yaml with the flow's overrides (``split:`` is read).
-        unit: what the counts count, the table's column name (``"cases"``, ``"images"``).
-        artifact_key: the Prefect artifact key.
-        description: the artifact's description.
-
-    Returns:
-        ``{"train": n, "val": n, "test": n}``.
-    """
+    """Run ``tumorseg split``; publish ``{"train": n, "val": n, "test": n}`` as a table (column ``unit``)."""
     from tumorseg.data.split import make_split
 
     split = make_split(preprocessed, split_file, section("split", params))
@@ -167,52 +141,18 @@ def split_task(params: dict) -> dict[str, int]:
     )
 
 
-@flow(name="source")
-def source_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
-    return source_task(load_params(params_path, overrides), params_path)
-
-
-@flow(name="ingest")
-def ingest_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
-    from tumorseg.data.source import source_folder
-
-    params = load_params(params_path, overrides)
-    return ingest_task(params, str(source_folder(params, params_path)))
-
-
-@flow(name="validate")
-def validate_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
-    return validate_task(load_params(params_path, overrides))
-
-
-@flow(name="preprocess")
-def preprocess_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> str:
-    return preprocess_task(load_params(params_path, overrides))
-
-
-@flow(name="split")
-def split_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, int]:
-    return split_task(load_params(params_path, overrides))
-
-
 @flow(name="data-pipeline")
 def data_pipeline_flow(
-    params_path: str = "params.yaml",
-    overrides: dict[str, Any] | None = None,
+    params_path: str = "params.yaml", overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """The data stages in order, as ``dvc repro split@3d`` runs them.
-
-    Args:
-        params_path: params.yaml to read.
-        overrides: dotted-key overrides, e.g. ``{"data.source": "/data/BraTS2021"}``.
-    """
+    """The data stages in order, as ``dvc repro split@3d`` runs them (``{"data.source": "/my/data"}``)."""
     from tumorseg.data.source import source_folder
 
     params = load_params(params_path, overrides)
-    summary: dict[str, Any] = {}
-    summary["source"] = source_task(params, params_path)
-    summary["ingest"] = ingest_task(params, str(source_folder(params, params_path)))
-    summary["validate"] = validate_task(params)
-    summary["preprocess"] = preprocess_task(params)
-    summary["split"] = split_task(params)
-    return summary
+    return {
+        "source": source_task(params, params_path),
+        "ingest": ingest_task(params, str(source_folder(params, params_path))),
+        "validate": validate_task(params),
+        "preprocess": preprocess_task(params),
+        "split": split_task(params),
+    }

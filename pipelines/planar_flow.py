@@ -1,20 +1,12 @@
-"""The ``@2d`` stages of ``dvc.yaml`` as one Prefect flow.
+"""The ``@2d`` stages of ``dvc.yaml`` as one Prefect flow: source -> ingest -> validate -> preprocess ->
+split -> train -> evaluate (detector choice, test metrics, challengers) -> promote (both 2-D names).
 
-``source@2d`` (``data.source_2d``: generated Figshare-style and Kaggle-style data, or your folder) ->
-``ingest@2d`` -> ``validate@2d`` -> ``preprocess@2d`` -> ``split@2d`` -> ``train@2d`` -> ``evaluate@2d``
-(detector choice, test metrics, ``tumorseg-2d`` and ``tumorseg-detect`` challengers) -> ``promote@2d``
-(the champion/challenger gate for both names).
-
-One implementation, two drivers: every task calls the function its ``tumorseg`` command (the DVC
-stage of the same name in ``dvc.yaml``) calls. Caching follows :mod:`pipelines.training_flow`: a
-stage's key hashes the params keys its DVC stage lists, its dependency contents and its code
-(:mod:`pipelines.stage_cache`), so a rerun with nothing changed skips finished stages; ``promote@2d``
-acts on the registry's current state and always runs. File-system steps retry on ``OSError`` only.
+Every task calls the function its ``tumorseg`` command calls; caching follows
+:mod:`pipelines.training_flow` (:mod:`pipelines.stage_cache`), and ``promote@2d`` always runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +21,13 @@ from pipelines.data_flows import (
     tracking_uri,
     validate_and_publish,
 )
-from pipelines.stage_cache import cached_task, dvc_stage_specs
+from pipelines.stage_cache import cached_task, dvc_stage_specs, with_source_folder
 from tumorseg.config import section
 
 
 def _cached(task_fn: Any, stage: str, params: dict[str, Any], source: Path | None = None) -> Any:
-    """The task with its ``<stage>@2d`` cache policy (:func:`pipelines.stage_cache.cached_task`);
-    ``source``, resolved against the params file's folder, replaces ``${data.source_2d}``."""
-    spec = dvc_stage_specs()[f"{stage}@2d"]
-    if source is not None and stage == "source":
-        spec = dataclasses.replace(spec, outs=(str(source),))
-    elif source is not None and stage == "ingest":
-        spec = dataclasses.replace(
-            spec, deps=tuple(str(source) if d == "${data.source_2d}" else d for d in spec.deps)
-        )
+    """The task with its ``<stage>@2d`` cache policy; ``source`` replaces ``${data.source_2d}``."""
+    spec = with_source_folder(dvc_stage_specs()[f"{stage}@2d"], stage, source, "${data.source_2d}")
     return cached_task(task_fn, spec, params)
 
 
@@ -119,24 +104,16 @@ def train_2d_task(params: dict) -> dict[str, Any]:
 @task(name="evaluate@2d", **IO_RETRIES)
 def evaluate_2d_task(params: dict) -> dict[str, Any]:
     """``tumorseg evaluate-model --dims 2``: detector choice, test metrics with CIs, challengers registered."""
-    from tumorseg.evaluation.planar_evaluate import evaluate_planar
+    from tumorseg.registry.evaluate_stage import evaluate_planar
 
     result = evaluate_planar(params, tracking_uri=tracking_uri(params))
     det = result.metrics["detection"]
+    rows = [(m, det[m]) for m in ("accuracy", "sensitivity", "specificity", "auc")]
+    per_type = result.metrics["segmentation"]["per_tumour_type"]
+    rows += [(f"dice {kind}", stats["dice"]) for kind, stats in per_type.items()]
     create_table_artifact(
         key="test-metrics-2d",
-        table=[
-            {"metric": m, "value": det[m]["value"], "ci": f"[{det[m]['ci_low']}, {det[m]['ci_high']}]"}
-            for m in ("accuracy", "sensitivity", "specificity", "auc")
-        ]
-        + [
-            {
-                "metric": f"dice {kind}",
-                "value": stats["dice"]["value"],
-                "ci": f"[{stats['dice']['ci_low']}, {stats['dice']['ci_high']}]",
-            }
-            for kind, stats in result.metrics["segmentation"]["per_tumour_type"].items()
-        ],
+        table=[{"metric": m, "value": v["value"], "ci": f"[{v['ci_low']}, {v['ci_high']}]"} for m, v in rows],
         description=result.one_line(),
     )
     return {
@@ -168,15 +145,8 @@ def promote_2d_task(params: dict) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the flow
 @flow(name="planar-pipeline", log_prints=True)
 def planar_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """source -> ingest -> validate -> preprocess -> split -> train -> evaluate -> promote, ``@2d``.
-
-    Args:
-        params_path: params.yaml to read.
-        overrides: dotted-key overrides (``{"train_2d.max_epochs": 2}``).
-
-    Returns:
-        ``{<stage>: <summary>}``; a failed step fails the run and no champion moves.
-    """
+    """Every ``@2d`` stage in order (``overrides``: ``{"train_2d.max_epochs": 2}``); returns
+    ``{<stage>: <summary>}``. A failed step fails the run and no champion moves."""
     from tumorseg.data.source import source_folder
 
     params = load_params(params_path, overrides)

@@ -1,16 +1,9 @@
 """Prefect cache keys for pipeline stages, computed the way DVC decides a stage is up to date.
 
-A stage's key hashes what its ``dvc.yaml`` entry lists, read from ``dvc.yaml`` itself (the stage
-specs are not written a second time): the params keys it reads and the **content** of its
-dependency files and folders, the ``src/`` code it names among them.
-Combined with Prefect's ``TASK_SOURCE`` (the task function's own code), a rerun with nothing
-changed skips the stage, and any change to data, params or code reruns it, unlike Prefect's
-``INPUTS`` policy, which sees only the params dict and would miss a changed file.
-
-A cache hit is only honoured while the stage's outputs exist: the flow passes
-``refresh_cache=True`` when an output is missing (deleted by hand, or another workspace).
-
-Hashing a file reads it once per process: digests are memoised on (path, size, mtime, inode).
+A stage's key hashes what its ``dvc.yaml`` entry lists (read from ``dvc.yaml`` itself): its params
+keys and the *content* of its dependencies, ``src/`` code included. With Prefect's ``TASK_SOURCE`` a
+rerun with nothing changed skips the stage, unlike ``INPUTS``, which would miss a changed file. A
+cache hit is only honoured while the stage's outputs exist. File digests are memoised per process.
 """
 
 from __future__ import annotations
@@ -20,7 +13,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -69,13 +62,10 @@ def dotted_value(params: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-ROOT = Path(__file__).resolve().parents[1]
-"""The project folder of a source checkout (``pipelines/`` beside ``dvc.yaml``)."""
+ROOT = Path(__file__).resolve().parents[1]  # the source checkout (pipelines/ beside dvc.yaml)
+# Where ``dvc.yaml``'s ``src/tumorseg/...`` code dependencies are read: src/ or site-packages.
 PACKAGE_PARENT = Path(tumorseg.__file__).resolve().parents[1]
-"""Where the ``tumorseg`` package sits (``src/`` in a checkout, site-packages when installed):
-``dvc.yaml``'s ``src/tumorseg/...`` code dependencies are read there."""
-PARAMS_FILES = {"params.yaml", "../params.yaml"}
-"""How a ``dvc.yaml`` stage names the project's params file (``../`` from a stage run in ``data/``)."""
+PARAMS_FILES = {"params.yaml", "../params.yaml"}  # ``../`` from a stage run in ``data/``
 _TEMPLATE = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
 
 
@@ -93,18 +83,15 @@ def interpolate(text: str, params: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What a stage reads and writes: its ``dvc.yaml`` entry, read by :func:`dvc_stage_specs`.
+    """What a stage reads and writes: its ``dvc.yaml`` entry.
 
     Paths are kept as ``dvc.yaml`` writes them (``${paths.ingested}``, relative to ``wdir``) and
     resolved against the params of each run, so a flow run with other paths keys on its own files.
 
     Attributes:
-        name: stage name (``dvc.yaml`` key, Prefect task name).
         params: params keys it reads (dotted keys or whole sections).
-        deps: its dependencies: data files and folders, params files other than params.yaml
-            (tune's best params), and code under ``src/`` (resolved against the project root).
-        outs: its outputs (outs, metrics and plots); a missing one forces the stage to run.
-        wdir: the stage's working folder, relative to the project root.
+        deps: data files and folders, params files other than params.yaml, and code under ``src/``.
+        outs: its outs, metrics and plots; a missing one forces the stage to run.
     """
 
     name: str
@@ -173,11 +160,7 @@ def stage_spec(name: str, entry: dict[str, Any]) -> StageSpec:
 
 
 def find_dvc_yaml() -> Path:
-    """The project's ``dvc.yaml``: in the working folder (flows run in the project), else the checkout's.
-
-    Raises:
-        ConfigError: neither exists.
-    """
+    """The project's ``dvc.yaml``: in the working folder (flows run in the project), else the checkout's."""
     for candidate in (Path.cwd() / "dvc.yaml", ROOT / "dvc.yaml"):
         if candidate.is_file():
             return candidate
@@ -218,29 +201,19 @@ def _read_stage_specs(dvc_yaml: Path, mtime_ns: int) -> dict[str, StageSpec]:
 
 
 def dvc_stage_specs(dvc_yaml: Path | None = None) -> dict[str, StageSpec]:
-    """Every stage of ``dvc.yaml``: the flows cache on exactly what DVC decides a stage on.
-
-    Read when a flow runs, not at import (re-read when the file changes).
-    """
+    """Every stage of ``dvc.yaml``, read when a flow runs (again when the file changes)."""
     path = (dvc_yaml or find_dvc_yaml()).resolve()
     return _read_stage_specs(path, path.stat().st_mtime_ns)
 
 
 @dataclass
 class StageCachePolicy(CachePolicy):
-    """Prefect cache policy keyed on a stage's params, dependency contents and code.
-
-    The task must take the params dict as its ``params`` argument.
-    """
+    """Prefect cache policy keyed on a stage's params and dependency contents (task arg ``params``)."""
 
     stage: StageSpec | None = None
 
     def compute_key(
-        self,
-        task_ctx: TaskRunContext,
-        inputs: dict[str, Any],
-        flow_parameters: dict[str, Any],
-        **kwargs: Any,
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
         if self.stage is None or "params" not in inputs:
             return None
@@ -253,19 +226,9 @@ def stage_policy(stage: StageSpec, key_storage: Path) -> CachePolicy:
 
 
 def cached_task(task_fn: Any, spec: StageSpec, params: dict[str, Any]) -> Any:
-    """The task with its stage's cache policy; forced to run when an output is missing.
-
-    Every flow caches its stages the same way (``flow.cache_dir`` and ``flow.cache_days`` from
-    params.yaml, results persisted so a later run can skip the stage), so they all call this.
-
-    Args:
-        task_fn: the Prefect task; it must take the params dict as its ``params`` argument.
-        spec: the stage it runs (its ``dvc.yaml`` entry).
-        params: params.yaml with the flow's overrides applied.
-
-    Returns:
-        ``task_fn`` with the cache options set, ready to be called with ``params``.
-    """
+    """``task_fn`` (taking the params dict as ``params``) with its stage's cache policy, keys kept in
+    ``flow.cache_dir`` for ``flow.cache_days`` and results persisted; forced to run when an output is
+    missing."""
     from tumorseg.config import section
 
     cfg = section("flow", params)
@@ -275,3 +238,14 @@ def cached_task(task_fn: Any, spec: StageSpec, params: dict[str, Any]) -> Any:
         refresh_cache=not spec.outputs_exist(params),
         persist_result=True,
     )
+
+
+def with_source_folder(spec: StageSpec, stage: str, source: Path | None, template: str) -> StageSpec:
+    """``spec`` with the data folder ``template`` (``${data.source}``) as ``source``, resolved against
+    the params file's folder rather than the working one: the ``source`` stage's output, a
+    dependency of ``ingest``."""
+    if source is not None and stage == "source":
+        return replace(spec, outs=(str(source),))
+    if source is not None and stage == "ingest":
+        return replace(spec, deps=tuple(str(source) if d == template else d for d in spec.deps))
+    return spec

@@ -1,24 +1,11 @@
-"""The training pipeline as one Prefect flow.
+"""The training pipeline as one Prefect flow: source -> ingest -> [new data?] -> validate -> preprocess
+-> split -> (tune) -> train -> compress -> evaluate -> register -> promote.
 
-``source`` (generate the embedded data, or check ``data.source``'s folder) -> ``ingest`` -> [new data?] -> ``validate`` -> ``preprocess`` -> ``split``
--> (``tune``) -> ``train`` -> ``compress`` -> ``evaluate`` -> ``register`` -> ``promote``
-
-One implementation, two drivers: every task calls the function its ``tumorseg`` command (the
-DVC stage in ``dvc.yaml``) calls, with the same params, so ``dvc repro`` and this flow write the
-same artefacts. The flow itself holds orchestration only:
-
-- **Caching**: a stage's cache key hashes the params keys it reads, the content of its
-  dependency files and the source of its code (:mod:`pipelines.stage_cache`), like DVC; a rerun
-  with nothing changed skips every finished stage, and a stage whose outputs are missing reruns.
-  ``register`` and ``promote`` act on the registry's current state and always run.
-- **Retries**: file-system steps retry on ``OSError`` only (flaky disks, NFS); a user error
-  (:class:`~tumorseg.errors.TumorsegError`) or a training bug is never retried.
-- **Artifacts**: the validation report, the split, the training summary, the test metrics table,
-  the registered version and the promotion decision are published as Prefect artifacts.
-- **New data only** (scheduled runs): after ``ingest``, the raw data's hash is compared with the
-  one recorded on the champion (:mod:`tumorseg.retrain`); unchanged -> "no new data", stop.
-- **A failed run never moves champion**: ``promote`` is the only step that moves the alias and
-  runs only when every earlier step succeeded.
+Every task calls the function its ``tumorseg`` command (DVC stage) calls, so ``dvc repro`` and this
+flow write the same artefacts. Stages are cached like DVC (:mod:`pipelines.stage_cache`); file-system
+steps retry on ``OSError`` only; ``register`` and ``promote`` act on the registry's current state and
+always run, and ``promote``, the only step that moves ``champion``, runs only after every other step
+succeeded. Scheduled runs stop after ``ingest`` when the raw data's hash is the champion's.
 """
 
 from __future__ import annotations
@@ -45,11 +32,12 @@ from pipelines.data_flows import (
     tracking_uri,
     validate_task,
 )
-from pipelines.stage_cache import StageSpec, cached_task, dvc_stage_specs
+from pipelines.stage_cache import StageSpec, cached_task, dvc_stage_specs, with_source_folder
 from tumorseg.config import apply_overrides, section
 
 log = logging.getLogger(__name__)
 
+# The one stage ``dvc.yaml`` does not run (``dvc repro`` trains with what tune last wrote).
 TUNE_STAGE = StageSpec(
     "tune",
     ("tune", "data_loader", "augment", "model", "loss", "sliding_window", "train", "trainer"),
@@ -63,7 +51,6 @@ TUNE_STAGE = StageSpec(
     ),
     ("${tune.best_params_file}",),
 )
-"""The one stage ``dvc.yaml`` does not run (``dvc repro`` trains with what tune last wrote)."""
 
 
 def stage_specs() -> dict[str, StageSpec]:
@@ -71,26 +58,17 @@ def stage_specs() -> dict[str, StageSpec]:
     return {**dvc_stage_specs(), "tune": TUNE_STAGE}
 
 
+# ``dvc repro`` compresses the champion ``promote`` settled on; the flow compresses the checkpoint it
+# just trained (before evaluation), so that checkpoint takes the promotion record's place in the key.
 FLOW_COMPRESS_INPUT = {"${paths.reports}/promotion.json": "${train.out_dir}/checkpoints/best.ckpt"}
-"""``dvc repro`` compresses the champion ``promote`` settled on; the flow compresses the checkpoint it
-just trained (before evaluation), so that checkpoint takes the promotion record's place in the key."""
 
 
 def _cached(task_fn: Any, stage: str, params: dict[str, Any], source: Path | None = None) -> Any:
-    """The task with its stage's cache policy (:func:`pipelines.stage_cache.cached_task`).
-
-    ``source`` (the data.source folder, resolved against the params file's folder rather than
-    the working directory) is the output of ``source`` and a dependency of ``ingest``; ``compress``
-    reads the trained checkpoint (:data:`FLOW_COMPRESS_INPUT`).
-    """
+    """The task with its stage's cache policy; ``source`` replaces ``${data.source}``."""
     specs = stage_specs()
     spec = specs[stage] if stage in specs else specs[f"{stage}@3d"]  # dvc.yaml's foreach: the volumes
-    if source is not None and stage == "source":
-        spec = dataclasses.replace(spec, outs=(str(source),))
-    elif source is not None and stage == "ingest":
-        deps = tuple(str(source) if d == "${data.source}" else d for d in spec.deps)
-        spec = dataclasses.replace(spec, deps=deps)
-    elif stage == "compress":
+    spec = with_source_folder(spec, stage, source, "${data.source}")
+    if stage == "compress":
         spec = dataclasses.replace(spec, deps=tuple(FLOW_COMPRESS_INPUT.get(d, d) for d in spec.deps))
     return cached_task(task_fn, spec, params)
 
@@ -164,11 +142,9 @@ def compress_task(params: dict) -> str:
 
 @task(name="evaluate", **IO_RETRIES)
 def evaluate_task(params: dict, params_path: str = "params.yaml") -> dict[str, Any]:
-    """``tumorseg evaluate-model``: test split in the source geometry, registered as ``challenger``.
-
-    ``params_path``: where ``params`` came from; ``data.source`` resolves against its folder.
-    """
-    from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
+    """``tumorseg evaluate-model``: test split in the source geometry, registered as ``challenger``
+    (``data.source`` resolves against ``params_path``'s folder)."""
+    from tumorseg.registry.evaluate_stage import run_evaluate_stage
 
     result = run_evaluate_stage(params, tracking_uri=tracking_uri(params), source=params_path)
     m = result.evaluation.metrics
@@ -240,10 +216,9 @@ def training_flow(
     only_if_new_data: bool = False,
     tune: bool | None = None,
 ) -> dict[str, Any]:
-    """ingest -> validate -> preprocess -> split -> (tune) -> train -> compress -> evaluate -> register -> promote.
+    """The whole training chain (see the module docstring).
 
     Args:
-        params_path: params.yaml to read.
         overrides: dotted-key overrides (``{"train.max_epochs": 2}``).
         only_if_new_data: stop early, recording "no new data", when the raw data is what the
             champion was trained on (scheduled runs).
@@ -292,18 +267,14 @@ def training_flow(
 
 # ---------------------------------------------------------------------------- smoke run
 def smoke_params(workspace: str | Path, params_path: str | Path = "params.yaml") -> Path:
-    """Write a params.yaml for the smoke run: the project's params, every path inside ``workspace``,
-    and ``flow.smoke.overrides`` (tiny data and network). Returns its path.
-    """
-
+    """Write ``workspace/params.yaml`` for the smoke run: the project's params, every path inside
+    ``workspace``, and ``flow.smoke.overrides`` (tiny data and network). Returns its path."""
     workspace = Path(workspace).resolve()
     params = load_params(params_path)
     smoke = section("flow", params, source=str(params_path)).smoke.overrides
-    paths = {
-        key: str(workspace / key) for key in ("ingested", "validated", "preprocessed", "reports", "mlruns")
-    }
+    folders = ("ingested", "validated", "preprocessed", "reports", "mlruns")
     overrides = {
-        **{f"paths.{key}": value for key, value in paths.items()},
+        **{f"paths.{key}": str(workspace / key) for key in folders},
         "paths.split": str(workspace / "split.json"),
         "train.out_dir": str(workspace / "models"),
         "mlflow.tracking_uri": f"sqlite:///{workspace / 'mlruns' / 'mlflow.db'}",
@@ -322,12 +293,7 @@ def smoke_params(workspace: str | Path, params_path: str | Path = "params.yaml")
 
 
 def run_smoke(params_path: str | Path = "params.yaml", workspace: str | Path | None = None) -> dict[str, Any]:
-    """The smoke run: the whole flow on tiny generated data in a temporary workspace.
-
-    Args:
-        params_path: the project's params.yaml (its settings, then ``flow.smoke.overrides``).
-        workspace: where to work (default: a new temporary folder, kept for inspection).
-    """
+    """The whole flow on tiny generated data in ``workspace`` (default: a new temporary folder, kept)."""
     folder = Path(workspace) if workspace else Path(tempfile.mkdtemp(prefix="tumorseg-smoke-"))
     smoke = smoke_params(folder, params_path)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -1,12 +1,8 @@
 """The ``tumorseg`` command line.
 
-Every sub-command parses its arguments, reads params.yaml (``--params``), and calls
-one function of the package: the same function the DVC stage and the Prefect task
-call. Heavy libraries (torch, MONAI, MLflow, GX) are imported inside the handlers so
-``tumorseg --help`` stays instant.
-
-Errors the user can cause (:class:`~tumorseg.errors.TumorsegError`) are printed as one
-line on stderr with exit status 2; no traceback.
+Every sub-command reads params.yaml (``--params``) and calls the same package function as its DVC
+stage and Prefect task. Heavy libraries are imported inside the handlers so ``tumorseg --help`` stays
+instant. User errors (:class:`~tumorseg.errors.TumorsegError`) print one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -28,68 +24,82 @@ LABEL_CONVENTION_NAMES: tuple[str, ...] = tuple(LABEL_CONVENTIONS)
 Handler = Callable[[argparse.Namespace], int | None]
 
 
-def _params(args: argparse.Namespace, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """params.yaml with ``-S KEY=VALUE`` overrides, then the command's own options on top.
+def _overrides(args: argparse.Namespace, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``-S KEY=VALUE`` overrides, then the command's own options (``--cases 8``) as params.yaml keys on
+    top, so both go through the same typed validation. Flows read params.yaml and carry only these."""
+    from tumorseg.config import parse_override
 
-    Command options (``--cases 8``) are applied as overrides of their params.yaml key,
-    so they go through the same typed validation and error messages.
-    """
-    from tumorseg.config import apply_overrides, parse_override, read_params
-
-    overrides = dict(parse_override(o) for o in getattr(args, "set", None) or [])
+    overrides = dict(parse_override(o) for o in args.set or [])
     overrides.update({k: v for k, v in (options or {}).items() if v is not None})
+    return overrides
+
+
+def _params(
+    args: argparse.Namespace, options: dict[str, Any] | None = None, *, outside_project: bool = False
+) -> dict[str, Any]:
+    """params.yaml with :func:`_overrides` applied.
+
+    ``outside_project``: with no ./params.yaml (and none given) every section is at its defaults, so a
+    checkpoint or MLflow URI still works outside a project.
+    """
+    from tumorseg.config import apply_overrides, read_params
+
+    overrides = _overrides(args, options)
+    if outside_project and args.params == "params.yaml" and not Path(args.params).is_file():
+        return apply_overrides({}, overrides)
     return apply_overrides(read_params(args.params), overrides)
 
 
-def _project_or_default_params(
-    args: argparse.Namespace, options: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """:func:`_params` inside a project; outside one (no ./params.yaml, none given), every section
-    at its defaults plus ``-S`` and the command's options: a checkpoint or MLflow URI still works."""
-    from tumorseg.config import apply_overrides
+def _section(args: argparse.Namespace, params: dict[str, Any], name: str) -> Any:
+    from tumorseg.config import section
 
-    if Path(args.params).is_file() or args.params != "params.yaml":
-        return _params(args, options)
-    overrides = _overrides(args)
-    overrides.update({k: v for k, v in (options or {}).items() if v is not None})
-    return apply_overrides({}, overrides)
+    return section(name, params, source=args.params)
 
 
 def _dims_paths(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, str]:
     """The folders of ``--dims``' dataset: ``paths.ingested`` ... or their ``_2d`` twins."""
-    from tumorseg.config import section
-
-    paths = section("paths", params, source=args.params)
+    paths = _section(args, params, "paths")
     suffix = "_2d" if getattr(args, "dims", 3) == 2 else ""
     return {key: getattr(paths, key + suffix) for key in ("ingested", "validated", "preprocessed", "split")}
 
 
 # ---------------------------------------------------------------- data
-def _cmd_synth(args: argparse.Namespace) -> int:
-    from tumorseg.config import SYNTH_SOURCE, DataConfig, section
+def _cmd_synth(args: argparse.Namespace) -> int | None:
+    from tumorseg.config import SYNTH_SOURCE, DataConfig
     from tumorseg.data.source import project_root
     from tumorseg.data.synth import synthesize_dataset
 
     if args.layout in ("figshare", "kaggle"):
         return _synth_planar(args)
-    params = _params(
-        args,
-        {
-            "synth.layout": args.layout,
-            "synth.labels": args.labels,
-            "synth.cases": args.cases,
-            "synth.seed": args.seed,
-            "synth.spacing_mm": args.spacing,
-        },
-    )
-    cfg = section("synth", params, source=args.params)
+    options = {
+        "synth.layout": args.layout,
+        "synth.labels": args.labels,
+        "synth.cases": args.cases,
+        "synth.seed": args.seed,
+        "synth.spacing_mm": args.spacing,
+    }
+    cfg = _section(args, _params(args, options), "synth")
     out = Path(args.out) if args.out else DataConfig.folder_for(SYNTH_SOURCE, project_root(args.params))
     written = synthesize_dataset(out, cfg)
     print(f"wrote {len(written)} {cfg.layout} cases to {out}")
-    return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _synth_planar(args: argparse.Namespace) -> int | None:
+    """``synth --layout figshare|kaggle``: 2-D slices (``--cases``: Figshare patients or Kaggle images)."""
+    from tumorseg.config import GENERATED_FOLDERS, DataConfig
+    from tumorseg.data.planar_synth import synthesize_planar_dataset
+    from tumorseg.data.source import project_root
+
+    count_key = "synth_2d.figshare_patients" if args.layout == "figshare" else "synth_2d.kaggle_images"
+    options = {count_key: args.cases, "synth_2d.seed": args.seed, "synth_2d.spacing_mm": args.spacing}
+    cfg = _section(args, _params(args, options), "synth_2d")
+    default_out = DataConfig.folder_for(GENERATED_FOLDERS[2], project_root(args.params)) / args.layout
+    out = Path(args.out or default_out)
+    written = synthesize_planar_dataset(out, args.layout, cfg)
+    print(f"wrote {len(written)} {args.layout} files to {out}")
+
+
+def _cmd_export(args: argparse.Namespace) -> int | None:
     from tumorseg.data.export import export_from_params
 
     target = export_from_params(
@@ -102,128 +112,88 @@ def _cmd_export(args: argparse.Namespace) -> int:
         force=args.force,
     )
     print(f"exported ({args.format}) -> {target}")
-    return 0
 
 
-def _cmd_source(args: argparse.Namespace) -> int:
+def _cmd_source(args: argparse.Namespace) -> int | None:
     from tumorseg.data.source import prepare_source
 
     print(prepare_source(_params(args), args.params, args.dims).one_line())
-    return 0
 
 
-def _synth_planar(args: argparse.Namespace) -> int:
-    """``synth --layout figshare|kaggle``: 2-D slices (``--cases``: Figshare patients or Kaggle images)."""
-    from tumorseg.config import GENERATED_FOLDERS, DataConfig, section
-    from tumorseg.data.planar_synth import synthesize_planar_dataset
-    from tumorseg.data.source import project_root
-
-    count_key = "synth_2d.figshare_patients" if args.layout == "figshare" else "synth_2d.kaggle_images"
-    params = _params(
-        args, {count_key: args.cases, "synth_2d.seed": args.seed, "synth_2d.spacing_mm": args.spacing}
-    )
-    cfg = section("synth_2d", params, source=args.params)
-    out = Path(
-        args.out or DataConfig.folder_for(GENERATED_FOLDERS[2], project_root(args.params)) / args.layout
-    )
-    written = synthesize_planar_dataset(out, args.layout, cfg)
-    print(f"wrote {len(written)} {args.layout} files to {out}")
-    return 0
-
-
-def _cmd_figure_cases(args: argparse.Namespace) -> int:
+def _cmd_figure_cases(args: argparse.Namespace) -> int | None:
     from tumorseg.data.figures import plot_synthetic_cases
 
     out = plot_synthetic_cases(Path(args.src), Path(args.out), n_cases=args.cases, layout=args.layout)
     print(f"wrote {out}")
-    return 0
 
 
-def _cmd_ingest(args: argparse.Namespace) -> int:
-    from tumorseg.config import section
+def _cmd_ingest(args: argparse.Namespace) -> int | None:
     from tumorseg.data.ingest import ingest
     from tumorseg.data.source import inspect_source, source_folder
 
     params = _params(args, {"ingest.layout": args.layout, "ingest.labels": args.labels})
-    cfg = section("ingest", params, source=args.params)
+    cfg = _section(args, params, "ingest")
     out = Path(args.out or _dims_paths(args, params)["ingested"])
     src = Path(args.src) if args.src else source_folder(params, args.params, args.dims)
     if not args.src:
         # a wrong data.source: one line naming it, before anything is written
         inspect_source(src, layout=cfg.layout, labels=cfg.labels, dims=args.dims)
-    summary = ingest(src, out, cfg)
-    print(summary.one_line())
-    return 0
+    print(ingest(src, out, cfg).one_line())
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from tumorseg.config import section
-    from tumorseg.validation.planar_checks import PlanarValidateConfig
+def _cmd_validate(args: argparse.Namespace) -> int | None:
     from tumorseg.validation.suite import validate_dataset
 
     params = _params(args, {"validate.max_invalid_fraction": args.max_invalid_fraction})
-    cfg = section("validate", params, source=args.params)
-    planar_cfg: PlanarValidateConfig = section("validate_2d", params, source=args.params)
+    cfg = _section(args, params, "validate")
+    planar_cfg = _section(args, params, "validate_2d")
     src = Path(args.dir or _dims_paths(args, params)["ingested"])
     result = validate_dataset(src, Path(args.out) if args.out else src, cfg, planar_cfg=planar_cfg)
     print(result.one_line())
-    return 0
 
 
-def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from tumorseg.config import section
-    from tumorseg.data.planar import PlanarPreprocessConfig
+def _cmd_preprocess(args: argparse.Namespace) -> int | None:
     from tumorseg.data.preprocess import preprocess_dataset
 
     params = _params(args)
-    cfg = section("preprocess", params, source=args.params)
-    planar_cfg: PlanarPreprocessConfig = section("preprocess_2d", params, source=args.params)
+    cfg = _section(args, params, "preprocess")
+    planar_cfg = _section(args, params, "preprocess_2d")
     paths = _dims_paths(args, params)
     summary = preprocess_dataset(
         Path(args.src or paths["validated"]), Path(args.out or paths["preprocessed"]), cfg, planar_cfg
     )
     print(summary.one_line())
-    return 0
 
 
-def _cmd_split(args: argparse.Namespace) -> int:
-    from tumorseg.config import section
+def _cmd_split(args: argparse.Namespace) -> int | None:
     from tumorseg.data.split import make_split
 
     params = _params(args)
-    cfg = section("split", params, source=args.params)
+    cfg = _section(args, params, "split")
     paths = _dims_paths(args, params)
     split = make_split(Path(args.src or paths["preprocessed"]), Path(args.out or paths["split"]), cfg)
     print(split.one_line())
-    return 0
 
 
-# ---------------------------------------------------------------- evaluation
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from tumorseg.config import section
+# ---------------------------------------------------------------- evaluation and training
+def _cmd_evaluate(args: argparse.Namespace) -> int | None:
     from tumorseg.evaluation.evaluate import evaluate_folders
 
-    params = _params(args)
-    cfg = section("evaluate", params, source=args.params)
     result = evaluate_folders(
         Path(args.pred),
         Path(args.ref),
         Path(args.out),
         labels=args.labels,
-        cfg=cfg,
+        cfg=_section(args, _params(args), "evaluate"),
         summary_path=args.summary,
         case_info=args.case_info,
         images_dir=args.images,
         make_plots=False if args.no_plots else None,
     )
     print(result.one_line())
-    return 0
 
 
-# ---------------------------------------------------------------- training
-def _cmd_train(args: argparse.Namespace) -> int:
-    from tumorseg.config import parse_override
-
+def _cmd_train(args: argparse.Namespace) -> int | None:
     if args.dims == 2:  # images: the segmenter + classifier of training/planar_train.py
         from tumorseg.training.planar_train import train_planar
 
@@ -233,15 +203,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tumorseg.tuning.best import with_best_params
 
     # params.yaml < tune.best_params_file (when tune.apply_best) < -S overrides
-    explicit = dict(parse_override(o) for o in args.set or [])
+    explicit = _overrides(args)
     params = with_best_params(_params(args), explicit=explicit, source=args.params)
-    result = train(params, resume=args.resume, source=args.params)
-    print(result.one_line())
-    return 0
+    print(train(params, resume=args.resume, source=args.params).one_line())
 
 
 # ---------------------------------------------------------------- prediction and registry
-def _cmd_predict(args: argparse.Namespace) -> int:
+def _cmd_predict(args: argparse.Namespace) -> int | None:
     from tumorseg.data.readers import IMAGE, input_dims
     from tumorseg.registry.predict import predict_folder
 
@@ -254,17 +222,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         "predict.uncertainty": True if args.uncertainty else None,
         "predict.device": args.device,
     }
-    params = _project_or_default_params(args, options)
+    params = _params(args, options, outside_project=True)
     volumes: list[dict[str, Any]] = []
 
     def show(prediction: Any, files: list[Path]) -> None:
         print(f"{prediction.case_id}: {prediction.volumes_text()} -> {files[0]}", flush=True)
-        volumes.append(
-            {
-                "case_id": prediction.case_id,
-                **{f"{r}_ml": round(v, 3) for r, v in prediction.volumes_ml.items()},
-            }
-        )
+        row = {f"{r}_ml": round(v, 3) for r, v in prediction.volumes_ml.items()}
+        volumes.append({"case_id": prediction.case_id, **row})
 
     run = predict_folder(
         args.input,
@@ -283,25 +247,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         atomic_write_text(args.volumes, pd.DataFrame(volumes).to_csv(index=False))
     print(run.one_line())
-    return 0
 
 
-def _cmd_evaluate_model(args: argparse.Namespace) -> int:
-    from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
-    from tumorseg.evaluation.planar_evaluate import evaluate_planar
+def _cmd_evaluate_model(args: argparse.Namespace) -> int | None:
+    from tumorseg.registry.evaluate_stage import evaluate_planar, run_evaluate_stage
 
     run = evaluate_planar if args.dims == 2 else run_evaluate_stage
-    result = run(
-        _params(args),
-        checkpoint=args.checkpoint,
-        source=args.params,
-        register=False if args.no_register else None,
-    )
+    register = False if args.no_register else None
+    result = run(_params(args), checkpoint=args.checkpoint, source=args.params, register=register)
     print(result.one_line())
-    return 0
 
 
-def _cmd_promote(args: argparse.Namespace) -> int:
+def _cmd_promote(args: argparse.Namespace) -> int | None:
     from tumorseg.config import section
     from tumorseg.registry.promote import promote, promote_models
 
@@ -309,37 +266,32 @@ def _cmd_promote(args: argparse.Namespace) -> int:
         params = _params(args)
         names = [section("evaluate_2d", params).model_name, section("detect", params).model_name]
         out = args.out or str(Path(section("paths", params).reports_2d) / "promotion.json")
-        for result in promote_models(
-            params, names, rollback=args.rollback, source=args.params, report_file=out
-        ):
-            print("\n".join(result.lines()))
-        return 0
-    params = _params(args, {"registry.model_name": args.name})
-    result = promote(params, rollback=args.rollback, source=args.params, report_file=args.out)
-    print("\n".join(result.lines()))
-    return 0
+        results = promote_models(params, names, rollback=args.rollback, source=args.params, report_file=out)
+    else:
+        params = _params(args, {"registry.model_name": args.name})
+        results = [promote(params, rollback=args.rollback, source=args.params, report_file=args.out)]
+    for result in results:
+        print("\n".join(result.lines()))
 
 
-# ---------------------------------------------------------------- 2-D models (models/planar_*, training/planar_train, evaluation/planar_evaluate)
-
-
-def _load_planar(args: argparse.Namespace, params: dict[str, Any], default_key: str) -> Any:
-    from tumorseg.config import section
-    from tumorseg.models.planar_package import PredictPlanarConfig, load_planar_model
+# ---------------------------------------------------------------- 2-D models
+def _load_planar(args: argparse.Namespace, default_key: str) -> Any:
+    """The ``--model`` 2-D model, else ``predict_2d.<default_key>``; a missing input is reported first."""
+    from tumorseg.data.readers import image_inputs
+    from tumorseg.registry.loading import load_planar_model
     from tumorseg.tracking import params_tracking_uri
 
-    predict_cfg: PredictPlanarConfig = section("predict_2d", params, source=args.params)
+    image_inputs(args.input)
+    params = _params(args, outside_project=True)
+    predict_cfg = _section(args, params, "predict_2d")
     uri = params_tracking_uri(params, source=args.params)
     return load_planar_model(args.model or getattr(predict_cfg, default_key), tracking_uri=uri)
 
 
-def _predict_planar(args: argparse.Namespace) -> int:
-    from tumorseg.data.readers import image_inputs
+def _predict_planar(args: argparse.Namespace) -> int | None:
     from tumorseg.models.planar_predictor import predict_images
 
-    image_inputs(args.input)  # a missing input is reported before any model is loaded
-    params = _project_or_default_params(args)
-    model = _load_planar(args, params, "model")
+    model = _load_planar(args, "model")
 
     def show(prediction: Any, path: Path) -> None:
         kind = f", {prediction.tumour_type}" if prediction.tumour_type else ""
@@ -347,46 +299,34 @@ def _predict_planar(args: argparse.Namespace) -> int:
 
     results = predict_images(args.input, args.out, model, on_image=show)
     print(f"segmented {len(results)} 2-D images with {model.description} -> {args.out}")
-    return 0
 
 
-def _cmd_detect(args: argparse.Namespace) -> int:
-    from tumorseg.data.readers import image_inputs
+def _cmd_detect(args: argparse.Namespace) -> int | None:
     from tumorseg.models.planar_predictor import detect_images
 
-    image_inputs(args.input)  # a missing input is reported before any model is loaded
-    params = _project_or_default_params(args)
-    model = _load_planar(args, params, "detect_model")
+    model = _load_planar(args, "detect_model")
     results = detect_images(args.input, args.out, model)
     positives = sum(r.label for r in results)
     print(f"{len(results)} images, {positives} with tumour ({model.description}) -> {args.out}")
-    return 0
 
 
-def _cmd_compress(args: argparse.Namespace) -> int:
+def _cmd_compress(args: argparse.Namespace) -> int | None:
     from tumorseg.compression.stage import run_compress_stage
 
-    variants = args.variants.split(",") if args.variants else None
-    params = _params(
-        args,
-        {
-            "compress.model": args.model,
-            "compress.variants": variants,
-            "compress.register_edge": False if args.no_register else None,
-        },
-    )
-    result = run_compress_stage(params, source=args.params)
-    print(result.one_line())
-    return 0
+    options = {
+        "compress.model": args.model,
+        "compress.variants": args.variants.split(",") if args.variants else None,
+        "compress.register_edge": False if args.no_register else None,
+    }
+    print(run_compress_stage(_params(args, options), source=args.params).one_line())
 
 
-# ---------------------------------------------------------------- orchestration and tuning
-def _cmd_tune(args: argparse.Namespace) -> int:
+# ---------------------------------------------------------------- orchestration, tuning, serving
+def _cmd_tune(args: argparse.Namespace) -> int | None:
     from tumorseg.tuning.study import run_study
 
-    params = _params(args, {"tune.study_name": args.study})
     result = run_study(
-        params,
+        _params(args, {"tune.study_name": args.study}),
         source=args.params,
         n_trials=args.n_trials,
         n_jobs=args.n_jobs,
@@ -394,10 +334,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
     )
     print(result.one_line())
-    return 0
 
 
-def _cmd_flow(args: argparse.Namespace) -> int:
+def _cmd_flow(args: argparse.Namespace) -> int | None:
     import os
 
     # A local (ephemeral) Prefect server sends no usage analytics: nothing leaves the machine.
@@ -429,41 +368,27 @@ def _cmd_flow(args: argparse.Namespace) -> int:
         print(summary["decision"]["reason"])
     else:
         print("\n".join(summary["promote"]["lines"]))
-    return 0
 
 
-def _cmd_schedule(args: argparse.Namespace) -> int:
+def _cmd_schedule(args: argparse.Namespace) -> int | None:
     from pipelines.schedule import serve_training
 
     serve_training(args.params, overrides=_overrides(args), dry_run=args.dry_run)
-    return 0
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``-S KEY=VALUE`` overrides alone (flows read params.yaml themselves and carry only these)."""
-    from tumorseg.config import parse_override
-
-    return dict(parse_override(o) for o in args.set or [])
-
-
-# ---------------------------------------------------------------- serving
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _cmd_serve(args: argparse.Namespace) -> int | None:
     from tumorseg.serving.app import ServeSettings, serve
 
-    params = _params(
-        args,
-        {
-            "serve.host": args.host,
-            "serve.port": args.port,
-            "serve.model": args.model,
-            "serve.model_2d": args.model_2d,
-        },
-    )
-    serve(ServeSettings.from_params(params, source=args.params))
-    return 0
+    options = {
+        "serve.host": args.host,
+        "serve.port": args.port,
+        "serve.model": args.model,
+        "serve.model_2d": args.model_2d,
+    }
+    serve(ServeSettings.from_params(_params(args, options), source=args.params))
 
 
-def _cmd_preset(args: argparse.Namespace) -> int:
+def _cmd_preset(args: argparse.Namespace) -> int | None:
     from tumorseg.errors import ConfigError
     from tumorseg.presets import apply_preset, get_preset, list_lines, load_presets, show_lines
 
@@ -481,17 +406,12 @@ def _cmd_preset(args: argparse.Namespace) -> int:
         return 0
     for change in apply_preset(preset, args.params):
         print(change)
-    return 0
 
 
 # ---------------------------------------------------------------- parser
 @dataclass(frozen=True)
 class Arg:
-    """One ``add_argument`` call, kept as data: its flags (or positional name) and keyword options.
-
-    The parser is a table of these rather than a long run of calls, so a command's arguments
-    read as one block and :func:`build_parser` stays a short loop.
-    """
+    """One ``add_argument`` call as data, so the parser is a table and :func:`build_parser` a short loop."""
 
     flags: tuple[str, ...]
     options: dict[str, Any] = field(default_factory=dict)
@@ -504,7 +424,7 @@ def _arg(*flags: str, **options: Any) -> Arg:
 
 @dataclass(frozen=True)
 class Command:
-    """One sub-command: its name, handler, one-line help (also its ``--help`` description), arguments."""
+    """One sub-command; ``help`` is also its ``--help`` description."""
 
     name: str
     handler: Handler
@@ -512,11 +432,15 @@ class Command:
     args: tuple[Arg, ...] = ()
 
 
+def _command(name: str, handler: Handler, help: str, *args: Arg) -> Command:
+    return Command(name, handler, help, args)
+
+
 COMMON_ARGS: tuple[Arg, ...] = (
     _arg("--params", default="params.yaml", help="params file (default: %(default)s)"),
     _arg("-S", "--set", action="append", metavar="KEY=VALUE", help="override a params.yaml key (repeatable)"),
 )
-"""The options every sub-command takes first: the params file and ``-S KEY=VALUE`` overrides."""
+"""The options every sub-command takes first."""
 
 _NO_REGISTER = _arg("--no-register", action="store_true", help="write the reports only; register no version")
 _DIMS = _arg(
@@ -526,313 +450,246 @@ _DIMS = _arg(
     default=3,
     help="the dataset: 3 volumes (data.source, paths.*), 2 images (data.source_2d, paths.*_2d) (default: 3)",
 )
+_LABELS = ["auto", *LABEL_CONVENTION_NAMES]
+_SEG_LABELS = "label convention of the seg files"
+_STORE = "store_true"
 
 COMMANDS: tuple[Command, ...] = (
-    Command(
+    _command(
         "synth",
         _cmd_synth,
         "Generate realistic synthetic multi-modal brain MRI with gliomas.",
-        (
-            _arg(
-                "--layout",
-                choices=["brats2021", "brats2023", "msd", "nnunet", "monai", "figshare", "kaggle"],
-                help="dataset layout to write (figshare, kaggle: 2-D slices, params.yaml synth_2d)",
-            ),
-            _arg(
-                "--labels",
-                choices=["auto", *LABEL_CONVENTION_NAMES],
-                help="label convention of the seg files (default: synth.labels; auto: the layout's own)",
-            ),
-            _arg("--cases", type=int, help="number of cases (figshare: patients; kaggle: images)"),
-            _arg("--seed", type=int, help="random seed (output is deterministic for a seed)"),
-            _arg("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)"),
-            _arg("--out", help="output folder (default: data/synth; 2-D: data/synth_2d/<layout>)"),
+        _arg(
+            "--layout",
+            choices=[*LAYOUT_NAMES, "figshare", "kaggle"],
+            help="dataset layout to write (figshare, kaggle: 2-D slices, params.yaml synth_2d)",
         ),
+        _arg("--labels", choices=_LABELS, help=f"{_SEG_LABELS} (default: synth.labels; auto: the layout's)"),
+        _arg("--cases", type=int, help="number of cases (figshare: patients; kaggle: images)"),
+        _arg("--seed", type=int, help="random seed (output is deterministic for a seed)"),
+        _arg("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)"),
+        _arg("--out", help="output folder (default: data/synth; 2-D: data/synth_2d/<layout>)"),
     ),
-    Command(
+    _command(
         "source",
         _cmd_source,
         "Make data.source (--dims 2: data.source_2d) ready: generate the embedded dataset (synth) into "
         "data/synth (data/synth_2d), or check a dataset folder (read only) before any stage writes.",
-        (_DIMS,),
+        _DIMS,
     ),
-    Command(
+    _command(
         "figure-cases",
         _cmd_figure_cases,
         "Plot a few cases: 4 modalities and the label overlay (PNG).",
-        (
-            _arg("src", help="a brats2021 or brats2023 folder, e.g. from `tumorseg synth`"),
-            _arg("--out", required=True, help="PNG file to write"),
-            _arg(
-                "--cases", type=int, default=4, help="number of tumour cases to show (default: %(default)s)"
-            ),
-            _arg("--layout", choices=["brats2021", "brats2023"], default="brats2021"),
-        ),
+        _arg("src", help="a brats2021 or brats2023 folder, e.g. from `tumorseg synth`"),
+        _arg("--out", required=True, help="PNG file to write"),
+        _arg("--cases", type=int, default=4, help="number of tumour cases to show (default: %(default)s)"),
+        _arg("--layout", choices=["brats2021", "brats2023"], default="brats2021"),
     ),
-    Command(
+    _command(
         "ingest",
         _cmd_ingest,
         "Index a BraTS 2020/21, BraTS 2023+, MSD, Figshare (.mat) or Kaggle (yes/, no/) folder into a manifest.",
-        (
-            _arg("src", nargs="?", help="dataset folder (default: data.source; --dims 2: data.source_2d)"),
-            _arg("--out", help="output folder for manifest.csv (default: paths.ingested)"),
-            _DIMS,
-            _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip detection (default: ingest.layout)"),
-            _arg(
-                "--labels",
-                choices=["auto", *LABEL_CONVENTION_NAMES],
-                help="label convention of the seg files (default: ingest.labels; auto: layout, BraTS prefix, dataset.json)",
-            ),
+        _arg("src", nargs="?", help="dataset folder (default: data.source; --dims 2: data.source_2d)"),
+        _arg("--out", help="output folder for manifest.csv (default: paths.ingested)"),
+        _DIMS,
+        _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip detection (default: ingest.layout)"),
+        _arg(
+            "--labels",
+            choices=_LABELS,
+            help=f"{_SEG_LABELS} (default: ingest.labels; auto: layout, BraTS prefix, dataset.json)",
         ),
     ),
-    Command(
+    _command(
         "export",
         _cmd_export,
         "Write the ingested cases as an nnU-Net raw dataset or a MONAI datalist (with the split).",
-        (
-            _arg("--format", required=True, choices=["nnunet", "monai"], help="what to write"),
-            _arg("--out", required=True, help="folder to write DatasetXXX_Name/ or datalist.json into"),
-            _arg("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default: %(default)s)"),
-            _arg("--name", default="Tumorseg", help="nnU-Net dataset name (default: %(default)s)"),
-            _arg("--force", action="store_true", help="replace an existing export"),
-        ),
+        _arg("--format", required=True, choices=["nnunet", "monai"], help="what to write"),
+        _arg("--out", required=True, help="folder to write DatasetXXX_Name/ or datalist.json into"),
+        _arg("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default: %(default)s)"),
+        _arg("--name", default="Tumorseg", help="nnU-Net dataset name (default: %(default)s)"),
+        _arg("--force", action=_STORE, help="replace an existing export"),
     ),
-    Command(
+    _command(
         "validate",
         _cmd_validate,
         "Validate an ingested dataset with Great Expectations; quarantine bad cases.",
-        (
-            _arg("dir", nargs="?", help="ingested folder holding manifest.csv (default: paths.ingested)"),
-            _arg("--out", help="write the validated manifest and reports here (default: in place)"),
-            _arg(
-                "--max-invalid-fraction", type=float, metavar="F", help="fail above this share of bad cases"
-            ),
-            _DIMS,
-        ),
+        _arg("dir", nargs="?", help="ingested folder holding manifest.csv (default: paths.ingested)"),
+        _arg("--out", help="write the validated manifest and reports here (default: in place)"),
+        _arg("--max-invalid-fraction", type=float, metavar="F", help="fail above this share of bad cases"),
+        _DIMS,
     ),
-    Command(
+    _command(
         "preprocess",
         _cmd_preprocess,
         "Reorient, resample, crop and normalise valid cases.",
-        (
-            _arg("src", nargs="?", help="validated folder holding manifest.csv (default: paths.validated)"),
-            _arg("--out", help="output folder (default: paths.preprocessed)"),
-            _DIMS,
-        ),
+        _arg("src", nargs="?", help="validated folder holding manifest.csv (default: paths.validated)"),
+        _arg("--out", help="output folder (default: paths.preprocessed)"),
+        _DIMS,
     ),
-    Command(
+    _command(
         "split",
         _cmd_split,
         "Patient-level stratified train/val/test split.",
-        (
-            _arg("src", nargs="?", help="preprocessed folder (default: paths.preprocessed)"),
-            _arg("--out", help="split JSON file (default: paths.split)"),
-            _DIMS,
-        ),
+        _arg("src", nargs="?", help="preprocessed folder (default: paths.preprocessed)"),
+        _arg("--out", help="split JSON file (default: paths.split)"),
+        _DIMS,
     ),
-    Command(
+    _command(
         "evaluate",
         _cmd_evaluate,
         "Score predictions against references with each BraTS challenge's metrics.",
-        (
-            _arg("--pred", required=True, help="folder of <case_id>.nii.gz predictions"),
-            _arg("--ref", required=True, help="folder of <case_id>.nii.gz reference segmentations"),
-            _arg("--out", required=True, help="per-case CSV to write (summary JSON and plots go beside it)"),
-            _arg(
-                "--labels",
-                choices=["auto", *LABEL_CONVENTION_NAMES],
-                help="label convention: its regions, lesion-wise rules and HD95 penalty (default: evaluate.labels)",
-            ),
-            _arg("--summary", help="summary JSON path (default: <out>.summary.json)"),
-            _arg("--case-info", help="CSV with case_id,tumour_type for per-type statistics"),
-            _arg("--images", help="folder of images (any layout) to draw overlays on"),
-            _arg("--no-plots", action="store_true", help="skip the PNG figures"),
+        _arg("--pred", required=True, help="folder of <case_id>.nii.gz predictions"),
+        _arg("--ref", required=True, help="folder of <case_id>.nii.gz reference segmentations"),
+        _arg("--out", required=True, help="per-case CSV to write (summary JSON and plots go beside it)"),
+        _arg(
+            "--labels",
+            choices=_LABELS,
+            help="label convention: its regions, lesion-wise rules and HD95 penalty (default: evaluate.labels)",
         ),
+        _arg("--summary", help="summary JSON path (default: <out>.summary.json)"),
+        _arg("--case-info", help="CSV with case_id,tumour_type for per-type statistics"),
+        _arg("--images", help="folder of images (any layout) to draw overlays on"),
+        _arg("--no-plots", action=_STORE, help="skip the PNG figures"),
     ),
-    Command(
+    _command(
         "train",
         _cmd_train,
         "Train a segmentation network (Lightning + MONAI), tracked in MLflow; --dims 2: the 2-D "
         "segmenter + tumour classifier (model_2d, train_2d).",
-        (
-            _arg("--resume", action="store_true", help="continue from train.out_dir/checkpoints/last.ckpt"),
-            _DIMS,
-        ),
+        _arg("--resume", action=_STORE, help="continue from train.out_dir/checkpoints/last.ckpt"),
+        _DIMS,
     ),
-    Command(
+    _command(
         "predict",
         _cmd_predict,
         "Segment cases in any layout; writes <case_id>.nii.gz in each input's geometry and label convention.",
-        (
-            _arg(
-                "input",
-                help="a dataset folder (BraTS 2021, BraTS 2023+, MSD, nnU-Net raw, MONAI datalist) or one case folder; or 2-D .mat/image files "
-                "(a file or a folder of them: writes <case_id>_mask.png, 0/255, at each input's size)",
-            ),
-            _arg("--out", required=True, help="output folder for <case_id>.nii.gz"),
-            _arg(
-                "--model",
-                help="checkpoint path or MLflow model URI: models:/tumorseg@champion (default: predict.model), "
-                "models:/tumorseg/3, runs:/<run_id>/model; 2-D input: models:/tumorseg-2d@champion (predict_2d.model)",
-            ),
-            _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip layout detection"),
-            _arg(
-                "--labels",
-                choices=["auto", *LABEL_CONVENTION_NAMES],
-                help="the input's label convention, which the predictions are written in (default: detected)",
-            ),
-            _arg("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation"),
-            _arg("--min-component-mm3", type=float, metavar="MM3", help="drop smaller tumour components"),
-            _arg("--probabilities", action="store_true", help="also write probabilities/<case_id>.nii.gz"),
-            _arg(
-                "--uncertainty",
-                action="store_true",
-                help="also write uncertainty/<case_id>.nii.gz (needs --tta)",
-            ),
-            _arg(
-                "--device",
-                choices=["auto", "cpu", "cuda"],
-                help="where inference runs (default: predict.device)",
-            ),
-            _arg("--volumes", metavar="CSV", help="also write the per-case region volumes (ml) to this CSV"),
+        _arg(
+            "input",
+            help="a dataset folder (BraTS 2021, BraTS 2023+, MSD, nnU-Net raw, MONAI datalist) or one case "
+            "folder; or 2-D .mat/image files (a file or a folder of them: writes <case_id>_mask.png, 0/255, "
+            "at each input's size)",
         ),
+        _arg("--out", required=True, help="output folder for <case_id>.nii.gz"),
+        _arg(
+            "--model",
+            help="checkpoint path or MLflow model URI: models:/tumorseg@champion (default: predict.model), "
+            "models:/tumorseg/3, runs:/<run_id>/model; 2-D input: models:/tumorseg-2d@champion (predict_2d.model)",
+        ),
+        _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip layout detection"),
+        _arg(
+            "--labels", choices=_LABELS, help="input label convention, also the output's (default: detected)"
+        ),
+        _arg("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation"),
+        _arg("--min-component-mm3", type=float, metavar="MM3", help="drop smaller tumour components"),
+        _arg("--probabilities", action=_STORE, help="also write probabilities/<case_id>.nii.gz"),
+        _arg("--uncertainty", action=_STORE, help="also write uncertainty/<case_id>.nii.gz (needs --tta)"),
+        _arg("--device", choices=["auto", "cpu", "cuda"], help="inference device (default: predict.device)"),
+        _arg("--volumes", metavar="CSV", help="also write the per-case region volumes (ml) to this CSV"),
     ),
-    Command(
+    _command(
         "evaluate-model",
         _cmd_evaluate_model,
         "Evaluate the trained model on the test split in the source geometry; log it and register a "
         "challenger (--dims 2: choose the detector on validation, register tumorseg-2d and tumorseg-detect).",
-        (
-            _arg(
-                "--checkpoint", help="checkpoint to evaluate (default: <train.out_dir>/checkpoints/best.ckpt)"
-            ),
-            _NO_REGISTER,
-            _DIMS,
-        ),
+        _arg("--checkpoint", help="checkpoint to evaluate (default: <train.out_dir>/checkpoints/best.ckpt)"),
+        _NO_REGISTER,
+        _DIMS,
     ),
-    Command(
+    _command(
         "promote",
         _cmd_promote,
         "Promote the challenger to champion if it beats it on the same test cases (registry.* gate).",
-        (
-            _arg("--rollback", action="store_true", help="restore the previous champion instead"),
-            _arg(
-                "--name",
-                help="registered model (default: registry.model_name), e.g. tumorseg-2d, tumorseg-detect",
-            ),
-            _arg("--out", help="decision JSON to write (default: <paths.reports>/promotion.json)"),
-            _DIMS,
-        ),
+        _arg("--rollback", action=_STORE, help="restore the previous champion instead"),
+        _arg("--name", help="model name (default: registry.model_name), e.g. tumorseg-2d, tumorseg-detect"),
+        _arg("--out", help="decision JSON to write (default: <paths.reports>/promotion.json)"),
+        _DIMS,
     ),
-    Command(
+    _command(
         "detect",
         _cmd_detect,
         "Tumour / no tumour for .mat or image files: CSV case_id, probability, label.",
-        (
-            _arg("input", help="a .mat/image file or a folder of them"),
-            _arg("--out", required=True, help="CSV file to write"),
-            _arg(
-                "--model",
-                help="2-D model: MLflow URI, model folder or 2-D checkpoint (default: predict_2d.detect_model)",
-            ),
+        _arg("input", help="a .mat/image file or a folder of them"),
+        _arg("--out", required=True, help="CSV file to write"),
+        _arg(
+            "--model", help="2-D model: MLflow URI, folder or checkpoint (default: predict_2d.detect_model)"
         ),
     ),
-    Command(
+    _command(
         "compress",
         _cmd_compress,
         "Prune, quantize (INT8) and export (ONNX) the model; gate on test Dice; register the best as @edge.",
-        (
-            _arg("--model", help="fp32 model: MLflow URI or checkpoint (default: compress.model)"),
-            _arg("--variants", metavar="A,B", help="comma-separated variants (default: compress.variants)"),
-            _NO_REGISTER,
-        ),
+        _arg("--model", help="fp32 model: MLflow URI or checkpoint (default: compress.model)"),
+        _arg("--variants", metavar="A,B", help="comma-separated variants (default: compress.variants)"),
+        _NO_REGISTER,
     ),
-    Command(
+    _command(
         "tune",
         _cmd_tune,
         "Optuna hyper-parameter search (tune.space); trials nested in MLflow; best params -> tune.best_params_file.",
-        (
-            _arg("--n-trials", type=int, help="finished trials wanted in the study (default: tune.n_trials)"),
-            _arg("--n-jobs", type=int, help="worker processes on this machine (default: tune.n_jobs)"),
-            _arg(
-                "--storage",
-                help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: tune.storage)",
-            ),
-            _arg("--study", help="study name (default: tune.study_name)"),
-            _arg("--timeout", type=float, metavar="S", help="stop starting trials after S seconds"),
+        _arg("--n-trials", type=int, help="finished trials wanted in the study (default: tune.n_trials)"),
+        _arg("--n-jobs", type=int, help="worker processes on this machine (default: tune.n_jobs)"),
+        _arg(
+            "--storage", help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: tune.storage)"
         ),
+        _arg("--study", help="study name (default: tune.study_name)"),
+        _arg("--timeout", type=float, metavar="S", help="stop starting trials after S seconds"),
     ),
-    Command(
+    _command(
         "flow",
         _cmd_flow,
         "Run a Prefect flow: the training pipeline end to end, or the data stages.",
-        (
-            _arg("name", choices=["training", "data", "planar"], help="which flow (planar: the @2d stages)"),
-            _arg(
-                "--smoke",
-                action="store_true",
-                help="training: tiny generated data in a temporary workspace (minutes)",
-            ),
-            _arg("--workspace", help="--smoke: work here instead of a new temporary folder"),
-            _arg(
-                "--only-if-new-data",
-                action="store_true",
-                help="training: stop early if the raw data is what the champion was trained on",
-            ),
-            _arg(
-                "--tune",
-                action=argparse.BooleanOptionalAction,
-                help="training: Optuna search first (default: flow.tune)",
-            ),
+        _arg("name", choices=["training", "data", "planar"], help="which flow (planar: the @2d stages)"),
+        _arg(
+            "--smoke", action=_STORE, help="training: tiny generated data in a temporary workspace (minutes)"
+        ),
+        _arg("--workspace", help="--smoke: work here instead of a new temporary folder"),
+        _arg(
+            "--only-if-new-data",
+            action=_STORE,
+            help="training: stop if the champion was trained on this data",
+        ),
+        _arg(
+            "--tune",
+            action=argparse.BooleanOptionalAction,
+            help="training: Optuna search first (default: flow.tune)",
         ),
     ),
-    Command(
+    _command(
         "schedule",
         _cmd_schedule,
         "Serve the training flow on the flow.schedule cron (retrains when the raw data changed).",
-        (
-            _arg(
-                "--dry-run", action="store_true", help="print the deployment and its next runs; do not serve"
-            ),
-        ),
+        _arg("--dry-run", action=_STORE, help="print the deployment and its next runs; do not serve"),
     ),
-    Command(
+    _command(
         "serve",
         _cmd_serve,
         "Serve the model over HTTP: POST /predict, a browser viewer at /, OpenAPI docs at /docs.",
-        (
-            _arg(
-                "--model",
-                help="MLflow model URI, MLflow model folder or checkpoint (default: serve.model, else predict.model)",
-            ),
-            _arg(
-                "--model-2d",
-                help="2-D model for .mat/.png/.jpg uploads: MLflow URI, 2-D package or MLflow model folder, or a "
-                "2-D best.ckpt (default: serve.model_2d; optional, without it 2-D uploads get 503)",
-            ),
-            _arg("--host", help="interface to bind (default: serve.host; 0.0.0.0 in a container)"),
-            _arg("--port", type=int, help="TCP port (default: serve.port)"),
+        _arg(
+            "--model",
+            help="MLflow URI, MLflow model folder or checkpoint (default: serve.model, else predict.model)",
         ),
+        _arg(
+            "--model-2d",
+            help="2-D model for .mat/.png/.jpg uploads: MLflow URI, 2-D package or MLflow model folder, or a "
+            "2-D best.ckpt (default: serve.model_2d; optional, without it 2-D uploads get 503)",
+        ),
+        _arg("--host", help="interface to bind (default: serve.host; 0.0.0.0 in a container)"),
+        _arg("--port", type=int, help="TCP port (default: serve.port)"),
     ),
-    Command(
+    _command(
         "preset",
         _cmd_preset,
         "Switch the training recipe: list the presets, show one, or apply one to params.yaml in place.",
-        (
-            _arg("action", choices=["list", "show", "apply"], help="what to do"),
-            _arg("name", nargs="?", help="preset (show, apply), e.g. brats-gpu; `list` names them all"),
-        ),
+        _arg("action", choices=["list", "show", "apply"], help="what to do"),
+        _arg("name", nargs="?", help="preset (show, apply), e.g. brats-gpu; `list` names them all"),
     ),
 )
 """Every sub-command in ``tumorseg --help`` order, with its arguments after :data:`COMMON_ARGS`."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``tumorseg`` parser: ``-v``, then one sub-parser per :data:`COMMANDS` entry, in order.
-
-    Each sub-parser takes :data:`COMMON_ARGS` first and stores its handler as ``args.handler``,
-    which :func:`main` calls.
-    """
+    """The ``tumorseg`` parser: ``-v``, then one sub-parser per :data:`COMMANDS` entry, handler in ``args.handler``."""
     parser = argparse.ArgumentParser(prog="tumorseg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -852,11 +709,10 @@ class _DropAdverts(logging.Filter):
 
 
 def configure_logging(verbose: bool) -> None:
-    """One line per message on stderr, timestamped; dependency noise that is known harmless filtered.
+    """One timestamped line per message on stderr; known-harmless dependency noise filtered.
 
-    Lightning puts its own console handler on the ``lightning`` logger when it is imported and lets
-    records propagate to the root handler too, so every line came out twice: its records stay with
-    its handler alone. Done before any heavy import, so ``tumorseg --help`` stays instant.
+    Lightning puts its own console handler on the ``lightning`` logger and lets records propagate to
+    the root handler too: its records stay with its handler alone, so no line comes out twice.
     """
     import warnings
 
@@ -872,8 +728,7 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)

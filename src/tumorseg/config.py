@@ -1,12 +1,8 @@
-"""params.yaml, loaded once into typed config objects.
+"""params.yaml, loaded once into typed config objects: one pydantic model per section.
 
-params.yaml is the single source of truth for every DVC stage and Prefect flow.
-Each top-level section has a pydantic model here; unknown or ill-typed keys are
-rejected with a one-line :class:`~tumorseg.errors.ConfigError` naming the key
-(``params.yaml: train.lr: Input should be a valid number``).
-
-Overrides (from Prefect flows, tests or ``-S``-style CLI options) are given as
-dotted keys, ``{"train.max_epochs": 1}``, and applied before validation.
+Unknown or ill-typed keys are a one-line :class:`~tumorseg.errors.ConfigError` naming the key
+(``params.yaml: train.lr: Input should be a valid number``). Overrides (flows, tests, ``-S``) are
+dotted keys, ``{"train.max_epochs": 1}``, applied before validation.
 """
 
 from __future__ import annotations
@@ -15,10 +11,10 @@ import contextlib
 import copy
 import importlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tumorseg.errors import ConfigError
 
@@ -32,25 +28,21 @@ class Section(BaseModel):
 
 
 SYNTH_SOURCE = "synth"
-"""``data.source`` value that selects the embedded generator (its cases go to ``data/synth``)."""
 DATA_FOLDER = "data"
-"""Relative ``data.source`` paths are relative to this folder of the project (the DVC stages' ``wdir``)."""
+"""Relative ``data.source`` paths are relative to this folder (the DVC stages' ``wdir``)."""
 GENERATED_FOLDERS: dict[int, str] = {3: SYNTH_SOURCE, 2: "synth_2d"}
-"""The ``data.source`` / ``data.source_2d`` values that select the generator, and the folder under
-``data/`` it writes to, for volumes (3) and images (2)."""
+"""``data.source`` / ``data.source_2d`` values that select the generator, by dims, and its folder in ``data/``."""
 
 
 class DataConfig(Section):
     """``data:`` which dataset the pipeline trains on.
 
     Attributes:
-        source: ``synth`` (the embedded generator, ``tumorseg synth``) or the path of a dataset
-            folder in any supported layout, absolute or relative to the project's ``data/`` folder
-            (``mydata`` is ``data/mydata``). A folder is only ever read: DVC tracks it as a
-            dependency of ``ingest``, never as an output.
-        source_2d: the same for the 2-D dataset (the ``@2d`` stages): ``synth_2d`` (generated Figshare
-            and Kaggle layouts in ``data/synth_2d``) or a folder of ``.mat`` slices and/or Kaggle
-            ``yes/`` + ``no/`` image folders.
+        source: ``synth`` (the embedded generator) or a dataset folder in any supported layout,
+            absolute or relative to ``data/``. A folder is only read: DVC tracks it as a dependency
+            of ``ingest``, never as an output.
+        source_2d: the same for the ``@2d`` stages: ``synth_2d`` or a folder of ``.mat`` slices
+            and/or Kaggle ``yes/`` + ``no/`` image folders.
     """
 
     source: str = Field(SYNTH_SOURCE, min_length=1)
@@ -67,15 +59,12 @@ class DataConfig(Section):
         return self
 
     def source_of(self, dims: int) -> str:
-        """``source`` (volumes, ``dims`` 3) or ``source_2d`` (images, 2)."""
         return self.source if dims == 3 else self.source_2d
 
     def is_synth(self, dims: int = 3) -> bool:
-        """True when the generator makes the dataset: ``synth`` (``synth_2d`` for images)."""
         return self.source_of(dims) == GENERATED_FOLDERS[dims]
 
     def folder(self, project_root: str | Path = ".", dims: int = 3) -> Path:
-        """The dataset folder: ``<root>/data/synth`` (``synth_2d``) for the generator, else the source resolved."""
         return self.folder_for(self.source_of(dims), project_root)
 
     @staticmethod
@@ -109,20 +98,22 @@ def _known_convention(value: str) -> str:
     raise ValueError(f"unknown label convention {value!r}; use one of auto, {', '.join(LABEL_CONVENTIONS)}")
 
 
+LabelConvention = Annotated[str, AfterValidator(_known_convention)]
+
+
 DATASET_LAYOUTS = ("brats2021", "brats2023", "msd", "nnunet", "monai")
 """Layouts tumorseg reads and ``tumorseg synth`` writes (:mod:`tumorseg.data.layouts`)."""
 
 
 class SynthConfig(Section):
-    """The embedded default dataset (``tumorseg synth``), built on the MNI152 template nilearn ships.
+    """``tumorseg synth``: the embedded default dataset, built on nilearn's MNI152 template.
 
-    ``labels`` is the convention written (``auto``: the layout's own, brats2021 / brats2023 / msd;
-    nnunet and monai write brats2023 codes); ``brats2024-gli`` adds resection cavities,
-    ``brats2024-ped`` cysts.
+    ``labels`` is the convention written (``auto``: the layout's own; nnunet and monai write
+    brats2023 codes); ``brats2024-gli`` adds resection cavities, ``brats2024-ped`` cysts.
     """
 
     layout: Literal["brats2021", "brats2023", "msd", "nnunet", "monai"] = "brats2021"
-    labels: str = "auto"
+    labels: LabelConvention = "auto"
     cases: int = Field(48, ge=1)
     seed: int = 42
     spacing_mm: float = Field(2.0, gt=0.2, le=4.0)
@@ -133,28 +124,18 @@ class SynthConfig(Section):
     noise_level: float = Field(0.03, ge=0.0, le=0.5)
     bias_field_strength: float = Field(0.2, ge=0.0, le=1.0)
 
-    @field_validator("labels")
-    @classmethod
-    def _labels_known(cls, value: str) -> str:
-        return _known_convention(value)
-
 
 class IngestConfig(Section):
     """``tumorseg ingest``: layout detection, label convention and the manifest.
 
-    ``labels`` names the convention of the ``seg`` files (``auto``: from the layout, the BraTS
-    case prefix or ``dataset.json``; where that is ambiguous, ingest stops and asks for it).
+    ``labels`` names the convention of the ``seg`` files (``auto``: from the layout, the BraTS case
+    prefix or ``dataset.json``; where that is ambiguous, ingest stops and asks for it).
     """
 
     layout: Literal["auto", "brats2021", "brats2023", "msd", "nnunet", "monai"] = "auto"
-    labels: str = "auto"
+    labels: LabelConvention = "auto"
     hash_chunk_mb: int = Field(8, ge=1)
     workers: int = Field(2, ge=0)
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_known(cls, value: str) -> str:
-        return _known_convention(value)
 
 
 class ValidateConfig(Section):
@@ -187,13 +168,12 @@ class PreprocessConfig(Section):
 
 
 class SplitConfig(Section):
-    """Train/val/test split; its unit is a patient with every scan duplicated under another case id.
+    """Train/val/test split by patient (every scan of a patient, under any case id, in one part).
 
-    ``method`` (rules in :mod:`tumorseg.data.split`): ``stratified`` (by tumour size, ``seed``,
-    fractions, ``size_bins``); ``datalist`` (a MONAI datalist's ``validation``/``testing`` lists, or
-    its fold ``val_fold`` as validation; a missing test or val part is held out stratified);
-    ``file`` (a split of your own: ``file``, a JSON ``{"train": [...], "val": [...], "test": [...]}``
-    or a CSV ``case_id,split``, relative to the project folder).
+    ``method`` (rules in :mod:`tumorseg.data.split`): ``stratified`` (by tumour size); ``datalist``
+    (a MONAI datalist's ``validation``/``testing`` lists or fold ``val_fold``; a missing part is held
+    out stratified); ``file`` (``file``: JSON ``{"train": [...], "val": [...], "test": [...]}`` or CSV
+    ``case_id,split``, relative to the project folder).
     """
 
     seed: int = 42
@@ -224,25 +204,23 @@ class SplitConfig(Section):
 
 
 class EvaluateConfig(Section):
-    """``tumorseg evaluate``: each challenge's own metrics (docs/evaluation.md has the rules and their sources)."""
+    """``tumorseg evaluate``: each challenge's own metrics (rules and sources: docs/evaluation.md).
 
-    labels: str = "auto"  # a convention of tumorseg/data/label_sets.yaml: regions, lesion rules, HD95 penalty
-    hd95_penalty_mm: float | None = Field(
-        None, gt=0.0
-    )  # None: the convention's (374; 337 for BraTS 2024 GLI)
+    ``labels`` is a convention of tumorseg/data/label_sets.yaml (regions, lesion rules, HD95 penalty);
+    ``hd95_penalty_mm`` None takes the convention's (374; 337 for BraTS 2024 GLI); a case counts as
+    "tumour present" when its predicted WT volume exceeds ``detection_min_volume_ml``.
+    """
+
+    labels: LabelConvention = "auto"
+    hd95_penalty_mm: float | None = Field(None, gt=0.0)
     lesion_dilation_connectivity: Literal[6, 18, 26] = 18  # generate_binary_structure(3, 2)
     lesion_connectivity: Literal[6, 18, 26] = 26  # cc3d connectivity=26
-    detection_min_volume_ml: float = Field(0.0, ge=0.0)  # "tumour present" = predicted WT volume > this
+    detection_min_volume_ml: float = Field(0.0, ge=0.0)
     bootstrap_resamples: int = Field(2000, ge=1)
     ci_level: float = Field(0.95, gt=0.0, lt=1.0)
     seed: int = 42
     affine_tolerance_mm: float = Field(1e-3, gt=0.0)
     plots: bool = True
-
-    @field_validator("labels")
-    @classmethod
-    def _labels_known(cls, value: str) -> str:
-        return _known_convention(value)
 
 
 SECTION_MODELS: dict[str, str] = {
@@ -279,11 +257,8 @@ SECTION_MODELS: dict[str, str] = {
     "detect": "tumorseg.evaluation.planar_evaluate:DetectConfig",
     "evaluate_2d": "tumorseg.evaluation.planar_evaluate:EvaluatePlanarConfig",
 }
-"""Every params.yaml section and its model, as ``module:Class``, in params.yaml's order.
-
-One declarative table instead of registration at import time: a section validates the same
-whatever the caller imported first, and a model is imported only when its section is read
-(``tumorseg validate`` never pays for torch)."""
+"""Every params.yaml section and its model, in params.yaml's order: a table, not import-time
+registration, so a model is imported only when its section is read (``validate`` never loads torch)."""
 
 
 def section_model(name: str, *, source: str = str(DEFAULT_PARAMS_FILE)) -> type[Section]:
@@ -303,7 +278,7 @@ RETIRED_KEYS: dict[str, str] = {
     "evaluate.lesion_dilation_iterations": "per region in tumorseg/data/label_sets.yaml, as each challenge's metrics code",
     "evaluate.lesion_min_volume_mm3": "per region in tumorseg/data/label_sets.yaml, as each challenge's metrics code",
 }
-"""Keys earlier versions of params.yaml had, and what replaced them."""
+"""Retired params.yaml keys and what replaced them."""
 
 
 def without_retired(name: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -361,16 +336,10 @@ def section(
     path: str | Path = DEFAULT_PARAMS_FILE,
     source: str | Path | None = None,
 ) -> Any:
-    """Validate one section of params into its typed model.
-
-    Args:
-        name: section name, e.g. ``"synth"``.
-        params: already-read params dict; read from ``path`` when None.
-        path: params.yaml to read when ``params`` is None.
-        source: file name used in error messages (defaults to ``path``).
+    """Validate section ``name`` of ``params`` (read from ``path`` when None) into its typed model.
 
     Raises:
-        ConfigError: naming the offending key, e.g. ``params.yaml: split.train: ...``.
+        ConfigError: naming the key and ``source`` (default ``path``): ``params.yaml: split.train: ...``.
     """
     if params is None:
         params = read_params(path)

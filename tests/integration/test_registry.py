@@ -57,7 +57,7 @@ class Project:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
-    from tumorseg.evaluation.pipeline_stage import run_evaluate_stage
+    from tumorseg.registry.evaluate_stage import run_evaluate_stage
     from tumorseg.training.train import train
 
     root = tmp_path_factory.mktemp("project")

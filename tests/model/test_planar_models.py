@@ -36,7 +36,7 @@ SIZE, head_image, tiny_params, write_preprocessed = (
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Train, evaluate (registering both challengers) and promote both 2-D models in one workspace."""
     from tumorseg.config import apply_overrides
-    from tumorseg.evaluation.planar_evaluate import evaluate_planar
+    from tumorseg.registry.evaluate_stage import evaluate_planar
     from tumorseg.registry.promote import promote
     from tumorseg.training.planar_train import train_planar
 
@@ -106,7 +106,7 @@ def test_evaluation_reports_test_metrics_with_cis(trained: dict[str, Any]) -> No
     sizes = pd.read_csv(reports / "plots" / "test_volumes.csv")
     assert (sizes["ref_px"] >= 0).all() and sizes["case_id"].tolist() == dice_plot["case_id"].tolist()
     # the registered package holds the chosen detector
-    from tumorseg.models.planar_package import load_planar_model
+    from tumorseg.registry.loading import load_planar_model
 
     uri = trained["params"]["mlflow"]["tracking_uri"]
     assert (
@@ -136,7 +136,7 @@ def test_second_challenger_goes_through_the_same_gate(trained: dict[str, Any]) -
     from mlflow import MlflowClient
 
     from tumorseg.config import apply_overrides
-    from tumorseg.evaluation.planar_evaluate import evaluate_planar
+    from tumorseg.registry.evaluate_stage import evaluate_planar
     from tumorseg.registry.promote import promote
 
     params = trained["params"]
@@ -179,8 +179,8 @@ def test_predict_writes_masks_at_each_input_size(trained: dict[str, Any], tmp_pa
 
 
 def test_predict_planar_function_takes_arrays(trained: dict[str, Any]) -> None:
-    from tumorseg.models.planar_package import load_planar_model
     from tumorseg.models.planar_predictor import predict_planar
+    from tumorseg.registry.loading import load_planar_model
 
     model = load_planar_model(
         "models:/tumorseg-2d@champion", tracking_uri=trained["params"]["mlflow"]["tracking_uri"]

@@ -1,13 +1,9 @@
 """LightningDataModule over preprocessed cases: patches read out of core, whole-volume validation.
 
-Which cases belong to which split comes from ``data/split.json`` (``{"train": [...], "val":
-[...], "test": [...]}``); each case is ``<preprocessed>/cases/<case_id>.npz`` (see
-:mod:`tumorseg.data.transforms` for the array layout).
-
-Training epochs have a fixed length (``patches_per_epoch`` draws, nnU-Net style) rather than
-"one patch per case": with ~25 training volumes an epoch of 25 patches would make
-validation, checkpointing and logging dominate the run. Each draw picks a case and reads a fresh
-random patch from it (:mod:`tumorseg.data.case_store`): memory does not grow with the dataset.
+Splits come from ``split.json`` (``{"train": [...], "val": [...], "test": [...]}``); each case is
+``<preprocessed>/cases/<case_id>.npz`` (layout: :mod:`tumorseg.data.transforms`). An epoch is a
+fixed number of patch draws (nnU-Net style), not one patch per case, so validation and
+checkpointing do not dominate short runs; each draw reads a fresh random patch out of core.
 """
 
 from __future__ import annotations
@@ -57,24 +53,28 @@ def read_split(split_file: str | Path) -> dict[str, list[str]]:
     return {k: [str(c) for c in v] for k, v in data.items() if isinstance(v, list)}
 
 
-def case_records(preprocessed_dir: str | Path, case_ids: Sequence[str]) -> list[dict[str, Any]]:
-    """One record per case for the MONAI datasets: ``{"case_id", "case_index", "path"}``.
+def _read_index(preprocessed_dir: str | Path) -> Any | None:
+    """``index.csv`` as a string table, or None when the dataset has none."""
+    import pandas as pd
 
-    The ``.npz`` path comes from ``index.csv``'s ``npz`` column (relative to ``preprocessed_dir``)
-    when there is one, else ``cases/<case_id>.npz``.
+    index_file = Path(preprocessed_dir) / INDEX_NAME
+    return pd.read_csv(index_file, dtype=str, keep_default_na=False) if index_file.is_file() else None
+
+
+def case_records(preprocessed_dir: str | Path, case_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """One record per case: ``{"case_id", "case_index", "path"}``.
+
+    The ``.npz`` path is ``index.csv``'s ``npz`` column (relative to ``preprocessed_dir``) where
+    there is one, else ``cases/<case_id>.npz``.
 
     Raises:
         DataError: a case listed in the split has no preprocessed ``.npz``.
     """
     root = Path(preprocessed_dir)
+    index = _read_index(root)
     npz_of: dict[str, str] = {}
-    index_file = root / INDEX_NAME
-    if index_file.is_file():
-        import pandas as pd
-
-        index = pd.read_csv(index_file, dtype=str, keep_default_na=False)
-        if {"case_id", "npz"} <= set(index.columns):
-            npz_of = dict(zip(index["case_id"], index["npz"], strict=True))
+    if index is not None and {"case_id", "npz"} <= set(index.columns):
+        npz_of = dict(zip(index["case_id"], index["npz"], strict=True))
     records = []
     for position, case_id in enumerate(case_ids):
         path = root / npz_of.get(case_id, f"{CASES_DIR}/{case_id}.npz")
@@ -89,22 +89,18 @@ def case_records(preprocessed_dir: str | Path, case_ids: Sequence[str]) -> list[
 def dataset_label_set(preprocessed_dir: str | Path) -> LabelSet:
     """The label set of a preprocessed dataset, from ``index.csv``'s ``label_convention`` column.
 
-    No index (cases listed by the split alone, as :func:`case_records` allows) or an index without
-    the column (written before label sets existed) is ``glioma``.
+    Without an index, or a column, it is ``glioma``.
 
     Raises:
         DataError: the cases mix label sets (their conventions code different tumour parts).
     """
-    import pandas as pd
-
     from tumorseg.data.conventions import GLIOMA, label_set_of
 
-    index_file = Path(preprocessed_dir) / INDEX_NAME
-    if not index_file.is_file():
+    index = _read_index(preprocessed_dir)
+    if index is None:
         return GLIOMA
-    index = pd.read_csv(index_file, dtype=str, keep_default_na=False)
     try:
-        return label_set_of(index.get("label_convention", []), where=str(index_file))
+        return label_set_of(index.get("label_convention", []), where=str(Path(preprocessed_dir) / INDEX_NAME))
     except ValueError as exc:
         raise DataError(str(exc)) from None
 
@@ -123,20 +119,10 @@ def smallest_shape(records: Sequence[dict[str, Any]]) -> tuple[int, int, int]:
 class PatchDataset(Dataset, Randomizable):
     """A fixed-length epoch of random training patches, each read out of core.
 
-    Index ``i`` draws a random patch from case ``i % n``: a centre from the case's sample
-    locations, the patch's voxels copied out of the memory-mapped case
-    (:meth:`~tumorseg.data.case_store.CaseReader.draw`), then the random augmentation. Cases
-    within ``cache_bytes`` are held in memory instead (:func:`~tumorseg.data.case_store.open_cases`).
-
-    Hand-written because MONAI's croppers take whole volumes (a memory map would be read whole)
-    and its datasets cache whole cases (module docstring of :mod:`tumorseg.data.case_store`).
-
-    Args:
-        paths: the cases' ``.npz`` files (this rank's shard under DDP).
-        loader: ``data_loader:`` section (sampler, crop size).
-        transform: the random part, applied to ``{"image": (C, *crop), "label": (1, *crop)}``.
-        length: draws per epoch.
-        cache_bytes: in-memory budget (0: everything out of core).
+    Index ``i`` draws a patch from case ``i % n`` (:meth:`~tumorseg.data.case_store.CaseReader.draw`),
+    then applies the random ``transform`` to ``{"image": (C, *crop), "label": (1, *crop)}``. Cases
+    within ``cache_bytes`` are held in memory instead. Hand-written because MONAI's croppers and
+    datasets read and cache whole volumes (see :mod:`tumorseg.data.case_store`).
     """
 
     def __init__(
@@ -164,10 +150,8 @@ class PatchDataset(Dataset, Randomizable):
         self.transform.set_random_state(seed=int(self.R.randint(MAX_SEED)))
         return self
 
-    def randomize(
-        self, data: Any = None
-    ) -> None:  # Randomizable's abstract method; draws happen in __getitem__
-        pass
+    def randomize(self, data: Any = None) -> None:
+        """Randomizable's abstract method; the draws happen in ``__getitem__``."""
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.readers[index % len(self.readers)].draw(
@@ -181,10 +165,7 @@ class PatchDataset(Dataset, Randomizable):
 
 
 class WholeCases(Dataset):
-    """Whole volumes, read one case per item and not kept (validation streams case by case).
-
-    Items: ``image`` float32 ``(4, X, Y, Z)``, ``label`` uint8 ``(1, X, Y, Z)``, ``case_index``.
-    """
+    """Whole volumes (``image`` float32 ``(4, X, Y, Z)``, ``label`` uint8 ``(1, X, Y, Z)``), read per item."""
 
     def __init__(self, records: Sequence[dict[str, Any]]) -> None:
         self.records = list(records)
@@ -221,23 +202,10 @@ def rank_shard(records: Sequence[dict[str, Any]], rank: int, world_size: int) ->
 class SegmentationDataModule(L.LightningDataModule):
     """Train on random patches (3-D) or axial slices (2-D); validate on whole volumes.
 
-    Batches:
-        train: ``image`` float32 ``(B, 4, *patch)``, ``label`` uint8 ``(B, 1, *patch)``.
-        val: ``image`` ``(1, 4, X, Y, Z)``, ``label`` ``(1, 1, X, Y, Z)``, ``case_index`` ``(1,)``
-        (whole volumes differ in shape, so one per batch; no random work, so no workers).
-
-    Under DDP each rank draws from its own shard of the training cases (:func:`rank_shard`), so a
-    rank reads and caches only those; the distributed sampler gives each rank
-    ``patches_per_epoch / world_size`` of the epoch's draws.
-
-    Args:
-        train_records: :func:`case_records` of the training split.
-        val_records: :func:`case_records` of the validation split.
-        loader: ``data_loader:`` section.
-        augment: ``augment:`` section.
-        patches_per_epoch: draws per training epoch (steps per epoch x batch size), split between the
-            DDP ranks by the distributed sampler.
-        seed: base seed of the patch draws and augmentation (offset by the DDP rank).
+    Train batches: ``image`` float32 ``(B, 4, *patch)``, ``label`` uint8 ``(B, 1, *patch)``,
+    ``patches_per_epoch`` draws an epoch. Validation batches hold one whole volume (shapes differ)
+    and its ``case_index``. Under DDP each rank draws from, and caches, its own shard of the training
+    cases (:func:`rank_shard`), seeded ``seed + rank``.
     """
 
     def __init__(
@@ -260,12 +228,14 @@ class SegmentationDataModule(L.LightningDataModule):
         self.train_set: PatchDataset | None = None
         self.val_set: Dataset | None = None
 
+    def _rank(self) -> tuple[int, int]:
+        """``(global rank, world size)``; ``(0, 1)`` outside a Trainer."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
     def setup(self, stage: str | None = None) -> None:
         """Open this rank's training cases (and fill the bounded cache) once per process."""
         if self.train_set is None and stage in (None, "fit"):
-            rank, world = (
-                (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-            )
+            rank, world = self._rank()
             shard = rank_shard(self.train_records, rank, world)
             self.train_set = PatchDataset(
                 [record["path"] for record in shard],
@@ -297,10 +267,10 @@ class SegmentationDataModule(L.LightningDataModule):
         workers = self.loader.num_workers
         # MONAI's DataLoader reseeds the dataset (and its workers) from this generator: seeded per
         # rank, or every DDP rank would draw the same centres and augmentations.
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        generator = torch.Generator().manual_seed(self.seed + self._rank()[0])
         return DataLoader(
             self.train_set,
-            generator=torch.Generator().manual_seed(self.seed + rank),
+            generator=generator,
             batch_size=self.loader.batch_size,
             shuffle=True,
             drop_last=True,

@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-R = TypeVar("R")
-
 INGEST_STATUS_COLUMN = "ingest_status"
 INGEST_REASON_COLUMN = "ingest_reason"
 """Columns validation adds to keep ingest's own verdict; preferred when a validated manifest is reused."""
@@ -32,20 +30,8 @@ INGEST_REASON_COLUMN = "ingest_reason"
 
 @dataclass(frozen=True)
 class IngestSummary:
-    """What one ingest run did.
-
-    Attributes:
-        manifest: the written ``manifest.csv``.
-        layout: detected (or forced) layout.
-        cases: rows in the manifest.
-        ok: rows with status ``ok``.
-        quarantined: rows ingest quarantined.
-        new: cases not in the previous manifest (read now).
-        changed: cases whose files changed since the previous manifest (read again).
-        reused: rows kept from the previous manifest without reading any file.
-        removed: rows of the previous manifest whose case is gone from the source.
-        seconds: wall time of the run.
-    """
+    """What one ingest run did: rows ``ok`` and ``quarantined``; cases ``new``, ``changed`` (both read),
+    ``reused`` (no file read) and ``removed`` (gone from the source) since the previous manifest."""
 
     manifest: Path
     layout: str
@@ -82,28 +68,16 @@ def write_incrementally(
 ) -> IngestSummary:
     """Reuse unchanged rows of the previous manifest, read the rest, write ``out_dir/manifest.csv``.
 
-    The incremental part the 3-D ingest (cases of several files) and the 2-D ingest
-    (:func:`~tumorseg.data.planar_ingest.ingest_planar`, one file a case) share: an item keeps its
-    previous row when ``reusable`` says its fingerprint and paths are unchanged, and is read (in
-    ``workers`` processes, see :func:`~tumorseg.data.parallel.map_cases`) otherwise; previous rows whose item is gone are dropped.
-
     Args:
         items: the cases found in the source, each with a ``case_id`` attribute.
         previous: the previous manifest's rows by case id, with ingest's own verdict.
-        out_dir: where ``manifest.csv`` is written (atomically).
         fingerprint: cheap change marker of an item (sizes and modification times).
         reusable: whether a previous row still describes an item with this fingerprint.
-        read: reads an item once and returns its manifest row (all text); a module-level function
-            (or a partial of one), since it runs in worker processes.
-        columns: the manifest's columns, in order.
-        layout: the layout name the summary reports.
-        workers: threads reading items.
-        start: ``time.perf_counter()`` when the run began (for the summary's seconds).
+        read: reads an item once into its manifest row (all text); module-level (or a partial of
+            one), since it runs in ``workers`` processes.
+        start: ``time.perf_counter()`` when the run began.
         refresh: updates a reused row with what may change without any file changing (the 3-D
-            ingest: a case's datalist subset and fold); None keeps reused rows as they were.
-
-    Returns:
-        Counts of what was read, reused, quarantined and dropped.
+            datalist subset and fold); None keeps reused rows as they were.
     """
     rows: dict[str, dict[str, str]] = {}
     to_read: list[tuple[T, str]] = []
@@ -151,9 +125,7 @@ def _read_pair(read: Callable[[T, str], dict[str, str]], pair: tuple[T, str]) ->
 def rows_with_ingest_verdict(df: pd.DataFrame, columns: Sequence[str]) -> dict[str, dict[str, str]]:
     """A previous manifest's rows (all text, ``columns`` only) by case id, as ingest wrote them.
 
-    A manifest validated in place carries validation's verdict in ``status``/``reason``; ingest's
-    own verdict is kept in ``ingest_status``/``ingest_reason``, and only that may be reused, so it is
-    put back. Used by the 3-D and the 2-D ingest (:mod:`tumorseg.data.planar_ingest`).
+    Validation keeps ingest's own verdict in ``ingest_status``/``ingest_reason``; only that may be reused.
     """
     rows: dict[str, dict[str, str]] = {}
     for record in df.to_dict(orient="records"):

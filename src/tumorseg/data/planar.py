@@ -1,32 +1,11 @@
 """2-D (planar) MRI slices: reading Figshare ``.mat`` files and plain images, preprocessing and its inverse.
 
-Two public 2-D brain-tumour datasets are read as they are distributed:
-
-- **Figshare** (Cheng et al., 3064 T1-weighted contrast-enhanced slices of 233 patients): one MATLAB
-  file per slice holding a struct ``cjdata`` with ``image`` (512 x 512 int16), ``tumorMask``
-  (logical), ``label`` (1 meningioma, 2 glioma, 3 pituitary), ``PID`` (patient id, char) and
-  ``tumorBorder`` (outline coordinates). The files are MATLAB v7.3, i.e. HDF5 behind a 512-byte
-  MATLAB header, read with h5py; MATLAB stores arrays column-major, so every array comes back
-  transposed and is transposed again here. They are read by content: MATLAB tags each variable with
-  a ``MATLAB_class`` attribute, but files written by h5py or other tools carry none, so each field's
-  type is taken from its dataset where the attribute is missing (``image``, ``tumorMask``: numeric
-  arrays; ``label``: one number, or text that is one; ``PID``: a uint16 char array, byte or text
-  strings, or one number; ``tumorBorder``: numbers). A field that cannot be read as such is a
-  :class:`~tumorseg.errors.DataError` naming the field and what to do. Older v5 files (``save -v7``
-  or scipy) are read with :func:`scipy.io.loadmat`.
-- **Kaggle** "brain MRI images for brain tumor detection": JPEG/PNG files of any size, grayscale or
-  RGB, in folders ``yes/`` (tumour) and ``no/`` (no tumour). There are no masks and no patient ids,
-  so each image is its own patient.
-
-:func:`read_planar` turns either into a :class:`PlanarImage`: a float32 ``(H, W)`` grayscale image,
-the mask when there is one, and the labels the file carries. Every failure to decode is a
-:class:`~tumorseg.errors.DataError` naming the file; the file is only ever read.
-
-Preprocessing (:func:`preprocess_planar`, params.yaml ``preprocess_2d:``) follows the steps common in
-the 2-D literature: grayscale, optional denoising (median or Gaussian), an Otsu-threshold crop to the
-head, padding to a square, resizing to ``size x size`` and intensity normalisation. The returned
-:class:`PlanarGeometry` holds every number needed to map a mask on the ``(S, S)`` grid back onto the
-input's own ``(H, W)`` pixels (:func:`restore_planar_mask`), and forward (:func:`apply_planar_geometry`).
+- **Figshare** (Cheng et al., 3064 T1ce slices): one MATLAB file per slice, a struct ``cjdata`` with
+  ``image`` (512 x 512 int16), ``tumorMask``, ``label`` (1..3), ``PID`` and ``tumorBorder``. v7.3
+  files (HDF5 behind a 512-byte header, column-major) are read by content, since writers other than
+  MATLAB omit the ``MATLAB_class`` attributes; v5 files with :func:`scipy.io.loadmat`.
+- **Kaggle** "brain MRI images for brain tumor detection": JPEG/PNG of any size in ``yes/`` and
+  ``no/``; no masks and no patient ids, so each image is its own patient.
 """
 
 from __future__ import annotations
@@ -53,11 +32,8 @@ TUMOUR_TYPES: tuple[str, ...] = tuple(FIGSHARE_LABELS.values())
 MAT_SUFFIX = ".mat"
 BITMAP_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 IMAGE_LAYOUTS: tuple[str, ...] = ("figshare", "kaggle")
-"""The image formats: Figshare ``.mat`` slices and Kaggle ``yes/`` + ``no/`` bitmap folders."""
 KAGGLE_CLASS_FOLDERS: dict[str, bool] = {"yes": True, "no": False}
 """Kaggle class folder (lower case) -> has_tumour."""
-
-SOURCES: tuple[str, ...] = ("figshare", "kaggle", "image")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -66,16 +42,12 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 class PlanarPreprocessConfig(Section):
     """``preprocess_2d:``: how a 2-D image becomes the ``(size, size)`` network input.
 
-    Images are always reduced to one grayscale channel first (RGB by ITU-R 601 luma).
-
     Attributes:
-        otsu_crop: crop to the bounding box of the largest Otsu-foreground component (the head).
-        crop_margin_px: margin kept around that box, in input pixels.
-        denoise: ``none``, ``median`` (``median_size`` px) or ``gaussian`` (``gaussian_sigma`` px),
-            applied at the input's resolution before cropping.
-        size: side of the square output.
-        normalise: ``zscore`` (mean 0, sd 1 over the output), ``minmax`` (to 0..1) or
-            ``percentile`` (clip to ``percentile_low``..``percentile_high``, then 0..1).
+        otsu_crop: crop to the largest Otsu-foreground component (the head), ``crop_margin_px`` around.
+        denoise: ``median`` (``median_size`` px) or ``gaussian`` (``gaussian_sigma`` px), applied at
+            the input's resolution before cropping.
+        normalise: ``zscore`` (over the output), ``minmax`` (0..1) or ``percentile`` (clip to
+            ``percentile_low``..``percentile_high``, then 0..1).
     """
 
     otsu_crop: bool = True
@@ -98,22 +70,9 @@ class PlanarPreprocessConfig(Section):
 # ---------------------------------------------------------------------------- reading
 @dataclass
 class PlanarImage:
-    """One 2-D slice as read from its file.
-
-    Attributes:
-        image: float32 ``(H, W)`` grayscale, in the file's own intensity units.
-        mask: uint8 ``(H, W)`` 0/1 tumour mask, or None when the source has none (Kaggle, plain image).
-        tumour_type: ``meningioma``, ``glioma``, ``pituitary`` or None when unknown.
-        has_tumour: True/False from the label or class folder; None for a bare image.
-        patient_id: Figshare ``PID``; otherwise the case id (one image = one patient).
-        case_id: file-name-safe id, prefixed by the source (``figshare-12``, ``kaggle-yes-Y1``).
-        source: ``figshare``, ``kaggle`` or ``image``.
-        label_code: Figshare ``label`` as stored (1, 2, 3; other values are kept for validation).
-        border: Figshare ``tumorBorder`` as stored (flat float64), empty when absent.
-        fmt: ``mat-v7.3``, ``mat-v5``, or the image format (``jpeg``, ``png``...).
-        channels: colour channels of the stored image (1 grayscale, 3 RGB, 4 RGBA).
-        sha256: hex digest of the file's bytes.
-    """
+    """One 2-D slice as read: float32 ``(H, W)`` grayscale ``image`` in the file's units, uint8 0/1
+    ``mask`` (Figshare only), labels (None when unknown) and ``case_id`` (``figshare-12``,
+    ``kaggle-yes-Y1``); ``patient_id`` is the Figshare ``PID``, else the case id."""
 
     image: np.ndarray
     mask: np.ndarray | None
@@ -131,17 +90,7 @@ class PlanarImage:
 
 @dataclass
 class RawPlanar:
-    """What a file holds, decoded but not judged (ingest measures it; :func:`read_planar` checks it).
-
-    Attributes:
-        image: the stored image array in its own dtype and layout (``(H, W)`` or ``(H, W, C)``).
-        mask: the stored mask array (any dtype/shape) or None.
-        label: the stored label value or None.
-        pid: the stored patient id text, or None.
-        border: the stored border as a flat float64 array, or None.
-        fmt: ``mat-v7.3``, ``mat-v5`` or the image format.
-        sha256: hex digest of the file's bytes.
-    """
+    """What a file holds, decoded but not judged (ingest measures it; :func:`read_planar` checks it)."""
 
     image: np.ndarray
     mask: np.ndarray | None
@@ -180,17 +129,11 @@ def default_case_id(path: Path) -> str:
 
 
 def load_planar_raw(path: Path) -> RawPlanar:
-    """Read and decode a ``.mat`` or image file once (hashing the bytes as read), without judging it.
-
-    The one reader of 2-D files (ingest, preprocess, predict and serving all use it). A ``.mat`` file
-    holding HDF5 (MATLAB v7.3) is read by content: the type of each ``cjdata`` field comes from its
-    ``MATLAB_class`` attribute where there is one, else from the dataset's dtype and shape, so files
-    written without MATLAB's attributes (h5py, other tools) read as MATLAB's own (see the module
-    docstring). Other ``.mat`` files are MATLAB v5, read with :func:`scipy.io.loadmat`.
+    """Read and decode a ``.mat`` or image file once (hashing the bytes), for ingest, preprocess,
+    predict and serving alike.
 
     Raises:
-        DataError: the file cannot be read or decoded, or a ``cjdata`` field cannot be read as what it
-            should hold (one line naming the file, the field where there is one, and what to do).
+        DataError: the file or a ``cjdata`` field cannot be read or decoded (naming both, and what to do).
     """
     path = Path(path)
     try:
@@ -223,13 +166,7 @@ _FIX: dict[str, str] = {
 
 @dataclass(frozen=True)
 class _Stored:
-    """One ``cjdata`` dataset as h5py reads it (MATLAB's column-major order, i.e. transposed).
-
-    Attributes:
-        value: the dataset's value as an array (a byte string becomes a 0-d ``S`` array).
-        matlab_class: the ``MATLAB_class`` attribute, ``""`` when absent (h5py and other writers).
-        empty: flagged ``MATLAB_empty``, or holding no element.
-    """
+    """One ``cjdata`` dataset as h5py reads it (transposed); ``matlab_class`` is ``""`` when absent."""
 
     value: np.ndarray
     matlab_class: str
@@ -244,15 +181,8 @@ def _decode_mat(path: Path, data: bytes, digest: str) -> RawPlanar:
         fields, fmt = _read_mat_v5(path, data), "mat-v5"
     if fields.get("image") is None:
         raise DataError(f"{path}: MATLAB struct cjdata has no 'image' field; not a Figshare slice")
-    return RawPlanar(
-        image=fields["image"],
-        mask=fields.get("tumorMask"),
-        label=fields.get("label"),
-        pid=fields.get("PID"),
-        border=fields.get("tumorBorder"),
-        fmt=fmt,
-        sha256=digest,
-    )
+    stored = [fields.get(name) for name in ("tumorMask", "label", "PID", "tumorBorder")]
+    return RawPlanar(fields["image"], *stored, fmt=fmt, sha256=digest)
 
 
 def _holds_hdf5(data: bytes) -> bool:
@@ -317,10 +247,7 @@ def _attribute_text(value: Any) -> str:
 
 
 def _interpret_fields(path: Path, stored: dict[str, _Stored]) -> dict[str, Any]:
-    """``cjdata`` fields as :class:`RawPlanar` holds them, each read by content.
-
-    Numeric arrays are transposed back to MATLAB's row/column order; an empty field is absent (an
-    empty ``PID`` is ``""``).
+    """``cjdata`` fields as :class:`RawPlanar` holds them, read by content; empty: None (``PID``: ``""``).
 
     Raises:
         DataError: a field that is not what it should hold (naming the field and what to do).
@@ -356,11 +283,9 @@ def _interpret_fields(path: Path, stored: dict[str, _Stored]) -> dict[str, Any]:
 
 
 def _text(array: np.ndarray, char_codes: bool) -> str | None:
-    """Text stored as char codes (UTF-16 units), byte or text strings, uint8 bytes, or one number.
+    """Text stored as char codes (UTF-16 units, in stored order), strings, uint8 bytes, or one number.
 
-    Char codes are read in the stored (C) order, which is MATLAB's own column-major order. A number
-    gives its exact text (``100360``, ``1.5``). Returns None for anything else (several numbers,
-    non-finite numbers, undecodable bytes).
+    Returns None for anything else (several or non-finite numbers, undecodable bytes).
     """
     kind = array.dtype.kind
     try:
@@ -407,14 +332,10 @@ def _describe(array: np.ndarray) -> str:
 
 
 def _read_mat_v5(path: Path, data: bytes) -> dict[str, Any]:
-    """``cjdata`` fields of a MATLAB v5 file (scipy returns arrays in MATLAB's own order), checked.
-
-    ``label`` becomes one float (None unless it holds one element), ``tumorBorder`` a flat float64
-    array and a non-text ``PID`` its ``str``.
+    """``cjdata`` fields of a MATLAB v5 file (scipy returns MATLAB's own order), checked.
 
     Raises:
-        DataError: not a readable MAT file, no ``cjdata`` struct, a label or border that is not
-            numeric, or an image or mask that is not numbers.
+        DataError: not a readable MAT file, no ``cjdata`` struct, or a field that is not numeric.
     """
     import scipy.io
 
@@ -463,7 +384,6 @@ def _decode_image(path: Path, data: bytes, digest: str) -> RawPlanar:
         with Image.open(io.BytesIO(data)) as img:
             fmt = (img.format or path.suffix.lstrip(".")).lower()
             img.load()  # decodes every byte: a truncated file fails here, not later
-            # Phones and some viewers store the rotation in EXIF; the displayed image is the truth.
             img = ImageOps.exif_transpose(img)
             if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
                 img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
@@ -494,15 +414,7 @@ def channels_of(image: np.ndarray) -> int:
 
 
 def read_planar(path: Path) -> PlanarImage:
-    """Read a Figshare ``.mat`` (v7.3 or v5) or an image file as a :class:`PlanarImage`.
-
-    Args:
-        path: ``.mat``, ``.jpg``/``.jpeg``, ``.png``, ``.tif``/``.tiff`` or ``.bmp``. An image inside a
-            ``yes``/``no`` folder is a Kaggle image (``has_tumour`` from the folder); elsewhere it is a
-            bare image (``has_tumour`` None).
-
-    Returns:
-        The image as float32 ``(H, W)`` grayscale with its mask (uint8 ``(H, W)``, Figshare only) and labels.
+    """Read a Figshare ``.mat`` or an image file (Kaggle inside a ``yes``/``no`` folder) as a :class:`PlanarImage`.
 
     Raises:
         DataError: unreadable or undecodable file, no 2-D image, a mask whose shape differs from the
@@ -518,68 +430,55 @@ def read_planar(path: Path) -> PlanarImage:
         raise DataError(f"{path}: {exc}; expected one 2-D slice") from None
     if image.ndim != 2 or min(image.shape) < 1:
         raise DataError(f"{path}: image of shape {raw.image.shape} is not one 2-D slice")
-
-    mask: np.ndarray | None = None
-    tumour_type: str | None = None
-    has_tumour: bool | None = None
-    label_code: int | None = None
-    patient_id = case_id
-    if source == "figshare":
-        if raw.mask is not None:
-            if raw.mask.shape != image.shape:
-                raise DataError(
-                    f"{path}: tumorMask shape {'x'.join(map(str, raw.mask.shape))} differs from image "
-                    f"{'x'.join(map(str, image.shape))}"
-                )
-            values = set(np.unique(raw.mask).tolist())
-            if not values <= {0, 1}:
-                raise DataError(f"{path}: tumorMask is not binary (values {sorted(values)[:5]})")
-            mask = raw.mask.astype(np.uint8)
-        if raw.label is not None:
-            if raw.label not in FIGSHARE_LABELS:
-                raise DataError(
-                    f"{path}: label {raw.label:g} is not 1, 2 or 3 (meningioma, glioma, pituitary)"
-                )
-            label_code = int(raw.label)
-            tumour_type = FIGSHARE_LABELS[label_code]
-            has_tumour = True
-        if raw.pid:
-            patient_id = raw.pid.strip() or case_id
-    elif source == "kaggle":
-        has_tumour = KAGGLE_CLASS_FOLDERS[path.parent.name.lower()]
-    if not np.isfinite(image).all():
-        raise DataError(f"{path}: image has NaN or infinite pixels")
-    return PlanarImage(
+    out = PlanarImage(
         image=image,
-        mask=mask,
-        tumour_type=tumour_type,
-        has_tumour=has_tumour,
-        patient_id=patient_id,
+        mask=None,
+        tumour_type=None,
+        has_tumour=None,
+        patient_id=case_id,
         case_id=case_id,
         source=source,
-        label_code=label_code,
         border=raw.border,
         fmt=raw.fmt,
         channels=channels_of(raw.image),
         sha256=raw.sha256,
     )
+    if source == "figshare":
+        _add_figshare_labels(path, raw, out)
+    elif source == "kaggle":
+        out.has_tumour = KAGGLE_CLASS_FOLDERS[path.parent.name.lower()]
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}: image has NaN or infinite pixels")
+    return out
+
+
+def _add_figshare_labels(path: Path, raw: RawPlanar, out: PlanarImage) -> None:
+    """Set ``out``'s mask, label and patient id from a Figshare slice, checked."""
+    if raw.mask is not None:
+        if raw.mask.shape != out.image.shape:
+            raise DataError(
+                f"{path}: tumorMask shape {'x'.join(map(str, raw.mask.shape))} differs from image "
+                f"{'x'.join(map(str, out.image.shape))}"
+            )
+        values = set(np.unique(raw.mask).tolist())
+        if not values <= {0, 1}:
+            raise DataError(f"{path}: tumorMask is not binary (values {sorted(values)[:5]})")
+        out.mask = raw.mask.astype(np.uint8)
+    if raw.label is not None:
+        if raw.label not in FIGSHARE_LABELS:
+            raise DataError(f"{path}: label {raw.label:g} is not 1, 2 or 3 (meningioma, glioma, pituitary)")
+        out.label_code = int(raw.label)
+        out.tumour_type = FIGSHARE_LABELS[out.label_code]
+        out.has_tumour = True
+    if raw.pid:
+        out.patient_id = raw.pid.strip() or out.case_id
 
 
 # ---------------------------------------------------------------------------- preprocessing
 @dataclass(frozen=True)
 class PlanarGeometry:
-    """Where the ``(size, size)`` output lies on the input's pixels.
-
-    The forward mapping is: crop rows ``top:bottom`` and columns ``left:right`` of the ``(height,
-    width)`` input, pad that crop with ``pad_top``/``pad_bottom``/``pad_left``/``pad_right`` pixels to a
-    square of side ``side``, and resize the square to ``size x size``.
-
-    Attributes:
-        height, width: input size in pixels.
-        top, bottom, left, right: crop box (half-open, input pixels).
-        pad_top, pad_bottom, pad_left, pad_right: zero padding added around the crop.
-        size: side of the output.
-    """
+    """Where the ``(size, size)`` output lies on the ``(height, width)`` input: crop rows ``top:bottom``
+    and columns ``left:right``, pad with ``pad_*`` pixels to a square, resize that to ``size x size``."""
 
     height: int
     width: int
@@ -616,8 +515,7 @@ class PlanarGeometry:
 def otsu_crop_box(image: np.ndarray, margin: int) -> tuple[int, int, int, int]:
     """``(top, bottom, left, right)`` of the head: the largest Otsu-foreground component plus ``margin``.
 
-    A morphological opening first removes isolated bright specks (text labels, noise) so they do not
-    stretch the box. A constant image gives the whole image.
+    An opening first removes bright specks (text labels, noise) that would stretch the box.
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
@@ -650,19 +548,8 @@ def _geometry(shape: tuple[int, int], box: tuple[int, int, int, int], size: int)
     h, w = bottom - top, right - left
     side = max(h, w)
     pad_h, pad_w = side - h, side - w
-    return PlanarGeometry(
-        height=int(shape[0]),
-        width=int(shape[1]),
-        top=top,
-        bottom=bottom,
-        left=left,
-        right=right,
-        pad_top=pad_h // 2,
-        pad_bottom=pad_h - pad_h // 2,
-        pad_left=pad_w // 2,
-        pad_right=pad_w - pad_w // 2,
-        size=int(size),
-    )
+    pads = (pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2)
+    return PlanarGeometry(int(shape[0]), int(shape[1]), *box, *pads, size=int(size))
 
 
 def _to_square(array: np.ndarray, geometry: PlanarGeometry, fill: float) -> np.ndarray:
@@ -689,16 +576,8 @@ def _normalise(image: np.ndarray, cfg: PlanarPreprocessConfig) -> np.ndarray:
 
 
 def preprocess_planar(image: np.ndarray, cfg: PlanarPreprocessConfig) -> tuple[np.ndarray, PlanarGeometry]:
-    """The network input of one slice: grayscale, denoise, Otsu crop, pad square, resize, normalise.
-
-    Args:
-        image: ``(H, W)`` grayscale or ``(H, W, 3|4)`` RGB(A), any numeric dtype.
-        cfg: the ``preprocess_2d`` section.
-
-    Returns:
-        ``(out, geometry)``: float32 ``(size, size)`` and the :class:`PlanarGeometry` to map masks
-        forward (:func:`apply_planar_geometry`) and back (:func:`restore_planar_mask`).
-    """
+    """The network input of one ``(H, W)`` or RGB(A) ``(H, W, 3|4)`` slice: grayscale, denoise, Otsu
+    crop, pad square, resize, normalise; float32 ``(size, size)`` and the geometry to map masks."""
     from scipy import ndimage as ndi
     from skimage.transform import resize
 
@@ -717,13 +596,9 @@ def preprocess_planar(image: np.ndarray, cfg: PlanarPreprocessConfig) -> tuple[n
 
 
 def apply_planar_geometry(mask: np.ndarray, geometry: PlanarGeometry) -> np.ndarray:
-    """A mask on the input's ``(H, W)`` pixels carried to the ``(size, size)`` output grid.
+    """A mask on the input's ``(H, W)`` pixels carried to the uint8 ``(size, size)`` output grid.
 
-    The mask is resized as a 0/1 float with bilinear interpolation and thresholded at 0.5 (smoother
-    than nearest neighbour when shrinking; identical when the size does not change).
-
-    Returns:
-        uint8 ``(size, size)`` 0/1.
+    Resized bilinearly as 0/1 float and thresholded at 0.5: smoother than nearest neighbour when shrinking.
     """
     from skimage.transform import resize
 
@@ -741,17 +616,10 @@ def apply_planar_geometry(mask: np.ndarray, geometry: PlanarGeometry) -> np.ndar
 
 
 def restore_planar_mask(mask: np.ndarray, geometry: PlanarGeometry) -> np.ndarray:
-    """A mask on the ``(size, size)`` output grid mapped back onto the input's ``(H, W)`` pixels.
+    """A ``(size, size)`` mask (0/1 or integer labels) mapped back onto the input's uint8 ``(H, W)``.
 
-    Undoes the resize (nearest neighbour, pixel centres aligned as in the forward resize), removes the
-    padding and places the crop at its box; pixels outside the crop box are 0.
-
-    Args:
-        mask: ``(size, size)`` 0/1 (or any integer labels; non-zero is kept as is).
-        geometry: from :func:`preprocess_planar` of the same input.
-
-    Returns:
-        uint8 ``(H, W)``.
+    Undoes the resize (nearest neighbour), removes the padding and places the crop at its box; pixels
+    outside the box are 0.
     """
     from skimage.transform import resize
 
@@ -761,12 +629,10 @@ def restore_planar_mask(mask: np.ndarray, geometry: PlanarGeometry) -> np.ndarra
     side = geometry.side
     square = mask.astype(np.uint8)
     if side != geometry.size:
-        square = resize(square, (side, side), order=0, anti_aliasing=False, preserve_range=True).astype(
-            np.uint8
-        )
+        square = resize(square, (side, side), order=0, anti_aliasing=False, preserve_range=True)
+        square = square.astype(np.uint8)
     crop = square[
-        geometry.pad_top : side - geometry.pad_bottom,
-        geometry.pad_left : side - geometry.pad_right,
+        geometry.pad_top : side - geometry.pad_bottom, geometry.pad_left : side - geometry.pad_right
     ]
     out = np.zeros((geometry.height, geometry.width), dtype=np.uint8)
     out[geometry.top : geometry.bottom, geometry.left : geometry.right] = crop

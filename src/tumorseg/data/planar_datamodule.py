@@ -1,12 +1,8 @@
 """Preprocessed 2-D images as training samples: records, MONAI dictionary augmentation, DataModule.
 
-A preprocessed dataset (``tumorseg preprocess`` of the 2-D data, :mod:`tumorseg.data.planar`) is
-``<dir>/<case_id>.npz`` with ``image`` float32 ``(S, S)`` and, where a mask exists, ``mask`` uint8
-``(S, S)`` (0/1; all zero for tumour-free images), plus ``<dir>/manifest.csv`` with the case
-labels (``has_tumour``, ``tumour_type``, ``has_mask``, ``patient_id``...). The split JSON has the
-3-D split's format (patient-level ``train``/``val``/``test`` case lists).
-
-A sample is a dict of tensors::
+A preprocessed dataset (:mod:`tumorseg.data.planar`) is ``<dir>/<case_id>.npz`` (``image`` float32
+``(S, S)`` and, where a mask exists, ``mask`` uint8 0/1 ``(S, S)``) plus ``<dir>/manifest.csv`` with
+the case labels; its split JSON has the 3-D split's format. A sample is a dict of tensors::
 
     image     (1, S, S) float32
     mask      (1, S, S) float32   0/1; zeros where the image has no mask (has_mask = 0)
@@ -14,8 +10,7 @@ A sample is a dict of tensors::
     tumour    ()        float32   1 tumour, 0 no tumour (the detection target)
     type      ()        int64     index into TUMOUR_TYPES, -1 when unknown or no tumour
 
-Images without a mask (Kaggle ``yes``) still train the detection head; images with a mask train
-all three heads. The images are few and small, so they are read once into memory.
+The images are few and small, so they are read once into memory.
 """
 
 from __future__ import annotations
@@ -62,11 +57,7 @@ def _truthy(value: Any) -> bool:
 
 
 def read_planar_split(split_file: str | Path) -> dict[str, list[str]]:
-    """``{"train": [...], "val": [...], "test": [...]}`` case ids of a 2-D split JSON.
-
-    Raises:
-        DataError: a missing or unreadable file (run ``tumorseg split`` on the 2-D data first).
-    """
+    """``{"train": [...], "val": [...], "test": [...]}`` case ids of a 2-D split JSON (or a DataError)."""
     path = Path(split_file)
     try:
         data = json.loads(path.read_text())
@@ -84,10 +75,8 @@ def planar_records(
 ) -> list[dict[str, Any]]:
     """Case records of the preprocessed 2-D dataset, in the order of ``case_ids`` (all valid cases if None).
 
-    Each record: ``case_id``, ``patient_id``, ``source``, ``has_tumour`` (bool), ``tumour_type``
-    (str or ``empty``), ``has_mask`` (bool), ``height``, ``width`` (original size), ``npz``, and where
-    the manifest has them, ``source_path`` (the original file) and ``geometry`` (the
-    :class:`~tumorseg.data.planar.PlanarGeometry` JSON that maps the grid back onto it).
+    ``height`` and ``width`` are the original size; ``source_path`` is the original file and
+    ``geometry`` the :class:`~tumorseg.data.planar.PlanarGeometry` JSON mapping the grid back onto it.
 
     Raises:
         DataError: no manifest, a case missing from it, or a missing npz file.
@@ -111,14 +100,13 @@ def planar_records(
         npz = folder / f"{case_id}.npz"
         if not npz.is_file():
             raise DataError(f"{npz}: missing; rerun `tumorseg preprocess` on the 2-D data")
-        kind = str(row.get("tumour_type") or "empty")
         records.append(
             {
                 "case_id": case_id,
                 "patient_id": str(row.get("patient_id") or case_id),
                 "source": str(row.get("source") or ""),
                 "has_tumour": _truthy(row.get("has_tumour")),
-                "tumour_type": kind,
+                "tumour_type": str(row.get("tumour_type") or "empty"),
                 "has_mask": _truthy(row.get("has_mask")),
                 "height": int(float(row.get("height") or 0)),
                 "width": int(float(row.get("width") or 0)),
@@ -131,7 +119,7 @@ def planar_records(
 
 
 def load_sample(record: dict[str, Any]) -> dict[str, Any]:
-    """Read one record's npz into a sample dict (see the module docstring for keys and shapes)."""
+    """Read one record's npz into a sample dict (keys and shapes: the module docstring)."""
     with np.load(record["npz"]) as data:
         image = np.asarray(data[IMAGE_KEY], dtype=np.float32)
         mask = np.asarray(data[MASK_KEY], dtype=np.float32) if MASK_KEY in data.files else None
@@ -150,28 +138,17 @@ def load_sample(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_transforms(cfg: PlanarAugmentConfig, seed: int) -> Any:
-    """Random augmentation of ``image`` and ``mask`` ``(1, S, S)`` (MONAI dictionary transforms).
-
-    Spatial transforms move the image and mask together (bilinear for the image, nearest for the
-    mask); intensity transforms touch the image only.
-    """
+    """Random augmentation of ``image`` and ``mask`` ``(1, S, S)``; intensity changes touch the image only."""
     import math
 
-    from monai.transforms import (
-        Compose,
-        RandAffined,
-        RandFlipd,
-        RandGaussianNoised,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-    )
+    from monai import transforms as mt
 
     keys = [IMAGE_KEY, MASK_KEY]
-    transforms = Compose(
+    transforms = mt.Compose(
         [
-            RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=0),
-            RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=1),
-            RandAffined(
+            mt.RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=0),
+            mt.RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=1),
+            mt.RandAffined(
                 keys,
                 prob=cfg.affine_prob,
                 rotate_range=math.radians(cfg.rotate_deg),
@@ -179,9 +156,9 @@ def training_transforms(cfg: PlanarAugmentConfig, seed: int) -> Any:
                 mode=("bilinear", "nearest"),
                 padding_mode="zeros",
             ),
-            RandScaleIntensityd(IMAGE_KEY, factors=cfg.intensity_scale, prob=cfg.intensity_scale_prob),
-            RandShiftIntensityd(IMAGE_KEY, offsets=cfg.intensity_shift, prob=cfg.intensity_shift_prob),
-            RandGaussianNoised(IMAGE_KEY, prob=cfg.noise_prob, std=cfg.noise_std),
+            mt.RandScaleIntensityd(IMAGE_KEY, factors=cfg.intensity_scale, prob=cfg.intensity_scale_prob),
+            mt.RandShiftIntensityd(IMAGE_KEY, offsets=cfg.intensity_shift, prob=cfg.intensity_shift_prob),
+            mt.RandGaussianNoised(IMAGE_KEY, prob=cfg.noise_prob, std=cfg.noise_std),
         ]
     )
     transforms.set_random_state(seed=seed)
@@ -189,12 +166,7 @@ def training_transforms(cfg: PlanarAugmentConfig, seed: int) -> Any:
 
 
 class PlanarDataset(Dataset):
-    """In-memory samples, optionally augmented on every access.
-
-    Args:
-        samples: from :func:`load_sample`.
-        transform: MONAI dictionary transform applied to a copy of each sample (None: as stored).
-    """
+    """In-memory samples (:func:`load_sample`), augmented by ``transform`` (if any) on every access."""
 
     def __init__(self, samples: list[dict[str, Any]], transform: Any = None) -> None:
         self.samples = samples
@@ -216,15 +188,10 @@ class PlanarDataset(Dataset):
 
 
 class PlanarDataModule(L.LightningDataModule):
-    """Training draws (with replacement, ``steps_per_epoch x batch_size`` per epoch) and whole-split validation.
+    """Training draws (with replacement, ``draws_per_epoch`` an epoch) and whole-split validation.
 
-    Args:
-        train_records, val_records: from :func:`planar_records`.
-        augment: the ``train_2d.augment`` settings.
-        batch_size: images per step.
-        draws_per_epoch: training samples per epoch.
-        num_workers: DataLoader workers.
-        seed: augmentation and sampling seed.
+    ``train_records`` and ``val_records`` come from :func:`planar_records`; ``seed`` seeds both the
+    augmentation and the sampling.
     """
 
     def __init__(

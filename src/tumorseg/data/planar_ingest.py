@@ -1,30 +1,11 @@
 """``tumorseg ingest`` of 2-D data: Figshare ``.mat`` slices and Kaggle ``yes``/``no`` image folders.
 
-Detection (:func:`find_planar_files`), under the folder given to ingest:
-
-- every folder that has both a ``yes`` and a ``no`` sub-folder (any case) is a **Kaggle** root; the
-  images directly inside its ``yes``/``no`` are Kaggle cases;
-- every ``.mat`` file elsewhere under the folder (at any depth, so the four ``brainTumorDataPublic_*``
-  folders of the real download can stay as they are) is a **Figshare** slice.
-
-So a folder of ``.mat`` files is Figshare, a folder with ``yes/`` and ``no/`` is Kaggle, and a folder
-holding both (the embedded default: ``data/raw_2d/figshare`` + ``data/raw_2d/kaggle``) is ingested
-into one manifest. Hidden files (``.name``, e.g. half-written temp files) are ignored.
-
-Files are read by :func:`~tumorseg.data.planar.load_planar_raw`, the reader preprocess, predict and
-serving use too. It reads Figshare v7.3 (HDF5) files by content, so files written by h5py or other tools
-without MATLAB's ``MATLAB_class`` attributes ingest as MATLAB's own; a ``cjdata`` field that cannot be
-read as what it should hold quarantines the file with a one-line reason naming the field.
-
-One row per file (columns :data:`PLANAR_MANIFEST_COLUMNS`). As for 3-D data, ingest quarantines only
-what it cannot decode (with the reason); everything else is measured and left to the Great
-Expectations suite of ``tumorseg validate`` (mask shape, binary mask, label in 1..3, size, constant
-image...). ``has_mask`` means "a reference mask is known": Figshare files with a ``tumorMask``, and
-Kaggle ``no`` images (known to be all background); Kaggle ``yes`` images have none. Kaggle has no
-patient ids, so each image is its own patient (``patient_id`` = ``case_id``).
-
-Files are only read, never modified; the manifest is written atomically, and rows of files whose size
-and modification time are unchanged are reused from the previous manifest without reading them.
+Under the folder given to ingest, every folder with both a ``yes`` and a ``no`` sub-folder (any case)
+is a Kaggle root, whose images directly inside ``yes``/``no`` are cases; every other ``.mat`` file,
+at any depth, is a Figshare slice; hidden files are ignored. As for 3-D data, ingest quarantines only
+what it cannot decode and measures the rest for ``tumorseg validate``. ``has_mask`` means a reference
+mask is known: a Figshare ``tumorMask``, or a Kaggle ``no`` image (all background). Rows of files
+whose size and mtime are unchanged are reused unread.
 """
 
 from __future__ import annotations
@@ -56,6 +37,7 @@ from tumorseg.data.planar import (
     IMAGE_LAYOUTS,
     KAGGLE_CLASS_FOLDERS,
     MAT_SUFFIX,
+    RawPlanar,
     channels_of,
     default_case_id,
     load_planar_raw,
@@ -64,7 +46,6 @@ from tumorseg.data.planar import (
 from tumorseg.errors import DataError
 
 LABEL_CONVENTION_2D: dict[str, str] = {"figshare": "tumour-mask", "kaggle": "yes-no"}
-"""What a 2-D layout's labels are: a binary tumour mask (+ type label), or a yes/no class folder."""
 
 PLANAR_MANIFEST_COLUMNS: list[str] = [
     *IDENTITY_COLUMNS,
@@ -91,18 +72,12 @@ PLANAR_MANIFEST_COLUMNS: list[str] = [
     "tumour_pixels",
     "fingerprint",
 ]
-"""Columns of a 2-D manifest: the 3-D identity columns, then the file, its labels and its statistics."""
 
 
 @dataclass(frozen=True)
 class PlanarFile:
-    """One 2-D file found by :func:`find_planar_files`.
-
-    Attributes:
-        path: absolute file path.
-        layout: ``figshare`` or ``kaggle``.
-        case_id: unique, file-name-safe id (``figshare-12``, ``kaggle-yes-Y1``).
-    """
+    """One 2-D file found by :func:`find_planar_files`: absolute path, ``figshare`` or ``kaggle``, and
+    a unique, file-name-safe case id (``figshare-12``, ``kaggle-yes-Y1``)."""
 
     path: Path
     layout: str
@@ -114,11 +89,7 @@ def _visible(path: Path, root: Path) -> bool:
 
 
 def find_planar_files(src: Path) -> list[PlanarFile]:
-    """The Figshare and Kaggle files under ``src`` (see the module docstring), sorted by case id.
-
-    Returns:
-        An empty list when ``src`` holds no 2-D data (then it is a 3-D dataset or nothing).
-    """
+    """The Figshare and Kaggle files under ``src``, sorted by case id (none: a 3-D dataset or nothing)."""
     src = Path(src).absolute()
     if not src.is_dir():
         return []
@@ -195,62 +166,63 @@ def planar_manifest_row(item: PlanarFile, fingerprint: str) -> dict[str, str]:
         )
         return row
     row.update(sha256=raw.sha256, format=raw.fmt, image_readable="True", image_dtype=raw.image.dtype.name)
-    image = raw.image
-    is_image_file = item.layout == "kaggle"
+    row.update(_image_statistics(raw.image, is_image_file=item.layout == "kaggle"))
+    if item.layout == "figshare":
+        row.update(_figshare_fields(raw))
+    return row
+
+
+def _image_statistics(image: np.ndarray, is_image_file: bool) -> dict[str, str]:
+    """Shape, channels and finite range of a stored image (a bitmap's channels are not a dimension)."""
     spatial = image.shape[:2] if (is_image_file and image.ndim == 3) else image.shape
-    row.update(
-        image_ndim=str(len(spatial)),
-        shape=shape_text(spatial),
-        channels=str(channels_of(image) if is_image_file else 1),
-    )
+    stats = {
+        "image_ndim": str(len(spatial)),
+        "shape": shape_text(spatial),
+        "channels": str(channels_of(image) if is_image_file else 1),
+    }
     if len(spatial) >= 2:
-        row.update(height=str(spatial[0]), width=str(spatial[1]))
+        stats.update(height=str(spatial[0]), width=str(spatial[1]))
     if image.size and image.dtype.kind in "biuf":
         gray = to_grayscale(image) if is_image_file else image.astype(np.float64)
-        finite = bool(np.isfinite(gray).all())
-        row["image_finite"] = str(finite)
+        stats["image_finite"] = str(bool(np.isfinite(gray).all()))
         values = gray[np.isfinite(gray)]
         if values.size:
-            row.update(image_min=number_text(float(values.min())), image_max=number_text(float(values.max())))
+            stats.update(
+                image_min=number_text(float(values.min())), image_max=number_text(float(values.max()))
+            )
     elif image.size:
-        row["image_finite"] = "False"  # text or object arrays are no image
-    if item.layout == "figshare":
-        if raw.pid is not None:
-            row["patient_id"] = raw.pid.strip()
-        if raw.label is not None:
-            row["label"] = number_text(raw.label)
-            row["has_tumour"] = "True"
-            row["tumour_type"] = (
-                FIGSHARE_LABELS.get(int(raw.label), "") if float(raw.label).is_integer() else ""
-            )
-        row["has_mask"] = str(raw.mask is not None)
-        if raw.mask is not None:
-            mask = np.asarray(raw.mask)
-            values = np.unique(mask) if mask.size else np.array([])
-            row.update(
-                mask_shape=shape_text(mask.shape),
-                mask_values=";".join(number_text(float(v)) for v in values[:20]),
-                tumour_pixels=str(int(np.count_nonzero(mask))),
-            )
-    return row
+        stats["image_finite"] = "False"  # text or object arrays are no image
+    return stats
+
+
+def _figshare_fields(raw: RawPlanar) -> dict[str, str]:
+    """Patient, label and mask statistics of a Figshare slice, as stored (validation judges them)."""
+    fields = {"has_mask": str(raw.mask is not None)}
+    if raw.pid is not None:
+        fields["patient_id"] = raw.pid.strip()
+    if raw.label is not None:
+        fields["label"] = number_text(raw.label)
+        fields["has_tumour"] = "True"
+        fields["tumour_type"] = (
+            FIGSHARE_LABELS.get(int(raw.label), "") if float(raw.label).is_integer() else ""
+        )
+    if raw.mask is not None:
+        mask = np.asarray(raw.mask)
+        values = np.unique(mask) if mask.size else np.array([])
+        fields.update(
+            mask_shape=shape_text(mask.shape),
+            mask_values=";".join(number_text(float(v)) for v in values[:20]),
+            tumour_pixels=str(int(np.count_nonzero(mask))),
+        )
+    return fields
 
 
 def ingest_planar(
     src: Path, out_dir: Path, cfg: IngestConfig, files: list[PlanarFile] | None = None
 ) -> IngestSummary:
-    """Index the 2-D files under ``src`` into ``out_dir/manifest.csv``.
+    """Index the 2-D files under ``src`` (``files``: found again when None) into ``out_dir/manifest.csv``.
 
-    Args:
-        src: a Figshare folder, a Kaggle folder, or a folder holding both.
-        out_dir: where ``manifest.csv`` goes (checked by the caller not to be inside ``src``).
-        cfg: the ``ingest`` section (``workers`` reads files in threads).
-        files: the files found by :func:`find_planar_files` (found again when None).
-
-    Returns:
-        :class:`~tumorseg.data.ingest.IngestSummary` (layout ``figshare``, ``kaggle`` or ``figshare+kaggle``).
-
-    Raises:
-        DataError: no 2-D file under ``src``.
+    The caller checks that ``out_dir`` is not inside ``src``; no 2-D file under ``src`` is a DataError.
     """
     start = time.perf_counter()
     src, out_dir = Path(src).absolute(), Path(out_dir).absolute()
@@ -282,10 +254,7 @@ def _previous_rows(out_dir: Path) -> dict[str, dict[str, str]]:
         df = read_manifest(out_dir)
     except (DataError, ValueError, OSError):
         return {}
-    if (
-        any(c not in df.columns for c in PLANAR_MANIFEST_COLUMNS)
-        or df.empty
-        or not df["layout"].isin(IMAGE_LAYOUTS).all()
-    ):
+    has_columns = all(c in df.columns for c in PLANAR_MANIFEST_COLUMNS)
+    if not has_columns or df.empty or not df["layout"].isin(IMAGE_LAYOUTS).all():
         return {}
     return rows_with_ingest_verdict(df, PLANAR_MANIFEST_COLUMNS)

@@ -1,38 +1,17 @@
 """Generated 2-D datasets in the Figshare and Kaggle layouts (``tumorseg synth --layout figshare|kaggle``).
 
-The slices are axial cuts through cases of the 3-D generator (:func:`tumorseg.data.synth.synthesize_case`,
-built on the MNI152 template), so they carry real anatomy, tissue contrast, bias field and noise:
-
-- **Figshare** (``<out>/<n>.mat``, MATLAB v7.3 as the real files): one 3-D case per patient, tumour
-  type drawn per patient (meningioma, glioma, pituitary in the real dataset's proportions),
-  ``slices_per_patient`` T1ce slices through the tumour sharing the patient's ``PID``, each resampled
-  to 512 x 512 int16 with the tumour mask (the tumour core ``TC`` = NCR + ET by default, which is what
-  the Figshare masks outline on T1ce; ``WT`` adds the oedema). Type changes the appearance a little:
-  gliomas keep their necrotic core, meningiomas and pituitary tumours are solid and brighter, and
-  pituitary slices are taken towards the tumour's edge (smaller cross-sections).
-- **Kaggle** (``<out>/yes/``, ``<out>/no/``): one 3-D case per image, a T1ce slice through the tumour
-  (``yes``) or through a tumour-free brain (``no``), windowed to 8 bits and placed on a black canvas
-  of random size (``kaggle_min_side_px``..``kaggle_max_side_px``, random aspect) with a random border;
-  a share stored as RGB, a share as PNG (others JPEG), with file names in the real set's styles
-  (``Y12.jpg``, ``no 7.jpg``, ``N8.png``).
-
-Output is deterministic for a seed: image ``k`` depends only on ``(seed, k)``. Every file is written
-to a temporary name in its folder and renamed. ``synth_meta.json`` records the parameters and, per
-file, its tumour type, patient id and tumour area.
-
-MATLAB v7.3 files are written as MATLAB writes them: an HDF5 file with a 512-byte user block whose
-first 128 bytes are the MAT-file header (116 bytes of text, 8 bytes of subsystem offset, version
-``0x0200`` and the endian indicator ``IM``), a group ``cjdata`` with ``MATLAB_class`` ``struct``,
-and one dataset per field, transposed (MATLAB is column-major) and tagged with its ``MATLAB_class``
-(``int16``, ``logical``, ``double``, ``char``).
+Slices are axial T1ce cuts through cases of the 3-D generator (:mod:`tumorseg.data.synth`), so they
+carry real anatomy, contrast, bias field and noise. Figshare: one 3-D case per patient, resampled to
+512 x 512 int16 with the tumour core mask, written as MATLAB v7.3 files as MATLAB writes them (HDF5
+with a 512-byte MAT header, transposed datasets tagged with ``MATLAB_class``). Kaggle: one 3-D case
+per image, windowed to 8 bits on a black canvas of random size, a share as RGB or PNG, with the real
+set's file names. Image ``k`` depends only on ``(seed, k)``; ``synth_meta.json`` records the facts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +20,7 @@ from pydantic import Field
 
 from tumorseg.config import Section, SynthConfig
 from tumorseg.data.conventions import REGIONS
-from tumorseg.data.manifest import atomic_write_text
+from tumorseg.data.manifest import atomic_output, atomic_write_text
 from tumorseg.data.planar import FIGSHARE_LABELS, TUMOUR_TYPES
 from tumorseg.errors import DataError
 
@@ -50,29 +29,21 @@ log = logging.getLogger(__name__)
 FIGSHARE_SIZE = 512
 SYNTH_META_NAME = "synth_meta.json"
 MAT_HEADER_TEXT = "MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: tumorseg synth HDF5 schema 1.00 ."
-"""Header text of the generated v7.3 files (no date, so the bytes depend only on the content)."""
-
+"""No date, so the bytes depend only on the content."""
 _KAGGLE_OFFSET = 100_000
 """3-D case numbers of Kaggle images start here, so their brains differ from the Figshare patients'."""
 
 
 class SynthPlanarConfig(Section):
-    """``synth_2d:``: the embedded 2-D datasets (``tumorseg synth --layout figshare|kaggle``).
+    """``synth_2d:``: the embedded 2-D datasets.
 
     Attributes:
-        figshare_patients: patients (3-D cases) of the Figshare-layout set.
-        slices_per_patient: slices per patient (all share its PID).
-        figshare_mask_region: ``TC`` (tumour core, as Figshare masks) or ``WT`` (with oedema).
+        figshare_mask_region: ``TC`` (tumour core, as Figshare masks outline on T1ce) or ``WT``.
         type_fractions: share of patients per tumour type (Figshare: 708 meningioma, 1426 glioma,
             930 pituitary slices).
-        kaggle_images: images of the Kaggle-layout set (each from its own 3-D case).
-        kaggle_tumour_fraction: share of them in ``yes/``.
-        kaggle_min_side_px, kaggle_max_side_px: range of the image sides.
-        kaggle_rgb_fraction: share stored as 3-channel RGB (the rest 8-bit grayscale).
-        kaggle_png_fraction: share stored as PNG (the rest JPEG).
+        kaggle_tumour_fraction: share of the images in ``yes/``.
         spacing_mm: voxel size of the 3-D cases the slices are cut from (2 mm: 120 x 120 slices).
         noise_level: Rician noise added at the output resolution, relative to white matter.
-        seed: random seed.
     """
 
     figshare_patients: int = Field(12, ge=1)
@@ -109,27 +80,14 @@ def write_figshare_mat(
     *,
     version: Literal["7.3", "5"] = "7.3",
 ) -> Path:
-    """Write one Figshare slice (``cjdata`` struct) as a MATLAB v7.3 or v5 file, atomically.
+    """Write one Figshare slice (``cjdata`` struct) as a MATLAB v7.3 or v5 file, atomically; returns ``path``.
 
-    Args:
-        path: target ``.mat`` file.
-        image: ``(H, W)`` image (written with its own dtype; Figshare uses int16).
-        mask: ``(H, W)`` 0/1 tumour mask (written as MATLAB ``logical``), or None to leave it out.
-        label: 1 meningioma, 2 glioma, 3 pituitary (MATLAB ``double``), or None to leave it out.
-        pid: patient id (MATLAB ``char``), or None to leave it out.
-        border: flat tumour border coordinates (MATLAB ``double`` row vector); None writes an empty one.
-        version: ``"7.3"`` (HDF5, as the real files) or ``"5"`` (:func:`scipy.io.savemat`).
-
-    Returns:
-        ``path``.
+    ``image`` keeps its dtype (Figshare: int16), ``mask`` is written as ``logical``, ``label`` as
+    ``double``; a field given as None is left out, except ``border`` (written empty).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     border_row = np.zeros((1, 0)) if border is None else np.asarray(border, dtype=np.float64).reshape(1, -1)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_output(path) as tmp:
         if version == "5":
             import scipy.io
 
@@ -144,10 +102,6 @@ def write_figshare_mat(
         else:
             _write_mat_v73(tmp, image, mask, label, pid, border_row)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -176,9 +130,9 @@ def _write_mat_v73(
         group.attrs["MATLAB_class"] = np.bytes_("struct")
 
         def put(name: str, array: np.ndarray, matlab_class: str, int_decode: int | None = None) -> None:
-            # MATLAB is column-major: its (m, n) array is the HDF5 dataset (n, m).
+            # MATLAB is column-major: its (m, n) array is the HDF5 dataset (n, m); an empty one is
+            # stored as its dimensions (uint64) flagged MATLAB_empty.
             if array.size == 0:
-                # MATLAB stores an empty array as its dimensions (uint64) flagged MATLAB_empty.
                 dataset = group.create_dataset(name, data=np.array(array.shape[::-1], dtype=np.uint64))
                 dataset.attrs["MATLAB_empty"] = np.uint8(1)
             else:
@@ -242,10 +196,6 @@ def _add_noise(image: np.ndarray, level: float, reference: float, rng: np.random
     return np.sqrt(real**2 + imag**2)
 
 
-def _region_mask(labels: np.ndarray, region: str) -> np.ndarray:
-    return np.isin(labels, REGIONS[region])
-
-
 def _tumour_type(seed: int, patient: int, fractions: dict[str, float]) -> str:
     """Tumour type of a patient: a low-discrepancy draw so small sets still honour the fractions."""
     names = [t for t in TUMOUR_TYPES if fractions.get(t, 0.0) > 0]
@@ -275,11 +225,11 @@ _TYPE_ENHANCEMENT: dict[str, float] = {"meningioma": 1.18, "glioma": 1.0, "pitui
 
 
 def figshare_patient_slices(patient: int, cfg: SynthPlanarConfig) -> list[dict[str, Any]]:
-    """The slices of one generated Figshare patient.
+    """The slices of one generated Figshare patient: ``image`` int16 ``(512, 512)``, ``mask`` uint8
+    ``(512, 512)``, ``label``, ``tumour_type``, ``pid``, ``z`` (in the 3-D case), ``tumour_pixels``.
 
-    Returns:
-        One dict per slice: ``image`` int16 ``(512, 512)``, ``mask`` uint8 ``(512, 512)``, ``label``
-        (1..3), ``tumour_type``, ``pid``, ``z`` (slice index in the 3-D case), ``tumour_pixels``.
+    Type changes the look: gliomas keep their necrotic core, meningiomas and pituitary tumours are
+    solid and brighter, and pituitary slices are taken towards the tumour's edge.
     """
     from scipy import ndimage as ndi
 
@@ -287,7 +237,7 @@ def figshare_patient_slices(patient: int, cfg: SynthPlanarConfig) -> list[dict[s
 
     kind = _tumour_type(cfg.seed, patient, cfg.type_fractions)
     case = synthesize_case(patient, _volume_cfg(cfg, tumour=True, necrosis=kind == "glioma"))
-    region = _region_mask(case.labels, cfg.figshare_mask_region)
+    region = np.isin(case.labels, REGIONS[cfg.figshare_mask_region])
     areas = region.sum(axis=(0, 1))
     candidates = np.flatnonzero(areas >= max(1, 0.15 * areas.max()))
     order = candidates[np.argsort(areas[candidates])]  # smallest cross-section first
@@ -324,11 +274,7 @@ def figshare_patient_slices(patient: int, cfg: SynthPlanarConfig) -> list[dict[s
 
 
 def kaggle_image(index: int, tumour: bool, cfg: SynthPlanarConfig) -> dict[str, Any]:
-    """Generated Kaggle image ``index`` (1-based): uint8 ``(H, W)`` or ``(H, W, 3)`` plus facts.
-
-    Returns:
-        ``{"pixels", "tumour", "rgb", "png", "tumour_pixels", "shape"}``.
-    """
+    """Generated Kaggle image ``index`` (1-based): ``pixels`` uint8 ``(H, W)`` or ``(H, W, 3)`` plus facts."""
     from tumorseg.data.synth import synthesize_case
 
     rng = np.random.default_rng([int(cfg.seed) % 2**64, 0xCA6, index])
@@ -343,10 +289,7 @@ def kaggle_image(index: int, tumour: bool, cfg: SynthPlanarConfig) -> dict[str, 
     plane = _display(case.images["t1ce"][:, :, z])
     tumour_plane = _display((case.labels[:, :, z] > 0).astype(np.uint8))
 
-    low, high = (
-        min(cfg.kaggle_min_side_px, cfg.kaggle_max_side_px),
-        max(cfg.kaggle_min_side_px, cfg.kaggle_max_side_px),
-    )
+    low, high = sorted((cfg.kaggle_min_side_px, cfg.kaggle_max_side_px))
     height = int(rng.integers(low, high + 1))
     width = int(np.clip(round(height * rng.uniform(0.8, 1.25)), low, high))
     side = int(min(height, width) * rng.uniform(0.7, 0.95))  # the rest is black border
@@ -384,27 +327,17 @@ def kaggle_file_name(index: int, tumour: bool, png: bool) -> str:
 
 
 def _save_image(path: Path, pixels: np.ndarray, png: bool, quality: int) -> None:
-    """Save atomically (temp file in the same folder, then rename)."""
     from PIL import Image
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as fh:
             Image.fromarray(pixels).save(fh, format="PNG" if png else "JPEG", quality=quality)
-        os.chmod(tmp_name, 0o666 & ~_umask())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        os.chmod(tmp, 0o666 & ~_umask())
 
 
 # ---------------------------------------------------------------------------- datasets
 def synthesize_figshare(out: Path, cfg: SynthPlanarConfig) -> list[str]:
-    """Write ``figshare_patients x slices_per_patient`` v7.3 slices ``1.mat``, ``2.mat``... to ``out``.
-
-    Returns:
-        The file names written, in order.
-    """
+    """Write ``figshare_patients x slices_per_patient`` v7.3 slices ``1.mat``, ``2.mat``... to ``out``."""
     out = Path(out)
     written: list[str] = []
     facts: list[dict[str, Any]] = []
@@ -430,11 +363,8 @@ def synthesize_figshare(out: Path, cfg: SynthPlanarConfig) -> list[str]:
 
 
 def synthesize_kaggle(out: Path, cfg: SynthPlanarConfig) -> list[str]:
-    """Write ``kaggle_images`` images into ``out/yes`` and ``out/no`` (the first ``round(n * fraction)`` are yes).
-
-    Returns:
-        The written paths relative to ``out`` (``yes/Y1.jpg``...), in order.
-    """
+    """Write ``kaggle_images`` images into ``out/yes`` and ``out/no`` (the first ``round(n * fraction)`` are
+    yes); returns their paths relative to ``out`` (``yes/Y1.jpg``...)."""
     out = Path(out)
     n_yes = int(round(cfg.kaggle_images * cfg.kaggle_tumour_fraction))
     written: list[str] = []
@@ -449,10 +379,7 @@ def synthesize_kaggle(out: Path, cfg: SynthPlanarConfig) -> list[str]:
         relative = f"{folder.name}/{name}"
         written.append(relative)
         facts.append(
-            {
-                "file": relative,
-                **{k: item[k] for k in ("tumour", "rgb", "png", "tumour_pixels", "shape", "z")},
-            }
+            {"file": relative} | {k: item[k] for k in ("tumour", "rgb", "png", "tumour_pixels", "shape", "z")}
         )
     _write_meta(out, "kaggle", cfg, facts)
     return written
@@ -472,15 +399,8 @@ def _write_meta(out: Path, layout: str, cfg: SynthPlanarConfig, facts: list[dict
 
 
 def synthesize_planar_dataset(out: Path, layout: str, cfg: SynthPlanarConfig) -> list[str]:
-    """The ``synth`` stage for a 2-D layout: Figshare ``.mat`` slices or the Kaggle yes/no folders.
-
-    Raises:
-        DataError: ``out`` exists and is not a folder, or cannot be written.
-    """
-    writers: dict[str, Callable[[Path, SynthPlanarConfig], list[str]]] = {
-        "figshare": synthesize_figshare,
-        "kaggle": synthesize_kaggle,
-    }
+    """The ``synth`` stage for a 2-D layout; a DataError when ``out`` is not a writable folder."""
+    writers = {"figshare": synthesize_figshare, "kaggle": synthesize_kaggle}
     if layout not in writers:
         raise DataError(f"unknown 2-D layout {layout!r}; use figshare or kaggle")
     out = Path(out)

@@ -1,52 +1,17 @@
 """``tumorseg preprocess``: reorient to RAS, resample, crop to the brain, z-score; and the exact inverse.
 
-Forward (:func:`preprocess_case`), for a case read by :func:`~tumorseg.data.layouts.read_case`
-(image ``(4, X, Y, Z)`` in t1, t1ce, t2, flair order, canonical labels ``(X, Y, Z)``):
-
-1. **Reorient** to the closest RAS axis order with nibabel's orientation tools (axis flips and
-   permutations only: no interpolation, exactly invertible).
-2. **Resample** to ``target_spacing_mm``: the new shape is ``round(shape * spacing / target)`` and the
-   grids share their outer voxel edges (``align_corners=False``, as nnU-Net does), so the field of
-   view is kept and the actual spacing differs from the target by less than half a voxel over the
-   whole extent. Images: trilinear (torch) or spline order 2/3 (scipy); labels: each label's
-   indicator trilinearly then the largest (``label_resampling: onehot_linear``), or nearest neighbour.
-   When the shape does not change the grid is the identity and nothing is interpolated, so the
-   round trip is exact at equal spacing.
-3. **Crop** to the bounding box of the brain (voxels non-zero in any modality) plus
-   ``crop_margin_vox``.
-4. **Z-score** every channel with the mean and standard deviation of the brain voxels; the
-   background stays exactly 0.
-
-Every number needed to undo this is stored in a geometry dict (JSON), and
-:func:`restore_to_source` maps a label or probability map on the preprocessed grid back to the
-source file's exact shape, orientation and affine.
-
-Why not MONAI's ``Orientationd``/``Spacingd``/``CropForegroundd`` + ``Invertd``: their inverse lives in
-a MetaTensor's in-memory ``applied_operations``; here the inverse must be applied in another process
-(``tumorseg predict``, the serving API) from a small JSON file, and be exact.
-
-Where each part lives (every name stays importable from here, which the CLI, the pipelines, the
-tests and ``dvc.yaml`` refer to):
-
-- :mod:`tumorseg.data.grid`: the grid operations (reorientation, resampling, cropping box,
-  :class:`SourceGrid`) and their inverse (:func:`restore_to_source`, :func:`restored_label_counts`);
-- :mod:`tumorseg.data.preprocessed_case`: one case through the four steps (:func:`preprocess_case`,
-  :func:`crop_and_normalise`, :class:`PreprocessedCase`);
-- :mod:`tumorseg.data.threaded_reader`: the threaded reader of ``tumorseg predict``
-  (:func:`decode_case`, :class:`DecodedCase`, :func:`read_preprocessed`);
-- this module: the dataset stage (:func:`preprocess_dataset`).
+One case's steps are in :mod:`tumorseg.data.preprocessed_case`, the grid operations and their inverse
+in :mod:`tumorseg.data.grid`. Not MONAI's ``Invertd``: the inverse must run in another process
+(``predict``, serving) from a small JSON.
 
 Output of :func:`preprocess_dataset` (the contract with training)::
 
     OUT/cases/<case_id>.npz   image (4, X, Y, Z) storage_dtype, label (X, Y, Z) uint8 canonical,
                               brain (X, Y, Z) bool, loc_fg / loc_<code> (N, 3) uint16 patch-centre
-                              samples (:func:`~tumorseg.data.case_store.sample_locations`);
-                              uncompressed by default, so training memory-maps it
+                              samples; uncompressed by default, so training memory-maps it
     OUT/cases/<case_id>.json  geometry (see :func:`preprocess_case`)
-    OUT/index.csv             case_id, patient_id, label_convention, layout, npz, shape, tumour_voxels,
-                              tumour_volume_ml, has_tumour, has_label, then, carried from the validated
-                              manifest for ``tumorseg split`` (empty when it has none): subset, fold
-                              (MONAI datalist) and duplicate_of (the case's duplicate group)
+    OUT/index.csv             :data:`INDEX_COLUMNS`; subset, fold and duplicate_of are carried from
+                              the validated manifest for ``tumorseg split`` (empty when it has none)
 """
 
 from __future__ import annotations
@@ -64,8 +29,8 @@ import pandas as pd
 
 from tumorseg.config import PreprocessConfig
 from tumorseg.data.case_store import save_case
-from tumorseg.data.grid import SourceGrid, resize, resize_labels, restore_to_source, restored_label_counts
 from tumorseg.data.grid import reorient as _reorient
+from tumorseg.data.grid import resize, resize_labels, restore_to_source, restored_label_counts
 from tumorseg.data.layouts import FILE_KEYS, case_from_manifest_row
 from tumorseg.data.manifest import STATUS_OK, atomic_write_text, read_manifest
 from tumorseg.data.parallel import map_cases
@@ -73,10 +38,7 @@ from tumorseg.data.preprocessed_case import (
     GEOMETRY_FORMAT,
     PreprocessedCase,
     content_parameters,
-    crop_and_normalise,
     preprocess_case,
-    ras_float32,
-    resample_modality,
 )
 from tumorseg.data.readers import IMAGE, manifest_dims
 from tumorseg.data.threaded_reader import DecodedCase, decode_case, read_preprocessed
@@ -87,36 +49,27 @@ if TYPE_CHECKING:
     from tumorseg.data.planar_dataset import PlanarPreprocessSummary
 
 __all__ = [
-    "CASES_FOLDER",
-    "GEOMETRY_FORMAT",
     "INDEX_COLUMNS",
     "INDEX_NAME",
-    "MANIFEST_CARRIED_COLUMNS",
     "DecodedCase",
-    "PreprocessSummary",
     "PreprocessedCase",
-    "SourceGrid",
     "_reorient",
-    "crop_and_normalise",
     "decode_case",
     "preprocess_case",
     "preprocess_dataset",
-    "preprocess_one",
-    "ras_float32",
     "read_preprocessed",
-    "resample_modality",
     "resize",
     "resize_labels",
     "restore_to_source",
     "restored_label_counts",
 ]
-"""The public names of preprocessing, wherever they live (``_reorient``: the tests' name of
-:func:`tumorseg.data.grid.reorient`)."""
+"""The names imported from here, wherever they live (``_reorient``: the tests' name of ``grid.reorient``)."""
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.csv"
 CASES_FOLDER = "cases"
+MANIFEST_CARRIED_COLUMNS: tuple[str, ...] = ("subset", "fold", "duplicate_of")
 INDEX_COLUMNS: list[str] = [
     "case_id",
     "patient_id",
@@ -128,28 +81,14 @@ INDEX_COLUMNS: list[str] = [
     "tumour_volume_ml",
     "has_tumour",
     "has_label",
-    "subset",
-    "fold",
-    "duplicate_of",
+    *MANIFEST_CARRIED_COLUMNS,
 ]
-MANIFEST_CARRIED_COLUMNS: tuple[str, ...] = ("subset", "fold", "duplicate_of")
-"""Manifest columns copied into ``index.csv`` as they are ("" when the manifest lacks them): the
-datalist subset/fold (ingest) and the duplicate group (validate) that ``tumorseg split`` reads."""
 
 
 @dataclass(frozen=True)
 class PreprocessSummary:
-    """What one preprocess run did.
-
-    Attributes:
-        out_dir: the output folder.
-        cases: cases in ``index.csv``.
-        processed: cases computed in this run.
-        skipped: cases whose outputs were already up to date.
-        removed: stale cases removed from ``cases/`` (no longer ok in the manifest).
-        seconds: wall time.
-        stored_bytes: size of the cases' ``.npz`` files (what training reads).
-    """
+    """What one preprocess run did: ``processed`` cases computed, ``skipped`` up to date, ``removed``
+    stale (no longer ok), ``stored_bytes`` of the cases' ``.npz`` files (what training reads)."""
 
     out_dir: Path
     cases: int
@@ -224,18 +163,13 @@ def preprocess_dataset(
 ) -> PreprocessSummary | PlanarPreprocessSummary:
     """Preprocess every case with status ``ok`` in ``src_dir/manifest.csv`` into ``out_dir``.
 
-    A case is skipped when its npz and JSON exist and the JSON records the same source sha256 values
-    and parameters. Files of cases that are no longer ok are removed from ``out_dir/cases``. Every
-    file is written to a temporary name and renamed, so an interrupted run leaves no half file.
-    Cases run in ``cfg.workers`` processes (:func:`~tumorseg.data.parallel.map_cases`), with
-    progress on long runs; the outputs do not depend on the worker count.
+    A case is skipped when its JSON records the same source sha256 values and parameters; files of
+    cases no longer ok are removed; every file is written to a temporary name and renamed. Cases run
+    in ``cfg.workers`` processes; the outputs do not depend on the worker count.
 
     Args:
-        src_dir: folder with the validated ``manifest.csv``.
-        out_dir: output folder (``cases/``, ``index.csv``).
-        cfg: the ``preprocess`` section of params.yaml.
-        planar_cfg: the ``preprocess_2d`` section (defaults when None), used instead of ``cfg`` when the
-            manifest is a 2-D one (Figshare/Kaggle): see :mod:`tumorseg.data.planar_dataset`.
+        planar_cfg: the ``preprocess_2d`` section (defaults when None), used instead of ``cfg`` for a
+            2-D manifest (:mod:`tumorseg.data.planar_dataset`).
 
     Raises:
         DataError: no ok case; a source file changed since ingest; a case that cannot be read.
@@ -243,7 +177,7 @@ def preprocess_dataset(
     begin = time.perf_counter()
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     manifest = read_manifest(src_dir)
-    if manifest_dims(manifest) == IMAGE:  # the image strategy: one square npz per image
+    if manifest_dims(manifest) == IMAGE:
         from tumorseg.data.planar import PlanarPreprocessConfig
         from tumorseg.data.planar_dataset import preprocess_planar_dataset
 
@@ -259,24 +193,21 @@ def preprocess_dataset(
     cases_dir.mkdir(parents=True, exist_ok=True)
 
     index: list[dict[str, str]] = []
-    processed = skipped = 0
-    stored_bytes = 0
+    processed = stored_bytes = 0
     work = partial(preprocess_one, cases_dir=cases_dir, cfg=cfg)
     ordered = sorted(rows, key=lambda r: r["case_id"])
     results = map_cases(work, ordered, workers=cfg.workers, what="preprocess")
     for row, (geometry, computed) in zip(ordered, results, strict=True):
         index.append(_index_row(geometry, row))
         processed += computed
-        skipped += not computed
         stored_bytes += (cases_dir / f"{geometry['case_id']}.npz").stat().st_size
-
     removed = _remove_stale(cases_dir, {row["case_id"] for row in index})
     atomic_write_text(out_dir / INDEX_NAME, pd.DataFrame(index, columns=INDEX_COLUMNS).to_csv(index=False))
     summary = PreprocessSummary(
         out_dir=out_dir,
         cases=len(index),
         processed=processed,
-        skipped=skipped,
+        skipped=len(index) - processed,
         removed=removed,
         seconds=time.perf_counter() - begin,
         stored_bytes=stored_bytes,
@@ -288,11 +219,8 @@ def preprocess_dataset(
 def preprocess_one(
     row: dict[str, str], *, cases_dir: Path, cfg: PreprocessConfig
 ) -> tuple[dict[str, Any], bool]:
-    """Preprocess one manifest row into ``cases_dir`` (runs in a worker process).
-
-    Returns:
-        The case's geometry, and whether it was computed (False: its outputs were up to date).
-    """
+    """Preprocess one manifest row into ``cases_dir`` (in a worker process): its geometry, and whether
+    it was computed (False: its outputs were up to date)."""
     case_id = row["case_id"]
     npz_path, json_path = cases_dir / f"{case_id}.npz", cases_dir / f"{case_id}.json"
     expected = _expected_sha256(row)

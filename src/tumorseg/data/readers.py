@@ -1,11 +1,9 @@
 """The formats tumorseg reads, behind one registry (as nnU-Net's ``reader_writer_registry``).
 
-A format is a layout name, the ``layout`` column of every manifest row, with its number of spatial
-dimensions: volumes (3) from BraTS, MSD, nnU-Net and MONAI folders (:mod:`tumorseg.data.layouts`),
-images (2) from Figshare ``.mat`` slices and Kaggle yes/no folders (:mod:`tumorseg.data.planar`).
-Stages ask this module how many spatial dimensions a folder, a manifest or an input has and take
-their volume or image strategy from a table keyed by it; a new format is an entry here and a
-reader, not a change of stage.
+Volumes (3 spatial dimensions) come from BraTS, MSD, nnU-Net and MONAI folders
+(:mod:`tumorseg.data.layouts`), images (2) from Figshare ``.mat`` slices and Kaggle yes/no folders
+(:mod:`tumorseg.data.planar`). Stages ask here how many dimensions a folder, manifest or input has
+and pick their volume or image strategy by it.
 """
 
 from __future__ import annotations
@@ -14,27 +12,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from tumorseg.config import DATASET_LAYOUTS
 from tumorseg.data.planar import BITMAP_SUFFIXES, IMAGE_LAYOUTS  # noqa: F401  (the registry's names)
 from tumorseg.errors import DataError
 
 VOLUME = 3
 IMAGE = 2
 
-FORMAT_DIMS: dict[str, int] = {
-    **dict.fromkeys(DATASET_LAYOUTS, VOLUME),
-    **dict.fromkeys(IMAGE_LAYOUTS, IMAGE),
-}
-"""Layout name -> spatial dimensions of its cases."""
-
 IMAGE_SUFFIXES: tuple[str, ...] = (".mat", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 """Files read as one 2-D image each (Figshare MATLAB slices, bitmaps)."""
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
-
-
-def layout_dims(layout: str) -> int:
-    """Spatial dimensions of a layout's cases (volumes for a name this registry does not list)."""
-    return FORMAT_DIMS.get(layout, VOLUME)
 
 
 def manifest_dims(manifest: pd.DataFrame) -> int:
@@ -71,11 +57,7 @@ def input_dims(path: str | Path) -> int:
 
 
 def image_inputs(path: str | Path) -> list[Path]:
-    """The image files ``path`` names (itself, or every one under a folder, sorted).
-
-    Raises:
-        DataError: a missing path, or a folder without any.
-    """
+    """The image files ``path`` names (itself, or every one under a folder, sorted); a DataError if none."""
     path = Path(path)
     if path.is_file():
         if name_dims(path.name) != IMAGE:

@@ -1,15 +1,12 @@
 """``data.source``: which dataset the pipeline reads, checked before any stage writes.
 
-``synth`` (the default): ``tumorseg source``, the first DVC stage, generates cases into ``data/synth``.
-Any other value is a dataset folder in a supported layout, only ever read (in ``dvc.yaml`` it is a
-dependency of ``ingest``); ``tumorseg source`` checks it so that a wrong path fails with one line.
-Relative paths resolve against the folder of params.yaml, not the working directory, so DVC stages
-(run in ``data/``), Prefect flows and the CLI agree.
+``synth`` (the default): ``tumorseg source``, the first DVC stage, generates cases into ``data/synth``;
+any other value is a dataset folder, only ever read, checked so that a wrong path fails with one line.
+Relative paths resolve against the folder of params.yaml, so DVC stages, flows and the CLI agree.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +14,6 @@ from typing import Any
 
 from tumorseg.config import GENERATED_FOLDERS, DataConfig, section
 from tumorseg.errors import DataError
-
-log = logging.getLogger(__name__)
 
 LAYOUTS_LOOKED_FOR = (
     "BraTS 2020/21 case folders (BraTS2021_00001/BraTS2021_00001_t1.nii.gz), BraTS 2023+ case folders "
@@ -61,12 +56,8 @@ def inspect_source(
     labels: str | None = None,
     dims: int = 3,
 ) -> SourceInfo:
-    """Check a dataset folder without reading any image.
-
-    Raises:
-        DataError: the folder does not exist, is a file, is empty, holds no supported layout, or
-            mixes layouts (naming the layouts and the first file of each).
-    """
+    """Check a dataset folder without reading any image; a one-line DataError when it is missing, a
+    file, empty, of the other dimensionality, or of no (or several) supported layouts."""
     from tumorseg.data.layouts import discover_cases
     from tumorseg.data.readers import IMAGE, VOLUME, folder_dims
 
@@ -103,11 +94,7 @@ def prepare_source(
     params: dict[str, Any], params_path: str | Path = "params.yaml", dims: int = 3
 ) -> SourceInfo:
     """Make ``data.source`` (``data.source_2d`` for ``dims`` 2) ready for ``ingest``: generate the
-    embedded data, or check the folder.
-
-    Raises:
-        DataError: the folder is missing, empty, of no supported layout or of several.
-    """
+    embedded data, or check the folder (:func:`inspect_source`)."""
     cfg: DataConfig = section("data", params, source=params_path)
     root = project_root(params_path)
     folder = cfg.folder(root, dims)

@@ -1,70 +1,11 @@
 """``tumorseg split``: group-level train/val/test split: stratified, from a datalist, or your own.
 
-The unit
---------
-No unit of the split may be on two sides. A unit (a *group*) joins:
-
-- every case of one patient (BraTS 2023+ time points ``BraTS-GLI-00001-000``, ``-001``, ... share
-  the patient ``BraTS-GLI-00001``), and
-- every case whose scan ``tumorseg validate`` found under another case id too (``duplicate_of`` in
-  the validated manifest, carried into ``index.csv``), with all cases of *their* patients,
-
-transitively (union-find over ``patient_id`` and ``duplicate_of``, over every row of
-``index.csv``, unlabelled ones included, since they can link two labelled cases). A group is named
-by the smallest patient id among its labelled cases; without duplicates, groups are patients and
-everything below reads "patient".
-
-Only labelled cases (``has_label``) are split; unlabelled ones cannot be trained or scored.
-
-``split.method: stratified`` (default)
---------------------------------------
-Strata are per group: ``tumour-free`` (no tumour voxel in any of its labelled cases) and
-``size_bins`` quantile bins of the group's largest ``tumour_volume_ml`` (``q1`` smallest). The
-number of val and test groups is fixed globally (``round(n * fraction)``, at least 1 each, train
-keeps at least 1) and shared out between strata by largest remainder; a stratum with 3 or more
-groups gets at least one val and one test group whenever the totals allow. Within a stratum,
-groups are shuffled by ``seed`` (after sorting, so the result does not depend on file order).
-
-``split.method: datalist`` (a MONAI datalist, ``index.csv`` columns ``subset`` and ``fold``)
--------------------------------------------------------------------------------------------
-1. a case of the datalist's ``validation`` list goes to val; of its ``testing`` list (labelled: an
-   unlabelled test case is left out like any unlabelled case) to test;
-2. when the datalist has no ``validation`` list but its training cases have folds, the training
-   cases of fold ``split.val_fold`` go to val (an error when no case has that fold);
-3. every other case (``training``, or no subset) is a training case;
-4. a group whose cases the datalist puts on different sides is moved whole to the most held-out of
-   them (test before val before train), with one warning naming its cases: the datalist may be
-   published, so it is not an error, but nothing evaluated may have been trained on;
-5. a part the datalist does not give is held out of the training groups by the stratified rule
-   (``seed``, ``size_bins``): no ``testing`` list -> ``max(1, round(N * test))`` test groups,
-   no ``validation`` list and no folds -> ``max(1, round(N * val))`` val groups, ``N`` being all
-   labelled groups; at least one group stays in train.
-
-It is an error when no labelled case has a ``subset`` (not a datalist), when a ``subset`` is not
-``training``/``validation``/``testing``, or when train, val or test ends up empty.
-
-``split.method: file`` (``split.file``, relative to the project folder, the working directory)
-----------------------------------------------------------------------------------------------
-A JSON object ``{"train": [case_id, ...], "val": [...], "test": [...]}`` (a split JSON written by
-this command is accepted too: its other keys are ignored) or a CSV with a header and the columns
-``case_id`` and ``split`` (``train``/``val``/``test``; other columns ignored). One-line errors,
-naming the file and the key or line: not readable, another key or split name, a case on two sides,
-a case id that is not in ``index.csv`` (unknown, or quarantined by validation), an empty side, and a
-group on two sides (naming its cases and why they are one group). Labelled cases of ``index.csv``
-the file does not list are left out with a warning (and listed under ``left_out``); unlabelled
-cases it lists are left out with a warning.
-
-Output JSON (written atomically)::
-
-    {"seed": 42, "fractions": {"train": 0.7, "val": 0.15, "test": 0.15},
-     "train": [case_id, ...], "val": [...], "test": [...],
-     "patients": {"train": [patient_id, ...], "val": [...], "test": [...]},
-     "strata": {case_id: "tumour-free" | "q1" | ...}}
-
-followed, only when they say something (so a default split of data without duplicates is the
-same file as before these keys existed), by ``"method"`` (``datalist`` with ``"val_fold"``, or
-``file`` with ``"file"``), ``"groups"`` (group -> its patient ids, for each group that joins more
-than one patient) and ``"left_out"`` (labelled cases a user's split file does not list).
+No group is on two sides: a group joins the cases of one patient (BraTS 2023+ time points) and
+those ``tumorseg validate`` found to be one scan (``duplicate_of``), transitively. Only labelled cases
+are split, by ``split.method``: ``stratified`` (tumour-free / tumour-size quantile strata,
+:func:`assign_patients`), ``datalist`` (:func:`_datalist_assignment`) or ``file``
+(:func:`read_user_split`). The JSON's keys ``method``, ``groups`` and ``left_out`` appear only when
+they say something, so a default split is unchanged by them.
 """
 
 from __future__ import annotations
@@ -74,7 +15,7 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,38 +39,15 @@ STRATIFIED, DATALIST, FILE = "stratified", "datalist", "file"
 DATALIST_SUBSETS: dict[str, str] = {"validation": "val", "testing": "test", "training": "", "": ""}
 """Datalist subset -> the side it fixes ("" = a training case: train unless held out)."""
 _HELD_OUT_ORDER: dict[str, int] = {"test": 0, "val": 1, "": 2}
-_SPLIT_FILE_METADATA = {
-    "seed",
-    "fractions",
-    "patients",
-    "strata",
-    "method",
-    "val_fold",
-    "file",
-    "groups",
-    "left_out",
-}
+_SPLIT_FILE_METADATA = frozenset(
+    ("seed", "fractions", "patients", "strata", "method", "val_fold", "file", "groups", "left_out")
+)
 """Keys of a split JSON written by this command, ignored when it is given back as ``split.file``."""
 
 
 @dataclass(frozen=True)
 class Split:
-    """A group-level split.
-
-    Attributes:
-        seed: shuffling seed.
-        fractions: ``train``/``val``/``test`` -> requested share of groups.
-        train, val, test: case ids (sorted).
-        patients: split name -> patient ids (sorted).
-        strata: case id -> stratum of its group.
-        out_file: where it was written (None when not written).
-        unlabelled: case ids left out because they have no segmentation.
-        method: ``stratified``, ``datalist`` or ``file`` (``split.method``).
-        val_fold: the datalist fold used as val (datalist method with folds only).
-        file: the user's split file (file method only), as given in ``split.file``.
-        groups: group -> patient ids, for each group that joins several patients (duplicates).
-        left_out: labelled cases a user's split file does not list.
-    """
+    """A group-level split: sorted case ids per side, ``strata`` per case, ``out_file`` once written."""
 
     seed: int
     fractions: dict[str, float]
@@ -189,20 +107,14 @@ class Split:
 
 
 def read_split(path: Path) -> Split:
-    """Load a split JSON written by :func:`make_split`.
-
-    Raises:
-        DataError: missing file or not a split.
-    """
+    """Load a split JSON written by :func:`make_split` (a DataError when missing or not a split)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
         return Split(
             seed=int(data["seed"]),
             fractions={k: float(v) for k, v in data["fractions"].items()},
-            train=list(data["train"]),
-            val=list(data["val"]),
-            test=list(data["test"]),
+            **{name: list(data[name]) for name in SPLITS},
             patients={name: list(data["patients"][name]) for name in SPLITS},
             strata=dict(data["strata"]),
             out_file=path,
@@ -219,23 +131,16 @@ def read_split(path: Path) -> Split:
 
 
 def make_split(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Split:
-    """Split the labelled cases of ``preprocessed_dir/index.csv`` and write the JSON to ``out_file``.
-
-    Args:
-        preprocessed_dir: output folder of ``tumorseg preprocess``.
-        out_file: split JSON to write.
-        cfg: the ``split`` section of params.yaml (``file`` is relative to the working directory,
-            the project folder where ``tumorseg``/DVC run).
+    """Split the labelled cases of ``preprocessed_dir/index.csv`` (2-D: ``manifest.csv``) into ``out_file``.
 
     Raises:
-        DataError: no index, fewer than 3 labelled groups, or a datalist / split file that cannot be
-            used (see the module docstring).
+        DataError: no index, fewer than 3 labelled groups, or a datalist / split file that cannot be used.
     """
     index_file = Path(preprocessed_dir) / INDEX_NAME
     if not index_file.is_file():
         from tumorseg.data.readers import IMAGE, preprocessed_dims
 
-        if preprocessed_dims(Path(preprocessed_dir)) == IMAGE:  # images: manifest.csv + <case_id>.npz
+        if preprocessed_dims(Path(preprocessed_dir)) == IMAGE:
             if cfg.method != STRATIFIED:
                 raise DataError(
                     f"split.method: {cfg.method} is for 3-D datasets; 2-D data ({preprocessed_dir}) is "
@@ -248,12 +153,16 @@ def make_split(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Spli
     if missing:
         raise DataError(f"{index_file}: lacks columns {missing}; run `tumorseg preprocess` again")
     user_split = read_user_split(Path(cfg.file)) if cfg.method == FILE else None
-    split = split_cases(index, cfg, user_split=user_split, index_name=str(index_file))
-    out_file = Path(out_file)
-    atomic_write_text(out_file, json.dumps(split.to_dict(), indent=1) + "\n")
-    split = dataclasses.replace(split, out_file=out_file)
+    split = _written(split_cases(index, cfg, user_split=user_split, index_name=str(index_file)), out_file)
     log.debug(split.one_line())
     return split
+
+
+def _written(split: Split, out_file: Path) -> Split:
+    """``split`` written to ``out_file`` (JSON, atomically)."""
+    out_file = Path(out_file)
+    atomic_write_text(out_file, json.dumps(split.to_dict(), indent=1) + "\n")
+    return dataclasses.replace(split, out_file=out_file)
 
 
 # ---------------------------------------------------------------------------- groups
@@ -279,18 +188,8 @@ class UnionFind:
 
 
 def case_groups(table: pd.DataFrame, named_by: pd.Series | None = None) -> dict[str, str]:
-    """Case id -> its group: patient ∪ duplicate group, transitively (see the module docstring).
-
-    Args:
-        table: ``case_id`` and ``patient_id`` columns, optionally ``duplicate_of`` (text; an empty
-            or absent patient id counts as the case's own id).
-        named_by: a boolean mask of ``table``'s rows whose patient ids may name groups (the
-            labelled cases); all rows when None. A group none of whose rows qualify is named by
-            the smallest patient id of all its rows.
-
-    Returns:
-        Every case id of ``table`` -> the smallest qualifying patient id of its group.
-    """
+    """Case id -> its group (patient ∪ ``duplicate_of`` group, transitively), named by its smallest
+    patient id among the rows ``named_by`` selects (the labelled cases; all rows when none does)."""
     links = UnionFind()
     cases = table["case_id"].astype(str).tolist()
     patients = [p or c for p, c in zip(table["patient_id"].astype(str), cases, strict=True)]
@@ -323,42 +222,19 @@ def split_cases(
     user_split: UserSplit | None = None,
     index_name: str = INDEX_NAME,
 ) -> Split:
-    """The split of an index table (``case_id``, ``patient_id``, ``tumour_volume_ml``, ``has_label``,
-    optionally ``duplicate_of``, ``subset``, ``fold``), by ``cfg.method``.
-
-    Deterministic for a given table content and ``cfg`` (row order does not matter).
-
-    Args:
-        index: preprocess's ``index.csv`` (text columns).
-        cfg: the ``split`` section.
-        user_split: the parsed ``split.file`` (method ``file``; :func:`read_user_split`).
-        index_name: the index file, for messages.
+    """The split of preprocess's ``index.csv`` table by ``cfg.method``, independent of row order.
 
     Raises:
         DataError: fewer than 3 labelled groups, a tumour volume that is not a number, a case id twice,
-            or a datalist / user split that cannot be used (see the module docstring).
+            or a datalist / user split (``user_split``) that cannot be used.
     """
-    index = index.astype(str)
-    for column in GROUPING_COLUMNS:
-        if column not in index.columns:
-            index = index.assign(**{column: ""})
-    labelled_mask = index["has_label"].str.strip().str.lower() == "true"
-    unlabelled = sorted(index.loc[~labelled_mask, "case_id"])
-    if unlabelled:
-        log.warning("%d unlabelled cases are left out of the split", len(unlabelled))
-    if index["case_id"].duplicated().any():
-        dup = index.loc[index["case_id"].duplicated(), "case_id"].iloc[0]
-        raise DataError(f"index.csv: case {dup} appears twice")
-    group_of_all = case_groups(index, named_by=labelled_mask)
-    table = index.loc[labelled_mask, ["case_id", "patient_id", "tumour_volume_ml", *GROUPING_COLUMNS]]
+    index, table, unlabelled = _grouped_labelled_cases(index)
     try:
         volumes = table["tumour_volume_ml"].astype(float)
     except ValueError:
         raise DataError(
             "index.csv: tumour_volume_ml must be numbers; run `tumorseg preprocess` again"
         ) from None
-    group_of = {case: group_of_all[case] for case in table["case_id"]}
-    table = table.assign(group=[group_of[c] for c in table["case_id"]])
     group_volume = volumes.groupby(table["group"]).max().sort_index()
     strata = _patient_strata(group_volume, cfg.size_bins)
 
@@ -376,19 +252,35 @@ def split_cases(
         table = table[table["case_id"].isin(kept)]
         strata = {g: strata[g] for g in sorted(set(table["group"]))}
     split = _build_split(table, strata, assignment, cfg, unlabelled)
-    patients_per_group: dict[str, set[str]] = {}
-    for group, patient in zip(table["group"], table["patient_id"], strict=True):
-        patients_per_group.setdefault(group, set()).add(patient)
-    groups = {g: sorted(p) for g, p in patients_per_group.items() if len(p) > 1}
+    patients_per_group = table.groupby("group")["patient_id"]
     fold_is_val = cfg.method == DATALIST and _has_folds(table) and not _has_subset(table, "validation")
     return dataclasses.replace(
         split,
         method=cfg.method,
         val_fold=cfg.val_fold if fold_is_val else None,
         file=cfg.file if cfg.method == FILE else "",
-        groups=groups,
+        groups={g: sorted(set(p)) for g, p in patients_per_group if p.nunique() > 1},
         left_out=left_out,
     )
+
+
+def _grouped_labelled_cases(index: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """The index as text with every grouping column, its labelled cases with their ``group``, and the
+    unlabelled case ids."""
+    index = index.astype(str)
+    for column in GROUPING_COLUMNS:
+        if column not in index.columns:
+            index = index.assign(**{column: ""})
+    labelled_mask = index["has_label"].str.strip().str.lower() == "true"
+    unlabelled = sorted(index.loc[~labelled_mask, "case_id"])
+    if unlabelled:
+        log.warning("%d unlabelled cases are left out of the split", len(unlabelled))
+    if index["case_id"].duplicated().any():
+        dup = index.loc[index["case_id"].duplicated(), "case_id"].iloc[0]
+        raise DataError(f"index.csv: case {dup} appears twice")
+    group_of = case_groups(index, named_by=labelled_mask)
+    table = index.loc[labelled_mask, ["case_id", "patient_id", "tumour_volume_ml", *GROUPING_COLUMNS]]
+    return index, table.assign(group=[group_of[c] for c in table["case_id"]]), unlabelled
 
 
 def _fractions(cfg: SplitConfig) -> dict[str, float]:
@@ -421,35 +313,11 @@ def _build_split(
     return Split(
         seed=cfg.seed,
         fractions=_fractions(cfg),
-        train=sorted(cases["train"]),
-        val=sorted(cases["val"]),
-        test=sorted(cases["test"]),
+        **{name: sorted(cases[name]) for name in SPLITS},
         patients={name: sorted(patients[name]) for name in SPLITS},
         strata=case_strata,
         unlabelled=unlabelled,
     )
-
-
-def split_by_patient(
-    table: pd.DataFrame, strata: dict[str, str], cfg: SplitConfig, unlabelled: list[str]
-) -> Split:
-    """The stratified split of labelled cases, given each patient's stratum.
-
-    Used by the 2-D split (:func:`tumorseg.data.planar_dataset.split_planar_cases`), whose unit is
-    the patient and whose strata are source and tumour type.
-
-    Args:
-        table: labelled cases, ``case_id`` (unique) and ``patient_id`` columns as text.
-        strata: patient id -> stratum, one entry per patient of ``table``.
-        cfg: the ``split`` section (fractions, seed).
-        unlabelled: case ids left out of the split, recorded in it.
-
-    Raises:
-        DataError: fewer patients than splits (each split needs one).
-    """
-    _enough_groups(len(strata))
-    assignment = assign_patients(strata, _fractions(cfg), cfg.seed)
-    return _build_split(table, strata, assignment, cfg, unlabelled, unit="patient_id")
 
 
 # ---------------------------------------------------------------------------- datalist
@@ -465,7 +333,43 @@ def _has_folds(table: pd.DataFrame) -> bool:
 def _datalist_assignment(
     table: pd.DataFrame, strata: dict[str, str], cfg: SplitConfig, index_name: str
 ) -> dict[str, str]:
-    """Group -> side from the datalist's subsets and folds (rules 1-5 of the module docstring)."""
+    """Group -> side from the datalist's ``validation``/``testing`` lists, or fold ``split.val_fold``.
+
+    A group on several sides goes whole to the most held-out, with a warning (a published datalist is
+    no error, but nothing evaluated may have been trained on). A part the datalist lacks is held out
+    of the training groups by the stratified rule (``round(N * fraction)`` of all ``N`` groups).
+
+    Raises:
+        DataError: no case has a subset, an unknown subset, a ``val_fold`` that is no fold, or an
+            empty side.
+    """
+    wanted, need_val, need_test = _datalist_wants(table, cfg, index_name)
+    sides = _sides_by_group(table, wanted)
+    n = len(strata)
+    if need_test or need_val:
+        pool = {g: strata[g] for g, side in sides.items() if side == ""}
+        parts = [name for name, needed in (("val", need_val), ("test", need_test)) if needed]
+        targets = _held_out_counts(n, _fractions(cfg), len(pool) - 1, parts)
+        held = {}
+        if pool:
+            held = assign_patients(pool, _pool_fractions(targets, len(pool)), cfg.seed, targets=targets)
+        for group, side in held.items():
+            sides[group] = "" if side == "train" else side
+    assignment = {group: side or "train" for group, side in sides.items()}
+    empty = [name for name in SPLITS if name not in assignment.values()]
+    if empty:
+        raise DataError(
+            f"split.method: datalist leaves {' and '.join(empty)} empty ({n} labelled groups in {index_name}); "
+            "check the datalist's lists and folds, or use split.method: stratified"
+        )
+    return assignment
+
+
+def _datalist_wants(
+    table: pd.DataFrame, cfg: SplitConfig, index_name: str
+) -> tuple[dict[str, str], bool, bool]:
+    """Case -> the side its subset or fold fixes (``""``: train unless held out); whether val and test
+    must still be held out."""
     subsets = table["subset"].str.strip().str.lower()
     unknown = sorted(set(subsets) - set(DATALIST_SUBSETS))
     if unknown:
@@ -493,7 +397,11 @@ def _datalist_assignment(
         for case, fold, is_training in zip(table["case_id"], folds, training, strict=True):
             if is_training and fold and int(fold) == cfg.val_fold:
                 wanted[case] = "val"
+    return wanted, not has_validation and not has_folds, not has_test
 
+
+def _sides_by_group(table: pd.DataFrame, wanted: dict[str, str]) -> dict[str, str]:
+    """Group -> the most held-out side the datalist wants for any of its cases."""
     sides: dict[str, str] = {}
     members: dict[str, list[str]] = {}
     for case, group in zip(table["case_id"], table["group"], strict=True):
@@ -509,32 +417,7 @@ def _datalist_assignment(
                 where,
                 found[0],
             )
-
-    n = len(strata)
-    need_test = not has_test
-    need_val = not has_validation and not has_folds
-    if need_test or need_val:
-        pool = {g: strata[g] for g, side in sides.items() if side == ""}
-        targets = {
-            "test": max(1, math.floor(n * cfg.test + 0.5)) if need_test else 0,
-            "val": max(1, math.floor(n * cfg.val + 0.5)) if need_val else 0,
-        }
-        while 0 < targets["test"] + targets["val"] > len(pool) - 1:  # one training group stays
-            larger = max(("val", "test"), key=lambda name: (targets[name], name))
-            targets[larger] -= 1
-        held = {}
-        if pool:
-            held = assign_patients(pool, _pool_fractions(targets, len(pool)), cfg.seed, targets=targets)
-        for group, side in held.items():
-            sides[group] = "" if side == "train" else side
-    assignment = {group: side or "train" for group, side in sides.items()}
-    empty = [name for name in SPLITS if name not in assignment.values()]
-    if empty:
-        raise DataError(
-            f"split.method: datalist leaves {' and '.join(empty)} empty ({n} labelled groups in {index_name}); "
-            "check the datalist's lists and folds, or use split.method: stratified"
-        )
-    return assignment
+    return sides
 
 
 def _pool_fractions(targets: dict[str, int], n: int) -> dict[str, float]:
@@ -546,13 +429,8 @@ def _pool_fractions(targets: dict[str, int], n: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------- a user's split file
 @dataclass(frozen=True)
 class UserSplit:
-    """A user's split file, parsed: case id -> side, and where each case was named (for messages).
-
-    Attributes:
-        path: the file as given in ``split.file``.
-        sides: case id -> ``train``/``val``/``test``, in file order.
-        where: case id -> ``key 'test'`` (JSON) or ``line 7`` (CSV).
-    """
+    """A user's split file (``path`` as given): case id -> side, in file order, and where each case
+    was named (``where``: ``key 'test'`` or ``line 7``, for messages)."""
 
     path: str
     sides: dict[str, str]
@@ -561,6 +439,9 @@ class UserSplit:
 
 def read_user_split(path: Path) -> UserSplit:
     """Parse ``split.file``: JSON ``{"train": [...], "val": [...], "test": [...]}`` or CSV ``case_id,split``.
+
+    A split JSON this command wrote is accepted too (its other keys are ignored); other CSV columns are
+    ignored. Labelled cases the file does not list are left out with a warning (``left_out``).
 
     Raises:
         DataError: one line naming the file (and key or line): unreadable, malformed, another key or
@@ -633,11 +514,8 @@ def _csv_entries(path: Path, name: str) -> list[tuple[str, str, str]]:
 def _file_assignment(
     table: pd.DataFrame, index: pd.DataFrame, user: UserSplit, index_name: str
 ) -> tuple[dict[str, str], set[str]]:
-    """Group -> side from a user's split; and the labelled cases it lists.
-
-    Raises:
-        DataError: a case id not in the index, a group on two sides, an empty side.
-    """
+    """Group -> side from a user's split, and the labelled cases it lists; a DataError for a case id
+    not in the index, a group on two sides or an empty side."""
     known = set(index["case_id"])
     unknown = [c for c in user.sides if c not in known]
     if unknown:
@@ -653,7 +531,7 @@ def _file_assignment(
             "%s lists %d unlabelled case(s), left out (no segmentation to train or score): %s",
             user.path,
             len(unlabelled),
-            ", ".join(unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else ""),
+            _first_five(unlabelled),
         )
     unlisted = sorted(labelled - set(user.sides))
     if unlisted:
@@ -662,7 +540,7 @@ def _file_assignment(
             len(unlisted),
             index_name,
             user.path,
-            ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""),
+            _first_five(unlisted),
         )
     listed = table[table["case_id"].isin(user.sides)]
     assignment: dict[str, str] = {}
@@ -681,6 +559,10 @@ def _file_assignment(
     if empty:
         raise DataError(f"{user.path}: no labelled {' or '.join(empty)} case; each side needs one")
     return assignment, set(listed["case_id"])
+
+
+def _first_five(cases: list[str]) -> str:
+    return ", ".join(cases[:5]) + (" ..." if len(cases) > 5 else "")
 
 
 def _why_one_group(table: pd.DataFrame, a: str, b: str) -> str:
@@ -702,39 +584,29 @@ def _patient_strata(patient_volume: pd.Series, size_bins: int) -> dict[str, str]
     return strata
 
 
-def _targets(n: int, fractions: dict[str, float]) -> dict[str, int]:
-    """Patients per split: rounded shares, val and test at least 1, train at least 1."""
-    counts = {name: max(1, math.floor(n * fractions[name] + 0.5)) for name in ("val", "test")}
-    while n - counts["val"] - counts["test"] < 1:
+def _held_out_counts(
+    n: int, fractions: Mapping[str, float], room: int, parts: Sequence[str] = ("val", "test")
+) -> dict[str, int]:
+    """Val and test groups: ``round(n * fraction)``, at least 1, for ``parts`` (others 0), the larger
+    cut until at most ``room`` groups are held out."""
+    counts = {
+        name: max(1, math.floor(n * fractions[name] + 0.5)) if name in parts else 0
+        for name in ("val", "test")
+    }
+    while 0 < counts["val"] + counts["test"] > room:
         larger = max(("val", "test"), key=lambda name: (counts[name], name))
         counts[larger] -= 1
-    counts["train"] = n - counts["val"] - counts["test"]
     return counts
 
 
 def assign_patients(
-    strata: dict[str, str],
-    fractions: dict[str, float],
-    seed: int,
-    *,
-    targets: dict[str, int] | None = None,
+    strata: dict[str, str], fractions: dict[str, float], seed: int, *, targets: dict[str, int] | None = None
 ) -> dict[str, str]:
-    """Which split each patient goes to, stratified, deterministic for a given ``seed``.
+    """Patient (or group) id -> ``train``/``val``/``test``, stratified, deterministic for ``seed``.
 
-    The split rules of the module docstring, independent of what the strata mean: the 3-D split
-    stratifies by tumour size (:func:`split_cases`), the 2-D split by source and tumour type
-    (:func:`tumorseg.data.planar_dataset.split_planar_cases`).
-
-    Args:
-        strata: patient id -> stratum name (at least one patient per split, see :data:`SPLITS`).
-        fractions: ``train``/``val``/``test`` -> requested share of patients.
-        seed: shuffling seed within each stratum (patients are sorted first, so input order does
-            not matter).
-        targets: ``test``/``val`` -> how many patients (groups) to hold out, 0 allowed (the datalist
-            method holds out only the part its datalist lacks); default :func:`_targets`.
-
-    Returns:
-        Patient id -> ``"train"``, ``"val"`` or ``"test"``.
+    Val and test get ``targets`` patients (default ``round(n * fraction)``, at least 1 each, train at
+    least 1), shared out between strata by largest remainder; a stratum of 3 or more gets a val and a
+    test patient when the totals allow. Patients are sorted, then shuffled by ``seed`` per stratum.
     """
     rng = np.random.default_rng(seed)
     members: dict[str, list[str]] = {}
@@ -746,10 +618,9 @@ def assign_patients(
         members[name] = [members[name][i] for i in order]
     tie_break = dict(zip(names, rng.permutation(len(names)).tolist(), strict=True))
 
-    # Apportion cumulatively (test, then test + val) so that every stratum's train share is also
-    # within one patient of its ideal, not only its val and test shares.
+    # Cumulatively (test, then test + val): every stratum's train share is within one of its ideal too.
     if targets is None:
-        targets = _targets(len(strata), fractions)
+        targets = _held_out_counts(len(strata), fractions, len(strata) - 1)
     size = {name: len(members[name]) for name in names}
     taken = dict.fromkeys(names, 0)
     quota: dict[str, dict[str, int]] = {name: {} for name in names}
@@ -778,7 +649,7 @@ def assign_patients(
                     count[name] += 1
                     remaining -= 1
                     progressed = True
-            if not progressed:  # cannot happen: _targets leaves every split within the patients left
+            if not progressed:  # cannot happen: the targets leave every split within the patients left
                 raise RuntimeError(f"split: {remaining} {split} patients could not be placed")
         for name in names:
             quota[name][split] = count[name] - taken[name]
@@ -786,9 +657,8 @@ def assign_patients(
 
     assignment: dict[str, str] = {}
     for name in names:
-        patients = members[name]
         n_test, n_val = quota[name]["test"], quota[name]["val"]
-        for i, patient in enumerate(patients):
+        for i, patient in enumerate(members[name]):
             assignment[patient] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return assignment
 
@@ -804,12 +674,10 @@ def _patient_stratum(cases: pd.DataFrame) -> str:
 
 
 def split_planar_cases(table: pd.DataFrame, cfg: SplitConfig) -> Split:
-    """Patient-level stratified split of a preprocessed 2-D manifest table.
+    """Patient-level split of a preprocessed 2-D manifest, stratified by source and tumour type.
 
-    Cases whose tumour status is unknown (``has_tumour`` empty) are left out as unlabelled.
-
-    Raises:
-        DataError: fewer than 3 labelled patients, or a case id twice.
+    Cases whose tumour status is unknown (``has_tumour`` empty) are left out as unlabelled; fewer than
+    3 labelled patients or a case id twice is a DataError.
     """
     table = table.astype(str)
     labelled = table["has_tumour"].isin(["True", "False"])
@@ -820,7 +688,9 @@ def split_planar_cases(table: pd.DataFrame, cfg: SplitConfig) -> Split:
             f"manifest.csv: case {table.loc[table['case_id'].duplicated(), 'case_id'].iloc[0]} appears twice"
         )
     strata = {str(p): _patient_stratum(cases) for p, cases in table.groupby("patient_id", sort=True)}
-    return split_by_patient(table, strata, cfg, unlabelled)
+    _enough_groups(len(strata))
+    assignment = assign_patients(strata, _fractions(cfg), cfg.seed)
+    return _build_split(table, strata, assignment, cfg, unlabelled, unit="patient_id")
 
 
 def split_planar(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Split:
@@ -828,7 +698,4 @@ def split_planar(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Sp
     path = Path(preprocessed_dir) / MANIFEST_NAME
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     table = table[table["status"] == STATUS_OK] if "status" in table.columns else table
-    split = split_planar_cases(table, cfg)
-    out_file = Path(out_file)
-    atomic_write_text(out_file, json.dumps(split.to_dict(), indent=1) + "\n")
-    return dataclasses.replace(split, out_file=out_file)
+    return _written(split_planar_cases(table, cfg), out_file)

@@ -1,15 +1,10 @@
 """The LightningModule: loss, whole-volume validation with MONAI metrics, optimiser hooks.
 
-The network, the loss and the optimiser/scheduler factories are built elsewhere
-(:mod:`tumorseg.models.networks`, :mod:`tumorseg.models.losses`, :mod:`tumorseg.training.optim`)
-and passed in, so this module holds only what happens in a step.
-
-Validation predicts each whole volume with sliding windows, turns the prediction into a
-canonical label map (regions nested as BraTS does) and scores WT, TC and ET with MONAI's
-:class:`~monai.metrics.DiceMetric`. The metric buffers are all-gathered across DDP ranks
-(MONAI syncs :class:`~monai.metrics.Cumulative` buffers through ``torch.distributed``), and
-cases that Lightning's ``DistributedSampler`` padded in twice are dropped by case index, so
-every rank logs the same validation Dice as a single-process run.
+The network, loss and optimiser/scheduler factories are built elsewhere and passed in. Validation
+predicts each whole volume with sliding windows and scores the label set's regions with MONAI's
+:class:`~monai.metrics.DiceMetric`; its buffers are all-gathered across DDP ranks and cases that
+the ``DistributedSampler`` padded in twice are dropped by case index, so every rank logs the
+validation Dice of a single-process run.
 """
 
 from __future__ import annotations
@@ -40,25 +35,38 @@ RUN_ID_CHECKPOINT_KEY = "tumorseg_mlflow_run_id"
 VAL_DICE_MEAN = "val_dice_mean"
 
 
-class SegmentationModule(L.LightningModule):
+class FactoryOptimisedModule(L.LightningModule):
+    """Hooks the 3-D and 2-D modules share: optimiser from factories, config and run id in checkpoints.
+
+    Subclasses set ``network``, ``optimizer_factory``, ``scheduler_factory``, ``config``, ``mlflow_run_id``.
+    """
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.network.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
+        scheduler = self.scheduler_factory(optimizer, max(total_steps, 1))
+        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CONFIG_CHECKPOINT_KEY] = self.config
+        checkpoint[RUN_ID_CHECKPOINT_KEY] = self.mlflow_run_id
+
+
+class SegmentationModule(FactoryOptimisedModule):
     """Brain-tumour segmentation training and validation.
 
     Args:
-        network: maps ``(B, 4, *patch)`` to logits ``(B, C, *patch)``; C = train regions or labels of ``label_set``.
-            DynUNet with deep supervision returns ``(B, heads, C, *patch)`` while training.
-        loss: ``loss(logits, target)``; target is ``(B, 3, *patch)`` regions or ``(B, 1, *patch)``
+        network: maps ``(B, 4, *patch)`` to logits ``(B, C, *patch)``, C the output channels of
+            ``label_set``; DynUNet with deep supervision returns ``(B, heads, C, *patch)`` while training.
+        loss: ``loss(logits, target)``; target is ``(B, R, *patch)`` regions or ``(B, 1, *patch)``
             labels (a :class:`~monai.losses.DeepSupervisionLoss` for deep supervision).
-        output: ``regions`` or ``labels``.
         roi_size: training patch, used as the validation sliding window.
-        sliding_window: overlap/blending/threshold of whole-volume inference.
-        optimizer_factory: builds the optimiser from the network parameters.
-        scheduler_factory: builds the LR scheduler config given the total number of steps.
         config: resolved params sections stored in every checkpoint.
         dice_ignore_empty: MONAI ``ignore_empty``; False scores an empty region predicted empty
             as 1 and any false positive on it as 0 (the BraTS convention).
-        spacing_mm: voxel spacing of the volumes (measures ``sliding_window.min_component_mm3``).
-        label_set: the label space of the data (its train regions are the output channels and
-            the regions of the validation Dice).
+        spacing_mm: voxel spacing (measures ``sliding_window.min_component_mm3``).
     """
 
     def __init__(
@@ -110,14 +118,9 @@ class SegmentationModule(L.LightningModule):
         if logits.dim() == image.dim() + 1:  # deep supervision: (B, heads, C, *spatial)
             logits = list(torch.unbind(logits, dim=1))
         loss = self.loss(logits, self._target(label))
+        size = image.shape[0]
         self.log(
-            "train_loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            prog_bar=True,
-            sync_dist=True,
-            batch_size=image.shape[0],
+            "train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=size
         )
         return loss
 
@@ -141,7 +144,7 @@ class SegmentationModule(L.LightningModule):
         self.val_case_index.extend(batch[CASE_INDEX_KEY].reshape(-1, 1).to(torch.float32))
 
     def on_validation_epoch_end(self) -> None:
-        dice = self.dice_metric.get_buffer()  # (N_all_ranks, 3), synced across ranks
+        dice = self.dice_metric.get_buffer()  # (N_all_ranks, R), synced across ranks
         index = self.val_case_index.get_buffer()
         self.dice_metric.reset()
         self.val_case_index.reset()
@@ -152,20 +155,6 @@ class SegmentationModule(L.LightningModule):
             # Identical on every rank already (synced buffers); sync_dist averages equal values.
             self.log(f"val_dice_{name}", value, on_epoch=True, prog_bar=name == "mean", sync_dist=True)
 
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.network.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-        scheduler = self.scheduler_factory(optimizer, max(total_steps, 1))
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CONFIG_CHECKPOINT_KEY] = self.config
-        checkpoint[RUN_ID_CHECKPOINT_KEY] = self.mlflow_run_id
-
 
 def aggregate_case_dice(
     dice: torch.Tensor, case_index: torch.Tensor | None = None, names: tuple[str, ...] = GLIOMA.region_names
@@ -175,7 +164,7 @@ def aggregate_case_dice(
     Args:
         dice: ``(N, R)`` per-case Dice of each train region (NaN where MONAI ignored an empty region).
         case_index: ``(N, 1)`` case positions; repeated cases (DDP padding) count once.
-        names: the region names (the label set's train regions; WT, TC, ET for glioma).
+        names: the label set's train regions (WT, TC, ET for glioma).
 
     Returns:
         ``{"WT": ..., "TC": ..., "ET": ..., "mean": ...}``; NaN means skipped, not zero.

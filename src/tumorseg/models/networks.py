@@ -1,27 +1,15 @@
-"""Segmentation networks built by name from params.yaml's ``model:`` section.
+"""Segmentation networks (all from :mod:`monai.networks.nets`) built by name from ``model:``.
 
-Every network is a plain :class:`torch.nn.Module` mapping ``(B, 4, H, W, D)`` (or ``(B, 4, H, W)``
-in 2-D mode) to logits of the same spatial size with 3 channels (WT, TC, ET regions,
-``model.output: regions``) or 4 channels (bg, NCR, ED, ET, ``model.output: labels``).
-It is built here, outside the LightningModule, and passed in: the same factory rebuilds it
-for evaluation, export and serving from a checkpoint's stored config.
-
-Networks (all from :mod:`monai.networks.nets`):
-
-- ``unet``: residual U-Net; the default channels 32-64-128-256 are the classic 3-D U-Net.
-- ``attention_unet``: U-Net with attention gates on the skips (uses batch norm internally).
-- ``segresnet``: the BraTS 2018 winner's encoder-decoder (Myronenko).
-- ``dynunet``: nnU-Net-style, kernels and strides derived from the patch size and spacing.
-- ``swinunetr``: Swin-transformer encoder; patches must be multiples of 32.
-- ``flexible_unet``: U-Net decoder on an EfficientNet encoder, randomly initialised
-  (``pretrained`` is always False: nothing is downloaded).
+Each maps ``(B, 4, H, W, D)`` (or ``(B, 4, H, W)`` in 2-D) to same-size logits with one channel per
+train region (``model.output: regions``) or per label (``labels``). Built here and passed into the
+LightningModule, so the same factory rebuilds it from a checkpoint's config for evaluation, export
+and serving. ``flexible_unet`` is randomly initialised: nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -39,27 +27,25 @@ IN_CHANNELS = 4
 """t1, t1ce, t2, flair (see :data:`tumorseg.data.conventions.CANONICAL_MODALITIES`)."""
 
 
-class UNetConfig(Section):
+class _StridedLevels(Section):
+    """A U-Net's ``channels`` per level and ``strides`` between levels (one fewer)."""
+
+    @model_validator(mode="after")
+    def _levels(self) -> _StridedLevels:
+        if len(self.strides) != len(self.channels) - 1:
+            raise ValueError("strides needs one entry fewer than channels")
+        return self
+
+
+class UNetConfig(_StridedLevels):
     channels: tuple[int, ...] = (32, 64, 128, 256)
     strides: tuple[int, ...] = (2, 2, 2)
     num_res_units: int = Field(2, ge=0)
 
-    @model_validator(mode="after")
-    def _levels(self) -> UNetConfig:
-        if len(self.strides) != len(self.channels) - 1:
-            raise ValueError("strides needs one entry fewer than channels")
-        return self
 
-
-class AttentionUNetConfig(Section):
+class AttentionUNetConfig(_StridedLevels):
     channels: tuple[int, ...] = (16, 32, 64, 128)
     strides: tuple[int, ...] = (2, 2, 2)
-
-    @model_validator(mode="after")
-    def _levels(self) -> AttentionUNetConfig:
-        if len(self.strides) != len(self.channels) - 1:
-            raise ValueError("strides needs one entry fewer than channels")
-        return self
 
 
 class SegResNetConfig(Section):
@@ -108,14 +94,15 @@ class ModelConfig(Section):
     """``model:`` which network, its output mode and its shape.
 
     Attributes:
-        name: network (see the module docstring).
+        name: ``unet`` (residual), ``attention_unet``, ``segresnet`` (Myronenko, BraTS 2018),
+            ``dynunet`` (nnU-Net-style), ``swinunetr`` (Swin encoder), ``flexible_unet`` (EfficientNet).
         output: ``regions`` (one sigmoid channel per train region of the label set, as BraTS
             scores: WT/TC/ET for glioma) or ``labels`` (softmax over background and every label).
-        label_set: the label space (``glioma``, ``glioma_post``, ``pediatric``; see
-            :mod:`tumorseg.data.conventions`). Training sets it from the data; params.yaml leaves it out.
+        label_set: the label space (:mod:`tumorseg.data.conventions`); training sets it from the
+            data, params.yaml leaves it out.
         norm: normalisation layer (``instance`` suits batch sizes of 2).
-        dropout: dropout probability where the network has one.
-        unet, attention_unet, segresnet, dynunet, swinunetr, flexible_unet: per-network shape.
+        unet, attention_unet, segresnet, dynunet, swinunetr, flexible_unet: per-network shape;
+            but for ``dynunet``, the keys are the MONAI class's own arguments.
     """
 
     name: NetworkName = "unet"
@@ -147,11 +134,7 @@ class ModelConfig(Section):
 
 
 def dynunet_kernels_strides(
-    patch_size: Sequence[int],
-    spacing: Sequence[float],
-    *,
-    max_levels: int = 5,
-    min_feature_size: int = 4,
+    patch_size: Sequence[int], spacing: Sequence[float], *, max_levels: int = 5, min_feature_size: int = 4
 ) -> tuple[list[list[int]], list[list[int]]]:
     """nnU-Net's rule for DynUNet kernels and strides from the patch size and voxel spacing.
 
@@ -232,72 +215,35 @@ def check_patch_size(
         )
 
 
-@dataclass(frozen=True)
-class _Shape:
-    """What a network's arguments need besides ``model:``: the data's dimensions and channels.
-
-    Attributes:
-        spatial_dims: 3 for patches ``(B, C, H, W, D)``, 2 for slices ``(B, C, H, W)``.
-        in_channels: input modalities.
-        out_channels: output channels (``cfg.out_channels``).
-        patch_size: training patch (DynUNet's shape depends on it).
-        spacing: voxel spacing in mm (DynUNet keeps coarse axes at full size longer).
-    """
-
-    spatial_dims: int
-    in_channels: int
-    out_channels: int
-    patch_size: Sequence[int]
-    spacing: Sequence[float]
+_CLASS_NAMES = {
+    "unet": "UNet",
+    "attention_unet": "AttentionUnet",
+    "segresnet": "SegResNet",
+    "dynunet": "DynUNet",
+    "swinunetr": "SwinUNETR",
+    "flexible_unet": "FlexibleUNet",
+}
+"""Network name -> class in :mod:`monai.networks.nets` (names: MONAI is slow to import)."""
 
 
-def _unet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
-    return {
-        "spatial_dims": shape.spatial_dims,
-        "in_channels": shape.in_channels,
-        "out_channels": shape.out_channels,
-        "channels": cfg.unet.channels,
-        "strides": cfg.unet.strides,
-        "num_res_units": cfg.unet.num_res_units,
-        "norm": cfg.norm,
-        "dropout": cfg.dropout,
-    }
-
-
-def _attention_unet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
-    # No norm argument: MONAI's AttentionUnet always uses batch norm.
-    return {
-        "spatial_dims": shape.spatial_dims,
-        "in_channels": shape.in_channels,
-        "out_channels": shape.out_channels,
-        "channels": cfg.attention_unet.channels,
-        "strides": cfg.attention_unet.strides,
-        "dropout": cfg.dropout,
-    }
-
-
-def _segresnet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
-    return {
-        "spatial_dims": shape.spatial_dims,
-        "init_filters": cfg.segresnet.init_filters,
-        "in_channels": shape.in_channels,
-        "out_channels": shape.out_channels,
-        "dropout_prob": cfg.dropout or None,
-        "norm": cfg.norm,
-        "blocks_down": cfg.segresnet.blocks_down,
-        "blocks_up": cfg.segresnet.blocks_up,
-    }
-
-
-def _dynunet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
+def _network_arguments(
+    cfg: ModelConfig, patch_size: Sequence[int], spacing: Sequence[float]
+) -> dict[str, Any]:
+    """The MONAI class's arguments besides dims and channels: the network's own section plus norm/dropout."""
+    if cfg.name != "dynunet":
+        shared = {
+            "unet": {"norm": cfg.norm, "dropout": cfg.dropout},
+            "attention_unet": {"dropout": cfg.dropout},  # MONAI's AttentionUnet always uses batch norm
+            "segresnet": {"dropout_prob": cfg.dropout or None, "norm": cfg.norm},
+            "swinunetr": {"norm_name": cfg.norm, "drop_rate": cfg.dropout},
+            "flexible_unet": {"pretrained": False, "norm": cfg.norm, "dropout": cfg.dropout},
+        }[cfg.name]
+        return {**getattr(cfg, cfg.name).model_dump(), **shared}
     d = cfg.dynunet
     kernels, strides = dynunet_kernels_strides(
-        shape.patch_size, shape.spacing, max_levels=d.max_levels, min_feature_size=d.min_feature_size
+        patch_size, spacing, max_levels=d.max_levels, min_feature_size=d.min_feature_size
     )
     return {
-        "spatial_dims": shape.spatial_dims,
-        "in_channels": shape.in_channels,
-        "out_channels": shape.out_channels,
         "kernel_size": kernels,
         "strides": strides,
         "upsample_kernel_size": strides[1:],
@@ -310,47 +256,6 @@ def _dynunet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
     }
 
 
-def _swinunetr(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
-    s = cfg.swinunetr
-    return {
-        "in_channels": shape.in_channels,
-        "out_channels": shape.out_channels,
-        "depths": s.depths,
-        "num_heads": s.num_heads,
-        "feature_size": s.feature_size,
-        "norm_name": cfg.norm,
-        "drop_rate": cfg.dropout,
-        "spatial_dims": shape.spatial_dims,
-    }
-
-
-def _flexible_unet(cfg: ModelConfig, shape: _Shape) -> dict[str, Any]:
-    f = cfg.flexible_unet
-    return {
-        "in_channels": shape.in_channels,
-        "out_channels": shape.out_channels,
-        "backbone": f.backbone,
-        "pretrained": False,  # nothing is downloaded
-        "decoder_channels": f.decoder_channels,
-        "spatial_dims": shape.spatial_dims,
-        "norm": cfg.norm,
-        "dropout": cfg.dropout,
-    }
-
-
-_NETWORKS: dict[str, tuple[str, Callable[[ModelConfig, _Shape], dict[str, Any]]]] = {
-    "unet": ("UNet", _unet),
-    "attention_unet": ("AttentionUnet", _attention_unet),
-    "segresnet": ("SegResNet", _segresnet),
-    "dynunet": ("DynUNet", _dynunet),
-    "swinunetr": ("SwinUNETR", _swinunetr),
-    "flexible_unet": ("FlexibleUNet", _flexible_unet),
-}
-"""Network name -> (class in :mod:`monai.networks.nets`, its keyword arguments from ``model:``).
-
-Names, not classes: MONAI is imported only when a network is built (it is slow to import)."""
-
-
 def build_network(
     cfg: ModelConfig,
     *,
@@ -359,21 +264,21 @@ def build_network(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     in_channels: int = IN_CHANNELS,
 ) -> nn.Module:
-    """Build the network named by ``cfg.name`` (its arguments: :data:`_NETWORKS`).
+    """A randomly initialised network giving ``(B, cfg.out_channels, *spatial)`` logits.
 
     Args:
-        cfg: ``model:`` section.
         spatial_dims: 3 for patches ``(B, C, H, W, D)``, 2 for slices ``(B, C, H, W)``.
         patch_size: training patch; only DynUNet's shape depends on it.
         spacing: voxel spacing in mm (DynUNet keeps coarse axes at full size longer).
-        in_channels: input modalities.
 
-    Returns:
-        A randomly initialised network giving ``(B, cfg.out_channels, *spatial)`` logits
-        (DynUNet with deep supervision returns ``(B, heads + 1, C, *spatial)`` in training mode).
+    DynUNet with deep supervision returns ``(B, heads + 1, C, *spatial)`` in training mode.
     """
     from monai.networks import nets
 
-    class_name, arguments = _NETWORKS[cfg.name]
-    shape = _Shape(spatial_dims, in_channels, cfg.out_channels, patch_size, spacing)
-    return getattr(nets, class_name)(**arguments(cfg, shape))
+    network_class = getattr(nets, _CLASS_NAMES[cfg.name])
+    return network_class(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=cfg.out_channels,
+        **_network_arguments(cfg, patch_size, spacing),
+    )

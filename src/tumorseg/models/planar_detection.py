@@ -1,20 +1,8 @@
-"""Tumour / no-tumour detection: the two candidate detectors, choosing one on validation, metrics with CIs.
+"""Tumour/no-tumour detection: two candidate detectors chosen on validation, metrics with patient-level CIs.
 
-Two detectors score every image:
-
-- ``classifier``: the CNN's tumour probability (sigmoid of its tumour-present logit);
-- ``area_rule``: the 2-D segmentation's predicted tumour area (pixels on the preprocessed grid),
-  turned into a probability by a logistic fit of ``log(1 + area)`` on the validation split (Platt
-  scaling, scikit-learn), so both detectors answer with a probability.
-
-:func:`choose_detector` compares them on the **validation** split (``detect.selection_metric``: ROC
-AUC, ties broken by accuracy, or accuracy) and fixes the decision threshold there
-(``detect.threshold``: Youden's J, or a fixed probability). The test split is only scored, never
-used to choose.
-
-:func:`binary_detection_metrics` gives accuracy, sensitivity, specificity and ROC AUC with
-percentile-bootstrap CIs in which **patients** are resampled (all of a patient's images together),
-so images of one patient never count as independent evidence.
+``classifier`` is the CNN's tumour probability; ``area_rule`` Platt-scales ``log(1 + predicted tumour
+area)`` into one. Choice and threshold are fixed on validation; the test split is only scored. CIs
+resample **patients**, so images of one patient never count as independent evidence.
 """
 
 from __future__ import annotations
@@ -31,13 +19,10 @@ DETECTION_METRICS: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", 
 
 @dataclass
 class DetectorRule:
-    """A chosen detector: how a probability is computed and where it is cut.
+    """A chosen detector (``classifier`` or ``area_rule``): "tumour" when its probability >= ``threshold``.
 
-    Attributes:
-        method: ``classifier`` or ``area_rule``.
-        threshold: an image is "tumour" when its probability is at least this.
-        area_coef, area_intercept: ``area_rule`` calibration, ``p = sigmoid(coef * log1p(area_px) + intercept)``.
-        validation: validation metrics of every candidate (``{method: {auc, accuracy, threshold}}``).
+    ``area_rule`` is ``p = sigmoid(area_coef * log1p(area_px) + area_intercept)``; ``validation`` holds
+    every candidate's validation metrics (``{method: {auc, accuracy, threshold, ...}}``).
     """
 
     method: str
@@ -62,13 +47,8 @@ class DetectorRule:
 
 
 def area_calibration(area_px: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Logistic fit ``P(tumour) = sigmoid(a * log1p(area) + b)`` (scikit-learn, L2 C=1), with ``a > 0``.
-
-    The rule means "more predicted tumour, more likely a tumour"; a fit that says otherwise (a
-    segmentation whose false positives outgrow its true positives on validation) or that is
-    undefined (one class only) gets the default steep rule instead (an area above ~20 px is "tumour"),
-    and its validation AUC, taken on the area itself, shows how poor the rule is.
-    """
+    """Logistic fit ``P(tumour) = sigmoid(a * log1p(area) + b)`` (L2, C=1); a fit with ``a <= 0`` (more
+    tumour, less likely) or one class only gets the default steep rule (above ~20 px is "tumour")."""
     default = (4.0, -4.0 * math.log1p(20.0))
     truth = np.asarray(truth).astype(bool)
     x = np.log1p(np.asarray(area_px, dtype=np.float64)).reshape(-1, 1)
@@ -82,12 +62,8 @@ def area_calibration(area_px: np.ndarray, truth: np.ndarray) -> tuple[float, flo
 
 
 def youden_threshold(probability: np.ndarray, truth: np.ndarray) -> float:
-    """The probability cut maximising sensitivity + specificity - 1 (Youden's J); 0.5 if undefined.
-
-    scikit-learn's ``roc_curve`` gives the best cut as an observed score (the lowest one still
-    called positive), which sits on the edge of the gap between the classes and overfits a small
-    validation split; the cut returned is the middle of that gap: halfway to the next lower score.
-    """
+    """The cut maximising Youden's J (0.5 if undefined), halfway to the next lower score: ``roc_curve``'s
+    cut sits on the edge of the gap between the classes and overfits a small validation split."""
     truth = np.asarray(truth).astype(bool)
     if truth.all() or not truth.any():
         return 0.5
@@ -104,7 +80,7 @@ def youden_threshold(probability: np.ndarray, truth: np.ndarray) -> float:
 
 
 def point_metrics(truth: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float | None]:
-    """Accuracy, sensitivity, specificity (None without positives / negatives) and ROC AUC (None with one class)."""
+    """Accuracy, sensitivity, specificity (None without positives/negatives), ROC AUC (None: one class)."""
     truth = np.asarray(truth).astype(bool)
     probability = np.asarray(probability, dtype=np.float64)
     called = probability >= threshold
@@ -134,19 +110,13 @@ def choose_detector(
     threshold_rule: str = "youden",
     fixed_threshold: float = 0.5,
 ) -> DetectorRule:
-    """Fit both candidates on the validation images and keep the better (or the one ``method`` names).
+    """Fit both candidates on validation images ``(N,)``; keep the better, or the one ``method`` names.
 
-    Args:
-        truth: ``(N,)`` validation tumour labels.
-        classifier_probability: ``(N,)`` the classifier's tumour probabilities.
-        area_px: ``(N,)`` predicted tumour areas in pixels.
-        method: ``auto``, ``classifier`` or ``area_rule``.
-        selection_metric: ``auc`` (ties: accuracy) or ``accuracy`` (ties: auc).
-        threshold_rule: ``youden`` or ``fixed``.
-        fixed_threshold: the cut with ``threshold_rule="fixed"``.
+    ``selection_metric`` ``auc`` breaks ties by accuracy, ``accuracy`` by AUC.
     """
     coef, intercept = area_calibration(area_px, truth)
     candidates: dict[str, DetectorRule] = {}
+    scores: dict[str, dict[str, float | None]] = {}
     for name in CANDIDATES:
         rule = DetectorRule(name, 0.5, coef, intercept)
         probability = rule.probability(classifier_probability, area_px)
@@ -154,13 +124,7 @@ def choose_detector(
             youden_threshold(probability, truth) if threshold_rule == "youden" else fixed_threshold
         )
         candidates[name] = rule
-    scores = {
-        name: {
-            **point_metrics(truth, rule.probability(classifier_probability, area_px), rule.threshold),
-            "threshold": rule.threshold,
-        }
-        for name, rule in candidates.items()
-    }
+        scores[name] = {**point_metrics(truth, probability, rule.threshold), "threshold": rule.threshold}
 
     def rank(name: str) -> tuple[float, float, int]:
         s = scores[name]
@@ -169,19 +133,16 @@ def choose_detector(
         first, second = (auc, acc) if selection_metric == "auc" else (acc, auc)
         return (first, second, -CANDIDATES.index(name))  # a full tie keeps the classifier
 
-    chosen = max(CANDIDATES, key=rank) if method == "auto" else method
-    rule = candidates[chosen]
-    rule.validation = {name: {k: v for k, v in s.items()} for name, s in scores.items()}
+    rule = candidates[max(CANDIDATES, key=rank) if method == "auto" else method]
+    rule.validation = {name: dict(s) for name, s in scores.items()}
     return rule
 
 
 def patient_bootstrap_indices(patient_ids: np.ndarray, resamples: int, seed: int) -> list[np.ndarray]:
     """Image indices of each bootstrap resample: patients drawn with replacement, all their images kept."""
-    patient_ids = np.asarray(patient_ids).astype(str)
-    patients, inverse = np.unique(patient_ids, return_inverse=True)
+    patients, inverse = np.unique(np.asarray(patient_ids).astype(str), return_inverse=True)
     members = [np.flatnonzero(inverse == i) for i in range(len(patients))]
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(patients), size=(resamples, len(patients)))
+    draws = np.random.default_rng(seed).integers(0, len(patients), size=(resamples, len(patients)))
     return [np.concatenate([members[p] for p in row]) for row in draws]
 
 
@@ -195,12 +156,11 @@ def binary_detection_metrics(
     ci_level: float,
     seed: int,
 ) -> dict[str, Any]:
-    """Accuracy, sensitivity, specificity, AUC, each with a patient-level percentile-bootstrap CI.
+    """Accuracy, sensitivity, specificity, AUC with a patient-level percentile-bootstrap CI.
 
     Returns:
         ``{metric: {"value", "ci_low", "ci_high"}, "n_images", "n_patients", "positives", "negatives",
-        "threshold"}``; a metric undefined on the data (no negatives...) is None, and its CI is taken
-        over the resamples where it is defined.
+        "threshold"}``; an undefined metric is None, its CI taken over the resamples where it is defined.
     """
     truth = np.asarray(truth).astype(bool)
     probability = np.asarray(probability, dtype=np.float64)
@@ -220,8 +180,6 @@ def binary_detection_metrics(
     }
     for metric in DETECTION_METRICS:
         values = np.asarray(samples[metric])
-        low, high = (
-            (float(q) for q in np.quantile(values, [alpha, 1 - alpha])) if values.size else (None, None)
-        )
+        low, high = np.quantile(values, [alpha, 1 - alpha]).tolist() if values.size else (None, None)
         out[metric] = {"value": point[metric], "ci_low": low, "ci_high": high}
     return out

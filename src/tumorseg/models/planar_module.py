@@ -6,13 +6,9 @@ Loss per batch (tensors as in :mod:`tumorseg.data.planar_datamodule`)::
     + detection_weight * BCE(class_logits[:, 0], tumour)    every image
     + type_weight * CE(class_logits[:, 1:][known], type)    images with a known tumour type
 
-so Kaggle-style images without masks still teach the detector, and Figshare-style images teach
-all three. Validation scores each validation image as a whole (no sliding window: the images are
-small): Dice of the thresholded tumour mask with MONAI's :class:`~monai.metrics.DiceMetric` (an
-empty mask predicted empty scores 1), ROC AUC of the tumour probability, and type accuracy.
-``val_dice_mean`` is the checkpoint monitor, as in the 3-D branch, so the same callbacks apply.
-
-Single process only: the 2-D branch trains in minutes on a CPU and has no DDP path.
+so images without masks still teach the detector. Validation scores whole images: Dice of the
+thresholded mask (MONAI), ROC AUC of the tumour probability and type accuracy; ``val_dice_mean``
+is the checkpoint monitor, as in 3-D. Single process only (no DDP path).
 """
 
 from __future__ import annotations
@@ -20,24 +16,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tumorseg.data.planar_datamodule import IMAGE_KEY, MASK_KEY
-from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY, RUN_ID_CHECKPOINT_KEY, VAL_DICE_MEAN
+from tumorseg.models.lightning_module import VAL_DICE_MEAN, FactoryOptimisedModule
 from tumorseg.models.planar_network import PlanarNetwork
 
 
-class PlanarModule(L.LightningModule):
+class PlanarModule(FactoryOptimisedModule):
     """Multi-task training of a :class:`PlanarNetwork`.
 
     Args:
-        network: the segmenter + classifier.
-        seg_loss: ``loss(logits (B, 1, S, S), mask (B, 1, S, S))`` (built by :func:`~tumorseg.models.losses.build_loss`).
+        seg_loss: ``loss(logits (B, 1, S, S), mask (B, 1, S, S))``.
         optimizer_factory, scheduler_factory: as for the 3-D module (:mod:`tumorseg.training.optim`).
-        detection_weight, type_weight: weights of the classifier terms.
         mask_threshold: sigmoid probability of a tumour pixel at validation.
         dice_ignore_empty: MONAI ``ignore_empty``; False scores an empty mask predicted empty as 1.
         config: resolved params sections stored in every checkpoint.
@@ -133,18 +126,6 @@ class PlanarModule(L.LightningModule):
         self._val_scores.clear()
         self._val_truth.clear()
         self._val_type_hits.clear()
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.network.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1
-        scheduler = self.scheduler_factory(optimizer, max(total_steps, 1))
-        return optimizer if scheduler is None else {"optimizer": optimizer, "lr_scheduler": scheduler}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CONFIG_CHECKPOINT_KEY] = self.config
-        checkpoint[RUN_ID_CHECKPOINT_KEY] = self.mlflow_run_id
 
 
 def detection_auc(truth: Any, scores: Any) -> float:

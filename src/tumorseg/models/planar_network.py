@@ -1,14 +1,9 @@
-"""The 2-D networks: a segmentation U-Net and a small classification CNN, run together.
+"""The 2-D networks: a segmentation network and a small classification CNN, run together.
 
-The segmentation network comes from the same factory as the 3-D one
-(:func:`tumorseg.models.networks.build_network` with ``spatial_dims=2`` and one input channel), so
-every ``model_2d.name`` the 3-D branch knows works here too. The classifier is MONAI's
-:class:`~monai.networks.nets.Classifier` with ``1 + len(TUMOUR_TYPES)`` outputs: a tumour-present
-logit (sigmoid) and the tumour-type logits (softmax over meningioma, glioma, pituitary).
-
-Both run at ``model_2d.input_size``: :class:`PlanarNetwork` resizes ``(B, 1, S, S)`` preprocessed
-images to that size (area averaging) and resizes the segmentation logits back to ``S`` (bilinear),
-so callers always see the preprocessed grid.
+The segmenter comes from the 3-D factory (:func:`tumorseg.models.networks.build_network` with
+``spatial_dims=2`` and one input channel), so every ``model_2d.name`` works. The classifier is
+MONAI's :class:`~monai.networks.nets.Classifier` with ``1 + len(TUMOUR_TYPES)`` outputs: a
+tumour-present logit (sigmoid), then the tumour-type logits (softmax).
 """
 
 from __future__ import annotations
@@ -26,17 +21,7 @@ from tumorseg.models.networks import ModelConfig, UNetConfig
 
 
 class ClassifierConfig(Section):
-    """``model_2d.classifier:`` the small CNN that predicts tumour presence and tumour type.
-
-    A :class:`monai.networks.nets.Classifier` (strided residual conv units, then one linear layer)
-    with ``1 + len(TUMOUR_TYPES)`` outputs: a tumour-present logit and the type logits.
-
-    Attributes:
-        channels: widths of the conv stages.
-        strides: stride of each stage (one per channel entry).
-        num_res_units: residual units per stage.
-        dropout: dropout before the linear layer.
-    """
+    """``model_2d.classifier:`` strided residual conv stages (a stride per channel), then a linear layer."""
 
     channels: tuple[int, ...] = (8, 16, 32, 64)
     strides: tuple[int, ...] = (2, 2, 2, 2)
@@ -45,21 +30,17 @@ class ClassifierConfig(Section):
 
 
 class PlanarModelConfig(ModelConfig):
-    """``model_2d:`` the 2-D segmentation network by name, and the classifier.
+    """``model_2d:`` the ``model:`` keys for a one-channel 2-D segmenter, plus the classifier.
 
-    Same networks and keys as ``model:`` (``unet``, ``attention_unet``, ``flexible_unet``...), built
-    with ``spatial_dims=2`` and one input channel; ``output`` is fixed to ``binary``: one sigmoid
-    channel, tumour vs. background.
+    ``output`` is fixed to ``binary``: one sigmoid channel, tumour vs. background.
 
-    ``input_size``: the networks run on ``(input_size, input_size)`` images, resized (area
-    averaging) from the preprocessed ``preprocess_2d.size``; probabilities are resized back
-    (bilinear) before thresholding. 128 keeps a CPU training run within minutes; set it to
-    ``preprocess_2d.size`` to train at full resolution on a GPU.
+    ``input_size``: both networks run on ``(input_size, input_size)`` images, resized from
+    ``preprocess_2d.size``. 128 keeps a CPU run within minutes; ``preprocess_2d.size`` trains at
+    full resolution.
 
-    ``foreground_prior``: the segmenter's output bias starts at ``log(p / (1 - p))`` (the prior
-    initialisation of Lin et al., RetinaNet), so training starts from "little tumour everywhere"
-    instead of a probability of 0.5 per pixel, which Adam's per-step moves of about ``lr`` take
-    thousands of steps to unlearn.
+    ``foreground_prior``: the segmenter's output bias starts at ``log(p / (1 - p))`` (RetinaNet's
+    prior initialisation, Lin et al.), so training starts from "little tumour everywhere" rather
+    than 0.5 per pixel, which Adam takes thousands of steps to unlearn.
     """
 
     output: Literal["binary"] = "binary"  # type: ignore[assignment]
@@ -79,13 +60,7 @@ CLASSIFIER_OUTPUTS = 1 + len(TUMOUR_TYPES)
 
 
 class PlanarNetwork(nn.Module):
-    """Segmenter + classifier on one image batch.
-
-    Args:
-        segmenter: ``(B, 1, n, n)`` -> ``(B, 1, n, n)`` tumour logits.
-        classifier: ``(B, 1, n, n)`` -> ``(B, 4)`` logits (tumour present, then the three types).
-        input_size: ``n``, the side both networks run at.
-    """
+    """Segmenter ``(B, 1, n, n) -> (B, 1, n, n)`` and classifier ``(B, 1, n, n) -> (B, 4)`` at side ``n``."""
 
     def __init__(self, segmenter: nn.Module, classifier: nn.Module, input_size: int) -> None:
         super().__init__()
@@ -94,7 +69,11 @@ class PlanarNetwork(nn.Module):
         self.input_size = int(input_size)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, 1, S, S)`` -> (segmentation logits ``(B, 1, S, S)``, class logits ``(B, 4)``)."""
+        """``(B, 1, S, S)`` -> (segmentation logits ``(B, 1, S, S)``, class logits ``(B, 4)``).
+
+        The image is area-averaged to ``n`` and the logits resized back (bilinear), so callers see
+        the preprocessed grid.
+        """
         size = image.shape[-2:]
         small = image
         if tuple(size) != (self.input_size, self.input_size):
@@ -129,9 +108,8 @@ def build_planar_network(cfg: PlanarModelConfig) -> PlanarNetwork:
 def init_output_bias(network: nn.Module, prior: float, out_channels: int) -> None:
     """Set the bias of the network's output convolution to ``log(prior / (1 - prior))``.
 
-    The output convolution is the last (in module order) 2-D convolution producing
-    ``out_channels`` channels; every MONAI segmentation network built here ends with one, and its
-    output is added unchanged into the logits, so this shifts the initial logits by that amount.
+    The output convolution is the last 2-D convolution (in module order) with ``out_channels``
+    outputs; every MONAI network built here ends with one, added unchanged into the logits.
     """
     import math
 

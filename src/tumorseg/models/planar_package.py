@@ -1,20 +1,14 @@
 """A trained 2-D model as a self-contained folder, and loading it from any ``--model`` form.
 
-Package files (no pickled code; ``weights.pt`` is read with ``torch.load(weights_only=True)``)::
-
-    weights.pt      state_dict of the PlanarNetwork (segmenter + classifier)
-    config.json     resolved sections: preprocess_2d, model_2d, train_2d, ...
-    detector.json   the chosen DetectorRule and the predict_2d settings
-
-``--model`` accepts: this folder; a ``train --dims 2`` checkpoint (``best.ckpt``; no detector rule yet, so
-the classifier at probability 0.5); a folder with an ``MLmodel`` file (a downloaded registered
-model); or an MLflow URI (``models:/tumorseg-2d@champion``, ``models:/tumorseg-detect/2``,
-``runs:/<id>/planar_model``).
+Package files, nothing pickled: ``weights.pt`` (state_dict, ``weights_only=True``), ``config.json``
+(resolved sections) and ``detector.json`` (DetectorRule, predict_2d). ``--model`` is this folder, a
+``train --dims 2`` checkpoint (classifier detector at 0.5), an ``MLmodel`` folder or an MLflow URI.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,20 +23,14 @@ WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
 DETECTOR_FILE = "detector.json"
 ARTIFACT_KEYS = {"weights": WEIGHTS_FILE, "config": CONFIG_FILE, "detector": DETECTOR_FILE}
-FIRST_STEPS_2D = (
-    "run `tumorseg train --dims 2`, `tumorseg evaluate-model --dims 2` and `tumorseg promote --dims 2` first"
-)
 
 
 class PredictPlanarConfig(Section):
     """``predict_2d:`` inference settings, stored with the registered models.
 
     Attributes:
-        model: default ``--model`` of ``tumorseg predict`` for 2-D input.
-        detect_model: default ``--model`` of ``tumorseg detect``.
-        mask_threshold: sigmoid probability of a tumour pixel.
-        min_component_px: drop predicted tumour components smaller than this (preprocessed grid);
-            0 keeps all.
+        model, detect_model: default ``--model`` of ``tumorseg predict`` (2-D input) and ``tumorseg detect``.
+        min_component_px: drop smaller predicted components (preprocessed grid pixels); 0 keeps all.
     """
 
     model: str = "models:/tumorseg-2d@champion"
@@ -53,15 +41,8 @@ class PredictPlanarConfig(Section):
 
 @dataclass
 class PlanarModel:
-    """A trained 2-D network with everything prediction needs.
-
-    Attributes:
-        network: :class:`~tumorseg.models.planar_network.PlanarNetwork` in eval mode on CPU.
-        config: resolved training sections (``preprocess_2d`` tells how to prepare an image).
-        detector: the detection rule.
-        predict_settings: the ``predict_2d`` settings (mask threshold, small-component removal).
-        description: where it came from (for messages).
-    """
+    """A trained 2-D network (eval mode, CPU) with everything prediction needs: the training sections
+    (``preprocess_2d`` prepares an image), the detector, ``predict_2d`` settings and its origin in words."""
 
     network: Any
     config: dict[str, Any]
@@ -78,16 +59,11 @@ class PlanarModel:
 
     @property
     def settings(self) -> Any:
-
         return PredictPlanarConfig.model_validate(self.predict_settings)
 
 
 def network_from_state(config: dict[str, Any], state: dict[str, Any]) -> Any:
-    """Rebuild the PlanarNetwork of ``config`` and load ``state`` into it.
-
-    Raises:
-        DataError: the config lacks ``model_2d`` or the weights do not fit it.
-    """
+    """Rebuild the PlanarNetwork of ``config`` and load ``state``; DataError when they do not fit."""
     from tumorseg.models.planar_network import PlanarModelConfig, build_planar_network
 
     if "model_2d" not in config:
@@ -105,7 +81,7 @@ def network_from_state(config: dict[str, Any], state: dict[str, Any]) -> Any:
 
 
 def load_planar_checkpoint(checkpoint: str | Path) -> PlanarModel:
-    """The network of a ``tumorseg train --dims 2`` checkpoint (classifier detector at 0.5 until evaluated)."""
+    """A ``tumorseg train --dims 2`` checkpoint's network (classifier detector at 0.5 until evaluated)."""
     import torch
 
     from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
@@ -123,15 +99,14 @@ def load_planar_checkpoint(checkpoint: str | Path) -> PlanarModel:
 
 
 def save_planar_package(model: PlanarModel, folder: str | Path) -> dict[str, Path]:
-    """Write ``weights.pt``, ``config.json`` and ``detector.json`` into ``folder``; return them by artifact key."""
+    """Write ``weights.pt``, ``config.json``, ``detector.json`` to ``folder``; return them by artifact key."""
     import torch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {key: folder / name for key, name in ARTIFACT_KEYS.items()}
-    torch.save(
-        {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}, paths["weights"]
-    )
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
+    torch.save(weights, paths["weights"])
     paths["config"].write_text(json.dumps(model.config, indent=1, sort_keys=True) + "\n")
     detector = {"detector": model.detector.to_dict(), "predict_2d": model.predict_settings}
     paths["detector"].write_text(json.dumps(detector, indent=1, sort_keys=True) + "\n")
@@ -141,13 +116,7 @@ def save_planar_package(model: PlanarModel, folder: str | Path) -> dict[str, Pat
 def load_planar_package(
     weights: str | Path, config: str | Path, detector: str | Path, description: str = ""
 ) -> PlanarModel:
-    """Load what :func:`save_planar_package` wrote.
-
-    Raises:
-        DataError: a missing or unreadable file, or weights that do not fit the config.
-    """
-    import pickle
-
+    """Load what :func:`save_planar_package` wrote; DataError for a missing or unreadable file."""
     import torch
 
     for path in (Path(weights), Path(config), Path(detector)):
@@ -170,48 +139,20 @@ def load_planar_package(
     )
 
 
-def _from_folder(folder: Path, description: str) -> PlanarModel:
+def from_folder(folder: Path, description: str) -> PlanarModel:
     """A package folder, or an MLflow model folder whose pyfunc artifacts are a package."""
     if (folder / "MLmodel").is_file():
         from mlflow.models import Model
 
-        artifacts = (Model.load(str(folder / "MLmodel")).flavors.get("python_function", {}) or {}).get(
-            "artifacts"
-        ) or {}
+        pyfunc = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {}) or {}
+        artifacts = pyfunc.get("artifacts") or {}
         if not set(ARTIFACT_KEYS) <= set(artifacts):
             raise DataError(
                 f"{description}: not a tumorseg 2-D model (its MLmodel lacks {sorted(ARTIFACT_KEYS)})"
             )
-        paths = [folder / artifacts[key]["path"] for key in ("weights", "config", "detector")]
-        return load_planar_package(*paths, description=description)
+        return load_planar_package(*(folder / artifacts[key]["path"] for key in ARTIFACT_KEYS), description)
     if (folder / WEIGHTS_FILE).is_file():
-        return load_planar_package(
-            *(folder / ARTIFACT_KEYS[k] for k in ("weights", "config", "detector")), description
-        )
+        return load_planar_package(*(folder / name for name in ARTIFACT_KEYS.values()), description)
     raise DataError(
         f"{description}: neither a 2-D model package ({WEIGHTS_FILE}...) nor an MLflow model folder"
     )
-
-
-def load_planar_model(uri: str, *, tracking_uri: str) -> PlanarModel:
-    """Load the 2-D model ``uri`` names (see the module docstring).
-
-    Raises:
-        DataError: one line: no such file, no such registered model / alias / version (and what to
-            run first), or not a tumorseg 2-D model.
-    """
-    from tumorseg.registry.loading import downloaded_model, is_mlflow_uri, prepare_mlflow
-
-    prepare_mlflow()
-    if not is_mlflow_uri(uri):
-        path = Path(uri).expanduser()
-        if path.is_file():
-            return load_planar_checkpoint(path)
-        if path.is_dir():
-            return _from_folder(path, f"model folder {path}")
-        raise DataError(
-            f"{uri}: no such 2-D model; pass a 2-D best.ckpt, a model folder, or a URI such as "
-            "models:/tumorseg-2d@champion"
-        )
-    with downloaded_model(uri, tracking_uri, first_steps=FIRST_STEPS_2D) as model:
-        return _from_folder(model.folder, model.description)

@@ -1,12 +1,7 @@
-"""2-D prediction: ``predict_planar()`` for one image, and the ``tumorseg predict`` / ``tumorseg detect`` writers.
+"""2-D prediction: ``predict_planar()`` for one image, and the ``tumorseg predict`` / ``detect`` writers.
 
-One path for every caller (CLI, evaluation, the registered pyfunc, the serving API): read the file
-(:func:`tumorseg.data.planar.read_planar`), preprocess it exactly as in training
-(:func:`~tumorseg.data.planar.preprocess_planar` with the model's stored ``preprocess_2d``), run the
-segmenter and classifier, threshold the tumour probability and drop small components on the
-preprocessed grid, then map the mask back onto the input's own ``(H, W)`` pixels
-(:func:`~tumorseg.data.planar.restore_planar_mask`). The detection probability follows the model's
-:class:`~tumorseg.models.planar_detection.DetectorRule` (classifier or segmentation area).
+One path for every caller (CLI, evaluation, pyfunc, serving): preprocess as in training, segment and
+classify, clean the mask on the preprocessed grid, restore it to the input's ``(H, W)``.
 """
 
 from __future__ import annotations
@@ -18,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from tumorseg.data.planar import TUMOUR_TYPES
+from tumorseg.data.planar import TUMOUR_TYPES, preprocess_planar, read_planar, restore_planar_mask
 from tumorseg.data.readers import image_inputs
 from tumorseg.errors import DataError
 from tumorseg.models.planar_package import PlanarModel
@@ -31,14 +27,8 @@ DETECT_COLUMNS: tuple[str, ...] = ("case_id", "probability", "label")
 class PlanarPrediction:
     """The 2-D model's answer for one image.
 
-    Attributes:
-        case_id: from the file (or given).
-        mask: uint8 ``(H, W)`` 0/1 tumour mask at the input's own size.
-        probability: tumour probability of the model's detector.
-        label: ``probability >= detector threshold``.
-        tumour_type: most likely type when ``label`` (None otherwise).
-        type_probabilities: softmax over :data:`TUMOUR_TYPES`.
-        area_px: predicted tumour pixels on the preprocessed grid (what the area rule reads).
+    ``mask`` is uint8 ``(H, W)`` 0/1 at the input's size; ``tumour_type`` None when ``label`` is false;
+    ``area_px`` counts predicted tumour pixels on the preprocessed grid (what the area rule reads).
     """
 
     case_id: str
@@ -53,17 +43,8 @@ class PlanarPrediction:
 def score_preprocessed(
     model: PlanarModel, images: np.ndarray, batch_size: int = 16
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run the networks on preprocessed images.
-
-    Args:
-        model: the loaded 2-D model.
-        images: float32 ``(N, S, S)`` from :func:`~tumorseg.data.planar.preprocess_planar`.
-        batch_size: images per forward pass.
-
-    Returns:
-        ``(tumour_probability (N, S, S), class_probability (N, 4))``: column 0 the classifier's tumour
-        probability (sigmoid), columns 1-3 the type probabilities (softmax).
-    """
+    """``(tumour_probability (N, S, S), class_probability (N, 4))`` of preprocessed float32 ``(N, S, S)``;
+    class column 0 is the tumour probability (sigmoid), columns 1-3 the types (softmax)."""
     import torch
 
     maps, classes = [], []
@@ -83,7 +64,7 @@ def score_preprocessed(
 
 
 def binary_mask(probability: np.ndarray, threshold: float, min_component_px: int) -> np.ndarray:
-    """uint8 ``(S, S)`` 0/1: pixels above ``threshold``, without 8-connected components under ``min_component_px``."""
+    """uint8 ``(S, S)``: pixels above ``threshold`` minus 8-connected components < ``min_component_px``."""
     mask = probability > threshold
     if min_component_px > 0 and mask.any():
         from scipy import ndimage as ndi
@@ -99,21 +80,8 @@ def binary_mask(probability: np.ndarray, threshold: float, min_component_px: int
 def predict_planar(
     image: str | Path | np.ndarray, model: PlanarModel, *, case_id: str | None = None
 ) -> PlanarPrediction:
-    """Segment and classify one 2-D image.
-
-    Args:
-        image: a ``.mat``/image file, or an array ``(H, W)`` grayscale / ``(H, W, 3|4)`` colour.
-        model: from :func:`~tumorseg.models.planar_package.load_planar_model`.
-        case_id: name of the result (default: the file's case id, or ``image``).
-
-    Returns:
-        :class:`PlanarPrediction`, mask at the input's own ``(H, W)``.
-
-    Raises:
-        DataError: an unreadable file or an array that is not a 2-D image.
-    """
-    from tumorseg.data.planar import preprocess_planar, read_planar, restore_planar_mask
-
+    """Segment and classify one 2-D image: a ``.mat``/image file, or an ``(H, W)`` / ``(H, W, 3|4)`` array.
+    DataError for an unreadable file or an array that is not a 2-D image."""
     if isinstance(image, (str, Path)):
         read = read_planar(Path(image))
         pixels, case_id = read.image, case_id or read.case_id
@@ -130,15 +98,9 @@ def predict_planar(
     probability = float(model.detector.probability(classes[:, 0], np.array([area]))[0])
     label = probability >= model.detector.threshold
     types = {name: float(p) for name, p in zip(TUMOUR_TYPES, classes[0, 1:], strict=True)}
-    return PlanarPrediction(
-        case_id=str(case_id),
-        mask=restore_planar_mask(small, geometry),
-        probability=probability,
-        label=bool(label),
-        tumour_type=max(types, key=types.get) if label else None,
-        type_probabilities=types,
-        area_px=area,
-    )
+    tumour_type = max(types, key=types.get) if label else None
+    mask = restore_planar_mask(small, geometry)
+    return PlanarPrediction(str(case_id), mask, probability, bool(label), tumour_type, types, area)
 
 
 def mask_png_bytes(mask: np.ndarray) -> bytes:
@@ -164,11 +126,7 @@ def predict_images(
     *,
     on_image: Callable[[PlanarPrediction, Path], None] | None = None,
 ) -> list[PlanarPrediction]:
-    """``tumorseg predict`` for 2-D input: write ``<out_dir>/<case_id>_mask.png`` (0/255, input size) per image.
-
-    Raises:
-        DataError: no input files, or one that cannot be read (nothing half-written for it).
-    """
+    """``tumorseg predict`` for 2-D input: ``<out_dir>/<case_id>_mask.png`` (0/255, input size) per image."""
     out = Path(out_dir)
     results = []
     for path in image_inputs(source):
@@ -182,23 +140,12 @@ def predict_images(
 
 
 def detect_images(source: str | Path, out_csv: str | Path, model: PlanarModel) -> list[PlanarPrediction]:
-    """``tumorseg detect``: one CSV row per image, columns ``case_id, probability, label`` (``yes``/``no``)."""
-    import pandas as pd
-
+    """``tumorseg detect``: one CSV row per image: ``case_id, probability, label`` (``yes``/``no``)."""
     from tumorseg.data.manifest import atomic_write_text
 
     results = [predict_planar(path, model) for path in image_inputs(source)]
-    table = pd.DataFrame(
-        [
-            {
-                "case_id": r.case_id,
-                "probability": round(r.probability, 6),
-                "label": "yes" if r.label else "no",
-            }
-            for r in results
-        ],
-        columns=list(DETECT_COLUMNS),
-    )
+    rows = [(r.case_id, round(r.probability, 6), "yes" if r.label else "no") for r in results]
+    table = pd.DataFrame(rows, columns=list(DETECT_COLUMNS))
     out = Path(out_csv)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, table.to_csv(index=False))

@@ -1,21 +1,14 @@
-"""Resolve ``--model``: a training checkpoint, a local MLflow model folder, or any MLflow model URI.
+"""Resolve ``--model``: a ``tumorseg train`` checkpoint, a folder with an ``MLmodel`` file, or an MLflow URI
+(``models:/tumorseg@champion``, ``models:/tumorseg/3``, ``runs:/<run_id>/model``...).
 
-Accepted forms:
-
-- ``models/checkpoints/best.ckpt``: a ``tumorseg train`` checkpoint;
-- a folder holding an ``MLmodel`` file (a downloaded MLflow model);
-- ``models:/tumorseg@champion``, ``models:/tumorseg/3``: the registry of the tracking store;
-- ``runs:/<run_id>/model`` or any other MLflow artifact URI of a logged model.
-
-MLflow models are either the registered pyfunc (``weights.pt`` + ``config.json``, see
-:mod:`tumorseg.registry.pyfunc`), rebuilt here directly without going through the pyfunc wrapper,
-or the PyTorch model a training run logs (``runs:/<id>/model``), whose settings come from the
-run's ``config.yaml`` artifact.
+An MLflow model is the registered pyfunc (rebuilt here without its wrapper) or the PyTorch model a
+training run logs, configured by the run's ``config.yaml``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -24,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from tumorseg.config import without_retired
 from tumorseg.errors import DataError
+from tumorseg.models.planar_package import PlanarModel, from_folder, load_planar_checkpoint
+from tumorseg.tracking import disable_telemetry, sqlite_path
 
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 FIRST_STEPS = "run `dvc repro` (it registers a challenger) and `tumorseg promote` first"
@@ -32,15 +30,8 @@ FIRST_STEPS = "run `dvc repro` (it registers a challenger) and `tumorseg promote
 
 @dataclass
 class LoadedModel:
-    """A model ready for :class:`~tumorseg.models.predictor.SegmentationPredictor`.
-
-    Attributes:
-        trained: the network and its training settings.
-        uri: what the user asked for.
-        description: human-readable origin, e.g. ``models:/tumorseg@champion (version 3)``.
-        version: registered model version, when the URI names one.
-        predict_settings: the ``predict`` settings stored with a registered model, if any.
-    """
+    """A model for :class:`~tumorseg.models.predictor.SegmentationPredictor`, its origin in words and,
+    for a registered model, its version and stored ``predict`` settings."""
 
     trained: Any
     uri: str
@@ -50,14 +41,7 @@ class LoadedModel:
 
 
 def prepare_mlflow() -> None:
-    """Before MLflow is used from a command: no telemetry, no per-file download progress bars on stderr.
-
-    Only defaults are set; a user's own environment settings win.
-    """
-    import os
-
-    from tumorseg.tracking import disable_telemetry
-
+    """Before MLflow is used from a command: no telemetry, no download progress bars (user settings win)."""
     disable_telemetry()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -68,16 +52,7 @@ def is_mlflow_uri(uri: str) -> bool:
 
 
 def load_model(uri: str, *, tracking_uri: str) -> LoadedModel:
-    """Load the model ``uri`` names (see the module docstring).
-
-    Args:
-        uri: checkpoint path, MLflow model folder or MLflow model URI.
-        tracking_uri: the MLflow store for ``models:/`` and ``runs:/`` URIs.
-
-    Raises:
-        DataError: one line: no such file, no such registered model / alias / version (with what
-            to run first), or a file that is not a tumorseg model.
-    """
+    """Load the model ``uri`` names; DataError (one line, with what to run first) when there is none."""
     prepare_mlflow()
     path = Path(uri).expanduser()
     if not is_mlflow_uri(uri):
@@ -95,23 +70,10 @@ def load_model(uri: str, *, tracking_uri: str) -> LoadedModel:
     return _from_mlflow(uri, tracking_uri)
 
 
-def _store_text(tracking_uri: str) -> str:
-    from tumorseg.tracking import sqlite_path
-
-    db = sqlite_path(tracking_uri)
-    return str(db) if db is not None else tracking_uri
-
-
 @dataclass
 class DownloadedModel:
-    """An MLflow model copied to a local folder.
-
-    Attributes:
-        folder: the model's files (removed when :func:`downloaded_model`'s block ends).
-        client: an ``MlflowClient`` on the store it came from.
-        description: ``uri`` plus the version and run a ``models:/`` URI resolved to.
-        version: the registered version (None for ``runs:/`` and other artifact URIs).
-    """
+    """An MLflow model copied to ``folder`` (removed with the block), with the version and run a
+    ``models:/`` URI resolved to and an ``MlflowClient`` on its store."""
 
     folder: Path
     client: Any
@@ -123,59 +85,44 @@ class DownloadedModel:
 def downloaded_model(
     uri: str, tracking_uri: str, *, first_steps: str = FIRST_STEPS
 ) -> Iterator[DownloadedModel]:
-    """Resolve an MLflow model URI (``models:/name@alias``, ``models:/name/3``, ``runs:/...``) and download it.
+    """Resolve and download an MLflow model URI for the 3-D and 2-D loaders, which read it in the block.
 
-    Shared by the 3-D and 2-D loaders; each reads the folder its own way inside the block. MLflow
-    errors, there or in the block, become one-line :class:`DataError` naming the URI and the store.
-
-    Args:
-        uri: the model URI.
-        tracking_uri: the MLflow store (tracking and registry).
-        first_steps: what to run when the model is not there (appended to the message).
-
-    Raises:
-        DataError: no store at a SQLite path, no such model/version/alias, or a download failure.
+    MLflow errors, there or in the block, become a one-line :class:`DataError` naming the URI, the store
+    and ``first_steps``.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from tumorseg.tracking import sqlite_path
 
     db = sqlite_path(tracking_uri)
     if uri.startswith(("models:/", "runs:/")) and db is not None and not db.is_file():
         # MLflow would silently create an empty store here; there is nothing to load from it.
         raise DataError(f"{uri}: no MLflow store at {db}; {first_steps}")
     client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    version = None
-    description = uri
+    version, description = None, uri
     match = MODELS_URI.match(uri)
     try:
         if match:
             name, alias, number = match["name"], match["alias"], match["version"]
-            found = (
-                client.get_model_version_by_alias(name, alias)
-                if alias
-                else client.get_model_version(name, number)
-            )
+            get_version = client.get_model_version_by_alias if alias else client.get_model_version
+            found = get_version(name, alias or number)
             version = str(found.version)
             description = f"{uri} (version {version}, run {found.run_id})"
             artifact_uri = client.get_model_version_download_uri(name, version)
         else:
             artifact_uri = uri
         with tempfile.TemporaryDirectory(prefix="tumorseg-load-") as tmp:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=tracking_uri
-                )
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=tracking_uri
             )
-            yield DownloadedModel(local, client, description, version)
+            yield DownloadedModel(Path(local), client, description, version)
     except MlflowException as exc:
         message = str(exc.message).strip().splitlines()[0]
+        store = db if db is not None else tracking_uri
         if match:
             raise DataError(
-                f"{uri}: not found in the MLflow store {_store_text(tracking_uri)} ({message}); {first_steps}"
+                f"{uri}: not found in the MLflow store {store} ({message}); {first_steps}"
             ) from None
-        raise DataError(f"{uri}: cannot be loaded from {_store_text(tracking_uri)} ({message})") from None
+        raise DataError(f"{uri}: cannot be loaded from {store} ({message})") from None
 
 
 def _from_mlflow(uri: str, tracking_uri: str) -> LoadedModel:
@@ -187,25 +134,21 @@ def _from_mlflow(uri: str, tracking_uri: str) -> LoadedModel:
 
 
 def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any, dict[str, Any] | None]:
-    """A tumorseg pyfunc (weights.pt, model.onnx or model.pt2 + config.json) or a training run's PyTorch model."""
-    import yaml
+    """A tumorseg pyfunc (weights or compressed program + config.json) or a training run's PyTorch model."""
     from mlflow.models import Model
 
     from tumorseg.models.package import load_artifacts
 
     meta = Model.load(str(folder / "MLmodel"))
-    pyfunc = meta.flavors.get("python_function", {})
-    artifacts = pyfunc.get("artifacts") or {}
+    artifacts = meta.flavors.get("python_function", {}).get("artifacts") or {}
     if "config" in artifacts and {"onnx", "program", "weights"} & set(artifacts):
         trained = load_artifacts({key: folder / entry["path"] for key, entry in artifacts.items()})
-        settings = None
-        if "predict" in artifacts:
-            settings = json.loads((folder / artifacts["predict"]["path"]).read_text())
+        predict = artifacts.get("predict")
+        settings = json.loads((folder / predict["path"]).read_text()) if predict is not None else None
         return trained, settings
     if "pytorch" in meta.flavors and meta.run_id:
         import mlflow
 
-        from tumorseg.config import without_retired
         from tumorseg.models.checkpoint import TrainedNetwork
         from tumorseg.training.config import load_training_config
 
@@ -226,3 +169,25 @@ def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any,
     raise DataError(
         f"{uri}: not a tumorseg model (neither weights.pt + config.json nor a training run's PyTorch model)"
     )
+
+
+FIRST_STEPS_2D = (
+    "run `tumorseg train --dims 2`, `tumorseg evaluate-model --dims 2` and `tumorseg promote --dims 2` first"
+)
+
+
+def load_planar_model(uri: str, *, tracking_uri: str) -> PlanarModel:
+    """Load the 2-D model ``uri`` names; DataError (one line, with what to run first) when there is none."""
+    prepare_mlflow()
+    if not is_mlflow_uri(uri):
+        path = Path(uri).expanduser()
+        if path.is_file():
+            return load_planar_checkpoint(path)
+        if path.is_dir():
+            return from_folder(path, f"model folder {path}")
+        raise DataError(
+            f"{uri}: no such 2-D model; pass a 2-D best.ckpt, a model folder, or a URI such as "
+            "models:/tumorseg-2d@champion"
+        )
+    with downloaded_model(uri, tracking_uri, first_steps=FIRST_STEPS_2D) as model:
+        return from_folder(model.folder, model.description)

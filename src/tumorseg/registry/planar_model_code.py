@@ -1,8 +1,5 @@
-"""MLflow "model from code" entry point of the registered 2-D models (``tumorseg-2d``, ``tumorseg-detect``).
-
-MLflow copies this file into every logged 2-D model and executes it on load; tumorseg never imports
-it. The logic lives in :mod:`tumorseg.registry.planar_pyfunc`, so the stored model holds no pickled code.
-"""
+"""MLflow "model from code" entry point of the 2-D models, copied into each and executed on load; the
+stored model holds no pickled code (the logic lives in :mod:`tumorseg.registry.planar_pyfunc`)."""
 
 from mlflow.models import set_model
 

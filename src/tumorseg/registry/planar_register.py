@@ -1,28 +1,19 @@
 """Register the evaluated 2-D model as ``tumorseg-2d`` and ``tumorseg-detect`` challengers.
 
-Each name gets a new version of the same package (:mod:`tumorseg.models.planar_package`) logged as the 2-D
-pyfunc (:mod:`tumorseg.registry.planar_pyfunc`) to the training run, with its own evidence for the
-champion/challenger gate of :mod:`tumorseg.registry.promote` (``tumorseg promote --name ...``):
-
-- ``evaluation.json``: ``regions`` (the per-case score columns: ``tumour`` Dice for the segmentation,
-  ``correct`` 0/1 for the detector, so the gate's mean is the test accuracy), ``case_dice`` (per test
-  image), ``reference_sha256`` (per test image: its preprocessed file and labels) and the metrics;
-- ``model_card.md``, also the version's description.
-
-Version tags: ``git_commit``, ``data_md5``, ``params_md5``, ``network``, ``test_n_cases``,
-``test_cases_md5`` and the headline test metrics.
+Each name gets a version of the same package with its own evidence for :mod:`tumorseg.registry.promote`:
+the per-image score column is ``tumour`` Dice for the segmentation and ``correct`` (0/1) for the
+detector, so the gate's mean is the test accuracy.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from tumorseg.registry.config import CHALLENGER
 from tumorseg.registry.register import RegisteredVersion, cases_fingerprint, params_md5
+from tumorseg.tracking import fluent_store, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -105,28 +96,19 @@ def register_planar_models(
 ) -> dict[str, RegisteredVersion]:
     """Log and register one version per name in ``names`` (``{"segmentation": ..., "detection": ...}``).
 
-    Args:
-        package: the package files by artifact key.
-        evaluation: ``{"metrics": ..., "evidence": {kind: {"regions", "case_dice", "reference_sha256"}}}``.
-        run_id: training run to log the models to.
-        tracking_uri: MLflow store (tracking and registry).
-        names: registered model name per kind.
-        config: resolved training sections (params hash, card).
-        data_md5: the training data hash.
-        synthetic: the data came from the generator.
+    ``evaluation`` is ``{"metrics", "evidence": {kind: {"regions", "case_dice", "reference_sha256"}}}``.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from tumorseg.registry.model_card import registry_description
-    from tumorseg.tracking import fluent_store, git_commit
+    from tumorseg.registry.planar_pyfunc import log_planar_model
+    from tumorseg.registry.register import evidence_files, register_version
 
     with fluent_store(tracking_uri):
         client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
-        commit = git_commit(Path(__file__).resolve().parent)
         facts = {
             "run_id": run_id,
-            "git_commit": commit,
+            "git_commit": git_commit(Path(__file__).resolve().parent),
             "data_md5": data_md5,
             "params_md5": params_md5(config),
             "synthetic": synthetic,
@@ -137,42 +119,30 @@ def register_planar_models(
             evidence = evaluation["evidence"][kind]
             cases_md5 = cases_fingerprint(evidence["reference_sha256"])
             record = {**evidence, "metrics": metrics, "test_cases_md5": cases_md5, **facts}
-            with tempfile.TemporaryDirectory(prefix="tumorseg-register-2d-") as tmp:
-                evaluation_file = Path(tmp) / "evaluation.json"
-                evaluation_file.write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
-                card_file = Path(tmp) / "model_card.md"
-                card_file.write_text(render_planar_card(kind, name, metrics, config, facts))
-                with mlflow.start_run(run_id=run_id):
-                    info = log_model(package, kind, {"evaluation": evaluation_file, "model_card": card_file})
-                    mlflow.log_artifact(str(card_file), artifact_path=f"model_card_{kind}")
-            try:
-                client.get_registered_model(name)
-            except MlflowException:
-                client.create_registered_model(name, description=DESCRIPTIONS[kind])
-            headline = _headline(kind, metrics)
+            card = render_planar_card(kind, name, metrics, config, facts)
+            with (
+                evidence_files(record, card, "tumorseg-register-2d-") as files,
+                mlflow.start_run(run_id=run_id),
+            ):
+                info = log_planar_model(package, name=f"planar_{kind}", extra_artifacts=files)
+                mlflow.log_artifact(str(files["model_card"]), artifact_path=f"model_card_{kind}")
             tags = {
-                "git_commit": commit or "unknown",
+                "git_commit": facts["git_commit"] or "unknown",
                 "data_md5": data_md5,
                 "params_md5": facts["params_md5"],
                 "network": str(config.get("model_2d", {}).get("name")),
                 "branch": "2d",
                 "test_n_cases": str(len(evidence["case_dice"])),
                 "test_cases_md5": cases_md5,
-                **{k: f"{v:.6f}" for k, v in headline.items() if v is not None},
+                **{k: f"{v:.6f}" for k, v in _headline(kind, metrics).items() if v is not None},
             }
-            version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+            version = register_version(client, info.model_uri, name, DESCRIPTIONS[kind], tags)
             card = render_planar_card(kind, name, metrics, config, {**facts, "version": version})
             client.update_model_version(name, version, description=registry_description(card))
             client.set_registered_model_alias(name, CHALLENGER, version)
             log.info("registered %s version %s (run %s) as %s", name, version, run_id, CHALLENGER)
             registered[kind] = RegisteredVersion(name, version, run_id, f"models:/{name}/{version}")
         return registered
-
-
-def log_model(package: dict[str, Path], kind: str, extra: dict[str, Path]) -> Any:
-    from tumorseg.registry.planar_pyfunc import log_planar_model
-
-    return log_planar_model(package, name=f"planar_{kind}", extra_artifacts=extra)
 
 
 def _headline(kind: str, metrics: dict[str, Any]) -> dict[str, float | None]:

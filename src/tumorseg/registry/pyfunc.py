@@ -1,47 +1,12 @@
 """The registered model: an MLflow pyfunc that segments whole cases from their NIfTI files.
 
-Why a pyfunc around the network rather than the bare ``mlflow.pytorch`` network: a served
-segmentation must include the preprocessing (reorient, resample to the training spacing, crop,
-z-score) and its exact inverse, or clients would have to re-implement them. This model takes case
-folders and returns segmentations in each case's own geometry and label convention, the same code
-path as ``tumorseg predict`` (:class:`~tumorseg.models.predictor.SegmentationPredictor`).
-
-Stored as an MLflow "model from code" (``model_code.py`` calls ``mlflow.models.set_model``), with
-small artifacts: ``weights.pt`` (state_dict, loaded with ``weights_only=True``; a compressed
-variant stores ``model.onnx`` instead, run by ONNX Runtime, or a bfloat16 ``model.pt2`` program run
-by PyTorch), ``config.json`` (the resolved training
-sections) and ``predict.json`` (the ``predict`` settings the model was evaluated with), plus, for
-versions the evaluate stage registers, ``evaluation.json`` and ``model_card.md``
-(:mod:`tumorseg.registry.register`). Nothing is pickled. Loading needs the tumorseg package
-installed (the project's environment or Docker image; ``mlflow models serve --env-manager local``).
-
-Input (signature, DataFrame columns):
-
-- ``case_dir`` (string, required): a case folder, or a dataset folder in any supported layout
-  (every case in it is segmented), readable on the machine that runs the model.
-- ``out_dir`` (string, optional): when given, ``<out_dir>/<case_id>.nii.gz`` is written there too.
-
-Inference params: ``tta`` (bool), ``min_component_mm3`` (float), ``return_segmentation`` (bool).
-
-Output (one row per case): ``case_id``, ``label_convention`` (the convention the segmentation is
-written in), ``shape`` (``240x240x155``), ``volume_wt_ml``, ``volume_tc_ml``, ``volume_et_ml``,
-``output_path`` (empty without ``out_dir``), ``segmentation``: the label map as a gzip-compressed
-NIfTI-1 file, base64-encoded (decode it with :func:`decode_segmentation`; empty when
-``return_segmentation`` is false), then ``label_set`` and ``volumes_ml``.
-
-Label sets (:mod:`tumorseg.data.conventions`) and backward compatibility: every label set has WT, TC
-and ET train regions, so the three fixed ``volume_*_ml`` columns keep their names, types, order and
-meaning for any model. A label set with more regions (``glioma_post``: RC, the resection cavity;
-``pediatric``: CC, the cyst) reports *all* its regions in the two columns appended after
-``segmentation`` (optional in the signature, so a client that reads the first eight columns by name or
-position sees nothing new):
-
-- ``label_set`` (string): ``glioma``, ``glioma_post`` or ``pediatric``;
-- ``volumes_ml`` (string): a JSON object of every train region's volume in ml, in the network's
-  order, e.g. ``{"WT": 45.2, "TC": 20.1, "ET": 10.3, "RC": 3.4}`` (``json.loads`` it). One string
-  column rather than a column per extra region keeps the output schema the same for every label set.
-
-REST (``mlflow models serve -m models:/tumorseg@champion --env-manager local``)::
+Serving must include the preprocessing and its exact inverse, so the pyfunc runs ``tumorseg predict``'s
+:class:`~tumorseg.models.predictor.SegmentationPredictor` rather than the bare network. It is a "model
+from code" (``model_code.py``), nothing pickled; loading needs the tumorseg package installed. Input:
+``case_dir`` (a case or dataset folder on the serving machine) and optional ``out_dir``; output: one row
+per case (:data:`OUTPUT_SCHEMA`). Every label set has WT/TC/ET, so the first eight columns mean the same
+for any model; ``volumes_ml`` (JSON, every train region in ml) carries the extra regions. REST, after
+``mlflow models serve -m models:/tumorseg@champion --env-manager local``::
 
     curl -X POST localhost:5000/invocations -H 'Content-Type: application/json' \\
       -d '{"dataframe_records": [{"case_dir": "/data/BraTS2021_00001"}], "params": {"tta": true}}'
@@ -52,29 +17,38 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
-from tumorseg.errors import TumorsegError
+from tumorseg.errors import DataError, TumorsegError
+from tumorseg.tracking import model_pip_requirements
 
-INPUT_COLUMNS: tuple[str, ...] = ("case_dir", "out_dir")
-OUTPUT_COLUMNS: tuple[str, ...] = (
-    "case_id",
-    "label_convention",
-    "shape",
-    "volume_wt_ml",
-    "volume_tc_ml",
-    "volume_et_ml",
-    "output_path",
-    "segmentation",
-    "label_set",
-    "volumes_ml",
+OUTPUT_SCHEMA: tuple[tuple[str, str], ...] = (
+    ("case_id", "string"),
+    ("label_convention", "string"),
+    ("shape", "string"),
+    ("volume_wt_ml", "double"),
+    ("volume_tc_ml", "double"),
+    ("volume_et_ml", "double"),
+    ("output_path", "string"),
+    ("segmentation", "string"),
+    ("label_set", "string"),
+    ("volumes_ml", "string"),
 )
+"""Output columns and their MLflow types; the last two came with label sets and are optional."""
+OUTPUT_COLUMNS: tuple[str, ...] = tuple(name for name, _ in OUTPUT_SCHEMA)
 PREDICT_SETTINGS_FILE = "predict.json"
 MODEL_CODE = Path(__file__).with_name("model_code.py")
 """The "model from code" file MLflow stores with the model and executes on load."""
@@ -96,25 +70,9 @@ RUNTIME_PACKAGES: tuple[str, ...] = (
 
 def model_signature(tta: bool, min_component_mm3: float) -> Any:
     """The declared signature: case-folder DataFrame in, one row per case out, three inference params."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-
     inputs = Schema([ColSpec("string", "case_dir"), ColSpec("string", "out_dir", required=False)])
-    outputs = Schema(
-        [
-            ColSpec("string", "case_id"),
-            ColSpec("string", "label_convention"),
-            ColSpec("string", "shape"),
-            ColSpec("double", "volume_wt_ml"),
-            ColSpec("double", "volume_tc_ml"),
-            ColSpec("double", "volume_et_ml"),
-            ColSpec("string", "output_path"),
-            ColSpec("string", "segmentation"),
-            # Added with label sets; optional, after the original columns (see the module docstring).
-            ColSpec("string", "label_set", required=False),
-            ColSpec("string", "volumes_ml", required=False),
-        ]
-    )
+    optional = ("label_set", "volumes_ml")
+    outputs = Schema([ColSpec(kind, name, required=name not in optional) for name, kind in OUTPUT_SCHEMA])
     params = ParamSchema(
         [
             ParamSpec("tta", "boolean", bool(tta)),
@@ -137,11 +95,36 @@ def decode_segmentation(text: str) -> Any:
     return nib.Nifti1Image.from_bytes(gzip.decompress(base64.b64decode(text)))
 
 
+@contextmanager
+def invalid_input() -> Iterator[None]:
+    """Bad input (a :class:`TumorsegError`) as MLflow's ``INVALID_PARAMETER_VALUE``: HTTP 400 when served."""
+    try:
+        yield
+    except TumorsegError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+
+
+def log_code_model(
+    name: str, model_code: Path, artifacts: dict[str, str], signature: Any, packages: Any
+) -> Any:
+    """``mlflow.pyfunc.log_model`` of a "model from code" into the active run; returns its ``ModelInfo``."""
+    with warnings.catch_warnings():
+        # No input example on purpose: the input names files on the serving machine.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(model_code),
+            artifacts=artifacts,
+            signature=signature,
+            pip_requirements=model_pip_requirements(packages),
+        )
+
+
 class TumorsegSegmentationModel(mlflow.pyfunc.PythonModel):
     """Preprocessing + sliding-window inference + restoration to the source geometry, as a pyfunc."""
 
     def load_context(self, context: Any) -> None:
-        """Rebuild the network (``weights.pt``, ``model.onnx`` or ``model.pt2``, + ``config.json``); read the predict settings."""
+        """Rebuild the network (weights or compressed program + ``config.json``) and the predict settings."""
         from tumorseg.models.package import load_artifacts
         from tumorseg.models.predictor import PredictConfig
 
@@ -152,22 +135,11 @@ class TumorsegSegmentationModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        """Segment the cases named in ``model_input`` (see the module docstring for the columns).
-
-        Raises:
-            MlflowException: ``INVALID_PARAMETER_VALUE`` (HTTP 400 when served) for bad input: a
-                missing column, a folder without cases, a missing modality, an unreadable file.
-        """
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-        try:
+        """Segment the cases named in ``model_input`` (columns: see the module docstring)."""
+        with invalid_input():
             return self._predict(model_input, params or {})
-        except TumorsegError as exc:
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
     def _predict(self, model_input: Any, params: dict[str, Any]) -> pd.DataFrame:
-        from tumorseg.errors import DataError
         from tumorseg.models.predictor import (
             SegmentationPredictor,
             nifti_like,
@@ -189,9 +161,8 @@ class TumorsegSegmentationModel(mlflow.pyfunc.PythonModel):
             for case in plan_cases(Path(str(record["case_dir"]))):
                 prediction = predictor.predict_case(case)
                 header = reference_header(case)
-                output_path = ""
-                if out_dir is not None:
-                    output_path = str(write_prediction(prediction, out_dir, header)[0])
+                volumes = prediction.volumes_ml
+                output_path = str(write_prediction(prediction, out_dir, header)[0]) if out_dir else ""
                 segmentation = ""
                 if with_segmentation:
                     segmentation = encode_segmentation(
@@ -202,15 +173,13 @@ class TumorsegSegmentationModel(mlflow.pyfunc.PythonModel):
                         "case_id": case.case_id,
                         "label_convention": prediction.label_convention,
                         "shape": "x".join(str(n) for n in prediction.labels.shape),
-                        "volume_wt_ml": prediction.volumes_ml["WT"],
-                        "volume_tc_ml": prediction.volumes_ml["TC"],
-                        "volume_et_ml": prediction.volumes_ml["ET"],
+                        "volume_wt_ml": volumes["WT"],
+                        "volume_tc_ml": volumes["TC"],
+                        "volume_et_ml": volumes["ET"],
                         "output_path": output_path,
                         "segmentation": segmentation,
                         "label_set": predictor.label_set.name,
-                        "volumes_ml": json.dumps(
-                            {region: float(ml) for region, ml in prediction.volumes_ml.items()}
-                        ),
+                        "volumes_ml": json.dumps({region: float(ml) for region, ml in volumes.items()}),
                     }
                 )
         return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
@@ -223,21 +192,8 @@ def log_segmentation_model(
     name: str = "model",
     extra_artifacts: dict[str, Path] | None = None,
 ) -> Any:
-    """Log the pyfunc into the active MLflow run.
-
-    Args:
-        trained: :class:`~tumorseg.models.checkpoint.TrainedNetwork`.
-        predict_settings: the ``predict`` section to store (``predict.json``).
-        name: the logged model's name within the run.
-        extra_artifacts: more files to store with the model (model card, evaluation), by name.
-
-    Returns:
-        MLflow's ``ModelInfo`` (``model_uri`` registers it).
-    """
-    import tempfile
-
+    """Log the pyfunc (``predict_settings`` as ``predict.json``, ``extra_artifacts``) into the active run."""
     from tumorseg.models.package import save_package
-    from tumorseg.tracking import model_pip_requirements
 
     with tempfile.TemporaryDirectory(prefix="tumorseg-model-") as tmp:
         artifacts = {key: str(path) for key, path in save_package(trained, tmp).items()}
@@ -245,18 +201,7 @@ def log_segmentation_model(
         settings.write_text(json.dumps(predict_settings, indent=1, sort_keys=True) + "\n")
         artifacts["predict"] = str(settings)
         artifacts.update({key: str(path) for key, path in (extra_artifacts or {}).items()})
-        with warnings.catch_warnings():
-            # No input example on purpose: the input names folders on the serving machine.
-            warnings.filterwarnings(
-                "ignore", message=".*input example was not provided.*", category=UserWarning
-            )
-            return mlflow.pyfunc.log_model(
-                name=name,
-                python_model=str(MODEL_CODE),
-                artifacts=artifacts,
-                signature=model_signature(
-                    bool(predict_settings.get("tta", False)),
-                    float(predict_settings.get("min_component_mm3", 0.0)),
-                ),
-                pip_requirements=model_pip_requirements(RUNTIME_PACKAGES),
-            )
+        signature = model_signature(
+            bool(predict_settings.get("tta", False)), float(predict_settings.get("min_component_mm3", 0.0))
+        )
+        return log_code_model(name, MODEL_CODE, artifacts, signature, RUNTIME_PACKAGES)

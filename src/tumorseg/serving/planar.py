@@ -1,24 +1,11 @@
-"""2-D images in the service: the optional 2-D model, upload checks before decoding, and the prediction job.
+"""2-D images in the service: the optional 2-D model, upload checks before decoding, and the job.
 
-A 2-D upload is one file: a Figshare MATLAB slice (``.mat``, v7.3 or v5) or an image (``.png``,
-``.jpg``/``.jpeg``, ``.tif``/``.tiff``, ``.bmp``). It is copied into the request's private folder
-against the same byte budget as a 3-D case, then checked *before* its pixels are decoded:
-
-- images: the width and height in the header (PIL reads the header only on ``Image.open``) must not
-  exceed ``serve.max_image_pixels``; a few-kB PNG or JPEG can declare billions of pixels;
-- MATLAB v7.3 (HDF5): every ``cjdata`` field must be a plain dataset stored in this file (no
-  external or soft links, no external raw storage, no virtual dataset: HDF5 would read other files
-  on the server) and no bigger, decoded, than the pixel cap and the byte budget allow;
-- MATLAB v5: every compressed element is inflated in bounded chunks against the byte budget
-  before :func:`scipy.io.loadmat` (which inflates in one go) sees the file.
-
-Then :func:`tumorseg.data.planar.read_planar` decodes it and
-:func:`tumorseg.models.planar_predictor.predict_planar` runs the model, so the service answers exactly what
-``tumorseg predict`` / ``tumorseg detect`` write. Nothing is unpickled (``scipy.io.loadmat`` of v5
-files does not unpickle; ``.npy`` and ``.pkl`` are refused by name).
-
-The 2-D model is optional: :func:`load_planar_slot` logs one warning when it cannot be loaded and
-the service runs for 3-D cases; 2-D requests then get 503 naming how to provide one.
+A 2-D upload (Figshare ``.mat`` v7.3/v5, or ``.png``/``.jpg``/``.tif``/``.bmp``) is copied against the
+same byte budget as a 3-D case, then checked *before* its pixels are decoded, since a few-kB file can
+declare billions of pixels (image headers against ``serve.max_image_pixels``), point HDF5 at other
+files on the server (MATLAB v7.3) or inflate without bound in :func:`scipy.io.loadmat` (MATLAB v5).
+Decoding and prediction are those of ``tumorseg predict`` / ``tumorseg detect``; nothing is unpickled.
+Without a 2-D model the service still runs for 3-D cases, and 2-D requests get 503.
 """
 
 from __future__ import annotations
@@ -35,16 +22,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from tumorseg.errors import DataError, TumorsegError, first_line
-from tumorseg.serving.uploads import (
-    ByteBudget,
-    UploadRejected,
-    UploadTooLarge,
-    copy_plain,
-)
+from tumorseg.serving.uploads import ByteBudget, UploadRejected, UploadTooLarge, copy_plain
 
 log = logging.getLogger(__name__)
 
-"""The 2-D inputs the service reads (those of :mod:`tumorseg.models.planar_predictor`)."""
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAT_V5_HEADER_BYTES = 128
 MI_COMPRESSED = 15
@@ -60,13 +41,8 @@ class PlanarModelMissing(TumorsegError):
 # ---------------------------------------------------------------------------- the optional model
 @dataclass(frozen=True)
 class PlanarSlot:
-    """The 2-D model the service holds, or why it holds none.
-
-    Attributes:
-        uri: what was asked for (``serve.model_2d`` / ``--model-2d``); None when disabled.
-        model: the loaded :class:`~tumorseg.models.planar_package.PlanarModel`, or None.
-        error: one line saying why it could not be loaded.
-    """
+    """The 2-D model (a ``PlanarModel``) asked for as ``uri`` (None: disabled), or the one-line
+    ``error`` saying why it could not be loaded."""
 
     uri: str | None
     model: Any = None
@@ -113,14 +89,11 @@ class PlanarSlot:
 
 
 def load_planar_slot(uri: str | None, tracking_uri: str) -> PlanarSlot:
-    """Load the 2-D model ``uri`` names; on failure log one warning and return an empty slot.
-
-    Any failure is caught, not only :class:`~tumorseg.errors.TumorsegError`: the 2-D model is
-    optional, and nothing about it may stop the 3-D service from starting.
-    """
+    """Load the 2-D model ``uri`` names; on any failure log one warning and return an empty slot (the
+    optional 2-D model may never stop the 3-D service from starting)."""
     if not uri:
         return PlanarSlot(None)
-    from tumorseg.models.planar_package import load_planar_model
+    from tumorseg.registry.loading import load_planar_model
 
     try:
         model = load_planar_model(uri, tracking_uri=tracking_uri)
@@ -136,14 +109,10 @@ def load_planar_slot(uri: str | None, tracking_uri: str) -> PlanarSlot:
 
 # ---------------------------------------------------------------------------- checks before decoding
 def stage_planar_upload(name: str, stream: BinaryIO, workdir: Path, budget: ByteBudget) -> Path:
-    """Copy one 2-D upload into ``workdir/upload/<name>`` against ``budget``.
-
-    The folder name is fixed so :func:`~tumorseg.data.planar.source_of` never mistakes an upload for
-    a Kaggle ``yes``/``no`` image.
-    """
-    folder = workdir / "upload"
-    folder.mkdir()
-    target = folder / name
+    """Copy one 2-D upload into ``workdir/upload/<name>`` against ``budget`` (a fixed folder name, so
+    :func:`~tumorseg.data.planar.source_of` never takes an upload for a Kaggle ``yes``/``no`` image)."""
+    (workdir / "upload").mkdir()
+    target = workdir / "upload" / name
     copy_plain(stream, target, budget, name)
     return target
 
@@ -151,14 +120,10 @@ def stage_planar_upload(name: str, stream: BinaryIO, workdir: Path, budget: Byte
 def check_planar_file(path: Path, max_pixels: int, budget: ByteBudget) -> None:
     """Refuse a 2-D file whose decoded pixels would exceed the caps, reading headers only.
 
-    Args:
-        path: the staged upload.
-        max_pixels: ``serve.max_image_pixels``.
-        budget: the request's byte budget (MATLAB elements are inflated against it).
-
     Raises:
         UploadTooLarge: more pixels or bytes than allowed (HTTP 413).
-        UploadRejected: a MATLAB file that points outside itself, or an image PIL cannot identify.
+        UploadRejected: a MATLAB file that points outside itself.
+        DataError: an image PIL cannot identify, or a corrupt MATLAB v7.3 file.
     """
     if path.suffix.lower() == ".mat":
         with path.open("rb") as fh:
@@ -198,7 +163,7 @@ def _check_image_header(path: Path, max_pixels: int) -> None:
 
 
 def _check_mat_v73(path: Path, max_pixels: int, budget: ByteBudget) -> None:
-    """Links, external storage and sizes of the ``cjdata`` datasets of an HDF5 MAT file."""
+    """Refuse links, external or virtual storage and oversized ``cjdata`` datasets of an HDF5 MAT file."""
     import h5py
 
     try:
@@ -237,9 +202,9 @@ def _check_mat_v73(path: Path, max_pixels: int, budget: ByteBudget) -> None:
 def _check_mat_v5(path: Path, budget: ByteBudget) -> None:
     """Inflate each compressed top-level element of a MATLAB v5 file in chunks against ``budget``.
 
-    Hand-written because :func:`scipy.io.loadmat` inflates an ``miCOMPRESSED`` element whole, with no
-    cap. The layout (128-byte header, then 8-byte tags ``type, nbytes``) is MATLAB's MAT-file format
-    document; anything this walk cannot follow is left to ``loadmat``, which refuses it.
+    Hand-written: :func:`scipy.io.loadmat` inflates an ``miCOMPRESSED`` element whole, with no cap.
+    Layout per MATLAB's MAT-file format document (128-byte header, then 8-byte tags ``type, nbytes``);
+    what this walk cannot follow is left to ``loadmat``, which refuses it.
     """
     data = path.read_bytes()
     if len(data) < MAT_V5_HEADER_BYTES:
@@ -272,23 +237,16 @@ def _check_mat_v5(path: Path, budget: ByteBudget) -> None:
 def predict_planar_file(
     path: Path, model: Any, *, max_pixels: int, pixel_size_mm: float | None
 ) -> dict[str, Any]:
-    """Read one staged 2-D file and run the 2-D model on it (a pool thread runs this).
+    """Read one staged 2-D file and run the 2-D model (a ``PlanarModel``) on it, on a pool thread.
 
     Args:
-        path: the staged upload.
-        model: a :class:`~tumorseg.models.planar_package.PlanarModel`.
         max_pixels: ``serve.max_image_pixels`` (checked again on the decoded array).
-        pixel_size_mm: in-plane pixel side in mm, when the client knows it (the supported formats do
-            not store one: Figshare ``cjdata`` has no spacing field, and the DPI of a PNG or JPEG is
-            a printing resolution, not the scanner's).
+        pixel_size_mm: pixel side in mm, when the client knows it: Figshare ``cjdata`` stores none,
+            and a PNG's or JPEG's DPI is a printing resolution, not the scanner's.
 
     Returns:
-        ``summary`` (JSON-ready), ``mask_png`` (0/255 PNG bytes at the input size), ``file_name``
-        (``<case_id>_mask.png``), ``image`` (float32 ``(H, W)``), ``mask`` (uint8 ``(H, W)``) and
-        ``reference`` (the file's own ``tumorMask`` or None).
-
-    Raises:
-        DataError: an unreadable file, or a decoded image over the pixel cap.
+        ``summary`` (JSON-ready), ``mask_png`` (0/255 PNG bytes at the input size), ``file_name``,
+        ``image`` (float32 ``(H, W)``), ``mask`` (uint8 ``(H, W)``), ``reference`` (``tumorMask`` or None).
     """
     from tumorseg.data.planar import read_planar
     from tumorseg.models.planar_predictor import mask_png_bytes, predict_planar

@@ -1,10 +1,8 @@
 """``POST /predict`` and the demo cases (``GET /demo``, ``POST /demo/{case_id}``).
 
-A 3-D upload is staged into a private per-request folder on a threadpool thread (the event loop
-never reads files), predicted on the service's bounded pool and answered as NIfTI, JSON or a
-viewer summary; one 2-D image goes the same way through the 2-D model. Whoever holds the request's
-folder removes it: the pool job once it has started, the route when the job never ran (pool full,
-or cancelled by the request time limit).
+Uploads are staged on a threadpool thread (the event loop never reads files) and predicted on the
+service's bounded pool. Whoever holds the request's folder removes it: the pool job once it has
+started, the route when the job never ran (pool full, or cancelled by the request time limit).
 """
 
 from __future__ import annotations
@@ -42,11 +40,7 @@ PIXEL_SIZE_HELP = "2-D only: pixel side in mm, to report the tumour area in mm²
 async def run_prediction(
     service: Service, folder: Path, workdir: Path, output: OutputFormat, remove_workdir: bool
 ) -> Response:
-    """Predict the 3-D case in ``folder`` on the pool and answer in ``output``'s format.
-
-    ``remove_workdir``: the request's folder is removed when done, by the job or, when the job
-    never started, here.
-    """
+    """Predict the 3-D case in ``folder`` on the pool and answer in ``output``'s format."""
     future: Future[Any] | None = None
     try:
         future = service.pool.submit(service.run_job, folder, workdir, output == "viewer", remove_workdir)
@@ -67,23 +61,14 @@ async def run_prediction(
         )
     if output == "viewer":
         display: DisplayCase = result["display"]
-        result_id = service.store.add(display)
-        return JSONResponse(viewer_summary(result_id, display))
+        return JSONResponse(viewer_summary(service.store.add(display), display))
     return JSONResponse(summary)
 
 
 async def run_planar_prediction(
-    service: Service,
-    name: str,
-    stream: Any,
-    output: OutputFormat,
-    pixel_size_mm: float | None,
+    service: Service, name: str, stream: Any, output: OutputFormat, pixel_size_mm: float | None
 ) -> Response:
-    """Stage and predict one 2-D image with the 2-D model; answer the mask PNG, JSON or a viewer summary.
-
-    Raises:
-        UploadRejected: ``format=nifti`` asked of a 2-D image.
-    """
+    """Stage and predict one 2-D image with the 2-D model; answer the mask PNG, JSON or a viewer summary."""
     if output == "nifti":
         raise UploadRejected(
             f"format: nifti is for 3-D cases; {name} is a 2-D image: ask for png (the mask), json or viewer"

@@ -1,11 +1,9 @@
 """The state behind the HTTP service, and the work its pool threads do.
 
-:class:`Service` holds what one application serves from: the loaded models, the bounded inference
-pool, the viewer's result store and the private temp folder; :class:`DemoCases` generates the
-viewer's synthetic cases at start-up. The 3-D prediction job (:meth:`Service.predict_folder`), the
-2-D job and the ground-truth scoring (:func:`score_mask`) run on pool or threadpool threads, never on
-the event loop. :mod:`tumorseg.serving.app` builds the application around a :class:`Service`; the
-route modules reach it through ``request.app.state.service``.
+:class:`Service` holds one application's loaded models, bounded inference pool, viewer result store
+and private temp folder. The 3-D and 2-D prediction jobs and :func:`score_mask` run on pool or
+threadpool threads, never on the event loop; routes reach the service through
+``request.app.state.service``.
 """
 
 from __future__ import annotations
@@ -37,23 +35,15 @@ from tumorseg.serving.viewer import (
 if TYPE_CHECKING:
     from starlette.requests import Request
 
-# The service's log lines keep the logger name they had before the service was split into modules.
-log = logging.getLogger("tumorseg.serving.app")
+log = logging.getLogger("tumorseg.serving.app")  # one logger name for the whole service
 
 DEMO_SEED = 7
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """Everything the application needs, resolved from params.yaml by the CLI (or built by tests).
-
-    Attributes:
-        serve: the ``serve`` section (limits, pool, demo cases).
-        predict: the ``predict`` section (TTA, component removal, device).
-        model_uri: the model to load at start-up.
-        tracking_uri: MLflow store for ``models:/`` and ``runs:/`` URIs.
-        model_2d: the optional 2-D model (``serve.model_2d``); None: no 2-D model.
-    """
+    """Everything the application needs, resolved from params.yaml by the CLI (or built by tests);
+    ``model_2d`` None: no 2-D model."""
 
     serve: ServeConfig
     predict: Any
@@ -65,35 +55,25 @@ class ServeSettings:
     def from_params(
         cls, params: dict[str, Any], *, model_uri: str | None = None, source: str = "params.yaml"
     ) -> ServeSettings:
-        """``serve``, ``predict``, ``paths`` and ``mlflow`` sections -> settings.
-
-        The model is ``model_uri``, else ``serve.model``, else ``predict.model``; the tracking store
-        is resolved as ``tumorseg predict`` does (``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``,
-        else ``<paths.mlruns>/mlflow.db``).
-        """
+        """The model is ``model_uri``, else ``serve.model``, else ``predict.model``; the tracking store
+        is resolved as ``tumorseg predict`` resolves it."""
         from tumorseg.config import section
         from tumorseg.models.predictor import PredictConfig
         from tumorseg.tracking import params_tracking_uri
 
         serve: ServeConfig = section("serve", params, source=source)
         predict: PredictConfig = section("predict", params, source=source)
-        uri = model_uri or serve.model or predict.model
-        tracking = params_tracking_uri(params, source=source)
         return cls(
             serve=serve,
             predict=predict,
-            model_uri=uri,
-            tracking_uri=tracking,
+            model_uri=model_uri or serve.model or predict.model,
+            tracking_uri=params_tracking_uri(params, source=source),
             model_2d=serve.model_2d or None,
         )
 
 
 def describe_model(loaded: Any) -> dict[str, Any]:
-    """Name, version, alias, origin and label set of a :class:`~tumorseg.registry.loading.LoadedModel`.
-
-    ``label_set`` is :func:`~tumorseg.serving.viewer.label_set_info` of the model's label set: the
-    regions the volumes and Dice are reported for, and what the viewer draws.
-    """
+    """Name, version, alias, origin and label set (what the viewer draws) of a ``LoadedModel``."""
     from tumorseg.data.conventions import get_label_set
     from tumorseg.registry.loading import MODELS_URI
 
@@ -118,7 +98,7 @@ def describe_model(loaded: Any) -> dict[str, Any]:
 
 
 def _registered_meta(folder: Path) -> dict[str, Any]:
-    """``registered_model_meta`` of a model folder downloaded from the registry (name and version), if any."""
+    """``registered_model_meta`` of a model folder downloaded from the registry, if any."""
     import yaml
 
     meta = folder / "registered_model_meta"
@@ -203,16 +183,11 @@ class Service:
 
     # ------------------------------------------------------------------ prediction (worker thread)
     def predict_folder(self, folder: Path, workdir: Path, keep: bool) -> dict[str, Any]:
-        """Segment the one case in ``folder``; runs on a pool thread.
-
-        Args:
-            folder: a folder holding exactly one case in a supported layout.
-            workdir: this request's folder (the output is written there).
-            keep: also build a :class:`DisplayCase` for the viewer.
+        """Segment the one case in ``folder`` (written under ``workdir``); runs on a pool thread.
 
         Returns:
             ``summary`` (JSON-ready), ``segmentation`` (the ``.nii.gz`` bytes), ``file_name`` and,
-            with ``keep``, ``display``.
+            with ``keep``, ``display`` (a :class:`DisplayCase` for the viewer).
 
         Raises:
             DataError: not exactly one case, a missing or unreadable modality, an absurd grid.
@@ -229,33 +204,21 @@ class Service:
             prediction.seconds = {"read": read_s, **prediction.seconds}
         else:  # each file read and resampled in its own thread, no full-resolution float image
             prediction = self.predictor.predict_case(case)
-        out_dir = workdir / "prediction"
-        written = write_prediction(prediction, out_dir, reference_header(case))
+        written = write_prediction(prediction, workdir / "prediction", reference_header(case))
         segmentation = written[0].read_bytes()
-        # The convention the segmentation is written in: the input's, or the one convention of the
-        # model's label set (a post-treatment model on a folder read as 2023 GLI writes 2024 GLI codes).
-        # A ground truth of the case is read in it, so its codes are the model's label set's.
+        # The input's convention, or the one of the model's label set (a post-treatment model on a
+        # 2023 GLI folder writes 2024 GLI codes); a ground truth of the case is read in it too.
         convention = prediction.label_convention
-        summary: dict[str, Any] = {
-            "kind": "3d",
-            "case_id": case.case_id,
-            "layout": case.layout,
-            "label_convention": convention,
-            "shape": [int(n) for n in prediction.labels.shape],
-            "spacing_mm": [round(float(s), 4) for s in spacing],
-            "volumes_ml": {region: round(value, 3) for region, value in prediction.volumes_ml.items()},
-            "seconds": {step: round(value, 3) for step, value in prediction.seconds.items()},
-            "model": self.model_info,
-        }
-        reference = _read_reference(case, convention) if case.has_seg else None
-        if reference is not None:
+        summary = self._summary(case, prediction, spacing)
+        reference = None
+        if case.has_seg:
+            from tumorseg.data.layouts import read_nifti
             from tumorseg.serving.viewer import dice_per_region
 
+            reference = _canonical_mask(read_nifti(case.paths["seg"]), convention)
             _check_same_shape(reference.shape, prediction.canonical.shape, case.paths["seg"].name)
-            summary["dice"] = {
-                k: round(v, 4)
-                for k, v in dice_per_region(prediction.canonical, reference, self.predictor.label_set).items()
-            }
+            dice = dice_per_region(prediction.canonical, reference, self.predictor.label_set)
+            summary["dice"] = {k: round(v, 4) for k, v in dice.items()}
         result: dict[str, Any] = {
             "summary": summary,
             "segmentation": segmentation,
@@ -277,11 +240,22 @@ class Service:
             result["display"] = display
         return result
 
-    def _check_grid(self, case_id: str, shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
-        """Refuse a case whose grid would be absurdly large on the model's grid (voxel sizes in the header).
+    def _summary(self, case: Any, prediction: Any, spacing: tuple[float, ...]) -> dict[str, Any]:
+        """The JSON answer of a 3-D prediction (before any Dice)."""
+        return {
+            "kind": "3d",
+            "case_id": case.case_id,
+            "layout": case.layout,
+            "label_convention": prediction.label_convention,
+            "shape": [int(n) for n in prediction.labels.shape],
+            "spacing_mm": [round(float(s), 4) for s in spacing],
+            "volumes_ml": {region: round(value, 3) for region, value in prediction.volumes_ml.items()},
+            "seconds": {step: round(value, 3) for step, value in prediction.seconds.items()},
+            "model": self.model_info,
+        }
 
-        Checked on the reference header, before any volume is inflated or resampled.
-        """
+    def _check_grid(self, case_id: str, shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+        """Refuse, from the header alone, a case whose grid would be absurdly large on the model's grid."""
         target = self.predictor.preprocess_cfg.target_spacing_mm
         physical_mm3 = float(np.prod(np.asarray(shape, dtype=np.float64) * np.asarray(spacing)))
         model_voxels = physical_mm3 / float(np.prod(target))
@@ -316,12 +290,8 @@ class Service:
     def run_planar_job(
         self, path: Path, workdir: Path, keep: bool, pixel_size_mm: float | None
     ) -> dict[str, Any]:
-        """The pool's 2-D job: segment and classify one image, then always remove this request's folder.
-
-        Returns:
-            :func:`~tumorseg.serving.planar.predict_planar_file`'s result, the summary with the model
-            added, and with ``keep`` a :class:`~tumorseg.serving.viewer.PlanarDisplay`.
-        """
+        """The pool's 2-D job: :func:`~tumorseg.serving.planar.predict_planar_file`'s result with the
+        model in the summary (and with ``keep`` a ``PlanarDisplay``); always removes ``workdir``."""
         try:
             result = predict_planar_file(
                 path,
@@ -343,11 +313,8 @@ def service_of(request: Request) -> Service:
 
 
 def _one_case(folder: Path) -> Any:
-    """The one case an upload's folder holds, planned as ``tumorseg predict`` plans a dataset.
-
-    Raises:
-        UploadRejected: the folder holds no case, or more than one.
-    """
+    """The one case an upload's folder holds, planned as ``tumorseg predict`` plans a dataset, else
+    :class:`UploadRejected`."""
     from tumorseg.models.predictor import plan_cases
 
     cases = plan_cases(folder)
@@ -360,11 +327,7 @@ def _one_case(folder: Path) -> Any:
 
 
 def _header_grid(case: Any) -> tuple[tuple[int, ...], tuple[float, float, float]]:
-    """Shape and voxel sizes (mm) of a case's reference file from its header alone (nothing inflated).
-
-    Raises:
-        DataError: the header cannot be read (naming the file).
-    """
+    """Shape and voxel sizes (mm) of a case's reference file, from its header alone (nothing inflated)."""
     from tumorseg.data.layouts import spacing_from_affine
     from tumorseg.models.predictor import reference_header
 
@@ -379,14 +342,6 @@ def _check_same_shape(reference: tuple[int, ...], expected: tuple[int, ...], nam
             f"{name}: ground truth shape {tuple(reference)} differs from the image shape {tuple(expected)}; "
             "upload the mask of this case"
         )
-
-
-def _read_reference(case: Any, convention: str) -> np.ndarray:
-    """The case's own segmentation as internal labels (for Dice), read in ``convention`` (the
-    prediction's: the case's own unless the model's label set needed another)."""
-    from tumorseg.data.layouts import read_nifti
-
-    return _canonical_mask(read_nifti(case.paths["seg"]), convention)
 
 
 def _canonical_mask(nifti: Any, convention: str) -> np.ndarray:
@@ -406,11 +361,8 @@ def _canonical_mask(nifti: Any, convention: str) -> np.ndarray:
 def score_mask(
     service: Service, display: DisplayCase, stream: Any, name: str, workdir: Path
 ) -> dict[str, float]:
-    """Dice per train region of a kept 3-D prediction against an uploaded mask; runs on a threadpool thread.
-
-    The mask is copied into ``workdir`` under the upload byte budget, read in the case's label
-    convention and checked against the case's shape before it is kept as the display's reference.
-    """
+    """Dice per region of a kept 3-D prediction against an uploaded mask (copied under the byte budget,
+    read in the case's convention, checked against its shape); runs on a threadpool thread."""
     from tumorseg.data.layouts import read_nifti
 
     budget = ByteBudget(service.limits.max_uncompressed_bytes)

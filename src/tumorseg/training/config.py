@@ -1,20 +1,13 @@
 """params.yaml sections of training, and the one place that validates them together.
 
-Sections (each a pydantic model, unknown keys rejected with a one-line error naming the key):
-
-- ``data_loader:``, ``augment:`` — :mod:`tumorseg.data.transforms`
-- ``model:`` — :mod:`tumorseg.models.networks`
-- ``loss:`` — :mod:`tumorseg.models.losses`
-- ``sliding_window:`` — :mod:`tumorseg.models.inference`
-- ``train:``, ``trainer:``, ``mlflow:`` — here
-
-Each section model lives next to the code that reads it; :data:`tumorseg.config.SECTION_MODELS`
-names them all, so ``tumorseg.config.section("train", params)`` works whatever was imported.
+``train:``, ``trainer:`` and ``mlflow:`` live here; every other section's model lives next to the
+code that reads it (``data_loader:``/``augment:`` in :mod:`tumorseg.data.transforms`, ``model:``
+in :mod:`tumorseg.models.networks`, ``loss:``, ``sliding_window:`` in :mod:`tumorseg.models`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from pydantic import Field
@@ -28,30 +21,12 @@ from tumorseg.models.networks import ModelConfig, check_patch_size
 
 
 class TrainConfig(Section):
-    """``train:`` the optimisation loop (``dvc exp run -S train.lr=...``).
+    """``train:`` the optimisation loop (each key is described beside it in params.yaml).
 
-    Attributes:
-        seed: seeds torch, numpy, Python and the augmentation streams.
-        out_dir: checkpoints, CSV log, plots and resolved config of the run.
-        max_epochs: training epochs; an epoch is ``steps_per_epoch`` optimiser steps.
-        steps_per_epoch: steps per epoch on one device (DDP splits them across ranks).
-        optimizer: ``adam``, ``adamw``, ``sgd`` (Nesterov momentum) or ``novograd``.
-        lr, weight_decay, momentum, nesterov: optimiser settings (momentum/nesterov: SGD).
-        scheduler: ``cosine`` (with linear warm-up), ``poly`` (nnU-Net), ``plateau`` (halve the LR
-            when validation Dice stalls) or ``none``.
-        warmup_epochs: linear warm-up length for ``cosine`` and ``poly`` (capped at the run length).
-        min_lr: floor of the cosine schedule.
-        poly_power: exponent of ``poly``.
-        plateau_factor, plateau_patience: ``plateau`` LR factor and patience (validation checks).
-        val_every_n_epochs: validate (and maybe checkpoint the best model) every n epochs.
-        early_stopping_patience: stop after this many validations without a better mean Dice
-            (0 turns early stopping off).
-        early_stopping_min_delta: smallest Dice gain that counts as better.
-        checkpoint_every_n_steps: how often ``last.ckpt`` is refreshed (resume granularity).
-        dice_ignore_empty: MONAI DiceMetric ``ignore_empty``; False is the BraTS convention
-            (empty region predicted empty scores 1, a false positive on it scores 0).
-        score_test: also score the test split with the best checkpoint and write
-            ``reports/metrics.json`` (off in the pipeline, where the evaluate stage owns that file).
+    ``cosine`` (down to ``min_lr``) and ``poly`` (nnU-Net's) warm up linearly for ``warmup_epochs``,
+    capped at the run length; ``plateau`` multiplies the LR by ``plateau_factor`` after ``plateau_patience``
+    validations without a better Dice. ``dice_ignore_empty: false`` is the BraTS rule: an empty
+    region predicted empty scores 1, any false positive on it 0.
     """
 
     seed: int = 42
@@ -78,23 +53,10 @@ class TrainConfig(Section):
 
 
 class TrainerConfig(Section):
-    """``trainer:`` hardware and Lightning Trainer flags.
+    """``trainer:`` hardware and Lightning flags; every key but ``num_threads`` is a ``Trainer`` argument.
 
-    Attributes:
-        accelerator: ``cpu``, ``gpu``/``cuda``, ``mps`` or ``auto``.
-        devices: devices per node (int, list of ids or ``auto``).
-        strategy: ``auto``, ``ddp`` (one process per device; the CLI, torchrun and SLURM),
-            ``ddp_spawn`` (from Python/notebooks), ``ddp_find_unused_parameters_true``...
-        num_nodes: machines (multi-node via torchrun or SLURM; see the README).
-        precision: ``32-true`` (CPU default), ``bf16-mixed`` / ``16-mixed`` on GPU.
-        deterministic: ``torch.use_deterministic_algorithms``; ``warn`` only warns where CUDA
-            has no deterministic kernel.
-        benchmark: cuDNN autotuning (GPU; faster, not bit-reproducible).
-        gradient_clip_val: clip the gradient norm (null: off).
-        accumulate_grad_batches: steps accumulated per optimiser update.
-        log_every_n_steps: Lightning's logging interval.
-        num_threads: torch intra-op CPU threads (0: torch's default, one per core).
-        enable_progress_bar: Lightning's progress bar (off for logs and DVC).
+    ``deterministic: warn`` only warns where CUDA has no deterministic kernel; ``benchmark`` (cuDNN
+    autotuning) is faster but not bit-reproducible.
     """
 
     accelerator: str = "auto"
@@ -114,16 +76,7 @@ class TrainerConfig(Section):
 
 
 class MlflowConfig(Section):
-    """``mlflow:`` experiment tracking.
-
-    Attributes:
-        enabled: track the run in MLflow.
-        tracking_uri: null: ``MLFLOW_TRACKING_URI`` if set, else a SQLite store under ``paths.mlruns``.
-        experiment: experiment name.
-        run_name: null: MLflow picks one.
-        log_model: log the best network as an MLflow PyTorch model.
-        overlays: validation overlay PNGs logged per run.
-    """
+    """``mlflow:`` experiment tracking (keys described in params.yaml; see :mod:`tumorseg.tracking`)."""
 
     enabled: bool = True
     tracking_uri: str | None = None
@@ -131,21 +84,6 @@ class MlflowConfig(Section):
     run_name: str | None = None
     log_model: bool = True
     overlays: int = Field(3, ge=0)
-
-
-TRAINING_SECTIONS: tuple[str, ...] = (
-    "paths",
-    "preprocess",
-    "data_loader",
-    "augment",
-    "model",
-    "loss",
-    "sliding_window",
-    "train",
-    "trainer",
-    "mlflow",
-)
-"""Sections a training run reads (the DVC stage's ``params:`` list)."""
 
 
 @dataclass(frozen=True)
@@ -168,13 +106,16 @@ class TrainingConfig:
         return {name: getattr(self, name).model_dump(mode="json") for name in TRAINING_SECTIONS}
 
 
+TRAINING_SECTIONS: tuple[str, ...] = tuple(field.name for field in fields(TrainingConfig))
+"""Sections a training run reads (the DVC stage's ``params:`` list), in :class:`TrainingConfig` order."""
+
+
 def load_training_config(params: dict[str, Any], *, source: str = "params.yaml") -> TrainingConfig:
     """Validate every training section and the rules that span sections.
 
     Raises:
         ConfigError: one line naming the params.yaml key, e.g.
-            ``params.yaml: model.name: Input should be 'unet', ...`` or
-            ``data_loader.patch_size: [60, 64, 64] is not divisible by [8, 8, 8] ...``.
+            ``params.yaml: data_loader.patch_size: [60, 64, 64] is not divisible by [8, 8, 8] ...``.
     """
     cfg = TrainingConfig(**{name: section(name, params, source=source) for name in TRAINING_SECTIONS})
     if cfg.loss.name == "bce" and cfg.model.output != "regions":

@@ -1,20 +1,8 @@
 """``train_planar()``: the 2-D training entry point (``tumorseg train --dims 2``, the DVC stage, Prefect, tests).
 
-Steps, as in the 3-D :func:`tumorseg.training.train.train`:
-
-1. validate the 2-D sections (one-line :class:`ConfigError`) and the split (train and val cases,
-   reference masks in both) before anything runs;
-2. build the segmenter + classifier (:mod:`tumorseg.models.planar_network`), the segmentation loss
-   (:func:`tumorseg.models.losses.build_loss`), the optimiser and schedule
-   (:mod:`tumorseg.training.optim`) and the checkpoint callbacks (:mod:`tumorseg.training.callbacks`);
-3. fit with Lightning, logging to a CSV file and MLflow (``train_2d.experiment``);
-4. write ``<paths.reports_2d>/train_metrics.json`` and log the config and learning curves to the run.
-
-Outputs under ``train_2d.out_dir`` (default ``models/2d``)::
-
-    checkpoints/best.ckpt   best validation Dice (what ``tumorseg evaluate-model --dims 2`` reads)
-    logs/metrics.csv        per-epoch metrics
-    config.yaml             the resolved 2-D sections
+The steps and outputs of the 3-D :func:`tumorseg.training.train.train` (under ``train_2d.out_dir``,
+MLflow experiment ``train_2d.experiment``) for the segmenter + classifier of
+:mod:`tumorseg.models.planar_network`; the test split is scored by ``tumorseg evaluate-model --dims 2``.
 """
 
 from __future__ import annotations
@@ -28,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, model_validator
 
 from tumorseg.config import apply_overrides, section
@@ -38,24 +25,23 @@ from tumorseg.models.losses import LossConfig
 from tumorseg.models.networks import check_patch_size
 from tumorseg.models.planar_network import PlanarModelConfig
 from tumorseg.training.config import MlflowConfig, TrainConfig, TrainerConfig
+from tumorseg.training.train import (
+    CHECKPOINT_DIR,
+    LOG_DIR,
+    TRAIN_METRICS_FILE,
+    best_validation_row,
+    clear_previous_run,
+    write_config_and_curves,
+)
 
 log = logging.getLogger(__name__)
 
 
 class PlanarTrainConfig(TrainConfig):
-    """``train_2d:`` the 2-D optimisation loop (the ``train:`` keys, 2-D defaults) plus batch, loss and tasks.
+    """``train_2d:`` the ``train:`` keys (2-D defaults) plus batch, loss, task weights and augmentation.
 
-    Attributes:
-        batch_size: images per optimiser step.
-        num_workers: DataLoader worker processes.
-        loss: segmentation loss (the ``loss:`` keys), on the one tumour channel.
-        detection_weight: weight of the tumour-present BCE term (every image).
-        type_weight: weight of the tumour-type cross-entropy (images with a known type only).
-        augment: random augmentation.
-        experiment: MLflow experiment of 2-D runs.
-
-    ``dice_ignore_empty`` sets the validation Dice rule as in 3-D; ``score_test`` must stay false
-    (``tumorseg evaluate-model --dims 2`` owns the test split).
+    ``loss`` (the ``loss:`` keys) applies to the one tumour channel; ``detection_weight`` and
+    ``type_weight`` weigh the classifier terms (:mod:`tumorseg.models.planar_module`).
     """
 
     out_dir: str = "models/2d"
@@ -80,7 +66,7 @@ class PlanarTrainConfig(TrainConfig):
 
 
 PLANAR_TRAINING_SECTIONS: tuple[str, ...] = ("preprocess_2d", "model_2d", "train_2d", "trainer", "mlflow")
-"""Sections a 2-D training run reads and stores with its model."""
+"""Sections a 2-D training run reads and stores with its model, in :class:`PlanarTrainingConfig` order."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +75,6 @@ class PlanarPaths:
 
     preprocessed: str
     split: str
-    validated: str
     reports: str
     mlruns: str
 
@@ -105,38 +90,13 @@ class PlanarTrainingConfig:
     trainer: TrainerConfig
     mlflow: MlflowConfig
 
-    @property
-    def image_size(self) -> int:
-        """Side of the preprocessed square images (``preprocess_2d.size``)."""
-        return int(self.preprocess.size)
-
     def to_dict(self) -> dict[str, Any]:
         """Resolved sections as plain data (stored with the model, logged to MLflow)."""
+        sections = (self.preprocess, self.model, self.train, self.trainer, self.mlflow)
         return {
-            "preprocess_2d": self.preprocess.model_dump(mode="json"),
-            "model_2d": self.model.model_dump(mode="json"),
-            "train_2d": self.train.model_dump(mode="json"),
-            "trainer": self.trainer.model_dump(mode="json"),
-            "mlflow": self.mlflow.model_dump(mode="json"),
+            name: values.model_dump(mode="json")
+            for name, values in zip(PLANAR_TRAINING_SECTIONS, sections, strict=True)
         }
-
-
-def planar_paths(params: dict[str, Any], *, source: str = "params.yaml") -> PlanarPaths:
-    """The ``paths:`` keys of the 2-D branch (validated by the ``paths`` section model)."""
-    paths = section("paths", params, source=source)
-    return PlanarPaths(
-        preprocessed=paths.preprocessed_2d,
-        split=paths.split_2d,
-        validated=paths.validated_2d,
-        reports=paths.reports_2d,
-        mlruns=paths.mlruns,
-    )
-
-
-def load_preprocess_config(params: dict[str, Any], *, source: str = "params.yaml") -> Any:
-    """The ``preprocess_2d:`` section (:class:`tumorseg.data.planar.PlanarPreprocessConfig`)."""
-
-    return section("preprocess_2d", params, source=source)
 
 
 def load_planar_training_config(
@@ -148,22 +108,17 @@ def load_planar_training_config(
         ConfigError: one line naming the key (an unknown network, an image size the network
             cannot halve often enough, a classifier deeper than the image allows).
     """
+    paths = section("paths", params, source=source)
     cfg = PlanarTrainingConfig(
-        paths=planar_paths(params, source=source),
-        preprocess=load_preprocess_config(params, source=source),
-        model=section("model_2d", params, source=source),
-        train=section("train_2d", params, source=source),
-        trainer=section("trainer", params, source=source),
-        mlflow=section("mlflow", params, source=source),
+        PlanarPaths(paths.preprocessed_2d, paths.split_2d, paths.reports_2d, paths.mlruns),
+        *(section(name, params, source=source) for name in PLANAR_TRAINING_SECTIONS),
     )
     size = cfg.model.input_size
     try:
         check_patch_size(cfg.model, (size, size), key="model_2d.input_size")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc} (model_2d.name={cfg.model.name})") from None
-    reduction = 1
-    for stride in cfg.model.classifier.strides:
-        reduction *= stride
+    reduction = math.prod(cfg.model.classifier.strides)
     if len(cfg.model.classifier.strides) != len(cfg.model.classifier.channels):
         raise ConfigError(f"{source}: model_2d.classifier.strides: needs one entry per channels entry")
     if size < reduction:
@@ -173,25 +128,15 @@ def load_planar_training_config(
     return cfg
 
 
-TRAIN_METRICS_FILE = "train_metrics.json"
-CHECKPOINT_DIR = "checkpoints"
-LOG_DIR = "logs"
-
-
 @dataclass
 class PlanarTrainResult:
     """What a 2-D training run produced.
 
     Attributes:
-        out_dir: ``train_2d.out_dir``.
         best_checkpoint: ``checkpoints/best.ckpt`` (None if validation never ran).
         best_val: validation metrics at the best epoch (``val_dice_mean``, ``val_detect_auc``,
             ``val_type_accuracy`` where defined).
-        best_epoch: 0-based epoch of the best validation Dice.
-        epochs, global_step: work done.
-        train_time_s: wall time of ``Trainer.fit``.
         n_train, n_val: training and validation images.
-        mlflow_run_id: the MLflow run (None when tracking is off).
     """
 
     out_dir: Path
@@ -216,7 +161,7 @@ class PlanarTrainResult:
 def planar_split_records(
     cfg: PlanarTrainingConfig, source: str = "params.yaml"
 ) -> dict[str, list[dict[str, Any]]]:
-    """Records of each split; a split without training or validation masks is a DataError.
+    """Records of each split.
 
     Raises:
         DataError: an empty train/val split or one without reference masks (the segmentation and
@@ -245,16 +190,8 @@ def train_planar(
 ) -> PlanarTrainResult:
     """Train the 2-D segmentation + classification networks as params.yaml describes.
 
-    Args:
-        params: the params.yaml dict.
-        overrides: dotted keys applied on top (``{"train_2d.max_epochs": 1}``).
-        callbacks: extra Lightning callbacks.
-        source: params file name used in error messages.
-        tracking_uri: MLflow store (default ``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``, then
-            SQLite under ``paths.mlruns``).
-
-    Raises:
-        ConfigError: bad 2-D params; DataError: a missing or unusable split.
+    Arguments as for :func:`tumorseg.training.train.train`; ConfigError for bad 2-D params, DataError
+    for a missing or unusable split.
     """
     params = apply_overrides(params, overrides)
     cfg = load_planar_training_config(params, source=source)
@@ -266,49 +203,21 @@ def train_planar(
         disable_telemetry()
     import lightning as L
     import torch
-    from lightning.pytorch.loggers import CSVLogger
 
     from tumorseg.training.callbacks import build_callbacks
 
-    train_cfg = cfg.train
-    out_dir = Path(train_cfg.out_dir)
+    out_dir = Path(cfg.train.out_dir)
     checkpoint_dir = out_dir / CHECKPOINT_DIR
-    for stale in (
-        checkpoint_dir / "best.ckpt",
-        checkpoint_dir / "last.ckpt",
-        out_dir / LOG_DIR / "metrics.csv",
-    ):
-        stale.unlink(missing_ok=True)
+    clear_previous_run(out_dir)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    L.seed_everything(train_cfg.seed, workers=True, verbose=False)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
 
     module, datamodule = _module_and_data(cfg, records)
-    roles = build_callbacks(train_cfg, checkpoint_dir, progress_lines=not cfg.trainer.enable_progress_bar)
+    roles = build_callbacks(cfg.train, checkpoint_dir, progress_lines=not cfg.trainer.enable_progress_bar)
     roles.pop("throughput")  # counts 3-D patches; the 2-D result reports wall time instead
-    loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name=LOG_DIR, version="")]
-    mlflow_logger = None
-    if cfg.mlflow.enabled:
-        mlflow_logger, tracking_uri = _mlflow_logger(cfg, tracking_uri)
-        loggers.append(mlflow_logger)
-        module.mlflow_run_id = mlflow_logger.run_id
-
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator,
-        devices=1,
-        precision=cfg.trainer.precision,
-        max_epochs=train_cfg.max_epochs,
-        check_val_every_n_epoch=train_cfg.val_every_n_epochs,
-        callbacks=[*roles.values(), *callbacks],
-        logger=loggers,
-        deterministic=cfg.trainer.deterministic,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
-        log_every_n_steps=min(cfg.trainer.log_every_n_steps, train_cfg.steps_per_epoch),
-        enable_progress_bar=cfg.trainer.enable_progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(out_dir),
-    )
+    loggers, mlflow_logger, tracking_uri = _loggers(cfg, out_dir, tracking_uri, module)
+    trainer = _planar_trainer(cfg, [*roles.values(), *callbacks], loggers, out_dir)
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     elapsed = time.perf_counter() - started
@@ -329,6 +238,27 @@ def train_planar(
     _finish_run(cfg, result, metrics_csv, tracking_uri)
     log.info(result.one_line())
     return result
+
+
+def _planar_trainer(
+    cfg: PlanarTrainingConfig, callbacks: list[Any], loggers: list[Any], out_dir: Path
+) -> Any:
+    """A single-device Lightning ``Trainer`` (the 2-D branch has no DDP path)."""
+    import lightning as L
+
+    shared = {"accelerator", "precision", "deterministic", "gradient_clip_val", "enable_progress_bar"}
+    return L.Trainer(
+        **cfg.trainer.model_dump(include=shared),
+        devices=1,
+        max_epochs=cfg.train.max_epochs,
+        check_val_every_n_epoch=cfg.train.val_every_n_epochs,
+        callbacks=callbacks,
+        logger=loggers,
+        log_every_n_steps=min(cfg.trainer.log_every_n_steps, cfg.train.steps_per_epoch),
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(out_dir),
+    )
 
 
 def _module_and_data(cfg: PlanarTrainingConfig, records: dict[str, list[dict[str, Any]]]) -> tuple[Any, Any]:
@@ -362,20 +292,25 @@ def _module_and_data(cfg: PlanarTrainingConfig, records: dict[str, list[dict[str
     return module, datamodule
 
 
-def _mlflow_logger(cfg: PlanarTrainingConfig, tracking_uri: str | None) -> tuple[Any, str]:
-    """An MLflow logger on ``train_2d.experiment`` (config, data version and commit tagged), and its store."""
-    from lightning.pytorch.loggers import MLFlowLogger
+def _loggers(
+    cfg: PlanarTrainingConfig, out_dir: Path, tracking_uri: str | None, module: Any
+) -> tuple[list[Any], Any, str | None]:
+    """As in 3-D; the MLflow run is on ``train_2d.experiment``, tagged with data version and commit."""
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 
+    loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name=LOG_DIR, version="")]
+    if not cfg.mlflow.enabled:
+        return loggers, None, tracking_uri
     from tumorseg import tracking
 
-    train_cfg = cfg.train
+    experiment = cfg.train.experiment
     tracking_uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
-    tracking.ensure_experiment(tracking_uri, train_cfg.experiment)
+    tracking.ensure_experiment(tracking_uri, experiment)
     mlflow_logger = MLFlowLogger(
-        experiment_name=train_cfg.experiment,
+        experiment_name=experiment,
         run_name=cfg.mlflow.run_name,
         tracking_uri=tracking_uri,
-        artifact_location=tracking.experiment_artifact_location(tracking_uri, train_cfg.experiment),
+        artifact_location=tracking.experiment_artifact_location(tracking_uri, experiment),
     )
     mlflow_logger.log_hyperparams(tracking.flatten(cfg.to_dict()))
     client, run_id = mlflow_logger.experiment, mlflow_logger.run_id
@@ -385,13 +320,12 @@ def _mlflow_logger(cfg: PlanarTrainingConfig, tracking_uri: str | None) -> tuple
     client.set_tag(
         run_id, "mlflow.source.git.commit", tracking.git_commit(Path(__file__).resolve().parent) or "none"
     )
-    return mlflow_logger, tracking_uri
+    module.mlflow_run_id = run_id
+    return [*loggers, mlflow_logger], mlflow_logger, tracking_uri
 
 
 def best_planar_validation(metrics_csv: Path) -> tuple[dict[str, float], int | None]:
     """Validation metrics at the epoch with the best ``val_dice_mean``, from the CSV log."""
-    from tumorseg.training.train import best_validation_row
-
     row = best_validation_row(metrics_csv)
     if row is None:
         return {}, None
@@ -405,14 +339,8 @@ def _finish_run(
 ) -> None:
     """Config file, learning curves, ``<paths.reports_2d>/train_metrics.json`` and the MLflow artefacts."""
     from tumorseg.data.manifest import atomic_write_text
-    from tumorseg.training.reporting import plot_learning_curves
 
-    artefacts = []
-    config_file = result.out_dir / "config.yaml"
-    atomic_write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    artefacts.append(config_file)
-    if metrics_csv.is_file():
-        artefacts += [metrics_csv, plot_learning_curves(metrics_csv, result.out_dir / "learning_curves.png")]
+    artefacts = write_config_and_curves(result.out_dir, cfg.to_dict(), metrics_csv)
     summary = {
         "best_val": {k: round(v, 6) for k, v in result.best_val.items()},
         "best_epoch": result.best_epoch,

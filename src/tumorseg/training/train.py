@@ -1,16 +1,8 @@
 """``train()``: the one training entry point (CLI ``tumorseg train``, the DVC stage, Prefect, tests).
 
-Steps:
-
-1. validate every training section of params (one-line :class:`ConfigError` naming the key)
-   and the data it will read (empty split, patch larger than a volume) *before* anything runs;
-2. build the network by name, the loss, the LightningModule and the DataModule;
-3. fit with Lightning (devices, strategy and precision from ``trainer:``), logging to a CSV
-   file and to MLflow, checkpointing the best validation Dice and, every few steps, ``last.ckpt``;
-4. on rank 0: plots, overlays, test-split scores (``reports/metrics.json``),
-   ``reports/train_metrics.json``, and the MLflow artefacts and model.
-
-Outputs (under ``train.out_dir``, default ``models/``)::
+Params and data are checked before anything runs (a one-line :class:`ConfigError` naming the key);
+rank 0 then writes plots, overlays, test scores and the MLflow artefacts. Outputs under
+``train.out_dir``::
 
     checkpoints/best.ckpt   best validation mean Dice (what evaluation and export load)
     checkpoints/last.ckpt   latest state, refreshed every train.checkpoint_every_n_steps
@@ -49,18 +41,10 @@ class TrainResult:
     """What a training run produced (complete on rank 0; other DDP ranks only fill the paths).
 
     Attributes:
-        out_dir: the run's folder (``train.out_dir``).
-        best_checkpoint: ``best.ckpt`` (None if validation never ran).
-        last_checkpoint: ``last.ckpt``.
-        best_val_dice: ``{"WT", "TC", "ET", "mean"}`` at the best validation.
-        best_epoch: 0-based epoch of the best validation.
-        epochs: epochs completed.
-        global_step: optimiser steps completed.
+        best_val_dice: ``{"WT", "TC", "ET", "mean"}`` at the best validation (0-based ``best_epoch``).
         train_time_s: wall time of ``Trainer.fit`` in this call (a resumed run counts only its part).
         patches_per_s: training patches per second (training phase only, all ranks together).
-        mlflow_run_id: the MLflow run (None when tracking is off).
         test_dice: :func:`~tumorseg.training.scoring.score_split` summary of the test split, if scored.
-        global_rank: this process's DDP rank; only rank 0 fills in the results.
     """
 
     out_dir: Path
@@ -104,21 +88,16 @@ def train(
     """Train a segmentation network as params.yaml describes.
 
     Args:
-        params: the params.yaml dict (:func:`tumorseg.config.read_params`).
         overrides: dotted keys applied on top (``{"train.max_epochs": 1}``).
         resume: continue from ``<out_dir>/checkpoints/last.ckpt`` if there is one (same epochs,
             optimiser and scheduler state, same MLflow run); otherwise start afresh.
         callbacks: extra Lightning callbacks (tests use them to interrupt or inspect a run).
         source: params file name used in error messages.
         tracking_uri: MLflow store; default ``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``,
-            then SQLite under ``paths.mlruns`` (see :mod:`tumorseg.tracking`).
-
-    Returns:
-        :class:`TrainResult`.
+            then SQLite under ``paths.mlruns``.
 
     Raises:
-        ConfigError: bad params (unknown network/loss/optimiser, impossible patch size, empty
-            split), raised before any training starts.
+        ConfigError: bad params or an empty split, before any training starts.
     """
     params = apply_overrides(params, overrides)
     cfg = load_training_config(params, source=source)
@@ -144,14 +123,13 @@ def train(
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module = _build_module(cfg)
-    datamodule = _build_datamodule(cfg, train_records, val_records)
+    module, datamodule = _module_and_data(cfg, train_records, val_records)
 
     roles = build_callbacks(
         cfg.train, out_dir / CHECKPOINT_DIR, progress_lines=not cfg.trainer.enable_progress_bar
     )
     loggers, mlflow_logger, tracking_uri = _loggers(cfg, out_dir, tracking_uri, ckpt_path, module)
-    trainer = _configured_trainer(cfg, source, [*roles.values(), *callbacks], loggers, out_dir)
+    trainer = _make_trainer(cfg, source, [*roles.values(), *callbacks], loggers, out_dir)
     if mlflow_logger is not None and ckpt_path is None and _is_rank_zero():
         _log_run_provenance(mlflow_logger, cfg)
 
@@ -176,15 +154,18 @@ def _resume_checkpoint(out_dir: Path, resume: bool) -> str | None:
     if resume and ckpt_path is None:
         log.info("no %s to resume from; starting a new run", last)
     if ckpt_path is None:
-        _clear_previous_run(out_dir)
+        clear_previous_run(out_dir)
     return ckpt_path
 
 
-def _build_module(cfg: TrainingConfig) -> Any:
-    """The network by name, its loss (deep supervision for DynUNet) and the LightningModule around them.
+def _module_and_data(
+    cfg: TrainingConfig, train_records: list[dict[str, Any]], val_records: list[dict[str, Any]]
+) -> tuple[Any, Any]:
+    """The LightningModule (network by name and its loss) and the DataModule of the split.
 
     Called right after seeding: the network's initial weights are the run's first random draws.
     """
+    from tumorseg.data.datamodule import SegmentationDataModule
     from tumorseg.models.lightning_module import SegmentationModule
     from tumorseg.models.losses import build_loss, with_deep_supervision
     from tumorseg.models.networks import build_network
@@ -200,7 +181,7 @@ def _build_module(cfg: TrainingConfig) -> Any:
     loss = build_loss(cfg.loss, cfg.model.output)
     if cfg.model.name == "dynunet" and cfg.model.dynunet.deep_supervision:
         loss = with_deep_supervision(loss, cfg.loss.deep_supervision_weights)
-    return SegmentationModule(
+    module = SegmentationModule(
         network,
         loss,
         output=cfg.model.output,
@@ -213,73 +194,67 @@ def _build_module(cfg: TrainingConfig) -> Any:
         spacing_mm=cfg.preprocess.target_spacing_mm,
         label_set=get_label_set(cfg.model.label_set),
     )
-
-
-def _build_datamodule(
-    cfg: TrainingConfig, train_records: list[dict[str, Any]], val_records: list[dict[str, Any]]
-) -> Any:
-    """Patches from the training cases (``train.steps_per_epoch`` batches an epoch), whole validation volumes."""
-    from tumorseg.data.datamodule import SegmentationDataModule
-
-    loader = cfg.data_loader
-    return SegmentationDataModule(
-        train_records,
-        val_records,
-        loader,
-        cfg.augment,
-        patches_per_epoch=cfg.train.steps_per_epoch * loader.batch_size,
-        seed=cfg.train.seed,
+    draws = cfg.train.steps_per_epoch * loader.batch_size
+    datamodule = SegmentationDataModule(
+        train_records, val_records, loader, cfg.augment, patches_per_epoch=draws, seed=cfg.train.seed
     )
+    return module, datamodule
 
 
 def _loggers(
     cfg: TrainingConfig, out_dir: Path, tracking_uri: str | None, ckpt_path: str | None, module: Any
 ) -> tuple[list[Any], Any, str | None]:
-    """The CSV log, plus the MLflow logger when tracking is on (its run created here, before any DDP spawn).
+    """``(loggers, MLflow logger or None, tracking URI)``: the CSV log, plus MLflow when tracking is on.
 
-    Returns:
-        ``(loggers, the MLflow logger or None, the tracking URI)``: the URI resolved when tracking
-        is on, else ``tracking_uri`` as given.
+    The URI is resolved when tracking is on; a resumed run continues its MLflow run.
     """
-    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 
     loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name=LOG_DIR, version="")]
-    mlflow_logger = None
-    if cfg.mlflow.enabled:
-        from tumorseg.tracking import resolve_tracking_uri
+    if not cfg.mlflow.enabled:
+        return loggers, None, tracking_uri
+    from tumorseg import tracking
+    from tumorseg.models.lightning_module import RUN_ID_CHECKPOINT_KEY
 
-        tracking_uri = resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
-        mlflow_logger = _mlflow_logger(cfg, tracking_uri, ckpt_path)
-        loggers.append(mlflow_logger)
-        module.mlflow_run_id = mlflow_logger.run_id  # creates the run here, before any DDP spawn
-    return loggers, mlflow_logger, tracking_uri
+    experiment = cfg.mlflow.experiment
+    uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
+    if _is_rank_zero():
+        tracking.ensure_experiment(uri, experiment)
+    mlflow_logger = MLFlowLogger(
+        experiment_name=experiment,
+        run_name=cfg.mlflow.run_name,
+        tracking_uri=uri,
+        run_id=_checkpoint_entry(ckpt_path, RUN_ID_CHECKPOINT_KEY) if ckpt_path else None,
+        artifact_location=tracking.experiment_artifact_location(uri, experiment),
+    )
+    module.mlflow_run_id = mlflow_logger.run_id  # creates the run here, before any DDP spawn
+    return [*loggers, mlflow_logger], mlflow_logger, uri
 
 
-def _configured_trainer(
+def _make_trainer(
     cfg: TrainingConfig, source: str, callbacks: list[Any], loggers: list[Any], out_dir: Path
 ) -> Any:
-    """The Lightning ``Trainer`` the ``trainer:`` and ``train:`` sections describe."""
-    return _make_trainer(
-        source,
-        accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices,
-        strategy=cfg.trainer.strategy,
-        num_nodes=cfg.trainer.num_nodes,
-        precision=cfg.trainer.precision,
-        max_epochs=cfg.train.max_epochs,
-        check_val_every_n_epoch=cfg.train.val_every_n_epochs,
-        callbacks=callbacks,
-        logger=loggers,
-        deterministic=cfg.trainer.deterministic,
-        benchmark=cfg.trainer.benchmark,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
-        enable_progress_bar=cfg.trainer.enable_progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(out_dir),
-    )
+    """The ``Trainer`` of ``trainer:`` and ``train:``; a setting Lightning rejects is a ConfigError."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(
+            **cfg.trainer.model_dump(exclude={"num_threads"}),
+            max_epochs=cfg.train.max_epochs,
+            check_val_every_n_epoch=cfg.train.val_every_n_epochs,
+            callbacks=callbacks,
+            logger=loggers,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=str(out_dir),
+        )
+    except (MisconfigurationException, ValueError, TypeError) as exc:
+        message = first_line(exc, 10_000)
+        key = next(
+            (k for k in ("strategy", "accelerator", "devices", "precision", "num_nodes") if k in message), ""
+        )
+        raise ConfigError(f"{source}: trainer.{key or 'accelerator'}: {message}") from None
 
 
 def _fit(
@@ -315,21 +290,6 @@ def with_data_label_set(cfg: TrainingConfig) -> TrainingConfig:
             ", ".join(label_set.region_names if cfg.model.output == "regions" else label_set.label_names),
         )
     return dataclasses.replace(cfg, model=cfg.model.model_copy(update={"label_set": label_set.name}))
-
-
-def _make_trainer(source: str, **kwargs: Any) -> Any:
-    """``lightning.Trainer(**kwargs)``; a hardware setting Lightning rejects is a ConfigError naming the key."""
-    import lightning as L
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    try:
-        return L.Trainer(**kwargs)
-    except (MisconfigurationException, ValueError, TypeError) as exc:
-        message = first_line(exc, 10_000)
-        key = next(
-            (k for k in ("strategy", "accelerator", "devices", "precision", "num_nodes") if k in message), ""
-        )
-        raise ConfigError(f"{source}: trainer.{key or 'accelerator'}: {message}") from None
 
 
 def split_records(cfg: TrainingConfig, source: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -404,7 +364,7 @@ def _existing(path: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def _clear_previous_run(out_dir: Path) -> None:
+def clear_previous_run(out_dir: Path) -> None:
     """A new run starts clean: old checkpoints would otherwise be compared against or resumed."""
     for stale in (
         out_dir / CHECKPOINT_DIR / "best.ckpt",
@@ -421,32 +381,13 @@ def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def _mlflow_logger(cfg: TrainingConfig, uri: str, ckpt_path: str | None) -> Any:
-    """Lightning's MLflow logger on our store; a resumed run continues its MLflow run."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    from tumorseg import tracking
-
-    if _is_rank_zero():
-        tracking.ensure_experiment(uri, cfg.mlflow.experiment)
-    run_id = _run_id_from_checkpoint(ckpt_path) if ckpt_path else None
-    return MLFlowLogger(
-        experiment_name=cfg.mlflow.experiment,
-        run_name=cfg.mlflow.run_name,
-        tracking_uri=uri,
-        run_id=run_id,
-        artifact_location=tracking.experiment_artifact_location(uri, cfg.mlflow.experiment),
-    )
-
-
 def _log_before_checkpoint(metrics_csv: Path, ckpt_path: str) -> Any:
     """Rows of the interrupted run's CSV log up to the checkpoint being resumed (None if no log)."""
     import pandas as pd
-    import torch
 
     if not metrics_csv.is_file():
         return None
-    step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", 0))
+    step = int(_checkpoint_entry(ckpt_path, "global_step", 0))
     frame = pd.read_csv(metrics_csv)
     return frame[frame["step"] < step] if "step" in frame else None
 
@@ -461,13 +402,10 @@ def _prepend_log(metrics_csv: Path, earlier: Any) -> None:
     atomic_write_text(metrics_csv, merged.to_csv(index=False))
 
 
-def _run_id_from_checkpoint(ckpt_path: str) -> str | None:
+def _checkpoint_entry(ckpt_path: str, key: str, default: Any = None) -> Any:
     import torch
 
-    from tumorseg.models.lightning_module import RUN_ID_CHECKPOINT_KEY
-
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    return state.get(RUN_ID_CHECKPOINT_KEY)
+    return torch.load(ckpt_path, map_location="cpu", weights_only=False).get(key, default)
 
 
 def _log_run_provenance(mlflow_logger: Any, cfg: TrainingConfig) -> None:
@@ -490,6 +428,18 @@ def _log_run_provenance(mlflow_logger: Any, cfg: TrainingConfig) -> None:
     mlflow_logger.log_hyperparams({"data.md5": data["data_md5"], "git.commit": commit or "none"})
 
 
+def write_config_and_curves(out_dir: Path, config: dict[str, Any], metrics_csv: Path) -> list[Path]:
+    """``config.yaml`` and, once there is a CSV log, ``learning_curves.png``; returns them and the log."""
+    from tumorseg.data.manifest import atomic_write_text
+    from tumorseg.training.reporting import plot_learning_curves
+
+    config_file = out_dir / "config.yaml"
+    atomic_write_text(config_file, yaml.safe_dump(config, sort_keys=False))
+    if not metrics_csv.is_file():
+        return [config_file]
+    return [config_file, metrics_csv, plot_learning_curves(metrics_csv, out_dir / "learning_curves.png")]
+
+
 def _finish_run(
     cfg: TrainingConfig,
     result: TrainResult,
@@ -499,40 +449,17 @@ def _finish_run(
     tracking_uri: str | None,
 ) -> None:
     """Rank-0 epilogue: config, plots, overlays, test scores, metrics JSON, MLflow artefacts and model."""
-    from tumorseg.data.datamodule import case_records, read_split
     from tumorseg.data.manifest import atomic_write_text
     from tumorseg.models.checkpoint import load_trained_network
-    from tumorseg.training.reporting import plot_learning_curves, plot_overlay
-    from tumorseg.training.scoring import predict_cases, score_split, write_split_metrics
+    from tumorseg.training.scoring import score_split, write_split_metrics
 
-    out_dir = result.out_dir
-    artefacts: list[Path] = []
-    config_file = out_dir / "config.yaml"
-    atomic_write_text(config_file, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    artefacts.append(config_file)
-    if metrics_csv.is_file():
-        artefacts += [metrics_csv, plot_learning_curves(metrics_csv, out_dir / "learning_curves.png")]
-
+    artefacts = write_config_and_curves(result.out_dir, cfg.to_dict(), metrics_csv)
     trained = load_trained_network(result.best_checkpoint) if result.best_checkpoint else None
-    overlays: list[Path] = []
-    if trained is not None and cfg.mlflow.overlays > 0:
-        split = read_split(cfg.paths.split)
-        records = case_records(cfg.paths.preprocessed, split["val"])[: cfg.mlflow.overlays]
-        for record, case, pred in predict_cases(trained, records):
-            out = out_dir / "overlays" / f"{record['case_id']}.png"
-            overlays.append(
-                plot_overlay(
-                    case["image"],
-                    case["label"][0],
-                    pred,
-                    out,
-                    title=record["case_id"],
-                    label_set=trained.label_set,
-                )
-            )
+    overlays = _write_overlays(cfg, trained, result.out_dir) if trained is not None else []
     if trained is not None and cfg.train.score_test:
-        split = read_split(cfg.paths.split)
-        if split.get("test"):
+        from tumorseg.data.datamodule import read_split
+
+        if read_split(cfg.paths.split).get("test"):
             result.test_dice = score_split(trained, "test", params=params, source=source)
             write_split_metrics(result.test_dice, cfg.paths.reports, "test")
         else:
@@ -553,6 +480,29 @@ def _finish_run(
 
     if result.mlflow_run_id is not None and tracking_uri is not None:
         _log_run_artefacts(cfg, result, tracking_uri, artefacts, overlays, trained)
+
+
+def _write_overlays(cfg: TrainingConfig, trained: Any, out_dir: Path) -> list[Path]:
+    """``overlays/<case_id>.png`` of the first ``mlflow.overlays`` validation cases."""
+    from tumorseg.data.datamodule import case_records, read_split
+    from tumorseg.training.reporting import plot_overlay
+    from tumorseg.training.scoring import predict_cases
+
+    if cfg.mlflow.overlays <= 0:
+        return []
+    split = read_split(cfg.paths.split)
+    records = case_records(cfg.paths.preprocessed, split["val"])[: cfg.mlflow.overlays]
+    return [
+        plot_overlay(
+            case["image"],
+            case["label"][0],
+            pred,
+            out_dir / "overlays" / f"{record['case_id']}.png",
+            title=record["case_id"],
+            label_set=trained.label_set,
+        )
+        for record, case, pred in predict_cases(trained, records)
+    ]
 
 
 def _log_run_artefacts(

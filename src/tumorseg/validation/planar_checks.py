@@ -1,26 +1,12 @@
 """The Great Expectations checks of a 2-D manifest (Figshare ``.mat`` slices, Kaggle images).
 
-``tumorseg validate`` runs these instead of the 3-D checks when every row of the manifest has a 2-D
-layout (:func:`~tumorseg.data.readers.manifest_dims`); the runner, quarantine, Data Docs
-and ``report.json`` are the same (:func:`tumorseg.validation.suite.validate_dataset`).
-
-The typed table (:func:`derive_planar_case_table`) has, per manifest row: ``manifest_row``,
-``case_id``, ``patient_id``, ``layout``, ``ingest_status``/``ingest_reason``, and statistics that are
-``None`` where they do not apply (GX map expectations skip missing values):
-
-- ``image_readable`` (bool); ``image_ndim``, ``height``, ``width`` (numbers), ``image_finite`` (bool),
-  ``image_range`` (max - min) for readable files;
-- ``image_shape`` / ``mask_shape`` (``HxW`` text) and ``mask_binary`` (bool) where a mask is stored;
-- ``mask_present`` (bool, Figshare only: every Figshare slice must carry its ``tumorMask``);
-- ``label_code`` (number, Figshare only);
-- ``tumour_pixels`` (number) where the case is labelled tumour and carries a mask of the image's shape;
-- ``manifest_problems``: fields a case ingest accepted has no usable value for.
-
-Checks, in reporting order: ingest accepted; manifest complete; case id present, unique, safe;
-patient id present; layout known; image readable; one 2-D slice; finite; not constant; height and
-width within ``validate_2d.min_side_px``..``max_side_px``; Figshare mask present; mask shape equal
-to the image's; mask binary; Figshare label in {1, 2, 3}; at least ``validate_2d.min_tumour_pixels``
-mask pixels when the case is labelled tumour.
+``tumorseg validate`` runs them instead of the 3-D checks when every manifest row has a 2-D layout;
+runner, quarantine and reports are shared (:func:`tumorseg.validation.suite.validate_dataset`).
+The typed table has per manifest row its identity and ingest columns, then statistics that are
+``None`` where they do not apply (GX map expectations skip missing values): ``image_readable``,
+``image_ndim``, ``height``, ``width``, ``image_finite``, ``image_range`` (max - min); where a mask is
+stored ``image_shape``/``mask_shape`` (``HxW``) and ``mask_binary``; Figshare only ``mask_present``
+and ``label_code``; ``tumour_pixels`` for a tumour case whose mask fits; ``manifest_problems``.
 """
 
 from __future__ import annotations
@@ -49,8 +35,8 @@ class PlanarValidateConfig(Section):
     """``validate_2d:``: limits of the 2-D checks (the quarantine share is ``validate.max_invalid_fraction``).
 
     Attributes:
-        min_side_px: smallest image height/width accepted (thumbnails carry too little detail).
-        max_side_px: largest image height/width accepted (guards against mislabelled mosaics/scans).
+        min_side_px: smallest image side accepted (thumbnails carry too little detail).
+        max_side_px: largest image side accepted (guards against mislabelled mosaics/scans).
         min_tumour_pixels: a slice labelled tumour needs at least this many mask pixels.
     """
 
@@ -77,9 +63,7 @@ def derive_planar_row(raw: dict[str, str], manifest_row: int) -> dict[str, objec
             problems.append(f"{column}={raw[column]!r}")
         return value
 
-    readable = parse_bool(raw["image_readable"]) if raw["image_readable"] else None
-    if readable is None and accepted:
-        problems.append(f"image_readable={raw['image_readable']!r}")
+    readable = typed("image_readable", parse_bool)
     usable = readable is True
     row: dict[str, object] = {
         "manifest_row": manifest_row,
@@ -95,8 +79,9 @@ def derive_planar_row(raw: dict[str, str], manifest_row: int) -> dict[str, objec
     row["height"] = typed("height", parse_float) if two_d else None
     row["width"] = typed("width", parse_float) if two_d else None
     row["image_finite"] = typed("image_finite", parse_bool) if usable else None
-    low = typed("image_min", parse_float) if usable and row["image_finite"] is not None else None
-    high = typed("image_max", parse_float) if usable and row["image_finite"] is not None else None
+    ranged = usable and row["image_finite"] is not None
+    low = typed("image_min", parse_float) if ranged else None
+    high = typed("image_max", parse_float) if ranged else None
     row["image_range"] = high - low if isinstance(low, float) and isinstance(high, float) else None  # type: ignore[operator]
     figshare = raw["layout"] == "figshare"
     has_mask_stored = figshare and usable and bool(raw["mask_shape"])
@@ -115,11 +100,8 @@ def derive_planar_row(raw: dict[str, str], manifest_row: int) -> dict[str, objec
 
 
 def derive_planar_case_table(manifest: pd.DataFrame, source: str = "manifest.csv") -> pd.DataFrame:
-    """Typed per-case table of a 2-D manifest (one row per manifest row, same order).
-
-    Raises:
-        DataError: the manifest lacks 2-D columns (written by an older ingest).
-    """
+    """Typed per-case table of a 2-D manifest (one row per manifest row, same order); DataError
+    when it lacks 2-D columns."""
     missing = [c for c in PLANAR_MANIFEST_COLUMNS if c not in manifest.columns]
     if missing:
         raise DataError(

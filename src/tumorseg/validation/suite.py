@@ -1,27 +1,11 @@
 """``tumorseg validate``: run the Great Expectations suite on a manifest and quarantine bad cases.
 
-The flow, for ``validate_dataset(src, out, cfg)``:
-
-1. read ``src/manifest.csv`` and derive the typed :mod:`case table <tumorseg.validation.case_table>`;
-2. build a file-mode GX project in a staging folder: a pandas data source on the case
-   table, the suite from :func:`~tumorseg.validation.expectations.build_case_checks`, a
-   validation definition and a checkpoint whose ``UpdateDataDocsAction`` renders Data Docs;
-3. run the checkpoint with ``result_format="COMPLETE"`` keyed by ``case_id`` and
-   ``manifest_row``, and map every failed expectation's unexpected rows back to cases
-   (a ``critical`` expectation quarantines them, a ``warning`` one only flags them);
-4. replace ``out/validation/`` with the staging folder in one rename (``report.json``,
-   ``gx/`` and ``data_docs/index.html``, every path inside relative), then write
-   ``out/manifest.csv`` atomically with each failing case ``quarantined`` and its reason, and
-   (3-D manifests) ``duplicate_of``: the first case id of the case's duplicate group, empty when
-   its scan is under no other case id (:mod:`~tumorseg.validation.duplicates`; logged as one
-   warning line, listed in ``report.json`` under ``duplicates``, never quarantined);
-5. raise :class:`~tumorseg.errors.DataError` (one line, exit 2) when more than
-   ``validate.max_invalid_fraction`` of the cases are quarantined or none is left.
-
-``out`` may be ``src`` (validation in place). GX output is deterministic except for
-what GX itself stamps: the Data Docs validation page sits in a folder named after the
-run time and shows it, and the GX project files carry random ids. ``manifest.csv`` and
-``report.json`` carry neither, so stages downstream should depend on those.
+The typed case table is checked by a file-mode GX checkpoint (``result_format="COMPLETE"`` keyed by
+``manifest_row``, Data Docs rendered); a failed ``critical`` expectation quarantines its rows, a
+``warning`` one only flags them. ``out/validation/`` is replaced in one rename, then ``out/manifest.csv``
+is written atomically with each case's status, reason and (3-D) ``duplicate_of``. ``out`` may be
+``src``. GX stamps run times and random ids into its own files, never into ``manifest.csv`` or
+``report.json``, so downstream stages should depend on those two.
 """
 
 from __future__ import annotations
@@ -69,8 +53,7 @@ DATASOURCE_NAME = "manifest"
 ASSET_NAME = "cases"
 DOCS_SITE_NAME = "tumorseg"
 RUN_NAME = "tumorseg-validate"
-INDEX_COLUMNS = ["case_id", "manifest_row"]
-"""Columns GX lists for each unexpected row; ``manifest_row`` is the exact key back to the manifest."""
+INDEX_COLUMNS = ["case_id", "manifest_row"]  # GX lists them per unexpected row; manifest_row is the key
 CHECK_META_KEY = "tumorseg_check"
 
 
@@ -78,10 +61,8 @@ CHECK_META_KEY = "tumorseg_check"
 def quiet_great_expectations() -> Iterator[None]:
     """Import GX and keep its INFO chatter and warnings out of CLI output inside the block.
 
-    GX logs dozens of INFO lines on import and on every store write, and the CLI configures
-    the root logger at INFO. Muting the ``great_expectations`` logger is not enough: some GX
-    modules pin their own logger to INFO (``data_context.types.base``), so every GX logger
-    with its own level below WARNING is raised too. Levels are restored on exit.
+    Some GX modules pin their own logger to INFO (``data_context.types.base``), so every GX logger
+    with its own level below WARNING is raised, not only ``great_expectations``; restored on exit.
     """
     saved: dict[logging.Logger, int] = {}
 
@@ -110,19 +91,15 @@ def quiet_great_expectations() -> Iterator[None]:
 
 
 def _case_label(row: pd.Series) -> str:
-    return (
-        str(row["case_id"])
-        if isinstance(row["case_id"], str) and row["case_id"]
-        else f"row {row['manifest_row']}"
-    )
+    case_id = row["case_id"]
+    return str(case_id) if isinstance(case_id, str) and case_id else f"row {row['manifest_row']}"
 
 
 def _new_file_context(project_dir: Path) -> AbstractDataContext:
     """A fresh file-mode GX project in ``project_dir/gx`` with Data Docs in ``project_dir/data_docs``.
 
-    The default ``local_site`` (under ``gx/uncommitted``) is replaced by one site whose
-    base directory is relative to the project, so the whole folder can be moved.
-    Progress bars are switched off: they would be printed for every metric batch.
+    The Data Docs site's base directory is relative, so the whole folder can be moved; progress bars
+    are off (they would print for every metric batch).
     """
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -153,28 +130,10 @@ def _unexpected_rows(result: Any) -> list[int]:
     return sorted({int(entry["manifest_row"]) for entry in entries})
 
 
-def run_case_suite(
-    table: pd.DataFrame, checks: list[CaseCheck], project_dir: Path
-) -> tuple[dict[str, list[int]], dict[str, dict[str, Any]], str]:
-    """Run the checks as a GX checkpoint on the case table; build Data Docs.
-
-    Args:
-        table: the case table (:func:`~tumorseg.validation.case_table.derive_case_table`).
-        checks: the checks (:func:`~tumorseg.validation.expectations.build_case_checks`).
-        project_dir: empty folder for the GX project (``gx/``) and Data Docs (``data_docs/``).
-
-    Returns:
-        ``(failed_rows, summaries, gx_version)``: check id -> manifest rows it failed on;
-        check id -> ``{"success", "evaluated", "expectation"}``; the GX version.
-
-    Raises:
-        RuntimeError: when an expectation raised inside GX (a bug in the suite, not bad data).
-    """
+def _checkpoint(context: AbstractDataContext, checks: list[CaseCheck]) -> Any:
+    """The suite of ``checks`` (each tagged with its check id) behind a checkpoint that renders Data Docs."""
     import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
 
-    started = time.perf_counter()
-    context = _new_file_context(project_dir)
     batch = (
         context.data_sources.add_pandas(DATASOURCE_NAME)
         .add_dataframe_asset(ASSET_NAME)
@@ -194,7 +153,7 @@ def run_case_suite(
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name="cases", data=batch, suite=suite)
     )
-    checkpoint = context.checkpoints.add(
+    return context.checkpoints.add(
         gx.Checkpoint(
             name="validate",
             validation_definitions=[definition],
@@ -202,6 +161,28 @@ def run_case_suite(
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": INDEX_COLUMNS},
         )
     )
+
+
+def run_case_suite(
+    table: pd.DataFrame, checks: list[CaseCheck], project_dir: Path
+) -> tuple[dict[str, list[int]], dict[str, dict[str, Any]], str]:
+    """Run the checks as a GX checkpoint on the case table; build Data Docs.
+
+    Args:
+        project_dir: empty folder for the GX project (``gx/``) and Data Docs (``data_docs/``).
+
+    Returns:
+        ``(failed_rows, summaries, gx_version)``: check id -> manifest rows it failed on;
+        check id -> ``{"success", "evaluated", "expectation"}``; the GX version.
+
+    Raises:
+        RuntimeError: an expectation raised inside GX (a bug in the suite, not bad data).
+    """
+    import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    started = time.perf_counter()
+    checkpoint = _checkpoint(_new_file_context(project_dir), checks)
     set_up = time.perf_counter()
     outcome = checkpoint.run(batch_parameters={"dataframe": table}, run_id=RunIdentifier(run_name=RUN_NAME))
     log.debug(
@@ -209,7 +190,6 @@ def run_case_suite(
         set_up - started,
         time.perf_counter() - set_up,
     )
-
     failed_rows: dict[str, list[int]] = {}
     summaries: dict[str, dict[str, Any]] = {}
     for validation in outcome.run_results.values():
@@ -238,13 +218,10 @@ def run_case_suite(
 def _verdicts(
     table: pd.DataFrame, checks: list[CaseCheck], failed_rows: dict[str, list[int]]
 ) -> tuple[list[CaseVerdict], dict[str, list[str]]]:
-    """Per-case status and reason from the failed rows of each check (ingest's reason first).
+    """One verdict per case-table row, and check id -> failing case ids.
 
-    Only checks that quarantine (severity ``critical``) make a case quarantined and word its
-    reason; the others (``warning``) are listed in the verdict's ``flagged_checks``.
-
-    Returns:
-        ``(verdicts, unexpected_ids)``: one verdict per case-table row; check id -> case ids.
+    Only ``critical`` checks quarantine a case and word its reason (ingest's first); ``warning``
+    ones are listed in the verdict's ``flagged_checks``.
     """
     failed_by_row: dict[int, list[CaseCheck]] = {}
     for check in checks:
@@ -255,18 +232,12 @@ def _verdicts(
     for _, row in table.iterrows():
         index = int(row["manifest_row"])
         labels[index] = _case_label(row)
-        flagged = [check for check in failed_by_row.get(index, []) if not check.quarantines]
-        failed = [check for check in failed_by_row.get(index, []) if check.quarantines]
-        quarantined_by_ingest = row[INGEST_STATUS_COLUMN] != STATUS_OK
-        reason = join_reasons(
-            *(check.explain(row) for check in failed if not (check.ingest_decides and quarantined_by_ingest))
-        )
+        flagged = [c.check_id for c in failed_by_row.get(index, []) if not c.quarantines]
+        failed = [c for c in failed_by_row.get(index, []) if c.quarantines]
+        by_ingest = row[INGEST_STATUS_COLUMN] != STATUS_OK
+        reason = join_reasons(*(c.explain(row) for c in failed if not (c.ingest_decides and by_ingest)))
         status = STATUS_QUARANTINED if failed else STATUS_OK
-        verdicts.append(
-            CaseVerdict(
-                labels[index], status, reason, [c.check_id for c in failed], [c.check_id for c in flagged]
-            )
-        )
+        verdicts.append(CaseVerdict(labels[index], status, reason, [c.check_id for c in failed], flagged))
     unexpected_ids = {check_id: [labels[r] for r in rows] for check_id, rows in failed_rows.items()}
     return verdicts, unexpected_ids
 
@@ -314,6 +285,30 @@ def _warn_duplicates(groups: list[DuplicateGroup], source: str) -> None:
     )
 
 
+def _table_and_checks(
+    manifest: pd.DataFrame, source: str, cfg: ValidateConfig, planar_cfg: PlanarValidateConfig | None
+) -> tuple[pd.DataFrame, list[CaseCheck], dict[str, Any], list[DuplicateGroup]]:
+    """The case table, checks, reported params and duplicate groups of a 2-D or a 3-D manifest."""
+    params = cfg.model_dump()
+    if manifest_dims(manifest) != IMAGE:
+        return (
+            derive_case_table(manifest, source=source),
+            build_case_checks(cfg),
+            params,
+            find_duplicate_groups(manifest),
+        )
+    from tumorseg.validation.planar_checks import (
+        PlanarValidateConfig,
+        build_planar_checks,
+        derive_planar_case_table,
+    )
+
+    planar_cfg = planar_cfg or PlanarValidateConfig()
+    table = derive_planar_case_table(manifest, source=source)
+    params["validate_2d"] = planar_cfg.model_dump()
+    return table, build_planar_checks(planar_cfg), params, []
+
+
 def validate_dataset(
     src_dir: Path,
     out_dir: Path,
@@ -327,47 +322,23 @@ def validate_dataset(
     Args:
         src_dir: folder holding ``manifest.csv`` from ``tumorseg ingest``.
         out_dir: where the validated ``manifest.csv`` and ``validation/`` go (may be ``src_dir``).
-        cfg: the ``validate`` section of params.yaml.
-        raise_on_failure: raise when the run did not pass (the CLI, DVC). A caller that wants
-            to publish the result first (a Prefect markdown artifact) passes False, then
-            raises ``DataError(result.failure_message())`` itself when ``not result.passed``.
-        planar_cfg: limits of the 2-D checks (params.yaml ``validate_2d``; defaults when None),
-            used when the manifest is a 2-D one (Figshare/Kaggle, :mod:`tumorseg.validation.planar_checks`).
-
-    Returns:
-        The result (counts, per-check outcomes, per-case reasons, report paths).
+        raise_on_failure: False lets a caller publish the result first (a Prefect artifact), then
+            raise ``DataError(result.failure_message())`` itself when ``not result.passed``.
+        planar_cfg: limits of the 2-D checks (``validate_2d``; defaults when None), for 2-D manifests.
 
     Raises:
-        DataError: no or malformed manifest; more than ``cfg.max_invalid_fraction`` of the
-            cases quarantined or no valid case left (unless ``raise_on_failure`` is False).
-            The reports and the manifest are written before, so the reasons can be read.
+        DataError: no or malformed manifest; too many cases quarantined or none left (then after
+            writing the reports and the manifest, so the reasons can be read).
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     started = time.perf_counter()
     manifest = read_manifest(src_dir)
     source = str(src_dir / MANIFEST_NAME)
-    params = cfg.model_dump()
-    duplicates: list[DuplicateGroup] = []
-    if manifest_dims(manifest) == IMAGE:  # the image strategy: its own columns and checks
-        from tumorseg.validation.planar_checks import (
-            PlanarValidateConfig,
-            build_planar_checks,
-            derive_planar_case_table,
-        )
-
-        planar_cfg = planar_cfg or PlanarValidateConfig()
-        table = derive_planar_case_table(manifest, source=source)
-        checks = build_planar_checks(planar_cfg)
-        params["validate_2d"] = planar_cfg.model_dump()
-    else:
-        table = derive_case_table(manifest, source=source)
-        checks = build_case_checks(cfg)
-        duplicates = find_duplicate_groups(manifest)
+    table, checks, params, duplicates = _table_and_checks(manifest, source, cfg, planar_cfg)
     if table.empty:
         raise DataError(
             f"{source}: the manifest lists no cases; check the dataset folder given to `tumorseg ingest`"
         )
-
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}.", dir=out_dir))
     try:
