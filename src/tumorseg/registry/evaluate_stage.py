@@ -200,6 +200,7 @@ def _log_to_run(cfg: Any, checkpoint: Path, result: PlanarEvaluation, tracking_u
     """Flat test metrics (``test_2d/...``) and the reports on the training run; returns its id."""
     if not cfg.mlflow.enabled:
         return None
+    prepare_mlflow()  # no telemetry, no download progress bars: as the 3-D stage
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
