@@ -272,7 +272,7 @@ def section_model(name: str, *, source: str = str(DEFAULT_PARAMS_FILE)) -> type[
 
 RETIRED_KEYS: dict[str, str] = {
     "paths.raw": "the dataset is data.source now (synth, or your folder)",
-    "paths.raw_2d": "the 2-D dataset is data.source_2d now (synth, or your folder)",
+    "paths.raw_2d": "the 2-D dataset is data.source_2d now (synth_2d, or your folder)",
     "flow.generate_data": "data.source: synth generates the data; a folder is only read",
     "data_loader.cache_num_workers": "patches are read out of core now; data_loader.cache_mb sets an in-memory budget",
     "evaluate.lesion_dilation_iterations": "per region in tumorseg/data/label_sets.yaml, as each challenge's metrics code",

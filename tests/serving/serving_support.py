@@ -172,7 +172,7 @@ def planar_oracle_slot() -> Any:
 
 
 def write_tiny_planar_package(folder: Path) -> Path:
-    """A randomly initialised tiny 2-D network saved as a 2-D model package (what evaluate-2d writes)."""
+    """A randomly initialised tiny 2-D network saved as a 2-D model package (what the 2-D evaluation registers)."""
     from tumorseg.config import section
     from tumorseg.models.planar_detection import DetectorRule
     from tumorseg.models.planar_network import build_planar_network
