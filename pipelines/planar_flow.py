@@ -125,12 +125,9 @@ def evaluate_2d_task(params: dict) -> dict[str, Any]:
 @task(name="promote@2d", cache_policy=NO_CACHE, **IO_RETRIES)
 def promote_2d_task(params: dict) -> dict[str, Any]:
     """``tumorseg promote --dims 2``: both 2-D models through the 3-D model's gate, one report."""
-    from tumorseg.registry.promote import promote_models
+    from tumorseg.registry.promote import promote_planar
 
-    names = [section("evaluate_2d", params).model_name, section("detect", params).model_name]
-    results = promote_models(
-        params, names, report_file=Path(section("paths", params).reports_2d) / "promotion.json"
-    )
+    results = promote_planar(params)
     decisions = {
         r.model_name: {"action": r.action, "champion": r.champion, "lines": r.lines()} for r in results
     }

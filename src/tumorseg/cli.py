@@ -259,14 +259,11 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int | None:
 
 
 def _cmd_promote(args: argparse.Namespace) -> int | None:
-    from tumorseg.config import section
-    from tumorseg.registry.promote import promote, promote_models
+    from tumorseg.registry.promote import promote, promote_planar
 
     if args.dims == 2 and not args.name:  # images: the segmenter, then the detector, in one report
         params = _params(args)
-        names = [section("evaluate_2d", params).model_name, section("detect", params).model_name]
-        out = args.out or str(Path(section("paths", params).reports_2d) / "promotion.json")
-        results = promote_models(params, names, rollback=args.rollback, source=args.params, report_file=out)
+        results = promote_planar(params, report_file=args.out, rollback=args.rollback, source=args.params)
     else:
         params = _params(args, {"registry.model_name": args.name})
         results = [promote(params, rollback=args.rollback, source=args.params, report_file=args.out)]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from tumorseg.data.planar import BITMAP_SUFFIXES, IMAGE_LAYOUTS  # noqa: F401  (the registry's names)
+from tumorseg.data.planar import BITMAP_SUFFIXES, IMAGE_LAYOUTS, MAT_SUFFIX
 from tumorseg.errors import DataError
 
 VOLUME = 3
 IMAGE = 2
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".mat", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES: tuple[str, ...] = (MAT_SUFFIX, *BITMAP_SUFFIXES)
 """Files read as one 2-D image each (Figshare MATLAB slices, bitmaps)."""
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
 

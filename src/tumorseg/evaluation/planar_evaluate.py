@@ -18,13 +18,11 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from pydantic import Field
 
 from tumorseg.config import Section
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.data.planar import TUMOUR_TYPES, PlanarGeometry, read_planar, restore_planar_mask
-from tumorseg.data.planar_datamodule import load_sample
 from tumorseg.errors import DataError
 from tumorseg.models.planar_detection import (
     binary_detection_metrics,
@@ -117,6 +115,8 @@ def segmentation_scores(
     from monai.metrics import compute_hausdorff_distance
 
     dice = 2.0 * float(np.sum(pred & ref)) / float(pred.sum() + ref.sum())
+    import torch
+
     pred_t, ref_t = torch.as_tensor(pred[None, None]), torch.as_tensor(ref[None, None])
     hd95 = compute_hausdorff_distance(pred_t, ref_t, include_background=True, percentile=95)
     return dice, float(hd95.reshape(-1)[0])
@@ -143,6 +143,8 @@ def patient_mean_ci(
 
 def _run_split(model: Any, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Network outputs of a split's images: tumour maps, classifier outputs, binary masks, areas."""
+    from tumorseg.data.planar_datamodule import load_sample  # Lightning: only when scoring
+
     samples = [load_sample(r) for r in records]
     images = np.stack([s["image"][0] for s in samples]) if samples else np.zeros((0, 1, 1), np.float32)
     maps, classes = score_preprocessed(model, images)

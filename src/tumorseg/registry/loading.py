@@ -15,13 +15,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from tumorseg.config import without_retired
 from tumorseg.errors import DataError
-from tumorseg.models.planar_package import PlanarModel, from_folder, load_planar_checkpoint
+
+if TYPE_CHECKING:
+    from tumorseg.models.planar_package import PlanarModel
+
 from tumorseg.tracking import disable_telemetry, sqlite_path
 
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
@@ -178,6 +181,8 @@ FIRST_STEPS_2D = (
 
 def load_planar_model(uri: str, *, tracking_uri: str) -> PlanarModel:
     """Load the 2-D model ``uri`` names; DataError (one line, with what to run first) when there is none."""
+    from tumorseg.models.planar_package import from_folder, load_planar_checkpoint
+
     prepare_mlflow()
     if not is_mlflow_uri(uri):
         path = Path(uri).expanduser()

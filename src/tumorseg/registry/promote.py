@@ -410,6 +410,20 @@ def promote(
     return result
 
 
+def promote_planar(
+    params: dict[str, Any],
+    *,
+    report_file: str | Path | None = None,
+    rollback: bool = False,
+    source: str = "params.yaml",
+) -> list[PromotionResult]:
+    """``promote --dims 2``: the segmenter (``evaluate_2d.model_name``), then the detector
+    (``detect.model_name``), one report (default ``<paths.reports_2d>/promotion.json``)."""
+    names = [section(key, params, source=source).model_name for key in ("evaluate_2d", "detect")]
+    report = report_file or Path(section("paths", params, source=source).reports_2d) / PROMOTION_FILE
+    return promote_models(params, names, report_file=report, rollback=rollback, source=source)
+
+
 def promote_models(
     params: dict[str, Any],
     names: list[str],
