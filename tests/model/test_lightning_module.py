@@ -11,9 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tumorseg.models.inference import SlidingWindowConfig, labels_to_regions
+from tumorseg.models.config import LossConfig, SlidingWindowConfig
+from tumorseg.models.inference import labels_to_regions
 from tumorseg.models.lightning_module import SegmentationModule, aggregate_case_dice
-from tumorseg.models.losses import LossConfig, build_loss
+from tumorseg.models.losses import build_loss
 from tumorseg.models.networks import ModelConfig, build_network
 from tumorseg.training.config import TrainConfig
 from tumorseg.training.optim import make_optimizer

@@ -11,8 +11,9 @@ import torch
 
 from tumorseg.data.conventions import canonical_from_regions, regions_from_canonical
 from tumorseg.errors import ConfigError
+from tumorseg.models.config import LossConfig
 from tumorseg.models.inference import labels_to_regions, logits_to_labels, regions_to_labels
-from tumorseg.models.losses import LossConfig, build_loss, with_deep_supervision
+from tumorseg.models.losses import build_loss, with_deep_supervision
 from tumorseg.models.networks import (
     ModelConfig,
     build_network,

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tumorseg.errors import ConfigError
-from tumorseg.models.planar_network import CLASSIFIER_OUTPUTS, PlanarModelConfig, build_planar_network
+from tumorseg.models.config import PlanarModelConfig
+from tumorseg.models.planar_network import CLASSIFIER_OUTPUTS, build_planar_network
 
 SMALL = {
     "input_size": 32,

@@ -24,7 +24,7 @@ from tumorseg.data.layouts import discover_cases
 from tumorseg.data.transforms import DataLoaderConfig
 from tumorseg.errors import DataError
 from tumorseg.models.checkpoint import TrainedNetwork
-from tumorseg.models.inference import SlidingWindowConfig
+from tumorseg.models.config import SlidingWindowConfig
 from tumorseg.models.networks import ModelConfig
 from tumorseg.models.predictor import (
     PredictConfig,

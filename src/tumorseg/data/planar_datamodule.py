@@ -24,28 +24,11 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from tumorseg.config import Section
 from tumorseg.data.planar import TUMOUR_TYPES
+from tumorseg.data.transforms import PlanarAugmentConfig
 from tumorseg.errors import DataError
-
-
-class PlanarAugmentConfig(Section):
-    """``train_2d.augment:`` random augmentation per image (MONAI dictionary transforms)."""
-
-    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
-    affine_prob: float = Field(0.3, ge=0.0, le=1.0)
-    rotate_deg: float = Field(10.0, ge=0.0, le=180.0)
-    scale_range: float = Field(0.1, ge=0.0, lt=1.0)
-    intensity_scale_prob: float = Field(0.3, ge=0.0, le=1.0)
-    intensity_scale: float = Field(0.1, ge=0.0)
-    intensity_shift_prob: float = Field(0.3, ge=0.0, le=1.0)
-    intensity_shift: float = Field(0.1, ge=0.0)
-    noise_prob: float = Field(0.1, ge=0.0, le=1.0)
-    noise_std: float = Field(0.05, ge=0.0)
-
 
 IMAGE_KEY = "image"
 MASK_KEY = "mask"

@@ -200,3 +200,18 @@ def train_transforms(loader: DataLoaderConfig, augment: AugmentConfig) -> Compos
     # free of MetaTensor's per-operation overhead (and checkpoints free of MONAI types).
     steps.append(EnsureTyped(keys=[IMAGE_KEY, LABEL_KEY], data_type="tensor", track_meta=False))
     return Compose(steps)
+
+
+class PlanarAugmentConfig(Section):
+    """``train_2d.augment:`` random augmentation per image (MONAI dictionary transforms)."""
+
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    affine_prob: float = Field(0.3, ge=0.0, le=1.0)
+    rotate_deg: float = Field(10.0, ge=0.0, le=180.0)
+    scale_range: float = Field(0.1, ge=0.0, lt=1.0)
+    intensity_scale_prob: float = Field(0.3, ge=0.0, le=1.0)
+    intensity_scale: float = Field(0.1, ge=0.0)
+    intensity_shift_prob: float = Field(0.3, ge=0.0, le=1.0)
+    intensity_shift: float = Field(0.1, ge=0.0)
+    noise_prob: float = Field(0.1, ge=0.0, le=1.0)
+    noise_std: float = Field(0.05, ge=0.0)

@@ -19,7 +19,8 @@ from tumorseg.config import without_retired
 from tumorseg.data.conventions import LabelSet, get_label_set
 from tumorseg.data.transforms import DataLoaderConfig
 from tumorseg.errors import DataError, first_line
-from tumorseg.models.inference import SlidingWindowConfig, make_inferer
+from tumorseg.models.config import SlidingWindowConfig
+from tumorseg.models.inference import make_inferer
 from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
 from tumorseg.models.networks import ModelConfig, build_network
 

@@ -9,27 +9,12 @@ tumour components are dropped, so validation and test scoring score the same map
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
-from tumorseg.config import Section
 from tumorseg.data.conventions import GLIOMA, LabelSet
-
-
-class SlidingWindowConfig(Section):
-    """``sliding_window:`` whole-volume inference (validation, test scoring, serving).
-
-    ``min_component_mm3`` removes small 26-connected whole-tumour components (0 keeps all): one stray
-    voxel on a tumour-free scan scores Dice 0 for every region under the BraTS convention.
-    """
-
-    overlap: float = Field(0.5, ge=0.0, lt=1.0)
-    blend_mode: Literal["gaussian", "constant"] = "gaussian"
-    sw_batch_size: int = Field(4, ge=1)
-    threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    min_component_mm3: float = Field(1000.0, ge=0.0)
+from tumorseg.models.config import SlidingWindowConfig
 
 
 def make_inferer(cfg: SlidingWindowConfig, roi_size: Sequence[int]) -> Any:

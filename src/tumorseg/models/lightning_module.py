@@ -19,7 +19,8 @@ from torch import nn
 
 from tumorseg.data.conventions import GLIOMA, LabelSet
 from tumorseg.data.transforms import CASE_INDEX_KEY, IMAGE_KEY, LABEL_KEY
-from tumorseg.models.inference import SlidingWindowConfig, labels_to_regions, make_inferer, predict_labels
+from tumorseg.models.config import SlidingWindowConfig
+from tumorseg.models.inference import labels_to_regions, make_inferer, predict_labels
 
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 """``params -> optimizer``."""

@@ -10,32 +10,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from tumorseg.config import Section
 from tumorseg.errors import ConfigError
-
-LossName = Literal["dice", "dice_ce", "dice_focal", "bce", "ce"]
-
-
-class LossConfig(Section):
-    """``loss:`` which loss and its weights (see params.yaml).
-
-    ``dice_ce`` is Dice + BCE for regions, Dice + CE for labels; ``bce`` needs regions, ``ce`` labels.
-    ``batch`` sums Dice over the batch before the ratio (stabler when a patch holds no ET).
-    """
-
-    name: LossName = "dice_ce"
-    batch: bool = True
-    include_background: bool = False
-    squared_pred: bool = False
-    smooth_nr: float = Field(1e-5, ge=0.0)
-    smooth_dr: float = Field(1e-5, gt=0.0)
-    lambda_dice: float = Field(1.0, ge=0.0)
-    lambda_ce: float = Field(1.0, ge=0.0)
-    focal_gamma: float = Field(2.0, ge=0.0)
-    deep_supervision_weights: Literal["exp", "same", "two"] = "exp"
+from tumorseg.models.config import LossConfig
 
 
 class DiceBCELoss(nn.Module):

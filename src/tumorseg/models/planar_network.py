@@ -8,53 +8,12 @@ tumour-present logit (sigmoid), then the tumour-type logits (softmax).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from tumorseg.config import Section
 from tumorseg.data.planar import TUMOUR_TYPES
-from tumorseg.models.networks import ModelConfig, UNetConfig
-
-
-class ClassifierConfig(Section):
-    """``model_2d.classifier:`` strided residual conv stages (a stride per channel), then a linear layer."""
-
-    channels: tuple[int, ...] = (8, 16, 32, 64)
-    strides: tuple[int, ...] = (2, 2, 2, 2)
-    num_res_units: int = Field(1, ge=0)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-
-
-class PlanarModelConfig(ModelConfig):
-    """``model_2d:`` the ``model:`` keys for a one-channel 2-D segmenter, plus the classifier.
-
-    ``output`` is fixed to ``binary``: one sigmoid channel, tumour vs. background.
-
-    ``input_size``: both networks run on ``(input_size, input_size)`` images, resized from
-    ``preprocess_2d.size``. 128 keeps a CPU run within minutes; ``preprocess_2d.size`` trains at
-    full resolution.
-
-    ``foreground_prior``: the segmenter's output bias starts at ``log(p / (1 - p))`` (RetinaNet's
-    prior initialisation, Lin et al.), so training starts from "little tumour everywhere" rather
-    than 0.5 per pixel, which Adam takes thousands of steps to unlearn.
-    """
-
-    output: Literal["binary"] = "binary"  # type: ignore[assignment]
-    input_size: int = Field(
-        128, ge=16, description="network input side; images are resized from preprocess_2d.size"
-    )
-    foreground_prior: float = Field(0.02, gt=0.0, lt=0.5, description="initial tumour probability of a pixel")
-    unet: UNetConfig = UNetConfig(channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
-    classifier: ClassifierConfig = ClassifierConfig()
-
-    @property
-    def out_channels(self) -> int:
-        return 1
-
+from tumorseg.models.config import PlanarModelConfig
 
 CLASSIFIER_OUTPUTS = 1 + len(TUMOUR_TYPES)
 

@@ -64,7 +64,8 @@ class PlanarModel:
 
 def network_from_state(config: dict[str, Any], state: dict[str, Any]) -> Any:
     """Rebuild the PlanarNetwork of ``config`` and load ``state``; DataError when they do not fit."""
-    from tumorseg.models.planar_network import PlanarModelConfig, build_planar_network
+    from tumorseg.models.config import PlanarModelConfig
+    from tumorseg.models.planar_network import build_planar_network
 
     if "model_2d" not in config:
         raise DataError(

@@ -10,13 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tumorseg.config import PathsConfig, PreprocessConfig, Section, section
-from tumorseg.data.transforms import AugmentConfig, DataLoaderConfig
+from tumorseg.data.transforms import AugmentConfig, DataLoaderConfig, PlanarAugmentConfig
 from tumorseg.errors import ConfigError
-from tumorseg.models.inference import SlidingWindowConfig
-from tumorseg.models.losses import LossConfig
+from tumorseg.models.config import LossConfig, SlidingWindowConfig
 from tumorseg.models.networks import ModelConfig, check_patch_size
 
 
@@ -132,3 +131,31 @@ def load_training_config(params: dict[str, Any], *, source: str = "params.yaml")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg
+
+
+class PlanarTrainConfig(TrainConfig):
+    """``train_2d:`` the ``train:`` keys (2-D defaults) plus batch, loss, task weights and augmentation.
+
+    ``loss`` (the ``loss:`` keys) applies to the one tumour channel; ``detection_weight`` and
+    ``type_weight`` weigh the classifier terms (:mod:`tumorseg.models.planar_module`).
+    """
+
+    out_dir: str = "models/2d"
+    max_epochs: int = Field(12, ge=1)
+    steps_per_epoch: int = Field(20, ge=1)
+    warmup_epochs: float = Field(0.5, ge=0.0)
+    batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(0, ge=0)
+    loss: LossConfig = LossConfig()
+    detection_weight: float = Field(0.5, ge=0.0)
+    type_weight: float = Field(0.5, ge=0.0)
+    augment: PlanarAugmentConfig = PlanarAugmentConfig()
+    experiment: str = "tumorseg-planar"
+
+    @model_validator(mode="after")
+    def _no_test_scoring(self) -> PlanarTrainConfig:
+        if self.score_test:
+            raise ValueError(
+                "the 2-D test split is scored by `tumorseg evaluate-model --dims 2`, not during training; set false"
+            )
+        return self

@@ -16,15 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
-
 from tumorseg.config import apply_overrides, section
-from tumorseg.data.planar_datamodule import PlanarAugmentConfig
 from tumorseg.errors import ConfigError, DataError
-from tumorseg.models.losses import LossConfig
+from tumorseg.models.config import PlanarModelConfig
 from tumorseg.models.networks import check_patch_size
-from tumorseg.models.planar_network import PlanarModelConfig
-from tumorseg.training.config import MlflowConfig, TrainConfig, TrainerConfig
+from tumorseg.training.config import MlflowConfig, PlanarTrainConfig, TrainerConfig
 from tumorseg.training.train import (
     CHECKPOINT_DIR,
     LOG_DIR,
@@ -35,34 +31,6 @@ from tumorseg.training.train import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class PlanarTrainConfig(TrainConfig):
-    """``train_2d:`` the ``train:`` keys (2-D defaults) plus batch, loss, task weights and augmentation.
-
-    ``loss`` (the ``loss:`` keys) applies to the one tumour channel; ``detection_weight`` and
-    ``type_weight`` weigh the classifier terms (:mod:`tumorseg.models.planar_module`).
-    """
-
-    out_dir: str = "models/2d"
-    max_epochs: int = Field(12, ge=1)
-    steps_per_epoch: int = Field(20, ge=1)
-    warmup_epochs: float = Field(0.5, ge=0.0)
-    batch_size: int = Field(8, ge=1)
-    num_workers: int = Field(0, ge=0)
-    loss: LossConfig = LossConfig()
-    detection_weight: float = Field(0.5, ge=0.0)
-    type_weight: float = Field(0.5, ge=0.0)
-    augment: PlanarAugmentConfig = PlanarAugmentConfig()
-    experiment: str = "tumorseg-planar"
-
-    @model_validator(mode="after")
-    def _no_test_scoring(self) -> PlanarTrainConfig:
-        if self.score_test:
-            raise ValueError(
-                "the 2-D test split is scored by `tumorseg evaluate-model --dims 2`, not during training; set false"
-            )
-        return self
 
 
 PLANAR_TRAINING_SECTIONS: tuple[str, ...] = ("preprocess_2d", "model_2d", "train_2d", "trainer", "mlflow")

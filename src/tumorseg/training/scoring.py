@@ -24,7 +24,8 @@ from tumorseg.data.manifest import atomic_write_text
 from tumorseg.data.transforms import load_preprocessed_case
 from tumorseg.errors import ConfigError
 from tumorseg.models.checkpoint import TrainedNetwork, load_trained_network
-from tumorseg.models.inference import SlidingWindowConfig, labels_to_regions, predict_labels
+from tumorseg.models.config import SlidingWindowConfig
+from tumorseg.models.inference import labels_to_regions, predict_labels
 from tumorseg.models.lightning_module import aggregate_case_dice
 
 log = logging.getLogger(__name__)
