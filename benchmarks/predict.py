@@ -74,7 +74,7 @@ def bench_network(params: dict[str, Any], model: str | None, seed: int) -> tuple
     """
     from tumorseg.config import section
     from tumorseg.errors import DataError
-    from tumorseg.models.predictor import PredictConfig
+    from tumorseg.models.config import PredictConfig
     from tumorseg.registry.loading import load_model
     from tumorseg.tracking import params_tracking_uri
 
@@ -145,8 +145,8 @@ def benchmark_predict(
     from tumorseg.data.layouts import discover_cases, read_case
     from tumorseg.data.preprocess import preprocess_case
     from tumorseg.data.synth import synthesize_case, write_case
+    from tumorseg.models.config import PredictConfig
     from tumorseg.models.predictor import (
-        PredictConfig,
         SegmentationPredictor,
         predict_dataset,
         reference_header,

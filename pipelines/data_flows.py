@@ -8,13 +8,16 @@ and only carry dotted-key overrides (``{"synth.cases": 8}``). Also the helpers t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from tumorseg.config import apply_overrides, read_params, section
 from tumorseg.errors import DataError, TumorsegError
+from tumorseg.params import Params, as_params
+
+if TYPE_CHECKING:
+    from tumorseg.params import Params
 
 
 def _retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
@@ -29,9 +32,11 @@ def _retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _retry_io_only}
 
 
-def load_params(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> dict:
-    """params.yaml with the flow's overrides applied (the flow's only configuration)."""
-    return apply_overrides(read_params(params_path), overrides)
+def load_params(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """params.yaml with the flow's overrides applied and validated (the flow's only configuration)."""
+    from tumorseg.params import load_params as load
+
+    return load(params_path, overrides)
 
 
 def tracking_uri(params: dict[str, Any]) -> str:
@@ -44,7 +49,7 @@ def tracking_uri(params: dict[str, Any]) -> str:
 def validate_and_publish(
     ingested: Path,
     validated: Path,
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     artifact_key: str,
     description: str,
@@ -56,10 +61,11 @@ def validate_and_publish(
     Raises:
         DataError: the share of quarantined cases is above ``validate.max_invalid_fraction``.
     """
+    params = as_params(params)
     from tumorseg.validation.suite import validate_dataset, validation_markdown
 
     result = validate_dataset(
-        ingested, validated, section("validate", params), planar_cfg=planar_cfg, raise_on_failure=False
+        ingested, validated, params.validate, planar_cfg=planar_cfg, raise_on_failure=False
     )
     create_markdown_artifact(markdown=validation_markdown(result), key=artifact_key, description=description)
     if not result.passed:
@@ -70,16 +76,17 @@ def validate_and_publish(
 def split_and_publish(
     preprocessed: Path,
     split_file: Path,
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     unit: str,
     artifact_key: str,
     description: str,
 ) -> dict[str, int]:
     """Run ``tumorseg split``; publish ``{"train": n, "val": n, "test": n}`` as a table (column ``unit``)."""
+    params = as_params(params)
     from tumorseg.data.split import make_split
 
-    split = make_split(preprocessed, split_file, section("split", params))
+    split = make_split(preprocessed, split_file, params.split)
     counts = {name: len(split.cases(name)) for name in ("train", "val", "test")}
     create_table_artifact(
         table=[{"split": k, unit: v} for k, v in counts.items()], key=artifact_key, description=description
@@ -96,18 +103,20 @@ def source_task(params: dict, params_path: str = "params.yaml") -> str:
 
 
 @task(name="ingest", **IO_RETRIES)
-def ingest_task(params: dict, source: str) -> str:
+def ingest_task(params: Params | dict[str, Any], source: str) -> str:
     """Ingest the dataset folder ``source`` (:func:`tumorseg.data.source.source_folder`)."""
+    params = as_params(params, source)
     from tumorseg.data.ingest import ingest
 
-    paths = section("paths", params)
-    summary = ingest(Path(source), Path(paths.ingested), section("ingest", params))
+    paths = params.paths
+    summary = ingest(Path(source), Path(paths.ingested), params.ingest)
     return summary.one_line()
 
 
 @task(name="validate", **IO_RETRIES)
-def validate_task(params: dict) -> str:
-    paths = section("paths", params)
+def validate_task(params: Params | dict[str, Any]) -> str:
+    params = as_params(params)
+    paths = params.paths
     return validate_and_publish(
         Path(paths.ingested),
         Path(paths.validated),
@@ -118,19 +127,19 @@ def validate_task(params: dict) -> str:
 
 
 @task(name="preprocess", **IO_RETRIES)
-def preprocess_task(params: dict) -> str:
+def preprocess_task(params: Params | dict[str, Any]) -> str:
+    params = as_params(params)
     from tumorseg.data.preprocess import preprocess_dataset
 
-    paths = section("paths", params)
-    summary = preprocess_dataset(
-        Path(paths.validated), Path(paths.preprocessed), section("preprocess", params)
-    )
+    paths = params.paths
+    summary = preprocess_dataset(Path(paths.validated), Path(paths.preprocessed), params.preprocess)
     return summary.one_line()
 
 
 @task(name="split", **IO_RETRIES)
-def split_task(params: dict) -> dict[str, int]:
-    paths = section("paths", params)
+def split_task(params: Params | dict[str, Any]) -> dict[str, int]:
+    params = as_params(params)
+    paths = params.paths
     return split_and_publish(
         Path(paths.preprocessed),
         Path(paths.split),

@@ -22,7 +22,7 @@ from pipelines.data_flows import (
     validate_and_publish,
 )
 from pipelines.stage_cache import cached_task, dvc_stage_specs, with_source_folder
-from tumorseg.config import section
+from tumorseg.params import Params, as_params
 
 
 def _cached(task_fn: Any, stage: str, params: dict[str, Any], source: Path | None = None) -> Any:
@@ -41,20 +41,20 @@ def source_2d_task(params: dict, params_path: str) -> str:
 
 
 @task(name="ingest@2d", **IO_RETRIES)
-def ingest_2d_task(params: dict, source: str) -> str:
+def ingest_2d_task(params: Params | dict[str, Any], source: str) -> str:
+    params = as_params(params, source)
     from tumorseg.data.ingest import ingest
 
-    return ingest(
-        Path(source), Path(section("paths", params).ingested_2d), section("ingest", params)
-    ).one_line()
+    return ingest(Path(source), Path(params.paths.ingested_2d), params.ingest).one_line()
 
 
 @task(name="validate@2d", **IO_RETRIES)
-def validate_2d_task(params: dict) -> str:
-    from tumorseg.validation.planar_checks import PlanarValidateConfig
+def validate_2d_task(params: Params | dict[str, Any]) -> str:
+    params = as_params(params)
+    from tumorseg.config import PlanarValidateConfig
 
-    paths = section("paths", params)
-    planar_cfg: PlanarValidateConfig = section("validate_2d", params)
+    paths = params.paths
+    planar_cfg: PlanarValidateConfig = params.validate_2d
     return validate_and_publish(
         Path(paths.ingested_2d),
         Path(paths.validated_2d),
@@ -66,21 +66,23 @@ def validate_2d_task(params: dict) -> str:
 
 
 @task(name="preprocess@2d", **IO_RETRIES)
-def preprocess_2d_task(params: dict) -> str:
+def preprocess_2d_task(params: Params | dict[str, Any]) -> str:
+    params = as_params(params)
     from tumorseg.data.preprocess import preprocess_dataset
 
-    paths = section("paths", params)
+    paths = params.paths
     return preprocess_dataset(
         Path(paths.validated_2d),
         Path(paths.preprocessed_2d),
-        section("preprocess", params),
-        section("preprocess_2d", params),
+        params.preprocess,
+        params.preprocess_2d,
     ).one_line()
 
 
 @task(name="split@2d", **IO_RETRIES)
-def split_2d_task(params: dict) -> dict[str, int]:
-    paths = section("paths", params)
+def split_2d_task(params: Params | dict[str, Any]) -> dict[str, int]:
+    params = as_params(params)
+    paths = params.paths
     return split_and_publish(
         Path(paths.preprocessed_2d),
         Path(paths.split_2d),
@@ -94,9 +96,9 @@ def split_2d_task(params: dict) -> dict[str, int]:
 @task(name="train@2d", **IO_RETRIES)
 def train_2d_task(params: dict) -> dict[str, Any]:
     """``tumorseg train --dims 2``."""
-    from tumorseg.training.planar_train import train_planar
+    from tumorseg.training.train import train
 
-    result = train_planar(params, tracking_uri=tracking_uri(params))
+    result = train(params, dims=2, tracking_uri=tracking_uri(params))
     create_markdown_artifact(key="training-2d", markdown=result.one_line(), description="2-D training")
     return {"best_val": result.best_val, "epochs": result.epochs, "mlflow_run_id": result.mlflow_run_id}
 

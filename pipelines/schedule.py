@@ -15,17 +15,27 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from tumorseg.config import section
+from tumorseg.errors import ConfigError
 
 
 def schedule_settings(
     params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
 ) -> Any:
     """The ``flow.schedule`` section (validated: the cron and time zone Prefect accepts)."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
     from pipelines.data_flows import load_params
 
-    params = load_params(params_path, overrides)
-    return section("flow", params, source=str(params_path)).schedule
+    cfg = load_params(params_path, overrides).flow.schedule
+    try:  # Prefect's own model: the cron dialect and time zones its server accepts
+        CronSchedule(cron=cfg.cron, timezone=cfg.timezone)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{params_path}: flow.schedule: cron {cfg.cron!r} / timezone {cfg.timezone!r}: "
+            f"{exc.errors()[0]['msg']}"
+        ) from None
+    return cfg
 
 
 def build_deployment(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Any:

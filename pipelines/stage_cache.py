@@ -24,6 +24,7 @@ from prefect.context import TaskRunContext
 
 import tumorseg
 from tumorseg.errors import ConfigError
+from tumorseg.params import Params, as_params
 
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 
@@ -53,8 +54,9 @@ def path_digest(path: Path) -> str:
     return "missing"
 
 
-def dotted_value(params: dict[str, Any], dotted: str) -> Any:
-    node: Any = params
+def dotted_value(params: Params | dict[str, Any], dotted: str) -> Any:
+    # the values as written (a Params' raw mapping), as DVC hashes them
+    node: Any = params if isinstance(params, dict) else params.raw
     for part in dotted.split("."):
         if not isinstance(node, dict):
             return None
@@ -225,13 +227,13 @@ def stage_policy(stage: StageSpec, key_storage: Path) -> CachePolicy:
     return (StageCachePolicy(stage=stage) + TASK_SOURCE).configure(key_storage=key_storage)
 
 
-def cached_task(task_fn: Any, spec: StageSpec, params: dict[str, Any]) -> Any:
+def cached_task(task_fn: Any, spec: StageSpec, params: Params | dict[str, Any]) -> Any:
     """``task_fn`` (taking the params dict as ``params``) with its stage's cache policy, keys kept in
     ``flow.cache_dir`` for ``flow.cache_days`` and results persisted; forced to run when an output is
     missing."""
-    from tumorseg.config import section
+    params = as_params(params)
 
-    cfg = section("flow", params)
+    cfg = params.flow
     return task_fn.with_options(
         cache_policy=stage_policy(spec, Path(cfg.cache_dir).resolve()),
         cache_expiration=timedelta(days=cfg.cache_days) if cfg.cache_days else None,

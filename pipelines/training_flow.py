@@ -33,7 +33,7 @@ from pipelines.data_flows import (
     validate_task,
 )
 from pipelines.stage_cache import StageSpec, cached_task, dvc_stage_specs, with_source_folder
-from tumorseg.config import apply_overrides, section
+from tumorseg.params import Params, as_params
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +124,16 @@ def train_task(params: dict) -> dict[str, Any]:
 
 
 @task(name="compress", **IO_RETRIES)
-def compress_task(params: dict) -> str:
+def compress_task(params: Params | dict[str, Any]) -> str:
     """``tumorseg compress`` when the compression stage is installed (it is optional in this flow)."""
+    params = as_params(params)
     try:
         from tumorseg.compression.stage import run_compress_stage
     except ImportError:
         log.warning("tumorseg.compression.stage is not available; compression skipped")
         return "skipped: tumorseg.compression.stage not available"
 
-    checkpoint = Path(section("train", params).out_dir) / "checkpoints" / "best.ckpt"
+    checkpoint = Path(params.train.out_dir) / "checkpoints" / "best.ckpt"
     # the model this run just trained, not the served champion (compress.model's default)
     result = run_compress_stage(params, tracking_uri=tracking_uri(params), model_uri=str(checkpoint))
     text = result.one_line() if hasattr(result, "one_line") else str(result)
@@ -232,12 +233,12 @@ def training_flow(
     from tumorseg.retrain import raw_data_hash
 
     params = load_params(params_path, overrides)
-    cfg = section("flow", params, source=params_path)
+    cfg = params.flow
     summary: dict[str, Any] = {"status": "completed"}
     folder = source_folder(params, params_path)
     summary["source"] = _cached(source_task, "source", params, folder)(params, params_path)
     summary["ingest"] = _cached(ingest_task, "ingest", params, folder)(params, str(folder))
-    raw_md5 = raw_data_hash(section("paths", params).ingested)
+    raw_md5 = raw_data_hash(params.paths.ingested)
     if only_if_new_data:
         decision = check_new_data_task(params)
         summary["decision"] = decision
@@ -271,7 +272,7 @@ def smoke_params(workspace: str | Path, params_path: str | Path = "params.yaml")
     ``workspace``, and ``flow.smoke.overrides`` (tiny data and network). Returns its path."""
     workspace = Path(workspace).resolve()
     params = load_params(params_path)
-    smoke = section("flow", params, source=str(params_path)).smoke.overrides
+    smoke = params.flow.smoke.overrides
     folders = ("ingested", "validated", "preprocessed", "reports", "mlruns")
     overrides = {
         **{f"paths.{key}": str(workspace / key) for key in folders},
@@ -285,10 +286,10 @@ def smoke_params(workspace: str | Path, params_path: str | Path = "params.yaml")
         "compress.out_dir": str(workspace / "models" / "compressed"),
         **smoke,
     }
-    params = apply_overrides(params, overrides)
+    params = params.with_overrides(overrides)
     workspace.mkdir(parents=True, exist_ok=True)
     out = workspace / "params.yaml"
-    out.write_text(yaml.safe_dump(params, sort_keys=False))
+    out.write_text(yaml.safe_dump(params.raw, sort_keys=False))
     return out
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from tumorseg.config import DATASET_LAYOUTS as LAYOUT_NAMES
 from tumorseg.data.conventions import LABEL_CONVENTIONS
 from tumorseg.errors import TumorsegError
+from tumorseg.params import Params
 
 LABEL_CONVENTION_NAMES: tuple[str, ...] = tuple(LABEL_CONVENTIONS)
 
@@ -36,29 +37,24 @@ def _overrides(args: argparse.Namespace, options: dict[str, Any] | None = None) 
 
 def _params(
     args: argparse.Namespace, options: dict[str, Any] | None = None, *, outside_project: bool = False
-) -> dict[str, Any]:
-    """params.yaml with :func:`_overrides` applied.
+) -> Any:
+    """params.yaml with :func:`_overrides` applied, every section validated (a ``Params``).
 
     ``outside_project``: with no ./params.yaml (and none given) every section is at its defaults, so a
     checkpoint or MLflow URI still works outside a project.
     """
-    from tumorseg.config import apply_overrides, read_params
+    from tumorseg.config import apply_overrides
+    from tumorseg.params import from_mapping, load_params
 
     overrides = _overrides(args, options)
     if outside_project and args.params == "params.yaml" and not Path(args.params).is_file():
-        return apply_overrides({}, overrides)
-    return apply_overrides(read_params(args.params), overrides)
+        return from_mapping(apply_overrides({}, overrides))
+    return load_params(args.params, overrides)
 
 
-def _section(args: argparse.Namespace, params: dict[str, Any], name: str) -> Any:
-    from tumorseg.config import section
-
-    return section(name, params, source=args.params)
-
-
-def _dims_paths(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, str]:
+def _dims_paths(args: argparse.Namespace, params: Params) -> dict[str, str]:
     """The folders of ``--dims``' dataset: ``paths.ingested`` ... or their ``_2d`` twins."""
-    paths = _section(args, params, "paths")
+    paths = params.paths
     suffix = "_2d" if getattr(args, "dims", 3) == 2 else ""
     return {key: getattr(paths, key + suffix) for key in ("ingested", "validated", "preprocessed", "split")}
 
@@ -78,7 +74,7 @@ def _cmd_synth(args: argparse.Namespace) -> int | None:
         "synth.seed": args.seed,
         "synth.spacing_mm": args.spacing,
     }
-    cfg = _section(args, _params(args, options), "synth")
+    cfg = _params(args, options).synth
     out = Path(args.out) if args.out else DataConfig.folder_for(SYNTH_SOURCE, project_root(args.params))
     written = synthesize_dataset(out, cfg)
     print(f"wrote {len(written)} {cfg.layout} cases to {out}")
@@ -92,7 +88,7 @@ def _synth_planar(args: argparse.Namespace) -> int | None:
 
     count_key = "synth_2d.figshare_patients" if args.layout == "figshare" else "synth_2d.kaggle_images"
     options = {count_key: args.cases, "synth_2d.seed": args.seed, "synth_2d.spacing_mm": args.spacing}
-    cfg = _section(args, _params(args, options), "synth_2d")
+    cfg = _params(args, options).synth_2d
     default_out = DataConfig.folder_for(GENERATED_FOLDERS[2], project_root(args.params)) / args.layout
     out = Path(args.out or default_out)
     written = synthesize_planar_dataset(out, args.layout, cfg)
@@ -132,7 +128,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int | None:
     from tumorseg.data.source import inspect_source, source_folder
 
     params = _params(args, {"ingest.layout": args.layout, "ingest.labels": args.labels})
-    cfg = _section(args, params, "ingest")
+    cfg = params.ingest
     out = Path(args.out or _dims_paths(args, params)["ingested"])
     src = Path(args.src) if args.src else source_folder(params, args.params, args.dims)
     if not args.src:
@@ -145,8 +141,8 @@ def _cmd_validate(args: argparse.Namespace) -> int | None:
     from tumorseg.validation.suite import validate_dataset
 
     params = _params(args, {"validate.max_invalid_fraction": args.max_invalid_fraction})
-    cfg = _section(args, params, "validate")
-    planar_cfg = _section(args, params, "validate_2d")
+    cfg = params.validate
+    planar_cfg = params.validate_2d
     src = Path(args.dir or _dims_paths(args, params)["ingested"])
     result = validate_dataset(src, Path(args.out) if args.out else src, cfg, planar_cfg=planar_cfg)
     print(result.one_line())
@@ -156,8 +152,8 @@ def _cmd_preprocess(args: argparse.Namespace) -> int | None:
     from tumorseg.data.preprocess import preprocess_dataset
 
     params = _params(args)
-    cfg = _section(args, params, "preprocess")
-    planar_cfg = _section(args, params, "preprocess_2d")
+    cfg = params.preprocess
+    planar_cfg = params.preprocess_2d
     paths = _dims_paths(args, params)
     summary = preprocess_dataset(
         Path(args.src or paths["validated"]), Path(args.out or paths["preprocessed"]), cfg, planar_cfg
@@ -169,7 +165,7 @@ def _cmd_split(args: argparse.Namespace) -> int | None:
     from tumorseg.data.split import make_split
 
     params = _params(args)
-    cfg = _section(args, params, "split")
+    cfg = params.split
     paths = _dims_paths(args, params)
     split = make_split(Path(args.src or paths["preprocessed"]), Path(args.out or paths["split"]), cfg)
     print(split.one_line())
@@ -184,7 +180,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int | None:
         Path(args.ref),
         Path(args.out),
         labels=args.labels,
-        cfg=_section(args, _params(args), "evaluate"),
+        cfg=_params(args).evaluate,
         summary_path=args.summary,
         case_info=args.case_info,
         images_dir=args.images,
@@ -194,18 +190,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int | None:
-    if args.dims == 2:  # images: the segmenter + classifier of training/planar_train.py
-        from tumorseg.training.planar_train import train_planar
-
-        print(train_planar(_params(args), source=args.params).one_line())
-        return 0
     from tumorseg.training.train import train
     from tumorseg.tuning.best import with_best_params
 
-    # params.yaml < tune.best_params_file (when tune.apply_best) < -S overrides
-    explicit = _overrides(args)
-    params = with_best_params(_params(args), explicit=explicit, source=args.params)
-    print(train(params, resume=args.resume, source=args.params).one_line())
+    params = _params(args)
+    if args.dims == 3:  # the volume model is the one tuned: params.yaml < tune.best_params_file < -S
+        params = with_best_params(params, explicit=_overrides(args), source=args.params)
+    print(train(params, dims=args.dims, resume=args.resume, source=args.params).one_line())
 
 
 # ---------------------------------------------------------------- prediction and registry
@@ -280,13 +271,13 @@ def _load_planar(args: argparse.Namespace, default_key: str) -> Any:
 
     image_inputs(args.input)
     params = _params(args, outside_project=True)
-    predict_cfg = _section(args, params, "predict_2d")
+    predict_cfg = params.predict_2d
     uri = params_tracking_uri(params, source=args.params)
     return load_planar_model(args.model or getattr(predict_cfg, default_key), tracking_uri=uri)
 
 
 def _predict_planar(args: argparse.Namespace) -> int | None:
-    from tumorseg.models.planar_predictor import predict_images
+    from tumorseg.models.predictor import predict_images
 
     model = _load_planar(args, "model")
 
@@ -299,7 +290,7 @@ def _predict_planar(args: argparse.Namespace) -> int | None:
 
 
 def _cmd_detect(args: argparse.Namespace) -> int | None:
-    from tumorseg.models.planar_predictor import detect_images
+    from tumorseg.models.predictor import detect_images
 
     model = _load_planar(args, "detect_model")
     results = detect_images(args.input, args.out, model)

@@ -242,20 +242,20 @@ SECTION_MODELS: dict[str, str] = {
     "train": "tumorseg.training.config:TrainConfig",
     "trainer": "tumorseg.training.config:TrainerConfig",
     "mlflow": "tumorseg.training.config:MlflowConfig",
-    "predict": "tumorseg.models.predictor:PredictConfig",
+    "predict": "tumorseg.models.config:PredictConfig",
     "registry": "tumorseg.registry.config:RegistryConfig",
     "tune": "tumorseg.tuning.config:TuneConfig",
     "flow": "tumorseg.pipeline_config:FlowConfig",
     "compress": "tumorseg.compression.config:CompressConfig",
     "serve": "tumorseg.serving.config:ServeConfig",
-    "synth_2d": "tumorseg.data.planar_synth:SynthPlanarConfig",
-    "validate_2d": "tumorseg.validation.planar_checks:PlanarValidateConfig",
-    "preprocess_2d": "tumorseg.data.planar:PlanarPreprocessConfig",
+    "synth_2d": "tumorseg.config:SynthPlanarConfig",
+    "validate_2d": "tumorseg.config:PlanarValidateConfig",
+    "preprocess_2d": "tumorseg.config:PlanarPreprocessConfig",
     "model_2d": "tumorseg.models.config:PlanarModelConfig",
     "train_2d": "tumorseg.training.config:PlanarTrainConfig",
-    "predict_2d": "tumorseg.models.planar_package:PredictPlanarConfig",
-    "detect": "tumorseg.evaluation.planar_evaluate:DetectConfig",
-    "evaluate_2d": "tumorseg.evaluation.planar_evaluate:EvaluatePlanarConfig",
+    "predict_2d": "tumorseg.models.config:PredictPlanarConfig",
+    "detect": "tumorseg.evaluation.config:DetectConfig",
+    "evaluate_2d": "tumorseg.evaluation.config:EvaluatePlanarConfig",
 }
 """Every params.yaml section and its model, in params.yaml's order: a table, not import-time
 registration, so a model is imported only when its section is read (``validate`` never loads torch)."""
@@ -304,6 +304,8 @@ def read_params(path: str | Path = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
 
 def apply_overrides(params: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
     """Return a copy of ``params`` with dotted-key overrides applied (``{"train.lr": 1e-3}``)."""
+    if not isinstance(params, dict):  # a validated tumorseg.params.Params
+        return params.with_overrides(overrides)
     result = copy.deepcopy(params)
     for dotted, value in (overrides or {}).items():
         node = result
@@ -343,6 +345,8 @@ def section(
     """
     if params is None:
         params = read_params(path)
+    elif not isinstance(params, dict):  # a validated tumorseg.params.Params
+        return params.section(name)
     label = str(source or path)
     model = section_model(name, source=label)
     raw = params.get(name, {}) or {}
@@ -360,3 +364,80 @@ def section(
         loc = ".".join(str(p) for p in (name, *err["loc"]) if p != "__root__")
         msg = err["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{label}: {loc}: {msg}") from None
+
+
+class SynthPlanarConfig(Section):
+    """``synth_2d:``: the embedded 2-D datasets.
+
+    Attributes:
+        figshare_mask_region: ``TC`` (tumour core, as Figshare masks outline on T1ce) or ``WT``.
+        type_fractions: share of patients per tumour type (Figshare: 708 meningioma, 1426 glioma,
+            930 pituitary slices).
+        kaggle_tumour_fraction: share of the images in ``yes/``.
+        spacing_mm: voxel size of the 3-D cases the slices are cut from (2 mm: 120 x 120 slices).
+        noise_level: Rician noise added at the output resolution, relative to white matter.
+    """
+
+    figshare_patients: int = Field(12, ge=1)
+    slices_per_patient: int = Field(4, ge=1, le=40)
+    figshare_mask_region: Literal["TC", "WT"] = "TC"
+    type_fractions: dict[Literal["meningioma", "glioma", "pituitary"], float] = Field(
+        default_factory=lambda: {"meningioma": 0.23, "glioma": 0.47, "pituitary": 0.30}
+    )
+    kaggle_images: int = Field(24, ge=1)
+    kaggle_tumour_fraction: float = Field(0.6, ge=0.0, le=1.0)
+    kaggle_min_side_px: int = Field(200, ge=32)
+    kaggle_max_side_px: int = Field(700, ge=32, le=4096)
+    kaggle_rgb_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    kaggle_png_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    spacing_mm: float = Field(2.0, ge=1.0, le=4.0)
+    noise_level: float = Field(0.02, ge=0.0, le=0.3)
+    seed: int = 42
+
+
+class PlanarPreprocessConfig(Section):
+    """``preprocess_2d:``: how a 2-D image becomes the ``(size, size)`` network input.
+
+    Attributes:
+        otsu_crop: crop to the largest Otsu-foreground component (the head), ``crop_margin_px`` around.
+        denoise: ``median`` (``median_size`` px) or ``gaussian`` (``gaussian_sigma`` px), applied at
+            the input's resolution before cropping.
+        normalise: ``zscore`` (over the output), ``minmax`` (0..1) or ``percentile`` (clip to
+            ``percentile_low``..``percentile_high``, then 0..1).
+    """
+
+    otsu_crop: bool = True
+    crop_margin_px: int = Field(8, ge=0)
+    denoise: Literal["none", "median", "gaussian"] = "none"
+    median_size: int = Field(3, ge=1, le=15)
+    gaussian_sigma: float = Field(1.0, gt=0.0, le=10.0)
+    size: int = Field(256, ge=16, le=2048)
+    normalise: Literal["zscore", "minmax", "percentile"] = "zscore"
+    percentile_low: float = Field(0.5, ge=0.0, lt=50.0)
+    percentile_high: float = Field(99.5, gt=50.0, le=100.0)
+
+    @model_validator(mode="after")
+    def _percentiles_ordered(self) -> PlanarPreprocessConfig:
+        if self.percentile_low >= self.percentile_high:
+            raise ValueError("percentile_low must be below percentile_high")
+        return self
+
+
+class PlanarValidateConfig(Section):
+    """``validate_2d:``: limits of the 2-D checks (the quarantine share is ``validate.max_invalid_fraction``).
+
+    Attributes:
+        min_side_px: smallest image side accepted (thumbnails carry too little detail).
+        max_side_px: largest image side accepted (guards against mislabelled mosaics/scans).
+        min_tumour_pixels: a slice labelled tumour needs at least this many mask pixels.
+    """
+
+    min_side_px: int = Field(64, ge=1)
+    max_side_px: int = Field(4096, ge=1)
+    min_tumour_pixels: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> PlanarValidateConfig:
+        if self.min_side_px > self.max_side_px:
+            raise ValueError("min_side_px must not exceed max_side_px")
+        return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -53,18 +54,29 @@ class ScheduleConfig(Section):
 
     @model_validator(mode="after")
     def _valid_schedule(self) -> ScheduleConfig:
-        # Prefect's own schedule model: the cron dialect and time zones the server will accept.
-        from prefect.client.schemas.schedules import CronSchedule
-        from pydantic import ValidationError
-
-        try:
-            CronSchedule(cron=self.cron, timezone=self.timezone)
-        except ValidationError as exc:
+        # Light checks here (no Prefect import when params.yaml loads); `tumorseg schedule` also runs
+        # Prefect's own cron validation (pipelines/schedule.py) before serving.
+        problem = cron_problem(self.cron, self.timezone)
+        if problem:
             raise ValueError(
-                f"cron {self.cron!r} / timezone {self.timezone!r}: {exc.errors()[0]['msg']} "
+                f"cron {self.cron!r} / timezone {self.timezone!r}: {problem} "
                 "(cron: minute hour day month weekday; timezone: an IANA name such as Europe/Paris)"
-            ) from None
+            )
         return self
+
+
+def cron_problem(cron: str, timezone: str) -> str | None:
+    """Why ``cron`` / ``timezone`` cannot be a schedule (five cron fields, a known IANA zone), or None."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    fields = cron.split()
+    if len(fields) != 5 or not all(re.fullmatch(r"[0-9A-Za-z*/,?#-]+", f) for f in fields):
+        return "Invalid cron string"
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        return "Invalid timezone"
+    return None
 
 
 class SmokeConfig(Section):

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tumorseg.config import section
 from tumorseg.data.manifest import FILE_KEYS, read_manifest
+from tumorseg.params import Params, as_params
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,18 @@ class RetrainDecision:
         return asdict(self)
 
 
-def champion_raw_data_hash(params: dict[str, Any], *, tracking_uri: str) -> tuple[str | None, str | None]:
+def champion_raw_data_hash(
+    params: Params | dict[str, Any], *, tracking_uri: str
+) -> tuple[str | None, str | None]:
     """``(champion version, its raw_data_md5 tag)``; ``(None, None)`` without a registered champion."""
+    params = as_params(params)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     from tumorseg.registry.config import CHAMPION, RegistryConfig
     from tumorseg.tracking import sqlite_path
 
-    cfg: RegistryConfig = section("registry", params)
+    cfg: RegistryConfig = params.registry
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():
         return None, None
@@ -70,10 +73,11 @@ def champion_raw_data_hash(params: dict[str, Any], *, tracking_uri: str) -> tupl
 
 
 def decide_retrain(
-    params: dict[str, Any], *, tracking_uri: str, source: str = "params.yaml"
+    params: Params | dict[str, Any], *, tracking_uri: str, source: str = "params.yaml"
 ) -> RetrainDecision:
     """Compare the ingested raw data with the data the champion was trained on."""
-    current = raw_data_hash(section("paths", params, source=source).ingested)
+    params = as_params(params, source)
+    current = raw_data_hash(params.paths.ingested)
     version, recorded = champion_raw_data_hash(params, tracking_uri=tracking_uri)
     if version is None:
         return RetrainDecision(True, "no champion yet: training the first model", current)
@@ -89,12 +93,18 @@ def decide_retrain(
 
 
 def record_raw_data_hash(
-    params: dict[str, Any], version: str, raw_md5: str, *, tracking_uri: str, source: str = "params.yaml"
+    params: Params | dict[str, Any],
+    version: str,
+    raw_md5: str,
+    *,
+    tracking_uri: str,
+    source: str = "params.yaml",
 ) -> None:
     """Tag a registered model version (and its training run) with the raw data it was trained on."""
+    params = as_params(params, source)
     from mlflow import MlflowClient
 
-    name = section("registry", params, source=source).model_name
+    name = params.registry.model_name
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     client.set_model_version_tag(name, version, RAW_DATA_TAG, raw_md5)
     run_id = client.get_model_version(name, version).run_id

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from tumorseg.params import Params, as_params
+
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
@@ -43,14 +45,12 @@ def resolve_tracking_uri(explicit: str | None = None, mlruns_dir: str | Path = "
     return explicit or os.environ.get(TRACKING_URI_ENV) or default_tracking_uri(mlruns_dir)
 
 
-def params_tracking_uri(
-    params: dict[str, Any], explicit: str | None = None, *, source: str = "params.yaml"
-) -> str:
+def params_tracking_uri(params: Params, explicit: str | None = None, *, source: str = "params.yaml") -> str:
     """:func:`resolve_tracking_uri` with ``mlflow.tracking_uri`` and ``paths.mlruns`` of ``params``."""
-    from tumorseg.config import section
+    params = as_params(params, source)
 
-    mlflow_uri = section("mlflow", params, source=source).tracking_uri
-    return resolve_tracking_uri(explicit or mlflow_uri, section("paths", params, source=source).mlruns)
+    mlflow_uri = params.mlflow.tracking_uri
+    return resolve_tracking_uri(explicit or mlflow_uri, params.paths.mlruns)
 
 
 @contextmanager

@@ -12,9 +12,10 @@ import pytest
 import scipy.io
 
 from tumorseg.cli import main
+from tumorseg.data.ingest import planar_manifest_row
 from tumorseg.data.planar import load_planar_raw
-from tumorseg.data.planar_ingest import PlanarFile, planar_manifest_row
 from tumorseg.data.planar_synth import write_figshare_mat
+from tumorseg.data.readers import PlanarFile
 
 PARAMS = str(Path(__file__).resolve().parents[2] / "params.yaml")
 PID = "MR040237"

@@ -10,8 +10,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
+from tumorseg.config import PlanarPreprocessConfig
 from tumorseg.data.planar import (
-    PlanarPreprocessConfig,
     apply_planar_geometry,
     otsu_crop_box,
     preprocess_planar,

@@ -13,9 +13,10 @@ import pytest
 
 from tumorseg.cli import main
 from tumorseg.config import SplitConfig
-from tumorseg.data.planar_dataset import PREPROCESSED_COLUMNS
-from tumorseg.data.planar_ingest import PLANAR_MANIFEST_COLUMNS, find_planar_files
+from tumorseg.data.ingest import PLANAR_MANIFEST_COLUMNS
 from tumorseg.data.planar_synth import write_figshare_mat
+from tumorseg.data.preprocess import PREPROCESSED_COLUMNS
+from tumorseg.data.readers import find_planar_files
 from tumorseg.data.split import read_split, split_planar_cases
 
 PARAMS = str(Path(__file__).resolve().parents[2] / "params.yaml")

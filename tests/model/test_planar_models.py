@@ -38,14 +38,14 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from tumorseg.config import apply_overrides
     from tumorseg.registry.evaluate_stage import evaluate_planar
     from tumorseg.registry.promote import promote
-    from tumorseg.training.planar_train import train_planar
+    from tumorseg.training.train import train
 
     tmp = tmp_path_factory.mktemp("planar")
     preprocessed, split = write_preprocessed(tmp / "preprocessed_2d")
     params = tiny_params(tmp, preprocessed, split)
     params_file = tmp / "params.yaml"
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
-    result = train_planar(params)
+    result = train(params, dims=2)
     evaluation = evaluate_planar(params)
     promotions = {
         name: promote(
@@ -179,7 +179,7 @@ def test_predict_writes_masks_at_each_input_size(trained: dict[str, Any], tmp_pa
 
 
 def test_predict_planar_function_takes_arrays(trained: dict[str, Any]) -> None:
-    from tumorseg.models.planar_predictor import predict_planar
+    from tumorseg.models.predictor import predict_planar
     from tumorseg.registry.loading import load_planar_model
 
     model = load_planar_model(

@@ -19,7 +19,7 @@ from serving_support import oracle_model, predict_tests, serve_params
 from tumorseg.config import SynthConfig
 from tumorseg.registry.loading import LoadedModel
 from tumorseg.serving.app import ServeSettings, create_app
-from tumorseg.serving.planar import PlanarSlot
+from tumorseg.serving.service import PlanarSlot
 
 
 @pytest.fixture

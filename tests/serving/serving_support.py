@@ -153,8 +153,8 @@ class PlanarOracle(nn.Module):
 
 def planar_oracle_model() -> Any:
     """The :class:`PlanarOracle` as a loaded 2-D model (classifier detector at 0.5, no size filter)."""
+    from tumorseg.models.checkpoint import PlanarModel
     from tumorseg.models.planar_detection import DetectorRule
-    from tumorseg.models.planar_package import PlanarModel
 
     return PlanarModel(
         PlanarOracle().eval(),
@@ -166,7 +166,7 @@ def planar_oracle_model() -> Any:
 
 
 def planar_oracle_slot() -> Any:
-    from tumorseg.serving.planar import PlanarSlot
+    from tumorseg.serving.service import PlanarSlot
 
     return PlanarSlot("oracle-2d", planar_oracle_model())
 
@@ -174,16 +174,17 @@ def planar_oracle_slot() -> Any:
 def write_tiny_planar_package(folder: Path) -> Path:
     """A randomly initialised tiny 2-D network saved as a 2-D model package (what the 2-D evaluation registers)."""
     from tumorseg.config import section
+    from tumorseg.models.checkpoint import PlanarModel
+    from tumorseg.models.package import save_package
     from tumorseg.models.planar_detection import DetectorRule
     from tumorseg.models.planar_network import build_planar_network
-    from tumorseg.models.planar_package import PlanarModel, save_planar_package
 
     params = planar_fx.tiny_params(folder, folder / "preprocessed_2d", folder / "split_2d.json")
     torch.manual_seed(0)
     network = build_planar_network(section("model_2d", params))
     config = {key: params[key] for key in ("preprocess_2d", "model_2d")}
     model = PlanarModel(network, config, DetectorRule("classifier", 0.5), {"min_component_px": 0})
-    save_planar_package(model, folder / "package")
+    save_package(model, folder / "package")
     return folder / "package"
 
 

@@ -162,9 +162,9 @@ def test_without_a_2d_model_the_service_runs_for_3d_and_answers_2d_with_503(
 ) -> None:
     from serving_support import case_files
 
-    with caplog.at_level(logging.WARNING, logger="tumorseg.serving.planar"):
+    with caplog.at_level(logging.WARNING, logger="tumorseg.serving.app"):
         client = make_client()  # serve.model_2d = models:/tumorseg-2d@champion in an empty store
-    warnings = [r for r in caplog.records if r.name == "tumorseg.serving.planar"]
+    warnings = [r for r in caplog.records if r.name == "tumorseg.serving.app" and "2-D" in r.getMessage()]
     assert len(warnings) == 1 and "no 2-D model" in warnings[0].getMessage()
     health = client.get("/health").json()
     assert health["model"]["name"] == "oracle"

@@ -181,12 +181,11 @@ def test_display_case_scores_its_own_label_set() -> None:
 # ---------------------------------------------------------------------------- MLflow pyfunc
 def pyfunc_of(loaded) -> object:
     """The registered pyfunc around a loaded model, without MLflow logging (load_context's state)."""
-    from tumorseg.models.predictor import PredictConfig
-    from tumorseg.registry.pyfunc import TumorsegSegmentationModel
+    from tumorseg.models.config import PredictConfig
+    from tumorseg.registry.pyfunc import TumorsegSegmentationModel, VolumeStrategy
 
     model = TumorsegSegmentationModel()
-    model._trained = loaded.trained
-    model._settings = PredictConfig(device="cpu", min_component_mm3=0.0)
+    model._strategy = VolumeStrategy(loaded.trained, PredictConfig(device="cpu", min_component_mm3=0.0))
     return model
 
 

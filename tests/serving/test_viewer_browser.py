@@ -208,7 +208,8 @@ def test_upload_a_2d_slice_see_the_mask_detection_and_download_it(
 ) -> None:
     from playwright.sync_api import sync_playwright
 
-    from tumorseg.data.planar_synth import SynthPlanarConfig, figshare_patient_slices, write_figshare_mat
+    from tumorseg.config import SynthPlanarConfig
+    from tumorseg.data.planar_synth import figshare_patient_slices, write_figshare_mat
 
     (generated,) = figshare_patient_slices(1, SynthPlanarConfig(spacing_mm=4.0, slices_per_patient=1))
     mat = write_figshare_mat(

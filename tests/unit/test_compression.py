@@ -14,6 +14,7 @@ from torch import nn
 from tumorseg.compression import pruning
 from tumorseg.compression.config import CompressConfig, QuantizationConfig
 from tumorseg.compression.fine_tune import FineTuneResult, best_weights_callback, distillation_loss
+from tumorseg.compression.measure import measure_latencies
 from tumorseg.compression.onnx_export import export_onnx, max_abs_difference
 from tumorseg.compression.quantize import calibration_windows, check_op_types, quantize_int8
 from tumorseg.compression.report import (
@@ -24,7 +25,7 @@ from tumorseg.compression.report import (
     ratios,
     report_markdown,
 )
-from tumorseg.compression.stage import _split_steps, measure_latencies
+from tumorseg.compression.variants import _split_steps
 from tumorseg.config import read_params, section
 from tumorseg.errors import ConfigError, DataError
 from tumorseg.models.onnx_network import OnnxRuntimeNetwork

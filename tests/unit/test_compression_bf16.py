@@ -12,10 +12,9 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from tumorseg.compression.config import CompressConfig
-from tumorseg.compression.onnx_export import ReducedPrecision
-from tumorseg.compression.program_export import export_program
+from tumorseg.compression.onnx_export import ReducedPrecision, export_program
 from tumorseg.compression.report import VariantResult, choose_edge, report_markdown
-from tumorseg.compression.stage import BFLOAT16_SOURCES, _kind
+from tumorseg.compression.variants import BFLOAT16_SOURCES, _kind
 from tumorseg.errors import DataError
 from tumorseg.models.package import load_artifacts
 from tumorseg.models.program_network import ExportedProgramNetwork

@@ -13,7 +13,7 @@ from torch import nn
 from tumorseg.compression.config import CompressConfig
 from tumorseg.compression.onnx_export import export_onnx
 from tumorseg.compression.quantize import quantize_weights_int8
-from tumorseg.compression.stage import _kind
+from tumorseg.compression.variants import _kind
 from tumorseg.errors import DataError
 from tumorseg.models.onnx_network import OnnxRuntimeNetwork
 

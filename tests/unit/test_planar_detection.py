@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tumorseg.evaluation.planar_evaluate import patient_mean_ci, segmentation_scores
+from tumorseg.evaluation.metrics import segmentation_scores
+from tumorseg.evaluation.summary import patient_mean_ci
 from tumorseg.models.planar_detection import (
     binary_detection_metrics,
     choose_detector,

@@ -50,7 +50,7 @@ def test_output_mode_is_fixed_to_binary() -> None:
 
 def test_input_size_the_network_cannot_halve_is_a_config_error() -> None:
     from tumorseg.config import apply_overrides, read_params
-    from tumorseg.training.planar_train import load_planar_training_config
+    from tumorseg.training.config import load_planar_training_config
 
     root = Path(__file__).resolve().parents[2]
     params = apply_overrides(read_params(root / "params.yaml"), {"model_2d.input_size": 100})

@@ -24,10 +24,9 @@ from tumorseg.data.layouts import discover_cases
 from tumorseg.data.transforms import DataLoaderConfig
 from tumorseg.errors import DataError
 from tumorseg.models.checkpoint import TrainedNetwork
-from tumorseg.models.config import SlidingWindowConfig
+from tumorseg.models.config import PredictConfig, SlidingWindowConfig
 from tumorseg.models.networks import ModelConfig
 from tumorseg.models.predictor import (
-    PredictConfig,
     SegmentationPredictor,
     decode_labels,
     mirror_sets,

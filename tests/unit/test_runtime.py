@@ -59,9 +59,9 @@ def test_predictors_apply_it_unless_the_params_say_no(monkeypatch: pytest.Monkey
     from tumorseg.config import PreprocessConfig
     from tumorseg.data.transforms import DataLoaderConfig
     from tumorseg.models.checkpoint import TrainedNetwork
-    from tumorseg.models.config import SlidingWindowConfig
+    from tumorseg.models.config import PredictConfig, SlidingWindowConfig
     from tumorseg.models.networks import ModelConfig
-    from tumorseg.models.predictor import PredictConfig, SegmentationPredictor
+    from tumorseg.models.predictor import SegmentationPredictor
 
     trained = TrainedNetwork(
         network=nn.Conv3d(4, 3, 1),

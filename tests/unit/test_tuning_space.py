@@ -96,12 +96,17 @@ def test_best_params_precedence(tmp_path: Path) -> None:
     write_best_params(best, {"train.lr": 0.003, "model.unet.channels": [8, 16]}, "test header")
     assert best.read_text().startswith("# test header\n")
     assert read_best_params(best) == {"train.lr": 0.003, "model.unet.channels": [8, 16]}
-    params = {"tune": {"best_params_file": str(best)}, "train": {"lr": 0.1, "max_epochs": 3}}
+    params = {
+        "tune": {"best_params_file": str(best)},
+        "train": {"lr": 0.1, "max_epochs": 3},
+        "model": {"unet": {"channels": [4, 8], "strides": [2]}},  # two levels, as the best file has
+    }
     merged = with_best_params(params, explicit={"train.lr": 0.5})
-    assert merged["train"] == {"lr": 0.5, "max_epochs": 3}  # -S beats the best file
-    assert merged["model"]["unet"]["channels"] == [8, 16]  # the best file beats params.yaml
+    assert merged.raw["train"] == {"lr": 0.5, "max_epochs": 3}  # -S beats the best file
+    assert merged.raw["model"]["unet"]["channels"] == [8, 16]  # the best file beats params.yaml
+    assert (merged.train.lr, merged.model.unet.channels) == (0.5, (8, 16))  # and the result is validated
     params["tune"]["apply_best"] = False
-    assert with_best_params(params)["train"]["lr"] == 0.1
+    assert with_best_params(params).train.lr == 0.1
     best.write_text("[1, 2")
     with pytest.raises(ConfigError, match="best.yaml"):
         read_best_params(best)

@@ -1,9 +1,6 @@
-"""Fine-tuning a pruned network back to accuracy with the project's own training recipe.
-
-The same LightningModule, loss, DataModule, augmentation and optimiser as training, plus: knowledge
-distillation from the fp32 network (Hinton et al. 2015; ``task loss + weight * D(student, teacher)``),
-a cosine learning-rate schedule without warm-up, and the weights of the best validation
-``val_dice_mean`` kept (the test split only scores the result, in the compression report).
+"""Fine-tuning a pruned network back to accuracy with training's own LightningModule, loss, data and
+optimiser, plus distillation from the fp32 network (Hinton et al. 2015), a cosine schedule without
+warm-up, and the weights of the best validation ``val_dice_mean`` kept (the test split only scores).
 """
 
 from __future__ import annotations
@@ -20,8 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from tumorseg.compression.config import PruningConfig
 from tumorseg.config import section
 from tumorseg.errors import DataError
+from tumorseg.params import Params, as_params
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +29,8 @@ DISTILLATION_LOSSES = ("mse", "kl")
 
 @dataclass
 class FineTuneResult:
-    """What a fine-tune did.
-
-    Attributes:
-        best_step: step whose weights were kept (0: the pruned weights before any step).
-        best_val_dice: validation mean Dice of those weights (None without validation).
-        curve: ``[step, validation mean Dice]`` at every validation, in order.
-        train_loss: mean training loss (task + distillation).
-    """
+    """What a fine-tune did: ``best_step`` whose weights were kept (0: the pruned ones) and their
+    ``best_val_dice`` (None without validation); ``curve``: ``[step, val mean Dice]`` per validation."""
 
     steps: int
     best_step: int
@@ -52,10 +45,9 @@ def distillation_loss(
 ) -> torch.Tensor:
     """How far the student's logits ``(B, C, *spatial)`` are from the teacher's (a scalar, 0 when equal).
 
-    Written here because neither MONAI nor torch has a distillation loss for sigmoid region outputs.
-    ``kind`` is ``mse`` (logit matching, Ba & Caruana 2014) or ``kl``: the KL divergence of the
-    probabilities softened by ``temperature`` T (binary per voxel for ``regions``, softmax over C for
-    ``labels``), times T^2 so gradients keep their size across temperatures.
+    Here because neither MONAI nor torch distils sigmoid region outputs. ``kind``: ``mse`` (logit
+    matching, Ba & Caruana 2014) or ``kl`` of the probabilities softened by ``temperature`` T (binary per
+    voxel for ``regions``, softmax over C for ``labels``), times T^2 to keep gradients' size.
     """
     import torch.nn.functional as F
 
@@ -77,15 +69,12 @@ def distillation_loss(
 
 
 def _distilling_module_class() -> type:
-    """:class:`SegmentationModule` with a distillation term (built lazily: Lightning is a heavy import)."""
+    """:class:`SegmentationModule` with a distillation term (built lazily: Lightning imports slowly)."""
     from tumorseg.data.transforms import IMAGE_KEY, LABEL_KEY
     from tumorseg.models.lightning_module import SegmentationModule
 
     class DistillingSegmentationModule(SegmentationModule):
-        """Training step ``loss = task loss + weight * distillation_loss(student, teacher)``.
-
-        ``teacher`` None or ``weight`` 0 trains on the task loss alone.
-        """
+        """``loss = task loss + weight * distillation_loss(student, teacher)`` (no teacher: task loss)."""
 
         def __init__(
             self,
@@ -130,11 +119,8 @@ def _distilling_module_class() -> type:
 
 
 def best_weights_callback(network: nn.Module, result: FineTuneResult) -> Any:
-    """Lightning callback recording the validation curve and keeping the best weights in memory.
-
-    Not ``ModelCheckpoint``: the weights before the first step (scored by ``trainer.validate``) are
-    candidates too, and a state_dict in memory avoids a round trip through disk.
-    """
+    """Lightning callback recording the validation curve and keeping the best weights in memory (not
+    ``ModelCheckpoint``: the weights before the first step are candidates too, and no disk round trip)."""
     import lightning as L
 
     class BestValidationWeights(L.Callback):
@@ -180,29 +166,21 @@ def _with_repeated_tumour_free(
 def fine_tune(
     network: nn.Module,
     trained: Any,
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     steps: int,
-    lr: float,
-    schedule: str = "cosine",
-    val_every: int = 0,
-    val_cases: int = 0,
+    cfg: PruningConfig,
     teacher: nn.Module | None = None,
-    distill_weight: float = 0.0,
-    distill_loss: str = "mse",
-    distill_temperature: float = 1.0,
-    tumour_free_repeat: int = 1,
     source: str = "params.yaml",
 ) -> FineTuneResult:
     """Train the pruned ``network`` in place for ``steps`` optimiser steps with the model's own recipe.
 
     Loss, augmentation, patch sampling and optimiser come from the sections stored with ``trained``,
-    the data from ``params``, the options from ``compress.pruning``. Pruning masks stay applied; the
-    ``teacher`` is copied and frozen; no checkpoint or logger is written.
-
-    Raises:
-        DataError: no training cases, or validation asked for without validation cases.
+    the data from ``params``, lr, schedule, validation and distillation from ``cfg``. Pruning masks
+    stay applied; the ``teacher`` is copied and frozen; no checkpoint or logger is written. DataError:
+    no training cases, or validation asked for without validation cases.
     """
+    params = as_params(params, source)
     if steps <= 0:
         return FineTuneResult(steps=0, best_step=0, best_val_dice=None)
     import lightning as L
@@ -211,12 +189,15 @@ def fine_tune(
 
     start = time.perf_counter()
     stored = trained.config
-    paths = section("paths", params, source=source)
-    trainer_cfg = section("trainer", params, source=source)
-    train_cfg = _fine_tune_train_config(stored, lr, schedule)
-    records, val_records = _fine_tune_records(paths, val_every, val_cases, tumour_free_repeat)
-    distill = dict(weight=distill_weight, kind=distill_loss, temperature=distill_temperature)
-    module = _fine_tune_module(network, trained, train_cfg, schedule == "cosine", teacher, distill)
+    paths = params.paths
+    trainer_cfg = params.trainer
+    val_every = cfg.val_every
+    train_cfg = _fine_tune_train_config(stored, cfg.fine_tune_lr, cfg.fine_tune_schedule)
+    records, val_records = _fine_tune_records(paths, val_every, cfg.val_cases, cfg.tumour_free_repeat)
+    distill = dict(weight=cfg.distill_weight, kind=cfg.distill_loss, temperature=cfg.distill_temperature)
+    module = _fine_tune_module(
+        network, trained, train_cfg, cfg.fine_tune_schedule == "cosine", teacher, distill
+    )
     datamodule = SegmentationDataModule(
         records,
         val_records,
@@ -240,13 +221,9 @@ def fine_tune(
 
 def _fine_tune_train_config(stored: dict[str, Any], lr: float, schedule: str) -> Any:
     """The model's own ``train`` section with the fine-tune's learning rate and schedule (no warm-up)."""
+    scheduler = "cosine" if schedule == "cosine" else "none"
     return section("train", stored).model_copy(
-        update={
-            "lr": lr,
-            "scheduler": "cosine" if schedule == "cosine" else "none",
-            "warmup_epochs": 0.0,
-            "min_lr": 0.0,
-        }
+        update={"lr": lr, "scheduler": scheduler, "warmup_epochs": 0.0, "min_lr": 0.0}
     )
 
 

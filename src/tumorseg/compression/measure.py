@@ -1,7 +1,5 @@
 """Measuring the variants with the same code, cases and threads: Dice on the test split, CPU latency.
-
-Every variant runs through the whole ``predict`` path
-(:class:`~tumorseg.models.predictor.SegmentationPredictor`): what is measured is what a deployment runs.
+Every variant runs the whole ``predict`` path: what is measured is what a deployment runs.
 """
 
 from __future__ import annotations
@@ -35,15 +33,14 @@ def measure_latencies(
 ) -> dict[str, tuple[float, float, list[float], float | None]]:
     """Median whole-``predict`` CPU time per case of each variant, timed in alternation with the baseline.
 
-    Machine load drifts over minutes, so each variant gets its own block of ``repeats`` rounds that
-    alternate the baseline and the variant on every case: the speed-up is the ratio within the block.
-    Not one round-robin over all variants: a run would then depend on the runtime run just before
-    it (ONNX Runtime's arenas, freed memory), which a deployment (one model per process) never sees.
+    Machine load drifts over minutes, so each variant gets its own block of ``repeats`` rounds
+    alternating baseline and variant on every case; not one round-robin over all variants, where a run
+    would depend on the runtime run before it (arenas, freed memory), unlike a one-model deployment.
 
     Returns:
-        ``{name: (median whole-predict s, median sliding-window s, every run, baseline s)}`` (medians
-        per case, averaged over cases); ``baseline s`` is the baseline's time in the variant's block
-        (None for the baseline, which pools every block, and for all when there is no baseline).
+        ``{name: (whole-predict s, sliding-window s, every run, baseline s)}``: per-case medians averaged
+        over cases; ``baseline s``: the baseline's time in the variant's block (None for the baseline,
+        which pools every block).
     """
     for predictor in predictors.values():
         for case in cases:

@@ -1,4 +1,6 @@
-"""Export a network to ONNX with dynamic batch and spatial axes, and check ONNX Runtime against PyTorch.
+"""Export a network with dynamic batch and spatial axes: to ONNX (checked against PyTorch), or as a
+``torch.export`` program (``.pt2``) for the bfloat16 variants (ONNX Runtime has no bfloat16 convolution
+on CPU, PyTorch's oneDNN has).
 
 The graph maps ``image`` ``(B, 4, X, Y, Z)`` float32 to ``logits`` ``(B, C, X, Y, Z)`` float32; B, X,
 Y, Z are dynamic because the sliding window's last batch may be smaller.
@@ -22,10 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class ReducedPrecision(nn.Module):
-    """``network`` in float16 or bfloat16 with float32 input and output, so callers stay float32.
-
-    The casts are part of the exported graph.
-    """
+    """``network`` in float16 or bfloat16 with float32 input and output (casts in the exported graph)."""
 
     def __init__(self, network: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
@@ -45,11 +44,8 @@ def export_onnx(
     exporter: str = "dynamo",
     what: str = "network",
 ) -> Path:
-    """Write ``network`` as ONNX to ``path`` (via a temporary name); DataError naming ``what`` if it fails.
-
-    ``example`` is the ``(B, 4, *patch)`` input traced by ``exporter``: ``dynamo`` (torch.export +
-    onnxscript) or ``torchscript`` (legacy tracer).
-    """
+    """Write ``network`` as ONNX to ``path`` atomically; DataError naming ``what`` if it fails. ``example``:
+    the ``(B, 4, *patch)`` input traced by ``dynamo`` (torch.export + onnxscript) or ``torchscript``."""
     path = Path(path)
     network.eval()
     spatial = range(2, example.dim())
@@ -97,3 +93,33 @@ def max_abs_difference(network: nn.Module, onnx_file: str | Path, example: torch
     if got.shape != expected.shape:
         raise DataError(f"{onnx_file}: ONNX output shape {got.shape} differs from PyTorch's {expected.shape}")
     return float(np.max(np.abs(got - expected)))
+
+
+def export_program(
+    network: nn.Module, path: str | Path, example: torch.Tensor, *, what: str = "network"
+) -> Path:
+    """Write ``network`` to ``path`` with ``torch.export.save``; DataError naming ``what`` if it fails.
+
+    ``example`` is the ``(B, 4, *patch)`` input traced (B >= 2; any batch >= 1 runs later). Loaded by
+    :class:`~tumorseg.models.program_network.ExportedProgramNetwork`.
+    """
+    path = Path(path)
+    network.eval()
+    # The batch may be 1 (the sliding window's last batch); the spatial sizes keep whatever
+    # divisibility the network needs, which torch.export infers (Dim.AUTO).
+    axes = {
+        0: torch.export.Dim("batch", min=1),
+        **{axis: torch.export.Dim.AUTO for axis in range(2, example.dim())},
+    }
+    try:
+        with atomic_output(path, ".pt2") as tmp, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(network, (example,), dynamic_shapes=(axes,))
+            program.example_inputs = None  # not stored: the file holds the graph and weights only
+            torch.export.save(program, str(tmp))
+    except Exception as exc:  # torch.export raises many types; the user needs the first line of it
+        raise DataError(
+            f"torch.export of the {what} failed ({type(exc).__name__}: {first_line(exc)}); "
+            "leave the variant out of compress.variants"
+        ) from None
+    return path

@@ -20,26 +20,13 @@ from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CONV_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass
 class PruneStats:
-    """What pruning did to a network.
-
-    Attributes:
-        gmacs_before: multiply-accumulates (10^9) of one ``(1, 4, *patch)`` window before pruning.
-        gmacs_after: the same after pruning (dense count: zeros still cost time).
-        fine_tune_loss: mean training loss over the (last) fine-tune (None without one).
-        fine_tune: per round, the :class:`~tumorseg.compression.fine_tune.FineTuneResult` as a dict.
-    """
+    """What pruning did to a network: ``gmacs_*`` are 10^9 multiply-accumulates of one ``(1, 4, *patch)``
+    window (dense count: zeros still cost time); ``fine_tune`` holds each round's ``FineTuneResult``."""
 
     method: str
     parameters_before: int
@@ -91,11 +78,8 @@ def _conv_weights(network: nn.Module) -> list[tuple[nn.Module, str]]:
 
 
 def prune_unstructured(network: nn.Module, amount: float) -> None:
-    """Zero the ``amount`` smallest-|w| share of all conv weights, globally, in place.
-
-    The mask stays attached (``weight`` becomes ``weight_orig * weight_mask``); DataError without
-    a conv layer.
-    """
+    """Zero the ``amount`` smallest-|w| share of all conv weights, globally, in place; the mask stays
+    attached (``weight = weight_orig * weight_mask``). DataError without a conv layer."""
     from torch.nn.utils import prune
 
     targets = _conv_weights(network)
@@ -116,14 +100,11 @@ def make_permanent(network: nn.Module) -> None:
 
 
 def expand_shared_prelu(network: nn.Module, example: torch.Tensor) -> int:
-    """Replace each single-slope ``PReLU`` in place by a per-channel one with that slope everywhere.
+    """Replace each single-slope ``PReLU`` in place by a per-channel one with that slope; returns how many.
 
     Torch-Pruning 1.6 cannot follow MONAI's shared-slope ``PReLU()`` (its graph follows the slope's
     reshape and fails on the skip concatenations); equal per-channel slopes compute the same function
     and prune like a norm layer. ``example`` ``(1, 4, *patch)`` gives the channel counts.
-
-    Returns:
-        The number of PReLU layers replaced.
     """
     channels: dict[nn.Module, int] = {}
 
@@ -181,10 +162,7 @@ def prune_channels_in_rounds(
 
     The caller fine-tunes between rounds, so channel importance (L2 norm of the weights) is re-ranked
     on adapted weights. ``example`` ``(1, 4, *patch)`` traces the dependency graph; the input and the
-    ``out_channels`` of the head are kept.
-
-    Raises:
-        DataError: Torch-Pruning cannot trace the network, or pruning changed its output shape.
+    head's ``out_channels`` are kept. DataError: the network cannot be traced, or its output shape changed.
     """
     import torch_pruning as tp
 

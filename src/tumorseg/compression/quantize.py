@@ -61,11 +61,9 @@ def calibration_windows(
     *,
     split_file: str | Path = "split.json",
 ) -> tuple[list[np.ndarray], list[str]]:
-    """Random training-patch windows ``(1, 4, *roi)`` float32, zero-padded, from preprocessed cases.
-
-    The first ``cfg.calibration_cases`` of ``case_ids`` are used (DataError, naming ``split_file``,
-    if there are none); a 2-D model's ``roi_size`` gives ``(1, 4, X, Y)`` axial slices.
-    """
+    """Random training-patch windows ``(1, 4, *roi)`` float32, zero-padded, from the first
+    ``cfg.calibration_cases`` of ``case_ids`` (DataError naming ``split_file`` if none); a 2-D model's
+    ``roi_size`` gives ``(1, 4, X, Y)`` axial slices."""
     from tumorseg.data.datamodule import case_records
 
     if not case_ids:
@@ -135,11 +133,9 @@ def quantize_int8(
 ) -> QuantizationStats:
     """Write the INT8 (QDQ) version of ``fp32_onnx`` to ``out_path``, calibrated on ``windows``.
 
-    ``quantize_static`` puts Quantize/DequantizeLinear pairs around the ``cfg.op_types`` layers,
-    which ONNX Runtime fuses into INT8 kernels on load; normalisation and activations stay float.
-
-    Raises:
-        DataError: no calibration windows, no layer of a quantizable type, or ONNX Runtime failed.
+    ``quantize_static`` puts Quantize/DequantizeLinear pairs around the ``cfg.op_types`` layers, which
+    ONNX Runtime fuses into INT8 kernels on load; normalisation and activations stay float. DataError:
+    no calibration windows, no layer of a quantizable type, or ONNX Runtime failed.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -193,11 +189,8 @@ def quantize_int8(
 
 
 def _quantized_layers(quantized: Any, targets: list[str]) -> tuple[Counter[str], Counter[str]]:
-    """Layers of a QDQ graph by type: ``(quantized, left in float)``.
-
-    Read from the written graph, not trusted from the request: a quantized layer has an input that
-    comes out of a ``DequantizeLinear``.
-    """
+    """Layers of a QDQ graph by type, ``(quantized, left in float)``, read from the written graph: a
+    quantized layer has an input that comes out of a ``DequantizeLinear``."""
     dequantized_inputs = {
         node.output[0] for node in quantized.graph.node if node.op_type == "DequantizeLinear"
     }
@@ -258,14 +251,13 @@ def quantize_weights_int8(
                 numpy_helper.from_array(scale, f"{name}_scale"),
             ]
         )
-        dequantize += [
-            helper.make_node(
-                "Cast", [f"{name}_int8"], [f"{name}_cast"], to=TensorProto.FLOAT, name=f"{name}_cast"
-            ),
-            helper.make_node(
-                "Mul", [f"{name}_cast", f"{name}_scale"], [f"{name}_dequantized"], name=f"{name}_mul"
-            ),
-        ]
+        cast = helper.make_node(
+            "Cast", [f"{name}_int8"], [f"{name}_cast"], to=TensorProto.FLOAT, name=f"{name}_cast"
+        )
+        mul = helper.make_node(
+            "Mul", [f"{name}_cast", f"{name}_scale"], [f"{name}_dequantized"], name=f"{name}_mul"
+        )
+        dequantize += [cast, mul]
         node.input[1] = f"{name}_dequantized"
         done[node.op_type] += 1
     if not done:

@@ -14,7 +14,7 @@ from typing import Any
 
 from tumorseg.compression.config import CompressConfig
 from tumorseg.compression.report import CompressionResult, VariantResult
-from tumorseg.config import section
+from tumorseg.params import Params, as_params
 from tumorseg.registry.config import RegistryConfig
 
 RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch.export": "PyTorch, torch.export program"}
@@ -33,6 +33,7 @@ def log_compress_run(
     source: str,
 ) -> tuple[str, dict[str, str] | None]:
     """Log the report to a ``compress`` MLflow run; register the edge model (new version + alias)."""
+    params = as_params(params, source)
     import mlflow
 
     from tumorseg import tracking
@@ -78,30 +79,26 @@ def register_edge(
     outcome: CompressionResult,
     trained: Any,
     run_cfg: Any,
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     cfg: CompressConfig,
     uri: str,
     run_id: str,
     source: str,
 ) -> dict[str, str]:
     """Log the edge model's file as the tumorseg pyfunc; register it as a new version with alias and tags."""
+    params = as_params(params, source)
     import mlflow
-    from mlflow.exceptions import MlflowException
 
+    from tumorseg.registry.register import register_version
     from tumorseg.tracking import fluent_store
 
     edge = outcome.edge
     assert edge is not None
-    registry: RegistryConfig = section("registry", params, source=source)
+    registry: RegistryConfig = params.registry
     model_uri = _log_edge_model(outcome, edge, trained, run_cfg.model_dump(mode="json"), uri, run_id)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    try:
-        client.get_registered_model(registry.model_name)
-    except MlflowException:
-        client.create_registered_model(registry.model_name)
     with fluent_store(uri):
-        version = mlflow.register_model(model_uri, registry.model_name, tags=_edge_tags(outcome, edge))
-    number = str(version.version)
+        number = register_version(client, model_uri, registry.model_name, None, _edge_tags(outcome, edge))
     client.update_model_version(registry.model_name, number, description=_edge_description(outcome, edge))
     client.set_registered_model_alias(registry.model_name, cfg.alias, number)
     client.set_tag(run_id, "tumorseg.registered_version", f"{registry.model_name}/{number}")
@@ -127,8 +124,14 @@ def _log_edge_model(
     """
     import mlflow
 
-    from tumorseg.registry.pyfunc import MODEL_CODE, PREDICT_SETTINGS_FILE, RUNTIME_PACKAGES, model_signature
-    from tumorseg.tracking import fluent_store, model_pip_requirements
+    from tumorseg.registry.pyfunc import (
+        MODEL_CODE,
+        PREDICT_SETTINGS_FILE,
+        RUNTIME_PACKAGES,
+        log_code_model,
+        model_signature,
+    )
+    from tumorseg.tracking import fluent_store
 
     with tempfile.TemporaryDirectory(prefix="tumorseg-edge-") as tmp, fluent_store(uri):
         config_file = Path(tmp) / "config.json"
@@ -141,18 +144,10 @@ def _log_edge_model(
             "predict": str(predict_file),
             "compression": str(outcome.files["report_json"]),
         }
+        packages = (*RUNTIME_PACKAGES, "onnxruntime") if edge.runtime == "onnxruntime" else RUNTIME_PACKAGES
+        signature = model_signature(bool(settings.get("tta")), float(settings.get("min_component_mm3", 0)))
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(MODEL_CODE),
-                artifacts=artifacts,
-                signature=model_signature(
-                    bool(settings.get("tta")), float(settings.get("min_component_mm3", 0))
-                ),
-                pip_requirements=model_pip_requirements(
-                    (*RUNTIME_PACKAGES, "onnxruntime") if edge.runtime == "onnxruntime" else RUNTIME_PACKAGES
-                ),
-            )
+            info = log_code_model("model", MODEL_CODE, artifacts, signature, packages)
     return info.model_uri
 
 

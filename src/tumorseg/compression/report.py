@@ -1,8 +1,7 @@
 """The compression report: one row per variant, the accuracy gate, and the choice of the edge model.
 
-Gate: a variant is accepted only if its mean Dice (over test cases of each case's mean over WT, TC,
-ET: the promotion gate's statistic) is at most ``compress.dice_tolerance`` below fp32's on the same
-cases. :func:`publish` writes the variant files to ``compress.out_dir`` and both reports.
+Gate: a variant passes if its mean Dice (over test cases of each case's mean over regions, the
+promotion gate's statistic) is at most ``compress.dice_tolerance`` below fp32's on the same cases.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tumorseg.data.manifest import atomic_output, atomic_write_text
+from tumorseg.evaluation.summary import clean_json
 
 BASELINE = "fp32"
 EDGE_RUNTIMES = ("onnxruntime", "torch.export")
@@ -30,14 +30,11 @@ class VariantResult:
     """One deployment variant, measured.
 
     Attributes:
-        runtime: ``pytorch`` (the fp32 source), ``onnxruntime`` or ``torch.export`` (bfloat16 programs).
-        file: the model file (``weights.pt`` state_dict for fp32, the ``.onnx`` or ``.pt2`` otherwise).
+        runtime: ``pytorch`` (fp32: ``weights.pt``), ``onnxruntime`` (``.onnx``) or ``torch.export`` (``.pt2``).
         onnx_max_abs_diff: max |logit difference| from the network or graph it was made from.
-        latency_s: median wall time of the whole ``predict`` of a latency case, averaged over cases;
-            the speed-up is ``baseline_latency_s`` (fp32's, in the runs alternating with it) over it.
-        inference_s: median sliding-window part of that time.
-        case_dice_mean: each test case's mean Dice over WT/TC/ET.
-        dice_drop: fp32 mean Dice minus this variant's (positive = worse).
+        latency_s: median wall time of a latency case's whole ``predict``, averaged over cases; the
+            speed-up is ``baseline_latency_s`` (fp32's, alternating with it) over it.
+        case_dice_mean: each test case's mean Dice over regions; ``dice_drop``: fp32's mean minus this.
         accepted: passed the gate (None until gated, and for fp32, the reference).
     """
 
@@ -151,16 +148,6 @@ def ratios(edge: VariantResult | None, results: list[VariantResult]) -> dict[str
     }
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if not math.isfinite(value) else round(value, 6)
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
 def report_dict(
     results: list[VariantResult],
     edge: VariantResult | None,
@@ -169,7 +156,7 @@ def report_dict(
     context: dict[str, Any],
 ) -> dict[str, Any]:
     """The JSON report: context (source model, cases, machine), variants, edge and its ratios."""
-    return _clean(
+    return clean_json(
         {
             **context,
             "dice_tolerance": tolerance,
@@ -185,7 +172,7 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 
 def _worst_case_lines(results: list[VariantResult]) -> list[str]:
-    """One line per rejected variant: the test case whose mean Dice fell most against fp32."""
+    """Per rejected variant: the test case whose mean Dice fell most against fp32."""
     baseline = _baseline(results)
     if baseline is None:
         return []
@@ -199,18 +186,24 @@ def _worst_case_lines(results: list[VariantResult]) -> list[str]:
             f"- {r.name} rejected: largest per-case drop on {case} "
             f"(mean Dice {baseline.case_dice_mean[case]:.4f} fp32 -> {r.case_dice_mean[case]:.4f})."
         )
+    return _paragraph(lines)
+
+
+def _paragraph(lines: list[str]) -> list[str]:
+    """``lines`` and a blank line, or nothing."""
     return [*lines, ""] if lines else []
 
 
 def _precision_lines(results: list[VariantResult]) -> list[str]:
     """A warning per bfloat16 variant timed on a CPU that emulates bfloat16."""
-    lines = [
-        f"- {r.name}: this CPU has no native bfloat16 (AVX512-BF16, AMX or Arm BF16); PyTorch emulated it, "
-        "so its latency here says nothing about a CPU that has it."
-        for r in results
-        if r.details.get("native_bfloat16") is False
-    ]
-    return [*lines, ""] if lines else []
+    return _paragraph(
+        [
+            f"- {r.name}: this CPU has no native bfloat16 (AVX512-BF16, AMX or Arm BF16); PyTorch emulated "
+            "it, so its latency here says nothing about a CPU that has it."
+            for r in results
+            if r.details.get("native_bfloat16") is False
+        ]
+    )
 
 
 def _fine_tune_lines(results: list[VariantResult]) -> list[str]:
@@ -229,7 +222,7 @@ def _fine_tune_lines(results: list[VariantResult]) -> list[str]:
                 f"- {r.name}{rounds} fine-tune, validation Dice mean by step: {curve}; "
                 f"kept step {tune['best_step']} ({tune['seconds']:.0f} s)."
             )
-    return [*lines, ""] if lines else []
+    return _paragraph(lines)
 
 
 def report_markdown(
@@ -252,7 +245,7 @@ def report_markdown(
 
 
 def _table_head(regions: list[str], context: dict[str, Any]) -> list[str]:
-    """Title, the measurement conditions, and the variant table's header (one Dice column per region)."""
+    """Title, measurement conditions and the table header (a Dice column per region)."""
     return [
         "# Model compression",
         "",
@@ -272,7 +265,6 @@ def _table_head(regions: list[str], context: dict[str, Any]) -> list[str]:
 def _table_row(
     r: VariantResult, edge: VariantResult | None, baseline: VariantResult | None, regions: list[str]
 ) -> str:
-    """One variant's row of the table."""
     gate = "baseline" if r.accepted is None else ("accepted" if r.accepted else "rejected")
     if not r.measured and r.name != BASELINE:
         gate = f"not measured: {r.reason}"
@@ -312,16 +304,10 @@ def _edge_lines(
     return lines
 
 
-def report_json(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2, allow_nan=False) + "\n"
-
-
 @dataclass
 class CompressionResult:
-    """What ``tumorseg compress`` did: every variant (fp32 first), the edge (None: none passed), files.
-
-    ``registered`` is ``{"name", "version", "alias", "uri"}`` of the registered edge version, or None.
-    """
+    """What ``tumorseg compress`` did: every variant (fp32 first), the edge (None: none passed), files,
+    and ``registered``: ``{"name", "version", "alias", "uri"}`` of the edge version, or None."""
 
     variants: list[VariantResult]
     edge: VariantResult | None
@@ -370,6 +356,6 @@ def publish(
             variant["file"] = str(files[variant["name"]])
     files["report_json"] = reports / REPORT_JSON
     files["report_md"] = reports / REPORT_MD
-    atomic_write_text(files["report_json"], report_json(report))
+    atomic_write_text(files["report_json"], json.dumps(report, indent=2, allow_nan=False) + "\n")
     atomic_write_text(files["report_md"], report_markdown(results, edge, context=context))
     return files

@@ -1,10 +1,7 @@
 """``tumorseg compress``: build the deployment variants, measure them side by side, gate, register ``edge``.
 
-:func:`run_compress_stage` (called by the CLI, the DVC stage and the Prefect task) checks every input
-first, builds the variants (:mod:`~tumorseg.compression.variants`), measures Dice and CPU latency
-(:mod:`~tumorseg.compression.measure`), gates them and picks the edge model
-(:mod:`~tumorseg.compression.report`), then registers it (:mod:`~tumorseg.compression.register`).
-Any failure before registration leaves the registry as it was.
+Every input is checked before any variant is built, so a failure before registration leaves the
+registry as it was.
 """
 
 from __future__ import annotations
@@ -34,11 +31,9 @@ from tumorseg.compression.report import (
     publish,
     report_dict,
 )
-from tumorseg.compression.variants import BFLOAT16_SOURCES, ONNX_SOURCES, VariantBuilder, _kind, _split_steps
-from tumorseg.config import EvaluateConfig, section
-
-# Names the tests import from here.
-__all__ = ["BFLOAT16_SOURCES", "_kind", "_split_steps", "measure_latencies", "run_compress_stage"]
+from tumorseg.compression.variants import ONNX_SOURCES, VariantBuilder
+from tumorseg.config import EvaluateConfig
+from tumorseg.params import Params, as_params
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +43,8 @@ FP16_NOT_MEASURED = "FP16 runs on GPU (CUDAExecutionProvider); no GPU here, buil
 
 @dataclass
 class _StageInputs:
-    """Everything the stage reads, loaded and checked before any variant is built.
-
-    ``run_cfg`` is the ``predict`` settings every variant runs with (CPU, labels only); ``calibration``
-    is ``(windows, case ids)`` for INT8, or None.
-    """
+    """Everything the stage reads, loaded and checked first; ``run_cfg``: the ``predict`` settings every
+    variant runs with (CPU, labels only); ``calibration``: ``(windows, case ids)`` for INT8, or None."""
 
     cfg: CompressConfig
     eval_cfg: EvaluateConfig
@@ -76,10 +68,10 @@ def run_compress_stage(
 ) -> CompressionResult:
     """Build, measure and gate the variants; write the reports; register the edge model.
 
-    ``tracking_uri`` defaults to ``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``, then the SQLite
-    store under ``paths.mlruns``; ``model_uri`` overrides ``compress.model``. ConfigError or DataError
-    (one line naming the cause) leave the registry untouched.
+    ``model_uri`` overrides ``compress.model``. ConfigError or DataError (one line naming the cause)
+    leave the registry untouched.
     """
+    params = as_params(params, source)
     inputs = _load_inputs(params, source, tracking_uri, model_uri)
     cfg = inputs.cfg
     out_dir = Path(cfg.out_dir)
@@ -114,23 +106,23 @@ def run_compress_stage(
 
 
 def _load_inputs(
-    params: dict[str, Any], source: str, tracking_uri: str | None, model_uri: str | None
+    params: Params, source: str, tracking_uri: str | None, model_uri: str | None
 ) -> _StageInputs:
     """Read the sections, test cases, fp32 model and INT8 calibration windows: bad inputs fail here, early."""
     import torch
 
     from tumorseg.compression.quantize import check_op_types
     from tumorseg.evaluation.pipeline_stage import split_cases
-    from tumorseg.models.predictor import PredictConfig
+    from tumorseg.models.config import PredictConfig
     from tumorseg.registry.loading import load_model
     from tumorseg.tracking import params_tracking_uri
 
     started = time.perf_counter()
-    cfg: CompressConfig = section("compress", params, source=source)
-    predict_cfg: PredictConfig = section("predict", params, source=source)
-    eval_cfg: EvaluateConfig = section("evaluate", params, source=source)
-    paths = section("paths", params, source=source)
-    mlflow_cfg = section("mlflow", params, source=source)
+    cfg: CompressConfig = params.compress
+    predict_cfg: PredictConfig = params.predict
+    eval_cfg: EvaluateConfig = params.evaluate
+    paths = params.paths
+    mlflow_cfg = params.mlflow
     uri = params_tracking_uri(params, tracking_uri, source=source)
 
     needs_int8 = any(name in ONNX_SOURCES for name in cfg.variants)
@@ -177,12 +169,8 @@ def _calibration(cfg: CompressConfig, paths: Any, roi_size: Any) -> tuple[list[A
 def _build_and_score(
     builder: VariantBuilder, inputs: _StageInputs, work: Path
 ) -> tuple[list[VariantResult], dict[str, Any]]:
-    """Build every variant (fp32 first) and score each one that can run here on the test split.
-
-    Returns:
-        ``(results, predictors)``: a row per variant, and the predictor of each scored one (timed next,
-        so Dice and latency measure the same objects).
-    """
+    """Build every variant (fp32 first) and score each one that can run here on the test split; returns
+    a row per variant and each scored one's predictor (timed next: Dice and latency measure the same)."""
     from tumorseg.models.predictor import SegmentationPredictor
 
     results: list[VariantResult] = []

@@ -1,7 +1,5 @@
-"""Building the deployment variants of ``compress.variants`` from the fp32 model.
-
-Each variant is a file plus its static facts (size, parameters, sparsity, GMACs, numerical difference
-from its source), as a :class:`~tumorseg.compression.report.VariantResult` not yet measured.
+"""Building the deployment variants of ``compress.variants`` from the fp32 model: each a file plus its
+static facts (size, parameters, sparsity, GMACs, difference from its source), not yet measured.
 """
 
 from __future__ import annotations
@@ -37,10 +35,8 @@ BFLOAT16_SOURCES: dict[str, str] = {
 
 
 class VariantBuilder:
-    """Builds variants on demand in ``work`` from the fp32 ``trained`` network, reusing what they share.
-
-    ``calibration`` is ``(windows, case ids)`` for INT8, or None when no INT8 variant is built.
-    """
+    """Builds variants on demand in ``work`` from the fp32 ``trained`` network, reusing what they share;
+    ``calibration`` is ``(windows, case ids)`` for INT8, or None."""
 
     def __init__(
         self,
@@ -175,8 +171,7 @@ class VariantBuilder:
     def _build_bf16(self, name: str) -> VariantResult:
         import torch
 
-        from tumorseg.compression.onnx_export import ReducedPrecision
-        from tumorseg.compression.program_export import export_program
+        from tumorseg.compression.onnx_export import ReducedPrecision, export_program
         from tumorseg.models.program_network import ExportedProgramNetwork, native_bfloat16
 
         float_name = BFLOAT16_SOURCES[name]
@@ -252,21 +247,13 @@ class VariantBuilder:
         """``compress.pruning``'s fine-tune of ``network``, the fp32 network as teacher."""
         from tumorseg.compression.fine_tune import fine_tune
 
-        p = self.cfg.pruning
         return fine_tune(
             network,
             self.trained,
             self.params,
             steps=steps,
-            lr=p.fine_tune_lr,
-            schedule=p.fine_tune_schedule,
-            val_every=p.val_every,
-            val_cases=p.val_cases,
+            cfg=self.cfg.pruning,
             teacher=self.trained.network,
-            distill_weight=p.distill_weight,
-            distill_loss=p.distill_loss,
-            distill_temperature=p.distill_temperature,
-            tumour_free_repeat=p.tumour_free_repeat,
             source=self.source,
         )
 

@@ -1,12 +1,10 @@
 """Preprocessed cases read out of core: one patch per draw from a memory-mapped ``.npz``.
 
 Training memory must not grow with the dataset (1,251 BraTS cases at 1 mm are ~30 GB as float16).
-A preprocessed case is an *uncompressed* ``.npz``, so each member is a plain ``.npy`` at a fixed byte
-offset: :class:`NpzLayout` finds the offsets once and a patch draw copies out only its own voxels.
-Patch centres come from *sample locations* written by preprocessing (``loc_fg``: tumour voxels,
-``loc_<code>``: voxels of each label, ``loc_0`` within the brain; as nnU-Net's ``class_locations``),
-so no draw scans a volume. The optional cache keeps ``data_loader.cache_mb`` MiB of cases in memory.
-``docs/decisions/0002-out-of-core-patches.md`` says why not MONAI's Cache/Persistent/SmartCache datasets.
+Members of an *uncompressed* ``.npz`` are plain ``.npy`` at fixed offsets, so a draw copies out only
+its own voxels; centres come from *sample locations* written by preprocessing (as nnU-Net's
+``class_locations``), so no draw scans a volume. ``data_loader.cache_mb`` MiB of cases may stay in
+memory. ``docs/decisions/0002-out-of-core-patches.md``: why not MONAI's caching datasets.
 """
 
 from __future__ import annotations
@@ -41,15 +39,10 @@ def location_key(code: int) -> str:
 def sample_locations(
     label: np.ndarray, brain: np.ndarray, *, max_per_class: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """Random voxel coordinates to centre training patches on, at most ``max_per_class`` each.
+    """At most ``max_per_class`` random voxel coordinates per class to centre patches on.
 
-    Args:
-        label: ``(X, Y, Z)`` label codes.
-        brain: ``(X, Y, Z)`` bool brain mask; background centres are drawn inside it only.
-
-    Returns:
-        ``loc_fg`` (tumour voxels) and ``loc_<code>`` for every code present (``loc_0``: brain
-        voxels that are not tumour), each ``(N, 3)`` uint16, sorted in C order.
+    Returns ``loc_fg`` (tumour voxels of ``label`` ``(X, Y, Z)``) and ``loc_<code>`` for every code
+    present (``loc_0``: non-tumour voxels of the bool ``brain``), each ``(N, 3)`` uint16 in C order.
     """
     rng = np.random.default_rng(seed)
     flat_label = label.reshape(-1)
@@ -103,8 +96,7 @@ class MemberLayout:
 
 
 class NpzLayout:
-    """The members of an uncompressed ``.npz`` as memory-mappable arrays (a DataError for anything
-    else: compressed members, ``preprocess.compress_npz: true``, cannot be read out of core)."""
+    """The members of an uncompressed ``.npz`` as memory-mappable arrays (a DataError otherwise)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -200,8 +192,8 @@ class CaseReader:
         foreground_fraction: float,
         class_ratios: Sequence[float],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One random training patch through a single mapping of the file: a centre
-        (:func:`choose_centre`), the patch around it (:func:`crop_start`, :func:`cut_patch`)."""
+        """One random training patch (:func:`choose_centre`, :func:`crop_start`, :func:`cut_patch`)
+        through a single mapping of the file."""
         arrays = self.arrays()
         centre = choose_centre(
             arrays,
@@ -218,10 +210,8 @@ class CaseReader:
 def cut_patch(
     arrays: Mapping[str, np.ndarray], start: Sequence[int], size: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``image`` float32 ``(C, *size)`` and ``label`` uint8 ``(1, *size)`` at ``start``, as copies.
-
-    Copies, never views: a view of a memory map is read-only, a view of the cache would alias it.
-    """
+    """``image`` float32 ``(C, *size)`` and ``label`` uint8 ``(1, *size)`` at ``start``, as copies
+    (a view of a memory map is read-only, one of the cache would alias it)."""
     window = tuple(slice(int(a), int(a) + int(n)) for a, n in zip(start, size, strict=True))
     image = np.array(arrays["image"][(slice(None), *window)], dtype=np.float32, copy=True)
     label = np.array(arrays["label"][window], dtype=np.uint8, copy=True)[None]
@@ -247,11 +237,11 @@ def choose_centre(
     class_ratios: Sequence[float],
     where: str | Path = "case",
 ) -> tuple[int, int, int]:
-    """Draw a patch centre as MONAI's ``RandCropByPosNegLabeld`` / ``RandCropByLabelClassesd`` do.
+    """A patch centre as MONAI's ``RandCropByPosNegLabeld`` / ``RandCropByLabelClassesd`` draw it.
 
-    ``pos_neg``: a tumour voxel with probability ``foreground_fraction`` (a brain voxel when the
-    case has no tumour), else a brain voxel. ``label_classes``: a label drawn with ``class_ratios``
-    (labels absent from the case get ratio 0), then one of its voxels. A missing ``loc_*`` is empty.
+    ``pos_neg``: a tumour voxel with probability ``foreground_fraction`` (always a brain voxel
+    without tumour), else a brain voxel. ``label_classes``: a label by ``class_ratios`` (0 for labels
+    absent from the case), then one of its voxels.
     """
     empty = np.empty((0, 3), dtype=np.uint16)
     if sampler == "pos_neg":

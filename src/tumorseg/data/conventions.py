@@ -1,11 +1,9 @@
 """Label sets, label conventions, modality names and dataset layouts.
 
-Labels are data, not code: :file:`label_sets.yaml` (next to this module, documented in its header)
-holds one table per **label set** (the label space tumorseg trains in: internal codes, the network's
-output regions and how they are painted back; ``glioma``, ``glioma_post``, ``pediatric``) and one per
-**convention** (how a dataset family codes its ``seg`` files and how its challenge scores them). A case
-is read through its convention into the internal codes of its label set; predictions are written back
-in the input's own convention. Channels are stacked in :data:`CANONICAL_MODALITIES` order.
+:file:`label_sets.yaml` (documented in its header) holds the **label sets** (internal codes, output
+regions, how they are painted back) and the **conventions** (how a dataset family codes its ``seg``
+files and how its challenge scores them). Cases are read through their convention into the set's
+internal codes; predictions are written back in the input's convention.
 """
 
 from __future__ import annotations
@@ -30,14 +28,9 @@ DEFAULT_LABEL_SET = "glioma"
 
 @dataclass(frozen=True)
 class TrainRegion:
-    """One output channel of a region-trained network.
-
-    Attributes:
-        codes: internal codes inside the region.
-        paint: internal code the region is painted as (nnU-Net's ``regions_class_order``).
-        parent: index of the smallest earlier region that contains it (its prediction is kept
-            inside the parent's, as BraTS post-processing keeps TC inside WT), or -1.
-    """
+    """One output channel of a region-trained network: internal ``codes`` inside it, the code it is
+    painted as (nnU-Net's ``regions_class_order``), the smallest earlier region containing it (its
+    prediction is kept inside, as TC inside WT) or -1."""
 
     name: str
     codes: tuple[int, ...]
@@ -47,8 +40,7 @@ class TrainRegion:
 
 @dataclass(frozen=True)
 class LabelSet:
-    """A label space: ``labels`` (internal code -> name, background 0 included) and ``train_regions``
-    (the output channels of a region-trained network, in order)."""
+    """A label space: ``labels`` (internal code -> name, 0 background) and ordered ``train_regions``."""
 
     name: str
     description: str
@@ -57,7 +49,6 @@ class LabelSet:
 
     @property
     def codes(self) -> tuple[int, ...]:
-        """Tumour codes (background excluded), ascending."""
         return tuple(sorted(c for c in self.labels if c))
 
     @property
@@ -66,7 +57,6 @@ class LabelSet:
 
     @property
     def label_names(self) -> tuple[str, ...]:
-        """Names of every label channel of a label-trained network (background first)."""
         return tuple(self.labels[c] for c in sorted(self.labels))
 
     def out_channels(self, output: str) -> int:
@@ -111,9 +101,8 @@ class LabelSet:
 
 @dataclass(frozen=True)
 class RegionRule:
-    """One scored region of a convention (internal ``codes``) and its lesion-wise parameters: reference
-    ``dilation`` iterations that merge and match lesions; reference lesions at or below
-    ``min_volume_mm3`` are not counted."""
+    """A scored region (internal ``codes``), its lesion-matching ``dilation`` iterations and the volume
+    at or below which reference lesions are not counted."""
 
     name: str
     codes: tuple[int, ...]
@@ -123,14 +112,9 @@ class RegionRule:
 
 @dataclass(frozen=True)
 class LabelConvention:
-    """How one dataset family codes its ``seg`` files, and how its challenge scores them.
-
-    Attributes:
-        to_canonical: source value -> internal code (0 -> 0 included).
-        scored: the regions its challenge scores, in its order, with lesion-wise parameters.
-        rules: lesion-wise algorithm, one of :data:`LESION_RULES`.
-        hd95_penalty_mm: HD95 of a missed or false-positive lesion (and of an empty mask).
-    """
+    """How a dataset family codes its ``seg`` files (``to_canonical``: source value -> internal code)
+    and how its challenge scores them (``scored`` regions, lesion-wise ``rules``, HD95 penalty of a
+    missed or false-positive lesion)."""
 
     name: str
     title: str
@@ -153,7 +137,7 @@ class LabelConvention:
         return tuple(r.name for r in self.scored)
 
     def region_masks(self, internal: np.ndarray) -> np.ndarray:
-        """Binary masks ``(len(scored), *spatial)`` of the scored regions of an internal label volume."""
+        """Binary masks ``(len(scored), *spatial)`` of the scored regions."""
         return np.stack([np.isin(internal, r.codes) for r in self.scored])
 
     def source_codes(self) -> dict[str, int]:
@@ -161,11 +145,11 @@ class LabelConvention:
         return {self.label_set.labels[c]: s for s, c in self.to_canonical.items() if c}
 
     def encode(self, source_labels: np.ndarray) -> np.ndarray:
-        """Map a source label volume to internal codes (unknown values raise ValueError)."""
+        """Source labels -> internal codes (ValueError for unknown values)."""
         return _remap(source_labels, self.to_canonical, self.name)
 
     def decode(self, canonical_labels: np.ndarray) -> np.ndarray:
-        """Map an internal label volume back to this convention's codes."""
+        """Internal codes -> this convention's."""
         return _remap(canonical_labels, self.from_canonical, self.name)
 
 
@@ -186,7 +170,6 @@ def _remap(labels: np.ndarray, table: dict[int, int], name: str) -> np.ndarray:
     return lut[values]
 
 
-# ---------------------------------------------------------------------------- the tables
 TABLE_FILE = "label_sets.yaml"
 
 
@@ -203,7 +186,7 @@ def _codes_of(names: Iterable[str], labels: dict[int, str], where: str) -> tuple
 
 
 def build_label_set(name: str, table: dict[str, Any]) -> LabelSet:
-    """A :class:`LabelSet` from its ``label_sets.yaml`` entry (see the file's header)."""
+    """A :class:`LabelSet` from its ``label_sets.yaml`` entry."""
     where = f"{TABLE_FILE}: label_sets.{name}"
     labels = {0: "background", **{int(c): str(n) for c, n in dict(table["labels"]).items()}}
     if sorted(labels) != list(range(len(labels))):
@@ -271,7 +254,6 @@ LABEL_CONVENTIONS: dict[str, LabelConvention] = _tables()[1]
 
 GLIOMA: LabelSet = LABEL_SETS[DEFAULT_LABEL_SET]
 
-# The glioma set's regions: the 2-D branch's, and the default of models that name no label set.
 REGIONS: dict[str, tuple[int, ...]] = {r.name: r.codes for r in GLIOMA.train_regions}
 REGION_NAMES: tuple[str, ...] = GLIOMA.region_names
 
@@ -283,7 +265,7 @@ BRATS_PREFIX_CONVENTIONS: dict[str, str] = {
     "MET": "brats2023-met",
     "GOAT": "brats2023-goat",
 }
-"""BraTS 2023+ case-id prefix (``BraTS-MEN-00004-000``, upper-cased) -> its convention when unambiguous."""
+"""BraTS 2023+ case-id prefix (upper-cased) -> its convention when unambiguous."""
 
 AMBIGUOUS_BRATS_PREFIXES: dict[str, tuple[str, ...]] = {"PED": ("brats2023-ped", "brats2024-ped")}
 """Prefixes whose codes changed between challenges (PED 2023 codes as GLI, PED 2024 1 ET 2 NETC 3 CC 4 ED)."""
@@ -309,8 +291,7 @@ def get_label_set(name: str | None) -> LabelSet:
 
 
 def label_set_of(conventions: Iterable[str], *, where: str = "the dataset") -> LabelSet:
-    """The one label set shared by cases of these conventions; a ValueError when they belong to
-    several (those code different tumour parts and cannot be trained or scored together)."""
+    """The one label set of these conventions (ValueError for several: they cannot be trained together)."""
     names = sorted({str(c) for c in conventions if c and str(c) != "nan"})
     sets = sorted({get_convention(c).label_set.name for c in names})
     if len(sets) > 1:
@@ -333,8 +314,7 @@ def canonical_from_regions(regions: np.ndarray, label_set: LabelSet = GLIOMA) ->
 
 @dataclass(frozen=True)
 class LayoutSpec:
-    """File naming of one public dataset layout: ``modality_suffixes`` (BraTS-style layouts only) and
-    ``seg_suffix`` after the case id, and the ``label_convention`` of its ``seg`` files."""
+    """A layout's file suffixes after the case id (BraTS-style only) and its ``seg`` convention."""
 
     name: str
     label_convention: str
@@ -343,16 +323,14 @@ class LayoutSpec:
 
 
 LAYOUTS: dict[str, LayoutSpec] = {
-    # BraTS 2020/2021: BraTS2021_00001/BraTS2021_00001_{t1,t1ce,t2,flair,seg}.nii.gz
+    # BraTS2021_00001/BraTS2021_00001_t1.nii.gz; BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1n.nii.gz
     "brats2021": LayoutSpec(
         "brats2021", "brats2021", {"t1": "_t1", "t1ce": "_t1ce", "t2": "_t2", "flair": "_flair"}, "_seg"
     ),
-    # BraTS 2023+: BraTS-GLI-00001-000/BraTS-GLI-00001-000-{t1n,t1c,t2w,t2f,seg}.nii.gz
     "brats2023": LayoutSpec(
         "brats2023", "brats2023", {"t1": "-t1n", "t1ce": "-t1c", "t2": "-t2w", "flair": "-t2f"}, "-seg"
     ),
-    # MSD Task01: imagesTr/BRATS_001.nii.gz (4-D: FLAIR, T1w, T1gd, T2w), labelsTr/BRATS_001.nii.gz
-    "msd": LayoutSpec("msd", "msd", {}, ""),
+    "msd": LayoutSpec("msd", "msd", {}, ""),  # imagesTr/BRATS_001.nii.gz (4-D), labelsTr/BRATS_001.nii.gz
 }
 
 MSD_CHANNEL_ORDER: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")

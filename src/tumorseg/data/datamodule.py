@@ -1,9 +1,14 @@
-"""LightningDataModule over preprocessed cases: patches read out of core, whole-volume validation.
+"""LightningDataModule over preprocessed cases, with a volume and an image strategy.
 
-Splits come from ``split.json`` (``{"train": [...], "val": [...], "test": [...]}``); each case is
-``<preprocessed>/cases/<case_id>.npz`` (layout: :mod:`tumorseg.data.transforms`). An epoch is a
-fixed number of patch draws (nnU-Net style), not one patch per case, so validation and
-checkpointing do not dominate short runs; each draw reads a fresh random patch out of core.
+Volumes (:class:`VolumePatches`): an epoch is a fixed number of patches (nnU-Net style), each read
+out of core from ``cases/<case_id>.npz``; validation on whole volumes. Images (:class:`ImageDraws`):
+``<case_id>.npz`` beside ``manifest.csv``, few and small, so held in memory; a sample is::
+
+    image     (1, S, S) float32
+    mask      (1, S, S) float32   0/1; zeros where the image has no mask (has_mask = 0)
+    has_mask  ()        float32   1 when the mask is a reference (segmentation loss applies)
+    tumour    ()        float32   1 tumour, 0 no tumour (the detection target)
+    type      ()        int64     index into TUMOUR_TYPES, -1 when unknown or no tumour
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +28,14 @@ from torch.utils.data import Dataset
 
 from tumorseg.data.case_store import CaseReader, cached_bytes, open_cases
 from tumorseg.data.conventions import LabelSet
+from tumorseg.data.planar import TUMOUR_TYPES
 from tumorseg.data.transforms import (
     CASE_INDEX_KEY,
     IMAGE_KEY,
     LABEL_KEY,
     AugmentConfig,
     DataLoaderConfig,
+    PlanarAugmentConfig,
     load_preprocessed_case,
     train_transforms,
 )
@@ -37,6 +45,8 @@ log = logging.getLogger(__name__)
 
 CASES_DIR = "cases"
 INDEX_NAME = "index.csv"
+MASK_KEY = "mask"
+MANIFEST_NAME = "manifest.csv"
 
 
 def read_split(split_file: str | Path) -> dict[str, list[str]]:
@@ -53,6 +63,20 @@ def read_split(split_file: str | Path) -> dict[str, list[str]]:
     return {k: [str(c) for c in v] for k, v in data.items() if isinstance(v, list)}
 
 
+def read_planar_split(split_file: str | Path) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...], "test": [...]}`` case ids of a 2-D split JSON (or a DataError)."""
+    path = Path(split_file)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: no split file; run `tumorseg split` on the preprocessed 2-D data first"
+        ) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable split JSON ({type(exc).__name__})") from None
+    return {name: [str(c) for c in data.get(name) or []] for name in ("train", "val", "test")}
+
+
 def _read_index(preprocessed_dir: str | Path) -> Any | None:
     """``index.csv`` as a string table, or None when the dataset has none."""
     import pandas as pd
@@ -62,14 +86,8 @@ def _read_index(preprocessed_dir: str | Path) -> Any | None:
 
 
 def case_records(preprocessed_dir: str | Path, case_ids: Sequence[str]) -> list[dict[str, Any]]:
-    """One record per case: ``{"case_id", "case_index", "path"}``.
-
-    The ``.npz`` path is ``index.csv``'s ``npz`` column (relative to ``preprocessed_dir``) where
-    there is one, else ``cases/<case_id>.npz``.
-
-    Raises:
-        DataError: a case listed in the split has no preprocessed ``.npz``.
-    """
+    """One volume record per case, ``{"case_id", "case_index", "path"}``; the path is ``index.csv``'s
+    ``npz`` column where there is one, else ``cases/<case_id>.npz`` (a DataError when missing)."""
     root = Path(preprocessed_dir)
     index = _read_index(root)
     npz_of: dict[str, str] = {}
@@ -86,14 +104,58 @@ def case_records(preprocessed_dir: str | Path, case_ids: Sequence[str]) -> list[
     return records
 
 
-def dataset_label_set(preprocessed_dir: str | Path) -> LabelSet:
-    """The label set of a preprocessed dataset, from ``index.csv``'s ``label_convention`` column.
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "1", "yes")
 
-    Without an index, or a column, it is ``glioma``.
 
-    Raises:
-        DataError: the cases mix label sets (their conventions code different tumour parts).
+def planar_records(
+    preprocessed_dir: str | Path, case_ids: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Image records in the order of ``case_ids`` (all valid cases if None); ``height``/``width`` and
+    ``source_path`` are the original image's, ``geometry`` maps the grid back onto it
+    (:class:`~tumorseg.data.planar.PlanarGeometry` JSON). A DataError for a missing manifest, case or npz.
     """
+    import pandas as pd
+
+    folder = Path(preprocessed_dir)
+    manifest_file = folder / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise DataError(f"{manifest_file}: not found; run `tumorseg preprocess` on the 2-D data first")
+    table = pd.read_csv(manifest_file, dtype=str, keep_default_na=False)
+    if "status" in table.columns:
+        table = table[table["status"].str.lower().isin(("ok", "valid", "preprocessed", ""))]
+    rows = {str(r["case_id"]): r for r in table.to_dict(orient="records")}
+    records: list[dict[str, Any]] = []
+    for case_id in list(case_ids) if case_ids is not None else sorted(rows):
+        row = rows.get(case_id)
+        if row is None:
+            raise DataError(
+                f"{manifest_file}: no valid case {case_id!r}; rerun `tumorseg split` on this dataset"
+            )
+        npz = folder / f"{case_id}.npz"
+        if not npz.is_file():
+            raise DataError(f"{npz}: missing; rerun `tumorseg preprocess` on the 2-D data")
+        records.append(
+            {
+                "case_id": case_id,
+                "patient_id": str(row.get("patient_id") or case_id),
+                "source": str(row.get("source") or ""),
+                "has_tumour": _truthy(row.get("has_tumour")),
+                "tumour_type": str(row.get("tumour_type") or "empty"),
+                "has_mask": _truthy(row.get("has_mask")),
+                "height": int(float(row.get("height") or 0)),
+                "width": int(float(row.get("width") or 0)),
+                "npz": npz,
+                "source_path": str(row.get("path") or ""),
+                "geometry": str(row.get("geometry") or ""),
+            }
+        )
+    return records
+
+
+def dataset_label_set(preprocessed_dir: str | Path) -> LabelSet:
+    """The label set of ``index.csv``'s ``label_convention`` column (``glioma`` without one); a
+    DataError when the cases mix label sets."""
     from tumorseg.data.conventions import GLIOMA, label_set_of
 
     index = _read_index(preprocessed_dir)
@@ -117,13 +179,9 @@ def smallest_shape(records: Sequence[dict[str, Any]]) -> tuple[int, int, int]:
 
 
 class PatchDataset(Dataset, Randomizable):
-    """A fixed-length epoch of random training patches, each read out of core.
-
-    Index ``i`` draws a patch from case ``i % n`` (:meth:`~tumorseg.data.case_store.CaseReader.draw`),
-    then applies the random ``transform`` to ``{"image": (C, *crop), "label": (1, *crop)}``. Cases
-    within ``cache_bytes`` are held in memory instead. Hand-written because MONAI's croppers and
-    datasets read and cache whole volumes (see :mod:`tumorseg.data.case_store`).
-    """
+    """A fixed-length epoch of random training patches: index ``i`` draws from case ``i % n``, then
+    ``transform`` runs on ``{"image": (C, *crop), "label": (1, *crop)}``. Hand-written because MONAI's
+    croppers and datasets read whole volumes (:mod:`tumorseg.data.case_store`)."""
 
     def __init__(
         self,
@@ -151,7 +209,7 @@ class PatchDataset(Dataset, Randomizable):
         return self
 
     def randomize(self, data: Any = None) -> None:
-        """Randomizable's abstract method; the draws happen in ``__getitem__``."""
+        """Abstract in Randomizable; the draws happen in ``__getitem__``."""
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label = self.readers[index % len(self.readers)].draw(
@@ -186,11 +244,8 @@ class WholeCases(Dataset):
 
 
 def rank_shard(records: Sequence[dict[str, Any]], rank: int, world_size: int) -> list[dict[str, Any]]:
-    """This rank's training cases under DDP: every ``world_size``-th case from ``rank``.
-
-    Raises:
-        DataError: fewer training cases than ranks.
-    """
+    """This rank's training cases under DDP, every ``world_size``-th from ``rank`` (a DataError when
+    there are fewer cases than ranks)."""
     if len(records) < world_size:
         raise DataError(
             f"{len(records)} training cases for {world_size} DDP ranks; each rank needs at least one case "
@@ -199,78 +254,123 @@ def rank_shard(records: Sequence[dict[str, Any]], rank: int, world_size: int) ->
     return list(records)[rank::world_size]
 
 
-class SegmentationDataModule(L.LightningDataModule):
-    """Train on random patches (3-D) or axial slices (2-D); validate on whole volumes.
+def load_sample(record: dict[str, Any]) -> dict[str, Any]:
+    """Read one image record's npz into a sample dict (keys and shapes: the module docstring)."""
+    with np.load(record["npz"]) as data:
+        image = np.asarray(data[IMAGE_KEY], dtype=np.float32)
+        mask = np.asarray(data[MASK_KEY], dtype=np.float32) if MASK_KEY in data.files else None
+    has_mask = bool(record["has_mask"]) and mask is not None
+    if mask is None:
+        mask = np.zeros_like(image)
+    kind = record["tumour_type"]
+    return {
+        IMAGE_KEY: image[None],
+        MASK_KEY: (mask > 0).astype(np.float32)[None],
+        "has_mask": np.float32(has_mask),
+        "tumour": np.float32(record["has_tumour"]),
+        "type": np.int64(TUMOUR_TYPES.index(kind) if kind in TUMOUR_TYPES else -1),
+        "case_index": np.int64(record.get("index", -1)),
+    }
 
-    Train batches: ``image`` float32 ``(B, 4, *patch)``, ``label`` uint8 ``(B, 1, *patch)``,
-    ``patches_per_epoch`` draws an epoch. Validation batches hold one whole volume (shapes differ)
-    and its ``case_index``. Under DDP each rank draws from, and caches, its own shard of the training
-    cases (:func:`rank_shard`), seeded ``seed + rank``.
-    """
 
-    def __init__(
-        self,
-        train_records: Sequence[dict[str, Any]],
-        val_records: Sequence[dict[str, Any]],
-        loader: DataLoaderConfig,
-        augment: AugmentConfig,
-        *,
-        patches_per_epoch: int,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        self.train_records = list(train_records)
-        self.val_records = list(val_records)
-        self.loader = loader
-        self.augment = augment
-        self.patches_per_epoch = patches_per_epoch
-        self.seed = seed
-        self.train_set: PatchDataset | None = None
-        self.val_set: Dataset | None = None
+def training_transforms(cfg: PlanarAugmentConfig, seed: int) -> Any:
+    """Random augmentation of ``image`` and ``mask`` ``(1, S, S)``; intensity changes touch the image only."""
+    import math
 
-    def _rank(self) -> tuple[int, int]:
-        """``(global rank, world size)``; ``(0, 1)`` outside a Trainer."""
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+    from monai import transforms as mt
 
-    def setup(self, stage: str | None = None) -> None:
-        """Open this rank's training cases (and fill the bounded cache) once per process."""
-        if self.train_set is None and stage in (None, "fit"):
-            rank, world = self._rank()
-            shard = rank_shard(self.train_records, rank, world)
-            self.train_set = PatchDataset(
-                [record["path"] for record in shard],
-                self.loader,
-                train_transforms(self.loader, self.augment),
-                length=self.patches_per_epoch,
-                cache_bytes=self.loader.cache_mb << 20,
-            )
-            self.train_set.set_random_state(seed=self.seed + rank)
-            in_memory = sum(reader.cached for reader in self.train_set.readers)
-            log.info(
-                "training on %d cases (rank %d of %d): %d held in memory (%.0f MiB of data_loader.cache_mb %d), "
-                "%d read out of core",
-                len(shard),
-                rank,
-                world,
-                in_memory,
-                cached_bytes(self.train_set.readers) / 2**20,
-                self.loader.cache_mb,
-                len(shard) - in_memory,
-            )
-        if self.val_set is None and stage in (None, "fit", "validate"):
-            self.val_set = WholeCases(self.val_records)
+    keys = [IMAGE_KEY, MASK_KEY]
+    transforms = mt.Compose(
+        [
+            mt.RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=0),
+            mt.RandFlipd(keys, prob=cfg.flip_prob, spatial_axis=1),
+            mt.RandAffined(
+                keys,
+                prob=cfg.affine_prob,
+                rotate_range=math.radians(cfg.rotate_deg),
+                scale_range=(cfg.scale_range, cfg.scale_range),
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            ),
+            mt.RandScaleIntensityd(IMAGE_KEY, factors=cfg.intensity_scale, prob=cfg.intensity_scale_prob),
+            mt.RandShiftIntensityd(IMAGE_KEY, offsets=cfg.intensity_shift, prob=cfg.intensity_shift_prob),
+            mt.RandGaussianNoised(IMAGE_KEY, prob=cfg.noise_prob, std=cfg.noise_std),
+        ]
+    )
+    transforms.set_random_state(seed=seed)
+    return transforms
 
-    def train_dataloader(self) -> Any:
+
+class PlanarDataset(Dataset):
+    """In-memory samples (:func:`load_sample`), augmented by ``transform`` (if any) on every access."""
+
+    def __init__(self, samples: list[dict[str, Any]], transform: Any = None) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        sample = dict(self.samples[index])
+        if self.transform is not None:
+            sample = self.transform(sample)
+        out: dict[str, Any] = {}
+        for key, value in sample.items():
+            tensor = torch.as_tensor(np.asarray(value)) if not isinstance(value, torch.Tensor) else value
+            out[key] = tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor  # MetaTensor -> Tensor
+        out[MASK_KEY] = (out[MASK_KEY] > 0.5).float()
+        return out
+
+
+@dataclass(frozen=True)
+class VolumePatches:
+    """Random patches (3-D) or axial slabs (2-D mode) read out of core; whole volumes, one a batch,
+    at validation. Under DDP each rank draws from its own shard, seeded ``seed + rank``."""
+
+    loader: DataLoaderConfig
+    augment: AugmentConfig
+    patches_per_epoch: int
+
+    def train_set(self, records: list[dict[str, Any]], seed: int, rank: int, world: int) -> PatchDataset:
+        shard = rank_shard(records, rank, world)
+        dataset = PatchDataset(
+            [record["path"] for record in shard],
+            self.loader,
+            train_transforms(self.loader, self.augment),
+            length=self.patches_per_epoch,
+            cache_bytes=self.loader.cache_mb << 20,
+        )
+        dataset.set_random_state(seed=seed + rank)
+        in_memory = sum(reader.cached for reader in dataset.readers)
+        log.info(
+            "training on %d cases (rank %d of %d): %d held in memory (%.0f MiB of data_loader.cache_mb %d), "
+            "%d read out of core",
+            len(shard),
+            rank,
+            world,
+            in_memory,
+            cached_bytes(dataset.readers) / 2**20,
+            self.loader.cache_mb,
+            len(shard) - in_memory,
+        )
+        return dataset
+
+    def val_set(self, records: list[dict[str, Any]]) -> Dataset:
+        return WholeCases(records)
+
+    def train_loader(self, dataset: Dataset, seed: int, rank: int) -> Any:
         import torch
         from monai.data import DataLoader
 
         workers = self.loader.num_workers
         # MONAI's DataLoader reseeds the dataset (and its workers) from this generator: seeded per
         # rank, or every DDP rank would draw the same centres and augmentations.
-        generator = torch.Generator().manual_seed(self.seed + self._rank()[0])
         return DataLoader(
-            self.train_set,
-            generator=generator,
+            dataset,
+            generator=torch.Generator().manual_seed(seed + rank),
             batch_size=self.loader.batch_size,
             shuffle=True,
             drop_last=True,
@@ -279,7 +379,101 @@ class SegmentationDataModule(L.LightningDataModule):
             pin_memory=self.loader.pin_memory,
         )
 
-    def val_dataloader(self) -> Any:
+    def val_loader(self, dataset: Dataset) -> Any:
         from monai.data import DataLoader
 
-        return DataLoader(self.val_set, batch_size=1, shuffle=False, num_workers=0)
+        return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+
+
+@dataclass(frozen=True)
+class ImageDraws:
+    """In-memory images drawn with replacement, ``draws_per_epoch`` an epoch; ``seed`` seeds
+    augmentation and sampling."""
+
+    augment: PlanarAugmentConfig
+    batch_size: int
+    draws_per_epoch: int
+    num_workers: int = 0
+
+    def train_set(self, records: list[dict[str, Any]], seed: int, rank: int, world: int) -> PlanarDataset:
+        return PlanarDataset([load_sample(r) for r in records], training_transforms(self.augment, seed))
+
+    def val_set(self, records: list[dict[str, Any]]) -> Dataset:
+        return PlanarDataset([load_sample({**r, "index": i}) for i, r in enumerate(records)])
+
+    def train_loader(self, dataset: Dataset, seed: int, rank: int) -> Any:
+        import torch
+        from torch.utils.data import DataLoader, RandomSampler
+
+        generator = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(
+            dataset, replacement=True, num_samples=self.draws_per_epoch, generator=generator
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_loader(self, dataset: Dataset) -> Any:
+        from torch.utils.data import DataLoader
+
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=0)
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """``strategy`` (default :class:`VolumePatches` of ``loader``, ``augment``, ``patches_per_epoch``)
+    decides what a sample is and how batches are drawn. Volume train batches: ``image`` float32
+    ``(B, 4, *patch)``, ``label`` uint8 ``(B, 1, *patch)``; validation: one volume and its ``case_index``.
+    """
+
+    def __init__(
+        self,
+        train_records: Sequence[dict[str, Any]],
+        val_records: Sequence[dict[str, Any]],
+        loader: DataLoaderConfig | None = None,
+        augment: AugmentConfig | None = None,
+        *,
+        patches_per_epoch: int = 0,
+        seed: int = 0,
+        strategy: VolumePatches | ImageDraws | None = None,
+    ) -> None:
+        super().__init__()
+        self.train_records = list(train_records)
+        self.val_records = list(val_records)
+        self.strategy = strategy or VolumePatches(loader, augment, patches_per_epoch)  # type: ignore[arg-type]
+        self.seed = seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _rank(self) -> tuple[int, int]:
+        """``(global rank, world size)``; ``(0, 1)`` outside a Trainer."""
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None and stage in (None, "fit"):
+            self.train_set = self.strategy.train_set(self.train_records, self.seed, *self._rank())
+        if self.val_set is None and stage in (None, "fit", "validate"):
+            self.val_set = self.strategy.val_set(self.val_records)
+
+    def train_dataloader(self) -> Any:
+        return self.strategy.train_loader(self.train_set, self.seed, self._rank()[0])
+
+    def val_dataloader(self) -> Any:
+        return self.strategy.val_loader(self.val_set)
+
+
+def PlanarDataModule(  # noqa: N802 - the 2-D trainer's name for the image strategy
+    train_records: list[dict[str, Any]],
+    val_records: list[dict[str, Any]],
+    augment: PlanarAugmentConfig,
+    *,
+    seed: int = 0,
+    **options: int,
+) -> SegmentationDataModule:
+    """The DataModule of preprocessed 2-D images; ``options``: :class:`ImageDraws`' ``batch_size``,
+    ``draws_per_epoch``, ``num_workers``."""
+    strategy = ImageDraws(augment, **options)
+    return SegmentationDataModule(train_records, val_records, seed=seed, strategy=strategy)

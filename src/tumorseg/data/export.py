@@ -1,15 +1,10 @@
 """``tumorseg export``: the ingested cases as an nnU-Net raw dataset or a MONAI datalist, same split.
 
-``--format nnunet`` writes ``OUT/DatasetXXX_Name/`` in nnU-Net v2's raw format (its
-``documentation/dataset_format.md``): float32 ``imagesTr/<case>_0000.nii.gz`` ... ``_0003`` (T1, T1ce,
-T2, FLAIR) in the source geometry, uint8 ``labelsTr/<case>.nii.gz`` in the label set's internal codes
-(consecutive, as nnU-Net requires), unlabelled cases in ``imagesTs/``, and a ``dataset.json`` whose
-``labels`` are the set's train regions; its ``tumorseg`` key lists the split (test cases stay in
-``imagesTr`` so they can be held out). ``--format monai`` writes ``OUT/datalist.json`` naming the
-source files themselves (absolute paths, source label codes), lists from ``paths.split``.
-
-Output is written beside the target and renamed into place: an interrupted export leaves no half
-dataset that looks complete; an existing output is replaced only with ``--force``.
+``nnunet``: ``OUT/DatasetXXX_Name/`` per nnU-Net v2 ``documentation/dataset_format.md``: float32
+``imagesTr/<case>_0000..3`` (T1, T1ce, T2, FLAIR), uint8 internal-code ``labelsTr``, unlabelled cases in
+``imagesTs``; ``dataset.json`` labels are the train regions, its ``tumorseg`` key the split. ``monai``:
+``OUT/datalist.json`` naming the source files, lists from ``paths.split``. Output is staged beside
+the target and renamed into place; an existing one is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -27,6 +22,7 @@ import numpy as np
 from tumorseg.data.conventions import CANONICAL_MODALITIES, get_convention, label_set_of
 from tumorseg.data.layouts import CaseFiles, case_from_manifest_row, read_case
 from tumorseg.errors import DataError
+from tumorseg.params import Params, as_params
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +42,8 @@ def export_cases(
     name: str = "Tumorseg",
     force: bool = False,
 ) -> Path:
-    """Export ``cases`` (module docstring) and return the dataset folder or datalist written.
-
-    Raises:
-        DataError: bad options, no cases, several label sets, an existing output without ``force``,
-            a case that cannot be read.
-    """
+    """Export ``cases``; the dataset folder or datalist written. DataError for bad options, no cases,
+    several label sets, an existing output without ``force`` or an unreadable case."""
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     if not cases:
@@ -90,7 +82,6 @@ def export_cases(
     return target
 
 
-# ---------------------------------------------------------------------------- nnU-Net
 def nnunet_dataset_json(cases: Sequence[CaseFiles], split: dict[str, list[str]] | None) -> dict[str, Any]:
     """nnU-Net v2 ``dataset.json`` of the exported cases (regions from the label set)."""
     label_set = label_set_of(c.label_convention for c in cases)
@@ -130,22 +121,24 @@ def _write_nnunet(cases: Sequence[CaseFiles], root: Path, split: dict[str, list[
         folder.mkdir(exist_ok=True)
         affine = np.asarray(volumes.affine, dtype=np.float64)
         for channel in range(len(CANONICAL_MODALITIES)):
-            image = nib.Nifti1Image(np.asarray(volumes.image[channel], dtype=np.float32), affine)
-            image.set_qform(affine, code=1)
-            image.set_sform(affine, code=1)
-            nib.save(image, folder / f"{case.case_id}_{channel:04d}.nii.gz")
+            image = np.asarray(volumes.image[channel], dtype=np.float32)
+            _save_nifti(nib, image, affine, folder / f"{case.case_id}_{channel:04d}.nii.gz")
         if labelled:
             labels_tr.mkdir(exist_ok=True)
-            seg = nib.Nifti1Image(np.asarray(volumes.labels, dtype=np.uint8), affine)
-            seg.set_qform(affine, code=1)
-            seg.set_sform(affine, code=1)
-            nib.save(seg, labels_tr / f"{case.case_id}.nii.gz")
+            seg = np.asarray(volumes.labels, dtype=np.uint8)
+            _save_nifti(nib, seg, affine, labels_tr / f"{case.case_id}.nii.gz")
         progress.advance()
     progress.close()
     (root / "dataset.json").write_text(json.dumps(nnunet_dataset_json(cases, split), indent=2) + "\n")
 
 
-# ---------------------------------------------------------------------------- MONAI
+def _save_nifti(nib: Any, data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, path)
+
+
 def monai_datalist(cases: Sequence[CaseFiles], split: dict[str, list[str]] | None) -> dict[str, Any]:
     """A MONAI datalist naming the source files (``load_decathlon_datalist`` reads it)."""
     by_id = {c.case_id: c for c in cases}
@@ -178,9 +171,8 @@ def _entry(case: CaseFiles) -> dict[str, Any]:
     return entry
 
 
-# ---------------------------------------------------------------------------- from params
 def export_from_params(
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     out: Path,
     fmt: str,
     *,
@@ -190,10 +182,10 @@ def export_from_params(
     force: bool = False,
 ) -> Path:
     """Export the validated manifest's ``ok`` cases (the ingested manifest when not validated yet)."""
-    from tumorseg.config import section
+    params = as_params(params, source)
     from tumorseg.data.manifest import STATUS_OK, read_manifest
 
-    paths = section("paths", params, source=source)
+    paths = params.paths
     folder = (
         Path(paths.validated) if (Path(paths.validated) / "manifest.csv").is_file() else Path(paths.ingested)
     )

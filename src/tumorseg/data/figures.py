@@ -1,8 +1,5 @@
-"""Figures of a dataset on disk (``tumorseg figure-cases``): one axial slice per case, four sequences, labels.
-
-Cases are reoriented to RAS first, so LPS or LAS cases are drawn like RAS ones (neurological convention:
-the patient's right on the right of each panel, anterior at the top).
-"""
+"""``tumorseg figure-cases``: one axial slice per case, four sequences and labels, reoriented to RAS
+(neurological convention: the patient's right on the right, anterior at the top)."""
 
 from __future__ import annotations
 
@@ -20,9 +17,7 @@ _LABEL_COLOURS: dict[int, tuple[str, str]] = {
     2: ("ED (oedema)", "#3cc84b"),
     3: ("ET (enhancing)", "#f5d226"),
 }
-"""Canonical label -> legend text and colour."""
 _COLUMNS: tuple[str, ...] = (*CANONICAL_MODALITIES, "overlay")
-"""The figure's columns: the four sequences, then FLAIR with the labels."""
 
 
 def _case_dirs(src_dir: Path, layout: str) -> list[Path]:
@@ -33,7 +28,7 @@ def _case_dirs(src_dir: Path, layout: str) -> list[Path]:
 
 
 def _load_ras(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Volume reoriented to RAS (nibabel), as float32, and its voxel size."""
+    """Volume reoriented to RAS, as float32, and its voxel size."""
     import nibabel as nib
 
     try:
@@ -46,14 +41,10 @@ def _load_ras(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
 def plot_synthetic_cases(
     src_dir: str | Path, out_png: str | Path, n_cases: int = 3, layout: str = "brats2021"
 ) -> Path:
-    """Write a PNG grid of ``n_cases`` cases of a BraTS-layout folder: T1, T1ce, T2, FLAIR, FLAIR + labels.
+    """A PNG grid of ``n_cases`` cases of a BraTS-layout folder: T1, T1ce, T2, FLAIR, FLAIR + labels.
 
-    Each row shows the axial slice through the tumour's centre of mass (the middle slice for a
-    tumour-free case); cases with a tumour come first. Each image is windowed from 0 to the 99.5th
-    percentile of its brain voxels, so that a single hot voxel cannot darken the panel.
-
-    Raises:
-        DataError: no case in ``src_dir`` or a file that cannot be read.
+    Rows: the axial slice through the tumour's centre of mass (tumours first), windowed to the 99.5th
+    brain percentile so a hot voxel cannot darken a panel. DataError for no case or an unreadable file.
     """
     plt = _pyplot()
     src_dir, out_png = Path(src_dir), Path(out_png)
@@ -72,7 +63,7 @@ def plot_synthetic_cases(
 
 
 def _pyplot() -> Any:
-    """``matplotlib.pyplot`` on the file-only Agg backend, imported on first use (it is slow to import)."""
+    """``matplotlib.pyplot`` on the Agg backend, imported on first use (slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +73,6 @@ def _pyplot() -> Any:
 
 
 def _checked_cases(src_dir: Path, n_cases: int, layout: str) -> list[Path]:
-    """The case folders of ``src_dir``, after checking the request."""
     if n_cases < 1:
         raise ValueError(f"n_cases must be at least 1 (got {n_cases})")
     if layout not in ("brats2021", "brats2023"):
@@ -97,7 +87,7 @@ def _checked_cases(src_dir: Path, n_cases: int, layout: str) -> list[Path]:
 
 
 def _pick_rows(cases: list[Path], layout: str, n_cases: int) -> list[tuple[Path, np.ndarray]]:
-    """``n_cases`` cases and their canonical RAS labels, tumours first (labels read only until enough)."""
+    """``n_cases`` cases and their internal RAS labels, tumours first (read only until enough)."""
     spec = LAYOUTS[layout]
     convention = get_convention(spec.label_convention)
     chosen: list[tuple[Path, np.ndarray]] = []
@@ -116,7 +106,7 @@ def _pick_rows(cases: list[Path], layout: str, n_cases: int) -> list[tuple[Path,
 
 
 def _draw_row(axes: Any, case: Path, labels: np.ndarray, layout: str, *, first: bool) -> None:
-    """One case's row: the axial slice through its tumour, cropped to the brain, in every column."""
+    """One case's row: the axial slice through its tumour, cropped to the brain."""
     spec = LAYOUTS[layout]
     volumes = {}
     spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
@@ -151,7 +141,6 @@ def _brain_crop(brain: np.ndarray, z: int, pad: int = 3) -> tuple[slice, slice, 
 
 
 def _blank(ax: Any) -> None:
-    """A black panel without ticks or frame."""
     ax.set_facecolor("black")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -160,7 +149,7 @@ def _blank(ax: Any) -> None:
 
 
 def _overlay(ax: Any, labels: np.ndarray, aspect: float) -> None:
-    """Draw canonical ``labels`` (already transposed like the image) over a panel, background clear."""
+    """Draw internal ``labels`` (transposed like the image) over a panel, background clear."""
     from matplotlib.colors import ListedColormap
 
     overlay_cmap = ListedColormap([_LABEL_COLOURS[k][1] for k in sorted(_LABEL_COLOURS)])
@@ -177,7 +166,6 @@ def _overlay(ax: Any, labels: np.ndarray, aspect: float) -> None:
 
 
 def _add_legend(fig: Any) -> None:
-    """The label colours, in one line under the grid."""
     from matplotlib.patches import Patch
 
     handles = [
@@ -188,7 +176,7 @@ def _add_legend(fig: Any) -> None:
 
 
 def _save_atomically(plt: Any, fig: Any, out_png: Path) -> None:
-    """Write the figure to ``out_png`` through a temporary file, and close it whatever happens."""
+    """Write the figure through a temporary file, and close it whatever happens."""
     out_png.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_png.with_name(f".{out_png.name}.tmp.png")
     try:

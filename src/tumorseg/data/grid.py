@@ -1,9 +1,8 @@
 """Grid geometry of preprocessing: reorientation, resampling, cropping, and their exact inverse.
 
-No notion of a case, a label convention or a file: :class:`SourceGrid` turns a source grid to RAS
-(flips and permutations only, exactly invertible) and picks its grid at the target spacing (outer
-voxel edges shared, ``align_corners=False`` as nnU-Net does); :func:`restore_to_source` undoes it all
-from the geometry dict :mod:`tumorseg.data.preprocessed_case` stores.
+:class:`SourceGrid` turns a source grid to RAS (flips and permutations only, exactly invertible) and
+picks its grid at the target spacing (outer voxel edges shared, ``align_corners=False`` as nnU-Net);
+:func:`restore_to_source` undoes it all from the geometry dict of :mod:`tumorseg.data.preprocessed_case`.
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ RAS = axcodes2ornt(("R", "A", "S"))  # the axis order of every preprocessed grid
 def reorient(volume: np.ndarray, transform: np.ndarray, dtype: Any = None, order: str = "C") -> np.ndarray:
     """Apply a nibabel orientation transform to the spatial axes of ``(X, Y, Z)`` or ``(C, X, Y, Z)``.
 
-    An identity transform returns the volume itself (converted to ``dtype`` if given). Otherwise the
-    copy is C-ordered, or with ``order="K"`` keeps the source's memory order: only for label maps, as
-    trilinear resampling sums in memory order and images must give the same bits whatever the layout.
+    An identity returns the volume itself (as ``dtype``). Otherwise the copy is C-ordered, or keeps the
+    source's memory order with ``order="K"``: only for label maps, as trilinear resampling sums in
+    memory order and images must give the same bits whatever the layout.
     """
     if np.array_equal(transform, RAS):
         return volume if dtype is None else volume.astype(dtype, copy=False)
@@ -40,12 +39,8 @@ def reorient(volume: np.ndarray, transform: np.ndarray, dtype: Any = None, order
 
 
 def _c_order_copy(view: np.ndarray, dtype: Any = None) -> np.ndarray:
-    """``np.array(view, dtype, order="C")`` of a 3-D view, twice as fast when it is a transpose.
-
-    A BraTS volume (LPS, column-major) flipped to RAS is contiguous along axis 0, its C-ordered copy
-    along axis 2; copying plane by plane along the axis contiguous in neither keeps each 2-D
-    transpose in cache.
-    """
+    """``np.array(view, dtype, order="C")`` of a 3-D view, twice as fast for a transpose (a BraTS
+    volume flipped to RAS): copied plane by plane along the axis contiguous in neither, in cache."""
     contiguous_axis = int(np.argmin([abs(stride) for stride in view.strides]))
     if contiguous_axis == 2 or view.flags.c_contiguous:
         return np.array(view, dtype=dtype, order="C")
@@ -73,9 +68,8 @@ def resize(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray
     """Resample the spatial axes of ``(X, Y, Z)`` or ``(C, X, Y, Z)`` to ``shape``, edges aligned.
 
     Output voxel ``j`` samples input position ``(j + 0.5) * n_in / n_out - 0.5`` (torch's
-    ``align_corners=False``, scipy's ``grid_mode=True``); edges are extended, not zero-padded.
-    ``order``: 0 nearest (dtype kept), 1 trilinear, 2-3 spline (float32). An unchanged shape returns
-    the input itself.
+    ``align_corners=False``), edges extended. ``order``: 0 nearest (dtype kept), 1 trilinear, 2-3
+    spline (float32). An unchanged shape returns the input itself.
     """
     shape = tuple(int(n) for n in shape)
     if volume.shape[-3:] == shape:
@@ -88,8 +82,7 @@ def resize(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray
 
 
 def _resize_nearest(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour :func:`resize`: one gather per axis, the fastest-varying first, so the
-    largest gather copies whole slabs (10x faster than one ``np.ix_`` index at 240x240x155)."""
+    """Nearest :func:`resize`: one gather per axis, fastest-varying first (10x faster than ``np.ix_``)."""
     spatial = volume.shape[-3:]
     out = volume
     for axis in (2, 1, 0):
@@ -99,11 +92,8 @@ def _resize_nearest(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _resize_trilinear(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Trilinear :func:`resize` with torch (imported on first use), float32.
-
-    A NIfTI's column-major ``(C, X, Y, Z)`` is a C-contiguous ``(C, Z, Y, X)``: resampling that view
-    avoids a transposing copy of the full-resolution volume.
-    """
+    """Trilinear :func:`resize` with torch, float32; a NIfTI's column-major ``(C, X, Y, Z)`` is
+    resampled as the C-contiguous ``(C, Z, Y, X)`` it is, without a transposing copy."""
     import torch
 
     spatial = volume.shape[-3:]
@@ -134,9 +124,8 @@ def _resize_spline(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np
 def resize_labels(labels: np.ndarray, shape: tuple[int, ...], method: str) -> np.ndarray:
     """Resample a label map ``(X, Y, Z)`` to ``shape``; values stay within those present.
 
-    ``onehot_linear`` (as nnU-Net) interpolates each label's indicator trilinearly and keeps the
-    largest, ties to the lower label: the majority of a 2x2x2 block at 2x, centred like the image
-    grid. ``nearest`` picks one source voxel, half a voxel off that centre at even ratios.
+    ``onehot_linear`` (nnU-Net) keeps the label whose indicator interpolates highest, ties to the lower
+    label; ``nearest`` picks one source voxel, half a voxel off centre at even ratios.
     """
     shape = tuple(int(n) for n in shape)
     if labels.shape == shape:
@@ -178,8 +167,7 @@ def shift_affine(affine: np.ndarray, start: tuple[int, ...]) -> np.ndarray:
 
 
 def crop_box(mask: np.ndarray, margin: int) -> tuple[list[int], list[int]]:
-    """``(start, stop)`` of the bounding box of a non-empty 3-D ``mask``, grown by ``margin`` voxels
-    and clipped to the grid."""
+    """``(start, stop)`` of a non-empty 3-D ``mask``'s bounding box plus ``margin``, clipped."""
     start, stop = [], []
     for axis in range(3):
         other = tuple(a for a in range(3) if a != axis)
@@ -191,10 +179,8 @@ def crop_box(mask: np.ndarray, margin: int) -> tuple[list[int], list[int]]:
 
 @dataclass(frozen=True)
 class SourceGrid:
-    """Steps 1-2 for a source grid: its turn to RAS (``to_ras``, a nibabel orientation transform) and
-    the grid at the ``target`` spacing (same field of view). It depends only on the reference
-    modality's header, so each modality can be resampled on its own as soon as it is decoded.
-    """
+    """Steps 1-2 for a source grid: its turn to RAS (``to_ras``, nibabel) and the grid at the
+    ``target`` spacing; from the reference header only, so each modality resamples once decoded."""
 
     shape: tuple[int, ...]
     affine: np.ndarray
@@ -224,18 +210,11 @@ class SourceGrid:
 
 # ---------------------------------------------------------------------------- the inverse
 def restore_to_source(volume: np.ndarray, geometry: dict[str, Any], *, is_label: bool) -> np.ndarray:
-    """Map a volume on the preprocessed grid back onto the source file's voxel grid.
+    """Map a volume on the preprocessed grid back onto the source file's grid (uncrop with zeros,
+    resample, undo the reorientation): save it with ``geometry["source_affine"]``.
 
-    Uncrops with zeros, resamples to the RAS source grid and undoes the reorientation: the result
-    lines up with the source NIfTI (save it with ``geometry["source_affine"]``).
-
-    Args:
-        volume: label map ``(X, Y, Z)`` (``is_label``: nearest, dtype kept) or score map ``(C, X, Y, Z)``
-            or ``(X, Y, Z)`` (trilinear, float32), spatially ``geometry["preprocessed_shape"]``.
-        geometry: the dict from :func:`~tumorseg.data.preprocessed_case.preprocess_case` (or its JSON).
-
-    Raises:
-        ValueError: the volume's spatial shape is not the preprocessed shape.
+    ``volume``: a label map ``(X, Y, Z)`` (``is_label``: nearest, dtype kept) or scores ``(C, X, Y, Z)``
+    / ``(X, Y, Z)`` (trilinear, float32) of ``geometry["preprocessed_shape"]``, else a ValueError.
     """
     volume = np.asarray(volume)
     expected = tuple(geometry["preprocessed_shape"])
@@ -264,12 +243,9 @@ def restore_to_source(volume: np.ndarray, geometry: dict[str, Any], *, is_label:
 def restored_label_counts(
     labels: np.ndarray, geometry: dict[str, Any], codes: tuple[int, ...]
 ) -> dict[int, int]:
-    """Voxels of each code in ``restore_to_source(labels, geometry, is_label=True)``, without restoring.
-
-    Nearest-neighbour restoration copies voxel ``(i, j, k)`` to ``copies_x[i] * copies_y[j] *
-    copies_z[k]`` source voxels, uncropping adds only background and reorientation adds nothing: the
-    counts are exact, from the small grid.
-    """
+    """Voxels of each code in ``restore_to_source(labels, geometry, is_label=True)``, exact, from the
+    small grid: nearest restoration copies voxel ``(i, j, k)`` ``copies_x[i] * copies_y[j] * copies_z[k]``
+    times, uncropping adds background only."""
     start, stop = geometry["crop_bbox"]["start"], geometry["crop_bbox"]["stop"]
     copies = [
         np.bincount(nearest_indices(n_in, n_out), minlength=n_in)[a:b]

@@ -1,10 +1,9 @@
 """``tumorseg ingest``: index a dataset folder into ``manifest.csv``, one row per case.
 
 Every file is read once (hashed as read), never modified. Ingest quarantines only what nothing
-downstream could look at (a missing modality, an undecodable file, a wrong dimensionality, shapes
-that differ); everything else is measured and left to ``tumorseg validate``. A case whose files'
-sizes, mtimes and paths are unchanged keeps its previous row unread, with what discovery decides
-(patient, label convention, datalist ``subset``/``fold``) refreshed.
+downstream could look at (missing modality, undecodable file, wrong dimensionality, differing
+shapes) and measures the rest for ``tumorseg validate``; rows of unchanged files are reused unread.
+Volumes and images (one ``.mat`` or bitmap a case) differ only in an :class:`IngestPlan`.
 """
 
 from __future__ import annotations
@@ -12,19 +11,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from tumorseg.config import IngestConfig
 from tumorseg.data.conventions import CANONICAL_MODALITIES
-from tumorseg.data.incremental import (
-    IngestSummary,
-    number_text,
-    rows_with_ingest_verdict,
-    write_incrementally,
-)
 from tumorseg.data.layouts import (
     FILE_KEYS,
     CaseFiles,
@@ -37,13 +34,25 @@ from tumorseg.data.layouts import (
     spacing_from_affine,
 )
 from tumorseg.data.manifest import (
+    IDENTITY_COLUMNS,
     MANIFEST_COLUMNS,
     MANIFEST_NAME,
     STATUS_OK,
     STATUS_QUARANTINED,
     read_manifest,
+    write_manifest,
 )
-from tumorseg.data.readers import IMAGE, folder_dims
+from tumorseg.data.parallel import map_cases
+from tumorseg.data.planar import (
+    FIGSHARE_LABELS,
+    IMAGE_LAYOUTS,
+    KAGGLE_CLASS_FOLDERS,
+    RawPlanar,
+    channels_of,
+    load_planar_raw,
+    to_grayscale,
+)
+from tumorseg.data.readers import PlanarFile, find_planar_files
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -52,35 +61,86 @@ DATALIST_COLUMNS: list[str] = ["subset", "fold"]
 CONTENT_DIGEST_COLUMNS: list[str] = [f"content_sha256_{key}" for key in CANONICAL_MODALITIES]
 INGEST_COLUMNS: list[str] = [*MANIFEST_COLUMNS, *DATALIST_COLUMNS, *CONTENT_DIGEST_COLUMNS]
 
+LABEL_CONVENTION_2D: dict[str, str] = {"figshare": "tumour-mask", "kaggle": "yes-no"}
+PLANAR_MANIFEST_COLUMNS: list[str] = [
+    *IDENTITY_COLUMNS,
+    *[
+        "source",
+        "path",
+        "sha256",
+        "format",
+        "has_tumour",
+        "tumour_type",
+        "label",
+        "has_mask",
+        "height",
+        "width",
+        "channels",
+        "shape",
+        "image_readable",
+        "image_ndim",
+        "image_dtype",
+        "image_finite",
+        "image_min",
+        "image_max",
+        "mask_shape",
+        "mask_values",
+        "tumour_pixels",
+        "fingerprint",
+    ],
+]
+"""Columns of a 2-D manifest; ``has_mask``: a reference mask is known (Figshare ``tumorMask``, or a
+Kaggle ``no`` image, all background)."""
+
 
 def ingest(src: Path, out_dir: Path, cfg: IngestConfig) -> IngestSummary:
-    """Index the dataset under ``src`` (any layout of :mod:`tumorseg.data.layouts`) into ``out_dir/manifest.csv``.
-
-    Raises:
-        DataError: ``src`` matches no layout / is empty / mixes layouts, or ``out_dir`` is inside ``src``.
-    """
+    """Index the dataset under ``src`` (a layout of :mod:`tumorseg.data.layouts`, or 2-D files) into
+    ``out_dir/manifest.csv``; a DataError when ``src`` matches no layout, is empty, mixes layouts, or
+    holds ``out_dir``."""
     start = time.perf_counter()
     src, out_dir = Path(src).absolute(), Path(out_dir).absolute()
     if out_dir == src or src in out_dir.parents:
         raise DataError(f"--out {out_dir} is inside the source dataset {src}; write the manifest elsewhere")
-    if cfg.layout == "auto" and folder_dims(src) == IMAGE:
-        from tumorseg.data.planar_ingest import ingest_planar
+    files = find_planar_files(src) if cfg.layout == "auto" else []
+    plan = _image_plan(files) if files else _volume_plan(src, cfg)
+    return write_incrementally(plan, _previous_rows(out_dir, plan), out_dir, cfg.workers, start)
 
-        return ingest_planar(src, out_dir, cfg)
 
+@dataclass(frozen=True)
+class IngestPlan:
+    """The volume or image strategy of ingest: the ``items`` found (each with a ``case_id``), their
+    cheap ``fingerprint`` (sizes, mtimes), whether a previous row is ``reusable`` for one, how to
+    ``read`` one into its row (in a worker process: module-level), how to ``refresh`` a reused row
+    (datalist subset and fold). A previous image manifest needs image layouts and is judged silently.
+    """
+
+    items: Sequence[Any]
+    fingerprint: Callable[[Any], str]
+    reusable: Callable[[dict[str, str], Any, str], bool]
+    read: Callable[[Any, str], dict[str, str]]
+    columns: list[str]
+    layout: str
+    refresh: Callable[[dict[str, str], Any], dict[str, str]] | None = None
+    images: bool = False
+
+
+def _volume_plan(src: Path, cfg: IngestConfig) -> IngestPlan:
     cases = discover_cases(src, None if cfg.layout == "auto" else cfg.layout, labels=cfg.labels)
-    return write_incrementally(
-        cases,
-        _previous_rows(out_dir),
-        out_dir,
-        fingerprint=case_fingerprint,
-        reusable=_reusable,
-        read=partial(read_manifest_row, chunk_bytes=cfg.hash_chunk_mb << 20),
-        columns=INGEST_COLUMNS,
-        layout=cases[0].layout,
-        workers=cfg.workers,
-        start=start,
-        refresh=_refresh_discovery,
+    read = partial(read_manifest_row, chunk_bytes=cfg.hash_chunk_mb << 20)
+    return IngestPlan(
+        cases, case_fingerprint, _reusable, read, INGEST_COLUMNS, cases[0].layout, _refresh_discovery
+    )
+
+
+def _image_plan(files: list[PlanarFile]) -> IngestPlan:
+    return IngestPlan(
+        files,
+        lambda item: _file_fingerprint(item.path),
+        lambda old, item, fingerprint: old["path"] == str(item.path) and old["fingerprint"] == fingerprint,
+        planar_manifest_row,
+        PLANAR_MANIFEST_COLUMNS,
+        "+".join(sorted({item.layout for item in files}, key=IMAGE_LAYOUTS.index)),
+        images=True,
     )
 
 
@@ -90,32 +150,131 @@ def read_manifest_row(case: CaseFiles, fingerprint: str, *, chunk_bytes: int) ->
 
 
 # ---------------------------------------------------------------------------- incremental reuse
-def case_fingerprint(case: CaseFiles) -> str:
-    """Size and modification time (ns) of every file of a case: ``t1=SIZE@MTIME;...;seg=-`` (one stat each)."""
-    parts = []
-    for key in FILE_KEYS:
-        path = case.paths.get(key)
-        try:
-            stat = path.stat() if path is not None else None
-        except OSError:
-            stat = None
-        parts.append(f"{key}={stat.st_size}@{stat.st_mtime_ns}" if stat is not None else f"{key}=-")
-    return ";".join(parts)
+INGEST_STATUS_COLUMN = "ingest_status"
+INGEST_REASON_COLUMN = "ingest_reason"
+"""Columns validation adds to keep ingest's own verdict; preferred when a validated manifest is reused."""
 
 
-def _previous_rows(out_dir: Path) -> dict[str, dict[str, str]]:
-    """Rows of the previous manifest by case id; empty when there is none or it is from another schema."""
+@dataclass(frozen=True)
+class IngestSummary:
+    """What one ingest run did: rows ``ok`` and ``quarantined``; cases ``new``, ``changed`` (both read),
+    ``reused`` (no file read) and ``removed`` (gone from the source) since the previous manifest."""
+
+    manifest: Path
+    layout: str
+    cases: int
+    ok: int
+    quarantined: int
+    new: int
+    changed: int
+    reused: int
+    removed: int
+    seconds: float
+
+    def one_line(self) -> str:
+        return (
+            f"ingested {self.cases} {self.layout} cases -> {self.manifest}: {self.ok} ok, "
+            f"{self.quarantined} quarantined ({self.new} new, {self.changed} changed, {self.reused} reused, "
+            f"{self.removed} removed) in {self.seconds:.1f} s"
+        )
+
+
+def write_incrementally(
+    plan: IngestPlan, previous: dict[str, dict[str, str]], out_dir: Path, workers: int, start: float
+) -> IngestSummary:
+    """Reuse the ``previous`` rows of unchanged cases, read the rest, write ``out_dir/manifest.csv``."""
+    rows: dict[str, dict[str, str]] = {}
+    to_read: list[tuple[Any, str]] = []
+    new = changed = 0
+    for item in plan.items:
+        item_fingerprint = plan.fingerprint(item)
+        old = previous.get(item.case_id)
+        if old is not None and plan.reusable(old, item, item_fingerprint):
+            rows[item.case_id] = plan.refresh(old, item) if plan.refresh is not None else old
+        else:
+            to_read.append((item, item_fingerprint))
+            new += old is None
+            changed += old is not None
+    reused = len(rows)
+
+    for row in map_cases(partial(_read_pair, plan.read), to_read, workers=workers, what="ingest"):
+        if row["status"] == STATUS_QUARANTINED:
+            log.warning("quarantined %s: %s", row["case_id"], row["reason"])
+        rows[row["case_id"]] = row
+
+    current = {item.case_id for item in plan.items}
+    removed = sum(1 for case_id in previous if case_id not in current)
+    manifest = write_manifest(pd.DataFrame(list(rows.values()), columns=list(plan.columns)), out_dir)
+    quarantined = sum(1 for row in rows.values() if row["status"] == STATUS_QUARANTINED)
+    summary = IngestSummary(
+        manifest=manifest,
+        layout=plan.layout,
+        cases=len(rows),
+        ok=len(rows) - quarantined,
+        quarantined=quarantined,
+        new=new,
+        changed=changed,
+        reused=reused,
+        removed=removed,
+        seconds=time.perf_counter() - start,
+    )
+    log.debug(summary.one_line())
+    return summary
+
+
+def _read_pair(read: Callable[[Any, str], dict[str, str]], pair: tuple[Any, str]) -> dict[str, str]:
+    return read(*pair)
+
+
+def _previous_rows(out_dir: Path, plan: IngestPlan) -> dict[str, dict[str, str]]:
+    """The previous manifest's rows (all text, ``plan.columns`` only) by case id, with ingest's own
+    verdict where validation kept it; none when there is no manifest or it has another schema."""
     if not (out_dir / MANIFEST_NAME).is_file():
         return {}
     try:
         df = read_manifest(out_dir)
     except (DataError, ValueError, OSError) as exc:
-        log.warning("ignoring the previous manifest in %s (%s); reading every case", out_dir, exc)
+        if not plan.images:
+            log.warning("ignoring the previous manifest in %s (%s); reading every case", out_dir, exc)
         return {}
-    if any(column not in df.columns for column in INGEST_COLUMNS):
-        log.info("previous manifest in %s has another schema; reading every case", out_dir)
+    if any(column not in df.columns for column in plan.columns):
+        if not plan.images:
+            log.info("previous manifest in %s has another schema; reading every case", out_dir)
         return {}
-    return rows_with_ingest_verdict(df, INGEST_COLUMNS)
+    if plan.images and not df["layout"].isin(IMAGE_LAYOUTS).all():
+        return {}
+    rows: dict[str, dict[str, str]] = {}
+    for record in df.to_dict(orient="records"):
+        row = {column: str(record[column]) for column in plan.columns}
+        if record.get(INGEST_STATUS_COLUMN):
+            row["status"] = str(record[INGEST_STATUS_COLUMN])
+            row["reason"] = str(record.get(INGEST_REASON_COLUMN, ""))
+        rows[row["case_id"]] = row
+    return rows
+
+
+def number_text(value: float) -> str:
+    """Integers without a decimal point, other values with 6 significant digits."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.6g}"
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size}@{stat.st_mtime_ns}"
+
+
+def case_fingerprint(case: CaseFiles) -> str:
+    """Size and modification time (ns) of every file of a case: ``t1=SIZE@MTIME;...;seg=-``."""
+    parts = []
+    for key in FILE_KEYS:
+        path = case.paths.get(key)
+        try:
+            parts.append(f"{key}={_file_fingerprint(path)}" if path is not None else f"{key}=-")
+        except OSError:
+            parts.append(f"{key}=-")
+    return ";".join(parts)
 
 
 def _reusable(row: dict[str, str], case: CaseFiles, fingerprint: str) -> bool:
@@ -125,7 +284,8 @@ def _reusable(row: dict[str, str], case: CaseFiles, fingerprint: str) -> bool:
 
 
 def _discovery_fields(case: CaseFiles) -> dict[str, str]:
-    """What case discovery decides without reading an image, as manifest text."""
+    """What case discovery decides without reading an image, as manifest text (no statistic depends on
+    it: labels are counted in source codes, so a reused row is refreshed with it)."""
     return {
         "patient_id": case.patient_id,
         "label_convention": case.label_convention,
@@ -135,7 +295,6 @@ def _discovery_fields(case: CaseFiles) -> dict[str, str]:
 
 
 def _refresh_discovery(row: dict[str, str], case: CaseFiles) -> dict[str, str]:
-    """A reused row with what discovery says now (no statistic depends on it: labels are in source codes)."""
     return {**row, **_discovery_fields(case)}
 
 
@@ -203,13 +362,9 @@ _DIGEST_BLOCK_BYTES = 4 << 20
 
 
 def content_digest(volume: np.ndarray) -> str:
-    """sha256 of a decoded volume's shape and voxel values (``content_sha256_<mod>``), whatever the file.
-
-    ``validate`` uses it to find one scan stored under several case ids, in any container, gzip level,
-    header or on-disk dtype. Hashed: ``"<shape>;"``, then blocks of whole last-axis slices (4 MiB as
-    float32), each ``b"i2"`` + little-endian int16 values when all are integers in int16 range, else
-    ``b"f4"`` + float32 values, voxels in NIfTI order (first axis fastest).
-    """
+    """sha256 of a decoded volume's shape and values (``content_sha256_<mod>``), whatever the file, so
+    ``validate`` finds one scan stored twice: ``"<shape>;"``, then per 4 MiB block of last-axis slices
+    ``b"i2"`` + int16 values when all fit, else ``b"f4"`` + float32, little-endian, NIfTI order."""
     digest = hashlib.sha256(f"{shape_text(volume.shape)};".encode())
     if volume.ndim == 0:
         volume = volume.reshape(1)
@@ -285,3 +440,80 @@ def _label_statistics(seg: np.ndarray, affine: np.ndarray) -> dict[str, str]:
         "tumour_voxels": str(tumour_voxels),
         "tumour_volume_ml": number_text(round(tumour_voxels * voxel_ml, 4)),
     }
+
+
+# ---------------------------------------------------------------------------- one image row
+def planar_manifest_row(item: PlanarFile, fingerprint: str) -> dict[str, str]:
+    """One manifest row (all text) for a 2-D file: read it once, measure it, judge only decodability."""
+    path = item.path
+    row = dict.fromkeys(PLANAR_MANIFEST_COLUMNS, "")
+    row.update(
+        case_id=item.case_id,
+        patient_id=item.case_id,
+        layout=item.layout,
+        label_convention=LABEL_CONVENTION_2D[item.layout],
+        status=STATUS_OK,
+        source=item.layout,
+        path=str(path),
+        fingerprint=fingerprint,
+    )
+    if item.layout == "kaggle":
+        has_tumour = KAGGLE_CLASS_FOLDERS[path.parent.name.lower()]
+        row.update(has_tumour=str(has_tumour), has_mask=str(not has_tumour))
+    try:
+        raw = load_planar_raw(path)
+    except DataError as exc:
+        row.update(
+            status=STATUS_QUARANTINED, reason=str(exc).removeprefix(f"{path}: "), image_readable="False"
+        )
+        return row
+    row.update(sha256=raw.sha256, format=raw.fmt, image_readable="True", image_dtype=raw.image.dtype.name)
+    row.update(_image_statistics(raw.image, is_image_file=item.layout == "kaggle"))
+    if item.layout == "figshare":
+        row.update(_figshare_fields(raw))
+    return row
+
+
+def _image_statistics(image: np.ndarray, is_image_file: bool) -> dict[str, str]:
+    """Shape, channels and finite range of a stored image (a bitmap's channels are not a dimension)."""
+    spatial = image.shape[:2] if (is_image_file and image.ndim == 3) else image.shape
+    stats = {
+        "image_ndim": str(len(spatial)),
+        "shape": shape_text(spatial),
+        "channels": str(channels_of(image) if is_image_file else 1),
+    }
+    if len(spatial) >= 2:
+        stats.update(height=str(spatial[0]), width=str(spatial[1]))
+    if image.size and image.dtype.kind in "biuf":
+        gray = to_grayscale(image) if is_image_file else image.astype(np.float64)
+        stats["image_finite"] = str(bool(np.isfinite(gray).all()))
+        values = gray[np.isfinite(gray)]
+        if values.size:
+            stats.update(
+                image_min=number_text(float(values.min())), image_max=number_text(float(values.max()))
+            )
+    elif image.size:
+        stats["image_finite"] = "False"  # text or object arrays are no image
+    return stats
+
+
+def _figshare_fields(raw: RawPlanar) -> dict[str, str]:
+    """Patient, label and mask statistics of a Figshare slice, as stored (validation judges them)."""
+    fields = {"has_mask": str(raw.mask is not None)}
+    if raw.pid is not None:
+        fields["patient_id"] = raw.pid.strip()
+    if raw.label is not None:
+        fields["label"] = number_text(raw.label)
+        fields["has_tumour"] = "True"
+        fields["tumour_type"] = (
+            FIGSHARE_LABELS.get(int(raw.label), "") if float(raw.label).is_integer() else ""
+        )
+    if raw.mask is not None:
+        mask = np.asarray(raw.mask)
+        values = np.unique(mask) if mask.size else np.array([])
+        fields.update(
+            mask_shape=shape_text(mask.shape),
+            mask_values=";".join(number_text(float(v)) for v in values[:20]),
+            tumour_pixels=str(int(np.count_nonzero(mask))),
+        )
+    return fields

@@ -1,19 +1,10 @@
-"""Detect and read the public BraTS / MSD / nnU-Net / MONAI dataset layouts (:data:`LAYOUT_NAMES`).
+"""Detect and read the public dataset layouts (:data:`LAYOUT_NAMES`); file naming in docs/data.md.
 
-- ``brats2021`` (BraTS 2020/21): ``BraTS2021_00001/BraTS2021_00001_{t1,t1ce,t2,flair,seg}.nii.gz``.
-- ``brats2023`` (BraTS 2023+, any challenge prefix): ``BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1n.nii.gz``
-  (``t1n``, ``t1c``, ``t2w``, ``t2f``, ``seg``); the last number is the time point of the patient.
-- ``msd`` (Task01_BrainTumour): 4-D ``imagesTr/BRATS_001.nii.gz`` (channels as ``dataset.json`` names them),
-  ``labelsTr/BRATS_001.nii.gz``; ``imagesTs/`` holds unlabelled cases.
-- ``nnunet`` (v2 raw, or a v1 ``Task`` folder): ``dataset.json``, ``imagesTr/CASE_0000.nii.gz`` ... ``_0003``,
-  ``labelsTr/CASE.nii.gz``; told from MSD by the 4-digit channel index of every image file.
-- ``monai``: a datalist ``*.json`` whose ``training``/``validation``/``testing`` lists hold ``image``,
-  ``label``, ``fold`` entries (paths relative to the JSON); it wins over BraTS folders beside it.
-
-Label conventions: ``labels`` (``ingest.labels``) wins; otherwise by layout, by the BraTS 2023+ challenge
-prefix of the case id (PED must be named), or by the ``labels`` a ``dataset.json``/datalist declares.
-Files are read once: hashed (sha256) while read and inflated in memory, faster than ``nibabel.load``.
-Every problem with a file is a one-line :class:`DataError` naming the file (ingest collects them).
+BraTS 2020/21 and 2023+ case folders; MSD Task01 (4-D ``imagesTr/BRATS_001.nii.gz``, ``labelsTr/``);
+nnU-Net v2/v1 raw (``dataset.json``, ``imagesTr/CASE_0000.nii.gz``: 4-digit channel index, not MSD);
+a MONAI datalist (``training``/``validation``/``testing`` entries, wins over BraTS folders beside it).
+Convention: ``ingest.labels``, else the layout's, the BraTS 2023+ prefix (PED must be named) or the
+JSON's ``labels``. Files are hashed while read and inflated in memory; a bad file is a one-line DataError.
 """
 
 from __future__ import annotations
@@ -73,9 +64,7 @@ NNUNET_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 """An nnU-Net image file name without its ending: ``BraTS2021_00001_0003`` -> case, channel 3."""
 
 DATALIST_SUBSETS: dict[str, str] = {
-    "training": "training",
-    "validation": "validation",
-    "testing": "testing",
+    **{k: k for k in ("training", "validation", "testing")},
     "test": "testing",
 }
 """MONAI datalist keys -> :attr:`CaseFiles.subset` (MSD's ``dataset.json`` says ``test``)."""
@@ -106,28 +95,23 @@ _LABEL_MEANINGS: dict[str, str] = {
     "WT": "wt|whole tumor|whole|complete tumor",
     "TC": "tc|tumor core",
 }
-"""Meaning -> the ``|``-separated names a ``dataset.json`` may give it (normalised by :func:`_label_key`):
-a tumour part (every label set's NCR/NETC are ``core``, ED/SNFH ``edema``) or a nested region."""
+"""Meaning (a tumour part or nested region) -> the names a ``dataset.json`` may give it (:func:`_label_key`)."""
 
 _LABEL_MEANING: dict[str, str] = {
     name: meaning for meaning, names in _LABEL_MEANINGS.items() for name in names.split("|")
 }
 
 
-# ---------------------------------------------------------------------------- data classes
 @dataclass(frozen=True)
 class CaseFiles:
     """The files of one case, before anything is read.
 
     Attributes:
         patient_id: BraTS 2023+: the case id without its time point; otherwise the case id.
-        case_dir: the case folder (BraTS), ``imagesTr``/``imagesTs`` (MSD, nnU-Net) or the datalist's
-            folder (MONAI).
-        paths: file key -> file, or None when absent; a 4-D image (MSD, MONAI) is named by every modality.
-        missing: expected files that do not exist. A missing ``seg`` is listed only where a MONAI
-            datalist names it: a case without segmentation is an unlabelled case.
-        channel_order: 4-D images (MSD, MONAI): canonical modality of each channel.
-        subset, fold: MONAI: the datalist list the case is in and the entry's ``fold``.
+        case_dir: the case folder (BraTS), ``imagesTr``/``imagesTs`` (MSD, nnU-Net), the datalist's folder.
+        paths: file key -> file or None; a 4-D image (MSD, MONAI) is named by every modality.
+        missing: expected files that do not exist (``seg`` only where a datalist names it).
+        channel_order, subset, fold: 4-D channel modalities; MONAI's list and ``fold``.
     """
 
     case_id: str
@@ -157,15 +141,9 @@ class CaseFiles:
 
 @dataclass
 class CaseVolumes:
-    """One case in memory, in its source geometry.
-
-    Attributes:
-        image: float32 ``(4, X, Y, Z)``, channels in canonical order (t1, t1ce, t2, flair).
-        labels: canonical uint8 ``(X, Y, Z)`` (0 bg, 1 NCR, 2 ED, 3 ET), or None without ``seg``.
-        affine: 4x4 voxel-to-world (mm) of T1; ``spacing`` in mm, ``orientation`` e.g. ``"RAS"``.
-        label_convention: convention of the source ``seg`` (needed to write predictions back).
-        sha256: file key -> sha256 of the file as read (MSD modalities share one digest).
-    """
+    """One case in memory, in its source geometry: float32 ``image`` ``(4, X, Y, Z)`` (canonical channel
+    order), uint8 internal ``labels`` ``(X, Y, Z)`` or None, T1's 4x4 ``affine`` (mm), the source
+    ``seg``'s ``label_convention`` (to write predictions back), ``sha256`` per file key."""
 
     case_id: str
     patient_id: str
@@ -192,14 +170,9 @@ class NiftiFile:
 
 @dataclass
 class LoadedCase:
-    """All files of a case decoded as far as possible; the common ground of ingest and :func:`read_case`.
-
-    Attributes:
-        volumes: file key -> 3-D array (an MSD channel is a view of the 4-D array), for the keys whose
-            file decoded with the expected dimensionality.
-        sha256: file key -> digest of every file that could be read from disk (decoded or not).
-        problems: one-line reasons why the case cannot be used, in the order found; empty when it reads.
-    """
+    """A case's files decoded as far as possible (ingest and :func:`read_case`): ``volumes`` (file key ->
+    3-D array of the right dimensionality; MSD channels are views), ``sha256`` of every file read,
+    ``problems`` (one-line reasons the case cannot be used, empty when it reads)."""
 
     case: CaseFiles
     files: dict[str, NiftiFile] = field(default_factory=dict)
@@ -217,10 +190,8 @@ class LoadedCase:
         return None
 
 
-# ---------------------------------------------------------------------------- file reading
 def read_bytes(path: Path, *, chunk_bytes: int = 8 << 20, sha256: bool = True) -> tuple[bytearray, str]:
-    """Read a file into one buffer, hashing each chunk as it arrives: the bytes and their sha256 hex
-    digest ("" with ``sha256=False``: prediction needs no provenance)."""
+    """A file's bytes and their sha256 hex digest, hashed chunk by chunk while read ("" without ``sha256``)."""
     digest = hashlib.sha256()
     try:
         size = path.stat().st_size
@@ -248,10 +219,7 @@ def read_bytes(path: Path, *, chunk_bytes: int = 8 << 20, sha256: bool = True) -
 
 
 def decode_nifti(buffer: bytes | bytearray, path: Path, sha256: str = "") -> NiftiFile:
-    """Decode the bytes of a ``.nii`` or ``.nii.gz`` file (gzip is recognised by its magic bytes).
-
-    A truncated, corrupt or non-NIfTI file raises a DataError naming it.
-    """
+    """Decode ``.nii``/``.nii.gz`` bytes (gzip by its magic); DataError for a truncated or bad file."""
     name = path.name
     raw = _inflate(buffer, name)
     image_class = _nifti_class(raw, name)
@@ -277,27 +245,20 @@ def decode_nifti(buffer: bytes | bytearray, path: Path, sha256: str = "") -> Nif
 
 
 def read_nifti(path: Path, *, chunk_bytes: int = 8 << 20, sha256: bool = True) -> NiftiFile:
-    """Read one ``.nii``/``.nii.gz`` file once: hash the bytes while reading, decode in memory.
-
-    ``nibabel.load`` streams the gzip through Python file objects and would need a second read to
-    hash; here the bytes are inflated in one call and parsed by nibabel's own header/array code.
-    """
+    """Read a NIfTI file once, hashing while reading and inflating in one call (``nibabel.load`` streams
+    gzip through Python file objects and would need a second read to hash)."""
     buffer, digest = read_bytes(path, chunk_bytes=chunk_bytes, sha256=sha256)
     return decode_nifti(buffer, path, digest)
 
 
 def _inflate(buffer: bytearray, name: str) -> bytes | bytearray:
-    """Decompress a gzip stream (any number of members); pass plain ``.nii`` bytes through.
-
-    python-isal (Intel ISA-L) inflates 2-3x faster than :mod:`gzip`; inflating is most of a read.
-    """
+    """Inflate a gzip stream (any members) with python-isal, 2-3x faster than :mod:`gzip`; plain passes."""
     from isal import igzip, isal_zlib
 
     if buffer[:2] != b"\x1f\x8b":
         return buffer
     try:
-        # One gzip member (what every NIfTI writer produces) inflates in a single call; several
-        # members or a truncated stream go through igzip, which reads them all and reports truncation.
+        # One member (every NIfTI writer) in one call; several or a truncated stream through igzip.
         inflater = isal_zlib.decompressobj(wbits=31)
         raw = inflater.decompress(buffer)
         if inflater.eof and not inflater.unused_data:
@@ -347,7 +308,6 @@ def orientation_code(affine: np.ndarray) -> str:
     return "".join(code or "?" for code in nib.aff2axcodes(np.asarray(affine)))
 
 
-# ---------------------------------------------------------------------------- detection
 def _nifti_file(folder: Path, stem: str) -> Path | None:
     for ext in NIFTI_EXTENSIONS:
         candidate = folder / f"{stem}{ext}"
@@ -407,7 +367,7 @@ def _image_folders(root: Path) -> list[Path]:
 
 
 def _root_layout(root: Path) -> str:
-    """``nnunet`` or ``msd`` for a folder holding ``imagesTr``/``imagesTs`` (see the module docstring)."""
+    """``nnunet`` or ``msd`` for a folder holding ``imagesTr``/``imagesTs``."""
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
         return "msd"
@@ -492,11 +452,10 @@ def _brats_scan(src: Path, children: list[Path], *, depth: int) -> dict[str, lis
 
 
 def _scan(src: Path, layout: str | None = None) -> dict[str, list[Path]]:
-    """Where the cases of each layout are: case folders (BraTS), image folders (MSD, nnU-Net), datalists.
+    """Found layout -> its case folders (BraTS), image folders (MSD, nnU-Net) or datalists.
 
-    Detection order (``layout`` None): ``src`` is an MSD/nnU-Net folder or its images folder; ``src``
-    holds a MONAI datalist (or is one); BraTS case folders in ``src`` or its children; MSD/nnU-Net
-    folders among its children; BraTS case folders one level further down. Only found layouts are keys.
+    Detection order: ``src`` is an MSD/nnU-Net (images) folder; holds or is a datalist; BraTS case
+    folders in ``src`` or its children; MSD/nnU-Net children; BraTS folders one level further down.
     """
     if not src.exists():
         raise DataError(f"{src}: no such folder; pass the dataset folder (e.g. data/synth)")
@@ -550,12 +509,8 @@ _NO_LAYOUT_HINT = (
 
 
 def detect_layout(src: Path) -> str:
-    """One of :data:`LAYOUT_NAMES` for a dataset folder, one case folder, an MSD/nnU-Net task or images
-    folder, or a MONAI datalist (or its folder).
-
-    Raises:
-        DataError: the folder does not exist, is empty, matches no layout, or mixes layouts.
-    """
+    """The layout of a dataset, case, task or images folder or datalist; DataError when the folder is
+    missing or empty, or matches no layout or several."""
     src = Path(src)
     found = _scan(src)
     if not found:
@@ -581,7 +536,6 @@ def _first_file(folders: list[Path]) -> Path:
     return sorted(folders)[0]
 
 
-# ---------------------------------------------------------------------------- label conventions
 def _explicit_convention(labels: str | None) -> str | None:
     """``labels`` validated (None for ``None``/``""``/``"auto"``)."""
     if labels in (None, "", "auto"):
@@ -593,9 +547,8 @@ def _explicit_convention(labels: str | None) -> str | None:
 
 
 def brats_name_convention(case_id: str) -> str | None:
-    """The convention a BraTS case id implies: ``brats2021`` for 2020/2021 names, the sub-challenge's
-    for BraTS 2023+ names (any unknown prefix: ``brats2023``; PED raises DataError, as 2023 and 2024
-    code it differently), None for other names."""
+    """The convention a BraTS case id implies (2023+: the sub-challenge's, unknown -> brats2023; PED, coded
+    differently in 2023 and 2024, raises DataError), None for other names."""
     if BRATS2021_CASE_NAME.match(case_id):
         return "brats2021"
     match = BRATS_CHALLENGE.match(case_id)
@@ -635,8 +588,7 @@ def _label_key(name: str) -> list[str]:
 
 
 def label_meaning(name: str) -> str | None:
-    """What a label or region name means: ``core``, ``edema``, ``enhancing``, ``cavity``, ``cyst``,
-    ``WT``, ``TC``, or None when unknown (``"NETC"`` -> ``core``, ``"whole tumour"`` -> ``WT``)."""
+    """A label or region name's meaning (``"NETC"`` -> ``core``, ``"whole tumour"`` -> ``WT``), or None."""
     for key in _label_key(name):
         if key in _LABEL_MEANING:
             return _LABEL_MEANING[key]
@@ -658,11 +610,8 @@ def _convention_meanings(convention: LabelConvention) -> dict[str, frozenset[int
 
 
 def declared_labels(raw: Any, where: str) -> dict[str, frozenset[int]]:
-    """A ``labels`` entry of a ``dataset.json``/datalist as name -> file values, background dropped.
-
-    Accepts nnU-Net v2 ``{"edema": 1}``, its regions ``{"whole tumor": [1, 2, 3]}`` and MSD/v1
-    ``{"1": "edema"}``; anything else raises a DataError naming ``where``.
-    """
+    """A JSON ``labels`` entry as name -> file values without background: nnU-Net v2 ``{"edema": 1}``,
+    its regions ``{"whole tumor": [1, 2, 3]}``, MSD/v1 ``{"1": "edema"}``; else DataError."""
     if not isinstance(raw, dict) or not raw:
         raise DataError(f'{where} must map label names to values, e.g. {{"background": 0, "NCR": 1}}')
     if all(str(k).strip().isdigit() for k in raw) and all(isinstance(v, str) for v in raw.values()):
@@ -680,13 +629,9 @@ def declared_labels(raw: Any, where: str) -> dict[str, frozenset[int]]:
 
 
 def conventions_matching_labels(declared: dict[str, frozenset[int]]) -> list[list[str]]:
-    """The conventions whose codes agree with declared labels, as groups of twins (same codes).
-
-    Every declared name must mean a label or region of the convention with the same file values
-    (plain labels or nnU-Net regions, e.g. Dataset137's WT [1,2,3], TC [2,3], ET [3] -> ``msd``).
-    Conventions with exactly the declared values win over those with more. Twins (BraTS 2023
-    GLI/SSA/MEN/MET/PED/GoAT share codes) form one group, ``brats2023`` first; empty: none matches.
-    """
+    """Conventions whose labels or regions have the declared values, in groups of twins (same codes,
+    ``brats2023`` first); exact matches win over conventions with more values. Dataset137's WT [1,2,3],
+    TC [2,3], ET [3] -> ``msd``."""
     meanings = {name: label_meaning(name) for name in declared}
     if not declared or None in meanings.values():
         return []
@@ -711,8 +656,7 @@ def conventions_matching_labels(declared: dict[str, frozenset[int]]) -> list[lis
 
 
 def _labels_group(raw: Any, path: Path, key: str, explicit: str | None) -> list[str]:
-    """The conventions a JSON's ``labels`` allows (an explicit one: checked against it); a DataError
-    when none or several match, or the explicit one lacks a declared value."""
+    """The conventions a JSON's ``labels`` allows (``explicit`` checked against it); DataError unless one."""
     declared = declared_labels(raw, f"{path}: {key}")
     shown = first_line(json.dumps(raw), 160)
     if explicit is not None:
@@ -742,8 +686,7 @@ def _labels_group(raw: Any, path: Path, key: str, explicit: str | None) -> list[
 
 
 def _channel_order(names: Any, path: Path, key: str) -> tuple[str, ...]:
-    """Canonical modality of channels ``0..3`` from a ``{"0": "FLAIR", ...}`` mapping (a DataError
-    unless it names T1, T1ce, T2 and FLAIR once each)."""
+    """Canonical modality of channels ``0..3`` from ``{"0": "FLAIR", ...}`` (DataError unless one each)."""
     try:
         ordered = [str(names[k]) for k in sorted(names, key=int)]
     except (TypeError, ValueError, KeyError, AttributeError):
@@ -761,22 +704,12 @@ def _channel_order(names: Any, path: Path, key: str) -> tuple[str, ...]:
     return order
 
 
-# ---------------------------------------------------------------------------- discovery
 def discover_cases(src: Path, layout: str | None = None, labels: str | None = None) -> list[CaseFiles]:
-    """List the cases under ``src`` (as for :func:`detect_layout`) without reading any image.
+    """The cases under ``src``, sorted by id (missing files listed), without reading any image.
 
-    Args:
-        layout: force a layout (``None``/``"auto"`` detects it); in a folder that mixes layouts,
-            only the cases of this layout are listed.
-        labels: the label convention of every case (``ingest.labels``); ``None``/``"auto"``
-            resolves it per case (module docstring).
-
-    Returns:
-        Cases sorted by case id, those with missing files included (see ``missing``).
-
-    Raises:
-        DataError: unknown layout or convention, no cases, the same case id twice, a convention that
-            cannot be told (BraTS-PED, unmatched labels), a malformed JSON.
+    ``layout`` (None/auto: detected) lists only its cases of a mixed folder; ``labels`` (None/auto:
+    per case) is ``ingest.labels``. DataError for unknown names, no cases, an id twice, an
+    undecidable convention or malformed JSON.
     """
     src = Path(src)
     explicit = _explicit_convention(labels)
@@ -849,11 +782,7 @@ def _brats_case(folder: Path, layout: str, explicit: str | None = None) -> CaseF
 
 
 def msd_channel_order(task_dir: Path) -> tuple[str, ...]:
-    """Canonical modality of each channel of the MSD 4-D images in ``task_dir``.
-
-    From ``dataset.json``'s ``modality`` (or nnU-Net v2 ``channel_names``) when present; a DataError
-    when it is unreadable or names modalities other than T1, T1ce, T2, FLAIR.
-    """
+    """Canonical modality of each channel of ``task_dir``'s MSD images, from its ``dataset.json`` if any."""
     meta = task_dir / "dataset.json"
     if not meta.is_file():
         return MSD_CHANNEL_ORDER
@@ -947,7 +876,6 @@ def _nnunet_cases(image_folders: list[Path], explicit: str | None = None) -> lis
     return cases
 
 
-# ---------------------------------------------------------------------------- MONAI datalists
 def _file_modality(path: str) -> tuple[str, str]:
     """``(canonical modality or "", name without it)`` from the last modality token of a file name."""
     stem = _file_stem(Path(path).name)
@@ -992,7 +920,7 @@ def _existing(path: Path, key: str, missing: list[str]) -> Path | None:
 
 
 def _monai_cases(datalist: Path, explicit: str | None = None) -> list[CaseFiles]:
-    """The cases of a MONAI datalist (module docstring); missing files are listed in ``missing``."""
+    """The cases of a MONAI datalist; missing files are listed in ``missing``."""
     data = _read_json(datalist)
     if not is_datalist(data):
         raise DataError(f"{datalist}: not a MONAI datalist (no 'training' list of image/label entries)")
@@ -1128,7 +1056,6 @@ def _monai_case_id(images: list[str], label: Path | None) -> str:
     return name or _file_stem(Path(images[0]).name)
 
 
-# ---------------------------------------------------------------------------- manifest rows
 def _fold_of(text: Any) -> int | None:
     value = str(text if text is not None else "").strip()
     if value.lower() in ("", "nan", "none"):
@@ -1140,11 +1067,8 @@ def _fold_of(text: Any) -> int | None:
 
 
 def case_from_manifest_row(row: Mapping[str, str]) -> CaseFiles:
-    """Rebuild the :class:`CaseFiles` of a manifest row (absolute paths; empty path = absent).
-
-    ``subset``/``fold`` columns are optional; a 4-D image's channel order comes from a ``channel_order``
-    column (``flair;t1;t1ce;t2``) if any, else from the ``dataset.json`` (MSD) or datalist (MONAI).
-    """
+    """The :class:`CaseFiles` of a manifest row (empty path = absent); 4-D channel order from the
+    ``channel_order`` column (``flair;t1;t1ce;t2``), else the ``dataset.json`` or datalist."""
     paths: dict[str, Path | None] = {
         key: Path(row[f"path_{key}"]) if row.get(f"path_{key}") else None for key in FILE_KEYS
     }
@@ -1192,14 +1116,9 @@ def _monai_channel_order_of(folder: Path) -> tuple[str, ...]:
     return order
 
 
-# ---------------------------------------------------------------------------- reading a case
 def load_case(case: CaseFiles, *, chunk_bytes: int = 8 << 20) -> LoadedCase:
-    """Decode every file of a case once and collect, rather than raise, what is wrong with it.
-
-    This is where a case is judged *readable*: missing or undecodable files, wrong dimensionality
-    (3-D per BraTS file, 4-D with 4 channels for MSD), shapes that differ. Content checks (NaN,
-    empty modality, label values, spacing) belong to validation.
-    """
+    """Decode every file of a case once, collecting (not raising) why it is unreadable: missing or
+    undecodable files, wrong dimensionality, shapes that differ. Content checks are validation's."""
     loaded = LoadedCase(case=case)
     for name in case.missing:
         # MONAI entries already say what is missing ("training[3].image[1]: /x_t2.nii.gz does not exist").
@@ -1264,11 +1183,8 @@ def _split_msd_channels(loaded: LoadedCase, nifti: NiftiFile, keys: list[str]) -
 
 
 def label_counts(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct values of a label volume and their voxel counts.
-
-    One comparison per value in ``[min, max]`` of a small-integer label map (no int64 copy) beats
-    ``np.unique``'s sort of millions of voxels; floats and wide ranges fall back to ``np.unique``.
-    """
+    """Distinct values of a label volume and their voxel counts: one comparison per value of a small
+    integer range beats ``np.unique``'s sort (its fallback for floats and wide ranges)."""
     if seg.dtype.kind in "iub" and seg.size:
         low, high = int(seg.min()), int(seg.max())
         if high - low < 64:
@@ -1279,11 +1195,8 @@ def label_counts(seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encode_labels(seg: np.ndarray, convention_name: str) -> np.ndarray:
-    """Source label volume -> canonical uint8 codes, keeping the array's memory order.
-
-    Same rules and messages as :meth:`LabelConvention.encode`, which handles float-typed volumes;
-    integer volumes take a lookup table directly. Values outside the convention raise ValueError.
-    """
+    """Source labels -> internal uint8 codes in the same memory order; as :meth:`LabelConvention.encode`
+    (floats go there), integers through a lookup table. ValueError for values outside the convention."""
     convention = get_convention(convention_name)
     if seg.dtype.kind not in "iub":
         return convention.encode(seg)
@@ -1300,18 +1213,14 @@ def encode_labels(seg: np.ndarray, convention_name: str) -> np.ndarray:
 
 
 def read_case(case: CaseFiles, *, chunk_bytes: int = 8 << 20) -> CaseVolumes:
-    """Read a case into canonical arrays (:class:`CaseVolumes`), channels Fortran-ordered as in NIfTI.
-
-    Raises:
-        DataError: the first problem :func:`load_case` found, or label values outside the convention.
-    """
+    """A case as :class:`CaseVolumes` (channels Fortran-ordered as in NIfTI); DataError for the first
+    problem :func:`load_case` found or label values outside the convention."""
     loaded = load_case(case, chunk_bytes=chunk_bytes)
     if loaded.problems:
         raise DataError(f"{case.case_id}: {loaded.problems[0]}")
     reference = loaded.files["t1"]
     shape = loaded.volumes["t1"].shape
-    # Decoded volumes are Fortran-ordered; channels of the same layout make this a streaming copy,
-    # not a transposing one (preprocessing resamples in that layout and returns C-ordered arrays).
+    # Fortran-ordered channels like the decoded volumes: a streaming copy, not a transposing one.
     image = np.moveaxis(np.empty((*shape, len(CANONICAL_MODALITIES)), dtype=np.float32, order="F"), -1, 0)
     for channel, key in enumerate(CANONICAL_MODALITIES):
         image[channel] = loaded.volumes[key]

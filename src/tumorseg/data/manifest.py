@@ -1,16 +1,10 @@
 """The dataset manifest ``manifest.csv``: one row per case, written by ``ingest``, updated by ``validate``.
 
-It is the contract between ingest, validation and preprocessing. Paths are absolute: the source
-dataset stays where the user keeps it, never copied or modified. Multi-valued fields are ``;``-separated
-text, readable in a spreadsheet and checkable by Great Expectations. Columns (:data:`MANIFEST_COLUMNS`):
-
-- identity and ``status`` (``ok`` | ``quarantined``) with its ``reason``;
-- ``case_dir``, ``path_<key>`` / ``sha256_<key>`` per :data:`FILE_KEYS` (MSD: one 4-D file for all four);
-- T1 geometry: ``shape`` (``240x240x155``), ``spacing`` (``1x1x1``, mm), ``orientation`` (``RAS``...);
-- content: ``modalities``, ``label_values`` (``0;1;2;4``) and ``voxels_per_label`` (``0:8900000;1:2100``)
-  in the source convention, ``tumour_voxels``, ``tumour_volume_ml``, ``brain_voxels``;
-- per-file statistics for validation (``<key>_readable``, ``_finite``, ``_nonzero_voxels``, ``_shape``,
-  ``_affine_max_diff_mm`` vs. T1); ``fingerprint`` (size and mtime of each file: unchanged, row reused).
+The contract between ingest, validation and preprocessing. Paths are absolute (the source dataset is
+never copied or modified); multi-valued fields are ``;``-separated text (``label_values`` ``0;1;2;4``,
+``voxels_per_label`` ``0:8900000;1:2100``, source convention); shapes ``240x240x155``, spacing in mm.
+Per-file statistics (``<key>_readable``, ``_finite``, ...) are for validation, ``fingerprint`` (size
+and mtime of each file) lets ingest reuse a row.
 """
 
 from __future__ import annotations
@@ -84,11 +78,8 @@ def write_manifest(df: pd.DataFrame, folder: str | Path) -> Path:
 
 @contextmanager
 def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
-    """A temporary file beside ``path`` to write; renamed onto ``path`` when the block ends without error.
-
-    Readers see either the old file or the whole new one, never half; on any error the temporary
-    file is removed and ``path`` is left as it was.
-    """
+    """A temporary file beside ``path``, renamed onto it when the block ends without error (else
+    removed): readers see the old file or the whole new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)

@@ -1,11 +1,9 @@
 """Case-parallel work for the data stages: worker processes, bounded memory, progress on screen.
 
-Cases are independent, so a dataset is spread over ``workers`` processes (:func:`map_cases`);
-processes, not threads, because reading a case is partly Python (nibabel headers, manifest
-statistics). At most ``2 x workers`` cases are in flight and each returns a small summary, never
-volumes; results come back in input order, so outputs do not depend on ``workers``. Workers start
-from a ``forkserver`` (a plain ``fork`` could copy torch's or OpenMP's threads in a locked state),
-each with ``cpu_count // workers`` compute threads, so the cores are never oversubscribed.
+Processes, not threads: reading a case is partly Python. At most ``2 x workers`` cases are in flight,
+each returning a small summary in input order, so outputs do not depend on ``workers``. Workers start
+from a ``forkserver`` (``fork`` could copy torch's or OpenMP's threads locked), each with
+``cpu_count // workers`` compute threads.
 """
 
 from __future__ import annotations
@@ -107,17 +105,11 @@ def map_cases(
     what: str,
     unit: str = "cases",
 ) -> Iterator[R]:
-    """``map(function, items)`` over ``workers`` processes, in input order, with progress.
+    """``map(function, items)`` over ``workers`` processes (1: this process, 0: one per core), in order.
 
-    Args:
-        function: a picklable module-level function (or a :func:`functools.partial` of one) whose
-            result is small (a row, a summary), not volumes.
-        workers: processes; 1 runs everything in this process (no start-up cost), 0 one per core.
-        what, unit: the stage's name and what ``items`` are, for progress lines.
-
-    Yields:
-        ``function(item)`` for each item, in order. The first exception stops the work: queued
-        cases are cancelled, running ones finish, and the exception is raised here.
+    ``function`` is picklable (module-level, or a partial of one) and returns something small; ``what``
+    and ``unit`` name the stage and ``items`` in progress lines. The first exception cancels queued
+    cases, lets running ones finish, and is raised here.
     """
     progress = Progress(len(items), what, unit=unit)
     workers = min(worker_count(workers), len(items))

@@ -1,11 +1,10 @@
-"""2-D (planar) MRI slices: reading Figshare ``.mat`` files and plain images, preprocessing and its inverse.
+"""2-D MRI slices: reading Figshare ``.mat`` files and plain images, preprocessing and its inverse.
 
-- **Figshare** (Cheng et al., 3064 T1ce slices): one MATLAB file per slice, a struct ``cjdata`` with
-  ``image`` (512 x 512 int16), ``tumorMask``, ``label`` (1..3), ``PID`` and ``tumorBorder``. v7.3
-  files (HDF5 behind a 512-byte header, column-major) are read by content, since writers other than
-  MATLAB omit the ``MATLAB_class`` attributes; v5 files with :func:`scipy.io.loadmat`.
-- **Kaggle** "brain MRI images for brain tumor detection": JPEG/PNG of any size in ``yes/`` and
-  ``no/``; no masks and no patient ids, so each image is its own patient.
+- **Figshare** (Cheng et al., 3064 T1ce slices): a MATLAB struct ``cjdata`` per slice (``image``
+  512 x 512 int16, ``tumorMask``, ``label`` 1..3, ``PID``, ``tumorBorder``); v7.3 (HDF5) files are
+  read by content, since writers other than MATLAB omit the ``MATLAB_class`` attributes.
+- **Kaggle** "brain MRI images for brain tumor detection": JPEG/PNG in ``yes/`` and ``no/``; no
+  masks, no patient ids (each image is its own patient).
 """
 
 from __future__ import annotations
@@ -16,12 +15,11 @@ import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field, model_validator
 
-from tumorseg.config import Section
+from tumorseg.config import PlanarPreprocessConfig
 from tumorseg.errors import DataError, first_line
 
 FIGSHARE_LABELS: dict[int, str] = {1: "meningioma", 2: "glioma", 3: "pituitary"}
@@ -36,35 +34,6 @@ KAGGLE_CLASS_FOLDERS: dict[str, bool] = {"yes": True, "no": False}
 """Kaggle class folder (lower case) -> has_tumour."""
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-# ---------------------------------------------------------------------------- params
-class PlanarPreprocessConfig(Section):
-    """``preprocess_2d:``: how a 2-D image becomes the ``(size, size)`` network input.
-
-    Attributes:
-        otsu_crop: crop to the largest Otsu-foreground component (the head), ``crop_margin_px`` around.
-        denoise: ``median`` (``median_size`` px) or ``gaussian`` (``gaussian_sigma`` px), applied at
-            the input's resolution before cropping.
-        normalise: ``zscore`` (over the output), ``minmax`` (0..1) or ``percentile`` (clip to
-            ``percentile_low``..``percentile_high``, then 0..1).
-    """
-
-    otsu_crop: bool = True
-    crop_margin_px: int = Field(8, ge=0)
-    denoise: Literal["none", "median", "gaussian"] = "none"
-    median_size: int = Field(3, ge=1, le=15)
-    gaussian_sigma: float = Field(1.0, gt=0.0, le=10.0)
-    size: int = Field(256, ge=16, le=2048)
-    normalise: Literal["zscore", "minmax", "percentile"] = "zscore"
-    percentile_low: float = Field(0.5, ge=0.0, lt=50.0)
-    percentile_high: float = Field(99.5, gt=50.0, le=100.0)
-
-    @model_validator(mode="after")
-    def _percentiles_ordered(self) -> PlanarPreprocessConfig:
-        if self.percentile_low >= self.percentile_high:
-            raise ValueError("percentile_low must be below percentile_high")
-        return self
 
 
 # ---------------------------------------------------------------------------- reading
@@ -90,7 +59,7 @@ class PlanarImage:
 
 @dataclass
 class RawPlanar:
-    """What a file holds, decoded but not judged (ingest measures it; :func:`read_planar` checks it)."""
+    """What a file holds, decoded but not judged (ingest measures it, :func:`read_planar` checks it)."""
 
     image: np.ndarray
     mask: np.ndarray | None
@@ -108,7 +77,7 @@ def safe_id(text: str) -> str:
 
 
 def source_of(path: Path) -> str:
-    """``figshare`` for a ``.mat`` file, ``kaggle`` for an image in a ``yes``/``no`` folder, else ``image``."""
+    """``figshare`` (a ``.mat`` file), ``kaggle`` (an image in a ``yes``/``no`` folder) or ``image``."""
     path = Path(path)
     if path.suffix.lower() == MAT_SUFFIX:
         return "figshare"
@@ -129,12 +98,8 @@ def default_case_id(path: Path) -> str:
 
 
 def load_planar_raw(path: Path) -> RawPlanar:
-    """Read and decode a ``.mat`` or image file once (hashing the bytes), for ingest, preprocess,
-    predict and serving alike.
-
-    Raises:
-        DataError: the file or a ``cjdata`` field cannot be read or decoded (naming both, and what to do).
-    """
+    """Read, hash and decode a ``.mat`` or image file once; a DataError naming the file (and field)
+    that cannot be read or decoded, and what to do."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -151,8 +116,7 @@ def load_planar_raw(path: Path) -> RawPlanar:
     )
 
 
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-"""At offset 0, or after a user block of 512 * 2**k bytes (MATLAB's v7.3 header is 512)."""
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at 0, or after a user block of 512 * 2**k bytes (MATLAB: 512)
 
 _FIX: dict[str, str] = {
     "image": "store the slice's pixels as a 2-D numeric array (Figshare: int16)",
@@ -161,12 +125,12 @@ _FIX: dict[str, str] = {
     "PID": "store the patient id as text (a MATLAB char array, uint16) or as one number",
     "tumorBorder": "store the outline as a numeric vector, or leave the field out",
 }
-"""The Figshare ``cjdata`` fields, and what to do about one that cannot be read as what it should hold."""
+"""The Figshare ``cjdata`` fields, and what to do about one that is not what it should hold."""
 
 
 @dataclass(frozen=True)
 class _Stored:
-    """One ``cjdata`` dataset as h5py reads it (transposed); ``matlab_class`` is ``""`` when absent."""
+    """One ``cjdata`` dataset as h5py reads it (transposed); ``matlab_class`` ``""`` when absent."""
 
     value: np.ndarray
     matlab_class: str
@@ -192,7 +156,7 @@ def _holds_hdf5(data: bytes) -> bool:
 
 
 def _read_cjdata(path: Path, data: bytes) -> dict[str, _Stored]:
-    """The Figshare fields of the ``cjdata`` group of an HDF5 file held in ``data``, as stored."""
+    """The Figshare fields of the ``cjdata`` group of HDF5 ``data``, as stored."""
     import h5py
 
     try:
@@ -247,11 +211,8 @@ def _attribute_text(value: Any) -> str:
 
 
 def _interpret_fields(path: Path, stored: dict[str, _Stored]) -> dict[str, Any]:
-    """``cjdata`` fields as :class:`RawPlanar` holds them, read by content; empty: None (``PID``: ``""``).
-
-    Raises:
-        DataError: a field that is not what it should hold (naming the field and what to do).
-    """
+    """``cjdata`` fields as :class:`RawPlanar` holds them, read by content (empty: None, ``PID`` ``""``);
+    a DataError naming a field that is not what it should hold."""
     fields: dict[str, Any] = {}
     for name, item in stored.items():
         if item.empty:
@@ -283,10 +244,7 @@ def _interpret_fields(path: Path, stored: dict[str, _Stored]) -> dict[str, Any]:
 
 
 def _text(array: np.ndarray, char_codes: bool) -> str | None:
-    """Text stored as char codes (UTF-16 units, in stored order), strings, uint8 bytes, or one number.
-
-    Returns None for anything else (several or non-finite numbers, undecodable bytes).
-    """
+    """Text stored as char codes (UTF-16 units), strings, uint8 bytes or one finite number; else None."""
     kind = array.dtype.kind
     try:
         if char_codes and kind in "iu":
@@ -323,7 +281,7 @@ def _one_number(array: np.ndarray, char: bool) -> float | None:
 
 
 def _describe(array: np.ndarray) -> str:
-    """``text (dtype S6)``, ``a float64 array of shape 2x3`` or ``a uint8 scalar`` (MATLAB's order)."""
+    """``text (dtype S6)``, ``a float64 array of shape 2x3`` (MATLAB's order) or ``a uint8 scalar``."""
     if array.dtype.kind in "SUO":
         return f"text or objects (dtype {array.dtype.str.lstrip('<>|=')})"
     if array.ndim == 0:
@@ -332,11 +290,8 @@ def _describe(array: np.ndarray) -> str:
 
 
 def _read_mat_v5(path: Path, data: bytes) -> dict[str, Any]:
-    """``cjdata`` fields of a MATLAB v5 file (scipy returns MATLAB's own order), checked.
-
-    Raises:
-        DataError: not a readable MAT file, no ``cjdata`` struct, or a field that is not numeric.
-    """
+    """``cjdata`` fields of a MATLAB v5 file (scipy returns MATLAB's own order); a DataError for an
+    unreadable file, no ``cjdata`` struct, or a field that is not numeric."""
     import scipy.io
 
     try:
@@ -414,11 +369,11 @@ def channels_of(image: np.ndarray) -> int:
 
 
 def read_planar(path: Path) -> PlanarImage:
-    """Read a Figshare ``.mat`` or an image file (Kaggle inside a ``yes``/``no`` folder) as a :class:`PlanarImage`.
+    """A Figshare ``.mat`` or an image file (Kaggle inside a ``yes``/``no`` folder), checked.
 
     Raises:
-        DataError: unreadable or undecodable file, no 2-D image, a mask whose shape differs from the
-            image's or that is not binary, or a Figshare label outside 1..3 (one line naming the file).
+        DataError: unreadable file, no 2-D image, a mask of another shape or not binary, a Figshare
+            label outside 1..3.
     """
     path = Path(path)
     raw = load_planar_raw(path)
@@ -477,8 +432,8 @@ def _add_figshare_labels(path: Path, raw: RawPlanar, out: PlanarImage) -> None:
 # ---------------------------------------------------------------------------- preprocessing
 @dataclass(frozen=True)
 class PlanarGeometry:
-    """Where the ``(size, size)`` output lies on the ``(height, width)`` input: crop rows ``top:bottom``
-    and columns ``left:right``, pad with ``pad_*`` pixels to a square, resize that to ``size x size``."""
+    """Where the ``(size, size)`` output lies on the ``(height, width)`` input: crop ``top:bottom``,
+    ``left:right``, pad with ``pad_*`` pixels to a square, resize to ``size x size``."""
 
     height: int
     width: int
@@ -497,26 +452,18 @@ class PlanarGeometry:
         """Side of the padded square crop (input pixels)."""
         return self.bottom - self.top + self.pad_top + self.pad_bottom
 
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PlanarGeometry:
-        return cls(**{key: int(data[key]) for key in cls.__dataclass_fields__})
+        return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> PlanarGeometry:
-        return cls.from_dict(json.loads(text))
+        data = json.loads(text)
+        return cls(**{key: int(data[key]) for key in cls.__dataclass_fields__})
 
 
 def otsu_crop_box(image: np.ndarray, margin: int) -> tuple[int, int, int, int]:
-    """``(top, bottom, left, right)`` of the head: the largest Otsu-foreground component plus ``margin``.
-
-    An opening first removes bright specks (text labels, noise) that would stretch the box.
-    """
+    """``(top, bottom, left, right)`` of the head: the largest Otsu-foreground component plus ``margin``
+    (after an opening, so bright specks such as text labels do not stretch the box)."""
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
 
@@ -596,10 +543,8 @@ def preprocess_planar(image: np.ndarray, cfg: PlanarPreprocessConfig) -> tuple[n
 
 
 def apply_planar_geometry(mask: np.ndarray, geometry: PlanarGeometry) -> np.ndarray:
-    """A mask on the input's ``(H, W)`` pixels carried to the uint8 ``(size, size)`` output grid.
-
-    Resized bilinearly as 0/1 float and thresholded at 0.5: smoother than nearest neighbour when shrinking.
-    """
+    """A mask on the input's ``(H, W)`` carried to the uint8 ``(size, size)`` grid: resized bilinearly
+    as 0/1 float and thresholded at 0.5 (smoother than nearest neighbour when shrinking)."""
     from skimage.transform import resize
 
     mask = np.asarray(mask)
@@ -616,11 +561,8 @@ def apply_planar_geometry(mask: np.ndarray, geometry: PlanarGeometry) -> np.ndar
 
 
 def restore_planar_mask(mask: np.ndarray, geometry: PlanarGeometry) -> np.ndarray:
-    """A ``(size, size)`` mask (0/1 or integer labels) mapped back onto the input's uint8 ``(H, W)``.
-
-    Undoes the resize (nearest neighbour), removes the padding and places the crop at its box; pixels
-    outside the box are 0.
-    """
+    """A ``(size, size)`` mask (0/1 or labels) back on the input's uint8 ``(H, W)``: resize undone
+    (nearest neighbour), padding removed, 0 outside the crop box."""
     from skimage.transform import resize
 
     mask = np.asarray(mask)

@@ -1,11 +1,9 @@
 """Generated 2-D datasets in the Figshare and Kaggle layouts (``tumorseg synth --layout figshare|kaggle``).
 
-Slices are axial T1ce cuts through cases of the 3-D generator (:mod:`tumorseg.data.synth`), so they
-carry real anatomy, contrast, bias field and noise. Figshare: one 3-D case per patient, resampled to
-512 x 512 int16 with the tumour core mask, written as MATLAB v7.3 files as MATLAB writes them (HDF5
-with a 512-byte MAT header, transposed datasets tagged with ``MATLAB_class``). Kaggle: one 3-D case
-per image, windowed to 8 bits on a black canvas of random size, a share as RGB or PNG, with the real
-set's file names. Image ``k`` depends only on ``(seed, k)``; ``synth_meta.json`` records the facts.
+Slices are axial T1ce cuts through cases of the 3-D generator (:mod:`tumorseg.data.synth`). Figshare:
+a case per patient, 512 x 512 int16 + tumour-core mask in MATLAB v7.3 files as MATLAB writes them.
+Kaggle: a case per image, 8-bit on a random black canvas, some RGB or PNG, the real set's file names.
+Image ``k`` depends only on ``(seed, k)``; ``synth_meta.json`` records the facts.
 """
 
 from __future__ import annotations
@@ -16,54 +14,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
 
-from tumorseg.config import Section, SynthConfig
+from tumorseg.config import SynthConfig, SynthPlanarConfig
 from tumorseg.data.conventions import REGIONS
-from tumorseg.data.manifest import atomic_output, atomic_write_text
+from tumorseg.data.manifest import atomic_output
 from tumorseg.data.planar import FIGSHARE_LABELS, TUMOUR_TYPES
+from tumorseg.data.synth import (
+    SYNTH_META_NAME,
+    file_mode,
+    rician_noise,
+    seed_word,
+    synthesize_case,
+    write_json,
+)
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
 
 FIGSHARE_SIZE = 512
-SYNTH_META_NAME = "synth_meta.json"
 MAT_HEADER_TEXT = "MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: tumorseg synth HDF5 schema 1.00 ."
 """No date, so the bytes depend only on the content."""
 _KAGGLE_OFFSET = 100_000
 """3-D case numbers of Kaggle images start here, so their brains differ from the Figshare patients'."""
 
 
-class SynthPlanarConfig(Section):
-    """``synth_2d:``: the embedded 2-D datasets.
-
-    Attributes:
-        figshare_mask_region: ``TC`` (tumour core, as Figshare masks outline on T1ce) or ``WT``.
-        type_fractions: share of patients per tumour type (Figshare: 708 meningioma, 1426 glioma,
-            930 pituitary slices).
-        kaggle_tumour_fraction: share of the images in ``yes/``.
-        spacing_mm: voxel size of the 3-D cases the slices are cut from (2 mm: 120 x 120 slices).
-        noise_level: Rician noise added at the output resolution, relative to white matter.
-    """
-
-    figshare_patients: int = Field(12, ge=1)
-    slices_per_patient: int = Field(4, ge=1, le=40)
-    figshare_mask_region: Literal["TC", "WT"] = "TC"
-    type_fractions: dict[Literal["meningioma", "glioma", "pituitary"], float] = Field(
-        default_factory=lambda: {"meningioma": 0.23, "glioma": 0.47, "pituitary": 0.30}
-    )
-    kaggle_images: int = Field(24, ge=1)
-    kaggle_tumour_fraction: float = Field(0.6, ge=0.0, le=1.0)
-    kaggle_min_side_px: int = Field(200, ge=32)
-    kaggle_max_side_px: int = Field(700, ge=32, le=4096)
-    kaggle_rgb_fraction: float = Field(0.5, ge=0.0, le=1.0)
-    kaggle_png_fraction: float = Field(0.3, ge=0.0, le=1.0)
-    spacing_mm: float = Field(2.0, ge=1.0, le=4.0)
-    noise_level: float = Field(0.02, ge=0.0, le=0.3)
-    seed: int = 42
-
-
-# ---------------------------------------------------------------------------- MATLAB files
 def mat_v73_header(text: str = MAT_HEADER_TEXT) -> bytes:
     """The 128-byte MAT-file header of a v7.3 file: text, subsystem offset, version 0x0200, ``IM``."""
     raw = text.encode("ascii")[:116]
@@ -80,10 +54,10 @@ def write_figshare_mat(
     *,
     version: Literal["7.3", "5"] = "7.3",
 ) -> Path:
-    """Write one Figshare slice (``cjdata`` struct) as a MATLAB v7.3 or v5 file, atomically; returns ``path``.
+    """Write one Figshare slice (``cjdata`` struct) as a MATLAB v7.3 or v5 file, atomically.
 
-    ``image`` keeps its dtype (Figshare: int16), ``mask`` is written as ``logical``, ``label`` as
-    ``double``; a field given as None is left out, except ``border`` (written empty).
+    ``image`` keeps its dtype (Figshare: int16), ``mask`` is ``logical``, ``label`` ``double``; a None
+    field is left out, except ``border`` (written empty).
     """
     path = Path(path)
     border_row = np.zeros((1, 0)) if border is None else np.asarray(border, dtype=np.float64).reshape(1, -1)
@@ -101,14 +75,8 @@ def write_figshare_mat(
             scipy.io.savemat(tmp, {"cjdata": fields}, format="5", do_compression=True)
         else:
             _write_mat_v73(tmp, image, mask, label, pid, border_row)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode(0o666))
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 _MATLAB_CLASS: dict[str, str] = {"float64": "double", "float32": "single", "bool": "logical"}
@@ -130,8 +98,7 @@ def _write_mat_v73(
         group.attrs["MATLAB_class"] = np.bytes_("struct")
 
         def put(name: str, array: np.ndarray, matlab_class: str, int_decode: int | None = None) -> None:
-            # MATLAB is column-major: its (m, n) array is the HDF5 dataset (n, m); an empty one is
-            # stored as its dimensions (uint64) flagged MATLAB_empty.
+            # Column-major: MATLAB (m, n) is HDF5 (n, m); an empty array is its uint64 dims + MATLAB_empty.
             if array.size == 0:
                 dataset = group.create_dataset(name, data=np.array(array.shape[::-1], dtype=np.uint64))
                 dataset.attrs["MATLAB_empty"] = np.uint8(1)
@@ -173,7 +140,6 @@ def tumour_border(mask: np.ndarray, step: int = 4) -> np.ndarray:
     return np.round(longest, 2).ravel()
 
 
-# ---------------------------------------------------------------------------- slices
 def _display(plane: np.ndarray) -> np.ndarray:
     """An axial RAS plane ``(X, Y)`` in radiological display: anterior up, patient right on the left."""
     return np.ascontiguousarray(plane[::-1, ::-1].T)
@@ -187,23 +153,18 @@ def _resample(plane: np.ndarray, shape: tuple[int, int], *, is_mask: bool) -> np
 
 
 def _add_noise(image: np.ndarray, level: float, reference: float, rng: np.random.Generator) -> np.ndarray:
-    """Rician noise (magnitude of complex Gaussian) at the output resolution, ``level`` x ``reference``."""
-    if level <= 0:
-        return image
-    sigma = np.float32(level * reference)
-    real = image + rng.standard_normal(image.shape, dtype=np.float32) * sigma
-    imag = rng.standard_normal(image.shape, dtype=np.float32) * sigma
-    return np.sqrt(real**2 + imag**2)
+    """Rician noise of std ``level`` x ``reference`` at the output resolution."""
+    return rician_noise(rng, image, np.float32(level * reference)) if level > 0 else image
 
 
 def _tumour_type(seed: int, patient: int, fractions: dict[str, float]) -> str:
-    """Tumour type of a patient: a low-discrepancy draw so small sets still honour the fractions."""
+    """Tumour type of a patient: a low-discrepancy draw, so small sets still honour the fractions."""
     names = [t for t in TUMOUR_TYPES if fractions.get(t, 0.0) > 0]
     if not names:
         raise DataError("synth_2d.type_fractions: every tumour type has share 0; give one a positive share")
     weights = np.array([fractions[t] for t in names], dtype=np.float64)
     cumulative = np.cumsum(weights / weights.sum())
-    offset = np.random.default_rng([int(seed) % 2**64, 0x2D]).random()
+    offset = np.random.default_rng([seed_word(seed), 0x2D]).random()
     position = (offset + patient * 0.6180339887498949) % 1.0  # golden-ratio (Weyl) sequence
     return names[int(np.searchsorted(cumulative, position, side="right").clip(0, len(names) - 1))]
 
@@ -225,15 +186,11 @@ _TYPE_ENHANCEMENT: dict[str, float] = {"meningioma": 1.18, "glioma": 1.0, "pitui
 
 
 def figshare_patient_slices(patient: int, cfg: SynthPlanarConfig) -> list[dict[str, Any]]:
-    """The slices of one generated Figshare patient: ``image`` int16 ``(512, 512)``, ``mask`` uint8
-    ``(512, 512)``, ``label``, ``tumour_type``, ``pid``, ``z`` (in the 3-D case), ``tumour_pixels``.
-
-    Type changes the look: gliomas keep their necrotic core, meningiomas and pituitary tumours are
-    solid and brighter, and pituitary slices are taken towards the tumour's edge.
+    """One Figshare patient's slices: int16 ``image`` and uint8 ``mask`` ``(512, 512)``, ``label``,
+    ``tumour_type``, ``pid``, ``z``, ``tumour_pixels``. Gliomas keep their necrotic core; meningiomas
+    and pituitary tumours are solid and brighter, pituitary slices nearer the tumour's edge.
     """
     from scipy import ndimage as ndi
-
-    from tumorseg.data.synth import synthesize_case
 
     kind = _tumour_type(cfg.seed, patient, cfg.type_fractions)
     case = synthesize_case(patient, _volume_cfg(cfg, tumour=True, necrosis=kind == "glioma"))
@@ -244,7 +201,7 @@ def figshare_patient_slices(patient: int, cfg: SynthPlanarConfig) -> list[dict[s
     n = min(cfg.slices_per_patient, len(order))
     # Pituitary: the smaller cross-sections (towards the tumour's edge); others: the larger ones.
     picked = order[:n] if kind == "pituitary" else order[len(order) - n :]
-    rng = np.random.default_rng([int(cfg.seed) % 2**64, 0xF16, patient])
+    rng = np.random.default_rng([seed_word(cfg.seed), 0xF16, patient])
     pid = f"{100000 + patient * 37 % 900000}"
     label = next(code for code, name in FIGSHARE_LABELS.items() if name == kind)
     white_matter = (
@@ -275,9 +232,7 @@ def figshare_patient_slices(patient: int, cfg: SynthPlanarConfig) -> list[dict[s
 
 def kaggle_image(index: int, tumour: bool, cfg: SynthPlanarConfig) -> dict[str, Any]:
     """Generated Kaggle image ``index`` (1-based): ``pixels`` uint8 ``(H, W)`` or ``(H, W, 3)`` plus facts."""
-    from tumorseg.data.synth import synthesize_case
-
-    rng = np.random.default_rng([int(cfg.seed) % 2**64, 0xCA6, index])
+    rng = np.random.default_rng([seed_word(cfg.seed), 0xCA6, index])
     case = synthesize_case(_KAGGLE_OFFSET + index, _volume_cfg(cfg, tumour=tumour, necrosis=True))
     brain_area = case.brain_mask.sum(axis=(0, 1))
     if tumour:
@@ -332,10 +287,9 @@ def _save_image(path: Path, pixels: np.ndarray, png: bool, quality: int) -> None
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as fh:
             Image.fromarray(pixels).save(fh, format="PNG" if png else "JPEG", quality=quality)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode(0o666))
 
 
-# ---------------------------------------------------------------------------- datasets
 def synthesize_figshare(out: Path, cfg: SynthPlanarConfig) -> list[str]:
     """Write ``figshare_patients x slices_per_patient`` v7.3 slices ``1.mat``, ``2.mat``... to ``out``."""
     out = Path(out)
@@ -363,8 +317,8 @@ def synthesize_figshare(out: Path, cfg: SynthPlanarConfig) -> list[str]:
 
 
 def synthesize_kaggle(out: Path, cfg: SynthPlanarConfig) -> list[str]:
-    """Write ``kaggle_images`` images into ``out/yes`` and ``out/no`` (the first ``round(n * fraction)`` are
-    yes); returns their paths relative to ``out`` (``yes/Y1.jpg``...)."""
+    """Write ``kaggle_images`` images into ``out/yes`` (the first ``round(n * fraction)``) and ``out/no``;
+    returns their paths relative to ``out`` (``yes/Y1.jpg``...)."""
     out = Path(out)
     n_yes = int(round(cfg.kaggle_images * cfg.kaggle_tumour_fraction))
     written: list[str] = []
@@ -386,8 +340,6 @@ def synthesize_kaggle(out: Path, cfg: SynthPlanarConfig) -> list[str]:
 
 
 def _write_meta(out: Path, layout: str, cfg: SynthPlanarConfig, facts: list[dict[str, Any]]) -> None:
-    import json
-
     meta = {
         "generator": "tumorseg synth",
         "layout": layout,
@@ -395,7 +347,7 @@ def _write_meta(out: Path, layout: str, cfg: SynthPlanarConfig, facts: list[dict
         "params": cfg.model_dump(mode="json"),
         "files": facts,
     }
-    atomic_write_text(out / SYNTH_META_NAME, json.dumps(meta, indent=1) + "\n")
+    write_json(out / SYNTH_META_NAME, meta, indent=1)
 
 
 def synthesize_planar_dataset(out: Path, layout: str, cfg: SynthPlanarConfig) -> list[str]:

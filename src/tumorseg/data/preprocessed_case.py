@@ -1,23 +1,36 @@
 """One case through preprocessing: RAS, target spacing, brain crop, z-score, and its geometry.
 
-:func:`crop_and_normalise` (steps 3-4 and the geometry dict) is shared with the threaded reader
-(:mod:`tumorseg.data.threaded_reader`), which resamples each modality as soon as it is decoded, so
-both paths give the same bits.
+:func:`preprocess_case` takes a case read whole; the threaded reader (:func:`read_preprocessed`, used
+by ``predict`` and ``preprocess``) decodes each file in its own thread and resamples each modality as
+soon as it is decoded, never holding a case's full-resolution float image. Both share
+:func:`crop_and_normalise`, so they give the same bits.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from tumorseg.config import PreprocessConfig
 from tumorseg.data.conventions import CANONICAL_MODALITIES
 from tumorseg.data.grid import SourceGrid, crop_box, reorient, resize, resize_labels, shift_affine
-from tumorseg.data.layouts import CaseFiles, CaseVolumes, spacing_from_affine
+from tumorseg.data.layouts import (
+    CaseFiles,
+    CaseVolumes,
+    encode_labels,
+    orientation_code,
+    read_case,
+    read_nifti,
+    spacing_from_affine,
+    squeeze_trailing,
+)
 from tumorseg.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -27,14 +40,9 @@ GEOMETRY_FORMAT = 1  # version of the geometry JSON; bump when its keys change s
 
 @dataclass
 class PreprocessedCase:
-    """One case on the preprocessed grid.
-
-    Attributes:
-        image: ``(4, X, Y, Z)`` z-scored t1, t1ce, t2, flair (``storage_dtype``), 0 outside the brain.
-        label: ``(X, Y, Z)`` uint8 canonical labels (zeros without a segmentation).
-        brain: ``(X, Y, Z)`` bool, voxels non-zero in any modality.
-        geometry: JSON-ready dict with everything :func:`~tumorseg.data.grid.restore_to_source` needs.
-    """
+    """One case on the preprocessed grid: ``image`` ``(4, X, Y, Z)`` z-scored t1, t1ce, t2, flair (0
+    outside the brain), canonical ``label`` uint8 and ``brain`` bool ``(X, Y, Z)``, and the JSON-ready
+    ``geometry`` :func:`~tumorseg.data.grid.restore_to_source` needs."""
 
     image: np.ndarray
     label: np.ndarray
@@ -107,16 +115,8 @@ def crop_and_normalise(
     labels: np.ndarray | None,
     cfg: PreprocessConfig,
 ) -> PreprocessedCase:
-    """Steps 3-4 on the resampled image, and the label map taken through steps 1-3; the geometry.
-
-    Args:
-        resampled: float32 ``(4, x, y, z)`` on ``grid.resampled_shape`` (:func:`resample_modality`).
-        source: the geometry entries of where the case came from (:func:`source_fields`).
-        labels: canonical uint8 ``(X, Y, Z)`` on the source grid, or None.
-
-    Raises:
-        DataError: no brain (every modality zero everywhere).
-    """
+    """Steps 3-4 on float32 ``resampled`` ``(4, x, y, z)``, the canonical ``labels`` ``(X, Y, Z)`` (or
+    None) taken through steps 1-3, and the geometry; a DataError when every modality is zero."""
     case_id = source["case_id"]
     brain = _brain_mask(resampled, case_id)
     start, stop = crop_box(brain, cfg.crop_margin_vox)
@@ -159,10 +159,7 @@ def _zscore(
     cropped: np.ndarray, brain: np.ndarray, out_dtype: np.dtype, case_id: str
 ) -> tuple[np.ndarray, list[float], list[float]]:
     """Step 4: each channel z-scored on the brain voxels, the background exactly 0; means and stds.
-
-    The float16 cast is a torch copy (imported on first use): numpy's round-to-nearest-even bit for
-    bit, without its slow scalar loop.
-    """
+    The float16 cast is a torch copy: numpy's rounding bit for bit, without its slow scalar loop."""
     import torch
 
     normalised = np.empty(cropped.shape, dtype=out_dtype)
@@ -226,3 +223,92 @@ def _grid_fields(
 
 def _as_list(array: np.ndarray) -> list[Any]:
     return np.asarray(array, dtype=np.float64).tolist()
+
+
+# ---------------------------------------------------------------------------- the threaded reader
+@dataclass
+class DecodedCase:
+    """A case read and reoriented, not yet resampled (no torch, so any thread may decode it):
+    ``channels`` modality -> RAS float32 at full resolution on ``grid`` (T1 header), or, for the cases
+    the threaded path declines, ``volumes`` from :func:`read_case` (``grid`` None)."""
+
+    grid: SourceGrid | None
+    channels: dict[str, np.ndarray]
+    source: dict[str, Any]
+    labels: np.ndarray | None = None
+    volumes: CaseVolumes | None = None
+
+    def preprocess(self, cfg: PreprocessConfig) -> PreprocessedCase:
+        """Resample (torch: call it from the torch thread; each full-resolution channel is released once
+        resampled), crop and z-score; :class:`DataError` on NaN/inf voxels or no brain."""
+        if self.volumes is not None:
+            return preprocess_case(self.volumes, cfg)
+        assert self.grid is not None
+        shape, order = self.grid.resampled_shape, cfg.image_interpolation_order
+        channels = [resize(self.channels.pop(modality), shape, order) for modality in CANONICAL_MODALITIES]
+        return crop_and_normalise(np.stack(channels), self.grid, self.source, self.labels, cfg)
+
+
+def decode_case(
+    case: CaseFiles, cfg: PreprocessConfig, *, labels: bool = True, sha256: bool = True
+) -> DecodedCase:
+    """Read a case's files, each decoded, reoriented and made float32 in its own thread. Cases this path
+    does not take (MSD 4-D images, undecodable files, wrong dimensionality, differing shapes) go
+    through :func:`read_case`, which reads them or raises its one-line DataError."""
+    if not labels and case.has_seg:
+        case = dataclasses.replace(case, paths={**case.paths, "seg": None})
+    files = case.unique_files()
+
+    def fallback() -> DecodedCase:
+        return DecodedCase(None, {}, {}, volumes=read_case(case))
+
+    if case.missing or case.layout == "msd" or any(len(keys) != 1 for keys in files.values()):
+        return fallback()
+    try:
+        header = nib.load(str(case.paths["t1"])).header
+        grid = SourceGrid.of(header.get_best_affine(), header.get_data_shape(), cfg)
+    except Exception:  # noqa: BLE001 - read_case names the file and the problem
+        return fallback()
+
+    def decode(key: str) -> tuple[str, np.ndarray, str] | None:
+        """``(key, RAS float32 channel or source labels, sha256)``; None when read_case must decide."""
+        try:
+            nifti = read_nifti(case.paths[key], sha256=sha256)
+        except DataError:
+            return None
+        data = squeeze_trailing(nifti.data, 3)
+        if data.shape != grid.shape or (key == "t1" and not np.array_equal(nifti.affine, grid.affine)):
+            return None
+        if key == "seg":
+            return key, data, nifti.sha256
+        return key, ras_float32(data, grid, case_id=case.case_id, modality=key), nifti.sha256
+
+    keys = [keys[0] for keys in files.values()]
+    with ThreadPoolExecutor(max_workers=len(keys), thread_name_prefix="tumorseg-read") as pool:
+        results = list(pool.map(decode, keys))
+    if any(result is None for result in results):
+        return fallback()
+    decoded = {key: array for key, array, _ in results}  # type: ignore[misc]
+    digests = {key: digest for key, _, digest in results}  # type: ignore[misc]
+    del results
+    source_labels = None
+    if "seg" in decoded:
+        try:
+            source_labels = encode_labels(decoded.pop("seg"), case.label_convention)
+        except ValueError as exc:
+            raise DataError(f"{case.case_id}: {case.paths['seg'].name}: {exc}") from None
+    source = source_fields(case, orientation_code(grid.affine), spacing_from_affine(grid.affine), digests)
+    return DecodedCase(grid, decoded, source, source_labels)
+
+
+def read_preprocessed(
+    case: CaseFiles, cfg: PreprocessConfig, *, labels: bool = True, sha256: bool = True
+) -> PreprocessedCase:
+    """Read a case and preprocess it, never holding its full-resolution float image.
+
+    Decoding (:func:`decode_case`) and torch's resampling stay in separate threads: torch called from
+    the reading threads would start an OpenMP team per thread, slowing resampling and inference.
+    ``labels=False`` skips ``seg`` and ``sha256=False`` the hashes (prediction). DataError: a missing,
+    unreadable or mis-shaped file, labels outside the convention, NaN/inf voxels, no brain.
+    """
+    return decode_case(case, cfg, labels=labels, sha256=sha256).preprocess(cfg)

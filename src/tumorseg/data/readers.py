@@ -1,18 +1,24 @@
 """The formats tumorseg reads, behind one registry (as nnU-Net's ``reader_writer_registry``).
 
-Volumes (3 spatial dimensions) come from BraTS, MSD, nnU-Net and MONAI folders
-(:mod:`tumorseg.data.layouts`), images (2) from Figshare ``.mat`` slices and Kaggle yes/no folders
-(:mod:`tumorseg.data.planar`). Stages ask here how many dimensions a folder, manifest or input has
-and pick their volume or image strategy by it.
+Volumes (3 spatial dimensions) come from BraTS, MSD, nnU-Net and MONAI folders (:mod:`tumorseg.data.layouts`),
+images (2) from Figshare ``.mat`` slices and Kaggle yes/no folders (:mod:`tumorseg.data.planar`). Stages
+ask here how many dimensions a folder, manifest or input has and pick their volume or image strategy.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from tumorseg.data.planar import BITMAP_SUFFIXES, IMAGE_LAYOUTS, MAT_SUFFIX
+from tumorseg.data.planar import (
+    BITMAP_SUFFIXES,
+    IMAGE_LAYOUTS,
+    KAGGLE_CLASS_FOLDERS,
+    MAT_SUFFIX,
+    default_case_id,
+)
 from tumorseg.errors import DataError
 
 VOLUME = 3
@@ -21,6 +27,70 @@ IMAGE = 2
 IMAGE_SUFFIXES: tuple[str, ...] = (MAT_SUFFIX, *BITMAP_SUFFIXES)
 """Files read as one 2-D image each (Figshare MATLAB slices, bitmaps)."""
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class PlanarFile:
+    """One 2-D file: absolute path, ``figshare`` or ``kaggle``, a unique file-name-safe case id
+    (``figshare-12``, ``kaggle-yes-Y1``)."""
+
+    path: Path
+    layout: str
+    case_id: str
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def find_planar_files(src: Path) -> list[PlanarFile]:
+    """The Figshare and Kaggle files under ``src`` by case id (none: a 3-D dataset or nothing): images
+    directly in the ``yes``/``no`` sub-folders of a folder with both (any case), every other ``.mat``
+    file at any depth; hidden files ignored."""
+    src = Path(src).absolute()
+    if not src.is_dir():
+        return []
+    kaggle_roots = []
+    for folder in [src, *sorted(p for p in src.rglob("*") if p.is_dir() and _visible(p, src))]:
+        names = {child.name.lower() for child in folder.iterdir() if child.is_dir()}
+        if set(KAGGLE_CLASS_FOLDERS) <= names:
+            kaggle_roots.append(folder)
+    found: list[tuple[Path, str]] = []
+    for root in kaggle_roots:
+        for class_dir in sorted(
+            p for p in root.iterdir() if p.is_dir() and p.name.lower() in KAGGLE_CLASS_FOLDERS
+        ):
+            found += [
+                (p, "kaggle")
+                for p in sorted(class_dir.iterdir())
+                if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in BITMAP_SUFFIXES
+            ]
+    kaggle_dirs = [
+        d for root in kaggle_roots for d in root.iterdir() if d.name.lower() in KAGGLE_CLASS_FOLDERS
+    ]
+    for path in sorted(src.rglob(f"*{MAT_SUFFIX}")) + sorted(src.rglob(f"*{MAT_SUFFIX.upper()}")):
+        if path.is_file() and _visible(path, src) and not any(d in path.parents for d in kaggle_dirs):
+            found.append((path, "figshare"))
+    return _unique_ids(found)
+
+
+def _unique_ids(found: list[tuple[Path, str]]) -> list[PlanarFile]:
+    """Give every file its default case id; ids that collide get the extension, then a counter."""
+    by_id: dict[str, list[tuple[Path, str]]] = {}
+    for path, layout in found:
+        by_id.setdefault(default_case_id(path), []).append((path, layout))
+    files: list[PlanarFile] = []
+    taken: set[str] = set()
+    for case_id, items in sorted(by_id.items()):
+        for path, layout in sorted(items):
+            candidate = case_id if len(items) == 1 else f"{case_id}_{path.suffix.lstrip('.').lower()}"
+            unique, n = candidate, 1
+            while unique in taken:
+                n += 1
+                unique = f"{candidate}_{n}"
+            taken.add(unique)
+            files.append(PlanarFile(path=path, layout=layout, case_id=unique))
+    return sorted(files, key=lambda f: f.case_id)
 
 
 def manifest_dims(manifest: pd.DataFrame) -> int:
@@ -32,8 +102,6 @@ def manifest_dims(manifest: pd.DataFrame) -> int:
 
 def folder_dims(folder: Path) -> int:
     """:data:`IMAGE` when a dataset folder holds Figshare or Kaggle files, else :data:`VOLUME`."""
-    from tumorseg.data.planar_ingest import find_planar_files
-
     return IMAGE if find_planar_files(Path(folder)) else VOLUME
 
 

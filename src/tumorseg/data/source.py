@@ -1,8 +1,7 @@
 """``data.source``: which dataset the pipeline reads, checked before any stage writes.
 
-``synth`` (the default): ``tumorseg source``, the first DVC stage, generates cases into ``data/synth``;
-any other value is a dataset folder, only ever read, checked so that a wrong path fails with one line.
-Relative paths resolve against the folder of params.yaml, so DVC stages, flows and the CLI agree.
+``synth`` (the default): ``tumorseg source`` generates cases into ``data/synth``; any other value is
+a dataset folder, only ever read. Relative paths resolve against the folder of params.yaml.
 """
 
 from __future__ import annotations
@@ -12,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tumorseg.config import GENERATED_FOLDERS, DataConfig, section
+from tumorseg.config import GENERATED_FOLDERS, DataConfig
 from tumorseg.errors import DataError
+from tumorseg.params import Params, as_params
 
 LAYOUTS_LOOKED_FOR = (
     "BraTS 2020/21 case folders (BraTS2021_00001/BraTS2021_00001_t1.nii.gz), BraTS 2023+ case folders "
@@ -42,9 +42,12 @@ def project_root(params_path: str | Path) -> Path:
     return Path(os.path.normpath(Path(params_path).absolute().parent))
 
 
-def source_folder(params: dict[str, Any], params_path: str | Path = "params.yaml", dims: int = 3) -> Path:
+def source_folder(
+    params: Params | dict[str, Any], params_path: str | Path = "params.yaml", dims: int = 3
+) -> Path:
     """The dataset folder ``data.source`` (``data.source_2d`` for ``dims`` 2) selects."""
-    cfg: DataConfig = section("data", params, source=params_path)
+    params = as_params(params, params_path)
+    cfg: DataConfig = params.data
     return cfg.folder(project_root(params_path), dims)
 
 
@@ -78,7 +81,7 @@ def inspect_source(
             "folders; set it to such a folder, or to synth"
         )
     if dims == IMAGE:
-        from tumorseg.data.planar_ingest import find_planar_files
+        from tumorseg.data.readers import find_planar_files
 
         files = find_planar_files(folder)
         layouts = "+".join(sorted({f.layout for f in files}))
@@ -91,16 +94,17 @@ def inspect_source(
 
 
 def prepare_source(
-    params: dict[str, Any], params_path: str | Path = "params.yaml", dims: int = 3
+    params: Params | dict[str, Any], params_path: str | Path = "params.yaml", dims: int = 3
 ) -> SourceInfo:
     """Make ``data.source`` (``data.source_2d`` for ``dims`` 2) ready for ``ingest``: generate the
     embedded data, or check the folder (:func:`inspect_source`)."""
-    cfg: DataConfig = section("data", params, source=params_path)
+    params = as_params(params, params_path)
+    cfg: DataConfig = params.data
     root = project_root(params_path)
     folder = cfg.folder(root, dims)
     if cfg.is_synth(dims):
         return _generate(folder, params, params_path, dims)
-    ingest_cfg = section("ingest", params, source=params_path)
+    ingest_cfg = params.ingest
     info = inspect_source(folder, layout=ingest_cfg.layout, labels=ingest_cfg.labels, dims=dims)
     # The DVC stage's output is the generator's folder; with a folder of one's own it stays empty.
     generated = cfg.folder_for(GENERATED_FOLDERS[dims], root)
@@ -109,16 +113,16 @@ def prepare_source(
     return info
 
 
-def _generate(folder: Path, params: dict[str, Any], params_path: str | Path, dims: int) -> SourceInfo:
+def _generate(folder: Path, params: Params, params_path: str | Path, dims: int) -> SourceInfo:
     """The embedded data: ``synth:`` volumes, or ``synth_2d:`` Figshare and Kaggle images."""
     if dims == 3:
         from tumorseg.data.synth import synthesize_dataset
 
-        cfg = section("synth", params, source=params_path)
+        cfg = params.synth
         return SourceInfo(folder, True, cfg.layout, len(synthesize_dataset(folder, cfg)))
     from tumorseg.data.planar_synth import synthesize_planar_dataset
     from tumorseg.data.readers import IMAGE_LAYOUTS
 
-    cfg = section("synth_2d", params, source=params_path)
+    cfg = params.synth_2d
     written = [synthesize_planar_dataset(folder / layout, layout, cfg) for layout in IMAGE_LAYOUTS]
     return SourceInfo(folder, True, "+".join(IMAGE_LAYOUTS), sum(len(w) for w in written))

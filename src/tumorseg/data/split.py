@@ -1,11 +1,8 @@
 """``tumorseg split``: group-level train/val/test split: stratified, from a datalist, or your own.
 
-No group is on two sides: a group joins the cases of one patient (BraTS 2023+ time points) and
-those ``tumorseg validate`` found to be one scan (``duplicate_of``), transitively. Only labelled cases
-are split, by ``split.method``: ``stratified`` (tumour-free / tumour-size quantile strata,
-:func:`assign_patients`), ``datalist`` (:func:`_datalist_assignment`) or ``file``
-(:func:`read_user_split`). The JSON's keys ``method``, ``groups`` and ``left_out`` appear only when
-they say something, so a default split is unchanged by them.
+A group (never on two sides) joins one patient's cases (BraTS 2023+ time points) and scans
+``tumorseg validate`` found duplicated, transitively. Labelled cases are split by ``split.method``;
+the JSON's ``method``, ``groups`` and ``left_out`` keys appear only when they say something.
 """
 
 from __future__ import annotations
@@ -65,7 +62,6 @@ class Split:
     left_out: list[str] = field(default_factory=list)
 
     def cases(self, name: str) -> list[str]:
-        """Case ids of ``train``, ``val`` or ``test``."""
         if name not in SPLITS:
             raise KeyError(f"unknown split {name!r}; use one of {', '.join(SPLITS)}")
         return list(getattr(self, name))
@@ -131,11 +127,8 @@ def read_split(path: Path) -> Split:
 
 
 def make_split(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Split:
-    """Split the labelled cases of ``preprocessed_dir/index.csv`` (2-D: ``manifest.csv``) into ``out_file``.
-
-    Raises:
-        DataError: no index, fewer than 3 labelled groups, or a datalist / split file that cannot be used.
-    """
+    """Split the labelled cases of ``preprocessed_dir/index.csv`` (2-D: ``manifest.csv``) into ``out_file``;
+    DataError for no index, fewer than 3 labelled groups, or an unusable datalist or split file."""
     index_file = Path(preprocessed_dir) / INDEX_NAME
     if not index_file.is_file():
         from tumorseg.data.readers import IMAGE, preprocessed_dims
@@ -159,13 +152,11 @@ def make_split(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Spli
 
 
 def _written(split: Split, out_file: Path) -> Split:
-    """``split`` written to ``out_file`` (JSON, atomically)."""
     out_file = Path(out_file)
     atomic_write_text(out_file, json.dumps(split.to_dict(), indent=1) + "\n")
     return dataclasses.replace(split, out_file=out_file)
 
 
-# ---------------------------------------------------------------------------- groups
 class UnionFind:
     """Disjoint sets of strings; a set's root is its smallest member (patient and duplicate groups)."""
 
@@ -188,8 +179,8 @@ class UnionFind:
 
 
 def case_groups(table: pd.DataFrame, named_by: pd.Series | None = None) -> dict[str, str]:
-    """Case id -> its group (patient ∪ ``duplicate_of`` group, transitively), named by its smallest
-    patient id among the rows ``named_by`` selects (the labelled cases; all rows when none does)."""
+    """Case id -> its group (patient ∪ ``duplicate_of``, transitively), named by its smallest patient id
+    among the rows ``named_by`` selects (labelled cases; all rows when none does)."""
     links = UnionFind()
     cases = table["case_id"].astype(str).tolist()
     patients = [p or c for p, c in zip(table["patient_id"].astype(str), cases, strict=True)]
@@ -214,7 +205,6 @@ def case_groups(table: pd.DataFrame, named_by: pd.Series | None = None) -> dict[
     }
 
 
-# ---------------------------------------------------------------------------- splitting
 def split_cases(
     index: pd.DataFrame,
     cfg: SplitConfig,
@@ -222,12 +212,8 @@ def split_cases(
     user_split: UserSplit | None = None,
     index_name: str = INDEX_NAME,
 ) -> Split:
-    """The split of preprocess's ``index.csv`` table by ``cfg.method``, independent of row order.
-
-    Raises:
-        DataError: fewer than 3 labelled groups, a tumour volume that is not a number, a case id twice,
-            or a datalist / user split (``user_split``) that cannot be used.
-    """
+    """The split of preprocess's ``index.csv`` table by ``cfg.method``, independent of row order;
+    DataError for fewer than 3 groups, a bad volume, an id twice, an unusable datalist or user split."""
     index, table, unlabelled = _grouped_labelled_cases(index)
     try:
         volumes = table["tumour_volume_ml"].astype(float)
@@ -253,7 +239,8 @@ def split_cases(
         strata = {g: strata[g] for g in sorted(set(table["group"]))}
     split = _build_split(table, strata, assignment, cfg, unlabelled)
     patients_per_group = table.groupby("group")["patient_id"]
-    fold_is_val = cfg.method == DATALIST and _has_folds(table) and not _has_subset(table, "validation")
+    has_validation = (table["subset"].str.strip().str.lower() == "validation").any()
+    fold_is_val = cfg.method == DATALIST and _has_folds(table) and not has_validation
     return dataclasses.replace(
         split,
         method=cfg.method,
@@ -265,8 +252,7 @@ def split_cases(
 
 
 def _grouped_labelled_cases(index: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """The index as text with every grouping column, its labelled cases with their ``group``, and the
-    unlabelled case ids."""
+    """The index as text with every grouping column, its labelled cases with ``group``, the unlabelled ids."""
     index = index.astype(str)
     for column in GROUPING_COLUMNS:
         if column not in index.columns:
@@ -320,11 +306,6 @@ def _build_split(
     )
 
 
-# ---------------------------------------------------------------------------- datalist
-def _has_subset(table: pd.DataFrame, subset: str) -> bool:
-    return bool((table["subset"].str.strip().str.lower() == subset).any())
-
-
 def _has_folds(table: pd.DataFrame) -> bool:
     training = table["subset"].str.strip().str.lower().isin(["training", ""])
     return bool((table.loc[training, "fold"].str.strip() != "").any())
@@ -333,15 +314,11 @@ def _has_folds(table: pd.DataFrame) -> bool:
 def _datalist_assignment(
     table: pd.DataFrame, strata: dict[str, str], cfg: SplitConfig, index_name: str
 ) -> dict[str, str]:
-    """Group -> side from the datalist's ``validation``/``testing`` lists, or fold ``split.val_fold``.
+    """Group -> side from the datalist's ``validation``/``testing`` lists or fold ``split.val_fold``.
 
-    A group on several sides goes whole to the most held-out, with a warning (a published datalist is
-    no error, but nothing evaluated may have been trained on). A part the datalist lacks is held out
-    of the training groups by the stratified rule (``round(N * fraction)`` of all ``N`` groups).
-
-    Raises:
-        DataError: no case has a subset, an unknown subset, a ``val_fold`` that is no fold, or an
-            empty side.
+    A group on several sides goes whole to the most held-out (warning: nothing evaluated may have been
+    trained on); a side the datalist lacks is held out of training groups by the stratified rule.
+    DataError for no subsets, an unknown subset or fold, or an empty side.
     """
     wanted, need_val, need_test = _datalist_wants(table, cfg, index_name)
     sides = _sides_by_group(table, wanted)
@@ -426,11 +403,9 @@ def _pool_fractions(targets: dict[str, int], n: int) -> dict[str, float]:
     return {"train": 1.0 - test - val, "val": val, "test": test}
 
 
-# ---------------------------------------------------------------------------- a user's split file
 @dataclass(frozen=True)
 class UserSplit:
-    """A user's split file (``path`` as given): case id -> side, in file order, and where each case
-    was named (``where``: ``key 'test'`` or ``line 7``, for messages)."""
+    """A user's split file: case id -> side in file order, and ``where`` each was named (for messages)."""
 
     path: str
     sides: dict[str, str]
@@ -438,14 +413,8 @@ class UserSplit:
 
 
 def read_user_split(path: Path) -> UserSplit:
-    """Parse ``split.file``: JSON ``{"train": [...], "val": [...], "test": [...]}`` or CSV ``case_id,split``.
-
-    A split JSON this command wrote is accepted too (its other keys are ignored); other CSV columns are
-    ignored. Labelled cases the file does not list are left out with a warning (``left_out``).
-
-    Raises:
-        DataError: one line naming the file (and key or line): unreadable, malformed, another key or
-            split name, a case on two sides.
+    """Parse ``split.file``: JSON ``{"train": [...], "val": [...], "test": [...]}`` (a split this command
+    wrote too) or CSV ``case_id,split``; DataError naming the file and key or line when it is unusable.
     """
     name = str(path)
     if not path.is_file():
@@ -514,8 +483,8 @@ def _csv_entries(path: Path, name: str) -> list[tuple[str, str, str]]:
 def _file_assignment(
     table: pd.DataFrame, index: pd.DataFrame, user: UserSplit, index_name: str
 ) -> tuple[dict[str, str], set[str]]:
-    """Group -> side from a user's split, and the labelled cases it lists; a DataError for a case id
-    not in the index, a group on two sides or an empty side."""
+    """Group -> side from a user's split, and the labelled cases it lists; DataError for an unknown id,
+    a group on two sides or an empty side."""
     known = set(index["case_id"])
     unknown = [c for c in user.sides if c not in known]
     if unknown:
@@ -587,8 +556,8 @@ def _patient_strata(patient_volume: pd.Series, size_bins: int) -> dict[str, str]
 def _held_out_counts(
     n: int, fractions: Mapping[str, float], room: int, parts: Sequence[str] = ("val", "test")
 ) -> dict[str, int]:
-    """Val and test groups: ``round(n * fraction)``, at least 1, for ``parts`` (others 0), the larger
-    cut until at most ``room`` groups are held out."""
+    """Val and test groups: ``round(n * fraction)``, at least 1, for ``parts`` (others 0), the larger cut
+    until at most ``room`` are held out."""
     counts = {
         name: max(1, math.floor(n * fractions[name] + 0.5)) if name in parts else 0
         for name in ("val", "test")
@@ -604,9 +573,8 @@ def assign_patients(
 ) -> dict[str, str]:
     """Patient (or group) id -> ``train``/``val``/``test``, stratified, deterministic for ``seed``.
 
-    Val and test get ``targets`` patients (default ``round(n * fraction)``, at least 1 each, train at
-    least 1), shared out between strata by largest remainder; a stratum of 3 or more gets a val and a
-    test patient when the totals allow. Patients are sorted, then shuffled by ``seed`` per stratum.
+    Val and test get ``targets`` patients (default ``round(n * fraction)``, at least 1 each) shared
+    between strata by largest remainder; a stratum of 3+ gets a val and a test patient when possible.
     """
     rng = np.random.default_rng(seed)
     members: dict[str, list[str]] = {}
@@ -663,7 +631,6 @@ def assign_patients(
     return assignment
 
 
-# ---------------------------------------------------------------- images (Figshare, Kaggle)
 def _patient_stratum(cases: pd.DataFrame) -> str:
     """``<source>/tumour/<type>``, ``<source>/tumour`` (type unknown) or ``<source>/tumour-free``."""
     source = Counter(cases["source"]).most_common(1)[0][0]
@@ -674,11 +641,8 @@ def _patient_stratum(cases: pd.DataFrame) -> str:
 
 
 def split_planar_cases(table: pd.DataFrame, cfg: SplitConfig) -> Split:
-    """Patient-level split of a preprocessed 2-D manifest, stratified by source and tumour type.
-
-    Cases whose tumour status is unknown (``has_tumour`` empty) are left out as unlabelled; fewer than
-    3 labelled patients or a case id twice is a DataError.
-    """
+    """Patient-level split of a preprocessed 2-D manifest, stratified by source and tumour type; cases
+    of unknown tumour status are left out; DataError for fewer than 3 patients or an id twice."""
     table = table.astype(str)
     labelled = table["has_tumour"].isin(["True", "False"])
     unlabelled = sorted(table.loc[~labelled, "case_id"])
@@ -694,7 +658,6 @@ def split_planar_cases(table: pd.DataFrame, cfg: SplitConfig) -> Split:
 
 
 def split_planar(preprocessed_dir: Path, out_file: Path, cfg: SplitConfig) -> Split:
-    """Split ``preprocessed_dir/manifest.csv`` (2-D) and write the split JSON to ``out_file`` atomically."""
     path = Path(preprocessed_dir) / MANIFEST_NAME
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     table = table[table["status"] == STATUS_OK] if "status" in table.columns else table

@@ -1,11 +1,9 @@
 """Synthetic multi-modal brain MRI with gliomas: the embedded default dataset (``tumorseg synth``).
 
-A case warps the MNI152 template's GM/WM/CSF maps, grows a glioma in white matter (core with mass
-effect, necrosis, enhancing rim, oedema along WM), renders T1/T1ce/T2/FLAIR with their true tissue
-contrasts and adds bias, Rician noise and int16 quantisation in BraTS's 240 x 240 x 155 mm box: the
-pipeline meets BraTS's difficulties without a data-use agreement. Case ``k`` depends only on
-``(seed, k)``. brats2024-gli adds resection cavities, brats2024-ped cysts, each from its own random
-stream so that the rest of the case is unchanged.
+A case warps the MNI152 GM/WM/CSF maps, grows a glioma in white matter (mass effect, necrosis,
+enhancing rim, oedema along WM), renders T1/T1ce/T2/FLAIR with tissue contrasts, bias, Rician noise
+and int16 quantisation in BraTS's 240 x 240 x 155 mm box. Case ``k`` depends only on ``(seed, k)``;
+brats2024-gli cavities and brats2024-ped cysts draw from their own streams.
 """
 
 from __future__ import annotations
@@ -67,8 +65,7 @@ _CONTRAST: dict[str, dict[str, float]] = {
     "flair": {"gm": 1.25, "wm": 1.0, "csf": 0.28, "ncr": 0.95, "et": 1.40, "ed": 1.75},
 }
 _BASE_SCALE: dict[str, float] = {"t1": 520.0, "t1ce": 680.0, "t2": 340.0, "flair": 420.0}  # raw WM
-# Fluid parts, same scale: rc (resection cavity) is free water like CSF; cc (tumour cyst) is
-# proteinaceous: T2 brighter than necrosis, FLAIR between CSF and necrosis.
+# Fluids: rc (resection cavity) is free water; cc (cyst) is proteinaceous (T2 > NCR, FLAIR between).
 _CONTRAST_FLUID: dict[str, dict[str, float]] = {
     "t1": {"rc": 0.26, "cc": 0.33},
     "t1ce": {"rc": 0.28, "cc": 0.32},
@@ -77,8 +74,7 @@ _CONTRAST_FLUID: dict[str, dict[str, float]] = {
 }
 _FLUID_PARTS: tuple[str, ...] = ("rc", "cc")
 
-# Codes of the generator's own parts, and each part's label per label set (a part a set lacks is
-# never drawn for it).
+# The generator's part codes, and each part's label per label set (parts a set lacks are never drawn).
 _PART_CODES: dict[str, int] = {"NCR": 1, "ED": 2, "ET": 3, "RC": 4, "CC": 5}
 _PART_LABELS: dict[str, dict[str, str]] = {
     "glioma": {"NCR": "NCR", "ED": "ED", "ET": "ET"},
@@ -120,12 +116,11 @@ _PV_MM = np.float32(0.7)  # partial-volume width (mm) of the tumour's region bou
 
 @dataclass(frozen=True)
 class SyntheticCase:
-    """One generated case in RAS voxel order (:func:`write_case` applies ``orientation``).
+    """One generated case, ``(X, Y, Z)`` arrays in RAS order (:func:`write_case` applies ``orientation``).
 
-    ``images`` (float32, scanner units, 0 outside ``brain_mask``), ``labels`` (uint8, internal codes
-    of ``convention``'s label set) and ``tissue`` (GM/WM/CSF probabilities before the tumour replaced
-    tissue: the ground truth for contrast checks) are ``(X, Y, Z)``; ``info`` is its ``synth_meta.json``
-    record.
+    ``images``: float32 scanner units, 0 outside ``brain_mask``; ``labels``: uint8 internal codes of
+    ``convention``'s set; ``tissue``: GM/WM/CSF probabilities before the tumour (contrast ground truth);
+    ``info``: the ``synth_meta.json`` record.
     """
 
     index: int
@@ -157,12 +152,10 @@ class SyntheticCase:
         return bool((self.labels == self.code("NCR")).any())
 
 
-# ---------------------------------------------------------------- template anatomy
 @dataclass(frozen=True)
 class _Template:
-    """Tissue maps of the MNI152 template at one spacing (read-only, cached): float32 ``(3, I, J, K)``
-    GM/WM/CSF probabilities, the MNI mm of voxel 0, allowed tumour centres (cerebral WM, ``(N, 3)``)
-    with their depth below the brain surface, and the brain's bounding box."""
+    """MNI152 tissue maps at one spacing (read-only): float32 ``(3, I, J, K)`` GM/WM/CSF, MNI mm of
+    voxel 0, tumour centres ``(N, 3)`` in cerebral WM with their depth, the brain's bounding box."""
 
     tissue: np.ndarray
     origin_mm: np.ndarray
@@ -220,11 +213,8 @@ def _mni_anatomy() -> _Template:
 
 @functools.lru_cache(maxsize=8)
 def _template(spacing: tuple[float, float, float]) -> _Template:
-    """The template's tissue maps resampled to ``spacing``, cached per spacing.
-
-    A Gaussian pre-filter (FWHM ~ voxel size) gives a coarse grid the partial-volume average a
-    real acquisition has, not aliased 1 mm detail.
-    """
+    """The template's tissue maps resampled to ``spacing`` (Gaussian pre-filter, FWHM ~ voxel size:
+    the partial-volume average of a real acquisition, not aliased 1 mm detail)."""
     base = _mni_anatomy()
     spacing_arr = np.asarray(spacing, dtype=np.float64)
     if np.allclose(spacing_arr, base.spacing):
@@ -244,7 +234,6 @@ def _template(spacing: tuple[float, float, float]) -> _Template:
     return dataclasses.replace(base, tissue=resampled, spacing=spacing_arr)
 
 
-# ---------------------------------------------------------------- geometry
 def brats_grid(spacing: Sequence[float]) -> tuple[tuple[int, int, int], np.ndarray]:
     """``(shape, affine)`` of the BraTS box at ``spacing`` (mm): ``round(240/sx) x round(240/sy) x
     round(155/sz)`` voxels centred on it (exactly the BraTS grid at 1 mm)."""
@@ -267,12 +256,10 @@ def _gaussian_basis(n: int, n_ctrl: int) -> np.ndarray:
 def smooth_random_field(
     rng: _Rng, shape: Sequence[int], n_ctrl: Sequence[int], region: Sequence[slice] | None = None
 ) -> np.ndarray:
-    """Low-frequency random field over ``shape``, float32 with ``|field| <= 1`` (or over ``region``).
+    """Low-frequency random field over ``shape`` (or its ``region``, same values), float32, ``|f| <= 1``.
 
-    A tensor product of per-axis Gaussian bases weighted by random coefficients on a coarse control
-    grid (``n_ctrl`` points per axis): one multiply-add per voxel and control point, about 10x
-    faster than ``scipy.ndimage.zoom`` at 240 x 240 x 155, and smooth by construction. ``region``
-    gets exactly the values the full field has there.
+    A tensor product of per-axis Gaussian bases on an ``n_ctrl`` control grid: smooth by construction
+    and ~10x faster than ``scipy.ndimage.zoom`` at 240 x 240 x 155.
     """
     coeffs = rng.standard_normal(tuple(n_ctrl)).astype(np.float32)
     bases = [_gaussian_basis(n, k) for n, k in zip(shape, n_ctrl, strict=True)]
@@ -294,6 +281,13 @@ def _local_noise(rng: _Rng, shape: Sequence[int], sigma_vox: Sequence[float]) ->
     )
     std = float(noise.std())
     return noise / std if std > 0 else noise
+
+
+def rician_noise(rng: _Rng, values: np.ndarray, sigma: np.float32) -> np.ndarray:
+    """``|values + n_re + i n_im|`` with Gaussian ``n`` of std ``sigma`` (real part drawn first)."""
+    n_re = rng.standard_normal(values.shape, dtype=np.float32) * sigma
+    n_im = rng.standard_normal(values.shape, dtype=np.float32) * sigma
+    return np.sqrt((values + n_re) ** 2 + n_im**2)
 
 
 def _random_rotation(rng: _Rng, max_deg: float) -> np.ndarray:
@@ -328,7 +322,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
 
 
-# ---------------------------------------------------------------- case-level choices
 # Flag k of a stream is ``frac(offset + k * alpha) < fraction`` (Roberts' R-sequence): it depends only
 # on (seed, k), yet honours the fraction closely for any number of cases, unlike a Bernoulli draw.
 _PHI4 = 1.1673039782614187  # root of x**5 = x + 1
@@ -338,27 +331,23 @@ _STREAM_ALPHA = {name: math.fmod(1.0 / _PHI4 ** (k + 1), 1.0) for k, name in enu
 
 
 def _case_flag(seed: int, index: int, stream: str, fraction: float) -> bool:
-    """Deterministic low-discrepancy Bernoulli flag of case ``index`` for one attribute."""
-    offset = np.random.default_rng([_seed_word(seed), 0x5EED, list(_STREAM_ALPHA).index(stream)]).random()
+    offset = np.random.default_rng([seed_word(seed), 0x5EED, list(_STREAM_ALPHA).index(stream)]).random()
     return math.fmod(offset + index * _STREAM_ALPHA[stream], 1.0) < fraction
 
 
-def _seed_word(seed: int) -> int:
+def seed_word(seed: int) -> int:
     """The seed as a non-negative integer (NumPy seed sequences reject negative entropy)."""
     return int(seed) % 2**64
 
 
 def case_rng(seed: int, index: int) -> _Rng:
     """The random generator of case ``index``: seeded from ``(seed, index)`` only."""
-    return np.random.default_rng([_seed_word(seed), int(index)])
+    return np.random.default_rng([seed_word(seed), int(index)])
 
 
 @dataclass(frozen=True)
 class _CaseFlags:
-    """The case-level choices of one case, each from its own low-discrepancy stream (no case draw).
-
-    ``resected`` (a resection cavity) and ``cystic`` only for label sets with ``RC`` / ``CC``.
-    """
+    """A case's choices, each from its own stream; ``resected``/``cystic`` only for sets with RC / CC."""
 
     tumour_free: bool
     necrotic: bool
@@ -369,7 +358,6 @@ class _CaseFlags:
 
     @classmethod
     def of(cls, cfg: SynthConfig, index: int, parts: dict[str, str]) -> _CaseFlags:
-        """The flags of case ``index``; ``parts`` are the generated parts the label set has."""
         flag = functools.partial(_case_flag, cfg.seed, index)
         tumour_free = flag("tumour_free", cfg.tumour_free_fraction)
         return cls(
@@ -386,15 +374,13 @@ class _CaseFlags:
         if not (self.resected or self.cystic):
             return None
         stream = _CAVITY_STREAM if self.resected else _CYST_STREAM
-        return np.random.default_rng([_seed_word(seed), int(index), stream])
+        return np.random.default_rng([seed_word(seed), int(index), stream])
 
 
-# ---------------------------------------------------------------- one case
 @dataclass
 class _Tumour:
-    """A glioma in MNI mm (so that it deforms with the anatomy), then what :func:`_grow_tumour` grew:
-    the ``box`` of the working region it can reach, its voxels' ``(3, x, y, z)`` template-mm ``offset``
-    from the centre and soft float32 ``fractions`` there (partial volume; ``from_core``: mm)."""
+    """A glioma in MNI mm (it deforms with the anatomy); :func:`_grow_tumour` sets the reachable
+    ``box``, its voxels' ``(3, x, y, z)`` template-mm ``offset`` and soft float32 part ``fractions``."""
 
     centre_mni: np.ndarray
     r_core: float
@@ -411,8 +397,8 @@ class _Tumour:
 
 @dataclass(frozen=True)
 class _Anatomy:
-    """A case's deformed anatomy over its working ``region`` of the grid (where brain can be): voxel
-    size ``sp`` (mm, float64), GM/WM/CSF ``tissue`` probabilities and ``brain`` (their sum > 0.5)."""
+    """Deformed anatomy over the grid's working ``region``: spacing ``sp`` (mm), GM/WM/CSF ``tissue``,
+    ``brain`` (their sum > 0.5)."""
 
     tpl: _Template
     sp: np.ndarray
@@ -423,11 +409,10 @@ class _Anatomy:
 
 
 def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
-    """Generate case ``index`` (from 1) of the ``synth`` section ``cfg``'s dataset (ValueError for a
-    label set the generator cannot draw).
+    """Generate case ``index`` (from 1); ValueError for a label set the generator cannot draw.
 
-    The steps draw from the case's generator in turn (grid, anatomy, tumour, tumour regions,
-    rendering), so their order is part of the output: a new draw goes last, or into its own stream.
+    Grid, anatomy, tumour, regions and rendering draw from one generator in turn: their order is part
+    of the output, so a new draw goes last or into its own stream.
     """
     if index < 1:
         raise ValueError(f"case index starts at 1 (got {index})")
@@ -485,11 +470,10 @@ def _case_grid(rng: _Rng, s: float, flags: _CaseFlags) -> tuple[tuple[float, flo
 def _pull_back_field(
     rng: _Rng, tpl: _Template, affine: np.ndarray, shape: tuple[int, int, int]
 ) -> tuple[list[np.ndarray], tuple[slice, ...]]:
-    """``(mni, region)``: float32 MNI x, y, z maps of the position each voxel of ``region`` samples.
+    """``(mni, region)``: float32 MNI x, y, z of each voxel of ``region`` (the box that can hold brain).
 
-    World mm map to MNI mm through a small affine (mostly shrinking: MNI152 is larger than a native
-    brain) and a smooth random deformation. ``region`` is the box of the grid that can receive brain
-    (about half of it).
+    World -> MNI mm through a small, mostly shrinking affine (MNI152 is larger than a native brain)
+    and a smooth random deformation.
     """
     scale = np.diag(rng.uniform([0.87, 0.86, 0.9], [1.0, 1.01, 1.02]))
     rotation = _random_rotation(rng, 6.0)
@@ -542,8 +526,8 @@ def _draw_tumour(rng: _Rng, tpl: _Template, necrotic: bool) -> _Tumour:
 
 
 def _sample_template(mni: list[np.ndarray], tpl: _Template) -> tuple[np.ndarray, _Maps, np.ndarray]:
-    """``(idx, tissue, brain)``: the ``(3, x, y, z)`` template voxel position of each voxel, the
-    GM/WM/CSF probabilities there (trilinear) and where they sum above 0.5."""
+    """``(idx, tissue, brain)``: ``(3, x, y, z)`` template voxel positions, trilinear GM/WM/CSF there,
+    and where they sum above 0.5."""
     idx = np.stack([(mni[k] - np.float32(tpl.origin_mm[k])) / np.float32(tpl.spacing[k]) for k in range(3)])
     tissue = {
         name: ndi.map_coordinates(tpl.tissue[k], idx, order=1, output=np.float32, mode="constant", cval=0.0)
@@ -568,7 +552,7 @@ def _case_info(
     orientation: str,
     spacing: tuple[float, float, float],
 ) -> dict[str, Any]:
-    """The case's record in ``synth_meta.json`` (``labels``: the full grid in the set's internal codes)."""
+    """The case's ``synth_meta.json`` record (``labels``: full grid, internal codes)."""
     parts = _PART_LABELS[label_set.name]
     voxel_ml = float(np.prod(spacing)) / 1000.0
     info: dict[str, Any] = {
@@ -595,8 +579,7 @@ def _case_info(
 
 
 def synth_convention(layout: str, labels: str = "auto") -> str:
-    """The convention the ``seg`` files of ``layout`` are written in (``auto``: the layout's own;
-    ``nnunet`` and ``monai`` write ``brats2023`` codes)."""
+    """The convention of ``layout``'s ``seg`` files (``auto``: the layout's; nnunet/monai: brats2023)."""
     if labels not in (None, "", "auto"):
         get_convention(labels)  # ValueError naming the known ones
         return labels
@@ -618,12 +601,8 @@ def _drawable(convention: LabelConvention) -> LabelSet:
 
 
 def check_layout_labels(layout: str, labels: str = "auto") -> str:
-    """The convention of ``layout`` + ``labels`` when the generator can write that pair.
-
-    Raises:
-        ValueError: unknown layout or convention, a label set the generator cannot draw, or
-            non-consecutive codes for nnU-Net (brats2021's ET is 4; nnU-Net needs 0..N).
-    """
+    """The convention of ``layout`` + ``labels``; ValueError when the generator cannot write the pair
+    (unknown names, an undrawable label set, non-consecutive codes for nnU-Net)."""
     name = synth_convention(layout, labels)
     convention = get_convention(name)
     _drawable(convention)
@@ -637,12 +616,8 @@ def check_layout_labels(layout: str, labels: str = "auto") -> str:
 
 
 def labels_implied(layout: str, convention: str) -> bool:
-    """Whether a reader finds ``convention`` from ``layout`` alone (no ``ingest.labels`` needed).
-
-    BraTS 2021 and MSD folders are read in their own codes, BraTS 2023+ folders by the case-id
-    prefix (PED is coded differently in 2023 and 2024, GLI 2024 adds RC to GLI 2023's codes);
-    nnU-Net and MONAI datasets declare their labels in their JSON.
-    """
+    """Whether a reader finds ``convention`` from ``layout`` alone: BraTS 2021 and MSD by their own
+    codes, BraTS 2023+ by the case-id prefix, nnU-Net and MONAI by their JSON's labels."""
     if layout in ("brats2021", "msd"):
         return convention == layout
     if layout == "brats2023":
@@ -660,8 +635,8 @@ def _part_lut(label_set: LabelSet) -> np.ndarray:
 
 
 def _apply_mass_effect(mni: list[np.ndarray], tumour: _Tumour) -> None:
-    """Push the anatomy away from the tumour centre, in place: a point at ``r`` samples the template at
-    ``r * (1 - a * exp(-r^2 / 2 sigma^2))``, monotonic in ``r`` (no folding) for ``a <= 0.5``."""
+    """Push the anatomy from the tumour centre, in place: ``r -> r * (1 - a exp(-r^2 / 2 sigma^2))``,
+    monotonic (no folding) for ``a <= 0.5``."""
     centre = tumour.centre_mni
     sigma = 1.2 * tumour.r_core
     d = [mni[k] - np.float32(centre[k]) for k in range(3)]
@@ -672,15 +647,14 @@ def _apply_mass_effect(mni: list[np.ndarray], tumour: _Tumour) -> None:
 
 
 def _grow_tumour(rng: _Rng, idx: np.ndarray, anat: _Anatomy, tumour: _Tumour) -> np.ndarray:
-    """Core, necrosis, enhancing rim and oedema (drawn in this order): sets ``tumour``'s box, offset
-    and fractions and returns the part labels in the box."""
+    """Core, necrosis, enhancing rim, oedema (in this order): sets ``tumour``'s box, offset and
+    fractions; returns the part labels in the box."""
     sp = anat.sp
     tumour.box, tumour.offset = _tumour_box(idx, anat.tpl, tumour)
     box, rel = tumour.box, tumour.offset
     shape = tuple(sl.stop - sl.start for sl in box)
     brain_box = anat.brain[box]
-    # Lobulated ellipsoid: distance in the tumour's own (rotated, stretched) frame, perturbed by
-    # smooth noise whose scale sets the lobe size (~ a third of the radius).
+    # Lobulated ellipsoid: distance in the tumour's frame, perturbed by noise (lobes ~ radius / 3).
     local = np.einsum("ij,jxyz->ixyz", tumour.rotation.T.astype(np.float32), rel)
     local /= tumour.axes.astype(np.float32)[:, None, None, None]
     dist = np.sqrt((local**2).sum(axis=0))
@@ -713,9 +687,8 @@ def _grow_tumour(rng: _Rng, idx: np.ndarray, anat: _Anatomy, tumour: _Tumour) ->
 
 
 def _tumour_box(idx: np.ndarray, tpl: _Template, tumour: _Tumour) -> tuple[tuple[slice, ...], np.ndarray]:
-    """The box of the working region the tumour and its oedema can reach (the oedema's effective
-    distance is at least ``_ED_NOISE_FLOOR`` times the Euclidean one), and its voxels' ``(3, x, y,
-    z)`` offsets from the centre in template mm (the pull-back is smooth: template mm ~ output mm)."""
+    """The box the tumour and its oedema can reach, and its voxels' ``(3, x, y, z)`` template-mm
+    offsets from the centre (the pull-back is smooth: template mm ~ output mm)."""
     centre_idx = (tumour.centre_mni - tpl.origin_mm) / tpl.spacing
     offset = [(idx[k] - np.float32(centre_idx[k])) * np.float32(tpl.spacing[k]) for k in range(3)]
     core_reach = tumour.r_core * float(tumour.axes.max()) / (1.0 - tumour.lobulation)
@@ -743,11 +716,8 @@ def _necrosis(
 def _oedema(
     rng: _Rng, core: np.ndarray, anat: _Anatomy, tumour: _Tumour
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Oedema around the ``core``: ``(mask, soft fraction, distance from the core in mm)``.
-
-    Distance is divided by a speed high in white matter (vasogenic oedema tracks along fibres) and
-    perturbed by noise, so it grows finger-like; not into CSF, no islands across sulci.
-    """
+    """Oedema around ``core``: ``(mask, soft fraction, distance from the core in mm)``. Distance over a
+    speed high in WM (vasogenic oedema tracks fibres), plus noise: finger-like, not into CSF."""
     box, sp = tumour.box, anat.sp
     speed = 0.12 + 0.88 * ndi.gaussian_filter(anat.tissue["wm"][box], np.maximum(1.5 / sp, 0.5))
     from_core = ndi.distance_transform_edt(~core, sampling=sp).astype(np.float32)
@@ -764,8 +734,7 @@ def _oedema(
 
 
 def _add_cavity(rng: _Rng, labels: np.ndarray, tumour: _Tumour, anat: _Anatomy) -> None:
-    """Resect the tumour, in place: a fluid cavity (``RC``) of the tumour's shape, moved off centre so
-    that it leaves a crescent of residual tumour; its fraction ``rc`` replaces tumour and tissue."""
+    """Resect the tumour in place: an off-centre fluid cavity (``RC``) leaving a crescent of tumour."""
     sp = anat.sp
     r_core = float(tumour.r_core)
     direction = rng.standard_normal(3)
@@ -790,8 +759,7 @@ def _add_cavity(rng: _Rng, labels: np.ndarray, tumour: _Tumour, anat: _Anatomy) 
 
 
 def _add_cysts(rng: _Rng, labels: np.ndarray, tumour: _Tumour, anat: _Anatomy) -> None:
-    """Put 1-3 round cysts (``CC``) inside the tumour core, in place; their fraction ``cc`` replaces
-    NCR and ET."""
+    """Put 1-3 round cysts (``CC``) inside the tumour core, in place (replacing NCR and ET)."""
     core = (labels == _PART_CODES["NCR"]) | (labels == _PART_CODES["ET"])
     if not core.any():
         return
@@ -818,10 +786,10 @@ def _add_cysts(rng: _Rng, labels: np.ndarray, tumour: _Tumour, anat: _Anatomy) -
 def _render(
     rng: _Rng, fluid_rng: _Rng | None, anat: _Anatomy, tumour: _Tumour | None, cfg: SynthConfig
 ) -> _Maps:
-    """Four skull-stripped sequences: modality -> float32 ``(x, y, z)`` in scanner units.
+    """Four skull-stripped sequences: modality -> float32 ``(x, y, z)``, scanner units.
 
-    Draws from ``rng``: tissue texture, tumour texture, contrast jitter, then per sequence its bias,
-    noise and scale; fluids draw from ``fluid_rng``, so ``rng`` is consumed as without them.
+    ``rng``: tissue and tumour texture, contrast jitter, then per sequence bias, noise and scale;
+    fluids draw from ``fluid_rng``, so ``rng`` is consumed as without them.
     """
     shape = anat.brain.shape
     # Everything below runs on the brain voxels only (flat C-order indices), ~1/5 of the box.
@@ -847,8 +815,7 @@ def _render(
 
 
 def _tissue_texture(rng: _Rng, shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
-    """Tissue texture shared by all sequences (it is the same tissue): ~3 % smooth variation, as a
-    factor on the brain voxels ``flat``."""
+    """~3 % smooth tissue texture shared by all sequences, as a factor on the brain voxels ``flat``."""
     coarse = tuple(max(4, n // 4) for n in shape)
     texture = ndi.zoom(_local_noise(rng, coarse, 1.0), np.asarray(shape) / np.asarray(coarse), order=1)
     texture = np.pad(
@@ -861,8 +828,8 @@ def _tissue_texture(rng: _Rng, shape: tuple[int, ...], flat: np.ndarray) -> np.n
 
 @dataclass
 class _TumourMix:
-    """How the tumour's parts replace healthy tissue at ``pos``, the tumour box's brain voxels in the
-    flat brain vector: part -> fraction ``f`` and unit texture ``noise``; ``rest`` is the healthy share."""
+    """Tumour parts replacing tissue at ``pos`` (the box's brain voxels in the flat brain vector):
+    part -> fraction ``f`` and texture ``noise``; ``rest`` is the healthy share."""
 
     pos: np.ndarray
     f: dict[str, np.ndarray]
@@ -875,7 +842,6 @@ class _TumourMix:
     def of(
         cls, rng: _Rng, fluid_rng: _Rng | None, anat: _Anatomy, tumour: _Tumour, flat: np.ndarray
     ) -> _TumourMix:
-        """Draw the parts' textures (tumour parts from ``rng``, fluids from ``fluid_rng``)."""
         in_box = np.zeros(anat.brain.shape, dtype=bool)
         in_box[tumour.box] = True
         # C order inside the box matches C order in the region, so boolean selection lines them up.
@@ -897,7 +863,6 @@ class _TumourMix:
     def apply(
         self, values: np.ndarray, c: dict[str, np.float32], modality: str, fluid_jitter: Sequence[float]
     ) -> None:
-        """Mix the parts into one sequence's healthy ``values``, in place (contrasts ``c``)."""
         f, noise = self.f, self.noise
         healthy = values[self.pos]
         ed_level = c["ed"] * (1.0 + np.float32(0.06) * noise["ed"])
@@ -920,18 +885,15 @@ def _scanner(
     values *= np.exp(np.float32(cfg.bias_field_strength) * bias)
     sigma = np.float32(cfg.noise_level * rng.uniform(0.8, 1.2))
     if sigma > 0:
-        n_re = rng.standard_normal(values.shape, dtype=np.float32) * sigma
-        n_im = rng.standard_normal(values.shape, dtype=np.float32) * sigma
-        values = np.sqrt((values + n_re) ** 2 + n_im**2)
+        values = rician_noise(rng, values, sigma)
     scale = np.float32(_BASE_SCALE[modality] * math.exp(rng.uniform(-0.4, 0.4)))
     offset = np.float32(rng.uniform(0.0, 0.06))
     return (values + offset) * scale
 
 
-# ---------------------------------------------------------------- writing
 def case_id(layout: str, index: int, labels: str = "auto") -> str:
-    """Case identifier as the real dataset spells it (``BraTS2021_00001``, ``BraTS-MEN-00001-000``,
-    ``BRATS_001``); ``nnunet`` and ``monai`` cases are named as in the convention's own dataset."""
+    """Case id as the real dataset spells it (``BraTS2021_00001``, ``BraTS-MEN-00001-000``, ``BRATS_001``;
+    nnunet/monai: as the convention's own dataset)."""
     if layout not in SYNTH_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; use one of {sorted(SYNTH_LAYOUTS)}")
     convention = synth_convention(layout, labels)
@@ -944,7 +906,7 @@ def case_id(layout: str, index: int, labels: str = "auto") -> str:
 
 
 def _folder_suffixes(layout: str, convention: str) -> tuple[dict[str, str], str]:
-    """File suffixes in a case folder; ``monai`` takes BraTS 2021 names for brats2021, else 2023 ones."""
+    """Case-folder file suffixes; ``monai`` takes BraTS 2021 names for brats2021, else 2023 ones."""
     if layout == "monai":
         layout = "brats2021" if convention == "brats2021" else "brats2023"
     return LAYOUTS[layout].modality_suffixes, LAYOUTS[layout].seg_suffix
@@ -980,15 +942,9 @@ def write_case(
     orientation: str | None = None,
     labels: str = "auto",
 ) -> Path:
-    """Write one case in ``layout`` under ``out_dir``, atomically (an existing case folder is updated
-    file by file); return the case folder or (``msd``, ``nnunet``) the first image file.
-
-    ``labels`` (``auto``: the layout's own convention when it has the case's label set, else the
-    case's own) is the ``seg`` file's convention; ``index`` and ``orientation`` default to the case's.
-
-    Raises:
-        ValueError: unknown layout, a convention of another label set than the case's, or one
-            the layout cannot hold (:func:`check_layout_labels`).
+    """Write one case in ``layout`` under ``out_dir`` atomically; return its folder or (msd, nnunet)
+    its first image. ``labels``: the ``seg`` convention (``auto``: the layout's when it has the case's
+    label set, else the case's); ValueError for another label set or a pair the layout cannot hold.
     """
     if layout not in SYNTH_LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; use one of {sorted(SYNTH_LAYOUTS)}")
@@ -1032,9 +988,8 @@ def write_case(
 
 
 def _publish_files(target_dir: Path, images: dict[str, Any], nib: Any, whole_folder: bool = False) -> None:
-    """Save ``name -> image`` into ``target_dir`` through a temporary sibling folder: renamed into
-    place as a whole (``whole_folder`` and no ``target_dir`` yet), else file by file with
-    ``os.replace``, skipping files whose bytes are already identical."""
+    """Save ``name -> image`` into ``target_dir`` through a temporary folder: renamed as a whole
+    (``whole_folder``, no ``target_dir`` yet), else file by file, skipping identical files."""
     parent = target_dir.parent if whole_folder else target_dir
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.", suffix=".tmp", dir=parent))
@@ -1042,7 +997,7 @@ def _publish_files(target_dir: Path, images: dict[str, Any], nib: Any, whole_fol
         for name, img in images.items():
             nib.save(img, tmp / name)  # final basename: the gzip header is identical after rename
         if whole_folder and not target_dir.exists():
-            os.chmod(tmp, _mode(0o777))  # mkdtemp makes it private; a dataset is shared
+            os.chmod(tmp, file_mode(0o777))  # mkdtemp makes it private; a dataset is shared
             os.rename(tmp, target_dir)
             return
         target_dir.mkdir(parents=True, exist_ok=True)
@@ -1056,17 +1011,16 @@ def _publish_files(target_dir: Path, images: dict[str, Any], nib: Any, whole_fol
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _mode(requested: int) -> int:
+def file_mode(requested: int) -> int:
     """``requested`` permission bits less the process umask (what ``open``/``mkdir`` would give)."""
     umask = os.umask(0)
     os.umask(umask)
     return requested & ~umask
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic JSON write with ordinary (umask) permissions, not the temp file's private ones."""
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-    os.chmod(path, _mode(0o666))
+def write_json(path: Path, payload: dict[str, Any], indent: int = 2) -> None:
+    """Atomic JSON write (umask permissions, not the temp file's private ones)."""
+    atomic_write_text(path, json.dumps(payload, indent=indent) + "\n")
 
 
 def _same_bytes(a: Path, b: Path) -> bool:
@@ -1074,8 +1028,7 @@ def _same_bytes(a: Path, b: Path) -> bool:
 
 
 def _write_msd_dataset_json(out: Path, convention: str = "msd") -> None:
-    """``dataset.json`` of MSD Task01, listing every complete image/label pair in the folder; ``labels``
-    names another convention's codes (``{"0": "background", "1": "NETC", ...}``) as it says."""
+    """MSD Task01 ``dataset.json`` listing every complete image/label pair; ``labels`` in ``convention``."""
     images = sorted(p.name for p in (out / "imagesTr").glob("BRATS_*.nii.gz"))
     pairs = [n for n in images if (out / "labelsTr" / n).is_file()]
     labels = dict(MSD_LABEL_NAMES) if convention == "msd" else {"0": "background", **_code_names(convention)}
@@ -1083,7 +1036,6 @@ def _write_msd_dataset_json(out: Path, convention: str = "msd") -> None:
         "name": "BRATS",
         "description": "Gliomas segmentation tumour and oedema in on brain images "
         "(synthetic, generated by tumorseg synth from the MNI152 template)",
-        # Same keys as the real file; the values say what this data really is.
         "reference": "tumorseg synth: MNI152 ICBM 2009a template (nilearn) with simulated gliomas",
         "licence": "synthetic; derived from the MNI ICBM152 template (see its copyright notice)",
         "release": "tumorseg synth",
@@ -1097,11 +1049,11 @@ def _write_msd_dataset_json(out: Path, convention: str = "msd") -> None:
     }
     if convention != "msd":
         meta["label_convention"] = convention
-    _write_json(out / "dataset.json", meta)
+    write_json(out / "dataset.json", meta)
 
 
 def _code_names(convention: str) -> dict[str, str]:
-    """``{"1": "NCR", "2": "ED", ...}``: the convention's codes (background left out), ascending."""
+    """``{"1": "NCR", "2": "ED", ...}``: the convention's tumour codes, ascending."""
     codes = get_convention(convention).source_codes()
     return {str(code): name for name, code in sorted(codes.items(), key=lambda item: item[1])}
 
@@ -1156,7 +1108,7 @@ def monai_datalist(case_ids: Sequence[str], convention: str) -> dict[str, Any]:
 
 
 def _write_one(index: int, *, out: Path, cfg: SynthConfig, convention: str) -> tuple[str, dict[str, Any]]:
-    """Generate and write case ``index`` (runs in a worker process); its id and facts."""
+    """Generate and write case ``index`` in a worker process; its id and facts."""
     case = synthesize_case(index, cfg)
     write_case(case, out, cfg.layout, index, labels=convention)
     cid = case_id(cfg.layout, index, convention)
@@ -1164,17 +1116,12 @@ def _write_one(index: int, *, out: Path, cfg: SynthConfig, convention: str) -> t
 
 
 def synthesize_dataset(out: str | Path, cfg: SynthConfig, *, workers: int = 2) -> list[str]:
-    """Generate ``cfg.cases`` cases in ``cfg.layout`` under ``out`` (the ``synth`` stage).
+    """The ``synth`` stage: ``cfg.cases`` cases in ``cfg.layout`` under ``out``; the ids, in order.
 
-    Cases are written one by one, each atomically; other files in ``out`` are never touched.
-    ``synth_meta.json`` records the parameters and per-case facts; ``msd`` and ``nnunet`` get a
-    ``dataset.json`` (MSD's lists every complete case in the folder), ``monai`` a ``datalist.json``.
-    ``workers`` (0: one per core) does not change the output. Returns the case ids written, in order.
-
-    Raises:
-        ConfigError: a value of ``cfg`` out of range (CLI overrides are re-checked here), or a
-            layout and convention that do not go together.
-        DataError: ``out`` exists and is not a folder, or cannot be written.
+    Each case is written atomically, other files are left alone; ``synth_meta.json`` holds params and
+    per-case facts, msd/nnunet get a ``dataset.json``, monai a ``datalist.json``. ``workers`` (0: one
+    per core) does not change the output. ConfigError for bad values (CLI overrides are re-checked),
+    DataError when ``out`` is not a writable folder.
     """
     cfg = _revalidate(cfg)
     convention = synth_convention(cfg.layout, cfg.labels)
@@ -1200,9 +1147,9 @@ def synthesize_dataset(out: str | Path, cfg: SynthConfig, *, workers: int = 2) -
         if cfg.layout == "msd":
             _write_msd_dataset_json(out, convention)
         elif cfg.layout == "nnunet":
-            _write_json(out / NNUNET_DATASET / "dataset.json", nnunet_dataset_json(written, convention))
+            write_json(out / NNUNET_DATASET / "dataset.json", nnunet_dataset_json(written, convention))
         elif cfg.layout == "monai":
-            _write_json(out / MONAI_DATALIST, monai_datalist(written, convention))
+            write_json(out / MONAI_DATALIST, monai_datalist(written, convention))
         params = cfg.model_dump()
         native = cfg.labels == "auto" and cfg.layout in _NATIVE_LAYOUTS
         if native:  # the layout names the convention
@@ -1216,7 +1163,7 @@ def synthesize_dataset(out: str | Path, cfg: SynthConfig, *, workers: int = 2) -
             meta["label_convention"] = convention
             meta["label_set"] = get_convention(convention).label_set.name
         meta["cases"] = cases_meta
-        _write_json(out / SYNTH_META_NAME, meta)
+        write_json(out / SYNTH_META_NAME, meta)
     except OSError as exc:
         where = exc.filename or out
         raise DataError(f"{where}: cannot write ({exc.strerror}); choose a writable --out") from None

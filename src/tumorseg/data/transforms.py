@@ -1,9 +1,8 @@
 """MONAI dictionary transforms for training patches, and the ``data_loader:`` / ``augment:`` sections.
 
-A training draw reads one patch out of core (:mod:`tumorseg.data.case_store`), then runs the random
-part here on the patch, not the volume, which keeps the CPU cost per patch small. In 2-D mode the
-crop is an axial slab ``(px, py, 1)`` whose last axis is squeezed away. Labels stay canonical codes
-``(1, *spatial)``; the LightningModule turns them into region channels or one-hot labels.
+The random part runs on the patch drawn out of core (:mod:`tumorseg.data.case_store`), not the volume,
+keeping the CPU cost per patch small; in 2-D mode the patch is an axial slab ``(px, py, 1)``, squeezed.
+Labels stay canonical codes ``(1, *spatial)``.
 """
 
 from __future__ import annotations
@@ -158,24 +157,13 @@ def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[A
             steps.append(Rand3DElasticd(sigma_range=augment.elastic_sigma, **elastic))
         else:  # the 2-D variant deforms a control-point grid whose spacing plays the role of sigma
             steps.append(Rand2DElasticd(spacing=augment.elastic_sigma, **elastic))
+    per_channel = {"keys": IMAGE_KEY, "channel_wise": True}
     if augment.intensity_scale_prob > 0:
-        steps.append(
-            RandScaleIntensityd(
-                keys=IMAGE_KEY,
-                factors=augment.intensity_scale,
-                prob=augment.intensity_scale_prob,
-                channel_wise=True,
-            )
-        )
+        scale, prob = augment.intensity_scale, augment.intensity_scale_prob
+        steps.append(RandScaleIntensityd(factors=scale, prob=prob, **per_channel))
     if augment.intensity_shift_prob > 0:
-        steps.append(
-            RandShiftIntensityd(
-                keys=IMAGE_KEY,
-                offsets=augment.intensity_shift,
-                prob=augment.intensity_shift_prob,
-                channel_wise=True,
-            )
-        )
+        shift, prob = augment.intensity_shift, augment.intensity_shift_prob
+        steps.append(RandShiftIntensityd(offsets=shift, prob=prob, **per_channel))
     if augment.gamma_prob > 0:
         steps.append(RandAdjustContrastd(keys=IMAGE_KEY, prob=augment.gamma_prob, gamma=augment.gamma_range))
     if augment.noise_prob > 0:
@@ -184,11 +172,8 @@ def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[A
 
 
 def train_transforms(loader: DataLoaderConfig, augment: AugmentConfig) -> Compose:
-    """Augmentation of one drawn patch (:class:`~tumorseg.data.datamodule.PatchDataset` crops it).
-
-    Input: ``image`` float32 ``(4, *crop)``, ``label`` uint8 ``(1, *crop)``; output: the same keys
-    as plain tensors, ``(4, *patch)`` and ``(1, *patch)`` (the 2-D slab's last axis squeezed away).
-    """
+    """Augmentation of one drawn patch: ``image`` float32 ``(4, *crop)``, ``label`` uint8 ``(1, *crop)``
+    in, the same keys as plain tensors ``(4, *patch)``, ``(1, *patch)`` out (2-D slab squeezed)."""
     from monai.transforms import CastToTyped, Compose, EnsureTyped, SqueezeDimd
 
     steps: list[Any] = []

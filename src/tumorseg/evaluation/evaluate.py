@@ -61,7 +61,6 @@ class EvaluationResult:
     plot_paths: list[Path] = field(default_factory=list)
 
     def one_line(self) -> str:
-        """``evaluated 12 cases (brats2021): Dice WT 0.912 TC 0.851 ET 0.803; ... -> out.csv``."""
         regions = self.summary["regions"]
         dice = " ".join(f"{r} {regions[r]['dice']['mean']:.3f}" for r in regions)
         lesion = " ".join(f"{r} {regions[r]['lesion_dice']['mean']:.3f}" for r in regions)
@@ -73,7 +72,6 @@ class EvaluationResult:
         )
 
 
-# ---------------------------------------------------------------- scoring arrays
 def evaluate_case(
     pred_canonical: np.ndarray,
     ref_canonical: np.ndarray,
@@ -148,7 +146,6 @@ def _labelled_box(
     return (pred, ref) if box is None else (pred[box], ref[box])
 
 
-# ---------------------------------------------------------------- reading folders
 def case_id_of(path: Path) -> str | None:
     """``BraTS-GLI-00001-000.nii.gz`` -> ``BraTS-GLI-00001-000``; None for a non-NIfTI or hidden file."""
     if path.name.startswith("."):
@@ -254,11 +251,8 @@ def resolve_base_convention(ref_dir: Path, labels: str) -> tuple[str, bool]:
 
 
 def case_convention(case_id: str, values: set[int], base: str, explicit: bool, path: Path) -> str:
-    """The convention of one case under ``--labels auto``: explicit base, BraTS prefix, then label 4.
-
-    Raises:
-        DataError: an ambiguous prefix (``BraTS-PED``), or a label 4 in a prefixed case.
-    """
+    """The convention of one case under ``--labels auto``: explicit base, BraTS prefix, then label 4;
+    DataError for an ambiguous prefix (``BraTS-PED``) or a label 4 in a prefixed case."""
     from tumorseg.data.conventions import AMBIGUOUS_BRATS_PREFIXES, BRATS_PREFIX_CONVENTIONS
 
     if explicit:
@@ -281,11 +275,9 @@ def case_convention(case_id: str, values: set[int], base: str, explicit: bool, p
 
 
 def read_tumour_types(case_info: Path | None, ref_dir: Path) -> dict[str, str] | None:
-    """Case id -> tumour type from ``--case-info`` (CSV ``case_id,tumour_type``) or ``synth_meta.json``.
-
-    ``synth_meta.json`` beside the references: a list of records, ``{"cases": [...]}`` (``tumorseg
-    synth``) or ``{case_id: record}``; a null type with ``tumour_free: true`` is :data:`TUMOUR_FREE_TYPE`.
-    """
+    """Case id -> tumour type from ``--case-info`` (CSV ``case_id,tumour_type``), else ``synth_meta.json``
+    beside the references (records, ``{"cases": [...]}`` or ``{case_id: record}``; a null type with
+    ``tumour_free: true`` is :data:`TUMOUR_FREE_TYPE`)."""
     if case_info is not None:
         if not case_info.is_file():
             raise DataError(f"{case_info}: case-info CSV not found")
@@ -322,11 +314,8 @@ def read_tumour_types(case_info: Path | None, ref_dir: Path) -> dict[str, str] |
 
 
 def find_background_image(images_dir: Path, case_id: str, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A FLAIR-like image of a case, for overlays, from a folder in any layout; None when not found.
-
-    Prefers FLAIR (``flair``, ``t2f``), then T2, then anything; a 4-D image gives its first channel
-    (FLAIR in MSD Task01); segmentations and wrong shapes are skipped.
-    """
+    """A FLAIR-like image of a case (any layout) for overlays, else None: FLAIR (``flair``, ``t2f``), then
+    T2, then anything; a 4-D image gives its first channel (FLAIR in MSD Task01)."""
     import nibabel as nib
 
     def belongs(path: Path) -> bool:
@@ -353,7 +342,6 @@ def find_background_image(images_dir: Path, case_id: str, shape: tuple[int, ...]
     return None
 
 
-# ---------------------------------------------------------------- folders
 @dataclass
 class _CaseSource:
     ref_path: Path
@@ -361,7 +349,6 @@ class _CaseSource:
     convention: str
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
-        """Canonical (pred, ref), already validated during scoring."""
         ref, _, _ = read_label_volume(self.ref_path)
         pred = read_label_volume(self.pred_path)[0] if self.pred_path else np.zeros_like(ref)
         convention = get_convention(self.convention)
@@ -381,7 +368,7 @@ def evaluate_folders(
     make_plots: bool | None = None,
     case_conventions: dict[str, str] | None = None,
 ) -> EvaluationResult:
-    """Evaluate a folder of predictions against a folder of references.
+    """Evaluate a folder of predictions against a folder of references (module docstring).
 
     Args:
         labels: ``auto`` or a convention name; None means ``cfg.labels`` (as ``make_plots``: ``cfg.plots``).
@@ -436,7 +423,6 @@ class _FolderPairs:
 
     @classmethod
     def of(cls, pred_dir: Path, ref_dir: Path) -> _FolderPairs:
-        """List and match both folders, warning about unmatched cases on either side."""
         ref_cases = list_cases(ref_dir, "reference")
         pred_cases = list_cases(pred_dir, "prediction")
         if not ref_cases:
@@ -480,12 +466,10 @@ def _read_pair(
 
 @dataclass
 class _FolderConventions:
-    """The label convention of each case of a folder, and the checks that the folder is read as one.
+    """The label convention of each case of a folder, checking the folder is read as one.
 
-    Attributes:
-        known: case id -> convention known from ingest (skips the auto rules), or None.
-        first_of: scored regions -> the first case read with them (convention, reference file).
-        with_3, with_4: references without a BraTS prefix holding label 3 / 4 (auto rules only).
+    ``known``: case id -> convention from ingest (no auto rules); ``first_of``: scored regions -> the
+    first (convention, reference) read with them; ``with_3``/``with_4``: unprefixed references with 3 / 4.
     """
 
     base: str

@@ -1,12 +1,9 @@
-"""Lesion-wise Dice and HD95, the ranking metrics of BraTS 2023 and BraTS 2024.
+"""Lesion-wise Dice and HD95, the ranking metrics of BraTS 2023 and 2024 (rules in ``docs/evaluation.md``).
 
-A convention's ``rules`` choose the algorithm (:func:`case_lesion_wise`); the step-by-step rules
-are in ``docs/evaluation.md``. Copies ``rachitsaluja/BraTS-2023-Metrics`` (``brats_metrics.py``:
-``get_lesion_wise_score``) and ``rachitsaluja/BraTS-2024-Metrics`` @9a0ab9c (``metrics_GLI.py``,
-``metrics_PED.py``). Exact shortcuts: the official code dilates each merged lesion again to find
-its matches, which equals the lesion's component of the dilated mask, so those components are
-reused; everything runs inside boxes grown by the dilation reach, and far-apart components are
-dilated each in its own box (:func:`_dilated_components`).
+Copies ``rachitsaluja/BraTS-2023-Metrics`` (``get_lesion_wise_score``) and ``BraTS-2024-Metrics``
+@9a0ab9c (``metrics_GLI.py``, ``metrics_PED.py``), with exact shortcuts: a merged lesion's matches
+come from its component of the dilated mask (the official code dilates it again, same result), and
+everything runs in boxes grown by the dilation reach (:func:`_dilated_components`).
 """
 
 from __future__ import annotations
@@ -40,8 +37,8 @@ CROSS_TISSUE_MERGES: dict[str, dict[str, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class Lesion:
-    """One (merged) reference lesion: ``counted`` unless at or below the minimum volume, ``matched``
-    the labels of the predicted components (2024: lesions) matched to it, ``hd95`` in mm."""
+    """One (merged) reference lesion: ``counted`` above the minimum volume, ``matched``: labels of the
+    predicted components (2024: lesions) matched to it, ``hd95`` in mm."""
 
     volume_mm3: float
     counted: bool
@@ -52,10 +49,8 @@ class Lesion:
 
 @dataclass(frozen=True)
 class LesionWiseResult:
-    """Lesion-wise scores of one region of one case (BraTS ``Lesion_Wise_Score_*``, ``Num_TP/FN/FP``).
-
-    ``n_ref``, ``n_tp`` and ``n_fn`` count only counted lesions; ``lesions`` holds every one.
-    """
+    """Lesion-wise scores of one region of one case (BraTS ``Lesion_Wise_Score_*``, ``Num_TP/FN/FP``);
+    ``n_ref``, ``n_tp`` and ``n_fn`` count only counted lesions, ``lesions`` holds every one."""
 
     dice: float
     hd95: float
@@ -90,11 +85,9 @@ def _score(
     min_volume_mm3: float,
     penalty_mm: float,
 ) -> LesionWiseResult:
-    """Match, score and sum (2023 steps 3-7) on labelled arrays of one shape.
-
-    ``pred_cc`` labels prediction components ``1..n_pred``, ``lesion_cc`` reference lesions
-    ``1..n_lesions`` and ``extent_cc`` their (disjoint) dilated extents with the same labels.
-    """
+    """Match, score and sum (2023 steps 3-7) on labelled arrays of one shape: ``pred_cc`` prediction
+    components ``1..n_pred``, ``lesion_cc`` reference lesions ``1..n_lesions``, ``extent_cc`` their
+    disjoint dilated extents."""
     if n_pred == 0 and n_lesions == 0:
         return EMPTY_RESULT
     voxel_mm3 = float(np.prod([float(s) for s in spacing]))
@@ -179,9 +172,8 @@ def _dilated_components(
 ) -> tuple[np.ndarray, int]:
     """Components of the mask's dilation, labelled ``1..n`` in no particular order.
 
-    Components whose grown boxes come within a voxel are clustered and each cluster is dilated in
-    its own box: dilations of different clusters cannot touch, so the result equals dilating the
-    whole mask at a cost that follows the clusters, not the box of scattered components.
+    Components whose grown boxes come within a voxel are clustered, each cluster dilated in its own
+    box: the result equals dilating the whole mask, at a cost that follows the clusters.
     """
     label_structure = _structure(connectivity)
     if dilation == 0:
@@ -220,13 +212,9 @@ def _dilated_components(
 
 @dataclass
 class _MergedLesions:
-    """Lesions of one mask merged by dilation, stored inside the mask's box grown by the reach.
-
-    Attributes:
-        box: the box in the source array's coordinates (None: empty mask).
-        lesions: mask voxels labelled ``1..n`` by merged lesion, inside ``box``.
-        extents: each lesion's dilated extent, same labels (None when not kept).
-    """
+    """Lesions of one mask merged by dilation, inside ``box`` (the mask's box grown by the reach, in
+    source coordinates; None: empty mask): ``lesions`` labels mask voxels ``1..n``, ``extents`` each
+    lesion's dilated extent (None when not kept)."""
 
     box: tuple[slice, ...] | None
     lesions: np.ndarray
@@ -314,8 +302,7 @@ def _offsets(connectivity: int) -> np.ndarray:
 
 
 def _touching_pairs(x: _MergedLesions, y: _MergedLesions, connectivity: int) -> np.ndarray:
-    """``(m, 2)`` distinct (x lesion, y lesion) pairs with a voxel of one a neighbour of a voxel of
-    the other (``get_touching_labels``: one dilation of either meets the other)."""
+    """``(m, 2)`` distinct (x lesion, y lesion) pairs that touch (``get_touching_labels``)."""
     if x.box is None or y.box is None or x.n == 0 or y.n == 0:
         return np.zeros((0, 2), dtype=np.int64)
     y_lo = np.array([s.start for s in y.box])
@@ -337,12 +324,9 @@ def _touching_pairs(x: _MergedLesions, y: _MergedLesions, connectivity: int) -> 
 def _group_across_tissues(
     tissue: _MergedLesions, partners: Sequence[_MergedLesions], connectivity: int
 ) -> _MergedLesions:
-    """``combine_lesions_*`` + ``reorder_labels_nifti``: for each partner in turn, the groups of
-    ``tissue`` whose lowest-numbered touching partner lesion is the same become one.
-
-    No transitive closure, as officially. Partners are always the unmerged maps, so the official
-    second pass repeats the first and is done once.
-    """
+    """``combine_lesions_*`` + ``reorder_labels_nifti``: per partner in turn, ``tissue`` groups whose
+    lowest-numbered touching partner lesion is the same become one (no transitive closure, as
+    officially; partners are the unmerged maps, so the official second pass is the first again)."""
     group = np.arange(tissue.n + 1)  # current group of each lesion
     for partner in partners:
         pairs = _touching_pairs(tissue, partner, connectivity)
@@ -427,11 +411,11 @@ def case_lesion_wise(
     dilation_connectivity: int = 18,
     connectivity: int = 26,
 ) -> dict[str, LesionWiseResult]:
-    """Region name -> lesion-wise scores of every scored region of one case, by the convention's rules.
+    """Region name -> lesion-wise scores of one case by the convention's rules.
 
-    ``pred`` and ``ref`` are internal labels ``(H, W, D)`` in the NIfTI data array's own axis order:
-    the 2024 grouping depends on lesion numbering, which follows its C scan order.
-    ``dilation_connectivity`` also decides what "touching" is in 2024 (official: 18 for both).
+    ``pred``/``ref``: internal labels ``(H, W, D)`` in the NIfTI array's own axis order (the 2024
+    grouping follows lesion numbering, i.e. C scan order); ``dilation_connectivity`` also decides
+    "touching" in 2024 (official: 18 for both).
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape or ref.ndim != 3:

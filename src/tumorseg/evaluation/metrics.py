@@ -38,14 +38,9 @@ _CODE_WEIGHTS = np.array([[[128, 64], [32, 16]], [[8, 4], [2, 1]]], dtype=np.uin
 
 @dataclass(frozen=True)
 class SurfaceDistances:
-    """Directed distances between the surfaces of a reference and a predicted mask.
-
-    Attributes:
-        ref_to_pred: ``(N_ref,)`` mm from each reference surfel to the predicted surface, sorted
-            ascending (ties by area, as the official ``(distance, area)`` sort); ``inf`` to an empty mask.
-        ref_areas: ``(N_ref,)`` surfel areas in mm², same order.
-        pred_to_ref, pred_areas: the same from the predicted side.
-    """
+    """Directed distances between two masks' surfaces: ``ref_to_pred`` ``(N_ref,)`` mm from each
+    reference surfel to the predicted surface, ascending (ties by area, as the official sort; ``inf`` to
+    an empty mask), ``ref_areas`` their mm², and the same from the predicted side."""
 
     ref_to_pred: np.ndarray
     ref_areas: np.ndarray
@@ -67,12 +62,8 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
 
 @functools.lru_cache(maxsize=32)
 def _surfel_area_table(spacing: tuple[float, float, float]) -> np.ndarray:
-    """Area in mm² of the surface patch of each of the 256 neighbourhood codes.
-
-    MONAI's private normals table, because its public area table is float32 and the official code
-    is float64 (it matters where a weighted percentile falls on a boundary); the loop mirrors the
-    official ``compute_surface_distances`` term by term.
-    """
+    """Area in mm² of the surface patch of each of the 256 neighbourhood codes, in float64 from MONAI's
+    private normals table (its public one is float32, which moves weighted percentiles on boundaries)."""
     from monai.metrics.utils import _get_neighbour_code_to_normals_table
 
     normals = _get_neighbour_code_to_normals_table().double().numpy()  # (256, 4, 3), zero-padded rows
@@ -88,11 +79,8 @@ def _surfel_area_table(spacing: tuple[float, float, float]) -> np.ndarray:
 
 
 def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
-    """uint8 ``(h + 1, w + 1, d + 1)`` 2x2x2 code of every corner of a bool ``(h, w, d)`` mask.
-
-    Code 0 is outside, 255 inside, anything else surface; equal to the official
-    ``ndimage.correlate(cropmask, kernel, mode="constant")`` on the zero-padded crop.
-    """
+    """uint8 ``(h + 1, w + 1, d + 1)`` 2x2x2 code of every corner of a bool ``(h, w, d)`` mask (0 outside,
+    255 inside, else surface), as the official ``ndimage.correlate`` of the zero-padded crop."""
     padded = np.pad(mask.astype(np.uint8), 1)
     n0, n1, n2 = (s + 1 for s in mask.shape)
     codes = np.zeros((n0, n1, n2), dtype=np.uint8)
@@ -102,10 +90,8 @@ def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
 
 
 def surface_distances(ref: np.ndarray, pred: np.ndarray, spacing: Sequence[float]) -> SurfaceDistances:
-    """Surfels of both bool ``(H, W, D)`` masks and their distances to the other surface (mm).
-
-    Both masks are cropped to their union bounding box first, as the official code does.
-    """
+    """Surfels of both bool ``(H, W, D)`` masks (cropped to their union box, as officially) and their
+    distances to the other surface (mm)."""
     ref = np.asarray(ref, dtype=bool)
     pred = np.asarray(pred, dtype=bool)
     if ref.shape != pred.shape:
@@ -162,10 +148,8 @@ def robust_hausdorff(distances: SurfaceDistances, percent: float = HD_PERCENTILE
 
 
 def average_symmetric_surface_distance(distances: SurfaceDistances) -> float:
-    """Average symmetric surface distance (mm): ``sum(a_i d_i) / sum(a_i)`` over both surfaces' surfels.
-
-    The symmetric form of the official ``compute_average_surface_distance``; ``inf`` if one mask is empty.
-    """
+    """Average symmetric surface distance (mm), ``sum(a_i d_i) / sum(a_i)`` over both surfaces' surfels
+    (official ``compute_average_surface_distance``, symmetric); ``inf`` if one mask is empty."""
     if distances.ref_to_pred.size == 0 and distances.pred_to_ref.size == 0:
         return 0.0
     if distances.ref_to_pred.size == 0 or distances.pred_to_ref.size == 0:
@@ -177,11 +161,8 @@ def average_symmetric_surface_distance(distances: SurfaceDistances) -> float:
 
 
 def confusion_counts(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """int64 ``(R, 4)`` voxel TP, FP, TN, FN of bool ``(R, H, W, D)`` masks, MONAI's order.
-
-    Counted with numpy: ``get_confusion_matrix`` converts the volumes to float tensors first, far
-    slower on a 1-mm case; the tests check both agree.
-    """
+    """int64 ``(R, 4)`` voxel TP, FP, TN, FN of bool ``(R, H, W, D)`` masks, MONAI's order (numpy: MONAI's
+    ``get_confusion_matrix`` makes float tensors first, far slower at 1 mm; tests check both agree)."""
     pred = np.asarray(pred, dtype=bool)
     ref = np.asarray(ref, dtype=bool)
     if pred.shape != ref.shape:
@@ -197,10 +178,8 @@ def confusion_counts(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def overlap_metrics(counts: np.ndarray) -> list[dict[str, float]]:
-    """The :data:`OVERLAP_METRICS` of each region from ``(R, 4)`` counts, by MONAI.
-
-    MONAI gives NaN wherever a denominator is zero; those cells follow the documented empty rules.
-    """
+    """The :data:`OVERLAP_METRICS` of each region from ``(R, 4)`` counts, by MONAI (its NaN where a
+    denominator is zero follows the documented empty rules)."""
     import torch
     from monai.metrics import compute_confusion_matrix_metric
 
@@ -234,3 +213,24 @@ def distance_metrics(
     hd95 = robust_hausdorff(distances)
     assd = average_symmetric_surface_distance(distances)
     return {"hd95": penalty_mm if np.isinf(hd95) else hd95, "assd": penalty_mm if np.isinf(assd) else assd}
+
+
+def segmentation_scores(
+    pred: np.ndarray, ref: np.ndarray, penalty: float | None = None
+) -> tuple[float, float]:
+    """Dice and HD95 (pixels, MONAI: 2-D sources carry no spacing) of 2-D binary masks; ``penalty``
+    (default: the image diagonal) is HD95 when one mask is empty."""
+    pred, ref = np.asarray(pred) > 0, np.asarray(ref) > 0
+    if penalty is None:
+        penalty = float(np.hypot(*pred.shape))
+    if not pred.any() and not ref.any():
+        return 1.0, 0.0
+    if not pred.any() or not ref.any():
+        return 0.0, float(penalty)
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    dice = 2.0 * float(np.sum(pred & ref)) / float(pred.sum() + ref.sum())
+    pred_t, ref_t = torch.as_tensor(pred[None, None]), torch.as_tensor(ref[None, None])
+    hd95 = compute_hausdorff_distance(pred_t, ref_t, include_background=True, percentile=95)
+    return dice, float(hd95.reshape(-1)[0])

@@ -1,9 +1,8 @@
 """The test split scored in the source geometry (the scoring half of the ``evaluate`` stage).
 
 Unlike training's scores on the preprocessed grid, this measures what users get: each test case is
-predicted from its source files as ``tumorseg predict`` does and scored against its source segmentation
-as ``tumorseg evaluate`` does. Reports go to ``paths.reports``; :mod:`tumorseg.registry.evaluate_stage`
-logs them and registers the model.
+predicted from its source files as ``tumorseg predict`` does and scored against its source
+segmentation as ``tumorseg evaluate`` does. Reports go to ``paths.reports``.
 """
 
 from __future__ import annotations
@@ -22,12 +21,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tumorseg.config import EvaluateConfig, section
+from tumorseg.config import EvaluateConfig
 from tumorseg.data.layouts import CaseFiles, case_from_manifest_row, read_bytes
 from tumorseg.data.manifest import STATUS_OK, atomic_write_text, read_manifest
 from tumorseg.data.source import source_folder
 from tumorseg.errors import DataError
 from tumorseg.evaluation.summary import describe, region_order
+from tumorseg.params import Params, as_params
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,8 @@ FLAT_METRICS = ("dice", "hd95", "lesion_dice", "lesion_hd95", "iou", "sensitivit
 
 @dataclass
 class TestEvaluation:
-    """The test split scored in the source geometry.
-
-    Attributes:
-        per_case: long table (case x region) of :func:`evaluate_folders`; ``summary`` its JSON summary.
-        case_dice: ``{case_id: {region: Dice}}``, the paired evidence for promotion.
-    """
+    """The test split scored in the source geometry: ``per_case`` (case x region) and its ``summary``;
+    ``case_dice`` ``{case_id: {region: Dice}}`` is the paired evidence for promotion."""
 
     __test__ = False  # a result type, not a pytest test class
 
@@ -73,13 +69,14 @@ class TestEvaluation:
 
 
 def split_cases(
-    params: dict[str, Any], split: str = "test", *, source: str = "params.yaml"
+    params: Params | dict[str, Any], split: str = "test", *, source: str = "params.yaml"
 ) -> list[CaseFiles]:
     """The source files of a split's cases, from the validated manifest; DataError for an empty split or
     a case that is not ``ok`` or has no reference segmentation."""
+    params = as_params(params, source)
     from tumorseg.data.datamodule import read_split
 
-    paths = section("paths", params, source=source)
+    paths = params.paths
     case_ids = read_split(paths.split).get(split, [])
     if not case_ids:
         raise DataError(f"{paths.split}: no {split!r} cases; rerun `tumorseg split` with a {split} share")
@@ -121,12 +118,9 @@ def evaluate_cases(
     tumour_types_file: Path | None = None,
     make_plots: bool | None = None,
 ) -> Any:
-    """Predict ``cases`` from their source files and score them against their segmentations.
-
-    ``out_csv`` is the per-case CSV (plots go to ``<stem>_plots/``); ``images_dir`` the source images of
-    the overlay figures; ``tumour_types_file`` a ``synth_meta.json`` for per-tumour-type statistics.
-    Returns the :class:`~tumorseg.evaluation.evaluate.EvaluationResult`.
-    """
+    """Predict ``cases`` from their source files and score them against their segmentations into
+    ``out_csv`` (plots in ``<stem>_plots/``, over ``images_dir``); ``tumour_types_file``: a
+    ``synth_meta.json`` for per-type statistics. Returns the ``EvaluationResult``."""
     from tumorseg.evaluation.evaluate import evaluate_folders
     from tumorseg.models.predictor import predict_dataset
 
@@ -225,11 +219,12 @@ def write_test_metrics(metrics: dict[str, Any], path: Path) -> None:
 
 
 def evaluate_test_split(
-    predictor: Any, params: dict[str, Any], *, source: str = "params.yaml", split: str = "test"
+    predictor: Any, params: Params | dict[str, Any], *, source: str = "params.yaml", split: str = "test"
 ) -> TestEvaluation:
     """Predict and score a split, and write every report file (module docstring) except the version file."""
-    paths = section("paths", params, source=source)
-    cfg: EvaluateConfig = section("evaluate", params, source=source)
+    params = as_params(params, source)
+    paths = params.paths
+    cfg: EvaluateConfig = params.evaluate
     cases = split_cases(params, split, source=source)
     reports = Path(paths.reports)
     reports.mkdir(parents=True, exist_ok=True)

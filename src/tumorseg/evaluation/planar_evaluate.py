@@ -1,9 +1,6 @@
-"""``tumorseg evaluate-model --dims 2``: choose the detector on validation, score the test split, register.
-
-The test split (patient-level held out) is only scored, each figure with a patient-level bootstrap CI:
-Dice and HD95 in pixels (2-D sources carry no spacing) on the source image where its file and geometry
-are known (``scored_on``), detection and tumour-type accuracy. Empty masks as in 3-D: both empty ->
-Dice 1, HD95 0; one empty -> Dice 0, HD95 the image diagonal.
+"""The 2-D test split scored: the detector chosen on validation, then Dice and HD95 in pixels on the
+source image where its file and geometry are known (``scored_on``), detection and tumour-type accuracy,
+each with a patient-level bootstrap CI. Report files are named as the 3-D ones.
 """
 
 from __future__ import annotations
@@ -14,62 +11,31 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
 
-from tumorseg.config import Section
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.data.planar import TUMOUR_TYPES, PlanarGeometry, read_planar, restore_planar_mask
 from tumorseg.errors import DataError
-from tumorseg.models.planar_detection import (
-    binary_detection_metrics,
-    choose_detector,
-    patient_bootstrap_indices,
-)
-from tumorseg.models.planar_predictor import binary_mask, score_preprocessed
-from tumorseg.tracking import flatten
+from tumorseg.evaluation.config import DetectConfig
+from tumorseg.evaluation.metrics import segmentation_scores
+from tumorseg.evaluation.pipeline_stage import METRICS_FILE, PER_CASE_FILE, PLOTS_DIR, SUMMARY_FILE
+from tumorseg.evaluation.summary import clean_json, flatten_metrics, patient_mean_ci
+from tumorseg.models.planar_detection import binary_detection_metrics, choose_detector
+from tumorseg.models.predictor import binary_mask, score_preprocessed
 
 log = logging.getLogger(__name__)
 
 
-class DetectConfig(Section):
-    """``detect:`` how the tumour / no-tumour detector is chosen on the validation split.
-
-    Attributes:
-        method: ``auto`` (the better on validation), ``classifier`` (the CNN's tumour probability) or
-            ``area_rule`` (the segmentation's predicted tumour area).
-        selection_metric: what ``auto`` compares: ``auc`` (ties: accuracy) or ``accuracy``.
-        threshold: ``youden`` (maximises sensitivity + specificity on validation) or ``fixed``.
-    """
-
-    method: Literal["auto", "classifier", "area_rule"] = "auto"
-    selection_metric: Literal["auc", "accuracy"] = "auc"
-    threshold: Literal["youden", "fixed"] = "youden"
-    fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    model_name: str = Field("tumorseg-detect", min_length=1, max_length=256)
-
-
-class EvaluatePlanarConfig(Section):
-    """``evaluate_2d:`` test metrics of the 2-D models (patient-level bootstrap CIs); registration."""
-
-    bootstrap_resamples: int = Field(2000, ge=100)
-    ci_level: float = Field(0.95, gt=0.0, lt=1.0)
-    seed: int = 42
-    register_models: bool = True
-    model_name: str = Field("tumorseg-2d", min_length=1, max_length=256)
-
-
 REPORT_FILES = {
-    "metrics": "metrics.json",
-    "summary": "test_summary.json",
-    "per_case": "test_per_case.csv",
-    "dice_plot": "plots/test_dice.csv",
-    "size_plot": "plots/test_volumes.csv",
+    "metrics": METRICS_FILE,
+    "summary": SUMMARY_FILE,
+    "per_case": PER_CASE_FILE,
+    "dice_plot": f"{PLOTS_DIR}/test_dice.csv",
+    "size_plot": f"{PLOTS_DIR}/test_volumes.csv",
 }
-VERSION_FILE = "model_version.json"
 RECORD_COLUMNS = ("case_id", "patient_id", "source", "has_tumour", "tumour_type", "has_mask")
 """Columns of ``test_per_case.csv`` copied from the split record."""
 
@@ -101,49 +67,9 @@ class PlanarEvaluation:
         return text
 
 
-def segmentation_scores(
-    pred: np.ndarray, ref: np.ndarray, penalty: float | None = None
-) -> tuple[float, float]:
-    """Dice and HD95 (pixels, MONAI) of 2-D binary masks; ``penalty``: HD95 when one mask is empty."""
-    pred, ref = np.asarray(pred) > 0, np.asarray(ref) > 0
-    if penalty is None:
-        penalty = float(np.hypot(*pred.shape))
-    if not pred.any() and not ref.any():
-        return 1.0, 0.0
-    if not pred.any() or not ref.any():
-        return 0.0, float(penalty)
-    from monai.metrics import compute_hausdorff_distance
-
-    dice = 2.0 * float(np.sum(pred & ref)) / float(pred.sum() + ref.sum())
-    import torch
-
-    pred_t, ref_t = torch.as_tensor(pred[None, None]), torch.as_tensor(ref[None, None])
-    hd95 = compute_hausdorff_distance(pred_t, ref_t, include_background=True, percentile=95)
-    return dice, float(hd95.reshape(-1)[0])
-
-
-def patient_mean_ci(
-    values: np.ndarray, patient_ids: np.ndarray, *, resamples: int, ci_level: float, seed: int
-) -> dict[str, Any]:
-    """Mean with a patient-level percentile-bootstrap CI: ``value``, ``ci_low``, ``ci_high`` and counts."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return {"value": None, "ci_low": None, "ci_high": None, "n_images": 0, "n_patients": 0}
-    means = [values[idx].mean() for idx in patient_bootstrap_indices(patient_ids, resamples, seed)]
-    alpha = (1.0 - ci_level) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return {
-        "value": float(values.mean()),
-        "ci_low": float(low),
-        "ci_high": float(high),
-        "n_images": int(values.size),
-        "n_patients": int(len(np.unique(np.asarray(patient_ids).astype(str)))),
-    }
-
-
 def _run_split(model: Any, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Network outputs of a split's images: tumour maps, classifier outputs, binary masks, areas."""
-    from tumorseg.data.planar_datamodule import load_sample  # Lightning: only when scoring
+    from tumorseg.data.datamodule import load_sample  # Lightning: only when scoring
 
     samples = [load_sample(r) for r in records]
     images = np.stack([s["image"][0] for s in samples]) if samples else np.zeros((0, 1, 1), np.float32)
@@ -282,7 +208,7 @@ def write_reports(reports: Path, metrics: dict[str, Any], per_case: pd.DataFrame
     files = {key: reports / name for key, name in REPORT_FILES.items()}
     files["dice_plot"].parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
-        files["metrics"], json.dumps({"test": flat_metrics(clean_json(metrics))}, indent=2) + "\n"
+        files["metrics"], json.dumps({"test": flatten_metrics(clean_json(metrics))}, indent=2) + "\n"
     )
     atomic_write_text(files["summary"], json.dumps(clean_json(metrics), indent=2) + "\n")
     atomic_write_text(files["per_case"], per_case.to_csv(index=False))
@@ -290,27 +216,3 @@ def write_reports(reports: Path, metrics: dict[str, Any], per_case: pd.DataFrame
     atomic_write_text(files["dice_plot"], masked[["case_id", "dice", "hd95_px"]].to_csv(index=False))
     atomic_write_text(files["size_plot"], masked[["case_id", "ref_px", "pred_px"]].to_csv(index=False))
     return files
-
-
-def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Finite numbers of the nested metrics as ``a.b.value`` keys (MLflow metric names)."""
-    return {
-        name: float(value)
-        for name, value in flatten(metrics, prefix).items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
-    }
-
-
-def clean_json(value: Any) -> Any:
-    """``value`` as plain JSON: str keys, lists, floats rounded to 6 digits (non-finite -> None)."""
-    if isinstance(value, dict):
-        return {str(k): clean_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean_json(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if not math.isfinite(float(value)) else round(float(value), 6)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    return value

@@ -1,13 +1,11 @@
 """Evaluation figures: metric box plots and best / median / worst case overlays (PNG).
 
 Drawn on a Figure with an explicit Agg canvas, never ``pyplot``: no global backend, no window, safe
-in a headless DVC stage or a Prefect worker thread. PNGs are written atomically.
+in a headless DVC stage or a Prefect worker thread.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from tumorseg.data.conventions import LabelConvention, get_convention
+from tumorseg.data.manifest import atomic_output
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -47,16 +46,9 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def save_figure(figure: Figure, path: Path) -> Path:
-    """Write a figure as PNG atomically (temp file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write a figure as PNG atomically."""
+    with atomic_output(path, ".png") as tmp:
         figure.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

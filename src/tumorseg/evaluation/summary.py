@@ -1,9 +1,10 @@
-"""Dataset-level summary of a per-case evaluation table: statistics, bootstrap CIs and tumour detection.
+"""Dataset-level summaries of per-case scores: statistics, bootstrap CIs, tumour detection, clean JSON.
 
 Per region (whatever the table holds, in its order) and metric: mean, median, sample std and a
 percentile-bootstrap CI of the mean (``default_rng(seed)``, the same resampled case sets for every
 metric and region). Detection treats "the reference has a whole tumour" as positive; sensitivity
-and specificity where their class exists, ROC AUC of the predicted WT volume when both do.
+and specificity where their class exists, ROC AUC of the predicted WT volume when both do. 2-D
+images resample patients, not images (:func:`patient_mean_ci`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,34 @@ def bootstrap_mean_ci(
     """
     if values.size == 0:
         return None, None
-    means = values[indices].mean(axis=1)
+    return percentile_ci(values[indices].mean(axis=1), ci_level)
+
+
+def percentile_ci(means: Any, ci_level: float) -> tuple[float, float]:
+    """The central ``ci_level`` interval of bootstrap ``means``."""
     alpha = (1.0 - ci_level) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(low), float(high)
+
+
+def patient_mean_ci(
+    values: np.ndarray, patient_ids: np.ndarray, *, resamples: int, ci_level: float, seed: int
+) -> dict[str, Any]:
+    """Mean with a patient-level percentile-bootstrap CI: ``value``, ``ci_low``, ``ci_high`` and counts."""
+    from tumorseg.models.planar_detection import patient_bootstrap_indices
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {"value": None, "ci_low": None, "ci_high": None, "n_images": 0, "n_patients": 0}
+    means = [values[idx].mean() for idx in patient_bootstrap_indices(patient_ids, resamples, seed)]
+    low, high = percentile_ci(means, ci_level)
+    return {
+        "value": float(values.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "n_images": int(values.size),
+        "n_patients": int(len(np.unique(np.asarray(patient_ids).astype(str)))),
+    }
 
 
 def describe(values: np.ndarray, indices: np.ndarray, ci_level: float) -> dict[str, Any]:
@@ -148,3 +173,29 @@ def build_summary(
             for kind, group in per_case[types.notna()].groupby(types[types.notna()], sort=True)
         }
     return summary
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Finite numbers of nested metrics as ``a.b.value`` keys (MLflow metric names)."""
+    from tumorseg.tracking import flatten
+
+    return {
+        name: float(value)
+        for name, value in flatten(metrics, prefix).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    }
+
+
+def clean_json(value: Any) -> Any:
+    """``value`` as plain JSON: str keys, lists, floats rounded to 6 digits (non-finite -> None)."""
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else round(float(value), 6)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tumorseg.config import Section
 from tumorseg.models.networks import ModelConfig, UNetConfig
@@ -79,3 +79,45 @@ class PlanarModelConfig(ModelConfig):
     @property
     def out_channels(self) -> int:
         return 1
+
+
+class PredictConfig(Section):
+    """``predict:`` whole-case inference (``tumorseg predict``, the evaluate stage, the served model).
+
+    Each knob is explained beside its value in params.yaml; ``uncertainty`` (the TTA variance) needs
+    ``tta``, and null ``overlap`` / ``sw_batch_size`` keep the model's ``sliding_window`` settings.
+    """
+
+    model: str = "models:/tumorseg@champion"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tta: bool = False
+    tta_axes: tuple[int, ...] = (0, 1, 2)
+    min_component_mm3: float = Field(0.0, ge=0.0)
+    probabilities: bool = False
+    uncertainty: bool = False
+    overlap: float | None = Field(None, ge=0.0, lt=1.0)
+    sw_batch_size: int | None = Field(None, ge=1)
+    keep_freed_memory: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PredictConfig:
+        axes = self.tta_axes
+        if not axes or len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
+            raise ValueError("tta_axes must be distinct axes among 0, 1, 2")
+        if self.uncertainty and not self.tta:
+            raise ValueError("uncertainty is the variance over TTA passes; set predict.tta: true")
+        return self
+
+
+class PredictPlanarConfig(Section):
+    """``predict_2d:`` inference settings, stored with the registered models.
+
+    Attributes:
+        model, detect_model: default ``--model`` of ``tumorseg predict`` (2-D input) and ``tumorseg detect``.
+        min_component_px: drop smaller predicted components (preprocessed grid pixels); 0 keeps all.
+    """
+
+    model: str = "models:/tumorseg-2d@champion"
+    detect_model: str = "models:/tumorseg-detect@champion"
+    mask_threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    min_component_px: int = Field(20, ge=0)

@@ -1,9 +1,7 @@
 """Whole-volume inference and the label <-> region conversions shared by validation and scoring.
 
-Volumes ``(B, 4, X, Y, Z)`` go through MONAI's sliding-window (3-D) or slice (2-D) inferer with the
-training patch as window. Predictions become internal labels ``(B, 1, X, Y, Z)`` (glioma: 0 bg,
-1 NCR, 2 ED, 3 ET): regions are thresholded and nested as BraTS post-processing does, and small
-tumour components are dropped, so validation and test scoring score the same map.
+Volumes ``(B, 4, X, Y, Z)`` go through MONAI's sliding-window (3-D) or slice (2-D) inferer; regions are
+thresholded, nested as BraTS does, and small components dropped, so validation and test score one map.
 """
 
 from __future__ import annotations
@@ -18,10 +16,8 @@ from tumorseg.models.config import SlidingWindowConfig
 
 
 def make_inferer(cfg: SlidingWindowConfig, roi_size: Sequence[int]) -> Any:
-    """A MONAI inferer for ``(B, C, X, Y, Z)`` volumes and a network trained on ``roi_size`` patches.
-
-    A 2-element ``roi_size`` means a 2-D network: it runs on axial slices (the Z axis).
-    """
+    """A MONAI inferer for ``(B, C, X, Y, Z)`` volumes and a network trained on ``roi_size`` patches (a
+    2-element ``roi_size`` is a 2-D network, run on axial slices)."""
     from monai.inferers import SliceInferer, SlidingWindowInferer
 
     kwargs = dict(
@@ -47,11 +43,8 @@ def labels_to_regions(labels: torch.Tensor, label_set: LabelSet = GLIOMA) -> tor
 
 
 def regions_to_labels(regions: torch.Tensor, label_set: LabelSet = GLIOMA) -> torch.Tensor:
-    """0/1 train regions ``(B, R, *spatial)`` -> internal labels ``(B, 1, *spatial)`` uint8.
-
-    Each region is kept inside its parent (TC inside WT, ET inside TC) and painted in order, as
-    :meth:`tumorseg.data.conventions.LabelSet.paint` does.
-    """
+    """0/1 train regions ``(B, R, *spatial)`` -> uint8 internal labels ``(B, 1, *spatial)``, each region
+    kept inside its parent (ET in TC in WT) and painted in order, as ``LabelSet.paint`` does."""
     out = torch.zeros_like(regions[:, 0], dtype=torch.uint8)
     kept: list[torch.Tensor] = []
     for index, region in enumerate(label_set.train_regions):
@@ -66,10 +59,8 @@ def regions_to_labels(regions: torch.Tensor, label_set: LabelSet = GLIOMA) -> to
 def remove_small_components(
     labels: torch.Tensor, min_volume_mm3: float, spacing_mm: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> torch.Tensor:
-    """Zero the whole-tumour components of canonical ``labels`` ``(B, 1, X, Y, Z)`` below ``min_volume_mm3``.
-
-    ``min_volume_mm3`` 0 returns ``labels`` unchanged; ``spacing_mm`` measures components in mm^3.
-    """
+    """Zero the whole-tumour components of canonical ``labels`` ``(B, 1, X, Y, Z)`` below ``min_volume_mm3``
+    (measured with ``spacing_mm``; 0 returns ``labels`` unchanged)."""
     if min_volume_mm3 <= 0 or not labels.any():
         return labels
     import warnings
@@ -106,12 +97,8 @@ def predict_labels(
     spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
     label_set: LabelSet = GLIOMA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole-volume prediction of ``image`` ``(B, 4, X, Y, Z)`` with ``inferer`` (:func:`make_inferer`).
-
-    Returns:
-        ``(logits (B, C, X, Y, Z), labels (B, 1, X, Y, Z) uint8)``, components below
-        ``min_component_mm3`` removed (:func:`remove_small_components`).
-    """
+    """``(logits (B, C, X, Y, Z), uint8 labels (B, 1, X, Y, Z))`` of ``image`` ``(B, 4, X, Y, Z)`` with
+    ``inferer``, components below ``min_component_mm3`` removed."""
     logits = inferer(image, network)
     labels = logits_to_labels(logits, output, threshold, label_set)
     return logits, remove_small_components(labels, min_component_mm3, spacing_mm)

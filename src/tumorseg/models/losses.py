@@ -1,8 +1,8 @@
 """Segmentation losses built by name from params.yaml's ``loss:`` section.
 
-Inputs are logits ``(B, C, *spatial)``; targets are ``(B, 3, *spatial)`` 0/1 region masks
+Inputs are logits ``(B, C, *spatial)``; targets are ``(B, R, *spatial)`` 0/1 region masks
 (``model.output: regions``: WT, TC, ET overlap, so each channel is an independent sigmoid)
-or ``(B, 1, *spatial)`` canonical labels (``model.output: labels``: softmax over 4 classes).
+or ``(B, 1, *spatial)`` canonical labels (``model.output: labels``: softmax over the labels).
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from tumorseg.models.config import LossConfig
 
 
 class DiceBCELoss(nn.Module):
-    """Dice + binary cross-entropy over independent sigmoid channels.
+    """(Dice +) binary cross-entropy over independent sigmoid channels, on 0/1 masks of any dtype.
 
     Hand-written: MONAI's ``DiceCELoss`` applies *softmax* cross-entropy to several channels, which is
-    wrong for overlapping WT/TC/ET regions.
+    wrong for overlapping WT/TC/ET regions. Without ``dice`` it is plain BCE (``loss.name: bce``).
     """
 
-    def __init__(self, dice: nn.Module, lambda_dice: float, lambda_bce: float) -> None:
+    def __init__(
+        self, dice: nn.Module | None = None, lambda_dice: float = 1.0, lambda_bce: float = 1.0
+    ) -> None:
         super().__init__()
         self.dice = dice
         self.bce = nn.BCEWithLogitsLoss()
@@ -32,18 +34,9 @@ class DiceBCELoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         target = target.to(logits.dtype)
+        if self.dice is None:
+            return self.bce(logits, target)
         return self.lambda_dice * self.dice(logits, target) + self.lambda_bce * self.bce(logits, target)
-
-
-class BCEOnRegions(nn.Module):
-    """Binary cross-entropy on 0/1 region masks ``(B, 3, *spatial)`` of any dtype."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bce = nn.BCEWithLogitsLoss()
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.bce(logits, target.to(logits.dtype))
 
 
 class CrossEntropyOnLabels(nn.Module):
@@ -67,9 +60,8 @@ def build_loss(cfg: LossConfig, output: Literal["regions", "labels"]) -> nn.Modu
     if cfg.name == "ce" and regions:
         raise ConfigError("loss.name: ce needs model.output: labels; use bce (or dice_ce) for regions")
     act = {"sigmoid": True} if regions else {"softmax": True, "to_onehot_y": True}
-    include_background = True if regions else cfg.include_background
     dice_kwargs = dict(
-        include_background=include_background,
+        include_background=regions or cfg.include_background,
         squared_pred=cfg.squared_pred,
         smooth_nr=cfg.smooth_nr,
         smooth_dr=cfg.smooth_dr,
@@ -83,7 +75,7 @@ def build_loss(cfg: LossConfig, output: Literal["regions", "labels"]) -> nn.Modu
             **dice_kwargs, gamma=cfg.focal_gamma, lambda_dice=cfg.lambda_dice, lambda_focal=cfg.lambda_ce
         )
     if cfg.name == "bce":
-        return BCEOnRegions()
+        return DiceBCELoss()
     if cfg.name == "ce":
         return CrossEntropyOnLabels()
     # dice_ce

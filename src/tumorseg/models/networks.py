@@ -136,16 +136,10 @@ class ModelConfig(Section):
 def dynunet_kernels_strides(
     patch_size: Sequence[int], spacing: Sequence[float], *, max_levels: int = 5, min_feature_size: int = 4
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """nnU-Net's rule for DynUNet kernels and strides from the patch size and voxel spacing.
-
-    An axis is halved at a stage while its feature map stays at least ``2 * min_feature_size``
-    voxels and its spacing is within 2x of the finest axis (coarse, anisotropic axes wait
-    until the others catch up); its kernel is 3 where the spacing allows, 1 otherwise.
-
-    Returns:
-        ``(kernels, strides)``, one ``[k_x, k_y(, k_z)]`` entry per level; the first stride
-        is all ones (the input block keeps full resolution).
-    """
+    """nnU-Net's rule: ``(kernels, strides)``, one ``[k_x, k_y(, k_z)]`` per level, the first stride all
+    ones (the input block keeps full resolution). An axis is halved while its feature map stays at
+    least ``2 * min_feature_size`` voxels and its spacing is within 2x of the finest axis (coarse axes
+    wait for the others); its kernel is 3 where the spacing allows, 1 otherwise."""
     sizes = [float(s) for s in patch_size]
     spacings = [float(s) for s in spacing][: len(sizes)]
     kernels: list[list[int]] = []
@@ -170,35 +164,25 @@ def downsampling_factors(
     cfg: ModelConfig, patch_size: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> tuple[int, ...]:
     """Per-axis factor the patch size must be divisible by for ``cfg.name``."""
-    dims = len(patch_size)
-    if cfg.name == "unet":
-        factor = math.prod(cfg.unet.strides)
-    elif cfg.name == "attention_unet":
-        factor = math.prod(cfg.attention_unet.strides)
-    elif cfg.name == "segresnet":
-        factor = 2 ** (len(cfg.segresnet.blocks_down) - 1)
-    elif cfg.name in ("swinunetr", "flexible_unet"):
-        factor = 32
-    else:
+    if cfg.name == "dynunet":
+        d = cfg.dynunet
         _, strides = dynunet_kernels_strides(
-            patch_size,
-            spacing,
-            max_levels=cfg.dynunet.max_levels,
-            min_feature_size=cfg.dynunet.min_feature_size,
+            patch_size, spacing, max_levels=d.max_levels, min_feature_size=d.min_feature_size
         )
-        return tuple(math.prod(s[axis] for s in strides) for axis in range(dims))
-    return (factor,) * dims
+        return tuple(math.prod(s[axis] for s in strides) for axis in range(len(patch_size)))
+    factor = {
+        "unet": math.prod(cfg.unet.strides),
+        "attention_unet": math.prod(cfg.attention_unet.strides),
+        "segresnet": 2 ** (len(cfg.segresnet.blocks_down) - 1),
+    }.get(cfg.name, 32)  # swinunetr, flexible_unet
+    return (factor,) * len(patch_size)
 
 
 def check_patch_size(
     cfg: ModelConfig, patch_size: Sequence[int], *, key: str, spacing: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> None:
-    """Raise a one-line ConfigError (naming ``key``) if the network cannot take this patch.
-
-    Raises:
-        ConfigError: a patch axis is not a multiple of the network's downsampling factor (or is
-            below SwinUNETR's minimum of 64).
-    """
+    """ConfigError (one line naming ``key``) unless every patch axis is a multiple of the network's
+    downsampling factor (and, for SwinUNETR, at least 64)."""
     factors = downsampling_factors(cfg, patch_size, spacing)
     # SwinUNETR's bottleneck is patch/32 and instance-normalised, which needs more than one voxel.
     smallest = 64 if cfg.name == "swinunetr" else 1
@@ -268,8 +252,8 @@ def build_network(
 
     Args:
         spatial_dims: 3 for patches ``(B, C, H, W, D)``, 2 for slices ``(B, C, H, W)``.
-        patch_size: training patch; only DynUNet's shape depends on it.
-        spacing: voxel spacing in mm (DynUNet keeps coarse axes at full size longer).
+        patch_size, spacing: training patch and voxel spacing (mm); only DynUNet's shape depends on
+            them (coarse axes stay at full size longer).
 
     DynUNet with deep supervision returns ``(B, heads + 1, C, *spatial)`` in training mode.
     """

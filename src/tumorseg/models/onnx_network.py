@@ -1,14 +1,9 @@
-"""A network exported to ONNX (the compressed variants), run by ONNX Runtime behind ``nn.Module``.
-
-Every consumer of a :class:`~tumorseg.models.checkpoint.TrainedNetwork` (the sliding-window
-inferer, the predictor, the pyfunc) runs it unchanged: they only call ``network(x)``,
-``.to(device)`` and ``.eval()``. A package is ``model.onnx`` plus the run's ``config.json``.
-"""
+"""A network exported to ONNX (the compressed variants), run by ONNX Runtime behind ``nn.Module``: the
+inferer, predictor and pyfunc only call ``network(x)``, ``.to(device)`` and ``.eval()``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,12 +25,9 @@ def session_providers(device: str = "cpu") -> list[str]:
 
 
 class OnnxRuntimeNetwork(nn.Module):
-    """An ONNX model as a module: ``(B, 4, X, Y, Z)`` float tensor -> ``(B, C, X, Y, Z)`` float32 logits.
-
-    Inputs go to ONNX Runtime as float32 NumPy arrays; the output comes back on the input's device
-    (FP16 models too: their casts are in the graph). DataError if ONNX Runtime cannot load ``path``.
-    ``threads`` 0 is ONNX Runtime's default; ``cuda`` needs onnxruntime-gpu (else CPU is used).
-    """
+    """An ONNX model as a module: ``(B, 4, X, Y, Z)`` float -> ``(B, C, X, Y, Z)`` float32 logits on the
+    input's device (FP16 casts are in the graph). DataError if ONNX Runtime cannot load ``path``;
+    ``threads`` 0 is its default; ``cuda`` needs onnxruntime-gpu (else CPU)."""
 
     def __init__(self, path: str | Path, *, threads: int = 0, device: str = "cpu") -> None:
         super().__init__()
@@ -64,12 +56,3 @@ class OnnxRuntimeNetwork(nn.Module):
         array = image.detach().to("cpu", torch.float32).contiguous().numpy()
         (logits,) = self.session.run([self.output_name], {self.input_name: array})
         return torch.from_numpy(logits).to(image.device)
-
-
-def load_onnx_package(onnx_file: str | Path, config: str | Path, *, threads: int = 0) -> Any:
-    """A :class:`~tumorseg.models.checkpoint.TrainedNetwork` of ``onnx_file`` and its ``config.json``."""
-    from tumorseg.models.checkpoint import read_package_config, trained_with_network
-
-    trained = trained_with_network(None, read_package_config(config))  # config checked first
-    trained.network = OnnxRuntimeNetwork(onnx_file, threads=threads)
-    return trained

@@ -1,87 +1,119 @@
-"""A trained network as two small files: ``weights.pt`` (a state_dict) and ``config.json``.
+"""A trained model, 3-D or 2-D, as small files: ``weights.pt`` (a state_dict), ``config.json`` and, for a
+2-D model, ``detector.json`` (its DetectorRule and ``predict_2d`` settings).
 
-This is the self-contained form the model registry stores and ``tumorseg predict`` loads: no
-Lightning, no optimiser state and no pickled Python objects. ``weights.pt`` holds tensors only
-and is read with ``torch.load(weights_only=True)``; ``config.json`` holds the resolved params
-sections of the training run (``model``, ``data_loader``, ``sliding_window``, ``preprocess``, ...),
-exactly what a ``best.ckpt`` stores under ``tumorseg_config``. The network is rebuilt with the
-same factory as in training, so the two forms give identical outputs.
+The self-contained form the registry stores and ``tumorseg predict`` loads: no Lightning, no optimiser
+state, nothing pickled (``torch.load(weights_only=True)``). ``config.json`` holds exactly what a
+``best.ckpt`` stores under ``tumorseg_config``, and the network is rebuilt with the training factory,
+so both forms give identical outputs. ``--model`` may also be a package folder or an ``MLmodel`` folder.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
 from tumorseg.errors import DataError
-from tumorseg.models.checkpoint import TrainedNetwork, read_package_config, trained_from_state
+from tumorseg.models.checkpoint import (
+    PlanarModel,
+    TrainedNetwork,
+    planar_network_from_state,
+    read_package_config,
+    trained_from_state,
+    trained_with_network,
+)
+from tumorseg.models.planar_detection import DetectorRule
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
+DETECTOR_FILE = "detector.json"
+ARTIFACT_KEYS = {"weights": WEIGHTS_FILE, "config": CONFIG_FILE, "detector": DETECTOR_FILE}
+"""Package files by MLflow pyfunc artifact key (a volume model has no ``detector``)."""
 
 
 def load_artifacts(artifacts: Mapping[str, str | Path]) -> TrainedNetwork:
-    """The network of a registered model from its pyfunc artifacts, in the runtime its file needs.
-
-    ``weights`` (``weights.pt``: the fp32 model, rebuilt and run in PyTorch), ``onnx`` (a compressed
-    variant run by ONNX Runtime) or ``program`` (a ``torch.export`` program, e.g. the bfloat16
-    variants), each with ``config``.
-
-    Raises:
-        DataError: none of those files, or one that is missing or unreadable.
-    """
-    if "config" in artifacts:
+    """The volume model of registered pyfunc artifacts in the runtime its file needs: ``weights`` (PyTorch),
+    ``onnx`` (ONNX Runtime) or ``program`` (``torch.export``), each with ``config``; DataError otherwise."""
+    if "config" in artifacts and {"onnx", "program"} & set(artifacts):
+        trained = trained_with_network(None, read_package_config(artifacts["config"]))  # config checked first
         if "onnx" in artifacts:
-            from tumorseg.models.onnx_network import load_onnx_package
+            from tumorseg.models.onnx_network import OnnxRuntimeNetwork
 
-            return load_onnx_package(artifacts["onnx"], artifacts["config"])
-        if "program" in artifacts:
-            from tumorseg.models.program_network import load_program_package
+            trained.network = OnnxRuntimeNetwork(artifacts["onnx"])
+        else:
+            from tumorseg.models.program_network import ExportedProgramNetwork
 
-            return load_program_package(artifacts["program"], artifacts["config"])
-        if "weights" in artifacts:
-            return load_package(artifacts["weights"], artifacts["config"])
+            trained.network = ExportedProgramNetwork(artifacts["program"])
+        return trained
+    if "config" in artifacts and "weights" in artifacts:
+        return load_package(artifacts["weights"], artifacts["config"])  # type: ignore[return-value]
     raise DataError(
         f"model artifacts {sorted(artifacts)}: expected config with weights, onnx or program; "
         "not a tumorseg model"
     )
 
 
-def save_package(trained: TrainedNetwork, folder: str | Path) -> dict[str, Path]:
-    """Write ``weights.pt`` and ``config.json`` of a trained network into ``folder``.
-
-    Returns:
-        ``{"weights": path, "config": path}`` (the names MLflow pyfunc artifacts use).
-    """
+def save_package(model: TrainedNetwork | PlanarModel, folder: str | Path) -> dict[str, Path]:
+    """Write the package files of ``model`` into ``folder``; returns them by artifact key."""
     import torch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / WEIGHTS_FILE
-    config = folder / CONFIG_FILE
-    state = {k: v.detach().cpu().contiguous() for k, v in trained.network.state_dict().items()}
-    torch.save(state, weights)
-    config.write_text(json.dumps(trained.config, indent=1, sort_keys=True) + "\n")
-    return {"weights": weights, "config": config}
+    keys = (
+        ARTIFACT_KEYS if isinstance(model, PlanarModel) else {"weights": WEIGHTS_FILE, "config": CONFIG_FILE}
+    )
+    paths = {key: folder / name for key, name in keys.items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
+    torch.save(state, paths["weights"])
+    paths["config"].write_text(json.dumps(model.config, indent=1, sort_keys=True) + "\n")
+    if isinstance(model, PlanarModel):
+        detector = {"detector": model.detector.to_dict(), "predict_2d": model.predict_settings}
+        paths["detector"].write_text(json.dumps(detector, indent=1, sort_keys=True) + "\n")
+    return paths
 
 
-def load_package(weights: str | Path, config: str | Path) -> TrainedNetwork:
-    """Load what :func:`save_package` wrote (``weights_only=True``: tensors, never code).
-
-    Raises:
-        DataError: a file is missing or unreadable, or the weights do not fit the config.
-    """
-    import pickle
-
+def load_package(
+    weights: str | Path, config: str | Path, detector: str | Path | None = None, description: str = ""
+) -> TrainedNetwork | PlanarModel:
+    """Load what :func:`save_package` wrote, a 2-D :class:`PlanarModel` when ``detector`` is given;
+    DataError for a missing or unreadable file, or weights that do not fit the config."""
     import torch
 
-    weights = Path(weights)
-    if not weights.is_file():
-        raise DataError(f"{weights}: missing from the model package")
+    for path in (weights, detector):
+        if path is not None and not Path(path).is_file():
+            raise DataError(f"{path}: missing from the model package")
     cfg = read_package_config(config)
+    extra = read_package_config(detector) if detector is not None else {}
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise DataError(f"{weights}: not a readable state_dict ({type(exc).__name__})") from None
-    return trained_from_state(cfg, state)
+    if detector is None:
+        return trained_from_state(cfg, state)
+    return PlanarModel(
+        planar_network_from_state(cfg, state),
+        cfg,
+        DetectorRule.from_dict(extra.get("detector") or {"method": "classifier", "threshold": 0.5}),
+        dict(extra.get("predict_2d") or {}),
+        description,
+    )
+
+
+def from_folder(folder: Path, description: str) -> PlanarModel:
+    """A 2-D package folder, or an MLflow model folder whose pyfunc artifacts are a 2-D package."""
+    if (folder / "MLmodel").is_file():
+        from mlflow.models import Model
+
+        pyfunc = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {}) or {}
+        artifacts = pyfunc.get("artifacts") or {}
+        if not set(ARTIFACT_KEYS) <= set(artifacts):
+            raise DataError(
+                f"{description}: not a tumorseg 2-D model (its MLmodel lacks {sorted(ARTIFACT_KEYS)})"
+            )
+        return load_package(*(folder / artifacts[key]["path"] for key in ARTIFACT_KEYS), description)
+    if (folder / WEIGHTS_FILE).is_file():
+        return load_package(*(folder / name for name in ARTIFACT_KEYS.values()), description)
+    raise DataError(
+        f"{description}: neither a 2-D model package ({WEIGHTS_FILE}...) nor an MLflow model folder"
+    )

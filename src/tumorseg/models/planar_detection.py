@@ -1,8 +1,7 @@
 """Tumour/no-tumour detection: two candidate detectors chosen on validation, metrics with patient-level CIs.
 
 ``classifier`` is the CNN's tumour probability; ``area_rule`` Platt-scales ``log(1 + predicted tumour
-area)`` into one. Choice and threshold are fixed on validation; the test split is only scored. CIs
-resample **patients**, so images of one patient never count as independent evidence.
+area)``. Choice and threshold are fixed on validation; CIs resample **patients**, never images.
 """
 
 from __future__ import annotations
@@ -19,11 +18,8 @@ DETECTION_METRICS: tuple[str, ...] = ("accuracy", "sensitivity", "specificity", 
 
 @dataclass
 class DetectorRule:
-    """A chosen detector (``classifier`` or ``area_rule``): "tumour" when its probability >= ``threshold``.
-
-    ``area_rule`` is ``p = sigmoid(area_coef * log1p(area_px) + area_intercept)``; ``validation`` holds
-    every candidate's validation metrics (``{method: {auc, accuracy, threshold, ...}}``).
-    """
+    """A chosen detector: "tumour" when its probability >= ``threshold``; ``area_rule`` is ``p =
+    sigmoid(area_coef * log1p(area_px) + area_intercept)``; ``validation``: ``{method: {auc, ...}}``."""
 
     method: str
     threshold: float
@@ -156,12 +152,9 @@ def binary_detection_metrics(
     ci_level: float,
     seed: int,
 ) -> dict[str, Any]:
-    """Accuracy, sensitivity, specificity, AUC with a patient-level percentile-bootstrap CI.
-
-    Returns:
-        ``{metric: {"value", "ci_low", "ci_high"}, "n_images", "n_patients", "positives", "negatives",
-        "threshold"}``; an undefined metric is None, its CI taken over the resamples where it is defined.
-    """
+    """Accuracy, sensitivity, specificity, AUC with a patient-level percentile-bootstrap CI: ``{metric:
+    {"value", "ci_low", "ci_high"}, "n_images", "n_patients", "positives", "negatives", "threshold"}``;
+    an undefined metric is None, its CI over the resamples where it is defined."""
     truth = np.asarray(truth).astype(bool)
     probability = np.asarray(probability, dtype=np.float64)
     point = point_metrics(truth, probability, threshold)

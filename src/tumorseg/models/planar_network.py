@@ -1,12 +1,11 @@
-"""The 2-D networks: a segmentation network and a small classification CNN, run together.
-
-The segmenter comes from the 3-D factory (:func:`tumorseg.models.networks.build_network` with
-``spatial_dims=2`` and one input channel), so every ``model_2d.name`` works. The classifier is
-MONAI's :class:`~monai.networks.nets.Classifier` with ``1 + len(TUMOUR_TYPES)`` outputs: a
-tumour-present logit (sigmoid), then the tumour-type logits (softmax).
+"""The 2-D networks: a segmenter from :func:`tumorseg.models.networks.build_network` (``spatial_dims=2``,
+one input channel, so every ``model_2d.name`` works) and MONAI's :class:`~monai.networks.nets.Classifier`
+with ``1 + len(TUMOUR_TYPES)`` outputs: a tumour-present logit (sigmoid), then the type logits (softmax).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +32,13 @@ class PlanarNetwork(nn.Module):
         The image is area-averaged to ``n`` and the logits resized back (bilinear), so callers see
         the preprocessed grid.
         """
-        size = image.shape[-2:]
+        size = tuple(image.shape[-2:])
         small = image
-        if tuple(size) != (self.input_size, self.input_size):
+        if size != (self.input_size, self.input_size):
             small = F.interpolate(image, size=(self.input_size, self.input_size), mode="area")
         seg = self.segmenter(small)
         if seg.shape[-2:] != size:
-            seg = F.interpolate(seg, size=tuple(size), mode="bilinear", align_corners=False)
+            seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
         return seg, self.classifier(small)
 
 
@@ -65,18 +64,12 @@ def build_planar_network(cfg: PlanarModelConfig) -> PlanarNetwork:
 
 
 def init_output_bias(network: nn.Module, prior: float, out_channels: int) -> None:
-    """Set the bias of the network's output convolution to ``log(prior / (1 - prior))``.
-
-    The output convolution is the last 2-D convolution (in module order) with ``out_channels``
-    outputs; every MONAI network built here ends with one, added unchanged into the logits.
-    """
-    import math
-
+    """Set the bias of the output convolution (the last 2-D one with ``out_channels`` outputs, which
+    every MONAI network built here adds unchanged into the logits) to ``log(prior / (1 - prior))``."""
     last = None
     for module in network.modules():
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.out_channels == out_channels:
             last = module
-    if last is None or last.bias is None:
-        return
-    with torch.no_grad():
-        last.bias.fill_(math.log(prior / (1.0 - prior)))
+    if last is not None and last.bias is not None:
+        with torch.no_grad():
+            last.bias.fill_(math.log(prior / (1.0 - prior)))

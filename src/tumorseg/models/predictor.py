@@ -1,83 +1,54 @@
-"""Whole-case prediction in the source geometry: what ``tumorseg predict``, evaluation and serving share.
+"""Prediction in the input's own geometry, volumes or images: ``tumorseg predict``, evaluation and serving.
 
-A case ``(4, X, Y, Z)`` is preprocessed as in training, run through the sliding-window inferer
+A volume ``(4, X, Y, Z)`` is preprocessed as in training, run through the sliding-window inferer
 (optionally averaged over mirrored copies, nnU-Net's TTA, whose variance is the uncertainty map),
-post-processed, and mapped back onto the source grid in the input's label convention.
+post-processed and mapped back onto the source grid in the input's label convention. An image is
+segmented and classified by the 2-D model and its mask restored to the input's ``(H, W)``.
+:func:`predict` picks the strategy by the input's dimensionality.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field, model_validator
 
-from tumorseg.config import PreprocessConfig, Section
+from tumorseg.config import PreprocessConfig
 from tumorseg.data.conventions import GLIOMA, LABEL_CONVENTIONS, REGION_NAMES, LabelSet, get_convention
 from tumorseg.data.layouts import CaseFiles, CaseVolumes, discover_cases, read_case
+from tumorseg.data.readers import IMAGE, image_inputs, input_dims
 from tumorseg.errors import DataError
+from tumorseg.models.config import PredictConfig
 
 if TYPE_CHECKING:
     from tumorseg.data.preprocess import DecodedCase, PreprocessedCase
+    from tumorseg.models.checkpoint import PlanarModel
 
 log = logging.getLogger(__name__)
 
 PROBABILITIES_DIR = "probabilities"
 UNCERTAINTY_DIR = "uncertainty"
-
-
-class PredictConfig(Section):
-    """``predict:`` whole-case inference (``tumorseg predict``, the evaluate stage, the served model).
-
-    Each knob is explained beside its value in params.yaml; ``uncertainty`` (the TTA variance) needs
-    ``tta``, and null ``overlap`` / ``sw_batch_size`` keep the model's ``sliding_window`` settings.
-    """
-
-    model: str = "models:/tumorseg@champion"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    tta: bool = False
-    tta_axes: tuple[int, ...] = (0, 1, 2)
-    min_component_mm3: float = Field(0.0, ge=0.0)
-    probabilities: bool = False
-    uncertainty: bool = False
-    overlap: float | None = Field(None, ge=0.0, lt=1.0)
-    sw_batch_size: int | None = Field(None, ge=1)
-    keep_freed_memory: bool = True
-
-    @model_validator(mode="after")
-    def _consistent(self) -> PredictConfig:
-        axes = self.tta_axes
-        if not axes or len(set(axes)) != len(axes) or not set(axes) <= {0, 1, 2}:
-            raise ValueError("tta_axes must be distinct axes among 0, 1, 2")
-        if self.uncertainty and not self.tta:
-            raise ValueError("uncertainty is the variance over TTA passes; set predict.tta: true")
-        return self
+DETECT_COLUMNS: tuple[str, ...] = ("case_id", "probability", "label")
 
 
 @dataclass
 class CasePrediction:
-    """The prediction of one case on its source grid.
-
-    Attributes:
-        label_convention: convention of ``labels`` (the input's, when it codes the model's label set).
-        labels: uint8 ``(X, Y, Z)`` in ``label_convention``; ``affine`` is the source reference's.
-        volumes_ml: predicted volume (ml) of each train region of the label set.
-        probabilities: float32 ``(C, X, Y, Z)`` (region sigmoids or label softmax), or None.
-        uncertainty: float32 ``(C, X, Y, Z)`` TTA variance of the probabilities, or None.
-        seconds: wall time per step (``read``, ``preprocess``, ``inference``, ``restore``).
-    """
+    """The prediction of one case on its source grid: uint8 ``labels`` ``(X, Y, Z)`` in
+    ``label_convention`` (the input's, when it codes the model's label set) with the source ``affine``,
+    ml per train region, optional float32 ``(C, X, Y, Z)`` ``probabilities`` and ``uncertainty`` (TTA
+    variance), and ``seconds`` per step (``read``, ``preprocess``, ``inference``, ``restore``)."""
 
     case_id: str
     label_convention: str
@@ -134,11 +105,8 @@ def region_volumes_ml(
 
 
 def output_convention(case_convention: str, label_set: LabelSet) -> str:
-    """The convention a prediction is written in: the input's, when it codes the model's label set.
-
-    Otherwise (a post-treatment model on a folder read as 2023 GLI) the label set's only convention;
-    DataError when it has several.
-    """
+    """The convention a prediction is written in: the input's when it codes the model's label set, else
+    (a post-treatment model on 2023 GLI input) the label set's only one; DataError when it has several."""
     if get_convention(case_convention).label_set.name == label_set.name:
         return case_convention
     candidates = [c.name for c in LABEL_CONVENTIONS.values() if c.label_set.name == label_set.name]
@@ -151,11 +119,8 @@ def output_convention(case_convention: str, label_set: LabelSet) -> str:
 
 
 def recode_labels(labels: np.ndarray, table: dict[int, int]) -> np.ndarray:
-    """Rewrite the codes that ``table`` changes; ``labels`` itself when it changes none.
-
-    Unlike ``LabelConvention.encode``/``decode`` this skips validation (``np.unique`` sorts every
-    voxel): a prediction only holds the table's codes.
-    """
+    """Rewrite the codes that ``table`` changes (``labels`` itself when none); unlike ``encode``/``decode``
+    without validation (``np.unique`` sorts every voxel): a prediction holds only the table's codes."""
     changes = {old: new for old, new in table.items() if old != new}
     if not changes:
         return labels
@@ -176,11 +141,8 @@ def _check_modalities(case: CaseFiles) -> None:
 
 
 class SegmentationPredictor:
-    """A :class:`~tumorseg.models.checkpoint.TrainedNetwork` ready to segment whole cases with ``cfg``.
-
-    Reading a case raises DataError for a missing modality (naming the file), an unreadable file or
-    a wrong dimensionality.
-    """
+    """A :class:`~tumorseg.models.checkpoint.TrainedNetwork` ready to segment whole cases with ``cfg``
+    (DataError for a missing modality, naming the file, an unreadable file or a wrong dimensionality)."""
 
     def __init__(self, trained: Any, cfg: PredictConfig | None = None) -> None:
         from tumorseg.models.inference import make_inferer
@@ -208,12 +170,8 @@ class SegmentationPredictor:
         )
 
     def infer(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Probabilities of a preprocessed image ``(4, x, y, z)``, averaged over the TTA mirrorings.
-
-        Returns:
-            ``(probabilities (C, x, y, z) float32, variance (C, x, y, z) float32 or None)``; the
-            variance over TTA passes when ``predict.uncertainty`` is on.
-        """
+        """Float32 probabilities ``(C, x, y, z)`` of a preprocessed image ``(4, x, y, z)``, averaged over the
+        TTA mirrorings, and their variance over the passes (``predict.uncertainty``) or None."""
         import torch
 
         flips = mirror_sets(self.cfg.tta_axes) if self.cfg.tta else [()]
@@ -243,26 +201,14 @@ class SegmentationPredictor:
         """uint8 internal labels ``(x, y, z)`` of probabilities ``(C, x, y, z)``, small components dropped."""
         import torch
 
-        from tumorseg.models.inference import regions_to_labels
+        from tumorseg.models.inference import regions_to_labels, remove_small_components
 
         prob = torch.from_numpy(probabilities)[None]
         if self.output == "regions":
-            labels = regions_to_labels(prob > self.sliding_window.threshold, self.label_set)[0, 0].numpy()
+            labels = regions_to_labels(prob > self.sliding_window.threshold, self.label_set)
         else:
-            labels = prob.argmax(dim=1)[0].to(torch.uint8).numpy()
-        if self.cfg.min_component_mm3 > 0 and labels.any():
-            from monai.transforms import RemoveSmallObjects
-
-            # MONAI wraps skimage's remove_small_objects; by_measure converts mm^3 to voxels.
-            remove = RemoveSmallObjects(
-                min_size=self.cfg.min_component_mm3, connectivity=3, by_measure=True, pixdim=tuple(spacing_mm)
-            )
-            with warnings.catch_warnings():
-                # skimage 0.26 deprecates the min_size argument MONAI passes; same semantics (< min_size).
-                warnings.filterwarnings("ignore", message=".*min_size.*", category=FutureWarning)
-                kept = np.asarray(remove((labels > 0)[None]))[0].astype(bool)
-            labels = np.where(kept, labels, 0).astype(np.uint8)
-        return labels
+            labels = prob.argmax(dim=1, keepdim=True).to(torch.uint8)
+        return remove_small_components(labels, self.cfg.min_component_mm3, spacing_mm)[0, 0].numpy()
 
     def predict_volumes(self, volumes: CaseVolumes) -> CasePrediction:
         """Segment a case held in memory (source geometry) and map the result back onto it."""
@@ -277,10 +223,8 @@ class SegmentationPredictor:
         return self.predict_preprocessed(*self.read_preprocessed(case))
 
     def decode(self, case: CaseFiles) -> tuple[DecodedCase, dict[str, float]]:
-        """The case's modalities read and reoriented, not yet resampled, and ``{"read": seconds}``.
-
-        Runs no torch, so it may run in a reading thread while another case is inferred.
-        """
+        """The case's modalities read and reoriented, not resampled, and ``{"read": seconds}``; no torch,
+        so it may run in a reading thread while another case is inferred."""
         from tumorseg.data.preprocess import decode_case
 
         _check_modalities(case)
@@ -301,13 +245,8 @@ class SegmentationPredictor:
         return self.preprocess(*self.decode(case))
 
     def predict_preprocessed(self, case: PreprocessedCase, seconds: dict[str, float]) -> CasePrediction:
-        """Segment a preprocessed case and map the result back onto its source grid.
-
-        Args:
-            case: from :func:`~tumorseg.data.preprocess.preprocess_case` (its geometry gives the
-                source grid and the label convention to write).
-            seconds: time already spent on this case, by step; ``inference`` and ``restore`` are added.
-        """
+        """Segment a preprocessed case and map the result back onto its source grid (from its geometry,
+        as the label convention to write); ``seconds`` so far by step gets ``inference`` and ``restore``."""
         from tumorseg.data.preprocess import restore_to_source, restored_label_counts
 
         seconds = dict(seconds)
@@ -367,11 +306,8 @@ def read_volumes(case: CaseFiles) -> tuple[CaseVolumes, float]:
 
 
 def _atomic_save(image: Any, path: Path) -> None:
-    """Write a ``.nii.gz`` to a hidden temp name in the same folder, then rename: never half a file.
-
-    nibabel streams into python-isal's gzip writer (ISA-L, level 1; a standard gzip stream): no
-    in-memory copy as with ``to_bytes``, and several times faster than zlib.
-    """
+    """Write a ``.nii.gz`` to a hidden temp name beside ``path``, then rename: never half a file. nibabel
+    streams into ISA-L's gzip writer (level 1): no ``to_bytes`` copy, several times faster than zlib."""
     from isal import igzip
     from nibabel.fileholders import FileHolder
 
@@ -420,12 +356,8 @@ def reference_header(case: CaseFiles) -> Any:
 
 
 def write_prediction(prediction: CasePrediction, out_dir: str | Path, header: Any) -> list[Path]:
-    """Write ``<case_id>.nii.gz`` and the optional maps atomically, with the reference ``header``.
-
-    Returns:
-        Files written: the label map first, then ``probabilities/<case_id>.nii.gz`` (float32
-        ``(X, Y, Z, C)``) and ``uncertainty/<case_id>.nii.gz`` when present.
-    """
+    """Write ``<case_id>.nii.gz``, then the optional ``probabilities/`` and ``uncertainty/`` maps (float32
+    ``(X, Y, Z, C)``) atomically with the reference ``header``; returns the files in that order."""
     out_dir = Path(out_dir)
     name = f"{prediction.case_id}.nii.gz"
     jobs: list[tuple[Path, np.ndarray, Any]] = [(out_dir / name, prediction.labels, np.uint8)]
@@ -464,11 +396,8 @@ class PredictSummary:
 def plan_cases(
     input_path: str | Path, layout: str | None = None, labels: str | None = None
 ) -> list[CaseFiles]:
-    """The cases of a dataset folder in any layout (or one case folder), checked for missing modalities.
-
-    ``layout`` and ``labels`` (the input's label convention) are detected when None; DataError
-    names an unknown layout or a missing modality file.
-    """
+    """The cases of a dataset folder in any layout (or one case folder); ``layout`` and ``labels`` (the
+    input's convention) detected when None. DataError names an unknown layout or a missing modality."""
     cases = discover_cases(Path(input_path), layout, labels)
     for case in cases:
         _check_modalities(case)
@@ -476,11 +405,8 @@ def plan_cases(
 
 
 def spare_core(device: Any) -> bool:
-    """Whether a reading thread can run beside the inference without taking one of its cores.
-
-    True on GPU (the CPU is idle meanwhile) and when this process may use more cores than torch's
-    intra-op threads.
-    """
+    """Whether a reading thread can run beside the inference without taking one of its cores: on GPU, or
+    when this process may use more cores than torch's intra-op threads."""
     import torch
 
     if getattr(device, "type", str(device)) == "cuda":
@@ -500,9 +426,9 @@ def predict_dataset(
 ) -> PredictSummary:
     """Segment every case of ``input_path`` (or the planned ``cases``) into ``out_dir/<case_id>.nii.gz``.
 
-    All cases are checked before any work starts. If a case fails, whatever was written for it is
-    removed; cases finished before it stay, and the error says how many. Other files in ``out_dir``
-    are never touched. ``on_case`` gets each prediction and its files (the CLI prints volumes).
+    All cases are checked first. A failing case leaves none of its files; cases finished before it stay
+    (the error says how many), and other files in ``out_dir`` are never touched. ``on_case`` gets each
+    prediction and its files.
     """
     begin = time.perf_counter()
     out_dir = Path(out_dir)
@@ -514,9 +440,8 @@ def predict_dataset(
         cases = plan_cases(input_path, layout)
     summary = PredictSummary(out_dir=out_dir)
     # With a core to spare, a thread decodes the next case while this one is inferred (decompression
-    # releases the GIL). Resampling uses torch and stays here: torch in the reading thread would start
-    # a second OpenMP team competing with the inference's. Without a spare core the reader would
-    # slow every parallel region of the inference.
+    # releases the GIL). Resampling uses torch and stays here: torch in the reader would start a second
+    # OpenMP team competing with the inference's.
     prefetch = spare_core(predictor.device)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tumorseg-read") as reader:
         pending = reader.submit(predictor.decode, cases[0]) if cases and prefetch else None
@@ -545,3 +470,146 @@ def predict_dataset(
                 on_case(prediction, files)
     summary.seconds = time.perf_counter() - begin
     return summary
+
+
+# ---------------------------------------------------------------- images (2-D)
+@dataclass
+class PlanarPrediction:
+    """The 2-D model's answer for one image: uint8 0/1 ``mask`` ``(H, W)`` at the input's size, ``tumour_type``
+    None when ``label`` is false, ``area_px`` tumour pixels on the preprocessed grid (the area rule's)."""
+
+    case_id: str
+    mask: np.ndarray
+    probability: float
+    label: bool
+    tumour_type: str | None
+    type_probabilities: dict[str, float] = field(default_factory=dict)
+    area_px: int = 0
+
+
+def score_preprocessed(
+    model: PlanarModel, images: np.ndarray, batch_size: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(tumour_probability (N, S, S), class_probability (N, 4))`` of preprocessed float32 ``(N, S, S)``;
+    class column 0 is the tumour probability (sigmoid), columns 1-3 the types (softmax)."""
+    import torch
+
+    maps, classes = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.as_tensor(np.asarray(images[start : start + batch_size], dtype=np.float32))[:, None]
+            seg, logits = model.network(batch)
+            maps.append(torch.sigmoid(seg[:, 0]).numpy())
+            classes.append(
+                torch.cat([torch.sigmoid(logits[:, :1]), torch.softmax(logits[:, 1:], dim=1)], dim=1).numpy()
+            )
+    size = images.shape[-1] if len(images) else 0
+    return (
+        np.concatenate(maps) if maps else np.zeros((0, size, size), np.float32),
+        np.concatenate(classes) if classes else np.zeros((0, 4), np.float32),
+    )
+
+
+def binary_mask(probability: np.ndarray, threshold: float, min_component_px: int) -> np.ndarray:
+    """uint8 ``(S, S)``: pixels above ``threshold`` minus 8-connected components < ``min_component_px``."""
+    mask = probability > threshold
+    if min_component_px > 0 and mask.any():
+        from scipy import ndimage as ndi
+
+        labels, n = ndi.label(mask, structure=np.ones((3, 3), dtype=bool))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = sizes >= min_component_px
+        keep[0] = False
+        mask = keep[labels]
+    return mask.astype(np.uint8)
+
+
+def predict_planar(
+    image: str | Path | np.ndarray, model: PlanarModel, *, case_id: str | None = None
+) -> PlanarPrediction:
+    """Segment and classify one 2-D image: a ``.mat``/image file, or an ``(H, W)`` / ``(H, W, 3|4)`` array.
+
+    The mask is cleaned on the preprocessed grid, then restored to the input's ``(H, W)``. DataError
+    for an unreadable file or an array that is not a 2-D image.
+    """
+    from tumorseg.data.planar import TUMOUR_TYPES, preprocess_planar, read_planar, restore_planar_mask
+
+    if isinstance(image, (str, Path)):
+        read = read_planar(Path(image))
+        pixels, case_id = read.image, case_id or read.case_id
+    else:
+        pixels = np.asarray(image)
+        if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) < 2:
+            raise DataError(f"image array of shape {pixels.shape}: expected (H, W) or (H, W, channels)")
+        case_id = case_id or "image"
+    prepared, geometry = preprocess_planar(pixels, model.preprocess)
+    tumour_map, classes = score_preprocessed(model, prepared[None])
+    settings = model.settings
+    small = binary_mask(tumour_map[0], settings.mask_threshold, settings.min_component_px)
+    area = int(small.sum())
+    probability = float(model.detector.probability(classes[:, 0], np.array([area]))[0])
+    label = probability >= model.detector.threshold
+    types = {name: float(p) for name, p in zip(TUMOUR_TYPES, classes[0, 1:], strict=True)}
+    tumour_type = max(types, key=types.get) if label else None
+    mask = restore_planar_mask(small, geometry)
+    return PlanarPrediction(str(case_id), mask, probability, bool(label), tumour_type, types, area)
+
+
+def mask_png_bytes(mask: np.ndarray) -> bytes:
+    """A 0/1 mask as an 8-bit grayscale PNG with values 0 and 255."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def predict_images(
+    source: str | Path,
+    out_dir: str | Path,
+    model: PlanarModel,
+    *,
+    on_image: Callable[[PlanarPrediction, Path], None] | None = None,
+) -> list[PlanarPrediction]:
+    """``tumorseg predict`` for 2-D input: ``<out_dir>/<case_id>_mask.png`` (0/255, input size) per image."""
+    results = []
+    for path in image_inputs(source):
+        prediction = predict_planar(path, model)
+        target = Path(out_dir) / f"{prediction.case_id}_mask.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(mask_png_bytes(prediction.mask))
+        os.replace(tmp, target)
+        results.append(prediction)
+        if on_image is not None:
+            on_image(prediction, target)
+    return results
+
+
+def detect_images(source: str | Path, out_csv: str | Path, model: PlanarModel) -> list[PlanarPrediction]:
+    """``tumorseg detect``: one CSV row per image: ``case_id, probability, label`` (``yes``/``no``)."""
+    import pandas as pd
+
+    from tumorseg.data.manifest import atomic_write_text
+
+    results = [predict_planar(path, model) for path in image_inputs(source)]
+    rows = [(r.case_id, round(r.probability, 6), "yes" if r.label else "no") for r in results]
+    out = Path(out_csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, pd.DataFrame(rows, columns=list(DETECT_COLUMNS)).to_csv(index=False))
+    return results
+
+
+def predict(
+    input_path: str | Path,
+    out_dir: str | Path,
+    model: SegmentationPredictor | PlanarModel,
+    *,
+    layout: str | None = None,
+    on_case: Callable[[Any, Any], None] | None = None,
+) -> PredictSummary | list[PlanarPrediction]:
+    """``tumorseg predict`` of volumes (``model`` a :class:`SegmentationPredictor`) or images (a 2-D model),
+    by the input's dimensionality; ``on_case`` gets each prediction and what was written for it."""
+    if input_dims(input_path) == IMAGE:
+        return predict_images(input_path, out_dir, model, on_image=on_case)  # type: ignore[arg-type]
+    return predict_dataset(input_path, out_dir, model, layout=layout, on_case=on_case)  # type: ignore[arg-type]

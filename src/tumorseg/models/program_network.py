@@ -1,14 +1,12 @@
 """A ``torch.export`` program (``.pt2``, the bfloat16 variants) run by PyTorch behind ``nn.Module``.
 
-The file holds the ATen graph and weights (float32 in and out, bfloat16 casts inside), so loading
-needs neither MONAI nor a pickled module, and a channel-pruned network loads although its widths no
-longer match its ``model:`` config. A package is ``model.pt2`` plus the run's ``config.json``.
+The file holds the ATen graph and weights, so loading needs neither MONAI nor a pickled module, and a
+channel-pruned network loads although its widths no longer match its ``model:`` config.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -46,12 +44,3 @@ class ExportedProgramNetwork(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.program(image)
-
-
-def load_program_package(program_file: str | Path, config: str | Path) -> Any:
-    """A :class:`~tumorseg.models.checkpoint.TrainedNetwork` of ``program_file`` and its ``config.json``."""
-    from tumorseg.models.checkpoint import read_package_config, trained_with_network
-
-    trained = trained_with_network(None, read_package_config(config))  # config checked first
-    trained.network = ExportedProgramNetwork(program_file)
-    return trained

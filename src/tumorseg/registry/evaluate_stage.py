@@ -1,9 +1,7 @@
-"""The ``evaluate`` stages: score the test split (:mod:`tumorseg.evaluation`), log it to the training
-run and register the model as a challenger.
-
-Scoring is the evaluation's job, registering the registry's: this module composes the two, so the
-evaluation layer never imports the registry. ``run_evaluate_stage`` is ``evaluate@3d`` (the volumes),
-``evaluate_planar`` ``evaluate@2d`` (the segmenter and the detector of the images).
+"""The ``evaluate`` stage: score the test split (:mod:`tumorseg.evaluation`), log it to the training run
+and register the model as a challenger. This module composes the two, so the evaluation layer never
+imports the registry. ``run_evaluate_stage`` is ``evaluate@3d`` (volumes), ``evaluate_planar``
+``evaluate@2d`` (the images' segmenter and detector).
 """
 
 from __future__ import annotations
@@ -17,31 +15,33 @@ from typing import Any
 
 import pandas as pd
 
-from tumorseg.config import section
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.errors import DataError
 from tumorseg.evaluation.pipeline_stage import MODEL_VERSION_FILE, TestEvaluation, evaluate_test_split
 from tumorseg.evaluation.planar_evaluate import (
-    VERSION_FILE,
     PlanarEvaluation,
-    clean_json,
     detect_and_score,
-    flat_metrics,
     reference_digest,
     test_metrics,
     write_reports,
 )
-from tumorseg.models.planar_package import load_planar_checkpoint, save_planar_package
+from tumorseg.evaluation.summary import clean_json, flatten_metrics
+from tumorseg.models.checkpoint import load_planar_checkpoint
+from tumorseg.models.package import save_package
+from tumorseg.params import Params, as_params
 from tumorseg.registry.loading import prepare_mlflow
-from tumorseg.registry.planar_register import register_planar_models
-from tumorseg.registry.register import checkpoint_or_new_run, log_test_evaluation, register_model
+from tumorseg.registry.register import (
+    log_test_evaluation,
+    register_model,
+    register_planar_models,
+)
 from tumorseg.tracking import data_version, params_tracking_uri, resolve_tracking_uri
-from tumorseg.training.planar_train import load_planar_training_config, planar_split_records
+from tumorseg.training.config import load_planar_training_config
+from tumorseg.training.train import planar_split_records
 
 log = logging.getLogger(__name__)
 
 
-# ---------------------------------------------------------------------------- the stage
 @dataclass
 class EvaluateStageResult:
     """What the evaluate stage did: ``run_id`` None without MLflow, ``registered`` None without a registry."""
@@ -63,7 +63,7 @@ class EvaluateStageResult:
 
 
 def run_evaluate_stage(
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     checkpoint: str | Path | None = None,
     source: str = "params.yaml",
@@ -77,15 +77,16 @@ def run_evaluate_stage(
         source: the params file, named in messages; ``data.source`` resolves against its folder.
         register: register a new ``challenger`` version; None follows ``registry.enabled``.
     """
+    params = as_params(params, source)
     from tumorseg.models.checkpoint import load_trained_network
     from tumorseg.models.predictor import SegmentationPredictor
 
-    paths = section("paths", params, source=source)
-    train_cfg = section("train", params, source=source)
-    predict_cfg = section("predict", params, source=source)
-    registry_cfg = section("registry", params, source=source)
-    mlflow_cfg = section("mlflow", params, source=source)
-    checkpoint = Path(checkpoint or Path(train_cfg.out_dir) / "checkpoints" / "best.ckpt")
+    paths = params.paths
+    train_cfg = params.train
+    predict_cfg = params.predict
+    registry_cfg = params.registry
+    mlflow_cfg = params.mlflow
+    checkpoint = _checkpoint(checkpoint, train_cfg.out_dir)
     trained = load_trained_network(checkpoint)
     # Reports are about the model, not about extra outputs: no probability/uncertainty maps here.
     predictor = SegmentationPredictor(
@@ -102,7 +103,12 @@ def run_evaluate_stage(
     prepare_mlflow()
     uri = params_tracking_uri(params, tracking_uri, source=source)
     result.run_id = log_test_evaluation(
-        evaluation, checkpoint=checkpoint, tracking_uri=uri, experiment=mlflow_cfg.experiment
+        evaluation.metrics,
+        evaluation.files,
+        checkpoint=checkpoint,
+        tracking_uri=uri,
+        experiment=mlflow_cfg.experiment,
+        tags={"tumorseg.checkpoint": str(checkpoint)},
     )
     if registry_cfg.enabled if register is None else register:
         result.registered = register_model(
@@ -124,15 +130,19 @@ def run_evaluate_stage(
     return result
 
 
+def _checkpoint(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
+    """``checkpoint``, by default the best checkpoint of the training run in ``out_dir``."""
+    return Path(checkpoint) if checkpoint else Path(out_dir) / "checkpoints" / "best.ckpt"
+
+
 def _write_unregistered(path: Path, name: str, reason: str) -> None:
     """``model_version.json`` saying no version was registered (the DVC stage always has its output)."""
     record = {"name": name, **dict.fromkeys(("version", "run_id", "model_uri", "alias")), "reason": reason}
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
 
 
-# ---------------------------------------------------------------------------- images
 def evaluate_planar(
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     checkpoint: str | Path | None = None,
     source: str = "params.yaml",
@@ -141,11 +151,12 @@ def evaluate_planar(
 ) -> PlanarEvaluation:
     """The ``evaluate_2d`` stage; ``checkpoint`` defaults to ``<train_2d.out_dir>/checkpoints/best.ckpt``,
     ``register`` to ``evaluate_2d.register_models``. DataError: no checkpoint or no test images."""
+    params = as_params(params, source)
     cfg = load_planar_training_config(params, source=source)
-    ev = section("evaluate_2d", params, source=source)
-    det_cfg = section("detect", params, source=source)
-    predict_cfg = section("predict_2d", params, source=source)
-    ckpt = Path(checkpoint) if checkpoint else Path(cfg.train.out_dir) / "checkpoints" / "best.ckpt"
+    ev = params.evaluate_2d
+    det_cfg = params.detect
+    predict_cfg = params.predict_2d
+    ckpt = _checkpoint(checkpoint, cfg.train.out_dir)
     if not ckpt.is_file():
         raise DataError(f"{ckpt}: no 2-D checkpoint; run `tumorseg train --dims 2` first")
     model = load_planar_checkpoint(ckpt)
@@ -159,21 +170,34 @@ def evaluate_planar(
     metrics = test_metrics(per_case, probability, model.detector, stats)
     files = write_reports(Path(cfg.paths.reports), metrics, per_case)
     result = PlanarEvaluation(clean_json(metrics), per_case, files=files)
-    run_id = _log_to_run(cfg, ckpt, result, tracking_uri)
-    if (ev.register_models if register is None else register) and cfg.mlflow.enabled and run_id is not None:
+    run_id = None
+    uri = resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
+    if cfg.mlflow.enabled:
+        prepare_mlflow()
+        run_id = log_test_evaluation(
+            flatten_metrics(result.metrics),
+            result.files,
+            checkpoint=ckpt,
+            tracking_uri=uri,
+            experiment=cfg.train.experiment,
+            prefix="test_2d/",
+            folder=lambda _key: "evaluation_2d",
+            run_name="evaluate-2d",
+        )
+    if (ev.register_models if register is None else register) and run_id is not None:
         with tempfile.TemporaryDirectory(prefix="tumorseg-2d-package-") as folder:
             result.registered = register_planar_models(
-                save_planar_package(model, folder),
+                save_package(model, folder),
                 {"metrics": result.metrics, "evidence": _evidence(per_case, records["test"])},
                 run_id=run_id,
-                tracking_uri=resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns),
+                tracking_uri=uri,
                 names={"segmentation": ev.model_name, "detection": det_cfg.model_name},
                 config=model.config,
                 data_md5=data_version(cfg.paths.preprocessed)["data_md5"],
-                synthetic=section("data", params, source=source).is_synth(2),
+                synthetic=params.data.is_synth(2),
             )
     versions = {kind: r.to_dict() for kind, r in result.registered.items()}
-    result.files["versions"] = Path(cfg.paths.reports) / VERSION_FILE
+    result.files["versions"] = Path(cfg.paths.reports) / MODEL_VERSION_FILE
     atomic_write_text(result.files["versions"], json.dumps(versions, indent=2) + "\n")
     log.info(result.one_line())
     return result
@@ -194,22 +218,3 @@ def _evidence(per_case: pd.DataFrame, test_records: list[dict[str, Any]]) -> dic
         "segmentation": scores(per_case[per_case["has_mask"]], "tumour", "dice"),
         "detection": scores(per_case, "correct", "correct"),
     }
-
-
-def _log_to_run(cfg: Any, checkpoint: Path, result: PlanarEvaluation, tracking_uri: str | None) -> str | None:
-    """Flat test metrics (``test_2d/...``) and the reports on the training run; returns its id."""
-    if not cfg.mlflow.enabled:
-        return None
-    prepare_mlflow()  # no telemetry, no download progress bars: as the 3-D stage
-    from mlflow import MlflowClient
-
-    uri = resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
-    client = MlflowClient(uri)
-    run_id = checkpoint_or_new_run(
-        client, checkpoint, tracking_uri=uri, experiment=cfg.train.experiment, run_name="evaluate-2d"
-    )
-    for key, value in flat_metrics(result.metrics).items():
-        client.log_metric(run_id, f"test_2d/{key}", value)
-    for path in result.files.values():
-        client.log_artifact(run_id, str(path), artifact_path="evaluation_2d")
-    return run_id

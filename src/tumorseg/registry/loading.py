@@ -1,8 +1,7 @@
 """Resolve ``--model``: a ``tumorseg train`` checkpoint, a folder with an ``MLmodel`` file, or an MLflow URI
-(``models:/tumorseg@champion``, ``models:/tumorseg/3``, ``runs:/<run_id>/model``...).
-
-An MLflow model is the registered pyfunc (rebuilt here without its wrapper) or the PyTorch model a
-training run logs, configured by the run's ``config.yaml``.
+(``models:/tumorseg@champion``, ``models:/tumorseg/3``, ``runs:/<run_id>/model``...). An MLflow model
+is the registered pyfunc (rebuilt from its artifacts, without the wrapper, so any version loads
+whatever class path its code file names) or a training run's PyTorch model with its ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from tumorseg.config import without_retired
 from tumorseg.errors import DataError
 
 if TYPE_CHECKING:
-    from tumorseg.models.planar_package import PlanarModel
+    from tumorseg.models.checkpoint import PlanarModel
 
 from tumorseg.tracking import disable_telemetry, sqlite_path
 
@@ -88,11 +87,8 @@ class DownloadedModel:
 def downloaded_model(
     uri: str, tracking_uri: str, *, first_steps: str = FIRST_STEPS
 ) -> Iterator[DownloadedModel]:
-    """Resolve and download an MLflow model URI for the 3-D and 2-D loaders, which read it in the block.
-
-    MLflow errors, there or in the block, become a one-line :class:`DataError` naming the URI, the store
-    and ``first_steps``.
-    """
+    """Resolve and download an MLflow model URI for the 3-D and 2-D loaders, which read it in the block;
+    MLflow errors become a one-line :class:`DataError` naming the URI, the store and ``first_steps``."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -181,7 +177,8 @@ FIRST_STEPS_2D = (
 
 def load_planar_model(uri: str, *, tracking_uri: str) -> PlanarModel:
     """Load the 2-D model ``uri`` names; DataError (one line, with what to run first) when there is none."""
-    from tumorseg.models.planar_package import from_folder, load_planar_checkpoint
+    from tumorseg.models.checkpoint import load_planar_checkpoint
+    from tumorseg.models.package import from_folder
 
     prepare_mlflow()
     if not is_mlflow_uri(uri):

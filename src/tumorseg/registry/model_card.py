@@ -1,6 +1,6 @@
-"""The model card of a registered version: what it is, what it was trained and tested on, what not to do with it.
-
-Markdown, stored as the ``model_card.md`` artifact and used as the registry version's description.
+"""The model card of a registered version (volumes or images): what it is, what it was trained and tested
+on, what not to do with it. Markdown, stored as the ``model_card.md`` artifact and used as the registry
+version's description.
 """
 
 from __future__ import annotations
@@ -13,15 +13,9 @@ DESCRIPTION_LIMIT = 5000  # characters of a version description in MLflow's SQL 
 
 @dataclass
 class ModelCardFacts:
-    """Everything the card states.
-
-    Attributes:
-        config: resolved training sections (``model``, ``data_loader``, ``preprocess``, ``train`` ...).
-        predict_settings: the ``predict`` settings the model was evaluated (and is served) with.
-        metrics: flat test metrics (``dice_WT``, ``dice_WT_ci_low`` ...).
-        git_commit: code version (``+dirty`` with uncommitted changes), or None outside git.
-        data_md5: DVC hash (or content md5) of the training data; data_md5_source: how it was obtained.
-    """
+    """Everything a volume model's card states: resolved training sections (``config``), the
+    ``predict`` settings it was evaluated and is served with, flat test ``metrics`` (``dice_WT``,
+    ``dice_WT_ci_low`` ...), the git commit (``+dirty``; None outside git) and the data hash."""
 
     model_name: str
     run_id: str | None
@@ -138,6 +132,75 @@ def render_model_card(facts: ModelCardFacts, *, version: str | None = None) -> s
         "modalities or non-glioma lesions are out of scope.",
         "- Performance on tumour types, scanners and populations absent from the training data is unknown.",
     ]
+    return "\n".join(lines) + "\n"
+
+
+PLANAR_DESCRIPTIONS = {
+    "segmentation": (
+        "2-D brain-tumour segmentation of single MRI slices (tumour vs background), with tumour-type "
+        "classification (meningioma/glioma/pituitary). Aliases: `champion`, `challenger`. Not for clinical use."
+    ),
+    "detection": (
+        "2-D brain-tumour detection (tumour / no tumour) of single MRI slices. Aliases: `champion`, "
+        "`challenger`. Not for clinical use."
+    ),
+}
+"""Registry descriptions of the two 2-D model names, by kind."""
+
+
+def _value_ci(metric: dict[str, Any] | None, digits: int = 3) -> str:
+    """``0.812 [0.790, 0.830]`` of a 2-D ``{"value", "ci_low", "ci_high"}`` metric."""
+    if not metric or metric.get("value") is None:
+        return "n/a"
+    low, high = metric.get("ci_low"), metric.get("ci_high")
+    ci = f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None and high is not None else ""
+    return f"{metric['value']:.{digits}f}{ci}"
+
+
+def render_planar_card(
+    kind: str, name: str, metrics: dict[str, Any], config: dict[str, Any], facts: dict[str, Any]
+) -> str:
+    """The model card of a 2-D version as Markdown (``kind``: ``segmentation`` or ``detection``)."""
+    model = config.get("model_2d", {})
+    train = config.get("train_2d", {})
+    pre = config.get("preprocess_2d", {})
+    seg = metrics.get("segmentation", {})
+    det = metrics.get("detection", {})
+    lines = [
+        f"# Model card: {name}" + (f" version {facts['version']}" if facts.get("version") else ""),
+        "",
+        PLANAR_DESCRIPTIONS[kind],
+        "",
+        "## Model",
+        f"- Segmenter: {model.get('name')} (2-D, 1 channel in, 1 sigmoid out) at {model.get('input_size')} px; "
+        f"classifier: MONAI Classifier {model.get('classifier', {}).get('channels')}",
+        f"- Preprocessing: grayscale, Otsu crop {pre.get('otsu_crop')}, square {pre.get('size')} px, {pre.get('normalise')}",
+        f"- Detector: {det.get('method')} (chosen on the validation split), threshold {det.get('threshold')}",
+        f"- Trained {train.get('max_epochs')} epochs x {train.get('steps_per_epoch')} steps, lr {train.get('lr')}",
+        "",
+        "## Provenance",
+        f"- MLflow run `{facts.get('run_id')}`, git `{facts.get('git_commit') or 'unknown'}`",
+        f"- Data hash `{facts.get('data_md5')}`; params hash `{facts.get('params_md5')}`",
+        "",
+        "## Held-out test metrics (patient-level split; 95% patient-level bootstrap CIs)",
+        f"- Segmentation Dice (tumour images): {_value_ci(seg.get('dice_tumour'))}; "
+        f"HD95 px: {_value_ci(seg.get('hd95_px_tumour'), 1)}",
+    ]
+    for kind_name, stats in (seg.get("per_tumour_type") or {}).items():
+        lines.append(f"  - {kind_name}: Dice {_value_ci(stats.get('dice'))} ({stats.get('n_images')} images)")
+    lines += [
+        f"- Detection: accuracy {_value_ci(det.get('accuracy'))}, sensitivity {_value_ci(det.get('sensitivity'))}, "
+        f"specificity {_value_ci(det.get('specificity'))}, AUC {_value_ci(det.get('auc'))} "
+        f"({det.get('n_images')} images, {det.get('n_patients')} patients)",
+        f"- Tumour type accuracy: {_value_ci(metrics.get('type_classification', {}).get('accuracy'))}",
+        "",
+        "## Intended use and limits",
+        "- Research and testing of the tumorseg pipeline; **not for clinical use**.",
+        "- Input: one 2-D MRI slice (.mat as in the Figshare dataset, or PNG/JPEG/TIFF/BMP), any size.",
+    ]
+    if facts.get("synthetic"):
+        lines.append("- Trained and tested on **generated** images: performance on real scans is unknown.")
+    lines.append("- Metrics come from a small test split; the intervals show how uncertain they are.")
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,5 @@
-"""MLflow "model from code" entry point: copied into every logged model and run when it is loaded, so the
-stored model holds no pickled code (the logic lives in :mod:`tumorseg.registry.pyfunc`)."""
+"""MLflow "model from code" entry point, copied into every logged model (the 2-D ones as
+``planar_model_code.py``) and run on load: the logic lives in :mod:`tumorseg.registry.pyfunc`."""
 
 from mlflow.models import set_model
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tumorseg.config import section
+from tumorseg.params import Params, as_params
 
 
 @dataclass
@@ -25,7 +25,7 @@ class PredictRun:
 def predict_folder(
     input_path: str | Path,
     out_dir: str | Path,
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     model_uri: str | None = None,
     layout: str | None = None,
@@ -41,11 +41,13 @@ def predict_folder(
     label convention, which the predictions are written in (None: detect); ``on_case`` is called after
     each case is written.
     """
-    from tumorseg.models.predictor import PredictConfig, SegmentationPredictor, plan_cases, predict_dataset
+    params = as_params(params, source)
+    from tumorseg.models.config import PredictConfig
+    from tumorseg.models.predictor import SegmentationPredictor, plan_cases, predict_dataset
     from tumorseg.registry.loading import load_model
     from tumorseg.tracking import params_tracking_uri
 
-    cfg: PredictConfig = section("predict", params, source=source)
+    cfg: PredictConfig = params.predict
     cases = plan_cases(input_path, layout, labels)
     uri = params_tracking_uri(params, tracking_uri, source=source)
     loaded = load_model(model_uri or cfg.model, tracking_uri=uri)

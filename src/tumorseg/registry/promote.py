@@ -1,21 +1,16 @@
 """``tumorseg promote``: the champion/challenger gate, and ``--rollback``.
 
-The challenger (alias set by the evaluate stage) replaces the champion (what ``tumorseg predict`` and
-serving load) only when, paired per case on the same test cases, the mean Dice over cases and regions
-improves by ``registry.promotion_margin``, no region's mean drops by more than
+Paired per case on the same test cases (each version's ``evaluation.json``; a champion scored on other
+references is re-evaluated on the challenger's), the challenger replaces the champion only when the
+mean Dice improves by ``registry.promotion_margin``, no region drops by more than
 ``registry.region_tolerance`` and, with ``registry.require_significance``, the bootstrap CI of the
-paired mean difference is above 0. Evidence is each version's ``evaluation.json`` (per-case Dice and
-the sha256 of every reference); when the champion was scored on other references it is re-evaluated
-on the challenger's cases. The first valid model becomes champion; a challenger without a usable
-evaluation never moves it. Every champion is appended to the ``champion_history`` tag (a JSON list of
-versions) that ``--rollback`` walks back.
+improvement is above 0. ``--rollback`` walks back the ``champion_history`` tag (a JSON list).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,10 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tumorseg.config import section
 from tumorseg.data.conventions import REGION_NAMES
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.errors import DataError
+from tumorseg.evaluation.summary import clean_json, percentile_ci
+from tumorseg.params import Params, as_params
 from tumorseg.registry.config import CHALLENGER, CHAMPION, RegistryConfig
 
 log = logging.getLogger(__name__)
@@ -42,14 +38,10 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-# ---------------------------------------------------------------------------- the decision
 @dataclass
 class Comparison:
-    """Paired comparison of two versions on the same test cases (differences are challenger - champion).
-
-    ``ci_low``/``ci_high`` bound a percentile-bootstrap CI of ``mean_improvement``; ``wilcoxon_p`` is the
-    two-sided signed-rank p-value of the per-case differences (None with fewer than 2 cases or all zero).
-    """
+    """Paired comparison on the same test cases (challenger - champion); ``ci_low``/``ci_high`` bound a
+    bootstrap CI of ``mean_improvement``, ``wilcoxon_p`` is two-sided (None: < 2 cases or all zero)."""
 
     promote: bool
     reasons: list[str]
@@ -74,12 +66,8 @@ def _wilcoxon(differences: np.ndarray) -> float | None:
 
 
 def compare_versions(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: RegistryConfig) -> Comparison:
-    """Apply the promotion rules to paired per-case Dice: frames indexed by ``case_id`` with a column per
-    region (WT, TC, ET, or a 2-D model's own, e.g. ``tumour``); only the challenger's cases are used.
-
-    Raises:
-        ValueError: the champion lacks some of the challenger's cases, or there are none.
-    """
+    """Apply the promotion rules to per-case Dice frames (index ``case_id``, a column per region: WT, TC,
+    ET or a 2-D model's ``tumour``) on the challenger's cases; ValueError when the champion lacks some."""
     regions = [str(c) for c in challenger.columns]
     cases = sorted(challenger.index)
     if not cases:
@@ -94,8 +82,7 @@ def compare_versions(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: Regi
     improvement = float(per_case.mean())
     n = len(cases)
     indices = np.random.default_rng(cfg.seed).integers(0, n, size=(cfg.bootstrap_resamples, n))
-    alpha = (1.0 - cfg.ci_level) / 2.0
-    ci_low, ci_high = (float(q) for q in np.quantile(per_case[indices].mean(axis=1), [alpha, 1.0 - alpha]))
+    ci_low, ci_high = percentile_ci(per_case[indices].mean(axis=1), cfg.ci_level)
     region_change = {r: float(diff[r].mean()) for r in regions}
 
     promote = improvement + EPSILON >= cfg.promotion_margin
@@ -138,11 +125,10 @@ def compare_versions(challenger: pd.DataFrame, champion: pd.DataFrame, cfg: Regi
     )
 
 
-# ---------------------------------------------------------------------------- evidence of a version
 @dataclass
 class VersionEvidence:
-    """A version's own test evaluation: Dice per case (index) and region (columns), None when unusable
-    (``problem`` says why), and the sha256 of the reference each case was scored against."""
+    """A version's test evaluation: Dice by case (index) and region (columns), None when unusable
+    (``problem`` says why), and the sha256 of each case's reference."""
 
     version: str
     run_id: str | None
@@ -206,18 +192,17 @@ def rescore_champion(
     name: str,
     version: str,
     challenger: VersionEvidence,
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     tracking_uri: str,
     source: str,
 ) -> pd.DataFrame:
-    """Evaluate the champion on the challenger's test cases (current manifest), as it is served.
-
-    Raises:
-        DataError: the current test split is not the challenger's (the evidence cannot be paired).
-    """
+    """Evaluate the champion, as it is served, on the challenger's test cases; DataError when the current
+    split and manifest no longer hold them."""
+    params = as_params(params, source)
     from tumorseg.evaluation.pipeline_stage import evaluate_cases, reference_digest, split_cases
-    from tumorseg.models.predictor import PredictConfig, SegmentationPredictor
+    from tumorseg.models.config import PredictConfig
+    from tumorseg.models.predictor import SegmentationPredictor
     from tumorseg.registry.loading import load_model
 
     regions = [str(r) for r in challenger.case_dice.columns]
@@ -237,7 +222,7 @@ def rescore_champion(
     predictor = SegmentationPredictor(
         loaded.trained, settings.model_copy(update={"probabilities": False, "uncertainty": False})
     )
-    cfg = section("evaluate", params, source=source)
+    cfg = params.evaluate
     with tempfile.TemporaryDirectory(prefix="tumorseg-rescore-") as tmp:
         out = Path(tmp)
         result = evaluate_cases(
@@ -253,11 +238,10 @@ def rescore_champion(
     return wide[regions]
 
 
-# ---------------------------------------------------------------------------- actions
 @dataclass
 class PromotionResult:
-    """What ``tumorseg promote`` decided (``promoted``, ``rejected``, ``kept``: nothing to decide, or
-    ``rolled_back``) and did; ``champion``/``previous_champion``: versions after and before it."""
+    """The decision (``promoted``, ``rejected``, ``kept``: nothing to decide, ``rolled_back``);
+    ``champion``/``previous_champion``: versions after and before it."""
 
     action: str
     model_name: str
@@ -273,7 +257,7 @@ class PromotionResult:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if data["comparison"] is not None:
-            data["comparison"] = {k: _json_safe(v) for k, v in data["comparison"].items()}
+            data["comparison"] = clean_json(data["comparison"])
         return data
 
     def lines(self) -> list[str]:
@@ -300,16 +284,6 @@ class PromotionResult:
             )
             out.append(f"  per region (challenger vs champion): {means}")
         return out
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return None if not math.isfinite(value) else round(value, 6)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _alias_version(client: Any, name: str, alias: str) -> str | None:
@@ -345,9 +319,7 @@ def _set_champion(
     _tag(client, name, version, previous_champion=previous or "none", promoted_at=_now())
 
 
-def _open_client(
-    params: dict[str, Any], source: str, tracking_uri: str | None
-) -> tuple[Any, str, RegistryConfig]:
+def _open_client(params: Params, source: str, tracking_uri: str | None) -> tuple[Any, str, RegistryConfig]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -355,7 +327,7 @@ def _open_client(
     from tumorseg.tracking import params_tracking_uri, sqlite_path
 
     prepare_mlflow()
-    cfg: RegistryConfig = section("registry", params, source=source)
+    cfg: RegistryConfig = params.registry
     uri = params_tracking_uri(params, tracking_uri, source=source)
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
@@ -372,7 +344,7 @@ def _open_client(
 
 
 def promote(
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     rollback: bool = False,
     source: str = "params.yaml",
@@ -380,18 +352,15 @@ def promote(
     report_file: str | Path | None = None,
     write: bool = True,
 ) -> PromotionResult:
-    """Run the gate (or the rollback), apply it to the registry, log it as an MLflow run and write
-    ``reports/promotion.json`` (or ``report_file``; nothing with ``write`` False).
-
-    Raises:
-        DataError: no store / registered model; ``--rollback`` without a previous champion; evidence
-            that cannot be paired on the same test cases.
-    """
+    """Run the gate (or the rollback), apply it, log it as an MLflow run and write ``promotion.json``
+    (or ``report_file``; nothing with ``write`` False). DataError: no store or model, nothing to roll
+    back to, or evidence that cannot be paired."""
+    params = as_params(params, source)
     from tumorseg.training.config import MlflowConfig
 
-    cfg: RegistryConfig = section("registry", params, source=source)
-    mlflow_cfg: MlflowConfig = section("mlflow", params, source=source)
-    reports = Path(section("paths", params, source=source).reports)
+    cfg: RegistryConfig = params.registry
+    mlflow_cfg: MlflowConfig = params.mlflow
+    reports = Path(params.paths.reports)
     if not (cfg.enabled and mlflow_cfg.enabled):
         off = "registry.enabled" if not cfg.enabled else "mlflow.enabled"
         result = PromotionResult(
@@ -411,31 +380,20 @@ def promote(
 
 
 def promote_planar(
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     report_file: str | Path | None = None,
     rollback: bool = False,
     source: str = "params.yaml",
 ) -> list[PromotionResult]:
     """``promote --dims 2``: the segmenter (``evaluate_2d.model_name``), then the detector
-    (``detect.model_name``), one report (default ``<paths.reports_2d>/promotion.json``)."""
-    names = [section(key, params, source=source).model_name for key in ("evaluate_2d", "detect")]
-    report = report_file or Path(section("paths", params, source=source).reports_2d) / PROMOTION_FILE
-    return promote_models(params, names, report_file=report, rollback=rollback, source=source)
-
-
-def promote_models(
-    params: dict[str, Any],
-    names: list[str],
-    *,
-    report_file: str | Path,
-    rollback: bool = False,
-    source: str = "params.yaml",
-) -> list[PromotionResult]:
-    """:func:`promote` each registered model of ``names`` (the 2-D segmenter, then its detector) and
-    write one report: the first model's decision, the others' under ``also``."""
+    (``detect.model_name``); one report (default ``<paths.reports_2d>/promotion.json``): the
+    segmenter's decision, the detector's under ``also``."""
+    params = as_params(params, source)
     from tumorseg.config import apply_overrides
 
+    names = [params.section(key).model_name for key in ("evaluate_2d", "detect")]
+    report_file = report_file or Path(params.paths.reports_2d) / PROMOTION_FILE
     results = [
         promote(
             apply_overrides(params, {"registry.model_name": name}),
@@ -530,14 +488,14 @@ def _rollback(client: Any, name: str) -> PromotionResult:
     )
 
 
-def _log_decision(client: Any, uri: str, result: PromotionResult, params: dict[str, Any], source: str) -> str:
+def _log_decision(client: Any, uri: str, result: PromotionResult, params: Params, source: str) -> str:
     """One MLflow run per decision: tags, the comparison's numbers, and the decision JSON as artifact."""
     from mlflow.entities import Metric, RunTag
 
     from tumorseg.tracking import ensure_experiment
     from tumorseg.training.config import MlflowConfig
 
-    mlflow_cfg: MlflowConfig = section("mlflow", params, source=source)
+    mlflow_cfg: MlflowConfig = params.mlflow
     experiment_id = ensure_experiment(uri, mlflow_cfg.experiment)
     title = f"promote {result.model_name}" + (f" v{result.challenger}" if result.challenger else "")
     run = client.create_run(experiment_id, run_name="rollback" if result.action == "rolled_back" else title)

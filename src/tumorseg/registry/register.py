@@ -1,7 +1,9 @@
-"""Log the test evaluation to the training run and register the model as the new ``challenger``.
+"""Log a test evaluation to the training run and register the model as the new ``challenger``.
 
-Each version carries its own evidence (``evaluation.json``: per-case Dice per region that ``tumorseg
-promote`` pairs, reference sha256s, metrics; ``model_card.md``) and provenance and score tags.
+Each version carries its own evidence (``evaluation.json``: the per-case scores ``tumorseg promote``
+pairs, reference sha256s, metrics; ``model_card.md``) and provenance and score tags. A volume model is
+one name (``registry.model_name``); the 2-D package is registered twice, as ``tumorseg-2d`` (per-image
+score: ``tumour`` Dice) and ``tumorseg-detect`` (``correct``, 0/1, so the gate's mean is the accuracy).
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tumorseg.config import section
 from tumorseg.data.source import source_folder
+from tumorseg.params import Params, as_params
 from tumorseg.registry.config import CHALLENGER, RegistryConfig
 from tumorseg.registry.model_card import (
+    PLANAR_DESCRIPTIONS,
     ModelCardFacts,
     registry_description,
     render_model_card,
+    render_planar_card,
     scored_regions,
 )
 from tumorseg.tracking import data_version, ensure_experiment, fluent_store, git_commit
@@ -77,22 +81,31 @@ def cases_fingerprint(reference_sha256: dict[str, str]) -> str:
     return hashlib.md5(text.encode()).hexdigest()
 
 
-def checkpoint_or_new_run(
-    client: Any,
-    checkpoint: str | Path,
+def log_test_evaluation(
+    metrics: dict[str, Any],
+    files: dict[str, Path],
     *,
+    checkpoint: str | Path,
     tracking_uri: str,
     experiment: str,
-    run_name: str,
+    prefix: str = METRIC_PREFIX,
+    folder: Callable[[str], str] = lambda key: (
+        "evaluation/plots" if key.startswith("plot_") else "evaluation"
+    ),
+    run_name: str = "evaluate",
     tags: dict[str, str] | None = None,
 ) -> str:
-    """The training run a checkpoint came from (test results belong there), else a new, finished run.
+    """Log test ``metrics`` (``<prefix><name>``, None skipped) and report ``files`` (to ``folder(key)``)
+    to the checkpoint's training run; returns the run id.
 
-    A new run ``run_name`` in ``experiment`` is created when training ran without MLflow or the store
-    does not know the run, so evaluation results are never lost.
+    A new, finished run ``run_name`` in ``experiment`` (with ``tags``) takes them when training ran
+    without MLflow or the store does not know its run, so evaluation results are never lost.
     """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
+    client = MlflowClient(tracking_uri)
     run_id = checkpoint_run_id(checkpoint)
     if run_id is not None:
         try:
@@ -104,37 +117,22 @@ def checkpoint_or_new_run(
         experiment_id = ensure_experiment(tracking_uri, experiment)
         run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         client.set_terminated(run_id)
-    return run_id
-
-
-def log_test_evaluation(
-    evaluation: Any, *, checkpoint: str | Path, tracking_uri: str, experiment: str
-) -> str:
-    """Log test metrics (``test_eval/*``) and reports to the checkpoint's run (or a new ``evaluate`` run)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client = MlflowClient(tracking_uri)
-    tags = {"tumorseg.checkpoint": str(checkpoint)}
-    run_id = checkpoint_or_new_run(
-        client, checkpoint, tracking_uri=tracking_uri, experiment=experiment, run_name="evaluate", tags=tags
-    )
     now = int(time.time() * 1000)
-    items = evaluation.metrics.items()
-    metrics = [Metric(f"{METRIC_PREFIX}{k}", float(v), now, 0) for k, v in items if v is not None]
-    client.log_batch(run_id, metrics=metrics)
-    for name, path in evaluation.files.items():
-        folder = "evaluation/plots" if name.startswith("plot_") else "evaluation"
-        client.log_artifact(run_id, str(path), artifact_path=folder)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(f"{prefix}{k}", float(v), now, 0) for k, v in metrics.items() if v is not None],
+    )
+    for key, path in files.items():
+        client.log_artifact(run_id, str(path), artifact_path=folder(key))
     return run_id
 
 
-def _data_hash(client: Any, run_id: str, params: dict[str, Any], source: str) -> tuple[str, str]:
+def _data_hash(client: Any, run_id: str, params: Params, source: str) -> tuple[str, str]:
     """The training data hash the run recorded, else computed from ``paths.preprocessed``."""
     tags = client.get_run(run_id).data.tags
     if tags.get("data.data_md5"):
         return tags["data.data_md5"], tags.get("data.data_md5_source", "run tag")
-    found = data_version(section("paths", params, source=source).preprocessed)
+    found = data_version(params.paths.preprocessed)
     return found["data_md5"], found["data_md5_source"]
 
 
@@ -149,7 +147,7 @@ def evidence_files(record: dict[str, Any], card: str, prefix: str) -> Iterator[d
         yield files
 
 
-def register_version(client: Any, uri: str, name: str, description: str, tags: dict[str, str]) -> str:
+def register_version(client: Any, uri: str, name: str, description: str | None, tags: dict[str, str]) -> str:
     """Register model ``uri`` as a new version of ``name`` (created with ``description`` if new)."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -159,6 +157,34 @@ def register_version(client: Any, uri: str, name: str, description: str, tags: d
     except MlflowException:
         client.create_registered_model(name, description=description)
     return str(mlflow.register_model(uri, name, tags=tags).version)
+
+
+def publish_version(
+    client: Any,
+    *,
+    name: str,
+    run_id: str,
+    description: str,
+    record: dict[str, Any],
+    card: Callable[[str | None], str],
+    log_model: Callable[[dict[str, Path]], str],
+    tags: dict[str, str],
+    prefix: str,
+) -> RegisteredVersion:
+    """Log a pyfunc with its evidence to ``run_id``, register it under ``name``, alias it ``challenger``.
+
+    ``card(version)`` renders the model card (version None before registration); ``log_model(files)``
+    logs the pyfunc and the card into the active run and returns the model URI.
+    """
+    import mlflow
+
+    with evidence_files(record, card(None), prefix) as files, mlflow.start_run(run_id=run_id):
+        uri = log_model(files)
+    version = register_version(client, uri, name, description, tags)
+    client.update_model_version(name, version, description=registry_description(card(version)))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    log.info("registered %s version %s (run %s) as %s", name, version, run_id, CHALLENGER)
+    return RegisteredVersion(name, version, run_id, f"models:/{name}/{version}")
 
 
 def register_model(
@@ -172,12 +198,22 @@ def register_model(
     params: dict[str, Any],
     source: str = "params.yaml",
 ) -> RegisteredVersion:
-    """Log the pyfunc to ``run_id``, register it as a new version of ``cfg.model_name``, alias ``challenger``.
+    """Register the volume model ``trained`` as a new ``challenger`` version of ``cfg.model_name``.
 
-    ``evaluation`` is the :class:`~tumorseg.evaluation.pipeline_stage.TestEvaluation` of ``trained``
-    with ``predict_settings``, which are stored with the model.
+    ``evaluation`` is its :class:`~tumorseg.evaluation.pipeline_stage.TestEvaluation` with
+    ``predict_settings``, which are stored with the model.
     """
+    params = as_params(params, source)
     import mlflow
+
+    from tumorseg.registry.pyfunc import log_segmentation_model
+
+    def log_model(files: dict[str, Path]) -> str:
+        info = log_segmentation_model(
+            trained, predict_settings, name=LOGGED_MODEL_NAME, extra_artifacts=files
+        )
+        mlflow.log_artifact(str(files["model_card"]))
+        return info.model_uri
 
     with fluent_store(tracking_uri):
         client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
@@ -190,15 +226,19 @@ def register_model(
             "params_md5": facts.params_md5,
             "git_commit": facts.git_commit,
         }
-        uri = _log_version_model(trained, predict_settings, record, render_model_card(facts), run_id)
-        tags = _version_tags(trained, evaluation, facts, cases_md5)
-        version = register_version(client, uri, cfg.model_name, MODEL_DESCRIPTION, tags)
-        card = render_model_card(facts, version=version)
-        client.update_model_version(cfg.model_name, version, description=registry_description(card))
-        client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-        client.set_tag(run_id, "tumorseg.registered_version", f"{cfg.model_name}/{version}")
-        log.info("registered %s version %s (run %s) as %s", cfg.model_name, version, run_id, CHALLENGER)
-        return RegisteredVersion(cfg.model_name, version, run_id, f"models:/{cfg.model_name}/{version}")
+        registered = publish_version(
+            client,
+            name=cfg.model_name,
+            run_id=run_id,
+            description=MODEL_DESCRIPTION,
+            record=record,
+            card=lambda version: render_model_card(facts, version=version),
+            log_model=log_model,
+            tags=_version_tags(trained, evaluation, facts, cases_md5),
+            prefix="tumorseg-register-",
+        )
+        client.set_tag(run_id, "tumorseg.registered_version", f"{cfg.model_name}/{registered.version}")
+        return registered
 
 
 def _model_card_facts(
@@ -231,22 +271,6 @@ def _model_card_facts(
     )
 
 
-def _log_version_model(
-    trained: Any, predict_settings: dict[str, Any], record: dict[str, Any], card: str, run_id: str
-) -> str:
-    """Log the pyfunc with its evidence to ``run_id``; return the model URI (the card goes to the run too)."""
-    import mlflow
-
-    from tumorseg.registry.pyfunc import log_segmentation_model
-
-    with evidence_files(record, card, "tumorseg-register-") as files, mlflow.start_run(run_id=run_id):
-        info = log_segmentation_model(
-            trained, predict_settings, name=LOGGED_MODEL_NAME, extra_artifacts=files
-        )
-        mlflow.log_artifact(str(files["model_card"]))
-    return info.model_uri
-
-
 def _version_tags(trained: Any, evaluation: Any, facts: ModelCardFacts, cases_md5: str) -> dict[str, str]:
     """The version's provenance and test scores as tags (what ``tumorseg promote`` and searches read)."""
     m = evaluation.metrics
@@ -260,4 +284,81 @@ def _version_tags(trained: Any, evaluation: Any, facts: ModelCardFacts, cases_md
         "test_cases_md5": cases_md5,
         "test_dice_mean": f"{m['dice_mean']:.6f}",
         **{f"test_dice_{r}": f"{m[f'dice_{r}']:.6f}" for r in scored_regions(m)},
+    }
+
+
+def register_planar_models(
+    package: dict[str, Path],
+    evaluation: dict[str, Any],
+    *,
+    run_id: str,
+    tracking_uri: str,
+    names: dict[str, str],
+    config: dict[str, Any],
+    data_md5: str,
+    synthetic: bool,
+) -> dict[str, RegisteredVersion]:
+    """Register the 2-D ``package`` once per kind of ``names`` (``{"segmentation": ..., "detection": ...}``).
+
+    ``evaluation`` is ``{"metrics", "evidence": {kind: {"regions", "case_dice", "reference_sha256"}}}``.
+    """
+    import mlflow
+
+    from tumorseg.registry.pyfunc import log_planar_model
+
+    with fluent_store(tracking_uri):
+        client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        facts = {
+            "run_id": run_id,
+            "git_commit": git_commit(Path(__file__).resolve().parent),
+            "data_md5": data_md5,
+            "params_md5": params_md5(config),
+            "synthetic": synthetic,
+        }
+        metrics = evaluation["metrics"]
+        registered: dict[str, RegisteredVersion] = {}
+        for kind, name in names.items():
+            evidence = evaluation["evidence"][kind]
+            cases_md5 = cases_fingerprint(evidence["reference_sha256"])
+
+            def log_model(files: dict[str, Path], kind: str = kind) -> str:
+                info = log_planar_model(package, name=f"planar_{kind}", extra_artifacts=files)
+                mlflow.log_artifact(str(files["model_card"]), artifact_path=f"model_card_{kind}")
+                return info.model_uri
+
+            tags = {
+                "git_commit": facts["git_commit"] or "unknown",
+                "data_md5": data_md5,
+                "params_md5": facts["params_md5"],
+                "network": str(config.get("model_2d", {}).get("name")),
+                "branch": "2d",
+                "test_n_cases": str(len(evidence["case_dice"])),
+                "test_cases_md5": cases_md5,
+                **{k: f"{v:.6f}" for k, v in _planar_headline(kind, metrics).items() if v is not None},
+            }
+            registered[kind] = publish_version(
+                client,
+                name=name,
+                run_id=run_id,
+                description=PLANAR_DESCRIPTIONS[kind],
+                record={**evidence, "metrics": metrics, "test_cases_md5": cases_md5, **facts},
+                card=lambda version, kind=kind, name=name: render_planar_card(
+                    kind, name, metrics, config, {**facts, "version": version} if version else facts
+                ),
+                log_model=log_model,
+                tags=tags,
+                prefix="tumorseg-register-2d-",
+            )
+        return registered
+
+
+def _planar_headline(kind: str, metrics: dict[str, Any]) -> dict[str, float | None]:
+    """The test scores a 2-D version is tagged with: ``tumour`` Dice, or the detector's four figures."""
+    if kind == "segmentation":
+        dice = metrics.get("segmentation", {}).get("dice_tumour") or {}
+        return {"test_dice_tumour": dice.get("value")}
+    det = metrics.get("detection", {})
+    return {
+        f"test_{m}": (det.get(m) or {}).get("value")
+        for m in ("accuracy", "sensitivity", "specificity", "auc")
     }

@@ -1,13 +1,9 @@
-"""The HTTP service: ``POST /predict`` for one case, a browser viewer, health and OpenAPI docs.
+"""The HTTP service: ``POST /predict`` for one 3-D case or 2-D image, a browser viewer, health and docs.
 
-``create_app(settings)`` builds the FastAPI application; the models load when it starts, through
-:func:`tumorseg.registry.loading.load_model` and the same
-:class:`~tumorseg.models.predictor.SegmentationPredictor` ``tumorseg predict`` uses, so a served
-segmentation is byte-for-byte the CLI's. Without a 2-D model (``serve.model_2d``) 2-D uploads get 503.
-Every error is JSON ``{"error": "<one line>"}`` (:mod:`~tumorseg.serving.error_handlers`); uploads go
-into a private per-request folder, and nothing is unpickled. The routes live in
-:mod:`~tumorseg.serving.predict_routes` and :mod:`~tumorseg.serving.viewer_routes`, the state in
-:mod:`~tumorseg.serving.service`.
+The models load at start through :mod:`tumorseg.registry.loading` and predict with
+:mod:`tumorseg.models.predictor`, so a served segmentation is byte-for-byte the CLI's. Every error is
+JSON ``{"error": "<one line>"}``; routes live in :mod:`.predict_routes` and :mod:`.viewer_routes`, the
+state in :mod:`.service`.
 """
 
 from __future__ import annotations
@@ -29,9 +25,15 @@ from starlette.concurrency import run_in_threadpool
 
 from tumorseg.serving.error_handlers import add_error_handlers
 from tumorseg.serving.limits import RequestLimits
-from tumorseg.serving.planar import PlanarSlot, load_planar_slot
 from tumorseg.serving.predict_routes import add_demo_routes, add_predict_route
-from tumorseg.serving.service import ServeSettings, Service, describe_model, service_of
+from tumorseg.serving.service import (
+    PlanarSlot,
+    ServeSettings,
+    Service,
+    describe_model,
+    load_planar_slot,
+    service_of,
+)
 from tumorseg.serving.viewer_routes import add_case_routes, add_ground_truth_route
 
 __all__ = ["ServeSettings", "Service", "create_app", "describe_model", "serve"]
@@ -46,13 +48,21 @@ def create_app(settings: ServeSettings, *, loaded_model: Any = None, planar: Pla
     ``loaded_model`` (a :class:`~tumorseg.registry.loading.LoadedModel`) and ``planar`` are served
     instead of loading ``settings.model_uri`` / ``settings.model_2d`` (``serve()`` loads them first).
     """
-    static_dir = Path(str(resources.files("tumorseg.serving") / "static"))
     app = FastAPI(
         title="tumorseg",
         summary="Brain-tumour segmentation of BraTS-style MRI (T1, T1ce, T2, FLAIR)",
         version=_package_version(),
         lifespan=_lifespan(settings, loaded_model, planar),
     )
+    _add_routes(app)
+    return RequestLimits(
+        app, max_body_bytes=settings.serve.max_upload_bytes, timeout_s=settings.serve.request_timeout_s
+    )
+
+
+def _add_routes(app: FastAPI) -> None:
+    """The static files, the error handlers, then every route, in the order the docs list them."""
+    static_dir = Path(str(resources.files("tumorseg.serving") / "static"))
     app.mount("/static", StaticFiles(directory=static_dir), name="static")
     add_error_handlers(app)
     add_predict_route(app)
@@ -60,9 +70,6 @@ def create_app(settings: ServeSettings, *, loaded_model: Any = None, planar: Pla
     add_case_routes(app)
     add_ground_truth_route(app)
     _add_health_routes(app, static_dir)
-    return RequestLimits(
-        app, max_body_bytes=settings.serve.max_upload_bytes, timeout_s=settings.serve.request_timeout_s
-    )
 
 
 def _lifespan(

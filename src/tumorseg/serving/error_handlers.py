@@ -1,8 +1,7 @@
 """Every error the service answers, as one line of JSON: ``{"error": "<what went wrong, what to do>"}``.
 
-User errors keep their own status (422 by default) with the server's temp folders scrubbed from the
-message; a full pool is 503 with ``Retry-After``; anything unexpected is a logged 500 naming only the
-exception type.
+User errors keep their status (422 by default), the server's temp folders scrubbed from the message; a
+full pool is 503 with ``Retry-After``; anything unexpected a logged 500 naming only the exception type.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Request limits that hold before any endpoint code runs, and the bounded inference pool.
 
-:class:`RequestLimits` is a plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` buffers and
-cannot abort an upload half-way): a body over ``serve.max_upload_mb`` is 413 as soon as
-``Content-Length`` or the streamed bytes cross the cap; a request over ``serve.request_timeout_s`` is
-504 (a job already running finishes in its thread: Python threads cannot be killed).
-:class:`InferencePool` runs ``serve.workers`` threads with at most ``serve.queue_size`` jobs waiting,
-so memory stays bounded by ``workers`` cases in flight.
+:class:`RequestLimits` is plain ASGI (Starlette's ``BaseHTTPMiddleware`` buffers and cannot abort an
+upload half-way): a body over ``serve.max_upload_mb`` is 413 as soon as ``Content-Length`` or the
+streamed bytes cross it, a request over ``serve.request_timeout_s`` 504 (a running job finishes in its
+thread). :class:`InferencePool` runs ``serve.workers`` threads, at most ``serve.queue_size`` waiting.
 """
 
 from __future__ import annotations

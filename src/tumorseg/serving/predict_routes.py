@@ -1,14 +1,15 @@
-"""``POST /predict`` and the demo cases (``GET /demo``, ``POST /demo/{case_id}``).
+"""``POST /predict`` (one 3-D case or 2-D image) and the demo cases (``GET /demo``, ``POST /demo/{id}``).
 
-Uploads are staged on a threadpool thread (the event loop never reads files) and predicted on the
-service's bounded pool. Whoever holds the request's folder removes it: the pool job once it has
-started, the route when the job never ran (pool full, or cancelled by the request time limit).
+Uploads are staged on a threadpool thread and predicted on the service's bounded pool. Whoever holds
+the request's folder removes it: the pool job once started, the route when the job never ran.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,10 +18,10 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from tumorseg.data.readers import IMAGE, name_dims
+from tumorseg.data.readers import IMAGE, VOLUME
 from tumorseg.serving.error_handlers import error_response
 from tumorseg.serving.service import Service, service_of
-from tumorseg.serving.uploads import UploadRejected, remove_tree, safe_file_name, stage_upload
+from tumorseg.serving.uploads import UploadRejected, remove_tree, safe_file_name, stage_upload, upload_dims
 from tumorseg.serving.viewer import DisplayCase, PlanarDisplay
 from tumorseg.serving.viewer_routes import viewer_summary
 
@@ -38,66 +39,47 @@ PIXEL_SIZE_HELP = "2-D only: pixel side in mm, to report the tumour area in mm²
 
 
 async def run_prediction(
-    service: Service, folder: Path, workdir: Path, output: OutputFormat, remove_workdir: bool
+    service: Service,
+    workdir: Path,
+    output: OutputFormat,
+    *,
+    source: Path | None = None,
+    stage: Callable[[], Path] | None = None,
+    pixel_size_mm: float | None = None,
 ) -> Response:
-    """Predict the 3-D case in ``folder`` on the pool and answer in ``output``'s format."""
+    """Predict ``source`` (or what ``stage`` writes, on a threadpool thread) on the pool; answer in ``output``."""
     future: Future[Any] | None = None
     try:
-        future = service.pool.submit(service.run_job, folder, workdir, output == "viewer", remove_workdir)
+        if stage is not None:
+            source = await run_in_threadpool(stage)
+        future = service.pool.submit(service.run_job, source, workdir, output == "viewer", pixel_size_mm)
         result = await asyncio.wrap_future(future)
     finally:
-        # A job that never started (busy, or cancelled by the timeout) leaves its folder to us.
-        if remove_workdir and (future is None or future.cancel()):
+        # A job that never started (staging failed, busy, or cancelled by the timeout) leaves its folder to us.
+        if future is None or future.cancel():
             remove_tree(workdir)
-    summary = result["summary"]
-    if output == "nifti":
-        return Response(
-            result["segmentation"],
-            media_type="application/gzip",
-            headers={
-                "Content-Disposition": f'attachment; filename="{result["file_name"]}"',
-                "X-Tumorseg-Volumes-Ml": ",".join(f"{k}={v}" for k, v in summary["volumes_ml"].items()),
-            },
-        )
+    if output == result["format"]:
+        headers = {
+            "Content-Disposition": f'attachment; filename="{result["file_name"]}"',
+            **result["headers"],
+        }
+        return Response(result["segmentation"], media_type=result["media_type"], headers=headers)
     if output == "viewer":
-        display: DisplayCase = result["display"]
+        display: DisplayCase | PlanarDisplay = result["display"]
         return JSONResponse(viewer_summary(service.store.add(display), display))
-    return JSONResponse(summary)
+    return JSONResponse(result["summary"])
 
 
-async def run_planar_prediction(
-    service: Service, name: str, stream: Any, output: OutputFormat, pixel_size_mm: float | None
-) -> Response:
-    """Stage and predict one 2-D image with the 2-D model; answer the mask PNG, JSON or a viewer summary."""
-    if output == "nifti":
+def _check_output(dims: int, output: OutputFormat, name: str) -> None:
+    """Refuse the file format of the other dimensionality."""
+    if dims == IMAGE and output == "nifti":
         raise UploadRejected(
             f"format: nifti is for 3-D cases; {name} is a 2-D image: ask for png (the mask), json or viewer"
         )
-    service.planar.require()  # 503 before reading the upload when there is no 2-D model
-    workdir = service.request_dir()
-    future: Future[Any] | None = None
-    try:
-        path = await run_in_threadpool(service.stage_planar, name, stream, workdir)
-        future = service.pool.submit(service.run_planar_job, path, workdir, output == "viewer", pixel_size_mm)
-        result = await asyncio.wrap_future(future)
-    finally:
-        if future is None or future.cancel():  # the job never ran: its folder is ours to remove
-            remove_tree(workdir)
-    summary = result["summary"]
-    if output == "png":
-        headers = {
-            "Content-Disposition": f'attachment; filename="{result["file_name"]}"',
-            "X-Tumorseg-Probability": str(summary["probability"]),
-            "X-Tumorseg-Label": summary["label"],
-            "X-Tumorseg-Area-Px": str(summary["tumour_area_px"]),
-        }
-        if summary["tumour_type"]:
-            headers["X-Tumorseg-Tumour-Type"] = summary["tumour_type"]
-        return Response(result["mask_png"], media_type="image/png", headers=headers)
-    if output == "viewer":
-        display: PlanarDisplay = result["display"]
-        return JSONResponse(viewer_summary(service.store.add(display), display))
-    return JSONResponse(summary)
+    if dims == VOLUME and output == "png":
+        raise UploadRejected(
+            "format: png is the mask of a 2-D image; a 3-D case gives nifti (default), json or viewer"
+        )
 
 
 def add_predict_route(app: FastAPI) -> None:
@@ -120,28 +102,15 @@ def add_predict_route(app: FastAPI) -> None:
         """
         service = service_of(request)
         names = [safe_file_name(upload.filename) for upload in files]
-        planar = [name for name in names if name_dims(name) == IMAGE]
-        if planar:
-            if len(files) != 1:
-                raise UploadRejected(
-                    f"{planar[0]}: a 2-D image comes alone; upload one image per request ({len(files)} files sent)"
-                )
-            return await run_planar_prediction(
-                service, names[0], files[0].file, format or "png", pixel_size_mm
-            )
-        if format == "png":
-            raise UploadRejected(
-                "format: png is the mask of a 2-D image; a 3-D case gives nifti (default), json or viewer"
-            )
-        format = format or "nifti"
+        dims = upload_dims(names)
+        output = format or ("png" if dims == IMAGE else "nifti")
+        _check_output(dims, output, names[0])
+        if dims == IMAGE:
+            service.planar.require()  # 503 before reading the upload when there is no 2-D model
         workdir = service.request_dir()
-        try:
-            uploads = [(upload.filename, upload.file) for upload in files]
-            folder = await run_in_threadpool(stage_upload, uploads, workdir, service.limits)
-        except BaseException:
-            remove_tree(workdir)
-            raise
-        return await run_prediction(service, folder, workdir, format, remove_workdir=True)
+        uploads = [(upload.filename, upload.file) for upload in files]
+        stage = partial(stage_upload, uploads, workdir, service.limits)
+        return await run_prediction(service, workdir, output, stage=stage, pixel_size_mm=pixel_size_mm)
 
 
 def add_demo_routes(app: FastAPI) -> None:
@@ -163,5 +132,4 @@ def add_demo_routes(app: FastAPI) -> None:
         if case_id not in demo.case_ids:
             state = "still being generated" if not demo.ready.is_set() else f"one of {demo.case_ids}"
             return error_response(404, f"demo case {case_id!r}: unknown; demo cases are {state}")
-        workdir = service.request_dir()
-        return await run_prediction(service, demo.folder / case_id, workdir, format, remove_workdir=True)
+        return await run_prediction(service, service.request_dir(), format, source=demo.folder / case_id)

@@ -1,10 +1,5 @@
-"""The state behind the HTTP service, and the work its pool threads do.
-
-:class:`Service` holds one application's loaded models, bounded inference pool, viewer result store
-and private temp folder. The 3-D and 2-D prediction jobs and :func:`score_mask` run on pool or
-threadpool threads, never on the event loop; routes reach the service through
-``request.app.state.service``.
-"""
+"""The state behind the HTTP service: loaded models (the 2-D one optional), bounded pool, viewer store,
+private temp folder; :meth:`Service.run_job` predicts an upload of either dimensionality on a pool thread."""
 
 from __future__ import annotations
 
@@ -19,14 +14,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tumorseg.errors import DataError
+from tumorseg.data.readers import IMAGE, input_dims
+from tumorseg.errors import DataError, TumorsegError, first_line
+from tumorseg.params import Params, as_params
 from tumorseg.serving.config import ServeConfig
 from tumorseg.serving.limits import InferencePool
-from tumorseg.serving.planar import PlanarSlot, check_planar_file, predict_planar_file, stage_planar_upload
-from tumorseg.serving.uploads import ByteBudget, UploadLimits, UploadRejected, copy_inflated, remove_tree
+from tumorseg.serving.uploads import (
+    ByteBudget,
+    UploadLimits,
+    UploadRejected,
+    copy_inflated,
+    remove_tree,
+    too_many_pixels,
+)
 from tumorseg.serving.viewer import (
     DisplayCase,
     ResultStore,
+    binary_dice,
     build_display_case,
     build_planar_display,
     label_set_info,
@@ -53,16 +57,16 @@ class ServeSettings:
 
     @classmethod
     def from_params(
-        cls, params: dict[str, Any], *, model_uri: str | None = None, source: str = "params.yaml"
+        cls, params: Params | dict[str, Any], *, model_uri: str | None = None, source: str = "params.yaml"
     ) -> ServeSettings:
         """The model is ``model_uri``, else ``serve.model``, else ``predict.model``; the tracking store
         is resolved as ``tumorseg predict`` resolves it."""
-        from tumorseg.config import section
-        from tumorseg.models.predictor import PredictConfig
+        params = as_params(params, source)
+        from tumorseg.models.config import PredictConfig
         from tumorseg.tracking import params_tracking_uri
 
-        serve: ServeConfig = section("serve", params, source=source)
-        predict: PredictConfig = section("predict", params, source=source)
+        serve: ServeConfig = params.serve
+        predict: PredictConfig = params.predict
         return cls(
             serve=serve,
             predict=predict,
@@ -107,6 +111,85 @@ def _registered_meta(folder: Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+# ---------------------------------------------------------------------------- the optional 2-D model
+class PlanarModelMissing(TumorsegError):
+    """A 2-D upload while no 2-D model is loaded (HTTP 503)."""
+
+    status_code = 503
+
+
+@dataclass(frozen=True)
+class PlanarSlot:
+    """The 2-D model (a ``PlanarModel``) asked for as ``uri`` (None: disabled), or the one-line
+    ``error`` saying why it could not be loaded."""
+
+    uri: str | None
+    model: Any = None
+    error: str | None = None
+
+    def require(self) -> Any:
+        """The model, or :class:`PlanarModelMissing` with what to do."""
+        if self.model is None:
+            if not self.uri:
+                why = "serve.model_2d is null"
+            else:  # load errors usually name the URI already
+                why = self.error if self.error and self.uri in self.error else f"{self.uri}: {self.error}"
+            raise PlanarModelMissing(
+                f"no 2-D model is available ({why}); restart `tumorseg serve` with --model-2d <a 2-D "
+                "model folder, a 2-D best.ckpt or models:/tumorseg-2d@champion>, or set "
+                "serve.model_2d in params.yaml"
+            )
+        return self.model
+
+    def info(self) -> dict[str, Any]:
+        """What ``/health`` reports: name, version, alias, uri, detector, or the load error."""
+        if self.model is None:
+            return {"available": False, "uri": self.uri, "error": self.error or "serve.model_2d is null"}
+        from tumorseg.registry.loading import MODELS_URI
+
+        uri = str(self.uri)
+        match = MODELS_URI.match(uri)
+        version = re.search(r"\(version (\d+)\)", self.model.description or "")
+        if match:
+            name, alias = match["name"], match["alias"]
+            number = match["version"] or (version.group(1) if version else None)
+        else:
+            name, alias, number = Path(uri.rstrip("/")).name or uri, None, None
+        return {
+            "available": True,
+            "name": str(name),
+            "version": number,
+            "alias": alias,
+            "uri": uri,
+            "description": self.model.description,
+            "detector": _detector(self.model),
+            "input_size": int(self.model.preprocess.size),
+        }
+
+
+def _detector(model: Any) -> dict[str, Any]:
+    return {"method": model.detector.method, "threshold": model.detector.threshold}
+
+
+def load_planar_slot(uri: str | None, tracking_uri: str) -> PlanarSlot:
+    """Load the 2-D model ``uri`` names; on any failure log one warning and return an empty slot (the
+    optional 2-D model may never stop the 3-D service from starting)."""
+    if not uri:
+        return PlanarSlot(None)
+    from tumorseg.registry.loading import load_planar_model
+
+    try:
+        model = load_planar_model(uri, tracking_uri=tracking_uri)
+    except Exception as exc:
+        message = first_line(exc, 10_000)
+        if not isinstance(exc, TumorsegError):
+            message = f"{type(exc).__name__}: {message}"
+        log.warning("no 2-D model: %s; 2-D uploads get 503 (set serve.model_2d or --model-2d)", message)
+        return PlanarSlot(uri, error=message)
+    log.info("serving 2-D %s", model.description or uri)
+    return PlanarSlot(uri, model)
 
 
 # ---------------------------------------------------------------------------- service state
@@ -158,6 +241,7 @@ class Service:
             max_files=settings.serve.max_files,
             max_members=settings.serve.max_members,
             max_uncompressed_bytes=settings.serve.max_uncompressed_bytes,
+            max_image_pixels=settings.serve.max_image_pixels,
         )
         self.root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-"))  # mode 0700: private to this user
         self.demo = DemoCases(self.root / "demo", settings.serve.demo_cases, settings.serve.demo_spacing_mm)
@@ -181,17 +265,23 @@ class Service:
         self.demo.ready.wait(timeout=60)
         remove_tree(self.root)
 
-    # ------------------------------------------------------------------ prediction (worker thread)
+    # ------------------------------------------------------------------ prediction (pool thread)
+    def run_job(
+        self, source: Path, workdir: Path, keep: bool, pixel_size_mm: float | None = None
+    ) -> dict[str, Any]:
+        """The pool's job: predict a staged case folder or 2-D image, then always remove ``workdir``. Returns
+        ``summary`` (JSON), ``segmentation`` (``.nii.gz`` or mask PNG bytes) with its ``file_name``,
+        ``format``, ``media_type`` and ``headers``, and with ``keep`` the viewer's ``display``."""
+        try:
+            if input_dims(source) == IMAGE:
+                return self.predict_image(source, keep, pixel_size_mm)
+            return self.predict_folder(source, workdir, keep)
+        finally:
+            remove_tree(workdir)
+
     def predict_folder(self, folder: Path, workdir: Path, keep: bool) -> dict[str, Any]:
-        """Segment the one case in ``folder`` (written under ``workdir``); runs on a pool thread.
-
-        Returns:
-            ``summary`` (JSON-ready), ``segmentation`` (the ``.nii.gz`` bytes), ``file_name`` and,
-            with ``keep``, ``display`` (a :class:`DisplayCase` for the viewer).
-
-        Raises:
-            DataError: not exactly one case, a missing or unreadable modality, an absurd grid.
-        """
+        """:meth:`run_job` for the one case in ``folder`` (written under ``workdir``); DataError for not
+        exactly one case, a missing or unreadable modality, or an absurd grid."""
         from tumorseg.models.predictor import read_volumes, reference_header, write_prediction
 
         case = _one_case(folder)
@@ -205,24 +295,16 @@ class Service:
         else:  # each file read and resampled in its own thread, no full-resolution float image
             prediction = self.predictor.predict_case(case)
         written = write_prediction(prediction, workdir / "prediction", reference_header(case))
-        segmentation = written[0].read_bytes()
-        # The input's convention, or the one of the model's label set (a post-treatment model on a
-        # 2023 GLI folder writes 2024 GLI codes); a ground truth of the case is read in it too.
-        convention = prediction.label_convention
         summary = self._summary(case, prediction, spacing)
-        reference = None
-        if case.has_seg:
-            from tumorseg.data.layouts import read_nifti
-            from tumorseg.serving.viewer import dice_per_region
-
-            reference = _canonical_mask(read_nifti(case.paths["seg"]), convention)
-            _check_same_shape(reference.shape, prediction.canonical.shape, case.paths["seg"].name)
-            dice = dice_per_region(prediction.canonical, reference, self.predictor.label_set)
-            summary["dice"] = {k: round(v, 4) for k, v in dice.items()}
+        reference = self._score_reference(case, prediction, summary)
+        volumes_ml = ",".join(f"{k}={v}" for k, v in summary["volumes_ml"].items())
         result: dict[str, Any] = {
             "summary": summary,
-            "segmentation": segmentation,
+            "segmentation": written[0].read_bytes(),
             "file_name": written[0].name,
+            "format": "nifti",
+            "media_type": "application/gzip",
+            "headers": {"X-Tumorseg-Volumes-Ml": volumes_ml},
         }
         if keep:
             display = build_display_case(
@@ -230,15 +312,28 @@ class Service:
                 volumes.image,
                 prediction.canonical,
                 volumes.affine,
-                convention,
+                prediction.label_convention,
                 summary,
-                segmentation,
+                result["segmentation"],
                 self.predictor.label_set,
             )
             if reference is not None:
                 display.set_reference(reference)
             result["display"] = display
         return result
+
+    def _score_reference(self, case: Any, prediction: Any, summary: dict[str, Any]) -> np.ndarray | None:
+        """The case's own ground truth (internal codes; None without one), its Dice added to ``summary``.
+        Read in the prediction's convention (a post-treatment model on 2023 GLI input writes 2024 GLI)."""
+        if not case.has_seg:
+            return None
+        from tumorseg.serving.viewer import dice_per_region
+
+        seg = case.paths["seg"]
+        reference = _read_mask(seg, prediction.label_convention, prediction.canonical.shape, seg.name)
+        dice = dice_per_region(prediction.canonical, reference, self.predictor.label_set)
+        summary["dice"] = {k: round(v, 4) for k, v in dice.items()}
+        return reference
 
     def _summary(self, case: Any, prediction: Any, spacing: tuple[float, ...]) -> dict[str, Any]:
         """The JSON answer of a 3-D prediction (before any Dice)."""
@@ -271,40 +366,59 @@ class Service:
                 f"{case_id}: volume shape {tuple(shape)} is a single slice; upload the 3-D volumes"
             )
 
-    def run_job(self, folder: Path, workdir: Path, keep: bool, remove_workdir: bool) -> dict[str, Any]:
-        """The pool's job: predict, then always remove this request's folder."""
-        try:
-            return self.predict_folder(folder, workdir, keep)
-        finally:
-            if remove_workdir:
-                remove_tree(workdir)
+    def predict_image(self, path: Path, keep: bool, pixel_size_mm: float | None) -> dict[str, Any]:
+        """:meth:`run_job` for one 2-D image. ``pixel_size_mm`` comes from the client: Figshare ``cjdata``
+        stores none, and a PNG's or JPEG's DPI is a printing resolution, not the scanner's."""
+        from tumorseg.data.planar import read_planar
+        from tumorseg.models.predictor import mask_png_bytes, predict_planar
 
-    # ------------------------------------------------------------------ 2-D (worker thread)
-    def stage_planar(self, name: str, stream: Any, workdir: Path) -> Path:
-        """Copy one 2-D upload into ``workdir`` and check its header against the caps (before decoding)."""
-        budget = ByteBudget(self.limits.max_uncompressed_bytes)
-        path = stage_planar_upload(name, stream, workdir, budget)
-        check_planar_file(path, self.settings.serve.max_image_pixels, budget)
-        return path
-
-    def run_planar_job(
-        self, path: Path, workdir: Path, keep: bool, pixel_size_mm: float | None
-    ) -> dict[str, Any]:
-        """The pool's 2-D job: :func:`~tumorseg.serving.planar.predict_planar_file`'s result with the
-        model in the summary (and with ``keep`` a ``PlanarDisplay``); always removes ``workdir``."""
-        try:
-            result = predict_planar_file(
-                path,
-                self.planar.require(),
-                max_pixels=self.settings.serve.max_image_pixels,
-                pixel_size_mm=pixel_size_mm,
-            )
-            result["summary"]["model"] = self.planar.info()
-            if keep:
-                result["display"] = build_planar_display(result)
-            return result
-        finally:
-            remove_tree(workdir)
+        model = self.planar.require()
+        max_pixels = self.settings.serve.max_image_pixels
+        start = time.perf_counter()
+        read = read_planar(path)
+        if read.image.size > max_pixels:  # checked again on the decoded array
+            raise too_many_pixels(path.name, read.image.shape, max_pixels)
+        read_s = time.perf_counter() - start
+        prediction = predict_planar(read.image, model, case_id=read.case_id)
+        predict_s = time.perf_counter() - start - read_s
+        area_px = int(np.count_nonzero(prediction.mask))
+        summary: dict[str, Any] = {
+            "kind": "2d",
+            "case_id": prediction.case_id,
+            "source": read.source,
+            "file_format": read.fmt,
+            "shape": [int(n) for n in read.image.shape],
+            "probability": round(prediction.probability, 6),
+            "label": "yes" if prediction.label else "no",
+            "tumour_type": prediction.tumour_type,
+            "type_probabilities": {k: round(v, 6) for k, v in prediction.type_probabilities.items()},
+            "detector": _detector(model),
+            "tumour_area_px": area_px,
+            "pixel_size_mm": pixel_size_mm,
+            "tumour_area_mm2": None if pixel_size_mm is None else round(area_px * pixel_size_mm**2, 3),
+            "seconds": {"read": round(read_s, 3), "predict": round(predict_s, 3)},
+        }
+        if read.mask is not None:
+            summary["dice"] = {"tumour": round(binary_dice(prediction.mask, read.mask), 4)}
+        summary["model"] = self.planar.info()
+        headers = {
+            "X-Tumorseg-Probability": str(summary["probability"]),
+            "X-Tumorseg-Label": summary["label"],
+            "X-Tumorseg-Area-Px": str(area_px),
+        }
+        if prediction.tumour_type:
+            headers["X-Tumorseg-Tumour-Type"] = prediction.tumour_type
+        result: dict[str, Any] = {
+            "summary": summary,
+            "segmentation": mask_png_bytes(prediction.mask),
+            "file_name": f"{prediction.case_id}_mask.png",
+            "format": "png",
+            "media_type": "image/png",
+            "headers": headers,
+        }
+        if keep:
+            result["display"] = build_planar_display(result, read.image, prediction.mask, read.mask)
+        return result
 
 
 def service_of(request: Request) -> Service:
@@ -336,26 +450,26 @@ def _header_grid(case: Any) -> tuple[tuple[int, ...], tuple[float, float, float]
     return shape, spacing_from_affine(header.get_best_affine())
 
 
-def _check_same_shape(reference: tuple[int, ...], expected: tuple[int, ...], name: str) -> None:
-    if tuple(reference) != tuple(expected):
-        raise DataError(
-            f"{name}: ground truth shape {tuple(reference)} differs from the image shape {tuple(expected)}; "
-            "upload the mask of this case"
-        )
+def _read_mask(path: Path, convention: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A ground-truth mask in internal codes: one 3-D volume in ``convention`` on the ``shape`` grid."""
+    from tumorseg.data.layouts import encode_labels, read_nifti
 
-
-def _canonical_mask(nifti: Any, convention: str) -> np.ndarray:
-    from tumorseg.data.layouts import encode_labels
-
+    nifti = read_nifti(path)
     data = nifti.data
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise DataError(f"{nifti.path.name}: is {data.ndim}-D; a ground-truth mask is one 3-D label volume")
     try:
-        return encode_labels(np.asarray(data), convention)
+        mask = encode_labels(np.asarray(data), convention)
     except ValueError as exc:
         raise DataError(f"{nifti.path.name}: {exc}; upload the mask in the case's own convention") from None
+    if tuple(mask.shape) != tuple(shape):
+        raise DataError(
+            f"{name}: ground truth shape {tuple(mask.shape)} differs from the image shape {tuple(shape)}; "
+            "upload the mask of this case"
+        )
+    return mask
 
 
 def score_mask(
@@ -363,10 +477,6 @@ def score_mask(
 ) -> dict[str, float]:
     """Dice per region of a kept 3-D prediction against an uploaded mask (copied under the byte budget,
     read in the case's convention, checked against its shape); runs on a threadpool thread."""
-    from tumorseg.data.layouts import read_nifti
-
-    budget = ByteBudget(service.limits.max_uncompressed_bytes)
-    path = copy_inflated(stream, workdir, name, budget)
-    canonical = _canonical_mask(read_nifti(path), display.label_convention)
-    _check_same_shape(canonical.shape, display.source_shape, name)
+    path = copy_inflated(stream, workdir, name, ByteBudget(service.limits.max_uncompressed_bytes))
+    canonical = _read_mask(path, display.label_convention, display.source_shape, name)
     return {k: round(v, 4) for k, v in display.set_reference(canonical).items()}

@@ -1,13 +1,11 @@
-"""Uploaded files -> one case folder on disk, checked before anything is extracted or decoded.
+"""Uploads -> one case folder or one 2-D image on disk, checked before anything is extracted or decoded.
 
-``POST /predict`` takes the modality files of one case, named as in any supported layout, or one
-``.zip`` of such a case; they are staged in a private per-request folder and discovered with
-:func:`tumorseg.models.predictor.plan_cases`, so the server accepts exactly what ``tumorseg predict``
-does. Only NIfTI, ``dataset.json`` and ``.zip`` are accepted, names are reduced to a short safe
-alphabet, and every stream (zip member, upload, the gzip in a ``.nii.gz``) is inflated in bounded
-chunks against one byte budget per request (zip and gzip bombs). Hand-written rather than
-``ZipFile.extractall``, which silently sanitises ``..`` and absolute names instead of refusing them
-and trusts the sizes in the zip directory.
+Accepted is what ``tumorseg predict`` reads (cases through :func:`~tumorseg.models.predictor.plan_cases`):
+NIfTI, ``dataset.json``, one ``.zip`` of a case, or one ``.mat``/image file. Names are reduced to a safe
+alphabet; every stream (zip member, ``.nii.gz``, MATLAB v5 element) is inflated in chunks against one
+byte budget per request, and image headers are checked against ``serve.max_image_pixels`` first.
+Hand-written rather than ``ZipFile.extractall``, which sanitises ``..`` and absolute names instead of
+refusing them and trusts the sizes in the zip directory.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ import gzip
 import re
 import shutil
 import stat
+import struct
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from isal import igzip, isal_zlib
 
 from tumorseg.data.conventions import LAYOUTS
 from tumorseg.data.layouts import MSD_IMAGE_FOLDERS
+from tumorseg.data.readers import IMAGE, VOLUME, name_dims
 from tumorseg.errors import DataError, first_line
 
 CHUNK_BYTES = 1 << 20
@@ -36,6 +36,9 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 # macOS resource forks, hidden files and Windows thumbnails zip tools add: skipped, not refused.
 IGNORED_MEMBERS = re.compile(r"(^|/)(__MACOSX|\.[^/]*)(/|$)|(^|/)(Thumbs\.db|desktop\.ini)$")
 UNSAFE_CHARACTERS = "has characters other than letters, digits, '.', '_' and '-'; rename it"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+MAT_V5_HEADER_BYTES = 128
+MI_COMPRESSED = 15
 NAMING_HINT = (
     "name the files as in BraTS 2021 (<case>_t1.nii.gz, _t1ce, _t2, _flair), BraTS 2023+ "
     "(<case>-t1n.nii.gz, -t1c, -t2w, -t2f), or upload one 4-D MSD image"
@@ -56,11 +59,13 @@ class UploadTooLarge(UploadRejected):
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """Caps for one request (``serve.max_files``, ``max_members``, ``max_uncompressed_mb`` in bytes)."""
+    """Caps for one request (``serve.max_files``, ``max_members``, ``max_uncompressed_mb`` in bytes,
+    ``max_image_pixels``)."""
 
     max_files: int
     max_members: int
     max_uncompressed_bytes: int
+    max_image_pixels: int = 25_000_000
 
 
 @dataclass
@@ -96,11 +101,7 @@ def is_nifti_name(name: str) -> bool:
 
 def nifti_stem(name: str) -> str:
     """``BraTS2021_00001_t1.nii.gz`` -> ``BraTS2021_00001_t1``."""
-    lower = name.lower()
-    for suffix in NIFTI_SUFFIXES:
-        if lower.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return re.sub(r"\.nii(\.gz)?$", "", name, flags=re.IGNORECASE)
 
 
 def _peek(stream: BinaryIO, count: int) -> bytes:
@@ -124,12 +125,8 @@ def _write_chunks(reader: BinaryIO, target: Path, budget: ByteBudget, label: str
 
 
 def copy_inflated(stream: BinaryIO, folder: Path, name: str, budget: ByteBudget) -> Path:
-    """Write one NIfTI stream (seekable, at its start) into ``folder``, a gzip one inflated as ``.nii``.
-
-    Raises:
-        UploadTooLarge: the budget ran out (the partial file is removed).
-        UploadRejected: a corrupt or truncated gzip stream, or a name given twice.
-    """
+    """Write one NIfTI stream (seekable, at its start) into ``folder``, a gzip one inflated as ``.nii``;
+    :class:`UploadTooLarge` (partial file removed) or :class:`UploadRejected` (corrupt, or sent twice)."""
     gzipped = _peek(stream, 2) == b"\x1f\x8b"
     target = folder / (f"{nifti_stem(name)}.nii" if gzipped or is_nifti_name(name) else name)
     # python-isal's GzipFile is gzip's API on Intel ISA-L (twice as fast).
@@ -261,11 +258,8 @@ def _match_brats(stems: Sequence[str]) -> tuple[str, str] | None:
 
 
 def arrange_case(loose: Path, dest: Path) -> Path:
-    """Move the NIfTI files of ``loose`` into ``dest`` in a layout ``plan_cases`` reads, and return ``dest``.
-
-    BraTS files go to ``dest/<case_id>/``; one other NIfTI file is taken as a 4-D MSD image and goes
-    to ``dest/imagesTs/`` (with ``dataset.json`` beside it when given).
-    """
+    """Move the NIfTI files of ``loose`` into ``dest`` as ``plan_cases`` reads them: BraTS files to
+    ``dest/<case_id>/``, one other file as a 4-D MSD image to ``dest/imagesTs/`` (``dataset.json`` beside)."""
     images = sorted(p for p in loose.iterdir() if p.is_file() and is_nifti_name(p.name))
     metadata = loose / MSD_METADATA
     if not images:
@@ -298,10 +292,132 @@ def _content_root(folder: Path) -> Path:
     return folder
 
 
+# ---------------------------------------------------------------------------- 2-D images
+def too_many_pixels(name: str, shape: tuple[int, ...], max_pixels: int) -> UploadTooLarge:
+    return UploadTooLarge(
+        f"{name}: declares {' x '.join(str(n) for n in shape)} pixels, more than {max_pixels} "
+        "(serve.max_image_pixels); upload one 2-D slice at its scanner resolution"
+    )
+
+
+def check_image_file(path: Path, max_pixels: int, budget: ByteBudget) -> None:
+    """Refuse, from headers alone, a 2-D file over the pixel or byte caps (:class:`UploadTooLarge`: a
+    few-kB file can declare 10^9 pixels), a MATLAB file pointing outside itself (:class:`UploadRejected`)
+    or an unreadable one (DataError)."""
+    if path.suffix.lower() != ".mat":
+        _check_image_header(path, max_pixels)
+        return
+    with path.open("rb") as fh:
+        head = fh.read(2048 + 8)
+    if any(head[o : o + 8] == HDF5_SIGNATURE for o in (0, 512, 1024, 2048)):
+        _check_mat_v73(path, max_pixels, budget)
+    else:
+        _check_mat_v5(path, budget)
+
+
+def _check_image_header(path: Path, max_pixels: int) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:  # reads the header, not the pixels
+            width, height = img.size
+    except Image.DecompressionBombError:  # over twice PIL's own MAX_IMAGE_PIXELS
+        raise UploadTooLarge(
+            f"{path.name}: declares more pixels than the image decoder allows (and more than "
+            f"{max_pixels}, serve.max_image_pixels); upload one 2-D slice at its scanner resolution"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise DataError(
+            f"{path.name}: not a readable image ({type(exc).__name__}); re-export it as PNG or JPEG"
+        ) from None
+    if width * height > max_pixels:
+        raise too_many_pixels(path.name, (height, width), max_pixels)
+
+
+def _check_mat_v73(path: Path, max_pixels: int, budget: ByteBudget) -> None:
+    """Refuse links, external or virtual storage and oversized ``cjdata`` datasets of an HDF5 MAT file."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            link = fh.get("cjdata", getlink=True)
+            if link is None:
+                return  # read_planar says what is missing
+            if not isinstance(link, h5py.HardLink):
+                raise UploadRejected(f"{path.name}: cjdata is a link to another file or path; refused")
+            group = fh["cjdata"]
+            if not isinstance(group, h5py.Group):
+                return
+            for key in group:
+                field_name = f"{path.name}: cjdata field {key[:40]!r}"
+                if not isinstance(group.get(key, getlink=True), h5py.HardLink):
+                    raise UploadRejected(f"{field_name} is a link to another file or path; refused")
+                item = group[key]
+                if not isinstance(item, h5py.Dataset):
+                    continue
+                if item.external or item.is_virtual:
+                    raise UploadRejected(f"{field_name} stores its data outside the file; refused")
+                if key in ("image", "tumorMask") and item.size > max_pixels:
+                    raise too_many_pixels(path.name, tuple(reversed(item.shape)), max_pixels)
+                budget.charge(int(item.size) * int(item.dtype.itemsize), path.name)
+    except (UploadRejected, DataError):
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise DataError(
+            f"{path.name}: corrupt MATLAB v7.3 (HDF5) file ({type(exc).__name__}); re-export it"
+        ) from None
+
+
+def _check_mat_v5(path: Path, budget: ByteBudget) -> None:
+    """Inflate each compressed top-level element of a MATLAB v5 file in chunks against ``budget``.
+
+    Hand-written: :func:`scipy.io.loadmat` inflates an ``miCOMPRESSED`` element whole, with no cap. Layout
+    per MATLAB's MAT-file format (128-byte header, 8-byte tags ``type, nbytes``); what this walk cannot
+    follow is left to ``loadmat``, which refuses it.
+    """
+    data = path.read_bytes()
+    if len(data) < MAT_V5_HEADER_BYTES:
+        return
+    endian = "<" if data[126:128] == b"IM" else ">"
+    position = MAT_V5_HEADER_BYTES
+    while position + 8 <= len(data):
+        kind, nbytes = struct.unpack_from(f"{endian}II", data, position)
+        body = position + 8
+        if kind >> 16:  # a small-element tag: 4 bytes of data inside the tag
+            position += 8
+            continue
+        if body + nbytes > len(data):
+            return
+        if kind == MI_COMPRESSED:
+            inflater = zlib.decompressobj()
+            pending = data[body : body + nbytes]
+            try:
+                while pending:
+                    budget.charge(len(inflater.decompress(pending, CHUNK_BYTES)), path.name)
+                    pending = inflater.unconsumed_tail
+            except zlib.error:
+                return  # loadmat reports the corrupt element
+            position = body + nbytes
+        else:
+            position = body + nbytes + (-nbytes % 8)
+
+
 # ---------------------------------------------------------------------------- entry point
+def upload_dims(names: Sequence[str]) -> int:
+    """:data:`~tumorseg.data.readers.IMAGE` when the (safe) upload names hold a 2-D image, which must
+    come alone (else :class:`UploadRejected`), else :data:`~tumorseg.data.readers.VOLUME`."""
+    images = [name for name in names if name_dims(name) == IMAGE]
+    if images and len(names) != 1:
+        raise UploadRejected(
+            f"{images[0]}: a 2-D image comes alone; upload one image per request ({len(names)} files sent)"
+        )
+    return IMAGE if images else VOLUME
+
+
 def stage_upload(uploads: Sequence[tuple[str | None, BinaryIO]], workdir: Path, limits: UploadLimits) -> Path:
     """Write ``(client file name, seekable stream)`` uploads into ``workdir`` (private, empty, removed by
-    the caller) and return a folder holding one case for :func:`~tumorseg.models.predictor.plan_cases`."""
+    the caller) and return a folder holding one case for :func:`~tumorseg.models.predictor.plan_cases`,
+    or the one 2-D image, checked (:func:`check_image_file`)."""
     if not uploads:
         raise UploadRejected(
             f"files: no file uploaded; send the case's modality files or one .zip ({NAMING_HINT})"
@@ -312,6 +428,13 @@ def stage_upload(uploads: Sequence[tuple[str | None, BinaryIO]], workdir: Path, 
         )
     budget = ByteBudget(limits.max_uncompressed_bytes)
     named = [(safe_file_name(raw), stream) for raw, stream in uploads]
+    loose = workdir / "upload"  # a fixed name: source_of never takes an upload for a Kaggle yes/no image
+    if upload_dims([name for name, _ in named]) == IMAGE:
+        loose.mkdir()
+        target = loose / named[0][0]
+        copy_plain(named[0][1], target, budget, named[0][0])
+        check_image_file(target, limits.max_image_pixels, budget)
+        return target
     zips = [name for name, stream in named if _is_zip(name, stream)]
     if zips:
         if len(named) > 1:
@@ -325,7 +448,6 @@ def stage_upload(uploads: Sequence[tuple[str | None, BinaryIO]], workdir: Path, 
         root = _content_root(extracted)
         has_folders = any(p.is_dir() for p in root.iterdir())
         return root if has_folders else arrange_case(root, workdir / "case")
-    loose = workdir / "upload"
     loose.mkdir()
     for name, stream in named:
         if name == MSD_METADATA:

@@ -1,12 +1,9 @@
 """What the browser viewer needs from a prediction: display volumes, slices, Dice, and a bounded store.
 
-The browser never decodes NIfTI: a kept *display case* holds the modalities windowed to uint8 and the
-labels, reoriented to the closest RAS grid (axis permutation and flips only, so voxels stay the model's
-output voxels); slices are array views drawn in radiological convention with their in-plane voxel
-sizes. A 2-D prediction is a :class:`PlanarDisplay` served as a single slice. The overlay's regions,
-colours and captions come from the model's label set (:func:`label_set_info`), so a new label set
-needs no change to the page. :class:`ResultStore` keeps at most ``serve.max_results`` of them, each
-dropped ``serve.result_ttl_s`` after its last use.
+A kept :class:`DisplayCase` holds the modalities windowed to uint8 and the labels on the closest RAS
+grid (permutations and flips only: voxels stay the model's), sliced in radiological convention; a 2-D
+prediction is a one-slice :class:`PlanarDisplay`. Overlay regions and colours come from the model's
+label set (:func:`label_set_info`). :class:`ResultStore` keeps ``serve.max_results`` of them (LRU, TTL).
 """
 
 from __future__ import annotations
@@ -48,11 +45,8 @@ def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[fl
 
 
 def window_uint8(volume: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
-    """One modality ``(X, Y, Z)`` -> uint8, windowed on percentiles of its non-zero voxels.
-
-    Percentiles come from a strided sample (every 7th voxel): exact enough for display, and a
-    240 x 240 x 155 volume is not sorted on every request.
-    """
+    """One modality ``(X, Y, Z)`` -> uint8, windowed on percentiles of its non-zero voxels, from every
+    7th voxel: exact enough for display, and a 240 x 240 x 155 volume is not sorted per request."""
     sample = volume.reshape(-1)[::7]
     sample = sample[np.isfinite(sample) & (sample != 0)]
     if sample.size == 0:
@@ -93,14 +87,9 @@ LABEL_CAPTIONS: dict[str, str] = {
 
 
 def label_set_info(label_set: LabelSet) -> dict[str, Any]:
-    """The label set as the viewer (and API clients) need it, JSON-ready.
-
-    Returns:
-        ``name``, ``description``, ``labels`` (internal code as a string -> name), ``regions`` in the
-        network's order (``name``, internal ``codes``, ``paint`` label, ``caption``, ``colour``
-        ``[r, g, b]``), and ``overlay_order``: region names innermost first (a voxel takes the colour
-        of the first enabled region holding its label: ET before TC before WT for glioma).
-    """
+    """The label set as the viewer and API clients need it: ``name``, ``description``, ``labels`` (code
+    string -> name), ``regions`` in the network's order (``name``, ``codes``, ``paint``, ``caption``,
+    ``colour`` ``[r, g, b]``) and ``overlay_order``, innermost first (ET before TC before WT for glioma)."""
     regions = []
     for index, region in enumerate(label_set.train_regions):
         paint = label_set.labels[region.paint]
@@ -127,13 +116,17 @@ def dice_per_region(
     prediction: np.ndarray, reference: np.ndarray, label_set: LabelSet = GLIOMA
 ) -> dict[str, float]:
     """Dice of each train region between two internal label volumes of one shape (both empty: 1.0, as BraTS)."""
-    scores: dict[str, float] = {}
-    for region in label_set.train_regions:
-        pred = np.isin(prediction, region.codes)
-        ref = np.isin(reference, region.codes)
-        total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
-        scores[region.name] = 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
-    return scores
+    return {
+        region.name: binary_dice(np.isin(prediction, region.codes), np.isin(reference, region.codes))
+        for region in label_set.train_regions
+    }
+
+
+def binary_dice(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Dice of two 0/1 masks of one shape; both empty counts as 1.0 (as BraTS)."""
+    pred, ref = np.asarray(prediction) > 0, np.asarray(reference) > 0
+    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
 
 
 @dataclass
@@ -212,12 +205,8 @@ def _payload(
 
 
 def _radiological(section: np.ndarray, plane: str) -> np.ndarray:
-    """A 2-D section of the RAS grid -> rows top to bottom, columns left to right as displayed.
-
-    axial ``(X, Y)``: rows anterior -> posterior, columns patient right -> left;
-    coronal ``(X, Z)``: rows superior -> inferior, columns right -> left;
-    sagittal ``(Y, Z)``: rows superior -> inferior, columns anterior -> posterior.
-    """
+    """A RAS section -> displayed rows and columns: axial ``(X, Y)`` rows anterior -> posterior, columns
+    patient right -> left; coronal ``(X, Z)`` and sagittal ``(Y, Z)`` rows superior -> inferior."""
     return section[::-1, ::-1].T
 
 
@@ -282,27 +271,27 @@ class PlanarDisplay:
         return _payload("axial", 0, "image", rows, [self.pixel_mm, self.pixel_mm])
 
 
-def build_planar_display(result: dict[str, Any]) -> PlanarDisplay:
-    """A :class:`PlanarDisplay` from :func:`tumorseg.serving.planar.predict_planar_file`'s result."""
-    reference = result["reference"]
+def build_planar_display(
+    result: dict[str, Any], image: np.ndarray, mask: np.ndarray, reference: np.ndarray | None
+) -> PlanarDisplay:
+    """A :class:`PlanarDisplay` of a 2-D job's ``result`` with its float ``(H, W)`` image, 0/1 mask and
+    the file's own ``tumorMask`` (or None)."""
     summary = result["summary"]
     return PlanarDisplay(
         case_id=summary["case_id"],
-        image=window_uint8(np.asarray(result["image"], dtype=np.float32)),
-        labels=np.ascontiguousarray(result["mask"] > 0, dtype=np.uint8),
+        image=window_uint8(np.asarray(image, dtype=np.float32)),
+        labels=np.ascontiguousarray(mask > 0, dtype=np.uint8),
         pixel_mm=float(summary["pixel_size_mm"] or 1.0),
         summary=summary,
-        segmentation=result["mask_png"],
+        segmentation=result["segmentation"],
         file_name=result["file_name"],
         reference=None if reference is None else np.ascontiguousarray(reference > 0, dtype=np.uint8),
     )
 
 
 class ResultStore:
-    """Display cases by random id: at most ``max_items``, each expiring ``ttl_s`` after its last use.
-
-    Thread-safe: predictions are stored from worker threads and read from the event loop.
-    """
+    """Display cases by random id: at most ``max_items``, each expiring ``ttl_s`` after its last use;
+    thread-safe (stored from worker threads, read from the event loop)."""
 
     def __init__(self, max_items: int, ttl_s: float) -> None:
         self.max_items = max_items

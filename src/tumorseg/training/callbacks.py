@@ -1,9 +1,4 @@
-"""Training callbacks: Lightning's own (checkpoints, early stopping, LR monitor) plus throughput and progress.
-
-``best.ckpt`` keeps the best ``val_dice_mean`` (the model downstream stages use); ``last.ckpt`` is
-refreshed every ``train.checkpoint_every_n_steps`` steps, so a killed run resumes close to where
-it stopped.
-"""
+"""Training callbacks: Lightning's own (checkpoints, early stopping, LR monitor) plus throughput and progress."""
 
 from __future__ import annotations
 
@@ -23,16 +18,10 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 30.0
 """Seconds between training progress lines (one more after each validation)."""
 
-BEST_NAME = "best"
-LAST_NAME = "last"
-
 
 class PatchThroughput(Callback):
-    """Training patches per second (global: per-rank batch x world size), training phase only.
-
-    The clock runs from one batch end to the next: data loading and the optimiser step are in,
-    validation and epoch-end checkpointing are out.
-    """
+    """Training patches per second (per-rank batch x world size), timed from one batch end to the
+    next: data loading and the optimiser step count, validation and epoch-end checkpointing do not."""
 
     def __init__(self) -> None:
         self.patches = 0
@@ -63,9 +52,8 @@ class PatchThroughput(Callback):
 
 
 class TrainingProgress(Callback):
-    """Progress log lines (steps, epoch, mean loss since the last line, val Dice, time left) for runs
-    without Lightning's bar (DVC and Prefect capture the console): every ``every_s`` s and after
-    each validation, from rank 0."""
+    """Rank-0 log lines (steps, epoch, mean loss since the last line, val Dice, time left) every
+    ``every_s`` s and after each validation, for runs without Lightning's bar (DVC, Prefect)."""
 
     def __init__(self, every_s: float | None = None) -> None:
         self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
@@ -117,12 +105,14 @@ class TrainingProgress(Callback):
 def build_callbacks(
     cfg: TrainConfig, checkpoint_dir: Path, *, progress_lines: bool = True
 ) -> dict[str, Callback]:
-    """The run's callbacks by role: ``best``, ``last``, ``lr``, ``throughput``, maybe ``progress``
-    (log lines, when Lightning's bar is off) and ``early_stop``."""
+    """The run's callbacks by role: ``best`` (``best.ckpt``, the best ``val_dice_mean``: what later
+    stages load), ``last`` (``last.ckpt`` every ``checkpoint_every_n_steps``, to resume a killed run
+    near where it stopped), ``lr``, ``throughput``, maybe ``progress`` (log lines, when Lightning's
+    bar is off) and ``early_stop``."""
     callbacks: dict[str, Callback] = {
         "best": ModelCheckpoint(
             dirpath=checkpoint_dir,
-            filename=BEST_NAME,
+            filename="best",
             monitor=VAL_DICE_MEAN,
             mode="max",
             save_top_k=1,

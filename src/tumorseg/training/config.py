@@ -1,12 +1,13 @@
-"""params.yaml sections of training, and the one place that validates them together.
+"""params.yaml sections of training, and the one place that validates them together (3-D and 2-D).
 
-``train:``, ``trainer:`` and ``mlflow:`` live here; every other section's model lives next to the
-code that reads it (``data_loader:``/``augment:`` in :mod:`tumorseg.data.transforms`, ``model:``
-in :mod:`tumorseg.models.networks`, ``loss:``, ``sliding_window:`` in :mod:`tumorseg.models`).
+``train:``/``train_2d:``, ``trainer:`` and ``mlflow:`` live here; every other section's model lives
+next to the code that reads it (``data_loader:``/``augment:`` in :mod:`tumorseg.data.transforms`,
+``model:`` in :mod:`tumorseg.models.networks`, ``loss:``, ``sliding_window:`` in :mod:`tumorseg.models`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from pydantic import Field, model_validator
 from tumorseg.config import PathsConfig, PreprocessConfig, Section, section
 from tumorseg.data.transforms import AugmentConfig, DataLoaderConfig, PlanarAugmentConfig
 from tumorseg.errors import ConfigError
-from tumorseg.models.config import LossConfig, SlidingWindowConfig
+from tumorseg.models.config import LossConfig, PlanarModelConfig, SlidingWindowConfig
 from tumorseg.models.networks import ModelConfig, check_patch_size
 
 
@@ -110,12 +111,8 @@ TRAINING_SECTIONS: tuple[str, ...] = tuple(field.name for field in fields(Traini
 
 
 def load_training_config(params: dict[str, Any], *, source: str = "params.yaml") -> TrainingConfig:
-    """Validate every training section and the rules that span sections.
-
-    Raises:
-        ConfigError: one line naming the params.yaml key, e.g.
-            ``params.yaml: data_loader.patch_size: [60, 64, 64] is not divisible by [8, 8, 8] ...``.
-    """
+    """Validate every training section and the rules that span sections; a ConfigError is one line
+    naming the key (``params.yaml: data_loader.patch_size: [60, 64, 64] is not divisible by ...``)."""
     cfg = TrainingConfig(**{name: section(name, params, source=source) for name in TRAINING_SECTIONS})
     if cfg.loss.name == "bce" and cfg.model.output != "regions":
         raise ConfigError(f"{source}: loss.name: bce needs model.output: regions; use ce or dice_ce")
@@ -137,7 +134,7 @@ class PlanarTrainConfig(TrainConfig):
     """``train_2d:`` the ``train:`` keys (2-D defaults) plus batch, loss, task weights and augmentation.
 
     ``loss`` (the ``loss:`` keys) applies to the one tumour channel; ``detection_weight`` and
-    ``type_weight`` weigh the classifier terms (:mod:`tumorseg.models.planar_module`).
+    ``type_weight`` weigh the classifier terms (:class:`tumorseg.models.lightning_module.ClassifierHeads`).
     """
 
     out_dir: str = "models/2d"
@@ -159,3 +156,61 @@ class PlanarTrainConfig(TrainConfig):
                 "the 2-D test split is scored by `tumorseg evaluate-model --dims 2`, not during training; set false"
             )
         return self
+
+
+PLANAR_TRAINING_SECTIONS: tuple[str, ...] = ("preprocess_2d", "model_2d", "train_2d", "trainer", "mlflow")
+"""Sections a 2-D training run reads and stores with its model, in :class:`PlanarTrainingConfig` order."""
+
+
+@dataclass(frozen=True)
+class PlanarPaths:
+    """The 2-D branch's folders (``paths.*_2d`` keys) plus the shared reports and MLflow folders."""
+
+    preprocessed: str
+    split: str
+    reports: str
+    mlruns: str
+
+
+@dataclass(frozen=True)
+class PlanarTrainingConfig:
+    """Every section a 2-D training run reads, validated together."""
+
+    paths: PlanarPaths
+    preprocess: Any
+    model: PlanarModelConfig
+    train: PlanarTrainConfig
+    trainer: TrainerConfig
+    mlflow: MlflowConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        sections = (self.preprocess, self.model, self.train, self.trainer, self.mlflow)
+        return {
+            name: values.model_dump(mode="json")
+            for name, values in zip(PLANAR_TRAINING_SECTIONS, sections, strict=True)
+        }
+
+
+def load_planar_training_config(
+    params: dict[str, Any], *, source: str = "params.yaml"
+) -> PlanarTrainingConfig:
+    """Validate the 2-D training sections and the rules that span them; a one-line ConfigError names
+    the key (an image size the network cannot halve often enough, a classifier deeper than it allows)."""
+    paths = section("paths", params, source=source)  # a Params or a mapping
+    cfg = PlanarTrainingConfig(
+        PlanarPaths(paths.preprocessed_2d, paths.split_2d, paths.reports_2d, paths.mlruns),
+        *(section(name, params, source=source) for name in PLANAR_TRAINING_SECTIONS),
+    )
+    size = cfg.model.input_size
+    try:
+        check_patch_size(cfg.model, (size, size), key="model_2d.input_size")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc} (model_2d.name={cfg.model.name})") from None
+    reduction = math.prod(cfg.model.classifier.strides)
+    if len(cfg.model.classifier.strides) != len(cfg.model.classifier.channels):
+        raise ConfigError(f"{source}: model_2d.classifier.strides: needs one entry per channels entry")
+    if size < reduction:
+        raise ConfigError(
+            f"{source}: model_2d.classifier.strides: downsample by {reduction}, more than model_2d.input_size {size}"
+        )
+    return cfg

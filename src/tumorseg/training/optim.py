@@ -16,17 +16,14 @@ from tumorseg.training.config import TrainConfig
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimiser named by ``train.optimizer`` over ``params``."""
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from monai.optimizers import Novograd
+
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
         )
-    from monai.optimizers import Novograd
-
-    return Novograd(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "novograd": Novograd}[cfg.optimizer]
+    return optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(

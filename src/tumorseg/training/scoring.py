@@ -6,9 +6,7 @@ training so an evaluation stage can call it as it is.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import logging
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,36 +14,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from tumorseg.config import read_params, section
+from tumorseg.config import read_params
 from tumorseg.data.datamodule import case_records, read_split
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.data.transforms import load_preprocessed_case
 from tumorseg.errors import ConfigError
 from tumorseg.models.checkpoint import TrainedNetwork, load_trained_network
-from tumorseg.models.config import SlidingWindowConfig
 from tumorseg.models.inference import labels_to_regions, predict_labels
 from tumorseg.models.lightning_module import aggregate_case_dice
-
-log = logging.getLogger(__name__)
+from tumorseg.params import Params, as_params
 
 METRICS_FILE = "metrics.json"
-
-
-def resolve_trained(
-    model_or_ckpt: TrainedNetwork | nn.Module | str | Path, params: dict[str, Any]
-) -> TrainedNetwork:
-    """Accept a checkpoint path, a :class:`TrainedNetwork`, or a bare network (settings from params)."""
-    if isinstance(model_or_ckpt, TrainedNetwork):
-        return model_or_ckpt
-    if isinstance(model_or_ckpt, (str, Path)):
-        return load_trained_network(model_or_ckpt)
-    from tumorseg.training.config import load_training_config
-
-    cfg = load_training_config(params)
-    model_or_ckpt.eval()
-    return TrainedNetwork(model_or_ckpt, cfg.model, cfg.data_loader, cfg.sliding_window, cfg.to_dict())
 
 
 def predict_cases(
@@ -71,28 +51,27 @@ def predict_cases(
 
 
 def score_split(
-    model_or_ckpt: TrainedNetwork | nn.Module | str | Path,
+    model_or_ckpt: TrainedNetwork | str | Path,
     split: str = "test",
     *,
-    params: dict[str, Any] | None = None,
+    params: Params | dict[str, Any] = None,
     source: str = "params.yaml",
     ignore_empty: bool | None = None,
-    sliding_window: SlidingWindowConfig | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """``{"dice_<region>", "dice_mean", "n_cases", "cases"}`` of a trained network on one split.
 
-    ``params`` (read from ``source`` when None) gives the data paths, and the settings of a bare
-    network. ``ignore_empty`` defaults to ``train.dice_ignore_empty`` (False, as BraTS: an empty
-    region predicted empty scores 1); ``sliding_window`` replaces the settings stored with the model.
+    ``params`` (read from ``source`` when None) gives the data paths. ``ignore_empty`` defaults to
+    ``train.dice_ignore_empty`` (False, as BraTS: an empty region predicted empty scores 1).
     """
+    params = as_params(params, source)
     from monai.metrics import DiceMetric
 
     params = read_params(source) if params is None else params
-    paths = section("paths", params, source=source)
-    trained = resolve_trained(model_or_ckpt, params)
-    if sliding_window is not None:
-        trained = dataclasses.replace(trained, sliding_window=sliding_window)
+    paths = params.paths
+    trained = model_or_ckpt
+    if not isinstance(trained, TrainedNetwork):
+        trained = load_trained_network(trained)
     if ignore_empty is None:
         ignore_empty = bool(trained.config.get("train", {}).get("dice_ignore_empty", False))
     case_ids = read_split(paths.split).get(split, [])
@@ -102,6 +81,7 @@ def score_split(
         )
     records = case_records(paths.preprocessed, case_ids)
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=ignore_empty)
+    names = trained.label_set.region_names
     per_case: dict[str, dict[str, float]] = {}
     case_dice: list[torch.Tensor] = []
     for record, case, labels in predict_cases(trained, records, device=device):
@@ -109,11 +89,10 @@ def score_split(
         pred = labels_to_regions(torch.from_numpy(labels)[None, None], trained.label_set)
         dice = metric(y_pred=pred, y=truth)[0]
         case_dice.append(dice)
-        names = trained.label_set.region_names
         per_case[record["case_id"]] = {name: float(dice[i]) for i, name in enumerate(names)}
     # Aggregated here, not with metric.aggregate(): after a DDP fit the process group is still up
     # and MONAI would try to all-gather with ranks that have already finished.
-    summary = aggregate_case_dice(torch.stack(case_dice), names=trained.label_set.region_names)
+    summary = aggregate_case_dice(torch.stack(case_dice), names=names)
     result: dict[str, Any] = {f"dice_{name}": value for name, value in summary.items()}
     result["n_cases"] = len(records)
     result["cases"] = per_case
@@ -130,12 +109,15 @@ def write_split_metrics(scores: dict[str, Any], reports_dir: str | Path, split: 
             current = json.loads(path.read_text())
         except json.JSONDecodeError:
             current = {}
-    current[split] = {k: _json_number(v) for k, v in scores.items() if k != "cases"}
+    current[split] = json_ready({k: v for k, v in scores.items() if k != "cases"})
     atomic_write_text(path, json.dumps(current, indent=2) + "\n")
     return path
 
 
-def _json_number(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
+    """``value`` with every float rounded to 6 places and NaN as None (JSON has no NaN), recursively."""
     if isinstance(value, float):
         return None if math.isnan(value) else round(value, 6)
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
     return value

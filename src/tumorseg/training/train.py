@@ -1,14 +1,10 @@
-"""``train()``: the one training entry point (CLI ``tumorseg train``, the DVC stage, Prefect, tests).
+"""``train()``: the one training entry point (CLI ``tumorseg train [--dims 2]``, DVC, Prefect, tests).
 
-Params and data are checked before anything runs (a one-line :class:`ConfigError` naming the key);
-rank 0 then writes plots, overlays, test scores and the MLflow artefacts. Outputs under
-``train.out_dir``::
-
-    checkpoints/best.ckpt   best validation mean Dice (what evaluation and export load)
-    checkpoints/last.ckpt   latest state, refreshed every train.checkpoint_every_n_steps
-    logs/metrics.csv        per-epoch metrics (Lightning CSVLogger)
-    config.yaml             the resolved training sections
-    learning_curves.png, overlays/<case_id>.png
+Volumes (``dims=3``: ``model:``, ``train:``) or images (``dims=2``: the segmenter + classifier of
+``model_2d:``, ``train_2d:``). Params and data are checked first (one-line ConfigError/DataError);
+rank 0 writes, under ``out_dir``: ``checkpoints/best.ckpt`` (best validation mean Dice, what later
+stages load), ``checkpoints/last.ckpt`` (for resuming), ``logs/metrics.csv``, ``config.yaml``,
+``learning_curves.png`` and, 3-D only, ``overlays/<case_id>.png``, test scores and the MLflow model.
 """
 
 from __future__ import annotations
@@ -26,14 +22,22 @@ import yaml
 
 from tumorseg.config import apply_overrides
 from tumorseg.data.conventions import get_label_set
-from tumorseg.errors import ConfigError, first_line
-from tumorseg.training.config import TrainingConfig, load_training_config
+from tumorseg.errors import ConfigError, DataError, first_line
+from tumorseg.params import as_params
+from tumorseg.training.config import (
+    PlanarTrainingConfig,
+    TrainingConfig,
+    load_planar_training_config,
+    load_training_config,
+)
 
 log = logging.getLogger(__name__)
 
 TRAIN_METRICS_FILE = "train_metrics.json"
 CHECKPOINT_DIR = "checkpoints"
 LOG_DIR = "logs"
+
+Records = dict[str, list[dict[str, Any]]]
 
 
 @dataclass
@@ -65,7 +69,6 @@ class TrainResult:
 
         if self.global_rank != 0:
             return f"rank {self.global_rank} finished; rank 0 reports the results"
-
         text = (
             f"trained {self.epochs} epochs ({self.global_step} steps, {self.train_time_s:.0f} s, "
             f"{self.patches_per_s:.1f} patches/s); best val Dice {format_dice(self.best_val_dice)}"
@@ -75,35 +78,276 @@ class TrainResult:
             text += f"; test Dice {format_dice(test)}"
         return f"{text} -> {self.best_checkpoint}"
 
+    def set_best(self, row: Any) -> None:
+        """Per-region validation Dice of the CSV log's best row (a pandas Series), mean last."""
+        names = [str(k).removeprefix("val_dice_") for k in row.index if str(k).startswith("val_dice_")]
+        names = [n for n in names if n != "mean"] + ["mean"]
+        self.best_val_dice = {name: float(row[f"val_dice_{name}"]) for name in names}
+        self.best_epoch = int(row["epoch"])
+
+    def summary(self) -> dict[str, Any]:
+        """``train_metrics.json``: numbers only, DVC shows it as metrics (``dvc metrics show``)."""
+        progress = {k: getattr(self, k) for k in ("best_epoch", "epochs", "global_step")}
+        timing = {"train_time_s": round(self.train_time_s, 1), "patches_per_s": round(self.patches_per_s, 2)}
+        return {"best_val_dice": self.best_val_dice, **progress, **timing}
+
+    def final_metrics(self) -> dict[str, float]:
+        """Run-level MLflow metrics logged after training."""
+        final = {f"best_val_dice_{k}": v for k, v in self.best_val_dice.items() if not math.isnan(v)}
+        final["train_time_s"] = self.train_time_s
+        final["train_patches_per_s_total"] = self.patches_per_s
+        for key, value in (self.test_dice or {}).items():
+            if key.startswith("dice_") and not math.isnan(value):
+                final[f"test_{key}"] = value
+        return final
+
+
+@dataclass
+class PlanarTrainResult(TrainResult):
+    """What a 2-D training run produced: ``best_val`` holds ``val_dice_mean``, ``val_detect_auc`` and
+    ``val_type_accuracy`` (where defined) at the best epoch; ``n_train``, ``n_val`` count images."""
+
+    best_val: dict[str, float] = field(default_factory=dict)
+    n_train: int = 0
+    n_val: int = 0
+
+    def one_line(self) -> str:
+        scores = ", ".join(f"{k.removeprefix('val_')} {v:.3f}" for k, v in self.best_val.items())
+        return (
+            f"trained 2-D models {self.epochs} epochs ({self.global_step} steps, {self.train_time_s:.0f} s) on "
+            f"{self.n_train} images; best val {scores or 'n/a'} -> {self.best_checkpoint}"
+        )
+
+    def set_best(self, row: Any) -> None:
+        keys = ("val_dice_mean", "val_detect_auc", "val_type_accuracy")
+        self.best_val = {k: float(row[k]) for k in keys if k in row and not math.isnan(float(row[k]))}
+        self.best_epoch = int(row["epoch"])
+
+    def summary(self) -> dict[str, Any]:
+        summary = {"best_val": self.best_val, **super().summary()}
+        del summary["best_val_dice"], summary["patches_per_s"]
+        return {**summary, "n_train": self.n_train, "n_val": self.n_val}
+
+    def final_metrics(self) -> dict[str, float]:
+        return {"train_time_s": self.train_time_s, **{f"best_{k}": v for k, v in self.best_val.items()}}
+
+
+class _Volumes:
+    """``dims=3``: the sections of :func:`load_training_config`, volumes, DDP-capable."""
+
+    patch_throughput = True
+
+    def prepare(self, params: dict[str, Any], source: str) -> tuple[TrainingConfig, Records]:
+        """The config, ``model.label_set`` taken from the data (the output channels follow it), and records."""
+        from tumorseg.data.datamodule import dataset_label_set
+
+        cfg = load_training_config(params, source=source)
+        train_records, val_records = split_records(cfg, source)
+        check_patch_fits(cfg, train_records, source)
+        data = cfg.paths.preprocessed
+        label_set = dataset_label_set(data)
+        if label_set.name != cfg.model.label_set:
+            names = label_set.region_names if cfg.model.output == "regions" else label_set.label_names
+            log.info("label set %s (from %s): output channels %s", label_set.name, data, ", ".join(names))
+        cfg = dataclasses.replace(cfg, model=cfg.model.model_copy(update={"label_set": label_set.name}))
+        return cfg, {"train": train_records, "val": val_records}
+
+    def module_and_data(self, cfg: TrainingConfig, records: Records) -> tuple[Any, Any]:
+        """The LightningModule (network by name and its loss) and the DataModule of the split."""
+        from tumorseg.data.datamodule import SegmentationDataModule
+        from tumorseg.models.lightning_module import SegmentationModule
+        from tumorseg.models.losses import build_loss, with_deep_supervision
+        from tumorseg.models.networks import build_network
+        from tumorseg.training.optim import optimizer_factory, scheduler_factory
+
+        loader = cfg.data_loader
+        network = build_network(
+            cfg.model,
+            spatial_dims=loader.spatial_dims,
+            patch_size=loader.network_patch,
+            spacing=cfg.preprocess.target_spacing_mm,
+        )
+        loss = build_loss(cfg.loss, cfg.model.output)
+        if cfg.model.name == "dynunet" and cfg.model.dynunet.deep_supervision:
+            loss = with_deep_supervision(loss, cfg.loss.deep_supervision_weights)
+        module = SegmentationModule(
+            network,
+            loss,
+            output=cfg.model.output,
+            roi_size=loader.network_patch,
+            sliding_window=cfg.sliding_window,
+            optimizer_factory=optimizer_factory(cfg.train),
+            scheduler_factory=scheduler_factory(cfg.train),
+            config=cfg.to_dict(),
+            dice_ignore_empty=cfg.train.dice_ignore_empty,
+            spacing_mm=cfg.preprocess.target_spacing_mm,
+            label_set=get_label_set(cfg.model.label_set),
+        )
+        datamodule = SegmentationDataModule(
+            records["train"],
+            records["val"],
+            loader,
+            cfg.augment,
+            patches_per_epoch=cfg.train.steps_per_epoch * loader.batch_size,
+            seed=cfg.train.seed,
+        )
+        return module, datamodule
+
+    def result(self, out_dir: Path, records: Records) -> TrainResult:
+        return TrainResult(out_dir=out_dir)
+
+    def experiment(self, cfg: TrainingConfig) -> str:
+        return cfg.mlflow.experiment
+
+    def trainer_args(self, cfg: TrainingConfig) -> dict[str, Any]:
+        return cfg.trainer.model_dump(exclude={"num_threads"})
+
+    def provenance(self, cfg: TrainingConfig) -> tuple[dict[str, str], dict[str, str]]:
+        """MLflow ``(tags, params)``: system info, the data's DVC hash and the git commit."""
+        from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
+
+        from tumorseg import tracking
+
+        data = tracking.data_version(cfg.paths.preprocessed)
+        tags = {f"system.{k}": v for k, v in tracking.system_info().items()}
+        tags.update({f"data.{k}": v for k, v in data.items()})
+        commit = tracking.git_commit()
+        if commit:
+            tags[MLFLOW_GIT_COMMIT] = commit
+        return tags, {"data.md5": data["data_md5"], "git.commit": commit or "none"}
+
+    def evaluate(
+        self, cfg: TrainingConfig, result: TrainResult, params: dict[str, Any], source: str
+    ) -> tuple[Any, list[Path]]:
+        """The best network, ``overlays/<case_id>.png`` of the first ``mlflow.overlays`` validation
+        cases and (``train.score_test``) the test scores."""
+        from tumorseg.data.datamodule import case_records, read_split
+        from tumorseg.models.checkpoint import load_trained_network
+        from tumorseg.training.reporting import plot_overlay
+        from tumorseg.training.scoring import predict_cases, score_split, write_split_metrics
+
+        if result.best_checkpoint is None:
+            return None, []
+        trained = load_trained_network(result.best_checkpoint)
+        split = read_split(cfg.paths.split)
+        records = case_records(cfg.paths.preprocessed, split["val"])[: cfg.mlflow.overlays]
+        overlays = [
+            plot_overlay(
+                case["image"],
+                case["label"][0],
+                pred,
+                result.out_dir / "overlays" / f"{record['case_id']}.png",
+                title=record["case_id"],
+                label_set=trained.label_set,
+            )
+            for record, case, pred in predict_cases(trained, records)
+        ]
+        if cfg.train.score_test:
+            if split.get("test"):
+                result.test_dice = score_split(trained, "test", params=params, source=source)
+                write_split_metrics(result.test_dice, cfg.paths.reports, "test")
+            else:
+                log.warning("%s has no test cases; reports/metrics.json not written", cfg.paths.split)
+        return trained, overlays
+
+
+class _Images(_Volumes):
+    """``dims=2``: the sections of :func:`load_planar_training_config`, images, one device."""
+
+    patch_throughput = False  # the throughput callback counts 3-D patches; 2-D reports wall time
+
+    def prepare(self, params: dict[str, Any], source: str) -> tuple[PlanarTrainingConfig, Records]:
+        cfg = load_planar_training_config(params, source=source)
+        return cfg, planar_split_records(cfg, source)
+
+    def module_and_data(self, cfg: PlanarTrainingConfig, records: Records) -> tuple[Any, Any]:
+        """The LightningModule (segmenter + classifier heads, multi-task loss) and the DataModule."""
+        from tumorseg.data.datamodule import PlanarDataModule
+        from tumorseg.models.lightning_module import ClassifierHeads, SegmentationModule
+        from tumorseg.models.losses import build_loss
+        from tumorseg.models.planar_network import build_planar_network
+        from tumorseg.training.optim import optimizer_factory, scheduler_factory
+
+        train_cfg = cfg.train
+        module = SegmentationModule(
+            build_planar_network(cfg.model),
+            build_loss(train_cfg.loss, "regions"),  # one tumour channel: the sigmoid form of the loss
+            optimizer_factory=optimizer_factory(train_cfg),
+            scheduler_factory=scheduler_factory(train_cfg),
+            config=cfg.to_dict(),
+            dice_ignore_empty=train_cfg.dice_ignore_empty,
+            heads=ClassifierHeads(train_cfg.detection_weight, train_cfg.type_weight),
+        )
+        datamodule = PlanarDataModule(
+            records["train"],
+            records["val"],
+            train_cfg.augment,
+            batch_size=train_cfg.batch_size,
+            draws_per_epoch=train_cfg.steps_per_epoch * train_cfg.batch_size,
+            num_workers=train_cfg.num_workers,
+            seed=train_cfg.seed,
+        )
+        return module, datamodule
+
+    def result(self, out_dir: Path, records: Records) -> PlanarTrainResult:
+        return PlanarTrainResult(out_dir=out_dir, n_train=len(records["train"]), n_val=len(records["val"]))
+
+    def experiment(self, cfg: PlanarTrainingConfig) -> str:
+        return cfg.train.experiment
+
+    def trainer_args(self, cfg: PlanarTrainingConfig) -> dict[str, Any]:
+        """A single-device ``Trainer`` (the 2-D branch has no DDP path)."""
+        shared = {"accelerator", "precision", "deterministic", "gradient_clip_val", "enable_progress_bar"}
+        return {
+            **cfg.trainer.model_dump(include=shared),
+            "devices": 1,
+            "log_every_n_steps": min(cfg.trainer.log_every_n_steps, cfg.train.steps_per_epoch),
+        }
+
+    def provenance(self, cfg: PlanarTrainingConfig) -> tuple[dict[str, str], dict[str, str]]:
+        """MLflow ``(tags, params)``: the 2-D branch tag, the data's DVC hash and the git commit."""
+        from tumorseg import tracking
+
+        tags = {"tumorseg.branch": "2d"}
+        tags.update({f"data.{k}": v for k, v in tracking.data_version(cfg.paths.preprocessed).items()})
+        tags["mlflow.source.git.commit"] = tracking.git_commit(Path(__file__).resolve().parent) or "none"
+        return tags, {}
+
+    def evaluate(self, *args: Any) -> tuple[Any, list[Path]]:
+        return None, []
+
+
+BRANCHES = {3: _Volumes(), 2: _Images()}
+"""What differs between training on volumes and on images, by ``dims``."""
+
 
 def train(
     params: dict[str, Any],
     *,
+    dims: int = 3,
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
     callbacks: Sequence[Any] = (),
     source: str = "params.yaml",
     tracking_uri: str | None = None,
 ) -> TrainResult:
-    """Train a segmentation network as params.yaml describes.
+    """Train the ``dims``-D networks as params.yaml (plus dotted ``overrides``) describes.
 
     Args:
-        overrides: dotted keys applied on top (``{"train.max_epochs": 1}``).
+        dims: 3 (volumes, :class:`TrainResult`) or 2 (images, :class:`PlanarTrainResult`).
         resume: continue from ``<out_dir>/checkpoints/last.ckpt`` if there is one (same epochs,
             optimiser and scheduler state, same MLflow run); otherwise start afresh.
         callbacks: extra Lightning callbacks (tests use them to interrupt or inspect a run).
-        source: params file name used in error messages.
         tracking_uri: MLflow store; default ``mlflow.tracking_uri``, ``$MLFLOW_TRACKING_URI``,
             then SQLite under ``paths.mlruns``.
 
     Raises:
-        ConfigError: bad params or an empty split, before any training starts.
+        ConfigError, DataError: bad params, an empty split or (2-D) one without masks, before training.
     """
+    params = as_params(params, source)
+    branch = BRANCHES[dims]
     params = apply_overrides(params, overrides)
-    cfg = load_training_config(params, source=source)
-    train_records, val_records = split_records(cfg, source)
-    check_patch_fits(cfg, train_records, source)
-    cfg = with_data_label_set(cfg)
+    cfg, records = branch.prepare(params, source)
 
     if cfg.mlflow.enabled:
         from tumorseg.tracking import disable_telemetry
@@ -123,26 +367,31 @@ def train(
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    module, datamodule = _module_and_data(cfg, train_records, val_records)
+    module, datamodule = branch.module_and_data(cfg, records)
 
     roles = build_callbacks(
         cfg.train, out_dir / CHECKPOINT_DIR, progress_lines=not cfg.trainer.enable_progress_bar
     )
-    loggers, mlflow_logger, tracking_uri = _loggers(cfg, out_dir, tracking_uri, ckpt_path, module)
-    trainer = _make_trainer(cfg, source, [*roles.values(), *callbacks], loggers, out_dir)
+    if not branch.patch_throughput:
+        roles.pop("throughput")
+    loggers, mlflow_logger, tracking_uri = _loggers(cfg, branch, out_dir, tracking_uri, ckpt_path, module)
+    trainer = _make_trainer(cfg, branch, source, [*roles.values(), *callbacks], loggers, out_dir)
     if mlflow_logger is not None and ckpt_path is None and _is_rank_zero():
-        _log_run_provenance(mlflow_logger, cfg)
+        _log_run_provenance(mlflow_logger, cfg, branch)
 
-    result = _fit(trainer, module, datamodule, ckpt_path, out_dir, mlflow_logger)
+    result = branch.result(out_dir, records)
+    _fit(trainer, module, datamodule, ckpt_path, result)
     if not trainer.is_global_zero:
         return result
     if earlier_log is not None:
         _prepend_log(metrics_csv, earlier_log)
-    result.best_val_dice, result.best_epoch = best_validation(metrics_csv)
+    row = best_validation_row(metrics_csv)
+    if row is not None:
+        result.set_best(row)
     if result.global_step == 0:  # ddp_spawn/ddp_fork: the loops ran in worker processes
         result.epochs, result.global_step = progress_from_log(metrics_csv)
     result.patches_per_s = float(trainer.callback_metrics.get("train_patches_per_s", math.nan))
-    _finish_run(cfg, result, metrics_csv, params, source, tracking_uri)
+    _finish_run(cfg, branch, result, metrics_csv, params, source, tracking_uri)
     log.info(result.one_line())
     return result
 
@@ -153,61 +402,17 @@ def _resume_checkpoint(out_dir: Path, resume: bool) -> str | None:
     ckpt_path = str(last) if resume and last.is_file() else None
     if resume and ckpt_path is None:
         log.info("no %s to resume from; starting a new run", last)
-    if ckpt_path is None:
-        clear_previous_run(out_dir)
+    if ckpt_path is None:  # a new run starts clean: old checkpoints would be compared against or resumed
+        for stale in (f"{CHECKPOINT_DIR}/best.ckpt", f"{CHECKPOINT_DIR}/last.ckpt", f"{LOG_DIR}/metrics.csv"):
+            (out_dir / stale).unlink(missing_ok=True)
     return ckpt_path
 
 
-def _module_and_data(
-    cfg: TrainingConfig, train_records: list[dict[str, Any]], val_records: list[dict[str, Any]]
-) -> tuple[Any, Any]:
-    """The LightningModule (network by name and its loss) and the DataModule of the split.
-
-    Called right after seeding: the network's initial weights are the run's first random draws.
-    """
-    from tumorseg.data.datamodule import SegmentationDataModule
-    from tumorseg.models.lightning_module import SegmentationModule
-    from tumorseg.models.losses import build_loss, with_deep_supervision
-    from tumorseg.models.networks import build_network
-    from tumorseg.training.optim import optimizer_factory, scheduler_factory
-
-    loader = cfg.data_loader
-    network = build_network(
-        cfg.model,
-        spatial_dims=loader.spatial_dims,
-        patch_size=loader.network_patch,
-        spacing=cfg.preprocess.target_spacing_mm,
-    )
-    loss = build_loss(cfg.loss, cfg.model.output)
-    if cfg.model.name == "dynunet" and cfg.model.dynunet.deep_supervision:
-        loss = with_deep_supervision(loss, cfg.loss.deep_supervision_weights)
-    module = SegmentationModule(
-        network,
-        loss,
-        output=cfg.model.output,
-        roi_size=loader.network_patch,
-        sliding_window=cfg.sliding_window,
-        optimizer_factory=optimizer_factory(cfg.train),
-        scheduler_factory=scheduler_factory(cfg.train),
-        config=cfg.to_dict(),
-        dice_ignore_empty=cfg.train.dice_ignore_empty,
-        spacing_mm=cfg.preprocess.target_spacing_mm,
-        label_set=get_label_set(cfg.model.label_set),
-    )
-    draws = cfg.train.steps_per_epoch * loader.batch_size
-    datamodule = SegmentationDataModule(
-        train_records, val_records, loader, cfg.augment, patches_per_epoch=draws, seed=cfg.train.seed
-    )
-    return module, datamodule
-
-
 def _loggers(
-    cfg: TrainingConfig, out_dir: Path, tracking_uri: str | None, ckpt_path: str | None, module: Any
+    cfg: Any, branch: _Volumes, out_dir: Path, tracking_uri: str | None, ckpt_path: str | None, module: Any
 ) -> tuple[list[Any], Any, str | None]:
-    """``(loggers, MLflow logger or None, tracking URI)``: the CSV log, plus MLflow when tracking is on.
-
-    The URI is resolved when tracking is on; a resumed run continues its MLflow run.
-    """
+    """``(loggers, MLflow logger or None, tracking URI)``: the CSV log, plus MLflow (a resumed run
+    continues its MLflow run) when tracking is on."""
     from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 
     loggers: list[Any] = [CSVLogger(save_dir=str(out_dir), name=LOG_DIR, version="")]
@@ -216,7 +421,7 @@ def _loggers(
     from tumorseg import tracking
     from tumorseg.models.lightning_module import RUN_ID_CHECKPOINT_KEY
 
-    experiment = cfg.mlflow.experiment
+    experiment = branch.experiment(cfg)
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
     if _is_rank_zero():
         tracking.ensure_experiment(uri, experiment)
@@ -232,7 +437,7 @@ def _loggers(
 
 
 def _make_trainer(
-    cfg: TrainingConfig, source: str, callbacks: list[Any], loggers: list[Any], out_dir: Path
+    cfg: Any, branch: _Volumes, source: str, callbacks: list[Any], loggers: list[Any], out_dir: Path
 ) -> Any:
     """The ``Trainer`` of ``trainer:`` and ``train:``; a setting Lightning rejects is a ConfigError."""
     import lightning as L
@@ -240,7 +445,7 @@ def _make_trainer(
 
     try:
         return L.Trainer(
-            **cfg.trainer.model_dump(exclude={"num_threads"}),
+            **branch.trainer_args(cfg),
             max_epochs=cfg.train.max_epochs,
             check_val_every_n_epoch=cfg.train.val_every_n_epochs,
             callbacks=callbacks,
@@ -257,39 +462,18 @@ def _make_trainer(
         raise ConfigError(f"{source}: trainer.{key or 'accelerator'}: {message}") from None
 
 
-def _fit(
-    trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None, out_dir: Path, mlflow_logger: Any
-) -> TrainResult:
-    """Run ``Trainer.fit`` (resuming from ``ckpt_path``) and report what this process saw of it."""
+def _fit(trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None, result: TrainResult) -> None:
+    """``Trainer.fit`` (resuming from ``ckpt_path``); ``result`` gets what this process saw of it."""
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    elapsed = time.perf_counter() - started
-    checkpoint_dir = out_dir / CHECKPOINT_DIR
-    return TrainResult(
-        out_dir=out_dir,
-        best_checkpoint=_existing(checkpoint_dir / "best.ckpt"),
-        last_checkpoint=_existing(checkpoint_dir / "last.ckpt"),
-        epochs=int(trainer.current_epoch),
-        global_step=int(trainer.global_step),
-        train_time_s=elapsed,
-        mlflow_run_id=mlflow_logger.run_id if mlflow_logger is not None else None,
-        global_rank=int(trainer.global_rank),
-    )
-
-
-def with_data_label_set(cfg: TrainingConfig) -> TrainingConfig:
-    """``cfg`` with ``model.label_set`` taken from the preprocessed data (its output channels follow it)."""
-    from tumorseg.data.datamodule import dataset_label_set
-
-    label_set = dataset_label_set(cfg.paths.preprocessed)
-    if label_set.name != cfg.model.label_set:
-        log.info(
-            "label set %s (from %s): output channels %s",
-            label_set.name,
-            cfg.paths.preprocessed,
-            ", ".join(label_set.region_names if cfg.model.output == "regions" else label_set.label_names),
-        )
-    return dataclasses.replace(cfg, model=cfg.model.model_copy(update={"label_set": label_set.name}))
+    result.train_time_s = time.perf_counter() - started
+    best, last = (result.out_dir / CHECKPOINT_DIR / f"{name}.ckpt" for name in ("best", "last"))
+    result.best_checkpoint = best if best.is_file() else None
+    result.last_checkpoint = last if last.is_file() else None
+    result.epochs = int(trainer.current_epoch)
+    result.global_step = int(trainer.global_step)
+    result.mlflow_run_id = module.mlflow_run_id
+    result.global_rank = int(trainer.global_rank)
 
 
 def split_records(cfg: TrainingConfig, source: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -309,14 +493,28 @@ def split_records(cfg: TrainingConfig, source: str) -> tuple[list[dict[str, Any]
     )
 
 
+def planar_split_records(cfg: PlanarTrainingConfig, source: str = "params.yaml") -> Records:
+    """Records of each 2-D split; DataError naming ``paths.split_2d`` if train or val has no masked image."""
+    from tumorseg.data.datamodule import planar_records, read_planar_split
+
+    split = read_planar_split(cfg.paths.split)
+    records = {name: planar_records(cfg.paths.preprocessed, ids) for name, ids in split.items()}
+    for name in ("train", "val"):
+        if not any(r["has_mask"] for r in records[name]):
+            raise DataError(
+                f"{source}: paths.split_2d: {cfg.paths.split} has no {name!r} images with a tumour mask; the 2-D "
+                "segmentation needs masked images (Figshare .mat or generated data) in train and val"
+            )
+    return records
+
+
 def check_patch_fits(cfg: TrainingConfig, records: list[dict[str, Any]], source: str) -> None:
     """A training patch must fit inside every training volume (patches are cropped, never padded)."""
     from tumorseg.data.datamodule import smallest_shape
 
     loader = cfg.data_loader
     smallest = smallest_shape(records)
-    crop = loader.crop_size
-    if any(p > s for p, s in zip(crop, smallest, strict=True)):
+    if any(p > s for p, s in zip(loader.crop_size, smallest, strict=True)):
         fits = [min(p, s) for p, s in zip(loader.network_patch, smallest, strict=False)]
         raise ConfigError(
             f"{source}: {loader.patch_key()}: {list(loader.network_patch)} is larger than the smallest training "
@@ -336,17 +534,6 @@ def best_validation_row(metrics_csv: Path) -> Any | None:
     return frame.loc[frame["val_dice_mean"].idxmax()]
 
 
-def best_validation(metrics_csv: Path) -> tuple[dict[str, float], int | None]:
-    """Per-region validation Dice at the epoch with the best mean, from the CSV log."""
-    row = best_validation_row(metrics_csv)
-    if row is None:
-        return {}, None
-    names = [str(k).removeprefix("val_dice_") for k in row.index if str(k).startswith("val_dice_")]
-    names = [n for n in names if n != "mean"] + ["mean"]
-    dice = {name: float(row[f"val_dice_{name}"]) for name in names}
-    return dice, int(row["epoch"])
-
-
 def progress_from_log(metrics_csv: Path) -> tuple[int, int]:
     """``(epochs, optimiser steps)`` completed, from the CSV log's epoch-end rows."""
     import pandas as pd
@@ -358,20 +545,6 @@ def progress_from_log(metrics_csv: Path) -> tuple[int, int]:
         return 0, 0
     # Epoch-end rows are logged at step = global_step - 1.
     return int(rows["epoch"].max()) + 1, int(rows["step"].max()) + 1
-
-
-def _existing(path: Path) -> Path | None:
-    return path if path.is_file() else None
-
-
-def clear_previous_run(out_dir: Path) -> None:
-    """A new run starts clean: old checkpoints would otherwise be compared against or resumed."""
-    for stale in (
-        out_dir / CHECKPOINT_DIR / "best.ckpt",
-        out_dir / CHECKPOINT_DIR / "last.ckpt",
-        out_dir / LOG_DIR / "metrics.csv",
-    ):
-        stale.unlink(missing_ok=True)
 
 
 def _is_rank_zero() -> bool:
@@ -408,112 +581,45 @@ def _checkpoint_entry(ckpt_path: str, key: str, default: Any = None) -> Any:
     return torch.load(ckpt_path, map_location="cpu", weights_only=False).get(key, default)
 
 
-def _log_run_provenance(mlflow_logger: Any, cfg: TrainingConfig) -> None:
-    """Flattened params, system info, git commit and the data's DVC hash, at the start of a run."""
-    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
-
+def _log_run_provenance(mlflow_logger: Any, cfg: Any, branch: _Volumes) -> None:
+    """Flattened params, then the branch's provenance tags and params, at the start of a run."""
     from tumorseg import tracking
 
-    run_id = mlflow_logger.run_id
-    client = mlflow_logger.experiment
     mlflow_logger.log_hyperparams(tracking.flatten(cfg.to_dict()))
-    data = tracking.data_version(cfg.paths.preprocessed)
-    tags = {f"system.{k}": v for k, v in tracking.system_info().items()}
-    tags.update({f"data.{k}": v for k, v in data.items()})
-    commit = tracking.git_commit()
-    if commit:
-        tags[MLFLOW_GIT_COMMIT] = commit
+    tags, params = branch.provenance(cfg)
     for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-    mlflow_logger.log_hyperparams({"data.md5": data["data_md5"], "git.commit": commit or "none"})
-
-
-def write_config_and_curves(out_dir: Path, config: dict[str, Any], metrics_csv: Path) -> list[Path]:
-    """``config.yaml`` and, once there is a CSV log, ``learning_curves.png``; returns them and the log."""
-    from tumorseg.data.manifest import atomic_write_text
-    from tumorseg.training.reporting import plot_learning_curves
-
-    config_file = out_dir / "config.yaml"
-    atomic_write_text(config_file, yaml.safe_dump(config, sort_keys=False))
-    if not metrics_csv.is_file():
-        return [config_file]
-    return [config_file, metrics_csv, plot_learning_curves(metrics_csv, out_dir / "learning_curves.png")]
+        mlflow_logger.experiment.set_tag(mlflow_logger.run_id, key, value)
+    if params:
+        mlflow_logger.log_hyperparams(params)
 
 
 def _finish_run(
-    cfg: TrainingConfig,
+    cfg: Any,
+    branch: _Volumes,
     result: TrainResult,
     metrics_csv: Path,
     params: dict[str, Any],
     source: str,
-    tracking_uri: str | None,
+    uri: str | None,
 ) -> None:
     """Rank-0 epilogue: config, plots, overlays, test scores, metrics JSON, MLflow artefacts and model."""
+    import json
+
     from tumorseg.data.manifest import atomic_write_text
-    from tumorseg.models.checkpoint import load_trained_network
-    from tumorseg.training.scoring import score_split, write_split_metrics
+    from tumorseg.training.reporting import plot_learning_curves
+    from tumorseg.training.scoring import json_ready
 
-    artefacts = write_config_and_curves(result.out_dir, cfg.to_dict(), metrics_csv)
-    trained = load_trained_network(result.best_checkpoint) if result.best_checkpoint else None
-    overlays = _write_overlays(cfg, trained, result.out_dir) if trained is not None else []
-    if trained is not None and cfg.train.score_test:
-        from tumorseg.data.datamodule import read_split
-
-        if read_split(cfg.paths.split).get("test"):
-            result.test_dice = score_split(trained, "test", params=params, source=source)
-            write_split_metrics(result.test_dice, cfg.paths.reports, "test")
-        else:
-            log.warning("%s has no test cases; reports/metrics.json not written", cfg.paths.split)
-
-    # numbers only: DVC shows this file as metrics (`dvc metrics show`, `dvc exp show`)
-    summary = {
-        "best_val_dice": result.best_val_dice,
-        "best_epoch": result.best_epoch,
-        "epochs": result.epochs,
-        "global_step": result.global_step,
-        "train_time_s": round(result.train_time_s, 1),
-        "patches_per_s": round(result.patches_per_s, 2),
-    }
+    artefacts = [result.out_dir / "config.yaml"]
+    atomic_write_text(artefacts[0], yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if metrics_csv.is_file():
+        artefacts += [metrics_csv, plot_learning_curves(metrics_csv, result.out_dir / "learning_curves.png")]
+    trained, overlays = branch.evaluate(cfg, result, params, source)
     train_metrics = Path(cfg.paths.reports) / TRAIN_METRICS_FILE
-    atomic_write_text(train_metrics, _json(summary))
+    atomic_write_text(train_metrics, json.dumps(json_ready(result.summary()), indent=2) + "\n")
     artefacts.append(train_metrics)
-
-    if result.mlflow_run_id is not None and tracking_uri is not None:
-        _log_run_artefacts(cfg, result, tracking_uri, artefacts, overlays, trained)
-
-
-def _write_overlays(cfg: TrainingConfig, trained: Any, out_dir: Path) -> list[Path]:
-    """``overlays/<case_id>.png`` of the first ``mlflow.overlays`` validation cases."""
-    from tumorseg.data.datamodule import case_records, read_split
-    from tumorseg.training.reporting import plot_overlay
-    from tumorseg.training.scoring import predict_cases
-
-    if cfg.mlflow.overlays <= 0:
-        return []
-    split = read_split(cfg.paths.split)
-    records = case_records(cfg.paths.preprocessed, split["val"])[: cfg.mlflow.overlays]
-    return [
-        plot_overlay(
-            case["image"],
-            case["label"][0],
-            pred,
-            out_dir / "overlays" / f"{record['case_id']}.png",
-            title=record["case_id"],
-            label_set=trained.label_set,
-        )
-        for record, case, pred in predict_cases(trained, records)
-    ]
-
-
-def _log_run_artefacts(
-    cfg: TrainingConfig,
-    result: TrainResult,
-    uri: str,
-    artefacts: list[Path],
-    overlays: list[Path],
-    trained: Any,
-) -> None:
-    """Artefacts, final metrics and the best network as an MLflow PyTorch model."""
+    run_id = result.mlflow_run_id
+    if run_id is None or uri is None:
+        return
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -522,18 +628,11 @@ def _log_run_artefacts(
     from tumorseg import tracking
 
     client = mlflow.MlflowClient(uri)
-    run_id = result.mlflow_run_id
     for path in artefacts:
         client.log_artifact(run_id, str(path))
     for path in overlays:
         client.log_artifact(run_id, str(path), artifact_path="overlays")
-    final = {f"best_val_dice_{k}": v for k, v in result.best_val_dice.items() if not math.isnan(v)}
-    final["train_time_s"] = result.train_time_s
-    final["train_patches_per_s_total"] = result.patches_per_s
-    for key, value in (result.test_dice or {}).items():
-        if key.startswith("dice_") and not math.isnan(value):
-            final[f"test_{key}"] = value
-    for key, value in final.items():
+    for key, value in result.final_metrics().items():
         client.log_metric(run_id, key, float(value))
     if trained is None or not cfg.mlflow.log_model:
         return
@@ -550,16 +649,3 @@ def _log_run_artefacts(
             signature=signature,
             serialization_format="pickle",  # "pt2" would need torch.export of every MONAI network
         )
-
-
-def _json(data: Any) -> str:
-    import json
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float):
-            return None if math.isnan(value) else round(value, 6)
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        return value
-
-    return json.dumps(clean(data), indent=2) + "\n"

@@ -1,8 +1,5 @@
-"""The best trial's params: written by ``tumorseg tune``, merged by ``tumorseg train`` and the flows.
-
-The file (``tune.best_params_file``) is a DVC-tracked YAML of nested params.yaml sections holding
-only the keys the search chose. Precedence: params.yaml < best params file < explicit ``-S``.
-"""
+"""The best trial's params (``tune.best_params_file``, DVC-tracked nested YAML of the searched keys):
+written by ``tumorseg tune``, merged by ``train`` and the flows. params.yaml < this file < ``-S``."""
 
 from __future__ import annotations
 
@@ -11,20 +8,17 @@ from typing import Any
 
 import yaml
 
-from tumorseg.config import apply_overrides, section
+from tumorseg.config import apply_overrides
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.errors import ConfigError
-
-
-def nest(dotted: dict[str, Any]) -> dict[str, Any]:
-    """``{"train.lr": 1e-3}`` -> ``{"train": {"lr": 1e-3}}``."""
-    return apply_overrides({}, dotted)
+from tumorseg.params import Params, as_params
 
 
 def write_best_params(path: str | Path, overrides: dict[str, Any], header: str) -> Path:
     """Write the best overrides (dotted keys) as nested YAML, atomically, with a one-line header."""
     path = Path(path)
-    text = f"# {header}\n" + yaml.safe_dump(nest(overrides), sort_keys=True, default_flow_style=None)
+    nested = apply_overrides({}, overrides)
+    text = f"# {header}\n" + yaml.safe_dump(nested, sort_keys=True, default_flow_style=None)
     atomic_write_text(path, text)
     return path
 
@@ -45,9 +39,10 @@ def read_best_params(path: str | Path) -> dict[str, Any]:
     return flatten(data)
 
 
-def best_params_overrides(params: dict[str, Any], *, source: str = "params.yaml") -> dict[str, Any]:
+def best_params_overrides(params: Params | dict[str, Any], *, source: str = "params.yaml") -> dict[str, Any]:
     """Overrides from the best-params file when ``tune.apply_best`` is on and the file exists."""
-    cfg = section("tune", params, source=source)
+    params = as_params(params, source)
+    cfg = params.tune
     return read_best_params(cfg.best_params_file) if cfg.apply_best else {}
 
 
@@ -55,5 +50,6 @@ def with_best_params(
     params: dict[str, Any], *, explicit: dict[str, Any] | None = None, source: str = "params.yaml"
 ) -> dict[str, Any]:
     """params.yaml, then the best-params file, then ``explicit`` overrides (``-S``) on top."""
+    params = as_params(params, source)
     best = best_params_overrides(params, source=source)
     return apply_overrides(apply_overrides(params, best), explicit)

@@ -10,11 +10,8 @@ from lightning.pytorch.callbacks import Callback
 
 
 class TrialRunLink(Callback):
-    """Make the trial's MLflow run (created by ``train()``) a child of the study's parent run.
-
-    ``train()`` creates its own run, so the ``mlflow.parentRunId`` tag is set once the logger's run
-    exists; the run id (``run_id``, None without MLflow) is also stored on the Optuna trial.
-    """
+    """Tag the trial's MLflow run (``train()`` creates it) as a child of the study's parent run, once the
+    logger's run exists; its ``run_id`` (None without MLflow) is also stored on the Optuna trial."""
 
     def __init__(self, trial: Any, parent_run_id: str, study_name: str) -> None:
         self.trial = trial

@@ -1,8 +1,5 @@
-"""The search space: sample one trial's params overrides from ``tune.space``.
-
-Optuna's categoricals hold only scalars: list-valued choices are offered as JSON text and decoded
-back, so the study's history stays readable and TPE still treats them as categories.
-"""
+"""The search space: one trial's params overrides from ``tune.space``. List-valued choices go to
+Optuna (scalar categoricals only) as JSON text and are decoded back."""
 
 from __future__ import annotations
 
@@ -10,6 +7,7 @@ import json
 from typing import Any
 
 from tumorseg.errors import ConfigError
+from tumorseg.params import Params
 from tumorseg.tuning.config import SearchDimension
 
 SCALAR_TYPES = (str, int, float, bool, type(None))
@@ -21,16 +19,15 @@ def encode_choice(value: Any) -> Any:
 
 
 def decode_choice(value: Any, choices: list[Any]) -> Any:
-    """Back from :func:`encode_choice` to the params value."""
     for choice in choices:
         if encode_choice(choice) == value:
             return choice
     raise ValueError(f"{value!r} is not one of {choices}")
 
 
-def base_value(params: dict[str, Any], dotted: str, source: str) -> Any:
-    """The params.yaml value at a dotted key (a strength knob scales it)."""
-    node: Any = params
+def base_value(params: Params | dict[str, Any], dotted: str, source: str) -> Any:
+    """The params.yaml value at a dotted key (a strength knob scales it), as written (``Params.raw``)."""
+    node: Any = params if isinstance(params, dict) else params.raw
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
             raise ConfigError(
@@ -43,7 +40,6 @@ def base_value(params: dict[str, Any], dotted: str, source: str) -> Any:
 
 
 def suggest(trial: Any, name: str, dim: SearchDimension) -> Any:
-    """Ask ``trial`` for one dimension's value (decoded for categoricals)."""
     if dim.type == "categorical":
         raw = trial.suggest_categorical(name, [encode_choice(c) for c in dim.choices or []])
         return decode_choice(raw, dim.choices or [])

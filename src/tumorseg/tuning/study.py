@@ -1,11 +1,9 @@
 """``tumorseg tune``: an Optuna study over params.yaml, tracked in MLflow.
 
-TPE sampler and median pruning on the per-epoch validation Dice, over ``tune.space``. The study
-lives in an Optuna RDB storage (SQLite ``<paths.mlruns>/optuna.db`` by default, any SQLAlchemy URL
-for workers on several machines) and resumes by name. ``n_jobs`` worker processes split the
-remaining budget: processes, not threads, as a trial is a Lightning run with process-wide state.
-Each trial is a nested MLflow run under one parent run per study. A trial never sees the test
-split. The best trial's overrides go to ``tune.best_params_file`` (:mod:`tumorseg.tuning.best`).
+TPE and median pruning on the per-epoch validation Dice over ``tune.space``, in an RDB storage
+(default SQLite ``<paths.mlruns>/optuna.db``) resumed by name. ``n_jobs`` worker processes (a trial
+is a Lightning run with process-wide state) split the budget; each trial is a nested MLflow run and
+never sees the test split. The best overrides go to ``tune.best_params_file``.
 """
 
 from __future__ import annotations
@@ -21,8 +19,9 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tumorseg.config import apply_overrides, section
+from tumorseg.config import apply_overrides
 from tumorseg.errors import ConfigError, TumorsegError, first_line
+from tumorseg.params import Params, as_params
 from tumorseg.tuning.config import TuneConfig
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,8 @@ FINISHED_STATES = ("COMPLETE", "PRUNED")
 
 @dataclass
 class TuneResult:
-    """What a study run produced: ``storage`` with its password hidden, ``best_*`` None without a
-    completed trial, ``counts`` by state over the whole study, ``trials_run`` by this call."""
+    """A study run's outcome: ``storage`` without password, ``best_*`` None without a completed trial,
+    ``counts`` by state over the whole study, ``trials_run`` by this call."""
 
     study_name: str
     storage: str
@@ -60,12 +59,12 @@ class TuneResult:
         )
 
 
-# ---------------------------------------------------------------------------- storage and study
-def storage_url(params: dict[str, Any], cfg: TuneConfig, *, source: str = "params.yaml") -> str:
+def storage_url(params: Params | dict[str, Any], cfg: TuneConfig, *, source: str = "params.yaml") -> str:
     """``tune.storage``, else SQLite next to the MLflow store (``<paths.mlruns>/optuna.db``)."""
+    params = as_params(params, source)
     if cfg.storage:
         return cfg.storage
-    mlruns = Path(section("paths", params, source=source).mlruns)
+    mlruns = Path(params.paths.mlruns)
     return f"sqlite:///{(mlruns / DB_NAME).resolve()}"
 
 
@@ -80,10 +79,8 @@ def hide_password(url: str) -> str:
 
 
 def open_storage(url: str, cfg: TuneConfig) -> Any:
-    """An Optuna RDB storage with heartbeats, so trials of a killed worker are failed and retried.
-
-    SQLite writers wait up to 60 s for the lock rather than fail with "database is locked".
-    """
+    """An Optuna RDB storage with heartbeats (a killed worker's trials are failed and retried); SQLite
+    writers wait up to 60 s for the lock."""
     import warnings
 
     import optuna
@@ -144,7 +141,6 @@ def open_study(storage: Any, cfg: TuneConfig, *, worker_index: int = 0) -> Any:
 
 
 def state_counts(study: Any) -> dict[str, int]:
-    """Trials of the study by state name."""
     return dict(Counter(trial.state.name for trial in study.get_trials(deepcopy=False)))
 
 
@@ -153,20 +149,16 @@ def finished_trials(study: Any) -> int:
     return sum(counts.get(s, 0) for s in FINISHED_STATES)
 
 
-# ---------------------------------------------------------------------------- MLflow parent run
-def _tune_experiment(params: dict[str, Any], cfg: TuneConfig, source: str) -> str:
+def _tune_experiment(params: Params, cfg: TuneConfig, source: str) -> str:
     from tumorseg.training.config import MlflowConfig
 
-    mlflow_cfg: MlflowConfig = section("mlflow", params, source=source)
+    mlflow_cfg: MlflowConfig = params.mlflow
     return cfg.mlflow_experiment or f"{mlflow_cfg.experiment}-tune"
 
 
 def ensure_parent_run(study: Any, tracking_uri: str, experiment: str, storage: str) -> str:
-    """The study's MLflow parent run: reused when the study already has one (resume, other workers).
-
-    Workers starting at once may each create one; all agree on the oldest (start time, then id)
-    and the losers delete theirs, so the trials of one study always share one parent.
-    """
+    """The study's MLflow parent run, reused when it has one. Workers starting at once may each create
+    one; all agree on the oldest (start time, then id) and the others are deleted."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -202,13 +194,10 @@ def ensure_parent_run(study: Any, tracking_uri: str, experiment: str, storage: s
     return winner
 
 
-# ---------------------------------------------------------------------------- one trial
 @dataclass(eq=False)
 class TrialObjective:
-    """The objective: train with the trial's overrides, return the best validation mean Dice.
-
-    ``threads``: torch CPU threads per trial (cores / workers), used when ``trainer.num_threads`` is 0.
-    """
+    """Train with the trial's overrides and return the best validation mean Dice (``threads``: torch
+    CPU threads per trial when ``trainer.num_threads`` is 0)."""
 
     params: dict[str, Any]
     cfg: TuneConfig
@@ -220,7 +209,6 @@ class TrialObjective:
     threads: int
 
     def trial_params(self, trial: Any, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(the trial's full params, its sampled overrides)."""
         from tumorseg.tuning.space import sample_overrides
 
         base = apply_overrides(self.params, self.cfg.trial_overrides)
@@ -275,9 +263,8 @@ class TrialObjective:
         return float(value)
 
 
-# ---------------------------------------------------------------------------- workers
 def run_worker(
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     source: str,
     storage: str,
@@ -289,8 +276,9 @@ def run_worker(
     threads: int,
     timeout_s: float | None,
 ) -> int:
-    """Join the study and run up to ``n_trials`` trials, stopping once it has ``wanted`` finished;
-    returns the trials run. Arguments are JSON-able: it runs in a worker process for ``n_jobs > 1``."""
+    """Run up to ``n_trials`` trials until the study has ``wanted`` finished; the trials run. Arguments
+    are JSON-able: it runs in a worker process for ``n_jobs > 1``."""
+    params = as_params(params, source)
     import optuna
     from optuna.trial import TrialState
 
@@ -298,7 +286,7 @@ def run_worker(
 
     disable_telemetry()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg: TuneConfig = section("tune", params, source=source)
+    cfg: TuneConfig = params.tune
     study = open_study(open_storage(storage, cfg), cfg, worker_index=worker_index)
     objective = TrialObjective(
         params,
@@ -310,7 +298,7 @@ def run_worker(
         threads=threads,
     )
     before = len(study.get_trials(deepcopy=False))
-    # Workers started by hand on other machines each aim at the same study total: stop once it is reached.
+    # Workers started by hand on other machines aim at the same study total.
     enough = optuna.study.MaxTrialsCallback(wanted, states=(TrialState.COMPLETE, TrialState.PRUNED))
     study.optimize(
         objective,
@@ -341,8 +329,8 @@ def split_budget(total: int, workers: int) -> list[int]:
 
 
 def _run_processes(jobs: list[dict[str, Any]]) -> None:
-    """One ``python -m tumorseg.tuning.study`` process per job, and wait: fresh interpreters (no fork
-    of torch state, no re-import of the caller's ``__main__``), exactly like workers started by hand."""
+    """One ``python -m tumorseg.tuning.study`` process per job, and wait: fresh interpreters (no forked
+    torch state), like workers started by hand."""
     import json
     import subprocess
     import sys
@@ -363,9 +351,8 @@ def _run_processes(jobs: list[dict[str, Any]]) -> None:
         )
 
 
-# ---------------------------------------------------------------------------- the study run
 def run_study(
-    params: dict[str, Any],
+    params: Params | dict[str, Any],
     *,
     source: str = "params.yaml",
     n_trials: int | None = None,
@@ -375,15 +362,13 @@ def run_study(
     tracking_uri: str | None = None,
 ) -> TuneResult:
     """Run (or resume) the study until it has ``n_trials`` finished trials; write the best params.
-
-    ``n_trials``, ``n_jobs``, ``storage`` and ``timeout_s`` default to the ``tune:`` section, and
-    ``tracking_uri`` to ``mlflow.tracking_uri``; a resumed study runs only the missing trials.
-    """
+    Options default to the ``tune:`` section and ``mlflow.tracking_uri``."""
+    params = as_params(params, source)
     from tumorseg.tracking import disable_telemetry, params_tracking_uri
     from tumorseg.training.config import load_training_config
 
     disable_telemetry()
-    cfg: TuneConfig = section("tune", params, source=source)
+    cfg: TuneConfig = params.tune
     if not cfg.space:
         raise ConfigError(f"{source}: tune.space: empty; declare at least one dimension to search")
     load_training_config(apply_overrides(params, cfg.trial_overrides), source=source)  # fail fast
@@ -467,8 +452,7 @@ def summarise(
 
 
 def study_plots(study: Any, folder: Path) -> list[Path]:
-    """Optuna's optimisation history and parameter-importance plots as PNGs (a plot Optuna cannot draw,
-    e.g. importances before two completed trials, is skipped and logged)."""
+    """Optuna's optimisation history and parameter importances as PNGs (one it cannot draw is skipped)."""
     import warnings
 
     import matplotlib

@@ -1,15 +1,11 @@
-"""The per-case table that the Great Expectations suite checks.
+"""The per-case table that the Great Expectations suite checks (3-D or 2-D manifest rows).
 
-``manifest.csv`` is all text (``"True"``, ``"240x240x155"``, ``"0;1;2;4"``); :func:`derive_case_table`
-turns each row into typed values plus helper columns where no built-in expectation can look across
-fields. A missing value is ``None``, which GX column-map expectations skip, so each check only sees
-the cases it applies to: statistics of an unreadable volume are ``None`` (reported once, as
-unreadable), and so are comparisons with an unreadable T1. Helper columns:
-
-``manifest_row`` (the key from GX's unexpected rows back to the manifest: ``case_id`` may be
-duplicated or empty), ``ingest_status``/``ingest_reason`` (so validating a validated manifest starts
-from ingest's verdict), ``manifest_problems`` (``"flair_finite='maybe'"``) and ``duplicate_of`` /
-``duplicate_evidence`` (:mod:`tumorseg.validation.duplicates`, the only columns across rows).
+Each all-text manifest row becomes typed values plus helper columns where no built-in expectation can
+look across fields. A value that does not apply is ``None``, which GX map expectations skip (an
+unreadable volume is reported once, as unreadable). Helpers: ``manifest_row`` (the key back from GX's
+unexpected rows: ``case_id`` may be duplicated or empty), ``ingest_status``/``ingest_reason``
+(validating a validated manifest starts from ingest's verdict), ``manifest_problems``
+(``"flair_finite='maybe'"``), ``duplicate_of``/``duplicate_evidence`` (:mod:`tumorseg.validation.duplicates`).
 """
 
 from __future__ import annotations
@@ -26,8 +22,7 @@ from tumorseg.validation.cells import cell_text, parse_bool, parse_float
 from tumorseg.validation.duplicates import DUPLICATE_COLUMN, duplicate_explanation, find_duplicate_groups
 
 REFERENCE_KEY = "t1"
-"""Volume the others are compared with: ingest's reference (a case whose T1 is unreadable is
-quarantined by ingest, and its comparisons are skipped)."""
+"""Volume the others are compared with (ingest's reference; without a readable T1 they are skipped)."""
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
     *IDENTITY_COLUMNS,
@@ -71,11 +66,8 @@ def parse_spacing(text: str) -> tuple[float, ...] | None:
 
 
 def parse_label_values(text: str) -> list[float] | None:
-    """``"0;1;2;4"`` -> ``[0, 1, 2, 4]``; None when empty or not ``;``-separated finite numbers.
-
-    A fractional label (a float segmentation resampled with interpolation) stays a float, which no
-    convention allows.
-    """
+    """``"0;1;2;4"`` -> ``[0, 1, 2, 4]`` (a fractional label stays a float, which no convention allows);
+    None when empty or not ``;``-separated finite numbers."""
     values = _finite_numbers(text, ";")
     return None if values is None else sorted({int(v) if float(v).is_integer() else v for v in values})
 
@@ -88,7 +80,7 @@ def labels_outside_convention(label_values: str, convention: str) -> list[float]
 
 
 def check_manifest_columns(manifest: pd.DataFrame, source: str) -> None:
-    """Fail with one line when the manifest lacks columns validation reads."""
+    """A one-line DataError when the manifest lacks columns validation reads."""
     missing = [c for c in REQUIRED_COLUMNS if c not in manifest.columns]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -103,18 +95,26 @@ def ingest_outcome(raw: dict[str, str]) -> tuple[str, str]:
     return raw["status"], raw["reason"]
 
 
-def derive_case_row(raw: dict[str, str], manifest_row: int) -> dict[str, object]:
-    """One typed case-table row from one manifest row (all text). See the module docstring."""
-    ingest_status, ingest_reason = ingest_outcome(raw)
-    accepted_by_ingest = ingest_status == STATUS_OK
-    problems: list[str] = []
+def _typed_parser(
+    raw: dict[str, str], accepted: bool, problems: list[str]
+) -> Callable[[str, Callable[[str], object]], object]:
+    """``typed(column, parser)``: a statistic the case needs, parsed; a case ingest accepted whose
+    value is unusable gets ``column='text'`` in ``problems``."""
 
     def typed(column: str, parser: Callable[[str], object]) -> object:
-        """Parse a statistic the case needs; record it as a problem when it has no usable value."""
         value = parser(raw[column]) if raw[column] else None
-        if value is None and accepted_by_ingest:
+        if value is None and accepted:
             problems.append(f"{column}={raw[column]!r}")
         return value
+
+    return typed
+
+
+def derive_case_row(raw: dict[str, str], manifest_row: int) -> dict[str, object]:
+    """One typed case-table row from one 3-D manifest row (all text)."""
+    ingest_status, ingest_reason = ingest_outcome(raw)
+    problems: list[str] = []
+    typed = _typed_parser(raw, ingest_status == STATUS_OK, problems)
 
     row: dict[str, object] = {
         "manifest_row": manifest_row,
@@ -162,8 +162,8 @@ def derive_case_row(raw: dict[str, str], manifest_row: int) -> dict[str, object]
 
 
 def derive_case_table(manifest: pd.DataFrame, source: str = "manifest.csv") -> pd.DataFrame:
-    """Typed per-case table (one row per manifest row, same order) for the GX suite; :class:`DataError`
-    naming ``source`` when columns validation reads are missing."""
+    """Typed table of a 3-D manifest (a row per manifest row, same order); a DataError naming
+    ``source`` when columns validation reads are missing."""
     check_manifest_columns(manifest, source)
     rows = [
         derive_case_row({str(k): cell_text(v) for k, v in record.items()}, index)
@@ -178,4 +178,65 @@ def derive_case_table(manifest: pd.DataFrame, source: str = "manifest.csv") -> p
         case_id = row["case_id"]
         row[DUPLICATE_COLUMN] = first.get(case_id) if isinstance(case_id, str) else None
         row["duplicate_evidence"] = duplicate_explanation(case_id, groups) if row[DUPLICATE_COLUMN] else None
+    return pd.DataFrame(rows)
+
+
+def derive_planar_row(raw: dict[str, str], manifest_row: int) -> dict[str, object]:
+    """One typed row from one 2-D manifest row: identity and ingest columns, then statistics that are
+    None where they do not apply (GX map expectations skip them): ``image_readable``, ``image_ndim``,
+    ``height``, ``width``, ``image_finite``, ``image_range`` (max - min); where a mask is stored
+    ``image_shape``/``mask_shape`` and ``mask_binary``; Figshare only ``mask_present`` and
+    ``label_code``; ``tumour_pixels`` for a tumour case whose mask fits; ``manifest_problems``."""
+    ingest_status, ingest_reason = ingest_outcome(raw)
+    problems: list[str] = []
+    typed = _typed_parser(raw, ingest_status == STATUS_OK, problems)
+
+    readable = typed("image_readable", parse_bool)
+    usable = readable is True
+    row: dict[str, object] = {
+        "manifest_row": manifest_row,
+        "case_id": raw["case_id"] or None,
+        "patient_id": raw["patient_id"] or None,
+        "layout": raw["layout"] or None,
+        INGEST_STATUS_COLUMN: ingest_status,
+        INGEST_REASON_COLUMN: ingest_reason,
+        "image_readable": readable,
+        "image_ndim": typed("image_ndim", parse_float) if usable else None,
+    }
+    two_d = usable and row["image_ndim"] == 2
+    row["height"] = typed("height", parse_float) if two_d else None
+    row["width"] = typed("width", parse_float) if two_d else None
+    row["image_finite"] = typed("image_finite", parse_bool) if usable else None
+    ranged = usable and row["image_finite"] is not None
+    low = typed("image_min", parse_float) if ranged else None
+    high = typed("image_max", parse_float) if ranged else None
+    row["image_range"] = high - low if isinstance(low, float) and isinstance(high, float) else None  # type: ignore[operator]
+    figshare = raw["layout"] == "figshare"
+    has_mask_stored = figshare and usable and bool(raw["mask_shape"])
+    row["image_shape"] = (raw["shape"] or None) if has_mask_stored else None
+    row["mask_shape"] = raw["mask_shape"] if has_mask_stored else None
+    row["mask_present"] = (parse_bool(raw["has_mask"]) is True) if figshare and usable else None
+    row["mask_binary"] = (
+        set(raw["mask_values"].split(";")) <= {"0", "1"} if has_mask_stored and raw["mask_values"] else None
+    )
+    row["label_code"] = typed("label", parse_float) if figshare and usable else None
+    labelled_tumour = parse_bool(raw["has_tumour"]) is True
+    mask_fits = has_mask_stored and raw["mask_shape"] == raw["shape"]
+    row["tumour_pixels"] = typed("tumour_pixels", parse_float) if labelled_tumour and mask_fits else None
+    row["manifest_problems"] = "; ".join(problems) or None
+    return row
+
+
+def derive_planar_case_table(manifest: pd.DataFrame, source: str = "manifest.csv") -> pd.DataFrame:
+    """Typed per-case table of a 2-D manifest (one row per manifest row, same order); DataError
+    when it lacks 2-D columns."""
+    from tumorseg.data.ingest import PLANAR_MANIFEST_COLUMNS
+
+    missing = [c for c in PLANAR_MANIFEST_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise DataError(
+            f"{source}: 2-D manifest lacks columns {', '.join(missing[:5])}; re-run `tumorseg ingest`"
+        )
+    records = manifest.to_dict(orient="records")
+    rows = [derive_planar_row({str(k): cell_text(v) for k, v in r.items()}, i) for i, r in enumerate(records)]
     return pd.DataFrame(rows)

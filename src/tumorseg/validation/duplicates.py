@@ -1,12 +1,10 @@
 """One scan under several case ids: find the groups, name their first case, say why.
 
-A copy in train and another in test leaks the test case into training, so copies are flagged
-(``duplicate_of``, never quarantined: each copy is a valid case) and ``tumorseg split`` keeps every
-group on one side. Two cases are the same scan when any modality of each (in any modality slot) has
-an equal ``sha256_<mod>`` (identical file) or ``content_sha256_<mod>`` (identical decoded volume,
-whatever the format, gzip level, header or dtype). Unreadable or all-zero volumes and segmentations
-(tumour-free cases share an all-zero map) do not link cases. Links are transitive; a group's *first*
-case is its smallest case id, and every member gets it in ``duplicate_of``.
+A copy in train and another in test leaks the test case into training, so copies are flagged in
+``duplicate_of`` (never quarantined) and ``tumorseg split`` keeps each group on one side. Two cases
+are one scan when any modality of each has an equal ``sha256_<mod>`` (identical file) or
+``content_sha256_<mod>`` (identical decoded volume); unreadable or all-zero volumes link nothing.
+Links are transitive; a group's *first* case is its smallest case id.
 """
 
 from __future__ import annotations
@@ -101,11 +99,9 @@ def find_duplicate_groups(manifest: pd.DataFrame) -> list[DuplicateGroup]:
 
 
 def _evidence(shared: list[tuple[str, dict[str, list[str]]]]) -> list[tuple[str, str]]:
-    """What links the cases: ``(a linked case id, text)``, files first, then volumes, in modality order.
-
-    Digests shared by the same cases under the same modality are merged into one text; otherwise each
-    case's modality is named. A decoded-volume match that identical files already explain is left out.
-    """
+    """What links the cases, ``(a linked case id, text)``, files first, then volumes, in modality order:
+    one text per set of cases sharing digests under one modality, else each case's modality named;
+    decoded-volume matches that identical files explain are left out."""
     order = {key: i for i, key in enumerate(CANONICAL_MODALITIES)}
     files = {
         tuple(sorted((c, tuple(k)) for c, k in cases.items()))

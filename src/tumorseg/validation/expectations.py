@@ -1,12 +1,9 @@
-"""The expectations a usable case must meet, and how each failure is told to a human.
+"""The expectations a usable case must meet (3-D: :func:`build_case_checks`, 2-D: :func:`build_planar_checks`).
 
-Each :class:`CaseCheck` names a built-in Great Expectations expectation by class name (so this module
-imports no GX and the rules unit-test in milliseconds) with its arguments on the :mod:`case table
-<tumorseg.validation.case_table>`, a Data Docs note, and a function wording the failure for one case
-(``"NaN or infinite voxels in flair"``). :func:`build_case_checks` lists them in the order their
-reasons are reported: ingest, manifest, identity, per volume, geometry, content, duplicates. A
-``critical`` check quarantines the cases it fails on; a ``warning`` one (duplicated scans) only flags
-them.
+Each :class:`CaseCheck` names a built-in Great Expectations expectation by class name (this module
+imports no GX, so the rules unit-test in milliseconds), its arguments on the case table, a Data Docs
+note and a function wording the failure for one case; listed in the order reasons are reported. A
+``critical`` check quarantines the cases it fails on, a ``warning`` one only flags them.
 """
 
 from __future__ import annotations
@@ -15,9 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tumorseg.config import ValidateConfig
+from tumorseg.config import PlanarValidateConfig, ValidateConfig
 from tumorseg.data.conventions import CANONICAL_MODALITIES, LABEL_CONVENTIONS
 from tumorseg.data.manifest import FILE_KEYS, STATUS_OK
+from tumorseg.data.planar import FIGSHARE_LABELS, IMAGE_LAYOUTS
 from tumorseg.validation.case_table import INGEST_REASON_COLUMN, INGEST_STATUS_COLUMN, REFERENCE_KEY
 from tumorseg.validation.case_table import labels_outside_convention as _labels_outside
 
@@ -35,13 +33,9 @@ CaseRow = Mapping[str, Any]  # one row of the case table (column -> value)
 class CaseCheck:
     """One expectation on the case table and how to explain its failure for one case.
 
-    Attributes:
-        check_id: stable id (``"flair.finite"``), stored in the expectation's ``meta`` so results map
-            back to the check; used in ``report.json``.
-        expectation: class name in ``great_expectations.expectations``.
-        note: why the check exists, shown under the expectation in Data Docs.
-        ingest_decides: ingest itself quarantines cases failing this check, with a reason that already
-            says why, so for those cases the failure is recorded but not worded a second time.
+    ``check_id`` (``"flair.finite"``) is stored in the expectation's ``meta`` to map results back;
+    ``note`` shows in Data Docs. ``ingest_decides``: ingest quarantines such cases with its own reason,
+    so the failure is recorded but not worded a second time.
     """
 
     check_id: str
@@ -89,7 +83,7 @@ def _convention_hint(convention: str, outside: object) -> str:
 
 
 def _volume_checks(key: str, cfg: ValidateConfig) -> list[CaseCheck]:
-    """Checks on one volume's statistics (file present, readable, finite, non-empty, aligned)."""
+    """Checks on one volume: present, readable, finite, non-empty, aligned."""
     checks = []
     if key in CANONICAL_MODALITIES:
         checks.append(
@@ -166,8 +160,7 @@ def _volume_checks(key: str, cfg: ValidateConfig) -> list[CaseCheck]:
 
 
 def identity_checks(ingest_note: str) -> list[CaseCheck]:
-    """The checks the 3-D and the 2-D case tables both start with (ingest verdict, manifest values,
-    ``case_id``), worded alike; ``ingest_note`` is the Data Docs note of ``ingest.accepted``."""
+    """The checks both case tables start with (ingest verdict, manifest values, ``case_id``)."""
     return [
         CaseCheck(
             "ingest.accepted",
@@ -279,11 +272,8 @@ def build_case_checks(cfg: ValidateConfig) -> list[CaseCheck]:
 
 
 def join_reasons(*reasons: str) -> str:
-    """Join reason fragments with ``"; "``, dropping empty and repeated ones, order kept.
-
-    A reason may itself be a ``"; "``-joined list (ingest's, or an earlier run's), so
-    joining is idempotent: validating a validated manifest again gives the same text.
-    """
+    """Join reason fragments with ``"; "``, dropping empty and repeated ones (also inside a joined
+    reason, so validating a validated manifest again gives the same text)."""
     seen: list[str] = []
     for reason in reasons:
         for fragment in (reason or "").split("; "):
@@ -291,3 +281,107 @@ def join_reasons(*reasons: str) -> str:
             if fragment and fragment not in seen:
                 seen.append(fragment)
     return "; ".join(seen)
+
+
+def build_planar_checks(cfg: PlanarValidateConfig) -> list[CaseCheck]:
+    """The 2-D checks in reporting order, limits from ``cfg`` (params.yaml ``validate_2d:``)."""
+    lo, hi = cfg.min_side_px, cfg.max_side_px
+    labels = sorted(FIGSHARE_LABELS)
+
+    def side_check(column: str) -> CaseCheck:
+        return CaseCheck(
+            f"image.{column}_in_range",
+            "ExpectColumnValuesToBeBetween",
+            {"column": column, "min_value": lo, "max_value": hi},
+            f"Image {column} in pixels within validate_2d.min_side_px..max_side_px.",
+            lambda row: (
+                f"image {column} {float(row[column]):.0f} px outside {lo}..{hi} (validate_2d.min_side_px/max_side_px)"
+            ),
+        )
+
+    return [
+        *identity_checks("Files ingest could not decode stay quarantined with ingest's reason."),
+        CaseCheck(
+            "patient_id.present",
+            "ExpectColumnValuesToNotBeNull",
+            {"column": "patient_id"},
+            "The split keeps all slices of a patient (Figshare PID) together, so each needs its patient.",
+            lambda row: "empty patient_id (Figshare PID)",
+        ),
+        CaseCheck(
+            "layout.known",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "layout", "value_set": list(IMAGE_LAYOUTS)},
+            "2-D layouts: figshare (.mat slices) and kaggle (yes/no image folders).",
+            lambda row: f"unknown 2-D layout {row['layout']!r}",
+        ),
+        CaseCheck(
+            "image.readable",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "image_readable", "value_set": [True]},
+            "h5py/scipy (MATLAB) or Pillow (images) must decode the file (ingest records whether it could).",
+            lambda row: "image unreadable",
+            ingest_decides=True,
+        ),
+        CaseCheck(
+            "image.two_dimensional",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "image_ndim", "value_set": [2]},
+            "A case is one 2-D slice (colour channels aside).",
+            lambda row: f"image has {float(row['image_ndim']):.0f} dimensions, not one 2-D slice",
+        ),
+        CaseCheck(
+            "image.finite",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "image_finite", "value_set": [True]},
+            "NaN or infinite pixels would poison normalisation and the loss.",
+            lambda row: "NaN or infinite pixels in the image",
+        ),
+        CaseCheck(
+            "image.not_constant",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "image_range", "min_value": 0, "strict_min": True},
+            "A constant image (all black, a failed export) carries no anatomy.",
+            lambda row: "image is constant (max equals min)",
+        ),
+        side_check("height"),
+        side_check("width"),
+        CaseCheck(
+            "mask.present",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "mask_present", "value_set": [True]},
+            "Every Figshare slice carries its cjdata.tumorMask.",
+            lambda row: "Figshare file has no tumorMask",
+        ),
+        CaseCheck(
+            "mask.shape_matches_image",
+            "ExpectColumnPairValuesToBeEqual",
+            {"column_A": "image_shape", "column_B": "mask_shape", "ignore_row_if": "either_value_is_missing"},
+            "The mask is compared pixel by pixel with the image, so it must have the image's shape.",
+            lambda row: f"tumorMask shape {row['mask_shape']} differs from image {row['image_shape']}",
+        ),
+        CaseCheck(
+            "mask.binary",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "mask_binary", "value_set": [True]},
+            "tumorMask is a MATLAB logical: 0 and 1 only.",
+            lambda row: "tumorMask has values other than 0 and 1",
+        ),
+        CaseCheck(
+            "label.known",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "label_code", "value_set": labels},
+            "Figshare labels: 1 meningioma, 2 glioma, 3 pituitary.",
+            lambda row: f"label {row['label_code']!r} is not 1, 2 or 3 (meningioma, glioma, pituitary)",
+        ),
+        CaseCheck(
+            "mask.not_empty_when_tumour",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "tumour_pixels", "min_value": cfg.min_tumour_pixels},
+            "A slice labelled tumour must outline it (params.yaml validate_2d.min_tumour_pixels).",
+            lambda row: (
+                f"labelled tumour but only {float(row['tumour_pixels']):.0f} mask pixels "
+                f"(validate_2d.min_tumour_pixels = {cfg.min_tumour_pixels})"
+            ),
+        ),
+    ]

@@ -6,7 +6,7 @@ byte-identical while the manifest and ``validate`` parameters are unchanged.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,8 @@ DATA_DOCS_DIR = "data_docs"
 
 @dataclass(frozen=True)
 class CheckOutcome:
-    """How one expectation (a :class:`~tumorseg.validation.expectations.CaseCheck`) fared on the case table.
-
-    Attributes:
-        evaluated: rows the expectation looked at (rows with a missing value are skipped).
-        unexpected_case_ids: cases it failed on, in manifest order.
-        severity: ``critical`` (its failures are quarantined) or ``warning`` (only flagged).
-    """
+    """How one :class:`~tumorseg.validation.expectations.CaseCheck` fared: rows ``evaluated`` (those
+    with a value), ``unexpected_case_ids`` in manifest order, ``severity`` critical or warning."""
 
     check_id: str
     expectation: str
@@ -38,13 +33,8 @@ class CheckOutcome:
 
 @dataclass(frozen=True)
 class CaseVerdict:
-    """The validated status of one case (``case_id`` ``"row N"`` when the manifest row has none).
-
-    Attributes:
-        reason: human-readable, ingest's reason first; empty when ok.
-        failed_checks: ids of the checks the case failed that quarantine it.
-        flagged_checks: ids of the warning checks it failed (a duplicated scan): reported only.
-    """
+    """One case's verdict (``case_id`` ``"row N"`` without one): ``reason`` (ingest's first, empty
+    when ok), ``failed_checks`` that quarantine it, ``flagged_checks`` (warnings) reported only."""
 
     case_id: str
     status: str
@@ -55,14 +45,8 @@ class CaseVerdict:
 
 @dataclass(frozen=True)
 class ValidationResult:
-    """Outcome of :func:`~tumorseg.validation.suite.validate_dataset`.
-
-    Attributes:
-        out_dir: folder holding the validated ``manifest.csv`` and ``validation/``.
-        cases: one verdict per manifest row, in manifest order; checks: one outcome per expectation.
-        duplicates: groups of case ids holding one scan (:meth:`DuplicateGroup.to_dict
-            <tumorseg.validation.duplicates.DuplicateGroup.to_dict>`).
-    """
+    """Outcome of :func:`~tumorseg.validation.suite.validate_dataset`: a verdict per manifest row, an
+    outcome per expectation, ``duplicates`` (:class:`~tumorseg.validation.duplicates.DuplicateGroup` dicts)."""
 
     out_dir: Path
     cases: list[CaseVerdict]
@@ -90,12 +74,10 @@ class ValidationResult:
 
     @property
     def passed(self) -> bool:
-        """True when some case is valid and the invalid share does not exceed the threshold."""
         return self.n_valid > 0 and self.invalid_fraction <= self.max_invalid_fraction
 
     @property
     def quarantined(self) -> dict[str, str]:
-        """Quarantined case id -> reason, in manifest order."""
         return {c.case_id: c.reason for c in self.cases if c.status != STATUS_OK}
 
     @property
@@ -119,7 +101,7 @@ class ValidationResult:
         )
 
     def failure_message(self) -> str:
-        """The one-line error for a run that did not pass (empty when it passed)."""
+        """The one-line error of a run that did not pass (empty when it passed)."""
         if self.passed:
             return ""
         where = f"see {self.report_path} and {self.data_docs_index}"
@@ -162,16 +144,7 @@ class ValidationResult:
                 }
                 for c in self.checks
             ],
-            "cases": [
-                {
-                    "case_id": c.case_id,
-                    "status": c.status,
-                    "reason": c.reason,
-                    "failed_checks": c.failed_checks,
-                    "flagged_checks": c.flagged_checks,
-                }
-                for c in self.cases
-            ],
+            "cases": [asdict(c) for c in self.cases],  # case_id, status, reason, failed/flagged checks
             "duplicates": self.duplicates,
         }
 
@@ -180,7 +153,6 @@ class ValidationResult:
 
 
 def _md_cell(text: str) -> str:
-    """Escape a value for a markdown table cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 

@@ -1,9 +1,8 @@
 """Check a train/val/test split against the manifest: no patient, no duplicated scan in two splits.
 
-One patient (or one scan under two case ids, ``duplicate_of``) in train and test leaks test data into
-training and inflates every metric. A bad split cannot be quarantined away, so :func:`validate_split`
-raises :class:`~tumorseg.errors.DataError`. Patients come from the manifest, not from the split file's
-own ``patients`` lists, so a split that disagrees with the data is caught too.
+One patient (or scan) in train and test leaks test data into training; a bad split cannot be
+quarantined away, so it is a DataError. Patients come from the manifest, not the split file's own
+``patients`` lists, so a split that disagrees with the data is caught too.
 """
 
 from __future__ import annotations
@@ -74,12 +73,9 @@ def _unexpected(batch: Any, expectation: Any, column: str) -> list[str]:
 
 
 def validate_split(split_json_path: Path, manifest: pd.DataFrame | Path) -> SplitCheck:
-    """Check with GX (ephemeral, nothing written) that every patient and duplicate group is in one split
-    and every listed case is unique, in the manifest and ``ok``; else :class:`DataError`.
-
-    ``manifest``: the validated manifest (or the folder / file to read it from), or any table with
-    ``case_id``, ``patient_id`` and optionally ``status`` (preprocess's ``index.csv``).
-    """
+    """Check with GX (ephemeral) that every patient and duplicate group is in one split and every listed
+    case is unique, in ``manifest`` (a table with ``case_id``, ``patient_id``, optionally ``status``, or
+    the folder / file to read it from) and ``ok``; else a DataError."""
     path = Path(split_json_path)
     if not isinstance(manifest, pd.DataFrame):
         manifest = read_manifest(manifest)

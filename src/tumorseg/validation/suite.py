@@ -1,11 +1,9 @@
 """``tumorseg validate``: run the Great Expectations suite on a manifest and quarantine bad cases.
 
-The typed case table is checked by a file-mode GX checkpoint (``result_format="COMPLETE"`` keyed by
-``manifest_row``, Data Docs rendered); a failed ``critical`` expectation quarantines its rows, a
-``warning`` one only flags them. ``out/validation/`` is replaced in one rename, then ``out/manifest.csv``
-is written atomically with each case's status, reason and (3-D) ``duplicate_of``. ``out`` may be
-``src``. GX stamps run times and random ids into its own files, never into ``manifest.csv`` or
-``report.json``, so downstream stages should depend on those two.
+The typed case table (3-D or 2-D, by the manifest's layouts) is checked by a file-mode GX checkpoint
+keyed by ``manifest_row``; a failed ``critical`` expectation quarantines its rows, a ``warning`` one
+only flags them. GX stamps run times and random ids into its own files, never into ``manifest.csv``
+or ``report.json``, so downstream stages should depend on those two.
 """
 
 from __future__ import annotations
@@ -28,9 +26,14 @@ from tumorseg.config import ValidateConfig
 from tumorseg.data.manifest import MANIFEST_NAME, STATUS_OK, STATUS_QUARANTINED, read_manifest, write_manifest
 from tumorseg.data.readers import IMAGE, manifest_dims
 from tumorseg.errors import DataError
-from tumorseg.validation.case_table import INGEST_REASON_COLUMN, INGEST_STATUS_COLUMN, derive_case_table
+from tumorseg.validation.case_table import (
+    INGEST_REASON_COLUMN,
+    INGEST_STATUS_COLUMN,
+    derive_case_table,
+    derive_planar_case_table,
+)
 from tumorseg.validation.duplicates import DUPLICATE_COLUMN, DuplicateGroup, find_duplicate_groups
-from tumorseg.validation.expectations import CaseCheck, build_case_checks, join_reasons
+from tumorseg.validation.expectations import CaseCheck, build_case_checks, build_planar_checks, join_reasons
 from tumorseg.validation.report import (
     DATA_DOCS_DIR,
     REPORT_DIR,
@@ -44,7 +47,7 @@ from tumorseg.validation.report import (
 if TYPE_CHECKING:
     from great_expectations.data_context import AbstractDataContext
 
-    from tumorseg.validation.planar_checks import PlanarValidateConfig
+    from tumorseg.config import PlanarValidateConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,7 @@ CHECK_META_KEY = "tumorseg_check"
 def quiet_great_expectations() -> Iterator[None]:
     """Import GX and keep its INFO chatter and warnings out of CLI output inside the block.
 
-    Some GX modules pin their own logger to INFO (``data_context.types.base``), so every GX logger
-    with its own level below WARNING is raised, not only ``great_expectations``; restored on exit.
+    Some GX modules pin their own logger to INFO, so every GX logger below WARNING is raised (restored on exit).
     """
     saved: dict[logging.Logger, int] = {}
 
@@ -96,11 +98,8 @@ def _case_label(row: pd.Series) -> str:
 
 
 def _new_file_context(project_dir: Path) -> AbstractDataContext:
-    """A fresh file-mode GX project in ``project_dir/gx`` with Data Docs in ``project_dir/data_docs``.
-
-    The Data Docs site's base directory is relative, so the whole folder can be moved; progress bars
-    are off (they would print for every metric batch).
-    """
+    """A fresh file-mode GX project in ``project_dir/gx``, Data Docs (relative, so the folder can move)
+    in ``project_dir/data_docs``, progress bars off (they would print for every metric batch)."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -166,10 +165,7 @@ def _checkpoint(context: AbstractDataContext, checks: list[CaseCheck]) -> Any:
 def run_case_suite(
     table: pd.DataFrame, checks: list[CaseCheck], project_dir: Path
 ) -> tuple[dict[str, list[int]], dict[str, dict[str, Any]], str]:
-    """Run the checks as a GX checkpoint on the case table; build Data Docs.
-
-    Args:
-        project_dir: empty folder for the GX project (``gx/``) and Data Docs (``data_docs/``).
+    """Run the checks as a GX checkpoint on the case table in the empty ``project_dir``; build Data Docs.
 
     Returns:
         ``(failed_rows, summaries, gx_version)``: check id -> manifest rows it failed on;
@@ -218,11 +214,8 @@ def run_case_suite(
 def _verdicts(
     table: pd.DataFrame, checks: list[CaseCheck], failed_rows: dict[str, list[int]]
 ) -> tuple[list[CaseVerdict], dict[str, list[str]]]:
-    """One verdict per case-table row, and check id -> failing case ids.
-
-    Only ``critical`` checks quarantine a case and word its reason (ingest's first); ``warning``
-    ones are listed in the verdict's ``flagged_checks``.
-    """
+    """One verdict per case-table row, and check id -> failing case ids; only ``critical`` checks
+    quarantine a case and word its reason (ingest's first), ``warning`` ones are ``flagged_checks``."""
     failed_by_row: dict[int, list[CaseCheck]] = {}
     for check in checks:
         for row in failed_rows.get(check.check_id, []):
@@ -254,8 +247,7 @@ def _replace_dir(staging: Path, target: Path) -> None:
 def _validated_manifest(
     manifest: pd.DataFrame, table: pd.DataFrame, verdicts: list[CaseVerdict]
 ) -> pd.DataFrame:
-    """The input manifest with status/reason set, ingest's own verdict kept alongside, and
-    (3-D) ``duplicate_of`` from the case table (replacing an earlier validation's)."""
+    """The manifest with status/reason set, ingest's verdict kept alongside, (3-D) ``duplicate_of``."""
     out = manifest.copy()
     out[INGEST_STATUS_COLUMN] = table[INGEST_STATUS_COLUMN].astype(str).to_numpy()
     out[INGEST_REASON_COLUMN] = table[INGEST_REASON_COLUMN].astype(str).to_numpy()
@@ -291,22 +283,13 @@ def _table_and_checks(
     """The case table, checks, reported params and duplicate groups of a 2-D or a 3-D manifest."""
     params = cfg.model_dump()
     if manifest_dims(manifest) != IMAGE:
-        return (
-            derive_case_table(manifest, source=source),
-            build_case_checks(cfg),
-            params,
-            find_duplicate_groups(manifest),
-        )
-    from tumorseg.validation.planar_checks import (
-        PlanarValidateConfig,
-        build_planar_checks,
-        derive_planar_case_table,
-    )
+        table, checks = derive_case_table(manifest, source=source), build_case_checks(cfg)
+        return table, checks, params, find_duplicate_groups(manifest)
+    from tumorseg.config import PlanarValidateConfig
 
     planar_cfg = planar_cfg or PlanarValidateConfig()
-    table = derive_planar_case_table(manifest, source=source)
     params["validate_2d"] = planar_cfg.model_dump()
-    return table, build_planar_checks(planar_cfg), params, []
+    return derive_planar_case_table(manifest, source=source), build_planar_checks(planar_cfg), params, []
 
 
 def validate_dataset(
@@ -317,18 +300,16 @@ def validate_dataset(
     raise_on_failure: bool = True,
     planar_cfg: PlanarValidateConfig | None = None,
 ) -> ValidationResult:
-    """Validate an ingested dataset; quarantine failing cases; write reports and the manifest.
+    """Validate ``src_dir/manifest.csv``, quarantine failing cases, write reports and the manifest.
 
-    Args:
-        src_dir: folder holding ``manifest.csv`` from ``tumorseg ingest``.
-        out_dir: where the validated ``manifest.csv`` and ``validation/`` go (may be ``src_dir``).
-        raise_on_failure: False lets a caller publish the result first (a Prefect artifact), then
-            raise ``DataError(result.failure_message())`` itself when ``not result.passed``.
-        planar_cfg: limits of the 2-D checks (``validate_2d``; defaults when None), for 2-D manifests.
+    ``out_dir/validation/`` is replaced in one rename, then ``out_dir/manifest.csv`` (may be in
+    ``src_dir``) written atomically. ``raise_on_failure=False`` lets a caller publish the result first
+    (a Prefect artifact) and raise ``DataError(result.failure_message())`` itself. ``planar_cfg``:
+    ``validate_2d`` (defaults when None), for 2-D manifests.
 
     Raises:
-        DataError: no or malformed manifest; too many cases quarantined or none left (then after
-            writing the reports and the manifest, so the reasons can be read).
+        DataError: no or malformed manifest; too many cases quarantined or none left (after writing
+            the reports and the manifest, so the reasons can be read).
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     started = time.perf_counter()
