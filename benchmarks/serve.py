@@ -78,7 +78,7 @@ def _model(params: dict[str, Any], workdir: Path) -> tuple[str, str, Any]:
         return uri, loaded.description, loaded.trained
     except DataError:
         pass
-    from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
+    from tumorseg.models.checkpoint import CONFIG_CHECKPOINT_KEY
     from tumorseg.models.networks import build_network
     from tumorseg.training.config import load_training_config
 

@@ -47,7 +47,7 @@ def tiny_params(root: Path, spacing: float = 4.0) -> dict:
 
 def write_checkpoint(path: Path, params: dict, seed: int = 0) -> Path:
     """A checkpoint as ``tumorseg train`` writes it, with random (seeded) weights."""
-    from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
+    from tumorseg.models.checkpoint import CONFIG_CHECKPOINT_KEY
     from tumorseg.models.networks import build_network
     from tumorseg.training.config import load_training_config
 

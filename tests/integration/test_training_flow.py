@@ -82,7 +82,7 @@ def _champion(params: dict[str, Any]) -> tuple[str, int]:
 
 @pytest.mark.slow
 def test_pipeline_smoke_cache_no_new_data_and_failed_run(
-    prefect_server: None, tmp_path: Path, capsys: pytest.CaptureFixture
+    prefect_server: None, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipelines.training_flow import training_flow
 
@@ -138,8 +138,21 @@ def test_pipeline_smoke_cache_no_new_data_and_failed_run(
     assert "check-new-data" in states and "validate" not in states and "train" not in states
     assert "no new data" in _artifacts()["retrain-decision"]
 
-    # 4. New raw data triggers retraining; the run then fails (bad evaluate setting): champion stays.
-    overrides = {"synth.seed": 7, "flow.compress": False, "evaluate.hd95_penalty_mm": -1.0}
+    # 4. A bad setting anywhere in params.yaml fails the run before any task starts.
+    bad = {"synth.seed": 7, "evaluate.hd95_penalty_mm": -1.0}
+    state = training_flow(params_path=str(params_path), overrides=bad, return_state=True)
+    assert state.is_failed() and "evaluate.hd95_penalty_mm" in str(state.message)
+    assert _task_states(state.state_details.flow_run_id) == {}
+
+    # 5. New raw data triggers retraining; the run then fails in evaluate (a data error there): the
+    # champion stays.
+    from tumorseg.errors import DataError
+
+    def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise DataError("data/validated/manifest.csv: unreadable (injected by the test)")
+
+    monkeypatch.setattr("tumorseg.registry.evaluate_stage.run_evaluate_stage", unreadable)
+    overrides = {"synth.seed": 7, "flow.compress": False}
     state = training_flow(
         params_path=str(params_path), overrides=overrides, only_if_new_data=True, return_state=True
     )

@@ -11,8 +11,7 @@ import torch
 from benchmarks.predict import bench_network, trained_network
 
 from tumorseg.config import read_params
-from tumorseg.models.checkpoint import NETWORK_PREFIX
-from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
+from tumorseg.models.checkpoint import CONFIG_CHECKPOINT_KEY, NETWORK_PREFIX
 
 
 def _params(tmp_path: Path) -> dict[str, Any]:

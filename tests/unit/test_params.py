@@ -83,3 +83,12 @@ def test_as_params_validates_a_mapping_once() -> None:
     params = from_mapping({"synth": {"cases": 3}})
     assert as_params(params) is params
     assert as_params({"synth": {"cases": 3}}).synth.cases == 3
+
+
+def test_the_one_section_table_and_the_root_model_agree() -> None:
+    """``section(name, mapping)`` (stored model configs, presets) validates with Params' own models."""
+    from tumorseg.config import SECTION_MODELS, section_model
+
+    assert list(SECTION_MODELS) == list(SECTIONS)
+    for name in SECTIONS:
+        assert section_model(name) is Params.model_fields[name].annotation

@@ -21,10 +21,11 @@ from tumorseg.data.transforms import DataLoaderConfig
 from tumorseg.errors import DataError, first_line
 from tumorseg.models.config import SlidingWindowConfig
 from tumorseg.models.inference import make_inferer
-from tumorseg.models.lightning_module import CONFIG_CHECKPOINT_KEY
 from tumorseg.models.networks import ModelConfig, build_network
 from tumorseg.models.planar_detection import DetectorRule
 
+CONFIG_CHECKPOINT_KEY = "tumorseg_config"
+"""Key of the resolved params sections in a training checkpoint (written by the LightningModule)."""
 NETWORK_PREFIX = "network."
 """Prefix of the network's weights in the LightningModule's state_dict."""
 

@@ -20,6 +20,7 @@ from torch import nn
 from tumorseg.data.conventions import GLIOMA, LabelSet
 from tumorseg.data.datamodule import MASK_KEY
 from tumorseg.data.transforms import CASE_INDEX_KEY, IMAGE_KEY, LABEL_KEY
+from tumorseg.models.checkpoint import CONFIG_CHECKPOINT_KEY
 from tumorseg.models.config import SlidingWindowConfig
 from tumorseg.models.inference import labels_to_regions, make_inferer, predict_labels
 
@@ -28,8 +29,6 @@ OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int], dict[str, Any] | None]
 """``(optimizer, total training steps) -> Lightning lr_scheduler config`` (or None)."""
 
-CONFIG_CHECKPOINT_KEY = "tumorseg_config"
-"""Checkpoint entry holding the resolved params sections needed to rebuild the network."""
 
 RUN_ID_CHECKPOINT_KEY = "tumorseg_mlflow_run_id"
 """Checkpoint entry holding the MLflow run id, so a resumed run keeps logging to the same run."""

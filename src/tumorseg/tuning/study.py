@@ -199,7 +199,7 @@ class TrialObjective:
     """Train with the trial's overrides and return the best validation mean Dice (``threads``: torch
     CPU threads per trial when ``trainer.num_threads`` is 0)."""
 
-    params: dict[str, Any]
+    params: Params
     cfg: TuneConfig
     _: KW_ONLY
     source: str
@@ -208,7 +208,7 @@ class TrialObjective:
     experiment: str
     threads: int
 
-    def trial_params(self, trial: Any, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    def trial_params(self, trial: Any, out_dir: Path) -> tuple[Params, dict[str, Any]]:
         from tumorseg.tuning.space import sample_overrides
 
         base = apply_overrides(self.params, self.cfg.trial_overrides)
@@ -224,7 +224,7 @@ class TrialObjective:
             "mlflow.experiment": self.experiment,
             "mlflow.run_name": f"trial {trial.number}",
         }
-        if not (base.get("trainer") or {}).get("num_threads"):
+        if not base.trainer.num_threads:
             fixed["trainer.num_threads"] = self.threads
         return apply_overrides(base, {**sampled, **fixed}), sampled
 
@@ -392,7 +392,7 @@ def run_study(
     )
     jobs = [
         {
-            "params": params,
+            "params": params.raw,  # JSON for the worker processes; validated again there
             "source": source,
             "storage": url,
             "tracking_uri": uri,
