@@ -41,3 +41,20 @@ def _module_keeps_mlflow_tracking_uri() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _test_keeps_mlflow_tracking_uri() -> Iterator[None]:
     yield from _tracking_uri_restored()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _model_cache_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Registered models resolved by the suite are cached under its temporary folder, not ``~/.cache``
+    (subprocesses inherit the variable)."""
+    import os
+
+    from tumorseg.registry.loading import MODEL_CACHE_ENV
+
+    before = os.environ.get(MODEL_CACHE_ENV)
+    os.environ[MODEL_CACHE_ENV] = str(tmp_path_factory.mktemp("model-cache"))
+    yield
+    if before is None:
+        os.environ.pop(MODEL_CACHE_ENV, None)
+    else:
+        os.environ[MODEL_CACHE_ENV] = before

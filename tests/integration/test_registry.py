@@ -379,6 +379,40 @@ def test_predict_loads_the_champion_by_default_and_any_other_uri(
         assert np.array_equal(labels[key], labels["default"]), key
 
 
+def test_a_resolved_version_is_cached_and_the_alias_is_still_resolved_each_time(
+    project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``models:/`` URIs are resolved in the registry on every load, then read from the local cache
+    of that version (versions never change); an alias moved to another version is followed."""
+    import shutil
+
+    from tumorseg.errors import DataError
+    from tumorseg.registry.loading import MODEL_CACHE_ENV, load_model
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(cache))
+    name = "tumorseg-cache-test"
+    first = register(project, project.stage.evaluation, name)
+    second = register(project, project.stage.evaluation, name)
+    client = project.client()
+    client.set_registered_model_alias(name, "champion", first)
+    loaded = load_model(f"models:/{name}@champion", tracking_uri=project.uri)
+    assert loaded.version == first
+    cached = [p.parent for p in cache.rglob("MLmodel")]
+    assert [(p.parent.name, p.name) for p in cached] == [(name, first)]
+    # the store's copy of the artifacts is gone: the cached version still loads
+    source = Path(client.get_model_version_download_uri(name, first).removeprefix("file://"))
+    shutil.rmtree(source)
+    again = load_model(f"models:/{name}@champion", tracking_uri=project.uri)
+    assert again.version == first and again.trained.roi_size == loaded.trained.roi_size
+    client.set_registered_model_alias(name, "champion", second)
+    assert load_model(f"models:/{name}@champion", tracking_uri=project.uri).version == second
+    assert sorted(p.parent.name for p in cache.rglob("MLmodel")) == sorted([first, second])
+    monkeypatch.setenv(MODEL_CACHE_ENV, "")  # off: the store is read again, and the lost copy is missed
+    with pytest.raises(DataError, match=f"models:/{name}/{first}: "):
+        load_model(f"models:/{name}/{first}", tracking_uri=project.uri)
+
+
 def test_the_pyfunc_loads_and_predicts_in_a_fresh_process(project: Project, tmp_path: Path) -> None:
     from tumorseg.models.checkpoint import load_trained_network
     from tumorseg.models.predictor import SegmentationPredictor, predict_dataset

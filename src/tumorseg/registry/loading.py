@@ -106,6 +106,13 @@ def downloaded_model(
             found = get_version(name, alias or number)
             version = str(found.version)
             description = f"{uri} (version {version}, run {found.run_id})"
+            try:
+                cached = cached_version(tracking_uri, name, version, client)
+            except OSError:  # no writable cache folder (a read-only home): download as without one
+                cached = None
+            if cached is not None:
+                yield DownloadedModel(cached, client, description, version)
+                return
             artifact_uri = client.get_model_version_download_uri(name, version)
         else:
             artifact_uri = uri
@@ -122,6 +129,50 @@ def downloaded_model(
                 f"{uri}: not found in the MLflow store {store} ({message}); {first_steps}"
             ) from None
         raise DataError(f"{uri}: cannot be loaded from {store} ({message})") from None
+
+
+MODEL_CACHE_ENV = "TUMORSEG_MODEL_CACHE"
+"""Folder of the resolved-model cache (default ``$XDG_CACHE_HOME/tumorseg/models``, else
+``~/.cache/tumorseg/models``); an empty value turns the cache off."""
+
+
+def model_cache_root() -> Path | None:
+    """Where registered model versions are kept once downloaded (None: no cache)."""
+    configured = os.environ.get(MODEL_CACHE_ENV)
+    if configured is not None:
+        return Path(configured).expanduser() if configured.strip() else None
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tumorseg" / "models"
+
+
+def cached_version(tracking_uri: str, name: str, version: str, client: Any) -> Path | None:
+    """The local copy of model version ``name/version`` of the store ``tracking_uri``, downloaded on
+    first use. A registered version's artifacts never change, so the copy stays valid; it is written
+    beside its final place and renamed in, so an interrupted download is never taken for a model."""
+    import hashlib
+
+    import mlflow
+
+    root = model_cache_root()
+    if root is None:
+        return None
+    store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    folder = root / store / name / version
+    if (folder / "MLmodel").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{version}-", dir=folder.parent) as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(name, version),
+            dst_path=tmp,
+            tracking_uri=tracking_uri,
+        )
+        try:
+            os.replace(local, folder)
+        except OSError:  # another process filled it first
+            if not (folder / "MLmodel").is_file():
+                raise
+    return folder
 
 
 def _from_mlflow(uri: str, tracking_uri: str) -> LoadedModel:

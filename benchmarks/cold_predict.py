@@ -1,0 +1,160 @@
+"""Benchmark: ``tumorseg predict`` as a whole process (what a user waits for from the shell).
+
+Two comparisons, both on BraTS-size cases (240x240x155 at 1 mm, stored LPS as BraTS stores them,
+``tumorseg synth --spacing 1``) with the model ``predict`` runs by default (the champion):
+
+- **cold vs warm**: ``tumorseg predict CASE`` as a new process (imports, params, resolving and
+  loading the model, one case) against the same case predicted in a process that already holds the
+  model (the second call of :func:`~tumorseg.models.predictor.predict_dataset`). Target: at most 3x.
+- **against MONAI**: ``tumorseg predict DIR`` on ``cases`` cases against
+  ``benchmarks/monai_pipeline.py`` (LoadImaged -> ... -> SaveImaged, the same network and window
+  settings), both as whole processes. Target: at most 0.6x.
+
+The runs alternate (MONAI, ours on the folder, ours on one case) ``repeats`` times after an untimed
+warm-up of each (file cache); medians are reported.
+
+Usage::
+
+    python -m benchmarks.cold_predict --out /tmp/cold.json [--cases 3] [--repeats 3] [--model URI]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TARGET_COLD_OVER_WARM = 3.0
+TARGET_VS_MONAI = 0.6
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return seconds
+
+
+def benchmark_cold_predict(
+    params: dict[str, Any] | None = None,
+    *,
+    cases: int = 3,
+    repeats: int = 3,
+    model: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time the whole-process runs of the module docstring; returns medians, ratios and targets."""
+    import torch
+
+    from benchmarks.predict import BRATS_ORIENTATION, _copies, bench_network
+    from tumorseg.config import SynthConfig, read_params
+    from tumorseg.data.layouts import discover_cases
+    from tumorseg.data.synth import synthesize_case, write_case
+    from tumorseg.models.config import PredictConfig
+    from tumorseg.models.predictor import SegmentationPredictor, predict_dataset
+
+    params = read_params(ROOT / "params.yaml") if params is None else params
+    uri = model or params.get("predict", {}).get("model", "models:/tumorseg@champion")
+    trained, weights = bench_network(params, uri, seed)
+    if weights.startswith("random"):
+        raise RuntimeError(f"no trained model to time ({weights}); run `dvc repro` first")
+    predictor = SegmentationPredictor(trained, PredictConfig(device="cpu"))
+    window = predictor.sliding_window
+    with tempfile.TemporaryDirectory(prefix="tumorseg-bench-cold-") as tmp:
+        root = Path(tmp)
+        synth = SynthConfig(
+            cases=1, spacing_mm=1.0, seed=seed, tumour_free_fraction=0.0, reoriented_fraction=0.0
+        )
+        write_case(synthesize_case(1, synth), root / "raw", "brats2021", orientation=BRATS_ORIENTATION)
+        folder = _copies(discover_cases(root / "raw")[0], root / "cases", cases)
+        one = sorted(folder.iterdir())[0]
+        network_file = root / "network.pt"
+        torch.save(trained.network, network_file)
+
+        warm = []
+        for k in range(repeats + 1):
+            start = time.perf_counter()
+            predict_dataset(one, root / f"warm{k}", predictor)
+            warm.append(time.perf_counter() - start)
+        warm = warm[1:]  # the first call pays the first-touch costs of a fresh process
+
+        tumorseg = [str(Path(sys.executable).with_name("tumorseg")), "predict"]  # the console script
+        ours_one = [*tumorseg, str(one), "--model", uri, "--device", "cpu", "--out"]
+        ours_dir = [*tumorseg, str(folder), "--model", uri, "--device", "cpu", "--out"]
+        monai = [
+            sys.executable,
+            str(ROOT / "benchmarks" / "monai_pipeline.py"),
+            str(folder),
+            "OUT",
+            str(network_file),
+            "--spacing",
+            *(str(s) for s in trained.spacing_mm),
+            "--roi",
+            *(str(r) for r in trained.roi_size),
+            "--overlap",
+            str(window.overlap),
+            "--sw-batch-size",
+            str(window.sw_batch_size),
+            "--mode",
+            window.blend_mode,
+            "--threshold",
+            str(window.threshold),
+        ]
+        times: dict[str, list[float]] = {"monai_dir": [], "ours_dir": [], "ours_one": []}
+        for k in range(repeats + 1):
+            out = root / f"run{k}"
+            runs = {
+                "monai_dir": [x if x != "OUT" else str(out / "monai") for x in monai],
+                "ours_dir": [*ours_dir, str(out / "ours_dir")],
+                "ours_one": [*ours_one, str(out / "ours_one")],
+            }
+            for name, cmd in runs.items():
+                seconds = _timed(cmd)
+                if k > 0:  # the first round warms the file cache
+                    times[name].append(seconds)
+            shutil.rmtree(out, ignore_errors=True)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    warm_s = statistics.median(warm)
+    return {
+        "model": weights,
+        "cases": cases,
+        "repeats": repeats,
+        "warm_one_s": warm_s,
+        "cold_one_s": median["ours_one"],
+        "cold_over_warm": median["ours_one"] / warm_s,
+        "target_cold_over_warm": TARGET_COLD_OVER_WARM,
+        "ours_dir_s": median["ours_dir"],
+        "monai_dir_s": median["monai_dir"],
+        "vs_monai": median["ours_dir"] / median["monai_dir"],
+        "target_vs_monai": TARGET_VS_MONAI,
+        "runs_s": times,
+        "warm_runs_s": warm,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="tumorseg predict as a whole process")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cases", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args(argv)
+    result = benchmark_cold_predict(cases=args.cases, repeats=args.repeats, model=args.model)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("runs_s")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
