@@ -188,6 +188,29 @@ def bench_predict() -> dict[str, Any]:
     return result
 
 
+def bench_cold_predict() -> dict[str, Any]:
+    """``tumorseg predict`` as a whole process: one case against the warm in-process time, a folder
+    against the MONAI-only pipeline (benchmarks/monai_pipeline.py) with the same network and window."""
+    from benchmarks.cold_predict import benchmark_cold_predict
+
+    result = benchmark_cold_predict(_project_params())
+    result["rows"] = [
+        [
+            "`tumorseg predict CASE` from the shell, one 240x240x155 case (imports, model, case)",
+            f"{result['cold_one_s']:.2f} s",
+            f"the same case in a warm process: {result['warm_one_s']:.2f} s",
+            f"{result['cold_over_warm']:.2f}x (target <= {result['target_cold_over_warm']:g}x)",
+        ],
+        [
+            f"`tumorseg predict DIR` from the shell, {result['cases']} such cases",
+            f"{result['ours_dir_s']:.2f} s",
+            f"MONAI-only pipeline (LoadImaged ... SaveImaged), same network and window: {result['monai_dir_s']:.2f} s",
+            f"{result['vs_monai']:.2f} (target <= {result['target_vs_monai']:g})",
+        ],
+    ]
+    return result
+
+
 def bench_compress() -> dict[str, Any]:
     """The ``edge`` variant vs the fp32 champion: whole-predict speed, file size, Dice."""
     from benchmarks.compress import bench_compress as run
@@ -271,6 +294,7 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "scale": bench_scale,
     "training": bench_training,
     "predict": bench_predict,
+    "cold_predict": bench_cold_predict,
     "compress": bench_compress,
     "flow": bench_flow,
     "tuning": bench_tuning,
