@@ -104,6 +104,17 @@ def test_augmentation_changes_patches_but_is_seeded(tiny_dataset: Path, real_par
 def test_missing_case_and_split_files_are_data_errors(tiny_dataset: Path) -> None:
     with pytest.raises(DataError, match="no split file"):
         read_split(tiny_dataset / "nope.json")
+    from tumorseg.data.datamodule import read_planar_split
+
+    listed = tiny_dataset / "listed.json"
+    listed.write_text("[1, 2]")
+    for reader in (read_split, read_planar_split):  # one line, no traceback, for 3-D and 2-D splits
+        with pytest.raises(DataError, match=r"listed\.json: expected an object of split name -> case ids"):
+            reader(listed)
+    listed.write_text("{")
+    with pytest.raises(DataError, match=r"listed\.json: not a readable split JSON \(JSONDecodeError\)"):
+        read_planar_split(listed)
+    listed.unlink()
     with pytest.raises(DataError, match=r"Ghost\.npz: missing preprocessed case"):
         case_records(tiny_dataset / "preprocessed", ["Ghost"])
     split = json.loads((tiny_dataset / "split.json").read_text())

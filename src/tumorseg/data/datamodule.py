@@ -50,31 +50,25 @@ MANIFEST_NAME = "manifest.csv"
 
 
 def read_split(split_file: str | Path) -> dict[str, list[str]]:
-    """Read ``split.json`` as ``{split name: [case_id, ...]}``."""
+    """Read ``split.json`` (3-D or 2-D) as ``{split name: [case_id, ...]}``; a DataError names the file."""
     path = Path(split_file)
     if not path.is_file():
         raise DataError(f"{path}: no split file; run `tumorseg split` first")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{path}: not valid JSON; rerun `tumorseg split`") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(
+            f"{path}: not a readable split JSON ({type(exc).__name__}); rerun `tumorseg split`"
+        ) from None
     if not isinstance(data, dict):
-        raise DataError(f"{path}: expected an object of split name -> case ids")
+        raise DataError(f"{path}: expected an object of split name -> case ids; rerun `tumorseg split`")
     return {k: [str(c) for c in v] for k, v in data.items() if isinstance(v, list)}
 
 
 def read_planar_split(split_file: str | Path) -> dict[str, list[str]]:
-    """``{"train": [...], "val": [...], "test": [...]}`` case ids of a 2-D split JSON (or a DataError)."""
-    path = Path(split_file)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(
-            f"{path}: no split file; run `tumorseg split` on the preprocessed 2-D data first"
-        ) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: not a readable split JSON ({type(exc).__name__})") from None
-    return {name: [str(c) for c in data.get(name) or []] for name in ("train", "val", "test")}
+    """The ``train``/``val``/``test`` case ids of a 2-D split JSON (each present, maybe empty)."""
+    split = read_split(split_file)
+    return {name: split.get(name, []) for name in ("train", "val", "test")}
 
 
 def _read_index(preprocessed_dir: str | Path) -> Any | None:
