@@ -696,6 +696,18 @@ class _DropAdverts(logging.Filter):
         return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
 
 
+HARMLESS_WARNINGS: tuple[str, ...] = (
+    # torch's own pytree deprecation, raised inside Lightning on every fit (lightning/pytorch/utilities/_pytree.py)
+    r".*isinstance\(treespec, LeafSpec\).*",
+    # a new run replaces the previous one's logs and checkpoints on purpose (``--resume`` continues it)
+    r"Experiment logs directory .* exists and is not empty",
+    r"Checkpoint directory .* exists and is not empty",
+    # the distillation teacher of compression's fine-tuning is frozen in eval mode by design
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+)
+"""Dependency warnings a tumorseg command knows to be harmless: not printed (errors are never filtered)."""
+
+
 def configure_logging(verbose: bool) -> None:
     """One timestamped line per message on stderr; known-harmless dependency noise filtered.
 
@@ -711,8 +723,8 @@ def configure_logging(verbose: bool) -> None:
     )
     logging.getLogger("lightning").propagate = False
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
-    # torch's own pytree deprecation, raised inside Lightning on every fit (lightning/pytorch/utilities/_pytree.py)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    for message in HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -112,12 +113,17 @@ def test_missing_split_file_is_a_one_line_error(tmp_path: Path, capsys: pytest.C
     assert "no split file; run `tumorseg split` first" in capsys.readouterr().err
 
 
-def test_cli_trains_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_trains_and_reports(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     shapes = {c: (24, 26, 24) for c in "ABCDE"}
     _write_cases(tmp_path, shapes, {"train": ["A", "B", "C"], "val": ["D"], "test": ["E"]})
-    assert main(_args(tmp_path)) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(_args(tmp_path)) == 0
     out = capsys.readouterr().out
     assert out.startswith("trained 1 epochs (2 steps") and "best.ckpt" in out
+    summary = out.splitlines()[0]
+    assert not [r for r in caplog.records if r.getMessage() == summary]  # printed once, not logged again
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["dice_WT"] <= 1.0
     assert (tmp_path / "models" / "checkpoints" / "best.ckpt").is_file()

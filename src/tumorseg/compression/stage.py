@@ -101,7 +101,7 @@ def run_compress_stage(
                 inputs.mlflow_cfg.experiment,
                 source,
             )
-    log.info(outcome.one_line())
+    log.debug(outcome.one_line())  # the command prints it; Prefect tasks publish it
     return outcome
 
 

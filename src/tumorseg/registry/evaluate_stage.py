@@ -199,7 +199,7 @@ def evaluate_planar(
     versions = {kind: r.to_dict() for kind, r in result.registered.items()}
     result.files["versions"] = Path(cfg.paths.reports) / MODEL_VERSION_FILE
     atomic_write_text(result.files["versions"], json.dumps(versions, indent=2) + "\n")
-    log.info(result.one_line())
+    log.debug(result.one_line())  # the command prints it; Prefect tasks publish it
     return result
 
 

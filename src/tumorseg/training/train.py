@@ -392,7 +392,7 @@ def train(
         result.epochs, result.global_step = progress_from_log(metrics_csv)
     result.patches_per_s = float(trainer.callback_metrics.get("train_patches_per_s", math.nan))
     _finish_run(cfg, branch, result, metrics_csv, params, source, tracking_uri)
-    log.info(result.one_line())
+    log.debug(result.one_line())  # the command prints it; Prefect tasks publish it
     return result
 
 
