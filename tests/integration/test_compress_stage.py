@@ -10,6 +10,7 @@ as it was.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,10 @@ def test_missing_calibration_set_is_one_line_and_leaves_the_registry_untouched(
 
 
 def test_compress_gates_registers_edge_and_predict_runs_it_in_its_runtime(
-    project: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    project: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from tumorseg.compression.stage import run_compress_stage
     from tumorseg.models.onnx_network import OnnxRuntimeNetwork
@@ -168,7 +172,10 @@ def test_compress_gates_registers_edge_and_predict_runs_it_in_its_runtime(
             "mlflow.enabled": True,
         },
     )
-    result = run_compress_stage(params, tracking_uri=uri)
+    with caplog.at_level(logging.INFO, logger="tumorseg.training.callbacks"):
+        result = run_compress_stage(params, tracking_uri=uri)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tune: step ")]
+    assert progress and all("min left" in line for line in progress)  # fine-tuning shows its progress
 
     names = [r.name for r in result.variants]
     assert names == list(VARIANTS)  # fp32 first, then in the order asked for

@@ -21,6 +21,7 @@ from tumorseg.compression.config import PruningConfig
 from tumorseg.config import section
 from tumorseg.errors import DataError
 from tumorseg.params import Params, as_params
+from tumorseg.training.callbacks import TrainingProgress
 
 log = logging.getLogger(__name__)
 
@@ -207,13 +208,15 @@ def fine_tune(
         seed=train_cfg.seed,
     )
     result = FineTuneResult(steps=steps, best_step=steps, best_val_dice=None)
+    # the best-weights callback first (read back below), then progress lines with the time left
     callbacks = [best_weights_callback(network, result)] if val_every > 0 else []
+    callbacks.append(TrainingProgress(label="fine-tune"))
     L.seed_everything(train_cfg.seed, workers=True, verbose=False)
     with tempfile.TemporaryDirectory(prefix="tumorseg-finetune-") as tmp:
         trainer = _fine_tune_trainer(trainer_cfg.accelerator, steps, val_every, callbacks, tmp)
         _fit(trainer, module, datamodule, network, result, val_every)
     network.cpu().eval()
-    if callbacks and callbacks[0].best is not None:
+    if val_every > 0 and callbacks[0].best is not None:
         network.load_state_dict(callbacks[0].best)
     result.seconds = time.perf_counter() - start
     return result

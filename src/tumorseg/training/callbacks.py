@@ -55,8 +55,9 @@ class TrainingProgress(Callback):
     """Rank-0 log lines (steps, epoch, mean loss since the last line, val Dice, time left) every
     ``every_s`` s and after each validation, for runs without Lightning's bar (DVC, Prefect)."""
 
-    def __init__(self, every_s: float | None = None) -> None:
+    def __init__(self, every_s: float | None = None, label: str = "train") -> None:
         self.every_s = PROGRESS_EVERY_S if every_s is None else every_s
+        self.label = label
         self._start = self._last = 0.0
         self._start_step = 0
         self._losses: list[float] = []
@@ -84,7 +85,7 @@ class TrainingProgress(Callback):
         elapsed = time.perf_counter() - self._start
         rate = elapsed / max(done - self._start_step, 1)
         parts = [
-            f"train: step {done}/{total} ({100.0 * done / max(total, 1):.0f}%)",
+            f"{self.label}: step {done}/{total} ({100.0 * done / max(total, 1):.0f}%)",
             f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}",
         ]
         if self._losses:
