@@ -13,12 +13,14 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tumorseg.config import DATASET_LAYOUTS as LAYOUT_NAMES
 from tumorseg.data.conventions import LABEL_CONVENTIONS
 from tumorseg.errors import TumorsegError
-from tumorseg.params import Params
+
+if TYPE_CHECKING:
+    from tumorseg.params import Params
 
 LABEL_CONVENTION_NAMES: tuple[str, ...] = tuple(LABEL_CONVENTIONS)
 
