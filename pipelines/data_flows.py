@@ -1,23 +1,22 @@
 """Prefect flows for the data stages: source -> ingest -> validate -> preprocess -> split.
 
 Each task calls the function its ``tumorseg`` command (and DVC stage) calls; flows read params.yaml
-and only carry dotted-key overrides (``{"synth.cases": 8}``). Also the helpers the other flows share:
-:data:`IO_RETRIES`, :func:`load_params`, :func:`tracking_uri` and the validate/split bodies.
+and only carry dotted-key overrides (``{"synth.cases": 8}``). A task's ``dims`` picks the dataset, as
+``--dims`` does: 3 volumes (``paths.*``), 2 images (``paths.*_2d``, run as the ``@2d`` tasks of
+:mod:`pipelines.planar_flow`). Also the helpers the other flows share: :data:`IO_RETRIES`,
+:func:`load_params`, :func:`tracking_uri`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tumorseg.errors import DataError, TumorsegError
 from tumorseg.params import Params, as_params
-
-if TYPE_CHECKING:
-    from tumorseg.params import Params
 
 
 def _retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
@@ -30,6 +29,14 @@ def _retry_io_only(task: Any, task_run: Any, state: Any) -> bool:
 
 
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _retry_io_only}
+
+ARTIFACTS: dict[tuple[int, str], tuple[str, str]] = {
+    (3, "validate"): ("data-validation", "Great Expectations validation of the ingested dataset"),
+    (3, "split"): ("data-split", "Patient-level stratified split"),
+    (2, "validate"): ("data-validation-2d", "2-D data validation"),
+    (2, "split"): ("data-split-2d", "Patient-level 2-D split"),
+}
+"""(``dims``, stage) -> the key and description of the Prefect artifact the stage publishes."""
 
 
 def load_params(params_path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
@@ -46,17 +53,34 @@ def tracking_uri(params: dict[str, Any]) -> str:
     return params_tracking_uri(params)
 
 
-def validate_and_publish(
-    ingested: Path,
-    validated: Path,
-    params: Params | dict[str, Any],
-    *,
-    artifact_key: str,
-    description: str,
-    planar_cfg: Any = None,
-) -> str:
-    """Run ``tumorseg validate``, publish its report as a Prefect artifact, then fail if it failed
-    (so a rejected dataset is explained in the UI too). ``planar_cfg``: the 2-D limits, if any.
+def dims_paths(params: Params, dims: int) -> dict[str, Path]:
+    """The folders of the ``dims`` dataset: ``paths.ingested`` ... or their ``_2d`` twins."""
+    suffix = "_2d" if dims == 2 else ""
+    keys = ("ingested", "validated", "preprocessed", "split")
+    return {key: Path(getattr(params.paths, key + suffix)) for key in keys}
+
+
+@task(name="source", **IO_RETRIES)
+def source_task(params: dict, params_path: str = "params.yaml", dims: int = 3) -> str:
+    """``data.source`` (``data.source_2d``): generate the embedded data or check the user's folder."""
+    from tumorseg.data.source import prepare_source
+
+    return prepare_source(params, params_path, dims).one_line()
+
+
+@task(name="ingest", **IO_RETRIES)
+def ingest_task(params: Params | dict[str, Any], source: str, dims: int = 3) -> str:
+    """Ingest the dataset folder ``source`` (:func:`tumorseg.data.source.source_folder`)."""
+    params = as_params(params, source)
+    from tumorseg.data.ingest import ingest
+
+    return ingest(Path(source), dims_paths(params, dims)["ingested"], params.ingest).one_line()
+
+
+@task(name="validate", **IO_RETRIES)
+def validate_task(params: Params | dict[str, Any], dims: int = 3) -> str:
+    """``tumorseg validate``, its report published before a failure is raised (so a rejected dataset
+    is explained in the UI too).
 
     Raises:
         DataError: the share of quarantined cases is above ``validate.max_invalid_fraction``.
@@ -64,90 +88,45 @@ def validate_and_publish(
     params = as_params(params)
     from tumorseg.validation.suite import validate_dataset, validation_markdown
 
+    paths = dims_paths(params, dims)
+    planar_cfg = params.validate_2d if dims == 2 else None
     result = validate_dataset(
-        ingested, validated, params.validate, planar_cfg=planar_cfg, raise_on_failure=False
+        paths["ingested"], paths["validated"], params.validate, planar_cfg=planar_cfg, raise_on_failure=False
     )
-    create_markdown_artifact(markdown=validation_markdown(result), key=artifact_key, description=description)
+    key, description = ARTIFACTS[dims, "validate"]
+    create_markdown_artifact(markdown=validation_markdown(result), key=key, description=description)
     if not result.passed:
         raise DataError(result.failure_message())
     return result.one_line()
 
 
-def split_and_publish(
-    preprocessed: Path,
-    split_file: Path,
-    params: Params | dict[str, Any],
-    *,
-    unit: str,
-    artifact_key: str,
-    description: str,
-) -> dict[str, int]:
-    """Run ``tumorseg split``; publish ``{"train": n, "val": n, "test": n}`` as a table (column ``unit``)."""
-    params = as_params(params)
-    from tumorseg.data.split import make_split
-
-    split = make_split(preprocessed, split_file, params.split)
-    counts = {name: len(split.cases(name)) for name in ("train", "val", "test")}
-    create_table_artifact(
-        table=[{"split": k, unit: v} for k, v in counts.items()], key=artifact_key, description=description
-    )
-    return counts
-
-
-@task(name="source", **IO_RETRIES)
-def source_task(params: dict, params_path: str = "params.yaml") -> str:
-    """``data.source``: generate the embedded data (``synth``) or check the user's folder (read only)."""
-    from tumorseg.data.source import prepare_source
-
-    return prepare_source(params, params_path).one_line()
-
-
-@task(name="ingest", **IO_RETRIES)
-def ingest_task(params: Params | dict[str, Any], source: str) -> str:
-    """Ingest the dataset folder ``source`` (:func:`tumorseg.data.source.source_folder`)."""
-    params = as_params(params, source)
-    from tumorseg.data.ingest import ingest
-
-    paths = params.paths
-    summary = ingest(Path(source), Path(paths.ingested), params.ingest)
-    return summary.one_line()
-
-
-@task(name="validate", **IO_RETRIES)
-def validate_task(params: Params | dict[str, Any]) -> str:
-    params = as_params(params)
-    paths = params.paths
-    return validate_and_publish(
-        Path(paths.ingested),
-        Path(paths.validated),
-        params,
-        artifact_key="data-validation",
-        description="Great Expectations validation of the ingested dataset",
-    )
-
-
 @task(name="preprocess", **IO_RETRIES)
-def preprocess_task(params: Params | dict[str, Any]) -> str:
+def preprocess_task(params: Params | dict[str, Any], dims: int = 3) -> str:
     params = as_params(params)
     from tumorseg.data.preprocess import preprocess_dataset
 
-    paths = params.paths
-    summary = preprocess_dataset(Path(paths.validated), Path(paths.preprocessed), params.preprocess)
-    return summary.one_line()
+    paths = dims_paths(params, dims)
+    planar_cfg = params.preprocess_2d if dims == 2 else None
+    return preprocess_dataset(
+        paths["validated"], paths["preprocessed"], params.preprocess, planar_cfg
+    ).one_line()
 
 
 @task(name="split", **IO_RETRIES)
-def split_task(params: Params | dict[str, Any]) -> dict[str, int]:
+def split_task(params: Params | dict[str, Any], dims: int = 3) -> dict[str, int]:
+    """``tumorseg split``; ``{"train": n, "val": n, "test": n}`` published as a table."""
     params = as_params(params)
-    paths = params.paths
-    return split_and_publish(
-        Path(paths.preprocessed),
-        Path(paths.split),
-        params,
-        unit="cases",
-        artifact_key="data-split",
-        description="Patient-level stratified split",
+    from tumorseg.data.split import make_split
+
+    paths = dims_paths(params, dims)
+    split = make_split(paths["preprocessed"], paths["split"], params.split)
+    counts = {name: len(split.cases(name)) for name in ("train", "val", "test")}
+    unit = "images" if dims == 2 else "cases"
+    key, description = ARTIFACTS[dims, "split"]
+    create_table_artifact(
+        table=[{"split": k, unit: v} for k, v in counts.items()], key=key, description=description
     )
+    return counts
 
 
 @flow(name="data-pipeline")

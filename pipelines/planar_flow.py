@@ -16,83 +16,24 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.data_flows import (
     IO_RETRIES,
+    ingest_task,
     load_params,
-    split_and_publish,
+    preprocess_task,
+    source_task,
+    split_task,
     tracking_uri,
-    validate_and_publish,
+    validate_task,
 )
 from pipelines.stage_cache import cached_task, dvc_stage_specs, with_source_folder
-from tumorseg.params import Params, as_params
 
 
 def _cached(task_fn: Any, stage: str, params: dict[str, Any], source: Path | None = None) -> Any:
-    """The task with its ``<stage>@2d`` cache policy; ``source`` replaces ``${data.source_2d}``."""
+    """The task as ``<stage>@2d``, with that stage's cache policy; ``source`` replaces ``${data.source_2d}``."""
     spec = with_source_folder(dvc_stage_specs()[f"{stage}@2d"], stage, source, "${data.source_2d}")
-    return cached_task(task_fn, spec, params)
+    return cached_task(task_fn.with_options(name=spec.name), spec, params)
 
 
 # ---------------------------------------------------------------------------- tasks
-@task(name="source@2d", **IO_RETRIES)
-def source_2d_task(params: dict, params_path: str) -> str:
-    """``tumorseg source --dims 2``: generate the images (``data.source_2d: synth_2d``) or check the folder."""
-    from tumorseg.data.source import prepare_source
-
-    return prepare_source(params, params_path, 2).one_line()
-
-
-@task(name="ingest@2d", **IO_RETRIES)
-def ingest_2d_task(params: Params | dict[str, Any], source: str) -> str:
-    params = as_params(params, source)
-    from tumorseg.data.ingest import ingest
-
-    return ingest(Path(source), Path(params.paths.ingested_2d), params.ingest).one_line()
-
-
-@task(name="validate@2d", **IO_RETRIES)
-def validate_2d_task(params: Params | dict[str, Any]) -> str:
-    params = as_params(params)
-    from tumorseg.config import PlanarValidateConfig
-
-    paths = params.paths
-    planar_cfg: PlanarValidateConfig = params.validate_2d
-    return validate_and_publish(
-        Path(paths.ingested_2d),
-        Path(paths.validated_2d),
-        params,
-        artifact_key="data-validation-2d",
-        description="2-D data validation",
-        planar_cfg=planar_cfg,
-    )
-
-
-@task(name="preprocess@2d", **IO_RETRIES)
-def preprocess_2d_task(params: Params | dict[str, Any]) -> str:
-    params = as_params(params)
-    from tumorseg.data.preprocess import preprocess_dataset
-
-    paths = params.paths
-    return preprocess_dataset(
-        Path(paths.validated_2d),
-        Path(paths.preprocessed_2d),
-        params.preprocess,
-        params.preprocess_2d,
-    ).one_line()
-
-
-@task(name="split@2d", **IO_RETRIES)
-def split_2d_task(params: Params | dict[str, Any]) -> dict[str, int]:
-    params = as_params(params)
-    paths = params.paths
-    return split_and_publish(
-        Path(paths.preprocessed_2d),
-        Path(paths.split_2d),
-        params,
-        unit="images",
-        artifact_key="data-split-2d",
-        description="Patient-level 2-D split",
-    )
-
-
 @task(name="train@2d", **IO_RETRIES)
 def train_2d_task(params: dict) -> dict[str, Any]:
     """``tumorseg train --dims 2``."""
@@ -151,11 +92,11 @@ def planar_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | No
     params = load_params(params_path, overrides)
     folder = source_folder(params, params_path, 2)
     summary: dict[str, Any] = {}
-    summary["source"] = _cached(source_2d_task, "source", params, folder)(params, params_path)
-    summary["ingest"] = _cached(ingest_2d_task, "ingest", params, folder)(params, str(folder))
-    summary["validate"] = _cached(validate_2d_task, "validate", params)(params)
-    summary["preprocess"] = _cached(preprocess_2d_task, "preprocess", params)(params)
-    summary["split"] = _cached(split_2d_task, "split", params)(params)
+    summary["source"] = _cached(source_task, "source", params, folder)(params, params_path, 2)
+    summary["ingest"] = _cached(ingest_task, "ingest", params, folder)(params, str(folder), 2)
+    summary["validate"] = _cached(validate_task, "validate", params)(params, 2)
+    summary["preprocess"] = _cached(preprocess_task, "preprocess", params)(params, 2)
+    summary["split"] = _cached(split_task, "split", params)(params, 2)
     summary["train"] = _cached(train_2d_task, "train", params)(params)
     summary["evaluate"] = _cached(evaluate_2d_task, "evaluate", params)(params)
     summary["promote"] = promote_2d_task(params)

@@ -1,12 +1,9 @@
 """``tumorseg schedule``: serve the training flow on the ``flow.schedule`` cron.
 
 Scheduled runs retrain only when the raw data changed since the champion was trained
-(``flow.schedule.only_if_new_data``); otherwise they record "no new data" and stop.
-
-``serve`` is Prefect's single-process mode: this process polls the Prefect API (a local server, or
-``PREFECT_API_URL``) and runs the flow in a subprocess when the schedule fires. For a team, run a
-Prefect server and a work pool instead; README "Scheduled retraining" shows both set-ups, and
-:func:`build_deployment` gives the same deployment object to ``prefect deploy``-style code.
+(``flow.schedule.only_if_new_data``). ``serve`` is Prefect's single-process mode: this process polls the
+Prefect API (a local server, or ``PREFECT_API_URL``) and runs the flow in a subprocess when the schedule
+fires. For a team, run a Prefect server and a work pool (README "Scheduled retraining").
 """
 
 from __future__ import annotations

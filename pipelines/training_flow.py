@@ -109,10 +109,7 @@ def train_task(params: dict) -> dict[str, Any]:
     result = train(params, tracking_uri=tracking_uri(params))
     create_table_artifact(
         key="training",
-        table=[
-            {"region": region, "best_val_dice": round(value, 4)}
-            for region, value in result.best_val_dice.items()
-        ],
+        table=[{"region": r, "best_val_dice": round(v, 4)} for r, v in result.best_val_dice.items()],
         description=result.one_line(),
     )
     return {

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,14 +61,92 @@ def _dims_paths(args: argparse.Namespace, params: Params) -> dict[str, str]:
     return {key: getattr(paths, key + suffix) for key in ("ingested", "validated", "preprocessed", "split")}
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- the parser as a table
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+"""One ``add_argument`` call as data (flags, options), so :func:`build_parser` is a short loop."""
+
+
+def _arg(*flags: str, **options: Any) -> Arg:
+    """An :data:`Arg` written like the ``add_argument`` call it stands for."""
+    return flags, options
+
+
+@dataclass(frozen=True)
+class Command:
+    """One sub-command; ``help`` is also its ``--help`` description."""
+
+    name: str
+    handler: Handler
+    help: str
+    args: tuple[Arg, ...] = ()
+
+
+COMMANDS: list[Command] = []
+"""Every sub-command in ``tumorseg --help`` order (the order of the handlers below), with its arguments
+after :data:`COMMON_ARGS`."""
+
+
+def _command(name: str, help: str, *args: Arg) -> Callable[[Handler], Handler]:
+    """Declare the decorated handler as sub-command ``name``, its arguments beside the code reading them."""
+
+    def declare(handler: Handler) -> Handler:
+        COMMANDS.append(Command(name, handler, help, args))
+        return handler
+
+    return declare
+
+
+COMMON_ARGS: tuple[Arg, ...] = (
+    _arg("--params", default="params.yaml", help="params file (default: %(default)s)"),
+    _arg("-S", "--set", action="append", metavar="KEY=VALUE", help="override a params.yaml key (repeatable)"),
+)
+"""The options every sub-command takes first."""
+
+_NO_REGISTER = _arg("--no-register", action="store_true", help="write the reports only; register no version")
+_DIMS = _arg(
+    "--dims",
+    type=int,
+    choices=[2, 3],
+    default=3,
+    help="the dataset: 3 volumes (data.source, paths.*), 2 images (data.source_2d, paths.*_2d) (default: 3)",
+)
+_LABELS = ["auto", *LABEL_CONVENTION_NAMES]
+_SEG_LABELS = "label convention of the seg files"
+_STORE = "store_true"
+
+
+# ---------------------------------------------------------------- sub-commands
+@_command(
+    "synth",
+    "Generate realistic synthetic multi-modal brain MRI with gliomas.",
+    _arg(
+        "--layout",
+        choices=[*LAYOUT_NAMES, "figshare", "kaggle"],
+        help="dataset layout to write (figshare, kaggle: 2-D slices, params.yaml synth_2d)",
+    ),
+    _arg("--labels", choices=_LABELS, help=f"{_SEG_LABELS} (default: synth.labels; auto: the layout's)"),
+    _arg("--cases", type=int, help="number of cases (figshare: patients; kaggle: images)"),
+    _arg("--seed", type=int, help="random seed (output is deterministic for a seed)"),
+    _arg("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)"),
+    _arg("--out", help="output folder (default: data/synth; 2-D: data/synth_2d/<layout>)"),
+)
 def _cmd_synth(args: argparse.Namespace) -> int | None:
-    from tumorseg.config import SYNTH_SOURCE, DataConfig
+    from tumorseg.config import GENERATED_FOLDERS, SYNTH_SOURCE, DataConfig
     from tumorseg.data.source import project_root
+
+    if args.layout in ("figshare", "kaggle"):  # 2-D slices; --cases: Figshare patients or Kaggle images
+        from tumorseg.data.planar_synth import synthesize_planar_dataset
+
+        count_key = "synth_2d.figshare_patients" if args.layout == "figshare" else "synth_2d.kaggle_images"
+        options = {count_key: args.cases, "synth_2d.seed": args.seed, "synth_2d.spacing_mm": args.spacing}
+        planar_cfg = _params(args, options).synth_2d
+        default_out = DataConfig.folder_for(GENERATED_FOLDERS[2], project_root(args.params)) / args.layout
+        out = Path(args.out or default_out)
+        written = synthesize_planar_dataset(out, args.layout, planar_cfg)
+        print(f"wrote {len(written)} {args.layout} files to {out}")
+        return None
     from tumorseg.data.synth import synthesize_dataset
 
-    if args.layout in ("figshare", "kaggle"):
-        return _synth_planar(args)
     options = {
         "synth.layout": args.layout,
         "synth.labels": args.labels,
@@ -78,25 +156,72 @@ def _cmd_synth(args: argparse.Namespace) -> int | None:
     }
     cfg = _params(args, options).synth
     out = Path(args.out) if args.out else DataConfig.folder_for(SYNTH_SOURCE, project_root(args.params))
-    written = synthesize_dataset(out, cfg)
-    print(f"wrote {len(written)} {cfg.layout} cases to {out}")
+    print(f"wrote {len(synthesize_dataset(out, cfg))} {cfg.layout} cases to {out}")
 
 
-def _synth_planar(args: argparse.Namespace) -> int | None:
-    """``synth --layout figshare|kaggle``: 2-D slices (``--cases``: Figshare patients or Kaggle images)."""
-    from tumorseg.config import GENERATED_FOLDERS, DataConfig
-    from tumorseg.data.planar_synth import synthesize_planar_dataset
-    from tumorseg.data.source import project_root
+@_command(
+    "source",
+    "Make data.source (--dims 2: data.source_2d) ready: generate the embedded dataset (synth) into "
+    "data/synth (data/synth_2d), or check a dataset folder (read only) before any stage writes.",
+    _DIMS,
+)
+def _cmd_source(args: argparse.Namespace) -> int | None:
+    from tumorseg.data.source import prepare_source
 
-    count_key = "synth_2d.figshare_patients" if args.layout == "figshare" else "synth_2d.kaggle_images"
-    options = {count_key: args.cases, "synth_2d.seed": args.seed, "synth_2d.spacing_mm": args.spacing}
-    cfg = _params(args, options).synth_2d
-    default_out = DataConfig.folder_for(GENERATED_FOLDERS[2], project_root(args.params)) / args.layout
-    out = Path(args.out or default_out)
-    written = synthesize_planar_dataset(out, args.layout, cfg)
-    print(f"wrote {len(written)} {args.layout} files to {out}")
+    print(prepare_source(_params(args), args.params, args.dims).one_line())
 
 
+@_command(
+    "figure-cases",
+    "Plot a few cases: 4 modalities and the label overlay (PNG).",
+    _arg("src", help="a brats2021 or brats2023 folder, e.g. from `tumorseg synth`"),
+    _arg("--out", required=True, help="PNG file to write"),
+    _arg("--cases", type=int, default=4, help="number of tumour cases to show (default: %(default)s)"),
+    _arg("--layout", choices=["brats2021", "brats2023"], default="brats2021"),
+)
+def _cmd_figure_cases(args: argparse.Namespace) -> int | None:
+    from tumorseg.data.figures import plot_synthetic_cases
+
+    out = plot_synthetic_cases(Path(args.src), Path(args.out), n_cases=args.cases, layout=args.layout)
+    print(f"wrote {out}")
+
+
+@_command(
+    "ingest",
+    "Index a BraTS 2020/21, BraTS 2023+, MSD, Figshare (.mat) or Kaggle (yes/, no/) folder into a manifest.",
+    _arg("src", nargs="?", help="dataset folder (default: data.source; --dims 2: data.source_2d)"),
+    _arg("--out", help="output folder for manifest.csv (default: paths.ingested)"),
+    _DIMS,
+    _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip detection (default: ingest.layout)"),
+    _arg(
+        "--labels",
+        choices=_LABELS,
+        help=f"{_SEG_LABELS} (default: ingest.labels; auto: layout, BraTS prefix, dataset.json)",
+    ),
+)
+def _cmd_ingest(args: argparse.Namespace) -> int | None:
+    from tumorseg.data.ingest import ingest
+    from tumorseg.data.source import inspect_source, source_folder
+
+    params = _params(args, {"ingest.layout": args.layout, "ingest.labels": args.labels})
+    cfg = params.ingest
+    out = Path(args.out or _dims_paths(args, params)["ingested"])
+    src = Path(args.src) if args.src else source_folder(params, args.params, args.dims)
+    if not args.src:
+        # a wrong data.source: one line naming it, before anything is written
+        inspect_source(src, layout=cfg.layout, labels=cfg.labels, dims=args.dims)
+    print(ingest(src, out, cfg).one_line())
+
+
+@_command(
+    "export",
+    "Write the ingested cases as an nnU-Net raw dataset or a MONAI datalist (with the split).",
+    _arg("--format", required=True, choices=["nnunet", "monai"], help="what to write"),
+    _arg("--out", required=True, help="folder to write DatasetXXX_Name/ or datalist.json into"),
+    _arg("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default: %(default)s)"),
+    _arg("--name", default="Tumorseg", help="nnU-Net dataset name (default: %(default)s)"),
+    _arg("--force", action=_STORE, help="replace an existing export"),
+)
 def _cmd_export(args: argparse.Namespace) -> int | None:
     from tumorseg.data.export import export_from_params
 
@@ -112,68 +237,71 @@ def _cmd_export(args: argparse.Namespace) -> int | None:
     print(f"exported ({args.format}) -> {target}")
 
 
-def _cmd_source(args: argparse.Namespace) -> int | None:
-    from tumorseg.data.source import prepare_source
-
-    print(prepare_source(_params(args), args.params, args.dims).one_line())
-
-
-def _cmd_figure_cases(args: argparse.Namespace) -> int | None:
-    from tumorseg.data.figures import plot_synthetic_cases
-
-    out = plot_synthetic_cases(Path(args.src), Path(args.out), n_cases=args.cases, layout=args.layout)
-    print(f"wrote {out}")
-
-
-def _cmd_ingest(args: argparse.Namespace) -> int | None:
-    from tumorseg.data.ingest import ingest
-    from tumorseg.data.source import inspect_source, source_folder
-
-    params = _params(args, {"ingest.layout": args.layout, "ingest.labels": args.labels})
-    cfg = params.ingest
-    out = Path(args.out or _dims_paths(args, params)["ingested"])
-    src = Path(args.src) if args.src else source_folder(params, args.params, args.dims)
-    if not args.src:
-        # a wrong data.source: one line naming it, before anything is written
-        inspect_source(src, layout=cfg.layout, labels=cfg.labels, dims=args.dims)
-    print(ingest(src, out, cfg).one_line())
-
-
+@_command(
+    "validate",
+    "Validate an ingested dataset with Great Expectations; quarantine bad cases.",
+    _arg("dir", nargs="?", help="ingested folder holding manifest.csv (default: paths.ingested)"),
+    _arg("--out", help="write the validated manifest and reports here (default: in place)"),
+    _arg("--max-invalid-fraction", type=float, metavar="F", help="fail above this share of bad cases"),
+    _DIMS,
+)
 def _cmd_validate(args: argparse.Namespace) -> int | None:
     from tumorseg.validation.suite import validate_dataset
 
     params = _params(args, {"validate.max_invalid_fraction": args.max_invalid_fraction})
-    cfg = params.validate
-    planar_cfg = params.validate_2d
     src = Path(args.dir or _dims_paths(args, params)["ingested"])
-    result = validate_dataset(src, Path(args.out) if args.out else src, cfg, planar_cfg=planar_cfg)
-    print(result.one_line())
+    out = Path(args.out) if args.out else src
+    print(validate_dataset(src, out, params.validate, planar_cfg=params.validate_2d).one_line())
 
 
+@_command(
+    "preprocess",
+    "Reorient, resample, crop and normalise valid cases.",
+    _arg("src", nargs="?", help="validated folder holding manifest.csv (default: paths.validated)"),
+    _arg("--out", help="output folder (default: paths.preprocessed)"),
+    _DIMS,
+)
 def _cmd_preprocess(args: argparse.Namespace) -> int | None:
     from tumorseg.data.preprocess import preprocess_dataset
 
     params = _params(args)
-    cfg = params.preprocess
-    planar_cfg = params.preprocess_2d
     paths = _dims_paths(args, params)
-    summary = preprocess_dataset(
-        Path(args.src or paths["validated"]), Path(args.out or paths["preprocessed"]), cfg, planar_cfg
-    )
-    print(summary.one_line())
+    src, out = Path(args.src or paths["validated"]), Path(args.out or paths["preprocessed"])
+    print(preprocess_dataset(src, out, params.preprocess, params.preprocess_2d).one_line())
 
 
+@_command(
+    "split",
+    "Patient-level stratified train/val/test split.",
+    _arg("src", nargs="?", help="preprocessed folder (default: paths.preprocessed)"),
+    _arg("--out", help="split JSON file (default: paths.split)"),
+    _DIMS,
+)
 def _cmd_split(args: argparse.Namespace) -> int | None:
     from tumorseg.data.split import make_split
 
     params = _params(args)
-    cfg = params.split
     paths = _dims_paths(args, params)
-    split = make_split(Path(args.src or paths["preprocessed"]), Path(args.out or paths["split"]), cfg)
-    print(split.one_line())
+    src, out = Path(args.src or paths["preprocessed"]), Path(args.out or paths["split"])
+    print(make_split(src, out, params.split).one_line())
 
 
-# ---------------------------------------------------------------- evaluation and training
+@_command(
+    "evaluate",
+    "Score predictions against references with each BraTS challenge's metrics.",
+    _arg("--pred", required=True, help="folder of <case_id>.nii.gz predictions"),
+    _arg("--ref", required=True, help="folder of <case_id>.nii.gz reference segmentations"),
+    _arg("--out", required=True, help="per-case CSV to write (summary JSON and plots go beside it)"),
+    _arg(
+        "--labels",
+        choices=_LABELS,
+        help="label convention: its regions, lesion-wise rules and HD95 penalty (default: evaluate.labels)",
+    ),
+    _arg("--summary", help="summary JSON path (default: <out>.summary.json)"),
+    _arg("--case-info", help="CSV with case_id,tumour_type for per-type statistics"),
+    _arg("--images", help="folder of images (any layout) to draw overlays on"),
+    _arg("--no-plots", action=_STORE, help="skip the PNG figures"),
+)
 def _cmd_evaluate(args: argparse.Namespace) -> int | None:
     from tumorseg.evaluation.evaluate import evaluate_folders
 
@@ -191,6 +319,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int | None:
     print(result.one_line())
 
 
+@_command(
+    "train",
+    "Train a segmentation network (Lightning + MONAI), tracked in MLflow; --dims 2: the 2-D "
+    "segmenter + tumour classifier (model_2d, train_2d).",
+    _arg("--resume", action=_STORE, help="continue from train.out_dir/checkpoints/last.ckpt"),
+    _DIMS,
+)
 def _cmd_train(args: argparse.Namespace) -> int | None:
     from tumorseg.training.train import train
     from tumorseg.tuning.best import with_best_params
@@ -201,7 +336,30 @@ def _cmd_train(args: argparse.Namespace) -> int | None:
     print(train(params, dims=args.dims, resume=args.resume, source=args.params).one_line())
 
 
-# ---------------------------------------------------------------- prediction and registry
+@_command(
+    "predict",
+    "Segment cases in any layout; writes <case_id>.nii.gz in each input's geometry and label convention.",
+    _arg(
+        "input",
+        help="a dataset folder (BraTS 2021, BraTS 2023+, MSD, nnU-Net raw, MONAI datalist) or one case "
+        "folder; or 2-D .mat/image files (a file or a folder of them: writes <case_id>_mask.png, 0/255, "
+        "at each input's size)",
+    ),
+    _arg("--out", required=True, help="output folder for <case_id>.nii.gz"),
+    _arg(
+        "--model",
+        help="checkpoint path or MLflow model URI: models:/tumorseg@champion (default: predict.model), "
+        "models:/tumorseg/3, runs:/<run_id>/model; 2-D input: models:/tumorseg-2d@champion (predict_2d.model)",
+    ),
+    _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip layout detection"),
+    _arg("--labels", choices=_LABELS, help="input label convention, also the output's (default: detected)"),
+    _arg("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation"),
+    _arg("--min-component-mm3", type=float, metavar="MM3", help="drop smaller tumour components"),
+    _arg("--probabilities", action=_STORE, help="also write probabilities/<case_id>.nii.gz"),
+    _arg("--uncertainty", action=_STORE, help="also write uncertainty/<case_id>.nii.gz (needs --tta)"),
+    _arg("--device", choices=["auto", "cpu", "cuda"], help="inference device (default: predict.device)"),
+    _arg("--volumes", metavar="CSV", help="also write the per-case region volumes (ml) to this CSV"),
+)
 def _cmd_predict(args: argparse.Namespace) -> int | None:
     from tumorseg.data.readers import IMAGE, input_dims
     from tumorseg.registry.predict import predict_folder
@@ -242,29 +400,6 @@ def _cmd_predict(args: argparse.Namespace) -> int | None:
     print(run.one_line())
 
 
-def _cmd_evaluate_model(args: argparse.Namespace) -> int | None:
-    from tumorseg.registry.evaluate_stage import evaluate_planar, run_evaluate_stage
-
-    run = evaluate_planar if args.dims == 2 else run_evaluate_stage
-    register = False if args.no_register else None
-    result = run(_params(args), checkpoint=args.checkpoint, source=args.params, register=register)
-    print(result.one_line())
-
-
-def _cmd_promote(args: argparse.Namespace) -> int | None:
-    from tumorseg.registry.promote import promote, promote_planar
-
-    if args.dims == 2 and not args.name:  # images: the segmenter, then the detector, in one report
-        params = _params(args)
-        results = promote_planar(params, report_file=args.out, rollback=args.rollback, source=args.params)
-    else:
-        params = _params(args, {"registry.model_name": args.name})
-        results = [promote(params, rollback=args.rollback, source=args.params, report_file=args.out)]
-    for result in results:
-        print("\n".join(result.lines()))
-
-
-# ---------------------------------------------------------------- 2-D models
 def _load_planar(args: argparse.Namespace, default_key: str) -> Any:
     """The ``--model`` 2-D model, else ``predict_2d.<default_key>``; a missing input is reported first."""
     from tumorseg.data.readers import image_inputs
@@ -273,9 +408,8 @@ def _load_planar(args: argparse.Namespace, default_key: str) -> Any:
 
     image_inputs(args.input)
     params = _params(args, outside_project=True)
-    predict_cfg = params.predict_2d
     uri = params_tracking_uri(params, source=args.params)
-    return load_planar_model(args.model or getattr(predict_cfg, default_key), tracking_uri=uri)
+    return load_planar_model(args.model or getattr(params.predict_2d, default_key), tracking_uri=uri)
 
 
 def _predict_planar(args: argparse.Namespace) -> int | None:
@@ -291,6 +425,51 @@ def _predict_planar(args: argparse.Namespace) -> int | None:
     print(f"segmented {len(results)} 2-D images with {model.description} -> {args.out}")
 
 
+@_command(
+    "evaluate-model",
+    "Evaluate the trained model on the test split in the source geometry; log it and register a "
+    "challenger (--dims 2: choose the detector on validation, register tumorseg-2d and tumorseg-detect).",
+    _arg("--checkpoint", help="checkpoint to evaluate (default: <train.out_dir>/checkpoints/best.ckpt)"),
+    _NO_REGISTER,
+    _DIMS,
+)
+def _cmd_evaluate_model(args: argparse.Namespace) -> int | None:
+    from tumorseg.registry.evaluate_stage import evaluate_planar, run_evaluate_stage
+
+    run = evaluate_planar if args.dims == 2 else run_evaluate_stage
+    register = False if args.no_register else None
+    result = run(_params(args), checkpoint=args.checkpoint, source=args.params, register=register)
+    print(result.one_line())
+
+
+@_command(
+    "promote",
+    "Promote the challenger to champion if it beats it on the same test cases (registry.* gate).",
+    _arg("--rollback", action=_STORE, help="restore the previous champion instead"),
+    _arg("--name", help="model name (default: registry.model_name), e.g. tumorseg-2d, tumorseg-detect"),
+    _arg("--out", help="decision JSON to write (default: <paths.reports>/promotion.json)"),
+    _DIMS,
+)
+def _cmd_promote(args: argparse.Namespace) -> int | None:
+    from tumorseg.registry.promote import promote, promote_planar
+
+    if args.dims == 2 and not args.name:  # images: the segmenter, then the detector, in one report
+        params = _params(args)
+        results = promote_planar(params, report_file=args.out, rollback=args.rollback, source=args.params)
+    else:
+        params = _params(args, {"registry.model_name": args.name})
+        results = [promote(params, rollback=args.rollback, source=args.params, report_file=args.out)]
+    for result in results:
+        print("\n".join(result.lines()))
+
+
+@_command(
+    "detect",
+    "Tumour / no tumour for .mat or image files: CSV case_id, probability, label.",
+    _arg("input", help="a .mat/image file or a folder of them"),
+    _arg("--out", required=True, help="CSV file to write"),
+    _arg("--model", help="2-D model: MLflow URI, folder or checkpoint (default: predict_2d.detect_model)"),
+)
 def _cmd_detect(args: argparse.Namespace) -> int | None:
     from tumorseg.models.predictor import detect_images
 
@@ -300,6 +479,13 @@ def _cmd_detect(args: argparse.Namespace) -> int | None:
     print(f"{len(results)} images, {positives} with tumour ({model.description}) -> {args.out}")
 
 
+@_command(
+    "compress",
+    "Prune, quantize (INT8) and export (ONNX) the model; gate on test Dice; register the best as @edge.",
+    _arg("--model", help="fp32 model: MLflow URI or checkpoint (default: compress.model)"),
+    _arg("--variants", metavar="A,B", help="comma-separated variants (default: compress.variants)"),
+    _NO_REGISTER,
+)
 def _cmd_compress(args: argparse.Namespace) -> int | None:
     from tumorseg.compression.stage import run_compress_stage
 
@@ -311,7 +497,15 @@ def _cmd_compress(args: argparse.Namespace) -> int | None:
     print(run_compress_stage(_params(args, options), source=args.params).one_line())
 
 
-# ---------------------------------------------------------------- orchestration, tuning, serving
+@_command(
+    "tune",
+    "Optuna hyper-parameter search (tune.space); trials nested in MLflow; best params -> tune.best_params_file.",
+    _arg("--n-trials", type=int, help="finished trials wanted in the study (default: tune.n_trials)"),
+    _arg("--n-jobs", type=int, help="worker processes on this machine (default: tune.n_jobs)"),
+    _arg("--storage", help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: tune.storage)"),
+    _arg("--study", help="study name (default: tune.study_name)"),
+    _arg("--timeout", type=float, metavar="S", help="stop starting trials after S seconds"),
+)
 def _cmd_tune(args: argparse.Namespace) -> int | None:
     from tumorseg.tuning.study import run_study
 
@@ -326,6 +520,23 @@ def _cmd_tune(args: argparse.Namespace) -> int | None:
     print(result.one_line())
 
 
+@_command(
+    "flow",
+    "Run a Prefect flow: the training pipeline end to end, or the data stages.",
+    _arg("name", choices=["training", "data", "planar"], help="which flow (planar: the @2d stages)"),
+    _arg("--smoke", action=_STORE, help="training: tiny generated data in a temporary workspace (minutes)"),
+    _arg("--workspace", help="--smoke: work here instead of a new temporary folder"),
+    _arg(
+        "--only-if-new-data",
+        action=_STORE,
+        help="training: stop if the champion was trained on this data",
+    ),
+    _arg(
+        "--tune",
+        action=argparse.BooleanOptionalAction,
+        help="training: Optuna search first (default: flow.tune)",
+    ),
+)
 def _cmd_flow(args: argparse.Namespace) -> int | None:
     import os
 
@@ -360,24 +571,45 @@ def _cmd_flow(args: argparse.Namespace) -> int | None:
         print("\n".join(summary["promote"]["lines"]))
 
 
+@_command(
+    "schedule",
+    "Serve the training flow on the flow.schedule cron (retrains when the raw data changed).",
+    _arg("--dry-run", action=_STORE, help="print the deployment and its next runs; do not serve"),
+)
 def _cmd_schedule(args: argparse.Namespace) -> int | None:
     from pipelines.schedule import serve_training
 
     serve_training(args.params, overrides=_overrides(args), dry_run=args.dry_run)
 
 
+@_command(
+    "serve",
+    "Serve the model over HTTP: POST /predict, a browser viewer at /, OpenAPI docs at /docs.",
+    _arg(
+        "--model",
+        help="MLflow URI, MLflow model folder or checkpoint (default: serve.model, else predict.model)",
+    ),
+    _arg(
+        "--model-2d",
+        help="2-D model for .mat/.png/.jpg uploads: MLflow URI, 2-D package or MLflow model folder, or a "
+        "2-D best.ckpt (default: serve.model_2d; optional, without it 2-D uploads get 503)",
+    ),
+    _arg("--host", help="interface to bind (default: serve.host; 0.0.0.0 in a container)"),
+    _arg("--port", type=int, help="TCP port (default: serve.port)"),
+)
 def _cmd_serve(args: argparse.Namespace) -> int | None:
     from tumorseg.serving.app import ServeSettings, serve
 
-    options = {
-        "serve.host": args.host,
-        "serve.port": args.port,
-        "serve.model": args.model,
-        "serve.model_2d": args.model_2d,
-    }
+    options = {f"serve.{key}": getattr(args, key) for key in ("host", "port", "model", "model_2d")}
     serve(ServeSettings.from_params(_params(args, options), source=args.params))
 
 
+@_command(
+    "preset",
+    "Switch the training recipe: list the presets, show one, or apply one to params.yaml in place.",
+    _arg("action", choices=["list", "show", "apply"], help="what to do"),
+    _arg("name", nargs="?", help="preset (show, apply), e.g. brats-gpu; `list` names them all"),
+)
 def _cmd_preset(args: argparse.Namespace) -> int | None:
     from tumorseg.errors import ConfigError
     from tumorseg.presets import apply_preset, get_preset, list_lines, load_presets, show_lines
@@ -398,286 +630,6 @@ def _cmd_preset(args: argparse.Namespace) -> int | None:
         print(change)
 
 
-# ---------------------------------------------------------------- parser
-@dataclass(frozen=True)
-class Arg:
-    """One ``add_argument`` call as data, so the parser is a table and :func:`build_parser` a short loop."""
-
-    flags: tuple[str, ...]
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-def _arg(*flags: str, **options: Any) -> Arg:
-    """An :class:`Arg` written like the ``add_argument`` call it stands for."""
-    return Arg(flags, options)
-
-
-@dataclass(frozen=True)
-class Command:
-    """One sub-command; ``help`` is also its ``--help`` description."""
-
-    name: str
-    handler: Handler
-    help: str
-    args: tuple[Arg, ...] = ()
-
-
-def _command(name: str, handler: Handler, help: str, *args: Arg) -> Command:
-    return Command(name, handler, help, args)
-
-
-COMMON_ARGS: tuple[Arg, ...] = (
-    _arg("--params", default="params.yaml", help="params file (default: %(default)s)"),
-    _arg("-S", "--set", action="append", metavar="KEY=VALUE", help="override a params.yaml key (repeatable)"),
-)
-"""The options every sub-command takes first."""
-
-_NO_REGISTER = _arg("--no-register", action="store_true", help="write the reports only; register no version")
-_DIMS = _arg(
-    "--dims",
-    type=int,
-    choices=[2, 3],
-    default=3,
-    help="the dataset: 3 volumes (data.source, paths.*), 2 images (data.source_2d, paths.*_2d) (default: 3)",
-)
-_LABELS = ["auto", *LABEL_CONVENTION_NAMES]
-_SEG_LABELS = "label convention of the seg files"
-_STORE = "store_true"
-
-COMMANDS: tuple[Command, ...] = (
-    _command(
-        "synth",
-        _cmd_synth,
-        "Generate realistic synthetic multi-modal brain MRI with gliomas.",
-        _arg(
-            "--layout",
-            choices=[*LAYOUT_NAMES, "figshare", "kaggle"],
-            help="dataset layout to write (figshare, kaggle: 2-D slices, params.yaml synth_2d)",
-        ),
-        _arg("--labels", choices=_LABELS, help=f"{_SEG_LABELS} (default: synth.labels; auto: the layout's)"),
-        _arg("--cases", type=int, help="number of cases (figshare: patients; kaggle: images)"),
-        _arg("--seed", type=int, help="random seed (output is deterministic for a seed)"),
-        _arg("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)"),
-        _arg("--out", help="output folder (default: data/synth; 2-D: data/synth_2d/<layout>)"),
-    ),
-    _command(
-        "source",
-        _cmd_source,
-        "Make data.source (--dims 2: data.source_2d) ready: generate the embedded dataset (synth) into "
-        "data/synth (data/synth_2d), or check a dataset folder (read only) before any stage writes.",
-        _DIMS,
-    ),
-    _command(
-        "figure-cases",
-        _cmd_figure_cases,
-        "Plot a few cases: 4 modalities and the label overlay (PNG).",
-        _arg("src", help="a brats2021 or brats2023 folder, e.g. from `tumorseg synth`"),
-        _arg("--out", required=True, help="PNG file to write"),
-        _arg("--cases", type=int, default=4, help="number of tumour cases to show (default: %(default)s)"),
-        _arg("--layout", choices=["brats2021", "brats2023"], default="brats2021"),
-    ),
-    _command(
-        "ingest",
-        _cmd_ingest,
-        "Index a BraTS 2020/21, BraTS 2023+, MSD, Figshare (.mat) or Kaggle (yes/, no/) folder into a manifest.",
-        _arg("src", nargs="?", help="dataset folder (default: data.source; --dims 2: data.source_2d)"),
-        _arg("--out", help="output folder for manifest.csv (default: paths.ingested)"),
-        _DIMS,
-        _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip detection (default: ingest.layout)"),
-        _arg(
-            "--labels",
-            choices=_LABELS,
-            help=f"{_SEG_LABELS} (default: ingest.labels; auto: layout, BraTS prefix, dataset.json)",
-        ),
-    ),
-    _command(
-        "export",
-        _cmd_export,
-        "Write the ingested cases as an nnU-Net raw dataset or a MONAI datalist (with the split).",
-        _arg("--format", required=True, choices=["nnunet", "monai"], help="what to write"),
-        _arg("--out", required=True, help="folder to write DatasetXXX_Name/ or datalist.json into"),
-        _arg("--dataset-id", type=int, default=501, help="nnU-Net dataset id (default: %(default)s)"),
-        _arg("--name", default="Tumorseg", help="nnU-Net dataset name (default: %(default)s)"),
-        _arg("--force", action=_STORE, help="replace an existing export"),
-    ),
-    _command(
-        "validate",
-        _cmd_validate,
-        "Validate an ingested dataset with Great Expectations; quarantine bad cases.",
-        _arg("dir", nargs="?", help="ingested folder holding manifest.csv (default: paths.ingested)"),
-        _arg("--out", help="write the validated manifest and reports here (default: in place)"),
-        _arg("--max-invalid-fraction", type=float, metavar="F", help="fail above this share of bad cases"),
-        _DIMS,
-    ),
-    _command(
-        "preprocess",
-        _cmd_preprocess,
-        "Reorient, resample, crop and normalise valid cases.",
-        _arg("src", nargs="?", help="validated folder holding manifest.csv (default: paths.validated)"),
-        _arg("--out", help="output folder (default: paths.preprocessed)"),
-        _DIMS,
-    ),
-    _command(
-        "split",
-        _cmd_split,
-        "Patient-level stratified train/val/test split.",
-        _arg("src", nargs="?", help="preprocessed folder (default: paths.preprocessed)"),
-        _arg("--out", help="split JSON file (default: paths.split)"),
-        _DIMS,
-    ),
-    _command(
-        "evaluate",
-        _cmd_evaluate,
-        "Score predictions against references with each BraTS challenge's metrics.",
-        _arg("--pred", required=True, help="folder of <case_id>.nii.gz predictions"),
-        _arg("--ref", required=True, help="folder of <case_id>.nii.gz reference segmentations"),
-        _arg("--out", required=True, help="per-case CSV to write (summary JSON and plots go beside it)"),
-        _arg(
-            "--labels",
-            choices=_LABELS,
-            help="label convention: its regions, lesion-wise rules and HD95 penalty (default: evaluate.labels)",
-        ),
-        _arg("--summary", help="summary JSON path (default: <out>.summary.json)"),
-        _arg("--case-info", help="CSV with case_id,tumour_type for per-type statistics"),
-        _arg("--images", help="folder of images (any layout) to draw overlays on"),
-        _arg("--no-plots", action=_STORE, help="skip the PNG figures"),
-    ),
-    _command(
-        "train",
-        _cmd_train,
-        "Train a segmentation network (Lightning + MONAI), tracked in MLflow; --dims 2: the 2-D "
-        "segmenter + tumour classifier (model_2d, train_2d).",
-        _arg("--resume", action=_STORE, help="continue from train.out_dir/checkpoints/last.ckpt"),
-        _DIMS,
-    ),
-    _command(
-        "predict",
-        _cmd_predict,
-        "Segment cases in any layout; writes <case_id>.nii.gz in each input's geometry and label convention.",
-        _arg(
-            "input",
-            help="a dataset folder (BraTS 2021, BraTS 2023+, MSD, nnU-Net raw, MONAI datalist) or one case "
-            "folder; or 2-D .mat/image files (a file or a folder of them: writes <case_id>_mask.png, 0/255, "
-            "at each input's size)",
-        ),
-        _arg("--out", required=True, help="output folder for <case_id>.nii.gz"),
-        _arg(
-            "--model",
-            help="checkpoint path or MLflow model URI: models:/tumorseg@champion (default: predict.model), "
-            "models:/tumorseg/3, runs:/<run_id>/model; 2-D input: models:/tumorseg-2d@champion (predict_2d.model)",
-        ),
-        _arg("--layout", choices=["auto", *LAYOUT_NAMES], help="skip layout detection"),
-        _arg(
-            "--labels", choices=_LABELS, help="input label convention, also the output's (default: detected)"
-        ),
-        _arg("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation"),
-        _arg("--min-component-mm3", type=float, metavar="MM3", help="drop smaller tumour components"),
-        _arg("--probabilities", action=_STORE, help="also write probabilities/<case_id>.nii.gz"),
-        _arg("--uncertainty", action=_STORE, help="also write uncertainty/<case_id>.nii.gz (needs --tta)"),
-        _arg("--device", choices=["auto", "cpu", "cuda"], help="inference device (default: predict.device)"),
-        _arg("--volumes", metavar="CSV", help="also write the per-case region volumes (ml) to this CSV"),
-    ),
-    _command(
-        "evaluate-model",
-        _cmd_evaluate_model,
-        "Evaluate the trained model on the test split in the source geometry; log it and register a "
-        "challenger (--dims 2: choose the detector on validation, register tumorseg-2d and tumorseg-detect).",
-        _arg("--checkpoint", help="checkpoint to evaluate (default: <train.out_dir>/checkpoints/best.ckpt)"),
-        _NO_REGISTER,
-        _DIMS,
-    ),
-    _command(
-        "promote",
-        _cmd_promote,
-        "Promote the challenger to champion if it beats it on the same test cases (registry.* gate).",
-        _arg("--rollback", action=_STORE, help="restore the previous champion instead"),
-        _arg("--name", help="model name (default: registry.model_name), e.g. tumorseg-2d, tumorseg-detect"),
-        _arg("--out", help="decision JSON to write (default: <paths.reports>/promotion.json)"),
-        _DIMS,
-    ),
-    _command(
-        "detect",
-        _cmd_detect,
-        "Tumour / no tumour for .mat or image files: CSV case_id, probability, label.",
-        _arg("input", help="a .mat/image file or a folder of them"),
-        _arg("--out", required=True, help="CSV file to write"),
-        _arg(
-            "--model", help="2-D model: MLflow URI, folder or checkpoint (default: predict_2d.detect_model)"
-        ),
-    ),
-    _command(
-        "compress",
-        _cmd_compress,
-        "Prune, quantize (INT8) and export (ONNX) the model; gate on test Dice; register the best as @edge.",
-        _arg("--model", help="fp32 model: MLflow URI or checkpoint (default: compress.model)"),
-        _arg("--variants", metavar="A,B", help="comma-separated variants (default: compress.variants)"),
-        _NO_REGISTER,
-    ),
-    _command(
-        "tune",
-        _cmd_tune,
-        "Optuna hyper-parameter search (tune.space); trials nested in MLflow; best params -> tune.best_params_file.",
-        _arg("--n-trials", type=int, help="finished trials wanted in the study (default: tune.n_trials)"),
-        _arg("--n-jobs", type=int, help="worker processes on this machine (default: tune.n_jobs)"),
-        _arg(
-            "--storage", help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: tune.storage)"
-        ),
-        _arg("--study", help="study name (default: tune.study_name)"),
-        _arg("--timeout", type=float, metavar="S", help="stop starting trials after S seconds"),
-    ),
-    _command(
-        "flow",
-        _cmd_flow,
-        "Run a Prefect flow: the training pipeline end to end, or the data stages.",
-        _arg("name", choices=["training", "data", "planar"], help="which flow (planar: the @2d stages)"),
-        _arg(
-            "--smoke", action=_STORE, help="training: tiny generated data in a temporary workspace (minutes)"
-        ),
-        _arg("--workspace", help="--smoke: work here instead of a new temporary folder"),
-        _arg(
-            "--only-if-new-data",
-            action=_STORE,
-            help="training: stop if the champion was trained on this data",
-        ),
-        _arg(
-            "--tune",
-            action=argparse.BooleanOptionalAction,
-            help="training: Optuna search first (default: flow.tune)",
-        ),
-    ),
-    _command(
-        "schedule",
-        _cmd_schedule,
-        "Serve the training flow on the flow.schedule cron (retrains when the raw data changed).",
-        _arg("--dry-run", action=_STORE, help="print the deployment and its next runs; do not serve"),
-    ),
-    _command(
-        "serve",
-        _cmd_serve,
-        "Serve the model over HTTP: POST /predict, a browser viewer at /, OpenAPI docs at /docs.",
-        _arg(
-            "--model",
-            help="MLflow URI, MLflow model folder or checkpoint (default: serve.model, else predict.model)",
-        ),
-        _arg(
-            "--model-2d",
-            help="2-D model for .mat/.png/.jpg uploads: MLflow URI, 2-D package or MLflow model folder, or a "
-            "2-D best.ckpt (default: serve.model_2d; optional, without it 2-D uploads get 503)",
-        ),
-        _arg("--host", help="interface to bind (default: serve.host; 0.0.0.0 in a container)"),
-        _arg("--port", type=int, help="TCP port (default: serve.port)"),
-    ),
-    _command(
-        "preset",
-        _cmd_preset,
-        "Switch the training recipe: list the presets, show one, or apply one to params.yaml in place.",
-        _arg("action", choices=["list", "show", "apply"], help="what to do"),
-        _arg("name", nargs="?", help="preset (show, apply), e.g. brats-gpu; `list` names them all"),
-    ),
-)
-"""Every sub-command in ``tumorseg --help`` order, with its arguments after :data:`COMMON_ARGS`."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``tumorseg`` parser: ``-v``, then one sub-parser per :data:`COMMANDS` entry, handler in ``args.handler``."""
     parser = argparse.ArgumentParser(prog="tumorseg", description=__doc__.splitlines()[0])
@@ -685,8 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
-        for arg in (*COMMON_ARGS, *command.args):
-            p.add_argument(*arg.flags, **arg.options)
+        for flags, options in (*COMMON_ARGS, *command.args):
+            p.add_argument(*flags, **options)
         p.set_defaults(handler=command.handler)
     return parser
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,7 @@ def compare(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) -> li
     """Every key the preset sets, with its value in ``params_path`` (unchanged keys included);
     :class:`ConfigError` when params.yaml is missing, malformed or lacks one of the keys."""
     document = _read_document(Path(params_path), for_rewrite=False)
-    changes = []
-    for key, new in preset.values.items():
-        parent, leaf = _leaf(document, key, preset.name, params_path)
-        changes.append(KeyChange(key, parent[leaf], new))
-    return changes
+    return [change for _, _, change in _key_changes(document, preset, params_path)]
 
 
 def apply_preset(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) -> list[KeyChange]:
@@ -148,11 +145,9 @@ def apply_preset(preset: Preset, params_path: str | Path = DEFAULT_PARAMS_FILE) 
     params_path = Path(params_path)
     document = _read_document(params_path, for_rewrite=True)
     changes = []
-    for key, new in preset.values.items():
-        parent, leaf = _leaf(document, key, preset.name, params_path)
-        change = KeyChange(key, parent[leaf], new)
+    for parent, leaf, change in _key_changes(document, preset, params_path):
         if change.changed:
-            parent[leaf] = _styled_like(new, parent[leaf])
+            parent[leaf] = _styled_like(change.new, parent[leaf])
             changes.append(change)
     if not changes:
         return []
@@ -194,18 +189,22 @@ def _dump(document: Any) -> str:
     return buffer.getvalue()
 
 
-def _leaf(document: Any, key: str, preset: str, params_path: str | Path) -> tuple[Any, str]:
-    """The mapping holding ``key``'s last part, and that part (``model.unet.channels``: model.unet, channels)."""
-    *parents, leaf = key.split(".")
-    node = document
-    for part in parents:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or leaf not in node:
-        raise ConfigError(
-            f"{params_path}: {key} (set by preset {preset}) is not in this file; "
-            "add it or bring params.yaml up to date with this version of tumorseg"
-        )
-    return node, leaf
+def _key_changes(
+    document: Any, preset: Preset, params_path: str | Path
+) -> Iterator[tuple[Any, str, KeyChange]]:
+    """Per key the preset sets: the mapping holding its last part, that part (``model.unet.channels``:
+    model.unet, channels) and the change. Lazy, so a caller may write each key before the next is read."""
+    for key, new in preset.values.items():
+        *parents, leaf = key.split(".")
+        node = document
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(
+                f"{params_path}: {key} (set by preset {preset.name}) is not in this file; "
+                "add it or bring params.yaml up to date with this version of tumorseg"
+            )
+        yield node, leaf, KeyChange(key, node[leaf], new)
 
 
 def _styled_like(new: Any, old: Any) -> Any:

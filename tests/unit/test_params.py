@@ -61,7 +61,9 @@ def test_overrides_are_validated_like_the_file(overrides: dict, message: str) ->
 
 
 def test_unknown_section_is_named() -> None:
-    with pytest.raises(ConfigError, match=r"^params.yaml: trian: not a params.yaml section; known: data, paths"):
+    with pytest.raises(
+        ConfigError, match=r"^params.yaml: trian: not a params.yaml section; known: data, paths"
+    ):
         from_mapping({"trian": {}})
     with pytest.raises(ConfigError, match=r"trian: not a params.yaml section"):
         from_mapping({}).section("trian")

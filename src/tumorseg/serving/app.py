@@ -1,18 +1,16 @@
 """The HTTP service: ``POST /predict`` for one 3-D case or 2-D image, a browser viewer, health and docs.
 
-The models load at start through :mod:`tumorseg.registry.loading` and predict with
-:mod:`tumorseg.models.predictor`, so a served segmentation is byte-for-byte the CLI's. Every error is
-JSON ``{"error": "<one line>"}``; routes live in :mod:`.predict_routes` and :mod:`.viewer_routes`, the
-state in :mod:`.service`.
-"""
+Models load through :mod:`tumorseg.registry.loading` and predict with :mod:`tumorseg.models.predictor`,
+so a served segmentation is byte-for-byte the CLI's. Every error is JSON ``{"error": "<one line>"}``;
+routes live in :mod:`.predict_routes` and :mod:`.viewer_routes`, the state in :mod:`.service`."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -48,44 +46,15 @@ def create_app(settings: ServeSettings, *, loaded_model: Any = None, planar: Pla
     ``loaded_model`` (a :class:`~tumorseg.registry.loading.LoadedModel`) and ``planar`` are served
     instead of loading ``settings.model_uri`` / ``settings.model_2d`` (``serve()`` loads them first).
     """
-    app = FastAPI(
-        title="tumorseg",
-        summary="Brain-tumour segmentation of BraTS-style MRI (T1, T1ce, T2, FLAIR)",
-        version=_package_version(),
-        lifespan=_lifespan(settings, loaded_model, planar),
-    )
-    _add_routes(app)
-    return RequestLimits(
-        app, max_body_bytes=settings.serve.max_upload_bytes, timeout_s=settings.serve.request_timeout_s
-    )
-
-
-def _add_routes(app: FastAPI) -> None:
-    """The static files, the error handlers, then every route, in the order the docs list them."""
-    static_dir = Path(str(resources.files("tumorseg.serving") / "static"))
-    app.mount("/static", StaticFiles(directory=static_dir), name="static")
-    add_error_handlers(app)
-    add_predict_route(app)
-    add_demo_routes(app)
-    add_case_routes(app)
-    add_ground_truth_route(app)
-    _add_health_routes(app, static_dir)
-
-
-def _lifespan(
-    settings: ServeSettings, loaded_model: Any, planar: PlanarSlot | None
-) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
-    """Load the models (the 2-D one on a threadpool thread: it may download) and build the
-    :class:`Service` at start; close it at stop."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """Load the models (the 2-D one on a threadpool thread: it may download) and build the
+        :class:`Service` at start; close it at stop."""
         from tumorseg.registry.loading import load_model
 
         loaded = loaded_model or load_model(settings.model_uri, tracking_uri=settings.tracking_uri)
-        slot = planar
-        if slot is None:
-            slot = await run_in_threadpool(load_planar_slot, settings.model_2d, settings.tracking_uri)
+        slot = planar or await run_in_threadpool(load_planar_slot, settings.model_2d, settings.tracking_uri)
         service = Service(settings, loaded, slot)
         app.state.service = service
         log.info("serving %s", service.model_info["description"])
@@ -94,7 +63,21 @@ def _lifespan(
         finally:
             service.close()
 
-    return lifespan
+    app = FastAPI(
+        title="tumorseg",
+        summary="Brain-tumour segmentation of BraTS-style MRI (T1, T1ce, T2, FLAIR)",
+        version=_package_version(),
+        lifespan=lifespan,
+    )
+    static_dir = Path(str(resources.files("tumorseg.serving") / "static"))
+    app.mount("/static", StaticFiles(directory=static_dir), name="static")
+    add_error_handlers(app)
+    for add_routes in (add_predict_route, add_demo_routes, add_case_routes, add_ground_truth_route):
+        add_routes(app)  # in the order the docs list them
+    _add_health_routes(app, static_dir)
+    return RequestLimits(
+        app, max_body_bytes=settings.serve.max_upload_bytes, timeout_s=settings.serve.request_timeout_s
+    )
 
 
 def _add_health_routes(app: FastAPI, static_dir: Path) -> None:

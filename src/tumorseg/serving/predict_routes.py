@@ -1,8 +1,7 @@
 """``POST /predict`` (one 3-D case or 2-D image) and the demo cases (``GET /demo``, ``POST /demo/{id}``).
 
-Uploads are staged on a threadpool thread and predicted on the service's bounded pool. Whoever holds
-the request's folder removes it: the pool job once started, the route when the job never ran.
-"""
+Uploads are staged on a threadpool thread and predicted on the service's bounded pool; whoever holds the
+request's folder removes it: the pool job once started, the route when the job never ran."""
 
 from __future__ import annotations
 

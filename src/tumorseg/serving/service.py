@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tumorseg.serving.app")  # one logger name for the whole service
 
-DEMO_SEED = 7
+# The demo cases: each with a tumour, none reoriented.
+DEMO_SYNTH = {"seed": 7, "tumour_free_fraction": 0.0, "reoriented_fraction": 0.0}
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,13 @@ class ServeSettings:
         """The model is ``model_uri``, else ``serve.model``, else ``predict.model``; the tracking store
         is resolved as ``tumorseg predict`` resolves it."""
         params = as_params(params, source)
-        from tumorseg.models.config import PredictConfig
         from tumorseg.tracking import params_tracking_uri
 
         serve: ServeConfig = params.serve
-        predict: PredictConfig = params.predict
         return cls(
             serve=serve,
-            predict=predict,
-            model_uri=model_uri or serve.model or predict.model,
+            predict=params.predict,
+            model_uri=model_uri or serve.model or params.predict.model,
             tracking_uri=params_tracking_uri(params, source=source),
             model_2d=serve.model_2d or None,
         )
@@ -209,13 +208,7 @@ class DemoCases:
         from tumorseg.data.synth import synthesize_dataset
 
         try:
-            cfg = SynthConfig(
-                cases=self.count,
-                seed=DEMO_SEED,
-                spacing_mm=self.spacing_mm,
-                tumour_free_fraction=0.0,
-                reoriented_fraction=0.0,
-            )
+            cfg = SynthConfig(cases=self.count, spacing_mm=self.spacing_mm, **DEMO_SYNTH)
             self.case_ids = synthesize_dataset(self.folder, cfg)
         except Exception as exc:  # the demo list is optional: the service runs without it
             log.exception("demo cases could not be generated")
@@ -235,16 +228,14 @@ class Service:
         self.planar = planar or PlanarSlot(None)
         self.model_info = describe_model(loaded)
         self.predictor = SegmentationPredictor(loaded.trained, settings.predict)
-        self.pool = InferencePool(settings.serve.workers, settings.serve.queue_size)
-        self.store = ResultStore(settings.serve.max_results, settings.serve.result_ttl_s)
+        serve = settings.serve
+        self.pool = InferencePool(serve.workers, serve.queue_size)
+        self.store = ResultStore(serve.max_results, serve.result_ttl_s)
         self.limits = UploadLimits(
-            max_files=settings.serve.max_files,
-            max_members=settings.serve.max_members,
-            max_uncompressed_bytes=settings.serve.max_uncompressed_bytes,
-            max_image_pixels=settings.serve.max_image_pixels,
+            serve.max_files, serve.max_members, serve.max_uncompressed_bytes, serve.max_image_pixels
         )
         self.root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-"))  # mode 0700: private to this user
-        self.demo = DemoCases(self.root / "demo", settings.serve.demo_cases, settings.serve.demo_spacing_mm)
+        self.demo = DemoCases(self.root / "demo", serve.demo_cases, serve.demo_spacing_mm)
         self.started = time.time()
         if self.demo.count:
             threading.Thread(target=self.demo.generate, name="tumorseg-demo", daemon=True).start()

@@ -1,12 +1,8 @@
-"""Uploads -> one case folder or one 2-D image on disk, checked before anything is extracted or decoded.
-
-Accepted is what ``tumorseg predict`` reads (cases through :func:`~tumorseg.models.predictor.plan_cases`):
-NIfTI, ``dataset.json``, one ``.zip`` of a case, or one ``.mat``/image file. Names are reduced to a safe
-alphabet; every stream (zip member, ``.nii.gz``, MATLAB v5 element) is inflated in chunks against one
-byte budget per request, and image headers are checked against ``serve.max_image_pixels`` first.
-Hand-written rather than ``ZipFile.extractall``, which sanitises ``..`` and absolute names instead of
-refusing them and trusts the sizes in the zip directory.
-"""
+"""Uploads (what ``tumorseg predict`` reads) -> one case folder or one 2-D image on disk, checked before
+anything is extracted or decoded: safe names only, every stream (zip member, ``.nii.gz``, MATLAB v5
+element) inflated in chunks against one byte budget per request, image headers checked against
+``serve.max_image_pixels``. Hand-written rather than ``ZipFile.extractall``, which sanitises ``..`` and
+absolute names instead of refusing them and trusts the sizes in the zip directory."""
 
 from __future__ import annotations
 
@@ -116,12 +112,16 @@ def _is_zip(name: str, stream: BinaryIO) -> bool:
 
 
 # ---------------------------------------------------------------------------- streams
-def _write_chunks(reader: BinaryIO, target: Path, budget: ByteBudget, label: str) -> None:
-    """Copy ``reader`` to a new file, charging each chunk before it is written."""
-    with target.open("xb") as out:
-        while block := reader.read(CHUNK_BYTES):  # GzipFile.read(n) inflates at most n bytes
-            budget.charge(len(block), label)
-            out.write(block)
+def copy_plain(stream: BinaryIO, target: Path, budget: ByteBudget, label: str, twice: str = "") -> None:
+    """Copy ``stream`` to a new file ``target``, charging each chunk to ``budget`` before it is written;
+    ``twice`` completes the message when ``target`` exists already."""
+    try:
+        with target.open("xb") as out:
+            while block := stream.read(CHUNK_BYTES):  # GzipFile.read(n) inflates at most n bytes
+                budget.charge(len(block), label)
+                out.write(block)
+    except FileExistsError:
+        raise UploadRejected(f"{label}: uploaded twice{twice}; send it once") from None
 
 
 def copy_inflated(stream: BinaryIO, folder: Path, name: str, budget: ByteBudget) -> Path:
@@ -132,9 +132,7 @@ def copy_inflated(stream: BinaryIO, folder: Path, name: str, budget: ByteBudget)
     # python-isal's GzipFile is gzip's API on Intel ISA-L (twice as fast).
     reader: BinaryIO = igzip.GzipFile(fileobj=stream, mode="rb") if gzipped else stream  # type: ignore[assignment]
     try:
-        _write_chunks(reader, target, budget, name)
-    except FileExistsError:
-        raise UploadRejected(f"{name}: uploaded twice (or as both .nii and .nii.gz); send it once") from None
+        copy_plain(reader, target, budget, name, " (or as both .nii and .nii.gz)")
     except UploadTooLarge:
         target.unlink(missing_ok=True)
         raise
@@ -225,14 +223,6 @@ def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits
                     f"{archive}: member {info.filename[:80]!r} cannot be extracted ({first_line(exc, 160)}); "
                     "zip the case again with standard deflate compression"
                 ) from None
-
-
-def copy_plain(stream: BinaryIO, target: Path, budget: ByteBudget, label: str) -> None:
-    """Copy ``stream`` to a new file ``target`` as is, charging every chunk to ``budget``."""
-    try:
-        _write_chunks(stream, target, budget, label)
-    except FileExistsError:
-        raise UploadRejected(f"{label}: uploaded twice; send it once") from None
 
 
 # ---------------------------------------------------------------------------- loose files -> a case folder
@@ -360,7 +350,7 @@ def _check_mat_v73(path: Path, max_pixels: int, budget: ByteBudget) -> None:
                 if key in ("image", "tumorMask") and item.size > max_pixels:
                     raise too_many_pixels(path.name, tuple(reversed(item.shape)), max_pixels)
                 budget.charge(int(item.size) * int(item.dtype.itemsize), path.name)
-    except (UploadRejected, DataError):
+    except DataError:  # UploadRejected included: already one line for the client
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise DataError(
@@ -428,23 +418,22 @@ def stage_upload(uploads: Sequence[tuple[str | None, BinaryIO]], workdir: Path, 
         )
     budget = ByteBudget(limits.max_uncompressed_bytes)
     named = [(safe_file_name(raw), stream) for raw, stream in uploads]
+    first, first_stream = named[0]
     loose = workdir / "upload"  # a fixed name: source_of never takes an upload for a Kaggle yes/no image
     if upload_dims([name for name, _ in named]) == IMAGE:
         loose.mkdir()
-        target = loose / named[0][0]
-        copy_plain(named[0][1], target, budget, named[0][0])
-        check_image_file(target, limits.max_image_pixels, budget)
-        return target
+        copy_plain(first_stream, loose / first, budget, first)
+        check_image_file(loose / first, limits.max_image_pixels, budget)
+        return loose / first
     zips = [name for name, stream in named if _is_zip(name, stream)]
     if zips:
         if len(named) > 1:
             raise UploadRejected(
                 f"{zips[0]}: upload either one .zip of the case folder or its modality files, not both"
             )
-        name, stream = named[0]
         extracted = workdir / "extracted"
         extracted.mkdir()
-        extract_zip(stream, name, extracted, limits, budget)
+        extract_zip(first_stream, first, extracted, limits, budget)
         root = _content_root(extracted)
         has_folders = any(p.is_dir() for p in root.iterdir())
         return root if has_folders else arrange_case(root, workdir / "case")

@@ -1,10 +1,8 @@
 """What the browser viewer needs from a prediction: display volumes, slices, Dice, and a bounded store.
 
-A kept :class:`DisplayCase` holds the modalities windowed to uint8 and the labels on the closest RAS
-grid (permutations and flips only: voxels stay the model's), sliced in radiological convention; a 2-D
-prediction is a one-slice :class:`PlanarDisplay`. Overlay regions and colours come from the model's
-label set (:func:`label_set_info`). :class:`ResultStore` keeps ``serve.max_results`` of them (LRU, TTL).
-"""
+A kept :class:`DisplayCase` holds uint8-windowed modalities and labels on the closest RAS grid (flips and
+permutations only: voxels stay the model's), sliced in radiological convention; a 2-D prediction is a
+one-slice :class:`PlanarDisplay`. :class:`ResultStore` keeps ``serve.max_results`` of them (LRU, TTL)."""
 
 from __future__ import annotations
 
@@ -24,24 +22,18 @@ PLANE_AXIS: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 
 def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Reorient the last three axes of ``(..., X, Y, Z)`` ``volume`` to the closest RAS grid (no resampling).
+    """``(X, Y, Z)`` or ``(C, X, Y, Z)`` ``volume`` on the closest RAS grid (no resampling), with its voxel
+    sizes in mm along the new axes."""
+    from nibabel.orientations import io_orientation
 
-    Returns the reoriented array (a view where possible) and its voxel sizes in mm along the new axes.
-    """
-    import nibabel as nib
+    from tumorseg.data.grid import reorient
+    from tumorseg.data.layouts import spacing_from_affine
 
-    ornt = nib.orientations.io_orientation(affine)
-    leading = volume.ndim - 3
-    # apply_orientation works on the first axes: move the spatial axes to the front and back.
-    spatial_first = np.moveaxis(volume, tuple(range(leading, volume.ndim)), (0, 1, 2))
-    reoriented = nib.orientations.apply_orientation(spatial_first, ornt)
-    reoriented = np.moveaxis(reoriented, (0, 1, 2), tuple(range(leading, volume.ndim)))
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    ornt = io_orientation(affine)
+    zooms = spacing_from_affine(affine)
     # ornt[i, 0] is the output axis source axis i lands on: voxel sizes follow the output order.
-    spacing = [0.0, 0.0, 0.0]
-    for source_axis, (output_axis, _) in enumerate(ornt):
-        spacing[int(output_axis)] = float(zooms[source_axis])
-    return reoriented, (spacing[0], spacing[1], spacing[2])
+    spacing = tuple(zooms[int(source)] for source in np.argsort(ornt[:, 0]))
+    return reorient(volume, ornt), spacing  # type: ignore[return-value]
 
 
 def window_uint8(volume: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
@@ -93,15 +85,11 @@ def label_set_info(label_set: LabelSet) -> dict[str, Any]:
     regions = []
     for index, region in enumerate(label_set.train_regions):
         paint = label_set.labels[region.paint]
-        colour = REGION_COLOURS.get(region.name, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)])
+        colour = list(REGION_COLOURS.get(region.name, FALLBACK_COLOURS[index % len(FALLBACK_COLOURS)]))
+        codes = [int(c) for c in region.codes]
+        caption = LABEL_CAPTIONS.get(paint, paint)
         regions.append(
-            {
-                "name": region.name,
-                "codes": [int(c) for c in region.codes],
-                "paint": paint,
-                "caption": LABEL_CAPTIONS.get(paint, paint),
-                "colour": list(colour),
-            }
+            {"name": region.name, "codes": codes, "paint": paint, "caption": caption, "colour": colour}
         )
     return {
         "name": label_set.name,
@@ -153,13 +141,9 @@ class DisplayCase:
 
     media_type = "application/gzip"
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(n) for n in self.labels.shape)  # type: ignore[return-value]
-
     def slices(self) -> dict[str, int]:
         """Number of slices per plane."""
-        return {plane: self.shape[axis] for plane, axis in PLANE_AXIS.items()}
+        return {plane: int(self.labels.shape[axis]) for plane, axis in PLANE_AXIS.items()}
 
     def focus(self) -> dict[str, int]:
         """Per plane, the slice with the most tumour (the middle slice when there is none)."""

@@ -41,8 +41,7 @@ def read_best_params(path: str | Path) -> dict[str, Any]:
 
 def best_params_overrides(params: Params | dict[str, Any], *, source: str = "params.yaml") -> dict[str, Any]:
     """Overrides from the best-params file when ``tune.apply_best`` is on and the file exists."""
-    params = as_params(params, source)
-    cfg = params.tune
+    cfg = as_params(params, source).tune
     return read_best_params(cfg.best_params_file) if cfg.apply_best else {}
 
 

@@ -1,10 +1,7 @@
-"""``tumorseg tune``: an Optuna study over params.yaml, tracked in MLflow.
-
-TPE and median pruning on the per-epoch validation Dice over ``tune.space``, in an RDB storage
-(default SQLite ``<paths.mlruns>/optuna.db``) resumed by name. ``n_jobs`` worker processes (a trial
-is a Lightning run with process-wide state) split the budget; each trial is a nested MLflow run and
-never sees the test split. The best overrides go to ``tune.best_params_file``.
-"""
+"""``tumorseg tune``: an Optuna study (TPE, median pruning on the per-epoch validation Dice) over
+``tune.space`` in an RDB storage resumed by name. ``n_jobs`` worker processes (a trial is a Lightning run
+with process-wide state) split the budget; each trial is a nested MLflow run that never sees the test
+split. The best overrides go to ``tune.best_params_file``."""
 
 from __future__ import annotations
 
@@ -62,10 +59,7 @@ class TuneResult:
 def storage_url(params: Params | dict[str, Any], cfg: TuneConfig, *, source: str = "params.yaml") -> str:
     """``tune.storage``, else SQLite next to the MLflow store (``<paths.mlruns>/optuna.db``)."""
     params = as_params(params, source)
-    if cfg.storage:
-        return cfg.storage
-    mlruns = Path(params.paths.mlruns)
-    return f"sqlite:///{(mlruns / DB_NAME).resolve()}"
+    return cfg.storage or f"sqlite:///{(Path(params.paths.mlruns) / DB_NAME).resolve()}"
 
 
 def hide_password(url: str) -> str:
@@ -86,12 +80,10 @@ def open_storage(url: str, cfg: TuneConfig) -> Any:
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    engine_kwargs: dict[str, Any] = {}
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    else:
-        engine_kwargs = {"pool_pre_ping": True}
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5, and what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -114,26 +106,17 @@ def open_study(storage: Any, cfg: TuneConfig, *, worker_index: int = 0) -> Any:
     so parallel workers do not draw the same start-up trials."""
     import optuna
 
-    seed = None if cfg.sampler.seed is None else cfg.sampler.seed + worker_index
-    sampler = optuna.samplers.TPESampler(
-        seed=seed,
-        n_startup_trials=cfg.sampler.n_startup_trials,
-        multivariate=cfg.sampler.multivariate,
-        constant_liar=cfg.sampler.constant_liar,
-    )
-    pruner: Any = (
-        optuna.pruners.MedianPruner(
-            n_startup_trials=cfg.pruner.n_startup_trials,
-            n_warmup_steps=cfg.pruner.n_warmup_steps,
-            interval_steps=cfg.pruner.interval_steps,
-        )
-        if cfg.pruner.enabled
-        else optuna.pruners.NopPruner()
-    )
+    # tune.sampler and tune.pruner hold TPESampler's and MedianPruner's keyword arguments
+    sampler = cfg.sampler.model_dump()
+    if sampler["seed"] is not None:
+        sampler["seed"] += worker_index
+    pruner: Any = optuna.pruners.NopPruner()
+    if cfg.pruner.enabled:
+        pruner = optuna.pruners.MedianPruner(**cfg.pruner.model_dump(exclude={"enabled"}))
     return optuna.create_study(
         study_name=cfg.study_name,
         storage=storage,
-        sampler=sampler,
+        sampler=optuna.samplers.TPESampler(**sampler),
         pruner=pruner,
         direction="maximize",
         load_if_exists=True,
@@ -149,11 +132,8 @@ def finished_trials(study: Any) -> int:
     return sum(counts.get(s, 0) for s in FINISHED_STATES)
 
 
-def _tune_experiment(params: Params, cfg: TuneConfig, source: str) -> str:
-    from tumorseg.training.config import MlflowConfig
-
-    mlflow_cfg: MlflowConfig = params.mlflow
-    return cfg.mlflow_experiment or f"{mlflow_cfg.experiment}-tune"
+def _tune_experiment(params: Params, cfg: TuneConfig) -> str:
+    return cfg.mlflow_experiment or f"{params.mlflow.experiment}-tune"
 
 
 def ensure_parent_run(study: Any, tracking_uri: str, experiment: str, storage: str) -> str:
@@ -165,27 +145,19 @@ def ensure_parent_run(study: Any, tracking_uri: str, experiment: str, storage: s
     from tumorseg.tracking import ensure_experiment
 
     client = MlflowClient(tracking_uri)
+    name = study.study_name
     known = study.user_attrs.get(PARENT_RUN_ATTR)
     if known:
         try:
             if client.get_run(known).info.lifecycle_stage == "active":
                 return str(known)
         except MlflowException:
-            log.warning(
-                "parent run %s of study %s is not in %s; starting another",
-                known,
-                study.study_name,
-                tracking_uri,
-            )
+            log.warning("parent run %s of study %s is not in %s; starting another", known, name, tracking_uri)
     experiment_id = ensure_experiment(tracking_uri, experiment)
-    mine = client.create_run(
-        experiment_id,
-        run_name=f"tune {study.study_name}",
-        tags={ROLE_TAG: "tune", "optuna.study_name": study.study_name, "optuna.storage": storage},
-    ).info.run_id
+    tags = {ROLE_TAG: "tune", "optuna.study_name": name, "optuna.storage": storage}
+    mine = client.create_run(experiment_id, run_name=f"tune {name}", tags=tags).info.run_id
     candidates = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{ROLE_TAG}` = 'tune' and tags.`optuna.study_name` = '{study.study_name}'",
+        [experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'tune' and tags.`optuna.study_name` = '{name}'"
     )
     winner = min(candidates, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
     if winner != mine:
@@ -294,7 +266,7 @@ def run_worker(
         source=source,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
-        experiment=_tune_experiment(params, cfg, source),
+        experiment=_tune_experiment(params, cfg),
         threads=threads,
     )
     before = len(study.get_trials(deepcopy=False))
@@ -373,14 +345,13 @@ def run_study(
         raise ConfigError(f"{source}: tune.space: empty; declare at least one dimension to search")
     load_training_config(apply_overrides(params, cfg.trial_overrides), source=source)  # fail fast
     wanted = n_trials or cfg.n_trials
-    workers = n_jobs or cfg.n_jobs
     url = storage or storage_url(params, cfg, source=source)
     uri = params_tracking_uri(params, tracking_uri, source=source)
 
     study = open_study(open_storage(url, cfg), cfg)
-    parent = ensure_parent_run(study, uri, _tune_experiment(params, cfg, source), hide_password(url))
+    parent = ensure_parent_run(study, uri, _tune_experiment(params, cfg), hide_password(url))
     remaining = max(wanted - finished_trials(study), 0)
-    budgets = split_budget(remaining, workers)
+    budgets = split_budget(remaining, n_jobs or cfg.n_jobs)
     threads = max(1, (os.cpu_count() or 1) // max(len(budgets), 1))
     log.info(
         "study %s on %s: %d finished, running %d more trial(s) in %d worker(s)",
@@ -390,21 +361,17 @@ def run_study(
         remaining,
         len(budgets),
     )
-    jobs = [
-        {
-            "params": params.raw,  # JSON for the worker processes; validated again there
-            "source": source,
-            "storage": url,
-            "tracking_uri": uri,
-            "parent_run_id": parent,
-            "n_trials": budget,
-            "wanted": wanted,
-            "worker_index": index,
-            "threads": threads,
-            "timeout_s": timeout_s or cfg.timeout_s,
-        }
-        for index, budget in enumerate(budgets)
-    ]
+    job = {  # run_worker's arguments, JSON for the worker processes (params validated again there)
+        "params": params.raw,
+        "source": source,
+        "storage": url,
+        "tracking_uri": uri,
+        "parent_run_id": parent,
+        "wanted": wanted,
+        "threads": threads,
+        "timeout_s": timeout_s or cfg.timeout_s,
+    }
+    jobs = [{**job, "n_trials": budget, "worker_index": index} for index, budget in enumerate(budgets)]
     before = len(study.get_trials(deepcopy=False))
     started = time.perf_counter()
     if len(jobs) == 1:
@@ -421,13 +388,7 @@ def run_study(
 
 
 def summarise(
-    study: Any,
-    params: dict[str, Any],
-    cfg: TuneConfig,
-    *,
-    source: str,
-    parent_run_id: str | None,
-    storage: str,
+    study: Any, params: Params, cfg: TuneConfig, *, source: str, parent_run_id: str | None, storage: str
 ) -> TuneResult:
     """Best trial -> overrides, written to ``tune.best_params_file`` (nothing written without one)."""
     from tumorseg.tuning.best import write_best_params
