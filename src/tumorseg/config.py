@@ -349,7 +349,15 @@ def section(
         return params.section(name)
     label = str(source or path)
     model = section_model(name, source=label)
-    raw = params.get(name, {}) or {}
+    raw = checked_section(label, name, params.get(name, {}) or {})
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise one_line_error(label, exc, name) from None
+
+
+def checked_section(label: str, name: str, raw: Any) -> dict[str, Any]:
+    """``raw`` if it is a mapping without retired keys (:data:`RETIRED_KEYS`), else a ConfigError."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: {name}: expected a mapping")
     for key in raw:
@@ -357,13 +365,15 @@ def section(
             raise ConfigError(
                 f"{label}: {name}.{key}: retired; {RETIRED_KEYS[f'{name}.{key}']}; remove the key"
             )
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in (name, *err["loc"]) if p != "__root__")
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{label}: {loc}: {msg}") from None
+    return raw
+
+
+def one_line_error(label: str, exc: ValidationError, *prefix: str) -> ConfigError:
+    """pydantic's first error as ``<label>: <dotted key>: <message>`` (``prefix``: the section name
+    when ``exc`` comes from one section's model)."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in (*prefix, *err["loc"]) if p != "__root__")
+    return ConfigError(f"{label}: {loc}: {err['msg'].removeprefix('Value error, ')}")
 
 
 class SynthPlanarConfig(Section):

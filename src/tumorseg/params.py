@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 from tumorseg.compression.config import CompressConfig
 from tumorseg.config import (
     DEFAULT_PARAMS_FILE,
-    RETIRED_KEYS,
     DataConfig,
     EvaluateConfig,
     IngestConfig,
@@ -33,6 +32,8 @@ from tumorseg.config import (
     SynthPlanarConfig,
     ValidateConfig,
     apply_overrides,
+    checked_section,
+    one_line_error,
     read_params,
 )
 from tumorseg.data.transforms import AugmentConfig, DataLoaderConfig
@@ -136,23 +137,12 @@ def from_mapping(raw: Mapping[str, Any], *, source: str | Path = DEFAULT_PARAMS_
     for name, section in raw.items():
         if name not in SECTIONS:
             raise ConfigError(f"{label}: {name}: not a params.yaml section; known: {', '.join(SECTIONS)}")
-        if section is None:
-            continue
-        if not isinstance(section, dict):
-            raise ConfigError(f"{label}: {name}: expected a mapping")
-        for key in section:
-            if f"{name}.{key}" in RETIRED_KEYS:
-                raise ConfigError(
-                    f"{label}: {name}.{key}: retired; {RETIRED_KEYS[f'{name}.{key}']}; remove the key"
-                )
-        values[name] = section
+        if section is not None:
+            values[name] = checked_section(label, name, section)
     try:
         params = Params.model_validate(values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = [str(p) for p in err["loc"] if p != "__root__"]
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{label}: {'.'.join(where)}: {msg}") from None
+        raise one_line_error(label, exc) from None
     params._raw = copy.deepcopy(dict(raw))
     params._source = label
     return params
