@@ -129,10 +129,21 @@ _STORE = "store_true"
     _arg("--seed", type=int, help="random seed (output is deterministic for a seed)"),
     _arg("--spacing", type=float, metavar="MM", help="voxel spacing in mm (1 = BraTS size)"),
     _arg("--out", help="output folder (default: data/synth; 2-D: data/synth_2d/<layout>)"),
+    _arg(
+        "--generator",
+        choices=["embedded", "independent"],
+        default="embedded",
+        help="independent: the generalisation set (generalise.*), made by other code on purpose: three 3-D "
+        "layouts into generalise.data, or with --dims 2 .mat slices and yes/no images into generalise.data_2d",
+    ),
+    _DIMS,
 )
 def _cmd_synth(args: argparse.Namespace) -> int | None:
     from tumorseg.config import GENERATED_FOLDERS, SYNTH_SOURCE, DataConfig
     from tumorseg.data.source import project_root
+
+    if args.generator == "independent":
+        return _synth_independent(args)
 
     if args.layout in ("figshare", "kaggle"):  # 2-D slices; --cases: Figshare patients or Kaggle images
         from tumorseg.data.planar_synth import synthesize_planar_dataset
@@ -157,6 +168,33 @@ def _cmd_synth(args: argparse.Namespace) -> int | None:
     cfg = _params(args, options).synth
     out = Path(args.out) if args.out else DataConfig.folder_for(SYNTH_SOURCE, project_root(args.params))
     print(f"wrote {len(synthesize_dataset(out, cfg))} {cfg.layout} cases to {out}")
+
+
+def _synth_independent(args: argparse.Namespace) -> None:
+    """``tumorseg synth --generator independent``: the generalisation set (docs/independent-set.md)."""
+    from tumorseg.data.independent import synthesize_independent, synthesize_independent_2d
+    from tumorseg.data.source import project_root
+
+    cfg = _params(args).generalise
+    root = project_root(args.params)
+    seed = cfg.seed if args.seed is None else args.seed
+    spacing = args.spacing or cfg.spacing_mm
+    if args.dims == 2:
+        out = Path(args.out) if args.out else root / cfg.data_2d
+        patients = args.cases or cfg.figshare_patients
+        written = synthesize_independent_2d(
+            out,
+            patients=patients,
+            slices_per_patient=4,
+            kaggle_images=cfg.kaggle_images,
+            seed=seed,
+            spacing_mm=spacing,
+        )
+        print(f"wrote {len(written)} independent 2-D files to {out}")
+        return
+    out = Path(args.out) if args.out else root / cfg.data
+    ids = synthesize_independent(out, cases=args.cases or cfg.cases, seed=seed, spacing_mm=spacing, workers=2)
+    print(f"wrote {len(ids)} independent cases (brats2023, brats2021, nnunet sub-folders) to {out}")
 
 
 @_command(
@@ -358,6 +396,12 @@ def _cmd_train(args: argparse.Namespace) -> int | None:
     _arg("--probabilities", action=_STORE, help="also write probabilities/<case_id>.nii.gz"),
     _arg("--uncertainty", action=_STORE, help="also write uncertainty/<case_id>.nii.gz (needs --tta)"),
     _arg("--device", choices=["auto", "cpu", "cuda"], help="inference device (default: predict.device)"),
+    _arg(
+        "--engine",
+        choices=["auto", "torch", "onnx"],
+        help="auto: ONNX Runtime without torch when the model has network.onnx and no option needs torch "
+        "(default: predict.engine)",
+    ),
     _arg("--volumes", metavar="CSV", help="also write the per-case region volumes (ml) to this CSV"),
 )
 def _cmd_predict(args: argparse.Namespace) -> int | None:
@@ -372,6 +416,7 @@ def _cmd_predict(args: argparse.Namespace) -> int | None:
         "predict.probabilities": True if args.probabilities else None,
         "predict.uncertainty": True if args.uncertainty else None,
         "predict.device": args.device,
+        "predict.engine": args.engine,
     }
     params = _params(args, options, outside_project=True)
     volumes: list[dict[str, Any]] = []
@@ -440,6 +485,29 @@ def _cmd_evaluate_model(args: argparse.Namespace) -> int | None:
     register = False if args.no_register else None
     result = run(_params(args), checkpoint=args.checkpoint, source=args.params, register=register)
     print(result.one_line())
+
+
+@_command(
+    "generalise",
+    "Score the champion (--dims 2: the 2-D champion) on a dataset it was not generated for: by default "
+    "the independent set (generalise.data); writes generalisation.json and a per-case CSV.",
+    _arg("--data", help="dataset folder (default: generalise.data; --dims 2: generalise.data_2d)"),
+    _arg("--model", help="model URI or checkpoint (default: predict.model; --dims 2: predict_2d.model)"),
+    _arg("--out", help="report folder (default: paths.reports; --dims 2: paths.reports_2d)"),
+    _DIMS,
+)
+def _cmd_generalise(args: argparse.Namespace) -> int | None:
+    from tumorseg.registry.generalise import generalise, one_line
+
+    report = generalise(
+        _params(args),
+        dims=args.dims,
+        data=args.data,
+        out_dir=args.out,
+        model_uri=args.model,
+        source=args.params,
+    )
+    print(one_line(report))
 
 
 @_command(
@@ -658,6 +726,8 @@ HARMLESS_WARNINGS: tuple[str, ...] = (
     r"Checkpoint directory .* exists and is not empty",
     # the distillation teacher of compression's fine-tuning is frozen in eval mode by design
     r"Found \d+ module\(s\) in eval mode at the start of training",
+    # MONAI's compute_hausdorff_distance passes its own deprecated argument (2-D HD95)
+    r".*always_return_as_numpy.*",
 )
 """Dependency warnings a tumorseg command knows to be harmless: not printed (errors are never filtered)."""
 

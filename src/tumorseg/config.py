@@ -109,7 +109,9 @@ class SynthConfig(Section):
     """``tumorseg synth``: the embedded default dataset, built on nilearn's MNI152 template.
 
     ``labels`` is the convention written (``auto``: the layout's own; nnunet and monai write
-    brats2023 codes); ``brats2024-gli`` adds resection cavities, ``brats2024-ped`` cysts.
+    brats2023 codes); ``brats2024-gli`` adds resection cavities, ``brats2024-ped`` cysts. The
+    ``*_fraction`` keys are shares of cases (of tumours, for the tumour's own kinds); the rest set
+    how far each case's look may stray from the typical one (params.yaml documents each key).
     """
 
     layout: Literal["brats2021", "brats2023", "msd", "nnunet", "monai"] = "brats2021"
@@ -122,7 +124,18 @@ class SynthConfig(Section):
     anisotropic_fraction: float = Field(0.0, ge=0.0, le=1.0)
     reoriented_fraction: float = Field(0.2, ge=0.0, le=1.0)
     noise_level: float = Field(0.03, ge=0.0, le=0.5)
+    noise_jitter: float = Field(0.5, ge=0.0, le=1.5)
     bias_field_strength: float = Field(0.2, ge=0.0, le=1.0)
+    multifocal_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    satellite_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    nodular_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    non_enhancing_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    enhancement_gap_max: float = Field(0.4, ge=0.0, le=0.9)
+    oedema_fuzziness: float = Field(0.3, ge=0.0, le=0.6)
+    contrast_jitter: float = Field(0.15, ge=0.0, le=0.2)
+    partial_volume: bool = True
+    low_resolution_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    artefact_fraction: float = Field(0.25, ge=0.0, le=1.0)
 
 
 class IngestConfig(Section):
@@ -256,6 +269,7 @@ SECTION_MODELS: dict[str, str] = {
     "predict_2d": "tumorseg.models.config:PredictPlanarConfig",
     "detect": "tumorseg.evaluation.config:DetectConfig",
     "evaluate_2d": "tumorseg.evaluation.config:EvaluatePlanarConfig",
+    "generalise": "tumorseg.config:GeneraliseConfig",
 }
 """Every params.yaml section and its model, in params.yaml's order: a table, not import-time
 registration, so a model is imported only when its section is read (``validate`` never loads torch)."""
@@ -384,6 +398,7 @@ class SynthPlanarConfig(Section):
         type_fractions: share of patients per tumour type (Figshare: 708 meningioma, 1426 glioma,
             930 pituitary slices).
         kaggle_tumour_fraction: share of the images in ``yes/``.
+        kaggle_sequences: share of the images per sequence: the Kaggle set mixes T1ce, T2 and FLAIR.
         spacing_mm: voxel size of the 3-D cases the slices are cut from (2 mm: 120 x 120 slices).
         noise_level: Rician noise added at the output resolution, relative to white matter.
     """
@@ -400,9 +415,20 @@ class SynthPlanarConfig(Section):
     kaggle_max_side_px: int = Field(700, ge=32, le=4096)
     kaggle_rgb_fraction: float = Field(0.5, ge=0.0, le=1.0)
     kaggle_png_fraction: float = Field(0.3, ge=0.0, le=1.0)
+    kaggle_sequences: dict[Literal["t1", "t1ce", "t2", "flair"], float] = Field(
+        default_factory=lambda: {"t1ce": 0.5, "t2": 0.25, "flair": 0.25}
+    )
     spacing_mm: float = Field(2.0, ge=1.0, le=4.0)
     noise_level: float = Field(0.02, ge=0.0, le=0.3)
     seed: int = 42
+
+    @model_validator(mode="after")
+    def _shares(self) -> SynthPlanarConfig:
+        for name in ("type_fractions", "kaggle_sequences"):
+            shares = getattr(self, name).values()
+            if any(v < 0 for v in shares) or sum(shares) <= 0:
+                raise ValueError(f"{name}: shares must be >= 0 with a positive sum")
+        return self
 
 
 class PlanarPreprocessConfig(Section):
@@ -451,3 +477,23 @@ class PlanarValidateConfig(Section):
         if self.min_side_px > self.max_side_px:
             raise ValueError("min_side_px must not exceed max_side_px")
         return self
+
+
+class GeneraliseConfig(Section):
+    """``generalise:``: the independent set (:mod:`tumorseg.data.independent`) and where it lives.
+
+    Attributes:
+        data, data_2d: dataset folders scored by ``tumorseg generalise --dims 3|2`` (any folder works;
+            these defaults are where ``tumorseg synth --generator independent`` writes).
+        cases: 3-D cases, spread over three layouts; ``spacing_mm`` 1.0 is BraTS's 240 x 240 x 155.
+        figshare_patients, kaggle_images: 2-D slices' patients and yes/no images.
+        seed: its own seed, so the set never shares a case with the training generator's draws.
+    """
+
+    data: str = "data/independent"
+    data_2d: str = "data/independent_2d"
+    cases: int = Field(12, ge=1)
+    spacing_mm: float = Field(1.0, ge=0.5, le=4.0)
+    figshare_patients: int = Field(12, ge=1)
+    kaggle_images: int = Field(24, ge=1)
+    seed: int = 2026

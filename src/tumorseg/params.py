@@ -22,6 +22,7 @@ from tumorseg.config import (
     DEFAULT_PARAMS_FILE,
     DataConfig,
     EvaluateConfig,
+    GeneraliseConfig,
     IngestConfig,
     PathsConfig,
     PlanarPreprocessConfig,
@@ -92,6 +93,7 @@ class Params(BaseModel):
     predict_2d: PredictPlanarConfig = PredictPlanarConfig()
     detect: DetectConfig = DetectConfig()
     evaluate_2d: EvaluatePlanarConfig = EvaluatePlanarConfig()
+    generalise: GeneraliseConfig = GeneraliseConfig()
 
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr(default=str(DEFAULT_PARAMS_FILE))

@@ -1,4 +1,4 @@
-"""Process-wide allocator settings for inference: keep the large arrays of each case in the heap.
+"""Process-wide machine settings: glibc keeps freed memory (inference), precision by CPU (training).
 
 glibc serves big blocks with fresh ``mmap`` calls and returns them on free, so every 240x240x155
 case pays the page faults of touching its arrays anew (a quarter of ``predict``'s wall time on a
@@ -44,3 +44,61 @@ def keep_freed_memory() -> bool:
             _applied = all(mallopt(option, value) == 1 for option, value in _SETTINGS)
     log.debug("keep freed memory for reuse: %s", _applied)
     return _applied
+
+
+# oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) at or above which bfloat16 matrix instructions exist.
+_BF16_ISAS = (
+    "ALL",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10",
+)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX; Arm BF16 through oneDNN).
+
+    Only then is ``bf16-mixed`` faster than float32 on CPU: elsewhere it is emulated and slower. A
+    ``ONEDNN_MAX_CPU_ISA`` below those ISAs (used to run as an AVX2-only CPU would) counts as absent.
+    """
+    import os
+
+    import torch
+
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if not cap.startswith(_BF16_ISAS):
+        return False
+    cpu = torch.cpu
+    x86 = any(check() for check in (cpu._is_avx512_bf16_supported, cpu._is_amx_tile_supported))
+    return bool(x86 or _arm_bf16())
+
+
+def _arm_bf16() -> bool:
+    """Arm CPUs with the BF16 extension (``bf16`` in /proc/cpuinfo's Features)."""
+    import platform
+
+    if platform.machine().lower() not in {"aarch64", "arm64"}:
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            return any(line.startswith("Features") and " bf16" in line for line in fh)
+    except OSError:
+        return False
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """``trainer.precision: auto`` -> a Lightning precision for this machine; other values unchanged.
+
+    ``auto``: ``bf16-mixed`` on a CUDA GPU with bfloat16 and on CPUs with native bfloat16, float32
+    (``32-true``) everywhere else, so a default never depends on one CPU's features.
+    """
+    if precision != "auto":
+        return precision
+    import torch
+
+    gpu = accelerator in {"auto", "gpu", "cuda"} and torch.cuda.is_available()
+    if gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if native_bf16_cpu() else "32-true"

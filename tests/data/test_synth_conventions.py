@@ -274,12 +274,14 @@ def test_resection_cavity_is_fluid_apart_from_the_tumour_and_leaves_the_rest_alo
             assert all(np.array_equal(case.images[m], glioma.images[m]) for m in CANONICAL_MODALITIES)
             continue
         # The cavity replaces tumour: where it is not, labels are the glioma's, and the images
-        # are untouched away from it (same anatomy, bias and noise).
+        # are untouched away from it (same anatomy, bias and noise) unless a ghost or motion
+        # artefact carries its signal across the field of view or a coarser acquisition blurs it.
         assert np.array_equal(case.labels[~rc], glioma.labels[~rc])
         assert (glioma.labels[rc] > 0).any() and (case.labels > 0)[~rc].any()
         far = ~ndi.binary_dilation(rc, iterations=3)
         for m in CANONICAL_MODALITIES:
-            assert np.array_equal(case.images[m][far], glioma.images[m][far]), m
+            if m not in case.info["artefacts"] and m not in case.info["low_resolution"]:
+                assert np.array_equal(case.images[m][far], glioma.images[m][far]), m
         # Free-water contrast, distinct from the tumour parts around it.
         wm = (case.tissue["wm"] > 0.9) & (case.labels == 0) & case.brain_mask
         snfh, et = case.labels == 2, case.labels == 3

@@ -107,6 +107,7 @@ def tiny_overrides(root: Path, **extra: Any) -> dict[str, Any]:
         "train.max_epochs": 1,
         "train.steps_per_epoch": 4,
         "train.checkpoint_every_n_steps": 2,
+        "train.val_every_n_epochs": 1,
         "train.warmup_epochs": 0,
         "train.score_test": True,
         "data_loader.mode": "3d",

@@ -215,7 +215,7 @@ def test_cli_apply_prints_the_changes_and_nothing_else(params: Path, capsys: pyt
     assert main(["preset", "apply", "brats-gpu", "--params", str(params)]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines() == expected and err == ""
-    assert "train.max_epochs: 24 -> 1000" in expected
+    assert "train.max_epochs: 20 -> 1000" in expected
 
 
 @pytest.mark.parametrize(

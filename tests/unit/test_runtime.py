@@ -76,3 +76,26 @@ def test_predictors_apply_it_unless_the_params_say_no(monkeypatch: pytest.Monkey
     assert calls == [1]  # the default
     SegmentationPredictor(trained, PredictConfig(device="cpu", keep_freed_memory=False))
     assert calls == [1]
+
+
+def test_precision_auto_is_bfloat16_only_with_native_hardware(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from tumorseg.runtime import native_bf16_cpu, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for value in ("32-true", "bf16-mixed", "16-mixed"):
+        assert resolve_precision(value) == value  # explicit settings are kept
+    native = native_bf16_cpu()
+    assert resolve_precision("auto") == ("bf16-mixed" if native else "32-true")
+    # a CPU capped below AVX512-BF16 (how an AVX2-only machine is imitated) counts as without it
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert native_bf16_cpu() is False
+    assert resolve_precision("auto") == "32-true"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert resolve_precision("auto") == "bf16-mixed"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr("tumorseg.runtime._arm_bf16", lambda: False)
+    assert resolve_precision("auto") == "32-true"

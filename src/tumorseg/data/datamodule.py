@@ -290,6 +290,13 @@ def training_transforms(cfg: PlanarAugmentConfig, seed: int) -> Any:
             mt.RandShiftIntensityd(IMAGE_KEY, offsets=cfg.intensity_shift, prob=cfg.intensity_shift_prob),
             mt.RandGaussianNoised(IMAGE_KEY, prob=cfg.noise_prob, std=cfg.noise_std),
         ]
+        # contrast between scans and sequences (the Kaggle set mixes T1ce, T2, FLAIR); only when on,
+        # so that a run without it draws the same augmentations as before
+        + (
+            [mt.RandAdjustContrastd(IMAGE_KEY, prob=cfg.gamma_prob, gamma=cfg.gamma_range)]
+            if cfg.gamma_prob
+            else []
+        )
     )
     transforms.set_random_state(seed=seed)
     return transforms

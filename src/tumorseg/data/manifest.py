@@ -14,10 +14,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from tumorseg.data.conventions import CANONICAL_MODALITIES
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 FILE_KEYS: tuple[str, ...] = (*CANONICAL_MODALITIES, "seg")
 """Per-case files: the four modalities then the segmentation."""
@@ -57,6 +59,8 @@ def read_manifest(folder_or_file: str | Path) -> pd.DataFrame:
 
     if not path.is_file():
         raise DataError(f"{path}: no manifest; run `tumorseg ingest` first")
+    import pandas as pd
+
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = [c for c in IDENTITY_COLUMNS if c not in df.columns]
     if missing:

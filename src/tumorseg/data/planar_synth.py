@@ -241,7 +241,10 @@ def kaggle_image(index: int, tumour: bool, cfg: SynthPlanarConfig) -> dict[str, 
     else:
         candidates = np.flatnonzero(brain_area >= 0.6 * brain_area.max())
     z = int(rng.choice(candidates))
-    plane = _display(case.images["t1ce"][:, :, z])
+    names = sorted(cfg.kaggle_sequences)
+    shares = np.array([cfg.kaggle_sequences[n] for n in names], dtype=np.float64)
+    sequence = names[int(rng.choice(len(names), p=shares / shares.sum()))]
+    plane = _display(case.images[sequence][:, :, z])
     tumour_plane = _display((case.labels[:, :, z] > 0).astype(np.uint8))
 
     low, high = sorted((cfg.kaggle_min_side_px, cfg.kaggle_max_side_px))
@@ -271,6 +274,7 @@ def kaggle_image(index: int, tumour: bool, cfg: SynthPlanarConfig) -> dict[str, 
         "tumour_pixels": tumour_pixels,
         "shape": [height, width],
         "z": z,
+        "sequence": sequence,
     }
 
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from tumorseg.data.planar import (
     BITMAP_SUFFIXES,
@@ -20,6 +19,9 @@ from tumorseg.data.planar import (
     default_case_id,
 )
 from tumorseg.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 VOLUME = 3
 IMAGE = 2
@@ -145,5 +147,7 @@ def preprocessed_dims(folder: Path) -> int:
     path = Path(folder) / "manifest.csv"
     if not path.is_file():
         return VOLUME
+    import pandas as pd
+
     header = pd.read_csv(path, dtype=str, nrows=0).columns
     return IMAGE if {"case_id", "npz", "geometry", "has_tumour"} <= set(header) else VOLUME

@@ -4,6 +4,14 @@ A case warps the MNI152 GM/WM/CSF maps, grows a glioma in white matter (mass eff
 enhancing rim, oedema along WM), renders T1/T1ce/T2/FLAIR with tissue contrasts, bias, Rician noise
 and int16 quantisation in BraTS's 240 x 240 x 155 mm box. Case ``k`` depends only on ``(seed, k)``;
 brats2024-gli cavities and brats2024-ped cysts draw from their own streams.
+
+So that a model learns gliomas rather than this generator's look, each case also draws its own look
+(``synth`` keys): rims of 3-10 mm with non-enhancing gaps, nodular or solid enhancement, non-enhancing
+tumour (some tumours without any enhancement), further foci and satellites, oedema fading into normal tissue, a contrast table around
+:data:`_CONTRAST`, partial volume at the tumour's borders, and per sequence a coarser acquisition,
+k-space motion or a phase-encode ghost, and its noise level. Labels follow what is rendered: ``ET``
+where the tumour enhances, ``NCR`` where its core does not, ``ED`` where the oedema's signal is above
+the case's threshold.
 """
 
 from __future__ import annotations
@@ -58,12 +66,16 @@ TISSUES: tuple[str, ...] = ("gm", "wm", "csf")
 
 # Mean intensity per sequence relative to white matter, as gliomas look on clinical 1.5/3 T protocols:
 # T1 WM > GM > CSF; T2 CSF > GM > WM; FLAIR suppresses free water (CSF dark) but not oedema.
+# Non-enhancing tumour (``net``, labelled with necrosis as NCR/NETC) is solid tumour without contrast
+# uptake: dark on T1/T1ce, bright on T2/FLAIR yet darker there than oedema's free water. Each case
+# draws its own table around this one (``contrast_jitter``).
 _CONTRAST: dict[str, dict[str, float]] = {
-    "t1": {"gm": 0.70, "wm": 1.0, "csf": 0.28, "ncr": 0.38, "et": 0.62, "ed": 0.66},
-    "t1ce": {"gm": 0.73, "wm": 1.0, "csf": 0.30, "ncr": 0.36, "et": 1.75, "ed": 0.68},
-    "t2": {"gm": 1.40, "wm": 1.0, "csf": 2.60, "ncr": 2.30, "et": 1.60, "ed": 1.95},
-    "flair": {"gm": 1.25, "wm": 1.0, "csf": 0.28, "ncr": 0.95, "et": 1.40, "ed": 1.75},
+    "t1": {"gm": 0.70, "wm": 1.0, "csf": 0.28, "ncr": 0.38, "net": 0.52, "et": 0.62, "ed": 0.66},
+    "t1ce": {"gm": 0.73, "wm": 1.0, "csf": 0.30, "ncr": 0.36, "net": 0.56, "et": 1.75, "ed": 0.68},
+    "t2": {"gm": 1.40, "wm": 1.0, "csf": 2.60, "ncr": 2.30, "net": 1.65, "et": 1.60, "ed": 1.95},
+    "flair": {"gm": 1.25, "wm": 1.0, "csf": 0.28, "ncr": 0.95, "net": 1.30, "et": 1.40, "ed": 1.75},
 }
+_TUMOUR_PARTS: tuple[str, ...] = ("ncr", "net", "et", "ed")
 _BASE_SCALE: dict[str, float] = {"t1": 520.0, "t1ce": 680.0, "t2": 340.0, "flair": 420.0}  # raw WM
 # Fluids: rc (resection cavity) is free water; cc (cyst) is proteinaceous (T2 > NCR, FLAIR between).
 _CONTRAST_FLUID: dict[str, dict[str, float]] = {
@@ -86,6 +98,8 @@ RESECTION_FRACTION = 0.5  # cases with a resection cavity (brats2024-gli; never 
 CYST_FRACTION = 0.5  # cases with cysts (brats2024-ped; never tumour-free ones)
 _CAVITY_STREAM = 0x2CA7
 _CYST_STREAM = 0xC157
+_VARIETY_STREAM = 0x7A21  # the case's look: enhancement, foci, oedema border, contrasts
+_ACQUISITION_STREAM = 0xAC0  # resolution loss and artefacts per sequence
 
 SYNTH_LAYOUTS: tuple[str, ...] = DATASET_LAYOUTS
 _NATIVE_LAYOUTS: tuple[str, ...] = ("brats2021", "brats2023", "msd")
@@ -111,7 +125,8 @@ MONAI_FOLDS = 5
 
 _QUANTISE_MAX = 32767.0
 _ED_NOISE_FLOOR = 0.65  # smallest factor noise applies to the oedema's distance (keeps it positive)
-_PV_MM = np.float32(0.7)  # partial-volume width (mm) of the tumour's region boundaries
+_PV_BOX = 0.18  # logistic scale of a voxel-sized box average, per mm of voxel edge
+_HARD_EDGE_MM = 0.02  # logistic scale of the tumour's boundaries without partial volume
 
 
 @dataclass(frozen=True)
@@ -325,9 +340,39 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 # Flag k of a stream is ``frac(offset + k * alpha) < fraction`` (Roberts' R-sequence): it depends only
 # on (seed, k), yet honours the fraction closely for any number of cases, unlike a Bernoulli draw.
 _PHI4 = 1.1673039782614187  # root of x**5 = x + 1
-_STREAMS: tuple[str, ...] = ("tumour_free", "no_necrosis", "anisotropic", "reoriented", "resection", "cystic")
+_STREAMS: tuple[str, ...] = (
+    "tumour_free",
+    "no_necrosis",
+    "anisotropic",
+    "reoriented",
+    "resection",
+    "cystic",
+    "multifocal",
+    "satellites",
+    "nodular",
+    "low_resolution",
+    "artefact",
+    "non_enhancing",
+)
 """Per-case flags; new ones go last (a flag's stream depends on its position)."""
-_STREAM_ALPHA = {name: math.fmod(1.0 / _PHI4 ** (k + 1), 1.0) for k, name in enumerate(_STREAMS)}
+_STREAM_ALPHA = {name: math.fmod(1.0 / _PHI4 ** (k + 1), 1.0) for k, name in enumerate(_STREAMS[:6])}
+# Beyond the sixth, powers of 1 / phi4 come close to 1/3, 1/4, 1/5 (flags in clusters over a few dozen
+# cases): later streams take quadratic irrationals with small continued-fraction terms, each away from
+# the other alphas and their complements (which would tie two streams' flags together).
+_STREAM_ALPHA |= dict(
+    zip(
+        _STREAMS[6:],
+        (
+            math.sqrt(2) - 1,
+            math.sqrt(7) - 2,
+            (math.sqrt(13) - 3) / 2,
+            (math.sqrt(17) - 3) / 2,
+            (math.sqrt(21) - 3) / 2,
+            (math.sqrt(29) - 5) / 2,
+        ),
+        strict=True,
+    )
+)
 
 
 def _case_flag(seed: int, index: int, stream: str, fraction: float) -> bool:
@@ -345,6 +390,14 @@ def case_rng(seed: int, index: int) -> _Rng:
     return np.random.default_rng([seed_word(seed), int(index)])
 
 
+def variety_rng(seed: int, index: int, stream: int = _VARIETY_STREAM) -> _Rng:
+    """A side stream of case ``index``: its look (enhancement, foci, oedema border, contrasts) or,
+    with ``stream=_ACQUISITION_STREAM``, its acquisition. Each is its own, so that anatomy and tumour
+    geometry (:func:`case_rng`) are drawn alike whatever they draw, and a case with artefacts differs
+    from its artefact-free twin only in the sequences they touch."""
+    return np.random.default_rng([seed_word(seed), int(index), stream])
+
+
 @dataclass(frozen=True)
 class _CaseFlags:
     """A case's choices, each from its own stream; ``resected``/``cystic`` only for sets with RC / CC."""
@@ -355,18 +408,31 @@ class _CaseFlags:
     reoriented: bool
     resected: bool
     cystic: bool
+    multifocal: bool = False
+    satellites: bool = False
+    nodular: bool = False
+    low_resolution: bool = False
+    artefact: bool = False
+    non_enhancing: bool = False
 
     @classmethod
     def of(cls, cfg: SynthConfig, index: int, parts: dict[str, str]) -> _CaseFlags:
         flag = functools.partial(_case_flag, cfg.seed, index)
         tumour_free = flag("tumour_free", cfg.tumour_free_fraction)
+        necrotic = not flag("no_necrosis", cfg.no_necrosis_fraction)
         return cls(
             tumour_free=tumour_free,
-            necrotic=not flag("no_necrosis", cfg.no_necrosis_fraction),
+            necrotic=necrotic,
             anisotropic=flag("anisotropic", cfg.anisotropic_fraction),
             reoriented=flag("reoriented", cfg.reoriented_fraction),
             resected="RC" in parts and not tumour_free and flag("resection", RESECTION_FRACTION),
             cystic="CC" in parts and not tumour_free and flag("cystic", CYST_FRACTION),
+            multifocal=not tumour_free and flag("multifocal", cfg.multifocal_fraction),
+            satellites=not tumour_free and flag("satellites", cfg.satellite_fraction),
+            nodular=necrotic and not tumour_free and flag("nodular", cfg.nodular_fraction),
+            low_resolution=flag("low_resolution", cfg.low_resolution_fraction),
+            artefact=flag("artefact", cfg.artefact_fraction),
+            non_enhancing=necrotic and not tumour_free and flag("non_enhancing", cfg.non_enhancing_fraction),
         )
 
     def fluid_rng(self, seed: int, index: int) -> _Rng | None:
@@ -380,7 +446,17 @@ class _CaseFlags:
 @dataclass
 class _Tumour:
     """A glioma in MNI mm (it deforms with the anatomy); :func:`_grow_tumour` sets the reachable
-    ``box``, its voxels' ``(3, x, y, z)`` template-mm ``offset`` and soft float32 part ``fractions``."""
+    ``box``, its voxels' ``(3, x, y, z)`` template-mm ``offset`` and soft float32 part ``fractions``.
+
+    :func:`_vary_tumour` sets its look: ``pattern`` (``rim``: necrosis in an enhancing rim; ``nodular``:
+    mostly non-enhancing with enhancing nodules; ``solid``: wholly enhancing; ``non-enhancing``: no
+    contrast uptake at all), the share of the viable
+    tumour left non-enhancing (``enhancement_gap``) in patches of ``enhancement_scale_mm``, the
+    enhancement's relative spread, the oedema border's width (share of its reach) and the fading level
+    its label stops at, further masses ``foci`` (template-mm offset from the centre, radius mm) of
+    which the last ``satellites`` are small nodules next to the main one, and the boundaries' logistic
+    width ``pv_mm``.
+    """
 
     centre_mni: np.ndarray
     r_core: float
@@ -390,6 +466,15 @@ class _Tumour:
     necrosis_ratio: float
     oedema_reach: float
     mass_effect: float
+    pattern: str = "rim"
+    enhancement_gap: float = 0.0
+    enhancement_scale_mm: float = 4.0
+    enhancement_spread: float = 0.08
+    oedema_softness: float = 0.12
+    oedema_threshold: float = 0.5
+    foci: list[tuple[np.ndarray, float]] = field(default_factory=list)
+    satellites: int = 0
+    pv_mm: float = 0.36
     box: tuple[slice, ...] = ()
     offset: np.ndarray | None = None
     fractions: _Maps = field(default_factory=dict)
@@ -418,7 +503,7 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
         raise ValueError(f"case index starts at 1 (got {index})")
     convention = get_convention(synth_convention(cfg.layout, cfg.labels))
     label_set = _drawable(convention)
-    rng = case_rng(cfg.seed, index)
+    rng, vrng = case_rng(cfg.seed, index), variety_rng(cfg.seed, index)
     flags = _CaseFlags.of(cfg, index, _PART_LABELS[label_set.name])
     spacing, orientation = _case_grid(rng, float(cfg.spacing_mm), flags)
     shape, affine = brats_grid(spacing)
@@ -426,6 +511,8 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
     mni, region = _pull_back_field(rng, tpl, affine, shape)
     tumour = None if flags.tumour_free else _draw_tumour(rng, tpl, flags.necrotic)
     if tumour is not None:
+        pv_mm = _PV_BOX * min(spacing) if cfg.partial_volume else _HARD_EDGE_MM
+        _vary_tumour(vrng, tpl, tumour, flags, cfg, pv_mm)
         _apply_mass_effect(mni, tumour)
     idx, tissue, brain = _sample_template(mni, tpl)
     del mni
@@ -433,14 +520,16 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
     fluid_rng = flags.fluid_rng(cfg.seed, index)
     labels = np.zeros(brain.shape, dtype=np.uint8)
     if tumour is not None:
-        labels_box = _grow_tumour(rng, idx, anat, tumour)
+        labels_box = _grow_tumour(rng, vrng, idx, anat, tumour)
         if flags.resected:
             _add_cavity(fluid_rng, labels_box, tumour, anat)
         elif flags.cystic:
             _add_cysts(fluid_rng, labels_box, tumour, anat)
         labels[tumour.box] = labels_box
     del idx
-    images = _render(rng, fluid_rng, anat, tumour, cfg)
+    acq_rng = variety_rng(cfg.seed, index, _ACQUISITION_STREAM)
+    acquisition = _Acquisition.draw(acq_rng, flags, anat, cfg.noise_jitter)
+    images = _render(rng, vrng, fluid_rng, anat, tumour, cfg, acquisition)
     labels = _uncrop(labels, shape, region)
     if label_set.name != "glioma":  # parts -> the set's internal codes (glioma's are the parts')
         labels = _part_lut(label_set)[labels]
@@ -454,7 +543,7 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
         orientation=orientation,
         tissue={t: _uncrop(v, shape, region) for t, v in tissue.items()},
         brain_mask=_uncrop(brain, shape, region),
-        info=_case_info(index, label_set, labels, tumour, orientation, spacing),
+        info=_case_info(index, label_set, labels, tumour, orientation, spacing, acquisition),
         convention=convention.name,
     )
 
@@ -525,6 +614,71 @@ def _draw_tumour(rng: _Rng, tpl: _Template, necrotic: bool) -> _Tumour:
     )
 
 
+def _vary_tumour(
+    rng: _Rng, tpl: _Template, tumour: _Tumour, flags: _CaseFlags, cfg: SynthConfig, pv_mm: float
+) -> None:
+    """Draw the tumour's look in place (see :class:`_Tumour`), in the order written.
+
+    Rims are 3-10 mm thick (log-uniform), so some are thin and others thick; non-enhancing gaps come
+    in 5-12 mm patches (arcs of the rim, not speckle); a solid tumour (no ``NCR`` label at all:
+    ``no_necrosis_fraction``) enhances everywhere.
+    """
+    rim_mm = float(np.exp(rng.uniform(math.log(3.0), math.log(10.0))))
+    gap_u, scale_mm, small_necrosis = (float(v) for v in rng.uniform([0.0, 5.0, 0.2], [1.0, 12.0, 0.45]))
+    tumour.pv_mm = pv_mm
+    if not flags.necrotic:
+        tumour.pattern, tumour.necrosis_ratio, tumour.enhancement_gap = "solid", 0.0, 0.0
+    elif flags.non_enhancing:  # lower-grade look: no contrast uptake at all, some with a little necrosis
+        tumour.pattern = "non-enhancing"
+        tumour.necrosis_ratio = small_necrosis if gap_u < 0.5 else 0.0
+        tumour.enhancement_gap = 1.0
+    elif flags.nodular:  # half of them with a little necrosis too
+        tumour.pattern = "nodular"
+        tumour.necrosis_ratio = small_necrosis if gap_u < 0.5 else 0.0
+        tumour.enhancement_gap = 0.6 + 0.25 * gap_u
+        scale_mm *= 1.3
+    else:
+        tumour.pattern = "rim"
+        tumour.necrosis_ratio = max(1.0 - rim_mm / tumour.r_core, 0.25)
+        tumour.enhancement_gap = gap_u * cfg.enhancement_gap_max
+    tumour.enhancement_scale_mm = scale_mm
+    tumour.enhancement_spread = float(rng.uniform(0.04, 0.3))
+    tumour.oedema_softness = 0.06 + float(rng.uniform(0.0, 1.0)) * cfg.oedema_fuzziness
+    tumour.oedema_threshold = float(rng.uniform(0.35, 0.6))
+    if flags.multifocal:
+        tumour.foci.extend(_distant_foci(rng, tpl, tumour))
+    if flags.satellites:
+        satellites = _satellites(rng, tumour)
+        tumour.foci.extend(satellites)
+        tumour.satellites = len(satellites)
+
+
+def _distant_foci(rng: _Rng, tpl: _Template, tumour: _Tumour) -> list[tuple[np.ndarray, float]]:
+    """1-2 further masses (radius 4-12 mm) centred in white matter 12-40 mm beyond the main core."""
+    offsets = tpl.centres_mm.astype(np.float64) - tumour.centre_mni
+    distance = np.linalg.norm(offsets, axis=1)
+    near = np.flatnonzero((distance > tumour.r_core + 12.0) & (distance < tumour.r_core + 40.0))
+    foci = []
+    for _ in range(int(rng.integers(1, 3))):
+        radius = float(np.clip(rng.uniform(0.25, 0.6) * tumour.r_core, 4.0, 12.0))
+        pick = float(rng.random())
+        if len(near):
+            foci.append((offsets[near[int(pick * len(near))]], radius))
+    return foci
+
+
+def _satellites(rng: _Rng, tumour: _Tumour) -> list[tuple[np.ndarray, float]]:
+    """1-3 small nodules (radius 2-4 mm) 2-10 mm beyond the main core's farthest reach."""
+    edge = tumour.r_core * float(tumour.axes.max()) * (1.0 + tumour.lobulation)
+    nodules = []
+    for _ in range(int(rng.integers(1, 4))):
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        distance, radius = rng.uniform([edge + 2.0, 2.0], [edge + 10.0, 4.0])
+        nodules.append((direction * distance, float(radius)))
+    return nodules
+
+
 def _sample_template(mni: list[np.ndarray], tpl: _Template) -> tuple[np.ndarray, _Maps, np.ndarray]:
     """``(idx, tissue, brain)``: ``(3, x, y, z)`` template voxel positions, trilinear GM/WM/CSF there,
     and where they sum above 0.5."""
@@ -551,8 +705,11 @@ def _case_info(
     tumour: _Tumour | None,
     orientation: str,
     spacing: tuple[float, float, float],
+    acquisition: _Acquisition,
 ) -> dict[str, Any]:
-    """The case's ``synth_meta.json`` record (``labels``: full grid, internal codes)."""
+    """The case's ``synth_meta.json`` record (``labels``: full grid, internal codes): a tumour's
+    enhancement pattern, number of masses (``foci``, the main one included) and ``satellites``; every
+    case's noise factor, coarser sequences and artefacts per sequence."""
     parts = _PART_LABELS[label_set.name]
     voxel_ml = float(np.prod(spacing)) / 1000.0
     info: dict[str, Any] = {
@@ -575,6 +732,10 @@ def _case_info(
     if tumour is not None:
         info["centre_mni_mm"] = [round(float(v), 1) for v in tumour.centre_mni]
         info["core_radius_mm"] = round(tumour.r_core, 1)
+        info["enhancement"] = tumour.pattern
+        info["foci"] = 1 + len(tumour.foci) - tumour.satellites
+        info["satellites"] = tumour.satellites
+    info.update(acquisition.describe())
     return info
 
 
@@ -646,14 +807,20 @@ def _apply_mass_effect(mni: list[np.ndarray], tumour: _Tumour) -> None:
         mni[k] = np.float32(centre[k]) + d[k] * factor
 
 
-def _grow_tumour(rng: _Rng, idx: np.ndarray, anat: _Anatomy, tumour: _Tumour) -> np.ndarray:
-    """Core, necrosis, enhancing rim, oedema (in this order): sets ``tumour``'s box, offset and
-    fractions; returns the part labels in the box."""
+def _grow_tumour(rng: _Rng, vrng: _Rng, idx: np.ndarray, anat: _Anatomy, tumour: _Tumour) -> np.ndarray:
+    """Core (main mass and ``foci``), necrosis, enhancement, oedema (in this order): sets ``tumour``'s
+    box, offset and fractions; returns the part labels in the box.
+
+    Each label is the part that dominates the voxel centre's rendered mix: ``ET`` where the viable
+    tumour enhances, ``NCR`` where it is necrotic or does not enhance, ``ED`` where the oedema's fading
+    FLAIR/T2 signal is above the case's threshold.
+    """
     sp = anat.sp
     tumour.box, tumour.offset = _tumour_box(idx, anat.tpl, tumour)
     box, rel = tumour.box, tumour.offset
     shape = tuple(sl.stop - sl.start for sl in box)
     brain_box = anat.brain[box]
+    pv = np.float32(tumour.pv_mm)
     # Lobulated ellipsoid: distance in the tumour's frame, perturbed by noise (lobes ~ radius / 3).
     local = np.einsum("ij,jxyz->ixyz", tumour.rotation.T.astype(np.float32), rel)
     local /= tumour.axes.astype(np.float32)[:, None, None, None]
@@ -661,29 +828,69 @@ def _grow_tumour(rng: _Rng, idx: np.ndarray, anat: _Anatomy, tumour: _Tumour) ->
     lobe_sigma = np.maximum(0.3 * tumour.r_core / sp, 0.8)
     # tanh bounds the perturbation to +-lobulation: the core never reaches beyond its box.
     core_dist = dist * (1.0 + np.float32(tumour.lobulation) * np.tanh(_local_noise(rng, shape, lobe_sigma)))
-    s_core = _sigmoid((np.float32(tumour.r_core) - core_dist) / _PV_MM) * brain_box
+    s_core = _sigmoid((np.float32(tumour.r_core) - core_dist) / pv) * brain_box
     core = _largest_component(s_core > 0.5)
     s_core *= ndi.binary_dilation(core, iterations=2)
+    if tumour.foci:
+        s_foci = _foci_fraction(rel, tumour) * brain_box
+        s_core = np.maximum(s_core, s_foci)
+        core |= s_foci > 0.5
     if tumour.necrosis_ratio > 0:
         s_nec = _necrosis(rng, local, core_dist, tumour, lobe_sigma)
     else:
         s_nec = np.zeros(shape, dtype=np.float32)
     ncr = core & (s_nec > 0.5)
-    et = core & ~ncr
-    ed, s_ed, from_core = _oedema(rng, core, anat, tumour)
+    s_enh = _enhancement(vrng, core & ~ncr, sp, tumour)
+    et = core & ~ncr & (s_enh > 0.5)
+    ed, s_ed = _oedema(rng, core, anat, tumour)
     labels = np.zeros(shape, dtype=np.uint8)
     labels[ed] = 2
-    labels[ncr] = 1
+    labels[core & ~et] = 1  # necrotic or non-enhancing: BraTS's "necrotic and non-enhancing core"
     labels[et] = 3
-    grown = ndi.binary_dilation(ed | core)
-    s_nec_in_core = s_core * s_nec
+    viable = s_core * (1.0 - s_nec)
     tumour.fractions = {
-        "ncr": s_nec_in_core,
-        "et": s_core - s_nec_in_core,
-        "ed": (1.0 - s_core) * s_ed * grown,
-        "from_core": from_core,
+        "ncr": s_core * s_nec,
+        "net": viable * (1.0 - s_enh),
+        "et": viable * s_enh,
+        "ed": (1.0 - s_core) * s_ed,
     }
+    if tumour.pv_mm > _HARD_EDGE_MM:
+        _slice_profile(tumour.fractions, sp)
     return labels
+
+
+def _foci_fraction(rel: np.ndarray, tumour: _Tumour) -> np.ndarray:
+    """Soft union (maximum) of the round extra masses ``tumour.foci`` over the box, float32."""
+    out = np.zeros(rel.shape[1:], dtype=np.float32)
+    pv = np.float32(tumour.pv_mm)
+    for offset, radius in tumour.foci:
+        d = np.sqrt(sum((rel[k] - np.float32(offset[k])) ** 2 for k in range(3)))
+        np.maximum(out, _sigmoid((np.float32(radius) - d) / pv), out=out)
+    return out
+
+
+def _enhancement(rng: _Rng, viable: np.ndarray, sp: np.ndarray, tumour: _Tumour) -> np.ndarray:
+    """Where the tumour takes up contrast (soft, float32 over the box): a smooth random field cut at
+    its ``enhancement_gap`` quantile over the ``viable`` core, so that share of it does not enhance, in
+    patches of ``enhancement_scale_mm`` (a nodular tumour keeps its nodules however small it is)."""
+    if tumour.enhancement_gap <= 0.0 or not viable.any():
+        return np.ones(viable.shape, dtype=np.float32)
+    if tumour.enhancement_gap >= 1.0:  # a non-enhancing tumour
+        return np.zeros(viable.shape, dtype=np.float32)
+    field_ = _local_noise(rng, viable.shape, np.maximum(tumour.enhancement_scale_mm / sp, 0.7))
+    threshold = np.quantile(field_[viable], tumour.enhancement_gap)
+    return _sigmoid((field_ - np.float32(threshold)) / np.float32(0.15))
+
+
+def _slice_profile(fractions: _Maps, sp: np.ndarray) -> None:
+    """Thick slices average the tumour's parts over the slice, as the template's maps were pre-filtered
+    (:func:`_template`): Gaussian along z of FWHM ``sqrt(sz^2 - sx^2)`` mm, in place."""
+    extra = float(sp[2] ** 2 - sp[0] ** 2)
+    if extra <= 0.0:
+        return
+    sigma = math.sqrt(extra) / 2.355 / float(sp[2])
+    for part, values in fractions.items():
+        fractions[part] = ndi.gaussian_filter1d(values, sigma, axis=2, mode="nearest")
 
 
 def _tumour_box(idx: np.ndarray, tpl: _Template, tumour: _Tumour) -> tuple[tuple[slice, ...], np.ndarray]:
@@ -692,7 +899,9 @@ def _tumour_box(idx: np.ndarray, tpl: _Template, tumour: _Tumour) -> tuple[tuple
     centre_idx = (tumour.centre_mni - tpl.origin_mm) / tpl.spacing
     offset = [(idx[k] - np.float32(centre_idx[k])) * np.float32(tpl.spacing[k]) for k in range(3)]
     core_reach = tumour.r_core * float(tumour.axes.max()) / (1.0 - tumour.lobulation)
-    reach = core_reach + tumour.oedema_reach * 1.5 / _ED_NOISE_FLOOR + 4.0
+    foci_reach = max((float(np.linalg.norm(o)) + r + 2.0 for o, r in tumour.foci), default=0.0)
+    oedema = tumour.oedema_reach * (1.0 + 3.0 * tumour.oedema_softness) / _ED_NOISE_FLOOR
+    reach = max(core_reach, foci_reach) + oedema + 4.0
     near = (offset[0] ** 2 + offset[1] ** 2 + offset[2] ** 2) < reach**2
     nz = [np.nonzero(near.any(axis=tuple(a for a in range(3) if a != k)))[0] for k in range(3)]
     box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in nz)
@@ -707,30 +916,31 @@ def _necrosis(
     nec_dist = np.sqrt(((local - shift[:, None, None, None]) ** 2).sum(axis=0))
     nec_dist *= 1.0 + np.float32(0.25) * np.tanh(_local_noise(rng, core_dist.shape, lobe_sigma * 0.8))
     r_nec = np.float32(tumour.necrosis_ratio * tumour.r_core)
-    s_nec = _sigmoid((r_nec - nec_dist) / _PV_MM)
-    # Keep at least a thin enhancing rim: necrosis only well inside the core.
-    s_nec *= _sigmoid((np.float32(tumour.r_core) - np.float32(1.5) - core_dist) / _PV_MM)
+    pv = np.float32(tumour.pv_mm)
+    s_nec = _sigmoid((r_nec - nec_dist) / pv)
+    # Keep at least a thin viable rim: necrosis only well inside the core.
+    s_nec *= _sigmoid((np.float32(tumour.r_core) - np.float32(1.5) - core_dist) / pv)
     return s_nec
 
 
-def _oedema(
-    rng: _Rng, core: np.ndarray, anat: _Anatomy, tumour: _Tumour
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Oedema around ``core``: ``(mask, soft fraction, distance from the core in mm)``. Distance over a
-    speed high in WM (vasogenic oedema tracks fibres), plus noise: finger-like, not into CSF."""
+def _oedema(rng: _Rng, core: np.ndarray, anat: _Anatomy, tumour: _Tumour) -> tuple[np.ndarray, np.ndarray]:
+    """Oedema around ``core``: ``(mask, soft fraction)``. Distance over a speed high in WM (vasogenic
+    oedema tracks fibres), plus noise: finger-like, not into CSF. The fraction fades over
+    ``oedema_softness`` of the reach (infiltrative border); the label stops at ``oedema_threshold``."""
     box, sp = tumour.box, anat.sp
     speed = 0.12 + 0.88 * ndi.gaussian_filter(anat.tissue["wm"][box], np.maximum(1.5 / sp, 0.5))
     from_core = ndi.distance_transform_edt(~core, sampling=sp).astype(np.float32)
     ed_noise = _local_noise(rng, core.shape, np.maximum(5.0 / sp, 0.8))
     effective = from_core / speed * (1.0 + np.float32(1.0 - _ED_NOISE_FLOOR) * np.tanh(ed_noise))
     reach_ed = np.float32(tumour.oedema_reach)
-    s_ed = _sigmoid((reach_ed - effective) / (np.float32(0.12) * reach_ed + _PV_MM))
+    width = np.float32(tumour.oedema_softness) * reach_ed + np.float32(tumour.pv_mm)
+    s_ed = _sigmoid((reach_ed - effective) / width)
     s_ed *= np.clip(1.0 - 1.5 * anat.tissue["csf"][box], 0.0, 1.0) * anat.brain[box]
-    ed = (s_ed > 0.5) & ~core
+    ed = (s_ed > tumour.oedema_threshold) & ~core
     components, _ = ndi.label(ed | core)
     touching = np.unique(components[core])
     ed &= np.isin(components, touching[touching > 0])
-    return ed, s_ed, from_core
+    return ed, s_ed
 
 
 def _add_cavity(rng: _Rng, labels: np.ndarray, tumour: _Tumour, anat: _Anatomy) -> None:
@@ -753,7 +963,7 @@ def _add_cavity(rng: _Rng, labels: np.ndarray, tumour: _Tumour, anat: _Anatomy) 
     s_rc *= ndi.binary_dilation(cavity, iterations=2)
     labels[cavity] = _PART_CODES["RC"]
     fractions = tumour.fractions
-    for part in ("ncr", "et", "ed"):
+    for part in _TUMOUR_PARTS:
         fractions[part] = fractions[part] * (1.0 - s_rc)
     fractions["rc"] = s_rc.astype(np.float32)
 
@@ -778,18 +988,25 @@ def _add_cysts(rng: _Rng, labels: np.ndarray, tumour: _Tumour, anat: _Anatomy) -
         return
     labels[cysts] = _PART_CODES["CC"]
     fractions = tumour.fractions
-    fractions["cc"] = (s_cc * (fractions["ncr"] + fractions["et"])).astype(np.float32)
-    for part in ("ncr", "et"):
+    fractions["cc"] = (s_cc * (fractions["ncr"] + fractions["net"] + fractions["et"])).astype(np.float32)
+    for part in ("ncr", "net", "et"):
         fractions[part] = fractions[part] * (1.0 - s_cc)
 
 
 def _render(
-    rng: _Rng, fluid_rng: _Rng | None, anat: _Anatomy, tumour: _Tumour | None, cfg: SynthConfig
+    rng: _Rng,
+    vrng: _Rng,
+    fluid_rng: _Rng | None,
+    anat: _Anatomy,
+    tumour: _Tumour | None,
+    cfg: SynthConfig,
+    acquisition: _Acquisition,
 ) -> _Maps:
     """Four skull-stripped sequences: modality -> float32 ``(x, y, z)``, scanner units.
 
-    ``rng``: tissue and tumour texture, contrast jitter, then per sequence bias, noise and scale;
-    fluids draw from ``fluid_rng``, so ``rng`` is consumed as without them.
+    ``rng``: tissue and tumour texture, then per sequence bias, noise and scale; ``vrng``: the case's
+    contrast table; fluids draw from ``fluid_rng``, so ``rng`` is consumed as without them. Each
+    sequence is acquired (:class:`_Acquisition`) before bias and noise, as a scanner does.
     """
     shape = anat.brain.shape
     # Everything below runs on the brain voxels only (flat C-order indices), ~1/5 of the box.
@@ -797,21 +1014,35 @@ def _render(
     voxels = {t: anat.tissue[t].ravel()[flat] for t in TISSUES}
     texture_v = _tissue_texture(rng, shape, flat)
     mix = None if tumour is None else _TumourMix.of(rng, fluid_rng, anat, tumour, flat)
-    jitter = {m: rng.uniform(0.97, 1.03, 6) for m in CANONICAL_MODALITIES}  # per-case contrast
+    table = _contrast_table(vrng, cfg.contrast_jitter)
     fluids = [] if mix is None else mix.fluids
     fluid_jitter = (
         {m: fluid_rng.uniform(0.97, 1.03, len(fluids)) for m in CANONICAL_MODALITIES} if fluids else {}
     )
     images: dict[str, np.ndarray] = {}
     for m in CANONICAL_MODALITIES:
-        c = {k: np.float32(v * j) for (k, v), j in zip(_CONTRAST[m].items(), jitter[m], strict=True)}
+        c = table[m]
         values = (c["gm"] * voxels["gm"] + c["wm"] * voxels["wm"] + c["csf"] * voxels["csf"]) * texture_v
         if mix is not None:
             mix.apply(values, c, m, fluid_jitter.get(m, ()))
+        values = acquisition.apply(m, values, anat, flat)
         out = np.zeros(shape, dtype=np.float32)
-        out.ravel()[flat] = _scanner(rng, values, m, cfg, anat, flat)
+        out.ravel()[flat] = _scanner(rng, values, m, cfg, anat, flat, acquisition.noise_factor)
         images[m] = out
     return images
+
+
+def _contrast_table(rng: _Rng, jitter: float) -> dict[str, dict[str, np.float32]]:
+    """The case's contrasts: each ratio to WM of :data:`_CONTRAST` times ``exp(U(-j, j))``, with twice
+    ``j`` for the tumour's parts (they vary more between tumours than tissues between brains), so
+    tumour and normal tissue overlap in some cases; WM stays the reference."""
+    table = {}
+    for m in CANONICAL_MODALITIES:
+        names = list(_CONTRAST[m])
+        spread = np.array([0.0 if k == "wm" else jitter if k in TISSUES else 2.0 * jitter for k in names])
+        factors = np.exp(rng.uniform(-1.0, 1.0, len(names)) * spread)
+        table[m] = {k: np.float32(_CONTRAST[m][k] * f) for k, f in zip(names, factors, strict=True)}
+    return table
 
 
 def _tissue_texture(rng: _Rng, shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:
@@ -834,9 +1065,9 @@ class _TumourMix:
     pos: np.ndarray
     f: dict[str, np.ndarray]
     noise: dict[str, np.ndarray]
-    fade: np.ndarray
     rest: np.ndarray
     fluids: list[str]
+    enhancement_spread: np.float32
 
     @classmethod
     def of(
@@ -849,41 +1080,146 @@ class _TumourMix:
         sel = anat.brain[tumour.box]
         f = {k: v[sel] for k, v in tumour.fractions.items()}
         sp_vox = np.maximum(2.0 / anat.sp, 0.7)
-        noise = {k: _local_noise(rng, sel.shape, sp_vox)[sel] for k in ("ncr", "et", "ed")}
-        # Oedema is strongest next to the tumour and fades outwards.
-        fade = 0.6 + 0.4 * np.exp(-f["from_core"] / np.float32(3.0 * tumour.oedema_reach + 1.0))
-        rest = 1.0 - f["ncr"] - f["et"] - f["ed"]
+        noise = {k: _local_noise(rng, sel.shape, sp_vox)[sel] for k in _TUMOUR_PARTS}
+        rest = 1.0 - sum(f[k] for k in _TUMOUR_PARTS)
         fluids = [k for k in _FLUID_PARTS if k in tumour.fractions]
         for k in fluids:
             assert fluid_rng is not None
             rest = rest - f[k]
             noise[k] = _local_noise(fluid_rng, sel.shape, sp_vox)[sel]
-        return cls(pos=pos, f=f, noise=noise, fade=fade, rest=rest, fluids=fluids)
+        spread = np.float32(tumour.enhancement_spread)
+        return cls(pos=pos, f=f, noise=noise, rest=rest, fluids=fluids, enhancement_spread=spread)
 
     def apply(
         self, values: np.ndarray, c: dict[str, np.float32], modality: str, fluid_jitter: Sequence[float]
     ) -> None:
         f, noise = self.f, self.noise
         healthy = values[self.pos]
-        ed_level = c["ed"] * (1.0 + np.float32(0.06) * noise["ed"])
-        ed_level = healthy + (ed_level - healthy) * self.fade
-        ncr_level = c["ncr"] * (1.0 + np.float32(0.10) * noise["ncr"])
-        et_level = c["et"] * (1.0 + np.float32(0.08) * noise["et"])
-        values[self.pos] = (
-            healthy * self.rest + ed_level * f["ed"] + ncr_level * f["ncr"] + et_level * f["et"]
-        )
+        level = {
+            "ed": c["ed"] * (1.0 + np.float32(0.06) * noise["ed"]),
+            "ncr": c["ncr"] * (1.0 + np.float32(0.10) * noise["ncr"]),
+            "net": c["net"] * (1.0 + np.float32(0.08) * noise["net"]),
+            # tanh keeps heterogeneous enhancement above (1 - spread) of the case's level
+            "et": c["et"] * (1.0 + self.enhancement_spread * np.tanh(noise["et"])),
+        }
+        values[self.pos] = healthy * self.rest + sum(level[k] * f[k] for k in _TUMOUR_PARTS)
         for k, j in zip(self.fluids, fluid_jitter, strict=True):
-            level = np.float32(_CONTRAST_FLUID[modality][k] * j) * (1.0 + np.float32(0.04) * noise[k])
-            values[self.pos] += level * f[k]
+            level_k = np.float32(_CONTRAST_FLUID[modality][k] * j) * (1.0 + np.float32(0.04) * noise[k])
+            values[self.pos] += level_k * f[k]
+
+
+@dataclass(frozen=True)
+class _Acquisition:
+    """How each sequence of a case departs from an ideal acquisition, drawn per case.
+
+    ``blur``: modality -> Gaussian sigma per axis in voxels (acquired coarser, in-plane or across
+    slices only, and resampled to the grid); ``ghost``: modality -> (phase-encode axis, shift in voxels,
+    amplitude), a faint copy of the head shifted along the phase-encode axis and wrapped around the
+    field of view; ``motion``: modality -> (shift in voxels, phase-encode axis, k-space lines acquired
+    after the head moved), which rings and ghosts along that axis. Skull stripping keeps their part
+    inside the brain. ``noise_factor`` scales ``noise_level`` for the whole case (scanners and
+    protocols differ in SNR).
+    """
+
+    noise_factor: float = 1.0
+    blur: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    ghost: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+    motion: dict[str, tuple[np.ndarray, int, np.ndarray]] = field(default_factory=dict)
+
+    @classmethod
+    def draw(cls, rng: _Rng, flags: _CaseFlags, anat: _Anatomy, noise_jitter: float) -> _Acquisition:
+        """A case's acquisition: noise factor ``exp(U(-j, j))`` first (so the flags do not move it),
+        then ``low_resolution`` and ``artefact`` cases pick some sequences each."""
+        acq = cls(noise_factor=math.exp(rng.uniform(-noise_jitter, noise_jitter)))
+        if flags.low_resolution:
+            for m in _some_sequences(rng):
+                factor, across = float(rng.uniform(1.3, 2.0)), bool(rng.random() < 0.5)
+                sigma = math.sqrt(factor**2 - 1.0) / 2.355  # FWHM factor x voxel, in voxels
+                acq.blur[m] = (0.0, 0.0, sigma) if across else (sigma, sigma, sigma)
+        if flags.artefact:
+            crop = anat.brain.shape
+            for m in _some_sequences(rng):
+                kind, axis = int(rng.integers(3)), int(rng.integers(2))  # 0 ghost, 1 motion, 2 both
+                if kind != 1:
+                    fold = int(rng.choice([2, 3, 4]))
+                    acq.ghost[m] = (axis, anat.grid_shape[axis] // fold, float(rng.uniform(0.04, 0.12)))
+                if kind != 0:
+                    direction = rng.standard_normal(3)
+                    shift_mm = direction / np.linalg.norm(direction) * rng.uniform(1.5, 4.0)
+                    moved = np.flatnonzero(rng.random(crop[axis]) < rng.uniform(0.1, 0.35))
+                    acq.motion[m] = (shift_mm / anat.sp, axis, moved)
+        return acq
+
+    def apply(self, modality: str, values: np.ndarray, anat: _Anatomy, flat: np.ndarray) -> np.ndarray:
+        """The sequence's brain-voxel signal ``values`` (flat, float32) as this acquisition gives it."""
+        if modality not in self.blur and modality not in self.ghost and modality not in self.motion:
+            return values
+        volume = np.zeros(anat.brain.shape, dtype=np.float32)
+        volume.ravel()[flat] = values
+        if modality in self.blur:
+            volume = ndi.gaussian_filter(volume, self.blur[modality], mode="constant")
+        if modality in self.motion:
+            volume = _moved_lines(volume, *self.motion[modality])
+        if modality in self.ghost:
+            axis, shift, amplitude = self.ghost[modality]
+            full = _uncrop(volume, anat.grid_shape, anat.region)
+            full += np.float32(amplitude) * np.roll(full, shift, axis=axis)
+            volume = full[anat.region]
+        return volume.ravel()[flat]
+
+    def describe(self) -> dict[str, Any]:
+        """The ``synth_meta.json`` facts: sequences acquired coarser, and each sequence's artefacts."""
+        artefacts = {
+            m: [kind for kind, table in (("ghost", self.ghost), ("motion", self.motion)) if m in table]
+            for m in CANONICAL_MODALITIES
+        }
+        return {
+            "noise_factor": round(self.noise_factor, 3),
+            "low_resolution": [m for m in CANONICAL_MODALITIES if m in self.blur],
+            "artefacts": {m: kinds for m, kinds in artefacts.items() if kinds},
+        }
+
+
+def _some_sequences(rng: _Rng) -> list[str]:
+    """Each sequence with probability 1/2, at least one."""
+    picked = rng.random(len(CANONICAL_MODALITIES)) < 0.5
+    if not picked.any():
+        picked[int(rng.integers(len(CANONICAL_MODALITIES)))] = True
+    return [m for m, p in zip(CANONICAL_MODALITIES, picked, strict=True) if p]
+
+
+def _moved_lines(volume: np.ndarray, shift_vox: np.ndarray, axis: int, lines: np.ndarray) -> np.ndarray:
+    """Magnitude image when k-space ``lines`` (indices along phase-encode ``axis``) were acquired with
+    the head shifted by ``shift_vox``: a phase ramp on those lines (Fourier shift theorem)."""
+    from scipy import fft
+
+    if not len(lines):
+        return volume
+    kspace = fft.fftn(volume, workers=1)
+    freqs = [np.fft.fftfreq(n).astype(np.float32) for n in volume.shape]
+    freqs[axis] = freqs[axis][lines]
+    phase = sum(
+        np.float32(shift_vox[k]) * freqs[k].reshape([-1 if a == k else 1 for a in range(3)]) for k in range(3)
+    )
+    index: list[Any] = [slice(None)] * 3
+    index[axis] = lines
+    kspace[tuple(index)] *= np.exp(np.complex64(-2j * np.pi) * phase)
+    return np.abs(fft.ifftn(kspace, workers=1)).astype(np.float32)
 
 
 def _scanner(
-    rng: _Rng, values: np.ndarray, modality: str, cfg: SynthConfig, anat: _Anatomy, flat: np.ndarray
+    rng: _Rng,
+    values: np.ndarray,
+    modality: str,
+    cfg: SynthConfig,
+    anat: _Anatomy,
+    flat: np.ndarray,
+    noise_factor: float = 1.0,
 ) -> np.ndarray:
     """One sequence through the scanner: bias (in place on ``values``), Rician noise, scale, offset."""
     bias = smooth_random_field(rng, anat.grid_shape, (3, 3, 3), anat.region).ravel()[flat]
     values *= np.exp(np.float32(cfg.bias_field_strength) * bias)
-    sigma = np.float32(cfg.noise_level * rng.uniform(0.8, 1.2))
+    sigma = np.float32(cfg.noise_level * noise_factor * rng.uniform(0.8, 1.2))
     if sigma > 0:
         values = rician_noise(rng, values, sigma)
     scale = np.float32(_BASE_SCALE[modality] * math.exp(rng.uniform(-0.4, 0.4)))

@@ -86,6 +86,8 @@ class PredictConfig(Section):
 
     Each knob is explained beside its value in params.yaml; ``uncertainty`` (the TTA variance) needs
     ``tta``, and null ``overlap`` / ``sw_batch_size`` keep the model's ``sliding_window`` settings.
+    ``engine`` (``tumorseg predict`` only): ``auto`` runs ONNX Runtime without torch when the model
+    carries ``network.onnx`` and no option needs torch, ``onnx`` insists on it, ``torch`` never uses it.
     """
 
     model: str = "models:/tumorseg@champion"
@@ -98,6 +100,7 @@ class PredictConfig(Section):
     overlap: float | None = Field(None, ge=0.0, lt=1.0)
     sw_batch_size: int | None = Field(None, ge=1)
     keep_freed_memory: bool = True
+    engine: Literal["auto", "torch", "onnx"] = "auto"
 
     @model_validator(mode="after")
     def _consistent(self) -> PredictConfig:

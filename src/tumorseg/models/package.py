@@ -10,20 +10,18 @@ so both forms give identical outputs. ``--model`` may also be a package folder o
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tumorseg.errors import DataError
-from tumorseg.models.checkpoint import (
-    PlanarModel,
-    TrainedNetwork,
-    planar_network_from_state,
-    read_package_config,
-    trained_from_state,
-    trained_with_network,
-)
-from tumorseg.models.planar_detection import DetectorRule
+
+if TYPE_CHECKING:  # torch: imported by the functions that load or save weights, not by the file names
+    from tumorseg.models.checkpoint import PlanarModel, TrainedNetwork
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
@@ -35,6 +33,8 @@ ARTIFACT_KEYS = {"weights": WEIGHTS_FILE, "config": CONFIG_FILE, "detector": DET
 def load_artifacts(artifacts: Mapping[str, str | Path]) -> TrainedNetwork:
     """The volume model of registered pyfunc artifacts in the runtime its file needs: ``weights`` (PyTorch),
     ``onnx`` (ONNX Runtime) or ``program`` (``torch.export``), each with ``config``; DataError otherwise."""
+    from tumorseg.models.checkpoint import read_package_config, trained_with_network
+
     if "config" in artifacts and {"onnx", "program"} & set(artifacts):
         trained = trained_with_network(None, read_package_config(artifacts["config"]))  # config checked first
         if "onnx" in artifacts:
@@ -54,9 +54,14 @@ def load_artifacts(artifacts: Mapping[str, str | Path]) -> TrainedNetwork:
     )
 
 
-def save_package(model: TrainedNetwork | PlanarModel, folder: str | Path) -> dict[str, Path]:
-    """Write the package files of ``model`` into ``folder``; returns them by artifact key."""
+def save_package(
+    model: TrainedNetwork | PlanarModel, folder: str | Path, *, onnx: bool = False
+) -> dict[str, Path]:
+    """Write the package files of ``model`` into ``folder``; returns them by artifact key. ``onnx``: a
+    3-D model also gets ``network.onnx`` (:func:`save_onnx`, key ``network_onnx``) when it exports."""
     import torch
+
+    from tumorseg.models.checkpoint import PlanarModel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,6 +75,10 @@ def save_package(model: TrainedNetwork | PlanarModel, folder: str | Path) -> dic
     if isinstance(model, PlanarModel):
         detector = {"detector": model.detector.to_dict(), "predict_2d": model.predict_settings}
         paths["detector"].write_text(json.dumps(detector, indent=1, sort_keys=True) + "\n")
+    elif onnx and (onnx_file := save_onnx(model, folder)) is not None:
+        from tumorseg.models.onnx_predictor import ONNX_ARTIFACT
+
+        paths[ONNX_ARTIFACT] = onnx_file
     return paths
 
 
@@ -79,6 +88,14 @@ def load_package(
     """Load what :func:`save_package` wrote, a 2-D :class:`PlanarModel` when ``detector`` is given;
     DataError for a missing or unreadable file, or weights that do not fit the config."""
     import torch
+
+    from tumorseg.models.checkpoint import (
+        PlanarModel,
+        planar_network_from_state,
+        read_package_config,
+        trained_from_state,
+    )
+    from tumorseg.models.planar_detection import DetectorRule
 
     for path in (weights, detector):
         if path is not None and not Path(path).is_file():
@@ -117,3 +134,22 @@ def from_folder(folder: Path, description: str) -> PlanarModel:
     raise DataError(
         f"{description}: neither a 2-D model package ({WEIGHTS_FILE}...) nor an MLflow model folder"
     )
+
+
+def save_onnx(model: TrainedNetwork, folder: str | Path) -> Path | None:
+    """Write the fp32 network of a 3-D ``model`` as ``folder/network.onnx`` for the torch-free ``predict``
+    and return it; None (logged) when the export fails or its logits drift from PyTorch's, so the
+    model still registers and ``predict`` takes the torch path."""
+    from tumorseg.models.onnx_network import export_fp32_onnx
+    from tumorseg.models.onnx_predictor import ONNX_FILE
+
+    if len(model.roi_size) != 3:
+        return None
+    path = Path(folder) / ONNX_FILE
+    try:
+        difference = export_fp32_onnx(model.network, path, model.roi_size)
+    except DataError as exc:
+        log.warning("no ONNX network in the package (predict will use PyTorch): %s", exc)
+        return None
+    log.info("exported %s (max |ONNX Runtime - PyTorch| logit %.2g)", path.name, difference)
+    return path

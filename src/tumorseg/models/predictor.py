@@ -169,6 +169,10 @@ class SegmentationPredictor:
             self.label_set.region_names if self.output == "regions" else self.label_set.label_names
         )
 
+    def can_read_ahead(self) -> bool:
+        """Whether :func:`predict_dataset` may decode the next case in a thread during inference."""
+        return spare_core(self.device)
+
     def infer(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Float32 probabilities ``(C, x, y, z)`` of a preprocessed image ``(4, x, y, z)``, averaged over the
         TTA mirrorings, and their variance over the passes (``predict.uncertainty``) or None."""
@@ -442,7 +446,7 @@ def predict_dataset(
     # With a core to spare, a thread decodes the next case while this one is inferred (decompression
     # releases the GIL). Resampling uses torch and stays here: torch in the reader would start a second
     # OpenMP team competing with the inference's.
-    prefetch = spare_core(predictor.device)
+    prefetch = predictor.can_read_ahead()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tumorseg-read") as reader:
         pending = reader.submit(predictor.decode, cases[0]) if cases and prefetch else None
         for position, case in enumerate(cases):

@@ -2,10 +2,13 @@
 (``models:/tumorseg@champion``, ``models:/tumorseg/3``, ``runs:/<run_id>/model``...). An MLflow model
 is the registered pyfunc (rebuilt from its artifacts, without the wrapper, so any version loads
 whatever class path its code file names) or a training run's PyTorch model with its ``config.yaml``.
+A package folder (``weights.pt`` + ``config.json``) loads too. :func:`model_files` finds a model's
+files without torch or, on a local SQLite store with a cached version, without the MLflow client.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -65,9 +68,16 @@ def load_model(uri: str, *, tracking_uri: str) -> LoadedModel:
         if path.is_dir() and (path / "MLmodel").is_file():
             trained, settings = _from_model_dir(path, uri)
             return LoadedModel(trained, uri, f"MLflow model folder {path}", predict_settings=settings)
+        if path.is_dir() and (path / "weights.pt").is_file():  # a package (models/package.py)
+            from tumorseg.models.package import CONFIG_FILE, WEIGHTS_FILE, load_package
+
+            trained = load_package(
+                path / WEIGHTS_FILE, path / CONFIG_FILE, description=f"model package {path}"
+            )
+            return LoadedModel(trained, uri, f"model package {path}")
         raise DataError(
             f"{uri}: no such checkpoint or MLflow model; pass a best.ckpt path, a folder with an MLmodel "
-            "file, or a URI such as models:/tumorseg@champion"
+            "file or weights.pt + config.json, or a URI such as models:/tumorseg@champion"
         )
     return _from_mlflow(uri, tracking_uri)
 
@@ -145,19 +155,25 @@ def model_cache_root() -> Path | None:
     return Path(base) / "tumorseg" / "models"
 
 
-def cached_version(tracking_uri: str, name: str, version: str, client: Any) -> Path | None:
-    """The local copy of model version ``name/version`` of the store ``tracking_uri``, downloaded on
-    first use. A registered version's artifacts never change, so the copy stays valid; it is written
-    beside its final place and renamed in, so an interrupted download is never taken for a model."""
+def cache_folder(tracking_uri: str, name: str, version: str) -> Path | None:
+    """Where version ``name/version`` of the store ``tracking_uri`` is cached (None: no cache)."""
     import hashlib
-
-    import mlflow
 
     root = model_cache_root()
     if root is None:
         return None
-    store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
-    folder = root / store / name / version
+    return root / hashlib.sha256(tracking_uri.encode()).hexdigest()[:16] / name / version
+
+
+def cached_version(tracking_uri: str, name: str, version: str, client: Any) -> Path | None:
+    """The local copy of model version ``name/version`` of the store ``tracking_uri``, downloaded on
+    first use. A registered version's artifacts never change, so the copy stays valid; it is written
+    beside its final place and renamed in, so an interrupted download is never taken for a model."""
+    import mlflow
+
+    folder = cache_folder(tracking_uri, name, version)
+    if folder is None:
+        return None
     if (folder / "MLmodel").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -244,3 +260,111 @@ def load_planar_model(uri: str, *, tracking_uri: str) -> PlanarModel:
         )
     with downloaded_model(uri, tracking_uri, first_steps=FIRST_STEPS_2D) as model:
         return from_folder(model.folder, model.description)
+
+
+# ---------------------------------------------------------------------------- without the MLflow client
+@dataclass
+class ResolvedVersion:
+    """A ``models:/`` URI resolved to its version number and training run."""
+
+    name: str
+    version: str
+    run_id: str
+
+
+def resolve_in_sqlite(uri: str, tracking_uri: str) -> ResolvedVersion | None:
+    """Resolve ``models:/name@alias`` or ``models:/name/N`` by reading MLflow's SQLite store directly
+    (read-only): importing the MLflow client and opening its store cost 1-2 s, a query 1 ms.
+
+    Reads the ``registered_model_aliases`` and ``model_versions`` tables of MLflow 3's schema; None on
+    anything else (another store, another schema, no such alias, a version not READY, several
+    workspaces), and the caller asks the MLflow client, which knows every case and its error message.
+    """
+    import sqlite3
+
+    match = MODELS_URI.match(uri)
+    db = sqlite_path(tracking_uri)
+    if match is None or db is None or not db.is_file():
+        return None
+    name, alias, number = match["name"], match["alias"], match["version"]
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            if alias:
+                rows = connection.execute(
+                    "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?", (name, alias)
+                ).fetchall()
+                if len(rows) != 1:
+                    return None
+                number = str(rows[0][0])
+            rows = connection.execute(
+                "SELECT run_id, status, current_stage FROM model_versions WHERE name = ? AND version = ?",
+                (name, int(number)),
+            ).fetchall()
+    except (sqlite3.Error, ValueError):
+        return None
+    if len(rows) != 1 or rows[0][1] != "READY" or rows[0][2] == "Deleted_Internal":
+        return None
+    return ResolvedVersion(name, str(number), str(rows[0][0] or ""))
+
+
+def model_artifacts(folder: Path) -> dict[str, Path] | None:
+    """The pyfunc artifacts of an MLflow model folder by key, read from its ``MLmodel`` (YAML) without
+    MLflow; None when it has none."""
+    try:
+        meta = yaml.safe_load((folder / "MLmodel").read_text())
+        artifacts = meta["flavors"]["python_function"]["artifacts"]
+        return {key: folder / entry["path"] for key, entry in artifacts.items()}
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
+@dataclass
+class ModelFiles:
+    """A model's files by artifact key (``config``, ``weights``, ``network_onnx``...) and its origin in
+    words, found without loading it."""
+
+    artifacts: dict[str, Path]
+    description: str
+
+
+def model_files(uri: str, *, tracking_uri: str) -> ModelFiles | None:
+    """The files of the model ``uri`` names without importing torch, and MLflow only to fill the cache.
+
+    A ``models:/`` URI on a local SQLite store is resolved on every call (a promotion applies at once)
+    with :func:`resolve_in_sqlite`; the version's files come from the cache, downloaded there by the
+    MLflow client the first time. A folder is an MLflow model folder or a package (``config.json``...).
+    None when the model is not found this way (a checkpoint, another store, no cache): the caller
+    loads it with :func:`load_model`, which explains any error.
+    """
+    from tumorseg.models.package import CONFIG_FILE, WEIGHTS_FILE  # file names only: no torch
+
+    if not is_mlflow_uri(uri):
+        path = Path(uri).expanduser()
+        if path.is_dir() and (path / "MLmodel").is_file():
+            artifacts = model_artifacts(path)
+            return ModelFiles(artifacts, f"MLflow model folder {path}") if artifacts else None
+        if path.is_dir() and (path / CONFIG_FILE).is_file():
+            from tumorseg.models.onnx_predictor import ONNX_ARTIFACT, ONNX_FILE
+
+            names = {"config": CONFIG_FILE, "weights": WEIGHTS_FILE, ONNX_ARTIFACT: ONNX_FILE}
+            files = {key: path / name for key, name in names.items() if (path / name).is_file()}
+            return ModelFiles(files, f"model package {path}")
+        return None
+    resolved = resolve_in_sqlite(uri, tracking_uri)
+    if resolved is None:
+        return None
+    folder = cache_folder(tracking_uri, resolved.name, resolved.version)
+    if folder is None:
+        return None
+    if not (folder / "MLmodel").is_file():
+        import mlflow
+
+        prepare_mlflow()
+        client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        try:
+            cached_version(tracking_uri, resolved.name, resolved.version, client)
+        except Exception:  # noqa: BLE001 - load_model repeats the download and names its error
+            return None
+    artifacts = model_artifacts(folder)
+    description = f"{uri} (version {resolved.version}, run {resolved.run_id})"
+    return ModelFiles(artifacts, description) if artifacts else None

@@ -206,12 +206,19 @@ def register_model(
     params = as_params(params, source)
     import mlflow
 
+    from tumorseg.models.onnx_predictor import ONNX_ARTIFACT
+    from tumorseg.models.package import save_onnx
     from tumorseg.registry.pyfunc import log_segmentation_model
 
     def log_model(files: dict[str, Path]) -> str:
-        info = log_segmentation_model(
-            trained, predict_settings, name=LOGGED_MODEL_NAME, extra_artifacts=files
-        )
+        # The fp32 network as ONNX beside the weights: `tumorseg predict` then runs without torch
+        # (models/onnx_predictor.py); a failed export only costs that speed.
+        with tempfile.TemporaryDirectory(prefix="tumorseg-onnx-") as tmp:
+            onnx_file = save_onnx(trained, tmp)
+            extra = {**files, ONNX_ARTIFACT: onnx_file} if onnx_file is not None else files
+            info = log_segmentation_model(
+                trained, predict_settings, name=LOGGED_MODEL_NAME, extra_artifacts=extra
+            )
         mlflow.log_artifact(str(files["model_card"]))
         return info.model_uri
 

@@ -56,16 +56,20 @@ class TrainerConfig(Section):
     """``trainer:`` hardware and Lightning flags; every key but ``num_threads`` is a ``Trainer`` argument.
 
     ``deterministic: warn`` only warns where CUDA has no deterministic kernel; ``benchmark`` (cuDNN
-    autotuning) is faster but not bit-reproducible.
+    autotuning) is faster but not bit-reproducible. ``precision: auto`` is bfloat16 only where the
+    hardware computes it natively (:func:`tumorseg.runtime.resolve_precision`); ``channels_last``
+    stores 3-D activations channels-last (``torch.channels_last_3d``), which oneDNN's CPU
+    convolutions run faster.
     """
 
     accelerator: str = "auto"
     devices: int | str | list[int] = 1
     strategy: str = "auto"
     num_nodes: int = Field(1, ge=1)
-    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"] = (
-        "32-true"
-    )
+    precision: Literal[
+        "auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"
+    ] = "32-true"
+    channels_last: bool = False
     deterministic: bool | Literal["warn"] = "warn"
     benchmark: bool = False
     gradient_clip_val: float | None = Field(None, gt=0.0)

@@ -24,6 +24,7 @@ from tumorseg.config import apply_overrides
 from tumorseg.data.conventions import get_label_set
 from tumorseg.errors import ConfigError, DataError, first_line
 from tumorseg.params import as_params
+from tumorseg.runtime import resolve_precision
 from tumorseg.training.config import (
     PlanarTrainingConfig,
     TrainingConfig,
@@ -182,6 +183,7 @@ class _Volumes:
             dice_ignore_empty=cfg.train.dice_ignore_empty,
             spacing_mm=cfg.preprocess.target_spacing_mm,
             label_set=get_label_set(cfg.model.label_set),
+            channels_last=cfg.trainer.channels_last and loader.spatial_dims == 3,
         )
         datamodule = SegmentationDataModule(
             records["train"],
@@ -200,7 +202,8 @@ class _Volumes:
         return cfg.mlflow.experiment
 
     def trainer_args(self, cfg: TrainingConfig) -> dict[str, Any]:
-        return cfg.trainer.model_dump(exclude={"num_threads"})
+        args = cfg.trainer.model_dump(exclude={"num_threads", "channels_last"})
+        return {**args, "precision": resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)}
 
     def provenance(self, cfg: TrainingConfig) -> tuple[dict[str, str], dict[str, str]]:
         """MLflow ``(tags, params)``: system info, the data's DVC hash and the git commit."""
@@ -297,9 +300,10 @@ class _Images(_Volumes):
 
     def trainer_args(self, cfg: PlanarTrainingConfig) -> dict[str, Any]:
         """A single-device ``Trainer`` (the 2-D branch has no DDP path)."""
-        shared = {"accelerator", "precision", "deterministic", "gradient_clip_val", "enable_progress_bar"}
+        shared = {"accelerator", "deterministic", "gradient_clip_val", "enable_progress_bar"}
         return {
             **cfg.trainer.model_dump(include=shared),
+            "precision": resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator),
             "devices": 1,
             "log_every_n_steps": min(cfg.trainer.log_every_n_steps, cfg.train.steps_per_epoch),
         }
@@ -587,6 +591,8 @@ def _log_run_provenance(mlflow_logger: Any, cfg: Any, branch: _Volumes) -> None:
 
     mlflow_logger.log_hyperparams(tracking.flatten(cfg.to_dict()))
     tags, params = branch.provenance(cfg)
+    # what `precision: auto` became on this machine, and why (the CPU's bfloat16 support)
+    tags["tumorseg.precision"] = branch.trainer_args(cfg)["precision"]
     for key, value in tags.items():
         mlflow_logger.experiment.set_tag(mlflow_logger.run_id, key, value)
     if params:
