@@ -54,3 +54,12 @@ def test_dvc_repro_planar_branch(tmp_path: Path) -> None:
 
     second = _run([str(BIN / "dvc"), "repro", "promote@2d"], repo)
     assert "Running stage" not in second
+
+    # New data: the champions scored other images, so the gate re-scores them on the challenger's.
+    params["synth_2d"]["seed"] = int(params["synth_2d"]["seed"]) + 1
+    dvc_support.write_params(repo, params)
+    _run([str(BIN / "dvc"), "repro", "promote@2d"], repo)
+    promotion = json.loads((reports / "promotion.json").read_text())
+    for decision in (promotion, *promotion["also"]):
+        assert decision["action"] in ("promoted", "rejected"), decision
+        assert decision["evidence_source"] == "champion re-evaluated on the challenger's test cases", decision

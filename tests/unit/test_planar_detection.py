@@ -120,3 +120,17 @@ def test_area_rule_never_means_smaller_area_more_tumour() -> None:
     assert rule.method == "classifier"
     assert rule.area_coef > 0
     assert rule.validation["area_rule"]["auc"] == pytest.approx(0.0)
+
+
+def test_accuracy_threshold_trades_the_few_negatives_for_the_many_positives() -> None:
+    from tumorseg.models.planar_detection import accuracy_threshold, point_metrics, youden_threshold
+
+    # 8 tumour images, 2 tumour-free; one tumour-free image scores above three tumours
+    probability = np.array([0.05, 0.6, 0.3, 0.4, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    truth = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1, 1], dtype=bool)
+    cut = accuracy_threshold(probability, truth)
+    assert 0.05 < cut < 0.3
+    assert point_metrics(truth, probability, cut)["accuracy"] == 0.9
+    youden = youden_threshold(probability, truth)
+    assert point_metrics(truth, probability, youden)["accuracy"] < 0.9  # balanced, not accurate
+    assert accuracy_threshold(probability, np.ones(10, dtype=bool)) == 0.5

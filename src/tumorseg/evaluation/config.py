@@ -16,12 +16,13 @@ class DetectConfig(Section):
         method: ``auto`` (the better on validation), ``classifier`` (the CNN's tumour probability) or
             ``area_rule`` (the segmentation's predicted tumour area).
         selection_metric: what ``auto`` compares: ``auc`` (ties: accuracy) or ``accuracy``.
-        threshold: ``youden`` (maximises sensitivity + specificity on validation) or ``fixed``.
+        threshold: ``youden`` (maximises sensitivity + specificity on validation), ``accuracy`` (maximises
+            validation accuracy) or ``fixed``.
     """
 
     method: Literal["auto", "classifier", "area_rule"] = "auto"
     selection_metric: Literal["auc", "accuracy"] = "auc"
-    threshold: Literal["youden", "fixed"] = "youden"
+    threshold: Literal["youden", "accuracy", "fixed"] = "youden"
     fixed_threshold: float = Field(0.5, gt=0.0, lt=1.0)
     model_name: str = Field("tumorseg-detect", min_length=1, max_length=256)
 

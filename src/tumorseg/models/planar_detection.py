@@ -75,6 +75,20 @@ def youden_threshold(probability: np.ndarray, truth: np.ndarray) -> float:
     return float(min(max(cut, 1e-6), 1.0))
 
 
+def accuracy_threshold(probability: np.ndarray, truth: np.ndarray) -> float:
+    """The cut maximising accuracy (0.5 if one class only), halfway between the scores it separates, the
+    lowest such cut on ties. Youden's J weighs the classes equally, so a validation split with a handful
+    of tumour-free images sets the cut above all of them, at whatever cost in missed tumours."""
+    truth = np.asarray(truth).astype(bool)
+    if truth.all() or not truth.any():
+        return 0.5
+    probability = np.asarray(probability, dtype=np.float64)
+    scores = np.unique(probability)
+    cuts = np.concatenate([[scores[0] / 2.0], (scores[:-1] + scores[1:]) / 2.0, [(scores[-1] + 1.0) / 2.0]])
+    accuracy = [np.mean((probability >= cut) == truth) for cut in cuts]
+    return float(min(max(cuts[int(np.argmax(accuracy))], 1e-6), 1.0))
+
+
 def point_metrics(truth: np.ndarray, probability: np.ndarray, threshold: float) -> dict[str, float | None]:
     """Accuracy, sensitivity, specificity (None without positives/negatives), ROC AUC (None: one class)."""
     truth = np.asarray(truth).astype(bool)
@@ -116,8 +130,9 @@ def choose_detector(
     for name in CANDIDATES:
         rule = DetectorRule(name, 0.5, coef, intercept)
         probability = rule.probability(classifier_probability, area_px)
+        rules = {"youden": youden_threshold, "accuracy": accuracy_threshold}
         rule.threshold = (
-            youden_threshold(probability, truth) if threshold_rule == "youden" else fixed_threshold
+            rules[threshold_rule](probability, truth) if threshold_rule in rules else fixed_threshold
         )
         candidates[name] = rule
         scores[name] = {**point_metrics(truth, probability, rule.threshold), "threshold": rule.threshold}

@@ -379,6 +379,49 @@ def promote(
     return result
 
 
+PLANAR_SCORES = (["tumour"], ["correct"])
+"""The per-image scores 2-D versions store: the segmenter's Dice, the detector's 0/1 correctness."""
+
+
+def rescore_planar_champion(
+    name: str,
+    version: str,
+    challenger: VersionEvidence,
+    params: Params | dict[str, Any],
+    *,
+    tracking_uri: str,
+    source: str,
+) -> pd.DataFrame:
+    """The 2-D champion (its segmenter and the detector stored with it) scored on the challenger's test
+    images as the 2-D evaluation scores them; DataError when the current split no longer holds them."""
+    params = as_params(params, source)
+    from tumorseg.evaluation.planar_evaluate import _per_case_table, _run_split, reference_digest
+    from tumorseg.registry.loading import load_planar_model
+    from tumorseg.training.config import load_planar_training_config
+    from tumorseg.training.train import planar_split_records
+
+    score = str(challenger.case_dice.columns[0])
+    wanted = set(challenger.case_dice.index)
+    records = planar_split_records(load_planar_training_config(params, source=source), source)
+    chosen = [r for r in records["test"] if r["case_id"] in wanted]
+    same = {r["case_id"] for r in chosen} == wanted and all(
+        challenger.reference_sha256.get(r["case_id"]) == reference_digest(r) for r in chosen
+    )
+    if not same:
+        raise DataError(
+            f"cannot pair the champion (version {version}) with challenger version {challenger.version}: the "
+            "challenger's test images are no longer those of the current 2-D split; rerun `dvc repro` "
+            "to evaluate a challenger on the current data"
+        )
+    model = load_planar_model(f"models:/{name}/{version}", tracking_uri=tracking_uri)
+    test = _run_split(model, chosen)
+    probability = model.detector.probability(test["classes"][:, 0], test["areas"])
+    per_case = _per_case_table(chosen, test, probability, probability >= model.detector.threshold)
+    column = "dice" if score == "tumour" else "correct"
+    rows = per_case.set_index("case_id").loc[sorted(wanted), column].astype(np.float64)
+    return rows.to_frame(score)
+
+
 def promote_planar(
     params: Params | dict[str, Any],
     *,
@@ -445,7 +488,10 @@ def _decide_and_apply(
         log.info(
             "champion %s was scored on other cases; re-evaluating it on the challenger's test cases", champion
         )
-        champion_dice = rescore_champion(name, champion, ours, params, tracking_uri=uri, source=source)
+        rescore = (
+            rescore_planar_champion if list(ours.case_dice.columns) in PLANAR_SCORES else rescore_champion
+        )
+        champion_dice = rescore(name, champion, ours, params, tracking_uri=uri, source=source)
         evidence_source = "champion re-evaluated on the challenger's test cases"
     comparison = compare_versions(ours.case_dice, champion_dice, cfg)
     decision = "promoted" if comparison.promote else "rejected"
