@@ -23,10 +23,9 @@ import zipfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from tumorseg.config import PlanarPreprocessConfig, PreprocessConfig
 from tumorseg.data.case_store import save_case
@@ -64,6 +63,10 @@ __all__ = [
     "restored_label_counts",
 ]
 """The names imported from here, wherever they live (``_reorient``: the tests' name of ``grid.reorient``)."""
+
+
+if TYPE_CHECKING:  # pandas is imported where a table is read or written: predict needs none
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +190,8 @@ def _ok_rows(manifest: pd.DataFrame, src_dir: Path) -> list[dict[str, Any]]:
 
 
 def _write_table(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    import pandas as pd
+
     atomic_write_text(path, pd.DataFrame(rows, columns=columns).to_csv(index=False))
 
 
@@ -353,6 +358,8 @@ def _previous_cases(out_dir: Path) -> set[str]:
     path = out_dir / MANIFEST_NAME
     if not path.is_file():
         return set()
+    import pandas as pd
+
     try:
         previous = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, ValueError):
