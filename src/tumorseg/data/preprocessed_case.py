@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -159,9 +160,9 @@ def _zscore(
     cropped: np.ndarray, brain: np.ndarray, out_dtype: np.dtype, case_id: str
 ) -> tuple[np.ndarray, list[float], list[float]]:
     """Step 4: each channel z-scored on the brain voxels, the background exactly 0; means and stds.
-    The float16 cast is a torch copy: numpy's rounding bit for bit, without its slow scalar loop."""
-    import torch
-
+    The float16 cast is a torch copy when torch is loaded (numpy's rounding bit for bit, without its
+    slow scalar loop); the torch-free ONNX predict path casts with numpy, to the same values."""
+    torch = sys.modules.get("torch")
     normalised = np.empty(cropped.shape, dtype=out_dtype)
     outside = ~brain
     means, stds = [], []
@@ -180,7 +181,10 @@ def _zscore(
             limit = float(np.finfo(np.float16).max)
             np.clip(scored, -limit, limit, out=scored)
         np.copyto(scored, np.float32(0.0), where=outside)
-        torch.from_numpy(normalised[channel]).copy_(torch.from_numpy(scored))
+        if torch is not None:
+            torch.from_numpy(normalised[channel]).copy_(torch.from_numpy(scored))
+        else:
+            normalised[channel] = scored
     return normalised, means, stds
 
 

@@ -30,9 +30,14 @@ import numpy as np
 
 from tumorseg.config import PreprocessConfig, without_retired
 from tumorseg.data.conventions import CANONICAL_MODALITIES, LabelSet, get_label_set
-from tumorseg.data.grid import SourceGrid, crop_box, resize
-from tumorseg.data.layouts import spacing_from_affine
-from tumorseg.data.preprocessed_case import DecodedCase, PreprocessedCase, ras_float32, source_fields
+from tumorseg.data.grid import SourceGrid, resize
+from tumorseg.data.preprocessed_case import (
+    DecodedCase,
+    PreprocessedCase,
+    crop_and_normalise,
+    ras_float32,
+    source_fields,
+)
 from tumorseg.data.transforms import DataLoaderConfig
 from tumorseg.errors import DataError, first_line
 from tumorseg.models.config import PredictConfig, SlidingWindowConfig
@@ -160,27 +165,6 @@ def resize_linear(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _zscore(cropped: np.ndarray, brain: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Each channel of float32 ``(4, x, y, z)`` z-scored on the ``brain`` voxels, 0 outside, cast to the
-    stored ``dtype`` (float16 rounds as torch's copy does: to nearest even); constant channels are 0."""
-    normalised = np.empty(cropped.shape, dtype=dtype)
-    outside = ~brain
-    for channel in range(cropped.shape[0]):
-        values = cropped[channel][brain]
-        mean = float(values.mean(dtype=np.float64))
-        std = float(values.std(dtype=np.float64))
-        if std <= 1e-6 * max(abs(mean), 1.0):
-            normalised[channel] = 0
-            continue
-        scored = (cropped[channel] - np.float32(mean)) * np.float32(1.0 / std)
-        if dtype == np.float16:
-            limit = float(np.finfo(np.float16).max)
-            np.clip(scored, -limit, limit, out=scored)
-        np.copyto(scored, np.float32(0.0), where=outside)
-        normalised[channel] = scored
-    return normalised
-
-
 def preprocess_decoded(decoded: DecodedCase, cfg: PreprocessConfig) -> PreprocessedCase:
     """Steps 1-4 of :mod:`tumorseg.data.preprocess` on a decoded case, without torch; the image and the
     geometry entries that restoring needs equal what ``DecodedCase.preprocess`` gives."""
@@ -201,24 +185,7 @@ def preprocess_decoded(decoded: DecodedCase, cfg: PreprocessConfig) -> Preproces
         [resize_linear(c, shape) if order == 1 else resize(c, shape, order) for c in channels]
     )
     del channels
-    brain = np.any(resampled != 0, axis=0)
-    if not brain.any():
-        raise DataError(f"{source['case_id']}: every modality is zero everywhere; there is no brain to crop")
-    start, stop = crop_box(brain, cfg.crop_margin_vox)
-    crop = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
-    image = _zscore(resampled[(slice(None), *crop)], brain[crop], np.dtype(cfg.storage_dtype))
-    geometry = {
-        "case_id": source["case_id"],
-        "label_convention": source["label_convention"],
-        "source_shape": list(grid.shape),
-        "source_affine": np.asarray(grid.affine, dtype=np.float64).tolist(),
-        "ras_shape": list(grid.ras_shape),
-        "resampled_shape": list(grid.resampled_shape),
-        "resampled_spacing_mm": list(spacing_from_affine(grid.resampled_affine)),
-        "crop_bbox": {"start": start, "stop": stop},
-        "preprocessed_shape": list(image.shape[1:]),
-    }
-    return PreprocessedCase(image, np.zeros(0, np.uint8), brain[crop], geometry)
+    return crop_and_normalise(resampled, grid, source, None, cfg)  # steps 3-4, shared with the torch path
 
 
 # ---------------------------------------------------------------------------- sliding window

@@ -188,6 +188,20 @@ def pairable(challenger: VersionEvidence, champion: VersionEvidence) -> bool:
     )
 
 
+def _require_same_cases(version: str, challenger: VersionEvidence, current: dict[str, str]) -> None:
+    """DataError unless ``current`` (case id -> reference digest, from the current split) holds exactly the
+    challenger's test cases with the same references, so the champion can be scored on them."""
+    same = set(current) == set(challenger.case_dice.index) and all(
+        challenger.reference_sha256.get(case_id) == digest for case_id, digest in current.items()
+    )
+    if not same:
+        raise DataError(
+            f"cannot pair the champion (version {version}) with challenger version {challenger.version}: the "
+            "challenger's test cases are no longer those of the current split and manifest; rerun `dvc repro` "
+            "to evaluate a challenger on the current data"
+        )
+
+
 def rescore_champion(
     name: str,
     version: str,
@@ -208,15 +222,7 @@ def rescore_champion(
     regions = [str(r) for r in challenger.case_dice.columns]
     wanted = set(challenger.case_dice.index)
     cases = [case for case in split_cases(params, source=source) if case.case_id in wanted]
-    same = {c.case_id for c in cases} == wanted and all(
-        challenger.reference_sha256.get(c.case_id) == reference_digest(c) for c in cases
-    )
-    if not same:
-        raise DataError(
-            f"cannot pair the champion (version {version}) with challenger version {challenger.version}: the "
-            "challenger's test cases are no longer those of the current split and manifest; rerun `dvc repro` "
-            "to evaluate a challenger on the current data"
-        )
+    _require_same_cases(version, challenger, {c.case_id: reference_digest(c) for c in cases})
     loaded = load_model(f"models:/{name}/{version}", tracking_uri=tracking_uri)
     settings = PredictConfig.model_validate(loaded.predict_settings or {})
     predictor = SegmentationPredictor(
@@ -404,15 +410,7 @@ def rescore_planar_champion(
     wanted = set(challenger.case_dice.index)
     records = planar_split_records(load_planar_training_config(params, source=source), source)
     chosen = [r for r in records["test"] if r["case_id"] in wanted]
-    same = {r["case_id"] for r in chosen} == wanted and all(
-        challenger.reference_sha256.get(r["case_id"]) == reference_digest(r) for r in chosen
-    )
-    if not same:
-        raise DataError(
-            f"cannot pair the champion (version {version}) with challenger version {challenger.version}: the "
-            "challenger's test images are no longer those of the current 2-D split; rerun `dvc repro` "
-            "to evaluate a challenger on the current data"
-        )
+    _require_same_cases(version, challenger, {r["case_id"]: reference_digest(r) for r in chosen})
     model = load_planar_model(f"models:/{name}/{version}", tracking_uri=tracking_uri)
     test = _run_split(model, chosen)
     probability = model.detector.probability(test["classes"][:, 0], test["areas"])
