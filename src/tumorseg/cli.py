@@ -405,6 +405,9 @@ def _cmd_train(args: argparse.Namespace) -> int | None:
     _arg("--volumes", metavar="CSV", help="also write the per-case region volumes (ml) to this CSV"),
 )
 def _cmd_predict(args: argparse.Namespace) -> int | None:
+    from tumorseg.runtime import import_nibabel_without_pydicom
+
+    import_nibabel_without_pydicom()  # NIfTI in, NIfTI out: 0.1 s less start-up
     from tumorseg.data.readers import IMAGE, input_dims
     from tumorseg.registry.predict import predict_folder
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tumorseg import yamlio
 from tumorseg.errors import ConfigError
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
@@ -133,6 +134,7 @@ class SynthConfig(Section):
     enhancement_gap_max: float = Field(0.4, ge=0.0, le=0.9)
     oedema_fuzziness: float = Field(0.3, ge=0.0, le=0.6)
     contrast_jitter: float = Field(0.15, ge=0.0, le=0.2)
+    net_contrast_min: float = Field(1.0, ge=0.1, le=1.0)
     partial_volume: bool = True
     low_resolution_fraction: float = Field(0.25, ge=0.0, le=1.0)
     artefact_fraction: float = Field(0.25, ge=0.0, le=1.0)
@@ -304,7 +306,7 @@ def read_params(path: str | Path = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
     """Read params.yaml as a plain dict (a missing or malformed file is a ConfigError)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yamlio.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the project root or pass --params") from None
     except yaml.YAMLError as exc:
@@ -337,7 +339,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=0.001")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw)
+    value = yamlio.safe_load(raw)
     if isinstance(value, str):
         # YAML 1.1 reads "1e-3" as text; users mean a number.
         with contextlib.suppress(ValueError):
@@ -401,6 +403,8 @@ class SynthPlanarConfig(Section):
         kaggle_sequences: share of the images per sequence: the Kaggle set mixes T1ce, T2 and FLAIR.
         spacing_mm: voxel size of the 3-D cases the slices are cut from (2 mm: 120 x 120 slices).
         noise_level: Rician noise added at the output resolution, relative to white matter.
+        glioma_non_enhancing_fraction, net_contrast_min: the gliomas' share without enhancement
+            and their non-enhancing tumour's contrast to oedema (``synth:`` keys of the 3-D cases).
     """
 
     figshare_patients: int = Field(12, ge=1)
@@ -420,6 +424,8 @@ class SynthPlanarConfig(Section):
     )
     spacing_mm: float = Field(2.0, ge=1.0, le=4.0)
     noise_level: float = Field(0.02, ge=0.0, le=0.3)
+    glioma_non_enhancing_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    net_contrast_min: float = Field(1.0, ge=0.1, le=1.0)
     seed: int = 42
 
     @model_validator(mode="after")

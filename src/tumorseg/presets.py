@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tumorseg import yamlio
 from tumorseg.config import DEFAULT_PARAMS_FILE, section
 from tumorseg.errors import ConfigError
 
@@ -227,11 +228,10 @@ def _styled_like(new: Any, old: Any) -> Any:
 def _validate(text: str, preset: Preset, params_path: Path) -> None:
     """Validate the sections the preset touches as the stages read them (PyYAML, typed sections), with
     the training config's cross-section inputs; problems elsewhere are for their stage to report."""
-    import yaml
 
     import tumorseg.training.config as training
 
-    params = yaml.safe_load(text)
+    params = yamlio.safe_load(text)
     try:
         for name in sorted(preset.sections):
             section(name, params, source=params_path)

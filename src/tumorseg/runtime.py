@@ -102,3 +102,29 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     if gpu:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if native_bf16_cpu() else "32-true"
+
+
+class _HidePydicom:
+    """A ``sys.meta_path`` finder that makes ``import pydicom`` fail as if it were not installed."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "pydicom" or name.startswith("pydicom."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden while nibabel imports)", name=name)
+
+
+def import_nibabel_without_pydicom() -> None:
+    """Import nibabel with pydicom hidden, unless either is imported already.
+
+    nibabel.nifti1 imports pydicom (which pulls in gdcm and requests) when nibabel is imported, only
+    to parse the DICOM header extensions (code 2) that a few NIfTI files carry; without it such an
+    extension stays raw bytes, as on an install without pydicom. That import is a tenth of a cold
+    ``tumorseg predict`` on a 2-core CPU. ``import pydicom`` works as usual afterwards.
+    """
+    if "nibabel" in sys.modules or "pydicom" in sys.modules:
+        return
+    finder = _HidePydicom()
+    sys.meta_path.insert(0, finder)
+    try:
+        import nibabel  # noqa: F401
+    finally:
+        sys.meta_path.remove(finder)

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from tumorseg import yamlio
 from tumorseg.params import Params, as_params
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
@@ -193,7 +194,7 @@ def data_version(preprocessed_dir: str | Path, dvc_lock: str | Path = "dvc.lock"
 
 def _md5_from_lock(lock: Path, target: Path) -> str | None:
     try:
-        data = yaml.safe_load(lock.read_text()) or {}
+        data = yamlio.safe_load(lock.read_text()) or {}
     except yaml.YAMLError:
         return None
     root = lock.resolve().parent

@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 
 from tumorseg.config import SynthConfig
 from tumorseg.data.conventions import CANONICAL_MODALITIES
-from tumorseg.data.synth import SyntheticCase, synthesize_case
+from tumorseg.data.synth import SyntheticCase, _contrast_table, synthesize_case
 
 FULL_3D = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity: diagonal neighbours touch
 
@@ -141,7 +141,7 @@ def test_fuzzy_oedema_fades_beyond_its_label() -> None:
     def shell_ratio(fuzziness: float) -> float:
         ratios = []
         for i in range(1, 5):
-            case = synthesize_case(i, plain(oedema_fuzziness=fuzziness))
+            case = synthesize_case(i, plain(oedema_fuzziness=fuzziness, contrast_jitter=0.0))
             wt = case.labels > 0
             shell = ndi.binary_dilation(wt, iterations=2) & ~wt & (case.tissue["wm"] > 0.8)
             far = (case.tissue["wm"] > 0.9) & ~ndi.binary_dilation(wt, iterations=8) & case.brain_mask
@@ -159,6 +159,34 @@ def _contrast_to_wm(case: SyntheticCase, modality: str) -> float:
     shares = np.stack([case.tissue[t][healthy] for t in ("gm", "wm", "csf")], axis=1)
     levels, *_ = np.linalg.lstsq(shares, case.images[modality][healthy], rcond=None)
     return float(levels[0] / levels[1])
+
+
+def test_contrast_jitter_shifts_tumour_parts_but_never_swaps_them() -> None:
+    """Per-case tables move the tumour against normal tissue, yet the part orderings that make each
+    label visible hold in every case (FLAIR: NCR < NET < ED; T2: ED < NCR; T1ce: ED < ET; T1: NCR < NET),
+    and non-enhancing tumour stays darker than oedema on all four sequences, by a few per cent in some
+    cases (net_contrast_min) and by 15 % or more in others."""
+    rng = np.random.default_rng(0)
+    tables = [_contrast_table(rng, 0.15, 0.3) for _ in range(300)]
+    pairs = [
+        ("flair", "ncr", "net"),
+        ("flair", "ncr", "ed"),
+        ("t2", "ed", "ncr"),
+        ("t1ce", "ed", "et"),
+        ("t1ce", "net", "et"),
+        ("t1", "ncr", "net"),
+        ("t1", "ncr", "ed"),
+    ]
+    for m, lo, hi in pairs:
+        assert all(t[m][hi] > t[m][lo] * 1.05 for t in tables), (m, lo, hi)
+    gaps = np.array([[np.log(t[m]["ed"] / t[m]["net"]) for m in CANONICAL_MODALITIES] for t in tables])
+    assert gaps.min() > 0.0 and gaps.mean(axis=1).min() < 0.06 and gaps.mean(axis=1).max() > 0.15
+    # the shared factor: oedema brighter than grey matter on FLAIR by 1.1x in some cases, 1.7x in others
+    ed_to_gm = np.array([t["flair"]["ed"] / t["flair"]["gm"] for t in tables])
+    assert ed_to_gm.min() < 1.15 and ed_to_gm.max() > 1.7, (ed_to_gm.min(), ed_to_gm.max())
+    # net_contrast_min 1: the full gap, at least half the base table's
+    full = [_contrast_table(rng, 0.15, 1.0) for _ in range(100)]
+    assert all(t["flair"]["ed"] > t["flair"]["net"] * np.exp(0.14) for t in full)
 
 
 @pytest.mark.parametrize(("jitter", "low", "high"), [(0.0, 0.0, 0.05), (0.1, 0.08, 1.0)])

@@ -64,6 +64,7 @@ def _overrides(root: Path) -> dict[str, Any]:
         "compress.out_dir": str(root / "models" / "compressed"),
         "compress.variants": list(VARIANTS),
         "compress.exporter": "torchscript",
+        "compress.emulated_bf16": "measure",  # the bfloat16 rows are measured on any CPU here
         "compress.pruning.fine_tune_steps": 2,
         "compress.pruning.val_every": 1,
         "compress.quantization.calibration_cases": 1,
@@ -291,3 +292,34 @@ def test_a_bfloat16_edge_is_registered_as_a_program_and_served_by_the_pyfunc(
     )
     assert code == 0, capsys.readouterr().err
     assert (root / "pred_bf16" / f"{case.name}.nii.gz").is_file()
+
+
+def test_emulated_bfloat16_variants_are_built_but_not_measured_by_default(
+    project: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compress.emulated_bf16: skip on a CPU without native bfloat16: the program is built, never
+    scored or timed, the report says why, and the edge is chosen among the others."""
+    from tumorseg.compression import stage
+
+    monkeypatch.setattr(stage, "native_bf16_cpu", lambda: False)
+    root = project["root"]
+    params = apply_overrides(
+        project["params"],
+        {
+            "compress.variants": ["fp32", "onnx_fp32", "bf16"],
+            "compress.emulated_bf16": "skip",
+            "compress.dice_tolerance": 1.0,
+            "compress.register_edge": False,
+            "compress.out_dir": str(root / "models" / "compressed_skip"),
+            "paths.reports": str(root / "reports_skip"),
+        },
+    )
+    result = stage.run_compress_stage(params, tracking_uri=project["uri"])
+    by_name = {r.name: r for r in result.variants}
+    skipped = by_name["bf16"]
+    assert skipped.reason == stage.BF16_NOT_MEASURED and skipped.latency_s is None and not skipped.dice
+    assert not skipped.accepted and (root / "models" / "compressed_skip" / "bf16.pt2").is_file()
+    assert by_name["onnx_fp32"].latency_s and result.edge is not None and result.edge.name == "onnx_fp32"
+    markdown = (root / "reports_skip" / "compression.md").read_text()
+    assert "not measured: " + stage.BF16_NOT_MEASURED in markdown
+    assert "PyTorch emulated" not in markdown

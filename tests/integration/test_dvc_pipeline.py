@@ -16,6 +16,7 @@ ROOT, BIN, _run, dvc_repo = dvc_support.ROOT, dvc_support.BIN, dvc_support.run, 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_dvc_repro_is_reproducible_and_incremental(tmp_path: Path) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["synth"].update({"cases": 6, "spacing_mm": 4.0})

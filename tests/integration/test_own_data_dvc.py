@@ -77,6 +77,7 @@ def _repo(tmp_path: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("layout", ["brats2021", "brats2023", "msd"])
 def test_exp_run_trains_and_registers_from_the_users_folder_only(tmp_path: Path, layout: str) -> None:
     folder = _users_folder(tmp_path, layout)
@@ -109,6 +110,7 @@ def test_exp_run_trains_and_registers_from_the_users_folder_only(tmp_path: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_added_and_removed_cases_are_picked_up_and_force_reproduces(tmp_path: Path) -> None:
     folder = _users_folder(tmp_path, "brats2021", cases=6)
     spare = _users_folder(tmp_path / "more", "brats2021", cases=7)

@@ -30,6 +30,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_dvc_repro_planar_branch(tmp_path: Path) -> None:
     params = apply_overrides(
         yaml.safe_load((ROOT / "params.yaml").read_text()),

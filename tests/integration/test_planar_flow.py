@@ -56,6 +56,7 @@ def _flow_params(tmp: Path) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_planar_flow_end_to_end_then_cached(prefect_server: None, tmp_path: Path) -> None:
     from mlflow import MlflowClient
     from pipelines.planar_flow import planar_flow

@@ -81,6 +81,7 @@ def _champion(params: dict[str, Any]) -> tuple[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_pipeline_smoke_cache_no_new_data_and_failed_run(
     prefect_server: None, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -75,6 +75,7 @@ def _check_study(storage: str, name: str, expected: int, tracking_uri: str) -> o
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_two_worker_processes_share_a_sqlite_study_and_resume(tiny_project: Path) -> None:
     from mlflow import MlflowClient
 
@@ -160,6 +161,7 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.postgres
 def test_two_worker_processes_share_a_postgresql_study(tiny_project: Path, postgres_url: str) -> None:
     from tumorseg.tuning.study import run_study

@@ -149,6 +149,23 @@ def test_small_components_are_removed_as_monai_removes_them() -> None:
         np.testing.assert_array_equal(remove_small_components(labels, min_mm3, (2.0, 2.0, 2.0)), expected)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_small_components_match_monai_on_random_blobs(seed: int) -> None:
+    """Many components of every size, touching by faces, edges and corners only."""
+    from scipy import ndimage
+
+    from tumorseg.models.inference import remove_small_components as monai_remove
+
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=(40, 36, 30)), 1.2)
+    labels = ((field > np.quantile(field, 0.8)) * rng.integers(1, 4, field.shape)).astype(np.uint8)
+    for min_mm3 in (8.0, 100.0, 1000.0):
+        expected = monai_remove(torch.from_numpy(labels)[None, None], min_mm3, (2.0, 2.0, 2.0))[0, 0].numpy()
+        got = remove_small_components(labels, min_mm3, (2.0, 2.0, 2.0))
+        assert 0 < (got > 0).sum() < (labels > 0).sum() or min_mm3 == 1000.0
+        np.testing.assert_array_equal(got, expected)
+
+
 # ---------------------------------------------------------------------------- whole cases
 def write_cases(root: Path) -> Path:
     """Three cases that take every preprocessing branch: resampled (2 and 1.5 mm to 3 mm), reoriented
@@ -214,7 +231,9 @@ def test_engine_choice_falls_back_to_torch_and_onnx_says_why(tmp_path: Path, pac
         onnx_predictor(str(tmp_path / "best.ckpt"), uri, PredictConfig(device="cpu", engine="onnx"))
 
 
-def test_cold_predict_imports_no_torch_monai_lightning_or_mlflow(tmp_path: Path, package: Path) -> None:
+def test_cold_predict_imports_no_torch_monai_lightning_mlflow_pydicom_or_scipy_ndimage(
+    tmp_path: Path, package: Path
+) -> None:
     cases = write_cases(tmp_path / "in")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(tiny_params(tmp_path)))
@@ -223,14 +242,17 @@ def test_cold_predict_imports_no_torch_monai_lightning_or_mlflow(tmp_path: Path,
         "from tumorseg.cli import main\n"
         f"code = main(['predict', {str(cases)!r}, '--model', {str(package)!r}, '--out', {str(tmp_path / 'out')!r},"
         f" '--params', {str(params)!r}])\n"
-        "heavy = sorted(m for m in ('torch', 'monai', 'lightning', 'mlflow') if m in sys.modules)\n"
-        "print('HEAVY', ','.join(heavy))\n"
+        "heavy = ('torch', 'monai', 'lightning', 'mlflow', 'pydicom', 'scipy.ndimage')\n"
+        "print('HEAVY', ','.join(sorted(m for m in heavy if m in sys.modules)))\n"
+        "import pydicom, nibabel.nifti1\n"  # hidden from nibabel only, while it imported
+        "print('LATER', pydicom.Dataset.__name__, nibabel.nifti1.have_dicom)\n"
         "sys.exit(code)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "on onnxruntime" in done.stdout
     assert "HEAVY \n" in done.stdout, done.stdout
+    assert "LATER Dataset False" in done.stdout, done.stdout
     assert len(list((tmp_path / "out").glob("*.nii.gz"))) == 3
 
 

@@ -10,7 +10,6 @@ import base64
 import gzip
 import io
 import re
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from serving_support import case_files, fx, leftover_request_dirs, service_of, zip_bytes
 
+from polling import wait_until
 from tumorseg.data.conventions import get_convention
 from tumorseg.models.predictor import region_volumes_ml
 
@@ -366,18 +366,21 @@ def test_viewer_flow_slices_download_and_ground_truth_dice(make_client, tmp_path
 
 def test_kept_predictions_expire(make_client, tmp_path: Path) -> None:
     case = fx.write_brats_case(tmp_path, "BraTS2021_00004", seed=6)
-    client = make_client(result_ttl_s=0.2)
+    client = make_client(result_ttl_s=2.0)
     result_id = client.post("/predict?format=viewer", files=case_files(case)).json()["result_id"]
     assert client.get(f"/cases/{result_id}").status_code == 200
-    time.sleep(0.4)
+    store = service_of(client).store
+    # len() drops expired results without touching the others (a GET would keep the result alive)
+    wait_until(lambda: len(store) == 0, "the kept result expired (serve.result_ttl_s = 2 s)")
     assert client.get(f"/cases/{result_id}").status_code == 404
 
 
 def test_demo_cases_are_generated_at_start_up_and_scored_against_their_masks(make_client) -> None:
     client = make_client(demo_cases=1, demo_spacing_mm=4.0)
-    deadline = time.monotonic() + 60
-    while not (listing := client.get("/demo").json())["ready"] and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(
+        lambda: client.get("/demo").json()["ready"], "the demo cases are ready", timeout_s=60, every_s=0.2
+    )
+    listing = client.get("/demo").json()
     assert listing["cases"] == ["BraTS2021_00001"] and listing["error"] is None
     summary = client.post("/demo/BraTS2021_00001").json()
     assert set(summary["dice"]) == {"WT", "TC", "ET"}

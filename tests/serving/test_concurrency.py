@@ -7,25 +7,18 @@ the machine's speed.
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from serving_support import GatedNetwork, case_files, fx, leftover_request_dirs, oracle_model, service_of
 
+from polling import wait_until
+
 
 @pytest.fixture(scope="module")
 def small_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fx.write_brats_case(tmp_path_factory.mktemp("cases"), "BraTS2021_00001", seed=2)
-
-
-def wait_until(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
 
 
 def gated_service(make_client, **options: object) -> tuple[threading.Event, GatedNetwork, object, object]:
@@ -47,9 +40,9 @@ def test_several_simultaneous_requests_run_at_most_workers_at_a_time(make_client
             clients.submit(client.post, "/predict?format=json", files=case_files(small_case))
             for _ in range(5)
         ]
-        wait_until(lambda: service.pool.pending == 5)
-        time.sleep(0.2)
-        assert network.active <= 2
+        wait_until(lambda: service.pool.pending == 5, "all five requests are in the pool")
+        wait_until(lambda: network.active == 2, "exactly the two workers are inside a forward pass")
+        assert network.max_active == 2  # three jobs still wait, held back by the pool, not the gate
         gate.set()
         responses = [future.result(timeout=60) for future in futures]
     assert [r.status_code for r in responses] == [200] * 5
@@ -63,7 +56,7 @@ def test_requests_beyond_the_queue_get_503_with_retry_after(make_client, small_c
     gate, network, client, service = gated_service(make_client, workers=1, queue_size=1)
     with ThreadPoolExecutor(max_workers=2) as clients:
         held = [clients.submit(client.post, "/predict", files=case_files(small_case)) for _ in range(2)]
-        wait_until(lambda: service.pool.pending == 2)
+        wait_until(lambda: service.pool.pending == 2, "both requests are in the pool")
         refused = client.post("/predict", files=case_files(small_case))
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "5"
@@ -82,7 +75,7 @@ def test_a_request_over_the_time_limit_gets_504_and_its_files_are_removed(
     )
     with ThreadPoolExecutor(max_workers=2) as clients:
         running = clients.submit(client.post, "/predict", files=case_files(small_case))
-        wait_until(lambda: network.active == 1)
+        wait_until(lambda: network.active == 1, "the first request is inside a forward pass")
         queued = clients.submit(client.post, "/predict", files=case_files(small_case))
         first, second = running.result(timeout=30), queued.result(timeout=30)
     for response in (first, second):
@@ -90,6 +83,6 @@ def test_a_request_over_the_time_limit_gets_504_and_its_files_are_removed(
         assert "serve.request_timeout_s" in response.json()["error"]
     # the queued job was cancelled before it started; the running one finishes and cleans up
     gate.set()
-    wait_until(lambda: service.pool.pending == 0)
+    wait_until(lambda: service.pool.pending == 0, "the running job finished")
     assert leftover_request_dirs(client) == []
     assert network.max_active == 1

@@ -97,6 +97,9 @@ class CompressConfig(Section):
         target_speedup, target_size_ratio: deployment targets (fp32 whole-``predict`` CPU latency,
             and file size, over the edge model's).
         parity_tolerance: largest ONNX Runtime vs PyTorch logit difference accepted for an export.
+        emulated_bf16: ``skip``: the bfloat16 variants are built but not scored or timed on a CPU
+            without native bfloat16 (emulated, they take minutes and their latency says nothing about
+            a CPU that has it); ``measure``: measure them anyway.
     """
 
     model: str | None = None
@@ -117,6 +120,7 @@ class CompressConfig(Section):
     register_edge: bool = True
     alias: str = Field("edge", min_length=1)
     parity_tolerance: float = Field(1e-3, gt=0.0)
+    emulated_bf16: Literal["skip", "measure"] = "skip"
     pruning: PruningConfig = PruningConfig()
     quantization: QuantizationConfig = QuantizationConfig()
     latency: LatencyConfig = LatencyConfig()

@@ -201,7 +201,7 @@ def _precision_lines(results: list[VariantResult]) -> list[str]:
             f"- {r.name}: this CPU has no native bfloat16 (AVX512-BF16, AMX or Arm BF16); PyTorch emulated "
             "it, so its latency here says nothing about a CPU that has it."
             for r in results
-            if r.details.get("native_bfloat16") is False
+            if r.details.get("native_bfloat16") is False and r.latency_s is not None
         ]
     )
 

@@ -31,14 +31,20 @@ from tumorseg.compression.report import (
     publish,
     report_dict,
 )
-from tumorseg.compression.variants import ONNX_SOURCES, VariantBuilder
+from tumorseg.compression.variants import BFLOAT16_SOURCES, ONNX_SOURCES, VariantBuilder
 from tumorseg.config import EvaluateConfig
 from tumorseg.params import Params, as_params
+from tumorseg.runtime import native_bf16_cpu
 
 log = logging.getLogger(__name__)
 
 FP16_NOT_MEASURED = "FP16 runs on GPU (CUDAExecutionProvider); no GPU here, built but not measured"
 """Why ``fp16`` has no Dice or latency where ONNX Runtime has no CUDA provider."""
+BF16_NOT_MEASURED = (
+    "this CPU has no native bfloat16 (AVX512-BF16, AMX or Arm BF16); built but not measured "
+    "(compress.emulated_bf16: skip)"
+)
+"""Why a bfloat16 variant has no Dice or latency on a CPU that would emulate it."""
 
 
 @dataclass
@@ -182,6 +188,9 @@ def _build_and_score(
         results.append(result)
         if name == "fp16" and not cuda_onnxruntime():
             result.reason = FP16_NOT_MEASURED
+            continue
+        if name in BFLOAT16_SOURCES and inputs.cfg.emulated_bf16 == "skip" and not native_bf16_cpu():
+            result.reason = BF16_NOT_MEASURED
             continue
         log.info("compress: scoring %s", name)
         predictors[name] = SegmentationPredictor(

@@ -240,10 +240,10 @@ def build_convention(name: str, table: dict[str, Any], label_sets: dict[str, Lab
 
 @cache
 def _tables() -> tuple[dict[str, LabelSet], dict[str, LabelConvention]]:
-    import yaml
+    from tumorseg import yamlio
 
     text = resources.files("tumorseg.data").joinpath(TABLE_FILE).read_text()
-    data = yaml.safe_load(text)
+    data = yamlio.safe_load(text)
     sets = {name: build_label_set(name, spec) for name, spec in data["label_sets"].items()}
     conventions = {name: build_convention(name, spec, sets) for name, spec in data["conventions"].items()}
     return sets, conventions

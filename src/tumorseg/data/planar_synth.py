@@ -170,12 +170,16 @@ def _tumour_type(seed: int, patient: int, fractions: dict[str, float]) -> str:
 
 
 def _volume_cfg(cfg: SynthPlanarConfig, *, tumour: bool, necrosis: bool) -> SynthConfig:
+    """The 3-D case a patient's (or image's) slices are cut from; only gliomas (``necrosis``) may
+    lack enhancement: meningiomas and pituitary tumours enhance avidly."""
     return SynthConfig(
         cases=1,
         seed=cfg.seed,
         spacing_mm=cfg.spacing_mm,
         tumour_free_fraction=0.0 if tumour else 1.0,
         no_necrosis_fraction=0.25 if necrosis else 1.0,
+        non_enhancing_fraction=cfg.glioma_non_enhancing_fraction if necrosis else 0.0,
+        net_contrast_min=cfg.net_contrast_min,
         anisotropic_fraction=0.0,
         reoriented_fraction=0.0,
     )

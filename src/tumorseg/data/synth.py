@@ -1014,7 +1014,7 @@ def _render(
     voxels = {t: anat.tissue[t].ravel()[flat] for t in TISSUES}
     texture_v = _tissue_texture(rng, shape, flat)
     mix = None if tumour is None else _TumourMix.of(rng, fluid_rng, anat, tumour, flat)
-    table = _contrast_table(vrng, cfg.contrast_jitter)
+    table = _contrast_table(vrng, cfg.contrast_jitter, cfg.net_contrast_min)
     fluids = [] if mix is None else mix.fluids
     fluid_jitter = (
         {m: fluid_rng.uniform(0.97, 1.03, len(fluids)) for m in CANONICAL_MODALITIES} if fluids else {}
@@ -1032,17 +1032,53 @@ def _render(
     return images
 
 
-def _contrast_table(rng: _Rng, jitter: float) -> dict[str, dict[str, np.float32]]:
-    """The case's contrasts: each ratio to WM of :data:`_CONTRAST` times ``exp(U(-j, j))``, with twice
-    ``j`` for the tumour's parts (they vary more between tumours than tissues between brains), so
-    tumour and normal tissue overlap in some cases; WM stays the reference."""
+def _contrast_table(rng: _Rng, jitter: float, net_min: float = 1.0) -> dict[str, dict[str, np.float32]]:
+    """The case's contrasts, ratios to WM (the reference) around :data:`_CONTRAST`.
+
+    Tissues: ``exp(U(-j, j))`` each. Tumour parts: one factor per sequence shared by all parts,
+    ``exp(U(-2j, 2j))`` (whole tumours vary more between patients than tissues between brains, so
+    tumour and normal tissue overlap in some cases), times each part's own ``exp(U(-j/2, j/2))``.
+    The orderings between parts that a reader uses to tell them apart are then kept
+    (:func:`_keep_part_order`): MRI contrasts shift between scanners, they do not swap, and a label
+    is only learnable where what it marks looks different.
+
+    Non-enhancing tumour then keeps a share ``u`` of its (log) contrast to oedema, one ``u`` per case
+    drawn in ``[net_min, 1]``: infiltrative tumour can look almost like oedema on every sequence, a
+    difference of a few per cent that a reader (and a model) must still see.
+    """
+    u = net_min + (1.0 - net_min) * rng.uniform()
     table = {}
     for m in CANONICAL_MODALITIES:
         names = list(_CONTRAST[m])
-        spread = np.array([0.0 if k == "wm" else jitter if k in TISSUES else 2.0 * jitter for k in names])
-        factors = np.exp(rng.uniform(-1.0, 1.0, len(names)) * spread)
-        table[m] = {k: np.float32(_CONTRAST[m][k] * f) for k, f in zip(names, factors, strict=True)}
+        part = np.array([k in _TUMOUR_PARTS for k in names])
+        spread = np.where(part, 0.5 * jitter, jitter) * np.array([k != "wm" for k in names])
+        own = rng.uniform(-1.0, 1.0, len(names)) * spread
+        shared = rng.uniform(-1.0, 1.0) * 2.0 * jitter
+        factors = np.exp(own + np.where(part, shared, 0.0))
+        levels = _keep_part_order(
+            m, {k: float(_CONTRAST[m][k] * f) for k, f in zip(names, factors, strict=True)}
+        )
+        levels["net"] = levels["ed"] * (levels["net"] / levels["ed"]) ** u
+        table[m] = {k: np.float32(v) for k, v in levels.items()}
     return table
+
+
+_ORDER_MIN_GAP = 0.15
+"""Parts whose :data:`_CONTRAST` levels differ by at least this log ratio keep their order."""
+
+
+def _keep_part_order(modality: str, levels: dict[str, float]) -> dict[str, float]:
+    """``levels`` with every pair of tumour parts whose base levels differ by a log ratio of at least
+    :data:`_ORDER_MIN_GAP` kept in order with at least half that gap (the brighter part is raised)."""
+    base = _CONTRAST[modality]
+    out = dict(levels)
+    parts = sorted(_TUMOUR_PARTS, key=lambda k: base[k])
+    for i, hi in enumerate(parts):
+        for lo in parts[:i]:
+            gap = float(np.log(base[hi] / base[lo]))
+            if gap >= _ORDER_MIN_GAP:
+                out[hi] = max(out[hi], out[lo] * float(np.exp(0.5 * gap)))
+    return out
 
 
 def _tissue_texture(rng: _Rng, shape: tuple[int, ...], flat: np.ndarray) -> np.ndarray:

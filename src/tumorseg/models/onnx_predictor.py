@@ -276,14 +276,15 @@ def remove_small_components(
     """Zero the 26-connected whole-tumour components of ``labels`` ``(X, Y, Z)`` of at most
     ``ceil(min_volume_mm3 / voxel volume)`` voxels, as the torch path's MONAI ``RemoveSmallObjects``
     does with scikit-image 0.26 (MONAI passes the size positionally, which scikit-image now reads as
-    its inclusive ``max_size``); 0 or no tumour returns ``labels``."""
+    its inclusive ``max_size``); 0 or no tumour returns ``labels``. The components come from cc3d
+    (connected-components-3d, 20 ms to import against scipy.ndimage's 120 ms of a cold start)."""
     tumour = labels > 0
     if min_volume_mm3 <= 0 or tumour.all() or not tumour.any():
         return labels
-    from scipy import ndimage
+    import cc3d
 
     min_voxels = np.ceil(min_volume_mm3 / np.prod(np.array(spacing_mm, dtype=np.float64)))
-    components, _ = ndimage.label(tumour, structure=np.ones((3, 3, 3), dtype=bool))
+    components = cc3d.connected_components(tumour, connectivity=26 if tumour.ndim == 3 else 8)
     keep = np.bincount(components.ravel()) > min_voxels
     keep[0] = False
     return labels * keep[components].astype(labels.dtype)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from tumorseg import yamlio
 from tumorseg.config import without_retired
 from tumorseg.errors import DataError
 
@@ -226,7 +227,7 @@ def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any,
                 raise DataError(
                     f"{uri}: the PyTorch model's run {meta.run_id} has no readable config.yaml ({type(exc).__name__})"
                 ) from None
-            config = yaml.safe_load(Path(config_file).read_text())
+            config = yamlio.safe_load(Path(config_file).read_text())
         network = mlflow.pytorch.load_model(str(folder), map_location="cpu").eval()
         # a model registered before a key was retired still loads
         config = {k: without_retired(k, v) if isinstance(v, dict) else v for k, v in config.items()}
@@ -311,7 +312,7 @@ def model_artifacts(folder: Path) -> dict[str, Path] | None:
     """The pyfunc artifacts of an MLflow model folder by key, read from its ``MLmodel`` (YAML) without
     MLflow; None when it has none."""
     try:
-        meta = yaml.safe_load((folder / "MLmodel").read_text())
+        meta = yamlio.safe_load((folder / "MLmodel").read_text())
         artifacts = meta["flavors"]["python_function"]["artifacts"]
         return {key: folder / entry["path"] for key, entry in artifacts.items()}
     except (OSError, yaml.YAMLError, KeyError, TypeError):

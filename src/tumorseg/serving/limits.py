@@ -86,7 +86,7 @@ class RequestLimits:
             await asyncio.wait_for(self.app(scope, limited_receive, tracked_send), self.timeout_s)
         except _BodyTooLarge:
             pass
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if not state["started"]:
                 message = (
                     f"request: not finished within {self.timeout_s:g} s (serve.request_timeout_s); "

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tumorseg import yamlio
 from tumorseg.data.readers import IMAGE, input_dims
 from tumorseg.errors import DataError, TumorsegError, first_line
 from tumorseg.params import Params, as_params
@@ -106,7 +107,7 @@ def _registered_meta(folder: Path) -> dict[str, Any]:
 
     meta = folder / "registered_model_meta"
     try:
-        data = yaml.safe_load(meta.read_text()) if meta.is_file() else None
+        data = yamlio.safe_load(meta.read_text()) if meta.is_file() else None
     except (OSError, yaml.YAMLError):
         return {}
     return data if isinstance(data, dict) else {}

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from tumorseg import yamlio
 from tumorseg.config import apply_overrides
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.errors import ConfigError
@@ -31,7 +32,7 @@ def read_best_params(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yamlio.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{path}: not valid YAML; rerun `tumorseg tune` or delete the file") from None
     if not isinstance(data, dict):
