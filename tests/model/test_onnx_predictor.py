@@ -9,6 +9,7 @@ thresholds, nesting and small-component removal better than an oracle would.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -310,7 +311,7 @@ def test_a_cached_registered_version_is_found_without_mlflow(
 
     uri = mlflow_like_store(tmp_path / "mlflow.db", [("m", 4, "READY")], [("m", "champion", 4)])
     monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "cache"))
-    folder = cache_folder(uri, "m", "4")
+    folder = cache_folder(uri, "m", "4", "run4")
     (folder / "artifacts").mkdir(parents=True)
     artifacts = {}
     for key, name in (("config", "config.json"), ("weights", "weights.pt"), (ONNX_ARTIFACT, "network.onnx")):
@@ -322,3 +323,27 @@ def test_a_cached_registered_version_is_found_without_mlflow(
     files = model_files("models:/m@champion", tracking_uri=uri)
     assert files is not None and files.description == "models:/m@champion (version 4, run run4)"
     assert files.artifacts[ONNX_ARTIFACT] == folder / "artifacts" / "network.onnx"
+    # The store rebuilt at the same place: its version 4 is another run's model, downloaded anew (here
+    # a stand-in for MLflow's download) instead of served from the cache.
+    import mlflow
+
+    from tumorseg.registry import loading
+
+    with sqlite3.connect(tmp_path / "mlflow.db") as connection:
+        connection.execute("UPDATE model_versions SET run_id = 'other' WHERE version = 4")
+    downloads = []
+
+    def download(tracking_uri: str, name: str, version: str, run_id: str, client: object) -> Path:
+        downloads.append((name, version, run_id))
+        fresh = cache_folder(tracking_uri, name, version, run_id)
+        shutil.copytree(folder, fresh)
+        return fresh
+
+    monkeypatch.setattr(mlflow, "MlflowClient", lambda *args, **kwargs: None)
+    monkeypatch.setattr(loading, "cached_version", download)
+    files = model_files("models:/m@champion", tracking_uri=uri)
+    assert downloads == [("m", "4", "other")] and files is not None
+    assert files.description == "models:/m@champion (version 4, run other)"
+    assert (
+        files.artifacts[ONNX_ARTIFACT] == cache_folder(uri, "m", "4", "other") / "artifacts" / "network.onnx"
+    )

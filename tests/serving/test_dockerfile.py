@@ -190,10 +190,11 @@ def test_copy_sources_and_base_image_args_exist() -> None:
 
 def test_the_viewer_files_are_package_data() -> None:
     import fnmatch
+    import tomllib
 
-    # tomllib is Python 3.11+ (the project supports 3.10): read the one line of the table
-    table = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]", 1)[1]
-    globs = ast.literal_eval(re.search(r"^tumorseg = (\[.*\])$", table, re.M)[1])
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "tumorseg"
+    ]
     package = ROOT / "src" / "tumorseg"
     static = sorted(
         p.relative_to(package).as_posix() for p in (package / "serving" / "static").rglob("*") if p.is_file()

@@ -118,7 +118,7 @@ def downloaded_model(
             version = str(found.version)
             description = f"{uri} (version {version}, run {found.run_id})"
             try:
-                cached = cached_version(tracking_uri, name, version, client)
+                cached = cached_version(tracking_uri, name, version, found.run_id or "", client)
             except OSError:  # no writable cache folder (a read-only home): download as without one
                 cached = None
             if cached is not None:
@@ -156,23 +156,27 @@ def model_cache_root() -> Path | None:
     return Path(base) / "tumorseg" / "models"
 
 
-def cache_folder(tracking_uri: str, name: str, version: str) -> Path | None:
-    """Where version ``name/version`` of the store ``tracking_uri`` is cached (None: no cache)."""
+def cache_folder(tracking_uri: str, name: str, version: str, run_id: str) -> Path | None:
+    """Where version ``name/version`` of the store ``tracking_uri``, logged by run ``run_id``, is cached
+    (None: no cache). The run id is part of the key: a store deleted and rebuilt at the same place
+    numbers its versions from 1 again, and its version 1 is another model."""
     import hashlib
 
     root = model_cache_root()
     if root is None:
         return None
-    return root / hashlib.sha256(tracking_uri.encode()).hexdigest()[:16] / name / version
+    store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    return root / store / name / f"{version}-{run_id or 'norun'}"
 
 
-def cached_version(tracking_uri: str, name: str, version: str, client: Any) -> Path | None:
-    """The local copy of model version ``name/version`` of the store ``tracking_uri``, downloaded on
-    first use. A registered version's artifacts never change, so the copy stays valid; it is written
-    beside its final place and renamed in, so an interrupted download is never taken for a model."""
+def cached_version(tracking_uri: str, name: str, version: str, run_id: str, client: Any) -> Path | None:
+    """The local copy of model version ``name/version`` (of run ``run_id``) of the store
+    ``tracking_uri``, downloaded on first use. A registered version's artifacts never change, so the
+    copy stays valid; it is written beside its final place and renamed in, so an interrupted download
+    is never taken for a model."""
     import mlflow
 
-    folder = cache_folder(tracking_uri, name, version)
+    folder = cache_folder(tracking_uri, name, version, run_id)
     if folder is None:
         return None
     if (folder / "MLmodel").is_file():
@@ -354,7 +358,7 @@ def model_files(uri: str, *, tracking_uri: str) -> ModelFiles | None:
     resolved = resolve_in_sqlite(uri, tracking_uri)
     if resolved is None:
         return None
-    folder = cache_folder(tracking_uri, resolved.name, resolved.version)
+    folder = cache_folder(tracking_uri, resolved.name, resolved.version, resolved.run_id)
     if folder is None:
         return None
     if not (folder / "MLmodel").is_file():
@@ -363,7 +367,7 @@ def model_files(uri: str, *, tracking_uri: str) -> ModelFiles | None:
         prepare_mlflow()
         client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
         try:
-            cached_version(tracking_uri, resolved.name, resolved.version, client)
+            cached_version(tracking_uri, resolved.name, resolved.version, resolved.run_id, client)
         except Exception:  # noqa: BLE001 - load_model repeats the download and names its error
             return None
     artifacts = model_artifacts(folder)
