@@ -47,8 +47,9 @@ def _overrides(root: Path) -> dict[str, Any]:
         "synth.tumour_free_fraction": 0.0,
         "preprocess.target_spacing_mm": [4.0, 4.0, 4.0],
         "train.out_dir": str(root / "models"),
-        "train.max_epochs": 1,
-        "train.steps_per_epoch": 3,
+        "train.max_epochs": 8,  # enough for a model that segments (the Dice gate needs Dice to lose)
+        "train.steps_per_epoch": 25,
+        "train.lr": 0.01,
         "train.warmup_epochs": 0,
         "train.score_test": False,
         "data_loader.patch_size": [16, 16, 16],
@@ -323,3 +324,46 @@ def test_emulated_bfloat16_variants_are_built_but_not_measured_by_default(
     markdown = (root / "reports_skip" / "compression.md").read_text()
     assert "not measured: " + stage.BF16_NOT_MEASURED in markdown
     assert "PyTorch emulated" not in markdown
+
+
+def test_the_dice_gate_rejects_a_damaged_variant_on_the_trained_model(
+    project: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The real gate (tolerance 0.01, not 1.0): 95 % of the weights zeroed without a fine-tune costs
+    the trained model far more Dice than that, so the variant is rejected, no edge is registered and
+    the fp32 champion stays where it was."""
+    root, uri = project["root"], project["uri"]
+    before = _registry_state(uri)
+    code = main(
+        [
+            "compress",
+            "--params",
+            str(project["params_file"]),
+            "-S",
+            f"mlflow.tracking_uri={uri}",
+            "-S",
+            "mlflow.enabled=true",
+            "-S",
+            "compress.variants=[fp32, pruned_unstructured]",
+            "-S",
+            "compress.pruning.unstructured_amount=0.95",
+            "-S",
+            "compress.pruning.unstructured_fine_tune_steps=0",
+            "-S",
+            "compress.dice_tolerance=0.01",
+            "-S",
+            f"compress.out_dir={root / 'models' / 'compressed_gate'}",
+            "-S",
+            f"paths.reports={root / 'reports_gate'}",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((root / "reports_gate" / "compression.json").read_text())
+    by_name = {v["name"]: v for v in report["variants"]}
+    assert by_name["fp32"]["dice"]["mean"] > 0.2  # a model that segments: there is Dice to lose
+    damaged = by_name["pruned_unstructured"]
+    assert damaged["dice_drop"] > 0.01 and damaged["accepted"] is False
+    assert report["edge"] is None
+    after = _registry_state(uri)
+    assert after["aliases"] == before["aliases"]  # champion unchanged, no edge moved or added
+    assert "No variant passed the gate" in (root / "reports_gate" / "compression.md").read_text()
