@@ -126,6 +126,63 @@ def ensure_experiment(tracking_uri: str, experiment: str) -> str:
     )
 
 
+PROCESS_TAGS = ("tumorseg.host", "tumorseg.pid", "tumorseg.process_started")
+"""Run tags naming the process that logs to a run (:func:`tag_process`), read by :func:`fail_orphaned_runs`."""
+ORPHAN_TAG = "tumorseg.end_reason"
+
+
+def _this_process() -> dict[str, str]:
+    import psutil
+
+    me = psutil.Process()
+    return dict(zip(PROCESS_TAGS, (platform.node(), str(me.pid), f"{me.create_time():.3f}"), strict=True))
+
+
+def tag_process(client: Any, run_id: str) -> None:
+    """Record this process (host, pid, start time) on ``run_id``: if it dies without ending the run (a
+    SIGKILL, an OOM kill, a pre-empted node), :func:`fail_orphaned_runs` can tell the run is orphaned."""
+    for key, value in _this_process().items():
+        client.set_tag(run_id, key, value)
+
+
+def _alive(pid: str, started: str) -> bool:
+    """Whether process ``pid`` still runs and is the one that started at ``started`` (pids are reused)."""
+    import psutil
+
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 1.0
+    except (psutil.Error, ValueError):
+        return False
+
+
+def fail_orphaned_runs(tracking_uri: str, experiment: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of ``experiment`` whose process (:func:`tag_process`) ran on this
+    host and no longer exists, with tag ``tumorseg.end_reason``; returns their ids. Runs from other
+    hosts, or without the tags, are left alone: nothing here can tell whether they still run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    host = platform.node()
+    failed = []
+    for run in client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get(PROCESS_TAGS[0]) != host or PROCESS_TAGS[1] not in tags:
+            continue
+        if _alive(tags[PROCESS_TAGS[1]], tags.get(PROCESS_TAGS[2], "0")):
+            continue
+        client.set_tag(
+            run.info.run_id,
+            ORPHAN_TAG,
+            f"process {tags[PROCESS_TAGS[1]]} on {host} ended without ending the run",
+        )
+        client.set_terminated(run.info.run_id, status="FAILED")
+        failed.append(run.info.run_id)
+    return failed
+
+
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}`` (lists kept as values)."""
     flat: dict[str, Any] = {}

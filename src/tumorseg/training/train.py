@@ -429,6 +429,12 @@ def _loggers(
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
     if _is_rank_zero():
         tracking.ensure_experiment(uri, experiment)
+        for run_id in tracking.fail_orphaned_runs(
+            uri, experiment
+        ):  # killed runs: FAILED, not RUNNING forever
+            log.warning(
+                "MLflow run %s was left running by a process that no longer exists: marked FAILED", run_id
+            )
     mlflow_logger = MLFlowLogger(
         experiment_name=experiment,
         run_name=cfg.mlflow.run_name,
@@ -437,6 +443,10 @@ def _loggers(
         artifact_location=tracking.experiment_artifact_location(uri, experiment),
     )
     module.mlflow_run_id = mlflow_logger.run_id  # creates the run here, before any DDP spawn
+    if _is_rank_zero():
+        if ckpt_path:  # the killed run it resumes was marked FAILED above: it runs again
+            mlflow_logger.experiment.update_run(mlflow_logger.run_id, status="RUNNING")
+        tracking.tag_process(mlflow_logger.experiment, mlflow_logger.run_id)
     return [*loggers, mlflow_logger], mlflow_logger, uri
 
 
