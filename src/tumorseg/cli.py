@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from tumorseg.config import DATASET_LAYOUTS as LAYOUT_NAMES
 from tumorseg.data.conventions import LABEL_CONVENTIONS
-from tumorseg.errors import TumorsegError
+from tumorseg.errors import TumorsegError, disk_full, is_disk_full
 
 if TYPE_CHECKING:
     from tumorseg.params import Params
@@ -761,6 +761,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except TumorsegError as exc:
         print(f"tumorseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        where = exc.filename or "the output folder"
+        print(f"tumorseg {args.command}: error: {disk_full(where)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tumorseg {args.command}: interrupted", file=sys.stderr)

@@ -20,3 +20,17 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when empty), for one-line errors."""
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:limit]
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed for lack of space (no space left, or over quota)."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in {errno.ENOSPC, getattr(errno, "EDQUOT", 122)}
+
+
+def disk_full(path: object) -> DataError:
+    """The one-line error for a write to ``path`` that ran out of space."""
+    return DataError(
+        f"{path}: no space left on the device while writing it; free space there or write elsewhere"
+    )

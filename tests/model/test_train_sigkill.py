@@ -1,6 +1,7 @@
-"""A real SIGKILL during ``tumorseg train`` (an OOM kill, a pre-empted node): ``last.ckpt`` is always a
-whole checkpoint, the MLflow run the dead process left RUNNING is marked FAILED on the next start,
-and ``--resume`` continues from the last checkpoint to the same end, in the same MLflow run."""
+"""Faults during ``tumorseg train``. A real SIGKILL (an OOM kill, a pre-empted node): ``last.ckpt`` is
+always a whole checkpoint, the MLflow run the dead process left RUNNING is marked FAILED on the next
+start, and ``--resume`` continues from the last checkpoint to the same end, in the same MLflow run.
+A full disk while checkpointing: one line naming the checkpoint folder, no half-written checkpoint."""
 
 from __future__ import annotations
 
@@ -131,3 +132,25 @@ def test_a_run_whose_process_is_alive_or_elsewhere_is_not_touched(tmp_path: Path
     status = {r: client.get_run(r).info.status for r in (mine, elsewhere, untagged, reused)}
     assert status == {mine: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING", reused: "FAILED"}
     assert tracking.fail_orphaned_runs(uri, "missing experiment") == []
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_checkpoint(
+    tiny_dataset: Path, real_params: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from lightning.fabric.plugins.io import torch_io
+
+    from tumorseg.errors import DataError
+    from tumorseg.training.train import train
+
+    def full(checkpoint: object, path: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", full)  # what Lightning writes checkpoints with
+    with pytest.raises(DataError) as caught:
+        train(real_params, overrides=tiny_overrides(tiny_dataset))
+    message = str(caught.value)
+    assert "\n" not in message and "no space left on the device" in message
+    assert message.startswith(str(tiny_dataset / "models" / "checkpoints"))
+    assert not list((tiny_dataset / "models" / "checkpoints").glob("*.ckpt"))

@@ -483,6 +483,33 @@ def test_an_interrupted_write_leaves_no_half_file(
     assert preprocess_dataset(manifest_dir, out, PreprocessConfig()).processed == 3
 
 
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written(
+    ingested: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    _, manifest_dir = ingested
+    out = tmp_path / "pre"
+    assert preprocess_dataset(manifest_dir, out, PreprocessConfig(workers=1)).processed == 3
+    before = {p.name: p.read_bytes() for p in (out / "cases").iterdir()}
+    index = (out / "index.csv").read_bytes()
+
+    def disk_fills_up(fh, **arrays) -> None:
+        fh.write(b"PK\x03\x04 the first blocks")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_fills_up)
+    with pytest.raises(DataError) as caught:  # a rerun with other settings rewrites every case
+        preprocess_dataset(manifest_dir, out, PreprocessConfig(workers=1, crop_margin_vox=3))
+    message = str(caught.value)
+    assert "\n" not in message and "no space left on the device" in message
+    assert message.startswith(str(out / "cases")) and ".npz" in message.split(":")[0]
+    # the cases and index of the run before are there, whole; no temporary file is left
+    assert {p.name: p.read_bytes() for p in (out / "cases").iterdir()} == before
+    assert (out / "index.csv").read_bytes() == index
+    assert not [p for p in out.rglob(".*") if p.is_file()]
+
+
 def test_a_manifest_from_elsewhere_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "manifest.csv").write_text(
         "case_id,patient_id,layout,label_convention,status,reason\na,a,msd,msd,ok,\n"

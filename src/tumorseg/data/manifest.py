@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tumorseg.data.conventions import CANONICAL_MODALITIES
+from tumorseg.errors import disk_full, is_disk_full
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -83,7 +84,8 @@ def write_manifest(df: pd.DataFrame, folder: str | Path) -> Path:
 @contextmanager
 def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary file beside ``path``, renamed onto it when the block ends without error (else
-    removed): readers see the old file or the whole new one, never half."""
+    removed): readers see the old file or the whole new one, never half. A full disk (ENOSPC, EDQUOT)
+    becomes a one-line :class:`~tumorseg.errors.DataError` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
@@ -92,8 +94,10 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):  # a full disk: one line naming the file, not a traceback
+            raise disk_full(path) from None
         raise
 
 

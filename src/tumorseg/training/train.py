@@ -22,7 +22,7 @@ import yaml
 
 from tumorseg.config import apply_overrides
 from tumorseg.data.conventions import get_label_set
-from tumorseg.errors import ConfigError, DataError, first_line
+from tumorseg.errors import ConfigError, DataError, disk_full, first_line, is_disk_full
 from tumorseg.params import as_params
 from tumorseg.runtime import resolve_precision
 from tumorseg.training.config import (
@@ -479,7 +479,12 @@ def _make_trainer(
 def _fit(trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None, result: TrainResult) -> None:
     """``Trainer.fit`` (resuming from ``ckpt_path``); ``result`` gets what this process saw of it."""
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except OSError as exc:  # a checkpoint or log write on a full disk: the checkpoint folder is named
+        if is_disk_full(exc):
+            raise disk_full(exc.filename or result.out_dir / CHECKPOINT_DIR) from None
+        raise
     result.train_time_s = time.perf_counter() - started
     best, last = (result.out_dir / CHECKPOINT_DIR / f"{name}.ckpt" for name in ("best", "last"))
     result.best_checkpoint = best if best.is_file() else None
