@@ -99,6 +99,69 @@ def test_two_worker_processes_share_a_sqlite_study_and_resume(tiny_project: Path
     _check_study(storage, "test", 5, tracking)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_killed_workers_trial_is_failed_and_retried_once(tiny_project: Path, tmp_path: Path) -> None:
+    """A worker SIGKILLed mid-trial stops sending heartbeats; the next worker fails that trial after
+    ``tune.grace_s`` and runs it again once (the same parameters), and the dead trial's MLflow run
+    does not stay RUNNING."""
+    import signal
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    from polling import wait_until
+    from tumorseg.tuning.study import run_study
+
+    params = yaml.safe_load(tiny_project.read_text())
+    storage = f"sqlite:///{tmp_path / 'killed.db'}"
+    params["tune"].update(
+        {
+            "study_name": "killed",
+            "storage": storage,
+            "heartbeat_s": 1,
+            "grace_s": 3,
+            # long enough to be killed mid-trial
+            "trial_overrides": {"train.max_epochs": 2, "train.steps_per_epoch": 60},
+        }
+    )
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "tumorseg.cli", "tune", "--params", str(path), "--n-trials", "1"]
+    worker = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+
+    def running() -> list[optuna.trial.FrozenTrial]:
+        try:
+            trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
+        except KeyError:  # the study is not created yet
+            return []
+        return [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+
+    wait_until(lambda: bool(running()), "a running trial with its MLflow run", 300)
+    time.sleep(2.0)  # into the training
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and anything it started: no heartbeat, no cleanup
+    worker.wait(timeout=60)
+    killed = optuna.load_study(study_name="killed", storage=storage).get_trials()
+    assert [t.state for t in killed] == [TrialState.RUNNING]
+    time.sleep(params["tune"]["grace_s"] + 1)  # the heartbeat is now stale
+
+    resumed = run_study(read_params(path), source=str(path), n_trials=1)
+    assert resumed.trials_run == 1
+    trials = optuna.load_study(study_name="killed", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    retry = trials[1]
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == 0
+    assert retry.params == trials[0].params
+    client = MlflowClient(params["mlflow"]["tracking_uri"])
+    assert client.get_run(trials[0].user_attrs["mlflow_run_id"]).info.status != "RUNNING"
+    assert client.get_run(retry.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
 # ---------------------------------------------------------------------------- PostgreSQL
 def _free_port() -> int:
     with socket.socket() as sock:
