@@ -3,6 +3,8 @@ else escaping is a bug in tumorseg."""
 
 from __future__ import annotations
 
+import errno
+
 
 class TumorsegError(Exception):
     """A user-facing error: the message names the file or key and what to do."""
@@ -24,8 +26,6 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 def is_disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` is a write that failed for lack of space (no space left, or over quota)."""
-    import errno
-
     return isinstance(exc, OSError) and exc.errno in {errno.ENOSPC, getattr(errno, "EDQUOT", 122)}
 
 

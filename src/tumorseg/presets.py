@@ -228,7 +228,6 @@ def _styled_like(new: Any, old: Any) -> Any:
 def _validate(text: str, preset: Preset, params_path: Path) -> None:
     """Validate the sections the preset touches as the stages read them (PyYAML, typed sections), with
     the training config's cross-section inputs; problems elsewhere are for their stage to report."""
-
     import tumorseg.training.config as training
 
     params = yamlio.safe_load(text)

@@ -3,6 +3,7 @@ any command, and a training run's checkpoint write names the checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from pathlib import Path
 
@@ -37,6 +38,12 @@ def test_an_atomic_write_on_a_full_disk_names_the_file_and_leaves_the_old_one(
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
+def _replace_handler(monkeypatch: pytest.MonkeyPatch, name: str, handler: object) -> None:
+    """Command ``name`` runs ``handler`` (the parser is built from :data:`cli.COMMANDS` on each call)."""
+    commands = [dataclasses.replace(c, handler=handler) if c.name == name else c for c in cli.COMMANDS]
+    monkeypatch.setattr(cli, "COMMANDS", commands)
+
+
 @pytest.mark.parametrize("filename", ["/data/out/case.nii.gz", None])
 def test_any_command_on_a_full_disk_is_one_line_with_exit_code_2(
     filename: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -44,10 +51,7 @@ def test_any_command_on_a_full_disk_is_one_line_with_exit_code_2(
     def writes_on_a_full_disk(args: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device", filename)
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    for action in parser._subparsers._group_actions:  # noqa: SLF001 - the subcommand table
-        action.choices["split"].set_defaults(handler=writes_on_a_full_disk)
+    _replace_handler(monkeypatch, "split", writes_on_a_full_disk)
     assert cli.main(["split"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("tumorseg split: error: ")
@@ -58,9 +62,6 @@ def test_other_os_errors_are_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> N
     def fails(args: object) -> int:
         raise OSError(errno.EIO, "Input/output error")
 
-    parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
-    for action in parser._subparsers._group_actions:  # noqa: SLF001
-        action.choices["split"].set_defaults(handler=fails)
+    _replace_handler(monkeypatch, "split", fails)
     with pytest.raises(OSError, match="Input/output error"):
         cli.main(["split"])

@@ -284,7 +284,7 @@ def remove_small_components(
     import cc3d
 
     min_voxels = np.ceil(min_volume_mm3 / np.prod(np.array(spacing_mm, dtype=np.float64)))
-    components = cc3d.connected_components(tumour, connectivity=26 if tumour.ndim == 3 else 8)
+    components = cc3d.connected_components(tumour, connectivity=26)
     keep = np.bincount(components.ravel()) > min_voxels
     keep[0] = False
     return labels * keep[components].astype(labels.dtype)

@@ -429,9 +429,8 @@ def _loggers(
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
     if _is_rank_zero():
         tracking.ensure_experiment(uri, experiment)
-        for run_id in tracking.fail_orphaned_runs(
-            uri, experiment
-        ):  # killed runs: FAILED, not RUNNING forever
+        # runs of killed processes: FAILED, not RUNNING forever
+        for run_id in tracking.fail_orphaned_runs(uri, experiment):
             log.warning(
                 "MLflow run %s was left running by a process that no longer exists: marked FAILED", run_id
             )
