@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(abspath .prefect)
 export PREFECT_SERVER_ALLOW_EPHEMERAL_MODE ?= true
 export MPLBACKEND ?= Agg
 
-.PHONY: venv run test test-fast bench lint format clean
+.PHONY: venv run test test-fast reliability bench lint format clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ test: venv $(VENV)/.test-installed
 
 test-fast: venv $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The README's reliability tables: the whole suite, recording the crash-consistency harness's kill
+# points and every distinct one-line error (bad input) per command: reports/reliability.{json,md}.
+reliability: venv $(VENV)/.test-installed
+	$(BIN)/python -m pytest -q --reliability-out reports/reliability.json
 
 # Benchmarks need the trained champion: `dvc repro` first (a no-op when up to date).
 bench: run

@@ -58,3 +58,74 @@ def _model_cache_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory)
         os.environ.pop(MODEL_CACHE_ENV, None)
     else:
         os.environ[MODEL_CACHE_ENV] = before
+
+
+# ---------------------------------------------------------------------------- the reliability table
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-out",
+        metavar="FILE",
+        help="write the README's reliability figures to FILE (JSON): the crash-consistency harness's kill "
+        "points and reruns, and the distinct one-line errors (bad inputs) each command gave in this run",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import os
+    import tempfile
+
+    if config.getoption("--reliability-out", None):
+        folder = tempfile.mkdtemp(prefix="tumorseg-reliability-")
+        os.environ["TUMORSEG_ERROR_LOG"] = os.path.join(folder, "errors.jsonl")
+        os.environ["TUMORSEG_RELIABILITY_OUT"] = os.path.join(folder, "crash.json")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    out = session.config.getoption("--reliability-out", None)
+    if not out:
+        return
+    errors = Path(os.environ["TUMORSEG_ERROR_LOG"])
+    crash = Path(os.environ["TUMORSEG_RELIABILITY_OUT"])
+    distinct: dict[str, set[str]] = {}
+    for line in errors.read_text().splitlines() if errors.is_file() else []:
+        record = json.loads(line)
+        distinct.setdefault(record["command"], set()).add(record["error"])
+    report = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "crash_consistency": json.loads(crash.read_text()) if crash.is_file() else None,
+        "bad_inputs": {command: len(messages) for command, messages in sorted(distinct.items())},
+    }
+    Path(out).write_text(json.dumps(report, indent=1) + "\n")
+    Path(out).with_suffix(".md").write_text(_reliability_markdown(report))
+
+
+def _reliability_markdown(report: dict) -> str:
+    """The README's two reliability tables from the JSON report."""
+    lines = []
+    crash = report["crash_consistency"]
+    if crash:
+        lines += [
+            "| Stage | Write points | Kills (SIGKILL to the process group) | Rerun identical | Lost |",
+            "|---|---:|---|---|---|",
+        ]
+        for stage in crash:
+            kills = "; ".join(
+                f"{k['kill']}: {k['at'].rsplit('/', 1)[-1]}"
+                + (f" ({k['files_checked']} files checked)" if k["files_checked"] else "")
+                for k in stage["kills"]
+            )
+            identical = "yes" if stage["rerun_identical"] else "no"
+            lines.append(
+                f"| `{stage['stage']}` | {stage['write_points']} | {kills} | {identical} | nothing |"
+            )
+        lines.append("")
+    lines += ["| Command | Distinct bad inputs refused with a one-line error |", "|---|---:|"]
+    lines += [f"| `tumorseg {command}` | {count} |" for command, count in report["bad_inputs"].items()]
+    lines.append(f"| all commands | {sum(report['bad_inputs'].values())} |")
+    return "\n".join(lines) + "\n"

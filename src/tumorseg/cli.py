@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tumorseg import faults
 from tumorseg.config import DATASET_LAYOUTS as LAYOUT_NAMES
 from tumorseg.data.conventions import LABEL_CONVENTIONS
 from tumorseg.errors import TumorsegError, disk_full, is_disk_full
@@ -754,20 +756,25 @@ def configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+def _one_line_error(command: str, message: str) -> int:
+    faults.record_error(command, message)
+    print(f"tumorseg {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    if os.environ.get(faults.LOG_ENV):  # the crash-consistency tests time their kills from here
+        faults.started(args.command)
     try:
         return int(args.handler(args) or 0)
     except TumorsegError as exc:
-        print(f"tumorseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _one_line_error(args.command, str(exc))
     except OSError as exc:
         if not is_disk_full(exc):
             raise
-        where = exc.filename or "the output folder"
-        print(f"tumorseg {args.command}: error: {disk_full(where)}", file=sys.stderr)
-        return 2
+        return _one_line_error(args.command, str(disk_full(exc.filename or "the output folder")))
     except KeyboardInterrupt:
         print(f"tumorseg {args.command}: interrupted", file=sys.stderr)
         return 130

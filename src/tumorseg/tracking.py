@@ -126,6 +126,60 @@ def ensure_experiment(tracking_uri: str, experiment: str) -> str:
     )
 
 
+REGISTRY_LOCK_WAIT_S = 1800.0
+"""How long a registry change waits for another process's (:func:`registry_lock`) before giving up."""
+
+
+def registry_lock_path(tracking_uri: str) -> Path:
+    """The lock file of a store's registry: beside a SQLite database or inside a file store; for a
+    server or database elsewhere, in the temporary folder of this machine (processes of one machine
+    are serialised; across machines, run promotions from one place, e.g. a Prefect deployment with a
+    concurrency limit of one)."""
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        return db.parent / f".{db.name}.registry.lock"
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        folder = Path(tracking_uri.removeprefix("file://").removeprefix("file:"))
+        return folder / ".registry.lock"
+    digest = hashlib.sha256(tracking_uri.encode()).hexdigest()[:16]
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / "tumorseg-locks" / f"registry-{digest}.lock"
+
+
+@contextmanager
+def registry_lock(tracking_uri: str, wait_s: float = REGISTRY_LOCK_WAIT_S) -> Iterator[None]:
+    """Hold the registry of ``tracking_uri`` for one read-decide-write (promote, a new challenger, a
+    new edge version): two such changes at once would both read the same aliases and history, and the
+    last write would silently undo the first. An OS file lock, so a killed holder releases it."""
+    import logging
+
+    from filelock import FileLock, Timeout
+
+    from tumorseg.errors import DataError
+
+    path = registry_lock_path(tracking_uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logging.getLogger(__name__).info(
+            "waiting for %s: another process is changing the model registry", path
+        )
+        try:
+            lock.acquire(timeout=wait_s)
+        except Timeout:
+            raise DataError(
+                f"{path}: another process has held the model registry for {wait_s:.0f} s; "
+                "let it finish, or stop it and run again"
+            ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 PROCESS_TAGS = ("tumorseg.host", "tumorseg.pid", "tumorseg.process_started")
 """Run tags naming the process that logs to a run (:func:`tag_process`), read by :func:`fail_orphaned_runs`."""
 ORPHAN_TAG = "tumorseg.end_reason"
@@ -181,6 +235,26 @@ def fail_orphaned_runs(tracking_uri: str, experiment: str) -> list[str]:
         client.set_terminated(run.info.run_id, status="FAILED")
         failed.append(run.info.run_id)
     return failed
+
+
+def reap_orphaned_runs(tracking_uri: str, experiment: str) -> list[str]:
+    """:func:`fail_orphaned_runs`, saying so for each run: what every command that logs to
+    ``experiment`` does first, so a killed process's run is FAILED by the next start at the latest."""
+    import logging
+
+    failed = fail_orphaned_runs(tracking_uri, experiment)
+    for run_id in failed:
+        logging.getLogger(__name__).warning(
+            "MLflow run %s was left running by a process that no longer exists: marked FAILED", run_id
+        )
+    return failed
+
+
+def create_run(client: Any, experiment_id: str, **kwargs: Any) -> str:
+    """``client.create_run`` (RUNNING) tagged with this process (:func:`tag_process`); returns its id."""
+    run_id = str(client.create_run(experiment_id, **kwargs).info.run_id)
+    tag_process(client, run_id)
+    return run_id
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

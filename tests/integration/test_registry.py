@@ -352,6 +352,158 @@ def test_the_champion_is_re_evaluated_when_it_was_scored_on_other_data(
     assert decision["comparison"]["mean_improvement"] == pytest.approx(expected, abs=1e-5)
 
 
+def _promote_process(params_file: Path, out: Path) -> subprocess.Popen[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "tumorseg.cli",
+        "promote",
+        "--params",
+        str(params_file),
+        "--out",
+        str(out),
+    ]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _waiting_for_the_lock(process: subprocess.Popen[str], log: list[str]) -> bool:
+    """True once ``process`` says it waits for the registry lock (its stderr is read line by line)."""
+    line = process.stderr.readline()
+    log.append(line)
+    return "another process is changing the model registry" in line
+
+
+def test_two_promotes_at_once_end_with_one_decision_and_the_history_intact(
+    project: Project, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from polling import wait_until
+    from tumorseg.tracking import registry_lock
+
+    name = "tumorseg-race"
+    _, params_file = project.with_model_name(name)
+    evaluation = project.stage.evaluation
+    register(project, evaluation, name)
+    assert promote_cli(params_file, capsys)[2]["action"] == "promoted"
+    register(project, shifted(evaluation, +0.1), name)
+    client = project.client()
+    # Both start while the registry is held, so both are inside `promote` when it is let go: they read,
+    # decide and move the aliases one after the other, never both on what the other has not yet written.
+    with registry_lock(project.uri):
+        racers = [_promote_process(params_file, tmp_path / f"promotion-{i}.json") for i in range(2)]
+        for racer in racers:
+            said: list[str] = []
+            wait_until(
+                lambda r=racer, s=said: _waiting_for_the_lock(r, s), "promote waiting for the lock", 120
+            )
+        assert aliases(project, name) == {"champion": "1", "challenger": "2"}  # nothing moved meanwhile
+    for racer in racers:
+        _, err = racer.communicate(timeout=300)
+        assert racer.returncode == 0, err
+    decisions = sorted(json.loads((tmp_path / f"promotion-{i}.json").read_text())["action"] for i in range(2))
+    assert decisions == ["kept", "promoted"]  # one promoted version 2; the other found no challenger
+    assert aliases(project, name) == {"champion": "2"}
+    assert json.loads(client.get_registered_model(name).tags["champion_history"]) == ["1", "2"]
+    assert client.get_model_version(name, "2").tags["previous_champion"] == "1"
+    rc, out, decision = promote_cli(params_file, capsys, "--rollback")  # the history still rolls back right
+    assert rc == 0 and decision["champion"] == "1" and aliases(project, name) == {"champion": "1"}
+
+
+def test_a_promotion_killed_between_its_writes_is_finished_by_the_next_run(
+    project: Project, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """SIGKILLed just before each of its registry writes in turn (``tumorseg.faults``), ``promote`` leaves
+    the champion where it was or on the challenger, never a second history entry, and the next run ends
+    where an uninterrupted one does."""
+    from polling import wait_until
+    from tumorseg.faults import LOG_ENV, PAUSE_ENV, PAUSED
+
+    name = "tumorseg-killed"
+    _, params_file = project.with_model_name(name)
+    evaluation = project.stage.evaluation
+    register(project, evaluation, name)
+    assert promote_cli(params_file, capsys)[2]["action"] == "promoted"
+    register(project, shifted(evaluation, +0.1), name)
+    client = project.client()
+    for point in (1, 2):  # before the champion alias moves, then before the challenger alias is dropped
+        log = tmp_path / f"points-{point}.log"
+        env = {**os.environ, LOG_ENV: str(log), PAUSE_ENV: str(point)}
+        command = [sys.executable, "-m", "tumorseg.cli", "promote", "--params", str(params_file)]
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda lg=log: lg.is_file() and PAUSED in lg.read_text(), f"write point {point}", 120)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        champion = aliases(project, name)["champion"]
+        assert champion == ("1" if point == 1 else "2")
+        assert json.loads(client.get_registered_model(name).tags["champion_history"]) == ["1", "2"]
+    rc, out, decision = promote_cli(params_file, capsys)
+    assert rc == 0 and aliases(project, name) == {"champion": "2"}  # the challenger alias is dropped
+    assert json.loads(client.get_registered_model(name).tags["champion_history"]) == ["1", "2"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments, "attributes.status = 'RUNNING'")
+
+
+@pytest.mark.timeout(1200)
+def test_compress_and_promote_at_once_leave_both_aliases_right(
+    project: Project, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """compress compresses @champion while promote moves it: @champion ends on the promoted version, and
+    @edge never names a compression of a model that is no longer champion. A compress run after that
+    registers the new champion's edge."""
+    from polling import wait_until
+    from tumorseg.tracking import registry_lock
+
+    name = "tumorseg-edge"
+    params, _ = project.with_model_name(name)
+    params = apply_overrides(
+        params,
+        {
+            "compress.model": f"models:/{name}@champion",
+            "compress.variants": ["fp32", "onnx_fp32"],
+            "compress.exporter": "torchscript",
+            "compress.dice_tolerance": 1.0,  # the gate itself: test_compress_stage.py
+            "compress.out_dir": str(tmp_path / "compressed"),
+            "compress.latency.warmup": 0,
+            "compress.latency.repeats": 1,
+            "compress.latency.synth_spacing_mm": 4.0,
+            "paths.reports": str(tmp_path / "reports"),
+        },
+    )
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    evaluation = project.stage.evaluation
+    register(project, evaluation, name)
+    assert promote_cli(params_file, capsys)[2]["action"] == "promoted"
+    register(project, shifted(evaluation, +0.1), name)
+    client = project.client()
+    compress = [sys.executable, "-m", "tumorseg.cli", "compress", "--params", str(params_file)]
+    compressed: list[str] = []
+
+    def compressing_it() -> bool:  # compress has loaded the champion, version 1, and builds variants
+        compressed.append(compressing.stdout.readline())
+        return "compress: building fp32" in compressed[-1]
+
+    with registry_lock(project.uri):
+        compressing = subprocess.Popen(compress, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(compressing_it, "compress building its variants", 300)
+        promoting = _promote_process(params_file, tmp_path / "promotion.json")
+        said: list[str] = []
+        wait_until(lambda: _waiting_for_the_lock(promoting, said), "promote waiting for the lock", 120)
+    _, err = promoting.communicate(timeout=300)
+    assert promoting.returncode == 0, err
+    out = "".join(compressed) + compressing.communicate(timeout=900)[0]
+    assert compressing.returncode == 0, out
+    assert "champion moved from version 1 to 2 while compressing" in out
+    assert aliases(project, name) == {"champion": "2"}  # no @edge on a compression of version 1
+    assert json.loads(client.get_registered_model(name).tags["champion_history"]) == ["1", "2"]
+    stale = client.get_model_version(name, "3")
+    assert "moved from version 1 to 2" in stale.tags["compression.superseded"]
+
+    again = subprocess.run(compress, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert aliases(project, name) == {"champion": "2", "edge": "4"}
+    assert "(version 2," in client.get_model_version(name, "4").tags["compression.source"]
+
+
 # ---------------------------------------------------------------------------- loading the champion
 def test_predict_loads_the_champion_by_default_and_any_other_uri(
     project: Project, tmp_path: Path, capsys: pytest.CaptureFixture

@@ -175,3 +175,21 @@ def test_each_ddp_rank_gets_its_own_shard() -> None:
     assert [r["case_id"] for r in shards[1]] == ["1", "3"]
     with pytest.raises(DataError, match="2 training cases for 3 DDP ranks"):
         rank_shard(records[:2], 0, 3)
+
+
+def test_a_case_written_twice_is_the_same_bytes_and_loads_as_numpy_writes_it(tmp_path: Path) -> None:
+    """numpy stamps .npz members with the current time; a rerun of preprocess would change every file and
+    its DVC hash. Written 2 s apart (zip time resolution), the bytes are equal and np.load reads them."""
+    import time
+
+    first = _case(tmp_path / "a" / "Case1.npz")
+    time.sleep(2.1)
+    second = _case(tmp_path / "b" / "Case1.npz")
+    assert first.read_bytes() == second.read_bytes()
+    with np.load(first) as stored:
+        assert set(stored.files) >= {"image", "label", "brain"} and stored["image"].dtype == np.float16
+    for compress in (False, True):
+        with (tmp_path / f"x{compress}.npz").open("wb") as fh:
+            case_store.write_npz(fh, {"a": np.arange(5)}, compress=compress)
+        with np.load(tmp_path / f"x{compress}.npz") as stored:
+            assert stored["a"].tolist() == [0, 1, 2, 3, 4]

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from tumorseg.config import IngestConfig, PreprocessConfig
+from tumorseg.data import case_store
 from tumorseg.data.conventions import CANONICAL_MODALITIES
 from tumorseg.data.ingest import ingest
 from tumorseg.data.layouts import (
@@ -470,11 +471,11 @@ def test_an_interrupted_write_leaves_no_half_file(
     _, manifest_dir = ingested
     out = tmp_path / "pre"
 
-    def dies_half_way(fh, **arrays) -> None:
+    def dies_half_way(fh, arrays, **kwargs) -> None:
         fh.write(b"PK\x03\x04 half an archive")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(np, "savez", dies_half_way)
+    monkeypatch.setattr(case_store, "write_npz", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
         preprocess_dataset(manifest_dir, out, PreprocessConfig(workers=1))
     monkeypatch.undo()
@@ -494,11 +495,11 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing_half_written
     before = {p.name: p.read_bytes() for p in (out / "cases").iterdir()}
     index = (out / "index.csv").read_bytes()
 
-    def disk_fills_up(fh, **arrays) -> None:
+    def disk_fills_up(fh, arrays, **kwargs) -> None:
         fh.write(b"PK\x03\x04 the first blocks")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", disk_fills_up)
+    monkeypatch.setattr(case_store, "write_npz", disk_fills_up)
     with pytest.raises(DataError) as caught:  # a rerun with other settings rewrites every case
         preprocess_dataset(manifest_dir, out, PreprocessConfig(workers=1, crop_margin_vox=3))
     message = str(caught.value)

@@ -21,6 +21,7 @@ import numpy as np
 from tumorseg.compression.config import QuantizationConfig
 from tumorseg.data.manifest import atomic_output
 from tumorseg.errors import ConfigError, DataError, first_line
+from tumorseg.faults import write_point
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def quantize_int8(
             raise DataError(
                 f"INT8 quantization of the {what} failed ({type(exc).__name__}: {first_line(exc)})"
             ) from None
+        write_point(out_path)
         os.replace(staged, out_path)
     done, left = _quantized_layers(onnx.load(str(out_path)), targets)
     if not done:

@@ -1,13 +1,15 @@
 """Logging the compression report to a ``compress`` MLflow run and registering the edge model.
 
 The edge model is registered as a *new* version with alias ``compress.alias``; existing versions and
-aliases are never modified. Here, not in :mod:`tumorseg.registry`: that package is upstream of
+other aliases are never modified. A promotion that moved the champion while compress ran leaves the
+alias where it was (the new version is tagged ``compression.superseded``). Here, not in :mod:`tumorseg.registry`: that package is upstream of
 compression, and the DVC ``compress`` stage depends on ``src/tumorseg/compression``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from tumorseg.registry.config import RegistryConfig
 RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch.export": "PyTorch, torch.export program"}
 RUNTIME_ARTIFACTS = {"onnxruntime": "onnx", "torch.export": "program"}
 """Pyfunc artifact key of each runtime's file (what ``models.package.load_artifacts`` reads)."""
+
+log = logging.getLogger(__name__)
 
 
 def log_compress_run(
@@ -41,8 +45,10 @@ def log_compress_run(
     tracking.disable_telemetry()
     experiment_id = tracking.ensure_experiment(uri, experiment)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    run = client.create_run(experiment_id, run_name="compress", tags={"tumorseg.stage": "compress"})
-    run_id = run.info.run_id
+    tracking.reap_orphaned_runs(uri, experiment)  # a killed compress's run: FAILED, not RUNNING
+    run_id = tracking.create_run(
+        client, experiment_id, run_name="compress", tags={"tumorseg.stage": "compress"}
+    )
     for key, value in tracking.flatten(cfg.model_dump(mode="json"), "compress.").items():
         client.log_param(run_id, key, str(value)[:500])
     _log_metrics(client, run_id, outcome)
@@ -89,25 +95,48 @@ def register_edge(
     params = as_params(params, source)
     import mlflow
 
+    from tumorseg.faults import write_point
     from tumorseg.registry.register import register_version
-    from tumorseg.tracking import fluent_store
+    from tumorseg.tracking import fluent_store, registry_lock
 
     edge = outcome.edge
     assert edge is not None
     registry: RegistryConfig = params.registry
     model_uri = _log_edge_model(outcome, edge, trained, run_cfg.model_dump(mode="json"), uri, run_id)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
-    with fluent_store(uri):
+    with fluent_store(uri), registry_lock(uri):  # not while a promotion reads and moves the aliases
+        write_point(f"register {registry.model_name}")
         number = register_version(client, model_uri, registry.model_name, None, _edge_tags(outcome, edge))
-    client.update_model_version(registry.model_name, number, description=_edge_description(outcome, edge))
-    client.set_registered_model_alias(registry.model_name, cfg.alias, number)
+        client.update_model_version(registry.model_name, number, description=_edge_description(outcome, edge))
+        superseded = _source_superseded(client, outcome)
+        if superseded is None:
+            write_point(f"alias {registry.model_name}@{cfg.alias}")
+            client.set_registered_model_alias(registry.model_name, cfg.alias, number)
+        else:
+            client.set_model_version_tag(registry.model_name, number, "compression.superseded", superseded)
+            log.warning("compress: %s; @%s not moved to version %s", superseded, cfg.alias, number)
     client.set_tag(run_id, "tumorseg.registered_version", f"{registry.model_name}/{number}")
     return {
         "name": registry.model_name,
         "version": number,
-        "alias": cfg.alias,
+        "alias": cfg.alias if superseded is None else "(none: its source was superseded)",
         "uri": f"models:/{registry.model_name}/{number}",
     }
+
+
+def _source_superseded(client: Any, outcome: CompressionResult) -> str | None:
+    """Why the edge alias must not move: the compressed model was an alias (the champion) that now
+    names another version (a promotion while compress ran); None when it still names the source."""
+    from tumorseg.registry.loading import MODELS_URI
+
+    source = MODELS_URI.match(str(outcome.report.get("source_model", "")).split(" ", 1)[0])
+    compressed = outcome.report.get("source_version")
+    if source is None or not source["alias"] or compressed is None:
+        return None
+    now = str(client.get_model_version_by_alias(source["name"], source["alias"]).version)
+    if now == str(compressed):
+        return None
+    return f"{source['name']}@{source['alias']} moved from version {compressed} to {now} while compressing"
 
 
 def _log_edge_model(

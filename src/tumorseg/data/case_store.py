@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -74,11 +74,25 @@ def save_case(
     locations = sample_locations(
         label, brain, max_per_class=max_locations, seed=zlib.crc32(path.stem.encode())
     )
-    # a file handle, not the temp path: np.savez appends ".npz" to a name without it
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-        (np.savez_compressed if compress else np.savez)(
-            fh, image=image, label=label, brain=brain, **locations
-        )
+        write_npz(fh, {"image": image, "label": label, "brain": brain, **locations}, compress=compress)
+
+
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+"""The time stamp of every member of the ``.npz`` files tumorseg writes (the earliest a zip holds)."""
+
+
+def write_npz(fh: BinaryIO, arrays: dict[str, np.ndarray], *, compress: bool = False) -> None:
+    """What ``np.savez`` writes (``<key>.npy`` members, zip64), but byte-identical for identical arrays:
+    numpy stamps each member with the current time, so a rerun would change the file (and its DVC hash)
+    though nothing in it changed."""
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(fh, mode="w", compression=method, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=ZIP_EPOCH)
+            info.compress_type = method
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ import numpy as np
 from tumorseg.data.conventions import CANONICAL_MODALITIES, get_convention, label_set_of
 from tumorseg.data.layouts import CaseFiles, case_from_manifest_row, read_case
 from tumorseg.errors import DataError
+from tumorseg.faults import write_point
 from tumorseg.params import Params, as_params
 
 log = logging.getLogger(__name__)
@@ -68,11 +70,16 @@ def export_cases(
             _write_nnunet(cases, staging, split)
         else:
             staging.write_text(json.dumps(monai_datalist(cases, split), indent=2) + "\n")
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+        old = out / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        if target.exists():  # moved aside, not deleted first: a kill here leaves the old export whole
+            write_point(target)
+            os.replace(target, old)
+        write_point(target)
         staging.rename(target)
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
     except BaseException:
         if staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)

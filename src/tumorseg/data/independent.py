@@ -43,6 +43,7 @@ from scipy import ndimage as ndi
 from tumorseg.data.conventions import CANONICAL_MODALITIES, GLIOMA, LAYOUTS, get_convention
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.errors import ConfigError, DataError
+from tumorseg.faults import write_point
 
 log = logging.getLogger(__name__)
 
@@ -798,10 +799,12 @@ def _publish(folder: Path, images: dict[str, Any], *, whole_folder: bool) -> Non
             os.chmod(tmp / name, _file_mode())
         if whole_folder and not folder.exists():
             os.chmod(tmp, _file_mode(0o777))
+            write_point(folder)
             os.rename(tmp, folder)
             return
         folder.mkdir(parents=True, exist_ok=True)
         for name in images:
+            write_point(folder / name)
             os.replace(tmp / name, folder / name)
     finally:
         if tmp.exists():

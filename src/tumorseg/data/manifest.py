@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from tumorseg.data.conventions import CANONICAL_MODALITIES
 from tumorseg.errors import disk_full, is_disk_full
+from tumorseg.faults import write_point
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -93,6 +94,7 @@ def atomic_output(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        write_point(path)
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

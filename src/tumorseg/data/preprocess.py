@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tumorseg.config import PlanarPreprocessConfig, PreprocessConfig
-from tumorseg.data.case_store import save_case
+from tumorseg.data.case_store import save_case, write_npz
 from tumorseg.data.grid import reorient as _reorient
 from tumorseg.data.grid import resize, resize_labels, restore_to_source, restored_label_counts
 from tumorseg.data.layouts import FILE_KEYS, case_from_manifest_row
@@ -331,7 +331,7 @@ def _preprocess_image(row: dict[str, str], out_dir: Path, cfg: PlanarPreprocessC
     elif row["has_tumour"] == "False":
         arrays["mask"] = np.zeros((cfg.size, cfg.size), dtype=np.uint8)  # known tumour-free
     with atomic_output(out_dir / f"{row['case_id']}.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+        write_npz(fh, arrays)
     return {
         "case_id": row["case_id"],
         "patient_id": row["patient_id"],

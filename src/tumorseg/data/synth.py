@@ -47,6 +47,7 @@ from tumorseg.data.conventions import (
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.data.parallel import map_cases
 from tumorseg.errors import ConfigError, DataError
+from tumorseg.faults import write_point
 
 log = logging.getLogger(__name__)
 
@@ -1370,6 +1371,7 @@ def _publish_files(target_dir: Path, images: dict[str, Any], nib: Any, whole_fol
             nib.save(img, tmp / name)  # final basename: the gzip header is identical after rename
         if whole_folder and not target_dir.exists():
             os.chmod(tmp, file_mode(0o777))  # mkdtemp makes it private; a dataset is shared
+            write_point(target_dir)
             os.rename(tmp, target_dir)
             return
         target_dir.mkdir(parents=True, exist_ok=True)
@@ -1377,6 +1379,7 @@ def _publish_files(target_dir: Path, images: dict[str, Any], nib: Any, whole_fol
             src, dst = tmp / name, target_dir / name
             if dst.is_file() and _same_bytes(src, dst):
                 continue
+            write_point(dst)
             os.replace(src, dst)
     finally:
         if tmp.exists():

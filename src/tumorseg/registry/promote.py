@@ -24,6 +24,7 @@ from tumorseg.data.conventions import REGION_NAMES
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.errors import DataError
 from tumorseg.evaluation.summary import clean_json, percentile_ci
+from tumorseg.faults import write_point
 from tumorseg.params import Params, as_params
 from tumorseg.registry.config import CHALLENGER, CHAMPION, RegistryConfig
 
@@ -320,9 +321,20 @@ def _tag(client: Any, name: str, version: str, **tags: str) -> None:
 def _set_champion(
     client: Any, name: str, version: str, previous: str | None, history: list[str], keep: int
 ) -> None:
-    client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, version][-keep:]))
+    """Make ``version`` champion, in an order that a process killed at any point leaves right: its tags
+    and the history first (a rerun finds them and does not append twice), then the alias (the one
+    write that changes what is served), then the challenger alias dropped (a rerun finishes that)."""
     _tag(client, name, version, previous_champion=previous or "none", promoted_at=_now())
+    if history[-1:] != [version]:
+        client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, version][-keep:]))
+    write_point(f"alias {name}@{CHAMPION}")
+    client.set_registered_model_alias(name, CHAMPION, version)
+    _drop_challenger(client, name)
+
+
+def _drop_challenger(client: Any, name: str) -> None:
+    write_point(f"alias {name}@{CHALLENGER} removed")
+    client.delete_registered_model_alias(name, CHALLENGER)
 
 
 def _open_client(params: Params, source: str, tracking_uri: str | None) -> tuple[Any, str, RegistryConfig]:
@@ -373,9 +385,15 @@ def promote(
             "kept", cfg.model_name, None, None, None, [f"{off} is false: no registry to act on"]
         )
     else:
+        from tumorseg.tracking import registry_lock
+
         client, uri, cfg = _open_client(params, source, tracking_uri)
         name = cfg.model_name
-        result = _rollback(client, name) if rollback else _decide_and_apply(client, uri, cfg, params, source)
+        with registry_lock(uri):  # aliases and history read, decided on and moved by one process at a time
+            if rollback:
+                result = _rollback(client, name)
+            else:
+                result = _decide_and_apply(client, uri, cfg, params, source)
         result.mlflow_run_id = _log_decision(client, uri, result, params, source)
     if write:
         atomic_write_text(
@@ -458,7 +476,8 @@ def _decide_and_apply(
     if challenger is None:
         why = "no challenger to compare (the evaluate stage registers one)"
         return PromotionResult("kept", name, champion, champion, None, [why])
-    if challenger == champion:
+    if challenger == champion:  # a promotion killed before it removed the challenger alias
+        _drop_challenger(client, name)
         return PromotionResult(
             "kept", name, champion, champion, challenger, [f"version {challenger} is already champion"]
         )
@@ -471,9 +490,8 @@ def _decide_and_apply(
 
     history = _history(client, name)
     if champion is None:
-        _set_champion(client, name, challenger, None, history, cfg.history_length)
-        client.delete_registered_model_alias(name, CHALLENGER)
         _tag(client, name, challenger, promotion_decision="promoted", promotion_reason="first model")
+        _set_champion(client, name, challenger, None, history, cfg.history_length)
         return PromotionResult(
             "promoted", name, challenger, None, challenger, ["first registered model with a valid evaluation"]
         )
@@ -503,7 +521,6 @@ def _decide_and_apply(
     )
     if comparison.promote:
         _set_champion(client, name, challenger, champion, history, cfg.history_length)
-        client.delete_registered_model_alias(name, CHALLENGER)
     new_champion = challenger if comparison.promote else champion
     return PromotionResult(
         decision, name, new_champion, champion, challenger, comparison.reasons, comparison, evidence_source
@@ -524,9 +541,12 @@ def _rollback(client: Any, name: str) -> PromotionResult:
         raise DataError(f"champion version {current} of {name!r} has no previous champion to roll back to")
     previous = earlier[-1]
     client.get_model_version(name, previous)  # fails loudly if that version was deleted
-    client.set_registered_model_alias(name, CHAMPION, previous)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(earlier))
+    # history first: killed before the alias moved, a rerun finds `current` outside it and rolls back to
+    # the same `previous`, not one further
     _tag(client, name, current, rolled_back="true", rolled_back_at=_now())
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(earlier))
+    write_point(f"alias {name}@{CHAMPION}")
+    client.set_registered_model_alias(name, CHAMPION, previous)
     return PromotionResult(
         "rolled_back", name, previous, current, None, [f"version {current} withdrawn by --rollback"]
     )
@@ -536,14 +556,16 @@ def _log_decision(client: Any, uri: str, result: PromotionResult, params: Params
     """One MLflow run per decision: tags, the comparison's numbers, and the decision JSON as artifact."""
     from mlflow.entities import Metric, RunTag
 
-    from tumorseg.tracking import ensure_experiment
+    from tumorseg.tracking import create_run, ensure_experiment, reap_orphaned_runs
     from tumorseg.training.config import MlflowConfig
 
     mlflow_cfg: MlflowConfig = params.mlflow
     experiment_id = ensure_experiment(uri, mlflow_cfg.experiment)
+    reap_orphaned_runs(uri, mlflow_cfg.experiment)  # a killed promote's run: FAILED, not RUNNING
     title = f"promote {result.model_name}" + (f" v{result.challenger}" if result.challenger else "")
-    run = client.create_run(experiment_id, run_name="rollback" if result.action == "rolled_back" else title)
-    run_id = run.info.run_id
+    run_id = create_run(
+        client, experiment_id, run_name="rollback" if result.action == "rolled_back" else title
+    )
     tags = {
         "tumorseg.stage": "promote",
         "decision": result.action,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tumorseg.data.source import source_folder
+from tumorseg.faults import write_point
 from tumorseg.params import Params, as_params
 from tumorseg.registry.config import CHALLENGER, RegistryConfig
 from tumorseg.registry.model_card import (
@@ -30,7 +31,15 @@ from tumorseg.registry.model_card import (
     render_planar_card,
     scored_regions,
 )
-from tumorseg.tracking import data_version, ensure_experiment, fluent_store, git_commit
+from tumorseg.tracking import (
+    data_version,
+    ensure_experiment,
+    fluent_store,
+    git_commit,
+    reap_orphaned_runs,
+    registry_lock,
+    tag_process,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +115,7 @@ def log_test_evaluation(
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
+    reap_orphaned_runs(tracking_uri, experiment)  # a run a killed evaluation reopened: FAILED
     run_id = checkpoint_run_id(checkpoint)
     if run_id is not None:
         try:
@@ -179,10 +189,14 @@ def publish_version(
     import mlflow
 
     with evidence_files(record, card(None), prefix) as files, mlflow.start_run(run_id=run_id):
+        tag_process(client, run_id)  # RUNNING again while the model is logged: killed here, it is reaped
         uri = log_model(files)
-    version = register_version(client, uri, name, description, tags)
-    client.update_model_version(name, version, description=registry_description(card(version)))
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    with registry_lock(client.tracking_uri):  # not while a promotion reads and moves the aliases
+        write_point(f"register {name}")
+        version = register_version(client, uri, name, description, tags)
+        client.update_model_version(name, version, description=registry_description(card(version)))
+        write_point(f"alias {name}@{CHALLENGER}")
+        client.set_registered_model_alias(name, CHALLENGER, version)
     log.info("registered %s version %s (run %s) as %s", name, version, run_id, CHALLENGER)
     return RegisteredVersion(name, version, run_id, f"models:/{name}/{version}")
 

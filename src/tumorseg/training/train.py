@@ -429,11 +429,7 @@ def _loggers(
     uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
     if _is_rank_zero():
         tracking.ensure_experiment(uri, experiment)
-        # runs of killed processes: FAILED, not RUNNING forever
-        for run_id in tracking.fail_orphaned_runs(uri, experiment):
-            log.warning(
-                "MLflow run %s was left running by a process that no longer exists: marked FAILED", run_id
-            )
+        tracking.reap_orphaned_runs(uri, experiment)  # runs of killed processes: FAILED
     mlflow_logger = MLFlowLogger(
         experiment_name=experiment,
         run_name=cfg.mlflow.run_name,

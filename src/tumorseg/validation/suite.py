@@ -26,6 +26,7 @@ from tumorseg.config import ValidateConfig
 from tumorseg.data.manifest import MANIFEST_NAME, STATUS_OK, STATUS_QUARANTINED, read_manifest, write_manifest
 from tumorseg.data.readers import IMAGE, manifest_dims
 from tumorseg.errors import DataError
+from tumorseg.faults import write_point
 from tumorseg.validation.case_table import (
     INGEST_REASON_COLUMN,
     INGEST_STATUS_COLUMN,
@@ -239,7 +240,9 @@ def _replace_dir(staging: Path, target: Path) -> None:
     """Put ``staging`` at ``target`` so readers see the old or the new folder, never a mix."""
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     if target.exists():
+        write_point(target)
         os.replace(target, old)
+    write_point(target)
     os.replace(staging, target)
     shutil.rmtree(old, ignore_errors=True)
 

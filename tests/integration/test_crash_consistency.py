@@ -1,0 +1,387 @@
+"""Crash consistency of every stage that writes: each `dvc repro -s <stage>` of the real dvc.yaml,
+3-D and 2-D, is SIGKILLed (process group: DVC, the stage and its workers) at several points, then
+run to the end.
+
+Kill points, per stage:
+- ``last``: paused just before its last write becomes visible (``tumorseg.faults``: every atomic
+  rename, folder swap, model registration and alias move is a numbered write point);
+- ``first``: then again, from what the first kill left, before its first write;
+- ``time``: then half-way between the command's start and its last write in the uninterrupted run
+  (timed from the launch of ``dvc repro``), wherever it is.
+
+After each kill: every visible output file is whole and is either the version before that attempt or
+the version an uninterrupted run writes (temporary files start with a dot and are never visible as
+outputs); ``dvc.lock`` still records the old outputs; no registry alias names anything but what it
+named before or a version the killed process finished registering. After the final run: the outputs are
+the uninterrupted run's, byte for byte (files whose bytes carry a time are only checked whole: see
+``VOLATILE``), no MLflow run is left RUNNING, and the aliases are those an uninterrupted run sets.
+
+The uninterrupted run is the same project copied before the first stage and run stage by stage
+beside it. Each kill point's outcome is appended to ``$TUMORSEG_RELIABILITY_OUT`` when set (the
+README's reliability table: ``python -m benchmarks --only reliability``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tumorseg.config import apply_overrides
+from tumorseg.faults import LOG_ENV, PAUSE_ENV, PAUSED, START, WRITE
+
+_SPEC = importlib.util.spec_from_file_location("dvc_support", Path(__file__).parents[1] / "dvc_support.py")
+dvc_support = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(dvc_support)
+ROOT, BIN = dvc_support.ROOT, dvc_support.BIN
+_FIX = importlib.util.spec_from_file_location(
+    "planar_fixtures", Path(__file__).parents[1] / "planar_fixtures.py"
+)
+planar_fixtures = importlib.util.module_from_spec(_FIX)
+_FIX.loader.exec_module(planar_fixtures)
+
+TINY: dict[str, Any] = {
+    "synth.cases": 6,
+    "synth.spacing_mm": 4.0,
+    "preprocess.target_spacing_mm": [4.0, 4.0, 4.0],
+    "data_loader.patch_size": [16, 16, 16],
+    "model.unet.channels": [4, 8, 16],
+    "model.unet.strides": [2, 2],
+    "model.unet.num_res_units": 1,
+    "train.max_epochs": 1,
+    "train.steps_per_epoch": 3,
+    "train.warmup_epochs": 0,
+    "train.checkpoint_every_n_steps": 3,
+    "sliding_window.sw_batch_size": 2,
+    "trainer.accelerator": "cpu",
+    "mlflow.overlays": 0,
+    "evaluate.bootstrap_resamples": 100,
+    "evaluate.plots": False,
+    "registry.bootstrap_resamples": 100,
+    "compress.variants": ["fp32", "onnx_fp32"],
+    "compress.exporter": "torchscript",
+    "compress.dice_tolerance": 1.0,  # the gate itself is tested in test_compress_stage.py
+    "compress.latency.warmup": 0,
+    "compress.latency.repeats": 1,
+    "compress.latency.synth_spacing_mm": 4.0,
+    **planar_fixtures.TINY_2D_DATA_OVERRIDES,
+    **planar_fixtures.TINY_2D_OVERRIDES,
+}
+
+STAGES: tuple[str, ...] = (
+    *(
+        f"{s}@3d"
+        for s in ("source", "ingest", "validate", "preprocess", "split", "train", "evaluate", "promote")
+    ),
+    "compress",
+    *(
+        f"{s}@2d"
+        for s in ("source", "ingest", "validate", "preprocess", "split", "train", "evaluate", "promote")
+    ),
+)
+"""Every stage of dvc.yaml that writes, in pipeline order (the independent set and generalise stages run
+the same writers as source and evaluate)."""
+
+KILLS = ("last", "first", "time")
+
+VOLATILE = (
+    "/validation/",  # Great Expectations' stores and Data Docs: run times and random ids in every file
+    "test_summary.json",  # timings of the evaluation
+    "metrics.json",
+    "train_metrics.json",
+    "model_version.json",  # the registered version: its number and run id differ between stores
+    "promotion.json",
+    "compression.json",
+    "compression.md",
+    "compressed/",  # measured latencies; the model files are compared through `whole` below
+    "logs/metrics.csv",
+    "learning_curves.png",
+    "best.ckpt",
+    "synth_meta.json",
+)
+"""Outputs whose bytes carry a time, a measured duration or an id: compared only as whole files."""
+
+
+@dataclass
+class Stage:
+    name: str
+    wdir: str  # the stage's working directory, relative to the repository
+    outs: list[str]
+    points: int = 0
+    seconds: float = 0.0
+    kill_after_s: float = 0.0  # the ``time`` kill: half-way between the command's start and last write
+    outcomes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _env(log: Path | None, pause: int | None = None) -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop(LOG_ENV, None)
+    env.pop(PAUSE_ENV, None)
+    if log is not None:
+        env[LOG_ENV] = str(log)
+    if pause is not None:
+        env[PAUSE_ENV] = str(pause)
+    return env
+
+
+def _repro(repo: Path, stage: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "-s", stage],
+        cwd=repo,
+        env=env,
+        stdout=open(repo.parent / f"{repo.name}-{stage}.out", "ab"),  # noqa: SIM115 (closed with the process)
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: DVC, the stage and the stage's workers
+    )
+
+
+def _finish(repo: Path, stage: str, log: Path | None = None) -> tuple[float, float]:
+    """Run to the end; the seconds it took, and the Unix time it was launched at."""
+    launched, begin = time.time(), time.perf_counter()
+    process = _repro(repo, stage, _env(log))
+    code = process.wait(timeout=900)
+    seconds = time.perf_counter() - begin
+    output = (repo.parent / f"{repo.name}-{stage}.out").read_text(errors="replace")
+    assert code == 0, f"dvc repro -s {stage} in {repo.name} failed:\n{output[-4000:]}"
+    return seconds, launched
+
+
+def _lines(log: Path, kind: str) -> list[list[str]]:
+    """The log's ``kind`` lines as ``[kind, time, pid, name]``."""
+    text = log.read_text() if log.is_file() else ""
+    return [line.split(maxsplit=3) for line in text.splitlines() if line.startswith(kind)]
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _files(repo: Path, stage: Stage) -> dict[str, Path]:
+    """Every visible file of the stage's outputs, by path relative to the repository."""
+    found: dict[str, Path] = {}
+    for out in stage.outs:
+        target = (repo / stage.wdir / out).resolve()
+        candidates = [target] if target.is_file() else sorted(target.rglob("*")) if target.is_dir() else []
+        for path in candidates:
+            if path.is_file() and _visible(path, target.parent):
+                found[str(path.relative_to(repo.resolve()))] = path
+    return found
+
+
+def _volatile(key: str) -> bool:
+    return any(mark in key for mark in VOLATILE)
+
+
+def whole(path: Path) -> bool:
+    """The file reads as a whole file of its kind (a torn write would not)."""
+    data = path.read_bytes()
+    name = path.name
+    try:
+        if name.endswith((".json",)):
+            json.loads(data)
+        elif name.endswith((".yaml", ".yml")):
+            yaml.safe_load(data)
+        elif name.endswith((".npz", ".ckpt", ".pt2")) or zipfile.is_zipfile(io.BytesIO(data)):
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                return archive.testzip() is None
+        elif name.endswith(".png"):
+            return data.startswith(b"\x89PNG") and data.rstrip().endswith(b"IEND\xaeB`\x82")
+        elif name.endswith(".gz"):
+            import gzip
+
+            gzip.decompress(data)
+        elif name.endswith(".onnx"):
+            import onnx
+
+            onnx.load_from_string(data)
+        elif name.endswith((".html",)):
+            return data.rstrip().lower().endswith(b"</html>")
+        elif name.endswith(".csv"):
+            import pandas as pd
+
+            pd.read_csv(io.BytesIO(data))
+            return data.endswith(b"\n")
+    except Exception:  # noqa: BLE001  (any parse error means a torn file)
+        return False
+    return True
+
+
+MTIME = re.compile(rb"@\d{12,}")
+"""A file's modification time in ns, as the manifests' stat fingerprints (``size@mtime_ns``) hold it."""
+
+
+def _digest(path: Path, repo: Path) -> str:
+    """sha256 of the file; text files with the repository's path and the source files' times masked
+    (the manifests name absolute paths, and the two projects' generated files differ in time only)."""
+    data = path.read_bytes()
+    if path.suffix in (".csv", ".json", ".yaml", ".md"):
+        data = MTIME.sub(b"@<mtime>", data.replace(str(repo.resolve()).encode(), b"<repo>"))
+    return hashlib.sha256(data).hexdigest()
+
+
+RUN_TIME = re.compile(r"\d{8}T\d{6}\.\d+Z")
+"""The run time Great Expectations names its result files by."""
+
+
+def _snapshot(repo: Path, stage: Stage) -> dict[str, str]:
+    return {
+        RUN_TIME.sub("<time>", key): ("volatile" if _volatile(key) else _digest(path, repo))
+        for key, path in _files(repo, stage).items()
+    }
+
+
+def _lock_entry(repo: Path, stage: str) -> Any:
+    lock = repo / "dvc.lock"
+    return yaml.safe_load(lock.read_text())["stages"].get(stage) if lock.is_file() else None
+
+
+def _registry(repo: Path) -> tuple[dict[str, dict[str, str]], set[str], list[str]]:
+    """Aliases by model, the versions' ``name/number``, and the RUNNING runs of the project's store."""
+    db = repo / "mlruns" / "mlflow.db"
+    if not db.is_file():
+        return {}, set(), []
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+    aliases, versions = {}, set()
+    for model in client.search_registered_models():
+        aliases[model.name] = dict(model.aliases)
+        versions |= {
+            f"{model.name}/{v.version}" for v in client.search_model_versions(f"name='{model.name}'")
+        }
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    running = [r.info.run_id for r in client.search_runs(experiments, "attributes.status = 'RUNNING'")]
+    return aliases, versions, running
+
+
+def _check_after_kill(
+    repo: Path, ref: Path, stage: Stage, before: dict[str, str], lock: Any, registry: Any
+) -> int:
+    """The invariants a SIGKILL must leave; returns the number of visible output files checked."""
+    expected = _snapshot(ref, stage)
+    files = _files(repo, stage)
+    for key, path in files.items():
+        assert whole(path), f"{stage.name}: {key} is visible but not a whole file"
+        if _volatile(key):
+            continue
+        digest = _digest(path, repo)
+        assert digest in (before.get(key), expected.get(key)), (
+            f"{stage.name}: {key} is neither the version before the kill nor the uninterrupted run's"
+        )
+    assert _lock_entry(repo, stage.name) == lock, f"{stage.name}: dvc.lock changed by a killed run"
+    aliases, versions, _ = _registry(repo)
+    old_aliases, old_versions, _ = registry
+    for model, named in aliases.items():
+        before = old_aliases.get(model, {})
+        for alias, version in named.items():
+            allowed = {before.get(alias)}  # where it was,
+            if alias == "champion":
+                allowed.add(before.get("challenger"))  # the one promotion the killed stage could make,
+            assert version in allowed or f"{model}/{version}" not in old_versions, (  # or a new version
+                f"{stage.name}: alias {model}@{alias} moved to version {version}, "
+                f"neither {sorted(map(str, allowed))} nor a version the killed run registered"
+            )
+    return len(files)
+
+
+@pytest.fixture(scope="module")
+def projects(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    params = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    ref = dvc_support.dvc_repo(tmp_path_factory.mktemp("reference"), params)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    dvc_support.run([*git, "add", "-A"], ref)
+    dvc_support.run([*git, "commit", "-qm", "project"], ref)
+    work = tmp_path_factory.mktemp("killed") / "repo"
+    shutil.copytree(ref, work, symlinks=True)
+    return ref, work
+
+
+def _stage(repo: Path, name: str) -> Stage:
+    entry = _lock_entry(repo, name)
+    wdir = "data" if name.split("@")[0] in ("source", "ingest") else "."
+    return Stage(name, wdir, [out["path"] for out in entry.get("outs", [])])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+def test_every_stage_survives_sigkill_at_its_writes_and_reruns_to_the_same_outputs(
+    projects: tuple[Path, Path], tmp_path: Path
+) -> None:
+    ref, work = projects
+    table: list[dict[str, Any]] = []
+    for name in STAGES:
+        log = tmp_path / f"ref-{name}.log"
+        seconds, launched = _finish(ref, name, log)
+        stage = _stage(ref, name)
+        writes, starts = _lines(log, WRITE), _lines(log, START)
+        stage.points, stage.seconds = len(writes), seconds
+        begin = float(starts[0][1]) - launched
+        end = float(writes[-1][1]) - launched if writes else seconds
+        stage.kill_after_s = begin + 0.5 * (end - begin)
+        for kill in KILLS:
+            if kill != "time" and stage.points == 0:
+                continue
+            before, lock, registry = _snapshot(work, stage), _lock_entry(work, name), _registry(work)
+            attempt_log = tmp_path / f"{name}-{kill}.log"
+            pause = {"last": stage.points, "first": 1}.get(kill)
+            process = _repro(work, name, _env(attempt_log, pause))
+            killed_at = None
+            deadline = time.monotonic() + (600 if pause else stage.kill_after_s)
+            while time.monotonic() < deadline and process.poll() is None:
+                if pause and _lines(attempt_log, PAUSED):
+                    killed_at = _lines(attempt_log, PAUSED)[0][3]
+                    break
+                time.sleep(0.02)
+            finished = process.poll() is not None
+            _kill(process)
+            if pause and not finished:
+                assert killed_at is not None, f"{name}: write point {pause} not reached in 600 s"
+            checked = _check_after_kill(work, ref, stage, before, lock, registry)
+            stage.outcomes.append(
+                {
+                    "kill": kill,
+                    "at": killed_at or ("finished first" if finished else f"{stage.kill_after_s:.1f} s"),
+                    "files_checked": checked,
+                }
+            )
+        _finish(work, name)
+        assert _snapshot(work, stage) == _snapshot(ref, stage), f"{name}: the rerun's outputs differ"
+        for key, path in _files(work, stage).items():
+            assert whole(path), key
+        aliases, _, running = _registry(work)
+        ref_aliases, _, ref_running = _registry(ref)
+        assert running == [] and ref_running == [], f"{name}: MLflow runs left RUNNING: {running}"
+        assert {m: sorted(a) for m, a in aliases.items()} == {m: sorted(a) for m, a in ref_aliases.items()}
+        table.append(
+            {
+                "stage": name,
+                "write_points": stage.points,
+                "seconds": round(seconds, 1),
+                "kills": stage.outcomes,
+                "rerun_identical": True,
+            }
+        )
+    out = os.environ.get("TUMORSEG_RELIABILITY_OUT")
+    if out:
+        Path(out).write_text(json.dumps(table, indent=1) + "\n")
