@@ -78,6 +78,7 @@ def pytest_configure(config: pytest.Config) -> None:
         folder = tempfile.mkdtemp(prefix="tumorseg-reliability-")
         os.environ["TUMORSEG_ERROR_LOG"] = os.path.join(folder, "errors.jsonl")
         os.environ["TUMORSEG_RELIABILITY_OUT"] = os.path.join(folder, "crash.json")
+        os.environ["TUMORSEG_CRASH_FULL"] = "1"  # every stage, 2-D included, with every kill point
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -96,6 +97,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         record = json.loads(line)
         distinct.setdefault(record["command"], set()).add(record["error"])
     report = {
+        "command": "pytest --reliability-out " + str(out),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "crash_consistency": json.loads(crash.read_text()) if crash.is_file() else None,
