@@ -1,9 +1,10 @@
 # tumorseg image: the CLI and the HTTP service (`tumorseg serve`) on a slim CPU base, installed
 # through the same constraints file as `make venv` (pinned torch first, then the tested set).
 #
-# Serve the champion from a mounted MLflow store (default target):
+# Serve the champion from a mounted MLflow store (default target). The service binds 0.0.0.0, so it
+# needs bearer tokens (`tumorseg token create NAME` writes .tumorseg/tokens.json) or --insecure:
 #   docker build -t tumorseg .
-#   docker run --rm -p 8000:8000 -v "$PWD/mlruns:/app/mlruns:ro" tumorseg
+#   docker run --rm -p 8000:8000 -v "$PWD/mlruns:/app/mlruns:ro" -v "$PWD/.tumorseg:/app/.tumorseg:ro" tumorseg
 # Serve any model: a mounted model folder or checkpoint, or a tracking server:
 #   docker run --rm -p 8000:8000 -v "$PWD/export/champion:/model:ro" tumorseg \
 #       tumorseg serve --host 0.0.0.0 --port 8000 --model /model

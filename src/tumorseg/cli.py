@@ -669,12 +669,47 @@ def _cmd_schedule(args: argparse.Namespace) -> int | None:
     ),
     _arg("--host", help="interface to bind (default: serve.host; 0.0.0.0 in a container)"),
     _arg("--port", type=int, help="TCP port (default: serve.port)"),
+    _arg(
+        "--insecure",
+        action=_STORE,
+        help="bind a non-loopback interface although no token exists (anyone who reaches it can upload scans)",
+    ),
 )
 def _cmd_serve(args: argparse.Namespace) -> int | None:
     from tumorseg.serving.app import ServeSettings, serve
 
     options = {f"serve.{key}": getattr(args, key) for key in ("host", "port", "model", "model_2d")}
-    serve(ServeSettings.from_params(_params(args, options), source=args.params))
+    serve(ServeSettings.from_params(_params(args, options), source=args.params), insecure=args.insecure)
+
+
+@_command(
+    "token",
+    "Bearer tokens for `tumorseg serve`: create one (shown once), revoke one, or list their names.",
+    _arg("action", choices=["create", "revoke", "list"], help="what to do"),
+    _arg("name", nargs="?", help="who the token is for (create, revoke); audit lines name it"),
+)
+def _cmd_token(args: argparse.Namespace) -> int | None:
+    from tumorseg.errors import ConfigError
+    from tumorseg.serving.auth import TokenStore
+
+    store = TokenStore(_params(args).serve.tokens_file)
+    if args.action == "list":
+        for entry in store.entries():
+            print(f"{entry.name}\tcreated {entry.created}")
+        return 0
+    if not args.name:
+        raise ConfigError(f"tumorseg token {args.action} NAME: give the token's name")
+    if args.action == "create":
+        token = store.create(args.name)
+        print(token)
+        print(
+            f"token {args.name!r} stored (hash only) in {store.path}; send it as 'Authorization: Bearer <token>'",
+            file=sys.stderr,
+        )
+        return 0
+    store.revoke(args.name)
+    print(f"revoked token {args.name!r}")
+    return 0
 
 
 @_command(

@@ -84,14 +84,18 @@ def serve_params(tmp: Path, **serve: Any) -> dict[str, Any]:
         "predict.device": "cpu",
         "predict.min_component_mm3": 0.0,
         "serve.demo_cases": 0,
+        "serve.tokens_file": str(tmp / "tokens.json"),
+        "serve.audit_log": str(tmp / "audit.jsonl"),
     }
     overrides.update({f"serve.{key}": value for key, value in serve.items()})
     return apply_overrides(read_params(ROOT / "params.yaml"), overrides)
 
 
 def service_of(client: Any) -> Any:
-    """The :class:`~tumorseg.serving.app.Service` behind a TestClient (app = RequestLimits(FastAPI))."""
-    return client.app.app.state.service
+    """The :class:`~tumorseg.serving.app.Service` behind a TestClient."""
+    from tumorseg.serving.app import fastapi_app
+
+    return fastapi_app(client.app).state.service
 
 
 def case_files(folder: Path, *, seg: bool = False) -> list[tuple[str, tuple[str, bytes, str]]]:

@@ -164,11 +164,11 @@ def test_cmd_and_healthcheck_refer_to_things_that_exist() -> None:
     url = re.search(r"http://127\.0\.0\.1:(\d+)(/\w+)", code)
     assert url and int(url[1]) in exposed and url[2] == "/health"
 
-    from tumorseg.serving.app import ServeSettings, create_app
+    from tumorseg.serving.app import ServeSettings, create_app, fastapi_app
     from tumorseg.serving.config import ServeConfig
 
     settings = ServeSettings(serve=ServeConfig(), predict=None, model_uri="x", tracking_uri="sqlite:///x")
-    routes = {getattr(route, "path", None) for route in create_app(settings).app.routes}
+    routes = {getattr(route, "path", None) for route in fastapi_app(create_app(settings)).routes}
     assert "/health" in routes
 
 

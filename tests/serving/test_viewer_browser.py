@@ -349,3 +349,56 @@ def test_a_post_treatment_model_shows_its_four_regions(post_server_url: str, tmp
         finally:
             browser.close()
     assert problems == [], problems
+
+
+def test_with_tokens_the_page_asks_for_one_once_and_uses_it_for_every_call(
+    tmp_path: Path, synth_case: Path
+) -> None:
+    """A server with tokens: the page prompts once, keeps the token for the browser session only, and
+    uploads, shows and downloads with it; without it nothing but /health answers."""
+    from playwright.sync_api import sync_playwright
+
+    from tumorseg.serving.auth import TokenStore
+
+    token = TokenStore(tmp_path / "tokens.json").create("radiologist")  # serve_params' tokens_file
+    settings = ServeSettings.from_params(serve_params(tmp_path), model_uri="oracle")
+    modalities = sorted(str(p) for p in synth_case.glob("*.nii.gz") if "_seg" not in p.name)
+    prompts: list[str] = []
+    problems: list[str] = []
+    for url in serve_in_thread(create_app(settings, loaded_model=oracle_model())):
+        assert httpx.get(f"{url}/demo", timeout=30).status_code == 401
+        with sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+
+                def answer(dialog: object) -> None:
+                    prompts.append(dialog.message)
+                    dialog.accept(token)
+
+                page.on("dialog", answer)
+                page.goto(url + "/")
+                page.wait_for_function("document.querySelector('#model').textContent.includes('oracle')")
+                page.set_input_files("#files", modalities)
+                page.click("#upload-button")
+                page.wait_for_selector('#viewer[data-state="ready"]', timeout=60_000)
+                assert int(page.get_attribute("#viewer", "data-overlay-pixels")) > 0
+                with page.expect_download() as download:
+                    page.click("#download")
+                saved = tmp_path / "downloaded.nii.gz"
+                download.value.save_as(saved)
+                assert saved.read_bytes()[:2] == b"\x1f\x8b"  # the gzip segmentation
+                assert page.evaluate("sessionStorage.getItem('tumorseg.token')") == token
+                assert page.evaluate("localStorage.length") == 0  # never kept beyond the session
+                # a new browser session asks again
+                fresh = browser.new_context().new_page()
+                fresh.on("dialog", answer)
+                fresh.goto(url + "/")
+                fresh.wait_for_function("document.querySelector('#model').textContent.includes('oracle')")
+            finally:
+                browser.close()
+    assert len(prompts) == 2 and all("access token" in p for p in prompts), prompts
+    audit = (tmp_path / "audit.jsonl").read_text()
+    assert '"token": "radiologist"' in audit and token not in audit
+    assert problems == [], problems

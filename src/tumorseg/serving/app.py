@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
+from tumorseg.serving.auth import AuditLog, Gatekeeper, TokenStore, is_loopback
 from tumorseg.serving.error_handlers import add_error_handlers
 from tumorseg.serving.limits import RequestLimits
 from tumorseg.serving.predict_routes import add_demo_routes, add_predict_route
@@ -34,14 +35,15 @@ from tumorseg.serving.service import (
 )
 from tumorseg.serving.viewer_routes import add_case_routes, add_ground_truth_route
 
-__all__ = ["ServeSettings", "Service", "create_app", "describe_model", "serve"]
+__all__ = ["ServeSettings", "Service", "create_app", "describe_model", "fastapi_app", "serve"]
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- application
 def create_app(settings: ServeSettings, *, loaded_model: Any = None, planar: PlanarSlot | None = None) -> Any:
-    """Build the ASGI application, wrapped in :class:`~tumorseg.serving.limits.RequestLimits`.
+    """Build the ASGI application, wrapped in :class:`~tumorseg.serving.limits.RequestLimits` and, outside
+    it, :class:`~tumorseg.serving.auth.Gatekeeper` (bearer tokens, the audit log).
 
     ``loaded_model`` (a :class:`~tumorseg.registry.loading.LoadedModel`) and ``planar`` are served
     instead of loading ``settings.model_uri`` / ``settings.model_2d`` (``serve()`` loads them first).
@@ -75,9 +77,24 @@ def create_app(settings: ServeSettings, *, loaded_model: Any = None, planar: Pla
     for add_routes in (add_predict_route, add_demo_routes, add_case_routes, add_ground_truth_route):
         add_routes(app)  # in the order the docs list them
     _add_health_routes(app, static_dir)
-    return RequestLimits(
+    limited = RequestLimits(
         app, max_body_bytes=settings.serve.max_upload_bytes, timeout_s=settings.serve.request_timeout_s
     )
+    cfg = settings.serve
+    audit = (
+        AuditLog(cfg.audit_log, int(cfg.audit_max_mb * 2**20), cfg.audit_backups) if cfg.audit_log else None
+    )
+    # outermost: a request without a valid token is answered before its body is read
+    return Gatekeeper(
+        limited, store=TokenStore(cfg.tokens_file), audit=audit, max_failures=cfg.auth_max_failures
+    )
+
+
+def fastapi_app(asgi: Any) -> FastAPI:
+    """The FastAPI application inside :func:`create_app`'s middleware."""
+    while not isinstance(asgi, FastAPI):
+        asgi = asgi.app
+    return asgi
 
 
 def _add_health_routes(app: FastAPI, static_dir: Path) -> None:
@@ -109,15 +126,31 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def serve(settings: ServeSettings, *, host: str | None = None, port: int | None = None) -> None:
+def serve(
+    settings: ServeSettings, *, host: str | None = None, port: int | None = None, insecure: bool = False
+) -> None:
     """Run the service with uvicorn until interrupted (``tumorseg serve``).
 
     The models load before the server binds its port, so a wrong ``--model`` is the CLI's one-line
-    :class:`~tumorseg.errors.DataError` rather than a failed ASGI start-up.
+    :class:`~tumorseg.errors.DataError` rather than a failed ASGI start-up. Without tokens it binds
+    loopback only, unless ``insecure``.
     """
     import uvicorn
 
+    from tumorseg.errors import DataError
     from tumorseg.registry.loading import load_model, prepare_mlflow
+
+    bind = host or settings.serve.host
+    tokens = TokenStore(settings.serve.tokens_file).entries()
+    if not tokens and not is_loopback(bind):
+        if not insecure:
+            raise DataError(
+                f"--host {bind}: no tokens in {settings.serve.tokens_file}, so anyone who reaches the port could "
+                "upload scans and read results; run `tumorseg token create NAME` first (or pass --insecure)"
+            )
+        log.warning("serving on %s without authentication (--insecure)", bind)
+    elif not tokens:  # loopback: only this machine's users reach it
+        log.info("no tokens in %s: serving %s without authentication", settings.serve.tokens_file, bind)
 
     prepare_mlflow()
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -125,7 +158,7 @@ def serve(settings: ServeSettings, *, host: str | None = None, port: int | None 
     planar = load_planar_slot(settings.model_2d, settings.tracking_uri)
     uvicorn.run(
         create_app(settings, loaded_model=loaded, planar=planar),
-        host=host or settings.serve.host,
+        host=bind,
         port=port or settings.serve.port,
         log_level="info",
         timeout_graceful_shutdown=10,

@@ -25,6 +25,12 @@ class ServeConfig(Section):
         workers: cases segmented at once; queue_size: requests waiting for a worker (503 beyond).
         result_ttl_s, max_results: how long and how many predictions the viewer keeps (LRU).
         demo_cases: synthetic cases generated at start-up for the viewer's demo list (0: none).
+        tokens_file: bearer tokens (``tumorseg token create NAME``), salted hashes only, mode 0600.
+            With none, the service answers without authentication and refuses to bind anything but
+            loopback unless ``--insecure``.
+        audit_log: one JSON line per request to a route that takes or returns patient data (null:
+            none), rotated at ``audit_max_mb`` with ``audit_backups`` old files kept.
+        auth_max_failures: failed authentications per client address and minute before 429.
     """
 
     host: str = "127.0.0.1"
@@ -44,6 +50,11 @@ class ServeConfig(Section):
     max_results: int = Field(4, ge=1)
     demo_cases: int = Field(2, ge=0)
     demo_spacing_mm: float = Field(2.0, gt=0.2, le=4.0)
+    tokens_file: str = ".tumorseg/tokens.json"
+    audit_log: str | None = "logs/audit.jsonl"
+    audit_max_mb: float = Field(10.0, gt=0.0)
+    audit_backups: int = Field(5, ge=1)
+    auth_max_failures: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _upload_fits(self) -> ServeConfig:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from tumorseg.data.readers import IMAGE, VOLUME
+from tumorseg.serving.auth import AUDIT_KEY, hash_uploads
 from tumorseg.serving.error_handlers import error_response
 from tumorseg.serving.service import Service, service_of
 from tumorseg.serving.uploads import UploadRejected, remove_tree, safe_file_name, stage_upload, upload_dims
@@ -45,8 +46,10 @@ async def run_prediction(
     source: Path | None = None,
     stage: Callable[[], Path] | None = None,
     pixel_size_mm: float | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> Response:
-    """Predict ``source`` (or what ``stage`` writes, on a threadpool thread) on the pool; answer in ``output``."""
+    """Predict ``source`` (or what ``stage`` writes, on a threadpool thread) on the pool; answer in ``output``;
+    the model and what it found go to the request's ``audit`` line."""
     future: Future[Any] | None = None
     try:
         if stage is not None:
@@ -57,6 +60,8 @@ async def run_prediction(
         # A job that never started (staging failed, busy, or cancelled by the timeout) leaves its folder to us.
         if future is None or future.cancel():
             remove_tree(workdir)
+    if audit is not None:
+        note_result(audit, result["summary"], service)
     if output == result["format"]:
         headers = {
             "Content-Disposition": f'attachment; filename="{result["file_name"]}"',
@@ -67,6 +72,20 @@ async def run_prediction(
         display: DisplayCase | PlanarDisplay = result["display"]
         return JSONResponse(viewer_summary(service.store.add(display), display))
     return JSONResponse(result["summary"])
+
+
+AUDITED_2D = ("probability", "label", "tumour_type", "tumour_area_px", "tumour_area_mm2")
+"""What a 2-D prediction's audit line keeps (3-D: ``volumes_ml``); never image data."""
+
+
+def note_result(audit: dict[str, Any], summary: dict[str, Any], service: Service) -> None:
+    """The serving model and the predicted volumes (3-D) or detection (2-D) for the audit line."""
+    info = summary.get("model") or service.model_info
+    audit["model"] = {key: info.get(key) for key in ("name", "version", "alias")}
+    if "volumes_ml" in summary:
+        audit["volumes_ml"] = summary["volumes_ml"]
+    else:
+        audit["result"] = {key: summary.get(key) for key in AUDITED_2D}
 
 
 def _check_output(dims: int, output: OutputFormat, name: str) -> None:
@@ -108,8 +127,13 @@ def add_predict_route(app: FastAPI) -> None:
             service.planar.require()  # 503 before reading the upload when there is no 2-D model
         workdir = service.request_dir()
         uploads = [(upload.filename, upload.file) for upload in files]
+        audit = request.scope.get(AUDIT_KEY)
+        if audit is not None:
+            audit["files"] = await run_in_threadpool(hash_uploads, uploads)
         stage = partial(stage_upload, uploads, workdir, service.limits)
-        return await run_prediction(service, workdir, output, stage=stage, pixel_size_mm=pixel_size_mm)
+        return await run_prediction(
+            service, workdir, output, stage=stage, pixel_size_mm=pixel_size_mm, audit=audit
+        )
 
 
 def add_demo_routes(app: FastAPI) -> None:
@@ -131,4 +155,7 @@ def add_demo_routes(app: FastAPI) -> None:
         if case_id not in demo.case_ids:
             state = "still being generated" if not demo.ready.is_set() else f"one of {demo.case_ids}"
             return error_response(404, f"demo case {case_id!r}: unknown; demo cases are {state}")
-        return await run_prediction(service, service.request_dir(), format, source=demo.folder / case_id)
+        audit = request.scope.get(AUDIT_KEY)
+        return await run_prediction(
+            service, service.request_dir(), format, source=demo.folder / case_id, audit=audit
+        )

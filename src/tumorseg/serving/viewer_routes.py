@@ -10,6 +10,7 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from tumorseg.serving.auth import AUDIT_KEY, hash_uploads
 from tumorseg.serving.service import score_mask, service_of
 from tumorseg.serving.uploads import UploadRejected, is_nifti_name, remove_tree, safe_file_name
 from tumorseg.serving.viewer import DisplayCase, PlanarDisplay
@@ -108,6 +109,9 @@ def add_ground_truth_route(app: FastAPI) -> None:
             raise UploadRejected(
                 f"{name}: not a NIfTI file (.nii, .nii.gz); upload the case's segmentation mask"
             )
+        audit = request.scope.get(AUDIT_KEY)
+        if audit is not None:
+            audit["files"] = await run_in_threadpool(hash_uploads, [(name, file.file)])
         workdir = service.request_dir()
         try:
             dice = await run_in_threadpool(score_mask, service, display, file.file, name, workdir)

@@ -35,6 +35,23 @@ function setStatus(text, kind = "info") {
   status.dataset.kind = kind;
 }
 
+const TOKEN_KEY = "tumorseg.token";
+
+// fetch with the access token of this browser session (sessionStorage: gone when the tab closes);
+// a 401 asks for the token once and retries.
+async function api(url, options = {}) {
+  for (let attempt = 0; ; attempt += 1) {
+    const headers = new Headers(options.headers || {});
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (token) headers.set("Authorization", `Bearer ${token}`);
+    const response = await fetch(url, { ...options, headers });
+    if (response.status !== 401 || attempt > 0) return response;
+    const entered = window.prompt("This server needs an access token (from `tumorseg token create NAME`):");
+    if (!entered) return response;
+    sessionStorage.setItem(TOKEN_KEY, entered.trim());
+  }
+}
+
 async function readJson(response) {
   let body = null;
   try {
@@ -61,7 +78,7 @@ async function fetchSlice(plane, index) {
   const key = `${state.caseId}/${plane}/${index}/${modality}`;
   if (!state.cache.has(key)) {
     const url = `/cases/${encodeURIComponent(state.caseId)}/slice?plane=${plane}&index=${index}&modality=${modality}`;
-    const body = await readJson(await fetch(url));
+    const body = await readJson(await api(url));
     state.cache.set(key, {
       width: body.width,
       height: body.height,
@@ -276,14 +293,14 @@ $("#upload-form").addEventListener("submit", (event) => {
   const form = new FormData();
   for (const file of files) form.append("files", file, file.name);
   run(files.length === 1 ? files[0].name : `${files.length} files`, () =>
-    fetch("/predict?format=viewer", { method: "POST", body: form }),
+    api("/predict?format=viewer", { method: "POST", body: form }),
   );
 });
 
 $("#demo-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const caseId = $("#demo-select").value;
-  run(caseId, () => fetch(`/demo/${encodeURIComponent(caseId)}?format=viewer`, { method: "POST" }));
+  run(caseId, () => api(`/demo/${encodeURIComponent(caseId)}?format=viewer`, { method: "POST" }));
 });
 
 $("#reference-form").addEventListener("submit", async (event) => {
@@ -294,7 +311,7 @@ $("#reference-form").addEventListener("submit", async (event) => {
   form.append("file", file, file.name);
   try {
     const body = await readJson(
-      await fetch(`/cases/${encodeURIComponent(state.caseId)}/ground-truth`, { method: "POST", body: form }),
+      await api(`/cases/${encodeURIComponent(state.caseId)}/ground-truth`, { method: "POST", body: form }),
     );
     state.summary.dice = body.dice;
     state.cache.clear();
@@ -311,13 +328,31 @@ for (const control of document.querySelectorAll(".region, #opacity, #show-refere
   control.addEventListener("input", () => state.caseId && drawAll());
 }
 $("#modality").addEventListener("change", () => state.caseId && drawAll());
+// A plain link cannot send the token: with one, the download goes through fetch and a blob URL.
+$("#download").addEventListener("click", async (event) => {
+  if (!sessionStorage.getItem(TOKEN_KEY)) return;
+  event.preventDefault();
+  const link = event.currentTarget;
+  try {
+    const response = await api(link.href);
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    const url = URL.createObjectURL(await response.blob());
+    const save = document.createElement("a");
+    save.href = url;
+    save.download = link.getAttribute("download") || "segmentation";
+    save.click();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
+  } catch (error) {
+    setStatus(`Download failed: ${error.message}`, "error");
+  }
+});
 for (const slider of document.querySelectorAll(".slice")) {
   slider.addEventListener("input", () => state.caseId && drawPlane(slider.dataset.plane));
 }
 
 async function loadModel() {
   try {
-    const health = await readJson(await fetch("/health"));
+    const health = await readJson(await api("/health"));
     const describe = (model) =>
       [model.name, model.version ? `version ${model.version}` : null, model.alias ? `@${model.alias}` : null]
         .filter(Boolean)
@@ -335,7 +370,7 @@ async function loadModel() {
 async function loadDemos(attempt = 0) {
   const select = $("#demo-select");
   try {
-    const demo = await readJson(await fetch("/demo"));
+    const demo = await readJson(await api("/demo"));
     if (!demo.ready && attempt < 60) {
       setTimeout(() => loadDemos(attempt + 1), 1000);
       return;
