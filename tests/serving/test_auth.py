@@ -160,3 +160,58 @@ def test_token_commands_and_serving_beyond_loopback_without_tokens(
     assert main(["token", "revoke", "ward-3", *p]) == 0
     assert main(["token", "revoke", "ward-3", *p]) == 2
     assert "no token named" in capsys.readouterr().err
+
+
+def test_four_clients_at_once_on_a_real_server_give_four_whole_audit_lines(
+    tokens: dict[str, str], small_case: Path, tmp_path: Path
+) -> None:
+    """uvicorn in a thread, four httpx clients posting at the same time (a barrier releases them)."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from serving_support import oracle_model
+
+    from tumorseg.serving.app import ServeSettings, create_app
+
+    settings = ServeSettings.from_params(serve_params(tmp_path, workers=2), model_uri="oracle")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, loaded_model=oracle_model()),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        barrier = threading.Barrier(4)
+        files = case_files(small_case)
+
+        def one_client(i: int) -> int:
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+                token = tokens["alice" if i % 2 else "bob"]
+                barrier.wait()
+                return client.post("/predict?format=json", files=files, headers=_bearer(token)).status_code
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            codes = list(pool.map(one_client, range(4)))
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+    assert codes == [200] * 4
+    lines = _audit(tmp_path)  # every line parses: none interleaved
+    assert sorted(line["token"] for line in lines) == ["alice", "alice", "bob", "bob"]
+    assert all(line["status"] == 200 and line["client"] == "127.0.0.1" for line in lines)
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert not any(token in text for token in tokens.values())
