@@ -424,7 +424,9 @@ def test_a_promotion_killed_between_its_writes_is_finished_by_the_next_run(
     assert promote_cli(params_file, capsys)[2]["action"] == "promoted"
     register(project, shifted(evaluation, +0.1), name)
     client = project.client()
-    for point in (1, 2):  # before the champion alias moves, then before the challenger alias is dropped
+    # before the promotion's tags and history, before the champion alias moves, before the challenger
+    # alias is dropped: the champion is the old one, the old one, then the new one
+    for point, champion in ((1, "1"), (2, "1"), (3, "2")):
         log = tmp_path / f"points-{point}.log"
         env = {**os.environ, LOG_ENV: str(log), PAUSE_ENV: str(point)}
         command = [sys.executable, "-m", "tumorseg.cli", "promote", "--params", str(params_file)]
@@ -432,9 +434,9 @@ def test_a_promotion_killed_between_its_writes_is_finished_by_the_next_run(
         wait_until(lambda lg=log: lg.is_file() and PAUSED in lg.read_text(), f"write point {point}", 120)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
-        champion = aliases(project, name)["champion"]
-        assert champion == ("1" if point == 1 else "2")
-        assert json.loads(client.get_registered_model(name).tags["champion_history"]) == ["1", "2"]
+        assert aliases(project, name)["champion"] == champion
+        history = json.loads(client.get_registered_model(name).tags["champion_history"])
+        assert history == (["1"] if point == 1 else ["1", "2"])  # never "2" twice
     rc, out, decision = promote_cli(params_file, capsys)
     assert rc == 0 and aliases(project, name) == {"champion": "2"}  # the challenger alias is dropped
     assert json.loads(client.get_registered_model(name).tags["champion_history"]) == ["1", "2"]

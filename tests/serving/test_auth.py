@@ -92,13 +92,37 @@ def test_every_patient_data_route_refuses_missing_wrong_revoked_and_malformed_to
     assert lines[-1]["token"] == "alice" and lines[-1]["status"] == 200
 
 
-def test_repeated_failures_from_one_address_are_rate_limited(make_client, tokens: dict[str, str]) -> None:
+def test_repeated_failures_from_one_address_are_rate_limited(
+    make_client, tokens: dict[str, str], tmp_path: Path
+) -> None:
     client = make_client(auth_max_failures=3)
+    wrong = _bearer("tsg_000000000000_" + "A" * 43)
     for _ in range(3):
-        assert client.get("/demo", headers=_bearer("tsg_000000000000_" + "A" * 43)).status_code == 401
-    limited = client.get("/demo", headers=_bearer(tokens["alice"]))
+        assert client.get("/demo", headers=wrong).status_code == 401
+    limited = client.get("/demo", headers=wrong)
     assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 0
     assert "too many failed authentications" in limited.json()["error"]
+    assert (
+        client.get("/demo", headers=_bearer(tokens["alice"])).status_code == 200
+    )  # a valid token still works
+
+
+def test_revoking_the_last_token_or_losing_the_file_closes_the_routes_not_opens_them(
+    make_client, tokens: dict[str, str], tmp_path: Path
+) -> None:
+    client = make_client()
+    store = TokenStore(tmp_path / "tokens.json")
+    assert client.get("/demo", headers=_bearer(tokens["alice"])).status_code == 200
+    store.revoke("alice")
+    store.revoke("bob")
+    refused = client.get("/demo")
+    assert refused.status_code == 401 and "holds none" in refused.json()["error"]
+    (tmp_path / "tokens.json").unlink()
+    assert client.get("/demo").status_code == 401
+    (tmp_path / "tokens.json").write_text("{not json")
+    broken = client.get("/demo", headers=_bearer(tokens["alice"]))
+    assert broken.status_code == 503 and "not a tumorseg tokens file" in broken.json()["error"]
+    assert client.get("/health").status_code == 200
 
 
 def test_an_authenticated_prediction_is_audited_with_hashes_volumes_and_model_never_the_token(

@@ -133,7 +133,12 @@ def _source_superseded(client: Any, outcome: CompressionResult) -> str | None:
     compressed = outcome.report.get("source_version")
     if source is None or not source["alias"] or compressed is None:
         return None
-    now = str(client.get_model_version_by_alias(source["name"], source["alias"]).version)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        now = str(client.get_model_version_by_alias(source["name"], source["alias"]).version)
+    except MlflowException:
+        return f"{source['name']}@{source['alias']} no longer exists (it named version {compressed})"
     if now == str(compressed):
         return None
     return f"{source['name']}@{source['alias']} moved from version {compressed} to {now} while compressing"

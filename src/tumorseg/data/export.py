@@ -64,13 +64,13 @@ def export_cases(
         raise DataError(f"{target}: exists; pass --force to replace it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    old = out / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         if fmt == "nnunet":
             staging.mkdir()
             _write_nnunet(cases, staging, split)
         else:
             staging.write_text(json.dumps(monai_datalist(cases, split), indent=2) + "\n")
-        old = out / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
         if target.exists():  # moved aside, not deleted first: a kill here leaves the old export whole
             write_point(target)
             os.replace(target, old)
@@ -85,6 +85,8 @@ def export_cases(
             shutil.rmtree(staging, ignore_errors=True)
         else:
             staging.unlink(missing_ok=True)
+        if not target.exists() and old.exists():  # interrupted between the two renames: the old one back
+            os.replace(old, target)
         raise
     return target
 

@@ -324,7 +324,10 @@ def _set_champion(
     """Make ``version`` champion, in an order that a process killed at any point leaves right: its tags
     and the history first (a rerun finds them and does not append twice), then the alias (the one
     write that changes what is served), then the challenger alias dropped (a rerun finishes that)."""
+    write_point(f"promotion of {name} version {version}")
     _tag(client, name, version, previous_champion=previous or "none", promoted_at=_now())
+    if previous is not None and previous in history:  # entries after the champion: a killed promotion's
+        history = history[: len(history) - history[::-1].index(previous)]
     if history[-1:] != [version]:
         client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([*history, version][-keep:]))
     write_point(f"alias {name}@{CHAMPION}")
@@ -543,6 +546,7 @@ def _rollback(client: Any, name: str) -> PromotionResult:
     client.get_model_version(name, previous)  # fails loudly if that version was deleted
     # history first: killed before the alias moved, a rerun finds `current` outside it and rolls back to
     # the same `previous`, not one further
+    write_point(f"rollback of {name} version {current}")
     _tag(client, name, current, rolled_back="true", rolled_back_at=_now())
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(earlier))
     write_point(f"alias {name}@{CHAMPION}")

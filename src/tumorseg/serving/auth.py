@@ -61,11 +61,19 @@ class TokenStore:
         self.path = Path(path)
 
     def entries(self) -> list[TokenEntry]:
-        if not self.path.is_file():
-            return []
         try:
             raw = json.loads(self.path.read_text())
-            return [TokenEntry(**entry) for entry in raw["tokens"]]
+            entries = [TokenEntry(**entry) for entry in raw["tokens"]]
+            for entry in entries:
+                bytes.fromhex(entry.salt)
+            return entries
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise DataError(
+                f"{self.path}: cannot read the tokens file ({exc.strerror}); it must be readable by the user "
+                "that serves (in Docker: the image's user `tumorseg`)"
+            ) from None
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(
                 f"{self.path}: not a tumorseg tokens file ({type(exc).__name__}); remove it and create tokens again"
@@ -135,28 +143,30 @@ def is_loopback(host: str) -> bool:
 
 # ---------------------------------------------------------------------------- audit log
 class AuditLog:
-    """One JSON line per request, appended to ``path`` and rotated at ``max_bytes`` (``backups`` kept)."""
+    """One JSON line per request, appended to ``path`` (opened, written and closed under a lock, so no
+    file handle outlives a write) and rotated at ``max_bytes``: ``path.1`` .. ``path.<backups>`` kept."""
 
     def __init__(self, path: str | Path, max_bytes: int, backups: int) -> None:
-        from logging.handlers import RotatingFileHandler
+        import threading
 
-        self.path = Path(path)
-        self.logger = logging.getLogger(f"tumorseg.audit.{id(self)}")
-        self.logger.propagate = False
-        self.logger.setLevel(logging.INFO)
-        self.handler = RotatingFileHandler(
-            self.path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8", delay=True
-        )
-        self.handler.setFormatter(logging.Formatter("%(message)s"))
-        self.logger.addHandler(self.handler)
+        self.path, self.max_bytes, self.backups = Path(path), max_bytes, backups
+        self.lock = threading.Lock()
 
     def write(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.logger.info(json.dumps(record, sort_keys=True, default=str))
+        line = json.dumps(record, sort_keys=True, default=str) + "\n"
+        with self.lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_file() and self.path.stat().st_size + len(line) > self.max_bytes:
+                self._rotate()
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(line)
 
-    def close(self) -> None:
-        self.logger.removeHandler(self.handler)
-        self.handler.close()
+    def _rotate(self) -> None:
+        for n in range(self.backups - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{n}")
+            if older.is_file():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
 
 
 def hash_uploads(uploads: list[tuple[str, Any]]) -> list[dict[str, str]]:
@@ -188,15 +198,35 @@ class Gatekeeper:
         self.app, self.store, self.audit = app, store, audit
         self.max_failures, self.window_s = max_failures, window_s
         self.failures: dict[str, deque[float]] = {}
+        self.required = False
 
     def _closed(self, path: str) -> bool:
         return path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES)
 
     def _limited(self, client: str, now: float) -> bool:
-        recent = self.failures.setdefault(client, deque())
+        recent = self.failures.get(client)
         while recent and now - recent[0] > self.window_s:
             recent.popleft()
-        return len(recent) >= self.max_failures
+        if recent is not None and not recent:
+            del self.failures[client]
+        return recent is not None and len(recent) >= self.max_failures
+
+    def _fail(self, client: str, now: float) -> None:
+        if len(self.failures) > 100_000:  # addresses seen once, long ago: dropped first
+            self.failures = {c: d for c, d in self.failures.items() if d and now - d[-1] <= self.window_s}
+        self.failures.setdefault(client, deque()).append(now)
+
+    def _authenticate(self, scope: Scope) -> tuple[str | None, str | None]:
+        """The token's name, or why not. Once a token has existed, authentication stays required: a
+        revoked last token or a missing file closes the routes, never opens them."""
+        assert self.store is not None
+        entries = self.store.entries()
+        self.required = self.required or bool(entries)
+        if not self.required:
+            return "", None
+        if not entries:
+            return None, f"no valid token: {self.store.path} holds none; `tumorseg token create NAME`"
+        return self.store.check(dict(scope.get("headers") or []).get(b"authorization"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._closed(scope["path"]):
@@ -220,18 +250,23 @@ class Gatekeeper:
             await send(message)
 
         try:
-            if self.store is not None and self.store.entries():
-                if self._limited(client, began):
-                    retry = f"{self.window_s:.0f}"
-                    message = f"too many failed authentications from {client}; retry in {retry} s"
-                    await send_json(noted_send, 429, {"error": message}, {"Retry-After": retry})
+            if self.store is not None:
+                try:
+                    name, why = self._authenticate(scope)
+                except DataError as exc:  # an unreadable tokens file: nobody gets in, one line says why
+                    logging.getLogger(__name__).error("%s", exc)
+                    await send_json(noted_send, 503, {"error": str(exc)})
                     return
-                name, why = self.store.check(dict(scope.get("headers") or []).get(b"authorization"))
                 if name is None:
-                    self.failures[client].append(began)
+                    if self._limited(client, began):
+                        retry = f"{self.window_s:.0f}"
+                        message = f"too many failed authentications from {client}; retry in {retry} s"
+                        await send_json(noted_send, 429, {"error": message}, {"Retry-After": retry})
+                        return
+                    self._fail(client, began)
                     await send_json(noted_send, 401, {"error": why}, {"WWW-Authenticate": "Bearer"})
                     return
-                record["token"] = name
+                record["token"] = name or None
             await self.app(scope, receive, noted_send)
         finally:
             if self.audit is not None:
