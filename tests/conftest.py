@@ -117,12 +117,20 @@ def _reliability_markdown(report: dict) -> str:
             "|---|---:|---|---|---|",
         ]
         for stage in crash:
-            kills = "; ".join(
+            each = [k for k in stage["kills"] if k["kill"].startswith("write ")]
+            named = [k for k in stage["kills"] if not k["kill"].startswith("write ")]
+            parts = (
+                [f"each of its {len(each)} writes ({sum(k['files_checked'] for k in each)} files checked)"]
+                if each
+                else []
+            )
+            parts += [
                 f"{k['kill']}: {k['at'].rsplit('/', 1)[-1]}"
                 + (f" ({k['files_checked']} files checked)" if k["files_checked"] else "")
-                for k in stage["kills"]
-            )
+                for k in named
+            ]
             identical = "yes" if stage["rerun_identical"] else "no"
+            kills = "; ".join(parts) or "none (tested elsewhere)"
             lines.append(
                 f"| `{stage['stage']}` | {stage['write_points']} | {kills} | {identical} | nothing |"
             )

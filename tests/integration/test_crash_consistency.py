@@ -21,9 +21,10 @@ The uninterrupted run is the same project copied before the first stage and run 
 beside it.
 
 ``make test`` runs the 3-D chain and compress with the ``last`` and ``time`` kills (about 4 minutes
-on 2 cores); ``make reliability`` (``pytest --reliability-out FILE``, which sets
-``TUMORSEG_CRASH_FULL=1``) runs every stage, 2-D included, with all three, and writes each kill
-point's outcome to the README's reliability table.
+on 2 cores). ``make reliability`` (``pytest --reliability-out FILE``, which sets
+``TUMORSEG_CRASH_FULL=1``) runs every stage, 2-D included: first it kills the stage at each of its
+write points in turn, each time from the state before the stage, then ``last``, ``first`` and
+``time`` as above; each kill's outcome goes to the README's reliability table.
 """
 
 from __future__ import annotations
@@ -371,31 +372,52 @@ def test_every_stage_survives_sigkill_at_its_writes_and_reruns_to_the_same_outpu
         Path(out).write_text(json.dumps(table, indent=1) + "\n")
 
 
-def _kill_and_rerun(stage: Stage, work: Path, ref: Path, tmp_path: Path, table: list[dict[str, Any]]) -> None:
-    """Every kill point of ``stage`` in ``work``, the checks after each, then the run to the end."""
+def _attempt(stage: Stage, work: Path, kill: str, pause: int | None, log: Path) -> None:
+    """Start ``stage`` in ``work``, SIGKILL it at write point ``pause`` (or by time), check what it left."""
     name = stage.name
+    before, lock, registry = _snapshot(work, stage), _lock_entry(work, name), _registry(work)
+    process = _repro(work, name, _env(log, pause))
+    killed_at = None
+    deadline = time.monotonic() + (600 if pause else stage.kill_after_s)
+    while time.monotonic() < deadline and process.poll() is None:
+        if pause and _lines(log, PAUSED):
+            killed_at = _lines(log, PAUSED)[0][3]
+            break
+        time.sleep(0.02)
+    finished = process.poll() is not None
+    _kill(process)
+    if pause and not finished:
+        assert killed_at is not None, f"{name}: write point {pause} not reached in 600 s"
+    checked = _check_after_kill(work, stage, before, lock, registry)
+    at = killed_at or ("finished first" if finished else f"{stage.kill_after_s:.1f} s")
+    stage.outcomes.append({"kill": kill, "at": at, "files_checked": checked})
+
+
+def _restore(pristine: Path, work: Path) -> None:
+    shutil.rmtree(work)
+    shutil.copytree(pristine, work, symlinks=True)
+
+
+def _kill_and_rerun(stage: Stage, work: Path, ref: Path, tmp_path: Path, table: list[dict[str, Any]]) -> None:
+    """Every kill point of ``stage`` in ``work``, the checks after each, then the run to the end.
+
+    ``make reliability`` first kills the stage at each of its write points in turn, each time from
+    the state before the stage (restored from a copy); then, as ``make test`` does, ``last``, ``first``
+    and ``time`` one after the other, each from what the previous kill left."""
+    name = stage.name
+    if FULL and stage.points:
+        pristine = tmp_path / "pristine"
+        shutil.rmtree(pristine, ignore_errors=True)
+        shutil.copytree(work, pristine, symlinks=True)
+        for point in range(1, stage.points + 1):
+            _attempt(stage, work, f"write {point}", point, tmp_path / f"{name}-write-{point}.log")
+            _restore(pristine, work)
     kills = KILLS if FULL or name not in COVERED_ELSEWHERE else ()
     for kill in kills:
         if kill != "time" and stage.points == 0:
             continue
-        before, lock, registry = _snapshot(work, stage), _lock_entry(work, name), _registry(work)
-        attempt_log = tmp_path / f"{name}-{kill}.log"
         pause = {"last": stage.points, "first": 1}.get(kill)
-        process = _repro(work, name, _env(attempt_log, pause))
-        killed_at = None
-        deadline = time.monotonic() + (600 if pause else stage.kill_after_s)
-        while time.monotonic() < deadline and process.poll() is None:
-            if pause and _lines(attempt_log, PAUSED):
-                killed_at = _lines(attempt_log, PAUSED)[0][3]
-                break
-            time.sleep(0.02)
-        finished = process.poll() is not None
-        _kill(process)
-        if pause and not finished:
-            assert killed_at is not None, f"{name}: write point {pause} not reached in 600 s"
-        checked = _check_after_kill(work, stage, before, lock, registry)
-        at = killed_at or ("finished first" if finished else f"{stage.kill_after_s:.1f} s")
-        stage.outcomes.append({"kill": kill, "at": at, "files_checked": checked})
+        _attempt(stage, work, kill, pause, tmp_path / f"{name}-{kill}.log")
     _finish(work, name)
     assert _snapshot(work, stage) == stage.expected, f"{name}: the rerun's outputs differ"
     for key, path in _files(work, stage).items():
