@@ -44,7 +44,7 @@ test-fast: venv $(VENV)/.test-installed
 # The README's reliability tables: the whole suite, recording the crash-consistency harness's kill
 # points and every distinct one-line error (bad input) per command: reports/reliability.{json,md}.
 reliability: venv $(VENV)/.test-installed
-	$(BIN)/python -m pytest -q --reliability-out reports/reliability.json
+	$(BIN)/python -m pytest -q --reliability-out=reports/reliability.json
 
 # Benchmarks need the trained champion: `dvc repro` first (a no-op when up to date).
 bench: run

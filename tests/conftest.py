@@ -88,7 +88,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     from pathlib import Path
 
     out = session.config.getoption("--reliability-out", None)
-    if not out:
+    if not out or session.config.option.collectonly:
         return
     errors = Path(os.environ["TUMORSEG_ERROR_LOG"])
     crash = Path(os.environ["TUMORSEG_RELIABILITY_OUT"])
@@ -97,7 +97,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         record = json.loads(line)
         distinct.setdefault(record["command"], set()).add(record["error"])
     report = {
-        "command": "pytest --reliability-out " + str(out),
+        "command": "pytest --reliability-out=" + str(out),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "crash_consistency": json.loads(crash.read_text()) if crash.is_file() else None,

@@ -21,7 +21,7 @@ The uninterrupted run is the same project copied before the first stage and run 
 beside it.
 
 ``make test`` runs the 3-D chain and compress with the ``last`` and ``time`` kills (about 4 minutes
-on 2 cores). ``make reliability`` (``pytest --reliability-out FILE``, which sets
+on 2 cores). ``make reliability`` (``pytest --reliability-out=FILE``, which sets
 ``TUMORSEG_CRASH_FULL=1``) runs every stage, 2-D included: first it kills the stage at each of its
 write points in turn, each time from the state before the stage, then ``last``, ``first`` and
 ``time`` as above; each kill's outcome goes to the README's reliability table.
