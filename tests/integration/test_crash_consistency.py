@@ -270,21 +270,31 @@ def _lock_entry(repo: Path, stage: str) -> Any:
 
 
 def _registry(repo: Path) -> tuple[dict[str, dict[str, str]], set[str], list[str]]:
-    """Aliases by model, the versions' ``name/number``, and the RUNNING runs of the project's store."""
+    """Aliases by model, the versions' ``name/number``, and the RUNNING runs of the project's store.
+
+    Read with sqlite3, not an MLflow client: MLflow keeps one SQLAlchemy engine per store URI in this
+    process, and after ``_restore`` replaces the database file its pooled connection reads the old one.
+    """
+    import sqlite3
+
     db = repo / "mlruns" / "mlflow.db"
     if not db.is_file():
         return {}, set(), []
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
-    aliases, versions = {}, set()
-    for model in client.search_registered_models():
-        aliases[model.name] = dict(model.aliases)
-        versions |= {
-            f"{model.name}/{v.version}" for v in client.search_model_versions(f"name='{model.name}'")
-        }
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    running = [r.info.run_id for r in client.search_runs(experiments, "attributes.status = 'RUNNING'")]
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
+        aliases: dict[str, dict[str, str]] = {}
+        for name, alias, version in connection.execute(
+            "SELECT name, alias, version FROM registered_model_aliases"
+        ):
+            aliases.setdefault(name, {})[alias] = str(version)
+        for (name,) in connection.execute("SELECT name FROM registered_models"):
+            aliases.setdefault(name, {})
+        versions = {f"{n}/{v}" for n, v in connection.execute("SELECT name, version FROM model_versions")}
+        running = [
+            r
+            for (r,) in connection.execute(
+                "SELECT run_uuid FROM runs WHERE status = 'RUNNING' AND lifecycle_stage = 'active'"
+            )
+        ]
     return aliases, versions, running
 
 
