@@ -34,7 +34,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +66,6 @@ def _model(params: dict[str, Any], workdir: Path) -> tuple[str, str, Any]:
         ``(uri, what it is, the loaded TrainedNetwork)``: the server loads the URI itself, the
         in-process baseline uses the network loaded here (once).
     """
-    import torch
-
     from tumorseg.config import section
     from tumorseg.errors import DataError
     from tumorseg.registry.loading import load_model
@@ -78,23 +78,74 @@ def _model(params: dict[str, Any], workdir: Path) -> tuple[str, str, Any]:
         return uri, loaded.description, loaded.trained
     except DataError:
         pass
+    path = random_checkpoint(params, workdir / "random.ckpt", seed=0)
+    what = "params.yaml network with seeded random weights (no champion in the store)"
+    return str(path), what, load_model(str(path), tracking_uri=tracking).trained
+
+
+def random_checkpoint(params: dict[str, Any], path: Path, *, seed: int) -> Path:
+    """The params.yaml network with seeded random weights, as a ``tumorseg train`` checkpoint."""
+    import torch
+
     from tumorseg.models.checkpoint import CONFIG_CHECKPOINT_KEY
     from tumorseg.models.networks import build_network
     from tumorseg.training.config import load_training_config
 
     cfg = load_training_config(params)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     network = build_network(
         cfg.model,
         spatial_dims=3,
         patch_size=cfg.data_loader.network_patch,
         spacing=cfg.preprocess.target_spacing_mm,
     )
-    path = workdir / "random.ckpt"
     state = {f"network.{k}": v for k, v in network.state_dict().items()}
     torch.save({"state_dict": state, CONFIG_CHECKPOINT_KEY: cfg.to_dict()}, path)
-    what = "params.yaml network with seeded random weights (no champion in the store)"
-    return str(path), what, load_model(str(path), tracking_uri=tracking).trained
+    return path
+
+
+@contextmanager
+def running_server(
+    params_file: str | Path, model_uri: str, log_path: Path, *overrides: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """``tumorseg serve`` of ``model_uri`` in its own process on a free port, 3-D only, no demo cases
+    (``overrides``: further ``KEY=VALUE``); yields the process and its base URL once /health answers."""
+    import httpx
+
+    port = _free_port()
+    command = [
+        sys.executable, "-m", "tumorseg.cli", "serve", "--params", str(params_file),
+        "--model", model_uri, "--host", "127.0.0.1", "--port", str(port),
+        "-S", "serve.demo_cases=0", "-S", "predict.device=cpu",
+        "-S", "serve.model_2d=null",  # 3-D only: no 2-D model in the peak-memory figure
+    ]  # fmt: skip
+    for override in overrides:
+        command += ["-S", override]
+    log_file = log_path.open("w")
+    server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not answer /health within 300 s")
+            time.sleep(0.5)
+        yield server, base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log_file.close()
 
 
 def _percentiles(values: list[float]) -> tuple[float, float]:
@@ -188,30 +239,7 @@ def bench_serve(
         modality_files = sorted(p for p in case_dir.glob("*.nii.gz") if "_seg" not in p.name)
         payload = [("files", (p.name, p.read_bytes(), "application/gzip")) for p in modality_files]
 
-        port = _free_port()
-        command = [
-            sys.executable, "-m", "tumorseg.cli", "serve", "--params", str(params_file),
-            "--model", model_uri, "--host", "127.0.0.1", "--port", str(port),
-            "-S", "serve.demo_cases=0", "-S", "predict.device=cpu",
-            "-S", "serve.model_2d=null",  # 3-D only: no 2-D model in the peak-memory figure
-        ]  # fmt: skip
-        log_file = (root / "server.log").open("w")
-        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ})
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None:
-                    raise RuntimeError(f"the server exited: {(root / 'server.log').read_text()[-2000:]}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the server did not answer /health within 300 s")
-                time.sleep(0.5)
-
+        with running_server(params_file, model_uri, root / "server.log") as (server, base):
             errors = 0
             error_texts: list[str] = []
             lock = threading.Lock()
@@ -279,14 +307,6 @@ def bench_serve(
                 thread.join()
             concurrent_wall = time.perf_counter() - wall_start
             peak_mib = _peak_rss_mib(server.pid)
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-            log_file.close()
 
     single_p50, single_p95 = _percentiles(single)
     many_p50, many_p95 = _percentiles(concurrent)

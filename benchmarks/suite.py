@@ -290,6 +290,13 @@ def bench_serve() -> dict[str, Any]:
     return run(_project_params())
 
 
+def bench_shadow() -> dict[str, Any]:
+    """``POST /predict`` latency at 1 client with the shadow model on against off (same run)."""
+    from benchmarks.shadow import bench_shadow as run
+
+    return run(_project_params())
+
+
 def bench_generalisation() -> dict[str, Any]:
     """The champions on the independent set against their own held-out test split (the baseline):
     ``tumorseg generalise`` for 3-D and 2-D, read beside reports/metrics.json and the 2-D test summary."""
@@ -343,6 +350,7 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "flow": bench_flow,
     "tuning": bench_tuning,
     "serve": bench_serve,
+    "shadow": bench_shadow,
 }
 
 

@@ -88,6 +88,34 @@ def check_new_data_task(params: dict) -> dict[str, Any]:
     return decision.to_dict()
 
 
+@task(name="monitor-drift", cache_policy=NO_CACHE)
+def monitor_task(params: dict, folder: str) -> dict[str, Any]:
+    """The drift of the predictions in ``folder`` (:func:`tumorseg.monitoring.monitor.monitor_folder`),
+    logged to MLflow and published as the ``drift`` artifact. A folder without predictions yet is
+    reported, not an error: the schedule must not fail before the first prediction."""
+    from tumorseg.errors import DataError
+    from tumorseg.monitoring.monitor import monitor_folder
+
+    try:
+        report = monitor_folder(folder, params, tracking_uri=tracking_uri(params))
+    except DataError as exc:
+        text = f"drift not monitored: {exc}"
+        create_markdown_artifact(key="drift", markdown=text, description=f"Drift of {folder}")
+        return {"drifted": False, "one_line": text, "cases": 0, "flagged": 0}
+    create_markdown_artifact(
+        key="drift",
+        markdown=report.markdown(),
+        description=f"Drift of the predictions in {folder} against the serving model's training data",
+    )
+    return {
+        "drifted": report.drifted,
+        "one_line": report.one_line(),
+        "cases": report.cases,
+        "flagged": report.flagged,
+        "mlflow_run_id": report.mlflow_run_id,
+    }
+
+
 @task(name="tune", cache_policy=NO_CACHE)
 def tune_task(params: dict) -> dict[str, Any]:
     from tumorseg.tuning.study import run_study
@@ -219,7 +247,8 @@ def training_flow(
     Args:
         overrides: dotted-key overrides (``{"train.max_epochs": 2}``).
         only_if_new_data: stop early, recording "no new data", when the raw data is what the
-            champion was trained on (scheduled runs).
+            champion was trained on (scheduled runs), unless ``monitor.folder``'s predictions have
+            drifted and ``monitor.retrain_on_drift`` is set.
         tune: run the Optuna search first (None: ``flow.tune``).
 
     Returns:
@@ -236,9 +265,18 @@ def training_flow(
     summary["source"] = _cached(source_task, "source", params, folder)(params, params_path)
     summary["ingest"] = _cached(ingest_task, "ingest", params, folder)(params, str(folder))
     raw_md5 = raw_data_hash(params.paths.ingested)
+    if params.monitor.folder:
+        summary["drift"] = monitor_task(params, params.monitor.folder)
+        print(summary["drift"]["one_line"])
     if only_if_new_data:
         decision = check_new_data_task(params)
         summary["decision"] = decision
+        drifted = bool(summary.get("drift", {}).get("drifted")) and params.monitor.retrain_on_drift
+        if not decision["retrain"] and drifted:
+            decision["retrain"] = True
+            decision["reason"] += (
+                f"; retraining on drift (monitor.retrain_on_drift): {summary['drift']['one_line']}"
+            )
         if not decision["retrain"]:
             summary["status"] = "no_new_data"
             print(decision["reason"])

@@ -20,6 +20,26 @@ BIN = Path(sys.executable).parent
 """The venv's bin folder: ``dvc`` and the ``tumorseg`` console script the stages call."""
 
 
+TINY_3D: dict[str, Any] = {
+    "preprocess.target_spacing_mm": [4.0, 4.0, 4.0],
+    "data_loader.patch_size": [16, 16, 16],
+    "model.unet.channels": [4, 8, 16],
+    "model.unet.strides": [2, 2],
+    "model.unet.num_res_units": 1,
+    "train.max_epochs": 1,
+    "train.steps_per_epoch": 3,
+    "train.warmup_epochs": 0,
+    "train.checkpoint_every_n_steps": 3,
+    "sliding_window.sw_batch_size": 2,
+    "trainer.accelerator": "cpu",
+    "mlflow.overlays": 0,
+    "evaluate.bootstrap_resamples": 100,
+    "evaluate.plots": False,
+    "registry.bootstrap_resamples": 100,
+}
+"""A 3-D pipeline that trains in seconds on 4 mm data (the ``dvc repro`` tests' params overrides)."""
+
+
 def run(cmd: list[str], cwd: Path, timeout: float = 600) -> str:
     """Run ``cmd`` in ``cwd`` with the venv first on PATH; fail the test with its output if it fails."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}

@@ -447,6 +447,8 @@ def _cmd_predict(args: argparse.Namespace) -> int | None:
         from tumorseg.data.manifest import atomic_write_text
 
         atomic_write_text(args.volumes, pd.DataFrame(volumes).to_csv(index=False))
+    for line in run.drift_lines():
+        print(line)
     print(run.one_line())
 
 
@@ -534,6 +536,29 @@ def _cmd_promote(args: argparse.Namespace) -> int | None:
         results = [promote(params, rollback=args.rollback, source=args.params, report_file=args.out)]
     for result in results:
         print("\n".join(result.lines()))
+
+
+@_command(
+    "monitor",
+    "Drift of a folder of predictions against the model's training data (monitor.*); logged to MLflow.",
+    _arg(
+        "folder", help="the --out folder of `tumorseg predict` (its drift.json files, searched recursively)"
+    ),
+    _arg("--out", help="report JSON to write (default: <folder>/monitor.json)"),
+    _arg("--no-mlflow", action=_STORE, help="do not log the report to MLflow"),
+    _arg("--fail-on-drift", action=_STORE, help="exit with code 3 when the folder has drifted (cron, CI)"),
+)
+def _cmd_monitor(args: argparse.Namespace) -> int | None:
+    from tumorseg.monitoring.monitor import monitor_folder
+
+    params = _params(args, outside_project=True)
+    report = monitor_folder(
+        args.folder, params, source=args.params, log_to_mlflow=not args.no_mlflow, out=args.out
+    )
+    for case_id, outside in sorted(report.flagged_cases.items()):
+        print(f"drift: {case_id}: {'; '.join(outside)}")
+    print(report.one_line())
+    return 3 if report.drifted and args.fail_on_drift else None
 
 
 @_command(

@@ -48,6 +48,7 @@ from tumorseg.models.config import (
     SlidingWindowConfig,
 )
 from tumorseg.models.networks import ModelConfig
+from tumorseg.monitoring.config import MonitorConfig
 from tumorseg.pipeline_config import FlowConfig
 from tumorseg.registry.config import RegistryConfig
 from tumorseg.serving.config import ServeConfig
@@ -85,6 +86,7 @@ class Params(BaseModel):
     flow: FlowConfig = FlowConfig()
     compress: CompressConfig = CompressConfig()
     serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
     synth_2d: SynthPlanarConfig = SynthPlanarConfig()
     validate_2d: PlanarValidateConfig = PlanarValidateConfig()
     preprocess_2d: PlanarPreprocessConfig = PlanarPreprocessConfig()

@@ -27,23 +27,7 @@ dvc_support = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(dvc_support)
 ROOT, BIN = dvc_support.ROOT, dvc_support.BIN
 
-TINY = {
-    "preprocess.target_spacing_mm": [4.0, 4.0, 4.0],
-    "data_loader.patch_size": [16, 16, 16],
-    "model.unet.channels": [4, 8, 16],
-    "model.unet.strides": [2, 2],
-    "model.unet.num_res_units": 1,
-    "train.max_epochs": 1,
-    "train.steps_per_epoch": 3,
-    "train.warmup_epochs": 0,
-    "train.checkpoint_every_n_steps": 3,
-    "sliding_window.sw_batch_size": 2,
-    "trainer.accelerator": "cpu",
-    "mlflow.overlays": 0,
-    "evaluate.bootstrap_resamples": 100,
-    "evaluate.plots": False,
-    "registry.bootstrap_resamples": 100,
-}
+TINY = dvc_support.TINY_3D
 STAGES = ("ingest", "validate", "preprocess", "split", "train", "evaluate", "promote")
 
 

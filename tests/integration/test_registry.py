@@ -116,7 +116,7 @@ def shifted(evaluation: Any, delta: float, **changes: Any) -> Any:
     return dataclasses.replace(evaluation, case_dice=case_dice, metrics=metrics, **changes)
 
 
-def register(project: Project, evaluation: Any, model_name: str) -> str:
+def register(project: Project, evaluation: Any, model_name: str, drift_profile: Any = None) -> str:
     from tumorseg.models.checkpoint import load_trained_network
     from tumorseg.registry.config import RegistryConfig
     from tumorseg.registry.register import register_model
@@ -129,6 +129,7 @@ def register(project: Project, evaluation: Any, model_name: str) -> str:
         cfg=RegistryConfig(model_name=model_name),
         predict_settings={"tta": False, "min_component_mm3": 0.0},
         params=project.params,
+        drift_profile=drift_profile,
     )
     return version.version
 
@@ -352,7 +353,10 @@ def test_the_champion_is_re_evaluated_when_it_was_scored_on_other_data(
     assert decision["comparison"]["mean_improvement"] == pytest.approx(expected, abs=1e-5)
 
 
-def _promote_process(params_file: Path, out: Path) -> subprocess.Popen[str]:
+def _promote_process(
+    params_file: Path, out: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """``tumorseg promote`` in its own process (stderr readable line by line, for the lock messages)."""
     command = [
         sys.executable,
         "-m",
@@ -363,7 +367,7 @@ def _promote_process(params_file: Path, out: Path) -> subprocess.Popen[str]:
         "--out",
         str(out),
     ]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _waiting_for_the_lock(process: subprocess.Popen[str], log: list[str]) -> bool:
@@ -429,8 +433,7 @@ def test_a_promotion_killed_between_its_writes_is_finished_by_the_next_run(
     for point, champion in ((1, "1"), (2, "1"), (3, "2")):
         log = tmp_path / f"points-{point}.log"
         env = {**os.environ, LOG_ENV: str(log), PAUSE_ENV: str(point)}
-        command = [sys.executable, "-m", "tumorseg.cli", "promote", "--params", str(params_file)]
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = _promote_process(params_file, tmp_path / f"promotion-{point}.json", env)
         wait_until(lambda lg=log: lg.is_file() and PAUSED in lg.read_text(), f"write point {point}", 120)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
@@ -528,7 +531,7 @@ def test_predict_loads_the_champion_by_default_and_any_other_uri(
         if key == "default":
             assert "with models:/tumorseg@champion (version 1" in out
         # a registered version carries network.onnx and runs without torch; a checkpoint cannot
-        assert out.rstrip().endswith("on onnxruntime" if key in ("default", "version") else "on torch"), out
+        assert (" on onnxruntime; drift: " if key in ("default", "version") else " on torch;") in out, out
         labels[key] = np.asarray(nib.load(tmp_path / key / f"{case_id}.nii.gz").dataobj)
     source = nib.load(case_dir / f"{case_id}_t1.nii.gz")
     assert labels["default"].shape == source.shape
@@ -679,3 +682,201 @@ def test_mlflow_models_serve_answers_with_segmentations(project: Project, tmp_pa
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=15)
         log_file.close()
+
+
+# ---------------------------------------------------------------------------- drift and shadow
+def _write_changed_cases(project: Project, folder: Path) -> dict[str, str]:
+    """The test split's cases as they are and as other scanners would deliver them (BraTS 2021 layout);
+    returns case id -> change ("" for unchanged)."""
+    from tumorseg.data.layouts import read_case
+    from tumorseg.evaluation.pipeline_stage import split_cases
+    from tumorseg.monitoring.scanner_changes import CHANGES
+
+    written = {}
+    for case in split_cases(project.params, "test", source=str(project.params_file)):
+        volumes = read_case(case)
+        for change, apply in {"": None, **CHANGES}.items():
+            image, affine = (
+                (volumes.image, volumes.affine) if apply is None else apply(volumes.image, volumes.affine)
+            )
+            case_id = f"{case.case_id}{'x' + change if change else ''}".replace("_", "-")
+            case_id = "BraTS2021_" + case_id.removeprefix("BraTS2021-")
+            (folder / case_id).mkdir(parents=True)
+            for channel, modality in enumerate(("t1", "t1ce", "t2", "flair")):
+                data = np.asarray(image[channel], dtype=np.float32)
+                nib.save(nib.Nifti1Image(data, affine), folder / case_id / f"{case_id}_{modality}.nii.gz")
+            written[case_id] = change
+    return written
+
+
+def test_a_registered_model_carries_its_training_profile_and_flags_changed_scanners(
+    project: Project, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from tumorseg.monitoring.drift import PROFILE_ARTIFACT
+    from tumorseg.registry.loading import load_model, model_files
+
+    split = json.loads((project.root / "split.json").read_text())
+    files = model_files("models:/tumorseg/1", tracking_uri=project.uri)
+    assert files is not None and PROFILE_ARTIFACT in files.artifacts
+    profile = load_model("models:/tumorseg/1", tracking_uri=project.uri).drift_profile
+    assert sorted(c.case_id for c in profile.cases) == sorted(split["train"])
+    assert sorted(profile.predicted_volumes_ml) == ["ET", "TC", "WT"]
+    assert len(profile.predicted_volumes_ml["WT"]) == len(split["test"])
+
+    # the evaluate stage measured the check on the test split and on changed copies of it
+    drift = json.loads((project.root / "reports" / "metrics.json").read_text())["drift"]
+    assert drift["drift_cases"] == len(split["test"])
+    assert {k: v for k, v in drift.items() if k.startswith("drift_detected_")} == {
+        "drift_detected_intensity_scale": 1.0,
+        "drift_detected_coarser": 1.0,
+        "drift_detected_not_skull_stripped": 1.0,
+        "drift_detected_orientation": 1.0,
+    }
+    run = project.client().get_run(project.train.mlflow_run_id)
+    assert run.data.metrics["drift_false_alarm_rate"] == drift["drift_false_alarm_rate"]
+
+    cases = _write_changed_cases(project, tmp_path / "incoming")
+    out = tmp_path / "predictions"
+    p = ["--params", str(project.params_file)]
+    assert (
+        main(["predict", str(tmp_path / "incoming"), "--out", str(out), "--model", "models:/tumorseg/1", *p])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    record = json.loads((out / "drift.json").read_text())
+    flags = {c["case_id"]: c["flagged"] for c in record["cases"]}
+    assert sorted(flags) == sorted(cases)
+    for case_id, change in cases.items():
+        if change:  # every changed scanner is caught, and the line says what is off
+            assert flags[case_id], case_id
+            assert f"drift: {case_id}: " in printed
+    unchanged = [c for c, change in cases.items() if not change]
+    assert sum(flags[c] for c in unchanged) == round(drift["drift_false_alarm_rate"] * len(unchanged))
+    n_flagged = sum(flags.values())
+    assert f"drift: {n_flagged} of {len(cases)} cases outside the model's training profile" in printed
+    for entry in record["cases"]:  # predicted volumes kept for the folder-level test; no image data
+        assert set(entry["volumes_ml"]) == {"WT", "TC", "ET"}
+    assert record["reference"]["cases"][0]["case_id"] in split["train"]
+
+    # the folder has drifted (4 of 5 cases per patient are changed): exit 3 with --fail-on-drift
+    assert main(["monitor", str(out), "--fail-on-drift", *p]) == 3
+    printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1].startswith(f"DRIFTED: {n_flagged} of {len(cases)} cases")
+    report = json.loads((out / "monitor.json").read_text())
+    assert report["drifted"] and report["flagged"] == n_flagged
+    names = {f["name"] for f in report["features"]}
+    assert {"t1ce_p50", "brain_fraction", "spacing_min_mm", "predicted_WT_ml"} <= names
+    client = project.client()
+    experiment = client.get_experiment_by_name("tumorseg-monitoring")
+    (logged,) = client.search_runs([experiment.experiment_id])
+    assert logged.info.run_id == report["mlflow_run_id"] and logged.info.status == "FINISHED"
+    assert logged.data.metrics["flagged"] == n_flagged and logged.data.metrics["drifted"] == 1.0
+    assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"monitor.json", "monitor.md"}
+
+    # the unchanged cases alone: as many flags as the evaluate stage's false alarms, no KS test (too few)
+    same = tmp_path / "same"
+    for case_id in unchanged:
+        (same / case_id).mkdir(parents=True)
+        for path in (tmp_path / "incoming" / case_id).iterdir():
+            (same / case_id / path.name).write_bytes(path.read_bytes())
+    assert (
+        main(["predict", str(same), "--out", str(tmp_path / "same-out"), "--model", "models:/tumorseg/1", *p])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["monitor", str(tmp_path / "same-out"), "--no-mlflow", *p]) == 0
+    printed = capsys.readouterr().out
+    assert "KS tests need 8 cases" in printed
+    assert main(["monitor", str(tmp_path / "nothing-here"), *p]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_the_api_flags_drift_and_a_shadow_model_never_changes_the_answer(
+    project: Project, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from tumorseg.registry.loading import load_model
+    from tumorseg.serving.app import ServeSettings, create_app, fastapi_app
+
+    name = "tumorseg-shadowed"
+    params, params_file = project.with_model_name(name)
+    evaluation = project.stage.evaluation
+    profile = load_model("models:/tumorseg/1", tracking_uri=project.uri).drift_profile
+    register(project, evaluation, name, profile)  # version 1: the champion
+    assert main(["promote", "--params", str(params_file)]) == 0
+    register(project, shifted(evaluation, 0.05), name, profile)  # version 2: the challenger, same weights
+    capsys.readouterr()
+    cases = _write_changed_cases(project, tmp_path / "incoming")
+    plain = next(c for c, change in cases.items() if not change)
+    changed = next(c for c, change in cases.items() if change == "intensity_scale")
+
+    def upload(case_id: str) -> list[tuple[str, tuple[str, bytes, str]]]:
+        folder = tmp_path / "incoming" / case_id
+        return [("files", (p.name, p.read_bytes(), "application/gzip")) for p in sorted(folder.iterdir())]
+
+    def serve(**serve: Any) -> Any:
+        overrides = {f"serve.{k}": v for k, v in {"demo_cases": 0, "model_2d": None, **serve}.items()}
+        overrides.update(
+            {
+                "serve.tokens_file": str(tmp_path / "tokens.json"),
+                "serve.audit_log": str(tmp_path / "audit.jsonl"),
+            }
+        )
+        settings = ServeSettings.from_params(
+            apply_overrides(params, overrides), model_uri=f"models:/{name}@champion"
+        )
+        return TestClient(create_app(settings), raise_server_exceptions=False)
+
+    with serve() as client:
+        plain_answer = client.post("/predict?format=json", files=upload(plain)).json()
+        answer = client.post("/predict?format=json", files=upload(changed)).json()
+        nifti = client.post("/predict", files=upload(changed))
+        health = client.get("/health").json()
+    assert answer["drift"]["flagged"] and any("t1ce_p50" in line for line in answer["drift"]["outside"])
+    assert nifti.status_code == 200 and int(nifti.headers["X-Tumorseg-Drift"]) >= 1
+    assert health["drift"] == {"checked": 3, "flagged": 2 + int(plain_answer["drift"]["flagged"])}
+    assert health["shadow"] is None
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [line["drift"] for line in audit] == [plain_answer["drift"]["flagged"], True, True]
+
+    # shadow: the challenger segments every request after the answer; the answers stay the same
+    with serve(shadow=f"models:/{name}@challenger", shadow_priority="normal") as client:
+        shadowed = [
+            client.post("/predict?format=json", files=upload(c)).json() for c in (plain, changed, plain)
+        ]
+        service = fastapi_app(client.app).state.service
+    # leaving the block closed the service: the shadow jobs were finished and the run ended
+    info = service.shadow.info()
+    assert info["model"]["version"] == "2" and info["cases"] == 3 and info["errors"] == 0, info
+    for before, after in zip([plain_answer, answer, plain_answer], shadowed, strict=True):
+        assert after["volumes_ml"] == before["volumes_ml"] and after["drift"] == before["drift"]
+    client_ = project.client()
+    experiment = client_.get_experiment_by_name("tumorseg-shadow")
+    (run,) = client_.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`tumorseg.shadow.model` = '{name}'"
+    )
+    assert run.info.status == "FINISHED"
+    assert (
+        run.data.tags["tumorseg.shadow.version"] == "2"
+        and run.data.tags["tumorseg.shadow.served"] == f"{name}/1"
+    )
+    assert run.data.metrics["cases"] == 3.0
+    for region in ("WT", "TC", "ET"):  # the same weights: full agreement
+        assert run.data.metrics[f"mean_dice_{region}"] == pytest.approx(1.0)
+    history = client_.get_metric_history(run.info.run_id, "case_dice_WT")
+    assert [m.step for m in history] == [1, 2, 3]
+
+    # promote reads the shadow evidence: 3 production cases are too few for a gate of 5 ...
+    rc, out, decision = promote_cli(params_file, capsys, "-S", "registry.shadow_min_cases=5")
+    assert rc == 0 and decision["action"] == "rejected", out
+    assert "shadow: 3 production cases, agreement with the served model (mean Dice) WT 1.000" in out
+    assert "fewer shadow cases than registry.shadow_min_cases 5" in out
+    assert decision["shadow"]["cases"] == 3 and decision["shadow"]["agreement"] == pytest.approx(1.0)
+    # ... and enough for a gate of 3 (a rejected challenger keeps its alias)
+    rc, out, decision = promote_cli(params_file, capsys, "-S", "registry.shadow_min_cases=3")
+    assert rc == 0 and decision["action"] == "promoted" and decision["shadow"]["cases"] == 3, out
+    # a new challenger has no shadow runs yet
+    register(project, shifted(evaluation, 0.1), name)
+    rc, out, decision = promote_cli(params_file, capsys, "-S", "registry.shadow_min_cases=3")
+    assert rc == 0 and decision["action"] == "rejected" and "no shadow runs of version 3" in out

@@ -70,6 +70,26 @@ def _artifacts() -> dict[str, str]:
     return asyncio.run(read())
 
 
+def _drifted_predictions(params: Any, params_path: Path, folder: Path) -> Path:
+    """A predictions folder's ``drift.json`` for the champion: the workspace's cases on a 10x scale."""
+    from tumorseg.data.layouts import read_case
+    from tumorseg.data.source import source_folder
+    from tumorseg.models.predictor import plan_cases
+    from tumorseg.monitoring.drift import DriftMonitor, image_features, write_drift_file
+    from tumorseg.params import as_params
+    from tumorseg.registry.loading import load_model
+
+    params = as_params(params, str(params_path))
+    profile = load_model("models:/tumorseg@champion", tracking_uri=params.mlflow.tracking_uri).drift_profile
+    monitor = DriftMonitor.from_params(profile, params.monitor)
+    checks = []
+    for case in plan_cases(source_folder(params, str(params_path))):
+        volumes = read_case(case)
+        checks.append(monitor.check(image_features(case.case_id, volumes.image * 10, volumes.affine)))
+    write_drift_file(folder, "models:/tumorseg@champion", monitor, checks)
+    return folder
+
+
 def _champion(params: dict[str, Any]) -> tuple[str, int]:
     """(champion version, number of registered versions)."""
     from mlflow import MlflowClient
@@ -138,6 +158,25 @@ def test_pipeline_smoke_cache_no_new_data_and_failed_run(
     states = _task_states(state.state_details.flow_run_id, expect={"check-new-data"})
     assert "check-new-data" in states and "validate" not in states and "train" not in states
     assert "no new data" in _artifacts()["retrain-decision"]
+
+    # 3b. The same with production predictions that drifted: published, and with retrain_on_drift the
+    # run retrains (every stage cached here: nothing else changed) and decides again.
+    drifted = _drifted_predictions(params, params_path, tmp_path / "production")
+    watch = {"monitor.folder": str(drifted)}
+    state = training_flow(
+        params_path=str(params_path), overrides=watch, only_if_new_data=True, return_state=True
+    )
+    summary = state.result()
+    assert summary["status"] == "no_new_data" and summary["drift"]["drifted"], summary
+    assert summary["drift"]["flagged"] == summary["drift"]["cases"] > 0
+    assert "**drifted**" in _artifacts()["drift"]
+    watch["monitor.retrain_on_drift"] = True
+    state = training_flow(
+        params_path=str(params_path), overrides=watch, only_if_new_data=True, return_state=True
+    )
+    summary = state.result()
+    assert summary["status"] == "completed" and "retraining on drift" in summary["decision"]["reason"]
+    assert summary["promote"]["action"] == "kept" and _champion(params) == (champion, versions)
 
     # 4. A bad setting anywhere in params.yaml fails the run before any task starts.
     bad = {"synth.seed": 7, "evaluate.hd95_penalty_mm": -1.0}

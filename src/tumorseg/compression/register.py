@@ -35,8 +35,10 @@ def log_compress_run(
     uri: str,
     experiment: str,
     source: str,
+    drift_profile: Any = None,
 ) -> tuple[str, dict[str, str] | None]:
-    """Log the report to a ``compress`` MLflow run; register the edge model (new version + alias)."""
+    """Log the report to a ``compress`` MLflow run; register the edge model (new version + alias) with
+    the source model's ``drift_profile`` (it was trained on the same data)."""
     params = as_params(params, source)
     import mlflow
 
@@ -56,7 +58,9 @@ def log_compress_run(
     client.log_artifact(run_id, str(outcome.files["report_md"]))
     registered = None
     if cfg.register_edge and outcome.edge is not None:
-        registered = register_edge(outcome, trained, run_cfg, params, cfg, uri, run_id, source)
+        registered = register_edge(
+            outcome, trained, run_cfg, params, cfg, uri, run_id, source, drift_profile=drift_profile
+        )
     client.set_terminated(run_id)
     return run_id, registered
 
@@ -90,6 +94,7 @@ def register_edge(
     uri: str,
     run_id: str,
     source: str,
+    drift_profile: Any = None,
 ) -> dict[str, str]:
     """Log the edge model's file as the tumorseg pyfunc; register it as a new version with alias and tags."""
     params = as_params(params, source)
@@ -102,7 +107,9 @@ def register_edge(
     edge = outcome.edge
     assert edge is not None
     registry: RegistryConfig = params.registry
-    model_uri = _log_edge_model(outcome, edge, trained, run_cfg.model_dump(mode="json"), uri, run_id)
+    model_uri = _log_edge_model(
+        outcome, edge, trained, run_cfg.model_dump(mode="json"), uri, run_id, drift_profile
+    )
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     with fluent_store(uri), registry_lock(uri):  # not while a promotion reads and moves the aliases
         write_point(f"register {registry.model_name}")
@@ -151,8 +158,10 @@ def _log_edge_model(
     settings: dict[str, Any],
     uri: str,
     run_id: str,
+    drift_profile: Any = None,
 ) -> str:
-    """Log the edge file, config, predict settings and report to ``run_id``; return its model URI.
+    """Log the edge file, config, predict settings, report and drift profile to ``run_id``; return its
+    model URI.
 
     The same pyfunc as the fp32 versions, so a client loads an edge version as it loads the champion.
     """
@@ -178,6 +187,12 @@ def _log_edge_model(
             "predict": str(predict_file),
             "compression": str(outcome.files["report_json"]),
         }
+        if drift_profile is not None:
+            from tumorseg.monitoring.drift import PROFILE_ARTIFACT, PROFILE_FILE
+
+            profile_file = Path(tmp) / PROFILE_FILE
+            profile_file.write_text(json.dumps(drift_profile.to_dict(), indent=1) + "\n")
+            artifacts[PROFILE_ARTIFACT] = str(profile_file)
         packages = (*RUNTIME_PACKAGES, "onnxruntime") if edge.runtime == "onnxruntime" else RUNTIME_PACKAGES
         signature = model_signature(bool(settings.get("tta")), float(settings.get("min_component_mm3", 0)))
         with mlflow.start_run(run_id=run_id):

@@ -106,6 +106,7 @@ def run_compress_stage(
                 inputs.uri,
                 inputs.mlflow_cfg.experiment,
                 source,
+                drift_profile=inputs.loaded.drift_profile,
             )
     log.debug(outcome.one_line())  # the command prints it; Prefect tasks publish it
     return outcome

@@ -20,6 +20,11 @@ class RegistryConfig(Section):
         require_significance: also require the paired bootstrap CI to lie above 0 (off by default:
             small test sets give wide intervals).
         history_length: champion versions remembered for ``tumorseg promote --rollback``.
+        shadow_min_cases: production cases the challenger must have segmented in shadow
+            (``serve.shadow``) before it may be promoted (0: shadow evidence reported, not required).
+        shadow_min_agreement: least mean Dice (over regions) between the challenger's shadow output
+            and the served model's on those cases (0: not gated). Low agreement on production scans
+            while the test split says "better" means the two disagree where it matters: look first.
     """
 
     enabled: bool = True
@@ -31,3 +36,5 @@ class RegistryConfig(Section):
     ci_level: float = Field(0.95, gt=0.0, lt=1.0)
     seed: int = 42
     history_length: int = Field(20, ge=1, le=500)
+    shadow_min_cases: int = Field(0, ge=0)
+    shadow_min_agreement: float = Field(0.0, ge=0.0, le=1.0)

@@ -94,6 +94,9 @@ def run_evaluate_stage(
     )
     evaluation = evaluate_test_split(predictor, params, source=source)
     result = EvaluateStageResult(evaluation)
+    profile, drift_metrics = (
+        _drift_reference(params, source, evaluation) if params.monitor.enabled else (None, {})
+    )
     version_file = Path(paths.reports) / MODEL_VERSION_FILE
     if not mlflow_cfg.enabled:
         log.info("mlflow.enabled is false: test metrics not logged, model not registered")
@@ -110,6 +113,15 @@ def run_evaluate_stage(
         experiment=mlflow_cfg.experiment,
         tags={"tumorseg.checkpoint": str(checkpoint)},
     )
+    if drift_metrics:
+        log_test_evaluation(
+            drift_metrics,
+            {},
+            checkpoint=checkpoint,
+            tracking_uri=uri,
+            experiment=mlflow_cfg.experiment,
+            prefix="",
+        )
     if registry_cfg.enabled if register is None else register:
         result.registered = register_model(
             trained,
@@ -120,6 +132,7 @@ def run_evaluate_stage(
             predict_settings=predictor.cfg.model_dump(mode="json"),
             params=params,
             source=source,
+            drift_profile=profile,
         )
         atomic_write_text(version_file, json.dumps(result.registered.to_dict(), indent=2) + "\n")
     else:
@@ -128,6 +141,49 @@ def run_evaluate_stage(
         )
         _write_unregistered(version_file, registry_cfg.model_name, reason)
     return result
+
+
+def _drift_reference(params: Params, source: str, evaluation: TestEvaluation) -> tuple[Any, dict[str, float]]:
+    """The reference profile of the training split (stored with the model) and how the drift check does
+    on the test split as it is and as other scanners would deliver it
+    (:mod:`tumorseg.monitoring.scanner_changes`), written under ``"drift"`` in ``metrics.json``."""
+    from tumorseg.data.source import source_folder
+    from tumorseg.evaluation.pipeline_stage import METRICS_FILE, split_cases
+    from tumorseg.monitoring.drift import DriftMonitor, build_profile
+    from tumorseg.monitoring.scanner_changes import scanner_change_metrics
+
+    cfg = params.monitor
+    per_case = evaluation.per_case
+    volumes = {
+        str(region): [float(v) for v in rows["volume_pred_ml"]] for region, rows in per_case.groupby("region")
+    }
+    where = f"train split of {source_folder(params, source)}"
+    profile = build_profile(
+        split_cases(params, "train", source=source),
+        limit=cfg.profile_cases,
+        source=where,
+        predicted_volumes_ml=volumes,
+    )
+    found = scanner_change_metrics(
+        DriftMonitor.from_params(profile, cfg), split_cases(params, "test", source=source)
+    )
+    for case_id, reasons in found.pop("drift_false_alarms").items():
+        log.info("drift check: test case %s outside the reference: %s", case_id, "; ".join(reasons))
+    metrics = {key: float(value) for key, value in found.items()}
+    path = Path(params.paths.reports) / METRICS_FILE
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_text(path, json.dumps({**current, "drift": metrics}, indent=2) + "\n")
+    log.info(
+        "drift check (%d test cases): false alarms %.0f %%, changed scanners flagged %s",
+        metrics["drift_cases"],
+        100 * metrics["drift_false_alarm_rate"],
+        ", ".join(
+            f"{k.removeprefix('drift_detected_')} {100 * v:.0f} %"
+            for k, v in metrics.items()
+            if k.startswith("drift_detected_")
+        ),
+    )
+    return profile, metrics
 
 
 def _checkpoint(checkpoint: str | Path | None, out_dir: str | Path) -> Path:

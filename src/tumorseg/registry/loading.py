@@ -44,6 +44,8 @@ class LoadedModel:
     description: str
     version: str | None = None
     predict_settings: dict[str, Any] | None = None
+    drift_profile: Any = None
+    """Its :class:`~tumorseg.monitoring.drift.Profile` (None: registered without one)."""
 
 
 def prepare_mlflow() -> None:
@@ -67,8 +69,10 @@ def load_model(uri: str, *, tracking_uri: str) -> LoadedModel:
 
             return LoadedModel(load_trained_network(path), uri, f"checkpoint {path}")
         if path.is_dir() and (path / "MLmodel").is_file():
-            trained, settings = _from_model_dir(path, uri)
-            return LoadedModel(trained, uri, f"MLflow model folder {path}", predict_settings=settings)
+            trained, settings, profile = _from_model_dir(path, uri)
+            return LoadedModel(
+                trained, uri, f"MLflow model folder {path}", predict_settings=settings, drift_profile=profile
+            )
         if path.is_dir() and (path / "weights.pt").is_file():  # a package (models/package.py)
             from tumorseg.models.package import CONFIG_FILE, WEIGHTS_FILE, load_package
 
@@ -200,12 +204,20 @@ def _from_mlflow(uri: str, tracking_uri: str) -> LoadedModel:
     with downloaded_model(uri, tracking_uri) as model:
         if not (model.folder / "MLmodel").is_file():
             raise DataError(f"{uri}: not an MLflow model (no MLmodel file)")
-        trained, settings = _from_model_dir(model.folder, uri, client=model.client)
-    return LoadedModel(trained, uri, model.description, version=model.version, predict_settings=settings)
+        trained, settings, profile = _from_model_dir(model.folder, uri, client=model.client)
+    return LoadedModel(
+        trained,
+        uri,
+        model.description,
+        version=model.version,
+        predict_settings=settings,
+        drift_profile=profile,
+    )
 
 
-def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any, dict[str, Any] | None]:
-    """A tumorseg pyfunc (weights or compressed program + config.json) or a training run's PyTorch model."""
+def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any, dict[str, Any] | None, Any]:
+    """A tumorseg pyfunc (weights or compressed program + config.json) or a training run's PyTorch model,
+    its stored ``predict`` settings and drift profile (None where it has none)."""
     from mlflow.models import Model
 
     from tumorseg.models.package import load_artifacts
@@ -216,7 +228,13 @@ def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any,
         trained = load_artifacts({key: folder / entry["path"] for key, entry in artifacts.items()})
         predict = artifacts.get("predict")
         settings = json.loads((folder / predict["path"]).read_text()) if predict is not None else None
-        return trained, settings
+        from tumorseg.monitoring.drift import load_profile
+
+        return (
+            trained,
+            settings,
+            load_profile({key: folder / entry["path"] for key, entry in artifacts.items()}),
+        )
     if "pytorch" in meta.flavors and meta.run_id:
         import mlflow
 
@@ -236,7 +254,8 @@ def _from_model_dir(folder: Path, uri: str, *, client: Any = None) -> tuple[Any,
         # a model registered before a key was retired still loads
         config = {k: without_retired(k, v) if isinstance(v, dict) else v for k, v in config.items()}
         cfg = load_training_config(config, source=f"{uri} config.yaml")
-        return TrainedNetwork(network, cfg.model, cfg.data_loader, cfg.sliding_window, cfg.to_dict()), None
+        trained = TrainedNetwork(network, cfg.model, cfg.data_loader, cfg.sliding_window, cfg.to_dict())
+        return trained, None, None
     raise DataError(
         f"{uri}: not a tumorseg model (neither weights.pt + config.json nor a training run's PyTorch model)"
     )

@@ -10,7 +10,7 @@ network and the options allow it (:func:`~tumorseg.models.onnx_predictor.onnx_re
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,33 @@ class PredictRun:
     summary: Any
     model: str
     engine: str = "torch"
+    drift: list[Any] = field(default_factory=list)
+    """One :class:`~tumorseg.monitoring.drift.DriftCheck` per case (empty: no profile, or monitor off)."""
+    drift_file: Path | None = None
+    drift_note: str | None = None
+    """Why no case was checked (the model has no profile, ``monitor.enabled`` is false)."""
 
     def one_line(self) -> str:
-        return f"{self.summary.one_line()} with {self.model} on {self.engine}"
+        text = f"{self.summary.one_line()} with {self.model} on {self.engine}"
+        if self.drift:
+            flagged = sum(check.flagged for check in self.drift)
+            text += (
+                f"; drift: {flagged} of {len(self.drift)} cases outside the model's training profile "
+                f"({self.drift_file})"
+            )
+        elif self.drift_note:
+            text += f"; drift not checked: {self.drift_note}"
+        return text
+
+    def drift_lines(self) -> list[str]:
+        """One line per case outside the reference: what is outside and by how much."""
+        return [f"drift: {c.case_id}: {'; '.join(c.outside)}" for c in self.drift if c.flagged]
 
 
-def onnx_predictor(uri: str, tracking_uri: str, cfg: Any) -> tuple[Any, str] | None:
-    """The ONNX Runtime predictor of model ``uri`` with its description, or None when ``cfg.engine``
-    (auto) should fall back to torch; ConfigError when ``engine: onnx`` cannot be honoured."""
+def onnx_predictor(uri: str, tracking_uri: str, cfg: Any) -> tuple[Any, str, Any] | None:
+    """The ONNX Runtime predictor of model ``uri`` with its description and drift profile (None: none
+    stored), or None when ``cfg.engine`` (auto) should fall back to torch; ConfigError when
+    ``engine: onnx`` cannot be honoured."""
     from tumorseg.models.onnx_predictor import OnnxSegmentationPredictor, onnx_refusal, package_from_artifacts
     from tumorseg.registry.loading import model_files
 
@@ -48,7 +67,10 @@ def onnx_predictor(uri: str, tracking_uri: str, cfg: Any) -> tuple[Any, str] | N
         package = package_from_artifacts(files.artifacts)
         reason = onnx_refusal(cfg, package)
         if reason is None:
-            return OnnxSegmentationPredictor(package, cfg), files.description
+            from tumorseg.monitoring.drift import load_profile
+
+            profile = load_profile(files.artifacts)
+            return OnnxSegmentationPredictor(package, cfg), files.description, profile
     if cfg.engine == "onnx":
         raise ConfigError(
             f"predict.engine: onnx cannot run {uri}: {reason}; set predict.engine: auto or torch"
@@ -77,7 +99,7 @@ def predict_folder(
     """
     params = as_params(params, source)
     from tumorseg.models.config import PredictConfig
-    from tumorseg.models.predictor import plan_cases, predict_dataset
+    from tumorseg.models.predictor import plan_cases
     from tumorseg.tracking import params_tracking_uri
 
     cfg: PredictConfig = params.predict
@@ -85,13 +107,56 @@ def predict_folder(
     uri = params_tracking_uri(params, tracking_uri, source=source)
     model = model_uri or cfg.model
     if cfg.engine != "torch" and (fast := onnx_predictor(model, uri, cfg)) is not None:
-        predictor, description = fast
-        summary = predict_dataset(input_path, out_dir, predictor, cases=cases, on_case=on_case)
-        return PredictRun(summary, description, "onnxruntime")
-    from tumorseg.models.predictor import SegmentationPredictor
-    from tumorseg.registry.loading import load_model
+        predictor, description, profile = fast
+        engine = "onnxruntime"
+    else:
+        from tumorseg.models.predictor import SegmentationPredictor
+        from tumorseg.registry.loading import load_model
 
-    loaded = load_model(model, tracking_uri=uri)
-    predictor = SegmentationPredictor(loaded.trained, cfg)
-    summary = predict_dataset(input_path, out_dir, predictor, cases=cases, on_case=on_case)
-    return PredictRun(summary, loaded.description, "torch")
+        loaded = load_model(model, tracking_uri=uri)
+        predictor, description, profile = (
+            SegmentationPredictor(loaded.trained, cfg),
+            loaded.description,
+            loaded.drift_profile,
+        )
+        engine = "torch"
+    run = PredictRun(None, description, engine)
+    summary = _predict_checked(input_path, out_dir, predictor, cases, params, profile, run, on_case)
+    run.summary = summary
+    return run
+
+
+def _predict_checked(
+    input_path: str | Path,
+    out_dir: str | Path,
+    predictor: Any,
+    cases: list[Any],
+    params: Params,
+    profile: Any,
+    run: PredictRun,
+    on_case: Callable[[Any, list[Path]], None] | None,
+) -> Any:
+    """:func:`predict_dataset` with each case checked against the model's drift ``profile`` after it is
+    written; ``out_dir/drift.json`` records the checks (also those of cases finished before a failure)."""
+    from tumorseg.models.predictor import predict_dataset
+
+    if profile is None or not params.monitor.enabled:
+        run.drift_note = "the model has no drift profile" if profile is None else "monitor.enabled is false"
+        return predict_dataset(input_path, out_dir, predictor, cases=cases, on_case=on_case)
+    from tumorseg.monitoring.drift import DriftMonitor, case_features, write_drift_file
+
+    monitor = DriftMonitor.from_params(profile, params.monitor)
+    by_id = {case.case_id: case for case in cases}
+
+    def checked(prediction: Any, files: list[Path]) -> None:
+        check = monitor.check(case_features(by_id[prediction.case_id]))
+        check.volumes_ml = {k: round(float(v), 3) for k, v in prediction.volumes_ml.items()}
+        run.drift.append(check)
+        if on_case is not None:
+            on_case(prediction, files)
+
+    try:
+        return predict_dataset(input_path, out_dir, predictor, cases=cases, on_case=checked)
+    finally:
+        if run.drift:
+            run.drift_file = write_drift_file(Path(out_dir), run.model, monitor, run.drift)

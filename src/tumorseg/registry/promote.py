@@ -258,6 +258,8 @@ class PromotionResult:
     reasons: list[str]
     comparison: Comparison | None = None
     evidence_source: str | None = None
+    shadow: dict[str, Any] | None = None
+    """The challenger's shadow evidence (:class:`~tumorseg.serving.shadow.ShadowEvidence`), if any."""
     mlflow_run_id: str | None = None
     decided_at: str = field(default_factory=_now)
 
@@ -513,6 +515,8 @@ def _decide_and_apply(
         champion_dice = rescore(name, champion, ours, params, tracking_uri=uri, source=source)
         evidence_source = "champion re-evaluated on the challenger's test cases"
     comparison = compare_versions(ours.case_dice, champion_dice, cfg)
+    shadow, shadow_ok = _shadow_gate(client, params, cfg, name, challenger, comparison.reasons)
+    comparison.promote = comparison.promote and shadow_ok
     decision = "promoted" if comparison.promote else "rejected"
     _tag(
         client,
@@ -526,8 +530,46 @@ def _decide_and_apply(
         _set_champion(client, name, challenger, champion, history, cfg.history_length)
     new_champion = challenger if comparison.promote else champion
     return PromotionResult(
-        decision, name, new_champion, champion, challenger, comparison.reasons, comparison, evidence_source
+        decision,
+        name,
+        new_champion,
+        champion,
+        challenger,
+        comparison.reasons,
+        comparison,
+        evidence_source,
+        shadow,
     )
+
+
+def _shadow_gate(
+    client: Any, params: Any, cfg: RegistryConfig, name: str, version: str, reasons: list[str]
+) -> tuple[dict[str, Any] | None, bool]:
+    """The challenger's shadow runs (``serve.shadow``) as evidence, appended to ``reasons``; False when
+    ``registry.shadow_min_cases`` or ``shadow_min_agreement`` are not met."""
+    from tumorseg.serving.shadow import shadow_evidence
+
+    evidence = shadow_evidence(client, params.serve.shadow_experiment, name, version)
+    if evidence is None:
+        if cfg.shadow_min_cases:
+            reasons.append(
+                f"no shadow runs of version {version}; registry.shadow_min_cases is {cfg.shadow_min_cases}"
+            )
+            return None, False
+        return None, True
+    reasons.append(evidence.sentence())
+    ok = True
+    if evidence.cases < cfg.shadow_min_cases:
+        reasons.append(f"fewer shadow cases than registry.shadow_min_cases {cfg.shadow_min_cases}")
+        ok = False
+    agreement = evidence.agreement
+    if cfg.shadow_min_agreement and (agreement is None or agreement < cfg.shadow_min_agreement):
+        reasons.append(
+            f"shadow agreement {agreement if agreement is None else round(agreement, 4)} below "
+            f"registry.shadow_min_agreement {cfg.shadow_min_agreement:g}"
+        )
+        ok = False
+    return evidence.to_dict(), ok
 
 
 def _rollback(client: Any, name: str) -> PromotionResult:

@@ -211,11 +211,13 @@ def register_model(
     predict_settings: dict[str, Any],
     params: dict[str, Any],
     source: str = "params.yaml",
+    drift_profile: Any = None,
 ) -> RegisteredVersion:
     """Register the volume model ``trained`` as a new ``challenger`` version of ``cfg.model_name``.
 
     ``evaluation`` is its :class:`~tumorseg.evaluation.pipeline_stage.TestEvaluation` with
-    ``predict_settings``, which are stored with the model.
+    ``predict_settings``, which are stored with the model, as is ``drift_profile``
+    (:class:`~tumorseg.monitoring.drift.Profile`, the reference ``predict`` checks cases against).
     """
     params = as_params(params, source)
     import mlflow
@@ -230,6 +232,12 @@ def register_model(
         with tempfile.TemporaryDirectory(prefix="tumorseg-onnx-") as tmp:
             onnx_file = save_onnx(trained, tmp)
             extra = {**files, ONNX_ARTIFACT: onnx_file} if onnx_file is not None else files
+            if drift_profile is not None:
+                from tumorseg.monitoring.drift import PROFILE_ARTIFACT, PROFILE_FILE
+
+                profile_file = Path(tmp) / PROFILE_FILE
+                profile_file.write_text(json.dumps(drift_profile.to_dict(), indent=1) + "\n")
+                extra = {**extra, PROFILE_ARTIFACT: profile_file}
             info = log_segmentation_model(
                 trained, predict_settings, name=LOGGED_MODEL_NAME, extra_artifacts=extra
             )

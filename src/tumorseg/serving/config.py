@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from tumorseg.config import Section
@@ -31,6 +33,12 @@ class ServeConfig(Section):
         audit_log: one JSON line per request to a route that takes or returns patient data (null:
             none), rotated at ``audit_max_mb`` with ``audit_backups`` old files kept.
         auth_max_failures: failed authentications per client address and minute before 429.
+        shadow: a second model (``models:/tumorseg@challenger``) that segments ``shadow_fraction`` of
+            the 3-D requests after their answer is sent, at idle CPU priority, never changing the
+            answer; its agreement with the served model goes to the MLflow experiment
+            ``shadow_experiment``. ``shadow_queue``: requests waiting for it (more are skipped).
+            ``shadow_priority``: ``idle`` (Linux SCHED_IDLE: only CPU nothing else wants), ``low``
+            (nice 19: a small share even on a busy machine) or ``normal``.
     """
 
     host: str = "127.0.0.1"
@@ -55,6 +63,11 @@ class ServeConfig(Section):
     audit_max_mb: float = Field(10.0, gt=0.0)
     audit_backups: int = Field(5, ge=1)
     auth_max_failures: int = Field(10, ge=1)
+    shadow: str | None = None
+    shadow_fraction: float = Field(1.0, ge=0.0, le=1.0)
+    shadow_queue: int = Field(4, ge=1)
+    shadow_experiment: str = Field("tumorseg-shadow", min_length=1)
+    shadow_priority: Literal["idle", "low", "normal"] = "idle"
 
     @model_validator(mode="after")
     def _upload_fits(self) -> ServeConfig:

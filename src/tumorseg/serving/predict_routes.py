@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 # FastAPI resolves endpoint annotations from this module's globals, so its names are imported here.
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from tumorseg.data.readers import IMAGE, VOLUME
@@ -62,6 +63,14 @@ async def run_prediction(
             remove_tree(workdir)
     if audit is not None:
         note_result(audit, result["summary"], service)
+    response = _answer(service, result, output)
+    shadow = result.get("shadow")
+    if shadow is not None and service.shadow is not None:  # queued once the answer has been sent
+        response.background = BackgroundTask(service.shadow.submit, shadow)
+    return response
+
+
+def _answer(service: Service, result: dict[str, Any], output: OutputFormat) -> Response:
     if output == result["format"]:
         headers = {
             "Content-Disposition": f'attachment; filename="{result["file_name"]}"',
@@ -84,6 +93,8 @@ def note_result(audit: dict[str, Any], summary: dict[str, Any], service: Service
     audit["model"] = {key: info.get(key) for key in ("name", "version", "alias")}
     if "volumes_ml" in summary:
         audit["volumes_ml"] = summary["volumes_ml"]
+        if summary.get("drift") is not None:
+            audit["drift"] = summary["drift"]["flagged"]
     else:
         audit["result"] = {key: summary.get(key) for key in AUDITED_2D}
 

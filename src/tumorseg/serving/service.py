@@ -56,6 +56,8 @@ class ServeSettings:
     model_uri: str
     tracking_uri: str
     model_2d: str | None = None
+    monitor: Any = None
+    """``monitor:`` (:class:`~tumorseg.monitoring.config.MonitorConfig`; None: its defaults)."""
 
     @classmethod
     def from_params(
@@ -73,6 +75,7 @@ class ServeSettings:
             model_uri=model_uri or serve.model or params.predict.model,
             tracking_uri=params_tracking_uri(params, source=source),
             model_2d=serve.model_2d or None,
+            monitor=params.monitor,
         )
 
 
@@ -238,6 +241,12 @@ class Service:
         self.root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-"))  # mode 0700: private to this user
         self.demo = DemoCases(self.root / "demo", serve.demo_cases, serve.demo_spacing_mm)
         self.started = time.time()
+        self.drift = _drift_monitor(settings, loaded)
+        self.shadow = None
+        if serve.shadow:
+            from tumorseg.serving.shadow import ShadowRunner
+
+            self.shadow = ShadowRunner(settings, self.model_info, self.predictor.label_set, self.root)
         if self.demo.count:
             threading.Thread(target=self.demo.generate, name="tumorseg-demo", daemon=True).start()
         else:
@@ -254,6 +263,8 @@ class Service:
     def close(self) -> None:
         """Finish the running jobs, then remove the temp folder (after the demo writer is done with it)."""
         self.pool.shutdown()
+        if self.shadow is not None:
+            self.shadow.close()
         self.demo.ready.wait(timeout=60)
         remove_tree(self.root)
 
@@ -288,6 +299,7 @@ class Service:
             prediction = self.predictor.predict_case(case)
         written = write_prediction(prediction, workdir / "prediction", reference_header(case))
         summary = self._summary(case, prediction, spacing)
+        summary["drift"] = self._check_drift(case)
         reference = self._score_reference(case, prediction, summary)
         volumes_ml = ",".join(f"{k}={v}" for k, v in summary["volumes_ml"].items())
         result: dict[str, Any] = {
@@ -298,6 +310,13 @@ class Service:
             "media_type": "application/gzip",
             "headers": {"X-Tumorseg-Volumes-Ml": volumes_ml},
         }
+        if summary["drift"] and summary["drift"]["flagged"]:
+            result["headers"]["X-Tumorseg-Drift"] = str(len(summary["drift"]["outside"]))
+        if self.shadow is not None and self.shadow.wanted():  # the shadow model reads the case later
+            served_s = sum(prediction.seconds.values())
+            result["shadow"] = self.shadow.hand_over(
+                folder, workdir, case.case_id, prediction.canonical, served_s
+            )
         if keep:
             display = build_display_case(
                 case.case_id,
@@ -313,6 +332,17 @@ class Service:
                 display.set_reference(reference)
             result["display"] = display
         return result
+
+    def _check_drift(self, case: Any) -> dict[str, Any] | None:
+        """The case against the served model's training profile (None: no profile, or monitoring off)."""
+        if self.drift is None:
+            return None
+        from tumorseg.monitoring.drift import case_features
+
+        check = self.drift.check(case_features(case))
+        if check.flagged:
+            log.warning("drift: %s outside the training profile: %s", case.case_id, "; ".join(check.outside))
+        return check.summary()
 
     def _score_reference(self, case: Any, prediction: Any, summary: dict[str, Any]) -> np.ndarray | None:
         """The case's own ground truth (internal codes; None without one), its Dice added to ``summary``.
@@ -411,6 +441,22 @@ class Service:
         if keep:
             result["display"] = build_planar_display(result, read.image, prediction.mask, read.mask)
         return result
+
+
+def _drift_monitor(settings: ServeSettings, loaded: Any) -> Any:
+    """A :class:`~tumorseg.monitoring.drift.DriftMonitor` of the served model's profile, or None."""
+    from tumorseg.monitoring.config import MonitorConfig
+    from tumorseg.monitoring.drift import DriftMonitor
+
+    cfg = settings.monitor or MonitorConfig()
+    profile = getattr(loaded, "drift_profile", None)
+    if not cfg.enabled or profile is None:
+        log.info(
+            "drift: not checked (%s)",
+            "monitor.enabled is false" if not cfg.enabled else "the model has no profile",
+        )
+        return None
+    return DriftMonitor.from_params(profile, cfg)
 
 
 def service_of(request: Request) -> Service:

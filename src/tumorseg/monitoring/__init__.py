@@ -1,0 +1,1 @@
+"""Drift monitoring: reference profiles stored with registered models, per-case checks, ``tumorseg monitor``."""

@@ -1,0 +1,308 @@
+"""Drift of incoming scans against the data a model was trained on.
+
+A *reference profile* summarises the training cases of a registered model, one feature vector per
+case: per modality the 1st, 50th and 99th intensity percentile inside the brain (the voxels any
+modality has non-zero; BraTS-style data are skull-stripped, so that is the brain), the brain volume
+and its share of the field of view, the smallest and largest voxel size, the field of view, and the
+stored orientation; plus the predicted tumour volumes of the held-out test cases. It is stored with
+the model (pyfunc artifact ``drift_profile``).
+
+A case is *outside the reference* when a numeric feature lies beyond the training range by more than
+``monitor.tolerance`` of that range (the range counting as at least ``min_relative_span`` of the
+median), or when its orientation never occurred in training. The rule is a per-case one on purpose: a
+single scan arriving at the API has no distribution to test. Over a folder of predictions
+``tumorseg monitor`` adds two-sample Kolmogorov-Smirnov tests per feature (:mod:`scipy.stats`,
+already a dependency; see :mod:`tumorseg.monitoring.monitor`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tumorseg.data.conventions import CANONICAL_MODALITIES
+
+PROFILE_ARTIFACT = "drift_profile"
+"""Key of the profile among a registered pyfunc's artifacts."""
+PROFILE_FILE = "drift_profile.json"
+DRIFT_FILE = "drift.json"
+"""What ``tumorseg predict`` writes beside its predictions: the reference and every case's check."""
+PROFILE_FORMAT = 1
+PERCENTILES = (1, 50, 99)
+MAX_PERCENTILE_VOXELS = 2_000_000
+"""Percentiles on a regular subsample beyond this many brain voxels (the 1st/99th move < 1 %)."""
+
+
+def feature_names() -> list[str]:
+    """The numeric features, in a fixed order."""
+    names = [f"{m}_p{p:02d}" for m in CANONICAL_MODALITIES for p in PERCENTILES]
+    return [
+        *names,
+        "brain_volume_ml",
+        "brain_fraction",
+        "spacing_min_mm",
+        "spacing_max_mm",
+        "fov_min_mm",
+        "fov_max_mm",
+    ]
+
+
+@dataclass
+class CaseFeatures:
+    """One case's numeric ``values`` (by :func:`feature_names`) and its stored ``orientation``."""
+
+    case_id: str
+    values: dict[str, float]
+    orientation: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"case_id": self.case_id, "orientation": self.orientation, "values": self.values}
+
+
+def image_features(
+    case_id: str, image: np.ndarray, affine: np.ndarray, orientation: str | None = None
+) -> CaseFeatures:
+    """Features of a ``(4, X, Y, Z)`` image (channels in ``CANONICAL_MODALITIES`` order) as stored."""
+    from tumorseg.data.layouts import orientation_code, spacing_from_affine
+
+    spacing = np.asarray(spacing_from_affine(affine), dtype=np.float64)
+    shape = np.asarray(image.shape[1:], dtype=np.float64)
+    brain = np.any(image != 0, axis=0)
+    n_brain = int(np.count_nonzero(brain))
+    values: dict[str, float] = {}
+    step = max(1, math.ceil((n_brain / MAX_PERCENTILE_VOXELS) ** (1 / 3))) if n_brain else 1
+    sub_brain = brain[::step, ::step, ::step]
+    for channel, modality in enumerate(CANONICAL_MODALITIES):
+        inside = image[channel][::step, ::step, ::step][sub_brain]
+        found = np.percentile(inside, PERCENTILES) if inside.size else [0.0] * len(PERCENTILES)
+        for p, value in zip(PERCENTILES, found, strict=True):
+            values[f"{modality}_p{p:02d}"] = float(value)
+    values["brain_volume_ml"] = n_brain * float(np.prod(spacing)) / 1000.0
+    values["brain_fraction"] = n_brain / float(np.prod(shape))
+    values["spacing_min_mm"] = float(spacing.min())
+    values["spacing_max_mm"] = float(spacing.max())
+    fov = shape * spacing
+    values["fov_min_mm"] = float(fov.min())
+    values["fov_max_mm"] = float(fov.max())
+    return CaseFeatures(case_id, values, orientation or orientation_code(affine))
+
+
+def case_features(case: Any) -> CaseFeatures:
+    """Features of a planned case (:class:`~tumorseg.data.layouts.CaseFiles`), read from its files."""
+    from tumorseg.data.layouts import read_case
+
+    volumes = read_case(case)
+    return image_features(case.case_id, volumes.image, volumes.affine, volumes.orientation)
+
+
+@dataclass
+class Band:
+    """The accepted interval of one feature: the training range widened by the tolerance."""
+
+    low: float
+    high: float
+    train_min: float
+    train_max: float
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+@dataclass
+class Profile:
+    """A model's reference: training features per case, test-set predicted volumes, provenance."""
+
+    cases: list[CaseFeatures]
+    predicted_volumes_ml: dict[str, list[float]] = field(default_factory=dict)
+    source: str = ""
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def values(self, name: str) -> np.ndarray:
+        return np.asarray([c.values[name] for c in self.cases], dtype=np.float64)
+
+    @property
+    def orientations(self) -> list[str]:
+        return sorted({c.orientation for c in self.cases})
+
+    def bands(self, tolerance: float, min_relative_span: float) -> dict[str, Band]:
+        out = {}
+        for name in feature_names():
+            values = self.values(name)
+            low, high = float(values.min()), float(values.max())
+            span = max(high - low, min_relative_span * abs(float(np.median(values))), 1e-9)
+            out[name] = Band(low - tolerance * span, high + tolerance * span, low, high)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PROFILE_FORMAT,
+            "created": self.created,
+            "source": self.source,
+            "features": feature_names(),
+            "orientations": self.orientations,
+            "cases": [c.to_dict() for c in self.cases],
+            "predicted_volumes_ml": self.predicted_volumes_ml,
+        }
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> Profile:
+        from tumorseg.errors import DataError
+
+        try:
+            if data.get("format") != PROFILE_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, expected {PROFILE_FORMAT}")
+            cases = [
+                CaseFeatures(c["case_id"], {k: float(v) for k, v in c["values"].items()}, c["orientation"])
+                for c in data["cases"]
+            ]
+            missing = set(feature_names()) - set(cases[0].values) if cases else {"cases"}
+            if missing:
+                raise ValueError(f"no {sorted(missing)[0]}")
+            volumes = {
+                k: [float(v) for v in vs] for k, vs in (data.get("predicted_volumes_ml") or {}).items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(
+                f"{where}: not a drift profile ({exc}); re-register the model with monitor.enabled"
+            ) from None
+        return cls(cases, volumes, str(data.get("source", "")), str(data.get("created", "")))
+
+    @classmethod
+    def read(cls, path: str | Path) -> Profile:
+        from tumorseg.errors import DataError
+
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read the drift profile ({type(exc).__name__}: {exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+def build_profile(
+    cases: Iterable[Any],
+    *,
+    limit: int,
+    source: str,
+    predicted_volumes_ml: dict[str, list[float]] | None = None,
+) -> Profile:
+    """The profile of up to ``limit`` planned cases (evenly spaced by case id), read one at a time."""
+    ordered = sorted(cases, key=lambda c: c.case_id)
+    if len(ordered) > limit:
+        picks = np.linspace(0, len(ordered) - 1, limit).round().astype(int)
+        ordered = [ordered[i] for i in sorted(set(picks.tolist()))]
+    return Profile([case_features(c) for c in ordered], predicted_volumes_ml or {}, source)
+
+
+@dataclass
+class DriftCheck:
+    """One case against a profile: ``outside`` lists one sentence per feature out of its band."""
+
+    case_id: str
+    outside: list[str]
+    features: CaseFeatures
+    volumes_ml: dict[str, float] | None = None
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.outside)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "case_id": self.case_id,
+            "flagged": self.flagged,
+            "outside": self.outside,
+            "features": self.features.to_dict(),
+            "volumes_ml": self.volumes_ml,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The ``drift`` field of an API answer."""
+        return {"flagged": self.flagged, "outside": self.outside}
+
+
+def check_case(
+    features: CaseFeatures, profile: Profile, tolerance: float, min_relative_span: float
+) -> DriftCheck:
+    """Compare one case's features with the profile's bands and orientations."""
+    outside = []
+    for name, band in profile.bands(tolerance, min_relative_span).items():
+        value = features.values[name]
+        if not (np.isfinite(value) and band.contains(value)):
+            outside.append(
+                f"{name} {value:.4g} outside {band.low:.4g}..{band.high:.4g} "
+                f"(training {band.train_min:.4g}..{band.train_max:.4g})"
+            )
+    if features.orientation not in profile.orientations:
+        outside.append(
+            f"orientation {features.orientation} not in training ({', '.join(profile.orientations)})"
+        )
+    return DriftCheck(features.case_id, outside, features)
+
+
+class DriftMonitor:
+    """A model's profile with the thresholds of ``monitor:``: checks cases and counts them."""
+
+    def __init__(self, profile: Profile, tolerance: float, min_relative_span: float) -> None:
+        self.profile = profile
+        self.tolerance = tolerance
+        self.min_relative_span = min_relative_span
+        self.checked = 0
+        self.flagged = 0
+
+    @classmethod
+    def from_params(cls, profile: Profile, cfg: Any) -> DriftMonitor:
+        return cls(profile, cfg.tolerance, cfg.min_relative_span)
+
+    def check(self, features: CaseFeatures) -> DriftCheck:
+        result = check_case(features, self.profile, self.tolerance, self.min_relative_span)
+        self.checked += 1
+        self.flagged += int(result.flagged)
+        return result
+
+    def counts(self) -> dict[str, int]:
+        return {"checked": self.checked, "flagged": self.flagged}
+
+
+def load_profile(artifacts: dict[str, Path] | None) -> Profile | None:
+    """The profile among a model's artifacts (None: the model was registered without one)."""
+    if not artifacts or PROFILE_ARTIFACT not in artifacts:
+        return None
+    return Profile.read(artifacts[PROFILE_ARTIFACT])
+
+
+def write_drift_file(folder: Path, model: str, monitor: DriftMonitor, checks: list[DriftCheck]) -> Path:
+    """``folder/drift.json``: the reference profile and every case's check, merged with the checks an
+    earlier ``predict`` into the same folder recorded for other cases (atomically replaced)."""
+    from tumorseg.data.manifest import atomic_write_text
+
+    path = Path(folder) / DRIFT_FILE
+    cases: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+            if old.get("profile_sha256") == monitor.profile.sha256():
+                cases = {c["case_id"]: c for c in old.get("cases", [])}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            cases = {}
+    cases.update({c.case_id: c.to_dict() for c in checks})
+    record = {
+        "model": model,
+        "profile_sha256": monitor.profile.sha256(),
+        "tolerance": monitor.tolerance,
+        "min_relative_span": monitor.min_relative_span,
+        "reference": monitor.profile.to_dict(),
+        "cases": [cases[k] for k in sorted(cases)],
+    }
+    atomic_write_text(path, json.dumps(record, indent=1, allow_nan=False) + "\n")
+    return path
