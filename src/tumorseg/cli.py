@@ -466,15 +466,23 @@ def _load_planar(args: argparse.Namespace, default_key: str) -> Any:
 
 def _predict_planar(args: argparse.Namespace) -> int | None:
     from tumorseg.models.predictor import predict_images
+    from tumorseg.registry.predict import PlanarDriftChecks
 
     model = _load_planar(args, "model")
+    drift = PlanarDriftChecks(model, _params(args, outside_project=True), args.input)
 
     def show(prediction: Any, path: Path) -> None:
         kind = f", {prediction.tumour_type}" if prediction.tumour_type else ""
         print(f"{prediction.case_id}: tumour p={prediction.probability:.3f}{kind} -> {path}", flush=True)
+        drift.check(prediction)
 
-    results = predict_images(args.input, args.out, model, on_image=show)
-    print(f"segmented {len(results)} 2-D images with {model.description} -> {args.out}")
+    try:
+        results = predict_images(args.input, args.out, model, on_image=show)
+    finally:
+        drift.write(Path(args.out))
+    for line in drift.lines():
+        print(line)
+    print(f"segmented {len(results)} 2-D images with {model.description} -> {args.out}; {drift.one_line()}")
 
 
 @_command(

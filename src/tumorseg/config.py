@@ -263,6 +263,7 @@ SECTION_MODELS: dict[str, str] = {
     "flow": "tumorseg.pipeline_config:FlowConfig",
     "compress": "tumorseg.compression.config:CompressConfig",
     "serve": "tumorseg.serving.config:ServeConfig",
+    "monitor": "tumorseg.monitoring.config:MonitorConfig",
     "synth_2d": "tumorseg.config:SynthPlanarConfig",
     "validate_2d": "tumorseg.config:PlanarValidateConfig",
     "preprocess_2d": "tumorseg.config:PlanarPreprocessConfig",

@@ -84,3 +84,32 @@ def test_planar_flow_end_to_end_then_cached(prefect_server: None, tmp_path: Path
     assert second["evaluate"]["registered"] == first["evaluate"]["registered"]
     assert {d["action"] for d in second["promote"].values()} == {"kept"}
     assert len(client.search_model_versions("name = 'tumorseg-2d'")) == 1
+
+    # the 2-D champion carries its training images' profile; predict checks each image against it
+    from tumorseg.cli import main
+    from tumorseg.registry.loading import load_planar_model
+
+    model = load_planar_model("models:/tumorseg-2d@champion", tracking_uri=uri)
+    assert model.drift_profile is not None and model.drift_profile.kind == "2d"
+    drift = json.loads((tmp_path / "reports" / "2d" / "metrics.json").read_text())["drift"]
+    assert drift["drift_cases"] == len(per_case)
+    assert drift["drift_detected_intensity_scale"] == 1.0
+    # a resampled .mat slice is always caught; 8-bit images come in any size (measured, not asserted)
+    assert (
+        drift["drift_detected_resolution_mat"] == 1.0 and 0 <= drift["drift_detected_resolution_image"] <= 1
+    )
+    from tumorseg.data.planar import default_case_id
+    from tumorseg.data.readers import image_inputs
+
+    tested = set(per_case["case_id"])
+    test_images = [p for p in image_inputs(tmp_path / "data" / "synth_2d") if default_case_id(p) in tested]
+    assert test_images
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    for path in test_images[:3]:
+        (incoming / path.name).write_bytes(path.read_bytes())  # .mat, or an image named for its case
+    out = tmp_path / "predicted_2d"
+    assert main(["predict", str(incoming), "--out", str(out), "--params", str(params_file)]) == 0
+    record = json.loads((out / "drift.json").read_text())
+    assert record["reference"]["kind"] == "2d" and len(record["cases"]) == len(list(incoming.iterdir()))
+    assert main(["monitor", str(out), "--no-mlflow", "--params", str(params_file)]) == 0

@@ -96,6 +96,14 @@ def test_evaluation_reports_test_metrics_with_cis(trained: dict[str, Any]) -> No
     masked = per_case[per_case["has_mask"] & per_case["has_tumour"]]
     assert set(seg["per_tumour_type"]) == set(masked["tumour_type"])
     assert seg["dice_tumour"]["value"] == pytest.approx(masked["dice"].mean(), abs=1e-6)
+    # the papers' overlap figures, with the same patient-level CIs; F1 is Dice for binary masks
+    for name in ("iou", "precision", "recall", "specificity", "f1", "pixel_accuracy", "pixel_accuracy_empty"):
+        m = seg[f"{name}_tumour"]
+        assert m["ci_low"] <= m["value"] <= m["ci_high"] and m["value"] == pytest.approx(
+            masked[name].mean()
+        ), name
+    assert masked["f1"].to_numpy() == pytest.approx(masked["dice"].to_numpy())
+    assert (masked["iou"] <= masked["dice"] + 1e-12).all()
     # DVC's metrics file is the flat headline of the same figures; the plots come from the per-case table
     flat = json.loads((reports / "metrics.json").read_text())["test"]
     assert flat["detection.accuracy.value"] == det["accuracy"]["value"]

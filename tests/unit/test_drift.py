@@ -44,7 +44,7 @@ def profile_of(n: int = 12) -> Profile:
 
 def test_features_describe_intensity_brain_and_grid() -> None:
     f = image_features("a", head(0), AFFINE)
-    assert list(f.values) == feature_names() and f.orientation == "RAS"
+    assert list(f.values) == feature_names() and f.category == "RAS"
     assert f.values["t1_p01"] < f.values["t1_p50"] < f.values["t1_p99"]
     assert f.values["spacing_min_mm"] == f.values["spacing_max_mm"] == 2.0
     assert f.values["fov_max_mm"] == 96.0 and f.values["fov_min_mm"] == 80.0
@@ -86,7 +86,7 @@ def test_every_scanner_change_is_caught_and_keeps_the_world_geometry() -> None:
 def test_the_profile_round_trips_and_a_broken_one_is_one_line(tmp_path: Path) -> None:
     profile = profile_of(4)
     again = Profile.from_dict(json.loads(json.dumps(profile.to_dict())), "x")
-    assert again.sha256() == profile.sha256() and again.orientations == ["RAS"]
+    assert again.sha256() == profile.sha256() and again.categories == ["RAS"]
     (tmp_path / "p.json").write_text('{"format": 1, "cases": [{"case_id": "a"}]}')
     with pytest.raises(DataError) as err:
         Profile.read(tmp_path / "p.json")
@@ -153,3 +153,32 @@ def test_the_shadow_thread_runs_at_idle_priority_and_the_rest_of_the_process_doe
     assert applied == "nice 19" and policy == os.SCHED_OTHER and nice == 19
     assert _priority_of_a_thread("normal")[0] == "normal priority"
     assert os.sched_getscheduler(0) == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, 0) == 0
+
+
+def test_images_are_compared_with_training_images_of_their_own_storage() -> None:
+    from tumorseg.monitoring.drift import IMAGE, planar_features
+    from tumorseg.monitoring.scanner_changes import PLANAR_CHANGES
+
+    rng = np.random.default_rng(0)
+
+    def slice_(scale: float, size: int = 64) -> np.ndarray:
+        image = np.zeros((size, size))
+        image[8:-8, 8:-8] = rng.uniform(0.2, 1.0, (size - 16, size - 16)) * scale
+        return image
+
+    cases = [planar_features(f"m{i}", slice_(1000 * rng.uniform(0.9, 1.1)), "mat-v5") for i in range(6)]
+    cases += [planar_features(f"p{i}", slice_(200 * rng.uniform(0.9, 1.1)), "png") for i in range(6)]
+    profile = Profile(cases, kind=IMAGE)
+    assert profile.categories == ["image", "mat"]
+    monitor = DriftMonitor.from_params(profile, MonitorConfig())
+    png = slice_(200)
+    assert not monitor.check(planar_features("ok", png, "png")).flagged
+    # a 10x 8-bit image would pass as a .mat one: each storage has its own bands
+    scaled = monitor.check(planar_features("x10", PLANAR_CHANGES["intensity_scale"](png), "png"))
+    assert any(line.startswith("intensity_p50 ") for line in scaled.outside)
+    bigger = monitor.check(planar_features("x2", PLANAR_CHANGES["resolution"](png), "png"))
+    assert any(line.startswith("height 128 ") for line in bigger.outside)
+    only_mat = DriftMonitor.from_params(Profile(cases[:6], kind=IMAGE), MonitorConfig())
+    assert only_mat.check(planar_features("p", png, "png")).outside == [
+        "file type image not in training (mat)"
+    ]

@@ -292,3 +292,22 @@ def test_summary_is_seeded_and_groups_by_tumour_type() -> None:
     assert set(typed["per_tumour_type"]) == {"GBM", "LGG"}
     assert typed["per_tumour_type"]["GBM"]["n_cases"] == 2
     assert typed["per_tumour_type"]["GBM"]["regions"]["TC"]["dice"]["mean"] == pytest.approx(0.75)
+
+
+def test_2d_overlap_figures_on_a_known_pair_and_the_empty_prediction_baseline() -> None:
+    from tumorseg.evaluation.metrics import overlap_scores
+
+    ref = np.zeros((10, 10), bool)
+    ref[2:6, 2:6] = True  # 16 px
+    pred = np.zeros((10, 10), bool)
+    pred[4:8, 2:6] = True  # 16 px, 8 overlapping
+    s = overlap_scores(pred, ref)
+    assert s["iou"] == pytest.approx(8 / 24) and s["precision"] == 0.5 and s["recall"] == 0.5
+    assert s["f1"] == 0.5 and s["specificity"] == pytest.approx(76 / 84)
+    assert s["pixel_accuracy"] == pytest.approx(84 / 100) and s["pixel_accuracy_empty"] == pytest.approx(
+        84 / 100
+    )
+    nothing = overlap_scores(np.zeros_like(ref), ref)
+    assert nothing["recall"] == nothing["f1"] == nothing["iou"] == 0.0 and nothing["pixel_accuracy"] == 0.84
+    both_empty = overlap_scores(np.zeros_like(ref), np.zeros_like(ref))
+    assert set(both_empty.values()) == {1.0}

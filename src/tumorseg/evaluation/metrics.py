@@ -215,6 +215,37 @@ def distance_metrics(
     return {"hd95": penalty_mm if np.isinf(hd95) else hd95, "assd": penalty_mm if np.isinf(assd) else assd}
 
 
+PLANAR_OVERLAP = ("iou", "precision", "recall", "specificity", "f1", "pixel_accuracy")
+"""The per-image overlap figures of 2-D segmentation besides Dice and HD95 (seeds 003, 004 report them)."""
+
+
+def overlap_scores(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """IoU (Jaccard), precision, recall (sensitivity), specificity, F1 and pixel accuracy of 2-D binary
+    masks, plus ``pixel_accuracy_empty``: what a prediction of nothing would score. A ratio whose
+    denominator is empty is 1 when the other mask is empty too and 0 otherwise (Dice's rule here, so
+    tumour-free images count). F1 equals Dice for binary masks."""
+    pred, ref = np.asarray(pred) > 0, np.asarray(ref) > 0
+    tp = float(np.count_nonzero(pred & ref))
+    fp = float(np.count_nonzero(pred & ~ref))
+    fn = float(np.count_nonzero(~pred & ref))
+    tn = float(pred.size) - tp - fp - fn
+
+    def ratio(num: float, den: float, other_empty: bool) -> float:
+        return num / den if den else (1.0 if other_empty else 0.0)
+
+    precision = ratio(tp, tp + fp, not ref.any())
+    recall = ratio(tp, tp + fn, not pred.any())
+    return {
+        "iou": ratio(tp, tp + fp + fn, True),
+        "precision": precision,
+        "recall": recall,
+        "specificity": ratio(tn, tn + fp, True),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn, True),
+        "pixel_accuracy": (tp + tn) / float(pred.size),
+        "pixel_accuracy_empty": (tn + fp) / float(pred.size),
+    }
+
+
 def segmentation_scores(
     pred: np.ndarray, ref: np.ndarray, penalty: float | None = None
 ) -> tuple[float, float]:

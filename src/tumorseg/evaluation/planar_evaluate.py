@@ -20,7 +20,7 @@ from tumorseg.data.manifest import atomic_write_text
 from tumorseg.data.planar import TUMOUR_TYPES, PlanarGeometry, read_planar, restore_planar_mask
 from tumorseg.errors import DataError
 from tumorseg.evaluation.config import DetectConfig
-from tumorseg.evaluation.metrics import segmentation_scores
+from tumorseg.evaluation.metrics import PLANAR_OVERLAP, overlap_scores, segmentation_scores
 from tumorseg.evaluation.pipeline_stage import METRICS_FILE, PER_CASE_FILE, PLOTS_DIR, SUMMARY_FILE
 from tumorseg.evaluation.summary import clean_json, flatten_metrics, patient_mean_ci
 from tumorseg.models.planar_detection import binary_detection_metrics, choose_detector
@@ -152,6 +152,7 @@ def _per_case_table(
             "predicted_type": TUMOUR_TYPES[int(np.argmax(test["classes"][i, 1:]))],
             "dice": math.nan,
             "hd95_px": math.nan,
+            **dict.fromkeys((*PLANAR_OVERLAP, "pixel_accuracy_empty"), math.nan),
             "scored_on": "",
             "ref_px": math.nan,
             "pred_px": math.nan,
@@ -159,6 +160,7 @@ def _per_case_table(
         if record["has_mask"]:
             pred, ref, row["scored_on"] = source_masks(record, test["masks"][i], test["refs"][i])
             row["dice"], row["hd95_px"] = segmentation_scores(pred, ref)
+            row.update(overlap_scores(pred, ref))
             row["ref_px"], row["pred_px"] = float(np.count_nonzero(ref)), float(np.count_nonzero(pred))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -184,6 +186,7 @@ def test_metrics(
         "segmentation": {
             "dice_tumour": ci(tumour),
             "hd95_px_tumour": ci(tumour, "hd95_px"),
+            **{f"{name}_tumour": ci(tumour, name) for name in (*PLANAR_OVERLAP, "pixel_accuracy_empty")},
             "dice_all": ci(masked),
             "tumour_free_empty_rate": ci(masked[~masked["has_tumour"]]),
             "per_tumour_type": {

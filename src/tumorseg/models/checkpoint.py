@@ -70,6 +70,8 @@ class PlanarModel:
     detector: DetectorRule = field(default_factory=lambda: DetectorRule("classifier", 0.5))
     predict_settings: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    drift_profile: Any = None
+    """The training images' :class:`~tumorseg.monitoring.drift.Profile` (registered models only)."""
 
     @property
     def preprocess(self) -> Any:

@@ -128,7 +128,11 @@ def from_folder(folder: Path, description: str) -> PlanarModel:
             raise DataError(
                 f"{description}: not a tumorseg 2-D model (its MLmodel lacks {sorted(ARTIFACT_KEYS)})"
             )
-        return load_package(*(folder / artifacts[key]["path"] for key in ARTIFACT_KEYS), description)
+        model = load_package(*(folder / artifacts[key]["path"] for key in ARTIFACT_KEYS), description)
+        from tumorseg.monitoring.drift import load_profile
+
+        model.drift_profile = load_profile({key: folder / entry["path"] for key, entry in artifacts.items()})
+        return model
     if (folder / WEIGHTS_FILE).is_file():
         return load_package(*(folder / name for name in ARTIFACT_KEYS.values()), description)
     raise DataError(

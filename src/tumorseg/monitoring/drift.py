@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,8 +42,25 @@ MAX_PERCENTILE_VOXELS = 2_000_000
 """Percentiles on a regular subsample beyond this many brain voxels (the 1st/99th move < 1 %)."""
 
 
-def feature_names() -> list[str]:
-    """The numeric features, in a fixed order."""
+VOLUME, IMAGE = "3d", "2d"
+PLANAR_FEATURES = [
+    "intensity_p01",
+    "intensity_p50",
+    "intensity_p99",
+    "foreground_fraction",
+    "height",
+    "width",
+    "edge_strength",
+]
+"""A 2-D image's features: percentiles of its non-zero pixels, their share, the image size, and the mean
+gradient magnitude inside relative to the median (an image resampled to more pixels has weaker edges
+per pixel: the file stores no pixel size to compare)."""
+
+
+def feature_names(kind: str = VOLUME) -> list[str]:
+    """The numeric features of a volume (``3d``) or an image (``2d``), in a fixed order."""
+    if kind == IMAGE:
+        return list(PLANAR_FEATURES)
     names = [f"{m}_p{p:02d}" for m in CANONICAL_MODALITIES for p in PERCENTILES]
     return [
         *names,
@@ -57,14 +75,15 @@ def feature_names() -> list[str]:
 
 @dataclass
 class CaseFeatures:
-    """One case's numeric ``values`` (by :func:`feature_names`) and its stored ``orientation``."""
+    """One case's numeric ``values`` (by :func:`feature_names`) and its ``category``: a volume's stored
+    orientation (``RAS``...), an image's storage (``mat``: Figshare's int16 scale, ``image``: 8-bit)."""
 
     case_id: str
     values: dict[str, float]
-    orientation: str
+    category: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"case_id": self.case_id, "orientation": self.orientation, "values": self.values}
+        return {"case_id": self.case_id, "category": self.category, "values": self.values}
 
 
 def image_features(
@@ -93,6 +112,23 @@ def image_features(
     values["fov_min_mm"] = float(fov.min())
     values["fov_max_mm"] = float(fov.max())
     return CaseFeatures(case_id, values, orientation or orientation_code(affine))
+
+
+def planar_features(case_id: str, image: np.ndarray, fmt: str = "") -> CaseFeatures:
+    """Features of one 2-D image as read (grayscale, its own intensity scale); ``fmt`` is the reader's
+    format (``mat-v5``, ``png``...): ``.mat`` images are compared with ``.mat`` training images only."""
+    image = np.asarray(image, dtype=np.float64)
+    inside = image[image != 0]
+    found = np.percentile(inside, PERCENTILES) if inside.size else [0.0] * len(PERCENTILES)
+    values = {f"intensity_p{p:02d}": float(v) for p, v in zip(PERCENTILES, found, strict=True)}
+    values["foreground_fraction"] = inside.size / max(image.size, 1)
+    values["height"], values["width"] = float(image.shape[0]), float(image.shape[1])
+    if inside.size and values["intensity_p50"] > 0:
+        rows, cols = np.gradient(image)
+        values["edge_strength"] = float(np.hypot(rows, cols)[image != 0].mean() / values["intensity_p50"])
+    else:
+        values["edge_strength"] = 0.0
+    return CaseFeatures(case_id, values, "mat" if fmt.startswith("mat") else "image")
 
 
 def case_features(case: Any) -> CaseFeatures:
@@ -124,18 +160,29 @@ class Profile:
     predicted_volumes_ml: dict[str, list[float]] = field(default_factory=dict)
     source: str = ""
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-
-    def values(self, name: str) -> np.ndarray:
-        return np.asarray([c.values[name] for c in self.cases], dtype=np.float64)
+    kind: str = VOLUME
+    """``3d`` (volumes) or ``2d`` (images: bands per storage category, no predicted volumes)."""
 
     @property
-    def orientations(self) -> list[str]:
-        return sorted({c.orientation for c in self.cases})
+    def features(self) -> list[str]:
+        return feature_names(self.kind)
 
-    def bands(self, tolerance: float, min_relative_span: float) -> dict[str, Band]:
+    def values(self, name: str, category: str | None = None) -> np.ndarray:
+        """A feature over the training cases (of one ``category`` only, if given)."""
+        cases = [c for c in self.cases if category is None or c.category == category]
+        return np.asarray([c.values[name] for c in cases], dtype=np.float64)
+
+    @property
+    def categories(self) -> list[str]:
+        return sorted({c.category for c in self.cases})
+
+    def bands(
+        self, tolerance: float, min_relative_span: float, category: str | None = None
+    ) -> dict[str, Band]:
+        """Each feature's accepted interval; for images, from the training images of ``category``."""
         out = {}
-        for name in feature_names():
-            values = self.values(name)
+        for name in self.features:
+            values = self.values(name, category if self.kind == IMAGE else None)
             low, high = float(values.min()), float(values.max())
             span = max(high - low, min_relative_span * abs(float(np.median(values))), 1e-9)
             out[name] = Band(low - tolerance * span, high + tolerance * span, low, high)
@@ -144,10 +191,11 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PROFILE_FORMAT,
+            "kind": self.kind,
             "created": self.created,
             "source": self.source,
-            "features": feature_names(),
-            "orientations": self.orientations,
+            "features": self.features,
+            "categories": self.categories,
             "cases": [c.to_dict() for c in self.cases],
             "predicted_volumes_ml": self.predicted_volumes_ml,
         }
@@ -162,11 +210,14 @@ class Profile:
         try:
             if data.get("format") != PROFILE_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {PROFILE_FORMAT}")
+            kind = str(data.get("kind", VOLUME))
+            if kind not in (VOLUME, IMAGE):
+                raise ValueError(f"kind {kind!r}")
             cases = [
-                CaseFeatures(c["case_id"], {k: float(v) for k, v in c["values"].items()}, c["orientation"])
+                CaseFeatures(c["case_id"], {k: float(v) for k, v in c["values"].items()}, c["category"])
                 for c in data["cases"]
             ]
-            missing = set(feature_names()) - set(cases[0].values) if cases else {"cases"}
+            missing = set(feature_names(kind)) - set(cases[0].values) if cases else {"cases"}
             if missing:
                 raise ValueError(f"no {sorted(missing)[0]}")
             volumes = {
@@ -176,7 +227,7 @@ class Profile:
             raise DataError(
                 f"{where}: not a drift profile ({exc}); re-register the model with monitor.enabled"
             ) from None
-        return cls(cases, volumes, str(data.get("source", "")), str(data.get("created", "")))
+        return cls(cases, volumes, str(data.get("source", "")), str(data.get("created", "")), kind)
 
     @classmethod
     def read(cls, path: str | Path) -> Profile:
@@ -234,19 +285,21 @@ class DriftCheck:
 def check_case(
     features: CaseFeatures, profile: Profile, tolerance: float, min_relative_span: float
 ) -> DriftCheck:
-    """Compare one case's features with the profile's bands and orientations."""
+    """Compare one case's features with the profile's bands (2-D: those of its storage category) and
+    categories (an orientation, or an image storage, training never had)."""
     outside = []
-    for name, band in profile.bands(tolerance, min_relative_span).items():
+    what = "orientation" if profile.kind == VOLUME else "file type"
+    if features.category not in profile.categories:
+        outside.append(f"{what} {features.category} not in training ({', '.join(profile.categories)})")
+        if profile.kind == IMAGE:  # no images of this kind to compare with
+            return DriftCheck(features.case_id, outside, features)
+    for name, band in profile.bands(tolerance, min_relative_span, features.category).items():
         value = features.values[name]
         if not (np.isfinite(value) and band.contains(value)):
             outside.append(
                 f"{name} {value:.4g} outside {band.low:.4g}..{band.high:.4g} "
                 f"(training {band.train_min:.4g}..{band.train_max:.4g})"
             )
-    if features.orientation not in profile.orientations:
-        outside.append(
-            f"orientation {features.orientation} not in training ({', '.join(profile.orientations)})"
-        )
     return DriftCheck(features.case_id, outside, features)
 
 
@@ -259,6 +312,7 @@ class DriftMonitor:
         self.min_relative_span = min_relative_span
         self.checked = 0
         self.flagged = 0
+        self._lock = threading.Lock()  # the API's pool threads share one monitor
 
     @classmethod
     def from_params(cls, profile: Profile, cfg: Any) -> DriftMonitor:
@@ -266,8 +320,9 @@ class DriftMonitor:
 
     def check(self, features: CaseFeatures) -> DriftCheck:
         result = check_case(features, self.profile, self.tolerance, self.min_relative_span)
-        self.checked += 1
-        self.flagged += int(result.flagged)
+        with self._lock:
+            self.checked += 1
+            self.flagged += int(result.flagged)
         return result
 
     def counts(self) -> dict[str, int]:

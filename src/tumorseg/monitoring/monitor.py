@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from tumorseg.errors import DataError
-from tumorseg.monitoring.drift import DRIFT_FILE, CaseFeatures, DriftMonitor, Profile, feature_names
+from tumorseg.monitoring.drift import DRIFT_FILE, CaseFeatures, DriftMonitor, Profile
 from tumorseg.params import Params, as_params
 
 log = logging.getLogger(__name__)
@@ -180,28 +180,24 @@ def analyse(
     from scipy.stats import ks_2samp
 
     monitor = DriftMonitor.from_params(profile, cfg)
-    bands = profile.bands(cfg.tolerance, cfg.min_relative_span)
     flagged: dict[str, list[str]] = {}
-    values: dict[str, list[float]] = {name: [] for name in feature_names()}
-    outside = dict.fromkeys(feature_names(), 0)
+    names = profile.features
+    values: dict[str, list[float]] = {name: [] for name in names}
+    outside = dict.fromkeys(names, 0)
     for record in cases:
         f = record["features"]
-        feats = CaseFeatures(
-            record["case_id"], {k: _num(v) for k, v in f["values"].items()}, f["orientation"]
-        )
+        feats = CaseFeatures(record["case_id"], {k: _num(v) for k, v in f["values"].items()}, f["category"])
         check = monitor.check(feats)
         if check.flagged:
             flagged[check.case_id] = check.outside
-        for name in feature_names():
-            value = feats.values.get(name, float("nan"))
-            values[name].append(value)
-            if not (np.isfinite(value) and bands[name].contains(value)):
-                outside[name] += 1
+        for name in names:
+            values[name].append(feats.values.get(name, float("nan")))
+            outside[name] += any(line.startswith(f"{name} ") for line in check.outside)
     volumes: dict[str, list[float]] = {}
     for record in cases:
         for region, value in (record.get("volumes_ml") or {}).items():
             volumes.setdefault(region, []).append(float(value))
-    tests = len(feature_names()) + len([r for r in volumes if profile.predicted_volumes_ml.get(r)])
+    tests = len(names) + len([r for r in volumes if profile.predicted_volumes_ml.get(r)])
     alpha = cfg.ks_alpha / max(tests, 1)
     run_ks = len(cases) >= cfg.min_cases_for_ks
     features: list[FeatureDrift] = []
@@ -220,12 +216,20 @@ def analyse(
             item.drifted = item.ks_pvalue < alpha
         features.append(item)
 
-    for name in feature_names():
-        add(name, values[name], profile.values(name), outside[name])
+    # 2-D: each storage (mat, 8-bit image) has its own scale; compare with the training images of the
+    # storages the folder holds
+    present = {record["features"]["category"] for record in cases} & set(profile.categories)
+    for name in names:
+        if profile.kind == "2d" and present:
+            reference = np.concatenate([profile.values(name, category) for category in sorted(present)])
+        else:
+            reference = profile.values(name)
+        add(name, values[name], reference, outside[name])
     for region, observed in sorted(volumes.items()):
         reference = np.asarray(profile.predicted_volumes_ml.get(region, []), dtype=np.float64)
         if reference.size:
-            add(f"predicted_{region}_ml", observed, reference, 0)
+            unit = "px" if profile.kind == "2d" else "ml"
+            add(f"predicted_{region}_{unit}", observed, reference, 0)
     reasons = []
     fraction = len(flagged) / len(cases) if cases else 0.0
     if fraction > cfg.max_flagged_fraction:

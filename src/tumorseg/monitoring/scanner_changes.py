@@ -6,8 +6,9 @@ false alarm) and the same cases as another scanner or site would deliver them:
 - ``not_skull_stripped``: scalp and skull around the brain and noise in the air;
 - ``orientation``: stored sagittal (array axes permuted, the affine with them).
 
-The evaluate stage records the rates in ``metrics.json`` (``drift_false_alarm_rate``,
-``drift_detected_<change>``).
+2-D images: ``intensity_scale`` (10x) and ``resolution`` (twice the pixels per side, another
+scanner matrix or export). The evaluate stage records the rates in ``metrics.json`` under ``drift``
+(``drift_false_alarm_rate``, ``drift_detected_<change>``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from tumorseg.monitoring.drift import CaseFeatures, DriftMonitor, image_features
+from tumorseg.monitoring.drift import CaseFeatures, DriftMonitor, image_features, planar_features
 
 
 def intensity_scale(image: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,5 +95,51 @@ def scanner_change_metrics(monitor: DriftMonitor, cases: list[Any]) -> dict[str,
         "drift_cases": len(cases),
         "drift_false_alarm_rate": len(false_alarms) / n,
         **{f"drift_detected_{name}": count / n for name, count in flagged.items()},
+        "drift_false_alarms": false_alarms,
+    }
+
+
+def _planar_resolution(image: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.zoom(np.asarray(image, dtype=np.float32), 2.0, order=1, prefilter=False)
+
+
+PLANAR_CHANGES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "intensity_scale": lambda image: np.asarray(image, dtype=np.float32) * np.float32(10.0),
+    "resolution": _planar_resolution,
+}
+
+
+def planar_change_metrics(monitor: DriftMonitor, paths: list[Any]) -> dict[str, Any]:
+    """:func:`scanner_change_metrics` for 2-D images (``paths``: the held-out images' files), with the
+    detection rates also per storage (``drift_detected_<change>_<mat|image>``): 8-bit images come in
+    any size, so a resampled one is often inside the training spread, a resampled ``.mat`` never."""
+    from tumorseg.data.planar import read_planar
+
+    flagged: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    false_alarms: dict[str, list[str]] = {}
+    for path in paths:
+        read = read_planar(path)
+        found = monitor.check(planar_features(read.case_id, read.image, read.fmt))
+        category = found.features.category
+        counts[category] = counts.get(category, 0) + 1
+        if found.flagged:
+            false_alarms[read.case_id] = found.outside
+        for name, change in PLANAR_CHANGES.items():
+            hit = int(monitor.check(planar_features(read.case_id, change(read.image), read.fmt)).flagged)
+            for key in (name, f"{name}_{category}"):
+                flagged[key] = flagged.get(key, 0) + hit
+    n = max(len(paths), 1)
+    rates = {}
+    for key, count in sorted(flagged.items()):
+        category = key.rsplit("_", 1)[-1]
+        total = counts[category] if key not in PLANAR_CHANGES and category in counts else n
+        rates[f"drift_detected_{key}"] = count / total
+    return {
+        "drift_cases": len(paths),
+        "drift_false_alarm_rate": len(false_alarms) / n,
+        **rates,
         "drift_false_alarms": false_alarms,
     }

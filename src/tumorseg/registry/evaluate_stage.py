@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from tumorseg.data.manifest import atomic_write_text
@@ -186,6 +187,40 @@ def _drift_reference(params: Params, source: str, evaluation: TestEvaluation) ->
     return profile, metrics
 
 
+def _planar_drift_reference(
+    params: Params, records: dict[str, list[dict[str, Any]]], reports: Path
+) -> tuple[Any, dict[str, float]]:
+    """:func:`_drift_reference` for the 2-D branch: the training images' profile, and the check on the
+    held-out images as they are and changed (:func:`~tumorseg.monitoring.scanner_changes.planar_change_metrics`)."""
+    from tumorseg.data.planar import read_planar
+    from tumorseg.evaluation.pipeline_stage import METRICS_FILE
+    from tumorseg.monitoring.drift import IMAGE, DriftMonitor, Profile, planar_features
+    from tumorseg.monitoring.scanner_changes import planar_change_metrics
+
+    def files(split: str) -> list[Path]:
+        paths = [Path(r["source_path"]) for r in records[split] if r.get("source_path")]
+        return [p for p in paths if p.is_file()]
+
+    train = files("train")
+    if len(train) < 3:
+        log.warning("drift: %d readable 2-D training images; no profile stored", len(train))
+        return None, {}
+    picks = np.linspace(0, len(train) - 1, min(len(train), params.monitor.profile_cases)).round().astype(int)
+    cases = []
+    for i in sorted(set(picks.tolist())):
+        read = read_planar(train[i])
+        cases.append(planar_features(read.case_id, read.image, read.fmt))
+    profile = Profile(cases, {}, f"train split of {params.data.source_2d}", kind=IMAGE)
+    found = planar_change_metrics(DriftMonitor.from_params(profile, params.monitor), files("test"))
+    for case_id, reasons in found.pop("drift_false_alarms").items():
+        log.info("drift check: test image %s outside the reference: %s", case_id, "; ".join(reasons))
+    metrics = {key: float(value) for key, value in found.items()}
+    path = reports / METRICS_FILE
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_text(path, json.dumps({**current, "drift": metrics}, indent=2) + "\n")
+    return profile, metrics
+
+
 def _checkpoint(checkpoint: str | Path | None, out_dir: str | Path) -> Path:
     """``checkpoint``, by default the best checkpoint of the training run in ``out_dir``."""
     return Path(checkpoint) if checkpoint else Path(out_dir) / "checkpoints" / "best.ckpt"
@@ -226,6 +261,11 @@ def evaluate_planar(
     metrics = test_metrics(per_case, probability, model.detector, stats)
     files = write_reports(Path(cfg.paths.reports), metrics, per_case)
     result = PlanarEvaluation(clean_json(metrics), per_case, files=files)
+    profile, drift_metrics = (
+        _planar_drift_reference(params, records, Path(cfg.paths.reports))
+        if params.monitor.enabled
+        else (None, {})
+    )
     run_id = None
     uri = resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
     if cfg.mlflow.enabled:
@@ -240,6 +280,15 @@ def evaluate_planar(
             folder=lambda _key: "evaluation_2d",
             run_name="evaluate-2d",
         )
+        if drift_metrics:
+            log_test_evaluation(
+                drift_metrics,
+                {},
+                checkpoint=ckpt,
+                tracking_uri=uri,
+                experiment=cfg.train.experiment,
+                prefix="drift_2d/",
+            )
     if (ev.register_models if register is None else register) and run_id is not None:
         with tempfile.TemporaryDirectory(prefix="tumorseg-2d-package-") as folder:
             result.registered = register_planar_models(
@@ -251,6 +300,7 @@ def evaluate_planar(
                 config=model.config,
                 data_md5=data_version(cfg.paths.preprocessed)["data_md5"],
                 synthetic=params.data.is_synth(2),
+                drift_profile=profile,
             )
     versions = {kind: r.to_dict() for kind, r in result.registered.items()}
     result.files["versions"] = Path(cfg.paths.reports) / MODEL_VERSION_FILE

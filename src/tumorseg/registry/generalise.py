@@ -130,7 +130,7 @@ def score_images(
     """Segment and classify every 2-D image under ``data``: Dice where a mask exists, detection everywhere."""
     from tumorseg.data.planar import read_planar
     from tumorseg.data.readers import image_inputs
-    from tumorseg.evaluation.metrics import segmentation_scores
+    from tumorseg.evaluation.metrics import PLANAR_OVERLAP, overlap_scores, segmentation_scores
     from tumorseg.models.predictor import predict_planar
     from tumorseg.registry.loading import load_planar_model
 
@@ -152,6 +152,7 @@ def score_images(
         }
         if truth.mask is not None and truth.mask.any():
             row["dice"], row["hd95_px"] = segmentation_scores(prediction.mask > 0, truth.mask > 0)
+            row.update(overlap_scores(prediction.mask > 0, truth.mask > 0))
         rows.append(row)
     per_case = pd.DataFrame(rows)
     cfg = params.evaluate_2d
@@ -166,6 +167,10 @@ def score_images(
         "n_patients": int(per_case["patient_id"].nunique()),
         "dice_tumour": patient_mean_ci(masked["dice"], masked["patient_id"], **stats),
         "hd95_px_tumour": patient_mean_ci(masked["hd95_px"], masked["patient_id"], **stats),
+        **{
+            f"{name}_tumour": patient_mean_ci(masked[name], masked["patient_id"], **stats)
+            for name in (*PLANAR_OVERLAP, "pixel_accuracy_empty")
+        },
         "detection_accuracy": patient_mean_ci(per_case["correct"], per_case["patient_id"], **stats),
         "sensitivity": patient_mean_ci(tumour["correct"], tumour["patient_id"], **stats),
         "specificity": patient_mean_ci(free["correct"], free["patient_id"], **stats),

@@ -160,3 +160,50 @@ def _predict_checked(
     finally:
         if run.drift:
             run.drift_file = write_drift_file(Path(out_dir), run.model, monitor, run.drift)
+
+
+class PlanarDriftChecks:
+    """2-D ``predict``: each image against the model's training profile (``drift.json`` in the output)."""
+
+    def __init__(self, model: Any, params: Params, input_path: str | Path) -> None:
+        from tumorseg.data.readers import image_inputs
+
+        self.model = model
+        self.checks: list[Any] = []
+        self.monitor = None
+        self.note = None
+        profile = getattr(model, "drift_profile", None)
+        if profile is None or not params.monitor.enabled:
+            self.note = "the model has no drift profile" if profile is None else "monitor.enabled is false"
+            return
+        from tumorseg.data.planar import default_case_id
+        from tumorseg.monitoring.drift import DriftMonitor
+
+        self.monitor = DriftMonitor.from_params(profile, params.monitor)
+        self.paths = {default_case_id(p): p for p in image_inputs(input_path)}
+
+    def check(self, prediction: Any) -> None:
+        if self.monitor is None or prediction.case_id not in self.paths:
+            return
+        from tumorseg.data.planar import read_planar
+        from tumorseg.monitoring.drift import planar_features
+
+        read = read_planar(self.paths[prediction.case_id])
+        check = self.monitor.check(planar_features(prediction.case_id, read.image, read.fmt))
+        check.volumes_ml = None
+        self.checks.append(check)
+
+    def write(self, folder: Path) -> None:
+        if self.checks:
+            from tumorseg.monitoring.drift import write_drift_file
+
+            write_drift_file(folder, self.model.description, self.monitor, self.checks)
+
+    def lines(self) -> list[str]:
+        return [f"drift: {c.case_id}: {'; '.join(c.outside)}" for c in self.checks if c.flagged]
+
+    def one_line(self) -> str:
+        if self.note:
+            return f"drift not checked: {self.note}"
+        flagged = sum(c.flagged for c in self.checks)
+        return f"drift: {flagged} of {len(self.checks)} images outside the model's training profile"

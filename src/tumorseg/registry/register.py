@@ -326,6 +326,7 @@ def register_planar_models(
     config: dict[str, Any],
     data_md5: str,
     synthetic: bool,
+    drift_profile: Any = None,
 ) -> dict[str, RegisteredVersion]:
     """Register the 2-D ``package`` once per kind of ``names`` (``{"segmentation": ..., "detection": ...}``).
 
@@ -351,6 +352,11 @@ def register_planar_models(
             cases_md5 = cases_fingerprint(evidence["reference_sha256"])
 
             def log_model(files: dict[str, Path], kind: str = kind) -> str:
+                if drift_profile is not None:
+                    from tumorseg.monitoring.drift import PROFILE_ARTIFACT, PROFILE_FILE
+
+                    files = {**files, PROFILE_ARTIFACT: files["model_card"].with_name(PROFILE_FILE)}
+                    files[PROFILE_ARTIFACT].write_text(json.dumps(drift_profile.to_dict(), indent=1) + "\n")
                 info = log_planar_model(package, name=f"planar_{kind}", extra_artifacts=files)
                 mlflow.log_artifact(str(files["model_card"]), artifact_path=f"model_card_{kind}")
                 return info.model_uri

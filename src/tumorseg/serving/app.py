@@ -110,6 +110,7 @@ def _add_health_routes(app: FastAPI, static_dir: Path) -> None:
             "pending": service.pool.pending,
             "workers": service.pool.workers,
             "drift": service.drift.counts() if service.drift is not None else None,
+            "drift_2d": service.planar_drift.counts() if service.planar_drift is not None else None,
             "shadow": service.shadow.info() if service.shadow is not None else None,
             "uptime_s": round(time.time() - service.started, 1),
         }

@@ -97,6 +97,8 @@ def note_result(audit: dict[str, Any], summary: dict[str, Any], service: Service
             audit["drift"] = summary["drift"]["flagged"]
     else:
         audit["result"] = {key: summary.get(key) for key in AUDITED_2D}
+        if summary.get("drift") is not None:
+            audit["drift"] = summary["drift"]["flagged"]
 
 
 def _check_output(dims: int, output: OutputFormat, name: str) -> None:

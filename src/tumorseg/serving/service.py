@@ -242,6 +242,7 @@ class Service:
         self.demo = DemoCases(self.root / "demo", serve.demo_cases, serve.demo_spacing_mm)
         self.started = time.time()
         self.drift = _drift_monitor(settings, loaded)
+        self.planar_drift: Any = None  # made from the 2-D model's profile at its first image
         self.shadow = None
         if serve.shadow:
             from tumorseg.serving.shadow import ShadowRunner
@@ -344,6 +345,26 @@ class Service:
             log.warning("drift: %s outside the training profile: %s", case.case_id, "; ".join(check.outside))
         return check.summary()
 
+    def _check_planar_drift(self, model: Any, read: Any) -> dict[str, Any] | None:
+        """A 2-D image against the 2-D model's training profile (None: no profile, or monitoring off)."""
+        if self.planar_drift is None or self.planar_drift.profile is not getattr(
+            model, "drift_profile", None
+        ):
+            from tumorseg.monitoring.config import MonitorConfig
+            from tumorseg.monitoring.drift import DriftMonitor
+
+            cfg = self.settings.monitor or MonitorConfig()
+            profile = getattr(model, "drift_profile", None)
+            if profile is None or not cfg.enabled:
+                return None
+            self.planar_drift = DriftMonitor.from_params(profile, cfg)
+        from tumorseg.monitoring.drift import planar_features
+
+        check = self.planar_drift.check(planar_features(read.case_id, read.image, read.fmt))
+        if check.flagged:
+            log.warning("drift: %s outside the training profile: %s", read.case_id, "; ".join(check.outside))
+        return check.summary()
+
     def _score_reference(self, case: Any, prediction: Any, summary: dict[str, Any]) -> np.ndarray | None:
         """The case's own ground truth (internal codes; None without one), its Dice added to ``summary``.
         Read in the prediction's convention (a post-treatment model on 2023 GLI input writes 2024 GLI)."""
@@ -420,6 +441,7 @@ class Service:
             "tumour_area_mm2": None if pixel_size_mm is None else round(area_px * pixel_size_mm**2, 3),
             "seconds": {"read": round(read_s, 3), "predict": round(predict_s, 3)},
         }
+        summary["drift"] = self._check_planar_drift(model, read)
         if read.mask is not None:
             summary["dice"] = {"tumour": round(binary_dice(prediction.mask, read.mask), 4)}
         summary["model"] = self.planar.info()
