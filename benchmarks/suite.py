@@ -382,20 +382,30 @@ def _environment() -> dict[str, Any]:
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """The README's performance table: one row per figure, ratio against the same-run baseline."""
-    env = results.get("environment", {})
+    """The README's performance table: one row per figure, ratio against the same-run baseline, and
+    the CPU each benchmark ran on (``--only`` reruns mix machines in one file)."""
     lines = [
-        f"Measured by `make bench` on {env.get('cpu_count')} CPU cores of a {env.get('cpu_model', '?')} "
-        f"(flags: {', '.join(env.get('cpu_flags', [])) or '?'}; {env.get('platform', '?')}, "
-        f"torch {env.get('torch', '?')}); absolute times drift on shared machines, the ratios are the figures.",
+        "Measured by `make bench`; each row names the CPU it ran on (2 cores each; flags as "
+        "recorded in benchmarks/results.json); absolute times drift on shared machines, the ratios are the figures.",
         "",
-        "| benchmark | ours | baseline (same run) | ratio |",
-        "|---|---|---|---|",
+        "| benchmark | ours | baseline (same run) | ratio | CPU |",
+        "|---|---|---|---|---|",
     ]
+    default = results.get("environment", {})
     for result in results.values():
         if isinstance(result, dict) and "rows" in result:
-            lines += [f"| {' | '.join(str(c) for c in row)} |" for row in result["rows"]]
+            cpu = _cpu_text(result.get("environment", default))
+            lines += [f"| {' | '.join(str(c) for c in row)} | {cpu} |" for row in result["rows"]]
     return "\n".join(lines) + "\n"
+
+
+def _cpu_text(env: dict[str, Any]) -> str:
+    """``AMD EPYC (AVX-512, BF16)``: the model and the vector features that move the figures."""
+    flags = set(env.get("cpu_flags", []))
+    features = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_bf16", "BF16"), ("amx_bf16", "AMX"))
+                if flag in flags] or (["AVX2"] if "avx2" in flags else [])  # fmt: skip
+    model = str(env.get("cpu_model", "?")).replace("(R)", "").replace(" Processor", "")
+    return f"{model} ({', '.join(features)})" if features else model
 
 
 def _write_results(results: dict[str, Any], out: Path) -> None:
@@ -427,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         results[name] = BENCHMARKS[name]()
         results[name]["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        results[name]["environment"] = results["environment"]
         print(
             f"[bench] {name} done in {time.perf_counter() - start:.0f} s: {json.dumps(results[name], indent=1)[:800]}"
         )

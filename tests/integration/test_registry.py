@@ -796,6 +796,7 @@ def test_the_api_flags_drift_and_a_shadow_model_never_changes_the_answer(
 ) -> None:
     from fastapi.testclient import TestClient
 
+    from polling import wait_until
     from tumorseg.registry.loading import load_model
     from tumorseg.serving.app import ServeSettings, create_app, fastapi_app
 
@@ -846,6 +847,13 @@ def test_the_api_flags_drift_and_a_shadow_model_never_changes_the_answer(
             client.post("/predict?format=json", files=upload(c)).json() for c in (plain, changed, plain)
         ]
         service = fastapi_app(client.app).state.service
+        # the worker is a process of its own, stopped while a request is served
+        worker = Path(f"/proc/{service.shadow.process.pid}/stat")
+        state = lambda: worker.read_text().split(") ")[1][0]  # noqa: E731
+        service.shadow.serving(True)
+        wait_until(lambda: state() == "T", "the shadow worker is stopped", 10)
+        service.shadow.serving(False)
+        wait_until(lambda: state() != "T", "the shadow worker runs again", 10)
     # leaving the block closed the service: the shadow jobs were finished and the run ended
     info = service.shadow.info()
     assert info["model"]["version"] == "2" and info["cases"] == 3 and info["errors"] == 0, info

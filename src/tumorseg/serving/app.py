@@ -77,8 +77,12 @@ def create_app(settings: ServeSettings, *, loaded_model: Any = None, planar: Pla
     for add_routes in (add_predict_route, add_demo_routes, add_case_routes, add_ground_truth_route):
         add_routes(app)  # in the order the docs list them
     _add_health_routes(app, static_dir)
+    from tumorseg.serving.shadow import PauseShadowWhileServing
+
     limited = RequestLimits(
-        app, max_body_bytes=settings.serve.max_upload_bytes, timeout_s=settings.serve.request_timeout_s
+        PauseShadowWhileServing(app, app),
+        max_body_bytes=settings.serve.max_upload_bytes,
+        timeout_s=settings.serve.request_timeout_s,
     )
     cfg = settings.serve
     audit = (
