@@ -789,6 +789,12 @@ def test_a_registered_model_carries_its_training_profile_and_flags_changed_scann
     assert "KS tests need 8 cases" in printed
     assert main(["monitor", str(tmp_path / "nothing-here"), *p]) == 2
     assert "no such folder" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "drift.json").write_text('{"reference": {}, "cases": [{"case_id": "x"}]}')
+    assert main(["monitor", str(broken), *p]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "drift.json: not a drift record" in err
 
 
 def test_the_api_flags_drift_and_a_shadow_model_never_changes_the_answer(
@@ -849,6 +855,7 @@ def test_the_api_flags_drift_and_a_shadow_model_never_changes_the_answer(
         service = fastapi_app(client.app).state.service
         # the worker is a process of its own, stopped while a request is served
         worker = Path(f"/proc/{service.shadow.process.pid}/stat")
+        wait_until(lambda: service.shadow.info()["pending"] == 0, "the shadow model's 3 jobs", 300)
         state = lambda: worker.read_text().split(") ")[1][0]  # noqa: E731
         service.shadow.serving(True)
         wait_until(lambda: state() == "T", "the shadow worker is stopped", 10)

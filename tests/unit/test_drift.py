@@ -182,3 +182,18 @@ def test_images_are_compared_with_training_images_of_their_own_storage() -> None
     assert only_mat.check(planar_features("p", png, "png")).outside == [
         "file type image not in training (mat)"
     ]
+
+
+def test_a_broken_profile_or_an_odd_image_never_fails_a_prediction(tmp_path: Path) -> None:
+    from tumorseg.monitoring.drift import PROFILE_ARTIFACT, load_profile, planar_features, try_check
+
+    (tmp_path / "p.json").write_text("{not json")
+    assert load_profile({PROFILE_ARTIFACT: tmp_path / "p.json"}) is None  # the model still loads
+    line = planar_features("thin", np.ones((1, 40)), "png")  # one pixel high: no gradient, no error
+    assert line.values["edge_strength"] == 0.0
+    monitor = DriftMonitor.from_params(profile_of(4), MonitorConfig())
+
+    def unreadable() -> None:
+        raise DataError("case.nii.gz: truncated")
+
+    assert try_check(monitor, unreadable, "case") is None and monitor.counts()["checked"] == 0

@@ -19,7 +19,8 @@ class MonitorConfig(Section):
         min_relative_span: the range counts as at least this share of the feature's median (a feature
             that never varied in training, such as the voxel size, still gets a band).
         ks_alpha: ``tumorseg monitor``: a feature's distribution over a folder differs from training
-            when the two-sample Kolmogorov-Smirnov p-value is below this (Bonferroni over features).
+            when the two-sample Kolmogorov-Smirnov p-value is below this (Bonferroni over the tests: the
+            features and the predicted volumes).
         max_flagged_fraction: ``tumorseg monitor``: a folder has drifted when more than this share of
             its cases is outside the reference (or any feature's KS test fires).
         min_cases_for_ks: KS tests only on folders with at least this many cases.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 from collections.abc import Iterable
@@ -30,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from tumorseg.data.conventions import CANONICAL_MODALITIES
+
+log = logging.getLogger(__name__)
 
 PROFILE_ARTIFACT = "drift_profile"
 """Key of the profile among a registered pyfunc's artifacts."""
@@ -123,7 +126,7 @@ def planar_features(case_id: str, image: np.ndarray, fmt: str = "") -> CaseFeatu
     values = {f"intensity_p{p:02d}": float(v) for p, v in zip(PERCENTILES, found, strict=True)}
     values["foreground_fraction"] = inside.size / max(image.size, 1)
     values["height"], values["width"] = float(image.shape[0]), float(image.shape[1])
-    if inside.size and values["intensity_p50"] > 0:
+    if inside.size and values["intensity_p50"] > 0 and min(image.shape) >= 2:
         rows, cols = np.gradient(image)
         values["edge_strength"] = float(np.hypot(rows, cols)[image != 0].mean() / values["intensity_p50"])
     else:
@@ -132,11 +135,24 @@ def planar_features(case_id: str, image: np.ndarray, fmt: str = "") -> CaseFeatu
 
 
 def case_features(case: Any) -> CaseFeatures:
-    """Features of a planned case (:class:`~tumorseg.data.layouts.CaseFiles`), read from its files."""
-    from tumorseg.data.layouts import read_case
+    """Features of a planned case (:class:`~tumorseg.data.layouts.CaseFiles`), read from its
+    modality files (never its segmentation)."""
+    from tumorseg.models.predictor import read_volumes
 
-    volumes = read_case(case)
+    volumes, _ = read_volumes(case)
     return image_features(case.case_id, volumes.image, volumes.affine, volumes.orientation)
+
+
+def try_check(monitor: DriftMonitor, read: Any, what: str) -> DriftCheck | None:
+    """``monitor.check(read())``, or None with one warning when the features cannot be computed: the
+    check is advice beside a prediction that already succeeded, never a reason to fail it."""
+    try:
+        return monitor.check(read())
+    except Exception as exc:  # a prediction that was written must not be lost to its drift check
+        from tumorseg.errors import first_line
+
+        log.warning("drift: %s not checked: %s: %s", what, type(exc).__name__, first_line(exc, 300))
+        return None
 
 
 @dataclass
@@ -217,9 +233,12 @@ class Profile:
                 CaseFeatures(c["case_id"], {k: float(v) for k, v in c["values"].items()}, c["category"])
                 for c in data["cases"]
             ]
-            missing = set(feature_names(kind)) - set(cases[0].values) if cases else {"cases"}
-            if missing:
-                raise ValueError(f"no {sorted(missing)[0]}")
+            if not cases:
+                raise ValueError("no cases")
+            for case in cases:
+                missing = set(feature_names(kind)) - set(case.values)
+                if missing:
+                    raise ValueError(f"case {case.case_id}: no {sorted(missing)[0]}")
             volumes = {
                 k: [float(v) for v in vs] for k, vs in (data.get("predicted_volumes_ml") or {}).items()
             }
@@ -330,10 +349,17 @@ class DriftMonitor:
 
 
 def load_profile(artifacts: dict[str, Path] | None) -> Profile | None:
-    """The profile among a model's artifacts (None: the model was registered without one)."""
+    """The profile among a model's artifacts (None: registered without one, or unreadable: then one
+    warning, and the model still loads and serves without drift checks)."""
     if not artifacts or PROFILE_ARTIFACT not in artifacts:
         return None
-    return Profile.read(artifacts[PROFILE_ARTIFACT])
+    from tumorseg.errors import DataError
+
+    try:
+        return Profile.read(artifacts[PROFILE_ARTIFACT])
+    except DataError as exc:
+        log.warning("drift: not checked: %s", exc)
+        return None
 
 
 def write_drift_file(folder: Path, model: str, monitor: DriftMonitor, checks: list[DriftCheck]) -> Path:

@@ -111,9 +111,16 @@ def read_drift_files(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
     for path in found:
         try:
             data = json.loads(path.read_text())
-            if not isinstance(data, dict) or "reference" not in data or "cases" not in data:
-                raise ValueError("no reference or cases")
-        except (OSError, ValueError) as exc:
+            if not isinstance(data, dict) or not isinstance(data.get("reference"), dict):
+                raise ValueError("no reference profile")
+            if not isinstance(data.get("cases"), list):
+                raise ValueError("no list of cases")
+            for case in data["cases"]:
+                features = case["features"]
+                if not isinstance(features["values"], dict) or not isinstance(features["category"], str):
+                    raise ValueError(f"case {case.get('case_id')!r}: malformed features")
+                str(case["case_id"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(
                 f"{path}: not a drift record ({exc}); rerun `tumorseg predict` into its folder"
             ) from None
@@ -131,7 +138,7 @@ def monitor_folder(
     out: str | Path | None = None,
 ) -> MonitorReport:
     """Report the drift of ``folder`` (module docstring), log it to MLflow and write ``out``
-    (default ``folder/monitor.json``). Records of several models: the most recent profile's cases are
+    (default ``folder/monitor.json``). Records of several models: the newest profile's cases are
     analysed and the others named in the reasons."""
     params = as_params(params, source)
     cfg = params.monitor
@@ -140,14 +147,8 @@ def monitor_folder(
     by_profile: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
     for path, data in records:
         by_profile.setdefault(str(data.get("profile_sha256")), []).append((path, data))
-    # the profile with the most cases (ties: the newest profile)
-    key = max(
-        by_profile,
-        key=lambda k: (
-            sum(len(d["cases"]) for _, d in by_profile[k]),
-            by_profile[k][0][1]["reference"].get("created", ""),
-        ),
-    )
+    # the newest profile: after a retrain, folders of the former model's predictions do not decide
+    key = max(by_profile, key=lambda k: str(by_profile[k][0][1]["reference"].get("created", "")))
     chosen = by_profile[key]
     profile = Profile.from_dict(chosen[0][1]["reference"], str(chosen[0][0]))
     cases: dict[str, dict[str, Any]] = {}
@@ -219,12 +220,14 @@ def analyse(
     # 2-D: each storage (mat, 8-bit image) has its own scale; compare with the training images of the
     # storages the folder holds
     present = {record["features"]["category"] for record in cases} & set(profile.categories)
+    kept = [record["features"]["category"] in present for record in cases]
     for name in names:
-        if profile.kind == "2d" and present:
+        if profile.kind == "2d" and present:  # both sides: only the storages training had
             reference = np.concatenate([profile.values(name, category) for category in sorted(present)])
+            observed = [v for v, keep in zip(values[name], kept, strict=True) if keep]
         else:
-            reference = profile.values(name)
-        add(name, values[name], reference, outside[name])
+            reference, observed = profile.values(name), values[name]
+        add(name, observed, reference, outside[name])
     for region, observed in sorted(volumes.items()):
         reference = np.asarray(profile.predicted_volumes_ml.get(region, []), dtype=np.float64)
         if reference.size:

@@ -143,15 +143,17 @@ def _predict_checked(
     if profile is None or not params.monitor.enabled:
         run.drift_note = "the model has no drift profile" if profile is None else "monitor.enabled is false"
         return predict_dataset(input_path, out_dir, predictor, cases=cases, on_case=on_case)
-    from tumorseg.monitoring.drift import DriftMonitor, case_features, write_drift_file
+    from tumorseg.monitoring.drift import DriftMonitor, case_features, try_check, write_drift_file
 
     monitor = DriftMonitor.from_params(profile, params.monitor)
     by_id = {case.case_id: case for case in cases}
 
     def checked(prediction: Any, files: list[Path]) -> None:
-        check = monitor.check(case_features(by_id[prediction.case_id]))
-        check.volumes_ml = {k: round(float(v), 3) for k, v in prediction.volumes_ml.items()}
-        run.drift.append(check)
+        case = by_id[prediction.case_id]
+        check = try_check(monitor, lambda: case_features(case), case.case_id)
+        if check is not None:
+            check.volumes_ml = {k: round(float(v), 3) for k, v in prediction.volumes_ml.items()}
+            run.drift.append(check)
         if on_case is not None:
             on_case(prediction, files)
 
@@ -186,12 +188,15 @@ class PlanarDriftChecks:
         if self.monitor is None or prediction.case_id not in self.paths:
             return
         from tumorseg.data.planar import read_planar
-        from tumorseg.monitoring.drift import planar_features
+        from tumorseg.monitoring.drift import planar_features, try_check
 
-        read = read_planar(self.paths[prediction.case_id])
-        check = self.monitor.check(planar_features(prediction.case_id, read.image, read.fmt))
-        check.volumes_ml = None
-        self.checks.append(check)
+        def features() -> Any:
+            read = read_planar(self.paths[prediction.case_id])
+            return planar_features(prediction.case_id, read.image, read.fmt)
+
+        check = try_check(self.monitor, features, prediction.case_id)
+        if check is not None:
+            self.checks.append(check)
 
     def write(self, folder: Path) -> None:
         if self.checks:

@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 # FastAPI resolves endpoint annotations from this module's globals, so its names are imported here.
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from tumorseg.data.readers import IMAGE, VOLUME
@@ -63,11 +62,7 @@ async def run_prediction(
             remove_tree(workdir)
     if audit is not None:
         note_result(audit, result["summary"], service)
-    response = _answer(service, result, output)
-    shadow = result.get("shadow")
-    if shadow is not None and service.shadow is not None:  # queued once the answer has been sent
-        response.background = BackgroundTask(service.shadow.submit, shadow)
-    return response
+    return _answer(service, result, output)
 
 
 def _answer(service: Service, result: dict[str, Any], output: OutputFormat) -> Response:

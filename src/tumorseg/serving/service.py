@@ -243,6 +243,7 @@ class Service:
         self.started = time.time()
         self.drift = _drift_monitor(settings, loaded)
         self.planar_drift: Any = None  # made from the 2-D model's profile at its first image
+        self.planar_drift_lock = threading.Lock()
         self.shadow = None
         if serve.shadow:
             from tumorseg.serving.shadow import ShadowRunner
@@ -313,10 +314,11 @@ class Service:
         }
         if summary["drift"] and summary["drift"]["flagged"]:
             result["headers"]["X-Tumorseg-Drift"] = str(len(summary["drift"]["outside"]))
-        if self.shadow is not None and self.shadow.wanted():  # the shadow model reads the case later
+        if self.shadow is not None and self.shadow.wanted():
+            # queued now; the worker is stopped until this request's answer has been sent
             served_s = sum(prediction.seconds.values())
-            result["shadow"] = self.shadow.hand_over(
-                folder, workdir, case.case_id, prediction.canonical, served_s
+            self.shadow.submit(
+                self.shadow.hand_over(folder, workdir, case.case_id, prediction.canonical, served_s)
             )
         if keep:
             display = build_display_case(
@@ -338,29 +340,40 @@ class Service:
         """The case against the served model's training profile (None: no profile, or monitoring off)."""
         if self.drift is None:
             return None
-        from tumorseg.monitoring.drift import case_features
+        from tumorseg.monitoring.drift import case_features, try_check
 
-        check = self.drift.check(case_features(case))
+        check = try_check(self.drift, lambda: case_features(case), case.case_id)
+        if check is None:
+            return None
         if check.flagged:
             log.warning("drift: %s outside the training profile: %s", case.case_id, "; ".join(check.outside))
         return check.summary()
 
+    def _planar_monitor(self, model: Any) -> None:
+        """``self.planar_drift`` for the 2-D ``model``'s profile (None: no profile, or monitoring off)."""
+        profile = getattr(model, "drift_profile", None)
+        if self.planar_drift is not None and self.planar_drift.profile is profile:
+            return
+        from tumorseg.monitoring.config import MonitorConfig
+        from tumorseg.monitoring.drift import DriftMonitor
+
+        cfg = self.settings.monitor or MonitorConfig()
+        self.planar_drift = (
+            DriftMonitor.from_params(profile, cfg) if profile is not None and cfg.enabled else None
+        )
+
     def _check_planar_drift(self, model: Any, read: Any) -> dict[str, Any] | None:
         """A 2-D image against the 2-D model's training profile (None: no profile, or monitoring off)."""
-        if self.planar_drift is None or self.planar_drift.profile is not getattr(
-            model, "drift_profile", None
-        ):
-            from tumorseg.monitoring.config import MonitorConfig
-            from tumorseg.monitoring.drift import DriftMonitor
+        with self.planar_drift_lock:  # pool threads: one monitor, so /health counts every image
+            self._planar_monitor(model)
+        if self.planar_drift is None:
+            return None
+        from tumorseg.monitoring.drift import planar_features, try_check
 
-            cfg = self.settings.monitor or MonitorConfig()
-            profile = getattr(model, "drift_profile", None)
-            if profile is None or not cfg.enabled:
-                return None
-            self.planar_drift = DriftMonitor.from_params(profile, cfg)
-        from tumorseg.monitoring.drift import planar_features
-
-        check = self.planar_drift.check(planar_features(read.case_id, read.image, read.fmt))
+        features = lambda: planar_features(read.case_id, read.image, read.fmt)  # noqa: E731
+        check = try_check(self.planar_drift, features, read.case_id)
+        if check is None:
+            return None
         if check.flagged:
             log.warning("drift: %s outside the training profile: %s", read.case_id, "; ".join(check.outside))
         return check.summary()

@@ -132,6 +132,8 @@ class ShadowRunner:
         self.client: Any = None
         self.jobs: dict[int, ShadowJob] = {}  # sent to the worker, not answered yet
         self.active = 0  # requests being served (the worker is stopped while any is)
+        self.closing = False
+        self.stop = threading.Event()
         self.pauses: list[tuple[float, float]] = []  # when the worker was stopped (monotonic clock)
         self.paused_since: float | None = None
         self.next_id = 0
@@ -168,8 +170,11 @@ class ShadowRunner:
                 self.pauses.append((self.paused_since, now))
                 self.paused_since = None
                 del self.pauses[:-1000]
-        if (pause or resume) and self.process.pid is not None and hasattr(signal, "SIGSTOP"):
-            with contextlib.suppress(ProcessLookupError):  # the worker has exited (shadow model off)
+        if pause and self.closing:
+            return  # never stopped again once closing
+        # only a live worker: a reaped one's pid may belong to another process by now
+        if (pause or resume) and self.process.exitcode is None and hasattr(signal, "SIGSTOP"):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, signal.SIGSTOP if pause else signal.SIGCONT)
 
     def wanted(self) -> bool:
@@ -226,32 +231,59 @@ class ShadowRunner:
 
     def close(self, timeout: float = 60.0) -> None:
         """Let the worker finish the jobs it has (within ``timeout``), stop it, end the MLflow run."""
+        import signal
+
         with self.lock:
-            self.active = 1
-        self.serving(False)  # continued, whatever was in flight
+            self.closing = True
+            self.active = 0
+        if self.process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGCONT)  # whatever was in flight
         self.requests.put(None)
         self.process.join(timeout=timeout)
         if self.process.is_alive():
             self.process.terminate()
             self.process.join(timeout=10)
-        self.results.put(None)
+        self.stop.set()
         self.collector.join(timeout=timeout)
-        with self.lock:
-            left = list(self.jobs.values())
-            self.jobs.clear()
-        for job in left:
-            self._discard(job)
+        for channel in (self.requests, self.results):  # a killed worker may hold their pipes
+            channel.cancel_join_thread()
+            channel.close()
+        self._drop_pending()
         if self.client is not None and self.run_id is not None:
             try:
                 self.client.set_terminated(self.run_id)
             except Exception:  # the store may be gone at shutdown; the next reaper ends the run
                 log.warning("shadow: could not end MLflow run %s", self.run_id)
 
+    def _drop_pending(self) -> None:
+        """Remove the folders of jobs the worker will never answer."""
+        with self.lock:
+            left = list(self.jobs.values())
+            self.jobs.clear()
+        for job in left:
+            self._discard(job)
+
     # ------------------------------------------------------------------ results (collector thread)
     def _collect(self) -> None:
-        while True:
-            message = self.results.get()
-            if message is None:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                message = self.results.get(timeout=0.5)
+            except queue.Empty:
+                if self.process.exitcode is not None and not self.stop.is_set():
+                    with self.lock:  # the worker died (killed, out of memory): shadowing stops, said once
+                        if self.error is None:
+                            self.error = (
+                                f"{self.uri}: the shadow worker exited (code {self.process.exitcode})"
+                            )
+                            log.warning("shadow model off: %s", self.error)
+                    self._drop_pending()
+                    self.ready.set()
+                    return
+                continue
+            except (EOFError, OSError):
                 return
             kind = message[0]
             if kind == "ready":
@@ -264,6 +296,7 @@ class ShadowRunner:
                 with self.lock:
                     self.error = f"{self.uri}: {message[1]}"
                 log.warning("shadow model off: %s", self.error)
+                self._drop_pending()
                 self.ready.set()
             else:
                 _, job_id, outcome = message
@@ -354,8 +387,9 @@ class ShadowRunner:
 
 
 class PauseShadowWhileServing:
-    """ASGI wrapper: each POST (an upload or a demo case to predict) counts as a request being served
-    from its first byte to the end of its answer (:meth:`ShadowRunner.serving`)."""
+    """ASGI wrapper: each POST (every route that predicts is one: uploads, demo cases, ground-truth
+    scoring) counts as a request being served from its first byte to the end of its answer
+    (:meth:`ShadowRunner.serving`)."""
 
     def __init__(self, app: Any, service_app: Any) -> None:
         self.app = app
@@ -384,8 +418,9 @@ def shadow_worker(
     requests: Any,
     results: Any,
 ) -> None:
-    """The shadow process: lower its priority, load the model, then segment each ``(job id, case folder,
-    served labels)`` and answer ``("done", job id, {"dice", "seconds"} | {"error"})``."""
+    """The shadow process: lower its priority, load the model (answer ``("ready", model, priority)`` or
+    ``("off", why)``), then segment each ``(job id, case folder, served labels)`` and answer
+    ``("done", job id, {"dice", "start", "end"} | {"error"})`` (start and end on the monotonic clock)."""
     import warnings
 
     applied = lower_priority(priority, whole_process=True)
