@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from tumorseg import faults
 from tumorseg.config import DATASET_LAYOUTS as LAYOUT_NAMES
 from tumorseg.data.conventions import LABEL_CONVENTIONS
-from tumorseg.errors import TumorsegError, disk_full, is_disk_full
+from tumorseg.errors import ConfigError, TumorsegError, disk_full, is_disk_full
 
 if TYPE_CHECKING:
     from tumorseg.params import Params
@@ -364,13 +364,23 @@ def _cmd_evaluate(args: argparse.Namespace) -> int | None:
     "Train a segmentation network (Lightning + MONAI), tracked in MLflow; --dims 2: the 2-D "
     "segmenter + tumour classifier (model_2d, train_2d).",
     _arg("--resume", action=_STORE, help="continue from train.out_dir/checkpoints/last.ckpt"),
+    _arg(
+        "--init-from",
+        metavar="URI",
+        help="start from this model's weights: models:/tumorseg@champion, models:/NAME/3, runs:/ID/model, "
+        "an MLflow model folder or a best.ckpt (train.init_from; its network settings are used)",
+    ),
     _DIMS,
 )
 def _cmd_train(args: argparse.Namespace) -> int | None:
     from tumorseg.training.train import train
     from tumorseg.tuning.best import with_best_params
 
-    params = _params(args)
+    if args.init_from and args.dims == 2:
+        raise ConfigError(
+            "--init-from starts a 3-D model from another; the 2-D segmenter and classifier train from scratch"
+        )
+    params = _params(args, {"train.init_from": args.init_from})
     if args.dims == 3:  # the volume model is the one tuned: params.yaml < tune.best_params_file < -S
         params = with_best_params(params, explicit=_overrides(args), source=args.params)
     print(train(params, dims=args.dims, resume=args.resume, source=args.params).one_line())

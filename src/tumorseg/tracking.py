@@ -31,6 +31,10 @@ ARTIFACTS_DIR = "artifacts"
 MODEL_REQUIREMENTS: tuple[str, ...] = ("torch", "monai", "numpy", "mlflow")  # to load a logged model
 
 
+PARENT_TAG = "tumorseg.parent_model"
+"""Run tag: the model a run started from (``train.init_from``), as loaded (URI, version, run)."""
+
+
 def disable_telemetry() -> None:
     """Turn MLflow's usage telemetry off unless the user chose otherwise; call before importing MLflow."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

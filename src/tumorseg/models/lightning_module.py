@@ -105,6 +105,8 @@ class SegmentationModule(L.LightningModule):
         heads: images: validated in one pass, the mask thresholded, only ``val_dice_mean``.
         channels_last: train 3-D weights and batches as ``torch.channels_last_3d`` (faster oneDNN
             convolutions on CPU; the state dict is unchanged).
+        lr_scales: parameter name -> learning-rate factor (a transferred encoder trains slower);
+            parameters with ``requires_grad`` off (frozen) are left out of the optimiser.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class SegmentationModule(L.LightningModule):
         label_set: LabelSet = GLIOMA,
         heads: ClassifierHeads | None = None,
         channels_last: bool = False,
+        lr_scales: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         from monai.metrics import Cumulative, DiceMetric
@@ -139,6 +142,7 @@ class SegmentationModule(L.LightningModule):
         self.label_set = label_set
         self.heads = heads
         self.channels_last = channels_last
+        self.lr_scales = dict(lr_scales or {})
         self.inferer = make_inferer(sliding_window, self.roi_size) if sliding_window is not None else None
         self.dice_metric = DiceMetric(
             include_background=True, reduction="none", ignore_empty=dice_ignore_empty
@@ -154,7 +158,14 @@ class SegmentationModule(L.LightningModule):
             self.network.to(memory_format=torch.channels_last_3d)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.network.parameters())
+        trainable = [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]
+        if self.lr_scales:  # groups by factor: {"params", "lr_scale"} (make_optimizer sets their lr)
+            groups: dict[float, list[nn.Parameter]] = {}
+            for name, parameter in trainable:
+                groups.setdefault(self.lr_scales.get(name, 1.0), []).append(parameter)
+            optimizer = self.optimizer_factory([{"params": ps, "lr_scale": k} for k, ps in groups.items()])
+        else:
+            optimizer = self.optimizer_factory([p for _, p in trainable])
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches) if self.trainer is not None else 1

@@ -30,6 +30,8 @@ class ModelCardFacts:
     synthetic_data: bool
     test_cases: int
     label_convention: str
+    parent_model: str | None = None
+    """The model this one started from (``train.init_from``), as its run recorded it."""
 
 
 def _number(value: Any, digits: int = 3) -> str:
@@ -97,6 +99,7 @@ def render_model_card(facts: ModelCardFacts, *, version: str | None = None) -> s
         f"- Git commit: `{facts.git_commit or 'unknown (not a git checkout)'}`",
         f"- Training data: {data_line}; hash `{facts.data_md5}` ({facts.data_md5_source})",
         f"- Params hash (resolved training sections): `{facts.params_md5}`",
+        f"- Started from: {facts.parent_model or 'random initialisation'}",
         "",
         f"## Test metrics ({facts.test_cases} cases, {facts.label_convention} labels, source geometry)",
         "Mean over cases [95% percentile-bootstrap CI]. HD95 in mm (the convention's penalty, 374 mm for "

@@ -32,6 +32,7 @@ from tumorseg.registry.model_card import (
     scored_regions,
 )
 from tumorseg.tracking import (
+    PARENT_TAG,
     data_version,
     ensure_experiment,
     fluent_store,
@@ -297,6 +298,7 @@ def _model_card_facts(
         synthetic_data=(source_folder(params, source) / "synth_meta.json").is_file(),
         test_cases=int(evaluation.metrics["n_cases"]),
         label_convention=evaluation.label_convention,
+        parent_model=client.get_run(run_id).data.tags.get(PARENT_TAG),
     )
 
 
@@ -313,6 +315,7 @@ def _version_tags(trained: Any, evaluation: Any, facts: ModelCardFacts, cases_md
         "test_cases_md5": cases_md5,
         "test_dice_mean": f"{m['dice_mean']:.6f}",
         **{f"test_dice_{r}": f"{m[f'dice_{r}']:.6f}" for r in scored_regions(m)},
+        **({"parent_model": facts.parent_model[:5000]} if facts.parent_model else {}),
     }
 
 

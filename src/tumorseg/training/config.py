@@ -26,7 +26,9 @@ class TrainConfig(Section):
     ``cosine`` (down to ``min_lr``) and ``poly`` (nnU-Net's) warm up linearly for ``warmup_epochs``,
     capped at the run length; ``plateau`` multiplies the LR by ``plateau_factor`` after ``plateau_patience``
     validations without a better Dice. ``dice_ignore_empty: false`` is the BraTS rule: an empty
-    region predicted empty scores 1, any false positive on it 0.
+    region predicted empty scores 1, any false positive on it 0. ``init_from`` starts from another
+    model's weights (:mod:`tumorseg.training.transfer`), with its first ``freeze_encoder_stages``
+    encoder levels fixed and the others at ``encoder_lr_scale`` times the learning rate.
     """
 
     seed: int = 42
@@ -50,6 +52,9 @@ class TrainConfig(Section):
     checkpoint_every_n_steps: int = Field(50, ge=1)
     dice_ignore_empty: bool = False
     score_test: bool = False
+    init_from: str | None = None
+    freeze_encoder_stages: int = Field(0, ge=0)
+    encoder_lr_scale: float = Field(1.0, gt=0.0, le=1.0)
 
 
 class TrainerConfig(Section):

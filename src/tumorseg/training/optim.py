@@ -15,8 +15,16 @@ from tumorseg.training.config import TrainConfig
 
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimiser named by ``train.optimizer`` over ``params``."""
+    """The optimiser named by ``train.optimizer`` over ``params`` (parameters, or groups whose
+    ``lr_scale`` multiplies ``train.lr``)."""
     from monai.optimizers import Novograd
+
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [
+            {**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": cfg.lr * g.get("lr_scale", 1.0)}
+            for g in params
+        ]
 
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(

@@ -153,6 +153,21 @@ class _Volumes:
         cfg = dataclasses.replace(cfg, model=cfg.model.model_copy(update={"label_set": label_set.name}))
         return cfg, {"train": train_records, "val": val_records}
 
+    parent: Any = None
+    """The :class:`~tumorseg.training.transfer.Parent` of a run with ``train.init_from``."""
+
+    def with_parent(self, cfg: TrainingConfig, tracking_uri: str | None, source: str) -> TrainingConfig:
+        """Load ``train.init_from`` and train its network: its ``model:`` section, this data's label set."""
+        from tumorseg import tracking
+        from tumorseg.training.transfer import load_parent
+
+        uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri, cfg.paths.mlruns)
+        self.parent = load_parent(cfg.train.init_from, uri)
+        model = self.parent.model_config.model_copy(update={"label_set": cfg.model.label_set})
+        if model != cfg.model:
+            log.info("init_from: training the parent's network (%s), not model: in %s", model.name, source)
+        return dataclasses.replace(cfg, model=model)
+
     def module_and_data(self, cfg: TrainingConfig, records: Records) -> tuple[Any, Any]:
         """The LightningModule (network by name and its loss) and the DataModule of the split."""
         from tumorseg.data.datamodule import SegmentationDataModule
@@ -168,6 +183,7 @@ class _Volumes:
             patch_size=loader.network_patch,
             spacing=cfg.preprocess.target_spacing_mm,
         )
+        lr_scales = self._start_from_parent(network, cfg) if self.parent is not None else None
         loss = build_loss(cfg.loss, cfg.model.output)
         if cfg.model.name == "dynunet" and cfg.model.dynunet.deep_supervision:
             loss = with_deep_supervision(loss, cfg.loss.deep_supervision_weights)
@@ -184,6 +200,7 @@ class _Volumes:
             spacing_mm=cfg.preprocess.target_spacing_mm,
             label_set=get_label_set(cfg.model.label_set),
             channels_last=cfg.trainer.channels_last and loader.spatial_dims == 3,
+            lr_scales=lr_scales,
         )
         datamodule = SegmentationDataModule(
             records["train"],
@@ -194,6 +211,21 @@ class _Volumes:
             seed=cfg.train.seed,
         )
         return module, datamodule
+
+    def _start_from_parent(self, network: Any, cfg: TrainingConfig) -> dict[str, float]:
+        """Copy the parent's weights into ``network``, freeze its first encoder levels; the learning-rate
+        factors of the other encoder parameters."""
+        from tumorseg.data.conventions import CANONICAL_MODALITIES
+        from tumorseg.training.transfer import encoder_levels, freeze_levels, transfer_weights
+
+        log.info(transfer_weights(network, self.parent.network).one_line(self.parent))
+        train = cfg.train
+        if not train.freeze_encoder_stages and train.encoder_lr_scale == 1.0:
+            return {}
+        levels = encoder_levels(network, cfg.data_loader.network_patch, len(CANONICAL_MODALITIES))
+        freeze_levels(network, levels, train.freeze_encoder_stages)
+        trainable = {n for n, p in network.named_parameters() if p.requires_grad}
+        return {name: train.encoder_lr_scale for name in levels if name in trainable}
 
     def result(self, out_dir: Path, records: Records) -> TrainResult:
         return TrainResult(out_dir=out_dir)
@@ -214,6 +246,10 @@ class _Volumes:
         data = tracking.data_version(cfg.paths.preprocessed)
         tags = {f"system.{k}": v for k, v in tracking.system_info().items()}
         tags.update({f"data.{k}": v for k, v in data.items()})
+        if self.parent is not None:
+            from tumorseg.tracking import PARENT_TAG
+
+            tags[PARENT_TAG] = self.parent.description[:5000]
         commit = tracking.git_commit()
         if commit:
             tags[MLFLOW_GIT_COMMIT] = commit
@@ -256,6 +292,14 @@ class _Volumes:
 
 class _Images(_Volumes):
     """``dims=2``: the sections of :func:`load_planar_training_config`, images, one device."""
+
+    def with_parent(self, cfg: Any, tracking_uri: str | None, source: str) -> Any:
+        from tumorseg.errors import ConfigError
+
+        raise ConfigError(
+            f"{source}: train.init_from starts a 3-D model from another; the 2-D segmenter and classifier "
+            "train from scratch (--dims 2 without --init-from)"
+        )
 
     patch_throughput = False  # the throughput callback counts 3-D patches; 2-D reports wall time
 
@@ -352,6 +396,8 @@ def train(
     branch = BRANCHES[dims]
     params = apply_overrides(params, overrides)
     cfg, records = branch.prepare(params, source)
+    if cfg.train.init_from:
+        cfg = branch.with_parent(cfg, tracking_uri, source)
 
     if cfg.mlflow.enabled:
         from tumorseg.tracking import disable_telemetry
