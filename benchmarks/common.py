@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -47,17 +46,3 @@ def in_subprocess(target: str, *args: str) -> dict[str, Any]:
         return json.loads(Path(out).read_text())
     finally:
         Path(out).unlink(missing_ok=True)
-
-
-def cpu_description() -> dict[str, Any]:
-    """The CPU model and the instruction-set flags that decide kernel speed (AVX2, AVX-512, AMX, BF16)."""
-    model, flags = platform.processor() or "?", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and model in ("?", "", platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}

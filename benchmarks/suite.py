@@ -25,7 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import cpu_description, in_subprocess, peak_rss_mb
+from benchmarks.common import in_subprocess, peak_rss_mb
+from tumorseg.runtime import cpu_description
 
 
 # ----------------------------------------------------------------------------- data

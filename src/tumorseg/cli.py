@@ -381,9 +381,20 @@ def _cmd_train(args: argparse.Namespace) -> int | None:
             "--init-from starts a 3-D model from another; the 2-D segmenter and classifier train from scratch"
         )
     params = _params(args, {"train.init_from": args.init_from})
-    if args.dims == 3:  # the volume model is the one tuned: params.yaml < tune.best_params_file < -S
-        params = with_best_params(params, explicit=_overrides(args), source=args.params)
+    # params.yaml < the dims' best-params file (tune.best_params_file or best_params_file_2d) < -S
+    params = with_best_params(params, explicit=_overrides(args), source=args.params, dims=args.dims)
     print(train(params, dims=args.dims, resume=args.resume, source=args.params).one_line())
+
+
+@_command(
+    "compare",
+    "Train every compare.systems entry (network, loss, pre-processing) with one budget and score each on "
+    "the held-out test split: reports/compare/compare.md (Dice with CIs, HD95, time, parameters).",
+)
+def _cmd_compare(args: argparse.Namespace) -> int | None:
+    from tumorseg.comparison.compare import run_comparison
+
+    print(run_comparison(_params(args), source=args.params).one_line())
 
 
 @_command(
@@ -597,41 +608,55 @@ def _cmd_detect(args: argparse.Namespace) -> int | None:
 
 @_command(
     "compress",
-    "Prune, quantize (INT8) and export (ONNX) the model; gate on test Dice; register the best as @edge.",
-    _arg("--model", help="fp32 model: MLflow URI or checkpoint (default: compress.model)"),
-    _arg("--variants", metavar="A,B", help="comma-separated variants (default: compress.variants)"),
+    "Prune, quantize (INT8) and export (ONNX) the model; gate on test Dice; register the best as @edge "
+    "(--dims 2: the 2-D champion, tumorseg-2d; reports in paths.reports_2d).",
+    _arg(
+        "--model",
+        help="fp32 model: MLflow URI or checkpoint (default: compress.model; --dims 2: compress.model_2d)",
+    ),
+    _arg(
+        "--variants",
+        metavar="A,B",
+        help="comma-separated variants (default: compress.variants; --dims 2: compress.variants_2d)",
+    ),
     _NO_REGISTER,
+    _DIMS,
 )
 def _cmd_compress(args: argparse.Namespace) -> int | None:
     from tumorseg.compression.stage import run_compress_stage
 
+    suffix = "_2d" if args.dims == 2 else ""
     options = {
-        "compress.model": args.model,
-        "compress.variants": args.variants.split(",") if args.variants else None,
+        f"compress.model{suffix}": args.model,
+        f"compress.variants{suffix}": args.variants.split(",") if args.variants else None,
         "compress.register_edge": False if args.no_register else None,
     }
-    print(run_compress_stage(_params(args, options), source=args.params).one_line())
+    print(run_compress_stage(_params(args, options), source=args.params, dims=args.dims).one_line())
 
 
 @_command(
     "tune",
-    "Optuna hyper-parameter search (tune.space); trials nested in MLflow; best params -> tune.best_params_file.",
+    "Optuna hyper-parameter search (tune.space); trials nested in MLflow; best params -> tune.best_params_file "
+    "(--dims 2: the 2-D models, tune.space_2d -> tune.best_params_file_2d).",
     _arg("--n-trials", type=int, help="finished trials wanted in the study (default: tune.n_trials)"),
     _arg("--n-jobs", type=int, help="worker processes on this machine (default: tune.n_jobs)"),
     _arg("--storage", help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: tune.storage)"),
-    _arg("--study", help="study name (default: tune.study_name)"),
+    _arg("--study", help="study name (default: tune.study_name; --dims 2: tune.study_name_2d)"),
     _arg("--timeout", type=float, metavar="S", help="stop starting trials after S seconds"),
+    _DIMS,
 )
 def _cmd_tune(args: argparse.Namespace) -> int | None:
     from tumorseg.tuning.study import run_study
 
+    study_key = "tune.study_name_2d" if args.dims == 2 else "tune.study_name"
     result = run_study(
-        _params(args, {"tune.study_name": args.study}),
+        _params(args, {study_key: args.study}),
         source=args.params,
         n_trials=args.n_trials,
         n_jobs=args.n_jobs,
         storage=args.storage,
         timeout_s=args.timeout,
+        dims=args.dims,
     )
     print(result.one_line())
 

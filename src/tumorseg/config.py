@@ -262,6 +262,7 @@ SECTION_MODELS: dict[str, str] = {
     "tune": "tumorseg.tuning.config:TuneConfig",
     "flow": "tumorseg.pipeline_config:FlowConfig",
     "compress": "tumorseg.compression.config:CompressConfig",
+    "compare": "tumorseg.comparison.config:CompareConfig",
     "serve": "tumorseg.serving.config:ServeConfig",
     "monitor": "tumorseg.monitoring.config:MonitorConfig",
     "synth_2d": "tumorseg.config:SynthPlanarConfig",

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
+from tumorseg.comparison.config import CompareConfig
 from tumorseg.compression.config import CompressConfig
 from tumorseg.config import (
     DEFAULT_PARAMS_FILE,
@@ -85,6 +86,7 @@ class Params(BaseModel):
     tune: TuneConfig = TuneConfig()
     flow: FlowConfig = FlowConfig()
     compress: CompressConfig = CompressConfig()
+    compare: CompareConfig = CompareConfig()
     serve: ServeConfig = ServeConfig()
     monitor: MonitorConfig = MonitorConfig()
     synth_2d: SynthPlanarConfig = SynthPlanarConfig()

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import platform
 import sys
+from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +131,17 @@ def import_nibabel_without_pydicom() -> None:
         import nibabel  # noqa: F401
     finally:
         sys.meta_path.remove(finder)
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU model and the instruction-set flags that decide kernel speed (AVX2, AVX-512, AMX, BF16)."""
+    model, flags = platform.processor() or "?", set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name") and model in ("?", "", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}

@@ -1,4 +1,5 @@
-"""``POST /predict`` with one 2-D image: mask PNG, detection JSON, the viewer, the optional 2-D model, junk.
+"""``POST /predict`` with one 2-D image: mask PNG, detection JSON, the viewer, the optional 2-D model, junk;
+a 2-D ground truth uploaded to a kept prediction, and the 2-D demo images.
 
 Images are tests/planar_fixtures.py's ``head_image`` (a head with one bright tumour disc),
 written as PNG/JPEG/TIFF/BMP and as Figshare MATLAB v7.3 and v5 slices
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from serving_support import (
+    case_files,
     leftover_request_dirs,
     planar_fx,
     planar_oracle_slot,
@@ -27,7 +29,9 @@ from serving_support import (
     write_tiny_planar_package,
 )
 
+from polling import wait_until
 from tumorseg.data.planar_synth import write_figshare_mat
+from tumorseg.evaluation.metrics import overlap_scores, segmentation_scores
 
 SHAPE = (203, 157)
 
@@ -54,6 +58,37 @@ def _png_mask(body: bytes) -> np.ndarray:
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a > 0, b > 0
     return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+
+
+def _image_bytes(pixels: np.ndarray, pil_format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=pil_format)
+    return buffer.getvalue()
+
+
+def _layer(payload: dict, name: str) -> np.ndarray:
+    """One uint8 layer of a slice payload as ``(height, width)``."""
+    return np.frombuffer(base64.b64decode(payload[name]), np.uint8).reshape(
+        payload["height"], payload["width"]
+    )
+
+
+def _assert_evaluation_scores(body: dict, predicted: np.ndarray, truth: np.ndarray) -> None:
+    """``body``'s Dice, IoU and HD95 are what the 2-D evaluation computes on the same two masks."""
+    dice, hd95 = segmentation_scores(predicted > 0, truth > 0)
+    iou = overlap_scores(predicted > 0, truth > 0)["iou"]
+    assert body["dice"] == {"tumour": pytest.approx(dice, abs=1e-4)}
+    assert body["iou"] == {"tumour": pytest.approx(iou, abs=1e-4)}
+    assert body["hd95_px"] == pytest.approx(hd95, abs=1e-3)
+
+
+def _assert_one_line(response, status: int, client) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert list(body) == ["error"]
+    message = body["error"]
+    assert "\n" not in message and str(service_of(client).root) not in message and "req-" not in message
+    return message
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -321,4 +356,164 @@ def test_pixel_cap_and_format_mismatches_are_4xx(make_client, head, figshare_mat
     assert wrong.status_code == 400 and "png is the mask of a 2-D image" in wrong.json()["error"]
     size = client.post("/predict?pixel_size_mm=0", files=[("files", ("scan.png", png, "image/png"))])
     assert size.status_code == 422 and size.json()["error"].startswith("pixel_size_mm")
+    assert leftover_request_dirs(client) == []
+
+
+# ---------------------------------------------------------------------------- 2-D ground truth
+def test_a_2d_ground_truth_mask_gives_the_dice_the_2d_evaluation_computes(
+    make_client, head, figshare_mat: bytes
+) -> None:
+    image, mask = head
+    client = make_client(planar=planar_oracle_slot())
+    summary = client.post(
+        "/predict?format=viewer", files=[("files", ("scan.png", planar_png(image), "image/png"))]
+    ).json()
+    result_id = summary["result_id"]
+    assert summary["kind"] == "2d" and "dice" not in summary  # a PNG holds no mask
+    assert "reference" not in client.get(f"/cases/{result_id}/slice?index=0").json()
+    predicted = _png_mask(client.get(summary["segmentation_url"]).content)
+    url = f"/cases/{result_id}/ground-truth"
+
+    scored = client.post(url, files={"file": ("truth.png", _image_bytes(mask * 255), "image/png")})
+    assert scored.status_code == 200, scored.text
+    body = scored.json()
+    assert body["result_id"] == result_id
+    _assert_evaluation_scores(body, predicted, mask)
+    assert 0.8 < body["dice"]["tumour"] < 1.0 and body["iou"]["tumour"] < body["dice"]["tumour"]
+    kept = client.get(f"/cases/{result_id}").json()
+    assert (kept["dice"], kept["iou"], kept["hd95_px"]) == (body["dice"], body["iou"], body["hd95_px"])
+    payload = client.get(f"/cases/{result_id}/slice?index=0").json()
+    assert np.array_equal(_layer(payload, "reference"), mask)  # the outline the page draws
+
+    # another ground truth replaces it: a mask shifted by 10 pixels scores lower, as the metrics say
+    shifted = np.roll(mask, 10, axis=1)
+    moved = client.post(url, files={"file": ("moved.png", _image_bytes(shifted * 255), "image/png")}).json()
+    _assert_evaluation_scores(moved, predicted, shifted)
+    assert moved["dice"]["tumour"] < body["dice"]["tumour"] - 0.1
+    assert np.array_equal(
+        _layer(client.get(f"/cases/{result_id}/slice?index=0").json(), "reference"), shifted
+    )
+
+    # 0/1 8-bit, RGB, BMP and 16-bit masks and the Figshare .mat of the same image are the same truth
+    rgb = np.stack([mask * 255, np.zeros_like(mask), np.zeros_like(mask)], axis=-1)
+    variants = {
+        "ones.png": _image_bytes(mask),
+        "red.png": _image_bytes(rgb),
+        "truth.bmp": _image_bytes(mask * 255, "BMP"),
+        "wide.tif": _image_bytes(mask.astype(np.uint16) * 1000, "TIFF"),
+    }
+    for name, data in variants.items():
+        again = client.post(url, files={"file": (name, data, "application/octet-stream")})
+        assert again.status_code == 200 and again.json()["dice"] == body["dice"], (name, again.text)
+    from_mat = client.post(url, files={"file": ("7.mat", figshare_mat, "application/octet-stream")})
+    assert from_mat.status_code == 200 and from_mat.json()["dice"] == body["dice"], from_mat.text
+    assert leftover_request_dirs(client) == []
+
+
+def test_a_tumour_free_2d_prediction_against_an_empty_mask_is_dice_one(make_client) -> None:
+    image, mask = planar_fx.head_image(np.random.default_rng(2), SHAPE, None)
+    client = make_client(planar=planar_oracle_slot())
+    result_id = client.post(
+        "/predict?format=viewer", files=[("files", ("free.png", planar_png(image), "image/png"))]
+    ).json()["result_id"]
+    empty = client.post(f"/cases/{result_id}/ground-truth", files={"file": ("none.png", _image_bytes(mask))})
+    assert empty.status_code == 200 and empty.json()["dice"] == {"tumour": 1.0}  # both empty, as evaluated
+    assert empty.json()["hd95_px"] == 0.0
+    missed = np.zeros_like(mask)
+    missed[50:60, 50:60] = 255
+    one_sided = client.post(
+        f"/cases/{result_id}/ground-truth", files={"file": ("m.png", _image_bytes(missed))}
+    )
+    assert one_sided.json()["dice"] == {"tumour": 0.0}
+    assert one_sided.json()["hd95_px"] == pytest.approx(np.hypot(*SHAPE), abs=1e-3)  # the image diagonal
+
+
+def test_a_2d_ground_truth_of_the_wrong_size_or_kind_is_refused_with_one_line(
+    make_client, head, tmp_path: Path, synth_case: Path
+) -> None:
+    image, mask = head
+    client = make_client(planar=planar_oracle_slot(), max_image_pixels=100_000)
+    result_id = client.post(
+        "/predict?format=viewer", files=[("files", ("scan.png", planar_png(image), "image/png"))]
+    ).json()["result_id"]
+    url = f"/cases/{result_id}/ground-truth"
+
+    def send(name: str, data: bytes):
+        return client.post(url, files={"file": (name, data, "application/octet-stream")})
+
+    wrong_size = _assert_one_line(send("small.png", _image_bytes(mask[:100] * 255)), 422, client)
+    assert (
+        wrong_size.startswith("small.png:") and "100x157 differs from the image shape 203x157" in wrong_size
+    )
+    transposed = _assert_one_line(
+        send("t.png", _image_bytes(np.ascontiguousarray(mask.T) * 255)), 422, client
+    )
+    assert "157x203" in transposed
+    nifti = _assert_one_line(send("mask.nii.gz", b"\x1f\x8b" + bytes(100)), 400, client)
+    assert nifti.startswith("mask.nii.gz:") and "2-D image" in nifti and ".png" in nifti and ".mat" in nifti
+    assert ".png" in _assert_one_line(send("mask.npy", b"\x93NUMPY" + bytes(64)), 400, client)
+    png = _image_bytes(mask * 255)
+    assert "truncated.png" in _assert_one_line(send("truncated.png", png[: len(png) // 2]), 422, client)
+    no_mask = write_figshare_mat(tmp_path / "9.mat", np.rint(image * 1000).astype(np.int16), None, 2.0, "P9")
+    assert "no tumorMask" in _assert_one_line(send("9.mat", no_mask.read_bytes()), 422, client)
+    assert "serve.max_image_pixels" in _assert_one_line(send("huge.png", _huge_png()), 413, client)
+    assert client.get(f"/cases/{result_id}").json().get("dice") is None  # nothing kept from a refusal
+    gone = client.post("/cases/gone/ground-truth", files={"file": ("m.png", png)})
+    assert "predict it again" in _assert_one_line(gone, 404, client)
+
+    # and a 2-D mask for a 3-D case
+    volume_id = client.post("/predict?format=viewer", files=case_files(synth_case)).json()["result_id"]
+    refused = client.post(f"/cases/{volume_id}/ground-truth", files={"file": ("m.png", png, "image/png")})
+    assert "3-D case" in _assert_one_line(refused, 400, client)
+    assert leftover_request_dirs(client) == []
+
+
+# ---------------------------------------------------------------------------- 2-D demo images
+def test_2d_demo_images_are_listed_and_predicted_with_their_ground_truth(make_client) -> None:
+    from tumorseg.config import SynthPlanarConfig
+    from tumorseg.data.planar_synth import figshare_patient_slices
+
+    client = make_client(planar=planar_oracle_slot(), demo_cases=1, demo_spacing_mm=4.0)
+    wait_until(
+        lambda: client.get("/demo").json()["ready_2d"],
+        "the 2-D demo images are ready",
+        timeout_s=120,
+        every_s=0.2,
+    )
+    listing = client.get("/demo").json()
+    assert listing["cases_2d"] == ["figshare-1", "image-2"] and listing["error_2d"] is None
+    assert {"ready", "cases", "error"} <= set(listing)
+
+    # a PNG demo image: its mask is kept by the service, so the prediction comes scored
+    summary = client.post("/demo/image-2").json()
+    assert summary["kind"] == "2d" and summary["case_id"] == "image-2" and summary["file_format"] == "png"
+    predicted = _png_mask(client.get(summary["segmentation_url"]).content)
+    (generated,) = figshare_patient_slices(2, SynthPlanarConfig(seed=7, spacing_mm=4.0, slices_per_patient=1))
+    truth = generated["mask"]
+    assert predicted.shape == truth.shape == (512, 512)
+    _assert_evaluation_scores(summary, predicted, truth)
+    payload = client.get(f"/cases/{summary['result_id']}/slice?index=0").json()
+    assert np.array_equal(_layer(payload, "reference"), truth)
+
+    # a Figshare demo slice: scored against the tumorMask it holds
+    body = client.post("/demo/figshare-1?format=json").json()
+    assert body["case_id"] == "figshare-1" and body["file_format"] == "mat-v7.3" and "dice" in body
+    nifti = client.post("/demo/figshare-1?format=nifti")
+    assert nifti.status_code == 400 and "2-D image" in nifti.json()["error"]
+    missing = client.post("/demo/image-9")
+    assert missing.status_code == 404 and "image-2" in missing.json()["error"]
+    assert leftover_request_dirs(client) == []
+
+
+def test_2d_demo_images_without_a_2d_model_are_503(make_client) -> None:
+    client = make_client(demo_cases=1, demo_spacing_mm=4.0)  # no 2-D model in the test's empty store
+    wait_until(
+        lambda: client.get("/demo").json()["ready_2d"],
+        "the 2-D demo images are ready",
+        timeout_s=120,
+        every_s=0.2,
+    )
+    response = client.post("/demo/figshare-1")
+    assert response.status_code == 503 and list(response.json()) == ["error"]
+    assert "no 2-D model" in response.json()["error"]
     assert leftover_request_dirs(client) == []

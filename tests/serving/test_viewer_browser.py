@@ -11,7 +11,8 @@ toggles, legend and volume table from the label set the server sends, and draws 
 The 2-D test uploads a generated Figshare slice (``tumorseg.data.planar_synth``), checks the
 detection the page shows against the API's JSON, the single-region toggle and the opacity control,
 and saves ``<tmp>/viewer_2d.png`` (copied to ``$TUMORSEG_VIEWER_2D_PNG`` when set, e.g.
-``docs/viewer_2d.png``).
+``docs/viewer_2d.png``). The 2-D demo test picks a generated demo image, sees its Dice, then uploads
+another ground-truth PNG and sees the Dice the 2-D metrics give for it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,14 @@ def server_url(tmp_path: Path) -> Iterator[str]:
 def planar_server_url(tmp_path: Path) -> Iterator[str]:
     """The app with the 2-D oracle too (no demo cases) served by uvicorn in a thread."""
     settings = ServeSettings.from_params(serve_params(tmp_path), model_uri="oracle")
+    yield from serve_in_thread(create_app(settings, loaded_model=oracle_model(), planar=planar_oracle_slot()))
+
+
+@pytest.fixture
+def planar_demo_server_url(tmp_path: Path) -> Iterator[str]:
+    """The app with the 2-D oracle and one demo case of each kind (3-D, Figshare .mat, PNG)."""
+    params = serve_params(tmp_path, demo_cases=1, demo_spacing_mm=4.0)
+    settings = ServeSettings.from_params(params, model_uri="oracle")
     yield from serve_in_thread(create_app(settings, loaded_model=oracle_model(), planar=planar_oracle_slot()))
 
 
@@ -286,6 +295,78 @@ def test_upload_a_2d_slice_see_the_mask_detection_and_download_it(
     if target := os.environ.get("TUMORSEG_VIEWER_2D_PNG"):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(screenshot, target)
+
+
+DEMO_GROUPS = """() => [...document.querySelectorAll('#demo-select optgroup')].map((group) => ({
+  label: group.label,
+  ids: [...group.querySelectorAll('option')].map((option) => option.value),
+}))"""
+
+
+def test_a_2d_demo_image_is_scored_and_takes_an_uploaded_ground_truth(
+    planar_demo_server_url: str, tmp_path: Path
+) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    from tumorseg.evaluation.metrics import segmentation_scores
+
+    url = planar_demo_server_url
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("console", lambda message: message.type == "error" and problems.append(message.text))
+            page.goto(url + "/")
+            page.wait_for_selector("#demo-button:not([disabled])", timeout=120_000)
+            assert page.evaluate(DEMO_GROUPS) == [
+                {"label": "3-D cases", "ids": ["BraTS2021_00001"]},
+                {"label": "2-D images", "ids": ["figshare-1", "image-2"]},
+            ]
+
+            # one click: the PNG demo image comes with its Dice against the mask the server kept
+            page.select_option("#demo-select", "image-2")
+            page.click("#demo-button")
+            page.wait_for_function("document.querySelector('#status').textContent.startsWith('Segmented')")
+            page.wait_for_selector('#viewer[data-state="ready"]')
+            assert page.get_attribute("#viewer", "data-kind") == "2d"
+            result_id = page.evaluate("state.caseId")
+            kept = httpx.get(f"{url}/cases/{result_id}", timeout=30).json()
+            assert page.inner_text("#detection-dice") == f"{kept['dice']['tumour']:.3f}"
+            assert page.inner_text("#detection-iou") == f"{kept['iou']['tumour']:.3f}"
+            assert not page.is_hidden("#reference-toggle") and page.is_visible("#reference-form")
+            assert ".png" in page.get_attribute("#reference-file", "accept")
+
+            # another ground truth (the predicted mask shifted by 12 pixels): the page shows its Dice
+            download = httpx.get(url + page.get_attribute("#download", "href"), timeout=30)
+            predicted = np.asarray(Image.open(io.BytesIO(download.content))) > 0
+            shifted = np.roll(predicted, 12, axis=0)
+            truth = tmp_path / "truth.png"
+            Image.fromarray(shifted.astype(np.uint8) * 255).save(truth)
+            expected, _ = segmentation_scores(predicted, shifted)
+            page.set_input_files("#reference-file", str(truth))
+            page.click("#reference-form button")
+            page.wait_for_function("document.querySelector('#status').textContent.includes('ground truth')")
+            page.wait_for_selector('#viewer[data-state="ready"]')
+            assert page.inner_text("#detection-dice") == f"{expected:.3f}"
+            assert f"Dice {expected:.3f}" in page.inner_text("#status")
+
+            # a mask of another size: the server's one-line error, the page intact
+            Image.fromarray(shifted[:100].astype(np.uint8) * 255).save(tmp_path / "small.png")
+            page.set_input_files("#reference-file", str(tmp_path / "small.png"))
+            page.click("#reference-form button")
+            page.wait_for_selector('#status[data-kind="error"]')
+            assert "differs from the image shape" in page.inner_text("#status")
+            assert page.inner_text("#detection-dice") == f"{expected:.3f}"
+        finally:
+            browser.close()
+    # the only console error is the browser's own log line for the deliberate 422 above
+    assert [p for p in problems if "status of 422" not in p] == [], problems
 
 
 RC_PIXELS = """() => ["axial", "coronal", "sagittal"].reduce((count, plane) => {

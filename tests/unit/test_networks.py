@@ -29,6 +29,9 @@ TINY = {
     "dynunet": {"dynunet": {"base_filters": 4, "max_filters": 16, "max_levels": 3}},
     "swinunetr": {"swinunetr": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}},
     "flexible_unet": {"flexible_unet": {"backbone": "efficientnet-b0", "decoder_channels": [16, 8, 8, 4, 4]}},
+    "efficientnet_attention_unet": {
+        "efficientnet_attention_unet": {"backbone": "efficientnet-b0", "decoder_channels": [16, 8, 8, 4, 4]}
+    },
 }
 
 

@@ -18,6 +18,8 @@ VariantName = Literal[
     "pruned_structured_int8",
     "onnx_fp32_wint8",
     "pruned_structured_wint8",
+    "int8_dynamic",
+    "pruned_structured_int8_dynamic",
     "bf16",
     "pruned_structured_bf16",
     "fp16",
@@ -30,6 +32,8 @@ VariantName = Literal[
   Both fine-tuned, ONNX.
 - ``int8``, ``pruned_*_int8``: static INT8 (ONNX Runtime QDQ), calibrated on validation patches.
 - ``*_wint8``: weight-only INT8 (about 4x smaller file, float32 compute, no calibration).
+- ``*int8_dynamic``: dynamic INT8 (ONNX Runtime ``ConvInteger``: int8 weights, activations quantized
+  per run from their own range, no calibration).
 - ``bf16``, ``pruned_structured_bf16``: bfloat16 ``torch.export`` programs run by PyTorch (ONNX
   Runtime has no bfloat16 convolution on CPU; oneDNN runs them natively on AVX512-BF16/AMX/Arm BF16).
 - ``fp16``: half-precision ONNX for GPUs, measured only where CUDA is available.
@@ -78,10 +82,12 @@ class LatencyConfig(Section):
     """``compress.latency``: CPU latency of the whole ``predict`` path.
 
     ``case_dir`` null times one synthetic case at ``synth_spacing_mm`` (1.0: BraTS size, 240x240x155);
+    ``case_dir_2d`` (``--dims 2``) a folder of images, null one synthetic Figshare-size 512x512 slice;
     ``threads`` applies to PyTorch and ONNX Runtime alike (0: one per core).
     """
 
     case_dir: str | None = None
+    case_dir_2d: str | None = None
     synth_spacing_mm: float = Field(1.0, gt=0.2, le=4.0)
     warmup: int = Field(1, ge=0)
     repeats: int = Field(5, ge=1)
@@ -100,9 +106,13 @@ class CompressConfig(Section):
         emulated_bf16: ``skip``: the bfloat16 variants are built but not scored or timed on a CPU
             without native bfloat16 (emulated, they take minutes and their latency says nothing about
             a CPU that has it); ``measure``: measure them anyway.
+        model_2d, variants_2d, out_dir_2d, latency.case_dir_2d: ``tumorseg compress --dims 2``'s
+            (:meth:`for_dims`; ``model_2d`` null: ``predict_2d.model``, ``variants_2d`` null:
+            ``variants``); every other key applies to both.
     """
 
     model: str | None = None
+    model_2d: str | None = None
     variants: tuple[VariantName, ...] = (
         "fp32",
         "onnx_fp32",
@@ -115,6 +125,8 @@ class CompressConfig(Section):
     onnx_opset: int = Field(18, ge=13, le=23)
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     out_dir: str = "models/compressed"
+    out_dir_2d: str = "models/2d/compressed"
+    variants_2d: tuple[VariantName, ...] | None = None
     target_speedup: float = Field(2.0, ge=0.0)
     target_size_ratio: float = Field(3.0, ge=0.0)
     register_edge: bool = True
@@ -127,8 +139,22 @@ class CompressConfig(Section):
 
     @model_validator(mode="after")
     def _distinct(self) -> CompressConfig:
-        if len(set(self.variants)) != len(self.variants):
-            raise ValueError("variants must not repeat")
+        for variants in (self.variants, self.variants_2d or ()):
+            if len(set(variants)) != len(variants):
+                raise ValueError("variants must not repeat")
         if self.alias in ("champion", "challenger"):
             raise ValueError("alias must differ from champion/challenger (those belong to promotion)")
         return self
+
+    def for_dims(self, dims: int) -> CompressConfig:
+        """This section as ``tumorseg compress --dims`` reads it: for 2, the ``*_2d`` keys in place of theirs."""
+        if dims == 3:
+            return self
+        return self.model_copy(
+            update={
+                "model": self.model_2d,
+                "variants": self.variants_2d or self.variants,
+                "out_dir": self.out_dir_2d,
+                "latency": self.latency.model_copy(update={"case_dir": self.latency.case_dir_2d}),
+            }
+        )

@@ -1,6 +1,7 @@
 """Fine-tuning a pruned network back to accuracy with training's own LightningModule, loss, data and
 optimiser, plus distillation from the fp32 network (Hinton et al. 2015), a cosine schedule without
 warm-up, and the weights of the best validation ``val_dice_mean`` kept (the test split only scores).
+Volumes (``dims=3``) and the 2-D model (``dims=2``) differ only in data and module: :data:`RECIPES`.
 """
 
 from __future__ import annotations
@@ -71,11 +72,12 @@ def distillation_loss(
 
 def _distilling_module_class() -> type:
     """:class:`SegmentationModule` with a distillation term (built lazily: Lightning imports slowly)."""
-    from tumorseg.data.transforms import IMAGE_KEY, LABEL_KEY
+    from tumorseg.data.transforms import IMAGE_KEY
     from tumorseg.models.lightning_module import SegmentationModule
 
     class DistillingSegmentationModule(SegmentationModule):
-        """``loss = task loss + weight * distillation_loss(student, teacher)`` (no teacher: task loss)."""
+        """``loss = task loss + weight * distillation_loss(student, teacher)`` (no teacher: task loss); with
+        classifier heads the task loss includes their terms and the segmentation logits are distilled."""
 
         def __init__(
             self,
@@ -95,19 +97,23 @@ def _distilling_module_class() -> type:
         def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
             if self.teacher is None:
                 return super().training_step(batch, batch_idx)
-            image, label = batch[IMAGE_KEY], batch[LABEL_KEY]
-            logits = self.network(image).float()
+            image = batch[IMAGE_KEY]
+            outputs = self.network(image)
             self.teacher.eval()  # Lightning puts every submodule in train mode
             with torch.no_grad():
-                soft = self.teacher(image).float()
-            # deep supervision (B, heads, C, *spatial): distil the main head
-            if logits.dim() == image.dim() + 1:
-                heads = list(torch.unbind(logits, dim=1))
-                task, main = self.loss(heads, self._target(label)), heads[0]
+                soft = self.teacher(image)
+            if self.heads is not None:  # images: (segmentation, class logits); the segmentation is distilled
+                (logits, class_logits), soft = outputs, soft[0]
+                detection, kind = self.heads.losses(class_logits.float(), batch)
+                classes = self.heads.detection_weight * detection + self.heads.type_weight * kind
             else:
-                task, main = self.loss(logits, self._target(label)), logits
+                logits, classes = outputs, 0.0
+            logits = logits.float()
+            task = self._segmentation_loss(logits, batch) + classes
+            # deep supervision (B, heads, C, *spatial): distil the main head
+            main = logits[:, 0] if logits.dim() == image.dim() + 1 else logits
             distill = distillation_loss(
-                main, soft, kind=self.distill_kind, output=self.output, temperature=self.temperature
+                main, soft.float(), kind=self.distill_kind, output=self.output, temperature=self.temperature
             )
             loss = task + self.distill_weight * distill
             size = image.shape[0]
@@ -173,47 +179,39 @@ def fine_tune(
     cfg: PruningConfig,
     teacher: nn.Module | None = None,
     source: str = "params.yaml",
+    dims: int = 3,
 ) -> FineTuneResult:
     """Train the pruned ``network`` in place for ``steps`` optimiser steps with the model's own recipe.
 
-    Loss, augmentation, patch sampling and optimiser come from the sections stored with ``trained``,
-    the data from ``params``, lr, schedule, validation and distillation from ``cfg``. Pruning masks
-    stay applied; the ``teacher`` is copied and frozen; no checkpoint or logger is written. DataError:
-    no training cases, or validation asked for without validation cases.
+    Loss, augmentation, sampling and optimiser come from the sections stored with ``trained`` (a
+    volume model, or a 2-D model for ``dims=2``), the data from ``params``, lr, schedule, validation and
+    distillation from ``cfg``. Pruning masks stay applied; the ``teacher`` is copied and frozen; no
+    checkpoint or logger is written. DataError: no training cases, or validation asked for without
+    validation cases.
     """
     params = as_params(params, source)
     if steps <= 0:
         return FineTuneResult(steps=0, best_step=0, best_val_dice=None)
     import lightning as L
 
-    from tumorseg.data.datamodule import SegmentationDataModule
-
     start = time.perf_counter()
-    stored = trained.config
-    paths = params.paths
-    trainer_cfg = params.trainer
+    recipe = RECIPES[dims]
     val_every = cfg.val_every
-    train_cfg = _fine_tune_train_config(stored, cfg.fine_tune_lr, cfg.fine_tune_schedule)
-    records, val_records = _fine_tune_records(paths, val_every, cfg.val_cases, cfg.tumour_free_repeat)
+    train_cfg = _fine_tune_train_config(
+        section(recipe.train_section, trained.config), cfg.fine_tune_lr, cfg.fine_tune_schedule
+    )
+    records, val_records = recipe.records(params, cfg, source)
     distill = dict(weight=cfg.distill_weight, kind=cfg.distill_loss, temperature=cfg.distill_temperature)
-    module = _fine_tune_module(
-        network, trained, train_cfg, cfg.fine_tune_schedule == "cosine", teacher, distill
-    )
-    datamodule = SegmentationDataModule(
-        records,
-        val_records,
-        trained.data_loader,
-        section("augment", stored),
-        patches_per_epoch=steps * trained.data_loader.batch_size,
-        seed=train_cfg.seed,
-    )
+    frozen = copy.deepcopy(teacher).eval() if teacher is not None and cfg.distill_weight > 0 else None
+    module = recipe.module(network, trained, train_cfg, cfg.fine_tune_schedule == "cosine", frozen, distill)
+    datamodule = recipe.datamodule(trained, train_cfg, records, val_records, steps)
     result = FineTuneResult(steps=steps, best_step=steps, best_val_dice=None)
     # the best-weights callback first (read back below), then progress lines with the time left
     callbacks = [best_weights_callback(network, result)] if val_every > 0 else []
     callbacks.append(TrainingProgress(label="fine-tune"))
     L.seed_everything(train_cfg.seed, workers=True, verbose=False)
     with tempfile.TemporaryDirectory(prefix="tumorseg-finetune-") as tmp:
-        trainer = _fine_tune_trainer(trainer_cfg.accelerator, steps, val_every, callbacks, tmp)
+        trainer = _fine_tune_trainer(params.trainer.accelerator, steps, val_every, callbacks, tmp)
         _fit(trainer, module, datamodule, network, result, val_every)
     network.cpu().eval()
     if val_every > 0 and callbacks[0].best is not None:
@@ -222,10 +220,11 @@ def fine_tune(
     return result
 
 
-def _fine_tune_train_config(stored: dict[str, Any], lr: float, schedule: str) -> Any:
-    """The model's own ``train`` section with the fine-tune's learning rate and schedule (no warm-up)."""
+def _fine_tune_train_config(train_cfg: Any, lr: float, schedule: str) -> Any:
+    """The model's own ``train`` (``train_2d``) section with the fine-tune's learning rate and schedule
+    (no warm-up)."""
     scheduler = "cosine" if schedule == "cosine" else "none"
-    return section("train", stored).model_copy(
+    return train_cfg.model_copy(
         update={"lr": lr, "scheduler": scheduler, "warmup_epochs": 0.0, "min_lr": 0.0}
     )
 
@@ -254,37 +253,145 @@ def _fine_tune_records(
     return records, val_records
 
 
-def _fine_tune_module(
-    network: nn.Module,
-    trained: Any,
-    train_cfg: Any,
-    scheduled: bool,
-    teacher: nn.Module | None,
-    distill: dict[str, Any],
-) -> Any:
-    """The model's own LightningModule around ``network``, distilling from ``teacher``."""
-    from tumorseg.models.losses import build_loss, with_deep_supervision
+def _optimisation(train_cfg: Any, scheduled: bool) -> dict[str, Any]:
+    """The optimiser and (``scheduled``) schedule factories of a ``train``/``train_2d`` section."""
     from tumorseg.training.optim import optimizer_factory, scheduler_factory
 
-    stored = trained.config
-    loss = build_loss(section("loss", stored), trained.model.output)
-    if trained.model.name == "dynunet" and trained.model.dynunet.deep_supervision:
-        loss = with_deep_supervision(loss, section("loss", stored).deep_supervision_weights)
-    frozen = copy.deepcopy(teacher).eval() if teacher is not None and distill["weight"] > 0 else None
-    return _distilling_module_class()(
-        network,
-        loss,
-        output=trained.model.output,
-        roi_size=trained.roi_size,
-        sliding_window=trained.sliding_window,
-        optimizer_factory=optimizer_factory(train_cfg),
-        scheduler_factory=scheduler_factory(train_cfg) if scheduled else None,
-        config=stored,
-        dice_ignore_empty=section("train", stored).dice_ignore_empty,
-        spacing_mm=trained.spacing_mm,
-        teacher=frozen,
-        **distill,
-    )
+    return {
+        "optimizer_factory": optimizer_factory(train_cfg),
+        "scheduler_factory": scheduler_factory(train_cfg) if scheduled else None,
+    }
+
+
+class _Volumes:
+    """``dims=3``: training's patches of the preprocessed volumes and its module (loss by name, deep
+    supervision, sliding-window validation)."""
+
+    train_section = "train"
+
+    def records(
+        self, params: Params, cfg: PruningConfig, source: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return _fine_tune_records(params.paths, cfg.val_every, cfg.val_cases, cfg.tumour_free_repeat)
+
+    def module(
+        self,
+        network: nn.Module,
+        trained: Any,
+        train_cfg: Any,
+        scheduled: bool,
+        teacher: nn.Module | None,
+        distill: dict[str, Any],
+    ) -> Any:
+        """The model's own LightningModule around ``network``, distilling from ``teacher``."""
+        from tumorseg.models.losses import build_loss, with_deep_supervision
+
+        stored = trained.config
+        loss = build_loss(section("loss", stored), trained.model.output)
+        if trained.model.name == "dynunet" and trained.model.dynunet.deep_supervision:
+            loss = with_deep_supervision(loss, section("loss", stored).deep_supervision_weights)
+        return _distilling_module_class()(
+            network,
+            loss,
+            output=trained.model.output,
+            roi_size=trained.roi_size,
+            sliding_window=trained.sliding_window,
+            config=stored,
+            dice_ignore_empty=train_cfg.dice_ignore_empty,
+            spacing_mm=trained.spacing_mm,
+            teacher=teacher,
+            **_optimisation(train_cfg, scheduled),
+            **distill,
+        )
+
+    def datamodule(
+        self,
+        trained: Any,
+        train_cfg: Any,
+        records: list[dict[str, Any]],
+        val_records: list[dict[str, Any]],
+        steps: int,
+    ) -> Any:
+        from tumorseg.data.datamodule import SegmentationDataModule
+
+        return SegmentationDataModule(
+            records,
+            val_records,
+            trained.data_loader,
+            section("augment", trained.config),
+            patches_per_epoch=steps * trained.data_loader.batch_size,
+            seed=train_cfg.seed,
+        )
+
+
+class _Images:
+    """``dims=2``: the 2-D trainer's image draws and multi-task module (``train_2d`` stored with the
+    model). Only the segmenter is pruned, so the classifier stays frozen: the detector's scores are
+    the fp32 model's."""
+
+    train_section = "train_2d"
+
+    def records(
+        self, params: Params, cfg: PruningConfig, source: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """``paths.split_2d``'s ``train`` (tumour-free images ``tumour_free_repeat`` x) and ``val``."""
+        from tumorseg.training.config import load_planar_training_config
+        from tumorseg.training.train import planar_split_records
+
+        split = planar_split_records(load_planar_training_config(params, source=source), source)
+        records = split["train"]
+        repeat = cfg.tumour_free_repeat - 1
+        records = records + [dict(r) for r in records if not r["has_tumour"] for _ in range(repeat)]
+        val_records = split["val"][: cfg.val_cases or None] if cfg.val_every > 0 else []
+        return records, val_records
+
+    def module(
+        self,
+        network: nn.Module,
+        trained: Any,
+        train_cfg: Any,
+        scheduled: bool,
+        teacher: nn.Module | None,
+        distill: dict[str, Any],
+    ) -> Any:
+        from tumorseg.models.lightning_module import ClassifierHeads
+        from tumorseg.models.losses import build_loss
+
+        network.classifier.requires_grad_(False)  # left out of the optimiser
+        return _distilling_module_class()(
+            network,
+            build_loss(train_cfg.loss, "regions"),  # one tumour channel, as the 2-D trainer
+            config=trained.config,
+            dice_ignore_empty=train_cfg.dice_ignore_empty,
+            heads=ClassifierHeads(train_cfg.detection_weight, train_cfg.type_weight),
+            teacher=teacher,
+            **_optimisation(train_cfg, scheduled),
+            **distill,
+        )
+
+    def datamodule(
+        self,
+        trained: Any,
+        train_cfg: Any,
+        records: list[dict[str, Any]],
+        val_records: list[dict[str, Any]],
+        steps: int,
+    ) -> Any:
+        from tumorseg.data.datamodule import PlanarDataModule
+
+        return PlanarDataModule(
+            records,
+            val_records,
+            train_cfg.augment,
+            batch_size=train_cfg.batch_size,
+            draws_per_epoch=steps * train_cfg.batch_size,
+            num_workers=train_cfg.num_workers,
+            seed=train_cfg.seed,
+        )
+
+
+RECIPES: dict[int, _Volumes | _Images] = {3: _Volumes(), 2: _Images()}
+"""What a fine-tune trains on and with, by ``dims``."""
 
 
 def _fine_tune_trainer(accelerator: str, steps: int, val_every: int, callbacks: list[Any], root: str) -> Any:

@@ -1,12 +1,15 @@
 """Measuring the variants with the same code, cases and threads: Dice on the test split, CPU latency.
-Every variant runs the whole ``predict`` path: what is measured is what a deployment runs.
+Every variant runs the whole ``predict`` path: what is measured is what a deployment runs. Volumes
+are scored as ``evaluate-model`` scores them, 2-D images as ``evaluate-model --dims 2`` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tumorseg.compression.config import CompressConfig
@@ -15,17 +18,16 @@ from tumorseg.compression.variants import VariantBuilder
 
 
 def trained_variant(builder: VariantBuilder, result: VariantResult, threads: int) -> Any:
-    """The variant as a :class:`~tumorseg.models.checkpoint.TrainedNetwork` the predictor can run."""
-    import dataclasses
-
-    from tumorseg.models.onnx_network import OnnxRuntimeNetwork
+    """The variant as the fp32 model with its network: a :class:`~tumorseg.models.checkpoint.TrainedNetwork`
+    or :class:`~tumorseg.models.checkpoint.PlanarModel` the predictor can run."""
+    from tumorseg.compression.onnx_export import OnnxRuntimeOutputs
     from tumorseg.models.program_network import ExportedProgramNetwork
 
     if result.runtime == "pytorch":
         return builder.trained
     if result.runtime == "torch.export":  # loaded from its file, as a deployment loads it
         return dataclasses.replace(builder.trained, network=ExportedProgramNetwork(result.file))
-    return dataclasses.replace(builder.trained, network=OnnxRuntimeNetwork(result.file, threads=threads))
+    return dataclasses.replace(builder.trained, network=OnnxRuntimeOutputs(result.file, threads=threads))
 
 
 def measure_latencies(
@@ -100,6 +102,65 @@ def measure_dice(predictor: Any, cases: list[Any], eval_cfg: Any, work: Path, na
     dice = {region: float(wide[region].mean()) for region in regions}
     dice["mean"] = float(per_case.mean())
     return dice, {str(k): float(v) for k, v in per_case.items()}
+
+
+def measure_planar_dice(
+    model: Any, records: list[dict[str, Any]]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Dice of each 2-D test image with a reference mask (a tumour-free one predicted empty scores 1),
+    scored as ``evaluate-model --dims 2`` and the 2-D promotion gate score it (on the source image where
+    it can be read), and their mean as ``tumour`` and ``mean``."""
+    from tumorseg.evaluation.planar_evaluate import _per_case_table, _run_split
+
+    outputs = _run_split(model, records)
+    probability = model.detector.probability(outputs["classes"][:, 0], outputs["areas"])
+    table = _per_case_table(records, outputs, probability, probability >= model.detector.threshold)
+    dice = table.set_index("case_id")["dice"].astype(float)
+    mean = float(dice.mean())
+    return {"tumour": mean, "mean": mean}, {str(case): float(value) for case, value in dice.items()}
+
+
+class PlanarPredictor:
+    """``predict`` of one 2-D image file (read, preprocess, segment and classify, restore to its size) as
+    the latency loop times it: ``predict_case`` returns the ``seconds`` of its network calls as
+    ``inference``. ``model`` runs the same network (:func:`measure_planar_dice` scores it)."""
+
+    def __init__(self, model: Any) -> None:
+        self._network = model.network
+        self._inference = 0.0
+        self.model = dataclasses.replace(model, network=self._timed)
+
+    def _timed(self, image: Any) -> Any:
+        start = time.perf_counter()
+        outputs = self._network(image)
+        self._inference += time.perf_counter() - start
+        return outputs
+
+    def predict_case(self, path: Path) -> SimpleNamespace:
+        from tumorseg.models.predictor import predict_planar
+
+        self._inference = 0.0
+        predict_planar(path, self.model)
+        return SimpleNamespace(seconds={"inference": self._inference})
+
+
+def planar_latency_cases(cfg: CompressConfig, work: Path) -> tuple[list[Path], str]:
+    """The images to time: ``compress.latency.case_dir_2d``'s (``cfg.for_dims(2)``'s ``case_dir``), or one
+    synthetic Figshare-size slice made here."""
+    from tumorseg.data.planar import read_planar
+    from tumorseg.data.readers import image_inputs
+
+    folder = cfg.latency.case_dir
+    if folder is None:
+        from tumorseg.config import SynthPlanarConfig
+        from tumorseg.data.planar_synth import synthesize_planar_dataset
+
+        folder = str(work / "latency_images")
+        synthesize_planar_dataset(
+            Path(folder), "figshare", SynthPlanarConfig(figshare_patients=1, slices_per_patient=1, seed=7)
+        )
+    images = image_inputs(folder)
+    return images, "x".join(str(n) for n in read_planar(images[0]).image.shape[:2])
 
 
 def latency_cases(cfg: CompressConfig, work: Path) -> tuple[list[Any], str]:

@@ -1,7 +1,9 @@
-"""INT8 quantization of ONNX models: static (ONNX Runtime QDQ) and weight-only.
+"""INT8 quantization of ONNX models: static (ONNX Runtime QDQ), dynamic and weight-only.
 
 Static quantization fixes each activation's range from calibration windows: training-patch-sized
-windows of preprocessed validation volumes (never test cases) at seeded random brain positions.
+windows of preprocessed validation volumes (never test cases) at seeded random brain positions, or
+whole preprocessed validation images for the 2-D model. Dynamic quantization (``ConvInteger``)
+quantizes each activation from its own range at run time: no calibration.
 :func:`quantize_weights_int8` stores int8 conv weights only (about 4x smaller) and computes in
 float32, for CPUs without fast 3-D INT8 kernels.
 """
@@ -12,6 +14,8 @@ import logging
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,11 +71,7 @@ def calibration_windows(
     ``roi_size`` gives ``(1, 4, X, Y)`` axial slices."""
     from tumorseg.data.datamodule import case_records
 
-    if not case_ids:
-        raise DataError(
-            f"{split_file}: no {cfg.calibration_split!r} cases to calibrate INT8 quantization on; "
-            f"rerun `tumorseg split` with a {cfg.calibration_split} share or drop the int8 variants"
-        )
+    _require_calibration_cases(case_ids, cfg, split_file)
     rng = np.random.default_rng(cfg.seed)
     windows: list[np.ndarray] = []
     used: list[str] = []
@@ -83,6 +83,46 @@ def calibration_windows(
         for _ in range(cfg.patches_per_case):
             windows.append(_random_window(image, brain, roi_size, rng))
     return windows, used
+
+
+def planar_calibration_images(
+    preprocessed_dir: str | Path,
+    case_ids: list[str],
+    cfg: QuantizationConfig,
+    *,
+    split_file: str | Path = "split_2d.json",
+) -> tuple[list[np.ndarray], list[str]]:
+    """The 2-D model's calibration inputs: the first ``cfg.calibration_cases`` preprocessed images of
+    ``case_ids`` whole, ``(1, 1, S, S)`` float32 (the network sees whole images, not patches)."""
+    from tumorseg.data.datamodule import load_sample, planar_records
+
+    _require_calibration_cases(case_ids, cfg, split_file)
+    records = planar_records(preprocessed_dir, case_ids[: cfg.calibration_cases])
+    return [load_sample(r)["image"][None] for r in records], [r["case_id"] for r in records]
+
+
+def _require_calibration_cases(case_ids: list[str], cfg: QuantizationConfig, split_file: str | Path) -> None:
+    if not case_ids:
+        raise DataError(
+            f"{split_file}: no {cfg.calibration_split!r} cases to calibrate INT8 quantization on; "
+            f"rerun `tumorseg split` with a {cfg.calibration_split} share or drop the int8 variants"
+        )
+
+
+@contextmanager
+def _root_notes_dropped() -> Iterator[None]:
+    """ONNX Runtime's quantizers log a note per tensor on the root logger at INFO: dropped while they run
+    (a filter on the root logger sees only records logged on it, not those of named loggers)."""
+    root = logging.getLogger()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO
+
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _random_window(
@@ -206,6 +246,53 @@ def _quantized_layers(quantized: Any, targets: list[str]) -> tuple[Counter[str],
         else:
             left[node.op_type] += 1
     return done, left
+
+
+def quantize_dynamic_int8(
+    float_onnx: str | Path, out_path: str | Path, cfg: QuantizationConfig, *, what: str = "network"
+) -> QuantizationStats:
+    """Write the dynamic INT8 version of ``float_onnx``: ``Conv`` layers become ONNX Runtime
+    ``ConvInteger`` (int8 weights, per channel if ``cfg.per_channel``) whose input is quantized per run
+    from its own range; no calibration. ``ConvTranspose`` has no integer kernel and stays float.
+    DataError: no ``Conv`` layer, or ONNX Runtime failed.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    present = Counter(node.op_type for node in onnx.load(str(float_onnx)).graph.node)
+    if not present.get("Conv"):
+        raise DataError(f"dynamic INT8 of the {what}: no Conv layer ({', '.join(sorted(present))})")
+    with tempfile.TemporaryDirectory(prefix="tumorseg-int8-", dir=out_path.parent) as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        staged = Path(tmp) / out_path.name
+        try:
+            quant_pre_process(str(float_onnx), str(prepared), skip_symbolic_shape=True)  # as quantize_int8
+            # The quantizer re-infers shapes and fails on some recorded ones (the dynamo exporter's
+            # after a Flatten); they are optional annotations, so it gets the graph without them.
+            graph = onnx.load(str(prepared))
+            del graph.graph.value_info[:]
+            onnx.save(graph, str(prepared))
+            with _root_notes_dropped():
+                quantize_dynamic(
+                    str(prepared),
+                    str(staged),
+                    op_types_to_quantize=["Conv"],
+                    per_channel=cfg.per_channel,
+                    weight_type=QuantType.QInt8,
+                )
+        except Exception as exc:  # ONNX Runtime's quantizer raises plain exceptions
+            raise DataError(
+                f"dynamic INT8 of the {what} failed ({type(exc).__name__}: {first_line(exc)})"
+            ) from None
+        write_point(out_path)
+        os.replace(staged, out_path)
+    after = Counter(node.op_type for node in onnx.load(str(out_path)).graph.node)
+    done = Counter({"Conv": after.get("ConvInteger", 0)})
+    left = Counter({op: n for op, n in after.items() if op in ("Conv", "ConvTranspose")})
+    return QuantizationStats(dict(done), dict(left), 0, [])
 
 
 WEIGHT_ONLY_OP_AXES: dict[str, int] = {"Conv": 0, "ConvTranspose": 1}

@@ -1,6 +1,7 @@
 """Logging the compression report to a ``compress`` MLflow run and registering the edge model.
 
-The edge model is registered as a *new* version with alias ``compress.alias``; existing versions and
+The edge model is registered as a *new* version of the compressed model (``registry.model_name``, or
+``evaluate_2d.model_name`` for the 2-D one) with alias ``compress.alias``; existing versions and
 other aliases are never modified. A promotion that moved the champion while compress ran leaves the
 alias where it was (the new version is tagged ``compression.superseded``). Here, not in :mod:`tumorseg.registry`: that package is upstream of
 compression, and the DVC ``compress`` stage depends on ``src/tumorseg/compression``.
@@ -12,16 +13,20 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tumorseg.compression.config import CompressConfig
 from tumorseg.compression.report import CompressionResult, VariantResult
 from tumorseg.params import Params, as_params
-from tumorseg.registry.config import RegistryConfig
+
+if TYPE_CHECKING:
+    from tumorseg.compression.dims import ModelKind
 
 RUNTIME_NAMES = {"onnxruntime": "ONNX Runtime", "torch.export": "PyTorch, torch.export program"}
 RUNTIME_ARTIFACTS = {"onnxruntime": "onnx", "torch.export": "program"}
 """Pyfunc artifact key of each runtime's file (what ``models.package.load_artifacts`` reads)."""
+RUNTIME_EXTRA_PACKAGES = {"onnxruntime": ("onnxruntime",), "torch.export": ()}
+"""Distributions a runtime's file needs beyond the pyfunc's own requirements."""
 
 log = logging.getLogger(__name__)
 
@@ -33,24 +38,24 @@ def log_compress_run(
     params: dict[str, Any],
     cfg: CompressConfig,
     uri: str,
-    experiment: str,
     source: str,
+    kind: ModelKind,
     drift_profile: Any = None,
 ) -> tuple[str, dict[str, str] | None]:
-    """Log the report to a ``compress`` MLflow run; register the edge model (new version + alias) with
-    the source model's ``drift_profile`` (it was trained on the same data)."""
+    """Log the report to a ``compress`` MLflow run (the ``kind``'s experiment); register the edge model
+    (new version + alias) with the source model's ``drift_profile`` (it was trained on the same data)."""
     params = as_params(params, source)
     import mlflow
 
     from tumorseg import tracking
 
+    experiment = kind.experiment(params)
     tracking.disable_telemetry()
     experiment_id = tracking.ensure_experiment(uri, experiment)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     tracking.reap_orphaned_runs(uri, experiment)  # a killed compress's run: FAILED, not RUNNING
-    run_id = tracking.create_run(
-        client, experiment_id, run_name="compress", tags={"tumorseg.stage": "compress"}
-    )
+    tags = {"tumorseg.stage": "compress", **({"tumorseg.branch": "2d"} if kind.dims == 2 else {})}
+    run_id = tracking.create_run(client, experiment_id, run_name="compress", tags=tags)
     for key, value in tracking.flatten(cfg.model_dump(mode="json"), "compress.").items():
         client.log_param(run_id, key, str(value)[:500])
     _log_metrics(client, run_id, outcome)
@@ -59,7 +64,7 @@ def log_compress_run(
     registered = None
     if cfg.register_edge and outcome.edge is not None:
         registered = register_edge(
-            outcome, trained, run_cfg, params, cfg, uri, run_id, source, drift_profile=drift_profile
+            outcome, trained, run_cfg, params, cfg, uri, run_id, source, kind, drift_profile=drift_profile
         )
     client.set_terminated(run_id)
     return run_id, registered
@@ -94,6 +99,7 @@ def register_edge(
     uri: str,
     run_id: str,
     source: str,
+    kind: ModelKind,
     drift_profile: Any = None,
 ) -> dict[str, str]:
     """Log the edge model's file as the tumorseg pyfunc; register it as a new version with alias and tags."""
@@ -106,28 +112,26 @@ def register_edge(
 
     edge = outcome.edge
     assert edge is not None
-    registry: RegistryConfig = params.registry
-    model_uri = _log_edge_model(
-        outcome, edge, trained, run_cfg.model_dump(mode="json"), uri, run_id, drift_profile
-    )
+    name = kind.model_name(params)
+    model_uri = _log_edge_model(outcome, edge, trained, run_cfg, uri, run_id, kind, drift_profile)
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     with fluent_store(uri), registry_lock(uri):  # not while a promotion reads and moves the aliases
-        write_point(f"register {registry.model_name}")
-        number = register_version(client, model_uri, registry.model_name, None, _edge_tags(outcome, edge))
-        client.update_model_version(registry.model_name, number, description=_edge_description(outcome, edge))
+        write_point(f"register {name}")
+        number = register_version(client, model_uri, name, None, _edge_tags(outcome, edge))
+        client.update_model_version(name, number, description=_edge_description(outcome, edge))
         superseded = _source_superseded(client, outcome)
         if superseded is None:
-            write_point(f"alias {registry.model_name}@{cfg.alias}")
-            client.set_registered_model_alias(registry.model_name, cfg.alias, number)
+            write_point(f"alias {name}@{cfg.alias}")
+            client.set_registered_model_alias(name, cfg.alias, number)
         else:
-            client.set_model_version_tag(registry.model_name, number, "compression.superseded", superseded)
+            client.set_model_version_tag(name, number, "compression.superseded", superseded)
             log.warning("compress: %s; @%s not moved to version %s", superseded, cfg.alias, number)
-    client.set_tag(run_id, "tumorseg.registered_version", f"{registry.model_name}/{number}")
+    client.set_tag(run_id, "tumorseg.registered_version", f"{name}/{number}")
     return {
-        "name": registry.model_name,
+        "name": name,
         "version": number,
         "alias": cfg.alias if superseded is None else "(none: its source was superseded)",
-        "uri": f"models:/{registry.model_name}/{number}",
+        "uri": f"models:/{name}/{number}",
     }
 
 
@@ -155,36 +159,24 @@ def _log_edge_model(
     outcome: CompressionResult,
     edge: VariantResult,
     trained: Any,
-    settings: dict[str, Any],
+    settings: Any,
     uri: str,
     run_id: str,
+    kind: ModelKind,
     drift_profile: Any = None,
 ) -> str:
-    """Log the edge file, config, predict settings, report and drift profile to ``run_id``; return its
-    model URI.
+    """Log the edge file, the model's config and inference settings (``kind``'s files), the report and
+    the drift profile to ``run_id``; return its model URI.
 
     The same pyfunc as the fp32 versions, so a client loads an edge version as it loads the champion.
     """
     import mlflow
 
-    from tumorseg.registry.pyfunc import (
-        MODEL_CODE,
-        PREDICT_SETTINGS_FILE,
-        RUNTIME_PACKAGES,
-        log_code_model,
-        model_signature,
-    )
     from tumorseg.tracking import fluent_store
 
     with tempfile.TemporaryDirectory(prefix="tumorseg-edge-") as tmp, fluent_store(uri):
-        config_file = Path(tmp) / "config.json"
-        config_file.write_text(json.dumps(trained.config, indent=1, sort_keys=True) + "\n")
-        predict_file = Path(tmp) / PREDICT_SETTINGS_FILE
-        predict_file.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n")
         artifacts = {
             RUNTIME_ARTIFACTS[edge.runtime]: str(outcome.files[edge.name]),
-            "config": str(config_file),
-            "predict": str(predict_file),
             "compression": str(outcome.files["report_json"]),
         }
         if drift_profile is not None:
@@ -193,10 +185,9 @@ def _log_edge_model(
             profile_file = Path(tmp) / PROFILE_FILE
             profile_file.write_text(json.dumps(drift_profile.to_dict(), indent=1) + "\n")
             artifacts[PROFILE_ARTIFACT] = str(profile_file)
-        packages = (*RUNTIME_PACKAGES, "onnxruntime") if edge.runtime == "onnxruntime" else RUNTIME_PACKAGES
-        signature = model_signature(bool(settings.get("tta")), float(settings.get("min_component_mm3", 0)))
+        extra = RUNTIME_EXTRA_PACKAGES[edge.runtime]
         with mlflow.start_run(run_id=run_id):
-            info = log_code_model("model", MODEL_CODE, artifacts, signature, packages)
+            info = kind.log_edge_model(artifacts, trained, settings, Path(tmp), extra)
     return info.model_uri
 
 

@@ -1,4 +1,5 @@
-"""``tumorseg compress``: build the deployment variants, measure them side by side, gate, register ``edge``.
+"""``tumorseg compress [--dims 2]``: build the deployment variants, measure them side by side, gate,
+register ``edge``; the volume model or the 2-D one (:mod:`tumorseg.compression.dims`), same rules.
 
 Every input is checked before any variant is built, so a failure before registration leaves the
 registry as it was.
@@ -14,13 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from tumorseg.compression.config import CompressConfig
-from tumorseg.compression.measure import (
-    cuda_onnxruntime,
-    latency_cases,
-    measure_dice,
-    measure_latencies,
-    trained_variant,
-)
+from tumorseg.compression.dims import MODEL_KINDS, ModelKind
+from tumorseg.compression.measure import cuda_onnxruntime, measure_latencies, trained_variant
 from tumorseg.compression.register import log_compress_run
 from tumorseg.compression.report import (
     BASELINE,
@@ -32,7 +28,6 @@ from tumorseg.compression.report import (
     report_dict,
 )
 from tumorseg.compression.variants import BFLOAT16_SOURCES, ONNX_SOURCES, VariantBuilder
-from tumorseg.config import EvaluateConfig
 from tumorseg.params import Params, as_params
 from tumorseg.runtime import native_bf16_cpu
 
@@ -49,11 +44,13 @@ BF16_NOT_MEASURED = (
 
 @dataclass
 class _StageInputs:
-    """Everything the stage reads, loaded and checked first; ``run_cfg``: the ``predict`` settings every
-    variant runs with (CPU, labels only); ``calibration``: ``(windows, case ids)`` for INT8, or None."""
+    """Everything the stage reads, loaded and checked first; ``run_cfg``: the inference settings every
+    variant runs with (``predict`` on CPU, labels only; ``predict_2d``); ``calibration``: ``(windows, case
+    ids)`` for INT8, or None."""
 
     cfg: CompressConfig
-    eval_cfg: EvaluateConfig
+    kind: ModelKind
+    params: Params
     run_cfg: Any
     reports: Path
     mlflow_cfg: Any
@@ -71,21 +68,25 @@ def run_compress_stage(
     source: str = "params.yaml",
     tracking_uri: str | None = None,
     model_uri: str | None = None,
+    dims: int = 3,
 ) -> CompressionResult:
-    """Build, measure and gate the variants; write the reports; register the edge model.
+    """Build, measure and gate the variants of the ``dims``-D model; write the reports; register the edge.
 
-    ``model_uri`` overrides ``compress.model``. ConfigError or DataError (one line naming the cause)
-    leave the registry untouched.
+    ``compress:`` as :meth:`~tumorseg.compression.config.CompressConfig.for_dims` reads it; ``model_uri``
+    overrides its ``model``. ConfigError or DataError (one line naming the cause) leave the registry
+    untouched.
     """
     params = as_params(params, source)
-    inputs = _load_inputs(params, source, tracking_uri, model_uri)
+    inputs = _load_inputs(params, source, tracking_uri, model_uri, MODEL_KINDS[dims])
     cfg = inputs.cfg
     out_dir = Path(cfg.out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".compress-", dir=out_dir.parent) as tmp:
         work = Path(tmp)
-        builder = VariantBuilder(inputs.loaded.trained, cfg, params, work, inputs.calibration, source)
-        timed_cases, shape = latency_cases(cfg, work)
+        builder = VariantBuilder(
+            inputs.loaded.trained, cfg, params, work, inputs.calibration, source, inputs.kind
+        )
+        timed_cases, shape = inputs.kind.latency_cases(cfg, work)
         results, predictors = _build_and_score(builder, inputs, work)
         _time_variants(results, predictors, timed_cases, cfg)
         apply_gate(results, cfg.dice_tolerance)
@@ -104,8 +105,8 @@ def run_compress_stage(
                 params,
                 cfg,
                 inputs.uri,
-                inputs.mlflow_cfg.experiment,
                 source,
+                inputs.kind,
                 drift_profile=inputs.loaded.drift_profile,
             )
     log.debug(outcome.one_line())  # the command prints it; Prefect tasks publish it
@@ -113,42 +114,34 @@ def run_compress_stage(
 
 
 def _load_inputs(
-    params: Params, source: str, tracking_uri: str | None, model_uri: str | None
+    params: Params, source: str, tracking_uri: str | None, model_uri: str | None, kind: ModelKind
 ) -> _StageInputs:
-    """Read the sections, test cases, fp32 model and INT8 calibration windows: bad inputs fail here, early."""
+    """Read the sections, test cases, fp32 model and INT8 calibration inputs: bad inputs fail here, early."""
     import torch
 
     from tumorseg.compression.quantize import check_op_types
-    from tumorseg.evaluation.pipeline_stage import split_cases
-    from tumorseg.models.config import PredictConfig
-    from tumorseg.registry.loading import load_model
     from tumorseg.tracking import params_tracking_uri
 
     started = time.perf_counter()
-    cfg: CompressConfig = params.compress
-    predict_cfg: PredictConfig = params.predict
-    eval_cfg: EvaluateConfig = params.evaluate
-    paths = params.paths
-    mlflow_cfg = params.mlflow
+    cfg: CompressConfig = params.compress.for_dims(kind.dims)
     uri = params_tracking_uri(params, tracking_uri, source=source)
 
     needs_int8 = any(name in ONNX_SOURCES for name in cfg.variants)
     if needs_int8:
         check_op_types(cfg.quantization, source)
-    test_cases = split_cases(params, "test", source=source)
-    loaded = load_model(model_uri or cfg.model or predict_cfg.model, tracking_uri=uri)
-    calibration = _calibration(cfg, paths, loaded.trained.roi_size) if needs_int8 else None
+    test_cases = kind.test_cases(params, source)
+    loaded = kind.load(model_uri or cfg.model or kind.default_model(params), uri)
+    calibration = kind.calibration(params, loaded.trained) if needs_int8 else None
     threads = cfg.latency.threads
     if threads:
         torch.set_num_threads(threads)
     return _StageInputs(
         cfg=cfg,
-        eval_cfg=eval_cfg,
-        run_cfg=predict_cfg.model_copy(
-            update={"device": "cpu", "probabilities": False, "uncertainty": False}
-        ),
-        reports=Path(paths.reports),
-        mlflow_cfg=mlflow_cfg,
+        kind=kind,
+        params=params,
+        run_cfg=kind.run_settings(params),
+        reports=kind.reports(params),
+        mlflow_cfg=params.mlflow,
         uri=uri,
         test_cases=test_cases,
         loaded=loaded,
@@ -158,28 +151,12 @@ def _load_inputs(
     )
 
 
-def _calibration(cfg: CompressConfig, paths: Any, roi_size: Any) -> tuple[list[Any], list[str]]:
-    """INT8 calibration windows from ``compress.quantization.calibration_split`` (and their case ids)."""
-    from tumorseg.compression.quantize import calibration_windows
-    from tumorseg.data.datamodule import read_split
-
-    split = read_split(paths.split)
-    return calibration_windows(
-        paths.preprocessed,
-        split.get(cfg.quantization.calibration_split, []),
-        roi_size,
-        cfg.quantization,
-        split_file=paths.split,
-    )
-
-
 def _build_and_score(
     builder: VariantBuilder, inputs: _StageInputs, work: Path
 ) -> tuple[list[VariantResult], dict[str, Any]]:
     """Build every variant (fp32 first) and score each one that can run here on the test split; returns
     a row per variant and each scored one's predictor (timed next: Dice and latency measure the same)."""
-    from tumorseg.models.predictor import SegmentationPredictor
-
+    kind = inputs.kind
     results: list[VariantResult] = []
     names = [BASELINE, *(n for n in inputs.cfg.variants if n != BASELINE)]
     predictors: dict[str, Any] = {}
@@ -194,11 +171,9 @@ def _build_and_score(
             result.reason = BF16_NOT_MEASURED
             continue
         log.info("compress: scoring %s", name)
-        predictors[name] = SegmentationPredictor(
-            trained_variant(builder, result, inputs.threads), inputs.run_cfg
-        )
-        result.dice, result.case_dice_mean = measure_dice(
-            predictors[name], inputs.test_cases, inputs.eval_cfg, work, name
+        predictors[name] = kind.predictor(trained_variant(builder, result, inputs.threads), inputs.run_cfg)
+        result.dice, result.case_dice_mean = kind.score(
+            predictors[name], inputs.test_cases, inputs.params, work, name
         )
         log.info("compress: %s Dice mean %.4f", name, result.dice["mean"])
     return results, predictors

@@ -1,5 +1,6 @@
-"""Building the deployment variants of ``compress.variants`` from the fp32 model: each a file plus its
-static facts (size, parameters, sparsity, GMACs, difference from its source), not yet measured.
+"""Building the deployment variants of ``compress.variants`` from the fp32 model (a volume model or the
+2-D model, as its :class:`~tumorseg.compression.dims.ModelKind` describes): each a file plus its static
+facts (size, parameters, sparsity, GMACs, difference from its source), not yet measured.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from tumorseg.compression.report import BASELINE, VariantResult
 from tumorseg.errors import DataError
 
 if TYPE_CHECKING:  # torch-heavy; imported where the fine-tune runs
+    from tumorseg.compression.dims import ModelKind
     from tumorseg.compression.fine_tune import FineTuneResult
 
 ONNX_SOURCES: dict[str, str] = {
@@ -27,6 +29,11 @@ WEIGHT_ONLY_SOURCES: dict[str, str] = {
     "pruned_structured_wint8": "pruned_structured",
 }
 """Weight-only INT8 variant -> the float ONNX variant whose weights it stores in int8."""
+DYNAMIC_SOURCES: dict[str, str] = {
+    "int8_dynamic": "onnx_fp32",
+    "pruned_structured_int8_dynamic": "pruned_structured",
+}
+"""Dynamic INT8 variant -> the float ONNX variant it quantizes."""
 BFLOAT16_SOURCES: dict[str, str] = {
     "bf16": BASELINE,
     "pruned_structured_bf16": "pruned_structured",
@@ -35,8 +42,8 @@ BFLOAT16_SOURCES: dict[str, str] = {
 
 
 class VariantBuilder:
-    """Builds variants on demand in ``work`` from the fp32 ``trained`` network, reusing what they share;
-    ``calibration`` is ``(windows, case ids)`` for INT8, or None."""
+    """Builds variants on demand in ``work`` from the fp32 ``trained`` model of ``kind``, reusing what they
+    share; ``calibration`` is ``(windows, case ids)`` for INT8, or None."""
 
     def __init__(
         self,
@@ -46,17 +53,16 @@ class VariantBuilder:
         work: Path,
         calibration: tuple[list[Any], list[str]] | None,
         source: str,
+        kind: ModelKind,
     ) -> None:
-        import torch
-
         self.trained = trained
         self.cfg = cfg
         self.params = params
         self.work = work
         self.calibration = calibration
         self.source = source
-        generator = torch.Generator().manual_seed(0)
-        self.example = torch.randn((2, 4, *trained.roi_size), generator=generator)
+        self.kind = kind
+        self.example = kind.example(trained)
         self.window = self.example[:1]
         self.torch_networks: dict[str, Any] = {BASELINE: trained.network}
         self.results: dict[str, VariantResult] = {}
@@ -99,6 +105,7 @@ class VariantBuilder:
             opset=self.cfg.onnx_opset,
             exporter=self.cfg.exporter,
             what=f"{name} network",
+            **self.kind.export_options,
         )
 
     def _build_float_onnx(self, name: str) -> VariantResult:
@@ -140,15 +147,25 @@ class VariantBuilder:
             name, base, path, {"weight_only_int8": stats.__dict__, "quantized_from": float_name}
         )
 
+    def _build_int8_dynamic(self, name: str) -> VariantResult:
+        from tumorseg.compression.quantize import quantize_dynamic_int8
+
+        float_name = DYNAMIC_SOURCES[name]
+        base = self.build(float_name)
+        path = self.work / f"{name}.onnx"
+        stats = quantize_dynamic_int8(base.file, path, self.cfg.quantization, what=f"{name} network")
+        return self._requantized(
+            name, base, path, {"dynamic_int8": stats.__dict__, "quantized_from": float_name}
+        )
+
     def _requantized(
         self, name: str, base: VariantResult, path: Path, details: dict[str, Any]
     ) -> VariantResult:
         """The variant stored at ``path``: ``base``'s network in another number format."""
-        from tumorseg.compression.onnx_export import max_abs_difference
-        from tumorseg.models.onnx_network import OnnxRuntimeNetwork
+        from tumorseg.compression.onnx_export import OnnxRuntimeOutputs, max_abs_difference
 
         # Quantization error, measured against the float ONNX graph it came from.
-        diff = max_abs_difference(OnnxRuntimeNetwork(base.file), path, self.example)
+        diff = max_abs_difference(OnnxRuntimeOutputs(base.file), path, self.example)
         return _converted(name, base, path, "onnxruntime", diff, details)
 
     def _build_fp16(self, name: str) -> VariantResult:
@@ -171,7 +188,7 @@ class VariantBuilder:
     def _build_bf16(self, name: str) -> VariantResult:
         import torch
 
-        from tumorseg.compression.onnx_export import ReducedPrecision, export_program
+        from tumorseg.compression.onnx_export import ReducedPrecision, export_program, max_output_difference
         from tumorseg.models.program_network import ExportedProgramNetwork, native_bfloat16
 
         float_name = BFLOAT16_SOURCES[name]
@@ -184,7 +201,7 @@ class VariantBuilder:
             what=f"{name} network",
         )
         with torch.no_grad():  # rounding error of bfloat16, against the float32 network it came from
-            diff = float((ExportedProgramNetwork(path)(self.example) - network(self.example)).abs().max())
+            diff = max_output_difference(ExportedProgramNetwork(path)(self.example), network(self.example))
         details = {
             "precision": "bfloat16 weights and activations, float32 input/output (torch.export program)",
             "native_bfloat16": native_bfloat16(),
@@ -205,21 +222,22 @@ class VariantBuilder:
         network = copy.deepcopy(self.trained.network).eval()
         before = pruning.count_parameters(network)
         gmacs_before = pruning.gmacs(network, self.window)
+        target, window, out_channels = self.kind.prunable(network, self.trained, self.window)
         p = self.cfg.pruning
         start = time.perf_counter()
         tunes: list[FineTuneResult] = []
         if name == "pruned_unstructured":
-            pruning.prune_unstructured(network, p.unstructured_amount)
+            pruning.prune_unstructured(target, p.unstructured_amount)
             tunes.append(self._fine_tune(network, p.unstructured_fine_tune_steps))
             rounds = 1
         else:
             rounds = p.structured_rounds
             shares = _split_steps(p.fine_tune_steps, rounds)
             for number in pruning.prune_channels_in_rounds(
-                network,
+                target,
                 p.structured_ratio,
-                self.window,
-                self.trained.model.out_channels,
+                window,
+                out_channels,
                 rounds=rounds,
                 channel_multiple=p.channel_multiple,
             ):
@@ -255,6 +273,7 @@ class VariantBuilder:
             cfg=self.cfg.pruning,
             teacher=self.trained.network,
             source=self.source,
+            dims=self.kind.dims,
         )
 
 
@@ -290,6 +309,8 @@ def _kind(name: str) -> str:
         return "int8"
     if name in WEIGHT_ONLY_SOURCES:
         return "wint8"
+    if name in DYNAMIC_SOURCES:
+        return "int8_dynamic"
     if name in BFLOAT16_SOURCES:
         return "bf16"
     return "float_onnx"

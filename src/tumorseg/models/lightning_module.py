@@ -154,8 +154,10 @@ class SegmentationModule(L.LightningModule):
         return self.network(image)
 
     def on_fit_start(self) -> None:
-        if self.channels_last:  # weights once; each batch in training_step
-            self.network.to(memory_format=torch.channels_last_3d)
+        if self.channels_last:  # 3-D weights once (a slice LSTM's 2-D ones stay); each batch in training_step
+            for tensor in (*self.network.parameters(), *self.network.buffers()):
+                if tensor.dim() == 5:
+                    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last_3d)
 
     def configure_optimizers(self) -> Any:
         trainable = [(n, p) for n, p in self.network.named_parameters() if p.requires_grad]

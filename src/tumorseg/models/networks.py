@@ -20,7 +20,15 @@ from tumorseg.errors import ConfigError
 if TYPE_CHECKING:
     from torch import nn
 
-NetworkName = Literal["unet", "attention_unet", "segresnet", "dynunet", "swinunetr", "flexible_unet"]
+NetworkName = Literal[
+    "unet",
+    "attention_unet",
+    "segresnet",
+    "dynunet",
+    "swinunetr",
+    "flexible_unet",
+    "efficientnet_attention_unet",
+]
 OutputMode = Literal["regions", "labels"]
 
 IN_CHANNELS = 4
@@ -90,19 +98,40 @@ class FlexibleUNetConfig(Section):
     decoder_channels: tuple[int, int, int, int, int] = (256, 128, 64, 32, 16)
 
 
+class SliceLSTMConfig(Section):
+    """``model.slice_lstm``: a convolutional LSTM along one volume axis in front of the network
+    (:class:`~tumorseg.models.composite_networks.SliceConvLSTM`; 3-D only)."""
+
+    enabled: bool = False
+    axis: Literal[0, 1, 2] = Field(2, description="spatial axis it runs along (2: axial slices of RAS data)")
+    hidden_channels: int = Field(8, ge=1)
+    kernel_size: int = Field(3, ge=1)
+    bidirectional: bool = True
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("kernel_size must be odd (the slice keeps its size)")
+        return value
+
+
 class ModelConfig(Section):
     """``model:`` which network, its output mode and its shape.
 
     Attributes:
         name: ``unet`` (residual), ``attention_unet``, ``segresnet`` (Myronenko, BraTS 2018),
-            ``dynunet`` (nnU-Net-style), ``swinunetr`` (Swin encoder), ``flexible_unet`` (EfficientNet).
+            ``dynunet`` (nnU-Net-style), ``swinunetr`` (Swin encoder), ``flexible_unet`` (EfficientNet),
+            ``efficientnet_attention_unet`` (EfficientNet encoder, attention-gated decoder: seed 003).
         output: ``regions`` (one sigmoid channel per train region of the label set, as BraTS
             scores: WT/TC/ET for glioma) or ``labels`` (softmax over background and every label).
         label_set: the label space (:mod:`tumorseg.data.conventions`); training sets it from the
             data, params.yaml leaves it out.
         norm: normalisation layer (``instance`` suits batch sizes of 2).
-        unet, attention_unet, segresnet, dynunet, swinunetr, flexible_unet: per-network shape;
-            but for ``dynunet``, the keys are the MONAI class's own arguments.
+        unet, attention_unet, segresnet, dynunet, swinunetr, flexible_unet,
+            efficientnet_attention_unet: per-network shape; but for ``dynunet``, the keys are the MONAI
+            class's own arguments.
+        slice_lstm: an optional ConvLSTM pre-processing stage in front of the network (3-D).
     """
 
     name: NetworkName = "unet"
@@ -116,6 +145,8 @@ class ModelConfig(Section):
     dynunet: DynUNetConfig = DynUNetConfig()
     swinunetr: SwinUNETRConfig = SwinUNETRConfig()
     flexible_unet: FlexibleUNetConfig = FlexibleUNetConfig()
+    efficientnet_attention_unet: FlexibleUNetConfig = FlexibleUNetConfig()
+    slice_lstm: SliceLSTMConfig = SliceLSTMConfig()
 
     @field_validator("label_set")
     @classmethod
@@ -174,7 +205,7 @@ def downsampling_factors(
         "unet": math.prod(cfg.unet.strides),
         "attention_unet": math.prod(cfg.attention_unet.strides),
         "segresnet": 2 ** (len(cfg.segresnet.blocks_down) - 1),
-    }.get(cfg.name, 32)  # swinunetr, flexible_unet
+    }.get(cfg.name, 32)  # swinunetr, flexible_unet, efficientnet_attention_unet
     return (factor,) * len(patch_size)
 
 
@@ -221,6 +252,7 @@ def _network_arguments(
             "segresnet": {"dropout_prob": cfg.dropout or None, "norm": cfg.norm},
             "swinunetr": {"norm_name": cfg.norm, "drop_rate": cfg.dropout},
             "flexible_unet": {"pretrained": False, "norm": cfg.norm, "dropout": cfg.dropout},
+            "efficientnet_attention_unet": {"norm": cfg.norm, "dropout": cfg.dropout},
         }[cfg.name]
         return {**getattr(cfg, cfg.name).model_dump(), **shared}
     d = cfg.dynunet
@@ -256,13 +288,36 @@ def build_network(
             them (coarse axes stay at full size longer).
 
     DynUNet with deep supervision returns ``(B, heads + 1, C, *spatial)`` in training mode.
+    ``model.slice_lstm.enabled`` puts a ConvLSTM stage in front (3-D only: ConfigError otherwise).
     """
-    from monai.networks import nets
-
-    network_class = getattr(nets, _CLASS_NAMES[cfg.name])
-    return network_class(
-        spatial_dims=spatial_dims,
-        in_channels=in_channels,
-        out_channels=cfg.out_channels,
+    arguments = {
+        "spatial_dims": spatial_dims,
+        "in_channels": in_channels,
+        "out_channels": cfg.out_channels,
         **_network_arguments(cfg, patch_size, spacing),
+    }
+    if cfg.name == "efficientnet_attention_unet":
+        from tumorseg.models.composite_networks import EfficientNetAttentionUNet
+
+        network = EfficientNetAttentionUNet(**arguments)
+    else:
+        from monai.networks import nets
+
+        network = getattr(nets, _CLASS_NAMES[cfg.name])(**arguments)
+    if not cfg.slice_lstm.enabled:
+        return network
+    if spatial_dims != 3:
+        raise ConfigError(
+            "model.slice_lstm runs along a volume axis: it is for 3-D models only; set enabled: false"
+        )
+    from tumorseg.models.composite_networks import SliceConvLSTM, SliceLSTMSegmenter
+
+    lstm = cfg.slice_lstm
+    stage = SliceConvLSTM(
+        in_channels,
+        hidden=lstm.hidden_channels,
+        axis=lstm.axis,
+        kernel_size=lstm.kernel_size,
+        bidirectional=lstm.bidirectional,
     )
+    return SliceLSTMSegmenter(stage, network)

@@ -47,6 +47,18 @@ class OnnxRuntimeNetwork(nn.Module):
         return torch.from_numpy(logits).to(image.device)
 
 
+class OnnxRuntimeOutputs(OnnxRuntimeNetwork):
+    """:class:`OnnxRuntimeNetwork` returning every output of the graph: logits when it has one, else a
+    tuple in graph order (the 2-D model's segmentation and class logits)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:  # type: ignore[override]
+        array = image.detach().to("cpu", torch.float32).contiguous().numpy()
+        outputs = [
+            torch.from_numpy(o).to(image.device) for o in self.session.run(None, {self.input_name: array})
+        ]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
 def export_fp32_onnx(
     network: nn.Module, path: str | Path, roi_size: tuple[int, ...], *, tolerance: float = 1e-3
 ) -> float:

@@ -14,7 +14,7 @@ import logging
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tumorseg.errors import DataError
 
@@ -124,14 +124,15 @@ def from_folder(folder: Path, description: str) -> PlanarModel:
 
         pyfunc = Model.load(str(folder / "MLmodel")).flavors.get("python_function", {}) or {}
         artifacts = pyfunc.get("artifacts") or {}
-        if not set(ARTIFACT_KEYS) <= set(artifacts):
+        if not {"config", "detector"} <= set(artifacts):
             raise DataError(
                 f"{description}: not a tumorseg 2-D model (its MLmodel lacks {sorted(ARTIFACT_KEYS)})"
             )
-        model = load_package(*(folder / artifacts[key]["path"] for key in ARTIFACT_KEYS), description)
+        paths = {key: folder / entry["path"] for key, entry in artifacts.items()}
+        model = load_planar_artifacts(paths, description)
         from tumorseg.monitoring.drift import load_profile
 
-        model.drift_profile = load_profile({key: folder / entry["path"] for key, entry in artifacts.items()})
+        model.drift_profile = load_profile(paths)
         return model
     if (folder / WEIGHTS_FILE).is_file():
         return load_package(*(folder / name for name in ARTIFACT_KEYS.values()), description)
@@ -157,3 +158,40 @@ def save_onnx(model: TrainedNetwork, folder: str | Path) -> Path | None:
         return None
     log.info("exported %s (max |ONNX Runtime - PyTorch| logit %.2g)", path.name, difference)
     return path
+
+
+def planar_edge_model(artifacts: dict[str, Path], description: str = "2-D edge model") -> Any:
+    """A registered 2-D edge version as a :class:`~tumorseg.models.checkpoint.PlanarModel` running its
+    file: ``onnx`` (ONNX Runtime) or ``program`` (``torch.export``), with ``config`` and ``detector``.
+    DataError when one is missing."""
+    from tumorseg.models.checkpoint import PlanarModel, read_package_config
+    from tumorseg.models.planar_detection import DetectorRule
+
+    runtime = next((key for key in ("onnx", "program") if key in artifacts), None)
+    missing = [key for key in ("config", "detector") if key not in artifacts]
+    if runtime is None or missing:
+        raise DataError(f"{description}: artifacts {sorted(artifacts)} lack {missing or ['onnx or program']}")
+    if runtime == "onnx":
+        from tumorseg.models.onnx_network import OnnxRuntimeOutputs
+
+        network: Any = OnnxRuntimeOutputs(artifacts["onnx"])
+    else:
+        from tumorseg.models.program_network import ExportedProgramNetwork
+
+        network = ExportedProgramNetwork(artifacts["program"])
+    extra = read_package_config(artifacts["detector"])
+    return PlanarModel(
+        network,
+        read_package_config(artifacts["config"]),
+        DetectorRule.from_dict(extra["detector"]),
+        dict(extra.get("predict_2d") or {}),
+        description,
+    )
+
+
+def load_planar_artifacts(paths: dict[str, Path], description: str) -> PlanarModel:
+    """A registered 2-D version from its artifact files: the trained package (``weights``, ``config``,
+    ``detector``) or a compressed edge variant (``onnx`` or ``program`` instead of ``weights``)."""
+    if "weights" in paths:
+        return load_package(*(paths[key] for key in ARTIFACT_KEYS), description)
+    return planar_edge_model(paths, description)

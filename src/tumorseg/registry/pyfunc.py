@@ -195,11 +195,11 @@ class ImageStrategy:
 
     @classmethod
     def from_artifacts(cls, artifacts: dict[str, str]) -> ImageStrategy:
-        """The 2-D package: ``weights``, ``config`` and ``detector``."""
-        from tumorseg.models.package import load_package
+        """The 2-D package (``weights``, ``config``, ``detector``) or its compressed edge variant."""
+        from tumorseg.models.package import load_planar_artifacts
 
-        a = artifacts
-        return cls(load_package(a["weights"], a["config"], a["detector"], "registered 2-D model"))
+        paths = {key: Path(value) for key, value in artifacts.items()}
+        return cls(load_planar_artifacts(paths, "registered 2-D model"))
 
     def rows(self, frame: pd.DataFrame, params: dict[str, Any]) -> list[dict[str, Any]]:
         from tumorseg.models.predictor import mask_png_bytes, predict_planar

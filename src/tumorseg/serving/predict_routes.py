@@ -10,7 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 # FastAPI resolves endpoint annotations from this module's globals, so its names are imported here.
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -24,6 +24,9 @@ from tumorseg.serving.service import Service, service_of
 from tumorseg.serving.uploads import UploadRejected, remove_tree, safe_file_name, stage_upload, upload_dims
 from tumorseg.serving.viewer import DisplayCase, PlanarDisplay
 from tumorseg.serving.viewer_routes import viewer_summary
+
+if TYPE_CHECKING:
+    import numpy as np
 
 OutputFormat = Literal["nifti", "png", "json", "viewer"]
 FILES_HELP = (
@@ -46,15 +49,18 @@ async def run_prediction(
     source: Path | None = None,
     stage: Callable[[], Path] | None = None,
     pixel_size_mm: float | None = None,
+    reference: np.ndarray | None = None,
     audit: dict[str, Any] | None = None,
 ) -> Response:
     """Predict ``source`` (or what ``stage`` writes, on a threadpool thread) on the pool; answer in ``output``;
-    the model and what it found go to the request's ``audit`` line."""
+    the model and what it found go to the request's ``audit`` line. ``reference``: a 2-D image's ground
+    truth its file does not hold."""
     future: Future[Any] | None = None
     try:
         if stage is not None:
             source = await run_in_threadpool(stage)
-        future = service.pool.submit(service.run_job, source, workdir, output == "viewer", pixel_size_mm)
+        keep = output == "viewer"
+        future = service.pool.submit(service.run_job, source, workdir, keep, pixel_size_mm, reference)
         result = await asyncio.wrap_future(future)
     finally:
         # A job that never started (staging failed, busy, or cancelled by the timeout) leaves its folder to us.
@@ -145,12 +151,20 @@ def add_predict_route(app: FastAPI) -> None:
 
 
 def add_demo_routes(app: FastAPI) -> None:
-    """``GET /demo`` (the synthetic cases, once generated) and ``POST /demo/{case_id}`` (predict one)."""
+    """``GET /demo`` (the synthetic 3-D cases and 2-D images, once generated) and ``POST /demo/{case_id}``."""
 
     @app.get("/demo", summary="Demo cases")
     async def demo_list(request: Request) -> dict[str, Any]:
-        demo = service_of(request).demo
-        return {"ready": demo.ready.is_set(), "cases": demo.case_ids, "error": demo.error}
+        service = service_of(request)
+        demo, planar = service.demo, service.demo_2d
+        return {
+            "ready": demo.ready.is_set(),
+            "cases": demo.case_ids,
+            "error": demo.error,
+            "ready_2d": planar.ready.is_set(),
+            "cases_2d": planar.case_ids,
+            "error_2d": planar.error,
+        }
 
     @app.post("/demo/{case_id}", summary="Segment a demo case")
     async def demo_predict(
@@ -158,12 +172,28 @@ def add_demo_routes(app: FastAPI) -> None:
         case_id: str,
         format: Annotated[OutputFormat, Query(description=FORMAT_HELP)] = "viewer",
     ) -> Response:
+        """A 3-D demo case, or a 2-D demo image (with the 2-D model), scored against its ground truth."""
         service = service_of(request)
-        demo = service.demo
+        demo = service.demo_2d if case_id in service.demo_2d.case_ids else service.demo
         if case_id not in demo.case_ids:
-            state = "still being generated" if not demo.ready.is_set() else f"one of {demo.case_ids}"
-            return error_response(404, f"demo case {case_id!r}: unknown; demo cases are {state}")
+            return error_response(404, f"demo case {case_id!r}: unknown; {_demo_ids(service)}")
+        dims = IMAGE if demo is service.demo_2d else VOLUME
+        _check_output(dims, format, case_id)
+        if dims == IMAGE:
+            service.planar.require()
         audit = request.scope.get(AUDIT_KEY)
         return await run_prediction(
-            service, service.request_dir(), format, source=demo.folder / case_id, audit=audit
+            service,
+            service.request_dir(),
+            format,
+            source=demo.path(case_id),
+            reference=demo.reference(case_id),
+            audit=audit,
         )
+
+
+def _demo_ids(service: Service) -> str:
+    """What the demo cases are, for a 404."""
+    if not (service.demo.ready.is_set() and service.demo_2d.ready.is_set()):
+        return "demo cases are still being generated"
+    return f"demo cases are one of {service.demo.case_ids}, 2-D images one of {service.demo_2d.case_ids}"

@@ -24,17 +24,21 @@ from tumorseg.serving.uploads import (
     ByteBudget,
     UploadLimits,
     UploadRejected,
+    check_image_file,
     copy_inflated,
+    copy_plain,
     remove_tree,
     too_many_pixels,
 )
 from tumorseg.serving.viewer import (
     DisplayCase,
+    PlanarDisplay,
     ResultStore,
-    binary_dice,
     build_display_case,
     build_planar_display,
     label_set_info,
+    planar_scores,
+    window_uint8,
 )
 
 if TYPE_CHECKING:
@@ -198,7 +202,7 @@ def load_planar_slot(uri: str | None, tracking_uri: str) -> PlanarSlot:
 # ---------------------------------------------------------------------------- service state
 @dataclass
 class DemoCases:
-    """Synthetic cases for the viewer, generated in a background thread at start-up."""
+    """Synthetic 3-D cases for the viewer, generated in a background thread at start-up."""
 
     folder: Path
     count: int
@@ -207,18 +211,89 @@ class DemoCases:
     case_ids: list[str] = field(default_factory=list)
     error: str | None = None
 
-    def generate(self) -> None:
-        from tumorseg.config import SynthConfig
-        from tumorseg.data.synth import synthesize_dataset
+    def start(self, thread_name: str) -> None:
+        """Generate the cases in a daemon thread (none to make: ready at once)."""
+        if self.count:
+            threading.Thread(target=self.generate, name=thread_name, daemon=True).start()
+        else:
+            self.ready.set()
 
+    def generate(self) -> None:
         try:
-            cfg = SynthConfig(cases=self.count, spacing_mm=self.spacing_mm, **DEMO_SYNTH)
-            self.case_ids = synthesize_dataset(self.folder, cfg)
+            self.case_ids = self.write()
         except Exception as exc:  # the demo list is optional: the service runs without it
             log.exception("demo cases could not be generated")
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
             self.ready.set()
+
+    def write(self) -> list[str]:
+        """Write the cases into ``folder``; their ids."""
+        from tumorseg.config import SynthConfig
+        from tumorseg.data.synth import synthesize_dataset
+
+        cfg = SynthConfig(cases=self.count, spacing_mm=self.spacing_mm, **DEMO_SYNTH)
+        return synthesize_dataset(self.folder, cfg)
+
+    def path(self, case_id: str) -> Path:
+        """What ``POST /predict`` would be given for the case: its folder."""
+        return self.folder / case_id
+
+    def reference(self, case_id: str) -> np.ndarray | None:
+        """A ground truth the case's files do not hold (3-D cases hold theirs)."""
+        return None
+
+
+@dataclass
+class PlanarDemoCases(DemoCases):
+    """Synthetic 2-D images for the viewer (:mod:`tumorseg.data.planar_synth` slices): ``count`` Figshare
+    v7.3 ``.mat`` files (``figshare-1``...: their tumorMask inside) and ``count`` 8-bit PNG images
+    (``image-<n>``: their masks kept here), each scored when predicted."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def write(self) -> list[str]:
+        from tumorseg.config import SynthPlanarConfig
+        from tumorseg.data.planar_synth import figshare_patient_slices
+
+        spacing = min(max(self.spacing_mm, 1.0), 4.0)  # synth_2d.spacing_mm's range
+        cfg = SynthPlanarConfig(seed=DEMO_SYNTH["seed"], spacing_mm=spacing, slices_per_patient=1)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        files: dict[str, str] = {}
+        for patient in range(1, 2 * self.count + 1):
+            item = figshare_patient_slices(patient, cfg)[0]
+            write = self._write_mat if patient <= self.count else self._write_png
+            case_id, name = write(patient, item)
+            files[case_id] = name
+        self.files = files
+        return list(files)
+
+    def _write_mat(self, patient: int, item: dict[str, Any]) -> tuple[str, str]:
+        """A Figshare slice as ``<patient>.mat``: ``(case id, file name)``."""
+        from tumorseg.data.planar_synth import tumour_border, write_figshare_mat
+
+        name = f"{patient}.mat"
+        mask = item["mask"]
+        write_figshare_mat(
+            self.folder / name, item["image"], mask, item["label"], item["pid"], tumour_border(mask)
+        )
+        return f"figshare-{patient}", name
+
+    def _write_png(self, patient: int, item: dict[str, Any]) -> tuple[str, str]:
+        """A Figshare slice windowed to 8-bit as ``image-<patient>.png``, its mask kept."""
+        from PIL import Image
+
+        case_id = f"image-{patient}"
+        Image.fromarray(window_uint8(item["image"].astype(np.float32))).save(self.folder / f"{case_id}.png")
+        self.masks[case_id] = item["mask"]
+        return case_id, f"{case_id}.png"
+
+    def path(self, case_id: str) -> Path:
+        return self.folder / self.files[case_id]
+
+    def reference(self, case_id: str) -> np.ndarray | None:
+        return self.masks.get(case_id)
 
 
 class Service:
@@ -240,6 +315,7 @@ class Service:
         )
         self.root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-"))  # mode 0700: private to this user
         self.demo = DemoCases(self.root / "demo", serve.demo_cases, serve.demo_spacing_mm)
+        self.demo_2d = PlanarDemoCases(self.root / "demo_2d", serve.demo_cases, serve.demo_spacing_mm)
         self.started = time.time()
         self.drift = _drift_monitor(settings, loaded)
         self.planar_drift: Any = None  # made from the 2-D model's profile at its first image
@@ -249,10 +325,8 @@ class Service:
             from tumorseg.serving.shadow import ShadowRunner
 
             self.shadow = ShadowRunner(settings, self.model_info, self.predictor.label_set, self.root)
-        if self.demo.count:
-            threading.Thread(target=self.demo.generate, name="tumorseg-demo", daemon=True).start()
-        else:
-            self.demo.ready.set()
+        self.demo.start("tumorseg-demo")
+        self.demo_2d.start("tumorseg-demo-2d")
 
     def request_dir(self) -> Path:
         """A new private folder for one request's files."""
@@ -267,19 +341,26 @@ class Service:
         self.pool.shutdown()
         if self.shadow is not None:
             self.shadow.close()
-        self.demo.ready.wait(timeout=60)
+        for demo in (self.demo, self.demo_2d):
+            demo.ready.wait(timeout=60)
         remove_tree(self.root)
 
     # ------------------------------------------------------------------ prediction (pool thread)
     def run_job(
-        self, source: Path, workdir: Path, keep: bool, pixel_size_mm: float | None = None
+        self,
+        source: Path,
+        workdir: Path,
+        keep: bool,
+        pixel_size_mm: float | None = None,
+        reference: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """The pool's job: predict a staged case folder or 2-D image, then always remove ``workdir``. Returns
         ``summary`` (JSON), ``segmentation`` (``.nii.gz`` or mask PNG bytes) with its ``file_name``,
-        ``format``, ``media_type`` and ``headers``, and with ``keep`` the viewer's ``display``."""
+        ``format``, ``media_type`` and ``headers``, and with ``keep`` the viewer's ``display``;
+        ``reference``: a 2-D image's ground truth its file does not hold (a demo PNG's)."""
         try:
             if input_dims(source) == IMAGE:
-                return self.predict_image(source, keep, pixel_size_mm)
+                return self.predict_image(source, keep, pixel_size_mm, reference)
             return self.predict_folder(source, workdir, keep)
         finally:
             remove_tree(workdir)
@@ -422,9 +503,12 @@ class Service:
                 f"{case_id}: volume shape {tuple(shape)} is a single slice; upload the 3-D volumes"
             )
 
-    def predict_image(self, path: Path, keep: bool, pixel_size_mm: float | None) -> dict[str, Any]:
-        """:meth:`run_job` for one 2-D image. ``pixel_size_mm`` comes from the client: Figshare ``cjdata``
-        stores none, and a PNG's or JPEG's DPI is a printing resolution, not the scanner's."""
+    def predict_image(
+        self, path: Path, keep: bool, pixel_size_mm: float | None, reference: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        """:meth:`run_job` for one 2-D image, scored against its ``tumorMask`` (else ``reference``) when
+        there is one. ``pixel_size_mm`` comes from the client: Figshare ``cjdata`` stores none, and a
+        PNG's or JPEG's DPI is a printing resolution, not the scanner's."""
         from tumorseg.data.planar import read_planar
         from tumorseg.models.predictor import mask_png_bytes, predict_planar
 
@@ -455,8 +539,9 @@ class Service:
             "seconds": {"read": round(read_s, 3), "predict": round(predict_s, 3)},
         }
         summary["drift"] = self._check_planar_drift(model, read)
-        if read.mask is not None:
-            summary["dice"] = {"tumour": round(binary_dice(prediction.mask, read.mask), 4)}
+        truth = read.mask if read.mask is not None else reference
+        if truth is not None:
+            summary.update(planar_scores(prediction.mask, truth))
         summary["model"] = self.planar.info()
         headers = {
             "X-Tumorseg-Probability": str(summary["probability"]),
@@ -474,7 +559,7 @@ class Service:
             "headers": headers,
         }
         if keep:
-            result["display"] = build_planar_display(result, read.image, prediction.mask, read.mask)
+            result["display"] = build_planar_display(result, read.image, prediction.mask, truth)
         return result
 
 
@@ -553,3 +638,45 @@ def score_mask(
     path = copy_inflated(stream, workdir, name, ByteBudget(service.limits.max_uncompressed_bytes))
     canonical = _read_mask(path, display.label_convention, display.source_shape, name)
     return {k: round(v, 4) for k, v in display.set_reference(canonical).items()}
+
+
+def score_planar_mask(
+    service: Service, display: PlanarDisplay, stream: Any, name: str, workdir: Path
+) -> dict[str, Any]:
+    """:func:`~tumorseg.serving.viewer.planar_scores` of a kept 2-D prediction against an uploaded mask
+    image or Figshare ``.mat`` (copied under the byte budget, headers checked against the pixel cap, at
+    the image's own size), kept for the viewer; runs on a threadpool thread."""
+    budget = ByteBudget(service.limits.max_uncompressed_bytes)
+    path = workdir / name
+    copy_plain(stream, path, budget, name)
+    check_image_file(path, service.limits.max_image_pixels, budget)
+    mask = _read_planar_mask(path)
+    if mask.size > service.limits.max_image_pixels:  # checked again on the decoded array
+        raise too_many_pixels(name, mask.shape, service.limits.max_image_pixels)
+    if mask.shape != display.labels.shape:
+        raise DataError(
+            f"{name}: ground truth shape {'x'.join(map(str, mask.shape))} differs from the image shape "
+            f"{'x'.join(map(str, display.labels.shape))}; upload this image's mask at its own size "
+            "(the size of the mask PNG /predict answers)"
+        )
+    return display.set_reference(mask)
+
+
+def _read_planar_mask(path: Path) -> np.ndarray:
+    """A 2-D ground truth as bool ``(H, W)``: a Figshare ``.mat``'s ``cjdata.tumorMask``, or an image whose
+    tumour is nonzero (0/1, 16-bit, float) or, 8-bit with values above 1, above 127 (0/255, as the mask
+    PNG ``/predict`` answers); an RGB(A) image is tumour where any colour channel is."""
+    from tumorseg.data.planar import MAT_SUFFIX, load_planar_raw, read_planar
+
+    if path.suffix.lower() == MAT_SUFFIX:
+        mask = read_planar(path).mask
+        if mask is None:
+            raise DataError(
+                f"{path.name}: cjdata holds no tumorMask; upload a Figshare slice with its mask, or the mask as .png"
+            )
+        return mask > 0
+    pixels = load_planar_raw(path).image
+    if pixels.ndim == 3:  # colour channels without alpha
+        pixels = pixels[..., : 3 if pixels.shape[-1] >= 3 else 1].max(axis=-1)
+    threshold = 127 if pixels.dtype == np.uint8 and pixels.max() > 1 else 0
+    return pixels > threshold

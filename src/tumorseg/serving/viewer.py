@@ -117,6 +117,17 @@ def binary_dice(prediction: np.ndarray, reference: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / total
 
 
+def planar_scores(prediction: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
+    """``dice`` and ``iou`` (``{"tumour": x}``) and ``hd95_px`` of a 2-D prediction against a ground truth
+    of its size, as the 2-D evaluation scores them (both empty: 1.0 and 0 px; one empty: 0.0 and the
+    image diagonal)."""
+    from tumorseg.evaluation.metrics import overlap_scores, segmentation_scores
+
+    dice, hd95 = segmentation_scores(prediction, reference)
+    iou = overlap_scores(prediction, reference)["iou"]
+    return {"dice": {"tumour": round(dice, 4)}, "iou": {"tumour": round(iou, 4)}, "hd95_px": round(hd95, 3)}
+
+
 @dataclass
 class DisplayCase:
     """A prediction kept for the viewer: uint8 ``(4, X, Y, Z)`` windowed modalities (t1, t1ce, t2, flair)
@@ -227,8 +238,9 @@ def build_display_case(
 @dataclass
 class PlanarDisplay:
     """A 2-D prediction kept for the viewer as the one ``axial`` slice, shown as stored (a 2-D file has no
-    orientation): uint8 ``(H, W)`` windowed image, 0/1 mask and the file's own ``tumorMask`` (or None),
-    and the mask PNG (0/255) bytes."""
+    orientation): uint8 ``(H, W)`` windowed image, 0/1 mask and ground truth (the file's own ``tumorMask``,
+    a demo image's mask, or None until one is uploaded) with its :func:`planar_scores`, and the mask PNG
+    (0/255) bytes."""
 
     case_id: str
     image: np.ndarray
@@ -238,6 +250,7 @@ class PlanarDisplay:
     segmentation: bytes
     file_name: str
     reference: np.ndarray | None = None
+    scores: dict[str, Any] | None = None
     touched: float = field(default_factory=time.monotonic)
 
     media_type = "image/png"
@@ -247,6 +260,12 @@ class PlanarDisplay:
 
     def focus(self) -> dict[str, int]:
         return {"axial": 0}
+
+    def set_reference(self, mask: np.ndarray) -> dict[str, Any]:
+        """Store a ground truth of the image's size (nonzero: tumour) and score the prediction against it."""
+        self.reference = np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8)
+        self.scores = planar_scores(self.labels, self.reference)
+        return self.scores
 
     def slice_payload(self, plane: str, index: int, modality: str) -> dict[str, Any]:
         """The image as :meth:`DisplayCase.slice_payload` sends a slice (``modality`` is ignored)."""
@@ -259,7 +278,7 @@ def build_planar_display(
     result: dict[str, Any], image: np.ndarray, mask: np.ndarray, reference: np.ndarray | None
 ) -> PlanarDisplay:
     """A :class:`PlanarDisplay` of a 2-D job's ``result`` with its float ``(H, W)`` image, 0/1 mask and
-    the file's own ``tumorMask`` (or None)."""
+    ground truth (or None; its scores are the summary's)."""
     summary = result["summary"]
     return PlanarDisplay(
         case_id=summary["case_id"],

@@ -1,5 +1,6 @@
 """The viewer's endpoints on kept predictions: ``GET /cases/{id}``, its slices and segmentation, and
-``POST /cases/{id}/ground-truth``; a result the store no longer holds is 404 (:class:`CaseNotFound`)."""
+``POST /cases/{id}/ground-truth`` (a NIfTI mask for a 3-D case, a mask image or Figshare .mat for a 2-D
+one); a result the store no longer holds is 404 (:class:`CaseNotFound`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from tumorseg.data.readers import IMAGE, IMAGE_SUFFIXES, name_dims
 from tumorseg.serving.auth import AUDIT_KEY, hash_uploads
-from tumorseg.serving.service import score_mask, service_of
+from tumorseg.serving.service import score_mask, score_planar_mask, service_of
 from tumorseg.serving.uploads import UploadRejected, is_nifti_name, remove_tree, safe_file_name
 from tumorseg.serving.viewer import DisplayCase, PlanarDisplay
 
@@ -32,6 +34,7 @@ def viewer_summary(result_id: str, display: DisplayCase | PlanarDisplay) -> dict
         summary["dice"] = {k: round(v, 4) for k, v in display.dice.items()} if display.dice else None
         spacing = list(display.spacing)
     else:
+        summary.update(display.scores or {})
         spacing = [display.pixel_mm, display.pixel_mm]
     return {
         **summary,
@@ -87,34 +90,64 @@ def add_case_routes(app: FastAPI) -> None:
         )
 
 
+GROUND_TRUTH_HELP = (
+    "the case's ground-truth mask: .nii or .nii.gz for a 3-D case; for a 2-D image a mask image at its "
+    "own size (.png, .jpg, .tif, .bmp; nonzero or, 8-bit 0/255, above 127 is tumour) or its Figshare .mat"
+)
+
+
 def add_ground_truth_route(app: FastAPI) -> None:
-    """``POST /cases/{id}/ground-truth``: score a kept 3-D prediction against an uploaded mask."""
+    """``POST /cases/{id}/ground-truth``: score a kept prediction against an uploaded mask."""
 
     @app.post("/cases/{result_id}/ground-truth", summary="Score a kept prediction against a mask")
     async def case_ground_truth(
         request: Request,
         result_id: str,
-        file: Annotated[UploadFile, File(description="the case's ground-truth mask (.nii or .nii.gz)")],
+        file: Annotated[UploadFile, File(description=GROUND_TRUTH_HELP)],
     ) -> dict[str, Any]:
-        """Dice per train region (WT, TC, ET for glioma) against a mask in the case's geometry and label convention."""
+        """3-D: Dice per train region (WT, TC, ET for glioma) against a mask in the case's geometry and
+        label convention. 2-D: Dice, IoU and HD95 (pixels) against a mask at the image's own size."""
         service = service_of(request)
         display = display_of(request, result_id)
-        if isinstance(display, PlanarDisplay):
-            raise UploadRejected(
-                f"case {result_id!r} is a 2-D image: upload its Figshare .mat to /predict instead; "
-                "the tumorMask it holds is scored automatically"
-            )
         name = safe_file_name(file.filename, "file")
-        if not is_nifti_name(name):
-            raise UploadRejected(
-                f"{name}: not a NIfTI file (.nii, .nii.gz); upload the case's segmentation mask"
-            )
+        check_mask_name(result_id, display, name)
         audit = request.scope.get(AUDIT_KEY)
         if audit is not None:
             audit["files"] = await run_in_threadpool(hash_uploads, [(name, file.file)])
         workdir = service.request_dir()
         try:
-            dice = await run_in_threadpool(score_mask, service, display, file.file, name, workdir)
+            if isinstance(display, PlanarDisplay):
+                scores = await run_in_threadpool(
+                    score_planar_mask, service, display, file.file, name, workdir
+                )
+            else:
+                dice = await run_in_threadpool(score_mask, service, display, file.file, name, workdir)
+                scores = {"dice": dice}
         finally:
             remove_tree(workdir)
-        return {"result_id": result_id, "dice": dice}
+        return {"result_id": result_id, **scores}
+
+
+def check_mask_name(result_id: str, display: DisplayCase | PlanarDisplay, name: str) -> None:
+    """Refuse (:class:`UploadRejected`) a mask file of the other dimensionality or an unknown kind."""
+    if isinstance(display, DisplayCase):
+        if name_dims(name) == IMAGE:
+            raise UploadRejected(
+                f"{name}: a 2-D image, but case {result_id!r} is a 3-D case; upload its segmentation "
+                "mask as NIfTI (.nii, .nii.gz)"
+            )
+        if not is_nifti_name(name):
+            raise UploadRejected(
+                f"{name}: not a NIfTI file (.nii, .nii.gz); upload the case's segmentation mask"
+            )
+        return
+    if is_nifti_name(name):
+        raise UploadRejected(
+            f"{name}: a NIfTI volume, but case {result_id!r} is a 2-D image; upload its mask as .png "
+            "(.jpg, .tif, .bmp) at the image's size, or its Figshare .mat with cjdata.tumorMask"
+        )
+    if name_dims(name) != IMAGE:
+        raise UploadRejected(
+            f"{name}: not a 2-D mask ({', '.join(IMAGE_SUFFIXES)}); upload the image's tumour mask as .png "
+            "at the image's size, or its Figshare .mat with cjdata.tumorMask"
+        )

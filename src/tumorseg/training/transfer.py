@@ -87,17 +87,27 @@ def transfer_weights(network: nn.Module, parent: nn.Module) -> Transfer:
 
 def encoder_levels(network: nn.Module, patch: tuple[int, ...], in_channels: int) -> dict[str, int]:
     """Parameter name -> encoder level (how many times the resolution was halved at the layer's output)
-    for the layers that run before the network first upsamples; decoder parameters are absent."""
+    for the layers that run before the network first upsamples; decoder parameters are absent.
+
+    Only layers with weights and inputs of the patch's dimensionality count: padding layers (EfficientNet
+    pads before its strided convolutions) and 2-D layers of a pre-processing stage neither start the
+    decoder nor belong to an encoder level; layers on globally pooled features (squeeze and excitation)
+    take the level of the block they sit in. The decoder starts at the first such layer whose output
+    is larger than the smallest output so far.
+    """
     levels: dict[str, int] = {}
-    order: list[tuple[nn.Module, int, int]] = []  # leaf module, input size, output size
+    order: list[tuple[nn.Module, int, int]] = []  # leaf module with weights, input size, output size
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         first = inputs[0] if isinstance(inputs, tuple) and inputs else inputs
-        if not (isinstance(first, torch.Tensor) and isinstance(output, torch.Tensor)) or first.dim() < 3:
+        if (
+            not (isinstance(first, torch.Tensor) and isinstance(output, torch.Tensor))
+            or first.dim() != len(patch) + 2
+        ):
             return
         order.append((module, math.prod(first.shape[2:]), math.prod(output.shape[2:])))
 
-    leaves = [m for m in network.modules() if not list(m.children())]
+    leaves = [m for m in network.modules() if not list(m.children()) and list(m.parameters(recurse=False))]
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         was_training = network.training
@@ -110,10 +120,14 @@ def encoder_levels(network: nn.Module, patch: tuple[int, ...], in_channels: int)
             handle.remove()
     full = math.prod(patch)
     names = {id(m): name for name, m in network.named_modules()}
+    smallest = full
     for module, size_in, size_out in order:
-        if size_out > size_in:  # the first upsampling: the decoder starts
+        side_branch = size_in < smallest / 2 ** len(patch)  # on pooled features: squeeze-excitation
+        if size_out > smallest and not side_branch:  # the first upsampled output: the decoder starts
             break
-        level = max(0, round(math.log(full / size_out, 2 ** len(patch))))
+        if not side_branch:
+            smallest = size_out
+        level = max(0, round(math.log(full / smallest, 2 ** len(patch))))
         prefix = names.get(id(module))
         for pname, _ in module.named_parameters(recurse=False):
             levels.setdefault(f"{prefix}.{pname}" if prefix else pname, level)

@@ -1,5 +1,6 @@
-"""The best trial's params (``tune.best_params_file``, DVC-tracked nested YAML of the searched keys):
-written by ``tumorseg tune``, merged by ``train`` and the flows. params.yaml < this file < ``-S``."""
+"""The best trial's params (``tune.best_params_file``, DVC-tracked nested YAML of the searched keys;
+``tune.best_params_file_2d`` for the 2-D study): written by ``tumorseg tune``, merged by ``train`` and the
+flows. params.yaml < this file < ``-S``."""
 
 from __future__ import annotations
 
@@ -40,16 +41,23 @@ def read_best_params(path: str | Path) -> dict[str, Any]:
     return flatten(data)
 
 
-def best_params_overrides(params: Params | dict[str, Any], *, source: str = "params.yaml") -> dict[str, Any]:
-    """Overrides from the best-params file when ``tune.apply_best`` is on and the file exists."""
-    cfg = as_params(params, source).tune
+def best_params_overrides(
+    params: Params | dict[str, Any], *, source: str = "params.yaml", dims: int = 3
+) -> dict[str, Any]:
+    """Overrides from the ``dims``-D study's best-params file when ``tune.apply_best`` is on and the file
+    exists."""
+    cfg = as_params(params, source).tune.for_dims(dims)
     return read_best_params(cfg.best_params_file) if cfg.apply_best else {}
 
 
 def with_best_params(
-    params: dict[str, Any], *, explicit: dict[str, Any] | None = None, source: str = "params.yaml"
+    params: dict[str, Any],
+    *,
+    explicit: dict[str, Any] | None = None,
+    source: str = "params.yaml",
+    dims: int = 3,
 ) -> dict[str, Any]:
-    """params.yaml, then the best-params file, then ``explicit`` overrides (``-S``) on top."""
+    """params.yaml, then the ``dims``-D best-params file, then ``explicit`` overrides (``-S``) on top."""
     params = as_params(params, source)
-    best = best_params_overrides(params, source=source)
+    best = best_params_overrides(params, source=source, dims=dims)
     return apply_overrides(apply_overrides(params, best), explicit)

@@ -3,7 +3,8 @@
 One ``space`` entry per dotted params key, e.g.
 ``train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}``. An entry with ``scales`` is a
 strength knob, not a params key: its value multiplies every listed key (probabilities clipped
-to 1), one dimension instead of several correlated ones.
+to 1), one dimension instead of several correlated ones. ``tumorseg tune --dims 2`` searches the 2-D
+models' keys (``train_2d``, ``model_2d``) with the ``*_2d`` twins of the study's keys.
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ class PrunerConfig(Section):
     interval_steps: int = Field(1, ge=1)
 
 
+PER_DIMS_KEYS: tuple[str, ...] = ("study_name", "trial_overrides", "best_params_file", "space")
+"""``tune:`` keys with a ``_2d`` twin for the 2-D study."""
+
+
 class TuneConfig(Section):
     """``tune:`` the Optuna study (``tumorseg tune``, the tuning flow).
 
@@ -76,6 +81,8 @@ class TuneConfig(Section):
         mlflow_experiment: of the parent and trial runs (None: ``<mlflow.experiment>-tune``).
         heartbeat_s, grace_s: a trial of a killed worker is failed after ``grace_s`` without
             heartbeat and retried once.
+        study_name_2d, trial_overrides_2d, best_params_file_2d, space_2d: the 2-D study's
+            (:meth:`for_dims`); storage, workers, sampler and pruner are shared.
     """
 
     study_name: str = Field("tumorseg", min_length=1)
@@ -93,9 +100,22 @@ class TuneConfig(Section):
     sampler: SamplerConfig = SamplerConfig()
     pruner: PrunerConfig = PrunerConfig()
     space: dict[str, SearchDimension] = Field(default_factory=dict)
+    study_name_2d: str = Field("tumorseg-2d", min_length=1)
+    trial_overrides_2d: dict[str, Any] = Field(default_factory=dict)
+    best_params_file_2d: str = "reports/2d/best_params.yaml"
+    space_2d: dict[str, SearchDimension] = Field(default_factory=dict)
+
+    def for_dims(self, dims: int) -> TuneConfig:
+        """This section as the ``dims``-D study sees it: for 2, the ``*_2d`` keys in place of theirs."""
+        if dims == 3:
+            return self
+        return self.model_copy(update={name: getattr(self, f"{name}_2d") for name in PER_DIMS_KEYS})
 
     @model_validator(mode="after")
-    def _heartbeat_before_grace(self) -> TuneConfig:
+    def _consistent(self) -> TuneConfig:
         if self.grace_s <= self.heartbeat_s:
             raise ValueError("grace_s must exceed heartbeat_s")
+        for name in ("study_name", "best_params_file"):  # the 2-D study searches other keys
+            if getattr(self, name) == getattr(self, f"{name}_2d"):
+                raise ValueError(f"{name}_2d must differ from {name}")
         return self

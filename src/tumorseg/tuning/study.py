@@ -1,7 +1,8 @@
-"""``tumorseg tune``: an Optuna study (TPE, median pruning on the per-epoch validation Dice) over
-``tune.space`` in an RDB storage resumed by name. ``n_jobs`` worker processes (a trial is a Lightning run
-with process-wide state) split the budget; each trial is a nested MLflow run that never sees the test
-split. The best overrides go to ``tune.best_params_file``."""
+"""``tumorseg tune [--dims 2]``: an Optuna study (TPE, median pruning on the per-epoch validation Dice)
+over ``tune.space`` in an RDB storage resumed by name. ``n_jobs`` worker processes (a trial is a Lightning
+run with process-wide state) split the budget; each trial is a nested MLflow run that never sees the test
+split. The best overrides go to ``tune.best_params_file``. ``--dims 2`` trains the 2-D models in each
+trial and reads the ``*_2d`` twins of those keys (:meth:`~tumorseg.tuning.config.TuneConfig.for_dims`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ DB_NAME = "optuna.db"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 ROLE_TAG = "tumorseg.role"
 FINISHED_STATES = ("COMPLETE", "PRUNED")
+
+
+@dataclass(frozen=True)
+class _Branch:
+    """The params keys a trial of the ``dims``-D models writes: its model folder, reports folder and
+    MLflow experiment (``experiment`` also names the study's default ``<experiment>-tune``)."""
+
+    out_dir: str
+    reports: str
+    experiment: str
+
+
+BRANCHES = {
+    3: _Branch("train.out_dir", "paths.reports", "mlflow.experiment"),
+    2: _Branch("train_2d.out_dir", "paths.reports_2d", "train_2d.experiment"),
+}
 
 
 @dataclass
@@ -132,8 +149,28 @@ def finished_trials(study: Any) -> int:
     return sum(counts.get(s, 0) for s in FINISHED_STATES)
 
 
-def _tune_experiment(params: Params, cfg: TuneConfig) -> str:
-    return cfg.mlflow_experiment or f"{params.mlflow.experiment}-tune"
+def _tune_experiment(params: Params, cfg: TuneConfig, dims: int) -> str:
+    """``tune.mlflow_experiment``, else ``<the trials' training experiment>-tune``."""
+    section, key = BRANCHES[dims].experiment.split(".")
+    return cfg.mlflow_experiment or f"{getattr(params.section(section), key)}-tune"
+
+
+def best_val_dice(result: Any) -> float:
+    """A trial's objective: the best validation mean Dice of its training (NaN without a validation)."""
+    from tumorseg.models.lightning_module import VAL_DICE_MEAN
+    from tumorseg.training.train import PlanarTrainResult
+
+    if isinstance(result, PlanarTrainResult):
+        return result.best_val.get(VAL_DICE_MEAN, math.nan)
+    return result.best_val_dice.get("mean", math.nan)
+
+
+def check_trials(params: Params, cfg: TuneConfig, dims: int, source: str) -> None:
+    """Fail fast (ConfigError) when the training sections with ``trial_overrides`` do not validate."""
+    from tumorseg.training.config import load_planar_training_config, load_training_config
+
+    load = load_planar_training_config if dims == 2 else load_training_config
+    load(apply_overrides(params, cfg.trial_overrides), source=source)
 
 
 def ensure_parent_run(study: Any, tracking_uri: str, experiment: str, storage: str) -> str:
@@ -168,8 +205,8 @@ def ensure_parent_run(study: Any, tracking_uri: str, experiment: str, storage: s
 
 @dataclass(eq=False)
 class TrialObjective:
-    """Train with the trial's overrides and return the best validation mean Dice (``threads``: torch
-    CPU threads per trial when ``trainer.num_threads`` is 0)."""
+    """Train the ``dims``-D models with the trial's overrides and return the best validation mean Dice
+    (``threads``: torch CPU threads per trial when ``trainer.num_threads`` is 0)."""
 
     params: Params
     cfg: TuneConfig
@@ -179,21 +216,23 @@ class TrialObjective:
     parent_run_id: str
     experiment: str
     threads: int
+    dims: int = 3
 
     def trial_params(self, trial: Any, out_dir: Path) -> tuple[Params, dict[str, Any]]:
         from tumorseg.tuning.space import sample_overrides
 
         base = apply_overrides(self.params, self.cfg.trial_overrides)
         sampled = sample_overrides(trial, self.cfg.space, base, self.source)
+        branch = BRANCHES[self.dims]
         fixed = {
             # a trial is a scratch run: own folder, no test scoring, no model in the registry
-            "train.out_dir": str(out_dir / "model"),
-            "paths.reports": str(out_dir / "reports"),
+            branch.out_dir: str(out_dir / "model"),
+            branch.reports: str(out_dir / "reports"),
             "train.score_test": False,
             "mlflow.enabled": True,
             "mlflow.log_model": False,
             "mlflow.overlays": 0,
-            "mlflow.experiment": self.experiment,
+            branch.experiment: self.experiment,
             "mlflow.run_name": f"trial {trial.number}",
         }
         if not base.trainer.num_threads:
@@ -217,7 +256,11 @@ class TrialObjective:
             pruning = PyTorchLightningPruningCallback(trial, monitor=VAL_DICE_MEAN)
             try:
                 result = train(
-                    params, callbacks=[pruning, link], source=self.source, tracking_uri=self.tracking_uri
+                    params,
+                    dims=self.dims,
+                    callbacks=[pruning, link],
+                    source=self.source,
+                    tracking_uri=self.tracking_uri,
                 )
             except optuna.TrialPruned:
                 if link.run_id is not None:
@@ -227,7 +270,7 @@ class TrialObjective:
                 raise
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
-        value = result.best_val_dice.get("mean", math.nan)
+        value = best_val_dice(result)
         if link.run_id is not None:
             MlflowClient(self.tracking_uri).set_tag(link.run_id, "optuna.state", "COMPLETE")
         if math.isnan(value):
@@ -247,9 +290,10 @@ def run_worker(
     worker_index: int,
     threads: int,
     timeout_s: float | None,
+    dims: int = 3,
 ) -> int:
-    """Run up to ``n_trials`` trials until the study has ``wanted`` finished; the trials run. Arguments
-    are JSON-able: it runs in a worker process for ``n_jobs > 1``."""
+    """Run up to ``n_trials`` trials of the ``dims``-D study until it has ``wanted`` finished; the trials
+    run. Arguments are JSON-able: it runs in a worker process for ``n_jobs > 1``."""
     params = as_params(params, source)
     import optuna
     from optuna.trial import TrialState
@@ -258,7 +302,7 @@ def run_worker(
 
     disable_telemetry()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg: TuneConfig = params.tune
+    cfg: TuneConfig = params.tune.for_dims(dims)
     study = open_study(open_storage(storage, cfg), cfg, worker_index=worker_index)
     objective = TrialObjective(
         params,
@@ -266,8 +310,9 @@ def run_worker(
         source=source,
         tracking_uri=tracking_uri,
         parent_run_id=parent_run_id,
-        experiment=_tune_experiment(params, cfg),
+        experiment=_tune_experiment(params, cfg, dims),
         threads=threads,
+        dims=dims,
     )
     before = len(study.get_trials(deepcopy=False))
     # Workers started by hand on other machines aim at the same study total.
@@ -332,24 +377,26 @@ def run_study(
     storage: str | None = None,
     timeout_s: float | None = None,
     tracking_uri: str | None = None,
+    dims: int = 3,
 ) -> TuneResult:
-    """Run (or resume) the study until it has ``n_trials`` finished trials; write the best params.
-    Options default to the ``tune:`` section and ``mlflow.tracking_uri``."""
+    """Run (or resume) the ``dims``-D study until it has ``n_trials`` finished trials; write the best
+    params. Options default to the ``tune:`` section (its ``*_2d`` keys for ``dims=2``) and
+    ``mlflow.tracking_uri``."""
     params = as_params(params, source)
     from tumorseg.tracking import disable_telemetry, params_tracking_uri
-    from tumorseg.training.config import load_training_config
 
     disable_telemetry()
-    cfg: TuneConfig = params.tune
+    cfg: TuneConfig = params.tune.for_dims(dims)
     if not cfg.space:
-        raise ConfigError(f"{source}: tune.space: empty; declare at least one dimension to search")
-    load_training_config(apply_overrides(params, cfg.trial_overrides), source=source)  # fail fast
+        key = "space_2d" if dims == 2 else "space"
+        raise ConfigError(f"{source}: tune.{key}: empty; declare at least one dimension to search")
+    check_trials(params, cfg, dims, source)
     wanted = n_trials or cfg.n_trials
     url = storage or storage_url(params, cfg, source=source)
     uri = params_tracking_uri(params, tracking_uri, source=source)
 
     study = open_study(open_storage(url, cfg), cfg)
-    parent = ensure_parent_run(study, uri, _tune_experiment(params, cfg), hide_password(url))
+    parent = ensure_parent_run(study, uri, _tune_experiment(params, cfg, dims), hide_password(url))
     remaining = max(wanted - finished_trials(study), 0)
     budgets = split_budget(remaining, n_jobs or cfg.n_jobs)
     threads = max(1, (os.cpu_count() or 1) // max(len(budgets), 1))
@@ -370,6 +417,7 @@ def run_study(
         "wanted": wanted,
         "threads": threads,
         "timeout_s": timeout_s or cfg.timeout_s,
+        "dims": dims,
     }
     jobs = [{**job, "n_trials": budget, "worker_index": index} for index, budget in enumerate(budgets)]
     before = len(study.get_trials(deepcopy=False))
@@ -380,7 +428,9 @@ def run_study(
         _run_processes(jobs)
     elapsed = time.perf_counter() - started
     study = open_study(open_storage(url, cfg), cfg)
-    result = summarise(study, params, cfg, source=source, parent_run_id=parent, storage=hide_password(url))
+    result = summarise(
+        study, params, cfg, source=source, parent_run_id=parent, storage=hide_password(url), dims=dims
+    )
     result.trials_run = len(study.get_trials(deepcopy=False)) - before
     result.wall_time_s = elapsed
     log_study(study, result, uri)
@@ -388,9 +438,16 @@ def run_study(
 
 
 def summarise(
-    study: Any, params: Params, cfg: TuneConfig, *, source: str, parent_run_id: str | None, storage: str
+    study: Any,
+    params: Params,
+    cfg: TuneConfig,
+    *,
+    source: str,
+    parent_run_id: str | None,
+    storage: str,
+    dims: int = 3,
 ) -> TuneResult:
-    """Best trial -> overrides, written to ``tune.best_params_file`` (nothing written without one)."""
+    """Best trial -> overrides, written to ``cfg.best_params_file`` (nothing written without one)."""
     from tumorseg.tuning.best import write_best_params
     from tumorseg.tuning.space import decode_trial_params, to_overrides
 
@@ -404,9 +461,10 @@ def summarise(
     result.best_value = float(best.value)
     result.best_trial = best.number
     result.best_overrides = overrides
+    train = "tumorseg train --dims 2" if dims == 2 else "tumorseg train"
     header = (
         f"tumorseg tune: study {cfg.study_name}, trial {best.number}, {cfg.metric} {best.value:.4f} "
-        f"({finished_trials(study)} trials finished); merged by `tumorseg train` (tune.apply_best)"
+        f"({finished_trials(study)} trials finished); merged by `{train}` (tune.apply_best)"
     )
     result.best_params_file = write_best_params(cfg.best_params_file, overrides, header)
     return result

@@ -2,6 +2,8 @@
 // slices the server sends as base64 uint8 arrays (GET /cases/{id}/slice): no NIfTI decoding and no
 // network access beyond this server. A 2-D image (summary.kind === "2d") is one slice with one
 // region ("tumour") and a detection result instead of three planes, the label set's regions and volumes.
+// A ground truth (POST /cases/{id}/ground-truth: NIfTI for 3-D, a mask image or Figshare .mat for 2-D)
+// adds Dice (and for 2-D IoU) and its outline.
 //
 // The 3-D regions come from the server: the model's label set (GET /health and every case summary,
 // `model.label_set`) lists its train regions with their internal codes, caption and colour, and the
@@ -12,6 +14,14 @@
 const PLANES = ["axial", "coronal", "sagittal"];
 // The 2-D mask's one region; the 3-D regions are the label set's (setLabelSet).
 const TUMOUR = { name: "tumour", colour: [255, 65, 54], has: (label) => label > 0 };
+// The ground-truth control per kind of case: what it asks for and which files it accepts.
+const REFERENCE_INPUT = {
+  "3d": { label: "Ground-truth mask (same case, .nii.gz) for Dice per region", accept: ".nii,.gz" },
+  "2d": {
+    label: "Ground-truth mask (.png at the image's size, or the Figshare .mat) for Dice and IoU",
+    accept: ".png,.mat,.jpg,.jpeg,.tif,.tiff,.bmp",
+  },
+};
 
 const state = {
   caseId: null,
@@ -208,6 +218,7 @@ function showDetection(summary) {
   const mm2 = summary.tumour_area_mm2 === null ? "" : `, ${summary.tumour_area_mm2.toFixed(1)} mm²`;
   $("#detection-area").textContent = `${summary.tumour_area_px} pixels${mm2}`;
   $("#detection-dice").textContent = summary.dice ? summary.dice.tumour.toFixed(3) : "-";
+  $("#detection-iou").textContent = summary.iou ? summary.iou.tumour.toFixed(3) : "-";
   $("#reference-toggle").hidden = !summary.dice;
   const seconds = Object.values(summary.seconds || {}).reduce((a, b) => a + b, 0);
   $("#case-info").textContent =
@@ -262,6 +273,9 @@ async function showCase(summary) {
   $("#download").setAttribute("download", summary.file_name);
   $("#download").textContent =
     state.kind === "2d" ? "Download tumour mask (.png)" : "Download segmentation (.nii.gz)";
+  $("#reference-label").textContent = REFERENCE_INPUT[state.kind].label;
+  $("#reference-file").accept = REFERENCE_INPUT[state.kind].accept;
+  $("#reference-file").value = "";
   showSummary(summary);
   $("#viewer").hidden = false;
   await drawAll();
@@ -313,11 +327,12 @@ $("#reference-form").addEventListener("submit", async (event) => {
     const body = await readJson(
       await api(`/cases/${encodeURIComponent(state.caseId)}/ground-truth`, { method: "POST", body: form }),
     );
-    state.summary.dice = body.dice;
+    Object.assign(state.summary, body); // dice (3-D per region, 2-D tumour), 2-D also iou and hd95_px
     state.cache.clear();
     showSummary(state.summary);
     await drawAll();
-    setStatus("Scored against the ground truth.");
+    const dice = state.kind === "2d" ? ` Dice ${body.dice.tumour.toFixed(3)}.` : "";
+    setStatus(`Scored against the ground truth.${dice}`);
   } catch (error) {
     setStatus(error.message, "error");
   }
@@ -367,25 +382,33 @@ async function loadModel() {
   }
 }
 
+// The demo list: 3-D cases and 2-D images (older servers send no cases_2d), once both are generated.
 async function loadDemos(attempt = 0) {
   const select = $("#demo-select");
   try {
     const demo = await readJson(await api("/demo"));
-    if (!demo.ready && attempt < 60) {
+    const ready = demo.ready && demo.ready_2d !== false;
+    if (!ready && attempt < 60) {
       setTimeout(() => loadDemos(attempt + 1), 1000);
       return;
     }
+    const groups = [
+      ["3-D cases", demo.cases],
+      ["2-D images", demo.cases_2d || []],
+    ].filter(([, ids]) => ids.length);
     select.replaceChildren(
-      ...demo.cases.map((caseId) => {
-        const option = document.createElement("option");
-        option.value = caseId;
-        option.textContent = caseId;
-        return option;
+      ...groups.map(([label, ids]) => {
+        const group = document.createElement("optgroup");
+        group.label = label;
+        group.append(...ids.map((caseId) => new Option(caseId, caseId)));
+        return group;
       }),
     );
-    select.disabled = demo.cases.length === 0;
-    $("#demo-button").disabled = demo.cases.length === 0;
-    if (!demo.cases.length) select.replaceChildren(new Option(demo.error ? "demo unavailable" : "no demo cases"));
+    const count = select.options.length;
+    select.disabled = count === 0;
+    $("#demo-button").disabled = count === 0;
+    const failed = demo.error || demo.error_2d;
+    if (!count) select.replaceChildren(new Option(failed ? "demo unavailable" : "no demo cases"));
   } catch (error) {
     select.replaceChildren(new Option("demo unavailable"));
   }

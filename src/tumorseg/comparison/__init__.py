@@ -1,0 +1,1 @@
+"""``tumorseg compare``: systems (network, loss, pre-processing) trained and scored side by side."""
