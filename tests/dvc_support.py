@@ -55,8 +55,8 @@ def write_params(repo: Path, params: dict[str, Any]) -> None:
 def dvc_repo(tmp_path: Path, params: dict[str, Any]) -> Path:
     """``tmp_path/repo``: git + DVC initialised, the real ``dvc.yaml``, ``params`` as params.yaml.
 
-    ``src`` links to the project's sources, since stage deps name the code they run; ``reports/``
-    holds an empty ``best_params.yaml``, as the project does.
+    ``src`` links to the project's sources, since stage deps name the code they run; the 3-D and 2-D
+    report folders hold an empty ``best_params.yaml``, as the project does.
     """
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -64,8 +64,11 @@ def dvc_repo(tmp_path: Path, params: dict[str, Any]) -> Path:
     (repo / "src").symlink_to(ROOT / "src")
     (repo / "data").mkdir()  # the data stages' working directory, in git as data/.gitkeep
     (repo / "data" / ".gitkeep").touch()
-    (repo / "reports").mkdir()  # as in the project: tune's best params, none yet (a dependency of train)
-    (repo / "reports" / "best_params.yaml").write_text("{}\n")
+    paths = params.get("paths") or {}
+    for reports in (paths.get("reports", "reports"), paths.get("reports_2d", "reports/2d")):
+        # as in the project: tune's best params per dataset, none yet (a dependency of train@3d/@2d)
+        (repo / reports).mkdir(parents=True, exist_ok=True)
+        (repo / reports / "best_params.yaml").write_text("{}\n")
     write_params(repo, params)
     run(["git", "init", "-q"], repo)
     run([str(BIN / "dvc"), "init", "-q"], repo)

@@ -74,6 +74,15 @@ def test_fine_tuning_a_registered_model_beats_training_from_scratch(
     assert not torch.equal(
         dict(child.network.named_parameters())[decoder], dict(parent.network.named_parameters())[decoder]
     )
+    # the parent belongs to its run: the next run in this process trains its own network from scratch
+    plain_overrides = {
+        **budget,
+        "model.unet.channels": [4, 8, 16],
+        "train.out_dir": str(tmp_path / "site-b" / "plain"),
+    }
+    plain = train(apply_overrides(params, plain_overrides), source=str(child_params))
+    assert load_trained_network(plain.best_checkpoint).config["model"]["unet"]["channels"] == [4, 8, 16]
+
     # the lineage: the run and the registered child version name the parent
     client = mlflow.MlflowClient(uri, registry_uri=uri)
     tag = client.get_run(tuned.mlflow_run_id).data.tags["tumorseg.parent_model"]

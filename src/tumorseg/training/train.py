@@ -365,8 +365,9 @@ class _Images(_Volumes):
         return None, []
 
 
-BRANCHES = {3: _Volumes(), 2: _Images()}
-"""What differs between training on volumes and on images, by ``dims``."""
+BRANCHES = {3: _Volumes, 2: _Images}
+"""What differs between training on volumes and on images, by ``dims``: a new instance per run (a
+run's ``init_from`` parent belongs to that run alone)."""
 
 
 def train(
@@ -393,7 +394,7 @@ def train(
         ConfigError, DataError: bad params, an empty split or (2-D) one without masks, before training.
     """
     params = as_params(params, source)
-    branch = BRANCHES[dims]
+    branch = BRANCHES[dims]()
     params = apply_overrides(params, overrides)
     cfg, records = branch.prepare(params, source)
     if cfg.train.init_from:
