@@ -133,10 +133,11 @@ _STORE = "store_true"
     _arg("--out", help="output folder (default: data/synth; 2-D: data/synth_2d/<layout>)"),
     _arg(
         "--generator",
-        choices=["embedded", "independent"],
+        choices=["embedded", "independent", "dicom"],
         default="embedded",
         help="independent: the generalisation set (generalise.*), made by other code on purpose: three 3-D "
-        "layouts into generalise.data, or with --dims 2 .mat slices and yes/no images into generalise.data_2d",
+        "layouts into generalise.data, or with --dims 2 .mat slices and yes/no images into generalise.data_2d; "
+        "dicom: heads with skull and scalp written as DICOM MR studies (dicom.studies.*), truth beside them",
     ),
     _DIMS,
 )
@@ -146,6 +147,14 @@ def _cmd_synth(args: argparse.Namespace) -> int | None:
 
     if args.generator == "independent":
         return _synth_independent(args)
+    if args.generator == "dicom":
+        from tumorseg.dicom.study_synth import synth_studies
+
+        params = _params(args, {"dicom.studies.studies": args.cases, "dicom.studies.seed": args.seed})
+        out = Path(args.out) if args.out else project_root(args.params) / params.dicom.studies.out
+        written = synth_studies(params, out)
+        print(f"wrote {len(written)} DICOM studies to {out} (truth: {out / 'truth'})")
+        return None
 
     if args.layout in ("figshare", "kaggle"):  # 2-D slices; --cases: Figshare patients or Kaggle images
         from tumorseg.data.planar_synth import synthesize_planar_dataset
@@ -387,6 +396,72 @@ def _cmd_train(args: argparse.Namespace) -> int | None:
 
 
 @_command(
+    "import-dicom",
+    "DICOM studies (a folder or zip, several series each) to BraTS-ready cases: series classified and "
+    "picked, T1/T2/FLAIR co-registered to T1ce, N4, 1 mm, brain extracted; transforms kept for the way back.",
+    _arg("source", help="a folder (searched recursively) or .zip of DICOM files, one or more studies"),
+    _arg("--out", required=True, help="dataset folder: one brats2021 case folder per study"),
+    _arg("--brain-model", help="brain-extraction model URI or checkpoint (default: dicom.brain.model)"),
+)
+def _cmd_import_dicom(args: argparse.Namespace) -> int | None:
+    from tumorseg.dicom.brain import load_brain_extractor
+    from tumorseg.dicom.prepare import import_dicom
+    from tumorseg.tracking import params_tracking_uri
+
+    params = _params(args, outside_project=True)
+    brain = load_brain_extractor(
+        args.brain_model or params.dicom.brain.model,
+        tracking_uri=params_tracking_uri(params, source=args.params),
+    )
+    cases = import_dicom(args.source, args.out, params.dicom, brain)
+    for case in cases:
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in case.seconds.items())
+        print(f"{case.case_id}: {steps}")
+    print(f"imported {len(cases)} studies -> {args.out}")
+
+
+@_command(
+    "train-brain",
+    "Train the brain-extraction network on generated heads (dicom.brain.*) and register it in MLflow "
+    "(alias champion): what import-dicom strips the skull with, nothing downloaded.",
+    _arg("--no-register", action="store_true", help="train and write the checkpoint only"),
+)
+def _cmd_train_brain(args: argparse.Namespace) -> int | None:
+    from tumorseg.dicom.brain import train_brain_extractor
+    from tumorseg.tracking import params_tracking_uri
+
+    params = _params(args)
+    report = train_brain_extractor(
+        params, tracking_uri=params_tracking_uri(params, source=args.params), register=not args.no_register
+    )
+    print(report.one_line())
+
+
+@_command(
+    "dicom-check",
+    "Measure the DICOM path on generated studies the models never saw: series classification, "
+    "registration error, brain-extraction Dice, DICOM-in -> DICOM-SEG Dice against the same model on the "
+    "BraTS-ready NIfTI, seconds per step: <dicom.report>/dicom_check.{json,md}.",
+    _arg(
+        "--studies",
+        help="folder of generated studies with truth/ (default: dicom.studies.out, made if missing)",
+    ),
+    _arg("--model", help="tumour model URI (default: predict.model)"),
+)
+def _cmd_dicom_check(args: argparse.Namespace) -> int | None:
+    from tumorseg.data.source import project_root
+    from tumorseg.dicom.check import run_dicom_check
+
+    params = _params(args)
+    root = project_root(args.params)
+    studies = Path(args.studies) if args.studies else root / params.dicom.studies.out
+    report = run_dicom_check(
+        params, studies, root / params.dicom.report, model_uri=args.model, source=args.params
+    )
+    print(report["one_line"])
+
+
+@_command(
     "compare",
     "Train every compare.systems entry (network, loss, pre-processing) with one budget and score each on "
     "the held-out test split: reports/compare/compare.md (Dice with CIs, HD95, time, parameters).",
@@ -403,7 +478,8 @@ def _cmd_compare(args: argparse.Namespace) -> int | None:
     _arg(
         "input",
         help="a dataset folder (BraTS 2021, BraTS 2023+, MSD, nnU-Net raw, MONAI datalist) or one case "
-        "folder; or 2-D .mat/image files (a file or a folder of them: writes <case_id>_mask.png, 0/255, "
+        "folder; a DICOM study folder or zip (writes <case_id>_seg.dcm, a DICOM-SEG, and <case_id>_t1ce.nii.gz "
+        "in the T1ce series' geometry); or 2-D .mat/image files (a file or a folder of them: writes <case_id>_mask.png, 0/255, "
         "at each input's size)",
     ),
     _arg("--out", required=True, help="output folder for <case_id>.nii.gz"),
@@ -436,6 +512,9 @@ def _cmd_predict(args: argparse.Namespace) -> int | None:
 
     if input_dims(args.input) == IMAGE:  # .mat / image files: the 2-D models
         return _predict_planar(args)
+    from tumorseg.dicom.outputs import looks_like_dicom
+
+    dicom = looks_like_dicom(args.input)
     options = {
         "predict.tta": args.tta,
         "predict.min_component_mm3": args.min_component_mm3,
@@ -452,16 +531,24 @@ def _cmd_predict(args: argparse.Namespace) -> int | None:
         row = {f"{r}_ml": round(v, 3) for r, v in prediction.volumes_ml.items()}
         volumes.append({"case_id": prediction.case_id, **row})
 
-    run = predict_folder(
-        args.input,
-        args.out,
-        params,
-        model_uri=args.model,
-        layout=args.layout,
-        labels=None if args.labels in (None, "auto") else args.labels,
-        source=args.params,
-        on_case=show,
-    )
+    if dicom:
+        from tumorseg.dicom.outputs import predict_dicom
+
+        result = predict_dicom(
+            args.input, args.out, params, model_uri=args.model, source=args.params, on_case=show
+        )
+        run = result.run
+    else:
+        run = predict_folder(
+            args.input,
+            args.out,
+            params,
+            model_uri=args.model,
+            layout=args.layout,
+            labels=None if args.labels in (None, "auto") else args.labels,
+            source=args.params,
+            on_case=show,
+        )
     if args.volumes:
         import pandas as pd
 
@@ -664,7 +751,11 @@ def _cmd_tune(args: argparse.Namespace) -> int | None:
 @_command(
     "flow",
     "Run a Prefect flow: the training pipeline end to end, or the data stages.",
-    _arg("name", choices=["training", "data", "planar"], help="which flow (planar: the @2d stages)"),
+    _arg(
+        "name",
+        choices=["training", "data", "planar", "dicom"],
+        help="which flow (planar: the @2d stages; dicom: the brain-extraction model and the DICOM check)",
+    ),
     _arg("--smoke", action=_STORE, help="training: tiny generated data in a temporary workspace (minutes)"),
     _arg("--workspace", help="--smoke: work here instead of a new temporary folder"),
     _arg(
@@ -688,6 +779,12 @@ def _cmd_flow(args: argparse.Namespace) -> int | None:
 
         summary = data_pipeline_flow(params_path=args.params, overrides=_overrides(args))
         print("; ".join(f"{k}: {v}" for k, v in summary.items()))
+        return 0
+    if args.name == "dicom":  # brain extraction model + DICOM check (pipelines/dicom_flow.py)
+        from pipelines.dicom_flow import dicom_flow
+
+        summary = dicom_flow(params_path=args.params, overrides=_overrides(args))
+        print(f"brain: {summary['brain']['line']}")
         return 0
     if args.name == "planar":  # the 2-D branch (pipelines/planar_flow.py)
         from pipelines.planar_flow import planar_flow
@@ -855,6 +952,8 @@ def configure_logging(verbose: bool) -> None:
     )
     logging.getLogger("lightning").propagate = False
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
+    # highdicom logs every module it copies into a DICOM-SEG at INFO (a dozen lines per file)
+    logging.getLogger("highdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
     for message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 

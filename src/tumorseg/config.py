@@ -274,6 +274,7 @@ SECTION_MODELS: dict[str, str] = {
     "detect": "tumorseg.evaluation.config:DetectConfig",
     "evaluate_2d": "tumorseg.evaluation.config:EvaluatePlanarConfig",
     "generalise": "tumorseg.config:GeneraliseConfig",
+    "dicom": "tumorseg.dicom.config:DicomConfig",
 }
 """Every params.yaml section and its model, in params.yaml's order: a table, not import-time
 registration, so a model is imported only when its section is read (``validate`` never loads torch)."""

@@ -39,6 +39,7 @@ from tumorseg.config import (
     read_params,
 )
 from tumorseg.data.transforms import AugmentConfig, DataLoaderConfig
+from tumorseg.dicom.config import DicomConfig
 from tumorseg.errors import ConfigError
 from tumorseg.evaluation.config import DetectConfig, EvaluatePlanarConfig
 from tumorseg.models.config import (
@@ -98,6 +99,7 @@ class Params(BaseModel):
     detect: DetectConfig = DetectConfig()
     evaluate_2d: EvaluatePlanarConfig = EvaluatePlanarConfig()
     generalise: GeneraliseConfig = GeneraliseConfig()
+    dicom: DicomConfig = DicomConfig()
 
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr(default=str(DEFAULT_PARAMS_FILE))
