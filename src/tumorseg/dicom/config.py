@@ -89,7 +89,9 @@ class RegisterConfig(Section):
     @model_validator(mode="after")
     def _levels(self) -> RegisterConfig:
         if len(self.level_spacing_mm) != len(self.smoothing_sigmas_mm) or not self.level_spacing_mm:
-            raise ValueError("level_spacing_mm and smoothing_sigmas_mm need one value per level, the same count")
+            raise ValueError(
+                "level_spacing_mm and smoothing_sigmas_mm need one value per level, the same count"
+            )
         return self
 
 

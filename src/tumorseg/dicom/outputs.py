@@ -11,6 +11,7 @@ onto the T1ce series' grid: per label, the one-hot map is resampled linearly and
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -170,50 +171,72 @@ def predict_dicom(
     outputs. Nothing is written for a study that fails to import (the error names its series)."""
     from tumorseg.dicom.brain import load_brain_extractor
     from tumorseg.dicom.prepare import import_studies
-    from tumorseg.dicom.series import dicom_folder
+    from tumorseg.dicom.series import DicomInputError, dicom_folder
     from tumorseg.registry.predict import predict_folder
     from tumorseg.tracking import params_tracking_uri
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DicomInputError(f"{out}: exists and is not a folder; pass a folder for --out")
     uri = params_tracking_uri(params, tracking_uri, source=source)
     brain = load_brain_extractor(params.dicom.brain.model, tracking_uri=uri)
     result = DicomPredictRun()
-    with dicom_folder(input_path) as root:
-        cases = import_studies(root, out / IMPORTED_DIR, params.dicom, brain, progress=progress)
-        by_id = {c.case_id: c for c in cases}
-        result.cases = cases
-
-        def written(prediction: Any, files: list[Path]) -> None:
-            case = by_id[prediction.case_id]
-            start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    # This run's studies are imported into a private folder (earlier runs' cases in OUT/imported are
+    # not predicted again) and moved into OUT/imported once their outputs are written.
+    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=out))
+    try:
+        with dicom_folder(input_path) as root:
+            cases = import_studies(root, staging, params.dicom, brain, progress=progress)
+            by_id = {c.case_id: c for c in cases}
+            result.cases = cases
             name, version = _model_identity(model_uri or params.predict.model)
-            extra = write_reference_outputs(
-                case,
-                prediction.canonical,
-                prediction.label_convention,
-                out,
-                root,
-                model_name=name,
-                model_version=version,
-            )
-            seconds = dict(case.seconds)
-            seconds["predict"] = float(sum(prediction.seconds.values()))
-            seconds["write_seg"] = time.perf_counter() - start
-            result.seconds[case.case_id] = seconds
-            result.files[case.case_id] = [*files, *extra]
-            if on_case is not None:
-                on_case(prediction, [*files, *extra])
 
-        result.run = predict_folder(
-            out / IMPORTED_DIR,
-            out,
-            params,
-            model_uri=model_uri,
-            layout="brats2021",
-            source=source,
-            tracking_uri=uri,
-            on_case=written,
-        )
+            def written(prediction: Any, files: list[Path]) -> None:
+                case = by_id[prediction.case_id]
+                start = time.perf_counter()
+                try:
+                    extra = write_reference_outputs(
+                        case,
+                        prediction.canonical,
+                        prediction.label_convention,
+                        out,
+                        root,
+                        model_name=name,
+                        model_version=version,
+                    )
+                except BaseException:  # a case's outputs are written whole or not at all
+                    for path in (*files, out / f"{case.case_id}_t1ce.nii.gz"):
+                        Path(path).unlink(missing_ok=True)
+                    raise
+                seconds = dict(case.seconds)
+                seconds["predict"] = float(sum(prediction.seconds.values()))
+                seconds["write_seg"] = time.perf_counter() - start
+                result.seconds[case.case_id] = seconds
+                result.files[case.case_id] = [*files, *extra]
+                if on_case is not None:
+                    on_case(prediction, [*files, *extra])
+
+            result.run = predict_folder(
+                staging,
+                out,
+                params,
+                model_uri=model_uri,
+                layout="brats2021",
+                source=source,
+                tracking_uri=uri,
+                on_case=written,
+            )
+        kept = out / IMPORTED_DIR
+        kept.mkdir(exist_ok=True)
+        for case in cases:
+            target = kept / case.case_id
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(case.case_dir, target)
+            case.case_dir = target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return result
 
 

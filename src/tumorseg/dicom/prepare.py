@@ -357,7 +357,17 @@ def import_study(
     stripped = {m: np.where(mask, a, 0.0).astype(np.float32)[box] for m, a in arrays.items()}
     case_id = case_id_for(study.uid)
     case = ImportedCase(
-        case_id, out_root / case_id, study, picked, matrices, reference, cropped, t1ce_files, seconds, mask, grid
+        case_id,
+        out_root / case_id,
+        study,
+        picked,
+        matrices,
+        reference,
+        cropped,
+        t1ce_files,
+        seconds,
+        mask,
+        grid,
     )
     start = time.perf_counter()
     _write_case(case.case_dir, case_id, stripped, cropped.ras_affine(), case.record(source_root))

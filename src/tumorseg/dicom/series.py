@@ -417,6 +417,13 @@ def check_geometry(series: Series) -> None:
     slice spacing that varies."""
     images = series.images
     name = series.label
+    strays = [s for s in series.slices if not s.is_image]
+    if strays:
+        kind = _NON_IMAGE_CLASSES.get(strays[0].sop_class, "a file without pixel data")
+        raise DicomInputError(
+            f"{name}: {strays[0].path.name} is not an image ({kind}) but carries the series' UID; "
+            "remove it from the series folder and import again"
+        )
     if len(images) == 1 and images[0].frames > 1:
         return  # one multi-frame object: its per-frame geometry is checked by the reader
     if any(s.position is None or s.orientation is None or s.pixel_spacing is None for s in images):

@@ -1,4 +1,5 @@
-"""The HTTP service: ``POST /predict`` for one 3-D case or 2-D image, a browser viewer, health and docs.
+"""The HTTP service: ``POST /predict`` for one 3-D case, DICOM study or 2-D image, a browser viewer, health
+and docs.
 
 Models load through :mod:`tumorseg.registry.loading` and predict with :mod:`tumorseg.models.predictor`,
 so a served segmentation is byte-for-byte the CLI's. Every error is JSON ``{"error": "<one line>"}``;
@@ -116,6 +117,7 @@ def _add_health_routes(app: FastAPI, static_dir: Path) -> None:
             "drift": service.drift.counts() if service.drift is not None else None,
             "drift_2d": service.planar_drift.counts() if service.planar_drift is not None else None,
             "shadow": service.shadow.info() if service.shadow is not None else None,
+            "dicom": service.brain.info(),
             "uptime_s": round(time.time() - service.started, 1),
         }
 

@@ -19,6 +19,9 @@ class ServeConfig(Section):
             when it cannot be loaded the service starts for 3-D cases and answers 2-D uploads 503.
         max_uncompressed_mb: most bytes one request may expand to on disk (zip members and
             ``.nii.gz`` inflated together): the zip-bomb and gzip-bomb cap.
+        max_dicom_files: entries of an uploaded DICOM study zip (one file per slice: a study with
+            localisers, diffusion and four 1 mm volumes holds about a thousand); ``max_members`` caps
+            a NIfTI case zip.
         max_model_voxels: largest case on the model's grid, after resampling (absurd voxel sizes in
             a header would otherwise ask for gigabytes).
         max_image_pixels: largest 2-D image, checked from its header before decoding (a few-kB PNG
@@ -48,6 +51,7 @@ class ServeConfig(Section):
     max_upload_mb: float = Field(512.0, gt=0.0)
     max_files: int = Field(6, ge=1)
     max_members: int = Field(32, ge=1)
+    max_dicom_files: int = Field(4000, ge=1)
     max_uncompressed_mb: float = Field(1024.0, gt=0.0)
     max_model_voxels: int = Field(32_000_000, ge=1)
     max_image_pixels: int = Field(25_000_000, ge=1)

@@ -1,4 +1,5 @@
-"""``POST /predict`` (one 3-D case or 2-D image) and the demo cases (``GET /demo``, ``POST /demo/{id}``).
+"""``POST /predict`` (one 3-D case, DICOM study or 2-D image) and the demo cases (``GET /demo``,
+``POST /demo/{id}``).
 
 Uploads are staged on a threadpool thread and predicted on the service's bounded pool; whoever holds the
 request's folder removes it: the pool job once started, the route when the job never ran."""
@@ -17,26 +18,40 @@ from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from tumorseg.data.readers import IMAGE, VOLUME
+from tumorseg.data.readers import IMAGE, VOLUME, input_dims
 from tumorseg.serving.auth import AUDIT_KEY, hash_uploads
 from tumorseg.serving.error_handlers import error_response
 from tumorseg.serving.service import Service, service_of
-from tumorseg.serving.uploads import UploadRejected, remove_tree, safe_file_name, stage_upload, upload_dims
+from tumorseg.serving.uploads import (
+    UploadRejected,
+    is_dicom_study,
+    remove_tree,
+    safe_file_name,
+    stage_upload,
+    upload_dims,
+)
 from tumorseg.serving.viewer import DisplayCase, PlanarDisplay
 from tumorseg.serving.viewer_routes import viewer_summary
 
 if TYPE_CHECKING:
     import numpy as np
 
-OutputFormat = Literal["nifti", "png", "json", "viewer"]
+OutputFormat = Literal["nifti", "png", "json", "viewer", "dicom-seg"]
 FILES_HELP = (
     "the modality files of one 3-D case (named as in any supported layout) or one .zip of its folder; "
+    "or one .zip of a DICOM study (its T1, T1ce, T2 and FLAIR series; other series are left out); "
     "or one 2-D image (.mat, .png, .jpg, .jpeg, .tif, .tiff, .bmp)"
 )
 FORMAT_HELP = (
-    "nifti (3-D default): the .nii.gz segmentation; png (2-D default): the 0/255 mask at the image's size; "
+    "nifti (3-D default): the .nii.gz segmentation (for a DICOM study on the T1ce series' grid); "
+    "dicom-seg (DICOM study default): the DICOM Segmentation referencing the study's T1ce series; "
+    "png (2-D default): the 0/255 mask at the image's size; "
     "json: volumes per region (3-D) or tumour probability, yes/no, type and area (2-D); "
     "viewer: also keep it for /cases"
+)
+DICOM_SEG_ONLY = (
+    "format: dicom-seg is the DICOM Segmentation of a DICOM study, not of {what}; upload the study as one "
+    ".zip of its DICOM files, or ask for {others}"
 )
 PIXEL_SIZE_HELP = "2-D only: pixel side in mm, to report the tumour area in mm² (the files do not store it)"
 
@@ -44,7 +59,7 @@ PIXEL_SIZE_HELP = "2-D only: pixel side in mm, to report the tumour area in mm²
 async def run_prediction(
     service: Service,
     workdir: Path,
-    output: OutputFormat,
+    output: OutputFormat | None,
     *,
     source: Path | None = None,
     stage: Callable[[], Path] | None = None,
@@ -52,13 +67,15 @@ async def run_prediction(
     reference: np.ndarray | None = None,
     audit: dict[str, Any] | None = None,
 ) -> Response:
-    """Predict ``source`` (or what ``stage`` writes, on a threadpool thread) on the pool; answer in ``output``;
-    the model and what it found go to the request's ``audit`` line. ``reference``: a 2-D image's ground
-    truth its file does not hold."""
+    """Predict ``source`` (or what ``stage`` writes, on a threadpool thread) on the pool; answer in ``output``
+    (None: the input's default, known once staged); the model and what it found go to the request's
+    ``audit`` line. ``reference``: a 2-D image's ground truth its file does not hold."""
     future: Future[Any] | None = None
     try:
         if stage is not None:
             source = await run_in_threadpool(stage)
+        assert source is not None
+        output = _staged_output(source, output)
         keep = output == "viewer"
         future = service.pool.submit(service.run_job, source, workdir, keep, pixel_size_mm, reference)
         result = await asyncio.wrap_future(future)
@@ -71,13 +88,29 @@ async def run_prediction(
     return _answer(service, result, output)
 
 
+def _staged_output(source: Path, output: OutputFormat | None) -> OutputFormat:
+    """The answer's format for a staged ``source``: ``output``, else the input's default (``dicom-seg``
+    for a DICOM study, ``png`` for a 2-D image, ``nifti`` for a 3-D case); a DICOM-SEG only of a study."""
+    dicom = is_dicom_study(source)
+    if output == "dicom-seg" and not dicom:
+        if input_dims(source) == IMAGE:
+            raise UploadRejected(DICOM_SEG_ONLY.format(what="a 2-D image", others="png, json or viewer"))
+        raise UploadRejected(DICOM_SEG_ONLY.format(what="a NIfTI case", others="nifti, json or viewer"))
+    if output is not None:
+        return output
+    if dicom:
+        return "dicom-seg"
+    return "png" if input_dims(source) == IMAGE else "nifti"
+
+
 def _answer(service: Service, result: dict[str, Any], output: OutputFormat) -> Response:
-    if output == result["format"]:
-        headers = {
-            "Content-Disposition": f'attachment; filename="{result["file_name"]}"',
-            **result["headers"],
-        }
-        return Response(result["segmentation"], media_type=result["media_type"], headers=headers)
+    files = result.get("files") or {
+        result["format"]: (result["segmentation"], result["file_name"], result["media_type"])
+    }
+    if output in files:
+        data, file_name, media_type = files[output]
+        headers = {"Content-Disposition": f'attachment; filename="{file_name}"', **result["headers"]}
+        return Response(data, media_type=media_type, headers=headers)
     if output == "viewer":
         display: DisplayCase | PlanarDisplay = result["display"]
         return JSONResponse(viewer_summary(service.store.add(display), display))
@@ -102,11 +135,13 @@ def note_result(audit: dict[str, Any], summary: dict[str, Any], service: Service
             audit["drift"] = summary["drift"]["flagged"]
 
 
-def _check_output(dims: int, output: OutputFormat, name: str) -> None:
-    """Refuse the file format of the other dimensionality."""
-    if dims == IMAGE and output == "nifti":
+def _check_output(dims: int, output: OutputFormat | None, name: str) -> None:
+    """Refuse the file format of the other dimensionality, from the names alone (whether a zip holds a
+    DICOM study is known once it is unzipped: :func:`_staged_output`)."""
+    if dims == IMAGE and output in ("nifti", "dicom-seg"):
         raise UploadRejected(
-            f"format: nifti is for 3-D cases; {name} is a 2-D image: ask for png (the mask), json or viewer"
+            f"format: {output} is for 3-D cases; {name} is a 2-D image: ask for png (the mask), json or "
+            "viewer"
         )
     if dims == VOLUME and output == "png":
         raise UploadRejected(
@@ -120,7 +155,16 @@ def add_predict_route(app: FastAPI) -> None:
     @app.post(
         "/predict",
         summary="Segment one case",
-        responses={200: {"content": {"application/gzip": {}, "application/json": {}}}},
+        responses={
+            200: {
+                "content": {
+                    "application/gzip": {},
+                    "application/dicom": {},
+                    "image/png": {},
+                    "application/json": {},
+                }
+            }
+        },
     )
     async def predict(
         request: Request,
@@ -130,12 +174,16 @@ def add_predict_route(app: FastAPI) -> None:
     ) -> Response:
         """The segmentation in the input's geometry and label convention (or its volumes as JSON).
 
+        A zipped DICOM study is imported first (series picked, co-registered to T1ce, brain extracted, 1 mm)
+        and answered as a DICOM Segmentation referencing its T1ce series (or, as nifti, the labels on the
+        T1ce grid; as viewer, the imported case with the DICOM-SEG to download).
+
         One 2-D image instead gives its tumour mask at the image's own size (or the detection as JSON).
         """
         service = service_of(request)
         names = [safe_file_name(upload.filename) for upload in files]
         dims = upload_dims(names)
-        output = format or ("png" if dims == IMAGE else "nifti")
+        output = format
         _check_output(dims, output, names[0])
         if dims == IMAGE:
             service.planar.require()  # 503 before reading the upload when there is no 2-D model

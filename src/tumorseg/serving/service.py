@@ -1,5 +1,6 @@
-"""The state behind the HTTP service: loaded models (the 2-D one optional), bounded pool, viewer store,
-private temp folder; :meth:`Service.run_job` predicts an upload of either dimensionality on a pool thread."""
+"""The state behind the HTTP service: loaded models (the 2-D one optional, the DICOM brain extractor
+loaded at the first study), bounded pool, viewer store, private temp folder; :meth:`Service.run_job`
+predicts an upload of either dimensionality, or a DICOM study, on a pool thread."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tumorseg.data.readers import IMAGE, input_dims
 from tumorseg.errors import DataError, TumorsegError, first_line
 from tumorseg.params import Params, as_params
 from tumorseg.serving.config import ServeConfig
+from tumorseg.serving.dicom_study import BrainSlot, predict_study
 from tumorseg.serving.limits import InferencePool
 from tumorseg.serving.uploads import (
     ByteBudget,
@@ -27,6 +29,7 @@ from tumorseg.serving.uploads import (
     check_image_file,
     copy_inflated,
     copy_plain,
+    is_dicom_study,
     remove_tree,
     too_many_pixels,
 )
@@ -62,6 +65,9 @@ class ServeSettings:
     model_2d: str | None = None
     monitor: Any = None
     """``monitor:`` (:class:`~tumorseg.monitoring.config.MonitorConfig`; None: its defaults)."""
+    dicom: Any = None
+    """``dicom:`` (:class:`~tumorseg.dicom.config.DicomConfig`; None: its defaults): how a DICOM study
+    is imported, and the brain-extraction model."""
 
     @classmethod
     def from_params(
@@ -80,6 +86,7 @@ class ServeSettings:
             tracking_uri=params_tracking_uri(params, source=source),
             model_2d=serve.model_2d or None,
             monitor=params.monitor,
+            dicom=params.dicom,
         )
 
 
@@ -311,8 +318,19 @@ class Service:
         self.pool = InferencePool(serve.workers, serve.queue_size)
         self.store = ResultStore(serve.max_results, serve.result_ttl_s)
         self.limits = UploadLimits(
-            serve.max_files, serve.max_members, serve.max_uncompressed_bytes, serve.max_image_pixels
+            serve.max_files,
+            serve.max_members,
+            serve.max_uncompressed_bytes,
+            serve.max_image_pixels,
+            serve.max_dicom_files,
         )
+        if settings.dicom is None:
+            from tumorseg.dicom.config import DicomConfig
+
+            self.dicom = DicomConfig()
+        else:
+            self.dicom = settings.dicom
+        self.brain = BrainSlot(self.dicom.brain.model, settings.tracking_uri)
         self.root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-"))  # mode 0700: private to this user
         self.demo = DemoCases(self.root / "demo", serve.demo_cases, serve.demo_spacing_mm)
         self.demo_2d = PlanarDemoCases(self.root / "demo_2d", serve.demo_cases, serve.demo_spacing_mm)
@@ -354,11 +372,14 @@ class Service:
         pixel_size_mm: float | None = None,
         reference: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """The pool's job: predict a staged case folder or 2-D image, then always remove ``workdir``. Returns
-        ``summary`` (JSON), ``segmentation`` (``.nii.gz`` or mask PNG bytes) with its ``file_name``,
-        ``format``, ``media_type`` and ``headers``, and with ``keep`` the viewer's ``display``;
+        """The pool's job: predict a staged case folder, DICOM study or 2-D image, then always remove
+        ``workdir``. Returns ``summary`` (JSON), ``segmentation`` (``.nii.gz``, DICOM-SEG or mask PNG bytes)
+        with its ``file_name``, ``format``, ``media_type`` and ``headers``, a DICOM study's other answers in
+        ``files`` (format -> bytes, file name, media type), and with ``keep`` the viewer's ``display``;
         ``reference``: a 2-D image's ground truth its file does not hold (a demo PNG's)."""
         try:
+            if is_dicom_study(source):
+                return predict_study(self, source, workdir, keep)
             if input_dims(source) == IMAGE:
                 return self.predict_image(source, keep, pixel_size_mm, reference)
             return self.predict_folder(source, workdir, keep)
@@ -368,6 +389,10 @@ class Service:
     def predict_folder(self, folder: Path, workdir: Path, keep: bool) -> dict[str, Any]:
         """:meth:`run_job` for the one case in ``folder`` (written under ``workdir``); DataError for not
         exactly one case, a missing or unreadable modality, or an absurd grid."""
+        return self.predict_volume(folder, workdir, keep)[0]
+
+    def predict_volume(self, folder: Path, workdir: Path, keep: bool) -> tuple[dict[str, Any], Any]:
+        """:meth:`predict_folder`'s result and the ``CasePrediction`` it came from."""
         from tumorseg.models.predictor import read_volumes, reference_header, write_prediction
 
         case = _one_case(folder)
@@ -415,7 +440,7 @@ class Service:
             if reference is not None:
                 display.set_reference(reference)
             result["display"] = display
-        return result
+        return result, prediction
 
     def _check_drift(self, case: Any) -> dict[str, Any] | None:
         """The case against the served model's training profile (None: no profile, or monitoring off)."""

@@ -1,11 +1,18 @@
-"""Uploads (what ``tumorseg predict`` reads) -> one case folder or one 2-D image on disk, checked before
-anything is extracted or decoded: safe names only, every stream (zip member, ``.nii.gz``, MATLAB v5
-element) inflated in chunks against one byte budget per request, image headers checked against
-``serve.max_image_pixels``. Hand-written rather than ``ZipFile.extractall``, which sanitises ``..`` and
-absolute names instead of refusing them and trusts the sizes in the zip directory."""
+"""Uploads (what ``tumorseg predict`` reads) -> one case folder, one DICOM study folder or one 2-D image on
+disk, checked before anything is extracted or decoded: safe names only, every stream (zip member,
+``.nii.gz``, MATLAB v5 element) inflated in chunks against one byte budget per request, image headers
+checked against ``serve.max_image_pixels``. Hand-written rather than ``ZipFile.extractall``, which
+sanitises ``..`` and absolute names instead of refusing them and trusts the sizes in the zip directory.
+
+A zip is either a NIfTI case (``.nii``, ``.nii.gz``, ``dataset.json``; at most ``serve.max_members``
+entries) or a DICOM study (``.dcm`` files, extension-less files, files with the ``DICM`` preamble; at
+most ``serve.max_dicom_files`` entries). A DICOM member is stored under a numbered name in
+:data:`DICOM_STUDY_DIR`: the import reads headers, never names, so only names that point outside the
+archive are refused, not the spaces and other characters scanner exports put in folder names."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import re
 import shutil
@@ -13,7 +20,7 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -28,6 +35,12 @@ from tumorseg.errors import DataError, first_line
 CHUNK_BYTES = 1 << 20
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 MSD_METADATA = "dataset.json"
+DICOM_SUFFIX = ".dcm"
+DICOMDIR = "DICOMDIR"
+DICOM_STUDY_DIR = "dicom-study"
+"""The folder a DICOM zip is extracted into: :func:`is_dicom_study` tells the job it is a study."""
+DICM_OFFSET = 128
+NIFTI_ZIP, DICOM_ZIP = "nifti", "dicom"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 # macOS resource forks, hidden files and Windows thumbnails zip tools add: skipped, not refused.
 IGNORED_MEMBERS = re.compile(r"(^|/)(__MACOSX|\.[^/]*)(/|$)|(^|/)(Thumbs\.db|desktop\.ini)$")
@@ -56,12 +69,13 @@ class UploadTooLarge(UploadRejected):
 @dataclass(frozen=True)
 class UploadLimits:
     """Caps for one request (``serve.max_files``, ``max_members``, ``max_uncompressed_mb`` in bytes,
-    ``max_image_pixels``)."""
+    ``max_image_pixels``, ``max_dicom_files``)."""
 
     max_files: int
     max_members: int
     max_uncompressed_bytes: int
     max_image_pixels: int = 25_000_000
+    max_dicom_files: int = 4000
 
 
 @dataclass
@@ -93,6 +107,21 @@ def safe_file_name(raw: str | None, field_name: str = "files") -> str:
 
 def is_nifti_name(name: str) -> bool:
     return name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_dicom_name(name: str) -> bool:
+    """A name a DICOM file may have: ``.dcm``, or no extension (``IM0001``, ``DICOMDIR``)."""
+    return name.lower().endswith(DICOM_SUFFIX) or "." not in name
+
+
+def is_dicom_study(path: Path) -> bool:
+    """Whether a staged upload is a DICOM study (the folder :func:`stage_upload` extracts one into)."""
+    return path.name == DICOM_STUDY_DIR and path.is_dir()
+
+
+def has_dicm_preamble(head: bytes) -> bool:
+    """Whether the first bytes of a file are a DICOM Part 10 preamble (``DICM`` after 128 bytes)."""
+    return head[DICM_OFFSET : DICM_OFFSET + 4] == b"DICM"
 
 
 def nifti_stem(name: str) -> str:
@@ -145,9 +174,9 @@ def copy_inflated(stream: BinaryIO, folder: Path, name: str, budget: ByteBudget)
 
 
 # ---------------------------------------------------------------------------- zip archives
-def member_parts(raw_name: str, archive: str) -> tuple[str, ...]:
-    """Path components of a zip member; :class:`UploadRejected` for an absolute path, a drive letter,
-    ``..`` or a component that is not a safe name."""
+def member_path(raw_name: str, archive: str) -> tuple[str, ...]:
+    """Path components of a zip member; :class:`UploadRejected` for an absolute path, a drive letter
+    or ``..``."""
     name = raw_name.replace("\\", "/")
     member = f"{archive}: member {raw_name[:80]!r}"
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
@@ -155,20 +184,44 @@ def member_parts(raw_name: str, archive: str) -> tuple[str, ...]:
     parts = tuple(part for part in PurePosixPath(name).parts if part not in ("", "."))
     if ".." in parts:
         raise UploadRejected(f"{member} points outside the archive ('..'); refused")
-    if not all(SAFE_NAME.match(part) for part in parts):
-        raise UploadRejected(f"{member} {UNSAFE_CHARACTERS}")
     return parts
 
 
+def member_parts(raw_name: str, archive: str) -> tuple[str, ...]:
+    """:func:`member_path`, and :class:`UploadRejected` for a component that is not a safe name."""
+    parts = member_path(raw_name, archive)
+    if not all(SAFE_NAME.match(part) for part in parts):
+        raise UploadRejected(f"{archive}: member {raw_name[:80]!r} {UNSAFE_CHARACTERS}")
+    return parts
+
+
+def _is_nifti_member(name: str) -> bool:
+    return is_nifti_name(name) or name == MSD_METADATA
+
+
+@contextlib.contextmanager
+def _member_stream(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive: str) -> Iterator[BinaryIO]:
+    """One member's stream; what the zip module cannot read in it is :class:`UploadRejected`."""
+    try:
+        with zf.open(info) as member:
+            yield member
+    except (NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        raise UploadRejected(
+            f"{archive}: member {info.filename[:80]!r} cannot be extracted ({first_line(exc, 160)}); "
+            "zip the case again with standard deflate compression"
+        ) from None
+
+
 def _checked_members(
-    infos: list[zipfile.ZipInfo], archive: str
-) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
-    """The members to extract with their path parts (zip-tool clutter skipped, folders left out)."""
-    members = []
+    zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], archive: str, limits: UploadLimits
+) -> tuple[str, list[tuple[zipfile.ZipInfo, tuple[str, ...]]]]:
+    """The kind of the zip (:data:`NIFTI_ZIP` or :data:`DICOM_ZIP`) and the members to extract with their
+    path parts (zip-tool clutter skipped, folders left out), the member count checked for that kind."""
+    files = []
     for info in infos:
+        parts = member_path(info.filename, archive)  # before the clutter test: ".." looks like a hidden name
         if IGNORED_MEMBERS.search(info.filename.replace("\\", "/")):
             continue
-        parts = member_parts(info.filename, archive)
         member = f"{archive}: member {info.filename[:80]!r}"
         if stat.S_ISLNK(info.external_attr >> 16):
             raise UploadRejected(f"{member} is a symbolic link; refused")
@@ -176,20 +229,77 @@ def _checked_members(
             raise UploadRejected(f"{member} is encrypted; zip it without a password")
         if info.is_dir() or not parts:
             continue
-        if not (is_nifti_name(parts[-1]) or parts[-1] == MSD_METADATA):
+        files.append((info, parts))
+    if not files:
+        raise UploadRejected(
+            f"{archive}: holds no NIfTI or DICOM file; zip the case folder with its modality files, "
+            "or the DICOM study's files"
+        )
+    if any(_is_nifti_member(parts[-1]) for _, parts in files):
+        return NIFTI_ZIP, _nifti_members(files, infos, archive, limits)
+    return DICOM_ZIP, _dicom_members(zf, files, infos, archive, limits)
+
+
+def _nifti_members(
+    files: list[tuple[zipfile.ZipInfo, tuple[str, ...]]],
+    infos: list[zipfile.ZipInfo],
+    archive: str,
+    limits: UploadLimits,
+) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+    """The members of a NIfTI case zip: safe names, NIfTI files and ``dataset.json`` only."""
+    if len(infos) > limits.max_members:
+        raise UploadTooLarge(
+            f"{archive}: holds {len(infos)} entries, more than {limits.max_members} "
+            "(serve.max_members); zip one case folder"
+        )
+    for info, parts in files:
+        member_parts(info.filename, archive)
+        if not _is_nifti_member(parts[-1]):
             raise UploadRejected(
-                f"{member} is not a NIfTI file (.nii, .nii.gz) or {MSD_METADATA}; zip only the case's images"
+                f"{archive}: member {info.filename[:80]!r} is not a NIfTI file (.nii, .nii.gz) or "
+                f"{MSD_METADATA}; zip only the case's images"
+            )
+    return files
+
+
+def _member_has_preamble(zf: zipfile.ZipFile, info: zipfile.ZipInfo, archive: str) -> bool:
+    with _member_stream(zf, info, archive) as member:
+        return has_dicm_preamble(member.read(DICM_OFFSET + 4))
+
+
+def _dicom_members(
+    zf: zipfile.ZipFile,
+    files: list[tuple[zipfile.ZipInfo, tuple[str, ...]]],
+    infos: list[zipfile.ZipInfo],
+    archive: str,
+    limits: UploadLimits,
+) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+    """The members of a DICOM study zip: ``.dcm`` or extension-less files, or any with the DICM
+    preamble; a ``DICOMDIR`` index is left out (the import finds the series by their headers)."""
+    if len(infos) > limits.max_dicom_files:
+        raise UploadTooLarge(
+            f"{archive}: holds {len(infos)} entries, more than {limits.max_dicom_files} "
+            "(serve.max_dicom_files); zip one DICOM study, or raise the limit"
+        )
+    members = []
+    for info, parts in files:
+        name = parts[-1]
+        if name.upper() == DICOMDIR:
+            continue
+        if not (is_dicom_name(name) or _member_has_preamble(zf, info, archive)):
+            raise UploadRejected(
+                f"{archive}: member {info.filename[:80]!r} is not a DICOM file (.dcm, no extension or the "
+                "DICM preamble); zip only the study's DICOM files (or a case's NIfTI files)"
             )
         members.append((info, parts))
-    if not members:
-        raise UploadRejected(f"{archive}: holds no NIfTI file; zip the case folder with its modality files")
     return members
 
 
-def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits, budget: ByteBudget) -> None:
-    """Extract a case zip into ``dest``, refusing too many members, a declared size over the budget,
-    unsafe names, links and encryption before one byte is written (:class:`UploadTooLarge`,
-    :class:`UploadRejected`)."""
+def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits, budget: ByteBudget) -> str:
+    """Extract a case zip or a DICOM study zip into ``dest``, refusing too many members, a declared size
+    over the budget, unsafe names, links and encryption before one byte is written
+    (:class:`UploadTooLarge`, :class:`UploadRejected`); returns :data:`NIFTI_ZIP` or :data:`DICOM_ZIP`.
+    DICOM members are written flat, numbered (``00001.dcm``...)."""
     try:
         zf = zipfile.ZipFile(stream)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
@@ -198,10 +308,11 @@ def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits
         ) from None
     with zf:
         infos = zf.infolist()
-        if len(infos) > limits.max_members:
+        most = max(limits.max_members, limits.max_dicom_files)
+        if len(infos) > most:
             raise UploadTooLarge(
-                f"{archive}: holds {len(infos)} entries, more than {limits.max_members} "
-                "(serve.max_members); zip one case folder"
+                f"{archive}: holds {len(infos)} entries, more than {most} (serve.max_members for a "
+                "NIfTI case, serve.max_dicom_files for a DICOM study); zip one case or study"
             )
         declared = sum(info.file_size for info in infos)
         if declared > budget.limit - budget.used:
@@ -209,20 +320,42 @@ def extract_zip(stream: BinaryIO, archive: str, dest: Path, limits: UploadLimits
                 f"{archive}: expands to {declared / 2**20:.0f} MB, more than "
                 f"{budget.limit / 2**20:.0f} MB (serve.max_uncompressed_mb); zip one case folder"
             )
-        for info, parts in _checked_members(infos, archive):
+        kind, members = _checked_members(zf, infos, archive, limits)
+        if kind == DICOM_ZIP:
+            _extract_dicom(zf, members, archive, dest, budget)
+            return kind
+        for info, parts in members:
             folder = dest.joinpath(*parts[:-1])
             folder.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(info) as member:
-                    if parts[-1] == MSD_METADATA:
-                        copy_plain(member, folder / MSD_METADATA, budget, info.filename)
-                    else:
-                        copy_inflated(member, folder, parts[-1], budget)
-            except (NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
-                raise UploadRejected(
-                    f"{archive}: member {info.filename[:80]!r} cannot be extracted ({first_line(exc, 160)}); "
-                    "zip the case again with standard deflate compression"
-                ) from None
+            with _member_stream(zf, info, archive) as member:
+                if parts[-1] == MSD_METADATA:
+                    copy_plain(member, folder / MSD_METADATA, budget, info.filename)
+                else:
+                    copy_inflated(member, folder, parts[-1], budget)
+    return kind
+
+
+def _extract_dicom(
+    zf: zipfile.ZipFile,
+    members: list[tuple[zipfile.ZipInfo, tuple[str, ...]]],
+    archive: str,
+    dest: Path,
+    budget: ByteBudget,
+) -> None:
+    """Write the members of a DICOM zip as ``dest/00001.dcm``...; :class:`UploadRejected` when none is
+    a DICOM file (no ``DICM`` preamble)."""
+    dicom_files = 0
+    for number, (info, _) in enumerate(members, start=1):
+        target = dest / f"{number:05d}{DICOM_SUFFIX}"
+        with _member_stream(zf, info, archive) as member:
+            copy_plain(member, target, budget, info.filename)
+        with target.open("rb") as fh:
+            dicom_files += has_dicm_preamble(fh.read(DICM_OFFSET + 4))
+    if not dicom_files:
+        raise UploadRejected(
+            f"{archive}: holds no DICOM file (none starts with the DICM preamble); zip the study's DICOM "
+            "files, or the NIfTI files of a case"
+        )
 
 
 # ---------------------------------------------------------------------------- loose files -> a case folder
@@ -407,7 +540,8 @@ def upload_dims(names: Sequence[str]) -> int:
 def stage_upload(uploads: Sequence[tuple[str | None, BinaryIO]], workdir: Path, limits: UploadLimits) -> Path:
     """Write ``(client file name, seekable stream)`` uploads into ``workdir`` (private, empty, removed by
     the caller) and return a folder holding one case for :func:`~tumorseg.models.predictor.plan_cases`,
-    or the one 2-D image, checked (:func:`check_image_file`)."""
+    the folder of a zipped DICOM study (:func:`is_dicom_study`), or the one 2-D image, checked
+    (:func:`check_image_file`)."""
     if not uploads:
         raise UploadRejected(
             f"files: no file uploaded; send the case's modality files or one .zip ({NAMING_HINT})"
@@ -433,7 +567,8 @@ def stage_upload(uploads: Sequence[tuple[str | None, BinaryIO]], workdir: Path, 
             )
         extracted = workdir / "extracted"
         extracted.mkdir()
-        extract_zip(first_stream, first, extracted, limits, budget)
+        if extract_zip(first_stream, first, extracted, limits, budget) == DICOM_ZIP:
+            return extracted.rename(workdir / DICOM_STUDY_DIR)
         root = _content_root(extracted)
         has_folders = any(p.is_dir() for p in root.iterdir())
         return root if has_folders else arrange_case(root, workdir / "case")
@@ -443,6 +578,11 @@ def stage_upload(uploads: Sequence[tuple[str | None, BinaryIO]], workdir: Path, 
             copy_plain(stream, loose / MSD_METADATA, budget, name)
         elif is_nifti_name(name):
             copy_inflated(stream, loose, name, budget)
+        elif name.lower().endswith(DICOM_SUFFIX):
+            raise UploadRejected(
+                f"{name}: one DICOM file is one slice; upload the whole study as one .zip of its DICOM "
+                "files (T1, T1ce, T2 and FLAIR series)"
+            )
         else:
             raise UploadRejected(
                 f"{name}: not a NIfTI file (.nii, .nii.gz), a .zip or a 2-D image (.mat, .png, .jpg, .tif, "

@@ -133,7 +133,8 @@ class DisplayCase:
     """A prediction kept for the viewer: uint8 ``(4, X, Y, Z)`` windowed modalities (t1, t1ce, t2, flair)
     and ``(X, Y, Z)`` internal labels on the RAS grid, the ``.nii.gz`` bytes in the input's geometry and
     ``label_convention`` (a ground truth is read in it, on the ``source_shape`` grid), and once given the
-    ground truth on the RAS grid with its Dice."""
+    ground truth on the RAS grid with its Dice. A DICOM study is shown as imported (its case on the
+    imported grid) and also keeps its DICOM-SEG (``dicom_seg``, named ``dicom_seg_name``)."""
 
     case_id: str
     images: np.ndarray
@@ -148,9 +149,15 @@ class DisplayCase:
     label_set: LabelSet = GLIOMA
     reference: np.ndarray | None = None
     dice: dict[str, float] | None = None
+    dicom_seg: bytes | None = None
+    dicom_seg_name: str | None = None
     touched: float = field(default_factory=time.monotonic)
 
     media_type = "application/gzip"
+
+    def attach_dicom_seg(self, data: bytes, file_name: str) -> None:
+        """Keep the DICOM-SEG of a DICOM study for download beside the segmentation."""
+        self.dicom_seg, self.dicom_seg_name = data, file_name
 
     def slices(self) -> dict[str, int]:
         """Number of slices per plane."""

@@ -1,6 +1,6 @@
-"""The viewer's endpoints on kept predictions: ``GET /cases/{id}``, its slices and segmentation, and
-``POST /cases/{id}/ground-truth`` (a NIfTI mask for a 3-D case, a mask image or Figshare .mat for a 2-D
-one); a result the store no longer holds is 404 (:class:`CaseNotFound`)."""
+"""The viewer's endpoints on kept predictions: ``GET /cases/{id}``, its slices and segmentation (and a
+DICOM study's DICOM-SEG), and ``POST /cases/{id}/ground-truth`` (a NIfTI mask for a 3-D case, a mask
+image or Figshare .mat for a 2-D one); a result the store no longer holds is 404 (:class:`CaseNotFound`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tumorseg.data.readers import IMAGE, IMAGE_SUFFIXES, name_dims
 from tumorseg.serving.auth import AUDIT_KEY, hash_uploads
+from tumorseg.serving.dicom_study import DICOM_SEG_MEDIA_TYPE
 from tumorseg.serving.service import score_mask, score_planar_mask, service_of
 from tumorseg.serving.uploads import UploadRejected, is_nifti_name, remove_tree, safe_file_name
 from tumorseg.serving.viewer import DisplayCase, PlanarDisplay
@@ -28,7 +29,8 @@ class CaseNotFound(UploadRejected):
 
 
 def viewer_summary(result_id: str, display: DisplayCase | PlanarDisplay) -> dict[str, Any]:
-    """What the viewer page needs of a kept prediction: its summary, slice counts, focus and download URL."""
+    """What the viewer page needs of a kept prediction: its summary, slice counts, focus and download URLs
+    (``dicom_seg_url`` only for a DICOM study)."""
     summary = dict(display.summary)
     if isinstance(display, DisplayCase):
         summary["dice"] = {k: round(v, 4) for k, v in display.dice.items()} if display.dice else None
@@ -36,7 +38,7 @@ def viewer_summary(result_id: str, display: DisplayCase | PlanarDisplay) -> dict
     else:
         summary.update(display.scores or {})
         spacing = [display.pixel_mm, display.pixel_mm]
-    return {
+    answer = {
         **summary,
         "result_id": result_id,
         "slices": display.slices(),
@@ -45,6 +47,10 @@ def viewer_summary(result_id: str, display: DisplayCase | PlanarDisplay) -> dict
         "segmentation_url": f"/cases/{result_id}/segmentation",
         "file_name": display.file_name,
     }
+    if isinstance(display, DisplayCase) and display.dicom_seg is not None:
+        answer["dicom_seg_url"] = f"/cases/{result_id}/dicom-seg"
+        answer["dicom_seg_file_name"] = display.dicom_seg_name
+    return answer
 
 
 def display_of(request: Request, result_id: str) -> DisplayCase | PlanarDisplay:
@@ -58,7 +64,8 @@ def display_of(request: Request, result_id: str) -> DisplayCase | PlanarDisplay:
 
 
 def add_case_routes(app: FastAPI) -> None:
-    """``GET /cases/{id}``, ``/cases/{id}/slice`` and ``/cases/{id}/segmentation``: what the page draws."""
+    """``GET /cases/{id}``, ``/cases/{id}/slice``, ``/cases/{id}/segmentation`` and
+    ``/cases/{id}/dicom-seg``: what the page draws and offers for download."""
 
     @app.get("/cases/{result_id}", summary="A kept prediction")
     async def case_summary(request: Request, result_id: str) -> dict[str, Any]:
@@ -87,6 +94,21 @@ def add_case_routes(app: FastAPI) -> None:
             display.segmentation,
             media_type=display.media_type,
             headers={"Content-Disposition": f'attachment; filename="{display.file_name}"'},
+        )
+
+    @app.get("/cases/{result_id}/dicom-seg", summary="Download a kept DICOM study's DICOM-SEG")
+    async def case_dicom_seg(request: Request, result_id: str) -> Response:
+        """The DICOM Segmentation of a kept DICOM study, referencing its T1ce series."""
+        display = display_of(request, result_id)
+        if not isinstance(display, DisplayCase) or display.dicom_seg is None:
+            raise CaseNotFound(
+                f"case {result_id!r}: not a DICOM study, so it has no DICOM-SEG; download its segmentation "
+                f"(/cases/{result_id}/segmentation)"
+            )
+        return Response(
+            display.dicom_seg,
+            media_type=DICOM_SEG_MEDIA_TYPE,
+            headers={"Content-Disposition": f'attachment; filename="{display.dicom_seg_name}"'},
         )
 
 

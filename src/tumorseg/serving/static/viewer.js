@@ -5,6 +5,10 @@
 // A ground truth (POST /cases/{id}/ground-truth: NIfTI for 3-D, a mask image or Figshare .mat for 2-D)
 // adds Dice (and for 2-D IoU) and its outline.
 //
+// A .zip of a DICOM study is imported by the server (series picked, co-registered to T1ce, brain
+// extracted, 1 mm): the page shows the imported case like any 3-D case, the series it used, and offers
+// the study's DICOM-SEG (GET /cases/{id}/dicom-seg, summary.dicom_seg_url) beside the segmentation.
+//
 // The 3-D regions come from the server: the model's label set (GET /health and every case summary,
 // `model.label_set`) lists its train regions with their internal codes, caption and colour, and the
 // page builds the region toggles, legend, overlay and volume table from it (WT/TC/ET for glioma,
@@ -251,9 +255,16 @@ function showSummary(summary) {
   }
   $("#reference-toggle").hidden = !summary.dice;
   const seconds = Object.values(summary.seconds || {}).reduce((a, b) => a + b, 0);
+  // a DICOM study: the series it was imported from (T1ce first: the DICOM-SEG's reference)
+  const series = summary.dicom
+    ? ` From DICOM: ${["t1ce", "t1", "t2", "flair"]
+        .filter((m) => summary.dicom.series[m])
+        .map((m) => `${m.toUpperCase()} ${summary.dicom.series[m]}`)
+        .join("; ")}.`
+    : "";
   $("#case-info").textContent =
     `${summary.case_id}: ${summary.shape.join(" x ")} voxels, ${summary.spacing_mm.join(" x ")} mm, ` +
-    `${summary.label_convention || summary.layout} labels; ${seconds.toFixed(1)} s`;
+    `${summary.label_convention || summary.layout} labels; ${seconds.toFixed(1)} s.${series}`;
 }
 
 async function showCase(summary) {
@@ -272,7 +283,16 @@ async function showCase(summary) {
   $("#download").href = summary.segmentation_url;
   $("#download").setAttribute("download", summary.file_name);
   $("#download").textContent =
-    state.kind === "2d" ? "Download tumour mask (.png)" : "Download segmentation (.nii.gz)";
+    state.kind === "2d"
+      ? "Download tumour mask (.png)"
+      : summary.dicom_seg_url
+        ? `Download segmentation (.nii.gz, on the imported ${summary.spacing_mm[0]} mm grid shown here)`
+        : "Download segmentation (.nii.gz)";
+  $("#dicom-seg").hidden = !summary.dicom_seg_url;
+  if (summary.dicom_seg_url) {
+    $("#download-dicom-seg").href = summary.dicom_seg_url;
+    $("#download-dicom-seg").setAttribute("download", summary.dicom_seg_file_name);
+  }
   $("#reference-label").textContent = REFERENCE_INPUT[state.kind].label;
   $("#reference-file").accept = REFERENCE_INPUT[state.kind].accept;
   $("#reference-file").value = "";
@@ -280,7 +300,8 @@ async function showCase(summary) {
   $("#viewer").hidden = false;
   await drawAll();
   const detected = state.kind === "2d" ? ` Tumour: ${summary.label}.` : "";
-  setStatus(`Segmented ${summary.case_id}.${detected}`);
+  const dicom = summary.dicom_seg_url ? " Imported from DICOM; its DICOM-SEG is ready to download." : "";
+  setStatus(`Segmented ${summary.case_id}.${detected}${dicom}`);
 }
 
 async function run(label, request) {
@@ -306,7 +327,10 @@ $("#upload-form").addEventListener("submit", (event) => {
   }
   const form = new FormData();
   for (const file of files) form.append("files", file, file.name);
-  run(files.length === 1 ? files[0].name : `${files.length} files`, () =>
+  // a zip may be a DICOM study, which the server imports first (registration, brain extraction)
+  const zipped = files.length === 1 && files[0].name.toLowerCase().endsWith(".zip");
+  const label = files.length === 1 ? files[0].name : `${files.length} files`;
+  run(zipped ? `${label} (a DICOM study is imported first, which takes a minute or two)` : label, () =>
     api("/predict?format=viewer", { method: "POST", body: form }),
   );
 });
@@ -343,24 +367,25 @@ for (const control of document.querySelectorAll(".region, #opacity, #show-refere
   control.addEventListener("input", () => state.caseId && drawAll());
 }
 $("#modality").addEventListener("change", () => state.caseId && drawAll());
-// A plain link cannot send the token: with one, the download goes through fetch and a blob URL.
-$("#download").addEventListener("click", async (event) => {
-  if (!sessionStorage.getItem(TOKEN_KEY)) return;
-  event.preventDefault();
-  const link = event.currentTarget;
-  try {
-    const response = await api(link.href);
-    if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    const url = URL.createObjectURL(await response.blob());
-    const save = document.createElement("a");
-    save.href = url;
-    save.download = link.getAttribute("download") || "segmentation";
-    save.click();
-    setTimeout(() => URL.revokeObjectURL(url), 1000);
-  } catch (error) {
-    setStatus(`Download failed: ${error.message}`, "error");
-  }
-});
+// A plain link cannot send the token: with one, a download goes through fetch and a blob URL.
+for (const link of document.querySelectorAll("a.download")) {
+  link.addEventListener("click", async (event) => {
+    if (!sessionStorage.getItem(TOKEN_KEY)) return;
+    event.preventDefault();
+    try {
+      const response = await api(link.href);
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      const url = URL.createObjectURL(await response.blob());
+      const save = document.createElement("a");
+      save.href = url;
+      save.download = link.getAttribute("download") || "segmentation";
+      save.click();
+      setTimeout(() => URL.revokeObjectURL(url), 1000);
+    } catch (error) {
+      setStatus(`Download failed: ${error.message}`, "error");
+    }
+  });
+}
 for (const slider of document.querySelectorAll(".slice")) {
   slider.addEventListener("input", () => state.caseId && drawPlane(slider.dataset.plane));
 }
