@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -131,6 +132,23 @@ def test_inputs_are_checked_in_one_line() -> None:
         extractor.extract(images, np.zeros((4, 4)))
 
 
+def test_the_network_sees_the_head_box_whatever_the_field_of_view() -> None:
+    rng = np.random.default_rng(1)
+    head = _cube((40, 44, 36), (10, 12, 8), (30, 34, 28))
+    channels = np.stack([np.where(head, 0.8, 0.0) + np.abs(rng.normal(0.0, 0.03, head.shape))] * 4)
+    margin = int(np.ceil(brain.HEAD_MARGIN_MM / 2.0))
+    box = brain.head_box(channels, 2.0)
+    for found, (lo, hi) in zip(box, ((10, 30), (12, 34), (8, 28)), strict=True):
+        # the margin, and up to 3 voxels that the smoothing lifts above the head's level
+        assert lo - margin - 3 <= found.start <= lo - margin and hi + margin <= found.stop <= hi + margin + 3
+    wide = np.pad(channels, ((0, 0), (25, 25), (25, 25), (20, 20)))  # more background all round
+    shifted = tuple(slice(s.start + p, s.stop + p) for s, p in zip(box, (25, 25, 20), strict=True))
+    assert brain.head_box(wide, 2.0) == shifted
+    cut = channels[:, 14:, :, :20]  # a field of view that cuts the head: the box stops at its edges
+    assert brain.head_box(cut, 2.0) == (slice(0, box[0].stop - 14), box[1], slice(box[2].start, 20))
+    assert brain.head_box(np.zeros((4, 6, 7, 8)), 2.0) == (slice(0, 6), slice(0, 7), slice(0, 8))
+
+
 # ---------------------------------------------------------------------------- masks
 def test_largest_component_and_holes() -> None:
     mask = _cube((30, 30, 30), (2, 2, 2), (20, 20, 20)) | _cube((30, 30, 30), (24, 24, 24), (28, 28, 28))
@@ -220,25 +238,52 @@ def test_bad_uris_give_one_line_errors_naming_them(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- training and the registry
-def test_short_training_registers_and_loads_back(tmp_path: Path) -> None:
-    import mlflow
-
+def _tiny_training_params(steps: int) -> Any:
     from tumorseg.params import load_params
-    from tumorseg.tracking import default_tracking_uri
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     params = load_params()
     cfg = params.dicom.brain.model_copy(
         update={
             "train_cases": 2,
             "val_cases": 1,
-            "steps": 4,
+            "steps": steps,
             "spacing_mm": 4.0,
             "channels": [4, 8, 16],
             "seed": 3,
         }
     )
-    params = params.model_copy(update={"dicom": params.dicom.model_copy(update={"brain": cfg})})
+    return params.model_copy(update={"dicom": params.dicom.model_copy(update={"brain": cfg})})
+
+
+def test_training_without_registering_writes_the_checkpoint_only(tmp_path: Path) -> None:
+    from tumorseg.tracking import default_tracking_uri
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    report = brain.train_brain_extractor(
+        _tiny_training_params(steps=2),
+        tracking_uri=default_tracking_uri(tmp_path / "mlruns"),
+        out_dir=tmp_path / "brain",
+        register=False,
+        progress=lambda _: None,
+    )
+    assert report.run_id is None and report.version is None and "not registered" in report.one_line()
+    assert sorted(p.name for p in (tmp_path / "brain").iterdir()) == [
+        brain.CHECKPOINT_FILE,
+        brain.METRICS_FILE,
+    ]
+    assert not (tmp_path / "mlruns").exists()
+    loaded = brain.load_brain_extractor(str(report.checkpoint), tracking_uri="sqlite:///unused.db")
+    assert loaded.metrics["val_dice"] == report.val_dice
+
+
+def test_short_training_registers_and_loads_back(tmp_path: Path) -> None:
+    import mlflow
+
+    from tumorseg.tracking import default_tracking_uri
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    params = _tiny_training_params(steps=4)
+    cfg = params.dicom.brain
     tracking_uri = default_tracking_uri(tmp_path / "mlruns")
     assert tracking_uri == f"sqlite:///{(tmp_path / 'mlruns' / 'mlflow.db').resolve()}"
     lines: list[str] = []
@@ -250,6 +295,12 @@ def test_short_training_registers_and_loads_back(tmp_path: Path) -> None:
     assert report.version == "1" and report.model_uri == f"models:/{cfg.model_name}/1"
     assert list(report.val_dice_cases) == ["head-003"] and 0.0 <= report.val_dice <= 1.0
     assert any(line.startswith("brain: step 4/4 loss ") and " left" in line for line in lines)
+    summary = report.one_line()
+    assert (
+        "\n" not in summary
+        and "validation Dice" in summary
+        and "registered models:/tumorseg-brain/1 as champion" in summary
+    )
     written = json.loads((tmp_path / "brain" / brain.METRICS_FILE).read_text())
     assert (
         written["val_dice"] == report.val_dice

@@ -15,7 +15,8 @@ Use (:class:`BrainExtractor`): the four sequences on one grid, each divided by a
 its head (:func:`normalise`: robust to the background and the field of view), resampled to
 ``spacing_mm`` (area average; trilinear where the input is coarser), padded to the U-Net's multiple;
 the brain probability goes back to the input grid (trilinear), is thresholded, its largest connected
-component kept and its holes filled.
+component kept and its holes filled. The network sees the head's bounding box (:func:`head_box`)
+only, so a field of view wider than the training samples' does not change what it sees.
 
 Storage: one checkpoint file (:data:`CHECKPOINT_FILE`: the state dict, the settings that rebuild the
 network and the validation scores; loadable with ``torch.load(weights_only=True)``), logged to an
@@ -70,9 +71,14 @@ MAX_ROTATION_DEG = 12.0
 MAX_SHIFT_MM = 20.0
 MAX_LOG_SCALE = 0.08
 CHANNEL_DROPOUT = 0.2
+HEAD_LEVEL = 0.1
+"""Normalised signal (mean of the channels, smoothed over :data:`HEAD_SMOOTH_MM`) above which a voxel is head."""
+HEAD_SMOOTH_MM = 4.0
+HEAD_MARGIN_MM = 10.0
+"""The network sees the head's bounding box plus this margin (the field of view it was trained on)."""
 HEAD_SEED_OFFSET = 7919
 """Held-out heads (:func:`heldout_dice`) use ``dicom.brain.seed`` plus this by default."""
-FIRST_STEPS = "train and register the brain-extraction model first (its DVC stage, or train_brain_extractor)"
+FIRST_STEPS = "run `tumorseg train-brain` first (it trains and registers the brain-extraction model)"
 MODEL_DESCRIPTION = (
     "Brain extraction (skull stripping) from co-registered T1, T1ce, T2 and FLAIR: a 3-D U-Net trained on "
     "generated heads only. Alias `champion`: what `import-dicom` uses. Not for clinical use."
@@ -145,6 +151,26 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     counts = np.bincount(labels.ravel())
     counts[0] = 0
     return labels == int(counts.argmax())
+
+
+def head_box(channels: np.ndarray, spacing_mm: float) -> tuple[slice, slice, slice]:
+    """The bounding box of the head in normalised ``(C, X, Y, Z)`` ``channels`` on a ``spacing_mm`` grid,
+    plus :data:`HEAD_MARGIN_MM` (within the volume): the largest connected region where the channels'
+    mean, smoothed, is above :data:`HEAD_LEVEL`. The whole volume when nothing is.
+
+    The network normalises its features over what it sees, so a wide field of view of background
+    would change them; cropped to the head, every field of view looks like the training samples.
+    """
+    signal = ndi.gaussian_filter(np.asarray(channels, dtype=np.float32).mean(0), HEAD_SMOOTH_MM / spacing_mm)
+    head = largest_component(signal > HEAD_LEVEL)
+    shape = signal.shape
+    if not head.any():
+        return tuple(slice(0, n) for n in shape)  # type: ignore[return-value]
+    found = np.argwhere(head)
+    margin = int(math.ceil(HEAD_MARGIN_MM / spacing_mm))
+    lo = np.maximum(found.min(0) - margin, 0)
+    hi = np.minimum(found.max(0) + 1 + margin, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))  # type: ignore[return-value]
 
 
 def clean_mask(mask: np.ndarray) -> np.ndarray:
@@ -246,9 +272,15 @@ class BrainExtractor:
         return torch.sigmoid(logits[:, :, : size[0], : size[1], : size[2]])
 
     def probability(self, images: Mapping[str, np.ndarray], affine: np.ndarray) -> np.ndarray:
-        """Brain probability on the input grid (float32, the images' shape)."""
+        """Brain probability on the input grid (float32, the images' shape); 0 outside the head's box
+        (:func:`head_box`)."""
+        import torch
+
         shape, _ = _check_inputs(images, affine)
-        prob = self.network_probability(self.network_input(images, affine))
+        x = self.network_input(images, affine)
+        box = (slice(None), slice(None), *head_box(x[0].numpy(), self.spacing_mm))
+        prob = torch.zeros((1, 1, *x.shape[2:]), dtype=torch.float32)
+        prob[box] = self.network_probability(x[box])
         return resize(prob, shape)[0, 0].numpy().astype(np.float32)
 
     def extract(self, images: Mapping[str, np.ndarray], affine: np.ndarray) -> np.ndarray:
@@ -509,6 +541,20 @@ class BrainTrainingReport:
     extractor: BrainExtractor | None = field(default=None, repr=False, compare=False)
     """The trained network, ready to use (not written)."""
 
+    def one_line(self) -> str:
+        """What training gave, in one line (the command's summary)."""
+        at_1mm = f", {self.val_dice_1mm:.4f} at 1 mm (held-out)" if self.val_dice_1mm is not None else ""
+        where = (
+            f"registered {self.model_uri} as {CHAMPION} (run {self.run_id})"
+            if self.version is not None
+            else f"run {self.run_id}, not registered"
+        )
+        return (
+            f"brain extraction: validation Dice {self.val_dice:.4f} at {self.spacing_mm:g} mm{at_1mm}; "
+            f"{self.steps} steps in {_duration(self.train_seconds)} ({_duration(self.seconds)} in all); "
+            f"{self.checkpoint}; {where}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready values (without the extractor)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extractor"}
@@ -672,24 +718,18 @@ def train_brain_extractor(
     progress: Callable[[str], None] = print,
     heldout_1mm: int = 0,
 ) -> BrainTrainingReport:
-    """Train the brain-extraction network on generated heads (``params.dicom.brain``), validate it,
+    """Train the brain-extraction network on generated heads (``params.dicom.brain``), validate it and
     write ``out_dir/brain.pt`` and ``out_dir/metrics.json`` (atomically; ``out_dir`` defaults to
-    ``dicom.brain.out_dir``), log one MLflow run in ``dicom.brain.experiment`` of ``tracking_uri``
-    (parameters, validation Dice, the checkpoint under :data:`ARTIFACT_PATH`) and, with ``register``,
-    register it as a new version of ``dicom.brain.model_name`` aliased ``champion``.
+    ``dicom.brain.out_dir``). With ``register`` (and ``mlflow.enabled``), also log one MLflow run in
+    ``dicom.brain.experiment`` of ``tracking_uri`` (parameters, validation Dice, the checkpoint under
+    :data:`ARTIFACT_PATH`), register it as a new version of ``dicom.brain.model_name`` and alias it
+    ``champion``; otherwise MLflow is not touched.
 
     Heads ``1..train_cases`` of seed ``dicom.brain.seed`` are trained on, the next ``val_cases`` score
     it on the network's grid; ``heldout_1mm`` > 0 also scores that many heads of another seed at 1 mm
     (``val_dice_1mm``, about 10 s each on 2 cores).
     """
-    import torch
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    from tumorseg.data.manifest import atomic_write_text
     from tumorseg.params import as_params
-    from tumorseg.registry.loading import prepare_mlflow
-    from tumorseg.tracking import create_run, ensure_experiment, flatten, reap_orphaned_runs
 
     params = as_params(params)
     cfg = params.dicom.brain
@@ -697,99 +737,145 @@ def train_brain_extractor(
     out = Path(out_dir if out_dir is not None else cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-
-    prepare_mlflow()
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    experiment_id = ensure_experiment(tracking_uri, cfg.experiment)
-    reap_orphaned_runs(tracking_uri, cfg.experiment)
-    run_id = create_run(client, experiment_id, run_name="train-brain", tags={"tumorseg.stage": "train-brain"})
-    settings = {
-        **flatten(cfg.model_dump(), "brain."),
-        "num_res_units": NUM_RES_UNITS,
-        "train_fov_mm": list(TRAIN_FOV_MM),
-        "max_rotation_deg": MAX_ROTATION_DEG,
-        "max_shift_mm": MAX_SHIFT_MM,
-        "torch_threads": torch.get_num_threads(),
-    }
-    client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in settings.items()])
+    tracked = _TrackedRun.start(tracking_uri, cfg) if register and params.mlflow.enabled else None
     try:
-        synth_cfg = head_synth_config(params, cfg.spacing_mm, cfg.seed)
-        train_heads = _generate(range(1, cfg.train_cases + 1), synth_cfg, cfg.seed, "training", progress)
-        samples = [_prepare(head, cfg.spacing_mm) for head in train_heads]
-        del train_heads
-        train_start = time.perf_counter()
-        network, final_loss = fit_network(samples, cfg, progress=progress)
-        train_seconds = time.perf_counter() - train_start
-        del samples
-        extractor = BrainExtractor(
-            network,
-            channels=cfg.channels,
-            spacing_mm=cfg.spacing_mm,
-            threshold=cfg.threshold,
-            description=f"run {run_id}",
-            run_id=run_id,
-        )
-        first_val = cfg.train_cases + 1
-        val_heads = _generate(
-            range(first_val, first_val + cfg.val_cases), synth_cfg, cfg.seed, "validation", progress
-        )
-        val_cases = {
-            f"head-{first_val + k:03d}": dice(extractor.extract(h.images, h.affine), h.brain_mask)
-            for k, h in enumerate(val_heads)
-        }
-        del val_heads
-        val_dice = float(np.mean(list(val_cases.values())))
-        progress(
-            f"brain: validation Dice {val_dice:.4f} at {cfg.spacing_mm:g} mm (min {min(val_cases.values()):.4f})"
-        )
-        scores_1mm = (
-            heldout_dice(extractor, params, cases=heldout_1mm, spacing_mm=1.0) if heldout_1mm > 0 else []
-        )
-        dice_1mm = float(np.mean(scores_1mm)) if scores_1mm else None
-        if dice_1mm is not None:
-            progress(f"brain: held-out Dice {dice_1mm:.4f} at 1 mm ({len(scores_1mm)} heads)")
-        metrics: dict[str, float] = {
-            "val_dice": val_dice,
-            "val_dice_min": float(min(val_cases.values())),
-            "final_loss": final_loss,
-            "train_seconds": train_seconds,
-            **({"val_dice_1mm": dice_1mm} if dice_1mm is not None else {}),
-        }
-        extractor.metrics = metrics
-        checkpoint = extractor.save(out / CHECKPOINT_FILE)
-        report = BrainTrainingReport(
-            val_dice=val_dice,
-            val_dice_cases=val_cases,
-            steps=cfg.steps,
-            seconds=time.perf_counter() - started,
-            checkpoint=checkpoint,
-            run_id=run_id,
-            val_dice_1mm=dice_1mm,
-            val_dice_1mm_cases=scores_1mm,
-            train_seconds=train_seconds,
-            final_loss=final_loss,
-            spacing_mm=cfg.spacing_mm,
-            extractor=extractor,
-        )
-        atomic_write_text(out / METRICS_FILE, json.dumps(report.to_dict(), indent=1) + "\n")
-        now = int(time.time() * 1000)
-        logged = {**metrics, **{f"val_dice/{k}": v for k, v in val_cases.items()}}
-        client.log_batch(
-            run_id, metrics=[Metric(k.replace("/", "_"), float(v), now, cfg.steps) for k, v in logged.items()]
-        )
-        client.log_artifact(run_id, str(checkpoint), artifact_path=ARTIFACT_PATH)
-        client.log_artifact(run_id, str(out / METRICS_FILE), artifact_path=ARTIFACT_PATH)
+        report = _train(params, out, progress, heldout_1mm, run_id=tracked.run_id if tracked else None)
+        if tracked is not None:
+            tracked.log(report, out)
     except BaseException:
-        client.set_terminated(run_id, status="FAILED")
+        if tracked is not None:
+            tracked.client.set_terminated(tracked.run_id, status="FAILED")
         raise
-    client.set_terminated(run_id)
-    if register:
-        report.version = register_brain_model(client, run_id, cfg, metrics)
+    if tracked is not None:
+        tracked.client.set_terminated(tracked.run_id)
+        report.version = register_brain_model(tracked.client, tracked.run_id, cfg, tracked.metrics)
         report.model_uri = f"models:/{cfg.model_name}/{report.version}"
-        progress(f"brain: registered {cfg.model_name} version {report.version} as {CHAMPION} (run {run_id})")
+        progress(
+            f"brain: registered {cfg.model_name} version {report.version} as {CHAMPION} (run {report.run_id})"
+        )
     report.seconds = time.perf_counter() - started
-    atomic_write_text(out / METRICS_FILE, json.dumps(report.to_dict(), indent=1) + "\n")
+    _write_metrics(out, report)
     return report
+
+
+def _write_metrics(out: Path, report: BrainTrainingReport) -> None:
+    from tumorseg.data.manifest import atomic_write_text
+
+    atomic_write_text(out / METRICS_FILE, json.dumps(report.to_dict(), indent=1) + "\n")
+
+
+def _train(
+    params: Params, out: Path, progress: Callable[[str], None], heldout_1mm: int, *, run_id: str | None
+) -> BrainTrainingReport:
+    """Generate the heads, train, validate, save the checkpoint and ``metrics.json``."""
+    cfg = params.dicom.brain
+    started = time.perf_counter()
+    synth_cfg = head_synth_config(params, cfg.spacing_mm, cfg.seed)
+    train_heads = _generate(range(1, cfg.train_cases + 1), synth_cfg, cfg.seed, "training", progress)
+    samples = [_prepare(head, cfg.spacing_mm) for head in train_heads]
+    del train_heads
+    train_start = time.perf_counter()
+    network, final_loss = fit_network(samples, cfg, progress=progress)
+    train_seconds = time.perf_counter() - train_start
+    del samples
+    extractor = BrainExtractor(
+        network,
+        channels=cfg.channels,
+        spacing_mm=cfg.spacing_mm,
+        threshold=cfg.threshold,
+        description=f"run {run_id}" if run_id else "trained brain extractor",
+        run_id=run_id,
+    )
+    first_val = cfg.train_cases + 1
+    val_heads = _generate(
+        range(first_val, first_val + cfg.val_cases), synth_cfg, cfg.seed, "validation", progress
+    )
+    val_cases = {
+        f"head-{first_val + k:03d}": dice(extractor.extract(h.images, h.affine), h.brain_mask)
+        for k, h in enumerate(val_heads)
+    }
+    del val_heads
+    val_dice = float(np.mean(list(val_cases.values())))
+    progress(
+        f"brain: validation Dice {val_dice:.4f} at {cfg.spacing_mm:g} mm (min {min(val_cases.values()):.4f})"
+    )
+    scores_1mm = heldout_dice(extractor, params, cases=heldout_1mm, spacing_mm=1.0) if heldout_1mm > 0 else []
+    dice_1mm = float(np.mean(scores_1mm)) if scores_1mm else None
+    if dice_1mm is not None:
+        progress(f"brain: held-out Dice {dice_1mm:.4f} at 1 mm ({len(scores_1mm)} heads)")
+    extractor.metrics = {
+        "val_dice": val_dice,
+        "val_dice_min": float(min(val_cases.values())),
+        "final_loss": final_loss,
+        "train_seconds": train_seconds,
+        **({"val_dice_1mm": dice_1mm} if dice_1mm is not None else {}),
+    }
+    report = BrainTrainingReport(
+        val_dice=val_dice,
+        val_dice_cases=val_cases,
+        steps=cfg.steps,
+        seconds=time.perf_counter() - started,
+        checkpoint=extractor.save(out / CHECKPOINT_FILE),
+        run_id=run_id,
+        val_dice_1mm=dice_1mm,
+        val_dice_1mm_cases=scores_1mm,
+        train_seconds=train_seconds,
+        final_loss=final_loss,
+        spacing_mm=cfg.spacing_mm,
+        extractor=extractor,
+    )
+    _write_metrics(out, report)
+    return report
+
+
+@dataclass
+class _TrackedRun:
+    """The MLflow run of one training: opened before the heads are generated (a failure is recorded)."""
+
+    client: Any
+    run_id: str
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, tracking_uri: str, cfg: BrainConfig) -> _TrackedRun:
+        import torch
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+
+        from tumorseg.registry.loading import prepare_mlflow
+        from tumorseg.tracking import create_run, ensure_experiment, flatten, reap_orphaned_runs
+
+        prepare_mlflow()
+        client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        experiment_id = ensure_experiment(tracking_uri, cfg.experiment)
+        reap_orphaned_runs(tracking_uri, cfg.experiment)
+        run_id = create_run(
+            client, experiment_id, run_name="train-brain", tags={"tumorseg.stage": "train-brain"}
+        )
+        settings = {
+            **flatten(cfg.model_dump(), "brain."),
+            "num_res_units": NUM_RES_UNITS,
+            "train_fov_mm": list(TRAIN_FOV_MM),
+            "max_rotation_deg": MAX_ROTATION_DEG,
+            "max_shift_mm": MAX_SHIFT_MM,
+            "torch_threads": torch.get_num_threads(),
+        }
+        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in settings.items()])
+        return cls(client, run_id, cfg.steps)
+
+    def log(self, report: BrainTrainingReport, out: Path) -> None:
+        """The validation scores as metrics, the checkpoint and ``metrics.json`` under :data:`ARTIFACT_PATH`."""
+        from mlflow.entities import Metric
+
+        self.metrics = dict(report.extractor.metrics) if report.extractor is not None else {}
+        logged = {**self.metrics, **{f"val_dice_{k}": v for k, v in report.val_dice_cases.items()}}
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, self.steps) for k, v in logged.items()]
+        )
+        self.client.log_artifact(self.run_id, str(report.checkpoint), artifact_path=ARTIFACT_PATH)
+        self.client.log_artifact(self.run_id, str(out / METRICS_FILE), artifact_path=ARTIFACT_PATH)
 
 
 def register_brain_model(client: Any, run_id: str, cfg: BrainConfig, metrics: Mapping[str, float]) -> str:
