@@ -30,14 +30,12 @@ REPORT_MD = "dicom_check.md"
 _TRE_POINTS = 20000
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(a, b).sum()) / total
-
-
 def _region_dice(pred: np.ndarray, truth: np.ndarray, label_set: Any) -> dict[str, float]:
-    p, t = label_set.regions(pred), label_set.regions(truth)
-    return {name: round(_dice(p[i], t[i]), 4) for i, name in enumerate(label_set.region_names)}
+    """Dice per region with the evaluation's rules (1 when both masks are empty)."""
+    from tumorseg.evaluation.metrics import confusion_counts, overlap_metrics
+
+    rows = overlap_metrics(confusion_counts(label_set.regions(pred), label_set.regions(truth)))
+    return {name: round(row["dice"], 4) for name, row in zip(label_set.region_names, rows, strict=True)}
 
 
 def _lps_points(mask_img: Any, n: int, seed: int = 0) -> np.ndarray:
@@ -63,6 +61,7 @@ def score_study(
     import SimpleITK as sitk
 
     from tumorseg.data.conventions import get_convention
+    from tumorseg.dicom.brain import dice
     from tumorseg.dicom.outputs import predict_dicom, resample_labels
     from tumorseg.registry.predict import predict_folder
 
@@ -106,7 +105,7 @@ def score_study(
         0,
     )
     truth_mask = sitk.GetArrayFromImage(truth_on_grid).transpose(2, 1, 0) > 0
-    record["brain_dice"] = round(_dice(case.brain_mask, truth_mask), 4)
+    record["brain_dice"] = round(dice(case.brain_mask, truth_mask), 4)
 
     truth_seg = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_dir / "seg_t1ce.nii.gz"))).astype(np.uint8)
     convention = get_convention("brats2021")

@@ -92,14 +92,14 @@ def labels_to_reference(canonical: np.ndarray, case: ImportedCase) -> np.ndarray
 def _atomic_sitk_write(image: Any, path: Path) -> None:
     import SimpleITK as sitk
 
+    from tumorseg.data.synth import file_mode
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, useCompression=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; an output is not
+        os.chmod(tmp, file_mode(0o666))  # mkstemp's file is private; an output is not
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

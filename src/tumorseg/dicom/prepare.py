@@ -306,6 +306,8 @@ def _write_case(
     """The case folder through a temporary folder renamed at the end: complete or absent."""
     import nibabel as nib
 
+    from tumorseg.data.synth import file_mode  # scipy.ndimage: not on predict's cold import path
+
     case_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{case_id}.", suffix=".tmp", dir=case_dir.parent))
     try:
@@ -316,7 +318,7 @@ def _write_case(
             img.header.set_xyzt_units("mm", "sec")
             nib.save(img, tmp / f"{case_id}_{m}.nii.gz")
         (tmp / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, file_mode(0o777))  # mkdtemp makes it private; a dataset is shared
         if case_dir.exists():
             shutil.rmtree(case_dir)
         write_point(case_dir)
@@ -324,12 +326,6 @@ def _write_case(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def import_study(
