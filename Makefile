@@ -9,7 +9,7 @@ export PREFECT_HOME ?= $(abspath .prefect)
 export PREFECT_SERVER_ALLOW_EPHEMERAL_MODE ?= true
 export MPLBACKEND ?= Agg
 
-.PHONY: venv run test test-fast reliability bench lint format clean
+.PHONY: venv run test test-fast reliability bench bench-dicom lint format clean
 
 venv: $(VENV)/.installed
 
@@ -49,6 +49,21 @@ reliability: venv $(VENV)/.test-installed
 # Benchmarks need the trained champion: `dvc repro` first (a no-op when up to date).
 bench: run
 	$(BIN)/python -m benchmarks --out benchmarks/results.json
+
+# The DICOM path's choices (docs/dicom.md, decision 0022): SimpleITK against ITK-elastix on the
+# generated studies, and the brain-extraction network against the MNI152 mask on non-template brains.
+# ITK-elastix gets its own environment, .venv-elastix (itk-elastix and numpy, pinned in
+# constraints.txt: ITK's wheels take 1.6 GB), run as a subprocess.
+ELASTIX_VENV ?= .venv-elastix
+$(ELASTIX_VENV)/.installed: constraints.txt
+	test -x $(ELASTIX_VENV)/bin/python || $(PYTHON) -m venv $(ELASTIX_VENV)
+	$(ELASTIX_VENV)/bin/python -m pip install -q -c constraints.txt itk-elastix numpy
+	touch $@
+
+bench-dicom: venv $(ELASTIX_VENV)/.installed
+	$(BIN)/dvc repro dicom_studies brain
+	$(BIN)/python -m benchmarks.registration --elastix-python $(ELASTIX_VENV)/bin/python --out benchmarks/registration.json
+	$(BIN)/python -m benchmarks.brain_extraction --cases 4 --out benchmarks/brain_extraction.json
 
 lint: venv
 	$(BIN)/ruff check src tests pipelines benchmarks

@@ -231,3 +231,42 @@ def test_a_study_without_flair_is_refused_in_one_line_with_nothing_written(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no FLAIR series" in err[0] and "Traceback" not in err[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_dicom_check_scores_a_study_and_the_brain_extractor_it_did_not_use(
+    generated: Path, project: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``tumorseg dicom-check`` on one generated study: the picks against the truth, the TRE, both
+    brain extractors (the import's rule and nilearn's MNI152 mask registered to the T1ce: on this
+    study's coarse series its rough brain keeps the scalp, so only its presence is checked here;
+    tests/unit/test_dicom_atlas.py checks its accuracy), the Dice of the DICOM path and of the NIfTI
+    path, written as JSON and Markdown."""
+    params_file, ckpt = project
+    args = [
+        "dicom-check",
+        "--studies",
+        str(generated.parent),
+        "--model",
+        str(ckpt),
+        "--params",
+        str(params_file),
+    ]
+    assert main(args) == 0
+    assert "dicom-check: 1/1 studies classified right" in capsys.readouterr().out
+    report_dir = params_file.parent / "reports" / "dicom"
+    report = json.loads((report_dir / "dicom_check.json").read_text())
+    (study,) = report["studies"]
+    assert study["classification_right"] and study["distractors_picked"] == 0
+    assert max(study["tre_mm"].values()) < 2.0  # series 2.5x coarser than a scanner's
+    assert report["other_brain_model"] == "mni152"
+    assert 0.0 < study["other_brain_dice"] <= 1.0 and study["other_brain_seconds"] > 0
+    for path in ("dicom_dice", "nifti_dice"):
+        assert set(study[path]) == {"WT", "TC", "ET"}
+        assert all(0.0 <= v <= 1.0 for v in study[path].values())
+    summary = report["summary"]
+    assert summary["other_brain_dice_mean"] == study["other_brain_dice"]
+    assert summary["dice_gap"] == pytest.approx(
+        summary["nifti_dice_mean"] - summary["dicom_dice_mean"], abs=1e-3
+    )
+    markdown = (report_dir / "dicom_check.md").read_text()
+    assert "brain Dice, mni152" in markdown and "STUDY_0001" in markdown

@@ -255,6 +255,20 @@ def _lock_entry(repo: Path, stage: str) -> Any:
     return yaml.safe_load(lock.read_text())["stages"].get(stage) if lock.is_file() else None
 
 
+def _lock_cut(repo: Path) -> bool:
+    """Whether ``dvc.lock`` is empty or cut short. DVC rewrites it in place (``open(path, "w+")``, then
+    the YAML dump: dvc/utils/serialize/_common.py), so a SIGKILL inside that write leaves it so; a
+    user gets it back with ``git checkout dvc.lock`` (docs/decisions/0018-crash-consistency.md)."""
+    lock = repo / "dvc.lock"
+    if not lock.is_file():
+        return False
+    try:
+        data = yaml.safe_load(lock.read_text())
+    except yaml.YAMLError:
+        return True
+    return not isinstance(data, dict) or not isinstance(data.get("stages"), dict)
+
+
 def _registry(repo: Path) -> tuple[dict[str, dict[str, str]], set[str], list[str]]:
     """Aliases by model, the versions' ``name/number``, and the RUNNING runs of the project's store.
 
@@ -372,6 +386,7 @@ def _attempt(stage: Stage, work: Path, kill: str, pause: int | None, log: Path) 
     """Start ``stage`` in ``work``, SIGKILL it at write point ``pause`` (or by time), check what it left."""
     name = stage.name
     before, lock, registry = _snapshot(work, stage), _lock_entry(work, name), _registry(work)
+    lock_text = (work / "dvc.lock").read_text() if (work / "dvc.lock").is_file() else None
     process = _repro(work, name, _env(log, pause))
     killed_at = None
     deadline = time.monotonic() + (600 if pause else stage.kill_after_s)
@@ -384,8 +399,14 @@ def _attempt(stage: Stage, work: Path, kill: str, pause: int | None, log: Path) 
     _kill(process)
     if pause and not finished:
         assert killed_at is not None, f"{name}: write point {pause} not reached in 600 s"
+    cut = _lock_cut(work)
+    if cut:  # only a kill by time can land inside DVC's own write of dvc.lock, after the stage's writes
+        assert not pause and not finished and lock_text is not None, f"{name}: dvc.lock cut short"
+        (work / "dvc.lock").write_text(lock_text)  # what `git checkout dvc.lock` gives the user back
     checked = _check_after_kill(work, stage, before, lock, registry)
     at = killed_at or ("finished first" if finished else f"{stage.kill_after_s:.1f} s")
+    if cut:
+        at += " (inside DVC's write of dvc.lock: it was cut short and checked out again)"
     stage.outcomes.append({"kill": kill, "at": at, "files_checked": checked})
 
 

@@ -281,6 +281,45 @@ def test_the_viewer_shows_the_imported_study_and_offers_its_dicom_seg(
     assert leftover_request_dirs(client) == []
 
 
+def test_a_ground_truth_on_the_t1ce_series_is_brought_onto_the_imported_case(
+    client: Any, studies: Path, tmp_path: Path
+) -> None:
+    """A study's ground truth comes from the hospital on the T1ce series' grid (as the prediction's
+    ``_t1ce.nii.gz``): it is brought onto the imported grid and scored; on the imported grid it is
+    taken as it is; any other grid, or the T1ce size at another position, is one line."""
+    from tumorseg.data.conventions import get_convention
+    from tumorseg.dicom.study_synth import SEG_NAME, truth_dir
+
+    study = studies / "STUDY_0002"
+    shown = client.post("/predict?format=viewer", files=as_upload(study_zip(study)))
+    assert shown.status_code == 200, shown.text
+    url = f"/cases/{shown.json()['result_id']}/ground-truth"
+
+    def upload(image: Any, name: str = "truth.nii.gz") -> Any:
+        return client.post(url, files={"file": (name, gzip.compress(image.to_bytes()), "application/gzip")})
+
+    # the prediction's own T1ce-geometry labels back as the ground truth: two resamplings apart
+    own = client.post("/predict?format=nifti", files=as_upload(study_zip(study)))
+    scored = upload(nib.Nifti1Image.from_bytes(gzip.decompress(own.content)))
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["dice"]["WT"] > 0.9
+
+    # the true labels (internal codes on the T1ce grid, written in BraTS 2021 codes as a site would)
+    truth = nib.load(truth_dir(study) / SEG_NAME)
+    codes = get_convention("brats2021").decode(np.asarray(truth.dataobj).astype(np.uint8))
+    scored = upload(nib.Nifti1Image(codes, truth.affine))
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["dice"]["WT"] > 0.5  # the oracle model on 2 mm imports of coarse series
+
+    moved = truth.affine.copy()
+    moved[:3, 3] += 5.0
+    wrong_place = upload(nib.Nifti1Image(codes, moved))
+    assert wrong_place.status_code == 422 and "not its position or orientation" in wrong_place.json()["error"]
+    wrong_grid = upload(nib.Nifti1Image(codes[:-2], truth.affine))
+    assert wrong_grid.status_code == 422
+    assert "neither the T1ce series' grid" in wrong_grid.json()["error"]
+
+
 # ---------------------------------------------------------------------------- refusals
 def test_a_zip_of_two_studies_asks_for_one(client: Any, studies: Path) -> None:
     response = client.post(

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from tumorseg.dicom.atlas import ATLAS_URI
 from tumorseg.dicom.config import MODALITIES_4, BrainConfig
 from tumorseg.errors import ConfigError, DataError, first_line
 
@@ -359,13 +360,18 @@ def load_checkpoint(
 
 def load_brain_extractor(uri: str, *, tracking_uri: str) -> BrainExtractor:
     """The extractor ``uri`` names: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, a
-    ``runs:/<run_id>/brain_extractor`` URI, a checkpoint file or a folder holding :data:`CHECKPOINT_FILE`.
+    ``runs:/<run_id>/brain_extractor`` URI, a checkpoint file or a folder holding :data:`CHECKPOINT_FILE`;
+    ``mni152`` gives :class:`~tumorseg.dicom.atlas.AtlasBrainExtractor` (nilearn's MNI152 mask, registered).
 
     Only the store ``tracking_uri`` is read; DataError (one line naming ``uri``) when there is no such
     model.
     """
     from tumorseg.registry.loading import is_mlflow_uri
 
+    if uri == ATLAS_URI:
+        from tumorseg.dicom.atlas import AtlasBrainExtractor
+
+        return AtlasBrainExtractor()  # type: ignore[return-value]
     if not is_mlflow_uri(uri):
         path = Path(uri).expanduser()
         if path.is_dir() and (path / CHECKPOINT_FILE).is_file():

@@ -108,14 +108,15 @@ class BiasConfig(Section):
     enabled: bool = True
     shrink_factor: int = Field(6, ge=1)
     iterations: int = Field(50, ge=1)
-    fitting_levels: int = Field(3, ge=1)
+    fitting_levels: int = Field(2, ge=1)
 
 
 class BrainConfig(Section):
     """The brain-extraction network (:mod:`tumorseg.dicom.brain`), trained on generated heads only.
 
     Attributes:
-        model: what ``import-dicom`` loads: an MLflow model URI or a checkpoint path.
+        model: what ``import-dicom`` loads: an MLflow model URI or a checkpoint path, or ``mni152``
+            for nilearn's MNI152 brain mask registered to each study (:mod:`tumorseg.dicom.atlas`).
         model_name: registry name of the trained network (alias ``champion`` after training).
         experiment: MLflow experiment of its training runs.
         out_dir: checkpoint and report folder of the DVC stage.

@@ -153,7 +153,7 @@ def predict_study(service: Service, folder: Path, workdir: Path, keep: bool) -> 
         segmentation=seg_bytes, file_name=seg.name, format="dicom-seg", media_type=DICOM_SEG_MEDIA_TYPE
     )
     if keep:
-        result["display"].attach_dicom_seg(seg_bytes, seg.name)
+        result["display"].attach_dicom_seg(seg_bytes, seg.name, case.reference, case.grid)
     log.info(
         "DICOM study %s: %s", case.case_id, ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items())
     )

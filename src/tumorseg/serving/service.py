@@ -633,8 +633,8 @@ def _header_grid(case: Any) -> tuple[tuple[int, ...], tuple[float, float, float]
     return shape, spacing_from_affine(header.get_best_affine())
 
 
-def _read_mask(path: Path, convention: str, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """A ground-truth mask in internal codes: one 3-D volume in ``convention`` on the ``shape`` grid."""
+def _read_labels(path: Path, convention: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask in internal codes, affine)`` of one 3-D label volume in ``convention``."""
     from tumorseg.data.layouts import encode_labels, read_nifti
 
     nifti = read_nifti(path)
@@ -644,9 +644,14 @@ def _read_mask(path: Path, convention: str, shape: tuple[int, ...], name: str) -
     if data.ndim != 3:
         raise DataError(f"{nifti.path.name}: is {data.ndim}-D; a ground-truth mask is one 3-D label volume")
     try:
-        mask = encode_labels(np.asarray(data), convention)
+        return encode_labels(np.asarray(data), convention), nifti.affine
     except ValueError as exc:
         raise DataError(f"{nifti.path.name}: {exc}; upload the mask in the case's own convention") from None
+
+
+def _read_mask(path: Path, convention: str, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """A ground-truth mask in internal codes: one 3-D volume in ``convention`` on the ``shape`` grid."""
+    mask, _ = _read_labels(path, convention)
     if tuple(mask.shape) != tuple(shape):
         raise DataError(
             f"{name}: ground truth shape {tuple(mask.shape)} differs from the image shape {tuple(shape)}; "
@@ -655,13 +660,41 @@ def _read_mask(path: Path, convention: str, shape: tuple[int, ...], name: str) -
     return mask
 
 
+def _read_dicom_case_mask(path: Path, display: DisplayCase, name: str) -> np.ndarray:
+    """A DICOM study's ground truth, on the imported case's grid or on the T1ce series' own (then
+    brought onto the case: per label one-hot, linear, the largest share wins), in internal codes."""
+    from tumorseg.dicom.outputs import resample_labels
+    from tumorseg.dicom.prepare import Geometry
+
+    mask, affine = _read_labels(path, display.label_convention)
+    if tuple(mask.shape) == tuple(display.source_shape):
+        return mask
+    t1ce = display.t1ce_grid
+    if tuple(mask.shape) != tuple(t1ce.size):
+        raise DataError(
+            f"{name}: ground truth shape {tuple(mask.shape)} is neither the T1ce series' grid "
+            f"{tuple(t1ce.size)} nor the imported case's {tuple(display.source_shape)}; upload the mask of this study"
+        )
+    given = Geometry.from_ras_affine(affine, mask.shape)
+    if not np.allclose(given.index_to_lps(), t1ce.index_to_lps(), atol=0.05):
+        raise DataError(
+            f"{name}: ground truth has the T1ce series' size but not its position or orientation; "
+            "save it with the T1ce series' geometry (as the _t1ce.nii.gz this study's prediction gave)"
+        )
+    on_case = resample_labels(mask, t1ce, display.case_grid)  # (slice, row, column) of the case grid
+    return np.ascontiguousarray(on_case.transpose(2, 1, 0))
+
+
 def score_mask(
     service: Service, display: DisplayCase, stream: Any, name: str, workdir: Path
 ) -> dict[str, float]:
     """Dice per region of a kept 3-D prediction against an uploaded mask (copied under the byte budget,
     read in the case's convention, checked against its shape); runs on a threadpool thread."""
     path = copy_inflated(stream, workdir, name, ByteBudget(service.limits.max_uncompressed_bytes))
-    canonical = _read_mask(path, display.label_convention, display.source_shape, name)
+    if display.t1ce_grid is not None:
+        canonical = _read_dicom_case_mask(path, display, name)
+    else:
+        canonical = _read_mask(path, display.label_convention, display.source_shape, name)
     return {k: round(v, 4) for k, v in display.set_reference(canonical).items()}
 
 

@@ -151,13 +151,21 @@ class DisplayCase:
     dice: dict[str, float] | None = None
     dicom_seg: bytes | None = None
     dicom_seg_name: str | None = None
+    t1ce_grid: Any = None
+    """A DICOM study's T1ce series grid (:class:`~tumorseg.dicom.prepare.Geometry`); with ``case_grid``
+    (the imported case's), a ground truth on the T1ce series is brought onto the case."""
+    case_grid: Any = None
     touched: float = field(default_factory=time.monotonic)
 
     media_type = "application/gzip"
 
-    def attach_dicom_seg(self, data: bytes, file_name: str) -> None:
-        """Keep the DICOM-SEG of a DICOM study for download beside the segmentation."""
+    def attach_dicom_seg(
+        self, data: bytes, file_name: str, t1ce_grid: Any = None, case_grid: Any = None
+    ) -> None:
+        """Keep the DICOM-SEG of a DICOM study for download beside the segmentation, and the T1ce
+        series' and the imported case's grids (a ground truth may come on either)."""
         self.dicom_seg, self.dicom_seg_name = data, file_name
+        self.t1ce_grid, self.case_grid = t1ce_grid, case_grid
 
     def slices(self) -> dict[str, int]:
         """Number of slices per plane."""
