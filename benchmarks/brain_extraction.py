@@ -12,14 +12,13 @@ extractors see the same head at 1 mm. Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, cpu_text, write_report
 
 SEED, HEAD_SEED = 2718, 5
 
@@ -103,7 +102,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"`make bench-dicom`: {len(result['cases'])} brains of the independent generator (seed "
         f"{result['independent_seed']}, procedural anatomy) in generated heads (seed {result['head_seed']}), 1 mm; "
-        f"CPU: {cpu.get('cpu_model', '?')} ({', '.join(cpu.get('cpu_flags', []))}), {result['threads']} threads.",
+        f"{cpu_text(cpu, result['threads'])}",
         "",
         "| extractor | mean Dice | lowest Dice | seconds per head | time ratio |",
         "|---|---|---|---|---|",
@@ -128,11 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "brain_extraction.json")
     args = parser.parse_args(argv)
     result = run(args.cases, args.threads)
-    from tumorseg.data.manifest import atomic_write_text
-
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-    atomic_write_text(args.out.with_suffix(".md"), markdown(result))
-    print(f"brain extraction: {args.out} and {args.out.with_suffix('.md')}")
+    write_report(args.out, result, markdown(result), "brain extraction")
     return 0
 
 

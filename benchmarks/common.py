@@ -46,3 +46,17 @@ def in_subprocess(target: str, *args: str) -> dict[str, Any]:
         return json.loads(Path(out).read_text())
     finally:
         Path(out).unlink(missing_ok=True)
+
+
+def cpu_text(cpu: dict[str, Any], threads: int) -> str:
+    """``CPU: <model> (<flags>), N threads.``: how every figure names the machine it ran on."""
+    return f"CPU: {cpu.get('cpu_model', '?')} ({', '.join(cpu.get('cpu_flags', []))}), {threads} threads."
+
+
+def write_report(out: Path, result: dict[str, Any], markdown: str, name: str) -> None:
+    """``out`` (JSON) and its ``.md`` beside it, each atomically, and one line saying where."""
+    from tumorseg.data.manifest import atomic_write_text
+
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), markdown)
+    print(f"{name}: {out} and {out.with_suffix('.md')}")

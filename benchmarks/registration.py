@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, cpu_text, write_report
 
 MOVING = ("t1", "t2", "flair")
 
@@ -132,8 +132,7 @@ def markdown(result: dict[str, Any]) -> str:
         "# Rigid co-registration to T1ce: SimpleITK against ITK-elastix",
         "",
         f"`make bench-dicom`, {s['pairs']} series of the generated studies in `{result['studies']}`; "
-        f"SimpleITK {result['simpleitk']}, itk-elastix {result['itk_elastix']}; CPU: {cpu.get('cpu_model', '?')} "
-        f"({', '.join(cpu.get('cpu_flags', []))}), {result['threads']} threads.",
+        f"SimpleITK {result['simpleitk']}, itk-elastix {result['itk_elastix']}; {cpu_text(cpu, result['threads'])}",
         "",
         "| | mean TRE (mm) | largest TRE (mm) | seconds per series | time ratio |",
         "|---|---|---|---|---|",
@@ -167,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.elastix_python).is_file():
         parser.error(f"{args.elastix_python}: no ITK-elastix environment; run `make bench-dicom`")
     result = run(args.studies, args.elastix_python, args.threads)
-    from tumorseg.data.manifest import atomic_write_text
-
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
-    atomic_write_text(args.out.with_suffix(".md"), markdown(result))
-    print(f"registration: {args.out} and {args.out.with_suffix('.md')}")
+    write_report(args.out, result, markdown(result), "registration")
     return 0
 
 

@@ -59,6 +59,7 @@ def test_compare_trains_and_scores_every_system_on_the_test_split(
         assert 0.0 <= row["test"]["dice_mean"] <= 1.0
         assert row["test"]["dice_mean_ci_low"] <= row["test"]["dice_mean"] <= row["test"]["dice_mean_ci_high"]
         assert row["max_epochs"] * row["steps_per_epoch"] == 3  # budget: steps, the reference's
+        assert row["step_ratio"] == 1.0 and row["probe_step_s"] is None  # nothing probed with budget: steps
         assert (tmp_path / "runs" / name / "checkpoints" / "best.ckpt").is_file()
         assert (tmp_path / "reports" / "compare" / name / "metrics.json").is_file()
     assert rows["seed003"]["network"] == "efficientnet_attention_unet + slice ConvLSTM"
@@ -90,7 +91,7 @@ def test_a_bad_system_is_one_line_before_anything_trains(
 
 
 def test_a_time_budget_gives_a_slower_system_fewer_epochs() -> None:
-    from tumorseg.comparison.compare import budgets
+    from tumorseg.comparison.compare import budgets, system_params
     from tumorseg.params import load_params
 
     systems = {
@@ -107,7 +108,10 @@ def test_a_time_budget_gives_a_slower_system_fewer_epochs() -> None:
             "train.max_epochs": 20,
         }
     )
-    plan = budgets(params, list(systems))
-    assert plan["unet"] == (20, 1.0)
-    epochs, ratio = plan["seed003"]
-    assert ratio > 1.5 and epochs == max(1, round(20 / ratio))
+    plan = budgets(params, {name: system_params(params, name) for name in systems})
+    assert (plan["unet"].max_epochs, plan["unet"].step_ratio) == (20, 1.0)
+    seed003 = plan["seed003"]
+    assert seed003.step_ratio > 1.5 and seed003.max_epochs == max(1, round(20 / seed003.step_ratio))
+    # the probe's own seconds per step are kept (compare.json), and the ratio is theirs
+    assert plan["unet"].probe_step_s and seed003.probe_step_s
+    assert seed003.probe_step_s / plan["unet"].probe_step_s == pytest.approx(seed003.step_ratio, rel=1e-2)

@@ -39,6 +39,8 @@ class SystemResult:
     steps_per_epoch: int
     step_ratio: float
     train_time_s: float
+    probe_step_s: float | None = None
+    """The measured seconds per training step ``budget: time`` scaled by (None with ``budget: steps``)."""
     test: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
 
@@ -104,17 +106,29 @@ def step_seconds(systems: dict[str, Params], probe_steps: int) -> dict[str, floa
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def budgets(params: Params, names: list[str]) -> dict[str, tuple[int, float]]:
-    """``name -> (max_epochs, step time / the reference's)``; the reference is ``names[0]``."""
-    systems = {name: system_params(params, name) for name in names}
+@dataclass(frozen=True)
+class Budget:
+    """A system's share: its epochs, its step time over the reference's, the probe's seconds per step."""
+
+    max_epochs: int
+    step_ratio: float
+    probe_step_s: float | None = None
+
+
+def budgets(params: Params, systems: dict[str, Params]) -> dict[str, Budget]:
+    """Each system's :class:`Budget` (``systems``: name -> its checked params, the reference first)."""
+    names = list(systems)
     reference = systems[names[0]].train.max_epochs
     if params.compare.budget == "steps":
-        return {name: (system.train.max_epochs, 1.0) for name, system in systems.items()}
+        return {name: Budget(system.train.max_epochs, 1.0) for name, system in systems.items()}
     seconds = step_seconds(systems, params.compare.probe_steps)
     for name, value in seconds.items():
         log.info("compare: %s: %.2f s per training step (probe)", name, value)
     base = seconds[names[0]]
-    return {name: (max(1, round(reference * base / s)), s / base) for name, s in seconds.items()}
+    return {
+        name: Budget(max(1, round(reference * base / s)), s / base, round(s, 4))
+        for name, s in seconds.items()
+    }
 
 
 def run_comparison(params: Params | dict[str, Any], *, source: str = "params.yaml") -> ComparisonResult:
@@ -122,25 +136,25 @@ def run_comparison(params: Params | dict[str, Any], *, source: str = "params.yam
     params = as_params(params, source)
     cfg = params.compare
     names = list(cfg.systems)
-    for name in names:
-        system_params(params, name)  # every system's keys checked before the first one trains
-    plan = budgets(params, names)
+    # every system's keys checked before the first one trains
+    systems = {name: system_params(params, name) for name in names}
+    plan = budgets(params, systems)
     rows = []
     for index, name in enumerate(names, start=1):
-        epochs, ratio = plan[name]
-        own = system_params(params, name).with_overrides({"train.max_epochs": epochs})
+        budget = plan[name]
+        own = systems[name].with_overrides({"train.max_epochs": budget.max_epochs})
         log.info(
             "compare: system %d/%d %s: %d epochs x %d steps (step time %.2fx the reference's)",
-            index, len(names), name, epochs, own.train.steps_per_epoch, ratio,
+            index, len(names), name, budget.max_epochs, own.train.steps_per_epoch, budget.step_ratio,
         )  # fmt: skip
-        rows.append(_train_and_score(own, name, cfg.systems[name], ratio, source))
+        rows.append(_train_and_score(own, name, cfg.systems[name], budget, source))
     result = ComparisonResult(rows, cfg.budget, Path(cfg.reports))
     _write_tables(result, params)
     return result
 
 
 def _train_and_score(
-    params: Params, name: str, overrides: dict[str, Any], ratio: float, source: str
+    params: Params, name: str, overrides: dict[str, Any], budget: Budget, source: str
 ) -> SystemResult:
     from tumorseg.evaluation.pipeline_stage import evaluate_test_split
     from tumorseg.models.checkpoint import load_trained_network
@@ -164,8 +178,9 @@ def _train_and_score(
         parameters=sum(p.numel() for p in trained.network.parameters()),
         max_epochs=params.train.max_epochs,
         steps_per_epoch=params.train.steps_per_epoch,
-        step_ratio=round(ratio, 3),
+        step_ratio=round(budget.step_ratio, 3),
         train_time_s=round(trained_run.train_time_s, 1),
+        probe_step_s=budget.probe_step_s,
         test=evaluation.metrics,
     )
     if params.mlflow.enabled:
@@ -214,7 +229,8 @@ def markdown_table(result: ComparisonResult) -> str:
         hd95 = [s.test.get(f"hd95_{r}") for r in regions]
         cells += [f"{v:.1f}" if v is not None else "–" for v in hd95]
         cells += [
-            f"{s.max_epochs} x {s.steps_per_epoch}",
+            f"{s.max_epochs} x {s.steps_per_epoch}"
+            + (f" ({s.probe_step_s:.2f} s/step probed)" if s.probe_step_s is not None else ""),
             f"{s.train_time_s / 60:.1f} min",
             f"{s.parameters / 1e6:.2f} M",
         ]
