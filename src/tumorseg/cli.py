@@ -401,7 +401,10 @@ def _cmd_train(args: argparse.Namespace) -> int | None:
     "picked, T1/T2/FLAIR co-registered to T1ce, N4, 1 mm, brain extracted; transforms kept for the way back.",
     _arg("source", help="a folder (searched recursively) or .zip of DICOM files, one or more studies"),
     _arg("--out", required=True, help="dataset folder: one brats2021 case folder per study"),
-    _arg("--brain-model", help="brain-extraction model URI or checkpoint (default: dicom.brain.model)"),
+    _arg(
+        "--brain-model",
+        help="brain-extraction model URI or checkpoint, or mni152 for nilearn's MNI152 mask (default: dicom.brain.model)",
+    ),
 )
 def _cmd_import_dicom(args: argparse.Namespace) -> int | None:
     from tumorseg.dicom.brain import load_brain_extractor

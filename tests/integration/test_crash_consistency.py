@@ -255,18 +255,24 @@ def _lock_entry(repo: Path, stage: str) -> Any:
     return yaml.safe_load(lock.read_text())["stages"].get(stage) if lock.is_file() else None
 
 
-def _lock_cut(repo: Path) -> bool:
-    """Whether ``dvc.lock`` is empty or cut short. DVC rewrites it in place (``open(path, "w+")``, then
-    the YAML dump: dvc/utils/serialize/_common.py), so a SIGKILL inside that write leaves it so; a
-    user gets it back with ``git checkout dvc.lock`` (docs/decisions/0018-crash-consistency.md)."""
+def _lock_cut(repo: Path, stage: str, before: str | None) -> bool:
+    """Whether ``dvc.lock`` was cut short while DVC rewrote it: it does not parse, or any stage but
+    ``stage`` lost or changed its entry against ``before`` (the text before the attempt). DVC rewrites
+    the whole file in place (``open(path, "w+")``, then the YAML dump: dvc/utils/serialize/_common.py),
+    so a SIGKILL inside that write can cut it anywhere, a line boundary included; a user gets it back
+    with ``git checkout dvc.lock`` (docs/decisions/0018-crash-consistency.md)."""
     lock = repo / "dvc.lock"
-    if not lock.is_file():
+    if not lock.is_file() or before is None:
         return False
     try:
         data = yaml.safe_load(lock.read_text())
     except yaml.YAMLError:
         return True
-    return not isinstance(data, dict) or not isinstance(data.get("stages"), dict)
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), dict):
+        return True
+    old = (yaml.safe_load(before) or {}).get("stages", {})
+    now = data["stages"]
+    return any(now.get(name) != entry for name, entry in old.items() if name != stage)
 
 
 def _registry(repo: Path) -> tuple[dict[str, dict[str, str]], set[str], list[str]]:
@@ -399,9 +405,12 @@ def _attempt(stage: Stage, work: Path, kill: str, pause: int | None, log: Path) 
     _kill(process)
     if pause and not finished:
         assert killed_at is not None, f"{name}: write point {pause} not reached in 600 s"
-    cut = _lock_cut(work)
+    cut = _lock_cut(work, name, lock_text)
     if cut:  # only a kill by time can land inside DVC's own write of dvc.lock, after the stage's writes
         assert not pause and not finished and lock_text is not None, f"{name}: dvc.lock cut short"
+        after = _snapshot(work, stage)  # DVC records a stage once it has finished: its outputs are whole
+        stale = [k for k, v in after.items() if v != "volatile" and v != stage.expected.get(k)]
+        assert not stale, f"{name}: dvc.lock cut short before the stage finished its outputs: {stale}"
         (work / "dvc.lock").write_text(lock_text)  # what `git checkout dvc.lock` gives the user back
     checked = _check_after_kill(work, stage, before, lock, registry)
     at = killed_at or ("finished first" if finished else f"{stage.kill_after_s:.1f} s")

@@ -315,6 +315,12 @@ def test_a_ground_truth_on_the_t1ce_series_is_brought_onto_the_imported_case(
     moved[:3, 3] += 5.0
     wrong_place = upload(nib.Nifti1Image(codes, moved))
     assert wrong_place.status_code == 422 and "not its position or orientation" in wrong_place.json()["error"]
+    # the imported case's own segmentation (the viewer's download) is taken on its grid as it is
+    shown_seg = client.get(shown.json()["segmentation_url"])
+    case_grid = nib.Nifti1Image.from_bytes(gzip.decompress(shown_seg.content))
+    scored = upload(case_grid)
+    assert scored.status_code == 200, scored.text
+    assert scored.json()["dice"]["WT"] == 1.0
     wrong_grid = upload(nib.Nifti1Image(codes[:-2], truth.affine))
     assert wrong_grid.status_code == 422
     assert "neither the T1ce series' grid" in wrong_grid.json()["error"]

@@ -39,3 +39,12 @@ def test_load_brain_extractor_names_the_atlas_and_t1ce_is_required() -> None:
     assert isinstance(extractor, atlas.AtlasBrainExtractor)
     with pytest.raises(DataError, match="registered to the T1ce"):
         extractor.extract({"t2": np.zeros((8, 8, 8), np.float32)}, np.eye(4))
+
+
+def test_a_registration_that_cannot_start_is_one_line_and_seed_zero_is_refused() -> None:
+    blank = {"t1ce": np.zeros((24, 24, 24), np.float32)}  # no head: nothing to register to
+    with pytest.raises(DataError, match="could not be registered to the T1ce") as caught:
+        atlas.AtlasBrainExtractor().extract(blank, np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="seeds from the clock"):
+        atlas.AtlasBrainExtractor(seed=0)

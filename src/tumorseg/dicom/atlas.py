@@ -75,7 +75,9 @@ class AtlasBrainExtractor:
     version = None
     run_id = None
 
-    def __init__(self, *, seed: int = 0, iterations: int = 200) -> None:
+    def __init__(self, *, seed: int = 7, iterations: int = 200) -> None:
+        if int(seed) < 1:  # SimpleITK seeds its sampler from the clock when given 0
+            raise ValueError(f"seed must be at least 1 (0 seeds from the clock), got {seed}")
         self.seed = int(seed)
         self.iterations = int(iterations)
         self._template: tuple[Any, Any] | None = None
@@ -128,7 +130,14 @@ class AtlasBrainExtractor:
             )
         t1 = np.asarray(images["t1ce"], dtype=np.float32)
         fixed = _ras_image(np.where(rough_brain(t1, affine), t1, 0.0), affine)
-        transform = self.register(fixed)
+        try:
+            transform = self.register(fixed)
+        except RuntimeError as exc:  # an empty rough brain, or samples mapped outside the template
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                f"the MNI152 template could not be registered to the T1ce ({reason[:200]}); "
+                "use the trained network (dicom.brain.model: models:/tumorseg-brain@champion)"
+            ) from None
         _, mask = self.template()
         warped = sitk.Resample(mask, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         return clean_mask(sitk.GetArrayFromImage(warped).transpose(2, 1, 0) > 0.5)

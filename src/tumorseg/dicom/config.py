@@ -84,7 +84,7 @@ class RegisterConfig(Section):
     iterations: int = Field(200, ge=1)
     learning_rate: float = Field(1.0, gt=0)
     min_step: float = Field(1e-3, gt=0)
-    seed: int = 7
+    seed: int = Field(7, ge=1)  # 0 would seed SimpleITK's sampler from the clock
 
     @model_validator(mode="after")
     def _levels(self) -> RegisterConfig:

@@ -26,6 +26,7 @@ import numpy as np
 
 from tumorseg.dicom.config import MODALITIES_4, BiasConfig, DicomConfig, RegisterConfig
 from tumorseg.dicom.series import DicomInputError, Series, Study, dicom_folder, pick_series, read_series, scan
+from tumorseg.errors import DataError, first_line
 from tumorseg.faults import write_point
 
 IMPORT_RECORD = "tumorseg_import.json"
@@ -342,7 +343,10 @@ def import_study(
     picked = pick_series(study)
     arrays, matrices, reference, grid, t1ce_files, seconds = bring_together(picked, cfg, progress)
     start = time.perf_counter()
-    mask = brain.extract(arrays, grid.ras_affine())
+    try:
+        mask = brain.extract(arrays, grid.ras_affine())
+    except DataError as exc:
+        raise DicomInputError(f"{study.label}: {picked['t1ce'].label}: {first_line(exc, 300)}") from None
     seconds["brain_extraction"] = time.perf_counter() - start
     if mask.sum() < 1000:
         raise DicomInputError(

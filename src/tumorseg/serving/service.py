@@ -662,27 +662,35 @@ def _read_mask(path: Path, convention: str, shape: tuple[int, ...], name: str) -
 
 def _read_dicom_case_mask(path: Path, display: DisplayCase, name: str) -> np.ndarray:
     """A DICOM study's ground truth, on the imported case's grid or on the T1ce series' own (then
-    brought onto the case: per label one-hot, linear, the largest share wins), in internal codes."""
+    brought onto the case: per label one-hot, linear, the largest share wins), in internal codes.
+    Which grid is told by the file's size, position and orientation, not its size alone."""
     from tumorseg.dicom.outputs import resample_labels
     from tumorseg.dicom.prepare import Geometry
 
     mask, affine = _read_labels(path, display.label_convention)
-    if tuple(mask.shape) == tuple(display.source_shape):
-        return mask
-    t1ce = display.t1ce_grid
-    if tuple(mask.shape) != tuple(t1ce.size):
-        raise DataError(
-            f"{name}: ground truth shape {tuple(mask.shape)} is neither the T1ce series' grid "
-            f"{tuple(t1ce.size)} nor the imported case's {tuple(display.source_shape)}; upload the mask of this study"
-        )
     given = Geometry.from_ras_affine(affine, mask.shape)
-    if not np.allclose(given.index_to_lps(), t1ce.index_to_lps(), atol=0.05):
-        raise DataError(
-            f"{name}: ground truth has the T1ce series' size but not its position or orientation; "
-            "save it with the T1ce series' geometry (as the _t1ce.nii.gz this study's prediction gave)"
+    case, t1ce = display.case_grid, display.t1ce_grid
+
+    def on(grid: Any) -> bool:
+        return tuple(mask.shape) == tuple(grid.size) and bool(
+            np.allclose(given.index_to_lps(), grid.index_to_lps(), atol=0.05)
         )
-    on_case = resample_labels(mask, t1ce, display.case_grid)  # (slice, row, column) of the case grid
-    return np.ascontiguousarray(on_case.transpose(2, 1, 0))
+
+    if on(case):
+        return mask
+    if on(t1ce):
+        on_case = resample_labels(mask, t1ce, case)  # (slice, row, column) of the case grid
+        return np.ascontiguousarray(on_case.transpose(2, 1, 0))
+    if tuple(mask.shape) in (tuple(t1ce.size), tuple(case.size)):
+        raise DataError(
+            f"{name}: ground truth has the size of the T1ce series' grid or the imported case's but not "
+            "its position or orientation; save it with that grid's geometry (as the _t1ce.nii.gz this "
+            "study's prediction gave, or the case's segmentation)"
+        )
+    raise DataError(
+        f"{name}: ground truth shape {tuple(mask.shape)} is neither the T1ce series' grid "
+        f"{tuple(t1ce.size)} nor the imported case's {tuple(case.size)}; upload the mask of this study"
+    )
 
 
 def score_mask(
