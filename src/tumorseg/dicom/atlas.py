@@ -72,6 +72,7 @@ class AtlasBrainExtractor:
     :class:`~tumorseg.dicom.brain.BrainExtractor`: ``extract(images, affine)``)."""
 
     description = "nilearn MNI152 (ICBM 2009a) brain mask, affine Mattes-MI registration to T1ce"
+    modalities: tuple[str, ...] = ("t1ce",)  # what extract() reads
     version = None
     run_id = None
 

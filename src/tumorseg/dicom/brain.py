@@ -227,6 +227,8 @@ class BrainExtractor:
     ``description`` says where it came from (a file, ``models:/...`` with its version and run).
     """
 
+    modalities: tuple[str, ...] = MODALITIES  # what extract() reads
+
     def __init__(
         self,
         network: torch.nn.Module,

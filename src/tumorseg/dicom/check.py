@@ -57,15 +57,14 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def other_brain_mask(case: Any, params: Any, extractor: Any) -> tuple[np.ndarray, float]:
-    """``(mask, seconds)``: ``extractor``'s brain mask of an imported study on its full grid (the four
-    series read again, moved by the import's own registration and N4-corrected as the import did) and
-    the seconds the extraction alone took."""
-    from tumorseg.dicom.config import MODALITIES_4
+    """``(mask, seconds)``: ``extractor``'s brain mask of an imported study on its full grid (the
+    series it reads, ``extractor.modalities``, read again, moved by the import's own registration and
+    N4-corrected as the import did) and the seconds the extraction alone took."""
     from tumorseg.dicom.prepare import correct_bias, matrix_transform, ras_array, resample
     from tumorseg.dicom.series import read_series
 
     arrays = {}
-    for m in MODALITIES_4:
+    for m in extractor.modalities:
         image, _ = read_series(case.picked[m])
         on_grid = resample(image, case.full_grid, matrix_transform(case.fixed_to_moving[m]))
         if params.dicom.bias.enabled:
