@@ -1,8 +1,12 @@
 """The ``@2d`` stages of ``dvc.yaml`` as one Prefect flow: source -> ingest -> validate -> preprocess ->
-split -> train -> evaluate (detector choice, test metrics, challengers) -> promote (both 2-D names).
+split -> train -> evaluate (detector choice, test metrics, challengers) -> promote (both 2-D names) ->
+compress (``compress_2d``: the new 2-D champion's deployment variants and ``tumorseg-2d@edge``).
 
 Every task calls the function its ``tumorseg`` command calls; caching follows
 :mod:`pipelines.training_flow` (:mod:`pipelines.stage_cache`), and ``promote@2d`` always runs.
+``compress_2d`` runs when ``flow.compress`` is on and the segmenter's champion moved in this run: the
+edge model follows the champion, as ``dvc repro`` reruns ``compress_2d`` when ``promote@2d`` wrote a
+new decision.
 """
 
 from __future__ import annotations
@@ -82,6 +86,21 @@ def promote_2d_task(params: dict) -> dict[str, Any]:
     return decisions
 
 
+@task(name="compress@2d", cache_policy=NO_CACHE, **IO_RETRIES)
+def compress_2d_task(params: dict) -> dict[str, Any]:
+    """``tumorseg compress --dims 2``: the 2-D champion's variants, gated on test Dice, edge registered."""
+    from tumorseg.compression.stage import run_compress_stage
+
+    result = run_compress_stage(params, tracking_uri=tracking_uri(params), dims=2)
+    text = result.one_line()
+    create_markdown_artifact(key="compression-2d", markdown=text, description="2-D model compression")
+    return {
+        "one_line": text,
+        "edge": result.edge.name if result.edge else None,
+        "registered": result.registered,
+    }
+
+
 # ---------------------------------------------------------------------------- the flow
 @flow(name="planar-pipeline", log_prints=True)
 def planar_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -103,4 +122,12 @@ def planar_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | No
     print(summary["evaluate"]["one_line"])
     for name, decision in summary["promote"].items():
         print(f"{name}: {decision['lines'][0]}")
+    segmenter = summary["promote"].get(params.evaluate_2d.model_name, {})
+    if not params.flow.compress:
+        summary["compress"] = "skipped: flow.compress is off"
+    elif segmenter.get("action") != "promoted":
+        summary["compress"] = "skipped: the 2-D champion did not move; its edge model stands"
+    else:
+        summary["compress"] = compress_2d_task(params)
+        print(summary["compress"]["one_line"])
     return summary

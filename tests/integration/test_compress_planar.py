@@ -130,10 +130,15 @@ def test_compress_dims_2_scores_the_test_images_gates_and_registers_tumorseg_2d_
     assert by_name["int8"]["details"]["quantization"]["quantized_nodes"]["Conv"] > 0
     assert by_name["int8_dynamic"]["details"]["dynamic_int8"]["quantized_nodes"]["Conv"] > 0
     assert by_name["pruned_structured"]["parameters"] < fp32["parameters"]
-    # the same gate and edge rules: accepted iff the drop is within compress.dice_tolerance
+    # the same gate and edge rules: accepted iff the Dice drop is within compress.dice_tolerance and
+    # the test images' detection accuracy is fp32's or better (compress.detection_tolerance 0)
     assert report["dice_tolerance"] == 0.01
+    tested = pd.read_csv(reports / "test_per_case.csv")
+    assert fp32["detection_accuracy"] == pytest.approx(tested["correct"].mean())
+    assert by_name["onnx_fp32"]["detection_accuracy"] == pytest.approx(fp32["detection_accuracy"])
     for variant in list(by_name.values())[1:]:
-        assert variant["accepted"] == (variant["dice_drop"] <= 0.01 + 1e-9), variant["name"]
+        detects = variant["detection_accuracy"] >= fp32["detection_accuracy"] - 1e-9
+        assert variant["accepted"] == (variant["dice_drop"] <= 0.01 + 1e-9 and detects), variant["name"]
     accepted = [v for v in by_name.values() if v["accepted"]]  # onnx_fp32 at least
     assert accepted and all(fp32["file_mb"] / v["file_mb"] < 3 for v in accepted)  # no tiny file meets
     edge = by_name[report["edge"]]  # the size target, so the edge is the fastest accepted variant

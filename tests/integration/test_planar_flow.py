@@ -47,6 +47,12 @@ def _flow_params(tmp: Path) -> Path:
         **fixtures.TINY_2D_OVERRIDES,
         "train_2d.out_dir": str(tmp / "models" / "planar"),
         "trainer.accelerator": "cpu",
+        # compress@2d: two variants, the gate open (the gate itself: test_compress_stage.py)
+        "compress.out_dir_2d": str(tmp / "models" / "planar" / "compressed"),
+        "compress.variants_2d": ["fp32", "onnx_fp32"],
+        "compress.dice_tolerance": 1.0,
+        "compress.latency.warmup": 0,
+        "compress.latency.repeats": 1,
     }
     path = tmp / "params.yaml"
     path.write_text(
@@ -74,6 +80,11 @@ def test_planar_flow_end_to_end_then_cached(prefect_server: None, tmp_path: Path
     per_case = pd.read_csv(tmp_path / "reports" / "2d" / "test_per_case.csv")
     # masks are scored on the original images (restored from the preprocessing geometry)
     assert set(per_case.loc[per_case["has_mask"], "scored_on"]) == {"source"}
+    # the new champion was compressed and its edge model registered (a new tumorseg-2d version)
+    assert first["compress"]["registered"]["alias"] == "edge"
+    edge = client.get_model_version_by_alias("tumorseg-2d", "edge")
+    assert edge.version != client.get_model_version_by_alias("tumorseg-2d", "champion").version
+    assert json.loads((tmp_path / "reports" / "2d" / "compression.json").read_text())["edge"]
     promotion = json.loads((tmp_path / "reports" / "2d" / "promotion.json").read_text())
     assert (
         promotion["model_name"] == "tumorseg-2d" and promotion["also"][0]["model_name"] == "tumorseg-detect"
@@ -83,7 +94,9 @@ def test_planar_flow_end_to_end_then_cached(prefect_server: None, tmp_path: Path
     second = planar_flow(params_path=str(params_file))
     assert second["evaluate"]["registered"] == first["evaluate"]["registered"]
     assert {d["action"] for d in second["promote"].values()} == {"kept"}
-    assert len(client.search_model_versions("name = 'tumorseg-2d'")) == 1
+    assert second["compress"].startswith("skipped: the 2-D champion did not move")
+    assert len(client.search_model_versions("name = 'tumorseg-2d'")) == 2  # the champion and its edge model
+    assert client.get_model_version_by_alias("tumorseg-2d", "edge").version == edge.version
 
     # the 2-D champion carries its training images' profile; predict checks each image against it
     from tumorseg.cli import main

@@ -1,11 +1,19 @@
-"""The intensity augmentations that imitate other scanners: per-sequence gamma, blur, low resolution."""
+"""The intensity augmentations that imitate other scanners: per-sequence gamma, blur, low resolution,
+bias fields."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from tumorseg.data.transforms import IMAGE_KEY, LABEL_KEY, AugmentConfig, augmentation_transforms
+from tumorseg.data.transforms import (
+    IMAGE_KEY,
+    LABEL_KEY,
+    AugmentConfig,
+    PlanarAugmentConfig,
+    augmentation_transforms,
+    smooth_field,
+)
 
 OFF = {
     "flip_prob": 0.0,
@@ -65,3 +73,53 @@ def test_blur_and_low_resolution_smooth_the_image() -> None:
     for key in ("blur_prob", "low_res_prob"):
         out = _run(AugmentConfig(**OFF, **{key: 1.0}), 5, patch)
         assert float(torch.diff(out, dim=1).abs().mean()) < 0.8 * roughness, key
+
+
+def test_smooth_field_is_a_bounded_low_order_shading() -> None:
+    rng = np.random.RandomState(4)
+    for shape in ((24, 20, 16), (40, 32)):
+        field = smooth_field(rng, shape, 0.4)
+        assert field.shape == shape and field.dtype == np.float32
+        log = np.log(field)
+        assert np.isclose(np.abs(log).max(), 0.4, atol=1e-4)  # the peak is the strength
+        # smooth: neighbouring voxels differ far less than the field's range
+        assert float(np.abs(np.diff(log, axis=0)).max()) < 0.2 * float(log.max() - log.min())
+    assert np.array_equal(smooth_field(np.random.RandomState(1), (8, 8, 8), 0.0), np.ones((8, 8, 8)))
+
+
+def test_bias_field_shades_each_sequence_its_own_way_above_its_minimum() -> None:
+    patch = _patch(3)
+    patch[IMAGE_KEY] = patch[IMAGE_KEY] + 4.0  # positive, so a ratio to the input is the field
+    out = _run(AugmentConfig(**OFF, bias_field_prob=1.0, bias_field_strength=0.5), 11, patch)
+    image = torch.as_tensor(patch[IMAGE_KEY])
+    ratios = []
+    for c in range(4):
+        low = image[c].min()
+        assert torch.isclose(out[c].min(), low)  # the darkest voxel keeps its value
+        field = (out[c] - low) / (image[c] - low).clamp_min(1e-6)
+        keep = (image[c] - low) > 0.5
+        assert float(field[keep].log().abs().max()) <= 0.5 + 1e-3
+        ratios.append(float(field[keep].std()))
+    assert all(r > 1e-3 for r in ratios) and len({round(r, 4) for r in ratios}) == 4
+    assert torch.equal(
+        out, _run(AugmentConfig(**OFF, bias_field_prob=1.0, bias_field_strength=0.5), 11, patch)
+    )
+    off = _run(AugmentConfig(**OFF, bias_field_prob=1e-9), 11, patch)
+    assert torch.equal(off, image)
+
+
+def test_planar_augmentation_takes_the_bias_field_too() -> None:
+    from tumorseg.data.datamodule import MASK_KEY, training_transforms
+
+    cfg = PlanarAugmentConfig(
+        flip_prob=0.0, affine_prob=0.0, intensity_scale_prob=0.0, intensity_shift_prob=0.0, noise_prob=0.0
+    )
+    image = np.random.default_rng(0).normal(size=(1, 32, 32)).astype(np.float32) + 3.0
+    mask = np.zeros((1, 32, 32), np.float32)
+    plain = training_transforms(cfg, seed=1)({IMAGE_KEY: image.copy(), MASK_KEY: mask})
+    assert np.allclose(np.asarray(plain[IMAGE_KEY]), image)
+    shaded = training_transforms(cfg.model_copy(update={"bias_field_prob": 1.0}), seed=1)(
+        {IMAGE_KEY: image.copy(), MASK_KEY: mask}
+    )
+    assert not np.allclose(np.asarray(shaded[IMAGE_KEY]), image)
+    assert np.array_equal(np.asarray(shaded[MASK_KEY]), mask)

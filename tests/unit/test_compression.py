@@ -429,3 +429,32 @@ def test_fine_tune_can_draw_tumour_free_cases_more_often(tmp_path: Path) -> None
     assert [r["case_id"] for r in repeated] == ["a", "b", "c", "b", "b"]
     with pytest.raises(DataError, match=r"index.csv: missing; rerun `tumorseg preprocess`"):
         _with_repeated_tumour_free(records, str(tmp_path / "nowhere"), 3)
+
+
+def test_gate_on_2d_also_requires_the_detection_accuracy_of_fp32() -> None:
+    results = [
+        _result("fp32", "pytorch", 10.0, 18.0, {"a": 0.80, "b": 0.70}),
+        _result("onnx_fp32", "onnxruntime", 3.0, 18.2, {"a": 0.80, "b": 0.70}),  # same calls
+        _result("int8", "onnxruntime", 2.0, 4.5, {"a": 0.80, "b": 0.70}),  # same Dice, one call lost
+        _result("pruned_structured", "onnxruntime", 3.0, 4.7, {"a": 0.80, "b": 0.70}),  # one call won
+    ]
+    for r, accuracy in zip(results, (0.90, 0.90, 0.90 - 1 / 36, 0.90 + 1 / 36), strict=True):
+        r.detection_accuracy = accuracy
+    apply_gate(results, tolerance=0.01, detection_tolerance=0.0)
+    by_name = {r.name: r for r in results}
+    assert by_name["onnx_fp32"].accepted is True and by_name["pruned_structured"].accepted is True
+    assert by_name["int8"].accepted is False
+    assert "detection accuracy drop +0.0278 > tolerance 0" in by_name["int8"].reason
+    assert choose_edge(results).name == "pruned_structured"  # int8 is faster but calls one image wrong
+    table = report_markdown(results, choose_edge(results), context={})
+    assert (
+        "- int8 rejected: largest per-case drop on a" in table
+        and "detection accuracy 0.9000 fp32 -> 0.8722" in table
+    )
+    # 3-D variants have no detection figure: the Dice gate alone, as before
+    apply_gate(results, tolerance=0.01, detection_tolerance=None)
+    assert by_name["int8"].accepted is True
+    for r in results:
+        r.detection_accuracy = None
+    apply_gate(results, tolerance=0.01, detection_tolerance=0.0)
+    assert by_name["int8"].accepted is True

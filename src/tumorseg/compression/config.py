@@ -100,6 +100,9 @@ class CompressConfig(Section):
     Attributes:
         dice_tolerance: a variant is accepted only if its mean Dice (cases x WT/TC/ET) is at most
             this much below fp32's, on the same test cases.
+        detection_tolerance: 2-D: ... and only if its detection accuracy on the test images (the
+            detector chosen on validation, as ``evaluate-model --dims 2`` calls it) is at most this
+            much below fp32's.
         target_speedup, target_size_ratio: deployment targets (fp32 whole-``predict`` CPU latency,
             and file size, over the edge model's).
         parity_tolerance: largest ONNX Runtime vs PyTorch logit difference accepted for an export.
@@ -122,6 +125,7 @@ class CompressConfig(Section):
         "pruned_structured_int8",
     )
     dice_tolerance: float = Field(0.01, ge=0.0, le=1.0)
+    detection_tolerance: float = Field(0.0, ge=0.0, le=1.0)
     onnx_opset: int = Field(18, ge=13, le=23)
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     out_dir: str = "models/compressed"

@@ -109,7 +109,8 @@ def measure_planar_dice(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Dice of each 2-D test image with a reference mask (a tumour-free one predicted empty scores 1),
     scored as ``evaluate-model --dims 2`` and the 2-D promotion gate score it (on the source image where
-    it can be read), and their mean as ``tumour`` and ``mean``."""
+    it can be read), and their mean as ``tumour`` and ``mean``, plus ``detection_accuracy`` (every
+    image's tumour / no-tumour call by the model's detector)."""
     from tumorseg.evaluation.planar_evaluate import _per_case_table, _run_split
 
     outputs = _run_split(model, records)
@@ -117,7 +118,8 @@ def measure_planar_dice(
     table = _per_case_table(records, outputs, probability, probability >= model.detector.threshold)
     dice = table.set_index("case_id")["dice"].astype(float)
     mean = float(dice.mean())
-    return {"tumour": mean, "mean": mean}, {str(case): float(value) for case, value in dice.items()}
+    scores = {"tumour": mean, "mean": mean, "detection_accuracy": float(table["correct"].mean())}
+    return scores, {str(case): float(value) for case, value in dice.items()}
 
 
 class PlanarPredictor:

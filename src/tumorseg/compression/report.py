@@ -35,6 +35,8 @@ class VariantResult:
         latency_s: median wall time of a latency case's whole ``predict``, averaged over cases; the
             speed-up is ``baseline_latency_s`` (fp32's, alternating with it) over it.
         case_dice_mean: each test case's mean Dice over regions; ``dice_drop``: fp32's mean minus this.
+        detection_accuracy: share of the test images whose tumour / no-tumour call is right (2-D
+            models, with the detector chosen on validation); None for 3-D.
         accepted: passed the gate (None until gated, and for fp32, the reference).
     """
 
@@ -54,6 +56,7 @@ class VariantResult:
     dice: dict[str, float] = field(default_factory=dict)
     case_dice_mean: dict[str, float] = field(default_factory=dict)
     dice_drop: float | None = None
+    detection_accuracy: float | None = None
     accepted: bool | None = None
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
@@ -67,8 +70,12 @@ def _baseline(results: list[VariantResult]) -> VariantResult | None:
     return next((r for r in results if r.name == BASELINE), None)
 
 
-def apply_gate(results: list[VariantResult], tolerance: float) -> None:
-    """Set ``dice_drop`` (on the cases both were scored on), ``accepted`` and ``reason`` of every variant."""
+def apply_gate(
+    results: list[VariantResult], tolerance: float, detection_tolerance: float | None = None
+) -> None:
+    """Set ``dice_drop`` (on the cases both were scored on), ``accepted`` and ``reason`` of every variant.
+    Where fp32 and a variant both have a detection accuracy (2-D), the variant must also call tumour /
+    no tumour on as many test images, less ``detection_tolerance`` (None: not gated)."""
     baseline = _baseline(results)
     if baseline is None or "mean" not in baseline.dice:
         raise ValueError("the gate needs the measured fp32 baseline")
@@ -94,6 +101,15 @@ def apply_gate(results: list[VariantResult], tolerance: float) -> None:
         result.reason = (
             f"Dice drop {result.dice_drop:+.4f} {'<=' if result.accepted else '>'} tolerance {tolerance:g}"
         )
+        if (
+            detection_tolerance is not None
+            and result.detection_accuracy is not None
+            and baseline.detection_accuracy is not None
+        ):
+            drop = baseline.detection_accuracy - result.detection_accuracy
+            passed = drop <= detection_tolerance + 1e-9
+            result.accepted = result.accepted and passed
+            result.reason += f"; detection accuracy drop {drop:+.4f} {'<=' if passed else '>'} tolerance {detection_tolerance:g}"
 
 
 def speedup_over(result: VariantResult, baseline: VariantResult | None) -> float | None:
@@ -184,7 +200,12 @@ def _worst_case_lines(results: list[VariantResult]) -> list[str]:
         case = max(sorted(common), key=lambda c: baseline.case_dice_mean[c] - r.case_dice_mean[c])
         lines.append(
             f"- {r.name} rejected: largest per-case drop on {case} "
-            f"(mean Dice {baseline.case_dice_mean[case]:.4f} fp32 -> {r.case_dice_mean[case]:.4f})."
+            f"(mean Dice {baseline.case_dice_mean[case]:.4f} fp32 -> {r.case_dice_mean[case]:.4f})"
+            + (
+                f"; detection accuracy {baseline.detection_accuracy:.4f} fp32 -> {r.detection_accuracy:.4f}."
+                if r.detection_accuracy is not None and baseline.detection_accuracy is not None
+                else "."
+            )
         )
     return _paragraph(lines)
 

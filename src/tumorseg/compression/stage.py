@@ -89,7 +89,7 @@ def run_compress_stage(
         timed_cases, shape = inputs.kind.latency_cases(cfg, work)
         results, predictors = _build_and_score(builder, inputs, work)
         _time_variants(results, predictors, timed_cases, cfg)
-        apply_gate(results, cfg.dice_tolerance)
+        apply_gate(results, cfg.dice_tolerance, cfg.detection_tolerance)
         edge = choose_edge(results, speedup=cfg.target_speedup, size_ratio=cfg.target_size_ratio)
         context = _report_context(inputs, shape, len(timed_cases))
         report = report_dict(results, edge, tolerance=cfg.dice_tolerance, context=context)
@@ -175,6 +175,7 @@ def _build_and_score(
         result.dice, result.case_dice_mean = kind.score(
             predictors[name], inputs.test_cases, inputs.params, work, name
         )
+        result.detection_accuracy = result.dice.pop("detection_accuracy", None)
         log.info("compress: %s Dice mean %.4f", name, result.dice["mean"])
     return results, predictors
 

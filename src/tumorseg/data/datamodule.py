@@ -36,6 +36,7 @@ from tumorseg.data.transforms import (
     AugmentConfig,
     DataLoaderConfig,
     PlanarAugmentConfig,
+    bias_field,
     load_preprocessed_case,
     train_transforms,
 )
@@ -297,6 +298,7 @@ def training_transforms(cfg: PlanarAugmentConfig, seed: int) -> Any:
             if cfg.gamma_prob
             else []
         )
+        + (bias_field(cfg.bias_field_prob, cfg.bias_field_strength) if cfg.bias_field_prob else [])
     )
     transforms.set_random_state(seed=seed)
     return transforms

@@ -17,6 +17,8 @@ from pydantic import Field, model_validator
 from tumorseg.config import Section
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from monai.transforms import Compose
 
 
@@ -79,7 +81,9 @@ class AugmentConfig(Section):
     Elastic deformation is off by default: on a 2-core CPU it costs more than a training step.
     ``channel_gamma_prob`` draws a gamma per sequence (contrast between sequences varies across
     scanners and protocols); ``blur_prob`` and ``low_res_prob`` imitate partial volume and thick slices
-    (nnU-Net's Gaussian blur and low-resolution simulation).
+    (nnU-Net's Gaussian blur and low-resolution simulation). ``bias_field_prob`` multiplies a sequence by
+    a smooth field ``exp(p)``, ``p`` a random second-order polynomial of the patch coordinates with
+    ``|p|`` up to ``bias_field_strength`` (receive-coil shading that bias correction left behind).
     """
 
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
@@ -102,6 +106,8 @@ class AugmentConfig(Section):
     blur_sigma: tuple[float, float] = (0.5, 1.0)
     low_res_prob: float = Field(0.0, ge=0.0, le=1.0)
     low_res_zoom: tuple[float, float] = (0.5, 1.0)
+    bias_field_prob: float = Field(0.0, ge=0.0, le=1.0)
+    bias_field_strength: float = Field(0.3, ge=0.0, le=2.0)
 
     @model_validator(mode="after")
     def _ordered_ranges(self) -> AugmentConfig:
@@ -178,6 +184,8 @@ def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[A
         steps.append(RandAdjustContrastd(keys=IMAGE_KEY, prob=augment.gamma_prob, gamma=augment.gamma_range))
     if augment.channel_gamma_prob > 0:
         steps += channel_gamma(augment.channel_gamma_prob, augment.gamma_range)
+    if augment.bias_field_prob > 0 and augment.bias_field_strength > 0:
+        steps += bias_field(augment.bias_field_prob, augment.bias_field_strength)
     if augment.blur_prob > 0:
         sigma = augment.blur_sigma
         steps.append(
@@ -225,6 +233,55 @@ def channel_gamma(prob: float, gamma: tuple[float, float]) -> list[Any]:
     return [RandChannelGammad()]
 
 
+def smooth_field(rng: np.random.RandomState, shape: Sequence[int], strength: float) -> np.ndarray:
+    """float32 ``exp(p)`` over ``shape``: ``p`` a second-order polynomial of the coordinates (each axis
+    in [-1, 1]) with normal coefficients, its peak ``|p|`` scaled to ``strength``. Built from 1-D and
+    2-D terms broadcast once, so a 64^3 field costs a few milliseconds."""
+    dims = len(shape)
+    axes = [np.linspace(-1.0, 1.0, n, dtype=np.float32) for n in shape]
+
+    def spread(values: np.ndarray, along: tuple[int, ...]) -> np.ndarray:
+        return values.reshape([shape[k] if k in along else 1 for k in range(dims)])
+
+    lin, sq = rng.normal(0.0, 1.0, dims), rng.normal(0.0, 0.7, dims)
+    p = np.zeros(tuple(shape), np.float32)
+    for k, a in enumerate(axes):
+        p += spread(np.float32(lin[k]) * a + np.float32(sq[k]) * a * a, (k,))
+        for m in range(k + 1, dims):
+            p += spread(np.float32(rng.normal(0.0, 0.7)) * np.outer(a, axes[m]), (k, m))
+    peak = float(np.abs(p).max())
+    if peak <= 0:
+        return np.ones(tuple(shape), np.float32)
+    p *= np.float32(strength / peak)
+    return np.exp(p, out=p)
+
+
+def bias_field(prob: float, strength: float) -> list[Any]:
+    """Per image channel, with probability ``prob``: a smooth multiplicative field (:func:`smooth_field`,
+    peak log-amplitude drawn in ``[0, strength]``) applied above the channel's minimum, so that the
+    darkest tissue (or the background of a z-scored image) keeps its value and contrast varies across
+    the patch as under a receive coil. ``image`` ``(C, *spatial)`` in, a float32 tensor out."""
+    import torch
+    from monai.transforms import Randomizable
+
+    class RandBiasFieldChannelsd(Randomizable):
+        def randomize(self, data: Any = None) -> None:
+            """The draws happen per channel in ``__call__``."""
+
+        def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+            image = torch.as_tensor(data[IMAGE_KEY], dtype=torch.float32)
+            out = image.clone()
+            for c in range(image.shape[0]):
+                if self.R.random_sample() >= prob:
+                    continue
+                field = smooth_field(self.R, image.shape[1:], float(self.R.uniform(0.0, strength)))
+                low = image[c].min()
+                out[c] = (image[c] - low) * torch.from_numpy(field) + low
+            return {**data, IMAGE_KEY: out}
+
+    return [RandBiasFieldChannelsd()]
+
+
 def train_transforms(loader: DataLoaderConfig, augment: AugmentConfig) -> Compose:
     """Augmentation of one drawn patch: ``image`` float32 ``(4, *crop)``, ``label`` uint8 ``(1, *crop)``
     in, the same keys as plain tensors ``(4, *patch)``, ``(1, *patch)`` out (2-D slab squeezed)."""
@@ -256,3 +313,5 @@ class PlanarAugmentConfig(Section):
     noise_std: float = Field(0.05, ge=0.0)
     gamma_prob: float = Field(0.0, ge=0.0, le=1.0)
     gamma_range: tuple[float, float] = Field((0.7, 1.5))
+    bias_field_prob: float = Field(0.0, ge=0.0, le=1.0)
+    bias_field_strength: float = Field(0.3, ge=0.0, le=2.0)
