@@ -210,7 +210,7 @@ class VolumeModels:
 
 
 class ImageModels:
-    """``--dims 2``: the 2-D champion (``tumorseg-2d``), the masked test images of ``paths.split_2d``,
+    """``--dims 2``: the 2-D champion (``tumorseg-2d``), the test images (Dice on the masked ones) of ``paths.split_2d``,
     the one-image ``predict`` path, the ``*_2d`` keys and folders."""
 
     dims = 2
@@ -244,13 +244,14 @@ class ImageModels:
         return params.predict_2d
 
     def test_cases(self, params: Params, source: str) -> list[Any]:
-        """The test images with a reference mask (tumour-free ones included: an empty mask scores too)."""
+        """Every test image: Dice is scored on those with a reference mask (tumour-free ones included: an
+        empty mask scores too), detection on all (Kaggle-style yes/no images have no mask)."""
         from tumorseg.data.datamodule import planar_records, read_planar_split
 
         paths = params.paths
         ids = read_planar_split(paths.split_2d)["test"]
-        records = [r for r in planar_records(paths.preprocessed_2d, ids) if r["has_mask"]]
-        if not records:
+        records = planar_records(paths.preprocessed_2d, ids)
+        if not any(r["has_mask"] for r in records):
             raise DataError(
                 f"{paths.split_2d}: no 'test' images with a reference mask to score the variants on; "
                 "rerun `tumorseg split --dims 2` with a test share"

@@ -273,7 +273,13 @@ def _table_head(regions: list[str], context: dict[str, Any]) -> list[str]:
         f"Source model: {context.get('source_model', '?')}. Latency: whole `predict` of "
         f"{context.get('latency_case_shape', '?')} case(s) on CPU ({context.get('threads', '?')} threads), "
         f"median of {context.get('repeats', '?')} runs. Dice: {context.get('test_cases', '?')} test cases "
-        f"in the source geometry. Gate: mean Dice drop <= {context.get('dice_tolerance', '?')}.",
+        f"in the source geometry. Gate: mean Dice drop <= {context.get('dice_tolerance', '?')}"
+        + (
+            f"; detection accuracy on {context['detection_cases']} test images drop <= "
+            f"{context.get('detection_tolerance', '?')}."
+            if context.get("detection_cases")
+            else "."
+        ),
         "",
         "| variant | runtime | file MiB | parameters | sparsity | GMAC/window | latency s | inference s "
         "| fp32 alongside s | x fp32 speed | "

@@ -94,7 +94,12 @@ def run_compress_stage(
         context = _report_context(inputs, shape, len(timed_cases))
         report = report_dict(results, edge, tolerance=cfg.dice_tolerance, context=context)
         files = publish(
-            results, report, out_dir, inputs.reports, context | {"dice_tolerance": cfg.dice_tolerance}, edge
+            results,
+            report,
+            out_dir,
+            inputs.reports,
+            context | {"dice_tolerance": cfg.dice_tolerance},
+            edge,
         )
         outcome = CompressionResult(results, edge, report, files)
         if inputs.mlflow_cfg.enabled:
@@ -202,7 +207,11 @@ def _report_context(inputs: _StageInputs, shape: str, n_timed: int) -> dict[str,
     return {
         "source_model": inputs.loaded.description,
         "source_version": inputs.loaded.version,
-        "test_cases": len(inputs.test_cases),
+        "test_cases": sum(
+            1 for case in inputs.test_cases if not isinstance(case, dict) or case.get("has_mask", True)
+        ),
+        "detection_cases": len(inputs.test_cases) if inputs.kind.dims == 2 else None,
+        "detection_tolerance": cfg.detection_tolerance if inputs.kind.dims == 2 else None,
         "latency_case_shape": shape,
         "latency_cases": n_timed,
         "repeats": cfg.latency.repeats,
