@@ -4,9 +4,10 @@ compress (``compress_2d``: the new 2-D champion's deployment variants and ``tumo
 
 Every task calls the function its ``tumorseg`` command calls; caching follows
 :mod:`pipelines.training_flow` (:mod:`pipelines.stage_cache`), and ``promote@2d`` always runs.
-``compress_2d`` runs when ``flow.compress`` is on and the segmenter's champion moved in this run: the
-edge model follows the champion, as ``dvc repro`` reruns ``compress_2d`` when ``promote@2d`` wrote a
-new decision.
+``compress_2d`` runs when ``flow.compress`` is on and the segmenter's champion has no compression yet
+(it moved in this run, or an earlier compression failed or compressed another version: the report's
+``source_version``): the edge model follows the champion. A changed ``compress:`` setting alone is
+applied by ``tumorseg compress --dims 2`` (or ``dvc repro compress_2d``).
 """
 
 from __future__ import annotations
@@ -101,6 +102,17 @@ def compress_2d_task(params: dict) -> dict[str, Any]:
     }
 
 
+def _compressed_version(params: Any) -> str | None:
+    """The 2-D model version the last ``compress --dims 2`` compressed (its report), or None."""
+    import json
+
+    report = Path(params.paths.reports_2d) / "compression.json"
+    try:
+        return str(json.loads(report.read_text())["source_version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 # ---------------------------------------------------------------------------- the flow
 @flow(name="planar-pipeline", log_prints=True)
 def planar_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -122,11 +134,13 @@ def planar_flow(params_path: str = "params.yaml", overrides: dict[str, Any] | No
     print(summary["evaluate"]["one_line"])
     for name, decision in summary["promote"].items():
         print(f"{name}: {decision['lines'][0]}")
-    segmenter = summary["promote"].get(params.evaluate_2d.model_name, {})
+    champion = summary["promote"].get(params.evaluate_2d.model_name, {}).get("champion")
     if not params.flow.compress:
         summary["compress"] = "skipped: flow.compress is off"
-    elif segmenter.get("action") != "promoted":
-        summary["compress"] = "skipped: the 2-D champion did not move; its edge model stands"
+    elif champion is None:
+        summary["compress"] = "skipped: no 2-D champion"
+    elif _compressed_version(params) == str(champion):
+        summary["compress"] = f"skipped: the 2-D champion (version {champion}) is compressed already"
     else:
         summary["compress"] = compress_2d_task(params)
         print(summary["compress"]["one_line"])

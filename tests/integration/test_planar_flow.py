@@ -47,10 +47,11 @@ def _flow_params(tmp: Path) -> Path:
         **fixtures.TINY_2D_OVERRIDES,
         "train_2d.out_dir": str(tmp / "models" / "planar"),
         "trainer.accelerator": "cpu",
-        # compress@2d: two variants, the gate open (the gate itself: test_compress_stage.py)
+        # compress@2d: two variants, the gate open (the gate itself: test_compress_planar.py)
         "compress.out_dir_2d": str(tmp / "models" / "planar" / "compressed"),
         "compress.variants_2d": ["fp32", "onnx_fp32"],
         "compress.dice_tolerance": 1.0,
+        "compress.detection_tolerance": 1.0,
         "compress.latency.warmup": 0,
         "compress.latency.repeats": 1,
     }
@@ -94,9 +95,14 @@ def test_planar_flow_end_to_end_then_cached(prefect_server: None, tmp_path: Path
     second = planar_flow(params_path=str(params_file))
     assert second["evaluate"]["registered"] == first["evaluate"]["registered"]
     assert {d["action"] for d in second["promote"].values()} == {"kept"}
-    assert second["compress"].startswith("skipped: the 2-D champion did not move")
+    assert second["compress"] == "skipped: the 2-D champion (version 1) is compressed already"
     assert len(client.search_model_versions("name = 'tumorseg-2d'")) == 2  # the champion and its edge model
     assert client.get_model_version_by_alias("tumorseg-2d", "edge").version == edge.version
+    # a compression that never finished (no report) is redone on the next run, for the same champion
+    (tmp_path / "reports" / "2d" / "compression.json").unlink()
+    third = planar_flow(params_path=str(params_file))
+    assert third["compress"]["registered"]["alias"] == "edge"
+    assert int(client.get_model_version_by_alias("tumorseg-2d", "edge").version) > int(edge.version)
 
     # the 2-D champion carries its training images' profile; predict checks each image against it
     from tumorseg.cli import main

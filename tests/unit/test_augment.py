@@ -101,11 +101,23 @@ def test_bias_field_shades_each_sequence_its_own_way_above_its_minimum() -> None
         assert float(field[keep].log().abs().max()) <= 0.5 + 1e-3
         ratios.append(float(field[keep].std()))
     assert all(r > 1e-3 for r in ratios) and len({round(r, 4) for r in ratios}) == 4
-    assert torch.equal(
-        out, _run(AugmentConfig(**OFF, bias_field_prob=1.0, bias_field_strength=0.5), 11, patch)
-    )
+    cfg = AugmentConfig(**OFF, bias_field_prob=1.0, bias_field_strength=0.5)
+    assert torch.equal(out, _run(cfg, 11, patch))  # seeded
+    assert not torch.equal(out, _run(cfg, 12, patch))
     off = _run(AugmentConfig(**OFF, bias_field_prob=1e-9), 11, patch)
     assert torch.equal(off, image)
+
+
+def test_bias_field_leaves_the_zero_background_of_a_z_scored_volume_alone() -> None:
+    patch = _patch(5)
+    image = patch[IMAGE_KEY]
+    image[:, :, :, :4] = 0.0  # outside the brain, as preprocessing stores it
+    out = _run(AugmentConfig(**OFF, bias_field_prob=1.0, bias_field_strength=0.5), 3, patch)
+    assert torch.all(out[:, :, :, :4] == 0)
+    tissue = torch.as_tensor(image[:, :, :, 4:])
+    assert not torch.allclose(out[:, :, :, 4:], tissue)
+    for c in range(4):  # the darkest tissue voxel keeps its value
+        assert torch.isclose(out[c, :, :, 4:].min(), tissue[c].min())
 
 
 def test_planar_augmentation_takes_the_bias_field_too() -> None:
@@ -118,8 +130,15 @@ def test_planar_augmentation_takes_the_bias_field_too() -> None:
     mask = np.zeros((1, 32, 32), np.float32)
     plain = training_transforms(cfg, seed=1)({IMAGE_KEY: image.copy(), MASK_KEY: mask})
     assert np.allclose(np.asarray(plain[IMAGE_KEY]), image)
-    shaded = training_transforms(cfg.model_copy(update={"bias_field_prob": 1.0}), seed=1)(
-        {IMAGE_KEY: image.copy(), MASK_KEY: mask}
-    )
+    on = cfg.model_copy(update={"bias_field_prob": 1.0})
+    shaded = training_transforms(on, seed=1)({IMAGE_KEY: image.copy(), MASK_KEY: mask})
     assert not np.allclose(np.asarray(shaded[IMAGE_KEY]), image)
     assert np.array_equal(np.asarray(shaded[MASK_KEY]), mask)
+    again = training_transforms(on, seed=1)({IMAGE_KEY: image.copy(), MASK_KEY: mask})
+    other = training_transforms(on, seed=2)({IMAGE_KEY: image.copy(), MASK_KEY: mask})
+    assert np.array_equal(np.asarray(again[IMAGE_KEY]), np.asarray(shaded[IMAGE_KEY]))
+    assert not np.allclose(np.asarray(other[IMAGE_KEY]), np.asarray(shaded[IMAGE_KEY]))
+    # strength 0 is off: the same draws as without the key
+    zero = training_transforms(on.model_copy(update={"bias_field_strength": 0.0}), seed=1)
+    unshaded = zero({IMAGE_KEY: image.copy(), MASK_KEY: mask})[IMAGE_KEY]
+    assert np.array_equal(np.asarray(unshaded), np.asarray(plain[IMAGE_KEY]))

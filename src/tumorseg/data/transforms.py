@@ -258,9 +258,10 @@ def smooth_field(rng: np.random.RandomState, shape: Sequence[int], strength: flo
 
 def bias_field(prob: float, strength: float) -> list[Any]:
     """Per image channel, with probability ``prob``: a smooth multiplicative field (:func:`smooth_field`,
-    peak log-amplitude drawn in ``[0, strength]``) applied above the channel's minimum, so that the
-    darkest tissue (or the background of a z-scored image) keeps its value and contrast varies across
-    the patch as under a receive coil. ``image`` ``(C, *spatial)`` in, a float32 tensor out."""
+    peak log-amplitude drawn in ``[0, strength]``) applied above the channel's lowest non-zero value, so
+    that the darkest tissue keeps its value and contrast varies across the patch as under a receive
+    coil; zero voxels (the background a z-scored volume stores as 0) are left alone. ``image``
+    ``(C, *spatial)`` in, a float32 tensor out."""
     import torch
     from monai.transforms import Randomizable
 
@@ -275,8 +276,12 @@ def bias_field(prob: float, strength: float) -> list[Any]:
                 if self.R.random_sample() >= prob:
                     continue
                 field = smooth_field(self.R, image.shape[1:], float(self.R.uniform(0.0, strength)))
-                low = image[c].min()
-                out[c] = (image[c] - low) * torch.from_numpy(field) + low
+                tissue = image[c] != 0  # a z-scored volume stores its background as exactly 0
+                if not bool(tissue.any()):
+                    continue
+                low = image[c][tissue].min()
+                shaded = (image[c] - low) * torch.from_numpy(field) + low
+                out[c] = torch.where(tissue, shaded, image[c])
             return {**data, IMAGE_KEY: out}
 
     return [RandBiasFieldChannelsd()]
