@@ -71,12 +71,13 @@ def head_image(
 
 
 def write_preprocessed(
-    folder: Path, n_patients: int = 12, seed: int = 0, kaggle_yes: int = 3
+    folder: Path, n_patients: int = 12, seed: int = 0, kaggle_yes: int = 3, unmasked_in_test: bool = False
 ) -> tuple[Path, Path]:
     """A preprocessed 2-D dataset and its split; returns ``(folder, split_json)``.
 
     Patients: one in four tumour-free (Kaggle-style ``no``, an all-zero mask), the rest one type each
-    with two images; ``kaggle_yes`` extra tumour images without masks.
+    with two images; ``kaggle_yes`` extra tumour images without masks (``unmasked_in_test``: the first
+    of them in the test split).
     """
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,11 @@ def write_preprocessed(
     # every split gets a tumour-free and a masked tumour patient so AUCs and Dice exist
     free = [p for p in names if p.startswith("kaggle-no")]
     masked = [p for p in names if p.startswith("P")]
-    for split_name, extra in (("test", [free[0], masked[0]]), ("val", [free[1 % len(free)], masked[1]])):
+    unmasked = ["kaggle-yes-0"] if unmasked_in_test and kaggle_yes else []
+    for split_name, extra in (
+        ("test", [free[0], masked[0], *unmasked]),
+        ("val", [free[1 % len(free)], masked[1]]),
+    ):
         for patient in extra:
             for other in groups.values():
                 if patient in other:

@@ -926,6 +926,23 @@ class _DropAdverts(logging.Filter):
         return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
 
 
+class _DropMessages(logging.Filter):
+    """Records of one dependency logger that start with a known-harmless message: dropped."""
+
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+HARMLESS_LOG_RECORDS: dict[str, tuple[str, ...]] = {
+    # torch's ONNX exporter offers torchvision's detection ops on every export; tumorseg has none
+    "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
+}
+"""Dependency log records a tumorseg command knows to be harmless, per logger: not printed."""
+
 HARMLESS_WARNINGS: tuple[str, ...] = (
     # torch's own pytree deprecation, raised inside Lightning on every fit (lightning/pytorch/utilities/_pytree.py)
     r".*isinstance\(treespec, LeafSpec\).*",
@@ -957,6 +974,10 @@ def configure_logging(verbose: bool) -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     # highdicom logs every module it copies into a DICOM-SEG at INFO (a dozen lines per file)
     logging.getLogger("highdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for name, starts in HARMLESS_LOG_RECORDS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(*starts))
     for message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 

@@ -326,6 +326,22 @@ def test_gate_rejects_a_variant_over_the_tolerance_and_edge_is_the_fastest_accep
     assert "- int8 rejected: largest per-case drop on a (mean Dice 0.8000 fp32 -> 0.7800)." in table
 
 
+def test_the_fastest_variant_is_the_one_with_the_largest_speed_up_over_fp32_timed_alongside() -> None:
+    """Each variant is timed in its own block alternating with fp32; the machine got faster between
+    the blocks, so the variant with the lowest latency is not the one that beat fp32 by most."""
+    results = [
+        _result("fp32", "pytorch", 0.039, 1.05, {"a": 0.80, "b": 0.70}),
+        _result("onnx_fp32_wint8", "onnxruntime", 0.0327, 0.52, {"a": 0.80, "b": 0.70}),
+        _result("pruned_structured_wint8", "onnxruntime", 0.0351, 0.39, {"a": 0.80, "b": 0.70}),
+    ]
+    results[1].baseline_latency_s = 0.0380  # 1.16x fp32 alongside
+    results[2].baseline_latency_s = 0.0506  # 1.44x fp32 alongside
+    apply_gate(results, tolerance=0.01)
+    assert min(results[1:], key=lambda r: r.latency_s).name == "onnx_fp32_wint8"
+    assert choose_edge(results).name == "pruned_structured_wint8"
+    assert ratios(choose_edge(results), results)["speedup"] == pytest.approx(0.0506 / 0.0351, abs=1e-4)
+
+
 def test_edge_prefers_an_accepted_variant_meeting_the_speed_and_size_targets() -> None:
     results = [
         _result("fp32", "pytorch", 1.2, 18.0, {"a": 0.97, "b": 0.96}),
@@ -437,19 +453,24 @@ def test_gate_on_2d_also_requires_the_detection_accuracy_of_fp32() -> None:
         _result("onnx_fp32", "onnxruntime", 3.0, 18.2, {"a": 0.80, "b": 0.70}),  # same calls
         _result("int8", "onnxruntime", 2.0, 4.5, {"a": 0.80, "b": 0.70}),  # same Dice, one call lost
         _result("pruned_structured", "onnxruntime", 3.0, 4.7, {"a": 0.80, "b": 0.70}),  # one call won
+        _result("pruned_unstructured", "onnxruntime", 1.0, 4.0, {"a": 0.70, "b": 0.70}),  # both lost
     ]
-    for r, accuracy in zip(results, (0.90, 0.90, 0.90 - 1 / 36, 0.90 + 1 / 36), strict=True):
+    lost = 0.90 - 1 / 36
+    for r, accuracy in zip(results, (0.90, 0.90, lost, 0.90 + 1 / 36, lost), strict=True):
         r.detection_accuracy = accuracy
     apply_gate(results, tolerance=0.01, detection_tolerance=0.0)
     by_name = {r.name: r for r in results}
     assert by_name["onnx_fp32"].accepted is True and by_name["pruned_structured"].accepted is True
-    assert by_name["int8"].accepted is False
+    assert by_name["int8"].accepted is False and by_name["int8"].rejected_for == ["detection"]
     assert "detection accuracy drop +0.0278 > tolerance 0" in by_name["int8"].reason
+    assert by_name["pruned_unstructured"].rejected_for == ["dice", "detection"]
     assert choose_edge(results).name == "pruned_structured"  # int8 is faster but calls one image wrong
     table = report_markdown(results, choose_edge(results), context={})
+    # a variant rejected on detection alone is reported for detection, not for a Dice drop it passed
+    assert "- int8 rejected: detection accuracy 0.9000 fp32 -> 0.8722.\n" in table
     assert (
-        "- int8 rejected: largest per-case drop on a" in table
-        and "detection accuracy 0.9000 fp32 -> 0.8722" in table
+        "- pruned_unstructured rejected: largest per-case drop on a (mean Dice 0.8000 fp32 -> 0.7000);"
+        " detection accuracy 0.9000 fp32 -> 0.8722.\n" in table
     )
     # 3-D variants have no detection figure: the Dice gate alone, as before
     apply_gate(results, tolerance=0.01, detection_tolerance=None)

@@ -116,7 +116,8 @@ def measure_planar_dice(
     outputs = _run_split(model, records)
     probability = model.detector.probability(outputs["classes"][:, 0], outputs["areas"])
     table = _per_case_table(records, outputs, probability, probability >= model.detector.threshold)
-    dice = table.set_index("case_id")["dice"].astype(float).dropna()  # images without a mask: detection only
+    masked = table[table["has_mask"].astype(bool)]  # images without a mask count for detection only
+    dice = masked.set_index("case_id")["dice"].astype(float)
     mean = float(dice.mean())
     scores = {"tumour": mean, "mean": mean, "detection_accuracy": float(table["correct"].mean())}
     return scores, {str(case): float(value) for case, value in dice.items()}

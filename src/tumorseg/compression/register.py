@@ -81,6 +81,7 @@ def _log_metrics(client: Any, run_id: str, outcome: CompressionResult) -> None:
             ("parameters", result.parameters),
             ("dice_mean", result.dice.get("mean")),
             ("dice_drop", result.dice_drop),
+            ("detection_accuracy", result.detection_accuracy),
             ("onnx_max_abs_diff", result.onnx_max_abs_diff),
         ):
             if value is not None:

@@ -37,7 +37,8 @@ class VariantResult:
         case_dice_mean: each test case's mean Dice over regions; ``dice_drop``: fp32's mean minus this.
         detection_accuracy: share of the test images whose tumour / no-tumour call is right (2-D
             models, with the detector chosen on validation); None for 3-D.
-        accepted: passed the gate (None until gated, and for fp32, the reference).
+        accepted: passed the gate (None until gated, and for fp32, the reference); ``rejected_for``:
+            the gate's checks a measured variant failed (``dice``, ``detection``).
     """
 
     name: str
@@ -58,6 +59,7 @@ class VariantResult:
     dice_drop: float | None = None
     detection_accuracy: float | None = None
     accepted: bool | None = None
+    rejected_for: list[str] = field(default_factory=list)
     reason: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -97,9 +99,10 @@ def apply_gate(
             ours, theirs = result.dice["mean"], baseline.dice["mean"]
         result.dice_drop = theirs - ours
         # A hair of slack for float noise: a drop of exactly the tolerance passes.
-        result.accepted = result.dice_drop <= tolerance + 1e-9
+        dice_ok = result.dice_drop <= tolerance + 1e-9
+        result.rejected_for = [] if dice_ok else ["dice"]
         result.reason = (
-            f"Dice drop {result.dice_drop:+.4f} {'<=' if result.accepted else '>'} tolerance {tolerance:g}"
+            f"Dice drop {result.dice_drop:+.4f} {'<=' if dice_ok else '>'} tolerance {tolerance:g}"
         )
         if (
             detection_tolerance is not None
@@ -108,8 +111,10 @@ def apply_gate(
         ):
             drop = baseline.detection_accuracy - result.detection_accuracy
             passed = drop <= detection_tolerance + 1e-9
-            result.accepted = result.accepted and passed
+            if not passed:
+                result.rejected_for.append("detection")
             result.reason += f"; detection accuracy drop {drop:+.4f} {'<=' if passed else '>'} tolerance {detection_tolerance:g}"
+        result.accepted = not result.rejected_for
 
 
 def speedup_over(result: VariantResult, baseline: VariantResult | None) -> float | None:
@@ -136,7 +141,9 @@ def choose_edge(
     """The edge model: the best accepted variant with a deployable file (None if none was accepted).
 
     Variants meeting both targets (:func:`meets_targets`) first, then the fastest, then the smallest
-    file; accuracy is already settled by the gate.
+    file; accuracy is already settled by the gate. "Fastest" is the largest speed-up over fp32 timed
+    alongside it (:func:`speedup_over`): each variant's latencies are taken in their own block, and a
+    machine that slows down or speeds up between blocks moves latencies, not the ratios.
     """
     baseline = _baseline(results)
     candidates = [r for r in results if r.accepted and r.runtime in EDGE_RUNTIMES and r.measured]
@@ -146,6 +153,7 @@ def choose_edge(
         candidates,
         key=lambda r: (
             not meets_targets(r, baseline, speedup, size_ratio),
+            -(speedup_over(r, baseline) or 0.0),
             r.latency_s,
             r.file_mb if r.file_mb is not None else math.inf,
         ),
@@ -188,25 +196,27 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 
 def _worst_case_lines(results: list[VariantResult]) -> list[str]:
-    """Per rejected variant: the test case whose mean Dice fell most against fp32."""
+    """Per variant the gate rejected, what failed: the test case whose mean Dice fell most against fp32
+    (Dice), the share of test images called right (detection)."""
     baseline = _baseline(results)
     if baseline is None:
         return []
     lines = []
     for r in results:
+        failed = []
         common = set(r.case_dice_mean) & set(baseline.case_dice_mean)
-        if r.accepted is not False or not common:
-            continue
-        case = max(sorted(common), key=lambda c: baseline.case_dice_mean[c] - r.case_dice_mean[c])
-        lines.append(
-            f"- {r.name} rejected: largest per-case drop on {case} "
-            f"(mean Dice {baseline.case_dice_mean[case]:.4f} fp32 -> {r.case_dice_mean[case]:.4f})"
-            + (
-                f"; detection accuracy {baseline.detection_accuracy:.4f} fp32 -> {r.detection_accuracy:.4f}."
-                if r.detection_accuracy is not None and baseline.detection_accuracy is not None
-                else "."
+        if "dice" in r.rejected_for and common:
+            case = max(sorted(common), key=lambda c: baseline.case_dice_mean[c] - r.case_dice_mean[c])
+            failed.append(
+                f"largest per-case drop on {case} "
+                f"(mean Dice {baseline.case_dice_mean[case]:.4f} fp32 -> {r.case_dice_mean[case]:.4f})"
             )
-        )
+        if "detection" in r.rejected_for:
+            failed.append(
+                f"detection accuracy {baseline.detection_accuracy:.4f} fp32 -> {r.detection_accuracy:.4f}"
+            )
+        if failed:
+            lines.append(f"- {r.name} rejected: {'; '.join(failed)}.")
     return _paragraph(lines)
 
 

@@ -91,7 +91,7 @@ def run_compress_stage(
         _time_variants(results, predictors, timed_cases, cfg)
         apply_gate(results, cfg.dice_tolerance, cfg.detection_tolerance)
         edge = choose_edge(results, speedup=cfg.target_speedup, size_ratio=cfg.target_size_ratio)
-        context = _report_context(inputs, shape, len(timed_cases))
+        context = _report_context(inputs, results, shape, len(timed_cases))
         report = report_dict(results, edge, tolerance=cfg.dice_tolerance, context=context)
         files = publish(
             results,
@@ -199,17 +199,20 @@ def _time_variants(
             log.info("compress: %s latency %.2f s", result.name, result.latency_s)
 
 
-def _report_context(inputs: _StageInputs, shape: str, n_timed: int) -> dict[str, Any]:
-    """The conditions of the measurement, stated in both reports (model, cases, threads, versions)."""
+def _report_context(
+    inputs: _StageInputs, results: list[VariantResult], shape: str, n_timed: int
+) -> dict[str, Any]:
+    """The conditions of the measurement, stated in both reports (model, cases, threads, versions):
+    ``test_cases`` the cases fp32's Dice was scored on (2-D: the images with a mask), ``detection_cases``
+    every 2-D test image."""
     import torch
 
     cfg = inputs.cfg
+    baseline = next(r for r in results if r.name == BASELINE)
     return {
         "source_model": inputs.loaded.description,
         "source_version": inputs.loaded.version,
-        "test_cases": sum(
-            1 for case in inputs.test_cases if not isinstance(case, dict) or case.get("has_mask", True)
-        ),
+        "test_cases": len(baseline.case_dice_mean),
         "detection_cases": len(inputs.test_cases) if inputs.kind.dims == 2 else None,
         "detection_tolerance": cfg.detection_tolerance if inputs.kind.dims == 2 else None,
         "latency_case_shape": shape,

@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 from tumorseg.config import Section
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from monai.transforms import Compose
 
@@ -207,14 +207,14 @@ def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[A
     return steps
 
 
-def channel_gamma(prob: float, gamma: tuple[float, float]) -> list[Any]:
-    """A gamma drawn per image channel (MONAI's ``RandAdjustContrastd`` draws one for every channel, and
-    costs ~80 ms per 64^3 channel): each channel rescaled to [0, 1], raised to its gamma, scaled back.
+def per_channel(prob: float, change: Callable[[np.random.RandomState, Any], Any]) -> Any:
+    """A MONAI ``Randomizable`` that, for each image channel in turn with probability ``prob``, replaces
+    it by ``change(R, channel)`` (its own draws from the transform's generator; None keeps the channel).
     ``image`` ``(C, *spatial)`` in, a float32 tensor out."""
     import torch
     from monai.transforms import Randomizable
 
-    class RandChannelGammad(Randomizable):
+    class RandPerChanneld(Randomizable):
         def randomize(self, data: Any = None) -> None:
             """The draws happen per channel in ``__call__``."""
 
@@ -224,13 +224,25 @@ def channel_gamma(prob: float, gamma: tuple[float, float]) -> list[Any]:
             for c in range(image.shape[0]):
                 if self.R.random_sample() >= prob:
                     continue
-                g = float(self.R.uniform(*gamma))
-                low, high = image[c].min(), image[c].max()
-                span = (high - low).clamp_min(1e-7)
-                out[c] = ((image[c] - low) / span).pow(g) * span + low
+                changed = change(self.R, image[c])
+                if changed is not None:
+                    out[c] = changed
             return {**data, IMAGE_KEY: out}
 
-    return [RandChannelGammad()]
+    return RandPerChanneld()
+
+
+def channel_gamma(prob: float, gamma: tuple[float, float]) -> list[Any]:
+    """A gamma drawn per image channel (MONAI's ``RandAdjustContrastd`` draws one for every channel, and
+    costs ~80 ms per 64^3 channel): each channel rescaled to [0, 1], raised to its gamma, scaled back."""
+
+    def change(rng: np.random.RandomState, channel: Any) -> Any:
+        g = float(rng.uniform(*gamma))
+        low, high = channel.min(), channel.max()
+        span = (high - low).clamp_min(1e-7)
+        return ((channel - low) / span).pow(g) * span + low
+
+    return [per_channel(prob, change)]
 
 
 def smooth_field(rng: np.random.RandomState, shape: Sequence[int], strength: float) -> np.ndarray:
@@ -260,31 +272,18 @@ def bias_field(prob: float, strength: float) -> list[Any]:
     """Per image channel, with probability ``prob``: a smooth multiplicative field (:func:`smooth_field`,
     peak log-amplitude drawn in ``[0, strength]``) applied above the channel's lowest non-zero value, so
     that the darkest tissue keeps its value and contrast varies across the patch as under a receive
-    coil; zero voxels (the background a z-scored volume stores as 0) are left alone. ``image``
-    ``(C, *spatial)`` in, a float32 tensor out."""
+    coil; zero voxels (the background a z-scored volume stores as 0) are left alone."""
     import torch
-    from monai.transforms import Randomizable
 
-    class RandBiasFieldChannelsd(Randomizable):
-        def randomize(self, data: Any = None) -> None:
-            """The draws happen per channel in ``__call__``."""
+    def change(rng: np.random.RandomState, channel: Any) -> Any:
+        field = smooth_field(rng, channel.shape, float(rng.uniform(0.0, strength)))
+        tissue = channel != 0  # a z-scored volume stores its background as exactly 0
+        if not bool(tissue.any()):
+            return None
+        low = channel[tissue].min()
+        return torch.where(tissue, (channel - low) * torch.from_numpy(field) + low, channel)
 
-        def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-            image = torch.as_tensor(data[IMAGE_KEY], dtype=torch.float32)
-            out = image.clone()
-            for c in range(image.shape[0]):
-                if self.R.random_sample() >= prob:
-                    continue
-                field = smooth_field(self.R, image.shape[1:], float(self.R.uniform(0.0, strength)))
-                tissue = image[c] != 0  # a z-scored volume stores its background as exactly 0
-                if not bool(tissue.any()):
-                    continue
-                low = image[c][tissue].min()
-                shaded = (image[c] - low) * torch.from_numpy(field) + low
-                out[c] = torch.where(tissue, shaded, image[c])
-            return {**data, IMAGE_KEY: out}
-
-    return [RandBiasFieldChannelsd()]
+    return [per_channel(prob, change)]
 
 
 def train_transforms(loader: DataLoaderConfig, augment: AugmentConfig) -> Compose:

@@ -30,16 +30,11 @@ _ROUGH_MM = 6.0  # the opening's radius that separates brain from scalp on the r
 
 
 def _ras_image(array: np.ndarray, affine: np.ndarray) -> Any:
-    """A SimpleITK image of an ``(X, Y, Z)`` array on a RAS-aligned grid with NIfTI ``affine``."""
-    import SimpleITK as sitk
+    """A SimpleITK float32 image of an ``(X, Y, Z)`` array on a RAS-aligned grid with NIfTI ``affine``."""
+    from tumorseg.dicom.prepare import Geometry
 
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=float)
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0)))
-    img.SetSpacing(spacing.tolist())
-    img.SetOrigin(lps[:3, 3].tolist())
-    img.SetDirection((lps[:3, :3] / spacing).ravel().tolist())
-    return img
+    array = np.asarray(array, dtype=np.float32)
+    return Geometry.from_ras_affine(affine, array.shape).image_of(array)
 
 
 def _nifti_image(img: Any) -> Any:
@@ -97,6 +92,8 @@ class AtlasBrainExtractor:
         """Affine transform: a point of ``fixed`` (the study's rough brain) -> the template's point."""
         import SimpleITK as sitk
 
+        from tumorseg.dicom.prepare import set_pyramid
+
         moving, _ = self.template()
         fixed = sitk.Cast(fixed, sitk.sitkFloat32)
         initial = sitk.CenteredTransformInitializer(
@@ -111,10 +108,7 @@ class AtlasBrainExtractor:
             learningRate=2.0, minStep=1e-3, numberOfIterations=self.iterations, relaxationFactor=0.5
         )
         reg.SetOptimizerScalesFromPhysicalShift()
-        finest = min(fixed.GetSpacing())
-        reg.SetShrinkFactorsPerLevel([max(1, int(round(mm / finest))) for mm in _LEVEL_SPACING_MM])
-        reg.SetSmoothingSigmasPerLevel(list(_SMOOTHING_MM))
-        reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+        set_pyramid(reg, fixed, _LEVEL_SPACING_MM, _SMOOTHING_MM)
         reg.SetInitialTransform(initial, inPlace=False)
         return reg.Execute(fixed, moving)
 

@@ -60,16 +60,14 @@ def other_brain_mask(case: Any, params: Any, extractor: Any) -> tuple[np.ndarray
     """``(mask, seconds)``: ``extractor``'s brain mask of an imported study on its full grid (the
     series it reads, ``extractor.modalities``, read again, moved by the import's own registration and
     N4-corrected as the import did) and the seconds the extraction alone took."""
-    from tumorseg.dicom.prepare import correct_bias, matrix_transform, ras_array, resample
+    from tumorseg.dicom.prepare import grid_array, matrix_transform
     from tumorseg.dicom.series import read_series
 
     arrays = {}
     for m in extractor.modalities:
         image, _ = read_series(case.picked[m])
-        on_grid = resample(image, case.full_grid, matrix_transform(case.fixed_to_moving[m]))
-        if params.dicom.bias.enabled:
-            on_grid = correct_bias(on_grid, params.dicom.bias)
-        arrays[m] = ras_array(on_grid)
+        transform = matrix_transform(case.fixed_to_moving[m])
+        arrays[m] = grid_array(image, case.full_grid, transform, params.dicom.bias)
     start = time.perf_counter()
     mask = extractor.extract(arrays, case.full_grid.ras_affine())
     return mask, time.perf_counter() - start

@@ -70,10 +70,7 @@ def resample_labels(
     out = np.zeros(shape, dtype=np.uint8)
     background = np.ones(shape, dtype=np.float32)
     for code in (int(c) for c in np.unique(canonical) if c != 0):
-        onehot = sitk.GetImageFromArray((canonical == code).transpose(2, 1, 0).astype(np.float32))
-        onehot.SetSpacing(source.spacing)
-        onehot.SetOrigin(source.origin)
-        onehot.SetDirection(source.direction)
+        onehot = source.image_of((canonical == code).astype(np.float32))
         prob = sitk.GetArrayFromImage(sitk.Resample(onehot, ref, t, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
         background -= prob
         win = prob > best

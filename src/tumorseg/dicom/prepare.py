@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,17 @@ class Geometry:
         """An empty SimpleITK image on this grid (a resampling reference)."""
         import SimpleITK as sitk
 
-        img = sitk.Image(list(self.size), sitk.sitkUInt8 if pixel is None else pixel)
+        return self._placed(sitk.Image(list(self.size), sitk.sitkUInt8 if pixel is None else pixel))
+
+    def image_of(self, array: np.ndarray) -> Any:
+        """A SimpleITK image of ``array`` (this grid's shape, indexed ``(i, j, k)``) on this grid."""
+        import SimpleITK as sitk
+
+        return self._placed(
+            sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
+        )
+
+    def _placed(self, img: Any) -> Any:
         img.SetSpacing(self.spacing)
         img.SetOrigin(self.origin)
         img.SetDirection(self.direction)
@@ -148,15 +158,23 @@ def register_rigid(fixed: Any, moving: Any, cfg: RegisterConfig) -> Any:
         gradientMagnitudeTolerance=1e-8,
     )
     reg.SetOptimizerScalesFromPhysicalShift()
-    finest = min(fixed.GetSpacing())
-    reg.SetShrinkFactorsPerLevel([max(1, int(round(mm / finest))) for mm in cfg.level_spacing_mm])
-    reg.SetSmoothingSigmasPerLevel(list(cfg.smoothing_sigmas_mm))
-    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    set_pyramid(reg, fixed, cfg.level_spacing_mm, cfg.smoothing_sigmas_mm)
     initial = sitk.Euler3DTransform()
     size = np.asarray(fixed.GetSize()) - 1
     initial.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint((size / 2.0).tolist()))
     reg.SetInitialTransform(initial, inPlace=False)
     return reg.Execute(fixed, moving)
+
+
+def set_pyramid(
+    reg: Any, fixed: Any, level_spacing_mm: Sequence[float], smoothing_sigmas_mm: Sequence[float]
+) -> None:
+    """The levels of a SimpleITK registration in mm: each level's voxel size (a shrink factor of
+    ``fixed``'s finest spacing) and its Gaussian smoothing."""
+    finest = min(fixed.GetSpacing())
+    reg.SetShrinkFactorsPerLevel([max(1, int(round(mm / finest))) for mm in level_spacing_mm])
+    reg.SetSmoothingSigmasPerLevel(list(smoothing_sigmas_mm))
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
 
 
 def output_grid(reference: Any, spacing_mm: float) -> Geometry:
@@ -179,6 +197,27 @@ def resample(image: Any, grid: Geometry, transform: Any | None = None, *, order:
     interpolator = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}[order]
     t = sitk.Transform(3, sitk.sitkIdentity) if transform is None else transform
     return sitk.Resample(image, grid.image(sitk.sitkFloat32), t, interpolator, 0.0, sitk.sitkFloat32)
+
+
+def grid_array(
+    image: Any,
+    grid: Geometry,
+    transform: Any | None,
+    bias: BiasConfig,
+    timed: Callable[[str, Callable[[], Any]], Any] | None = None,
+) -> np.ndarray:
+    """``image`` resampled onto ``grid`` (``transform``: grid point -> image point), N4-corrected when
+    ``bias.enabled``, as a RAS-ordered array; ``timed(step, fn)`` runs (and times) the ``resample``
+    and ``n4`` steps when given."""
+
+    def run(_step: str, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    step = timed or run
+    on_grid = step("resample", lambda: resample(image, grid, transform))
+    if bias.enabled:
+        on_grid = step("n4", lambda img=on_grid: correct_bias(img, bias))
+    return ras_array(on_grid)
 
 
 def correct_bias(image: Any, cfg: BiasConfig) -> Any:
@@ -293,10 +332,7 @@ def bring_together(
     grid = output_grid(fixed, cfg.spacing_mm)
     arrays: dict[str, np.ndarray] = {}
     for m in MODALITIES_4:
-        on_grid = timed("resample", lambda m=m: resample(images[m], grid, transforms[m]))
-        if cfg.bias.enabled:
-            on_grid = timed("n4", lambda img=on_grid: correct_bias(img, cfg.bias))
-        arrays[m] = ras_array(on_grid)
+        arrays[m] = grid_array(images[m], grid, transforms[m], cfg.bias, timed)
     matrices = {m: (np.eye(4) if t is None else rigid_matrix(t)) for m, t in transforms.items()}
     return arrays, matrices, Geometry.of(fixed), grid, t1ce_files, seconds
 
