@@ -919,13 +919,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _DropAdverts(logging.Filter):
-    """Lightning's tips to install other products are not progress: drop them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
-
-
 class _DropMessages(logging.Filter):
     """Records of one dependency logger that start with a known-harmless message: dropped."""
 
@@ -938,6 +931,8 @@ class _DropMessages(logging.Filter):
 
 
 HARMLESS_LOG_RECORDS: dict[str, tuple[str, ...]] = {
+    # Lightning's tips to install other products are not progress
+    "lightning.pytorch.utilities.rank_zero": ("\N{ELECTRIC LIGHT BULB} Tip:",),
     # torch's ONNX exporter offers torchvision's detection ops on every export; tumorseg has none
     "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
 }
@@ -971,7 +966,6 @@ def configure_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("lightning").propagate = False
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     # highdicom logs every module it copies into a DICOM-SEG at INFO (a dozen lines per file)
     logging.getLogger("highdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
     for name, starts in HARMLESS_LOG_RECORDS.items():

@@ -3,10 +3,11 @@
 A generated dataset stands in for the user's folder: MSD's layout (4-D images, dataset.json) for the
 whole chain, BraTS 2021's for added and removed cases. DVC must train, evaluate and register a model
 from that folder alone, never run the generator, and leave the folder byte-identical; a rerun does
-nothing; added and removed cases are picked up; a forced rerun reproduces the same outputs. Every
-other layout's naming and labels go through ingest, training, predict and scoring in
-tests/integration/test_conventions_end_to_end.py; what DVC adds (``data.source`` as a dependency,
-the generator left out) does not depend on the layout.
+nothing; added and removed cases are picked up; a forced rerun reproduces the same outputs. The
+BraTS 2023+, nnU-Net, MONAI and MSD layouts' naming and labels go through ingest, training, predict
+and scoring in tests/integration/test_conventions_end_to_end.py, BraTS 2021's (the default
+dataset's) through the whole DVC chain in tests/integration/test_dvc_pipeline.py; what DVC adds here
+(``data.source`` as a dependency, the generator left out) does not depend on the layout.
 """
 
 from __future__ import annotations

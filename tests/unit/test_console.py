@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import subprocess
@@ -50,6 +51,10 @@ def test_other_warnings_and_lightning_lines_still_show_but_its_tips_do_not(
     assert not all(f.filter(tip) for f in lightning.filters)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is not None, reason="torchvision installed: no notice to drop"
+)
 def test_the_onnx_exporters_torchvision_notices_are_dropped_and_its_other_warnings_kept(
     tmp_path: Path,
 ) -> None:

@@ -173,13 +173,13 @@ def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[A
             steps.append(Rand3DElasticd(sigma_range=augment.elastic_sigma, **elastic))
         else:  # the 2-D variant deforms a control-point grid whose spacing plays the role of sigma
             steps.append(Rand2DElasticd(spacing=augment.elastic_sigma, **elastic))
-    per_channel = {"keys": IMAGE_KEY, "channel_wise": True}
+    channel_wise = {"keys": IMAGE_KEY, "channel_wise": True}
     if augment.intensity_scale_prob > 0:
         scale, prob = augment.intensity_scale, augment.intensity_scale_prob
-        steps.append(RandScaleIntensityd(factors=scale, prob=prob, **per_channel))
+        steps.append(RandScaleIntensityd(factors=scale, prob=prob, **channel_wise))
     if augment.intensity_shift_prob > 0:
         shift, prob = augment.intensity_shift, augment.intensity_shift_prob
-        steps.append(RandShiftIntensityd(offsets=shift, prob=prob, **per_channel))
+        steps.append(RandShiftIntensityd(offsets=shift, prob=prob, **channel_wise))
     if augment.gamma_prob > 0:
         steps.append(RandAdjustContrastd(keys=IMAGE_KEY, prob=augment.gamma_prob, gamma=augment.gamma_range))
     if augment.channel_gamma_prob > 0:

@@ -122,10 +122,7 @@ def write_reference_outputs(
 
     labels = labels_to_reference(canonical, case)
     conv = get_convention(convention)
-    image = sitk.GetImageFromArray(conv.decode(labels).astype(np.uint8))
-    image.SetSpacing(case.reference.spacing)
-    image.SetOrigin(case.reference.origin)
-    image.SetDirection(case.reference.direction)
+    image = case.reference.place(sitk.GetImageFromArray(conv.decode(labels).astype(np.uint8)))
     nifti = out_dir / f"{case.case_id}_t1ce.nii.gz"
     _atomic_sitk_write(image, nifti)
     source = [pydicom.dcmread(p) for p in case.t1ce_files]

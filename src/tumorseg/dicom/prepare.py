@@ -82,17 +82,16 @@ class Geometry:
         """An empty SimpleITK image on this grid (a resampling reference)."""
         import SimpleITK as sitk
 
-        return self._placed(sitk.Image(list(self.size), sitk.sitkUInt8 if pixel is None else pixel))
+        return self.place(sitk.Image(list(self.size), sitk.sitkUInt8 if pixel is None else pixel))
 
     def image_of(self, array: np.ndarray) -> Any:
         """A SimpleITK image of ``array`` (this grid's shape, indexed ``(i, j, k)``) on this grid."""
         import SimpleITK as sitk
 
-        return self._placed(
-            sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
-        )
+        return self.place(sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0))))
 
-    def _placed(self, img: Any) -> Any:
+    def place(self, img: Any) -> Any:
+        """``img`` (a SimpleITK image of this grid's size) given this grid's spacing, origin, direction."""
         img.SetSpacing(self.spacing)
         img.SetOrigin(self.origin)
         img.SetDirection(self.direction)
