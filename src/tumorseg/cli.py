@@ -966,8 +966,10 @@ def configure_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("lightning").propagate = False
-    # highdicom logs every module it copies into a DICOM-SEG at INFO (a dozen lines per file)
-    logging.getLogger("highdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # highdicom logs every module it copies into a DICOM-SEG at INFO (a dozen lines per file); torch's
+    # ONNX exporter runs onnxscript's and onnx_ir's graph passes, which log each pass at INFO
+    for chatty in ("highdicom", "onnxscript", "onnx_ir"):
+        logging.getLogger(chatty).setLevel(logging.DEBUG if verbose else logging.WARNING)
     for name, starts in HARMLESS_LOG_RECORDS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):

@@ -233,15 +233,21 @@ def test_a_study_without_flair_is_refused_in_one_line_with_nothing_written(
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_dicom_check_scores_a_study_and_the_brain_extractor_it_did_not_use(
-    generated: Path, project: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("compare_brain", [False, True])
+def test_dicom_check_scores_a_study_and_with_compare_brain_the_extractor_it_did_not_use(
+    generated: Path, project: tuple[Path, Path], compare_brain: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``tumorseg dicom-check`` on one generated study: the picks against the truth, the TRE, both
-    brain extractors (the import's rule and nilearn's MNI152 mask registered to the T1ce: on this
-    study's coarse series its rough brain keeps the scalp, so only its presence is checked here;
-    tests/unit/test_dicom_atlas.py checks its accuracy), the Dice of the DICOM path and of the NIfTI
-    path, written as JSON and Markdown."""
+    """``tumorseg dicom-check`` on one generated study: the picks against the truth, the TRE, the
+    brain extractor (with ``dicom.compare_brain`` also nilearn's MNI152 mask registered to the T1ce:
+    on this study's coarse series its rough brain keeps the scalp, so only its presence is checked
+    here; tests/unit/test_dicom_atlas.py checks its accuracy), the Dice of the DICOM path and of the
+    NIfTI path, written as JSON and Markdown. Without ``compare_brain`` (the default) the other
+    extractor is neither run nor reported."""
     params_file, ckpt = project
+    params = yaml.safe_load(params_file.read_text())
+    params["dicom"]["compare_brain"] = compare_brain
+    run_params = params_file.with_name(f"params-compare-{compare_brain}.yaml")
+    run_params.write_text(yaml.safe_dump(params))
     args = [
         "dicom-check",
         "--studies",
@@ -249,7 +255,7 @@ def test_dicom_check_scores_a_study_and_the_brain_extractor_it_did_not_use(
         "--model",
         str(ckpt),
         "--params",
-        str(params_file),
+        str(run_params),
     ]
     assert main(args) == 0
     assert "dicom-check: 1/1 studies classified right" in capsys.readouterr().out
@@ -258,8 +264,6 @@ def test_dicom_check_scores_a_study_and_the_brain_extractor_it_did_not_use(
     (study,) = report["studies"]
     assert study["classification_right"] and study["distractors_picked"] == 0
     assert max(study["tre_mm"].values()) < 2.0  # series 2.5x coarser than a scanner's
-    assert report["other_brain_model"] == "mni152"
-    assert 0.0 < study["other_brain_dice"] <= 1.0 and study["other_brain_seconds"] > 0
     for path in ("dicom_dice", "nifti_dice"):
         assert set(study[path]) == {"WT", "TC", "ET"}
         assert all(0.0 <= v <= 1.0 for v in study[path].values())
@@ -269,4 +273,13 @@ def test_dicom_check_scores_a_study_and_the_brain_extractor_it_did_not_use(
         summary["nifti_dice_mean"] - summary["dicom_dice_mean"], abs=1e-3
     )
     markdown = (report_dir / "dicom_check.md").read_text()
-    assert "brain Dice, mni152" in markdown and "STUDY_0001" in markdown
+    assert "STUDY_0001" in markdown
+    if compare_brain:
+        assert report["other_brain_model"] == "mni152"
+        assert 0.0 < study["other_brain_dice"] <= 1.0 and study["other_brain_seconds"] > 0
+        assert summary["other_brain_dice_mean"] == study["other_brain_dice"]
+        assert "brain Dice, mni152" in markdown
+    else:
+        assert report["other_brain_model"] is None
+        assert "other_brain_dice" not in study and "other_brain_dice_mean" not in summary
+        assert "mni152" not in markdown and "not scored (`dicom.compare_brain: false`)" in markdown

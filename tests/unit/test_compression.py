@@ -479,3 +479,16 @@ def test_gate_on_2d_also_requires_the_detection_accuracy_of_fp32() -> None:
         r.detection_accuracy = None
     apply_gate(results, tolerance=0.01, detection_tolerance=0.0)
     assert by_name["int8"].accepted is True
+
+
+def test_a_variant_failing_dice_on_no_case_in_common_with_fp32_is_reported_by_its_mean() -> None:
+    """The gate compares the means when fp32 and a variant were scored on no common case; the report
+    line then names those means, not nothing."""
+    results = [
+        _result("fp32", "pytorch", 10.0, 18.0, {"a": 0.80, "b": 0.70}),
+        _result("int8", "onnxruntime", 2.0, 4.5, {"c": 0.60}),
+    ]
+    apply_gate(results, tolerance=0.01)
+    assert results[1].rejected_for == ["dice"]
+    table = report_markdown(results, choose_edge(results), context={})
+    assert "- int8 rejected: mean Dice 0.7500 fp32 -> 0.6000.\n" in table

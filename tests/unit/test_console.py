@@ -78,3 +78,5 @@ def test_the_onnx_exporters_torchvision_notices_are_dropped_and_its_other_warnin
     assert "torchvision is not installed" in stderr("off")  # torch does print them: the test can fail
     quiet = stderr("on")
     assert "torchvision" not in quiet and "another notice" in quiet
+    # nor the graph passes' INFO lines (onnxscript's constant folding, onnx_ir's pass manager)
+    assert "onnx_ir" not in quiet and "onnxscript" not in quiet

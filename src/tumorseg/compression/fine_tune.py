@@ -403,7 +403,7 @@ def _fine_tune_trainer(accelerator: str, steps: int, val_every: int, callbacks: 
         devices=1,
         max_steps=steps,
         max_epochs=1,
-        limit_val_batches=1.0 if val_every > 0 else 0,
+        limit_val_batches=None if val_every > 0 else 0,  # None: all (1.0 would print a note)
         val_check_interval=min(val_every, steps) if val_every > 0 else None,
         check_val_every_n_epoch=1,
         num_sanity_val_steps=0,

@@ -211,6 +211,8 @@ def _worst_case_lines(results: list[VariantResult]) -> list[str]:
                 f"largest per-case drop on {case} "
                 f"(mean Dice {baseline.case_dice_mean[case]:.4f} fp32 -> {r.case_dice_mean[case]:.4f})"
             )
+        elif "dice" in r.rejected_for:  # no case scored by both: the gate compared the means
+            failed.append(f"mean Dice {baseline.dice['mean']:.4f} fp32 -> {r.dice['mean']:.4f}")
         if "detection" in r.rejected_for:
             failed.append(
                 f"detection accuracy {baseline.detection_accuracy:.4f} fp32 -> {r.detection_accuracy:.4f}"

@@ -203,18 +203,19 @@ def _report_context(
     inputs: _StageInputs, results: list[VariantResult], shape: str, n_timed: int
 ) -> dict[str, Any]:
     """The conditions of the measurement, stated in both reports (model, cases, threads, versions):
-    ``test_cases`` the cases fp32's Dice was scored on (2-D: the images with a mask), ``detection_cases``
-    every 2-D test image."""
+    ``test_cases`` the cases fp32's Dice was scored on (2-D: the images with a mask); where fp32 has a
+    detection accuracy (2-D), ``detection_cases`` every test image and the gate's tolerance."""
     import torch
 
     cfg = inputs.cfg
     baseline = next(r for r in results if r.name == BASELINE)
+    detects = baseline.detection_accuracy is not None  # as apply_gate decides whether to gate on it
     return {
         "source_model": inputs.loaded.description,
         "source_version": inputs.loaded.version,
         "test_cases": len(baseline.case_dice_mean),
-        "detection_cases": len(inputs.test_cases) if inputs.kind.dims == 2 else None,
-        "detection_tolerance": cfg.detection_tolerance if inputs.kind.dims == 2 else None,
+        "detection_cases": len(inputs.test_cases) if detects else None,
+        "detection_tolerance": cfg.detection_tolerance if detects else None,
         "latency_case_shape": shape,
         "latency_cases": n_timed,
         "repeats": cfg.latency.repeats,

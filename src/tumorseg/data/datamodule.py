@@ -290,13 +290,9 @@ def training_transforms(cfg: PlanarAugmentConfig, seed: int) -> Any:
             mt.RandScaleIntensityd(IMAGE_KEY, factors=cfg.intensity_scale, prob=cfg.intensity_scale_prob),
             mt.RandShiftIntensityd(IMAGE_KEY, offsets=cfg.intensity_shift, prob=cfg.intensity_shift_prob),
         ]
-        # a receive-coil shading before the noise (which it does not scale); only when on, as the gamma
-        # below, so that a run without it draws the same augmentations as before
-        + (
-            bias_field(cfg.bias_field_prob, cfg.bias_field_strength)
-            if cfg.bias_field_prob > 0 and cfg.bias_field_strength > 0
-            else []
-        )
+        # a receive-coil shading before the noise (which it does not scale); no step when off, so that
+        # a run without it draws the same augmentations as before
+        + bias_field(cfg.bias_field_prob, cfg.bias_field_strength)
         + [mt.RandGaussianNoised(IMAGE_KEY, prob=cfg.noise_prob, std=cfg.noise_std)]
         # contrast between scans and sequences (the Kaggle set mixes T1ce, T2, FLAIR)
         + (

@@ -184,8 +184,7 @@ def augmentation_transforms(augment: AugmentConfig, spatial_dims: int) -> list[A
         steps.append(RandAdjustContrastd(keys=IMAGE_KEY, prob=augment.gamma_prob, gamma=augment.gamma_range))
     if augment.channel_gamma_prob > 0:
         steps += channel_gamma(augment.channel_gamma_prob, augment.gamma_range)
-    if augment.bias_field_prob > 0 and augment.bias_field_strength > 0:
-        steps += bias_field(augment.bias_field_prob, augment.bias_field_strength)
+    steps += bias_field(augment.bias_field_prob, augment.bias_field_strength)
     if augment.blur_prob > 0:
         sigma = augment.blur_sigma
         steps.append(
@@ -272,8 +271,12 @@ def bias_field(prob: float, strength: float) -> list[Any]:
     """Per image channel, with probability ``prob``: a smooth multiplicative field (:func:`smooth_field`,
     peak log-amplitude drawn in ``[0, strength]``) applied above the channel's lowest non-zero value, so
     that the darkest tissue keeps its value and contrast varies across the patch as under a receive
-    coil; zero voxels (the background a z-scored volume stores as 0) are left alone."""
+    coil; zero voxels (the background a z-scored volume stores as 0) are left alone. Off (no step, so
+    no random draw either) unless ``prob`` and ``strength`` are both above 0."""
     import torch
+
+    if prob <= 0 or strength <= 0:
+        return []
 
     def change(rng: np.random.RandomState, channel: Any) -> Any:
         field = smooth_field(rng, channel.shape, float(rng.uniform(0.0, strength)))

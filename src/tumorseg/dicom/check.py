@@ -7,8 +7,8 @@ Per study (made by ``tumorseg synth --generator dicom``, truth in ``<studies>/tr
 - registration: target registration error of T1, T2 and FLAIR onto T1ce, the mean distance over the
   true brain's voxels (T1ce frame) between where the estimated and the true transforms send them;
 - brain extraction: Dice of the extracted brain against the true brain on the imported grid, and
-  of the alternative (nilearn's MNI152 mask registered to the T1ce, :mod:`tumorseg.dicom.atlas`) when
-  the import used the network (or the network when it used the atlas);
+  with ``dicom.compare_brain`` of the alternative (nilearn's MNI152 mask registered to the T1ce,
+  :mod:`tumorseg.dicom.atlas`, when the import used the network; the network when it used the atlas);
 - end to end: WT/TC/ET Dice of the DICOM-in prediction in the T1ce series' geometry, and of the same
   model on the BraTS-ready NIfTI of the same case brought into that geometry with the true transform,
   both against the true labels there;
@@ -176,6 +176,7 @@ def score_study(
 def _markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     cpu = report["cpu"]
+    other = report["other_brain_model"]
     lines = [
         "# DICOM path on generated studies",
         "",
@@ -184,16 +185,17 @@ def _markdown(report: dict[str, Any]) -> str:
         f"({', '.join(cpu.get('cpu_flags', []))}), {report['threads']} threads.",
         "",
         "| study | picks right | distractors picked | TRE T1 / T2 / FLAIR (mm) | brain Dice | "
-        f"brain Dice, {report['other_brain_model']} | "
-        "DICOM Dice WT / TC / ET | NIfTI Dice WT / TC / ET | gap | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        + (f"brain Dice, {other} | " if other else "")
+        + "DICOM Dice WT / TC / ET | NIfTI Dice WT / TC / ET | gap | seconds |",
+        "|---|---|---|---|---|" + ("---|" if other else "") + "---|---|---|---|",
     ]
     for r in report["studies"]:
         t, d, n = r["tre_mm"], r["dicom_dice"], r["nifti_dice"]
         lines.append(
             f"| {r['study']} | {'yes' if r['classification_right'] else 'no'} | {r['distractors_picked']} | "
-            f"{t['t1']:.2f} / {t['t2']:.2f} / {t['flair']:.2f} | {r['brain_dice']:.3f} | {r['other_brain_dice']:.3f} | "
-            f"{d['WT']:.3f} / {d['TC']:.3f} / {d['ET']:.3f} | {n['WT']:.3f} / {n['TC']:.3f} / {n['ET']:.3f} | "
+            f"{t['t1']:.2f} / {t['t2']:.2f} / {t['flair']:.2f} | {r['brain_dice']:.3f} | "
+            + (f"{r['other_brain_dice']:.3f} | " if other else "")
+            + f"{d['WT']:.3f} / {d['TC']:.3f} / {d['ET']:.3f} | {n['WT']:.3f} / {n['TC']:.3f} / {n['ET']:.3f} | "
             f"{r['dice_gap']:+.3f} | {r['seconds']['total']:.0f} |"
         )
     lines += [
@@ -201,10 +203,14 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- Series classification: {s['classification_right']} of {s['studies']} studies with all four right, "
         f"{s['distractors_picked']} distractors picked.",
         f"- Mean TRE {s['tre_mm_mean']:.3f} mm (largest {s['tre_mm_max']:.3f} mm); target at most 1 mm.",
-        f"- Brain extraction Dice mean {s['brain_dice_mean']:.3f} (lowest {s['brain_dice_min']:.3f}); target at least 0.95. "
-        f"The alternative, {report['other_brain_model']}, on the same studies: mean {s['other_brain_dice_mean']:.3f} "
-        f"(lowest {s['other_brain_dice_min']:.3f}), {s['other_brain_seconds_mean']:.1f} s per study for the extraction "
-        "alone (the network's is `brain_extraction` below).",
+        f"- Brain extraction Dice mean {s['brain_dice_mean']:.3f} (lowest {s['brain_dice_min']:.3f}); target at least 0.95."
+        + (
+            f" The alternative, {other}, on the same studies: mean {s['other_brain_dice_mean']:.3f} "
+            f"(lowest {s['other_brain_dice_min']:.3f}), {s['other_brain_seconds_mean']:.1f} s per study for the "
+            "extraction alone (the network's is `brain_extraction` below)."
+            if other
+            else " The other extractor is not scored (`dicom.compare_brain: false`)."
+        ),
         f"- Mean Dice (WT, TC, ET) DICOM in: {s['dicom_dice_mean']:.3f}; the same model on the NIfTI: "
         f"{s['nifti_dice_mean']:.3f}; gap {s['dice_gap']:+.3f} (target: at most 0.03).",
         "",
@@ -235,16 +241,18 @@ def run_dicom_check(
     names = sorted(p.name for p in truth_root.iterdir() if (p / "truth.json").is_file())
     from tumorseg.dicom.atlas import ATLAS_URI, AtlasBrainExtractor
 
-    # The extractor the import does not use is scored beside it (same registration, same N4).
-    uses_atlas = params.dicom.brain.model == ATLAS_URI
-    other_uri = f"models:/{params.dicom.brain.model_name}@champion" if uses_atlas else ATLAS_URI
-    if uses_atlas:
+    # With dicom.compare_brain the extractor the import does not use is scored beside it (same
+    # registration, same N4).
+    other_uri: str | None = None
+    other: Any = None
+    if params.dicom.compare_brain and params.dicom.brain.model == ATLAS_URI:
         from tumorseg.dicom.brain import load_brain_extractor
         from tumorseg.tracking import params_tracking_uri
 
-        other: Any = load_brain_extractor(other_uri, tracking_uri=params_tracking_uri(params, source=source))
-    else:
-        other = AtlasBrainExtractor()
+        other_uri = f"models:/{params.dicom.brain.model_name}@champion"
+        other = load_brain_extractor(other_uri, tracking_uri=params_tracking_uri(params, source=source))
+    elif params.dicom.compare_brain:
+        other_uri, other = ATLAS_URI, AtlasBrainExtractor()
     records = []
     with tempfile.TemporaryDirectory(prefix="tumorseg-dicom-check-") as tmp:
         for n, name in enumerate(names, 1):
@@ -273,9 +281,6 @@ def run_dicom_check(
         "tre_mm_max": round(float(np.max([v for r in records for v in r["tre_mm"].values()])), 4),
         "brain_dice_mean": round(float(np.mean([r["brain_dice"] for r in records])), 4),
         "brain_dice_min": round(float(np.min([r["brain_dice"] for r in records])), 4),
-        "other_brain_dice_mean": round(float(np.mean([r["other_brain_dice"] for r in records])), 4),
-        "other_brain_dice_min": round(float(np.min([r["other_brain_dice"] for r in records])), 4),
-        "other_brain_seconds_mean": round(float(np.mean([r["other_brain_seconds"] for r in records])), 2),
         "dicom_dice_mean": round(
             float(np.mean([np.mean(list(r["dicom_dice"].values())) for r in records])), 4
         ),
@@ -287,6 +292,12 @@ def run_dicom_check(
         },
     }
     summary["dice_gap"] = round(summary["nifti_dice_mean"] - summary["dicom_dice_mean"], 4)
+    if other is not None:
+        summary["other_brain_dice_mean"] = round(float(np.mean([r["other_brain_dice"] for r in records])), 4)
+        summary["other_brain_dice_min"] = round(float(np.min([r["other_brain_dice"] for r in records])), 4)
+        summary["other_brain_seconds_mean"] = round(
+            float(np.mean([r["other_brain_seconds"] for r in records])), 2
+        )
     report = {
         "model": model_uri or params.predict.model,
         "brain_model": params.dicom.brain.model,
