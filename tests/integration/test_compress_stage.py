@@ -174,10 +174,16 @@ def test_compress_gates_registers_edge_and_predict_runs_it_in_its_runtime(
             "mlflow.enabled": True,
         },
     )
-    with caplog.at_level(logging.INFO, logger="tumorseg.training.callbacks"):
+    with caplog.at_level(logging.INFO):
         result = run_compress_stage(params, tracking_uri=uri)
-    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fine-tune: step ")]
+    progress = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "tumorseg.training.callbacks" and r.getMessage().startswith("fine-tune: step ")
+    ]
     assert progress and all("min left" in line for line in progress)  # fine-tuning shows its progress
+    # each variant's Dice is one line, not a line of volumes per test case and variant
+    assert not [r for r in caplog.records if r.name == "tumorseg.evaluation.pipeline_stage"]
 
     names = [r.name for r in result.variants]
     assert names == list(VARIANTS)  # fp32 first, then in the order asked for

@@ -492,3 +492,27 @@ def test_a_variant_failing_dice_on_no_case_in_common_with_fp32_is_reported_by_it
     assert results[1].rejected_for == ["dice"]
     table = report_markdown(results, choose_edge(results), context={})
     assert "- int8 rejected: mean Dice 0.7500 fp32 -> 0.6000.\n" in table
+
+
+def test_speed_ups_within_the_tie_share_of_the_fastest_go_to_the_smallest_file() -> None:
+    """A rerun moved the ONNX fp32 forms' speed-ups by about 0.1x: within ``speed_tie`` of the fastest,
+    the smallest file is the edge, not a variant a few per cent faster and 3x bigger."""
+    results = [
+        _result("fp32", "pytorch", 0.48, 2.31, {"a": 0.80, "b": 0.70}),
+        _result("onnx_fp32", "onnxruntime", 0.58, 2.43, {"a": 0.80, "b": 0.70}),
+        _result("onnx_fp32_wint8", "onnxruntime", 0.59, 0.71, {"a": 0.80, "b": 0.70}),
+        _result("pruned_unstructured", "onnxruntime", 0.51, 2.43, {"a": 0.80, "b": 0.70}),
+        _result("int8", "onnxruntime", 1.31, 0.73, {"a": 0.80, "b": 0.70}),  # 0.37x: not a tie
+    ]
+    for r, alongside in zip(results[1:], (0.50, 0.50, 0.47, 0.48), strict=True):
+        r.baseline_latency_s = alongside  # 0.86x, 0.85x, 0.92x, 0.37x
+    apply_gate(results, tolerance=0.01)
+    assert choose_edge(results).name == "pruned_unstructured"  # no tie share: the fastest
+    assert choose_edge(results, speed_tie=0.1).name == "onnx_fp32_wint8"  # 0.85 >= 0.92 x 0.9
+    assert choose_edge(results, speed_tie=0.05).name == "pruned_unstructured"  # 0.85 < 0.92 x 0.95
+    table = report_markdown(
+        results,
+        choose_edge(results, speed_tie=0.1),
+        context={"targets": {"speedup": 2.0, "size_ratio": 3.0, "speed_tie": 0.1}},
+    )
+    assert "every speed-up within 10% of it counting as fastest" in table

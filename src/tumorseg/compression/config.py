@@ -105,6 +105,9 @@ class CompressConfig(Section):
             much below fp32's.
         target_speedup, target_size_ratio: deployment targets (fp32 whole-``predict`` CPU latency,
             and file size, over the edge model's).
+        speed_tie: variants whose speed-up over fp32 is within this share of the largest count as
+            equally fast when the edge is chosen; the smallest file among them is the edge (timing
+            noise between reruns of the stage is of this order).
         parity_tolerance: largest ONNX Runtime vs PyTorch logit difference accepted for an export.
         emulated_bf16: ``skip``: the bfloat16 variants are built but not scored or timed on a CPU
             without native bfloat16 (emulated, they take minutes and their latency says nothing about
@@ -133,6 +136,7 @@ class CompressConfig(Section):
     variants_2d: tuple[VariantName, ...] | None = None
     target_speedup: float = Field(2.0, ge=0.0)
     target_size_ratio: float = Field(3.0, ge=0.0)
+    speed_tie: float = Field(0.1, ge=0.0, lt=1.0)
     register_edge: bool = True
     alias: str = Field("edge", min_length=1)
     parity_tolerance: float = Field(1e-3, gt=0.0)

@@ -95,6 +95,7 @@ def measure_dice(predictor: Any, cases: list[Any], eval_cfg: Any, work: Path, na
         cfg=eval_cfg,
         summary_path=folder / "summary.json",
         make_plots=False,
+        log_volumes=False,  # the evaluate stage logged them; once per variant would flood the console
     )
     regions = region_order(result.per_case)
     wide = result.per_case.pivot(index="case_id", columns="region", values="dice")[regions]

@@ -90,7 +90,9 @@ def run_compress_stage(
         results, predictors = _build_and_score(builder, inputs, work)
         _time_variants(results, predictors, timed_cases, cfg)
         apply_gate(results, cfg.dice_tolerance, cfg.detection_tolerance)
-        edge = choose_edge(results, speedup=cfg.target_speedup, size_ratio=cfg.target_size_ratio)
+        edge = choose_edge(
+            results, speedup=cfg.target_speedup, size_ratio=cfg.target_size_ratio, speed_tie=cfg.speed_tie
+        )
         context = _report_context(inputs, results, shape, len(timed_cases))
         report = report_dict(results, edge, tolerance=cfg.dice_tolerance, context=context)
         files = publish(
@@ -223,6 +225,10 @@ def _report_context(
         "exporter": cfg.exporter,
         "onnx_opset": cfg.onnx_opset,
         "torch_version": torch.__version__,
-        "targets": {"speedup": cfg.target_speedup, "size_ratio": cfg.target_size_ratio},
+        "targets": {
+            "speedup": cfg.target_speedup,
+            "size_ratio": cfg.target_size_ratio,
+            "speed_tie": cfg.speed_tie,
+        },
         "build_and_measure_s": round(time.perf_counter() - inputs.started, 1),
     }

@@ -117,10 +117,12 @@ def evaluate_cases(
     images_dir: Path | None = None,
     tumour_types_file: Path | None = None,
     make_plots: bool | None = None,
+    log_volumes: bool = True,
 ) -> Any:
     """Predict ``cases`` from their source files and score them against their segmentations into
     ``out_csv`` (plots in ``<stem>_plots/``, over ``images_dir``); ``tumour_types_file``: a
-    ``synth_meta.json`` for per-type statistics. Returns the ``EvaluationResult``."""
+    ``synth_meta.json`` for per-type statistics; ``log_volumes``: a line per case with its predicted
+    region volumes. Returns the ``EvaluationResult``."""
     from tumorseg.evaluation.evaluate import evaluate_folders
     from tumorseg.models.predictor import predict_dataset
 
@@ -136,7 +138,8 @@ def evaluate_cases(
 
         def link_reference(prediction: Any, _files: list[Path]) -> None:
             _link_reference(by_id[prediction.case_id], ref_dir)
-            log.info("%s: %s", prediction.case_id, prediction.volumes_text())
+            if log_volumes:
+                log.info("%s: %s", prediction.case_id, prediction.volumes_text())
 
         predict_dataset(None, pred_dir, predictor, cases=cases, on_case=link_reference)
         result = evaluate_folders(
