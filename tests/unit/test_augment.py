@@ -142,3 +142,11 @@ def test_planar_augmentation_takes_the_bias_field_too() -> None:
     zero = training_transforms(on.model_copy(update={"bias_field_strength": 0.0}), seed=1)
     unshaded = zero({IMAGE_KEY: image.copy(), MASK_KEY: mask})[IMAGE_KEY]
     assert np.array_equal(np.asarray(unshaded), np.asarray(plain[IMAGE_KEY]))
+
+
+def test_bias_field_is_no_step_unless_its_probability_and_strength_are_both_on() -> None:
+    """Off is decided in one place: no transform, so no random draw, for either key at 0."""
+    from tumorseg.data.transforms import bias_field
+
+    assert bias_field(0.0, 0.5) == [] and bias_field(0.5, 0.0) == []
+    assert len(bias_field(0.5, 0.5)) == 1
