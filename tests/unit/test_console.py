@@ -65,6 +65,8 @@ def test_the_onnx_exporters_torchvision_notices_are_dropped_and_its_other_warnin
         "if sys.argv[1] == 'on':\n"
         "    from tumorseg.cli import configure_logging\n"
         "    configure_logging(verbose=False)\n"
+        "elif sys.argv[1] == 'info':\n"
+        "    logging.basicConfig(level=logging.INFO)\n"
         f"torch.onnx.export(torch.nn.Conv2d(1, 2, 3), (torch.zeros(1, 1, 8, 8),), r'{tmp_path}/x.onnx', dynamo=True)\n"
         "logging.getLogger('torch.onnx._internal.exporter._registration').warning('another notice')\n"
     )
@@ -78,5 +80,7 @@ def test_the_onnx_exporters_torchvision_notices_are_dropped_and_its_other_warnin
     assert "torchvision is not installed" in stderr("off")  # torch does print them: the test can fail
     quiet = stderr("on")
     assert "torchvision" not in quiet and "another notice" in quiet
-    # nor the graph passes' INFO lines (onnxscript's constant folding, onnx_ir's pass manager)
+    # nor the graph passes' INFO lines (onnxscript's constant folding, onnx_ir's pass manager), which
+    # logging at INFO without tumorseg's settings shows
+    assert "onnx_ir" in stderr("info")
     assert "onnx_ir" not in quiet and "onnxscript" not in quiet

@@ -156,17 +156,13 @@ def choose_edge(
     candidates = [r for r in results if r.accepted and r.runtime in EDGE_RUNTIMES and r.measured]
     if not candidates:
         return None
-    meeting = [r for r in candidates if meets_targets(r, baseline, speedup, size_ratio)]
-    pool = meeting or candidates
-    fastest = max(speedup_over(r, baseline) or 0.0 for r in pool)
-    tied = [r for r in pool if (speedup_over(r, baseline) or 0.0) >= fastest * (1.0 - speed_tie) - 1e-12]
+    pool = [r for r in candidates if meets_targets(r, baseline, speedup, size_ratio)] or candidates
+    speed = {r.name: speedup_over(r, baseline) or 0.0 for r in pool}
+    fastest = max(speed.values())
+    tied = [r for r in pool if speed[r.name] >= fastest * (1.0 - speed_tie) - 1e-12]
     return min(
         tied,
-        key=lambda r: (
-            r.file_mb if r.file_mb is not None else math.inf,
-            -(speedup_over(r, baseline) or 0.0),
-            r.latency_s,
-        ),
+        key=lambda r: (r.file_mb if r.file_mb is not None else math.inf, -speed[r.name], r.latency_s),
     )
 
 

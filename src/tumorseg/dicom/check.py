@@ -245,14 +245,15 @@ def run_dicom_check(
     # registration, same N4).
     other_uri: str | None = None
     other: Any = None
-    if params.dicom.compare_brain and params.dicom.brain.model == ATLAS_URI:
-        from tumorseg.dicom.brain import load_brain_extractor
-        from tumorseg.tracking import params_tracking_uri
+    if params.dicom.compare_brain:
+        if params.dicom.brain.model == ATLAS_URI:
+            from tumorseg.dicom.brain import load_brain_extractor
+            from tumorseg.tracking import params_tracking_uri
 
-        other_uri = f"models:/{params.dicom.brain.model_name}@champion"
-        other = load_brain_extractor(other_uri, tracking_uri=params_tracking_uri(params, source=source))
-    elif params.dicom.compare_brain:
-        other_uri, other = ATLAS_URI, AtlasBrainExtractor()
+            other_uri = f"models:/{params.dicom.brain.model_name}@champion"
+            other = load_brain_extractor(other_uri, tracking_uri=params_tracking_uri(params, source=source))
+        else:
+            other_uri, other = ATLAS_URI, AtlasBrainExtractor()
     records = []
     with tempfile.TemporaryDirectory(prefix="tumorseg-dicom-check-") as tmp:
         for n, name in enumerate(names, 1):
