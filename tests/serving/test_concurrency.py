@@ -86,3 +86,31 @@ def test_a_request_over_the_time_limit_gets_504_and_its_files_are_removed(
     wait_until(lambda: service.pool.pending == 0, "the running job finished")
     assert leftover_request_dirs(client) == []
     assert network.max_active == 1
+
+
+@pytest.mark.parametrize("step", ["hash_uploads", "stage_upload"])
+def test_a_request_timed_out_while_a_thread_reads_its_upload_leaves_no_files(
+    make_client, small_case: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """The timeout cancels the request while a threadpool thread still hashes (audit log) or writes its
+    upload: the request's folder is removed all the same, once that thread is done."""
+    from tumorseg.serving import predict_routes
+
+    release, finished = threading.Event(), threading.Event()
+    real = getattr(predict_routes, step)
+
+    def held(*args: object) -> object:
+        release.wait(30)  # held until the 504 has been sent
+        try:
+            return real(*args)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(predict_routes, step, held)
+    client = make_client(request_timeout_s=0.5)
+    response = client.post("/predict", files=case_files(small_case))
+    assert response.status_code == 504
+    release.set()
+    wait_until(finished.is_set, f"{step} returned")
+    wait_until(lambda: leftover_request_dirs(client) == [], "the request's folder was removed", timeout_s=5)
+    assert service_of(client).pool.pending == 0  # it never reached the pool

@@ -71,21 +71,34 @@ async def run_prediction(
     (None: the input's default, known once staged); the model and what it found go to the request's
     ``audit`` line. ``reference``: a 2-D image's ground truth its file does not hold."""
     future: Future[Any] | None = None
+    staging: asyncio.Task[Path] | None = None
     try:
         if stage is not None:
-            source = await run_in_threadpool(stage)
+            # Shielded: a timeout cancels this request, not the thread writing into workdir.
+            staging = asyncio.ensure_future(run_in_threadpool(stage))
+            source = await asyncio.shield(staging)
         assert source is not None
         output = _staged_output(source, output)
         keep = output == "viewer"
         future = service.pool.submit(service.run_job, source, workdir, keep, pixel_size_mm, reference)
         result = await asyncio.wrap_future(future)
     finally:
+        if staging is not None and not staging.done():
+            # Cancelled while the upload is still being written: remove the folder once the thread is done.
+            staging.add_done_callback(partial(_remove_after_staging, workdir))
         # A job that never started (staging failed, busy, or cancelled by the timeout) leaves its folder to us.
-        if future is None or future.cancel():
+        elif future is None or future.cancel():
             remove_tree(workdir)
     if audit is not None:
         note_result(audit, result["summary"], service)
     return _answer(service, result, output)
+
+
+def _remove_after_staging(workdir: Path, staging: asyncio.Task[Path]) -> None:
+    """Remove ``workdir`` once the abandoned staging thread has finished (its outcome is not wanted)."""
+    if not staging.cancelled():
+        staging.exception()  # retrieved, so asyncio does not log it as never retrieved
+    remove_tree(workdir)
 
 
 def _staged_output(source: Path, output: OutputFormat | None) -> OutputFormat:
@@ -187,11 +200,13 @@ def add_predict_route(app: FastAPI) -> None:
         _check_output(dims, output, names[0])
         if dims == IMAGE:
             service.planar.require()  # 503 before reading the upload when there is no 2-D model
-        workdir = service.request_dir()
         uploads = [(upload.filename, upload.file) for upload in files]
         audit = request.scope.get(AUDIT_KEY)
         if audit is not None:
             audit["files"] = await run_in_threadpool(hash_uploads, uploads)
+        # Made after the last await before run_prediction, whose finally removes it: a timeout that
+        # cancels the request while the uploads are hashed leaves no folder behind.
+        workdir = service.request_dir()
         stage = partial(stage_upload, uploads, workdir, service.limits)
         return await run_prediction(
             service, workdir, output, stage=stage, pixel_size_mm=pixel_size_mm, audit=audit
