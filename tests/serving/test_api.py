@@ -440,6 +440,24 @@ def test_uploads_are_staged_privately(make_client) -> None:
     request_dir.rmdir()
 
 
+def test_a_service_that_fails_to_start_leaves_no_temp_folder(
+    make_client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from tumorseg.serving import shadow
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("shadow model: cannot start")
+
+    monkeypatch.setattr(shadow, "ShadowRunner", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.raises(RuntimeError, match="shadow model"):
+        make_client(shadow="models:/tumorseg@challenger")
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_stage_upload_unit(tmp_path: Path) -> None:
     from tumorseg.serving.uploads import UploadLimits, UploadRejected, member_parts, stage_upload
 

@@ -24,6 +24,7 @@ from tumorseg.serving.error_handlers import error_response
 from tumorseg.serving.service import Service, service_of
 from tumorseg.serving.uploads import (
     UploadRejected,
+    in_request_thread,
     is_dicom_study,
     remove_tree,
     safe_file_name,
@@ -71,34 +72,21 @@ async def run_prediction(
     (None: the input's default, known once staged); the model and what it found go to the request's
     ``audit`` line. ``reference``: a 2-D image's ground truth its file does not hold."""
     future: Future[Any] | None = None
-    staging: asyncio.Task[Path] | None = None
     try:
         if stage is not None:
-            # Shielded: a timeout cancels this request, not the thread writing into workdir.
-            staging = asyncio.ensure_future(run_in_threadpool(stage))
-            source = await asyncio.shield(staging)
+            source = await in_request_thread(workdir, stage)
         assert source is not None
         output = _staged_output(source, output)
         keep = output == "viewer"
         future = service.pool.submit(service.run_job, source, workdir, keep, pixel_size_mm, reference)
         result = await asyncio.wrap_future(future)
     finally:
-        if staging is not None and not staging.done():
-            # Cancelled while the upload is still being written: remove the folder once the thread is done.
-            staging.add_done_callback(partial(_remove_after_staging, workdir))
         # A job that never started (staging failed, busy, or cancelled by the timeout) leaves its folder to us.
-        elif future is None or future.cancel():
+        if future is None or future.cancel():
             remove_tree(workdir)
     if audit is not None:
         note_result(audit, result["summary"], service)
     return _answer(service, result, output)
-
-
-def _remove_after_staging(workdir: Path, staging: asyncio.Task[Path]) -> None:
-    """Remove ``workdir`` once the abandoned staging thread has finished (its outcome is not wanted)."""
-    if not staging.cancelled():
-        staging.exception()  # retrieved, so asyncio does not log it as never retrieved
-    remove_tree(workdir)
 
 
 def _staged_output(source: Path, output: OutputFormat | None) -> OutputFormat:

@@ -331,18 +331,22 @@ class Service:
         else:
             self.dicom = settings.dicom
         self.brain = BrainSlot(self.dicom.brain.model, settings.tracking_uri)
-        self.root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-"))  # mode 0700: private to this user
-        self.demo = DemoCases(self.root / "demo", serve.demo_cases, serve.demo_spacing_mm)
-        self.demo_2d = PlanarDemoCases(self.root / "demo_2d", serve.demo_cases, serve.demo_spacing_mm)
         self.started = time.time()
         self.drift = _drift_monitor(settings, loaded)
         self.planar_drift: Any = None  # made from the 2-D model's profile at its first image
         self.planar_drift_lock = threading.Lock()
+        self.root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-"))  # mode 0700: private to this user
+        self.demo = DemoCases(self.root / "demo", serve.demo_cases, serve.demo_spacing_mm)
+        self.demo_2d = PlanarDemoCases(self.root / "demo_2d", serve.demo_cases, serve.demo_spacing_mm)
         self.shadow = None
         if serve.shadow:
             from tumorseg.serving.shadow import ShadowRunner
 
-            self.shadow = ShadowRunner(settings, self.model_info, self.predictor.label_set, self.root)
+            try:
+                self.shadow = ShadowRunner(settings, self.model_info, self.predictor.label_set, self.root)
+            except BaseException:
+                remove_tree(self.root)  # the app never starts, so close() never runs
+                raise
         self.demo.start("tumorseg-demo")
         self.demo_2d.start("tumorseg-demo-2d")
 

@@ -12,6 +12,7 @@ archive are refused, not the spaces and other characters scanner exports put in 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import re
@@ -20,12 +21,13 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from isal import igzip, isal_zlib
+from starlette.concurrency import run_in_threadpool
 
 from tumorseg.data.conventions import LAYOUTS
 from tumorseg.data.layouts import MSD_IMAGE_FOLDERS
@@ -595,3 +597,27 @@ def stage_upload(uploads: Sequence[tuple[str | None, BinaryIO]], workdir: Path, 
 def remove_tree(folder: Path) -> None:
     """Remove a request folder; never raises (cleanup must not mask the request's own outcome)."""
     shutil.rmtree(folder, ignore_errors=True)
+
+
+T = TypeVar("T")
+
+
+async def in_request_thread(workdir: Path, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a threadpool thread that writes into the request folder ``workdir``.
+
+    A request cancelled meanwhile (``serve.request_timeout_s``) stops waiting, but the thread runs on:
+    the caller's own cleanup may then remove ``workdir`` while the thread still creates files in it.
+    So ``workdir`` is removed once more when the thread is done; what it wrote is never left behind."""
+    task = asyncio.ensure_future(run_in_threadpool(fn, *args))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda done: _remove_after(workdir, done))
+        raise
+
+
+def _remove_after(workdir: Path, done: asyncio.Future[Any]) -> None:
+    """The done-callback of an abandoned :func:`in_request_thread`: its outcome is not wanted."""
+    if not done.cancelled():
+        done.exception()  # retrieved, so asyncio does not log it as never retrieved
+    remove_tree(workdir)

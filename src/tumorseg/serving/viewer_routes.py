@@ -15,7 +15,13 @@ from tumorseg.data.readers import IMAGE, IMAGE_SUFFIXES, name_dims
 from tumorseg.serving.auth import AUDIT_KEY, hash_uploads
 from tumorseg.serving.dicom_study import DICOM_SEG_MEDIA_TYPE
 from tumorseg.serving.service import score_mask, score_planar_mask, service_of
-from tumorseg.serving.uploads import UploadRejected, is_nifti_name, remove_tree, safe_file_name
+from tumorseg.serving.uploads import (
+    UploadRejected,
+    in_request_thread,
+    is_nifti_name,
+    remove_tree,
+    safe_file_name,
+)
 from tumorseg.serving.viewer import DisplayCase, PlanarDisplay
 
 Modality = Literal["t1", "t1ce", "t2", "flair"]
@@ -139,11 +145,13 @@ def add_ground_truth_route(app: FastAPI) -> None:
         workdir = service.request_dir()
         try:
             if isinstance(display, PlanarDisplay):
-                scores = await run_in_threadpool(
-                    score_planar_mask, service, display, file.file, name, workdir
+                scores = await in_request_thread(
+                    workdir, score_planar_mask, service, display, file.file, name, workdir
                 )
             else:
-                dice = await run_in_threadpool(score_mask, service, display, file.file, name, workdir)
+                dice = await in_request_thread(
+                    workdir, score_mask, service, display, file.file, name, workdir
+                )
                 scores = {"dice": dice}
         finally:
             remove_tree(workdir)
