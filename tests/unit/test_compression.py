@@ -516,3 +516,10 @@ def test_speed_ups_within_the_tie_share_of_the_fastest_go_to_the_smallest_file()
         context={"targets": {"speedup": 2.0, "size_ratio": 3.0, "speed_tie": 0.1}},
     )
     assert "every speed-up within 10% of it counting as fastest" in table
+    assert "Edge: **onnx_fp32_wint8**: 0.85x the fp32 speed, 3.25x smaller file" in table  # not "faster"
+    table = report_markdown(
+        results,
+        choose_edge(results, speed_tie=0.125),
+        context={"targets": {"speedup": 2.0, "size_ratio": 3.0, "speed_tie": 0.125}},
+    )
+    assert "every speed-up within 12.5% of it" in table

@@ -212,6 +212,6 @@ def _edge_description(outcome: CompressionResult, edge: VariantResult) -> str:
     return (
         f"Edge deployment of {outcome.report.get('source_model')}: variant {edge.name} "
         f"({RUNTIME_NAMES[edge.runtime]}), "
-        f"{ratio['speedup']:.2f}x faster and {ratio['size_ratio']:.2f}x smaller on CPU, mean Dice drop "
+        f"{ratio['speedup']:.2f}x the fp32 speed and {ratio['size_ratio']:.2f}x smaller on CPU, mean Dice drop "
         f"{ratio['dice_drop']:+.4f} on the test split. Not for clinical use."
     )

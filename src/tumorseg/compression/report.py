@@ -335,7 +335,7 @@ def _edge_lines(
             "smallest (if none meets them: among all accepted variants); fastest = the largest speed-up "
             "over fp32 timed alongside (x fp32 speed)"
             + (
-                f", every speed-up within {targets['speed_tie']:.0%} of it counting as fastest (the smallest "
+                f", every speed-up within {100 * targets['speed_tie']:g}% of it counting as fastest (the smallest "
                 "file among them wins)."
                 if targets.get("speed_tie")
                 else "."
@@ -347,7 +347,7 @@ def _edge_lines(
         return lines
     ratio = ratios(edge, results)
     lines.append(
-        f"Edge: **{edge.name}**: {_fmt(ratio['speedup'], '.2f')}x faster than fp32, "
+        f"Edge: **{edge.name}**: {_fmt(ratio['speedup'], '.2f')}x the fp32 speed, "
         f"{_fmt(ratio['size_ratio'], '.2f')}x smaller file, mean Dice drop {_fmt(ratio['dice_drop'], '+.4f')}."
     )
     if targets:
@@ -373,7 +373,7 @@ class CompressionResult:
             return "compress: no variant passed the Dice gate; nothing registered (fp32 unchanged)"
         r = self.report["edge_vs_fp32"]
         text = (
-            f"compress: edge = {self.edge.name}: {r['speedup']:.2f}x faster, {r['size_ratio']:.2f}x smaller, "
+            f"compress: edge = {self.edge.name}: {r['speedup']:.2f}x the fp32 speed, {r['size_ratio']:.2f}x smaller, "
             f"mean Dice drop {r['dice_drop']:+.4f} (report {self.files.get('report_md')})"
         )
         if self.registered:
