@@ -935,6 +935,10 @@ HARMLESS_LOG_RECORDS: dict[str, tuple[str, ...]] = {
     "lightning.pytorch.utilities.rank_zero": ("\N{ELECTRIC LIGHT BULB} Tip:",),
     # torch's ONNX exporter offers torchvision's detection ops on every export; tumorseg has none
     "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
+    # a new local MLflow store announces its schema set-up once (alembic's own lines are at WARNING)
+    "mlflow.store.db.utils": ("Creating initial MLflow database tables",),
+    # matplotlib's first import on a machine says it is indexing fonts (a one-off, a few seconds)
+    "matplotlib.font_manager": ("Matplotlib is building the font cache",),
 }
 """Dependency log records a tumorseg command knows to be harmless, per logger: not printed."""
 

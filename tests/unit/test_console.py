@@ -84,3 +84,54 @@ def test_the_onnx_exporters_torchvision_notices_are_dropped_and_its_other_warnin
     # logging at INFO without tumorseg's settings shows
     assert "onnx_ir" in stderr("info")
     assert "onnx_ir" not in quiet and "onnxscript" not in quiet
+
+
+@pytest.mark.parametrize(
+    ("logger", "message"),
+    [
+        ("mlflow.store.db.utils", "Creating initial MLflow database tables..."),
+        ("matplotlib.font_manager", "Matplotlib is building the font cache; this may take a moment."),
+    ],
+)
+def test_one_off_dependency_notices_are_dropped_and_the_same_loggers_warnings_kept(
+    logger: str, message: str
+) -> None:
+    configure_logging(verbose=False)
+    filters = logging.getLogger(logger).filters
+    notice = logging.LogRecord(logger, logging.INFO, __file__, 1, message, None, None)
+    other = logging.LogRecord(logger, logging.WARNING, __file__, 1, "could not open the store", None, None)
+    assert not all(f.filter(notice) for f in filters)
+    assert all(f.filter(other) for f in filters)
+
+
+def test_registering_a_version_prints_no_mlflow_notes_but_passes_other_output_on(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mlflow.register_model`` prints "Registered model ... already exists" and "Created version ..."
+    on stderr for each version; the log line of the caller says what was registered instead."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tumorseg.registry import register
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        mlflow.log_text("weights", "model/MLmodel")
+    uri = f"runs:/{run.info.run_id}/model"
+    capfd.readouterr()
+    assert register.register_version(client, uri, "quiet", "a test model", {}) == "1"
+    assert register.register_version(client, uri, "quiet", None, {"k": "v"}) == "2"
+    printed = capfd.readouterr().err
+    assert "already exists" not in printed and "Created version" not in printed, printed
+    assert client.get_model_version("quiet", "2").tags == {"k": "v"}
+
+    real = mlflow.register_model
+
+    def warns(*args: object, **kwargs: object) -> object:
+        print("a warning MLflow printed", file=sys.stderr)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "register_model", warns)
+    assert register.register_version(client, uri, "quiet", None, {}) == "3"
+    assert "a warning MLflow printed" in capfd.readouterr().err

@@ -8,9 +8,12 @@ score: ``tumour`` Dice) and ``tumorseg-detect`` (``correct``, 0/1, so the gate's
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -158,8 +161,17 @@ def evidence_files(record: dict[str, Any], card: str, prefix: str) -> Iterator[d
         yield files
 
 
+MLFLOW_REGISTRATION_NOTES = ("Successfully registered model ", "Registered model ", "Created version ")
+"""The lines ``mlflow.register_model`` prints on stderr for every registration ("Registered model 'x'
+already exists. Creating a new version of this model...", "Created version '3' of model 'x'."): the
+caller logs the version it registered instead."""
+
+
 def register_version(client: Any, uri: str, name: str, description: str | None, tags: dict[str, str]) -> str:
-    """Register model ``uri`` as a new version of ``name`` (created with ``description`` if new)."""
+    """Register model ``uri`` as a new version of ``name`` (created with ``description`` if new).
+
+    MLflow prints its registration notes straight to stderr, outside logging: they are logged at DEBUG
+    here; anything else it wrote meanwhile (a warning) is passed on to stderr unchanged."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -167,7 +179,16 @@ def register_version(client: Any, uri: str, name: str, description: str | None, 
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description=description)
-    return str(mlflow.register_model(uri, name, tags=tags).version)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            return str(mlflow.register_model(uri, name, tags=tags).version)
+    finally:
+        for line in printed.getvalue().splitlines(keepends=True):
+            if line.startswith(MLFLOW_REGISTRATION_NOTES):
+                log.debug("mlflow: %s", line.rstrip())
+            else:
+                sys.stderr.write(line)
 
 
 def publish_version(
