@@ -346,7 +346,7 @@ def test_cli_output_has_no_progress_bars_or_gx_logs(tmp_path: Path) -> None:
         [sys.executable, "-m", "tumorseg.cli", "validate", str(src), "--params", _params(tmp_path, 0.1)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 2
     assert proc.stdout == ""

@@ -93,7 +93,7 @@ def test_prefect_data_flow_matches_cli_outputs(tmp_path: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     params = _tiny_params(tmp_path, source="synth")  # the flow generates into tmp_path/data/synth
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):
         summary = data_pipeline_flow(params_path=str(params))
 
         async def artifact_keys() -> set[str]:
@@ -151,7 +151,7 @@ def test_prefect_data_flow_reads_a_users_folder_without_generating(tmp_path: Pat
     )
     before = _snapshot(folder)
     params = _tiny_params(tmp_path, source=str(folder))
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):
         summary = data_pipeline_flow(params_path=str(params))
     assert summary["source"] == f"data.source: {folder} (read-only, brats2023, 5 cases)"
     assert sorted(read_manifest(tmp_path / "ingested").case_id) == sorted(

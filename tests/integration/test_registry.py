@@ -455,7 +455,6 @@ def test_compress_and_promote_at_once_leave_both_aliases_right(
     @edge never names a compression of a model that is no longer champion. A compress run after that
     registers the new champion's edge."""
     from polling import wait_until
-    from tumorseg.tracking import registry_lock
 
     name = "tumorseg-edge"
     params, _ = project.with_model_name(name)
@@ -487,13 +486,16 @@ def test_compress_and_promote_at_once_leave_both_aliases_right(
         compressed.append(compressing.stdout.readline())
         return "compress: building fp32" in compressed[-1]
 
-    with registry_lock(project.uri):
-        compressing = subprocess.Popen(compress, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_until(compressing_it, "compress building its variants", 300)
+    compressing = subprocess.Popen(compress, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_until(compressing_it, "compress building its variants", 300)
+    # compress is held mid-build while promote runs to its end: whatever the machine's speed, the
+    # champion moves after compress loaded it and before compress registers its edge
+    compressing.send_signal(signal.SIGSTOP)
+    try:
         promoting = _promote_process(params_file, tmp_path / "promotion.json")
-        said: list[str] = []
-        wait_until(lambda: _waiting_for_the_lock(promoting, said), "promote waiting for the lock", 120)
-    _, err = promoting.communicate(timeout=300)
+        _, err = promoting.communicate(timeout=300)
+    finally:
+        compressing.send_signal(signal.SIGCONT)
     assert promoting.returncode == 0, err
     out = "".join(compressed) + compressing.communicate(timeout=900)[0]
     assert compressing.returncode == 0, out
@@ -647,7 +649,7 @@ def test_mlflow_models_serve_answers_with_segmentations(project: Project, tmp_pa
         command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 50
+        deadline = time.monotonic() + 240  # a crash ends the wait at once (server.poll below)
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
@@ -656,7 +658,7 @@ def test_mlflow_models_serve_answers_with_segmentations(project: Project, tmp_pa
             except OSError:
                 pass
             assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "server did not start in 50 s"
+            assert time.monotonic() < deadline, "server did not start in 240 s"
             time.sleep(0.5)
         case_id = sorted(project.stage.evaluation.case_dice)[0]
         case_dir = project.root / "raw" / case_id

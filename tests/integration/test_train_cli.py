@@ -147,6 +147,7 @@ def test_bad_hardware_settings_fail_before_training(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_cli_ddp_two_processes(tmp_path: Path) -> None:
     """``strategy: ddp`` relaunches the ``tumorseg`` command once per device (what torchrun/SLURM do)."""
     shapes = {c: (24, 26, 24) for c in "ABCDEF"}
@@ -155,7 +156,7 @@ def test_cli_ddp_two_processes(tmp_path: Path) -> None:
     args = _args(
         tmp_path, "trainer.strategy=ddp", "trainer.devices=2", "train.max_epochs=2", "train.steps_per_epoch=4"
     )
-    done = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([str(script), *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert "rank 1 finished; rank 0 reports the results" in lines

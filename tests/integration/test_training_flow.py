@@ -32,7 +32,9 @@ def prefect_server() -> Iterator[None]:
         yield
 
 
-def _task_states(flow_run_id: Any, expect: set[str] = frozenset(), timeout_s: float = 60.0) -> dict[str, str]:
+def _task_states(
+    flow_run_id: Any, expect: set[str] = frozenset(), timeout_s: float = 180.0
+) -> dict[str, str]:
     """Task name -> final state name of a flow run's task runs.
 
     Prefect 3 records task-run states from events, asynchronously: right after a flow returns, the

@@ -143,7 +143,6 @@ def test_a_killed_workers_trial_is_failed_and_retried_once(tiny_project: Path, t
         return [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
 
     wait_until(lambda: bool(running()), "a running trial with its MLflow run", 300)
-    time.sleep(2.0)  # into the training
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and anything it started: no heartbeat, no cleanup
     worker.wait(timeout=60)
     killed = optuna.load_study(study_name="killed", storage=storage).get_trials()

@@ -78,7 +78,7 @@ def test_flexible_unet_needs_no_torchvision_and_no_download() -> None:
         "build_network(cfg, spatial_dims=3, patch_size=(32, 32, 32))\n"
         "print('torchvision' in sys.modules)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
 
