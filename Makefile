@@ -16,20 +16,19 @@ venv: $(VENV)/.installed
 # torch first, pinned: an unpinned torch (also pulled by lightning/monai) downloads GBs of CUDA.
 # Everything else through constraints.txt, the tested set. setuptools notes on every editable install
 # of two top-level packages (src/tumorseg and pipelines) that folders named like them may shadow them;
-# the note is not shown (EDITABLE).
-EDITABLE = PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -c constraints.txt -e
+# the note is not shown (PYTHONWARNINGS on the editable installs).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24" setuptools wheel
 	$(BIN)/python -m pip install -q torch==2.13.0 -c constraints.txt
-	$(EDITABLE) ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
 # The tests also run nnU-Net's own dataset check on `tumorseg export`. nnunetv2 2.5.2 pulls unittest2,
 # which pulls PyPI's `argparse` 1.4.0, a Python 2 era copy that shadows the standard library's in
 # subprocesses (Prefect's server): it is removed again (unittest2 works with the standard one).
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(EDITABLE) ".[dev,interop]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,interop]"
 	$(BIN)/python -m pip uninstall -q -y argparse
 	touch $@
 
