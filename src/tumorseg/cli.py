@@ -200,6 +200,7 @@ def _synth_independent(args: argparse.Namespace) -> None:
             kaggle_images=cfg.kaggle_images,
             seed=seed,
             spacing_mm=spacing,
+            workers=2,
         )
         print(f"wrote {len(written)} independent 2-D files to {out}")
         return
@@ -980,6 +981,9 @@ def configure_logging(verbose: bool) -> None:
             logger.addFilter(_DropMessages(*starts))
     for message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    # MLflow draws a progress bar for every artifact download, a model file of a few MiB included: in a
+    # console DVC or Prefect captures, each is a line of carriage returns. The user's setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _one_line_error(command: str, message: str) -> int:

@@ -159,8 +159,8 @@ def test_2d_files_are_read_by_the_2d_readers(tmp_path: Path) -> None:
         else:
             assert image.has_tumour == ("/yes/" in str(item.path))
             assert min(image.image.shape[:2]) >= 170 and max(image.image.shape[:2]) <= 640
-    again = synthesize_independent_2d(
-        tmp_path / "b", patients=2, slices_per_patient=2, kaggle_images=4, seed=5, spacing_mm=4.0
+    again = synthesize_independent_2d(  # two worker processes write the same files
+        tmp_path / "b", patients=2, slices_per_patient=2, kaggle_images=4, seed=5, spacing_mm=4.0, workers=2
     )
     assert again == written and _files(tmp_path / "a") == _files(tmp_path / "b")
     summary = ingest(tmp_path / "a", tmp_path / "ingested", IngestConfig(workers=1))

@@ -13,6 +13,7 @@ import pytest
 
 from tumorseg.cli import main
 from tumorseg.config import SplitConfig
+from tumorseg.data import parallel
 from tumorseg.data.ingest import PLANAR_MANIFEST_COLUMNS
 from tumorseg.data.planar_synth import write_figshare_mat
 from tumorseg.data.preprocess import PREPROCESSED_COLUMNS
@@ -71,7 +72,9 @@ def pipeline(generated: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {**paths, "raw": raw, "split": work / "split.json", "before": before}  # type: ignore[dict-item]
 
 
-def test_synth_writes_both_layouts_deterministically(generated: Path, tmp_path: Path) -> None:
+def test_synth_writes_both_layouts_deterministically(
+    generated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert sorted(p.name for p in (generated / "figshare").glob("*.mat")) == [f"{i}.mat" for i in range(1, 7)]
     yes = sorted(p.name for p in (generated / "kaggle" / "yes").iterdir())
     no = sorted(p.name for p in (generated / "kaggle" / "no").iterdir())
@@ -83,6 +86,17 @@ def test_synth_writes_both_layouts_deterministically(generated: Path, tmp_path: 
     again = tmp_path / "again"
     assert main(["synth", *SMALL, "--layout", "figshare", "--cases", "1", "--out", str(again)]) == 0
     assert (again / "1.mat").read_bytes() == (generated / "figshare" / "1.mat").read_bytes()
+    # The fixture drew its patients and images in two worker processes; one process writes the same bytes.
+    monkeypatch.setattr(parallel, "worker_count", lambda requested: 1)
+    serial = tmp_path / "serial"
+    assert (
+        main(["synth", *SMALL, "--layout", "figshare", "--cases", "3", "--out", str(serial / "figshare")])
+        == 0
+    )
+    assert main(["synth", *SMALL, "--layout", "kaggle", "--cases", "5", "--out", str(serial / "kaggle")]) == 0
+    assert {str(Path(k).relative_to(serial)): v for k, v in _hashes(serial).items()} == {
+        str(Path(k).relative_to(generated)): v for k, v in _hashes(generated).items()
+    }
 
 
 def test_detection_finds_figshare_and_kaggle_under_one_folder(generated: Path) -> None:

@@ -135,3 +135,28 @@ def test_registering_a_version_prints_no_mlflow_notes_but_passes_other_output_on
     monkeypatch.setattr(mlflow, "register_model", warns)
     assert register.register_version(client, uri, "quiet", None, {}) == "3"
     assert "a warning MLflow printed" in capfd.readouterr().err
+
+
+def test_mlflow_draws_no_progress_bar_for_an_artifact_download(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with mlflow.start_run() as run:
+        mlflow.log_text("weights", "model/weights.txt")
+
+    def download(folder: str) -> str:
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="model/weights.txt", dst_path=str(tmp_path / folder)
+        )
+        return capfd.readouterr().err
+
+    capfd.readouterr()
+    assert "Downloading artifacts" in download("a")  # MLflow does draw one: the test can fail
+    configure_logging(verbose=False)
+    assert "Downloading artifacts" not in download("b")
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # the user's setting wins
+    configure_logging(verbose=False)
+    assert "Downloading artifacts" in download("c")

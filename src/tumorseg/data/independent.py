@@ -1038,13 +1038,20 @@ def kaggle_picture(index: int, tumour: bool, seed: int, spacing_mm: float) -> di
     }
 
 
-def _write_figshare(out: Path, patients: int, slices: int, seed: int, spacing_mm: float) -> list[str]:
-    """``out/figshare/1.mat, 2.mat, ...`` and their facts; the file names relative to ``out``."""
+def _write_figshare(
+    out: Path, patients: int, slices: int, seed: int, spacing_mm: float, workers: int
+) -> list[str]:
+    """``out/figshare/1.mat, 2.mat, ...`` and their facts; the file names relative to ``out``. Patients
+    are drawn in ``workers`` processes and written here, in patient order."""
+    from tumorseg.data.parallel import map_cases
     from tumorseg.data.planar_synth import tumour_border, write_figshare_mat
 
     facts: list[dict[str, Any]] = []
-    for patient in range(1, patients + 1):
-        for item in figshare_patient(patient, seed, slices, spacing_mm):
+    draw = partial(figshare_patient, seed=seed, slices=slices, spacing_mm=spacing_mm)
+    for items in map_cases(
+        draw, range(1, patients + 1), workers=workers, what="independent 2-D figshare", unit="patients"
+    ):
+        for item in items:
             name = f"figshare/{len(facts) + 1}.mat"
             mask = item["mask"]
             write_figshare_mat(
@@ -1056,14 +1063,27 @@ def _write_figshare(out: Path, patients: int, slices: int, seed: int, spacing_mm
     return [f["file"] for f in facts]
 
 
-def _write_kaggle(out: Path, images: int, tumour_fraction: float, seed: int, spacing_mm: float) -> list[str]:
-    """``out/kaggle/yes/Y1.jpg ... no/N9.png`` (the first ``round(images * fraction)`` with a tumour)."""
+def _kaggle_item(index: int, n_yes: int, seed: int, spacing_mm: float) -> dict[str, Any]:
+    return kaggle_picture(index, index <= n_yes, seed, spacing_mm)
+
+
+def _write_kaggle(
+    out: Path, images: int, tumour_fraction: float, seed: int, spacing_mm: float, workers: int
+) -> list[str]:
+    """``out/kaggle/yes/Y1.jpg ... no/N9.png`` (the first ``round(images * fraction)`` with a tumour),
+    drawn in ``workers`` processes and written here, in index order."""
+    from tumorseg.data.parallel import map_cases
     from tumorseg.data.planar_synth import _save_image, kaggle_file_name
 
     facts: list[dict[str, Any]] = []
     n_yes = int(round(images * tumour_fraction))
-    for index in range(1, images + 1):
-        item = kaggle_picture(index, index <= n_yes, seed, spacing_mm)
+    draw = partial(_kaggle_item, n_yes=n_yes, seed=seed, spacing_mm=spacing_mm)
+    indices = range(1, images + 1)
+    for index, item in zip(
+        indices,
+        map_cases(draw, indices, workers=workers, what="independent 2-D kaggle", unit="images"),
+        strict=True,
+    ):
         folder = "yes" if item["tumour"] else "no"
         name = f"kaggle/{folder}/{kaggle_file_name(index, item['tumour'], item['png'])}"
         _save_image(out / name, item.pop("pixels"), item["png"], quality=int(80 + index % 16))
@@ -1082,12 +1102,14 @@ def synthesize_independent_2d(
     tumour_fraction: float = 0.6,
     seed: int = 2027,
     spacing_mm: float = 1.0,
+    workers: int = 1,
 ) -> list[str]:
     """Write the independent 2-D set: ``out/figshare/<n>.mat`` (MATLAB v7.3 ``cjdata`` slices) and
     ``out/kaggle/{yes,no}/`` images (the first ``round(kaggle_images * tumour_fraction)`` in ``yes``),
     cut from this module's volumes and written by the embedded 2-D writers; facts in
-    ``independent_meta.json`` of each folder. Returns the paths written, relative to ``out``.
-    ConfigError for bad options, DataError when ``out`` cannot be written.
+    ``independent_meta.json`` of each folder; ``workers`` processes draw the volumes and do not change
+    the output. Returns the paths written, relative to ``out``. ConfigError for bad options, DataError
+    when ``out`` cannot be written.
     """
     if patients < 0 or kaggle_images < 0 or slices_per_patient < 1 or not 0.0 <= tumour_fraction <= 1.0:
         raise ConfigError(
@@ -1100,8 +1122,8 @@ def synthesize_independent_2d(
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: exists and is not a folder; pass another output folder")
     try:
-        written = _write_figshare(out, patients, slices_per_patient, seed, spacing_mm)
-        written += _write_kaggle(out, kaggle_images, tumour_fraction, seed, spacing_mm)
+        written = _write_figshare(out, patients, slices_per_patient, seed, spacing_mm, workers)
+        written += _write_kaggle(out, kaggle_images, tumour_fraction, seed, spacing_mm, workers)
     except OSError as exc:
         raise DataError(
             f"{exc.filename or out}: cannot write ({exc.strerror}); choose a writable folder"

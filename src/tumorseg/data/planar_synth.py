@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ import numpy as np
 from tumorseg.config import SynthConfig, SynthPlanarConfig
 from tumorseg.data.conventions import REGIONS
 from tumorseg.data.manifest import atomic_output
+from tumorseg.data.parallel import map_cases
 from tumorseg.data.planar import FIGSHARE_LABELS, TUMOUR_TYPES
 from tumorseg.data.synth import (
     SYNTH_META_NAME,
@@ -298,14 +300,17 @@ def _save_image(path: Path, pixels: np.ndarray, png: bool, quality: int) -> None
         os.chmod(tmp, file_mode(0o666))
 
 
-def synthesize_figshare(out: Path, cfg: SynthPlanarConfig) -> list[str]:
-    """Write ``figshare_patients x slices_per_patient`` v7.3 slices ``1.mat``, ``2.mat``... to ``out``."""
+def synthesize_figshare(out: Path, cfg: SynthPlanarConfig, workers: int = 2) -> list[str]:
+    """Write ``figshare_patients x slices_per_patient`` v7.3 slices ``1.mat``, ``2.mat``... to ``out``;
+    patients are drawn in ``workers`` processes (0: one per core), which does not change the output."""
     out = Path(out)
     written: list[str] = []
     facts: list[dict[str, Any]] = []
     number = 0
-    for patient in range(1, cfg.figshare_patients + 1):
-        for item in figshare_patient_slices(patient, cfg):
+    patients = range(1, cfg.figshare_patients + 1)
+    draw = partial(figshare_patient_slices, cfg=cfg)
+    for items in map_cases(draw, patients, workers=workers, what="synth figshare", unit="patients"):
+        for item in items:
             number += 1
             name = f"{number}.mat"
             write_figshare_mat(
@@ -324,16 +329,23 @@ def synthesize_figshare(out: Path, cfg: SynthPlanarConfig) -> list[str]:
     return written
 
 
-def synthesize_kaggle(out: Path, cfg: SynthPlanarConfig) -> list[str]:
-    """Write ``kaggle_images`` images into ``out/yes`` (the first ``round(n * fraction)``) and ``out/no``;
-    returns their paths relative to ``out`` (``yes/Y1.jpg``...)."""
+def _kaggle_item(index: int, n_yes: int, cfg: SynthPlanarConfig) -> dict[str, Any]:
+    return kaggle_image(index, index <= n_yes, cfg)
+
+
+def synthesize_kaggle(out: Path, cfg: SynthPlanarConfig, workers: int = 2) -> list[str]:
+    """Write ``kaggle_images`` images into ``out/yes`` (the first ``round(n * fraction)``) and ``out/no``,
+    drawn in ``workers`` processes (0: one per core; the output does not change); returns their paths
+    relative to ``out`` (``yes/Y1.jpg``...)."""
     out = Path(out)
     n_yes = int(round(cfg.kaggle_images * cfg.kaggle_tumour_fraction))
     written: list[str] = []
     facts: list[dict[str, Any]] = []
-    for index in range(1, cfg.kaggle_images + 1):
+    indices = range(1, cfg.kaggle_images + 1)
+    draw = partial(_kaggle_item, n_yes=n_yes, cfg=cfg)
+    items = map_cases(draw, indices, workers=workers, what="synth kaggle", unit="images")
+    for index, item in zip(indices, items, strict=True):
         tumour = index <= n_yes
-        item = kaggle_image(index, tumour, cfg)
         folder = out / ("yes" if tumour else "no")
         folder.mkdir(parents=True, exist_ok=True)
         name = kaggle_file_name(index, tumour, item["png"])
@@ -358,8 +370,9 @@ def _write_meta(out: Path, layout: str, cfg: SynthPlanarConfig, facts: list[dict
     write_json(out / SYNTH_META_NAME, meta, indent=1)
 
 
-def synthesize_planar_dataset(out: Path, layout: str, cfg: SynthPlanarConfig) -> list[str]:
-    """The ``synth`` stage for a 2-D layout; a DataError when ``out`` is not a writable folder."""
+def synthesize_planar_dataset(out: Path, layout: str, cfg: SynthPlanarConfig, workers: int = 2) -> list[str]:
+    """The ``synth`` stage for a 2-D layout (``workers`` processes, 0: one per core); a DataError when
+    ``out`` is not a writable folder."""
     writers = {"figshare": synthesize_figshare, "kaggle": synthesize_kaggle}
     if layout not in writers:
         raise DataError(f"unknown 2-D layout {layout!r}; use figshare or kaggle")
@@ -368,7 +381,7 @@ def synthesize_planar_dataset(out: Path, layout: str, cfg: SynthPlanarConfig) ->
         raise DataError(f"{out}: exists and is not a folder; pass another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        written = writers[layout](out, cfg)
+        written = writers[layout](out, cfg, workers)
     except OSError as exc:
         raise DataError(
             f"{exc.filename or out}: cannot write ({exc.strerror}); choose a writable --out"
