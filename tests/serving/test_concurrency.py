@@ -114,3 +114,43 @@ def test_a_request_timed_out_while_a_thread_reads_its_upload_leaves_no_files(
     wait_until(finished.is_set, f"{step} returned")
     wait_until(lambda: leftover_request_dirs(client) == [], "the request's folder was removed", timeout_s=5)
     assert service_of(client).pool.pending == 0  # it never reached the pool
+
+
+def test_a_ground_truth_timed_out_while_it_is_scored_leaves_the_case_as_it_was(
+    make_client, small_case: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client got 504, so the viewer must not show that mask or its Dice afterwards, although the
+    scoring thread finishes later; its upload is removed too."""
+    from tumorseg.serving import viewer
+
+    release, finished = threading.Event(), threading.Event()
+    real = viewer.to_ras  # the mask was read; the thread has only to score it
+
+    def held(*args: object) -> object:
+        release.wait(30)  # held until the 504 has been sent
+        try:
+            return real(*args)
+        finally:
+            finished.set()
+
+    client = make_client(request_timeout_s=5.0)  # a prediction of the small case takes far less
+    shown = client.post("/predict?format=viewer", files=case_files(small_case))
+    assert shown.status_code == 200, shown.text
+    monkeypatch.setattr(viewer, "to_ras", held)
+    result_id = shown.json()["result_id"]
+    seg = small_case / "BraTS2021_00001_seg.nii.gz"
+    mask = {"file": (seg.name, seg.read_bytes(), "application/gzip")}
+    response = client.post(f"/cases/{result_id}/ground-truth", files=mask)
+    assert response.status_code == 504
+    release.set()
+    wait_until(finished.is_set, "the scoring thread returned")
+    wait_until(lambda: leftover_request_dirs(client) == [], "the uploaded mask was removed", timeout_s=5)
+    assert client.get(f"/cases/{result_id}").json()["dice"] is None
+    piece = client.get(f"/cases/{result_id}/slice", params={"plane": "axial", "index": 0}).json()
+    assert "reference" not in piece
+    monkeypatch.setattr(viewer, "to_ras", real)  # the same upload, in time, is kept
+    scored = client.post(f"/cases/{result_id}/ground-truth", files=mask)
+    assert (
+        scored.status_code == 200
+        and client.get(f"/cases/{result_id}").json()["dice"] == scored.json()["dice"]
+    )

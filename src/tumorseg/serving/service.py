@@ -699,23 +699,26 @@ def _read_dicom_case_mask(path: Path, display: DisplayCase, name: str) -> np.nda
 
 def score_mask(
     service: Service, display: DisplayCase, stream: Any, name: str, workdir: Path
-) -> dict[str, float]:
-    """Dice per region of a kept 3-D prediction against an uploaded mask (copied under the byte budget,
-    read in the case's convention, checked against its shape); runs on a threadpool thread."""
+) -> tuple[np.ndarray, dict[str, float]]:
+    """An uploaded mask for a kept 3-D prediction (copied under the byte budget, read in the case's
+    convention, checked against its shape), as the viewer keeps it, and the Dice per region against it;
+    runs on a threadpool thread and stores nothing (the route keeps it when the request still stands)."""
     path = copy_inflated(stream, workdir, name, ByteBudget(service.limits.max_uncompressed_bytes))
     if display.t1ce_grid is not None:
         canonical = _read_dicom_case_mask(path, display, name)
     else:
         canonical = _read_mask(path, display.label_convention, display.source_shape, name)
-    return {k: round(v, 4) for k, v in display.set_reference(canonical).items()}
+    reference, dice = display.score_reference(canonical)
+    return reference, {k: round(v, 4) for k, v in dice.items()}
 
 
 def score_planar_mask(
     service: Service, display: PlanarDisplay, stream: Any, name: str, workdir: Path
-) -> dict[str, Any]:
-    """:func:`~tumorseg.serving.viewer.planar_scores` of a kept 2-D prediction against an uploaded mask
-    image or Figshare ``.mat`` (copied under the byte budget, headers checked against the pixel cap, at
-    the image's own size), kept for the viewer; runs on a threadpool thread."""
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """An uploaded mask image or Figshare ``.mat`` for a kept 2-D prediction (copied under the byte
+    budget, headers checked against the pixel cap, at the image's own size), as the viewer keeps it,
+    and the prediction's :func:`~tumorseg.serving.viewer.planar_scores` against it; runs on a threadpool
+    thread and stores nothing (the route keeps it when the request still stands)."""
     budget = ByteBudget(service.limits.max_uncompressed_bytes)
     path = workdir / name
     copy_plain(stream, path, budget, name)
@@ -729,7 +732,7 @@ def score_planar_mask(
             f"{'x'.join(map(str, display.labels.shape))}; upload this image's mask at its own size "
             "(the size of the mask PNG /predict answers)"
         )
-    return display.set_reference(mask)
+    return display.score_reference(mask)
 
 
 def _read_planar_mask(path: Path) -> np.ndarray:

@@ -180,11 +180,20 @@ class DisplayCase:
             focus[plane] = int(np.argmax(counts)) if counts.any() else self.labels.shape[axis] // 2
         return focus
 
+    def score_reference(self, canonical_source: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+        """A ground truth given on the source grid (internal codes), as kept, and the prediction's Dice
+        per region against it; nothing is stored (:meth:`keep_reference`)."""
+        reference, _ = to_ras(canonical_source, self.source_affine)
+        reference = np.ascontiguousarray(reference, dtype=np.uint8)
+        return reference, dice_per_region(self.labels, reference, self.label_set)
+
+    def keep_reference(self, reference: np.ndarray, dice: dict[str, float]) -> None:
+        """Show ``reference`` and its scores (from :meth:`score_reference`) from now on."""
+        self.reference, self.dice = reference, dice
+
     def set_reference(self, canonical_source: np.ndarray) -> dict[str, float]:
         """Store a ground truth given on the source grid (internal codes) and score the prediction."""
-        reference, _ = to_ras(canonical_source, self.source_affine)
-        self.reference = np.ascontiguousarray(reference, dtype=np.uint8)
-        self.dice = dice_per_region(self.labels, self.reference, self.label_set)
+        self.keep_reference(*self.score_reference(canonical_source))
         return self.dice
 
     def slice_payload(self, plane: str, index: int, modality: str) -> dict[str, Any]:
@@ -276,10 +285,19 @@ class PlanarDisplay:
     def focus(self) -> dict[str, int]:
         return {"axial": 0}
 
+    def score_reference(self, mask: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """A ground truth of the image's size (nonzero: tumour), as kept, and the prediction's
+        :func:`planar_scores` against it; nothing is stored (:meth:`keep_reference`)."""
+        reference = np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8)
+        return reference, planar_scores(self.labels, reference)
+
+    def keep_reference(self, reference: np.ndarray, scores: dict[str, Any]) -> None:
+        """Show ``reference`` and its scores (from :meth:`score_reference`) from now on."""
+        self.reference, self.scores = reference, scores
+
     def set_reference(self, mask: np.ndarray) -> dict[str, Any]:
         """Store a ground truth of the image's size (nonzero: tumour) and score the prediction against it."""
-        self.reference = np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8)
-        self.scores = planar_scores(self.labels, self.reference)
+        self.keep_reference(*self.score_reference(mask))
         return self.scores
 
     def slice_payload(self, plane: str, index: int, modality: str) -> dict[str, Any]:

@@ -143,19 +143,19 @@ def add_ground_truth_route(app: FastAPI) -> None:
         if audit is not None:
             audit["files"] = await run_in_threadpool(hash_uploads, [(name, file.file)])
         workdir = service.request_dir()
+        score = score_planar_mask if isinstance(display, PlanarDisplay) else score_mask
         try:
-            if isinstance(display, PlanarDisplay):
-                scores = await in_request_thread(
-                    workdir, score_planar_mask, service, display, file.file, name, workdir
-                )
-            else:
-                dice = await in_request_thread(
-                    workdir, score_mask, service, display, file.file, name, workdir
-                )
-                scores = {"dice": dice}
+            reference, scores = await in_request_thread(
+                workdir, score, service, display, file.file, name, workdir
+            )
         finally:
             remove_tree(workdir)
-        return {"result_id": result_id, **scores}
+        # kept only now: a request cancelled by serve.request_timeout_s (504) leaves the case as it was
+        display.keep_reference(reference, scores)
+        return {
+            "result_id": result_id,
+            **(scores if isinstance(display, PlanarDisplay) else {"dice": scores}),
+        }
 
 
 def check_mask_name(result_id: str, display: DisplayCase | PlanarDisplay, name: str) -> None:
