@@ -16,20 +16,24 @@ venv: $(VENV)/.installed
 # torch first, pinned: an unpinned torch (also pulled by lightning/monai) downloads GBs of CUDA.
 # Everything else through constraints.txt, the tested set. setuptools notes on every editable install
 # of two top-level packages (src/tumorseg and pipelines) that folders named like them may shadow them;
-# the note is not shown (PYTHONWARNINGS on the editable installs).
+# the note is not shown (PYTHONWARNINGS on the editable installs). pip byte-compiles what it installs
+# one file at a time; compileall does it on every core instead (the same .pyc files; a few dependency
+# files written for newer Pythons fail to compile, which pip skips silently too, hence -qq and || true).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip>=24" setuptools wheel
-	$(BIN)/python -m pip install -q torch==2.13.0 -c constraints.txt
-	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-compile --upgrade "pip>=24" setuptools wheel
+	$(BIN)/python -m pip install -q --no-compile torch==2.13.0 -c constraints.txt
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q --no-compile -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $@
 
 # The tests also run nnU-Net's own dataset check on `tumorseg export`. nnunetv2 2.5.2 pulls unittest2,
 # which pulls PyPI's `argparse` 1.4.0, a Python 2 era copy that shadows the standard library's in
 # subprocesses (Prefect's server): it is removed again (unittest2 works with the standard one).
 $(VENV)/.test-installed: $(VENV)/.installed
-	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,interop]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q --no-compile -c constraints.txt -e ".[dev,interop]"
 	$(BIN)/python -m pip uninstall -q -y argparse
+	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib || true
 	touch $@
 
 # The 3-D champion first (data stages, train, evaluate, promote), then everything else.
