@@ -936,8 +936,9 @@ HARMLESS_LOG_RECORDS: dict[str, tuple[str, ...]] = {
     "lightning.pytorch.utilities.rank_zero": ("\N{ELECTRIC LIGHT BULB} Tip:",),
     # torch's ONNX exporter offers torchvision's detection ops on every export; tumorseg has none
     "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
-    # a new local MLflow store announces its schema set-up once (alembic's own lines are at WARNING)
-    "mlflow.store.db.utils": ("Creating initial MLflow database tables",),
+    # a new local MLflow store announces its schema set-up once, in two lines (alembic's own lines are
+    # at WARNING); "Updating database tables" comes only after the creation (or from `mlflow db upgrade`)
+    "mlflow.store.db.utils": ("Creating initial MLflow database tables", "Updating database tables"),
     # matplotlib's first import on a machine says it is indexing fonts (a one-off, a few seconds)
     "matplotlib.font_manager": ("Matplotlib is building the font cache",),
 }

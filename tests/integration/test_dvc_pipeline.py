@@ -47,3 +47,21 @@ def test_dvc_repro_is_reproducible_and_incremental(tmp_path: Path) -> None:
     shutil.rmtree(repo / "data")
     _run([str(BIN / "dvc"), "pull", "split@3d"], repo)
     assert (repo / "data" / "split.json").is_file()
+
+
+def test_bytecode_caches_are_not_part_of_a_stages_code() -> None:
+    """A checkout where Python wrote ``__pycache__/`` beside the sources hashes a stage's code folder
+    (``src/tumorseg/compression``, a dependency of compress) as a clean clone does, so dvc.lock is the
+    same on both and ``dvc status`` of a fresh clone is clean."""
+    import subprocess
+
+    def ignored(path: str) -> bool:
+        done = subprocess.run(
+            [str(BIN / "dvc"), "check-ignore", path], cwd=ROOT, capture_output=True, text=True
+        )
+        assert done.returncode in (0, 1), done.stderr
+        return done.returncode == 0
+
+    assert ignored("src/tumorseg/compression/__pycache__/stage.cpython-311.pyc")
+    assert ignored("src/tumorseg/dicom/brain.cpython-311.pyc")
+    assert not ignored("src/tumorseg/compression/stage.py")

@@ -90,6 +90,7 @@ def test_the_onnx_exporters_torchvision_notices_are_dropped_and_its_other_warnin
     ("logger", "message"),
     [
         ("mlflow.store.db.utils", "Creating initial MLflow database tables..."),
+        ("mlflow.store.db.utils", "Updating database tables"),
         ("matplotlib.font_manager", "Matplotlib is building the font cache; this may take a moment."),
     ],
 )
