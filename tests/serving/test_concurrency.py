@@ -121,15 +121,18 @@ def test_a_ground_truth_timed_out_while_it_is_scored_leaves_the_case_as_it_was(
 ) -> None:
     """The client got 504, so the viewer must not show that mask or its Dice afterwards, although the
     scoring thread finishes later; its upload is removed too."""
-    from tumorseg.serving import viewer
+    from tumorseg.serving import viewer, viewer_routes
 
     release, finished = threading.Event(), threading.Event()
-    real = viewer.to_ras  # the mask was read; the thread has only to score it
+    real, real_score = viewer.to_ras, viewer_routes.score_mask
 
-    def held(*args: object) -> object:
+    def held(*args: object) -> object:  # the mask was read; the thread has only to score it
         release.wait(30)  # held until the 504 has been sent
+        return real(*args)
+
+    def scoring(*args: object) -> object:  # the whole scoring thread, whatever it stores on the way
         try:
-            return real(*args)
+            return real_score(*args)
         finally:
             finished.set()
 
@@ -137,6 +140,7 @@ def test_a_ground_truth_timed_out_while_it_is_scored_leaves_the_case_as_it_was(
     shown = client.post("/predict?format=viewer", files=case_files(small_case))
     assert shown.status_code == 200, shown.text
     monkeypatch.setattr(viewer, "to_ras", held)
+    monkeypatch.setattr(viewer_routes, "score_mask", scoring)
     result_id = shown.json()["result_id"]
     seg = small_case / "BraTS2021_00001_seg.nii.gz"
     mask = {"file": (seg.name, seg.read_bytes(), "application/gzip")}

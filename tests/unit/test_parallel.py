@@ -66,3 +66,15 @@ def test_a_terminal_gets_a_bar_instead_of_log_lines(caplog: pytest.LogCaptureFix
         progress.close()
     assert "ingest" in screen.getvalue() and "3/3" in screen.getvalue()
     assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    ("setting", "advice"), [("preprocess.workers", "set preprocess.workers lower"), (None, "")]
+)
+def test_a_worker_killed_mid_case_is_one_line_naming_the_setting_if_there_is_one(
+    setting: str | None, advice: str
+) -> None:
+    with pytest.raises(DataError, match="a worker process died") as raised:
+        list(map_cases(os._exit, [3, 3], workers=2, what="preprocess", setting=setting))
+    assert advice in str(raised.value) and "then run again" in str(raised.value)
+    assert setting is not None or ".workers" not in str(raised.value)  # no params key that does not exist

@@ -197,7 +197,9 @@ def write_incrementally(
             changed += old is not None
     reused = len(rows)
 
-    for row in map_cases(partial(_read_pair, plan.read), to_read, workers=workers, what="ingest"):
+    for row in map_cases(
+        partial(_read_pair, plan.read), to_read, workers=workers, what="ingest", setting="ingest.workers"
+    ):
         if row["status"] == STATUS_QUARANTINED:
             log.warning("quarantined %s: %s", row["case_id"], row["reason"])
         rows[row["case_id"]] = row

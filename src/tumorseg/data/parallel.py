@@ -104,12 +104,14 @@ def map_cases(
     workers: int,
     what: str,
     unit: str = "cases",
+    setting: str | None = None,
 ) -> Iterator[R]:
     """``map(function, items)`` over ``workers`` processes (1: this process, 0: one per core), in order.
 
-    ``function`` is picklable (module-level, or a partial of one) and returns something small; ``what``
-    and ``unit`` name the stage and ``items`` in progress lines. The first exception cancels queued
-    cases, lets running ones finish, and is raised here.
+    ``function`` is picklable (module-level, or a partial of one); at most ``2 x workers`` of its results
+    are held at once. ``what`` and ``unit`` name the stage and ``items`` in progress lines; ``setting``
+    is the params.yaml key that sets ``workers``, if there is one (named when a worker dies). The first
+    exception cancels queued cases, lets running ones finish, and is raised here.
     """
     progress = Progress(len(items), what, unit=unit)
     workers = min(worker_count(workers), len(items))
@@ -141,9 +143,10 @@ def map_cases(
                 for future in pending:
                     future.cancel()
                 if isinstance(exc, BrokenProcessPool):
+                    fewer = f"set {setting} lower" if setting else "close other programs"
                     raise DataError(
-                        f"{what}: a worker process died (killed, out of memory?); use fewer workers "
-                        f"({what}.workers in params.yaml) or free memory, then run again"
+                        f"{what}: a worker process died (killed, out of memory?); free memory or "
+                        f"{fewer}, then run again"
                     ) from None
                 raise
     finally:

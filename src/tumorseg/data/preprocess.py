@@ -161,7 +161,7 @@ def preprocess_dataset(
     index: list[dict[str, str]] = []
     processed = stored_bytes = 0
     work = partial(preprocess_one, cases_dir=cases_dir, cfg=cfg)
-    results = map_cases(work, ordered, workers=cfg.workers, what="preprocess")
+    results = map_cases(work, ordered, workers=cfg.workers, what="preprocess", setting="preprocess.workers")
     for row, (geometry, computed) in zip(ordered, results, strict=True):
         index.append(_index_row(geometry, row))
         processed += computed
