@@ -496,6 +496,12 @@ def _cmd_compare(args: argparse.Namespace) -> int | None:
     _arg("--labels", choices=_LABELS, help="input label convention, also the output's (default: detected)"),
     _arg("--tta", action=argparse.BooleanOptionalAction, help="mirror test-time augmentation"),
     _arg("--min-component-mm3", type=float, metavar="MM3", help="drop smaller tumour components"),
+    _arg(
+        "--min-component-confidence",
+        type=float,
+        metavar="P",
+        help="drop tumour components whose mean probability is below P (0 keeps all; default: the model's own)",
+    ),
     _arg("--probabilities", action=_STORE, help="also write probabilities/<case_id>.nii.gz"),
     _arg("--uncertainty", action=_STORE, help="also write uncertainty/<case_id>.nii.gz (needs --tta)"),
     _arg("--device", choices=["auto", "cpu", "cuda"], help="inference device (default: predict.device)"),
@@ -522,6 +528,7 @@ def _cmd_predict(args: argparse.Namespace) -> int | None:
     options = {
         "predict.tta": args.tta,
         "predict.min_component_mm3": args.min_component_mm3,
+        "predict.min_component_confidence": args.min_component_confidence,
         "predict.probabilities": True if args.probabilities else None,
         "predict.uncertainty": True if args.uncertainty else None,
         "predict.device": args.device,

@@ -89,6 +89,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
         "evaluate.bootstrap_resamples": 200,
         "evaluate.plots": False,
         "registry.bootstrap_resamples": 200,
+        # every component kept, so the evaluate stage's Dice can be compared with training's own
+        "predict.min_component_confidence": 0.0,
     }
     params = apply_overrides(read_params(ROOT / "params.yaml"), overrides)
     params_file = root / "params.yaml"
@@ -235,6 +237,41 @@ def test_evaluate_model_cli_without_registering(project: Project, capsys: pytest
     assert record["version"] is None and record["reason"] == "registration turned off (--no-register)"
     assert json.loads((reports / "metrics.json").read_text())["test"] == project.stage.evaluation.metrics
     assert [str(v.version) for v in project.client().search_model_versions("name='tumorseg'")] == ["1"]
+
+
+def test_the_evaluate_stage_chooses_the_confidence_threshold_on_validation(project: Project) -> None:
+    from tumorseg.models.checkpoint import load_trained_network
+    from tumorseg.models.config import PredictConfig
+    from tumorseg.models.predictor import SegmentationPredictor
+    from tumorseg.registry.evaluate_stage import run_evaluate_stage
+
+    reports = project.root / "reports-choice"
+    params = apply_overrides(
+        project.params, {"paths.reports": str(reports), "predict.min_component_confidence": None}
+    )
+    params_file = project.root / "params-choice.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    stage = run_evaluate_stage(params, source=str(params_file), register=False)
+    chosen = json.loads((reports / "metrics.json").read_text())["postprocess"]
+    split = json.loads((project.root / "split.json").read_text())
+    assert chosen["chosen_on"] == f"validation split ({len(split['val'])} cases)"
+    assert chosen["val_dice_mean_with"] >= chosen["val_dice_mean_without"]
+    low, high = chosen["best_interval"]
+    threshold = chosen["min_component_confidence"]
+    assert threshold == 0.0 or low < threshold <= high
+    # the test split was scored with it: scoring again with the threshold given explicitly agrees
+    from tumorseg.evaluation.pipeline_stage import evaluate_test_split
+
+    again = evaluate_test_split(
+        SegmentationPredictor(
+            load_trained_network(project.train.best_checkpoint),
+            PredictConfig.model_validate({**params["predict"], "min_component_confidence": threshold}),
+        ),
+        apply_overrides(params, {"paths.reports": str(project.root / "reports-again")}),
+        source=str(params_file),
+    )
+    for case_id, dice in stage.evaluation.case_dice.items():
+        assert again.case_dice[case_id] == pytest.approx(dice)
 
 
 def test_the_registered_artifact_is_small_declared_and_pickle_free(project: Project, tmp_path: Path) -> None:

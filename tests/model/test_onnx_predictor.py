@@ -209,6 +209,34 @@ def test_onnx_engine_writes_the_torch_engines_label_maps(tmp_path: Path, package
         assert runs["onnx"].summary.cases[case] == pytest.approx(volumes, abs=0.05)
 
 
+def test_both_engines_drop_the_components_below_the_models_confidence_threshold(package: Path) -> None:
+    import dataclasses
+
+    from tumorseg.models.onnx_predictor import OnnxSegmentationPredictor
+    from tumorseg.models.package import load_package
+    from tumorseg.models.predictor import SegmentationPredictor
+
+    probabilities = np.full((3, 12, 12, 12), 0.01, dtype=np.float32)
+    probabilities[0, 1:4, 1:4, 1:4] = 0.95
+    probabilities[0, 7:10, 7:10, 7:10] = 0.6
+    onnx_package = package_from_artifacts(
+        {ONNX_ARTIFACT: package / "network.onnx", "config": package / "config.json"}
+    )
+    stored = {**onnx_package.config, "postprocess": {"min_component_confidence": 0.8}}
+    trained = load_package(package / "weights.pt", package / "config.json")
+    trained.config = stored
+    cfg = PredictConfig(device="cpu")
+    engines = {
+        "onnx": OnnxSegmentationPredictor(dataclasses.replace(onnx_package, config=stored), cfg),
+        "torch": SegmentationPredictor(trained, cfg),
+    }
+    for engine, predictor in engines.items():
+        labels = predictor.labels_from_probabilities(probabilities.copy(), (3.0, 3.0, 3.0))
+        assert labels[1:4, 1:4, 1:4].all() and not labels[6:].any(), engine
+    keep_all = OnnxSegmentationPredictor(onnx_package, cfg)  # no stored threshold: every component kept
+    assert keep_all.labels_from_probabilities(probabilities.copy(), (3.0, 3.0, 3.0))[7:10, 7:10, 7:10].all()
+
+
 def test_engine_choice_falls_back_to_torch_and_onnx_says_why(tmp_path: Path, package: Path) -> None:
     from tumorseg.registry.predict import onnx_predictor
 

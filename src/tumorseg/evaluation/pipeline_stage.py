@@ -257,6 +257,39 @@ def evaluate_test_split(
     return TestEvaluation(per_case, result.summary, metrics, case_dice, digests, convention, files)
 
 
+def choose_component_confidence(
+    predictor: Any, params: Params | dict[str, Any], *, source: str = "params.yaml", split: str = "val"
+) -> Any:
+    """The component-confidence threshold (:func:`~tumorseg.models.postprocess.choose_min_confidence`)
+    that maximises the mean Dice of ``split``'s preprocessed cases, predicted by ``predictor`` (which
+    must keep every component: ``min_component_confidence`` 0); None when the split is empty."""
+    params = as_params(params, source)
+    from tumorseg.data.datamodule import case_records, read_split
+    from tumorseg.data.parallel import Progress
+    from tumorseg.data.transforms import load_preprocessed_case
+    from tumorseg.models.postprocess import CaseComponents, choose_min_confidence, whole_tumour_probability
+
+    paths = params.paths
+    case_ids = read_split(paths.split).get(split, [])
+    if not case_ids:
+        log.info("%s: no %s cases; no component-confidence threshold chosen", paths.split, split)
+        return None
+    label_set = predictor.label_set
+    spacing = tuple(float(v) for v in predictor.preprocess_cfg.target_spacing_mm)
+    cases = []
+    progress = Progress(len(case_ids), f"component confidence on {split}")
+    for record in case_records(paths.preprocessed, case_ids):
+        case = load_preprocessed_case(record["path"])
+        probabilities, _ = predictor.infer(case["image"])
+        labels = predictor.labels_from_probabilities(probabilities, spacing)
+        tumour = whole_tumour_probability(probabilities, predictor.output)
+        truth = label_set.regions(case["label"][0])
+        cases.append(CaseComponents.of(record["case_id"], labels, tumour, label_set.regions(labels), truth))
+        progress.advance()
+    progress.close()
+    return choose_min_confidence(cases)
+
+
 def reference_digest(case: CaseFiles) -> str:
     """sha256 of the reference segmentation file (promotion pairs cases only on identical references)."""
     return read_bytes(Path(case.paths["seg"]))[1]

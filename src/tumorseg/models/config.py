@@ -85,7 +85,8 @@ class PredictConfig(Section):
     """``predict:`` whole-case inference (``tumorseg predict``, the evaluate stage, the served model).
 
     Each knob is explained beside its value in params.yaml; ``uncertainty`` (the TTA variance) needs
-    ``tta``, and null ``overlap`` / ``sw_batch_size`` keep the model's ``sliding_window`` settings.
+    ``tta``, and null ``overlap`` / ``sw_batch_size`` keep the model's ``sliding_window`` settings; a null
+    ``min_component_confidence`` keeps the model's own (:mod:`tumorseg.models.postprocess`).
     ``engine`` (``tumorseg predict`` only): ``auto`` runs ONNX Runtime without torch when the model
     carries ``network.onnx`` and no option needs torch, ``onnx`` insists on it, ``torch`` never uses it.
     """
@@ -95,6 +96,7 @@ class PredictConfig(Section):
     tta: bool = False
     tta_axes: tuple[int, ...] = (0, 1, 2)
     min_component_mm3: float = Field(0.0, ge=0.0)
+    min_component_confidence: float | None = Field(None, ge=0.0, le=1.0)
     probabilities: bool = False
     uncertainty: bool = False
     overlap: float | None = Field(None, ge=0.0, lt=1.0)

@@ -42,6 +42,7 @@ from tumorseg.data.transforms import DataLoaderConfig
 from tumorseg.errors import DataError, first_line
 from tumorseg.models.config import PredictConfig, SlidingWindowConfig
 from tumorseg.models.networks import ModelConfig
+from tumorseg.models.postprocess import resolve_min_confidence
 from tumorseg.models.predictor import SegmentationPredictor
 
 log = logging.getLogger(__name__)
@@ -343,6 +344,7 @@ class OnnxSegmentationPredictor(SegmentationPredictor):
         }
         self.sliding_window = package.sliding_window.model_copy(update=updates)
         self.preprocess_cfg = PreprocessConfig.model_validate(package.config["preprocess"])
+        self.min_confidence = resolve_min_confidence(self.cfg.min_component_confidence, package.config)
         self.output = package.model.output
         self.label_set = package.label_set
         self.channels = self.label_set.region_names
@@ -380,9 +382,11 @@ class OnnxSegmentationPredictor(SegmentationPredictor):
     def labels_from_probabilities(
         self, probabilities: np.ndarray, spacing_mm: tuple[float, ...]
     ) -> np.ndarray:
-        """uint8 internal labels ``(x, y, z)``: regions above the threshold, nested, small components dropped."""
+        """uint8 internal labels ``(x, y, z)``: regions above the threshold, nested, small and unconfident
+        components dropped."""
         labels = regions_to_labels(probabilities > np.float32(self.sliding_window.threshold), self.label_set)
-        return remove_small_components(labels, self.cfg.min_component_mm3, spacing_mm)
+        labels = remove_small_components(labels, self.cfg.min_component_mm3, spacing_mm)
+        return self.drop_unconfident(labels, probabilities)
 
 
 def package_from_artifacts(artifacts: Mapping[str, str | Path]) -> OnnxPackage | None:

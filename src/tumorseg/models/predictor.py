@@ -31,6 +31,11 @@ from tumorseg.data.layouts import CaseFiles, CaseVolumes, discover_cases, read_c
 from tumorseg.data.readers import IMAGE, image_inputs, input_dims
 from tumorseg.errors import DataError
 from tumorseg.models.config import PredictConfig
+from tumorseg.models.postprocess import (
+    drop_unconfident_components,
+    resolve_min_confidence,
+    whole_tumour_probability,
+)
 
 if TYPE_CHECKING:
     from tumorseg.data.preprocess import DecodedCase, PreprocessedCase
@@ -163,6 +168,7 @@ class SegmentationPredictor:
         self.sliding_window = trained.sliding_window.model_copy(update=updates)
         self.inferer = make_inferer(self.sliding_window, trained.roi_size)
         self.preprocess_cfg = PreprocessConfig.model_validate(trained.config["preprocess"])
+        self.min_confidence = resolve_min_confidence(self.cfg.min_component_confidence, trained.config)
         self.output: str = trained.model.output
         self.label_set: LabelSet = trained.label_set
         self.channels = (
@@ -202,7 +208,8 @@ class SegmentationPredictor:
     def labels_from_probabilities(
         self, probabilities: np.ndarray, spacing_mm: tuple[float, ...]
     ) -> np.ndarray:
-        """uint8 internal labels ``(x, y, z)`` of probabilities ``(C, x, y, z)``, small components dropped."""
+        """uint8 internal labels ``(x, y, z)`` of probabilities ``(C, x, y, z)``, small and unconfident
+        components dropped (:mod:`tumorseg.models.postprocess`)."""
         import torch
 
         from tumorseg.models.inference import regions_to_labels, remove_small_components
@@ -212,7 +219,15 @@ class SegmentationPredictor:
             labels = regions_to_labels(prob > self.sliding_window.threshold, self.label_set)
         else:
             labels = prob.argmax(dim=1, keepdim=True).to(torch.uint8)
-        return remove_small_components(labels, self.cfg.min_component_mm3, spacing_mm)[0, 0].numpy()
+        labels = remove_small_components(labels, self.cfg.min_component_mm3, spacing_mm)[0, 0].numpy()
+        return self.drop_unconfident(labels, probabilities)
+
+    def drop_unconfident(self, labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+        """``labels`` without the tumour components whose mean probability is below ``min_confidence``."""
+        if self.min_confidence <= 0:
+            return labels
+        tumour = whole_tumour_probability(probabilities, self.output)
+        return drop_unconfident_components(labels, tumour, self.min_confidence)
 
     def predict_volumes(self, volumes: CaseVolumes) -> CasePrediction:
         """Segment a case held in memory (source geometry) and map the result back onto it."""

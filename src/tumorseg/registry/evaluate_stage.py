@@ -18,7 +18,13 @@ import pandas as pd
 
 from tumorseg.data.manifest import atomic_write_text
 from tumorseg.errors import DataError
-from tumorseg.evaluation.pipeline_stage import MODEL_VERSION_FILE, TestEvaluation, evaluate_test_split
+from tumorseg.evaluation.pipeline_stage import (
+    METRICS_FILE,
+    MODEL_VERSION_FILE,
+    TestEvaluation,
+    choose_component_confidence,
+    evaluate_test_split,
+)
 from tumorseg.evaluation.planar_evaluate import (
     PlanarEvaluation,
     detect_and_score,
@@ -29,6 +35,7 @@ from tumorseg.evaluation.planar_evaluate import (
 from tumorseg.evaluation.summary import clean_json, flatten_metrics
 from tumorseg.models.checkpoint import load_planar_checkpoint
 from tumorseg.models.package import save_package
+from tumorseg.models.postprocess import CONFIDENCE_KEY, POSTPROCESS_KEY
 from tumorseg.params import Params, as_params
 from tumorseg.registry.loading import prepare_mlflow
 from tumorseg.registry.register import (
@@ -90,10 +97,29 @@ def run_evaluate_stage(
     checkpoint = _checkpoint(checkpoint, train_cfg.out_dir)
     trained = load_trained_network(checkpoint)
     # Reports are about the model, not about extra outputs: no probability/uncertainty maps here.
-    predictor = SegmentationPredictor(
-        trained, predict_cfg.model_copy(update={"probabilities": False, "uncertainty": False})
-    )
+    scoring_cfg = predict_cfg.model_copy(update={"probabilities": False, "uncertainty": False})
+    choice = None
+    if predict_cfg.min_component_confidence is None:  # the model's own: chosen here, stored with it
+        keep_all = SegmentationPredictor(
+            trained, scoring_cfg.model_copy(update={"min_component_confidence": 0.0})
+        )
+        choice = choose_component_confidence(keep_all, params, source=source)
+        if choice is not None:
+            log.info("%s", choice.one_line())
+            trained.config = {**trained.config, POSTPROCESS_KEY: choice.to_dict()}
+    predictor = SegmentationPredictor(trained, scoring_cfg)
     evaluation = evaluate_test_split(predictor, params, source=source)
+    chosen = (
+        choice.to_dict()
+        if choice is not None
+        else {
+            CONFIDENCE_KEY: predictor.min_confidence,
+            "chosen_on": "predict.min_component_confidence"
+            if predict_cfg.min_component_confidence is not None
+            else "nothing (no validation cases)",
+        }
+    )
+    _write_postprocess(Path(paths.reports), chosen)
     result = EvaluateStageResult(evaluation)
     profile, drift_metrics = (
         _drift_reference(params, source, evaluation) if params.monitor.enabled else (None, {})
@@ -142,6 +168,13 @@ def run_evaluate_stage(
         )
         _write_unregistered(version_file, registry_cfg.model_name, reason)
     return result
+
+
+def _write_postprocess(reports: Path, choice: dict[str, Any]) -> None:
+    """The validation-chosen post-processing under ``"postprocess"`` in ``metrics.json`` (DVC shows it)."""
+    path = reports / METRICS_FILE
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_text(path, json.dumps({**current, POSTPROCESS_KEY: choice}, indent=2) + "\n")
 
 
 def _drift_reference(params: Params, source: str, evaluation: TestEvaluation) -> tuple[Any, dict[str, float]]:

@@ -59,8 +59,17 @@ def _metric_row(metrics: dict[str, Any], metric: str, label: str, digits: int) -
 
 
 def _component_text(facts: ModelCardFacts) -> str:
+    from tumorseg.models.postprocess import POSTPROCESS_KEY, resolve_min_confidence
+
     limit = float(facts.predict_settings.get("min_component_mm3", 0.0) or 0.0)
-    return f"tumour components under {limit:g} mm3 removed" if limit > 0 else "no small-component removal"
+    text = f"tumour components under {limit:g} mm3 removed" if limit > 0 else "no small-component removal"
+    confidence = resolve_min_confidence(facts.predict_settings.get("min_component_confidence"), facts.config)
+    if confidence > 0:
+        chosen = (facts.config.get(POSTPROCESS_KEY) or {}).get(
+            "chosen_on", "predict.min_component_confidence"
+        )
+        text += f"; components of mean tumour probability under {confidence:.3f} removed (chosen on {chosen})"
+    return text
 
 
 def render_model_card(facts: ModelCardFacts, *, version: str | None = None) -> str:
