@@ -200,12 +200,11 @@ def _synth_independent(args: argparse.Namespace) -> None:
             kaggle_images=cfg.kaggle_images,
             seed=seed,
             spacing_mm=spacing,
-            workers=2,
         )
         print(f"wrote {len(written)} independent 2-D files to {out}")
         return
     out = Path(args.out) if args.out else root / cfg.data
-    ids = synthesize_independent(out, cases=args.cases or cfg.cases, seed=seed, spacing_mm=spacing, workers=2)
+    ids = synthesize_independent(out, cases=args.cases or cfg.cases, seed=seed, spacing_mm=spacing)
     print(f"wrote {len(ids)} independent cases (brats2023, brats2021, nnunet sub-folders) to {out}")
 
 

@@ -46,7 +46,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """Six 4 mm cases, two per layout (case 3 tumour-free)."""
     out = tmp_path_factory.mktemp("independent")
-    return out, synthesize_independent(out, cases=6, seed=11, spacing_mm=4.0)
+    return out, synthesize_independent(out, cases=6, seed=11, spacing_mm=4.0, workers=1)
 
 
 def test_same_seed_gives_the_same_bytes_and_another_seed_other_images(
@@ -147,7 +147,7 @@ def test_tumour_free_cases_have_no_lesion_and_others_have_one() -> None:
 
 def test_2d_files_are_read_by_the_2d_readers(tmp_path: Path) -> None:
     written = synthesize_independent_2d(
-        tmp_path / "a", patients=2, slices_per_patient=2, kaggle_images=4, seed=5, spacing_mm=4.0
+        tmp_path / "a", patients=2, slices_per_patient=2, kaggle_images=4, seed=5, spacing_mm=4.0, workers=1
     )
     found = find_planar_files(tmp_path / "a")
     assert len(found) == len(written) and {f.layout for f in found} == {"figshare", "kaggle"}

@@ -156,7 +156,7 @@ def run_comparison(params: Params | dict[str, Any], *, source: str = "params.yam
 def _train_and_score(
     params: Params, name: str, overrides: dict[str, Any], budget: Budget, source: str
 ) -> SystemResult:
-    from tumorseg.evaluation.pipeline_stage import evaluate_test_split
+    from tumorseg.evaluation.pipeline_stage import evaluate_test_split, store_component_confidence
     from tumorseg.models.checkpoint import load_trained_network
     from tumorseg.models.predictor import SegmentationPredictor
     from tumorseg.training.train import train
@@ -167,6 +167,7 @@ def _train_and_score(
             f"compare.systems.{name}: training saved no checkpoint (train.out_dir {params.train.out_dir})"
         )
     trained = load_trained_network(trained_run.best_checkpoint)
+    store_component_confidence(trained, params.predict, params, source=source)  # as the evaluate stage does
     predictor = SegmentationPredictor(
         trained, params.predict.model_copy(update={"probabilities": False, "uncertainty": False})
     )

@@ -901,7 +901,7 @@ def synthesize_independent(
     seed: int = 2027,
     layouts: Sequence[str] = INDEPENDENT_LAYOUTS,
     spacing_mm: float = 1.0,
-    workers: int = 1,
+    workers: int = 2,
 ) -> list[str]:
     """Write the independent 3-D set: ``cases`` cases spread over ``layouts``, one sub-folder each.
 
@@ -1044,27 +1044,24 @@ def _write_figshare(
     """``out/figshare/1.mat, 2.mat, ...`` and their facts; the file names relative to ``out``. Patients
     are drawn in ``workers`` processes and written here, in patient order."""
     from tumorseg.data.parallel import map_cases
-    from tumorseg.data.planar_synth import tumour_border, write_figshare_mat
+    from tumorseg.data.planar_synth import write_figshare_slices
 
-    facts: list[dict[str, Any]] = []
     draw = partial(figshare_patient, seed=seed, slices=slices, spacing_mm=spacing_mm)
-    for items in map_cases(
+    drawn = map_cases(
         draw, range(1, patients + 1), workers=workers, what="independent 2-D figshare", unit="patients"
-    ):
-        for item in items:
-            name = f"figshare/{len(facts) + 1}.mat"
-            mask = item["mask"]
-            write_figshare_mat(
-                out / name, item["image"], mask, item["label"], item["pid"], tumour_border(mask)
-            )
-            facts.append({"file": name, "pid": item["pid"], "z": item["z"], "tumour_pixels": int(mask.sum())})
+    )
+    facts = [
+        {
+            "file": f"figshare/{name}",
+            "pid": item["pid"],
+            "z": item["z"],
+            "tumour_pixels": int(item["mask"].sum()),
+        }
+        for name, item in write_figshare_slices(out / "figshare", drawn)
+    ]
     if facts:
         _write_json(out / "figshare" / META_NAME, {"generator": GENERATOR_NAME, "seed": seed, "files": facts})
     return [f["file"] for f in facts]
-
-
-def _kaggle_item(index: int, n_yes: int, seed: int, spacing_mm: float) -> dict[str, Any]:
-    return kaggle_picture(index, index <= n_yes, seed, spacing_mm)
 
 
 def _write_kaggle(
@@ -1073,21 +1070,18 @@ def _write_kaggle(
     """``out/kaggle/yes/Y1.jpg ... no/N9.png`` (the first ``round(images * fraction)`` with a tumour),
     drawn in ``workers`` processes and written here, in index order."""
     from tumorseg.data.parallel import map_cases
-    from tumorseg.data.planar_synth import _save_image, kaggle_file_name
+    from tumorseg.data.planar_synth import tumour_first, write_kaggle_images
 
-    facts: list[dict[str, Any]] = []
     n_yes = int(round(images * tumour_fraction))
-    draw = partial(_kaggle_item, n_yes=n_yes, seed=seed, spacing_mm=spacing_mm)
+    draw = partial(tumour_first, n_yes=n_yes, make=kaggle_picture, seed=seed, spacing_mm=spacing_mm)
     indices = range(1, images + 1)
-    for index, item in zip(
-        indices,
-        map_cases(draw, indices, workers=workers, what="independent 2-D kaggle", unit="images"),
-        strict=True,
-    ):
-        folder = "yes" if item["tumour"] else "no"
-        name = f"kaggle/{folder}/{kaggle_file_name(index, item['tumour'], item['png'])}"
-        _save_image(out / name, item.pop("pixels"), item["png"], quality=int(80 + index % 16))
-        facts.append({"file": name, **item})
+    drawn = map_cases(draw, indices, workers=workers, what="independent 2-D kaggle", unit="images")
+    facts = [
+        {"file": f"kaggle/{relative}", **{k: v for k, v in item.items() if k != "pixels"}}
+        for relative, item in write_kaggle_images(
+            out / "kaggle", drawn, indices, quality=lambda i: 80 + i % 16
+        )
+    ]
     if facts:
         _write_json(out / "kaggle" / META_NAME, {"generator": GENERATOR_NAME, "seed": seed, "files": facts})
     return [f["file"] for f in facts]
@@ -1102,7 +1096,7 @@ def synthesize_independent_2d(
     tumour_fraction: float = 0.6,
     seed: int = 2027,
     spacing_mm: float = 1.0,
-    workers: int = 1,
+    workers: int = 2,
 ) -> list[str]:
     """Write the independent 2-D set: ``out/figshare/<n>.mat`` (MATLAB v7.3 ``cjdata`` slices) and
     ``out/kaggle/{yes,no}/`` images (the first ``round(kaggle_images * tumour_fraction)`` in ``yes``),

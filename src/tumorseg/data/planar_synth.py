@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -300,37 +301,62 @@ def _save_image(path: Path, pixels: np.ndarray, png: bool, quality: int) -> None
         os.chmod(tmp, file_mode(0o666))
 
 
-def synthesize_figshare(out: Path, cfg: SynthPlanarConfig, workers: int = 2) -> list[str]:
-    """Write ``figshare_patients x slices_per_patient`` v7.3 slices ``1.mat``, ``2.mat``... to ``out``;
-    patients are drawn in ``workers`` processes (0: one per core), which does not change the output."""
-    out = Path(out)
-    written: list[str] = []
-    facts: list[dict[str, Any]] = []
+def write_figshare_slices(
+    folder: Path, patients: Iterable[list[dict[str, Any]]]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Write each patient's slices (``image``, ``mask``, ``label``, ``pid``), in order, as ``folder/1.mat``,
+    ``2.mat``...; yields ``(file name, slice)`` as each is written. Shared by every 2-D generator."""
     number = 0
-    patients = range(1, cfg.figshare_patients + 1)
-    draw = partial(figshare_patient_slices, cfg=cfg)
-    for items in map_cases(draw, patients, workers=workers, what="synth figshare", unit="patients"):
+    for items in patients:
         for item in items:
             number += 1
             name = f"{number}.mat"
             write_figshare_mat(
-                out / name,
+                folder / name,
                 item["image"],
                 item["mask"],
                 item["label"],
                 item["pid"],
                 tumour_border(item["mask"]),
             )
-            written.append(name)
-            facts.append(
-                {k: item[k] for k in ("label", "tumour_type", "pid", "z", "tumour_pixels")} | {"file": name}
-            )
+            yield name, item
+
+
+def tumour_first(
+    index: int, n_yes: int, make: Callable[..., dict[str, Any]], **options: Any
+) -> dict[str, Any]:
+    """``make(index, tumour, **options)`` for a yes/no image set whose first ``n_yes`` images have a tumour
+    (module-level, so a worker process can run it)."""
+    return make(index, index <= n_yes, **options)
+
+
+def write_kaggle_images(
+    folder: Path, images: Iterable[dict[str, Any]], indices: Iterable[int], quality: Callable[[int], int]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Write each image (``pixels``, ``tumour``, ``png``) as ``folder/yes/Y<index>.jpg`` or
+    ``folder/no/N<index>.png``..., JPEGs at ``quality(index)``; yields ``("yes/Y1.jpg", image)`` as each is
+    written. Shared by every 2-D generator."""
+    for index, item in zip(indices, images, strict=True):
+        sub = folder / ("yes" if item["tumour"] else "no")
+        sub.mkdir(parents=True, exist_ok=True)
+        name = kaggle_file_name(index, item["tumour"], item["png"])
+        _save_image(sub / name, item["pixels"], item["png"], quality=quality(index))
+        yield f"{sub.name}/{name}", item
+
+
+def synthesize_figshare(out: Path, cfg: SynthPlanarConfig, workers: int = 2) -> list[str]:
+    """Write ``figshare_patients x slices_per_patient`` v7.3 slices ``1.mat``, ``2.mat``... to ``out``;
+    patients are drawn in ``workers`` processes (0: one per core), which does not change the output."""
+    out = Path(out)
+    patients = range(1, cfg.figshare_patients + 1)
+    draw = partial(figshare_patient_slices, cfg=cfg)
+    drawn = map_cases(draw, patients, workers=workers, what="synth figshare", unit="patients")
+    facts = [
+        {k: item[k] for k in ("label", "tumour_type", "pid", "z", "tumour_pixels")} | {"file": name}
+        for name, item in write_figshare_slices(out, drawn)
+    ]
     _write_meta(out, "figshare", cfg, facts)
-    return written
-
-
-def _kaggle_item(index: int, n_yes: int, cfg: SynthPlanarConfig) -> dict[str, Any]:
-    return kaggle_image(index, index <= n_yes, cfg)
+    return [fact["file"] for fact in facts]
 
 
 def synthesize_kaggle(out: Path, cfg: SynthPlanarConfig, workers: int = 2) -> list[str]:
@@ -339,24 +365,15 @@ def synthesize_kaggle(out: Path, cfg: SynthPlanarConfig, workers: int = 2) -> li
     relative to ``out`` (``yes/Y1.jpg``...)."""
     out = Path(out)
     n_yes = int(round(cfg.kaggle_images * cfg.kaggle_tumour_fraction))
-    written: list[str] = []
-    facts: list[dict[str, Any]] = []
     indices = range(1, cfg.kaggle_images + 1)
-    draw = partial(_kaggle_item, n_yes=n_yes, cfg=cfg)
+    draw = partial(tumour_first, n_yes=n_yes, make=kaggle_image, cfg=cfg)
     items = map_cases(draw, indices, workers=workers, what="synth kaggle", unit="images")
-    for index, item in zip(indices, items, strict=True):
-        tumour = index <= n_yes
-        folder = out / ("yes" if tumour else "no")
-        folder.mkdir(parents=True, exist_ok=True)
-        name = kaggle_file_name(index, tumour, item["png"])
-        _save_image(folder / name, item["pixels"], item["png"], quality=int(85 + index % 11))
-        relative = f"{folder.name}/{name}"
-        written.append(relative)
-        facts.append(
-            {"file": relative} | {k: item[k] for k in ("tumour", "rgb", "png", "tumour_pixels", "shape", "z")}
-        )
+    facts = [
+        {"file": relative} | {k: item[k] for k in ("tumour", "rgb", "png", "tumour_pixels", "shape", "z")}
+        for relative, item in write_kaggle_images(out, items, indices, quality=lambda index: 85 + index % 11)
+    ]
     _write_meta(out, "kaggle", cfg, facts)
-    return written
+    return [fact["file"] for fact in facts]
 
 
 def _write_meta(out: Path, layout: str, cfg: SynthPlanarConfig, facts: list[dict[str, Any]]) -> None:

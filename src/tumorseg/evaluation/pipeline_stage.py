@@ -290,6 +290,27 @@ def choose_component_confidence(
     return choose_min_confidence(cases)
 
 
+def store_component_confidence(
+    trained: Any, predict_cfg: Any, params: Params | dict[str, Any], *, source: str = "params.yaml"
+) -> Any:
+    """Where ``predict.min_component_confidence`` is null (the model's own), choose it on the validation
+    split (:func:`choose_component_confidence`) and store it in ``trained.config`` (``postprocess``),
+    where every engine that later runs the model finds it. Returns the choice (None: not chosen)."""
+    if predict_cfg.min_component_confidence is not None:
+        return None
+    from tumorseg.models.postprocess import POSTPROCESS_KEY
+    from tumorseg.models.predictor import SegmentationPredictor
+
+    keep_all = predict_cfg.model_copy(
+        update={"probabilities": False, "uncertainty": False, "min_component_confidence": 0.0}
+    )
+    choice = choose_component_confidence(SegmentationPredictor(trained, keep_all), params, source=source)
+    if choice is not None:
+        log.info("%s", choice.one_line())
+        trained.config = {**trained.config, POSTPROCESS_KEY: choice.to_dict()}
+    return choice
+
+
 def reference_digest(case: CaseFiles) -> str:
     """sha256 of the reference segmentation file (promotion pairs cases only on identical references)."""
     return read_bytes(Path(case.paths["seg"]))[1]

@@ -22,8 +22,8 @@ from tumorseg.evaluation.pipeline_stage import (
     METRICS_FILE,
     MODEL_VERSION_FILE,
     TestEvaluation,
-    choose_component_confidence,
     evaluate_test_split,
+    store_component_confidence,
 )
 from tumorseg.evaluation.planar_evaluate import (
     PlanarEvaluation,
@@ -97,17 +97,10 @@ def run_evaluate_stage(
     checkpoint = _checkpoint(checkpoint, train_cfg.out_dir)
     trained = load_trained_network(checkpoint)
     # Reports are about the model, not about extra outputs: no probability/uncertainty maps here.
-    scoring_cfg = predict_cfg.model_copy(update={"probabilities": False, "uncertainty": False})
-    choice = None
-    if predict_cfg.min_component_confidence is None:  # the model's own: chosen here, stored with it
-        keep_all = SegmentationPredictor(
-            trained, scoring_cfg.model_copy(update={"min_component_confidence": 0.0})
-        )
-        choice = choose_component_confidence(keep_all, params, source=source)
-        if choice is not None:
-            log.info("%s", choice.one_line())
-            trained.config = {**trained.config, POSTPROCESS_KEY: choice.to_dict()}
-    predictor = SegmentationPredictor(trained, scoring_cfg)
+    choice = store_component_confidence(trained, predict_cfg, params, source=source)
+    predictor = SegmentationPredictor(
+        trained, predict_cfg.model_copy(update={"probabilities": False, "uncertainty": False})
+    )
     evaluation = evaluate_test_split(predictor, params, source=source)
     chosen = (
         choice.to_dict()
