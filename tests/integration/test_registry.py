@@ -213,6 +213,12 @@ def test_evaluate_stage_writes_metrics_logs_them_and_registers_a_challenger(proj
         load_trained_network(project.train.best_checkpoint).config
     )
     assert float(version.tags["test_dice_mean"]) == pytest.approx(metrics["dice_mean"], abs=1e-6)
+    # the threshold it was evaluated with (set in params here) travels with the registered model
+    from tumorseg.registry.loading import load_model
+
+    stored = {"min_component_confidence": 0.0, "chosen_on": "predict.min_component_confidence"}
+    assert json.loads((reports / "metrics.json").read_text())["postprocess"] == stored
+    assert load_model("models:/tumorseg/1", tracking_uri=project.uri).trained.config["postprocess"] == stored
     card = version.description
     assert card.startswith("# Model card: tumorseg version 1")
     for text in (

@@ -95,12 +95,21 @@ def test_nothing_is_dropped_when_no_threshold_helps() -> None:
         choose_min_confidence([])
 
 
-def test_a_tie_goes_to_the_lower_interval() -> None:
-    # a component with no voxels in the scored region changes nothing: it splits the best range in two
-    cases = [case("a", [0.9, 0.6, 0.8], [100, 10, 0], [100, 0, 0], 100)]
-    choice = choose_min_confidence(cases)
-    assert choice.interval == pytest.approx((0.6, 0.8))
-    assert choice.min_confidence == pytest.approx(0.7)
+def test_best_neighbouring_intervals_make_one_range_and_separate_ones_go_to_the_lower() -> None:
+    # a component with no voxels in the scored region changes nothing: (0.6, 0.8] and (0.8, 0.9] are one range
+    merged = choose_min_confidence([case("a", [0.9, 0.6, 0.8], [100, 10, 0], [100, 0, 0], 100)])
+    assert merged.interval == pytest.approx((0.6, 0.9))
+    assert merged.min_confidence == pytest.approx(0.75)
+    # (0.6, 0.7] and (0.8, 1] both score 2/3, with (0.7, 0.8] between them: the lower range wins
+    cases = [
+        case("free", [0.6], [10], [0], 0),
+        case("tumour", [0.7], [100], [100], 100),
+        case("free too", [0.8], [10], [0], 0),
+    ]
+    separate = choose_min_confidence(cases)
+    assert separate.interval == pytest.approx((0.6, 0.7))
+    assert separate.min_confidence == pytest.approx(0.65)
+    assert separate.dice_mean_with == pytest.approx(2 / 3)
 
 
 def test_the_stored_threshold_and_its_override() -> None:

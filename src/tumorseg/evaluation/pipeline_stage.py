@@ -292,23 +292,31 @@ def choose_component_confidence(
 
 def store_component_confidence(
     trained: Any, predict_cfg: Any, params: Params | dict[str, Any], *, source: str = "params.yaml"
-) -> Any:
-    """Where ``predict.min_component_confidence`` is null (the model's own), choose it on the validation
-    split (:func:`choose_component_confidence`) and store it in ``trained.config`` (``postprocess``),
-    where every engine that later runs the model finds it. Returns the choice (None: not chosen)."""
-    if predict_cfg.min_component_confidence is not None:
-        return None
-    from tumorseg.models.postprocess import POSTPROCESS_KEY
+) -> dict[str, Any]:
+    """Settle the component-confidence threshold the model is evaluated and served with, store it in
+    ``trained.config`` (``postprocess``, where every engine that later runs the model finds it) and return
+    that record: ``predict.min_component_confidence`` when set, else chosen on the validation split
+    (:func:`choose_component_confidence`; 0 without validation cases)."""
+    from tumorseg.models.postprocess import CONFIDENCE_KEY, POSTPROCESS_KEY
     from tumorseg.models.predictor import SegmentationPredictor
 
-    keep_all = predict_cfg.model_copy(
-        update={"probabilities": False, "uncertainty": False, "min_component_confidence": 0.0}
-    )
-    choice = choose_component_confidence(SegmentationPredictor(trained, keep_all), params, source=source)
-    if choice is not None:
-        log.info("%s", choice.one_line())
-        trained.config = {**trained.config, POSTPROCESS_KEY: choice.to_dict()}
-    return choice
+    if predict_cfg.min_component_confidence is not None:
+        record = {
+            CONFIDENCE_KEY: float(predict_cfg.min_component_confidence),
+            "chosen_on": "predict.min_component_confidence",
+        }
+    else:
+        keep_all = predict_cfg.model_copy(
+            update={"probabilities": False, "uncertainty": False, "min_component_confidence": 0.0}
+        )
+        choice = choose_component_confidence(SegmentationPredictor(trained, keep_all), params, source=source)
+        if choice is None:
+            record = {CONFIDENCE_KEY: 0.0, "chosen_on": "nothing (no validation cases)"}
+        else:
+            log.info("%s", choice.one_line())
+            record = choice.to_dict()
+    trained.config = {**trained.config, POSTPROCESS_KEY: record}
+    return record
 
 
 def reference_digest(case: CaseFiles) -> str:

@@ -37,7 +37,8 @@ def resolve_min_confidence(override: float | None, config: dict[str, Any]) -> fl
 
 def whole_tumour_probability(probabilities: np.ndarray, output: str) -> np.ndarray:
     """Probability ``(X, Y, Z)`` that a voxel is tumour, from the network's ``(C, X, Y, Z)`` probabilities:
-    the largest region probability (nested regions: the outermost) or 1 - background (label softmax)."""
+    the largest region probability (the sigmoid regions are not forced to nest, so an inner region may
+    be the surer one) or 1 - background (label softmax)."""
     if output == "regions":
         return probabilities.max(axis=0)
     return 1.0 - probabilities[0]
@@ -118,7 +119,8 @@ class CaseComponents:
 @dataclass
 class ConfidenceChoice:
     """The chosen threshold and the validation mean Dice (over cases, of each case's mean over regions)
-    without it and with it; ``interval``: the thresholds that all score best (the choice is its middle)."""
+    without it and with it; ``interval``: the range of thresholds that all score best (the choice is
+    its middle)."""
 
     min_confidence: float
     n_cases: int
@@ -150,12 +152,14 @@ class ConfidenceChoice:
 
 
 def choose_min_confidence(cases: list[CaseComponents], tolerance: float = 1e-9) -> ConfidenceChoice:
-    """The threshold that maximises the validation mean Dice, in the middle of the best interval.
+    """The threshold that maximises the validation mean Dice, in the middle of the best range.
 
     The score changes only at the components' mean probabilities, so the candidates are the intervals
-    between consecutive means: (0, m1], (m1, m2], ... (mk, 1]. The lowest best interval wins a tie (drop
-    as little as possible); the first interval keeps everything and gives 0. Its middle keeps as far from
-    the validation false positives below as from the true components above.
+    between consecutive means: (0, m1], (m1, m2], ... (mk, 1]. Neighbouring intervals that score the
+    best make one range (a component that changes no Dice does not split it); of separate best ranges
+    the lowest wins (drop as little as possible), and one that starts at 0 keeps everything and gives 0.
+    The range's middle keeps as far from the validation false positives below as from the true
+    components above.
     """
     if not cases:
         raise ValueError("no validation cases to choose a component-confidence threshold on")
@@ -169,8 +173,11 @@ def choose_min_confidence(cases: list[CaseComponents], tolerance: float = 1e-9) 
     scores = [score(float(np.nextafter(lo, 1.0))) for lo in edges[:-1]]
     without = score(0.0)
     best = max(scores)
-    index = next(i for i, value in enumerate(scores) if value >= best - tolerance)
-    lo, hi = float(edges[index]), float(edges[index + 1])
-    if index == 0 or best <= without + tolerance:
-        return ConfidenceChoice(0.0, len(cases), without, without, (0.0, float(edges[1])))
+    first = next(i for i, value in enumerate(scores) if value >= best - tolerance)
+    last = first
+    while last + 1 < len(scores) and scores[last + 1] >= best - tolerance:
+        last += 1
+    lo, hi = float(edges[first]), float(edges[last + 1])
+    if first == 0 or best <= without + tolerance:
+        return ConfidenceChoice(0.0, len(cases), without, without, (0.0, hi))
     return ConfidenceChoice((lo + hi) / 2, len(cases), without, best, (lo, hi))

@@ -35,7 +35,7 @@ from tumorseg.evaluation.planar_evaluate import (
 from tumorseg.evaluation.summary import clean_json, flatten_metrics
 from tumorseg.models.checkpoint import load_planar_checkpoint
 from tumorseg.models.package import save_package
-from tumorseg.models.postprocess import CONFIDENCE_KEY, POSTPROCESS_KEY
+from tumorseg.models.postprocess import POSTPROCESS_KEY
 from tumorseg.params import Params, as_params
 from tumorseg.registry.loading import prepare_mlflow
 from tumorseg.registry.register import (
@@ -97,21 +97,11 @@ def run_evaluate_stage(
     checkpoint = _checkpoint(checkpoint, train_cfg.out_dir)
     trained = load_trained_network(checkpoint)
     # Reports are about the model, not about extra outputs: no probability/uncertainty maps here.
-    choice = store_component_confidence(trained, predict_cfg, params, source=source)
+    chosen = store_component_confidence(trained, predict_cfg, params, source=source)
     predictor = SegmentationPredictor(
         trained, predict_cfg.model_copy(update={"probabilities": False, "uncertainty": False})
     )
     evaluation = evaluate_test_split(predictor, params, source=source)
-    chosen = (
-        choice.to_dict()
-        if choice is not None
-        else {
-            CONFIDENCE_KEY: predictor.min_confidence,
-            "chosen_on": "predict.min_component_confidence"
-            if predict_cfg.min_component_confidence is not None
-            else "nothing (no validation cases)",
-        }
-    )
     _write_postprocess(Path(paths.reports), chosen)
     result = EvaluateStageResult(evaluation)
     profile, drift_metrics = (

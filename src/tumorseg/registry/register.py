@@ -84,8 +84,12 @@ def checkpoint_run_id(checkpoint: str | Path) -> str | None:
 
 
 def params_md5(config: dict[str, Any]) -> str:
-    """md5 of the resolved training sections (key order independent)."""
-    return hashlib.md5(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    """md5 of the resolved training sections (key order independent; not what was chosen after training,
+    ``postprocess``)."""
+    from tumorseg.models.postprocess import POSTPROCESS_KEY
+
+    trained = {key: value for key, value in config.items() if key != POSTPROCESS_KEY}
+    return hashlib.md5(json.dumps(trained, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def cases_fingerprint(reference_sha256: dict[str, str]) -> str:
