@@ -96,8 +96,8 @@ def run_evaluate_stage(
     mlflow_cfg = params.mlflow
     checkpoint = _checkpoint(checkpoint, train_cfg.out_dir)
     trained = load_trained_network(checkpoint)
-    # Reports are about the model, not about extra outputs: no probability/uncertainty maps here.
     chosen = store_component_confidence(trained, predict_cfg, params, source=source)
+    # Reports are about the model, not about extra outputs: no probability/uncertainty maps here.
     predictor = SegmentationPredictor(
         trained, predict_cfg.model_copy(update={"probabilities": False, "uncertainty": False})
     )
@@ -154,7 +154,8 @@ def run_evaluate_stage(
 
 
 def _write_postprocess(reports: Path, choice: dict[str, Any]) -> None:
-    """The validation-chosen post-processing under ``"postprocess"`` in ``metrics.json`` (DVC shows it)."""
+    """The component-confidence record (chosen on validation or set in params) under ``"postprocess"`` in
+    ``metrics.json``, where ``dvc metrics show`` lists it."""
     path = reports / METRICS_FILE
     current = json.loads(path.read_text()) if path.is_file() else {}
     atomic_write_text(path, json.dumps({**current, POSTPROCESS_KEY: choice}, indent=2) + "\n")
