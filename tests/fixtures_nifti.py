@@ -57,6 +57,14 @@ def phantom(
     return images, labels
 
 
+def blob_probabilities() -> np.ndarray:
+    """Region probabilities ``(3, 12, 12, 12)``: WT over two blobs, sure (0.95) and unsure (0.6)."""
+    probabilities = np.full((3, 12, 12, 12), 0.01, dtype=np.float32)
+    probabilities[0, 1:4, 1:4, 1:4] = 0.95
+    probabilities[0, 7:10, 7:10, 7:10] = 0.6
+    return probabilities
+
+
 def ras_affine(spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)) -> np.ndarray:
     """The affine of every fixture volume stored as RAS."""
     affine = np.diag([*spacing, 1.0])

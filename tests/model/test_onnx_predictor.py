@@ -30,11 +30,11 @@ from tumorseg.models.onnx_predictor import (
     importance_map,
     onnx_refusal,
     package_from_artifacts,
-    remove_small_components,
     resize_linear,
     sliding_window_logits,
     window_starts,
 )
+from tumorseg.models.postprocess import filter_components, min_component_voxels
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("fixtures_nifti", ROOT / "tests" / "fixtures_nifti.py")
@@ -137,6 +137,11 @@ def test_sliding_window_matches_monai_with_padding_and_a_partial_last_batch() ->
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def remove_small_components(labels: np.ndarray, min_mm3: float, spacing: tuple[float, ...]) -> np.ndarray:
+    """The predictors' size rule (cc3d), as both engines apply it."""
+    return filter_components(labels, min_voxels=min_component_voxels(min_mm3, spacing))
+
+
 def test_small_components_are_removed_as_monai_removes_them() -> None:
     from tumorseg.models.inference import remove_small_components as monai_remove
 
@@ -216,9 +221,7 @@ def test_both_engines_drop_the_components_below_the_models_confidence_threshold(
     from tumorseg.models.package import load_package
     from tumorseg.models.predictor import SegmentationPredictor
 
-    probabilities = np.full((3, 12, 12, 12), 0.01, dtype=np.float32)
-    probabilities[0, 1:4, 1:4, 1:4] = 0.95
-    probabilities[0, 7:10, 7:10, 7:10] = 0.6
+    probabilities = fx.blob_probabilities()
     onnx_package = package_from_artifacts(
         {ONNX_ARTIFACT: package / "network.onnx", "config": package / "config.json"}
     )

@@ -8,7 +8,8 @@ import pytest
 from tumorseg.models.postprocess import (
     CaseComponents,
     choose_min_confidence,
-    drop_unconfident_components,
+    filter_components,
+    min_component_voxels,
     model_min_confidence,
     resolve_min_confidence,
     whole_tumour_probability,
@@ -30,13 +31,39 @@ def two_blobs(sure: float = 0.95, unsure: float = 0.6) -> tuple[np.ndarray, np.n
 
 def test_components_below_the_threshold_are_dropped_whole() -> None:
     labels, probability = two_blobs()
-    kept = drop_unconfident_components(labels, probability, 0.8)
+    kept = filter_components(labels, probability, min_confidence=0.8)
     assert kept.dtype == np.uint8
     assert np.array_equal(kept[:6], labels[:6])  # the sure blob, its core label included
     assert not kept[6:].any()
-    assert np.array_equal(drop_unconfident_components(labels, probability, 0.0), labels)
-    assert np.array_equal(drop_unconfident_components(labels, probability, 0.55), labels)
-    assert not drop_unconfident_components(labels, probability, 0.99).any()
+    assert np.array_equal(filter_components(labels, probability, min_confidence=0.0), labels)
+    assert np.array_equal(filter_components(labels, probability, min_confidence=0.55), labels)
+    assert not filter_components(labels, probability, min_confidence=0.99).any()
+
+
+def test_size_and_confidence_rules_apply_together() -> None:
+    """A small sure blob goes by size, a large unsure one by confidence, a large sure one stays."""
+    labels, probability = two_blobs()  # two 27-voxel blobs: sure, unsure
+    labels[1:11, 9:11, 1:3] = 2  # a third, 40 voxels, sure
+    probability[1:11, 9:11, 1:3] = 0.9
+    both = filter_components(labels, probability, min_voxels=30, min_confidence=0.8)
+    assert both[1:11, 9:11, 1:3].all() and not both[1:4, 1:4, 1:4].any() and not both[7:10, 7:10, 7:10].any()
+    size_only = filter_components(labels, probability, min_voxels=30)
+    assert (
+        size_only[1:11, 9:11, 1:3].all()
+        and not size_only[1:4, 1:4, 1:4].any()
+        and not size_only[7:10, 7:10, 7:10].any()
+    )
+    assert np.array_equal(filter_components(labels, probability, min_voxels=26), labels)
+    assert not filter_components(labels, probability, min_voxels=40).any()
+    everywhere = np.ones((4, 4, 4), dtype=np.uint8)
+    assert np.array_equal(filter_components(everywhere, min_voxels=1000), everywhere)  # as MONAI
+
+
+def test_size_rule_in_voxels() -> None:
+    assert min_component_voxels(0.0, (2.0, 2.0, 2.0)) == 0
+    assert min_component_voxels(64.0, (2.0, 2.0, 2.0)) == 8  # at most 8 voxels of 8 mm3 go
+    assert min_component_voxels(65.0, (2.0, 2.0, 2.0)) == 9
+    assert min_component_voxels(1000.0, (1.0, 1.0, 2.0)) == 500
 
 
 def test_whole_tumour_probability_of_regions_and_of_label_softmax() -> None:

@@ -333,23 +333,15 @@ def test_reading_the_next_case_ahead_only_with_a_spare_core_gives_the_same_files
         )
 
 
-def blob_probabilities() -> np.ndarray:
-    """Region probabilities ``(3, 12, 12, 12)``: WT over two blobs, sure (0.95) and unsure (0.6)."""
-    probabilities = np.full((3, 12, 12, 12), 0.01, dtype=np.float32)
-    probabilities[0, 1:4, 1:4, 1:4] = 0.95
-    probabilities[0, 7:10, 7:10, 7:10] = 0.6
-    return probabilities
-
-
 def test_the_models_stored_confidence_threshold_drops_unsure_components() -> None:
     trained = trained_oracle()
     trained.config = {**trained.config, "postprocess": {"min_component_confidence": 0.8}}
     spacing = (2.0, 2.0, 2.0)
     stored = SegmentationPredictor(trained, PredictConfig(device="cpu"))
     assert stored.min_confidence == 0.8
-    labels = stored.labels_from_probabilities(blob_probabilities(), spacing)
+    labels = stored.labels_from_probabilities(fx.blob_probabilities(), spacing)
     assert labels[1:4, 1:4, 1:4].all() and not labels[6:].any()
     keep_all = SegmentationPredictor(trained, PredictConfig(device="cpu", min_component_confidence=0.0))
-    assert keep_all.labels_from_probabilities(blob_probabilities(), spacing)[7:10, 7:10, 7:10].all()
+    assert keep_all.labels_from_probabilities(fx.blob_probabilities(), spacing)[7:10, 7:10, 7:10].all()
     unset = SegmentationPredictor(trained_oracle(), PredictConfig(device="cpu"))
     assert unset.min_confidence == 0.0

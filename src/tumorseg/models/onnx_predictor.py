@@ -271,26 +271,6 @@ def regions_to_labels(regions: np.ndarray, label_set: LabelSet) -> np.ndarray:
     return out
 
 
-def remove_small_components(
-    labels: np.ndarray, min_volume_mm3: float, spacing_mm: tuple[float, ...]
-) -> np.ndarray:
-    """Zero the 26-connected whole-tumour components of ``labels`` ``(X, Y, Z)`` of at most
-    ``ceil(min_volume_mm3 / voxel volume)`` voxels, as the torch path's MONAI ``RemoveSmallObjects``
-    does with scikit-image 0.26 (MONAI passes the size positionally, which scikit-image now reads as
-    its inclusive ``max_size``); 0 or no tumour returns ``labels``. The components come from cc3d
-    (connected-components-3d, 20 ms to import against scipy.ndimage's 120 ms of a cold start)."""
-    tumour = labels > 0
-    if min_volume_mm3 <= 0 or tumour.all() or not tumour.any():
-        return labels
-    import cc3d
-
-    min_voxels = np.ceil(min_volume_mm3 / np.prod(np.array(spacing_mm, dtype=np.float64)))
-    components = cc3d.connected_components(tumour, connectivity=26)
-    keep = np.bincount(components.ravel()) > min_voxels
-    keep[0] = False
-    return labels * keep[components].astype(labels.dtype)
-
-
 def sigmoid(logits: np.ndarray) -> np.ndarray:
     """float32 logistic of ``logits``, in place."""
     np.negative(logits, out=logits)
@@ -385,8 +365,7 @@ class OnnxSegmentationPredictor(SegmentationPredictor):
         """uint8 internal labels ``(x, y, z)``: regions above the threshold, nested, small and unconfident
         components dropped."""
         labels = regions_to_labels(probabilities > np.float32(self.sliding_window.threshold), self.label_set)
-        labels = remove_small_components(labels, self.cfg.min_component_mm3, spacing_mm)
-        return self.drop_unconfident(labels, probabilities)
+        return self.filter_components(labels, probabilities, spacing_mm)
 
 
 def package_from_artifacts(artifacts: Mapping[str, str | Path]) -> OnnxPackage | None:

@@ -32,7 +32,8 @@ from tumorseg.data.readers import IMAGE, image_inputs, input_dims
 from tumorseg.errors import DataError
 from tumorseg.models.config import PredictConfig
 from tumorseg.models.postprocess import (
-    drop_unconfident_components,
+    filter_components,
+    min_component_voxels,
     resolve_min_confidence,
     whole_tumour_probability,
 )
@@ -212,22 +213,27 @@ class SegmentationPredictor:
         components dropped (:mod:`tumorseg.models.postprocess`)."""
         import torch
 
-        from tumorseg.models.inference import regions_to_labels, remove_small_components
+        from tumorseg.models.inference import regions_to_labels
 
         prob = torch.from_numpy(probabilities)[None]
         if self.output == "regions":
             labels = regions_to_labels(prob > self.sliding_window.threshold, self.label_set)
         else:
             labels = prob.argmax(dim=1, keepdim=True).to(torch.uint8)
-        labels = remove_small_components(labels, self.cfg.min_component_mm3, spacing_mm)[0, 0].numpy()
-        return self.drop_unconfident(labels, probabilities)
+        return self.filter_components(labels[0, 0].numpy(), probabilities, spacing_mm)
 
-    def drop_unconfident(self, labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        """``labels`` without the tumour components whose mean probability is below ``min_confidence``."""
-        if self.min_confidence <= 0:
-            return labels
-        tumour = whole_tumour_probability(probabilities, self.output)
-        return drop_unconfident_components(labels, tumour, self.min_confidence)
+    def filter_components(
+        self, labels: np.ndarray, probabilities: np.ndarray, spacing_mm: tuple[float, ...]
+    ) -> np.ndarray:
+        """``labels`` without the tumour components of at most ``min_component_mm3`` or with a mean
+        probability below ``min_confidence``, from one labelling (:func:`postprocess.filter_components`)."""
+        tumour = whole_tumour_probability(probabilities, self.output) if self.min_confidence > 0 else None
+        return filter_components(
+            labels,
+            tumour,
+            min_voxels=min_component_voxels(self.cfg.min_component_mm3, spacing_mm),
+            min_confidence=self.min_confidence,
+        )
 
     def predict_volumes(self, volumes: CaseVolumes) -> CasePrediction:
         """Segment a case held in memory (source geometry) and map the result back onto it."""
