@@ -133,19 +133,11 @@ class SynthConfig(Section):
     non_enhancing_fraction: float = Field(0.0, ge=0.0, le=1.0)
     enhancement_gap_max: float = Field(0.4, ge=0.0, le=0.9)
     oedema_fuzziness: float = Field(0.3, ge=0.0, le=0.6)
-    oedema_reach_mm: tuple[float, float] = (5.0, 24.0)
     contrast_jitter: float = Field(0.15, ge=0.0, le=0.2)
     net_contrast_min: float = Field(1.0, ge=0.1, le=1.0)
     partial_volume: bool = True
     low_resolution_fraction: float = Field(0.25, ge=0.0, le=1.0)
     artefact_fraction: float = Field(0.25, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _oedema_reach_order(self) -> SynthConfig:
-        low, high = self.oedema_reach_mm
-        if low <= 0 or high < low or high > 80:
-            raise ValueError("oedema_reach_mm must be (low, high) in mm with 0 < low <= high <= 80")
-        return self
 
 
 class IngestConfig(Section):

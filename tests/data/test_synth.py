@@ -44,14 +44,9 @@ def small(**overrides: object) -> SynthConfig:
 
 @pytest.fixture(scope="module")
 def necrotic_cases() -> list[SyntheticCase]:
-    """Three tumour cases with necrosis at 3 mm, for contrast checks (oedema reaching 10-24 mm: a
-    thinner one is mostly fading border, dimmer on average)."""
+    """Three tumour cases with necrosis at 3 mm, for contrast checks."""
     cfg = SynthConfig(
-        spacing_mm=3.0,
-        tumour_free_fraction=0.0,
-        no_necrosis_fraction=0.0,
-        reoriented_fraction=0.0,
-        oedema_reach_mm=(10.0, 24.0),
+        spacing_mm=3.0, tumour_free_fraction=0.0, no_necrosis_fraction=0.0, reoriented_fraction=0.0
     )
     return [synthesize_case(i, cfg) for i in (1, 2, 3)]
 

@@ -510,7 +510,7 @@ def synthesize_case(index: int, cfg: SynthConfig) -> SyntheticCase:
     shape, affine = brats_grid(spacing)
     tpl = _template(spacing)
     mni, region = _pull_back_field(rng, tpl, affine, shape)
-    tumour = None if flags.tumour_free else _draw_tumour(rng, tpl, flags.necrotic, cfg.oedema_reach_mm)
+    tumour = None if flags.tumour_free else _draw_tumour(rng, tpl, flags.necrotic)
     if tumour is not None:
         pv_mm = _PV_BOX * min(spacing) if cfg.partial_volume else _HARD_EDGE_MM
         _vary_tumour(vrng, tpl, tumour, flags, cfg, pv_mm)
@@ -598,11 +598,8 @@ def _pull_back_field(
     return mni, region
 
 
-def _draw_tumour(rng: _Rng, tpl: _Template, necrotic: bool, oedema_reach_mm: tuple[float, float]) -> _Tumour:
-    """A tumour centred in cerebral white matter; its fields are drawn in the order written. The
-    oedema's reach is log-uniform in ``oedema_reach_mm`` (one draw whatever the range: under another
-    range each case keeps its kind, site and core size; the core's noise is drawn over the box the
-    oedema can reach, so its outline changes a little too)."""
+def _draw_tumour(rng: _Rng, tpl: _Template, necrotic: bool) -> _Tumour:
+    """A tumour centred in cerebral white matter; its fields are drawn in the order written."""
     pick = int(rng.integers(len(tpl.centres_mm)))
     centre = tpl.centres_mm[pick].astype(np.float64) + rng.uniform(-1.0, 1.0, 3)
     depth = float(tpl.depth_mm[pick])
@@ -613,7 +610,7 @@ def _draw_tumour(rng: _Rng, tpl: _Template, necrotic: bool, oedema_reach_mm: tup
         rotation=_uniform_rotation(rng),
         lobulation=float(rng.uniform(0.12, 0.3)),
         necrosis_ratio=float(rng.uniform(0.45, 0.8)) if necrotic else 0.0,
-        oedema_reach=float(np.exp(rng.uniform(*np.log(oedema_reach_mm)))),
+        oedema_reach=float(rng.uniform(5.0, 24.0)),
         mass_effect=float(rng.uniform(0.25, 0.5)),
     )
 
