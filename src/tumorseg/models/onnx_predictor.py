@@ -325,6 +325,7 @@ class OnnxSegmentationPredictor(SegmentationPredictor):
         self.sliding_window = package.sliding_window.model_copy(update=updates)
         self.preprocess_cfg = PreprocessConfig.model_validate(package.config["preprocess"])
         self.min_confidence = resolve_min_confidence(self.cfg.min_component_confidence, package.config)
+        self.confidence_gate = None  # see SegmentationPredictor.confidence_gate
         self.output = package.model.output
         self.label_set = package.label_set
         self.channels = self.label_set.region_names
@@ -360,12 +361,12 @@ class OnnxSegmentationPredictor(SegmentationPredictor):
         return sigmoid(logits), None
 
     def labels_from_probabilities(
-        self, probabilities: np.ndarray, spacing_mm: tuple[float, ...]
+        self, probabilities: np.ndarray, spacing_mm: tuple[float, ...], min_confidence: float | None = None
     ) -> np.ndarray:
         """uint8 internal labels ``(x, y, z)``: regions above the threshold, nested, small and unconfident
         components dropped."""
         labels = regions_to_labels(probabilities > np.float32(self.sliding_window.threshold), self.label_set)
-        return self.filter_components(labels, probabilities, spacing_mm)
+        return self.filter_components(labels, probabilities, spacing_mm, min_confidence)
 
 
 def package_from_artifacts(artifacts: Mapping[str, str | Path]) -> OnnxPackage | None:

@@ -170,6 +170,10 @@ class SegmentationPredictor:
         self.inferer = make_inferer(self.sliding_window, trained.roi_size)
         self.preprocess_cfg = PreprocessConfig.model_validate(trained.config["preprocess"])
         self.min_confidence = resolve_min_confidence(self.cfg.min_component_confidence, trained.config)
+        self.confidence_gate: Callable[[str], bool] | None = None
+        """Asked with a case id before its components are filtered: False (the case is outside the model's
+        training profile) keeps every component of it, as a threshold chosen on in-distribution validation
+        says nothing about a network less sure of everything (decision record 0030)."""
         self.output: str = trained.model.output
         self.label_set: LabelSet = trained.label_set
         self.channels = (
@@ -207,10 +211,10 @@ class SegmentationPredictor:
             return mean.cpu().numpy(), variance
 
     def labels_from_probabilities(
-        self, probabilities: np.ndarray, spacing_mm: tuple[float, ...]
+        self, probabilities: np.ndarray, spacing_mm: tuple[float, ...], min_confidence: float | None = None
     ) -> np.ndarray:
         """uint8 internal labels ``(x, y, z)`` of probabilities ``(C, x, y, z)``, small and unconfident
-        components dropped (:mod:`tumorseg.models.postprocess`)."""
+        components dropped (:mod:`tumorseg.models.postprocess`; ``min_confidence`` None: the predictor's)."""
         import torch
 
         from tumorseg.models.inference import regions_to_labels
@@ -220,20 +224,39 @@ class SegmentationPredictor:
             labels = regions_to_labels(prob > self.sliding_window.threshold, self.label_set)
         else:
             labels = prob.argmax(dim=1, keepdim=True).to(torch.uint8)
-        return self.filter_components(labels[0, 0].numpy(), probabilities, spacing_mm)
+        return self.filter_components(labels[0, 0].numpy(), probabilities, spacing_mm, min_confidence)
 
     def filter_components(
-        self, labels: np.ndarray, probabilities: np.ndarray, spacing_mm: tuple[float, ...]
+        self,
+        labels: np.ndarray,
+        probabilities: np.ndarray,
+        spacing_mm: tuple[float, ...],
+        min_confidence: float | None = None,
     ) -> np.ndarray:
         """``labels`` without the tumour components of at most ``min_component_mm3`` or with a mean
-        probability below ``min_confidence``, from one labelling (:func:`postprocess.filter_components`)."""
-        tumour = whole_tumour_probability(probabilities, self.output) if self.min_confidence > 0 else None
+        probability below ``min_confidence`` (None: the predictor's), from one labelling
+        (:func:`postprocess.filter_components`)."""
+        threshold = self.min_confidence if min_confidence is None else min_confidence
+        tumour = whole_tumour_probability(probabilities, self.output) if threshold > 0 else None
         return filter_components(
             labels,
             tumour,
             min_voxels=min_component_voxels(self.cfg.min_component_mm3, spacing_mm),
-            min_confidence=self.min_confidence,
+            min_confidence=threshold,
         )
+
+    def case_min_confidence(self, case_id: str) -> float:
+        """The component-confidence threshold for ``case_id``: the predictor's, or 0 when
+        :attr:`confidence_gate` says the case is outside the training profile."""
+        if self.min_confidence <= 0 or self.confidence_gate is None or self.confidence_gate(case_id):
+            return self.min_confidence
+        log.debug(
+            "%s: outside the model's training profile; every tumour component kept (the component-"
+            "confidence threshold %.3f was chosen on in-distribution cases)",
+            case_id,
+            self.min_confidence,
+        )
+        return 0.0
 
     def predict_volumes(self, volumes: CaseVolumes) -> CasePrediction:
         """Segment a case held in memory (source geometry) and map the result back onto it."""
@@ -282,7 +305,11 @@ class SegmentationPredictor:
         start = time.perf_counter()
         geometry = case.geometry
         convention = output_convention(geometry["label_convention"], self.label_set)
-        labels = self.labels_from_probabilities(probabilities, tuple(geometry["resampled_spacing_mm"]))
+        labels = self.labels_from_probabilities(
+            probabilities,
+            tuple(geometry["resampled_spacing_mm"]),
+            self.case_min_confidence(geometry["case_id"]),
+        )
         # Nearest-neighbour restoration copies values: decoding the small grid before restoring it
         # gives the same voxels as decoding the full-resolution map, and the volumes are counted on
         # the small grid (each voxel weighted by its copies), at a tenth of the work.

@@ -32,6 +32,8 @@ class PredictRun:
     drift_file: Path | None = None
     drift_note: str | None = None
     """Why no case was checked (the model has no profile, ``monitor.enabled`` is false)."""
+    confidence_gated: bool = False
+    """Whether flagged cases kept every tumour component (the model has a component-confidence threshold)."""
 
     def one_line(self) -> str:
         text = f"{self.summary.one_line()} with {self.model} on {self.engine}"
@@ -41,6 +43,8 @@ class PredictRun:
                 f"; drift: {flagged} of {len(self.drift)} cases outside the model's training profile "
                 f"({self.drift_file})"
             )
+            if flagged and self.confidence_gated:
+                text += "; every tumour component kept in those (no component-confidence rule)"
         elif self.drift_note:
             text += f"; drift not checked: {self.drift_note}"
         return text
@@ -136,8 +140,11 @@ def _predict_checked(
     run: PredictRun,
     on_case: Callable[[Any, list[Path]], None] | None,
 ) -> Any:
-    """:func:`predict_dataset` with each case checked against the model's drift ``profile`` after it is
-    written; ``out_dir/drift.json`` records the checks (also those of cases finished before a failure)."""
+    """:func:`predict_dataset` with each case checked against the model's drift ``profile``;
+    ``out_dir/drift.json`` records the checks (also those of cases finished before a failure). With a component-confidence
+    threshold the check comes before the case's components are filtered, and a case outside the profile
+    keeps every component (:attr:`SegmentationPredictor.confidence_gate`); otherwise after it is written.
+    Either way each case is read for its check once."""
     from tumorseg.models.predictor import predict_dataset
 
     if profile is None or not params.monitor.enabled:
@@ -147,10 +154,23 @@ def _predict_checked(
 
     monitor = DriftMonitor.from_params(profile, params.monitor)
     by_id = {case.case_id: case for case in cases}
+    early: dict[str, Any] = {}
+
+    def check_case(case_id: str) -> Any:
+        case = by_id[case_id]
+        return try_check(monitor, lambda: case_features(case), case_id)
+
+    def in_profile(case_id: str) -> bool:
+        early[case_id] = check = check_case(case_id)
+        return check is None or not check.flagged
+
+    if predictor.min_confidence > 0:
+        predictor.confidence_gate = in_profile
+        run.confidence_gated = True
 
     def checked(prediction: Any, files: list[Path]) -> None:
-        case = by_id[prediction.case_id]
-        check = try_check(monitor, lambda: case_features(case), case.case_id)
+        case_id = prediction.case_id
+        check = early.pop(case_id) if case_id in early else check_case(case_id)
         if check is not None:
             check.volumes_ml = {k: round(float(v), 3) for k, v in prediction.volumes_ml.items()}
             run.drift.append(check)

@@ -333,6 +333,9 @@ class Service:
         self.brain = BrainSlot(self.dicom.brain.model, settings.tracking_uri)
         self.started = time.time()
         self.drift = _drift_monitor(settings, loaded)
+        self._flagged = threading.local()  # the request's drift verdict, read by the predictor's gate
+        if self.drift is not None:
+            self.predictor.confidence_gate = lambda case_id: not getattr(self._flagged, "value", False)
         self.planar_drift: Any = None  # made from the 2-D model's profile at its first image
         self.planar_drift_lock = threading.Lock()
         self.root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-"))  # mode 0700: private to this user
@@ -402,6 +405,8 @@ class Service:
         case = _one_case(folder)
         shape, spacing = _header_grid(case)
         self._check_grid(case.case_id, shape, spacing)
+        drift = self._check_drift(case)  # before predicting: a flagged case keeps every tumour component
+        self._flagged.value = bool(drift and drift["flagged"])
         volumes = None
         if keep:  # the viewer shows the modalities: read them whole
             volumes, read_s = read_volumes(case)
@@ -411,7 +416,7 @@ class Service:
             prediction = self.predictor.predict_case(case)
         written = write_prediction(prediction, workdir / "prediction", reference_header(case))
         summary = self._summary(case, prediction, spacing)
-        summary["drift"] = self._check_drift(case)
+        summary["drift"] = drift
         reference = self._score_reference(case, prediction, summary)
         volumes_ml = ",".join(f"{k}={v}" for k, v in summary["volumes_ml"].items())
         result: dict[str, Any] = {
