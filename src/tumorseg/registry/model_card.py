@@ -68,7 +68,10 @@ def _component_text(facts: ModelCardFacts) -> str:
         chosen = (facts.config.get(POSTPROCESS_KEY) or {}).get(
             "chosen_on", "predict.min_component_confidence"
         )
-        text += f"; components of mean tumour probability under {confidence:.3f} removed (chosen on {chosen})"
+        text += (
+            f"; components of mean tumour probability under {confidence:.3f} removed (chosen on {chosen}; "
+            "`tumorseg predict` and the API keep every component of a case outside the training profile)"
+        )
     return text
 
 
