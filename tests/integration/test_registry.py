@@ -803,21 +803,24 @@ def test_a_registered_model_carries_its_training_profile_and_flags_changed_scann
         assert set(entry["volumes_ml"]) == {"WT", "TC", "ET"}
     assert record["reference"]["cases"][0]["case_id"] in split["train"]
 
-    # with a component-confidence threshold no component reaches, the cases like the training ones lose
-    # every component and the flagged ones keep all they had: the threshold is not applied out of profile
+    # with a component-confidence threshold no component reaches, the cases flagged by more than their
+    # grid keep all they had (the threshold is not applied out of profile) and the others lose every one
     strict = tmp_path / "strict"
     threshold = ["-S", "predict.min_component_confidence=0.9999"]
     argv = ["predict", str(tmp_path / "incoming"), "--out", str(strict), "--model", "models:/tumorseg/1"]
     assert main([*argv, *threshold, *p]) == 0
-    assert "every tumour component kept in those" in capsys.readouterr().out
+    gated = {c["case_id"]: c["flagged_after_preprocessing"] for c in record["cases"]}
+    n_gated = sum(gated.values())
+    assert f"no component dropped for low confidence in {n_gated} of them" in capsys.readouterr().out
     before = {c["case_id"]: c["volumes_ml"] for c in record["cases"]}
     after = {c["case_id"]: c["volumes_ml"] for c in json.loads((strict / "drift.json").read_text())["cases"]}
-    for case_id, flagged in flags.items():
-        if flagged:
+    for case_id, kept in gated.items():
+        if kept:
             assert after[case_id] == before[case_id], case_id
         else:
             assert after[case_id]["WT"] == 0.0, case_id
-    assert any(before[c]["WT"] > 0 for c in unchanged if not flags[c])
+    assert any(before[c]["WT"] > 0 for c in gated if gated[c])  # the gate kept tumour ...
+    assert any(before[c]["WT"] > 0 for c in gated if not gated[c])  # ... and the rule dropped some
 
     # the folder has drifted (4 of 5 cases per patient are changed): exit 3 with --fail-on-drift
     assert main(["monitor", str(out), "--fail-on-drift", *p]) == 3

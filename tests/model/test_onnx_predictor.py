@@ -137,7 +137,7 @@ def test_sliding_window_matches_monai_with_padding_and_a_partial_last_batch() ->
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def remove_small_components(labels: np.ndarray, min_mm3: float, spacing: tuple[float, ...]) -> np.ndarray:
+def size_rule(labels: np.ndarray, min_mm3: float, spacing: tuple[float, ...]) -> np.ndarray:
     """The predictors' size rule (cc3d), as both engines apply it."""
     return filter_components(labels, min_voxels=min_component_voxels(min_mm3, spacing))
 
@@ -152,7 +152,7 @@ def test_small_components_are_removed_as_monai_removes_them() -> None:
     labels[18, 2, 2] = 2  # 1 voxel
     for min_mm3 in (0.0, 64.0, 65.0, 2000.0):
         expected = monai_remove(torch.from_numpy(labels)[None, None], min_mm3, (2.0, 2.0, 2.0))[0, 0].numpy()
-        np.testing.assert_array_equal(remove_small_components(labels, min_mm3, (2.0, 2.0, 2.0)), expected)
+        np.testing.assert_array_equal(size_rule(labels, min_mm3, (2.0, 2.0, 2.0)), expected)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -167,7 +167,7 @@ def test_small_components_match_monai_on_random_blobs(seed: int) -> None:
     labels = ((field > np.quantile(field, 0.8)) * rng.integers(1, 4, field.shape)).astype(np.uint8)
     for min_mm3 in (8.0, 100.0, 1000.0):
         expected = monai_remove(torch.from_numpy(labels)[None, None], min_mm3, (2.0, 2.0, 2.0))[0, 0].numpy()
-        got = remove_small_components(labels, min_mm3, (2.0, 2.0, 2.0))
+        got = size_rule(labels, min_mm3, (2.0, 2.0, 2.0))
         assert 0 < (got > 0).sum() < (labels > 0).sum() or min_mm3 == 1000.0
         np.testing.assert_array_equal(got, expected)
 

@@ -83,6 +83,25 @@ def test_every_scanner_change_is_caught_and_keeps_the_world_geometry() -> None:
     assert moved[(2, *index)] == image[2, i, j, k]
 
 
+def test_flags_of_the_grid_alone_do_not_count_after_preprocessing() -> None:
+    """Voxel size, field of view and orientation are resampled, cropped and reoriented away: a case flagged
+    by them alone looks like training to the network (the component-confidence gate reads this)."""
+    monitor = DriftMonitor.from_params(profile_of(), MonitorConfig())
+    image = head(61)
+    grid_only = monitor.check(image_features("other grid", image, np.diag([2.5, 2.0, 1.6, 1.0])))  # same ml
+    turned = monitor.check(image_features("turned", *CHANGES["orientation"](image, AFFINE)))
+    for check in (grid_only, turned):
+        assert check.flagged and not check.flagged_after_preprocessing, check.outside
+        assert check.to_dict()["flagged_after_preprocessing"] is False
+    for name in ("intensity_scale", "not_skull_stripped"):
+        check = monitor.check(image_features(name, *CHANGES[name](image, AFFINE)))
+        assert check.flagged_after_preprocessing, name
+        assert check.summary()["flagged_after_preprocessing"] is True
+    assert set(grid_only.outside_features) <= {"spacing_min_mm", "spacing_max_mm", "fov_min_mm", "fov_max_mm"}
+    assert turned.outside_features[0] == "orientation"
+    assert not monitor.check(image_features("same", head(62), AFFINE)).flagged_after_preprocessing
+
+
 def test_the_profile_round_trips_and_a_broken_one_is_one_line(tmp_path: Path) -> None:
     profile = profile_of(4)
     again = Profile.from_dict(json.loads(json.dumps(profile.to_dict())), "x")

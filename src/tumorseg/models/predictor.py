@@ -171,9 +171,10 @@ class SegmentationPredictor:
         self.preprocess_cfg = PreprocessConfig.model_validate(trained.config["preprocess"])
         self.min_confidence = resolve_min_confidence(self.cfg.min_component_confidence, trained.config)
         self.confidence_gate: Callable[[str], bool] | None = None
-        """Asked with a case id before its components are filtered: False (the case is outside the model's
-        training profile) keeps every component of it, as a threshold chosen on in-distribution validation
-        says nothing about a network less sure of everything (decision record 0030)."""
+        """Asked with a case id before its components are filtered: False (the drift check flags the case
+        by more than its grid) drops no component of it for low confidence, only small ones: a threshold
+        chosen on in-distribution validation says nothing about how sure the network is elsewhere
+        (decision record 0030)."""
         self.output: str = trained.model.output
         self.label_set: LabelSet = trained.label_set
         self.channels = (
@@ -246,13 +247,13 @@ class SegmentationPredictor:
         )
 
     def case_min_confidence(self, case_id: str) -> float:
-        """The component-confidence threshold for ``case_id``: the predictor's, or 0 when
-        :attr:`confidence_gate` says the case is outside the training profile."""
+        """The component-confidence threshold for ``case_id``: the predictor's (set in params or stored
+        with the model), or 0 when :attr:`confidence_gate` says the case is outside the training profile."""
         if self.min_confidence <= 0 or self.confidence_gate is None or self.confidence_gate(case_id):
             return self.min_confidence
         log.debug(
-            "%s: outside the model's training profile; every tumour component kept (the component-"
-            "confidence threshold %.3f was chosen on in-distribution cases)",
+            "%s: outside the model's training profile; no component dropped for low confidence (the "
+            "threshold %.3f was chosen on in-distribution cases)",
             case_id,
             self.min_confidence,
         )

@@ -46,6 +46,9 @@ MAX_PERCENTILE_VOXELS = 2_000_000
 
 
 VOLUME, IMAGE = "3d", "2d"
+GRID_FEATURES = frozenset({"spacing_min_mm", "spacing_max_mm", "fov_min_mm", "fov_max_mm", "orientation"})
+"""Volume features preprocessing makes like training's (resampled to the model's voxel size, cropped to
+the brain, reoriented): a case flagged only by these looks to the network like a training case."""
 PLANAR_FEATURES = [
     "intensity_p01",
     "intensity_p50",
@@ -145,10 +148,10 @@ def case_features(case: Any) -> CaseFeatures:
 
 def try_check(monitor: DriftMonitor, read: Any, what: str) -> DriftCheck | None:
     """``monitor.check(read())``, or None with one warning when the features cannot be computed: the
-    check is advice beside a prediction that already succeeded, never a reason to fail it."""
+    check is advice beside a prediction, never a reason to fail it."""
     try:
         return monitor.check(read())
-    except Exception as exc:  # a prediction that was written must not be lost to its drift check
+    except Exception as exc:  # a prediction must not be lost to its drift check
         from tumorseg.errors import first_line
 
         log.warning("drift: %s not checked: %s: %s", what, type(exc).__name__, first_line(exc, 300))
@@ -276,29 +279,42 @@ def build_profile(
 
 @dataclass
 class DriftCheck:
-    """One case against a profile: ``outside`` lists one sentence per feature out of its band."""
+    """One case against a profile: ``outside`` lists one sentence per feature out of its band, and
+    ``outside_features`` the features (``orientation``/``file type`` for a category training never had)."""
 
     case_id: str
     outside: list[str]
     features: CaseFeatures
     volumes_ml: dict[str, float] | None = None
+    outside_features: list[str] = field(default_factory=list)
 
     @property
     def flagged(self) -> bool:
         return bool(self.outside)
+
+    @property
+    def flagged_after_preprocessing(self) -> bool:
+        """Flagged by a feature preprocessing does not take away: anything but the voxel size, field of
+        view and orientation, which resampling, cropping and reorientation make like training's."""
+        return any(name not in GRID_FEATURES for name in self.outside_features)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "case_id": self.case_id,
             "flagged": self.flagged,
             "outside": self.outside,
+            "flagged_after_preprocessing": self.flagged_after_preprocessing,
             "features": self.features.to_dict(),
             "volumes_ml": self.volumes_ml,
         }
 
     def summary(self) -> dict[str, Any]:
         """The ``drift`` field of an API answer."""
-        return {"flagged": self.flagged, "outside": self.outside}
+        return {
+            "flagged": self.flagged,
+            "flagged_after_preprocessing": self.flagged_after_preprocessing,
+            "outside": self.outside,
+        }
 
 
 def check_case(
@@ -306,12 +322,13 @@ def check_case(
 ) -> DriftCheck:
     """Compare one case's features with the profile's bands (2-D: those of its storage category) and
     categories (an orientation, or an image storage, training never had)."""
-    outside = []
+    outside, names = [], []
     what = "orientation" if profile.kind == VOLUME else "file type"
     if features.category not in profile.categories:
         outside.append(f"{what} {features.category} not in training ({', '.join(profile.categories)})")
+        names.append(what)
         if profile.kind == IMAGE:  # no images of this kind to compare with
-            return DriftCheck(features.case_id, outside, features)
+            return DriftCheck(features.case_id, outside, features, outside_features=names)
     for name, band in profile.bands(tolerance, min_relative_span, features.category).items():
         value = features.values[name]
         if not (np.isfinite(value) and band.contains(value)):
@@ -319,7 +336,8 @@ def check_case(
                 f"{name} {value:.4g} outside {band.low:.4g}..{band.high:.4g} "
                 f"(training {band.train_min:.4g}..{band.train_max:.4g})"
             )
-    return DriftCheck(features.case_id, outside, features)
+            names.append(name)
+    return DriftCheck(features.case_id, outside, features, outside_features=names)
 
 
 class DriftMonitor:

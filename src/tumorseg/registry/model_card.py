@@ -70,7 +70,8 @@ def _component_text(facts: ModelCardFacts) -> str:
         )
         text += (
             f"; components of mean tumour probability under {confidence:.3f} removed (chosen on {chosen}; "
-            "`tumorseg predict` and the API keep every component of a case outside the training profile)"
+            "`tumorseg predict` and `tumorseg serve` skip this for a case the drift check flags, the MLflow "
+            "pyfunc does not)"
         )
     return text
 

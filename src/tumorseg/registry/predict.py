@@ -33,7 +33,8 @@ class PredictRun:
     drift_note: str | None = None
     """Why no case was checked (the model has no profile, ``monitor.enabled`` is false)."""
     confidence_gated: bool = False
-    """Whether flagged cases kept every tumour component (the model has a component-confidence threshold)."""
+    """Whether the component-confidence threshold was left out for cases flagged by more than their grid
+    (the model has a threshold; :attr:`DriftCheck.flagged_after_preprocessing`)."""
 
     def one_line(self) -> str:
         text = f"{self.summary.one_line()} with {self.model} on {self.engine}"
@@ -43,8 +44,9 @@ class PredictRun:
                 f"; drift: {flagged} of {len(self.drift)} cases outside the model's training profile "
                 f"({self.drift_file})"
             )
-            if flagged and self.confidence_gated:
-                text += "; every tumour component kept in those (no component-confidence rule)"
+            gated = sum(check.flagged_after_preprocessing for check in self.drift)
+            if gated and self.confidence_gated:
+                text += f"; no component dropped for low confidence in {gated} of them"
         elif self.drift_note:
             text += f"; drift not checked: {self.drift_note}"
         return text
@@ -141,10 +143,11 @@ def _predict_checked(
     on_case: Callable[[Any, list[Path]], None] | None,
 ) -> Any:
     """:func:`predict_dataset` with each case checked against the model's drift ``profile``;
-    ``out_dir/drift.json`` records the checks (also those of cases finished before a failure). With a component-confidence
-    threshold the check comes before the case's components are filtered, and a case outside the profile
-    keeps every component (:attr:`SegmentationPredictor.confidence_gate`); otherwise after it is written.
-    Either way each case is read for its check once."""
+    ``out_dir/drift.json`` records the checks (also those of cases finished before a failure). With a
+    component-confidence threshold the check comes before the case's components are filtered, and a case
+    flagged by more than its grid (voxel size, field of view, orientation) loses no component for low
+    confidence, only small ones (:attr:`SegmentationPredictor.confidence_gate`); otherwise the check comes
+    after the case is written. Either way each case is read for its check once."""
     from tumorseg.models.predictor import predict_dataset
 
     if profile is None or not params.monitor.enabled:
@@ -162,7 +165,7 @@ def _predict_checked(
 
     def in_profile(case_id: str) -> bool:
         early[case_id] = check = check_case(case_id)
-        return check is None or not check.flagged
+        return check is None or not check.flagged_after_preprocessing
 
     if predictor.min_confidence > 0:
         predictor.confidence_gate = in_profile

@@ -405,8 +405,8 @@ class Service:
         case = _one_case(folder)
         shape, spacing = _header_grid(case)
         self._check_grid(case.case_id, shape, spacing)
-        drift = self._check_drift(case)  # before predicting: a flagged case keeps every tumour component
-        self._flagged.value = bool(drift and drift["flagged"])
+        drift = self._check_drift(case)  # before predicting: the component-confidence gate reads it
+        self._flagged.value = bool(drift and drift["flagged_after_preprocessing"])
         volumes = None
         if keep:  # the viewer shows the modalities: read them whole
             volumes, read_s = read_volumes(case)
@@ -417,6 +417,11 @@ class Service:
         written = write_prediction(prediction, workdir / "prediction", reference_header(case))
         summary = self._summary(case, prediction, spacing)
         summary["drift"] = drift
+        if self.predictor.min_confidence > 0:
+            summary["component_confidence"] = {
+                "threshold": round(self.predictor.min_confidence, 6),
+                "applied": not self._flagged.value,
+            }
         reference = self._score_reference(case, prediction, summary)
         volumes_ml = ",".join(f"{k}={v}" for k, v in summary["volumes_ml"].items())
         result: dict[str, Any] = {
@@ -432,9 +437,9 @@ class Service:
         if self.shadow is not None and self.shadow.wanted():
             # queued now; the worker is stopped until this request's answer has been sent
             served_s = sum(prediction.seconds.values())
-            self.shadow.submit(
-                self.shadow.hand_over(folder, workdir, case.case_id, prediction.canonical, served_s)
-            )
+            job = self.shadow.hand_over(folder, workdir, case.case_id, prediction.canonical, served_s)
+            job.confidence_gated = self._flagged.value  # the candidate post-processes the case as served
+            self.shadow.submit(job)
         if keep:
             display = build_display_case(
                 case.case_id,

@@ -65,6 +65,8 @@ class ShadowJob:
     case_id: str
     served_labels: np.ndarray
     served_seconds: float
+    confidence_gated: bool = False
+    """The served answer dropped no component for low confidence (drift): nor does the candidate's."""
 
 
 @dataclass
@@ -214,7 +216,7 @@ class ShadowRunner:
         if skip:
             self._discard(job)
             return
-        self.requests.put((job_id, str(job.folder), job.served_labels))
+        self.requests.put((job_id, str(job.folder), job.served_labels, job.confidence_gated))
 
     def info(self) -> dict[str, Any]:
         """What ``/health`` reports about the shadow model."""
@@ -453,7 +455,8 @@ def shadow_worker(
         job = requests.get()
         if job is None:
             return
-        job_id, folder, served_labels = job
+        job_id, folder, served_labels, gated = job
+        predictor.confidence_gate = lambda _case_id, gated=gated: not gated
         try:
             from tumorseg.serving.service import _one_case
 
