@@ -886,8 +886,9 @@ def test_the_api_flags_drift_and_a_shadow_model_never_changes_the_answer(
         folder = tmp_path / "incoming" / case_id
         return [("files", (p.name, p.read_bytes(), "application/gzip")) for p in sorted(folder.iterdir())]
 
-    def serve(**serve: Any) -> Any:
+    def serve(predict: dict[str, Any] | None = None, **serve: Any) -> Any:
         overrides = {f"serve.{k}": v for k, v in {"demo_cases": 0, "model_2d": None, **serve}.items()}
+        overrides.update({f"predict.{k}": v for k, v in (predict or {}).items()})
         overrides.update(
             {
                 "serve.tokens_file": str(tmp_path / "tokens.json"),
@@ -910,6 +911,19 @@ def test_the_api_flags_drift_and_a_shadow_model_never_changes_the_answer(
     assert health["shadow"] is None
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [line["drift"] for line in audit] == [plain_answer["drift"]["flagged"], True, True]
+
+    # a component-confidence threshold no component reaches: the case flagged for its intensities keeps
+    # its answer (the threshold is not applied there), an unflagged one loses its tumour
+    with serve(predict={"min_component_confidence": 0.9999}) as client:
+        strict_plain = client.post("/predict?format=json", files=upload(plain)).json()
+        strict_changed = client.post("/predict?format=json", files=upload(changed)).json()
+    assert answer["drift"]["flagged_after_preprocessing"] and answer["volumes_ml"]["WT"] > 0
+    assert strict_changed["component_confidence"] == {"threshold": 0.9999, "applied": False}
+    assert strict_changed["volumes_ml"] == answer["volumes_ml"]
+    applied = not plain_answer["drift"]["flagged_after_preprocessing"]
+    assert strict_plain["component_confidence"] == {"threshold": 0.9999, "applied": applied}
+    if applied:
+        assert strict_plain["volumes_ml"]["WT"] == 0.0
 
     # shadow: the challenger segments every request after the answer; the answers stay the same
     with serve(shadow=f"models:/{name}@challenger", shadow_priority="normal") as client:
