@@ -90,7 +90,11 @@ def test_flags_of_the_grid_alone_do_not_count_after_preprocessing() -> None:
     image = head(61)
     grid_only = monitor.check(image_features("other grid", image, np.diag([2.5, 2.0, 1.6, 1.0])))  # same ml
     turned = monitor.check(image_features("turned", *CHANGES["orientation"](image, AFFINE)))
-    for check in (grid_only, turned):
+    padded = monitor.check(
+        image_features("padded", np.pad(image, ((0, 0), (12, 12), (12, 12), (12, 12))), AFFINE)
+    )
+    assert {"fov_max_mm", "brain_fraction"} <= set(padded.outside_features)  # cropped away
+    for check in (grid_only, turned, padded):
         assert check.flagged and not check.flagged_after_preprocessing, check.outside
         assert check.to_dict()["flagged_after_preprocessing"] is False
     for name in ("intensity_scale", "not_skull_stripped"):

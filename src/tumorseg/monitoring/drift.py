@@ -46,9 +46,12 @@ MAX_PERCENTILE_VOXELS = 2_000_000
 
 
 VOLUME, IMAGE = "3d", "2d"
-GRID_FEATURES = frozenset({"spacing_min_mm", "spacing_max_mm", "fov_min_mm", "fov_max_mm", "orientation"})
+GRID_FEATURES = frozenset(
+    {"spacing_min_mm", "spacing_max_mm", "fov_min_mm", "fov_max_mm", "brain_fraction", "orientation"}
+)
 """Volume features preprocessing makes like training's (resampled to the model's voxel size, cropped to
-the brain, reoriented): a case flagged only by these looks to the network like a training case."""
+the brain, so the brain's share of the field of view goes too, reoriented): a case flagged only by
+these looks to the network like a training case."""
 PLANAR_FEATURES = [
     "intensity_p01",
     "intensity_p50",
@@ -294,8 +297,8 @@ class DriftCheck:
 
     @property
     def flagged_after_preprocessing(self) -> bool:
-        """Flagged by a feature preprocessing does not take away: anything but the voxel size, field of
-        view and orientation, which resampling, cropping and reorientation make like training's."""
+        """Flagged by a feature preprocessing does not take away: anything but :data:`GRID_FEATURES` (voxel
+        size, field of view and the brain's share of it, orientation)."""
         return any(name not in GRID_FEATURES for name in self.outside_features)
 
     def to_dict(self) -> dict[str, Any]:

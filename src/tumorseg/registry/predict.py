@@ -145,7 +145,7 @@ def _predict_checked(
     """:func:`predict_dataset` with each case checked against the model's drift ``profile``;
     ``out_dir/drift.json`` records the checks (also those of cases finished before a failure). With a
     component-confidence threshold the check comes before the case's components are filtered, and a case
-    flagged by more than its grid (voxel size, field of view, orientation) loses no component for low
+    flagged by more than its grid (voxel size, field of view, orientation: ``GRID_FEATURES``) loses no component for low
     confidence, only small ones (:attr:`SegmentationPredictor.confidence_gate`); otherwise the check comes
     after the case is written. Either way each case is read for its check once."""
     from tumorseg.models.predictor import predict_dataset
