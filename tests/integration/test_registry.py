@@ -861,6 +861,33 @@ def test_a_registered_model_carries_its_training_profile_and_flags_changed_scann
     assert len(err.splitlines()) == 1 and "drift.json: not a drift record" in err
 
 
+def test_the_pyfunc_keeps_the_unconfident_components_of_a_case_outside_the_training_profile(
+    project: Project, tmp_path: Path
+) -> None:
+    from tumorseg.models.config import PredictConfig
+    from tumorseg.registry.loading import model_files
+    from tumorseg.registry.pyfunc import VolumeStrategy
+
+    files = model_files("models:/tumorseg/1", tracking_uri=project.uri)
+    registered = VolumeStrategy.from_artifacts({key: str(path) for key, path in files.artifacts.items()})
+    assert registered._monitor is not None  # the profile came with the model's artifacts
+    profile = registered._monitor.profile
+    cases = _write_changed_cases(project, tmp_path / "incoming")
+    changed = next(c for c, change in cases.items() if change == "intensity_scale")
+    frame = pd.DataFrame({"case_dir": [str(tmp_path / "incoming" / changed)]})
+
+    def wt_ml(threshold: float, drift_profile: Any) -> float:
+        settings = PredictConfig(device="cpu", min_component_confidence=threshold)
+        rows = VolumeStrategy(registered._trained, settings, drift_profile).rows(frame, {})
+        return rows[0]["volume_wt_ml"]
+
+    everything = wt_ml(0.0, profile)
+    assert everything > 0
+    # a threshold no component reaches: not applied to the case its intensities flag, as in predict
+    assert wt_ml(0.9999, profile) == everything
+    assert wt_ml(0.9999, None) == 0.0  # without a profile the rule applies to every case
+
+
 def test_the_api_flags_drift_and_a_shadow_model_never_changes_the_answer(
     project: Project, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

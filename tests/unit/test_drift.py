@@ -93,7 +93,7 @@ def test_flags_of_the_grid_alone_do_not_count_after_preprocessing() -> None:
     padded = monitor.check(
         image_features("padded", np.pad(image, ((0, 0), (12, 12), (12, 12), (12, 12))), AFFINE)
     )
-    assert {"fov_max_mm", "brain_fraction"} <= set(padded.outside_features)  # cropped away
+    assert {"fov_max_mm", "brain_fraction"} <= set(padded.reasons)  # cropped away
     for check in (grid_only, turned, padded):
         assert check.flagged and not check.flagged_after_preprocessing, check.outside
         assert check.to_dict()["flagged_after_preprocessing"] is False
@@ -101,8 +101,8 @@ def test_flags_of_the_grid_alone_do_not_count_after_preprocessing() -> None:
         check = monitor.check(image_features(name, *CHANGES[name](image, AFFINE)))
         assert check.flagged_after_preprocessing, name
         assert check.summary()["flagged_after_preprocessing"] is True
-    assert set(grid_only.outside_features) <= {"spacing_min_mm", "spacing_max_mm", "fov_min_mm", "fov_max_mm"}
-    assert turned.outside_features[0] == "orientation"
+    assert set(grid_only.reasons) <= {"spacing_min_mm", "spacing_max_mm", "fov_min_mm", "fov_max_mm"}
+    assert next(iter(turned.reasons)) == "orientation"
     assert not monitor.check(image_features("same", head(62), AFFINE)).flagged_after_preprocessing
 
 

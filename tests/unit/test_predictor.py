@@ -345,3 +345,39 @@ def test_the_models_stored_confidence_threshold_drops_unsure_components() -> Non
     assert keep_all.labels_from_probabilities(fx.blob_probabilities(), spacing)[7:10, 7:10, 7:10].all()
     unset = SegmentationPredictor(trained_oracle(), PredictConfig(device="cpu"))
     assert unset.min_confidence == 0.0
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_each_case_gets_its_own_confidence_threshold_asked_before_it_is_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ahead: bool
+) -> None:
+    from tumorseg.models import predictor as predictor_module
+
+    for number in (1, 2):
+        fx.write_brats_case(tmp_path / "in", f"BraTS2021_0000{number}", seed=number)
+    # no component of the oracle's tumour is this sure: the predictor's own threshold drops it whole
+    predictor = SegmentationPredictor(
+        trained_oracle(), PredictConfig(device="cpu", min_component_confidence=0.9999)
+    )
+    monkeypatch.setattr(predictor_module, "spare_core", lambda device: ahead)
+    events: list[str] = []
+    decode = predictor.decode
+
+    def decoding(case):  # noqa: ANN001, ANN202
+        events.append(f"decode {case.case_id}")
+        return decode(case)
+
+    def threshold(case):  # noqa: ANN001, ANN202
+        events.append(f"ask {case.case_id}")
+        return 0.0 if case.case_id == "BraTS2021_00001" else None  # the first as if flagged for drift
+
+    monkeypatch.setattr(predictor, "decode", decoding)
+    summary = predict_dataset(tmp_path / "in", tmp_path / "out", predictor, min_confidence=threshold)
+    assert events == [
+        "ask BraTS2021_00001",
+        "decode BraTS2021_00001",
+        "ask BraTS2021_00002",
+        "decode BraTS2021_00002",
+    ]
+    assert summary.cases["BraTS2021_00001"]["WT"] > 1.0  # threshold 0: only small components go
+    assert summary.cases["BraTS2021_00002"]["WT"] == 0.0  # the predictor's threshold

@@ -325,7 +325,6 @@ class OnnxSegmentationPredictor(SegmentationPredictor):
         self.sliding_window = package.sliding_window.model_copy(update=updates)
         self.preprocess_cfg = PreprocessConfig.model_validate(package.config["preprocess"])
         self.min_confidence = resolve_min_confidence(self.cfg.min_component_confidence, package.config)
-        self.confidence_gate = None  # see SegmentationPredictor.confidence_gate
         self.output = package.model.output
         self.label_set = package.label_set
         self.channels = self.label_set.region_names

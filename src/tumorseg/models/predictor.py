@@ -170,11 +170,10 @@ class SegmentationPredictor:
         self.inferer = make_inferer(self.sliding_window, trained.roi_size)
         self.preprocess_cfg = PreprocessConfig.model_validate(trained.config["preprocess"])
         self.min_confidence = resolve_min_confidence(self.cfg.min_component_confidence, trained.config)
-        self.confidence_gate: Callable[[str], bool] | None = None
-        """Asked with a case id before its components are filtered: False (the drift check flags the case
-        by more than its grid) drops no component of it for low confidence, only small ones: a threshold
-        chosen on in-distribution validation says nothing about how sure the network is elsewhere
-        (decision record 0030)."""
+        """The component-confidence threshold of every case not given its own (``min_confidence`` of
+        :meth:`predict_case`): callers that check a case against the training profile pass 0 for one
+        flagged by more than its grid, as a threshold chosen on in-distribution validation says nothing
+        about how sure the network is elsewhere (decision record 0030)."""
         self.output: str = trained.model.output
         self.label_set: LabelSet = trained.label_set
         self.channels = (
@@ -246,30 +245,21 @@ class SegmentationPredictor:
             min_confidence=threshold,
         )
 
-    def case_min_confidence(self, case_id: str) -> float:
-        """The component-confidence threshold for ``case_id``: the predictor's (set in params or stored
-        with the model), or 0 when :attr:`confidence_gate` says the case is outside the training profile."""
-        if self.min_confidence <= 0 or self.confidence_gate is None or self.confidence_gate(case_id):
-            return self.min_confidence
-        log.debug(
-            "%s: outside the model's training profile; no component dropped for low confidence (the "
-            "threshold %.3f was chosen on in-distribution cases)",
-            case_id,
-            self.min_confidence,
-        )
-        return 0.0
-
-    def predict_volumes(self, volumes: CaseVolumes) -> CasePrediction:
-        """Segment a case held in memory (source geometry) and map the result back onto it."""
+    def predict_volumes(self, volumes: CaseVolumes, *, min_confidence: float | None = None) -> CasePrediction:
+        """Segment a case held in memory (source geometry) and map the result back onto it
+        (``min_confidence``: as in :meth:`predict_preprocessed`)."""
         from tumorseg.data.preprocess import preprocess_case
 
         start = time.perf_counter()
         case = preprocess_case(dataclasses.replace(volumes, labels=None), self.preprocess_cfg)
-        return self.predict_preprocessed(case, {"preprocess": time.perf_counter() - start})
+        return self.predict_preprocessed(
+            case, {"preprocess": time.perf_counter() - start}, min_confidence=min_confidence
+        )
 
-    def predict_case(self, case: CaseFiles) -> CasePrediction:
-        """Read a case from disk (not its segmentation) and segment it."""
-        return self.predict_preprocessed(*self.read_preprocessed(case))
+    def predict_case(self, case: CaseFiles, *, min_confidence: float | None = None) -> CasePrediction:
+        """Read a case from disk (not its segmentation) and segment it (``min_confidence``: as in
+        :meth:`predict_preprocessed`)."""
+        return self.predict_preprocessed(*self.read_preprocessed(case), min_confidence=min_confidence)
 
     def decode(self, case: CaseFiles) -> tuple[DecodedCase, dict[str, float]]:
         """The case's modalities read and reoriented, not resampled, and ``{"read": seconds}``; no torch,
@@ -293,9 +283,13 @@ class SegmentationPredictor:
         """:meth:`decode` then :meth:`preprocess`: exactly ``preprocess_case(read_case(case))``."""
         return self.preprocess(*self.decode(case))
 
-    def predict_preprocessed(self, case: PreprocessedCase, seconds: dict[str, float]) -> CasePrediction:
+    def predict_preprocessed(
+        self, case: PreprocessedCase, seconds: dict[str, float], *, min_confidence: float | None = None
+    ) -> CasePrediction:
         """Segment a preprocessed case and map the result back onto its source grid (from its geometry,
-        as the label convention to write); ``seconds`` so far by step gets ``inference`` and ``restore``."""
+        as the label convention to write); ``seconds`` so far by step gets ``inference`` and ``restore``.
+        ``min_confidence``: this case's component-confidence threshold (None: :attr:`min_confidence`;
+        0 drops small components only)."""
         from tumorseg.data.preprocess import restore_to_source, restored_label_counts
 
         seconds = dict(seconds)
@@ -309,7 +303,7 @@ class SegmentationPredictor:
         labels = self.labels_from_probabilities(
             probabilities,
             tuple(geometry["resampled_spacing_mm"]),
-            self.case_min_confidence(geometry["case_id"]),
+            min_confidence,
         )
         # Nearest-neighbour restoration copies values: decoding the small grid before restoring it
         # gives the same voxels as decoding the full-resolution map, and the volumes are counted on
@@ -476,12 +470,15 @@ def predict_dataset(
     layout: str | None = None,
     cases: list[CaseFiles] | None = None,
     on_case: Callable[[CasePrediction, list[Path]], None] | None = None,
+    min_confidence: Callable[[CaseFiles], float | None] | None = None,
 ) -> PredictSummary:
     """Segment every case of ``input_path`` (or the planned ``cases``) into ``out_dir/<case_id>.nii.gz``.
 
     All cases are checked first. A failing case leaves none of its files; cases finished before it stay
     (the error says how many), and other files in ``out_dir`` are never touched. ``on_case`` gets each
-    prediction and its files.
+    prediction and its files. ``min_confidence`` is asked for each case's component-confidence threshold
+    (None: the predictor's) before the case is decoded, in the reading thread when there is one, so a
+    drift check that reads the case's files is done before its arrays exist.
     """
     begin = time.perf_counter()
     out_dir = Path(out_dir)
@@ -496,16 +493,21 @@ def predict_dataset(
     # releases the GIL). Resampling uses torch and stays here: torch in the reader would start a second
     # OpenMP team competing with the inference's.
     prefetch = predictor.can_read_ahead()
+
+    def read(case: CaseFiles) -> tuple[DecodedCase, dict[str, float], float | None]:
+        threshold = min_confidence(case) if min_confidence is not None else None
+        return (*predictor.decode(case), threshold)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tumorseg-read") as reader:
-        pending = reader.submit(predictor.decode, cases[0]) if cases and prefetch else None
+        pending = reader.submit(read, cases[0]) if cases and prefetch else None
         for position, case in enumerate(cases):
             try:
-                decoded, seconds = pending.result() if pending is not None else predictor.decode(case)
+                decoded, seconds, threshold = pending.result() if pending is not None else read(case)
                 if prefetch and position + 1 < len(cases):
-                    pending = reader.submit(predictor.decode, cases[position + 1])
+                    pending = reader.submit(read, cases[position + 1])
                 preprocessed, seconds = predictor.preprocess(decoded, seconds)
                 del decoded
-                prediction = predictor.predict_preprocessed(preprocessed, seconds)
+                prediction = predictor.predict_preprocessed(preprocessed, seconds, min_confidence=threshold)
                 del preprocessed
                 out_dir.mkdir(parents=True, exist_ok=True)
                 files = write_prediction(prediction, out_dir, reference_header(case))

@@ -282,14 +282,18 @@ def build_profile(
 
 @dataclass
 class DriftCheck:
-    """One case against a profile: ``outside`` lists one sentence per feature out of its band, and
-    ``outside_features`` the features (``orientation``/``file type`` for a category training never had)."""
+    """One case against a profile: ``reasons`` maps each feature out of its band to a sentence saying by
+    how much (``orientation``/``file type`` for a category training never had), in the profile's order."""
 
     case_id: str
-    outside: list[str]
+    reasons: dict[str, str]
     features: CaseFeatures
     volumes_ml: dict[str, float] | None = None
-    outside_features: list[str] = field(default_factory=list)
+
+    @property
+    def outside(self) -> list[str]:
+        """One sentence per feature outside its band."""
+        return list(self.reasons.values())
 
     @property
     def flagged(self) -> bool:
@@ -299,7 +303,7 @@ class DriftCheck:
     def flagged_after_preprocessing(self) -> bool:
         """Flagged by a feature preprocessing does not take away: anything but :data:`GRID_FEATURES` (voxel
         size, field of view and the brain's share of it, orientation)."""
-        return any(name not in GRID_FEATURES for name in self.outside_features)
+        return any(name not in GRID_FEATURES for name in self.reasons)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -325,22 +329,20 @@ def check_case(
 ) -> DriftCheck:
     """Compare one case's features with the profile's bands (2-D: those of its storage category) and
     categories (an orientation, or an image storage, training never had)."""
-    outside, names = [], []
+    reasons: dict[str, str] = {}
     what = "orientation" if profile.kind == VOLUME else "file type"
     if features.category not in profile.categories:
-        outside.append(f"{what} {features.category} not in training ({', '.join(profile.categories)})")
-        names.append(what)
+        reasons[what] = f"{what} {features.category} not in training ({', '.join(profile.categories)})"
         if profile.kind == IMAGE:  # no images of this kind to compare with
-            return DriftCheck(features.case_id, outside, features, outside_features=names)
+            return DriftCheck(features.case_id, reasons, features)
     for name, band in profile.bands(tolerance, min_relative_span, features.category).items():
         value = features.values[name]
         if not (np.isfinite(value) and band.contains(value)):
-            outside.append(
+            reasons[name] = (
                 f"{name} {value:.4g} outside {band.low:.4g}..{band.high:.4g} "
                 f"(training {band.train_min:.4g}..{band.train_max:.4g})"
             )
-            names.append(name)
-    return DriftCheck(features.case_id, outside, features, outside_features=names)
+    return DriftCheck(features.case_id, reasons, features)
 
 
 class DriftMonitor:

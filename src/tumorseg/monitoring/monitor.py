@@ -193,7 +193,7 @@ def analyse(
             flagged[check.case_id] = check.outside
         for name in names:
             values[name].append(feats.values.get(name, float("nan")))
-            outside[name] += any(line.startswith(f"{name} ") for line in check.outside)
+            outside[name] += name in check.reasons
     volumes: dict[str, list[float]] = {}
     for record in cases:
         for region, value in (record.get("volumes_ml") or {}).items():

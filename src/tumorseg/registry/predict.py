@@ -9,6 +9,7 @@ network and the options allow it (:func:`~tumorseg.models.onnx_predictor.onnx_re
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 from tumorseg.errors import ConfigError
 from tumorseg.params import Params, as_params
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,12 +145,12 @@ def _predict_checked(
     run: PredictRun,
     on_case: Callable[[Any, list[Path]], None] | None,
 ) -> Any:
-    """:func:`predict_dataset` with each case checked against the model's drift ``profile``;
-    ``out_dir/drift.json`` records the checks (also those of cases finished before a failure). With a
-    component-confidence threshold the check comes before the case's components are filtered, and a case
-    flagged by more than its grid (voxel size, field of view, orientation: ``GRID_FEATURES``) loses no component for low
-    confidence, only small ones (:attr:`SegmentationPredictor.confidence_gate`); otherwise the check comes
-    after the case is written. Either way each case is read for its check once."""
+    """:func:`predict_dataset` with each case checked against the model's drift ``profile`` before it is
+    decoded (its files read once for the check); ``out_dir/drift.json`` records the checks (also those of
+    cases finished before a failure). With a component-confidence threshold, a case flagged by more than
+    its grid (voxel size, field of view, orientation: ``GRID_FEATURES``) loses no component for low
+    confidence, only small ones: the threshold was chosen on cases like the training ones (decision
+    record 0030)."""
     from tumorseg.models.predictor import predict_dataset
 
     if profile is None or not params.monitor.enabled:
@@ -156,32 +159,34 @@ def _predict_checked(
     from tumorseg.monitoring.drift import DriftMonitor, case_features, try_check, write_drift_file
 
     monitor = DriftMonitor.from_params(profile, params.monitor)
-    by_id = {case.case_id: case for case in cases}
-    early: dict[str, Any] = {}
+    checks: dict[str, Any] = {}
+    run.confidence_gated = predictor.min_confidence > 0
 
-    def check_case(case_id: str) -> Any:
-        case = by_id[case_id]
-        return try_check(monitor, lambda: case_features(case), case_id)
-
-    def in_profile(case_id: str) -> bool:
-        early[case_id] = check = check_case(case_id)
-        return check is None or not check.flagged_after_preprocessing
-
-    if predictor.min_confidence > 0:
-        predictor.confidence_gate = in_profile
-        run.confidence_gated = True
+    def check(case: Any) -> float | None:
+        """The case's drift check, kept for its prediction; its component-confidence threshold."""
+        checks[case.case_id] = found = try_check(monitor, lambda: case_features(case), case.case_id)
+        if run.confidence_gated and found is not None and found.flagged_after_preprocessing:
+            log.debug(
+                "%s: outside the model's training profile; no component dropped for low confidence (the "
+                "threshold %.3f was chosen on in-distribution cases)",
+                case.case_id,
+                predictor.min_confidence,
+            )
+            return 0.0
+        return None
 
     def checked(prediction: Any, files: list[Path]) -> None:
-        case_id = prediction.case_id
-        check = early.pop(case_id) if case_id in early else check_case(case_id)
-        if check is not None:
-            check.volumes_ml = {k: round(float(v), 3) for k, v in prediction.volumes_ml.items()}
-            run.drift.append(check)
+        found = checks.pop(prediction.case_id, None)
+        if found is not None:
+            found.volumes_ml = {k: round(float(v), 3) for k, v in prediction.volumes_ml.items()}
+            run.drift.append(found)
         if on_case is not None:
             on_case(prediction, files)
 
     try:
-        return predict_dataset(input_path, out_dir, predictor, cases=cases, on_case=checked)
+        return predict_dataset(
+            input_path, out_dir, predictor, cases=cases, on_case=checked, min_confidence=check
+        )
     finally:
         if run.drift:
             run.drift_file = write_drift_file(Path(out_dir), run.model, monitor, run.drift)

@@ -128,19 +128,39 @@ class VolumeStrategy:
     column = "case_dir"
     output_columns = OUTPUT_COLUMNS
 
-    def __init__(self, trained: Any, settings: Any) -> None:
+    def __init__(self, trained: Any, settings: Any, drift_profile: Any = None) -> None:
         self._trained = trained
         self._settings = settings
+        self._monitor = None
+        if drift_profile is not None:
+            from tumorseg.monitoring.config import MonitorConfig
+            from tumorseg.monitoring.drift import DriftMonitor
+
+            # the model carries no monitor settings: params.yaml's defaults (MonitorConfig's)
+            self._monitor = DriftMonitor.from_params(drift_profile, MonitorConfig())
 
     @classmethod
     def from_artifacts(cls, artifacts: dict[str, str]) -> VolumeStrategy:
-        """The network (weights or compressed program + ``config.json``) and ``predict.json``."""
+        """The network (weights or compressed program + ``config.json``), ``predict.json`` and the
+        training profile (``drift_profile``) when the model was registered with one."""
         from tumorseg.models.config import PredictConfig
         from tumorseg.models.package import load_artifacts
+        from tumorseg.monitoring.drift import load_profile
 
         trained = load_artifacts(artifacts)
         settings = json.loads(Path(artifacts["predict"]).read_text())
-        return cls(trained, PredictConfig.model_validate(settings))
+        profile = load_profile({key: Path(value) for key, value in artifacts.items()})
+        return cls(trained, PredictConfig.model_validate(settings), profile)
+
+    def min_confidence(self, predictor: Any, case: Any) -> float | None:
+        """The case's component-confidence threshold, as ``tumorseg predict`` gives it: 0 for a case the
+        training profile flags by more than its grid (decision record 0030), else None (the model's)."""
+        if self._monitor is None or predictor.min_confidence <= 0:
+            return None
+        from tumorseg.monitoring.drift import case_features, try_check
+
+        check = try_check(self._monitor, lambda: case_features(case), case.case_id)
+        return 0.0 if check is not None and check.flagged_after_preprocessing else None
 
     def rows(self, frame: pd.DataFrame, params: dict[str, Any]) -> list[dict[str, Any]]:
         from tumorseg.models.predictor import (
@@ -159,7 +179,7 @@ class VolumeStrategy:
             out_dir = record.get("out_dir")
             out_dir = str(out_dir) if isinstance(out_dir, str) and out_dir else None
             for case in plan_cases(Path(str(record["case_dir"]))):
-                prediction = predictor.predict_case(case)
+                prediction = predictor.predict_case(case, min_confidence=self.min_confidence(predictor, case))
                 header = reference_header(case)
                 volumes = prediction.volumes_ml
                 output_path = str(write_prediction(prediction, out_dir, header)[0]) if out_dir else ""

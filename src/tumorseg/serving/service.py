@@ -333,9 +333,6 @@ class Service:
         self.brain = BrainSlot(self.dicom.brain.model, settings.tracking_uri)
         self.started = time.time()
         self.drift = _drift_monitor(settings, loaded)
-        self._flagged = threading.local()  # the request's drift verdict, read by the predictor's gate
-        if self.drift is not None:
-            self.predictor.confidence_gate = lambda case_id: not getattr(self._flagged, "value", False)
         self.planar_drift: Any = None  # made from the 2-D model's profile at its first image
         self.planar_drift_lock = threading.Lock()
         self.root = Path(tempfile.mkdtemp(prefix="tumorseg-serve-"))  # mode 0700: private to this user
@@ -405,22 +402,24 @@ class Service:
         case = _one_case(folder)
         shape, spacing = _header_grid(case)
         self._check_grid(case.case_id, shape, spacing)
-        drift = self._check_drift(case)  # before predicting: the component-confidence gate reads it
-        self._flagged.value = bool(drift and drift["flagged_after_preprocessing"])
+        drift = self._check_drift(case)
+        # a case flagged by more than its grid keeps its unconfident components (decision record 0030)
+        gated = bool(drift and drift["flagged_after_preprocessing"])
+        min_confidence = 0.0 if gated else None
         volumes = None
         if keep:  # the viewer shows the modalities: read them whole
             volumes, read_s = read_volumes(case)
-            prediction = self.predictor.predict_volumes(volumes)
+            prediction = self.predictor.predict_volumes(volumes, min_confidence=min_confidence)
             prediction.seconds = {"read": read_s, **prediction.seconds}
         else:  # each file read and resampled in its own thread, no full-resolution float image
-            prediction = self.predictor.predict_case(case)
+            prediction = self.predictor.predict_case(case, min_confidence=min_confidence)
         written = write_prediction(prediction, workdir / "prediction", reference_header(case))
         summary = self._summary(case, prediction, spacing)
         summary["drift"] = drift
         if self.predictor.min_confidence > 0:
             summary["component_confidence"] = {
                 "threshold": round(self.predictor.min_confidence, 6),
-                "applied": not self._flagged.value,
+                "applied": not gated,
             }
         reference = self._score_reference(case, prediction, summary)
         volumes_ml = ",".join(f"{k}={v}" for k, v in summary["volumes_ml"].items())
@@ -438,7 +437,7 @@ class Service:
             # queued now; the worker is stopped until this request's answer has been sent
             served_s = sum(prediction.seconds.values())
             job = self.shadow.hand_over(folder, workdir, case.case_id, prediction.canonical, served_s)
-            job.confidence_gated = self._flagged.value  # the candidate post-processes the case as served
+            job.confidence_gated = gated  # the candidate post-processes the case as served
             self.shadow.submit(job)
         if keep:
             display = build_display_case(

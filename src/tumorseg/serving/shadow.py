@@ -456,12 +456,13 @@ def shadow_worker(
         if job is None:
             return
         job_id, folder, served_labels, gated = job
-        predictor.confidence_gate = lambda _case_id, gated=gated: not gated
         try:
             from tumorseg.serving.service import _one_case
 
             start = time.monotonic()  # one clock for both processes: the server subtracts its pauses
-            prediction = predictor.predict_case(_one_case(Path(folder)))
+            prediction = predictor.predict_case(
+                _one_case(Path(folder)), min_confidence=0.0 if gated else None
+            )
             end = time.monotonic()
             dice = dice_per_region(prediction.canonical, served_labels, label_set)
             results.put(("done", job_id, {"dice": dice, "start": start, "end": end}))
