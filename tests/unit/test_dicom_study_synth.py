@@ -370,3 +370,34 @@ def test_synth_studies_builds_each_study_once(
     again = synth_studies(params, out=tmp_path, n=1, progress=lines.append)
     assert again == paths and len(asked) == 1
     assert lines == ["dicom studies: 1/1 STUDY_0001 already complete"]
+
+
+@pytest.mark.slow  # three BraTS-size studies at 1 mm: about a minute on 2 cores
+def test_studies_written_by_worker_processes_equal_those_written_in_this_process(tmp_path: Path) -> None:
+    import shutil
+
+    import nibabel as nib
+
+    from tumorseg.params import as_params
+
+    params = as_params({"dicom": {"studies": {"seed": 9, "distractors": False}}})
+    in_workers = synth_studies(params, out=tmp_path / "workers", n=2, progress=print, workers=2)
+    here = tmp_path / "here"
+    here.mkdir()
+    # study 1 as the workers left it: only study 2 is written, in this process (one study, one worker)
+    shutil.copytree(in_workers[0], here / in_workers[0].name)
+    shutil.copytree(study_synth.truth_dir(in_workers[0]), study_synth.truth_dir(here / in_workers[0].name))
+    in_process = synth_studies(params, out=here, n=2, progress=print, workers=2)
+    assert [p.name for p in in_process] == [p.name for p in in_workers] == ["STUDY_0001", "STUDY_0002"]
+    for root in (in_workers[1], study_synth.truth_dir(in_workers[1])):
+        other = here / root.relative_to(tmp_path / "workers")
+        files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+        assert files and files == sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
+        for name in files:
+            a, b = root / name, other / name
+            if a.name.endswith(".nii.gz"):  # gzip stores a time: compare the images
+                x, y = nib.load(a), nib.load(b)
+                assert np.array_equal(np.asarray(x.dataobj), np.asarray(y.dataobj)), name
+                assert np.array_equal(x.affine, y.affine), name
+            else:
+                assert a.read_bytes() == b.read_bytes(), name

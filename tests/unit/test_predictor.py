@@ -348,7 +348,7 @@ def test_the_models_stored_confidence_threshold_drops_unsure_components() -> Non
 
 
 @pytest.mark.parametrize("ahead", [False, True])
-def test_each_case_gets_its_own_confidence_threshold_asked_before_it_is_decoded(
+def test_each_case_gets_its_own_confidence_threshold_asked_once_it_has_decoded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ahead: bool
 ) -> None:
     from tumorseg.models import predictor as predictor_module
@@ -374,10 +374,10 @@ def test_each_case_gets_its_own_confidence_threshold_asked_before_it_is_decoded(
     monkeypatch.setattr(predictor, "decode", decoding)
     summary = predict_dataset(tmp_path / "in", tmp_path / "out", predictor, min_confidence=threshold)
     assert events == [
-        "ask BraTS2021_00001",
         "decode BraTS2021_00001",
-        "ask BraTS2021_00002",
+        "ask BraTS2021_00001",
         "decode BraTS2021_00002",
+        "ask BraTS2021_00002",
     ]
     assert summary.cases["BraTS2021_00001"]["WT"] > 1.0  # threshold 0: only small components go
     assert summary.cases["BraTS2021_00002"]["WT"] == 0.0  # the predictor's threshold

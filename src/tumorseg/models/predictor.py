@@ -477,8 +477,9 @@ def predict_dataset(
     All cases are checked first. A failing case leaves none of its files; cases finished before it stay
     (the error says how many), and other files in ``out_dir`` are never touched. ``on_case`` gets each
     prediction and its files. ``min_confidence`` is asked for each case's component-confidence threshold
-    (None: the predictor's) before the case is decoded, in the reading thread when there is one, so a
-    drift check that reads the case's files is done before its arrays exist.
+    (None: the predictor's) once the case has decoded (an unreadable file fails first, with its own
+    error), in the reading thread when there is one: a drift check that reads the case's files runs
+    beside the previous case's inference, before this case's probabilities exist.
     """
     begin = time.perf_counter()
     out_dir = Path(out_dir)
@@ -495,8 +496,8 @@ def predict_dataset(
     prefetch = predictor.can_read_ahead()
 
     def read(case: CaseFiles) -> tuple[DecodedCase, dict[str, float], float | None]:
-        threshold = min_confidence(case) if min_confidence is not None else None
-        return (*predictor.decode(case), threshold)
+        decoded, seconds = predictor.decode(case)
+        return decoded, seconds, (min_confidence(case) if min_confidence is not None else None)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tumorseg-read") as reader:
         pending = reader.submit(read, cases[0]) if cases and prefetch else None

@@ -70,8 +70,8 @@ def _component_text(facts: ModelCardFacts) -> str:
         )
         text += (
             f"; components of mean tumour probability under {confidence:.3f} removed (chosen on {chosen}; "
-            "not applied to a case the drift check flags by more than its grid: `tumorseg predict`, "
-            "`tumorseg serve` and the MLflow pyfunc)"
+            "not applied to a case the model's training profile flags by more than its grid: `tumorseg "
+            "predict` and `tumorseg serve` with `monitor.enabled`, and the MLflow pyfunc)"
         )
     return text
 

@@ -145,9 +145,9 @@ def _predict_checked(
     run: PredictRun,
     on_case: Callable[[Any, list[Path]], None] | None,
 ) -> Any:
-    """:func:`predict_dataset` with each case checked against the model's drift ``profile`` before it is
-    decoded (its files read once for the check); ``out_dir/drift.json`` records the checks (also those of
-    cases finished before a failure). With a component-confidence threshold, a case flagged by more than
+    """:func:`predict_dataset` with each case checked against the model's drift ``profile`` once it has
+    decoded (its files read once more for the check); ``out_dir/drift.json`` records the checks (also
+    those of cases finished before a failure). With a component-confidence threshold, a case flagged by more than
     its grid (voxel size, field of view, orientation: ``GRID_FEATURES``) loses no component for low
     confidence, only small ones: the threshold was chosen on cases like the training ones (decision
     record 0030)."""

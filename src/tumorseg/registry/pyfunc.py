@@ -152,15 +152,23 @@ class VolumeStrategy:
         profile = load_profile({key: Path(value) for key, value in artifacts.items()})
         return cls(trained, PredictConfig.model_validate(settings), profile)
 
-    def min_confidence(self, predictor: Any, case: Any) -> float | None:
-        """The case's component-confidence threshold, as ``tumorseg predict`` gives it: 0 for a case the
-        training profile flags by more than its grid (decision record 0030), else None (the model's)."""
+    def predict(self, predictor: Any, case: Any) -> Any:
+        """The case's prediction. With a component-confidence threshold and a training profile the case
+        is read whole once, checked, and not given the threshold when the profile flags it by more than
+        its grid, as ``tumorseg predict`` does (decision record 0030)."""
         if self._monitor is None or predictor.min_confidence <= 0:
-            return None
-        from tumorseg.monitoring.drift import case_features, try_check
+            return predictor.predict_case(case)
+        from tumorseg.models.predictor import read_volumes
+        from tumorseg.monitoring.drift import image_features, try_check
 
-        check = try_check(self._monitor, lambda: case_features(case), case.case_id)
-        return 0.0 if check is not None and check.flagged_after_preprocessing else None
+        volumes, _ = read_volumes(case)
+        check = try_check(
+            self._monitor,
+            lambda: image_features(case.case_id, volumes.image, volumes.affine, volumes.orientation),
+            case.case_id,
+        )
+        gated = check is not None and check.flagged_after_preprocessing
+        return predictor.predict_volumes(volumes, min_confidence=0.0 if gated else None)
 
     def rows(self, frame: pd.DataFrame, params: dict[str, Any]) -> list[dict[str, Any]]:
         from tumorseg.models.predictor import (
@@ -179,7 +187,7 @@ class VolumeStrategy:
             out_dir = record.get("out_dir")
             out_dir = str(out_dir) if isinstance(out_dir, str) and out_dir else None
             for case in plan_cases(Path(str(record["case_dir"]))):
-                prediction = predictor.predict_case(case, min_confidence=self.min_confidence(predictor, case))
+                prediction = self.predict(predictor, case)
                 header = reference_header(case)
                 volumes = prediction.volumes_ml
                 output_path = str(write_prediction(prediction, out_dir, header)[0]) if out_dir else ""
