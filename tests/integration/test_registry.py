@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import socket
@@ -862,7 +863,7 @@ def test_a_registered_model_carries_its_training_profile_and_flags_changed_scann
 
 
 def test_the_pyfunc_keeps_the_unconfident_components_of_a_case_outside_the_training_profile(
-    project: Project, tmp_path: Path
+    project: Project, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from tumorseg.models.config import PredictConfig
     from tumorseg.registry.loading import model_files
@@ -884,7 +885,9 @@ def test_the_pyfunc_keeps_the_unconfident_components_of_a_case_outside_the_train
     everything = wt_ml(0.0, profile)
     assert everything > 0
     # a threshold no component reaches: not applied to the case its intensities flag, as in predict
-    assert wt_ml(0.9999, profile) == everything
+    with caplog.at_level(logging.WARNING, logger="tumorseg.registry.pyfunc"):
+        assert wt_ml(0.9999, profile) == everything
+    assert f"drift: {changed} outside the model's training profile" in caplog.text  # and it says so
     assert wt_ml(0.9999, None) == 0.0  # without a profile the rule applies to every case
 
 

@@ -16,6 +16,7 @@ from tumorseg.monitoring.drift import (
     DRIFT_FILE,
     DriftMonitor,
     Profile,
+    component_threshold,
     feature_names,
     image_features,
     write_drift_file,
@@ -97,10 +98,13 @@ def test_flags_of_the_grid_alone_do_not_count_after_preprocessing() -> None:
     for check in (grid_only, turned, padded):
         assert check.flagged and not check.flagged_after_preprocessing, check.outside
         assert check.to_dict()["flagged_after_preprocessing"] is False
+        assert component_threshold(check) is None  # the model's threshold applies
     for name in ("intensity_scale", "not_skull_stripped"):
         check = monitor.check(image_features(name, *CHANGES[name](image, AFFINE)))
         assert check.flagged_after_preprocessing, name
         assert check.summary()["flagged_after_preprocessing"] is True
+        assert component_threshold(check) == 0.0  # no component dropped for low confidence
+    assert component_threshold(None) is None  # not checked: the model's threshold
     assert set(grid_only.reasons) <= {"spacing_min_mm", "spacing_max_mm", "fov_min_mm", "fov_max_mm"}
     assert next(iter(turned.reasons)) == "orientation"
     assert not monitor.check(image_features("same", head(62), AFFINE)).flagged_after_preprocessing

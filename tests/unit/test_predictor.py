@@ -372,7 +372,7 @@ def test_each_case_gets_its_own_confidence_threshold_asked_once_it_has_decoded(
         return 0.0 if case.case_id == "BraTS2021_00001" else None  # the first as if flagged for drift
 
     monkeypatch.setattr(predictor, "decode", decoding)
-    summary = predict_dataset(tmp_path / "in", tmp_path / "out", predictor, min_confidence=threshold)
+    summary = predict_dataset(tmp_path / "in", tmp_path / "out", predictor, threshold_for=threshold)
     assert events == [
         "decode BraTS2021_00001",
         "ask BraTS2021_00001",

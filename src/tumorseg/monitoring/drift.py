@@ -146,7 +146,19 @@ def case_features(case: Any) -> CaseFeatures:
     from tumorseg.models.predictor import read_volumes
 
     volumes, _ = read_volumes(case)
-    return image_features(case.case_id, volumes.image, volumes.affine, volumes.orientation)
+    return volume_features(case.case_id, volumes)
+
+
+def volume_features(case_id: str, volumes: Any) -> CaseFeatures:
+    """Features of a case's modalities already in memory (:class:`~tumorseg.models.predictor.CaseVolumes`)."""
+    return image_features(case_id, volumes.image, volumes.affine, volumes.orientation)
+
+
+def component_threshold(check: DriftCheck | None) -> float | None:
+    """A checked case's component-confidence threshold: 0 (small components dropped, none for low
+    confidence) when the training profile flags it by more than its grid, because the model's threshold
+    was chosen on cases like the training ones (decision record 0030); else None (the model's)."""
+    return 0.0 if check is not None and check.flagged_after_preprocessing else None
 
 
 def try_check(monitor: DriftMonitor, read: Any, what: str) -> DriftCheck | None:

@@ -156,7 +156,13 @@ def _predict_checked(
     if profile is None or not params.monitor.enabled:
         run.drift_note = "the model has no drift profile" if profile is None else "monitor.enabled is false"
         return predict_dataset(input_path, out_dir, predictor, cases=cases, on_case=on_case)
-    from tumorseg.monitoring.drift import DriftMonitor, case_features, try_check, write_drift_file
+    from tumorseg.monitoring.drift import (
+        DriftMonitor,
+        case_features,
+        component_threshold,
+        try_check,
+        write_drift_file,
+    )
 
     monitor = DriftMonitor.from_params(profile, params.monitor)
     checks: dict[str, Any] = {}
@@ -165,15 +171,15 @@ def _predict_checked(
     def check(case: Any) -> float | None:
         """The case's drift check, kept for its prediction; its component-confidence threshold."""
         checks[case.case_id] = found = try_check(monitor, lambda: case_features(case), case.case_id)
-        if run.confidence_gated and found is not None and found.flagged_after_preprocessing:
+        threshold = component_threshold(found) if run.confidence_gated else None
+        if threshold is not None:
             log.debug(
                 "%s: outside the model's training profile; no component dropped for low confidence (the "
                 "threshold %.3f was chosen on in-distribution cases)",
                 case.case_id,
                 predictor.min_confidence,
             )
-            return 0.0
-        return None
+        return threshold
 
     def checked(prediction: Any, files: list[Path]) -> None:
         found = checks.pop(prediction.case_id, None)
@@ -185,7 +191,7 @@ def _predict_checked(
 
     try:
         return predict_dataset(
-            input_path, out_dir, predictor, cases=cases, on_case=checked, min_confidence=check
+            input_path, out_dir, predictor, cases=cases, on_case=checked, threshold_for=check
         )
     finally:
         if run.drift:

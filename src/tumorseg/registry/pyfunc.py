@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import logging
 import shutil
 import tempfile
 import warnings
@@ -32,6 +33,8 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from tumorseg.errors import DataError, TumorsegError
 from tumorseg.tracking import model_pip_requirements
+
+log = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA: tuple[tuple[str, str], ...] = (
     ("case_id", "string"),
@@ -159,16 +162,18 @@ class VolumeStrategy:
         if self._monitor is None or predictor.min_confidence <= 0:
             return predictor.predict_case(case)
         from tumorseg.models.predictor import read_volumes
-        from tumorseg.monitoring.drift import image_features, try_check
+        from tumorseg.monitoring.drift import component_threshold, try_check, volume_features
 
         volumes, _ = read_volumes(case)
-        check = try_check(
-            self._monitor,
-            lambda: image_features(case.case_id, volumes.image, volumes.affine, volumes.orientation),
-            case.case_id,
-        )
-        gated = check is not None and check.flagged_after_preprocessing
-        return predictor.predict_volumes(volumes, min_confidence=0.0 if gated else None)
+        check = try_check(self._monitor, lambda: volume_features(case.case_id, volumes), case.case_id)
+        threshold = component_threshold(check)
+        if threshold is not None:
+            log.warning(
+                "drift: %s outside the model's training profile (%s); no component dropped for low confidence",
+                case.case_id,
+                "; ".join(check.outside),
+            )
+        return predictor.predict_volumes(volumes, min_confidence=threshold)
 
     def rows(self, frame: pd.DataFrame, params: dict[str, Any]) -> list[dict[str, Any]]:
         from tumorseg.models.predictor import (

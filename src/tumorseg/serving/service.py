@@ -402,10 +402,11 @@ class Service:
         case = _one_case(folder)
         shape, spacing = _header_grid(case)
         self._check_grid(case.case_id, shape, spacing)
-        drift = self._check_drift(case)
-        # a case flagged by more than its grid keeps its unconfident components (decision record 0030)
-        gated = bool(drift and drift["flagged_after_preprocessing"])
-        min_confidence = 0.0 if gated else None
+        check = self._check_drift(case)
+        drift = check.summary() if check is not None else None
+        from tumorseg.monitoring.drift import component_threshold
+
+        min_confidence = component_threshold(check)
         volumes = None
         if keep:  # the viewer shows the modalities: read them whole
             volumes, read_s = read_volumes(case)
@@ -419,7 +420,7 @@ class Service:
         if self.predictor.min_confidence > 0:
             summary["component_confidence"] = {
                 "threshold": round(self.predictor.min_confidence, 6),
-                "applied": not gated,
+                "applied": min_confidence is None,
             }
         reference = self._score_reference(case, prediction, summary)
         volumes_ml = ",".join(f"{k}={v}" for k, v in summary["volumes_ml"].items())
@@ -437,7 +438,7 @@ class Service:
             # queued now; the worker is stopped until this request's answer has been sent
             served_s = sum(prediction.seconds.values())
             job = self.shadow.hand_over(folder, workdir, case.case_id, prediction.canonical, served_s)
-            job.confidence_gated = gated  # the candidate post-processes the case as served
+            job.min_confidence = min_confidence  # the candidate post-processes the case as served
             self.shadow.submit(job)
         if keep:
             display = build_display_case(
@@ -455,8 +456,9 @@ class Service:
             result["display"] = display
         return result, prediction
 
-    def _check_drift(self, case: Any) -> dict[str, Any] | None:
-        """The case against the served model's training profile (None: no profile, or monitoring off)."""
+    def _check_drift(self, case: Any) -> Any:
+        """The case's :class:`~tumorseg.monitoring.drift.DriftCheck` against the served model's training
+        profile (None: no profile, monitoring off, or the check failed)."""
         if self.drift is None:
             return None
         from tumorseg.monitoring.drift import case_features, try_check
@@ -466,7 +468,7 @@ class Service:
             return None
         if check.flagged:
             log.warning("drift: %s outside the training profile: %s", case.case_id, "; ".join(check.outside))
-        return check.summary()
+        return check
 
     def _planar_monitor(self, model: Any) -> None:
         """``self.planar_drift`` for the 2-D ``model``'s profile (None: no profile, or monitoring off)."""

@@ -65,8 +65,9 @@ class ShadowJob:
     case_id: str
     served_labels: np.ndarray
     served_seconds: float
-    confidence_gated: bool = False
-    """The served answer dropped no component for low confidence (drift): nor does the candidate's."""
+    min_confidence: float | None = None
+    """The served answer's component-confidence threshold (0 for a case outside the training profile,
+    None: the model's); the candidate post-processes the case the same way."""
 
 
 @dataclass
@@ -216,7 +217,7 @@ class ShadowRunner:
         if skip:
             self._discard(job)
             return
-        self.requests.put((job_id, str(job.folder), job.served_labels, job.confidence_gated))
+        self.requests.put((job_id, str(job.folder), job.served_labels, job.min_confidence))
 
     def info(self) -> dict[str, Any]:
         """What ``/health`` reports about the shadow model."""
@@ -455,14 +456,12 @@ def shadow_worker(
         job = requests.get()
         if job is None:
             return
-        job_id, folder, served_labels, gated = job
+        job_id, folder, served_labels, min_confidence = job
         try:
             from tumorseg.serving.service import _one_case
 
             start = time.monotonic()  # one clock for both processes: the server subtracts its pauses
-            prediction = predictor.predict_case(
-                _one_case(Path(folder)), min_confidence=0.0 if gated else None
-            )
+            prediction = predictor.predict_case(_one_case(Path(folder)), min_confidence=min_confidence)
             end = time.monotonic()
             dice = dice_per_region(prediction.canonical, served_labels, label_set)
             results.put(("done", job_id, {"dice": dice, "start": start, "end": end}))
