@@ -7,9 +7,11 @@ Runtime without importing torch. A registered version without that file is given
 temporary model cache (:func:`onnx_model_cache`): the alias is still resolved in the MLflow store.
 
 - **cold vs warm**: ``tumorseg predict CASE`` as a new process (imports, params, resolving and
-  loading the model, one case) against the same case predicted in a process that already holds the
-  model (the second call of :func:`~tumorseg.models.predictor.predict_dataset`) on the same engine
-  (the torch engine's warm time is reported beside it). Target: at most 3x.
+  loading the model, the case's drift check against the model's training profile, one case) against
+  the same case predicted in a process that already holds the model (the second call of
+  :func:`~tumorseg.models.predictor.predict_dataset`, no drift check) on the same engine (the torch
+  engine's warm time is reported beside it). Target: at most 3x. The same command with
+  ``-S monitor.enabled=false`` (the baseline's work) is timed too.
 - **against MONAI**: ``tumorseg predict DIR`` on ``cases`` cases against
   ``benchmarks/monai_pipeline.py`` (LoadImaged -> ... -> SaveImaged, the same network and window
   settings), both as whole processes. Target: at most 0.6x.
@@ -157,6 +159,8 @@ def benchmark_cold_predict(
         tumorseg = [str(Path(sys.executable).with_name("tumorseg")), "predict"]  # the console script
         ours_one = [*tumorseg, str(one), "--model", uri, "--device", "cpu", "--out"]
         ours_dir = [*tumorseg, str(folder), "--model", uri, "--device", "cpu", "--out"]
+        # the same command without the drift check, which the warm in-process baseline does not run
+        unchecked = [*tumorseg, str(one), "--model", uri, "--device", "cpu", "-S", "monitor.enabled=false"]
         monai = [
             sys.executable,
             str(ROOT / "benchmarks" / "monai_pipeline.py"),
@@ -176,7 +180,12 @@ def benchmark_cold_predict(
             "--threshold",
             str(window.threshold),
         ]
-        times: dict[str, list[float]] = {"monai_dir": [], "ours_dir": [], "ours_one": []}
+        times: dict[str, list[float]] = {
+            "monai_dir": [],
+            "ours_dir": [],
+            "ours_one": [],
+            "ours_one_unchecked": [],
+        }
         engines: set[str] = set()
         for k in range(repeats + 1):
             out = root / f"run{k}"
@@ -184,11 +193,13 @@ def benchmark_cold_predict(
                 "monai_dir": [x if x != "OUT" else str(out / "monai") for x in monai],
                 "ours_dir": [*ours_dir, str(out / "ours_dir")],
                 "ours_one": [*ours_one, str(out / "ours_one")],
+                "ours_one_unchecked": [*unchecked, "--out", str(out / "ours_one_unchecked")],
             }
             for name, cmd in runs.items():
                 seconds, stdout = _timed(cmd, env)
                 if name != "monai_dir":
-                    engines.add(stdout.strip().splitlines()[-1].rsplit(" on ", 1)[-1])
+                    # the summary line ends "... on ENGINE" or "... on ENGINE; drift: ..."
+                    engines.add(stdout.strip().splitlines()[-1].rsplit(" on ", 1)[-1].split(";")[0])
                 if k > 0:  # the first round warms the file cache
                     times[name].append(seconds)
             shutil.rmtree(out, ignore_errors=True)
@@ -204,6 +215,8 @@ def benchmark_cold_predict(
         "cold_one_s": median["ours_one"],
         "cold_over_warm": median["ours_one"] / warm_s,
         "cold_over_warm_torch": median["ours_one"] / statistics.median(warm_torch),
+        "cold_unchecked_s": median["ours_one_unchecked"],
+        "cold_unchecked_over_warm": median["ours_one_unchecked"] / warm_s,
         "target_cold_over_warm": TARGET_COLD_OVER_WARM,
         "ours_dir_s": median["ours_dir"],
         "monai_dir_s": median["monai_dir"],

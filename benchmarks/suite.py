@@ -204,6 +204,12 @@ def bench_cold_predict() -> dict[str, Any]:
             f"{result['cold_over_warm']:.2f}x (target <= {result['target_cold_over_warm']:g}x)",
         ],
         [
+            "the same command without the drift check (`-S monitor.enabled=false`, the warm baseline's work)",
+            f"{result['cold_unchecked_s']:.2f} s",
+            f"the same case in a warm process: {result['warm_one_s']:.2f} s",
+            f"{result['cold_unchecked_over_warm']:.2f}x",
+        ],
+        [
             f"`tumorseg predict DIR` from the shell, {result['cases']} such cases",
             f"{result['ours_dir_s']:.2f} s",
             f"MONAI-only pipeline (LoadImaged ... SaveImaged), same network and window: {result['monai_dir_s']:.2f} s",
