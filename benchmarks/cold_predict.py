@@ -8,20 +8,22 @@ temporary model cache (:func:`onnx_model_cache`): the alias is still resolved in
 
 - **cold vs warm**: ``tumorseg predict CASE`` as a new process (imports, params, resolving and
   loading the model, the case's drift check against the model's training profile, one case) against
-  the same case predicted in a process that already holds the model (the second call of
-  :func:`~tumorseg.models.predictor.predict_dataset`, no drift check) on the same engine (the torch
-  engine's warm time is reported beside it). Target: at most 3x. The same command with
-  ``-S monitor.enabled=false`` (the baseline's work) is timed too.
+  the same case predicted in a process that already holds the model
+  (:func:`~tumorseg.models.predictor.predict_dataset` after an untimed first call, no drift check) on
+  the same engine (the torch engine's warm time is reported beside it). Target: at most 3x. The same
+  command with ``-S monitor.enabled=false`` (the baseline's work) is timed too.
 - **against MONAI**: ``tumorseg predict DIR`` on ``cases`` cases against
   ``benchmarks/monai_pipeline.py`` (LoadImaged -> ... -> SaveImaged, the same network and window
   settings), both as whole processes. Target: at most 0.6x.
 
-The runs alternate (MONAI, ours on the folder, ours on one case) ``repeats`` times after an untimed
-warm-up of each (file cache); medians are reported.
+The runs alternate (the warm predictions, MONAI, ours on the folder, ours on one case with and without
+the check) ``repeats`` times after an untimed round (file cache); medians are reported. A CPU's speed
+can drift by tens of percent within minutes (shared or throttled machines), so each ratio to the warm
+time is the median of the rounds' own ratios: every round times the warm case just before the commands.
 
 Usage::
 
-    python -m benchmarks.cold_predict --out /tmp/cold.json [--cases 3] [--repeats 3] [--model URI]
+    python -m benchmarks.cold_predict --out /tmp/cold.json [--cases 3] [--repeats 5] [--model URI]
 """
 
 from __future__ import annotations
@@ -86,24 +88,22 @@ def onnx_model_cache(uri: str, tracking_uri: str, trained: Any, cache: Path) -> 
     return cache
 
 
-def _warm_seconds(predictor: Any, case: Path, out: Path, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` predictions of ``case`` by an already loaded predictor (after one untimed
-    call, which pays a fresh process's first-touch costs)."""
+def _warm_seconds(predictor: Any, case: Path, out: Path) -> float:
+    """Seconds of one prediction of ``case`` by an already loaded predictor, into ``out`` (then removed)."""
     from tumorseg.models.predictor import predict_dataset
 
-    seconds = []
-    for k in range(repeats + 1):
-        start = time.perf_counter()
-        predict_dataset(case, out / f"warm{k}", predictor)
-        seconds.append(time.perf_counter() - start)
-    return seconds[1:]
+    start = time.perf_counter()
+    predict_dataset(case, out, predictor)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds
 
 
 def benchmark_cold_predict(
     params: dict[str, Any] | None = None,
     *,
     cases: int = 3,
-    repeats: int = 3,
+    repeats: int = 5,
     model: str | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -153,8 +153,8 @@ def benchmark_cold_predict(
         network_file = root / "network.pt"
         torch.save(trained.network, network_file)
 
-        warm = _warm_seconds(onnx_predictor, one, root / "warm-onnx", repeats)
-        warm_torch = _warm_seconds(predictor, one, root / "warm-torch", repeats)
+        for warm_predictor in (onnx_predictor, predictor):  # a fresh process's first-touch costs
+            _warm_seconds(warm_predictor, one, root / "warm")
 
         tumorseg = [str(Path(sys.executable).with_name("tumorseg")), "predict"]  # the console script
         ours_one = [*tumorseg, str(one), "--model", uri, "--device", "cpu", "--out"]
@@ -181,6 +181,8 @@ def benchmark_cold_predict(
             str(window.threshold),
         ]
         times: dict[str, list[float]] = {
+            "warm_one": [],
+            "warm_one_torch": [],
             "monai_dir": [],
             "ours_dir": [],
             "ours_one": [],
@@ -189,6 +191,10 @@ def benchmark_cold_predict(
         engines: set[str] = set()
         for k in range(repeats + 1):
             out = root / f"run{k}"
+            warm_s = {
+                "warm_one": _warm_seconds(onnx_predictor, one, out / "warm"),
+                "warm_one_torch": _warm_seconds(predictor, one, out / "warm-torch"),
+            }
             runs = {
                 "monai_dir": [x if x != "OUT" else str(out / "monai") for x in monai],
                 "ours_dir": [*ours_dir, str(out / "ours_dir")],
@@ -202,29 +208,34 @@ def benchmark_cold_predict(
                     engines.add(stdout.strip().splitlines()[-1].rsplit(" on ", 1)[-1].split(";")[0])
                 if k > 0:  # the first round warms the file cache
                     times[name].append(seconds)
+            if k > 0:
+                for name, seconds in warm_s.items():
+                    times[name].append(seconds)
             shutil.rmtree(out, ignore_errors=True)
     median = {name: statistics.median(values) for name, values in times.items()}
-    warm_s = statistics.median(warm)
+
+    def paired(name: str, baseline: str) -> float:
+        """The median over rounds of ``name``'s time over ``baseline``'s in the same round."""
+        return statistics.median(a / b for a, b in zip(times[name], times[baseline], strict=True))
+
     return {
         "model": weights,
         "engine": ", ".join(sorted(engines)),
         "cases": cases,
         "repeats": repeats,
-        "warm_one_s": warm_s,
-        "warm_one_torch_s": statistics.median(warm_torch),
+        "warm_one_s": median["warm_one"],
+        "warm_one_torch_s": median["warm_one_torch"],
         "cold_one_s": median["ours_one"],
-        "cold_over_warm": median["ours_one"] / warm_s,
-        "cold_over_warm_torch": median["ours_one"] / statistics.median(warm_torch),
+        "cold_over_warm": paired("ours_one", "warm_one"),
+        "cold_over_warm_torch": paired("ours_one", "warm_one_torch"),
         "cold_unchecked_s": median["ours_one_unchecked"],
-        "cold_unchecked_over_warm": median["ours_one_unchecked"] / warm_s,
+        "cold_unchecked_over_warm": paired("ours_one_unchecked", "warm_one"),
         "target_cold_over_warm": TARGET_COLD_OVER_WARM,
         "ours_dir_s": median["ours_dir"],
         "monai_dir_s": median["monai_dir"],
-        "vs_monai": median["ours_dir"] / median["monai_dir"],
+        "vs_monai": paired("ours_dir", "monai_dir"),
         "target_vs_monai": TARGET_VS_MONAI,
         "runs_s": times,
-        "warm_runs_s": warm,
-        "warm_torch_runs_s": warm_torch,
         "threads": torch.get_num_threads(),
     }
 
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="tumorseg predict as a whole process")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=None)
     args = parser.parse_args(argv)
     result = benchmark_cold_predict(cases=args.cases, repeats=args.repeats, model=args.model)

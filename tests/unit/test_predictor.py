@@ -367,7 +367,7 @@ def test_each_case_gets_its_own_confidence_threshold_asked_once_it_has_decoded(
         events.append(f"decode {case.case_id}")
         return decode(case)
 
-    def threshold(case):  # noqa: ANN001, ANN202
+    def threshold(case, decoded):  # noqa: ANN001, ANN202
         events.append(f"ask {case.case_id}")
         return 0.0 if case.case_id == "BraTS2021_00001" else None  # the first as if flagged for drift
 
@@ -381,3 +381,23 @@ def test_each_case_gets_its_own_confidence_threshold_asked_once_it_has_decoded(
     ]
     assert summary.cases["BraTS2021_00001"]["WT"] > 1.0  # threshold 0: only small components go
     assert summary.cases["BraTS2021_00002"]["WT"] == 0.0  # the predictor's threshold
+
+
+@pytest.mark.parametrize("orientation", ["RAS", "LPS", "PIL"])
+def test_drift_features_of_the_decoded_case_equal_those_of_its_files_as_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, orientation: str
+) -> None:
+    """The drift check reads the modalities the predictor decoded (reoriented to RAS) instead of the files
+    again: every feature, subsampled percentiles included, must be the stored volume's exactly."""
+    from tumorseg.monitoring import drift
+
+    fx.write_brats_case(tmp_path / "in", "BraTS2021_00001", orientation=orientation, shape=(25, 28, 19))
+    fx.write_msd_dataset(tmp_path / "msd", ["BRATS_001"], orientation=orientation)  # read_case's path
+    predictor = SegmentationPredictor(trained_oracle(), PredictConfig(device="cpu"))
+    for max_voxels in (10**9, 1000):  # all voxels; every 2nd voxel of odd-sized axes
+        monkeypatch.setattr(drift, "MAX_PERCENTILE_VOXELS", max_voxels)
+        for root, threaded in ((tmp_path / "in", True), (tmp_path / "msd", False)):
+            (case,) = discover_cases(root)
+            decoded, _ = predictor.decode(case)
+            assert (decoded.volumes is None) is threaded
+            assert drift.decoded_features(case.case_id, decoded) == drift.case_features(case)

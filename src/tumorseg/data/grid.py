@@ -207,6 +207,11 @@ class SourceGrid:
         resampled_affine = grid_affine(ras_affine, ras_shape, resampled)
         return cls(shape, affine, to_ras, ras_shape, ras_affine, target, resampled, resampled_affine)
 
+    def as_stored(self, ras: np.ndarray) -> np.ndarray:
+        """A view of an RAS volume on this grid in the file's axis order and direction: voxel for voxel
+        the volume as stored (no copy; what features of the file as stored read)."""
+        return apply_orientation(ras, ornt_transform(RAS, io_orientation(self.affine)))
+
 
 # ---------------------------------------------------------------------------- the inverse
 def restore_to_source(volume: np.ndarray, geometry: dict[str, Any], *, is_label: bool) -> np.ndarray:

@@ -470,15 +470,15 @@ def predict_dataset(
     layout: str | None = None,
     cases: list[CaseFiles] | None = None,
     on_case: Callable[[CasePrediction, list[Path]], None] | None = None,
-    threshold_for: Callable[[CaseFiles], float | None] | None = None,
+    threshold_for: Callable[[CaseFiles, DecodedCase], float | None] | None = None,
 ) -> PredictSummary:
     """Segment every case of ``input_path`` (or the planned ``cases``) into ``out_dir/<case_id>.nii.gz``.
 
     All cases are checked first. A failing case leaves none of its files; cases finished before it stay
     (the error says how many), and other files in ``out_dir`` are never touched. ``on_case`` gets each
-    prediction and its files. ``threshold_for`` is asked for each case's component-confidence threshold
-    (None: the predictor's) once the case has decoded (an unreadable file fails first, with its own
-    error), in the reading thread when there is one: a drift check that reads the case's files runs
+    prediction and its files. ``threshold_for(case, decoded)`` is asked for each case's component-confidence
+    threshold (None: the predictor's) once the case has decoded (an unreadable file fails first, with its
+    own error), in the reading thread when there is one: a drift check on the decoded modalities runs
     beside the previous case's inference, before this case's probabilities exist.
     """
     begin = time.perf_counter()
@@ -497,7 +497,7 @@ def predict_dataset(
 
     def read(case: CaseFiles) -> tuple[DecodedCase, dict[str, float], float | None]:
         decoded, seconds = predictor.decode(case)
-        return decoded, seconds, (threshold_for(case) if threshold_for is not None else None)
+        return decoded, seconds, (threshold_for(case, decoded) if threshold_for is not None else None)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tumorseg-read") as reader:
         pending = reader.submit(read, cases[0]) if cases and prefetch else None

@@ -146,7 +146,7 @@ def _predict_checked(
     on_case: Callable[[Any, list[Path]], None] | None,
 ) -> Any:
     """:func:`predict_dataset` with each case checked against the model's drift ``profile`` once it has
-    decoded (its files read once more for the check); ``out_dir/drift.json`` records the checks (also
+    decoded (the features of its decoded modalities); ``out_dir/drift.json`` records the checks (also
     those of cases finished before a failure). With a component-confidence threshold, a case flagged by more than
     its grid (voxel size, field of view, orientation: ``GRID_FEATURES``) loses no component for low
     confidence, only small ones: the threshold was chosen on cases like the training ones (decision
@@ -158,8 +158,8 @@ def _predict_checked(
         return predict_dataset(input_path, out_dir, predictor, cases=cases, on_case=on_case)
     from tumorseg.monitoring.drift import (
         DriftMonitor,
-        case_features,
         component_threshold,
+        decoded_features,
         try_check,
         write_drift_file,
     )
@@ -168,9 +168,10 @@ def _predict_checked(
     checks: dict[str, Any] = {}
     run.confidence_gated = predictor.min_confidence > 0
 
-    def check(case: Any) -> float | None:
+    def check(case: Any, decoded: Any) -> float | None:
         """The case's drift check, kept for its prediction; its component-confidence threshold."""
-        checks[case.case_id] = found = try_check(monitor, lambda: case_features(case), case.case_id)
+        features = lambda: decoded_features(case.case_id, decoded)  # noqa: E731
+        checks[case.case_id] = found = try_check(monitor, features, case.case_id)
         threshold = component_threshold(found) if run.confidence_gated else None
         if threshold is not None:
             log.debug(

@@ -9,7 +9,9 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -398,22 +400,27 @@ class Service:
     def predict_volume(self, folder: Path, workdir: Path, keep: bool) -> tuple[dict[str, Any], Any]:
         """:meth:`predict_folder`'s result and the ``CasePrediction`` it came from."""
         from tumorseg.models.predictor import read_volumes, reference_header, write_prediction
+        from tumorseg.monitoring.drift import component_threshold, decoded_features, volume_features
 
         case = _one_case(folder)
         shape, spacing = _header_grid(case)
         self._check_grid(case.case_id, shape, spacing)
-        check = self._check_drift(case)
-        drift = check.summary() if check is not None else None
-        from tumorseg.monitoring.drift import component_threshold
-
-        min_confidence = component_threshold(check)
         volumes = None
         if keep:  # the viewer shows the modalities: read them whole
             volumes, read_s = read_volumes(case)
+            check = self._check_drift(case.case_id, partial(volume_features, case.case_id, volumes))
+            min_confidence = component_threshold(check)
             prediction = self.predictor.predict_volumes(volumes, min_confidence=min_confidence)
             prediction.seconds = {"read": read_s, **prediction.seconds}
-        else:  # each file read and resampled in its own thread, no full-resolution float image
-            prediction = self.predictor.predict_case(case, min_confidence=min_confidence)
+        else:  # each file read and reoriented in its own thread, then resampled
+            decoded, seconds = self.predictor.decode(case)
+            check = self._check_drift(case.case_id, partial(decoded_features, case.case_id, decoded))
+            min_confidence = component_threshold(check)
+            prediction = self.predictor.predict_preprocessed(
+                *self.predictor.preprocess(decoded, seconds), min_confidence=min_confidence
+            )
+            del decoded
+        drift = check.summary() if check is not None else None
         written = write_prediction(prediction, workdir / "prediction", reference_header(case))
         summary = self._summary(case, prediction, spacing)
         summary["drift"] = drift
@@ -456,18 +463,19 @@ class Service:
             result["display"] = display
         return result, prediction
 
-    def _check_drift(self, case: Any) -> Any:
-        """The case's :class:`~tumorseg.monitoring.drift.DriftCheck` against the served model's training
-        profile (None: no profile, monitoring off, or the check failed)."""
+    def _check_drift(self, case_id: str, features: Callable[[], Any]) -> Any:
+        """The :class:`~tumorseg.monitoring.drift.DriftCheck` of a case's ``features()`` (of its modalities
+        as read for the prediction) against the served model's training profile (None: no profile,
+        monitoring off, or the check failed)."""
         if self.drift is None:
             return None
-        from tumorseg.monitoring.drift import case_features, try_check
+        from tumorseg.monitoring.drift import try_check
 
-        check = try_check(self.drift, lambda: case_features(case), case.case_id)
+        check = try_check(self.drift, features, case_id)
         if check is None:
             return None
         if check.flagged:
-            log.warning("drift: %s outside the training profile: %s", case.case_id, "; ".join(check.outside))
+            log.warning("drift: %s outside the training profile: %s", case_id, "; ".join(check.outside))
         return check
 
     def _planar_monitor(self, model: Any) -> None:
