@@ -41,6 +41,7 @@ $(VENV)/.test-installed: $(VENV)/.installed
 
 # The 3-D champion first (data stages, train, evaluate, promote), then everything else.
 run: venv
+	$(BIN)/python -m compileall -qq -j 0 src pipelines || true  # sources changed since the install
 	$(BIN)/dvc repro promote@3d
 	$(BIN)/dvc repro
 

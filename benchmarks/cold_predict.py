@@ -16,10 +16,11 @@ temporary model cache (:func:`onnx_model_cache`): the alias is still resolved in
   ``benchmarks/monai_pipeline.py`` (LoadImaged -> ... -> SaveImaged, the same network and window
   settings), both as whole processes. Target: at most 0.6x.
 
-The runs alternate (the warm predictions, MONAI, ours on the folder, ours on one case with and without
-the check) ``repeats`` times after an untimed round (file cache); medians are reported. A CPU's speed
-can drift by tens of percent within minutes (shared or throttled machines), so each ratio to the warm
-time is the median of the rounds' own ratios: every round times the warm case just before the commands.
+The runs alternate (the warm predictions, ours on one case with and without the check, MONAI, ours on
+the folder) ``repeats`` times after an untimed round (file cache); medians are reported. A CPU's speed
+can drift by tens of percent within minutes (shared or throttled machines), so each ratio is the median
+of the rounds' own ratios: every round times the warm case just before the one-case commands, and
+MONAI just before the folder.
 
 Usage::
 
@@ -195,11 +196,11 @@ def benchmark_cold_predict(
                 "warm_one": _warm_seconds(onnx_predictor, one, out / "warm"),
                 "warm_one_torch": _warm_seconds(predictor, one, out / "warm-torch"),
             }
-            runs = {
-                "monai_dir": [x if x != "OUT" else str(out / "monai") for x in monai],
-                "ours_dir": [*ours_dir, str(out / "ours_dir")],
+            runs = {  # the one-case commands right after the warm case they are compared with
                 "ours_one": [*ours_one, str(out / "ours_one")],
                 "ours_one_unchecked": [*unchecked, "--out", str(out / "ours_one_unchecked")],
+                "monai_dir": [x if x != "OUT" else str(out / "monai") for x in monai],
+                "ours_dir": [*ours_dir, str(out / "ours_dir")],
             }
             for name, cmd in runs.items():
                 seconds, stdout = _timed(cmd, env)

@@ -416,10 +416,12 @@ class Service:
             decoded, seconds = self.predictor.decode(case)
             check = self._check_drift(case.case_id, partial(decoded_features, case.case_id, decoded))
             min_confidence = component_threshold(check)
+            preprocessed, seconds = self.predictor.preprocess(decoded, seconds)
+            del decoded  # read_case's full-resolution image, on its path, goes before inference
             prediction = self.predictor.predict_preprocessed(
-                *self.predictor.preprocess(decoded, seconds), min_confidence=min_confidence
+                preprocessed, seconds, min_confidence=min_confidence
             )
-            del decoded
+            del preprocessed
         drift = check.summary() if check is not None else None
         written = write_prediction(prediction, workdir / "prediction", reference_header(case))
         summary = self._summary(case, prediction, spacing)
