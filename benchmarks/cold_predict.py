@@ -154,9 +154,6 @@ def benchmark_cold_predict(
         network_file = root / "network.pt"
         torch.save(trained.network, network_file)
 
-        for warm_predictor in (onnx_predictor, predictor):  # a fresh process's first-touch costs
-            _warm_seconds(warm_predictor, one, root / "warm")
-
         tumorseg = [str(Path(sys.executable).with_name("tumorseg")), "predict"]  # the console script
         ours_one = [*tumorseg, str(one), "--model", uri, "--device", "cpu", "--out"]
         ours_dir = [*tumorseg, str(folder), "--model", uri, "--device", "cpu", "--out"]
@@ -190,7 +187,7 @@ def benchmark_cold_predict(
             "ours_one_unchecked": [],
         }
         engines: set[str] = set()
-        for k in range(repeats + 1):
+        for k in range(repeats + 1):  # round 0, untimed: file cache and the warm predictors' first touch
             out = root / f"run{k}"
             warm_s = {
                 "warm_one": _warm_seconds(onnx_predictor, one, out / "warm"),
